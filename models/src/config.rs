@@ -1,0 +1,219 @@
+//! One normalized view of an HF `config.json`, whatever the architecture wrote.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::{LoadError, glm, llama};
+
+/// The checkpoint families ember understands. They share one decoder
+/// ([`crate::transformer::CausalLm`]) and differ in tensor names, fused projections and RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// `model_type` llama (and qwen2): separate q/k/v and gate/up, RoPE `rotate_half`.
+    Llama,
+    /// HF-native `model_type` glm: separate q/k/v (+bias), fused `gate_up_proj`, partial interleaved RoPE.
+    Glm,
+    /// Remote-code `model_type` chatglm (ChatGLM2/3, GLM-4-9b-chat): fused `query_key_value`
+    /// and `dense_h_to_4h`, RoPE on half of each head, interleaved.
+    ChatGlm,
+}
+
+impl Architecture {
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Glm => "glm",
+            Architecture::ChatGlm => "chatglm",
+        }
+    }
+}
+
+/// How RoPE pairs up the rotated dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopePairing {
+    /// HF `rotate_half`: dim i pairs with i + rotary_dim/2.
+    Half,
+    /// GLM: dims (2i, 2i+1) form a pair.
+    Interleaved,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1 frequency-dependent scaling.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    /// Leading dims of each head that are rotated; the rest pass through.
+    pub rotary_dim: usize,
+    pub pairing: RopePairing,
+    pub scaling: Option<RopeScaling>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope: RopeConfig,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    /// `torch_dtype` as written in config.json, if any.
+    pub torch_dtype: Option<String>,
+}
+
+impl ModelConfig {
+    /// Reads `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self, LoadError> {
+        Self::from_file(&dir.join("config.json"))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| LoadError::json(path, e))?;
+        Self::from_json(&value, path)
+    }
+
+    /// `path` is only used in error messages.
+    pub fn from_json(value: &Value, path: &Path) -> Result<Self, LoadError> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| LoadError::Invalid { path: path.to_path_buf(), reason: "not a JSON object".into() })?;
+        let json = JsonConfig { obj, path: path.to_path_buf() };
+        let model_type = json.string("model_type")?;
+        match model_type.as_str() {
+            "llama" | "qwen2" => llama::parse_config(&json, &model_type),
+            "glm" => glm::parse_glm_config(&json),
+            "chatglm" => glm::parse_chatglm_config(&json),
+            other => Err(LoadError::ConfigKey {
+                path: path.to_path_buf(),
+                key: "model_type".into(),
+                reason: format!("unsupported architecture '{other}' (supported: llama, qwen2, glm, chatglm)"),
+            }),
+        }
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    /// Number of base parameters, from the shapes alone.
+    pub fn num_params(&self) -> usize {
+        let h = self.hidden_size;
+        let attn = h * (self.q_dim() + 2 * self.kv_dim())
+            + if self.qkv_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 }
+            + self.q_dim() * h
+            + if self.o_bias { h } else { 0 };
+        let mlp = 3 * h * self.intermediate_size + if self.mlp_bias { 2 * self.intermediate_size + h } else { 0 };
+        let layer = attn + mlp + 2 * h;
+        let embed = self.vocab_size * h;
+        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        embed + self.num_layers * layer + h + head
+    }
+}
+
+/// Typed access to config.json keys, with errors that name the file and key.
+pub(crate) struct JsonConfig<'a> {
+    pub obj: &'a Map<String, Value>,
+    pub path: PathBuf,
+}
+
+impl JsonConfig<'_> {
+    fn error(&self, key: &str, reason: impl Into<String>) -> LoadError {
+        LoadError::ConfigKey { path: self.path.clone(), key: key.into(), reason: reason.into() }
+    }
+
+    /// `None` when the key is absent or null.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    pub fn string(&self, key: &str) -> Result<String, LoadError> {
+        match self.get(key) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err(self.error(key, format!("expected a string, found {other}"))),
+            None => Err(self.error(key, "missing")),
+        }
+    }
+
+    pub fn usize(&self, key: &str) -> Result<usize, LoadError> {
+        self.opt_usize(key)?.ok_or_else(|| self.error(key, "missing"))
+    }
+
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>, LoadError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n > 0 => Ok(Some(n as usize)),
+                _ => Err(self.error(key, format!("expected a positive integer, found {v}"))),
+            },
+        }
+    }
+
+    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>, LoadError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.error(key, format!("expected a number, found {v}"))),
+        }
+    }
+
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool, LoadError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(self.error(key, format!("expected true or false, found {v}"))),
+        }
+    }
+
+    /// A token id or a list of them (`eos_token_id` is often a list).
+    pub fn token_ids(&self, key: &str) -> Result<Vec<u32>, LoadError> {
+        let one = |v: &Value| {
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| self.error(key, format!("expected a token id, found {v}")))
+        };
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items.iter().map(one).collect(),
+            Some(v) => Ok(vec![one(v)?]),
+        }
+    }
+
+    pub fn token_id(&self, key: &str) -> Result<Option<u32>, LoadError> {
+        Ok(self.token_ids(key)?.first().copied())
+    }
+
+    /// Positive check shared by every architecture: heads must divide evenly.
+    pub fn check_heads(&self, num_heads: usize, num_kv_heads: usize, key: &str) -> Result<(), LoadError> {
+        if num_heads % num_kv_heads != 0 {
+            return Err(self.error(key, format!("{num_kv_heads} does not divide num heads {num_heads}")));
+        }
+        Ok(())
+    }
+
+    pub fn invalid(&self, key: &str, reason: impl Into<String>) -> LoadError {
+        self.error(key, reason)
+    }
+}

@@ -1,0 +1,229 @@
+//! Building blocks shared by every architecture: a frozen linear layer in HF layout, RMSNorm,
+//! rotary position embeddings and the attention core.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use crate::config::{RopeConfig, RopePairing, RopeScaling};
+
+/// `y = x Wᵀ + b` with `W` kept exactly as the checkpoint stores it: `[out, in]`.
+#[derive(Module, Debug)]
+pub struct Linear {
+    /// `[out_features, in_features]` (PyTorch layout).
+    pub weight: Param<Tensor<2>>,
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Self {
+            weight: Param::from_tensor(weight).set_require_grad(false),
+            bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.shape().dims::<2>()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.shape().dims::<2>()[0]
+    }
+
+    /// # Shapes
+    /// - x: `[batch, seq, in]`
+    /// - output: `[batch, seq, out]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, s, i] = x.dims();
+        // The transposed weight is a strided view: flex and torch GEMMs read it without a copy.
+        let y = x.reshape([b * s, i]).matmul(self.weight.val().transpose());
+        let y = match &self.bias {
+            Some(bias) => y + bias.val().unsqueeze_dim(0),
+            None => y,
+        };
+        y.reshape([b, s, self.out_features()])
+    }
+}
+
+/// Token embedding table `[vocab, hidden]`.
+#[derive(Module, Debug)]
+pub struct Embedding {
+    pub weight: Param<Tensor<2>>,
+}
+
+impl Embedding {
+    pub fn new(weight: Tensor<2>) -> Self {
+        Self { weight: Param::from_tensor(weight).set_require_grad(false) }
+    }
+
+    /// # Shapes
+    /// - ids: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let [b, s] = ids.dims();
+        let hidden = self.weight.shape().dims::<2>()[1];
+        self.weight.val().select(0, ids.reshape([b * s])).reshape([b, s, hidden])
+    }
+}
+
+/// `x / sqrt(mean(x²) + eps) · weight`, as LLaMA and GLM compute it.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    pub weight: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor<1>, eps: f64) -> Self {
+        Self { weight: Param::from_tensor(weight).set_require_grad(false), eps }
+    }
+
+    /// # Shapes
+    /// - x, output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let variance = x.clone().powi_scalar(2).mean_dim(2);
+        let normed = x * (variance + self.eps).sqrt().recip();
+        normed * self.weight.val().unsqueeze::<3>()
+    }
+}
+
+/// Rotary position embedding for a range of positions, per the architecture's pairing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    pub config: RopeConfig,
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(config: RopeConfig) -> Self {
+        let half = config.rotary_dim / 2;
+        // f32 throughout, as transformers computes its tables.
+        let base = config.theta as f32;
+        let mut inv_freq: Vec<f32> =
+            (0..half).map(|i| 1.0 / base.powf((2 * i) as f32 / config.rotary_dim as f32)).collect();
+        match &config.scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) => inv_freq.iter_mut().for_each(|f| *f /= *factor as f32),
+            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+                let (factor, low, high, old) =
+                    (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32, *original_max_position_embeddings as f32);
+                let low_freq_wavelen = old / low;
+                let high_freq_wavelen = old / high;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    let scaled = if wavelen > low_freq_wavelen { *f / factor } else { *f };
+                    let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    *f = if medium {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    };
+                }
+            }
+        }
+        Self { config, inv_freq }
+    }
+
+    /// cos and sin tables for positions `start..start+len`, laid out to match the pairing.
+    /// Shapes: `[len, rotary_dim]` each.
+    fn tables(&self, start: usize, len: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let dim = self.config.rotary_dim;
+        let mut cos = Vec::with_capacity(len * dim);
+        let mut sin = Vec::with_capacity(len * dim);
+        for pos in start..start + len {
+            let angle = |i: usize| pos as f32 * self.inv_freq[i];
+            for d in 0..dim {
+                let i = match self.config.pairing {
+                    RopePairing::Half => d % (dim / 2),
+                    RopePairing::Interleaved => d / 2,
+                };
+                cos.push(angle(i).cos());
+                sin.push(angle(i).sin());
+            }
+        }
+        (
+            Tensor::from_data(TensorData::new(cos, [len, dim]), device),
+            Tensor::from_data(TensorData::new(sin, [len, dim]), device),
+        )
+    }
+
+    /// Rotates the first `rotary_dim` dims of every head; the rest pass through.
+    ///
+    /// # Shapes
+    /// - x, output: `[batch, heads, seq, head_dim]`
+    pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
+        let [b, h, s, head_dim] = x.dims();
+        let dim = self.config.rotary_dim;
+        let (cos, sin) = self.tables(start, s, &x.device());
+        let (cos, sin) = (cos.unsqueeze::<4>(), sin.unsqueeze::<4>());
+        let rot = x.clone().narrow(3, 0, dim);
+        let rotated = match self.config.pairing {
+            // rotate_half: [x1, x2] -> [-x2, x1]
+            RopePairing::Half => {
+                let x1 = rot.clone().narrow(3, 0, dim / 2);
+                let x2 = rot.clone().narrow(3, dim / 2, dim / 2);
+                Tensor::cat(vec![x2.neg(), x1], 3)
+            }
+            // pairs (x0, x1) -> (-x1, x0)
+            RopePairing::Interleaved => {
+                let pairs = rot.clone().reshape([b, h, s, dim / 2, 2]);
+                let even = pairs.clone().narrow(4, 0, 1);
+                let odd = pairs.narrow(4, 1, 1);
+                Tensor::cat(vec![odd.neg(), even], 4).reshape([b, h, s, dim])
+            }
+        };
+        let out = rot * cos + rotated * sin;
+        if dim == head_dim { out } else { Tensor::cat(vec![out, x.narrow(3, dim, head_dim - dim)], 3) }
+    }
+}
+
+/// Additive attention bias `[batch, 1, seq, past + seq]`: 0 where a query may attend, a large
+/// negative number elsewhere (causal, and padded keys when a mask is given).
+///
+/// `attention_mask`: `[batch, past + seq]`, 1 for real tokens.
+pub fn attention_bias(
+    batch: usize,
+    seq: usize,
+    past: usize,
+    attention_mask: Option<&Tensor<2, Int>>,
+    device: &Device,
+) -> Tensor<4> {
+    let total = past + seq;
+    // tril_mask is true above the diagonal shifted by `past`: the future keys.
+    let future = Tensor::<2, Bool>::tril_mask([seq, total], past as i64, device)
+        .reshape([1, 1, seq, total])
+        .expand([batch, 1, seq, total]);
+    let masked = match attention_mask {
+        Some(mask) => {
+            let padded = mask.clone().equal_elem(0).reshape([batch, 1, 1, total]).expand([batch, 1, seq, total]);
+            future.bool_or(padded)
+        }
+        None => future,
+    };
+    // Not -inf: a row with every key masked (a padded query) stays finite, as in transformers.
+    Tensor::<4>::zeros([batch, 1, seq, total], device).mask_fill(masked, f32::MIN)
+}
+
+/// Scaled dot-product attention with grouped K/V heads.
+///
+/// Head `h` reads K/V group `h / (heads / kv_heads)`, as transformers' `repeat_kv`. The queries are
+/// regrouped instead of copying K/V.
+///
+/// # Shapes
+/// - q: `[batch, heads, seq, head_dim]`
+/// - k, v: `[batch, kv_heads, keys, head_dim]`
+/// - bias: `[batch, 1, seq, keys]`
+/// - output: `[batch, heads, seq, head_dim]`
+pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>) -> Tensor<4> {
+    let [b, heads, s, d] = q.dims();
+    let [_, kv_heads, keys, _] = k.dims();
+    let group = heads / kv_heads;
+    let scale = (d as f64).powf(-0.5);
+    // b,h,s,d -> b,kv,group*s,d
+    let q = q.reshape([b, kv_heads, group * s, d]);
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale).reshape([b, heads, s, keys]);
+    let probs = softmax(scores + bias, 3).reshape([b, kv_heads, group * s, keys]);
+    probs.matmul(v).reshape([b, heads, s, d])
+}

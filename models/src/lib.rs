@@ -1,0 +1,48 @@
+//! Base architectures for ember: LLaMA-family and GLM-family decoders in burn, loaded from
+//! Hugging Face model folders (config.json + safetensors), with every base weight frozen.
+
+pub mod checkpoint;
+pub mod config;
+pub mod glm;
+pub mod layers;
+pub mod llama;
+pub mod transformer;
+
+use std::path::{Path, PathBuf};
+
+pub use checkpoint::{Checkpoint, LoadDtype};
+pub use config::{Architecture, ModelConfig};
+pub use transformer::{CausalLm, KvCache};
+
+/// Everything that can go wrong reading a model folder. Each variant names the file and,
+/// where there is one, the key.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: missing {what}", path.display())]
+    Missing { path: PathBuf, what: &'static str },
+    #[error("{}: invalid JSON: {source}", path.display())]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{}: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+    #[error("{}: key '{key}': {reason}", path.display())]
+    ConfigKey { path: PathBuf, key: String, reason: String },
+    #[error("{}: missing tensor '{key}'", path.display())]
+    MissingTensor { path: PathBuf, key: String },
+    #[error("{}: tensor '{key}' has shape {found:?}, expected {expected:?}", path.display())]
+    Shape { path: PathBuf, key: String, expected: Vec<usize>, found: Vec<usize> },
+}
+
+impl LoadError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            return LoadError::Missing { path: path.to_path_buf(), what: "file" };
+        }
+        LoadError::Io { path: path.to_path_buf(), source }
+    }
+
+    pub(crate) fn json(path: &Path, source: serde_json::Error) -> Self {
+        LoadError::Json { path: path.to_path_buf(), source }
+    }
+}

@@ -1,0 +1,3 @@
+//! The `ember` command line.
+
+fn main() {}

@@ -1,0 +1,284 @@
+//! Parity with Hugging Face transformers (+ PEFT): every fixture folder under `$EMBER_FIXTURES`
+//! (default `../shared/fixtures`) is compared with what ember computes from the same files.
+//!
+//! One line per check: `parity <fixture> <check> max_abs=<value> ok|FAIL`, or `SKIP` with the
+//! reason. Folders and methods ember cannot handle yet are reported, never silently passed.
+//! Folder kinds, told apart by their files:
+//! - a model folder (`config.json` + `reference.safetensors`): `logits.base` and its texts' tokens;
+//! - a tokenizer reference (`tokenizer_reference.json`): ids of every case;
+//! - a pretrained-model reference (`reference.json` with `prompts`, no weights): needs the
+//!   converted model in `$EMBER_MODELS/<folder>` (default `target/models/<folder>`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use ember_data::Tokenizer;
+use ember_models::{CausalLm, Checkpoint, KvCache, LoadDtype};
+use serde_json::Value;
+
+const LOGITS_ATOL_TINY: f32 = 1e-4;
+const LOGITS_ATOL_PRETRAINED: f32 = 1e-3;
+
+#[derive(Default)]
+struct Report {
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+}
+
+impl Report {
+    fn check(&mut self, fixture: &str, check: &str, max_abs: f32, tolerance: f32) {
+        let ok = max_abs <= tolerance; // NaN fails
+        println!("parity {fixture} {check} max_abs={max_abs:.3e} {}", if ok { "ok" } else { "FAIL" });
+        if ok { self.passed += 1 } else { self.failed += 1 }
+    }
+
+    fn exact(&mut self, fixture: &str, check: &str, mismatches: usize, total: usize) {
+        let ok = mismatches == 0 && total > 0;
+        println!("parity {fixture} {check} mismatches={mismatches}/{total} {}", if ok { "ok" } else { "FAIL" });
+        if ok { self.passed += 1 } else { self.failed += 1 }
+    }
+
+    fn skip(&mut self, fixture: &str, check: &str, reason: &str) {
+        println!("parity {fixture} {check} SKIP ({reason})");
+        self.skipped += 1;
+    }
+
+    fn error(&mut self, fixture: &str, check: &str, error: impl std::fmt::Display) {
+        println!("parity {fixture} {check} FAIL ({error})");
+        self.failed += 1;
+    }
+}
+
+fn fixtures_root() -> PathBuf {
+    std::env::var_os("EMBER_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"))
+}
+
+fn models_root() -> PathBuf {
+    std::env::var_os("EMBER_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/models"))
+}
+
+fn read_json(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A reference tensor as f32 or i64 values plus its shape.
+fn f32s(reference: &Checkpoint, key: &str) -> Result<(Vec<f32>, Vec<usize>), String> {
+    let (bytes, shape, dtype) = reference.bytes(key).map_err(|e| e.to_string())?;
+    if dtype != safetensors::Dtype::F32 {
+        return Err(format!("{key}: expected F32, found {dtype:?}"));
+    }
+    Ok((bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(), shape.to_vec()))
+}
+
+fn i64s(reference: &Checkpoint, key: &str) -> Result<(Vec<i64>, Vec<usize>), String> {
+    let (bytes, shape, dtype) = reference.bytes(key).map_err(|e| e.to_string())?;
+    if dtype != safetensors::Dtype::I64 {
+        return Err(format!("{key}: expected I64, found {dtype:?}"));
+    }
+    Ok((bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(), shape.to_vec()))
+}
+
+fn int_tensor(values: Vec<i64>, shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+fn to_vec(t: Tensor<3>) -> Vec<f32> {
+    t.into_data().try_into_vec::<f32>().expect("f32 logits")
+}
+
+fn main() -> ExitCode {
+    let root = fixtures_root();
+    let mut report = Report::default();
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        println!("parity: fixtures root {} not found (set EMBER_FIXTURES)", root.display());
+        return ExitCode::FAILURE;
+    };
+    let mut dirs: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+    dirs.sort();
+    let device = Device::flex();
+    for dir in dirs {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        if dir.join("tokenizer_reference.json").is_file() {
+            tokenizer_fixture(&root, &dir, &name, &mut report);
+        } else if dir.join("reference.json").is_file() && dir.join("config.json").is_file() {
+            model_fixture(&dir, &name, &device, &mut report);
+        } else if dir.join("reference.json").is_file() {
+            pretrained_fixture(&dir, &name, &device, &mut report);
+        }
+        // Folders without a reference (e.g. scripts/) are not fixtures.
+    }
+    println!("parity: {} passed, {} failed, {} skipped", report.passed, report.failed, report.skipped);
+    if report.failed == 0 && report.passed > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// A tiny model with reference logits for the base model and each adapter method.
+fn model_fixture(dir: &Path, name: &str, device: &Device, report: &mut Report) {
+    let mut run = || -> Result<(), String> {
+        let info = read_json(&dir.join("reference.json"))?;
+        let reference = Checkpoint::open_files(&[dir.join("reference.safetensors")]).map_err(|e| e.to_string())?;
+        let (ids, shape) = i64s(&reference, "input_ids")?;
+        let (mask, _) = i64s(&reference, "attention_mask")?;
+        let [batch, len] = [shape[0], shape[1]];
+
+        // The fixture texts, tokenized by ember, must be the reference's input ids.
+        match Tokenizer::from_dir(dir) {
+            Ok(tokenizer) => {
+                let texts = info["texts"].as_array().cloned().unwrap_or_default();
+                let mut mismatches = 0;
+                for (row, text) in texts.iter().enumerate() {
+                    let ours = tokenizer.encode(text.as_str().unwrap_or_default(), true).map_err(|e| e.to_string())?;
+                    let real = (0..len).filter(|&j| mask[row * len + j] == 1).map(|j| ids[row * len + j] as u32);
+                    if !ours.iter().copied().eq(real) {
+                        mismatches += 1;
+                    }
+                }
+                report.exact(name, "tokenizer.texts", mismatches, texts.len());
+            }
+            Err(e) => report.error(name, "tokenizer.texts", e),
+        }
+
+        let model = CausalLm::load(dir, LoadDtype::F32, device).map_err(|e| e.to_string())?;
+        let logits = model.forward(int_tensor(ids.clone(), [batch, len], device), Some(int_tensor(mask.clone(), [batch, len], device)));
+        let ours = to_vec(logits);
+        let (expected, _) = f32s(&reference, "logits.base")?;
+        let vocab = expected.len() / (batch * len);
+        let max_abs = max_abs_on_mask(&ours, &expected, &mask, vocab);
+        report.check(name, "logits.base", max_abs, LOGITS_ATOL_TINY);
+
+        let methods = info["methods"].as_object().cloned().unwrap_or_default();
+        for method in methods.keys() {
+            report.skip(name, method, "adapter method not implemented yet");
+        }
+        Ok(())
+    };
+    if let Err(e) = run() {
+        report.error(name, "load", e);
+    }
+}
+
+/// max |a - b| over positions whose mask is 1 (padded positions carry no meaning).
+fn max_abs_on_mask(ours: &[f32], expected: &[f32], mask: &[i64], vocab: usize) -> f32 {
+    let mut max_abs = 0f32;
+    for (position, &m) in mask.iter().enumerate() {
+        if m == 1 {
+            let range = position * vocab..(position + 1) * vocab;
+            for (a, b) in ours[range.clone()].iter().zip(&expected[range]) {
+                max_abs = max_abs.max((a - b).abs());
+                if a.is_nan() {
+                    return f32::NAN;
+                }
+            }
+        }
+    }
+    max_abs
+}
+
+fn tokenizer_fixture(root: &Path, dir: &Path, name: &str, report: &mut Report) {
+    let mut run = || -> Result<(), String> {
+        let info = read_json(&dir.join("tokenizer_reference.json"))?;
+        // "tiny_llama/tokenizer.json (…description…)": the path relative to the fixtures root.
+        let source = info["tokenizer"].as_str().ok_or("no \"tokenizer\" key")?;
+        let path = root.join(source.split_whitespace().next().unwrap_or_default());
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| e.to_string())?;
+        let cases = info["cases"].as_array().ok_or("no \"cases\" list")?;
+        let (mut ids_bad, mut decode_bad) = (0, 0);
+        for case in cases {
+            let text = case["text"].as_str().unwrap_or_default();
+            let expected: Vec<u32> =
+                case["ids"].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).map(|v| v as u32).collect();
+            let ours = tokenizer.encode(text, true).map_err(|e| e.to_string())?;
+            if ours != expected {
+                ids_bad += 1;
+                println!("  {name}: {text:?}: ember {ours:?} != reference {expected:?}");
+            }
+            if let Some(decoded) = case["decoded_skip_special"].as_str() {
+                if tokenizer.decode(&ours, true).map_err(|e| e.to_string())? != decoded {
+                    decode_bad += 1;
+                }
+            }
+        }
+        report.exact(name, "ids", ids_bad, cases.len());
+        report.exact(name, "decode", decode_bad, cases.len());
+        Ok(())
+    };
+    if let Err(e) = run() {
+        report.error(name, "load", e);
+    }
+}
+
+/// A real pretrained model: top-5 ids at every position, last-position logits, greedy tokens.
+fn pretrained_fixture(dir: &Path, name: &str, device: &Device, report: &mut Report) {
+    let model_dir = models_root().join(name);
+    if !model_dir.join("config.json").is_file() {
+        report.skip(name, "all", &format!("no converted model at {} (see README: ember import gguf)", model_dir.display()));
+        return;
+    }
+    let mut run = || -> Result<(), String> {
+        let info = read_json(&dir.join("reference.json"))?;
+        let reference = Checkpoint::open_files(&[dir.join("reference.safetensors")]).map_err(|e| e.to_string())?;
+        let tokenizer = Tokenizer::from_dir(&model_dir).map_err(|e| e.to_string())?;
+        let model = CausalLm::load(&model_dir, LoadDtype::F32, device).map_err(|e| e.to_string())?;
+        let prompts = info["prompts"].as_array().ok_or("no \"prompts\" list")?;
+        for (i, prompt) in prompts.iter().enumerate() {
+            let ids: Vec<i64> = prompt["input_ids"].as_array().into_iter().flatten().filter_map(Value::as_i64).collect();
+            let text = prompt["text"].as_str().unwrap_or_default();
+            let ours_ids = tokenizer.encode(text, true).map_err(|e| e.to_string())?;
+            let mismatched = ours_ids.len() != ids.len() || ours_ids.iter().zip(&ids).any(|(&a, &b)| a as i64 != b);
+            report.exact(name, &format!("prompt{i}.tokens"), usize::from(mismatched), 1);
+
+            let len = ids.len();
+            let logits = to_vec(model.forward(int_tensor(ids, [1, len], device), None));
+            let vocab = logits.len() / len;
+            let top5 = prompt["top5_ids"].as_array().ok_or("no top5_ids")?;
+            let top5_values = prompt["top5_values"].as_array().ok_or("no top5_values")?;
+            let (mut bad_positions, mut max_abs_top5) = (0, 0f32);
+            for (pos, (expected, values)) in top5.iter().zip(top5_values).enumerate() {
+                let row = &logits[pos * vocab..(pos + 1) * vocab];
+                let mut order: Vec<usize> = (0..vocab).collect();
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+                let expected: Vec<usize> = expected.as_array().into_iter().flatten().filter_map(|v| v.as_u64()).map(|v| v as usize).collect();
+                if order[..5] != expected[..] {
+                    bad_positions += 1;
+                }
+                for (&id, value) in expected.iter().zip(values.as_array().into_iter().flatten()) {
+                    max_abs_top5 = max_abs_top5.max((row[id] - value.as_f64().unwrap_or(f64::NAN) as f32).abs());
+                }
+            }
+            report.exact(name, &format!("prompt{i}.top5_ids"), bad_positions, top5.len());
+            report.check(name, &format!("prompt{i}.top5_logits"), max_abs_top5, LOGITS_ATOL_PRETRAINED);
+            let (last, _) = f32s(&reference, &format!("prompt{i}.last_logits"))?;
+            let ours_last = &logits[(len - 1) * vocab..];
+            let max_abs = ours_last.iter().zip(&last).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            report.check(name, &format!("prompt{i}.last_logits"), max_abs, LOGITS_ATOL_PRETRAINED);
+        }
+
+        let generation = &info["greedy_generation"];
+        let prompt: Vec<i64> = generation["prompt_ids"].as_array().into_iter().flatten().filter_map(Value::as_i64).collect();
+        let expected: Vec<i64> = generation["new_token_ids"].as_array().into_iter().flatten().filter_map(Value::as_i64).collect();
+        let mut cache = KvCache::default();
+        let mut next = prompt;
+        let mut generated = Vec::new();
+        while generated.len() < expected.len() {
+            let len = next.len();
+            let logits = to_vec(model.forward_cached(int_tensor(next, [1, len], device), &mut cache));
+            let vocab = logits.len() / len;
+            let last = &logits[(len - 1) * vocab..];
+            let token = (0..vocab).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap() as i64;
+            generated.push(token);
+            next = vec![token];
+        }
+        let mismatches = generated.iter().zip(&expected).filter(|(a, b)| a != b).count();
+        report.exact(name, "greedy_tokens", mismatches, expected.len());
+        Ok(())
+    };
+    if let Err(e) = run() {
+        report.error(name, "load", e);
+    }
+}
