@@ -3,11 +3,13 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod gguf;
 pub mod glm;
 pub mod layers;
 pub mod llama;
 pub mod transformer;
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 pub use checkpoint::{Checkpoint, LoadDtype};
@@ -45,4 +47,33 @@ impl LoadError {
     pub(crate) fn json(path: &Path, source: serde_json::Error) -> Self {
         LoadError::Json { path: path.to_path_buf(), source }
     }
+}
+
+/// Writes a folder through `write` into a temporary sibling, then renames it to `out`, so a
+/// crash never leaves a half-written output. An existing `out` is replaced only once the new
+/// one is complete.
+pub fn write_dir_atomically(
+    out: &Path,
+    write: impl FnOnce(&Path) -> Result<(), LoadError>,
+) -> Result<(), LoadError> {
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| LoadError::io(parent, e))?;
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| LoadError::io(&tmp, e))?;
+    let result = write(&tmp).and_then(|()| {
+        for entry in std::fs::read_dir(&tmp).map_err(|e| LoadError::io(&tmp, e))? {
+            let path = entry.map_err(|e| LoadError::io(&tmp, e))?.path();
+            File::open(&path).and_then(|f| f.sync_all()).map_err(|e| LoadError::io(&path, e))?;
+        }
+        if out.exists() {
+            std::fs::remove_dir_all(out).map_err(|e| LoadError::io(out, e))?;
+        }
+        std::fs::rename(&tmp, out).map_err(|e| LoadError::io(out, e))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
 }
