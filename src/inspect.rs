@@ -6,6 +6,7 @@ use std::path::Path;
 
 use ember_data::Tokenizer;
 use ember_models::config::RopePairing;
+use ember_models::transformer::check_checkpoint;
 use ember_models::{Checkpoint, ModelConfig};
 
 use crate::bad_input;
@@ -13,6 +14,8 @@ use crate::bad_input;
 pub fn run(dir: &Path) -> anyhow::Result<()> {
     let config = ModelConfig::from_dir(dir).map_err(bad_input)?;
     let checkpoint = Checkpoint::open_dir(dir).map_err(bad_input)?;
+    check_checkpoint(&config, &checkpoint).map_err(bad_input)?;
+    let num_params = config.num_params();
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
     let mut stored = 0usize;
     for key in checkpoint.keys() {
@@ -37,7 +40,7 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
     println!("rope:           theta {}, {} of {} dims, {pairing}{}", rope.theta, rope.rotary_dim, config.head_dim,
         rope.scaling.as_ref().map(|s| format!(", scaling {s:?}")).unwrap_or_default());
     println!("tied embedding: {}", if config.tie_word_embeddings { "yes" } else { "no" });
-    println!("parameters:     {} ({})", group_digits(config.num_params()), human(config.num_params()));
+    println!("parameters:     {} ({})", group_digits(num_params), human(num_params));
     println!("checkpoint:     {} tensors, {} values, dtype {}", checkpoint.keys().count(), group_digits(stored), dtypes.join(", "));
     match Tokenizer::from_dir(dir) {
         Ok(t) => println!("tokenizer:      {} tokens, bos {:?}, eos {:?}, pad {:?}", t.vocab_size(), t.bos_id, t.eos_id, t.pad_id),

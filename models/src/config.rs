@@ -121,16 +121,7 @@ impl ModelConfig {
 
     /// Number of base parameters, from the shapes alone.
     pub fn num_params(&self) -> usize {
-        let h = self.hidden_size;
-        let attn = h * (self.q_dim() + 2 * self.kv_dim())
-            + if self.qkv_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 }
-            + self.q_dim() * h
-            + if self.o_bias { h } else { 0 };
-        let mlp = 3 * h * self.intermediate_size + if self.mlp_bias { 2 * self.intermediate_size + h } else { 0 };
-        let layer = attn + mlp + 2 * h;
-        let embed = self.vocab_size * h;
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
-        embed + self.num_layers * layer + h + head
+        crate::transformer::expected_tensors(self).iter().map(|(_, shape)| shape.iter().product::<usize>()).sum()
     }
 }
 
@@ -215,5 +206,42 @@ impl JsonConfig<'_> {
 
     pub fn invalid(&self, key: &str, reason: impl Into<String>) -> LoadError {
         self.error(key, reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: Value) -> Result<ModelConfig, LoadError> {
+        ModelConfig::from_json(&json, Path::new("config.json"))
+    }
+
+    #[test]
+    fn llama2_7b_has_its_published_parameter_count() {
+        let config = parse(serde_json::json!({
+            "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "rms_norm_eps": 1e-5,
+        }))
+        .unwrap();
+        assert_eq!(config.num_params(), 6_738_415_616);
+    }
+
+    #[test]
+    fn unknown_architecture_names_the_key_and_value() {
+        let error = parse(serde_json::json!({"model_type": "gpt_neox"})).unwrap_err().to_string();
+        assert!(error.contains("'model_type'") && error.contains("gpt_neox"), "{error}");
+    }
+
+    #[test]
+    fn llama3_rope_scaling_is_parsed() {
+        let config = parse(serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "vocab_size": 10,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        }))
+        .unwrap();
+        assert!(matches!(config.rope.scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
     }
 }

@@ -184,6 +184,67 @@ impl KvCache {
     }
 }
 
+/// Every tensor the model reads from a checkpoint, with its shape.
+pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let keys = KeyLayout::of(config.architecture);
+    let (h, q_dim, kv_dim, ffn) = (config.hidden_size, config.q_dim(), config.kv_dim(), config.intermediate_size);
+    let mut out = Vec::new();
+    let mut norms = Vec::new();
+    let mut linear = |name: String, rows: usize, cols: usize, bias: bool| {
+        if bias {
+            out.push((format!("{name}.bias"), vec![rows]));
+        }
+        out.push((format!("{name}.weight"), vec![rows, cols]));
+    };
+    for i in 0..config.num_layers {
+        let layer = keys.layer(i);
+        let attn = format!("{layer}.{}", keys.attention);
+        let mlp = format!("{layer}.{}", keys.mlp);
+        match keys.qkv {
+            QkvKeys::Separate { q, k, v } => {
+                linear(format!("{attn}.{q}"), q_dim, h, config.qkv_bias);
+                linear(format!("{attn}.{k}"), kv_dim, h, config.qkv_bias);
+                linear(format!("{attn}.{v}"), kv_dim, h, config.qkv_bias);
+            }
+            QkvKeys::Fused(name) => linear(format!("{attn}.{name}"), q_dim + 2 * kv_dim, h, config.qkv_bias),
+        }
+        linear(format!("{attn}.{}", keys.o_proj), h, q_dim, config.o_bias);
+        match keys.gate_up {
+            GateUpKeys::Separate { gate, up } => {
+                linear(format!("{mlp}.{gate}"), ffn, h, config.mlp_bias);
+                linear(format!("{mlp}.{up}"), ffn, h, config.mlp_bias);
+            }
+            GateUpKeys::Fused(name) => linear(format!("{mlp}.{name}"), 2 * ffn, h, config.mlp_bias),
+        }
+        linear(format!("{mlp}.{}", keys.down), h, ffn, config.mlp_bias);
+        for norm in [keys.input_norm, keys.post_attention_norm] {
+            norms.push((format!("{layer}.{norm}.weight"), vec![h]));
+        }
+    }
+    out.extend(norms);
+    out.push((format!("{}.weight", keys.embed), vec![config.vocab_size, h]));
+    out.push((format!("{}.weight", keys.final_norm), vec![h]));
+    if !config.tie_word_embeddings {
+        out.push((format!("{}.weight", keys.lm_head), vec![config.vocab_size, h]));
+    }
+    out
+}
+
+/// Checks that `checkpoint` holds every tensor the model needs, with the right shapes, from the
+/// safetensors headers alone.
+pub fn check_checkpoint(config: &ModelConfig, checkpoint: &Checkpoint) -> Result<(), LoadError> {
+    for (key, shape) in expected_tensors(config) {
+        let (found, _) = checkpoint
+            .info(&key)
+            .ok_or_else(|| LoadError::MissingTensor { path: checkpoint.first_path().to_path_buf(), key: key.clone() })?;
+        if found != shape.as_slice() {
+            let path = checkpoint.path_of(&key).unwrap_or(checkpoint.first_path()).to_path_buf();
+            return Err(LoadError::Shape { path, key, expected: shape, found: found.to_vec() });
+        }
+    }
+    Ok(())
+}
+
 /// A decoder-only language model with a frozen base.
 #[derive(Module, Debug)]
 pub struct CausalLm {
@@ -212,6 +273,8 @@ impl CausalLm {
         dtype: LoadDtype,
         device: &Device,
     ) -> Result<Self, LoadError> {
+        // Every name and shape is checked from the headers before any weight is read.
+        check_checkpoint(&config, checkpoint)?;
         let keys = KeyLayout::of(config.architecture);
         let (h, q_dim, kv_dim) = (config.hidden_size, config.q_dim(), config.kv_dim());
         let ffn = config.intermediate_size;

@@ -1,0 +1,154 @@
+//! End-to-end tests of the `ember` binary: inspect, GGUF import, and bad input (one clear
+//! error line naming the file or key, exit code 2, no panic).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::tensor::{Dtype, TensorView};
+
+fn ember(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ember")).args(args).output().expect("run ember")
+}
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("EMBER_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"))
+}
+
+/// Exit code 2 and exactly one line on stderr that contains every `needle`.
+fn assert_bad_input(output: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "expected one error line, got: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "'{needle}' not in: {stderr}");
+    }
+}
+
+/// A micro LLaMA (hidden 8, one layer) whose `model.norm.weight` has `norm_len` values.
+fn write_micro_llama(dir: &Path, norm_len: usize) {
+    let config = serde_json::json!({
+        "model_type": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 12, "tie_word_embeddings": true,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let shapes: Vec<(&str, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight", vec![12, 8]),
+        ("model.layers.0.input_layernorm.weight", vec![8]),
+        ("model.layers.0.post_attention_layernorm.weight", vec![8]),
+        ("model.layers.0.self_attn.q_proj.weight", vec![8, 8]),
+        ("model.layers.0.self_attn.k_proj.weight", vec![4, 8]),
+        ("model.layers.0.self_attn.v_proj.weight", vec![4, 8]),
+        ("model.layers.0.self_attn.o_proj.weight", vec![8, 8]),
+        ("model.layers.0.mlp.gate_proj.weight", vec![16, 8]),
+        ("model.layers.0.mlp.up_proj.weight", vec![16, 8]),
+        ("model.layers.0.mlp.down_proj.weight", vec![8, 16]),
+        ("model.norm.weight", vec![norm_len]),
+    ];
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            (name.to_owned(), shape, (0..n).flat_map(|i| (i as f32 * 0.01).to_le_bytes()).collect())
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = data
+        .iter()
+        .map(|(name, shape, bytes)| (name.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn inspect_prints_parameter_counts_of_the_fixtures() {
+    for (name, params, arch) in [
+        ("tiny_llama", "4,188,480", "llama"),
+        ("tiny_glm", "336,448", "glm"),
+        ("tiny_chatglm", "336,448", "chatglm"),
+    ] {
+        let output = ember(&["inspect", fixtures().join(name).to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(stdout.contains(&format!("parameters:     {params}")), "{name}: {stdout}");
+        assert!(stdout.contains(&format!("architecture:   {arch}")), "{name}: {stdout}");
+    }
+}
+
+#[test]
+fn inspect_accepts_a_valid_micro_model() {
+    let dir = tempfile::tempdir().unwrap();
+    write_micro_llama(dir.path(), 8);
+    let output = ember(&["inspect", dir.path().to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // 12·8 embed + 2·8 norms + (8+4+4+8)·8 attention + 3·16·8 mlp + 8 final norm
+    assert!(String::from_utf8_lossy(&output.stdout).contains("parameters:     696 "));
+}
+
+#[test]
+fn missing_model_folder_is_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope");
+    assert_bad_input(&ember(&["inspect", missing.to_str().unwrap()]), &["nope/config.json", "missing"]);
+}
+
+#[test]
+fn missing_weights_are_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    write_micro_llama(dir.path(), 8);
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    assert_bad_input(&ember(&["inspect", dir.path().to_str().unwrap()]), &["model.safetensors", "missing"]);
+}
+
+#[test]
+fn unknown_architecture_is_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "gpt_neox", "hidden_size": 8}"#).unwrap();
+    assert_bad_input(&ember(&["inspect", dir.path().to_str().unwrap()]), &["config.json", "model_type", "gpt_neox"]);
+}
+
+#[test]
+fn malformed_config_is_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"llama\",").unwrap();
+    assert_bad_input(&ember(&["inspect", dir.path().to_str().unwrap()]), &["config.json", "invalid JSON"]);
+}
+
+#[test]
+fn truncated_safetensors_is_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    write_micro_llama(dir.path(), 8);
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    assert_bad_input(&ember(&["inspect", dir.path().to_str().unwrap()]), &["model.safetensors", "not a valid safetensors file"]);
+}
+
+#[test]
+fn tensor_of_wrong_shape_is_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    write_micro_llama(dir.path(), 7);
+    assert_bad_input(
+        &ember(&["inspect", dir.path().to_str().unwrap()]),
+        &["model.safetensors", "'model.norm.weight'", "[7]", "[8]"],
+    );
+}
+
+#[test]
+fn garbage_gguf_is_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("model.gguf");
+    let out = dir.path().join("out");
+    std::fs::write(&file, b"not a gguf file at all").unwrap();
+    assert_bad_input(&ember(&["import", "gguf", file.to_str().unwrap(), "--out", out.to_str().unwrap()]), &["model.gguf", "bad magic"]);
+    // A header whose tensor count claims more than the file holds.
+    let mut lying = b"GGUF".to_vec();
+    lying.extend(3u32.to_le_bytes());
+    lying.extend(u64::MAX.to_le_bytes());
+    lying.extend(0u64.to_le_bytes());
+    std::fs::write(&file, lying).unwrap();
+    assert_bad_input(&ember(&["import", "gguf", file.to_str().unwrap(), "--out", out.to_str().unwrap()]), &["model.gguf", "exceeds the file size"]);
+    assert!(!out.exists(), "no output folder after a failed import");
+}
