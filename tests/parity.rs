@@ -13,12 +13,17 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use ember_adapters::lora;
 use ember_data::Tokenizer;
-use ember_models::{CausalLm, Checkpoint, KvCache, LoadDtype};
+use ember_trainer::loss::causal_lm_loss;
+use ember_models::{BaseModel, Checkpoint, KvCache, LoadDtype};
 use serde_json::Value;
 
 const LOGITS_ATOL_TINY: f32 = 1e-4;
 const LOGITS_ATOL_PRETRAINED: f32 = 1e-3;
+const LOSS_ATOL: f32 = 1e-5;
+const GRAD_ATOL: f32 = 1e-5;
+const GRAD_RTOL: f32 = 1e-3;
 
 #[derive(Default)]
 struct Report {
@@ -102,7 +107,14 @@ fn main() -> ExitCode {
     };
     let mut dirs: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
     dirs.sort();
-    let device = Device::flex();
+    let device = match ember_models::device::default_device() {
+        Ok(device) => device,
+        Err(e) => {
+            println!("parity: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("parity: fixtures {}, device {device:?}", root.display());
     for dir in dirs {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
         if dir.join("tokenizer_reference.json").is_file() {
@@ -144,7 +156,7 @@ fn model_fixture(dir: &Path, name: &str, device: &Device, report: &mut Report) {
             Err(e) => report.error(name, "tokenizer.texts", e),
         }
 
-        let model = CausalLm::load(dir, LoadDtype::F32, device).map_err(|e| e.to_string())?;
+        let model = BaseModel::load(dir, LoadDtype::F32, device).map_err(|e| e.to_string())?;
         let logits = model.forward(int_tensor(ids.clone(), [batch, len], device), Some(int_tensor(mask.clone(), [batch, len], device)));
         let ours = to_vec(logits);
         let (expected, _) = f32s(&reference, "logits.base")?;
@@ -153,14 +165,103 @@ fn model_fixture(dir: &Path, name: &str, device: &Device, report: &mut Report) {
         report.check(name, "logits.base", max_abs, LOGITS_ATOL_TINY);
 
         let methods = info["methods"].as_object().cloned().unwrap_or_default();
-        for method in methods.keys() {
-            report.skip(name, method, "adapter method not implemented yet");
+        for (method, spec) in &methods {
+            match spec["peft_type"].as_str() {
+                Some("LORA") => {
+                    if let Err(e) = lora_checks(dir, name, method, spec, &reference, &mask, [batch, len], device, report) {
+                        report.error(name, method, e);
+                    }
+                }
+                _ => report.skip(name, method, "adapter method not implemented yet"),
+            }
         }
         Ok(())
     };
     if let Err(e) = run() {
         report.error(name, "load", e);
     }
+}
+
+/// LoRA: logits with the PEFT-saved adapter, loss and every gradient on the train batch,
+/// merged logits, and a save/load round trip through ember's own PEFT writer.
+#[allow(clippy::too_many_arguments)]
+fn lora_checks(
+    dir: &Path,
+    name: &str,
+    method: &str,
+    spec: &Value,
+    reference: &Checkpoint,
+    mask: &[i64],
+    [batch, len]: [usize; 2],
+    device: &Device,
+    report: &mut Report,
+) -> Result<(), String> {
+    let adapter_dir = dir.join(spec["adapter_dir"].as_str().ok_or("no adapter_dir")?);
+    let (ids, _) = i64s(reference, "input_ids")?;
+    let (expected, _) = f32s(reference, &format!("logits.{method}"))?;
+    let vocab = expected.len() / (batch * len);
+    let ids_t = || int_tensor(ids.clone(), [batch, len], device);
+    let mask_t = || Some(int_tensor(mask.to_vec(), [batch, len], device));
+
+    let base = BaseModel::load(dir, LoadDtype::F32, device).map_err(|e| e.to_string())?;
+    let (model, config) = lora::load_peft(&adapter_dir, base, device).map_err(|e| e.to_string())?;
+    let ours = to_vec(model.forward(ids_t(), mask_t()));
+    report.check(name, &format!("logits.{method}"), max_abs_on_mask(&ours, &expected, mask, vocab), LOGITS_ATOL_TINY);
+
+    // An adapter ember writes and reads back reproduces its own logits exactly.
+    let saved = tempfile::tempdir().map_err(|e| e.to_string())?;
+    lora::save_peft(&model, &config, name, saved.path()).map_err(|e| e.to_string())?;
+    let base = BaseModel::load(dir, LoadDtype::F32, device).map_err(|e| e.to_string())?;
+    let (reloaded, _) = lora::load_peft(saved.path(), base, device).map_err(|e| e.to_string())?;
+    let again = to_vec(reloaded.forward(ids_t(), mask_t()));
+    report.check(name, &format!("{method}.save_load"), max_abs_on_mask(&again, &ours, mask, vocab), 0.0);
+
+    if let Ok((merged_expected, _)) = f32s(reference, "logits.lora_merged") {
+        let merged = to_vec(lora::merge(model).forward(ids_t(), mask_t()));
+        report.check(name, "logits.lora_merged", max_abs_on_mask(&merged, &merged_expected, mask, vocab), LOGITS_ATOL_TINY);
+    }
+
+    // Loss and gradients on the Alpaca train batch, on the autodiff device.
+    let autodiff = device.clone().autodiff();
+    let (train_ids, shape) = i64s(reference, "train.input_ids")?;
+    let (train_mask, _) = i64s(reference, "train.attention_mask")?;
+    let (labels, _) = i64s(reference, "train.labels")?;
+    let base = BaseModel::load(dir, LoadDtype::F32, &autodiff).map_err(|e| e.to_string())?;
+    let (model, _) = lora::load_peft(&adapter_dir, base, &autodiff).map_err(|e| e.to_string())?;
+    let shape = [shape[0], shape[1]];
+    let logits = model.forward(int_tensor(train_ids, shape, &autodiff), Some(int_tensor(train_mask, shape, &autodiff)));
+    let loss = causal_lm_loss(logits, &labels).ok_or("no supervised token in the train batch")?;
+    let loss_value = loss.to_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?[0];
+    let expected_loss = spec["loss"].as_f64().ok_or("no loss")? as f32;
+    report.check(name, &format!("{method}.loss"), (loss_value - expected_loss).abs(), LOSS_ATOL);
+    let grads = loss.backward();
+    let (mut worst, mut checked) = (0f32, 0);
+    for (module, layer) in model.projections() {
+        let Some(branch) = &layer.lora else { continue };
+        for (part, param) in [("lora_A", &branch.lora_a), ("lora_B", &branch.lora_b)] {
+            let key = format!("grad.{method}.base_model.model.{module}.{part}.weight");
+            let (expected, _) = f32s(reference, &key)?;
+            let ours = param.val().grad(&grads).ok_or_else(|| format!("no gradient for {key}"))?;
+            let ours = ours.into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+            worst = worst.max(grad_excess(&ours, &expected));
+            checked += 1;
+        }
+    }
+    let expected_count = spec["grad_keys"].as_array().map_or(0, Vec::len);
+    if checked != expected_count {
+        return Err(format!("compared {checked} gradients, the fixture has {expected_count}"));
+    }
+    // Reported as the largest |error| beyond rtol·|ref|, checked against atol.
+    report.check(name, &format!("{method}.grads({checked})"), worst, GRAD_ATOL);
+    Ok(())
+}
+
+/// max over elements of |a - b| - rtol·|b| (the part of the error that atol must cover).
+fn grad_excess(ours: &[f32], expected: &[f32]) -> f32 {
+    if ours.len() != expected.len() {
+        return f32::INFINITY;
+    }
+    ours.iter().zip(expected).map(|(a, b)| (a - b).abs() - GRAD_RTOL * b.abs()).fold(0f32, |m, e| if e.is_nan() { f32::NAN } else { m.max(e) })
 }
 
 /// max |a - b| over positions whose mask is 1 (padded positions carry no meaning).
@@ -224,7 +325,7 @@ fn pretrained_fixture(dir: &Path, name: &str, device: &Device, report: &mut Repo
         let info = read_json(&dir.join("reference.json"))?;
         let reference = Checkpoint::open_files(&[dir.join("reference.safetensors")]).map_err(|e| e.to_string())?;
         let tokenizer = Tokenizer::from_dir(&model_dir).map_err(|e| e.to_string())?;
-        let model = CausalLm::load(&model_dir, LoadDtype::F32, device).map_err(|e| e.to_string())?;
+        let model = BaseModel::load(&model_dir, LoadDtype::F32, device).map_err(|e| e.to_string())?;
         let prompts = info["prompts"].as_array().ok_or("no \"prompts\" list")?;
         for (i, prompt) in prompts.iter().enumerate() {
             let ids: Vec<i64> = prompt["input_ids"].as_array().into_iter().flatten().filter_map(Value::as_i64).collect();

@@ -467,7 +467,7 @@ pub fn import_llama(path: &Path, out: &Path) -> Result<ImportSummary, LoadError>
         meta.insert("format".to_string(), "pt".to_string());
         safetensors::serialize_to_file(views.iter().map(|(n, v)| (n.as_str(), v)), Some(meta), &weights)
             .map_err(|e| LoadError::Invalid { path: weights.clone(), reason: e.to_string() })
-    })?;
+    }, LoadError::io)?;
     Ok(ImportSummary {
         tensors: views.len(),
         parameters,

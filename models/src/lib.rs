@@ -2,6 +2,7 @@
 //! Hugging Face model folders (config.json + safetensors), with every base weight frozen.
 
 pub mod checkpoint;
+pub mod device;
 pub mod config;
 pub mod gguf;
 pub mod glm;
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 pub use checkpoint::{Checkpoint, LoadDtype};
 pub use config::{Architecture, ModelConfig};
-pub use transformer::{CausalLm, KvCache};
+pub use transformer::{BaseModel, CausalLm, KvCache, Projection};
 
 /// Everything that can go wrong reading a model folder. Each variant names the file and,
 /// where there is one, the key.
@@ -51,26 +52,27 @@ impl LoadError {
 
 /// Writes a folder through `write` into a temporary sibling, then renames it to `out`, so a
 /// crash never leaves a half-written output. An existing `out` is replaced only once the new
-/// one is complete.
-pub fn write_dir_atomically(
+/// one is complete. `io_error` turns a failed file operation into the caller's error type.
+pub fn write_dir_atomically<E>(
     out: &Path,
-    write: impl FnOnce(&Path) -> Result<(), LoadError>,
-) -> Result<(), LoadError> {
+    write: impl FnOnce(&Path) -> Result<(), E>,
+    io_error: impl Fn(&Path, std::io::Error) -> E,
+) -> Result<(), E> {
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| LoadError::io(parent, e))?;
+    std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| LoadError::io(&tmp, e))?;
+    std::fs::create_dir_all(&tmp).map_err(|e| io_error(&tmp, e))?;
     let result = write(&tmp).and_then(|()| {
-        for entry in std::fs::read_dir(&tmp).map_err(|e| LoadError::io(&tmp, e))? {
-            let path = entry.map_err(|e| LoadError::io(&tmp, e))?.path();
-            File::open(&path).and_then(|f| f.sync_all()).map_err(|e| LoadError::io(&path, e))?;
+        for entry in std::fs::read_dir(&tmp).map_err(|e| io_error(&tmp, e))? {
+            let path = entry.map_err(|e| io_error(&tmp, e))?.path();
+            File::open(&path).and_then(|f| f.sync_all()).map_err(|e| io_error(&path, e))?;
         }
         if out.exists() {
-            std::fs::remove_dir_all(out).map_err(|e| LoadError::io(out, e))?;
+            std::fs::remove_dir_all(out).map_err(|e| io_error(out, e))?;
         }
-        std::fs::rename(&tmp, out).map_err(|e| LoadError::io(out, e))
+        std::fs::rename(&tmp, out).map_err(|e| io_error(out, e))
     });
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);

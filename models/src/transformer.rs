@@ -57,32 +57,64 @@ impl KeyLayout {
     pub fn layer(&self, i: usize) -> String {
         format!("{}.{i}", self.layers)
     }
+
+    /// HF module names of layer `i`'s projections, in [`DecoderLayer::projections`] order.
+    pub fn projection_names(&self, i: usize) -> Vec<String> {
+        let attn = format!("{}.{}", self.layer(i), self.attention);
+        let mlp = format!("{}.{}", self.layer(i), self.mlp);
+        let mut names = match self.qkv {
+            QkvKeys::Separate { q, k, v } => vec![format!("{attn}.{q}"), format!("{attn}.{k}"), format!("{attn}.{v}")],
+            QkvKeys::Fused(name) => vec![format!("{attn}.{name}")],
+        };
+        names.push(format!("{attn}.{}", self.o_proj));
+        match self.gate_up {
+            GateUpKeys::Separate { gate, up } => names.extend([format!("{mlp}.{gate}"), format!("{mlp}.{up}")]),
+            GateUpKeys::Fused(name) => names.push(format!("{mlp}.{name}")),
+        }
+        names.push(format!("{mlp}.{}", self.down));
+        names
+    }
+}
+
+/// A learned linear map inside a decoder block (q/k/v/o, gate/up/down). The base model uses
+/// [`Linear`]; an adapter substitutes its own layer (LoRA's) without the decoder knowing.
+pub trait Projection: Module {
+    /// # Shapes
+    /// - x: `[batch, seq, in]`
+    /// - output: `[batch, seq, out]`
+    fn forward(&self, x: Tensor<3>) -> Tensor<3>;
+}
+
+impl Projection for Linear {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        Linear::forward(self, x)
+    }
 }
 
 #[derive(Module, Debug)]
-pub struct SeparateQkv {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+pub struct SeparateQkv<P> {
+    pub q_proj: P,
+    pub k_proj: P,
+    pub v_proj: P,
 }
 
 #[derive(Module, Debug)]
-pub enum QkvProjection {
-    Separate(SeparateQkv),
+pub enum QkvProjection<P> {
+    Separate(SeparateQkv<P>),
     /// ChatGLM `query_key_value`: rows `[q | k | v]`.
-    Fused(Linear),
+    Fused(P),
 }
 
 #[derive(Module, Debug)]
-pub struct Attention {
-    pub qkv: QkvProjection,
-    pub o_proj: Linear,
+pub struct Attention<P> {
+    pub qkv: QkvProjection<P>,
+    pub o_proj: P,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
 }
 
-impl Attention {
+impl<P: Projection> Attention<P> {
     /// Returns `(output, k, v)`, with `k`, `v` the full keys/values (past + new, after RoPE)
     /// for the cache.
     ///
@@ -125,26 +157,26 @@ impl Attention {
 }
 
 #[derive(Module, Debug)]
-pub struct SeparateGateUp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
+pub struct SeparateGateUp<P> {
+    pub gate_proj: P,
+    pub up_proj: P,
 }
 
 #[derive(Module, Debug)]
-pub enum GateUpProjection {
-    Separate(SeparateGateUp),
+pub enum GateUpProjection<P> {
+    Separate(SeparateGateUp<P>),
     /// GLM `gate_up_proj` / ChatGLM `dense_h_to_4h`: rows `[gate | up]`.
-    Fused(Linear),
+    Fused(P),
 }
 
 /// SwiGLU: `down(silu(gate(x)) · up(x))`.
 #[derive(Module, Debug)]
-pub struct Mlp {
-    pub gate_up: GateUpProjection,
-    pub down_proj: Linear,
+pub struct Mlp<P> {
+    pub gate_up: GateUpProjection<P>,
+    pub down_proj: P,
 }
 
-impl Mlp {
+impl<P: Projection> Mlp<P> {
     /// # Shapes
     /// - x, output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
@@ -161,11 +193,28 @@ impl Mlp {
 }
 
 #[derive(Module, Debug)]
-pub struct DecoderLayer {
+pub struct DecoderLayer<P> {
     pub input_norm: RmsNorm,
-    pub attention: Attention,
+    pub attention: Attention<P>,
     pub post_attention_norm: RmsNorm,
-    pub mlp: Mlp,
+    pub mlp: Mlp<P>,
+}
+
+impl<P> DecoderLayer<P> {
+    /// q, k, v (or fused qkv), o, gate, up (or fused gate_up), down.
+    pub fn projections(&self) -> Vec<&P> {
+        let mut out = match &self.attention.qkv {
+            QkvProjection::Separate(p) => vec![&p.q_proj, &p.k_proj, &p.v_proj],
+            QkvProjection::Fused(p) => vec![p],
+        };
+        out.push(&self.attention.o_proj);
+        match &self.mlp.gate_up {
+            GateUpProjection::Separate(p) => out.extend([&p.gate_proj, &p.up_proj]),
+            GateUpProjection::Fused(p) => out.push(p),
+        }
+        out.push(&self.mlp.down_proj);
+        out
+    }
 }
 
 /// Keys and values of earlier positions, per layer, for incremental decoding.
@@ -245,11 +294,12 @@ pub fn check_checkpoint(config: &ModelConfig, checkpoint: &Checkpoint) -> Result
     Ok(())
 }
 
-/// A decoder-only language model with a frozen base.
+/// A decoder-only language model with a frozen base. `P` is the type of its projections:
+/// [`Linear`] for the plain base, an adapter's layer after [`CausalLm::map_projections`].
 #[derive(Module, Debug)]
-pub struct CausalLm {
+pub struct CausalLm<P> {
     pub embed_tokens: Embedding,
-    pub layers: Vec<DecoderLayer>,
+    pub layers: Vec<DecoderLayer<P>>,
     pub norm: RmsNorm,
     /// `None` when the head is tied to the embedding.
     pub lm_head: Option<Linear>,
@@ -259,7 +309,10 @@ pub struct CausalLm {
     pub rope: Rope,
 }
 
-impl CausalLm {
+/// The base model as loaded from a checkpoint.
+pub type BaseModel = CausalLm<Linear>;
+
+impl CausalLm<Linear> {
     /// Loads an HF model folder (config.json + safetensors). Every parameter is frozen.
     pub fn load(dir: &Path, dtype: LoadDtype, device: &Device) -> Result<Self, LoadError> {
         let config = ModelConfig::from_dir(dir)?;
@@ -333,6 +386,75 @@ impl CausalLm {
             rope: Rope::new(config.rope.clone()),
             config,
         })
+    }
+
+}
+
+impl<P: Projection> CausalLm<P> {
+    /// Replaces every projection through `f(hf_module_name, projection)`, e.g.
+    /// `("model.layers.0.self_attn.q_proj", linear)`. The LM head is not a projection.
+    pub fn map_projections<Q: Projection>(self, mut f: impl FnMut(&str, P) -> Q) -> CausalLm<Q> {
+        let keys = KeyLayout::of(self.config.architecture);
+        let layers = self
+            .layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, layer)| {
+                let attn = format!("{}.{}", keys.layer(i), keys.attention);
+                let mlp = format!("{}.{}", keys.layer(i), keys.mlp);
+                let qkv = match (layer.attention.qkv, keys.qkv) {
+                    (QkvProjection::Separate(p), QkvKeys::Separate { q, k, v }) => QkvProjection::Separate(SeparateQkv {
+                        q_proj: f(&format!("{attn}.{q}"), p.q_proj),
+                        k_proj: f(&format!("{attn}.{k}"), p.k_proj),
+                        v_proj: f(&format!("{attn}.{v}"), p.v_proj),
+                    }),
+                    (QkvProjection::Fused(p), QkvKeys::Fused(name)) => QkvProjection::Fused(f(&format!("{attn}.{name}"), p)),
+                    _ => unreachable!("projections are built from the same key layout"),
+                };
+                let o_proj = f(&format!("{attn}.{}", keys.o_proj), layer.attention.o_proj);
+                let gate_up = match (layer.mlp.gate_up, keys.gate_up) {
+                    (GateUpProjection::Separate(p), GateUpKeys::Separate { gate, up }) => {
+                        GateUpProjection::Separate(SeparateGateUp {
+                            gate_proj: f(&format!("{mlp}.{gate}"), p.gate_proj),
+                            up_proj: f(&format!("{mlp}.{up}"), p.up_proj),
+                        })
+                    }
+                    (GateUpProjection::Fused(p), GateUpKeys::Fused(name)) => GateUpProjection::Fused(f(&format!("{mlp}.{name}"), p)),
+                    _ => unreachable!("projections are built from the same key layout"),
+                };
+                let down_proj = f(&format!("{mlp}.{}", keys.down), layer.mlp.down_proj);
+                DecoderLayer {
+                    input_norm: layer.input_norm,
+                    attention: Attention {
+                        qkv,
+                        o_proj,
+                        num_heads: layer.attention.num_heads,
+                        num_kv_heads: layer.attention.num_kv_heads,
+                        head_dim: layer.attention.head_dim,
+                    },
+                    post_attention_norm: layer.post_attention_norm,
+                    mlp: Mlp { gate_up, down_proj },
+                }
+            })
+            .collect();
+        CausalLm {
+            embed_tokens: self.embed_tokens,
+            layers,
+            norm: self.norm,
+            lm_head: self.lm_head,
+            config: self.config,
+            rope: self.rope,
+        }
+    }
+
+    /// Every projection with its HF module name.
+    pub fn projections(&self) -> Vec<(String, &P)> {
+        let keys = KeyLayout::of(self.config.architecture);
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, layer)| keys.projection_names(i).into_iter().zip(layer.projections()))
+            .collect()
     }
 
     /// Logits for a right-padded batch, all positions.

@@ -1,1 +1,3 @@
+//! Training side of ember: the loss, the training loop, checkpoints, export and merge.
 
+pub mod loss;
