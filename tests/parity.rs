@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_adapters::lora;
-use ember_data::Tokenizer;
+use ember_data::{Batch, Record, SftOptions, Template, Tokenizer, sft};
 use ember_trainer::loss::causal_lm_loss;
 use ember_models::{BaseModel, Checkpoint, KvCache, LoadDtype};
 use serde_json::Value;
@@ -152,6 +152,7 @@ fn model_fixture(dir: &Path, name: &str, device: &Device, report: &mut Report) {
                     }
                 }
                 report.exact(name, "tokenizer.texts", mismatches, texts.len());
+                train_batch_check(&tokenizer, &info, &reference, name, report)?;
             }
             Err(e) => report.error(name, "tokenizer.texts", e),
         }
@@ -180,6 +181,34 @@ fn model_fixture(dir: &Path, name: &str, device: &Device, report: &mut Report) {
     if let Err(e) = run() {
         report.error(name, "load", e);
     }
+}
+
+/// ember's Alpaca pipeline (Stanford template, EOS as text, prompt masked, right padding) must
+/// rebuild the reference train batch token for token.
+fn train_batch_check(tokenizer: &Tokenizer, info: &Value, reference: &Checkpoint, name: &str, report: &mut Report) -> Result<(), String> {
+    let spec = &info["train_batch"];
+    let records: Vec<Record> = spec["examples"]
+        .as_array()
+        .ok_or("no train_batch.examples")?
+        .iter()
+        .map(|e| Record {
+            instruction: e["instruction"].as_str().unwrap_or_default().into(),
+            input: e["input"].as_str().unwrap_or_default().into(),
+            output: e["output"].as_str().unwrap_or_default().into(),
+        })
+        .collect();
+    let template = Template::builtin("alpaca").expect("built-in template");
+    let options = SftOptions { cutoff_len: usize::MAX, train_on_inputs: false };
+    let (examples, _) = sft::build_examples(tokenizer, &template, &records, &options).map_err(|e| e.to_string())?;
+    let pad_id = spec["pad_id"].as_u64().ok_or("no train_batch.pad_id")? as u32;
+    let batch = Batch::collate(&examples.iter().collect::<Vec<_>>(), pad_id);
+    let mut mismatches = 0;
+    for (key, ours) in [("train.input_ids", &batch.input_ids), ("train.attention_mask", &batch.attention_mask), ("train.labels", &batch.labels)] {
+        let (expected, _) = i64s(reference, key)?;
+        mismatches += usize::from(&expected != ours);
+    }
+    report.exact(name, "train_batch", mismatches, 3);
+    Ok(())
 }
 
 /// LoRA: logits with the PEFT-saved adapter, loss and every gradient on the train batch,

@@ -86,6 +86,11 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The EOS token's text (appended to answers as text, as stanford_alpaca does).
+    pub fn eos_token(&self) -> Option<String> {
+        self.eos_id.and_then(|id| self.inner.id_to_token(id))
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

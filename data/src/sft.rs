@@ -1,0 +1,114 @@
+//! Supervised fine-tuning examples: tokenized prompt + answer, with the prompt masked out of
+//! the loss exactly as stanford_alpaca's `preprocess`.
+
+use crate::alpaca::Record;
+use crate::template::Template;
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// Label of tokens that carry no loss.
+pub const IGNORE_INDEX: i64 = -100;
+
+#[derive(Debug, Clone)]
+pub struct SftOptions {
+    /// Examples are truncated to this many tokens.
+    pub cutoff_len: usize,
+    /// Also train on the prompt tokens (alpaca-lora's `train_on_inputs`).
+    pub train_on_inputs: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i64>,
+}
+
+impl Example {
+    /// Tokens that contribute to the loss: position t predicts labels[t + 1].
+    pub fn supervised_tokens(&self) -> usize {
+        self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+    }
+}
+
+/// What happened to a dataset on its way to examples.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SftStats {
+    pub records: usize,
+    pub truncated: usize,
+    /// Indices of records left with no supervised token after truncation (not trained on).
+    pub empty: Vec<usize>,
+}
+
+/// `input_ids = tok(source + output + eos)`, `labels = input_ids` with the first
+/// `len(tok(source))` positions set to -100 (unless `train_on_inputs`), EOS appended as text as
+/// stanford_alpaca does; then truncated to `cutoff_len`.
+pub fn build_example(tokenizer: &Tokenizer, template: &Template, record: &Record, options: &SftOptions) -> Result<(Example, bool), TokenizerError> {
+    let eos = tokenizer.eos_token().ok_or_else(|| TokenizerError::Encode("the tokenizer has no EOS token".into()))?;
+    let source = template.render(record);
+    let full = format!("{source}{}{eos}", record.output);
+    let source_len = tokenizer.encode(&source, true)?.len();
+    let input_ids = tokenizer.encode(&full, true)?;
+    let mut labels: Vec<i64> = input_ids.iter().map(|&id| id as i64).collect();
+    if !options.train_on_inputs {
+        labels.iter_mut().take(source_len).for_each(|l| *l = IGNORE_INDEX);
+    }
+    let truncated = input_ids.len() > options.cutoff_len;
+    let mut example = Example { input_ids, labels };
+    example.input_ids.truncate(options.cutoff_len);
+    example.labels.truncate(options.cutoff_len);
+    Ok((example, truncated))
+}
+
+/// Builds every example; records with no supervised token left are reported in the stats and
+/// left out.
+pub fn build_examples(
+    tokenizer: &Tokenizer,
+    template: &Template,
+    records: &[Record],
+    options: &SftOptions,
+) -> Result<(Vec<Example>, SftStats), TokenizerError> {
+    let mut stats = SftStats { records: records.len(), ..Default::default() };
+    let mut examples = Vec::with_capacity(records.len());
+    for (index, record) in records.iter().enumerate() {
+        let (example, truncated) = build_example(tokenizer, template, record, options)?;
+        stats.truncated += usize::from(truncated);
+        if example.supervised_tokens() == 0 {
+            stats.empty.push(index);
+        } else {
+            examples.push(example);
+        }
+    }
+    Ok((examples, stats))
+}
+
+/// A right-padded batch, row-major `[batch, seq]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub batch: usize,
+    pub seq: usize,
+    pub input_ids: Vec<i64>,
+    pub attention_mask: Vec<i64>,
+    pub labels: Vec<i64>,
+}
+
+impl Batch {
+    /// Pads to the longest example with `pad_id` (labels -100, mask 0 on padding).
+    pub fn collate(examples: &[&Example], pad_id: u32) -> Self {
+        let seq = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
+        let mut batch = Batch { batch: examples.len(), seq, input_ids: Vec::new(), attention_mask: Vec::new(), labels: Vec::new() };
+        for e in examples {
+            let pad = seq - e.input_ids.len();
+            batch.input_ids.extend(e.input_ids.iter().map(|&i| i as i64).chain(std::iter::repeat_n(pad_id as i64, pad)));
+            batch.attention_mask.extend(std::iter::repeat_n(1, e.input_ids.len()).chain(std::iter::repeat_n(0, pad)));
+            batch.labels.extend(e.labels.iter().copied().chain(std::iter::repeat_n(IGNORE_INDEX, pad)));
+        }
+        batch
+    }
+
+    pub fn supervised_tokens(&self) -> usize {
+        (0..self.batch).map(|b| self.labels[b * self.seq + 1..(b + 1) * self.seq].iter().filter(|&&l| l != IGNORE_INDEX).count()).sum()
+    }
+
+    pub fn real_tokens(&self) -> usize {
+        self.attention_mask.iter().filter(|&&m| m == 1).count()
+    }
+}
