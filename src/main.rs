@@ -5,6 +5,7 @@
 
 mod import;
 mod inspect;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +26,18 @@ enum Command {
     Inspect {
         /// Folder with config.json, safetensors weights and tokenizer.json.
         model: PathBuf,
+    },
+    /// Fine-tune an adapter as a recipe file describes; writes the adapter (PEFT format),
+    /// metrics.jsonl and summary.json into the recipe's output folder.
+    Train {
+        /// The TOML recipe.
+        recipe: PathBuf,
+        /// Override a recipe key, e.g. `--set train.lr=1e-4` (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Print only errors and the final summary line.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Convert a checkpoint from another format into an HF model folder.
     #[command(subcommand)]
@@ -65,6 +78,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect { model } => inspect::run(&model),
         Command::Import(ImportCommand::Gguf { file, out }) => import::gguf(&file, &out),
+        Command::Train { recipe, overrides, quiet } => train::run(&recipe, &overrides, quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,3 +1,8 @@
-//! Training side of ember: the loss, the training loop, checkpoints, export and merge.
+//! Training side of ember: recipes, the loss, the training loop, export and merge.
 
 pub mod loss;
+pub mod recipe;
+pub mod train;
+
+pub use recipe::Recipe;
+pub use train::{Summary, TrainError, train};

@@ -8,7 +8,7 @@ mod peft;
 
 pub use config::{LoraConfig, Target};
 pub use layer::{LoraBranch, LoraLinear};
-pub use peft::{load_peft, save_peft};
+pub use peft::{load_peft, peft_branches, read_peft_config, save_peft};
 
 use burn::tensor::Device;
 use ember_models::{BaseModel, CausalLm};
@@ -49,6 +49,14 @@ pub fn parameter_counts(model: &LoraModel) -> (usize, usize) {
         .map(|b| b.lora_a.shape().num_elements() + b.lora_b.shape().num_elements())
         .sum::<usize>();
     (trainable, burn::module::Module::num_params(model))
+}
+
+/// True when every B matrix is exactly zero: the adapter equals the base (a run that never
+/// updated it, the known PEFT failure of saving an untrained adapter).
+pub fn all_b_zero(model: &LoraModel) -> bool {
+    model.projections().iter().filter_map(|(_, p)| p.lora.as_ref()).all(|b| {
+        b.lora_b.val().abs().max().into_scalar::<f32>() == 0.0
+    })
 }
 
 /// Folds every branch into its base weight (`W + s·B·A`) and drops the branches.

@@ -82,9 +82,7 @@ pub fn save_peft(model: &LoraModel, config: &LoraConfig, base_model: &str, dir: 
 /// Reads a PEFT LoRA folder (as written by PEFT or by ember) and attaches it to `model`.
 pub fn load_peft(dir: &Path, model: BaseModel, device: &Device) -> Result<(LoraModel, LoraConfig), AdapterError> {
     let config_path = dir.join(CONFIG);
-    let text = std::fs::read_to_string(&config_path).map_err(|e| AdapterError::Io { path: config_path.clone(), source: e })?;
-    let json: Value = serde_json::from_str(&text).map_err(|e| AdapterError::invalid(&config_path, format!("invalid JSON: {e}")))?;
-    let config = parse_config(&json).map_err(|reason| AdapterError::invalid(&config_path, reason))?;
+    let config = read_peft_config(dir)?;
     let weights_path = dir.join(WEIGHTS);
     let weights = Checkpoint::open_files(&[weights_path.clone()]).map_err(|e| AdapterError::invalid(&weights_path, e.to_string()))?;
 
@@ -125,6 +123,33 @@ pub fn load_peft(dir: &Path, model: BaseModel, device: &Device) -> Result<(LoraM
         return Err(AdapterError::invalid(&config_path, format!("target_modules {} match no module of the base model", config.target)));
     }
     Ok((lora, config))
+}
+
+/// Reads `dir/adapter_config.json`.
+pub fn read_peft_config(dir: &Path) -> Result<LoraConfig, AdapterError> {
+    let path = dir.join(CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|e| AdapterError::Io { path: path.clone(), source: e })?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| AdapterError::invalid(&path, format!("invalid JSON: {e}")))?;
+    parse_config(&json).map_err(|reason| AdapterError::invalid(&path, reason))
+}
+
+/// The adapter's weights file and the `(module, A key, B key)` of every branch in it.
+pub fn peft_branches(dir: &Path) -> Result<(Checkpoint, Vec<(String, String, String)>), AdapterError> {
+    let path = dir.join(WEIGHTS);
+    let weights = Checkpoint::open_files(&[path.clone()]).map_err(|e| AdapterError::invalid(&path, e.to_string()))?;
+    let mut branches = Vec::new();
+    for k in weights.keys() {
+        if let Some(module) = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".lora_A.weight")) {
+            let b = key(module, "lora_B");
+            if !weights.contains(&b) {
+                return Err(AdapterError::invalid(&path, format!("'{k}' has no matching '{b}'")));
+            }
+            branches.push((module.to_owned(), k.to_owned(), b));
+        } else if !k.ends_with(".lora_B.weight") {
+            return Err(AdapterError::invalid(&path, format!("unexpected tensor '{k}' in a LoRA adapter")));
+        }
+    }
+    Ok((weights, branches))
 }
 
 /// PEFT's LoRA config, refusing the options whose math ember does not implement.

@@ -1,0 +1,316 @@
+//! Recipe files: one TOML file describes a whole run, so it runs the same on a laptop, a GPU
+//! box and in CI. `--set section.key=value` overrides any key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelSection,
+    pub adapter: AdapterSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    pub output: OutputSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// HF model folder.
+    pub path: PathBuf,
+    /// `flex` (CPU), `libtorch`, `cuda`, `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// `f32`, or `checkpoint` to keep a bf16/f16 base in its own dtype (GPU).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSection {
+    /// `lora`.
+    pub method: String,
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    /// A list of module-name suffixes, a regex string, or "all-linear".
+    #[serde(default = "default_targets")]
+    pub target_modules: TargetModules,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub layers_to_transform: Option<Vec<usize>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    One(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Alpaca JSON array or JSONL.
+    pub path: PathBuf,
+    /// Built-in template name (alpaca, alpaca-lora, chatglm2, chatglm3, glm4), or `custom`.
+    #[serde(default = "default_template")]
+    pub template: String,
+    /// With `template = "custom"`: prompts with `{instruction}` and `{input}` placeholders.
+    pub prompt_input: Option<String>,
+    pub prompt_no_input: Option<String>,
+    #[serde(default = "default_cutoff")]
+    pub cutoff_len: usize,
+    #[serde(default)]
+    pub train_on_inputs: bool,
+    /// Records held out for evaluation (taken after a seeded shuffle).
+    #[serde(default)]
+    pub val_size: usize,
+    /// Batch examples of similar length together (fewer pad tokens), as HF `group_by_length`.
+    #[serde(default)]
+    pub group_by_length: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    pub seed: u64,
+    pub micro_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (0: run all epochs).
+    pub max_steps: usize,
+    pub lr: f64,
+    /// `constant`, `linear` or `cosine` (after warmup).
+    pub lr_scheduler: String,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    /// Clip the global gradient norm (0: off).
+    pub max_grad_norm: f64,
+    /// Evaluate every N steps (0: only at the end).
+    pub eval_steps: usize,
+    pub logging_steps: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            seed: 42,
+            micro_batch_size: 4,
+            gradient_accumulation_steps: 1,
+            epochs: 1,
+            max_steps: 0,
+            lr: 3e-4,
+            lr_scheduler: "linear".into(),
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            eval_steps: 0,
+            logging_steps: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    pub dir: PathBuf,
+}
+
+fn default_device() -> String {
+    "flex".into()
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_targets() -> TargetModules {
+    TargetModules::List(vec!["q_proj".into(), "v_proj".into()])
+}
+fn default_template() -> String {
+    "alpaca".into()
+}
+fn default_cutoff() -> usize {
+    256
+}
+
+/// Every key a recipe may hold, by section (for "did you mean" suggestions).
+const KEYS: &[(&str, &[&str])] = &[
+    ("model", &["path", "device", "dtype"]),
+    ("adapter", &["method", "r", "alpha", "dropout", "target_modules", "use_rslora", "layers_to_transform"]),
+    ("data", &["path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "val_size", "group_by_length"]),
+    ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
+        "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps"]),
+    ("output", &["dir"]),
+];
+
+impl Recipe {
+    /// Reads `path`, applies `overrides` (`section.key=value`, value in TOML syntax or a bare
+    /// string) and resolves relative paths against the recipe's folder.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
+        let invalid = |reason: String| RecipeError::Invalid { path: path.to_path_buf(), reason };
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io { path: path.to_path_buf(), source })?;
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| invalid(format!("invalid TOML: {}", e.message())))?;
+        for item in overrides {
+            apply_override(&mut table, item).map_err(invalid)?;
+        }
+        check_keys(&table).map_err(invalid)?;
+        let mut recipe: Recipe = Value::Table(table).try_into().map_err(|e: toml::de::Error| invalid(e.message().replace('\n', " ")))?;
+        recipe.validate().map_err(invalid)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut recipe.model.path, &mut recipe.data.path, &mut recipe.output.dir] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(recipe)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let t = &self.train;
+        let positive = [("train.micro_batch_size", t.micro_batch_size), ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+            ("data.cutoff_len", self.data.cutoff_len), ("adapter.r", self.adapter.r)];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(format!("'{key}' must be at least 1"));
+            }
+        }
+        if t.epochs == 0 && t.max_steps == 0 {
+            return Err("'train.epochs' and 'train.max_steps' are both 0: nothing to train".into());
+        }
+        if !["constant", "linear", "cosine"].contains(&t.lr_scheduler.as_str()) {
+            return Err(format!("'train.lr_scheduler' is '{}'; expected constant, linear or cosine", t.lr_scheduler));
+        }
+        if !(0.0..1.0).contains(&self.adapter.dropout) {
+            return Err(format!("'adapter.dropout' is {}; expected 0 <= dropout < 1", self.adapter.dropout));
+        }
+        if self.adapter.method != "lora" {
+            return Err(format!("'adapter.method' is '{}'; this build supports: lora", self.adapter.method));
+        }
+        Ok(())
+    }
+}
+
+/// `train.lr=1e-4` -> table["train"]["lr"] = 1e-4
+fn apply_override(table: &mut toml::Table, item: &str) -> Result<(), String> {
+    let (key, raw) = item.split_once('=').ok_or_else(|| format!("--set '{item}': expected section.key=value"))?;
+    let (section, name) = key.trim().split_once('.').ok_or_else(|| format!("--set '{item}': key must be section.key"))?;
+    // A TOML value if it parses as one, else the raw text as a string.
+    let value = format!("v = {raw}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| Value::String(raw.to_owned()));
+    let section = table.entry(section.to_owned()).or_insert_with(|| Value::Table(Default::default()));
+    let section = section.as_table_mut().ok_or_else(|| format!("--set '{item}': '{key}' is not in a section"))?;
+    section.insert(name.to_owned(), value);
+    Ok(())
+}
+
+fn check_keys(table: &toml::Table) -> Result<(), String> {
+    for (section, value) in table {
+        let Some((_, keys)) = KEYS.iter().find(|(s, _)| s == section) else {
+            let sections: Vec<&str> = KEYS.iter().map(|(s, _)| *s).collect();
+            return Err(unknown(section, &sections));
+        };
+        let Some(inner) = value.as_table() else { return Err(format!("'{section}' must be a table ([{section}])")) };
+        for key in inner.keys() {
+            if !keys.contains(&key.as_str()) {
+                let full: Vec<String> = keys.iter().map(|k| format!("{section}.{k}")).collect();
+                return Err(unknown(&format!("{section}.{key}"), &full.iter().map(String::as_str).collect::<Vec<_>>()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unknown(key: &str, valid: &[&str]) -> String {
+    let nearest = valid.iter().min_by_key(|v| edit_distance(key, v)).filter(|v| edit_distance(key, v) <= 3);
+    match nearest {
+        Some(v) => format!("unknown key '{key}' (did you mean '{v}'?)"),
+        None => format!("unknown key '{key}' (valid: {})", valid.join(", ")),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[model]\npath = \"m\"\n[adapter]\nmethod = \"lora\"\n[data]\npath = \"d.json\"\n[output]\ndir = \"out\"\n";
+
+    fn load(text: &str, overrides: &[&str]) -> Result<Recipe, String> {
+        let dir = std::env::temp_dir().join(format!("ember-recipe-{}-{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.toml");
+        std::fs::write(&path, text).unwrap();
+        Recipe::load(&path, &overrides.iter().map(|s| s.to_string()).collect::<Vec<_>>()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn minimal_recipe_gets_defaults_and_resolved_paths() {
+        let r = load(MINIMAL, &[]).unwrap();
+        assert_eq!(r.train.micro_batch_size, 4);
+        assert!(r.model.path.ends_with("m") && r.model.path.is_absolute());
+    }
+
+    #[test]
+    fn unknown_keys_suggest_the_nearest() {
+        let e = load(&format!("{MINIMAL}[train]\nlrr = 1.0\n"), &[]).unwrap_err();
+        assert!(e.contains("unknown key 'train.lrr' (did you mean 'train.lr'?)"), "{e}");
+        let e = load(MINIMAL, &["trian.lr=1"]).unwrap_err();
+        assert!(e.contains("did you mean 'train'"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let e = load(&format!("{MINIMAL}[train]\nlr = \"fast\"\n"), &[]).unwrap_err();
+        assert!(e.contains("lr"), "{e}");
+    }
+
+    #[test]
+    fn overrides_parse_toml_values() {
+        let r = load(MINIMAL, &["train.lr=1e-4", "adapter.target_modules=all-linear", "train.max_steps=3"]).unwrap();
+        assert_eq!(r.train.lr, 1e-4);
+        assert_eq!(r.train.max_steps, 3);
+        assert!(matches!(r.adapter.target_modules, TargetModules::One(ref s) if s == "all-linear"));
+    }
+}

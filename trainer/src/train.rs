@@ -1,0 +1,348 @@
+//! The training loop: AdamW on the adapter parameters only, warmup + decay schedule, gradient
+//! accumulation with HF's loss normalisation, global-norm clipping, periodic evaluation,
+//! `metrics.jsonl` and `summary.json`, and the adapter exported in PEFT format at the end.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{Module, Param};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use ember_adapters::lora::{self, LoraConfig, LoraModel, Target};
+use ember_data::sft::{self, SftOptions};
+use ember_data::{Batch, Example, Template, Tokenizer, alpaca};
+use ember_models::{BaseModel, LoadDtype};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde_json::json;
+
+use crate::loss::causal_lm_loss;
+use crate::recipe::{Recipe, TargetModules};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The recipe, data or model files are wrong: exit code 2.
+    #[error("{0}")]
+    Input(String),
+    /// Training itself failed (NaN, an empty adapter, I/O): exit code 1.
+    #[error("{0}")]
+    Run(String),
+}
+
+fn input(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Input(e.to_string())
+}
+
+fn run_error(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Run(e.to_string())
+}
+
+/// What a finished run reports (also written to `summary.json`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub steps: usize,
+    pub epochs_completed: f64,
+    pub train_examples: usize,
+    pub eval_examples: usize,
+    pub skipped_empty_records: Vec<usize>,
+    pub truncated_records: usize,
+    pub trainable_parameters: usize,
+    pub total_parameters: usize,
+    pub first_train_loss: Option<f64>,
+    pub final_train_loss: Option<f64>,
+    pub first_eval_loss: Option<f64>,
+    pub final_eval_loss: Option<f64>,
+    pub best_eval_loss: Option<f64>,
+    pub tokens_per_second: f64,
+    pub seconds: f64,
+    pub adapter_dir: PathBuf,
+    pub metrics: PathBuf,
+}
+
+/// The LoRA settings a recipe asks for.
+pub fn lora_config(recipe: &Recipe) -> Result<LoraConfig, TrainError> {
+    let a = &recipe.adapter;
+    let target = match &a.target_modules {
+        TargetModules::List(list) => Target::Suffixes(list.clone()),
+        TargetModules::One(s) if s == "all-linear" => Target::AllLinear,
+        TargetModules::One(s) => Target::Regex(regex::Regex::new(s).map_err(|e| input(format!("adapter.target_modules: {e}")))?),
+    };
+    Ok(LoraConfig { r: a.r, alpha: a.alpha, dropout: a.dropout, use_rslora: a.use_rslora, target, layers_to_transform: a.layers_to_transform.clone() })
+}
+
+/// The recipe's prompt template.
+pub fn template(recipe: &Recipe) -> Result<Template, TrainError> {
+    let d = &recipe.data;
+    if d.template == "custom" {
+        return match (&d.prompt_input, &d.prompt_no_input) {
+            (Some(with), Some(without)) => Ok(Template { prompt_input: with.clone(), prompt_no_input: without.clone() }),
+            _ => Err(input("data.template = \"custom\" needs data.prompt_input and data.prompt_no_input")),
+        };
+    }
+    Template::builtin(&d.template).ok_or_else(|| {
+        input(format!("data.template '{}' is unknown (built in: {}, or custom)", d.template, ember_data::template::BUILTIN_TEMPLATES.join(", ")))
+    })
+}
+
+fn int_tensor(values: &[i64], shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
+}
+
+/// Learning rate at optimizer step `step` (0-based): linear warmup, then constant, linear or
+/// cosine decay to 0 at `total`, as transformers' schedulers.
+pub fn learning_rate(recipe: &Recipe, step: usize, total: usize) -> f64 {
+    let t = &recipe.train;
+    if step < t.warmup_steps {
+        return t.lr * (step + 1) as f64 / t.warmup_steps as f64;
+    }
+    let progress = (step - t.warmup_steps) as f64 / (total.saturating_sub(t.warmup_steps)).max(1) as f64;
+    match t.lr_scheduler.as_str() {
+        "linear" => t.lr * (1.0 - progress).max(0.0),
+        "cosine" => t.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        _ => t.lr,
+    }
+}
+
+/// Micro-batches of one epoch, in a seeded order; with `group_by_length`, examples of similar
+/// length share a batch (megabatches of 50 batches sorted by length, as HF's sampler).
+fn epoch_batches(examples: &[Example], recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    let mut rng = StdRng::seed_from_u64(recipe.train.seed.wrapping_add(1 + epoch as u64));
+    order.shuffle(&mut rng);
+    let mbs = recipe.train.micro_batch_size;
+    if recipe.data.group_by_length {
+        for mega in order.chunks_mut(50 * mbs) {
+            mega.sort_by_key(|&i| std::cmp::Reverse(examples[i].input_ids.len()));
+        }
+    }
+    order.chunks(mbs).map(<[usize]>::to_vec).collect()
+}
+
+/// Mean loss over every supervised token of `examples`, without building a graph.
+fn evaluate(model: &LoraModel, examples: &[Example], batch_size: usize, pad_id: u32, device: &Device) -> Option<f64> {
+    if examples.is_empty() {
+        return None;
+    }
+    let model = model.valid();
+    let (mut total, mut tokens) = (0f64, 0usize);
+    for chunk in examples.chunks(batch_size) {
+        let batch = Batch::collate(&chunk.iter().collect::<Vec<_>>(), pad_id);
+        let shape = [batch.batch, batch.seq];
+        let logits = model.forward(int_tensor(&batch.input_ids, shape, device), Some(int_tensor(&batch.attention_mask, shape, device)));
+        let count = batch.supervised_tokens();
+        if let Some(loss) = causal_lm_loss(logits, &batch.labels) {
+            total += loss.into_scalar::<f32>() as f64 * count as f64;
+            tokens += count;
+        }
+    }
+    (tokens > 0).then(|| total / tokens as f64)
+}
+
+/// `metrics.jsonl`: one JSON object per training step or evaluation, flushed as written.
+struct Metrics {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl Metrics {
+    fn create(path: PathBuf) -> Result<Self, TrainError> {
+        let file = std::fs::File::create(&path).map_err(|e| run_error(format!("{}: {e}", path.display())))?;
+        Ok(Self { path, file })
+    }
+
+    fn write(&mut self, value: serde_json::Value) -> Result<(), TrainError> {
+        writeln!(self.file, "{value}").and_then(|()| self.file.flush()).map_err(|e| run_error(format!("{}: {e}", self.path.display())))
+    }
+}
+
+/// The held-out examples and how to batch them.
+struct Evaluator<'a> {
+    examples: &'a [Example],
+    batch_size: usize,
+    pad_id: u32,
+    device: Device,
+}
+
+impl Evaluator<'_> {
+    /// Evaluates, logs, and records the loss in the metrics and the summary.
+    fn run(&self, model: &LoraModel, step: usize, metrics: &mut Metrics, summary: &mut Summary, log: &mut dyn FnMut(&str)) -> Result<(), TrainError> {
+        let Some(loss) = evaluate(model, self.examples, self.batch_size, self.pad_id, &self.device) else { return Ok(()) };
+        log(&format!("eval step {step}: loss {loss:.4}"));
+        summary.first_eval_loss.get_or_insert(loss);
+        summary.final_eval_loss = Some(loss);
+        summary.best_eval_loss = Some(summary.best_eval_loss.map_or(loss, |b| b.min(loss)));
+        metrics.write(json!({"step": step, "eval_loss": loss}))
+    }
+}
+
+/// Squared L2 norm of every adapter gradient, then scales them to `max_norm` if above it.
+/// Returns the norm before clipping.
+fn clip_global_norm(model: &LoraModel, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    let params: Vec<&Param<Tensor<2>>> =
+        model.projections().into_iter().filter_map(|(_, p)| p.lora.as_ref()).flat_map(|b| [&b.lora_a, &b.lora_b]).collect();
+    let mut squared = 0f64;
+    for p in &params {
+        if let Some(g) = grads.get::<2>(p.id) {
+            squared += g.powi_scalar(2).sum().into_scalar::<f32>() as f64;
+        }
+    }
+    let norm = squared.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let factor = max_norm / (norm + 1e-6);
+        for p in &params {
+            if let Some(g) = grads.remove::<2>(p.id) {
+                grads.register(p.id, g.mul_scalar(factor));
+            }
+        }
+    }
+    norm
+}
+
+/// Runs the recipe. `log` receives one human-readable line per event.
+pub fn train(recipe: &Recipe, log: &mut dyn FnMut(&str)) -> Result<Summary, TrainError> {
+    let started = Instant::now();
+    let device = ember_models::device::parse_device(&recipe.model.device).map_err(|e| input(format!("model.device: {e}")))?;
+    let autodiff = device.clone().autodiff();
+    autodiff.seed(recipe.train.seed);
+    let t = &recipe.train;
+
+    // Data: seeded split, then examples; nothing dropped without a count.
+    let tokenizer = Tokenizer::from_dir(&recipe.model.path).map_err(input)?;
+    let template = template(recipe)?;
+    let mut records = alpaca::load(&recipe.data.path).map_err(input)?;
+    if recipe.data.val_size >= records.len() {
+        return Err(input(format!("data.val_size {} leaves no training record ({} records)", recipe.data.val_size, records.len())));
+    }
+    records.shuffle(&mut StdRng::seed_from_u64(t.seed));
+    let eval_records = records.split_off(records.len() - recipe.data.val_size);
+    let options = SftOptions { cutoff_len: recipe.data.cutoff_len, train_on_inputs: recipe.data.train_on_inputs };
+    let (train_set, stats) = sft::build_examples(&tokenizer, &template, &records, &options).map_err(input)?;
+    let (eval_set, _) = sft::build_examples(&tokenizer, &template, &eval_records, &options).map_err(input)?;
+    if train_set.is_empty() {
+        return Err(input(format!("{}: no record has a supervised token within cutoff_len {}", recipe.data.path.display(), recipe.data.cutoff_len)));
+    }
+    log(&format!(
+        "data: {} train / {} eval examples from {} ({} truncated to {} tokens, {} without any answer token after truncation, skipped)",
+        train_set.len(), eval_set.len(), recipe.data.path.display(), stats.truncated, recipe.data.cutoff_len, stats.empty.len()
+    ));
+    let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
+
+    // Model: frozen base + fresh LoRA branches.
+    let dtype = match recipe.model.dtype.as_str() {
+        "f32" => LoadDtype::F32,
+        "checkpoint" => LoadDtype::Checkpoint,
+        other => return Err(input(format!("model.dtype '{other}': expected f32 or checkpoint"))),
+    };
+    let base = BaseModel::load(&recipe.model.path, dtype, &autodiff).map_err(input)?;
+    let config = lora_config(recipe)?;
+    let mut model = lora::apply(base, &config, t.seed, &autodiff).map_err(input)?;
+    let (trainable, total) = lora::parameter_counts(&model);
+    log(&format!("model: {} with LoRA r={} on {}: {trainable} trainable of {total} parameters ({:.4}%)",
+        recipe.model.path.display(), config.r, config.target, 100.0 * trainable as f64 / total as f64));
+
+    let mut optimizer = AdamWConfig::new()
+        .with_beta_1(t.adam_beta1 as f32)
+        .with_beta_2(t.adam_beta2 as f32)
+        .with_epsilon(t.adam_epsilon as f32)
+        .with_weight_decay(t.weight_decay as f32)
+        .init();
+
+    let steps_per_epoch = train_set.len().div_ceil(t.micro_batch_size * t.gradient_accumulation_steps);
+    let total_steps = if t.max_steps > 0 { t.max_steps } else { steps_per_epoch * t.epochs };
+    std::fs::create_dir_all(&recipe.output.dir).map_err(|e| run_error(format!("{}: {e}", recipe.output.dir.display())))?;
+    let mut metrics = Metrics::create(recipe.output.dir.join("metrics.jsonl"))?;
+
+    let mut summary = Summary {
+        steps: 0, epochs_completed: 0.0, train_examples: train_set.len(), eval_examples: eval_set.len(),
+        skipped_empty_records: stats.empty.clone(), truncated_records: stats.truncated,
+        trainable_parameters: trainable, total_parameters: total,
+        first_train_loss: None, final_train_loss: None, first_eval_loss: None, final_eval_loss: None, best_eval_loss: None,
+        tokens_per_second: 0.0, seconds: 0.0, adapter_dir: recipe.output.dir.join("adapter"), metrics: metrics.path.clone(),
+    };
+    let evaluator = Evaluator { examples: &eval_set, batch_size: t.micro_batch_size, pad_id, device: autodiff.clone().inner() };
+    evaluator.run(&model, 0, &mut metrics, &mut summary, log)?;
+
+    let (mut tokens_seen, mut train_seconds) = (0usize, 0f64);
+    let mut step = 0;
+    'epochs: for epoch in 0.. {
+        let batches = epoch_batches(&train_set, recipe, epoch);
+        for (group_index, group) in batches.chunks(t.gradient_accumulation_steps).enumerate() {
+            if step >= total_steps {
+                break 'epochs;
+            }
+            let step_started = Instant::now();
+            let micro: Vec<Batch> = group
+                .iter()
+                .map(|ids| Batch::collate(&ids.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(), pad_id))
+                .collect();
+            // HF normalises by the supervised tokens of the whole accumulated batch.
+            let step_tokens: usize = micro.iter().map(Batch::supervised_tokens).sum();
+            let mut accumulator = GradientsAccumulator::<LoraModel>::new();
+            let mut step_loss = 0f64;
+            for batch in &micro {
+                let shape = [batch.batch, batch.seq];
+                let logits = model.forward(int_tensor(&batch.input_ids, shape, &autodiff), Some(int_tensor(&batch.attention_mask, shape, &autodiff)));
+                let Some(loss) = causal_lm_loss(logits, &batch.labels) else { continue };
+                let loss = loss.mul_scalar(batch.supervised_tokens() as f64 / step_tokens as f64);
+                step_loss += loss.clone().into_scalar::<f32>() as f64;
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                accumulator.accumulate(&model, grads);
+                tokens_seen += batch.real_tokens();
+            }
+            if !step_loss.is_finite() {
+                return Err(run_error(format!("step {}: loss is {step_loss}; stopping (the adapter was not saved)", step + 1)));
+            }
+            let mut grads = accumulator.grads();
+            let grad_norm = clip_global_norm(&model, &mut grads, t.max_grad_norm);
+            if !grad_norm.is_finite() {
+                return Err(run_error(format!("step {}: gradient norm is {grad_norm}; stopping (the adapter was not saved)", step + 1)));
+            }
+            let lr = learning_rate(recipe, step, total_steps);
+            model = optimizer.step(lr, model, grads);
+            train_seconds += step_started.elapsed().as_secs_f64();
+            step += 1;
+            summary.steps = step;
+            summary.epochs_completed = epoch as f64 + ((group_index + 1) * t.gradient_accumulation_steps).min(batches.len()) as f64 / batches.len() as f64;
+            summary.first_train_loss.get_or_insert(step_loss);
+            summary.final_train_loss = Some(step_loss);
+            let tokens_per_second = tokens_seen as f64 / train_seconds;
+            metrics.write(json!({"step": step, "epoch": summary.epochs_completed, "loss": step_loss, "lr": lr,
+                "grad_norm": grad_norm, "tokens_per_second": tokens_per_second, "elapsed_s": started.elapsed().as_secs_f64()}))?;
+            if step % t.logging_steps.max(1) == 0 || step == total_steps {
+                let eta = train_seconds / step as f64 * (total_steps - step) as f64;
+                log(&format!("step {step}/{total_steps} epoch {:.2} loss {step_loss:.4} lr {lr:.2e} grad_norm {grad_norm:.3} {tokens_per_second:.0} tok/s eta {eta:.0}s",
+                    summary.epochs_completed));
+            }
+            if t.eval_steps > 0 && step % t.eval_steps == 0 && step < total_steps {
+                evaluator.run(&model, step, &mut metrics, &mut summary, log)?;
+            }
+        }
+        if t.max_steps == 0 && epoch + 1 >= t.epochs {
+            break;
+        }
+    }
+    evaluator.run(&model, step, &mut metrics, &mut summary, log)?;
+    summary.tokens_per_second = tokens_seen as f64 / train_seconds.max(1e-9);
+
+    if lora::all_b_zero(&model) {
+        return Err(run_error("every lora_B is still zero after training: the adapter would equal the base model; not saving it"));
+    }
+    let base_name = recipe.model.path.to_string_lossy();
+    lora::save_peft(&model, &config, &base_name, &summary.adapter_dir).map_err(run_error)?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    write_json_atomically(&recipe.output.dir.join("summary.json"), &serde_json::to_value(&summary).expect("summary serializes"))
+        .map_err(run_error)?;
+    log(&format!("saved adapter to {} ({:.0}s)", summary.adapter_dir.display(), summary.seconds));
+    Ok(summary)
+}
+
+/// Writes JSON to a temporary file, syncs it and renames it over `path`.
+pub fn write_json_atomically(path: &Path, value: &serde_json::Value) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all((serde_json::to_string_pretty(value).expect("JSON serializes") + "\n").as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
