@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 a failure while running, 2 bad input (a missing or malformed file,
 //! an unsupported model, a wrong argument).
 
+mod generate;
 mod import;
 mod inspect;
 mod train;
@@ -39,6 +40,50 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Fold a LoRA adapter into its base and write a complete HF model folder.
+    Merge {
+        /// Base model folder.
+        #[arg(long)]
+        base: PathBuf,
+        /// PEFT LoRA adapter folder.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output folder (written atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Output dtype: keep (the base's), f32, bf16 or f16.
+        #[arg(long, default_value = "keep")]
+        dtype: String,
+    },
+    /// Answer an instruction with a base model and optionally an adapter.
+    Generate {
+        #[arg(long)]
+        base: PathBuf,
+        /// PEFT LoRA adapter folder.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The instruction.
+        #[arg(long)]
+        prompt: String,
+        /// Optional input (context) for the instruction.
+        #[arg(long, default_value = "")]
+        input: String,
+        /// Prompt template: alpaca, alpaca-lora, chatglm2, chatglm3, glm4, or none (raw prompt).
+        #[arg(long, default_value = "alpaca")]
+        template: String,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 for greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// flex, libtorch, cuda or cuda:N.
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
     /// Convert a checkpoint from another format into an HF model folder.
     #[command(subcommand)]
     Import(ImportCommand),
@@ -73,12 +118,31 @@ pub fn bad_input(error: impl Into<anyhow::Error>) -> anyhow::Error {
     anyhow::Error::new(BadInput(error.into()))
 }
 
+fn merge(base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Path, dtype: &str) -> anyhow::Result<()> {
+    let dtype = ember_trainer::merge::MergeDtype::parse(dtype)
+        .ok_or_else(|| bad_input(anyhow::anyhow!("--dtype '{dtype}': expected keep, f32, bf16 or f16")))?;
+    let summary = ember_trainer::merge::merge(base, adapter, out, dtype).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+    println!(
+        "merged {} modules into {}: {} tensors, {} shard(s), {:.1} MB",
+        summary.merged_modules, out.display(), summary.tensors, summary.shards, summary.bytes as f64 / 1e6
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect { model } => inspect::run(&model),
         Command::Import(ImportCommand::Gguf { file, out }) => import::gguf(&file, &out),
         Command::Train { recipe, overrides, quiet } => train::run(&recipe, &overrides, quiet),
+        Command::Merge { base, adapter, out, dtype } => merge(&base, &adapter, &out, &dtype),
+        Command::Generate { base, adapter, prompt, input, template, max_new_tokens, temperature, top_p, seed, device } => {
+            let options = ember_models::generate::GenerationOptions { max_new_tokens, temperature, top_p, seed, stop_ids: Vec::new() };
+            let request = generate::Request {
+                base: &base, adapter: adapter.as_deref(), prompt: &prompt, input: &input, template: &template, options, device: &device,
+            };
+            generate::complete(&request).map(|text| println!("{text}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

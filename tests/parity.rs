@@ -16,6 +16,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_adapters::lora;
 use ember_data::{Batch, Record, SftOptions, Template, Tokenizer, sft};
 use ember_trainer::loss::causal_lm_loss;
+use ember_trainer::merge;
 use ember_models::{BaseModel, Checkpoint, KvCache, LoadDtype};
 use serde_json::Value;
 
@@ -248,6 +249,30 @@ fn lora_checks(
     if let Ok((merged_expected, _)) = f32s(reference, "logits.lora_merged") {
         let merged = to_vec(lora::merge(model).forward(ids_t(), mask_t()));
         report.check(name, "logits.lora_merged", max_abs_on_mask(&merged, &merged_expected, mask, vocab), LOGITS_ATOL_TINY);
+    }
+
+    // `ember merge` of the PEFT adapter against transformers' merge_and_unload checkpoint.
+    let merged_reference = dir.join("merged_lora");
+    if merged_reference.is_dir() {
+        let out = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = out.path().join("merged");
+        merge::merge(dir, &adapter_dir, &out, merge::MergeDtype::Keep)?;
+        let ours = Checkpoint::open_dir(&out).map_err(|e| e.to_string())?;
+        let theirs = Checkpoint::open_dir(&merged_reference).map_err(|e| e.to_string())?;
+        let mut max_abs = 0f32;
+        for key in theirs.keys() {
+            let (a, _) = f32s(&ours, key)?;
+            let (b, _) = f32s(&theirs, key)?;
+            max_abs = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(max_abs, f32::max);
+        }
+        if ours.keys().count() != theirs.keys().count() {
+            return Err(format!("merged checkpoint has {} tensors, reference {}", ours.keys().count(), theirs.keys().count()));
+        }
+        report.check(name, "merged_lora.tensors", max_abs, 1e-5);
+        let (merged_expected, _) = f32s(reference, "logits.lora_merged")?;
+        let merged = BaseModel::load(&out, LoadDtype::F32, device).map_err(|e| e.to_string())?;
+        let logits = to_vec(merged.forward(ids_t(), mask_t()));
+        report.check(name, "merged_lora.logits", max_abs_on_mask(&logits, &merged_expected, mask, vocab), LOGITS_ATOL_TINY);
     }
 
     // Loss and gradients on the Alpaca train batch, on the autodiff device.

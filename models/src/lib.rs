@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod device;
 pub mod config;
+pub mod generate;
 pub mod gguf;
 pub mod glm;
 pub mod layers;

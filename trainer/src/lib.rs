@@ -1,6 +1,7 @@
 //! Training side of ember: recipes, the loss, the training loop, export and merge.
 
 pub mod loss;
+pub mod merge;
 pub mod recipe;
 pub mod train;
 

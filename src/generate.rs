@@ -1,0 +1,46 @@
+//! `ember generate`: answer one instruction with a base model and optionally an adapter.
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use ember_adapters::lora;
+use ember_data::{Record, Template, Tokenizer};
+use ember_models::generate::{GenerationOptions, generate};
+use ember_models::{BaseModel, LoadDtype};
+
+use crate::bad_input;
+
+pub struct Request<'a> {
+    pub base: &'a Path,
+    pub adapter: Option<&'a Path>,
+    pub prompt: &'a str,
+    pub input: &'a str,
+    /// A built-in template name, or `none` for the raw prompt.
+    pub template: &'a str,
+    pub options: GenerationOptions,
+    pub device: &'a str,
+}
+
+/// The completion text of `request` (special tokens removed).
+pub fn complete(request: &Request) -> anyhow::Result<String> {
+    let device: Device = ember_models::device::parse_device(request.device).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+    let tokenizer = Tokenizer::from_dir(request.base).map_err(bad_input)?;
+    let text = match request.template {
+        "none" => request.prompt.to_owned(),
+        name => {
+            let template = Template::builtin(name).ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{name}'")))?;
+            template.render(&Record { instruction: request.prompt.into(), input: request.input.into(), output: String::new() })
+        }
+    };
+    let prompt = tokenizer.encode(&text, true).map_err(bad_input)?;
+    let base = BaseModel::load(request.base, LoadDtype::F32, &device).map_err(bad_input)?;
+    let mut options = request.options.clone();
+    options.stop_ids.extend(base.config.eos_token_ids.iter().copied().chain(tokenizer.eos_id));
+    // LoRA is folded in for generation: one model type, and no low-rank matmuls per token.
+    let model = match request.adapter {
+        Some(dir) => lora::merge(lora::load_peft(dir, base, &device).map_err(bad_input)?.0),
+        None => base,
+    };
+    let ids = generate(&model, &prompt, &options, &device);
+    Ok(tokenizer.decode(&ids, true).map_err(bad_input)?)
+}

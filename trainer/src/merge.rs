@@ -1,0 +1,218 @@
+//! `ember merge`: folds a LoRA adapter into its base and writes a complete HF folder.
+//!
+//! Streams tensor by tensor from the memory-mapped base: each output tensor is computed when
+//! the writer reaches it (`W + s·B·A` for adapted modules, a copy otherwise), so a 7B merge
+//! holds one tensor in memory, never two models.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use ember_adapters::lora;
+use ember_models::{Checkpoint, LoadDtype, ModelConfig};
+use safetensors::tensor::{Dtype, View};
+
+/// Shards above this size are split, as transformers' default `max_shard_size="5GB"`.
+const MAX_SHARD_BYTES: usize = 5_000_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeDtype {
+    /// Each tensor keeps the base checkpoint's dtype.
+    Keep,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl MergeDtype {
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "keep" => Self::Keep,
+            "f32" => Self::F32,
+            "bf16" => Self::Bf16,
+            "f16" => Self::F16,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct MergeSummary {
+    pub merged_modules: usize,
+    pub tensors: usize,
+    pub shards: usize,
+    pub bytes: usize,
+}
+
+fn st_dtype(dtype: DType) -> Dtype {
+    match dtype {
+        DType::BF16 => Dtype::BF16,
+        DType::F16 => Dtype::F16,
+        _ => Dtype::F32,
+    }
+}
+
+fn burn_dtype(dtype: Dtype) -> Option<DType> {
+    match dtype {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::BF16 => Some(DType::BF16),
+        Dtype::F16 => Some(DType::F16),
+        _ => None,
+    }
+}
+
+/// One output tensor, produced on demand.
+struct OutputTensor<'a> {
+    base: &'a Checkpoint,
+    key: String,
+    shape: Vec<usize>,
+    dtype: DType,
+    /// (adapter weights, A key, B key, scale) for a merged weight.
+    branch: Option<(&'a Checkpoint, String, String, f64)>,
+    device: &'a Device,
+}
+
+impl View for &OutputTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        st_dtype(self.dtype)
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        let (bytes, _, file_dtype) = self.base.bytes(&self.key).expect("key listed by the base checkpoint");
+        if self.branch.is_none() && burn_dtype(file_dtype) == Some(self.dtype) {
+            return Cow::Borrowed(bytes);
+        }
+        let dims: [usize; 2] = match self.shape.as_slice() {
+            [a, b] => [*a, *b],
+            [a] => [1, *a],
+            other => [1, other.iter().product()],
+        };
+        let data = TensorData::from_bytes_vec(bytes.to_vec(), dims, burn_dtype(file_dtype).expect("float checked before"));
+        let mut tensor = Tensor::<2>::from_data(data, self.device).cast(DType::F32);
+        if let Some((adapter, a_key, b_key, scale)) = &self.branch {
+            // Shapes were checked before writing started.
+            let load = |k: &str| adapter.float::<2>(k, adapter.info(k).map(|(s, _)| [s[0], s[1]]).unwrap(), LoadDtype::F32, self.device).unwrap();
+            tensor = tensor + load(b_key).matmul(load(a_key)).mul_scalar(*scale);
+        }
+        Cow::Owned(tensor.cast(self.dtype).into_data().as_bytes().to_vec())
+    }
+
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * st_dtype(self.dtype).bitsize() / 8
+    }
+}
+
+/// Merges `adapter_dir` into `base_dir`, writing `out_dir` atomically.
+pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDtype) -> Result<MergeSummary, String> {
+    let device = Device::flex();
+    let config = ModelConfig::from_dir(base_dir).map_err(|e| e.to_string())?;
+    let base = Checkpoint::open_dir(base_dir).map_err(|e| e.to_string())?;
+    ember_models::transformer::check_checkpoint(&config, &base).map_err(|e| e.to_string())?;
+    let lora_config = lora::read_peft_config(adapter_dir).map_err(|e| e.to_string())?;
+    let (adapter, branches) = lora::peft_branches(adapter_dir).map_err(|e| e.to_string())?;
+    let adapter_file = adapter_dir.join("adapter_model.safetensors");
+
+    let mut by_weight: HashMap<String, (String, String)> = HashMap::new();
+    for (module, a_key, b_key) in &branches {
+        let weight_key = format!("{module}.weight");
+        let Some((shape, _)) = base.info(&weight_key) else {
+            return Err(format!("{}: adapter module '{module}' is not in the base model", adapter_file.display()));
+        };
+        let (a_shape, _) = adapter.info(a_key).expect("listed");
+        let (b_shape, _) = adapter.info(b_key).expect("listed");
+        if a_shape != [lora_config.r, shape[1]] || b_shape != [shape[0], lora_config.r] {
+            return Err(format!(
+                "{}: '{module}': lora_A {a_shape:?} / lora_B {b_shape:?} do not fit base weight {shape:?} with r={}",
+                adapter_file.display(), lora_config.r
+            ));
+        }
+        by_weight.insert(weight_key, (a_key.clone(), b_key.clone()));
+    }
+
+    let mut outputs = Vec::new();
+    for key in base.keys() {
+        let (shape, file_dtype) = base.info(key).expect("listed");
+        let Some(source) = burn_dtype(file_dtype) else {
+            return Err(format!("{}: tensor '{key}' has dtype {file_dtype:?}; merge handles F32/BF16/F16", base.path_of(key).unwrap().display()));
+        };
+        let out_dtype = match dtype {
+            MergeDtype::Keep => source,
+            MergeDtype::F32 => DType::F32,
+            MergeDtype::Bf16 => DType::BF16,
+            MergeDtype::F16 => DType::F16,
+        };
+        let branch = by_weight.get(key).map(|(a, b)| (&adapter, a.clone(), b.clone(), lora_config.scale()));
+        outputs.push(OutputTensor { base: &base, key: key.to_owned(), shape: shape.to_vec(), dtype: out_dtype, branch, device: &device });
+    }
+
+    // Shards of at most MAX_SHARD_BYTES, in key order.
+    let mut shards: Vec<Vec<&OutputTensor>> = vec![Vec::new()];
+    let mut shard_bytes = 0;
+    for t in &outputs {
+        let len = t.data_len();
+        if shard_bytes > 0 && shard_bytes + len > MAX_SHARD_BYTES {
+            shards.push(Vec::new());
+            shard_bytes = 0;
+        }
+        shard_bytes += len;
+        shards.last_mut().unwrap().push(t);
+    }
+    let total_bytes: usize = outputs.iter().map(|t| t.data_len()).sum();
+    let shard_count = shards.len();
+
+    let mut config_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(base_dir.join("config.json")).map_err(|e| format!("{}: {e}", base_dir.join("config.json").display()))?,
+    )
+    .map_err(|e| format!("{}: {e}", base_dir.join("config.json").display()))?;
+    if let Some(name) = match dtype {
+        MergeDtype::Keep => None,
+        MergeDtype::F32 => Some("float32"),
+        MergeDtype::Bf16 => Some("bfloat16"),
+        MergeDtype::F16 => Some("float16"),
+    } {
+        config_json["torch_dtype"] = name.into();
+    }
+
+    let io = |path: &Path, e: std::io::Error| format!("{}: {e}", path.display());
+    ember_models::write_dir_atomically(
+        out_dir,
+        |tmp| {
+            // Everything but the weights (tokenizer, generation config, templates…) is copied.
+            for entry in std::fs::read_dir(base_dir).map_err(|e| io(base_dir, e))? {
+                let path = entry.map_err(|e| io(base_dir, e))?.path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                let is_weights = name.ends_with(".safetensors") || name.ends_with(".bin") || name == "model.safetensors.index.json";
+                if path.is_file() && !is_weights && name != "config.json" {
+                    std::fs::copy(&path, tmp.join(&name)).map_err(|e| io(&path, e))?;
+                }
+            }
+            let config_path = tmp.join("config.json");
+            std::fs::write(&config_path, serde_json::to_string_pretty(&config_json).unwrap() + "\n").map_err(|e| io(&config_path, e))?;
+            let mut meta = HashMap::new();
+            meta.insert("format".to_string(), "pt".to_string());
+            let mut weight_map = BTreeMap::new();
+            for (i, shard) in shards.iter().enumerate() {
+                let name = if shard_count == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{shard_count:05}.safetensors", i + 1) };
+                let path: PathBuf = tmp.join(&name);
+                safetensors::serialize_to_file(shard.iter().map(|t| (t.key.as_str(), *t)), Some(meta.clone()), &path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                for t in shard {
+                    weight_map.insert(t.key.clone(), name.clone());
+                }
+            }
+            if shard_count > 1 {
+                let index = serde_json::json!({"metadata": {"total_size": total_bytes}, "weight_map": weight_map});
+                let path = tmp.join("model.safetensors.index.json");
+                std::fs::write(&path, serde_json::to_string_pretty(&index).unwrap() + "\n").map_err(|e| io(&path, e))?;
+            }
+            Ok(())
+        },
+        io,
+    )?;
+    Ok(MergeSummary { merged_modules: by_weight.len(), tensors: outputs.len(), shards: shard_count, bytes: total_bytes })
+}
