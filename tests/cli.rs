@@ -152,3 +152,57 @@ fn garbage_gguf_is_bad_input() {
     assert_bad_input(&ember(&["import", "gguf", file.to_str().unwrap(), "--out", out.to_str().unwrap()]), &["model.gguf", "exceeds the file size"]);
     assert!(!out.exists(), "no output folder after a failed import");
 }
+
+fn recipe(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes").join(name).to_string_lossy().into_owned()
+}
+
+/// The CI recipe end to end: train -> PEFT export -> merge -> generate.
+#[test]
+fn tiny_recipe_trains_merges_and_generates() {
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let output = ember(&["train", &recipe("ci/tiny-lora.toml"), "--quiet", "--set", &format!("output.dir=\"{}\"", run.display())]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 10);
+    let (first, last) = (summary["first_eval_loss"].as_f64().unwrap(), summary["final_eval_loss"].as_f64().unwrap());
+    assert!(last < first, "eval loss did not fall: {first} -> {last}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().filter(|l| l.contains("\"loss\"")).count(), 10);
+    let adapter = run.join("adapter");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+
+    let base = fixtures().join("tiny_llama");
+    let merged = out.path().join("merged");
+    let output = ember(&["merge", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(merged.join("model.safetensors").is_file() && merged.join("tokenizer.json").is_file());
+
+    let generate = |model: &Path, adapter: Option<&Path>| {
+        let mut args = vec!["generate", "--base", model.to_str().unwrap(), "--prompt", "Give three tips for staying healthy.", "--max-new-tokens", "8"];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        let output = ember(&args);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    // The merged folder answers exactly as base + adapter.
+    assert_eq!(generate(&merged, None), generate(&base, Some(&adapter)));
+}
+
+#[test]
+fn recipe_with_unknown_key_is_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[model]\npath = \"m\"\n[adapter]\nmethod = \"lora\"\nrank = 8\n[data]\npath = \"d\"\n[output]\ndir = \"o\"\n").unwrap();
+    assert_bad_input(&ember(&["train", path.to_str().unwrap()]), &["bad.toml", "unknown key 'adapter.rank'", "did you mean 'adapter.r'"]);
+}
+
+#[test]
+fn recipe_pointing_at_missing_data_is_bad_input() {
+    let output = ember(&["train", &recipe("ci/tiny-lora.toml"), "--set", "data.path=\"/nonexistent/data.json\""]);
+    assert_bad_input(&output, &["/nonexistent/data.json"]);
+}

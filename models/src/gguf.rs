@@ -64,11 +64,34 @@ pub struct GgufTensor {
     range: std::ops::Range<usize>,
 }
 
+/// GGUF key/value metadata as JSON values, with errors naming the file and key.
+pub struct GgufMetadata {
+    pub path: PathBuf,
+    pub values: BTreeMap<String, Value>,
+}
+
+impl GgufMetadata {
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.values.get(key)
+    }
+
+    fn error(&self, key: &str, reason: &str) -> LoadError {
+        LoadError::ConfigKey { path: self.path.clone(), key: key.into(), reason: reason.into() }
+    }
+
+    fn u64(&self, key: &str) -> Result<u64, LoadError> {
+        self.get(key).and_then(Value::as_u64).ok_or_else(|| self.error(key, "missing or not an integer"))
+    }
+
+    fn str(&self, key: &str) -> Result<&str, LoadError> {
+        self.get(key).and_then(Value::as_str).ok_or_else(|| self.error(key, "missing or not a string"))
+    }
+}
+
 /// A memory-mapped GGUF file: metadata as JSON values, tensors by name.
 pub struct GgufFile {
-    path: PathBuf,
     mmap: Mmap,
-    pub metadata: BTreeMap<String, Value>,
+    pub metadata: GgufMetadata,
     pub tensors: Vec<GgufTensor>,
 }
 
@@ -210,7 +233,7 @@ impl GgufFile {
                 range: start as usize..end as usize,
             });
         }
-        Ok(Self { path: path.to_path_buf(), mmap, metadata, tensors })
+        Ok(Self { mmap, metadata: GgufMetadata { path: path.to_path_buf(), values: metadata }, tensors })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&GgufTensor> {
@@ -220,18 +243,6 @@ impl GgufFile {
     /// The tensor's values as f32, row-major in PyTorch order.
     pub fn dequantize(&self, tensor: &GgufTensor) -> Vec<f32> {
         dequantize(tensor.ggml_type, &self.mmap[tensor.range.clone()])
-    }
-
-    fn meta_error(&self, key: &str, reason: &str) -> LoadError {
-        LoadError::ConfigKey { path: self.path.clone(), key: key.into(), reason: reason.into() }
-    }
-
-    fn meta_u64(&self, key: &str) -> Result<u64, LoadError> {
-        self.metadata.get(key).and_then(Value::as_u64).ok_or_else(|| self.meta_error(key, "missing or not an integer"))
-    }
-
-    fn meta_str(&self, key: &str) -> Result<&str, LoadError> {
-        self.metadata.get(key).and_then(Value::as_str).ok_or_else(|| self.meta_error(key, "missing or not a string"))
     }
 }
 
@@ -375,15 +386,15 @@ pub struct ImportSummary {
 /// folder, then renamed).
 pub fn import_llama(path: &Path, out: &Path) -> Result<ImportSummary, LoadError> {
     let gguf = GgufFile::open(path)?;
-    let arch = gguf.meta_str("general.architecture")?;
+    let arch = gguf.metadata.str("general.architecture")?;
     if arch != "llama" {
-        return Err(gguf.meta_error("general.architecture", &format!("'{arch}' is not supported (supported: llama)")));
+        return Err(gguf.metadata.error("general.architecture", &format!("'{arch}' is not supported (supported: llama)")));
     }
-    let heads = gguf.meta_u64("llama.attention.head_count")? as usize;
+    let heads = gguf.metadata.u64("llama.attention.head_count")? as usize;
     let kv_heads = gguf.metadata.get("llama.attention.head_count_kv").and_then(Value::as_u64).map_or(heads, |n| n as usize);
-    let hidden = gguf.meta_u64("llama.embedding_length")? as usize;
+    let hidden = gguf.metadata.u64("llama.embedding_length")? as usize;
     let tokens = gguf.metadata.get("tokenizer.ggml.tokens").and_then(Value::as_array)
-        .ok_or_else(|| gguf.meta_error("tokenizer.ggml.tokens", "missing or not an array"))?;
+        .ok_or_else(|| gguf.metadata.error("tokenizer.ggml.tokens", "missing or not an array"))?;
     let embed = gguf.tensor("token_embd.weight").ok_or_else(|| LoadError::MissingTensor { path: path.to_path_buf(), key: "token_embd.weight".into() })?;
     let vocab = embed.shape[0];
     let tied = gguf.tensor("output.weight").is_none();
@@ -419,8 +430,8 @@ pub fn import_llama(path: &Path, out: &Path) -> Result<ImportSummary, LoadError>
         "mlp_bias": false,
         "hidden_act": "silu",
         "hidden_size": hidden,
-        "intermediate_size": gguf.meta_u64("llama.feed_forward_length")?,
-        "num_hidden_layers": gguf.meta_u64("llama.block_count")?,
+        "intermediate_size": gguf.metadata.u64("llama.feed_forward_length")?,
+        "num_hidden_layers": gguf.metadata.u64("llama.block_count")?,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
@@ -435,7 +446,7 @@ pub fn import_llama(path: &Path, out: &Path) -> Result<ImportSummary, LoadError>
         "pad_token_id": token_id("tokenizer.ggml.padding_token_id"),
         "torch_dtype": "float32",
     });
-    let tokenizer = tokenizer_json(&gguf, tokens)?;
+    let tokenizer = tokenizer_json(&gguf.metadata)?;
     let token_name = |key: &str| token_id(key).and_then(|id| tokens.get(id as usize)).cloned().unwrap_or(Value::Null);
     let add_bos = gguf.metadata.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
     let tokenizer_config = json!({
@@ -471,17 +482,19 @@ pub fn import_llama(path: &Path, out: &Path) -> Result<ImportSummary, LoadError>
     Ok(ImportSummary {
         tensors: views.len(),
         parameters,
-        tokenizer_model: gguf.meta_str("tokenizer.ggml.model").unwrap_or("?").to_owned(),
+        tokenizer_model: gguf.metadata.str("tokenizer.ggml.model").unwrap_or("?").to_owned(),
         skipped,
     })
 }
 
 /// Builds an HF `tokenizer.json` from the GGUF vocabulary: byte-level BPE for `gpt2`
 /// tokenizers, SentencePiece-style BPE with byte fallback for `llama` ones.
-fn tokenizer_json(gguf: &GgufFile, tokens: &[Value]) -> Result<Value, LoadError> {
-    let model = gguf.meta_str("tokenizer.ggml.model")?;
+pub fn tokenizer_json(meta: &GgufMetadata) -> Result<Value, LoadError> {
+    let model = meta.str("tokenizer.ggml.model")?;
+    let tokens = meta.get("tokenizer.ggml.tokens").and_then(Value::as_array)
+        .ok_or_else(|| meta.error("tokenizer.ggml.tokens", "missing or not an array"))?;
     let tokens: Vec<&str> = tokens.iter().map(|t| t.as_str().unwrap_or_default()).collect();
-    let types: Vec<u64> = gguf.metadata.get("tokenizer.ggml.token_type").and_then(Value::as_array)
+    let types: Vec<u64> = meta.get("tokenizer.ggml.token_type").and_then(Value::as_array)
         .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect()).unwrap_or_default();
     // ggml token types: 3 = control, 4 = user-defined; both are matched before the model runs.
     let added_tokens: Vec<Value> = tokens.iter().enumerate()
@@ -490,8 +503,8 @@ fn tokenizer_json(gguf: &GgufFile, tokens: &[Value]) -> Result<Value, LoadError>
             "normalized": false, "special": types.get(i) == Some(&3)}))
         .collect();
     let vocab: Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), json!(i))).collect();
-    let bos = gguf.metadata.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64);
-    let add_bos = gguf.metadata.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool);
+    let bos = meta.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64);
+    let add_bos = meta.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool);
     let post_processor = |default_add_bos: bool| match bos {
         Some(id) if add_bos.unwrap_or(default_add_bos) => {
             let bos = tokens.get(id as usize).copied().unwrap_or_default();
@@ -505,8 +518,8 @@ fn tokenizer_json(gguf: &GgufFile, tokens: &[Value]) -> Result<Value, LoadError>
     };
     match model {
         "gpt2" => {
-            let merges = gguf.metadata.get("tokenizer.ggml.merges").and_then(Value::as_array)
-                .ok_or_else(|| gguf.meta_error("tokenizer.ggml.merges", "missing for a gpt2 tokenizer"))?;
+            let merges = meta.get("tokenizer.ggml.merges").and_then(Value::as_array)
+                .ok_or_else(|| meta.error("tokenizer.ggml.merges", "missing for a gpt2 tokenizer"))?;
             Ok(json!({
                 "version": "1.0", "truncation": null, "padding": null,
                 "added_tokens": added_tokens,
@@ -520,10 +533,10 @@ fn tokenizer_json(gguf: &GgufFile, tokens: &[Value]) -> Result<Value, LoadError>
             }))
         }
         "llama" => {
-            let scores: Vec<f64> = gguf.metadata.get("tokenizer.ggml.scores").and_then(Value::as_array)
+            let scores: Vec<f64> = meta.get("tokenizer.ggml.scores").and_then(Value::as_array)
                 .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect())
-                .ok_or_else(|| gguf.meta_error("tokenizer.ggml.scores", "missing for a llama tokenizer"))?;
-            let unk = gguf.metadata.get("tokenizer.ggml.unknown_token_id").and_then(Value::as_u64)
+                .ok_or_else(|| meta.error("tokenizer.ggml.scores", "missing for a llama tokenizer"))?;
+            let unk = meta.get("tokenizer.ggml.unknown_token_id").and_then(Value::as_u64)
                 .and_then(|id| tokens.get(id as usize)).copied();
             Ok(json!({
                 "version": "1.0", "truncation": null, "padding": null,
@@ -542,7 +555,7 @@ fn tokenizer_json(gguf: &GgufFile, tokens: &[Value]) -> Result<Value, LoadError>
                     "vocab": vocab, "merges": sentencepiece_merges(&tokens, &scores)},
             }))
         }
-        other => Err(gguf.meta_error("tokenizer.ggml.model", &format!("'{other}' is not supported (supported: gpt2, llama)"))),
+        other => Err(meta.error("tokenizer.ggml.model", &format!("'{other}' is not supported (supported: gpt2, llama)"))),
     }
 }
 
