@@ -11,6 +11,21 @@ use ember_models::{Checkpoint, ModelConfig};
 
 use crate::bad_input;
 
+/// `ember inspect --recipe r.toml`: the recipe's model, then what its adapter would train.
+pub fn recipe(path: &Path) -> anyhow::Result<()> {
+    let recipe = ember_trainer::Recipe::load(path, &[]).map_err(bad_input)?;
+    run(&recipe.model.path)?;
+    let model = ModelConfig::from_dir(&recipe.model.path).map_err(bad_input)?;
+    let lora = ember_trainer::train::lora_config(&recipe).map_err(bad_input)?;
+    let trainable = ember_adapters::lora::count_trainable(&model, &lora);
+    let all = model.num_params() + trainable;
+    println!(
+        "adapter:        lora r={} alpha={} on {}: {} trainable of {} ({:.4}%)",
+        lora.r, lora.alpha, lora.target, group_digits(trainable), group_digits(all), 100.0 * trainable as f64 / all as f64
+    );
+    Ok(())
+}
+
 pub fn run(dir: &Path) -> anyhow::Result<()> {
     let config = ModelConfig::from_dir(dir).map_err(bad_input)?;
     let checkpoint = Checkpoint::open_dir(dir).map_err(bad_input)?;
@@ -54,7 +69,7 @@ pub fn group_digits(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

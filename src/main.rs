@@ -26,7 +26,11 @@ enum Command {
     /// Describe an HF model folder: architecture, shapes, parameter count, dtype, tokenizer.
     Inspect {
         /// Folder with config.json, safetensors weights and tokenizer.json.
-        model: PathBuf,
+        #[arg(required_unless_present = "recipe")]
+        model: Option<PathBuf>,
+        /// Inspect a recipe's model and what its adapter would train.
+        #[arg(long, conflicts_with = "model")]
+        recipe: Option<PathBuf>,
     },
     /// Fine-tune an adapter as a recipe file describes; writes the adapter (PEFT format),
     /// metrics.jsonl and summary.json into the recipe's output folder.
@@ -36,6 +40,9 @@ enum Command {
         /// Override a recipe key, e.g. `--set train.lr=1e-4` (repeatable).
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         overrides: Vec<String>,
+        /// Continue from the newest checkpoint in the output folder (see train.save_steps).
+        #[arg(long)]
+        resume: bool,
         /// Print only errors and the final summary line.
         #[arg(long)]
         quiet: bool,
@@ -132,9 +139,10 @@ fn merge(base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Pat
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Inspect { model } => inspect::run(&model),
+        Command::Inspect { model: Some(model), .. } => inspect::run(&model),
+        Command::Inspect { recipe, .. } => inspect::recipe(&recipe.expect("clap requires model or recipe")),
         Command::Import(ImportCommand::Gguf { file, out }) => import::gguf(&file, &out),
-        Command::Train { recipe, overrides, quiet } => train::run(&recipe, &overrides, quiet),
+        Command::Train { recipe, overrides, resume, quiet } => train::run(&recipe, &overrides, resume, quiet),
         Command::Merge { base, adapter, out, dtype } => merge(&base, &adapter, &out, &dtype),
         Command::Generate { base, adapter, prompt, input, template, max_new_tokens, temperature, top_p, seed, device } => {
             let options = ember_models::generate::GenerationOptions { max_new_tokens, temperature, top_p, seed, stop_ids: Vec::new() };

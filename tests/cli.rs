@@ -206,3 +206,68 @@ fn recipe_pointing_at_missing_data_is_bad_input() {
     let output = ember(&["train", &recipe("ci/tiny-lora.toml"), "--set", "data.path=\"/nonexistent/data.json\""]);
     assert_bad_input(&output, &["/nonexistent/data.json"]);
 }
+
+/// A run resumed from its step-8 checkpoint ends with the same adapter, bit for bit, and the
+/// same losses as the run that never stopped.
+#[test]
+fn resume_from_checkpoint_matches_an_uninterrupted_run() {
+    let out = tempfile::tempdir().unwrap();
+    let train = |dir: &Path, extra: &[&str]| {
+        let (recipe, set_dir) = (recipe("ci/tiny-lora.toml"), format!("output.dir=\"{}\"", dir.display()));
+        let mut args = vec!["train", &recipe[..], "--quiet", "--set", &set_dir[..], "--set", "train.save_steps=4"];
+        args.extend_from_slice(extra);
+        let output = ember(&args);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    };
+    let (straight, resumed) = (out.path().join("straight"), out.path().join("resumed"));
+    train(&straight, &[]);
+    train(&resumed, &[]);
+    // Throw away everything after step 8, as a run killed there would have.
+    std::fs::remove_dir_all(resumed.join("adapter")).unwrap();
+    std::fs::remove_file(resumed.join("summary.json")).unwrap();
+    let checkpoints: Vec<_> = std::fs::read_dir(resumed.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(checkpoints.len(), 2, "keep_checkpoints = 2: {checkpoints:?}");
+    train(&resumed, &["--resume"]);
+
+    let adapter = |dir: &Path| std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(adapter(&straight) == adapter(&resumed), "resumed adapter differs");
+    let losses = |dir: &Path| -> Vec<String> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                format!("{} {} {}", v["step"], v["loss"], v["eval_loss"])
+            })
+            .collect()
+    };
+    assert_eq!(losses(&straight), losses(&resumed));
+}
+
+/// A checkpoint split into shards with `model.safetensors.index.json` loads like a single file.
+#[test]
+fn sharded_checkpoint_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    write_micro_llama(dir.path(), 8);
+    let single = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&single).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = file.names().into_iter().map(str::to_owned).collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, keys) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let views: Vec<(String, TensorView)> = keys.iter().map(|k| (k.clone(), file.tensor(k).unwrap())).collect();
+        safetensors::serialize_to_file(views, None, &dir.path().join(shard)).unwrap();
+        for k in keys {
+            weight_map.insert(k.clone(), shard.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::remove_file(&single).unwrap();
+
+    let output = ember(&["inspect", dir.path().to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("11 tensors"));
+}

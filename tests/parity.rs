@@ -135,7 +135,7 @@ fn main() -> ExitCode {
 fn model_fixture(dir: &Path, name: &str, device: &Device, report: &mut Report) {
     let mut run = || -> Result<(), String> {
         let info = read_json(&dir.join("reference.json"))?;
-        let reference = Checkpoint::open_files(&[dir.join("reference.safetensors")]).map_err(|e| e.to_string())?;
+        let reference = Checkpoint::open_file(&dir.join("reference.safetensors")).map_err(|e| e.to_string())?;
         let (ids, shape) = i64s(&reference, "input_ids")?;
         let (mask, _) = i64s(&reference, "attention_mask")?;
         let [batch, len] = [shape[0], shape[1]];
@@ -353,10 +353,10 @@ fn tokenizer_fixture(root: &Path, dir: &Path, name: &str, report: &mut Report) {
                 ids_bad += 1;
                 println!("  {name}: {text:?}: ember {ours:?} != reference {expected:?}");
             }
-            if let Some(decoded) = case["decoded_skip_special"].as_str() {
-                if tokenizer.decode(&ours, true).map_err(|e| e.to_string())? != decoded {
-                    decode_bad += 1;
-                }
+            if let Some(decoded) = case["decoded_skip_special"].as_str()
+                && tokenizer.decode(&ours, true).map_err(|e| e.to_string())? != decoded
+            {
+                decode_bad += 1;
             }
         }
         report.exact(name, "ids", ids_bad, cases.len());
@@ -377,7 +377,7 @@ fn pretrained_fixture(dir: &Path, name: &str, device: &Device, report: &mut Repo
     }
     let mut run = || -> Result<(), String> {
         let info = read_json(&dir.join("reference.json"))?;
-        let reference = Checkpoint::open_files(&[dir.join("reference.safetensors")]).map_err(|e| e.to_string())?;
+        let reference = Checkpoint::open_file(&dir.join("reference.safetensors")).map_err(|e| e.to_string())?;
         let tokenizer = Tokenizer::from_dir(&model_dir).map_err(|e| e.to_string())?;
         let model = BaseModel::load(&model_dir, LoadDtype::F32, device).map_err(|e| e.to_string())?;
         let prompts = info["prompts"].as_array().ok_or("no \"prompts\" list")?;

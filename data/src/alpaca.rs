@@ -21,10 +21,17 @@ pub enum DatasetError {
     Record { path: PathBuf, index: usize, reason: String },
 }
 
-/// Reads every record of `path`; a JSON array (`[...]`) or one JSON object per line.
-/// Any bad record is an error naming its index (0-based) and key: nothing is dropped silently.
+/// Reads every record of `path`; a JSON array (`[...]`) or one JSON object per line, optionally
+/// gzip-compressed (`.gz`). Any bad record is an error naming its index (0-based) and key:
+/// nothing is dropped silently.
 pub fn load(path: &Path) -> Result<Vec<Record>, DatasetError> {
-    let bytes = std::fs::read(path).map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
+    let io = |source| DatasetError::Io { path: path.to_path_buf(), source };
+    let mut bytes = std::fs::read(path).map_err(io)?;
+    if path.extension().is_some_and(|e| e == "gz") {
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes.as_slice()), &mut plain).map_err(io)?;
+        bytes = plain;
+    }
     let invalid = |reason: String| DatasetError::Invalid { path: path.to_path_buf(), reason };
     let text = String::from_utf8(bytes).map_err(|e| invalid(format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to())))?;
     let values: Vec<Value> = if text.trim_start().starts_with('[') {
@@ -101,7 +108,7 @@ mod tests {
         let e = load_text(b"[]").unwrap_err().to_string();
         assert!(e.contains("no records"), "{e}");
         let e = load_text(b"[{\"instruction\": \"\xff\"}]").unwrap_err().to_string();
-        assert!(e.contains("invalid UTF-8 at byte 17"), "{e}");
+        assert!(e.contains("invalid UTF-8 at byte 18"), "{e}");
         let e = load_text(b"[{\"instruction\": ").unwrap_err().to_string();
         assert!(e.contains("malformed JSON"), "{e}");
     }

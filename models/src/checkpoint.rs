@@ -71,6 +71,11 @@ impl Checkpoint {
         })
     }
 
+    /// Opens one safetensors file.
+    pub fn open_file(path: &Path) -> Result<Self, LoadError> {
+        Self::open_files(&[path.to_path_buf()])
+    }
+
     /// Opens the given safetensors files as one checkpoint.
     pub fn open_files(paths: &[PathBuf]) -> Result<Self, LoadError> {
         let mut files = Vec::with_capacity(paths.len());

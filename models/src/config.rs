@@ -198,7 +198,7 @@ impl JsonConfig<'_> {
 
     /// Positive check shared by every architecture: heads must divide evenly.
     pub fn check_heads(&self, num_heads: usize, num_kv_heads: usize, key: &str) -> Result<(), LoadError> {
-        if num_heads % num_kv_heads != 0 {
+        if !num_heads.is_multiple_of(num_kv_heads) {
             return Err(self.error(key, format!("{num_kv_heads} does not divide num heads {num_heads}")));
         }
         Ok(())

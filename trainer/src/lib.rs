@@ -1,9 +1,10 @@
 //! Training side of ember: recipes, the loss, the training loop, export and merge.
 
+pub mod checkpoint;
 pub mod loss;
 pub mod merge;
 pub mod recipe;
 pub mod train;
 
 pub use recipe::Recipe;
-pub use train::{Summary, TrainError, train};
+pub use train::{Event, StepReport, Summary, TrainError, train};

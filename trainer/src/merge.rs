@@ -118,7 +118,7 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDt
     let adapter_file = adapter_dir.join("adapter_model.safetensors");
 
     let mut by_weight: HashMap<String, (String, String)> = HashMap::new();
-    for (module, a_key, b_key) in &branches {
+    for lora::BranchKeys { module, lora_a: a_key, lora_b: b_key } in &branches {
         let weight_key = format!("{module}.weight");
         let Some((shape, _)) = base.info(&weight_key) else {
             return Err(format!("{}: adapter module '{module}' is not in the base model", adapter_file.display()));

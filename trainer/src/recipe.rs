@@ -56,6 +56,10 @@ pub struct AdapterSection {
     pub use_rslora: bool,
     #[serde(default)]
     pub layers_to_transform: Option<Vec<usize>>,
+    /// Start from an existing PEFT LoRA adapter (e.g. one trained by PEFT) instead of a fresh
+    /// one; its own config (r, alpha, targets) then applies.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -110,6 +114,10 @@ pub struct TrainSection {
     /// Evaluate every N steps (0: only at the end).
     pub eval_steps: usize,
     pub logging_steps: usize,
+    /// Write a checkpoint every N steps (0: none); `ember train --resume` continues from the newest.
+    pub save_steps: usize,
+    /// Checkpoints kept on disk (0: all).
+    pub keep_checkpoints: usize,
 }
 
 impl Default for TrainSection {
@@ -130,6 +138,8 @@ impl Default for TrainSection {
             max_grad_norm: 1.0,
             eval_steps: 0,
             logging_steps: 10,
+            save_steps: 0,
+            keep_checkpoints: 2,
         }
     }
 }
@@ -165,10 +175,11 @@ fn default_cutoff() -> usize {
 /// Every key a recipe may hold, by section (for "did you mean" suggestions).
 const KEYS: &[(&str, &[&str])] = &[
     ("model", &["path", "device", "dtype"]),
-    ("adapter", &["method", "r", "alpha", "dropout", "target_modules", "use_rslora", "layers_to_transform"]),
+    ("adapter", &["method", "r", "alpha", "dropout", "target_modules", "use_rslora", "layers_to_transform", "init_from"]),
     ("data", &["path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "val_size", "group_by_length"]),
     ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
-        "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps"]),
+        "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
+        "save_steps", "keep_checkpoints"]),
     ("output", &["dir"]),
 ];
 
@@ -183,10 +194,18 @@ impl Recipe {
             apply_override(&mut table, item).map_err(invalid)?;
         }
         check_keys(&table).map_err(invalid)?;
-        let mut recipe: Recipe = Value::Table(table).try_into().map_err(|e: toml::de::Error| invalid(e.message().replace('\n', " ")))?;
+        // Through text so that type errors carry a span, which names the key.
+        let text = toml::to_string(&table).map_err(|e| invalid(e.to_string()))?;
+        let mut recipe: Recipe = toml::from_str(&text).map_err(|e| {
+            let message = e.message().replace('\n', " ");
+            match e.span().and_then(|span| key_at(&text, span.start)) {
+                Some(key) => invalid(format!("'{key}': {message}")),
+                None => invalid(message),
+            }
+        })?;
         recipe.validate().map_err(invalid)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut recipe.model.path, &mut recipe.data.path, &mut recipe.output.dir] {
+        for p in [&mut recipe.model.path, &mut recipe.data.path, &mut recipe.output.dir].into_iter().chain(recipe.adapter.init_from.as_mut()) {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -217,6 +236,16 @@ impl Recipe {
         }
         Ok(())
     }
+}
+
+/// `section.key` of the `key = value` line at byte `offset` of a serialized recipe.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let before = &text[..offset.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    let section = before[..line_start].lines().rev().find_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'))?;
+    Some(format!("{section}.{key}"))
 }
 
 /// `train.lr=1e-4` -> table["train"]["lr"] = 1e-4
@@ -303,7 +332,7 @@ mod tests {
     #[test]
     fn wrong_types_name_the_key() {
         let e = load(&format!("{MINIMAL}[train]\nlr = \"fast\"\n"), &[]).unwrap_err();
-        assert!(e.contains("lr"), "{e}");
+        assert!(e.contains("'train.lr': invalid type: string \"fast\", expected f64"), "{e}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde_json::json;
 
+use crate::checkpoint::{self, Position, State};
 use crate::loss::causal_lm_loss;
 use crate::recipe::{Recipe, TargetModules};
 
@@ -39,8 +40,41 @@ fn run_error(e: impl std::fmt::Display) -> TrainError {
     TrainError::Run(e.to_string())
 }
 
+/// One optimizer step, as the loop reports it.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_second: f64,
+    pub eta_seconds: f64,
+    /// True every `logging_steps` steps and at the last one: the steps worth a log line.
+    pub log_line: bool,
+}
+
+impl std::fmt::Display for StepReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "step {}/{} epoch {:.2} loss {:.4} lr {:.2e} grad_norm {:.3} {:.0} tok/s eta {:.0}s",
+            self.step, self.total_steps, self.epoch, self.loss, self.lr, self.grad_norm, self.tokens_per_second, self.eta_seconds
+        )
+    }
+}
+
+/// What the loop tells its caller while it runs.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A line worth printing (data and model summary, evaluations, checkpoints).
+    Info(String),
+    Step(StepReport),
+}
+
 /// What a finished run reports (also written to `summary.json`).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     pub steps: usize,
     pub epochs_completed: f64,
@@ -140,6 +174,10 @@ fn evaluate(model: &LoraModel, examples: &[Example], batch_size: usize, pad_id: 
     (tokens > 0).then(|| total / tokens as f64)
 }
 
+fn info(on_event: &mut dyn FnMut(Event), line: String) {
+    on_event(Event::Info(line));
+}
+
 /// `metrics.jsonl`: one JSON object per training step or evaluation, flushed as written.
 struct Metrics {
     path: PathBuf,
@@ -147,8 +185,16 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn create(path: PathBuf) -> Result<Self, TrainError> {
-        let file = std::fs::File::create(&path).map_err(|e| run_error(format!("{}: {e}", path.display())))?;
+    /// A new file, or, when resuming, a copy of the checkpoint's metrics to append to.
+    fn create(path: PathBuf, resume_from: Option<&Path>) -> Result<Self, TrainError> {
+        let error = |e: std::io::Error| run_error(format!("{}: {e}", path.display()));
+        let file = match resume_from {
+            Some(saved) => {
+                std::fs::copy(saved, &path).map_err(error)?;
+                std::fs::OpenOptions::new().append(true).open(&path).map_err(error)?
+            }
+            None => std::fs::File::create(&path).map_err(error)?,
+        };
         Ok(Self { path, file })
     }
 
@@ -167,9 +213,9 @@ struct Evaluator<'a> {
 
 impl Evaluator<'_> {
     /// Evaluates, logs, and records the loss in the metrics and the summary.
-    fn run(&self, model: &LoraModel, step: usize, metrics: &mut Metrics, summary: &mut Summary, log: &mut dyn FnMut(&str)) -> Result<(), TrainError> {
+    fn run(&self, model: &LoraModel, step: usize, metrics: &mut Metrics, summary: &mut Summary, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
         let Some(loss) = evaluate(model, self.examples, self.batch_size, self.pad_id, &self.device) else { return Ok(()) };
-        log(&format!("eval step {step}: loss {loss:.4}"));
+        info(on_event, format!("eval step {step}: loss {loss:.4}"));
         summary.first_eval_loss.get_or_insert(loss);
         summary.final_eval_loss = Some(loss);
         summary.best_eval_loss = Some(summary.best_eval_loss.map_or(loss, |b| b.min(loss)));
@@ -200,8 +246,9 @@ fn clip_global_norm(model: &LoraModel, grads: &mut GradientsParams, max_norm: f6
     norm
 }
 
-/// Runs the recipe. `log` receives one human-readable line per event.
-pub fn train(recipe: &Recipe, log: &mut dyn FnMut(&str)) -> Result<Summary, TrainError> {
+/// Runs the recipe; with `resume`, continues from the newest checkpoint in the output folder.
+/// `on_event` hears about every step and every notable event.
+pub fn train(recipe: &Recipe, resume: bool, on_event: &mut dyn FnMut(Event)) -> Result<Summary, TrainError> {
     let started = Instant::now();
     let device = ember_models::device::parse_device(&recipe.model.device).map_err(|e| input(format!("model.device: {e}")))?;
     let autodiff = device.clone().autodiff();
@@ -223,7 +270,7 @@ pub fn train(recipe: &Recipe, log: &mut dyn FnMut(&str)) -> Result<Summary, Trai
     if train_set.is_empty() {
         return Err(input(format!("{}: no record has a supervised token within cutoff_len {}", recipe.data.path.display(), recipe.data.cutoff_len)));
     }
-    log(&format!(
+    info(on_event, format!(
         "data: {} train / {} eval examples from {} ({} truncated to {} tokens, {} without any answer token after truncation, skipped)",
         train_set.len(), eval_set.len(), recipe.data.path.display(), stats.truncated, recipe.data.cutoff_len, stats.empty.len()
     ));
@@ -236,10 +283,15 @@ pub fn train(recipe: &Recipe, log: &mut dyn FnMut(&str)) -> Result<Summary, Trai
         other => return Err(input(format!("model.dtype '{other}': expected f32 or checkpoint"))),
     };
     let base = BaseModel::load(&recipe.model.path, dtype, &autodiff).map_err(input)?;
-    let config = lora_config(recipe)?;
-    let mut model = lora::apply(base, &config, t.seed, &autodiff).map_err(input)?;
+    let (mut model, config) = match &recipe.adapter.init_from {
+        Some(dir) => lora::load_peft(dir, base, &autodiff).map_err(input)?,
+        None => {
+            let config = lora_config(recipe)?;
+            (lora::apply(base, &config, t.seed, &autodiff).map_err(input)?, config)
+        }
+    };
     let (trainable, total) = lora::parameter_counts(&model);
-    log(&format!("model: {} with LoRA r={} on {}: {trainable} trainable of {total} parameters ({:.4}%)",
+    info(on_event, format!("model: {} with LoRA r={} on {}: {trainable} trainable of {total} parameters ({:.4}%)",
         recipe.model.path.display(), config.r, config.target, 100.0 * trainable as f64 / total as f64));
 
     let mut optimizer = AdamWConfig::new()
@@ -252,7 +304,12 @@ pub fn train(recipe: &Recipe, log: &mut dyn FnMut(&str)) -> Result<Summary, Trai
     let steps_per_epoch = train_set.len().div_ceil(t.micro_batch_size * t.gradient_accumulation_steps);
     let total_steps = if t.max_steps > 0 { t.max_steps } else { steps_per_epoch * t.epochs };
     std::fs::create_dir_all(&recipe.output.dir).map_err(|e| run_error(format!("{}: {e}", recipe.output.dir.display())))?;
-    let mut metrics = Metrics::create(recipe.output.dir.join("metrics.jsonl"))?;
+    let checkpoints = recipe.output.dir.join("checkpoints");
+    let resume_from = match resume {
+        false => None,
+        true => Some(checkpoint::latest(&checkpoints).ok_or_else(|| input(format!("--resume: no checkpoint in {}", checkpoints.display())))?),
+    };
+    let mut metrics = Metrics::create(recipe.output.dir.join("metrics.jsonl"), resume_from.as_deref().map(|d| d.join("metrics.jsonl")).as_deref())?;
 
     let mut summary = Summary {
         steps: 0, epochs_completed: 0.0, train_examples: train_set.len(), eval_examples: eval_set.len(),
@@ -262,16 +319,31 @@ pub fn train(recipe: &Recipe, log: &mut dyn FnMut(&str)) -> Result<Summary, Trai
         tokens_per_second: 0.0, seconds: 0.0, adapter_dir: recipe.output.dir.join("adapter"), metrics: metrics.path.clone(),
     };
     let evaluator = Evaluator { examples: &eval_set, batch_size: t.micro_batch_size, pad_id, device: autodiff.clone().inner() };
-    evaluator.run(&model, 0, &mut metrics, &mut summary, log)?;
+    let base_name = recipe.model.path.to_string_lossy().into_owned();
 
     let (mut tokens_seen, mut train_seconds) = (0usize, 0f64);
-    let mut step = 0;
-    'epochs: for epoch in 0.. {
+    let mut start = Position::default();
+    match &resume_from {
+        Some(dir) => {
+            let state = checkpoint::read_state(dir).map_err(input)?;
+            (model, optimizer) = checkpoint::restore(dir, &state, model, optimizer, &autodiff).map_err(input)?;
+            (start, tokens_seen, train_seconds) = (state.position, state.tokens_seen, state.train_seconds);
+            summary = Summary { adapter_dir: summary.adapter_dir, metrics: summary.metrics, ..state.summary };
+            info(on_event, format!("resumed from {} at step {}", dir.display(), start.step));
+        }
+        None => evaluator.run(&model, 0, &mut metrics, &mut summary, on_event)?,
+    }
+
+    let mut step = start.step;
+    'epochs: for epoch in start.epoch.. {
         let batches = epoch_batches(&train_set, recipe, epoch);
-        for (group_index, group) in batches.chunks(t.gradient_accumulation_steps).enumerate() {
+        let first_group = if epoch == start.epoch { start.next_group } else { 0 };
+        for (group_index, group) in batches.chunks(t.gradient_accumulation_steps).enumerate().skip(first_group) {
             if step >= total_steps {
                 break 'epochs;
             }
+            // Dropout masks depend on the seed and the step only, so a resumed run draws the same.
+            autodiff.seed(t.seed.wrapping_add(step as u64));
             let step_started = Instant::now();
             let micro: Vec<Batch> = group
                 .iter()
@@ -310,31 +382,48 @@ pub fn train(recipe: &Recipe, log: &mut dyn FnMut(&str)) -> Result<Summary, Trai
             let tokens_per_second = tokens_seen as f64 / train_seconds;
             metrics.write(json!({"step": step, "epoch": summary.epochs_completed, "loss": step_loss, "lr": lr,
                 "grad_norm": grad_norm, "tokens_per_second": tokens_per_second, "elapsed_s": started.elapsed().as_secs_f64()}))?;
-            if step % t.logging_steps.max(1) == 0 || step == total_steps {
-                let eta = train_seconds / step as f64 * (total_steps - step) as f64;
-                log(&format!("step {step}/{total_steps} epoch {:.2} loss {step_loss:.4} lr {lr:.2e} grad_norm {grad_norm:.3} {tokens_per_second:.0} tok/s eta {eta:.0}s",
-                    summary.epochs_completed));
-            }
+            on_event(Event::Step(StepReport {
+                step,
+                total_steps,
+                epoch: summary.epochs_completed,
+                loss: step_loss,
+                lr,
+                grad_norm,
+                tokens_per_second,
+                eta_seconds: train_seconds / step as f64 * (total_steps - step) as f64,
+                log_line: step % t.logging_steps.max(1) == 0 || step == total_steps,
+            }));
             if t.eval_steps > 0 && step % t.eval_steps == 0 && step < total_steps {
-                evaluator.run(&model, step, &mut metrics, &mut summary, log)?;
+                evaluator.run(&model, step, &mut metrics, &mut summary, on_event)?;
+            }
+            if t.save_steps > 0 && step % t.save_steps == 0 && step < total_steps {
+                let state = State {
+                    position: Position { step, epoch, next_group: group_index + 1 },
+                    param_ids: checkpoint::param_ids(&model),
+                    summary: summary.clone(),
+                    tokens_seen,
+                    train_seconds,
+                };
+                let dir = checkpoint::save(&checkpoints, &model, &config, &optimizer, &state, &metrics.path, &base_name, t.keep_checkpoints)
+                    .map_err(run_error)?;
+                info(on_event, format!("checkpoint {}", dir.display()));
             }
         }
         if t.max_steps == 0 && epoch + 1 >= t.epochs {
             break;
         }
     }
-    evaluator.run(&model, step, &mut metrics, &mut summary, log)?;
+    evaluator.run(&model, step, &mut metrics, &mut summary, on_event)?;
     summary.tokens_per_second = tokens_seen as f64 / train_seconds.max(1e-9);
 
     if lora::all_b_zero(&model) {
         return Err(run_error("every lora_B is still zero after training: the adapter would equal the base model; not saving it"));
     }
-    let base_name = recipe.model.path.to_string_lossy();
     lora::save_peft(&model, &config, &base_name, &summary.adapter_dir).map_err(run_error)?;
     summary.seconds = started.elapsed().as_secs_f64();
     write_json_atomically(&recipe.output.dir.join("summary.json"), &serde_json::to_value(&summary).expect("summary serializes"))
         .map_err(run_error)?;
-    log(&format!("saved adapter to {} ({:.0}s)", summary.adapter_dir.display(), summary.seconds));
+    info(on_event, format!("saved adapter to {} ({:.0}s)", summary.adapter_dir.display(), summary.seconds));
     Ok(summary)
 }
 

@@ -8,10 +8,11 @@ mod peft;
 
 pub use config::{LoraConfig, Target};
 pub use layer::{LoraBranch, LoraLinear};
-pub use peft::{load_peft, peft_branches, read_peft_config, save_peft};
+pub use peft::{BranchKeys, load_peft, peft_branches, read_peft_config, save_peft};
 
 use burn::tensor::Device;
-use ember_models::{BaseModel, CausalLm};
+use ember_models::transformer::{KeyLayout, expected_tensors};
+use ember_models::{BaseModel, CausalLm, ModelConfig};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -40,6 +41,21 @@ pub fn apply(model: BaseModel, config: &LoraConfig, seed: u64, device: &Device) 
     Ok(wrapped)
 }
 
+/// Trainable parameters LoRA would add to a model of this config, from shapes alone (no
+/// weights read): `r·(in + out)` per targeted projection.
+pub fn count_trainable(model: &ModelConfig, config: &LoraConfig) -> usize {
+    let keys = KeyLayout::of(model.architecture);
+    let shapes: std::collections::HashMap<String, Vec<usize>> = expected_tensors(model).into_iter().collect();
+    (0..model.num_layers)
+        .flat_map(|i| keys.projection_names(i))
+        .filter(|name| config.targets(name))
+        .map(|name| {
+            let shape = &shapes[&format!("{name}.weight")];
+            config.r * (shape[0] + shape[1])
+        })
+        .sum()
+}
+
 /// (trainable LoRA parameters, all parameters)
 pub fn parameter_counts(model: &LoraModel) -> (usize, usize) {
     let trainable = model
@@ -62,4 +78,26 @@ pub fn all_b_zero(model: &LoraModel) -> bool {
 /// Folds every branch into its base weight (`W + s·B·A`) and drops the branches.
 pub fn merge(model: LoraModel) -> BaseModel {
     model.map_projections(|_, lora| lora.merged())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama_7b_r8_on_q_v_trains_4_194_304_parameters() {
+        let json = serde_json::json!({
+            "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "vocab_size": 32000,
+        });
+        let model = ModelConfig::from_json(&json, std::path::Path::new("config.json")).unwrap();
+        let config = LoraConfig {
+            r: 8, alpha: 16.0, dropout: 0.05, use_rslora: false,
+            target: Target::Suffixes(vec!["q_proj".into(), "v_proj".into()]), layers_to_transform: None,
+        };
+        let trainable = count_trainable(&model, &config);
+        assert_eq!(trainable, 4_194_304);
+        // PEFT's "all params" counts the base plus the adapter.
+        assert_eq!(model.num_params() + trainable, 6_742_609_920);
+    }
 }

@@ -84,7 +84,7 @@ pub fn load_peft(dir: &Path, model: BaseModel, device: &Device) -> Result<(LoraM
     let config_path = dir.join(CONFIG);
     let config = read_peft_config(dir)?;
     let weights_path = dir.join(WEIGHTS);
-    let weights = Checkpoint::open_files(&[weights_path.clone()]).map_err(|e| AdapterError::invalid(&weights_path, e.to_string()))?;
+    let weights = Checkpoint::open_file(&weights_path).map_err(|e| AdapterError::invalid(&weights_path, e.to_string()))?;
 
     let mut used = BTreeSet::new();
     let mut first_error = None;
@@ -133,10 +133,19 @@ pub fn read_peft_config(dir: &Path) -> Result<LoraConfig, AdapterError> {
     parse_config(&json).map_err(|reason| AdapterError::invalid(&path, reason))
 }
 
-/// The adapter's weights file and the `(module, A key, B key)` of every branch in it.
-pub fn peft_branches(dir: &Path) -> Result<(Checkpoint, Vec<(String, String, String)>), AdapterError> {
+/// Tensor names of one saved branch.
+#[derive(Debug, Clone)]
+pub struct BranchKeys {
+    /// HF module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub module: String,
+    pub lora_a: String,
+    pub lora_b: String,
+}
+
+/// The adapter's weights file and the tensor names of every branch in it.
+pub fn peft_branches(dir: &Path) -> Result<(Checkpoint, Vec<BranchKeys>), AdapterError> {
     let path = dir.join(WEIGHTS);
-    let weights = Checkpoint::open_files(&[path.clone()]).map_err(|e| AdapterError::invalid(&path, e.to_string()))?;
+    let weights = Checkpoint::open_file(&path).map_err(|e| AdapterError::invalid(&path, e.to_string()))?;
     let mut branches = Vec::new();
     for k in weights.keys() {
         if let Some(module) = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".lora_A.weight")) {
@@ -144,7 +153,7 @@ pub fn peft_branches(dir: &Path) -> Result<(Checkpoint, Vec<(String, String, Str
             if !weights.contains(&b) {
                 return Err(AdapterError::invalid(&path, format!("'{k}' has no matching '{b}'")));
             }
-            branches.push((module.to_owned(), k.to_owned(), b));
+            branches.push(BranchKeys { module: module.to_owned(), lora_a: k.to_owned(), lora_b: b });
         } else if !k.ends_with(".lora_B.weight") {
             return Err(AdapterError::invalid(&path, format!("unexpected tensor '{k}' in a LoRA adapter")));
         }
