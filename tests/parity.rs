@@ -13,11 +13,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use ember_adapters::lora;
+use burn::module::Param;
+use burn::tensor::Gradients;
+use ember_adapters::{adaption, lora, prefix};
 use ember_data::{Batch, Record, SftOptions, Template, Tokenizer, sft};
 use ember_trainer::loss::causal_lm_loss;
 use ember_trainer::merge;
-use ember_models::{BaseModel, Checkpoint, KvCache, LoadDtype};
+use ember_models::{BaseModel, Checkpoint, KvCache, LayerExtras, LoadDtype, ModelConfig};
 use serde_json::Value;
 
 const LOGITS_ATOL_TINY: f32 = 1e-4;
@@ -174,7 +176,12 @@ fn model_fixture(dir: &Path, name: &str, device: &Device, report: &mut Report) {
                         report.error(name, method, e);
                     }
                 }
-                _ => report.skip(name, method, "adapter method not implemented yet"),
+                Some("PREFIX_TUNING") | Some("ADAPTION_PROMPT") | None => {
+                    if let Err(e) = extras_checks(dir, name, method, spec, &reference, &mask, [batch, len], device, report) {
+                        report.error(name, method, e);
+                    }
+                }
+                Some(other) => report.skip(name, method, &format!("peft_type {other} is not implemented")),
             }
         }
         Ok(())
@@ -307,6 +314,144 @@ fn lora_checks(
     }
     // Reported as the largest |error| beyond rtol·|ref|, checked against atol.
     report.check(name, &format!("{method}.grads({checked})"), worst, GRAD_ATOL);
+    Ok(())
+}
+
+/// The trainable side of an extras adapter, as the reference names its gradients.
+enum ExtrasAdapter {
+    Prefix(prefix::PrefixEncoder),
+    Adaption(adaption::AdaptionPrompts),
+}
+
+impl ExtrasAdapter {
+    fn extras(&self, batch: usize) -> Vec<LayerExtras> {
+        match self {
+            ExtrasAdapter::Prefix(p) => p.extras(batch),
+            ExtrasAdapter::Adaption(a) => a.extras(),
+        }
+    }
+
+    /// (reference gradient key without the `grad.<method>.` prefix, our gradient)
+    fn grads(&self, grads: &Gradients, model: &ModelConfig, chatglm: bool) -> Vec<(String, Option<Vec<f32>>)> {
+        fn values<const D: usize>(p: &Param<Tensor<D>>, grads: &Gradients) -> Option<Vec<f32>> {
+            p.val().grad(grads).and_then(|g| g.into_data().try_to_vec::<f32>().ok())
+        }
+        match self {
+            ExtrasAdapter::Prefix(p) => {
+                let (root, first, second) = if chatglm {
+                    ("transformer.prefix_encoder", "trans.0", "trans.2")
+                } else {
+                    ("prompt_encoder", "transform.0", "transform.2")
+                };
+                let mut out = vec![(format!("{root}.embedding.weight"), values(&p.embedding, grads))];
+                if let Some(mlp) = &p.projection {
+                    for (name, layer) in [(first, &mlp.first), (second, &mlp.second)] {
+                        out.push((format!("{root}.{name}.weight"), values(&layer.weight, grads)));
+                        out.push((format!("{root}.{name}.bias"), layer.bias.as_ref().and_then(|b| values(b, grads))));
+                    }
+                }
+                out
+            }
+            ExtrasAdapter::Adaption(a) => a
+                .layers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| l.as_ref().map(|l| (i, l)))
+                .flat_map(|(i, l)| {
+                    [
+                        (adaption::key(model, i, "adaption_prompt"), values(&l.prompt, grads)),
+                        (adaption::key(model, i, "adaption_gate"), values(&l.gate, grads)),
+                    ]
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Prefix tuning, P-Tuning v2 and adaption prompts: logits with the saved adapter, then loss and
+/// every gradient on the train batch with the training-time parameters.
+#[allow(clippy::too_many_arguments)]
+fn extras_checks(
+    dir: &Path,
+    name: &str,
+    method: &str,
+    spec: &Value,
+    reference: &Checkpoint,
+    mask: &[i64],
+    [batch, len]: [usize; 2],
+    device: &Device,
+    report: &mut Report,
+) -> Result<(), String> {
+    let adapter_dir = dir.join(spec["adapter_dir"].as_str().ok_or("no adapter_dir")?);
+    let config = ModelConfig::from_dir(dir).map_err(|e| e.to_string())?;
+    let chatglm = spec["kind"].as_str().is_some_and(|k| k.contains("P-Tuning v2"));
+    let load = |device: &Device| -> Result<ExtrasAdapter, String> {
+        Ok(match spec["peft_type"].as_str() {
+            _ if chatglm => ExtrasAdapter::Prefix(prefix::load_chatglm_ptuning(&adapter_dir, &config, device).map_err(|e| e.to_string())?),
+            Some("PREFIX_TUNING") => ExtrasAdapter::Prefix(prefix::load_peft(&adapter_dir, &config, device).map_err(|e| e.to_string())?),
+            Some("ADAPTION_PROMPT") => ExtrasAdapter::Adaption(adaption::load_peft(&adapter_dir, &config, device).map_err(|e| e.to_string())?),
+            other => return Err(format!("unknown adapter kind {other:?} / {:?}", spec["kind"])),
+        })
+    };
+
+    let (ids, _) = i64s(reference, "input_ids")?;
+    let (expected, _) = f32s(reference, &format!("logits.{method}"))?;
+    let vocab = expected.len() / (batch * len);
+    let base = BaseModel::load(dir, LoadDtype::F32, device).map_err(|e| e.to_string())?;
+    let adapter = load(device)?;
+    let logits = base.forward_with(
+        int_tensor(ids.clone(), [batch, len], device),
+        Some(int_tensor(mask.to_vec(), [batch, len], device)),
+        &adapter.extras(batch),
+    );
+    report.check(name, &format!("logits.{method}"), max_abs_on_mask(&to_vec(logits), &expected, mask, vocab), LOGITS_ATOL_TINY);
+
+    // Training-time parameters: PEFT's projected prefix keeps its MLP apart from the saved table.
+    let autodiff = device.clone().autodiff();
+    let adapter = if reference.contains(&format!("train_params.{method}.prompt_encoder.embedding.weight")) {
+        let tensor2 = |k: &str| -> Result<Tensor<2>, String> {
+            let key = format!("train_params.{method}.prompt_encoder.{k}");
+            let (shape, _) = reference.info(&key).ok_or(format!("no {key}"))?;
+            reference.float(&key, [shape[0], shape[1]], LoadDtype::F32, &autodiff).map_err(|e| e.to_string())
+        };
+        let tensor1 = |k: &str| -> Result<Tensor<1>, String> {
+            let key = format!("train_params.{method}.prompt_encoder.{k}");
+            let (shape, _) = reference.info(&key).ok_or(format!("no {key}"))?;
+            reference.float(&key, [shape[0]], LoadDtype::F32, &autodiff).map_err(|e| e.to_string())
+        };
+        let mlp = (tensor2("transform.0.weight")?, tensor1("transform.0.bias")?, tensor2("transform.2.weight")?, tensor1("transform.2.bias")?);
+        ExtrasAdapter::Prefix(prefix::from_training_params(tensor2("embedding.weight")?, Some(mlp), &config))
+    } else {
+        load(&autodiff)?
+    };
+    let (train_ids, shape) = i64s(reference, "train.input_ids")?;
+    let (train_mask, _) = i64s(reference, "train.attention_mask")?;
+    let (labels, _) = i64s(reference, "train.labels")?;
+    let base = BaseModel::load(dir, LoadDtype::F32, &autodiff).map_err(|e| e.to_string())?;
+    let shape = [shape[0], shape[1]];
+    let logits = base.forward_with(
+        int_tensor(train_ids, shape, &autodiff),
+        Some(int_tensor(train_mask, shape, &autodiff)),
+        &adapter.extras(shape[0]),
+    );
+    let loss = causal_lm_loss(logits, &labels).ok_or("no supervised token in the train batch")?;
+    let loss_value = loss.to_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?[0];
+    let expected_loss = spec["loss"].as_f64().ok_or("no loss")? as f32;
+    report.check(name, &format!("{method}.loss"), (loss_value - expected_loss).abs(), LOSS_ATOL);
+    let grads = loss.backward();
+    let ours = adapter.grads(&grads, &config, chatglm);
+    let expected_count = spec["grad_keys"].as_array().map_or(0, Vec::len);
+    if ours.len() != expected_count {
+        return Err(format!("{} gradients, the fixture has {expected_count}", ours.len()));
+    }
+    let mut worst = 0f32;
+    for (key, values) in ours {
+        let full = format!("grad.{method}.{key}");
+        let (expected, _) = f32s(reference, &full)?;
+        let values = values.ok_or_else(|| format!("no gradient for {full}"))?;
+        worst = worst.max(grad_excess(&values, &expected));
+    }
+    report.check(name, &format!("{method}.grads({expected_count})"), worst, GRAD_ATOL);
     Ok(())
 }
 

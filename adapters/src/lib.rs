@@ -1,7 +1,9 @@
 //! Parameter-efficient fine-tuning methods, one module per method (as PEFT's `tuners/`):
 //! each wraps or feeds the frozen base of `ember-models` and reads/writes PEFT's on-disk format.
 
+pub mod adaption;
 pub mod lora;
+pub mod prefix;
 
 use std::path::PathBuf;
 

@@ -125,6 +125,17 @@ impl ModelConfig {
     }
 }
 
+/// Shapes as transformers-native configs name them.
+pub(crate) struct HfShapes {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
 /// Typed access to config.json keys, with errors that name the file and key.
 pub(crate) struct JsonConfig<'a> {
     pub obj: &'a Map<String, Value>,
@@ -194,6 +205,28 @@ impl JsonConfig<'_> {
 
     pub fn token_id(&self, key: &str) -> Result<Option<u32>, LoadError> {
         Ok(self.token_ids(key)?.first().copied())
+    }
+
+    /// The shape keys transformers-native configs (llama, qwen2, glm) share.
+    pub fn hf_shapes(&self) -> Result<HfShapes, LoadError> {
+        let hidden_size = self.usize("hidden_size")?;
+        let num_heads = self.usize("num_attention_heads")?;
+        let num_kv_heads = self.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        self.check_heads(num_heads, num_kv_heads, "num_key_value_heads")?;
+        Ok(HfShapes {
+            vocab_size: self.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: self.usize("intermediate_size")?,
+            num_layers: self.usize("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim: self.opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads),
+        })
+    }
+
+    /// `bos_token_id`, `eos_token_id` (one or a list), `pad_token_id`.
+    pub fn special_tokens(&self) -> Result<(Option<u32>, Vec<u32>, Option<u32>), LoadError> {
+        Ok((self.token_id("bos_token_id")?, self.token_ids("eos_token_id")?, self.token_id("pad_token_id")?))
     }
 
     /// Positive check shared by every architecture: heads must divide evenly.

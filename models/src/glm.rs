@@ -42,26 +42,23 @@ pub const CHATGLM_KEYS: KeyLayout = KeyLayout {
 };
 
 pub(crate) fn parse_glm_config(json: &JsonConfig) -> Result<ModelConfig, LoadError> {
-    let hidden_size = json.usize("hidden_size")?;
-    let num_heads = json.usize("num_attention_heads")?;
-    let num_kv_heads = json.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
-    json.check_heads(num_heads, num_kv_heads, "num_key_value_heads")?;
-    let head_dim = json.opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
+    let shapes = json.hf_shapes()?;
     let factor = json.opt_f64("partial_rotary_factor")?.unwrap_or(0.5);
+    let (bos_token_id, eos_token_ids, pad_token_id) = json.special_tokens()?;
     Ok(ModelConfig {
         architecture: Architecture::Glm,
         model_type: "glm".into(),
-        vocab_size: json.usize("vocab_size")?,
-        hidden_size,
-        intermediate_size: json.usize("intermediate_size")?,
-        num_layers: json.usize("num_hidden_layers")?,
-        num_heads,
-        num_kv_heads,
-        head_dim,
+        vocab_size: shapes.vocab_size,
+        hidden_size: shapes.hidden_size,
+        intermediate_size: shapes.intermediate_size,
+        num_layers: shapes.num_layers,
+        num_heads: shapes.num_heads,
+        num_kv_heads: shapes.num_kv_heads,
+        head_dim: shapes.head_dim,
         rms_norm_eps: json.opt_f64("rms_norm_eps")?.unwrap_or(1.5625e-7),
         rope: RopeConfig {
             theta: json.opt_f64("rope_theta")?.unwrap_or(10_000.0),
-            rotary_dim: (head_dim as f64 * factor) as usize,
+            rotary_dim: (shapes.head_dim as f64 * factor) as usize,
             pairing: RopePairing::Interleaved,
             scaling: None,
         },
@@ -70,9 +67,9 @@ pub(crate) fn parse_glm_config(json: &JsonConfig) -> Result<ModelConfig, LoadErr
         mlp_bias: false,
         tie_word_embeddings: json.bool_or("tie_word_embeddings", false)?,
         max_position_embeddings: json.opt_usize("max_position_embeddings")?.unwrap_or(131_072),
-        bos_token_id: json.token_id("bos_token_id")?,
-        eos_token_ids: json.token_ids("eos_token_id")?,
-        pad_token_id: json.token_id("pad_token_id")?,
+        bos_token_id,
+        eos_token_ids,
+        pad_token_id,
         torch_dtype: json.string("torch_dtype").ok(),
     })
 }
@@ -101,6 +98,7 @@ pub(crate) fn parse_chatglm_config(json: &JsonConfig) -> Result<ModelConfig, Loa
     let hidden_size = json.usize("hidden_size")?;
     let head_dim = json.opt_usize("kv_channels")?.unwrap_or(hidden_size / num_heads);
     let add_bias_linear = json.bool_or("add_bias_linear", false)?;
+    let (bos_token_id, eos_token_ids, pad_token_id) = json.special_tokens()?;
     Ok(ModelConfig {
         architecture: Architecture::ChatGlm,
         model_type: "chatglm".into(),
@@ -123,9 +121,9 @@ pub(crate) fn parse_chatglm_config(json: &JsonConfig) -> Result<ModelConfig, Loa
         mlp_bias: add_bias_linear,
         tie_word_embeddings: false,
         max_position_embeddings: json.opt_usize("seq_length")?.unwrap_or(8192),
-        bos_token_id: json.token_id("bos_token_id")?,
-        eos_token_ids: json.token_ids("eos_token_id")?,
-        pad_token_id: json.token_id("pad_token_id")?,
+        bos_token_id,
+        eos_token_ids,
+        pad_token_id,
         torch_dtype: json.string("torch_dtype").ok(),
     })
 }

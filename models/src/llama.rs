@@ -23,14 +23,10 @@ pub const KEYS: KeyLayout = KeyLayout {
 };
 
 pub(crate) fn parse_config(json: &JsonConfig, model_type: &str) -> Result<ModelConfig, LoadError> {
-    let hidden_size = json.usize("hidden_size")?;
-    let num_heads = json.usize("num_attention_heads")?;
-    let num_kv_heads = json.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
-    json.check_heads(num_heads, num_kv_heads, "num_key_value_heads")?;
-    let head_dim = json.opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
+    let shapes = json.hf_shapes()?;
     let rotary_dim = match json.opt_f64("partial_rotary_factor")? {
-        Some(factor) => (head_dim as f64 * factor) as usize,
-        None => head_dim,
+        Some(factor) => (shapes.head_dim as f64 * factor) as usize,
+        None => shapes.head_dim,
     };
     // Qwen2 always has q/k/v biases and none on o_proj; LLaMA's `attention_bias` covers all four.
     let (qkv_bias, o_bias) = if model_type == "qwen2" {
@@ -39,16 +35,17 @@ pub(crate) fn parse_config(json: &JsonConfig, model_type: &str) -> Result<ModelC
         let bias = json.bool_or("attention_bias", false)?;
         (bias, bias)
     };
+    let (bos_token_id, eos_token_ids, pad_token_id) = json.special_tokens()?;
     Ok(ModelConfig {
         architecture: Architecture::Llama,
         model_type: model_type.to_owned(),
-        vocab_size: json.usize("vocab_size")?,
-        hidden_size,
-        intermediate_size: json.usize("intermediate_size")?,
-        num_layers: json.usize("num_hidden_layers")?,
-        num_heads,
-        num_kv_heads,
-        head_dim,
+        vocab_size: shapes.vocab_size,
+        hidden_size: shapes.hidden_size,
+        intermediate_size: shapes.intermediate_size,
+        num_layers: shapes.num_layers,
+        num_heads: shapes.num_heads,
+        num_kv_heads: shapes.num_kv_heads,
+        head_dim: shapes.head_dim,
         rms_norm_eps: json.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
         rope: RopeConfig {
             theta: json.opt_f64("rope_theta")?.unwrap_or(10_000.0),
@@ -61,9 +58,9 @@ pub(crate) fn parse_config(json: &JsonConfig, model_type: &str) -> Result<ModelC
         mlp_bias: json.bool_or("mlp_bias", false)?,
         tie_word_embeddings: json.bool_or("tie_word_embeddings", false)?,
         max_position_embeddings: json.opt_usize("max_position_embeddings")?.unwrap_or(2048),
-        bos_token_id: json.token_id("bos_token_id")?,
-        eos_token_ids: json.token_ids("eos_token_id")?,
-        pad_token_id: json.token_id("pad_token_id")?,
+        bos_token_id,
+        eos_token_ids,
+        pad_token_id,
         torch_dtype: json.string("torch_dtype").ok(),
     })
 }

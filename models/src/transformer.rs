@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::checkpoint::{Checkpoint, LoadDtype};
@@ -105,6 +105,22 @@ pub enum QkvProjection<P> {
     Fused(P),
 }
 
+/// What an adapter adds inside one layer's attention; the decoder knows no method beyond this.
+#[derive(Debug, Clone, Default)]
+pub struct LayerExtras {
+    /// Keys and values placed before every other key, without RoPE and visible to every query
+    /// (prefix tuning, P-Tuning v2). Shapes `[batch, kv_heads, prefix, head_dim]`.
+    pub prefix: Option<(Tensor<4>, Tensor<4>)>,
+    /// Whether the prefix occupies the first positions, so real tokens start at position
+    /// `prefix` (PEFT on transformers, whose cache positions count the prefix), or no positions,
+    /// so they start at 0 (THUDM's ChatGLM P-Tuning v2).
+    pub prefix_takes_positions: bool,
+    /// A gated adaption prompt (LLaMA-Adapter): prompt `[1, len, hidden]` and gate `[1]`. Its
+    /// keys/values come from this layer's frozen k/v projections, the layer's (RoPE'd) queries
+    /// attend to them alone, and `o_proj(gate · softmax(q kᵀ/√d) v)` is added to the output.
+    pub adaption: Option<(Tensor<3>, Tensor<1>)>,
+}
+
 #[derive(Module, Debug)]
 pub struct Attention<P> {
     pub qkv: QkvProjection<P>,
@@ -123,36 +139,85 @@ impl<P: Projection> Attention<P> {
     /// - past: `[batch, kv_heads, past, head_dim]` each
     /// - bias: `[batch, 1, seq, past + seq]`
     /// - output: `[batch, seq, hidden]`
+    /// q, k, v projections of `x`: `[batch, seq, heads·d]`, `[batch, seq, kv_heads·d]` ×2.
+    fn project(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
+        let (q_dim, kv_dim) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        match &self.qkv {
+            QkvProjection::Separate(p) => (p.q_proj.forward(x.clone()), p.k_proj.forward(x.clone()), p.v_proj.forward(x)),
+            QkvProjection::Fused(p) => {
+                let qkv = p.forward(x);
+                (qkv.clone().narrow(2, 0, q_dim), qkv.clone().narrow(2, q_dim, kv_dim), qkv.narrow(2, q_dim + kv_dim, kv_dim))
+            }
+        }
+    }
+
+    /// Returns `(output, k, v)`, with `k`, `v` the keys/values of past + new positions (after
+    /// RoPE, without any prefix) for the cache.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - past: `[batch, kv_heads, past, head_dim]` each
+    /// - bias: `[batch, 1, seq, prefix + past + seq]`
+    /// - output: `[batch, seq, hidden]`
     pub fn forward(
         &self,
         x: Tensor<3>,
         rope: &Rope,
         past: Option<(Tensor<4>, Tensor<4>)>,
         bias: Tensor<4>,
+        extras: Option<&LayerExtras>,
     ) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
         let [b, s, _] = x.dims();
-        let (q_dim, kv_dim) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
-        let (q, k, v) = match &self.qkv {
-            QkvProjection::Separate(p) => (p.q_proj.forward(x.clone()), p.k_proj.forward(x.clone()), p.v_proj.forward(x)),
-            QkvProjection::Fused(p) => {
-                let qkv = p.forward(x);
-                (qkv.clone().narrow(2, 0, q_dim), qkv.clone().narrow(2, q_dim, kv_dim), qkv.narrow(2, q_dim + kv_dim, kv_dim))
-            }
-        };
+        let (q, k, v) = self.project(x);
         // b,s,h*d -> b,h,s,d
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, self.head_dim]).swap_dims(1, 2);
         let past_len = past.as_ref().map_or(0, |(k, _)| k.dims()[2]);
-        let q = rope.apply(heads(q, self.num_heads), past_len);
-        let mut k = rope.apply(heads(k, self.num_kv_heads), past_len);
+        let shift = match extras {
+            Some(LayerExtras { prefix: Some((prefix_k, _)), prefix_takes_positions: true, .. }) => prefix_k.dims()[2],
+            _ => 0,
+        };
+        let q = rope.apply(heads(q, self.num_heads), past_len + shift);
+        let mut k = rope.apply(heads(k, self.num_kv_heads), past_len + shift);
         let mut v = heads(v, self.num_kv_heads);
         if let Some((past_k, past_v)) = past {
             k = Tensor::cat(vec![past_k, k], 2);
             v = Tensor::cat(vec![past_v, v], 2);
         }
-        let out = grouped_attention(q, k.clone(), v.clone(), bias);
-        // b,h,s,d -> b,s,h*d
-        let out = out.swap_dims(1, 2).reshape([b, s, q_dim]);
-        (self.o_proj.forward(out), k, v)
+        let (mut keys, mut values) = (k.clone(), v.clone());
+        if let Some((prefix_k, prefix_v)) = extras.and_then(|e| e.prefix.clone()) {
+            keys = Tensor::cat(vec![prefix_k, keys], 2);
+            values = Tensor::cat(vec![prefix_v, values], 2);
+        }
+        let mut out = self.o_proj.forward(self.merge_heads(grouped_attention(q.clone(), keys, values, bias)));
+        if let Some((prompt, gate)) = extras.and_then(|e| e.adaption.clone()) {
+            out = out + self.o_proj.forward(self.merge_heads(self.adaption_attention(q, prompt, gate)));
+        }
+        (out, k, v)
+    }
+
+    /// b,h,s,d -> b,s,h*d
+    fn merge_heads(&self, x: Tensor<4>) -> Tensor<3> {
+        let [b, h, s, d] = x.dims();
+        x.swap_dims(1, 2).reshape([b, s, h * d])
+    }
+
+    /// `gate · softmax(q kᵀ/√d) v` over the prompt's keys only (no mask, no RoPE on the prompt).
+    ///
+    /// # Shapes
+    /// - q: `[batch, heads, seq, head_dim]`; prompt: `[1, len, hidden]`; gate: `[1]`
+    /// - output: `[batch, heads, seq, head_dim]`
+    fn adaption_attention(&self, q: Tensor<4>, prompt: Tensor<3>, gate: Tensor<1>) -> Tensor<4> {
+        let [b, heads, s, d] = q.dims();
+        let len = prompt.dims()[1];
+        let kv = self.num_kv_heads;
+        let (_, k, v) = self.project(prompt);
+        // 1,len,kv*d -> 1,kv,len,d
+        let k = k.reshape([1, len, kv, d]).swap_dims(1, 2);
+        let v = v.reshape([1, len, kv, d]).swap_dims(1, 2);
+        let q = q.reshape([b, kv, heads / kv * s, d]);
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((d as f64).powf(-0.5));
+        let probs = softmax(scores, 3) * gate.reshape([1, 1, 1, 1]);
+        probs.matmul(v).reshape([b, heads, s, d])
     }
 }
 
@@ -464,7 +529,12 @@ impl<P: Projection> CausalLm<P> {
     /// - attention_mask: `[batch, seq]`, 1 for real tokens
     /// - output: `[batch, seq, vocab]`
     pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Option<Tensor<2, Int>>) -> Tensor<3> {
-        let hidden = self.hidden_states(input_ids, attention_mask.as_ref(), None);
+        self.forward_with(input_ids, attention_mask, &[])
+    }
+
+    /// [`forward`](Self::forward) with an adapter's per-layer extras (empty: none).
+    pub fn forward_with(&self, input_ids: Tensor<2, Int>, attention_mask: Option<Tensor<2, Int>>, extras: &[LayerExtras]) -> Tensor<3> {
+        let hidden = self.hidden_states(input_ids, attention_mask.as_ref(), None, extras);
         self.logits(hidden)
     }
 
@@ -474,25 +544,37 @@ impl<P: Projection> CausalLm<P> {
     /// - input_ids: `[batch, new]`
     /// - output: `[batch, new, vocab]`
     pub fn forward_cached(&self, input_ids: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
-        let hidden = self.hidden_states(input_ids, None, Some(cache));
+        self.forward_cached_with(input_ids, cache, &[])
+    }
+
+    /// [`forward_cached`](Self::forward_cached) with an adapter's per-layer extras.
+    pub fn forward_cached_with(&self, input_ids: Tensor<2, Int>, cache: &mut KvCache, extras: &[LayerExtras]) -> Tensor<3> {
+        let hidden = self.hidden_states(input_ids, None, Some(cache), extras);
         self.logits(hidden)
     }
 
-    /// Final-norm hidden states `[batch, seq, hidden]`.
+    /// Final-norm hidden states `[batch, seq, hidden]`. `extras` is empty or one per layer.
     pub fn hidden_states(
         &self,
         input_ids: Tensor<2, Int>,
         attention_mask: Option<&Tensor<2, Int>>,
         mut cache: Option<&mut KvCache>,
+        extras: &[LayerExtras],
     ) -> Tensor<3> {
         let [b, s] = input_ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());
         let device = input_ids.device();
-        let bias = attention_bias(b, s, past, attention_mask, &device);
+        let mut bias = attention_bias(b, s, past, attention_mask, &device);
+        // Prefix keys are visible to every query (PEFT extends the mask with ones).
+        let prefix = extras.iter().find_map(|e| e.prefix.as_ref()).map_or(0, |(k, _)| k.dims()[2]);
+        if prefix > 0 {
+            bias = Tensor::cat(vec![Tensor::zeros([b, 1, s, prefix], &device), bias], 3);
+        }
         let mut x = self.embed_tokens.forward(input_ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let past_kv = cache.as_ref().and_then(|c| c.layers.get(i).cloned());
-            let (attn, k, v) = layer.attention.forward(layer.input_norm.forward(x.clone()), &self.rope, past_kv, bias.clone());
+            let (attn, k, v) =
+                layer.attention.forward(layer.input_norm.forward(x.clone()), &self.rope, past_kv, bias.clone(), extras.get(i));
             if let Some(cache) = cache.as_mut() {
                 if i < cache.layers.len() {
                     cache.layers[i] = (k, v);

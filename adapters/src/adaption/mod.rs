@@ -1,0 +1,118 @@
+//! LLaMA-Adapter's gated adaption prompts (Zhang et al. 2023), as PEFT `ADAPTION_PROMPT`: in the
+//! top `adapter_layers` layers, a learned prompt `[1, adapter_len, hidden]` is projected by the
+//! layer's frozen k/v projections, attended by the layer's queries, scaled by a zero-initialised
+//! gate and added through o_proj. PEFT supports LLaMA only; the same math runs on GLM/ChatGLM
+//! here (their fused projections give the prompt's k and v).
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::tensor::{Device, Tensor, TensorData};
+use ember_models::transformer::KeyLayout;
+use ember_models::{Checkpoint, LayerExtras, LoadDtype, ModelConfig};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::AdapterError;
+
+#[derive(Module, Debug)]
+pub struct AdaptionLayer {
+    /// `[1, adapter_len, hidden]`
+    pub prompt: Param<Tensor<3>>,
+    /// `[1]`, zero at initialisation so the model starts exactly at the base.
+    pub gate: Param<Tensor<1>>,
+}
+
+/// One entry per decoder layer; `None` below the adapted top layers.
+#[derive(Module, Debug)]
+pub struct AdaptionPrompts {
+    pub layers: Vec<Option<AdaptionLayer>>,
+}
+
+/// PEFT key of a layer's parameter, e.g. `base_model.model.model.layers.1.self_attn.adaption_gate`.
+pub fn key(model: &ModelConfig, layer: usize, name: &str) -> String {
+    let keys = KeyLayout::of(model.architecture);
+    format!("base_model.model.{}.{}.{name}", keys.layer(layer), keys.attention)
+}
+
+impl AdaptionPrompts {
+    /// Fresh prompts ~ N(0, 1) (as PEFT) in the top `adapter_layers` layers, gates 0.
+    pub fn init(model: &ModelConfig, adapter_len: usize, adapter_layers: usize, seed: u64, device: &Device) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let first = model.num_layers.saturating_sub(adapter_layers);
+        let layers = (0..model.num_layers)
+            .map(|i| {
+                (i >= first).then(|| {
+                    let values: Vec<f32> = (0..adapter_len * model.hidden_size).map(|_| StandardNormal.sample(&mut rng)).collect();
+                    AdaptionLayer {
+                        prompt: Param::from_tensor(Tensor::from_data(TensorData::new(values, [1, adapter_len, model.hidden_size]), device)),
+                        gate: Param::from_tensor(Tensor::zeros([1], device)),
+                    }
+                })
+            })
+            .collect();
+        Self { layers }
+    }
+
+    pub fn extras(&self) -> Vec<LayerExtras> {
+        self.layers
+            .iter()
+            .map(|l| LayerExtras { adaption: l.as_ref().map(|l| (l.prompt.val(), l.gate.val())), ..Default::default() })
+            .collect()
+    }
+
+    pub fn num_trainable(&self) -> usize {
+        self.layers.iter().flatten().map(|l| l.prompt.shape().num_elements() + 1).sum()
+    }
+}
+
+/// A PEFT `ADAPTION_PROMPT` folder (`adapter_len`, `adapter_layers`; one prompt and gate per
+/// adapted layer).
+pub fn load_peft(dir: &Path, model: &ModelConfig, device: &Device) -> Result<AdaptionPrompts, AdapterError> {
+    let config_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| AdapterError::Io { path: config_path.clone(), source: e })?;
+    let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| AdapterError::invalid(&config_path, format!("invalid JSON: {e}")))?;
+    if config["peft_type"].as_str() != Some("ADAPTION_PROMPT") {
+        return Err(AdapterError::invalid(&config_path, format!("peft_type {} is not ADAPTION_PROMPT", config["peft_type"])));
+    }
+    let number = |k: &str| config[k].as_u64().map(|n| n as usize).ok_or_else(|| AdapterError::invalid(&config_path, format!("'{k}' must be an integer")));
+    let (len, count) = (number("adapter_len")?, number("adapter_layers")?);
+    if count > model.num_layers {
+        return Err(AdapterError::invalid(&config_path, format!("adapter_layers {count} exceeds the model's {} layers", model.num_layers)));
+    }
+    let path = dir.join("adapter_model.safetensors");
+    let weights = Checkpoint::open_file(&path).map_err(|e| AdapterError::invalid(&path, e.to_string()))?;
+    let error = |e: ember_models::LoadError| AdapterError::invalid(&path, e.to_string());
+    let first = model.num_layers - count;
+    let layers = (0..model.num_layers)
+        .map(|i| {
+            if i < first {
+                return Ok(None);
+            }
+            Ok(Some(AdaptionLayer {
+                prompt: Param::from_tensor(weights.float(&key(model, i, "adaption_prompt"), [1, len, model.hidden_size], LoadDtype::F32, device).map_err(error)?),
+                gate: Param::from_tensor(weights.float(&key(model, i, "adaption_gate"), [1], LoadDtype::F32, device).map_err(error)?),
+            }))
+        })
+        .collect::<Result<_, AdapterError>>()?;
+    Ok(AdaptionPrompts { layers })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama_7b_with_10_prompts_in_30_layers_trains_1_228_800_plus_gates() {
+        let json = serde_json::json!({
+            "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "vocab_size": 32000,
+        });
+        let model = ModelConfig::from_json(&json, Path::new("config.json")).unwrap();
+        let prompts = AdaptionPrompts::init(&model, 10, 30, 0, &Device::flex());
+        assert_eq!(prompts.layers.iter().flatten().count(), 30);
+        assert!(prompts.layers[..2].iter().all(Option::is_none), "the top 30 of 32 layers");
+        assert_eq!(prompts.num_trainable(), 1_228_800 + 30);
+    }
+}

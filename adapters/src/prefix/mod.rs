@@ -1,0 +1,153 @@
+//! Prefix tuning (Li & Liang 2021) / P-Tuning v2 (Liu et al. 2021): `num_virtual_tokens`
+//! trainable key/value vectors per layer, prepended to the layer's keys and values, with no RoPE
+//! and visible to every query. Optionally reparameterized by an MLP (`prefix_projection`:
+//! embedding → Linear → tanh → Linear) during training.
+//!
+//! Two on-disk formats: PEFT `PREFIX_TUNING` (`prompt_embeddings`, the MLP output as PEFT saves
+//! it) and THUDM's ChatGLM P-Tuning v2 (`transformer.prefix_encoder.*` + `pre_seq_len`).
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::tensor::{Device, Tensor};
+use ember_models::layers::Linear;
+use ember_models::{Checkpoint, LayerExtras, LoadDtype, ModelConfig};
+use serde_json::Value;
+
+use crate::AdapterError;
+
+/// A trainable linear layer of the reparameterization MLP, `[out, in]` weight as PyTorch.
+fn trainable_linear(weight: Tensor<2>, bias: Tensor<1>) -> Linear {
+    Linear { weight: Param::from_tensor(weight), bias: Some(Param::from_tensor(bias)) }
+}
+
+/// `second(tanh(first(embedding)))`.
+#[derive(Module, Debug)]
+pub struct PrefixMlp {
+    pub first: Linear,
+    pub second: Linear,
+}
+
+/// The prefix parameters and how the per-layer keys/values are laid out in the table.
+#[derive(Module, Debug)]
+pub struct PrefixEncoder {
+    /// `[n, layers·2·kv_heads·head_dim]`, or `[n, token_dim]` with a projection.
+    pub embedding: Param<Tensor<2>>,
+    pub projection: Option<PrefixMlp>,
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// PEFT's prefix counts as positions (real tokens start at `n`); ChatGLM's does not.
+    pub takes_positions: bool,
+}
+
+impl PrefixEncoder {
+    pub fn new(embedding: Tensor<2>, projection: Option<PrefixMlp>, model: &ModelConfig, takes_positions: bool) -> Self {
+        Self {
+            embedding: Param::from_tensor(embedding),
+            projection,
+            num_layers: model.num_layers,
+            num_kv_heads: model.num_kv_heads,
+            head_dim: model.head_dim,
+            takes_positions,
+        }
+    }
+
+    /// The `[n, layers·2·kv_dim]` table: the embedding, or the MLP's output for it.
+    pub fn table(&self) -> Tensor<2> {
+        let embedding = self.embedding.val();
+        match &self.projection {
+            None => embedding,
+            Some(mlp) => {
+                let x = embedding.unsqueeze::<3>();
+                let hidden = burn::tensor::activation::tanh(mlp.first.forward(x));
+                mlp.second.forward(hidden).squeeze_dim(0)
+            }
+        }
+    }
+
+    /// Per-layer prefix keys/values for a batch: table element
+    /// `[t, ((2·layer + kv)·kv_heads + h)·head_dim + d]`, as PEFT and ChatGLM lay it out.
+    pub fn extras(&self, batch: usize) -> Vec<LayerExtras> {
+        let table = self.table();
+        let n = table.dims()[0];
+        let (kv, d) = (self.num_kv_heads, self.head_dim);
+        // n, layers·2·kv·d -> layers·2, kv, n, d
+        let per_layer = table.reshape([n, self.num_layers * 2, kv, d]).permute([1, 2, 0, 3]);
+        (0..self.num_layers)
+            .map(|i| {
+                let take = |j: usize| per_layer.clone().narrow(0, j, 1).expand([batch, kv, n, d]);
+                LayerExtras { prefix: Some((take(2 * i), take(2 * i + 1))), prefix_takes_positions: self.takes_positions, adaption: None }
+            })
+            .collect()
+    }
+
+    pub fn num_virtual_tokens(&self) -> usize {
+        self.embedding.shape().dims::<2>()[0]
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value, AdapterError> {
+    let text = std::fs::read_to_string(path).map_err(|e| AdapterError::Io { path: path.to_path_buf(), source: e })?;
+    serde_json::from_str(&text).map_err(|e| AdapterError::invalid(path, format!("invalid JSON: {e}")))
+}
+
+fn table_width(model: &ModelConfig) -> usize {
+    model.num_layers * 2 * model.kv_dim()
+}
+
+/// PEFT `PREFIX_TUNING` folder: `prompt_embeddings` `[n, layers·2·kv_dim]`, loaded as a table
+/// (PEFT saves the projection's output, so both variants load the same way).
+pub fn load_peft(dir: &Path, model: &ModelConfig, device: &Device) -> Result<PrefixEncoder, AdapterError> {
+    let config_path = dir.join("adapter_config.json");
+    let config = read_json(&config_path)?;
+    if config["peft_type"].as_str() != Some("PREFIX_TUNING") {
+        return Err(AdapterError::invalid(&config_path, format!("peft_type {} is not PREFIX_TUNING", config["peft_type"])));
+    }
+    let n = config["num_virtual_tokens"].as_u64().ok_or_else(|| AdapterError::invalid(&config_path, "'num_virtual_tokens' must be an integer"))?;
+    let path = dir.join("adapter_model.safetensors");
+    let weights = Checkpoint::open_file(&path).map_err(|e| AdapterError::invalid(&path, e.to_string()))?;
+    let table = weights
+        .float("prompt_embeddings", [n as usize, table_width(model)], LoadDtype::F32, device)
+        .map_err(|e| AdapterError::invalid(&path, e.to_string()))?;
+    Ok(PrefixEncoder::new(table, None, model, true))
+}
+
+/// THUDM's ChatGLM P-Tuning v2 checkpoint: `config.json` with `pre_seq_len` and
+/// `prefix_projection`, and `transformer.prefix_encoder.{embedding,trans.0,trans.2}.*` in
+/// `prefix_encoder.safetensors` (or `pytorch_model`-style `model.safetensors`).
+pub fn load_chatglm_ptuning(dir: &Path, model: &ModelConfig, device: &Device) -> Result<PrefixEncoder, AdapterError> {
+    let config_path = dir.join("config.json");
+    let config = read_json(&config_path)?;
+    let n = config["pre_seq_len"].as_u64().ok_or_else(|| AdapterError::invalid(&config_path, "'pre_seq_len' must be an integer"))? as usize;
+    let projection = config["prefix_projection"].as_bool().unwrap_or(false);
+    let path = ["prefix_encoder.safetensors", "model.safetensors"].iter().map(|f| dir.join(f)).find(|p| p.is_file())
+        .ok_or_else(|| AdapterError::invalid(dir, "no prefix_encoder.safetensors"))?;
+    let weights = Checkpoint::open_file(&path).map_err(|e| AdapterError::invalid(&path, e.to_string()))?;
+    let width = table_width(model);
+    let load2 = |k: &str, shape: [usize; 2]| weights.float::<2>(k, shape, LoadDtype::F32, device).map_err(|e| AdapterError::invalid(&path, e.to_string()));
+    let load1 = |k: &str, len: usize| weights.float::<1>(k, [len], LoadDtype::F32, device).map_err(|e| AdapterError::invalid(&path, e.to_string()));
+    let prefix = "transformer.prefix_encoder";
+    let embedding = load2(&format!("{prefix}.embedding.weight"), [n, width])?;
+    let mlp = if projection {
+        let hidden = model.hidden_size;
+        Some(PrefixMlp {
+            first: trainable_linear(load2(&format!("{prefix}.trans.0.weight"), [hidden, width])?, load1(&format!("{prefix}.trans.0.bias"), hidden)?),
+            second: trainable_linear(load2(&format!("{prefix}.trans.2.weight"), [width, hidden])?, load1(&format!("{prefix}.trans.2.bias"), width)?),
+        })
+    } else {
+        None
+    };
+    Ok(PrefixEncoder::new(embedding, mlp, model, false))
+}
+
+/// A PEFT-style encoder from explicit tensors (PEFT's training-time parameters: `embedding`
+/// `[n, token_dim]` and the MLP `transform.0` / `transform.2`).
+pub fn from_training_params(
+    embedding: Tensor<2>,
+    mlp: Option<(Tensor<2>, Tensor<1>, Tensor<2>, Tensor<1>)>,
+    model: &ModelConfig,
+) -> PrefixEncoder {
+    let projection = mlp.map(|(w0, b0, w2, b2)| PrefixMlp { first: trainable_linear(w0, b0), second: trainable_linear(w2, b2) });
+    PrefixEncoder::new(embedding, projection, model, true)
+}
