@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use burn::tensor::Device;
-use ember_adapters::lora;
+use ember_adapters::AdaptedModel;
 use ember_data::{Record, Template, Tokenizer};
 use ember_models::generate::{GenerationOptions, generate};
 use ember_models::{BaseModel, LoadDtype};
@@ -36,11 +36,13 @@ pub fn complete(request: &Request) -> anyhow::Result<String> {
     let base = BaseModel::load(request.base, LoadDtype::F32, &device).map_err(bad_input)?;
     let mut options = request.options.clone();
     options.stop_ids.extend(base.config.eos_token_ids.iter().copied().chain(tokenizer.eos_id));
-    // LoRA is folded in for generation: one model type, and no low-rank matmuls per token.
-    let model = match request.adapter {
-        Some(dir) => lora::merge(lora::load_peft(dir, base, &device).map_err(bad_input)?.0),
-        None => base,
+    let ids = match request.adapter {
+        // LoRA is folded in for generation: no low-rank matmuls per token.
+        Some(dir) => {
+            let model = AdaptedModel::load(dir, base, &device).map_err(bad_input)?.0.into_inference();
+            generate(|ids, cache| model.forward_cached(ids, cache), &prompt, &options, &device)
+        }
+        None => generate(|ids, cache| base.forward_cached(ids, cache), &prompt, &options, &device),
     };
-    let ids = generate(&model, &prompt, &options, &device);
     tokenizer.decode(&ids, true).map_err(bad_input)
 }

@@ -207,41 +207,79 @@ fn recipe_pointing_at_missing_data_is_bad_input() {
     assert_bad_input(&output, &["/nonexistent/data.json"]);
 }
 
-/// A run resumed from its step-8 checkpoint ends with the same adapter, bit for bit, and the
-/// same losses as the run that never stopped.
+fn train_args<'a>(recipe: &'a str, dir: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["train", recipe, "--quiet", "--set", dir, "--set", "train.save_steps=4"];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Every file of the exported adapter, by name.
+fn adapter_files(run: &Path) -> Vec<(std::ffi::OsString, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(run.join("adapter")).unwrap().map(|e| e.unwrap()).map(|e| (e.file_name(), std::fs::read(e.path()).unwrap())).collect();
+    files.sort();
+    files
+}
+
+/// Step, train loss and eval loss of every line of `metrics.jsonl`.
+fn losses(run: &Path) -> Vec<String> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{} {} {}", v["step"], v["loss"], v["eval_loss"])
+        })
+        .collect()
+}
+
+/// For each method's CI recipe, a run resumed from its step-8 checkpoint ends with the same
+/// adapter, bit for bit, and the same losses as the run that never stopped.
 #[test]
 fn resume_from_checkpoint_matches_an_uninterrupted_run() {
-    let out = tempfile::tempdir().unwrap();
-    let train = |dir: &Path, extra: &[&str]| {
-        let (recipe, set_dir) = (recipe("ci/tiny-lora.toml"), format!("output.dir=\"{}\"", dir.display()));
-        let mut args = vec!["train", &recipe[..], "--quiet", "--set", &set_dir[..], "--set", "train.save_steps=4"];
-        args.extend_from_slice(extra);
-        let output = ember(&args);
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    };
-    let (straight, resumed) = (out.path().join("straight"), out.path().join("resumed"));
-    train(&straight, &[]);
-    train(&resumed, &[]);
-    // Throw away everything after step 8, as a run killed there would have.
-    std::fs::remove_dir_all(resumed.join("adapter")).unwrap();
-    std::fs::remove_file(resumed.join("summary.json")).unwrap();
-    let checkpoints: Vec<_> = std::fs::read_dir(resumed.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(checkpoints.len(), 2, "keep_checkpoints = 2: {checkpoints:?}");
-    train(&resumed, &["--resume"]);
+    for name in ["ci/tiny-lora.toml", "ci/tiny-ptuning-v2.toml", "ci/tiny-llama-adapter.toml"] {
+        let out = tempfile::tempdir().unwrap();
+        let recipe = recipe(name);
+        let train = |dir: &Path, extra: &[&str]| {
+            let set_dir = format!("output.dir=\"{}\"", dir.display());
+            let output = ember(&train_args(&recipe, &set_dir, extra));
+            assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+        };
+        let (straight, resumed) = (out.path().join("straight"), out.path().join("resumed"));
+        train(&straight, &[]);
+        train(&resumed, &[]);
+        // Throw away everything after step 8, as a run killed there would have.
+        std::fs::remove_dir_all(resumed.join("adapter")).unwrap();
+        std::fs::remove_file(resumed.join("summary.json")).unwrap();
+        let checkpoints: Vec<_> = std::fs::read_dir(resumed.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(checkpoints.len(), 2, "{name}: keep_checkpoints = 2: {checkpoints:?}");
+        train(&resumed, &["--resume"]);
+        assert!(adapter_files(&straight) == adapter_files(&resumed), "{name}: resumed adapter differs");
+        assert_eq!(losses(&straight), losses(&resumed), "{name}");
+    }
+}
 
-    let adapter = |dir: &Path| std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap();
-    assert!(adapter(&straight) == adapter(&resumed), "resumed adapter differs");
-    let losses = |dir: &Path| -> Vec<String> {
-        std::fs::read_to_string(dir.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                format!("{} {} {}", v["step"], v["loss"], v["eval_loss"])
-            })
-            .collect()
-    };
-    assert_eq!(losses(&straight), losses(&resumed));
+/// The method CI recipes train, export in their formats, and generate with the adapter.
+#[test]
+fn prefix_and_adaption_recipes_train_export_and_generate() {
+    for (name, base, files) in [
+        ("ci/tiny-ptuning-v2.toml", "tiny_chatglm", ["config.json", "prefix_encoder.safetensors"]),
+        ("ci/tiny-llama-adapter.toml", "tiny_llama", ["adapter_config.json", "adapter_model.safetensors"]),
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let run = out.path().join("run");
+        let output = ember(&["train", &recipe(name), "--quiet", "--set", &format!("output.dir=\"{}\"", run.display())]);
+        assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+        let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+        let (first, last) = (summary["first_eval_loss"].as_f64().unwrap(), summary["final_eval_loss"].as_f64().unwrap());
+        assert!(last < first, "{name}: eval loss did not fall: {first} -> {last}");
+        for file in files {
+            assert!(run.join("adapter").join(file).is_file(), "{name}: no adapter/{file}");
+        }
+        let base = fixtures().join(base);
+        let adapter = run.join("adapter");
+        let output = ember(&["generate", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--prompt", "你好", "--max-new-tokens", "4"]);
+        assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+    }
 }
 
 /// A checkpoint split into shards with `model.safetensors.index.json` loads like a single file.

@@ -3,7 +3,10 @@
 
 pub mod adaption;
 pub mod lora;
+pub mod model;
 pub mod prefix;
+
+pub use model::{AdaptedModel, Method};
 
 use std::path::PathBuf;
 
@@ -22,4 +25,48 @@ impl AdapterError {
     pub(crate) fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
         AdapterError::Invalid { path: path.into(), reason: reason.into() }
     }
+}
+
+/// One tensor of an adapter file: key, shape, little-endian f32 bytes.
+pub(crate) struct SavedTensor {
+    key: String,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl SavedTensor {
+    pub(crate) fn new<const D: usize>(key: impl Into<String>, tensor: burn::tensor::Tensor<D>) -> Self {
+        let data = tensor.cast(burn::tensor::DType::F32).into_data();
+        Self { key: key.into(), shape: data.shape().to_vec(), bytes: data.as_bytes().to_vec() }
+    }
+}
+
+/// Writes an adapter folder atomically: `weights_file` (safetensors, `format: pt` as PyTorch
+/// writes it) plus JSON files.
+pub(crate) fn save_adapter_dir(
+    dir: &std::path::Path,
+    weights_file: &str,
+    tensors: &[SavedTensor],
+    json_files: &[(&str, &serde_json::Value)],
+) -> Result<(), AdapterError> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let io = |path: &std::path::Path, e: std::io::Error| AdapterError::Io { path: path.to_path_buf(), source: e };
+    ember_models::write_dir_atomically(
+        dir,
+        |tmp| {
+            let views: Vec<(String, TensorView)> = tensors
+                .iter()
+                .map(|t| (t.key.clone(), TensorView::new(Dtype::F32, t.shape.clone(), &t.bytes).expect("f32 bytes match shape")))
+                .collect();
+            let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+            let weights = tmp.join(weights_file);
+            safetensors::serialize_to_file(views, Some(meta), &weights).map_err(|e| AdapterError::invalid(&weights, e.to_string()))?;
+            for (name, value) in json_files {
+                let path = tmp.join(name);
+                std::fs::write(&path, serde_json::to_string_pretty(value).expect("JSON serializes") + "\n").map_err(|e| io(&path, e))?;
+            }
+            Ok(())
+        },
+        io,
+    )
 }

@@ -4,7 +4,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::{CausalLm, KvCache, Projection};
+use crate::KvCache;
 
 #[derive(Debug, Clone)]
 pub struct GenerationOptions {
@@ -19,7 +19,13 @@ pub struct GenerationOptions {
 }
 
 /// New token ids after `prompt` (the stop token included when one was produced).
-pub fn generate<P: Projection>(model: &CausalLm<P>, prompt: &[u32], options: &GenerationOptions, device: &Device) -> Vec<u32> {
+/// `forward_cached` is a model's cached forward: `[1, new]` ids -> `[1, new, vocab]` logits.
+pub fn generate(
+    forward_cached: impl Fn(Tensor<2, Int>, &mut KvCache) -> Tensor<3>,
+    prompt: &[u32],
+    options: &GenerationOptions,
+    device: &Device,
+) -> Vec<u32> {
     let mut rng = StdRng::seed_from_u64(options.seed);
     let mut cache = KvCache::default();
     let mut next: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
@@ -27,7 +33,7 @@ pub fn generate<P: Projection>(model: &CausalLm<P>, prompt: &[u32], options: &Ge
     while out.len() < options.max_new_tokens {
         let len = next.len();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(next, [1, len]), device);
-        let logits = model.forward_cached(ids, &mut cache).narrow(1, len - 1, 1);
+        let logits = forward_cached(ids, &mut cache).narrow(1, len - 1, 1);
         let logits: Vec<f32> = logits.into_data().try_into_vec::<f32>().expect("f32 logits");
         let token = pick(&logits, options, &mut rng);
         out.push(token);

@@ -1,19 +1,18 @@
 //! Training checkpoints: everything needed to continue a run exactly where it stopped.
 //!
-//! `<out>/checkpoints/step-<N>/` holds the adapter (PEFT format), the AdamW state
-//! (`optimizer.bpk`, burn's burnpack format, keyed by parameter id), `metrics.jsonl` up to step N
-//! and `state.json` (position in the data, parameter ids, running summary). Data order and
-//! dropout are functions of the seed and the step, so no RNG state needs saving. Each checkpoint
-//! is written to a temporary folder and renamed into place.
+//! `<out>/checkpoints/step-<N>/` holds the adapter in its export format (usable as is), the
+//! trainable parameters with their ids (`trainable.bpk`, burn's burnpack: exact values, and the
+//! ids the optimizer state is keyed by), the AdamW state (`optimizer.bpk`), `metrics.jsonl` up to
+//! step N and `state.json` (position in the data, running summary). Data order and dropout are
+//! functions of the seed and the step, so no RNG state needs saving. Each checkpoint is written
+//! to a temporary folder and renamed into place.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::module::{Param, ParamId};
+use burn::module::{Module, ParamGroup};
 use burn::optim::{ModuleOptimizer, OptimizerRecord};
-use burn::tensor::Device;
-use ember_adapters::lora::{self, LoraConfig, LoraModel};
-use ember_models::{Checkpoint, LoadDtype};
+use burn::store::ModuleRecord;
+use ember_adapters::{AdaptedModel, Method};
 use serde::{Deserialize, Serialize};
 
 use crate::train::Summary;
@@ -31,8 +30,6 @@ pub struct Position {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct State {
     pub position: Position,
-    /// Module name -> (lora_A id, lora_B id): the optimizer state is keyed by these.
-    pub param_ids: BTreeMap<String, (u64, u64)>,
     pub summary: Summary,
     pub tokens_seen: usize,
     pub train_seconds: f64,
@@ -57,8 +54,8 @@ pub fn latest(root: &Path) -> Option<PathBuf> {
 #[allow(clippy::too_many_arguments)]
 pub fn save(
     root: &Path,
-    model: &LoraModel,
-    config: &LoraConfig,
+    model: &AdaptedModel,
+    method: &Method,
     optimizer: &ModuleOptimizer,
     state: &State,
     metrics: &Path,
@@ -70,7 +67,10 @@ pub fn save(
     ember_models::write_dir_atomically(
         &dir,
         |tmp| {
-            lora::save_peft(model, config, base_name, &tmp.join("adapter")).map_err(|e| e.to_string())?;
+            model.save(method, base_name, &tmp.join("adapter")).map_err(|e| e.to_string())?;
+            let trainable_path = tmp.join("trainable.bpk");
+            let group = ParamGroup::from_ids(model.trainable_ids());
+            model.clone().into_record_group(group).save(&trainable_path).map_err(|e| format!("{}: {e}", trainable_path.display()))?;
             let optimizer_path = tmp.join("optimizer.bpk");
             optimizer.to_record().save(&optimizer_path).map_err(|e| format!("{}: {e:?}", optimizer_path.display()))?;
             std::fs::copy(metrics, tmp.join("metrics.jsonl")).map_err(|e| io(metrics, e))?;
@@ -93,15 +93,6 @@ pub fn save(
     Ok(dir)
 }
 
-/// The parameter ids of every branch, by module name.
-pub fn param_ids(model: &LoraModel) -> BTreeMap<String, (u64, u64)> {
-    model
-        .projections()
-        .into_iter()
-        .filter_map(|(name, p)| p.lora.as_ref().map(|b| (name, (b.lora_a.id.val(), b.lora_b.id.val()))))
-        .collect()
-}
-
 /// Reads `dir/state.json`.
 pub fn read_state(dir: &Path) -> Result<State, String> {
     let path = dir.join("state.json");
@@ -109,38 +100,14 @@ pub fn read_state(dir: &Path) -> Result<State, String> {
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Puts the checkpoint's A/B values and ids into `model` and its AdamW state into `optimizer`.
-pub fn restore(
-    dir: &Path,
-    state: &State,
-    model: LoraModel,
-    optimizer: ModuleOptimizer,
-    device: &Device,
-) -> Result<(LoraModel, ModuleOptimizer), String> {
-    let weights_path = dir.join("adapter/adapter_model.safetensors");
-    let weights = Checkpoint::open_file(&weights_path).map_err(|e| e.to_string())?;
-    let mut error = None;
-    let model = model.map_projections(|name, mut layer| {
-        let (Some(branch), Some(&(a_id, b_id))) = (layer.lora.as_mut(), state.param_ids.get(name)) else { return layer };
-        for (part, param, id) in [("lora_A", &mut branch.lora_a, a_id), ("lora_B", &mut branch.lora_b, b_id)] {
-            let key = format!("base_model.model.{name}.{part}.weight");
-            match weights.float::<2>(&key, param.shape().dims(), LoadDtype::F32, device) {
-                Ok(tensor) => {
-                    let mut restored = Param::from_tensor(tensor);
-                    restored.id = ParamId::from(id);
-                    *param = restored;
-                }
-                Err(e) => error = Some(e.to_string()),
-            }
-        }
-        layer
-    });
-    if let Some(e) = error {
-        return Err(e);
-    }
-    if param_ids(&model).len() != state.param_ids.len() {
-        return Err(format!("{}: the checkpoint's adapter modules differ from the recipe's", dir.display()));
-    }
+/// Puts the checkpoint's trainable values and ids into `model` and its AdamW state into
+/// `optimizer`.
+pub fn restore(dir: &Path, model: AdaptedModel, optimizer: ModuleOptimizer) -> Result<(AdaptedModel, ModuleOptimizer), String> {
+    let path = dir.join("trainable.bpk");
+    let record = ModuleRecord::load(&path).map_err(|e| format!("{}: {e}", path.display()))?.allow_partial(true);
+    let model = model
+        .try_load_record(record)
+        .map_err(|e| format!("{}: the checkpoint does not fit the recipe's adapter ({e})", path.display()))?;
     let path = dir.join("optimizer.bpk");
     let record = OptimizerRecord::load(&path).map_err(|e| format!("{}: {e:?}", path.display()))?;
     Ok((model, optimizer.load_record(record)))

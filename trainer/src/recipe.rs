@@ -41,7 +41,7 @@ pub struct ModelSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdapterSection {
-    /// `lora`.
+    /// `lora`, `prefix` (prefix tuning / P-Tuning v2) or `adaption` (LLaMA-Adapter gated prompts).
     pub method: String,
     #[serde(default = "default_r")]
     pub r: usize,
@@ -60,6 +60,21 @@ pub struct AdapterSection {
     /// one; its own config (r, alpha, targets) then applies.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// prefix: virtual tokens per layer (ChatGLM's `pre_seq_len`).
+    #[serde(default)]
+    pub num_virtual_tokens: Option<usize>,
+    /// prefix: train through the embedding → Linear → tanh → Linear reparameterization.
+    #[serde(default)]
+    pub prefix_projection: bool,
+    /// prefix: hidden width of that MLP (default: PEFT's token width; ChatGLM's hidden size).
+    #[serde(default)]
+    pub encoder_hidden_size: Option<usize>,
+    /// adaption: prompt tokens per adapted layer.
+    #[serde(default)]
+    pub adapter_len: Option<usize>,
+    /// adaption: how many of the top layers get a prompt.
+    #[serde(default)]
+    pub adapter_layers: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,7 +190,8 @@ fn default_cutoff() -> usize {
 /// Every key a recipe may hold, by section (for "did you mean" suggestions).
 const KEYS: &[(&str, &[&str])] = &[
     ("model", &["path", "device", "dtype"]),
-    ("adapter", &["method", "r", "alpha", "dropout", "target_modules", "use_rslora", "layers_to_transform", "init_from"]),
+    ("adapter", &["method", "r", "alpha", "dropout", "target_modules", "use_rslora", "layers_to_transform", "init_from",
+        "num_virtual_tokens", "prefix_projection", "encoder_hidden_size", "adapter_len", "adapter_layers"]),
     ("data", &["path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "val_size", "group_by_length"]),
     ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
         "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
@@ -231,8 +247,23 @@ impl Recipe {
         if !(0.0..1.0).contains(&self.adapter.dropout) {
             return Err(format!("'adapter.dropout' is {}; expected 0 <= dropout < 1", self.adapter.dropout));
         }
-        if self.adapter.method != "lora" {
-            return Err(format!("'adapter.method' is '{}'; this build supports: lora", self.adapter.method));
+        let a = &self.adapter;
+        match a.method.as_str() {
+            "lora" => {}
+            "prefix" if a.init_from.is_some() => {}
+            "prefix" => match a.num_virtual_tokens {
+                None | Some(0) => return Err("'adapter.num_virtual_tokens' must be at least 1 with method = \"prefix\"".into()),
+                Some(_) => {}
+            },
+            "adaption" if a.init_from.is_some() => {}
+            "adaption" => {
+                for (key, value) in [("adapter.adapter_len", a.adapter_len), ("adapter.adapter_layers", a.adapter_layers)] {
+                    if value.unwrap_or(0) == 0 {
+                        return Err(format!("'{key}' must be at least 1 with method = \"adaption\""));
+                    }
+                }
+            }
+            other => return Err(format!("'adapter.method' is '{other}'; expected lora, prefix or adaption")),
         }
         Ok(())
     }

@@ -6,10 +6,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use ember_adapters::lora::{self, LoraConfig, LoraModel, Target};
+use ember_adapters::adaption::AdaptionConfig;
+use ember_adapters::lora::{LoraConfig, Target};
+use ember_adapters::prefix::PrefixConfig;
+use ember_adapters::{AdaptedModel, Method};
 use ember_data::sft::{self, SftOptions};
 use ember_data::{Batch, Example, Template, Tokenizer, alpaca};
 use ember_models::{BaseModel, LoadDtype};
@@ -106,6 +109,21 @@ pub fn lora_config(recipe: &Recipe) -> Result<LoraConfig, TrainError> {
     Ok(LoraConfig { r: a.r, alpha: a.alpha, dropout: a.dropout, use_rslora: a.use_rslora, target, layers_to_transform: a.layers_to_transform.clone() })
 }
 
+/// The method and settings a recipe asks for (ignored with `adapter.init_from`, whose own
+/// config applies).
+pub fn method(recipe: &Recipe) -> Result<Method, TrainError> {
+    let a = &recipe.adapter;
+    Ok(match a.method.as_str() {
+        "prefix" => Method::Prefix(PrefixConfig {
+            num_virtual_tokens: a.num_virtual_tokens.unwrap_or(0),
+            prefix_projection: a.prefix_projection,
+            encoder_hidden_size: a.encoder_hidden_size,
+        }),
+        "adaption" => Method::Adaption(AdaptionConfig { adapter_len: a.adapter_len.unwrap_or(0), adapter_layers: a.adapter_layers.unwrap_or(0) }),
+        _ => Method::Lora(lora_config(recipe)?),
+    })
+}
+
 /// The recipe's prompt template.
 pub fn template(recipe: &Recipe) -> Result<Template, TrainError> {
     let d = &recipe.data;
@@ -155,7 +173,7 @@ fn epoch_batches(examples: &[Example], recipe: &Recipe, epoch: usize) -> Vec<Vec
 }
 
 /// Mean loss over every supervised token of `examples`, without building a graph.
-fn evaluate(model: &LoraModel, examples: &[Example], batch_size: usize, pad_id: u32, device: &Device) -> Option<f64> {
+fn evaluate(model: &AdaptedModel, examples: &[Example], batch_size: usize, pad_id: u32, device: &Device) -> Option<f64> {
     if examples.is_empty() {
         return None;
     }
@@ -213,7 +231,7 @@ struct Evaluator<'a> {
 
 impl Evaluator<'_> {
     /// Evaluates, logs, and records the loss in the metrics and the summary.
-    fn run(&self, model: &LoraModel, step: usize, metrics: &mut Metrics, summary: &mut Summary, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+    fn run(&self, model: &AdaptedModel, step: usize, metrics: &mut Metrics, summary: &mut Summary, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
         let Some(loss) = evaluate(model, self.examples, self.batch_size, self.pad_id, &self.device) else { return Ok(()) };
         info(on_event, format!("eval step {step}: loss {loss:.4}"));
         summary.first_eval_loss.get_or_insert(loss);
@@ -224,24 +242,29 @@ impl Evaluator<'_> {
 }
 
 /// Squared L2 norm of every adapter gradient, then scales them to `max_norm` if above it.
-/// Returns the norm before clipping.
-fn clip_global_norm(model: &LoraModel, grads: &mut GradientsParams, max_norm: f64) -> f64 {
-    let params: Vec<&Param<Tensor<2>>> =
-        model.projections().into_iter().filter_map(|(_, p)| p.lora.as_ref()).flat_map(|b| [&b.lora_a, &b.lora_b]).collect();
-    let mut squared = 0f64;
-    for p in &params {
-        if let Some(g) = grads.get::<2>(p.id) {
-            squared += g.powi_scalar(2).sum().into_scalar::<f32>() as f64;
-        }
-    }
-    let norm = squared.sqrt();
-    if max_norm > 0.0 && norm > max_norm {
-        let factor = max_norm / (norm + 1e-6);
-        for p in &params {
-            if let Some(g) = grads.remove::<2>(p.id) {
-                grads.register(p.id, g.mul_scalar(factor));
+/// Returns the norm before clipping. Frozen parameters have no gradient and add nothing.
+fn clip_global_norm(model: &AdaptedModel, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    struct SquaredNorm<'a>(&'a GradientsParams, f64);
+    impl ModuleVisitor for SquaredNorm<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.0.get::<D>(param.id) {
+                self.1 += g.powi_scalar(2).sum().into_scalar::<f32>() as f64;
             }
         }
+    }
+    struct Scale<'a>(&'a mut GradientsParams, f64);
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.0.remove::<D>(param.id) {
+                self.0.register(param.id, g.mul_scalar(self.1));
+            }
+        }
+    }
+    let mut squared = SquaredNorm(grads, 0.0);
+    model.visit(&mut squared);
+    let norm = squared.1.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        model.visit(&mut Scale(grads, max_norm / (norm + 1e-6)));
     }
     norm
 }
@@ -283,16 +306,16 @@ pub fn train(recipe: &Recipe, resume: bool, on_event: &mut dyn FnMut(Event)) -> 
         other => return Err(input(format!("model.dtype '{other}': expected f32 or checkpoint"))),
     };
     let base = BaseModel::load(&recipe.model.path, dtype, &autodiff).map_err(input)?;
-    let (mut model, config) = match &recipe.adapter.init_from {
-        Some(dir) => lora::load_peft(dir, base, &autodiff).map_err(input)?,
+    let (mut model, method) = match &recipe.adapter.init_from {
+        Some(dir) => AdaptedModel::load(dir, base, &autodiff).map_err(input)?,
         None => {
-            let config = lora_config(recipe)?;
-            (lora::apply(base, &config, t.seed, &autodiff).map_err(input)?, config)
+            let method = method(recipe)?;
+            (AdaptedModel::init(base, &method, t.seed, &autodiff).map_err(input)?, method)
         }
     };
-    let (trainable, total) = lora::parameter_counts(&model);
-    info(on_event, format!("model: {} with LoRA r={} on {}: {trainable} trainable of {total} parameters ({:.4}%)",
-        recipe.model.path.display(), config.r, config.target, 100.0 * trainable as f64 / total as f64));
+    let (trainable, total) = model.parameter_counts();
+    info(on_event, format!("model: {} with {method}: {trainable} trainable of {total} parameters ({:.4}%)",
+        recipe.model.path.display(), 100.0 * trainable as f64 / total as f64));
 
     let mut optimizer = AdamWConfig::new()
         .with_beta_1(t.adam_beta1 as f32)
@@ -326,7 +349,7 @@ pub fn train(recipe: &Recipe, resume: bool, on_event: &mut dyn FnMut(Event)) -> 
     match &resume_from {
         Some(dir) => {
             let state = checkpoint::read_state(dir).map_err(input)?;
-            (model, optimizer) = checkpoint::restore(dir, &state, model, optimizer, &autodiff).map_err(input)?;
+            (model, optimizer) = checkpoint::restore(dir, model, optimizer).map_err(input)?;
             (start, tokens_seen, train_seconds) = (state.position, state.tokens_seen, state.train_seconds);
             summary = Summary { adapter_dir: summary.adapter_dir, metrics: summary.metrics, ..state.summary };
             info(on_event, format!("resumed from {} at step {}", dir.display(), start.step));
@@ -351,7 +374,7 @@ pub fn train(recipe: &Recipe, resume: bool, on_event: &mut dyn FnMut(Event)) -> 
                 .collect();
             // HF normalises by the supervised tokens of the whole accumulated batch.
             let step_tokens: usize = micro.iter().map(Batch::supervised_tokens).sum();
-            let mut accumulator = GradientsAccumulator::<LoraModel>::new();
+            let mut accumulator = GradientsAccumulator::<AdaptedModel>::new();
             let mut step_loss = 0f64;
             for batch in &micro {
                 let shape = [batch.batch, batch.seq];
@@ -399,12 +422,11 @@ pub fn train(recipe: &Recipe, resume: bool, on_event: &mut dyn FnMut(Event)) -> 
             if t.save_steps > 0 && step % t.save_steps == 0 && step < total_steps {
                 let state = State {
                     position: Position { step, epoch, next_group: group_index + 1 },
-                    param_ids: checkpoint::param_ids(&model),
                     summary: summary.clone(),
                     tokens_seen,
                     train_seconds,
                 };
-                let dir = checkpoint::save(&checkpoints, &model, &config, &optimizer, &state, &metrics.path, &base_name, t.keep_checkpoints)
+                let dir = checkpoint::save(&checkpoints, &model, &method, &optimizer, &state, &metrics.path, &base_name, t.keep_checkpoints)
                     .map_err(run_error)?;
                 info(on_event, format!("checkpoint {}", dir.display()));
             }
@@ -416,10 +438,10 @@ pub fn train(recipe: &Recipe, resume: bool, on_event: &mut dyn FnMut(Event)) -> 
     evaluator.run(&model, step, &mut metrics, &mut summary, on_event)?;
     summary.tokens_per_second = tokens_seen as f64 / train_seconds.max(1e-9);
 
-    if lora::all_b_zero(&model) {
-        return Err(run_error("every lora_B is still zero after training: the adapter would equal the base model; not saving it"));
+    if let Some(reason) = model.unchanged_reason(&method) {
+        return Err(run_error(format!("{reason} after training: the adapter would equal the base model; not saving it")));
     }
-    lora::save_peft(&model, &config, &base_name, &summary.adapter_dir).map_err(run_error)?;
+    model.save(&method, &base_name, &summary.adapter_dir).map_err(run_error)?;
     summary.seconds = started.elapsed().as_secs_f64();
     write_json_atomically(&recipe.output.dir.join("summary.json"), &serde_json::to_value(&summary).expect("summary serializes"))
         .map_err(run_error)?;

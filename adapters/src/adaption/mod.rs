@@ -14,7 +14,14 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::AdapterError;
+use crate::{AdapterError, SavedTensor, save_adapter_dir};
+
+/// What a run trains: `adapter_len` prompt vectors in each of the top `adapter_layers` layers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptionConfig {
+    pub adapter_len: usize,
+    pub adapter_layers: usize,
+}
 
 #[derive(Module, Debug)]
 pub struct AdaptionLayer {
@@ -64,6 +71,40 @@ impl AdaptionPrompts {
 
     pub fn num_trainable(&self) -> usize {
         self.layers.iter().flatten().map(|l| l.prompt.shape().num_elements() + 1).sum()
+    }
+
+    pub fn config(&self) -> AdaptionConfig {
+        let adapted: Vec<&AdaptionLayer> = self.layers.iter().flatten().collect();
+        AdaptionConfig { adapter_len: adapted.first().map_or(0, |l| l.prompt.shape().dims::<3>()[1]), adapter_layers: adapted.len() }
+    }
+
+    /// True while every gate is exactly zero: the model still equals the base.
+    pub fn all_gates_zero(&self) -> bool {
+        self.layers.iter().flatten().all(|l| l.gate.val().abs().max().into_scalar::<f32>() == 0.0)
+    }
+
+    /// PEFT `ADAPTION_PROMPT` folder. The target module is PEFT's name for LLaMA's attention;
+    /// for GLM models (which PEFT cannot load) the same keys use the GLM attention path.
+    pub fn save_peft(&self, model: &ModelConfig, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
+        let mut tensors = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let Some(layer) = layer else { continue };
+            tensors.push(SavedTensor::new(key(model, i, "adaption_prompt"), layer.prompt.val()));
+            tensors.push(SavedTensor::new(key(model, i, "adaption_gate"), layer.gate.val()));
+        }
+        let AdaptionConfig { adapter_len, adapter_layers } = self.config();
+        let config = serde_json::json!({
+            "peft_type": "ADAPTION_PROMPT",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "adapter_len": adapter_len,
+            "adapter_layers": adapter_layers,
+            "target_modules": KeyLayout::of(model.architecture).attention,
+            "inference_mode": true,
+            "revision": null,
+            "peft_version": concat!("ember ", env!("CARGO_PKG_VERSION")),
+        });
+        save_adapter_dir(dir, "adapter_model.safetensors", &tensors, &[("adapter_config.json", &config)])
     }
 }
 

@@ -1,17 +1,16 @@
 //! PEFT's on-disk LoRA format: `adapter_config.json` + `adapter_model.safetensors` with keys
 //! `base_model.model.<module>.lora_A.weight` `[r, in]` and `…lora_B.weight` `[out, r]`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::Path;
 
-use burn::tensor::{DType, Device};
+use burn::tensor::Device;
 use ember_models::{BaseModel, Checkpoint, LoadDtype};
 use regex::Regex;
-use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
 
 use super::{LoraBranch, LoraConfig, LoraLinear, LoraModel, Target};
-use crate::AdapterError;
+use crate::{AdapterError, SavedTensor, save_adapter_dir};
 
 const CONFIG: &str = "adapter_config.json";
 const WEIGHTS: &str = "adapter_model.safetensors";
@@ -22,14 +21,12 @@ fn key(module: &str, part: &str) -> String {
 
 /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` (atomically).
 pub fn save_peft(model: &LoraModel, config: &LoraConfig, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut tensors = Vec::new();
     let mut modules = BTreeSet::new();
     for (name, layer) in model.projections() {
         let Some(branch) = &layer.lora else { continue };
         for (part, param) in [("lora_A", &branch.lora_a), ("lora_B", &branch.lora_b)] {
-            let data = param.val().cast(DType::F32).into_data();
-            let shape = data.shape().to_vec();
-            tensors.push((key(&name, part), shape, data.as_bytes().to_vec()));
+            tensors.push(SavedTensor::new(key(&name, part), param.val()));
         }
         modules.insert(name.rsplit('.').next().unwrap_or(&name).to_owned());
     }
@@ -59,24 +56,7 @@ pub fn save_peft(model: &LoraModel, config: &LoraConfig, base_model: &str, dir: 
         "revision": null,
         "peft_version": concat!("ember ", env!("CARGO_PKG_VERSION")),
     });
-    let io = |path: &Path, e: std::io::Error| AdapterError::Io { path: path.to_path_buf(), source: e };
-    ember_models::write_dir_atomically(
-        dir,
-        |tmp| {
-            let views: Vec<(String, TensorView)> = tensors
-                .iter()
-                .map(|(k, shape, bytes)| (k.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).expect("f32 bytes match shape")))
-                .collect();
-            let mut meta = HashMap::new();
-            meta.insert("format".to_string(), "pt".to_string());
-            let weights = tmp.join(WEIGHTS);
-            safetensors::serialize_to_file(views, Some(meta), &weights)
-                .map_err(|e| AdapterError::invalid(&weights, e.to_string()))?;
-            let path = tmp.join(CONFIG);
-            std::fs::write(&path, serde_json::to_string_pretty(&adapter_config).unwrap() + "\n").map_err(|e| io(&path, e))
-        },
-        io,
-    )
+    save_adapter_dir(dir, WEIGHTS, &tensors, &[(CONFIG, &adapter_config)])
 }
 
 /// Reads a PEFT LoRA folder (as written by PEFT or by ember) and attaches it to `model`.

@@ -9,12 +9,30 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use ember_models::layers::Linear;
-use ember_models::{Checkpoint, LayerExtras, LoadDtype, ModelConfig};
-use serde_json::Value;
+use ember_models::{Architecture, Checkpoint, LayerExtras, LoadDtype, ModelConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+use serde_json::{Value, json};
 
-use crate::AdapterError;
+use crate::{AdapterError, SavedTensor, save_adapter_dir};
+
+/// What a run trains: `num_virtual_tokens` prefixes, optionally through the MLP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefixConfig {
+    pub num_virtual_tokens: usize,
+    pub prefix_projection: bool,
+    /// Width of the MLP's hidden layer (PEFT's default: the token width; ChatGLM: hidden size).
+    pub encoder_hidden_size: Option<usize>,
+}
+
+/// The format a model family uses for prefixes: THUDM's P-Tuning v2 for remote-code ChatGLM
+/// (whose modelling code implements it), PEFT `PREFIX_TUNING` for everything else.
+pub fn is_chatglm_ptuning(model: &ModelConfig) -> bool {
+    model.architecture == Architecture::ChatGlm
+}
 
 /// A trainable linear layer of the reparameterization MLP, `[out, in]` weight as PyTorch.
 fn trainable_linear(weight: Tensor<2>, bias: Tensor<1>) -> Linear {
@@ -84,6 +102,81 @@ impl PrefixEncoder {
 
     pub fn num_virtual_tokens(&self) -> usize {
         self.embedding.shape().dims::<2>()[0]
+    }
+
+    /// Fresh parameters as PEFT / THUDM initialise them: embedding ~ N(0, 1), MLP layers as
+    /// torch's `nn.Linear` (U(±1/√in) for weight and bias). PEFT's embedding with a projection is
+    /// one token wide (`kv_dim`); ChatGLM's is the full table wide.
+    pub fn init(model: &ModelConfig, config: &PrefixConfig, seed: u64, device: &Device) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let chatglm = is_chatglm_ptuning(model);
+        let (n, width) = (config.num_virtual_tokens, table_width(model));
+        let normal = |rng: &mut StdRng, shape: [usize; 2]| {
+            let values: Vec<f32> = (0..shape[0] * shape[1]).map(|_| StandardNormal.sample(rng)).collect();
+            Tensor::from_data(TensorData::new(values, shape), device)
+        };
+        if !config.prefix_projection {
+            return Self::new(normal(&mut rng, [n, width]), None, model, !chatglm);
+        }
+        let token = if chatglm { width } else { model.kv_dim() };
+        let hidden = config.encoder_hidden_size.unwrap_or(if chatglm { model.hidden_size } else { token });
+        let embedding = normal(&mut rng, [n, token]);
+        let mut linear = |inp: usize, out: usize| {
+            let bound = 1.0 / (inp as f64).sqrt();
+            let mut uniform = |len: usize| (0..len).map(|_| rng.random_range(-bound..bound) as f32).collect::<Vec<f32>>();
+            let weight = Tensor::from_data(TensorData::new(uniform(out * inp), [out, inp]), device);
+            let bias = Tensor::from_data(TensorData::new(uniform(out), [out]), device);
+            trainable_linear(weight, bias)
+        };
+        let mlp = PrefixMlp { first: linear(token, hidden), second: linear(hidden, width) };
+        Self::new(embedding, Some(mlp), model, !chatglm)
+    }
+
+    /// Saves in the model family's format (see [`is_chatglm_ptuning`]).
+    pub fn save(&self, model: &ModelConfig, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
+        if is_chatglm_ptuning(model) { self.save_chatglm_ptuning(dir) } else { self.save_peft(model, base_model, dir) }
+    }
+
+    /// PEFT `PREFIX_TUNING`: the table (the MLP's output, as PEFT saves it) as `prompt_embeddings`.
+    pub fn save_peft(&self, model: &ModelConfig, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
+        let encoder_hidden_size = self.projection.as_ref().map_or(model.kv_dim(), |mlp| mlp.first.out_features());
+        let config = json!({
+            "peft_type": "PREFIX_TUNING",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "num_virtual_tokens": self.num_virtual_tokens(),
+            // PEFT's GQA convention: one token is kv_heads·head_dim wide.
+            "token_dim": model.kv_dim(),
+            "num_attention_heads": model.num_kv_heads,
+            "num_layers": model.num_layers,
+            "num_transformer_submodules": 1,
+            "encoder_hidden_size": encoder_hidden_size,
+            "prefix_projection": self.projection.is_some(),
+            "inference_mode": true,
+            "modules_to_save": null,
+            "revision": null,
+            "peft_version": concat!("ember ", env!("CARGO_PKG_VERSION")),
+        });
+        let tensors = [SavedTensor::new("prompt_embeddings", self.table())];
+        save_adapter_dir(dir, "adapter_model.safetensors", &tensors, &[("adapter_config.json", &config)])
+    }
+
+    /// THUDM's P-Tuning v2 layout: `prefix_encoder.safetensors` with the training parameters
+    /// and a `config.json` holding `pre_seq_len` / `prefix_projection`, to be merged into the
+    /// base's config as ChatGLM's `ptuning/main.py` does.
+    pub fn save_chatglm_ptuning(&self, dir: &Path) -> Result<(), AdapterError> {
+        let prefix = "transformer.prefix_encoder";
+        let mut tensors = vec![SavedTensor::new(format!("{prefix}.embedding.weight"), self.embedding.val())];
+        if let Some(mlp) = &self.projection {
+            for (name, layer) in [("trans.0", &mlp.first), ("trans.2", &mlp.second)] {
+                tensors.push(SavedTensor::new(format!("{prefix}.{name}.weight"), layer.weight.val()));
+                if let Some(bias) = &layer.bias {
+                    tensors.push(SavedTensor::new(format!("{prefix}.{name}.bias"), bias.val()));
+                }
+            }
+        }
+        let config = json!({ "pre_seq_len": self.num_virtual_tokens(), "prefix_projection": self.projection.is_some() });
+        save_adapter_dir(dir, "prefix_encoder.safetensors", &tensors, &[("config.json", &config)])
     }
 }
 
