@@ -94,6 +94,82 @@ enum Command {
     /// Convert a checkpoint from another format into an HF model folder.
     #[command(subcommand)]
     Import(ImportCommand),
+    /// Training throughput on the workload of shared/bench/peft_reference.py; prints one JSON
+    /// line with the same fields.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// HF model folder.
+    #[arg(long, required_unless_present = "synthetic")]
+    model: Option<PathBuf>,
+    /// Random weights of this shape instead: llama-7b, llama-13b, llama3-8b, smollm2-135m, or a
+    /// config.json (needs --tokenizer).
+    #[arg(long, conflicts_with = "model", requires = "tokenizer")]
+    synthetic: Option<String>,
+    /// Folder with tokenizer.json for --synthetic.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Alpaca JSON (or .json.gz).
+    #[arg(long)]
+    data: PathBuf,
+    /// lora, prefix or adaption.
+    #[arg(long, default_value = "lora")]
+    method: String,
+    #[arg(long, default_value_t = 8)]
+    r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// Comma-separated module suffixes, or all-linear.
+    #[arg(long, default_value = "q_proj,v_proj")]
+    targets: String,
+    #[arg(long, default_value_t = 16)]
+    virtual_tokens: usize,
+    #[arg(long, default_value_t = 10)]
+    adapter_len: usize,
+    #[arg(long, default_value_t = 8)]
+    adapter_layers: usize,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    cutoff: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// CPU threads of the flex backend (sets RAYON_NUM_THREADS).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// flex, libtorch, cuda or cuda:N.
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// Frozen base dtype: f32, bf16 or checkpoint.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(threads) = args.threads {
+        // SAFETY: no other thread exists yet; flex's rayon pool reads this when first used.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    }
+    let model = match (args.model, args.synthetic, args.tokenizer) {
+        (Some(dir), _, _) => ember_trainer::bench::BenchModel::Dir(dir),
+        (None, Some(shape), Some(tokenizer)) => ember_trainer::bench::BenchModel::Synthetic { shape, tokenizer },
+        _ => return Err(bad_input(anyhow::anyhow!("give --model, or --synthetic with --tokenizer"))),
+    };
+    let options = ember_trainer::bench::BenchOptions {
+        model, data: args.data, method: args.method, r: args.r, alpha: args.alpha, targets: args.targets,
+        virtual_tokens: args.virtual_tokens, adapter_len: args.adapter_len, adapter_layers: args.adapter_layers,
+        batch: args.batch, cutoff: args.cutoff, steps: args.steps, warmup: args.warmup, threads: args.threads,
+        device: args.device, dtype: args.dtype,
+    };
+    let result = ember_trainer::bench::run(&options).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+    println!("{result}");
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -144,6 +220,7 @@ fn main() -> ExitCode {
         Command::Import(ImportCommand::Gguf { file, out }) => import::gguf(&file, &out),
         Command::Train { recipe, overrides, resume, quiet } => train::run(&recipe, &overrides, resume, quiet),
         Command::Merge { base, adapter, out, dtype } => merge(&base, &adapter, &out, &dtype),
+        Command::Bench(args) => bench(args),
         Command::Generate { base, adapter, prompt, input, template, max_new_tokens, temperature, top_p, seed, device } => {
             let options = ember_models::generate::GenerationOptions { max_new_tokens, temperature, top_p, seed, stop_ids: Vec::new() };
             let request = generate::Request {

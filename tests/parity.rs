@@ -318,6 +318,7 @@ fn lora_checks(
 }
 
 /// The trainable side of an extras adapter, as the reference names its gradients.
+#[allow(clippy::large_enum_variant)]
 enum ExtrasAdapter {
     Prefix(prefix::PrefixEncoder),
     Adaption(adaption::AdaptionPrompts),

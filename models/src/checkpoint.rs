@@ -18,8 +18,22 @@ use crate::LoadError;
 pub enum LoadDtype {
     /// Keep the checkpoint's dtype (bf16/f16 frozen bases on the GPU).
     Checkpoint,
-    /// Convert to f32 (the CPU default: flex computes in f32 and refuses mixed-dtype matmuls).
+    /// Convert to f32 (the CPU default).
     F32,
+    /// Convert to bf16 (halves a f32 checkpoint's memory).
+    Bf16,
+}
+
+impl LoadDtype {
+    /// `f32`, `bf16` or `checkpoint`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "f32" => Some(LoadDtype::F32),
+            "bf16" => Some(LoadDtype::Bf16),
+            "checkpoint" => Some(LoadDtype::Checkpoint),
+            _ => None,
+        }
+    }
 }
 
 struct MappedFile {
@@ -174,6 +188,7 @@ impl Checkpoint {
         let tensor = Tensor::<D>::from_data(data, device);
         Ok(match dtype {
             LoadDtype::F32 if burn_dtype != DType::F32 => tensor.cast(DType::F32),
+            LoadDtype::Bf16 if burn_dtype != DType::BF16 => tensor.cast(DType::BF16),
             _ => tensor,
         })
     }

@@ -225,6 +225,7 @@ impl JsonConfig<'_> {
     }
 
     /// `bos_token_id`, `eos_token_id` (one or a list), `pad_token_id`.
+    #[allow(clippy::type_complexity)]
     pub fn special_tokens(&self) -> Result<(Option<u32>, Vec<u32>, Option<u32>), LoadError> {
         Ok((self.token_id("bos_token_id")?, self.token_ids("eos_token_id")?, self.token_id("pad_token_id")?))
     }

@@ -1,6 +1,6 @@
 //! Text generation with a KV cache: greedy, or temperature + nucleus (top-p) sampling.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -33,7 +33,7 @@ pub fn generate(
     while out.len() < options.max_new_tokens {
         let len = next.len();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(next, [1, len]), device);
-        let logits = forward_cached(ids, &mut cache).narrow(1, len - 1, 1);
+        let logits = forward_cached(ids, &mut cache).narrow(1, len - 1, 1).cast(DType::F32);
         let logits: Vec<f32> = logits.into_data().try_into_vec::<f32>().expect("f32 logits");
         let token = pick(&logits, options, &mut rng);
         out.push(token);

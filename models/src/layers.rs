@@ -3,7 +3,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::config::{RopeConfig, RopePairing, RopeScaling};
 
@@ -82,8 +82,11 @@ impl RmsNorm {
     /// # Shapes
     /// - x, output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        // In f32 whatever the activations' dtype, then back, as transformers does.
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
         let variance = x.clone().powi_scalar(2).mean_dim(2);
-        let normed = x * (variance + self.eps).sqrt().recip();
+        let normed = (x * (variance + self.eps).sqrt().recip()).cast(dtype);
         normed * self.weight.val().unsqueeze::<3>()
     }
 }
@@ -157,7 +160,8 @@ impl Rope {
         let [b, h, s, head_dim] = x.dims();
         let dim = self.config.rotary_dim;
         let (cos, sin) = self.tables(start, s, &x.device());
-        let (cos, sin) = (cos.unsqueeze::<4>(), sin.unsqueeze::<4>());
+        // Tables in f32, applied in the activations' dtype (transformers: `cos.to(x.dtype)`).
+        let (cos, sin) = (cos.cast(x.dtype()).unsqueeze::<4>(), sin.cast(x.dtype()).unsqueeze::<4>());
         let rot = x.clone().narrow(3, 0, dim);
         let rotated = match self.config.pairing {
             // rotate_half: [x1, x2] -> [-x2, x1]
@@ -223,7 +227,9 @@ pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<
     let scale = (d as f64).powf(-0.5);
     // b,h,s,d -> b,kv,group*s,d
     let q = q.reshape([b, kv_heads, group * s, d]);
+    let dtype = q.dtype();
     let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale).reshape([b, heads, s, keys]);
-    let probs = softmax(scores + bias, 3).reshape([b, kv_heads, group * s, keys]);
+    // Softmax in f32, probabilities back in the activations' dtype, as transformers' eager path.
+    let probs = softmax(scores.cast(DType::F32) + bias, 3).cast(dtype).reshape([b, kv_heads, group * s, keys]);
     probs.matmul(v).reshape([b, heads, s, d])
 }

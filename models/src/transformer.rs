@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor};
 
 use crate::checkpoint::{Checkpoint, LoadDtype};
 use crate::config::{Architecture, ModelConfig};
@@ -131,14 +131,6 @@ pub struct Attention<P> {
 }
 
 impl<P: Projection> Attention<P> {
-    /// Returns `(output, k, v)`, with `k`, `v` the full keys/values (past + new, after RoPE)
-    /// for the cache.
-    ///
-    /// # Shapes
-    /// - x: `[batch, seq, hidden]`
-    /// - past: `[batch, kv_heads, past, head_dim]` each
-    /// - bias: `[batch, 1, seq, past + seq]`
-    /// - output: `[batch, seq, hidden]`
     /// q, k, v projections of `x`: `[batch, seq, heads·d]`, `[batch, seq, kv_heads·d]` ×2.
     fn project(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
         let (q_dim, kv_dim) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
@@ -185,8 +177,8 @@ impl<P: Projection> Attention<P> {
         }
         let (mut keys, mut values) = (k.clone(), v.clone());
         if let Some((prefix_k, prefix_v)) = extras.and_then(|e| e.prefix.clone()) {
-            keys = Tensor::cat(vec![prefix_k, keys], 2);
-            values = Tensor::cat(vec![prefix_v, values], 2);
+            keys = Tensor::cat(vec![prefix_k.cast(k.dtype()), keys], 2);
+            values = Tensor::cat(vec![prefix_v.cast(v.dtype()), values], 2);
         }
         let mut out = self.o_proj.forward(self.merge_heads(grouped_attention(q.clone(), keys, values, bias)));
         if let Some((prompt, gate)) = extras.and_then(|e| e.adaption.clone()) {
@@ -210,13 +202,14 @@ impl<P: Projection> Attention<P> {
         let [b, heads, s, d] = q.dims();
         let len = prompt.dims()[1];
         let kv = self.num_kv_heads;
-        let (_, k, v) = self.project(prompt);
+        let dtype = q.dtype();
+        let (_, k, v) = self.project(prompt.cast(dtype));
         // 1,len,kv*d -> 1,kv,len,d
         let k = k.reshape([1, len, kv, d]).swap_dims(1, 2);
         let v = v.reshape([1, len, kv, d]).swap_dims(1, 2);
         let q = q.reshape([b, kv, heads / kv * s, d]);
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((d as f64).powf(-0.5));
-        let probs = softmax(scores, 3) * gate.reshape([1, 1, 1, 1]);
+        let probs = softmax(scores.cast(DType::F32), 3).cast(dtype) * gate.cast(dtype).reshape([1, 1, 1, 1]);
         probs.matmul(v).reshape([b, heads, s, d])
     }
 }
@@ -393,17 +386,48 @@ impl CausalLm<Linear> {
     ) -> Result<Self, LoadError> {
         // Every name and shape is checked from the headers before any weight is read.
         check_checkpoint(&config, checkpoint)?;
+        Self::from_tensors(
+            config,
+            |key, [out, inp]| checkpoint.float(key, [out, inp], dtype, device),
+            |key, len| checkpoint.float(key, [len], dtype, device),
+        )
+    }
+
+    /// A model of `config`'s shape with random weights (N(0, 0.02²), norms 1) in `dtype`, for
+    /// benchmarks of checkpoints one does not have (e.g. LLaMA-7B-shaped). Seeded.
+    pub fn synthetic(config: ModelConfig, dtype: DType, seed: u64, device: &Device) -> Self {
+        let seeded = |key: &str| {
+            let hash = key.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+            device.seed(hash);
+        };
+        let model = Self::from_tensors(
+            config,
+            |key, shape| {
+                seeded(key);
+                Ok(Tensor::<2>::random(shape, burn::tensor::Distribution::Normal(0.0, 0.02), device).cast(dtype))
+            },
+            |key, len| {
+                Ok(if key.ends_with("bias") { Tensor::<1>::zeros([len], device) } else { Tensor::<1>::ones([len], device) }.cast(dtype))
+            },
+        );
+        model.expect("synthetic tensors have the expected shapes")
+    }
+
+    /// Builds the model from `matrix(key, [out, in])` and `vector(key, len)` (HF keys).
+    fn from_tensors(
+        config: ModelConfig,
+        matrix: impl Fn(&str, [usize; 2]) -> Result<Tensor<2>, LoadError>,
+        vector: impl Fn(&str, usize) -> Result<Tensor<1>, LoadError>,
+    ) -> Result<Self, LoadError> {
         let keys = KeyLayout::of(config.architecture);
         let (h, q_dim, kv_dim) = (config.hidden_size, config.q_dim(), config.kv_dim());
         let ffn = config.intermediate_size;
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear, LoadError> {
-            let weight = checkpoint.float(&format!("{name}.weight"), [out, inp], dtype, device)?;
-            let bias = if bias { Some(checkpoint.float(&format!("{name}.bias"), [out], dtype, device)?) } else { None };
+            let weight = matrix(&format!("{name}.weight"), [out, inp])?;
+            let bias = if bias { Some(vector(&format!("{name}.bias"), out)?) } else { None };
             Ok(Linear::new(weight, bias))
         };
-        let norm = |name: &str| -> Result<RmsNorm, LoadError> {
-            Ok(RmsNorm::new(checkpoint.float(&format!("{name}.weight"), [h], dtype, device)?, config.rms_norm_eps))
-        };
+        let norm = |name: &str| -> Result<RmsNorm, LoadError> { Ok(RmsNorm::new(vector(&format!("{name}.weight"), h)?, config.rms_norm_eps)) };
 
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
@@ -440,8 +464,7 @@ impl CausalLm<Linear> {
                 mlp: Mlp { gate_up, down_proj: linear(&format!("{mlp}.{}", keys.down), h, ffn, config.mlp_bias)? },
             });
         }
-        let embed_tokens =
-            Embedding::new(checkpoint.float(&format!("{}.weight", keys.embed), [config.vocab_size, h], dtype, device)?);
+        let embed_tokens = Embedding::new(matrix(&format!("{}.weight", keys.embed), [config.vocab_size, h])?);
         let lm_head = if config.tie_word_embeddings { None } else { Some(linear(keys.lm_head, config.vocab_size, h, false)?) };
         Ok(Self {
             embed_tokens,

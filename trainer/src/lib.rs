@@ -1,5 +1,6 @@
 //! Training side of ember: recipes, the loss, the training loop, export and merge.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod loss;
 pub mod merge;

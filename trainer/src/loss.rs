@@ -1,7 +1,7 @@
 //! The causal-LM loss exactly as transformers computes it.
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 /// Label value of positions that carry no loss (prompt tokens, padding), as in PyTorch.
 pub const IGNORE_INDEX: i64 = -100;
@@ -34,7 +34,8 @@ pub fn causal_lm_loss(logits: Tensor<3>, labels: &[i64]) -> Option<Tensor<1>> {
     }
     let device = logits.device();
     // b,s,v -> b,s-1,v -> b·(s-1),v
-    let shifted = logits.narrow(1, 0, seq - 1).reshape([rows, vocab]);
+    // f32 log-softmax whatever the model's dtype, as transformers upcasts logits for the loss.
+    let shifted = logits.narrow(1, 0, seq - 1).reshape([rows, vocab]).cast(DType::F32);
     let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [rows, 1]), &device);
     let weights = Tensor::<2>::from_data(TensorData::new(weights, [rows, 1]), &device);
     let picked = log_softmax(shifted, 1).gather(1, targets);

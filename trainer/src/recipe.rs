@@ -33,7 +33,8 @@ pub struct ModelSection {
     /// `flex` (CPU), `libtorch`, `cuda`, `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
-    /// `f32`, or `checkpoint` to keep a bf16/f16 base in its own dtype (GPU).
+    /// Frozen base dtype: `f32`, `bf16`, or `checkpoint` to keep the file's (bf16/f16 on GPUs).
+    /// Adapter parameters and optimizer state are f32 in every case.
     #[serde(default = "default_dtype")]
     pub dtype: String,
 }

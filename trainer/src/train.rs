@@ -300,11 +300,8 @@ pub fn train(recipe: &Recipe, resume: bool, on_event: &mut dyn FnMut(Event)) -> 
     let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
 
     // Model: frozen base + fresh LoRA branches.
-    let dtype = match recipe.model.dtype.as_str() {
-        "f32" => LoadDtype::F32,
-        "checkpoint" => LoadDtype::Checkpoint,
-        other => return Err(input(format!("model.dtype '{other}': expected f32 or checkpoint"))),
-    };
+    let dtype = LoadDtype::parse(&recipe.model.dtype)
+        .ok_or_else(|| input(format!("model.dtype '{}': expected f32, bf16 or checkpoint", recipe.model.dtype)))?;
     let base = BaseModel::load(&recipe.model.path, dtype, &autodiff).map_err(input)?;
     let (mut model, method) = match &recipe.adapter.init_from {
         Some(dir) => AdaptedModel::load(dir, base, &autodiff).map_err(input)?,

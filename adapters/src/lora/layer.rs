@@ -2,7 +2,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use ember_models::Projection;
 use ember_models::layers::Linear;
 use rand::Rng;
@@ -79,9 +79,11 @@ impl Projection for LoraLinear {
         let Some(branch) = &self.lora else { return self.base.forward(x) };
         let y = self.base.forward(x.clone());
         let [b, s, i] = x.dims();
-        let h = branch.dropout.forward(x).reshape([b * s, i]);
+        // The branch computes in its own dtype (f32) under a bf16/f16 base, as PEFT does.
+        let h = branch.dropout.forward(x).cast(DType::F32).reshape([b * s, i]);
         // b·s,in -> b·s,r -> b·s,out: never an in×out matrix.
         let delta = h.matmul(branch.lora_a.val().transpose()).matmul(branch.lora_b.val().transpose());
-        y + delta.mul_scalar(branch.scale).reshape([b, s, self.base.out_features()])
+        let dtype = y.dtype();
+        y + delta.mul_scalar(branch.scale).cast(dtype).reshape([b, s, self.base.out_features()])
     }
 }

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Side by side on one NVIDIA GPU: HF PEFT (shared/bench/peft_reference.py) and `ember bench`,
+# same workload, on a LLaMA-7B-shaped model with random bf16 weights (no checkpoint needed).
+# Runs where python3 has torch + transformers + peft and the ember binary was built with
+# `--features tch` against that torch (scripts/libtorch.sh cuda <version>).
+#
+#   scripts/bench-gpu.sh <ember binary> <tokenizer dir> <alpaca json> <peft_reference.py> <out dir>
+#
+# The model gets the tokenizer's vocabulary (SmolLM2's 49,152 tokens: no LLaMA tokenizer is
+# bundled), otherwise LLaMA-7B's shape: 32 layers, hidden 4096, ffn 11008, 32 heads.
+# Each run's peak GPU memory is sampled with nvidia-smi (whole process, CUDA context included);
+# PEFT also reports torch.cuda.max_memory_allocated.
+set -uo pipefail
+ember=$1 tok=$2 data=$3 reference=$4 out=$5
+model=${MODEL_DIR:-/tmp/llama7b-random}
+steps=${STEPS:-10}
+mkdir -p "$out"
+LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
+export LD_LIBRARY_PATH
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
+
+if [ ! -f "$model/config.json" ]; then
+  python3 - "$model" "$tok" <<'PY'
+import sys, shutil, glob, torch, transformers
+out, tok = sys.argv[1], sys.argv[2]
+t = transformers.AutoTokenizer.from_pretrained(tok)
+cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=32, vocab_size=len(t), rms_norm_eps=1e-5, max_position_embeddings=4096,
+    bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id, tie_word_embeddings=False)
+torch.manual_seed(0)
+with torch.device("cuda"):
+    m = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+m.save_pretrained(out)
+for f in glob.glob(tok + "/tokenizer*") + glob.glob(tok + "/special_tokens_map.json"):
+    shutil.copy(f, out)
+print("random model:", sum(p.numel() for p in m.parameters()), "parameters in", out)
+PY
+fi
+
+# run <name> <command...>: the command's JSON line plus the sampled peak memory.
+run() {
+  local name=$1; shift
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$out/$name.mem" &
+  local sampler=$!
+  "$@" > "$out/$name.json" 2> "$out/$name.err"
+  local rc=$?
+  kill $sampler; wait $sampler 2>/dev/null
+  local peak; peak=$(sort -n "$out/$name.mem" | tail -1)
+  echo "$name rc=$rc peak_nvidia_smi_mib=$peak $(tail -1 "$out/$name.json")"
+  [ $rc -eq 0 ] || tail -3 "$out/$name.err"
+}
+lora=(--r 16 --alpha 32 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --batch 4 --cutoff 512 --steps "$steps" --warmup 3)
+for job in ${JOBS:-peft peft-ckpt ember}; do
+  case $job in
+    peft) run peft python3 "$reference" --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda ;;
+    peft-ckpt) run peft-ckpt python3 "$reference" --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda --grad-ckpt ;;
+    ember) run ember "$ember" bench --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint ;;
+    peft-prefix) run peft-prefix python3 "$reference" --model "$model" --data "$data" --method prefix --batch 4 --cutoff 512 --steps "$steps" --device cuda ;;
+    ember-prefix) run ember-prefix "$ember" bench --model "$model" --data "$data" --method prefix --batch 4 --cutoff 512 --steps "$steps" --device cuda --dtype checkpoint ;;
+    peft-adaption) run peft-adaption python3 "$reference" --model "$model" --data "$data" --method adaption --batch 4 --cutoff 512 --steps "$steps" --device cuda ;;
+    ember-adaption) run ember-adaption "$ember" bench --model "$model" --data "$data" --method adaption --batch 4 --cutoff 512 --steps "$steps" --device cuda --dtype checkpoint ;;
+  esac
+done

@@ -1,0 +1,175 @@
+//! `ember bench`: the training-throughput workload of `shared/bench/peft_reference.py`, step for
+//! step, so ember and HF PEFT can be compared on one machine.
+//!
+//! Workload: Alpaca records rendered with the Stanford template, target = output + EOS, prompt
+//! masked, truncated to `cutoff`; step `s` takes examples `(s·batch + i) mod n` right-padded;
+//! forward, backward, AdamW (lr 3e-4, torch's defaults: weight decay 0.01), no accumulation, no
+//! clipping. Tokens/s counts non-pad tokens of the timed steps (warm-up steps excluded).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use ember_adapters::adaption::AdaptionConfig;
+use ember_adapters::lora::{LoraConfig, Target};
+use ember_adapters::prefix::PrefixConfig;
+use ember_adapters::{AdaptedModel, Method};
+use ember_data::sft::{SftOptions, build_example};
+use ember_data::{Batch, Record, Template, Tokenizer, alpaca};
+use ember_models::{BaseModel, LoadDtype, ModelConfig};
+use serde_json::{Value, json};
+
+use crate::loss::causal_lm_loss;
+
+/// Where the base comes from.
+#[derive(Debug, Clone)]
+pub enum BenchModel {
+    /// An HF model folder (weights and tokenizer).
+    Dir(PathBuf),
+    /// Random weights of a given shape (a preset such as `llama-7b`, or a config.json), with the
+    /// tokenizer of `tokenizer`.
+    Synthetic { shape: String, tokenizer: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub model: BenchModel,
+    pub data: PathBuf,
+    pub method: String,
+    pub r: usize,
+    pub alpha: f64,
+    pub targets: String,
+    pub virtual_tokens: usize,
+    pub adapter_len: usize,
+    pub adapter_layers: usize,
+    pub batch: usize,
+    pub cutoff: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub threads: Option<usize>,
+    pub device: String,
+    /// f32, bf16 or checkpoint.
+    pub dtype: String,
+}
+
+/// config.json of a named shape preset.
+fn preset(name: &str) -> Option<Value> {
+    let llama = |hidden: usize, ffn: usize, layers: usize, heads: usize, kv: usize, vocab: usize| {
+        json!({"model_type": "llama", "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab, "rms_norm_eps": 1e-5})
+    };
+    match name {
+        "llama-7b" => Some(llama(4096, 11008, 32, 32, 32, 32000)),
+        "llama-13b" => Some(llama(5120, 13824, 40, 40, 40, 32000)),
+        "llama3-8b" => Some(llama(4096, 14336, 32, 32, 8, 128256)),
+        "smollm2-135m" => Some(llama(576, 1536, 30, 9, 3, 49152)),
+        _ => None,
+    }
+}
+
+fn method(o: &BenchOptions) -> Result<Method, String> {
+    Ok(match o.method.as_str() {
+        "lora" => {
+            let target = match o.targets.as_str() {
+                "all-linear" => Target::AllLinear,
+                list => Target::Suffixes(list.split(',').map(str::to_owned).collect()),
+            };
+            Method::Lora(LoraConfig { r: o.r, alpha: o.alpha, dropout: 0.0, use_rslora: false, target, layers_to_transform: None })
+        }
+        "prefix" => Method::Prefix(PrefixConfig { num_virtual_tokens: o.virtual_tokens, prefix_projection: false, encoder_hidden_size: None }),
+        "adaption" => Method::Adaption(AdaptionConfig { adapter_len: o.adapter_len, adapter_layers: o.adapter_layers }),
+        other => return Err(format!("--method '{other}': expected lora, prefix or adaption")),
+    })
+}
+
+/// Peak resident memory of this process (VmHWM), MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (x * p).round() / p
+}
+
+/// Runs the workload and returns the result line (the reference's fields).
+pub fn run(o: &BenchOptions) -> Result<Value, String> {
+    let device = ember_models::device::parse_device(&o.device)?;
+    let autodiff = device.clone().autodiff();
+    autodiff.seed(0);
+    let dtype = LoadDtype::parse(&o.dtype).ok_or_else(|| format!("--dtype '{}': expected f32, bf16 or checkpoint", o.dtype))?;
+
+    let (tokenizer_dir, base) = match &o.model {
+        BenchModel::Dir(dir) => (dir.clone(), BaseModel::load(dir, dtype, &autodiff).map_err(|e| e.to_string())?),
+        BenchModel::Synthetic { shape, tokenizer } => {
+            let (mut json, source) = match preset(shape) {
+                Some(json) => (json, PathBuf::from("config.json")),
+                None => {
+                    let path = PathBuf::from(shape);
+                    let text = std::fs::read_to_string(&path).map_err(|e| format!("--synthetic {shape}: not a preset (llama-7b, llama-13b, llama3-8b, smollm2-135m) nor a readable config.json: {e}"))?;
+                    (serde_json::from_str(&text).map_err(|e| format!("{shape}: invalid JSON: {e}"))?, path)
+                }
+            };
+            // Token ids must fit the embedding: widen the vocabulary to the tokenizer's.
+            let vocab = Tokenizer::from_dir(tokenizer).map_err(|e| e.to_string())?.vocab_size();
+            if json["vocab_size"].as_u64().is_some_and(|v| (v as usize) < vocab) {
+                json["vocab_size"] = json!(vocab);
+            }
+            let config = ModelConfig::from_json(&json, &source).map_err(|e| e.to_string())?;
+            let float = if dtype == LoadDtype::F32 { DType::F32 } else { DType::BF16 };
+            (tokenizer.clone(), BaseModel::synthetic(config, float, 0, &autodiff))
+        }
+    };
+    let tokenizer = Tokenizer::from_dir(&tokenizer_dir).map_err(|e| e.to_string())?;
+    let pad_id = tokenizer.pad_id.unwrap_or(0);
+    let method = method(o)?;
+    let model = AdaptedModel::init(base, &method, 0, &autodiff).map_err(|e| e.to_string())?;
+    let (trainable, _) = model.parameter_counts();
+
+    let records: Vec<Record> = alpaca::load(&o.data).map_err(|e| e.to_string())?;
+    let template = Template::builtin("alpaca").expect("built in");
+    let options = SftOptions { cutoff_len: o.cutoff, train_on_inputs: false };
+    let examples = records
+        .iter()
+        .map(|r| build_example(&tokenizer, &template, r, &options).map(|(e, _)| e))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if examples.is_empty() {
+        return Err(format!("{}: no records", o.data.display()));
+    }
+
+    let mut optimizer = AdamWConfig::new().with_weight_decay(0.01).init();
+    let mut model = model;
+    let (mut tokens, mut losses, mut started) = (0usize, Vec::new(), None);
+    for step in 0..o.warmup + o.steps {
+        if step == o.warmup {
+            started = Some(Instant::now());
+        }
+        let chunk: Vec<_> = (0..o.batch).map(|i| &examples[(step * o.batch + i) % examples.len()]).collect();
+        let batch = Batch::collate(&chunk, pad_id);
+        let shape = [batch.batch, batch.seq];
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(batch.input_ids.clone(), shape), &autodiff);
+        let mask = Tensor::<2, Int>::from_data(TensorData::new(batch.attention_mask.clone(), shape), &autodiff);
+        let Some(loss) = causal_lm_loss(model.forward(ids, Some(mask)), &batch.labels) else { continue };
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(3e-4, model, grads);
+        // Reading the loss waits for the step, as the reference's float(loss) does.
+        losses.push(loss.into_scalar::<f32>() as f64);
+        if step >= o.warmup {
+            tokens += batch.real_tokens();
+        }
+    }
+    let seconds = started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    Ok(json!({
+        "impl": "ember", "burn": "0.22.1", "method": method.name(), "device": o.device,
+        "flush_denormal": false, "dtype": o.dtype, "threads": o.threads,
+        "batch": o.batch, "cutoff": o.cutoff, "timed_steps": o.steps, "trainable_params": trainable,
+        "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens as f64 / seconds.max(1e-9), 1),
+        "first_loss": losses.first().map(|l| round(*l, 4)), "last_loss": losses.last().map(|l| round(*l, 4)),
+        "peak_rss_mib": peak_rss_mib().map(|m| round(m, 1)),
+    }))
+}
