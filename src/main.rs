@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 a failure while running, 2 bad input (a missing or malformed file,
 //! an unsupported model, a wrong argument).
 
+mod eval;
 mod generate;
 mod import;
 mod inspect;
@@ -87,6 +88,31 @@ enum Command {
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// flex, libtorch, cuda or cuda:N.
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
+    /// Loss and perplexity of the base and of base + adapter on an Alpaca file (the answer
+    /// tokens only, as in training); prints one JSON line.
+    Eval {
+        #[arg(long)]
+        base: PathBuf,
+        /// Adapter folder (any format `generate` takes).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Alpaca JSON / JSONL (.gz too).
+        #[arg(long)]
+        data: PathBuf,
+        /// Prompt template, as in the recipe.
+        #[arg(long, default_value = "alpaca")]
+        template: String,
+        #[arg(long, default_value_t = 256)]
+        cutoff_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Only the first N records (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
         /// flex, libtorch, cuda or cuda:N.
         #[arg(long, default_value = "flex")]
         device: String,
@@ -221,6 +247,9 @@ fn main() -> ExitCode {
         Command::Train { recipe, overrides, resume, quiet } => train::run(&recipe, &overrides, resume, quiet),
         Command::Merge { base, adapter, out, dtype } => merge(&base, &adapter, &out, &dtype),
         Command::Bench(args) => bench(args),
+        Command::Eval { base, adapter, data, template, cutoff_len, batch, limit, device } => {
+            eval::run(&eval::Request { base: &base, adapter: adapter.as_deref(), data: &data, template: &template, cutoff_len, batch, limit, device: &device })
+        }
         Command::Generate { base, adapter, prompt, input, template, max_new_tokens, temperature, top_p, seed, device } => {
             let options = ember_models::generate::GenerationOptions { max_new_tokens, temperature, top_p, seed, stop_ids: Vec::new() };
             let request = generate::Request {

@@ -309,3 +309,21 @@ fn sharded_checkpoint_loads() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("11 tensors"));
 }
+
+/// `ember eval` scores the base and base + adapter on the same answer tokens.
+#[test]
+fn eval_reports_base_and_adapter_loss() {
+    let base = fixtures().join("tiny_llama");
+    let adapter = base.join("adapters/lora");
+    let data = fixtures().join("../data/alpaca_en_sample_200.json");
+    let output = ember(&["eval", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--data", data.to_str().unwrap(), "--limit", "8"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["records"], 8);
+    assert_eq!(result["method"], "lora");
+    for side in ["base", "adapter"] {
+        let loss = result[side]["loss"].as_f64().unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{side}: {loss}");
+    }
+    assert_ne!(result["base"]["loss"], result["adapter"]["loss"]);
+}

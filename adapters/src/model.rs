@@ -58,6 +58,11 @@ fn without_lora(base: BaseModel) -> LoraModel {
 }
 
 impl AdaptedModel {
+    /// The base alone, with no method's parameters.
+    pub fn base_only(base: BaseModel) -> Self {
+        Self { model: without_lora(base), prefix: None, adaption: None }
+    }
+
     /// Fresh parameters for `method`, seeded by `seed`; the model starts exactly at the base
     /// for LoRA (B = 0) and adaption prompts (gates = 0).
     pub fn init(base: BaseModel, method: &Method, seed: u64, device: &Device) -> Result<Self, AdapterError> {

@@ -368,6 +368,32 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_recipe_parses_and_validates() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+        let mut checked = 0;
+        for dir in [root.clone(), root.join("ci")] {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    Recipe::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 7, "found {checked} recipes");
+    }
+
+    #[test]
+    fn prefix_and_adaption_need_their_sizes() {
+        let prefix = MINIMAL.replace("method = \"lora\"", "method = \"prefix\"");
+        let e = load(&prefix, &[]).unwrap_err();
+        assert!(e.contains("'adapter.num_virtual_tokens' must be at least 1"), "{e}");
+        let adaption = MINIMAL.replace("method = \"lora\"", "method = \"adaption\"");
+        let e = load(&adaption, &["adapter.adapter_len=10"]).unwrap_err();
+        assert!(e.contains("'adapter.adapter_layers' must be at least 1"), "{e}");
+    }
+
+    #[test]
     fn overrides_parse_toml_values() {
         let r = load(MINIMAL, &["train.lr=1e-4", "adapter.target_modules=all-linear", "train.max_steps=3"]).unwrap();
         assert_eq!(r.train.lr, 1e-4);

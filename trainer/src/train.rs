@@ -173,7 +173,7 @@ fn epoch_batches(examples: &[Example], recipe: &Recipe, epoch: usize) -> Vec<Vec
 }
 
 /// Mean loss over every supervised token of `examples`, without building a graph.
-fn evaluate(model: &AdaptedModel, examples: &[Example], batch_size: usize, pad_id: u32, device: &Device) -> Option<f64> {
+pub fn evaluate(model: &AdaptedModel, examples: &[Example], batch_size: usize, pad_id: u32, device: &Device) -> Option<f64> {
     if examples.is_empty() {
         return None;
     }
