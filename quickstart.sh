@@ -15,7 +15,7 @@ instruction="Suggest three ways to save water at home."
 echo "== before fine-tuning"
 $ember generate --base "$model" --prompt "$instruction" --max-new-tokens 64
 echo "== fine-tuning (recipes/smollm2-lora.toml)"
-$ember train recipes/smollm2-lora.toml
+$ember train recipes/smollm2-lora.toml --overwrite
 echo "== after fine-tuning"
 $ember generate --base "$model" --adapter target/runs/smollm2-lora/adapter --prompt "$instruction" --max-new-tokens 64
 echo "== outputs: target/runs/smollm2-lora/{adapter/,metrics.jsonl,summary.json}"

@@ -3,12 +3,12 @@
 use std::io::IsTerminal;
 use std::path::Path;
 
-use ember_trainer::{Event, Recipe, TrainError};
+use ember_trainer::{Event, Recipe, Start, TrainError};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::bad_input;
 
-pub fn run(recipe_path: &Path, overrides: &[String], resume: bool, quiet: bool) -> anyhow::Result<()> {
+pub fn run(recipe_path: &Path, overrides: &[String], start: Start, quiet: bool) -> anyhow::Result<()> {
     let recipe = Recipe::load(recipe_path, overrides).map_err(bad_input)?;
     let bar = (!quiet && std::io::stdout().is_terminal()).then(|| {
         let bar = ProgressBar::new(0);
@@ -27,7 +27,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool, quiet: bool) 
         (None, Event::Step(s)) if s.log_line => println!("{s}"),
         (None, Event::Step(_)) => {}
     };
-    let result = ember_trainer::train(&recipe, resume, &mut on_event);
+    let result = ember_trainer::train(&recipe, start, &mut on_event);
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }

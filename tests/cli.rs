@@ -1,66 +1,12 @@
 //! End-to-end tests of the `ember` binary: inspect, GGUF import, and bad input (one clear
 //! error line naming the file or key, exit code 2, no panic).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-use safetensors::tensor::{Dtype, TensorView};
+use std::path::Path;
 
-fn ember(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ember")).args(args).output().expect("run ember")
-}
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("EMBER_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"))
-}
-
-/// Exit code 2 and exactly one line on stderr that contains every `needle`.
-fn assert_bad_input(output: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    assert_eq!(stderr.lines().count(), 1, "expected one error line, got: {stderr}");
-    assert!(stderr.starts_with("error: "), "{stderr}");
-    for needle in needles {
-        assert!(stderr.contains(needle), "'{needle}' not in: {stderr}");
-    }
-}
-
-/// A micro LLaMA (hidden 8, one layer) whose `model.norm.weight` has `norm_len` values.
-fn write_micro_llama(dir: &Path, norm_len: usize) {
-    let config = serde_json::json!({
-        "model_type": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 12, "tie_word_embeddings": true,
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let shapes: Vec<(&str, Vec<usize>)> = vec![
-        ("model.embed_tokens.weight", vec![12, 8]),
-        ("model.layers.0.input_layernorm.weight", vec![8]),
-        ("model.layers.0.post_attention_layernorm.weight", vec![8]),
-        ("model.layers.0.self_attn.q_proj.weight", vec![8, 8]),
-        ("model.layers.0.self_attn.k_proj.weight", vec![4, 8]),
-        ("model.layers.0.self_attn.v_proj.weight", vec![4, 8]),
-        ("model.layers.0.self_attn.o_proj.weight", vec![8, 8]),
-        ("model.layers.0.mlp.gate_proj.weight", vec![16, 8]),
-        ("model.layers.0.mlp.up_proj.weight", vec![16, 8]),
-        ("model.layers.0.mlp.down_proj.weight", vec![8, 16]),
-        ("model.norm.weight", vec![norm_len]),
-    ];
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = shapes
-        .into_iter()
-        .map(|(name, shape)| {
-            let n: usize = shape.iter().product();
-            (name.to_owned(), shape, (0..n).flat_map(|i| (i as f32 * 0.01).to_le_bytes()).collect())
-        })
-        .collect();
-    let views: Vec<(String, TensorView)> = data
-        .iter()
-        .map(|(name, shape, bytes)| (name.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
-}
+use common::{assert_bad_input, ember, fixtures, recipe, write_micro_llama};
+use safetensors::tensor::TensorView;
 
 #[test]
 fn inspect_prints_parameter_counts_of_the_fixtures() {
@@ -153,10 +99,6 @@ fn garbage_gguf_is_bad_input() {
     assert!(!out.exists(), "no output folder after a failed import");
 }
 
-fn recipe(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes").join(name).to_string_lossy().into_owned()
-}
-
 /// The CI recipe end to end: train -> PEFT export -> merge -> generate.
 #[test]
 fn tiny_recipe_trains_merges_and_generates() {
@@ -205,57 +147,6 @@ fn recipe_with_unknown_key_is_bad_input() {
 fn recipe_pointing_at_missing_data_is_bad_input() {
     let output = ember(&["train", &recipe("ci/tiny-lora.toml"), "--set", "data.path=\"/nonexistent/data.json\""]);
     assert_bad_input(&output, &["/nonexistent/data.json"]);
-}
-
-fn train_args<'a>(recipe: &'a str, dir: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["train", recipe, "--quiet", "--set", dir, "--set", "train.save_steps=4"];
-    args.extend_from_slice(extra);
-    args
-}
-
-/// Every file of the exported adapter, by name.
-fn adapter_files(run: &Path) -> Vec<(std::ffi::OsString, Vec<u8>)> {
-    let mut files: Vec<_> = std::fs::read_dir(run.join("adapter")).unwrap().map(|e| e.unwrap()).map(|e| (e.file_name(), std::fs::read(e.path()).unwrap())).collect();
-    files.sort();
-    files
-}
-
-/// Step, train loss and eval loss of every line of `metrics.jsonl`.
-fn losses(run: &Path) -> Vec<String> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            format!("{} {} {}", v["step"], v["loss"], v["eval_loss"])
-        })
-        .collect()
-}
-
-/// For each method's CI recipe, a run resumed from its step-8 checkpoint ends with the same
-/// adapter, bit for bit, and the same losses as the run that never stopped.
-#[test]
-fn resume_from_checkpoint_matches_an_uninterrupted_run() {
-    for name in ["ci/tiny-lora.toml", "ci/tiny-ptuning-v2.toml", "ci/tiny-llama-adapter.toml"] {
-        let out = tempfile::tempdir().unwrap();
-        let recipe = recipe(name);
-        let train = |dir: &Path, extra: &[&str]| {
-            let set_dir = format!("output.dir=\"{}\"", dir.display());
-            let output = ember(&train_args(&recipe, &set_dir, extra));
-            assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
-        };
-        let (straight, resumed) = (out.path().join("straight"), out.path().join("resumed"));
-        train(&straight, &[]);
-        train(&resumed, &[]);
-        // Throw away everything after step 8, as a run killed there would have.
-        std::fs::remove_dir_all(resumed.join("adapter")).unwrap();
-        std::fs::remove_file(resumed.join("summary.json")).unwrap();
-        let checkpoints: Vec<_> = std::fs::read_dir(resumed.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(checkpoints.len(), 2, "{name}: keep_checkpoints = 2: {checkpoints:?}");
-        train(&resumed, &["--resume"]);
-        assert!(adapter_files(&straight) == adapter_files(&resumed), "{name}: resumed adapter differs");
-        assert_eq!(losses(&straight), losses(&resumed), "{name}");
-    }
 }
 
 /// The method CI recipes train, export in their formats, and generate with the adapter.

@@ -25,11 +25,17 @@ pub enum DatasetError {
 /// gzip-compressed (`.gz`). Any bad record is an error naming its index (0-based) and key:
 /// nothing is dropped silently.
 pub fn load(path: &Path) -> Result<Vec<Record>, DatasetError> {
-    let io = |source| DatasetError::Io { path: path.to_path_buf(), source };
-    let mut bytes = std::fs::read(path).map_err(io)?;
+    let bytes = std::fs::read(path).map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
+    parse(path, bytes)
+}
+
+/// The records of a data file's `bytes` (gzip-compressed if `path` ends in `.gz`); `path` names
+/// the file in errors.
+pub fn parse(path: &Path, mut bytes: Vec<u8>) -> Result<Vec<Record>, DatasetError> {
     if path.extension().is_some_and(|e| e == "gz") {
         let mut plain = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes.as_slice()), &mut plain).map_err(io)?;
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes.as_slice()), &mut plain)
+            .map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
         bytes = plain;
     }
     let invalid = |reason: String| DatasetError::Invalid { path: path.to_path_buf(), reason };

@@ -52,8 +52,9 @@ impl LoadError {
 }
 
 /// Writes a folder through `write` into a temporary sibling, then renames it to `out`, so a
-/// crash never leaves a half-written output. An existing `out` is replaced only once the new
-/// one is complete. `io_error` turns a failed file operation into the caller's error type.
+/// crash never leaves a half-written output. An existing `out` is moved aside and removed only
+/// once the new one is in place; every file is synced before the rename and the parent folder
+/// after it. `io_error` turns a failed file operation into the caller's error type.
 pub fn write_dir_atomically<E>(
     out: &Path,
     write: impl FnOnce(&Path) -> Result<(), E>,
@@ -63,20 +64,71 @@ pub fn write_dir_atomically<E>(
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| io_error(&tmp, e))?;
     let result = write(&tmp).and_then(|()| {
-        for entry in std::fs::read_dir(&tmp).map_err(|e| io_error(&tmp, e))? {
-            let path = entry.map_err(|e| io_error(&tmp, e))?.path();
-            File::open(&path).and_then(|f| f.sync_all()).map_err(|e| io_error(&path, e))?;
+        sync_tree(&tmp).map_err(|(path, e)| io_error(&path, e))?;
+        let replacing = out.exists();
+        if replacing {
+            std::fs::rename(out, &old).map_err(|e| io_error(out, e))?;
         }
-        if out.exists() {
-            std::fs::remove_dir_all(out).map_err(|e| io_error(out, e))?;
+        std::fs::rename(&tmp, out).map_err(|e| io_error(out, e))?;
+        sync_dir(parent).map_err(|e| io_error(parent, e))?;
+        if replacing {
+            std::fs::remove_dir_all(&old).map_err(|e| io_error(&old, e))?;
         }
-        std::fs::rename(&tmp, out).map_err(|e| io_error(out, e))
+        Ok(())
     });
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Writes `bytes` to a temporary sibling of `path`, syncs it, renames it over `path` and syncs
+/// the folder: readers see the old file or the new one, never a part.
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = File::create(&tmp)?;
+        std::io::Write::write_all(&mut file, bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(parent)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Removes what killed writers left behind in `dir`: `.<name>.tmp-<pid>` and `.<name>.old-<pid>`.
+pub fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-")) {
+            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        }
+    }
+}
+
+/// fsync of every file below `dir`, and of the folders themselves.
+fn sync_tree(dir: &Path) -> Result<(), (PathBuf, std::io::Error)> {
+    for entry in std::fs::read_dir(dir).map_err(|e| (dir.to_path_buf(), e))? {
+        let path = entry.map_err(|e| (dir.to_path_buf(), e))?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            File::open(&path).and_then(|f| f.sync_all()).map_err(|e| (path.clone(), e))?;
+        }
+    }
+    sync_dir(dir).map_err(|e| (dir.to_path_buf(), e))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
 }

@@ -71,6 +71,9 @@ pub fn save(
             let trainable_path = tmp.join("trainable.bpk");
             let group = ParamGroup::from_ids(model.trainable_ids());
             model.clone().into_record_group(group).save(&trainable_path).map_err(|e| format!("{}: {e}", trainable_path.display()))?;
+            if crate::fault::armed(crate::fault::Fault::KillInCheckpoint, state.position.step) {
+                crate::fault::kill_self();
+            }
             let optimizer_path = tmp.join("optimizer.bpk");
             optimizer.to_record().save(&optimizer_path).map_err(|e| format!("{}: {e:?}", optimizer_path.display()))?;
             std::fs::copy(metrics, tmp.join("metrics.jsonl")).map_err(|e| io(metrics, e))?;

@@ -2,10 +2,11 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod fault;
 pub mod loss;
 pub mod merge;
 pub mod recipe;
 pub mod train;
 
 pub use recipe::Recipe;
-pub use train::{Event, StepReport, Summary, TrainError, train};
+pub use train::{Event, Start, StepReport, Summary, TrainError, train};

@@ -134,6 +134,9 @@ pub struct TrainSection {
     pub save_steps: usize,
     /// Checkpoints kept on disk (0: all).
     pub keep_checkpoints: usize,
+    /// A NaN/inf loss or gradient norm: `stop` (exit 1, the last checkpoint kept) or `skip`
+    /// the optimizer step.
+    pub on_nonfinite: String,
 }
 
 impl Default for TrainSection {
@@ -156,6 +159,7 @@ impl Default for TrainSection {
             logging_steps: 10,
             save_steps: 0,
             keep_checkpoints: 2,
+            on_nonfinite: "stop".into(),
         }
     }
 }
@@ -196,7 +200,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("data", &["path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "val_size", "group_by_length"]),
     ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
         "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
-        "save_steps", "keep_checkpoints"]),
+        "save_steps", "keep_checkpoints", "on_nonfinite"]),
     ("output", &["dir"]),
 ];
 
@@ -204,8 +208,13 @@ impl Recipe {
     /// Reads `path`, applies `overrides` (`section.key=value`, value in TOML syntax or a bare
     /// string) and resolves relative paths against the recipe's folder.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
-        let invalid = |reason: String| RecipeError::Invalid { path: path.to_path_buf(), reason };
         let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io { path: path.to_path_buf(), source })?;
+        Self::parse(path, &text, overrides)
+    }
+
+    /// A recipe from its `text`; `path` names it in errors and anchors its relative paths.
+    pub fn parse(path: &Path, text: &str, overrides: &[String]) -> Result<Self, RecipeError> {
+        let invalid = |reason: String| RecipeError::Invalid { path: path.to_path_buf(), reason };
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| invalid(format!("invalid TOML: {}", e.message())))?;
         for item in overrides {
             apply_override(&mut table, item).map_err(invalid)?;
@@ -244,6 +253,9 @@ impl Recipe {
         }
         if !["constant", "linear", "cosine"].contains(&t.lr_scheduler.as_str()) {
             return Err(format!("'train.lr_scheduler' is '{}'; expected constant, linear or cosine", t.lr_scheduler));
+        }
+        if !["stop", "skip"].contains(&t.on_nonfinite.as_str()) {
+            return Err(format!("'train.on_nonfinite' is '{}'; expected stop or skip", t.on_nonfinite));
         }
         if !(0.0..1.0).contains(&self.adapter.dropout) {
             return Err(format!("'adapter.dropout' is {}; expected 0 <= dropout < 1", self.adapter.dropout));

@@ -22,6 +22,7 @@ use rand::seq::SliceRandom;
 use serde_json::json;
 
 use crate::checkpoint::{self, Position, State};
+use crate::fault::{self, Fault};
 use crate::loss::causal_lm_loss;
 use crate::recipe::{Recipe, TargetModules};
 
@@ -41,6 +42,47 @@ fn input(e: impl std::fmt::Display) -> TrainError {
 
 fn run_error(e: impl std::fmt::Display) -> TrainError {
     TrainError::Run(e.to_string())
+}
+
+/// How a run treats its output folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new run; refused if the folder already holds one.
+    Fresh,
+    /// Continue from the newest checkpoint in the folder.
+    Resume,
+    /// A new run that first removes the previous run's files from the folder.
+    Overwrite,
+}
+
+/// The files a run writes into its output folder.
+const RUN_FILES: &[&str] = &["metrics.jsonl", "summary.json", "adapter", "checkpoints", "training_curves.png"];
+
+/// Refuses to mix two runs in one folder; with `Overwrite`, removes the old run's files first.
+fn prepare_output(dir: &Path, start: Start) -> Result<(), TrainError> {
+    let present: Vec<&str> = RUN_FILES.iter().copied().filter(|f| dir.join(f).exists()).collect();
+    match start {
+        Start::Fresh if !present.is_empty() => {
+            return Err(input(format!(
+                "output.dir {} already holds a run ({}); pass --resume to continue it or --overwrite to replace it",
+                dir.display(),
+                present.join(", ")
+            )));
+        }
+        Start::Overwrite => {
+            for name in present {
+                let path = dir.join(name);
+                let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+                removed.map_err(|e| run_error(format!("{}: {e}", path.display())))?;
+            }
+        }
+        _ => {}
+    }
+    std::fs::create_dir_all(dir).map_err(|e| run_error(format!("{}: {e}", dir.display())))?;
+    // What a killed run may have left half-written; never read, so safe to drop.
+    ember_models::remove_stale_temporaries(dir);
+    ember_models::remove_stale_temporaries(&dir.join("checkpoints"));
+    Ok(())
 }
 
 /// One optimizer step, as the loop reports it.
@@ -84,6 +126,9 @@ pub struct Summary {
     pub train_examples: usize,
     pub eval_examples: usize,
     pub skipped_empty_records: Vec<usize>,
+    /// Optimizer steps skipped for a NaN/inf loss or gradient (`train.on_nonfinite = "skip"`).
+    #[serde(default)]
+    pub skipped_nonfinite_steps: Vec<usize>,
     pub truncated_records: usize,
     pub trainable_parameters: usize,
     pub total_parameters: usize,
@@ -203,16 +248,18 @@ struct Metrics {
 }
 
 impl Metrics {
-    /// A new file, or, when resuming, a copy of the checkpoint's metrics to append to.
+    /// A new file, or, when resuming, the checkpoint's metrics (put in place atomically) to
+    /// append to: lines written after the checkpoint by the killed run are dropped.
     fn create(path: PathBuf, resume_from: Option<&Path>) -> Result<Self, TrainError> {
         let error = |e: std::io::Error| run_error(format!("{}: {e}", path.display()));
-        let file = match resume_from {
-            Some(saved) => {
-                std::fs::copy(saved, &path).map_err(error)?;
-                std::fs::OpenOptions::new().append(true).open(&path).map_err(error)?
-            }
-            None => std::fs::File::create(&path).map_err(error)?,
-        };
+        if let Some(saved) = resume_from {
+            let bytes = std::fs::read(saved).map_err(|e| run_error(format!("{}: {e}", saved.display())))?;
+            ember_models::write_file_atomically(&path, &bytes).map_err(error)?;
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).truncate(false).open(&path).map_err(error)?;
+        if resume_from.is_none() {
+            file.set_len(0).map_err(error)?;
+        }
         Ok(Self { path, file })
     }
 
@@ -269,9 +316,23 @@ fn clip_global_norm(model: &AdaptedModel, grads: &mut GradientsParams, max_norm:
     norm
 }
 
-/// Runs the recipe; with `resume`, continues from the newest checkpoint in the output folder.
-/// `on_event` hears about every step and every notable event.
-pub fn train(recipe: &Recipe, resume: bool, on_event: &mut dyn FnMut(Event)) -> Result<Summary, TrainError> {
+/// What stops or skips a step whose loss or gradient norm is NaN/inf.
+fn nonfinite(recipe: &Recipe, step: usize, what: &str, value: f64, last_checkpoint: Option<&Path>) -> Result<(), TrainError> {
+    if recipe.train.on_nonfinite == "skip" {
+        return Ok(());
+    }
+    let resume = match last_checkpoint {
+        Some(dir) => format!("the last good checkpoint is {} (ember train --resume continues from it)", dir.display()),
+        None => "no checkpoint was written before it".into(),
+    };
+    Err(run_error(format!(
+        "step {step}: {what} is {value}; stopping without saving the adapter; {resume}; train.on_nonfinite = \"skip\" skips such steps instead"
+    )))
+}
+
+/// Runs the recipe into its output folder (see [`Start`]). `on_event` hears about every step
+/// and every notable event.
+pub fn train(recipe: &Recipe, start_mode: Start, on_event: &mut dyn FnMut(Event)) -> Result<Summary, TrainError> {
     let started = Instant::now();
     let device = ember_models::device::parse_device(&recipe.model.device).map_err(|e| input(format!("model.device: {e}")))?;
     let autodiff = device.clone().autodiff();
@@ -323,17 +384,18 @@ pub fn train(recipe: &Recipe, resume: bool, on_event: &mut dyn FnMut(Event)) -> 
 
     let steps_per_epoch = train_set.len().div_ceil(t.micro_batch_size * t.gradient_accumulation_steps);
     let total_steps = if t.max_steps > 0 { t.max_steps } else { steps_per_epoch * t.epochs };
-    std::fs::create_dir_all(&recipe.output.dir).map_err(|e| run_error(format!("{}: {e}", recipe.output.dir.display())))?;
+    prepare_output(&recipe.output.dir, start_mode)?;
     let checkpoints = recipe.output.dir.join("checkpoints");
-    let resume_from = match resume {
-        false => None,
-        true => Some(checkpoint::latest(&checkpoints).ok_or_else(|| input(format!("--resume: no checkpoint in {}", checkpoints.display())))?),
+    let resume_from = match start_mode {
+        Start::Resume => Some(checkpoint::latest(&checkpoints).ok_or_else(|| input(format!("--resume: no checkpoint in {}", checkpoints.display())))?),
+        Start::Fresh | Start::Overwrite => None,
     };
+    let mut last_checkpoint = resume_from.clone();
     let mut metrics = Metrics::create(recipe.output.dir.join("metrics.jsonl"), resume_from.as_deref().map(|d| d.join("metrics.jsonl")).as_deref())?;
 
     let mut summary = Summary {
         steps: 0, epochs_completed: 0.0, train_examples: train_set.len(), eval_examples: eval_set.len(),
-        skipped_empty_records: stats.empty.clone(), truncated_records: stats.truncated,
+        skipped_empty_records: stats.empty.clone(), skipped_nonfinite_steps: Vec::new(), truncated_records: stats.truncated,
         trainable_parameters: trainable, total_parameters: total,
         first_train_loss: None, final_train_loss: None, first_eval_loss: None, final_eval_loss: None, best_eval_loss: None,
         tokens_per_second: 0.0, seconds: 0.0, adapter_dir: recipe.output.dir.join("adapter"), metrics: metrics.path.clone(),
@@ -383,22 +445,29 @@ pub fn train(recipe: &Recipe, resume: bool, on_event: &mut dyn FnMut(Event)) -> 
                 accumulator.accumulate(&model, grads);
                 tokens_seen += batch.real_tokens();
             }
-            if !step_loss.is_finite() {
-                return Err(run_error(format!("step {}: loss is {step_loss}; stopping (the adapter was not saved)", step + 1)));
+            if fault::armed(Fault::NanLoss, step + 1) {
+                step_loss = f64::NAN;
             }
             let mut grads = accumulator.grads();
             let grad_norm = clip_global_norm(&model, &mut grads, t.max_grad_norm);
-            if !grad_norm.is_finite() {
-                return Err(run_error(format!("step {}: gradient norm is {grad_norm}; stopping (the adapter was not saved)", step + 1)));
-            }
             let lr = learning_rate(recipe, step, total_steps);
-            model = optimizer.step(lr, model, grads);
+            let bad = [("loss", step_loss), ("gradient norm", grad_norm)].into_iter().find(|(_, v)| !v.is_finite());
+            match bad {
+                Some((what, value)) => {
+                    nonfinite(recipe, step + 1, what, value, last_checkpoint.as_deref())?;
+                    info(on_event, format!("step {}: {what} is {value}; step skipped (train.on_nonfinite = \"skip\")", step + 1));
+                    summary.skipped_nonfinite_steps.push(step + 1);
+                }
+                None => model = optimizer.step(lr, model, grads),
+            }
             train_seconds += step_started.elapsed().as_secs_f64();
             step += 1;
             summary.steps = step;
             summary.epochs_completed = epoch as f64 + ((group_index + 1) * t.gradient_accumulation_steps).min(batches.len()) as f64 / batches.len() as f64;
-            summary.first_train_loss.get_or_insert(step_loss);
-            summary.final_train_loss = Some(step_loss);
+            if step_loss.is_finite() {
+                summary.first_train_loss.get_or_insert(step_loss);
+                summary.final_train_loss = Some(step_loss);
+            }
             let tokens_per_second = tokens_seen as f64 / train_seconds;
             metrics.write(json!({"step": step, "epoch": summary.epochs_completed, "loss": step_loss, "lr": lr,
                 "grad_norm": grad_norm, "tokens_per_second": tokens_per_second, "elapsed_s": started.elapsed().as_secs_f64()}))?;
@@ -426,6 +495,7 @@ pub fn train(recipe: &Recipe, resume: bool, on_event: &mut dyn FnMut(Event)) -> 
                 let dir = checkpoint::save(&checkpoints, &model, &method, &optimizer, &state, &metrics.path, &base_name, t.keep_checkpoints)
                     .map_err(run_error)?;
                 info(on_event, format!("checkpoint {}", dir.display()));
+                last_checkpoint = Some(dir);
             }
         }
         if t.max_steps == 0 && epoch + 1 >= t.epochs {
@@ -440,17 +510,9 @@ pub fn train(recipe: &Recipe, resume: bool, on_event: &mut dyn FnMut(Event)) -> 
     }
     model.save(&method, &base_name, &summary.adapter_dir).map_err(run_error)?;
     summary.seconds = started.elapsed().as_secs_f64();
-    write_json_atomically(&recipe.output.dir.join("summary.json"), &serde_json::to_value(&summary).expect("summary serializes"))
-        .map_err(run_error)?;
+    let summary_path = recipe.output.dir.join("summary.json");
+    ember_models::write_file_atomically(&summary_path, (serde_json::to_string_pretty(&summary).expect("summary serializes") + "\n").as_bytes())
+        .map_err(|e| run_error(format!("{}: {e}", summary_path.display())))?;
     info(on_event, format!("saved adapter to {} ({:.0}s)", summary.adapter_dir.display(), summary.seconds));
     Ok(summary)
-}
-
-/// Writes JSON to a temporary file, syncs it and renames it over `path`.
-pub fn write_json_atomically(path: &Path, value: &serde_json::Value) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all((serde_json::to_string_pretty(value).expect("JSON serializes") + "\n").as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }

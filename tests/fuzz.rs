@@ -1,0 +1,157 @@
+//! Fuzzing (proptest) of every reader that takes a user's file: Alpaca data, recipes and their
+//! `--set` overrides, safetensors headers, GGUF headers. Each gets random bytes and random
+//! mutations of a valid file and must answer Ok or an error, never panic. `PROPTEST_CASES`
+//! sets the cases per test (CI: the default 256; `scripts/fuzz.sh` runs far more).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use ember_models::Checkpoint;
+use ember_models::gguf::GgufFile;
+use proptest::prelude::*;
+
+/// Byte edits: (position, kind, byte); kind 0 overwrites, 1 inserts, 2 deletes, 3 truncates.
+fn edits() -> impl Strategy<Value = Vec<(usize, u8, u8)>> {
+    prop::collection::vec((any::<usize>(), 0u8..4, any::<u8>()), 1..10)
+}
+
+fn mutate(seed: &[u8], edits: &[(usize, u8, u8)]) -> Vec<u8> {
+    let mut bytes = seed.to_vec();
+    for &(at, kind, byte) in edits {
+        let at = if bytes.is_empty() { 0 } else { at % bytes.len() };
+        match kind {
+            0 if !bytes.is_empty() => bytes[at] = byte,
+            1 => bytes.insert(at, byte),
+            2 if !bytes.is_empty() => {
+                bytes.remove(at);
+            }
+            _ => bytes.truncate(at),
+        }
+    }
+    bytes
+}
+
+/// A scratch file, unique per test thread.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ember-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{:?}-{name}", std::thread::current().id()).replace(['(', ')'], ""))
+}
+
+const ALPACA: &str = r#"[{"instruction": "Give three tips.", "input": "", "output": "Eat, sleep, move."},
+ {"instruction": "Translate", "input": "你好", "output": "Hello"}, {"instruction": "x", "output": "y", "extra": 1}]"#;
+
+const RECIPE: &str = "[model]\npath = \"m\"\ndevice = \"flex\"\n[adapter]\nmethod = \"lora\"\nr = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\
+    [data]\npath = \"d.json\"\ntemplate = \"alpaca\"\ncutoff_len = 256\n[train]\nlr = 3e-4\nmax_steps = 10\nlr_scheduler = \"cosine\"\n[output]\ndir = \"out\"\n";
+
+/// Opens a safetensors file and reads every tensor's bytes, as loading does.
+fn read_safetensors(path: &Path) {
+    if let Ok(checkpoint) = Checkpoint::open_file(path) {
+        let keys: Vec<String> = checkpoint.keys().map(str::to_owned).collect();
+        for key in keys {
+            let _ = checkpoint.bytes(&key);
+        }
+    }
+}
+
+fn valid_safetensors() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_micro_llama(dir.path(), 8);
+    std::fs::read(dir.path().join("model.safetensors")).unwrap()
+}
+
+/// A small GGUF v3 file: two metadata keys (a string array among them) and two tensors.
+fn valid_gguf() -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend(2u64.to_le_bytes()); // tensors
+    out.extend(2u64.to_le_bytes()); // metadata keys
+    string(&mut out, "general.architecture");
+    out.extend(8u32.to_le_bytes());
+    string(&mut out, "llama");
+    string(&mut out, "tokenizer.ggml.tokens");
+    out.extend(9u32.to_le_bytes());
+    out.extend(8u32.to_le_bytes());
+    out.extend(2u64.to_le_bytes());
+    string(&mut out, "a");
+    string(&mut out, "b");
+    for (name, dims, ggml_type, offset) in [("w", vec![32u64, 2], 8u32, 0u64), ("n", vec![4u64], 0, 96)] {
+        string(&mut out, name);
+        out.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            out.extend(d.to_le_bytes());
+        }
+        out.extend(ggml_type.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+    }
+    out.resize(out.len().div_ceil(32) * 32, 0);
+    out.extend((0..112u32).map(|i| (i * 7) as u8)); // Q8_0: 2 blocks of 34 bytes, padded; then 4 f32
+    out
+}
+
+fn read_gguf(path: &Path) {
+    if let Ok(file) = GgufFile::open(path) {
+        for tensor in &file.tensors {
+            let _ = file.dequantize(tensor);
+        }
+        let _ = ember_models::gguf::tokenizer_json(&file.metadata);
+    }
+}
+
+#[test]
+fn seeds_are_valid() {
+    assert_eq!(ember_data::alpaca::parse(Path::new("d.json"), ALPACA.as_bytes().to_vec()).unwrap().len(), 3);
+    ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), RECIPE, &[]).unwrap();
+    let path = scratch("seed.safetensors");
+    std::fs::write(&path, valid_safetensors()).unwrap();
+    assert_eq!(Checkpoint::open_file(&path).unwrap().keys().count(), 11);
+    let path = scratch("seed.gguf");
+    std::fs::write(&path, valid_gguf()).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    assert_eq!(file.dequantize(&file.tensors[1]).len(), 4);
+}
+
+proptest! {
+    #[test]
+    fn alpaca_reader_never_panics(edits in edits(), raw in prop::collection::vec(any::<u8>(), 0..200), jsonl in any::<bool>()) {
+        let name = if jsonl { "d.jsonl" } else { "d.json" };
+        let _ = ember_data::alpaca::parse(Path::new(name), mutate(ALPACA.as_bytes(), &edits));
+        let _ = ember_data::alpaca::parse(Path::new(name), raw.clone());
+        let _ = ember_data::alpaca::parse(Path::new("d.json.gz"), raw);
+    }
+
+    #[test]
+    fn recipe_parser_never_panics(edits in edits(), overrides in prop::collection::vec(".{0,40}", 0..3)) {
+        let text = String::from_utf8_lossy(&mutate(RECIPE.as_bytes(), &edits)).into_owned();
+        let _ = ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), &text, &[]);
+        let _ = ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), RECIPE, &overrides);
+    }
+
+    #[test]
+    fn safetensors_reader_never_panics(edits in edits(), header_edits in prop::collection::vec((0usize..2000, any::<u8>()), 1..6)) {
+        let seed = valid_safetensors();
+        let path = scratch("fuzz.safetensors");
+        std::fs::write(&path, mutate(&seed, &edits)).unwrap();
+        read_safetensors(&path);
+        // Edits inside the JSON header, where the offsets, shapes and dtypes are.
+        let mut bytes = seed;
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        for (at, byte) in header_edits {
+            bytes[8 + at % header_len] = byte;
+        }
+        std::fs::write(&path, bytes).unwrap();
+        read_safetensors(&path);
+    }
+
+    #[test]
+    fn gguf_reader_never_panics(edits in edits()) {
+        let path = scratch("fuzz.gguf");
+        std::fs::write(&path, mutate(&valid_gguf(), &edits)).unwrap();
+        read_gguf(&path);
+    }
+}
