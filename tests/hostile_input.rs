@@ -73,6 +73,7 @@ fn recipe_with_a_wrong_type_names_the_key() {
 }
 
 type Header = serde_json::Map<String, serde_json::Value>;
+type HeaderEdit = Box<dyn FnOnce(&mut Header)>;
 
 /// Rewrites the JSON header of `dir/model.safetensors` through `edit`.
 fn edit_safetensors_header(dir: &Path, edit: impl FnOnce(&mut Header)) {
@@ -94,7 +95,7 @@ fn edit_safetensors_header(dir: &Path, edit: impl FnOnce(&mut Header)) {
 #[test]
 fn safetensors_with_a_lying_header_is_bad_input() {
     let norm = "model.norm.weight";
-    let cases: [(&str, Box<dyn FnOnce(&mut Header)>); 4] = [
+    let cases: [(&str, HeaderEdit); 4] = [
         ("offsets past the end", Box::new(|h| {
             let end = h.values().filter_map(|v| v["data_offsets"][1].as_u64()).max().unwrap();
             h[norm]["data_offsets"] = serde_json::json!([end, end + 32]);
