@@ -290,8 +290,9 @@ fn lora_checks(
     let base = BaseModel::load(dir, LoadDtype::F32, &autodiff).map_err(|e| e.to_string())?;
     let (model, _) = lora::load_peft(&adapter_dir, base, &autodiff).map_err(|e| e.to_string())?;
     let shape = [shape[0], shape[1]];
-    let logits = model.forward(int_tensor(train_ids, shape, &autodiff), Some(int_tensor(train_mask, shape, &autodiff)));
-    let loss = causal_lm_loss(logits, &labels).ok_or("no supervised token in the train batch")?;
+    let mask = int_tensor(train_mask, shape, &autodiff);
+    let hidden = model.hidden_states(int_tensor(train_ids, shape, &autodiff), Some(&mask), None, &[]);
+    let loss = causal_lm_loss(hidden, &labels, |h| model.logits(h)).ok_or("no supervised token in the train batch")?;
     let loss_value = loss.to_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?[0];
     let expected_loss = spec["loss"].as_f64().ok_or("no loss")? as f32;
     report.check(name, &format!("{method}.loss"), (loss_value - expected_loss).abs(), LOSS_ATOL);
@@ -430,12 +431,9 @@ fn extras_checks(
     let (labels, _) = i64s(reference, "train.labels")?;
     let base = BaseModel::load(dir, LoadDtype::F32, &autodiff).map_err(|e| e.to_string())?;
     let shape = [shape[0], shape[1]];
-    let logits = base.forward_with(
-        int_tensor(train_ids, shape, &autodiff),
-        Some(int_tensor(train_mask, shape, &autodiff)),
-        &adapter.extras(shape[0]),
-    );
-    let loss = causal_lm_loss(logits, &labels).ok_or("no supervised token in the train batch")?;
+    let mask = int_tensor(train_mask, shape, &autodiff);
+    let hidden = base.hidden_states(int_tensor(train_ids, shape, &autodiff), Some(&mask), None, &adapter.extras(shape[0]));
+    let loss = causal_lm_loss(hidden, &labels, |h| base.logits(h)).ok_or("no supervised token in the train batch")?;
     let loss_value = loss.to_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?[0];
     let expected_loss = spec["loss"].as_f64().ok_or("no loss")? as f32;
     report.check(name, &format!("{method}.loss"), (loss_value - expected_loss).abs(), LOSS_ATOL);

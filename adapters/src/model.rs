@@ -154,6 +154,22 @@ impl AdaptedModel {
         self.model.forward_with(input_ids, attention_mask, &extras)
     }
 
+    /// Final-norm hidden states, for a loss that needs logits at some positions only
+    /// ([`logits`](Self::logits)).
+    ///
+    /// # Shapes
+    /// - input_ids, attention_mask: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn hidden_states(&self, input_ids: Tensor<2, Int>, attention_mask: Option<Tensor<2, Int>>) -> Tensor<3> {
+        let extras = self.extras(input_ids.dims()[0]);
+        self.model.hidden_states(input_ids, attention_mask.as_ref(), None, &extras)
+    }
+
+    /// The LM head: `[batch, seq, hidden] -> [batch, seq, vocab]`.
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        self.model.logits(hidden)
+    }
+
     /// Logits of the new tokens, reading and extending `cache` (generation).
     pub fn forward_cached(&self, input_ids: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
         let extras = self.extras(input_ids.dims()[0]);

@@ -154,7 +154,7 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
         let shape = [batch.batch, batch.seq];
         let ids = Tensor::<2, Int>::from_data(TensorData::new(batch.input_ids.clone(), shape), &autodiff);
         let mask = Tensor::<2, Int>::from_data(TensorData::new(batch.attention_mask.clone(), shape), &autodiff);
-        let Some(loss) = causal_lm_loss(model.forward(ids, Some(mask)), &batch.labels) else { continue };
+        let Some(loss) = causal_lm_loss(model.hidden_states(ids, Some(mask)), &batch.labels, |h| model.logits(h)) else { continue };
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optimizer.step(3e-4, model, grads);
         // Reading the loss waits for the step, as the reference's float(loss) does.

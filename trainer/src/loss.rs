@@ -10,34 +10,69 @@ pub const IGNORE_INDEX: i64 = -100;
 /// `labels[t + 1]`; labels equal to [`IGNORE_INDEX`] are skipped. Returns `None` when the batch
 /// has no supervised token.
 ///
+/// Only the hidden states of supervised positions go through `head` (the LM head): the prompt
+/// and the padding, often most of an Alpaca batch, never cost the `[tokens, vocab]` GEMM, its
+/// gradient, or the f32 log-softmax buffers. The result is the masked mean of transformers.
+///
 /// # Shapes
-/// - logits: `[batch, seq, vocab]`
+/// - hidden: `[batch, seq, hidden]` (final-norm hidden states)
 /// - labels: `batch · seq` values, row-major
+/// - head: `[1, n, hidden] -> [1, n, vocab]`
 /// - output: `[1]`
-pub fn causal_lm_loss(logits: Tensor<3>, labels: &[i64]) -> Option<Tensor<1>> {
-    let [batch, seq, vocab] = logits.dims();
+pub fn causal_lm_loss(hidden: Tensor<3>, labels: &[i64], head: impl FnOnce(Tensor<3>) -> Tensor<3>) -> Option<Tensor<1>> {
+    let [batch, seq, width] = hidden.dims();
     assert_eq!(labels.len(), batch * seq, "labels must be [batch, seq]");
-    let rows = batch * (seq - 1);
-    let mut targets = Vec::with_capacity(rows);
-    let mut weights = Vec::with_capacity(rows);
-    for b in 0..batch {
-        for t in 1..seq {
-            let label = labels[b * seq + t];
-            let supervised = label != IGNORE_INDEX;
-            targets.push(if supervised { label } else { 0 });
-            weights.push(if supervised { 1f32 } else { 0f32 });
-        }
-    }
-    let count = weights.iter().filter(|&&w| w > 0.0).count();
-    if count == 0 {
+    let (rows, targets): (Vec<i64>, Vec<i64>) = (0..batch)
+        .flat_map(|b| (0..seq.saturating_sub(1)).map(move |t| (b * seq + t, labels[b * seq + t + 1])))
+        .filter(|&(_, label)| label != IGNORE_INDEX)
+        .map(|(row, label)| (row as i64, label))
+        .unzip();
+    let n = rows.len();
+    if n == 0 {
         return None;
     }
-    let device = logits.device();
-    // b,s,v -> b,s-1,v -> b·(s-1),v
+    let device = hidden.device();
+    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &device);
+    // b,s,h -> b·s,h -> n,h -> 1,n,h
+    let supervised = hidden.reshape([batch * seq, width]).select(0, rows).reshape([1, n, width]);
+    let logits = head(supervised);
+    let vocab = logits.dims()[2];
     // f32 log-softmax whatever the model's dtype, as transformers upcasts logits for the loss.
-    let shifted = logits.narrow(1, 0, seq - 1).reshape([rows, vocab]).cast(DType::F32);
-    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [rows, 1]), &device);
-    let weights = Tensor::<2>::from_data(TensorData::new(weights, [rows, 1]), &device);
-    let picked = log_softmax(shifted, 1).gather(1, targets);
-    Some((picked * weights).sum().neg().div_scalar(count as f64))
+    let logits = logits.reshape([n, vocab]).cast(DType::F32);
+    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
+    Some(log_softmax(logits, 1).gather(1, targets).mean().neg())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    /// The same number as the plain masked mean over every position's logits.
+    #[test]
+    fn equals_the_masked_mean_over_all_positions() {
+        let device = Device::flex();
+        let (batch, seq, width, vocab) = (2, 5, 3, 7);
+        let hidden = Tensor::<3>::from_data(TensorData::new((0..batch * seq * width).map(|i| ((i * 37 % 11) as f32 - 5.0) / 4.0).collect(), [batch, seq, width]), &device);
+        let head = Tensor::<2>::from_data(TensorData::new((0..width * vocab).map(|i| ((i * 13 % 7) as f32 - 3.0) / 3.0).collect(), [width, vocab]), &device);
+        let labels = [IGNORE_INDEX, IGNORE_INDEX, 3, 4, 6, IGNORE_INDEX, 1, IGNORE_INDEX, 2, IGNORE_INDEX];
+        let project = |h: Tensor<3>| {
+            let [b, s, w] = h.dims();
+            h.reshape([b * s, w]).matmul(head.clone()).reshape([b, s, vocab])
+        };
+        let loss = causal_lm_loss(hidden.clone(), &labels, project).unwrap().into_scalar::<f32>();
+        let log_probs = log_softmax(project(hidden).reshape([batch * seq, vocab]), 1).into_data().to_vec::<f32>().unwrap();
+        let (mut total, mut count) = (0f32, 0);
+        for b in 0..batch {
+            for t in 0..seq - 1 {
+                let label = labels[b * seq + t + 1];
+                if label != IGNORE_INDEX {
+                    total -= log_probs[(b * seq + t) * vocab + label as usize];
+                    count += 1;
+                }
+            }
+        }
+        assert!((loss - total / count as f32).abs() < 1e-6, "{loss} vs {}", total / count as f32);
+        assert!(causal_lm_loss(Tensor::<3>::zeros([1, 2, width], &device), &[IGNORE_INDEX, IGNORE_INDEX], project).is_none());
+    }
 }

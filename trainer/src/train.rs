@@ -227,9 +227,9 @@ pub fn evaluate(model: &AdaptedModel, examples: &[Example], batch_size: usize, p
     for chunk in examples.chunks(batch_size) {
         let batch = Batch::collate(&chunk.iter().collect::<Vec<_>>(), pad_id);
         let shape = [batch.batch, batch.seq];
-        let logits = model.forward(int_tensor(&batch.input_ids, shape, device), Some(int_tensor(&batch.attention_mask, shape, device)));
+        let hidden = model.hidden_states(int_tensor(&batch.input_ids, shape, device), Some(int_tensor(&batch.attention_mask, shape, device)));
         let count = batch.supervised_tokens();
-        if let Some(loss) = causal_lm_loss(logits, &batch.labels) {
+        if let Some(loss) = causal_lm_loss(hidden, &batch.labels, |h| model.logits(h)) {
             total += loss.into_scalar::<f32>() as f64 * count as f64;
             tokens += count;
         }
@@ -437,8 +437,8 @@ pub fn train(recipe: &Recipe, start_mode: Start, on_event: &mut dyn FnMut(Event)
             let mut step_loss = 0f64;
             for batch in &micro {
                 let shape = [batch.batch, batch.seq];
-                let logits = model.forward(int_tensor(&batch.input_ids, shape, &autodiff), Some(int_tensor(&batch.attention_mask, shape, &autodiff)));
-                let Some(loss) = causal_lm_loss(logits, &batch.labels) else { continue };
+                let hidden = model.hidden_states(int_tensor(&batch.input_ids, shape, &autodiff), Some(int_tensor(&batch.attention_mask, shape, &autodiff)));
+                let Some(loss) = causal_lm_loss(hidden, &batch.labels, |h| model.logits(h)) else { continue };
                 let loss = loss.mul_scalar(batch.supervised_tokens() as f64 / step_tokens as f64);
                 step_loss += loss.clone().into_scalar::<f32>() as f64;
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
