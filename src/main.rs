@@ -7,6 +7,7 @@ mod eval;
 mod generate;
 mod import;
 mod inspect;
+mod recipe_check;
 mod train;
 
 use std::path::PathBuf;
@@ -16,17 +17,25 @@ use clap::{Parser, Subcommand};
 
 /// Parameter-efficient fine-tuning (LoRA, prefix tuning, LLaMA-Adapter) for LLaMA and GLM models.
 #[derive(Parser)]
-#[command(name = "ember", version, about, long_about = None)]
+#[command(name = "ember", version, about, long_about = None, after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  failure while running (NaN loss, an adapter that stayed zero, I/O)
+  2  bad input (a missing or malformed file, record, key or argument; the message names it)";
+
 #[derive(Subcommand)]
 enum Command {
-    /// Describe an HF model folder: architecture, shapes, parameter count, dtype, tokenizer.
+    /// Describe a model folder (architecture, shapes, parameter count, dtype, tokenizer) or a
+    /// training run's output folder (method, trainable parameters, steps, losses, paths).
     Inspect {
-        /// Folder with config.json, safetensors weights and tokenizer.json.
+        /// A model folder (config.json, safetensors weights, tokenizer.json), or a run's output
+        /// folder (summary.json, adapter/ or checkpoints/).
         #[arg(required_unless_present = "recipe")]
         model: Option<PathBuf>,
         /// Inspect a recipe's model and what its adapter would train.
@@ -38,15 +47,29 @@ enum Command {
     Train {
         /// The TOML recipe.
         recipe: PathBuf,
-        /// Override a recipe key, e.g. `--set train.lr=1e-4` (repeatable).
+        /// Override a recipe key, e.g. `--set train.lr=1e-4` (repeatable). Applied after
+        /// EMBER_<SECTION>__<KEY> environment variables (e.g. EMBER_TRAIN__MAX_STEPS=3).
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         overrides: Vec<String>,
         /// Continue from the newest checkpoint in the output folder (see train.save_steps).
         #[arg(long)]
         resume: bool,
         /// Print only errors and the final summary line.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "json")]
         quiet: bool,
+        /// Print one JSON object per line: {"event": "info" | "step" | "summary", ...}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate recipe files without training: keys and types, the files they point at, the
+    /// method against the model's architecture, the template and the data.
+    #[command(subcommand)]
+    Recipe(RecipeCommand),
+    /// Draw a run's loss and learning-rate curves from its metrics.jsonl into
+    /// <run dir>/training_curves.png (`ember train` does this at the end of every run).
+    Plot {
+        /// The run's output folder (holds metrics.jsonl).
+        run: PathBuf,
     },
     /// Fold a LoRA adapter into its base and write a complete HF model folder.
     Merge {
@@ -93,7 +116,8 @@ enum Command {
         device: String,
     },
     /// Loss and perplexity of the base and of base + adapter on an Alpaca file (the answer
-    /// tokens only, as in training); prints one JSON line.
+    /// tokens only, as in training); prints one JSON line. With --generate, also writes both
+    /// models' greedy answers to the first N instructions.
     Eval {
         #[arg(long)]
         base: PathBuf,
@@ -113,6 +137,16 @@ enum Command {
         /// Only the first N records (0: all).
         #[arg(long, default_value_t = 0)]
         limit: usize,
+        /// Greedy answers of the base and of base + adapter to the first N records.
+        #[arg(long, value_name = "N", default_value_t = 0, requires = "answers")]
+        generate: usize,
+        /// JSONL file for the --generate answers: {"index", "instruction", "input", "reference",
+        /// "base", "adapter"} per line (written atomically).
+        #[arg(long, requires = "generate")]
+        answers: Option<PathBuf>,
+        /// Longest answer, in tokens, for --generate.
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
         /// flex, libtorch, cuda or cuda:N.
         #[arg(long, default_value = "flex")]
         device: String,
@@ -199,6 +233,21 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Subcommand)]
+enum RecipeCommand {
+    /// Check recipe files; prints `ok <file>: <summary>` for each good one, and exits with 2 if
+    /// any is bad. EMBER_<SECTION>__<KEY> environment variables apply, as in `ember train`.
+    Check {
+        /// Recipe files (TOML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// A model, data or init_from path that does not exist is a warning (and the checks that
+        /// need it are skipped) instead of an error: for recipes whose models live elsewhere.
+        #[arg(long)]
+        skip_missing_paths: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum ImportCommand {
     /// A LLaMA-architecture GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 tensors), dequantized to f32.
     Gguf {
@@ -238,17 +287,37 @@ fn merge(base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Pat
     Ok(())
 }
 
+fn plot(run: &std::path::Path) -> anyhow::Result<()> {
+    if !run.join("metrics.jsonl").is_file() {
+        return Err(bad_input(anyhow::anyhow!("{}: no metrics.jsonl (is it a training run's output folder?)", run.display())));
+    }
+    // The folder's name, as `ember train` titles it.
+    let name = std::fs::canonicalize(run).ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "run".into());
+    let path = ember_trainer::plot::plot_run(run, &name).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Inspect { model: Some(dir), .. } if inspect::is_training_run(&dir) => inspect::training_run(&dir),
         Command::Inspect { model: Some(model), .. } => inspect::run(&model),
         Command::Inspect { recipe, .. } => inspect::recipe(&recipe.expect("clap requires model or recipe")),
         Command::Import(ImportCommand::Gguf { file, out }) => import::gguf(&file, &out),
-        Command::Train { recipe, overrides, resume, quiet } => train::run(&recipe, &overrides, resume, quiet),
+        Command::Train { recipe, overrides, resume, quiet, json } => {
+            let output = if json { train::Output::Json } else if quiet { train::Output::Quiet } else { train::Output::Human };
+            train::run(&recipe, &overrides, resume, output)
+        }
+        Command::Recipe(RecipeCommand::Check { files, skip_missing_paths }) => recipe_check::run(&files, skip_missing_paths),
+        Command::Plot { run } => plot(&run),
         Command::Merge { base, adapter, out, dtype } => merge(&base, &adapter, &out, &dtype),
         Command::Bench(args) => bench(args),
-        Command::Eval { base, adapter, data, template, cutoff_len, batch, limit, device } => {
-            eval::run(&eval::Request { base: &base, adapter: adapter.as_deref(), data: &data, template: &template, cutoff_len, batch, limit, device: &device })
+        Command::Eval { base, adapter, data, template, cutoff_len, batch, limit, generate, answers, max_new_tokens, device } => {
+            eval::run(&eval::Request {
+                base: &base, adapter: adapter.as_deref(), data: &data, template: &template, cutoff_len, batch, limit, device: &device,
+                generate, answers: answers.as_deref(), max_new_tokens,
+            })
         }
         Command::Generate { base, adapter, prompt, input, template, max_new_tokens, temperature, top_p, seed, device } => {
             let options = ember_models::generate::GenerationOptions { max_new_tokens, temperature, top_p, seed, stop_ids: Vec::new() };
