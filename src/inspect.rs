@@ -140,6 +140,7 @@ fn describe_adapter(dir: &Path) -> anyhow::Result<(String, String)> {
     let text = |v: &Value| match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
+        Value::Array(items) => format!("[{}]", items.iter().map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned)).collect::<Vec<_>>().join(", ")),
         other => other.to_string(),
     };
     if let Some(c) = read("adapter_config.json")? {

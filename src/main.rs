@@ -31,8 +31,11 @@ Exit codes:
 
 #[derive(Subcommand)]
 enum Command {
-    /// Describe a model folder (architecture, shapes, parameter count, dtype, tokenizer) or a
-    /// training run's output folder (method, trainable parameters, steps, losses, paths).
+    /// Describe a model folder or a training run's output folder.
+    ///
+    /// A model: architecture, shapes, parameter count, dtype, tokenizer. A run (a folder with
+    /// summary.json, adapter/ or checkpoints/): method and settings, trainable parameters, steps,
+    /// losses and output paths; an unfinished run from its newest checkpoint.
     Inspect {
         /// A model folder (config.json, safetensors weights, tokenizer.json), or a run's output
         /// folder (summary.json, adapter/ or checkpoints/).
@@ -42,8 +45,10 @@ enum Command {
         #[arg(long, conflicts_with = "model")]
         recipe: Option<PathBuf>,
     },
-    /// Fine-tune an adapter as a recipe file describes; writes the adapter (PEFT format),
-    /// metrics.jsonl and summary.json into the recipe's output folder.
+    /// Fine-tune an adapter as a recipe file describes.
+    ///
+    /// Writes the adapter (PEFT format), metrics.jsonl, summary.json and training_curves.png
+    /// into the recipe's output folder.
     Train {
         /// The TOML recipe.
         recipe: PathBuf,
@@ -61,12 +66,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Validate recipe files without training: keys and types, the files they point at, the
-    /// method against the model's architecture, the template and the data.
+    /// Validate recipe files without training (`ember recipe check`).
     #[command(subcommand)]
     Recipe(RecipeCommand),
-    /// Draw a run's loss and learning-rate curves from its metrics.jsonl into
-    /// <run dir>/training_curves.png (`ember train` does this at the end of every run).
+    /// Draw a run's loss and learning-rate curves into <run dir>/training_curves.png.
+    ///
+    /// Reads the run's metrics.jsonl; `ember train` draws the same plot at the end of every run.
     Plot {
         /// The run's output folder (holds metrics.jsonl).
         run: PathBuf,
@@ -88,9 +93,10 @@ enum Command {
     },
     /// Answer an instruction with a base model and optionally an adapter.
     Generate {
+        /// Base model folder.
         #[arg(long)]
         base: PathBuf,
-        /// PEFT LoRA adapter folder.
+        /// Adapter folder: PEFT LoRA, prefix tuning or adaption prompts, or ChatGLM P-Tuning v2.
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// The instruction.
@@ -102,23 +108,29 @@ enum Command {
         /// Prompt template: alpaca, alpaca-lora, chatglm2, chatglm3, glm4, or none (raw prompt).
         #[arg(long, default_value = "alpaca")]
         template: String,
+        /// Longest answer, in tokens.
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
-        /// 0 for greedy decoding.
+        /// Sampling temperature; 0 for greedy decoding.
         #[arg(long, default_value_t = 0.0)]
         temperature: f64,
+        /// Nucleus sampling: sample from the most likely tokens that reach this probability.
         #[arg(long, default_value_t = 1.0)]
         top_p: f64,
+        /// Seed of the sampler.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// flex, libtorch, cuda or cuda:N.
         #[arg(long, default_value = "flex")]
         device: String,
     },
-    /// Loss and perplexity of the base and of base + adapter on an Alpaca file (the answer
-    /// tokens only, as in training); prints one JSON line. With --generate, also writes both
-    /// models' greedy answers to the first N instructions.
+    /// Score the base and base + adapter on an Alpaca file; optionally their answers side by side.
+    ///
+    /// Loss and perplexity over the answer tokens only, as in training; prints one JSON line.
+    /// With --generate N --answers FILE, also writes both models' greedy answers to the first N
+    /// instructions.
     Eval {
+        /// Base model folder.
         #[arg(long)]
         base: PathBuf,
         /// Adapter folder (any format `generate` takes).
@@ -130,8 +142,10 @@ enum Command {
         /// Prompt template, as in the recipe.
         #[arg(long, default_value = "alpaca")]
         template: String,
+        /// Longest example, in tokens (longer ones are truncated, as in training).
         #[arg(long, default_value_t = 256)]
         cutoff_len: usize,
+        /// Examples per forward pass.
         #[arg(long, default_value_t = 4)]
         batch: usize,
         /// Only the first N records (0: all).
@@ -154,8 +168,9 @@ enum Command {
     /// Convert a checkpoint from another format into an HF model folder.
     #[command(subcommand)]
     Import(ImportCommand),
-    /// Training throughput on the workload of shared/bench/peft_reference.py; prints one JSON
-    /// line with the same fields.
+    /// Measure training throughput (tokens/s) as shared/bench/peft_reference.py does.
+    ///
+    /// Runs the reference's workload step for step; prints one JSON line with its fields.
     Bench(BenchArgs),
 }
 
@@ -234,8 +249,13 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
 #[derive(Subcommand)]
 enum RecipeCommand {
-    /// Check recipe files; prints `ok <file>: <summary>` for each good one, and exits with 2 if
-    /// any is bad. EMBER_<SECTION>__<KEY> environment variables apply, as in `ember train`.
+    /// Check recipe files: keys and types, the paths they name, the method against the model.
+    ///
+    /// Checks the TOML keys and types, that model.path, data.path and adapter.init_from exist,
+    /// the model's config.json, weights and tokenizer, that the method fits the architecture
+    /// (LoRA's target_modules must match a projection), the template, and that the data loads.
+    /// Prints `ok <file>: <summary>` per good recipe and `error: <file>: <reason>` per bad one;
+    /// exit code 2 if any is bad. EMBER_<SECTION>__<KEY> variables apply, as in `ember train`.
     Check {
         /// Recipe files (TOML).
         #[arg(required = true)]
