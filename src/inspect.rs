@@ -1,5 +1,6 @@
 //! `ember inspect`: what a model folder holds, read from its config and safetensors headers
-//! without loading the weights.
+//! without loading the weights; or what a training run did, read from its summary, adapter
+//! config and checkpoints.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,6 +9,9 @@ use ember_data::Tokenizer;
 use ember_models::config::RopePairing;
 use ember_models::transformer::check_checkpoint;
 use ember_models::{Checkpoint, ModelConfig};
+use ember_trainer::Summary;
+use ember_trainer::checkpoint;
+use serde_json::Value;
 
 use crate::bad_input;
 
@@ -62,6 +66,111 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
         Err(e) => println!("tokenizer:      none ({e})"),
     }
     Ok(())
+}
+
+/// Whether `dir` is a training run's output folder rather than a model.
+pub fn is_training_run(dir: &Path) -> bool {
+    dir.join("summary.json").is_file() || dir.join("checkpoints").is_dir() || dir.join("adapter").is_dir()
+}
+
+/// `ember inspect <run dir>`: method and settings, trainable parameters, steps, losses and
+/// output paths of a finished run, or of an unfinished one from its newest checkpoint.
+pub fn training_run(dir: &Path) -> anyhow::Result<()> {
+    let summary_path = dir.join("summary.json");
+    let newest_checkpoint = checkpoint::latest(&dir.join("checkpoints"));
+    let (summary, status) = if summary_path.is_file() {
+        let text = std::fs::read_to_string(&summary_path).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", summary_path.display())))?;
+        let summary: Summary = serde_json::from_str(&text).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", summary_path.display())))?;
+        (Some(summary), "finished".to_owned())
+    } else if let Some(checkpoint) = &newest_checkpoint {
+        let state = checkpoint::read_state(checkpoint).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+        (Some(state.summary), format!("unfinished (no summary.json); newest checkpoint {}", checkpoint.display()))
+    } else {
+        (None, "unfinished (no summary.json, no checkpoint)".to_owned())
+    };
+    let adapter = [Some(dir.join("adapter")), newest_checkpoint.as_ref().map(|c| c.join("adapter"))].into_iter().flatten().find(|d| d.is_dir());
+
+    println!("run:            {}", dir.display());
+    println!("status:         {status}");
+    match &adapter {
+        Some(adapter) => {
+            let (method, base) = describe_adapter(adapter).map_err(bad_input)?;
+            println!("method:         {method}");
+            if base != "-" {
+                println!("base model:     {base}");
+            }
+        }
+        None => println!("method:         unknown (no adapter folder yet)"),
+    }
+    let Some(s) = summary else { return Ok(()) };
+    let percent = 100.0 * s.trainable_parameters as f64 / s.total_parameters.max(1) as f64;
+    println!("trainable:      {} of {} parameters ({percent:.4}%)", group_digits(s.trainable_parameters), group_digits(s.total_parameters));
+    println!("steps:          {} ({:.2} epochs, {} train / {} eval examples)", s.steps, s.epochs_completed, s.train_examples, s.eval_examples);
+    println!("train loss:     {} -> {}", loss(s.first_train_loss), loss(s.final_train_loss));
+    println!("eval loss:      {} -> {} (best {})", loss(s.first_eval_loss), loss(s.final_eval_loss), loss(s.best_eval_loss));
+    if let Some(adapter) = adapter {
+        println!("adapter:        {}", adapter.display());
+    }
+    println!("metrics:        {}", dir.join("metrics.jsonl").display());
+    let plot = dir.join(ember_trainer::plot::PLOT_FILE);
+    if plot.is_file() {
+        println!("curves:         {}", plot.display());
+    }
+    if let Some(checkpoint) = newest_checkpoint {
+        println!("checkpoint:     {}", checkpoint.display());
+    }
+    Ok(())
+}
+
+fn loss(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".into(), |l| format!("{l:.4}"))
+}
+
+/// The method with its settings, and the base model name, from an adapter folder's config:
+/// PEFT's `adapter_config.json` or ChatGLM P-Tuning v2's `config.json`.
+fn describe_adapter(dir: &Path) -> anyhow::Result<(String, String)> {
+    let read = |name: &str| -> anyhow::Result<Option<Value>> {
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(Some(serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", path.display()))?))
+    };
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Array(items) => format!("[{}]", items.iter().map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned)).collect::<Vec<_>>().join(", ")),
+        other => other.to_string(),
+    };
+    if let Some(c) = read("adapter_config.json")? {
+        let method = match c["peft_type"].as_str().unwrap_or("?") {
+            "LORA" => format!(
+                "LoRA r={} alpha={} dropout={} on {}{}",
+                text(&c["r"]), text(&c["lora_alpha"]), text(&c["lora_dropout"]), text(&c["target_modules"]),
+                if c["use_rslora"].as_bool() == Some(true) { " (rsLoRA)" } else { "" }
+            ),
+            "PREFIX_TUNING" => format!(
+                "prefix tuning, {} virtual tokens{}",
+                text(&c["num_virtual_tokens"]),
+                if c["prefix_projection"].as_bool() == Some(true) { " through the MLP" } else { "" }
+            ),
+            "ADAPTION_PROMPT" => format!("gated adaption prompts, {} tokens in the top {} layers", text(&c["adapter_len"]), text(&c["adapter_layers"])),
+            other => format!("PEFT {other}"),
+        };
+        return Ok((method, text(&c["base_model_name_or_path"])));
+    }
+    match read("config.json")? {
+        Some(c) if !c["pre_seq_len"].is_null() => Ok((
+            format!(
+                "P-Tuning v2 (ChatGLM format), pre_seq_len {}{}",
+                text(&c["pre_seq_len"]),
+                if c["prefix_projection"].as_bool() == Some(true) { " through the MLP" } else { "" }
+            ),
+            text(&c["_name_or_path"]),
+        )),
+        _ => Err(anyhow::anyhow!("{}: no adapter_config.json nor ChatGLM P-Tuning v2 config.json", dir.display())),
+    }
 }
 
 /// 134515008 -> "134,515,008"

@@ -7,6 +7,7 @@ mod eval;
 mod generate;
 mod import;
 mod inspect;
+mod recipe_check;
 mod train;
 
 use std::path::PathBuf;
@@ -16,29 +17,43 @@ use clap::{Parser, Subcommand};
 
 /// Parameter-efficient fine-tuning (LoRA, prefix tuning, LLaMA-Adapter) for LLaMA and GLM models.
 #[derive(Parser)]
-#[command(name = "ember", version, about, long_about = None)]
+#[command(name = "ember", version, about, long_about = None, after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  failure while running (NaN loss, an adapter that stayed zero, I/O)
+  2  bad input (a missing or malformed file, record, key or argument; the message names it)";
+
 #[derive(Subcommand)]
 enum Command {
-    /// Describe an HF model folder: architecture, shapes, parameter count, dtype, tokenizer.
+    /// Describe a model folder or a training run's output folder.
+    ///
+    /// A model: architecture, shapes, parameter count, dtype, tokenizer. A run (a folder with
+    /// summary.json, adapter/ or checkpoints/): method and settings, trainable parameters, steps,
+    /// losses and output paths; an unfinished run from its newest checkpoint.
     Inspect {
-        /// Folder with config.json, safetensors weights and tokenizer.json.
+        /// A model folder (config.json, safetensors weights, tokenizer.json), or a run's output
+        /// folder (summary.json, adapter/ or checkpoints/).
         #[arg(required_unless_present = "recipe")]
         model: Option<PathBuf>,
         /// Inspect a recipe's model and what its adapter would train.
         #[arg(long, conflicts_with = "model")]
         recipe: Option<PathBuf>,
     },
-    /// Fine-tune an adapter as a recipe file describes; writes the adapter (PEFT format),
-    /// metrics.jsonl and summary.json into the recipe's output folder.
+    /// Fine-tune an adapter as a recipe file describes.
+    ///
+    /// Writes the adapter (PEFT format), metrics.jsonl, summary.json and training_curves.png
+    /// into the recipe's output folder.
     Train {
         /// The TOML recipe.
         recipe: PathBuf,
-        /// Override a recipe key, e.g. `--set train.lr=1e-4` (repeatable).
+        /// Override a recipe key, e.g. `--set train.lr=1e-4` (repeatable). Applied after
+        /// EMBER_<SECTION>__<KEY> environment variables (e.g. EMBER_TRAIN__MAX_STEPS=3).
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         overrides: Vec<String>,
         /// Continue from the newest checkpoint in the output folder (see train.save_steps).
@@ -48,8 +63,21 @@ enum Command {
         #[arg(long, conflicts_with = "resume")]
         overwrite: bool,
         /// Print only errors and the final summary line.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "json")]
         quiet: bool,
+        /// Print one JSON object per line: {"event": "info" | "step" | "summary", ...}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate recipe files without training (`ember recipe check`).
+    #[command(subcommand)]
+    Recipe(RecipeCommand),
+    /// Draw a run's loss and learning-rate curves into <run dir>/training_curves.png.
+    ///
+    /// Reads the run's metrics.jsonl; `ember train` draws the same plot at the end of every run.
+    Plot {
+        /// The run's output folder (holds metrics.jsonl).
+        run: PathBuf,
     },
     /// Fold a LoRA adapter into its base and write a complete HF model folder.
     Merge {
@@ -68,9 +96,10 @@ enum Command {
     },
     /// Answer an instruction with a base model and optionally an adapter.
     Generate {
+        /// Base model folder.
         #[arg(long)]
         base: PathBuf,
-        /// PEFT LoRA adapter folder.
+        /// Adapter folder: PEFT LoRA, prefix tuning or adaption prompts, or ChatGLM P-Tuning v2.
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// The instruction.
@@ -82,22 +111,29 @@ enum Command {
         /// Prompt template: alpaca, alpaca-lora, chatglm2, chatglm3, glm4, or none (raw prompt).
         #[arg(long, default_value = "alpaca")]
         template: String,
+        /// Longest answer, in tokens.
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
-        /// 0 for greedy decoding.
+        /// Sampling temperature; 0 for greedy decoding.
         #[arg(long, default_value_t = 0.0)]
         temperature: f64,
+        /// Nucleus sampling: sample from the most likely tokens that reach this probability.
         #[arg(long, default_value_t = 1.0)]
         top_p: f64,
+        /// Seed of the sampler.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// flex, libtorch, cuda or cuda:N.
         #[arg(long, default_value = "flex")]
         device: String,
     },
-    /// Loss and perplexity of the base and of base + adapter on an Alpaca file (the answer
-    /// tokens only, as in training); prints one JSON line.
+    /// Score the base and base + adapter on an Alpaca file; optionally their answers side by side.
+    ///
+    /// Loss and perplexity over the answer tokens only, as in training; prints one JSON line.
+    /// With --generate N --answers FILE, also writes both models' greedy answers to the first N
+    /// instructions.
     Eval {
+        /// Base model folder.
         #[arg(long)]
         base: PathBuf,
         /// Adapter folder (any format `generate` takes).
@@ -109,13 +145,25 @@ enum Command {
         /// Prompt template, as in the recipe.
         #[arg(long, default_value = "alpaca")]
         template: String,
+        /// Longest example, in tokens (longer ones are truncated, as in training).
         #[arg(long, default_value_t = 256)]
         cutoff_len: usize,
+        /// Examples per forward pass.
         #[arg(long, default_value_t = 4)]
         batch: usize,
         /// Only the first N records (0: all).
         #[arg(long, default_value_t = 0)]
         limit: usize,
+        /// Greedy answers of the base and of base + adapter to the first N records.
+        #[arg(long, value_name = "N", default_value_t = 0, requires = "answers")]
+        generate: usize,
+        /// JSONL file for the --generate answers: {"index", "instruction", "input", "reference",
+        /// "base", "adapter"} per line (written atomically).
+        #[arg(long, requires = "generate")]
+        answers: Option<PathBuf>,
+        /// Longest answer, in tokens, for --generate.
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
         /// flex, libtorch, cuda or cuda:N.
         #[arg(long, default_value = "flex")]
         device: String,
@@ -123,8 +171,9 @@ enum Command {
     /// Convert a checkpoint from another format into an HF model folder.
     #[command(subcommand)]
     Import(ImportCommand),
-    /// Training throughput on the workload of shared/bench/peft_reference.py; prints one JSON
-    /// line with the same fields.
+    /// Measure training throughput (tokens/s) as shared/bench/peft_reference.py does.
+    ///
+    /// Runs the reference's workload step for step; prints one JSON line with its fields.
     Bench(BenchArgs),
 }
 
@@ -202,6 +251,26 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Subcommand)]
+enum RecipeCommand {
+    /// Check recipe files: keys and types, the paths they name, the method against the model.
+    ///
+    /// Checks the TOML keys and types, that model.path, data.path and adapter.init_from exist,
+    /// the model's config.json, weights and tokenizer, that the method fits the architecture
+    /// (LoRA's target_modules must match a projection), the template, and that the data loads.
+    /// Prints `ok <file>: <summary>` per good recipe and `error: <file>: <reason>` per bad one;
+    /// exit code 2 if any is bad. EMBER_<SECTION>__<KEY> variables apply, as in `ember train`.
+    Check {
+        /// Recipe files (TOML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// A model, data or init_from path that does not exist is a warning (and the checks that
+        /// need it are skipped) instead of an error: for recipes whose models live elsewhere.
+        #[arg(long)]
+        skip_missing_paths: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum ImportCommand {
     /// A LLaMA-architecture GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 tensors), dequantized to f32.
     Gguf {
@@ -256,25 +325,43 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
+fn plot(run: &std::path::Path) -> anyhow::Result<()> {
+    if !run.join("metrics.jsonl").is_file() {
+        return Err(bad_input(anyhow::anyhow!("{}: no metrics.jsonl (is it a training run's output folder?)", run.display())));
+    }
+    // The folder's name, as `ember train` titles it.
+    let name = std::fs::canonicalize(run).ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "run".into());
+    let path = ember_trainer::plot::plot_run(run, &name).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Inspect { model: Some(dir), .. } if inspect::is_training_run(&dir) => inspect::training_run(&dir),
         Command::Inspect { model: Some(model), .. } => inspect::run(&model),
         Command::Inspect { recipe, .. } => inspect::recipe(&recipe.expect("clap requires model or recipe")),
         Command::Import(ImportCommand::Gguf { file, out }) => import::gguf(&file, &out),
-        Command::Train { recipe, overrides, resume, overwrite, quiet } => {
+        Command::Train { recipe, overrides, resume, overwrite, quiet, json } => {
             let start = match (resume, overwrite) {
                 (true, _) => ember_trainer::Start::Resume,
                 (_, true) => ember_trainer::Start::Overwrite,
                 _ => ember_trainer::Start::Fresh,
             };
-            train::run(&recipe, &overrides, start, quiet)
+            let output = if json { train::Output::Json } else if quiet { train::Output::Quiet } else { train::Output::Human };
+            train::run(&recipe, &overrides, start, output)
         }
+        Command::Recipe(RecipeCommand::Check { files, skip_missing_paths }) => recipe_check::run(&files, skip_missing_paths),
+        Command::Plot { run } => plot(&run),
         Command::Merge { base, adapter, out, dtype } => merge(&base, &adapter, &out, &dtype),
         Command::Bench(args) => bench(args),
-        Command::Eval { base, adapter, data, template, cutoff_len, batch, limit, device } => {
-            eval::run(&eval::Request { base: &base, adapter: adapter.as_deref(), data: &data, template: &template, cutoff_len, batch, limit, device: &device })
+        Command::Eval { base, adapter, data, template, cutoff_len, batch, limit, generate, answers, max_new_tokens, device } => {
+            eval::run(&eval::Request {
+                base: &base, adapter: adapter.as_deref(), data: &data, template: &template, cutoff_len, batch, limit, device: &device,
+                generate, answers: answers.as_deref(), max_new_tokens,
+            })
         }
         Command::Generate { base, adapter, prompt, input, template, max_new_tokens, temperature, top_p, seed, device } => {
             let options = ember_models::generate::GenerationOptions { max_new_tokens, temperature, top_p, seed, stop_ids: Vec::new() };

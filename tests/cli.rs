@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_bad_input, ember, fixtures, recipe, write_micro_llama};
+use common::{assert_bad_input, ember, ember_with_env, fixtures, recipe, write_micro_llama};
 use safetensors::tensor::TensorView;
 
 #[test]
@@ -217,4 +217,165 @@ fn eval_reports_base_and_adapter_loss() {
         assert!(loss.is_finite() && loss > 0.0, "{side}: {loss}");
     }
     assert_ne!(result["base"]["loss"], result["adapter"]["loss"]);
+}
+
+/// Every recipe under `recipes/` and `recipes/ci/`.
+fn shipped_recipes(folder: &str) -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(recipe(folder))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    found
+}
+
+#[test]
+fn recipe_check_passes_every_shipped_recipe() {
+    let all: Vec<String> = shipped_recipes("").into_iter().chain(shipped_recipes("ci")).collect();
+    assert!(all.len() >= 8, "{all:?}");
+    let args: Vec<&str> = ["recipe", "check", "--skip-missing-paths"].into_iter().chain(all.iter().map(String::as_str)).collect();
+    let output = ember(&args);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}{stdout}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), all.len(), "{stdout}");
+    // The CI recipes' models and data are all here: no flag needed, nothing skipped.
+    let ci = shipped_recipes("ci");
+    let args: Vec<&str> = ["recipe", "check"].into_iter().chain(ci.iter().map(String::as_str)).collect();
+    let output = ember(&args);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("200 records"));
+}
+
+#[test]
+fn recipe_check_names_the_bad_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = fixtures().join("..");
+    let text = std::fs::read_to_string(recipe("ci/tiny-lora.toml")).unwrap().replace("\"../../../shared/", &format!("\"{}/", shared.display()));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, text.replace("[\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]", "[\"nonexistent_proj\"]")).unwrap();
+    let output = ember(&["recipe", "check", bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    for needle in ["bad.toml", "'adapter.target_modules'", "nonexistent_proj", "q_proj"] {
+        assert!(stderr.contains(needle), "'{needle}' not in: {stderr}");
+    }
+    // A missing model folder is an error, or a warning with --skip-missing-paths.
+    let missing = dir.path().join("missing.toml");
+    std::fs::write(&missing, text.replace("fixtures/tiny_llama", "fixtures/no_such_model")).unwrap();
+    let output = ember(&["recipe", "check", missing.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("'model.path'"));
+    let output = ember(&["recipe", "check", "--skip-missing-paths", missing.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stderr).starts_with("warning: "));
+}
+
+/// `--json`: every stdout line is a JSON event, the last the summary; `EMBER_TRAIN__MAX_STEPS`
+/// shortens the run; summary.json names the adapter, metrics and a valid PNG of the curves.
+#[test]
+fn train_json_prints_events_and_the_summary_last() {
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let set_dir = format!("output.dir=\"{}\"", run.display());
+    let output = ember_with_env(&["train", &recipe("ci/tiny-lora.toml"), "--json", "--set", &set_dir], &[("EMBER_TRAIN__MAX_STEPS", "3")]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let events: Vec<serde_json::Value> =
+        String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    assert_eq!(events.iter().filter(|e| e["event"] == "step").count(), 3);
+    assert!(events.iter().all(|e| ["info", "step", "summary"].contains(&e["event"].as_str().unwrap())));
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "summary");
+    assert_eq!(last["steps"], 3);
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert!(summary["final_eval_loss"].as_f64().is_some() && summary["best_eval_loss"].as_f64().is_some());
+    assert!(Path::new(summary["adapter_dir"].as_str().unwrap()).join("adapter_config.json").is_file());
+    assert!(Path::new(summary["metrics"].as_str().unwrap()).is_file());
+    let png = std::fs::read(summary["plot"].as_str().unwrap()).unwrap();
+    assert!(png.len() > 1000 && png.starts_with(b"\x89PNG\r\n\x1a\n"), "{} bytes", png.len());
+}
+
+#[test]
+fn unknown_recipe_key_from_the_environment_is_bad_input() {
+    let output = ember_with_env(&["train", &recipe("ci/tiny-lora.toml")], &[("EMBER_TRAIN__MAX_STEP", "3")]);
+    assert_bad_input(&output, &["EMBER_TRAIN__MAX_STEP", "unknown key 'train.max_step'", "did you mean 'train.max_steps'"]);
+}
+
+/// `ember inspect <run dir>` for a finished run and for one stopped after a checkpoint, and
+/// `ember plot` redrawing the curves.
+#[test]
+fn inspect_and_plot_a_training_run() {
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let set_dir = format!("output.dir=\"{}\"", run.display());
+    let output = ember_with_env(
+        &["train", &recipe("ci/tiny-lora.toml"), "--quiet", "--set", &set_dir, "--set", "train.save_steps=2"],
+        &[("EMBER_TRAIN__MAX_STEPS", "3")],
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let inspect = || {
+        let output = ember(&["inspect", run.to_str().unwrap()]);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let finished = inspect();
+    for needle in ["status:         finished", "method:         LoRA r=8", "[q_proj, k_proj, v_proj, o_proj]", "trainable:      7,168 of", "steps:          3 ", "eval loss:", "training_curves.png"] {
+        assert!(finished.contains(needle), "'{needle}' not in:\n{finished}");
+    }
+
+    let png = run.join("training_curves.png");
+    std::fs::remove_file(&png).unwrap();
+    let output = ember(&["plot", run.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG\r\n\x1a\n"));
+
+    // As if killed after the step-2 checkpoint.
+    std::fs::remove_file(run.join("summary.json")).unwrap();
+    std::fs::remove_dir_all(run.join("adapter")).unwrap();
+    let unfinished = inspect();
+    for needle in ["status:         unfinished", "step-00000002", "steps:          2 ", "method:         LoRA r=8"] {
+        assert!(unfinished.contains(needle), "'{needle}' not in:\n{unfinished}");
+    }
+    assert_bad_input(&ember(&["plot", out.path().to_str().unwrap()]), &["no metrics.jsonl"]);
+}
+
+/// `ember eval --generate`: greedy answers of the base and of base + adapter, one JSON line each.
+#[test]
+fn eval_writes_base_and_adapter_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let answers = dir.path().join("answers.jsonl");
+    let base = fixtures().join("tiny_llama");
+    let adapter = base.join("adapters/lora");
+    let data = fixtures().join("../data/alpaca_en_sample_200.json");
+    let output = ember(&[
+        "eval", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--data", data.to_str().unwrap(),
+        "--limit", "4", "--generate", "2", "--max-new-tokens", "4", "--answers", answers.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let records: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&data).unwrap()).unwrap();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&answers).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["index"], i);
+        assert_eq!(line["instruction"], records[i]["instruction"]);
+        assert_eq!(line["reference"], records[i]["output"]);
+        assert!(line["input"].is_string() && line["base"].is_string() && line["adapter"].is_string(), "{line}");
+    }
+    assert_ne!(lines[0]["base"], lines[0]["adapter"]);
+}
+
+#[test]
+fn help_documents_exit_codes_and_every_command() {
+    let output = ember(&["--help"]);
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success());
+    for needle in ["Exit codes:", "0  success", "1  failure while running", "2  bad input", "recipe", "plot"] {
+        assert!(help.contains(needle), "'{needle}' not in:\n{help}");
+    }
+    for command in [&["train"][..], &["recipe", "check"], &["plot"], &["inspect"], &["eval"], &["generate"], &["merge"], &["bench"], &["import", "gguf"]] {
+        let args: Vec<&str> = command.iter().copied().chain(["--help"]).collect();
+        assert!(ember(&args).status.success(), "{command:?} --help");
+    }
 }

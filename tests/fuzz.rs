@@ -106,7 +106,7 @@ fn read_gguf(path: &Path) {
 #[test]
 fn seeds_are_valid() {
     assert_eq!(ember_data::alpaca::parse(Path::new("d.json"), ALPACA.as_bytes().to_vec()).unwrap().len(), 3);
-    ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), RECIPE, &[]).unwrap();
+    ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), RECIPE, &[], &[]).unwrap();
     let path = scratch("seed.safetensors");
     std::fs::write(&path, valid_safetensors()).unwrap();
     assert_eq!(Checkpoint::open_file(&path).unwrap().keys().count(), 11);
@@ -128,8 +128,8 @@ proptest! {
     #[test]
     fn recipe_parser_never_panics(edits in edits(), overrides in prop::collection::vec(".{0,40}", 0..3)) {
         let text = String::from_utf8_lossy(&mutate(RECIPE.as_bytes(), &edits)).into_owned();
-        let _ = ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), &text, &[]);
-        let _ = ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), RECIPE, &overrides);
+        let _ = ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), &text, &[], &[]);
+        let _ = ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), RECIPE, &[], &overrides);
     }
 
     #[test]

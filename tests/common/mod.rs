@@ -10,6 +10,11 @@ pub fn ember(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ember")).args(args).output().expect("run ember")
 }
 
+/// `ember` with extra environment variables.
+pub fn ember_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ember")).args(args).envs(env.iter().copied()).output().expect("run ember")
+}
+
 pub fn fixtures() -> PathBuf {
     std::env::var_os("EMBER_FIXTURES")
         .map(PathBuf::from)

@@ -1,10 +1,11 @@
-//! Training side of ember: recipes, the loss, the training loop, export and merge.
+//! Training side of ember: recipes, the loss, the training loop, export, merge and plots.
 
 pub mod bench;
 pub mod checkpoint;
 pub mod fault;
 pub mod loss;
 pub mod merge;
+pub mod plot;
 pub mod recipe;
 pub mod train;
 

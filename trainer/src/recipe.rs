@@ -1,5 +1,6 @@
 //! Recipe files: one TOML file describes a whole run, so it runs the same on a laptop, a GPU
-//! box and in CI. `--set section.key=value` overrides any key.
+//! box and in CI. `EMBER_<SECTION>__<KEY>=value` environment variables, then
+//! `--set section.key=value`, override any key.
 
 use std::path::{Path, PathBuf};
 
@@ -208,14 +209,28 @@ impl Recipe {
     /// Reads `path`, applies `overrides` (`section.key=value`, value in TOML syntax or a bare
     /// string) and resolves relative paths against the recipe's folder.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io { path: path.to_path_buf(), source })?;
-        Self::parse(path, &text, overrides)
+        Self::load_with_env(path, &[], overrides)
     }
 
-    /// A recipe from its `text`; `path` names it in errors and anchors its relative paths.
-    pub fn parse(path: &Path, text: &str, overrides: &[String]) -> Result<Self, RecipeError> {
+    /// As [`Recipe::load`], with `env` (`EMBER_<SECTION>__<KEY>` variables as (name, value), see
+    /// [`env_overrides`]) applied before `overrides`, so `--set` wins.
+    pub fn load_with_env(path: &Path, env: &[(String, String)], overrides: &[String]) -> Result<Self, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io { path: path.to_path_buf(), source })?;
+        Self::parse(path, &text, env, overrides)
+    }
+
+    /// A recipe from its `text`, then `env` and `overrides` as in [`Recipe::load_with_env`];
+    /// `path` names it in errors and anchors its relative paths.
+    pub fn parse(path: &Path, text: &str, env: &[(String, String)], overrides: &[String]) -> Result<Self, RecipeError> {
         let invalid = |reason: String| RecipeError::Invalid { path: path.to_path_buf(), reason };
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| invalid(format!("invalid TOML: {}", e.message())))?;
+        for (name, value) in env {
+            let key = name.strip_prefix(ENV_PREFIX).unwrap_or(name).to_lowercase().replacen("__", ".", 1);
+            // Checked here, not with the rest, so that the error names the variable.
+            key.split_once('.').map_or(Err(format!("unknown key '{key}'")), |(section, name)| check_key(section, name))
+                .and_then(|()| apply_override(&mut table, &format!("{key}={value}")))
+                .map_err(|e| invalid(format!("environment variable {name}: {e}")))?;
+        }
         for item in overrides {
             apply_override(&mut table, item).map_err(invalid)?;
         }
@@ -304,21 +319,41 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Prefix of the environment variables that override recipe keys: `EMBER_TRAIN__MAX_STEPS=3`
+/// sets `train.max_steps`.
+pub const ENV_PREFIX: &str = "EMBER_";
+
+/// The process's `EMBER_<SECTION>__<KEY>` variables, sorted by name. Other `EMBER_` variables
+/// (`EMBER_DEVICE`, `EMBER_FIXTURES`) have no `__` and are not recipe keys.
+pub fn env_overrides() -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> =
+        std::env::vars().filter(|(name, _)| name.strip_prefix(ENV_PREFIX).is_some_and(|rest| rest.contains("__"))).collect();
+    vars.sort();
+    vars
+}
+
 fn check_keys(table: &toml::Table) -> Result<(), String> {
     for (section, value) in table {
-        let Some((_, keys)) = KEYS.iter().find(|(s, _)| s == section) else {
-            let sections: Vec<&str> = KEYS.iter().map(|(s, _)| *s).collect();
-            return Err(unknown(section, &sections));
-        };
+        check_key(section, "")?;
         let Some(inner) = value.as_table() else { return Err(format!("'{section}' must be a table ([{section}])")) };
         for key in inner.keys() {
-            if !keys.contains(&key.as_str()) {
-                let full: Vec<String> = keys.iter().map(|k| format!("{section}.{k}")).collect();
-                return Err(unknown(&format!("{section}.{key}"), &full.iter().map(String::as_str).collect::<Vec<_>>()));
-            }
+            check_key(section, key)?;
         }
     }
     Ok(())
+}
+
+/// Whether `section.key` is a recipe key (with an empty `key`: whether `section` is a section).
+fn check_key(section: &str, key: &str) -> Result<(), String> {
+    let Some((_, keys)) = KEYS.iter().find(|(s, _)| *s == section) else {
+        let sections: Vec<&str> = KEYS.iter().map(|(s, _)| *s).collect();
+        return Err(unknown(section, &sections));
+    };
+    if key.is_empty() || keys.contains(&key) {
+        return Ok(());
+    }
+    let full: Vec<String> = keys.iter().map(|k| format!("{section}.{k}")).collect();
+    Err(unknown(&format!("{section}.{key}"), &full.iter().map(String::as_str).collect::<Vec<_>>()))
 }
 
 fn unknown(key: &str, valid: &[&str]) -> String {
@@ -351,11 +386,7 @@ mod tests {
     const MINIMAL: &str = "[model]\npath = \"m\"\n[adapter]\nmethod = \"lora\"\n[data]\npath = \"d.json\"\n[output]\ndir = \"out\"\n";
 
     fn load(text: &str, overrides: &[&str]) -> Result<Recipe, String> {
-        let dir = std::env::temp_dir().join(format!("ember-recipe-{}-{:?}", std::process::id(), std::thread::current().id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("r.toml");
-        std::fs::write(&path, text).unwrap();
-        Recipe::load(&path, &overrides.iter().map(|s| s.to_string()).collect::<Vec<_>>()).map_err(|e| e.to_string())
+        load_with_env(text, &[], overrides)
     }
 
     #[test]
@@ -403,6 +434,34 @@ mod tests {
         let adaption = MINIMAL.replace("method = \"lora\"", "method = \"adaption\"");
         let e = load(&adaption, &["adapter.adapter_len=10"]).unwrap_err();
         assert!(e.contains("'adapter.adapter_layers' must be at least 1"), "{e}");
+    }
+
+    fn load_with_env(text: &str, env: &[(&str, &str)], overrides: &[&str]) -> Result<Recipe, String> {
+        let dir = std::env::temp_dir().join(format!("ember-recipe-{}-{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.toml");
+        std::fs::write(&path, text).unwrap();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Recipe::load_with_env(&path, &env, &overrides.iter().map(|s| s.to_string()).collect::<Vec<_>>()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn env_variables_override_and_set_wins() {
+        let env = [("EMBER_TRAIN__MAX_STEPS", "3"), ("EMBER_DATA__CUTOFF_LEN", "64"), ("EMBER_TRAIN__LR", "0.1")];
+        let r = load_with_env(MINIMAL, &env, &["train.lr=1e-4"]).unwrap();
+        assert_eq!((r.train.max_steps, r.data.cutoff_len, r.train.lr), (3, 64, 1e-4));
+        let r = load_with_env(MINIMAL, &[("EMBER_ADAPTER__TARGET_MODULES", "all-linear")], &[]).unwrap();
+        assert!(matches!(r.adapter.target_modules, TargetModules::One(ref s) if s == "all-linear"));
+    }
+
+    #[test]
+    fn unknown_env_keys_name_the_variable() {
+        let e = load_with_env(MINIMAL, &[("EMBER_TRAIN__MAX_STEP", "3")], &[]).unwrap_err();
+        assert!(e.contains("environment variable EMBER_TRAIN__MAX_STEP: unknown key 'train.max_step' (did you mean 'train.max_steps'?)"), "{e}");
+        let e = load_with_env(MINIMAL, &[("EMBER_TRIAN__LR", "3")], &[]).unwrap_err();
+        assert!(e.contains("EMBER_TRIAN__LR: unknown key 'trian' (did you mean 'train'?)"), "{e}");
+        let e = load_with_env(MINIMAL, &[("EMBER_TRAIN__LR", "fast")], &[]).unwrap_err();
+        assert!(e.contains("'train.lr': invalid type"), "{e}");
     }
 
     #[test]

@@ -86,7 +86,7 @@ fn prepare_output(dir: &Path, start: Start) -> Result<(), TrainError> {
 }
 
 /// One optimizer step, as the loop reports it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct StepReport {
     pub step: usize,
     pub total_steps: usize,
@@ -97,6 +97,7 @@ pub struct StepReport {
     pub tokens_per_second: f64,
     pub eta_seconds: f64,
     /// True every `logging_steps` steps and at the last one: the steps worth a log line.
+    #[serde(skip)]
     pub log_line: bool,
 }
 
@@ -141,6 +142,10 @@ pub struct Summary {
     pub seconds: f64,
     pub adapter_dir: PathBuf,
     pub metrics: PathBuf,
+    /// `training_curves.png`; none if it could not be drawn. (Absent from checkpoints written
+    /// before plots existed.)
+    #[serde(default)]
+    pub plot: Option<PathBuf>,
 }
 
 /// The LoRA settings a recipe asks for.
@@ -398,7 +403,7 @@ pub fn train(recipe: &Recipe, start_mode: Start, on_event: &mut dyn FnMut(Event)
         skipped_empty_records: stats.empty.clone(), skipped_nonfinite_steps: Vec::new(), truncated_records: stats.truncated,
         trainable_parameters: trainable, total_parameters: total,
         first_train_loss: None, final_train_loss: None, first_eval_loss: None, final_eval_loss: None, best_eval_loss: None,
-        tokens_per_second: 0.0, seconds: 0.0, adapter_dir: recipe.output.dir.join("adapter"), metrics: metrics.path.clone(),
+        tokens_per_second: 0.0, seconds: 0.0, adapter_dir: recipe.output.dir.join("adapter"), metrics: metrics.path.clone(), plot: None,
     };
     let evaluator = Evaluator { examples: &eval_set, batch_size: t.micro_batch_size, pad_id, device: autodiff.clone().inner() };
     let base_name = recipe.model.path.to_string_lossy().into_owned();
@@ -410,7 +415,7 @@ pub fn train(recipe: &Recipe, start_mode: Start, on_event: &mut dyn FnMut(Event)
             let state = checkpoint::read_state(dir).map_err(input)?;
             (model, optimizer) = checkpoint::restore(dir, model, optimizer).map_err(input)?;
             (start, tokens_seen, train_seconds) = (state.position, state.tokens_seen, state.train_seconds);
-            summary = Summary { adapter_dir: summary.adapter_dir, metrics: summary.metrics, ..state.summary };
+            summary = Summary { adapter_dir: summary.adapter_dir, metrics: summary.metrics, plot: None, ..state.summary };
             info(on_event, format!("resumed from {} at step {}", dir.display(), start.step));
         }
         None => evaluator.run(&model, 0, &mut metrics, &mut summary, on_event)?,
@@ -509,6 +514,12 @@ pub fn train(recipe: &Recipe, start_mode: Start, on_event: &mut dyn FnMut(Event)
         return Err(run_error(format!("{reason} after training: the adapter would equal the base model; not saving it")));
     }
     model.save(&method, &base_name, &summary.adapter_dir).map_err(run_error)?;
+    // The adapter is saved: a plot that cannot be drawn is worth a message, not a failed run.
+    let run_name = recipe.output.dir.file_name().map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned());
+    match crate::plot::plot_run(&recipe.output.dir, &run_name) {
+        Ok(path) => summary.plot = Some(path),
+        Err(e) => info(on_event, format!("warning: no training curves: {e}")),
+    }
     summary.seconds = started.elapsed().as_secs_f64();
     let summary_path = recipe.output.dir.join("summary.json");
     ember_models::write_file_atomically(&summary_path, (serde_json::to_string_pretty(&summary).expect("summary serializes") + "\n").as_bytes())

@@ -1,0 +1,141 @@
+//! `ember recipe check`: what `ember train` would trip over, found without training: keys and
+//! types, the files the recipe points at, whether the method fits the model's architecture, the
+//! template and the data.
+
+use std::path::Path;
+
+use ember_adapters::lora::count_trainable;
+use ember_data::{Tokenizer, alpaca};
+use ember_models::transformer::{KeyLayout, check_checkpoint};
+use ember_models::{Checkpoint, LoadDtype, ModelConfig};
+use ember_trainer::Recipe;
+use ember_trainer::recipe::env_overrides;
+use ember_trainer::train::{lora_config, method, template};
+
+use crate::bad_input;
+use crate::inspect::group_digits;
+
+/// Checks every file, printing `ok <file>: <summary>` or `error: <file>: <reason>` for each;
+/// bad input if any is wrong. `EMBER_<SECTION>__<KEY>` variables apply, as in `ember train`.
+pub fn run(files: &[std::path::PathBuf], skip_missing_paths: bool) -> anyhow::Result<()> {
+    let env = env_overrides();
+    let mut failed = 0;
+    for file in files {
+        match check(file, &env, skip_missing_paths) {
+            Ok(summary) => println!("ok {}: {summary}", file.display()),
+            Err(reason) => {
+                eprintln!("error: {reason}");
+                failed += 1;
+            }
+        }
+    }
+    match failed {
+        0 => Ok(()),
+        n => Err(bad_input(anyhow::anyhow!("{n} of {} recipe(s) failed the check", files.len()))),
+    }
+}
+
+/// A one-line summary of a good recipe, or the reason (naming the file and key) it is not.
+fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Result<String, String> {
+    let recipe = Recipe::load_with_env(file, env, &[]).map_err(|e| e.to_string())?;
+    let fail = |reason: String| format!("{}: {reason}", file.display());
+    let present = |key: &str, path: &Path| -> Result<bool, String> {
+        if path.exists() {
+            return Ok(true);
+        }
+        let reason = format!("'{key}': {} does not exist", path.display());
+        match skip_missing_paths {
+            true => {
+                eprintln!("warning: {}: {reason}; its checks are skipped", file.display());
+                Ok(false)
+            }
+            false => Err(fail(reason)),
+        }
+    };
+    check_device(&recipe.model.device).map_err(fail)?;
+    if LoadDtype::parse(&recipe.model.dtype).is_none() {
+        return Err(fail(format!("'model.dtype' is '{}'; expected f32, bf16 or checkpoint", recipe.model.dtype)));
+    }
+    let template_name = template(&recipe).map(|_| recipe.data.template.clone()).map_err(|e| fail(e.to_string()))?;
+    let mut summary = Vec::new();
+
+    if let Some(dir) = &recipe.adapter.init_from
+        && present("adapter.init_from", dir)?
+    {
+        let peft = dir.join("adapter_config.json").is_file();
+        let chatglm = dir.join("config.json").is_file() && dir.join("prefix_encoder.safetensors").is_file();
+        if !peft && !chatglm {
+            return Err(fail(format!("'adapter.init_from': {} holds no adapter_config.json (PEFT) nor ChatGLM's prefix_encoder", dir.display())));
+        }
+        summary.push(format!("starts from the adapter in {}", dir.display()));
+    }
+    let method = method(&recipe).map_err(|e| fail(e.to_string()))?;
+    if recipe.adapter.init_from.is_none() {
+        summary.push(method.to_string());
+    }
+    if present("model.path", &recipe.model.path)? {
+        let config = ModelConfig::from_dir(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
+        let checkpoint = Checkpoint::open_dir(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
+        check_checkpoint(&config, &checkpoint).map_err(|e| fail(e.to_string()))?;
+        Tokenizer::from_dir(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
+        if recipe.adapter.init_from.is_none() {
+            summary.extend(fit_to_architecture(&recipe, &config).map_err(fail)?);
+        }
+        let name = recipe.model.path.file_name().map_or_else(|| recipe.model.path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        summary.push(format!("model {name} ({}, {} layers)", config.architecture.name(), config.num_layers));
+    }
+    if present("data.path", &recipe.data.path)? {
+        let records = alpaca::load(&recipe.data.path).map_err(|e| fail(e.to_string()))?.len();
+        if recipe.data.val_size >= records {
+            return Err(fail(format!("'data.val_size' is {} but {} has only {records} records", recipe.data.val_size, recipe.data.path.display())));
+        }
+        summary.push(format!("{} records ({} held out for eval)", group_digits(records), recipe.data.val_size));
+    }
+    summary.push(format!("template {template_name}"));
+    Ok(summary.join("; "))
+}
+
+/// The method's settings checked against the model: LoRA must target at least one projection,
+/// adaption prompts need that many layers. Prefix tuning fits every model.
+fn fit_to_architecture(recipe: &Recipe, config: &ModelConfig) -> Result<Option<String>, String> {
+    let a = &recipe.adapter;
+    match a.method.as_str() {
+        "lora" => {
+            if let Some(layer) = a.layers_to_transform.iter().flatten().find(|&&i| i >= config.num_layers) {
+                return Err(format!("'adapter.layers_to_transform': layer {layer} does not exist (the model has {} layers)", config.num_layers));
+            }
+            let lora = lora_config(recipe).map_err(|e| e.to_string())?;
+            let trainable = count_trainable(config, &lora);
+            if trainable == 0 {
+                let projections: Vec<String> = KeyLayout::of(config.architecture)
+                    .projection_names(0)
+                    .iter()
+                    .map(|name| name.rsplit('.').next().unwrap_or(name).to_owned())
+                    .collect();
+                return Err(format!(
+                    "'adapter.target_modules' = {} matches no projection of this {} model (its projections: {})",
+                    lora.target,
+                    config.architecture.name(),
+                    projections.join(", ")
+                ));
+            }
+            let all = config.num_params() + trainable;
+            Ok(Some(format!("{} trainable of {} parameters ({:.4}%)", group_digits(trainable), group_digits(all), 100.0 * trainable as f64 / all as f64)))
+        }
+        "adaption" => match a.adapter_layers.unwrap_or(0) {
+            layers if layers > config.num_layers => {
+                Err(format!("'adapter.adapter_layers' is {layers} but the model has only {} layers", config.num_layers))
+            }
+            _ => Ok(None),
+        },
+        _ => Ok(None),
+    }
+}
+
+fn check_device(name: &str) -> Result<(), String> {
+    let cuda_index = name.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+    match ["flex", "cpu", "libtorch", "cuda"].contains(&name) || cuda_index {
+        true => Ok(()),
+        false => Err(format!("'model.device' is '{name}'; expected flex, libtorch, cuda or cuda:N")),
+    }
+}
