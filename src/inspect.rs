@@ -20,12 +20,12 @@ pub fn recipe(path: &Path) -> anyhow::Result<()> {
     let recipe = ember_trainer::Recipe::load(path, &[]).map_err(bad_input)?;
     run(&recipe.model.path)?;
     let model = ModelConfig::from_dir(&recipe.model.path).map_err(bad_input)?;
-    let lora = ember_trainer::train::lora_config(&recipe).map_err(bad_input)?;
-    let trainable = ember_adapters::lora::count_trainable(&model, &lora);
+    let method = ember_trainer::train::method(&recipe).map_err(bad_input)?;
+    let trainable = method.count_trainable(&model);
     let all = model.num_params() + trainable;
     println!(
-        "adapter:        lora r={} alpha={} on {}: {} trainable of {} ({:.4}%)",
-        lora.r, lora.alpha, lora.target, group_digits(trainable), group_digits(all), 100.0 * trainable as f64 / all as f64
+        "adapter:        {method}: {} trainable of {} ({:.4}%)",
+        group_digits(trainable), group_digits(all), 100.0 * trainable as f64 / all as f64
     );
     Ok(())
 }

@@ -3,7 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use ember_adapters::adaption::AdaptionPrompts;
+use ember_adapters::adaption::{AdaptionConfig, AdaptionPrompts};
+use ember_adapters::lora::{LoraConfig, Target};
+use ember_adapters::prefix::PrefixConfig;
+use ember_adapters::{AdaptedModel, Method};
 use ember_models::{BaseModel, LoadDtype};
 
 fn fixtures() -> PathBuf {
@@ -23,5 +26,26 @@ fn fresh_gated_adapter_leaves_the_base_logits_unchanged() {
         let base = model.forward(ids(), None).into_data();
         let adapted = model.forward_with(ids(), None, &prompts.extras()).into_data();
         assert_eq!(base, adapted, "{name}");
+    }
+}
+
+/// The shape-only count (`ember inspect --recipe`, no weights loaded) equals what a fresh adapter
+/// really trains, for every method and family.
+#[test]
+fn trainable_counts_from_shapes_match_fresh_adapters() {
+    let device = Device::flex();
+    let methods = [
+        Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None }),
+        Method::Prefix(PrefixConfig { num_virtual_tokens: 5, prefix_projection: false, encoder_hidden_size: None }),
+        Method::Prefix(PrefixConfig { num_virtual_tokens: 5, prefix_projection: true, encoder_hidden_size: Some(24) }),
+        Method::Adaption(AdaptionConfig { adapter_len: 3, adapter_layers: 1 }),
+    ];
+    for name in ["tiny_llama", "tiny_glm", "tiny_chatglm"] {
+        for method in &methods {
+            let base = BaseModel::load(&fixtures().join(name), LoadDtype::F32, &device).unwrap();
+            let expected = method.count_trainable(&base.config);
+            let (trainable, _) = AdaptedModel::init(base, method, 0, &device).unwrap().parameter_counts();
+            assert_eq!(trainable, expected, "{name}: {method}");
+        }
     }
 }

@@ -33,6 +33,18 @@ impl Method {
     }
 }
 
+impl Method {
+    /// Parameters a fresh adapter of this method trains on `model`, from the shapes alone (no
+    /// weights loaded: a 7B recipe can be sized on any machine).
+    pub fn count_trainable(&self, model: &ModelConfig) -> usize {
+        match self {
+            Method::Lora(c) => lora::count_trainable(model, c),
+            Method::Prefix(c) => prefix::count_trainable(model, c),
+            Method::Adaption(c) => adaption::count_trainable(model, c),
+        }
+    }
+}
+
 impl fmt::Display for Method {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -105,11 +105,19 @@ pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
-/// Removes what killed writers left behind in `dir`: `.<name>.tmp-<pid>` and `.<name>.old-<pid>`.
+/// Cleans up after writers killed in `dir`: removes `.<name>.tmp-<pid>` (never complete) and
+/// `.<name>.old-<pid>`, unless `<name>` is missing, when that old copy is the last good one and is
+/// put back.
 pub fn remove_stale_temporaries(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some((original, _)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".old-")) {
+            let original = dir.join(original);
+            if !original.exists() && std::fs::rename(&path, &original).is_ok() {
+                continue;
+            }
+        }
         if name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-")) {
             let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
         }
@@ -131,4 +139,28 @@ fn sync_tree(dir: &Path) -> Result<(), (PathBuf, std::io::Error)> {
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer killed between moving the old folder aside and renaming the new one in leaves
+    /// only `.<name>.old-<pid>`: the cleanup puts it back; a half-written `.tmp-` goes.
+    #[test]
+    fn stale_temporaries_restore_the_last_good_folder() {
+        let dir = std::env::temp_dir().join(format!("ember-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join(".adapter.old-123")).unwrap();
+        std::fs::write(dir.join(".adapter.old-123/weights"), b"good").unwrap();
+        std::fs::create_dir_all(dir.join(".adapter.tmp-456")).unwrap();
+        remove_stale_temporaries(&dir);
+        assert_eq!(std::fs::read(dir.join("adapter/weights")).unwrap(), b"good");
+        assert!(!dir.join(".adapter.tmp-456").exists() && !dir.join(".adapter.old-123").exists());
+
+        write_dir_atomically(&dir.join("adapter"), |tmp| std::fs::write(tmp.join("weights"), b"new"), |_, e| e).unwrap();
+        assert_eq!(std::fs::read(dir.join("adapter/weights")).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "temporaries left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

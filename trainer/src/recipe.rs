@@ -245,7 +245,9 @@ impl Recipe {
             }
         })?;
         recipe.validate().map_err(invalid)?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Absolute, so adapters record a base path that works from any folder.
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
         for p in [&mut recipe.model.path, &mut recipe.data.path, &mut recipe.output.dir].into_iter().chain(recipe.adapter.init_from.as_mut()) {
             if p.is_relative() {
                 *p = base.join(&*p);

@@ -43,6 +43,11 @@ pub fn key(model: &ModelConfig, layer: usize, name: &str) -> String {
     format!("base_model.model.{}.{}.{name}", keys.layer(layer), keys.attention)
 }
 
+/// Trainable parameters of fresh prompts, from the shapes alone: a prompt and a gate per layer.
+pub fn count_trainable(model: &ModelConfig, config: &AdaptionConfig) -> usize {
+    config.adapter_layers.min(model.num_layers) * (config.adapter_len * model.hidden_size + 1)
+}
+
 impl AdaptionPrompts {
     /// Fresh prompts ~ N(0, 1) (as PEFT) in the top `adapter_layers` layers, gates 0.
     pub fn init(model: &ModelConfig, adapter_len: usize, adapter_layers: usize, seed: u64, device: &Device) -> Self {
@@ -155,5 +160,6 @@ mod tests {
         assert_eq!(prompts.layers.iter().flatten().count(), 30);
         assert!(prompts.layers[..2].iter().all(Option::is_none), "the top 30 of 32 layers");
         assert_eq!(prompts.num_trainable(), 1_228_800 + 30);
+        assert_eq!(count_trainable(&model, &AdaptionConfig { adapter_len: 10, adapter_layers: 30 }), 1_228_800 + 30);
     }
 }

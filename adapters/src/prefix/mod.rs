@@ -118,8 +118,7 @@ impl PrefixEncoder {
         if !config.prefix_projection {
             return Self::new(normal(&mut rng, [n, width]), None, model, !chatglm);
         }
-        let token = if chatglm { width } else { model.kv_dim() };
-        let hidden = config.encoder_hidden_size.unwrap_or(if chatglm { model.hidden_size } else { token });
+        let (token, hidden) = mlp_widths(model, config);
         let embedding = normal(&mut rng, [n, token]);
         let mut linear = |inp: usize, out: usize| {
             let bound = 1.0 / (inp as f64).sqrt();
@@ -183,6 +182,24 @@ impl PrefixEncoder {
 fn read_json(path: &Path) -> Result<Value, AdapterError> {
     let text = std::fs::read_to_string(path).map_err(|e| AdapterError::Io { path: path.to_path_buf(), source: e })?;
     serde_json::from_str(&text).map_err(|e| AdapterError::invalid(path, format!("invalid JSON: {e}")))
+}
+
+/// Input and hidden width of the reparameterization MLP: PEFT feeds a token-width embedding and
+/// keeps that width inside; THUDM's ChatGLM feeds the table width and uses the hidden size.
+fn mlp_widths(model: &ModelConfig, config: &PrefixConfig) -> (usize, usize) {
+    let chatglm = is_chatglm_ptuning(model);
+    let token = if chatglm { table_width(model) } else { model.kv_dim() };
+    (token, config.encoder_hidden_size.unwrap_or(if chatglm { model.hidden_size } else { token }))
+}
+
+/// Trainable parameters of a fresh encoder, from the shapes alone.
+pub fn count_trainable(model: &ModelConfig, config: &PrefixConfig) -> usize {
+    let (n, width) = (config.num_virtual_tokens, table_width(model));
+    if !config.prefix_projection {
+        return n * width;
+    }
+    let (token, hidden) = mlp_widths(model, config);
+    n * token + (token + 1) * hidden + (hidden + 1) * width
 }
 
 fn table_width(model: &ModelConfig) -> usize {
