@@ -61,7 +61,7 @@ mod tests {
             h.reshape([b * s, w]).matmul(head.clone()).reshape([b, s, vocab])
         };
         let loss = causal_lm_loss(hidden.clone(), &labels, project).unwrap().into_scalar::<f32>();
-        let log_probs = log_softmax(project(hidden).reshape([batch * seq, vocab]), 1).into_data().to_vec::<f32>().unwrap();
+        let log_probs = log_softmax(project(hidden).reshape([batch * seq, vocab]), 1).into_data().try_to_vec::<f32>().unwrap();
         let (mut total, mut count) = (0f32, 0);
         for b in 0..batch {
             for t in 0..seq - 1 {
