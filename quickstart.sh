@@ -18,4 +18,4 @@ echo "== fine-tuning (recipes/smollm2-lora.toml)"
 $ember train recipes/smollm2-lora.toml --overwrite
 echo "== after fine-tuning"
 $ember generate --base "$model" --adapter target/runs/smollm2-lora/adapter --prompt "$instruction" --max-new-tokens 64
-echo "== outputs: target/runs/smollm2-lora/{adapter/,metrics.jsonl,summary.json}"
+echo "== outputs: target/runs/smollm2-lora/{adapter/,metrics.jsonl,summary.json,training_curves.png}"
