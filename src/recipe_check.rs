@@ -79,7 +79,10 @@ fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Res
         check_checkpoint(&config, &checkpoint).map_err(|e| fail(e.to_string()))?;
         Tokenizer::from_dir(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
         if recipe.adapter.init_from.is_none() {
-            summary.extend(fit_to_architecture(&recipe, &config).map_err(fail)?);
+            fit_to_architecture(&recipe, &config).map_err(fail)?;
+            let trainable = method.count_trainable(&config);
+            let all = config.num_params() + trainable;
+            summary.push(format!("{} trainable of {} parameters ({:.4}%)", group_digits(trainable), group_digits(all), 100.0 * trainable as f64 / all as f64));
         }
         let name = recipe.model.path.file_name().map_or_else(|| recipe.model.path.display().to_string(), |n| n.to_string_lossy().into_owned());
         summary.push(format!("model {name} ({}, {} layers)", config.architecture.name(), config.num_layers));
@@ -97,7 +100,7 @@ fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Res
 
 /// The method's settings checked against the model: LoRA must target at least one projection,
 /// adaption prompts need that many layers. Prefix tuning fits every model.
-fn fit_to_architecture(recipe: &Recipe, config: &ModelConfig) -> Result<Option<String>, String> {
+fn fit_to_architecture(recipe: &Recipe, config: &ModelConfig) -> Result<(), String> {
     let a = &recipe.adapter;
     match a.method.as_str() {
         "lora" => {
@@ -119,16 +122,15 @@ fn fit_to_architecture(recipe: &Recipe, config: &ModelConfig) -> Result<Option<S
                     projections.join(", ")
                 ));
             }
-            let all = config.num_params() + trainable;
-            Ok(Some(format!("{} trainable of {} parameters ({:.4}%)", group_digits(trainable), group_digits(all), 100.0 * trainable as f64 / all as f64)))
+            Ok(())
         }
         "adaption" => match a.adapter_layers.unwrap_or(0) {
             layers if layers > config.num_layers => {
                 Err(format!("'adapter.adapter_layers' is {layers} but the model has only {} layers", config.num_layers))
             }
-            _ => Ok(None),
+            _ => Ok(()),
         },
-        _ => Ok(None),
+        _ => Ok(()),
     }
 }
 
