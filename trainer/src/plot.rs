@@ -46,14 +46,17 @@ impl Curves {
 }
 
 /// Draws `run_dir/metrics.jsonl` into `run_dir/training_curves.png` (written to a temporary
-/// file and renamed) with `title` above it; returns the PNG's path.
+/// file, synced and renamed) with `title` above it; returns the PNG's path.
 pub fn plot_run(run_dir: &Path, title: &str) -> Result<PathBuf, String> {
     let curves = Curves::read(&run_dir.join("metrics.jsonl"))?;
     let out = run_dir.join(PLOT_FILE);
     // The bitmap backend picks the encoder by extension, so the temporary name ends in .png too.
     let tmp = run_dir.join(format!(".{PLOT_FILE}.tmp-{}.png", std::process::id()));
-    let result = draw(&curves, title, &tmp).map_err(|e| format!("{}: {e}", out.display()));
-    match result.and_then(|()| std::fs::rename(&tmp, &out).map_err(|e| format!("{}: {e}", out.display()))) {
+    let result = draw(&curves, title, &tmp)
+        .and_then(|()| Ok(std::fs::File::open(&tmp)?.sync_all()?))
+        .and_then(|()| Ok(std::fs::rename(&tmp, &out)?))
+        .map_err(|e| format!("{}: {e}", out.display()));
+    match result {
         Ok(()) => Ok(out),
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);

@@ -257,14 +257,14 @@ impl Metrics {
     /// append to: lines written after the checkpoint by the killed run are dropped.
     fn create(path: PathBuf, resume_from: Option<&Path>) -> Result<Self, TrainError> {
         let error = |e: std::io::Error| run_error(format!("{}: {e}", path.display()));
-        if let Some(saved) = resume_from {
-            let bytes = std::fs::read(saved).map_err(|e| run_error(format!("{}: {e}", saved.display())))?;
-            ember_models::write_file_atomically(&path, &bytes).map_err(error)?;
-        }
-        let file = std::fs::OpenOptions::new().create(true).append(true).truncate(false).open(&path).map_err(error)?;
-        if resume_from.is_none() {
-            file.set_len(0).map_err(error)?;
-        }
+        let file = match resume_from {
+            Some(saved) => {
+                let bytes = std::fs::read(saved).map_err(|e| run_error(format!("{}: {e}", saved.display())))?;
+                ember_models::write_file_atomically(&path, &bytes).map_err(error)?;
+                std::fs::OpenOptions::new().append(true).open(&path).map_err(error)?
+            }
+            None => std::fs::File::create(&path).map_err(error)?,
+        };
         Ok(Self { path, file })
     }
 
