@@ -11,21 +11,46 @@ use ember_models::transformer::check_checkpoint;
 use ember_models::{Checkpoint, ModelConfig};
 use ember_trainer::Summary;
 use ember_trainer::checkpoint;
+use ember_trainer::memory::{self, BatchShape};
+use ember_trainer::step::StepOptions;
 use serde_json::Value;
 
 use crate::bad_input;
 
-/// `ember inspect --recipe r.toml`: the recipe's model, then what its adapter would train.
-pub fn recipe(path: &Path) -> anyhow::Result<()> {
+/// `ember inspect --recipe r.toml [--shape s]`: the recipe's model (or a model shape, for a
+/// checkpoint not on this machine), what its adapter would train, and the estimated peak memory.
+pub fn recipe(path: &Path, shape: Option<&str>) -> anyhow::Result<()> {
     let recipe = ember_trainer::Recipe::load(path, &[]).map_err(bad_input)?;
-    run(&recipe.model.path)?;
-    let model = ModelConfig::from_dir(&recipe.model.path).map_err(bad_input)?;
+    let model = match shape {
+        Some(shape) => {
+            let (json, source) = ember_trainer::bench::shape_config(shape).map_err(|e| bad_input(anyhow::anyhow!("--shape {e}")))?;
+            println!("model:          shape {} (the recipe's model {} is not read)", source.display(), recipe.model.path.display());
+            ModelConfig::from_json(&json, &source).map_err(bad_input)?
+        }
+        None => {
+            run(&recipe.model.path)?;
+            ModelConfig::from_dir(&recipe.model.path).map_err(bad_input)?
+        }
+    };
     let method = ember_trainer::train::method(&recipe).map_err(bad_input)?;
     let trainable = method.count_trainable(&model);
     let all = model.num_params() + trainable;
     println!(
         "adapter:        {method}: {} trainable of {} ({:.4}%)",
         group_digits(trainable), group_digits(all), 100.0 * trainable as f64 / all as f64
+    );
+    let t = &recipe.train;
+    let options = StepOptions { checkpoint_layers: t.gradient_checkpointing, loss_chunk_tokens: t.loss_chunk_tokens, padding_free: t.padding_free };
+    let batch = BatchShape::worst_case(t.micro_batch_size, recipe.data.cutoff_len);
+    let estimate = memory::estimate(&model, &method, memory::weight_bytes(&recipe.model.dtype, &model), &batch, options);
+    let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
+    println!(
+        "memory:         ~{:.1} GiB peak (estimate; {} sequences of {} tokens, checkpointing {}, loss chunk {}): \
+         weights {:.1}, adapter + AdamW {:.2}, activations {:.1}, loss {:.2} GiB",
+        gib(estimate.total()), t.micro_batch_size, recipe.data.cutoff_len,
+        if t.gradient_checkpointing { "on" } else { "off" },
+        if t.loss_chunk_tokens == 0 { "off".to_string() } else { format!("{} tokens", t.loss_chunk_tokens) },
+        gib(estimate.weights), gib(estimate.adapter), gib(estimate.activations), gib(estimate.loss)
     );
     Ok(())
 }

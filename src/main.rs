@@ -41,9 +41,13 @@ enum Command {
         /// folder (summary.json, adapter/ or checkpoints/).
         #[arg(required_unless_present = "recipe")]
         model: Option<PathBuf>,
-        /// Inspect a recipe's model and what its adapter would train.
+        /// Inspect a recipe's model, what its adapter would train and its estimated peak memory.
         #[arg(long, conflicts_with = "model")]
         recipe: Option<PathBuf>,
+        /// With --recipe: size a model shape instead of the recipe's model (a preset: llama-7b,
+        /// llama-13b, llama3-8b, smollm2-135m; or a config.json), for a checkpoint not on this machine.
+        #[arg(long, requires = "recipe")]
+        shape: Option<String>,
     },
     /// Fine-tune an adapter as a recipe file describes.
     ///
@@ -227,6 +231,15 @@ struct BenchArgs {
     /// Frozen base dtype: f32, bf16 or checkpoint.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Activation checkpointing per decoder layer (recipe: train.gradient_checkpointing).
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// LM head + loss over at most N supervised tokens at a time, 0: all (recipe: train.loss_chunk_tokens).
+    #[arg(long, default_value_t = 0)]
+    loss_chunk_tokens: usize,
+    /// Compute the padded batch as the reference does, pad tokens included (recipe: train.padding_free = false).
+    #[arg(long)]
+    padded: bool,
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -244,6 +257,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         virtual_tokens: args.virtual_tokens, adapter_len: args.adapter_len, adapter_layers: args.adapter_layers,
         batch: args.batch, cutoff: args.cutoff, steps: args.steps, warmup: args.warmup, threads: args.threads,
         device: args.device, dtype: args.dtype,
+        step: ember_trainer::step::StepOptions {
+            checkpoint_layers: args.gradient_checkpointing, loss_chunk_tokens: args.loss_chunk_tokens, padding_free: !args.padded,
+        },
     };
     let result = ember_trainer::bench::run(&options).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
     println!("{result}");
@@ -342,7 +358,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect { model: Some(dir), .. } if inspect::is_training_run(&dir) => inspect::training_run(&dir),
         Command::Inspect { model: Some(model), .. } => inspect::run(&model),
-        Command::Inspect { recipe, .. } => inspect::recipe(&recipe.expect("clap requires model or recipe")),
+        Command::Inspect { recipe, shape, .. } => inspect::recipe(&recipe.expect("clap requires model or recipe"), shape.as_deref()),
         Command::Import(ImportCommand::Gguf { file, out }) => import::gguf(&file, &out),
         Command::Train { recipe, overrides, resume, overwrite, quiet, json } => {
             let start = match (resume, overwrite) {

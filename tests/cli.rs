@@ -23,6 +23,23 @@ fn inspect_prints_parameter_counts_of_the_fixtures() {
     }
 }
 
+/// The 7B recipes are sized without their checkpoint: checkpointing brings the user's first job
+/// (LLaMA-7B, bf16, 4 × 256 tokens) under a 24 GB card; the estimate names its parts.
+#[test]
+fn inspect_recipe_estimates_peak_memory_of_a_model_shape() {
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/alpaca-lora-7b.toml");
+    let output = ember(&["inspect", "--recipe", recipe.to_str().unwrap(), "--shape", "llama-7b"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().find(|l| l.starts_with("memory:")).unwrap_or_else(|| panic!("no memory line in {stdout}"));
+    let gib: f64 = line.split('~').nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+    assert!(gib > 12.6 && gib < 22.0, "{line}");
+    for part in ["weights", "adapter + AdamW", "activations", "loss", "checkpointing on"] {
+        assert!(line.contains(part), "{line}");
+    }
+    assert_bad_input(&ember(&["inspect", "--recipe", recipe.to_str().unwrap(), "--shape", "llama-99b"]), &["llama-99b", "not a preset"]);
+}
+
 #[test]
 fn inspect_accepts_a_valid_micro_model() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,11 +14,13 @@ use std::process::ExitCode;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn::module::Param;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Gradients;
-use ember_adapters::{adaption, lora, prefix};
+use ember_adapters::{AdaptedModel, adaption, lora, prefix};
 use ember_data::{Batch, Record, SftOptions, Template, Tokenizer, sft};
 use ember_trainer::loss::causal_lm_loss;
 use ember_trainer::merge;
+use ember_trainer::step::{StepOptions, forward_backward};
 use ember_models::{BaseModel, Checkpoint, KvCache, LayerExtras, LoadDtype, ModelConfig};
 use serde_json::Value;
 
@@ -290,32 +292,62 @@ fn lora_checks(
     let base = BaseModel::load(dir, LoadDtype::F32, &autodiff).map_err(|e| e.to_string())?;
     let (model, _) = lora::load_peft(&adapter_dir, base, &autodiff).map_err(|e| e.to_string())?;
     let shape = [shape[0], shape[1]];
-    let mask = int_tensor(train_mask, shape, &autodiff);
-    let hidden = model.hidden_states(int_tensor(train_ids, shape, &autodiff), Some(&mask), None, &[]);
+    let mask = int_tensor(train_mask.clone(), shape, &autodiff);
+    let hidden = model.hidden_states(int_tensor(train_ids.clone(), shape, &autodiff), Some(&mask), None, &[]);
     let loss = causal_lm_loss(hidden, &labels, |h| model.logits(h)).ok_or("no supervised token in the train batch")?;
     let loss_value = loss.to_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?[0];
     let expected_loss = spec["loss"].as_f64().ok_or("no loss")? as f32;
     report.check(name, &format!("{method}.loss"), (loss_value - expected_loss).abs(), LOSS_ATOL);
-    let grads = loss.backward();
-    let (mut worst, mut checked) = (0f32, 0);
-    for (module, layer) in model.projections() {
-        let Some(branch) = &layer.lora else { continue };
-        for (part, param) in [("lora_A", &branch.lora_a), ("lora_B", &branch.lora_b)] {
-            let key = format!("grad.{method}.base_model.model.{module}.{part}.weight");
-            let (expected, _) = f32s(reference, &key)?;
-            let ours = param.val().grad(&grads).ok_or_else(|| format!("no gradient for {key}"))?;
-            let ours = ours.into_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
-            worst = worst.max(grad_excess(&ours, &expected));
-            checked += 1;
+    let tape = loss.backward();
+    let model = AdaptedModel { model, prefix: None, adaption: None };
+    let train_batch = Batch { batch: shape[0], seq: shape[1], input_ids: train_ids, attention_mask: train_mask, labels };
+    let staged = staged_gradients(&model, &train_batch, &autodiff);
+    for (grads, label) in [(Grads::Tape(&tape), "grads"), (Grads::Staged(&staged), "grads_checkpointed")] {
+        let (mut worst, mut checked) = (0f32, 0);
+        for (module, layer) in model.model.projections() {
+            let Some(branch) = &layer.lora else { continue };
+            for (part, param) in [("lora_A", &branch.lora_a), ("lora_B", &branch.lora_b)] {
+                let key = format!("grad.{method}.base_model.model.{module}.{part}.weight");
+                let (expected, _) = f32s(reference, &key)?;
+                let ours = grads.of(param).ok_or_else(|| format!("no gradient for {key}"))?;
+                worst = worst.max(grad_excess(&ours, &expected));
+                checked += 1;
+            }
         }
+        let expected_count = spec["grad_keys"].as_array().map_or(0, Vec::len);
+        if checked != expected_count {
+            return Err(format!("compared {checked} gradients, the fixture has {expected_count}"));
+        }
+        // Reported as the largest |error| beyond rtol·|ref|, checked against atol.
+        report.check(name, &format!("{method}.{label}({checked})"), worst, GRAD_ATOL);
     }
-    let expected_count = spec["grad_keys"].as_array().map_or(0, Vec::len);
-    if checked != expected_count {
-        return Err(format!("compared {checked} gradients, the fixture has {expected_count}"));
-    }
-    // Reported as the largest |error| beyond rtol·|ref|, checked against atol.
-    report.check(name, &format!("{method}.grads({checked})"), worst, GRAD_ATOL);
     Ok(())
+}
+
+/// Gradients of one backward through the whole graph, or of ember's training step.
+enum Grads<'a> {
+    Tape(&'a Gradients),
+    Staged(&'a GradientsParams),
+}
+
+impl Grads<'_> {
+    fn of<const D: usize>(&self, param: &Param<Tensor<D>>) -> Option<Vec<f32>> {
+        let grad = match self {
+            Grads::Tape(grads) => param.val().grad(grads),
+            Grads::Staged(grads) => grads.get::<D>(param.id),
+        };
+        grad.and_then(|g| g.into_data().try_to_vec::<f32>().ok())
+    }
+}
+
+/// The gradients ember's training step computes, padding-free, with per-layer activation
+/// checkpointing and the loss in chunks of 5 tokens: they must match the reference as the plain
+/// backward does.
+fn staged_gradients(model: &AdaptedModel, batch: &Batch, device: &Device) -> GradientsParams {
+    let mut grads = GradientsAccumulator::new();
+    let options = StepOptions { checkpoint_layers: true, loss_chunk_tokens: 5, padding_free: true };
+    forward_backward(model, batch, 1.0, options, 0, device, &mut grads);
+    grads.grads()
 }
 
 /// The trainable side of an extras adapter, as the reference names its gradients.
@@ -333,11 +365,20 @@ impl ExtrasAdapter {
         }
     }
 
-    /// (reference gradient key without the `grad.<method>.` prefix, our gradient)
-    fn grads(&self, grads: &Gradients, model: &ModelConfig, chatglm: bool) -> Vec<(String, Option<Vec<f32>>)> {
-        fn values<const D: usize>(p: &Param<Tensor<D>>, grads: &Gradients) -> Option<Vec<f32>> {
-            p.val().grad(grads).and_then(|g| g.into_data().try_to_vec::<f32>().ok())
+    /// The base with this adapter, as the training step takes it (parameters shared).
+    fn adapted(&self, base: BaseModel) -> AdaptedModel {
+        let mut model = AdaptedModel::base_only(base);
+        match self {
+            ExtrasAdapter::Prefix(p) => model.prefix = Some(p.clone()),
+            ExtrasAdapter::Adaption(a) => model.adaption = Some(a.clone()),
         }
+        model
+    }
+
+    /// (reference gradient key without the `grad.<method>.` prefix, our gradient)
+    fn grads(&self, grads: &Grads, model: &ModelConfig, chatglm: bool) -> Vec<(String, Option<Vec<f32>>)> {
+        let values = |p: &Param<Tensor<2>>| grads.of(p);
+        let vector = |p: &Param<Tensor<1>>| grads.of(p);
         match self {
             ExtrasAdapter::Prefix(p) => {
                 let (root, first, second) = if chatglm {
@@ -345,11 +386,11 @@ impl ExtrasAdapter {
                 } else {
                     ("prompt_encoder", "transform.0", "transform.2")
                 };
-                let mut out = vec![(format!("{root}.embedding.weight"), values(&p.embedding, grads))];
+                let mut out = vec![(format!("{root}.embedding.weight"), values(&p.embedding))];
                 if let Some(mlp) = &p.projection {
                     for (name, layer) in [(first, &mlp.first), (second, &mlp.second)] {
-                        out.push((format!("{root}.{name}.weight"), values(&layer.weight, grads)));
-                        out.push((format!("{root}.{name}.bias"), layer.bias.as_ref().and_then(|b| values(b, grads))));
+                        out.push((format!("{root}.{name}.weight"), values(&layer.weight)));
+                        out.push((format!("{root}.{name}.bias"), layer.bias.as_ref().and_then(&vector)));
                     }
                 }
                 out
@@ -361,8 +402,8 @@ impl ExtrasAdapter {
                 .filter_map(|(i, l)| l.as_ref().map(|l| (i, l)))
                 .flat_map(|(i, l)| {
                     [
-                        (adaption::key(model, i, "adaption_prompt"), values(&l.prompt, grads)),
-                        (adaption::key(model, i, "adaption_gate"), values(&l.gate, grads)),
+                        (adaption::key(model, i, "adaption_prompt"), grads.of(&l.prompt)),
+                        (adaption::key(model, i, "adaption_gate"), vector(&l.gate)),
                     ]
                 })
                 .collect(),
@@ -431,26 +472,31 @@ fn extras_checks(
     let (labels, _) = i64s(reference, "train.labels")?;
     let base = BaseModel::load(dir, LoadDtype::F32, &autodiff).map_err(|e| e.to_string())?;
     let shape = [shape[0], shape[1]];
-    let mask = int_tensor(train_mask, shape, &autodiff);
-    let hidden = base.hidden_states(int_tensor(train_ids, shape, &autodiff), Some(&mask), None, &adapter.extras(shape[0]));
+    let mask = int_tensor(train_mask.clone(), shape, &autodiff);
+    let hidden = base.hidden_states(int_tensor(train_ids.clone(), shape, &autodiff), Some(&mask), None, &adapter.extras(shape[0]));
     let loss = causal_lm_loss(hidden, &labels, |h| base.logits(h)).ok_or("no supervised token in the train batch")?;
     let loss_value = loss.to_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?[0];
     let expected_loss = spec["loss"].as_f64().ok_or("no loss")? as f32;
     report.check(name, &format!("{method}.loss"), (loss_value - expected_loss).abs(), LOSS_ATOL);
-    let grads = loss.backward();
-    let ours = adapter.grads(&grads, &config, chatglm);
-    let expected_count = spec["grad_keys"].as_array().map_or(0, Vec::len);
-    if ours.len() != expected_count {
-        return Err(format!("{} gradients, the fixture has {expected_count}", ours.len()));
+    let tape = loss.backward();
+    let model = adapter.adapted(base);
+    let train_batch = Batch { batch: shape[0], seq: shape[1], input_ids: train_ids, attention_mask: train_mask, labels };
+    let staged = staged_gradients(&model, &train_batch, &autodiff);
+    for (grads, label) in [(Grads::Tape(&tape), "grads"), (Grads::Staged(&staged), "grads_checkpointed")] {
+        let ours = adapter.grads(&grads, &config, chatglm);
+        let expected_count = spec["grad_keys"].as_array().map_or(0, Vec::len);
+        if ours.len() != expected_count {
+            return Err(format!("{} gradients, the fixture has {expected_count}", ours.len()));
+        }
+        let mut worst = 0f32;
+        for (key, values) in ours {
+            let full = format!("grad.{method}.{key}");
+            let (expected, _) = f32s(reference, &full)?;
+            let values = values.ok_or_else(|| format!("no gradient for {full}"))?;
+            worst = worst.max(grad_excess(&values, &expected));
+        }
+        report.check(name, &format!("{method}.{label}({expected_count})"), worst, GRAD_ATOL);
     }
-    let mut worst = 0f32;
-    for (key, values) in ours {
-        let full = format!("grad.{method}.{key}");
-        let (expected, _) = f32s(reference, &full)?;
-        let values = values.ok_or_else(|| format!("no gradient for {full}"))?;
-        worst = worst.max(grad_excess(&values, &expected));
-    }
-    report.check(name, &format!("{method}.grads({expected_count})"), worst, GRAD_ATOL);
     Ok(())
 }
 

@@ -45,6 +45,21 @@ impl Method {
     }
 }
 
+impl Method {
+    /// The lowest decoder layer a fresh adapter of this method trains or feeds, from the shapes
+    /// alone (as [`AdaptedModel::first_trainable_layer`]): backward never goes below it.
+    pub fn first_trainable_layer(&self, model: &ModelConfig) -> usize {
+        match self {
+            Method::Lora(c) => {
+                let keys = ember_models::transformer::KeyLayout::of(model.architecture);
+                (0..model.num_layers).find(|&i| keys.projection_names(i).iter().any(|name| c.targets(name))).unwrap_or(0)
+            }
+            Method::Prefix(_) => 0,
+            Method::Adaption(c) => model.num_layers.saturating_sub(c.adapter_layers),
+        }
+    }
+}
+
 impl fmt::Display for Method {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -155,6 +170,36 @@ impl AdaptedModel {
             (Some(prefix), _) => prefix.extras(batch),
             (_, Some(prompts)) => prompts.extras(),
             _ => Vec::new(),
+        }
+    }
+
+    /// Prefix tuning's keys and values of every layer (see [`PrefixEncoder::keys_values`]).
+    pub fn prefix_keys_values(&self) -> Option<Tensor<4>> {
+        self.prefix.as_ref().map(PrefixEncoder::keys_values)
+    }
+
+    /// Layer `i`'s entry of [`extras`](Self::extras) (`None` for LoRA). Prefix tuning reads it
+    /// from `prefix_keys_values`, computed once for all layers.
+    pub fn layer_extras(&self, batch: usize, i: usize, prefix_keys_values: Option<&Tensor<4>>) -> Option<LayerExtras> {
+        match (&self.prefix, prefix_keys_values, &self.adaption) {
+            (Some(prefix), Some(keys_values), _) => Some(prefix.layer_extras(keys_values, i, batch)),
+            (_, _, Some(prompts)) => prompts.extras().into_iter().nth(i),
+            _ => None,
+        }
+    }
+
+    /// The lowest decoder layer holding or receiving a trainable parameter: backward never
+    /// needs to go below it.
+    pub fn first_trainable_layer(&self) -> usize {
+        match (&self.prefix, &self.adaption) {
+            (Some(_), _) => 0,
+            (_, Some(prompts)) => prompts.layers.iter().position(Option::is_some).unwrap_or(0),
+            _ => {
+                let trainable = |layer: &ember_models::transformer::DecoderLayer<LoraLinear>| {
+                    layer.projections().iter().any(|p| p.lora.is_some())
+                };
+                self.model.layers.iter().position(trainable).unwrap_or(0)
+            }
         }
     }
 

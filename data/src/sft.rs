@@ -111,4 +111,9 @@ impl Batch {
     pub fn real_tokens(&self) -> usize {
         self.attention_mask.iter().filter(|&&m| m == 1).count()
     }
+
+    /// Real tokens of each row: right padding puts them first.
+    pub fn lengths(&self) -> Vec<usize> {
+        self.attention_mask.chunks(self.seq.max(1)).map(|row| row.iter().take_while(|&&m| m == 1).count()).collect()
+    }
 }

@@ -1,14 +1,14 @@
 //! Memory-mapped safetensors checkpoints (one file or an HF shard index).
 //!
-//! The files stay mapped; a tensor's bytes are copied once, straight into the
-//! backend tensor, so the base never exists twice in process memory.
+//! The files stay mapped; a tensor's bytes are copied once into the backend tensor and its
+//! pages of the mapping are then dropped, so the base never exists twice in process memory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
 
 use crate::LoadError;
@@ -155,6 +155,21 @@ impl Checkpoint {
         Ok((&file.mmap[file.data_start + start..file.data_start + end], &info.shape, info.dtype))
     }
 
+    /// Drops `key`'s pages of the mapping from this process's memory once its bytes are
+    /// copied: otherwise the mapped file stays resident beside the loaded copy until the
+    /// checkpoint is closed, and peak memory holds the base twice. The mapping is read-only, so
+    /// a later read faults the same bytes back in from the file.
+    fn release(&self, key: &str) {
+        let (Some(&i), Some(info)) = (self.index.get(key), self.index.get(key).and_then(|&i| self.files[i].tensors.get(key))) else {
+            return;
+        };
+        let file = &self.files[i];
+        let (start, end) = info.data_offsets;
+        // SAFETY: MADV_DONTNEED on a read-only, file-backed shared mapping only evicts clean
+        // pages; their contents stay those of the file.
+        let _ = unsafe { file.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, file.data_start + start, end - start) };
+    }
+
     /// Loads `key` as a float tensor, checking its shape against `expected`.
     pub fn float<const D: usize>(
         &self,
@@ -185,6 +200,7 @@ impl Checkpoint {
             }
         };
         let data = TensorData::from_bytes_vec(bytes.to_vec(), expected, burn_dtype);
+        self.release(key);
         let tensor = Tensor::<D>::from_data(data, device);
         Ok(match dtype {
             LoadDtype::F32 if burn_dtype != DType::F32 => tensor.cast(DType::F32),

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 pub use checkpoint::{Checkpoint, LoadDtype};
 pub use config::{Architecture, ModelConfig};
-pub use transformer::{BaseModel, CausalLm, KvCache, LayerExtras, Projection};
+pub use transformer::{BaseModel, CausalLm, KvCache, LayerExtras, Layout, Projection, TokenBatch};
 
 /// Everything that can go wrong reading a model folder. Each variant names the file and,
 /// where there is one, the key.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{DType, Device, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::checkpoint::{Checkpoint, LoadDtype};
 use crate::config::{Architecture, ModelConfig};
@@ -159,32 +159,58 @@ impl<P: Projection> Attention<P> {
         bias: Tensor<4>,
         extras: Option<&LayerExtras>,
     ) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
-        let [b, s, _] = x.dims();
-        let (q, k, v) = self.project(x);
-        // b,s,h*d -> b,h,s,d
-        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, self.head_dim]).swap_dims(1, 2);
+        let (q, k, v) = self.project_heads(x);
         let past_len = past.as_ref().map_or(0, |(k, _)| k.dims()[2]);
-        let shift = match extras {
-            Some(LayerExtras { prefix: Some((prefix_k, _)), prefix_takes_positions: true, .. }) => prefix_k.dims()[2],
-            _ => 0,
-        };
-        let q = rope.apply(heads(q, self.num_heads), past_len + shift);
-        let mut k = rope.apply(heads(k, self.num_kv_heads), past_len + shift);
-        let mut v = heads(v, self.num_kv_heads);
+        let start = past_len + position_shift(extras);
+        let q = rope.apply(q, start);
+        let mut k = rope.apply(k, start);
+        let mut v = v;
         if let Some((past_k, past_v)) = past {
             k = Tensor::cat(vec![past_k, k], 2);
             v = Tensor::cat(vec![past_v, v], 2);
         }
-        let (mut keys, mut values) = (k.clone(), v.clone());
-        if let Some((prefix_k, prefix_v)) = extras.and_then(|e| e.prefix.clone()) {
-            keys = Tensor::cat(vec![prefix_k.cast(k.dtype()), keys], 2);
-            values = Tensor::cat(vec![prefix_v.cast(v.dtype()), values], 2);
+        let (keys, values) = with_prefix(k.clone(), v.clone(), extras);
+        let attended = grouped_attention(q.clone(), keys, values, bias);
+        (self.output(attended, q, extras), k, v)
+    }
+
+    /// Attention over sequences packed into one row without padding: each sequence attends
+    /// causally within itself, with positions from 0, as if it were alone in the batch.
+    ///
+    /// # Shapes
+    /// - x, output: `[1, Σ len, hidden]`
+    /// - segments: `(len, bias [1, 1, len, prefix + len])` per sequence, in order
+    pub fn forward_packed(&self, x: Tensor<3>, rope: &Rope, segments: &[(usize, Tensor<4>)], extras: Option<&LayerExtras>) -> Tensor<3> {
+        let (q, k, v) = self.project_heads(x);
+        let start = position_shift(extras);
+        let (mut queries, mut attended, mut offset) = (Vec::new(), Vec::new(), 0);
+        for (len, bias) in segments {
+            let segment = |t: &Tensor<4>| t.clone().narrow(2, offset, *len);
+            let q = rope.apply(segment(&q), start);
+            let (keys, values) = with_prefix(rope.apply(segment(&k), start), segment(&v), extras);
+            attended.push(grouped_attention(q.clone(), keys, values, bias.clone()));
+            queries.push(q);
+            offset += len;
         }
-        let mut out = self.o_proj.forward(self.merge_heads(grouped_attention(q.clone(), keys, values, bias)));
-        if let Some((prompt, gate)) = extras.and_then(|e| e.adaption.clone()) {
-            out = out + self.o_proj.forward(self.merge_heads(self.adaption_attention(q, prompt, gate)));
+        self.output(Tensor::cat(attended, 2), Tensor::cat(queries, 2), extras)
+    }
+
+    /// q, k, v projections of `x` split into heads: b,s,h*d -> b,h,s,d.
+    fn project_heads(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [b, s, _] = x.dims();
+        let (q, k, v) = self.project(x);
+        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, self.head_dim]).swap_dims(1, 2);
+        (heads(q, self.num_heads), heads(k, self.num_kv_heads), heads(v, self.num_kv_heads))
+    }
+
+    /// `o_proj` of the attended values, plus the gated adaption prompt's share read by the
+    /// (RoPE'd) queries `q`.
+    fn output(&self, attended: Tensor<4>, q: Tensor<4>, extras: Option<&LayerExtras>) -> Tensor<3> {
+        let out = self.o_proj.forward(self.merge_heads(attended));
+        match extras.and_then(|e| e.adaption.clone()) {
+            Some((prompt, gate)) => out + self.o_proj.forward(self.merge_heads(self.adaption_attention(q, prompt, gate))),
+            None => out,
         }
-        (out, k, v)
     }
 
     /// b,h,s,d -> b,s,h*d
@@ -211,6 +237,25 @@ impl<P: Projection> Attention<P> {
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((d as f64).powf(-0.5));
         let probs = softmax(scores.cast(DType::F32), 3).cast(dtype) * gate.cast(dtype).reshape([1, 1, 1, 1]);
         probs.matmul(v).reshape([b, heads, s, d])
+    }
+}
+
+/// Where real tokens' positions start: after the prefix when it takes positions (PEFT).
+fn position_shift(extras: Option<&LayerExtras>) -> usize {
+    match extras {
+        Some(LayerExtras { prefix: Some((prefix_k, _)), prefix_takes_positions: true, .. }) => prefix_k.dims()[2],
+        _ => 0,
+    }
+}
+
+/// Keys and values with the prefix's (if any) placed before them.
+fn with_prefix(k: Tensor<4>, v: Tensor<4>, extras: Option<&LayerExtras>) -> (Tensor<4>, Tensor<4>) {
+    match extras.and_then(|e| e.prefix.clone()) {
+        Some((prefix_k, prefix_v)) => {
+            let (k_dtype, v_dtype) = (k.dtype(), v.dtype());
+            (Tensor::cat(vec![prefix_k.cast(k_dtype), k], 2), Tensor::cat(vec![prefix_v.cast(v_dtype), v], 2))
+        }
+        None => (k, v),
     }
 }
 
@@ -258,6 +303,17 @@ pub struct DecoderLayer<P> {
     pub mlp: Mlp<P>,
 }
 
+impl<P: Projection> DecoderLayer<P> {
+    /// One pre-norm block: `x + attend(attention, norm(x))`, then `+ mlp(norm(·))`.
+    ///
+    /// # Shapes
+    /// - x, output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<3>, attend: impl FnOnce(&Attention<P>, Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+        let x = x.clone() + attend(&self.attention, self.input_norm.forward(x));
+        x.clone() + self.mlp.forward(self.post_attention_norm.forward(x))
+    }
+}
+
 impl<P> DecoderLayer<P> {
     /// q, k, v (or fused qkv), o, gate, up (or fused gate_up), down.
     pub fn projections(&self) -> Vec<&P> {
@@ -289,6 +345,43 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The tokens of a training batch: right-padded rows, or the same sequences packed into one
+/// row without their padding (no compute spent on padding; the same values at every real token).
+#[derive(Debug, Clone)]
+pub enum TokenBatch {
+    /// `input_ids` of `shape` `[batch, seq]`, `attention_mask` 1 on real tokens.
+    Padded { shape: [usize; 2], input_ids: Vec<i64>, attention_mask: Vec<i64> },
+    /// Sequences of `lengths` concatenated: `input_ids` has `Σ lengths` tokens.
+    Packed { lengths: Vec<usize>, input_ids: Vec<i64> },
+}
+
+impl TokenBatch {
+    /// `[batch, seq]`, or `[1, Σ len]` when packed.
+    pub fn shape(&self) -> [usize; 2] {
+        match self {
+            TokenBatch::Padded { shape, .. } => *shape,
+            TokenBatch::Packed { lengths, .. } => [1, lengths.iter().sum()],
+        }
+    }
+
+    pub fn input_ids(&self, device: &Device) -> Tensor<2, Int> {
+        let ids = match self {
+            TokenBatch::Padded { input_ids, .. } | TokenBatch::Packed { input_ids, .. } => input_ids.clone(),
+        };
+        Tensor::from_data(TensorData::new(ids, self.shape()), device)
+    }
+}
+
+/// What each query of a [`TokenBatch`] may attend to, built once per batch by
+/// [`CausalLm::layout`] and shared by every layer.
+#[derive(Debug, Clone)]
+pub enum Layout {
+    /// The additive bias `[batch, 1, seq, prefix + seq]` of padded rows.
+    Padded(Tensor<4>),
+    /// Per packed sequence, its length and causal bias `[1, 1, len, prefix + len]`.
+    Packed(Vec<(usize, Tensor<4>)>),
 }
 
 /// Every tensor the model reads from a checkpoint, with its shape.
@@ -586,28 +679,76 @@ impl<P: Projection> CausalLm<P> {
     ) -> Tensor<3> {
         let [b, s] = input_ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let device = input_ids.device();
-        let mut bias = attention_bias(b, s, past, attention_mask, &device);
-        // Prefix keys are visible to every query (PEFT extends the mask with ones).
         let prefix = extras.iter().find_map(|e| e.prefix.as_ref()).map_or(0, |(k, _)| k.dims()[2]);
-        if prefix > 0 {
-            bias = Tensor::cat(vec![Tensor::zeros([b, 1, s, prefix], &device), bias], 3);
-        }
-        let mut x = self.embed_tokens.forward(input_ids);
+        let bias = self.attention_bias([b, s], past, prefix, attention_mask, &input_ids.device());
+        let mut x = self.embed(input_ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let past_kv = cache.as_ref().and_then(|c| c.layers.get(i).cloned());
-            let (attn, k, v) =
-                layer.attention.forward(layer.input_norm.forward(x.clone()), &self.rope, past_kv, bias.clone(), extras.get(i));
-            if let Some(cache) = cache.as_mut() {
+            let mut new_kv = None;
+            x = layer.forward(x, |attention, h| {
+                let (out, k, v) = attention.forward(h, &self.rope, past_kv, bias.clone(), extras.get(i));
+                new_kv = Some((k, v));
+                out
+            });
+            if let (Some(cache), Some(kv)) = (cache.as_mut(), new_kv) {
                 if i < cache.layers.len() {
-                    cache.layers[i] = (k, v);
+                    cache.layers[i] = kv;
                 } else {
-                    cache.layers.push((k, v));
+                    cache.layers.push(kv);
                 }
             }
-            x = x + attn;
-            x = x.clone() + layer.mlp.forward(layer.post_attention_norm.forward(x));
         }
+        self.norm.forward(x)
+    }
+
+    /// Token embeddings: `[batch, seq] -> [batch, seq, hidden]`, the input of layer 0.
+    pub fn embed(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
+        self.embed_tokens.forward(input_ids)
+    }
+
+    /// Additive attention bias `[batch, 1, seq, prefix + past + seq]`: causal, padded keys
+    /// masked, and `prefix` keys (prefix tuning) visible to every query, as PEFT extends the mask.
+    pub fn attention_bias(
+        &self,
+        [batch, seq]: [usize; 2],
+        past: usize,
+        prefix: usize,
+        attention_mask: Option<&Tensor<2, Int>>,
+        device: &Device,
+    ) -> Tensor<4> {
+        let bias = attention_bias(batch, seq, past, attention_mask, device);
+        if prefix == 0 {
+            return bias;
+        }
+        Tensor::cat(vec![Tensor::zeros([batch, 1, seq, prefix], device), bias], 3)
+    }
+
+    /// The layout of a training batch: what each query of it may attend to.
+    pub fn layout(&self, batch: &TokenBatch, prefix: usize, device: &Device) -> Layout {
+        match batch {
+            TokenBatch::Padded { shape, attention_mask, .. } => {
+                let mask = Tensor::<2, Int>::from_data(TensorData::new(attention_mask.clone(), *shape), device);
+                Layout::Padded(self.attention_bias(*shape, 0, prefix, Some(&mask), device))
+            }
+            TokenBatch::Packed { lengths, .. } => {
+                Layout::Packed(lengths.iter().map(|&len| (len, self.attention_bias([1, len], 0, prefix, None, device))).collect())
+            }
+        }
+    }
+
+    /// Decoder layer `i` without a cache (training).
+    ///
+    /// # Shapes
+    /// - x, output: `[batch, seq, hidden]` (padded) or `[1, Σ len, hidden]` (packed)
+    pub fn layer_forward(&self, i: usize, x: Tensor<3>, layout: &Layout, extras: Option<&LayerExtras>) -> Tensor<3> {
+        self.layers[i].forward(x, |attention, h| match layout {
+            Layout::Padded(bias) => attention.forward(h, &self.rope, None, bias.clone(), extras).0,
+            Layout::Packed(segments) => attention.forward_packed(h, &self.rope, segments, extras),
+        })
+    }
+
+    /// The final RMSNorm, applied to the last layer's output.
+    pub fn final_norm(&self, x: Tensor<3>) -> Tensor<3> {
         self.norm.forward(x)
     }
 

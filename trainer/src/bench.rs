@@ -9,8 +9,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::optim::{AdamWConfig, GradientsAccumulator};
+use burn::tensor::DType;
 use ember_adapters::adaption::AdaptionConfig;
 use ember_adapters::lora::{LoraConfig, Target};
 use ember_adapters::prefix::PrefixConfig;
@@ -20,7 +20,8 @@ use ember_data::{Batch, Record, Template, Tokenizer, alpaca};
 use ember_models::{BaseModel, LoadDtype, ModelConfig};
 use serde_json::{Value, json};
 
-use crate::loss::causal_lm_loss;
+use crate::memory::{self, BatchShape, estimate};
+use crate::step::{StepOptions, forward_backward};
 
 /// Where the base comes from.
 #[derive(Debug, Clone)]
@@ -51,21 +52,31 @@ pub struct BenchOptions {
     pub device: String,
     /// f32, bf16 or checkpoint.
     pub dtype: String,
+    pub step: StepOptions,
 }
 
-/// config.json of a named shape preset.
-fn preset(name: &str) -> Option<Value> {
+/// config.json of a model shape: a preset (`llama-7b`, `llama-13b`, `llama3-8b`,
+/// `smollm2-135m`, bf16 like their checkpoints) or the path of a config.json; and where it came from.
+pub fn shape_config(shape: &str) -> Result<(Value, PathBuf), String> {
     let llama = |hidden: usize, ffn: usize, layers: usize, heads: usize, kv: usize, vocab: usize| {
         json!({"model_type": "llama", "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab, "rms_norm_eps": 1e-5})
+            "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+            "torch_dtype": "bfloat16"})
     };
-    match name {
+    let preset = match shape {
         "llama-7b" => Some(llama(4096, 11008, 32, 32, 32, 32000)),
         "llama-13b" => Some(llama(5120, 13824, 40, 40, 40, 32000)),
         "llama3-8b" => Some(llama(4096, 14336, 32, 32, 8, 128256)),
         "smollm2-135m" => Some(llama(576, 1536, 30, 9, 3, 49152)),
         _ => None,
+    };
+    if let Some(json) = preset {
+        return Ok((json, PathBuf::from(format!("{shape} (preset)"))));
     }
+    let path = PathBuf::from(shape);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("{shape}: not a preset (llama-7b, llama-13b, llama3-8b, smollm2-135m) nor a readable config.json: {e}"))?;
+    Ok((serde_json::from_str(&text).map_err(|e| format!("{shape}: invalid JSON: {e}"))?, path))
 }
 
 fn method(o: &BenchOptions) -> Result<Method, String> {
@@ -106,14 +117,7 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
     let (tokenizer_dir, base) = match &o.model {
         BenchModel::Dir(dir) => (dir.clone(), BaseModel::load(dir, dtype, &autodiff).map_err(|e| e.to_string())?),
         BenchModel::Synthetic { shape, tokenizer } => {
-            let (mut json, source) = match preset(shape) {
-                Some(json) => (json, PathBuf::from("config.json")),
-                None => {
-                    let path = PathBuf::from(shape);
-                    let text = std::fs::read_to_string(&path).map_err(|e| format!("--synthetic {shape}: not a preset (llama-7b, llama-13b, llama3-8b, smollm2-135m) nor a readable config.json: {e}"))?;
-                    (serde_json::from_str(&text).map_err(|e| format!("{shape}: invalid JSON: {e}"))?, path)
-                }
-            };
+            let (mut json, source) = shape_config(shape).map_err(|e| format!("--synthetic {e}"))?;
             // Token ids must fit the embedding: widen the vocabulary to the tokenizer's.
             let vocab = Tokenizer::from_dir(tokenizer).map_err(|e| e.to_string())?.vocab_size();
             if json["vocab_size"].as_u64().is_some_and(|v| (v as usize) < vocab) {
@@ -143,6 +147,9 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
     }
 
     let mut optimizer = AdamWConfig::new().with_weight_decay(0.01).init();
+    // The estimate of `ember inspect --recipe` for the largest batch, next to the measured peak.
+    let weight_bytes = memory::weight_bytes(&o.dtype, model.config());
+    let mut estimated = 0f64;
     let mut model = model;
     let (mut tokens, mut losses, mut started) = (0usize, Vec::new(), None);
     for step in 0..o.warmup + o.steps {
@@ -151,14 +158,16 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
         }
         let chunk: Vec<_> = (0..o.batch).map(|i| &examples[(step * o.batch + i) % examples.len()]).collect();
         let batch = Batch::collate(&chunk, pad_id);
-        let shape = [batch.batch, batch.seq];
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(batch.input_ids.clone(), shape), &autodiff);
-        let mask = Tensor::<2, Int>::from_data(TensorData::new(batch.attention_mask.clone(), shape), &autodiff);
-        let Some(loss) = causal_lm_loss(model.hidden_states(ids, Some(mask)), &batch.labels, |h| model.logits(h)) else { continue };
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optimizer.step(3e-4, model, grads);
-        // Reading the loss waits for the step, as the reference's float(loss) does.
-        losses.push(loss.into_scalar::<f32>() as f64);
+        let shape = BatchShape {
+            lengths: if o.step.padding_free { batch.lengths() } else { vec![batch.seq; batch.batch] },
+            supervised_tokens: batch.supervised_tokens(),
+        };
+        estimated = estimated.max(estimate(model.config(), &method, weight_bytes, &shape, o.step).total());
+        let mut grads = GradientsAccumulator::new();
+        // Reading the loss waits for the forward pass, as the reference's float(loss) does.
+        let Some(loss) = forward_backward(&model, &batch, 1.0, o.step, step as u64, &autodiff, &mut grads) else { continue };
+        model = optimizer.step(3e-4, model, grads.grads());
+        losses.push(loss);
         if step >= o.warmup {
             tokens += batch.real_tokens();
         }
@@ -170,6 +179,7 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
         "batch": o.batch, "cutoff": o.cutoff, "timed_steps": o.steps, "trainable_params": trainable,
         "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens as f64 / seconds.max(1e-9), 1),
         "first_loss": losses.first().map(|l| round(*l, 4)), "last_loss": losses.last().map(|l| round(*l, 4)),
-        "peak_rss_mib": peak_rss_mib().map(|m| round(m, 1)),
+        "peak_rss_mib": peak_rss_mib().map(|m| round(m, 1)), "estimated_peak_mib": round(estimated / (1u64 << 20) as f64, 1),
+        "gradient_checkpointing": o.step.checkpoint_layers, "loss_chunk_tokens": o.step.loss_chunk_tokens, "padding_free": o.step.padding_free,
     }))
 }

@@ -4,9 +4,11 @@ pub mod bench;
 pub mod checkpoint;
 pub mod fault;
 pub mod loss;
+pub mod memory;
 pub mod merge;
 pub mod plot;
 pub mod recipe;
+pub mod step;
 pub mod train;
 
 pub use recipe::Recipe;

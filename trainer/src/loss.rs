@@ -21,12 +21,7 @@ pub const IGNORE_INDEX: i64 = -100;
 /// - output: `[1]`
 pub fn causal_lm_loss(hidden: Tensor<3>, labels: &[i64], head: impl FnOnce(Tensor<3>) -> Tensor<3>) -> Option<Tensor<1>> {
     let [batch, seq, width] = hidden.dims();
-    assert_eq!(labels.len(), batch * seq, "labels must be [batch, seq]");
-    let (rows, targets): (Vec<i64>, Vec<i64>) = (0..batch)
-        .flat_map(|b| (0..seq.saturating_sub(1)).map(move |t| (b * seq + t, labels[b * seq + t + 1])))
-        .filter(|&(_, label)| label != IGNORE_INDEX)
-        .map(|(row, label)| (row as i64, label))
-        .unzip();
+    let (rows, targets) = supervised_rows(labels, batch, seq);
     let n = rows.len();
     if n == 0 {
         return None;
@@ -41,6 +36,17 @@ pub fn causal_lm_loss(hidden: Tensor<3>, labels: &[i64], head: impl FnOnce(Tenso
     let logits = logits.reshape([n, vocab]).cast(DType::F32);
     let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
     Some(log_softmax(logits, 1).gather(1, targets).mean().neg())
+}
+
+/// The positions that predict a supervised token, as rows of the flattened `[batch · seq]`
+/// hidden states, and the token each predicts: position `t` predicts `labels[t + 1]`.
+pub fn supervised_rows(labels: &[i64], batch: usize, seq: usize) -> (Vec<i64>, Vec<i64>) {
+    assert_eq!(labels.len(), batch * seq, "labels must be [batch, seq]");
+    (0..batch)
+        .flat_map(|b| (0..seq.saturating_sub(1)).map(move |t| (b * seq + t, labels[b * seq + t + 1])))
+        .filter(|&(_, label)| label != IGNORE_INDEX)
+        .map(|(row, label)| (row as i64, label))
+        .unzip()
 }
 
 #[cfg(test)]

@@ -138,6 +138,15 @@ pub struct TrainSection {
     /// A NaN/inf loss or gradient norm: `stop` (exit 1, the last checkpoint kept) or `skip`
     /// the optimizer step.
     pub on_nonfinite: String,
+    /// Activation checkpointing per decoder layer: keep each layer's input only, recompute the
+    /// layer in backward (less memory, about a third more compute; same gradients).
+    pub gradient_checkpointing: bool,
+    /// LM head + cross-entropy over at most this many supervised tokens at a time (0: all at
+    /// once); bounds the `[tokens, vocab]` f32 logits. Same loss and gradients.
+    pub loss_chunk_tokens: usize,
+    /// Pack each micro-batch's sequences into one row without padding, so no compute goes to
+    /// pad tokens (HF's padding-free training). Same loss and gradients up to float rounding.
+    pub padding_free: bool,
 }
 
 impl Default for TrainSection {
@@ -161,6 +170,9 @@ impl Default for TrainSection {
             save_steps: 0,
             keep_checkpoints: 2,
             on_nonfinite: "stop".into(),
+            gradient_checkpointing: false,
+            loss_chunk_tokens: 0,
+            padding_free: true,
         }
     }
 }
@@ -201,7 +213,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("data", &["path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "val_size", "group_by_length"]),
     ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
         "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
-        "save_steps", "keep_checkpoints", "on_nonfinite"]),
+        "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "loss_chunk_tokens", "padding_free"]),
     ("output", &["dir"]),
 ];
 

@@ -25,6 +25,7 @@ use crate::checkpoint::{self, Position, State};
 use crate::fault::{self, Fault};
 use crate::loss::causal_lm_loss;
 use crate::recipe::{Recipe, TargetModules};
+use crate::step::{self, StepOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -421,6 +422,7 @@ pub fn train(recipe: &Recipe, start_mode: Start, on_event: &mut dyn FnMut(Event)
         None => evaluator.run(&model, 0, &mut metrics, &mut summary, on_event)?,
     }
 
+    let options = StepOptions { checkpoint_layers: t.gradient_checkpointing, loss_chunk_tokens: t.loss_chunk_tokens, padding_free: t.padding_free };
     let mut step = start.step;
     'epochs: for epoch in start.epoch.. {
         let batches = epoch_batches(&train_set, recipe, epoch);
@@ -429,8 +431,6 @@ pub fn train(recipe: &Recipe, start_mode: Start, on_event: &mut dyn FnMut(Event)
             if step >= total_steps {
                 break 'epochs;
             }
-            // Dropout masks depend on the seed and the step only, so a resumed run draws the same.
-            autodiff.seed(t.seed.wrapping_add(step as u64));
             let step_started = Instant::now();
             let micro: Vec<Batch> = group
                 .iter()
@@ -440,15 +440,14 @@ pub fn train(recipe: &Recipe, start_mode: Start, on_event: &mut dyn FnMut(Event)
             let step_tokens: usize = micro.iter().map(Batch::supervised_tokens).sum();
             let mut accumulator = GradientsAccumulator::<AdaptedModel>::new();
             let mut step_loss = 0f64;
-            for batch in &micro {
-                let shape = [batch.batch, batch.seq];
-                let hidden = model.hidden_states(int_tensor(&batch.input_ids, shape, &autodiff), Some(int_tensor(&batch.attention_mask, shape, &autodiff)));
-                let Some(loss) = causal_lm_loss(hidden, &batch.labels, |h| model.logits(h)) else { continue };
-                let loss = loss.mul_scalar(batch.supervised_tokens() as f64 / step_tokens as f64);
-                step_loss += loss.clone().into_scalar::<f32>() as f64;
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                accumulator.accumulate(&model, grads);
-                tokens_seen += batch.real_tokens();
+            for (index, batch) in micro.iter().enumerate() {
+                // Dropout masks depend on the seed, step and micro-batch only: a resumed run draws the same.
+                let seed = t.seed.wrapping_add(step as u64).wrapping_mul(1 << 16).wrapping_add(index as u64);
+                let weight = batch.supervised_tokens() as f64 / step_tokens as f64;
+                if let Some(loss) = step::forward_backward(&model, batch, weight, options, seed, &autodiff, &mut accumulator) {
+                    step_loss += loss;
+                    tokens_seen += batch.real_tokens();
+                }
             }
             if fault::armed(Fault::NanLoss, step + 1) {
                 step_loss = f64::NAN;

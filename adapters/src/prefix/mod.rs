@@ -87,17 +87,24 @@ impl PrefixEncoder {
     /// Per-layer prefix keys/values for a batch: table element
     /// `[t, ((2·layer + kv)·kv_heads + h)·head_dim + d]`, as PEFT and ChatGLM lay it out.
     pub fn extras(&self, batch: usize) -> Vec<LayerExtras> {
+        let keys_values = self.keys_values();
+        (0..self.num_layers).map(|i| self.layer_extras(&keys_values, i, batch)).collect()
+    }
+
+    /// Every layer's keys and values, `[layers·2, kv_heads, n, head_dim]`: layer `i`'s keys at
+    /// `2i`, its values at `2i + 1`.
+    pub fn keys_values(&self) -> Tensor<4> {
         let table = self.table();
         let n = table.dims()[0];
-        let (kv, d) = (self.num_kv_heads, self.head_dim);
         // n, layers·2·kv·d -> layers·2, kv, n, d
-        let per_layer = table.reshape([n, self.num_layers * 2, kv, d]).permute([1, 2, 0, 3]);
-        (0..self.num_layers)
-            .map(|i| {
-                let take = |j: usize| per_layer.clone().narrow(0, j, 1).expand([batch, kv, n, d]);
-                LayerExtras { prefix: Some((take(2 * i), take(2 * i + 1))), prefix_takes_positions: self.takes_positions, adaption: None }
-            })
-            .collect()
+        table.reshape([n, self.num_layers * 2, self.num_kv_heads, self.head_dim]).permute([1, 2, 0, 3])
+    }
+
+    /// Layer `i`'s entry of [`extras`](Self::extras), read from [`keys_values`](Self::keys_values).
+    pub fn layer_extras(&self, keys_values: &Tensor<4>, i: usize, batch: usize) -> LayerExtras {
+        let [_, kv, n, d] = keys_values.dims();
+        let take = |j: usize| keys_values.clone().narrow(0, j, 1).expand([batch, kv, n, d]);
+        LayerExtras { prefix: Some((take(2 * i), take(2 * i + 1))), prefix_takes_positions: self.takes_positions, adaption: None }
     }
 
     pub fn num_virtual_tokens(&self) -> usize {

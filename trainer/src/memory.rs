@@ -1,0 +1,152 @@
+//! Peak-memory estimate of a training run from shapes alone: frozen weights, adapter and AdamW
+//! state, the activations backward keeps, and the loss. Counts follow what ember's forward pass
+//! leaves for backward (see `models/transformer.rs`), per token and per decoder layer; the
+//! comparison with measured peaks is in BENCHMARKS.md.
+
+use ember_adapters::Method;
+use ember_models::ModelConfig;
+
+use crate::step::StepOptions;
+
+/// What a run holds at its peak, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryEstimate {
+    /// Frozen base weights in their training dtype.
+    pub weights: f64,
+    /// Adapter parameters, their gradient and its accumulation, AdamW's two moments (f32).
+    pub adapter: f64,
+    /// Activations kept for backward, plus the working set of one layer's backward.
+    pub activations: f64,
+    /// LM head output, f32 log-softmax and its gradient for one loss chunk.
+    pub loss: f64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> f64 {
+        self.weights + self.adapter + self.activations + self.loss
+    }
+}
+
+/// One micro-batch: its sequences' lengths as computed (with padding, every sequence as long as
+/// the longest; padding-free, the real lengths) and its supervised tokens.
+#[derive(Debug, Clone)]
+pub struct BatchShape {
+    pub lengths: Vec<usize>,
+    pub supervised_tokens: usize,
+}
+
+impl BatchShape {
+    /// The worst case of a recipe: `micro_batch` sequences at `cutoff_len`, all supervised.
+    pub fn worst_case(micro_batch: usize, cutoff_len: usize) -> Self {
+        Self { lengths: vec![cutoff_len; micro_batch], supervised_tokens: micro_batch * cutoff_len }
+    }
+}
+
+/// Estimated peak memory of training `method` on `model` with weights of `weight_bytes` per
+/// value (activations take the same dtype; norms, softmax and LoRA branches compute in f32).
+pub fn estimate(model: &ModelConfig, method: &Method, weight_bytes: usize, batch: &BatchShape, options: StepOptions) -> MemoryEstimate {
+    let a = weight_bytes as f64;
+    let (h, kv, f) = (model.q_dim() as f64, model.kv_dim() as f64, model.intermediate_size as f64);
+    let hidden = model.hidden_size as f64;
+    let heads = model.num_heads as f64;
+    let tokens: f64 = batch.lengths.iter().sum::<usize>() as f64;
+    // Every sequence's scores, [heads, len, prefix + len].
+    let prefix = match method {
+        Method::Prefix(c) => c.num_virtual_tokens as f64,
+        _ => 0.0,
+    };
+    let score_cells: f64 = batch.lengths.iter().map(|&s| heads * s as f64 * (s as f64 + prefix)).sum();
+
+    // Per token and layer, what backward needs (a frozen projection keeps only its weight):
+    // each RMSNorm's f32 input, RoPE'd q and k and v for the attention matmuls, SwiGLU's gate,
+    // sigmoid, silu and up; per score cell, the f32 exp and the probabilities.
+    let norms = 2.0 * 4.0 * hidden;
+    let attention = a * (h + 2.0 * kv);
+    let mlp = 4.0 * a * f;
+    // A LoRA branch keeps its (f32) input and `x·A`.
+    let lora = match method {
+        Method::Lora(c) => lora_input_widths(model, c).iter().map(|&w| 4.0 * (w + c.r) as f64).sum::<f64>() / model.num_layers as f64,
+        _ => 0.0,
+    };
+    let layer = tokens * (norms + attention + mlp + lora) + score_cells * (4.0 + a);
+    // Layers below the lowest trainable one build no graph.
+    let layers = (model.num_layers - method.first_trainable_layer(model)) as f64;
+    let kept = if options.checkpoint_layers {
+        // Each layer's input, then one layer recomputed with its graph.
+        layers * tokens * a * hidden + layer
+    } else {
+        layers * layer
+    };
+    // Backward of one layer allocates about as much again as it frees.
+    let activations = kept + layer;
+
+    let vocab = model.vocab_size as f64;
+    let chunk = match options.loss_chunk_tokens {
+        0 => batch.supervised_tokens,
+        n => n.min(batch.supervised_tokens),
+    } as f64;
+    // Per logit: f32 logits, exp and log-softmax, then the gradient; under a 16-bit base also
+    // the head's own output and the gradient's cast.
+    let per_logit = if weight_bytes == 4 { 12.0 } else { 16.0 + 2.0 * a };
+    let loss = chunk * vocab * per_logit;
+
+    let trainable = method.count_trainable(model) as f64;
+    MemoryEstimate {
+        weights: model.num_params() as f64 * a,
+        adapter: trainable * 4.0 * 5.0,
+        activations,
+        loss,
+    }
+}
+
+/// Input width of every LoRA-adapted projection of the model.
+fn lora_input_widths(model: &ModelConfig, config: &ember_adapters::lora::LoraConfig) -> Vec<usize> {
+    let keys = ember_models::transformer::KeyLayout::of(model.architecture);
+    let shapes: std::collections::HashMap<String, Vec<usize>> = ember_models::transformer::expected_tensors(model).into_iter().collect();
+    (0..model.num_layers)
+        .flat_map(|i| keys.projection_names(i))
+        .filter(|name| config.targets(name))
+        .map(|name| shapes[&format!("{name}.weight")][1])
+        .collect()
+}
+
+/// Bytes per weight for a recipe's `model.dtype` (`f32`, `bf16`, or `checkpoint`: the
+/// config's `torch_dtype`, f32 when absent).
+pub fn weight_bytes(dtype: &str, model: &ModelConfig) -> usize {
+    match dtype {
+        "f32" => 4,
+        "bf16" => 2,
+        _ => match model.torch_dtype.as_deref() {
+            Some("bfloat16" | "float16") => 2,
+            _ => 4,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_adapters::lora::{LoraConfig, Target};
+    use serde_json::json;
+
+    fn llama_7b() -> ModelConfig {
+        let json = json!({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "vocab_size": 32000, "torch_dtype": "bfloat16"});
+        ModelConfig::from_json(&json, std::path::Path::new("config.json")).unwrap()
+    }
+
+    /// The user's first job: LLaMA-7B, bf16 base, LoRA r16 on every projection, 4 × 512 tokens.
+    /// With checkpointing and a chunked loss it must fit a 24 GB card; without, it must not.
+    #[test]
+    fn llama_7b_lora_fits_24_gb_only_with_checkpointing() {
+        let model = llama_7b();
+        let method = Method::Lora(LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, use_rslora: false, target: Target::AllLinear, layers_to_transform: None });
+        let batch = BatchShape::worst_case(4, 512);
+        let gib = |e: MemoryEstimate| e.total() / (1u64 << 30) as f64;
+        let lean = estimate(&model, &method, weight_bytes("checkpoint", &model), &batch, StepOptions { checkpoint_layers: true, loss_chunk_tokens: 1024, padding_free: true });
+        let full = estimate(&model, &method, 2, &batch, StepOptions { checkpoint_layers: false, loss_chunk_tokens: 0, padding_free: true });
+        assert!((12.0..16.0).contains(&(lean.weights / (1u64 << 30) as f64)), "{lean:?}");
+        assert!(gib(lean) < 18.0, "{} GiB: {lean:?}", gib(lean));
+        assert!(gib(full) > 24.0, "{} GiB: {full:?}", gib(full));
+    }
+}

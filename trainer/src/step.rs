@@ -1,0 +1,320 @@
+//! One micro-batch's forward and backward, in stages that can trade compute for memory: the
+//! decoder layers, then the final norm, LM head and cross-entropy. Each stage back-propagates
+//! from the gradient of its output (`sum(out · grad_out)`), so checkpointing and loss chunking
+//! change what is kept in memory, never the loss or the gradients.
+
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use ember_adapters::AdaptedModel;
+use ember_data::Batch;
+use ember_models::TokenBatch;
+
+use crate::loss::supervised_rows;
+
+/// How one micro-batch is computed (recipe keys `train.gradient_checkpointing`,
+/// `train.loss_chunk_tokens` and `train.padding_free`). None of them changes the loss or the
+/// gradients beyond float rounding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepOptions {
+    /// Keep only each decoder layer's input from the forward pass; recompute the layer with its
+    /// graph in backward, one layer at a time (about one extra forward pass of compute).
+    pub checkpoint_layers: bool,
+    /// LM head and cross-entropy over at most this many supervised tokens at a time, each chunk
+    /// back-propagated before the next, so `[tokens, vocab]` f32 logits never exist whole.
+    /// 0: all tokens in one chunk.
+    pub loss_chunk_tokens: usize,
+    /// Pack the batch's sequences into one row without their padding: no compute or memory is
+    /// spent on pad tokens (HF's padding-free training).
+    pub padding_free: bool,
+}
+
+impl Default for StepOptions {
+    fn default() -> Self {
+        Self { checkpoint_layers: false, loss_chunk_tokens: 0, padding_free: true }
+    }
+}
+
+/// Forward and backward of `weight · loss` for one micro-batch, adding the gradients to
+/// `grads`. Returns `weight · loss`, or `None` when no token of the batch is supervised.
+///
+/// Layer `i`'s dropout draws from `device` seeded with [`layer_seed`]`(seed, i)`, so a
+/// recomputed layer draws the masks of its forward pass.
+pub fn forward_backward(
+    model: &AdaptedModel,
+    batch: &Batch,
+    weight: f64,
+    options: StepOptions,
+    seed: u64,
+    device: &Device,
+    grads: &mut GradientsAccumulator<AdaptedModel>,
+) -> Option<f64> {
+    let (tokens, rows, targets) = layout(batch, options.padding_free);
+    if rows.is_empty() {
+        return None;
+    }
+    let rows_in = tokens.shape()[0];
+    let prefix = model.prefix.as_ref().map_or(0, |p| p.num_virtual_tokens());
+    let layout = model.model.layout(&tokens, prefix, device);
+    let (first, layers) = (model.first_trainable_layer(), model.model.layers.len());
+
+    // Layers, forward. With checkpointing the pass runs on a frozen view (no graph) and keeps
+    // the inputs of the layers that backward will recompute.
+    let frozen = options.checkpoint_layers.then(|| model.clone().no_grad());
+    let forward_model = frozen.as_ref().unwrap_or(model);
+    let extras = forward_model.extras(rows_in);
+    let mut inputs = Vec::new();
+    let mut x = forward_model.model.embed(tokens.input_ids(device));
+    for i in 0..layers {
+        if options.checkpoint_layers && i >= first {
+            inputs.push(x.clone());
+        }
+        device.seed(layer_seed(seed, i));
+        x = forward_model.model.layer_forward(i, x, &layout, extras.get(i));
+    }
+
+    let (loss, mut grad) = loss_backward(model, x.clone().detach().require_grad(), rows, targets, weight, options.loss_chunk_tokens);
+
+    // Layers, backward.
+    if !options.checkpoint_layers {
+        let layer_grads = (x * grad).sum().backward();
+        grads.accumulate(model, GradientsParams::from_grads(layer_grads, model));
+        return Some(loss);
+    }
+    // Prefix keys/values of all layers come from one encoder: computed once with its graph, read
+    // by the recomputed layers through a leaf whose gradient sums over layers, then
+    // back-propagated through the encoder once, as the stored graph does.
+    let prefix = model.prefix_keys_values();
+    let prefix_leaf = prefix.as_ref().map(|kv| kv.clone().detach().require_grad());
+    let mut prefix_grad: Option<Tensor<4>> = None;
+    for i in (first..layers).rev() {
+        let input = inputs.pop().expect("one kept input per recomputed layer").detach();
+        // The lowest trainable layer's input comes from frozen layers: no gradient needed.
+        let input = if i > first { input.require_grad() } else { input };
+        device.seed(layer_seed(seed, i));
+        let extras = model.layer_extras(rows_in, i, prefix_leaf.as_ref());
+        let out = model.model.layer_forward(i, input.clone(), &layout, extras.as_ref());
+        let mut layer_grads = (out * grad.clone()).sum().backward();
+        if i > first {
+            grad = input.grad_remove(&mut layer_grads).expect("a tracked layer input has a gradient");
+        }
+        if let Some(g) = prefix_leaf.as_ref().and_then(|leaf| leaf.grad_remove(&mut layer_grads)) {
+            prefix_grad = Some(prefix_grad.map_or(g.clone(), |sum| sum + g));
+        }
+        grads.accumulate(model, GradientsParams::from_grads(layer_grads, model));
+    }
+    if let (Some(prefix), Some(grad)) = (prefix, prefix_grad) {
+        let encoder_grads = (prefix * grad).sum().backward();
+        grads.accumulate(model, GradientsParams::from_grads(encoder_grads, model));
+    }
+    Some(loss)
+}
+
+/// The dropout seed of layer `i` in a micro-batch seeded `seed`.
+pub fn layer_seed(seed: u64, i: usize) -> u64 {
+    seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(i as u64)
+}
+
+/// The batch's tokens, padded or packed, with the rows of the flattened hidden states that
+/// predict a supervised token and the tokens they predict.
+fn layout(batch: &Batch, padding_free: bool) -> (TokenBatch, Vec<i64>, Vec<i64>) {
+    if !padding_free {
+        let (rows, targets) = supervised_rows(&batch.labels, batch.batch, batch.seq);
+        let tokens = TokenBatch::Padded {
+            shape: [batch.batch, batch.seq],
+            input_ids: batch.input_ids.clone(),
+            attention_mask: batch.attention_mask.clone(),
+        };
+        return (tokens, rows, targets);
+    }
+    let lengths = batch.lengths();
+    let (mut input_ids, mut rows, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+    for (b, &len) in lengths.iter().enumerate() {
+        let real = b * batch.seq..b * batch.seq + len;
+        let offset = input_ids.len() as i64;
+        // Per sequence, so a sequence's last token never predicts the next one's first.
+        let (seq_rows, seq_targets) = supervised_rows(&batch.labels[real.clone()], 1, len);
+        rows.extend(seq_rows.into_iter().map(|r| r + offset));
+        targets.extend(seq_targets);
+        input_ids.extend_from_slice(&batch.input_ids[real]);
+    }
+    (TokenBatch::Packed { lengths, input_ids }, rows, targets)
+}
+
+/// Final norm, LM head and `weight ·` mean cross-entropy over the supervised `rows` of `last`
+/// (the last layer's output, a fresh leaf). Returns the loss and its gradient w.r.t. `last`.
+/// The final norm and the head are frozen in every method, so they add no parameter gradient.
+///
+/// # Shapes
+/// - last, gradient: `[batch, seq, hidden]`
+fn loss_backward(model: &AdaptedModel, last: Tensor<3>, rows: Vec<i64>, targets: Vec<i64>, weight: f64, chunk: usize) -> (f64, Tensor<3>) {
+    let [batch, seq, width] = last.dims();
+    let (n, device) = (rows.len(), last.device());
+    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &device);
+    // b,s,h -> b·s,h -> n,h
+    let selected = model.model.final_norm(last.clone()).reshape([batch * seq, width]).select(0, rows);
+    let chunk = if chunk == 0 { n } else { chunk.min(n) };
+    let (mut loss, mut row_grads) = (0f64, Vec::new());
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let leaf = selected.clone().detach().narrow(0, start, len).require_grad();
+        // f32 log-softmax whatever the model's dtype, as transformers upcasts logits for the loss.
+        let logits = model.logits(leaf.clone().reshape([1, len, width]));
+        let vocab = logits.dims()[2];
+        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets[start..start + len].to_vec(), [len, 1]), &device);
+        let chunk_loss = log_softmax(logits.reshape([len, vocab]).cast(DType::F32), 1).gather(1, targets).sum().mul_scalar(-weight / n as f64);
+        loss += chunk_loss.clone().into_scalar::<f32>() as f64;
+        let mut chunk_grads = chunk_loss.backward();
+        row_grads.push(leaf.grad_remove(&mut chunk_grads).expect("a chunk's rows have a gradient"));
+    }
+    let mut norm_grads = (selected * Tensor::cat(row_grads, 0)).sum().backward();
+    let grad = last.grad_remove(&mut norm_grads).expect("the last layer's output has a gradient");
+    (loss, grad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::{ModuleVisitor, Param};
+    use ember_adapters::Method;
+    use ember_adapters::adaption::AdaptionConfig;
+    use ember_adapters::lora::{LoraConfig, Target};
+    use ember_adapters::prefix::PrefixConfig;
+    use ember_models::{BaseModel, ModelConfig};
+    use serde_json::json;
+
+    use crate::loss::{IGNORE_INDEX, causal_lm_loss};
+
+    /// The device RNG is global: tests that seed it (dropout, synthetic weights) run one at a time.
+    static SEEDED_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn configs() -> Vec<ModelConfig> {
+        let llama = json!({"model_type": "llama", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 97});
+        let chatglm = json!({"model_type": "chatglm", "num_layers": 3, "padded_vocab_size": 97, "hidden_size": 32,
+            "ffn_hidden_size": 48, "kv_channels": 8, "num_attention_heads": 4, "seq_length": 64, "layernorm_epsilon": 1e-5,
+            "rmsnorm": true, "add_bias_linear": false, "add_qkv_bias": true, "multi_query_attention": true,
+            "multi_query_group_num": 2, "original_rope": true});
+        [llama, chatglm].iter().map(|j| ModelConfig::from_json(j, std::path::Path::new("config.json")).unwrap()).collect()
+    }
+
+    fn methods() -> Vec<Method> {
+        let lora = |dropout, layers| {
+            Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout, use_rslora: false, target: Target::AllLinear, layers_to_transform: layers })
+        };
+        vec![
+            lora(0.0, None),
+            // Dropout: the recomputed layers must draw the forward pass's masks.
+            lora(0.2, None),
+            // Only the top layer: backward stops there.
+            lora(0.0, Some(vec![2])),
+            Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: false, encoder_hidden_size: None }),
+            Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: Some(16) }),
+            Method::Adaption(AdaptionConfig { adapter_len: 2, adapter_layers: 2 }),
+        ]
+    }
+
+    /// Two right-padded sequences with masked prompts.
+    fn batch() -> Batch {
+        let (batch, seq) = (2, 9);
+        let input_ids: Vec<i64> = (0..batch * seq).map(|i| (i * 31 % 90 + 1) as i64).collect();
+        let attention_mask = [vec![1; 9], [vec![1; 6], vec![0; 3]].concat()].concat();
+        let labels: Vec<i64> = (0..batch * seq)
+            .map(|i| if i % seq < 3 || attention_mask[i] == 0 { IGNORE_INDEX } else { input_ids[i] })
+            .collect();
+        Batch { batch, seq, input_ids, attention_mask, labels }
+    }
+
+    /// Every trainable parameter's gradient, in visiting order.
+    fn gradients(model: &AdaptedModel, grads: burn::optim::GradientsParams) -> Vec<Vec<f32>> {
+        struct Collect<'a>(&'a burn::optim::GradientsParams, Vec<Vec<f32>>);
+        impl ModuleVisitor for Collect<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if let Some(g) = self.0.get::<D>(param.id) {
+                    self.1.push(g.into_data().try_to_vec::<f32>().unwrap());
+                }
+            }
+        }
+        let mut collect = Collect(&grads, Vec::new());
+        model.visit(&mut collect);
+        collect.1
+    }
+
+    fn run(model: &AdaptedModel, memory: StepOptions, device: &Device) -> (f64, Vec<Vec<f32>>) {
+        let mut grads = GradientsAccumulator::new();
+        let loss = forward_backward(model, &batch(), 0.5, memory, 7, device, &mut grads).unwrap();
+        (loss, gradients(model, grads.grads()))
+    }
+
+    /// Checkpointing changes memory only: the same loss and bit-identical gradients, for every
+    /// method on both families, with and without dropout. Chunking the loss and packing the
+    /// batch change GEMM shapes, hence float rounding, and nothing else.
+    #[test]
+    fn checkpointing_gives_identical_gradients_chunking_and_packing_the_same_up_to_rounding() {
+        let _rng = SEEDED_RNG.lock().unwrap();
+        let device = Device::flex().autodiff();
+        for config in configs() {
+            for method in methods() {
+                let base = BaseModel::synthetic(config.clone(), DType::F32, 3, &device);
+                let mut model = AdaptedModel::init(base, &method, 5, &device).unwrap();
+                // Non-zero LoRA B and gates, so every parameter has a non-trivial gradient.
+                let mut grads = GradientsAccumulator::new();
+                forward_backward(&model, &batch(), 1.0, StepOptions::default(), 1, &device, &mut grads).unwrap();
+                model = burn::optim::AdamConfig::new().init().step(1e-2, model, grads.grads());
+
+                let what = |options: StepOptions| format!("{:?} {method} {options:?}", config.architecture);
+                let dropout = matches!(&method, Method::Lora(c) if c.dropout > 0.0);
+                let mut reference = None;
+                for padding_free in [false, true] {
+                    for chunk in [0, 4] {
+                        let stored = StepOptions { checkpoint_layers: false, loss_chunk_tokens: chunk, padding_free };
+                        let recomputed = StepOptions { checkpoint_layers: true, ..stored };
+                        let (loss, expected) = run(&model, stored, &device);
+                        assert!(!expected.is_empty() && expected.iter().flatten().any(|g| *g != 0.0), "{}: no gradient", what(stored));
+                        let (other_loss, other) = run(&model, recomputed, &device);
+                        assert_eq!(loss, other_loss, "{}", what(recomputed));
+                        assert_eq!(expected, other, "{}: gradients differ", what(recomputed));
+
+                        // Packing draws other dropout masks; without dropout it changes rounding only.
+                        if dropout && padding_free {
+                            continue;
+                        }
+                        let (reference_loss, reference) = reference.get_or_insert_with(|| (loss, expected.clone()));
+                        assert!((*reference_loss - loss).abs() < 1e-6, "{}: loss {reference_loss} vs {loss}", what(stored));
+                        for (a, b) in reference.iter().zip(&expected) {
+                            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+                            let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                            assert!(worst <= 1e-5 * scale, "{}: gradient differs by {worst} (scale {scale})", what(stored));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The staged backward equals one backward of transformers' loss through the whole model.
+    #[test]
+    fn staged_backward_matches_a_single_backward() {
+        let _rng = SEEDED_RNG.lock().unwrap();
+        let device = Device::flex().autodiff();
+        let config = configs().remove(0);
+        let method = Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: Some(16) });
+        let model = AdaptedModel::init(BaseModel::synthetic(config, DType::F32, 3, &device), &method, 5, &device).unwrap();
+        let b = batch();
+        let shape = [b.batch, b.seq];
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(b.input_ids.clone(), shape), &device);
+        let mask = Tensor::<2, Int>::from_data(TensorData::new(b.attention_mask.clone(), shape), &device);
+        let loss = causal_lm_loss(model.hidden_states(ids, Some(mask)), &b.labels, |h| model.logits(h)).unwrap().mul_scalar(0.5);
+        let expected_loss = loss.clone().into_scalar::<f32>() as f64;
+        let expected = gradients(&model, burn::optim::GradientsParams::from_grads(loss.backward(), &model));
+        let (staged_loss, staged) = run(&model, StepOptions { checkpoint_layers: true, loss_chunk_tokens: 4, padding_free: true }, &device);
+        assert!((expected_loss - staged_loss).abs() < 1e-6, "{expected_loss} vs {staged_loss}");
+        assert_eq!(expected.len(), staged.len());
+        for (a, b) in expected.iter().zip(&staged) {
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(worst <= 1e-5 * scale, "gradient differs by {worst} (scale {scale})");
+        }
+    }
+}
