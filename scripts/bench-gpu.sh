@@ -51,11 +51,13 @@ run() {
   [ $rc -eq 0 ] || tail -3 "$out/$name.err"
 }
 lora=(--r 16 --alpha 32 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --batch 4 --cutoff 512 --steps "$steps" --warmup 3)
-for job in ${JOBS:-peft peft-ckpt ember}; do
+for job in ${JOBS:-peft peft-ckpt ember ember-ckpt}; do
   case $job in
     peft) run peft python3 "$reference" --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda ;;
     peft-ckpt) run peft-ckpt python3 "$reference" --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda --grad-ckpt ;;
     ember) run ember "$ember" bench --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint ;;
+    ember-ckpt) run ember-ckpt "$ember" bench --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint \
+      --gradient-checkpointing --loss-chunk-tokens 1024 ;;
     peft-prefix) run peft-prefix python3 "$reference" --model "$model" --data "$data" --method prefix --batch 4 --cutoff 512 --steps "$steps" --device cuda ;;
     ember-prefix) run ember-prefix "$ember" bench --model "$model" --data "$data" --method prefix --batch 4 --cutoff 512 --steps "$steps" --device cuda --dtype checkpoint ;;
     peft-adaption) run peft-adaption python3 "$reference" --model "$model" --data "$data" --method adaption --batch 4 --cutoff 512 --steps "$steps" --device cuda ;;
