@@ -1,7 +1,8 @@
 //! One micro-batch's forward and backward, in stages that can trade compute for memory: the
 //! decoder layers, then the final norm, LM head and cross-entropy. Each stage back-propagates
-//! from the gradient of its output (`sum(out · grad_out)`), so checkpointing and loss chunking
-//! change what is kept in memory, never the loss or the gradients.
+//! from the gradient of its output (`sum(out · grad_out)`), so checkpointing, loss chunking and
+//! packing change what is kept in memory and computed, not the loss or the gradients
+//! (checkpointing: bit for bit; chunking and packing: up to float rounding).
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
@@ -50,11 +51,12 @@ pub fn forward_backward(
     device: &Device,
     grads: &mut GradientsAccumulator<AdaptedModel>,
 ) -> Option<f64> {
-    let (tokens, rows, targets) = layout(batch, options.padding_free);
+    let (tokens, rows, targets) = tokens_and_targets(batch, options.padding_free);
     if rows.is_empty() {
         return None;
     }
-    let rows_in = tokens.shape()[0];
+    // Prefix keys/values are expanded to the token tensor's rows (1 when packed).
+    let batch_rows = tokens.shape()[0];
     let prefix = model.prefix.as_ref().map_or(0, |p| p.num_virtual_tokens());
     let layout = model.model.layout(&tokens, prefix, device);
     let (first, layers) = (model.first_trainable_layer(), model.model.layers.len());
@@ -63,7 +65,7 @@ pub fn forward_backward(
     // the inputs of the layers that backward will recompute.
     let frozen = options.checkpoint_layers.then(|| model.clone().no_grad());
     let forward_model = frozen.as_ref().unwrap_or(model);
-    let extras = forward_model.extras(rows_in);
+    let extras = forward_model.extras(batch_rows);
     let mut inputs = Vec::new();
     let mut x = forward_model.model.embed(tokens.input_ids(device));
     for i in 0..layers {
@@ -93,7 +95,7 @@ pub fn forward_backward(
         // The lowest trainable layer's input comes from frozen layers: no gradient needed.
         let input = if i > first { input.require_grad() } else { input };
         device.seed(layer_seed(seed, i));
-        let extras = model.layer_extras(rows_in, i, prefix_leaf.as_ref());
+        let extras = model.layer_extras(batch_rows, i, prefix_leaf.as_ref());
         let out = model.model.layer_forward(i, input.clone(), &layout, extras.as_ref());
         let mut layer_grads = (out * grad.clone()).sum().backward();
         if i > first {
@@ -118,7 +120,7 @@ pub fn layer_seed(seed: u64, i: usize) -> u64 {
 
 /// The batch's tokens, padded or packed, with the rows of the flattened hidden states that
 /// predict a supervised token and the tokens they predict.
-fn layout(batch: &Batch, padding_free: bool) -> (TokenBatch, Vec<i64>, Vec<i64>) {
+fn tokens_and_targets(batch: &Batch, padding_free: bool) -> (TokenBatch, Vec<i64>, Vec<i64>) {
     if !padding_free {
         let (rows, targets) = supervised_rows(&batch.labels, batch.batch, batch.seq);
         let tokens = TokenBatch::Padded {
