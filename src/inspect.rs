@@ -12,7 +12,6 @@ use ember_models::{Checkpoint, ModelConfig};
 use ember_trainer::Summary;
 use ember_trainer::checkpoint;
 use ember_trainer::memory::{self, BatchShape};
-use ember_trainer::step::StepOptions;
 use serde_json::Value;
 
 use crate::bad_input;
@@ -40,9 +39,8 @@ pub fn recipe(path: &Path, shape: Option<&str>) -> anyhow::Result<()> {
         group_digits(trainable), group_digits(all), 100.0 * trainable as f64 / all as f64
     );
     let t = &recipe.train;
-    let options = StepOptions { checkpoint_layers: t.gradient_checkpointing, loss_chunk_tokens: t.loss_chunk_tokens, padding_free: t.padding_free };
     let batch = BatchShape::worst_case(t.micro_batch_size, recipe.data.cutoff_len);
-    let estimate = memory::estimate(&model, &method, memory::weight_bytes(&recipe.model.dtype, &model), &batch, options);
+    let estimate = memory::estimate(&model, &method, memory::weight_bytes(&recipe.model.dtype, &model), &batch, t.step_options());
     let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
     println!(
         "memory:         ~{:.1} GiB peak (estimate; {} sequences of {} tokens, checkpointing {}, loss chunk {}): \

@@ -31,9 +31,7 @@ impl Method {
             Method::Adaption(_) => "adaption",
         }
     }
-}
 
-impl Method {
     /// Parameters a fresh adapter of this method trains on `model`, from the shapes alone (no
     /// weights loaded: a 7B recipe can be sized on any machine).
     pub fn count_trainable(&self, model: &ModelConfig) -> usize {
@@ -43,9 +41,7 @@ impl Method {
             Method::Adaption(c) => adaption::count_trainable(model, c),
         }
     }
-}
 
-impl Method {
     /// The lowest decoder layer a fresh adapter of this method trains or feeds, from the shapes
     /// alone (as [`AdaptedModel::first_trainable_layer`]): backward never goes below it.
     pub fn first_trainable_layer(&self, model: &ModelConfig) -> usize {

@@ -160,11 +160,9 @@ impl Checkpoint {
     /// checkpoint is closed, and peak memory holds the base twice. The mapping is read-only, so
     /// a later read faults the same bytes back in from the file.
     fn release(&self, key: &str) {
-        let (Some(&i), Some(info)) = (self.index.get(key), self.index.get(key).and_then(|&i| self.files[i].tensors.get(key))) else {
-            return;
-        };
+        let Some(&i) = self.index.get(key) else { return };
         let file = &self.files[i];
-        let (start, end) = info.data_offsets;
+        let (start, end) = file.tensors[key].data_offsets;
         // SAFETY: MADV_DONTNEED on a read-only, file-backed shared mapping only evicts clean
         // pages; their contents stay those of the file.
         let _ = unsafe { file.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, file.data_start + start, end - start) };

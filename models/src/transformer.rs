@@ -179,13 +179,14 @@ impl<P: Projection> Attention<P> {
     ///
     /// # Shapes
     /// - x, output: `[1, Σ len, hidden]`
-    /// - segments: `(len, bias [1, 1, len, prefix + len])` per sequence, in order
-    pub fn forward_packed(&self, x: Tensor<3>, rope: &Rope, segments: &[(usize, Tensor<4>)], extras: Option<&LayerExtras>) -> Tensor<3> {
+    /// - biases: `[1, 1, len, prefix + len]` per sequence, in order
+    pub fn forward_packed(&self, x: Tensor<3>, rope: &Rope, biases: &[Tensor<4>], extras: Option<&LayerExtras>) -> Tensor<3> {
         let (q, k, v) = self.project_heads(x);
         let start = position_shift(extras);
         let (mut queries, mut attended, mut offset) = (Vec::new(), Vec::new(), 0);
-        for (len, bias) in segments {
-            let segment = |t: &Tensor<4>| t.clone().narrow(2, offset, *len);
+        for bias in biases {
+            let len = bias.dims()[2];
+            let segment = |t: &Tensor<4>| t.clone().narrow(2, offset, len);
             let q = rope.apply(segment(&q), start);
             let (keys, values) = with_prefix(rope.apply(segment(&k), start), segment(&v), extras);
             attended.push(grouped_attention(q.clone(), keys, values, bias.clone()));
@@ -380,8 +381,8 @@ impl TokenBatch {
 pub enum Layout {
     /// The additive bias `[batch, 1, seq, prefix + seq]` of padded rows.
     Padded(Tensor<4>),
-    /// Per packed sequence, its length and causal bias `[1, 1, len, prefix + len]`.
-    Packed(Vec<(usize, Tensor<4>)>),
+    /// Per packed sequence, its causal bias `[1, 1, len, prefix + len]`.
+    Packed(Vec<Tensor<4>>),
 }
 
 /// Every tensor the model reads from a checkpoint, with its shape.
@@ -698,7 +699,7 @@ impl<P: Projection> CausalLm<P> {
                 }
             }
         }
-        self.norm.forward(x)
+        self.final_norm(x)
     }
 
     /// Token embeddings: `[batch, seq] -> [batch, seq, hidden]`, the input of layer 0.
@@ -731,7 +732,7 @@ impl<P: Projection> CausalLm<P> {
                 Layout::Padded(self.attention_bias(*shape, 0, prefix, Some(&mask), device))
             }
             TokenBatch::Packed { lengths, .. } => {
-                Layout::Packed(lengths.iter().map(|&len| (len, self.attention_bias([1, len], 0, prefix, None, device))).collect())
+                Layout::Packed(lengths.iter().map(|&len| self.attention_bias([1, len], 0, prefix, None, device)).collect())
             }
         }
     }
@@ -743,7 +744,7 @@ impl<P: Projection> CausalLm<P> {
     pub fn layer_forward(&self, i: usize, x: Tensor<3>, layout: &Layout, extras: Option<&LayerExtras>) -> Tensor<3> {
         self.layers[i].forward(x, |attention, h| match layout {
             Layout::Padded(bias) => attention.forward(h, &self.rope, None, bias.clone(), extras).0,
-            Layout::Packed(segments) => attention.forward_packed(h, &self.rope, segments, extras),
+            Layout::Packed(biases) => attention.forward_packed(h, &self.rope, biases, extras),
         })
     }
 

@@ -147,9 +147,8 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
     }
 
     let mut optimizer = AdamWConfig::new().with_weight_decay(0.01).init();
-    // The estimate of `ember inspect --recipe` for the largest batch, next to the measured peak.
-    let weight_bytes = memory::weight_bytes(&o.dtype, model.config());
-    let mut estimated = 0f64;
+    // Each batch's shape, for the estimate of `ember inspect --recipe` beside the measured peak.
+    let mut shapes = Vec::new();
     let mut model = model;
     let (mut tokens, mut losses, mut started) = (0usize, Vec::new(), None);
     for step in 0..o.warmup + o.steps {
@@ -158,11 +157,10 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
         }
         let chunk: Vec<_> = (0..o.batch).map(|i| &examples[(step * o.batch + i) % examples.len()]).collect();
         let batch = Batch::collate(&chunk, pad_id);
-        let shape = BatchShape {
+        shapes.push(BatchShape {
             lengths: if o.step.padding_free { batch.lengths() } else { vec![batch.seq; batch.batch] },
             supervised_tokens: batch.supervised_tokens(),
-        };
-        estimated = estimated.max(estimate(model.config(), &method, weight_bytes, &shape, o.step).total());
+        });
         let mut grads = GradientsAccumulator::new();
         // Reading the loss waits for the forward pass, as the reference's float(loss) does.
         let Some(loss) = forward_backward(&model, &batch, 1.0, o.step, step as u64, &autodiff, &mut grads) else { continue };
@@ -173,6 +171,8 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
         }
     }
     let seconds = started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let weight_bytes = memory::weight_bytes(&o.dtype, model.config());
+    let estimated = shapes.iter().map(|shape| estimate(model.config(), &method, weight_bytes, shape, o.step).total()).fold(0.0, f64::max);
     Ok(json!({
         "impl": "ember", "burn": "0.22.1", "method": method.name(), "device": o.device,
         "flush_denormal": false, "dtype": o.dtype, "threads": o.threads,

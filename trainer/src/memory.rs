@@ -3,7 +3,7 @@
 //! leaves for backward (see `models/transformer.rs`), per token and per decoder layer; the
 //! comparison with measured peaks is in BENCHMARKS.md.
 
-use ember_adapters::Method;
+use ember_adapters::{Method, lora};
 use ember_models::ModelConfig;
 
 use crate::step::StepOptions;
@@ -65,7 +65,10 @@ pub fn estimate(model: &ModelConfig, method: &Method, weight_bytes: usize, batch
     let mlp = 4.0 * a * f;
     // A LoRA branch keeps its (f32) input and `x·A`.
     let lora = match method {
-        Method::Lora(c) => lora_input_widths(model, c).iter().map(|&w| 4.0 * (w + c.r) as f64).sum::<f64>() / model.num_layers as f64,
+        Method::Lora(c) => {
+            let per_model: usize = lora::targeted_shapes(model, c).iter().map(|[_, inp]| 4 * (inp + c.r)).sum();
+            per_model as f64 / model.num_layers as f64
+        }
         _ => 0.0,
     };
     let layer = tokens * (norms + attention + mlp + lora) + score_cells * (4.0 + a);
@@ -97,17 +100,6 @@ pub fn estimate(model: &ModelConfig, method: &Method, weight_bytes: usize, batch
         activations,
         loss,
     }
-}
-
-/// Input width of every LoRA-adapted projection of the model.
-fn lora_input_widths(model: &ModelConfig, config: &ember_adapters::lora::LoraConfig) -> Vec<usize> {
-    let keys = ember_models::transformer::KeyLayout::of(model.architecture);
-    let shapes: std::collections::HashMap<String, Vec<usize>> = ember_models::transformer::expected_tensors(model).into_iter().collect();
-    (0..model.num_layers)
-        .flat_map(|i| keys.projection_names(i))
-        .filter(|name| config.targets(name))
-        .map(|name| shapes[&format!("{name}.weight")][1])
-        .collect()
 }
 
 /// Bytes per weight for a recipe's `model.dtype` (`f32`, `bf16`, or `checkpoint`: the

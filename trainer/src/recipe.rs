@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Value;
 
+use crate::step::StepOptions;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
     #[error("{}: {source}", path.display())]
@@ -147,6 +149,13 @@ pub struct TrainSection {
     /// Pack each micro-batch's sequences into one row without padding, so no compute goes to
     /// pad tokens (HF's padding-free training). Same loss and gradients up to float rounding.
     pub padding_free: bool,
+}
+
+impl TrainSection {
+    /// How each micro-batch is computed.
+    pub fn step_options(&self) -> StepOptions {
+        StepOptions { checkpoint_layers: self.gradient_checkpointing, loss_chunk_tokens: self.loss_chunk_tokens, padding_free: self.padding_free }
+    }
 }
 
 impl Default for TrainSection {

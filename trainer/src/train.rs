@@ -25,7 +25,7 @@ use crate::checkpoint::{self, Position, State};
 use crate::fault::{self, Fault};
 use crate::loss::causal_lm_loss;
 use crate::recipe::{Recipe, TargetModules};
-use crate::step::{self, StepOptions};
+use crate::step;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -422,7 +422,7 @@ pub fn train(recipe: &Recipe, start_mode: Start, on_event: &mut dyn FnMut(Event)
         None => evaluator.run(&model, 0, &mut metrics, &mut summary, on_event)?,
     }
 
-    let options = StepOptions { checkpoint_layers: t.gradient_checkpointing, loss_chunk_tokens: t.loss_chunk_tokens, padding_free: t.padding_free };
+    let options = t.step_options();
     let mut step = start.step;
     'epochs: for epoch in start.epoch.. {
         let batches = epoch_batches(&train_set, recipe, epoch);

@@ -41,9 +41,9 @@ pub fn apply(model: BaseModel, config: &LoraConfig, seed: u64, device: &Device) 
     Ok(wrapped)
 }
 
-/// Trainable parameters LoRA would add to a model of this config, from shapes alone (no
-/// weights read): `r·(in + out)` per targeted projection.
-pub fn count_trainable(model: &ModelConfig, config: &LoraConfig) -> usize {
+/// `[out, in]` of every projection `config` targets on a model of this config, from shapes
+/// alone (no weights read).
+pub fn targeted_shapes(model: &ModelConfig, config: &LoraConfig) -> Vec<[usize; 2]> {
     let keys = KeyLayout::of(model.architecture);
     let shapes: std::collections::HashMap<String, Vec<usize>> = expected_tensors(model).into_iter().collect();
     (0..model.num_layers)
@@ -51,9 +51,15 @@ pub fn count_trainable(model: &ModelConfig, config: &LoraConfig) -> usize {
         .filter(|name| config.targets(name))
         .map(|name| {
             let shape = &shapes[&format!("{name}.weight")];
-            config.r * (shape[0] + shape[1])
+            [shape[0], shape[1]]
         })
-        .sum()
+        .collect()
+}
+
+/// Trainable parameters LoRA would add to a model of this config: `r·(in + out)` per targeted
+/// projection.
+pub fn count_trainable(model: &ModelConfig, config: &LoraConfig) -> usize {
+    targeted_shapes(model, config).iter().map(|[out, inp]| config.r * (out + inp)).sum()
 }
 
 /// (trainable LoRA parameters, all parameters)
