@@ -90,10 +90,10 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     let mut adapter_answers = Vec::new();
     if let Some(dir) = request.adapter {
         // The same weights again, unwrapped: never two copies of the base.
-        let base = ember_adapters::lora::merge(base_model.model);
-        let (model, method) = AdaptedModel::load(dir, base, &device).map_err(bad_input)?;
+        let base = base_model.model.map_projections(|_, p| p.merged());
+        let (model, method) = ember_adapters::Method::load(dir, base, &device).map_err(bad_input)?;
         result["adapter"] = score(&model);
-        result["method"] = json!(method.name());
+        result["method"] = json!(method.config().name());
         adapter_answers = answerer.answer(&model.into_inference(), &to_answer)?;
     }
     if let Some(path) = request.answers {

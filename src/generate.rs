@@ -3,7 +3,6 @@
 use std::path::Path;
 
 use burn::tensor::Device;
-use ember_adapters::AdaptedModel;
 use ember_data::{Record, Template, Tokenizer};
 use ember_models::generate::{GenerationOptions, generate};
 use ember_models::{BaseModel, LoadDtype};
@@ -39,7 +38,7 @@ pub fn complete(request: &Request) -> anyhow::Result<String> {
     let ids = match request.adapter {
         // LoRA is folded in for generation: no low-rank matmuls per token.
         Some(dir) => {
-            let model = AdaptedModel::load(dir, base, &device).map_err(bad_input)?.0.into_inference();
+            let model = ember_adapters::Method::load(dir, base, &device).map_err(bad_input)?.0.into_inference();
             generate(|ids, cache| model.forward_cached(ids, cache), &prompt, &options, &device)
         }
         None => generate(|ids, cache| base.forward_cached(ids, cache), &prompt, &options, &device),

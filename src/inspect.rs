@@ -31,8 +31,8 @@ pub fn recipe(path: &Path, shape: Option<&str>) -> anyhow::Result<()> {
             ModelConfig::from_dir(&recipe.model.path).map_err(bad_input)?
         }
     };
-    let method = ember_trainer::train::method(&recipe).map_err(bad_input)?;
-    let trainable = method.count_trainable(&model);
+    let method = &recipe.adapter.method;
+    let trainable = method.config().count_trainable(&model);
     let all = model.num_params() + trainable;
     println!(
         "adapter:        {method}: {} trainable of {} ({:.4}%)",
@@ -40,7 +40,7 @@ pub fn recipe(path: &Path, shape: Option<&str>) -> anyhow::Result<()> {
     );
     let t = &recipe.train;
     let batch = BatchShape::worst_case(t.micro_batch_size, recipe.data.cutoff_len);
-    let estimate = memory::estimate(&model, &method, memory::weight_bytes(&recipe.model.dtype, &model), &batch, t.step_options());
+    let estimate = memory::estimate(&model, method, memory::weight_bytes(recipe.model.dtype, &model), &batch, t.step_options());
     let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
     println!(
         "memory:         ~{:.1} GiB peak (estimate; {} sequences of {} tokens, checkpointing {}, loss chunk {}): \
@@ -149,51 +149,12 @@ fn loss(value: Option<f64>) -> String {
     value.map_or_else(|| "-".into(), |l| format!("{l:.4}"))
 }
 
-/// The method with its settings, and the base model name, from an adapter folder's config:
-/// PEFT's `adapter_config.json` or ChatGLM P-Tuning v2's `config.json`.
+/// The method with its settings, and the base model name, from an adapter folder's config.
 fn describe_adapter(dir: &Path) -> anyhow::Result<(String, String)> {
-    let read = |name: &str| -> anyhow::Result<Option<Value>> {
-        let path = dir.join(name);
-        if !path.is_file() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        Ok(Some(serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", path.display()))?))
-    };
-    let text = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        Value::Array(items) => format!("[{}]", items.iter().map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned)).collect::<Vec<_>>().join(", ")),
-        other => other.to_string(),
-    };
-    if let Some(c) = read("adapter_config.json")? {
-        let method = match c["peft_type"].as_str().unwrap_or("?") {
-            "LORA" => format!(
-                "LoRA r={} alpha={} dropout={} on {}{}",
-                text(&c["r"]), text(&c["lora_alpha"]), text(&c["lora_dropout"]), text(&c["target_modules"]),
-                if c["use_rslora"].as_bool() == Some(true) { " (rsLoRA)" } else { "" }
-            ),
-            "PREFIX_TUNING" => format!(
-                "prefix tuning, {} virtual tokens{}",
-                text(&c["num_virtual_tokens"]),
-                if c["prefix_projection"].as_bool() == Some(true) { " through the MLP" } else { "" }
-            ),
-            "ADAPTION_PROMPT" => format!("gated adaption prompts, {} tokens in the top {} layers", text(&c["adapter_len"]), text(&c["adapter_layers"])),
-            other => format!("PEFT {other}"),
-        };
-        return Ok((method, text(&c["base_model_name_or_path"])));
-    }
-    match read("config.json")? {
-        Some(c) if !c["pre_seq_len"].is_null() => Ok((
-            format!(
-                "P-Tuning v2 (ChatGLM format), pre_seq_len {}{}",
-                text(&c["pre_seq_len"]),
-                if c["prefix_projection"].as_bool() == Some(true) { " through the MLP" } else { "" }
-            ),
-            text(&c["_name_or_path"]),
-        )),
-        _ => Err(anyhow::anyhow!("{}: no adapter_config.json nor ChatGLM P-Tuning v2 config.json", dir.display())),
-    }
+    let method = ember_adapters::Method::read(dir)?;
+    let folder = ember_adapters::AdapterFolder::read(dir)?;
+    let base = ["base_model_name_or_path", "_name_or_path"].iter().find_map(|k| folder.get(k).and_then(Value::as_str)).unwrap_or("-");
+    Ok((method.to_string(), base.to_owned()))
 }
 
 /// 134515008 -> "134,515,008"

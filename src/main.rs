@@ -196,22 +196,30 @@ struct BenchArgs {
     /// Alpaca JSON (or .json.gz).
     #[arg(long)]
     data: PathBuf,
-    /// lora, prefix or adaption.
+    /// A method's recipe name: lora, dora, ia3, prefix, adaption or prompt_tuning.
     #[arg(long, default_value = "lora")]
     method: String,
+    /// LoRA/DoRA rank (recipe: adapter.r).
     #[arg(long, default_value_t = 8)]
     r: usize,
+    /// LoRA/DoRA alpha (recipe: adapter.alpha).
     #[arg(long, default_value_t = 16.0)]
     alpha: f64,
-    /// Comma-separated module suffixes, or all-linear.
+    /// Comma-separated module suffixes, or all-linear (recipe: adapter.target_modules).
     #[arg(long, default_value = "q_proj,v_proj")]
     targets: String,
+    /// Prefix or prompt tuning's virtual tokens (recipe: adapter.num_virtual_tokens).
     #[arg(long, default_value_t = 16)]
     virtual_tokens: usize,
+    /// Adaption prompt length (recipe: adapter.adapter_len).
     #[arg(long, default_value_t = 10)]
     adapter_len: usize,
+    /// Layers with adaption prompts (recipe: adapter.adapter_layers).
     #[arg(long, default_value_t = 8)]
     adapter_layers: usize,
+    /// Any other key of the method's [adapter] section, e.g. `--adapter use_rslora=true` (repeatable).
+    #[arg(long = "adapter", value_name = "KEY=VALUE")]
+    adapter_keys: Vec<String>,
     #[arg(long, default_value_t = 4)]
     batch: usize,
     #[arg(long, default_value_t = 256)]
@@ -227,10 +235,10 @@ struct BenchArgs {
     threads: Option<usize>,
     /// flex, libtorch, cuda or cuda:N.
     #[arg(long, default_value = "flex")]
-    device: String,
+    device: ember_models::device::DeviceName,
     /// Frozen base dtype: f32, bf16 or checkpoint.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[arg(long, default_value = "f32", value_parser = ember_models::LoadDtype::parse)]
+    dtype: ember_models::LoadDtype,
     /// Activation checkpointing per decoder layer (recipe: train.gradient_checkpointing).
     #[arg(long)]
     gradient_checkpointing: bool,
@@ -247,14 +255,14 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         // SAFETY: no other thread exists yet; flex's rayon pool reads this when first used.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     }
+    let method = bench_method(&args).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
     let model = match (args.model, args.synthetic, args.tokenizer) {
         (Some(dir), _, _) => ember_trainer::bench::BenchModel::Dir(dir),
         (None, Some(shape), Some(tokenizer)) => ember_trainer::bench::BenchModel::Synthetic { shape, tokenizer },
         _ => return Err(bad_input(anyhow::anyhow!("give --model, or --synthetic with --tokenizer"))),
     };
     let options = ember_trainer::bench::BenchOptions {
-        model, data: args.data, method: args.method, r: args.r, alpha: args.alpha, targets: args.targets,
-        virtual_tokens: args.virtual_tokens, adapter_len: args.adapter_len, adapter_layers: args.adapter_layers,
+        model, data: args.data, method,
         batch: args.batch, cutoff: args.cutoff, steps: args.steps, warmup: args.warmup, threads: args.threads,
         device: args.device, dtype: args.dtype,
         step: ember_trainer::step::StepOptions {
@@ -264,6 +272,32 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let result = ember_trainer::bench::run(&options).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
     println!("{result}");
     Ok(())
+}
+
+/// The method from `--method` and the flags its `[adapter]` section has (others are ignored:
+/// `--r` means nothing to prefix tuning), then `--adapter key=value`.
+fn bench_method(args: &BenchArgs) -> Result<ember_adapters::Method, String> {
+    use toml::Value;
+    let keys = ember_adapters::Method::section_keys(&args.method)?;
+    let targets = match args.targets.as_str() {
+        "all-linear" => Value::String("all-linear".into()),
+        list => Value::Array(list.split(',').map(|t| Value::String(t.to_owned())).collect()),
+    };
+    let flags = [
+        ("r", Value::Integer(args.r as i64)),
+        ("alpha", Value::Float(args.alpha)),
+        ("target_modules", targets),
+        ("num_virtual_tokens", Value::Integer(args.virtual_tokens as i64)),
+        ("adapter_len", Value::Integer(args.adapter_len as i64)),
+        ("adapter_layers", Value::Integer(args.adapter_layers as i64)),
+    ];
+    let mut section: toml::Table = flags.into_iter().filter(|(k, _)| keys.iter().any(|own| own == k)).map(|(k, v)| (k.to_owned(), v)).collect();
+    for item in &args.adapter_keys {
+        let (key, raw) = item.split_once('=').ok_or_else(|| format!("--adapter '{item}': expected KEY=VALUE"))?;
+        let value = format!("v = {raw}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| Value::String(raw.to_owned()));
+        section.insert(key.to_owned(), value);
+    }
+    ember_adapters::Method::from_recipe(&args.method, section)
 }
 
 #[derive(Subcommand)]
@@ -320,8 +354,8 @@ fn merge(base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Pat
         .ok_or_else(|| bad_input(anyhow::anyhow!("--dtype '{dtype}': expected keep, f32, bf16 or f16")))?;
     let summary = ember_trainer::merge::merge(base, adapter, out, dtype).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
     println!(
-        "merged {} modules into {}: {} tensors, {} shard(s), {:.1} MB",
-        summary.merged_modules, out.display(), summary.tensors, summary.shards, summary.bytes as f64 / 1e6
+        "merged {} tensors into {}: {} tensors in all, {} shard(s), {:.1} MB",
+        summary.merged_tensors, out.display(), summary.tensors, summary.shards, summary.bytes as f64 / 1e6
     );
     Ok(())
 }

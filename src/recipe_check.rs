@@ -4,13 +4,13 @@
 
 use std::path::Path;
 
-use ember_adapters::lora::count_trainable;
+use ember_adapters::AdapterFolder;
 use ember_data::{Tokenizer, alpaca};
-use ember_models::transformer::{KeyLayout, check_checkpoint};
-use ember_models::{Checkpoint, LoadDtype, ModelConfig};
+use ember_models::transformer::check_checkpoint;
+use ember_models::{Checkpoint, ModelConfig};
 use ember_trainer::Recipe;
 use ember_trainer::recipe::env_overrides;
-use ember_trainer::train::{lora_config, method, template};
+use ember_trainer::train::template;
 
 use crate::bad_input;
 use crate::inspect::group_digits;
@@ -52,24 +52,16 @@ fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Res
             false => Err(fail(reason)),
         }
     };
-    check_device(&recipe.model.device).map_err(fail)?;
-    if LoadDtype::parse(&recipe.model.dtype).is_none() {
-        return Err(fail(format!("'model.dtype' is '{}'; expected f32, bf16 or checkpoint", recipe.model.dtype)));
-    }
     let template_name = template(&recipe).map(|_| recipe.data.template.clone()).map_err(|e| fail(e.to_string()))?;
     let mut summary = Vec::new();
 
     if let Some(dir) = &recipe.adapter.init_from
         && present("adapter.init_from", dir)?
     {
-        let peft = dir.join("adapter_config.json").is_file();
-        let chatglm = dir.join("config.json").is_file() && dir.join("prefix_encoder.safetensors").is_file();
-        if !peft && !chatglm {
-            return Err(fail(format!("'adapter.init_from': {} holds no adapter_config.json (PEFT) nor ChatGLM's prefix_encoder", dir.display())));
-        }
+        AdapterFolder::read(dir).map_err(|e| fail(format!("'adapter.init_from': {e}")))?;
         summary.push(format!("starts from the adapter in {}", dir.display()));
     }
-    let method = method(&recipe).map_err(|e| fail(e.to_string()))?;
+    let method = recipe.adapter.method.config();
     if recipe.adapter.init_from.is_none() {
         summary.push(method.to_string());
     }
@@ -79,7 +71,7 @@ fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Res
         check_checkpoint(&config, &checkpoint).map_err(|e| fail(e.to_string()))?;
         Tokenizer::from_dir(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
         if recipe.adapter.init_from.is_none() {
-            fit_to_architecture(&recipe, &config).map_err(fail)?;
+            method.check(&config).map_err(|e| fail(format!("[adapter]: {e}")))?;
             let trainable = method.count_trainable(&config);
             let all = config.num_params() + trainable;
             summary.push(format!("{} trainable of {} parameters ({:.4}%)", group_digits(trainable), group_digits(all), 100.0 * trainable as f64 / all as f64));
@@ -96,48 +88,4 @@ fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Res
     }
     summary.push(format!("template {template_name}"));
     Ok(summary.join("; "))
-}
-
-/// The method's settings checked against the model: LoRA must target at least one projection,
-/// adaption prompts need that many layers. Prefix tuning fits every model.
-fn fit_to_architecture(recipe: &Recipe, config: &ModelConfig) -> Result<(), String> {
-    let a = &recipe.adapter;
-    match a.method.as_str() {
-        "lora" => {
-            if let Some(layer) = a.layers_to_transform.iter().flatten().find(|&&i| i >= config.num_layers) {
-                return Err(format!("'adapter.layers_to_transform': layer {layer} does not exist (the model has {} layers)", config.num_layers));
-            }
-            let lora = lora_config(recipe).map_err(|e| e.to_string())?;
-            let trainable = count_trainable(config, &lora);
-            if trainable == 0 {
-                let projections: Vec<String> = KeyLayout::of(config.architecture)
-                    .projection_names(0)
-                    .iter()
-                    .map(|name| name.rsplit('.').next().unwrap_or(name).to_owned())
-                    .collect();
-                return Err(format!(
-                    "'adapter.target_modules' = {} matches no projection of this {} model (its projections: {})",
-                    lora.target,
-                    config.architecture.name(),
-                    projections.join(", ")
-                ));
-            }
-            Ok(())
-        }
-        "adaption" => match a.adapter_layers.unwrap_or(0) {
-            layers if layers > config.num_layers => {
-                Err(format!("'adapter.adapter_layers' is {layers} but the model has only {} layers", config.num_layers))
-            }
-            _ => Ok(()),
-        },
-        _ => Ok(()),
-    }
-}
-
-fn check_device(name: &str) -> Result<(), String> {
-    let cuda_index = name.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
-    match ["flex", "cpu", "libtorch", "cuda"].contains(&name) || cuda_index {
-        true => Ok(()),
-        false => Err(format!("'model.device' is '{name}'; expected flex, libtorch, cuda or cuda:N")),
-    }
 }

@@ -4,9 +4,12 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_adapters::adaption::{AdaptionConfig, AdaptionPrompts};
+use ember_adapters::Method;
+use ember_adapters::dora::DoraConfig;
+use ember_adapters::ia3::Ia3Config;
 use ember_adapters::lora::{LoraConfig, Target};
 use ember_adapters::prefix::PrefixConfig;
-use ember_adapters::{AdaptedModel, Method};
+use ember_adapters::prompt_tuning::PromptTuningConfig;
 use ember_models::{BaseModel, LoadDtype};
 
 fn fixtures() -> PathBuf {
@@ -39,12 +42,15 @@ fn trainable_counts_from_shapes_match_fresh_adapters() {
         Method::Prefix(PrefixConfig { num_virtual_tokens: 5, prefix_projection: false, encoder_hidden_size: None }),
         Method::Prefix(PrefixConfig { num_virtual_tokens: 5, prefix_projection: true, encoder_hidden_size: Some(24) }),
         Method::Adaption(AdaptionConfig { adapter_len: 3, adapter_layers: 1 }),
+        Method::Dora(DoraConfig(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None })),
+        Method::Ia3(Ia3Config { target: Target::AllLinear, feedforward: Target::Suffixes(vec!["down_proj".into(), "dense_4h_to_h".into()]) }),
+        Method::PromptTuning(PromptTuningConfig { num_virtual_tokens: 4 }),
     ];
     for name in ["tiny_llama", "tiny_glm", "tiny_chatglm"] {
         for method in &methods {
             let base = BaseModel::load(&fixtures().join(name), LoadDtype::F32, &device).unwrap();
-            let expected = method.count_trainable(&base.config);
-            let (trainable, _) = AdaptedModel::init(base, method, 0, &device).unwrap().parameter_counts();
+            let expected = method.config().count_trainable(&base.config);
+            let (trainable, _) = method.config().init(base, 0, &device).unwrap().parameter_counts();
             assert_eq!(trainable, expected, "{name}: {method}");
         }
     }

@@ -12,16 +12,19 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
-use burn::module::Param;
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Gradients;
-use ember_adapters::{AdaptedModel, adaption, lora, prefix};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use ember_adapters::registry::ModelAdapter;
+use ember_adapters::{AdaptedModel, Method, prefix};
 use ember_data::{Batch, Record, SftOptions, Template, Tokenizer, sft};
 use ember_trainer::loss::causal_lm_loss;
 use ember_trainer::merge;
 use ember_trainer::step::{StepOptions, forward_backward};
-use ember_models::{BaseModel, Checkpoint, KvCache, LayerExtras, LoadDtype, ModelConfig};
+use ember_models::{BaseModel, Checkpoint, KvCache, LoadDtype, ModelConfig};
 use serde_json::Value;
 
 const LOGITS_ATOL_TINY: f32 = 1e-4;
@@ -172,18 +175,22 @@ fn model_fixture(dir: &Path, name: &str, device: &Device, report: &mut Report) {
 
         let methods = info["methods"].as_object().cloned().unwrap_or_default();
         for (method, spec) in &methods {
-            match spec["peft_type"].as_str() {
-                Some("LORA") => {
-                    if let Err(e) = lora_checks(dir, name, method, spec, &reference, &mask, [batch, len], device, report) {
-                        report.error(name, method, e);
-                    }
-                }
-                Some("PREFIX_TUNING") | Some("ADAPTION_PROMPT") | None => {
-                    if let Err(e) = extras_checks(dir, name, method, spec, &reference, &mask, [batch, len], device, report) {
-                        report.error(name, method, e);
-                    }
-                }
-                Some(other) => report.skip(name, method, &format!("peft_type {other} is not implemented")),
+            if spec.get("quantization").is_some_and(|q| !q.is_null()) {
+                report.skip(name, method, "a quantized base (QLoRA) is not implemented yet");
+                continue;
+            }
+            let Some(adapter_dir) = spec["adapter_dir"].as_str().map(|d| dir.join(d)) else {
+                report.skip(name, method, "no adapter_dir");
+                continue;
+            };
+            // A format no registered method reads is reported, never failed or passed.
+            if let Err(e) = Method::read(&adapter_dir) {
+                report.skip(name, method, &format!("not a format ember reads: {e}"));
+                continue;
+            }
+            let case = Case { dir, name, method, spec, reference: &reference, mask: &mask, shape: [batch, len], adapter_dir };
+            if let Err(e) = method_checks(&case, device, report) {
+                report.error(name, method, e);
             }
         }
         Ok(())
@@ -221,51 +228,92 @@ fn train_batch_check(tokenizer: &Tokenizer, info: &Value, reference: &Checkpoint
     Ok(())
 }
 
-/// LoRA: logits with the PEFT-saved adapter, loss and every gradient on the train batch,
-/// merged logits, and a save/load round trip through ember's own PEFT writer.
-#[allow(clippy::too_many_arguments)]
-fn lora_checks(
-    dir: &Path,
-    name: &str,
-    method: &str,
-    spec: &Value,
-    reference: &Checkpoint,
-    mask: &[i64],
-    [batch, len]: [usize; 2],
-    device: &Device,
-    report: &mut Report,
-) -> Result<(), String> {
-    let adapter_dir = dir.join(spec["adapter_dir"].as_str().ok_or("no adapter_dir")?);
+/// One method of a model fixture.
+struct Case<'a> {
+    dir: &'a Path,
+    name: &'a str,
+    method: &'a str,
+    spec: &'a Value,
+    reference: &'a Checkpoint,
+    mask: &'a [i64],
+    shape: [usize; 2],
+    adapter_dir: PathBuf,
+}
+
+/// Any method, through the registry: logits with the PEFT-saved adapter, a save/load round trip
+/// through ember's writer, merged logits and weights where the method merges, `ember merge`
+/// against transformers' merged checkpoint, then loss and every gradient on the train batch,
+/// once by one backward and once by ember's training step.
+fn method_checks(case: &Case, device: &Device, report: &mut Report) -> Result<(), String> {
+    let Case { dir, name, method, spec, reference, mask, shape: [batch, len], .. } = *case;
     let (ids, _) = i64s(reference, "input_ids")?;
-    let (expected, _) = f32s(reference, &format!("logits.{method}"))?;
-    let vocab = expected.len() / (batch * len);
     let ids_t = || int_tensor(ids.clone(), [batch, len], device);
     let mask_t = || Some(int_tensor(mask.to_vec(), [batch, len], device));
-
     let base = BaseModel::load(dir, LoadDtype::F32, device).map_err(|e| e.to_string())?;
-    let (model, config) = lora::load_peft(&adapter_dir, base, device).map_err(|e| e.to_string())?;
+    let (model, config) = Method::load(&case.adapter_dir, base, device).map_err(|e| e.to_string())?;
+    // Prompt tuning's logits lead with its virtual positions, as PEFT returns them.
+    let virtual_tokens = model.virtual_tokens();
+    let mask_ext: Vec<i64> = mask.chunks(len).flat_map(|row| std::iter::repeat_n(1, virtual_tokens).chain(row.iter().copied())).collect();
+    let logits_key = format!("logits.{method}");
+    let (expected, _) = f32s(reference, &logits_key)?;
+    let vocab = expected.len() / (batch * (len + virtual_tokens));
     let ours = to_vec(model.forward(ids_t(), mask_t()));
-    report.check(name, &format!("logits.{method}"), max_abs_on_mask(&ours, &expected, mask, vocab), LOGITS_ATOL_TINY);
+    report.check(name, &logits_key, max_abs_on_mask(&ours, &expected, &mask_ext, vocab), LOGITS_ATOL_TINY);
 
     // An adapter ember writes and reads back reproduces its own logits exactly.
     let saved = tempfile::tempdir().map_err(|e| e.to_string())?;
-    lora::save_peft(&model, &config, name, saved.path()).map_err(|e| e.to_string())?;
+    config.config().save(&model, name, saved.path()).map_err(|e| e.to_string())?;
     let base = BaseModel::load(dir, LoadDtype::F32, device).map_err(|e| e.to_string())?;
-    let (reloaded, _) = lora::load_peft(saved.path(), base, device).map_err(|e| e.to_string())?;
+    let (reloaded, _) = Method::load(saved.path(), base, device).map_err(|e| e.to_string())?;
     let again = to_vec(reloaded.forward(ids_t(), mask_t()));
-    report.check(name, &format!("{method}.save_load"), max_abs_on_mask(&again, &ours, mask, vocab), 0.0);
+    report.check(name, &format!("{method}.save_load"), max_abs_on_mask(&again, &ours, &mask_ext, vocab), 0.0);
 
-    if let Ok((merged_expected, _)) = f32s(reference, "logits.lora_merged") {
-        let merged = to_vec(lora::merge(model).forward(ids_t(), mask_t()));
-        report.check(name, "logits.lora_merged", max_abs_on_mask(&merged, &merged_expected, mask, vocab), LOGITS_ATOL_TINY);
+    let merges = Method::weight_merge(&case.adapter_dir).is_ok();
+    let merged_model = merges.then(|| model.into_inference());
+    // Each method's merged logits, weights and checkpoint carry its own name.
+    let merged_key = format!("logits.{method}_merged");
+    if let (Some(merged), Ok((merged_expected, _))) = (&merged_model, f32s(reference, &merged_key)) {
+        let logits = to_vec(merged.forward(ids_t(), mask_t()));
+        report.check(name, &merged_key, max_abs_on_mask(&logits, &merged_expected, mask, vocab), LOGITS_ATOL_TINY);
+    }
+    let weights_prefix = format!("merged.{method}.");
+    let merged_weights: Vec<&str> = reference.keys().filter(|k| k.starts_with(&weights_prefix)).collect();
+    if !merged_weights.is_empty() {
+        let merged = merged_model.as_ref().ok_or("the reference has merged weights but ember cannot merge this adapter")?;
+        let ours: std::collections::HashMap<String, Vec<f32>> = merged
+            .model
+            .projections()
+            .into_iter()
+            .map(|(module, p)| (format!("{module}.weight"), p.base.weight.val().into_data().try_to_vec::<f32>().expect("f32 weights")))
+            .collect();
+        let mut max_abs = 0f32;
+        for key in &merged_weights {
+            let weight = &key[weights_prefix.len()..];
+            let (theirs, _) = f32s(reference, key)?;
+            let ours = ours.get(weight).ok_or_else(|| format!("{key}: no such projection in ember's merged model"))?;
+            max_abs = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(max_abs, f32::max);
+        }
+        report.check(name, &format!("merged.{method}({})", merged_weights.len()), max_abs, 1e-5);
+        // `ember merge` streams the same weights from the files.
+        let out = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = out.path().join("merged");
+        merge::merge(dir, &case.adapter_dir, &out, merge::MergeDtype::Keep)?;
+        let streamed = Checkpoint::open_dir(&out).map_err(|e| e.to_string())?;
+        let mut max_abs = 0f32;
+        for key in &merged_weights {
+            let (a, _) = f32s(&streamed, &key[weights_prefix.len()..])?;
+            let (b, _) = f32s(reference, key)?;
+            max_abs = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(max_abs, f32::max);
+        }
+        report.check(name, &format!("ember_merge.{method}({})", merged_weights.len()), max_abs, 1e-5);
     }
 
     // `ember merge` of the PEFT adapter against transformers' merge_and_unload checkpoint.
-    let merged_reference = dir.join("merged_lora");
+    let merged_reference = dir.join(format!("merged_{method}"));
     if merged_reference.is_dir() {
         let out = tempfile::tempdir().map_err(|e| e.to_string())?;
         let out = out.path().join("merged");
-        merge::merge(dir, &adapter_dir, &out, merge::MergeDtype::Keep)?;
+        merge::merge(dir, &case.adapter_dir, &out, merge::MergeDtype::Keep)?;
         let ours = Checkpoint::open_dir(&out).map_err(|e| e.to_string())?;
         let theirs = Checkpoint::open_dir(&merged_reference).map_err(|e| e.to_string())?;
         let mut max_abs = 0f32;
@@ -277,51 +325,74 @@ fn lora_checks(
         if ours.keys().count() != theirs.keys().count() {
             return Err(format!("merged checkpoint has {} tensors, reference {}", ours.keys().count(), theirs.keys().count()));
         }
-        report.check(name, "merged_lora.tensors", max_abs, 1e-5);
-        let (merged_expected, _) = f32s(reference, "logits.lora_merged")?;
+        report.check(name, &format!("merged_{method}.tensors"), max_abs, 1e-5);
+        let (merged_expected, _) = f32s(reference, &merged_key)?;
         let merged = BaseModel::load(&out, LoadDtype::F32, device).map_err(|e| e.to_string())?;
         let logits = to_vec(merged.forward(ids_t(), mask_t()));
-        report.check(name, "merged_lora.logits", max_abs_on_mask(&logits, &merged_expected, mask, vocab), LOGITS_ATOL_TINY);
+        report.check(name, &format!("merged_{method}.logits"), max_abs_on_mask(&logits, &merged_expected, mask, vocab), LOGITS_ATOL_TINY);
     }
 
-    // Loss and gradients on the Alpaca train batch, on the autodiff device.
+    // Loss and gradients on the Alpaca train batch, on the autodiff device, with the
+    // training-time parameters (PEFT's projected prefix keeps its MLP apart from the saved table).
     let autodiff = device.clone().autodiff();
-    let (train_ids, shape) = i64s(reference, "train.input_ids")?;
+    let base = BaseModel::load(dir, LoadDtype::F32, &autodiff).map_err(|e| e.to_string())?;
+    let model = match training_prefix(case, &autodiff)? {
+        Some(encoder) => AdaptedModel::with_inputs(base, Some(ModelAdapter::Prefix(encoder))),
+        None => Method::load(&case.adapter_dir, base, &autodiff).map_err(|e| e.to_string())?.0,
+    };
+    let (train_ids, train_shape) = i64s(reference, "train.input_ids")?;
     let (train_mask, _) = i64s(reference, "train.attention_mask")?;
     let (labels, _) = i64s(reference, "train.labels")?;
-    let base = BaseModel::load(dir, LoadDtype::F32, &autodiff).map_err(|e| e.to_string())?;
-    let (model, _) = lora::load_peft(&adapter_dir, base, &autodiff).map_err(|e| e.to_string())?;
-    let shape = [shape[0], shape[1]];
-    let mask = int_tensor(train_mask.clone(), shape, &autodiff);
-    let hidden = model.hidden_states(int_tensor(train_ids.clone(), shape, &autodiff), Some(&mask), None, &[]);
+    let train_shape = [train_shape[0], train_shape[1]];
+    let train_batch = Batch { batch: train_shape[0], seq: train_shape[1], input_ids: train_ids, attention_mask: train_mask, labels };
+    let hidden = model.hidden_states(int_tensor(train_batch.input_ids.clone(), train_shape, &autodiff), Some(int_tensor(train_batch.attention_mask.clone(), train_shape, &autodiff)));
+    let labels = train_batch.with_virtual_tokens(model.virtual_tokens()).labels;
     let loss = causal_lm_loss(hidden, &labels, |h| model.logits(h)).ok_or("no supervised token in the train batch")?;
     let loss_value = loss.to_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?[0];
     let expected_loss = spec["loss"].as_f64().ok_or("no loss")? as f32;
     report.check(name, &format!("{method}.loss"), (loss_value - expected_loss).abs(), LOSS_ATOL);
     let tape = loss.backward();
-    let model = AdaptedModel { model, prefix: None, adaption: None };
-    let train_batch = Batch { batch: shape[0], seq: shape[1], input_ids: train_ids, attention_mask: train_mask, labels };
     let staged = staged_gradients(&model, &train_batch, &autodiff);
+    let names = config.config().parameter_names(&model);
+    let expected_count = spec["grad_keys"].as_array().map_or(0, Vec::len);
+    if names.len() != expected_count {
+        return Err(format!("ember names {} trainable parameters, the fixture has {expected_count} gradients", names.len()));
+    }
     for (grads, label) in [(Grads::Tape(&tape), "grads"), (Grads::Staged(&staged), "grads_checkpointed")] {
-        let (mut worst, mut checked) = (0f32, 0);
-        for (module, layer) in model.model.projections() {
-            let Some(branch) = &layer.lora else { continue };
-            for (part, param) in [("lora_A", &branch.lora_a), ("lora_B", &branch.lora_b)] {
-                let key = format!("grad.{method}.base_model.model.{module}.{part}.weight");
-                let (expected, _) = f32s(reference, &key)?;
-                let ours = grads.of(param).ok_or_else(|| format!("no gradient for {key}"))?;
-                worst = worst.max(grad_excess(&ours, &expected));
-                checked += 1;
-            }
-        }
-        let expected_count = spec["grad_keys"].as_array().map_or(0, Vec::len);
-        if checked != expected_count {
-            return Err(format!("compared {checked} gradients, the fixture has {expected_count}"));
+        let ours = gradients_by_id(&model, &grads);
+        let mut worst = 0f32;
+        for (id, key) in &names {
+            let full = format!("grad.{method}.{key}");
+            let (expected, _) = f32s(reference, &full)?;
+            let values = ours.get(id).ok_or_else(|| format!("no gradient for {full}"))?;
+            worst = worst.max(grad_excess(values, &expected));
         }
         // Reported as the largest |error| beyond rtol·|ref|, checked against atol.
-        report.check(name, &format!("{method}.{label}({checked})"), worst, GRAD_ATOL);
+        report.check(name, &format!("{method}.{label}({expected_count})"), worst, GRAD_ATOL);
     }
     Ok(())
+}
+
+/// PEFT's projected prefix trains an embedding and MLP but saves only their output: the
+/// reference keeps the training-time tensors as `train_params.<m>.prompt_encoder.*`.
+fn training_prefix(case: &Case, device: &Device) -> Result<Option<prefix::PrefixEncoder>, String> {
+    let (reference, method) = (case.reference, case.method);
+    if !reference.contains(&format!("train_params.{method}.prompt_encoder.embedding.weight")) {
+        return Ok(None);
+    }
+    let config = ModelConfig::from_dir(case.dir).map_err(|e| e.to_string())?;
+    let tensor2 = |k: &str| -> Result<Tensor<2>, String> {
+        let key = format!("train_params.{method}.prompt_encoder.{k}");
+        let (shape, _) = reference.info(&key).ok_or(format!("no {key}"))?;
+        reference.float(&key, [shape[0], shape[1]], LoadDtype::F32, device).map_err(|e| e.to_string())
+    };
+    let tensor1 = |k: &str| -> Result<Tensor<1>, String> {
+        let key = format!("train_params.{method}.prompt_encoder.{k}");
+        let (shape, _) = reference.info(&key).ok_or(format!("no {key}"))?;
+        reference.float(&key, [shape[0]], LoadDtype::F32, device).map_err(|e| e.to_string())
+    };
+    let mlp = (tensor2("transform.0.weight")?, tensor1("transform.0.bias")?, tensor2("transform.2.weight")?, tensor1("transform.2.bias")?);
+    Ok(Some(prefix::from_training_params(tensor2("embedding.weight")?, Some(mlp), &config)))
 }
 
 /// Gradients of one backward through the whole graph, or of ember's training step.
@@ -340,6 +411,21 @@ impl Grads<'_> {
     }
 }
 
+/// Every parameter's gradient, by id.
+fn gradients_by_id(model: &AdaptedModel, grads: &Grads) -> HashMap<ParamId, Vec<f32>> {
+    struct Collect<'a, 'b>(&'a Grads<'b>, HashMap<ParamId, Vec<f32>>);
+    impl ModuleVisitor for Collect<'_, '_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.0.of(param) {
+                self.1.insert(param.id, g);
+            }
+        }
+    }
+    let mut collect = Collect(grads, HashMap::new());
+    model.visit(&mut collect);
+    collect.1
+}
+
 /// The gradients ember's training step computes, padding-free, with per-layer activation
 /// checkpointing and the loss in chunks of 5 tokens: they must match the reference as the plain
 /// backward does.
@@ -348,156 +434,6 @@ fn staged_gradients(model: &AdaptedModel, batch: &Batch, device: &Device) -> Gra
     let options = StepOptions { checkpoint_layers: true, loss_chunk_tokens: 5, padding_free: true };
     forward_backward(model, batch, 1.0, options, 0, device, &mut grads);
     grads.grads()
-}
-
-/// The trainable side of an extras adapter, as the reference names its gradients.
-#[allow(clippy::large_enum_variant)]
-enum ExtrasAdapter {
-    Prefix(prefix::PrefixEncoder),
-    Adaption(adaption::AdaptionPrompts),
-}
-
-impl ExtrasAdapter {
-    fn extras(&self, batch: usize) -> Vec<LayerExtras> {
-        match self {
-            ExtrasAdapter::Prefix(p) => p.extras(batch),
-            ExtrasAdapter::Adaption(a) => a.extras(),
-        }
-    }
-
-    /// The base with this adapter, as the training step takes it (parameters shared).
-    fn adapted(&self, base: BaseModel) -> AdaptedModel {
-        let mut model = AdaptedModel::base_only(base);
-        match self {
-            ExtrasAdapter::Prefix(p) => model.prefix = Some(p.clone()),
-            ExtrasAdapter::Adaption(a) => model.adaption = Some(a.clone()),
-        }
-        model
-    }
-
-    /// (reference gradient key without the `grad.<method>.` prefix, our gradient)
-    fn grads(&self, grads: &Grads, model: &ModelConfig, chatglm: bool) -> Vec<(String, Option<Vec<f32>>)> {
-        let values = |p: &Param<Tensor<2>>| grads.of(p);
-        let vector = |p: &Param<Tensor<1>>| grads.of(p);
-        match self {
-            ExtrasAdapter::Prefix(p) => {
-                let (root, first, second) = if chatglm {
-                    ("transformer.prefix_encoder", "trans.0", "trans.2")
-                } else {
-                    ("prompt_encoder", "transform.0", "transform.2")
-                };
-                let mut out = vec![(format!("{root}.embedding.weight"), values(&p.embedding))];
-                if let Some(mlp) = &p.projection {
-                    for (name, layer) in [(first, &mlp.first), (second, &mlp.second)] {
-                        out.push((format!("{root}.{name}.weight"), values(&layer.weight)));
-                        out.push((format!("{root}.{name}.bias"), layer.bias.as_ref().and_then(&vector)));
-                    }
-                }
-                out
-            }
-            ExtrasAdapter::Adaption(a) => a
-                .layers
-                .iter()
-                .enumerate()
-                .filter_map(|(i, l)| l.as_ref().map(|l| (i, l)))
-                .flat_map(|(i, l)| {
-                    [
-                        (adaption::key(model, i, "adaption_prompt"), grads.of(&l.prompt)),
-                        (adaption::key(model, i, "adaption_gate"), vector(&l.gate)),
-                    ]
-                })
-                .collect(),
-        }
-    }
-}
-
-/// Prefix tuning, P-Tuning v2 and adaption prompts: logits with the saved adapter, then loss and
-/// every gradient on the train batch with the training-time parameters.
-#[allow(clippy::too_many_arguments)]
-fn extras_checks(
-    dir: &Path,
-    name: &str,
-    method: &str,
-    spec: &Value,
-    reference: &Checkpoint,
-    mask: &[i64],
-    [batch, len]: [usize; 2],
-    device: &Device,
-    report: &mut Report,
-) -> Result<(), String> {
-    let adapter_dir = dir.join(spec["adapter_dir"].as_str().ok_or("no adapter_dir")?);
-    let config = ModelConfig::from_dir(dir).map_err(|e| e.to_string())?;
-    let chatglm = spec["kind"].as_str().is_some_and(|k| k.contains("P-Tuning v2"));
-    let load = |device: &Device| -> Result<ExtrasAdapter, String> {
-        Ok(match spec["peft_type"].as_str() {
-            _ if chatglm => ExtrasAdapter::Prefix(prefix::load_chatglm_ptuning(&adapter_dir, &config, device).map_err(|e| e.to_string())?),
-            Some("PREFIX_TUNING") => ExtrasAdapter::Prefix(prefix::load_peft(&adapter_dir, &config, device).map_err(|e| e.to_string())?),
-            Some("ADAPTION_PROMPT") => ExtrasAdapter::Adaption(adaption::load_peft(&adapter_dir, &config, device).map_err(|e| e.to_string())?),
-            other => return Err(format!("unknown adapter kind {other:?} / {:?}", spec["kind"])),
-        })
-    };
-
-    let (ids, _) = i64s(reference, "input_ids")?;
-    let (expected, _) = f32s(reference, &format!("logits.{method}"))?;
-    let vocab = expected.len() / (batch * len);
-    let base = BaseModel::load(dir, LoadDtype::F32, device).map_err(|e| e.to_string())?;
-    let adapter = load(device)?;
-    let logits = base.forward_with(
-        int_tensor(ids.clone(), [batch, len], device),
-        Some(int_tensor(mask.to_vec(), [batch, len], device)),
-        &adapter.extras(batch),
-    );
-    report.check(name, &format!("logits.{method}"), max_abs_on_mask(&to_vec(logits), &expected, mask, vocab), LOGITS_ATOL_TINY);
-
-    // Training-time parameters: PEFT's projected prefix keeps its MLP apart from the saved table.
-    let autodiff = device.clone().autodiff();
-    let adapter = if reference.contains(&format!("train_params.{method}.prompt_encoder.embedding.weight")) {
-        let tensor2 = |k: &str| -> Result<Tensor<2>, String> {
-            let key = format!("train_params.{method}.prompt_encoder.{k}");
-            let (shape, _) = reference.info(&key).ok_or(format!("no {key}"))?;
-            reference.float(&key, [shape[0], shape[1]], LoadDtype::F32, &autodiff).map_err(|e| e.to_string())
-        };
-        let tensor1 = |k: &str| -> Result<Tensor<1>, String> {
-            let key = format!("train_params.{method}.prompt_encoder.{k}");
-            let (shape, _) = reference.info(&key).ok_or(format!("no {key}"))?;
-            reference.float(&key, [shape[0]], LoadDtype::F32, &autodiff).map_err(|e| e.to_string())
-        };
-        let mlp = (tensor2("transform.0.weight")?, tensor1("transform.0.bias")?, tensor2("transform.2.weight")?, tensor1("transform.2.bias")?);
-        ExtrasAdapter::Prefix(prefix::from_training_params(tensor2("embedding.weight")?, Some(mlp), &config))
-    } else {
-        load(&autodiff)?
-    };
-    let (train_ids, shape) = i64s(reference, "train.input_ids")?;
-    let (train_mask, _) = i64s(reference, "train.attention_mask")?;
-    let (labels, _) = i64s(reference, "train.labels")?;
-    let base = BaseModel::load(dir, LoadDtype::F32, &autodiff).map_err(|e| e.to_string())?;
-    let shape = [shape[0], shape[1]];
-    let mask = int_tensor(train_mask.clone(), shape, &autodiff);
-    let hidden = base.hidden_states(int_tensor(train_ids.clone(), shape, &autodiff), Some(&mask), None, &adapter.extras(shape[0]));
-    let loss = causal_lm_loss(hidden, &labels, |h| base.logits(h)).ok_or("no supervised token in the train batch")?;
-    let loss_value = loss.to_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?[0];
-    let expected_loss = spec["loss"].as_f64().ok_or("no loss")? as f32;
-    report.check(name, &format!("{method}.loss"), (loss_value - expected_loss).abs(), LOSS_ATOL);
-    let tape = loss.backward();
-    let model = adapter.adapted(base);
-    let train_batch = Batch { batch: shape[0], seq: shape[1], input_ids: train_ids, attention_mask: train_mask, labels };
-    let staged = staged_gradients(&model, &train_batch, &autodiff);
-    for (grads, label) in [(Grads::Tape(&tape), "grads"), (Grads::Staged(&staged), "grads_checkpointed")] {
-        let ours = adapter.grads(&grads, &config, chatglm);
-        let expected_count = spec["grad_keys"].as_array().map_or(0, Vec::len);
-        if ours.len() != expected_count {
-            return Err(format!("{} gradients, the fixture has {expected_count}", ours.len()));
-        }
-        let mut worst = 0f32;
-        for (key, values) in ours {
-            let full = format!("grad.{method}.{key}");
-            let (expected, _) = f32s(reference, &full)?;
-            let values = values.ok_or_else(|| format!("no gradient for {full}"))?;
-            worst = worst.max(grad_excess(&values, &expected));
-        }
-        report.check(name, &format!("{method}.{label}({expected_count})"), worst, GRAD_ATOL);
-    }
-    Ok(())
 }
 
 /// max over elements of |a - b| - rtol·|b| (the part of the error that atol must cover).

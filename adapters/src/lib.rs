@@ -1,12 +1,21 @@
-//! Parameter-efficient fine-tuning methods, one module per method (as PEFT's `tuners/`):
-//! each wraps or feeds the frozen base of `ember-models` and reads/writes PEFT's on-disk format.
+//! Parameter-efficient fine-tuning methods, one folder per method (as PEFT's `tuners/`): each
+//! wraps or feeds the frozen base of `ember-models` and reads/writes PEFT's on-disk format.
+//! `method.rs` is the seam every method implements, `registry.rs` the one list of them.
 
 pub mod adaption;
+pub mod dora;
+pub mod ia3;
 pub mod lora;
+pub mod method;
 pub mod model;
 pub mod prefix;
+pub mod prompt_tuning;
+pub mod registry;
+pub mod target;
 
-pub use model::{AdaptedModel, Method};
+pub use method::{AdapterFolder, MethodConfig, PeftMethod, WeightMerge};
+pub use model::{AdaptedLinear, AdaptedModel};
+pub use registry::Method;
 
 use std::path::PathBuf;
 

@@ -1,221 +1,216 @@
-//! The model a run trains or serves: the frozen base plus the parameters of one method. LoRA
-//! lives inside the projections; prefix tuning and adaption prompts feed each layer's
-//! attention through `LayerExtras`. Methods stay in their own modules; this file only routes.
-
-use std::fmt;
-use std::path::Path;
+//! The model a run trains or serves: the frozen base plus one method's parameters, either
+//! inside the projections ([`AdaptedLinear`]) or feeding the decoder ([`ModelAdapter`]). This
+//! file names no method: everything method-specific goes through the registry's seams.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::tensor::{Device, Int, Tensor};
-use ember_models::{BaseModel, KvCache, LayerExtras, ModelConfig};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use ember_models::layers::Linear;
+use ember_models::{BaseModel, CausalLm, KvCache, LayerExtras, ModelConfig, Projection, TokenBatch};
 
-use crate::AdapterError;
-use crate::adaption::{self, AdaptionConfig, AdaptionPrompts};
-use crate::lora::{self, LoraConfig, LoraLinear, LoraModel};
-use crate::prefix::{self, PrefixConfig, PrefixEncoder};
+use crate::registry::{ModelAdapter, ProjectionAdapter};
 
-/// A method and its settings.
-#[derive(Debug, Clone)]
-pub enum Method {
-    Lora(LoraConfig),
-    Prefix(PrefixConfig),
-    Adaption(AdaptionConfig),
+/// A base projection with an optional branch of a method. `name` is the HF module path, the
+/// key under which PEFT saves the branch.
+#[derive(Module, Debug)]
+pub struct AdaptedLinear {
+    pub base: Linear,
+    pub branch: Option<ProjectionAdapter>,
+    #[module(skip)]
+    pub name: String,
 }
 
-impl Method {
-    /// The name used in recipes and reports.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Method::Lora(_) => "lora",
-            Method::Prefix(_) => "prefix",
-            Method::Adaption(_) => "adaption",
-        }
+impl AdaptedLinear {
+    pub fn new(name: &str, base: Linear, branch: Option<ProjectionAdapter>) -> Self {
+        Self { base, branch, name: name.to_owned() }
     }
 
-    /// Parameters a fresh adapter of this method trains on `model`, from the shapes alone (no
-    /// weights loaded: a 7B recipe can be sized on any machine).
-    pub fn count_trainable(&self, model: &ModelConfig) -> usize {
-        match self {
-            Method::Lora(c) => lora::count_trainable(model, c),
-            Method::Prefix(c) => prefix::count_trainable(model, c),
-            Method::Adaption(c) => adaption::count_trainable(model, c),
-        }
-    }
-
-    /// The lowest decoder layer a fresh adapter of this method trains or feeds, from the shapes
-    /// alone (as [`AdaptedModel::first_trainable_layer`]): backward never goes below it.
-    pub fn first_trainable_layer(&self, model: &ModelConfig) -> usize {
-        match self {
-            Method::Lora(c) => {
-                let keys = ember_models::transformer::KeyLayout::of(model.architecture);
-                (0..model.num_layers).find(|&i| keys.projection_names(i).iter().any(|name| c.targets(name))).unwrap_or(0)
-            }
-            Method::Prefix(_) => 0,
-            Method::Adaption(c) => model.num_layers.saturating_sub(c.adapter_layers),
+    /// The base with the branch folded in.
+    pub fn merged(self) -> Linear {
+        match self.branch {
+            Some(branch) => branch.merged(self.base),
+            None => self.base,
         }
     }
 }
 
-impl fmt::Display for Method {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Method::Lora(c) => write!(f, "LoRA r={} on {}", c.r, c.target),
-            Method::Prefix(c) => {
-                write!(f, "prefix tuning, {} virtual tokens{}", c.num_virtual_tokens, if c.prefix_projection { " through the MLP" } else { "" })
-            }
-            Method::Adaption(c) => write!(f, "gated adaption prompts, {} tokens in the top {} layers", c.adapter_len, c.adapter_layers),
+impl Projection for AdaptedLinear {
+    /// # Shapes
+    /// - x: `[batch, seq, in]`
+    /// - output: `[batch, seq, out]`
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        match &self.branch {
+            Some(branch) => branch.forward(&self.base, x),
+            None => self.base.forward(x),
         }
     }
 }
+
+/// The decoder with adaptable projections.
+pub type AdaptedDecoder = CausalLm<AdaptedLinear>;
 
 #[derive(Module, Debug)]
 pub struct AdaptedModel {
-    /// The base; its projections carry LoRA branches when the method is LoRA.
-    pub model: LoraModel,
-    pub prefix: Option<PrefixEncoder>,
-    pub adaption: Option<AdaptionPrompts>,
-}
-
-fn without_lora(base: BaseModel) -> LoraModel {
-    base.map_projections(|name, linear| LoraLinear::new(name, linear, None))
+    /// The base; projections carry branches when the method adapts them.
+    pub model: AdaptedDecoder,
+    /// Parameters that feed the decoder (prefixes, prompts), when the method has them.
+    pub inputs: Option<ModelAdapter>,
 }
 
 impl AdaptedModel {
     /// The base alone, with no method's parameters.
     pub fn base_only(base: BaseModel) -> Self {
-        Self { model: without_lora(base), prefix: None, adaption: None }
+        Self::with_inputs(base, None)
     }
 
-    /// Fresh parameters for `method`, seeded by `seed`; the model starts exactly at the base
-    /// for LoRA (B = 0) and adaption prompts (gates = 0).
-    pub fn init(base: BaseModel, method: &Method, seed: u64, device: &Device) -> Result<Self, AdapterError> {
-        Ok(match method {
-            Method::Lora(config) => Self { model: lora::apply(base, config, seed, device)?, prefix: None, adaption: None },
-            Method::Prefix(config) => {
-                let prefix = PrefixEncoder::init(&base.config, config, seed, device);
-                Self { model: without_lora(base), prefix: Some(prefix), adaption: None }
-            }
-            Method::Adaption(config) => {
-                if config.adapter_layers == 0 || config.adapter_layers > base.config.num_layers {
-                    return Err(AdapterError::Config(format!(
-                        "adapter_layers {} must be between 1 and the model's {} layers",
-                        config.adapter_layers, base.config.num_layers
-                    )));
+    /// The base with untouched projections and `inputs` feeding it.
+    pub fn with_inputs(base: BaseModel, inputs: Option<ModelAdapter>) -> Self {
+        Self { model: base.map_projections(|name, linear| AdaptedLinear::new(name, linear, None)), inputs }
+    }
+
+    /// The base with `branch(name, linear)` in every projection it returns one for. Errors
+    /// when no projection got one.
+    pub fn with_branches<E>(
+        base: BaseModel,
+        mut branch: impl FnMut(&str, &Linear) -> Result<Option<ProjectionAdapter>, E>,
+        no_match: impl FnOnce() -> E,
+    ) -> Result<Self, E> {
+        let (mut matched, mut first_error) = (0, None);
+        let model = base.map_projections(|name, linear| {
+            let made = if first_error.is_some() { Ok(None) } else { branch(name, &linear) };
+            match made {
+                Ok(Some(b)) => {
+                    matched += 1;
+                    AdaptedLinear::new(name, linear, Some(b))
                 }
-                let prompts = AdaptionPrompts::init(&base.config, config.adapter_len, config.adapter_layers, seed, device);
-                Self { model: without_lora(base), prefix: None, adaption: Some(prompts) }
+                Ok(None) => AdaptedLinear::new(name, linear, None),
+                Err(e) => {
+                    first_error = Some(e);
+                    AdaptedLinear::new(name, linear, None)
+                }
             }
-        })
-    }
-
-    /// An adapter folder in any format ember reads: PEFT `LORA`, `PREFIX_TUNING`,
-    /// `ADAPTION_PROMPT`, or THUDM's ChatGLM P-Tuning v2 (`config.json` with `pre_seq_len`).
-    pub fn load(dir: &Path, base: BaseModel, device: &Device) -> Result<(Self, Method), AdapterError> {
-        let config_path = dir.join("adapter_config.json");
-        if !config_path.is_file() {
-            if dir.join("config.json").is_file() && dir.join("prefix_encoder.safetensors").is_file() {
-                let prefix = prefix::load_chatglm_ptuning(dir, &base.config, device)?;
-                let method = Method::Prefix(prefix_config(&prefix));
-                return Ok((Self { model: without_lora(base), prefix: Some(prefix), adaption: None }, method));
-            }
-            return Err(AdapterError::invalid(dir, "no adapter_config.json (PEFT) nor config.json + prefix_encoder.safetensors (ChatGLM P-Tuning v2)"));
+        });
+        if let Some(e) = first_error {
+            return Err(e);
         }
-        let text = std::fs::read_to_string(&config_path).map_err(|e| AdapterError::Io { path: config_path.clone(), source: e })?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| AdapterError::invalid(&config_path, format!("invalid JSON: {e}")))?;
-        match json["peft_type"].as_str() {
-            Some("LORA") => {
-                let (model, config) = lora::load_peft(dir, base, device)?;
-                Ok((Self { model, prefix: None, adaption: None }, Method::Lora(config)))
-            }
-            Some("PREFIX_TUNING") => {
-                let prefix = prefix::load_peft(dir, &base.config, device)?;
-                let mut config = prefix_config(&prefix);
-                config.prefix_projection = json["prefix_projection"].as_bool().unwrap_or(false);
-                Ok((Self { model: without_lora(base), prefix: Some(prefix), adaption: None }, Method::Prefix(config)))
-            }
-            Some("ADAPTION_PROMPT") => {
-                let prompts = adaption::load_peft(dir, &base.config, device)?;
-                let method = Method::Adaption(prompts.config());
-                Ok((Self { model: without_lora(base), prefix: None, adaption: Some(prompts) }, method))
-            }
-            other => Err(AdapterError::invalid(
-                &config_path,
-                format!("peft_type {other:?} is not supported (LORA, PREFIX_TUNING, ADAPTION_PROMPT)"),
-            )),
+        if matched == 0 {
+            return Err(no_match());
         }
-    }
-
-    /// Exports the trained parameters in the method's on-disk format.
-    pub fn save(&self, method: &Method, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
-        let config = self.config();
-        match (method, &self.prefix, &self.adaption) {
-            (Method::Lora(c), _, _) => lora::save_peft(&self.model, c, base_model, dir),
-            (Method::Prefix(_), Some(prefix), _) => prefix.save(config, base_model, dir),
-            (Method::Adaption(_), _, Some(prompts)) => prompts.save_peft(config, base_model, dir),
-            _ => Err(AdapterError::Config(format!("the model holds no {} parameters to save", method.name()))),
-        }
+        Ok(Self { model, inputs: None })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.model.config
     }
 
-    /// Per-layer prefix keys/values or adaption prompts for a batch (empty for LoRA).
+    /// Every projection that carries a branch, with its HF module name.
+    pub fn branches(&self) -> Vec<(String, &ProjectionAdapter)> {
+        self.model.projections().into_iter().filter_map(|(name, p)| p.branch.as_ref().map(|b| (name, b))).collect()
+    }
+
+    /// Per-layer prefix keys/values or adaption prompts for a batch (empty otherwise).
     pub fn extras(&self, batch: usize) -> Vec<LayerExtras> {
-        match (&self.prefix, &self.adaption) {
-            (Some(prefix), _) => prefix.extras(batch),
-            (_, Some(prompts)) => prompts.extras(),
-            _ => Vec::new(),
-        }
+        self.inputs.as_ref().map(|i| i.inputs().extras(batch)).unwrap_or_default()
     }
 
-    /// Prefix tuning's keys and values of every layer (see [`PrefixEncoder::keys_values`]).
+    /// Prefix tuning's keys and values of every layer, computed once.
     pub fn prefix_keys_values(&self) -> Option<Tensor<4>> {
-        self.prefix.as_ref().map(PrefixEncoder::keys_values)
+        self.inputs.as_ref().and_then(|i| i.inputs().prefix_keys_values())
     }
 
-    /// Layer `i`'s entry of [`extras`](Self::extras) (`None` for LoRA). Prefix tuning reads it
-    /// from `prefix_keys_values`, computed once for all layers.
+    /// Layer `i`'s entry of [`extras`](Self::extras), prefix keys/values read from
+    /// `prefix_keys_values`.
     pub fn layer_extras(&self, batch: usize, i: usize, prefix_keys_values: Option<&Tensor<4>>) -> Option<LayerExtras> {
-        match (&self.prefix, prefix_keys_values, &self.adaption) {
-            (Some(prefix), Some(keys_values), _) => Some(prefix.layer_extras(keys_values, i, batch)),
-            (_, _, Some(prompts)) => prompts.extras().into_iter().nth(i),
-            _ => None,
-        }
+        self.inputs.as_ref().and_then(|inputs| inputs.inputs().layer_extras(batch, i, prefix_keys_values))
+    }
+
+    /// Keys every query sees before its own sequence's (prefix tuning).
+    pub fn prefix_keys(&self) -> usize {
+        self.inputs.as_ref().map_or(0, |i| i.inputs().prefix_keys())
+    }
+
+    /// Positions prepended to every sequence (prompt tuning).
+    pub fn virtual_tokens(&self) -> usize {
+        self.virtual_embeddings().map_or(0, |p| p.dims()[0])
+    }
+
+    fn virtual_embeddings(&self) -> Option<Tensor<2>> {
+        self.inputs.as_ref().and_then(|i| i.inputs().virtual_embeddings())
     }
 
     /// The lowest decoder layer holding or receiving a trainable parameter: backward never
     /// needs to go below it.
     pub fn first_trainable_layer(&self) -> usize {
-        match (&self.prefix, &self.adaption) {
-            (Some(_), _) => 0,
-            (_, Some(prompts)) => prompts.layers.iter().position(Option::is_some).unwrap_or(0),
-            _ => {
-                let trainable = |layer: &ember_models::transformer::DecoderLayer<LoraLinear>| {
-                    layer.projections().iter().any(|p| p.lora.is_some())
-                };
-                self.model.layers.iter().position(trainable).unwrap_or(0)
+        match &self.inputs {
+            Some(inputs) => inputs.inputs().first_trainable_layer(),
+            None => self.model.layers.iter().position(|layer| layer.projections().iter().any(|p| p.branch.is_some())).unwrap_or(0),
+        }
+    }
+
+    /// Token embeddings of a batch whose sequences each start with [`virtual_tokens`]
+    /// placeholder positions: those take the prompt-tuning embeddings.
+    ///
+    /// # Shapes
+    /// - output: `[batch, seq, hidden]` (padded) or `[1, Σ len, hidden]` (packed)
+    pub fn embed(&self, tokens: &TokenBatch, device: &Device) -> Tensor<3> {
+        let x = self.model.embed(tokens.input_ids(device));
+        let Some(prompt) = self.virtual_embeddings() else { return x };
+        let [n, hidden] = prompt.dims();
+        let prompt = prompt.cast(x.dtype()).unsqueeze_dim::<3>(0);
+        let [rows, _, _] = x.dims();
+        match tokens {
+            TokenBatch::Padded { shape: [_, seq], .. } => {
+                Tensor::cat(vec![prompt.expand([rows, n, hidden]), x.narrow(1, n, seq - n)], 1)
+            }
+            TokenBatch::Packed { lengths, .. } => {
+                let (mut parts, mut offset) = (Vec::new(), 0);
+                for &len in lengths {
+                    parts.push(prompt.clone());
+                    parts.push(x.clone().narrow(1, offset + n, len - n));
+                    offset += len;
+                }
+                Tensor::cat(parts, 1)
             }
         }
     }
 
-    /// # Shapes
-    /// - input_ids, attention_mask: `[batch, seq]`
-    /// - output: `[batch, seq, vocab]`
-    pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Option<Tensor<2, Int>>) -> Tensor<3> {
-        let extras = self.extras(input_ids.dims()[0]);
-        self.model.forward_with(input_ids, attention_mask, &extras)
+    /// `input_ids` and `attention_mask` with the virtual positions of prompt tuning prepended
+    /// (placeholder id 0, mask 1), as PEFT extends them.
+    fn with_virtual_positions(&self, input_ids: Tensor<2, Int>, attention_mask: Option<Tensor<2, Int>>) -> (TokenBatch, Option<Tensor<2, Int>>) {
+        let [b, s] = input_ids.dims();
+        let n = self.virtual_tokens();
+        let ints = |t: Tensor<2, Int>| t.into_data().convert::<i64>().try_into_vec::<i64>().expect("integer ids and mask");
+        let extend = |values: &[i64], fill: i64| -> Vec<i64> {
+            values.chunks(s.max(1)).flat_map(|row| std::iter::repeat_n(fill, n).chain(row.iter().copied())).collect()
+        };
+        let ids = extend(&ints(input_ids), 0);
+        let mask = attention_mask.map(|m| extend(&ints(m), 1));
+        let shape = [b, s + n];
+        let device = self.model.embed_tokens.weight.device();
+        let mask_tensor = mask.as_ref().map(|m| Tensor::from_data(TensorData::new(m.clone(), shape), &device));
+        let attention_mask = mask.unwrap_or_else(|| vec![1; b * (s + n)]);
+        (TokenBatch::Padded { shape, input_ids: ids, attention_mask }, mask_tensor)
     }
 
-    /// Final-norm hidden states, for a loss that needs logits at some positions only
-    /// ([`logits`](Self::logits)).
+    /// Final-norm hidden states of every position, virtual ones (prompt tuning) first.
     ///
     /// # Shapes
     /// - input_ids, attention_mask: `[batch, seq]`
-    /// - output: `[batch, seq, hidden]`
+    /// - output: `[batch, virtual + seq, hidden]`
     pub fn hidden_states(&self, input_ids: Tensor<2, Int>, attention_mask: Option<Tensor<2, Int>>) -> Tensor<3> {
-        let extras = self.extras(input_ids.dims()[0]);
-        self.model.hidden_states(input_ids, attention_mask.as_ref(), None, &extras)
+        let rows = input_ids.dims()[0];
+        let device = input_ids.device();
+        let (tokens, mask) = self.with_virtual_positions(input_ids, attention_mask);
+        let x = self.embed(&tokens, &device);
+        self.model.hidden_states_from(x, mask.as_ref(), None, &self.extras(rows))
+    }
+
+    /// Logits of every position, virtual ones first, as PEFT returns them.
+    ///
+    /// # Shapes
+    /// - input_ids, attention_mask: `[batch, seq]`
+    /// - output: `[batch, virtual + seq, vocab]`
+    pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: Option<Tensor<2, Int>>) -> Tensor<3> {
+        self.logits(self.hidden_states(input_ids, attention_mask))
     }
 
     /// The LM head: `[batch, seq, hidden] -> [batch, seq, vocab]`.
@@ -223,39 +218,47 @@ impl AdaptedModel {
         self.model.logits(hidden)
     }
 
-    /// Logits of the new tokens, reading and extending `cache` (generation).
+    /// Logits of the new tokens, reading and extending `cache` (generation). The virtual
+    /// positions of prompt tuning go in front of the first call's tokens.
     pub fn forward_cached(&self, input_ids: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
-        let extras = self.extras(input_ids.dims()[0]);
-        self.model.forward_cached_with(input_ids, cache, &extras)
+        let rows = input_ids.dims()[0];
+        let device = input_ids.device();
+        let x = if cache.is_empty() {
+            let (tokens, _) = self.with_virtual_positions(input_ids, None);
+            self.embed(&tokens, &device)
+        } else {
+            self.model.embed(input_ids)
+        };
+        let hidden = self.model.hidden_states_from(x, None, Some(cache), &self.extras(rows));
+        self.model.logits(hidden)
     }
 
-    /// LoRA folded into the base weights (faster generation); other methods are kept as they are.
+    /// Branches folded into the base weights (faster generation); other methods are kept.
     pub fn into_inference(self) -> Self {
-        let has_lora = self.model.projections().iter().any(|(_, p)| p.lora.is_some());
-        if !has_lora {
+        if self.branches().is_empty() {
             return self;
         }
-        Self { model: without_lora(lora::merge(self.model)), ..self }
+        let base = self.model.map_projections(|_, p| p.merged());
+        Self::with_inputs(base, self.inputs)
     }
 
-    /// (trainable parameters, all parameters)
+    /// (trainable parameters, all parameters). Branches and decoder inputs hold only trainable
+    /// parameters; the base only frozen ones.
     pub fn parameter_counts(&self) -> (usize, usize) {
-        let (lora_params, base_and_lora) = lora::parameter_counts(&self.model);
-        let prefix = self.prefix.as_ref().map_or(0, Module::num_params);
-        let adaption = self.adaption.as_ref().map_or(0, AdaptionPrompts::num_trainable);
-        (lora_params + prefix + adaption, base_and_lora + prefix + adaption)
+        let branches: usize = self.branches().iter().map(|(_, b)| b.num_params()).sum();
+        let inputs = self.inputs.as_ref().map_or(0, Module::num_params);
+        (branches + inputs, self.num_params())
     }
 
     /// Why saving would be pointless: the parameters still leave the base unchanged (every
     /// LoRA B or every gate zero — the known PEFT failure of saving an untrained adapter).
-    pub fn unchanged_reason(&self, method: &Method) -> Option<&'static str> {
-        match method {
-            Method::Lora(_) if lora::all_b_zero(&self.model) => Some("every lora_B is still zero"),
-            Method::Adaption(_) if self.adaption.as_ref().is_some_and(AdaptionPrompts::all_gates_zero) => {
-                Some("every adaption_gate is still zero")
-            }
-            _ => None,
+    pub fn unchanged_reason(&self) -> Option<&'static str> {
+        if let Some(inputs) = &self.inputs {
+            return inputs.inputs().unchanged_reason();
         }
+        let branches = self.branches();
+        (!branches.is_empty() && branches.iter().all(|(_, b)| b.leaves_base_unchanged()))
+            .then_some("every branch still leaves its projection unchanged (LoRA B all zero, (IA)³ vectors all one)")
     }
 
     /// Ids of the parameters that take gradients (autodiff device).
@@ -271,13 +274,5 @@ impl AdaptedModel {
         let mut visitor = Trainable(Vec::new());
         self.visit(&mut visitor);
         visitor.0
-    }
-}
-
-fn prefix_config(prefix: &PrefixEncoder) -> PrefixConfig {
-    PrefixConfig {
-        num_virtual_tokens: prefix.num_virtual_tokens(),
-        prefix_projection: prefix.projection.is_some(),
-        encoder_hidden_size: prefix.projection.as_ref().map(|mlp| mlp.first.out_features()),
     }
 }

@@ -112,6 +112,24 @@ impl Batch {
         self.attention_mask.iter().filter(|&&m| m == 1).count()
     }
 
+    /// The batch with `n` positions in front of every row (prompt tuning's virtual tokens):
+    /// placeholder id 0, attention 1, label -100, as PEFT extends its inputs.
+    pub fn with_virtual_tokens(&self, n: usize) -> Self {
+        if n == 0 {
+            return self.clone();
+        }
+        let extend = |values: &[i64], fill: i64| -> Vec<i64> {
+            values.chunks(self.seq.max(1)).flat_map(|row| std::iter::repeat_n(fill, n).chain(row.iter().copied())).collect()
+        };
+        Batch {
+            batch: self.batch,
+            seq: self.seq + n,
+            input_ids: extend(&self.input_ids, 0),
+            attention_mask: extend(&self.attention_mask, 1),
+            labels: extend(&self.labels, IGNORE_INDEX),
+        }
+    }
+
     /// Real tokens of each row: right padding puts them first.
     pub fn lengths(&self) -> Vec<usize> {
         self.attention_mask.chunks(self.seq.max(1)).map(|row| row.iter().take_while(|&&m| m == 1).count()).collect()

@@ -14,7 +14,8 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
 use crate::LoadError;
 
 /// Float dtype that loaded base weights are converted to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LoadDtype {
     /// Keep the checkpoint's dtype (bf16/f16 frozen bases on the GPU).
     Checkpoint,
@@ -25,14 +26,20 @@ pub enum LoadDtype {
 }
 
 impl LoadDtype {
-    /// `f32`, `bf16` or `checkpoint`.
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "f32" => Some(LoadDtype::F32),
-            "bf16" => Some(LoadDtype::Bf16),
-            "checkpoint" => Some(LoadDtype::Checkpoint),
-            _ => None,
+    const ALL: [LoadDtype; 3] = [LoadDtype::F32, LoadDtype::Bf16, LoadDtype::Checkpoint];
+
+    /// `f32`, `bf16` or `checkpoint`, as recipes and flags write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoadDtype::F32 => "f32",
+            LoadDtype::Bf16 => "bf16",
+            LoadDtype::Checkpoint => "checkpoint",
         }
+    }
+
+    /// The dtype named `name`, or an error listing the names.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|d| d.name() == name).ok_or_else(|| format!("'{name}': expected f32, bf16 or checkpoint"))
     }
 }
 

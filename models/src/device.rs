@@ -2,30 +2,80 @@
 //! changes. `flex` (pure-Rust CPU) is always there; `libtorch` and `cuda[:N]` need the `tch`
 //! cargo feature (LibTorch, see scripts/libtorch.sh).
 
+use std::fmt;
+use std::str::FromStr;
+
 use burn::tensor::Device;
 
 /// Environment variable that overrides the default device (`flex`).
 pub const DEVICE_ENV: &str = "EMBER_DEVICE";
 
+/// A device as recipes and `EMBER_DEVICE` name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum DeviceName {
+    /// burn's pure-Rust CPU backend (`flex`, also `cpu`).
+    Flex,
+    /// LibTorch on the CPU.
+    Libtorch,
+    /// LibTorch on GPU N (`cuda` is `cuda:0`).
+    Cuda(usize),
+}
+
+impl FromStr for DeviceName {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "flex" | "cpu" => Ok(DeviceName::Flex),
+            "libtorch" => Ok(DeviceName::Libtorch),
+            "cuda" => Ok(DeviceName::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(index)) => Ok(DeviceName::Cuda(index)),
+                _ => Err(format!("unknown device '{other}' (expected flex, libtorch, cuda or cuda:N)")),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceName {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        name.parse()
+    }
+}
+
+impl fmt::Display for DeviceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceName::Flex => f.write_str("flex"),
+            DeviceName::Libtorch => f.write_str("libtorch"),
+            DeviceName::Cuda(index) => write!(f, "cuda:{index}"),
+        }
+    }
+}
+
+impl DeviceName {
+    /// The device, or why this build cannot run on it.
+    pub fn device(self) -> Result<Device, String> {
+        match self {
+            DeviceName::Flex => Ok(Device::flex()),
+            #[cfg(feature = "tch")]
+            #[allow(deprecated)] // burn-tch is deprecated upstream; it is still the only GPU backend that builds offline
+            DeviceName::Libtorch => Ok(Device::libtorch()),
+            #[cfg(feature = "tch")]
+            #[allow(deprecated)]
+            DeviceName::Cuda(index) => Ok(Device::libtorch_cuda(index)),
+            #[cfg(not(feature = "tch"))]
+            other => Err(format!("device '{other}' needs ember built with `--features tch`")),
+        }
+    }
+}
+
 /// `flex`, `libtorch` (LibTorch on the CPU) or `cuda` / `cuda:N` (LibTorch on GPU N).
 pub fn parse_device(name: &str) -> Result<Device, String> {
-    match name {
-        "flex" | "cpu" => Ok(Device::flex()),
-        #[cfg(feature = "tch")]
-        #[allow(deprecated)] // burn-tch is deprecated upstream; it is still the only GPU backend that builds offline
-        "libtorch" => Ok(Device::libtorch()),
-        #[cfg(feature = "tch")]
-        #[allow(deprecated)]
-        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
-            let index = cuda.strip_prefix("cuda:").map_or(Ok(0), str::parse::<usize>).map_err(|_| format!("bad device '{name}'"))?;
-            Ok(Device::libtorch_cuda(index))
-        }
-        #[cfg(not(feature = "tch"))]
-        other if other == "libtorch" || other == "cuda" || other.starts_with("cuda:") => {
-            Err(format!("device '{name}' needs ember built with `--features tch`"))
-        }
-        other => Err(format!("unknown device '{other}' (expected flex, libtorch, cuda or cuda:N)")),
-    }
+    name.parse::<DeviceName>()?.device()
 }
 
 /// The device named by `$EMBER_DEVICE`, else `flex`.

@@ -675,14 +675,26 @@ impl<P: Projection> CausalLm<P> {
         &self,
         input_ids: Tensor<2, Int>,
         attention_mask: Option<&Tensor<2, Int>>,
+        cache: Option<&mut KvCache>,
+        extras: &[LayerExtras],
+    ) -> Tensor<3> {
+        self.hidden_states_from(self.embed(input_ids), attention_mask, cache, extras)
+    }
+
+    /// [`hidden_states`](Self::hidden_states) from the input embeddings `[batch, seq, hidden]`
+    /// (an adapter may have replaced some of them, as prompt tuning does).
+    pub fn hidden_states_from(
+        &self,
+        embeddings: Tensor<3>,
+        attention_mask: Option<&Tensor<2, Int>>,
         mut cache: Option<&mut KvCache>,
         extras: &[LayerExtras],
     ) -> Tensor<3> {
-        let [b, s] = input_ids.dims();
+        let [b, s, _] = embeddings.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());
         let prefix = extras.iter().find_map(|e| e.prefix.as_ref()).map_or(0, |(k, _)| k.dims()[2]);
-        let bias = self.attention_bias([b, s], past, prefix, attention_mask, &input_ids.device());
-        let mut x = self.embed(input_ids);
+        let bias = self.attention_bias([b, s], past, prefix, attention_mask, &embeddings.device());
+        let mut x = embeddings;
         for (i, layer) in self.layers.iter().enumerate() {
             let past_kv = cache.as_ref().and_then(|c| c.layers.get(i).cloned());
             let mut new_kv = None;

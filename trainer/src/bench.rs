@@ -11,12 +11,10 @@ use std::time::Instant;
 
 use burn::optim::{AdamWConfig, GradientsAccumulator};
 use burn::tensor::DType;
-use ember_adapters::adaption::AdaptionConfig;
-use ember_adapters::lora::{LoraConfig, Target};
-use ember_adapters::prefix::PrefixConfig;
-use ember_adapters::{AdaptedModel, Method};
+use ember_adapters::Method;
 use ember_data::sft::{SftOptions, build_example};
 use ember_data::{Batch, Record, Template, Tokenizer, alpaca};
+use ember_models::device::DeviceName;
 use ember_models::{BaseModel, LoadDtype, ModelConfig};
 use serde_json::{Value, json};
 
@@ -37,21 +35,14 @@ pub enum BenchModel {
 pub struct BenchOptions {
     pub model: BenchModel,
     pub data: PathBuf,
-    pub method: String,
-    pub r: usize,
-    pub alpha: f64,
-    pub targets: String,
-    pub virtual_tokens: usize,
-    pub adapter_len: usize,
-    pub adapter_layers: usize,
+    pub method: Method,
     pub batch: usize,
     pub cutoff: usize,
     pub steps: usize,
     pub warmup: usize,
     pub threads: Option<usize>,
-    pub device: String,
-    /// f32, bf16 or checkpoint.
-    pub dtype: String,
+    pub device: DeviceName,
+    pub dtype: LoadDtype,
     pub step: StepOptions,
 }
 
@@ -79,21 +70,6 @@ pub fn shape_config(shape: &str) -> Result<(Value, PathBuf), String> {
     Ok((serde_json::from_str(&text).map_err(|e| format!("{shape}: invalid JSON: {e}"))?, path))
 }
 
-fn method(o: &BenchOptions) -> Result<Method, String> {
-    Ok(match o.method.as_str() {
-        "lora" => {
-            let target = match o.targets.as_str() {
-                "all-linear" => Target::AllLinear,
-                list => Target::Suffixes(list.split(',').map(str::to_owned).collect()),
-            };
-            Method::Lora(LoraConfig { r: o.r, alpha: o.alpha, dropout: 0.0, use_rslora: false, target, layers_to_transform: None })
-        }
-        "prefix" => Method::Prefix(PrefixConfig { num_virtual_tokens: o.virtual_tokens, prefix_projection: false, encoder_hidden_size: None }),
-        "adaption" => Method::Adaption(AdaptionConfig { adapter_len: o.adapter_len, adapter_layers: o.adapter_layers }),
-        other => return Err(format!("--method '{other}': expected lora, prefix or adaption")),
-    })
-}
-
 /// Peak resident memory of this process (VmHWM), MiB.
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -109,10 +85,10 @@ fn round(x: f64, digits: i32) -> f64 {
 
 /// Runs the workload and returns the result line (the reference's fields).
 pub fn run(o: &BenchOptions) -> Result<Value, String> {
-    let device = ember_models::device::parse_device(&o.device)?;
+    let device = o.device.device()?;
     let autodiff = device.clone().autodiff();
     autodiff.seed(0);
-    let dtype = LoadDtype::parse(&o.dtype).ok_or_else(|| format!("--dtype '{}': expected f32, bf16 or checkpoint", o.dtype))?;
+    let dtype = o.dtype;
 
     let (tokenizer_dir, base) = match &o.model {
         BenchModel::Dir(dir) => (dir.clone(), BaseModel::load(dir, dtype, &autodiff).map_err(|e| e.to_string())?),
@@ -130,8 +106,9 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
     };
     let tokenizer = Tokenizer::from_dir(&tokenizer_dir).map_err(|e| e.to_string())?;
     let pad_id = tokenizer.pad_id.unwrap_or(0);
-    let method = method(o)?;
-    let model = AdaptedModel::init(base, &method, 0, &autodiff).map_err(|e| e.to_string())?;
+    let method = &o.method;
+    method.config().check(&base.config)?;
+    let model = method.config().init(base, 0, &autodiff).map_err(|e| e.to_string())?;
     let (trainable, _) = model.parameter_counts();
 
     let records: Vec<Record> = alpaca::load(&o.data).map_err(|e| e.to_string())?;
@@ -171,11 +148,11 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
         }
     }
     let seconds = started.map_or(0.0, |t| t.elapsed().as_secs_f64());
-    let weight_bytes = memory::weight_bytes(&o.dtype, model.config());
-    let estimated = shapes.iter().map(|shape| estimate(model.config(), &method, weight_bytes, shape, o.step).total()).fold(0.0, f64::max);
+    let weight_bytes = memory::weight_bytes(o.dtype, model.config());
+    let estimated = shapes.iter().map(|shape| estimate(model.config(), method, weight_bytes, shape, o.step).total()).fold(0.0, f64::max);
     Ok(json!({
-        "impl": "ember", "burn": "0.22.1", "method": method.name(), "device": o.device,
-        "flush_denormal": false, "dtype": o.dtype, "threads": o.threads,
+        "impl": "ember", "burn": "0.22.1", "method": method.config().name(), "device": o.device.to_string(),
+        "flush_denormal": false, "dtype": o.dtype.name(), "threads": o.threads,
         "batch": o.batch, "cutoff": o.cutoff, "timed_steps": o.steps, "trainable_params": trainable,
         "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens as f64 / seconds.max(1e-9), 1),
         "first_loss": losses.first().map(|l| round(*l, 4)), "last_loss": losses.last().map(|l| round(*l, 4)),

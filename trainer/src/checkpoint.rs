@@ -67,7 +67,7 @@ pub fn save(
     ember_models::write_dir_atomically(
         &dir,
         |tmp| {
-            model.save(method, base_name, &tmp.join("adapter")).map_err(|e| e.to_string())?;
+            method.config().save(model, base_name, &tmp.join("adapter")).map_err(|e| e.to_string())?;
             let trainable_path = tmp.join("trainable.bpk");
             let group = ParamGroup::from_ids(model.trainable_ids());
             model.clone().into_record_group(group).save(&trainable_path).map_err(|e| format!("{}: {e}", trainable_path.display()))?;

@@ -3,8 +3,8 @@
 //! leaves for backward (see `models/transformer.rs`), per token and per decoder layer; the
 //! comparison with measured peaks is in BENCHMARKS.md.
 
-use ember_adapters::{Method, lora};
-use ember_models::ModelConfig;
+use ember_adapters::Method;
+use ember_models::{LoadDtype, ModelConfig};
 
 use crate::step::StepOptions;
 
@@ -49,13 +49,13 @@ pub fn estimate(model: &ModelConfig, method: &Method, weight_bytes: usize, batch
     let (h, kv, f) = (model.q_dim() as f64, model.kv_dim() as f64, model.intermediate_size as f64);
     let hidden = model.hidden_size as f64;
     let heads = model.num_heads as f64;
-    let tokens: f64 = batch.lengths.iter().sum::<usize>() as f64;
+    let method = method.config();
+    // Prompt tuning's virtual tokens lengthen every sequence.
+    let lengths: Vec<f64> = batch.lengths.iter().map(|&s| (s + method.virtual_tokens()) as f64).collect();
+    let tokens: f64 = lengths.iter().sum();
     // Every sequence's scores, [heads, len, prefix + len].
-    let prefix = match method {
-        Method::Prefix(c) => c.num_virtual_tokens as f64,
-        _ => 0.0,
-    };
-    let score_cells: f64 = batch.lengths.iter().map(|&s| heads * s as f64 * (s as f64 + prefix)).sum();
+    let prefix = method.prefix_keys() as f64;
+    let score_cells: f64 = lengths.iter().map(|&s| heads * s * (s + prefix)).sum();
 
     // Per token and layer, what backward needs (a frozen projection keeps only its weight):
     // each RMSNorm's f32 input, RoPE'd q and k and v for the attention matmuls, SwiGLU's gate,
@@ -63,15 +63,9 @@ pub fn estimate(model: &ModelConfig, method: &Method, weight_bytes: usize, batch
     let norms = 2.0 * 4.0 * hidden;
     let attention = a * (h + 2.0 * kv);
     let mlp = 4.0 * a * f;
-    // A LoRA branch keeps its (f32) input and `x·A`.
-    let lora = match method {
-        Method::Lora(c) => {
-            let per_model: usize = lora::targeted_shapes(model, c).iter().map(|[_, inp]| 4 * (inp + c.r)).sum();
-            per_model as f64 / model.num_layers as f64
-        }
-        _ => 0.0,
-    };
-    let layer = tokens * (norms + attention + mlp + lora) + score_cells * (4.0 + a);
+    // What the method's own layers keep (a LoRA branch: its f32 input and `x·A`).
+    let own = method.activation_bytes_per_token(model, weight_bytes) / model.num_layers as f64;
+    let layer = tokens * (norms + attention + mlp + own) + score_cells * (4.0 + a);
     // Layers below the lowest trainable one build no graph.
     let layers = (model.num_layers - method.first_trainable_layer(model)) as f64;
     let kept = if options.checkpoint_layers {
@@ -104,11 +98,11 @@ pub fn estimate(model: &ModelConfig, method: &Method, weight_bytes: usize, batch
 
 /// Bytes per weight for a recipe's `model.dtype` (`f32`, `bf16`, or `checkpoint`: the
 /// config's `torch_dtype`, f32 when absent).
-pub fn weight_bytes(dtype: &str, model: &ModelConfig) -> usize {
+pub fn weight_bytes(dtype: LoadDtype, model: &ModelConfig) -> usize {
     match dtype {
-        "f32" => 4,
-        "bf16" => 2,
-        _ => match model.torch_dtype.as_deref() {
+        LoadDtype::F32 => 4,
+        LoadDtype::Bf16 => 2,
+        LoadDtype::Checkpoint => match model.torch_dtype.as_deref() {
             Some("bfloat16" | "float16") => 2,
             _ => 4,
         },
@@ -135,7 +129,7 @@ mod tests {
         let method = Method::Lora(LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, use_rslora: false, target: Target::AllLinear, layers_to_transform: None });
         let batch = BatchShape::worst_case(4, 512);
         let gib = |e: MemoryEstimate| e.total() / (1u64 << 30) as f64;
-        let lean = estimate(&model, &method, weight_bytes("checkpoint", &model), &batch, StepOptions { checkpoint_layers: true, loss_chunk_tokens: 1024, padding_free: true });
+        let lean = estimate(&model, &method, weight_bytes(LoadDtype::Checkpoint, &model), &batch, StepOptions { checkpoint_layers: true, loss_chunk_tokens: 1024, padding_free: true });
         let full = estimate(&model, &method, 2, &batch, StepOptions { checkpoint_layers: false, loss_chunk_tokens: 0, padding_free: true });
         assert!((12.0..16.0).contains(&(lean.weights / (1u64 << 30) as f64)), "{lean:?}");
         assert!(gib(lean) < 18.0, "{} GiB: {lean:?}", gib(lean));

@@ -1,16 +1,18 @@
-//! `ember merge`: folds a LoRA adapter into its base and writes a complete HF folder.
+//! `ember merge`: folds an adapter into its base and writes a complete HF folder, for every
+//! method whose parameters are a change of the weights (LoRA, DoRA, (IA)³: each method's
+//! `WeightMerge` says how).
 //!
 //! Streams tensor by tensor from the memory-mapped base: each output tensor is computed when
-//! the writer reaches it (`W + s·B·A` for adapted modules, a copy otherwise), so a 7B merge
-//! holds one tensor in memory, never two models.
+//! the writer reaches it (the method's merge for adapted tensors, a copy otherwise), so a 7B
+//! merge holds one tensor in memory, never two models.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use ember_adapters::lora;
-use ember_models::{Checkpoint, LoadDtype, ModelConfig};
+use ember_adapters::{Method, WeightMerge};
+use ember_models::{Checkpoint, ModelConfig};
 use safetensors::tensor::{Dtype, View};
 
 /// Shards above this size are split, as transformers' default `max_shard_size="5GB"`.
@@ -39,7 +41,8 @@ impl MergeDtype {
 
 #[derive(Debug)]
 pub struct MergeSummary {
-    pub merged_modules: usize,
+    /// Base tensors the adapter changed.
+    pub merged_tensors: usize,
     pub tensors: usize,
     pub shards: usize,
     pub bytes: usize,
@@ -68,8 +71,8 @@ struct OutputTensor<'a> {
     key: String,
     shape: Vec<usize>,
     dtype: DType,
-    /// (adapter weights, A key, B key, scale) for a merged weight.
-    branch: Option<(&'a Checkpoint, String, String, f64)>,
+    /// The adapter's merge, for a tensor it changes.
+    merge: Option<&'a dyn WeightMerge>,
     device: &'a Device,
 }
 
@@ -84,7 +87,7 @@ impl View for &OutputTensor<'_> {
 
     fn data(&self) -> Cow<'_, [u8]> {
         let (bytes, _, file_dtype) = self.base.bytes(&self.key).expect("key listed by the base checkpoint");
-        if self.branch.is_none() && burn_dtype(file_dtype) == Some(self.dtype) {
+        if self.merge.is_none() && burn_dtype(file_dtype) == Some(self.dtype) {
             return Cow::Borrowed(bytes);
         }
         let dims: [usize; 2] = match self.shape.as_slice() {
@@ -94,10 +97,9 @@ impl View for &OutputTensor<'_> {
         };
         let data = TensorData::from_bytes_vec(bytes.to_vec(), dims, burn_dtype(file_dtype).expect("float checked before"));
         let mut tensor = Tensor::<2>::from_data(data, self.device).cast(DType::F32);
-        if let Some((adapter, a_key, b_key, scale)) = &self.branch {
+        if let Some(merge) = self.merge {
             // Shapes were checked before writing started.
-            let load = |k: &str| adapter.float::<2>(k, adapter.info(k).map(|(s, _)| [s[0], s[1]]).unwrap(), LoadDtype::F32, self.device).unwrap();
-            tensor = tensor + load(b_key).matmul(load(a_key)).mul_scalar(*scale);
+            tensor = merge.apply(&self.key, tensor, self.device);
         }
         Cow::Owned(tensor.cast(self.dtype).into_data().as_bytes().to_vec())
     }
@@ -113,26 +115,9 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDt
     let config = ModelConfig::from_dir(base_dir).map_err(|e| e.to_string())?;
     let base = Checkpoint::open_dir(base_dir).map_err(|e| e.to_string())?;
     ember_models::transformer::check_checkpoint(&config, &base).map_err(|e| e.to_string())?;
-    let lora_config = lora::read_peft_config(adapter_dir).map_err(|e| e.to_string())?;
-    let (adapter, branches) = lora::peft_branches(adapter_dir).map_err(|e| e.to_string())?;
-    let adapter_file = adapter_dir.join("adapter_model.safetensors");
-
-    let mut by_weight: HashMap<String, (String, String)> = HashMap::new();
-    for lora::BranchKeys { module, lora_a: a_key, lora_b: b_key } in &branches {
-        let weight_key = format!("{module}.weight");
-        let Some((shape, _)) = base.info(&weight_key) else {
-            return Err(format!("{}: adapter module '{module}' is not in the base model", adapter_file.display()));
-        };
-        let (a_shape, _) = adapter.info(a_key).expect("listed");
-        let (b_shape, _) = adapter.info(b_key).expect("listed");
-        if a_shape != [lora_config.r, shape[1]] || b_shape != [shape[0], lora_config.r] {
-            return Err(format!(
-                "{}: '{module}': lora_A {a_shape:?} / lora_B {b_shape:?} do not fit base weight {shape:?} with r={}",
-                adapter_file.display(), lora_config.r
-            ));
-        }
-        by_weight.insert(weight_key, (a_key.clone(), b_key.clone()));
-    }
+    let merge = Method::weight_merge(adapter_dir).map_err(|e| e.to_string())?;
+    merge.check(&base).map_err(|e| e.to_string())?;
+    let changed: std::collections::HashSet<String> = merge.keys().into_iter().collect();
 
     let mut outputs = Vec::new();
     for key in base.keys() {
@@ -146,8 +131,8 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDt
             MergeDtype::Bf16 => DType::BF16,
             MergeDtype::F16 => DType::F16,
         };
-        let branch = by_weight.get(key).map(|(a, b)| (&adapter, a.clone(), b.clone(), lora_config.scale()));
-        outputs.push(OutputTensor { base: &base, key: key.to_owned(), shape: shape.to_vec(), dtype: out_dtype, branch, device: &device });
+        let merge = changed.contains(key).then_some(merge.as_ref());
+        outputs.push(OutputTensor { base: &base, key: key.to_owned(), shape: shape.to_vec(), dtype: out_dtype, merge, device: &device });
     }
 
     // Shards of at most MAX_SHARD_BYTES, in key order.
@@ -214,5 +199,6 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDt
         },
         io,
     )?;
-    Ok(MergeSummary { merged_modules: by_weight.len(), tensors: outputs.len(), shards: shard_count, bytes: total_bytes })
+    let merged_tensors = outputs.iter().filter(|t| t.merge.is_some()).count();
+    Ok(MergeSummary { merged_tensors, tensors: outputs.len(), shards: shard_count, bytes: total_bytes })
 }

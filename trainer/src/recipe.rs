@@ -4,6 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use ember_adapters::Method;
+use ember_models::LoadDtype;
+use ember_models::device::DeviceName;
 use serde::Deserialize;
 use toml::Value;
 
@@ -17,15 +20,26 @@ pub enum RecipeError {
     Invalid { path: PathBuf, reason: String },
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A whole run: the recipe file after overrides, validated, its paths absolute.
+#[derive(Debug, Clone)]
 pub struct Recipe {
     pub model: ModelSection,
     pub adapter: AdapterSection,
     pub data: DataSection,
-    #[serde(default)]
     pub train: TrainSection,
     pub output: OutputSection,
+}
+
+/// The file as written; `[adapter]` is read by the chosen method.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecipeFile {
+    model: ModelSection,
+    adapter: toml::Table,
+    data: DataSection,
+    #[serde(default)]
+    train: TrainSection,
+    output: OutputSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -35,57 +49,21 @@ pub struct ModelSection {
     pub path: PathBuf,
     /// `flex` (CPU), `libtorch`, `cuda`, `cuda:N`.
     #[serde(default = "default_device")]
-    pub device: String,
+    pub device: DeviceName,
     /// Frozen base dtype: `f32`, `bf16`, or `checkpoint` to keep the file's (bf16/f16 on GPUs).
     /// Adapter parameters and optimizer state are f32 in every case.
     #[serde(default = "default_dtype")]
-    pub dtype: String,
+    pub dtype: LoadDtype,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[adapter]`: the method with its own keys (see each method's section type in the adapters
+/// crate), or an existing adapter to start from.
+#[derive(Debug, Clone)]
 pub struct AdapterSection {
-    /// `lora`, `prefix` (prefix tuning / P-Tuning v2) or `adaption` (LLaMA-Adapter gated prompts).
-    pub method: String,
-    #[serde(default = "default_r")]
-    pub r: usize,
-    #[serde(default = "default_alpha")]
-    pub alpha: f64,
-    #[serde(default)]
-    pub dropout: f64,
-    /// A list of module-name suffixes, a regex string, or "all-linear".
-    #[serde(default = "default_targets")]
-    pub target_modules: TargetModules,
-    #[serde(default)]
-    pub use_rslora: bool,
-    #[serde(default)]
-    pub layers_to_transform: Option<Vec<usize>>,
-    /// Start from an existing PEFT LoRA adapter (e.g. one trained by PEFT) instead of a fresh
-    /// one; its own config (r, alpha, targets) then applies.
-    #[serde(default)]
+    pub method: Method,
+    /// Start from an existing adapter (e.g. one trained by PEFT) instead of a fresh one; its own
+    /// config (r, alpha, targets…) then applies.
     pub init_from: Option<PathBuf>,
-    /// prefix: virtual tokens per layer (ChatGLM's `pre_seq_len`).
-    #[serde(default)]
-    pub num_virtual_tokens: Option<usize>,
-    /// prefix: train through the embedding → Linear → tanh → Linear reparameterization.
-    #[serde(default)]
-    pub prefix_projection: bool,
-    /// prefix: hidden width of that MLP (default: PEFT's token width; ChatGLM's hidden size).
-    #[serde(default)]
-    pub encoder_hidden_size: Option<usize>,
-    /// adaption: prompt tokens per adapted layer.
-    #[serde(default)]
-    pub adapter_len: Option<usize>,
-    /// adaption: how many of the top layers get a prompt.
-    #[serde(default)]
-    pub adapter_layers: Option<usize>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum TargetModules {
-    List(Vec<String>),
-    One(String),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -122,7 +100,7 @@ pub struct TrainSection {
     pub max_steps: usize,
     pub lr: f64,
     /// `constant`, `linear` or `cosine` (after warmup).
-    pub lr_scheduler: String,
+    pub lr_scheduler: LrScheduler,
     pub warmup_steps: usize,
     pub weight_decay: f64,
     pub adam_beta1: f64,
@@ -139,7 +117,7 @@ pub struct TrainSection {
     pub keep_checkpoints: usize,
     /// A NaN/inf loss or gradient norm: `stop` (exit 1, the last checkpoint kept) or `skip`
     /// the optimizer step.
-    pub on_nonfinite: String,
+    pub on_nonfinite: OnNonfinite,
     /// Activation checkpointing per decoder layer: keep each layer's input only, recompute the
     /// layer in backward (less memory, about a third more compute; same gradients).
     pub gradient_checkpointing: bool,
@@ -167,7 +145,7 @@ impl Default for TrainSection {
             epochs: 1,
             max_steps: 0,
             lr: 3e-4,
-            lr_scheduler: "linear".into(),
+            lr_scheduler: LrScheduler::Linear,
             warmup_steps: 0,
             weight_decay: 0.0,
             adam_beta1: 0.9,
@@ -178,7 +156,7 @@ impl Default for TrainSection {
             logging_steps: 10,
             save_steps: 0,
             keep_checkpoints: 2,
-            on_nonfinite: "stop".into(),
+            on_nonfinite: OnNonfinite::Stop,
             gradient_checkpointing: false,
             loss_chunk_tokens: 0,
             padding_free: true,
@@ -192,20 +170,30 @@ pub struct OutputSection {
     pub dir: PathBuf,
 }
 
-fn default_device() -> String {
-    "flex".into()
+/// The learning-rate schedule after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScheduler {
+    Constant,
+    Linear,
+    Cosine,
 }
-fn default_dtype() -> String {
-    "f32".into()
+
+/// What a NaN/inf loss or gradient norm does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonfinite {
+    /// Exit 1, naming the last good checkpoint.
+    Stop,
+    /// Skip the optimizer step.
+    Skip,
 }
-fn default_r() -> usize {
-    8
+
+fn default_device() -> DeviceName {
+    DeviceName::Flex
 }
-fn default_alpha() -> f64 {
-    16.0
-}
-fn default_targets() -> TargetModules {
-    TargetModules::List(vec!["q_proj".into(), "v_proj".into()])
+fn default_dtype() -> LoadDtype {
+    LoadDtype::F32
 }
 fn default_template() -> String {
     "alpaca".into()
@@ -217,8 +205,8 @@ fn default_cutoff() -> usize {
 /// Every key a recipe may hold, by section (for "did you mean" suggestions).
 const KEYS: &[(&str, &[&str])] = &[
     ("model", &["path", "device", "dtype"]),
-    ("adapter", &["method", "r", "alpha", "dropout", "target_modules", "use_rslora", "layers_to_transform", "init_from",
-        "num_virtual_tokens", "prefix_projection", "encoder_hidden_size", "adapter_len", "adapter_layers"]),
+    // The method's own keys come from its section type (`adapter_keys`).
+    ("adapter", &["method", "init_from"]),
     ("data", &["path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "val_size", "group_by_length"]),
     ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
         "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
@@ -248,7 +236,7 @@ impl Recipe {
         for (name, value) in env {
             let key = name.strip_prefix(ENV_PREFIX).unwrap_or(name).to_lowercase().replacen("__", ".", 1);
             // Checked here, not with the rest, so that the error names the variable.
-            key.split_once('.').map_or(Err(format!("unknown key '{key}'")), |(section, name)| check_key(section, name))
+            key.split_once('.').map_or(Err(format!("unknown key '{key}'")), |(section, name)| check_key(section, name, None))
                 .and_then(|()| apply_override(&mut table, &format!("{key}={value}")))
                 .map_err(|e| invalid(format!("environment variable {name}: {e}")))?;
         }
@@ -258,13 +246,15 @@ impl Recipe {
         check_keys(&table).map_err(invalid)?;
         // Through text so that type errors carry a span, which names the key.
         let text = toml::to_string(&table).map_err(|e| invalid(e.to_string()))?;
-        let mut recipe: Recipe = toml::from_str(&text).map_err(|e| {
+        let file: RecipeFile = toml::from_str(&text).map_err(|e| {
             let message = e.message().replace('\n', " ");
             match e.span().and_then(|span| key_at(&text, span.start)) {
                 Some(key) => invalid(format!("'{key}': {message}")),
                 None => invalid(message),
             }
         })?;
+        let adapter = AdapterSection::from_table(file.adapter).map_err(invalid)?;
+        let mut recipe = Recipe { model: file.model, adapter, data: file.data, train: file.train, output: file.output };
         recipe.validate().map_err(invalid)?;
         // Absolute, so adapters record a base path that works from any folder.
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -280,7 +270,7 @@ impl Recipe {
     fn validate(&self) -> Result<(), String> {
         let t = &self.train;
         let positive = [("train.micro_batch_size", t.micro_batch_size), ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
-            ("data.cutoff_len", self.data.cutoff_len), ("adapter.r", self.adapter.r)];
+            ("data.cutoff_len", self.data.cutoff_len)];
         for (key, value) in positive {
             if value == 0 {
                 return Err(format!("'{key}' must be at least 1"));
@@ -289,35 +279,41 @@ impl Recipe {
         if t.epochs == 0 && t.max_steps == 0 {
             return Err("'train.epochs' and 'train.max_steps' are both 0: nothing to train".into());
         }
-        if !["constant", "linear", "cosine"].contains(&t.lr_scheduler.as_str()) {
-            return Err(format!("'train.lr_scheduler' is '{}'; expected constant, linear or cosine", t.lr_scheduler));
-        }
-        if !["stop", "skip"].contains(&t.on_nonfinite.as_str()) {
-            return Err(format!("'train.on_nonfinite' is '{}'; expected stop or skip", t.on_nonfinite));
-        }
-        if !(0.0..1.0).contains(&self.adapter.dropout) {
-            return Err(format!("'adapter.dropout' is {}; expected 0 <= dropout < 1", self.adapter.dropout));
-        }
-        let a = &self.adapter;
-        match a.method.as_str() {
-            "lora" => {}
-            "prefix" if a.init_from.is_some() => {}
-            "prefix" => match a.num_virtual_tokens {
-                None | Some(0) => return Err("'adapter.num_virtual_tokens' must be at least 1 with method = \"prefix\"".into()),
-                Some(_) => {}
-            },
-            "adaption" if a.init_from.is_some() => {}
-            "adaption" => {
-                for (key, value) in [("adapter.adapter_len", a.adapter_len), ("adapter.adapter_layers", a.adapter_layers)] {
-                    if value.unwrap_or(0) == 0 {
-                        return Err(format!("'{key}' must be at least 1 with method = \"adaption\""));
-                    }
-                }
-            }
-            other => return Err(format!("'adapter.method' is '{other}'; expected lora, prefix or adaption")),
-        }
         Ok(())
     }
+}
+
+impl AdapterSection {
+    /// `[adapter]`: `method`, `init_from`, and the method's keys read by its section type.
+    fn from_table(mut table: toml::Table) -> Result<Self, String> {
+        let method = match table.remove("method") {
+            Some(Value::String(name)) => name,
+            Some(other) => return Err(format!("'adapter.method' must be a string, found {other}")),
+            None => return Err(format!("'adapter.method' is missing (one of {})", Method::NAMES.join(", "))),
+        };
+        let init_from = match table.remove("init_from") {
+            Some(Value::String(path)) => Some(PathBuf::from(path)),
+            Some(other) => return Err(format!("'adapter.init_from' must be a path string, found {other}")),
+            None => None,
+        };
+        let method = Method::from_recipe(&method, table).map_err(|e| if e.starts_with('\'') { e } else { format!("[adapter] of method '{method}': {e}") })?;
+        Ok(Self { method, init_from })
+    }
+}
+
+/// The `[adapter]` keys: `method` and `init_from`, then those of `method` (of every method when
+/// it is not known yet).
+fn adapter_keys(method: Option<&str>) -> Vec<String> {
+    let mut keys = vec!["method".to_owned(), "init_from".to_owned()];
+    match method.map(Method::section_keys) {
+        Some(Ok(own)) => keys.extend(own),
+        _ => {
+            for name in Method::NAMES {
+                keys.extend(Method::section_keys(name).unwrap_or_default().into_iter().filter(|k| !keys.contains(k)).collect::<Vec<_>>());
+            }
+        }
+    }
+    keys
 }
 
 /// `section.key` of the `key = value` line at byte `offset` of a serialized recipe.
@@ -356,27 +352,34 @@ pub fn env_overrides() -> Vec<(String, String)> {
 }
 
 fn check_keys(table: &toml::Table) -> Result<(), String> {
+    let method = table.get("adapter").and_then(|a| a.get("method")).and_then(Value::as_str);
     for (section, value) in table {
-        check_key(section, "")?;
+        check_key(section, "", method)?;
         let Some(inner) = value.as_table() else { return Err(format!("'{section}' must be a table ([{section}])")) };
         for key in inner.keys() {
-            check_key(section, key)?;
+            check_key(section, key, method)?;
         }
     }
     Ok(())
 }
 
-/// Whether `section.key` is a recipe key (with an empty `key`: whether `section` is a section).
-fn check_key(section: &str, key: &str) -> Result<(), String> {
+/// Whether `section.key` is a recipe key (with an empty `key`: whether `section` is a section);
+/// `[adapter]` keys are those of `method`.
+fn check_key(section: &str, key: &str, method: Option<&str>) -> Result<(), String> {
     let Some((_, keys)) = KEYS.iter().find(|(s, _)| *s == section) else {
         let sections: Vec<&str> = KEYS.iter().map(|(s, _)| *s).collect();
         return Err(unknown(section, &sections));
     };
-    if key.is_empty() || keys.contains(&key) {
+    let keys: Vec<String> = if section == "adapter" { adapter_keys(method) } else { keys.iter().map(|k| k.to_string()).collect() };
+    if key.is_empty() || keys.iter().any(|k| k == key) {
         return Ok(());
     }
     let full: Vec<String> = keys.iter().map(|k| format!("{section}.{k}")).collect();
-    Err(unknown(&format!("{section}.{key}"), &full.iter().map(String::as_str).collect::<Vec<_>>()))
+    let message = unknown(&format!("{section}.{key}"), &full.iter().map(String::as_str).collect::<Vec<_>>());
+    Err(match (section, method) {
+        ("adapter", Some(m)) => format!("{message}, for method '{m}'"),
+        _ => message,
+    })
 }
 
 fn unknown(key: &str, valid: &[&str]) -> String {
@@ -450,6 +453,18 @@ mod tests {
     }
 
     #[test]
+    fn method_keys_and_values_are_typed() {
+        let e = load(MINIMAL, &["adapter.num_virtual_tokens=3"]).unwrap_err();
+        assert!(e.contains("unknown key 'adapter.num_virtual_tokens'") && e.contains("for method 'lora'"), "{e}");
+        let e = load(MINIMAL, &["adapter.method=lorra"]).unwrap_err();
+        assert!(e.contains("expected one of lora, dora, ia3, prefix, adaption, prompt_tuning"), "{e}");
+        let e = load(MINIMAL, &["train.lr_scheduler=cosin"]).unwrap_err();
+        assert!(e.contains("'train.lr_scheduler'") && e.contains("constant") && e.contains("cosine"), "{e}");
+        let r = load(MINIMAL, &["adapter.method=ia3"]).unwrap();
+        assert_eq!(r.adapter.method.config().name(), "ia3");
+    }
+
+    #[test]
     fn prefix_and_adaption_need_their_sizes() {
         let prefix = MINIMAL.replace("method = \"lora\"", "method = \"prefix\"");
         let e = load(&prefix, &[]).unwrap_err();
@@ -474,7 +489,7 @@ mod tests {
         let r = load_with_env(MINIMAL, &env, &["train.lr=1e-4"]).unwrap();
         assert_eq!((r.train.max_steps, r.data.cutoff_len, r.train.lr), (3, 64, 1e-4));
         let r = load_with_env(MINIMAL, &[("EMBER_ADAPTER__TARGET_MODULES", "all-linear")], &[]).unwrap();
-        assert!(matches!(r.adapter.target_modules, TargetModules::One(ref s) if s == "all-linear"));
+        assert!(matches!(&r.adapter.method, Method::Lora(c) if matches!(c.target, ember_adapters::target::Target::AllLinear)));
     }
 
     #[test]
@@ -492,6 +507,6 @@ mod tests {
         let r = load(MINIMAL, &["train.lr=1e-4", "adapter.target_modules=all-linear", "train.max_steps=3"]).unwrap();
         assert_eq!(r.train.lr, 1e-4);
         assert_eq!(r.train.max_steps, 3);
-        assert!(matches!(r.adapter.target_modules, TargetModules::One(ref s) if s == "all-linear"));
+        assert!(matches!(&r.adapter.method, Method::Lora(c) if matches!(c.target, ember_adapters::target::Target::AllLinear)));
     }
 }

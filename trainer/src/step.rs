@@ -51,15 +51,18 @@ pub fn forward_backward(
     device: &Device,
     grads: &mut GradientsAccumulator<AdaptedModel>,
 ) -> Option<f64> {
-    let (tokens, rows, targets) = tokens_and_targets(batch, options.padding_free);
+    // Prompt tuning's virtual positions are ordinary positions of every sequence.
+    let virtual_tokens = model.virtual_tokens();
+    let (tokens, rows, targets) = tokens_and_targets(&batch.with_virtual_tokens(virtual_tokens), options.padding_free);
     if rows.is_empty() {
         return None;
     }
     // Prefix keys/values are expanded to the token tensor's rows (1 when packed).
     let batch_rows = tokens.shape()[0];
-    let prefix = model.prefix.as_ref().map_or(0, |p| p.num_virtual_tokens());
-    let layout = model.model.layout(&tokens, prefix, device);
+    let layout = model.model.layout(&tokens, model.prefix_keys(), device);
     let (first, layers) = (model.first_trainable_layer(), model.model.layers.len());
+    // Trainable embeddings: the gradient must reach the input of the first layer.
+    let embeddings_train = virtual_tokens > 0;
 
     // Layers, forward. With checkpointing the pass runs on a frozen view (no graph) and keeps
     // the inputs of the layers that backward will recompute.
@@ -67,7 +70,7 @@ pub fn forward_backward(
     let forward_model = frozen.as_ref().unwrap_or(model);
     let extras = forward_model.extras(batch_rows);
     let mut inputs = Vec::new();
-    let mut x = forward_model.model.embed(tokens.input_ids(device));
+    let mut x = forward_model.embed(&tokens, device);
     for i in 0..layers {
         if options.checkpoint_layers && i >= first {
             inputs.push(x.clone());
@@ -92,13 +95,15 @@ pub fn forward_backward(
     let mut prefix_grad: Option<Tensor<4>> = None;
     for i in (first..layers).rev() {
         let input = inputs.pop().expect("one kept input per recomputed layer").detach();
-        // The lowest trainable layer's input comes from frozen layers: no gradient needed.
-        let input = if i > first { input.require_grad() } else { input };
+        // The lowest trainable layer's input comes from frozen layers: no gradient needed,
+        // unless the embeddings themselves train.
+        let input_grad = i > first || embeddings_train;
+        let input = if input_grad { input.require_grad() } else { input };
         device.seed(layer_seed(seed, i));
         let extras = model.layer_extras(batch_rows, i, prefix_leaf.as_ref());
         let out = model.model.layer_forward(i, input.clone(), &layout, extras.as_ref());
         let mut layer_grads = (out * grad.clone()).sum().backward();
-        if i > first {
+        if input_grad {
             grad = input.grad_remove(&mut layer_grads).expect("a tracked layer input has a gradient");
         }
         if let Some(g) = prefix_leaf.as_ref().and_then(|leaf| leaf.grad_remove(&mut layer_grads)) {
@@ -109,6 +114,10 @@ pub fn forward_backward(
     if let (Some(prefix), Some(grad)) = (prefix, prefix_grad) {
         let encoder_grads = (prefix * grad).sum().backward();
         grads.accumulate(model, GradientsParams::from_grads(encoder_grads, model));
+    }
+    if embeddings_train {
+        let embedding_grads = (model.embed(&tokens, device) * grad).sum().backward();
+        grads.accumulate(model, GradientsParams::from_grads(embedding_grads, model));
     }
     Some(loss)
 }
@@ -181,8 +190,11 @@ mod tests {
     use burn::module::{ModuleVisitor, Param};
     use ember_adapters::Method;
     use ember_adapters::adaption::AdaptionConfig;
+    use ember_adapters::dora::DoraConfig;
+    use ember_adapters::ia3::Ia3Config;
     use ember_adapters::lora::{LoraConfig, Target};
     use ember_adapters::prefix::PrefixConfig;
+    use ember_adapters::prompt_tuning::PromptTuningConfig;
     use ember_models::{BaseModel, ModelConfig};
     use serde_json::json;
 
@@ -214,6 +226,9 @@ mod tests {
             Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: false, encoder_hidden_size: None }),
             Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: Some(16) }),
             Method::Adaption(AdaptionConfig { adapter_len: 2, adapter_layers: 2 }),
+            Method::Dora(DoraConfig(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None })),
+            Method::Ia3(Ia3Config { target: Target::AllLinear, feedforward: Target::Suffixes(vec!["down_proj".into(), "dense_4h_to_h".into()]) }),
+            Method::PromptTuning(PromptTuningConfig { num_virtual_tokens: 3 }),
         ]
     }
 
@@ -259,14 +274,14 @@ mod tests {
         for config in configs() {
             for method in methods() {
                 let base = BaseModel::synthetic(config.clone(), DType::F32, 3, &device);
-                let mut model = AdaptedModel::init(base, &method, 5, &device).unwrap();
+                let mut model = method.config().init(base, 5, &device).unwrap();
                 // Non-zero LoRA B and gates, so every parameter has a non-trivial gradient.
                 let mut grads = GradientsAccumulator::new();
                 forward_backward(&model, &batch(), 1.0, StepOptions::default(), 1, &device, &mut grads).unwrap();
                 model = burn::optim::AdamConfig::new().init().step(1e-2, model, grads.grads());
 
                 let what = |options: StepOptions| format!("{:?} {method} {options:?}", config.architecture);
-                let dropout = matches!(&method, Method::Lora(c) if c.dropout > 0.0);
+                let dropout = method.config().dropout() > 0.0;
                 let mut reference = None;
                 for padding_free in [false, true] {
                     for chunk in [0, 4] {
@@ -302,7 +317,7 @@ mod tests {
         let device = Device::flex().autodiff();
         let config = configs().remove(0);
         let method = Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: Some(16) });
-        let model = AdaptedModel::init(BaseModel::synthetic(config, DType::F32, 3, &device), &method, 5, &device).unwrap();
+        let model = method.config().init(BaseModel::synthetic(config, DType::F32, 3, &device), 5, &device).unwrap();
         let b = batch();
         let shape = [b.batch, b.seq];
         let ids = Tensor::<2, Int>::from_data(TensorData::new(b.input_ids.clone(), shape), &device);

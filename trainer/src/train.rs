@@ -9,13 +9,10 @@ use std::time::Instant;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use ember_adapters::adaption::AdaptionConfig;
-use ember_adapters::lora::{LoraConfig, Target};
-use ember_adapters::prefix::PrefixConfig;
 use ember_adapters::{AdaptedModel, Method};
 use ember_data::sft::{self, SftOptions};
 use ember_data::{Batch, Example, Template, Tokenizer, alpaca};
-use ember_models::{BaseModel, LoadDtype};
+use ember_models::BaseModel;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -24,7 +21,7 @@ use serde_json::json;
 use crate::checkpoint::{self, Position, State};
 use crate::fault::{self, Fault};
 use crate::loss::causal_lm_loss;
-use crate::recipe::{Recipe, TargetModules};
+use crate::recipe::{LrScheduler, OnNonfinite, Recipe};
 use crate::step;
 
 #[derive(Debug, thiserror::Error)]
@@ -149,32 +146,6 @@ pub struct Summary {
     pub plot: Option<PathBuf>,
 }
 
-/// The LoRA settings a recipe asks for.
-pub fn lora_config(recipe: &Recipe) -> Result<LoraConfig, TrainError> {
-    let a = &recipe.adapter;
-    let target = match &a.target_modules {
-        TargetModules::List(list) => Target::Suffixes(list.clone()),
-        TargetModules::One(s) if s == "all-linear" => Target::AllLinear,
-        TargetModules::One(s) => Target::Regex(regex::Regex::new(s).map_err(|e| input(format!("adapter.target_modules: {e}")))?),
-    };
-    Ok(LoraConfig { r: a.r, alpha: a.alpha, dropout: a.dropout, use_rslora: a.use_rslora, target, layers_to_transform: a.layers_to_transform.clone() })
-}
-
-/// The method and settings a recipe asks for (ignored with `adapter.init_from`, whose own
-/// config applies).
-pub fn method(recipe: &Recipe) -> Result<Method, TrainError> {
-    let a = &recipe.adapter;
-    Ok(match a.method.as_str() {
-        "prefix" => Method::Prefix(PrefixConfig {
-            num_virtual_tokens: a.num_virtual_tokens.unwrap_or(0),
-            prefix_projection: a.prefix_projection,
-            encoder_hidden_size: a.encoder_hidden_size,
-        }),
-        "adaption" => Method::Adaption(AdaptionConfig { adapter_len: a.adapter_len.unwrap_or(0), adapter_layers: a.adapter_layers.unwrap_or(0) }),
-        _ => Method::Lora(lora_config(recipe)?),
-    })
-}
-
 /// The recipe's prompt template.
 pub fn template(recipe: &Recipe) -> Result<Template, TrainError> {
     let d = &recipe.data;
@@ -201,10 +172,10 @@ pub fn learning_rate(recipe: &Recipe, step: usize, total: usize) -> f64 {
         return t.lr * (step + 1) as f64 / t.warmup_steps as f64;
     }
     let progress = (step - t.warmup_steps) as f64 / (total.saturating_sub(t.warmup_steps)).max(1) as f64;
-    match t.lr_scheduler.as_str() {
-        "linear" => t.lr * (1.0 - progress).max(0.0),
-        "cosine" => t.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
-        _ => t.lr,
+    match t.lr_scheduler {
+        LrScheduler::Linear => t.lr * (1.0 - progress).max(0.0),
+        LrScheduler::Cosine => t.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        LrScheduler::Constant => t.lr,
     }
 }
 
@@ -234,6 +205,8 @@ pub fn evaluate(model: &AdaptedModel, examples: &[Example], batch_size: usize, p
         let batch = Batch::collate(&chunk.iter().collect::<Vec<_>>(), pad_id);
         let shape = [batch.batch, batch.seq];
         let hidden = model.hidden_states(int_tensor(&batch.input_ids, shape, device), Some(int_tensor(&batch.attention_mask, shape, device)));
+        // The hidden states include prompt tuning's virtual positions; so must the labels.
+        let batch = batch.with_virtual_tokens(model.virtual_tokens());
         let count = batch.supervised_tokens();
         if let Some(loss) = causal_lm_loss(hidden, &batch.labels, |h| model.logits(h)) {
             total += loss.into_scalar::<f32>() as f64 * count as f64;
@@ -324,7 +297,7 @@ fn clip_global_norm(model: &AdaptedModel, grads: &mut GradientsParams, max_norm:
 
 /// What stops or skips a step whose loss or gradient norm is NaN/inf.
 fn nonfinite(recipe: &Recipe, step: usize, what: &str, value: f64, last_checkpoint: Option<&Path>) -> Result<(), TrainError> {
-    if recipe.train.on_nonfinite == "skip" {
+    if recipe.train.on_nonfinite == OnNonfinite::Skip {
         return Ok(());
     }
     let resume = match last_checkpoint {
@@ -340,7 +313,7 @@ fn nonfinite(recipe: &Recipe, step: usize, what: &str, value: f64, last_checkpoi
 /// and every notable event.
 pub fn train(recipe: &Recipe, start_mode: Start, on_event: &mut dyn FnMut(Event)) -> Result<Summary, TrainError> {
     let started = Instant::now();
-    let device = ember_models::device::parse_device(&recipe.model.device).map_err(|e| input(format!("model.device: {e}")))?;
+    let device = recipe.model.device.device().map_err(|e| input(format!("model.device: {e}")))?;
     let autodiff = device.clone().autodiff();
     autodiff.seed(recipe.train.seed);
     let t = &recipe.train;
@@ -367,14 +340,13 @@ pub fn train(recipe: &Recipe, start_mode: Start, on_event: &mut dyn FnMut(Event)
     let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
 
     // Model: frozen base + fresh LoRA branches.
-    let dtype = LoadDtype::parse(&recipe.model.dtype)
-        .ok_or_else(|| input(format!("model.dtype '{}': expected f32, bf16 or checkpoint", recipe.model.dtype)))?;
-    let base = BaseModel::load(&recipe.model.path, dtype, &autodiff).map_err(input)?;
+    let base = BaseModel::load(&recipe.model.path, recipe.model.dtype, &autodiff).map_err(input)?;
     let (mut model, method) = match &recipe.adapter.init_from {
-        Some(dir) => AdaptedModel::load(dir, base, &autodiff).map_err(input)?,
+        Some(dir) => Method::load(dir, base, &autodiff).map_err(input)?,
         None => {
-            let method = method(recipe)?;
-            (AdaptedModel::init(base, &method, t.seed, &autodiff).map_err(input)?, method)
+            let method = recipe.adapter.method.clone();
+            method.config().check(&base.config).map_err(|e| input(format!("adapter: {e}")))?;
+            (method.config().init(base, t.seed, &autodiff).map_err(input)?, method)
         }
     };
     let (trainable, total) = model.parameter_counts();
@@ -509,10 +481,10 @@ pub fn train(recipe: &Recipe, start_mode: Start, on_event: &mut dyn FnMut(Event)
     evaluator.run(&model, step, &mut metrics, &mut summary, on_event)?;
     summary.tokens_per_second = tokens_seen as f64 / train_seconds.max(1e-9);
 
-    if let Some(reason) = model.unchanged_reason(&method) {
+    if let Some(reason) = model.unchanged_reason() {
         return Err(run_error(format!("{reason} after training: the adapter would equal the base model; not saving it")));
     }
-    model.save(&method, &base_name, &summary.adapter_dir).map_err(run_error)?;
+    method.config().save(&model, &base_name, &summary.adapter_dir).map_err(run_error)?;
     // The adapter is saved: a plot that cannot be drawn is worth a message, not a failed run.
     let run_name = recipe.output.dir.file_name().map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned());
     match crate::plot::plot_run(&recipe.output.dir, &run_name) {

@@ -4,17 +4,21 @@
 //! gate and added through o_proj. PEFT supports LLaMA only; the same math runs on GLM/ChatGLM
 //! here (their fused projections give the prompt's k and v).
 
+use std::fmt;
 use std::path::Path;
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::tensor::{Device, Tensor, TensorData};
 use ember_models::transformer::KeyLayout;
-use ember_models::{Checkpoint, LayerExtras, LoadDtype, ModelConfig};
+use ember_models::{BaseModel, LayerExtras, LoadDtype, ModelConfig};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
 
-use crate::{AdapterError, SavedTensor, save_adapter_dir};
+use crate::method::{AdapterFolder, MethodConfig, PEFT_VERSION, PeftMethod};
+use crate::registry::{DecoderInputs, ModelAdapter};
+use crate::{AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
 
 /// What a run trains: `adapter_len` prompt vectors in each of the top `adapter_layers` layers.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,7 +111,7 @@ impl AdaptionPrompts {
             "target_modules": KeyLayout::of(model.architecture).attention,
             "inference_mode": true,
             "revision": null,
-            "peft_version": concat!("ember ", env!("CARGO_PKG_VERSION")),
+            "peft_version": PEFT_VERSION,
         });
         save_adapter_dir(dir, "adapter_model.safetensors", &tensors, &[("adapter_config.json", &config)])
     }
@@ -115,20 +119,12 @@ impl AdaptionPrompts {
 
 /// A PEFT `ADAPTION_PROMPT` folder (`adapter_len`, `adapter_layers`; one prompt and gate per
 /// adapted layer).
-pub fn load_peft(dir: &Path, model: &ModelConfig, device: &Device) -> Result<AdaptionPrompts, AdapterError> {
-    let config_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|e| AdapterError::Io { path: config_path.clone(), source: e })?;
-    let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| AdapterError::invalid(&config_path, format!("invalid JSON: {e}")))?;
-    if config["peft_type"].as_str() != Some("ADAPTION_PROMPT") {
-        return Err(AdapterError::invalid(&config_path, format!("peft_type {} is not ADAPTION_PROMPT", config["peft_type"])));
-    }
-    let number = |k: &str| config[k].as_u64().map(|n| n as usize).ok_or_else(|| AdapterError::invalid(&config_path, format!("'{k}' must be an integer")));
-    let (len, count) = (number("adapter_len")?, number("adapter_layers")?);
+pub fn load_peft(folder: &AdapterFolder, model: &ModelConfig, device: &Device) -> Result<AdaptionPrompts, AdapterError> {
+    let (len, count) = (folder.count("adapter_len")?, folder.count("adapter_layers")?);
     if count > model.num_layers {
-        return Err(AdapterError::invalid(&config_path, format!("adapter_layers {count} exceeds the model's {} layers", model.num_layers)));
+        return Err(folder.invalid(format!("adapter_layers {count} exceeds the model's {} layers", model.num_layers)));
     }
-    let path = dir.join("adapter_model.safetensors");
-    let weights = Checkpoint::open_file(&path).map_err(|e| AdapterError::invalid(&path, e.to_string()))?;
+    let (weights, path) = folder.weights(AdapterFolder::PEFT_WEIGHTS)?;
     let error = |e: ember_models::LoadError| AdapterError::invalid(&path, e.to_string());
     let first = model.num_layers - count;
     let layers = (0..model.num_layers)
@@ -143,6 +139,118 @@ pub fn load_peft(dir: &Path, model: &ModelConfig, device: &Device) -> Result<Ada
         })
         .collect::<Result<_, AdapterError>>()?;
     Ok(AdaptionPrompts { layers })
+}
+
+impl fmt::Display for AdaptionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "gated adaption prompts, {} tokens in the top {} layers", self.adapter_len, self.adapter_layers)
+    }
+}
+
+/// The recipe's `[adapter]` keys of LLaMA-Adapter.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdaptionSection {
+    /// Prompt tokens per adapted layer.
+    pub adapter_len: usize,
+    /// How many of the top layers get a prompt.
+    pub adapter_layers: usize,
+}
+
+impl DecoderInputs for AdaptionPrompts {
+    fn extras(&self, _batch: usize) -> Vec<LayerExtras> {
+        AdaptionPrompts::extras(self)
+    }
+
+    fn layer_extras(&self, _batch: usize, i: usize, _prefix_keys_values: Option<&Tensor<4>>) -> Option<LayerExtras> {
+        AdaptionPrompts::extras(self).into_iter().nth(i)
+    }
+
+    fn first_trainable_layer(&self) -> usize {
+        self.layers.iter().position(Option::is_some).unwrap_or(0)
+    }
+
+    fn unchanged_reason(&self) -> Option<&'static str> {
+        self.all_gates_zero().then_some("every adaption_gate is still zero")
+    }
+}
+
+fn prompts(model: &AdaptedModel) -> Option<&AdaptionPrompts> {
+    match &model.inputs {
+        Some(ModelAdapter::Adaption(p)) => Some(p),
+        _ => None,
+    }
+}
+
+impl MethodConfig for AdaptionConfig {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn check(&self, model: &ModelConfig) -> Result<(), String> {
+        if self.adapter_layers > model.num_layers {
+            return Err(format!("'adapter.adapter_layers' is {} but the model has only {} layers", self.adapter_layers, model.num_layers));
+        }
+        Ok(())
+    }
+
+    fn count_trainable(&self, model: &ModelConfig) -> usize {
+        count_trainable(model, self)
+    }
+
+    fn first_trainable_layer(&self, model: &ModelConfig) -> usize {
+        model.num_layers.saturating_sub(self.adapter_layers)
+    }
+
+    fn init(&self, base: BaseModel, seed: u64, device: &Device) -> Result<AdaptedModel, AdapterError> {
+        self.check(&base.config).map_err(AdapterError::Config)?;
+        let prompts = AdaptionPrompts::init(&base.config, self.adapter_len, self.adapter_layers, seed, device);
+        Ok(AdaptedModel::with_inputs(base, Some(ModelAdapter::Adaption(prompts))))
+    }
+
+    fn save(&self, model: &AdaptedModel, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
+        let prompts = prompts(model).ok_or_else(|| AdapterError::Config("the model holds no adaption prompts".into()))?;
+        prompts.save_peft(model.config(), base_model, dir)
+    }
+
+    fn parameter_names(&self, model: &AdaptedModel) -> Vec<(ParamId, String)> {
+        let Some(p) = prompts(model) else { return Vec::new() };
+        let config = model.config();
+        p.layers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.as_ref().map(|l| (i, l)))
+            .flat_map(|(i, l)| [(l.prompt.id, key(config, i, "adaption_prompt")), (l.gate.id, key(config, i, "adaption_gate"))])
+            .collect()
+    }
+}
+
+impl PeftMethod for AdaptionConfig {
+    const NAME: &'static str = "adaption";
+    type Section = AdaptionSection;
+
+    fn from_section(section: AdaptionSection) -> Result<Self, String> {
+        for (key, value) in [("adapter.adapter_len", section.adapter_len), ("adapter.adapter_layers", section.adapter_layers)] {
+            if value == 0 {
+                return Err(format!("'{key}' must be at least 1 with method = \"adaption\""));
+            }
+        }
+        Ok(Self { adapter_len: section.adapter_len, adapter_layers: section.adapter_layers })
+    }
+
+    fn recognises(folder: &AdapterFolder) -> bool {
+        folder.peft_type() == Some("ADAPTION_PROMPT")
+    }
+
+    fn from_folder(folder: &AdapterFolder) -> Result<Self, AdapterError> {
+        Ok(Self { adapter_len: folder.count("adapter_len")?, adapter_layers: folder.count("adapter_layers")? })
+    }
+
+    fn load(folder: &AdapterFolder, base: BaseModel, device: &Device) -> Result<(AdaptedModel, Self), AdapterError> {
+        let prompts = load_peft(folder, &base.config, device)?;
+        let config = prompts.config();
+        Ok((AdaptedModel::with_inputs(base, Some(ModelAdapter::Adaption(prompts))), config))
+    }
 }
 
 #[cfg(test)]

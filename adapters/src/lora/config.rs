@@ -1,29 +1,8 @@
 //! Which modules get LoRA and with what rank and scale, with PEFT's matching rules.
 
-use std::fmt;
+use serde::{Deserialize, Serialize};
 
-use regex::Regex;
-
-/// PEFT `target_modules`.
-#[derive(Debug, Clone)]
-pub enum Target {
-    /// A list: a module matches if its name equals an entry or ends with `.` + entry.
-    Suffixes(Vec<String>),
-    /// A string: the regex must match the whole module name.
-    Regex(Regex),
-    /// `all-linear`: every projection of the decoder (never the LM head).
-    AllLinear,
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Target::Suffixes(list) => write!(f, "[{}]", list.join(", ")),
-            Target::Regex(re) => write!(f, "regex '{}'", re.as_str()),
-            Target::AllLinear => f.write_str("all-linear"),
-        }
-    }
-}
+use crate::target::{Target, TargetModules};
 
 #[derive(Debug, Clone)]
 pub struct LoraConfig {
@@ -44,65 +23,64 @@ impl LoraConfig {
 
     /// Whether the module `name` (HF path, e.g. `model.layers.3.self_attn.q_proj`) gets LoRA.
     pub fn targets(&self, name: &str) -> bool {
-        let matched = match &self.target {
-            Target::Suffixes(list) => list.iter().any(|t| name == t || name.ends_with(&format!(".{t}"))),
-            Target::Regex(re) => re.find(name).is_some_and(|m| m.start() == 0 && m.end() == name.len()),
-            Target::AllLinear => true,
-        };
-        matched
-            && match &self.layers_to_transform {
-                None => true,
-                Some(layers) => layer_index(name).is_some_and(|i| layers.contains(&i)),
-            }
+        self.target.matches(name, self.layers_to_transform.as_deref())
     }
 }
 
-/// `model.layers.12.self_attn.q_proj` -> 12
-fn layer_index(name: &str) -> Option<usize> {
-    let mut parts = name.split('.');
-    while let Some(part) = parts.next() {
-        if part == "layers" {
-            return parts.next()?.parse().ok();
+/// The recipe's `[adapter]` keys of LoRA (and DoRA, which adds a magnitude to the same branch).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraSection {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// A list of module-name suffixes, a regex string, or "all-linear".
+    pub target_modules: TargetModules,
+    pub use_rslora: bool,
+    pub layers_to_transform: Option<Vec<usize>>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
+            use_rslora: false,
+            layers_to_transform: None,
         }
     }
-    None
+}
+
+impl TryFrom<LoraSection> for LoraConfig {
+    type Error = String;
+
+    fn try_from(s: LoraSection) -> Result<Self, String> {
+        if s.r == 0 {
+            return Err("'adapter.r' must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&s.dropout) {
+            return Err(format!("'adapter.dropout' is {}; expected 0 <= dropout < 1", s.dropout));
+        }
+        Ok(LoraConfig {
+            r: s.r,
+            alpha: s.alpha,
+            dropout: s.dropout,
+            use_rslora: s.use_rslora,
+            target: Target::from_recipe(&s.target_modules)?,
+            layers_to_transform: s.layers_to_transform,
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn config(target: Target) -> LoraConfig {
-        LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, use_rslora: false, target, layers_to_transform: None }
-    }
-
-    #[test]
-    fn suffix_list_matches_whole_name_segments() {
-        let c = config(Target::Suffixes(vec!["q_proj".into(), "dense".into()]));
-        assert!(c.targets("model.layers.0.self_attn.q_proj"));
-        assert!(c.targets("transformer.encoder.layers.1.self_attention.dense"));
-        assert!(!c.targets("model.layers.0.self_attn.qq_proj"));
-        assert!(!c.targets("transformer.encoder.layers.1.mlp.dense_4h_to_h"));
-    }
-
-    #[test]
-    fn regex_must_match_the_full_name() {
-        let c = config(Target::Regex(Regex::new(r".*\.(q|v)_proj").unwrap()));
-        assert!(c.targets("model.layers.0.self_attn.v_proj"));
-        assert!(!c.targets("model.layers.0.self_attn.v_proj_extra"));
-    }
-
-    #[test]
-    fn layers_to_transform_filters_by_index() {
-        let mut c = config(Target::AllLinear);
-        c.layers_to_transform = Some(vec![1]);
-        assert!(!c.targets("model.layers.0.mlp.down_proj"));
-        assert!(c.targets("model.layers.1.mlp.down_proj"));
-    }
-
     #[test]
     fn rslora_scales_by_sqrt_rank() {
-        let mut c = config(Target::AllLinear);
+        let mut c = LoraConfig::try_from(LoraSection::default()).unwrap();
         assert_eq!(c.scale(), 2.0);
         c.use_rslora = true;
         assert!((c.scale() - 16.0 / 8f64.sqrt()).abs() < 1e-12);

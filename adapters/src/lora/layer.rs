@@ -1,14 +1,14 @@
-//! The LoRA layer: a frozen base projection plus an optional trainable low-rank branch.
+//! The LoRA branch beside a frozen base projection.
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use ember_models::Projection;
 use ember_models::layers::Linear;
 use rand::Rng;
 use rand::rngs::StdRng;
 
 use super::LoraConfig;
+use crate::registry::ProjectionBranch;
 
 /// The trainable part: `s · dropout(x) Aᵀ Bᵀ`.
 #[derive(Module, Debug)]
@@ -44,46 +44,41 @@ impl LoraBranch {
     pub fn rank(&self) -> usize {
         self.lora_a.shape().dims::<2>()[0]
     }
-}
 
-/// A base projection with an optional LoRA branch. `name` is the HF module path, the key
-/// under which PEFT saves the branch.
-#[derive(Module, Debug)]
-pub struct LoraLinear {
-    pub base: Linear,
-    pub lora: Option<LoraBranch>,
-    #[module(skip)]
-    pub name: String,
-}
-
-impl LoraLinear {
-    pub fn new(name: &str, base: Linear, lora: Option<LoraBranch>) -> Self {
-        Self { base, lora, name: name.to_owned() }
-    }
-
-    /// The base with `s·B·A` added to its weight, for export.
-    pub fn merged(self) -> Linear {
-        let Some(branch) = self.lora else { return self.base };
-        let delta = branch.lora_b.val().matmul(branch.lora_a.val()).mul_scalar(branch.scale);
-        let weight = self.base.weight.val();
-        let merged = (weight.clone().cast(delta.dtype()) + delta).cast(weight.dtype());
-        Linear::new(merged, self.base.bias.map(|b| b.val()))
-    }
-}
-
-impl Projection for LoraLinear {
+    /// `s · x Aᵀ Bᵀ` in f32 (the branch computes in its own dtype under a bf16/f16 base, as PEFT
+    /// does); `x` has been through the branch's dropout.
+    ///
     /// # Shapes
     /// - x: `[batch, seq, in]`
     /// - output: `[batch, seq, out]`
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let Some(branch) = &self.lora else { return self.base.forward(x) };
-        let y = self.base.forward(x.clone());
+    pub fn delta(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, i] = x.dims();
-        // The branch computes in its own dtype (f32) under a bf16/f16 base, as PEFT does.
-        let h = branch.dropout.forward(x).cast(DType::F32).reshape([b * s, i]);
+        let out = self.lora_b.shape().dims::<2>()[0];
+        let h = x.cast(DType::F32).reshape([b * s, i]);
         // b·s,in -> b·s,r -> b·s,out: never an in×out matrix.
-        let delta = h.matmul(branch.lora_a.val().transpose()).matmul(branch.lora_b.val().transpose());
+        h.matmul(self.lora_a.val().transpose()).matmul(self.lora_b.val().transpose()).mul_scalar(self.scale).reshape([b, s, out])
+    }
+
+    /// `s·B·A`, `[out, in]` in f32.
+    pub fn delta_weight(&self) -> Tensor<2> {
+        self.lora_b.val().matmul(self.lora_a.val()).mul_scalar(self.scale)
+    }
+}
+
+impl ProjectionBranch for LoraBranch {
+    fn forward(&self, base: &Linear, x: Tensor<3>) -> Tensor<3> {
+        let y = base.forward(x.clone());
         let dtype = y.dtype();
-        y + delta.mul_scalar(branch.scale).cast(dtype).reshape([b, s, self.base.out_features()])
+        y + self.delta(self.dropout.forward(x)).cast(dtype)
+    }
+
+    fn merged(self, base: Linear) -> Linear {
+        let weight = base.weight.val();
+        let merged = (weight.clone().cast(DType::F32) + self.delta_weight()).cast(weight.dtype());
+        Linear::new(merged, base.bias.map(|b| b.val()))
+    }
+
+    fn leaves_base_unchanged(&self) -> bool {
+        self.lora_b.val().abs().max().into_scalar::<f32>() == 0.0
     }
 }

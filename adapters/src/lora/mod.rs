@@ -4,46 +4,36 @@
 
 mod config;
 mod layer;
-mod peft;
+pub mod peft;
 
-pub use config::{LoraConfig, Target};
-pub use layer::{LoraBranch, LoraLinear};
-pub use peft::{BranchKeys, load_peft, peft_branches, read_peft_config, save_peft};
+pub use config::{LoraConfig, LoraSection};
+pub use layer::LoraBranch;
 
-use burn::tensor::Device;
+use std::fmt;
+use std::path::Path;
+
+use burn::module::ParamId;
+use burn::tensor::{Device, Tensor};
 use ember_models::transformer::{KeyLayout, expected_tensors};
-use ember_models::{BaseModel, CausalLm, ModelConfig};
+use ember_models::{BaseModel, Checkpoint, ModelConfig};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::AdapterError;
+use crate::method::{AdapterFolder, MethodConfig, PeftMethod, WeightMerge};
+use crate::registry::ProjectionAdapter;
+use crate::{AdaptedModel, AdapterError};
 
-/// The base model with LoRA branches on the projections `config` targets.
-pub type LoraModel = CausalLm<LoraLinear>;
+pub use crate::target::Target;
 
-/// Wraps every targeted projection of `model` with a fresh branch: A Kaiming-uniform(a=√5) as
-/// PEFT (U(±1/√in)), B zero, so the model starts exactly at the base. Seeded by `seed`.
-pub fn apply(model: BaseModel, config: &LoraConfig, seed: u64, device: &Device) -> Result<LoraModel, AdapterError> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut matched = 0;
-    let wrapped = model.map_projections(|name, linear| {
-        if config.targets(name) {
-            matched += 1;
-            let branch = LoraBranch::init(&linear, config, &mut rng, device);
-            LoraLinear::new(name, linear, Some(branch))
-        } else {
-            LoraLinear::new(name, linear, None)
-        }
-    });
-    if matched == 0 {
-        return Err(AdapterError::Config(format!("lora: target {} matches no module of the model", config.target)));
+impl fmt::Display for LoraConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LoRA r={} on {}", self.r, self.target)
     }
-    Ok(wrapped)
 }
 
 /// `[out, in]` of every projection `config` targets on a model of this config, from shapes
 /// alone (no weights read).
-pub fn targeted_shapes(model: &ModelConfig, config: &LoraConfig) -> Vec<[usize; 2]> {
+pub fn targeted_shapes(model: &ModelConfig, config: &LoraConfig) -> Vec<(String, [usize; 2])> {
     let keys = KeyLayout::of(model.architecture);
     let shapes: std::collections::HashMap<String, Vec<usize>> = expected_tensors(model).into_iter().collect();
     (0..model.num_layers)
@@ -51,39 +41,137 @@ pub fn targeted_shapes(model: &ModelConfig, config: &LoraConfig) -> Vec<[usize; 
         .filter(|name| config.targets(name))
         .map(|name| {
             let shape = &shapes[&format!("{name}.weight")];
-            [shape[0], shape[1]]
+            (name, [shape[0], shape[1]])
         })
         .collect()
 }
 
-/// Trainable parameters LoRA would add to a model of this config: `r·(in + out)` per targeted
-/// projection.
-pub fn count_trainable(model: &ModelConfig, config: &LoraConfig) -> usize {
-    targeted_shapes(model, config).iter().map(|[out, inp]| config.r * (out + inp)).sum()
+/// The lowest layer with a targeted projection.
+pub fn first_targeted_layer(model: &ModelConfig, config: &LoraConfig) -> usize {
+    let keys = KeyLayout::of(model.architecture);
+    (0..model.num_layers).find(|&i| keys.projection_names(i).iter().any(|name| config.targets(name))).unwrap_or(0)
 }
 
-/// (trainable LoRA parameters, all parameters)
-pub fn parameter_counts(model: &LoraModel) -> (usize, usize) {
-    let trainable = model
-        .projections()
-        .iter()
-        .filter_map(|(_, p)| p.lora.as_ref())
-        .map(|b| b.lora_a.shape().num_elements() + b.lora_b.shape().num_elements())
-        .sum::<usize>();
-    (trainable, burn::module::Module::num_params(model))
+/// Whether `config`'s layers exist and it targets at least one projection of `model`.
+pub fn check_targets(model: &ModelConfig, config: &LoraConfig) -> Result<(), String> {
+    if let Some(layer) = config.layers_to_transform.iter().flatten().find(|&&i| i >= model.num_layers) {
+        return Err(format!("'adapter.layers_to_transform': layer {layer} does not exist (the model has {} layers)", model.num_layers));
+    }
+    if targeted_shapes(model, config).is_empty() {
+        let keys = KeyLayout::of(model.architecture);
+        let names: Vec<String> = keys.projection_names(0).iter().map(|n| n.rsplit('.').next().unwrap_or(n).to_owned()).collect();
+        return Err(format!(
+            "'adapter.target_modules' = {} matches no projection of this {} model (its projections: {})",
+            config.target,
+            model.architecture.name(),
+            names.join(", ")
+        ));
+    }
+    Ok(())
 }
 
-/// True when every B matrix is exactly zero: the adapter equals the base (a run that never
-/// updated it, the known PEFT failure of saving an untrained adapter).
-pub fn all_b_zero(model: &LoraModel) -> bool {
-    model.projections().iter().filter_map(|(_, p)| p.lora.as_ref()).all(|b| {
-        b.lora_b.val().abs().max().into_scalar::<f32>() == 0.0
-    })
+impl MethodConfig for LoraConfig {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn check(&self, model: &ModelConfig) -> Result<(), String> {
+        check_targets(model, self)
+    }
+
+    /// `r·(in + out)` per targeted projection.
+    fn count_trainable(&self, model: &ModelConfig) -> usize {
+        targeted_shapes(model, self).iter().map(|(_, [out, inp])| self.r * (out + inp)).sum()
+    }
+
+    fn first_trainable_layer(&self, model: &ModelConfig) -> usize {
+        first_targeted_layer(model, self)
+    }
+
+    /// A branch keeps its f32 input and `x·A`.
+    fn activation_bytes_per_token(&self, model: &ModelConfig, _activation_bytes: usize) -> f64 {
+        targeted_shapes(model, self).iter().map(|(_, [_, inp])| 4.0 * (inp + self.r) as f64).sum()
+    }
+
+    fn dropout(&self) -> f64 {
+        self.dropout
+    }
+
+    /// A Kaiming-uniform(a=√5) as PEFT (U(±1/√in)), B zero: the model starts exactly at the base.
+    fn init(&self, base: BaseModel, seed: u64, device: &Device) -> Result<AdaptedModel, AdapterError> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        AdaptedModel::with_branches(
+            base,
+            |name, linear| Ok(self.targets(name).then(|| ProjectionAdapter::Lora(LoraBranch::init(linear, self, &mut rng, device)))),
+            || AdapterError::Config(format!("lora: target {} matches no module of the model", self.target)),
+        )
+    }
+
+    fn save(&self, model: &AdaptedModel, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
+        let (mut modules, mut tensors) = (Vec::new(), Vec::new());
+        for (name, branch) in model.branches() {
+            if let ProjectionAdapter::Lora(branch) = branch {
+                tensors.extend(peft::branch_tensors(&name, branch));
+                modules.push(name);
+            }
+        }
+        peft::save_peft(self, false, &modules, &tensors, base_model, dir)
+    }
+
+    fn parameter_names(&self, model: &AdaptedModel) -> Vec<(ParamId, String)> {
+        let mut names = Vec::new();
+        for (module, branch) in model.branches() {
+            if let ProjectionAdapter::Lora(b) = branch {
+                names.push((b.lora_a.id, peft::key(&module, "lora_A")));
+                names.push((b.lora_b.id, peft::key(&module, "lora_B")));
+            }
+        }
+        names
+    }
 }
 
-/// Folds every branch into its base weight (`W + s·B·A`) and drops the branches.
-pub fn merge(model: LoraModel) -> BaseModel {
-    model.map_projections(|_, lora| lora.merged())
+impl PeftMethod for LoraConfig {
+    const NAME: &'static str = "lora";
+    type Section = LoraSection;
+
+    fn from_section(section: LoraSection) -> Result<Self, String> {
+        section.try_into()
+    }
+
+    fn recognises(folder: &AdapterFolder) -> bool {
+        peft::lora_variant(folder) == Some(false)
+    }
+
+    fn from_folder(folder: &AdapterFolder) -> Result<Self, AdapterError> {
+        peft::read_config(folder)
+    }
+
+    fn load(folder: &AdapterFolder, base: BaseModel, device: &Device) -> Result<(AdaptedModel, Self), AdapterError> {
+        let config = peft::read_config(folder)?;
+        let model = peft::load_branches(folder, &config, base, device, |_, _, branch, _| Ok(ProjectionAdapter::Lora(branch)))?;
+        Ok((model, config))
+    }
+
+    fn weight_merge(folder: &AdapterFolder) -> Option<Result<Box<dyn WeightMerge>, AdapterError>> {
+        Some(peft::PeftBranches::read(folder, &[]).map(|b| Box::new(LoraMerge(b)) as Box<dyn WeightMerge>))
+    }
+}
+
+/// `W + s·B·A` for every adapted weight.
+struct LoraMerge(peft::PeftBranches);
+
+impl WeightMerge for LoraMerge {
+    fn keys(&self) -> Vec<String> {
+        self.0.modules.keys().cloned().collect()
+    }
+
+    fn check(&self, base: &Checkpoint) -> Result<(), AdapterError> {
+        self.0.check(base)
+    }
+
+    fn apply(&self, key: &str, base: Tensor<2>, device: &Device) -> Tensor<2> {
+        base + self.0.delta(&self.0.modules[key], device)
+    }
 }
 
 #[cfg(test)]
@@ -97,11 +185,8 @@ mod tests {
             "num_attention_heads": 32, "vocab_size": 32000,
         });
         let model = ModelConfig::from_json(&json, std::path::Path::new("config.json")).unwrap();
-        let config = LoraConfig {
-            r: 8, alpha: 16.0, dropout: 0.05, use_rslora: false,
-            target: Target::Suffixes(vec!["q_proj".into(), "v_proj".into()]), layers_to_transform: None,
-        };
-        let trainable = count_trainable(&model, &config);
+        let config = LoraConfig::try_from(LoraSection::default()).unwrap();
+        let trainable = config.count_trainable(&model);
         assert_eq!(trainable, 4_194_304);
         // PEFT's "all params" counts the base plus the adapter.
         assert_eq!(model.num_params() + trainable, 6_742_609_920);

@@ -6,18 +6,22 @@
 //! Two on-disk formats: PEFT `PREFIX_TUNING` (`prompt_embeddings`, the MLP output as PEFT saves
 //! it) and THUDM's ChatGLM P-Tuning v2 (`transformer.prefix_encoder.*` + `pre_seq_len`).
 
+use std::fmt;
 use std::path::Path;
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::tensor::{Device, Tensor, TensorData};
 use ember_models::layers::Linear;
-use ember_models::{Architecture, Checkpoint, LayerExtras, LoadDtype, ModelConfig};
+use ember_models::{Architecture, BaseModel, Checkpoint, LayerExtras, LoadDtype, ModelConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::{AdapterError, SavedTensor, save_adapter_dir};
+use crate::method::{AdapterFolder, FolderFormat, MethodConfig, PEFT_VERSION, PeftMethod, read_json};
+use crate::registry::{DecoderInputs, ModelAdapter};
+use crate::{AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
 
 /// What a run trains: `num_virtual_tokens` prefixes, optionally through the MLP.
 #[derive(Debug, Clone, PartialEq)]
@@ -161,7 +165,7 @@ impl PrefixEncoder {
             "inference_mode": true,
             "modules_to_save": null,
             "revision": null,
-            "peft_version": concat!("ember ", env!("CARGO_PKG_VERSION")),
+            "peft_version": PEFT_VERSION,
         });
         let tensors = [SavedTensor::new("prompt_embeddings", self.table())];
         save_adapter_dir(dir, "adapter_model.safetensors", &tensors, &[("adapter_config.json", &config)])
@@ -184,11 +188,6 @@ impl PrefixEncoder {
         let config = json!({ "pre_seq_len": self.num_virtual_tokens(), "prefix_projection": self.projection.is_some() });
         save_adapter_dir(dir, "prefix_encoder.safetensors", &tensors, &[("config.json", &config)])
     }
-}
-
-fn read_json(path: &Path) -> Result<Value, AdapterError> {
-    let text = std::fs::read_to_string(path).map_err(|e| AdapterError::Io { path: path.to_path_buf(), source: e })?;
-    serde_json::from_str(&text).map_err(|e| AdapterError::invalid(path, format!("invalid JSON: {e}")))
 }
 
 /// Input and hidden width of the reparameterization MLP: PEFT feeds a token-width embedding and
@@ -267,4 +266,144 @@ pub fn from_training_params(
 ) -> PrefixEncoder {
     let projection = mlp.map(|(w0, b0, w2, b2)| PrefixMlp { first: trainable_linear(w0, b0), second: trainable_linear(w2, b2) });
     PrefixEncoder::new(embedding, projection, model, true)
+}
+
+impl fmt::Display for PrefixConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "prefix tuning, {} virtual tokens{}", self.num_virtual_tokens, if self.prefix_projection { " through the MLP" } else { "" })
+    }
+}
+
+/// The recipe's `[adapter]` keys of prefix tuning / P-Tuning v2.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrefixSection {
+    /// Virtual tokens per layer (ChatGLM's `pre_seq_len`).
+    pub num_virtual_tokens: usize,
+    /// Train through the embedding → Linear → tanh → Linear reparameterization.
+    pub prefix_projection: bool,
+    /// Hidden width of that MLP (default: PEFT's token width; ChatGLM's hidden size).
+    pub encoder_hidden_size: Option<usize>,
+}
+
+impl Default for PrefixSection {
+    fn default() -> Self {
+        Self { num_virtual_tokens: 0, prefix_projection: false, encoder_hidden_size: None }
+    }
+}
+
+impl DecoderInputs for PrefixEncoder {
+    fn extras(&self, batch: usize) -> Vec<LayerExtras> {
+        PrefixEncoder::extras(self, batch)
+    }
+
+    fn prefix_keys_values(&self) -> Option<Tensor<4>> {
+        Some(self.keys_values())
+    }
+
+    fn layer_extras(&self, batch: usize, i: usize, prefix_keys_values: Option<&Tensor<4>>) -> Option<LayerExtras> {
+        prefix_keys_values.map(|kv| PrefixEncoder::layer_extras(self, kv, i, batch))
+    }
+
+    fn prefix_keys(&self) -> usize {
+        self.num_virtual_tokens()
+    }
+}
+
+fn encoder(model: &AdaptedModel) -> Option<&PrefixEncoder> {
+    match &model.inputs {
+        Some(ModelAdapter::Prefix(p)) => Some(p),
+        _ => None,
+    }
+}
+
+impl MethodConfig for PrefixConfig {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn check(&self, _model: &ModelConfig) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn count_trainable(&self, model: &ModelConfig) -> usize {
+        count_trainable(model, self)
+    }
+
+    fn prefix_keys(&self) -> usize {
+        self.num_virtual_tokens
+    }
+
+    fn init(&self, base: BaseModel, seed: u64, device: &Device) -> Result<AdaptedModel, AdapterError> {
+        let prefix = PrefixEncoder::init(&base.config, self, seed, device);
+        Ok(AdaptedModel::with_inputs(base, Some(ModelAdapter::Prefix(prefix))))
+    }
+
+    fn save(&self, model: &AdaptedModel, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
+        let prefix = encoder(model).ok_or_else(|| AdapterError::Config("the model holds no prefix encoder".into()))?;
+        prefix.save(model.config(), base_model, dir)
+    }
+
+    /// PEFT's training-time names (`prompt_encoder.*`), or THUDM's (`transformer.prefix_encoder.*`).
+    fn parameter_names(&self, model: &AdaptedModel) -> Vec<(ParamId, String)> {
+        let Some(p) = encoder(model) else { return Vec::new() };
+        let (root, first, second) =
+            if is_chatglm_ptuning(model.config()) { ("transformer.prefix_encoder", "trans.0", "trans.2") } else { ("prompt_encoder", "transform.0", "transform.2") };
+        let mut names = vec![(p.embedding.id, format!("{root}.embedding.weight"))];
+        if let Some(mlp) = &p.projection {
+            for (name, layer) in [(first, &mlp.first), (second, &mlp.second)] {
+                names.push((layer.weight.id, format!("{root}.{name}.weight")));
+                if let Some(bias) = &layer.bias {
+                    names.push((bias.id, format!("{root}.{name}.bias")));
+                }
+            }
+        }
+        names
+    }
+}
+
+impl PeftMethod for PrefixConfig {
+    const NAME: &'static str = "prefix";
+    type Section = PrefixSection;
+
+    fn from_section(section: PrefixSection) -> Result<Self, String> {
+        if section.num_virtual_tokens == 0 {
+            return Err("'adapter.num_virtual_tokens' must be at least 1 with method = \"prefix\"".into());
+        }
+        Ok(Self { num_virtual_tokens: section.num_virtual_tokens, prefix_projection: section.prefix_projection, encoder_hidden_size: section.encoder_hidden_size })
+    }
+
+    fn recognises(folder: &AdapterFolder) -> bool {
+        folder.format == FolderFormat::ChatGlmPtuning || folder.peft_type() == Some("PREFIX_TUNING")
+    }
+
+    fn from_folder(folder: &AdapterFolder) -> Result<Self, AdapterError> {
+        let tokens = match folder.format {
+            FolderFormat::ChatGlmPtuning => "pre_seq_len",
+            FolderFormat::Peft => "num_virtual_tokens",
+        };
+        Ok(Self {
+            num_virtual_tokens: folder.count(tokens)?,
+            prefix_projection: folder.get("prefix_projection").and_then(Value::as_bool).unwrap_or(false),
+            encoder_hidden_size: folder.get("encoder_hidden_size").and_then(Value::as_u64).map(|n| n as usize),
+        })
+    }
+
+    fn load(folder: &AdapterFolder, base: BaseModel, device: &Device) -> Result<(AdaptedModel, Self), AdapterError> {
+        let (prefix, projection) = match folder.format {
+            FolderFormat::ChatGlmPtuning => {
+                let prefix = load_chatglm_ptuning(&folder.dir, &base.config, device)?;
+                let projection = prefix.projection.is_some();
+                (prefix, projection)
+            }
+            // PEFT saves the MLP's output: the table loads the same either way.
+            FolderFormat::Peft => (load_peft(&folder.dir, &base.config, device)?, folder.get("prefix_projection").and_then(Value::as_bool).unwrap_or(false)),
+        };
+        let config = PrefixConfig {
+            num_virtual_tokens: prefix.num_virtual_tokens(),
+            prefix_projection: projection,
+            encoder_hidden_size: prefix.projection.as_ref().map(|mlp| mlp.first.out_features()),
+        };
+        Ok((AdaptedModel::with_inputs(base, Some(ModelAdapter::Prefix(prefix))), config))
+    }
 }

@@ -1,0 +1,152 @@
+//! Prompt tuning (Lester et al. 2021), PEFT's `PROMPT_TUNING`: `n` trainable embeddings take the
+//! first `n` positions of every sequence, in front of the tokens' own. They are ordinary
+//! positions: causal attention, RoPE positions 0..n−1, real tokens from n on (unlike prefix
+//! tuning). PEFT's logits include the virtual positions; the loss ignores them.
+
+use std::fmt;
+use std::path::Path;
+
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::{Device, Tensor, TensorData};
+use ember_models::{BaseModel, LoadDtype, ModelConfig};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::method::{AdapterFolder, MethodConfig, PEFT_VERSION, PeftMethod};
+use crate::registry::{DecoderInputs, ModelAdapter};
+use crate::{AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptTuningConfig {
+    pub num_virtual_tokens: usize,
+}
+
+impl fmt::Display for PromptTuningConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "prompt tuning, {} virtual tokens", self.num_virtual_tokens)
+    }
+}
+
+/// The recipe's `[adapter]` keys of prompt tuning.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PromptTuningSection {
+    pub num_virtual_tokens: usize,
+}
+
+impl Default for PromptTuningSection {
+    fn default() -> Self {
+        Self { num_virtual_tokens: 20 }
+    }
+}
+
+/// The virtual tokens' embeddings `[n, hidden]`.
+#[derive(Module, Debug)]
+pub struct PromptEmbedding {
+    pub embedding: Param<Tensor<2>>,
+}
+
+impl DecoderInputs for PromptEmbedding {
+    fn virtual_embeddings(&self) -> Option<Tensor<2>> {
+        Some(self.embedding.val())
+    }
+}
+
+fn embedding(model: &AdaptedModel) -> Option<&PromptEmbedding> {
+    match &model.inputs {
+        Some(ModelAdapter::PromptTuning(p)) => Some(p),
+        _ => None,
+    }
+}
+
+impl MethodConfig for PromptTuningConfig {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn check(&self, _model: &ModelConfig) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn count_trainable(&self, model: &ModelConfig) -> usize {
+        self.num_virtual_tokens * model.hidden_size
+    }
+
+    fn virtual_tokens(&self) -> usize {
+        self.num_virtual_tokens
+    }
+
+    /// `RANDOM` init: N(0, 1), as PEFT's `nn.Embedding`.
+    fn init(&self, base: BaseModel, seed: u64, device: &Device) -> Result<AdaptedModel, AdapterError> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let shape = [self.num_virtual_tokens, base.config.hidden_size];
+        let values: Vec<f32> = (0..shape[0] * shape[1]).map(|_| StandardNormal.sample(&mut rng)).collect();
+        let embedding = Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device));
+        Ok(AdaptedModel::with_inputs(base, Some(ModelAdapter::PromptTuning(PromptEmbedding { embedding }))))
+    }
+
+    fn save(&self, model: &AdaptedModel, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
+        let prompt = embedding(model).ok_or_else(|| AdapterError::Config("the model holds no prompt-tuning embeddings".into()))?;
+        let config = model.config();
+        let adapter_config = json!({
+            "peft_type": "PROMPT_TUNING",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "token_dim": config.hidden_size,
+            "num_attention_heads": config.num_heads,
+            "num_layers": config.num_layers,
+            "num_transformer_submodules": 1,
+            "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": null,
+            "tokenizer_name_or_path": null,
+            "tokenizer_kwargs": null,
+            "inference_mode": true,
+            "modules_to_save": null,
+            "revision": null,
+            "peft_version": PEFT_VERSION,
+        });
+        let tensors = [SavedTensor::new("prompt_embeddings", prompt.embedding.val())];
+        save_adapter_dir(dir, AdapterFolder::PEFT_WEIGHTS, &tensors, &[(AdapterFolder::PEFT_CONFIG, &adapter_config)])
+    }
+
+    fn parameter_names(&self, model: &AdaptedModel) -> Vec<(ParamId, String)> {
+        embedding(model).map(|p| vec![(p.embedding.id, "prompt_encoder.embedding.weight".to_owned())]).unwrap_or_default()
+    }
+}
+
+impl PeftMethod for PromptTuningConfig {
+    const NAME: &'static str = "prompt_tuning";
+    type Section = PromptTuningSection;
+
+    fn from_section(section: PromptTuningSection) -> Result<Self, String> {
+        if section.num_virtual_tokens == 0 {
+            return Err("'adapter.num_virtual_tokens' must be at least 1 with method = \"prompt_tuning\"".into());
+        }
+        Ok(Self { num_virtual_tokens: section.num_virtual_tokens })
+    }
+
+    fn recognises(folder: &AdapterFolder) -> bool {
+        folder.peft_type() == Some("PROMPT_TUNING")
+    }
+
+    fn from_folder(folder: &AdapterFolder) -> Result<Self, AdapterError> {
+        Ok(Self { num_virtual_tokens: folder.count("num_virtual_tokens")? })
+    }
+
+    fn load(folder: &AdapterFolder, base: BaseModel, device: &Device) -> Result<(AdaptedModel, Self), AdapterError> {
+        let n = folder.count("num_virtual_tokens")?;
+        if folder.get("num_transformer_submodules").and_then(serde_json::Value::as_u64).is_some_and(|k| k != 1) {
+            return Err(folder.invalid("'num_transformer_submodules' must be 1 (a decoder-only model)"));
+        }
+        let (weights, path) = folder.weights(AdapterFolder::PEFT_WEIGHTS)?;
+        let table = weights
+            .float::<2>("prompt_embeddings", [n, base.config.hidden_size], LoadDtype::F32, device)
+            .map_err(|e| AdapterError::invalid(&path, e.to_string()))?;
+        let inputs = ModelAdapter::PromptTuning(PromptEmbedding { embedding: Param::from_tensor(table) });
+        Ok((AdaptedModel::with_inputs(base, Some(inputs)), Self { num_virtual_tokens: n }))
+    }
+}

@@ -1,0 +1,134 @@
+//! PEFT's rules for which modules a method adapts (`target_modules`, `layers_to_transform`),
+//! shared by the methods that wrap projections (LoRA, DoRA, (IA)³).
+
+use std::fmt;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+/// PEFT `target_modules`.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A list: a module matches if its name equals an entry or ends with `.` + entry.
+    Suffixes(Vec<String>),
+    /// A string: the regex must match the whole module name.
+    Regex(Regex),
+    /// `all-linear`: every projection of the decoder (never the LM head).
+    AllLinear,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Suffixes(list) => write!(f, "[{}]", list.join(", ")),
+            Target::Regex(re) => write!(f, "regex '{}'", re.as_str()),
+            Target::AllLinear => f.write_str("all-linear"),
+        }
+    }
+}
+
+impl Target {
+    /// A recipe's `target_modules`: a list of suffixes, `"all-linear"`, or a regex string.
+    pub fn from_recipe(modules: &TargetModules) -> Result<Self, String> {
+        Ok(match modules {
+            TargetModules::List(list) => Target::Suffixes(list.clone()),
+            TargetModules::One(s) if s == "all-linear" => Target::AllLinear,
+            TargetModules::One(s) => Target::Regex(Regex::new(s).map_err(|e| format!("'adapter.target_modules': {e}"))?),
+        })
+    }
+
+    /// PEFT's `target_modules` from an adapter_config.json value.
+    pub fn from_peft(value: Option<&serde_json::Value>, key: &str) -> Result<Self, String> {
+        use serde_json::Value;
+        Ok(match value {
+            Some(Value::String(s)) if s == "all-linear" => Target::AllLinear,
+            Some(Value::String(s)) => Target::Regex(Regex::new(s).map_err(|e| format!("'{key}' regex: {e}"))?),
+            Some(Value::Array(items)) => Target::Suffixes(
+                items.iter().map(|v| v.as_str().map(str::to_owned)).collect::<Option<_>>().ok_or(format!("'{key}' must list strings"))?,
+            ),
+            _ => return Err(format!("'{key}' must be a list, a regex or \"all-linear\"")),
+        })
+    }
+
+    /// As PEFT writes it: the list, the regex, or (for all-linear) the names `modules` matched.
+    pub fn to_peft(&self, modules: &std::collections::BTreeSet<String>) -> serde_json::Value {
+        match self {
+            Target::Suffixes(list) => serde_json::json!(list),
+            Target::Regex(re) => serde_json::json!(re.as_str()),
+            Target::AllLinear => serde_json::json!(modules.iter().collect::<Vec<_>>()),
+        }
+    }
+
+    /// Whether the module `name` (HF path, e.g. `model.layers.3.self_attn.q_proj`) matches,
+    /// and sits in one of `layers` when given.
+    pub fn matches(&self, name: &str, layers: Option<&[usize]>) -> bool {
+        let matched = match self {
+            Target::Suffixes(list) => list.iter().any(|t| name == t || name.ends_with(&format!(".{t}"))),
+            Target::Regex(re) => re.find(name).is_some_and(|m| m.start() == 0 && m.end() == name.len()),
+            Target::AllLinear => true,
+        };
+        matched
+            && match layers {
+                None => true,
+                Some(layers) => layer_index(name).is_some_and(|i| layers.contains(&i)),
+            }
+    }
+}
+
+/// `target_modules` as a recipe writes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    One(String),
+}
+
+/// PEFT's `layers_to_transform`: one index or a list.
+pub fn layers_from_peft(value: Option<&serde_json::Value>) -> Result<Option<Vec<usize>>, String> {
+    use serde_json::Value;
+    Ok(match value {
+        None => None,
+        Some(Value::Array(items)) => {
+            Some(items.iter().map(|v| v.as_u64().map(|n| n as usize)).collect::<Option<_>>().ok_or("'layers_to_transform' must list layer indices")?)
+        }
+        Some(v) => Some(vec![v.as_u64().ok_or("'layers_to_transform' must be a layer index or a list")? as usize]),
+    })
+}
+
+/// `model.layers.12.self_attn.q_proj` -> 12
+fn layer_index(name: &str) -> Option<usize> {
+    let mut parts = name.split('.');
+    while let Some(part) = parts.next() {
+        if part == "layers" {
+            return parts.next()?.parse().ok();
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffix_list_matches_whole_name_segments() {
+        let t = Target::Suffixes(vec!["q_proj".into(), "dense".into()]);
+        assert!(t.matches("model.layers.0.self_attn.q_proj", None));
+        assert!(t.matches("transformer.encoder.layers.1.self_attention.dense", None));
+        assert!(!t.matches("model.layers.0.self_attn.qq_proj", None));
+        assert!(!t.matches("transformer.encoder.layers.1.mlp.dense_4h_to_h", None));
+    }
+
+    #[test]
+    fn regex_must_match_the_full_name() {
+        let t = Target::Regex(Regex::new(r".*\.(q|v)_proj").unwrap());
+        assert!(t.matches("model.layers.0.self_attn.v_proj", None));
+        assert!(!t.matches("model.layers.0.self_attn.v_proj_extra", None));
+    }
+
+    #[test]
+    fn layers_to_transform_filters_by_index() {
+        assert!(!Target::AllLinear.matches("model.layers.0.mlp.down_proj", Some(&[1])));
+        assert!(Target::AllLinear.matches("model.layers.1.mlp.down_proj", Some(&[1])));
+    }
+}
