@@ -168,10 +168,14 @@ fn recipe_pointing_at_missing_data_is_bad_input() {
 
 /// The method CI recipes train, export in their formats, and generate with the adapter.
 #[test]
-fn prefix_and_adaption_recipes_train_export_and_generate() {
+fn method_recipes_train_export_and_generate() {
+    const PEFT: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
     for (name, base, files) in [
         ("ci/tiny-ptuning-v2.toml", "tiny_chatglm", ["config.json", "prefix_encoder.safetensors"]),
-        ("ci/tiny-llama-adapter.toml", "tiny_llama", ["adapter_config.json", "adapter_model.safetensors"]),
+        ("ci/tiny-llama-adapter.toml", "tiny_llama", PEFT),
+        ("ci/tiny-dora.toml", "tiny_llama", PEFT),
+        ("ci/tiny-ia3.toml", "tiny_llama", PEFT),
+        ("ci/tiny-prompt-tuning.toml", "tiny_llama", PEFT),
     ] {
         let out = tempfile::tempdir().unwrap();
         let run = out.path().join("run");

@@ -1,5 +1,6 @@
 //! Parity with Hugging Face transformers (+ PEFT): every fixture folder under `$EMBER_FIXTURES`
-//! (default `../shared/fixtures`) is compared with what ember computes from the same files.
+//! (default `tests/fixtures`; CI also runs `../shared/fixtures`) is compared with what ember
+//! computes from the same files. Every method goes through the adapters registry.
 //!
 //! One line per check: `parity <fixture> <check> max_abs=<value> ok|FAIL`, or `SKIP` with the
 //! reason. Folders and methods ember cannot handle yet are reported, never silently passed.
@@ -64,10 +65,12 @@ impl Report {
     }
 }
 
+/// `$EMBER_FIXTURES`, else the repository's own fixtures (`tests/fixtures`, written by
+/// `tests/fixtures/generate.py`), so a bare clone runs parity.
 fn fixtures_root() -> PathBuf {
     std::env::var_os("EMBER_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
 }
 
 fn models_root() -> PathBuf {

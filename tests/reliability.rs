@@ -11,7 +11,14 @@ use std::time::{Duration, Instant};
 
 use common::{adapter_files, assert_bad_input, assert_error, ember, losses, read_json, recipe};
 
-const METHODS: [&str; 3] = ["ci/tiny-lora.toml", "ci/tiny-ptuning-v2.toml", "ci/tiny-llama-adapter.toml"];
+const METHODS: [&str; 6] = [
+    "ci/tiny-lora.toml",
+    "ci/tiny-ptuning-v2.toml",
+    "ci/tiny-llama-adapter.toml",
+    "ci/tiny-dora.toml",
+    "ci/tiny-ia3.toml",
+    "ci/tiny-prompt-tuning.toml",
+];
 
 /// 12 steps with a checkpoint every 3, two kept.
 fn train_args(recipe: &str, run: &Path, extra: &[&str]) -> Vec<String> {
