@@ -294,8 +294,7 @@ fn bench_method(args: &BenchArgs) -> Result<ember_adapters::Method, String> {
     let mut section: toml::Table = flags.into_iter().filter(|(k, _)| keys.iter().any(|own| own == k)).map(|(k, v)| (k.to_owned(), v)).collect();
     for item in &args.adapter_keys {
         let (key, raw) = item.split_once('=').ok_or_else(|| format!("--adapter '{item}': expected KEY=VALUE"))?;
-        let value = format!("v = {raw}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| Value::String(raw.to_owned()));
-        section.insert(key.to_owned(), value);
+        section.insert(key.to_owned(), ember_trainer::recipe::override_value(raw));
     }
     ember_adapters::Method::from_recipe(&args.method, section)
 }

@@ -330,12 +330,17 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
 fn apply_override(table: &mut toml::Table, item: &str) -> Result<(), String> {
     let (key, raw) = item.split_once('=').ok_or_else(|| format!("--set '{item}': expected section.key=value"))?;
     let (section, name) = key.trim().split_once('.').ok_or_else(|| format!("--set '{item}': key must be section.key"))?;
-    // A TOML value if it parses as one, else the raw text as a string.
-    let value = format!("v = {raw}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| Value::String(raw.to_owned()));
+    let value = override_value(raw);
     let section = table.entry(section.to_owned()).or_insert_with(|| Value::Table(Default::default()));
     let section = section.as_table_mut().ok_or_else(|| format!("--set '{item}': '{key}' is not in a section"))?;
     section.insert(name.to_owned(), value);
     Ok(())
+}
+
+/// An override's value: TOML if it parses as TOML (`3`, `true`, `["a"]`), else the raw text as
+/// a string (`all-linear`).
+pub fn override_value(raw: &str) -> Value {
+    format!("v = {raw}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| Value::String(raw.to_owned()))
 }
 
 /// Prefix of the environment variables that override recipe keys: `EMBER_TRAIN__MAX_STEPS=3`

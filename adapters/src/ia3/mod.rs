@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::method::{AdapterFolder, MethodConfig, PEFT_VERSION, PeftMethod, WeightMerge};
 use crate::registry::{ProjectionAdapter, ProjectionBranch};
-use crate::target::{Target, TargetModules};
+use crate::target::{Target, TargetModules, projections};
 use crate::{AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
 
 #[derive(Debug, Clone)]
@@ -31,13 +31,9 @@ impl Ia3Config {
         self.target.matches(name, None).then(|| self.feedforward.matches(name, None))
     }
 
+    /// (feed-forward?, `[out, in]`) of every targeted projection, from shapes alone.
     fn targeted_shapes(&self, model: &ModelConfig) -> Vec<(bool, [usize; 2])> {
-        let shapes: std::collections::HashMap<String, Vec<usize>> = ember_models::transformer::expected_tensors(model).into_iter().collect();
-        let keys = ember_models::transformer::KeyLayout::of(model.architecture);
-        (0..model.num_layers)
-            .flat_map(|i| keys.projection_names(i))
-            .filter_map(|name| self.role(&name).map(|ff| (ff, [shapes[&format!("{name}.weight")][0], shapes[&format!("{name}.weight")][1]])))
-            .collect()
+        projections(model).into_iter().filter_map(|(name, shape, _)| self.role(&name).map(|ff| (ff, shape))).collect()
     }
 }
 
@@ -133,8 +129,7 @@ impl MethodConfig for Ia3Config {
     }
 
     fn first_trainable_layer(&self, model: &ModelConfig) -> usize {
-        let keys = ember_models::transformer::KeyLayout::of(model.architecture);
-        (0..model.num_layers).find(|&i| keys.projection_names(i).iter().any(|n| self.role(n).is_some())).unwrap_or(0)
+        projections(model).into_iter().find(|(name, _, _)| self.role(name).is_some()).map_or(0, |(_, _, layer)| layer)
     }
 
     /// The scaled side (input or output) is kept for the vector's gradient.

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use burn::module::ParamId;
 use burn::tensor::{Device, Tensor};
-use ember_models::transformer::{KeyLayout, expected_tensors};
+use ember_models::transformer::KeyLayout;
 use ember_models::{BaseModel, Checkpoint, ModelConfig};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -23,6 +23,7 @@ use crate::method::{AdapterFolder, MethodConfig, PeftMethod, WeightMerge};
 use crate::registry::ProjectionAdapter;
 use crate::{AdaptedModel, AdapterError};
 
+use crate::target;
 pub use crate::target::Target;
 
 impl fmt::Display for LoraConfig {
@@ -34,22 +35,12 @@ impl fmt::Display for LoraConfig {
 /// `[out, in]` of every projection `config` targets on a model of this config, from shapes
 /// alone (no weights read).
 pub fn targeted_shapes(model: &ModelConfig, config: &LoraConfig) -> Vec<(String, [usize; 2])> {
-    let keys = KeyLayout::of(model.architecture);
-    let shapes: std::collections::HashMap<String, Vec<usize>> = expected_tensors(model).into_iter().collect();
-    (0..model.num_layers)
-        .flat_map(|i| keys.projection_names(i))
-        .filter(|name| config.targets(name))
-        .map(|name| {
-            let shape = &shapes[&format!("{name}.weight")];
-            (name, [shape[0], shape[1]])
-        })
-        .collect()
+    target::projections(model).into_iter().filter(|(name, _, _)| config.targets(name)).map(|(name, shape, _)| (name, shape)).collect()
 }
 
 /// The lowest layer with a targeted projection.
 pub fn first_targeted_layer(model: &ModelConfig, config: &LoraConfig) -> usize {
-    let keys = KeyLayout::of(model.architecture);
-    (0..model.num_layers).find(|&i| keys.projection_names(i).iter().any(|name| config.targets(name))).unwrap_or(0)
+    target::projections(model).into_iter().find(|(name, _, _)| config.targets(name)).map_or(0, |(_, _, layer)| layer)
 }
 
 /// Whether `config`'s layers exist and it targets at least one projection of `model`.
