@@ -44,9 +44,9 @@ impl Answerer<'_> {
             .iter()
             .map(|record| {
                 let prompt = self.template.render(&Record { output: String::new(), ..record.clone() });
-                let ids = self.tokenizer.encode(&prompt, true).map_err(bad_input)?;
+                let ids = self.tokenizer.encode(&prompt, true)?;
                 let answer = generate(|ids, cache| model.forward_cached(ids, cache), &ids, &self.options, self.device);
-                self.tokenizer.decode(&answer, true).map_err(bad_input)
+                Ok(self.tokenizer.decode(&answer, true)?)
             })
             .collect()
     }
@@ -54,15 +54,15 @@ impl Answerer<'_> {
 
 pub fn run(request: &Request) -> anyhow::Result<()> {
     let device = ember_models::device::parse_device(request.device).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
-    let tokenizer = Tokenizer::from_dir(request.base).map_err(bad_input)?;
+    let tokenizer = Tokenizer::from_dir(request.base)?;
     let template = Template::builtin(request.template).ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{}'", request.template)))?;
-    let mut records = alpaca::load(request.data).map_err(bad_input)?;
+    let mut records = alpaca::load(request.data)?;
     let to_answer: Vec<Record> = records.iter().take(request.generate).cloned().collect();
     if request.limit > 0 {
         records.truncate(request.limit);
     }
     let options = SftOptions { cutoff_len: request.cutoff_len, train_on_inputs: false };
-    let (examples, stats) = build_examples(&tokenizer, &template, &records, &options).map_err(bad_input)?;
+    let (examples, stats) = build_examples(&tokenizer, &template, &records, &options)?;
     if examples.is_empty() {
         return Err(bad_input(anyhow::anyhow!("{}: no record has an answer token within {} tokens", request.data.display(), request.cutoff_len)));
     }
@@ -72,7 +72,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
         let loss = ember_trainer::train::evaluate(model, &examples, request.batch.max(1), pad_id, &device).unwrap_or(f64::NAN);
         json!({"loss": loss, "perplexity": loss.exp()})
     };
-    let base = BaseModel::load(request.base, LoadDtype::F32, &device).map_err(bad_input)?;
+    let base = BaseModel::load(request.base, LoadDtype::F32, &device)?;
     let stop_ids = base.config.eos_token_ids.iter().copied().chain(tokenizer.eos_id).collect();
     let answerer = Answerer {
         tokenizer: &tokenizer,
@@ -91,7 +91,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     if let Some(dir) = request.adapter {
         // The same weights again, unwrapped: never two copies of the base.
         let base = base_model.model.map_projections(|_, p| p.merged());
-        let (model, method) = ember_adapters::Method::load(dir, base, &device).map_err(bad_input)?;
+        let (model, method) = ember_adapters::Method::load(dir, base, &device)?;
         result["adapter"] = score(&model);
         result["method"] = json!(method.config().name());
         adapter_answers = answerer.answer(&model.into_inference(), &to_answer)?;

@@ -23,7 +23,7 @@ pub struct Request<'a> {
 /// The completion text of `request` (special tokens removed).
 pub fn complete(request: &Request) -> anyhow::Result<String> {
     let device: Device = ember_models::device::parse_device(request.device).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
-    let tokenizer = Tokenizer::from_dir(request.base).map_err(bad_input)?;
+    let tokenizer = Tokenizer::from_dir(request.base)?;
     let text = match request.template {
         "none" => request.prompt.to_owned(),
         name => {
@@ -31,17 +31,17 @@ pub fn complete(request: &Request) -> anyhow::Result<String> {
             template.render(&Record { instruction: request.prompt.into(), input: request.input.into(), output: String::new() })
         }
     };
-    let prompt = tokenizer.encode(&text, true).map_err(bad_input)?;
-    let base = BaseModel::load(request.base, LoadDtype::F32, &device).map_err(bad_input)?;
+    let prompt = tokenizer.encode(&text, true)?;
+    let base = BaseModel::load(request.base, LoadDtype::F32, &device)?;
     let mut options = request.options.clone();
     options.stop_ids.extend(base.config.eos_token_ids.iter().copied().chain(tokenizer.eos_id));
     let ids = match request.adapter {
         // LoRA is folded in for generation: no low-rank matmuls per token.
         Some(dir) => {
-            let model = ember_adapters::Method::load(dir, base, &device).map_err(bad_input)?.0.into_inference();
+            let model = ember_adapters::Method::load(dir, base, &device)?.0.into_inference();
             generate(|ids, cache| model.forward_cached(ids, cache), &prompt, &options, &device)
         }
         None => generate(|ids, cache| base.forward_cached(ids, cache), &prompt, &options, &device),
     };
-    tokenizer.decode(&ids, true).map_err(bad_input)
+    Ok(tokenizer.decode(&ids, true)?)
 }

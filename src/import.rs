@@ -4,12 +4,11 @@ use std::path::Path;
 
 use ember_models::gguf;
 
-use crate::bad_input;
 use crate::inspect::group_digits;
 
 pub fn gguf(file: &Path, out: &Path) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let summary = gguf::import_llama(file, out).map_err(bad_input)?;
+    let summary = gguf::import_llama(file, out)?;
     println!(
         "imported {} -> {}: {} tensors, {} parameters (f32), {} tokenizer, {:.1}s",
         file.display(),

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use ember_data::Tokenizer;
 use ember_models::config::RopePairing;
-use ember_models::transformer::check_checkpoint;
+use ember_models::family::check_checkpoint;
 use ember_models::{Checkpoint, ModelConfig};
 use ember_trainer::Summary;
 use ember_trainer::checkpoint;
@@ -19,16 +19,16 @@ use crate::bad_input;
 /// `ember inspect --recipe r.toml [--shape s]`: the recipe's model (or a model shape, for a
 /// checkpoint not on this machine), what its adapter would train, and the estimated peak memory.
 pub fn recipe(path: &Path, shape: Option<&str>) -> anyhow::Result<()> {
-    let recipe = ember_trainer::Recipe::load(path, &[]).map_err(bad_input)?;
+    let recipe = ember_trainer::Recipe::load(path, &[])?;
     let model = match shape {
         Some(shape) => {
             let (json, source) = ember_trainer::bench::shape_config(shape).map_err(|e| bad_input(anyhow::anyhow!("--shape {e}")))?;
             println!("model:          shape {} (the recipe's model {} is not read)", source.display(), recipe.model.path.display());
-            ModelConfig::from_json(&json, &source).map_err(bad_input)?
+            ModelConfig::from_json(&json, &source)?
         }
         None => {
             run(&recipe.model.path)?;
-            ModelConfig::from_dir(&recipe.model.path).map_err(bad_input)?
+            ModelConfig::from_dir(&recipe.model.path)?
         }
     };
     let method = &recipe.adapter.method;
@@ -54,9 +54,9 @@ pub fn recipe(path: &Path, shape: Option<&str>) -> anyhow::Result<()> {
 }
 
 pub fn run(dir: &Path) -> anyhow::Result<()> {
-    let config = ModelConfig::from_dir(dir).map_err(bad_input)?;
-    let checkpoint = Checkpoint::open_dir(dir).map_err(bad_input)?;
-    check_checkpoint(&config, &checkpoint).map_err(bad_input)?;
+    let config = ModelConfig::from_dir(dir)?;
+    let checkpoint = Checkpoint::open_dir(dir)?;
+    check_checkpoint(&config, &checkpoint)?;
     let num_params = config.num_params();
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
     let mut stored = 0usize;
@@ -106,7 +106,7 @@ pub fn training_run(dir: &Path) -> anyhow::Result<()> {
         let summary: Summary = serde_json::from_str(&text).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", summary_path.display())))?;
         (Some(summary), "finished".to_owned())
     } else if let Some(checkpoint) = &newest_checkpoint {
-        let state = checkpoint::read_state(checkpoint).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+        let state = checkpoint::read_state(checkpoint)?;
         (Some(state.summary), format!("unfinished (no summary.json); newest checkpoint {}", checkpoint.display()))
     } else {
         (None, "unfinished (no summary.json, no checkpoint)".to_owned())
@@ -117,7 +117,7 @@ pub fn training_run(dir: &Path) -> anyhow::Result<()> {
     println!("status:         {status}");
     match &adapter {
         Some(adapter) => {
-            let (method, base) = describe_adapter(adapter).map_err(bad_input)?;
+            let (method, base) = describe_adapter(adapter)?;
             println!("method:         {method}");
             if base != "-" {
                 println!("base model:     {base}");

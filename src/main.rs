@@ -13,6 +13,8 @@ mod train;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use ember_trainer::TrainError;
+
 use clap::{Parser, Subcommand};
 
 /// Parameter-efficient fine-tuning (LoRA, prefix tuning, LLaMA-Adapter) for LLaMA and GLM models.
@@ -331,7 +333,8 @@ enum ImportCommand {
     },
 }
 
-/// An error caused by the user's input (exit code 2), as opposed to a failure while running.
+/// A command-line argument that is wrong (exit code 2). The library's errors carry their own kind;
+/// see [`exit_code`].
 #[derive(Debug)]
 pub struct BadInput(pub anyhow::Error);
 
@@ -343,7 +346,7 @@ impl std::fmt::Display for BadInput {
 
 impl std::error::Error for BadInput {}
 
-/// Marks load/parse errors as bad input.
+/// Marks an argument error as bad input.
 pub fn bad_input(error: impl Into<anyhow::Error>) -> anyhow::Error {
     anyhow::Error::new(BadInput(error.into()))
 }
@@ -351,7 +354,7 @@ pub fn bad_input(error: impl Into<anyhow::Error>) -> anyhow::Error {
 fn merge(base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Path, dtype: &str) -> anyhow::Result<()> {
     let dtype = ember_trainer::merge::MergeDtype::parse(dtype)
         .ok_or_else(|| bad_input(anyhow::anyhow!("--dtype '{dtype}': expected keep, f32, bf16 or f16")))?;
-    let summary = ember_trainer::merge::merge(base, adapter, out, dtype).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+    let summary = ember_trainer::merge::merge(base, adapter, out, dtype)?;
     println!(
         "merged {} tensors into {}: {} tensors in all, {} shard(s), {:.1} MB",
         summary.merged_tensors, out.display(), summary.tensors, summary.shards, summary.bytes as f64 / 1e6
@@ -423,8 +426,45 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
-            if error.downcast_ref::<BadInput>().is_some() { ExitCode::from(2) } else { ExitCode::from(1) }
+            eprintln!("error: {}", message(&error));
+            ExitCode::from(exit_code(&error))
         }
     }
+}
+
+/// The exit code of a failed command, from the kind of its error, in this one place: 2 when the
+/// user's input is at fault (arguments, recipe, data, model or adapter files), 1 when the command
+/// failed while running (a write, a NaN loss, …).
+fn exit_code(error: &anyhow::Error) -> u8 {
+    use ember_adapters::AdapterError;
+    use ember_data::{DatasetError, TokenizerError};
+    use ember_models::LoadError;
+    use ember_trainer::merge::MergeError;
+    use ember_trainer::recipe::RecipeError;
+    let input = error.chain().find_map(|cause| {
+        if cause.is::<BadInput>() || cause.is::<RecipeError>() || cause.is::<DatasetError>() || cause.is::<TokenizerError>() {
+            return Some(true);
+        }
+        cause
+            .downcast_ref::<TrainError>()
+            .map(TrainError::is_input)
+            .or_else(|| cause.downcast_ref::<MergeError>().map(MergeError::is_input))
+            .or_else(|| cause.downcast_ref::<LoadError>().map(LoadError::is_input))
+            .or_else(|| cause.downcast_ref::<AdapterError>().map(AdapterError::is_input))
+    });
+    if input == Some(true) { 2 } else { 1 }
+}
+
+/// The error and its causes on one line, each said once (typed errors already name their cause).
+fn message(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain().map(|c| c.to_string()) {
+        if !line.contains(&cause) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&cause);
+        }
+    }
+    line
 }

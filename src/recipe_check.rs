@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use ember_adapters::AdapterFolder;
-use ember_data::{Tokenizer, alpaca};
-use ember_models::transformer::check_checkpoint;
+use ember_data::Tokenizer;
+use ember_models::family::check_checkpoint;
 use ember_models::{Checkpoint, ModelConfig};
 use ember_trainer::Recipe;
 use ember_trainer::recipe::env_overrides;
@@ -80,11 +80,8 @@ fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Res
         summary.push(format!("model {name} ({}, {} layers)", config.architecture.name(), config.num_layers));
     }
     if present("data.path", &recipe.data.path)? {
-        let records = alpaca::load(&recipe.data.path).map_err(|e| fail(e.to_string()))?.len();
-        if recipe.data.val_size >= records {
-            return Err(fail(format!("'data.val_size' is {} but {} has only {records} records", recipe.data.val_size, recipe.data.path.display())));
-        }
-        summary.push(format!("{} records ({} held out for eval)", group_digits(records), recipe.data.val_size));
+        let (train, eval) = ember_trainer::train::split_records(&recipe).map_err(|e| fail(e.to_string()))?;
+        summary.push(format!("{} records ({} held out for eval)", group_digits(train.len() + eval.len()), eval.len()));
     }
     summary.push(format!("template {template_name}"));
     Ok(summary.join("; "))

@@ -5,11 +5,10 @@ use std::io::IsTerminal;
 use std::path::Path;
 
 use ember_trainer::recipe::env_overrides;
-use ember_trainer::{Event, Recipe, Start, Summary, TrainError};
+use ember_trainer::{Event, Recipe, Start, Summary};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::bad_input;
 
 /// How `ember train` reports progress on stdout.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -23,7 +22,7 @@ pub enum Output {
 }
 
 pub fn run(recipe_path: &Path, overrides: &[String], start: Start, output: Output) -> anyhow::Result<()> {
-    let recipe = Recipe::load_with_env(recipe_path, &env_overrides(), overrides).map_err(bad_input)?;
+    let recipe = Recipe::load_with_env(recipe_path, &env_overrides(), overrides)?;
     let bar = (output == Output::Human && std::io::stdout().is_terminal()).then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
@@ -62,8 +61,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], start: Start, output: Outpu
             println!("{}", done_line(&summary));
             Ok(())
         }
-        Err(TrainError::Input(message)) => Err(bad_input(anyhow::anyhow!(message))),
-        Err(TrainError::Run(message)) => Err(anyhow::anyhow!(message)),
+        Err(error) => Err(error.into()),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Behaviour of freshly initialised adapters on a real (tiny) checkpoint.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_adapters::adaption::{AdaptionConfig, AdaptionPrompts};
@@ -9,14 +9,10 @@ use ember_adapters::dora::DoraConfig;
 use ember_adapters::ia3::Ia3Config;
 use ember_adapters::lora::{LoraConfig, Target};
 use ember_adapters::prefix::PrefixConfig;
-use ember_adapters::prompt_tuning::PromptTuningConfig;
+use ember_adapters::prompt_tuning::{PromptEmbedding, PromptTuningConfig};
+use common::fixtures;
 use ember_models::{BaseModel, LoadDtype};
 
-fn fixtures() -> PathBuf {
-    std::env::var_os("EMBER_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"))
-}
 
 /// LLaMA-Adapter's zero-initialised gate: a new adapter must not change a single logit.
 #[test]
@@ -44,7 +40,7 @@ fn trainable_counts_from_shapes_match_fresh_adapters() {
         Method::Adaption(AdaptionConfig { adapter_len: 3, adapter_layers: 1 }),
         Method::Dora(DoraConfig(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None })),
         Method::Ia3(Ia3Config { target: Target::AllLinear, feedforward: Target::Suffixes(vec!["down_proj".into(), "dense_4h_to_h".into()]) }),
-        Method::PromptTuning(PromptTuningConfig { num_virtual_tokens: 4 }),
+        Method::PromptTuning(PromptTuningConfig { num_virtual_tokens: 4, init_text: None }),
     ];
     for name in ["tiny_llama", "tiny_glm", "tiny_chatglm"] {
         for method in &methods {
@@ -54,4 +50,25 @@ fn trainable_counts_from_shapes_match_fresh_adapters() {
             assert_eq!(trainable, expected, "{name}: {method}");
         }
     }
+}
+
+/// PEFT's `TEXT` init: ember's fresh prompt-tuning table equals the one PEFT initialised from the
+/// same text (the fixture's adapter is saved untrained), bit for bit.
+#[test]
+fn prompt_tuning_text_init_equals_peft() {
+    let device = Device::flex();
+    let dir = fixtures().join("tiny_llama");
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let Some(text) = reference["methods"]["prompt_tuning_text"]["prompt_tuning_init"]["text"].as_str() else {
+        eprintln!("SKIP: {} has no prompt_tuning_text fixture", dir.display());
+        return;
+    };
+    let base = BaseModel::load(&dir, LoadDtype::F32, &device).unwrap();
+    let config = PromptTuningConfig { num_virtual_tokens: 8, init_text: Some(text.to_owned()) };
+    let model = Method::PromptTuning(config).config().init(base, 0, &device).unwrap();
+    let ours = model.inputs_of::<PromptEmbedding>().unwrap().embedding.val().into_data().to_vec::<f32>().unwrap();
+    let bytes = std::fs::read(dir.join("adapters/prompt_tuning_text/adapter_model.safetensors")).unwrap();
+    let saved = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let peft: Vec<f32> = saved.tensor("prompt_embeddings").unwrap().data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    assert_eq!(ours, peft);
 }

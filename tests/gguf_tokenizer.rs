@@ -1,24 +1,20 @@
 //! `ember import gguf` rebuilds tokenizer.json from GGUF metadata. For SentencePiece ("llama")
-//! vocabularies the merges must be derived from piece scores; this rebuilds the LLaMA-2
-//! tokenizer of the tiny_llama fixture from its vocabulary the way a GGUF stores it (pieces,
-//! scores, token types) and checks it against the tokenizer reference ids.
+//! vocabularies the merges must be derived from piece scores; this rebuilds a LLaMA-2-layout
+//! tokenizer (`tokenizer_reference/llama_sentencepiece`) from its vocabulary the way a GGUF
+//! stores it (pieces, scores, token types) and checks it against its reference ids.
+
+mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use ember_data::Tokenizer;
+use common::fixtures;
 use ember_models::gguf::{GgufMetadata, tokenizer_json};
 use serde_json::{Value, json};
 
-fn fixtures() -> PathBuf {
-    std::env::var_os("EMBER_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"))
-}
-
 #[test]
 fn sentencepiece_vocabulary_rebuilds_the_llama2_tokenizer() {
-    let original: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny_llama/tokenizer.json")).unwrap()).unwrap();
+    let original: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer_reference/llama_sentencepiece/tokenizer.json")).unwrap()).unwrap();
     let vocab = original["model"]["vocab"].as_object().unwrap();
     let mut tokens = vec![String::new(); vocab.len()];
     for (piece, id) in vocab {
@@ -57,7 +53,7 @@ fn sentencepiece_vocabulary_rebuilds_the_llama2_tokenizer() {
     let tokenizer = Tokenizer::from_file(&path).unwrap();
 
     let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer_reference/tokenizer_reference.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer_reference/llama_sentencepiece/reference.json")).unwrap()).unwrap();
     for case in reference["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         let expected: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();

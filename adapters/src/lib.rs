@@ -28,9 +28,17 @@ pub enum AdapterError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Config(String),
+    /// Writing the adapter failed: the run's fault, not the input's.
+    #[error("{}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 impl AdapterError {
+    /// True when the input (a file, a key, the recipe) is at fault; false when writing failed.
+    pub fn is_input(&self) -> bool {
+        !matches!(self, AdapterError::Write { .. })
+    }
+
     pub(crate) fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
         AdapterError::Invalid { path: path.into(), reason: reason.into() }
     }
@@ -59,7 +67,7 @@ pub(crate) fn save_adapter_dir(
     json_files: &[(&str, &serde_json::Value)],
 ) -> Result<(), AdapterError> {
     use safetensors::tensor::{Dtype, TensorView};
-    let io = |path: &std::path::Path, e: std::io::Error| AdapterError::Io { path: path.to_path_buf(), source: e };
+    let io = |path: &std::path::Path, e: std::io::Error| AdapterError::Write { path: path.to_path_buf(), source: e };
     ember_models::write_dir_atomically(
         dir,
         |tmp| {
@@ -67,12 +75,11 @@ pub(crate) fn save_adapter_dir(
                 .iter()
                 .map(|t| (t.key.clone(), TensorView::new(Dtype::F32, t.shape.clone(), &t.bytes).expect("f32 bytes match shape")))
                 .collect();
-            let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
             let weights = tmp.join(weights_file);
-            safetensors::serialize_to_file(views, Some(meta), &weights).map_err(|e| AdapterError::invalid(&weights, e.to_string()))?;
+            ember_models::write_safetensors(&weights, views).map_err(|e| io(&weights, e))?;
             for (name, value) in json_files {
                 let path = tmp.join(name);
-                std::fs::write(&path, serde_json::to_string_pretty(value).expect("JSON serializes") + "\n").map_err(|e| io(&path, e))?;
+                ember_models::write_json(&path, value).map_err(|e| io(&path, e))?;
             }
             Ok(())
         },

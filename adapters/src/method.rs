@@ -21,7 +21,9 @@ pub trait MethodConfig: fmt::Debug + fmt::Display {
     fn name(&self) -> &'static str;
 
     /// Whether the method fits `model`'s architecture (targets that exist, layer counts).
-    fn check(&self, model: &ModelConfig) -> Result<(), String>;
+    fn check(&self, _model: &ModelConfig) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Parameters a fresh adapter trains on `model`, from the shapes alone (no weights read).
     fn count_trainable(&self, model: &ModelConfig) -> usize;

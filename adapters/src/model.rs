@@ -102,6 +102,12 @@ impl AdaptedModel {
         &self.model.config
     }
 
+    /// The decoder inputs of method type `T` (a prefix encoder, adaption prompts…), if the
+    /// model has them.
+    pub fn inputs_of<T: crate::registry::InputsOf>(&self) -> Option<&T> {
+        self.inputs.as_ref().and_then(T::of)
+    }
+
     /// Every projection that carries a branch, with its HF module name.
     pub fn branches(&self) -> Vec<(String, &ProjectionAdapter)> {
         self.model.projections().into_iter().filter_map(|(name, p)| p.branch.as_ref().map(|b| (name, b))).collect()
@@ -179,9 +185,7 @@ impl AdaptedModel {
         let [b, s] = input_ids.dims();
         let n = self.virtual_tokens();
         let ints = |t: Tensor<2, Int>| t.into_data().convert::<i64>().try_into_vec::<i64>().expect("integer ids and mask");
-        let extend = |values: &[i64], fill: i64| -> Vec<i64> {
-            values.chunks(s.max(1)).flat_map(|row| std::iter::repeat_n(fill, n).chain(row.iter().copied())).collect()
-        };
+        let extend = |values: &[i64], fill: i64| ember_data::sft::prepend_to_rows(values, s, n, fill);
         let ids = extend(&ints(input_ids), 0);
         let mask = attention_mask.map(|m| extend(&ints(m), 1));
         let shape = [b, s + n];

@@ -212,27 +212,43 @@ pub trait DecoderInputs {
     }
 }
 
-/// The parameters of a method that feeds the decoder rather than a projection.
-#[derive(Module, Debug)]
-#[allow(clippy::large_enum_variant)]
-pub enum ModelAdapter {
-    Prefix(PrefixEncoder),
-    Adaption(AdaptionPrompts),
-    PromptTuning(PromptEmbedding),
-}
-
-macro_rules! each_input {
-    ($value:expr, $inputs:ident => $body:expr) => {
-        match $value {
-            ModelAdapter::Prefix($inputs) => $body,
-            ModelAdapter::Adaption($inputs) => $body,
-            ModelAdapter::PromptTuning($inputs) => $body,
+/// Declares [`ModelAdapter`] from its variants, with [`ModelAdapter::inputs`] and each
+/// variant's [`InputsOf`].
+macro_rules! model_adapters {
+    ($($variant:ident($inputs:ty)),* $(,)?) => {
+        /// The parameters of a method that feeds the decoder rather than a projection.
+        #[derive(Module, Debug)]
+        #[allow(clippy::large_enum_variant)]
+        pub enum ModelAdapter {
+            $($variant($inputs)),*
         }
+
+        impl ModelAdapter {
+            pub fn inputs(&self) -> &dyn DecoderInputs {
+                match self {
+                    $(ModelAdapter::$variant(inputs) => inputs),*
+                }
+            }
+        }
+
+        $(
+            impl InputsOf for $inputs {
+                fn of(adapter: &ModelAdapter) -> Option<&Self> {
+                    match adapter {
+                        ModelAdapter::$variant(inputs) => Some(inputs),
+                        #[allow(unreachable_patterns)]
+                        _ => None,
+                    }
+                }
+            }
+        )*
     };
 }
 
-impl ModelAdapter {
-    pub fn inputs(&self) -> &dyn DecoderInputs {
-        each_input!(self, inputs => inputs)
-    }
+model_adapters!(Prefix(PrefixEncoder), Adaption(AdaptionPrompts), PromptTuning(PromptEmbedding));
+
+/// A method's own decoder inputs, found in a model's [`ModelAdapter`] (see
+/// [`crate::AdaptedModel::inputs_of`]).
+pub trait InputsOf {
+    fn of(adapter: &ModelAdapter) -> Option<&Self>;
 }

@@ -78,15 +78,8 @@ impl Target {
 /// Every projection of a model of this config, as `(HF module name, [out, in], layer)`, from
 /// the shapes alone (no weights read): what the target rules select from.
 pub fn projections(model: &ember_models::ModelConfig) -> Vec<(String, [usize; 2], usize)> {
-    let keys = ember_models::transformer::KeyLayout::of(model.architecture);
-    let shapes: std::collections::HashMap<String, Vec<usize>> = ember_models::transformer::expected_tensors(model).into_iter().collect();
-    (0..model.num_layers)
-        .flat_map(|i| keys.projection_names(i).into_iter().map(move |name| (name, i)))
-        .map(|(name, i)| {
-            let shape = &shapes[&format!("{name}.weight")];
-            (name, [shape[0], shape[1]], i)
-        })
-        .collect()
+    let keys = ember_models::family::KeyLayout::of(model.architecture);
+    (0..model.num_layers).flat_map(|i| keys.projections(model, i).into_iter().map(move |p| (p.name, p.shape, i))).collect()
 }
 
 /// `target_modules` as a recipe writes it.

@@ -118,9 +118,7 @@ impl Batch {
         if n == 0 {
             return self.clone();
         }
-        let extend = |values: &[i64], fill: i64| -> Vec<i64> {
-            values.chunks(self.seq.max(1)).flat_map(|row| std::iter::repeat_n(fill, n).chain(row.iter().copied())).collect()
-        };
+        let extend = |values: &[i64], fill: i64| prepend_to_rows(values, self.seq, n, fill);
         Batch {
             batch: self.batch,
             seq: self.seq + n,
@@ -134,4 +132,10 @@ impl Batch {
     pub fn lengths(&self) -> Vec<usize> {
         self.attention_mask.chunks(self.seq.max(1)).map(|row| row.iter().take_while(|&&m| m == 1).count()).collect()
     }
+}
+
+/// Row-major `[rows, row_len]` values with `n` copies of `fill` in front of every row: how PEFT
+/// extends ids, masks and labels for prompt tuning's virtual tokens.
+pub fn prepend_to_rows(values: &[i64], row_len: usize, n: usize, fill: i64) -> Vec<i64> {
+    values.chunks(row_len.max(1)).flat_map(|row| std::iter::repeat_n(fill, n).chain(row.iter().copied())).collect()
 }

@@ -193,16 +193,11 @@ impl Checkpoint {
                 found: shape.to_vec(),
             });
         }
-        let burn_dtype = match file_dtype {
-            Dtype::F32 => DType::F32,
-            Dtype::BF16 => DType::BF16,
-            Dtype::F16 => DType::F16,
-            other => {
-                return Err(LoadError::Invalid {
-                    path: path(),
-                    reason: format!("tensor '{key}' has dtype {other:?}; expected F32, BF16 or F16"),
-                });
-            }
+        let Some(burn_dtype) = burn_dtype(file_dtype) else {
+            return Err(LoadError::Invalid {
+                path: path(),
+                reason: format!("tensor '{key}' has dtype {file_dtype:?}; expected F32, BF16 or F16"),
+            });
         };
         let data = TensorData::from_bytes_vec(bytes.to_vec(), expected, burn_dtype);
         self.release(key);
@@ -212,5 +207,24 @@ impl Checkpoint {
             LoadDtype::Bf16 if burn_dtype != DType::BF16 => tensor.cast(DType::BF16),
             _ => tensor,
         })
+    }
+}
+
+/// burn's dtype of a floating-point safetensors dtype; `None` for the others.
+pub fn burn_dtype(dtype: Dtype) -> Option<DType> {
+    match dtype {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::BF16 => Some(DType::BF16),
+        Dtype::F16 => Some(DType::F16),
+        _ => None,
+    }
+}
+
+/// The safetensors dtype a burn float tensor is written as (f32 for anything but bf16/f16).
+pub fn safetensors_dtype(dtype: DType) -> Dtype {
+    match dtype {
+        DType::BF16 => Dtype::BF16,
+        DType::F16 => Dtype::F16,
+        _ => Dtype::F32,
     }
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use crate::{LoadError, glm, llama};
+use crate::LoadError;
 
 /// The checkpoint families ember understands. They share one decoder
 /// ([`crate::transformer::CausalLm`]) and differ in tensor names, fused projections and RoPE.
@@ -87,28 +87,18 @@ impl ModelConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, LoadError> {
-        let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| LoadError::json(path, e))?;
-        Self::from_json(&value, path)
+        Self::from_json(&Self::read_json(path)?, path)
     }
 
-    /// `path` is only used in error messages.
-    pub fn from_json(value: &Value, path: &Path) -> Result<Self, LoadError> {
-        let obj = value
-            .as_object()
-            .ok_or_else(|| LoadError::Invalid { path: path.to_path_buf(), reason: "not a JSON object".into() })?;
-        let json = JsonConfig { obj, path: path.to_path_buf() };
-        let model_type = json.string("model_type")?;
-        match model_type.as_str() {
-            "llama" | "qwen2" => llama::parse_config(&json, &model_type),
-            "glm" => glm::parse_glm_config(&json),
-            "chatglm" => glm::parse_chatglm_config(&json),
-            other => Err(LoadError::ConfigKey {
-                path: path.to_path_buf(),
-                key: "model_type".into(),
-                reason: format!("unsupported architecture '{other}' (supported: llama, qwen2, glm, chatglm)"),
-            }),
-        }
+    /// A config.json as JSON, for the writers that copy it with changes.
+    pub fn read_json(path: &Path) -> Result<Value, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| LoadError::json(path, e))
+    }
+
+    /// A [`preset`] shape as a config.
+    pub fn preset(name: &str) -> Option<Self> {
+        Self::from_json(&preset(name)?, Path::new(name)).ok()
     }
 
     pub fn q_dim(&self) -> usize {
@@ -118,22 +108,48 @@ impl ModelConfig {
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
     }
-
-    /// Number of base parameters, from the shapes alone.
-    pub fn num_params(&self) -> usize {
-        crate::transformer::expected_tensors(self).iter().map(|(_, shape)| shape.iter().product::<usize>()).sum()
-    }
 }
 
-/// Shapes as transformers-native configs name them.
-pub(crate) struct HfShapes {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_layers: usize,
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
+/// Where a family's config.json keeps each shape.
+pub(crate) struct ShapeKeys {
+    pub vocab: &'static str,
+    pub hidden: &'static str,
+    pub ffn: &'static str,
+    pub layers: &'static str,
+    pub heads: &'static str,
+    /// Absent: as many key/value heads as query heads.
+    pub kv_heads: &'static str,
+    /// Absent: hidden / heads.
+    pub head_dim: &'static str,
+}
+
+/// transformers-native configs (llama, qwen2, glm).
+pub(crate) const HF_SHAPE_KEYS: ShapeKeys = ShapeKeys {
+    vocab: "vocab_size",
+    hidden: "hidden_size",
+    ffn: "intermediate_size",
+    layers: "num_hidden_layers",
+    heads: "num_attention_heads",
+    kv_heads: "num_key_value_heads",
+    head_dim: "head_dim",
+};
+
+/// Names of the shapes [`preset`] knows.
+pub const PRESETS: [&str; 4] = ["llama-7b", "llama-13b", "llama3-8b", "smollm2-135m"];
+
+/// config.json of a well-known LLaMA-family shape, bf16 as its checkpoints are: for estimates and
+/// synthetic benchmarks without downloading the model.
+pub fn preset(name: &str) -> Option<Value> {
+    let (hidden, ffn, layers, heads, kv, vocab) = match name {
+        "llama-7b" => (4096, 11008, 32, 32, 32, 32000),
+        "llama-13b" => (5120, 13824, 40, 40, 40, 32000),
+        "llama3-8b" => (4096, 14336, 32, 32, 8, 128256),
+        "smollm2-135m" => (576, 1536, 30, 9, 3, 49152),
+        _ => return None,
+    };
+    Some(serde_json::json!({"model_type": "llama", "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+        "torch_dtype": "bfloat16"}))
 }
 
 /// Typed access to config.json keys, with errors that name the file and key.
@@ -207,20 +223,45 @@ impl JsonConfig<'_> {
         Ok(self.token_ids(key)?.first().copied())
     }
 
-    /// The shape keys transformers-native configs (llama, qwen2, glm) share.
-    pub fn hf_shapes(&self) -> Result<HfShapes, LoadError> {
-        let hidden_size = self.usize("hidden_size")?;
-        let num_heads = self.usize("num_attention_heads")?;
-        let num_kv_heads = self.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
-        self.check_heads(num_heads, num_kv_heads, "num_key_value_heads")?;
-        Ok(HfShapes {
-            vocab_size: self.usize("vocab_size")?,
+    /// A config with the shapes under `keys`, RoPE `rope(head_dim)` and `rms_norm_eps`, what
+    /// every family reads the same way (special tokens, `tie_word_embeddings`,
+    /// `max_position_embeddings`, `torch_dtype`) and no biases; a family overrides what it
+    /// decides otherwise.
+    pub fn base_config(
+        &self,
+        keys: &ShapeKeys,
+        architecture: Architecture,
+        model_type: &str,
+        rms_norm_eps: f64,
+        rope: impl FnOnce(usize) -> Result<RopeConfig, LoadError>,
+    ) -> Result<ModelConfig, LoadError> {
+        let hidden_size = self.usize(keys.hidden)?;
+        let num_heads = self.usize(keys.heads)?;
+        let num_kv_heads = self.opt_usize(keys.kv_heads)?.unwrap_or(num_heads);
+        self.check_heads(num_heads, num_kv_heads, keys.kv_heads)?;
+        let head_dim = self.opt_usize(keys.head_dim)?.unwrap_or(hidden_size / num_heads);
+        let (bos_token_id, eos_token_ids, pad_token_id) = self.special_tokens()?;
+        Ok(ModelConfig {
+            architecture,
+            model_type: model_type.to_owned(),
+            vocab_size: self.usize(keys.vocab)?,
             hidden_size,
-            intermediate_size: self.usize("intermediate_size")?,
-            num_layers: self.usize("num_hidden_layers")?,
+            intermediate_size: self.usize(keys.ffn)?,
+            num_layers: self.usize(keys.layers)?,
             num_heads,
             num_kv_heads,
-            head_dim: self.opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads),
+            head_dim,
+            rms_norm_eps,
+            rope: rope(head_dim)?,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
+            max_position_embeddings: self.opt_usize("max_position_embeddings")?.unwrap_or(2048),
+            bos_token_id,
+            eos_token_ids,
+            pad_token_id,
+            torch_dtype: self.string("torch_dtype").ok(),
         })
     }
 
@@ -253,11 +294,7 @@ mod tests {
 
     #[test]
     fn llama2_7b_has_its_published_parameter_count() {
-        let config = parse(serde_json::json!({
-            "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "rms_norm_eps": 1e-5,
-        }))
-        .unwrap();
+        let config = parse(preset("llama-7b").unwrap()).unwrap();
         assert_eq!(config.num_params(), 6_738_415_616);
     }
 

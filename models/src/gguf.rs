@@ -13,7 +13,8 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, View};
 use serde_json::{Map, Value, json};
 
-use crate::LoadError;
+use crate::family::Role;
+use crate::{LoadError, llama};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -343,34 +344,43 @@ impl View for &LazyTensor<'_> {
     }
 }
 
-/// HF name of a GGUF tensor in a LLaMA checkpoint.
-fn hf_name(gguf: &str) -> Option<String> {
+/// llama.cpp's names of the per-layer projections of a LLaMA model, by role.
+const GGUF_PROJECTIONS: [(&str, Role); 7] = [
+    ("attn_q", Role::Q),
+    ("attn_k", Role::K),
+    ("attn_v", Role::V),
+    ("attn_output", Role::O),
+    ("ffn_gate", Role::Gate),
+    ("ffn_up", Role::Up),
+    ("ffn_down", Role::Down),
+];
+
+/// HF name of a GGUF tensor in a LLaMA checkpoint (from LLaMA's table, [`llama::KEYS`]), and
+/// the projection's role if it is one.
+fn hf_name(gguf: &str) -> Option<(String, Option<Role>)> {
+    let keys = &llama::KEYS;
     let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
+        "token_embd.weight" => Some(keys.embed),
+        "output_norm.weight" => Some(keys.final_norm),
+        "output.weight" => Some(keys.lm_head),
         _ => None,
     };
     if let Some(name) = fixed {
-        return Some(name.to_owned());
+        return Some((format!("{name}.weight"), None));
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, suffix) = rest.rsplit_once('.')?;
-    let module = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
+    let (name, role) = match module {
+        "attn_norm" => (format!("{}.{}", keys.layer(layer), keys.input_norm), None),
+        "ffn_norm" => (format!("{}.{}", keys.layer(layer), keys.post_attention_norm), None),
+        _ => {
+            let role = GGUF_PROJECTIONS.iter().find(|(n, _)| *n == module)?.1;
+            (keys.roles(layer).into_iter().find(|(_, r)| *r == role)?.0, Some(role))
+        }
     };
-    Some(format!("model.layers.{layer}.{module}.{suffix}"))
+    Some((format!("{name}.{suffix}"), role))
 }
 
 /// What [`import_llama`] wrote.
@@ -403,17 +413,16 @@ pub fn import_llama(path: &Path, out: &Path) -> Result<ImportSummary, LoadError>
     let mut skipped = Vec::new();
     let mut parameters = 0;
     for tensor in &gguf.tensors {
-        let Some(name) = hf_name(&tensor.name) else {
+        let Some((name, role)) = hf_name(&tensor.name) else {
             // e.g. rope_freqs.weight: recomputed from the config.
             skipped.push(tensor.name.clone());
             continue;
         };
-        let unpermute_heads = if name.ends_with("q_proj.weight") {
-            Some(heads)
-        } else if name.ends_with("k_proj.weight") {
-            Some(kv_heads)
-        } else {
-            None
+        // llama.cpp stores q/k rows permuted for its RoPE pairing; HF's rotate_half wants them back.
+        let unpermute_heads = match role {
+            Some(Role::Q) if name.ends_with(".weight") => Some(heads),
+            Some(Role::K) if name.ends_with(".weight") => Some(kv_heads),
+            _ => None,
         };
         parameters += tensor.shape.iter().product::<usize>();
         views.push((name, LazyTensor { file: &gguf, tensor, unpermute_heads }));
@@ -467,18 +476,15 @@ pub fn import_llama(path: &Path, out: &Path) -> Result<ImportSummary, LoadError>
     crate::write_dir_atomically(out, |tmp| {
         let write_json = |name: &str, value: &Value| {
             let path = tmp.join(name);
-            std::fs::write(&path, serde_json::to_string_pretty(value).unwrap() + "\n").map_err(|e| LoadError::io(&path, e))
+            crate::write_json(&path, value).map_err(|e| LoadError::write(&path, e))
         };
         write_json("config.json", &config)?;
         write_json("tokenizer.json", &tokenizer)?;
         write_json("tokenizer_config.json", &tokenizer_config)?;
         write_json("generation_config.json", &generation_config)?;
         let weights = tmp.join("model.safetensors");
-        let mut meta = std::collections::HashMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        safetensors::serialize_to_file(views.iter().map(|(n, v)| (n.as_str(), v)), Some(meta), &weights)
-            .map_err(|e| LoadError::Invalid { path: weights.clone(), reason: e.to_string() })
-    }, LoadError::io)?;
+        crate::write_safetensors(&weights, views.iter().map(|(n, v)| (n.as_str(), v))).map_err(|e| LoadError::write(&weights, e))
+    }, LoadError::write)?;
     Ok(ImportSummary {
         tensors: views.len(),
         parameters,

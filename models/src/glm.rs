@@ -5,25 +5,12 @@
 //!   groups, fused `dense_h_to_4h`, RoPE on the first half of each head (interleaved), base
 //!   `10000 · rope_ratio`.
 
-use crate::LoadError;
-use crate::config::{Architecture, JsonConfig, ModelConfig, RopeConfig, RopePairing};
-use crate::transformer::{GateUpKeys, KeyLayout, QkvKeys};
+use crate::{LoadError, llama};
+use crate::config::{Architecture, HF_SHAPE_KEYS, JsonConfig, ModelConfig, RopeConfig, RopePairing, ShapeKeys};
+use crate::family::{GateUpKeys, KeyLayout, QkvKeys};
 
-/// Tensor names of `GlmForCausalLM`.
-pub const GLM_KEYS: KeyLayout = KeyLayout {
-    embed: "model.embed_tokens",
-    layers: "model.layers",
-    attention: "self_attn",
-    qkv: QkvKeys::Separate { q: "q_proj", k: "k_proj", v: "v_proj" },
-    o_proj: "o_proj",
-    mlp: "mlp",
-    gate_up: GateUpKeys::Fused("gate_up_proj"),
-    down: "down_proj",
-    input_norm: "input_layernorm",
-    post_attention_norm: "post_attention_layernorm",
-    final_norm: "model.norm",
-    lm_head: "lm_head",
-};
+/// Tensor names of `GlmForCausalLM`: LLaMA's, with `gate_up_proj` fused.
+pub const GLM_KEYS: KeyLayout = KeyLayout { gate_up: GateUpKeys::Fused("gate_up_proj"), ..llama::KEYS };
 
 /// Tensor names of THUDM's `ChatGLMForConditionalGeneration`.
 pub const CHATGLM_KEYS: KeyLayout = KeyLayout {
@@ -42,35 +29,20 @@ pub const CHATGLM_KEYS: KeyLayout = KeyLayout {
 };
 
 pub(crate) fn parse_glm_config(json: &JsonConfig) -> Result<ModelConfig, LoadError> {
-    let shapes = json.hf_shapes()?;
     let factor = json.opt_f64("partial_rotary_factor")?.unwrap_or(0.5);
-    let (bos_token_id, eos_token_ids, pad_token_id) = json.special_tokens()?;
-    Ok(ModelConfig {
-        architecture: Architecture::Glm,
-        model_type: "glm".into(),
-        vocab_size: shapes.vocab_size,
-        hidden_size: shapes.hidden_size,
-        intermediate_size: shapes.intermediate_size,
-        num_layers: shapes.num_layers,
-        num_heads: shapes.num_heads,
-        num_kv_heads: shapes.num_kv_heads,
-        head_dim: shapes.head_dim,
-        rms_norm_eps: json.opt_f64("rms_norm_eps")?.unwrap_or(1.5625e-7),
-        rope: RopeConfig {
+    let rope = |head_dim: usize| {
+        Ok(RopeConfig {
             theta: json.opt_f64("rope_theta")?.unwrap_or(10_000.0),
-            rotary_dim: (shapes.head_dim as f64 * factor) as usize,
+            rotary_dim: (head_dim as f64 * factor) as usize,
             pairing: RopePairing::Interleaved,
             scaling: None,
-        },
+        })
+    };
+    let rms_norm_eps = json.opt_f64("rms_norm_eps")?.unwrap_or(1.5625e-7);
+    Ok(ModelConfig {
         qkv_bias: json.bool_or("attention_bias", true)?,
-        o_bias: false,
-        mlp_bias: false,
-        tie_word_embeddings: json.bool_or("tie_word_embeddings", false)?,
         max_position_embeddings: json.opt_usize("max_position_embeddings")?.unwrap_or(131_072),
-        bos_token_id,
-        eos_token_ids,
-        pad_token_id,
-        torch_dtype: json.string("torch_dtype").ok(),
+        ..json.base_config(&HF_SHAPE_KEYS, Architecture::Glm, "glm", rms_norm_eps, rope)?
     })
 }
 
@@ -88,42 +60,32 @@ pub(crate) fn parse_chatglm_config(json: &JsonConfig) -> Result<ModelConfig, Loa
     if json.get("quantization_bit").and_then(|v| v.as_u64()).is_some_and(|bits| bits != 0) {
         return Err(json.invalid("quantization_bit", "quantized ChatGLM checkpoints are not supported"));
     }
-    let num_heads = json.usize("num_attention_heads")?;
-    let num_kv_heads = if json.bool_or("multi_query_attention", false)? {
-        json.usize("multi_query_group_num")?
-    } else {
-        num_heads
+    let multi_query = json.bool_or("multi_query_attention", false)?;
+    if multi_query {
+        json.usize("multi_query_group_num")?;
+    }
+    let keys = ShapeKeys {
+        vocab: "padded_vocab_size",
+        hidden: "hidden_size",
+        ffn: "ffn_hidden_size",
+        layers: "num_layers",
+        heads: "num_attention_heads",
+        // Without multi-query attention every head has its own keys and values.
+        kv_heads: if multi_query { "multi_query_group_num" } else { "num_attention_heads" },
+        head_dim: "kv_channels",
     };
-    json.check_heads(num_heads, num_kv_heads, "multi_query_group_num")?;
-    let hidden_size = json.usize("hidden_size")?;
-    let head_dim = json.opt_usize("kv_channels")?.unwrap_or(hidden_size / num_heads);
+    let rope_ratio = json.opt_f64("rope_ratio")?.unwrap_or(1.0);
+    let rope = |head_dim: usize| {
+        Ok(RopeConfig { theta: 10_000.0 * rope_ratio, rotary_dim: head_dim / 2, pairing: RopePairing::Interleaved, scaling: None })
+    };
+    let rms_norm_eps = json.opt_f64("layernorm_epsilon")?.unwrap_or(1e-5);
     let add_bias_linear = json.bool_or("add_bias_linear", false)?;
-    let (bos_token_id, eos_token_ids, pad_token_id) = json.special_tokens()?;
     Ok(ModelConfig {
-        architecture: Architecture::ChatGlm,
-        model_type: "chatglm".into(),
-        vocab_size: json.usize("padded_vocab_size")?,
-        hidden_size,
-        intermediate_size: json.usize("ffn_hidden_size")?,
-        num_layers: json.usize("num_layers")?,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        rms_norm_eps: json.opt_f64("layernorm_epsilon")?.unwrap_or(1e-5),
-        rope: RopeConfig {
-            theta: 10_000.0 * json.opt_f64("rope_ratio")?.unwrap_or(1.0),
-            rotary_dim: head_dim / 2,
-            pairing: RopePairing::Interleaved,
-            scaling: None,
-        },
         qkv_bias: json.bool_or("add_qkv_bias", false)?,
         o_bias: add_bias_linear,
         mlp_bias: add_bias_linear,
         tie_word_embeddings: false,
         max_position_embeddings: json.opt_usize("seq_length")?.unwrap_or(8192),
-        bos_token_id,
-        eos_token_ids,
-        pad_token_id,
-        torch_dtype: json.string("torch_dtype").ok(),
+        ..json.base_config(&keys, Architecture::ChatGlm, "chatglm", rms_norm_eps, rope)?
     })
 }

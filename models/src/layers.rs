@@ -237,3 +237,19 @@ pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<
     let probs = softmax(scores.cast(DType::F32) + bias, 3).cast(dtype).reshape([b, kv_heads, group * s, keys]);
     probs.matmul(v).reshape([b, heads, s, d])
 }
+
+/// A learned linear map inside a decoder block (q/k/v/o, gate/up/down). The base model uses
+/// [`Linear`]; an adapter substitutes its own layer (LoRA's) without the decoder knowing.
+pub trait Projection: Module {
+    /// # Shapes
+    /// - x: `[batch, seq, in]`
+    /// - output: `[batch, seq, out]`
+    fn forward(&self, x: Tensor<3>) -> Tensor<3>;
+}
+
+impl Projection for Linear {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        Linear::forward(self, x)
+    }
+}
+

@@ -3,8 +3,8 @@
 //! as stored and adapters export without un-permuting.
 
 use crate::LoadError;
-use crate::config::{Architecture, JsonConfig, ModelConfig, RopeConfig, RopePairing, RopeScaling};
-use crate::transformer::{GateUpKeys, KeyLayout, QkvKeys};
+use crate::config::{Architecture, HF_SHAPE_KEYS, JsonConfig, ModelConfig, RopeConfig, RopePairing, RopeScaling};
+use crate::family::{GateUpKeys, KeyLayout, QkvKeys};
 
 /// Tensor names of `LlamaForCausalLM`.
 pub const KEYS: KeyLayout = KeyLayout {
@@ -23,11 +23,7 @@ pub const KEYS: KeyLayout = KeyLayout {
 };
 
 pub(crate) fn parse_config(json: &JsonConfig, model_type: &str) -> Result<ModelConfig, LoadError> {
-    let shapes = json.hf_shapes()?;
-    let rotary_dim = match json.opt_f64("partial_rotary_factor")? {
-        Some(factor) => (shapes.head_dim as f64 * factor) as usize,
-        None => shapes.head_dim,
-    };
+    let partial_rotary_factor = json.opt_f64("partial_rotary_factor")?;
     // Qwen2 always has q/k/v biases and none on o_proj; LLaMA's `attention_bias` covers all four.
     let (qkv_bias, o_bias) = if model_type == "qwen2" {
         (true, false)
@@ -35,33 +31,20 @@ pub(crate) fn parse_config(json: &JsonConfig, model_type: &str) -> Result<ModelC
         let bias = json.bool_or("attention_bias", false)?;
         (bias, bias)
     };
-    let (bos_token_id, eos_token_ids, pad_token_id) = json.special_tokens()?;
-    Ok(ModelConfig {
-        architecture: Architecture::Llama,
-        model_type: model_type.to_owned(),
-        vocab_size: shapes.vocab_size,
-        hidden_size: shapes.hidden_size,
-        intermediate_size: shapes.intermediate_size,
-        num_layers: shapes.num_layers,
-        num_heads: shapes.num_heads,
-        num_kv_heads: shapes.num_kv_heads,
-        head_dim: shapes.head_dim,
-        rms_norm_eps: json.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
-        rope: RopeConfig {
+    let rope = |head_dim: usize| {
+        Ok(RopeConfig {
             theta: json.opt_f64("rope_theta")?.unwrap_or(10_000.0),
-            rotary_dim,
+            rotary_dim: partial_rotary_factor.map_or(head_dim, |factor| (head_dim as f64 * factor) as usize),
             pairing: RopePairing::Half,
             scaling: parse_rope_scaling(json)?,
-        },
+        })
+    };
+    let rms_norm_eps = json.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
+    Ok(ModelConfig {
         qkv_bias,
         o_bias,
         mlp_bias: json.bool_or("mlp_bias", false)?,
-        tie_word_embeddings: json.bool_or("tie_word_embeddings", false)?,
-        max_position_embeddings: json.opt_usize("max_position_embeddings")?.unwrap_or(2048),
-        bos_token_id,
-        eos_token_ids,
-        pad_token_id,
-        torch_dtype: json.string("torch_dtype").ok(),
+        ..json.base_config(&HF_SHAPE_KEYS, Architecture::Llama, model_type, rms_norm_eps, rope)?
     })
 }
 

@@ -1,264 +1,20 @@
 //! The decoder shared by LLaMA, GLM and ChatGLM: pre-norm blocks of grouped-query attention with
-//! RoPE and a SwiGLU MLP. Architectures differ only in tensor names ([`KeyLayout`]), fused
-//! projections and RoPE pairing, all decided by [`ModelConfig`].
+//! RoPE and a SwiGLU MLP. Families differ only in their projection tables
+//! ([`crate::family::KeyLayout`]) and RoPE pairing, all decided by [`ModelConfig`].
 
 use std::path::Path;
 
 use burn::module::Module;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
+use crate::attention::{Attention, LayerExtras, QkvProjection, SeparateQkv};
+use crate::batch::{KvCache, Layout, TokenBatch};
 use crate::checkpoint::{Checkpoint, LoadDtype};
-use crate::config::{Architecture, ModelConfig};
-use crate::layers::{Embedding, Linear, RmsNorm, Rope, attention_bias, grouped_attention};
-use crate::{LoadError, glm, llama};
-
-/// Where q, k and v come from: three projections, or one fused `[q | k | v]` projection.
-#[derive(Debug, Clone, Copy)]
-pub enum QkvKeys {
-    Separate { q: &'static str, k: &'static str, v: &'static str },
-    Fused(&'static str),
-}
-
-/// Where the SwiGLU gate and up projections come from: two, or one fused `[gate | up]`.
-#[derive(Debug, Clone, Copy)]
-pub enum GateUpKeys {
-    Separate { gate: &'static str, up: &'static str },
-    Fused(&'static str),
-}
-
-/// HF module names of one architecture (tensor key = module name + `.weight` / `.bias`).
-#[derive(Debug, Clone, Copy)]
-pub struct KeyLayout {
-    pub embed: &'static str,
-    /// Layer `i` lives under `{layers}.{i}.`
-    pub layers: &'static str,
-    pub attention: &'static str,
-    pub qkv: QkvKeys,
-    pub o_proj: &'static str,
-    pub mlp: &'static str,
-    pub gate_up: GateUpKeys,
-    pub down: &'static str,
-    pub input_norm: &'static str,
-    pub post_attention_norm: &'static str,
-    pub final_norm: &'static str,
-    pub lm_head: &'static str,
-}
-
-impl KeyLayout {
-    pub fn of(architecture: Architecture) -> &'static KeyLayout {
-        match architecture {
-            Architecture::Llama => &llama::KEYS,
-            Architecture::Glm => &glm::GLM_KEYS,
-            Architecture::ChatGlm => &glm::CHATGLM_KEYS,
-        }
-    }
-
-    pub fn layer(&self, i: usize) -> String {
-        format!("{}.{i}", self.layers)
-    }
-
-    /// HF module names of layer `i`'s projections, in [`DecoderLayer::projections`] order.
-    pub fn projection_names(&self, i: usize) -> Vec<String> {
-        let attn = format!("{}.{}", self.layer(i), self.attention);
-        let mlp = format!("{}.{}", self.layer(i), self.mlp);
-        let mut names = match self.qkv {
-            QkvKeys::Separate { q, k, v } => vec![format!("{attn}.{q}"), format!("{attn}.{k}"), format!("{attn}.{v}")],
-            QkvKeys::Fused(name) => vec![format!("{attn}.{name}")],
-        };
-        names.push(format!("{attn}.{}", self.o_proj));
-        match self.gate_up {
-            GateUpKeys::Separate { gate, up } => names.extend([format!("{mlp}.{gate}"), format!("{mlp}.{up}")]),
-            GateUpKeys::Fused(name) => names.push(format!("{mlp}.{name}")),
-        }
-        names.push(format!("{mlp}.{}", self.down));
-        names
-    }
-}
-
-/// A learned linear map inside a decoder block (q/k/v/o, gate/up/down). The base model uses
-/// [`Linear`]; an adapter substitutes its own layer (LoRA's) without the decoder knowing.
-pub trait Projection: Module {
-    /// # Shapes
-    /// - x: `[batch, seq, in]`
-    /// - output: `[batch, seq, out]`
-    fn forward(&self, x: Tensor<3>) -> Tensor<3>;
-}
-
-impl Projection for Linear {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        Linear::forward(self, x)
-    }
-}
-
-#[derive(Module, Debug)]
-pub struct SeparateQkv<P> {
-    pub q_proj: P,
-    pub k_proj: P,
-    pub v_proj: P,
-}
-
-#[derive(Module, Debug)]
-pub enum QkvProjection<P> {
-    Separate(SeparateQkv<P>),
-    /// ChatGLM `query_key_value`: rows `[q | k | v]`.
-    Fused(P),
-}
-
-/// What an adapter adds inside one layer's attention; the decoder knows no method beyond this.
-#[derive(Debug, Clone, Default)]
-pub struct LayerExtras {
-    /// Keys and values placed before every other key, without RoPE and visible to every query
-    /// (prefix tuning, P-Tuning v2). Shapes `[batch, kv_heads, prefix, head_dim]`.
-    pub prefix: Option<(Tensor<4>, Tensor<4>)>,
-    /// Whether the prefix occupies the first positions, so real tokens start at position
-    /// `prefix` (PEFT on transformers, whose cache positions count the prefix), or no positions,
-    /// so they start at 0 (THUDM's ChatGLM P-Tuning v2).
-    pub prefix_takes_positions: bool,
-    /// A gated adaption prompt (LLaMA-Adapter): prompt `[1, len, hidden]` and gate `[1]`. Its
-    /// keys/values come from this layer's frozen k/v projections, the layer's (RoPE'd) queries
-    /// attend to them alone, and `o_proj(gate · softmax(q kᵀ/√d) v)` is added to the output.
-    pub adaption: Option<(Tensor<3>, Tensor<1>)>,
-}
-
-#[derive(Module, Debug)]
-pub struct Attention<P> {
-    pub qkv: QkvProjection<P>,
-    pub o_proj: P,
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl<P: Projection> Attention<P> {
-    /// q, k, v projections of `x`: `[batch, seq, heads·d]`, `[batch, seq, kv_heads·d]` ×2.
-    fn project(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>) {
-        let (q_dim, kv_dim) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
-        match &self.qkv {
-            QkvProjection::Separate(p) => (p.q_proj.forward(x.clone()), p.k_proj.forward(x.clone()), p.v_proj.forward(x)),
-            QkvProjection::Fused(p) => {
-                let qkv = p.forward(x);
-                (qkv.clone().narrow(2, 0, q_dim), qkv.clone().narrow(2, q_dim, kv_dim), qkv.narrow(2, q_dim + kv_dim, kv_dim))
-            }
-        }
-    }
-
-    /// Returns `(output, k, v)`, with `k`, `v` the keys/values of past + new positions (after
-    /// RoPE, without any prefix) for the cache.
-    ///
-    /// # Shapes
-    /// - x: `[batch, seq, hidden]`
-    /// - past: `[batch, kv_heads, past, head_dim]` each
-    /// - bias: `[batch, 1, seq, prefix + past + seq]`
-    /// - output: `[batch, seq, hidden]`
-    pub fn forward(
-        &self,
-        x: Tensor<3>,
-        rope: &Rope,
-        past: Option<(Tensor<4>, Tensor<4>)>,
-        bias: Tensor<4>,
-        extras: Option<&LayerExtras>,
-    ) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
-        let (q, k, v) = self.project_heads(x);
-        let past_len = past.as_ref().map_or(0, |(k, _)| k.dims()[2]);
-        let start = past_len + position_shift(extras);
-        let q = rope.apply(q, start);
-        let mut k = rope.apply(k, start);
-        let mut v = v;
-        if let Some((past_k, past_v)) = past {
-            k = Tensor::cat(vec![past_k, k], 2);
-            v = Tensor::cat(vec![past_v, v], 2);
-        }
-        let (keys, values) = with_prefix(k.clone(), v.clone(), extras);
-        let attended = grouped_attention(q.clone(), keys, values, bias);
-        (self.output(attended, q, extras), k, v)
-    }
-
-    /// Attention over sequences packed into one row without padding: each sequence attends
-    /// causally within itself, with positions from 0, as if it were alone in the batch.
-    ///
-    /// # Shapes
-    /// - x, output: `[1, Σ len, hidden]`
-    /// - biases: `[1, 1, len, prefix + len]` per sequence, in order
-    pub fn forward_packed(&self, x: Tensor<3>, rope: &Rope, biases: &[Tensor<4>], extras: Option<&LayerExtras>) -> Tensor<3> {
-        let (q, k, v) = self.project_heads(x);
-        let start = position_shift(extras);
-        let (mut queries, mut attended, mut offset) = (Vec::new(), Vec::new(), 0);
-        for bias in biases {
-            let len = bias.dims()[2];
-            let segment = |t: &Tensor<4>| t.clone().narrow(2, offset, len);
-            let q = rope.apply(segment(&q), start);
-            let (keys, values) = with_prefix(rope.apply(segment(&k), start), segment(&v), extras);
-            attended.push(grouped_attention(q.clone(), keys, values, bias.clone()));
-            queries.push(q);
-            offset += len;
-        }
-        self.output(Tensor::cat(attended, 2), Tensor::cat(queries, 2), extras)
-    }
-
-    /// q, k, v projections of `x` split into heads: b,s,h*d -> b,h,s,d.
-    fn project_heads(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
-        let [b, s, _] = x.dims();
-        let (q, k, v) = self.project(x);
-        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, self.head_dim]).swap_dims(1, 2);
-        (heads(q, self.num_heads), heads(k, self.num_kv_heads), heads(v, self.num_kv_heads))
-    }
-
-    /// `o_proj` of the attended values, plus the gated adaption prompt's share read by the
-    /// (RoPE'd) queries `q`.
-    fn output(&self, attended: Tensor<4>, q: Tensor<4>, extras: Option<&LayerExtras>) -> Tensor<3> {
-        let out = self.o_proj.forward(self.merge_heads(attended));
-        match extras.and_then(|e| e.adaption.clone()) {
-            Some((prompt, gate)) => out + self.o_proj.forward(self.merge_heads(self.adaption_attention(q, prompt, gate))),
-            None => out,
-        }
-    }
-
-    /// b,h,s,d -> b,s,h*d
-    fn merge_heads(&self, x: Tensor<4>) -> Tensor<3> {
-        let [b, h, s, d] = x.dims();
-        x.swap_dims(1, 2).reshape([b, s, h * d])
-    }
-
-    /// `gate · softmax(q kᵀ/√d) v` over the prompt's keys only (no mask, no RoPE on the prompt).
-    ///
-    /// # Shapes
-    /// - q: `[batch, heads, seq, head_dim]`; prompt: `[1, len, hidden]`; gate: `[1]`
-    /// - output: `[batch, heads, seq, head_dim]`
-    fn adaption_attention(&self, q: Tensor<4>, prompt: Tensor<3>, gate: Tensor<1>) -> Tensor<4> {
-        let [b, heads, s, d] = q.dims();
-        let len = prompt.dims()[1];
-        let kv = self.num_kv_heads;
-        let dtype = q.dtype();
-        let (_, k, v) = self.project(prompt.cast(dtype));
-        // 1,len,kv*d -> 1,kv,len,d
-        let k = k.reshape([1, len, kv, d]).swap_dims(1, 2);
-        let v = v.reshape([1, len, kv, d]).swap_dims(1, 2);
-        let q = q.reshape([b, kv, heads / kv * s, d]);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((d as f64).powf(-0.5));
-        let probs = softmax(scores.cast(DType::F32), 3).cast(dtype) * gate.cast(dtype).reshape([1, 1, 1, 1]);
-        probs.matmul(v).reshape([b, heads, s, d])
-    }
-}
-
-/// Where real tokens' positions start: after the prefix when it takes positions (PEFT).
-fn position_shift(extras: Option<&LayerExtras>) -> usize {
-    match extras {
-        Some(LayerExtras { prefix: Some((prefix_k, _)), prefix_takes_positions: true, .. }) => prefix_k.dims()[2],
-        _ => 0,
-    }
-}
-
-/// Keys and values with the prefix's (if any) placed before them.
-fn with_prefix(k: Tensor<4>, v: Tensor<4>, extras: Option<&LayerExtras>) -> (Tensor<4>, Tensor<4>) {
-    match extras.and_then(|e| e.prefix.clone()) {
-        Some((prefix_k, prefix_v)) => {
-            let (k_dtype, v_dtype) = (k.dtype(), v.dtype());
-            (Tensor::cat(vec![prefix_k.cast(k_dtype), k], 2), Tensor::cat(vec![prefix_v.cast(v_dtype), v], 2))
-        }
-        None => (k, v),
-    }
-}
+use crate::config::ModelConfig;
+use crate::family::{KeyLayout, Role, check_checkpoint};
+use crate::layers::{Embedding, Linear, Projection, RmsNorm, Rope, attention_bias};
+use crate::LoadError;
 
 #[derive(Module, Debug)]
 pub struct SeparateGateUp<P> {
@@ -316,7 +72,8 @@ impl<P: Projection> DecoderLayer<P> {
 }
 
 impl<P> DecoderLayer<P> {
-    /// q, k, v (or fused qkv), o, gate, up (or fused gate_up), down.
+    /// q, k, v (or fused qkv), o, gate, up (or fused gate_up), down: the order of the family's
+    /// table ([`KeyLayout::roles`]).
     pub fn projections(&self) -> Vec<&P> {
         let mut out = match &self.attention.qkv {
             QkvProjection::Separate(p) => vec![&p.q_proj, &p.k_proj, &p.v_proj],
@@ -330,120 +87,57 @@ impl<P> DecoderLayer<P> {
         out.push(&self.mlp.down_proj);
         out
     }
-}
 
-/// Keys and values of earlier positions, per layer, for incremental decoding.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<(Tensor<4>, Tensor<4>)>,
-}
-
-impl KvCache {
-    pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |(k, _)| k.dims()[2])
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// The tokens of a training batch: right-padded rows, or the same sequences packed into one
-/// row without their padding (no compute spent on padding; the same values at every real token).
-#[derive(Debug, Clone)]
-pub enum TokenBatch {
-    /// `input_ids` of `shape` `[batch, seq]`, `attention_mask` 1 on real tokens.
-    Padded { shape: [usize; 2], input_ids: Vec<i64>, attention_mask: Vec<i64> },
-    /// Sequences of `lengths` concatenated: `input_ids` has `Σ lengths` tokens.
-    Packed { lengths: Vec<usize>, input_ids: Vec<i64> },
-}
-
-impl TokenBatch {
-    /// `[batch, seq]`, or `[1, Σ len]` when packed.
-    pub fn shape(&self) -> [usize; 2] {
-        match self {
-            TokenBatch::Padded { shape, .. } => *shape,
-            TokenBatch::Packed { lengths, .. } => [1, lengths.iter().sum()],
-        }
-    }
-
-    pub fn input_ids(&self, device: &Device) -> Tensor<2, Int> {
-        let ids = match self {
-            TokenBatch::Padded { input_ids, .. } | TokenBatch::Packed { input_ids, .. } => input_ids.clone(),
+    /// The same layer with each projection replaced by `f(projection)`, in [`Self::projections`] order.
+    fn map<Q>(self, mut f: impl FnMut(P) -> Q) -> DecoderLayer<Q> {
+        let qkv = match self.attention.qkv {
+            QkvProjection::Separate(p) => QkvProjection::Separate(SeparateQkv { q_proj: f(p.q_proj), k_proj: f(p.k_proj), v_proj: f(p.v_proj) }),
+            QkvProjection::Fused(p) => QkvProjection::Fused(f(p)),
         };
-        Tensor::from_data(TensorData::new(ids, self.shape()), device)
+        let o_proj = f(self.attention.o_proj);
+        let gate_up = match self.mlp.gate_up {
+            GateUpProjection::Separate(p) => GateUpProjection::Separate(SeparateGateUp { gate_proj: f(p.gate_proj), up_proj: f(p.up_proj) }),
+            GateUpProjection::Fused(p) => GateUpProjection::Fused(f(p)),
+        };
+        let down_proj = f(self.mlp.down_proj);
+        let (num_heads, num_kv_heads, head_dim) = (self.attention.num_heads, self.attention.num_kv_heads, self.attention.head_dim);
+        DecoderLayer {
+            input_norm: self.input_norm,
+            attention: Attention { qkv, o_proj, num_heads, num_kv_heads, head_dim },
+            post_attention_norm: self.post_attention_norm,
+            mlp: Mlp { gate_up, down_proj },
+        }
     }
-}
 
-/// What each query of a [`TokenBatch`] may attend to, built once per batch by
-/// [`CausalLm::layout`] and shared by every layer.
-#[derive(Debug, Clone)]
-pub enum Layout {
-    /// The additive bias `[batch, 1, seq, prefix + seq]` of padded rows.
-    Padded(Tensor<4>),
-    /// Per packed sequence, its causal bias `[1, 1, len, prefix + len]`.
-    Packed(Vec<Tensor<4>>),
-}
-
-/// Every tensor the model reads from a checkpoint, with its shape.
-pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let keys = KeyLayout::of(config.architecture);
-    let (h, q_dim, kv_dim, ffn) = (config.hidden_size, config.q_dim(), config.kv_dim(), config.intermediate_size);
-    let mut out = Vec::new();
-    let mut norms = Vec::new();
-    let mut linear = |name: String, rows: usize, cols: usize, bias: bool| {
-        if bias {
-            out.push((format!("{name}.bias"), vec![rows]));
-        }
-        out.push((format!("{name}.weight"), vec![rows, cols]));
-    };
-    for i in 0..config.num_layers {
-        let layer = keys.layer(i);
-        let attn = format!("{layer}.{}", keys.attention);
-        let mlp = format!("{layer}.{}", keys.mlp);
-        match keys.qkv {
-            QkvKeys::Separate { q, k, v } => {
-                linear(format!("{attn}.{q}"), q_dim, h, config.qkv_bias);
-                linear(format!("{attn}.{k}"), kv_dim, h, config.qkv_bias);
-                linear(format!("{attn}.{v}"), kv_dim, h, config.qkv_bias);
-            }
-            QkvKeys::Fused(name) => linear(format!("{attn}.{name}"), q_dim + 2 * kv_dim, h, config.qkv_bias),
-        }
-        linear(format!("{attn}.{}", keys.o_proj), h, q_dim, config.o_bias);
-        match keys.gate_up {
-            GateUpKeys::Separate { gate, up } => {
-                linear(format!("{mlp}.{gate}"), ffn, h, config.mlp_bias);
-                linear(format!("{mlp}.{up}"), ffn, h, config.mlp_bias);
-            }
-            GateUpKeys::Fused(name) => linear(format!("{mlp}.{name}"), 2 * ffn, h, config.mlp_bias),
-        }
-        linear(format!("{mlp}.{}", keys.down), h, ffn, config.mlp_bias);
-        for norm in [keys.input_norm, keys.post_attention_norm] {
-            norms.push((format!("{layer}.{norm}.weight"), vec![h]));
-        }
+    /// A layer from its norms and its projections by role, as a family's table lists them.
+    fn from_table(config: &ModelConfig, input_norm: RmsNorm, post_attention_norm: RmsNorm, projections: Vec<(Role, P)>) -> Self {
+        let mut by_role: Vec<(Role, Option<P>)> = projections.into_iter().map(|(r, p)| (r, Some(p))).collect();
+        let mut take = |role: Role| by_role.iter_mut().find(|(r, _)| *r == role).and_then(|(_, p)| p.take());
+        let qkv = match take(Role::Qkv) {
+            Some(p) => QkvProjection::Fused(p),
+            None => QkvProjection::Separate(SeparateQkv {
+                q_proj: take(Role::Q).expect("a table has q, k and v or a fused qkv"),
+                k_proj: take(Role::K).expect("a table has q, k and v or a fused qkv"),
+                v_proj: take(Role::V).expect("a table has q, k and v or a fused qkv"),
+            }),
+        };
+        let gate_up = match take(Role::GateUp) {
+            Some(p) => GateUpProjection::Fused(p),
+            None => GateUpProjection::Separate(SeparateGateUp {
+                gate_proj: take(Role::Gate).expect("a table has gate and up or a fused gate_up"),
+                up_proj: take(Role::Up).expect("a table has gate and up or a fused gate_up"),
+            }),
+        };
+        let attention = Attention {
+            qkv,
+            o_proj: take(Role::O).expect("a table has o"),
+            num_heads: config.num_heads,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+        };
+        let mlp = Mlp { gate_up, down_proj: take(Role::Down).expect("a table has down") };
+        DecoderLayer { input_norm, attention, post_attention_norm, mlp }
     }
-    out.extend(norms);
-    out.push((format!("{}.weight", keys.embed), vec![config.vocab_size, h]));
-    out.push((format!("{}.weight", keys.final_norm), vec![h]));
-    if !config.tie_word_embeddings {
-        out.push((format!("{}.weight", keys.lm_head), vec![config.vocab_size, h]));
-    }
-    out
-}
-
-/// Checks that `checkpoint` holds every tensor the model needs, with the right shapes, from the
-/// safetensors headers alone.
-pub fn check_checkpoint(config: &ModelConfig, checkpoint: &Checkpoint) -> Result<(), LoadError> {
-    for (key, shape) in expected_tensors(config) {
-        let (found, _) = checkpoint
-            .info(&key)
-            .ok_or_else(|| LoadError::MissingTensor { path: checkpoint.first_path().to_path_buf(), key: key.clone() })?;
-        if found != shape.as_slice() {
-            let path = checkpoint.path_of(&key).unwrap_or(checkpoint.first_path()).to_path_buf();
-            return Err(LoadError::Shape { path, key, expected: shape, found: found.to_vec() });
-        }
-    }
-    Ok(())
 }
 
 /// A decoder-only language model with a frozen base. `P` is the type of its projections:
@@ -459,6 +153,10 @@ pub struct CausalLm<P> {
     pub config: ModelConfig,
     #[module(skip)]
     pub rope: Rope,
+    /// The folder the weights came from, as transformers' `name_or_path` (its tokenizer is
+    /// there); `None` for synthetic weights.
+    #[module(skip)]
+    pub name_or_path: Option<std::path::PathBuf>,
 }
 
 /// The base model as loaded from a checkpoint.
@@ -469,7 +167,7 @@ impl CausalLm<Linear> {
     pub fn load(dir: &Path, dtype: LoadDtype, device: &Device) -> Result<Self, LoadError> {
         let config = ModelConfig::from_dir(dir)?;
         let checkpoint = Checkpoint::open_dir(dir)?;
-        Self::from_checkpoint(config, &checkpoint, dtype, device)
+        Ok(Self { name_or_path: Some(dir.to_path_buf()), ..Self::from_checkpoint(config, &checkpoint, dtype, device)? })
     }
 
     pub fn from_checkpoint(
@@ -514,9 +212,8 @@ impl CausalLm<Linear> {
         vector: impl Fn(&str, usize) -> Result<Tensor<1>, LoadError>,
     ) -> Result<Self, LoadError> {
         let keys = KeyLayout::of(config.architecture);
-        let (h, q_dim, kv_dim) = (config.hidden_size, config.q_dim(), config.kv_dim());
-        let ffn = config.intermediate_size;
-        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear, LoadError> {
+        let h = config.hidden_size;
+        let linear = |name: &str, [out, inp]: [usize; 2], bias: bool| -> Result<Linear, LoadError> {
             let weight = matrix(&format!("{name}.weight"), [out, inp])?;
             let bias = if bias { Some(vector(&format!("{name}.bias"), out)?) } else { None };
             Ok(Linear::new(weight, bias))
@@ -526,40 +223,17 @@ impl CausalLm<Linear> {
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let layer = keys.layer(i);
-            let attn = format!("{layer}.{}", keys.attention);
-            let mlp = format!("{layer}.{}", keys.mlp);
-            let qkv = match keys.qkv {
-                QkvKeys::Separate { q, k, v } => QkvProjection::Separate(SeparateQkv {
-                    q_proj: linear(&format!("{attn}.{q}"), q_dim, h, config.qkv_bias)?,
-                    k_proj: linear(&format!("{attn}.{k}"), kv_dim, h, config.qkv_bias)?,
-                    v_proj: linear(&format!("{attn}.{v}"), kv_dim, h, config.qkv_bias)?,
-                }),
-                QkvKeys::Fused(name) => {
-                    QkvProjection::Fused(linear(&format!("{attn}.{name}"), q_dim + 2 * kv_dim, h, config.qkv_bias)?)
-                }
-            };
-            let gate_up = match keys.gate_up {
-                GateUpKeys::Separate { gate, up } => GateUpProjection::Separate(SeparateGateUp {
-                    gate_proj: linear(&format!("{mlp}.{gate}"), ffn, h, config.mlp_bias)?,
-                    up_proj: linear(&format!("{mlp}.{up}"), ffn, h, config.mlp_bias)?,
-                }),
-                GateUpKeys::Fused(name) => GateUpProjection::Fused(linear(&format!("{mlp}.{name}"), 2 * ffn, h, config.mlp_bias)?),
-            };
-            layers.push(DecoderLayer {
-                input_norm: norm(&format!("{layer}.{}", keys.input_norm))?,
-                attention: Attention {
-                    qkv,
-                    o_proj: linear(&format!("{attn}.{}", keys.o_proj), h, q_dim, config.o_bias)?,
-                    num_heads: config.num_heads,
-                    num_kv_heads: config.num_kv_heads,
-                    head_dim: config.head_dim,
-                },
-                post_attention_norm: norm(&format!("{layer}.{}", keys.post_attention_norm))?,
-                mlp: Mlp { gate_up, down_proj: linear(&format!("{mlp}.{}", keys.down), h, ffn, config.mlp_bias)? },
-            });
+            let projections = keys
+                .projections(&config, i)
+                .into_iter()
+                .map(|p| Ok((p.role, linear(&p.name, p.shape, p.bias)?)))
+                .collect::<Result<Vec<_>, LoadError>>()?;
+            let input_norm = norm(&format!("{layer}.{}", keys.input_norm))?;
+            let post_attention_norm = norm(&format!("{layer}.{}", keys.post_attention_norm))?;
+            layers.push(DecoderLayer::from_table(&config, input_norm, post_attention_norm, projections));
         }
         let embed_tokens = Embedding::new(matrix(&format!("{}.weight", keys.embed), [config.vocab_size, h])?);
-        let lm_head = if config.tie_word_embeddings { None } else { Some(linear(keys.lm_head, config.vocab_size, h, false)?) };
+        let lm_head = if config.tie_word_embeddings { None } else { Some(linear(keys.lm_head, [config.vocab_size, h], false)?) };
         Ok(Self {
             embed_tokens,
             layers,
@@ -567,6 +241,7 @@ impl CausalLm<Linear> {
             lm_head,
             rope: Rope::new(config.rope.clone()),
             config,
+            name_or_path: None,
         })
     }
 
@@ -582,41 +257,8 @@ impl<P: Projection> CausalLm<P> {
             .into_iter()
             .enumerate()
             .map(|(i, layer)| {
-                let attn = format!("{}.{}", keys.layer(i), keys.attention);
-                let mlp = format!("{}.{}", keys.layer(i), keys.mlp);
-                let qkv = match (layer.attention.qkv, keys.qkv) {
-                    (QkvProjection::Separate(p), QkvKeys::Separate { q, k, v }) => QkvProjection::Separate(SeparateQkv {
-                        q_proj: f(&format!("{attn}.{q}"), p.q_proj),
-                        k_proj: f(&format!("{attn}.{k}"), p.k_proj),
-                        v_proj: f(&format!("{attn}.{v}"), p.v_proj),
-                    }),
-                    (QkvProjection::Fused(p), QkvKeys::Fused(name)) => QkvProjection::Fused(f(&format!("{attn}.{name}"), p)),
-                    _ => unreachable!("projections are built from the same key layout"),
-                };
-                let o_proj = f(&format!("{attn}.{}", keys.o_proj), layer.attention.o_proj);
-                let gate_up = match (layer.mlp.gate_up, keys.gate_up) {
-                    (GateUpProjection::Separate(p), GateUpKeys::Separate { gate, up }) => {
-                        GateUpProjection::Separate(SeparateGateUp {
-                            gate_proj: f(&format!("{mlp}.{gate}"), p.gate_proj),
-                            up_proj: f(&format!("{mlp}.{up}"), p.up_proj),
-                        })
-                    }
-                    (GateUpProjection::Fused(p), GateUpKeys::Fused(name)) => GateUpProjection::Fused(f(&format!("{mlp}.{name}"), p)),
-                    _ => unreachable!("projections are built from the same key layout"),
-                };
-                let down_proj = f(&format!("{mlp}.{}", keys.down), layer.mlp.down_proj);
-                DecoderLayer {
-                    input_norm: layer.input_norm,
-                    attention: Attention {
-                        qkv,
-                        o_proj,
-                        num_heads: layer.attention.num_heads,
-                        num_kv_heads: layer.attention.num_kv_heads,
-                        head_dim: layer.attention.head_dim,
-                    },
-                    post_attention_norm: layer.post_attention_norm,
-                    mlp: Mlp { gate_up, down_proj },
-                }
+                let mut names = keys.projection_names(i).into_iter();
+                layer.map(|p| f(&names.next().expect("one name per projection"), p))
             })
             .collect();
         CausalLm {
@@ -626,6 +268,7 @@ impl<P: Projection> CausalLm<P> {
             lm_head: self.lm_head,
             config: self.config,
             rope: self.rope,
+            name_or_path: self.name_or_path,
         }
     }
 
@@ -778,3 +421,4 @@ impl<P: Projection> CausalLm<P> {
         }
     }
 }
+

@@ -15,10 +15,26 @@ pub fn ember_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ember")).args(args).envs(env.iter().copied()).output().expect("run ember")
 }
 
+/// The reference fixtures: `EMBER_FIXTURES`, or the repository's own (`tests/fixtures`).
 pub fn fixtures() -> PathBuf {
-    std::env::var_os("EMBER_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"))
+    std::env::var_os("EMBER_FIXTURES").map(PathBuf::from).unwrap_or_else(|| repository().join("tests/fixtures"))
+}
+
+/// A file of the repository's sample data (`tests/data`).
+pub fn data(name: &str) -> PathBuf {
+    repository().join("tests/data").join(name)
+}
+
+pub fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+/// Parameters of a model folder's `model.safetensors`, from its header. ChatGLM also stores
+/// RoPE's `inv_freq` buffer, which is not a parameter.
+pub fn parameter_count(dir: &Path) -> usize {
+    let bytes = std::fs::read(dir.join("model.safetensors")).expect("model.safetensors");
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    tensors.tensors().iter().filter(|(name, _)| !name.ends_with("inv_freq")).map(|(_, view)| view.shape().iter().product::<usize>()).sum()
 }
 
 /// A shipped recipe, by path under `recipes/`.

@@ -49,24 +49,13 @@ pub struct BenchOptions {
 /// config.json of a model shape: a preset (`llama-7b`, `llama-13b`, `llama3-8b`,
 /// `smollm2-135m`, bf16 like their checkpoints) or the path of a config.json; and where it came from.
 pub fn shape_config(shape: &str) -> Result<(Value, PathBuf), String> {
-    let llama = |hidden: usize, ffn: usize, layers: usize, heads: usize, kv: usize, vocab: usize| {
-        json!({"model_type": "llama", "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab, "rms_norm_eps": 1e-5,
-            "torch_dtype": "bfloat16"})
-    };
-    let preset = match shape {
-        "llama-7b" => Some(llama(4096, 11008, 32, 32, 32, 32000)),
-        "llama-13b" => Some(llama(5120, 13824, 40, 40, 40, 32000)),
-        "llama3-8b" => Some(llama(4096, 14336, 32, 32, 8, 128256)),
-        "smollm2-135m" => Some(llama(576, 1536, 30, 9, 3, 49152)),
-        _ => None,
-    };
+    let preset = ember_models::config::preset(shape);
     if let Some(json) = preset {
         return Ok((json, PathBuf::from(format!("{shape} (preset)"))));
     }
     let path = PathBuf::from(shape);
     let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("{shape}: not a preset (llama-7b, llama-13b, llama3-8b, smollm2-135m) nor a readable config.json: {e}"))?;
+        .map_err(|e| format!("{shape}: not a preset ({}) nor a readable config.json: {e}", ember_models::config::PRESETS.join(", ")))?;
     Ok((serde_json::from_str(&text).map_err(|e| format!("{shape}: invalid JSON: {e}"))?, path))
 }
 

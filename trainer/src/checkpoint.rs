@@ -15,7 +15,8 @@ use burn::store::ModuleRecord;
 use ember_adapters::{AdaptedModel, Method};
 use serde::{Deserialize, Serialize};
 
-use crate::train::Summary;
+use crate::error::TrainError;
+use crate::run::Summary;
 
 /// Where the next optimizer step starts.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -61,24 +62,25 @@ pub fn save(
     metrics: &Path,
     base_name: &str,
     keep: usize,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, TrainError> {
     let dir = dir_for(root, state.position.step);
-    let io = |path: &Path, e: std::io::Error| format!("{}: {e}", path.display());
+    let io = |path: &Path, e: std::io::Error| TrainError::write(path, e);
+    let failed = |path: &Path, reason: String| TrainError::Checkpoint { path: path.to_path_buf(), reason };
     ember_models::write_dir_atomically(
         &dir,
         |tmp| {
-            method.config().save(model, base_name, &tmp.join("adapter")).map_err(|e| e.to_string())?;
+            method.config().save(model, base_name, &tmp.join("adapter"))?;
             let trainable_path = tmp.join("trainable.bpk");
             let group = ParamGroup::from_ids(model.trainable_ids());
-            model.clone().into_record_group(group).save(&trainable_path).map_err(|e| format!("{}: {e}", trainable_path.display()))?;
+            model.clone().into_record_group(group).save(&trainable_path).map_err(|e| failed(&trainable_path, e.to_string()))?;
             if crate::fault::armed(crate::fault::Fault::KillInCheckpoint, state.position.step) {
                 crate::fault::kill_self();
             }
             let optimizer_path = tmp.join("optimizer.bpk");
-            optimizer.to_record().save(&optimizer_path).map_err(|e| format!("{}: {e:?}", optimizer_path.display()))?;
+            optimizer.to_record().save(&optimizer_path).map_err(|e| failed(&optimizer_path, format!("{e:?}")))?;
             std::fs::copy(metrics, tmp.join("metrics.jsonl")).map_err(|e| io(metrics, e))?;
             let path = tmp.join("state.json");
-            std::fs::write(&path, serde_json::to_string_pretty(state).expect("state serializes")).map_err(|e| io(&path, e))
+            ember_models::write_json(&path, state).map_err(|e| io(&path, e))
         },
         io,
     )?;
@@ -97,21 +99,23 @@ pub fn save(
 }
 
 /// Reads `dir/state.json`.
-pub fn read_state(dir: &Path) -> Result<State, String> {
+pub fn read_state(dir: &Path) -> Result<State, TrainError> {
     let path = dir.join("state.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    let unreadable = |reason: String| TrainError::Resume { path: path.clone(), reason };
+    let text = std::fs::read_to_string(&path).map_err(|e| unreadable(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| unreadable(e.to_string()))
 }
 
 /// Puts the checkpoint's trainable values and ids into `model` and its AdamW state into
 /// `optimizer`.
-pub fn restore(dir: &Path, model: AdaptedModel, optimizer: ModuleOptimizer) -> Result<(AdaptedModel, ModuleOptimizer), String> {
+pub fn restore(dir: &Path, model: AdaptedModel, optimizer: ModuleOptimizer) -> Result<(AdaptedModel, ModuleOptimizer), TrainError> {
+    let unreadable = |path: &Path, reason: String| TrainError::Resume { path: path.to_path_buf(), reason };
     let path = dir.join("trainable.bpk");
-    let record = ModuleRecord::load(&path).map_err(|e| format!("{}: {e}", path.display()))?.allow_partial(true);
+    let record = ModuleRecord::load(&path).map_err(|e| unreadable(&path, e.to_string()))?.allow_partial(true);
     let model = model
         .try_load_record(record)
-        .map_err(|e| format!("{}: the checkpoint does not fit the recipe's adapter ({e})", path.display()))?;
+        .map_err(|e| unreadable(&path, format!("the checkpoint does not fit the recipe's adapter ({e})")))?;
     let path = dir.join("optimizer.bpk");
-    let record = OptimizerRecord::load(&path).map_err(|e| format!("{}: {e:?}", path.display()))?;
+    let record = OptimizerRecord::load(&path).map_err(|e| unreadable(&path, format!("{e:?}")))?;
     Ok((model, optimizer.load_record(record)))
 }

@@ -2,14 +2,18 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod error;
 pub mod fault;
 pub mod loss;
 pub mod memory;
 pub mod merge;
 pub mod plot;
 pub mod recipe;
+pub mod run;
 pub mod step;
 pub mod train;
 
 pub use recipe::Recipe;
-pub use train::{Event, Start, StepReport, Summary, TrainError, train};
+pub use error::TrainError;
+pub use run::{Event, StepReport, Summary};
+pub use train::{Start, train};

@@ -26,16 +26,32 @@ pub fn causal_lm_loss(hidden: Tensor<3>, labels: &[i64], head: impl FnOnce(Tenso
     if n == 0 {
         return None;
     }
-    let device = hidden.device();
-    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &device);
-    // b,s,h -> b·s,h -> n,h -> 1,n,h
-    let supervised = hidden.reshape([batch * seq, width]).select(0, rows).reshape([1, n, width]);
-    let logits = head(supervised);
-    let vocab = logits.dims()[2];
-    // f32 log-softmax whatever the model's dtype, as transformers upcasts logits for the loss.
-    let logits = logits.reshape([n, vocab]).cast(DType::F32);
-    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
-    Some(log_softmax(logits, 1).gather(1, targets).mean().neg())
+    let logits = head(select_rows(hidden, rows).reshape([1, n, width]));
+    Some(nll_sum(logits, targets).div_scalar(n as f64))
+}
+
+/// The hidden states at `rows` of the flattened `[batch · seq]` positions.
+///
+/// # Shapes
+/// - hidden: `[batch, seq, hidden]`
+/// - output: `[rows, hidden]`
+pub fn select_rows(hidden: Tensor<3>, rows: Vec<i64>) -> Tensor<2> {
+    let [batch, seq, width] = hidden.dims();
+    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows.clone(), [rows.len()]), &hidden.device());
+    // b,s,h -> b·s,h -> n,h
+    hidden.reshape([batch * seq, width]).select(0, rows)
+}
+
+/// Summed negative log-likelihood of `targets` under `logits`, one target per position.
+/// The log-softmax is f32 whatever the model's dtype, as transformers upcasts logits for the loss.
+///
+/// # Shapes
+/// - logits: `[1, n, vocab]`
+/// - output: `[1]`
+pub fn nll_sum(logits: Tensor<3>, targets: Vec<i64>) -> Tensor<1> {
+    let [_, n, vocab] = logits.dims();
+    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &logits.device());
+    log_softmax(logits.reshape([n, vocab]).cast(DType::F32), 1).gather(1, targets).sum().neg()
 }
 
 /// The positions that predict a supervised token, as rows of the flattened `[batch · seq]`

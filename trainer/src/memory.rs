@@ -113,12 +113,9 @@ pub fn weight_bytes(dtype: LoadDtype, model: &ModelConfig) -> usize {
 mod tests {
     use super::*;
     use ember_adapters::lora::{LoraConfig, Target};
-    use serde_json::json;
 
     fn llama_7b() -> ModelConfig {
-        let json = json!({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "vocab_size": 32000, "torch_dtype": "bfloat16"});
-        ModelConfig::from_json(&json, std::path::Path::new("config.json")).unwrap()
+        ModelConfig::preset("llama-7b").unwrap()
     }
 
     /// The user's first job: LLaMA-7B, bf16 base, LoRA r16 on every projection, 4 × 512 tokens.

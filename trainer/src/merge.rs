@@ -7,12 +7,13 @@
 //! merge holds one tensor in memory, never two models.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use ember_adapters::{Method, WeightMerge};
-use ember_models::{Checkpoint, ModelConfig};
+use ember_adapters::{AdapterError, Method, WeightMerge};
+use ember_models::checkpoint::{burn_dtype, safetensors_dtype};
+use ember_models::{Checkpoint, LoadError, ModelConfig};
 use safetensors::tensor::{Dtype, View};
 
 /// Shards above this size are split, as transformers' default `max_shard_size="5GB"`.
@@ -48,23 +49,6 @@ pub struct MergeSummary {
     pub bytes: usize,
 }
 
-fn st_dtype(dtype: DType) -> Dtype {
-    match dtype {
-        DType::BF16 => Dtype::BF16,
-        DType::F16 => Dtype::F16,
-        _ => Dtype::F32,
-    }
-}
-
-fn burn_dtype(dtype: Dtype) -> Option<DType> {
-    match dtype {
-        Dtype::F32 => Some(DType::F32),
-        Dtype::BF16 => Some(DType::BF16),
-        Dtype::F16 => Some(DType::F16),
-        _ => None,
-    }
-}
-
 /// One output tensor, produced on demand.
 struct OutputTensor<'a> {
     base: &'a Checkpoint,
@@ -78,7 +62,7 @@ struct OutputTensor<'a> {
 
 impl View for &OutputTensor<'_> {
     fn dtype(&self) -> Dtype {
-        st_dtype(self.dtype)
+        safetensors_dtype(self.dtype)
     }
 
     fn shape(&self) -> &[usize] {
@@ -105,25 +89,48 @@ impl View for &OutputTensor<'_> {
     }
 
     fn data_len(&self) -> usize {
-        self.shape.iter().product::<usize>() * st_dtype(self.dtype).bitsize() / 8
+        self.shape.iter().product::<usize>() * safetensors_dtype(self.dtype).bitsize() / 8
+    }
+}
+
+/// What stops a merge: the base or the adapter (input), or writing the output (run).
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    #[error(transparent)]
+    Base(#[from] LoadError),
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    #[error("{}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+impl MergeError {
+    /// True when the base or the adapter is at fault; false when writing failed.
+    pub fn is_input(&self) -> bool {
+        match self {
+            MergeError::Base(e) => e.is_input(),
+            MergeError::Adapter(e) => e.is_input(),
+            MergeError::Write { .. } => false,
+        }
     }
 }
 
 /// Merges `adapter_dir` into `base_dir`, writing `out_dir` atomically.
-pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDtype) -> Result<MergeSummary, String> {
+pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDtype) -> Result<MergeSummary, MergeError> {
     let device = Device::flex();
-    let config = ModelConfig::from_dir(base_dir).map_err(|e| e.to_string())?;
-    let base = Checkpoint::open_dir(base_dir).map_err(|e| e.to_string())?;
-    ember_models::transformer::check_checkpoint(&config, &base).map_err(|e| e.to_string())?;
-    let merge = Method::weight_merge(adapter_dir).map_err(|e| e.to_string())?;
-    merge.check(&base).map_err(|e| e.to_string())?;
+    let config = ModelConfig::from_dir(base_dir)?;
+    let base = Checkpoint::open_dir(base_dir)?;
+    ember_models::family::check_checkpoint(&config, &base)?;
+    let merge = Method::weight_merge(adapter_dir)?;
+    merge.check(&base)?;
     let changed: std::collections::HashSet<String> = merge.keys().into_iter().collect();
 
     let mut outputs = Vec::new();
     for key in base.keys() {
         let (shape, file_dtype) = base.info(key).expect("listed");
         let Some(source) = burn_dtype(file_dtype) else {
-            return Err(format!("{}: tensor '{key}' has dtype {file_dtype:?}; merge handles F32/BF16/F16", base.path_of(key).unwrap().display()));
+            let path = base.path_of(key).unwrap().to_path_buf();
+            return Err(LoadError::Invalid { path, reason: format!("tensor '{key}' has dtype {file_dtype:?}; merge handles F32/BF16/F16") }.into());
         };
         let out_dtype = match dtype {
             MergeDtype::Keep => source,
@@ -150,10 +157,7 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDt
     let total_bytes: usize = outputs.iter().map(|t| t.data_len()).sum();
     let shard_count = shards.len();
 
-    let mut config_json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(base_dir.join("config.json")).map_err(|e| format!("{}: {e}", base_dir.join("config.json").display()))?,
-    )
-    .map_err(|e| format!("{}: {e}", base_dir.join("config.json").display()))?;
+    let mut config_json = ModelConfig::read_json(&base_dir.join("config.json"))?;
     if let Some(name) = match dtype {
         MergeDtype::Keep => None,
         MergeDtype::F32 => Some("float32"),
@@ -163,7 +167,7 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDt
         config_json["torch_dtype"] = name.into();
     }
 
-    let io = |path: &Path, e: std::io::Error| format!("{}: {e}", path.display());
+    let io = |path: &Path, e: std::io::Error| MergeError::Write { path: path.to_path_buf(), source: e };
     ember_models::write_dir_atomically(
         out_dir,
         |tmp| {
@@ -177,15 +181,12 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDt
                 }
             }
             let config_path = tmp.join("config.json");
-            std::fs::write(&config_path, serde_json::to_string_pretty(&config_json).unwrap() + "\n").map_err(|e| io(&config_path, e))?;
-            let mut meta = HashMap::new();
-            meta.insert("format".to_string(), "pt".to_string());
+            ember_models::write_json(&config_path, &config_json).map_err(|e| io(&config_path, e))?;
             let mut weight_map = BTreeMap::new();
             for (i, shard) in shards.iter().enumerate() {
                 let name = if shard_count == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{shard_count:05}.safetensors", i + 1) };
                 let path: PathBuf = tmp.join(&name);
-                safetensors::serialize_to_file(shard.iter().map(|t| (t.key.as_str(), *t)), Some(meta.clone()), &path)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                ember_models::write_safetensors(&path, shard.iter().map(|t| (t.key.as_str(), *t))).map_err(|e| io(&path, e))?;
                 for t in shard {
                     weight_map.insert(t.key.clone(), name.clone());
                 }
@@ -193,7 +194,7 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDt
             if shard_count > 1 {
                 let index = serde_json::json!({"metadata": {"total_size": total_bytes}, "weight_map": weight_map});
                 let path = tmp.join("model.safetensors.index.json");
-                std::fs::write(&path, serde_json::to_string_pretty(&index).unwrap() + "\n").map_err(|e| io(&path, e))?;
+                ember_models::write_json(&path, &index).map_err(|e| io(&path, e))?;
             }
             Ok(())
         },

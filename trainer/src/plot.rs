@@ -87,6 +87,13 @@ fn step_label(step: &f64) -> String {
     format!("{step:.0}")
 }
 
+/// A chart with a caption and the margins and label areas both panels share.
+fn chart_on<'a, 'b>(area: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>, caption: &str) -> ChartBuilder<'a, 'b, BitMapBackend<'b>> {
+    let mut builder = ChartBuilder::on(area);
+    builder.caption(caption, ("sans-serif", 20)).margin(12).margin_right(30).x_label_area_size(40).y_label_area_size(70);
+    builder
+}
+
 fn draw(curves: &Curves, title: &str, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     register_embedded_font();
     let root = BitMapBackend::new(path, (1000, 760)).into_drawing_area();
@@ -99,13 +106,7 @@ fn draw(curves: &Curves, title: &str, path: &Path) -> Result<(), Box<dyn std::er
     let step_ticks = (last_step as usize + 1).min(11);
 
     let (lo, hi) = range(curves.loss.iter().chain(&curves.eval_loss).map(|p| p.1), 0.05);
-    let mut chart = ChartBuilder::on(&top)
-        .caption("loss", ("sans-serif", 20))
-        .margin(12)
-        .margin_right(30)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(steps.clone(), lo..hi)?;
+    let mut chart = chart_on(&top, "loss").build_cartesian_2d(steps.clone(), lo..hi)?;
     chart.configure_mesh().x_desc("step").y_desc("loss").x_labels(step_ticks).x_label_formatter(&step_label).label_style(("sans-serif", 15)).draw()?;
     chart.draw_series(LineSeries::new(curves.loss.iter().copied(), BLUE.stroke_width(2)))?
         .label("train loss")
@@ -116,13 +117,7 @@ fn draw(curves: &Curves, title: &str, path: &Path) -> Result<(), Box<dyn std::er
     chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 15)).draw()?;
 
     let (_, lr_hi) = range(curves.lr.iter().map(|p| p.1), 0.05);
-    let mut chart = ChartBuilder::on(&bottom)
-        .caption("learning rate", ("sans-serif", 20))
-        .margin(12)
-        .margin_right(30)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(steps, 0.0..lr_hi)?;
+    let mut chart = chart_on(&bottom, "learning rate").build_cartesian_2d(steps, 0.0..lr_hi)?;
     chart
         .configure_mesh()
         .x_desc("step")

@@ -6,13 +6,12 @@
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::activation::log_softmax;
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use ember_adapters::AdaptedModel;
 use ember_data::Batch;
 use ember_models::TokenBatch;
 
-use crate::loss::supervised_rows;
+use crate::loss::{nll_sum, select_rows, supervised_rows};
 
 /// How one micro-batch is computed (recipe keys `train.gradient_checkpointing`,
 /// `train.loss_chunk_tokens` and `train.padding_free`). None of them changes the loss or the
@@ -160,21 +159,16 @@ fn tokens_and_targets(batch: &Batch, padding_free: bool) -> (TokenBatch, Vec<i64
 /// # Shapes
 /// - last, gradient: `[batch, seq, hidden]`
 fn loss_backward(model: &AdaptedModel, last: Tensor<3>, rows: Vec<i64>, targets: Vec<i64>, weight: f64, chunk: usize) -> (f64, Tensor<3>) {
-    let [batch, seq, width] = last.dims();
-    let (n, device) = (rows.len(), last.device());
-    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &device);
-    // b,s,h -> b·s,h -> n,h
-    let selected = model.model.final_norm(last.clone()).reshape([batch * seq, width]).select(0, rows);
+    let width = last.dims()[2];
+    let n = rows.len();
+    let selected = select_rows(model.model.final_norm(last.clone()), rows);
     let chunk = if chunk == 0 { n } else { chunk.min(n) };
     let (mut loss, mut row_grads) = (0f64, Vec::new());
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let leaf = selected.clone().detach().narrow(0, start, len).require_grad();
-        // f32 log-softmax whatever the model's dtype, as transformers upcasts logits for the loss.
         let logits = model.logits(leaf.clone().reshape([1, len, width]));
-        let vocab = logits.dims()[2];
-        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets[start..start + len].to_vec(), [len, 1]), &device);
-        let chunk_loss = log_softmax(logits.reshape([len, vocab]).cast(DType::F32), 1).gather(1, targets).sum().mul_scalar(-weight / n as f64);
+        let chunk_loss = nll_sum(logits, targets[start..start + len].to_vec()).mul_scalar(weight / n as f64);
         loss += chunk_loss.clone().into_scalar::<f32>() as f64;
         let mut chunk_grads = chunk_loss.backward();
         row_grads.push(leaf.grad_remove(&mut chunk_grads).expect("a chunk's rows have a gradient"));
@@ -188,6 +182,7 @@ fn loss_backward(model: &AdaptedModel, last: Tensor<3>, rows: Vec<i64>, targets:
 mod tests {
     use super::*;
     use burn::module::{ModuleVisitor, Param};
+    use burn::tensor::{DType, Int, TensorData};
     use ember_adapters::Method;
     use ember_adapters::adaption::AdaptionConfig;
     use ember_adapters::dora::DoraConfig;
@@ -228,7 +223,7 @@ mod tests {
             Method::Adaption(AdaptionConfig { adapter_len: 2, adapter_layers: 2 }),
             Method::Dora(DoraConfig(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None })),
             Method::Ia3(Ia3Config { target: Target::AllLinear, feedforward: Target::Suffixes(vec!["down_proj".into(), "dense_4h_to_h".into()]) }),
-            Method::PromptTuning(PromptTuningConfig { num_virtual_tokens: 3 }),
+            Method::PromptTuning(PromptTuningConfig { num_virtual_tokens: 3, init_text: None }),
         ]
     }
 

@@ -1,17 +1,20 @@
 //! The training loop: AdamW on the adapter parameters only, warmup + decay schedule, gradient
 //! accumulation with HF's loss normalisation, global-norm clipping, periodic evaluation,
 //! `metrics.jsonl` and `summary.json`, and the adapter exported in PEFT format at the end.
+//!
+//! [`train`] is four stages of one [`Run`]: `setup` (data, model, output folder), `start`
+//! (resume from a checkpoint, or evaluate the untrained adapter), `steps` (the loop, with its
+//! evaluations and checkpoints) and `finish` (final evaluation, adapter, plot, summary).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_adapters::{AdaptedModel, Method};
 use ember_data::sft::{self, SftOptions};
-use ember_data::{Batch, Example, Template, Tokenizer, alpaca};
+use ember_data::{Batch, Example, Record, Template, Tokenizer, alpaca};
 use ember_models::BaseModel;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -19,28 +22,12 @@ use rand::seq::SliceRandom;
 use serde_json::json;
 
 use crate::checkpoint::{self, Position, State};
+use crate::error::TrainError;
 use crate::fault::{self, Fault};
 use crate::loss::causal_lm_loss;
 use crate::recipe::{LrScheduler, OnNonfinite, Recipe};
+use crate::run::{Event, Metrics, StepReport, Summary};
 use crate::step;
-
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    /// The recipe, data or model files are wrong: exit code 2.
-    #[error("{0}")]
-    Input(String),
-    /// Training itself failed (NaN, an empty adapter, I/O): exit code 1.
-    #[error("{0}")]
-    Run(String),
-}
-
-fn input(e: impl std::fmt::Display) -> TrainError {
-    TrainError::Input(e.to_string())
-}
-
-fn run_error(e: impl std::fmt::Display) -> TrainError {
-    TrainError::Run(e.to_string())
-}
 
 /// How a run treats its output folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,89 +48,25 @@ fn prepare_output(dir: &Path, start: Start) -> Result<(), TrainError> {
     let present: Vec<&str> = RUN_FILES.iter().copied().filter(|f| dir.join(f).exists()).collect();
     match start {
         Start::Fresh if !present.is_empty() => {
-            return Err(input(format!(
-                "output.dir {} already holds a run ({}); pass --resume to continue it or --overwrite to replace it",
-                dir.display(),
-                present.join(", ")
-            )));
+            return Err(TrainError::Output {
+                path: dir.to_path_buf(),
+                reason: format!("output.dir already holds a run ({}); pass --resume to continue it or --overwrite to replace it", present.join(", ")),
+            });
         }
         Start::Overwrite => {
             for name in present {
                 let path = dir.join(name);
                 let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-                removed.map_err(|e| run_error(format!("{}: {e}", path.display())))?;
+                removed.map_err(|e| TrainError::write(&path, e))?;
             }
         }
         _ => {}
     }
-    std::fs::create_dir_all(dir).map_err(|e| run_error(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::write(dir, e))?;
     // What a killed run may have left half-written; never read, so safe to drop.
     ember_models::remove_stale_temporaries(dir);
     ember_models::remove_stale_temporaries(&dir.join("checkpoints"));
     Ok(())
-}
-
-/// One optimizer step, as the loop reports it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct StepReport {
-    pub step: usize,
-    pub total_steps: usize,
-    pub epoch: f64,
-    pub loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    pub tokens_per_second: f64,
-    pub eta_seconds: f64,
-    /// True every `logging_steps` steps and at the last one: the steps worth a log line.
-    #[serde(skip)]
-    pub log_line: bool,
-}
-
-impl std::fmt::Display for StepReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "step {}/{} epoch {:.2} loss {:.4} lr {:.2e} grad_norm {:.3} {:.0} tok/s eta {:.0}s",
-            self.step, self.total_steps, self.epoch, self.loss, self.lr, self.grad_norm, self.tokens_per_second, self.eta_seconds
-        )
-    }
-}
-
-/// What the loop tells its caller while it runs.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// A line worth printing (data and model summary, evaluations, checkpoints).
-    Info(String),
-    Step(StepReport),
-}
-
-/// What a finished run reports (also written to `summary.json`).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Summary {
-    pub steps: usize,
-    pub epochs_completed: f64,
-    pub train_examples: usize,
-    pub eval_examples: usize,
-    pub skipped_empty_records: Vec<usize>,
-    /// Optimizer steps skipped for a NaN/inf loss or gradient (`train.on_nonfinite = "skip"`).
-    #[serde(default)]
-    pub skipped_nonfinite_steps: Vec<usize>,
-    pub truncated_records: usize,
-    pub trainable_parameters: usize,
-    pub total_parameters: usize,
-    pub first_train_loss: Option<f64>,
-    pub final_train_loss: Option<f64>,
-    pub first_eval_loss: Option<f64>,
-    pub final_eval_loss: Option<f64>,
-    pub best_eval_loss: Option<f64>,
-    pub tokens_per_second: f64,
-    pub seconds: f64,
-    pub adapter_dir: PathBuf,
-    pub metrics: PathBuf,
-    /// `training_curves.png`; none if it could not be drawn. (Absent from checkpoints written
-    /// before plots existed.)
-    #[serde(default)]
-    pub plot: Option<PathBuf>,
 }
 
 /// The recipe's prompt template.
@@ -152,12 +75,28 @@ pub fn template(recipe: &Recipe) -> Result<Template, TrainError> {
     if d.template == "custom" {
         return match (&d.prompt_input, &d.prompt_no_input) {
             (Some(with), Some(without)) => Ok(Template { prompt_input: with.clone(), prompt_no_input: without.clone() }),
-            _ => Err(input("data.template = \"custom\" needs data.prompt_input and data.prompt_no_input")),
+            _ => Err(TrainError::Setting { key: "data.template", reason: "\"custom\" needs data.prompt_input and data.prompt_no_input".into() }),
         };
     }
-    Template::builtin(&d.template).ok_or_else(|| {
-        input(format!("data.template '{}' is unknown (built in: {}, or custom)", d.template, ember_data::template::BUILTIN_TEMPLATES.join(", ")))
+    Template::builtin(&d.template).ok_or_else(|| TrainError::Setting {
+        key: "data.template",
+        reason: format!("'{}' is unknown (built in: {}, or custom)", d.template, ember_data::template::BUILTIN_TEMPLATES.join(", ")),
     })
+}
+
+/// The data file's records, shuffled with the seed, split into training and held-out records
+/// (the last `data.val_size`).
+pub fn split_records(recipe: &Recipe) -> Result<(Vec<Record>, Vec<Record>), TrainError> {
+    let mut records = alpaca::load(&recipe.data.path)?;
+    if recipe.data.val_size >= records.len() {
+        return Err(TrainError::Setting {
+            key: "data.val_size",
+            reason: format!("{} leaves no training record ({} has {} records)", recipe.data.val_size, recipe.data.path.display(), records.len()),
+        });
+    }
+    records.shuffle(&mut StdRng::seed_from_u64(recipe.train.seed));
+    let eval = records.split_off(records.len() - recipe.data.val_size);
+    Ok((records, eval))
 }
 
 fn int_tensor(values: &[i64], shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
@@ -216,37 +155,6 @@ pub fn evaluate(model: &AdaptedModel, examples: &[Example], batch_size: usize, p
     (tokens > 0).then(|| total / tokens as f64)
 }
 
-fn info(on_event: &mut dyn FnMut(Event), line: String) {
-    on_event(Event::Info(line));
-}
-
-/// `metrics.jsonl`: one JSON object per training step or evaluation, flushed as written.
-struct Metrics {
-    path: PathBuf,
-    file: std::fs::File,
-}
-
-impl Metrics {
-    /// A new file, or, when resuming, the checkpoint's metrics (put in place atomically) to
-    /// append to: lines written after the checkpoint by the killed run are dropped.
-    fn create(path: PathBuf, resume_from: Option<&Path>) -> Result<Self, TrainError> {
-        let error = |e: std::io::Error| run_error(format!("{}: {e}", path.display()));
-        let file = match resume_from {
-            Some(saved) => {
-                let bytes = std::fs::read(saved).map_err(|e| run_error(format!("{}: {e}", saved.display())))?;
-                ember_models::write_file_atomically(&path, &bytes).map_err(error)?;
-                std::fs::OpenOptions::new().append(true).open(&path).map_err(error)?
-            }
-            None => std::fs::File::create(&path).map_err(error)?,
-        };
-        Ok(Self { path, file })
-    }
-
-    fn write(&mut self, value: serde_json::Value) -> Result<(), TrainError> {
-        writeln!(self.file, "{value}").and_then(|()| self.file.flush()).map_err(|e| run_error(format!("{}: {e}", self.path.display())))
-    }
-}
-
 /// The held-out examples and how to batch them.
 struct Evaluator<'a> {
     examples: &'a [Example],
@@ -256,14 +164,8 @@ struct Evaluator<'a> {
 }
 
 impl Evaluator<'_> {
-    /// Evaluates, logs, and records the loss in the metrics and the summary.
-    fn run(&self, model: &AdaptedModel, step: usize, metrics: &mut Metrics, summary: &mut Summary, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
-        let Some(loss) = evaluate(model, self.examples, self.batch_size, self.pad_id, &self.device) else { return Ok(()) };
-        info(on_event, format!("eval step {step}: loss {loss:.4}"));
-        summary.first_eval_loss.get_or_insert(loss);
-        summary.final_eval_loss = Some(loss);
-        summary.best_eval_loss = Some(summary.best_eval_loss.map_or(loss, |b| b.min(loss)));
-        metrics.write(json!({"step": step, "eval_loss": loss}))
+    fn loss(&self, model: &AdaptedModel) -> Option<f64> {
+        evaluate(model, self.examples, self.batch_size, self.pad_id, &self.device)
     }
 }
 
@@ -304,197 +206,264 @@ fn nonfinite(recipe: &Recipe, step: usize, what: &str, value: f64, last_checkpoi
         Some(dir) => format!("the last good checkpoint is {} (ember train --resume continues from it)", dir.display()),
         None => "no checkpoint was written before it".into(),
     };
-    Err(run_error(format!(
+    Err(TrainError::Stopped(format!(
         "step {step}: {what} is {value}; stopping without saving the adapter; {resume}; train.on_nonfinite = \"skip\" skips such steps instead"
     )))
 }
 
 /// Runs the recipe into its output folder (see [`Start`]). `on_event` hears about every step
 /// and every notable event.
-pub fn train(recipe: &Recipe, start_mode: Start, on_event: &mut dyn FnMut(Event)) -> Result<Summary, TrainError> {
-    let started = Instant::now();
-    let device = recipe.model.device.device().map_err(|e| input(format!("model.device: {e}")))?;
-    let autodiff = device.clone().autodiff();
-    autodiff.seed(recipe.train.seed);
-    let t = &recipe.train;
+pub fn train(recipe: &Recipe, start: Start, on_event: &mut dyn FnMut(Event)) -> Result<Summary, TrainError> {
+    let mut run = Run::setup(recipe, start, on_event)?;
+    run.start(on_event)?;
+    run.steps(on_event)?;
+    run.finish(on_event)
+}
 
-    // Data: seeded split, then examples; nothing dropped without a count.
-    let tokenizer = Tokenizer::from_dir(&recipe.model.path).map_err(input)?;
-    let template = template(recipe)?;
-    let mut records = alpaca::load(&recipe.data.path).map_err(input)?;
-    if recipe.data.val_size >= records.len() {
-        return Err(input(format!("data.val_size {} leaves no training record ({} records)", recipe.data.val_size, records.len())));
-    }
-    records.shuffle(&mut StdRng::seed_from_u64(t.seed));
-    let eval_records = records.split_off(records.len() - recipe.data.val_size);
-    let options = SftOptions { cutoff_len: recipe.data.cutoff_len, train_on_inputs: recipe.data.train_on_inputs };
-    let (train_set, stats) = sft::build_examples(&tokenizer, &template, &records, &options).map_err(input)?;
-    let (eval_set, _) = sft::build_examples(&tokenizer, &template, &eval_records, &options).map_err(input)?;
-    if train_set.is_empty() {
-        return Err(input(format!("{}: no record has a supervised token within cutoff_len {}", recipe.data.path.display(), recipe.data.cutoff_len)));
-    }
-    info(on_event, format!(
-        "data: {} train / {} eval examples from {} ({} truncated to {} tokens, {} without any answer token after truncation, skipped)",
-        train_set.len(), eval_set.len(), recipe.data.path.display(), stats.truncated, recipe.data.cutoff_len, stats.empty.len()
-    ));
-    let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
+/// One run in progress: what it trains, on what, and how far it got.
+struct Run<'a> {
+    recipe: &'a Recipe,
+    started: Instant,
+    device: Device,
+    train_set: Vec<Example>,
+    eval_set: Vec<Example>,
+    pad_id: u32,
+    model: AdaptedModel,
+    method: Method,
+    optimizer: ModuleOptimizer,
+    total_steps: usize,
+    metrics: Metrics,
+    summary: Summary,
+    /// The next optimizer step.
+    position: Position,
+    tokens_seen: usize,
+    train_seconds: f64,
+    last_checkpoint: Option<PathBuf>,
+}
 
-    // Model: frozen base + fresh LoRA branches.
-    let base = BaseModel::load(&recipe.model.path, recipe.model.dtype, &autodiff).map_err(input)?;
-    let (mut model, method) = match &recipe.adapter.init_from {
-        Some(dir) => Method::load(dir, base, &autodiff).map_err(input)?,
-        None => {
-            let method = recipe.adapter.method.clone();
-            method.config().check(&base.config).map_err(|e| input(format!("adapter: {e}")))?;
-            (method.config().init(base, t.seed, &autodiff).map_err(input)?, method)
+impl<'a> Run<'a> {
+    /// Data (seeded split, then examples; nothing dropped without a count), the frozen base with
+    /// a fresh or loaded adapter, the optimizer, and the output folder.
+    fn setup(recipe: &'a Recipe, start: Start, on_event: &mut dyn FnMut(Event)) -> Result<Self, TrainError> {
+        let started = Instant::now();
+        let t = &recipe.train;
+        let device = recipe.model.device.device().map_err(|e| TrainError::Setting { key: "model.device", reason: e.to_string() })?.autodiff();
+        device.seed(t.seed);
+
+        let tokenizer = Tokenizer::from_dir(&recipe.model.path)?;
+        let template = template(recipe)?;
+        let (train_records, eval_records) = split_records(recipe)?;
+        let options = SftOptions { cutoff_len: recipe.data.cutoff_len, train_on_inputs: recipe.data.train_on_inputs };
+        let (train_set, stats) = sft::build_examples(&tokenizer, &template, &train_records, &options)?;
+        let (eval_set, _) = sft::build_examples(&tokenizer, &template, &eval_records, &options)?;
+        if train_set.is_empty() {
+            return Err(TrainError::Setting {
+                key: "data.cutoff_len",
+                reason: format!("no record of {} has a supervised token within {} tokens", recipe.data.path.display(), recipe.data.cutoff_len),
+            });
         }
-    };
-    let (trainable, total) = model.parameter_counts();
-    info(on_event, format!("model: {} with {method}: {trainable} trainable of {total} parameters ({:.4}%)",
-        recipe.model.path.display(), 100.0 * trainable as f64 / total as f64));
+        on_event(Event::Info(format!(
+            "data: {} train / {} eval examples from {} ({} truncated to {} tokens, {} without any answer token after truncation, skipped)",
+            train_set.len(), eval_set.len(), recipe.data.path.display(), stats.truncated, recipe.data.cutoff_len, stats.empty.len()
+        )));
+        let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
 
-    let mut optimizer = AdamWConfig::new()
-        .with_beta_1(t.adam_beta1 as f32)
-        .with_beta_2(t.adam_beta2 as f32)
-        .with_epsilon(t.adam_epsilon as f32)
-        .with_weight_decay(t.weight_decay as f32)
-        .init();
-
-    let steps_per_epoch = train_set.len().div_ceil(t.micro_batch_size * t.gradient_accumulation_steps);
-    let total_steps = if t.max_steps > 0 { t.max_steps } else { steps_per_epoch * t.epochs };
-    prepare_output(&recipe.output.dir, start_mode)?;
-    let checkpoints = recipe.output.dir.join("checkpoints");
-    let resume_from = match start_mode {
-        Start::Resume => Some(checkpoint::latest(&checkpoints).ok_or_else(|| input(format!("--resume: no checkpoint in {}", checkpoints.display())))?),
-        Start::Fresh | Start::Overwrite => None,
-    };
-    let mut last_checkpoint = resume_from.clone();
-    let mut metrics = Metrics::create(recipe.output.dir.join("metrics.jsonl"), resume_from.as_deref().map(|d| d.join("metrics.jsonl")).as_deref())?;
-
-    let mut summary = Summary {
-        steps: 0, epochs_completed: 0.0, train_examples: train_set.len(), eval_examples: eval_set.len(),
-        skipped_empty_records: stats.empty.clone(), skipped_nonfinite_steps: Vec::new(), truncated_records: stats.truncated,
-        trainable_parameters: trainable, total_parameters: total,
-        first_train_loss: None, final_train_loss: None, first_eval_loss: None, final_eval_loss: None, best_eval_loss: None,
-        tokens_per_second: 0.0, seconds: 0.0, adapter_dir: recipe.output.dir.join("adapter"), metrics: metrics.path.clone(), plot: None,
-    };
-    let evaluator = Evaluator { examples: &eval_set, batch_size: t.micro_batch_size, pad_id, device: autodiff.clone().inner() };
-    let base_name = recipe.model.path.to_string_lossy().into_owned();
-
-    let (mut tokens_seen, mut train_seconds) = (0usize, 0f64);
-    let mut start = Position::default();
-    match &resume_from {
-        Some(dir) => {
-            let state = checkpoint::read_state(dir).map_err(input)?;
-            (model, optimizer) = checkpoint::restore(dir, model, optimizer).map_err(input)?;
-            (start, tokens_seen, train_seconds) = (state.position, state.tokens_seen, state.train_seconds);
-            summary = Summary { adapter_dir: summary.adapter_dir, metrics: summary.metrics, plot: None, ..state.summary };
-            info(on_event, format!("resumed from {} at step {}", dir.display(), start.step));
-        }
-        None => evaluator.run(&model, 0, &mut metrics, &mut summary, on_event)?,
-    }
-
-    let options = t.step_options();
-    let mut step = start.step;
-    'epochs: for epoch in start.epoch.. {
-        let batches = epoch_batches(&train_set, recipe, epoch);
-        let first_group = if epoch == start.epoch { start.next_group } else { 0 };
-        for (group_index, group) in batches.chunks(t.gradient_accumulation_steps).enumerate().skip(first_group) {
-            if step >= total_steps {
-                break 'epochs;
+        let base = BaseModel::load(&recipe.model.path, recipe.model.dtype, &device)?;
+        let (model, method) = match &recipe.adapter.init_from {
+            Some(dir) => Method::load(dir, base, &device)?,
+            None => {
+                let method = recipe.adapter.method.clone();
+                method.config().check(&base.config).map_err(|e| TrainError::Setting { key: "adapter", reason: e.to_string() })?;
+                (method.config().init(base, t.seed, &device)?, method)
             }
-            let step_started = Instant::now();
-            let micro: Vec<Batch> = group
-                .iter()
-                .map(|ids| Batch::collate(&ids.iter().map(|&i| &train_set[i]).collect::<Vec<_>>(), pad_id))
-                .collect();
-            // HF normalises by the supervised tokens of the whole accumulated batch.
-            let step_tokens: usize = micro.iter().map(Batch::supervised_tokens).sum();
-            let mut accumulator = GradientsAccumulator::<AdaptedModel>::new();
-            let mut step_loss = 0f64;
-            for (index, batch) in micro.iter().enumerate() {
-                // Dropout masks depend on the seed, step and micro-batch only: a resumed run draws the same.
-                let seed = t.seed.wrapping_add(step as u64).wrapping_mul(1 << 16).wrapping_add(index as u64);
-                let weight = batch.supervised_tokens() as f64 / step_tokens as f64;
-                if let Some(loss) = step::forward_backward(&model, batch, weight, options, seed, &autodiff, &mut accumulator) {
-                    step_loss += loss;
-                    tokens_seen += batch.real_tokens();
+        };
+        let (trainable, total) = model.parameter_counts();
+        on_event(Event::Info(format!("model: {} with {method}: {trainable} trainable of {total} parameters ({:.4}%)",
+            recipe.model.path.display(), 100.0 * trainable as f64 / total as f64)));
+
+        let optimizer = AdamWConfig::new()
+            .with_beta_1(t.adam_beta1 as f32)
+            .with_beta_2(t.adam_beta2 as f32)
+            .with_epsilon(t.adam_epsilon as f32)
+            .with_weight_decay(t.weight_decay as f32)
+            .init();
+        let steps_per_epoch = train_set.len().div_ceil(t.micro_batch_size * t.gradient_accumulation_steps);
+        let total_steps = if t.max_steps > 0 { t.max_steps } else { steps_per_epoch * t.epochs };
+
+        prepare_output(&recipe.output.dir, start)?;
+        let checkpoints = recipe.output.dir.join("checkpoints");
+        let resume_from = match start {
+            Start::Resume => Some(checkpoint::latest(&checkpoints).ok_or_else(|| TrainError::Resume { path: checkpoints, reason: "--resume: no checkpoint here".into() })?),
+            Start::Fresh | Start::Overwrite => None,
+        };
+        let metrics = Metrics::create(recipe.output.dir.join("metrics.jsonl"), resume_from.as_deref().map(|d| d.join("metrics.jsonl")).as_deref())?;
+        let summary = Summary {
+            steps: 0, epochs_completed: 0.0, train_examples: train_set.len(), eval_examples: eval_set.len(),
+            skipped_empty_records: stats.empty.clone(), skipped_nonfinite_steps: Vec::new(), truncated_records: stats.truncated,
+            trainable_parameters: trainable, total_parameters: total,
+            first_train_loss: None, final_train_loss: None, first_eval_loss: None, final_eval_loss: None, best_eval_loss: None,
+            tokens_per_second: 0.0, seconds: 0.0, adapter_dir: recipe.output.dir.join("adapter"), metrics: metrics.path.clone(), plot: None,
+        };
+        Ok(Self {
+            recipe, started, device, train_set, eval_set, pad_id, model, method, optimizer, total_steps, metrics, summary,
+            position: Position::default(), tokens_seen: 0, train_seconds: 0.0, last_checkpoint: resume_from,
+        })
+    }
+
+    fn checkpoints(&self) -> PathBuf {
+        self.recipe.output.dir.join("checkpoints")
+    }
+
+    fn evaluator(&self) -> Evaluator<'_> {
+        Evaluator { examples: &self.eval_set, batch_size: self.recipe.train.micro_batch_size, pad_id: self.pad_id, device: self.device.clone().inner() }
+    }
+
+    /// Evaluates, logs, and records the loss in the metrics and the summary.
+    fn evaluate(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        let step = self.position.step;
+        let Some(loss) = self.evaluator().loss(&self.model) else { return Ok(()) };
+        on_event(Event::Info(format!("eval step {step}: loss {loss:.4}")));
+        let summary = &mut self.summary;
+        summary.first_eval_loss.get_or_insert(loss);
+        summary.final_eval_loss = Some(loss);
+        summary.best_eval_loss = Some(summary.best_eval_loss.map_or(loss, |b| b.min(loss)));
+        self.metrics.write(json!({"step": step, "eval_loss": loss}))
+    }
+
+    /// When resuming, puts the checkpoint's parameters, optimizer state, position and summary in
+    /// place; otherwise evaluates the untrained adapter (step 0).
+    fn start(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        let Some(dir) = self.last_checkpoint.clone() else { return self.evaluate(on_event) };
+        let state = checkpoint::read_state(&dir)?;
+        let (model, optimizer) = checkpoint::restore(&dir, self.model.clone(), self.optimizer.clone())?;
+        (self.model, self.optimizer) = (model, optimizer);
+        (self.position, self.tokens_seen, self.train_seconds) = (state.position, state.tokens_seen, state.train_seconds);
+        self.summary = Summary { adapter_dir: self.summary.adapter_dir.clone(), metrics: self.summary.metrics.clone(), plot: None, ..state.summary };
+        on_event(Event::Info(format!("resumed from {} at step {}", dir.display(), self.position.step)));
+        Ok(())
+    }
+
+    /// Optimizer steps until `total_steps` (or the last epoch), with evaluations and checkpoints.
+    fn steps(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        let t = &self.recipe.train;
+        let start = self.position;
+        'epochs: for epoch in start.epoch.. {
+            let batches = epoch_batches(&self.train_set, self.recipe, epoch);
+            let first_group = if epoch == start.epoch { start.next_group } else { 0 };
+            for (group_index, group) in batches.chunks(t.gradient_accumulation_steps).enumerate().skip(first_group) {
+                if self.position.step >= self.total_steps {
+                    break 'epochs;
+                }
+                let epoch_progress = ((group_index + 1) * t.gradient_accumulation_steps).min(batches.len()) as f64 / batches.len() as f64;
+                self.step(group, epoch as f64 + epoch_progress, on_event)?;
+                let step = self.position.step;
+                self.position = Position { step, epoch, next_group: group_index + 1 };
+                if t.eval_steps > 0 && step % t.eval_steps == 0 && step < self.total_steps {
+                    self.evaluate(on_event)?;
+                }
+                if t.save_steps > 0 && step % t.save_steps == 0 && step < self.total_steps {
+                    self.save_checkpoint(on_event)?;
                 }
             }
-            if fault::armed(Fault::NanLoss, step + 1) {
-                step_loss = f64::NAN;
-            }
-            let mut grads = accumulator.grads();
-            let grad_norm = clip_global_norm(&model, &mut grads, t.max_grad_norm);
-            let lr = learning_rate(recipe, step, total_steps);
-            let bad = [("loss", step_loss), ("gradient norm", grad_norm)].into_iter().find(|(_, v)| !v.is_finite());
-            match bad {
-                Some((what, value)) => {
-                    nonfinite(recipe, step + 1, what, value, last_checkpoint.as_deref())?;
-                    info(on_event, format!("step {}: {what} is {value}; step skipped (train.on_nonfinite = \"skip\")", step + 1));
-                    summary.skipped_nonfinite_steps.push(step + 1);
-                }
-                None => model = optimizer.step(lr, model, grads),
-            }
-            train_seconds += step_started.elapsed().as_secs_f64();
-            step += 1;
-            summary.steps = step;
-            summary.epochs_completed = epoch as f64 + ((group_index + 1) * t.gradient_accumulation_steps).min(batches.len()) as f64 / batches.len() as f64;
-            if step_loss.is_finite() {
-                summary.first_train_loss.get_or_insert(step_loss);
-                summary.final_train_loss = Some(step_loss);
-            }
-            let tokens_per_second = tokens_seen as f64 / train_seconds;
-            metrics.write(json!({"step": step, "epoch": summary.epochs_completed, "loss": step_loss, "lr": lr,
-                "grad_norm": grad_norm, "tokens_per_second": tokens_per_second, "elapsed_s": started.elapsed().as_secs_f64()}))?;
-            on_event(Event::Step(StepReport {
-                step,
-                total_steps,
-                epoch: summary.epochs_completed,
-                loss: step_loss,
-                lr,
-                grad_norm,
-                tokens_per_second,
-                eta_seconds: train_seconds / step as f64 * (total_steps - step) as f64,
-                log_line: step % t.logging_steps.max(1) == 0 || step == total_steps,
-            }));
-            if t.eval_steps > 0 && step % t.eval_steps == 0 && step < total_steps {
-                evaluator.run(&model, step, &mut metrics, &mut summary, on_event)?;
-            }
-            if t.save_steps > 0 && step % t.save_steps == 0 && step < total_steps {
-                let state = State {
-                    position: Position { step, epoch, next_group: group_index + 1 },
-                    summary: summary.clone(),
-                    tokens_seen,
-                    train_seconds,
-                };
-                let dir = checkpoint::save(&checkpoints, &model, &method, &optimizer, &state, &metrics.path, &base_name, t.keep_checkpoints)
-                    .map_err(run_error)?;
-                info(on_event, format!("checkpoint {}", dir.display()));
-                last_checkpoint = Some(dir);
+            if t.max_steps == 0 && epoch + 1 >= t.epochs {
+                break;
             }
         }
-        if t.max_steps == 0 && epoch + 1 >= t.epochs {
-            break;
-        }
+        Ok(())
     }
-    evaluator.run(&model, step, &mut metrics, &mut summary, on_event)?;
-    summary.tokens_per_second = tokens_seen as f64 / train_seconds.max(1e-9);
 
-    if let Some(reason) = model.unchanged_reason() {
-        return Err(run_error(format!("{reason} after training: the adapter would equal the base model; not saving it")));
+    /// One optimizer step over the micro-batches of `group` (indices into the training set).
+    fn step(&mut self, group: &[Vec<usize>], epoch: f64, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        let t = &self.recipe.train;
+        let step = self.position.step;
+        let step_started = Instant::now();
+        let micro: Vec<Batch> = group
+            .iter()
+            .map(|ids| Batch::collate(&ids.iter().map(|&i| &self.train_set[i]).collect::<Vec<_>>(), self.pad_id))
+            .collect();
+        // HF normalises by the supervised tokens of the whole accumulated batch.
+        let step_tokens: usize = micro.iter().map(Batch::supervised_tokens).sum();
+        let mut accumulator = GradientsAccumulator::<AdaptedModel>::new();
+        let mut loss = 0f64;
+        for (index, batch) in micro.iter().enumerate() {
+            // Dropout masks depend on the seed, step and micro-batch only: a resumed run draws the same.
+            let seed = t.seed.wrapping_add(step as u64).wrapping_mul(1 << 16).wrapping_add(index as u64);
+            let weight = batch.supervised_tokens() as f64 / step_tokens as f64;
+            if let Some(micro_loss) = step::forward_backward(&self.model, batch, weight, t.step_options(), seed, &self.device, &mut accumulator) {
+                loss += micro_loss;
+                self.tokens_seen += batch.real_tokens();
+            }
+        }
+        if fault::armed(Fault::NanLoss, step + 1) {
+            loss = f64::NAN;
+        }
+        let mut grads = accumulator.grads();
+        let grad_norm = clip_global_norm(&self.model, &mut grads, t.max_grad_norm);
+        let lr = learning_rate(self.recipe, step, self.total_steps);
+        match [("loss", loss), ("gradient norm", grad_norm)].into_iter().find(|(_, v)| !v.is_finite()) {
+            Some((what, value)) => {
+                nonfinite(self.recipe, step + 1, what, value, self.last_checkpoint.as_deref())?;
+                on_event(Event::Info(format!("step {}: {what} is {value}; step skipped (train.on_nonfinite = \"skip\")", step + 1)));
+                self.summary.skipped_nonfinite_steps.push(step + 1);
+            }
+            None => self.model = self.optimizer.step(lr, self.model.clone(), grads),
+        }
+        self.train_seconds += step_started.elapsed().as_secs_f64();
+        let step = step + 1;
+        self.position.step = step;
+        self.summary.steps = step;
+        self.summary.epochs_completed = epoch;
+        if loss.is_finite() {
+            self.summary.first_train_loss.get_or_insert(loss);
+            self.summary.final_train_loss = Some(loss);
+        }
+        let tokens_per_second = self.tokens_seen as f64 / self.train_seconds;
+        self.metrics.write(json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr,
+            "grad_norm": grad_norm, "tokens_per_second": tokens_per_second, "elapsed_s": self.started.elapsed().as_secs_f64()}))?;
+        on_event(Event::Step(StepReport {
+            step,
+            total_steps: self.total_steps,
+            epoch,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_second,
+            eta_seconds: self.train_seconds / step as f64 * (self.total_steps - step) as f64,
+            log_line: step % t.logging_steps.max(1) == 0 || step == self.total_steps,
+        }));
+        Ok(())
     }
-    method.config().save(&model, &base_name, &summary.adapter_dir).map_err(run_error)?;
-    // The adapter is saved: a plot that cannot be drawn is worth a message, not a failed run.
-    let run_name = recipe.output.dir.file_name().map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned());
-    match crate::plot::plot_run(&recipe.output.dir, &run_name) {
-        Ok(path) => summary.plot = Some(path),
-        Err(e) => info(on_event, format!("warning: no training curves: {e}")),
+
+    fn save_checkpoint(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        let state = State { position: self.position, summary: self.summary.clone(), tokens_seen: self.tokens_seen, train_seconds: self.train_seconds };
+        let base_name = self.recipe.model.path.to_string_lossy();
+        let dir = checkpoint::save(&self.checkpoints(), &self.model, &self.method, &self.optimizer, &state, &self.metrics.path, &base_name, self.recipe.train.keep_checkpoints)?;
+        on_event(Event::Info(format!("checkpoint {}", dir.display())));
+        self.last_checkpoint = Some(dir);
+        Ok(())
     }
-    summary.seconds = started.elapsed().as_secs_f64();
-    let summary_path = recipe.output.dir.join("summary.json");
-    ember_models::write_file_atomically(&summary_path, (serde_json::to_string_pretty(&summary).expect("summary serializes") + "\n").as_bytes())
-        .map_err(|e| run_error(format!("{}: {e}", summary_path.display())))?;
-    info(on_event, format!("saved adapter to {} ({:.0}s)", summary.adapter_dir.display(), summary.seconds));
-    Ok(summary)
+
+    /// The last evaluation, then the adapter, the training curves and `summary.json`.
+    fn finish(mut self, on_event: &mut dyn FnMut(Event)) -> Result<Summary, TrainError> {
+        self.evaluate(on_event)?;
+        let mut summary = self.summary;
+        summary.tokens_per_second = self.tokens_seen as f64 / self.train_seconds.max(1e-9);
+        if let Some(reason) = self.model.unchanged_reason() {
+            return Err(TrainError::Stopped(format!("{reason} after training: the adapter would equal the base model; not saving it")));
+        }
+        let dir = &self.recipe.output.dir;
+        self.method.config().save(&self.model, &self.recipe.model.path.to_string_lossy(), &summary.adapter_dir)?;
+        // The adapter is saved: a plot that cannot be drawn is worth a message, not a failed run.
+        let run_name = dir.file_name().map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned());
+        match crate::plot::plot_run(dir, &run_name) {
+            Ok(path) => summary.plot = Some(path),
+            Err(e) => on_event(Event::Info(format!("warning: no training curves: {e}"))),
+        }
+        summary.seconds = self.started.elapsed().as_secs_f64();
+        let summary_path = dir.join("summary.json");
+        let text = serde_json::to_string_pretty(&summary).expect("summary serializes") + "\n";
+        ember_models::write_file_atomically(&summary_path, text.as_bytes()).map_err(|e| TrainError::write(&summary_path, e))?;
+        on_event(Event::Info(format!("saved adapter to {} ({:.0}s)", summary.adapter_dir.display(), summary.seconds)));
+        Ok(summary)
+    }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::{Device, Tensor, TensorData};
-use ember_models::transformer::KeyLayout;
+use ember_models::family::KeyLayout;
 use ember_models::{BaseModel, LayerExtras, LoadDtype, ModelConfig};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -175,13 +175,6 @@ impl DecoderInputs for AdaptionPrompts {
     }
 }
 
-fn prompts(model: &AdaptedModel) -> Option<&AdaptionPrompts> {
-    match &model.inputs {
-        Some(ModelAdapter::Adaption(p)) => Some(p),
-        _ => None,
-    }
-}
-
 impl MethodConfig for AdaptionConfig {
     fn name(&self) -> &'static str {
         Self::NAME
@@ -209,12 +202,12 @@ impl MethodConfig for AdaptionConfig {
     }
 
     fn save(&self, model: &AdaptedModel, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
-        let prompts = prompts(model).ok_or_else(|| AdapterError::Config("the model holds no adaption prompts".into()))?;
+        let prompts = model.inputs_of::<AdaptionPrompts>().ok_or_else(|| AdapterError::Config("the model holds no adaption prompts".into()))?;
         prompts.save_peft(model.config(), base_model, dir)
     }
 
     fn parameter_names(&self, model: &AdaptedModel) -> Vec<(ParamId, String)> {
-        let Some(p) = prompts(model) else { return Vec::new() };
+        let Some(p) = model.inputs_of::<AdaptionPrompts>() else { return Vec::new() };
         let config = model.config();
         p.layers
             .iter()
@@ -259,11 +252,7 @@ mod tests {
 
     #[test]
     fn llama_7b_with_10_prompts_in_30_layers_trains_1_228_800_plus_gates() {
-        let json = serde_json::json!({
-            "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "vocab_size": 32000,
-        });
-        let model = ModelConfig::from_json(&json, Path::new("config.json")).unwrap();
+        let model = ModelConfig::preset("llama-7b").unwrap();
         let prompts = AdaptionPrompts::init(&model, 10, 30, 0, &Device::flex());
         assert_eq!(prompts.layers.iter().flatten().count(), 30);
         assert!(prompts.layers[..2].iter().all(Option::is_none), "the top 30 of 32 layers");

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use burn::module::ParamId;
 use burn::tensor::{Device, Tensor};
-use ember_models::transformer::KeyLayout;
+use ember_models::family::KeyLayout;
 use ember_models::{BaseModel, Checkpoint, ModelConfig};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -171,11 +171,7 @@ mod tests {
 
     #[test]
     fn llama_7b_r8_on_q_v_trains_4_194_304_parameters() {
-        let json = serde_json::json!({
-            "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "vocab_size": 32000,
-        });
-        let model = ModelConfig::from_json(&json, std::path::Path::new("config.json")).unwrap();
+        let model = ModelConfig::preset("llama-7b").unwrap();
         let config = LoraConfig::try_from(LoraSection::default()).unwrap();
         let trainable = config.count_trainable(&model);
         assert_eq!(trainable, 4_194_304);

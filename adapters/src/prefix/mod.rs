@@ -310,20 +310,9 @@ impl DecoderInputs for PrefixEncoder {
     }
 }
 
-fn encoder(model: &AdaptedModel) -> Option<&PrefixEncoder> {
-    match &model.inputs {
-        Some(ModelAdapter::Prefix(p)) => Some(p),
-        _ => None,
-    }
-}
-
 impl MethodConfig for PrefixConfig {
     fn name(&self) -> &'static str {
         Self::NAME
-    }
-
-    fn check(&self, _model: &ModelConfig) -> Result<(), String> {
-        Ok(())
     }
 
     fn count_trainable(&self, model: &ModelConfig) -> usize {
@@ -340,13 +329,13 @@ impl MethodConfig for PrefixConfig {
     }
 
     fn save(&self, model: &AdaptedModel, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
-        let prefix = encoder(model).ok_or_else(|| AdapterError::Config("the model holds no prefix encoder".into()))?;
+        let prefix = model.inputs_of::<PrefixEncoder>().ok_or_else(|| AdapterError::Config("the model holds no prefix encoder".into()))?;
         prefix.save(model.config(), base_model, dir)
     }
 
     /// PEFT's training-time names (`prompt_encoder.*`), or THUDM's (`transformer.prefix_encoder.*`).
     fn parameter_names(&self, model: &AdaptedModel) -> Vec<(ParamId, String)> {
-        let Some(p) = encoder(model) else { return Vec::new() };
+        let Some(p) = model.inputs_of::<PrefixEncoder>() else { return Vec::new() };
         let (root, first, second) =
             if is_chatglm_ptuning(model.config()) { ("transformer.prefix_encoder", "trans.0", "trans.2") } else { ("prompt_encoder", "transform.0", "transform.2") };
         let mut names = vec![(p.embedding.id, format!("{root}.embedding.weight"))];

@@ -1,13 +1,15 @@
 //! Prompt tuning (Lester et al. 2021), PEFT's `PROMPT_TUNING`: `n` trainable embeddings take the
 //! first `n` positions of every sequence, in front of the tokens' own. They are ordinary
 //! positions: causal attention, RoPE positions 0..n−1, real tokens from n on (unlike prefix
-//! tuning). PEFT's logits include the virtual positions; the loss ignores them.
+//! tuning). PEFT's logits include the virtual positions; the loss ignores them. The embeddings
+//! start random (PEFT's `RANDOM`) or as the embeddings of a text's tokens (`TEXT`, `init_text`).
 
 use std::fmt;
 use std::path::Path;
 
 use burn::module::{Module, Param, ParamId};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use ember_data::Tokenizer;
 use ember_models::{BaseModel, LoadDtype, ModelConfig};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -22,11 +24,18 @@ use crate::{AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptTuningConfig {
     pub num_virtual_tokens: usize,
+    /// PEFT's `TEXT` init: the virtual tokens start as the embeddings of this text's tokens;
+    /// `None` is `RANDOM`, N(0, 1).
+    pub init_text: Option<String>,
 }
 
 impl fmt::Display for PromptTuningConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "prompt tuning, {} virtual tokens", self.num_virtual_tokens)
+        write!(f, "prompt tuning, {} virtual tokens", self.num_virtual_tokens)?;
+        match &self.init_text {
+            Some(text) => write!(f, " initialised from {text:?}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -35,12 +44,33 @@ impl fmt::Display for PromptTuningConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct PromptTuningSection {
     pub num_virtual_tokens: usize,
+    /// PEFT's `prompt_tuning_init_text`, tokenized by the base model's tokenizer.
+    pub init_text: Option<String>,
 }
 
 impl Default for PromptTuningSection {
     fn default() -> Self {
-        Self { num_virtual_tokens: 20 }
+        Self { num_virtual_tokens: 20, init_text: None }
     }
+}
+
+/// PEFT's `TEXT` init: the embeddings of `text`'s tokens, special tokens included (PEFT calls
+/// the tokenizer with its defaults), repeated and cut to `n` rows.
+///
+/// # Shapes
+/// - output: `[n, hidden]`, f32
+fn text_embeddings(base: &BaseModel, text: &str, n: usize) -> Result<Tensor<2>, AdapterError> {
+    let fail = |reason: String| AdapterError::Config(format!("'adapter.init_text': {reason}"));
+    let dir = base.name_or_path.as_deref().ok_or_else(|| fail("needs the base model's folder for its tokenizer".into()))?;
+    let tokenizer = Tokenizer::from_dir(dir).map_err(|e| fail(e.to_string()))?;
+    let ids = tokenizer.encode(text, true).map_err(|e| fail(e.to_string()))?;
+    if ids.is_empty() {
+        return Err(fail(format!("{text:?} has no tokens")));
+    }
+    let rows: Vec<i64> = ids.iter().cycle().take(n).map(|&id| i64::from(id)).collect();
+    let weight = base.embed_tokens.weight.val();
+    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &weight.device());
+    Ok(weight.select(0, rows).cast(DType::F32))
 }
 
 /// The virtual tokens' embeddings `[n, hidden]`.
@@ -55,20 +85,9 @@ impl DecoderInputs for PromptEmbedding {
     }
 }
 
-fn embedding(model: &AdaptedModel) -> Option<&PromptEmbedding> {
-    match &model.inputs {
-        Some(ModelAdapter::PromptTuning(p)) => Some(p),
-        _ => None,
-    }
-}
-
 impl MethodConfig for PromptTuningConfig {
     fn name(&self) -> &'static str {
         Self::NAME
-    }
-
-    fn check(&self, _model: &ModelConfig) -> Result<(), String> {
-        Ok(())
     }
 
     fn count_trainable(&self, model: &ModelConfig) -> usize {
@@ -79,17 +98,23 @@ impl MethodConfig for PromptTuningConfig {
         self.num_virtual_tokens
     }
 
-    /// `RANDOM` init: N(0, 1), as PEFT's `nn.Embedding`.
+    /// `RANDOM` init: N(0, 1), as PEFT's `nn.Embedding`; `TEXT` init: see [`text_embeddings`].
     fn init(&self, base: BaseModel, seed: u64, device: &Device) -> Result<AdaptedModel, AdapterError> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let shape = [self.num_virtual_tokens, base.config.hidden_size];
-        let values: Vec<f32> = (0..shape[0] * shape[1]).map(|_| StandardNormal.sample(&mut rng)).collect();
-        let embedding = Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device));
+        let table = match &self.init_text {
+            Some(text) => text_embeddings(&base, text, self.num_virtual_tokens)?,
+            None => {
+                let mut rng = StdRng::seed_from_u64(seed);
+                let shape = [self.num_virtual_tokens, base.config.hidden_size];
+                let values: Vec<f32> = (0..shape[0] * shape[1]).map(|_| StandardNormal.sample(&mut rng)).collect();
+                Tensor::from_data(TensorData::new(values, shape), device)
+            }
+        };
+        let embedding = Param::from_tensor(table);
         Ok(AdaptedModel::with_inputs(base, Some(ModelAdapter::PromptTuning(PromptEmbedding { embedding }))))
     }
 
     fn save(&self, model: &AdaptedModel, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
-        let prompt = embedding(model).ok_or_else(|| AdapterError::Config("the model holds no prompt-tuning embeddings".into()))?;
+        let prompt = model.inputs_of::<PromptEmbedding>().ok_or_else(|| AdapterError::Config("the model holds no prompt-tuning embeddings".into()))?;
         let config = model.config();
         let adapter_config = json!({
             "peft_type": "PROMPT_TUNING",
@@ -100,9 +125,9 @@ impl MethodConfig for PromptTuningConfig {
             "num_attention_heads": config.num_heads,
             "num_layers": config.num_layers,
             "num_transformer_submodules": 1,
-            "prompt_tuning_init": "RANDOM",
-            "prompt_tuning_init_text": null,
-            "tokenizer_name_or_path": null,
+            "prompt_tuning_init": if self.init_text.is_some() { "TEXT" } else { "RANDOM" },
+            "prompt_tuning_init_text": self.init_text,
+            "tokenizer_name_or_path": self.init_text.as_ref().map(|_| base_model),
             "tokenizer_kwargs": null,
             "inference_mode": true,
             "modules_to_save": null,
@@ -114,7 +139,7 @@ impl MethodConfig for PromptTuningConfig {
     }
 
     fn parameter_names(&self, model: &AdaptedModel) -> Vec<(ParamId, String)> {
-        embedding(model).map(|p| vec![(p.embedding.id, "prompt_encoder.embedding.weight".to_owned())]).unwrap_or_default()
+        model.inputs_of::<PromptEmbedding>().map(|p| vec![(p.embedding.id, "prompt_encoder.embedding.weight".to_owned())]).unwrap_or_default()
     }
 }
 
@@ -126,7 +151,10 @@ impl PeftMethod for PromptTuningConfig {
         if section.num_virtual_tokens == 0 {
             return Err("'adapter.num_virtual_tokens' must be at least 1 with method = \"prompt_tuning\"".into());
         }
-        Ok(Self { num_virtual_tokens: section.num_virtual_tokens })
+        if section.init_text.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err("'adapter.init_text' is empty".into());
+        }
+        Ok(Self { num_virtual_tokens: section.num_virtual_tokens, init_text: section.init_text })
     }
 
     fn recognises(folder: &AdapterFolder) -> bool {
@@ -134,7 +162,7 @@ impl PeftMethod for PromptTuningConfig {
     }
 
     fn from_folder(folder: &AdapterFolder) -> Result<Self, AdapterError> {
-        Ok(Self { num_virtual_tokens: folder.count("num_virtual_tokens")? })
+        Ok(Self { num_virtual_tokens: folder.count("num_virtual_tokens")?, init_text: init_text(folder) })
     }
 
     fn load(folder: &AdapterFolder, base: BaseModel, device: &Device) -> Result<(AdaptedModel, Self), AdapterError> {
@@ -147,6 +175,12 @@ impl PeftMethod for PromptTuningConfig {
             .float::<2>("prompt_embeddings", [n, base.config.hidden_size], LoadDtype::F32, device)
             .map_err(|e| AdapterError::invalid(&path, e.to_string()))?;
         let inputs = ModelAdapter::PromptTuning(PromptEmbedding { embedding: Param::from_tensor(table) });
-        Ok((AdaptedModel::with_inputs(base, Some(inputs)), Self { num_virtual_tokens: n }))
+        Ok((AdaptedModel::with_inputs(base, Some(inputs)), Self { num_virtual_tokens: n, init_text: init_text(folder) }))
     }
+}
+
+/// The text a PEFT `TEXT` init started from (for display and re-export; loading never re-initialises).
+fn init_text(folder: &AdapterFolder) -> Option<String> {
+    let is_text = folder.get("prompt_tuning_init").and_then(serde_json::Value::as_str) == Some("TEXT");
+    is_text.then(|| folder.get("prompt_tuning_init_text").and_then(serde_json::Value::as_str).map(str::to_owned)).flatten()
 }

@@ -1,0 +1,140 @@
+//! Writing outputs so that a crash, a kill or a full disk never leaves half a file: atomic
+//! folders and files, and the two formats every output is made of (safetensors, JSON).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Writes a folder through `write` into a temporary sibling, then renames it to `out`, so a
+/// crash never leaves a half-written output. An existing `out` is moved aside and removed only
+/// once the new one is in place; every file is synced before the rename and the parent folder
+/// after it. `io_error` turns a failed file operation into the caller's error type.
+pub fn write_dir_atomically<E>(
+    out: &Path,
+    write: impl FnOnce(&Path) -> Result<(), E>,
+    io_error: impl Fn(&Path, std::io::Error) -> E,
+) -> Result<(), E> {
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io_error(&tmp, e))?;
+    let result = write(&tmp).and_then(|()| {
+        sync_tree(&tmp).map_err(|(path, e)| io_error(&path, e))?;
+        let replacing = out.exists();
+        if replacing {
+            std::fs::rename(out, &old).map_err(|e| io_error(out, e))?;
+        }
+        std::fs::rename(&tmp, out).map_err(|e| io_error(out, e))?;
+        sync_dir(parent).map_err(|e| io_error(parent, e))?;
+        if replacing {
+            std::fs::remove_dir_all(&old).map_err(|e| io_error(&old, e))?;
+        }
+        Ok(())
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// Writes `bytes` to a temporary sibling of `path`, syncs it, renames it over `path` and syncs
+/// the folder: readers see the old file or the new one, never a part.
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = File::create(&tmp)?;
+        std::io::Write::write_all(&mut file, bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(parent)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Cleans up after writers killed in `dir`: removes `.<name>.tmp-<pid>` (never complete) and
+/// `.<name>.old-<pid>`, unless `<name>` is missing, when that old copy is the last good one and is
+/// put back.
+pub fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some((original, _)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".old-")) {
+            let original = dir.join(original);
+            if !original.exists() && std::fs::rename(&path, &original).is_ok() {
+                continue;
+            }
+        }
+        if name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-")) {
+            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        }
+    }
+}
+
+/// fsync of every file below `dir`, and of the folders themselves.
+fn sync_tree(dir: &Path) -> Result<(), (PathBuf, std::io::Error)> {
+    for entry in std::fs::read_dir(dir).map_err(|e| (dir.to_path_buf(), e))? {
+        let path = entry.map_err(|e| (dir.to_path_buf(), e))?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            File::open(&path).and_then(|f| f.sync_all()).map_err(|e| (path.clone(), e))?;
+        }
+    }
+    sync_dir(dir).map_err(|e| (dir.to_path_buf(), e))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+
+/// Pretty JSON with a final newline, as transformers and PEFT write their config files.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
+    std::fs::write(path, text + "\n")
+}
+
+/// A safetensors file with the `format: pt` metadata that transformers and PEFT expect (without
+/// it `from_pretrained` warns, and some loaders refuse the file).
+pub fn write_safetensors<S, V>(path: &Path, tensors: impl IntoIterator<Item = (S, V)>) -> std::io::Result<()>
+where
+    S: AsRef<str> + Ord + std::fmt::Display,
+    V: safetensors::View,
+{
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(e) => e,
+        other => std::io::Error::other(other.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer killed between moving the old folder aside and renaming the new one in leaves
+    /// only `.<name>.old-<pid>`: the cleanup puts it back; a half-written `.tmp-` goes.
+    #[test]
+    fn stale_temporaries_restore_the_last_good_folder() {
+        let dir = std::env::temp_dir().join(format!("ember-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join(".adapter.old-123")).unwrap();
+        std::fs::write(dir.join(".adapter.old-123/weights"), b"good").unwrap();
+        std::fs::create_dir_all(dir.join(".adapter.tmp-456")).unwrap();
+        remove_stale_temporaries(&dir);
+        assert_eq!(std::fs::read(dir.join("adapter/weights")).unwrap(), b"good");
+        assert!(!dir.join(".adapter.tmp-456").exists() && !dir.join(".adapter.old-123").exists());
+
+        write_dir_atomically(&dir.join("adapter"), |tmp| std::fs::write(tmp.join("weights"), b"new"), |_, e| e).unwrap();
+        assert_eq!(std::fs::read(dir.join("adapter/weights")).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "temporaries left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
