@@ -391,6 +391,11 @@ fn plot(run: &std::path::Path) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
+    // Training stops gracefully on the first signal; every other command exits at once, leaving
+    // no half-written output.
+    if let Err(e) = ember_trainer::interrupt::install(matches!(cli.command, Command::Train { .. })) {
+        eprintln!("warning: Ctrl-C and SIGTERM are not handled: {e}");
+    }
     let result = match cli.command {
         Command::Inspect { model: Some(dir), .. } if inspect::is_training_run(&dir) => inspect::training_run(&dir),
         Command::Inspect { model: Some(model), .. } => inspect::run(&model),
@@ -426,7 +431,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {}", message(&error));
+            let interrupted = matches!(error.downcast_ref::<TrainError>(), Some(TrainError::Interrupted { .. }));
+            eprintln!("{}{}", if interrupted { "" } else { "error: " }, message(&error));
             ExitCode::from(exit_code(&error))
         }
     }
@@ -434,25 +440,26 @@ fn main() -> ExitCode {
 
 /// The exit code of a failed command, from the kind of its error, in this one place: 2 when the
 /// user's input is at fault (arguments, recipe, data, model or adapter files), 1 when the command
-/// failed while running (a write, a NaN loss, …).
+/// failed while running (a write, a NaN loss, …), 128 + the signal when a signal stopped a run.
 fn exit_code(error: &anyhow::Error) -> u8 {
     use ember_adapters::AdapterError;
     use ember_data::{DatasetError, TokenizerError};
     use ember_models::LoadError;
     use ember_trainer::merge::MergeError;
     use ember_trainer::recipe::RecipeError;
-    let input = error.chain().find_map(|cause| {
+    let code = |is_input: bool| if is_input { 2 } else { 1 };
+    let found = error.chain().find_map(|cause| {
         if cause.is::<BadInput>() || cause.is::<RecipeError>() || cause.is::<DatasetError>() || cause.is::<TokenizerError>() {
-            return Some(true);
+            return Some(2);
         }
         cause
             .downcast_ref::<TrainError>()
-            .map(TrainError::is_input)
-            .or_else(|| cause.downcast_ref::<MergeError>().map(MergeError::is_input))
-            .or_else(|| cause.downcast_ref::<LoadError>().map(LoadError::is_input))
-            .or_else(|| cause.downcast_ref::<AdapterError>().map(AdapterError::is_input))
+            .map(TrainError::exit_code)
+            .or_else(|| cause.downcast_ref::<MergeError>().map(|e| code(e.is_input())))
+            .or_else(|| cause.downcast_ref::<LoadError>().map(|e| code(e.is_input())))
+            .or_else(|| cause.downcast_ref::<AdapterError>().map(|e| code(e.is_input())))
     });
-    if input == Some(true) { 2 } else { 1 }
+    found.unwrap_or(1) as u8
 }
 
 /// The error and its causes on one line, each said once (typed errors already name their cause).

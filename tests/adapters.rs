@@ -66,7 +66,7 @@ fn prompt_tuning_text_init_equals_peft() {
     let base = BaseModel::load(&dir, LoadDtype::F32, &device).unwrap();
     let config = PromptTuningConfig { num_virtual_tokens: 8, init_text: Some(text.to_owned()) };
     let model = Method::PromptTuning(config).config().init(base, 0, &device).unwrap();
-    let ours = model.inputs_of::<PromptEmbedding>().unwrap().embedding.val().into_data().to_vec::<f32>().unwrap();
+    let ours = model.inputs_of::<PromptEmbedding>().unwrap().embedding.val().into_data().try_to_vec::<f32>().unwrap();
     let bytes = std::fs::read(dir.join("adapters/prompt_tuning_text/adapter_model.safetensors")).unwrap();
     let saved = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let peft: Vec<f32> = saved.tensor("prompt_embeddings").unwrap().data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();

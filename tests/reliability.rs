@@ -1,12 +1,14 @@
 //! Reliability of `ember train`: a run killed at any point and resumed ends exactly like one
-//! never interrupted; NaN steps stop (or are skipped) without losing the last checkpoint; an
-//! output folder never mixes two runs.
+//! never interrupted; SIGTERM and Ctrl-C stop it after a step with a checkpoint; a full disk
+//! loses nothing; NaN steps stop (or are skipped) without losing the last checkpoint; an output
+//! folder never mixes two runs, nor serves two live processes; a bad record in a large file is
+//! named before training.
 
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{adapter_files, assert_bad_input, assert_error, ember, losses, read_json, recipe};
@@ -142,4 +144,209 @@ fn output_folder_of_another_run_needs_resume_or_overwrite() {
     let output = train(&recipe, &run, &[&quick[..], &["--overwrite", "--set", "train.seed=7"]].concat());
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(adapter_files(&run) != first, "--overwrite did not replace the run");
+}
+
+/// Starts a run of `steps` steps (a checkpoint every 3, two kept) and waits until
+/// `metrics.jsonl` shows `after` finished steps.
+fn start_run(recipe: &str, run: &Path, steps: usize, after: usize) -> Child {
+    let args = train_args(recipe, run, &["--set", &format!("train.max_steps={steps}")]);
+    let child = Command::new(env!("CARGO_BIN_EXE_ember")).args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while step_lines(run) < after && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child
+}
+
+fn send(child: &Child, signal: &str) {
+    let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+    assert!(status.success(), "kill {signal} failed");
+}
+
+/// Dot-named leftovers of unfinished writes in `dir`.
+fn temporaries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir).map_or(Vec::new(), |d| {
+        d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.contains(".tmp-") || n.contains(".old-")).collect()
+    })
+}
+
+/// SIGTERM (Slurm, Kubernetes) or Ctrl-C: the run finishes its step, saves a checkpoint, names it
+/// in one line and exits 143 / 130; `--resume` then ends exactly like a run never interrupted.
+#[test]
+fn a_signal_stops_after_the_step_with_a_checkpoint_and_resume_matches() {
+    for (name, signal, code) in [("ci/tiny-lora.toml", "-TERM", 143), ("ci/tiny-ptuning-v2.toml", "-INT", 130)] {
+        let recipe = recipe(name);
+        let out = tempfile::tempdir().unwrap();
+        let straight = out.path().join("straight");
+        assert!(train(&recipe, &straight, &["--set", "train.max_steps=40"]).status.success());
+
+        let run = out.path().join("interrupted");
+        let child = start_run(&recipe, &run, 40, 4);
+        send(&child, signal);
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "{name}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{name}: {stderr}");
+        let step: usize = stderr.split("after step ").nth(1).and_then(|s| s.split(':').next()).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{stderr}"));
+        assert!(stderr.contains(&format!("checkpoint {}", run.join(format!("checkpoints/step-{step:08}")).display())), "{stderr}");
+        assert!(stderr.contains("ember train --resume"), "{stderr}");
+        assert!(run.join(format!("checkpoints/step-{step:08}/state.json")).is_file());
+        assert!(!run.join("adapter").exists());
+
+        let output = train(&recipe, &run, &["--set", "train.max_steps=40", "--resume"]);
+        assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(adapter_files(&straight) == adapter_files(&run), "{name}: interrupted at step {step}: resumed adapter differs");
+        assert_eq!(losses(&straight), losses(&run), "{name}: interrupted at step {step}");
+    }
+}
+
+/// A second signal does not wait for the step: the process exits at once with 128 + signal,
+/// removing what it was half-way through writing; the last complete checkpoint resumes.
+#[test]
+fn a_second_signal_aborts_at_once_and_keeps_the_last_checkpoint() {
+    let recipe = recipe("ci/tiny-lora.toml");
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let child = start_run(&recipe, &run, 400, 4);
+    send(&child, "-INT");
+    send(&child, "-INT");
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(temporaries(&run.join("checkpoints")).is_empty(), "{:?}", temporaries(&run.join("checkpoints")));
+    let output = train(&recipe, &run, &["--set", "train.max_steps=12", "--resume"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// A signal while `ember merge` writes the merged model leaves neither the output folder nor a
+/// temporary behind.
+#[test]
+fn a_signal_during_merge_leaves_no_output() {
+    let base = common::fixtures().join("tiny_llama");
+    let out = tempfile::tempdir().unwrap();
+    let merged = out.path().join("merged");
+    let output = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["merge", "--base", base.to_str().unwrap(), "--adapter", base.join("adapters/lora").to_str().unwrap(), "--out", merged.to_str().unwrap()])
+        .env("EMBER_FAULT", "signal-in-merge@1")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(143), "{}", String::from_utf8_lossy(&output.stderr));
+    let left: Vec<_> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "merge left {left:?}");
+}
+
+/// A full disk while writing a checkpoint: exit 1 with one line naming the file and the OS
+/// error; the previous checkpoint stays, no temporary is left, and `--resume` ends like a run
+/// that never failed.
+#[test]
+fn a_full_disk_in_a_checkpoint_write_keeps_the_previous_one() {
+    let recipe = recipe("ci/tiny-lora.toml");
+    let out = tempfile::tempdir().unwrap();
+    let straight = out.path().join("straight");
+    assert!(train(&recipe, &straight, &[]).status.success());
+    let run = out.path().join("run");
+    let args = train_args(&recipe, &run, &[]);
+    let output = Command::new(env!("CARGO_BIN_EXE_ember")).args(&args).env("EMBER_FAULT", "disk-full-in-checkpoint@6").output().unwrap();
+    assert_error(&output, 1, &["step-00000006", "optimizer.bpk", "No space left on device"]);
+    assert!(run.join("checkpoints/step-00000003/state.json").is_file());
+    assert!(!run.join("checkpoints/step-00000006").exists() && !run.join("adapter").exists());
+    assert!(temporaries(&run.join("checkpoints")).is_empty(), "{:?}", temporaries(&run.join("checkpoints")));
+    finish(&recipe, &run);
+    assert!(adapter_files(&straight) == adapter_files(&run), "resumed adapter differs");
+    assert_eq!(losses(&straight), losses(&run));
+}
+
+/// A tmpfs mounted for the test; unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// `None`, with the reason printed, where this machine does not let the test mount one.
+    fn mount(dir: &Path, bytes: usize) -> Option<Self> {
+        std::fs::create_dir_all(dir).unwrap();
+        let output = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs", dir.to_str().unwrap()]).output();
+        match output {
+            Ok(o) if o.status.success() => Some(Tmpfs(dir.to_path_buf())),
+            Ok(o) => {
+                eprintln!("SKIP real full disk: mount -t tmpfs is not permitted here: {}", String::from_utf8_lossy(&o.stderr).trim());
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIP real full disk: no mount command: {e}");
+                None
+            }
+        }
+    }
+
+    fn resize(&self, bytes: usize) {
+        let status = Command::new("mount").args(["-o", &format!("remount,size={bytes}"), self.0.to_str().unwrap()]).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Bytes `dir` takes on a tmpfs: every file rounded up to whole 4 KiB pages.
+fn pages(dir: &Path) -> usize {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).map(|p| if p.is_dir() { pages(&p) } else { std::fs::metadata(&p).unwrap().len().div_ceil(4096) as usize * 4096 }).sum()
+}
+
+/// The same on a real filesystem that fills up: a tmpfs with room for the step-3 checkpoint and
+/// half of the next.
+#[test]
+fn a_real_full_disk_keeps_the_previous_checkpoint() {
+    let recipe = recipe("ci/tiny-lora.toml");
+    let out = tempfile::tempdir().unwrap();
+    let straight = out.path().join("straight");
+    assert!(train(&recipe, &straight, &["--set", "train.keep_checkpoints=0"]).status.success());
+    let checkpoint = pages(&straight.join("checkpoints/step-00000003"));
+    let size = pages(&straight).min(checkpoint * 3 / 2 + 3 * 4096 + std::fs::metadata(straight.join("metrics.jsonl")).unwrap().len() as usize);
+    let Some(disk) = Tmpfs::mount(&out.path().join("disk"), size.div_ceil(4096) * 4096) else { return };
+    let run = disk.0.join("run");
+    let output = train(&recipe, &run, &["--set", "train.keep_checkpoints=0"]);
+    assert_error(&output, 1, &["No space left on device", run.to_str().unwrap()]);
+    assert!(run.join("checkpoints/step-00000003/state.json").is_file(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(temporaries(&run.join("checkpoints")).is_empty() && temporaries(&run).is_empty(), "temporaries left behind");
+    disk.resize(64 << 20);
+    let output = train(&recipe, &run, &["--set", "train.keep_checkpoints=0", "--resume"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(adapter_files(&straight) == adapter_files(&run), "resumed adapter differs");
+    assert_eq!(losses(&straight), losses(&run));
+}
+
+/// Two processes never write one folder: a second run is refused (exit 2, naming the PID) while
+/// the first lives, and the kernel releases the lock when it dies, even by SIGKILL.
+#[test]
+fn a_live_run_locks_its_output_folder() {
+    let recipe = recipe("ci/tiny-lora.toml");
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let mut first = start_run(&recipe, &run, 4000, 1);
+    let second = train(&recipe, &run, &["--resume"]);
+    assert_bad_input(&second, &["in use by another ember run", &format!("pid {}", first.id())]);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let third = train(&recipe, &run, &["--overwrite", "--set", "train.max_steps=2"]);
+    assert!(third.status.success(), "stale lock: {}", String::from_utf8_lossy(&third.stderr));
+}
+
+/// A malformed record in the middle of a 52,002-record file (the size of Stanford Alpaca) is
+/// reported with its index before any training starts.
+#[test]
+fn a_bad_record_in_a_large_file_is_named_before_training() {
+    let out = tempfile::tempdir().unwrap();
+    let data = out.path().join("alpaca_52k.json");
+    let records: Vec<serde_json::Value> = (0..52_002)
+        .map(|i| match i {
+            26_001 => serde_json::json!({"instruction": "Say hi.", "input": "", "output": 7}),
+            _ => serde_json::json!({"instruction": format!("Count to {i}."), "input": "", "output": "1, 2, 3."}),
+        })
+        .collect();
+    std::fs::write(&data, serde_json::to_vec(&records).unwrap()).unwrap();
+    let run = out.path().join("run");
+    let output = train(&recipe("ci/tiny-lora.toml"), &run, &["--set", &format!("data.path=\"{}\"", data.display())]);
+    assert_bad_input(&output, &["alpaca_52k.json", "record 26001", "output"]);
+    assert!(!run.join("metrics.jsonl").exists(), "training started");
 }

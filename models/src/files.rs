@@ -3,11 +3,50 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// What this process is writing right now: the temporaries of unfinished atomic writes. A
+/// signal handler removes them before the process exits ([`exit_removing_temporaries`]); a
+/// killed process leaves them to [`remove_stale_temporaries`].
+static IN_PROGRESS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn in_progress() -> MutexGuard<'static, Vec<PathBuf>> {
+    IN_PROGRESS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A temporary registered in [`IN_PROGRESS`] until dropped.
+struct Temporary(PathBuf);
+
+impl Temporary {
+    fn new(path: &Path) -> Self {
+        in_progress().push(path.to_path_buf());
+        Temporary(path.to_path_buf())
+    }
+}
+
+impl Drop for Temporary {
+    fn drop(&mut self) {
+        in_progress().retain(|p| p != &self.0);
+    }
+}
+
+/// Removes every unfinished temporary of this process and exits with `code`, for a signal
+/// handler: no half-written output stays behind. A write that is renaming its temporary into
+/// place finishes that first (the renames happen under the same lock), so an output is either
+/// the old one or the new one.
+pub fn exit_removing_temporaries(code: i32) -> ! {
+    let mut paths = in_progress();
+    for path in paths.drain(..).rev() {
+        let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+    }
+    std::process::exit(code)
+}
 
 /// Writes a folder through `write` into a temporary sibling, then renames it to `out`, so a
 /// crash never leaves a half-written output. An existing `out` is moved aside and removed only
-/// once the new one is in place; every file is synced before the rename and the parent folder
-/// after it. `io_error` turns a failed file operation into the caller's error type.
+/// once the new one is in place (and put back if that fails); every file is synced before the
+/// rename and the parent folder after it. `io_error` turns a failed file operation into the
+/// caller's error type.
 pub fn write_dir_atomically<E>(
     out: &Path,
     write: impl FnOnce(&Path) -> Result<(), E>,
@@ -19,14 +58,22 @@ pub fn write_dir_atomically<E>(
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
+    let temporary = Temporary::new(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| io_error(&tmp, e))?;
     let result = write(&tmp).and_then(|()| {
         sync_tree(&tmp).map_err(|(path, e)| io_error(&path, e))?;
+        let swapping = in_progress();
         let replacing = out.exists();
         if replacing {
             std::fs::rename(out, &old).map_err(|e| io_error(out, e))?;
         }
-        std::fs::rename(&tmp, out).map_err(|e| io_error(out, e))?;
+        if let Err(e) = std::fs::rename(&tmp, out) {
+            if replacing {
+                let _ = std::fs::rename(&old, out);
+            }
+            return Err(io_error(out, e));
+        }
+        drop(swapping);
         sync_dir(parent).map_err(|e| io_error(parent, e))?;
         if replacing {
             std::fs::remove_dir_all(&old).map_err(|e| io_error(&old, e))?;
@@ -36,6 +83,7 @@ pub fn write_dir_atomically<E>(
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
+    drop(temporary);
     result
 }
 
@@ -45,16 +93,20 @@ pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let temporary = Temporary::new(&tmp);
     let result = (|| {
         let mut file = File::create(&tmp)?;
         std::io::Write::write_all(&mut file, bytes)?;
         file.sync_all()?;
+        let swapping = in_progress();
         std::fs::rename(&tmp, path)?;
+        drop(swapping);
         sync_dir(parent)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
+    drop(temporary);
     result
 }
 

@@ -76,6 +76,9 @@ pub fn save(
             if crate::fault::armed(crate::fault::Fault::KillInCheckpoint, state.position.step) {
                 crate::fault::kill_self();
             }
+            if crate::fault::armed(crate::fault::Fault::DiskFullInCheckpoint, state.position.step) {
+                return Err(io(&tmp.join("optimizer.bpk"), crate::fault::disk_full()));
+            }
             let optimizer_path = tmp.join("optimizer.bpk");
             optimizer.to_record().save(&optimizer_path).map_err(|e| failed(&optimizer_path, format!("{e:?}")))?;
             std::fs::copy(metrics, tmp.join("metrics.jsonl")).map_err(|e| io(metrics, e))?;

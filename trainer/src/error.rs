@@ -41,6 +41,15 @@ pub enum TrainError {
     /// Training went wrong (a NaN loss, an adapter that never moved).
     #[error("{0}")]
     Stopped(String),
+    /// Another live process holds the output folder's lock.
+    #[error("{}: output.dir is in use by another ember run (pid {pid}); wait for it to end or choose another output.dir", path.display())]
+    Locked { path: PathBuf, pid: String },
+    /// SIGINT or SIGTERM stopped the run after a finished optimizer step.
+    #[error("interrupted by {} after step {step}: {}", crate::interrupt::signal_name(*signal), match checkpoint {
+        Some(dir) => format!("checkpoint {}; ember train --resume continues from it", dir.display()),
+        None => "no step was finished, nothing to save".into(),
+    })]
+    Interrupted { signal: i32, step: usize, checkpoint: Option<PathBuf> },
 }
 
 impl TrainError {
@@ -49,10 +58,19 @@ impl TrainError {
     pub fn is_input(&self) -> bool {
         match self {
             TrainError::Recipe(_) | TrainError::Setting { .. } | TrainError::Dataset(_) | TrainError::Tokenizer(_) => true,
-            TrainError::Resume { .. } | TrainError::Output { .. } => true,
+            TrainError::Resume { .. } | TrainError::Output { .. } | TrainError::Locked { .. } => true,
             TrainError::Model(e) => e.is_input(),
             TrainError::Adapter(e) => e.is_input(),
-            TrainError::Write { .. } | TrainError::Checkpoint { .. } | TrainError::Stopped(_) => false,
+            TrainError::Write { .. } | TrainError::Checkpoint { .. } | TrainError::Stopped(_) | TrainError::Interrupted { .. } => false,
+        }
+    }
+
+    /// The exit code: 128 + the signal for an interrupted run, else 2 for bad input, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            TrainError::Interrupted { signal, .. } => 128 + signal,
+            _ if self.is_input() => 2,
+            _ => 1,
         }
     }
 

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod error;
 pub mod fault;
+pub mod interrupt;
 pub mod loss;
 pub mod memory;
 pub mod merge;

@@ -187,6 +187,11 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDt
                 let name = if shard_count == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{shard_count:05}.safetensors", i + 1) };
                 let path: PathBuf = tmp.join(&name);
                 ember_models::write_safetensors(&path, shard.iter().map(|t| (t.key.as_str(), *t))).map_err(|e| io(&path, e))?;
+                if crate::fault::armed(crate::fault::Fault::SignalInMerge, i + 1) {
+                    crate::fault::terminate_self();
+                    // The signal thread removes the temporary and exits.
+                    std::thread::sleep(std::time::Duration::from_secs(60));
+                }
                 for t in shard {
                     weight_map.insert(t.key.clone(), name.clone());
                 }

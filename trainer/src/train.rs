@@ -6,6 +6,7 @@
 //! (resume from a checkpoint, or evaluate the untrained adapter), `steps` (the loop, with its
 //! evaluations and checkpoints) and `finish` (final evaluation, adapter, plot, summary).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -24,6 +25,7 @@ use serde_json::json;
 use crate::checkpoint::{self, Position, State};
 use crate::error::TrainError;
 use crate::fault::{self, Fault};
+use crate::interrupt;
 use crate::loss::causal_lm_loss;
 use crate::recipe::{LrScheduler, OnNonfinite, Recipe};
 use crate::run::{Event, Metrics, StepReport, Summary};
@@ -42,6 +44,25 @@ pub enum Start {
 
 /// The files a run writes into its output folder.
 const RUN_FILES: &[&str] = &["metrics.jsonl", "summary.json", "adapter", "checkpoints", "training_curves.png"];
+
+/// An advisory lock on the output folder (`.ember.lock`, which holds the holder's PID), so two
+/// live processes never write one folder. The kernel releases it when its holder dies, so a
+/// killed run never leaves a stale lock.
+fn lock_output(dir: &Path) -> Result<std::fs::File, TrainError> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::write(dir, e))?;
+    let path = dir.join(".ember.lock");
+    let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| TrainError::write(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default().trim().to_owned();
+            return Err(TrainError::Locked { path: dir.to_path_buf(), pid: if pid.is_empty() { "unknown".into() } else { pid } });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(TrainError::write(&path, e)),
+    }
+    file.set_len(0).and_then(|()| writeln!(file, "{}", std::process::id())).map_err(|e| TrainError::write(&path, e))?;
+    Ok(file)
+}
 
 /// Refuses to mix two runs in one folder; with `Overwrite`, removes the old run's files first.
 fn prepare_output(dir: &Path, start: Start) -> Result<(), TrainError> {
@@ -239,6 +260,8 @@ struct Run<'a> {
     tokens_seen: usize,
     train_seconds: f64,
     last_checkpoint: Option<PathBuf>,
+    /// Held for the whole run (see [`lock_output`]).
+    _lock: std::fs::File,
 }
 
 impl<'a> Run<'a> {
@@ -249,6 +272,7 @@ impl<'a> Run<'a> {
         let t = &recipe.train;
         let device = recipe.model.device.device().map_err(|e| TrainError::Setting { key: "model.device", reason: e.to_string() })?.autodiff();
         device.seed(t.seed);
+        let lock = lock_output(&recipe.output.dir)?;
 
         let tokenizer = Tokenizer::from_dir(&recipe.model.path)?;
         let template = template(recipe)?;
@@ -306,7 +330,7 @@ impl<'a> Run<'a> {
         };
         Ok(Self {
             recipe, started, device, train_set, eval_set, pad_id, model, method, optimizer, total_steps, metrics, summary,
-            position: Position::default(), tokens_seen: 0, train_seconds: 0.0, last_checkpoint: resume_from,
+            position: Position::default(), tokens_seen: 0, train_seconds: 0.0, last_checkpoint: resume_from, _lock: lock,
         })
     }
 
@@ -353,6 +377,9 @@ impl<'a> Run<'a> {
             for (group_index, group) in batches.chunks(t.gradient_accumulation_steps).enumerate().skip(first_group) {
                 if self.position.step >= self.total_steps {
                     break 'epochs;
+                }
+                if let Some(signal) = interrupt::requested() {
+                    return self.interrupted(signal, on_event);
                 }
                 let epoch_progress = ((group_index + 1) * t.gradient_accumulation_steps).min(batches.len()) as f64 / batches.len() as f64;
                 self.step(group, epoch as f64 + epoch_progress, on_event)?;
@@ -432,6 +459,21 @@ impl<'a> Run<'a> {
             log_line: step % t.logging_steps.max(1) == 0 || step == self.total_steps,
         }));
         Ok(())
+    }
+
+    /// Stops the run for `signal` after the last finished step, with a checkpoint of it (unless
+    /// one exists already, or no step was finished).
+    fn interrupted(&mut self, signal: i32, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        let step = self.position.step;
+        let checkpoint = if step == 0 {
+            None
+        } else {
+            if self.last_checkpoint.as_deref() != Some(checkpoint::dir_for(&self.checkpoints(), step).as_path()) {
+                self.save_checkpoint(on_event)?;
+            }
+            self.last_checkpoint.clone()
+        };
+        Err(TrainError::Interrupted { signal, step, checkpoint })
     }
 
     fn save_checkpoint(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
