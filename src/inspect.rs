@@ -40,7 +40,7 @@ pub fn recipe(path: &Path, shape: Option<&str>) -> anyhow::Result<()> {
     );
     let t = &recipe.train;
     let batch = BatchShape::worst_case(t.micro_batch_size, recipe.data.cutoff_len);
-    let estimate = memory::estimate(&model, method, memory::weight_bytes(recipe.model.dtype, &model), &batch, t.step_options());
+    let estimate = memory::estimate(&model, method, memory::weight_bytes(recipe.model.dtype, &model), recipe.model.quantization(), &batch, t.step_options());
     let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
     println!(
         "memory:         ~{:.1} GiB peak (estimate; {} sequences of {} tokens, checkpointing {}, loss chunk {}): \

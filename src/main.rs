@@ -241,6 +241,12 @@ struct BenchArgs {
     /// Frozen base dtype: f32, bf16 or checkpoint.
     #[arg(long, default_value = "f32", value_parser = ember_models::LoadDtype::parse)]
     dtype: ember_models::LoadDtype,
+    /// Store the decoder projections quantized: none or nf4 (recipe: model.quantize).
+    #[arg(long, default_value = "none")]
+    quantize: String,
+    /// With --quantize nf4: double-quantized block scales (recipe: model.double_quant).
+    #[arg(long)]
+    double_quant: bool,
     /// Activation checkpointing per decoder layer (recipe: train.gradient_checkpointing).
     #[arg(long)]
     gradient_checkpointing: bool,
@@ -267,6 +273,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         model, data: args.data, method,
         batch: args.batch, cutoff: args.cutoff, steps: args.steps, warmup: args.warmup, threads: args.threads,
         device: args.device, dtype: args.dtype,
+        quantization: ember_models::nf4::Quantization::from_name(&args.quantize, args.double_quant).map_err(|e| bad_input(anyhow::anyhow!("--quantize {e}")))?,
         step: ember_trainer::step::StepOptions {
             checkpoint_layers: args.gradient_checkpointing, loss_chunk_tokens: args.loss_chunk_tokens, padding_free: !args.padded,
         },

@@ -25,6 +25,7 @@ use ember_data::{Batch, Record, SftOptions, Template, Tokenizer, sft};
 use ember_trainer::loss::causal_lm_loss;
 use ember_trainer::merge;
 use ember_trainer::step::{StepOptions, forward_backward};
+use ember_models::nf4::Quantization;
 use ember_models::{BaseModel, Checkpoint, KvCache, LoadDtype, ModelConfig};
 use serde_json::Value;
 
@@ -101,12 +102,20 @@ fn i64s(reference: &Checkpoint, key: &str) -> Result<(Vec<i64>, Vec<usize>), Str
     Ok((bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(), shape.to_vec()))
 }
 
+fn u8s(reference: &Checkpoint, key: &str) -> Result<(Vec<u8>, Vec<usize>), String> {
+    let (bytes, shape, dtype) = reference.bytes(key).map_err(|e| e.to_string())?;
+    if dtype != safetensors::Dtype::U8 {
+        return Err(format!("{key}: expected U8, found {dtype:?}"));
+    }
+    Ok((bytes.to_vec(), shape.to_vec()))
+}
+
 fn int_tensor(values: Vec<i64>, shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
-fn to_vec(t: Tensor<3>) -> Vec<f32> {
-    t.into_data().try_into_vec::<f32>().expect("f32 logits")
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_into_vec::<f32>().expect("f32 values")
 }
 
 fn main() -> ExitCode {
@@ -178,10 +187,14 @@ fn model_fixture(dir: &Path, name: &str, device: &Device, report: &mut Report) {
 
         let methods = info["methods"].as_object().cloned().unwrap_or_default();
         for (method, spec) in &methods {
-            if spec.get("quantization").is_some_and(|q| !q.is_null()) {
-                report.skip(name, method, "a quantized base (QLoRA) is not implemented yet");
-                continue;
-            }
+            let quantization = match spec.get("quantization").filter(|q| !q.is_null()) {
+                None => None,
+                Some(q) if q["quant_type"] == "nf4" => Some(Quantization::Nf4 { double_quant: q["double_quant"].as_bool().unwrap_or(false) }),
+                Some(q) => {
+                    report.skip(name, method, &format!("quantization {} is not implemented", q["quant_type"]));
+                    continue;
+                }
+            };
             let Some(adapter_dir) = spec["adapter_dir"].as_str().map(|d| dir.join(d)) else {
                 report.skip(name, method, "no adapter_dir");
                 continue;
@@ -191,7 +204,7 @@ fn model_fixture(dir: &Path, name: &str, device: &Device, report: &mut Report) {
                 report.skip(name, method, &format!("not a format ember reads: {e}"));
                 continue;
             }
-            let case = Case { dir, name, method, spec, reference: &reference, mask: &mask, shape: [batch, len], adapter_dir };
+            let case = Case { dir, name, method, spec, reference: &reference, mask: &mask, shape: [batch, len], adapter_dir, quantization };
             if let Err(e) = method_checks(&case, device, report) {
                 report.error(name, method, e);
             }
@@ -241,6 +254,14 @@ struct Case<'a> {
     mask: &'a [i64],
     shape: [usize; 2],
     adapter_dir: PathBuf,
+    /// The base's storage (QLoRA), as the fixture quantized it.
+    quantization: Option<Quantization>,
+}
+
+impl Case<'_> {
+    fn base(&self, device: &Device) -> Result<BaseModel, String> {
+        BaseModel::load_quantized(self.dir, LoadDtype::F32, self.quantization, device).map_err(|e| e.to_string())
+    }
 }
 
 /// Any method, through the registry: logits with the PEFT-saved adapter, a save/load round trip
@@ -252,7 +273,10 @@ fn method_checks(case: &Case, device: &Device, report: &mut Report) -> Result<()
     let (ids, _) = i64s(reference, "input_ids")?;
     let ids_t = || int_tensor(ids.clone(), [batch, len], device);
     let mask_t = || Some(int_tensor(mask.to_vec(), [batch, len], device));
-    let base = BaseModel::load(dir, LoadDtype::F32, device).map_err(|e| e.to_string())?;
+    let base = case.base(device)?;
+    if case.quantization.is_some() {
+        quantized_storage_checks(case, &base, report)?;
+    }
     let (model, config) = Method::load(&case.adapter_dir, base, device).map_err(|e| e.to_string())?;
     // Prompt tuning's logits lead with its virtual positions, as PEFT returns them.
     let virtual_tokens = model.virtual_tokens();
@@ -266,7 +290,7 @@ fn method_checks(case: &Case, device: &Device, report: &mut Report) -> Result<()
     // An adapter ember writes and reads back reproduces its own logits exactly.
     let saved = tempfile::tempdir().map_err(|e| e.to_string())?;
     config.config().save(&model, name, saved.path()).map_err(|e| e.to_string())?;
-    let base = BaseModel::load(dir, LoadDtype::F32, device).map_err(|e| e.to_string())?;
+    let base = case.base(device)?;
     let (reloaded, _) = Method::load(saved.path(), base, device).map_err(|e| e.to_string())?;
     let again = to_vec(reloaded.forward(ids_t(), mask_t()));
     report.check(name, &format!("{method}.save_load"), max_abs_on_mask(&again, &ours, &mask_ext, vocab), 0.0);
@@ -287,7 +311,7 @@ fn method_checks(case: &Case, device: &Device, report: &mut Report) -> Result<()
             .model
             .projections()
             .into_iter()
-            .map(|(module, p)| (format!("{module}.weight"), p.base.weight.val().into_data().try_to_vec::<f32>().expect("f32 weights")))
+            .map(|(module, p)| (format!("{module}.weight"), p.base.dense_weight().into_data().try_to_vec::<f32>().expect("f32 weights")))
             .collect();
         let mut max_abs = 0f32;
         for key in &merged_weights {
@@ -338,7 +362,7 @@ fn method_checks(case: &Case, device: &Device, report: &mut Report) -> Result<()
     // Loss and gradients on the Alpaca train batch, on the autodiff device, with the
     // training-time parameters (PEFT's projected prefix keeps its MLP apart from the saved table).
     let autodiff = device.clone().autodiff();
-    let base = BaseModel::load(dir, LoadDtype::F32, &autodiff).map_err(|e| e.to_string())?;
+    let base = case.base(&autodiff)?;
     let model = match training_prefix(case, &autodiff)? {
         Some(encoder) => AdaptedModel::with_inputs(base, Some(ModelAdapter::Prefix(encoder))),
         None => Method::load(&case.adapter_dir, base, &autodiff).map_err(|e| e.to_string())?.0,
@@ -373,6 +397,43 @@ fn method_checks(case: &Case, device: &Device, report: &mut Report) -> Result<()
         // Reported as the largest |error| beyond rtol·|ref|, checked against atol.
         report.check(name, &format!("{method}.{label}({expected_count})"), worst, GRAD_ATOL);
     }
+    Ok(())
+}
+
+/// QLoRA: every quantized projection holds bitsandbytes' bytes and scales exactly, and
+/// dequantizes to its weights exactly (`<prefix>.<w>.packed`, `.absmax`, `.dequantized`, and
+/// with double quantization `.absmax_quantized`, `.absmax2`, `.offset`).
+fn quantized_storage_checks(case: &Case, base: &BaseModel, report: &mut Report) -> Result<(), String> {
+    let q = &case.spec["quantization"];
+    let prefix = q["tensor_prefix"].as_str().ok_or("no quantization.tensor_prefix")?;
+    let quantized: Vec<&str> = q["quantized_modules"].as_array().ok_or("no quantization.quantized_modules")?.iter().filter_map(Value::as_str).collect();
+    let projections: HashMap<String, &ember_models::layers::Linear> = base.projections().into_iter().collect();
+    let bytes = |t: Tensor<1, Int>| t.into_data().convert::<i64>().try_to_vec::<i64>().expect("integers");
+    let (mut mismatches, mut checked) = (0, 0);
+    for module in &quantized {
+        let linear = projections.get(*module).ok_or_else(|| format!("{module}: not a projection of ember's model"))?;
+        let ember_models::layers::Weight::Nf4(weight) = &linear.weight else {
+            return Err(format!("{module}: ember did not quantize it"));
+        };
+        let key = |part: &str| format!("{prefix}.{module}.weight.{part}");
+        let (packed, _) = u8s(case.reference, &key("packed"))?;
+        let mut pairs: Vec<(Vec<f32>, Vec<f32>)> = vec![
+            (to_vec(weight.block_absmax()), f32s(case.reference, &key("absmax"))?.0),
+            (to_vec(weight.dequantize()), f32s(case.reference, &key("dequantized"))?.0),
+        ];
+        mismatches += usize::from(bytes(weight.packed.clone()) != packed.iter().map(|&b| b as i64).collect::<Vec<_>>());
+        if let ember_models::nf4::Absmax::Double(ember_models::nf4::DoubleQuant { codes, scales, offset }) = &weight.absmax {
+            let (codes_expected, _) = u8s(case.reference, &key("absmax_quantized"))?;
+            mismatches += usize::from(bytes(codes.clone()) != codes_expected.iter().map(|&b| b as i64).collect::<Vec<_>>());
+            pairs.push((to_vec(scales.clone()), f32s(case.reference, &key("absmax2"))?.0));
+            pairs.push((vec![*offset], f32s(case.reference, &key("offset"))?.0));
+        }
+        for (ours, theirs) in pairs {
+            mismatches += usize::from(ours.iter().map(|v| v.to_bits()).ne(theirs.iter().map(|v| v.to_bits())));
+        }
+        checked += 1;
+    }
+    report.exact(case.name, &format!("{}.nf4_storage({checked})", case.method), mismatches, checked);
     Ok(())
 }
 

@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 
 use common::{adapter_files, assert_bad_input, assert_error, ember, losses, read_json, recipe};
 
-const METHODS: [&str; 6] = [
+const METHODS: [&str; 7] = [
     "ci/tiny-lora.toml",
     "ci/tiny-ptuning-v2.toml",
     "ci/tiny-llama-adapter.toml",
     "ci/tiny-dora.toml",
     "ci/tiny-ia3.toml",
     "ci/tiny-prompt-tuning.toml",
+    "ci/tiny-qlora.toml",
 ];
 
 /// 12 steps with a checkpoint every 3, two kept.

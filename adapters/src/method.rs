@@ -181,3 +181,11 @@ pub(crate) fn read_json(path: &Path) -> Result<Value, AdapterError> {
 
 /// `peft_version` in the configs ember writes.
 pub(crate) const PEFT_VERSION: &str = concat!("ember ", env!("CARGO_PKG_VERSION"));
+
+/// Every `(recipe key, value)` of `method`'s section is at least 1.
+pub(crate) fn at_least_one(method: &str, keys: &[(&str, usize)]) -> Result<(), String> {
+    match keys.iter().find(|(_, value)| *value == 0) {
+        Some((key, _)) => Err(format!("'adapter.{key}' must be at least 1 with method = \"{method}\"")),
+        None => Ok(()),
+    }
+}

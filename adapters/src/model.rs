@@ -108,6 +108,14 @@ impl AdaptedModel {
         self.inputs.as_ref().and_then(T::of)
     }
 
+    /// [`Self::inputs_of`], for a method that cannot do without them (saving its adapter).
+    pub fn required_inputs<T: crate::registry::InputsOf>(&self) -> Result<&T, crate::AdapterError> {
+        self.inputs_of().ok_or_else(|| {
+            let name = std::any::type_name::<T>().rsplit("::").next().unwrap_or("decoder inputs");
+            crate::AdapterError::Config(format!("the model holds no {name}"))
+        })
+    }
+
     /// Every projection that carries a branch, with its HF module name.
     pub fn branches(&self) -> Vec<(String, &ProjectionAdapter)> {
         self.model.projections().into_iter().filter_map(|(name, p)| p.branch.as_ref().map(|b| (name, b))).collect()

@@ -6,29 +6,53 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::config::{RopeConfig, RopePairing, RopeScaling};
+use crate::nf4::Nf4Weight;
 
-/// `y = x Wᵀ + b` with `W` kept exactly as the checkpoint stores it: `[out, in]`.
+/// A frozen weight `[out, in]` (PyTorch layout): as the checkpoint stores it, or 4-bit.
+#[derive(Module, Debug)]
+pub enum Weight {
+    Dense(Param<Tensor<2>>),
+    Nf4(Nf4Weight),
+}
+
+/// `y = x Wᵀ + b` with `W` kept as the checkpoint stores it, `[out, in]`, or NF4-quantized.
 #[derive(Module, Debug)]
 pub struct Linear {
-    /// `[out_features, in_features]` (PyTorch layout).
-    pub weight: Param<Tensor<2>>,
+    pub weight: Weight,
     pub bias: Option<Param<Tensor<1>>>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
-        Self {
-            weight: Param::from_tensor(weight).set_require_grad(false),
-            bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
+        Self::with_weight(Weight::Dense(Param::from_tensor(weight).set_require_grad(false)), bias)
+    }
+
+    pub fn with_weight(weight: Weight, bias: Option<Tensor<1>>) -> Self {
+        Self { weight, bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)) }
+    }
+
+    /// The weight `[out, in]` as a dense tensor: the stored one, or NF4 dequantized to f32
+    /// (a transient the caller drops after use).
+    pub fn dense_weight(&self) -> Tensor<2> {
+        match &self.weight {
+            Weight::Dense(weight) => weight.val(),
+            Weight::Nf4(weight) => weight.dequantize(),
+        }
+    }
+
+    fn shape(&self) -> [usize; 2] {
+        match &self.weight {
+            Weight::Dense(weight) => weight.shape().dims::<2>(),
+            Weight::Nf4(weight) => weight.shape,
         }
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.shape().dims::<2>()[1]
+        self.shape()[1]
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.shape().dims::<2>()[0]
+        self.shape()[0]
     }
 
     /// # Shapes
@@ -37,7 +61,12 @@ impl Linear {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, i] = x.dims();
         // The transposed weight is a strided view: flex and torch GEMMs read it without a copy.
-        let y = x.reshape([b * s, i]).matmul(self.weight.val().transpose());
+        // A 4-bit weight is dequantized for this product only, in the activations' dtype.
+        let weight = match &self.weight {
+            Weight::Dense(weight) => weight.val(),
+            Weight::Nf4(weight) => weight.dequantize().cast(x.dtype()),
+        };
+        let y = x.reshape([b * s, i]).matmul(weight.transpose());
         let y = match &self.bias {
             Some(bias) => y + bias.val().unsqueeze_dim(0),
             None => y,

@@ -13,6 +13,7 @@ pub mod family;
 pub mod glm;
 pub mod layers;
 pub mod llama;
+pub mod nf4;
 pub mod transformer;
 
 use std::path::{Path, PathBuf};

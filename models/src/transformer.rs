@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
@@ -13,7 +13,8 @@ use crate::batch::{KvCache, Layout, TokenBatch};
 use crate::checkpoint::{Checkpoint, LoadDtype};
 use crate::config::ModelConfig;
 use crate::family::{KeyLayout, Role, check_checkpoint};
-use crate::layers::{Embedding, Linear, Projection, RmsNorm, Rope, attention_bias};
+use crate::layers::{Embedding, Linear, Projection, RmsNorm, Rope, Weight, attention_bias};
+use crate::nf4::{self, Nf4Weight, Quantization};
 use crate::LoadError;
 
 #[derive(Module, Debug)]
@@ -165,21 +166,29 @@ pub type BaseModel = CausalLm<Linear>;
 impl CausalLm<Linear> {
     /// Loads an HF model folder (config.json + safetensors). Every parameter is frozen.
     pub fn load(dir: &Path, dtype: LoadDtype, device: &Device) -> Result<Self, LoadError> {
+        Self::load_quantized(dir, dtype, None, device)
+    }
+
+    /// [`Self::load`], with the decoder projections quantized tensor by tensor as they load: the
+    /// full-precision model never exists in memory.
+    pub fn load_quantized(dir: &Path, dtype: LoadDtype, quantization: Option<Quantization>, device: &Device) -> Result<Self, LoadError> {
         let config = ModelConfig::from_dir(dir)?;
         let checkpoint = Checkpoint::open_dir(dir)?;
-        Ok(Self { name_or_path: Some(dir.to_path_buf()), ..Self::from_checkpoint(config, &checkpoint, dtype, device)? })
+        Ok(Self { name_or_path: Some(dir.to_path_buf()), ..Self::from_checkpoint(config, &checkpoint, dtype, quantization, device)? })
     }
 
     pub fn from_checkpoint(
         config: ModelConfig,
         checkpoint: &Checkpoint,
         dtype: LoadDtype,
+        quantization: Option<Quantization>,
         device: &Device,
     ) -> Result<Self, LoadError> {
         // Every name and shape is checked from the headers before any weight is read.
         check_checkpoint(&config, checkpoint)?;
         Self::from_tensors(
             config,
+            quantization,
             |key, [out, inp]| checkpoint.float(key, [out, inp], dtype, device),
             |key, len| checkpoint.float(key, [len], dtype, device),
         )
@@ -187,13 +196,14 @@ impl CausalLm<Linear> {
 
     /// A model of `config`'s shape with random weights (N(0, 0.02²), norms 1) in `dtype`, for
     /// benchmarks of checkpoints one does not have (e.g. LLaMA-7B-shaped). Seeded.
-    pub fn synthetic(config: ModelConfig, dtype: DType, seed: u64, device: &Device) -> Self {
+    pub fn synthetic(config: ModelConfig, dtype: DType, quantization: Option<Quantization>, seed: u64, device: &Device) -> Self {
         let seeded = |key: &str| {
             let hash = key.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
             device.seed(hash);
         };
         let model = Self::from_tensors(
             config,
+            quantization,
             |key, shape| {
                 seeded(key);
                 Ok(Tensor::<2>::random(shape, burn::tensor::Distribution::Normal(0.0, 0.02), device).cast(dtype))
@@ -205,18 +215,31 @@ impl CausalLm<Linear> {
         model.expect("synthetic tensors have the expected shapes")
     }
 
-    /// Builds the model from `matrix(key, [out, in])` and `vector(key, len)` (HF keys).
+    /// Builds the model from `matrix(key, [out, in])` and `vector(key, len)` (HF keys), each
+    /// decoder projection quantized as soon as it is read when `quantization` says so.
     fn from_tensors(
         config: ModelConfig,
+        quantization: Option<Quantization>,
         matrix: impl Fn(&str, [usize; 2]) -> Result<Tensor<2>, LoadError>,
         vector: impl Fn(&str, usize) -> Result<Tensor<1>, LoadError>,
     ) -> Result<Self, LoadError> {
         let keys = KeyLayout::of(config.architecture);
         let h = config.hidden_size;
-        let linear = |name: &str, [out, inp]: [usize; 2], bias: bool| -> Result<Linear, LoadError> {
+        let linear = |name: &str, [out, inp]: [usize; 2], bias: bool, quantize: Option<Quantization>| -> Result<Linear, LoadError> {
+            if quantize.is_some() && (out * inp) % nf4::BLOCK != 0 {
+                return Err(LoadError::ConfigKey {
+                    path: name.into(),
+                    key: "quantize".into(),
+                    reason: format!("NF4 stores blocks of {} values; this [{out}, {inp}] weight has {}", nf4::BLOCK, out * inp),
+                });
+            }
             let weight = matrix(&format!("{name}.weight"), [out, inp])?;
+            let weight = match quantize {
+                Some(Quantization::Nf4 { double_quant }) => Weight::Nf4(Nf4Weight::from_tensor(weight, double_quant)),
+                None => Weight::Dense(Param::from_tensor(weight).set_require_grad(false)),
+            };
             let bias = if bias { Some(vector(&format!("{name}.bias"), out)?) } else { None };
-            Ok(Linear::new(weight, bias))
+            Ok(Linear::with_weight(weight, bias))
         };
         let norm = |name: &str| -> Result<RmsNorm, LoadError> { Ok(RmsNorm::new(vector(&format!("{name}.weight"), h)?, config.rms_norm_eps)) };
 
@@ -226,14 +249,14 @@ impl CausalLm<Linear> {
             let projections = keys
                 .projections(&config, i)
                 .into_iter()
-                .map(|p| Ok((p.role, linear(&p.name, p.shape, p.bias)?)))
+                .map(|p| Ok((p.role, linear(&p.name, p.shape, p.bias, quantization)?)))
                 .collect::<Result<Vec<_>, LoadError>>()?;
             let input_norm = norm(&format!("{layer}.{}", keys.input_norm))?;
             let post_attention_norm = norm(&format!("{layer}.{}", keys.post_attention_norm))?;
             layers.push(DecoderLayer::from_table(&config, input_norm, post_attention_norm, projections));
         }
         let embed_tokens = Embedding::new(matrix(&format!("{}.weight", keys.embed), [config.vocab_size, h])?);
-        let lm_head = if config.tie_word_embeddings { None } else { Some(linear(keys.lm_head, [config.vocab_size, h], false)?) };
+        let lm_head = if config.tie_word_embeddings { None } else { Some(linear(keys.lm_head, [config.vocab_size, h], false, None)?) };
         Ok(Self {
             embed_tokens,
             layers,

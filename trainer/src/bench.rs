@@ -15,6 +15,7 @@ use ember_adapters::Method;
 use ember_data::sft::{SftOptions, build_example};
 use ember_data::{Batch, Record, Template, Tokenizer, alpaca};
 use ember_models::device::DeviceName;
+use ember_models::nf4::Quantization;
 use ember_models::{BaseModel, LoadDtype, ModelConfig};
 use serde_json::{Value, json};
 
@@ -43,6 +44,7 @@ pub struct BenchOptions {
     pub threads: Option<usize>,
     pub device: DeviceName,
     pub dtype: LoadDtype,
+    pub quantization: Option<Quantization>,
     pub step: StepOptions,
 }
 
@@ -80,7 +82,7 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
     let dtype = o.dtype;
 
     let (tokenizer_dir, base) = match &o.model {
-        BenchModel::Dir(dir) => (dir.clone(), BaseModel::load(dir, dtype, &autodiff).map_err(|e| e.to_string())?),
+        BenchModel::Dir(dir) => (dir.clone(), BaseModel::load_quantized(dir, dtype, o.quantization, &autodiff).map_err(|e| e.to_string())?),
         BenchModel::Synthetic { shape, tokenizer } => {
             let (mut json, source) = shape_config(shape).map_err(|e| format!("--synthetic {e}"))?;
             // Token ids must fit the embedding: widen the vocabulary to the tokenizer's.
@@ -90,7 +92,7 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
             }
             let config = ModelConfig::from_json(&json, &source).map_err(|e| e.to_string())?;
             let float = if dtype == LoadDtype::F32 { DType::F32 } else { DType::BF16 };
-            (tokenizer.clone(), BaseModel::synthetic(config, float, 0, &autodiff))
+            (tokenizer.clone(), BaseModel::synthetic(config, float, o.quantization, 0, &autodiff))
         }
     };
     let tokenizer = Tokenizer::from_dir(&tokenizer_dir).map_err(|e| e.to_string())?;
@@ -138,7 +140,7 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
     }
     let seconds = started.map_or(0.0, |t| t.elapsed().as_secs_f64());
     let weight_bytes = memory::weight_bytes(o.dtype, model.config());
-    let estimated = shapes.iter().map(|shape| estimate(model.config(), method, weight_bytes, shape, o.step).total()).fold(0.0, f64::max);
+    let estimated = shapes.iter().map(|shape| estimate(model.config(), method, weight_bytes, o.quantization, shape, o.step).total()).fold(0.0, f64::max);
     Ok(json!({
         "impl": "ember", "burn": "0.22.1", "method": method.config().name(), "device": o.device.to_string(),
         "flush_denormal": false, "dtype": o.dtype.name(), "threads": o.threads,

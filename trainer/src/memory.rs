@@ -4,6 +4,8 @@
 //! comparison with measured peaks is in BENCHMARKS.md.
 
 use ember_adapters::Method;
+use ember_models::family::KeyLayout;
+use ember_models::nf4::{self, Quantization};
 use ember_models::{LoadDtype, ModelConfig};
 
 use crate::step::StepOptions;
@@ -43,8 +45,16 @@ impl BatchShape {
 }
 
 /// Estimated peak memory of training `method` on `model` with weights of `weight_bytes` per
-/// value (activations take the same dtype; norms, softmax and LoRA branches compute in f32).
-pub fn estimate(model: &ModelConfig, method: &Method, weight_bytes: usize, batch: &BatchShape, options: StepOptions) -> MemoryEstimate {
+/// value (activations take the same dtype; norms, softmax and LoRA branches compute in f32), the
+/// decoder projections stored as `quantization` says.
+pub fn estimate(
+    model: &ModelConfig,
+    method: &Method,
+    weight_bytes: usize,
+    quantization: Option<Quantization>,
+    batch: &BatchShape,
+    options: StepOptions,
+) -> MemoryEstimate {
     let a = weight_bytes as f64;
     let (h, kv, f) = (model.q_dim() as f64, model.kv_dim() as f64, model.intermediate_size as f64);
     let hidden = model.hidden_size as f64;
@@ -68,11 +78,17 @@ pub fn estimate(model: &ModelConfig, method: &Method, weight_bytes: usize, batch
     let layer = tokens * (norms + attention + mlp + own) + score_cells * (4.0 + a);
     // Layers below the lowest trainable one build no graph.
     let layers = (model.num_layers - method.first_trainable_layer(model)) as f64;
+    // A 4-bit base's projections are dequantized for each product, and the graph keeps that
+    // dense copy until backward: per layer with a graph, its projections in the compute dtype.
+    let dequantized = match quantization {
+        Some(_) => projection_sizes(model).iter().sum::<usize>() as f64 / model.num_layers as f64 * a,
+        None => 0.0,
+    };
     let kept = if options.checkpoint_layers {
         // Each layer's input, then one layer recomputed with its graph.
-        layers * tokens * a * hidden + layer
+        layers * tokens * a * hidden + layer + dequantized
     } else {
-        layers * layer
+        layers * (layer + dequantized)
     };
     // Backward of one layer allocates about as much again as it frees.
     let activations = kept + layer;
@@ -89,11 +105,27 @@ pub fn estimate(model: &ModelConfig, method: &Method, weight_bytes: usize, batch
 
     let trainable = method.count_trainable(model) as f64;
     MemoryEstimate {
-        weights: model.num_params() as f64 * a,
+        weights: stored_weight_bytes(model, a, quantization),
         adapter: trainable * 4.0 * 5.0,
         activations,
         loss,
     }
+}
+
+/// The frozen base: every weight at `a` bytes, or the decoder projections in 4 bits plus the
+/// transient of dequantizing the largest one (its i64 codes, then f32 values and the scaled copy).
+fn stored_weight_bytes(model: &ModelConfig, a: f64, quantization: Option<Quantization>) -> f64 {
+    let Some(Quantization::Nf4 { double_quant }) = quantization else { return model.num_params() as f64 * a };
+    let projections = projection_sizes(model);
+    let quantized: usize = projections.iter().sum();
+    let largest = projections.iter().copied().max().unwrap_or(0) as f64;
+    (model.num_params() - quantized) as f64 * a + quantized as f64 * nf4::bytes_per_value(double_quant) + largest * 24.0
+}
+
+/// Values of every decoder projection, from the family's table.
+fn projection_sizes(model: &ModelConfig) -> Vec<usize> {
+    let keys = KeyLayout::of(model.architecture);
+    (0..model.num_layers).flat_map(|i| keys.projections(model, i)).map(|p| p.shape[0] * p.shape[1]).collect()
 }
 
 /// Bytes per weight for a recipe's `model.dtype` (`f32`, `bf16`, or `checkpoint`: the
@@ -126,8 +158,8 @@ mod tests {
         let method = Method::Lora(LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, use_rslora: false, target: Target::AllLinear, layers_to_transform: None });
         let batch = BatchShape::worst_case(4, 512);
         let gib = |e: MemoryEstimate| e.total() / (1u64 << 30) as f64;
-        let lean = estimate(&model, &method, weight_bytes(LoadDtype::Checkpoint, &model), &batch, StepOptions { checkpoint_layers: true, loss_chunk_tokens: 1024, padding_free: true });
-        let full = estimate(&model, &method, 2, &batch, StepOptions { checkpoint_layers: false, loss_chunk_tokens: 0, padding_free: true });
+        let lean = estimate(&model, &method, weight_bytes(LoadDtype::Checkpoint, &model), None, &batch, StepOptions { checkpoint_layers: true, loss_chunk_tokens: 1024, padding_free: true });
+        let full = estimate(&model, &method, 2, None, &batch, StepOptions { checkpoint_layers: false, loss_chunk_tokens: 0, padding_free: true });
         assert!((12.0..16.0).contains(&(lean.weights / (1u64 << 30) as f64)), "{lean:?}");
         assert!(gib(lean) < 18.0, "{} GiB: {lean:?}", gib(lean));
         assert!(gib(full) > 24.0, "{} GiB: {full:?}", gib(full));

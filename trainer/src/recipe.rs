@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use ember_adapters::Method;
 use ember_models::LoadDtype;
+use ember_models::nf4::Quantization;
 use ember_models::device::DeviceName;
 use serde::Deserialize;
 use toml::Value;
@@ -54,6 +55,30 @@ pub struct ModelSection {
     /// Adapter parameters and optimizer state are f32 in every case.
     #[serde(default = "default_dtype")]
     pub dtype: LoadDtype,
+    /// `none`, or `nf4` (QLoRA): the decoder projections stored in 4 bits, quantized while loading.
+    #[serde(default)]
+    pub quantize: QuantizeKind,
+    /// With `nf4`: the block scales in 8 bits too (bitsandbytes' `bnb_4bit_use_double_quant`).
+    #[serde(default)]
+    pub double_quant: bool,
+}
+
+/// `model.quantize`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantizeKind {
+    #[default]
+    None,
+    Nf4,
+}
+
+impl ModelSection {
+    pub fn quantization(&self) -> Option<Quantization> {
+        match self.quantize {
+            QuantizeKind::None => None,
+            QuantizeKind::Nf4 => Some(Quantization::Nf4 { double_quant: self.double_quant }),
+        }
+    }
 }
 
 /// `[adapter]`: the method with its own keys (see each method's section type in the adapters
@@ -204,7 +229,7 @@ fn default_cutoff() -> usize {
 
 /// Every key a recipe may hold, by section (for "did you mean" suggestions).
 const KEYS: &[(&str, &[&str])] = &[
-    ("model", &["path", "device", "dtype"]),
+    ("model", &["path", "device", "dtype", "quantize", "double_quant"]),
     // The method's own keys come from its section type (`adapter_keys`).
     ("adapter", &["method", "init_from"]),
     ("data", &["path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "val_size", "group_by_length"]),

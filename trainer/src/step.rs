@@ -268,7 +268,7 @@ mod tests {
         let device = Device::flex().autodiff();
         for config in configs() {
             for method in methods() {
-                let base = BaseModel::synthetic(config.clone(), DType::F32, 3, &device);
+                let base = BaseModel::synthetic(config.clone(), DType::F32, None, 3, &device);
                 let mut model = method.config().init(base, 5, &device).unwrap();
                 // Non-zero LoRA B and gates, so every parameter has a non-trivial gradient.
                 let mut grads = GradientsAccumulator::new();
@@ -312,7 +312,7 @@ mod tests {
         let device = Device::flex().autodiff();
         let config = configs().remove(0);
         let method = Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: Some(16) });
-        let model = method.config().init(BaseModel::synthetic(config, DType::F32, 3, &device), 5, &device).unwrap();
+        let model = method.config().init(BaseModel::synthetic(config, DType::F32, None, 3, &device), 5, &device).unwrap();
         let b = batch();
         let shape = [b.batch, b.seq];
         let ids = Tensor::<2, Int>::from_data(TensorData::new(b.input_ids.clone(), shape), &device);

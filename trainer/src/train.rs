@@ -292,7 +292,7 @@ impl<'a> Run<'a> {
         )));
         let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
 
-        let base = BaseModel::load(&recipe.model.path, recipe.model.dtype, &device)?;
+        let base = BaseModel::load_quantized(&recipe.model.path, recipe.model.dtype, recipe.model.quantization(), &device)?;
         let (model, method) = match &recipe.adapter.init_from {
             Some(dir) => Method::load(dir, base, &device)?,
             None => {

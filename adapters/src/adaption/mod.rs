@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use crate::method::{AdapterFolder, MethodConfig, PEFT_VERSION, PeftMethod};
+use crate::method::{AdapterFolder, MethodConfig, PEFT_VERSION, PeftMethod, at_least_one};
 use crate::registry::{DecoderInputs, ModelAdapter};
 use crate::{AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
 
@@ -202,7 +202,7 @@ impl MethodConfig for AdaptionConfig {
     }
 
     fn save(&self, model: &AdaptedModel, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
-        let prompts = model.inputs_of::<AdaptionPrompts>().ok_or_else(|| AdapterError::Config("the model holds no adaption prompts".into()))?;
+        let prompts = model.required_inputs::<AdaptionPrompts>()?;
         prompts.save_peft(model.config(), base_model, dir)
     }
 
@@ -223,11 +223,7 @@ impl PeftMethod for AdaptionConfig {
     type Section = AdaptionSection;
 
     fn from_section(section: AdaptionSection) -> Result<Self, String> {
-        for (key, value) in [("adapter.adapter_len", section.adapter_len), ("adapter.adapter_layers", section.adapter_layers)] {
-            if value == 0 {
-                return Err(format!("'{key}' must be at least 1 with method = \"adaption\""));
-            }
-        }
+        at_least_one(Self::NAME, &[("adapter_len", section.adapter_len), ("adapter_layers", section.adapter_layers)])?;
         Ok(Self { adapter_len: section.adapter_len, adapter_layers: section.adapter_layers })
     }
 

@@ -41,7 +41,7 @@ pub struct DoraBranch {
 impl DoraBranch {
     /// `n = ‖W + s·B·A‖` per output row, f32 `[out]`, no gradient.
     fn weight_norm(&self, base: &Linear) -> Tensor<1> {
-        let v = base.weight.val().cast(DType::F32) + self.lora.delta_weight().detach();
+        let v = base.dense_weight().cast(DType::F32) + self.lora.delta_weight().detach();
         let out = v.dims()[0];
         v.powi_scalar(2).sum_dim(1).sqrt().reshape([out]).detach()
     }
@@ -50,7 +50,7 @@ impl DoraBranch {
 /// `x Wᵀ` without the bias.
 fn weight_only(base: &Linear, x: Tensor<3>) -> Tensor<3> {
     let [b, s, i] = x.dims();
-    x.reshape([b * s, i]).matmul(base.weight.val().transpose()).reshape([b, s, base.out_features()])
+    x.reshape([b * s, i]).matmul(base.dense_weight().transpose()).reshape([b, s, base.out_features()])
 }
 
 impl ProjectionBranch for DoraBranch {
@@ -73,7 +73,7 @@ impl ProjectionBranch for DoraBranch {
 
     /// `W' = (m / n)[:, None] ⊙ (W + s·B·A)`, the bias unchanged.
     fn merged(self, base: Linear) -> Linear {
-        let weight = base.weight.val();
+        let weight = base.dense_weight();
         let g = (self.magnitude.val() / self.weight_norm(&base)).unsqueeze_dim::<2>(1);
         let merged = ((weight.clone().cast(DType::F32) + self.lora.delta_weight()) * g).cast(weight.dtype());
         Linear::new(merged, base.bias.map(|b| b.val()))
@@ -120,7 +120,7 @@ impl MethodConfig for DoraConfig {
             |name, linear| {
                 Ok(self.0.targets(name).then(|| {
                     let lora = LoraBranch::init(linear, &self.0, &mut rng, device);
-                    let norm = linear.weight.val().cast(DType::F32).powi_scalar(2).sum_dim(1).sqrt().reshape([linear.out_features()]);
+                    let norm = linear.dense_weight().cast(DType::F32).powi_scalar(2).sum_dim(1).sqrt().reshape([linear.out_features()]);
                     ProjectionAdapter::Dora(DoraBranch { lora, magnitude: Param::from_tensor(norm.detach()) })
                 }))
             },

@@ -88,7 +88,7 @@ impl ProjectionBranch for Ia3Vector {
     /// `W ⊙ l` (rows for an output scale, columns for an input scale); an output scale also
     /// scales the bias.
     fn merged(self, base: Linear) -> Linear {
-        let weight = base.weight.val();
+        let weight = base.dense_weight();
         let l = self.scale.val();
         let merged = (weight.clone().cast(DType::F32) * l.clone()).cast(weight.dtype());
         let bias = base.bias.map(|b| {

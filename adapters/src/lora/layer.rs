@@ -73,7 +73,7 @@ impl ProjectionBranch for LoraBranch {
     }
 
     fn merged(self, base: Linear) -> Linear {
-        let weight = base.weight.val();
+        let weight = base.dense_weight();
         let merged = (weight.clone().cast(DType::F32) + self.delta_weight()).cast(weight.dtype());
         Linear::new(merged, base.bias.map(|b| b.val()))
     }

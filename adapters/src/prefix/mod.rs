@@ -11,7 +11,6 @@ use std::path::Path;
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::{Device, Tensor, TensorData};
-use ember_models::layers::Linear;
 use ember_models::{Architecture, BaseModel, Checkpoint, LayerExtras, LoadDtype, ModelConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -19,7 +18,7 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::method::{AdapterFolder, FolderFormat, MethodConfig, PEFT_VERSION, PeftMethod, read_json};
+use crate::method::{AdapterFolder, FolderFormat, MethodConfig, PEFT_VERSION, PeftMethod, at_least_one, read_json};
 use crate::registry::{DecoderInputs, ModelAdapter};
 use crate::{AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
 
@@ -39,15 +38,35 @@ pub fn is_chatglm_ptuning(model: &ModelConfig) -> bool {
 }
 
 /// A trainable linear layer of the reparameterization MLP, `[out, in]` weight as PyTorch.
-fn trainable_linear(weight: Tensor<2>, bias: Tensor<1>) -> Linear {
-    Linear { weight: Param::from_tensor(weight), bias: Some(Param::from_tensor(bias)) }
+#[derive(Module, Debug)]
+pub struct TrainableLinear {
+    pub weight: Param<Tensor<2>>,
+    pub bias: Param<Tensor<1>>,
+}
+
+impl TrainableLinear {
+    fn new(weight: Tensor<2>, bias: Tensor<1>) -> Self {
+        Self { weight: Param::from_tensor(weight), bias: Param::from_tensor(bias) }
+    }
+
+    fn out_features(&self) -> usize {
+        self.weight.shape().dims::<2>()[0]
+    }
+
+    /// # Shapes
+    /// - x: `[1, n, in]`
+    /// - output: `[1, n, out]`
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, i] = x.dims();
+        (x.reshape([b * n, i]).matmul(self.weight.val().transpose()) + self.bias.val().unsqueeze_dim(0)).reshape([b, n, self.out_features()])
+    }
 }
 
 /// `second(tanh(first(embedding)))`.
 #[derive(Module, Debug)]
 pub struct PrefixMlp {
-    pub first: Linear,
-    pub second: Linear,
+    pub first: TrainableLinear,
+    pub second: TrainableLinear,
 }
 
 /// The prefix parameters and how the per-layer keys/values are laid out in the table.
@@ -136,7 +155,7 @@ impl PrefixEncoder {
             let mut uniform = |len: usize| (0..len).map(|_| rng.random_range(-bound..bound) as f32).collect::<Vec<f32>>();
             let weight = Tensor::from_data(TensorData::new(uniform(out * inp), [out, inp]), device);
             let bias = Tensor::from_data(TensorData::new(uniform(out), [out]), device);
-            trainable_linear(weight, bias)
+            TrainableLinear::new(weight, bias)
         };
         let mlp = PrefixMlp { first: linear(token, hidden), second: linear(hidden, width) };
         Self::new(embedding, Some(mlp), model, !chatglm)
@@ -180,9 +199,7 @@ impl PrefixEncoder {
         if let Some(mlp) = &self.projection {
             for (name, layer) in [("trans.0", &mlp.first), ("trans.2", &mlp.second)] {
                 tensors.push(SavedTensor::new(format!("{prefix}.{name}.weight"), layer.weight.val()));
-                if let Some(bias) = &layer.bias {
-                    tensors.push(SavedTensor::new(format!("{prefix}.{name}.bias"), bias.val()));
-                }
+                tensors.push(SavedTensor::new(format!("{prefix}.{name}.bias"), layer.bias.val()));
             }
         }
         let config = json!({ "pre_seq_len": self.num_virtual_tokens(), "prefix_projection": self.projection.is_some() });
@@ -248,8 +265,8 @@ pub fn load_chatglm_ptuning(dir: &Path, model: &ModelConfig, device: &Device) ->
     let mlp = if projection {
         let hidden = model.hidden_size;
         Some(PrefixMlp {
-            first: trainable_linear(load2(&format!("{prefix}.trans.0.weight"), [hidden, width])?, load1(&format!("{prefix}.trans.0.bias"), hidden)?),
-            second: trainable_linear(load2(&format!("{prefix}.trans.2.weight"), [width, hidden])?, load1(&format!("{prefix}.trans.2.bias"), width)?),
+            first: TrainableLinear::new(load2(&format!("{prefix}.trans.0.weight"), [hidden, width])?, load1(&format!("{prefix}.trans.0.bias"), hidden)?),
+            second: TrainableLinear::new(load2(&format!("{prefix}.trans.2.weight"), [width, hidden])?, load1(&format!("{prefix}.trans.2.bias"), width)?),
         })
     } else {
         None
@@ -264,7 +281,7 @@ pub fn from_training_params(
     mlp: Option<(Tensor<2>, Tensor<1>, Tensor<2>, Tensor<1>)>,
     model: &ModelConfig,
 ) -> PrefixEncoder {
-    let projection = mlp.map(|(w0, b0, w2, b2)| PrefixMlp { first: trainable_linear(w0, b0), second: trainable_linear(w2, b2) });
+    let projection = mlp.map(|(w0, b0, w2, b2)| PrefixMlp { first: TrainableLinear::new(w0, b0), second: TrainableLinear::new(w2, b2) });
     PrefixEncoder::new(embedding, projection, model, true)
 }
 
@@ -329,7 +346,7 @@ impl MethodConfig for PrefixConfig {
     }
 
     fn save(&self, model: &AdaptedModel, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
-        let prefix = model.inputs_of::<PrefixEncoder>().ok_or_else(|| AdapterError::Config("the model holds no prefix encoder".into()))?;
+        let prefix = model.required_inputs::<PrefixEncoder>()?;
         prefix.save(model.config(), base_model, dir)
     }
 
@@ -342,9 +359,7 @@ impl MethodConfig for PrefixConfig {
         if let Some(mlp) = &p.projection {
             for (name, layer) in [(first, &mlp.first), (second, &mlp.second)] {
                 names.push((layer.weight.id, format!("{root}.{name}.weight")));
-                if let Some(bias) = &layer.bias {
-                    names.push((bias.id, format!("{root}.{name}.bias")));
-                }
+                names.push((layer.bias.id, format!("{root}.{name}.bias")));
             }
         }
         names
@@ -356,9 +371,7 @@ impl PeftMethod for PrefixConfig {
     type Section = PrefixSection;
 
     fn from_section(section: PrefixSection) -> Result<Self, String> {
-        if section.num_virtual_tokens == 0 {
-            return Err("'adapter.num_virtual_tokens' must be at least 1 with method = \"prefix\"".into());
-        }
+        at_least_one(Self::NAME, &[("num_virtual_tokens", section.num_virtual_tokens)])?;
         Ok(Self { num_virtual_tokens: section.num_virtual_tokens, prefix_projection: section.prefix_projection, encoder_hidden_size: section.encoder_hidden_size })
     }
 

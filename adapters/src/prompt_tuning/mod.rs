@@ -17,7 +17,7 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::method::{AdapterFolder, MethodConfig, PEFT_VERSION, PeftMethod};
+use crate::method::{AdapterFolder, MethodConfig, PEFT_VERSION, PeftMethod, at_least_one};
 use crate::registry::{DecoderInputs, ModelAdapter};
 use crate::{AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
 
@@ -114,7 +114,7 @@ impl MethodConfig for PromptTuningConfig {
     }
 
     fn save(&self, model: &AdaptedModel, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
-        let prompt = model.inputs_of::<PromptEmbedding>().ok_or_else(|| AdapterError::Config("the model holds no prompt-tuning embeddings".into()))?;
+        let prompt = model.required_inputs::<PromptEmbedding>()?;
         let config = model.config();
         let adapter_config = json!({
             "peft_type": "PROMPT_TUNING",
@@ -148,9 +148,7 @@ impl PeftMethod for PromptTuningConfig {
     type Section = PromptTuningSection;
 
     fn from_section(section: PromptTuningSection) -> Result<Self, String> {
-        if section.num_virtual_tokens == 0 {
-            return Err("'adapter.num_virtual_tokens' must be at least 1 with method = \"prompt_tuning\"".into());
-        }
+        at_least_one(Self::NAME, &[("num_virtual_tokens", section.num_virtual_tokens)])?;
         if section.init_text.as_deref().is_some_and(|t| t.trim().is_empty()) {
             return Err("'adapter.init_text' is empty".into());
         }

@@ -1,0 +1,328 @@
+//! bitsandbytes' NF4 (QLoRA's 4-bit NormalFloat), so a frozen base takes 4.5 bits a weight (4.1
+//! with double quantization) and never exists in full precision: weights are quantized tensor by
+//! tensor while loading and dequantized one projection at a time in the forward pass.
+//!
+//! Layout, as `bitsandbytes.functional.quantize_4bit` (blocksize 64, uint8 storage): the weight
+//! `[out, in]` is flattened row-major into blocks of 64 consecutive values (a block may straddle
+//! rows); each block keeps its absolute maximum in f32 and each value the index of the nearest
+//! NF4 code to `w / absmax`, two a byte, the first in the high nibble. Double quantization stores
+//! the absmax values themselves in 8 bits: minus their mean, in blocks of 256 with an f32 scale
+//! each, as indices into bitsandbytes' signed dynamic 8-bit map.
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+/// Values per 4-bit block.
+pub const BLOCK: usize = 64;
+/// Absmax values per 8-bit block (double quantization).
+pub const ABSMAX_BLOCK: usize = 256;
+
+/// `bitsandbytes.functional.get_4bit_type("nf4")`, as f32 bits (index = 4-bit code).
+const NF4_BITS: [u32; 16] = [
+    0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0, 0xbe91a24d, 0xbe3d353f, 0xbdba7871, 0x00000000,
+    0x3da2faff, 0x3e24cae3, 0x3e7c04dd, 0x3ead033a, 0x3ee1a4b8, 0x3f1007ab, 0x3f3913b3, 0x3f800000,
+];
+
+/// `bitsandbytes.functional.create_dynamic_map(signed=True)`, ascending, as f32 bits: the 8-bit
+/// codes of double-quantized absmax values.
+const DYNAMIC_MAP_BITS: [u32; 256] = [
+    0xbf7e3333, 0xbf7a999a, 0xbf770000, 0xbf736666, 0xbf6fcccd, 0xbf6c3333, 0xbf68999a, 0xbf650000,
+    0xbf616666, 0xbf5dcccd, 0xbf5a3333, 0xbf56999a, 0xbf530000, 0xbf4f6666, 0xbf4bcccd, 0xbf483333,
+    0xbf44999a, 0xbf410000, 0xbf3d6666, 0xbf39cccd, 0xbf363334, 0xbf32999a, 0xbf2f0000, 0xbf2b6666,
+    0xbf27cccd, 0xbf243334, 0xbf20999a, 0xbf1d0000, 0xbf196666, 0xbf15cccd, 0xbf123334, 0xbf0e999a,
+    0xbf0b0000, 0xbf076666, 0xbf03cccc, 0xbf003333, 0xbef93332, 0xbef20000, 0xbeeacccc, 0xbee3999a,
+    0xbedc6666, 0xbed53333, 0xbece0000, 0xbec6cccc, 0xbebf999a, 0xbeb86666, 0xbeb13333, 0xbeaa0000,
+    0xbea2cccc, 0xbe9b999a, 0xbe946666, 0xbe8d3334, 0xbe860000, 0xbe7d9999, 0xbe6f3333, 0xbe60cccd,
+    0xbe526666, 0xbe440000, 0xbe35999a, 0xbe273333, 0xbe18cccd, 0xbe0a6666, 0xbdf80000, 0xbddb3334,
+    0xbdc9eb85, 0xbdc428f7, 0xbdbe6667, 0xbdb8a3d7, 0xbdb2e148, 0xbdad1eb8, 0xbda75c2a, 0xbda1999a,
+    0xbd9bd70a, 0xbd96147b, 0xbd9051eb, 0xbd8a8f5d, 0xbd84cccd, 0xbd7e147b, 0xbd728f5d, 0xbd670a3d,
+    0xbd5b851f, 0xbd500000, 0xbd447ae1, 0xbd38f5c3, 0xbd2d70a3, 0xbd21eb85, 0xbd166667, 0xbd0ae148,
+    0xbcfeb852, 0xbce7ae15, 0xbcd0a3d7, 0xbcb9999a, 0xbca28f5d, 0xbc8b851f, 0xbc68f5c3, 0xbc3ae148,
+    0xbc1f3b64, 0xbc160418, 0xbc0ccccd, 0xbc039581, 0xbbf4bc6a, 0xbbe24dd3, 0xbbcfdf3b, 0xbbbd70a4,
+    0xbbab020d, 0xbb989374, 0xbb8624dd, 0xbb676c8a, 0xbb428f5c, 0xbb1db22d, 0xbaf1a9fc, 0xbaa7ef9d,
+    0xba7765ff, 0xba59e83e, 0xba3c6a80, 0xba1eecc1, 0xba016f01, 0xb9c7e283, 0xb98ce705, 0xb923d70b,
+    0xb8ba1f4b, 0xb88aefb3, 0xb8378034, 0xb7b24206, 0xb70205ff, 0xb65a1a94, 0xb513a3b7, 0x00000000,
+    0x3513a3b7, 0x365a1a94, 0x370205ff, 0x37b24206, 0x38378034, 0x388aefb3, 0x38ba1f4b, 0x3923d70b,
+    0x398ce705, 0x39c7e283, 0x3a016f01, 0x3a1eecc1, 0x3a3c6a80, 0x3a59e83e, 0x3a7765ff, 0x3aa7ef9d,
+    0x3af1a9fc, 0x3b1db22d, 0x3b428f5c, 0x3b676c8a, 0x3b8624dd, 0x3b989374, 0x3bab020d, 0x3bbd70a4,
+    0x3bcfdf3b, 0x3be24dd3, 0x3bf4bc6a, 0x3c039581, 0x3c0ccccd, 0x3c160418, 0x3c1f3b64, 0x3c3ae148,
+    0x3c68f5c3, 0x3c8b851f, 0x3ca28f5d, 0x3cb9999a, 0x3cd0a3d7, 0x3ce7ae15, 0x3cfeb852, 0x3d0ae148,
+    0x3d166667, 0x3d21eb85, 0x3d2d70a3, 0x3d38f5c3, 0x3d447ae1, 0x3d500000, 0x3d5b851f, 0x3d670a3d,
+    0x3d728f5d, 0x3d7e147b, 0x3d84cccd, 0x3d8a8f5d, 0x3d9051eb, 0x3d96147b, 0x3d9bd70a, 0x3da1999a,
+    0x3da75c2a, 0x3dad1eb8, 0x3db2e148, 0x3db8a3d7, 0x3dbe6667, 0x3dc428f7, 0x3dc9eb85, 0x3ddb3334,
+    0x3df80000, 0x3e0a6666, 0x3e18cccd, 0x3e273333, 0x3e35999a, 0x3e440000, 0x3e526666, 0x3e60cccd,
+    0x3e6f3333, 0x3e7d9999, 0x3e860000, 0x3e8d3334, 0x3e946666, 0x3e9b999a, 0x3ea2cccc, 0x3eaa0000,
+    0x3eb13333, 0x3eb86666, 0x3ebf999a, 0x3ec6cccc, 0x3ece0000, 0x3ed53333, 0x3edc6666, 0x3ee3999a,
+    0x3eeacccc, 0x3ef20000, 0x3ef93332, 0x3f003333, 0x3f03cccc, 0x3f076666, 0x3f0b0000, 0x3f0e999a,
+    0x3f123334, 0x3f15cccd, 0x3f196666, 0x3f1d0000, 0x3f20999a, 0x3f243334, 0x3f27cccd, 0x3f2b6666,
+    0x3f2f0000, 0x3f32999a, 0x3f363334, 0x3f39cccd, 0x3f3d6666, 0x3f410000, 0x3f44999a, 0x3f483333,
+    0x3f4bcccd, 0x3f4f6666, 0x3f530000, 0x3f56999a, 0x3f5a3333, 0x3f5dcccd, 0x3f616666, 0x3f650000,
+    0x3f68999a, 0x3f6c3333, 0x3f6fcccd, 0x3f736666, 0x3f770000, 0x3f7a999a, 0x3f7e3333, 0x3f800000,
+];
+
+fn table<const N: usize>(bits: &[u32; N]) -> [f32; N] {
+    bits.map(f32::from_bits)
+}
+
+/// The midpoints between neighbours of the ascending `codes`, computed in f32 as bitsandbytes does.
+fn midpoints(codes: &[f32]) -> Vec<f32> {
+    codes.windows(2).map(|pair| (pair[0] + pair[1]) / 2.0).collect()
+}
+
+/// The index of the nearest code: the number of `midpoints` strictly below `x`, as
+/// `torch.bucketize` (a value on a midpoint takes the lower code).
+fn nearest(midpoints: &[f32], x: f32) -> u8 {
+    midpoints.partition_point(|&m| m < x) as u8
+}
+
+/// The f32 sum of `values` in the order of torch's single-threaded CPU `sum` (8-wide vectors, then
+/// the remainder and the lanes one by one), so that double quantization's offset,
+/// `torch.mean(absmax)`, matches to the last bit: it decides codes near a rounding boundary.
+/// (On very large arrays torch splits the sum across threads; there the last bit may differ.)
+fn torch_sum(values: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let vectors: Vec<[f32; LANES]> = values.chunks_exact(LANES).map(|c| c.try_into().expect("8 values")).collect();
+    if vectors.is_empty() {
+        let scalars: Vec<[f32; 1]> = values.iter().map(|&v| [v]).collect();
+        return cascade_sum(&scalars)[0];
+    }
+    let lanes = cascade_sum(&vectors);
+    values[vectors.len() * LANES..].iter().chain(&lanes).fold(0.0, |total, &v| total + v)
+}
+
+/// torch's `row_sum`: four accumulators over groups of four items, each accumulator a cascade
+/// of four levels (a level is emptied into the next every `2^level_power` groups).
+fn cascade_sum<const W: usize>(items: &[[f32; W]]) -> [f32; W] {
+    const ILP: usize = 4;
+    const LEVELS: usize = 4;
+    let add = |a: [f32; W], b: [f32; W]| -> [f32; W] { std::array::from_fn(|i| a[i] + b[i]) };
+    let groups = items.len() / ILP;
+    let ceil_log2 = if groups <= 1 { 0 } else { (usize::BITS - (groups - 1).leading_zeros()) as usize };
+    let level_power = 4.max(ceil_log2 / LEVELS);
+    let (step, mask) = (1usize << level_power, (1usize << level_power) - 1);
+    let mut acc = [[[0f32; W]; ILP]; LEVELS];
+    let mut i = 0;
+    while i + step <= groups {
+        for _ in 0..step {
+            for k in 0..ILP {
+                acc[0][k] = add(acc[0][k], items[i * ILP + k]);
+            }
+            i += 1;
+        }
+        for j in 1..LEVELS {
+            for k in 0..ILP {
+                acc[j][k] = add(acc[j][k], acc[j - 1][k]);
+                acc[j - 1][k] = [0.0; W];
+            }
+            if i & (mask << (j * level_power)) != 0 {
+                break;
+            }
+        }
+    }
+    for group in i..groups {
+        for k in 0..ILP {
+            acc[0][k] = add(acc[0][k], items[group * ILP + k]);
+        }
+    }
+    for j in 1..LEVELS {
+        for k in 0..ILP {
+            acc[0][k] = add(acc[0][k], acc[j][k]);
+        }
+    }
+    let mut partial = acc[0];
+    for &item in &items[groups * ILP..] {
+        partial[0] = add(partial[0], item);
+    }
+    (1..ILP).fold(partial[0], |total, k| add(total, partial[k]))
+}
+
+/// Per block of `block` values: the absolute maximum, and every value scaled by its reciprocal
+/// and clamped to [−1, 1] (an f32 product with the reciprocal, as bitsandbytes computes it).
+fn blockwise(values: &[f32], block: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut absmax = Vec::with_capacity(values.len().div_ceil(block));
+    let mut scaled = Vec::with_capacity(values.len());
+    for chunk in values.chunks(block) {
+        let max = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let inverse = 1.0 / max;
+        absmax.push(max);
+        // An all-zero block has no scale: its values are the code 0.0.
+        scaled.extend(chunk.iter().map(|&v| if max == 0.0 { 0.0 } else { (v * inverse).clamp(-1.0, 1.0) }));
+    }
+    (absmax, scaled)
+}
+
+/// How a base's decoder projections are stored (recipe `model.quantize`). Embeddings, the LM
+/// head and the norms stay in the checkpoint's precision, as transformers leaves them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    /// bitsandbytes' NF4, optionally with double-quantized block scales.
+    Nf4 { double_quant: bool },
+}
+
+impl Quantization {
+    /// From its recipe / command-line name: `none` or `nf4`.
+    pub fn from_name(name: &str, double_quant: bool) -> Result<Option<Self>, String> {
+        match name {
+            "none" => Ok(None),
+            "nf4" => Ok(Some(Quantization::Nf4 { double_quant })),
+            other => Err(format!("'{other}' is not a quantization (none, nf4)")),
+        }
+    }
+}
+
+/// A block's absmax values, as stored.
+#[derive(Module, Debug)]
+pub enum Absmax {
+    /// One f32 per block.
+    Exact(Tensor<1>),
+    Double(DoubleQuant),
+}
+
+/// Double-quantized absmax values: 8-bit codes `[blocks]`, one f32 scale per 256 blocks and
+/// the mean that was subtracted.
+#[derive(Module, Debug)]
+pub struct DoubleQuant {
+    pub codes: Tensor<1, Int>,
+    pub scales: Tensor<1>,
+    pub offset: f32,
+}
+
+/// An NF4-quantized frozen weight `[out, in]`.
+#[derive(Module, Debug)]
+pub struct Nf4Weight {
+    /// Two 4-bit codes a byte, `[out · in / 2]` (u8).
+    pub packed: Tensor<1, Int>,
+    pub absmax: Absmax,
+    pub shape: [usize; 2],
+}
+
+impl Nf4Weight {
+    /// Quantizes `values` (`[out, in]` row-major, f32) on the host.
+    pub fn quantize(values: &[f32], shape: [usize; 2], double_quant: bool, device: &Device) -> Self {
+        let n = shape[0] * shape[1];
+        assert!(values.len() == n && n % BLOCK == 0, "NF4 needs [out, in] with out·in a multiple of {BLOCK} (checked by the loader)");
+        let codes = midpoints(&table(&NF4_BITS));
+        let (absmax, scaled) = blockwise(values, BLOCK);
+        let packed: Vec<u8> = scaled.chunks(2).map(|pair| (nearest(&codes, pair[0]) << 4) | nearest(&codes, pair[1])).collect();
+        let absmax = if double_quant {
+            let offset = torch_sum(&absmax) / absmax.len() as f32;
+            let centred: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
+            let (scales, scaled) = blockwise(&centred, ABSMAX_BLOCK);
+            let map = midpoints(&table(&DYNAMIC_MAP_BITS));
+            let codes: Vec<u8> = scaled.iter().map(|&c| nearest(&map, c)).collect();
+            Absmax::Double(DoubleQuant { codes: u8_tensor(codes, device), scales: Tensor::from_data(TensorData::new(scales.clone(), [scales.len()]), device), offset })
+        } else {
+            Absmax::Exact(Tensor::from_data(TensorData::new(absmax.clone(), [absmax.len()]), device))
+        };
+        Self { packed: u8_tensor(packed, device), absmax, shape }
+    }
+
+    /// Quantizes a weight already on `weight`'s device (copied to the host once, then dropped by
+    /// the caller), so that a model is quantized tensor by tensor while it loads.
+    pub fn from_tensor(weight: Tensor<2>, double_quant: bool) -> Self {
+        let (shape, device) = (weight.dims(), weight.device());
+        let values = weight.cast(burn::tensor::DType::F32).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
+        Self::quantize(&values, shape, double_quant, &device)
+    }
+
+    /// The absmax of every block, f32 `[blocks]` (recovered from the 8-bit codes with double
+    /// quantization: `map[code] · scale + offset`, an f32 multiply then add).
+    pub fn block_absmax(&self) -> Tensor<1> {
+        match &self.absmax {
+            Absmax::Exact(absmax) => absmax.clone(),
+            Absmax::Double(DoubleQuant { codes, scales, offset }) => {
+                let blocks = codes.dims()[0];
+                let groups = scales.dims()[0];
+                let device = codes.device();
+                let map = Tensor::<1>::from_data(TensorData::new(table(&DYNAMIC_MAP_BITS).to_vec(), [256]), &device);
+                let values = map.select(0, codes.clone().cast(burn::tensor::DType::I64));
+                // Pad to whole groups of 256 so each group meets its scale by broadcasting.
+                let padded = Tensor::cat(vec![values, Tensor::zeros([groups * ABSMAX_BLOCK - blocks], &device)], 0);
+                (padded.reshape([groups, ABSMAX_BLOCK]) * scales.clone().reshape([groups, 1])).reshape([groups * ABSMAX_BLOCK]).narrow(0, 0, blocks).add_scalar(*offset)
+            }
+        }
+    }
+
+    /// The f32 weight `[out, in]`: `code[q] · absmax[block]`.
+    pub fn dequantize(&self) -> Tensor<2> {
+        let device = self.packed.device();
+        let n = self.shape[0] * self.shape[1];
+        let packed = self.packed.clone().cast(burn::tensor::DType::I64);
+        // byte j holds element 2j in its high nibble and 2j + 1 in its low one.
+        let high = packed.clone().bitwise_right_shift_scalar(4);
+        let low = packed.bitwise_and_scalar(0xF);
+        let indices = Tensor::stack::<2>(vec![high, low], 1).reshape([n]);
+        let codes = Tensor::<1>::from_data(TensorData::new(table(&NF4_BITS).to_vec(), [16]), &device);
+        let values = codes.select(0, indices).reshape([n / BLOCK, BLOCK]);
+        (values * self.block_absmax().reshape([n / BLOCK, 1])).reshape(self.shape)
+    }
+
+    /// Bytes this weight takes (packed codes and block scales).
+    pub fn bytes(&self) -> usize {
+        let n = self.shape[0] * self.shape[1];
+        n / 2 + match &self.absmax {
+            Absmax::Exact(_) => n / BLOCK * 4,
+            Absmax::Double(double) => n / BLOCK + double.scales.dims()[0] * 4 + 4,
+        }
+    }
+}
+
+/// Storage per quantized value: the 4-bit code plus its share of the block scales.
+pub fn bytes_per_value(double_quant: bool) -> f64 {
+    if double_quant { 0.5 + 1.0 / BLOCK as f64 + 4.0 / (BLOCK * ABSMAX_BLOCK) as f64 } else { 0.5 + 4.0 / BLOCK as f64 }
+}
+
+fn u8_tensor(values: Vec<u8>, device: &Device) -> Tensor<1, Int> {
+    let len = values.len();
+    Tensor::from_data(TensorData::new(values, [len]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README example: W[0, 0:2] = (−0.09978, −0.18361) in a block of absmax 0.358009
+    /// quantizes to byte 0x42 and dequantizes to code · absmax.
+    #[test]
+    fn quantizes_and_dequantizes_as_bitsandbytes() {
+        let device = Device::flex();
+        let mut values = vec![0.0f32; BLOCK];
+        values[0] = -0.09978;
+        values[1] = -0.18361;
+        values[2] = 0.358009;
+        let weight = Nf4Weight::quantize(&values, [1, BLOCK], false, &device);
+        let packed = weight.packed.clone().into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+        assert_eq!(packed[0], 0x42);
+        let codes = table(&NF4_BITS);
+        let deq = weight.dequantize().into_data().try_to_vec::<f32>().unwrap();
+        assert_eq!(deq[0], codes[4] * 0.358009);
+        assert_eq!(deq[1], codes[2] * 0.358009);
+        assert_eq!(deq[2], 0.358009);
+        assert_eq!(deq[3], 0.0);
+    }
+
+    /// torch.sum's bits (torch 2.11, one thread), where a plain sequential or f64 sum differs.
+    #[test]
+    fn sums_in_torch_order() {
+        for (n, bits) in [(7, 0x403ad288u32), (64, 0x42009d49), (1000, 0x43ff399a), (70000, 0x470b7380)] {
+            let values: Vec<f32> = (0..n).map(|i| ((i as f64 * 0.7071) % 1.0) as f32 + 0.01f32).collect();
+            assert_eq!(torch_sum(&values).to_bits(), bits, "n = {n}");
+        }
+    }
+
+    /// Double quantization changes only the scales, by at most one step of the 8-bit map.
+    #[test]
+    fn double_quantization_keeps_the_codes() {
+        let device = Device::flex();
+        let values: Vec<f32> = (0..BLOCK * 300).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i / BLOCK) as f32 / 300.0)).collect();
+        let plain = Nf4Weight::quantize(&values, [300, BLOCK], false, &device);
+        let double = Nf4Weight::quantize(&values, [300, BLOCK], true, &device);
+        assert_eq!(plain.packed.clone().into_data(), double.packed.clone().into_data());
+        let exact = plain.block_absmax().into_data().try_to_vec::<f32>().unwrap();
+        let recovered = double.block_absmax().into_data().try_to_vec::<f32>().unwrap();
+        for (e, r) in exact.iter().zip(&recovered) {
+            assert!((e - r).abs() < 0.02 * e.abs().max(1e-3), "{e} vs {r}");
+        }
+        assert!(double.bytes() < plain.bytes());
+    }
+}
