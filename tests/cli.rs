@@ -410,3 +410,17 @@ fn group_digits(n: usize) -> String {
     }
     out
 }
+
+/// `model.quantize = "int8"` trains; `double_quant` without nf4 is refused, naming the key.
+#[test]
+fn int8_base_trains_and_double_quant_needs_nf4() {
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let set_dir = format!("output.dir=\"{}\"", run.display());
+    let args = ["train", &recipe("ci/tiny-lora.toml"), "--quiet", "--set", &set_dir, "--set", "model.quantize=\"int8\"", "--set", "train.max_steps=3"];
+    let output = ember(&args);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(run.join("adapter/adapter_model.safetensors").is_file());
+    let output = ember(&["train", &recipe("ci/tiny-lora.toml"), "--set", "model.double_quant=true"]);
+    assert_bad_input(&output, &["model.double_quant", "nf4"]);
+}

@@ -201,7 +201,8 @@ impl Checkpoint {
         };
         let data = TensorData::from_bytes_vec(bytes.to_vec(), expected, burn_dtype);
         self.release(key);
-        let tensor = Tensor::<D>::from_data(data, device);
+        // The file's dtype, explicitly: without one, burn converts to the device's default (f32).
+        let tensor = Tensor::<D>::from_data(data, (device, burn_dtype));
         Ok(match dtype {
             LoadDtype::F32 if burn_dtype != DType::F32 => tensor.cast(DType::F32),
             LoadDtype::Bf16 if burn_dtype != DType::BF16 => tensor.cast(DType::BF16),

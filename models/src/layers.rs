@@ -6,13 +6,25 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::config::{RopeConfig, RopePairing, RopeScaling};
-use crate::nf4::Nf4Weight;
+use crate::nf4::{Int8Weight, Nf4Weight};
 
 /// A frozen weight `[out, in]` (PyTorch layout): as the checkpoint stores it, or 4-bit.
 #[derive(Module, Debug)]
 pub enum Weight {
     Dense(Param<Tensor<2>>),
     Nf4(Nf4Weight),
+    Int8(Int8Weight),
+}
+
+impl Weight {
+    /// The stored tensor, or the quantized one dequantized to f32.
+    fn dense(&self) -> Tensor<2> {
+        match self {
+            Weight::Dense(weight) => weight.val(),
+            Weight::Nf4(weight) => weight.dequantize(),
+            Weight::Int8(weight) => weight.dequantize(),
+        }
+    }
 }
 
 /// `y = x Wᵀ + b` with `W` kept as the checkpoint stores it, `[out, in]`, or NF4-quantized.
@@ -31,19 +43,17 @@ impl Linear {
         Self { weight, bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)) }
     }
 
-    /// The weight `[out, in]` as a dense tensor: the stored one, or NF4 dequantized to f32
-    /// (a transient the caller drops after use).
+    /// The weight `[out, in]` as a dense tensor: the stored one, or dequantized to f32 (a
+    /// transient the caller drops after use).
     pub fn dense_weight(&self) -> Tensor<2> {
-        match &self.weight {
-            Weight::Dense(weight) => weight.val(),
-            Weight::Nf4(weight) => weight.dequantize(),
-        }
+        self.weight.dense()
     }
 
     fn shape(&self) -> [usize; 2] {
         match &self.weight {
             Weight::Dense(weight) => weight.shape().dims::<2>(),
             Weight::Nf4(weight) => weight.shape,
+            Weight::Int8(weight) => weight.shape,
         }
     }
 
@@ -61,10 +71,10 @@ impl Linear {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, i] = x.dims();
         // The transposed weight is a strided view: flex and torch GEMMs read it without a copy.
-        // A 4-bit weight is dequantized for this product only, in the activations' dtype.
+        // A quantized weight is dequantized for this product only, in the activations' dtype.
         let weight = match &self.weight {
             Weight::Dense(weight) => weight.val(),
-            Weight::Nf4(weight) => weight.dequantize().cast(x.dtype()),
+            quantized => quantized.dense().cast(x.dtype()),
         };
         let y = x.reshape([b * s, i]).matmul(weight.transpose());
         let y = match &self.bias {

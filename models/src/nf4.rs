@@ -157,6 +157,8 @@ fn blockwise(values: &[f32], block: usize) -> (Vec<f32>, Vec<f32>) {
 pub enum Quantization {
     /// bitsandbytes' NF4, optionally with double-quantized block scales.
     Nf4 { double_quant: bool },
+    /// ember's 8-bit blocks ([`Int8Weight`]).
+    Int8,
 }
 
 impl Quantization {
@@ -165,7 +167,9 @@ impl Quantization {
         match name {
             "none" => Ok(None),
             "nf4" => Ok(Some(Quantization::Nf4 { double_quant })),
-            other => Err(format!("'{other}' is not a quantization (none, nf4)")),
+            "int8" if !double_quant => Ok(Some(Quantization::Int8)),
+            "int8" => Err("double quantization is for nf4 only".into()),
+            other => Err(format!("'{other}' is not a quantization (none, nf4, int8)")),
         }
     }
 }
@@ -243,17 +247,15 @@ impl Nf4Weight {
         }
     }
 
-    /// The f32 weight `[out, in]`: `code[q] · absmax[block]`.
+    /// The f32 weight `[out, in]`: `code[q] · absmax[block]`. Each byte looks up its two values
+    /// at once in a 256-row table (high nibble first), so the codes are never unpacked.
     pub fn dequantize(&self) -> Tensor<2> {
         let device = self.packed.device();
         let n = self.shape[0] * self.shape[1];
-        let packed = self.packed.clone().cast(burn::tensor::DType::I64);
-        // byte j holds element 2j in its high nibble and 2j + 1 in its low one.
-        let high = packed.clone().bitwise_right_shift_scalar(4);
-        let low = packed.bitwise_and_scalar(0xF);
-        let indices = Tensor::stack::<2>(vec![high, low], 1).reshape([n]);
-        let codes = Tensor::<1>::from_data(TensorData::new(table(&NF4_BITS).to_vec(), [16]), &device);
-        let values = codes.select(0, indices).reshape([n / BLOCK, BLOCK]);
+        let codes = table(&NF4_BITS);
+        let pairs: Vec<f32> = (0..256).flat_map(|byte| [codes[byte >> 4], codes[byte & 0xF]]).collect();
+        let pairs = Tensor::<2>::from_data(TensorData::new(pairs, [256, 2]), &device);
+        let values = pairs.select(0, self.packed.clone().cast(burn::tensor::DType::I64)).reshape([n / BLOCK, BLOCK]);
         (values * self.block_absmax().reshape([n / BLOCK, 1])).reshape(self.shape)
     }
 
@@ -267,14 +269,52 @@ impl Nf4Weight {
     }
 }
 
-/// Storage per quantized value: the 4-bit code plus its share of the block scales.
-pub fn bytes_per_value(double_quant: bool) -> f64 {
-    if double_quant { 0.5 + 1.0 / BLOCK as f64 + 4.0 / (BLOCK * ABSMAX_BLOCK) as f64 } else { 0.5 + 4.0 / BLOCK as f64 }
+/// Storage per quantized value: the code plus its share of the block scales.
+pub fn bytes_per_value(quantization: Quantization) -> f64 {
+    match quantization {
+        Quantization::Nf4 { double_quant: true } => 0.5 + 1.0 / BLOCK as f64 + 4.0 / (BLOCK * ABSMAX_BLOCK) as f64,
+        Quantization::Nf4 { double_quant: false } => 0.5 + 4.0 / BLOCK as f64,
+        Quantization::Int8 => 1.0 + 4.0 / BLOCK as f64,
+    }
 }
 
+/// An 8-bit frozen weight `[out, in]` (ember's format, `model.quantize = "int8"`): per block of
+/// 64 consecutive values of the flattened weight, its absmax in f32 and each value as
+/// `round(127 · w / absmax)` in i8 (stored as its u8 bits). The error is at most half a step,
+/// `absmax / 254` per value, below 0.4% of the block's largest magnitude.
+#[derive(Module, Debug)]
+pub struct Int8Weight {
+    /// One code a byte, `[out · in]` (u8 holding i8 bits).
+    pub codes: Tensor<1, Int>,
+    pub absmax: Tensor<1>,
+    pub shape: [usize; 2],
+}
+
+impl Int8Weight {
+    pub fn from_tensor(weight: Tensor<2>) -> Self {
+        let (shape, device) = (weight.dims(), weight.device());
+        let values = weight.cast(burn::tensor::DType::F32).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
+        let (absmax, scaled) = blockwise(&values, BLOCK);
+        let codes: Vec<u8> = scaled.iter().map(|&v| (v * 127.0).round() as i8 as u8).collect();
+        Self { codes: u8_tensor(codes, &device), absmax: Tensor::from_data(TensorData::new(absmax.clone(), [absmax.len()]), &device), shape }
+    }
+
+    /// The f32 weight `[out, in]`: `i8(code) / 127 · absmax[block]`, each byte looked up in a
+    /// 256-entry table.
+    pub fn dequantize(&self) -> Tensor<2> {
+        let device = self.codes.device();
+        let n = self.shape[0] * self.shape[1];
+        let steps: Vec<f32> = (0..=255u8).map(|byte| byte as i8 as f32 / 127.0).collect();
+        let steps = Tensor::<1>::from_data(TensorData::new(steps, [256]), &device);
+        let values = steps.select(0, self.codes.clone().cast(burn::tensor::DType::I64)).reshape([n / BLOCK, BLOCK]);
+        (values * self.absmax.clone().reshape([n / BLOCK, 1])).reshape(self.shape)
+    }
+}
+
+/// Bytes as a u8 tensor (without the dtype, burn would widen them to the default int, i64).
 fn u8_tensor(values: Vec<u8>, device: &Device) -> Tensor<1, Int> {
     let len = values.len();
-    Tensor::from_data(TensorData::new(values, [len]), device)
+    Tensor::from_data(TensorData::new(values, [len]), (device, burn::tensor::DType::U8))
 }
 
 #[cfg(test)]
@@ -307,6 +347,20 @@ mod tests {
         for (n, bits) in [(7, 0x403ad288u32), (64, 0x42009d49), (1000, 0x43ff399a), (70000, 0x470b7380)] {
             let values: Vec<f32> = (0..n).map(|i| ((i as f64 * 0.7071) % 1.0) as f32 + 0.01f32).collect();
             assert_eq!(torch_sum(&values).to_bits(), bits, "n = {n}");
+        }
+    }
+
+    /// int8 keeps every value within half a step of the block's scale.
+    #[test]
+    fn int8_error_is_at_most_half_a_step() {
+        let device = Device::flex();
+        let values: Vec<f32> = (0..BLOCK * 50).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i / BLOCK) as f32)).collect();
+        let weight = Int8Weight::from_tensor(Tensor::<2>::from_data(TensorData::new(values.clone(), [50, BLOCK]), &device));
+        let deq = weight.dequantize().into_data().try_to_vec::<f32>().unwrap();
+        for (block, (v, d)) in values.chunks(BLOCK).zip(deq.chunks(BLOCK)).enumerate() {
+            let absmax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let worst = v.iter().zip(d).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst <= absmax / 254.0 * 1.0001, "block {block}: {worst} > {}", absmax / 254.0);
         }
     }
 

@@ -14,7 +14,7 @@ use crate::checkpoint::{Checkpoint, LoadDtype};
 use crate::config::ModelConfig;
 use crate::family::{KeyLayout, Role, check_checkpoint};
 use crate::layers::{Embedding, Linear, Projection, RmsNorm, Rope, Weight, attention_bias};
-use crate::nf4::{self, Nf4Weight, Quantization};
+use crate::nf4::{self, Int8Weight, Nf4Weight, Quantization};
 use crate::LoadError;
 
 #[derive(Module, Debug)]
@@ -230,12 +230,13 @@ impl CausalLm<Linear> {
                 return Err(LoadError::ConfigKey {
                     path: name.into(),
                     key: "quantize".into(),
-                    reason: format!("NF4 stores blocks of {} values; this [{out}, {inp}] weight has {}", nf4::BLOCK, out * inp),
+                    reason: format!("quantization stores blocks of {} values; this [{out}, {inp}] weight has {}", nf4::BLOCK, out * inp),
                 });
             }
             let weight = matrix(&format!("{name}.weight"), [out, inp])?;
             let weight = match quantize {
                 Some(Quantization::Nf4 { double_quant }) => Weight::Nf4(Nf4Weight::from_tensor(weight, double_quant)),
+                Some(Quantization::Int8) => Weight::Int8(Int8Weight::from_tensor(weight)),
                 None => Weight::Dense(Param::from_tensor(weight).set_require_grad(false)),
             };
             let bias = if bias { Some(vector(&format!("{name}.bias"), out)?) } else { None };

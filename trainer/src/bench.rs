@@ -144,6 +144,12 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
     Ok(json!({
         "impl": "ember", "burn": "0.22.1", "method": method.config().name(), "device": o.device.to_string(),
         "flush_denormal": false, "dtype": o.dtype.name(), "threads": o.threads,
+        "quantize": match o.quantization {
+            None => "none",
+            Some(Quantization::Nf4 { double_quant: false }) => "nf4",
+            Some(Quantization::Nf4 { double_quant: true }) => "nf4+double_quant",
+            Some(Quantization::Int8) => "int8",
+        },
         "batch": o.batch, "cutoff": o.cutoff, "timed_steps": o.steps, "trainable_params": trainable,
         "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens as f64 / seconds.max(1e-9), 1),
         "first_loss": losses.first().map(|l| round(*l, 4)), "last_loss": losses.last().map(|l| round(*l, 4)),

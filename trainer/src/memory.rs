@@ -112,14 +112,15 @@ pub fn estimate(
     }
 }
 
-/// The frozen base: every weight at `a` bytes, or the decoder projections in 4 bits plus the
-/// transient of dequantizing the largest one (its i64 codes, then f32 values and the scaled copy).
+/// The frozen base: every weight at `a` bytes, or the decoder projections quantized plus the
+/// transient of dequantizing the largest one (its bytes as i64 indices, the looked-up f32
+/// values and the scaled copy: 12 bytes a value).
 fn stored_weight_bytes(model: &ModelConfig, a: f64, quantization: Option<Quantization>) -> f64 {
-    let Some(Quantization::Nf4 { double_quant }) = quantization else { return model.num_params() as f64 * a };
+    let Some(quantization) = quantization else { return model.num_params() as f64 * a };
     let projections = projection_sizes(model);
     let quantized: usize = projections.iter().sum();
     let largest = projections.iter().copied().max().unwrap_or(0) as f64;
-    (model.num_params() - quantized) as f64 * a + quantized as f64 * nf4::bytes_per_value(double_quant) + largest * 24.0
+    (model.num_params() - quantized) as f64 * a + quantized as f64 * nf4::bytes_per_value(quantization) + largest * 12.0
 }
 
 /// Values of every decoder projection, from the family's table.

@@ -55,7 +55,7 @@ pub struct ModelSection {
     /// Adapter parameters and optimizer state are f32 in every case.
     #[serde(default = "default_dtype")]
     pub dtype: LoadDtype,
-    /// `none`, or `nf4` (QLoRA): the decoder projections stored in 4 bits, quantized while loading.
+    /// `none`, `nf4` (QLoRA: the decoder projections in 4 bits) or `int8`, quantized while loading.
     #[serde(default)]
     pub quantize: QuantizeKind,
     /// With `nf4`: the block scales in 8 bits too (bitsandbytes' `bnb_4bit_use_double_quant`).
@@ -70,6 +70,7 @@ pub enum QuantizeKind {
     #[default]
     None,
     Nf4,
+    Int8,
 }
 
 impl ModelSection {
@@ -77,6 +78,7 @@ impl ModelSection {
         match self.quantize {
             QuantizeKind::None => None,
             QuantizeKind::Nf4 => Some(Quantization::Nf4 { double_quant: self.double_quant }),
+            QuantizeKind::Int8 => Some(Quantization::Int8),
         }
     }
 }
@@ -293,6 +295,9 @@ impl Recipe {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if self.model.double_quant && self.model.quantize != QuantizeKind::Nf4 {
+            return Err("'model.double_quant' needs model.quantize = \"nf4\"".into());
+        }
         let t = &self.train;
         let positive = [("train.micro_batch_size", t.micro_batch_size), ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
             ("data.cutoff_len", self.data.cutoff_len)];
