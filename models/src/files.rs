@@ -42,6 +42,14 @@ pub fn exit_removing_temporaries(code: i32) -> ! {
     std::process::exit(code)
 }
 
+/// `path`'s folder and the hidden sibling `.<name>.<tag>-<pid>` this process writes beside it
+/// (the names [`remove_stale_temporaries`] recognises).
+fn sibling<'a>(path: &'a Path, tag: &str) -> (&'a Path, PathBuf) {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    (parent, parent.join(format!(".{name}.{tag}-{}", std::process::id())))
+}
+
 /// Writes a folder through `write` into a temporary sibling, then renames it to `out`, so a
 /// crash never leaves a half-written output. An existing `out` is moved aside and removed only
 /// once the new one is in place (and put back if that fails); every file is synced before the
@@ -52,11 +60,9 @@ pub fn write_dir_atomically<E>(
     write: impl FnOnce(&Path) -> Result<(), E>,
     io_error: impl Fn(&Path, std::io::Error) -> E,
 ) -> Result<(), E> {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let (parent, tmp) = sibling(out, "tmp");
+    let (_, old) = sibling(out, "old");
     std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let temporary = Temporary::new(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| io_error(&tmp, e))?;
@@ -90,9 +96,7 @@ pub fn write_dir_atomically<E>(
 /// Writes `bytes` to a temporary sibling of `path`, syncs it, renames it over `path` and syncs
 /// the folder: readers see the old file or the new one, never a part.
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let (parent, tmp) = sibling(path, "tmp");
     let temporary = Temporary::new(&tmp);
     let result = (|| {
         let mut file = File::create(&tmp)?;
@@ -145,7 +149,6 @@ fn sync_tree(dir: &Path) -> Result<(), (PathBuf, std::io::Error)> {
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
-
 
 /// Pretty JSON with a final newline, as transformers and PEFT write their config files.
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {

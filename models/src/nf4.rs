@@ -10,7 +10,7 @@
 //! each, as indices into bitsandbytes' signed dynamic 8-bit map.
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 /// Values per 4-bit block.
 pub const BLOCK: usize = 64;
@@ -162,15 +162,19 @@ pub enum Quantization {
 }
 
 impl Quantization {
-    /// From its recipe / command-line name: `none` or `nf4`.
+    /// From its recipe / command-line name (`none`, `nf4`, `int8`) and the double-quantization
+    /// switch, which only NF4 has.
     pub fn from_name(name: &str, double_quant: bool) -> Result<Option<Self>, String> {
-        match name {
-            "none" => Ok(None),
-            "nf4" => Ok(Some(Quantization::Nf4 { double_quant })),
-            "int8" if !double_quant => Ok(Some(Quantization::Int8)),
-            "int8" => Err("double quantization is for nf4 only".into()),
-            other => Err(format!("'{other}' is not a quantization (none, nf4, int8)")),
+        let quantization = match name {
+            "none" => None,
+            "nf4" => Some(Quantization::Nf4 { double_quant }),
+            "int8" => Some(Quantization::Int8),
+            other => return Err(format!("'{other}' is not a quantization (none, nf4, int8)")),
+        };
+        if double_quant && !matches!(quantization, Some(Quantization::Nf4 { .. })) {
+            return Err("double quantization needs nf4".into());
         }
+        Ok(quantization)
     }
 }
 
@@ -214,9 +218,9 @@ impl Nf4Weight {
             let (scales, scaled) = blockwise(&centred, ABSMAX_BLOCK);
             let map = midpoints(&table(&DYNAMIC_MAP_BITS));
             let codes: Vec<u8> = scaled.iter().map(|&c| nearest(&map, c)).collect();
-            Absmax::Double(DoubleQuant { codes: u8_tensor(codes, device), scales: Tensor::from_data(TensorData::new(scales.clone(), [scales.len()]), device), offset })
+            Absmax::Double(DoubleQuant { codes: u8_tensor(codes, device), scales: f32_tensor(scales, device), offset })
         } else {
-            Absmax::Exact(Tensor::from_data(TensorData::new(absmax.clone(), [absmax.len()]), device))
+            Absmax::Exact(f32_tensor(absmax, device))
         };
         Self { packed: u8_tensor(packed, device), absmax, shape }
     }
@@ -224,8 +228,7 @@ impl Nf4Weight {
     /// Quantizes a weight already on `weight`'s device (copied to the host once, then dropped by
     /// the caller), so that a model is quantized tensor by tensor while it loads.
     pub fn from_tensor(weight: Tensor<2>, double_quant: bool) -> Self {
-        let (shape, device) = (weight.dims(), weight.device());
-        let values = weight.cast(burn::tensor::DType::F32).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
+        let (shape, device, values) = host_values(weight);
         Self::quantize(&values, shape, double_quant, &device)
     }
 
@@ -238,8 +241,8 @@ impl Nf4Weight {
                 let blocks = codes.dims()[0];
                 let groups = scales.dims()[0];
                 let device = codes.device();
-                let map = Tensor::<1>::from_data(TensorData::new(table(&DYNAMIC_MAP_BITS).to_vec(), [256]), &device);
-                let values = map.select(0, codes.clone().cast(burn::tensor::DType::I64));
+                let map = f32_tensor(table(&DYNAMIC_MAP_BITS).to_vec(), &device);
+                let values = map.select(0, codes.clone().cast(DType::I64));
                 // Pad to whole groups of 256 so each group meets its scale by broadcasting.
                 let padded = Tensor::cat(vec![values, Tensor::zeros([groups * ABSMAX_BLOCK - blocks], &device)], 0);
                 (padded.reshape([groups, ABSMAX_BLOCK]) * scales.clone().reshape([groups, 1])).reshape([groups * ABSMAX_BLOCK]).narrow(0, 0, blocks).add_scalar(*offset)
@@ -250,13 +253,9 @@ impl Nf4Weight {
     /// The f32 weight `[out, in]`: `code[q] · absmax[block]`. Each byte looks up its two values
     /// at once in a 256-row table (high nibble first), so the codes are never unpacked.
     pub fn dequantize(&self) -> Tensor<2> {
-        let device = self.packed.device();
-        let n = self.shape[0] * self.shape[1];
         let codes = table(&NF4_BITS);
         let pairs: Vec<f32> = (0..256).flat_map(|byte| [codes[byte >> 4], codes[byte & 0xF]]).collect();
-        let pairs = Tensor::<2>::from_data(TensorData::new(pairs, [256, 2]), &device);
-        let values = pairs.select(0, self.packed.clone().cast(burn::tensor::DType::I64)).reshape([n / BLOCK, BLOCK]);
-        (values * self.block_absmax().reshape([n / BLOCK, 1])).reshape(self.shape)
+        lookup_and_scale(&self.packed, pairs, self.block_absmax(), self.shape)
     }
 
     /// Bytes this weight takes (packed codes and block scales).
@@ -267,6 +266,24 @@ impl Nf4Weight {
             Absmax::Double(double) => n / BLOCK + double.scales.dims()[0] * 4 + 4,
         }
     }
+}
+
+/// `weight`'s shape, device and values as f32 on the host (one copy, for quantizing it).
+fn host_values(weight: Tensor<2>) -> ([usize; 2], Device, Vec<f32>) {
+    let (shape, device) = (weight.dims(), weight.device());
+    let values = weight.cast(DType::F32).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
+    (shape, device, values)
+}
+
+/// The f32 weight `[out, in]` from one byte a lookup: `table` has 256 rows of the values a byte
+/// stands for (`per_byte` each), then every block of 64 values is scaled by its absmax.
+fn lookup_and_scale(bytes: &Tensor<1, Int>, table: Vec<f32>, absmax: Tensor<1>, shape: [usize; 2]) -> Tensor<2> {
+    let device = bytes.device();
+    let n = shape[0] * shape[1];
+    let per_byte = table.len() / 256;
+    let table = Tensor::<2>::from_data(TensorData::new(table, [256, per_byte]), &device);
+    let values = table.select(0, bytes.clone().cast(DType::I64)).reshape([n / BLOCK, BLOCK]);
+    (values * absmax.reshape([n / BLOCK, 1])).reshape(shape)
 }
 
 /// Storage per quantized value: the code plus its share of the block scales.
@@ -292,29 +309,29 @@ pub struct Int8Weight {
 
 impl Int8Weight {
     pub fn from_tensor(weight: Tensor<2>) -> Self {
-        let (shape, device) = (weight.dims(), weight.device());
-        let values = weight.cast(burn::tensor::DType::F32).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
+        let (shape, device, values) = host_values(weight);
         let (absmax, scaled) = blockwise(&values, BLOCK);
         let codes: Vec<u8> = scaled.iter().map(|&v| (v * 127.0).round() as i8 as u8).collect();
-        Self { codes: u8_tensor(codes, &device), absmax: Tensor::from_data(TensorData::new(absmax.clone(), [absmax.len()]), &device), shape }
+        Self { codes: u8_tensor(codes, &device), absmax: f32_tensor(absmax, &device), shape }
     }
 
     /// The f32 weight `[out, in]`: `i8(code) / 127 · absmax[block]`, each byte looked up in a
     /// 256-entry table.
     pub fn dequantize(&self) -> Tensor<2> {
-        let device = self.codes.device();
-        let n = self.shape[0] * self.shape[1];
         let steps: Vec<f32> = (0..=255u8).map(|byte| byte as i8 as f32 / 127.0).collect();
-        let steps = Tensor::<1>::from_data(TensorData::new(steps, [256]), &device);
-        let values = steps.select(0, self.codes.clone().cast(burn::tensor::DType::I64)).reshape([n / BLOCK, BLOCK]);
-        (values * self.absmax.clone().reshape([n / BLOCK, 1])).reshape(self.shape)
+        lookup_and_scale(&self.codes, steps, self.absmax.clone(), self.shape)
     }
 }
 
 /// Bytes as a u8 tensor (without the dtype, burn would widen them to the default int, i64).
 fn u8_tensor(values: Vec<u8>, device: &Device) -> Tensor<1, Int> {
     let len = values.len();
-    Tensor::from_data(TensorData::new(values, [len]), (device, burn::tensor::DType::U8))
+    Tensor::from_data(TensorData::new(values, [len]), (device, DType::U8))
+}
+
+fn f32_tensor(values: Vec<f32>, device: &Device) -> Tensor<1> {
+    let len = values.len();
+    Tensor::from_data(TensorData::new(values, [len]), device)
 }
 
 #[cfg(test)]

@@ -74,12 +74,18 @@ pub enum QuantizeKind {
 }
 
 impl ModelSection {
+    /// `quantize` with `double_quant`.
     pub fn quantization(&self) -> Option<Quantization> {
-        match self.quantize {
-            QuantizeKind::None => None,
-            QuantizeKind::Nf4 => Some(Quantization::Nf4 { double_quant: self.double_quant }),
-            QuantizeKind::Int8 => Some(Quantization::Int8),
-        }
+        self.checked_quantization().expect("checked when the recipe loaded")
+    }
+
+    fn checked_quantization(&self) -> Result<Option<Quantization>, String> {
+        let name = match self.quantize {
+            QuantizeKind::None => "none",
+            QuantizeKind::Nf4 => "nf4",
+            QuantizeKind::Int8 => "int8",
+        };
+        Quantization::from_name(name, self.double_quant)
     }
 }
 
@@ -295,9 +301,7 @@ impl Recipe {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.model.double_quant && self.model.quantize != QuantizeKind::Nf4 {
-            return Err("'model.double_quant' needs model.quantize = \"nf4\"".into());
-        }
+        self.model.checked_quantization().map_err(|e| format!("'model.double_quant': {e}"))?;
         let t = &self.train;
         let positive = [("train.micro_batch_size", t.micro_batch_size), ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
             ("data.cutoff_len", self.data.cutoff_len)];

@@ -83,8 +83,7 @@ fn prepare_output(dir: &Path, start: Start) -> Result<(), TrainError> {
         }
         _ => {}
     }
-    std::fs::create_dir_all(dir).map_err(|e| TrainError::write(dir, e))?;
-    // What a killed run may have left half-written; never read, so safe to drop.
+    // The folder exists: `lock_output` made it. What a killed run may have left half-written; never read, so safe to drop.
     ember_models::remove_stale_temporaries(dir);
     ember_models::remove_stale_temporaries(&dir.join("checkpoints"));
     Ok(())
@@ -174,20 +173,6 @@ pub fn evaluate(model: &AdaptedModel, examples: &[Example], batch_size: usize, p
         }
     }
     (tokens > 0).then(|| total / tokens as f64)
-}
-
-/// The held-out examples and how to batch them.
-struct Evaluator<'a> {
-    examples: &'a [Example],
-    batch_size: usize,
-    pad_id: u32,
-    device: Device,
-}
-
-impl Evaluator<'_> {
-    fn loss(&self, model: &AdaptedModel) -> Option<f64> {
-        evaluate(model, self.examples, self.batch_size, self.pad_id, &self.device)
-    }
 }
 
 /// Squared L2 norm of every adapter gradient, then scales them to `max_norm` if above it.
@@ -338,14 +323,11 @@ impl<'a> Run<'a> {
         self.recipe.output.dir.join("checkpoints")
     }
 
-    fn evaluator(&self) -> Evaluator<'_> {
-        Evaluator { examples: &self.eval_set, batch_size: self.recipe.train.micro_batch_size, pad_id: self.pad_id, device: self.device.clone().inner() }
-    }
-
     /// Evaluates, logs, and records the loss in the metrics and the summary.
     fn evaluate(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
         let step = self.position.step;
-        let Some(loss) = self.evaluator().loss(&self.model) else { return Ok(()) };
+        let (batch_size, device) = (self.recipe.train.micro_batch_size, self.device.clone().inner());
+        let Some(loss) = evaluate(&self.model, &self.eval_set, batch_size, self.pad_id, &device) else { return Ok(()) };
         on_event(Event::Info(format!("eval step {step}: loss {loss:.4}")));
         let summary = &mut self.summary;
         summary.first_eval_loss.get_or_insert(loss);
