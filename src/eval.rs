@@ -7,7 +7,7 @@ use std::path::Path;
 use burn::tensor::Device;
 use ember_adapters::AdaptedModel;
 use ember_data::sft::{SftOptions, build_examples};
-use ember_data::{Record, Template, Tokenizer, alpaca};
+use ember_data::{Dataset, Format, Role, Sample, Tokenizer};
 use ember_models::generate::{GenerationOptions, generate};
 use ember_models::{BaseModel, LoadDtype};
 use serde_json::{Value, json};
@@ -32,19 +32,19 @@ pub struct Request<'a> {
 /// What answering needs besides a model.
 struct Answerer<'a> {
     tokenizer: &'a Tokenizer,
-    template: &'a Template,
+    format: &'a Format,
     options: GenerationOptions,
     device: &'a Device,
 }
 
 impl Answerer<'_> {
-    /// The model's greedy answer to each record (special tokens removed).
-    fn answer(&self, model: &AdaptedModel, records: &[Record]) -> anyhow::Result<Vec<String>> {
-        records
+    /// The model's greedy answer to each record's last question (special tokens removed).
+    fn answer(&self, model: &AdaptedModel, dataset: &Dataset, count: usize) -> anyhow::Result<Vec<String>> {
+        dataset.samples[..count]
             .iter()
-            .map(|record| {
-                let prompt = self.template.render(&Record { output: String::new(), ..record.clone() });
-                let ids = self.tokenizer.encode(&prompt, true)?;
+            .enumerate()
+            .map(|(index, sample)| {
+                let ids = self.format.prompt_ids(self.tokenizer, sample).map_err(|e| bad_input(dataset.record_error(index, e)))?;
                 let answer = generate(|ids, cache| model.forward_cached(ids, cache), &ids, &self.options, self.device);
                 Ok(self.tokenizer.decode(&answer, true)?)
             })
@@ -55,14 +55,15 @@ impl Answerer<'_> {
 pub fn run(request: &Request) -> anyhow::Result<()> {
     let device = ember_models::device::parse_device(request.device).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
     let tokenizer = Tokenizer::from_dir(request.base)?;
-    let template = Template::builtin(request.template).ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{}'", request.template)))?;
-    let mut records = alpaca::load(request.data)?;
-    let to_answer: Vec<Record> = records.iter().take(request.generate).cloned().collect();
-    if request.limit > 0 {
-        records.truncate(request.limit);
-    }
-    let options = SftOptions { cutoff_len: request.cutoff_len, train_on_inputs: false };
-    let (examples, stats) = build_examples(&tokenizer, &template, &records, &options)?;
+    let format = Format::named(request.template, request.base)
+        .map_err(|e| bad_input(anyhow::anyhow!(e)))?
+        .ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{}'", request.template)))?;
+    let dataset = Dataset::load(request.data)?;
+    let to_answer = request.generate.min(dataset.samples.len());
+    let records = if request.limit > 0 { request.limit.min(dataset.samples.len()) } else { dataset.samples.len() };
+    let indices: Vec<usize> = (0..records).collect();
+    let options = SftOptions { cutoff_len: request.cutoff_len, train_on_inputs: false, last_turn_only: false };
+    let (examples, stats) = build_examples(&tokenizer, &format, &dataset, &indices, &options)?;
     if examples.is_empty() {
         return Err(bad_input(anyhow::anyhow!("{}: no record has an answer token within {} tokens", request.data.display(), request.cutoff_len)));
     }
@@ -76,17 +77,17 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     let stop_ids = base.config.eos_token_ids.iter().copied().chain(tokenizer.eos_id).collect();
     let answerer = Answerer {
         tokenizer: &tokenizer,
-        template: &template,
+        format: &format,
         options: GenerationOptions { max_new_tokens: request.max_new_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids },
         device: &device,
     };
     let mut result = json!({
-        "data": request.data, "records": records.len(), "examples": examples.len(),
+        "data": request.data, "records": records, "examples": examples.len(),
         "skipped_without_answer": stats.empty.len(), "truncated": stats.truncated, "answer_tokens": tokens,
     });
     let base_model = AdaptedModel::base_only(base);
     result["base"] = score(&base_model);
-    let base_answers = answerer.answer(&base_model, &to_answer)?;
+    let base_answers = answerer.answer(&base_model, &dataset, to_answer)?;
     let mut adapter_answers = Vec::new();
     if let Some(dir) = request.adapter {
         // The same weights again, unwrapped: never two copies of the base.
@@ -94,12 +95,12 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
         let (model, method) = ember_adapters::Method::load(dir, base, &device)?;
         result["adapter"] = score(&model);
         result["method"] = json!(method.config().name());
-        adapter_answers = answerer.answer(&model.into_inference(), &to_answer)?;
+        adapter_answers = answerer.answer(&model.into_inference(), &dataset, to_answer)?;
     }
     if let Some(path) = request.answers {
-        write_answers(path, &to_answer, &base_answers, &adapter_answers)?;
+        write_answers(path, &dataset.samples[..to_answer], &base_answers, &adapter_answers)?;
         result["answers"] = json!(path);
-        result["answered"] = json!(to_answer.len());
+        result["answered"] = json!(to_answer);
     }
     println!("{result}");
     Ok(())
@@ -107,13 +108,22 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
 
 /// One JSON object per record, written to a temporary file and renamed: a reader never sees a
 /// half-written file.
-fn write_answers(path: &Path, records: &[Record], base: &[String], adapter: &[String]) -> anyhow::Result<()> {
-    let lines: String = records
+/// A conversation's `instruction` is its last user message and its `reference` the answer to it.
+fn write_answers(path: &Path, samples: &[Sample], base: &[String], adapter: &[String]) -> anyhow::Result<()> {
+    let lines: String = samples
         .iter()
         .enumerate()
-        .map(|(index, record)| {
+        .map(|(index, sample)| {
+            let (instruction, input, reference) = match sample.instruction() {
+                Some(r) => (r.instruction, r.input, r.output),
+                None => {
+                    let messages = sample.conversation().messages;
+                    let last = |role: Role| messages.iter().rev().find(|m| m.role == role).map(|m| m.content.clone()).unwrap_or_default();
+                    (last(Role::User), String::new(), last(Role::Assistant))
+                }
+            };
             let line = json!({
-                "index": index, "instruction": record.instruction, "input": record.input, "reference": record.output,
+                "index": index, "instruction": instruction, "input": input, "reference": reference,
                 "base": base[index], "adapter": adapter.get(index).map_or(Value::Null, |a| json!(a)),
             });
             format!("{line}\n")

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use burn::tensor::Device;
-use ember_data::{Record, Template, Tokenizer};
+use ember_data::{Format, Record, Sample, Tokenizer};
 use ember_models::generate::{GenerationOptions, generate};
 use ember_models::{BaseModel, LoadDtype};
 
@@ -14,7 +14,7 @@ pub struct Request<'a> {
     pub adapter: Option<&'a Path>,
     pub prompt: &'a str,
     pub input: &'a str,
-    /// A built-in template name, or `none` for the raw prompt.
+    /// A prompt or chat template name, or `none` for the raw prompt.
     pub template: &'a str,
     pub options: GenerationOptions,
     pub device: &'a str,
@@ -24,14 +24,16 @@ pub struct Request<'a> {
 pub fn complete(request: &Request) -> anyhow::Result<String> {
     let device: Device = ember_models::device::parse_device(request.device).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
     let tokenizer = Tokenizer::from_dir(request.base)?;
-    let text = match request.template {
-        "none" => request.prompt.to_owned(),
+    let prompt = match request.template {
+        "none" => tokenizer.encode(request.prompt, true)?,
         name => {
-            let template = Template::builtin(name).ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{name}'")))?;
-            template.render(&Record { instruction: request.prompt.into(), input: request.input.into(), output: String::new() })
+            let format = Format::named(name, request.base)
+                .map_err(|e| bad_input(anyhow::anyhow!(e)))?
+                .ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{name}'")))?;
+            let sample = Sample::Instruction(Record { instruction: request.prompt.into(), input: request.input.into(), output: String::new() });
+            format.prompt_ids(&tokenizer, &sample).map_err(|e| bad_input(anyhow::anyhow!(e)))?
         }
     };
-    let prompt = tokenizer.encode(&text, true)?;
     let base = BaseModel::load(request.base, LoadDtype::F32, &device)?;
     let mut options = request.options.clone();
     options.stop_ids.extend(base.config.eos_token_ids.iter().copied().chain(tokenizer.eos_id));

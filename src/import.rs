@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use ember_data::tokenizer::{Flavour, convert_model};
 use ember_models::gguf;
 
 use crate::inspect::group_digits;
@@ -20,6 +21,36 @@ pub fn gguf(file: &Path, out: &Path) -> anyhow::Result<()> {
     );
     if !summary.skipped.is_empty() {
         println!("not converted (recomputed from config): {}", summary.skipped.join(", "));
+    }
+    Ok(())
+}
+
+/// Files that say how a tokenizer is used, copied along when the output is another folder.
+const TOKENIZER_CONFIGS: &[&str] = &["tokenizer_config.json", "special_tokens_map.json"];
+
+/// `dir/tokenizer.model` (SentencePiece or GLM-4's tiktoken ranks) as `out/tokenizer.json`.
+pub fn tokenizer(dir: &Path, out: &Path) -> anyhow::Result<()> {
+    if !dir.join("tokenizer.model").is_file() {
+        return Err(crate::bad_input(anyhow::anyhow!("{}: no tokenizer.model", dir.display())));
+    }
+    let converted = convert_model(dir)?;
+    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    let same_folder = std::fs::canonicalize(dir).ok() == std::fs::canonicalize(out).ok();
+    if !same_folder {
+        for name in TOKENIZER_CONFIGS.iter().filter(|n| dir.join(n).is_file()) {
+            let bytes = std::fs::read(dir.join(name)).map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(name).display()))?;
+            ember_models::write_file_atomically(&out.join(name), &bytes).map_err(|e| anyhow::anyhow!("{}: {e}", out.join(name).display()))?;
+        }
+    }
+    let path = out.join("tokenizer.json");
+    ember_models::write_json(&path, &converted.json).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let ids = ember_data::Tokenizer::from_file(&path)?.vocab_size();
+    println!("converted {} ({}, {ids} ids) -> {}", dir.join("tokenizer.model").display(), converted.flavour.name(), path.display());
+    if converted.flavour == Flavour::SentencePiece {
+        println!(
+            "note: tokenizer.json uses HF's BPE, which breaks ties between equally scored merges by rank where sentencepiece takes the leftmost; \
+             ember reads tokenizer.model itself when tokenizer.json is absent or tokenizer_config.json says \"use_fast\": false"
+        );
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 a failure while running, 2 bad input (a missing or malformed file,
 //! an unsupported model, a wrong argument).
 
+mod data;
 mod eval;
 mod generate;
 mod import;
@@ -114,7 +115,8 @@ enum Command {
         /// Optional input (context) for the instruction.
         #[arg(long, default_value = "")]
         input: String,
-        /// Prompt template: alpaca, alpaca-lora, chatglm2, chatglm3, glm4, or none (raw prompt).
+        /// Prompt template (alpaca, alpaca-lora), chat template (chatglm2, chatglm3, glm4,
+        /// llama2-chat, llama3, chatml, auto: the model's own), or none (raw prompt).
         #[arg(long, default_value = "alpaca")]
         template: String,
         /// Longest answer, in tokens.
@@ -145,7 +147,7 @@ enum Command {
         /// Adapter folder (any format `generate` takes).
         #[arg(long)]
         adapter: Option<PathBuf>,
-        /// Alpaca JSON / JSONL (.gz too).
+        /// Alpaca, ShareGPT or OpenAI-messages JSON / JSONL (.gz too).
         #[arg(long)]
         data: PathBuf,
         /// Prompt template, as in the recipe.
@@ -174,9 +176,12 @@ enum Command {
         #[arg(long, default_value = "flex")]
         device: String,
     },
-    /// Convert a checkpoint from another format into an HF model folder.
+    /// Convert a checkpoint or tokenizer from another format into an HF model folder.
     #[command(subcommand)]
     Import(ImportCommand),
+    /// Look at training data as a recipe turns it into examples (`ember data preview`).
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Measure training throughput (tokens/s) as shared/bench/peft_reference.py does.
     ///
     /// Runs the reference's workload step for step; prints one JSON line with its fields.
@@ -338,6 +343,42 @@ enum ImportCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A folder's tokenizer.model (SentencePiece BPE or Unigram, ChatGLM2/3 with THUDM's special
+    /// tokens, or GLM-4's tiktoken ranks) as tokenizer.json.
+    ///
+    /// ember also reads tokenizer.model directly when a folder has no tokenizer.json.
+    Tokenizer {
+        /// The folder with tokenizer.model (and tokenizer_config.json / config.json, which tell
+        /// a ChatGLM tokenizer from a LLaMA one).
+        dir: PathBuf,
+        /// Where tokenizer.json goes (default: the same folder); the folder's tokenizer configs
+        /// are copied along.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Show a recipe's first training examples as the model sees them: the rendered text, the
+    /// ids, and which tokens carry loss.
+    ///
+    /// Records in file order. The text view marks the tokens that carry loss with ⟦ ⟧; --json
+    /// prints one object per record: {"index", "held_out", "text", "input_ids", "labels"}, with
+    /// labels -100 where no loss is taken.
+    Preview {
+        /// The TOML recipe.
+        recipe: PathBuf,
+        /// Records to show.
+        #[arg(long, default_value_t = 3)]
+        limit: usize,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Override a recipe key, as in `ember train`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
 }
 
 /// A command-line argument that is wrong (exit code 2). The library's errors carry their own kind;
@@ -408,6 +449,8 @@ fn main() -> ExitCode {
         Command::Inspect { model: Some(model), .. } => inspect::run(&model),
         Command::Inspect { recipe, shape, .. } => inspect::recipe(&recipe.expect("clap requires model or recipe"), shape.as_deref()),
         Command::Import(ImportCommand::Gguf { file, out }) => import::gguf(&file, &out),
+        Command::Import(ImportCommand::Tokenizer { dir, out }) => import::tokenizer(&dir, out.as_deref().unwrap_or(&dir)),
+        Command::Data(DataCommand::Preview { recipe, limit, json, overrides }) => data::preview(&recipe, &overrides, limit, json),
         Command::Train { recipe, overrides, resume, overwrite, quiet, json } => {
             let start = match (resume, overwrite) {
                 (true, _) => ember_trainer::Start::Resume,

@@ -80,7 +80,7 @@ fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Res
         summary.push(format!("model {name} ({}, {} layers)", config.architecture.name(), config.num_layers));
     }
     if present("data.path", &recipe.data.path)? {
-        let (train, eval) = ember_trainer::train::split_records(&recipe).map_err(|e| fail(e.to_string()))?;
+        let (_, train, eval) = ember_trainer::train::split_records(&recipe).map_err(|e| fail(e.to_string()))?;
         summary.push(format!("{} records ({} held out for eval)", group_digits(train.len() + eval.len()), eval.len()));
     }
     summary.push(format!("template {template_name}"));

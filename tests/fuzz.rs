@@ -42,6 +42,15 @@ fn scratch(name: &str) -> PathBuf {
 const ALPACA: &str = r#"[{"instruction": "Give three tips.", "input": "", "output": "Eat, sleep, move."},
  {"instruction": "Translate", "input": "你好", "output": "Hello"}, {"instruction": "x", "output": "y", "extra": 1}]"#;
 
+const CHAT: &str = "{\"messages\": [{\"role\": \"system\", \"content\": \"s\"}, {\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}\n\
+    {\"conversations\": [{\"from\": \"human\", \"value\": \"你好\"}, {\"from\": \"gpt\", \"value\": \"好\"}]}\n\
+    {\"instruction\": \"i\", \"output\": \"o\", \"history\": [[\"q\", \"a\"]], \"system\": \"s\"}\n";
+
+/// The small SentencePiece model of tests/fixtures (BPE, byte fallback, a user-defined piece).
+fn sentencepiece_model() -> Vec<u8> {
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers/sp_bpe/tokenizer.model")).unwrap()
+}
+
 const RECIPE: &str = "[model]\npath = \"m\"\ndevice = \"flex\"\n[adapter]\nmethod = \"lora\"\nr = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\
     [data]\npath = \"d.json\"\ntemplate = \"alpaca\"\ncutoff_len = 256\n[train]\nlr = 3e-4\nmax_steps = 10\nlr_scheduler = \"cosine\"\n[output]\ndir = \"out\"\n";
 
@@ -105,7 +114,9 @@ fn read_gguf(path: &Path) {
 
 #[test]
 fn seeds_are_valid() {
-    assert_eq!(ember_data::alpaca::parse(Path::new("d.json"), ALPACA.as_bytes().to_vec()).unwrap().len(), 3);
+    assert_eq!(ember_data::dataset::parse(Path::new("d.json"), ALPACA.as_bytes().to_vec()).unwrap().len(), 3);
+    assert_eq!(ember_data::dataset::parse(Path::new("d.jsonl"), CHAT.as_bytes().to_vec()).unwrap().len(), 3);
+    assert_eq!(ember_data::sentencepiece::ModelProto::parse(&sentencepiece_model()).unwrap().pieces.len(), 2000);
     ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), RECIPE, &[], &[]).unwrap();
     let path = scratch("seed.safetensors");
     std::fs::write(&path, valid_safetensors()).unwrap();
@@ -120,9 +131,27 @@ proptest! {
     #[test]
     fn alpaca_reader_never_panics(edits in edits(), raw in prop::collection::vec(any::<u8>(), 0..200), jsonl in any::<bool>()) {
         let name = if jsonl { "d.jsonl" } else { "d.json" };
-        let _ = ember_data::alpaca::parse(Path::new(name), mutate(ALPACA.as_bytes(), &edits));
-        let _ = ember_data::alpaca::parse(Path::new(name), raw.clone());
-        let _ = ember_data::alpaca::parse(Path::new("d.json.gz"), raw);
+        let _ = ember_data::dataset::parse(Path::new(name), mutate(ALPACA.as_bytes(), &edits));
+        let _ = ember_data::dataset::parse(Path::new(name), raw.clone());
+        let _ = ember_data::dataset::parse(Path::new("d.json.gz"), raw);
+    }
+
+    #[test]
+    fn chat_reader_never_panics(edits in edits()) {
+        let _ = ember_data::dataset::parse(Path::new("d.jsonl"), mutate(CHAT.as_bytes(), &edits));
+    }
+
+    #[test]
+    fn tokenizer_model_readers_never_panic(edits in edits(), raw in prop::collection::vec(any::<u8>(), 0..200)) {
+        if let Ok(model) = ember_data::sentencepiece::ModelProto::parse(&mutate(&sentencepiece_model(), &edits)) {
+            let json = ember_data::sentencepiece::tokenizer_json(&model, &[], &Default::default());
+            let _ = tokenizers::Tokenizer::from_bytes(json.to_string());
+            if let Some(encoder) = ember_data::sentencepiece::BpeEncoder::new(&model) {
+                let _ = encoder.encode("Hello 你好 🦙");
+            }
+        }
+        let _ = ember_data::sentencepiece::ModelProto::parse(&raw);
+        let _ = ember_data::tiktoken::parse_ranks(&String::from_utf8_lossy(&raw));
     }
 
     #[test]

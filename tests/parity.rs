@@ -21,7 +21,7 @@ use burn::tensor::Gradients;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_adapters::registry::ModelAdapter;
 use ember_adapters::{AdaptedModel, Method, prefix};
-use ember_data::{Batch, Record, SftOptions, Template, Tokenizer, sft};
+use ember_data::{Batch, ChatTemplate, Conversation, Example, Message, Record, Role, SftOptions, Template, Tokenizer, sft};
 use ember_trainer::loss::causal_lm_loss;
 use ember_trainer::merge;
 use ember_trainer::step::{StepOptions, forward_backward};
@@ -137,7 +137,11 @@ fn main() -> ExitCode {
     println!("parity: fixtures {}, device {device:?}", root.display());
     for dir in dirs {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        if dir.join("tokenizer_reference.json").is_file() {
+        if name == "tokenizers" {
+            tokenizer_model_fixtures(&dir, &mut report);
+        } else if name == "chat_template" {
+            chat_template_fixtures(&dir, &mut report);
+        } else if dir.join("tokenizer_reference.json").is_file() {
             tokenizer_fixture(&root, &dir, &name, &mut report);
         } else if dir.join("reference.json").is_file() && dir.join("config.json").is_file() {
             model_fixture(&dir, &name, &device, &mut report);
@@ -231,8 +235,12 @@ fn train_batch_check(tokenizer: &Tokenizer, info: &Value, reference: &Checkpoint
         })
         .collect();
     let template = Template::builtin("alpaca").expect("built-in template");
-    let options = SftOptions { cutoff_len: usize::MAX, train_on_inputs: false };
-    let (examples, _) = sft::build_examples(tokenizer, &template, &records, &options).map_err(|e| e.to_string())?;
+    let options = SftOptions { cutoff_len: usize::MAX, train_on_inputs: false, last_turn_only: false };
+    let examples: Vec<Example> = records
+        .iter()
+        .map(|r| sft::build_example(tokenizer, &template, r, &options).map(|(e, _)| e))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
     let pad_id = spec["pad_id"].as_u64().ok_or("no train_batch.pad_id")? as u32;
     let batch = Batch::collate(&examples.iter().collect::<Vec<_>>(), pad_id);
     let mut mismatches = 0;
@@ -555,6 +563,163 @@ fn tokenizer_fixture(root: &Path, dir: &Path, name: &str, report: &mut Report) {
     };
     if let Err(e) = run() {
         report.error(name, "load", e);
+    }
+}
+
+/// Real `tokenizer.model` files (no tokenizer.json) with the ids of their reference libraries:
+/// sentencepiece, THUDM's remote code, tiktoken. One `ids` and one `decode` line per folder.
+fn tokenizer_model_fixtures(root: &Path, report: &mut Report) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let mut dirs: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("reference.json").is_file()).collect();
+    dirs.sort();
+    for dir in dirs {
+        let name = format!("tokenizer.{}", dir.file_name().unwrap().to_string_lossy());
+        if !dir.join("tokenizer.model").is_file() {
+            report.skip(&name, "ids", "no tokenizer.model: not a format this check reads");
+            continue;
+        }
+        if let Err(e) = tokenizer_model_checks(&dir, &name, report) {
+            report.error(&name, "load", e);
+        }
+    }
+}
+
+fn tokenizer_model_checks(dir: &Path, name: &str, report: &mut Report) -> Result<(), String> {
+    let info = read_json(&dir.join("reference.json"))?;
+    let tokenizer = Tokenizer::from_dir(dir).map_err(|e| e.to_string())?;
+    let ids_of = |value: &Value| -> Vec<u32> { value.as_array().into_iter().flatten().filter_map(Value::as_u64).map(|v| v as u32).collect() };
+    let (mut checked, mut ids_bad, mut decoded, mut decode_bad) = (0, 0, 0, 0);
+    let mut compare = |text: &str, with_specials: bool, expected: Vec<u32>| -> Result<(), String> {
+        let ours = tokenizer.encode(text, with_specials).map_err(|e| e.to_string())?;
+        checked += 1;
+        if ours != expected {
+            ids_bad += 1;
+            println!("  {name}: {text:?} (specials {with_specials}): ember {ours:?} != reference {expected:?}");
+        }
+        Ok(())
+    };
+    // sentencepiece's own ids (no BOS/EOS), THUDM's (with the [gMASK] sop prefix), tiktoken's.
+    for case in info["sentencepiece"]["cases"].as_array().into_iter().flatten() {
+        compare(case["text"].as_str().unwrap_or_default(), false, ids_of(&case["ids"]))?;
+    }
+    for case in info["transformers_remote_code"]["cases"].as_array().into_iter().flatten() {
+        let text = case["text"].as_str().unwrap_or_default();
+        compare(text, true, ids_of(&case["encode"]))?;
+        compare(text, false, ids_of(&case["encode_no_special"]))?;
+    }
+    // chatglm.cpp's expected ids, for cases that apply to this folder's model.
+    let folder = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let applies = |case: &&Value| case["applies_to"].as_array().is_some_and(|a| a.iter().any(|m| m.as_str() == Some(&folder)));
+    for case in info["cross_check_chatglm_cpp"].as_array().into_iter().flatten().filter(applies) {
+        if let Some(text) = case["text"].as_str() {
+            compare(text, true, ids_of(&case["expected"]))?;
+        }
+    }
+    for case in info["tiktoken"]["cases"].as_array().into_iter().flatten() {
+        let text = case["text"].as_str().unwrap_or_default();
+        compare(text, false, ids_of(&case["ids_ordinary"]))?;
+        compare(text, true, ids_of(&case["with_prefix_[gMASK]<sop>"]))?;
+    }
+    // ChatGLM3's chat input (`build_chat_input`), as chatglm.cpp expects it.
+    for case in info["cross_check_chatglm_cpp"].as_array().into_iter().flatten().filter(applies) {
+        let Some(messages) = case["messages"].as_array() else { continue };
+        let conversation = conversation_of(messages)?;
+        let ours = ChatTemplate::ChatGlm3.prompt_ids(&tokenizer, &conversation)?;
+        checked += 1;
+        if ours != ids_of(&case["expected"]) {
+            ids_bad += 1;
+            println!("  {name}: chatglm3 chat input: ember {ours:?} != reference {}", case["expected"]);
+        }
+    }
+    // Special tokens: THUDM's and GLM-4's ids by name.
+    let specials = [&info["transformers_remote_code"]["special_tokens"], &info["tiktoken"]["special_tokens_expected_ids"]];
+    for (token, id) in specials.into_iter().filter_map(Value::as_object).flatten() {
+        checked += 1;
+        if tokenizer.token_to_id(token) != id.as_u64().map(|v| v as u32) {
+            ids_bad += 1;
+            println!("  {name}: special {token:?}: ember {:?} != reference {id}", tokenizer.token_to_id(token));
+        }
+    }
+    // Decoding: sentencepiece's `decoded`, or the text itself where the reference round-trips.
+    let cases = info["sentencepiece"]["cases"].as_array().into_iter().flatten().map(|c| (c, "ids"))
+        .chain(info["tiktoken"]["cases"].as_array().into_iter().flatten().map(|c| (c, "ids_ordinary")));
+    for (case, key) in cases {
+        let expected = match case["decoded"].as_str() {
+            // sentencepiece shows <unk> as " ⁇ "; HF's decoders drop it as a special token.
+            Some(decoded) if decoded.contains(" ⁇ ") => continue,
+            Some(decoded) => decoded,
+            None if case["roundtrip"] == Value::Bool(true) => case["text"].as_str().unwrap_or_default(),
+            None => continue,
+        };
+        let ours = tokenizer.decode(&ids_of(&case[key]), true).map_err(|e| e.to_string())?;
+        decoded += 1;
+        if ours != expected {
+            decode_bad += 1;
+            println!("  {name}: decode: ember {ours:?} != reference {expected:?}");
+        }
+    }
+    if checked == 0 {
+        report.skip(name, "ids", "reference.json has no case format this check reads");
+        return Ok(());
+    }
+    report.exact(name, "ids", ids_bad, checked);
+    report.exact(name, "decode", decode_bad, decoded);
+    Ok(())
+}
+
+/// `[{role, content}]` as a conversation.
+fn conversation_of(messages: &[Value]) -> Result<Conversation, String> {
+    let messages = messages
+        .iter()
+        .map(|m| {
+            let role = match m["role"].as_str() {
+                Some("system") => Role::System,
+                Some("user") => Role::User,
+                Some("assistant") => Role::Assistant,
+                Some("observation" | "tool") => Role::Observation,
+                other => return Err(format!("unknown role {other:?}")),
+            };
+            Ok(Message { role, content: m["content"].as_str().unwrap_or_default().to_string() })
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(Conversation { messages })
+}
+
+/// Checkpoints' own Jinja chat templates (`template = "auto"`) against transformers'
+/// `apply_chat_template`: the rendered text, the ids of the conversation, and the prompt ids
+/// with the generation prompt.
+fn chat_template_fixtures(root: &Path, report: &mut Report) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let mut dirs: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("reference.json").is_file()).collect();
+    dirs.sort();
+    for dir in dirs {
+        let name = format!("chat_template.{}", dir.file_name().unwrap().to_string_lossy());
+        let run = |report: &mut Report| -> Result<(), String> {
+            let info = read_json(&dir.join("reference.json"))?;
+            let tokenizer = Tokenizer::from_dir(&dir).map_err(|e| e.to_string())?;
+            let template = ChatTemplate::named("auto", &dir)?.expect("auto is a template");
+            let policy = ember_data::chat::LossPolicy { last_turn_only: false, train_on_inputs: false };
+            let cases = info["cases"].as_array().ok_or("no \"cases\" list")?;
+            let (mut text_bad, mut ids_bad) = (0, 0);
+            for case in cases {
+                let mut conversation = conversation_of(case["messages"].as_array().ok_or("a case without messages")?)?;
+                let ids = |key: &str| -> Vec<u32> { case[key].as_array().into_iter().flatten().filter_map(Value::as_u64).map(|v| v as u32).collect() };
+                let text = template.text(&tokenizer, &template.render(&conversation, policy, false)?);
+                text_bad += usize::from(case["text"].as_str() != Some(text.as_str()));
+                let (example, _) = template.example(&tokenizer, &conversation, policy, usize::MAX)?;
+                ids_bad += usize::from(example.input_ids != ids("ids"));
+                conversation.messages.pop();
+                let prompt = template.render(&conversation, policy, true)?;
+                text_bad += usize::from(case["prompt_text"].as_str() != Some(template.text(&tokenizer, &prompt).as_str()));
+                ids_bad += usize::from(template.prompt_ids(&tokenizer, &conversation)? != ids("prompt_ids"));
+            }
+            report.exact(&name, "text", text_bad, 2 * cases.len());
+            report.exact(&name, "ids", ids_bad, 2 * cases.len());
+            Ok(())
+        };
+        if let Err(e) = run(report) {
+            report.error(&name, "load", e);
+        }
     }
 }
 

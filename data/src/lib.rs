@@ -1,12 +1,17 @@
-//! Data side of ember: Alpaca records, prompt templates, tokenization (HF `tokenizer.json`),
-//! supervised examples with prompt masking, and padded batches.
+//! Data side of ember: records (Alpaca, ShareGPT, OpenAI messages), prompt and chat templates,
+//! tokenization (HF `tokenizer.json`, or `tokenizer.model` converted), supervised examples with
+//! prompt masking, and padded batches.
 
-pub mod alpaca;
+pub mod chat;
+pub mod dataset;
+pub mod sentencepiece;
 pub mod sft;
 pub mod template;
+pub mod tiktoken;
 pub mod tokenizer;
 
-pub use alpaca::{DatasetError, Record};
-pub use sft::{Batch, Example, SftOptions, SftStats};
+pub use chat::{ChatTemplate, Conversation, Message, Role};
+pub use dataset::{Dataset, DatasetError, Record, Sample};
+pub use sft::{Batch, Example, Format, SftOptions, SftStats};
 pub use template::Template;
 pub use tokenizer::{Tokenizer, TokenizerError};

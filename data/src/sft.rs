@@ -1,8 +1,13 @@
-//! Supervised fine-tuning examples: tokenized prompt + answer, with the prompt masked out of
-//! the loss exactly as stanford_alpaca's `preprocess`.
+//! Supervised fine-tuning examples: tokenized prompt + answer with the prompt masked out of the
+//! loss. Single instructions follow stanford_alpaca's `preprocess`; conversations follow their
+//! chat template (`crate::chat`).
 
-use crate::alpaca::Record;
-use crate::template::Template;
+use std::path::Path;
+
+use crate::dataset::Record;
+use crate::chat::{ChatTemplate, LossPolicy};
+use crate::dataset::{Dataset, DatasetError, Sample};
+use crate::template::{PROMPT_TEMPLATES, Template};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// Label of tokens that carry no loss.
@@ -14,6 +19,8 @@ pub struct SftOptions {
     pub cutoff_len: usize,
     /// Also train on the prompt tokens (alpaca-lora's `train_on_inputs`).
     pub train_on_inputs: bool,
+    /// In conversations, only the last assistant turn carries loss (LLaMA-Factory's `mask_history`).
+    pub last_turn_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,15 +45,88 @@ pub struct SftStats {
     pub empty: Vec<usize>,
 }
 
-/// `input_ids = tok(source + output + eos)`, `labels = input_ids` with the first
-/// `len(tok(source))` positions set to -100 (unless `train_on_inputs`), EOS appended as text as
-/// stanford_alpaca does; then truncated to `cutoff_len`.
+/// How records become text: a prompt template for single instructions, or a chat template.
+#[derive(Debug, Clone)]
+pub enum Format {
+    Prompt(Template),
+    Chat(ChatTemplate),
+}
+
+/// Every template name `Format::named` accepts.
+pub fn template_names() -> Vec<&'static str> {
+    PROMPT_TEMPLATES.iter().chain(crate::chat::CHAT_TEMPLATES).copied().collect()
+}
+
+impl Format {
+    /// The template called `name` (`auto` reads `model_dir`'s chat template); `Ok(None)` for a
+    /// name that is not built in.
+    pub fn named(name: &str, model_dir: &Path) -> Result<Option<Self>, String> {
+        if let Some(template) = Template::builtin(name) {
+            return Ok(Some(Format::Prompt(template)));
+        }
+        Ok(ChatTemplate::named(name, model_dir)?.map(Format::Chat))
+    }
+
+    /// The example of `sample`, and whether it was truncated; errors say what is wrong with it.
+    pub fn example(&self, tokenizer: &Tokenizer, sample: &Sample, options: &SftOptions) -> Result<(Example, bool), String> {
+        match self {
+            Format::Prompt(template) => {
+                let record = sample.instruction().ok_or_else(single_instruction_only)?;
+                build_example(tokenizer, template, &record, options).map_err(|e| e.to_string())
+            }
+            Format::Chat(template) => {
+                let policy = LossPolicy { last_turn_only: options.last_turn_only, train_on_inputs: options.train_on_inputs };
+                template.example(tokenizer, &sample.conversation(), policy, options.cutoff_len)
+            }
+        }
+    }
+
+    /// The text `sample` becomes, specials written out (what `ember data preview` shows).
+    pub fn text(&self, tokenizer: &Tokenizer, sample: &Sample, options: &SftOptions) -> Result<String, String> {
+        match self {
+            Format::Prompt(template) => {
+                let record = sample.instruction().ok_or_else(single_instruction_only)?;
+                Ok(format!("{}{}{}", template.render(&record), record.output, tokenizer.eos_token().unwrap_or_default()))
+            }
+            Format::Chat(template) => {
+                let policy = LossPolicy { last_turn_only: options.last_turn_only, train_on_inputs: options.train_on_inputs };
+                Ok(template.text(tokenizer, &template.render(&sample.conversation(), policy, false)?))
+            }
+        }
+    }
+
+    /// The ids a model answers: `sample` without its last answer, as the template prompts.
+    pub fn prompt_ids(&self, tokenizer: &Tokenizer, sample: &Sample) -> Result<Vec<u32>, String> {
+        match self {
+            Format::Prompt(template) => {
+                let record = sample.instruction().ok_or_else(single_instruction_only)?;
+                let prompt = template.render(&Record { output: String::new(), ..record });
+                tokenizer.encode(&prompt, true).map_err(|e| e.to_string())
+            }
+            Format::Chat(template) => {
+                let mut conversation = sample.conversation();
+                conversation.messages.pop();
+                template.prompt_ids(tokenizer, &conversation)
+            }
+        }
+    }
+}
+
+fn single_instruction_only() -> String {
+    format!("a conversation needs a chat template ({}); prompt templates render single instructions", crate::chat::CHAT_TEMPLATES.join(", "))
+}
+
+/// `input_ids = tok(source + output) + [eos]`, `labels = input_ids` with the first
+/// `len(tok(source))` positions set to -100 (unless `train_on_inputs`); then truncated to
+/// `cutoff_len`. stanford_alpaca appends the EOS token's text, which its tokenizer reads as that
+/// one id: the same ids.
 pub fn build_example(tokenizer: &Tokenizer, template: &Template, record: &Record, options: &SftOptions) -> Result<(Example, bool), TokenizerError> {
-    let eos = tokenizer.eos_token().ok_or_else(|| TokenizerError::Encode("the tokenizer has no EOS token".into()))?;
+    let eos = tokenizer.eos_id.ok_or_else(|| TokenizerError::Encode("the tokenizer has no EOS token".into()))?;
     let source = template.render(record);
-    let full = format!("{source}{}{eos}", record.output);
+    let full = format!("{source}{}", record.output);
     let source_len = tokenizer.encode(&source, true)?.len();
-    let input_ids = tokenizer.encode(&full, true)?;
+    let mut input_ids = tokenizer.encode(&full, true)?;
+    input_ids.push(eos);
     let mut labels: Vec<i64> = input_ids.iter().map(|&id| id as i64).collect();
     if !options.train_on_inputs {
         labels.iter_mut().take(source_len).for_each(|l| *l = IGNORE_INDEX);
@@ -58,18 +138,19 @@ pub fn build_example(tokenizer: &Tokenizer, template: &Template, record: &Record
     Ok((example, truncated))
 }
 
-/// Builds every example; records with no supervised token left are reported in the stats and
-/// left out.
+/// The examples of `dataset`'s records at `indices`; records with no supervised token left are
+/// reported in the stats and left out. An error names the record.
 pub fn build_examples(
     tokenizer: &Tokenizer,
-    template: &Template,
-    records: &[Record],
+    format: &Format,
+    dataset: &Dataset,
+    indices: &[usize],
     options: &SftOptions,
-) -> Result<(Vec<Example>, SftStats), TokenizerError> {
-    let mut stats = SftStats { records: records.len(), ..Default::default() };
-    let mut examples = Vec::with_capacity(records.len());
-    for (index, record) in records.iter().enumerate() {
-        let (example, truncated) = build_example(tokenizer, template, record, options)?;
+) -> Result<(Vec<Example>, SftStats), DatasetError> {
+    let mut stats = SftStats { records: indices.len(), ..Default::default() };
+    let mut examples = Vec::with_capacity(indices.len());
+    for &index in indices {
+        let (example, truncated) = format.example(tokenizer, &dataset.samples[index], options).map_err(|e| dataset.record_error(index, e))?;
         stats.truncated += usize::from(truncated);
         if example.supervised_tokens() == 0 {
             stats.empty.push(index);

@@ -1,6 +1,6 @@
 //! Prompt templates: how a record becomes the source text the model sees before its answer.
 
-use crate::alpaca::Record;
+use crate::dataset::Record;
 
 /// A prompt with `{instruction}` and `{input}` placeholders, one for records with an input and
 /// one for records without.
@@ -16,20 +16,18 @@ const STANFORD_HEAD_NO_INPUT: &str = "Below is an instruction that describes a t
 Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:";
 
 /// Names accepted by [`Template::builtin`].
-pub const BUILTIN_TEMPLATES: &[&str] = &["alpaca", "alpaca-lora", "chatglm2", "chatglm3", "glm4"];
+pub const PROMPT_TEMPLATES: &[&str] = &["alpaca", "alpaca-lora"];
 
 impl Template {
     /// - `alpaca`: stanford_alpaca's PROMPT_DICT, byte for byte.
     /// - `alpaca-lora`: the same with a newline after `### Response:` (tloen/alpaca-lora).
-    /// - `chatglm2`: `[Round 1]\n\n问：{query}\n\n答：`, query = instruction (+ `\n` input).
-    /// - `chatglm3` / `glm4`: `<|user|>\n{query}<|assistant|>\n` (the tokenizer adds `[gMASK]<sop>`).
+    ///
+    /// ChatGLM's and other chat formats are chat templates (`crate::chat`).
     pub fn builtin(name: &str) -> Option<Self> {
         let pair = |with: String, without: String| Some(Self { prompt_input: with, prompt_no_input: without });
         match name {
             "alpaca" => pair(STANFORD_HEAD_INPUT.into(), STANFORD_HEAD_NO_INPUT.into()),
             "alpaca-lora" => pair(format!("{STANFORD_HEAD_INPUT}\n"), format!("{STANFORD_HEAD_NO_INPUT}\n")),
-            "chatglm2" => pair("[Round 1]\n\n问：{instruction}\n{input}\n\n答：".into(), "[Round 1]\n\n问：{instruction}\n\n答：".into()),
-            "chatglm3" | "glm4" => pair("<|user|>\n{instruction}\n{input}<|assistant|>\n".into(), "<|user|>\n{instruction}<|assistant|>\n".into()),
             _ => None,
         }
     }

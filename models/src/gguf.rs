@@ -558,29 +558,11 @@ pub fn tokenizer_json(meta: &GgufMetadata) -> Result<Value, LoadError> {
                     {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
                 "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
                     "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                    "vocab": vocab, "merges": sentencepiece_merges(&tokens, &scores)},
+                    "vocab": vocab, "merges": ember_data::sentencepiece::merges(&tokens, &scores)},
             }))
         }
         other => Err(meta.error("tokenizer.ggml.model", &format!("'{other}' is not supported (supported: gpt2, llama)"))),
     }
-}
-
-/// SentencePiece BPE merges pieces by the score of the result; as HF merges those are all
-/// splits of every piece into two vocabulary pieces, ranked by the merged piece's score.
-pub fn sentencepiece_merges(tokens: &[&str], scores: &[f64]) -> Vec<Value> {
-    let ids: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
-    let mut merges: Vec<(f64, usize, usize, &str, &str)> = Vec::new();
-    for (id, piece) in tokens.iter().enumerate() {
-        for (split, _) in piece.char_indices().skip(1) {
-            let (left, right) = piece.split_at(split);
-            if let (Some(&l), Some(&r)) = (ids.get(left), ids.get(right)) {
-                merges.push((scores.get(id).copied().unwrap_or(0.0), l, r, left, right));
-            }
-        }
-    }
-    // Highest score first; ties by the ids of the parts, as transformers' converter.
-    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    merges.into_iter().map(|(_, _, _, l, r)| json!([l, r])).collect()
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use burn::optim::{AdamWConfig, GradientsAccumulator};
 use burn::tensor::DType;
 use ember_adapters::Method;
 use ember_data::sft::{SftOptions, build_example};
-use ember_data::{Batch, Record, Template, Tokenizer, alpaca};
+use ember_data::{Batch, Dataset, Template, Tokenizer};
 use ember_models::device::DeviceName;
 use ember_models::nf4::Quantization;
 use ember_models::{BaseModel, LoadDtype, ModelConfig};
@@ -102,14 +102,18 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
     let model = method.config().init(base, 0, &autodiff).map_err(|e| e.to_string())?;
     let (trainable, _) = model.parameter_counts();
 
-    let records: Vec<Record> = alpaca::load(&o.data).map_err(|e| e.to_string())?;
+    let dataset = Dataset::load(&o.data).map_err(|e| e.to_string())?;
     let template = Template::builtin("alpaca").expect("built in");
-    let options = SftOptions { cutoff_len: o.cutoff, train_on_inputs: false };
-    let examples = records
+    let options = SftOptions { cutoff_len: o.cutoff, train_on_inputs: false, last_turn_only: false };
+    let examples = dataset
+        .samples
         .iter()
-        .map(|r| build_example(&tokenizer, &template, r, &options).map(|(e, _)| e))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+        .enumerate()
+        .map(|(index, sample)| {
+            let record = sample.instruction().ok_or_else(|| dataset.record_error(index, "the benchmark renders single instructions").to_string())?;
+            build_example(&tokenizer, &template, &record, &options).map(|(e, _)| e).map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if examples.is_empty() {
         return Err(format!("{}: no records", o.data.display()));
     }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use ember_adapters::AdapterError;
-use ember_data::alpaca::DatasetError;
+use ember_data::DatasetError;
 use ember_data::tokenizer::TokenizerError;
 use ember_models::LoadError;
 

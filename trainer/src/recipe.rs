@@ -102,9 +102,10 @@ pub struct AdapterSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// Alpaca JSON array or JSONL.
+    /// JSON array or JSONL of Alpaca, ShareGPT or OpenAI-messages records.
     pub path: PathBuf,
-    /// Built-in template name (alpaca, alpaca-lora, chatglm2, chatglm3, glm4), or `custom`.
+    /// Prompt template (alpaca, alpaca-lora, or `custom`), or chat template (chatglm2, chatglm3,
+    /// glm4, llama2-chat, llama3, chatml, or `auto`: the checkpoint's own).
     #[serde(default = "default_template")]
     pub template: String,
     /// With `template = "custom"`: prompts with `{instruction}` and `{input}` placeholders.
@@ -114,6 +115,9 @@ pub struct DataSection {
     pub cutoff_len: usize,
     #[serde(default)]
     pub train_on_inputs: bool,
+    /// Conversations: loss on the last assistant turn only (default: every assistant turn).
+    #[serde(default)]
+    pub mask_history: bool,
     /// Records held out for evaluation (taken after a seeded shuffle).
     #[serde(default)]
     pub val_size: usize,
@@ -240,7 +244,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("model", &["path", "device", "dtype", "quantize", "double_quant"]),
     // The method's own keys come from its section type (`adapter_keys`).
     ("adapter", &["method", "init_from"]),
-    ("data", &["path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "val_size", "group_by_length"]),
+    ("data", &["path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "mask_history", "val_size", "group_by_length"]),
     ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
         "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
         "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "loss_chunk_tokens", "padding_free"]),

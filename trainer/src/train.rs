@@ -15,7 +15,7 @@ use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOpti
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_adapters::{AdaptedModel, Method};
 use ember_data::sft::{self, SftOptions};
-use ember_data::{Batch, Example, Record, Template, Tokenizer, alpaca};
+use ember_data::{Batch, Dataset, Example, Format, Template, Tokenizer};
 use ember_models::BaseModel;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -89,34 +89,42 @@ fn prepare_output(dir: &Path, start: Start) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// The recipe's prompt template.
-pub fn template(recipe: &Recipe) -> Result<Template, TrainError> {
+/// The recipe's prompt or chat template.
+pub fn template(recipe: &Recipe) -> Result<Format, TrainError> {
     let d = &recipe.data;
+    let setting = |reason: String| TrainError::Setting { key: "data.template", reason };
     if d.template == "custom" {
         return match (&d.prompt_input, &d.prompt_no_input) {
-            (Some(with), Some(without)) => Ok(Template { prompt_input: with.clone(), prompt_no_input: without.clone() }),
-            _ => Err(TrainError::Setting { key: "data.template", reason: "\"custom\" needs data.prompt_input and data.prompt_no_input".into() }),
+            (Some(with), Some(without)) => Ok(Format::Prompt(Template { prompt_input: with.clone(), prompt_no_input: without.clone() })),
+            _ => Err(setting("\"custom\" needs data.prompt_input and data.prompt_no_input".into())),
         };
     }
-    Template::builtin(&d.template).ok_or_else(|| TrainError::Setting {
-        key: "data.template",
-        reason: format!("'{}' is unknown (built in: {}, or custom)", d.template, ember_data::template::BUILTIN_TEMPLATES.join(", ")),
-    })
+    Format::named(&d.template, &recipe.model.path)
+        .map_err(setting)?
+        .ok_or_else(|| setting(format!("'{}' is unknown (built in: {}, or custom)", d.template, ember_data::sft::template_names().join(", "))))
 }
 
-/// The data file's records, shuffled with the seed, split into training and held-out records
-/// (the last `data.val_size`).
-pub fn split_records(recipe: &Recipe) -> Result<(Vec<Record>, Vec<Record>), TrainError> {
-    let mut records = alpaca::load(&recipe.data.path)?;
-    if recipe.data.val_size >= records.len() {
+/// The recipe's options for turning records into examples.
+pub fn sft_options(recipe: &Recipe) -> SftOptions {
+    let d = &recipe.data;
+    SftOptions { cutoff_len: d.cutoff_len, train_on_inputs: d.train_on_inputs, last_turn_only: d.mask_history }
+}
+
+/// The data file's records, and the indices of the training and held-out records: shuffled with
+/// the seed, the last `data.val_size` held out.
+pub fn split_records(recipe: &Recipe) -> Result<(Dataset, Vec<usize>, Vec<usize>), TrainError> {
+    let dataset = Dataset::load(&recipe.data.path)?;
+    let records = dataset.samples.len();
+    if recipe.data.val_size >= records {
         return Err(TrainError::Setting {
             key: "data.val_size",
-            reason: format!("{} leaves no training record ({} has {} records)", recipe.data.val_size, recipe.data.path.display(), records.len()),
+            reason: format!("{} leaves no training record ({} has {records} records)", recipe.data.val_size, recipe.data.path.display()),
         });
     }
-    records.shuffle(&mut StdRng::seed_from_u64(recipe.train.seed));
-    let eval = records.split_off(records.len() - recipe.data.val_size);
-    Ok((records, eval))
+    let mut train: Vec<usize> = (0..records).collect();
+    train.shuffle(&mut StdRng::seed_from_u64(recipe.train.seed));
+    let eval = train.split_off(records - recipe.data.val_size);
+    Ok((dataset, train, eval))
 }
 
 fn int_tensor(values: &[i64], shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
@@ -261,10 +269,10 @@ impl<'a> Run<'a> {
 
         let tokenizer = Tokenizer::from_dir(&recipe.model.path)?;
         let template = template(recipe)?;
-        let (train_records, eval_records) = split_records(recipe)?;
-        let options = SftOptions { cutoff_len: recipe.data.cutoff_len, train_on_inputs: recipe.data.train_on_inputs };
-        let (train_set, stats) = sft::build_examples(&tokenizer, &template, &train_records, &options)?;
-        let (eval_set, _) = sft::build_examples(&tokenizer, &template, &eval_records, &options)?;
+        let (dataset, train_records, eval_records) = split_records(recipe)?;
+        let options = sft_options(recipe);
+        let (train_set, stats) = sft::build_examples(&tokenizer, &template, &dataset, &train_records, &options)?;
+        let (eval_set, _) = sft::build_examples(&tokenizer, &template, &dataset, &eval_records, &options)?;
         if train_set.is_empty() {
             return Err(TrainError::Setting {
                 key: "data.cutoff_len",

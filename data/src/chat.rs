@@ -1,0 +1,499 @@
+//! Conversations and chat templates: how a multi-turn record becomes ids and labels.
+//!
+//! A template renders a conversation into [`Piece`]s: text or special tokens, each marked with
+//! whether it carries loss. Two ways to turn pieces into ids, as the references do:
+//! - **per piece** (THUDM's ChatGLM2/3 and GLM-4 fine-tuning code): every text is encoded on
+//!   its own, specials are inserted as ids;
+//! - **joined** (transformers' `apply_chat_template`): the pieces are one string, encoded once;
+//!   a token carries loss when its bytes overlap a piece that does.
+//!
+//! An assistant turn's loss covers its content and what ends the turn (`<|im_end|>`,
+//! `<|eot_id|>`, ` </s>`, the next role token or EOS), so the model learns to stop.
+
+use std::ops::Range;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::sft::{Example, IGNORE_INDEX};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    /// A tool's result (ChatGLM3's `observation`, OpenAI's `tool`).
+    Observation,
+}
+
+impl Role {
+    /// The role's name in OpenAI-style messages and in templates.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Observation => "observation",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+/// A system message (optional, first), then turns ending with the assistant's.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Conversation {
+    pub messages: Vec<Message>,
+}
+
+impl Conversation {
+    /// Checks what every template needs: at least one assistant turn, the system message only
+    /// first, and an assistant turn last (nothing after it would be learned).
+    pub fn validate(&self) -> Result<(), String> {
+        let Some(last) = self.messages.last() else { return Err("empty conversation".into()) };
+        if let Some(i) = self.messages.iter().skip(1).position(|m| m.role == Role::System) {
+            return Err(format!("message {}: a system message may only come first", i + 1));
+        }
+        if last.role != Role::Assistant {
+            return Err(format!("the last message is {}'s; a conversation must end with the assistant's", last.role.name()));
+        }
+        Ok(())
+    }
+}
+
+/// Text, or a special token by its text (`<|user|>`), or the tokenizer's EOS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Text(String),
+    Token(&'static str),
+    Eos,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub part: Part,
+    pub loss: bool,
+}
+
+/// Which assistant turns carry loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LossPolicy {
+    /// Only the last assistant turn (LLaMA-Factory's `mask_history`).
+    pub last_turn_only: bool,
+    /// Every token (alpaca-lora's `train_on_inputs`).
+    pub train_on_inputs: bool,
+}
+
+/// Names accepted by [`ChatTemplate::named`].
+pub const CHAT_TEMPLATES: &[&str] = &["chatglm2", "chatglm3", "glm4", "llama2-chat", "llama3", "chatml", "auto"];
+
+#[derive(Debug, Clone)]
+pub enum ChatTemplate {
+    /// `[Round N]\n\n问：…\n\n答：` (THUDM's ChatGLM2 `build_prompt`).
+    ChatGlm2,
+    /// `[gMASK] sop` then `<|role|>` + `\n` + content per message (ChatGLM3's `build_chat_input`).
+    ChatGlm3,
+    /// GLM-4's chat format (`[gMASK]<sop><|role|>\ncontent`).
+    Glm4,
+    /// Meta's LLaMA-2 chat format, as its HF chat template.
+    Llama2Chat,
+    /// LLaMA-3's header format.
+    Llama3,
+    /// `<|im_start|>role\ncontent<|im_end|>\n` (Qwen2, SmolLM2, …).
+    ChatMl,
+    /// The checkpoint's own Jinja `chat_template`, with its special-token variables.
+    Jinja(Box<JinjaTemplate>),
+}
+
+impl ChatTemplate {
+    /// The template called `name`; `auto` reads `model_dir/tokenizer_config.json`.
+    pub fn named(name: &str, model_dir: &Path) -> Result<Option<Self>, String> {
+        Ok(Some(match name {
+            "chatglm2" => ChatTemplate::ChatGlm2,
+            "chatglm3" => ChatTemplate::ChatGlm3,
+            "glm4" => ChatTemplate::Glm4,
+            "llama2-chat" => ChatTemplate::Llama2Chat,
+            "llama3" => ChatTemplate::Llama3,
+            "chatml" => ChatTemplate::ChatMl,
+            "auto" => ChatTemplate::Jinja(Box::new(JinjaTemplate::from_dir(model_dir)?)),
+            _ => return Ok(None),
+        }))
+    }
+
+    /// Per-piece encoding (THUDM's code) rather than one string.
+    fn per_piece(&self) -> bool {
+        matches!(self, ChatTemplate::ChatGlm2 | ChatTemplate::ChatGlm3 | ChatTemplate::Glm4)
+    }
+
+    /// The pieces of `conversation`; with `generation_prompt`, the conversation is a prompt
+    /// (ending with a user turn) and what starts the assistant's answer is appended.
+    pub fn render(&self, conversation: &Conversation, policy: LossPolicy, generation_prompt: bool) -> Result<Vec<Piece>, String> {
+        let messages = &conversation.messages;
+        let last_assistant = messages.iter().rposition(|m| m.role == Role::Assistant);
+        let trained = |i: usize| messages[i].role == Role::Assistant && (!policy.last_turn_only || Some(i) == last_assistant);
+        let mut out = Pieces::default();
+        match self {
+            ChatTemplate::ChatGlm3 | ChatTemplate::Glm4 => {
+                let glm4 = matches!(self, ChatTemplate::Glm4);
+                out.token("[gMASK]", false);
+                out.token(if glm4 { "<sop>" } else { "sop" }, false);
+                for (i, m) in messages.iter().enumerate() {
+                    // The role token ends the previous assistant turn.
+                    out.token(role_token(m.role), i > 0 && trained(i - 1));
+                    if glm4 {
+                        out.text(format!("\n{}", m.content), trained(i));
+                    } else {
+                        // metadata ("") + "\n", then the content, each encoded on its own.
+                        out.text("\n".into(), trained(i));
+                        out.text(m.content.clone(), trained(i));
+                    }
+                }
+                if generation_prompt {
+                    out.token("<|assistant|>", false);
+                } else {
+                    out.eos(last_assistant.is_some_and(trained));
+                }
+            }
+            ChatTemplate::ChatGlm2 => {
+                out.token("[gMASK]", false);
+                out.token("sop", false);
+                let mut round = 0;
+                for (i, m) in messages.iter().enumerate() {
+                    match m.role {
+                        Role::User => {
+                            round += 1;
+                            let gap = if round > 1 { "\n\n" } else { "" };
+                            out.text(format!("{gap}[Round {round}]\n\n问：{}\n\n答：", m.content), false);
+                        }
+                        Role::Assistant => out.text(m.content.clone(), trained(i)),
+                        role => return Err(format!("template 'chatglm2' has no {} role", role.name())),
+                    }
+                }
+                if !generation_prompt {
+                    out.eos(last_assistant.is_some_and(trained));
+                }
+            }
+            ChatTemplate::Llama2Chat => {
+                let (system, turns) = split_system(messages);
+                for (k, m) in turns.iter().enumerate() {
+                    let i = k + usize::from(system.is_some());
+                    let user_expected = k % 2 == 0;
+                    if (m.role == Role::User) != user_expected || !matches!(m.role, Role::User | Role::Assistant) {
+                        return Err(format!("template 'llama2-chat' needs user and assistant turns alternating from user; message {i} is {}'s", m.role.name()));
+                    }
+                    if m.role == Role::User {
+                        let content = match system.filter(|_| k == 0) {
+                            Some(system) => format!("<<SYS>>\n{}\n<</SYS>>\n\n{}", system.trim(), m.content.trim()),
+                            None => m.content.trim().to_string(),
+                        };
+                        out.token("<s>", false);
+                        out.text(format!("[INST] {content} [/INST]"), false);
+                    } else {
+                        out.text(format!(" {} ", m.content.trim()), trained(i));
+                        out.token("</s>", trained(i));
+                    }
+                }
+            }
+            ChatTemplate::Llama3 => {
+                out.token("<|begin_of_text|>", false);
+                for (i, m) in messages.iter().enumerate() {
+                    let role = if m.role == Role::Observation { "ipython" } else { m.role.name() };
+                    out.text(format!("<|start_header_id|>{role}<|end_header_id|>\n\n"), false);
+                    out.text(m.content.trim().to_string(), trained(i));
+                    out.token("<|eot_id|>", trained(i));
+                }
+                if generation_prompt {
+                    out.text("<|start_header_id|>assistant<|end_header_id|>\n\n".into(), false);
+                }
+            }
+            ChatTemplate::ChatMl => {
+                for (i, m) in messages.iter().enumerate() {
+                    let role = if m.role == Role::Observation { "tool" } else { m.role.name() };
+                    out.text(format!("<|im_start|>{role}\n"), false);
+                    out.text(m.content.clone(), trained(i));
+                    out.token("<|im_end|>", trained(i));
+                    out.text("\n".into(), false);
+                }
+                if generation_prompt {
+                    out.text("<|im_start|>assistant\n".into(), false);
+                }
+            }
+            ChatTemplate::Jinja(template) => return template.render(conversation, &trained, generation_prompt),
+        }
+        Ok(out.pieces)
+    }
+
+    /// The text the pieces stand for, specials written out (what `data preview` shows).
+    pub fn text(&self, tokenizer: &Tokenizer, pieces: &[Piece]) -> String {
+        pieces
+            .iter()
+            .map(|p| match &p.part {
+                Part::Text(t) => t.clone(),
+                Part::Token(t) => t.to_string(),
+                Part::Eos => tokenizer.eos_token().unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// Ids and labels of `conversation` (already validated), truncated to `cutoff_len`; also
+    /// whether it was truncated.
+    pub fn example(&self, tokenizer: &Tokenizer, conversation: &Conversation, policy: LossPolicy, cutoff_len: usize) -> Result<(Example, bool), String> {
+        let pieces = self.render(conversation, policy, false)?;
+        let (input_ids, loss) = self.encode(tokenizer, &pieces)?;
+        let mut labels: Vec<i64> =
+            input_ids.iter().zip(&loss).map(|(&id, &l)| if l || policy.train_on_inputs { id as i64 } else { IGNORE_INDEX }).collect();
+        let truncated = input_ids.len() > cutoff_len;
+        let mut input_ids = input_ids;
+        input_ids.truncate(cutoff_len);
+        labels.truncate(cutoff_len);
+        Ok((Example { input_ids, labels }, truncated))
+    }
+
+    /// The ids a model is given to answer `conversation`'s last user turn.
+    pub fn prompt_ids(&self, tokenizer: &Tokenizer, conversation: &Conversation) -> Result<Vec<u32>, String> {
+        let policy = LossPolicy { last_turn_only: false, train_on_inputs: false };
+        Ok(self.encode(tokenizer, &self.render(conversation, policy, true)?)?.0)
+    }
+
+    /// Ids, and for each whether it carries loss.
+    fn encode(&self, tokenizer: &Tokenizer, pieces: &[Piece]) -> Result<(Vec<u32>, Vec<bool>), String> {
+        let token_id = |token: &str| tokenizer.token_to_id(token).ok_or_else(|| format!("the tokenizer has no token {token:?}, which this template needs"));
+        let eos_id = || tokenizer.eos_id.ok_or_else(|| "the tokenizer has no EOS token".to_string());
+        let (mut ids, mut loss) = (Vec::new(), Vec::new());
+        if self.per_piece() {
+            for piece in pieces {
+                let piece_ids = match &piece.part {
+                    Part::Text(text) => tokenizer.encode(text, false).map_err(|e| e.to_string())?,
+                    Part::Token(token) => vec![token_id(token)?],
+                    Part::Eos => vec![eos_id()?],
+                };
+                loss.extend(std::iter::repeat_n(piece.loss, piece_ids.len()));
+                ids.extend(piece_ids);
+            }
+            return Ok((ids, loss));
+        }
+        // Joined: one string; specials by their text, which the tokenizer matches.
+        let mut text = String::new();
+        let mut loss_spans: Vec<Range<usize>> = Vec::new();
+        for piece in pieces {
+            let start = text.len();
+            match &piece.part {
+                Part::Text(t) => text.push_str(t),
+                Part::Token(token) => {
+                    token_id(token)?;
+                    text.push_str(token)
+                }
+                Part::Eos => text.push_str(&tokenizer.eos_token().ok_or("the tokenizer has no EOS token")?),
+            }
+            if piece.loss && text.len() > start {
+                loss_spans.push(start..text.len());
+            }
+        }
+        let (ids, offsets) = tokenizer.encode_with_offsets(&text, false).map_err(|e| e.to_string())?;
+        let loss = offsets.iter().map(|&(s, e)| loss_spans.iter().any(|span| s < span.end && span.start < e.max(s + 1))).collect();
+        Ok((ids, loss))
+    }
+}
+
+fn role_token(role: Role) -> &'static str {
+    match role {
+        Role::System => "<|system|>",
+        Role::User => "<|user|>",
+        Role::Assistant => "<|assistant|>",
+        Role::Observation => "<|observation|>",
+    }
+}
+
+fn split_system(messages: &[Message]) -> (Option<&str>, &[Message]) {
+    match messages.first() {
+        Some(m) if m.role == Role::System => (Some(&m.content), &messages[1..]),
+        _ => (None, messages),
+    }
+}
+
+#[derive(Default)]
+struct Pieces {
+    pieces: Vec<Piece>,
+}
+
+impl Pieces {
+    fn text(&mut self, text: String, loss: bool) {
+        self.pieces.push(Piece { part: Part::Text(text), loss });
+    }
+
+    /// A special token: its id in per-piece templates, its text in joined ones.
+    fn token(&mut self, token: &'static str, loss: bool) {
+        self.pieces.push(Piece { part: Part::Token(token), loss });
+    }
+
+    fn eos(&mut self, loss: bool) {
+        self.pieces.push(Piece { part: Part::Eos, loss });
+    }
+}
+
+/// A checkpoint's `chat_template` (transformers' `apply_chat_template`), rendered with
+/// minijinja and Python-compatible string methods.
+#[derive(Debug, Clone)]
+pub struct JinjaTemplate {
+    source: String,
+    /// `bos_token`, `eos_token`… as the template sees them.
+    specials: Vec<(String, String)>,
+}
+
+impl JinjaTemplate {
+    pub fn from_dir(dir: &Path) -> Result<Self, String> {
+        let path = dir.join("tokenizer_config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("template 'auto' reads {}: {e}", path.display()))?;
+        let config: Value = serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", path.display()))?;
+        let source = match &config["chat_template"] {
+            Value::String(s) => s.clone(),
+            // A list of named templates: the "default" one.
+            Value::Array(list) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string)
+                .ok_or_else(|| format!("{}: chat_template has no \"default\" entry", path.display()))?,
+            _ => {
+                let jinja = dir.join("chat_template.jinja");
+                std::fs::read_to_string(&jinja)
+                    .map_err(|_| format!("{}: no chat_template (and no chat_template.jinja): name a template instead of 'auto'", path.display()))?
+            }
+        };
+        let specials = ["bos_token", "eos_token", "unk_token", "pad_token"]
+            .iter()
+            .filter_map(|key| {
+                let value = &config[*key];
+                let text = value.as_str().or_else(|| value["content"].as_str())?;
+                Some((key.to_string(), text.to_string()))
+            })
+            .collect();
+        let template = Self { source, specials };
+        template.render_string(&[], false)?;
+        Ok(template)
+    }
+
+    fn render_string(&self, messages: &[Message], generation_prompt: bool) -> Result<String, String> {
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+        });
+        env.add_template("chat", &self.source).map_err(|e| format!("chat_template: {e}"))?;
+        let messages: Vec<Value> = messages.iter().map(|m| serde_json::json!({"role": m.role.name(), "content": m.content})).collect();
+        let mut context: serde_json::Map<String, Value> =
+            self.specials.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        context.insert("messages".into(), Value::Array(messages));
+        context.insert("add_generation_prompt".into(), Value::Bool(generation_prompt));
+        let template = env.get_template("chat").map_err(|e| format!("chat_template: {e}"))?;
+        template.render(minijinja::value::Serde(&context)).map_err(|e| format!("chat_template: {e}"))
+    }
+
+    /// One text piece per stretch between assistant turns. An assistant turn's text is what
+    /// rendering it adds to the conversation before it with the generation prompt; templates
+    /// that do not render conversations as prefixes of each other are refused.
+    fn render(&self, conversation: &Conversation, trained: &dyn Fn(usize) -> bool, generation_prompt: bool) -> Result<Vec<Piece>, String> {
+        let messages = &conversation.messages;
+        let full = self.render_string(messages, generation_prompt)?;
+        let mut pieces = Vec::new();
+        let mut done = 0;
+        for (i, m) in messages.iter().enumerate().filter(|(_, m)| m.role == Role::Assistant) {
+            let before = self.render_string(&messages[..i], true)?;
+            let through = self.render_string(&messages[..=i], false)?;
+            if !through.starts_with(&before) || !full.starts_with(&through) || before.len() < done {
+                return Err(format!(
+                    "template 'auto': the checkpoint's chat_template does not render message {i} ({}) as an extension of the messages before it; name a template instead",
+                    m.role.name()
+                ));
+            }
+            pieces.push(Piece { part: Part::Text(full[done..before.len()].to_string()), loss: false });
+            pieces.push(Piece { part: Part::Text(full[before.len()..through.len()].to_string()), loss: trained(i) });
+            done = through.len();
+        }
+        pieces.push(Piece { part: Part::Text(full[done..].to_string()), loss: false });
+        pieces.retain(|p| p.part != Part::Text(String::new()));
+        Ok(pieces)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conversation(turns: &[(Role, &str)]) -> Conversation {
+        Conversation { messages: turns.iter().map(|&(role, content)| Message { role, content: content.into() }).collect() }
+    }
+
+    fn texts(pieces: &[Piece]) -> Vec<(String, bool)> {
+        pieces
+            .iter()
+            .map(|p| {
+                let text = match &p.part {
+                    Part::Text(t) => t.clone(),
+                    Part::Token(t) => t.to_string(),
+                    Part::Eos => "<eos>".into(),
+                };
+                (text, p.loss)
+            })
+            .collect()
+    }
+
+    const ALL: LossPolicy = LossPolicy { last_turn_only: false, train_on_inputs: false };
+
+    #[test]
+    fn chatglm3_trains_every_answer_and_what_ends_it() {
+        let c = conversation(&[(Role::User, "q1"), (Role::Assistant, "a1"), (Role::User, "q2"), (Role::Assistant, "a2")]);
+        let pieces = texts(&ChatTemplate::ChatGlm3.render(&c, ALL, false).unwrap());
+        let trained: Vec<&str> = pieces.iter().filter(|(_, l)| *l).map(|(t, _)| t.as_str()).collect();
+        assert_eq!(trained, ["\n", "a1", "<|user|>", "\n", "a2", "<eos>"]);
+        let last = texts(&ChatTemplate::ChatGlm3.render(&c, LossPolicy { last_turn_only: true, ..ALL }, false).unwrap());
+        let trained: Vec<&str> = last.iter().filter(|(_, l)| *l).map(|(t, _)| t.as_str()).collect();
+        assert_eq!(trained, ["\n", "a2", "<eos>"]);
+    }
+
+    #[test]
+    fn chatglm2_rounds_match_build_prompt() {
+        let c = conversation(&[(Role::User, "q1"), (Role::Assistant, "a1"), (Role::User, "q2"), (Role::Assistant, "a2")]);
+        let pieces = texts(&ChatTemplate::ChatGlm2.render(&c, ALL, false).unwrap());
+        let text: String = pieces.iter().skip(2).map(|(t, _)| t.as_str()).collect();
+        assert_eq!(text, "[Round 1]\n\n问：q1\n\n答：a1\n\n[Round 2]\n\n问：q2\n\n答：a2<eos>");
+        let system = conversation(&[(Role::System, "s"), (Role::User, "q"), (Role::Assistant, "a")]);
+        assert!(ChatTemplate::ChatGlm2.render(&system, ALL, false).unwrap_err().contains("no system role"));
+    }
+
+    #[test]
+    fn llama2_chat_refuses_assistant_first() {
+        let c = conversation(&[(Role::Assistant, "a"), (Role::User, "q"), (Role::Assistant, "b")]);
+        let e = ChatTemplate::Llama2Chat.render(&c, ALL, false).unwrap_err();
+        assert!(e.contains("message 0 is assistant's"), "{e}");
+        let ok = conversation(&[(Role::System, "S"), (Role::User, "q"), (Role::Assistant, "a")]);
+        let text: String = texts(&ChatTemplate::Llama2Chat.render(&ok, ALL, false).unwrap()).into_iter().map(|(t, _)| t).collect();
+        assert_eq!(text, "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nq [/INST] a </s>");
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        assert!(Conversation::default().validate().unwrap_err().contains("empty"));
+        let e = conversation(&[(Role::User, "q"), (Role::System, "s"), (Role::Assistant, "a")]).validate().unwrap_err();
+        assert!(e.contains("message 1"), "{e}");
+        let e = conversation(&[(Role::User, "q")]).validate().unwrap_err();
+        assert!(e.contains("must end with the assistant"), "{e}");
+    }
+
+    #[test]
+    fn jinja_spans_are_the_assistant_turns() {
+        let template = JinjaTemplate {
+            source: "{% for m in messages %}<{{ m.role }}>{{ m.content.strip() }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}".into(),
+            specials: vec![],
+        };
+        let c = conversation(&[(Role::User, " q "), (Role::Assistant, "a")]);
+        let pieces = texts(&template.render(&c, &|i| i == 1, false).unwrap());
+        assert_eq!(pieces, [("<user>q</s><assistant>".to_string(), false), ("a</s>".to_string(), true)]);
+    }
+}

@@ -1,0 +1,274 @@
+//! Training data from a JSON array or JSONL, one record per element or line, in any of:
+//! - Alpaca: `instruction`, optional `input`, `output`; with LLaMA-Factory's optional `system`
+//!   and `history: [[query, answer], …]` it is a conversation;
+//! - ShareGPT: `conversations: [{from: human|gpt|system|observation, value}]`, optional `system`;
+//! - OpenAI: `messages: [{role: system|user|assistant|tool, content}]`.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::chat::{Conversation, Message, Role};
+
+/// One record: a single instruction (rendered by prompt or chat templates) or a conversation
+/// (chat templates only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sample {
+    Instruction(Record),
+    Chat(Conversation),
+}
+
+impl Sample {
+    /// The record as a conversation: the instruction (and its input on the next line, as
+    /// LLaMA-Factory joins them) from the user, the output from the assistant.
+    pub fn conversation(&self) -> Conversation {
+        match self {
+            Sample::Chat(c) => c.clone(),
+            Sample::Instruction(r) => {
+                let query = if r.input.is_empty() { r.instruction.clone() } else { format!("{}\n{}", r.instruction, r.input) };
+                Conversation {
+                    messages: vec![
+                        Message { role: Role::User, content: query },
+                        Message { role: Role::Assistant, content: r.output.clone() },
+                    ],
+                }
+            }
+        }
+    }
+
+    /// The record as one instruction, if it is one: a conversation of one user and one
+    /// assistant message is one too.
+    pub fn instruction(&self) -> Option<Record> {
+        match self {
+            Sample::Instruction(r) => Some(r.clone()),
+            Sample::Chat(c) => match c.messages.as_slice() {
+                [q, a] if q.role == Role::User && a.role == Role::Assistant => {
+                    Some(Record { instruction: q.content.clone(), input: String::new(), output: a.content.clone() })
+                }
+                _ => None,
+            },
+        }
+    }
+}
+
+/// A data file's records.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub path: PathBuf,
+    pub samples: Vec<Sample>,
+}
+
+impl Dataset {
+    pub fn load(path: &Path) -> Result<Self, DatasetError> {
+        let bytes = std::fs::read(path).map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
+        Ok(Self { path: path.to_path_buf(), samples: parse(path, bytes)? })
+    }
+
+    /// The error for record `index` of this file.
+    pub fn record_error(&self, index: usize, reason: impl Into<String>) -> DatasetError {
+        DatasetError::Record { path: self.path.clone(), index, reason: reason.into() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub instruction: String,
+    pub input: String,
+    pub output: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+    #[error("{}: record {index}: {reason}", path.display())]
+    Record { path: PathBuf, index: usize, reason: String },
+}
+
+/// The records of a data file's `bytes` (gzip-compressed if `path` ends in `.gz`); `path` names
+/// the file in errors.
+///
+/// A JSON array (`[...]`) or one JSON object per line. Any bad record is an error naming its
+/// index (0-based) and key: nothing is dropped silently.
+pub fn parse(path: &Path, mut bytes: Vec<u8>) -> Result<Vec<Sample>, DatasetError> {
+    if path.extension().is_some_and(|e| e == "gz") {
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes.as_slice()), &mut plain)
+            .map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
+        bytes = plain;
+    }
+    let invalid = |reason: String| DatasetError::Invalid { path: path.to_path_buf(), reason };
+    let text = String::from_utf8(bytes).map_err(|e| invalid(format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to())))?;
+    let values: Vec<Value> = if text.trim_start().starts_with('[') {
+        serde_json::from_str(&text).map_err(|e| invalid(format!("malformed JSON: {e}")))?
+    } else {
+        text.lines()
+            .enumerate()
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(|(n, line)| serde_json::from_str(line).map_err(|e| invalid(format!("line {}: malformed JSON: {e}", n + 1))))
+            .collect::<Result<_, _>>()?
+    };
+    if values.is_empty() {
+        return Err(invalid("no records".into()));
+    }
+    values
+        .iter()
+        .enumerate()
+        .map(|(index, value)| {
+            parse_sample(value).map_err(|reason| DatasetError::Record { path: path.to_path_buf(), index, reason })
+        })
+        .collect()
+}
+
+fn parse_sample(value: &Value) -> Result<Sample, String> {
+    let obj = value.as_object().ok_or_else(|| format!("expected an object, found {}", kind(value)))?;
+    let system = string_field(obj, "system", false)?;
+    let mut messages: Vec<Message> = Vec::new();
+    if !system.is_empty() {
+        messages.push(Message { role: Role::System, content: system });
+    }
+    if let Some(list) = obj.get("messages") {
+        messages.extend(turns(list, "messages", "role", "content")?);
+    } else if let Some(list) = obj.get("conversations") {
+        messages.extend(turns(list, "conversations", "from", "value")?);
+    } else {
+        let record = Record {
+            instruction: string_field(obj, "instruction", true)?,
+            input: string_field(obj, "input", false)?,
+            output: string_field(obj, "output", true)?,
+        };
+        let history = match obj.get("history") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(pairs)) => pairs.iter().enumerate().map(|(i, pair)| history_pair(i, pair)).collect::<Result<_, _>>()?,
+            Some(other) => return Err(format!("'history' must be a list of [query, answer] pairs, found {}", kind(other))),
+        };
+        if messages.is_empty() && history.is_empty() {
+            return Ok(Sample::Instruction(record));
+        }
+        for (query, answer) in history {
+            messages.push(Message { role: Role::User, content: query });
+            messages.push(Message { role: Role::Assistant, content: answer });
+        }
+        messages.extend(Sample::Instruction(record).conversation().messages);
+    }
+    let conversation = Conversation { messages };
+    conversation.validate()?;
+    Ok(Sample::Chat(conversation))
+}
+
+fn string_field(obj: &Map<String, Value>, key: &str, required: bool) -> Result<String, String> {
+    match obj.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        None | Some(Value::Null) if !required => Ok(String::new()),
+        None => Err(format!("missing '{key}'")),
+        Some(other) => Err(format!("'{key}' must be a string, found {}", kind(other))),
+    }
+}
+
+fn history_pair(i: usize, pair: &Value) -> Result<(String, String), String> {
+    match pair.as_array().map(Vec::as_slice) {
+        Some([Value::String(q), Value::String(a)]) => Ok((q.clone(), a.clone())),
+        _ => Err(format!("history[{i}] must be a [query, answer] pair of strings")),
+    }
+}
+
+/// The messages of a ShareGPT `conversations` or OpenAI `messages` list.
+fn turns(list: &Value, key: &str, role_key: &str, content_key: &str) -> Result<Vec<Message>, String> {
+    let list = list.as_array().ok_or_else(|| format!("'{key}' must be a list, found {}", kind(list)))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, turn)| {
+            let obj = turn.as_object().ok_or_else(|| format!("{key}[{i}] must be an object, found {}", kind(turn)))?;
+            let role_name = string_field(obj, role_key, true).map_err(|e| format!("{key}[{i}]: {e}"))?;
+            let role = match role_name.as_str() {
+                "system" => Role::System,
+                "user" | "human" => Role::User,
+                "assistant" | "gpt" => Role::Assistant,
+                "tool" | "observation" | "function" => Role::Observation,
+                other => return Err(format!("{key}[{i}]: unknown {role_key} '{other}' (known: system, user/human, assistant/gpt, tool/observation/function)")),
+            };
+            let content = string_field(obj, content_key, true).map_err(|e| format!("{key}[{i}]: {e}"))?;
+            Ok(Message { role, content })
+        })
+        .collect()
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &[u8]) -> Result<Vec<Sample>, DatasetError> {
+        let dir = std::env::temp_dir().join(format!("ember-alpaca-{}-{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("data.json");
+        std::fs::write(&path, text).unwrap();
+        Dataset::load(&path).map(|d| d.samples)
+    }
+
+    #[test]
+    fn reads_arrays_and_jsonl() {
+        let array = load_text(br#"[{"instruction": "a", "output": "b"}, {"instruction": "c", "input": "d", "output": "e"}]"#).unwrap();
+        assert_eq!(array[0], Sample::Instruction(Record { instruction: "a".into(), input: "".into(), output: "b".into() }));
+        let lines = load_text(b"{\"instruction\": \"a\", \"output\": \"b\"}\n\n{\"instruction\": \"c\", \"output\": \"e\"}\n").unwrap();
+        assert_eq!(lines.len(), 2);
+    }
+
+    #[test]
+    fn bad_records_name_index_and_key() {
+        let e = load_text(br#"[{"instruction": "a", "output": "b"}, {"instruction": "c"}]"#).unwrap_err().to_string();
+        assert!(e.contains("record 1") && e.contains("missing 'output'"), "{e}");
+        let e = load_text(br#"[{"instruction": 3, "output": "b"}]"#).unwrap_err().to_string();
+        assert!(e.contains("record 0") && e.contains("'instruction' must be a string, found a number"), "{e}");
+        let e = load_text(b"[]").unwrap_err().to_string();
+        assert!(e.contains("no records"), "{e}");
+        let e = load_text(b"[{\"instruction\": \"\xff\"}]").unwrap_err().to_string();
+        assert!(e.contains("invalid UTF-8 at byte 18"), "{e}");
+        let e = load_text(b"[{\"instruction\": ").unwrap_err().to_string();
+        assert!(e.contains("malformed JSON"), "{e}");
+    }
+
+    fn chat(turns: &[(Role, &str)]) -> Sample {
+        Sample::Chat(Conversation { messages: turns.iter().map(|&(role, c)| Message { role, content: c.into() }).collect() })
+    }
+
+    #[test]
+    fn reads_every_chat_format() {
+        let expected = chat(&[(Role::System, "s"), (Role::User, "q1"), (Role::Assistant, "a1"), (Role::User, "q2\nin"), (Role::Assistant, "a2")]);
+        let alpaca = br#"[{"system": "s", "history": [["q1", "a1"]], "instruction": "q2", "input": "in", "output": "a2"}]"#;
+        assert_eq!(load_text(alpaca).unwrap(), [expected.clone()]);
+        let sharegpt = br#"{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"}, {"from": "human", "value": "q2\nin"}, {"from": "gpt", "value": "a2"}]}"#;
+        assert_eq!(load_text(sharegpt).unwrap(), [expected.clone()]);
+        let openai = br#"{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2\nin"}, {"role": "assistant", "content": "a2"}]}"#;
+        assert_eq!(load_text(openai).unwrap(), [expected]);
+    }
+
+    #[test]
+    fn bad_conversations_name_the_record() {
+        let cases: [(&[u8], &str); 5] = [
+            (br#"[{"messages": []}]"#, "empty conversation"),
+            (br#"[{"instruction": "a", "output": "b"}, {"conversations": [{"from": "human"}]}]"#, "record 1: conversations[0]: missing 'value'"),
+            (br#"[{"messages": [{"content": "x"}]}]"#, "messages[0]: missing 'role'"),
+            (br#"[{"messages": [{"role": "robot", "content": "x"}]}]"#, "unknown role 'robot'"),
+            (br#"[{"messages": [{"role": "user", "content": "x"}]}]"#, "must end with the assistant's"),
+        ];
+        for (text, expected) in cases {
+            let e = load_text(text).unwrap_err().to_string();
+            assert!(e.contains(expected), "{e}");
+        }
+        let e = load_text(br#"[{"instruction": "a", "output": "b", "history": [["q"]]}]"#).unwrap_err().to_string();
+        assert!(e.contains("history[0] must be a [query, answer] pair"), "{e}");
+    }
+}

@@ -1,0 +1,60 @@
+//! `ember data preview`: a recipe's records as the model sees them, so users can check their
+//! template and loss mask before training.
+
+use std::path::Path;
+
+use ember_data::sft::IGNORE_INDEX;
+use ember_data::Tokenizer;
+use ember_trainer::recipe::env_overrides;
+use ember_trainer::train::{sft_options, split_records, template};
+use ember_trainer::{Recipe, TrainError};
+use serde_json::json;
+
+pub fn preview(recipe_path: &Path, overrides: &[String], limit: usize, as_json: bool) -> anyhow::Result<()> {
+    let recipe = Recipe::load_with_env(recipe_path, &env_overrides(), overrides)?;
+    let tokenizer = Tokenizer::from_dir(&recipe.model.path).map_err(TrainError::from)?;
+    let format = template(&recipe)?;
+    let options = sft_options(&recipe);
+    let (dataset, _, held_out) = split_records(&recipe)?;
+    for (index, sample) in dataset.samples.iter().enumerate().take(limit) {
+        let record_error = |e: String| dataset.record_error(index, e);
+        let (example, truncated) = format.example(&tokenizer, sample, &options).map_err(record_error)?;
+        let text = format.text(&tokenizer, sample, &options).map_err(record_error)?;
+        let held_out = held_out.contains(&index);
+        if as_json {
+            let line = json!({"index": index, "held_out": held_out, "truncated": truncated, "text": text,
+                "input_ids": example.input_ids, "labels": example.labels});
+            println!("{line}");
+            continue;
+        }
+        let with_loss = example.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+        println!(
+            "record {index} ({}{}, {} tokens, {with_loss} with loss)",
+            if held_out { "held out" } else { "train" },
+            if truncated { format!(", truncated to {}", options.cutoff_len) } else { String::new() },
+            example.input_ids.len()
+        );
+        println!("text:\n{text}");
+        println!("tokens (loss in ⟦ ⟧):\n{}", marked_tokens(&tokenizer, &example.input_ids, &example.labels)?);
+        println!("ids: {:?}\n", example.input_ids);
+    }
+    Ok(())
+}
+
+/// The ids decoded in runs of equal masking, the runs that carry loss in ⟦ ⟧.
+fn marked_tokens(tokenizer: &Tokenizer, ids: &[u32], labels: &[i64]) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let mut start = 0;
+    while start < ids.len() {
+        let loss = labels[start] != IGNORE_INDEX;
+        let end = (start..ids.len()).find(|&i| (labels[i] != IGNORE_INDEX) != loss).unwrap_or(ids.len());
+        let text = tokenizer.decode(&ids[start..end], false)?;
+        if loss {
+            out.push_str(&format!("⟦{text}⟧"));
+        } else {
+            out.push_str(&text);
+        }
+        start = end;
+    }
+    Ok(out)
+}

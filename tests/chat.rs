@@ -1,0 +1,204 @@
+//! Multi-turn data end to end: every record format through every chat template, on real
+//! tokenizers from tests/fixtures, checking which tokens carry loss; and `ember data preview`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{assert_bad_input, data, ember, repository};
+use ember_data::sft::IGNORE_INDEX;
+use ember_data::{Dataset, Format, Role, SftOptions, Tokenizer};
+use serde_json::Value;
+
+fn fixture(path: &str) -> PathBuf {
+    repository().join("tests/fixtures").join(path)
+}
+
+/// A folder holding `sp_bpe`'s tokenizer.model read as THUDM's ChatGLM tokenizer `name`.
+fn chatglm_tokenizer(dir: &Path, name: &str) -> PathBuf {
+    let folder = dir.join(name);
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(fixture("tokenizers/sp_bpe/tokenizer.model"), folder.join("tokenizer.model")).unwrap();
+    let config = serde_json::json!({"tokenizer_class": "ChatGLMTokenizer", "name_or_path": format!("THUDM/{name}-6b")});
+    std::fs::write(folder.join("tokenizer_config.json"), config.to_string()).unwrap();
+    folder
+}
+
+/// tiny_llama's byte-level tokenizer with LLaMA-3's header tokens added.
+fn llama3_tokenizer(dir: &Path) -> PathBuf {
+    let folder = dir.join("llama3");
+    std::fs::create_dir_all(&folder).unwrap();
+    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(fixture("tiny_llama/tokenizer.json")).unwrap()).unwrap();
+    let first = json["model"]["vocab"].as_object().unwrap().len();
+    let added = json["added_tokens"].as_array_mut().unwrap();
+    for (i, token) in ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"].iter().enumerate() {
+        added.push(serde_json::json!({"id": first + i, "content": token, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
+    }
+    std::fs::write(folder.join("tokenizer.json"), json.to_string()).unwrap();
+    std::fs::write(folder.join("tokenizer_config.json"), r#"{"eos_token": "<|eot_id|>"}"#).unwrap();
+    folder
+}
+
+/// The tokens that end an assistant turn in `template` (one of them closes every loss run).
+fn turn_ends(template: &str, tokenizer: &Tokenizer) -> Vec<u32> {
+    let ids = |tokens: &[&str]| tokens.iter().map(|t| tokenizer.token_to_id(t).unwrap_or_else(|| panic!("{t}"))).collect::<Vec<_>>();
+    match template {
+        "chatml" => ids(&["<|im_end|>"]),
+        "auto" => ids(&["<|im_end|>"]),
+        "llama2-chat" => ids(&["</s>"]),
+        "llama3" => ids(&["<|eot_id|>"]),
+        "chatglm3" | "glm4" => [ids(&["<|user|>"]), vec![tokenizer.eos_id.unwrap()]].concat(),
+        "chatglm2" => vec![tokenizer.eos_id.unwrap()],
+        other => panic!("{other}"),
+    }
+}
+
+/// Runs of consecutive loss-carrying positions.
+fn loss_runs(labels: &[i64]) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = None;
+    for (i, &l) in labels.iter().chain([&IGNORE_INDEX]).enumerate() {
+        match (l != IGNORE_INDEX, start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                runs.push(s..i);
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    runs
+}
+
+#[test]
+fn every_format_through_every_template_trains_on_the_answers() {
+    let scratch = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, PathBuf)> = vec![
+        ("chatml", fixture("chat_template/smollm2")),
+        ("auto", fixture("chat_template/smollm2")),
+        ("llama2-chat", fixture("tiny_llama")),
+        ("llama2-chat", fixture("tokenizers/sp_bpe")),
+        ("llama3", llama3_tokenizer(scratch.path())),
+        ("chatglm3", chatglm_tokenizer(scratch.path(), "chatglm3")),
+        ("chatglm2", chatglm_tokenizer(scratch.path(), "chatglm2")),
+        ("glm4", fixture("tiny_chatglm")),
+    ];
+    // System messages, ShareGPT, Alpaca with history and system, and a plain Alpaca record.
+    let dataset = Dataset::load(&data("chat_sample.jsonl")).unwrap();
+    for (name, dir) in &cases {
+        let tokenizer = Tokenizer::from_dir(dir).unwrap();
+        let format = Format::named(name, dir).unwrap().unwrap();
+        let ends = turn_ends(name, &tokenizer);
+        for (index, sample) in dataset.samples.iter().enumerate() {
+            let conversation = sample.conversation();
+            if *name == "chatglm2" && conversation.messages[0].role == Role::System {
+                let options = SftOptions { cutoff_len: 4096, train_on_inputs: false, last_turn_only: false };
+                assert!(format.example(&tokenizer, sample, &options).unwrap_err().contains("no system role"));
+                continue;
+            }
+            let answers: Vec<&str> = conversation.messages.iter().filter(|m| m.role == Role::Assistant).map(|m| m.content.as_str()).collect();
+            for last_turn_only in [false, true] {
+                let options = SftOptions { cutoff_len: 4096, train_on_inputs: false, last_turn_only };
+                let (example, _) = format.example(&tokenizer, sample, &options).unwrap();
+                let runs = loss_runs(&example.labels);
+                let trained = if last_turn_only { &answers[answers.len() - 1..] } else { &answers[..] };
+                let context = format!("{name} on {}, record {index}, last_turn_only {last_turn_only}", dir.display());
+                assert_eq!(runs.len(), trained.len(), "{context}: {runs:?}");
+                for (run, answer) in runs.iter().zip(trained) {
+                    let text = tokenizer.decode(&example.input_ids[run.clone()], true).unwrap();
+                    assert_eq!(text.trim(), *answer, "{context}");
+                    let run_ends = &example.input_ids[run.clone()];
+                    // chatglm2 ends only its last turn with EOS; the others end every turn.
+                    if *name != "chatglm2" || run.end == example.input_ids.len() {
+                        assert!(run_ends.iter().any(|id| ends.contains(id)), "{context}: no turn end in {run_ends:?}");
+                    }
+                }
+                for (i, &label) in example.labels.iter().enumerate() {
+                    assert!(label == IGNORE_INDEX || label == example.input_ids[i] as i64, "{context}");
+                }
+            }
+            let all = SftOptions { cutoff_len: 4096, train_on_inputs: true, last_turn_only: false };
+            let (example, _) = format.example(&tokenizer, sample, &all).unwrap();
+            assert!(example.labels.iter().all(|&l| l != IGNORE_INDEX), "{name}: train_on_inputs");
+        }
+    }
+}
+
+#[test]
+fn chatglm3_pieces_are_encoded_one_by_one() {
+    // THUDM's build_chat_input: `<|role|>` + sp("\n") + sp(content); the content keeps its own
+    // dummy prefix, so it starts with "▁".
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = chatglm_tokenizer(scratch.path(), "chatglm3");
+    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    let format = Format::named("chatglm3", &dir).unwrap().unwrap();
+    let sample = Dataset::load(&data("chat_sample.jsonl")).unwrap().samples[3].clone();
+    let ids = format.prompt_ids(&tokenizer, &sample).unwrap();
+    let id = |t: &str| tokenizer.token_to_id(t).unwrap();
+    let newline = tokenizer.encode("\n", false).unwrap();
+    let content = tokenizer.encode("Add the numbers.\n2 and 3", false).unwrap();
+    let expected = [vec![id("[gMASK]"), id("sop"), id("<|user|>")], newline, content, vec![id("<|assistant|>")]].concat();
+    assert_eq!(ids, expected);
+    // Role names written in text stay text, as in THUDM's tokenizer.
+    assert!(!tokenizer.encode("<|user|>", false).unwrap().contains(&id("<|user|>")));
+}
+
+#[test]
+fn bad_conversations_are_one_error_line_naming_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let write_recipe = |data: &Path, template: &str| {
+        let recipe = dir.path().join(format!("{template}.toml"));
+        let text = format!(
+            "[model]\npath = {:?}\n[adapter]\nmethod = \"lora\"\n[data]\npath = {:?}\ntemplate = \"{template}\"\n[train]\nmax_steps = 1\n[output]\ndir = {:?}\n",
+            fixture("tiny_llama"), data, dir.path().join("out")
+        );
+        std::fs::write(&recipe, text).unwrap();
+        recipe.to_string_lossy().into_owned()
+    };
+    // A conversation under a prompt template.
+    let recipe = write_recipe(&data("chat_sample.jsonl"), "alpaca");
+    assert_bad_input(&ember(&["data", "preview", &recipe]), &["chat_sample.jsonl", "record 0", "needs a chat template"]);
+    // Assistant first, which llama2-chat forbids.
+    let assistant_first = dir.path().join("assistant_first.jsonl");
+    std::fs::write(&assistant_first, "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}\n\
+        {\"messages\": [{\"role\": \"assistant\", \"content\": \"hi\"}, {\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}\n").unwrap();
+    let recipe = write_recipe(&assistant_first, "llama2-chat");
+    assert_bad_input(&ember(&["data", "preview", &recipe]), &["assistant_first.jsonl", "record 1", "message 0 is assistant's"]);
+    assert_bad_input(&ember(&["train", &recipe]), &["assistant_first.jsonl", "record 1"]);
+    // A missing role and an empty conversation fail while loading.
+    let missing_role = dir.path().join("missing_role.json");
+    std::fs::write(&missing_role, r#"[{"conversations": [{"value": "q"}]}]"#).unwrap();
+    assert_bad_input(&ember(&["data", "preview", &write_recipe(&missing_role, "chatml")]), &["record 0", "conversations[0]: missing 'from'"]);
+    let empty = dir.path().join("empty.json");
+    std::fs::write(&empty, r#"[{"messages": []}]"#).unwrap();
+    assert_bad_input(&ember(&["data", "preview", &write_recipe(&empty, "chatml")]), &["record 0", "empty conversation"]);
+}
+
+#[test]
+fn data_preview_shows_ids_and_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("chat.toml");
+    let text = format!(
+        "[model]\npath = {:?}\n[adapter]\nmethod = \"lora\"\n[data]\npath = {:?}\ntemplate = \"auto\"\nmask_history = true\nval_size = 1\n[train]\nmax_steps = 1\n[output]\ndir = {:?}\n",
+        fixture("chat_template/smollm2"), data("chat_sample.jsonl"), dir.path().join("out")
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let recipe = recipe.to_string_lossy().into_owned();
+    let output = ember(&["data", "preview", &recipe, "--json", "--limit", "2"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<Value> = String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    let tokenizer = Tokenizer::from_dir(&fixture("chat_template/smollm2")).unwrap();
+    let first = &lines[0];
+    assert_eq!(first["index"], 0);
+    assert!(first["text"].as_str().unwrap().starts_with("<|im_start|>system\nYou are a concise assistant."));
+    let ids: Vec<u32> = first["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let labels: Vec<i64> = first["labels"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    // mask_history: only the last answer ("Blue.") and its end carry loss.
+    let trained: Vec<u32> = ids.iter().zip(&labels).filter(|(_, l)| **l != IGNORE_INDEX).map(|(&id, _)| id).collect();
+    assert_eq!(tokenizer.decode(&trained, false).unwrap(), "Blue.<|im_end|>\n");
+    // The text view marks the same tokens.
+    let output = ember(&["data", "preview", &recipe, "--limit", "1"]);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("⟦Blue.<|im_end|>\n⟧") && stdout.starts_with("record 0 (train, "), "{stdout}");
+}
