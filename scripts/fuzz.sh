@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fuzzes the readers of user files (Alpaca data, recipes and --set overrides, safetensors and
-# GGUF headers) with proptest: CASES random inputs per reader (default 200000, about 3 minutes
+# Fuzzes the readers of user files (Alpaca and chat data, recipes and --set overrides,
+# safetensors and GGUF headers, tokenizer.model files, PyTorch .bin archives and pickles) with proptest: CASES random inputs per reader (default 200000, about 3 minutes
 # on 2 cores). A panic fails the run and proptest prints the minimal failing input.
 #   scripts/fuzz.sh [CASES]
 set -euo pipefail

@@ -25,6 +25,16 @@ pub fn gguf(file: &Path, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn torch(dir: &Path, out: &Path) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let summary = ember_models::torch::import_dir(dir, out)?;
+    println!(
+        "imported {} -> {}: {} tensors in {} safetensors file(s), {:.1} MB, {:.1}s",
+        dir.display(), out.display(), summary.tensors, summary.shards, summary.bytes as f64 / 1e6, started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Files that say how a tokenizer is used, copied along when the output is another folder.
 const TOKENIZER_CONFIGS: &[&str] = &["tokenizer_config.json", "special_tokens_map.json"];
 
@@ -43,7 +53,8 @@ pub fn tokenizer(dir: &Path, out: &Path) -> anyhow::Result<()> {
         }
     }
     let path = out.join("tokenizer.json");
-    ember_models::write_json(&path, &converted.json).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let text = serde_json::to_string(&converted.json)? + "\n";
+    ember_models::write_file_atomically(&path, text.as_bytes()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let ids = ember_data::Tokenizer::from_file(&path)?.vocab_size();
     println!("converted {} ({}, {ids} ids) -> {}", dir.join("tokenizer.model").display(), converted.flavour.name(), path.display());
     if converted.flavour == Flavour::SentencePiece {

@@ -343,6 +343,20 @@ enum ImportCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// PyTorch weights (pytorch_model.bin, or the shards of pytorch_model.bin.index.json) as
+    /// safetensors, read without running any code.
+    ///
+    /// The pickle may name only what torch.load(weights_only=True) accepts (tensors, storages,
+    /// dicts); anything else, a compressed or truncated archive, or a tensor that does not fit
+    /// its storage is an error (exit 2) and nothing is written. Other files of the folder
+    /// (config, tokenizer) are copied; other .bin files are not.
+    Torch {
+        /// The model folder with pytorch_model.bin or pytorch_model.bin.index.json.
+        dir: PathBuf,
+        /// Output folder (written atomically; replaced if it exists).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// A folder's tokenizer.model (SentencePiece BPE or Unigram, ChatGLM2/3 with THUDM's special
     /// tokens, or GLM-4's tiktoken ranks) as tokenizer.json.
     ///
@@ -449,6 +463,7 @@ fn main() -> ExitCode {
         Command::Inspect { model: Some(model), .. } => inspect::run(&model),
         Command::Inspect { recipe, shape, .. } => inspect::recipe(&recipe.expect("clap requires model or recipe"), shape.as_deref()),
         Command::Import(ImportCommand::Gguf { file, out }) => import::gguf(&file, &out),
+        Command::Import(ImportCommand::Torch { dir, out }) => import::torch(&dir, &out),
         Command::Import(ImportCommand::Tokenizer { dir, out }) => import::tokenizer(&dir, out.as_deref().unwrap_or(&dir)),
         Command::Data(DataCommand::Preview { recipe, limit, json, overrides }) => data::preview(&recipe, &overrides, limit, json),
         Command::Train { recipe, overrides, resume, overwrite, quiet, json } => {

@@ -14,6 +14,8 @@ pub mod glm;
 pub mod layers;
 pub mod llama;
 pub mod nf4;
+pub mod pickle;
+pub mod torch;
 pub mod transformer;
 
 use std::path::{Path, PathBuf};
