@@ -28,7 +28,12 @@ pub fn recipe(path: &Path, shape: Option<&str>) -> anyhow::Result<()> {
         }
         None => {
             run(&recipe.model.path)?;
-            ModelConfig::from_dir(&recipe.model.path)?
+            let mut config = ModelConfig::from_dir(&recipe.model.path)?;
+            // The vocabulary training will have (grown to the tokenizer's with resize_embeddings).
+            if let Ok(tokenizer) = Tokenizer::from_dir(&recipe.model.path) {
+                config.vocab_size = recipe.model.vocab_for(tokenizer.vocab_size(), config.vocab_size).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+            }
+            config
         }
     };
     let method = &recipe.adapter.method;

@@ -69,7 +69,8 @@ fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Res
         let config = ModelConfig::from_dir(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
         let checkpoint = Checkpoint::open_dir(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
         check_checkpoint(&config, &checkpoint).map_err(|e| fail(e.to_string()))?;
-        Tokenizer::from_dir(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
+        let tokenizer = Tokenizer::from_dir(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
+        recipe.model.vocab_for(tokenizer.vocab_size(), config.vocab_size).map_err(|e| fail(format!("'model.resize_embeddings': {e}")))?;
         if recipe.adapter.init_from.is_none() {
             method.check(&config).map_err(|e| fail(format!("[adapter]: {e}")))?;
             let trainable = method.count_trainable(&config);

@@ -104,6 +104,17 @@ pub trait WeightMerge {
 
     /// The merged value of `key` from its base value, in f32 (`[1, n]` for a vector).
     fn apply(&self, key: &str, base: Tensor<2>, device: &Device) -> Tensor<2>;
+
+    /// The shape of `key` in the merged model (a module trained in full with a grown
+    /// vocabulary has more rows than the base's).
+    fn output_shape(&self, _key: &str, base_shape: &[usize]) -> Vec<usize> {
+        base_shape.to_vec()
+    }
+
+    /// The merged model's vocabulary, when the adapter grows it.
+    fn vocab_size(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// How an adapter folder stores its settings.

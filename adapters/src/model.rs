@@ -5,7 +5,7 @@
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_models::layers::Linear;
-use ember_models::{BaseModel, CausalLm, KvCache, LayerExtras, ModelConfig, Projection, TokenBatch};
+use ember_models::{BaseModel, CausalLm, KvCache, LayerExtras, ModelConfig, Projection, TokenBatch, VocabModule};
 
 use crate::registry::{ModelAdapter, ProjectionAdapter};
 
@@ -154,6 +154,9 @@ impl AdaptedModel {
     /// The lowest decoder layer holding or receiving a trainable parameter: backward never
     /// needs to go below it.
     pub fn first_trainable_layer(&self) -> usize {
+        if self.trains_embedding() {
+            return 0;
+        }
         match &self.inputs {
             Some(inputs) => inputs.inputs().first_trainable_layer(),
             None => self.model.layers.iter().position(|layer| layer.projections().iter().any(|p| p.branch.is_some())).unwrap_or(0),
@@ -254,17 +257,34 @@ impl AdaptedModel {
         Self::with_inputs(base, self.inputs)
     }
 
+    /// Whether the token embedding trains (in full, as PEFT's `modules_to_save`).
+    pub fn trains_embedding(&self) -> bool {
+        self.model.vocab_weight(VocabModule::Embedding).is_some_and(|w| w.is_require_grad())
+    }
+
+    /// Parameters of the embedding and LM head when they train in full.
+    fn whole_module_params(&self) -> usize {
+        [VocabModule::Embedding, VocabModule::LmHead]
+            .into_iter()
+            .filter_map(|m| self.model.vocab_weight(m).filter(|w| w.is_require_grad()))
+            .map(|w| w.shape().num_elements())
+            .sum()
+    }
+
     /// (trainable parameters, all parameters). Branches and decoder inputs hold only trainable
-    /// parameters; the base only frozen ones.
+    /// parameters; the base only frozen ones, but for an embedding or LM head trained in full.
     pub fn parameter_counts(&self) -> (usize, usize) {
         let branches: usize = self.branches().iter().map(|(_, b)| b.num_params()).sum();
         let inputs = self.inputs.as_ref().map_or(0, Module::num_params);
-        (branches + inputs, self.num_params())
+        (branches + inputs + self.whole_module_params(), self.num_params())
     }
 
     /// Why saving would be pointless: the parameters still leave the base unchanged (every
     /// LoRA B or every gate zero — the known PEFT failure of saving an untrained adapter).
     pub fn unchanged_reason(&self) -> Option<&'static str> {
+        if self.whole_module_params() > 0 {
+            return None;
+        }
         if let Some(inputs) = &self.inputs {
             return inputs.inputs().unchanged_reason();
         }

@@ -26,7 +26,7 @@ pub use files::{remove_stale_temporaries, write_dir_atomically, write_file_atomi
 pub use attention::LayerExtras;
 pub use batch::{KvCache, Layout, TokenBatch};
 pub use layers::Projection;
-pub use transformer::{BaseModel, CausalLm};
+pub use transformer::{BaseModel, CausalLm, VocabModule};
 
 /// Everything that can go wrong reading a model folder. Each variant names the file and,
 /// where there is one, the key.

@@ -271,6 +271,96 @@ impl CausalLm<Linear> {
 
 }
 
+/// The embedding and the LM head, the modules a vocabulary lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VocabModule {
+    Embedding,
+    LmHead,
+}
+
+impl VocabModule {
+    /// The module's HF name in `config`'s architecture (`model.embed_tokens`, `lm_head`…).
+    pub fn hf_name(self, config: &ModelConfig) -> &'static str {
+        let keys = KeyLayout::of(config.architecture);
+        match self {
+            VocabModule::Embedding => keys.embed,
+            VocabModule::LmHead => keys.lm_head,
+        }
+    }
+
+    /// The module PEFT's `modules_to_save` entry `name` means: the module's HF name or its last
+    /// parts (`embed_tokens`, `lm_head`).
+    pub fn named(name: &str, config: &ModelConfig) -> Option<Self> {
+        [VocabModule::Embedding, VocabModule::LmHead].into_iter().find(|m| {
+            let full = m.hf_name(config);
+            full == name || full.ends_with(&format!(".{name}"))
+        })
+    }
+}
+
+/// `rows` rows equal to the mean of `weight`'s rows, in its dtype.
+fn mean_rows(weight: &Tensor<2>, rows: usize) -> Tensor<2> {
+    let [_, width] = weight.dims();
+    weight.clone().cast(DType::F32).mean_dim(0).expand([rows, width]).cast(weight.dtype())
+}
+
+impl<P> CausalLm<P> {
+    /// Grows the vocabulary to `vocab` ids: the embedding and the LM head get rows equal to
+    /// the mean of their old rows (transformers' `resize_token_embeddings(mean_resizing=True)`
+    /// draws them from N(mean, 1e-9·covariance): within about 1e-4 of the mean, which ember
+    /// takes exactly). A smaller `vocab` is an error naming both sizes.
+    pub fn resize_vocab(mut self, vocab: usize) -> Result<Self, String> {
+        let old = self.config.vocab_size;
+        if vocab < old {
+            return Err(format!("cannot shrink the vocabulary from {old} to {vocab} ids"));
+        }
+        if vocab == old {
+            return Ok(self);
+        }
+        let grow = |weight: Tensor<2>| Tensor::cat(vec![weight.clone(), mean_rows(&weight, vocab - old)], 0);
+        self.embed_tokens = Embedding::new(grow(self.embed_tokens.weight.val()));
+        if let Some(head) = &self.lm_head {
+            self.lm_head = Some(Linear::new(grow(head.dense_weight()), None));
+        }
+        self.config.vocab_size = vocab;
+        Ok(self)
+    }
+
+    /// Replaces `module`'s weight with `weight` (`[vocab, hidden]`) as a trainable f32
+    /// parameter: PEFT's `modules_to_save`, a module trained in full. The vocabulary grows to
+    /// the weight's rows first if it has more.
+    pub fn train_whole(mut self, module: VocabModule, weight: Tensor<2>) -> Result<Self, String> {
+        let [rows, width] = weight.dims();
+        if width != self.config.hidden_size {
+            return Err(format!("{}: {width} columns, the model's hidden size is {}", module.hf_name(&self.config), self.config.hidden_size));
+        }
+        self = self.resize_vocab(rows)?;
+        if rows != self.config.vocab_size {
+            return Err(format!("{}: {rows} rows, the model's vocabulary has {} ids", module.hf_name(&self.config), self.config.vocab_size));
+        }
+        let trainable = Param::from_tensor(weight.cast(DType::F32)).set_require_grad(true);
+        match module {
+            VocabModule::Embedding => self.embed_tokens = Embedding { weight: trainable },
+            VocabModule::LmHead if self.lm_head.is_none() => {
+                return Err("lm_head is tied to the embedding in this model: train embed_tokens alone".into());
+            }
+            VocabModule::LmHead => self.lm_head = Some(Linear::with_weight(Weight::Dense(trainable), None)),
+        }
+        Ok(self)
+    }
+
+    /// `module`'s current weight (`[vocab, hidden]`).
+    pub fn vocab_weight(&self, module: VocabModule) -> Option<&Param<Tensor<2>>> {
+        match module {
+            VocabModule::Embedding => Some(&self.embed_tokens.weight),
+            VocabModule::LmHead => match self.lm_head.as_ref().map(|head| &head.weight) {
+                Some(Weight::Dense(weight)) => Some(weight),
+                _ => None,
+            },
+        }
+    }
+}
+
 impl<P: Projection> CausalLm<P> {
     /// Replaces every projection through `f(hf_module_name, projection)`, e.g.
     /// `("model.layers.0.self_attn.q_proj", linear)`. The LM head is not a projection.

@@ -53,6 +53,8 @@ pub struct MergeSummary {
 struct OutputTensor<'a> {
     base: &'a Checkpoint,
     key: String,
+    /// In the base checkpoint, and in the output (more rows for a grown vocabulary).
+    base_shape: Vec<usize>,
     shape: Vec<usize>,
     dtype: DType,
     /// The adapter's merge, for a tensor it changes.
@@ -74,7 +76,7 @@ impl View for &OutputTensor<'_> {
         if self.merge.is_none() && burn_dtype(file_dtype) == Some(self.dtype) {
             return Cow::Borrowed(bytes);
         }
-        let dims: [usize; 2] = match self.shape.as_slice() {
+        let dims: [usize; 2] = match self.base_shape.as_slice() {
             [a, b] => [*a, *b],
             [a] => [1, *a],
             other => [1, other.iter().product()],
@@ -139,7 +141,8 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDt
             MergeDtype::F16 => DType::F16,
         };
         let merge = changed.contains(key).then_some(merge.as_ref());
-        outputs.push(OutputTensor { base: &base, key: key.to_owned(), shape: shape.to_vec(), dtype: out_dtype, merge, device: &device });
+        let out_shape = merge.map_or_else(|| shape.to_vec(), |m| m.output_shape(key, shape));
+        outputs.push(OutputTensor { base: &base, key: key.to_owned(), base_shape: shape.to_vec(), shape: out_shape, dtype: out_dtype, merge, device: &device });
     }
 
     // Shards of at most MAX_SHARD_BYTES, in key order.
@@ -158,6 +161,11 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDt
     let shard_count = shards.len();
 
     let mut config_json = ModelConfig::read_json(&base_dir.join("config.json"))?;
+    // Modules trained in full with an extended vocabulary grow the model's.
+    if let Some(vocab) = merge.vocab_size().filter(|&v| v > config.vocab_size) {
+        let key = if config_json.get("padded_vocab_size").is_some() { "padded_vocab_size" } else { "vocab_size" };
+        config_json[key] = vocab.into();
+    }
     if let Some(name) = match dtype {
         MergeDtype::Keep => None,
         MergeDtype::F32 => Some("float32"),

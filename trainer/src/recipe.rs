@@ -61,6 +61,27 @@ pub struct ModelSection {
     /// With `nf4`: the block scales in 8 bits too (bitsandbytes' `bnb_4bit_use_double_quant`).
     #[serde(default)]
     pub double_quant: bool,
+    /// Grow the embedding and LM head to the tokenizer's vocabulary when it has more ids (an
+    /// extended vocabulary); new rows start at the mean of the old ones.
+    #[serde(default)]
+    pub resize_embeddings: bool,
+}
+
+impl ModelSection {
+    /// The vocabulary the model must have for `tokenizer_ids` ids: its own, or the tokenizer's
+    /// with `resize_embeddings`. A tokenizer with more ids than the embedding has rows is an
+    /// error otherwise.
+    pub fn vocab_for(&self, tokenizer_ids: usize, model_vocab: usize) -> Result<usize, String> {
+        if tokenizer_ids <= model_vocab {
+            return Ok(model_vocab);
+        }
+        if self.resize_embeddings {
+            return Ok(tokenizer_ids);
+        }
+        Err(format!(
+            "the tokenizer has {tokenizer_ids} ids but the model's embedding has {model_vocab} rows; set model.resize_embeddings = true to grow it (an extended vocabulary)"
+        ))
+    }
 }
 
 /// `model.quantize`.
@@ -241,7 +262,7 @@ fn default_cutoff() -> usize {
 
 /// Every key a recipe may hold, by section (for "did you mean" suggestions).
 const KEYS: &[(&str, &[&str])] = &[
-    ("model", &["path", "device", "dtype", "quantize", "double_quant"]),
+    ("model", &["path", "device", "dtype", "quantize", "double_quant", "resize_embeddings"]),
     // The method's own keys come from its section type (`adapter_keys`).
     ("adapter", &["method", "init_from"]),
     ("data", &["path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "mask_history", "val_size", "group_by_length"]),

@@ -60,8 +60,9 @@ pub fn forward_backward(
     let batch_rows = tokens.shape()[0];
     let layout = model.model.layout(&tokens, model.prefix_keys(), device);
     let (first, layers) = (model.first_trainable_layer(), model.model.layers.len());
-    // Trainable embeddings: the gradient must reach the input of the first layer.
-    let embeddings_train = virtual_tokens > 0;
+    // Trainable embeddings (prompt tuning's, or the token embedding trained in full): the
+    // gradient must reach the input of the first layer.
+    let embeddings_train = virtual_tokens > 0 || model.trains_embedding();
 
     // Layers, forward. With checkpointing the pass runs on a frozen view (no graph) and keeps
     // the inputs of the layers that backward will recompute.
@@ -78,7 +79,7 @@ pub fn forward_backward(
         x = forward_model.model.layer_forward(i, x, &layout, extras.get(i));
     }
 
-    let (loss, mut grad) = loss_backward(model, x.clone().detach().require_grad(), rows, targets, weight, options.loss_chunk_tokens);
+    let (loss, mut grad) = loss_backward(model, x.clone().detach().require_grad(), rows, targets, weight, options.loss_chunk_tokens, grads);
 
     // Layers, backward.
     if !options.checkpoint_layers {
@@ -153,12 +154,20 @@ fn tokens_and_targets(batch: &Batch, padding_free: bool) -> (TokenBatch, Vec<i64
 }
 
 /// Final norm, LM head and `weight ·` mean cross-entropy over the supervised `rows` of `last`
-/// (the last layer's output, a fresh leaf). Returns the loss and its gradient w.r.t. `last`.
-/// The final norm and the head are frozen in every method, so they add no parameter gradient.
+/// (the last layer's output, a fresh leaf). Returns the loss and its gradient w.r.t. `last`;
+/// an LM head trained in full gets its gradient added to `grads`, chunk by chunk.
 ///
 /// # Shapes
 /// - last, gradient: `[batch, seq, hidden]`
-fn loss_backward(model: &AdaptedModel, last: Tensor<3>, rows: Vec<i64>, targets: Vec<i64>, weight: f64, chunk: usize) -> (f64, Tensor<3>) {
+fn loss_backward(
+    model: &AdaptedModel,
+    last: Tensor<3>,
+    rows: Vec<i64>,
+    targets: Vec<i64>,
+    weight: f64,
+    chunk: usize,
+    grads: &mut GradientsAccumulator<AdaptedModel>,
+) -> (f64, Tensor<3>) {
     let width = last.dims()[2];
     let n = rows.len();
     let selected = select_rows(model.model.final_norm(last.clone()), rows);
@@ -172,6 +181,7 @@ fn loss_backward(model: &AdaptedModel, last: Tensor<3>, rows: Vec<i64>, targets:
         loss += chunk_loss.clone().into_scalar::<f32>() as f64;
         let mut chunk_grads = chunk_loss.backward();
         row_grads.push(leaf.grad_remove(&mut chunk_grads).expect("a chunk's rows have a gradient"));
+        grads.accumulate(model, GradientsParams::from_grads(chunk_grads, model));
     }
     let mut norm_grads = (selected * Tensor::cat(row_grads, 0)).sum().backward();
     let grad = last.grad_remove(&mut norm_grads).expect("the last layer's output has a gradient");
@@ -210,7 +220,7 @@ mod tests {
 
     fn methods() -> Vec<Method> {
         let lora = |dropout, layers| {
-            Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout, use_rslora: false, target: Target::AllLinear, layers_to_transform: layers })
+            Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout, use_rslora: false, target: Target::AllLinear, layers_to_transform: layers, modules_to_save: Vec::new() })
         };
         vec![
             lora(0.0, None),
@@ -221,7 +231,7 @@ mod tests {
             Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: false, encoder_hidden_size: None }),
             Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: Some(16) }),
             Method::Adaption(AdaptionConfig { adapter_len: 2, adapter_layers: 2 }),
-            Method::Dora(DoraConfig(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None })),
+            Method::Dora(DoraConfig(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None, modules_to_save: Vec::new() })),
             Method::Ia3(Ia3Config { target: Target::AllLinear, feedforward: Target::Suffixes(vec!["down_proj".into(), "dense_4h_to_h".into()]) }),
             Method::PromptTuning(PromptTuningConfig { num_virtual_tokens: 3, init_text: None }),
         ]

@@ -286,6 +286,12 @@ impl<'a> Run<'a> {
         let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
 
         let base = BaseModel::load_quantized(&recipe.model.path, recipe.model.dtype, recipe.model.quantization(), &device)?;
+        let vocab = recipe.model.vocab_for(tokenizer.vocab_size(), base.config.vocab_size)
+            .map_err(|reason| TrainError::Setting { key: "model.resize_embeddings", reason })?;
+        if vocab > base.config.vocab_size {
+            on_event(Event::Info(format!("model: embedding and LM head grown from {} to {vocab} ids", base.config.vocab_size)));
+        }
+        let base = base.resize_vocab(vocab).map_err(|reason| TrainError::Setting { key: "model.resize_embeddings", reason })?;
         let (model, method) = match &recipe.adapter.init_from {
             Some(dir) => Method::load(dir, base, &device)?,
             None => {

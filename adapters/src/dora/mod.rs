@@ -94,9 +94,11 @@ impl MethodConfig for DoraConfig {
         lora::check_targets(model, &self.0)
     }
 
-    /// LoRA's `r·(in + out)` plus `out` magnitudes per targeted projection.
+    /// LoRA's `r·(in + out)` plus `out` magnitudes per targeted projection, plus the modules
+    /// trained in full.
     fn count_trainable(&self, model: &ModelConfig) -> usize {
-        lora::targeted_shapes(model, &self.0).iter().map(|(_, [out, inp])| self.0.r * (out + inp) + out).sum()
+        lora::targeted_shapes(model, &self.0).iter().map(|(_, [out, inp])| self.0.r * (out + inp) + out).sum::<usize>()
+            + lora::whole_module_parameters(model, &self.0)
     }
 
     fn first_trainable_layer(&self, model: &ModelConfig) -> usize {
@@ -116,7 +118,7 @@ impl MethodConfig for DoraConfig {
     fn init(&self, base: BaseModel, seed: u64, device: &Device) -> Result<AdaptedModel, AdapterError> {
         let mut rng = StdRng::seed_from_u64(seed);
         AdaptedModel::with_branches(
-            base,
+            peft::train_whole_modules(&self.0, base)?,
             |name, linear| {
                 Ok(self.0.targets(name).then(|| {
                     let lora = LoraBranch::init(linear, &self.0, &mut rng, device);
@@ -137,6 +139,7 @@ impl MethodConfig for DoraConfig {
                 modules.push(name);
             }
         }
+        tensors.extend(peft::whole_parameters(&self.0, model).into_iter().map(|(key, _, weight)| SavedTensor::new(key, weight)));
         peft::save_peft(&self.0, true, &modules, &tensors, base_model, dir)
     }
 
@@ -149,6 +152,7 @@ impl MethodConfig for DoraConfig {
                 names.push((b.magnitude.id, format!("base_model.model.{module}.{MAGNITUDE}")));
             }
         }
+        names.extend(peft::whole_parameters(&self.0, model).into_iter().map(|(key, id, _)| (id, key)));
         names
     }
 }
@@ -187,7 +191,7 @@ struct DoraMerge(peft::PeftBranches);
 
 impl WeightMerge for DoraMerge {
     fn keys(&self) -> Vec<String> {
-        self.0.modules.keys().cloned().collect()
+        self.0.keys()
     }
 
     fn check(&self, base: &Checkpoint) -> Result<(), AdapterError> {
@@ -204,11 +208,22 @@ impl WeightMerge for DoraMerge {
     }
 
     fn apply(&self, key: &str, base: Tensor<2>, device: &Device) -> Tensor<2> {
+        if let Some(weight) = self.0.whole_weight(key, device) {
+            return weight;
+        }
         let module = &self.0.modules[key];
         let v = base + self.0.delta(module, device);
         let out = v.dims()[0];
         let norm = v.clone().powi_scalar(2).sum_dim(1).sqrt().reshape([out]);
         let magnitude = self.0.weights.float::<1>(&format!("base_model.model.{module}.{MAGNITUDE}"), [out], LoadDtype::F32, device).expect("checked");
         v * (magnitude / norm).unsqueeze_dim::<2>(1)
+    }
+
+    fn output_shape(&self, key: &str, base_shape: &[usize]) -> Vec<usize> {
+        self.0.whole.get(key).cloned().unwrap_or_else(|| base_shape.to_vec())
+    }
+
+    fn vocab_size(&self) -> Option<usize> {
+        self.0.vocab_size()
     }
 }

@@ -14,6 +14,9 @@ pub struct LoraConfig {
     pub target: Target,
     /// Only these layer indices (PEFT `layers_to_transform`).
     pub layers_to_transform: Option<Vec<usize>>,
+    /// Modules trained in full beside the branches (PEFT `modules_to_save`): the embedding
+    /// and/or the LM head, by their names (`embed_tokens`, `lm_head`).
+    pub modules_to_save: Vec<String>,
 }
 
 impl LoraConfig {
@@ -38,6 +41,8 @@ pub struct LoraSection {
     pub target_modules: TargetModules,
     pub use_rslora: bool,
     pub layers_to_transform: Option<Vec<usize>>,
+    /// `["embed_tokens", "lm_head"]`: train these in full too (an extended vocabulary).
+    pub modules_to_save: Vec<String>,
 }
 
 impl Default for LoraSection {
@@ -49,6 +54,7 @@ impl Default for LoraSection {
             target_modules: TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
             use_rslora: false,
             layers_to_transform: None,
+            modules_to_save: Vec::new(),
         }
     }
 }
@@ -70,6 +76,7 @@ impl TryFrom<LoraSection> for LoraConfig {
             use_rslora: s.use_rslora,
             target: Target::from_recipe(&s.target_modules)?,
             layers_to_transform: s.layers_to_transform,
+            modules_to_save: s.modules_to_save,
         })
     }
 }

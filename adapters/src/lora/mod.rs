@@ -15,20 +15,24 @@ use std::path::Path;
 use burn::module::ParamId;
 use burn::tensor::{Device, Tensor};
 use ember_models::family::KeyLayout;
-use ember_models::{BaseModel, Checkpoint, ModelConfig};
+use ember_models::{BaseModel, Checkpoint, ModelConfig, VocabModule};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::method::{AdapterFolder, MethodConfig, PeftMethod, WeightMerge};
 use crate::registry::ProjectionAdapter;
-use crate::{AdaptedModel, AdapterError};
+use crate::{AdaptedModel, AdapterError, SavedTensor};
 
 use crate::target;
 pub use crate::target::Target;
 
 impl fmt::Display for LoraConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "LoRA r={} on {}", self.r, self.target)
+        write!(f, "LoRA r={} on {}", self.r, self.target)?;
+        if !self.modules_to_save.is_empty() {
+            write!(f, ", {} trained in full", self.modules_to_save.join(" and "))?;
+        }
+        Ok(())
     }
 }
 
@@ -40,11 +44,21 @@ pub fn targeted_shapes(model: &ModelConfig, config: &LoraConfig) -> Vec<(String,
 
 /// The lowest layer with a targeted projection.
 pub fn first_targeted_layer(model: &ModelConfig, config: &LoraConfig) -> usize {
+    // A trained embedding needs the gradient all the way down.
+    if peft::whole_modules(config, model).unwrap_or_default().contains(&VocabModule::Embedding) {
+        return 0;
+    }
     target::projections(model).into_iter().find(|(name, _, _)| config.targets(name)).map_or(0, |(_, _, layer)| layer)
+}
+
+/// Parameters of the modules `config` trains in full (`vocab · hidden` each).
+pub fn whole_module_parameters(model: &ModelConfig, config: &LoraConfig) -> usize {
+    peft::whole_modules(config, model).unwrap_or_default().len() * model.vocab_size * model.hidden_size
 }
 
 /// Whether `config`'s layers exist and it targets at least one projection of `model`.
 pub fn check_targets(model: &ModelConfig, config: &LoraConfig) -> Result<(), String> {
+    peft::whole_modules(config, model)?;
     if let Some(layer) = config.layers_to_transform.iter().flatten().find(|&&i| i >= model.num_layers) {
         return Err(format!("'adapter.layers_to_transform': layer {layer} does not exist (the model has {} layers)", model.num_layers));
     }
@@ -70,9 +84,9 @@ impl MethodConfig for LoraConfig {
         check_targets(model, self)
     }
 
-    /// `r·(in + out)` per targeted projection.
+    /// `r·(in + out)` per targeted projection, plus the modules trained in full.
     fn count_trainable(&self, model: &ModelConfig) -> usize {
-        targeted_shapes(model, self).iter().map(|(_, [out, inp])| self.r * (out + inp)).sum()
+        targeted_shapes(model, self).iter().map(|(_, [out, inp])| self.r * (out + inp)).sum::<usize>() + whole_module_parameters(model, self)
     }
 
     fn first_trainable_layer(&self, model: &ModelConfig) -> usize {
@@ -92,7 +106,7 @@ impl MethodConfig for LoraConfig {
     fn init(&self, base: BaseModel, seed: u64, device: &Device) -> Result<AdaptedModel, AdapterError> {
         let mut rng = StdRng::seed_from_u64(seed);
         AdaptedModel::with_branches(
-            base,
+            peft::train_whole_modules(self, base)?,
             |name, linear| Ok(self.targets(name).then(|| ProjectionAdapter::Lora(LoraBranch::init(linear, self, &mut rng, device)))),
             || AdapterError::Config(format!("lora: target {} matches no module of the model", self.target)),
         )
@@ -106,6 +120,7 @@ impl MethodConfig for LoraConfig {
                 modules.push(name);
             }
         }
+        tensors.extend(peft::whole_parameters(self, model).into_iter().map(|(key, _, weight)| SavedTensor::new(key, weight)));
         peft::save_peft(self, false, &modules, &tensors, base_model, dir)
     }
 
@@ -117,6 +132,7 @@ impl MethodConfig for LoraConfig {
                 names.push((b.lora_b.id, peft::key(&module, "lora_B")));
             }
         }
+        names.extend(peft::whole_parameters(self, model).into_iter().map(|(key, id, _)| (id, key)));
         names
     }
 }
@@ -153,7 +169,7 @@ struct LoraMerge(peft::PeftBranches);
 
 impl WeightMerge for LoraMerge {
     fn keys(&self) -> Vec<String> {
-        self.0.modules.keys().cloned().collect()
+        self.0.keys()
     }
 
     fn check(&self, base: &Checkpoint) -> Result<(), AdapterError> {
@@ -161,7 +177,18 @@ impl WeightMerge for LoraMerge {
     }
 
     fn apply(&self, key: &str, base: Tensor<2>, device: &Device) -> Tensor<2> {
-        base + self.0.delta(&self.0.modules[key], device)
+        match self.0.whole_weight(key, device) {
+            Some(weight) => weight,
+            None => base + self.0.delta(&self.0.modules[key], device),
+        }
+    }
+
+    fn output_shape(&self, key: &str, base_shape: &[usize]) -> Vec<usize> {
+        self.0.whole.get(key).cloned().unwrap_or_else(|| base_shape.to_vec())
+    }
+
+    fn vocab_size(&self) -> Option<usize> {
+        self.0.vocab_size()
     }
 }
 

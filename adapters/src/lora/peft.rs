@@ -5,9 +5,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use burn::module::ParamId;
 use burn::tensor::{Device, Tensor};
 use ember_models::layers::Linear;
-use ember_models::{BaseModel, Checkpoint, LoadDtype};
+use ember_models::{BaseModel, Checkpoint, LoadDtype, ModelConfig, VocabModule};
 use serde_json::{Value, json};
 
 use super::{LoraBranch, LoraConfig};
@@ -44,7 +45,7 @@ pub(crate) fn save_peft(config: &LoraConfig, use_dora: bool, modules: &[String],
         "fan_in_fan_out": false,
         "inference_mode": true,
         "init_lora_weights": true,
-        "modules_to_save": null,
+        "modules_to_save": (!config.modules_to_save.is_empty()).then_some(&config.modules_to_save),
         "use_dora": use_dora,
         "rank_pattern": {},
         "alpha_pattern": {},
@@ -52,6 +53,54 @@ pub(crate) fn save_peft(config: &LoraConfig, use_dora: bool, modules: &[String],
         "peft_version": PEFT_VERSION,
     });
     save_adapter_dir(dir, AdapterFolder::PEFT_WEIGHTS, tensors, &[(AdapterFolder::PEFT_CONFIG, &adapter_config)])
+}
+
+/// PEFT's key of a module trained in full: `base_model.model.<module>.weight` (its
+/// `modules_to_save.default` copy, saved under the module's own name).
+pub fn whole_key(module: &str) -> String {
+    format!("base_model.model.{module}.weight")
+}
+
+/// The modules `config.modules_to_save` names in `model`.
+pub(crate) fn whole_modules(config: &LoraConfig, model: &ModelConfig) -> Result<Vec<VocabModule>, String> {
+    config
+        .modules_to_save
+        .iter()
+        .map(|name| {
+            let module = VocabModule::named(name, model).ok_or_else(|| {
+                format!(
+                    "'modules_to_save': '{name}' is neither the embedding ({}) nor the LM head ({}); those are the modules ember trains in full",
+                    VocabModule::Embedding.hf_name(model),
+                    VocabModule::LmHead.hf_name(model)
+                )
+            })?;
+            if module == VocabModule::LmHead && model.tie_word_embeddings {
+                return Err(format!("'modules_to_save': '{name}' is tied to the embedding in this model; list the embedding alone"));
+            }
+            Ok(module)
+        })
+        .collect()
+}
+
+/// `base` with `config`'s whole modules trainable, starting from the base's own weights.
+pub(crate) fn train_whole_modules(config: &LoraConfig, mut base: BaseModel) -> Result<BaseModel, AdapterError> {
+    for module in whole_modules(config, &base.config).map_err(AdapterError::Config)? {
+        let weight = base.vocab_weight(module).expect("an untied LM head is dense").val();
+        base = base.train_whole(module, weight).map_err(AdapterError::Config)?;
+    }
+    Ok(base)
+}
+
+/// The whole modules of `model` with their PEFT keys and parameter ids.
+pub(crate) fn whole_parameters(config: &LoraConfig, model: &AdaptedModel) -> Vec<(String, ParamId, Tensor<2>)> {
+    let modules = whole_modules(config, model.config()).unwrap_or_default();
+    modules
+        .into_iter()
+        .filter_map(|m| {
+            let param = model.model.vocab_weight(m)?;
+            Some((whole_key(m.hf_name(model.config())), param.id, param.val()))
+        })
+        .collect()
 }
 
 /// The LoRA tensors of one branch, keyed as PEFT saves them.
@@ -72,6 +121,16 @@ pub(crate) fn load_branches(
     let (weights, weights_path) = folder.weights(AdapterFolder::PEFT_WEIGHTS)?;
     let used = std::cell::RefCell::new(BTreeSet::new());
     let read_error = |e: ember_models::LoadError| AdapterError::invalid(&weights_path, e.to_string());
+    // Modules trained in full replace the base's (growing its vocabulary to theirs).
+    let mut base = base;
+    for module in whole_modules(config, &base.config).map_err(|e| folder.invalid(e))? {
+        let k = whole_key(module.hf_name(&base.config));
+        let (shape, _) = weights.info(&k).ok_or_else(|| AdapterError::invalid(&weights_path, format!("modules_to_save: no tensor '{k}'")))?;
+        let [rows, cols] = shape[..] else { return Err(AdapterError::invalid(&weights_path, format!("'{k}' has shape {shape:?}, expected [vocab, hidden]"))) };
+        let weight = weights.float::<2>(&k, [rows, cols], LoadDtype::F32, device).map_err(read_error)?;
+        base = base.train_whole(module, weight).map_err(|e| AdapterError::invalid(&weights_path, e))?;
+        used.borrow_mut().insert(k);
+    }
     let model = AdaptedModel::with_branches(
         base,
         |name, linear| {
@@ -122,11 +181,16 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
             return unsupported(k, "a per-module pattern");
         }
     }
-    for k in ["modules_to_save", "layer_replication", "target_parameters", "trainable_token_indices"] {
+    for k in ["layer_replication", "target_parameters", "trainable_token_indices"] {
         if get(k).is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
             return unsupported(k, "a non-empty value");
         }
     }
+    let modules_to_save = match get("modules_to_save") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(names)) => names.iter().map(|n| n.as_str().map(str::to_string).ok_or("'modules_to_save' must list module names")).collect::<Result<_, _>>()?,
+        Some(_) => return Err("'modules_to_save' must be a list of module names".into()),
+    };
     let r = get("r").and_then(Value::as_u64).filter(|&r| r > 0).ok_or("'r' must be a positive integer")? as usize;
     let alpha = get("lora_alpha").and_then(Value::as_f64).ok_or("'lora_alpha' must be a number")?;
     Ok(LoraConfig {
@@ -136,6 +200,7 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
         use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
         target: Target::from_peft(get("target_modules"), "target_modules")?,
         layers_to_transform: layers_from_peft(get("layers_to_transform"))?,
+        modules_to_save,
     })
 }
 
@@ -147,6 +212,8 @@ pub struct PeftBranches {
     pub config: LoraConfig,
     /// `<module>.weight` -> module
     pub modules: HashMap<String, String>,
+    /// `<module>.weight` of each module trained in full -> its shape in the adapter
+    pub whole: HashMap<String, Vec<usize>>,
 }
 
 impl PeftBranches {
@@ -156,8 +223,13 @@ impl PeftBranches {
         let config = read_config(folder)?;
         let (weights, path) = folder.weights(AdapterFolder::PEFT_WEIGHTS)?;
         let mut modules = HashMap::new();
+        let mut whole = HashMap::new();
+        let saved = |module: &str| config.modules_to_save.iter().any(|name| module == name || module.ends_with(&format!(".{name}")));
         for k in weights.keys() {
-            if let Some(module) = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".lora_A.weight")) {
+            let whole_module = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".weight")).filter(|m| saved(m));
+            if let Some(module) = whole_module {
+                whole.insert(format!("{module}.weight"), weights.info(k).expect("listed").0.to_vec());
+            } else if let Some(module) = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".lora_A.weight")) {
                 let b = key(module, "lora_B");
                 if !weights.contains(&b) {
                     return Err(AdapterError::invalid(&path, format!("'{k}' has no matching '{b}'")));
@@ -173,11 +245,37 @@ impl PeftBranches {
                 return Err(AdapterError::invalid(&path, format!("unexpected tensor '{k}' in a LoRA adapter")));
             }
         }
-        Ok(Self { weights, path, config, modules })
+        Ok(Self { weights, path, config, modules, whole })
     }
 
-    /// Checks each branch against its base weight's `[out, in]`.
+    /// Every base key the merge writes: adapted weights and modules trained in full.
+    pub fn keys(&self) -> Vec<String> {
+        self.modules.keys().chain(self.whole.keys()).cloned().collect()
+    }
+
+    /// A module trained in full: its saved weight, `[vocab, hidden]` f32.
+    pub fn whole_weight(&self, key: &str, device: &Device) -> Option<Tensor<2>> {
+        let shape = self.whole.get(key)?;
+        let module = key.strip_suffix(".weight").expect("whole keys end in .weight");
+        Some(self.weights.float::<2>(&whole_key(module), [shape[0], shape[1]], LoadDtype::F32, device).expect("checked"))
+    }
+
+    /// The merged model's vocabulary when the adapter's modules grow it.
+    pub fn vocab_size(&self) -> Option<usize> {
+        self.whole.values().map(|shape| shape[0]).max()
+    }
+
+    /// Checks each branch against its base weight's `[out, in]`, and each module trained in
+    /// full against the base's `[vocab, hidden]` (more rows: a grown vocabulary).
     pub fn check(&self, base: &Checkpoint) -> Result<(), AdapterError> {
+        for (weight_key, shape) in &self.whole {
+            let Some((base_shape, _)) = base.info(weight_key) else {
+                return Err(AdapterError::invalid(&self.path, format!("modules_to_save: '{weight_key}' is not in the base model")));
+            };
+            if shape.len() != 2 || shape[1] != base_shape[1] || shape[0] < base_shape[0] {
+                return Err(AdapterError::invalid(&self.path, format!("modules_to_save: '{weight_key}' has shape {shape:?}, the base {base_shape:?}")));
+            }
+        }
         let r = self.config.r;
         for (weight_key, module) in &self.modules {
             let Some((shape, _)) = base.info(weight_key) else {
