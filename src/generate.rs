@@ -2,10 +2,10 @@
 
 use std::path::Path;
 
-use burn::tensor::Device;
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use ember_data::{Format, Record, Sample, Tokenizer};
 use ember_models::generate::{GenerationOptions, generate};
-use ember_models::{BaseModel, LoadDtype};
+use ember_models::{BaseModel, KvCache, LoadDtype};
 
 use crate::bad_input;
 
@@ -18,6 +18,9 @@ pub struct Request<'a> {
     pub template: &'a str,
     pub options: GenerationOptions,
     pub device: &'a str,
+    /// Also write the prompt's ids, the answer's ids and the logits at the prompt's last
+    /// position here (JSON), to compare with another runtime.
+    pub logits_out: Option<&'a Path>,
 }
 
 /// The completion text of `request` (special tokens removed).
@@ -37,13 +40,24 @@ pub fn complete(request: &Request) -> anyhow::Result<String> {
     let base = BaseModel::load(request.base, LoadDtype::F32, &device)?;
     let mut options = request.options.clone();
     options.stop_ids.extend(base.config.eos_token_ids.iter().copied().chain(tokenizer.eos_id));
+    let run = |forward: &dyn Fn(Tensor<2, Int>, &mut KvCache) -> Tensor<3>| -> anyhow::Result<Vec<u32>> {
+        let answer = generate(forward, &prompt, &options, &device);
+        if let Some(path) = request.logits_out {
+            let ids = Tensor::<2, Int>::from_data(TensorData::new(prompt.iter().map(|&t| t as i64).collect(), [1, prompt.len()]), &device);
+            let last = forward(ids, &mut KvCache::default()).narrow(1, prompt.len() - 1, 1).cast(DType::F32);
+            let logits: Vec<f32> = last.into_data().try_into_vec::<f32>().expect("f32 logits");
+            let json = serde_json::json!({"prompt_ids": prompt, "answer_ids": answer, "last_logits": logits});
+            ember_models::write_file_atomically(path, json.to_string().as_bytes()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
+        Ok(answer)
+    };
     let ids = match request.adapter {
         // LoRA is folded in for generation: no low-rank matmuls per token.
         Some(dir) => {
             let model = ember_adapters::Method::load(dir, base, &device)?.0.into_inference();
-            generate(|ids, cache| model.forward_cached(ids, cache), &prompt, &options, &device)
+            run(&|ids, cache| model.forward_cached(ids, cache))?
         }
-        None => generate(|ids, cache| base.forward_cached(ids, cache), &prompt, &options, &device),
+        None => run(&|ids, cache| base.forward_cached(ids, cache))?,
     };
     Ok(tokenizer.decode(&ids, true)?)
 }

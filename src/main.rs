@@ -131,6 +131,10 @@ enum Command {
         /// Seed of the sampler.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Also write the prompt ids, answer ids and the prompt's last-position logits as JSON
+        /// (to compare ember with another runtime, e.g. llama.cpp).
+        #[arg(long)]
+        logits_out: Option<PathBuf>,
         /// flex, libtorch, cuda or cuda:N.
         #[arg(long, default_value = "flex")]
         device: String,
@@ -179,6 +183,9 @@ enum Command {
     /// Convert a checkpoint or tokenizer from another format into an HF model folder.
     #[command(subcommand)]
     Import(ImportCommand),
+    /// Write a model or an adapter for llama.cpp (`ember export gguf|gguf-lora`).
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// Look at training data as a recipe turns it into examples (`ember data preview`).
     #[command(subcommand)]
     Data(DataCommand),
@@ -373,6 +380,48 @@ enum ImportCommand {
 }
 
 #[derive(Subcommand)]
+enum ExportCommand {
+    /// A LLaMA-architecture model, merged with an adapter if one is given, as one GGUF file for
+    /// llama.cpp / Ollama: llama.cpp's metadata and tokenizer, q/k rows in its order.
+    ///
+    /// Vectors stay f32; q8_0 / q4_0 quantize every matrix whose rows fill 32-value blocks
+    /// (others f16). Streamed tensor by tensor; the file appears only complete.
+    Gguf {
+        /// Base model folder.
+        #[arg(long)]
+        base: PathBuf,
+        /// An adapter to merge first (any adapter `ember merge` takes).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The .gguf file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// f32, f16, bf16, q8_0 or q4_0.
+        #[arg(long = "type", default_value = "f16")]
+        ty: String,
+        /// llama.cpp's pre-tokenizer (`tokenizer.ggml.pre`) for a byte-level BPE tokenizer it
+        /// does not recognise by its check hash (e.g. default, gpt-2, llama-bpe).
+        #[arg(long)]
+        pre: Option<String>,
+    },
+    /// A PEFT LoRA adapter as llama.cpp's LoRA GGUF (`llama-cli --lora adapter.gguf`).
+    GgufLora {
+        /// The base model folder the adapter was trained on.
+        #[arg(long)]
+        base: PathBuf,
+        /// The PEFT LoRA adapter folder.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The .gguf file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// f32, f16, bf16 or q8_0 (llama.cpp's convert_lora_to_gguf.py defaults to f32).
+        #[arg(long = "type", default_value = "f32")]
+        ty: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum DataCommand {
     /// Show a recipe's first training examples as the model sees them: the rendered text, the
     /// ids, and which tokens carry loss.
@@ -439,6 +488,26 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
+fn export(command: ExportCommand) -> anyhow::Result<()> {
+    use ember_models::gguf_write::TensorType;
+    let parse = |ty: &str| TensorType::parse(ty).ok_or_else(|| bad_input(anyhow::anyhow!("--type '{ty}': expected f32, f16, bf16, q8_0 or q4_0")));
+    let started = std::time::Instant::now();
+    let (summary, out) = match command {
+        ExportCommand::Gguf { base, adapter, out, ty, pre } => {
+            (ember_trainer::export::export_gguf(&base, adapter.as_deref(), &out, parse(&ty)?, pre.as_deref())?, out)
+        }
+        ExportCommand::GgufLora { base, adapter, out, ty } => {
+            let ty = parse(&ty)?;
+            if ty == TensorType::Q4_0 {
+                return Err(bad_input(anyhow::anyhow!("--type q4_0: llama.cpp's LoRA adapters take f32, f16, bf16 or q8_0")));
+            }
+            (ember_trainer::export::export_gguf_lora(&base, &adapter, &out, ty)?, out)
+        }
+    };
+    println!("wrote {}: {} tensors, {:.1} MB, {:.1}s", out.display(), summary.tensors, summary.bytes as f64 / 1e6, started.elapsed().as_secs_f64());
+    Ok(())
+}
+
 fn plot(run: &std::path::Path) -> anyhow::Result<()> {
     if !run.join("metrics.jsonl").is_file() {
         return Err(bad_input(anyhow::anyhow!("{}: no metrics.jsonl (is it a training run's output folder?)", run.display())));
@@ -465,6 +534,7 @@ fn main() -> ExitCode {
         Command::Import(ImportCommand::Gguf { file, out }) => import::gguf(&file, &out),
         Command::Import(ImportCommand::Torch { dir, out }) => import::torch(&dir, &out),
         Command::Import(ImportCommand::Tokenizer { dir, out }) => import::tokenizer(&dir, out.as_deref().unwrap_or(&dir)),
+        Command::Export(command) => export(command),
         Command::Data(DataCommand::Preview { recipe, limit, json, overrides }) => data::preview(&recipe, &overrides, limit, json),
         Command::Train { recipe, overrides, resume, overwrite, quiet, json } => {
             let start = match (resume, overwrite) {
@@ -485,10 +555,11 @@ fn main() -> ExitCode {
                 generate, answers: answers.as_deref(), max_new_tokens,
             })
         }
-        Command::Generate { base, adapter, prompt, input, template, max_new_tokens, temperature, top_p, seed, device } => {
+        Command::Generate { base, adapter, prompt, input, template, max_new_tokens, temperature, top_p, seed, logits_out, device } => {
             let options = ember_models::generate::GenerationOptions { max_new_tokens, temperature, top_p, seed, stop_ids: Vec::new() };
             let request = generate::Request {
                 base: &base, adapter: adapter.as_deref(), prompt: &prompt, input: &input, template: &template, options, device: &device,
+                logits_out: logits_out.as_deref(),
             };
             generate::complete(&request).map(|text| println!("{text}"))
         }

@@ -114,6 +114,34 @@ pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// [`write_file_atomically`] for a file written piece by piece through `write` (a GGUF file
+/// tensor by tensor): the temporary is synced and renamed into place only when `write`
+/// succeeds.
+pub fn write_file_streaming<E>(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<File>) -> Result<(), E>,
+    io_error: impl Fn(&Path, std::io::Error) -> E,
+) -> Result<(), E> {
+    let (parent, tmp) = sibling(path, "tmp");
+    let temporary = Temporary::new(&tmp);
+    let result = (|| {
+        let file = File::create(&tmp).map_err(|e| io_error(&tmp, e))?;
+        let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+        write(&mut writer)?;
+        let file = writer.into_inner().map_err(|e| io_error(&tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| io_error(&tmp, e))?;
+        let swapping = in_progress();
+        std::fs::rename(&tmp, path).map_err(|e| io_error(path, e))?;
+        drop(swapping);
+        sync_dir(parent).map_err(|e| io_error(parent, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    drop(temporary);
+    result
+}
+
 /// Cleans up after writers killed in `dir`: removes `.<name>.tmp-<pid>` (never complete) and
 /// `.<name>.old-<pid>`, unless `<name>` is missing, when that old copy is the last good one and is
 /// put back.

@@ -297,7 +297,7 @@ fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
 
 /// llama.cpp stores q/k rows permuted for its interleaved RoPE; this restores HF's
 /// `rotate_half` order: GGUF row `h·2d + 2i + j` is HF row `h·2d + j·d + i`.
-fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+pub(crate) fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
     let half = rows / heads / 2;
     let mut out = vec![0f32; values.len()];
     for h in 0..heads {
@@ -357,7 +357,7 @@ const GGUF_PROJECTIONS: [(&str, Role); 7] = [
 
 /// HF name of a GGUF tensor in a LLaMA checkpoint (from LLaMA's table, [`llama::KEYS`]), and
 /// the projection's role if it is one.
-fn hf_name(gguf: &str) -> Option<(String, Option<Role>)> {
+pub(crate) fn hf_name(gguf: &str) -> Option<(String, Option<Role>)> {
     let keys = &llama::KEYS;
     let fixed = match gguf {
         "token_embd.weight" => Some(keys.embed),

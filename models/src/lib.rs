@@ -9,6 +9,8 @@ pub mod files;
 pub mod config;
 pub mod generate;
 pub mod gguf;
+mod gguf_pre;
+pub mod gguf_write;
 pub mod family;
 pub mod glm;
 pub mod layers;

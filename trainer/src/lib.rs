@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod error;
+pub mod export;
 pub mod fault;
 pub mod interrupt;
 pub mod loss;
@@ -12,6 +13,7 @@ pub mod plot;
 pub mod recipe;
 pub mod run;
 pub mod step;
+pub(crate) mod tensorboard;
 pub mod train;
 
 pub use recipe::Recipe;

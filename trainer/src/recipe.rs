@@ -29,6 +29,8 @@ pub struct Recipe {
     pub data: DataSection,
     pub train: TrainSection,
     pub output: OutputSection,
+    /// The recipe as applied (environment and `--set` overrides included), as TOML.
+    pub text: String,
 }
 
 /// The file as written; `[adapter]` is read by the chosen method.
@@ -185,6 +187,15 @@ pub struct TrainSection {
     /// Pack each micro-batch's sequences into one row without padding, so no compute goes to
     /// pad tokens (HF's padding-free training). Same loss and gradients up to float rounding.
     pub padding_free: bool,
+    /// Where else to log: `["tensorboard"]` writes event files under `<output.dir>/tensorboard/`.
+    pub report_to: Vec<ReportTo>,
+}
+
+/// `train.report_to` entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    Tensorboard,
 }
 
 impl TrainSection {
@@ -218,6 +229,7 @@ impl Default for TrainSection {
             gradient_checkpointing: false,
             loss_chunk_tokens: 0,
             padding_free: true,
+            report_to: Vec::new(),
         }
     }
 }
@@ -268,7 +280,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("data", &["path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "mask_history", "val_size", "group_by_length"]),
     ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
         "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
-        "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "loss_chunk_tokens", "padding_free"]),
+        "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "loss_chunk_tokens", "padding_free", "report_to"]),
     ("output", &["dir"]),
 ];
 
@@ -312,7 +324,7 @@ impl Recipe {
             }
         })?;
         let adapter = AdapterSection::from_table(file.adapter).map_err(invalid)?;
-        let mut recipe = Recipe { model: file.model, adapter, data: file.data, train: file.train, output: file.output };
+        let mut recipe = Recipe { model: file.model, adapter, data: file.data, train: file.train, output: file.output, text };
         recipe.validate().map_err(invalid)?;
         // Absolute, so adapters record a base path that works from any folder.
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));

@@ -73,12 +73,16 @@ pub struct Summary {
 pub(crate) struct Metrics {
     pub(crate) path: PathBuf,
     file: std::fs::File,
+    /// TensorBoard's copy of every line, when the recipe asks for it.
+    tensorboard: Option<crate::tensorboard::EventFile>,
 }
 
 impl Metrics {
     /// A new file, or, when resuming, the checkpoint's metrics (put in place atomically) to
-    /// append to: lines written after the checkpoint by the killed run are dropped.
-    pub(crate) fn create(path: PathBuf, resume_from: Option<&Path>) -> Result<Self, TrainError> {
+    /// append to: lines written after the checkpoint by the killed run are dropped. With
+    /// `tensorboard` (the run folder and the recipe's text), the event files are rebuilt from
+    /// those lines and follow every new one.
+    pub(crate) fn create(path: PathBuf, resume_from: Option<&Path>, tensorboard: Option<(&Path, &str)>) -> Result<Self, TrainError> {
         let error = |e: std::io::Error| TrainError::write(&path, e);
         let file = match resume_from {
             Some(saved) => {
@@ -88,11 +92,16 @@ impl Metrics {
             }
             None => std::fs::File::create(&path).map_err(error)?,
         };
-        Ok(Self { path, file })
+        let tensorboard = tensorboard.map(|(run, recipe)| crate::tensorboard::EventFile::create(run, recipe, &path)).transpose()?;
+        Ok(Self { path, file, tensorboard })
     }
 
     pub(crate) fn write(&mut self, value: serde_json::Value) -> Result<(), TrainError> {
-        writeln!(self.file, "{value}").and_then(|()| self.file.flush()).map_err(|e| TrainError::write(&self.path, e))
+        writeln!(self.file, "{value}").and_then(|()| self.file.flush()).map_err(|e| TrainError::write(&self.path, e))?;
+        match &mut self.tensorboard {
+            Some(events) => events.scalars(&value),
+            None => Ok(()),
+        }
     }
 }
 

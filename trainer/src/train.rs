@@ -27,7 +27,7 @@ use crate::error::TrainError;
 use crate::fault::{self, Fault};
 use crate::interrupt;
 use crate::loss::causal_lm_loss;
-use crate::recipe::{LrScheduler, OnNonfinite, Recipe};
+use crate::recipe::{LrScheduler, OnNonfinite, Recipe, ReportTo};
 use crate::run::{Event, Metrics, StepReport, Summary};
 use crate::step;
 
@@ -319,7 +319,8 @@ impl<'a> Run<'a> {
             Start::Resume => Some(checkpoint::latest(&checkpoints).ok_or_else(|| TrainError::Resume { path: checkpoints, reason: "--resume: no checkpoint here".into() })?),
             Start::Fresh | Start::Overwrite => None,
         };
-        let metrics = Metrics::create(recipe.output.dir.join("metrics.jsonl"), resume_from.as_deref().map(|d| d.join("metrics.jsonl")).as_deref())?;
+        let tensorboard = recipe.train.report_to.contains(&ReportTo::Tensorboard).then_some((recipe.output.dir.as_path(), recipe.text.as_str()));
+        let metrics = Metrics::create(recipe.output.dir.join("metrics.jsonl"), resume_from.as_deref().map(|d| d.join("metrics.jsonl")).as_deref(), tensorboard)?;
         let summary = Summary {
             steps: 0, epochs_completed: 0.0, train_examples: train_set.len(), eval_examples: eval_set.len(),
             skipped_empty_records: stats.empty.clone(), skipped_nonfinite_steps: Vec::new(), truncated_records: stats.truncated,

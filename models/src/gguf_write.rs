@@ -1,0 +1,492 @@
+//! Writing GGUF files for llama.cpp: the container (version 3), ggml's F16 / BF16 / Q8_0 / Q4_0
+//! encodings, the LLaMA tensor names with llama.cpp's q/k row order, and the metadata and
+//! tokenizer its loader reads.
+//!
+//! Tensors are produced one at a time by the caller and streamed into a temporary file that is
+//! renamed into place at the end: a GGUF never exists half-written, and memory holds one tensor.
+
+use std::io::Write;
+use std::path::Path;
+
+use ember_data::sentencepiece::{ModelProto, PieceType};
+use ember_data::Tokenizer;
+use serde_json::Value;
+use sha2::Digest;
+
+use crate::LoadError;
+use crate::config::ModelConfig;
+use crate::family::Role;
+
+const ALIGNMENT: usize = 32;
+
+/// A metadata value, as GGUF types it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    Str(String),
+    Strs(Vec<String>),
+    F32s(Vec<f32>),
+    I32s(Vec<i32>),
+}
+
+/// How a tensor's values are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorType {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+}
+
+impl TensorType {
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::Bf16,
+            "q8_0" => Self::Q8_0,
+            "q4_0" => Self::Q4_0,
+            _ => return None,
+        })
+    }
+
+    fn ggml_id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q8_0 => 8,
+            Self::Bf16 => 30,
+        }
+    }
+
+    /// llama.cpp's `general.file_type` for a model mostly of this type.
+    pub fn file_type(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q8_0 => 7,
+            Self::Bf16 => 32,
+        }
+    }
+
+    /// Values per block (32 for the quantized types) and bytes per block.
+    fn block(self) -> (usize, usize) {
+        match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::Bf16 => (1, 2),
+            Self::Q8_0 => (32, 34),
+            Self::Q4_0 => (32, 18),
+        }
+    }
+
+    pub fn quantized(self) -> bool {
+        matches!(self, Self::Q8_0 | Self::Q4_0)
+    }
+
+    /// The type a tensor of `shape` gets when the file's type is `self`: vectors stay F32 (as
+    /// llama.cpp's converter keeps them), and rows that do not fill whole blocks are F16.
+    pub fn for_shape(self, shape: &[usize]) -> Self {
+        if shape.len() < 2 {
+            return Self::F32;
+        }
+        if self.quantized() && shape.last().is_some_and(|&cols| cols % 32 != 0) {
+            return Self::F16;
+        }
+        self
+    }
+
+    fn bytes(self, values: usize) -> usize {
+        let (per_block, bytes) = self.block();
+        values / per_block * bytes
+    }
+}
+
+/// `values` in `ty`'s encoding (ggml's reference quantizers for Q8_0 and Q4_0).
+pub fn encode(ty: TensorType, values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ty.bytes(values.len()));
+    match ty {
+        TensorType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        TensorType::F16 => values.iter().for_each(|&v| out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())),
+        TensorType::Bf16 => values.iter().for_each(|&v| out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes())),
+        TensorType::Q8_0 => {
+            for block in values.chunks(32) {
+                // d = max|x| / 127, q = round(x / d) (half away from zero, as C's roundf)
+                let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+                out.extend(block.iter().map(|&v| (v * inverse).round() as i8 as u8));
+            }
+        }
+        TensorType::Q4_0 => {
+            for block in values.chunks(32) {
+                // d = (the value of largest magnitude) / -8; q = min(15, trunc(x / d + 8.5)),
+                // value j in the low nibble of byte j, value j + 16 in its high nibble.
+                let max = block.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let d = max / -8.0;
+                let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+                let q = |v: f32| ((v * inverse + 8.5) as i8).min(15) as u8;
+                out.extend((0..16).map(|j| q(block[j]) | q(block[j + 16]) << 4));
+            }
+        }
+    }
+    out
+}
+
+/// A tensor of the file: its GGUF name, shape in PyTorch order (outermost first) and type.
+#[derive(Debug, Clone)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub ty: TensorType,
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_value(out: &mut Vec<u8>, value: &MetaValue) {
+    let array = |out: &mut Vec<u8>, kind: u32, len: usize| {
+        out.extend_from_slice(&9u32.to_le_bytes());
+        out.extend_from_slice(&kind.to_le_bytes());
+        out.extend_from_slice(&(len as u64).to_le_bytes());
+    };
+    match value {
+        MetaValue::U32(v) => {
+            out.extend_from_slice(&4u32.to_le_bytes());
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        MetaValue::I32(v) => {
+            out.extend_from_slice(&5u32.to_le_bytes());
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        MetaValue::F32(v) => {
+            out.extend_from_slice(&6u32.to_le_bytes());
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        MetaValue::Bool(v) => {
+            out.extend_from_slice(&7u32.to_le_bytes());
+            out.push(u8::from(*v));
+        }
+        MetaValue::Str(s) => {
+            out.extend_from_slice(&8u32.to_le_bytes());
+            put_string(out, s);
+        }
+        MetaValue::Strs(items) => {
+            array(out, 8, items.len());
+            items.iter().for_each(|s| put_string(out, s));
+        }
+        MetaValue::F32s(items) => {
+            array(out, 6, items.len());
+            items.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        }
+        MetaValue::I32s(items) => {
+            array(out, 5, items.len());
+            items.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        }
+    }
+}
+
+/// Writes a GGUF file: `metadata`, then each tensor of `tensors` with the f32 values `data(i)`
+/// returns for it (row-major, PyTorch order), encoded in its type.
+pub fn write(
+    path: &Path,
+    metadata: &[(String, MetaValue)],
+    tensors: &[TensorSpec],
+    mut data: impl FnMut(usize) -> Result<Vec<f32>, LoadError>,
+) -> Result<(), LoadError> {
+    let mut header = Vec::new();
+    header.extend_from_slice(b"GGUF");
+    header.extend_from_slice(&3u32.to_le_bytes());
+    header.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    header.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        put_string(&mut header, key);
+        put_value(&mut header, value);
+    }
+    let padded = |n: usize| n.div_ceil(ALIGNMENT) * ALIGNMENT;
+    let mut offset = 0;
+    for t in tensors {
+        put_string(&mut header, &t.name);
+        header.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
+        // ggml lists dimensions innermost first.
+        t.shape.iter().rev().for_each(|&d| header.extend_from_slice(&(d as u64).to_le_bytes()));
+        header.extend_from_slice(&t.ty.ggml_id().to_le_bytes());
+        header.extend_from_slice(&(offset as u64).to_le_bytes());
+        offset += padded(t.ty.bytes(t.shape.iter().product()));
+    }
+    header.resize(padded(header.len()), 0);
+    crate::files::write_file_streaming(
+        path,
+        |file| {
+            file.write_all(&header).map_err(|e| LoadError::write(path, e))?;
+            for (i, t) in tensors.iter().enumerate() {
+                let values = data(i)?;
+                debug_assert_eq!(values.len(), t.shape.iter().product::<usize>(), "{}", t.name);
+                let mut bytes = encode(t.ty, &values);
+                bytes.resize(padded(bytes.len()), 0);
+                file.write_all(&bytes).map_err(|e| LoadError::write(path, e))?;
+            }
+            Ok(())
+        },
+        LoadError::write,
+    )
+}
+
+/// The GGUF name of an HF LLaMA tensor (`model.layers.3.self_attn.q_proj.weight` ->
+/// `blk.3.attn_q.weight`) and its projection role; `None` for a tensor llama.cpp does not have.
+pub fn llama_tensor_name(hf: &str, layers: usize) -> Option<(String, Option<Role>)> {
+    let candidates = ["token_embd.weight", "output_norm.weight", "output.weight"].into_iter().map(str::to_string).chain((0..layers).flat_map(|i| {
+        ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+            .into_iter()
+            .flat_map(move |m| ["weight", "bias"].into_iter().map(move |s| format!("blk.{i}.{m}.{s}")))
+    }));
+    candidates.into_iter().find_map(|gguf| {
+        let (name, role) = crate::gguf::hf_name(&gguf)?;
+        (name == hf).then_some((gguf, role))
+    })
+}
+
+/// HF's `rotate_half` q/k rows in llama.cpp's interleaved order (the inverse of import's
+/// un-permute): HF row `h·2d + j·d + i` goes to GGUF row `h·2d + 2i + j`.
+pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let half = rows / heads / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * 2 * half + j * half + i;
+                let dst = h * 2 * half + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&values[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// llama.cpp's hyperparameters of a LLaMA model.
+pub fn llama_metadata(config: &ModelConfig, name: &str, file_type: TensorType) -> Result<Vec<(String, MetaValue)>, String> {
+    if config.rope.scaling.is_some() {
+        return Err("RoPE scaling is not exported yet (llama.cpp needs its rope_freqs tensor or scaling keys)".into());
+    }
+    let mut meta = vec![
+        ("general.architecture".into(), MetaValue::Str("llama".into())),
+        ("general.name".into(), MetaValue::Str(name.into())),
+        ("general.file_type".into(), MetaValue::U32(file_type.file_type())),
+        ("llama.vocab_size".into(), MetaValue::U32(config.vocab_size as u32)),
+        ("llama.context_length".into(), MetaValue::U32(config.max_position_embeddings as u32)),
+        ("llama.embedding_length".into(), MetaValue::U32(config.hidden_size as u32)),
+        ("llama.feed_forward_length".into(), MetaValue::U32(config.intermediate_size as u32)),
+        ("llama.block_count".into(), MetaValue::U32(config.num_layers as u32)),
+        ("llama.attention.head_count".into(), MetaValue::U32(config.num_heads as u32)),
+        ("llama.attention.head_count_kv".into(), MetaValue::U32(config.num_kv_heads as u32)),
+        ("llama.attention.key_length".into(), MetaValue::U32(config.head_dim as u32)),
+        ("llama.attention.value_length".into(), MetaValue::U32(config.head_dim as u32)),
+        ("llama.attention.layer_norm_rms_epsilon".into(), MetaValue::F32(config.rms_norm_eps as f32)),
+        ("llama.rope.freq_base".into(), MetaValue::F32(config.rope.theta as f32)),
+        ("llama.rope.dimension_count".into(), MetaValue::U32(config.head_dim as u32)),
+    ];
+    if file_type.quantized() {
+        meta.push(("general.quantization_version".into(), MetaValue::U32(2)));
+    }
+    Ok(meta)
+}
+
+/// llama.cpp's token types.
+const NORMAL: i32 = 1;
+const UNKNOWN: i32 = 2;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
+const BYTE: i32 = 6;
+
+/// The tokenizer of the model folder `dir` as llama.cpp's `tokenizer.*` keys, padded to
+/// `vocab_size` ids: SentencePiece from `tokenizer.model` (`llama`, pieces, scores and types as
+/// the file has them), byte-level BPE from `tokenizer.json` (`gpt2`, with merges and the
+/// pre-tokenizer llama.cpp recognises), or a SentencePiece-style `tokenizer.json` (`llama`,
+/// scores from the merge ranks, which order merges as HF's BPE does).
+///
+/// `pre` names llama.cpp's pre-tokenizer for a byte-level BPE whose check hash it does not know.
+pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, pre: Option<&str>) -> Result<Vec<(String, MetaValue)>, LoadError> {
+    let invalid = |path: &Path, reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
+    let tokenizer = Tokenizer::from_dir(dir).map_err(|e| invalid(dir, e.to_string()))?;
+    let json_path = dir.join("tokenizer.json");
+    let model_path = dir.join("tokenizer.model");
+    if !json_path.is_file() && ModelProto::parse(&std::fs::read(&model_path).unwrap_or_default()).is_err() {
+        return Err(invalid(dir, "no tokenizer.json, and no SentencePiece tokenizer.model: llama.cpp's GGUF takes BPE or SentencePiece".into()));
+    }
+    let (model, mut tokens, mut scores, mut types, merges, pre): (&str, Vec<String>, Vec<f32>, Vec<i32>, Option<Vec<String>>, Option<String>) =
+        // A SentencePiece model (as llama.cpp's converter, preferred to tokenizer.json: its scores
+        // are the real ones); GLM-4's tiktoken file named tokenizer.model is not one.
+        if let Some(proto) = std::fs::read(&model_path).ok().and_then(|bytes| ModelProto::parse(&bytes).ok()) {
+            let kind = |k: PieceType| match k {
+                PieceType::Normal => NORMAL,
+                PieceType::Unknown => UNKNOWN,
+                PieceType::Control => CONTROL,
+                PieceType::UserDefined => USER_DEFINED,
+                PieceType::Unused => UNUSED,
+                PieceType::Byte => BYTE,
+            };
+            let tokens = proto.pieces.iter().map(|p| p.text.clone()).collect();
+            ("llama", tokens, proto.pieces.iter().map(|p| p.score).collect(), proto.pieces.iter().map(|p| kind(p.kind)).collect(), None, None)
+        } else {
+            let text = std::fs::read_to_string(&json_path).map_err(|e| LoadError::io(&json_path, e))?;
+            let json: Value = serde_json::from_str(&text).map_err(|e| LoadError::json(&json_path, e))?;
+            let bpe = &json["model"];
+            if bpe["type"] != "BPE" {
+                return Err(invalid(&json_path, format!("a {} tokenizer; llama.cpp's GGUF takes BPE or SentencePiece", bpe["type"])));
+            }
+            let vocab = bpe["vocab"].as_object().ok_or_else(|| invalid(&json_path, "no model.vocab".into()))?;
+            let mut tokens = vec![String::new(); vocab.len()];
+            for (token, id) in vocab {
+                let id = id.as_u64().map(|i| i as usize).filter(|&i| i < tokens.len()).ok_or_else(|| invalid(&json_path, format!("token {token:?} has an id outside the vocabulary")))?;
+                tokens[id] = token.clone();
+            }
+            let merges: Vec<String> = bpe["merges"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m.as_str().map(str::to_string).or_else(|| Some(format!("{} {}", m[0].as_str()?, m[1].as_str()?))))
+                .collect();
+            let byte_level = json["pre_tokenizer"].to_string().contains("ByteLevel") || json["decoder"].to_string().contains("ByteLevel");
+            if byte_level {
+                let types = vec![NORMAL; tokens.len()];
+                let pre = match pre {
+                    Some(name) => name.to_string(),
+                    None => pre_tokenizer(&tokenizer).map_err(|e| invalid(&json_path, format!("{e}; name one with --pre (default, gpt-2, llama-bpe, …)")))?,
+                };
+                ("gpt2", tokens, Vec::new(), types, Some(merges), Some(pre))
+            } else {
+                // SentencePiece-style BPE: a merged piece scores minus the rank of its merge.
+                let mut scores = vec![0f32; tokens.len()];
+                let ids: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+                for (rank, merge) in merges.iter().enumerate() {
+                    if let Some(&id) = ids.get(merge.replacen(' ', "", 1).as_str())
+                        && scores[id] == 0.0
+                    {
+                        scores[id] = -(rank as f32) - 1.0;
+                    }
+                }
+                let types = tokens
+                    .iter()
+                    .map(|t| if t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') { BYTE } else { NORMAL })
+                    .collect();
+                ("llama", tokens, scores, types, None, None)
+            }
+        };
+    // Added tokens beyond the model's vocabulary, and the types of those within it.
+    if let Ok(text) = std::fs::read_to_string(&json_path)
+        && let Ok(json) = serde_json::from_str::<Value>(&text)
+    {
+        for added in json["added_tokens"].as_array().into_iter().flatten() {
+            let (Some(id), Some(content)) = (added["id"].as_u64().map(|i| i as usize), added["content"].as_str()) else { continue };
+            if id >= tokens.len() {
+                tokens.resize(id + 1, String::new());
+                types.resize(id + 1, UNUSED);
+                if !scores.is_empty() {
+                    scores.resize(id + 1, 0.0);
+                }
+            }
+            tokens[id] = content.to_string();
+            types[id] = if added["special"] == Value::Bool(true) { CONTROL } else { USER_DEFINED };
+        }
+    }
+    if tokens.len() > vocab_size {
+        return Err(invalid(dir, format!("the tokenizer has {} ids, the model's embedding {vocab_size} rows", tokens.len())));
+    }
+    // The embedding may have more rows than the tokenizer has ids: llama.cpp wants one token each.
+    for id in tokens.len()..vocab_size {
+        tokens.push(format!("[PAD{id}]"));
+        types.push(UNUSED);
+        if !scores.is_empty() {
+            scores.push(0.0);
+        }
+    }
+    let mut meta = vec![("tokenizer.ggml.model".to_string(), MetaValue::Str(model.into()))];
+    if let Some(pre) = pre {
+        meta.push(("tokenizer.ggml.pre".into(), MetaValue::Str(pre)));
+    }
+    meta.push(("tokenizer.ggml.tokens".into(), MetaValue::Strs(tokens)));
+    if !scores.is_empty() {
+        meta.push(("tokenizer.ggml.scores".into(), MetaValue::F32s(scores)));
+    }
+    meta.push(("tokenizer.ggml.token_type".into(), MetaValue::I32s(types)));
+    if let Some(merges) = merges {
+        meta.push(("tokenizer.ggml.merges".into(), MetaValue::Strs(merges)));
+    }
+    for (key, id) in [("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("padding", tokenizer.pad_id)] {
+        if let Some(id) = id {
+            meta.push((format!("tokenizer.ggml.{key}_token_id"), MetaValue::U32(id)));
+        }
+    }
+    if let Some(unk) = tokenizer.token_to_id("<unk>") {
+        meta.push(("tokenizer.ggml.unknown_token_id".into(), MetaValue::U32(unk)));
+    }
+    // Whether encoding adds BOS: what the tokenizer's own encoding of nothing starts with.
+    let adds_bos = tokenizer.bos_id.is_some_and(|bos| tokenizer.encode("", true).is_ok_and(|ids| ids.first() == Some(&bos)));
+    meta.push(("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(adds_bos)));
+    meta.push(("tokenizer.ggml.add_eos_token".into(), MetaValue::Bool(false)));
+    let config = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok());
+    if let Some(template) = config.as_ref().and_then(|c| c["chat_template"].as_str()) {
+        meta.push(("tokenizer.chat_template".into(), MetaValue::Str(template.into())));
+    }
+    Ok(meta)
+}
+
+/// llama.cpp's name for the tokenizer's pre-tokenizer, found as its converter does: by the
+/// hash of the ids of a check text.
+fn pre_tokenizer(tokenizer: &Tokenizer) -> Result<String, String> {
+    let ids = tokenizer.encode(crate::gguf_pre::CHECK_TEXT, true).map_err(|e| e.to_string())?;
+    let listed = format!("[{}]", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "));
+    let hash: String = sha2::Sha256::digest(listed.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    crate::gguf_pre::PRE_TOKENIZERS
+        .iter()
+        .find(|(h, _)| *h == hash)
+        .map(|(_, name)| name.to_string())
+        .ok_or_else(|| format!("llama.cpp does not know this byte-level pre-tokenizer (check hash {hash}); it would fall back to GPT-2's"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_0_and_q4_0_blocks_match_ggml_reference_values() {
+        let values: Vec<f32> = (0..32).map(|i| i as f32 - 15.5).collect();
+        let q8 = encode(TensorType::Q8_0, &values);
+        assert_eq!(q8.len(), 34);
+        assert_eq!(half::f16::from_le_bytes([q8[0], q8[1]]).to_f32(), half::f16::from_f32(16.0 / 127.0).to_f32());
+        // -15.5 / (16/127) = -123.03 -> -123; 15.5 -> 123
+        assert_eq!((q8[2] as i8, q8[33] as i8), (-123, 123));
+        let q4 = encode(TensorType::Q4_0, &values);
+        assert_eq!(q4.len(), 18);
+        // The largest magnitude is -15.5 (first): d = 15.5 / 8, so -15.5 -> 0 and 15.5 -> 16 -> 15.
+        assert_eq!(half::f16::from_le_bytes([q4[0], q4[1]]).to_f32(), half::f16::from_f32(-15.5 / -8.0).to_f32());
+        assert_eq!(q4[2] & 0xf, 0);
+        assert_eq!(q4[17] >> 4, 15);
+    }
+
+    #[test]
+    fn permute_inverts_the_import() {
+        let (rows, cols, heads) = (8, 3, 2);
+        let values: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+        let permuted = permute_rows(&values, rows, cols, heads);
+        assert_ne!(permuted, values);
+        assert_eq!(crate::gguf::unpermute_rows(&permuted, rows, cols, heads), values);
+    }
+
+    #[test]
+    fn vectors_stay_f32_and_odd_rows_f16() {
+        assert_eq!(TensorType::Q4_0.for_shape(&[64]), TensorType::F32);
+        assert_eq!(TensorType::Q4_0.for_shape(&[64, 48]), TensorType::F16);
+        assert_eq!(TensorType::Q8_0.for_shape(&[64, 64]), TensorType::Q8_0);
+    }
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# ember's GGUF export checked by llama.cpp itself (issue 16): builds llama.cpp from the PyPI sdist
+# of llama-cpp-python (which vendors it) with cmake, then runs scripts/verify_llamacpp.py:
+# (a) f16 SmolLM2: llama.cpp's greedy answers and last logits vs ember's; (b) ember's LoRA GGUF in
+# llama.cpp; (c) gguf-lora vs llama.cpp's convert_lora_to_gguf.py; (d) export -> import round
+# trip; (e) perplexity of ember's f32 vs llama.cpp's f32/f16/q8_0/q4_0 files.
+#
+#   scripts/verify-llamacpp.sh [work dir]      (default target/llamacpp)
+#
+# Needs python3 (venv, pip), a C/C++ compiler and PyPI. Not part of CI: the llama.cpp build takes
+# about 15 minutes on 2 cores (CMAKE_BUILD_PARALLEL_LEVEL sets its jobs). For (c), point
+# REFERENCE_PYTHON at a Python with torch, transformers and safetensors (tests/fixtures/
+# requirements.txt); without it (c) is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work=${1:-target/llamacpp}
+version=0.3.36
+mkdir -p "$work"
+work=$(cd "$work" && pwd)
+src="$work/llama_cpp_python-$version"
+
+if [ ! -x "$work/venv/bin/python" ] || ! "$work/venv/bin/python" -c "import llama_cpp" 2>/dev/null; then
+  if [ ! -d "$src" ]; then
+    url=$(python3 -c "
+import json, urllib.parse, urllib.request
+index = 'https://pypi.org/pypi/llama-cpp-python/$version/json'
+release = json.load(urllib.request.urlopen(index))
+print(next(urllib.parse.urljoin(index, u['url']) for u in release['urls'] if u['packagetype'] == 'sdist'))")
+    curl -sSL -o "$work/llama_cpp_python-$version.tar.gz" "$url"
+    tar -xzf "$work/llama_cpp_python-$version.tar.gz" -C "$work"
+  fi
+  python3 -m venv "$work/venv"
+  start=$(date +%s)
+  CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" "$work/venv/bin/pip" install -q "$src"
+  echo "llama.cpp (llama-cpp-python $version) built in $(( $(date +%s) - start ))s"
+fi
+
+# numpy for the checks, pyyaml for llama.cpp's gguf-py
+"$work/venv/bin/pip" install -q numpy pyyaml
+scripts/fetch-smollm2.sh
+cargo build --release --quiet --bin ember
+"$work/venv/bin/python" scripts/verify_llamacpp.py \
+  --ember target/release/ember --smollm2 target/models/smollm2_135m_instruct --work "$work/out" \
+  --llama-cpp "$src/vendor/llama.cpp" --reference-python "${REFERENCE_PYTHON:-}" \
+  --data tests/data/alpaca_en_sample_200.json

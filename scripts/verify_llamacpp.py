@@ -1,0 +1,199 @@
+"""ember's GGUF export checked by llama.cpp itself (run by scripts/verify-llamacpp.sh).
+
+(a) SmolLM2 exported as f16: llama.cpp's greedy answers to 3 prompts equal ember's, and the
+    last-position logits agree (max |difference| stated);
+(b) ember's GGUF LoRA applied by llama.cpp on the SmolLM2 base GGUF reproduces ember's answers
+    with the adapter;
+(c) ember's gguf-lora tensors equal those of llama.cpp's convert_lora_to_gguf.py run on ember's
+    PEFT adapter;
+(d) `ember import gguf` of `ember export gguf` returns the weights: f32 bit for bit, f16 as the
+    weights rounded to f16;
+(e) perplexity on 50 Alpaca records: ember (f32) against llama.cpp on ember's f32, f16, q8_0 and
+    q4_0 files.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.", "Write a haiku about the sea."]
+
+
+def run(cmd, **kw):
+    print("$", " ".join(str(c) for c in cmd), flush=True)
+    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True, **kw).stdout
+
+
+def safetensors_read(path):
+    """name -> float32 array, for F32/F16/BF16 safetensors files (no torch needed)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        raw = data[a:b]
+        if info["dtype"] == "F32":
+            v = np.frombuffer(raw, np.float32)
+        elif info["dtype"] == "F16":
+            v = np.frombuffer(raw, np.float16).astype(np.float32)
+        elif info["dtype"] == "BF16":
+            v = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            continue
+        out[name] = v.reshape(info["shape"])
+    return out
+
+
+def llama_answer(llm, ids, max_new):
+    """Greedy continuation of `ids` by llama.cpp, and the logits at the prompt's last position."""
+    llm.reset()
+    llm.eval(ids)
+    last = np.array(llm.scores[len(ids) - 1], dtype=np.float32)
+    out = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        if token == llm.token_eos() or len(out) >= max_new:
+            break
+        out.append(token)
+    return out, last
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--ember", required=True)
+    p.add_argument("--smollm2", required=True)
+    p.add_argument("--work", required=True)
+    p.add_argument("--llama-cpp", required=True, help="the vendored llama.cpp source (convert_lora_to_gguf.py, gguf-py)")
+    p.add_argument("--reference-python", default="", help="a Python with torch + transformers + safetensors for (c)")
+    p.add_argument("--data", required=True, help="Alpaca JSON; its first 50 records are used for (e)")
+    args = p.parse_args()
+    from llama_cpp import Llama
+
+    ember, base, work = args.ember, args.smollm2, args.work
+    os.makedirs(work, exist_ok=True)
+    report = []
+
+    # (a) f16 export: greedy answers and last-position logits.
+    f16 = os.path.join(work, "smollm2-f16.gguf")
+    run([ember, "export", "gguf", "--base", base, "--out", f16, "--type", "f16"])
+    llm = Llama(model_path=f16, n_ctx=1024, logits_all=True, verbose=False)
+    equal, worst = 0, 0.0
+    for i, prompt in enumerate(PROMPTS):
+        dump = os.path.join(work, f"ember-a{i}.json")
+        text = run([ember, "generate", "--base", base, "--prompt", prompt, "--template", "auto", "--max-new-tokens", "24", "--logits-out", dump]).rstrip("\n")
+        ours = json.load(open(dump))
+        theirs, last = llama_answer(llm, ours["prompt_ids"], len(ours["answer_ids"]))
+        same = theirs == [t for t in ours["answer_ids"] if t != llm.token_eos()]
+        equal += same
+        diff = float(np.abs(last - np.array(ours["last_logits"], dtype=np.float32)).max())
+        worst = max(worst, diff)
+        print(f"(a) {prompt!r}: ember {text!r} | llama.cpp {llm.detokenize(theirs).decode(errors='replace')!r} | same ids: {same} | max |logit diff| {diff:.4f}")
+    report.append(f"(a) SmolLM2 f16 GGUF: greedy answers equal {equal}/{len(PROMPTS)}; last-position logits max |diff| {worst:.4f} (ember f32 vs llama.cpp f16 weights)")
+    del llm
+
+    # (b) a LoRA adapter through llama.cpp's --lora path.
+    run_dir = os.path.join(work, "lora-run")
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "smollm2-lora.toml")
+    run([ember, "train", recipe, "--quiet", "--overwrite", "--set", "train.max_steps=12", "--set", "train.lr=3e-3",
+         "--set", f'output.dir="{run_dir}"', "--set", f'model.path="{os.path.abspath(base)}"'])
+    adapter = os.path.join(run_dir, "adapter")
+    lora_gguf = os.path.join(work, "smollm2-lora.gguf")
+    run([ember, "export", "gguf-lora", "--base", base, "--adapter", adapter, "--out", lora_gguf])
+    llm = Llama(model_path=f16, lora_path=lora_gguf, n_ctx=1024, logits_all=True, verbose=False)
+    equal, changed = 0, 0
+    for i, prompt in enumerate(PROMPTS):
+        dump = os.path.join(work, f"ember-b{i}.json")
+        text = run([ember, "generate", "--base", base, "--adapter", adapter, "--prompt", prompt, "--template", "auto", "--max-new-tokens", "24", "--logits-out", dump]).rstrip("\n")
+        ours = json.load(open(dump))
+        base_answer = json.load(open(os.path.join(work, f"ember-a{i}.json")))["answer_ids"]
+        changed += ours["answer_ids"] != base_answer
+        theirs, _ = llama_answer(llm, ours["prompt_ids"], len(ours["answer_ids"]))
+        same = theirs == [t for t in ours["answer_ids"] if t != llm.token_eos()]
+        equal += same
+        print(f"(b) {prompt!r}: ember+adapter {text!r} | llama.cpp --lora {llm.detokenize(theirs).decode(errors='replace')!r} | same ids: {same}")
+    report.append(f"(b) LoRA GGUF in llama.cpp on the f16 base: answers equal ember's with the adapter {equal}/{len(PROMPTS)} (the adapter changed {changed}/{len(PROMPTS)} of the base's answers)")
+    del llm
+
+    # (c) against llama.cpp's own converter of the same PEFT adapter.
+    sys.path.insert(0, os.path.join(args.llama_cpp, "gguf-py"))
+    import gguf
+    if args.reference_python:
+        theirs_path = os.path.join(work, "smollm2-lora-convert.gguf")
+        env = dict(os.environ, PYTHONPATH=os.path.join(args.llama_cpp, "gguf-py"))
+        run([args.reference_python, os.path.join(args.llama_cpp, "convert_lora_to_gguf.py"), adapter, "--base", base,
+             "--outtype", "f32", "--outfile", theirs_path], env=env)
+        ours_r, theirs_r = gguf.GGUFReader(lora_gguf), gguf.GGUFReader(theirs_path)
+        ot = {t.name: np.array(t.data, dtype=np.float32) for t in ours_r.tensors}
+        tt = {t.name: np.array(t.data, dtype=np.float32) for t in theirs_r.tensors}
+        same_names = sorted(ot) == sorted(tt)
+        diff = max(float(np.abs(ot[k] - tt[k]).max()) for k in ot) if same_names else float("nan")
+        alpha = lambda r: float(r.fields["adapter.lora.alpha"].parts[-1][0])
+        report.append(f"(c) gguf-lora vs convert_lora_to_gguf.py: {len(ot)} tensors, same names and shapes: {same_names}, max |diff| {diff}, alpha {alpha(ours_r)} vs {alpha(theirs_r)}")
+    else:
+        report.append("(c) skipped: give --reference-python (torch + transformers) to run convert_lora_to_gguf.py")
+
+    # (d) export then import returns the weights.
+    original = safetensors_read(os.path.join(base, "model.safetensors"))
+    for ty in ("f32", "f16"):
+        path = os.path.join(work, f"smollm2-{ty}.gguf")
+        if ty == "f32":
+            run([ember, "export", "gguf", "--base", base, "--out", path, "--type", ty])
+        back = os.path.join(work, f"imported-{ty}")
+        run([ember, "import", "gguf", path, "--out", back])
+        imported = safetensors_read(os.path.join(back, "model.safetensors"))
+        keys = sorted(original)
+        if ty == "f32":
+            exact = all(np.array_equal(original[k], imported[k]) for k in keys)
+            report.append(f"(d) f32 export -> import: {len(keys)} tensors, bit for bit: {exact}")
+        else:
+            # matrices were stored as f16, vectors as f32
+            rounded = {k: (v.astype(np.float16).astype(np.float32) if v.ndim == 2 else v) for k, v in original.items()}
+            exact = all(np.array_equal(rounded[k], imported[k]) for k in keys)
+            worst = max(float(np.abs(original[k] - imported[k]).max()) for k in keys)
+            report.append(f"(d) f16 export -> import: equal to the weights rounded to f16: {exact}; max |diff| to the f32 weights {worst:.2e}")
+
+    # (e) perplexity over the answer tokens of 50 Alpaca records.
+    records = json.load(open(args.data))[:50]
+    data50 = os.path.join(work, "alpaca50.json")
+    json.dump(records, open(data50, "w"), ensure_ascii=False)
+    ember_eval = json.loads(run([ember, "eval", "--base", base, "--data", data50, "--template", "alpaca", "--cutoff-len", "256"]).strip().splitlines()[-1])
+    recipe50 = os.path.join(work, "alpaca50.toml")
+    open(recipe50, "w").write(f'[model]\npath = "{os.path.abspath(base)}"\n[adapter]\nmethod = "lora"\n[data]\npath = "{data50}"\ntemplate = "alpaca"\ncutoff_len = 256\n[train]\nmax_steps = 1\n[output]\ndir = "{work}/unused"\n')
+    examples = [json.loads(l) for l in run([ember, "data", "preview", recipe50, "--json", "--limit", "50"]).splitlines()]
+    lines = [f"(e) perplexity over the answer tokens of 50 Alpaca records (cutoff 256): ember f32 {ember_eval['base']['perplexity']:.4f}"]
+    for ty in ("f32", "f16", "q8_0", "q4_0"):
+        path = os.path.join(work, f"smollm2-{ty}.gguf")
+        if not os.path.exists(path):
+            run([ember, "export", "gguf", "--base", base, "--out", path, "--type", ty])
+        llm = Llama(model_path=path, n_ctx=512, logits_all=True, verbose=False)
+        nll, count = 0.0, 0
+        for ex in examples:
+            ids, labels = ex["input_ids"], ex["labels"]
+            llm.reset()
+            llm.eval(ids)
+            scores = np.array(llm.scores[: len(ids)], dtype=np.float64)
+            for t in range(len(ids) - 1):
+                if labels[t + 1] == -100:
+                    continue
+                row = scores[t]
+                m = row.max()
+                nll += m + math.log(np.exp(row - m).sum()) - row[labels[t + 1]]
+                count += 1
+        lines.append(f"llama.cpp {ty} {math.exp(nll / count):.4f} ({os.path.getsize(path) / 1e6:.0f} MB)")
+        del llm
+    report.append("; ".join(lines))
+
+    print("\n==== verify-llamacpp report ====")
+    for line in report:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

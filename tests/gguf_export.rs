@@ -1,0 +1,111 @@
+//! `ember export gguf` / `gguf-lora` on the tiny fixtures: the round trip through ember's own
+//! GGUF reader, the quantized types' error, the LoRA layout, and what is refused. llama.cpp
+//! itself checks the files in scripts/verify-llamacpp.sh.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{assert_bad_input, ember, repository};
+use ember_models::gguf::GgufFile;
+use safetensors::SafeTensors;
+
+fn fixture(path: &str) -> PathBuf {
+    repository().join("tests/fixtures").join(path)
+}
+
+/// Every F32 tensor of a safetensors file, by name.
+fn f32_tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> =
+        file.tensors().into_iter().map(|(name, view)| (name, view.data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())).collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn export(args: &[&str]) {
+    let output = ember(&[&["export"], args].concat());
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[test]
+fn f32_round_trips_bit_for_bit_and_quantized_types_stay_within_their_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("tiny_llama");
+    let original = f32_tensors(&base.join("model.safetensors"));
+    for (ty, tolerance) in [("f32", 0.0f32), ("f16", 1.0 / 1024.0), ("q8_0", 1.0 / 127.0), ("q4_0", 1.0 / 7.0)] {
+        let gguf = dir.path().join(format!("{ty}.gguf"));
+        // tiny_llama's trained BPE is not one llama.cpp knows by its hash: name the pre-tokenizer.
+        export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", ty, "--pre", "gpt-2"]);
+        let file = GgufFile::open(&gguf).unwrap();
+        assert_eq!(file.metadata.get("general.architecture").unwrap(), "llama");
+        assert_eq!(file.metadata.get("tokenizer.ggml.pre").unwrap(), "gpt-2");
+        let back = dir.path().join(format!("imported-{ty}"));
+        let output = ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let imported = f32_tensors(&back.join("model.safetensors"));
+        assert_eq!(imported.len(), original.len(), "{ty}");
+        for ((name, a), (_, b)) in original.iter().zip(&imported) {
+            // Relative to the tensor's largest value: each quantized block's step is at most that.
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst <= tolerance * scale, "{ty} {name}: max |diff| {worst} > {tolerance} x {scale}");
+        }
+        // The tokenizer comes back too: same ids for the fixture's texts.
+        let theirs = ember_data::Tokenizer::from_dir(&back).unwrap();
+        let ours = ember_data::Tokenizer::from_dir(&base).unwrap();
+        for text in ["Give three tips for staying healthy.", "你好，世界", "Hello"] {
+            assert_eq!(theirs.encode(text, false).unwrap(), ours.encode(text, false).unwrap(), "{ty}: {text}");
+        }
+    }
+}
+
+#[test]
+fn lora_adapter_keeps_peft_shapes_with_q_k_rows_permuted() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lora.gguf");
+    let adapter = fixture("tiny_llama/adapters/lora");
+    export(&["gguf-lora", "--base", fixture("tiny_llama").to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let file = GgufFile::open(&out).unwrap();
+    assert_eq!(file.metadata.get("general.type").unwrap(), "adapter");
+    assert_eq!(file.metadata.get("adapter.type").unwrap(), "lora");
+    assert_eq!(file.metadata.get("adapter.lora.alpha").unwrap().as_f64(), Some(16.0));
+    // r = 8 on q/k/v/o of 2 layers: 8 modules, A and B each.
+    assert_eq!(file.tensors.len(), 16);
+    let peft = f32_tensors(&adapter.join("adapter_model.safetensors"));
+    let get = |name: &str| file.dequantize(file.tensor(name).unwrap_or_else(|| panic!("{name}")));
+    let peft_of = |key: &str| peft.iter().find(|(k, _)| k == key).unwrap().1.clone();
+    assert_eq!(get("blk.0.attn_v.weight.lora_b"), peft_of("base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"));
+    assert_eq!(get("blk.1.attn_q.weight.lora_a"), peft_of("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"));
+    // q's B rows in llama.cpp's interleaved order: not PEFT's, but the same rows.
+    let (q, q_peft) = (get("blk.0.attn_q.weight.lora_b"), peft_of("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"));
+    assert_ne!(q, q_peft);
+    let sorted = |mut v: Vec<f32>| {
+        v.sort_by(f32::total_cmp);
+        v
+    };
+    assert_eq!(sorted(q), sorted(q_peft));
+}
+
+#[test]
+fn what_llama_cpp_cannot_take_is_one_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.gguf");
+    let out = out.to_str().unwrap();
+    let chatglm = fixture("tiny_chatglm");
+    assert_bad_input(&ember(&["export", "gguf", "--base", chatglm.to_str().unwrap(), "--out", out]), &["model_type 'chatglm'", "llama.cpp"]);
+    let llama = fixture("tiny_llama");
+    assert_bad_input(
+        &ember(&["export", "gguf-lora", "--base", llama.to_str().unwrap(), "--adapter", fixture("tiny_llama/adapters/dora").to_str().unwrap(), "--out", out]),
+        &["a dora adapter", "LoRA only"],
+    );
+    let vocab = fixture("tiny_llama_vocab");
+    assert_bad_input(
+        &ember(&["export", "gguf-lora", "--base", vocab.to_str().unwrap(), "--adapter", vocab.join("adapters/lora_modules_to_save").to_str().unwrap(), "--out", out]),
+        &["modules_to_save"],
+    );
+    assert_bad_input(&ember(&["export", "gguf", "--base", llama.to_str().unwrap(), "--out", out]), &["--pre"]);
+    assert_bad_input(&ember(&["export", "gguf", "--base", llama.to_str().unwrap(), "--out", out, "--type", "q5_k"]), &["--type 'q5_k'"]);
+    assert!(!Path::new(out).exists());
+}

@@ -1,0 +1,162 @@
+//! `ember export gguf` and `ember export gguf-lora`: a model (merged with its adapter, if one is
+//! given) or a LoRA adapter as llama.cpp's GGUF.
+//!
+//! Like `ember merge`, the model streams tensor by tensor from the memory-mapped base: each
+//! tensor is merged, put in llama.cpp's q/k row order and encoded when the writer reaches it.
+
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor};
+use ember_adapters::lora::peft::PeftBranches;
+use ember_adapters::{AdapterFolder, Method};
+use ember_models::family::{Role, check_checkpoint};
+use ember_models::gguf_write::{self, MetaValue, TensorSpec, TensorType};
+use ember_models::{Checkpoint, LoadDtype, LoadError, ModelConfig};
+
+use crate::merge::MergeError;
+
+#[derive(Debug)]
+pub struct ExportSummary {
+    pub tensors: usize,
+    pub bytes: u64,
+}
+
+/// The model types llama.cpp's `llama` architecture reads as ember stores them.
+fn check_llama(config: &ModelConfig, dir: &Path) -> Result<(), LoadError> {
+    if config.model_type != "llama" {
+        return Err(LoadError::Invalid {
+            path: dir.join("config.json"),
+            reason: format!(
+                "model_type '{}': ember exports LLaMA-architecture models to GGUF (llama.cpp's llama); convert {} models with llama.cpp's convert_hf_to_gguf.py after `ember merge`",
+                config.model_type, config.model_type
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn folder_name(dir: &Path) -> String {
+    std::fs::canonicalize(dir).ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "model".into())
+}
+
+/// Rows of a q or k projection are reordered for llama.cpp's interleaved RoPE, by its head count.
+fn permute_heads(role: Option<Role>, config: &ModelConfig) -> Option<usize> {
+    match role {
+        Some(Role::Q) => Some(config.num_heads),
+        Some(Role::K) => Some(config.num_kv_heads),
+        _ => None,
+    }
+}
+
+/// `base_dir` (merged with `adapter`, if given) as a GGUF file of `ty` at `out`; `pre` names
+/// llama.cpp's pre-tokenizer when it does not recognise a byte-level BPE's.
+pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: TensorType, pre: Option<&str>) -> Result<ExportSummary, MergeError> {
+    let device = Device::flex();
+    let mut config = ModelConfig::from_dir(base_dir)?;
+    check_llama(&config, base_dir)?;
+    let base = Checkpoint::open_dir(base_dir)?;
+    check_checkpoint(&config, &base)?;
+    let merge = adapter.map(Method::weight_merge).transpose()?;
+    if let Some(merge) = &merge {
+        merge.check(&base)?;
+        config.vocab_size = merge.vocab_size().unwrap_or(config.vocab_size).max(config.vocab_size);
+    }
+    let changed: std::collections::HashSet<String> = merge.as_ref().map(|m| m.keys().into_iter().collect()).unwrap_or_default();
+
+    let mut metadata = gguf_write::llama_metadata(&config, &folder_name(base_dir), ty).map_err(|reason| LoadError::Invalid { path: base_dir.join("config.json"), reason })?;
+    metadata.extend(gguf_write::tokenizer_metadata(base_dir, config.vocab_size, pre)?);
+
+    // (HF key, GGUF tensor, q/k heads to permute by)
+    let mut plan: Vec<(String, TensorSpec, Option<usize>)> = Vec::new();
+    for key in base.keys() {
+        let Some((name, role)) = gguf_write::llama_tensor_name(key, config.num_layers) else {
+            return Err(LoadError::Invalid { path: base_dir.to_path_buf(), reason: format!("tensor '{key}' has no place in llama.cpp's llama architecture") }.into());
+        };
+        let (shape, _) = base.info(key).expect("listed");
+        let shape = match (&merge, changed.contains(key)) {
+            (Some(merge), true) => merge.output_shape(key, shape),
+            _ => shape.to_vec(),
+        };
+        plan.push((key.to_string(), TensorSpec { ty: ty.for_shape(&shape), name, shape }, permute_heads(role, &config)));
+    }
+    plan.sort_by_key(|(_, spec, _)| gguf_order(&spec.name));
+    let specs: Vec<TensorSpec> = plan.iter().map(|(_, spec, _)| spec.clone()).collect();
+    gguf_write::write(out, &metadata, &specs, |i| {
+        let (key, spec, heads) = &plan[i];
+        let (base_shape, _) = base.info(key).expect("listed");
+        let values: Tensor<2> = match base_shape {
+            [rows, cols] => base.float::<2>(key, [*rows, *cols], LoadDtype::F32, &device)?,
+            other => base.float::<1>(key, [other.iter().product()], LoadDtype::F32, &device)?.unsqueeze_dim(0),
+        };
+        let values = match (&merge, changed.contains(key)) {
+            (Some(merge), true) => merge.apply(key, values, &device),
+            _ => values,
+        };
+        let values = values.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
+        Ok(match heads {
+            Some(heads) => gguf_write::permute_rows(&values, spec.shape[0], spec.shape[1], *heads),
+            None => values,
+        })
+    })?;
+    Ok(ExportSummary { tensors: specs.len(), bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0) })
+}
+
+/// llama.cpp's converter order: the embedding, the blocks in order, the final norm, the head.
+fn gguf_order(name: &str) -> (usize, usize, String) {
+    match name.strip_prefix("blk.").and_then(|rest| rest.split_once('.')) {
+        Some((layer, rest)) => (1, layer.parse().unwrap_or(usize::MAX), rest.to_string()),
+        None if name.starts_with("token_embd") => (0, 0, name.to_string()),
+        None => (2, 0, name.to_string()),
+    }
+}
+
+/// A PEFT LoRA adapter of `base_dir` as llama.cpp's LoRA GGUF (`llama-cli --lora`): per adapted
+/// weight `<tensor>.lora_a` `[r, in]` and `<tensor>.lora_b` `[out, r]` (q/k rows of B in
+/// llama.cpp's order), and `adapter.lora.alpha`, from which llama.cpp scales by alpha / r.
+pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: TensorType) -> Result<ExportSummary, MergeError> {
+    let device = Device::flex();
+    let config = ModelConfig::from_dir(base_dir)?;
+    check_llama(&config, base_dir)?;
+    let invalid = |reason: String| ember_adapters::AdapterError::Invalid { path: adapter.to_path_buf(), reason };
+    let method = Method::read(adapter)?;
+    let Method::Lora(lora) = &method else {
+        return Err(invalid(format!("a {} adapter: llama.cpp's LoRA GGUF holds LoRA only (merge it instead: ember export gguf --adapter)", method.config().name())).into());
+    };
+    if !lora.modules_to_save.is_empty() {
+        return Err(invalid("modules_to_save: llama.cpp's LoRA format has no whole modules; merge it instead: ember export gguf --adapter".into()).into());
+    }
+    let branches = PeftBranches::read(&AdapterFolder::read(adapter)?, &[])?;
+    branches.check(&Checkpoint::open_dir(base_dir)?)?;
+    // llama.cpp scales by alpha / r; rsLoRA's alpha / √r needs alpha · √r in its place.
+    let alpha = if lora.use_rslora { lora.alpha * (lora.r as f64).sqrt() } else { lora.alpha };
+    let metadata = vec![
+        ("general.architecture".to_string(), MetaValue::Str("llama".into())),
+        ("general.type".into(), MetaValue::Str("adapter".into())),
+        ("general.name".into(), MetaValue::Str(folder_name(adapter))),
+        ("adapter.type".into(), MetaValue::Str("lora".into())),
+        ("adapter.lora.alpha".into(), MetaValue::F32(alpha as f32)),
+    ];
+    let mut plan: Vec<(String, TensorSpec, Option<usize>)> = Vec::new();
+    for (weight_key, module) in &branches.modules {
+        let (name, role) = gguf_write::llama_tensor_name(weight_key, config.num_layers)
+            .ok_or_else(|| invalid(format!("'{module}' has no place in llama.cpp's llama architecture")))?;
+        for (part, suffix) in [("lora_A", "lora_a"), ("lora_B", "lora_b")] {
+            let key = ember_adapters::lora::peft::key(module, part);
+            let (shape, _) = branches.weights.info(&key).expect("checked");
+            let heads = if part == "lora_B" { permute_heads(role, &config) } else { None };
+            plan.push((key, TensorSpec { name: format!("{name}.{suffix}"), shape: shape.to_vec(), ty: ty.for_shape(shape) }, heads));
+        }
+    }
+    plan.sort_by_key(|(_, spec, _)| gguf_order(&spec.name));
+    let specs: Vec<TensorSpec> = plan.iter().map(|(_, spec, _)| spec.clone()).collect();
+    gguf_write::write(out, &metadata, &specs, |i| {
+        let (key, spec, heads) = &plan[i];
+        let values = branches.weights.float::<2>(key, [spec.shape[0], spec.shape[1]], LoadDtype::F32, &device)?;
+        let values = values.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
+        Ok(match heads {
+            Some(heads) => gguf_write::permute_rows(&values, spec.shape[0], spec.shape[1], *heads),
+            None => values,
+        })
+    })?;
+    Ok(ExportSummary { tensors: specs.len(), bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0) })
+}
