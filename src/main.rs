@@ -527,7 +527,14 @@ fn main() -> ExitCode {
     if let Err(e) = ember_trainer::interrupt::install(matches!(cli.command, Command::Train { .. })) {
         eprintln!("warning: Ctrl-C and SIGTERM are not handled: {e}");
     }
-    let result = match cli.command {
+    let command = match resolve_hub_ids(cli.command) {
+        Ok(command) => command,
+        Err(error) => {
+            eprintln!("error: {}", message(&error));
+            return ExitCode::from(exit_code(&error));
+        }
+    };
+    let result = match command {
         Command::Inspect { model: Some(dir), .. } if inspect::is_training_run(&dir) => inspect::training_run(&dir),
         Command::Inspect { model: Some(model), .. } => inspect::run(&model),
         Command::Inspect { recipe, shape, .. } => inspect::recipe(&recipe.expect("clap requires model or recipe"), shape.as_deref()),
@@ -572,6 +579,27 @@ fn main() -> ExitCode {
             ExitCode::from(exit_code(&error))
         }
     }
+}
+
+/// Model folders given as hub ids (`org/name[@revision]`) replaced by their snapshot folders in
+/// the Hugging Face cache.
+fn resolve_hub_ids(mut command: Command) -> anyhow::Result<Command> {
+    let resolve = |path: &mut PathBuf| -> anyhow::Result<()> {
+        *path = ember_models::hub::model_dir(path).map_err(bad_input)?;
+        Ok(())
+    };
+    match &mut command {
+        Command::Inspect { model: Some(dir), .. } => resolve(dir)?,
+        Command::Merge { base, .. } | Command::Generate { base, .. } | Command::Eval { base, .. } => resolve(base)?,
+        Command::Export(ExportCommand::Gguf { base, .. } | ExportCommand::GgufLora { base, .. }) => resolve(base)?,
+        Command::Bench(args) => {
+            if let Some(dir) = args.model.as_mut() {
+                resolve(dir)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(command)
 }
 
 /// The exit code of a failed command, from the kind of its error, in this one place: 2 when the

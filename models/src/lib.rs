@@ -13,6 +13,7 @@ mod gguf_pre;
 pub mod gguf_write;
 pub mod family;
 pub mod glm;
+pub mod hub;
 pub mod layers;
 pub mod llama;
 pub mod nf4;

@@ -329,6 +329,11 @@ impl Recipe {
         // Absolute, so adapters record a base path that works from any folder.
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
+        // model.path may be a hub id (`org/name[@revision]`) when no such folder exists here.
+        let model = base.join(&recipe.model.path);
+        if recipe.model.path.is_relative() && !model.exists() && ember_models::hub::is_hub_id(&recipe.model.path.to_string_lossy()) {
+            recipe.model.path = ember_models::hub::model_dir(&recipe.model.path).map_err(|e| invalid(format!("'model.path': {e}")))?;
+        }
         for p in [&mut recipe.model.path, &mut recipe.data.path, &mut recipe.output.dir].into_iter().chain(recipe.adapter.init_from.as_mut()) {
             if p.is_relative() {
                 *p = base.join(&*p);
