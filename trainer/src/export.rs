@@ -92,13 +92,18 @@ pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Tens
             (Some(merge), true) => merge.apply(key, values, &device),
             _ => values,
         };
-        let values = values.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
-        Ok(match heads {
-            Some(heads) => gguf_write::permute_rows(&values, spec.shape[0], spec.shape[1], *heads),
-            None => values,
-        })
+        Ok(gguf_values(values, spec, *heads))
     })?;
     Ok(ExportSummary { tensors: specs.len(), bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0) })
+}
+
+/// A tensor's f32 values as the GGUF stores them: q/k rows (`heads` given) in llama.cpp's order.
+fn gguf_values(values: Tensor<2>, spec: &TensorSpec, heads: Option<usize>) -> Vec<f32> {
+    let values = values.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
+    match heads {
+        Some(heads) => gguf_write::permute_rows(&values, spec.shape[0], spec.shape[1], heads),
+        None => values,
+    }
 }
 
 /// llama.cpp's converter order: the embedding, the blocks in order, the final norm, the head.
@@ -152,11 +157,7 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: TensorT
     gguf_write::write(out, &metadata, &specs, |i| {
         let (key, spec, heads) = &plan[i];
         let values = branches.weights.float::<2>(key, [spec.shape[0], spec.shape[1]], LoadDtype::F32, &device)?;
-        let values = values.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
-        Ok(match heads {
-            Some(heads) => gguf_write::permute_rows(&values, spec.shape[0], spec.shape[1], *heads),
-            None => values,
-        })
+        Ok(gguf_values(values, spec, *heads))
     })?;
     Ok(ExportSummary { tensors: specs.len(), bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0) })
 }
