@@ -28,6 +28,12 @@ pub trait MethodConfig: fmt::Debug + fmt::Display {
     /// Parameters a fresh adapter trains on `model`, from the shapes alone (no weights read).
     fn count_trainable(&self, model: &ModelConfig) -> usize;
 
+    /// Base parameters the adapter replaces with trainable copies (modules trained in full):
+    /// the frozen originals are not held.
+    fn replaced_base_parameters(&self, _model: &ModelConfig) -> usize {
+        0
+    }
+
     /// The lowest decoder layer holding or feeding a trainable parameter: backward stops there.
     fn first_trainable_layer(&self, _model: &ModelConfig) -> usize {
         0

@@ -463,9 +463,9 @@ mod tests {
         let values: Vec<f32> = (0..32).map(|i| i as f32 - 15.5).collect();
         let q8 = encode(TensorType::Q8_0, &values);
         assert_eq!(q8.len(), 34);
-        assert_eq!(half::f16::from_le_bytes([q8[0], q8[1]]).to_f32(), half::f16::from_f32(16.0 / 127.0).to_f32());
-        // -15.5 / (16/127) = -123.03 -> -123; 15.5 -> 123
-        assert_eq!((q8[2] as i8, q8[33] as i8), (-123, 123));
+        // d = max|x| / 127 = 15.5 / 127: the extremes map to -127 and 127, 0.5 to round(4.1) = 4.
+        assert_eq!(half::f16::from_le_bytes([q8[0], q8[1]]).to_f32(), half::f16::from_f32(15.5 / 127.0).to_f32());
+        assert_eq!((q8[2] as i8, q8[33] as i8, q8[2 + 16] as i8), (-127, 127, 4));
         let q4 = encode(TensorType::Q4_0, &values);
         assert_eq!(q4.len(), 18);
         // The largest magnitude is -15.5 (first): d = 15.5 / 8, so -15.5 -> 0 and 15.5 -> 16 -> 15.

@@ -105,7 +105,7 @@ pub fn estimate(
 
     let trainable = method.count_trainable(model) as f64;
     MemoryEstimate {
-        weights: stored_weight_bytes(model, a, quantization),
+        weights: stored_weight_bytes(model, a, quantization) - method.replaced_base_parameters(model) as f64 * a,
         adapter: trainable * 4.0 * 5.0,
         activations,
         loss,

@@ -101,6 +101,11 @@ impl MethodConfig for DoraConfig {
             + lora::whole_module_parameters(model, &self.0)
     }
 
+    /// The embedding and LM head trained in full replace the base's.
+    fn replaced_base_parameters(&self, model: &ModelConfig) -> usize {
+        lora::whole_module_parameters(model, &self.0)
+    }
+
     fn first_trainable_layer(&self, model: &ModelConfig) -> usize {
         lora::first_targeted_layer(model, &self.0)
     }

@@ -89,6 +89,11 @@ impl MethodConfig for LoraConfig {
         targeted_shapes(model, self).iter().map(|(_, [out, inp])| self.r * (out + inp)).sum::<usize>() + whole_module_parameters(model, self)
     }
 
+    /// The embedding and LM head trained in full replace the base's.
+    fn replaced_base_parameters(&self, model: &ModelConfig) -> usize {
+        whole_module_parameters(model, self)
+    }
+
     fn first_trainable_layer(&self, model: &ModelConfig) -> usize {
         first_targeted_layer(model, self)
     }
