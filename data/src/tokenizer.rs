@@ -297,7 +297,7 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
-    /// The EOS token's text (appended to answers as text, as stanford_alpaca does).
+    /// The EOS token's text (joined chat templates write it out; single instructions append the id).
     pub fn eos_token(&self) -> Option<String> {
         self.eos_id.and_then(|id| self.inner.id_to_token(id))
     }
