@@ -4,6 +4,7 @@
 # (a) f16 SmolLM2: llama.cpp's greedy answers and last logits vs ember's; (b) ember's LoRA GGUF in
 # llama.cpp; (c) gguf-lora vs llama.cpp's convert_lora_to_gguf.py; (d) export -> import round
 # trip; (e) perplexity of ember's f32 vs llama.cpp's f32/f16/q8_0/q4_0 files.
+# (f) a LoRA trained on the q8_0/q4_0 GGUF itself, run by llama.cpp on that file.
 #
 #   scripts/verify-llamacpp.sh [work dir]      (default target/llamacpp)
 #

@@ -12,7 +12,7 @@ use serde_json::json;
 
 pub fn preview(recipe_path: &Path, overrides: &[String], limit: usize, as_json: bool) -> anyhow::Result<()> {
     let recipe = Recipe::load_with_env(recipe_path, &env_overrides(), overrides)?;
-    let tokenizer = Tokenizer::from_dir(&recipe.model.path).map_err(TrainError::from)?;
+    let tokenizer = ember_models::load_tokenizer(&recipe.model.path).map_err(TrainError::from)?;
     let format = template(&recipe)?;
     let options = sft_options(&recipe);
     let (dataset, _, held_out) = split_records(&recipe)?;

@@ -54,8 +54,8 @@ impl Answerer<'_> {
 
 pub fn run(request: &Request) -> anyhow::Result<()> {
     let device = ember_models::device::parse_device(request.device).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
-    let tokenizer = Tokenizer::from_dir(request.base)?;
-    let format = Format::named(request.template, request.base)
+    let tokenizer = ember_models::load_tokenizer(request.base)?;
+    let format = ember_models::template(request.template, request.base)
         .map_err(|e| bad_input(anyhow::anyhow!(e)))?
         .ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{}'", request.template)))?;
     let dataset = Dataset::load(request.data)?;

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use ember_data::{Format, Record, Sample, Tokenizer};
+use ember_data::{Record, Sample};
 use ember_models::generate::{GenerationOptions, generate};
 use ember_models::{BaseModel, KvCache, LoadDtype};
 
@@ -26,11 +26,11 @@ pub struct Request<'a> {
 /// The completion text of `request` (special tokens removed).
 pub fn complete(request: &Request) -> anyhow::Result<String> {
     let device: Device = ember_models::device::parse_device(request.device).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
-    let tokenizer = Tokenizer::from_dir(request.base)?;
+    let tokenizer = ember_models::load_tokenizer(request.base)?;
     let prompt = match request.template {
         "none" => tokenizer.encode(request.prompt, true)?,
         name => {
-            let format = Format::named(name, request.base)
+            let format = ember_models::template(name, request.base)
                 .map_err(|e| bad_input(anyhow::anyhow!(e)))?
                 .ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{name}'")))?;
             let sample = Sample::Instruction(Record { instruction: request.prompt.into(), input: request.input.into(), output: String::new() });

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ember_data::Tokenizer;
 use ember_models::config::RopePairing;
 use ember_models::family::check_checkpoint;
+use ember_models::gguf::GgufFile;
 use ember_models::{Checkpoint, ModelConfig};
 use ember_trainer::Summary;
 use ember_trainer::checkpoint;
@@ -30,7 +30,7 @@ pub fn recipe(path: &Path, shape: Option<&str>) -> anyhow::Result<()> {
             run(&recipe.model.path)?;
             let mut config = ModelConfig::from_dir(&recipe.model.path)?;
             // The vocabulary training will have (grown to the tokenizer's with resize_embeddings).
-            if let Ok(tokenizer) = Tokenizer::from_dir(&recipe.model.path) {
+            if let Ok(tokenizer) = ember_models::load_tokenizer(&recipe.model.path) {
                 config.vocab_size = recipe.model.vocab_for(tokenizer.vocab_size(), config.vocab_size).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
             }
             config
@@ -45,7 +45,11 @@ pub fn recipe(path: &Path, shape: Option<&str>) -> anyhow::Result<()> {
     );
     let t = &recipe.train;
     let batch = BatchShape::worst_case(t.micro_batch_size, recipe.data.cutoff_len);
-    let estimate = memory::estimate(&model, method, memory::weight_bytes(recipe.model.dtype, &model), recipe.model.quantization(), &batch, t.step_options());
+    let projection_bytes = match shape {
+        Some(_) => recipe.model.quantization().map(ember_models::nf4::bytes_per_value),
+        None => memory::projection_bytes(&recipe.model.path, recipe.model.quantization())?,
+    };
+    let estimate = memory::estimate(&model, method, memory::weight_bytes(recipe.model.dtype, &model), projection_bytes, &batch, t.step_options());
     let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
     println!(
         "memory:         ~{:.1} GiB peak (estimate; {} sequences of {} tokens, checkpointing {}, loss chunk {}): \
@@ -60,15 +64,26 @@ pub fn recipe(path: &Path, shape: Option<&str>) -> anyhow::Result<()> {
 
 pub fn run(dir: &Path) -> anyhow::Result<()> {
     let config = ModelConfig::from_dir(dir)?;
-    let checkpoint = Checkpoint::open_dir(dir)?;
-    check_checkpoint(&config, &checkpoint)?;
     let num_params = config.num_params();
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
     let mut stored = 0usize;
-    for key in checkpoint.keys() {
-        let (shape, dtype) = checkpoint.info(key).expect("key listed by the checkpoint");
-        *dtypes.entry(format!("{dtype:?}")).or_default() += 1;
-        stored += shape.iter().product::<usize>();
+    let mut tensors = 0;
+    if GgufFile::is_gguf(dir) {
+        let file = GgufFile::open(dir)?;
+        for tensor in &file.tensors {
+            *dtypes.entry(format!("{:?}", tensor.ggml_type)).or_default() += 1;
+            stored += tensor.shape.iter().product::<usize>();
+        }
+        tensors = file.tensors.len();
+    } else {
+        let checkpoint = Checkpoint::open_dir(dir)?;
+        check_checkpoint(&config, &checkpoint)?;
+        for key in checkpoint.keys() {
+            let (shape, dtype) = checkpoint.info(key).expect("key listed by the checkpoint");
+            *dtypes.entry(format!("{dtype:?}")).or_default() += 1;
+            stored += shape.iter().product::<usize>();
+            tensors += 1;
+        }
     }
     let dtypes: Vec<String> = dtypes.iter().map(|(d, n)| format!("{d} ({n} tensors)")).collect();
     let rope = &config.rope;
@@ -88,8 +103,8 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
         rope.scaling.as_ref().map(|s| format!(", scaling {s:?}")).unwrap_or_default());
     println!("tied embedding: {}", if config.tie_word_embeddings { "yes" } else { "no" });
     println!("parameters:     {} ({})", group_digits(num_params), human(num_params));
-    println!("checkpoint:     {} tensors, {} values, dtype {}", checkpoint.keys().count(), group_digits(stored), dtypes.join(", "));
-    match Tokenizer::from_dir(dir) {
+    println!("checkpoint:     {tensors} tensors, {} values, dtype {}", group_digits(stored), dtypes.join(", "));
+    match ember_models::load_tokenizer(dir) {
         Ok(t) => println!("tokenizer:      {} tokens, bos {:?}, eos {:?}, pad {:?}", t.vocab_size(), t.bos_id, t.eos_id, t.pad_id),
         Err(e) => println!("tokenizer:      none ({e})"),
     }

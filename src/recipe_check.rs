@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use ember_adapters::AdapterFolder;
-use ember_data::Tokenizer;
+use ember_models::gguf::GgufFile;
 use ember_models::family::check_checkpoint;
 use ember_models::{Checkpoint, ModelConfig};
 use ember_trainer::Recipe;
@@ -67,9 +67,13 @@ fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Res
     }
     if present("model.path", &recipe.model.path)? {
         let config = ModelConfig::from_dir(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
-        let checkpoint = Checkpoint::open_dir(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
-        check_checkpoint(&config, &checkpoint).map_err(|e| fail(e.to_string()))?;
-        let tokenizer = Tokenizer::from_dir(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
+        if GgufFile::is_gguf(&recipe.model.path) {
+            GgufFile::open(&recipe.model.path).and_then(|file| file.check(&config)).map_err(|e| fail(e.to_string()))?;
+        } else {
+            let checkpoint = Checkpoint::open_dir(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
+            check_checkpoint(&config, &checkpoint).map_err(|e| fail(e.to_string()))?;
+        }
+        let tokenizer = ember_models::load_tokenizer(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
         recipe.model.vocab_for(tokenizer.vocab_size(), config.vocab_size).map_err(|e| fail(format!("'model.resize_embeddings': {e}")))?;
         if recipe.adapter.init_from.is_none() {
             method.check(&config).map_err(|e| fail(format!("[adapter]: {e}")))?;

@@ -350,6 +350,12 @@ impl JinjaTemplate {
         let path = dir.join("tokenizer_config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| format!("template 'auto' reads {}: {e}", path.display()))?;
         let config: Value = serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", path.display()))?;
+        Self::from_config(&config, &path, Some(&dir.join("chat_template.jinja")))
+    }
+
+    /// The template of a `tokenizer_config.json` held as `config` (`path` names it in errors),
+    /// or of `jinja_file` when the config has none.
+    pub fn from_config(config: &Value, path: &Path, jinja_file: Option<&Path>) -> Result<Self, String> {
         let source = match &config["chat_template"] {
             Value::String(s) => s.clone(),
             // A list of named templates: the "default" one.
@@ -359,11 +365,9 @@ impl JinjaTemplate {
                 .and_then(|t| t["template"].as_str())
                 .map(str::to_string)
                 .ok_or_else(|| format!("{}: chat_template has no \"default\" entry", path.display()))?,
-            _ => {
-                let jinja = dir.join("chat_template.jinja");
-                std::fs::read_to_string(&jinja)
-                    .map_err(|_| format!("{}: no chat_template (and no chat_template.jinja): name a template instead of 'auto'", path.display()))?
-            }
+            _ => jinja_file
+                .and_then(|jinja| std::fs::read_to_string(jinja).ok())
+                .ok_or_else(|| format!("{}: no chat_template (and no chat_template.jinja): name a template instead of 'auto'", path.display()))?,
         };
         let specials = ["bos_token", "eos_token", "unk_token", "pad_token"]
             .iter()

@@ -123,6 +123,12 @@ pub fn convert_model(dir: &Path) -> Result<Converted, TokenizerError> {
     }
     let model = ModelProto::parse(&bytes).map_err(|reason| invalid(format!("SentencePiece model: {reason}")))?;
     let flavour = configs.chatglm_flavour(dir).unwrap_or(Flavour::SentencePiece);
+    Ok(convert_sentencepiece(&model, flavour, &configs))
+}
+
+/// A SentencePiece `model` of `flavour` as `tokenizer.json` and sentencepiece's own BPE, with
+/// BOS/EOS added as `configs` say.
+fn convert_sentencepiece(model: &ModelProto, flavour: Flavour, configs: &Configs) -> Converted {
     let (specials, affixes, defaults) = match flavour {
         Flavour::SentencePiece => {
             let piece = |id: Option<u32>| model.piece(id).map(|text| (text.to_string(), id.unwrap()));
@@ -141,7 +147,7 @@ pub fn convert_model(dir: &Path) -> Result<Converted, TokenizerError> {
         }
         Flavour::Glm4 => unreachable!("GLM-4 ships tiktoken ranks"),
     };
-    let native = BpeEncoder::new(&model).map(|encoder| {
+    let native = BpeEncoder::new(model).map(|encoder| {
         let mut matched: Vec<(String, u32)> = Vec::new();
         if !flavour.literal_specials() {
             matched = model.pieces.iter().enumerate()
@@ -153,14 +159,16 @@ pub fn convert_model(dir: &Path) -> Result<Converted, TokenizerError> {
         let ids = |tokens: &[(String, u32)]| tokens.iter().map(|(_, id)| *id).collect();
         NativeBpe { encoder, specials: matched, prefix: ids(&affixes.prefix), suffix: ids(&affixes.suffix) }
     });
-    Ok(Converted { json: sentencepiece::tokenizer_json(&model, specials, &affixes), flavour, defaults, native })
+    Converted { json: sentencepiece::tokenizer_json(model, specials, &affixes), flavour, defaults, native }
 }
 
-/// The folder's `tokenizer_config.json`, `generation_config.json` and `config.json`.
-struct Configs {
-    tokenizer: Option<Value>,
-    generation: Option<Value>,
-    model: Option<Value>,
+/// A checkpoint's `tokenizer_config.json`, `generation_config.json` and `config.json`, each
+/// absent or parsed.
+#[derive(Debug, Clone, Default)]
+pub struct Configs {
+    pub tokenizer: Option<Value>,
+    pub generation: Option<Value>,
+    pub model: Option<Value>,
 }
 
 impl Configs {
@@ -201,19 +209,39 @@ impl Tokenizer {
         let model_path = dir.join("tokenizer.model");
         // `use_fast: false` (Chinese-LLaMA-2) asks for the sentencepiece model, as transformers reads it.
         let slow = configs.tokenizer.as_ref().and_then(|c| c.get("use_fast")) == Some(&Value::Bool(false)) && model_path.is_file();
-        let (mut inner, literal_specials, defaults, native) = if json_path.is_file() && !slow {
+        let (inner, literal_specials, defaults, native) = if json_path.is_file() && !slow {
             let chatglm = configs.tokenizer_class().is_some_and(|c| c.starts_with("ChatGLM"));
             (load_tokenizer_json(&json_path)?, chatglm, [None; 3], None)
         } else if model_path.is_file() {
-            let converted = convert_model(dir)?;
-            let inner = tokenizers::Tokenizer::from_bytes(converted.json.to_string()).map_err(|e| TokenizerError::Invalid {
-                path: dir.join("tokenizer.model"),
-                reason: format!("converted tokenizer does not load: {e}"),
-            })?;
-            (inner, converted.flavour.literal_specials(), converted.defaults, converted.native)
+            return Self::from_converted(convert_model(dir)?, &configs, &model_path);
         } else {
             return Err(TokenizerError::Missing(json_path));
         };
+        Ok(Self::with_configs(inner, literal_specials, defaults, native, &configs))
+    }
+
+    /// A LLaMA-style SentencePiece model held in memory (e.g. rebuilt from a GGUF file's
+    /// vocabulary), encoded with sentencepiece's own BPE as `tokenizer.model` is.
+    pub fn from_sentencepiece(model: &ModelProto, configs: &Configs, source: &Path) -> Result<Self, TokenizerError> {
+        Self::from_converted(convert_sentencepiece(model, Flavour::SentencePiece, configs), configs, source)
+    }
+
+    fn from_converted(converted: Converted, configs: &Configs, source: &Path) -> Result<Self, TokenizerError> {
+        let inner = tokenizers::Tokenizer::from_bytes(converted.json.to_string())
+            .map_err(|e| TokenizerError::Invalid { path: source.to_path_buf(), reason: format!("converted tokenizer does not load: {e}") })?;
+        Ok(Self::with_configs(inner, converted.flavour.literal_specials(), converted.defaults, converted.native, configs))
+    }
+
+    /// A `tokenizer.json` held in memory (e.g. built from a GGUF file's vocabulary) with its
+    /// checkpoint's configs; `source` names it in errors.
+    pub fn from_json(json: &Value, configs: &Configs, source: &Path) -> Result<Self, TokenizerError> {
+        let inner = tokenizers::Tokenizer::from_bytes(json.to_string())
+            .map_err(|e| TokenizerError::Invalid { path: source.to_path_buf(), reason: format!("tokenizer does not load: {e}") })?;
+        Ok(Self::with_configs(inner, false, [None; 3], None, configs))
+    }
+
+    /// The special ids from `configs` (token strings first, then numeric ids, then `defaults`).
+    fn with_configs(mut inner: tokenizers::Tokenizer, literal_specials: bool, defaults: [Option<u32>; 3], native: Option<NativeBpe>, configs: &Configs) -> Self {
         inner.set_encode_special_tokens(literal_specials);
         let lookup = |token_key: &str, id_key: &str, default: Option<u32>| -> Option<u32> {
             let by_name = configs
@@ -230,13 +258,13 @@ impl Tokenizer {
             };
             by_name.or_else(|| by_id(&configs.generation)).or_else(|| by_id(&configs.model)).or(default)
         };
-        Ok(Self {
+        Self {
             bos_id: lookup("bos_token", "bos_token_id", defaults[0]),
             eos_id: lookup("eos_token", "eos_token_id", defaults[1]),
             pad_id: lookup("pad_token", "pad_token_id", defaults[2]),
             inner,
             native,
-        })
+        }
     }
 
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {

@@ -81,8 +81,11 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Reads `dir/config.json`.
+    /// Reads `dir/config.json`, or a GGUF file's metadata when `dir` is one.
     pub fn from_dir(dir: &Path) -> Result<Self, LoadError> {
+        if crate::gguf::GgufFile::is_gguf(dir) {
+            return Self::from_json(&crate::gguf::GgufFile::open(dir)?.config_json()?, dir);
+        }
         Self::from_file(&dir.join("config.json"))
     }
 

@@ -13,6 +13,8 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, View};
 use serde_json::{Map, Value, json};
 
+use ember_data::sentencepiece::{self, Affixes, ModelProto, ModelType, Piece, PieceType};
+
 use crate::family::Role;
 use crate::{LoadError, llama};
 
@@ -52,6 +54,20 @@ impl GgmlType {
             Self::Q4_1 => (32, 20),
             Self::Q8_0 => (32, 34),
         }
+    }
+}
+
+/// ggml's name of a type id (ggml.h's `ggml_type`), for errors about the ones ember does not read.
+fn ggml_type_name(id: u32) -> String {
+    const NAMES: [&str; 40] = [
+        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+        "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32",
+        "I64", "F64", "IQ1_M", "BF16", "Q4_0_4_4", "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8",
+        "IQ4_NL_8_8", "MXFP4",
+    ];
+    match NAMES.get(id as usize) {
+        Some(name) => format!("{name} (id {id})"),
+        None => format!("id {id}"),
     }
 }
 
@@ -216,7 +232,7 @@ impl GgufFile {
         for (name, dims, type_id, offset) in infos {
             let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason: format!("GGUF tensor '{name}': {reason}") };
             let ggml_type = GgmlType::from_id(type_id)
-                .ok_or_else(|| invalid(format!("ggml type {type_id} is not supported (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0)")))?;
+                .ok_or_else(|| invalid(format!("ggml type {} is not supported (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0)", ggml_type_name(type_id))))?;
             let elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).filter(|&n| n > 0)
                 .ok_or_else(|| invalid(format!("dimensions {dims:?} are empty or overflow")))?;
             let (block_elems, block_bytes) = ggml_type.block();
@@ -269,7 +285,7 @@ fn half_at(bytes: &[u8], i: usize) -> f32 {
 
 /// Dequantizes ggml blocks. Layouts as in ggml-quants.c: Q4 blocks keep element j in the low
 /// nibble of byte j and element j+16 in the high nibble.
-fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
+pub(crate) fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
     match kind {
         GgmlType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
         GgmlType::F16 => bytes.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
@@ -286,9 +302,11 @@ fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
             let mut out = Vec::with_capacity(bytes.len() / block_bytes * 32);
             for b in bytes.chunks_exact(block_bytes) {
                 let d = half_at(b, 0);
-                let (min, qs) = if kind == GgmlType::Q4_1 { (half_at(b, 2), &b[4..]) } else { (-8.0 * d, &b[2..]) };
-                out.extend(qs.iter().map(|&q| (q & 0x0f) as f32 * d + min));
-                out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + min));
+                // ggml: Q4_1 is q·d + m, Q4_0 is (q − 8)·d (not q·d − 8d, which rounds differently).
+                let value = |q: u8| if kind == GgmlType::Q4_1 { q as f32 * d + half_at(b, 2) } else { (q as i32 - 8) as f32 * d };
+                let qs = &b[if kind == GgmlType::Q4_1 { 4 } else { 2 }..];
+                out.extend(qs.iter().map(|&q| value(q & 0x0f)));
+                out.extend(qs.iter().map(|&q| value(q >> 4)));
             }
             out
         }
@@ -297,9 +315,9 @@ fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
 
 /// llama.cpp stores q/k rows permuted for its interleaved RoPE; this restores HF's
 /// `rotate_half` order: GGUF row `h·2d + 2i + j` is HF row `h·2d + j·d + i`.
-pub(crate) fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+pub(crate) fn unpermute_rows<T: Copy + Default>(values: &[T], rows: usize, cols: usize, heads: usize) -> Vec<T> {
     let half = rows / heads / 2;
-    let mut out = vec![0f32; values.len()];
+    let mut out = vec![T::default(); values.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
@@ -316,9 +334,7 @@ pub(crate) fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: us
 /// holds one tensor at a time.
 struct LazyTensor<'a> {
     file: &'a GgufFile,
-    tensor: &'a GgufTensor,
-    /// Heads to un-permute q/k rows with.
-    unpermute_heads: Option<usize>,
+    hf: &'a HfTensor<'a>,
 }
 
 impl View for &LazyTensor<'_> {
@@ -327,20 +343,15 @@ impl View for &LazyTensor<'_> {
     }
 
     fn shape(&self) -> &[usize] {
-        &self.tensor.shape
+        &self.hf.tensor.shape
     }
 
     fn data(&self) -> Cow<'_, [u8]> {
-        let mut values = self.file.dequantize(self.tensor);
-        if let Some(heads) = self.unpermute_heads {
-            let [rows, cols] = [self.tensor.shape[0], self.tensor.shape[1]];
-            values = unpermute_rows(&values, rows, cols, heads);
-        }
-        Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        Cow::Owned(self.file.hf_values(self.hf).iter().flat_map(|v| v.to_le_bytes()).collect())
     }
 
     fn data_len(&self) -> usize {
-        self.tensor.shape.iter().product::<usize>() * 4
+        self.hf.tensor.shape.iter().product::<usize>() * 4
     }
 }
 
@@ -383,6 +394,158 @@ pub(crate) fn hf_name(gguf: &str) -> Option<(String, Option<Role>)> {
     Some((format!("{name}.{suffix}"), role))
 }
 
+/// A GGUF tensor under its HF name, with the heads its q/k rows are un-permuted with.
+pub struct HfTensor<'a> {
+    pub name: String,
+    pub tensor: &'a GgufTensor,
+    /// llama.cpp stores q/k rows permuted for its RoPE pairing; HF's rotate_half wants them back.
+    pub unpermute_heads: Option<usize>,
+}
+
+impl GgufFile {
+    /// Whether `path` names a GGUF file (by its extension), which ember reads wherever it reads a
+    /// model folder.
+    pub fn is_gguf(path: &Path) -> bool {
+        path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) && !path.is_dir()
+    }
+
+    /// The bytes of `tensor` as stored (ggml blocks for quantized types).
+    pub fn data(&self, tensor: &GgufTensor) -> &[u8] {
+        &self.mmap[tensor.range.clone()]
+    }
+
+    fn check_llama(&self) -> Result<(), LoadError> {
+        let arch = self.metadata.str("general.architecture")?;
+        if arch != "llama" {
+            return Err(self.metadata.error("general.architecture", &format!("'{arch}' is not supported (supported: llama)")));
+        }
+        Ok(())
+    }
+
+    fn heads(&self) -> Result<(usize, usize), LoadError> {
+        let heads = self.metadata.u64("llama.attention.head_count")? as usize;
+        let kv_heads = self.metadata.get("llama.attention.head_count_kv").and_then(Value::as_u64).map_or(heads, |n| n as usize);
+        Ok((heads, kv_heads))
+    }
+
+    /// The tensors under their HF names, sorted, and the GGUF names that have none (e.g.
+    /// rope_freqs.weight, recomputed from the config).
+    pub fn hf_tensors(&self) -> Result<(Vec<HfTensor<'_>>, Vec<String>), LoadError> {
+        self.check_llama()?;
+        let (heads, kv_heads) = self.heads()?;
+        let mut named = Vec::new();
+        let mut skipped = Vec::new();
+        for tensor in &self.tensors {
+            let Some((name, role)) = hf_name(&tensor.name) else {
+                skipped.push(tensor.name.clone());
+                continue;
+            };
+            let unpermute_heads = match role {
+                Some(Role::Q) if name.ends_with(".weight") => Some(heads),
+                Some(Role::K) if name.ends_with(".weight") => Some(kv_heads),
+                _ => None,
+            };
+            named.push(HfTensor { name, tensor, unpermute_heads });
+        }
+        named.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok((named, skipped))
+    }
+
+    /// Bytes per value of the decoder projections ember keeps in their blocks
+    /// ([`crate::ggml::GgmlWeight`]), over those projections; `None` when none is quantized.
+    pub fn projection_bytes_per_value(&self) -> Option<f64> {
+        let (bytes, values) = self
+            .tensors
+            .iter()
+            .filter(|t| crate::ggml::GgmlWeight::reads(t.ggml_type) && hf_name(&t.name).is_some_and(|(_, role)| role.is_some()))
+            .fold((0, 0), |(bytes, values), t| (bytes + t.range.len(), values + t.shape.iter().product::<usize>()));
+        (values > 0).then(|| bytes as f64 / values as f64)
+    }
+
+    /// The tensor's f32 values in HF order (dequantized, q/k rows un-permuted).
+    pub fn hf_values(&self, hf: &HfTensor) -> Vec<f32> {
+        let values = self.dequantize(hf.tensor);
+        match hf.unpermute_heads {
+            Some(heads) => unpermute_rows(&values, hf.tensor.shape[0], hf.tensor.shape[1], heads),
+            None => values,
+        }
+    }
+
+    /// Every tensor `config` needs is present with its shape, checked from the header alone.
+    pub fn check(&self, config: &crate::ModelConfig) -> Result<(), LoadError> {
+        let (named, _) = self.hf_tensors()?;
+        let path = &self.metadata.path;
+        for (key, shape) in crate::family::expected_tensors(config) {
+            let hf = named.iter().find(|hf| hf.name == key).ok_or_else(|| LoadError::MissingTensor { path: path.clone(), key: key.clone() })?;
+            if hf.tensor.shape != shape {
+                return Err(LoadError::Shape { path: path.clone(), key, expected: shape, found: hf.tensor.shape.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    /// The model's HF `config.json`, from the metadata.
+    pub fn config_json(&self) -> Result<Value, LoadError> {
+        self.check_llama()?;
+        let meta = &self.metadata;
+        let (heads, kv_heads) = self.heads()?;
+        let hidden = meta.u64("llama.embedding_length")? as usize;
+        let embed = self.tensor("token_embd.weight").ok_or_else(|| LoadError::MissingTensor { path: meta.path.clone(), key: "token_embd.weight".into() })?;
+        let get_f64 = |key: &str| meta.get(key).and_then(Value::as_f64);
+        let token_id = |key: &str| meta.get(key).and_then(Value::as_u64);
+        let head_dim = meta.get("llama.rope.dimension_count").and_then(Value::as_u64).map_or(hidden / heads, |n| n as usize);
+        Ok(json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "attention_bias": false,
+            "mlp_bias": false,
+            "hidden_act": "silu",
+            "hidden_size": hidden,
+            "intermediate_size": meta.u64("llama.feed_forward_length")?,
+            "num_hidden_layers": meta.u64("llama.block_count")?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": head_dim,
+            "max_position_embeddings": meta.get("llama.context_length").and_then(Value::as_u64).unwrap_or(2048),
+            "rms_norm_eps": get_f64("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
+            "rope_theta": get_f64("llama.rope.freq_base").unwrap_or(10000.0),
+            "rope_scaling": Value::Null,
+            "tie_word_embeddings": self.tensor("output.weight").is_none(),
+            "vocab_size": embed.shape[0],
+            "bos_token_id": token_id("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": token_id("tokenizer.ggml.eos_token_id"),
+            "pad_token_id": token_id("tokenizer.ggml.padding_token_id"),
+            "torch_dtype": "float32",
+        }))
+    }
+
+    /// `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` from the metadata.
+    pub fn tokenizer_files(&self) -> Result<[Value; 3], LoadError> {
+        let meta = &self.metadata;
+        let tokens = meta.get("tokenizer.ggml.tokens").and_then(Value::as_array)
+            .ok_or_else(|| meta.error("tokenizer.ggml.tokens", "missing or not an array"))?;
+        let token_id = |key: &str| meta.get(key).and_then(Value::as_u64);
+        let token_name = |key: &str| token_id(key).and_then(|id| tokens.get(id as usize)).cloned().unwrap_or(Value::Null);
+        // LLaMA's SentencePiece tokenizers add BOS unless the file says otherwise.
+        let add_bos = meta.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(meta.str("tokenizer.ggml.model")? == "llama");
+        let tokenizer_config = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": token_name("tokenizer.ggml.bos_token_id"),
+            "eos_token": token_name("tokenizer.ggml.eos_token_id"),
+            "pad_token": token_name("tokenizer.ggml.padding_token_id"),
+            "unk_token": token_name("tokenizer.ggml.unknown_token_id"),
+            "add_bos_token": add_bos,
+            "clean_up_tokenization_spaces": false,
+            "chat_template": meta.get("tokenizer.chat_template").cloned().unwrap_or(Value::Null),
+        });
+        let generation_config = json!({
+            "bos_token_id": token_id("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": token_id("tokenizer.ggml.eos_token_id"),
+        });
+        Ok([tokenizer_json(meta)?, tokenizer_config, generation_config])
+    }
+}
+
 /// What [`import_llama`] wrote.
 #[derive(Debug)]
 pub struct ImportSummary {
@@ -396,82 +559,11 @@ pub struct ImportSummary {
 /// folder, then renamed).
 pub fn import_llama(path: &Path, out: &Path) -> Result<ImportSummary, LoadError> {
     let gguf = GgufFile::open(path)?;
-    let arch = gguf.metadata.str("general.architecture")?;
-    if arch != "llama" {
-        return Err(gguf.metadata.error("general.architecture", &format!("'{arch}' is not supported (supported: llama)")));
-    }
-    let heads = gguf.metadata.u64("llama.attention.head_count")? as usize;
-    let kv_heads = gguf.metadata.get("llama.attention.head_count_kv").and_then(Value::as_u64).map_or(heads, |n| n as usize);
-    let hidden = gguf.metadata.u64("llama.embedding_length")? as usize;
-    let tokens = gguf.metadata.get("tokenizer.ggml.tokens").and_then(Value::as_array)
-        .ok_or_else(|| gguf.metadata.error("tokenizer.ggml.tokens", "missing or not an array"))?;
-    let embed = gguf.tensor("token_embd.weight").ok_or_else(|| LoadError::MissingTensor { path: path.to_path_buf(), key: "token_embd.weight".into() })?;
-    let vocab = embed.shape[0];
-    let tied = gguf.tensor("output.weight").is_none();
-
-    let mut views = Vec::new();
-    let mut skipped = Vec::new();
-    let mut parameters = 0;
-    for tensor in &gguf.tensors {
-        let Some((name, role)) = hf_name(&tensor.name) else {
-            // e.g. rope_freqs.weight: recomputed from the config.
-            skipped.push(tensor.name.clone());
-            continue;
-        };
-        // llama.cpp stores q/k rows permuted for its RoPE pairing; HF's rotate_half wants them back.
-        let unpermute_heads = match role {
-            Some(Role::Q) if name.ends_with(".weight") => Some(heads),
-            Some(Role::K) if name.ends_with(".weight") => Some(kv_heads),
-            _ => None,
-        };
-        parameters += tensor.shape.iter().product::<usize>();
-        views.push((name, LazyTensor { file: &gguf, tensor, unpermute_heads }));
-    }
-    views.sort_by(|a, b| a.0.cmp(&b.0));
-
-    let get_f64 = |key: &str| gguf.metadata.get(key).and_then(Value::as_f64);
-    let token_id = |key: &str| gguf.metadata.get(key).and_then(Value::as_u64);
-    let head_dim = gguf.metadata.get("llama.rope.dimension_count").and_then(Value::as_u64).map_or(hidden / heads, |n| n as usize);
-    let config = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "attention_bias": false,
-        "mlp_bias": false,
-        "hidden_act": "silu",
-        "hidden_size": hidden,
-        "intermediate_size": gguf.metadata.u64("llama.feed_forward_length")?,
-        "num_hidden_layers": gguf.metadata.u64("llama.block_count")?,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "max_position_embeddings": gguf.metadata.get("llama.context_length").and_then(Value::as_u64).unwrap_or(2048),
-        "rms_norm_eps": get_f64("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
-        "rope_theta": get_f64("llama.rope.freq_base").unwrap_or(10000.0),
-        "rope_scaling": Value::Null,
-        "tie_word_embeddings": tied,
-        "vocab_size": vocab,
-        "bos_token_id": token_id("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": token_id("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": token_id("tokenizer.ggml.padding_token_id"),
-        "torch_dtype": "float32",
-    });
-    let tokenizer = tokenizer_json(&gguf.metadata)?;
-    let token_name = |key: &str| token_id(key).and_then(|id| tokens.get(id as usize)).cloned().unwrap_or(Value::Null);
-    let add_bos = gguf.metadata.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
-    let tokenizer_config = json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": token_name("tokenizer.ggml.bos_token_id"),
-        "eos_token": token_name("tokenizer.ggml.eos_token_id"),
-        "pad_token": token_name("tokenizer.ggml.padding_token_id"),
-        "unk_token": token_name("tokenizer.ggml.unknown_token_id"),
-        "add_bos_token": add_bos,
-        "clean_up_tokenization_spaces": false,
-        "chat_template": gguf.metadata.get("tokenizer.chat_template").cloned().unwrap_or(Value::Null),
-    });
-    let generation_config = json!({
-        "bos_token_id": token_id("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": token_id("tokenizer.ggml.eos_token_id"),
-    });
+    let config = gguf.config_json()?;
+    let [tokenizer, tokenizer_config, generation_config] = gguf.tokenizer_files()?;
+    let (named, skipped) = gguf.hf_tensors()?;
+    let views: Vec<(&str, LazyTensor)> = named.iter().map(|hf| (hf.name.as_str(), LazyTensor { file: &gguf, hf })).collect();
+    let parameters = named.iter().map(|hf| hf.tensor.shape.iter().product::<usize>()).sum();
 
     crate::write_dir_atomically(out, |tmp| {
         let write_json = |name: &str, value: &Value| {
@@ -483,7 +575,7 @@ pub fn import_llama(path: &Path, out: &Path) -> Result<ImportSummary, LoadError>
         write_json("tokenizer_config.json", &tokenizer_config)?;
         write_json("generation_config.json", &generation_config)?;
         let weights = tmp.join("model.safetensors");
-        crate::write_safetensors(&weights, views.iter().map(|(n, v)| (n.as_str(), v))).map_err(|e| LoadError::write(&weights, e))
+        crate::write_safetensors(&weights, views.iter().map(|(n, v)| (*n, v))).map_err(|e| LoadError::write(&weights, e))
     }, LoadError::write)?;
     Ok(ImportSummary {
         tensors: views.len(),
@@ -493,37 +585,72 @@ pub fn import_llama(path: &Path, out: &Path) -> Result<ImportSummary, LoadError>
     })
 }
 
+/// The SentencePiece BPE model a `llama` GGUF vocabulary was converted from (llama.cpp's
+/// converter copies pieces, scores and types; the normalizer is LLaMA's: a dummy prefix, spaces
+/// kept), so that ember reads it as it reads `tokenizer.model`.
+fn proto_of(meta: &GgufMetadata, tokens: &[&str], types: &[u64], scores: &[Value]) -> ModelProto {
+    let kind = |id: usize| match types.get(id) {
+        Some(2) => PieceType::Unknown,
+        Some(3) => PieceType::Control,
+        Some(4) => PieceType::UserDefined,
+        Some(5) => PieceType::Unused,
+        Some(6) => PieceType::Byte,
+        _ => PieceType::Normal,
+    };
+    let id = |key: &str| meta.get(key).and_then(Value::as_u64).map(|id| id as u32).filter(|&id| (id as usize) < tokens.len());
+    ModelProto {
+        pieces: tokens.iter().enumerate()
+            .map(|(i, text)| Piece { text: text.to_string(), score: scores.get(i).and_then(Value::as_f64).unwrap_or(0.0) as f32, kind: kind(i) })
+            .collect(),
+        model_type: ModelType::Bpe,
+        byte_fallback: true,
+        unk_id: id("tokenizer.ggml.unknown_token_id"),
+        bos_id: id("tokenizer.ggml.bos_token_id"),
+        eos_id: id("tokenizer.ggml.eos_token_id"),
+        pad_id: id("tokenizer.ggml.padding_token_id"),
+        precompiled_charsmap: Vec::new(),
+        add_dummy_prefix: meta.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true),
+        remove_extra_whitespaces: false,
+    }
+}
+
+/// The SentencePiece model of a `llama` vocabulary; `None` for other tokenizer models.
+pub fn sentencepiece_model(meta: &GgufMetadata) -> Result<Option<ModelProto>, LoadError> {
+    if meta.str("tokenizer.ggml.model")? != "llama" {
+        return Ok(None);
+    }
+    let (tokens, types) = vocabulary(meta)?;
+    let scores = meta.get("tokenizer.ggml.scores").and_then(Value::as_array)
+        .ok_or_else(|| meta.error("tokenizer.ggml.scores", "missing for a llama tokenizer"))?;
+    Ok(Some(proto_of(meta, &tokens, &types, scores)))
+}
+
+/// The tokens and their ggml types.
+fn vocabulary(meta: &GgufMetadata) -> Result<(Vec<&str>, Vec<u64>), LoadError> {
+    let tokens = meta.get("tokenizer.ggml.tokens").and_then(Value::as_array)
+        .ok_or_else(|| meta.error("tokenizer.ggml.tokens", "missing or not an array"))?;
+    let types = meta.get("tokenizer.ggml.token_type").and_then(Value::as_array)
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect()).unwrap_or_default();
+    Ok((tokens.iter().map(|t| t.as_str().unwrap_or_default()).collect(), types))
+}
+
 /// Builds an HF `tokenizer.json` from the GGUF vocabulary: byte-level BPE for `gpt2`
 /// tokenizers, SentencePiece-style BPE with byte fallback for `llama` ones.
 pub fn tokenizer_json(meta: &GgufMetadata) -> Result<Value, LoadError> {
     let model = meta.str("tokenizer.ggml.model")?;
-    let tokens = meta.get("tokenizer.ggml.tokens").and_then(Value::as_array)
-        .ok_or_else(|| meta.error("tokenizer.ggml.tokens", "missing or not an array"))?;
-    let tokens: Vec<&str> = tokens.iter().map(|t| t.as_str().unwrap_or_default()).collect();
-    let types: Vec<u64> = meta.get("tokenizer.ggml.token_type").and_then(Value::as_array)
-        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect()).unwrap_or_default();
-    // ggml token types: 3 = control, 4 = user-defined; both are matched before the model runs.
-    let added_tokens: Vec<Value> = tokens.iter().enumerate()
-        .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
-        .map(|(i, t)| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-            "normalized": false, "special": types.get(i) == Some(&3)}))
-        .collect();
-    let vocab: Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), json!(i))).collect();
-    let bos = meta.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64);
+    let (tokens, types) = vocabulary(meta)?;
     let add_bos = meta.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool);
-    let post_processor = |default_add_bos: bool| match bos {
-        Some(id) if add_bos.unwrap_or(default_add_bos) => {
-            let bos = tokens.get(id as usize).copied().unwrap_or_default();
-            json!({"type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                         {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {bos: {"id": bos, "ids": [id], "tokens": [bos]}}})
-        }
-        _ => Value::Null,
-    };
+    let bos_id = meta.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64).map(|id| id as u32).filter(|&id| (id as usize) < tokens.len());
     match model {
         "gpt2" => {
+            // ggml token types: 3 = control, 4 = user-defined; both are matched before the model runs.
+            let added_tokens: Vec<Value> = tokens.iter().enumerate()
+                .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
+                .map(|(i, t)| sentencepiece::added_token(i, t, types.get(i) == Some(&3)))
+                .collect();
+            let vocab: Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), json!(i))).collect();
+            let bos = bos_id.filter(|_| add_bos.unwrap_or(false));
+            let affixes = Affixes { prefix: bos.map(|id| (tokens[id as usize].to_string(), id)).into_iter().collect(), suffix: Vec::new() };
             let merges = meta.get("tokenizer.ggml.merges").and_then(Value::as_array)
                 .ok_or_else(|| meta.error("tokenizer.ggml.merges", "missing for a gpt2 tokenizer"))?;
             Ok(json!({
@@ -531,7 +658,7 @@ pub fn tokenizer_json(meta: &GgufMetadata) -> Result<Value, LoadError> {
                 "added_tokens": added_tokens,
                 "normalizer": null,
                 "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-                "post_processor": post_processor(false),
+                "post_processor": affixes.post_processor(),
                 "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
                 "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                     "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
@@ -539,27 +666,13 @@ pub fn tokenizer_json(meta: &GgufMetadata) -> Result<Value, LoadError> {
             }))
         }
         "llama" => {
-            let scores: Vec<f64> = meta.get("tokenizer.ggml.scores").and_then(Value::as_array)
-                .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect())
+            let scores = meta.get("tokenizer.ggml.scores").and_then(Value::as_array)
                 .ok_or_else(|| meta.error("tokenizer.ggml.scores", "missing for a llama tokenizer"))?;
-            let unk = meta.get("tokenizer.ggml.unknown_token_id").and_then(Value::as_u64)
-                .and_then(|id| tokens.get(id as usize)).copied();
-            Ok(json!({
-                "version": "1.0", "truncation": null, "padding": null,
-                "added_tokens": added_tokens,
-                "normalizer": {"type": "Sequence", "normalizers": [
-                    {"type": "Prepend", "prepend": "▁"},
-                    {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
-                "pre_tokenizer": null,
-                "post_processor": post_processor(true),
-                "decoder": {"type": "Sequence", "decoders": [
-                    {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-                    {"type": "ByteFallback"}, {"type": "Fuse"},
-                    {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-                "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
-                    "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                    "vocab": vocab, "merges": ember_data::sentencepiece::merges(&tokens, &scores)},
-            }))
+            let model = proto_of(meta, &tokens, &types, scores);
+            // LLaMA's tokenizers add BOS unless the file says otherwise.
+            let bos = bos_id.filter(|_| add_bos.unwrap_or(true));
+            let affixes = Affixes { prefix: bos.map(|id| (tokens[id as usize].to_string(), id)).into_iter().collect(), suffix: Vec::new() };
+            Ok(sentencepiece::tokenizer_json(&model, &[], &affixes))
         }
         other => Err(meta.error("tokenizer.ggml.model", &format!("'{other}' is not supported (supported: gpt2, llama)"))),
     }

@@ -319,14 +319,17 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, pre: Option<&str>) -> R
     let invalid = |path: &Path, reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
     let tokenizer = Tokenizer::from_dir(dir).map_err(|e| invalid(dir, e.to_string()))?;
     let json_path = dir.join("tokenizer.json");
-    let model_path = dir.join("tokenizer.model");
-    if !json_path.is_file() && ModelProto::parse(&std::fs::read(&model_path).unwrap_or_default()).is_err() {
-        return Err(invalid(dir, "no tokenizer.json, and no SentencePiece tokenizer.model: llama.cpp's GGUF takes BPE or SentencePiece".into()));
-    }
+    // GLM-4's tiktoken file named tokenizer.model is not a SentencePiece model.
+    let proto = std::fs::read(dir.join("tokenizer.model")).ok().and_then(|bytes| ModelProto::parse(&bytes).ok());
+    let json: Option<Value> = match std::fs::read_to_string(&json_path) {
+        Ok(text) => Some(serde_json::from_str(&text).map_err(|e| LoadError::json(&json_path, e))?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(LoadError::io(&json_path, e)),
+    };
     let (model, mut tokens, mut scores, mut types, merges, pre): (&str, Vec<String>, Vec<f32>, Vec<i32>, Option<Vec<String>>, Option<String>) =
         // A SentencePiece model (as llama.cpp's converter, preferred to tokenizer.json: its scores
-        // are the real ones); GLM-4's tiktoken file named tokenizer.model is not one.
-        if let Some(proto) = std::fs::read(&model_path).ok().and_then(|bytes| ModelProto::parse(&bytes).ok()) {
+        // are the real ones).
+        if let Some(proto) = &proto {
             let kind = |k: PieceType| match k {
                 PieceType::Normal => NORMAL,
                 PieceType::Unknown => UNKNOWN,
@@ -338,8 +341,9 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, pre: Option<&str>) -> R
             let tokens = proto.pieces.iter().map(|p| p.text.clone()).collect();
             ("llama", tokens, proto.pieces.iter().map(|p| p.score).collect(), proto.pieces.iter().map(|p| kind(p.kind)).collect(), None, None)
         } else {
-            let text = std::fs::read_to_string(&json_path).map_err(|e| LoadError::io(&json_path, e))?;
-            let json: Value = serde_json::from_str(&text).map_err(|e| LoadError::json(&json_path, e))?;
+            let Some(json) = &json else {
+                return Err(invalid(dir, "no tokenizer.json, and no SentencePiece tokenizer.model: llama.cpp's GGUF takes BPE or SentencePiece".into()));
+            };
             let bpe = &json["model"];
             if bpe["type"] != "BPE" {
                 return Err(invalid(&json_path, format!("a {} tokenizer; llama.cpp's GGUF takes BPE or SentencePiece", bpe["type"])));
@@ -383,9 +387,7 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, pre: Option<&str>) -> R
             }
         };
     // Added tokens beyond the model's vocabulary, and the types of those within it.
-    if let Ok(text) = std::fs::read_to_string(&json_path)
-        && let Ok(json) = serde_json::from_str::<Value>(&text)
-    {
+    if let Some(json) = &json {
         for added in json["added_tokens"].as_array().into_iter().flatten() {
             let (Some(id), Some(content)) = (added["id"].as_u64().map(|i| i as usize), added["content"].as_str()) else { continue };
             if id >= tokens.len() {

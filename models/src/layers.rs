@@ -6,14 +6,17 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::config::{RopeConfig, RopePairing, RopeScaling};
+use crate::ggml::GgmlWeight;
 use crate::nf4::{Int8Weight, Nf4Weight};
 
-/// A frozen weight `[out, in]` (PyTorch layout): as the checkpoint stores it, or 4-bit.
+/// A frozen weight `[out, in]` (PyTorch layout): as the checkpoint stores it, quantized while
+/// loading (NF4, int8), or in a GGUF file's quantized blocks.
 #[derive(Module, Debug)]
 pub enum Weight {
     Dense(Param<Tensor<2>>),
     Nf4(Nf4Weight),
     Int8(Int8Weight),
+    Ggml(GgmlWeight),
 }
 
 impl Weight {
@@ -23,6 +26,7 @@ impl Weight {
             Weight::Dense(weight) => weight.val(),
             Weight::Nf4(weight) => weight.dequantize(),
             Weight::Int8(weight) => weight.dequantize(),
+            Weight::Ggml(weight) => weight.dequantize(),
         }
     }
 }
@@ -54,6 +58,7 @@ impl Linear {
             Weight::Dense(weight) => weight.shape().dims::<2>(),
             Weight::Nf4(weight) => weight.shape,
             Weight::Int8(weight) => weight.shape,
+            Weight::Ggml(weight) => weight.shape,
         }
     }
 

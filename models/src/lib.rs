@@ -8,6 +8,7 @@ pub mod device;
 pub mod files;
 pub mod config;
 pub mod generate;
+pub mod ggml;
 pub mod gguf;
 mod gguf_pre;
 pub mod gguf_write;
@@ -74,4 +75,33 @@ impl LoadError {
     pub(crate) fn json(path: &Path, source: serde_json::Error) -> Self {
         LoadError::Json { path: path.to_path_buf(), source }
     }
+}
+
+/// The tokenizer of a model folder, or of a GGUF file (built from its vocabulary metadata).
+pub fn load_tokenizer(path: &Path) -> Result<ember_data::Tokenizer, ember_data::TokenizerError> {
+    if !gguf::GgufFile::is_gguf(path) {
+        return ember_data::Tokenizer::from_dir(path);
+    }
+    let invalid = |e: LoadError| ember_data::TokenizerError::Invalid { path: path.to_path_buf(), reason: e.to_string() };
+    let file = gguf::GgufFile::open(path).map_err(invalid)?;
+    let [json, tokenizer, generation] = file.tokenizer_files().map_err(invalid)?;
+    let configs = ember_data::tokenizer::Configs { tokenizer: Some(tokenizer), generation: Some(generation), model: None };
+    // A `llama` vocabulary is a SentencePiece model: encoded as sentencepiece does, as from tokenizer.model.
+    match gguf::sentencepiece_model(&file.metadata).map_err(invalid)? {
+        Some(model) => ember_data::Tokenizer::from_sentencepiece(&model, &configs, path),
+        None => ember_data::Tokenizer::from_json(&json, &configs, path),
+    }
+}
+
+/// The prompt or chat template `name` for the model at `path` (`auto`: the model's own chat
+/// template, from its folder or from a GGUF file's `tokenizer.chat_template`); `Ok(None)` for a
+/// name that is not built in.
+pub fn template(name: &str, path: &Path) -> Result<Option<ember_data::Format>, String> {
+    if name != "auto" || !gguf::GgufFile::is_gguf(path) {
+        return ember_data::Format::named(name, path);
+    }
+    let file = gguf::GgufFile::open(path).map_err(|e| e.to_string())?;
+    let [_, tokenizer_config, _] = file.tokenizer_files().map_err(|e| e.to_string())?;
+    let jinja = ember_data::chat::JinjaTemplate::from_config(&tokenizer_config, path, None)?;
+    Ok(Some(ember_data::Format::Chat(ember_data::chat::ChatTemplate::Jinja(Box::new(jinja)))))
 }

@@ -14,6 +14,8 @@ use crate::checkpoint::{Checkpoint, LoadDtype};
 use crate::config::ModelConfig;
 use crate::family::{KeyLayout, Role, check_checkpoint};
 use crate::layers::{Embedding, Linear, Projection, RmsNorm, Rope, Weight, attention_bias};
+use crate::ggml::GgmlWeight;
+use crate::gguf::{GgmlType, GgufFile, HfTensor};
 use crate::nf4::{self, Int8Weight, Nf4Weight, Quantization};
 use crate::LoadError;
 
@@ -172,6 +174,9 @@ impl CausalLm<Linear> {
     /// [`Self::load`], with the decoder projections quantized tensor by tensor as they load: the
     /// full-precision model never exists in memory.
     pub fn load_quantized(dir: &Path, dtype: LoadDtype, quantization: Option<Quantization>, device: &Device) -> Result<Self, LoadError> {
+        if GgufFile::is_gguf(dir) {
+            return Self::from_gguf(dir, dtype, quantization, device);
+        }
         let config = ModelConfig::from_dir(dir)?;
         let checkpoint = Checkpoint::open_dir(dir)?;
         Ok(Self { name_or_path: Some(dir.to_path_buf()), ..Self::from_checkpoint(config, &checkpoint, dtype, quantization, device)? })
@@ -191,7 +196,44 @@ impl CausalLm<Linear> {
             quantization,
             |key, [out, inp]| checkpoint.float(key, [out, inp], dtype, device),
             |key, len| checkpoint.float(key, [len], dtype, device),
+            |_, _| Ok(None),
         )
+    }
+
+    /// A LLaMA-architecture GGUF file as the frozen base: its Q4_0/Q4_1/Q8_0 projections stay
+    /// in their blocks ([`GgmlWeight`]); other tensors (and quantized embeddings or heads, which
+    /// transformers keeps in full precision too) are read as floats in `dtype`.
+    pub fn from_gguf(path: &Path, dtype: LoadDtype, quantization: Option<Quantization>, device: &Device) -> Result<Self, LoadError> {
+        let file = GgufFile::open(path)?;
+        let config = ModelConfig::from_json(&file.config_json()?, path)?;
+        // Every name and shape is checked from the header before any weight is read.
+        file.check(&config)?;
+        let (named, _) = file.hf_tensors()?;
+        let find = |key: &str| -> Result<&HfTensor, LoadError> {
+            named.iter().find(|hf| hf.name == key).ok_or_else(|| LoadError::MissingTensor { path: path.into(), key: key.into() })
+        };
+        let float = |key: &str, shape: &[usize]| -> Result<Tensor<1>, LoadError> {
+            let hf = find(key)?;
+            let values = file.hf_values(hf);
+            let tensor = Tensor::<1>::from_data(TensorData::new(values, [shape.iter().product::<usize>()]), device);
+            Ok(match (dtype, hf.tensor.ggml_type) {
+                (LoadDtype::F32, _) => tensor,
+                (LoadDtype::Bf16, _) | (LoadDtype::Checkpoint, GgmlType::BF16) => tensor.cast(DType::BF16),
+                (LoadDtype::Checkpoint, GgmlType::F16) => tensor.cast(DType::F16),
+                (LoadDtype::Checkpoint, _) => tensor,
+            })
+        };
+        let model = Self::from_tensors(
+            config,
+            quantization,
+            |key, shape| Ok(float(key, &shape)?.reshape(shape)),
+            |key, len| float(key, &[len]),
+            |key, _| {
+                let hf = find(key)?;
+                Ok(GgmlWeight::reads(hf.tensor.ggml_type).then(|| GgmlWeight::from_gguf(&file, hf, device)).transpose()?.map(Weight::Ggml))
+            },
+        )?;
+        Ok(Self { name_or_path: Some(path.to_path_buf()), ..model })
     }
 
     /// A model of `config`'s shape with random weights (N(0, 0.02²), norms 1) in `dtype`, for
@@ -211,21 +253,35 @@ impl CausalLm<Linear> {
             |key, len| {
                 Ok(if key.ends_with("bias") { Tensor::<1>::zeros([len], device) } else { Tensor::<1>::ones([len], device) }.cast(dtype))
             },
+            |_, _| Ok(None),
         );
         model.expect("synthetic tensors have the expected shapes")
     }
 
     /// Builds the model from `matrix(key, [out, in])` and `vector(key, len)` (HF keys), each
-    /// decoder projection quantized as soon as it is read when `quantization` says so.
+    /// decoder projection quantized as soon as it is read when `quantization` says so, or taken
+    /// as `stored(key, [out, in])` gives it when the source keeps it quantized already.
     fn from_tensors(
         config: ModelConfig,
         quantization: Option<Quantization>,
         matrix: impl Fn(&str, [usize; 2]) -> Result<Tensor<2>, LoadError>,
         vector: impl Fn(&str, usize) -> Result<Tensor<1>, LoadError>,
+        stored: impl Fn(&str, [usize; 2]) -> Result<Option<Weight>, LoadError>,
     ) -> Result<Self, LoadError> {
         let keys = KeyLayout::of(config.architecture);
         let h = config.hidden_size;
         let linear = |name: &str, [out, inp]: [usize; 2], bias: bool, quantize: Option<Quantization>| -> Result<Linear, LoadError> {
+            let bias = if bias { Some(vector(&format!("{name}.bias"), out)?) } else { None };
+            if let Some(weight) = stored(&format!("{name}.weight"), [out, inp])? {
+                if quantize.is_some() {
+                    return Err(LoadError::ConfigKey {
+                        path: name.into(),
+                        key: "quantize".into(),
+                        reason: "this base's projections are quantized already (GGUF blocks are trained as they are): remove model.quantize".into(),
+                    });
+                }
+                return Ok(Linear::with_weight(weight, bias));
+            }
             if quantize.is_some() && (out * inp) % nf4::BLOCK != 0 {
                 return Err(LoadError::ConfigKey {
                     path: name.into(),
@@ -239,7 +295,6 @@ impl CausalLm<Linear> {
                 Some(Quantization::Int8) => Weight::Int8(Int8Weight::from_tensor(weight)),
                 None => Weight::Dense(Param::from_tensor(weight).set_require_grad(false)),
             };
-            let bias = if bias { Some(vector(&format!("{name}.bias"), out)?) } else { None };
             Ok(Linear::with_weight(weight, bias))
         };
         let norm = |name: &str| -> Result<RmsNorm, LoadError> { Ok(RmsNorm::new(vector(&format!("{name}.weight"), h)?, config.rms_norm_eps)) };
@@ -257,7 +312,8 @@ impl CausalLm<Linear> {
             layers.push(DecoderLayer::from_table(&config, input_norm, post_attention_norm, projections));
         }
         let embed_tokens = Embedding::new(matrix(&format!("{}.weight", keys.embed), [config.vocab_size, h])?);
-        let lm_head = if config.tie_word_embeddings { None } else { Some(linear(keys.lm_head, [config.vocab_size, h], false, None)?) };
+        // The head stays in full precision, as transformers keeps it.
+        let lm_head = if config.tie_word_embeddings { None } else { Some(Linear::new(matrix(&format!("{}.weight", keys.lm_head), [config.vocab_size, h])?, None)) };
         Ok(Self {
             embed_tokens,
             layers,

@@ -13,7 +13,8 @@ use burn::optim::{AdamWConfig, GradientsAccumulator};
 use burn::tensor::DType;
 use ember_adapters::Method;
 use ember_data::sft::{SftOptions, build_example};
-use ember_data::{Batch, Dataset, Template, Tokenizer};
+use ember_data::{Batch, Dataset, Template};
+use ember_models::gguf::GgufFile;
 use ember_models::device::DeviceName;
 use ember_models::nf4::Quantization;
 use ember_models::{BaseModel, LoadDtype, ModelConfig};
@@ -86,7 +87,7 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
         BenchModel::Synthetic { shape, tokenizer } => {
             let (mut json, source) = shape_config(shape).map_err(|e| format!("--synthetic {e}"))?;
             // Token ids must fit the embedding: widen the vocabulary to the tokenizer's.
-            let vocab = Tokenizer::from_dir(tokenizer).map_err(|e| e.to_string())?.vocab_size();
+            let vocab = ember_models::load_tokenizer(tokenizer).map_err(|e| e.to_string())?.vocab_size();
             if json["vocab_size"].as_u64().is_some_and(|v| (v as usize) < vocab) {
                 json["vocab_size"] = json!(vocab);
             }
@@ -95,7 +96,7 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
             (tokenizer.clone(), BaseModel::synthetic(config, float, o.quantization, 0, &autodiff))
         }
     };
-    let tokenizer = Tokenizer::from_dir(&tokenizer_dir).map_err(|e| e.to_string())?;
+    let tokenizer = ember_models::load_tokenizer(&tokenizer_dir).map_err(|e| e.to_string())?;
     let pad_id = tokenizer.pad_id.unwrap_or(0);
     let method = &o.method;
     method.config().check(&base.config)?;
@@ -144,11 +145,16 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
     }
     let seconds = started.map_or(0.0, |t| t.elapsed().as_secs_f64());
     let weight_bytes = memory::weight_bytes(o.dtype, model.config());
-    let estimated = shapes.iter().map(|shape| estimate(model.config(), method, weight_bytes, o.quantization, shape, o.step).total()).fold(0.0, f64::max);
+    let projection_bytes = match &o.model {
+        BenchModel::Dir(dir) => memory::projection_bytes(dir, o.quantization).map_err(|e| e.to_string())?,
+        BenchModel::Synthetic { .. } => o.quantization.map(ember_models::nf4::bytes_per_value),
+    };
+    let estimated = shapes.iter().map(|shape| estimate(model.config(), method, weight_bytes, projection_bytes, shape, o.step).total()).fold(0.0, f64::max);
     Ok(json!({
         "impl": "ember", "burn": "0.22.1", "method": method.config().name(), "device": o.device.to_string(),
         "flush_denormal": false, "dtype": o.dtype.name(), "threads": o.threads,
         "quantize": match o.quantization {
+            None if matches!(&o.model, BenchModel::Dir(dir) if GgufFile::is_gguf(dir)) => "gguf",
             None => "none",
             Some(Quantization::Nf4 { double_quant: false }) => "nf4",
             Some(Quantization::Nf4 { double_quant: true }) => "nf4+double_quant",

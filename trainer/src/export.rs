@@ -51,6 +51,15 @@ fn permute_heads(role: Option<Role>, config: &ModelConfig) -> Option<usize> {
 /// `base_dir` (merged with `adapter`, if given) as a GGUF file of `ty` at `out`; `pre` names
 /// llama.cpp's pre-tokenizer when it does not recognise a byte-level BPE's.
 pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: TensorType, pre: Option<&str>) -> Result<ExportSummary, MergeError> {
+    if ember_models::gguf::GgufFile::is_gguf(base_dir) {
+        // Merging into quantized blocks would quantize the merged weights a second time.
+        return Err(LoadError::Invalid {
+            path: base_dir.to_path_buf(),
+            reason: "the base is a GGUF file already: give llama.cpp the adapter with `ember export gguf-lora` (it applies it to these blocks), \
+                     or merge from the full-precision folder".into(),
+        }
+        .into());
+    }
     let device = Device::flex();
     let mut config = ModelConfig::from_dir(base_dir)?;
     check_llama(&config, base_dir)?;
@@ -131,7 +140,9 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: TensorT
         return Err(invalid("modules_to_save: llama.cpp's LoRA format has no whole modules; merge it instead: ember export gguf --adapter".into()).into());
     }
     let branches = PeftBranches::read(&AdapterFolder::read(adapter)?, &[])?;
-    branches.check(&Checkpoint::open_dir(base_dir)?)?;
+    // Only the shapes are needed (from the config, so a GGUF base serves as well as a folder).
+    let shapes: std::collections::HashMap<String, Vec<usize>> = ember_models::family::expected_tensors(&config).into_iter().collect();
+    branches.check_shapes(|key| shapes.get(key).cloned())?;
     // llama.cpp scales by alpha / r; rsLoRA's alpha / √r needs alpha · √r in its place.
     let alpha = if lora.use_rslora { lora.alpha * (lora.r as f64).sqrt() } else { lora.alpha };
     let metadata = vec![

@@ -4,9 +4,12 @@
 //! comparison with measured peaks is in BENCHMARKS.md.
 
 use ember_adapters::Method;
+use std::path::Path;
+
 use ember_models::family::KeyLayout;
+use ember_models::gguf::GgufFile;
 use ember_models::nf4::{self, Quantization};
-use ember_models::{LoadDtype, ModelConfig};
+use ember_models::{LoadDtype, LoadError, ModelConfig};
 
 use crate::step::StepOptions;
 
@@ -46,12 +49,13 @@ impl BatchShape {
 
 /// Estimated peak memory of training `method` on `model` with weights of `weight_bytes` per
 /// value (activations take the same dtype; norms, softmax and LoRA branches compute in f32), the
-/// decoder projections stored as `quantization` says.
+/// decoder projections stored quantized at `projection_bytes` per value when it is given
+/// ([`projection_bytes`]).
 pub fn estimate(
     model: &ModelConfig,
     method: &Method,
     weight_bytes: usize,
-    quantization: Option<Quantization>,
+    projection_bytes: Option<f64>,
     batch: &BatchShape,
     options: StepOptions,
 ) -> MemoryEstimate {
@@ -80,7 +84,7 @@ pub fn estimate(
     let layers = (model.num_layers - method.first_trainable_layer(model)) as f64;
     // A 4-bit base's projections are dequantized for each product, and the graph keeps that
     // dense copy until backward: per layer with a graph, its projections in the compute dtype.
-    let dequantized = match quantization {
+    let dequantized = match projection_bytes {
         Some(_) => projection_sizes(model).iter().sum::<usize>() as f64 / model.num_layers as f64 * a,
         None => 0.0,
     };
@@ -105,7 +109,7 @@ pub fn estimate(
 
     let trainable = method.count_trainable(model) as f64;
     MemoryEstimate {
-        weights: stored_weight_bytes(model, a, quantization) - method.replaced_base_parameters(model) as f64 * a,
+        weights: stored_weight_bytes(model, a, projection_bytes) - method.replaced_base_parameters(model) as f64 * a,
         adapter: trainable * 4.0 * 5.0,
         activations,
         loss,
@@ -115,12 +119,21 @@ pub fn estimate(
 /// The frozen base: every weight at `a` bytes, or the decoder projections quantized plus the
 /// transient of dequantizing the largest one (its bytes as i64 indices, the looked-up f32
 /// values and the scaled copy: 12 bytes a value).
-fn stored_weight_bytes(model: &ModelConfig, a: f64, quantization: Option<Quantization>) -> f64 {
-    let Some(quantization) = quantization else { return model.num_params() as f64 * a };
+fn stored_weight_bytes(model: &ModelConfig, a: f64, projection_bytes: Option<f64>) -> f64 {
+    let Some(per_value) = projection_bytes else { return model.num_params() as f64 * a };
     let projections = projection_sizes(model);
     let quantized: usize = projections.iter().sum();
     let largest = projections.iter().copied().max().unwrap_or(0) as f64;
-    (model.num_params() - quantized) as f64 * a + quantized as f64 * nf4::bytes_per_value(quantization) + largest * 12.0
+    (model.num_params() - quantized) as f64 * a + quantized as f64 * per_value + largest * 12.0
+}
+
+/// Bytes per value of the decoder projections as a recipe's model stores them: quantized while
+/// loading (`quantization`), or a GGUF file's blocks (`path`); `None` when they are dense.
+pub fn projection_bytes(path: &Path, quantization: Option<Quantization>) -> Result<Option<f64>, LoadError> {
+    if GgufFile::is_gguf(path) {
+        return Ok(GgufFile::open(path)?.projection_bytes_per_value());
+    }
+    Ok(quantization.map(nf4::bytes_per_value))
 }
 
 /// Values of every decoder projection, from the family's table.

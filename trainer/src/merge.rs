@@ -119,6 +119,14 @@ impl MergeError {
 
 /// Merges `adapter_dir` into `base_dir`, writing `out_dir` atomically.
 pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDtype) -> Result<MergeSummary, MergeError> {
+    if ember_models::gguf::GgufFile::is_gguf(base_dir) {
+        return Err(LoadError::Invalid {
+            path: base_dir.to_path_buf(),
+            reason: "merge writes an HF folder from a safetensors base: run `ember import gguf` on the file first (it dequantizes to f32), \
+                     or keep the GGUF and apply the adapter in llama.cpp with `ember export gguf-lora`".into(),
+        }
+        .into());
+    }
     let device = Device::flex();
     let config = ModelConfig::from_dir(base_dir)?;
     let base = Checkpoint::open_dir(base_dir)?;

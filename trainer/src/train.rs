@@ -15,7 +15,7 @@ use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOpti
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_adapters::{AdaptedModel, Method};
 use ember_data::sft::{self, SftOptions};
-use ember_data::{Batch, Dataset, Example, Format, Template, Tokenizer};
+use ember_data::{Batch, Dataset, Example, Format, Template};
 use ember_models::BaseModel;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -99,7 +99,7 @@ pub fn template(recipe: &Recipe) -> Result<Format, TrainError> {
             _ => Err(setting("\"custom\" needs data.prompt_input and data.prompt_no_input".into())),
         };
     }
-    Format::named(&d.template, &recipe.model.path)
+    ember_models::template(&d.template, &recipe.model.path)
         .map_err(setting)?
         .ok_or_else(|| setting(format!("'{}' is unknown (built in: {}, or custom)", d.template, ember_data::sft::template_names().join(", "))))
 }
@@ -267,7 +267,7 @@ impl<'a> Run<'a> {
         device.seed(t.seed);
         let lock = lock_output(&recipe.output.dir)?;
 
-        let tokenizer = Tokenizer::from_dir(&recipe.model.path)?;
+        let tokenizer = ember_models::load_tokenizer(&recipe.model.path)?;
         let template = template(recipe)?;
         let (dataset, train_records, eval_records) = split_records(recipe)?;
         let options = sft_options(recipe);

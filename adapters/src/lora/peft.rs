@@ -268,8 +268,13 @@ impl PeftBranches {
     /// Checks each branch against its base weight's `[out, in]`, and each module trained in
     /// full against the base's `[vocab, hidden]` (more rows: a grown vocabulary).
     pub fn check(&self, base: &Checkpoint) -> Result<(), AdapterError> {
+        self.check_shapes(|key| base.info(key).map(|(shape, _)| shape.to_vec()))
+    }
+
+    /// [`Self::check`] against the base weights' shapes as `shape_of(HF key)` gives them.
+    pub fn check_shapes(&self, shape_of: impl Fn(&str) -> Option<Vec<usize>>) -> Result<(), AdapterError> {
         for (weight_key, shape) in &self.whole {
-            let Some((base_shape, _)) = base.info(weight_key) else {
+            let Some(base_shape) = shape_of(weight_key) else {
                 return Err(AdapterError::invalid(&self.path, format!("modules_to_save: '{weight_key}' is not in the base model")));
             };
             if shape.len() != 2 || shape[1] != base_shape[1] || shape[0] < base_shape[0] {
@@ -278,7 +283,7 @@ impl PeftBranches {
         }
         let r = self.config.r;
         for (weight_key, module) in &self.modules {
-            let Some((shape, _)) = base.info(weight_key) else {
+            let Some(shape) = shape_of(weight_key) else {
                 return Err(AdapterError::invalid(&self.path, format!("adapter module '{module}' is not in the base model")));
             };
             let (a_shape, _) = self.weights.info(&key(module, "lora_A")).expect("listed");

@@ -9,7 +9,6 @@ use std::path::Path;
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use ember_data::Tokenizer;
 use ember_models::{BaseModel, LoadDtype, ModelConfig};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -62,7 +61,7 @@ impl Default for PromptTuningSection {
 fn text_embeddings(base: &BaseModel, text: &str, n: usize) -> Result<Tensor<2>, AdapterError> {
     let fail = |reason: String| AdapterError::Config(format!("'adapter.init_text': {reason}"));
     let dir = base.name_or_path.as_deref().ok_or_else(|| fail("needs the base model's folder for its tokenizer".into()))?;
-    let tokenizer = Tokenizer::from_dir(dir).map_err(|e| fail(e.to_string()))?;
+    let tokenizer = ember_models::load_tokenizer(dir).map_err(|e| fail(e.to_string()))?;
     let ids = tokenizer.encode(text, true).map_err(|e| fail(e.to_string()))?;
     if ids.is_empty() {
         return Err(fail(format!("{text:?} has no tokens")));

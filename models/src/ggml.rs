@@ -1,0 +1,163 @@
+//! A frozen weight kept in a GGUF file's quantized blocks (Q4_0, Q4_1, Q8_0), so that a model is
+//! fine-tuned on the very file llama.cpp runs: the blocks' bits are kept as they are, split into
+//! a plane of codes and planes of f16 scales (and minimums), and dequantized one projection at a
+//! time in the forward pass, as ggml computes it.
+//!
+//! Layouts (ggml-quants.c), blocks of 32 consecutive values of a row:
+//! - Q8_0: f16 `d`, 32 i8 `q`; value `q·d`.
+//! - Q4_0: f16 `d`, 16 bytes; element `j` in the low nibble of byte `j`, element `j + 16` in its
+//!   high nibble; value `(q − 8)·d`.
+//! - Q4_1: f16 `d`, f16 `m`, 16 bytes as Q4_0; value `q·d + m`.
+
+use burn::module::Module;
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+
+use crate::gguf::{GgmlType, GgufFile, HfTensor, unpermute_rows};
+use crate::LoadError;
+
+/// Values per ggml block.
+pub const BLOCK: usize = 32;
+
+/// A GGUF-quantized frozen weight `[out, in]`.
+#[derive(Module, Debug)]
+pub struct GgmlWeight {
+    /// Q4: two codes a byte, `[out · in / 2]`; Q8_0: one i8 a byte, `[out · in]` (u8).
+    pub codes: Tensor<1, Int>,
+    /// One f16 scale `d` per block, `[out · in / 32]`.
+    pub scales: Tensor<1>,
+    /// Q4_1's f16 minimum per block.
+    pub mins: Option<Tensor<1>>,
+    pub shape: [usize; 2],
+    #[module(skip)]
+    pub kind: GgmlType,
+}
+
+impl GgmlWeight {
+    /// Whether ember trains on `kind`'s blocks as they are.
+    pub fn reads(kind: GgmlType) -> bool {
+        matches!(kind, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    }
+
+    /// The blocks of `hf` (a quantized projection) split into planes, rows in HF order.
+    pub fn from_gguf(file: &GgufFile, hf: &HfTensor, device: &Device) -> Result<Self, LoadError> {
+        let &[out, inp] = hf.tensor.shape.as_slice() else {
+            return Err(LoadError::Invalid { path: file.metadata.path.clone(), reason: format!("GGUF tensor '{}' is not a matrix", hf.tensor.name) });
+        };
+        Ok(Self::from_blocks(hf.tensor.ggml_type, file.data(hf.tensor), [out, inp], hf.unpermute_heads, device))
+    }
+
+    /// `bytes`, ggml blocks of `kind` holding a `[out, in]` weight (checked by the GGUF reader),
+    /// split into planes; with `unpermute_heads`, q/k rows are put back in HF order.
+    fn from_blocks(kind: GgmlType, bytes: &[u8], [out, inp]: [usize; 2], unpermute_heads: Option<usize>, device: &Device) -> Self {
+        let (header, code_bytes) = match kind {
+            GgmlType::Q8_0 => (2, 32),
+            GgmlType::Q4_0 => (2, 16),
+            GgmlType::Q4_1 => (4, 16),
+            other => unreachable!("{other:?} blocks are read by the caller only when GgmlWeight::reads them"),
+        };
+        let blocks = bytes.len() / (header + code_bytes);
+        let mut codes = Vec::with_capacity(blocks * code_bytes);
+        let mut scales = Vec::with_capacity(blocks);
+        let mut mins = Vec::with_capacity(if kind == GgmlType::Q4_1 { blocks } else { 0 });
+        for block in bytes.chunks_exact(header + code_bytes) {
+            scales.push(half::f16::from_le_bytes([block[0], block[1]]));
+            if kind == GgmlType::Q4_1 {
+                mins.push(half::f16::from_le_bytes([block[2], block[3]]));
+            }
+            codes.extend_from_slice(&block[header..]);
+        }
+        if let Some(heads) = unpermute_heads {
+            // A row is whole blocks, so un-permuting rows moves each plane's rows as they are.
+            let blocks_per_row = inp / BLOCK;
+            codes = unpermute_rows(&codes, out, blocks_per_row * code_bytes, heads);
+            scales = unpermute_rows(&scales, out, blocks_per_row, heads);
+            if !mins.is_empty() {
+                mins = unpermute_rows(&mins, out, blocks_per_row, heads);
+            }
+        }
+        let len = codes.len();
+        Self {
+            codes: Tensor::from_data(TensorData::new(codes, [len]), (device, DType::U8)),
+            scales: f16_tensor(scales, device),
+            mins: (kind == GgmlType::Q4_1).then(|| f16_tensor(mins, device)),
+            shape: [out, inp],
+            kind,
+        }
+    }
+
+    /// The f32 weight `[out, in]`, each value as ggml dequantizes it. Each byte looks up the
+    /// values it stands for in a 256-row table, so the codes are never unpacked.
+    pub fn dequantize(&self) -> Tensor<2> {
+        let device = self.codes.device();
+        let n = self.shape[0] * self.shape[1];
+        let blocks = n / BLOCK;
+        let d = self.scales.clone().cast(DType::F32).reshape([blocks, 1]);
+        let lookup = |table: Vec<f32>, per_byte: usize| {
+            let table = Tensor::<2>::from_data(TensorData::new(table, [256, per_byte]), &device);
+            table.select(0, self.codes.clone().cast(DType::I64))
+        };
+        let values = match self.kind {
+            GgmlType::Q8_0 => lookup((0..=255u8).map(|b| b as i8 as f32).collect(), 1).reshape([blocks, BLOCK]) * d,
+            GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                let offset = if self.kind == GgmlType::Q4_0 { 8 } else { 0 };
+                let table = (0..256i32).flat_map(|b| [(b & 0xF) - offset, (b >> 4) - offset]).map(|q| q as f32).collect();
+                // [blocks·16, 2] (low, high) -> [blocks, 2, 16]: the low nibbles are elements 0..16.
+                let q = lookup(table, 2).reshape([blocks, BLOCK / 2, 2]).swap_dims(1, 2).reshape([blocks, BLOCK]);
+                match &self.mins {
+                    Some(mins) => q * d + mins.clone().cast(DType::F32).reshape([blocks, 1]),
+                    None => q * d,
+                }
+            }
+            other => unreachable!("{other:?} is not stored as a GgmlWeight"),
+        };
+        values.reshape(self.shape)
+    }
+
+    /// Bytes this weight takes (codes, scales and minimums), as in the file.
+    pub fn bytes(&self) -> usize {
+        let blocks = self.shape[0] * self.shape[1] / BLOCK;
+        self.codes.dims()[0] + blocks * if self.mins.is_some() { 4 } else { 2 }
+    }
+}
+
+fn f16_tensor(values: Vec<half::f16>, device: &Device) -> Tensor<1> {
+    let len = values.len();
+    Tensor::from_data(TensorData::new(values, [len]), (device, DType::F16))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::dequantize;
+
+    /// Blocks of every type with varied scales, minimums and codes, dequantized on the device,
+    /// equal the GGUF reader's host dequantization (ggml's formulas) bit for bit, also with q/k
+    /// rows un-permuted.
+    #[test]
+    fn dequantizes_as_ggml_and_unpermutes_rows() {
+        let device = Device::flex();
+        let [out, inp] = [8, 64];
+        for kind in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+            let (header, code_bytes) = if kind == GgmlType::Q8_0 { (2, 32) } else if kind == GgmlType::Q4_1 { (4, 16) } else { (2, 16) };
+            let blocks = out * inp / BLOCK;
+            let bytes: Vec<u8> = (0..blocks)
+                .flat_map(|b| {
+                    let d = half::f16::from_f32(0.013 * (b as f32 + 1.0)).to_le_bytes();
+                    let m = half::f16::from_f32(-0.07 * b as f32).to_le_bytes();
+                    let header_bytes: Vec<u8> = if header == 4 { [d, m].concat() } else { d.to_vec() };
+                    header_bytes.into_iter().chain((0..code_bytes).map(move |j| (j * 37 + b * 11) as u8))
+                })
+                .collect();
+            let host = dequantize(kind, &bytes);
+            for heads in [None, Some(2)] {
+                let weight = GgmlWeight::from_blocks(kind, &bytes, [out, inp], heads, &device);
+                let expected = match heads {
+                    Some(h) => unpermute_rows(&host, out, inp, h),
+                    None => host.clone(),
+                };
+                let ours = weight.dequantize().into_data().try_to_vec::<f32>().unwrap();
+                assert!(ours.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()), "{kind:?} heads {heads:?}");
+            }
+        }
+    }
+}

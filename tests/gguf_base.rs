@@ -1,0 +1,113 @@
+//! A GGUF file as the frozen base (`model.path = "model.gguf"`): its Q4_0/Q8_0 blocks are
+//! trained on as they are. Training on them must equal, bit for bit, training on the same
+//! weights dequantized by `ember import gguf`; the tokenizer comes from the file's metadata.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{assert_bad_input, ember, losses, recipe, repository};
+
+fn tiny_llama() -> PathBuf {
+    repository().join("tests/fixtures/tiny_llama")
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let output = ember(args);
+    assert!(output.status.success(), "ember {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// tiny_llama exported to GGUF as `ty`, and the same file imported back to an f32 folder.
+fn exported(dir: &Path, ty: &str) -> (PathBuf, PathBuf) {
+    let gguf = dir.join(format!("tiny-{ty}.gguf"));
+    let folder = dir.join(format!("imported-{ty}"));
+    // tiny_llama's trained BPE is not one llama.cpp knows by its hash: name the pre-tokenizer.
+    run_ok(&["export", "gguf", "--base", tiny_llama().to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", ty, "--pre", "gpt-2"]);
+    run_ok(&["import", "gguf", gguf.to_str().unwrap(), "--out", folder.to_str().unwrap()]);
+    (gguf, folder)
+}
+
+fn train(base: &Path, run: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["train".to_string(), recipe("ci/tiny-lora.toml")];
+    for set in [format!("model.path={}", base.display()), format!("output.dir={}", run.display()), "train.max_steps=4".into(), "train.eval_steps=2".into()] {
+        args.extend(["--set".to_string(), set]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    ember(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn training_on_gguf_blocks_equals_training_on_their_dequantized_import() {
+    let dir = tempfile::tempdir().unwrap();
+    for ty in ["q8_0", "q4_0"] {
+        let (gguf, folder) = exported(dir.path(), ty);
+        let on_gguf = dir.path().join(format!("run-gguf-{ty}"));
+        let on_folder = dir.path().join(format!("run-folder-{ty}"));
+        for (base, run) in [(&gguf, &on_gguf), (&folder, &on_folder)] {
+            let output = train(base, run, &[]);
+            assert!(output.status.success(), "{ty} {}: {}", base.display(), String::from_utf8_lossy(&output.stderr));
+        }
+        assert_eq!(losses(&on_gguf), losses(&on_folder), "{ty}: losses");
+        let weights = |run: &Path| std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap();
+        assert!(weights(&on_gguf) == weights(&on_folder), "{ty}: the adapters differ");
+
+        // Generation with the adapter: same ids and the same last-position logits.
+        let answer = |base: &Path, run: &Path| {
+            let logits = run.join("logits.json");
+            run_ok(&[
+                "generate", "--base", base.to_str().unwrap(), "--adapter", run.join("adapter").to_str().unwrap(),
+                "--prompt", "Give three tips for staying healthy.", "--max-new-tokens", "8", "--logits-out", logits.to_str().unwrap(),
+            ]);
+            std::fs::read_to_string(logits).unwrap()
+        };
+        assert_eq!(answer(&gguf, &on_gguf), answer(&folder, &on_folder), "{ty}: generation");
+    }
+}
+
+#[test]
+fn the_tokenizer_comes_from_the_gguf_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gguf, _) = exported(dir.path(), "q8_0");
+    let from_gguf = ember_models::load_tokenizer(&gguf).unwrap();
+    let from_folder = ember_data::Tokenizer::from_dir(&tiny_llama()).unwrap();
+    for text in ["Give three tips for staying healthy.", "你好，世界", "Hello"] {
+        assert_eq!(from_gguf.encode(text, true).unwrap(), from_folder.encode(text, true).unwrap(), "{text}");
+    }
+    assert_eq!(from_gguf.eos_id, from_folder.eos_id);
+}
+
+/// Overwrites the ggml type id of the tensor `name` in a GGUF file's header.
+fn set_tensor_type(path: &Path, name: &str, type_id: u32) {
+    let mut bytes = std::fs::read(path).unwrap();
+    // Tensor info: u64 name length, the name, u32 n_dims, n_dims × u64, u32 type, u64 offset.
+    let mut needle = (name.len() as u64).to_le_bytes().to_vec();
+    needle.extend(name.as_bytes());
+    let at = bytes.windows(needle.len()).position(|w| w == needle).expect("tensor info") + needle.len();
+    let dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let type_at = at + 4 + dims * 8;
+    bytes[type_at..type_at + 4].copy_from_slice(&type_id.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn what_ember_cannot_train_on_is_one_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gguf, _) = exported(dir.path(), "q4_0");
+
+    // NF4 on top of blocks that are quantized already.
+    let output = train(&gguf, &dir.path().join("run-nf4"), &["--set", "model.quantize=nf4"]);
+    assert_bad_input(&output, &["quantized already", "model.quantize"]);
+
+    // A merge needs the weights as a folder: the error says how to get one.
+    let run = dir.path().join("run");
+    assert!(train(&gguf, &run, &[]).status.success());
+    let output = ember(&["merge", "--base", gguf.to_str().unwrap(), "--adapter", run.join("adapter").to_str().unwrap(), "--out", dir.path().join("merged").to_str().unwrap()]);
+    assert_bad_input(&output, &["tiny-q4_0.gguf", "ember import gguf", "gguf-lora"]);
+    assert!(!dir.path().join("merged").exists());
+
+    // A K-quant (Q6_K, type 14) names the type and the tensor.
+    set_tensor_type(&gguf, "blk.0.ffn_down.weight", 14);
+    let output = train(&gguf, &dir.path().join("run-k"), &[]);
+    assert_bad_input(&output, &["blk.0.ffn_down.weight", "Q6_K"]);
+}
