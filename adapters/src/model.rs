@@ -273,10 +273,11 @@ impl AdaptedModel {
 
     /// (trainable parameters, all parameters). Branches and decoder inputs hold only trainable
     /// parameters; the base only frozen ones, but for an embedding or LM head trained in full.
+    /// The base counts from its config, so quantized weights (stored as bytes) count as values.
     pub fn parameter_counts(&self) -> (usize, usize) {
         let branches: usize = self.branches().iter().map(|(_, b)| b.num_params()).sum();
         let inputs = self.inputs.as_ref().map_or(0, Module::num_params);
-        (branches + inputs + self.whole_module_params(), self.num_params())
+        (branches + inputs + self.whole_module_params(), self.config().num_params() + branches + inputs)
     }
 
     /// Why saving would be pointless: the parameters still leave the base unchanged (every
