@@ -68,7 +68,7 @@ fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Res
     if present("model.path", &recipe.model.path)? {
         let config = ModelConfig::from_dir(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
         if GgufFile::is_gguf(&recipe.model.path) {
-            GgufFile::open(&recipe.model.path).and_then(|file| file.check(&config)).map_err(|e| fail(e.to_string()))?;
+            GgufFile::open(&recipe.model.path).and_then(|file| file.checked_tensors(&config).map(drop)).map_err(|e| fail(e.to_string()))?;
         } else {
             let checkpoint = Checkpoint::open_dir(&recipe.model.path).map_err(|e| fail(e.to_string()))?;
             check_checkpoint(&config, &checkpoint).map_err(|e| fail(e.to_string()))?;

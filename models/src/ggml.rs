@@ -13,6 +13,7 @@ use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::gguf::{GgmlType, GgufFile, HfTensor, unpermute_rows};
+use crate::nf4::{lookup_bytes, u8_tensor};
 use crate::LoadError;
 
 /// Values per ggml block.
@@ -32,6 +33,16 @@ pub struct GgmlWeight {
     pub kind: GgmlType,
 }
 
+/// A block's bytes of scales (and minimum) before its codes, and its bytes of codes.
+fn block_layout(kind: GgmlType) -> (usize, usize) {
+    match kind {
+        GgmlType::Q8_0 => (2, 32),
+        GgmlType::Q4_0 => (2, 16),
+        GgmlType::Q4_1 => (4, 16),
+        other => unreachable!("{other:?} blocks are read only when GgmlWeight::reads them"),
+    }
+}
+
 impl GgmlWeight {
     /// Whether ember trains on `kind`'s blocks as they are.
     pub fn reads(kind: GgmlType) -> bool {
@@ -49,12 +60,7 @@ impl GgmlWeight {
     /// `bytes`, ggml blocks of `kind` holding a `[out, in]` weight (checked by the GGUF reader),
     /// split into planes; with `unpermute_heads`, q/k rows are put back in HF order.
     fn from_blocks(kind: GgmlType, bytes: &[u8], [out, inp]: [usize; 2], unpermute_heads: Option<usize>, device: &Device) -> Self {
-        let (header, code_bytes) = match kind {
-            GgmlType::Q8_0 => (2, 32),
-            GgmlType::Q4_0 => (2, 16),
-            GgmlType::Q4_1 => (4, 16),
-            other => unreachable!("{other:?} blocks are read by the caller only when GgmlWeight::reads them"),
-        };
+        let (header, code_bytes) = block_layout(kind);
         let blocks = bytes.len() / (header + code_bytes);
         let mut codes = Vec::with_capacity(blocks * code_bytes);
         let mut scales = Vec::with_capacity(blocks);
@@ -75,9 +81,8 @@ impl GgmlWeight {
                 mins = unpermute_rows(&mins, out, blocks_per_row, heads);
             }
         }
-        let len = codes.len();
         Self {
-            codes: Tensor::from_data(TensorData::new(codes, [len]), (device, DType::U8)),
+            codes: u8_tensor(codes, device),
             scales: f16_tensor(scales, device),
             mins: (kind == GgmlType::Q4_1).then(|| f16_tensor(mins, device)),
             shape: [out, inp],
@@ -88,21 +93,16 @@ impl GgmlWeight {
     /// The f32 weight `[out, in]`, each value as ggml dequantizes it. Each byte looks up the
     /// values it stands for in a 256-row table, so the codes are never unpacked.
     pub fn dequantize(&self) -> Tensor<2> {
-        let device = self.codes.device();
-        let n = self.shape[0] * self.shape[1];
-        let blocks = n / BLOCK;
+        let blocks = self.shape[0] * self.shape[1] / BLOCK;
         let d = self.scales.clone().cast(DType::F32).reshape([blocks, 1]);
-        let lookup = |table: Vec<f32>, per_byte: usize| {
-            let table = Tensor::<2>::from_data(TensorData::new(table, [256, per_byte]), &device);
-            table.select(0, self.codes.clone().cast(DType::I64))
-        };
+        let lookup = |table: Vec<f32>| lookup_bytes(&self.codes, table);
         let values = match self.kind {
-            GgmlType::Q8_0 => lookup((0..=255u8).map(|b| b as i8 as f32).collect(), 1).reshape([blocks, BLOCK]) * d,
+            GgmlType::Q8_0 => lookup((0..=255u8).map(|b| b as i8 as f32).collect()).reshape([blocks, BLOCK]) * d,
             GgmlType::Q4_0 | GgmlType::Q4_1 => {
                 let offset = if self.kind == GgmlType::Q4_0 { 8 } else { 0 };
                 let table = (0..256i32).flat_map(|b| [(b & 0xF) - offset, (b >> 4) - offset]).map(|q| q as f32).collect();
                 // [blocks·16, 2] (low, high) -> [blocks, 2, 16]: the low nibbles are elements 0..16.
-                let q = lookup(table, 2).reshape([blocks, BLOCK / 2, 2]).swap_dims(1, 2).reshape([blocks, BLOCK]);
+                let q = lookup(table).reshape([blocks, BLOCK / 2, 2]).swap_dims(1, 2).reshape([blocks, BLOCK]);
                 match &self.mins {
                     Some(mins) => q * d + mins.clone().cast(DType::F32).reshape([blocks, 1]),
                     None => q * d,
@@ -111,12 +111,6 @@ impl GgmlWeight {
             other => unreachable!("{other:?} is not stored as a GgmlWeight"),
         };
         values.reshape(self.shape)
-    }
-
-    /// Bytes this weight takes (codes, scales and minimums), as in the file.
-    pub fn bytes(&self) -> usize {
-        let blocks = self.shape[0] * self.shape[1] / BLOCK;
-        self.codes.dims()[0] + blocks * if self.mins.is_some() { 4 } else { 2 }
     }
 }
 
@@ -138,7 +132,7 @@ mod tests {
         let device = Device::flex();
         let [out, inp] = [8, 64];
         for kind in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
-            let (header, code_bytes) = if kind == GgmlType::Q8_0 { (2, 32) } else if kind == GgmlType::Q4_1 { (4, 16) } else { (2, 16) };
+            let (header, code_bytes) = block_layout(kind);
             let blocks = out * inp / BLOCK;
             let bytes: Vec<u8> = (0..blocks)
                 .flat_map(|b| {

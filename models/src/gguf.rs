@@ -471,8 +471,9 @@ impl GgufFile {
         }
     }
 
-    /// Every tensor `config` needs is present with its shape, checked from the header alone.
-    pub fn check(&self, config: &crate::ModelConfig) -> Result<(), LoadError> {
+    /// The tensors under their HF names, every one `config` needs checked present with its shape
+    /// from the header alone.
+    pub fn checked_tensors(&self, config: &crate::ModelConfig) -> Result<Vec<HfTensor<'_>>, LoadError> {
         let (named, _) = self.hf_tensors()?;
         let path = &self.metadata.path;
         for (key, shape) in crate::family::expected_tensors(config) {
@@ -481,7 +482,7 @@ impl GgufFile {
                 return Err(LoadError::Shape { path: path.clone(), key, expected: shape, found: hf.tensor.shape.clone() });
             }
         }
-        Ok(())
+        Ok(named)
     }
 
     /// The model's HF `config.json`, from the metadata.
@@ -519,8 +520,9 @@ impl GgufFile {
         }))
     }
 
-    /// `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` from the metadata.
-    pub fn tokenizer_files(&self) -> Result<[Value; 3], LoadError> {
+    /// `tokenizer_config.json` and `generation_config.json` from the metadata (`tokenizer.json`
+    /// is [`tokenizer_json`]).
+    pub fn tokenizer_configs(&self) -> Result<[Value; 2], LoadError> {
         let meta = &self.metadata;
         let tokens = meta.get("tokenizer.ggml.tokens").and_then(Value::as_array)
             .ok_or_else(|| meta.error("tokenizer.ggml.tokens", "missing or not an array"))?;
@@ -542,7 +544,7 @@ impl GgufFile {
             "bos_token_id": token_id("tokenizer.ggml.bos_token_id"),
             "eos_token_id": token_id("tokenizer.ggml.eos_token_id"),
         });
-        Ok([tokenizer_json(meta)?, tokenizer_config, generation_config])
+        Ok([tokenizer_config, generation_config])
     }
 }
 
@@ -560,7 +562,8 @@ pub struct ImportSummary {
 pub fn import_llama(path: &Path, out: &Path) -> Result<ImportSummary, LoadError> {
     let gguf = GgufFile::open(path)?;
     let config = gguf.config_json()?;
-    let [tokenizer, tokenizer_config, generation_config] = gguf.tokenizer_files()?;
+    let tokenizer = tokenizer_json(&gguf.metadata)?;
+    let [tokenizer_config, generation_config] = gguf.tokenizer_configs()?;
     let (named, skipped) = gguf.hf_tensors()?;
     let views: Vec<(&str, LazyTensor)> = named.iter().map(|hf| (hf.name.as_str(), LazyTensor { file: &gguf, hf })).collect();
     let parameters = named.iter().map(|hf| hf.tensor.shape.iter().product::<usize>()).sum();
@@ -640,9 +643,9 @@ pub fn tokenizer_json(meta: &GgufMetadata) -> Result<Value, LoadError> {
     let model = meta.str("tokenizer.ggml.model")?;
     let (tokens, types) = vocabulary(meta)?;
     let add_bos = meta.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool);
-    let bos_id = meta.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64).map(|id| id as u32).filter(|&id| (id as usize) < tokens.len());
     match model {
         "gpt2" => {
+            let bos_id = meta.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64).map(|id| id as u32).filter(|&id| (id as usize) < tokens.len());
             // ggml token types: 3 = control, 4 = user-defined; both are matched before the model runs.
             let added_tokens: Vec<Value> = tokens.iter().enumerate()
                 .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
@@ -666,11 +669,9 @@ pub fn tokenizer_json(meta: &GgufMetadata) -> Result<Value, LoadError> {
             }))
         }
         "llama" => {
-            let scores = meta.get("tokenizer.ggml.scores").and_then(Value::as_array)
-                .ok_or_else(|| meta.error("tokenizer.ggml.scores", "missing for a llama tokenizer"))?;
-            let model = proto_of(meta, &tokens, &types, scores);
+            let model = sentencepiece_model(meta)?.expect("a llama vocabulary");
             // LLaMA's tokenizers add BOS unless the file says otherwise.
-            let bos = bos_id.filter(|_| add_bos.unwrap_or(true));
+            let bos = model.bos_id.filter(|_| add_bos.unwrap_or(true));
             let affixes = Affixes { prefix: bos.map(|id| (tokens[id as usize].to_string(), id)).into_iter().collect(), suffix: Vec::new() };
             Ok(sentencepiece::tokenizer_json(&model, &[], &affixes))
         }

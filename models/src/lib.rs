@@ -84,12 +84,12 @@ pub fn load_tokenizer(path: &Path) -> Result<ember_data::Tokenizer, ember_data::
     }
     let invalid = |e: LoadError| ember_data::TokenizerError::Invalid { path: path.to_path_buf(), reason: e.to_string() };
     let file = gguf::GgufFile::open(path).map_err(invalid)?;
-    let [json, tokenizer, generation] = file.tokenizer_files().map_err(invalid)?;
+    let [tokenizer, generation] = file.tokenizer_configs().map_err(invalid)?;
     let configs = ember_data::tokenizer::Configs { tokenizer: Some(tokenizer), generation: Some(generation), model: None };
     // A `llama` vocabulary is a SentencePiece model: encoded as sentencepiece does, as from tokenizer.model.
     match gguf::sentencepiece_model(&file.metadata).map_err(invalid)? {
         Some(model) => ember_data::Tokenizer::from_sentencepiece(&model, &configs, path),
-        None => ember_data::Tokenizer::from_json(&json, &configs, path),
+        None => ember_data::Tokenizer::from_json(&gguf::tokenizer_json(&file.metadata).map_err(invalid)?, &configs, path),
     }
 }
 
@@ -101,7 +101,7 @@ pub fn template(name: &str, path: &Path) -> Result<Option<ember_data::Format>, S
         return ember_data::Format::named(name, path);
     }
     let file = gguf::GgufFile::open(path).map_err(|e| e.to_string())?;
-    let [_, tokenizer_config, _] = file.tokenizer_files().map_err(|e| e.to_string())?;
+    let [tokenizer_config, _] = file.tokenizer_configs().map_err(|e| e.to_string())?;
     let jinja = ember_data::chat::JinjaTemplate::from_config(&tokenizer_config, path, None)?;
     Ok(Some(ember_data::Format::Chat(ember_data::chat::ChatTemplate::Jinja(Box::new(jinja)))))
 }

@@ -278,12 +278,17 @@ fn host_values(weight: Tensor<2>) -> ([usize; 2], Device, Vec<f32>) {
 /// The f32 weight `[out, in]` from one byte a lookup: `table` has 256 rows of the values a byte
 /// stands for (`per_byte` each), then every block of 64 values is scaled by its absmax.
 fn lookup_and_scale(bytes: &Tensor<1, Int>, table: Vec<f32>, absmax: Tensor<1>, shape: [usize; 2]) -> Tensor<2> {
-    let device = bytes.device();
     let n = shape[0] * shape[1];
-    let per_byte = table.len() / 256;
-    let table = Tensor::<2>::from_data(TensorData::new(table, [256, per_byte]), &device);
-    let values = table.select(0, bytes.clone().cast(DType::I64)).reshape([n / BLOCK, BLOCK]);
+    let values = lookup_bytes(bytes, table).reshape([n / BLOCK, BLOCK]);
     (values * absmax.reshape([n / BLOCK, 1])).reshape(shape)
+}
+
+/// `[bytes, per_byte]`: each byte's row of `table`, which has 256 rows of the values a byte
+/// stands for.
+pub(crate) fn lookup_bytes(bytes: &Tensor<1, Int>, table: Vec<f32>) -> Tensor<2> {
+    let per_byte = table.len() / 256;
+    let table = Tensor::<2>::from_data(TensorData::new(table, [256, per_byte]), &bytes.device());
+    table.select(0, bytes.clone().cast(DType::I64))
 }
 
 /// Storage per quantized value: the code plus its share of the block scales.
@@ -324,7 +329,7 @@ impl Int8Weight {
 }
 
 /// Bytes as a u8 tensor (without the dtype, burn would widen them to the default int, i64).
-fn u8_tensor(values: Vec<u8>, device: &Device) -> Tensor<1, Int> {
+pub(crate) fn u8_tensor(values: Vec<u8>, device: &Device) -> Tensor<1, Int> {
     let len = values.len();
     Tensor::from_data(TensorData::new(values, [len]), (device, DType::U8))
 }

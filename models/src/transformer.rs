@@ -207,8 +207,7 @@ impl CausalLm<Linear> {
         let file = GgufFile::open(path)?;
         let config = ModelConfig::from_json(&file.config_json()?, path)?;
         // Every name and shape is checked from the header before any weight is read.
-        file.check(&config)?;
-        let (named, _) = file.hf_tensors()?;
+        let named = file.checked_tensors(&config)?;
         let find = |key: &str| -> Result<&HfTensor, LoadError> {
             named.iter().find(|hf| hf.name == key).ok_or_else(|| LoadError::MissingTensor { path: path.into(), key: key.into() })
         };
