@@ -126,6 +126,9 @@ impl RmsNorm {
     /// # Shapes
     /// - x, output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        if let Some(y) = crate::fused::rms_norm(&x, &self.weight.val(), self.eps) {
+            return y;
+        }
         // In f32 whatever the activations' dtype, then back, as transformers does.
         let dtype = x.dtype();
         let x = x.cast(DType::F32);
@@ -276,9 +279,11 @@ pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<
     // b,h,s,d -> b,kv,group*s,d
     let q = q.reshape([b, kv_heads, group * s, d]);
     let dtype = q.dtype();
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale).reshape([b, heads, s, keys]);
+    let scores = q.matmul(k.swap_dims(2, 3)).reshape([b, heads, s, keys]);
     // Softmax in f32, probabilities back in the activations' dtype, as transformers' eager path.
-    let probs = softmax(scores.cast(DType::F32) + bias, 3).cast(dtype).reshape([b, kv_heads, group * s, keys]);
+    let probs = crate::fused::attention_softmax(&scores, &bias, scale)
+        .unwrap_or_else(|| softmax(scores.mul_scalar(scale).cast(DType::F32) + bias, 3).cast(dtype))
+        .reshape([b, kv_heads, group * s, keys]);
     probs.matmul(v).reshape([b, heads, s, d])
 }
 

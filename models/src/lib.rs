@@ -13,6 +13,7 @@ pub mod gguf;
 mod gguf_pre;
 pub mod gguf_write;
 pub mod family;
+pub mod fused;
 pub mod glm;
 pub mod hub;
 pub mod layers;

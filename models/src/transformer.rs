@@ -51,7 +51,7 @@ impl<P: Projection> Mlp<P> {
                 (gu.clone().narrow(2, 0, half), gu.narrow(2, half, half))
             }
         };
-        self.down_proj.forward(silu(gate) * up)
+        self.down_proj.forward(crate::fused::swiglu(&gate, &up).unwrap_or_else(|| silu(gate) * up))
     }
 }
 

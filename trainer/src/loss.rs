@@ -50,8 +50,12 @@ pub fn select_rows(hidden: Tensor<3>, rows: Vec<i64>) -> Tensor<2> {
 /// - output: `[1]`
 pub fn nll_sum(logits: Tensor<3>, targets: Vec<i64>) -> Tensor<1> {
     let [_, n, vocab] = logits.dims();
+    let logits = logits.reshape([n, vocab]);
+    if let Some(total) = ember_models::fused::cross_entropy_sum(&logits, &targets) {
+        return total;
+    }
     let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &logits.device());
-    log_softmax(logits.reshape([n, vocab]).cast(DType::F32), 1).gather(1, targets).sum().neg()
+    log_softmax(logits.cast(DType::F32), 1).gather(1, targets).sum().neg()
 }
 
 /// The positions that predict a supervised token, as rows of the flattened `[batch · seq]`

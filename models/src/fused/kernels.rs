@@ -1,0 +1,269 @@
+//! Row kernels on contiguous f32 slices behind the fused operations. Each makes one or two passes
+//! over a row, and rows are spread over rayon's global pool: flex's own, so `RAYON_NUM_THREADS`
+//! (`ember bench --threads`) bounds them too.
+
+use rayon::prelude::*;
+
+/// Rows per rayon task: about 16k values, so that small tensors stay on one thread (waking the
+/// other costs more than it saves).
+fn min_rows(width: usize) -> usize {
+    (16 * 1024 / width.max(1)).max(1)
+}
+
+/// e^x within 2 ulp (Cephes' `expf` polynomial), written as plain arithmetic that the compiler
+/// vectorizes; libm's `expf` is one call per value (9% of a training step). Below -87 it returns
+/// exactly 0 rather than a denormal, which masked attention scores (-inf) rely on; above 88.3
+/// (e^88.3 ≈ 2·10³⁸), infinity.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    // Adding 1.5·2²³ rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let clamped = x.clamp(-87.0, 88.3);
+    let t = clamped * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    // ln 2 in two parts, so that `n·ln2` is exact to f32 precision.
+    let r = clamped - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let e = p * r * r + r + 1.0;
+    // 2ⁿ from the exponent bits; n ∈ [-126, 127] after the clamp.
+    let two_n = f32::from_bits(((t.to_bits() as i32 - 0x4B40_0000 + 127) << 23) as u32);
+    if x < -87.0 {
+        0.0
+    } else if x > 88.3 {
+        f32::INFINITY
+    } else {
+        e * two_n
+    }
+}
+
+/// Σ aᵢ·bᵢ with 16 partial sums, which the compiler keeps in vector registers.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut partial = [0f32; 16];
+    let (chunks_a, chunks_b) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = chunks_a
+        .remainder()
+        .iter()
+        .zip(chunks_b.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (ca, cb) in chunks_a.zip(chunks_b) {
+        for i in 0..16 {
+            partial[i] += ca[i] * cb[i];
+        }
+    }
+    partial.iter().sum::<f32>() + tail
+}
+
+fn max(row: &[f32]) -> f32 {
+    let mut partial = [f32::NEG_INFINITY; 16];
+    let chunks = row.chunks_exact(16);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for i in 0..16 {
+            partial[i] = partial[i].max(c[i]);
+        }
+    }
+    partial.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// Writes `exp(row − shift)` into `out` and returns its sum.
+fn exp_shifted(row: &[f32], shift: f32, out: &mut [f32]) -> f32 {
+    for (o, &v) in out.iter_mut().zip(row) {
+        *o = exp(v - shift);
+    }
+    out.iter().sum()
+}
+
+/// RMSNorm of each `weight.len()`-wide row: `y = x·r·w` with `r = 1/√(mean(x²) + eps)`.
+/// Returns `(y, r)`, `r` one value per row (what backward needs besides `x`).
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let width = weight.len();
+    let mut y = vec![0f32; x.len()];
+    let mut r = vec![0f32; x.len() / width];
+    y.par_chunks_mut(width)
+        .zip(r.par_iter_mut())
+        .zip(x.par_chunks(width))
+        .with_min_len(min_rows(width))
+        .for_each(|((y, r), x)| {
+            *r = 1.0 / (dot(x, x) / width as f32 + eps).sqrt();
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(weight) {
+                *y = x * *r * w;
+            }
+        });
+    (y, r)
+}
+
+/// ∂L/∂x of [`rms_norm`] with the weight frozen: `r·(w·dy − x·r²·mean(w·dy·x))` per row.
+pub fn rms_norm_backward(x: &[f32], weight: &[f32], r: &[f32], dy: &[f32]) -> Vec<f32> {
+    let width = weight.len();
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(width)
+        .zip(x.par_chunks(width))
+        .zip(dy.par_chunks(width))
+        .zip(r.par_iter())
+        .with_min_len(min_rows(width))
+        .for_each(|(((dx, x), dy), &r)| {
+            // dx first holds w·dy, then the result.
+            for ((d, &dy), &w) in dx.iter_mut().zip(dy).zip(weight) {
+                *d = w * dy;
+            }
+            let mean = dot(dx, x) / width as f32;
+            for (d, &x) in dx.iter_mut().zip(x) {
+                *d = r * (*d - x * mean * r * r);
+            }
+        });
+    dx
+}
+
+/// SwiGLU's product `silu(g)·u = g·σ(g)·u`.
+pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; gate.len()];
+    y.par_chunks_mut(4096)
+        .zip(gate.par_chunks(4096))
+        .zip(up.par_chunks(4096))
+        .with_min_len(4)
+        .for_each(|((y, g), u)| {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = g / (1.0 + exp(-g)) * u;
+            }
+        });
+    y
+}
+
+/// ∂L/∂g and ∂L/∂u of [`swiglu`]: `dy·u·σ(g)·(1 + g·(1 − σ(g)))` and `dy·g·σ(g)`.
+pub fn swiglu_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (mut dg, mut du) = (vec![0f32; gate.len()], vec![0f32; gate.len()]);
+    dg.par_chunks_mut(4096)
+        .zip(du.par_chunks_mut(4096))
+        .zip(
+            gate.par_chunks(4096)
+                .zip(up.par_chunks(4096))
+                .zip(dy.par_chunks(4096)),
+        )
+        .with_min_len(4)
+        .for_each(|((dg, du), ((g, u), dy))| {
+            for i in 0..dg.len() {
+                let sigmoid = 1.0 / (1.0 + exp(-g[i]));
+                du[i] = dy[i] * g[i] * sigmoid;
+                dg[i] = dy[i] * u[i] * sigmoid * (1.0 + g[i] * (1.0 - sigmoid));
+            }
+        });
+    (dg, du)
+}
+
+/// Attention probabilities `softmax(scale·s + bias)` over each `keys`-wide row of scores laid out
+/// `[batch, heads, seq, keys]`; `bias` is `[batch, seq, keys]`, shared by the heads.
+pub fn softmax(
+    scores: &[f32],
+    bias: &[f32],
+    scale: f32,
+    heads: usize,
+    seq: usize,
+    keys: usize,
+) -> Vec<f32> {
+    let mut y = vec![0f32; scores.len()];
+    y.par_chunks_mut(keys)
+        .zip(scores.par_chunks(keys))
+        .enumerate()
+        .with_min_len(min_rows(keys))
+        .for_each(|(row, (y, s))| {
+            let bias_row = row / (heads * seq) * seq + row % seq;
+            let bias = &bias[bias_row * keys..][..keys];
+            for ((y, &s), &b) in y.iter_mut().zip(s).zip(bias) {
+                *y = s * scale + b;
+            }
+            let sum = {
+                let shift = max(y);
+                y.iter_mut().for_each(|v| *v = exp(*v - shift));
+                y.iter().sum::<f32>()
+            };
+            y.iter_mut().for_each(|v| *v /= sum);
+        });
+    y
+}
+
+/// ∂L/∂s of [`softmax`] from its output `y`: `scale·y·(dy − Σ dy·y)` per row.
+pub fn softmax_backward(y: &[f32], dy: &[f32], scale: f32, keys: usize) -> Vec<f32> {
+    let mut ds = vec![0f32; y.len()];
+    ds.par_chunks_mut(keys)
+        .zip(y.par_chunks(keys))
+        .zip(dy.par_chunks(keys))
+        .with_min_len(min_rows(keys))
+        .for_each(|((ds, y), dy)| {
+            let inner = dot(y, dy);
+            for ((d, &y), &dy) in ds.iter_mut().zip(y).zip(dy) {
+                *d = scale * y * (dy - inner);
+            }
+        });
+    ds
+}
+
+/// Cross-entropy of each `vocab`-wide row of logits against its target. Returns the summed
+/// negative log-likelihood and each row's log-sum-exp (what backward needs besides the logits).
+pub fn cross_entropy(logits: &[f32], targets: &[i64], vocab: usize) -> (f64, Vec<f32>) {
+    let mut lse = vec![0f32; targets.len()];
+    let total = lse
+        .par_iter_mut()
+        .zip(logits.par_chunks(vocab))
+        .zip(targets.par_iter())
+        .with_min_len(min_rows(vocab))
+        .map_init(
+            || vec![0f32; vocab],
+            |scratch, ((lse, row), &target)| {
+                let shift = max(row);
+                *lse = shift + exp_shifted(row, shift, scratch).ln();
+                f64::from(*lse - row[target as usize])
+            },
+        )
+        .sum();
+    (total, lse)
+}
+
+/// ∂L/∂logits of `grad ·` [`cross_entropy`]: `grad·(softmax − onehot(target))` per row.
+pub fn cross_entropy_backward(
+    logits: &[f32],
+    targets: &[i64],
+    lse: &[f32],
+    grad: f32,
+    vocab: usize,
+) -> Vec<f32> {
+    let mut dx = vec![0f32; logits.len()];
+    dx.par_chunks_mut(vocab)
+        .zip(logits.par_chunks(vocab))
+        .zip(targets.par_iter().zip(lse.par_iter()))
+        .with_min_len(min_rows(vocab))
+        .for_each(|((dx, row), (&target, &lse))| {
+            for (d, &v) in dx.iter_mut().zip(row) {
+                *d = grad * exp(v - lse);
+            }
+            dx[target as usize] -= grad;
+        });
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_and_flushes_to_zero() {
+        let mut worst = 0f32;
+        for i in -87_000..=88_200 {
+            let x = i as f32 / 1000.0 + 0.000_37;
+            let (got, want) = (exp(x), (x as f64).exp() as f32);
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 2.5e-7, "relative error {worst}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(f32::MIN), 0.0);
+        assert_eq!(exp(-90.0), 0.0);
+        assert_eq!(exp(89.0), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan());
+    }
+}

@@ -1,0 +1,491 @@
+//! Fused operations with their own backward: RMSNorm, SwiGLU, the attention softmax and the
+//! LM-head cross-entropy, each one pass over a row instead of a chain of burn ops (with a
+//! full-size temporary per op and one thread for most of them).
+//!
+//! burn routes them through `#[backend_extension]`: the forward runs on flex's buffers
+//! ([`kernels`]), and under autodiff a hand-written `Backward` step registers the input
+//! gradients. They serve f32 tensors on flex; anything else (LibTorch, bf16) returns `None` and the
+//! caller keeps its composed burn ops, which stay the reference the tests compare against.
+//! `EMBER_FUSED=0` turns them off, to measure what they are worth.
+
+#![allow(deprecated)] // the macro's glue names burn-dispatch's deprecated aliases.
+
+pub mod kernels;
+
+use std::sync::OnceLock;
+
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::{
+    Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension, tensor::FloatTensor,
+};
+use burn::tensor::{Bytes, DType, Shape, Tensor};
+use burn_flex::{FlexTensor, Layout};
+
+/// Whether fused operations are used where they apply (`EMBER_FUSED=0` turns them off).
+pub fn enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("EMBER_FUSED").map_or(true, |v| v != "0"))
+}
+
+/// Whether the fused kernels serve this tensor: f32 on flex, with or without autodiff.
+fn applies<const D: usize>(t: &Tensor<D>) -> bool {
+    enabled()
+        && t.dtype() == DType::F32
+        && matches!(t.device().inner().as_dispatch(), DispatchDevice::Flex(_))
+}
+
+/// `x / √(mean(x²) + eps) · weight` over the last dim, or `None` where it does not apply
+/// (then the caller computes it with burn ops). The weight is frozen: no gradient reaches it.
+///
+/// # Shapes
+/// - x, output: `[batch, seq, hidden]`; weight: `[hidden]`
+pub fn rms_norm(x: &Tensor<3>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<3>> {
+    (applies(x) && applies(weight) && !weight.is_require_grad()).then(|| {
+        Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rms_norm(
+            x.clone().into_dispatch(),
+            weight.clone().into_dispatch(),
+            eps,
+        ))
+    })
+}
+
+/// SwiGLU's `silu(gate) · up`, or `None` where it does not apply.
+///
+/// # Shapes
+/// - gate, up, output: `[batch, seq, intermediate]`
+pub fn swiglu(gate: &Tensor<3>, up: &Tensor<3>) -> Option<Tensor<3>> {
+    (applies(gate) && applies(up)).then(|| {
+        Tensor::from_dispatch(<Dispatch as FusedOps>::fused_swiglu(
+            gate.clone().into_dispatch(),
+            up.clone().into_dispatch(),
+        ))
+    })
+}
+
+/// Attention probabilities `softmax(scale · scores + bias)` over the keys, or `None` where it does
+/// not apply. The bias (the mask) takes no gradient.
+///
+/// # Shapes
+/// - scores, output: `[batch, heads, seq, keys]`
+/// - bias: `[batch, 1, seq, keys]`
+pub fn attention_softmax(scores: &Tensor<4>, bias: &Tensor<4>, scale: f64) -> Option<Tensor<4>> {
+    (applies(scores) && applies(bias) && !bias.is_require_grad()).then(|| {
+        Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention_softmax(
+            scores.clone().into_dispatch(),
+            bias.clone().into_dispatch(),
+            scale,
+        ))
+    })
+}
+
+/// Summed negative log-likelihood of one target per row, or `None` where it does not apply.
+/// Every target must lie in `0..vocab`.
+///
+/// # Shapes
+/// - logits: `[n, vocab]`; targets: `n` ids
+/// - output: `[1]`
+pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1>> {
+    let vocab = logits.dims()[1];
+    assert!(
+        targets.iter().all(|&t| (0..vocab as i64).contains(&t)),
+        "cross-entropy target outside the vocabulary"
+    );
+    applies(logits).then(|| {
+        Tensor::from_dispatch(<Dispatch as FusedOps>::fused_cross_entropy_sum(
+            logits.clone().into_dispatch(),
+            targets.to_vec(),
+        ))
+    })
+}
+
+/// The fused operations as a burn backend extension: flex computes them, autodiff over flex adds
+/// their backward.
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedOps: Backend {
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn fused_attention_softmax(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self>;
+    fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self>;
+}
+
+/// A contiguous f32 tensor's values.
+fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("fused ops take contiguous f32 tensors")
+}
+
+fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::new(
+        Bytes::from_elems(values),
+        Layout::contiguous(shape),
+        DType::F32,
+    )
+}
+
+/// The forwards, each returning what its backward keeps besides the inputs.
+mod forward {
+    use super::*;
+
+    pub fn rms_norm(x: &FlexTensor, weight: &FlexTensor, eps: f64) -> (FlexTensor, Vec<f32>) {
+        let (y, r) = kernels::rms_norm(values(x), values(weight), eps as f32);
+        (tensor(y, x.layout().shape().clone()), r)
+    }
+
+    pub fn swiglu(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
+        tensor(
+            kernels::swiglu(values(gate), values(up)),
+            gate.layout().shape().clone(),
+        )
+    }
+
+    pub fn attention_softmax(scores: &FlexTensor, bias: &FlexTensor, scale: f64) -> FlexTensor {
+        let shape = scores.layout().shape().clone();
+        let [_, heads, seq, keys] = shape[..] else {
+            panic!("attention scores are [batch, heads, seq, keys]")
+        };
+        tensor(
+            kernels::softmax(values(scores), values(bias), scale as f32, heads, seq, keys),
+            shape,
+        )
+    }
+
+    pub fn cross_entropy_sum(logits: &FlexTensor, targets: &[i64]) -> (FlexTensor, Vec<f32>) {
+        let vocab = logits.layout().shape()[1];
+        let (total, lse) = kernels::cross_entropy(values(logits), targets, vocab);
+        (tensor(vec![total as f32], Shape::new([1])), lse)
+    }
+}
+
+impl FusedOps for Flex {
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        forward::rms_norm(&x.to_contiguous(), &weight.to_contiguous(), eps).0
+    }
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        forward::swiglu(&gate.to_contiguous(), &up.to_contiguous())
+    }
+    fn fused_attention_softmax(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        forward::attention_softmax(&scores.to_contiguous(), &bias.to_contiguous(), scale)
+    }
+    fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self> {
+        forward::cross_entropy_sum(&logits.to_contiguous(), &targets).0
+    }
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl Backward<Flex, 1> for RmsNormBackward {
+    /// x, weight, r per row.
+    type State = (FlexTensor, FlexTensor, Vec<f32>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [Some(node_x)] = ops.parents else { return };
+        let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let (x, weight, r) = ops.state;
+        let dx = kernels::rms_norm_backward(values(&x), values(&weight), &r, values(&dy));
+        grads.register::<Flex>(node_x.id, tensor(dx, x.layout().shape().clone()));
+    }
+}
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl Backward<Flex, 2> for SwigluBackward {
+    /// gate, up.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_gate, node_up] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let (gate, up) = ops.state;
+        let (dg, du) = kernels::swiglu_backward(values(&gate), values(&up), values(&dy));
+        let shape = gate.layout().shape().clone();
+        if let Some(node) = node_gate {
+            grads.register::<Flex>(node.id, tensor(dg, shape.clone()));
+        }
+        if let Some(node) = node_up {
+            grads.register::<Flex>(node.id, tensor(du, shape));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct AttentionSoftmaxBackward;
+
+impl Backward<Flex, 1> for AttentionSoftmaxBackward {
+    /// The probabilities, scale.
+    type State = (FlexTensor, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [Some(node_scores)] = ops.parents else {
+            return;
+        };
+        let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let (probs, scale) = ops.state;
+        let shape = probs.layout().shape().clone();
+        let ds = kernels::softmax_backward(values(&probs), values(&dy), scale as f32, shape[3]);
+        grads.register::<Flex>(node_scores.id, tensor(ds, shape));
+    }
+}
+
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl Backward<Flex, 1> for CrossEntropyBackward {
+    /// logits, targets, log-sum-exp per row.
+    type State = (FlexTensor, Vec<i64>, Vec<f32>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [Some(node_logits)] = ops.parents else {
+            return;
+        };
+        let grad = values(&grads.consume::<Flex>(&ops.node).to_contiguous())[0];
+        let (logits, targets, lse) = ops.state;
+        let shape = logits.layout().shape().clone();
+        let dx = kernels::cross_entropy_backward(values(&logits), &targets, &lse, grad, shape[1]);
+        grads.register::<Flex>(node_logits.id, tensor(dx, shape));
+    }
+}
+
+impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        let prep = RmsNormBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful();
+        let (x, weight) = (
+            x.into_primitive().to_contiguous(),
+            weight.into_primitive().to_contiguous(),
+        );
+        let (y, r) = forward::rms_norm(&x, &weight, eps);
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish((x, weight, r), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prep = SwigluBackward
+            .prepare::<C>([gate.node(), up.node()])
+            .compute_bound()
+            .stateful();
+        let (gate, up) = (
+            gate.into_primitive().to_contiguous(),
+            up.into_primitive().to_contiguous(),
+        );
+        let y = forward::swiglu(&gate, &up);
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish((gate, up), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fused_attention_softmax(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let prep = AttentionSoftmaxBackward
+            .prepare::<C>([scores.node()])
+            .compute_bound()
+            .stateful();
+        let probs = forward::attention_softmax(
+            &scores.into_primitive().to_contiguous(),
+            &bias.into_primitive().to_contiguous(),
+            scale,
+        );
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish((probs.clone(), scale), probs),
+            OpsKind::UnTracked(prep) => prep.finish(probs),
+        }
+    }
+
+    fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self> {
+        let prep = CrossEntropyBackward
+            .prepare::<C>([logits.node()])
+            .compute_bound()
+            .stateful();
+        let logits = logits.into_primitive().to_contiguous();
+        let (total, lse) = forward::cross_entropy_sum(&logits, &targets);
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish((logits, targets, lse), total),
+            OpsKind::UnTracked(prep) => prep.finish(total),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::activation::{log_softmax, silu, softmax};
+    use burn::tensor::{Device, Distribution, Int, TensorData};
+
+    fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.5), device)
+    }
+
+    fn assert_close<const D: usize>(what: &str, got: Tensor<D>, want: Tensor<D>, tolerance: f32) {
+        let (got, want) = (
+            got.into_data().to_vec::<f32>().unwrap(),
+            want.into_data().to_vec::<f32>().unwrap(),
+        );
+        assert_eq!(got.len(), want.len());
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs() / (1.0 + w.abs()))
+            .fold(0f32, f32::max);
+        assert!(worst < tolerance, "{what}: worst difference {worst:e}");
+    }
+
+    /// Runs `op` on leaves built from `inputs` (fused, then composed) and compares the outputs and
+    /// the gradients of `Σ output · probe` with respect to every input.
+    fn check<const D: usize, const N: usize>(
+        what: &str,
+        inputs: [Tensor<D>; N],
+        fused: impl Fn(&[Tensor<D>; N]) -> Tensor<D>,
+        composed: impl Fn(&[Tensor<D>; N]) -> Tensor<D>,
+    ) {
+        let leaves = || inputs.clone().map(|t| t.require_grad());
+        let (fused_leaves, composed_leaves) = (leaves(), leaves());
+        let (y_fused, y_composed) = (fused(&fused_leaves), composed(&composed_leaves));
+        let probe = random(y_fused.dims(), &y_fused.device());
+        let (g_fused, g_composed) = (
+            (y_fused.clone() * probe.clone()).sum().backward(),
+            (y_composed.clone() * probe).sum().backward(),
+        );
+        assert_close(what, y_fused, y_composed, 2e-6);
+        for (i, (f, c)) in fused_leaves.iter().zip(&composed_leaves).enumerate() {
+            assert_close(
+                &format!("{what}: gradient of input {i}"),
+                f.grad(&g_fused).unwrap(),
+                c.grad(&g_composed).unwrap(),
+                2e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_burn_ops() {
+        let device = Device::flex().autodiff();
+        let weight = random([40], &device);
+        check(
+            "rms_norm",
+            [random([2, 7, 40], &device)],
+            |[x]| rms_norm(x, &weight, 1e-5).unwrap(),
+            |[x]| {
+                let variance = x.clone().powi_scalar(2).mean_dim(2);
+                x.clone() * (variance + 1e-5).sqrt().recip() * weight.clone().unsqueeze::<3>()
+            },
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_burn_ops_on_strided_halves() {
+        let device = Device::flex().autodiff();
+        // Halves of one fused projection, as GLM's gate_up_proj: views with the row stride of both.
+        let halves = |gu: &Tensor<3>| (gu.clone().narrow(2, 0, 33), gu.clone().narrow(2, 33, 33));
+        check(
+            "swiglu",
+            [random([3, 5, 66], &device)],
+            |[gu]| {
+                let (gate, up) = halves(gu);
+                swiglu(&gate, &up).unwrap()
+            },
+            |[gu]| {
+                let (gate, up) = halves(gu);
+                silu(gate) * up
+            },
+        );
+    }
+
+    #[test]
+    fn attention_softmax_matches_burn_ops_with_a_causal_padded_mask() {
+        let device = Device::flex().autodiff();
+        let (batch, heads, seq, keys) = (2, 3, 5, 7);
+        // Keys 0..2 are a prefix every query sees; then causal; the second row's last key is padding.
+        let bias: Vec<f32> = (0..batch * seq * keys)
+            .map(|i| {
+                let (b, q, k) = (i / (seq * keys), i / keys % seq, i % keys);
+                if (k >= 2 && k - 2 > q) || (b == 1 && k == keys - 1) {
+                    f32::MIN
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let bias = Tensor::<4>::from_data(TensorData::new(bias, [batch, 1, seq, keys]), &device);
+        check(
+            "attention_softmax",
+            [random([batch, heads, seq, keys], &device)],
+            |[s]| attention_softmax(s, &bias, 0.25).unwrap(),
+            |[s]| softmax(s.clone().mul_scalar(0.25) + bias.clone(), 3),
+        );
+    }
+
+    #[test]
+    fn cross_entropy_matches_burn_ops() {
+        let device = Device::flex().autodiff();
+        let (n, vocab) = (6, 50);
+        let targets = vec![0, 49, 7, 7, 23, 1];
+        check(
+            "cross_entropy",
+            [random([n, vocab], &device).mul_scalar(4.0)],
+            |[logits]| {
+                cross_entropy_sum(logits, &targets)
+                    .unwrap()
+                    .unsqueeze::<2>()
+            },
+            |[logits]| {
+                let ids =
+                    Tensor::<2, Int>::from_data(TensorData::new(targets.clone(), [n, 1]), &device);
+                log_softmax(logits.clone(), 1)
+                    .gather(1, ids)
+                    .sum()
+                    .neg()
+                    .unsqueeze::<2>()
+            },
+        );
+    }
+
+    /// Outside autodiff (generation) the same kernels run, and bf16 or a trained weight fall back.
+    #[test]
+    fn plain_flex_runs_fused_and_other_cases_fall_back() {
+        let device = Device::flex();
+        let x = random([1, 3, 8], &device);
+        let weight = random([8], &device);
+        let y = rms_norm(&x, &weight, 1e-6).unwrap();
+        let variance = x.clone().powi_scalar(2).mean_dim(2);
+        assert_close(
+            "plain rms_norm",
+            y,
+            x.clone() * (variance + 1e-6).sqrt().recip() * weight.clone().unsqueeze::<3>(),
+            2e-6,
+        );
+        assert!(rms_norm(&x.clone().cast(DType::BF16), &weight, 1e-6).is_none());
+        let trained = Tensor::<1>::ones([8], &device.clone().autodiff()).require_grad();
+        assert!(rms_norm(&x.clone().to_device(&trained.device()), &trained, 1e-6).is_none());
+    }
+}
