@@ -5,7 +5,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use burn::tensor::Device;
+use burn::backend::DispatchDevice;
+use burn::tensor::{DType, Device};
 
 /// Environment variable that overrides the default device (`flex`).
 pub const DEVICE_ENV: &str = "EMBER_DEVICE";
@@ -84,4 +85,13 @@ pub fn default_device() -> Result<Device, String> {
         Ok(name) if !name.is_empty() => parse_device(&name).map_err(|e| format!("{DEVICE_ENV}: {e}")),
         _ => Ok(Device::flex()),
     }
+}
+
+/// The dtype activations compute in over weights stored in `stored`. flex has no half-precision
+/// arithmetic of its own (its bf16 matmul copies both operands to f32 on one thread, the
+/// transposed weight included), so a bf16/f16 base computes in f32 there and keeps its storage;
+/// LibTorch computes in the stored dtype, as transformers does.
+pub fn compute_dtype(stored: DType, device: &Device) -> DType {
+    let half = matches!(stored, DType::BF16 | DType::F16);
+    if half && matches!(device.clone().inner().as_dispatch(), DispatchDevice::Flex(_)) { DType::F32 } else { stored }
 }

@@ -1,11 +1,15 @@
 //! Building blocks shared by every architecture: a frozen linear layer in HF layout, RMSNorm,
 //! rotary position embeddings and the attention core.
 
+use std::sync::Arc;
+
 use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::config::{RopeConfig, RopePairing, RopeScaling};
+use crate::device::compute_dtype;
+use crate::fused::DenseWeight;
 use crate::ggml::GgmlWeight;
 use crate::nf4::{Int8Weight, Nf4Weight};
 
@@ -75,19 +79,36 @@ impl Linear {
     /// - output: `[batch, seq, out]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, i] = x.dims();
-        // The transposed weight is a strided view: flex and torch GEMMs read it without a copy.
-        // A quantized weight is dequantized for this product only, in the activations' dtype.
-        let weight = match &self.weight {
-            Weight::Dense(weight) => weight.val(),
-            quantized => quantized.dense().cast(x.dtype()),
+        let x = x.reshape([b * s, i]);
+        let y = match &self.weight {
+            // The transposed weight is a strided view: flex and torch GEMMs read it without a copy.
+            Weight::Dense(weight) if weight.val().dtype() == x.dtype() => x.matmul(weight.val().transpose()),
+            // A quantized weight, or a bf16 one under f32 activations, is made dense in the
+            // activations' dtype for this product only.
+            frozen => {
+                let frozen = frozen.valid();
+                frozen_product(x, move || frozen.dense())
+            }
         };
-        let y = x.reshape([b * s, i]).matmul(weight.transpose());
         let y = match &self.bias {
             Some(bias) => y + bias.val().unsqueeze_dim(0),
             None => y,
         };
         y.reshape([b, s, self.out_features()])
     }
+}
+
+/// `x Wᵀ` for a frozen `W` that `weight` makes dense (a cast, a dequantization) on the plain
+/// device, in `x`'s dtype. On flex the product is fused: backward makes it dense again rather
+/// than the graph keeping the dense copy of every projection until then.
+///
+/// # Shapes
+/// - x: `[rows, in]`; weight: `[out, in]`
+/// - output: `[rows, out]`
+pub fn frozen_product(x: Tensor<2>, weight: impl Fn() -> Tensor<2> + Send + Sync + 'static) -> Tensor<2> {
+    let dtype = x.dtype();
+    let weight = Arc::new(move || weight().cast(dtype));
+    crate::fused::frozen_matmul(&x, DenseWeight(weight.clone())).unwrap_or_else(|| x.matmul(weight().transpose()))
 }
 
 /// Token embedding table `[vocab, hidden]`.
@@ -107,7 +128,9 @@ impl Embedding {
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         let [b, s] = ids.dims();
         let hidden = self.weight.shape().dims::<2>()[1];
-        self.weight.val().select(0, ids.reshape([b * s])).reshape([b, s, hidden])
+        let embeddings = self.weight.val().select(0, ids.reshape([b * s])).reshape([b, s, hidden]);
+        let dtype = compute_dtype(embeddings.dtype(), &embeddings.device());
+        embeddings.cast(dtype)
     }
 }
 
@@ -126,7 +149,7 @@ impl RmsNorm {
     /// # Shapes
     /// - x, output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        if let Some(y) = crate::fused::rms_norm(&x, &self.weight.val(), self.eps) {
+        if let Some(y) = crate::fused::rms_norm(&x, &self.weight.val().cast(x.dtype()), self.eps) {
             return y;
         }
         // In f32 whatever the activations' dtype, then back, as transformers does.
@@ -134,7 +157,7 @@ impl RmsNorm {
         let x = x.cast(DType::F32);
         let variance = x.clone().powi_scalar(2).mean_dim(2);
         let normed = (x * (variance + self.eps).sqrt().recip()).cast(dtype);
-        normed * self.weight.val().unsqueeze::<3>()
+        normed * self.weight.val().cast(dtype).unsqueeze::<3>()
     }
 }
 

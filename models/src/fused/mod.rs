@@ -12,11 +12,12 @@
 
 pub mod kernels;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::{
     Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension, tensor::FloatTensor,
 };
@@ -100,6 +101,36 @@ pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1
     })
 }
 
+/// How a frozen weight `[out, in]` becomes a dense f32 tensor on the plain device (a cast of a
+/// bf16 base, a dequantization of packed blocks): called for the forward product and again for
+/// backward, so that no dense copy lives in the graph between them.
+#[derive(Clone)]
+pub struct DenseWeight(pub Arc<dyn Fn() -> Tensor<2> + Send + Sync>);
+
+impl std::fmt::Debug for DenseWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DenseWeight")
+    }
+}
+
+impl DenseWeight {
+    fn flex(&self) -> FlexTensor {
+        (self.0)().try_into_primitive::<Flex>().expect("a frozen weight rebuilds on plain flex")
+    }
+}
+
+/// `x Wᵀ` with the frozen `W` rebuilt by `weight` for the product and again for backward, or
+/// `None` where it does not apply. Where the graph would keep the dense f32 copy of every
+/// projection until backward (4 bytes a value over a 0.5-byte NF4 or 2-byte bf16 base), it keeps
+/// only the recipe to rebuild it.
+///
+/// # Shapes
+/// - x: `[rows, in]`; weight: `[out, in]`
+/// - output: `[rows, out]`
+pub fn frozen_matmul(x: &Tensor<2>, weight: DenseWeight) -> Option<Tensor<2>> {
+    applies(x).then(|| Tensor::from_dispatch(<Dispatch as FusedOps>::fused_frozen_matmul(x.clone().into_dispatch(), weight)))
+}
+
 /// The fused operations as a burn backend extension: flex computes them, autodiff over flex adds
 /// their backward.
 #[backend_extension(Flex, Autodiff)]
@@ -116,6 +147,7 @@ pub trait FusedOps: Backend {
         scale: f64,
     ) -> FloatTensor<Self>;
     fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self>;
+    fn fused_frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self>;
 }
 
 /// A contiguous f32 tensor's values.
@@ -186,6 +218,23 @@ impl FusedOps for Flex {
     }
     fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self> {
         forward::cross_entropy_sum(&logits.to_contiguous(), &targets).0
+    }
+    fn fused_frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self> {
+        Flex::float_matmul(x, Flex::float_transpose(weight.flex()))
+    }
+}
+
+#[derive(Debug)]
+struct FrozenMatmulBackward;
+
+impl Backward<Flex, 1> for FrozenMatmulBackward {
+    type State = DenseWeight;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [Some(node_x)] = ops.parents else { return };
+        let dy = grads.consume::<Flex>(&ops.node);
+        // rows,out · out,in -> rows,in
+        grads.register::<Flex>(node_x.id, Flex::float_matmul(dy, ops.state.flex()));
     }
 }
 
@@ -266,6 +315,15 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
 }
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn fused_frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self> {
+        let prep = FrozenMatmulBackward.prepare::<C>([x.node()]).compute_bound().stateful();
+        let y = Flex::fused_frozen_matmul(x.into_primitive(), weight.clone());
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish(weight, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
     fn fused_rms_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -468,6 +526,29 @@ mod tests {
                     .unsqueeze::<2>()
             },
         );
+    }
+
+    #[test]
+    fn frozen_matmul_rebuilds_the_weight_for_backward() {
+        let device = Device::flex().autodiff();
+        // A bf16 weight on the plain device, made dense in f32 for each product.
+        let weight = random([9, 12], &Device::flex()).cast(DType::BF16);
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let dense = {
+            let (weight, calls) = (weight.clone(), calls.clone());
+            DenseWeight(Arc::new(move || {
+                calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                weight.clone().cast(DType::F32)
+            }))
+        };
+        let constant = weight.cast(DType::F32).to_device(&device);
+        check(
+            "frozen_matmul",
+            [random([5, 12], &device)],
+            |[x]| frozen_matmul(x, dense.clone()).unwrap(),
+            |[x]| x.clone().matmul(constant.clone().transpose()),
+        );
+        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 2, "one product forward, one backward");
     }
 
     /// Outside autodiff (generation) the same kernels run, and bf16 or a trained weight fall back.
