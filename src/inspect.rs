@@ -49,7 +49,7 @@ pub fn recipe(path: &Path, shape: Option<&str>) -> anyhow::Result<()> {
         Some(_) => recipe.model.quantization().map(ember_models::nf4::bytes_per_value),
         None => memory::projection_bytes(&recipe.model.path, recipe.model.quantization())?,
     };
-    let estimate = memory::estimate(&model, method, memory::weight_bytes(recipe.model.dtype, &model), projection_bytes, &batch, t.step_options());
+    let estimate = memory::estimate(&model, method, memory::weight_bytes(recipe.model.dtype, &model), projection_bytes, &batch, t.step_options(), recipe.model.device);
     let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
     println!(
         "memory:         ~{:.1} GiB peak (estimate; {} sequences of {} tokens, checkpointing {}, loss chunk {}): \

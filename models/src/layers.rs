@@ -9,7 +9,8 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::config::{RopeConfig, RopePairing, RopeScaling};
 use crate::device::compute_dtype;
-use crate::fused::DenseWeight;
+use crate::fused::kernels::Pairs;
+use crate::fused::{DenseWeight, RopeTables};
 use crate::ggml::GgmlWeight;
 use crate::nf4::{Int8Weight, Nf4Weight};
 
@@ -201,7 +202,7 @@ impl Rope {
 
     /// cos and sin tables for positions `start..start+len`, laid out to match the pairing.
     /// Shapes: `[len, rotary_dim]` each.
-    fn tables(&self, start: usize, len: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+    fn tables(&self, start: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
         let dim = self.config.rotary_dim;
         let mut cos = Vec::with_capacity(len * dim);
         let mut sin = Vec::with_capacity(len * dim);
@@ -216,10 +217,7 @@ impl Rope {
                 sin.push(angle(i).sin());
             }
         }
-        (
-            Tensor::from_data(TensorData::new(cos, [len, dim]), device),
-            Tensor::from_data(TensorData::new(sin, [len, dim]), device),
-        )
+        (cos, sin)
     }
 
     /// Rotates the first `rotary_dim` dims of every head; the rest pass through.
@@ -229,9 +227,18 @@ impl Rope {
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
         let [b, h, s, head_dim] = x.dims();
         let dim = self.config.rotary_dim;
-        let (cos, sin) = self.tables(start, s, &x.device());
+        let (cos, sin) = self.tables(start, s);
+        let pairs = match self.config.pairing {
+            RopePairing::Half => Pairs::Half,
+            RopePairing::Interleaved => Pairs::Interleaved,
+        };
+        let tables = RopeTables { cos: Arc::new(cos), sin: Arc::new(sin), pairs };
+        if let Some(y) = crate::fused::rope(&x, tables.clone()) {
+            return y;
+        }
+        let table = |values: &[f32]| Tensor::<2>::from_data(TensorData::new(values.to_vec(), [s, dim]), &x.device());
         // Tables in f32, applied in the activations' dtype (transformers: `cos.to(x.dtype)`).
-        let (cos, sin) = (cos.cast(x.dtype()).unsqueeze::<4>(), sin.cast(x.dtype()).unsqueeze::<4>());
+        let (cos, sin) = (table(&tables.cos).cast(x.dtype()).unsqueeze::<4>(), table(&tables.sin).cast(x.dtype()).unsqueeze::<4>());
         let rot = x.clone().narrow(3, 0, dim);
         let rotated = match self.config.pairing {
             // rotate_half: [x1, x2] -> [-x2, x1]

@@ -149,7 +149,7 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
         BenchModel::Dir(dir) => memory::projection_bytes(dir, o.quantization).map_err(|e| e.to_string())?,
         BenchModel::Synthetic { .. } => o.quantization.map(ember_models::nf4::bytes_per_value),
     };
-    let estimated = shapes.iter().map(|shape| estimate(model.config(), method, weight_bytes, projection_bytes, shape, o.step).total()).fold(0.0, f64::max);
+    let estimated = shapes.iter().map(|shape| estimate(model.config(), method, weight_bytes, projection_bytes, shape, o.step, o.device).total()).fold(0.0, f64::max);
     Ok(json!({
         "impl": "ember", "burn": "0.22.1", "method": method.config().name(), "device": o.device.to_string(),
         "flush_denormal": false, "dtype": o.dtype.name(), "threads": o.threads,

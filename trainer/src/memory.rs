@@ -6,6 +6,7 @@
 use ember_adapters::Method;
 use std::path::Path;
 
+use ember_models::device::DeviceName;
 use ember_models::family::KeyLayout;
 use ember_models::gguf::GgufFile;
 use ember_models::nf4::{self, Quantization};
@@ -47,10 +48,12 @@ impl BatchShape {
     }
 }
 
-/// Estimated peak memory of training `method` on `model` with weights of `weight_bytes` per
-/// value (activations take the same dtype; norms, softmax and LoRA branches compute in f32), the
-/// decoder projections stored quantized at `projection_bytes` per value when it is given
-/// ([`projection_bytes`]).
+/// Estimated peak memory of training `method` on `model` on `device` with weights of
+/// `weight_bytes` per value, the decoder projections stored quantized at `projection_bytes` per
+/// value when it is given ([`projection_bytes`]). On LibTorch activations take the weights' dtype
+/// (norms, softmax and LoRA branches compute in f32), and the graph keeps each dequantized
+/// projection until backward; flex computes in f32 over any base and makes a frozen projection
+/// dense again for backward instead.
 pub fn estimate(
     model: &ModelConfig,
     method: &Method,
@@ -58,8 +61,11 @@ pub fn estimate(
     projection_bytes: Option<f64>,
     batch: &BatchShape,
     options: StepOptions,
+    device: DeviceName,
 ) -> MemoryEstimate {
-    let a = weight_bytes as f64;
+    let on_flex = device == DeviceName::Flex;
+    let stored = weight_bytes as f64;
+    let a = if on_flex { 4.0 } else { stored };
     let (h, kv, f) = (model.q_dim() as f64, model.kv_dim() as f64, model.intermediate_size as f64);
     let hidden = model.hidden_size as f64;
     let heads = model.num_heads as f64;
@@ -73,20 +79,22 @@ pub fn estimate(
 
     // Per token and layer, what backward needs (a frozen projection keeps only its weight):
     // each RMSNorm's f32 input, RoPE'd q and k and v for the attention matmuls, SwiGLU's gate,
-    // sigmoid, silu and up; per score cell, the f32 exp and the probabilities.
+    // sigmoid, silu and up (flex's fused SwiGLU: gate and up); per score cell, the f32 exp and
+    // the probabilities (fused: the probabilities).
     let norms = 2.0 * 4.0 * hidden;
     let attention = a * (h + 2.0 * kv);
-    let mlp = 4.0 * a * f;
+    let mlp = if on_flex { 2.0 } else { 4.0 } * a * f;
+    let per_score = if on_flex { 4.0 } else { 4.0 + a };
     // What the method's own layers keep (a LoRA branch: its f32 input and `x·A`).
     let own = method.activation_bytes_per_token(model, weight_bytes) / model.num_layers as f64;
-    let layer = tokens * (norms + attention + mlp + own) + score_cells * (4.0 + a);
+    let layer = tokens * (norms + attention + mlp + own) + score_cells * per_score;
     // Layers below the lowest trainable one build no graph.
     let layers = (model.num_layers - method.first_trainable_layer(model)) as f64;
     // A 4-bit base's projections are dequantized for each product, and the graph keeps that
     // dense copy until backward: per layer with a graph, its projections in the compute dtype.
     let dequantized = match projection_bytes {
-        Some(_) => projection_sizes(model).iter().sum::<usize>() as f64 / model.num_layers as f64 * a,
-        None => 0.0,
+        Some(_) if !on_flex => projection_sizes(model).iter().sum::<usize>() as f64 / model.num_layers as f64 * a,
+        _ => 0.0,
     };
     let kept = if options.checkpoint_layers {
         // Each layer's input, then one layer recomputed with its graph.
@@ -102,29 +110,38 @@ pub fn estimate(
         0 => batch.supervised_tokens,
         n => n.min(batch.supervised_tokens),
     } as f64;
-    // Per logit: f32 logits, exp and log-softmax, then the gradient; under a 16-bit base also
-    // the head's own output and the gradient's cast.
-    let per_logit = if weight_bytes == 4 { 12.0 } else { 16.0 + 2.0 * a };
+    // Per logit: f32 logits, exp and log-softmax, then the gradient (flex's fused cross-entropy:
+    // the logits and the gradient); under 16-bit activations also the head's own output and the
+    // gradient's cast.
+    let per_logit = match a {
+        _ if on_flex => 8.0,
+        4.0 => 12.0,
+        _ => 16.0 + 2.0 * a,
+    };
     let loss = chunk * vocab * per_logit;
 
     let trainable = method.count_trainable(model) as f64;
     MemoryEstimate {
-        weights: stored_weight_bytes(model, a, projection_bytes) - method.replaced_base_parameters(model) as f64 * a,
+        weights: stored_weight_bytes(model, stored, projection_bytes, a) - method.replaced_base_parameters(model) as f64 * stored,
         adapter: trainable * 4.0 * 5.0,
         activations,
         loss,
     }
 }
 
-/// The frozen base: every weight at `a` bytes, or the decoder projections quantized plus the
-/// transient of dequantizing the largest one (its bytes as i64 indices, the looked-up f32
-/// values and the scaled copy: 12 bytes a value).
-fn stored_weight_bytes(model: &ModelConfig, a: f64, projection_bytes: Option<f64>) -> f64 {
-    let Some(per_value) = projection_bytes else { return model.num_params() as f64 * a };
+/// The frozen base: every weight at `stored` bytes, or the decoder projections quantized, plus
+/// the transient of making the largest one dense in the compute dtype of `compute` bytes: a
+/// dequantization (its bytes as i64 indices, the looked-up f32 values and the scaled copy: 12
+/// bytes a value), or a cast.
+fn stored_weight_bytes(model: &ModelConfig, stored: f64, projection_bytes: Option<f64>, compute: f64) -> f64 {
     let projections = projection_sizes(model);
-    let quantized: usize = projections.iter().sum();
     let largest = projections.iter().copied().max().unwrap_or(0) as f64;
-    (model.num_params() - quantized) as f64 * a + quantized as f64 * per_value + largest * 12.0
+    let Some(per_value) = projection_bytes else {
+        let cast = if compute == stored { 0.0 } else { largest * compute };
+        return model.num_params() as f64 * stored + cast;
+    };
+    let quantized: usize = projections.iter().sum();
+    (model.num_params() - quantized) as f64 * stored + quantized as f64 * per_value + largest * 12.0
 }
 
 /// Bytes per value of the decoder projections as a recipe's model stores them: quantized while
@@ -172,8 +189,8 @@ mod tests {
         let method = Method::Lora(LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, use_rslora: false, target: Target::AllLinear, layers_to_transform: None, modules_to_save: Vec::new() });
         let batch = BatchShape::worst_case(4, 512);
         let gib = |e: MemoryEstimate| e.total() / (1u64 << 30) as f64;
-        let lean = estimate(&model, &method, weight_bytes(LoadDtype::Checkpoint, &model), None, &batch, StepOptions { checkpoint_layers: true, loss_chunk_tokens: 1024, padding_free: true });
-        let full = estimate(&model, &method, 2, None, &batch, StepOptions { checkpoint_layers: false, loss_chunk_tokens: 0, padding_free: true });
+        let lean = estimate(&model, &method, weight_bytes(LoadDtype::Checkpoint, &model), None, &batch, StepOptions { checkpoint_layers: true, loss_chunk_tokens: 1024, padding_free: true }, DeviceName::Cuda(0));
+        let full = estimate(&model, &method, 2, None, &batch, StepOptions { checkpoint_layers: false, loss_chunk_tokens: 0, padding_free: true }, DeviceName::Cuda(0));
         assert!((12.0..16.0).contains(&(lean.weights / (1u64 << 30) as f64)), "{lean:?}");
         assert!(gib(lean) < 18.0, "{} GiB: {lean:?}", gib(lean));
         assert!(gib(full) > 24.0, "{} GiB: {full:?}", gib(full));

@@ -247,6 +247,51 @@ pub fn cross_entropy_backward(
     dx
 }
 
+/// Which dims RoPE rotates together: `(i, i + rotary/2)` (`rotate_half`) or `(2j, 2j + 1)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pairs {
+    Half,
+    Interleaved,
+}
+
+impl Pairs {
+    /// The partner dims of pair `j` of a `rotary`-wide part.
+    fn dims(self, j: usize, rotary: usize) -> (usize, usize) {
+        match self {
+            Pairs::Half => (j, j + rotary / 2),
+            Pairs::Interleaved => (2 * j, 2 * j + 1),
+        }
+    }
+}
+
+/// RoPE over rows of `head_dim` laid out `[batch, heads, seq, head_dim]`: the first `rotary` dims
+/// of a row at position `p` turn by the angles in `cos`/`sin` row `p` (`[seq, rotary]`, laid out
+/// per the pairing as transformers builds them), `(a, b) -> (a·cos − b·sin, b·cos + a·sin)`; the
+/// rest pass through. `inverse` turns the other way: the transpose, which is backward.
+pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], seq: usize, head_dim: usize, pairs: Pairs, inverse: bool) -> Vec<f32> {
+    let rotary = cos.len() / seq;
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(head_dim).zip(x.par_chunks(head_dim)).enumerate().with_min_len(min_rows(head_dim)).for_each(
+        |(row, (y, x))| {
+            let position = row % seq;
+            let (cos, sin) = (&cos[position * rotary..][..rotary], &sin[position * rotary..][..rotary]);
+            for j in 0..rotary / 2 {
+                let (i, k) = pairs.dims(j, rotary);
+                let (a, b) = (x[i], x[k]);
+                if inverse {
+                    y[i] = a * cos[i] + b * sin[k];
+                    y[k] = b * cos[k] - a * sin[i];
+                } else {
+                    y[i] = a * cos[i] - b * sin[i];
+                    y[k] = b * cos[k] + a * sin[k];
+                }
+            }
+            y[rotary..].copy_from_slice(&x[rotary..]);
+        },
+    );
+    y
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

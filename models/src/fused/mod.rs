@@ -101,6 +101,22 @@ pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1
     })
 }
 
+/// RoPE tables for a range of positions: `[seq, rotary]` values each, laid out per `pairs`.
+#[derive(Debug, Clone)]
+pub struct RopeTables {
+    pub cos: Arc<Vec<f32>>,
+    pub sin: Arc<Vec<f32>>,
+    pub pairs: kernels::Pairs,
+}
+
+/// Rotary embedding of the first `rotary` dims of every head, or `None` where it does not apply.
+///
+/// # Shapes
+/// - x, output: `[batch, heads, seq, head_dim]`
+pub fn rope(x: &Tensor<4>, tables: RopeTables) -> Option<Tensor<4>> {
+    applies(x).then(|| Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rope(x.clone().into_dispatch(), tables)))
+}
+
 /// How a frozen weight `[out, in]` becomes a dense f32 tensor on the plain device (a cast of a
 /// bf16 base, a dequantization of packed blocks): called for the forward product and again for
 /// backward, so that no dense copy lives in the graph between them.
@@ -148,6 +164,7 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self>;
     fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self>;
     fn fused_frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self>;
+    fn fused_rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self>;
 }
 
 /// A contiguous f32 tensor's values.
@@ -191,6 +208,13 @@ mod forward {
         )
     }
 
+    /// RoPE of `x` (`[batch, heads, seq, head_dim]`), or its transpose when `inverse`.
+    pub fn rope(x: &FlexTensor, tables: &RopeTables, inverse: bool) -> FlexTensor {
+        let shape = x.layout().shape().clone();
+        let [_, _, seq, head_dim] = shape[..] else { panic!("RoPE takes [batch, heads, seq, head_dim]") };
+        tensor(kernels::rope(values(x), &tables.cos, &tables.sin, seq, head_dim, tables.pairs, inverse), shape)
+    }
+
     pub fn cross_entropy_sum(logits: &FlexTensor, targets: &[i64]) -> (FlexTensor, Vec<f32>) {
         let vocab = logits.layout().shape()[1];
         let (total, lse) = kernels::cross_entropy(values(logits), targets, vocab);
@@ -221,6 +245,22 @@ impl FusedOps for Flex {
     }
     fn fused_frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self> {
         Flex::float_matmul(x, Flex::float_transpose(weight.flex()))
+    }
+    fn fused_rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self> {
+        forward::rope(&x.to_contiguous(), &tables, false)
+    }
+}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl Backward<Flex, 1> for RopeBackward {
+    type State = RopeTables;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [Some(node_x)] = ops.parents else { return };
+        let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
+        grads.register::<Flex>(node_x.id, forward::rope(&dy, &ops.state, true));
     }
 }
 
@@ -315,6 +355,15 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
 }
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn fused_rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self> {
+        let prep = RopeBackward.prepare::<C>([x.node()]).compute_bound().stateful();
+        let y = Flex::fused_rope(x.into_primitive(), tables.clone());
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish(tables, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
     fn fused_frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self> {
         let prep = FrozenMatmulBackward.prepare::<C>([x.node()]).compute_bound().stateful();
         let y = Flex::fused_frozen_matmul(x.into_primitive(), weight.clone());
@@ -549,6 +598,24 @@ mod tests {
             |[x]| x.clone().matmul(constant.clone().transpose()),
         );
         assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 2, "one product forward, one backward");
+    }
+
+    /// Both pairings, on part of each head, from a position offset. The composed reference runs
+    /// in f64, where the fused kernels do not apply.
+    #[test]
+    fn rope_matches_burn_ops_for_both_pairings() {
+        use crate::config::{RopeConfig, RopePairing};
+        use crate::layers::Rope;
+        let device = Device::flex().autodiff();
+        for pairing in [RopePairing::Half, RopePairing::Interleaved] {
+            let rope = Rope::new(RopeConfig { theta: 10_000.0, rotary_dim: 8, pairing, scaling: None });
+            check(
+                &format!("rope {pairing:?}"),
+                [random([2, 3, 5, 12], &device)],
+                |[x]| rope.apply(x.clone(), 4),
+                |[x]| rope.apply(x.clone().cast(DType::F64), 4).cast(DType::F32),
+            );
+        }
     }
 
     /// Outside autodiff (generation) the same kernels run, and bf16 or a trained weight fall back.
