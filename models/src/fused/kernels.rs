@@ -247,6 +247,23 @@ pub fn cross_entropy_backward(
     dx
 }
 
+/// A packed weight made dense: each byte stands for `table.len() / 256` values (its row of
+/// `table`), and each run of `block` values is scaled by its `absmax`.
+pub fn lookup_and_scale(bytes: &[u8], table: &[f32], absmax: &[f32], block: usize) -> Vec<f32> {
+    let per_byte = table.len() / 256;
+    let mut values = vec![0f32; bytes.len() * per_byte];
+    values.par_chunks_mut(block).zip(bytes.par_chunks(block / per_byte)).zip(absmax.par_iter()).with_min_len(min_rows(block)).for_each(
+        |((values, bytes), &scale)| {
+            for (values, &byte) in values.chunks_exact_mut(per_byte).zip(bytes) {
+                for (v, &t) in values.iter_mut().zip(&table[byte as usize * per_byte..][..per_byte]) {
+                    *v = t * scale;
+                }
+            }
+        },
+    );
+    values
+}
+
 /// Which dims RoPE rotates together: `(i, i + rotary/2)` (`rotate_half`) or `(2j, 2j + 1)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Pairs {

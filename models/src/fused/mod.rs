@@ -21,7 +21,7 @@ use burn::backend::ops::FloatTensorOps;
 use burn::backend::{
     Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension, tensor::FloatTensor,
 };
-use burn::tensor::{Bytes, DType, Shape, Tensor};
+use burn::tensor::{Bytes, DType, Int, Shape, Tensor};
 use burn_flex::{FlexTensor, Layout};
 
 /// Whether fused operations are used where they apply (`EMBER_FUSED=0` turns them off).
@@ -99,6 +99,19 @@ pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1
             targets.to_vec(),
         ))
     })
+}
+
+/// A packed weight `[out, in]` made dense, as [`kernels::lookup_and_scale`] describes, on plain
+/// flex tensors (u8 bytes, f32 block scales); `None` elsewhere.
+pub fn lookup_and_scale(bytes: &Tensor<1, Int>, table: &[f32], absmax: &Tensor<1>, shape: [usize; 2]) -> Option<Tensor<2>> {
+    if !enabled() || absmax.dtype() != DType::F32 {
+        return None;
+    }
+    let bytes = bytes.clone().try_into_primitive::<Flex>().ok()?.to_contiguous();
+    let absmax = absmax.clone().try_into_primitive::<Flex>().ok()?.to_contiguous();
+    let (bytes, absmax) = (bytes.as_slice::<u8>()?, values(&absmax));
+    let block = shape[0] * shape[1] / absmax.len();
+    Some(Tensor::from_primitive::<Flex>(tensor(kernels::lookup_and_scale(bytes, table, absmax, block), Shape::new(shape))))
 }
 
 /// RoPE tables for a range of positions: `[seq, rotary]` values each, laid out per `pairs`.
@@ -615,6 +628,23 @@ mod tests {
                 |[x]| rope.apply(x.clone(), 4),
                 |[x]| rope.apply(x.clone().cast(DType::F64), 4).cast(DType::F32),
             );
+        }
+    }
+
+    /// Bit for bit what the composed lookup computes, for one and two values a byte.
+    #[test]
+    fn lookup_and_scale_equals_the_composed_lookup() {
+        let device = Device::flex();
+        let bytes: Vec<u8> = (0..4 * 64).map(|i| (i * 37 % 256) as u8).collect();
+        let absmax = random([8], &device);
+        for per_byte in [1, 2] {
+            let table: Vec<f32> = (0..256 * per_byte).map(|i| (i as f32 * 0.37).sin()).collect();
+            let n = bytes.len() * per_byte;
+            let shape = [n / 64, 64];
+            let packed = crate::nf4::u8_tensor(bytes.clone(), &device);
+            let fused = lookup_and_scale(&packed, &table, &absmax.clone().slice(0..n / 64), shape).unwrap();
+            let composed = crate::nf4::lookup_bytes(&packed, table).reshape([n / 64, 64]) * absmax.clone().slice(0..n / 64).reshape([n / 64, 1]);
+            assert_eq!(fused.into_data().to_vec::<f32>().unwrap(), composed.into_data().to_vec::<f32>().unwrap());
         }
     }
 
