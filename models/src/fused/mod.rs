@@ -1,6 +1,8 @@
-//! Fused operations with their own backward: RMSNorm, SwiGLU, the attention softmax and the
-//! LM-head cross-entropy, each one pass over a row instead of a chain of burn ops (with a
-//! full-size temporary per op and one thread for most of them).
+//! Fused operations with their own backward: RMSNorm, RoPE, SwiGLU, the attention softmax and
+//! the LM-head cross-entropy, each one pass over a row instead of a chain of burn ops (with a
+//! full-size temporary per op and one thread for most of them); the product with a frozen weight
+//! that is made dense for forward and again for backward; the lookup that makes NF4/int8 bytes
+//! dense.
 //!
 //! burn routes them through `#[backend_extension]`: the forward runs on flex's buffers
 //! ([`kernels`]), and under autodiff a hand-written `Backward` step registers the input
