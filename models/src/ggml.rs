@@ -12,6 +12,7 @@
 use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
+use crate::fused::kernels::Packing;
 use crate::gguf::{GgmlType, GgufFile, HfTensor, unpermute_rows};
 use crate::nf4::{lookup_bytes, u8_tensor};
 use crate::LoadError;
@@ -94,17 +95,26 @@ impl GgmlWeight {
     /// values it stands for in a 256-row table, so the codes are never unpacked.
     pub fn dequantize(&self) -> Tensor<2> {
         let blocks = self.shape[0] * self.shape[1] / BLOCK;
-        let d = self.scales.clone().cast(DType::F32).reshape([blocks, 1]);
+        let (table, packing): (Vec<f32>, _) = match self.kind {
+            GgmlType::Q8_0 => ((0..=255u8).map(|b| b as i8 as f32).collect(), Packing::Adjacent),
+            _ => {
+                let offset = if self.kind == GgmlType::Q4_0 { 8 } else { 0 };
+                ((0..256i32).flat_map(|b| [(b & 0xF) - offset, (b >> 4) - offset]).map(|q| q as f32).collect(), Packing::SplitHalves)
+            }
+        };
+        let (scales, mins) = (self.scales.clone().cast(DType::F32), self.mins.clone().map(|m| m.cast(DType::F32)));
+        if let Some(values) = crate::fused::lookup_and_scale(&self.codes, &table, &scales, mins.as_ref(), self.shape, packing) {
+            return values;
+        }
+        let d = scales.reshape([blocks, 1]);
         let lookup = |table: Vec<f32>| lookup_bytes(&self.codes, table);
         let values = match self.kind {
-            GgmlType::Q8_0 => lookup((0..=255u8).map(|b| b as i8 as f32).collect()).reshape([blocks, BLOCK]) * d,
+            GgmlType::Q8_0 => lookup(table).reshape([blocks, BLOCK]) * d,
             GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                let offset = if self.kind == GgmlType::Q4_0 { 8 } else { 0 };
-                let table = (0..256i32).flat_map(|b| [(b & 0xF) - offset, (b >> 4) - offset]).map(|q| q as f32).collect();
                 // [blocks·16, 2] (low, high) -> [blocks, 2, 16]: the low nibbles are elements 0..16.
                 let q = lookup(table).reshape([blocks, BLOCK / 2, 2]).swap_dims(1, 2).reshape([blocks, BLOCK]);
-                match &self.mins {
-                    Some(mins) => q * d + mins.clone().cast(DType::F32).reshape([blocks, 1]),
+                match mins {
+                    Some(mins) => q * d + mins.reshape([blocks, 1]),
                     None => q * d,
                 }
             }
@@ -126,10 +136,15 @@ mod tests {
 
     /// Blocks of every type with varied scales, minimums and codes, dequantized on the device,
     /// equal the GGUF reader's host dequantization (ggml's formulas) bit for bit, also with q/k
-    /// rows un-permuted.
+    /// rows un-permuted: by the fused lookup (plain flex) and by burn ops (under autodiff).
     #[test]
     fn dequantizes_as_ggml_and_unpermutes_rows() {
-        let device = Device::flex();
+        for device in [Device::flex(), Device::flex().autodiff()] {
+            dequantizes_as_ggml_on(&device);
+        }
+    }
+
+    fn dequantizes_as_ggml_on(device: &Device) {
         let [out, inp] = [8, 64];
         for kind in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
             let (header, code_bytes) = block_layout(kind);
@@ -144,7 +159,7 @@ mod tests {
                 .collect();
             let host = dequantize(kind, &bytes);
             for heads in [None, Some(2)] {
-                let weight = GgmlWeight::from_blocks(kind, &bytes, [out, inp], heads, &device);
+                let weight = GgmlWeight::from_blocks(kind, &bytes, [out, inp], heads, device);
                 let expected = match heads {
                     Some(h) => unpermute_rows(&host, out, inp, h),
                     None => host.clone(),

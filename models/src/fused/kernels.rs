@@ -247,17 +247,35 @@ pub fn cross_entropy_backward(
     dx
 }
 
+/// Where the values a byte stands for go within its block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Packing {
+    /// Side by side (NF4: high nibble, then low; int8 and Q8_0: one value a byte).
+    Adjacent,
+    /// Byte `j`'s two values at `j` and `j + block/2` (ggml's Q4_0/Q4_1: low nibbles first).
+    SplitHalves,
+}
+
 /// A packed weight made dense: each byte stands for `table.len() / 256` values (its row of
-/// `table`), and each run of `block` values is scaled by its `absmax`.
-pub fn lookup_and_scale(bytes: &[u8], table: &[f32], absmax: &[f32], block: usize) -> Vec<f32> {
+/// `table`), placed per `packing`, and each run of `block` values is scaled by its `scales` entry
+/// and shifted by its `mins` entry if there are minimums: `value · scale (+ min)`.
+pub fn lookup_and_scale(bytes: &[u8], table: &[f32], scales: &[f32], mins: Option<&[f32]>, block: usize, packing: Packing) -> Vec<f32> {
     let per_byte = table.len() / 256;
     let mut values = vec![0f32; bytes.len() * per_byte];
-    values.par_chunks_mut(block).zip(bytes.par_chunks(block / per_byte)).zip(absmax.par_iter()).with_min_len(min_rows(block)).for_each(
-        |((values, bytes), &scale)| {
-            for (values, &byte) in values.chunks_exact_mut(per_byte).zip(bytes) {
-                for (v, &t) in values.iter_mut().zip(&table[byte as usize * per_byte..][..per_byte]) {
-                    *v = t * scale;
+    values.par_chunks_mut(block).zip(bytes.par_chunks(block / per_byte)).enumerate().with_min_len(min_rows(block)).for_each(
+        |(b, (values, bytes))| {
+            let scale = scales[b];
+            for (j, &byte) in bytes.iter().enumerate() {
+                for (k, &t) in table[byte as usize * per_byte..][..per_byte].iter().enumerate() {
+                    let at = match packing {
+                        Packing::Adjacent => j * per_byte + k,
+                        Packing::SplitHalves => j + k * bytes.len(),
+                    };
+                    values[at] = t * scale;
                 }
+            }
+            if let Some(mins) = mins {
+                values.iter_mut().for_each(|v| *v += mins[b]);
             }
         },
     );

@@ -104,16 +104,28 @@ pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1
 }
 
 /// A packed weight `[out, in]` made dense, as [`kernels::lookup_and_scale`] describes, on plain
-/// flex tensors (u8 bytes, f32 block scales); `None` elsewhere.
-pub fn lookup_and_scale(bytes: &Tensor<1, Int>, table: &[f32], absmax: &Tensor<1>, shape: [usize; 2]) -> Option<Tensor<2>> {
-    if !enabled() || absmax.dtype() != DType::F32 {
+/// flex tensors (u8 bytes; f32 scales and minimums); `None` elsewhere.
+pub fn lookup_and_scale(
+    bytes: &Tensor<1, Int>,
+    table: &[f32],
+    scales: &Tensor<1>,
+    mins: Option<&Tensor<1>>,
+    shape: [usize; 2],
+    packing: kernels::Packing,
+) -> Option<Tensor<2>> {
+    if !enabled() {
         return None;
     }
+    let flex = |t: &Tensor<1>| (t.dtype() == DType::F32).then(|| t.clone().try_into_primitive::<Flex>().ok()).flatten().map(|t| t.to_contiguous());
     let bytes = bytes.clone().try_into_primitive::<Flex>().ok()?.to_contiguous();
-    let absmax = absmax.clone().try_into_primitive::<Flex>().ok()?.to_contiguous();
-    let (bytes, absmax) = (bytes.as_slice::<u8>()?, values(&absmax));
-    let block = shape[0] * shape[1] / absmax.len();
-    Some(Tensor::from_primitive::<Flex>(tensor(kernels::lookup_and_scale(bytes, table, absmax, block), Shape::new(shape))))
+    let scales = flex(scales)?;
+    let mins = match mins {
+        Some(mins) => Some(flex(mins)?),
+        None => None,
+    };
+    let block = shape[0] * shape[1] / scales.layout().num_elements();
+    let values = kernels::lookup_and_scale(bytes.as_slice::<u8>()?, table, values(&scales), mins.as_ref().map(values), block, packing);
+    Some(Tensor::from_primitive::<Flex>(tensor(values, Shape::new(shape))))
 }
 
 /// RoPE tables for a range of positions: `[seq, rotary]` values each, laid out per `pairs`.
@@ -633,7 +645,8 @@ mod tests {
         }
     }
 
-    /// Bit for bit what the composed lookup computes, for one and two values a byte.
+    /// Bit for bit what the composed lookup computes, for one and two values a byte (GGUF's
+    /// split halves and minimums: `ggml::tests`).
     #[test]
     fn lookup_and_scale_equals_the_composed_lookup() {
         let device = Device::flex();
@@ -644,7 +657,7 @@ mod tests {
             let n = bytes.len() * per_byte;
             let shape = [n / 64, 64];
             let packed = crate::nf4::u8_tensor(bytes.clone(), &device);
-            let fused = lookup_and_scale(&packed, &table, &absmax.clone().slice(0..n / 64), shape).unwrap();
+            let fused = lookup_and_scale(&packed, &table, &absmax.clone().slice(0..n / 64), None, shape, kernels::Packing::Adjacent).unwrap();
             let composed = crate::nf4::lookup_bytes(&packed, table).reshape([n / 64, 64]) * absmax.clone().slice(0..n / 64).reshape([n / 64, 1]);
             assert_eq!(fused.into_data().to_vec::<f32>().unwrap(), composed.into_data().to_vec::<f32>().unwrap());
         }
