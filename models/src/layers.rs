@@ -9,7 +9,6 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::config::{RopeConfig, RopePairing, RopeScaling};
 use crate::device::compute_dtype;
-use crate::fused::kernels::Pairs;
 use crate::fused::{DenseWeight, RopeTables};
 use crate::ggml::GgmlWeight;
 use crate::nf4::{Int8Weight, Nf4Weight};
@@ -82,13 +81,11 @@ impl Linear {
         let [b, s, i] = x.dims();
         let x = x.reshape([b * s, i]);
         let y = match &self.weight {
-            // The transposed weight is a strided view: flex and torch GEMMs read it without a copy.
-            Weight::Dense(weight) if weight.val().dtype() == x.dtype() => x.matmul(weight.val().transpose()),
-            // A quantized weight, or a bf16 one under f32 activations, is made dense in the
-            // activations' dtype for this product only.
-            frozen => {
-                let frozen = frozen.valid();
-                frozen_product(x, move || frozen.dense())
+            Weight::Dense(weight) => stored_product(x, weight.val()),
+            // Dequantized in the activations' dtype for this product only.
+            quantized => {
+                let quantized = quantized.valid();
+                frozen_product(x, move || quantized.dense())
             }
         };
         let y = match &self.bias {
@@ -97,6 +94,21 @@ impl Linear {
         };
         y.reshape([b, s, self.out_features()])
     }
+}
+
+/// `x Wᵀ` for a weight as the checkpoint stores it (or trained): directly when it is in `x`'s
+/// dtype or trains, the transposed weight a strided view that flex and torch GEMMs read without a
+/// copy; a frozen bf16 weight under f32 activations through [`frozen_product`].
+///
+/// # Shapes
+/// - x: `[rows, in]`; weight: `[out, in]`
+/// - output: `[rows, out]`
+pub fn stored_product(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
+    if weight.dtype() == x.dtype() || weight.is_require_grad() {
+        return x.matmul(weight.transpose());
+    }
+    let weight = weight.inner();
+    frozen_product(x, move || weight.clone())
 }
 
 /// `x Wᵀ` for a frozen `W` that `weight` makes dense (a cast, a dequantization) on the plain
@@ -228,11 +240,7 @@ impl Rope {
         let [b, h, s, head_dim] = x.dims();
         let dim = self.config.rotary_dim;
         let (cos, sin) = self.tables(start, s);
-        let pairs = match self.config.pairing {
-            RopePairing::Half => Pairs::Half,
-            RopePairing::Interleaved => Pairs::Interleaved,
-        };
-        let tables = RopeTables { cos: Arc::new(cos), sin: Arc::new(sin), pairs };
+        let tables = RopeTables { cos: Arc::new(cos), sin: Arc::new(sin), pairing: self.config.pairing };
         if let Some(y) = crate::fused::rope(&x, tables.clone()) {
             return y;
         }

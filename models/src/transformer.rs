@@ -13,7 +13,7 @@ use crate::batch::{KvCache, Layout, TokenBatch};
 use crate::checkpoint::{Checkpoint, LoadDtype};
 use crate::config::ModelConfig;
 use crate::family::{KeyLayout, Role, check_checkpoint};
-use crate::layers::{frozen_product, Embedding, Linear, Projection, RmsNorm, Rope, Weight, attention_bias};
+use crate::layers::{stored_product, Embedding, Linear, Projection, RmsNorm, Rope, Weight, attention_bias};
 use crate::ggml::GgmlWeight;
 use crate::gguf::{GgmlType, GgufFile, HfTensor};
 use crate::nf4::{self, Int8Weight, Nf4Weight, Quantization};
@@ -585,14 +585,7 @@ impl<P: Projection> CausalLm<P> {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, s, h] = hidden.dims();
-                let (x, weight) = (hidden.reshape([b * s, h]), self.embed_tokens.weight.val());
-                let logits = if weight.dtype() == x.dtype() || weight.is_require_grad() {
-                    x.matmul(weight.transpose())
-                } else {
-                    let weight = weight.inner();
-                    frozen_product(x, move || weight.clone())
-                };
-                logits.reshape([b, s, self.config.vocab_size])
+                stored_product(hidden.reshape([b * s, h]), self.embed_tokens.weight.val()).reshape([b, s, self.config.vocab_size])
             }
         }
     }

@@ -86,7 +86,7 @@ pub fn estimate(
     let mlp = if on_flex { 2.0 } else { 4.0 } * a * f;
     let per_score = if on_flex { 4.0 } else { 4.0 + a };
     // What the method's own layers keep (a LoRA branch: its f32 input and `x·A`).
-    let own = method.activation_bytes_per_token(model, weight_bytes) / model.num_layers as f64;
+    let own = method.activation_bytes_per_token(model, a as usize) / model.num_layers as f64;
     let layer = tokens * (norms + attention + mlp + own) + score_cells * per_score;
     // Layers below the lowest trainable one build no graph.
     let layers = (model.num_layers - method.first_trainable_layer(model)) as f64;

@@ -4,6 +4,8 @@
 
 use rayon::prelude::*;
 
+use crate::config::RopePairing;
+
 /// Rows per rayon task: about 16k values, so that small tensors stay on one thread (waking the
 /// other costs more than it saves).
 fn min_rows(width: usize) -> usize {
@@ -282,20 +284,12 @@ pub fn lookup_and_scale(bytes: &[u8], table: &[f32], scales: &[f32], mins: Optio
     values
 }
 
-/// Which dims RoPE rotates together: `(i, i + rotary/2)` (`rotate_half`) or `(2j, 2j + 1)`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Pairs {
-    Half,
-    Interleaved,
-}
-
-impl Pairs {
-    /// The partner dims of pair `j` of a `rotary`-wide part.
-    fn dims(self, j: usize, rotary: usize) -> (usize, usize) {
-        match self {
-            Pairs::Half => (j, j + rotary / 2),
-            Pairs::Interleaved => (2 * j, 2 * j + 1),
-        }
+/// The dims RoPE rotates together as pair `j` of a `rotary`-wide part: `(j, j + rotary/2)`
+/// (`rotate_half`) or `(2j, 2j + 1)`.
+fn pair_dims(pairing: RopePairing, j: usize, rotary: usize) -> (usize, usize) {
+    match pairing {
+        RopePairing::Half => (j, j + rotary / 2),
+        RopePairing::Interleaved => (2 * j, 2 * j + 1),
     }
 }
 
@@ -303,7 +297,7 @@ impl Pairs {
 /// of a row at position `p` turn by the angles in `cos`/`sin` row `p` (`[seq, rotary]`, laid out
 /// per the pairing as transformers builds them), `(a, b) -> (a·cos − b·sin, b·cos + a·sin)`; the
 /// rest pass through. `inverse` turns the other way: the transpose, which is backward.
-pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], seq: usize, head_dim: usize, pairs: Pairs, inverse: bool) -> Vec<f32> {
+pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], seq: usize, head_dim: usize, pairing: RopePairing, inverse: bool) -> Vec<f32> {
     let rotary = cos.len() / seq;
     let mut y = vec![0f32; x.len()];
     y.par_chunks_mut(head_dim).zip(x.par_chunks(head_dim)).enumerate().with_min_len(min_rows(head_dim)).for_each(
@@ -311,7 +305,7 @@ pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], seq: usize, head_dim: usize, pa
             let position = row % seq;
             let (cos, sin) = (&cos[position * rotary..][..rotary], &sin[position * rotary..][..rotary]);
             for j in 0..rotary / 2 {
-                let (i, k) = pairs.dims(j, rotary);
+                let (i, k) = pair_dims(pairing, j, rotary);
                 let (a, b) = (x[i], x[k]);
                 if inverse {
                     y[i] = a * cos[i] + b * sin[k];

@@ -26,6 +26,8 @@ use burn::backend::{
 use burn::tensor::{Bytes, DType, Int, Shape, Tensor};
 use burn_flex::{FlexTensor, Layout};
 
+use crate::config::RopePairing;
+
 /// Whether fused operations are used where they apply (`EMBER_FUSED=0` turns them off).
 pub fn enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
@@ -128,12 +130,12 @@ pub fn lookup_and_scale(
     Some(Tensor::from_primitive::<Flex>(tensor(values, Shape::new(shape))))
 }
 
-/// RoPE tables for a range of positions: `[seq, rotary]` values each, laid out per `pairs`.
+/// RoPE tables for a range of positions: `[seq, rotary]` values each, laid out per `pairing`.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
     pub cos: Arc<Vec<f32>>,
     pub sin: Arc<Vec<f32>>,
-    pub pairs: kernels::Pairs,
+    pub pairing: RopePairing,
 }
 
 /// Rotary embedding of the first `rotary` dims of every head, or `None` where it does not apply.
@@ -239,7 +241,7 @@ mod forward {
     pub fn rope(x: &FlexTensor, tables: &RopeTables, inverse: bool) -> FlexTensor {
         let shape = x.layout().shape().clone();
         let [_, _, seq, head_dim] = shape[..] else { panic!("RoPE takes [batch, heads, seq, head_dim]") };
-        tensor(kernels::rope(values(x), &tables.cos, &tables.sin, seq, head_dim, tables.pairs, inverse), shape)
+        tensor(kernels::rope(values(x), &tables.cos, &tables.sin, seq, head_dim, tables.pairing, inverse), shape)
     }
 
     pub fn cross_entropy_sum(logits: &FlexTensor, targets: &[i64]) -> (FlexTensor, Vec<f32>) {
@@ -381,92 +383,58 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
     }
 }
 
+/// The output of an operation under autodiff: with `state` kept for its backward step when an
+/// input is tracked, as is.
+fn finish<BO, C, const N: usize>(prep: OpsKind<BO, Flex, BO::State, C, N>, state: BO::State, output: FlexTensor) -> FloatTensor<Autodiff<Flex, C>>
+where
+    BO: Backward<Flex, N>,
+    C: CheckpointStrategy,
+{
+    match prep {
+        OpsKind::Tracked(prep) => prep.finish(state, output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    }
+}
+
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     fn fused_rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self> {
         let prep = RopeBackward.prepare::<C>([x.node()]).compute_bound().stateful();
         let y = Flex::fused_rope(x.into_primitive(), tables.clone());
-        match prep {
-            OpsKind::Tracked(prep) => prep.finish(tables, y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        finish(prep, tables, y)
     }
 
     fn fused_frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self> {
         let prep = FrozenMatmulBackward.prepare::<C>([x.node()]).compute_bound().stateful();
         let y = Flex::fused_frozen_matmul(x.into_primitive(), weight.clone());
-        match prep {
-            OpsKind::Tracked(prep) => prep.finish(weight, y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        finish(prep, weight, y)
     }
 
-    fn fused_rms_norm(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        eps: f64,
-    ) -> FloatTensor<Self> {
-        let prep = RmsNormBackward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful();
-        let (x, weight) = (
-            x.into_primitive().to_contiguous(),
-            weight.into_primitive().to_contiguous(),
-        );
+    fn fused_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        let prep = RmsNormBackward.prepare::<C>([x.node()]).compute_bound().stateful();
+        let (x, weight) = (x.into_primitive().to_contiguous(), weight.into_primitive().to_contiguous());
         let (y, r) = forward::rms_norm(&x, &weight, eps);
-        match prep {
-            OpsKind::Tracked(prep) => prep.finish((x, weight, r), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        finish(prep, (x, weight, r), y)
     }
 
     fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        let prep = SwigluBackward
-            .prepare::<C>([gate.node(), up.node()])
-            .compute_bound()
-            .stateful();
-        let (gate, up) = (
-            gate.into_primitive().to_contiguous(),
-            up.into_primitive().to_contiguous(),
-        );
+        let prep = SwigluBackward.prepare::<C>([gate.node(), up.node()]).compute_bound().stateful();
+        let (gate, up) = (gate.into_primitive().to_contiguous(), up.into_primitive().to_contiguous());
         let y = forward::swiglu(&gate, &up);
-        match prep {
-            OpsKind::Tracked(prep) => prep.finish((gate, up), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        finish(prep, (gate, up), y)
     }
 
-    fn fused_attention_softmax(
-        scores: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        scale: f64,
-    ) -> FloatTensor<Self> {
-        let prep = AttentionSoftmaxBackward
-            .prepare::<C>([scores.node()])
-            .compute_bound()
-            .stateful();
-        let probs = forward::attention_softmax(
-            &scores.into_primitive().to_contiguous(),
-            &bias.into_primitive().to_contiguous(),
-            scale,
-        );
-        match prep {
-            OpsKind::Tracked(prep) => prep.finish((probs.clone(), scale), probs),
-            OpsKind::UnTracked(prep) => prep.finish(probs),
-        }
+    fn fused_attention_softmax(scores: FloatTensor<Self>, bias: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        let prep = AttentionSoftmaxBackward.prepare::<C>([scores.node()]).compute_bound().stateful();
+        let probs =
+            forward::attention_softmax(&scores.into_primitive().to_contiguous(), &bias.into_primitive().to_contiguous(), scale);
+        finish(prep, (probs.clone(), scale), probs)
     }
 
     fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self> {
-        let prep = CrossEntropyBackward
-            .prepare::<C>([logits.node()])
-            .compute_bound()
-            .stateful();
+        let prep = CrossEntropyBackward.prepare::<C>([logits.node()]).compute_bound().stateful();
         let logits = logits.into_primitive().to_contiguous();
         let (total, lse) = forward::cross_entropy_sum(&logits, &targets);
-        match prep {
-            OpsKind::Tracked(prep) => prep.finish((logits, targets, lse), total),
-            OpsKind::UnTracked(prep) => prep.finish(total),
-        }
+        finish(prep, (logits, targets, lse), total)
     }
 }
 
