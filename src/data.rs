@@ -5,13 +5,14 @@ use std::path::Path;
 
 use ember_data::sft::IGNORE_INDEX;
 use ember_data::Tokenizer;
+use ember_models::hub::Fetch;
 use ember_trainer::recipe::env_overrides;
 use ember_trainer::train::{sft_options, split_records, template};
 use ember_trainer::{Recipe, TrainError};
 use serde_json::json;
 
 pub fn preview(recipe_path: &Path, overrides: &[String], limit: usize, as_json: bool) -> anyhow::Result<()> {
-    let recipe = Recipe::load_with_env(recipe_path, &env_overrides(), overrides)?;
+    let recipe = Recipe::load_with_env(recipe_path, &env_overrides(), overrides, Fetch::Download)?;
     let tokenizer = ember_models::load_tokenizer(&recipe.model.path).map_err(TrainError::from)?;
     let format = template(&recipe)?;
     let options = sft_options(&recipe);

@@ -473,21 +473,6 @@ fn merge(base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Pat
     Ok(())
 }
 
-/// Keeps freed memory in the process. glibc hands every buffer above 32 MiB back to the kernel
-/// on free, so each step's activations and logits came back as fresh zeroed pages: on the tiny
-/// CI recipe 16 of 30 seconds went to page faults; with this, 0.4 of 12.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
-
 fn export(command: ExportCommand) -> anyhow::Result<()> {
     use ember_models::gguf_write::TensorType;
     let parse = |ty: &str| TensorType::parse(ty).ok_or_else(|| bad_input(anyhow::anyhow!("--type '{ty}': expected f32, f16, bf16, q8_0 or q4_0")));
@@ -520,7 +505,7 @@ fn plot(run: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    keep_freed_memory();
+    ember_models::device::keep_freed_memory();
     let cli = Cli::parse();
     // Training stops gracefully on the first signal; every other command exits at once, leaving
     // no half-written output.
@@ -585,7 +570,7 @@ fn main() -> ExitCode {
 /// the Hugging Face cache.
 fn resolve_hub_ids(mut command: Command) -> anyhow::Result<Command> {
     let resolve = |path: &mut PathBuf| -> anyhow::Result<()> {
-        *path = ember_models::hub::model_dir(path).map_err(bad_input)?;
+        *path = ember_models::hub::model_dir(path, ember_models::hub::Fetch::Download)?;
         Ok(())
     };
     match &mut command {
@@ -613,12 +598,13 @@ fn exit_code(error: &anyhow::Error) -> u8 {
     use ember_trainer::recipe::RecipeError;
     let code = |is_input: bool| if is_input { 2 } else { 1 };
     let found = error.chain().find_map(|cause| {
-        if cause.is::<BadInput>() || cause.is::<RecipeError>() || cause.is::<DatasetError>() || cause.is::<TokenizerError>() {
+        if cause.is::<BadInput>() || cause.is::<DatasetError>() || cause.is::<TokenizerError>() {
             return Some(2);
         }
         cause
             .downcast_ref::<TrainError>()
             .map(TrainError::exit_code)
+            .or_else(|| cause.downcast_ref::<RecipeError>().map(|e| code(e.is_input())))
             .or_else(|| cause.downcast_ref::<MergeError>().map(|e| code(e.is_input())))
             .or_else(|| cause.downcast_ref::<LoadError>().map(|e| code(e.is_input())))
             .or_else(|| cause.downcast_ref::<AdapterError>().map(|e| code(e.is_input())))

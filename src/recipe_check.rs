@@ -9,6 +9,7 @@ use ember_models::gguf::GgufFile;
 use ember_models::family::check_checkpoint;
 use ember_models::{Checkpoint, ModelConfig};
 use ember_trainer::Recipe;
+use ember_models::hub::Fetch;
 use ember_trainer::recipe::env_overrides;
 use ember_trainer::train::template;
 
@@ -37,7 +38,7 @@ pub fn run(files: &[std::path::PathBuf], skip_missing_paths: bool) -> anyhow::Re
 
 /// A one-line summary of a good recipe, or the reason (naming the file and key) it is not.
 fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Result<String, String> {
-    let recipe = Recipe::load_with_env(file, env, &[]).map_err(|e| e.to_string())?;
+    let recipe = Recipe::load_with_env(file, env, &[], Fetch::CacheOnly).map_err(|e| e.to_string())?;
     let fail = |reason: String| format!("{}: {reason}", file.display());
     let present = |key: &str, path: &Path| -> Result<bool, String> {
         if path.exists() {

@@ -4,6 +4,7 @@
 use std::io::IsTerminal;
 use std::path::Path;
 
+use ember_models::hub::Fetch;
 use ember_trainer::recipe::env_overrides;
 use ember_trainer::{Event, Recipe, Start, Summary};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -22,7 +23,7 @@ pub enum Output {
 }
 
 pub fn run(recipe_path: &Path, overrides: &[String], start: Start, output: Output) -> anyhow::Result<()> {
-    let recipe = Recipe::load_with_env(recipe_path, &env_overrides(), overrides)?;
+    let recipe = Recipe::load_with_env(recipe_path, &env_overrides(), overrides, Fetch::Download)?;
     let bar = (output == Output::Human && std::io::stdout().is_terminal()).then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use ember_models::Checkpoint;
 use ember_models::gguf::GgufFile;
+use ember_models::hub::Fetch;
 use proptest::prelude::*;
 
 /// Byte edits: (position, kind, byte); kind 0 overwrites, 1 inserts, 2 deletes, 3 truncates.
@@ -119,7 +120,7 @@ fn seeds_are_valid() {
     assert_eq!(ember_data::sentencepiece::ModelProto::parse(&sentencepiece_model()).unwrap().pieces.len(), 2000);
     let views = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_bin/views.bin")).unwrap();
     assert_eq!(ember_models::torch::count_tensors(Path::new("views.bin"), &views).unwrap(), 5);
-    ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), RECIPE, &[], &[]).unwrap();
+    ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), RECIPE, &[], &[], Fetch::CacheOnly).unwrap();
     let path = scratch("seed.safetensors");
     std::fs::write(&path, valid_safetensors()).unwrap();
     assert_eq!(Checkpoint::open_file(&path).unwrap().keys().count(), 11);
@@ -165,8 +166,8 @@ proptest! {
     #[test]
     fn recipe_parser_never_panics(edits in edits(), overrides in prop::collection::vec(".{0,40}", 0..3)) {
         let text = String::from_utf8_lossy(&mutate(RECIPE.as_bytes(), &edits)).into_owned();
-        let _ = ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), &text, &[], &[]);
-        let _ = ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), RECIPE, &[], &overrides);
+        let _ = ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), &text, &[], &[], Fetch::CacheOnly);
+        let _ = ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), RECIPE, &[], &overrides, Fetch::CacheOnly);
     }
 
     #[test]

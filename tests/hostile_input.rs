@@ -40,8 +40,10 @@ fn malformed_datasets_name_the_file_record_and_key() {
         ("latin1.json", b"[{\"instruction\": \"caf\xe9\", \"output\": \"b\"}]", &["latin1.json", "invalid UTF-8 at byte 21"]),
     ];
     for (name, data, needles) in cases {
-        let (output, _dir) = train_on(name, data, &[]);
+        let (output, dir) = train_on(name, data, &[]);
         assert_bad_input(&output, needles);
+        // Data is checked before the output folder is made.
+        assert!(!dir.path().join("run").exists(), "{name}: a failed run left its output folder");
     }
 }
 

@@ -1,11 +1,15 @@
 //! Models by hub id: a real Hugging Face cache laid out on disk (refs, snapshots whose files are
-//! symlinks into blobs, a sharded checkpoint, a missing blob, an unknown revision).
+//! symlinks into blobs, a sharded checkpoint, a missing blob, an unknown revision), and models
+//! downloaded into it from a local server that answers as the Hub does.
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use common::{assert_bad_input, ember_with_env, repository};
+use common::{assert_bad_input, assert_error, ember_with_env, repository};
 use safetensors::SafeTensors;
 use safetensors::tensor::TensorView;
 
@@ -71,7 +75,7 @@ fn hub_ids_resolve_through_the_cache() {
     snapshot(&cache, "broken", "main", MAIN, &tiny_files());
     std::fs::remove_file(cache.join("models--org--broken/blobs").join(format!("{MAIN}-0000"))).unwrap();
 
-    let env = [("HF_HUB_CACHE", cache.to_str().unwrap())];
+    let env = [("HF_HUB_CACHE", cache.to_str().unwrap()), ("HF_HUB_OFFLINE", "1")];
     for id in ["org/tiny", "org/tiny@v1", &format!("org/tiny@{V1}"), "org/sharded"] {
         let output = ember_with_env(&["inspect", id], &env);
         assert!(output.status.success(), "{id}: {}", String::from_utf8_lossy(&output.stderr));
@@ -79,13 +83,13 @@ fn hub_ids_resolve_through_the_cache() {
         assert!(stdout.contains("220,480"), "{id}: {stdout}");
     }
     // HF_HOME/hub when HF_HUB_CACHE is not set.
-    let output = ember_with_env(&["inspect", "org/tiny"], &[("HF_HUB_CACHE", ""), ("HF_HOME", home.path().to_str().unwrap())]);
+    let output = ember_with_env(&["inspect", "org/tiny"], &[("HF_HUB_CACHE", ""), ("HF_HOME", home.path().to_str().unwrap()), ("HF_HUB_OFFLINE", "1")]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     // The sharded snapshot generates too.
     let output = ember_with_env(&["generate", "--base", "org/sharded", "--prompt", "Hello", "--max-new-tokens", "3"], &env);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
-    assert_bad_input(&ember_with_env(&["inspect", "org/absent"], &env), &["org/absent", "not in the Hugging Face cache", "huggingface-cli download org/absent"]);
+    assert_bad_input(&ember_with_env(&["inspect", "org/absent"], &env), &["org/absent", "not in the Hugging Face cache", "huggingface-cli download org/absent", "HF_HUB_OFFLINE is set"]);
     assert_bad_input(&ember_with_env(&["inspect", "org/tiny@nope"], &env), &["revision 'nope'", "--revision nope"]);
     assert_bad_input(&ember_with_env(&["inspect", "org/broken"], &env), &["has no config.json"]);
 }
@@ -108,6 +112,131 @@ fn a_recipe_names_its_model_by_hub_id() {
     // The adapter records where the base came from: the snapshot.
     let config = common::read_json(&dir.path().join("run/adapter/adapter_config.json"));
     assert!(config["base_model_name_or_path"].as_str().unwrap().contains(MAIN), "{config}");
-    let missing = ember_with_env(&["train", recipe.to_str().unwrap(), "--quiet"], &[("HF_HUB_CACHE", dir.path().join("empty").to_str().unwrap())]);
+    let missing = ember_with_env(&["train", recipe.to_str().unwrap(), "--quiet"], &[("HF_HUB_CACHE", dir.path().join("empty").to_str().unwrap()), ("HF_HUB_OFFLINE", "1")]);
     assert_bad_input(&missing, &["model.path", "org/tiny", "huggingface-cli download org/tiny"]);
+}
+
+/// A local stand-in for the Hub's HTTP API, enough for hf-hub: the revision listing
+/// (`/api/models/<id>/revision/<rev>`) and ranged file reads (`/<id>/resolve/<rev>/<file>`) with
+/// the `etag`, `x-repo-commit` and `content-range` headers. Records every request line and the
+/// `authorization` header seen.
+struct FakeHub {
+    endpoint: String,
+    requests: Arc<Mutex<Vec<String>>>,
+    authorizations: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeHub {
+    /// Serves `repos` (id, files) at revision `main`, commit [`MAIN`].
+    fn start(repos: Vec<(&'static str, Vec<(String, Vec<u8>)>)>) -> FakeHub {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let authorizations = Arc::new(Mutex::new(Vec::new()));
+        let (seen, auth) = (requests.clone(), authorizations.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request = String::new();
+                reader.read_line(&mut request).unwrap();
+                let (mut range_start, mut range_end) = (0usize, None::<usize>);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap() == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                    let (name, value) = line.split_once(':').unwrap();
+                    match name.to_ascii_lowercase().as_str() {
+                        "authorization" => auth.lock().unwrap().push(value.trim().to_string()),
+                        "range" => {
+                            let (a, b) = value.trim().trim_start_matches("bytes=").split_once('-').unwrap();
+                            range_start = a.parse().unwrap();
+                            range_end = b.parse().ok();
+                        }
+                        _ => {}
+                    }
+                }
+                let path = request.split_whitespace().nth(1).unwrap().to_string();
+                seen.lock().unwrap().push(path.clone());
+                let (status, headers, body) = answer(&repos, &path, range_start, range_end);
+                let head = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n{headers}\r\n", body.len());
+                let _ = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(&body));
+            }
+        });
+        FakeHub { endpoint, requests, authorizations }
+    }
+
+    /// Requests for files (not listings) so far.
+    fn file_requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().iter().filter(|p| p.contains("/resolve/")).cloned().collect()
+    }
+}
+
+fn answer(repos: &[(&str, Vec<(String, Vec<u8>)>)], path: &str, start: usize, end: Option<usize>) -> (&'static str, String, Vec<u8>) {
+    let not_found = ("404 Not Found", "x-error-code: RepoNotFound\r\n".to_string(), b"{}".to_vec());
+    for (id, files) in repos {
+        if path == format!("/api/models/{id}/revision/main") {
+            let siblings: Vec<serde_json::Value> = files.iter().map(|(name, _)| serde_json::json!({ "rfilename": name })).collect();
+            return ("200 OK", "content-type: application/json\r\n".into(), serde_json::json!({ "sha": MAIN, "siblings": siblings }).to_string().into_bytes());
+        }
+        let Some(file) = path.strip_prefix(&format!("/{id}/resolve/main/")) else { continue };
+        let Some((_, bytes)) = files.iter().find(|(name, _)| name == file) else { return not_found };
+        let end = end.unwrap_or(bytes.len() - 1).min(bytes.len() - 1);
+        let headers = format!("etag: \"{id}-{file}\"\r\nx-repo-commit: {MAIN}\r\ncontent-range: bytes {start}-{end}/{}\r\n", bytes.len());
+        return ("206 Partial Content", headers, bytes[start..=end].to_vec());
+    }
+    not_found
+}
+
+#[test]
+fn hub_ids_not_in_the_cache_are_downloaded() {
+    let mut tiny = tiny_files();
+    // Files ember does not read are left on the server.
+    tiny.push(("onnx/model.onnx".into(), b"not read".to_vec()));
+    tiny.push(("README.md".into(), b"# tiny".to_vec()));
+    let hub = FakeHub::start(vec![("org/tiny", tiny), ("org/sharded", sharded_files())]);
+    let home = tempfile::tempdir().unwrap();
+    let cache = home.path().join("hub");
+    let env = [("HF_HUB_CACHE", cache.to_str().unwrap()), ("HF_ENDPOINT", hub.endpoint.as_str()), ("HF_TOKEN", "hf_secret"), ("HF_HUB_OFFLINE", "")];
+
+    for id in ["org/tiny", "org/sharded"] {
+        let output = ember_with_env(&["inspect", id], &env);
+        assert!(output.status.success(), "{id}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(String::from_utf8_lossy(&output.stdout).contains("220,480"), "{id}");
+    }
+    let fetched = hub.file_requests();
+    assert!(fetched.iter().any(|p| p.ends_with("model-00002-of-00002.safetensors")), "{fetched:?}");
+    assert!(!fetched.iter().any(|p| p.contains("onnx") || p.contains("README")), "{fetched:?}");
+    assert!(hub.authorizations.lock().unwrap().iter().all(|a| a == "Bearer hf_secret"));
+    // Laid out as huggingface_hub does: a ref, and snapshot files that link into blobs.
+    let repo = cache.join("models--org--tiny");
+    assert_eq!(std::fs::read_to_string(repo.join("refs/main")).unwrap().trim(), MAIN);
+    let config = repo.join("snapshots").join(MAIN).join("config.json");
+    assert!(std::fs::symlink_metadata(&config).unwrap().file_type().is_symlink());
+    assert!(std::fs::canonicalize(&config).unwrap().starts_with(std::fs::canonicalize(repo.join("blobs")).unwrap()));
+
+    // Offline first: the second run reads the cache and asks the server nothing.
+    let asked = hub.requests.lock().unwrap().len();
+    let output = ember_with_env(&["generate", "--base", "org/tiny", "--prompt", "Hello", "--max-new-tokens", "3"], &env);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(hub.requests.lock().unwrap().len(), asked);
+
+    // An id the hub does not have is the input's fault; a hub that cannot be reached is not.
+    assert_bad_input(&ember_with_env(&["inspect", "org/absent"], &env), &["org/absent", "no such model or revision", "HTTP 404"]);
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let unreachable = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let env = [("HF_HUB_CACHE", cache.to_str().unwrap()), ("HF_ENDPOINT", unreachable.as_str()), ("HF_HUB_OFFLINE", "")];
+    assert_error(&ember_with_env(&["inspect", "org/other"], &env), 1, &["org/other", "failed", "huggingface-cli download org/other", "HF_HUB_OFFLINE=1"]);
+    // `recipe check` only looks.
+    let recipe = home.path().join("r.toml");
+    std::fs::write(&recipe, "[model]\npath = \"org/sharded@v2\"\n[adapter]\nmethod = \"lora\"\n[data]\npath = \"d.json\"\n[output]\ndir = \"run\"\n").unwrap();
+    let env = [("HF_HUB_CACHE", cache.to_str().unwrap()), ("HF_ENDPOINT", hub.endpoint.as_str()), ("HF_HUB_OFFLINE", "")];
+    let asked = hub.requests.lock().unwrap().len();
+    let check = ember_with_env(&["recipe", "check", recipe.to_str().unwrap()], &env);
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("'model.path'") && stderr.contains("revision 'v2'"), "{stderr}");
+    assert_eq!(hub.requests.lock().unwrap().len(), asked);
 }

@@ -3,9 +3,9 @@
 //! holds a commit hash, `snapshots/<hash>/` the files (symlinks into `blobs/`).
 //!
 //! The cache is `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`. ember
-//! reads it offline; a model that is not there is one error naming the id and the command that
-//! downloads it.
-
+//! reads it first. A model that is not there is downloaded into it (the `download` feature:
+//! `$HF_ENDPOINT`, `$HF_TOKEN` or the cached login token), unless `HF_HUB_OFFLINE` is set or the
+//! caller only looks; then it is one error naming the id and the command that downloads it.
 use std::path::{Path, PathBuf};
 
 use crate::LoadError;
@@ -27,14 +27,39 @@ pub fn cache_dir() -> Option<PathBuf> {
         .or_else(|| var("HOME").map(|home| home.join(".cache/huggingface/hub")))
 }
 
-/// `path` itself when it exists; otherwise, if it is a hub id, its snapshot folder in the cache.
-pub fn model_dir(path: &Path) -> Result<PathBuf, LoadError> {
+/// What [`model_dir`] may do when a hub id is not in the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetch {
+    /// Download it (unless `HF_HUB_OFFLINE` is set): commands that are about to use the model.
+    Download,
+    /// Only look: `ember recipe check` never starts a download.
+    CacheOnly,
+}
+
+/// `path` itself when it exists; otherwise, if it is a hub id, its snapshot folder in the cache,
+/// downloaded first when `fetch` allows it and it is not there.
+pub fn model_dir(path: &Path, fetch: Fetch) -> Result<PathBuf, LoadError> {
     let text = path.to_string_lossy();
     if path.exists() || !is_hub_id(&text) {
         return Ok(path.to_path_buf());
     }
     let cache = cache_dir().ok_or_else(|| LoadError::Invalid { path: path.to_path_buf(), reason: "no hub cache: set HF_HUB_CACHE or HF_HOME".into() })?;
-    resolve(&text, &cache)
+    match resolve(&text, &cache) {
+        Err(LoadError::Invalid { path, reason }) if fetch == Fetch::Download && cfg!(feature = "download") => {
+            if offline() {
+                return Err(LoadError::Invalid { path, reason: format!("{reason} (HF_HUB_OFFLINE is set)") });
+            }
+            #[cfg(feature = "download")]
+            download::snapshot(&text, &cache, &download::Remote::from_env())?;
+            resolve(&text, &cache)
+        }
+        found => found,
+    }
+}
+
+/// `HF_HUB_OFFLINE` as `huggingface_hub` reads it: set to anything but `0`/`false`/empty.
+fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false" | "no" | "off"))
 }
 
 /// The snapshot folder of hub id `spec` (`org/name[@revision]`, revision `main` by default) in
@@ -59,6 +84,128 @@ pub fn resolve(spec: &str, cache: &Path) -> Result<PathBuf, LoadError> {
         return Err(missing(format!("snapshot {hash} in {} has no config.json (missing, or a link to a blob that is not there)", repo.display())));
     }
     Ok(snapshot)
+}
+
+/// Downloading a model repository into the cache with `hf-hub`, the way `huggingface_hub` lays
+/// it out, so that [`resolve`] then finds it.
+#[cfg(feature = "download")]
+pub mod download {
+    use std::path::Path;
+
+    use hf_hub::api::sync::{ApiBuilder, ApiError};
+    use hf_hub::{Cache, Repo, RepoType};
+
+    use crate::LoadError;
+
+    /// Where to download from, and as whom.
+    #[derive(Clone, Debug, Default)]
+    pub struct Remote {
+        /// `None`: `https://huggingface.co`.
+        pub endpoint: Option<String>,
+        /// `None`: the token `huggingface-cli login` saved beside the cache, if any.
+        pub token: Option<String>,
+    }
+
+    impl Remote {
+        /// `$HF_ENDPOINT` and `$HF_TOKEN`.
+        pub fn from_env() -> Self {
+            let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+            Remote { endpoint: var("HF_ENDPOINT").map(|e| e.trim_end_matches('/').to_string()), token: var("HF_TOKEN") }
+        }
+    }
+
+    /// Files of a model ember reads, as transformers picks them: config, tokenizer and generation
+    /// config, and the weights in one format: the sharded safetensors named by their index, else
+    /// `model.safetensors`, else the PyTorch pickles the same way. Top level only (no `onnx/`,
+    /// `original/`). The weights come first and `config.json` last, so an interrupted download
+    /// leaves a snapshot without `config.json`, which the next run completes.
+    pub fn wanted_files(listing: &[String], shards: impl Fn(&str) -> Result<Vec<String>, LoadError>) -> Result<Vec<String>, LoadError> {
+        const SMALL: [&str; 8] = [
+            "tokenizer.json",
+            "tokenizer.model",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "added_tokens.json",
+            "vocab.json",
+            "merges.txt",
+            "generation_config.json",
+        ];
+        let has = |name: &str| listing.iter().any(|n| n == name);
+        let mut files = Vec::new();
+        for (index, single) in [("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")] {
+            if has(index) {
+                files.extend(shards(index)?);
+                files.push(index.to_string());
+                break;
+            }
+            if has(single) {
+                files.push(single.to_string());
+                break;
+            }
+        }
+        files.extend(listing.iter().filter(|n| SMALL.contains(&n.as_str()) || (!n.contains('/') && n.ends_with(".tiktoken"))).cloned());
+        files.push("config.json".to_string());
+        Ok(files)
+    }
+
+    /// Downloads what [`wanted_files`] picks of `spec` (`org/name[@revision]`) into `cache`.
+    /// Files already there are not fetched again; each lands atomically (hf-hub writes a
+    /// temporary file, then renames it into `blobs/`).
+    pub fn snapshot(spec: &str, cache: &Path, remote: &Remote) -> Result<(), LoadError> {
+        let (id, revision) = spec.split_once('@').unwrap_or((spec, "main"));
+        let mut builder = ApiBuilder::from_cache(Cache::new(cache.to_path_buf())).with_retries(3);
+        if let Some(endpoint) = &remote.endpoint {
+            builder = builder.with_endpoint(endpoint.clone());
+        }
+        if remote.token.is_some() {
+            builder = builder.with_token(remote.token.clone());
+        }
+        let fail = |what: &str, e: ApiError| failure(spec, id, revision, what, e);
+        let api = builder.build().map_err(|e| fail("starting the download", e))?;
+        let repo = api.repo(Repo::with_revision(id.to_string(), RepoType::Model, revision.to_string()));
+        let info = repo.info().map_err(|e| fail("listing its files", e))?;
+        let listing: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+        if !listing.iter().any(|n| n == "config.json") {
+            return Err(LoadError::Invalid { path: spec.into(), reason: "the repository has no config.json: not a transformers model".into() });
+        }
+        let shards = |index: &str| {
+            let path = repo.get(index).map_err(|e| fail(&format!("downloading {index}"), e))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| LoadError::io(&path, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::json(&path, e))?;
+            let map = json["weight_map"].as_object().ok_or_else(|| LoadError::Invalid { path: path.clone(), reason: "no 'weight_map'".into() })?;
+            let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            names.sort();
+            names.dedup();
+            Ok(names)
+        };
+        let files = wanted_files(&listing, shards)?;
+        eprintln!("downloading {spec} ({} files) into {}", files.len(), cache.display());
+        for file in &files {
+            repo.get(file).map_err(|e| fail(&format!("downloading {file}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// The error of a failed download: the id's fault (no such repository or revision, no access)
+    /// or the run's (the network, the disk); either way with the command that fetches it.
+    fn failure(spec: &str, id: &str, revision: &str, what: &str, error: ApiError) -> LoadError {
+        let command = format!("huggingface-cli download {id}{}", if revision == "main" { String::new() } else { format!(" --revision {revision}") });
+        let status = match &error {
+            ApiError::RequestError(e) => match e.as_ref() {
+                ureq::Error::Status(code, _) => Some(*code),
+                ureq::Error::Transport(_) => None,
+            },
+            _ => None,
+        };
+        match status {
+            Some(404) => LoadError::Invalid { path: spec.into(), reason: format!("no such model or revision on the hub ({what}: HTTP 404)") },
+            Some(code @ (401 | 403)) => LoadError::Invalid {
+                path: spec.into(),
+                reason: format!("access denied ({what}: HTTP {code}): a gated or private model needs HF_TOKEN, or a login with `huggingface-cli login`"),
+            },
+            _ => LoadError::Download { id: spec.to_string(), reason: format!("{what} failed: {error}; fetch it with `{command}`, or set HF_HUB_OFFLINE=1 to use the cache only") },
+        }
+    }
 }
 
 #[cfg(test)]

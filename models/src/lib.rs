@@ -54,6 +54,10 @@ pub enum LoadError {
     /// Writing an output (an imported model) failed: the run's fault, not the input's.
     #[error("{}: {source}", path.display())]
     Write { path: PathBuf, source: std::io::Error },
+    /// Downloading a model by hub id failed for a reason other than the id: the network, the
+    /// disk. The run's fault, not the input's.
+    #[error("{id}: {reason}")]
+    Download { id: String, reason: String },
 }
 
 impl LoadError {
@@ -70,7 +74,7 @@ impl LoadError {
 
     /// True when the input (a file, a key, a shape) is at fault; false when writing failed.
     pub fn is_input(&self) -> bool {
-        !matches!(self, LoadError::Write { .. })
+        !matches!(self, LoadError::Write { .. } | LoadError::Download { .. })
     }
 
     pub(crate) fn json(path: &Path, source: serde_json::Error) -> Self {

@@ -51,9 +51,10 @@ impl BatchShape {
 /// Estimated peak memory of training `method` on `model` on `device` with weights of
 /// `weight_bytes` per value, the decoder projections stored quantized at `projection_bytes` per
 /// value when it is given ([`projection_bytes`]). On LibTorch activations take the weights' dtype
-/// (norms, softmax and LoRA branches compute in f32), and the graph keeps each dequantized
-/// projection until backward; flex computes in f32 over any base and makes a frozen projection
-/// dense again for backward instead.
+/// (norms, softmax and LoRA branches compute in f32); flex computes in f32 over any base. A frozen
+/// projection made dense for its product (a 4-bit base; a 16-bit base on flex) is made dense again
+/// for backward, unless `EMBER_FUSED=0`: then the graph keeps each dense copy until backward, and
+/// flex's fused operations keep more than they do.
 pub fn estimate(
     model: &ModelConfig,
     method: &Method,
@@ -64,6 +65,8 @@ pub fn estimate(
     device: DeviceName,
 ) -> MemoryEstimate {
     let on_flex = device == DeviceName::Flex;
+    let fused = ember_models::fused::enabled();
+    let flex_fused = on_flex && fused;
     let stored = weight_bytes as f64;
     let a = if on_flex { 4.0 } else { stored };
     let (h, kv, f) = (model.q_dim() as f64, model.kv_dim() as f64, model.intermediate_size as f64);
@@ -83,18 +86,19 @@ pub fn estimate(
     // the probabilities (fused: the probabilities).
     let norms = 2.0 * 4.0 * hidden;
     let attention = a * (h + 2.0 * kv);
-    let mlp = if on_flex { 2.0 } else { 4.0 } * a * f;
-    let per_score = if on_flex { 4.0 } else { 4.0 + a };
+    let mlp = if flex_fused { 2.0 } else { 4.0 } * a * f;
+    let per_score = if flex_fused { 4.0 } else { 4.0 + a };
     // What the method's own layers keep (a LoRA branch: its f32 input and `x·A`).
     let own = method.activation_bytes_per_token(model, a as usize) / model.num_layers as f64;
     let layer = tokens * (norms + attention + mlp + own) + score_cells * per_score;
     // Layers below the lowest trainable one build no graph.
     let layers = (model.num_layers - method.first_trainable_layer(model)) as f64;
-    // A 4-bit base's projections are dequantized for each product, and the graph keeps that
-    // dense copy until backward: per layer with a graph, its projections in the compute dtype.
-    let dequantized = match projection_bytes {
-        Some(_) if !on_flex => projection_sizes(model).iter().sum::<usize>() as f64 / model.num_layers as f64 * a,
-        _ => 0.0,
+    // Without the frozen product, the graph keeps each projection made dense (dequantized, or
+    // cast to f32 on flex) until backward: per layer with a graph, its projections at `a` bytes.
+    let made_dense = projection_bytes.is_some() || (on_flex && stored != 4.0);
+    let dequantized = match made_dense && !fused {
+        true => projection_sizes(model).iter().sum::<usize>() as f64 / model.num_layers as f64 * a,
+        false => 0.0,
     };
     let kept = if options.checkpoint_layers {
         // Each layer's input, then one layer recomputed with its graph.
@@ -114,7 +118,7 @@ pub fn estimate(
     // the logits and the gradient); under 16-bit activations also the head's own output and the
     // gradient's cast.
     let per_logit = match a {
-        _ if on_flex => 8.0,
+        _ if flex_fused => 8.0,
         4.0 => 12.0,
         _ => 16.0 + 2.0 * a,
     };

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use ember_adapters::Method;
 use ember_models::LoadDtype;
+use ember_models::hub::{self, Fetch};
 use ember_models::nf4::Quantization;
 use ember_models::device::DeviceName;
 use serde::Deserialize;
@@ -19,6 +20,19 @@ pub enum RecipeError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{}: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
+    /// `model.path` is a hub id that could not be found or downloaded.
+    #[error("{}: 'model.path': {source}", path.display())]
+    Model { path: PathBuf, source: ember_models::LoadError },
+}
+
+impl RecipeError {
+    /// Whether the recipe is at fault, not the run (a download that failed on the network).
+    pub fn is_input(&self) -> bool {
+        match self {
+            RecipeError::Model { source, .. } => source.is_input(),
+            _ => true,
+        }
+    }
 }
 
 /// A whole run: the recipe file after overrides, validated, its paths absolute.
@@ -288,19 +302,20 @@ impl Recipe {
     /// Reads `path`, applies `overrides` (`section.key=value`, value in TOML syntax or a bare
     /// string) and resolves relative paths against the recipe's folder.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
-        Self::load_with_env(path, &[], overrides)
+        Self::load_with_env(path, &[], overrides, Fetch::Download)
     }
 
     /// As [`Recipe::load`], with `env` (`EMBER_<SECTION>__<KEY>` variables as (name, value), see
-    /// [`env_overrides`]) applied before `overrides`, so `--set` wins.
-    pub fn load_with_env(path: &Path, env: &[(String, String)], overrides: &[String]) -> Result<Self, RecipeError> {
+    /// [`env_overrides`]) applied before `overrides`, so `--set` wins. A `model.path` that is a
+    /// hub id is downloaded into the cache only if `fetch` says so.
+    pub fn load_with_env(path: &Path, env: &[(String, String)], overrides: &[String], fetch: Fetch) -> Result<Self, RecipeError> {
         let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io { path: path.to_path_buf(), source })?;
-        Self::parse(path, &text, env, overrides)
+        Self::parse(path, &text, env, overrides, fetch)
     }
 
     /// A recipe from its `text`, then `env` and `overrides` as in [`Recipe::load_with_env`];
     /// `path` names it in errors and anchors its relative paths.
-    pub fn parse(path: &Path, text: &str, env: &[(String, String)], overrides: &[String]) -> Result<Self, RecipeError> {
+    pub fn parse(path: &Path, text: &str, env: &[(String, String)], overrides: &[String], fetch: Fetch) -> Result<Self, RecipeError> {
         let invalid = |reason: String| RecipeError::Invalid { path: path.to_path_buf(), reason };
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| invalid(format!("invalid TOML: {}", e.message())))?;
         for (name, value) in env {
@@ -331,8 +346,8 @@ impl Recipe {
         let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
         // model.path may be a hub id (`org/name[@revision]`) when no such folder exists here.
         let model = base.join(&recipe.model.path);
-        if recipe.model.path.is_relative() && !model.exists() && ember_models::hub::is_hub_id(&recipe.model.path.to_string_lossy()) {
-            recipe.model.path = ember_models::hub::model_dir(&recipe.model.path).map_err(|e| invalid(format!("'model.path': {e}")))?;
+        if recipe.model.path.is_relative() && !model.exists() && hub::is_hub_id(&recipe.model.path.to_string_lossy()) {
+            recipe.model.path = hub::model_dir(&recipe.model.path, fetch).map_err(|source| RecipeError::Model { path: path.to_path_buf(), source })?;
         }
         for p in [&mut recipe.model.path, &mut recipe.data.path, &mut recipe.output.dir].into_iter().chain(recipe.adapter.init_from.as_mut()) {
             if p.is_relative() {
@@ -561,7 +576,7 @@ mod tests {
         let path = dir.join("r.toml");
         std::fs::write(&path, text).unwrap();
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        Recipe::load_with_env(&path, &env, &overrides.iter().map(|s| s.to_string()).collect::<Vec<_>>()).map_err(|e| e.to_string())
+        Recipe::load_with_env(&path, &env, &overrides.iter().map(|s| s.to_string()).collect::<Vec<_>>(), Fetch::CacheOnly).map_err(|e| e.to_string())
     }
 
     #[test]

@@ -265,7 +265,6 @@ impl<'a> Run<'a> {
         let t = &recipe.train;
         let device = recipe.model.device.device().map_err(|e| TrainError::Setting { key: "model.device", reason: e.to_string() })?.autodiff();
         device.seed(t.seed);
-        let lock = lock_output(&recipe.output.dir)?;
 
         let tokenizer = ember_models::load_tokenizer(&recipe.model.path)?;
         let template = template(recipe)?;
@@ -279,6 +278,9 @@ impl<'a> Run<'a> {
                 reason: format!("no record of {} has a supervised token within {} tokens", recipe.data.path.display(), recipe.data.cutoff_len),
             });
         }
+        // After the checks of the tokenizer and the data, so that a bad recipe leaves no output
+        // folder behind; before the model loads, so that a second run on the folder stops at once.
+        let lock = lock_output(&recipe.output.dir)?;
         on_event(Event::Info(format!(
             "data: {} train / {} eval examples from {} ({} truncated to {} tokens, {} without any answer token after truncation, skipped)",
             train_set.len(), eval_set.len(), recipe.data.path.display(), stats.truncated, recipe.data.cutoff_len, stats.empty.len()

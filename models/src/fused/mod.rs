@@ -7,7 +7,8 @@
 //! burn routes them through `#[backend_extension]`: the forward runs on flex's buffers
 //! ([`kernels`]), and under autodiff a hand-written `Backward` step registers the input
 //! gradients. They serve f32 tensors on flex; anything else (LibTorch, bf16) returns `None` and the
-//! caller keeps its composed burn ops, which stay the reference the tests compare against.
+//! caller keeps its composed burn ops, which stay the reference the tests compare against. The
+//! frozen product is the exception: two GEMMs on any backend, served on LibTorch as well.
 //! `EMBER_FUSED=0` turns them off, to measure what they are worth.
 
 #![allow(deprecated)] // the macro's glue names burn-dispatch's deprecated aliases.
@@ -19,9 +20,9 @@ use std::sync::{Arc, OnceLock};
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::ops::FloatTensorOps;
 use burn::backend::{
-    Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension, tensor::FloatTensor,
+    Autodiff, Backend, Dispatch, DispatchDevice, DispatchKindConversion, DispatchTensor, Flex,
+    backend_extension, tensor::FloatTensor,
 };
 use burn::tensor::{Bytes, DType, Int, Shape, Tensor};
 use burn_flex::{FlexTensor, Layout};
@@ -159,21 +160,82 @@ impl std::fmt::Debug for DenseWeight {
 }
 
 impl DenseWeight {
-    fn flex(&self) -> FlexTensor {
-        (self.0)().try_into_primitive::<Flex>().expect("a frozen weight rebuilds on plain flex")
+    /// The dense weight as backend `B`'s primitive (flex or LibTorch, never autodiff).
+    fn primitive<B: Backend>(&self) -> FloatTensor<B>
+    where
+        DispatchTensor: DispatchKindConversion<B>,
+    {
+        (self.0)().try_into_primitive::<B>().expect("a frozen weight rebuilds on the plain device")
     }
 }
 
 /// `x Wᵀ` with the frozen `W` rebuilt by `weight` for the product and again for backward, or
-/// `None` where it does not apply. Where the graph would keep the dense f32 copy of every
-/// projection until backward (4 bytes a value over a 0.5-byte NF4 or 2-byte bf16 base), it keeps
-/// only the recipe to rebuild it.
+/// `None` where it does not apply (`EMBER_FUSED=0`). Where the graph would keep the dense copy of
+/// every projection until backward (4 bytes a value in f32, 2 in bf16, over a 0.5-byte NF4 base),
+/// it keeps only the recipe to rebuild it. On flex and on LibTorch, in any float dtype: on a GPU
+/// this is what keeps a 4-bit base 4-bit through backward.
 ///
 /// # Shapes
 /// - x: `[rows, in]`; weight: `[out, in]`
 /// - output: `[rows, out]`
 pub fn frozen_matmul(x: &Tensor<2>, weight: DenseWeight) -> Option<Tensor<2>> {
-    applies(x).then(|| Tensor::from_dispatch(<Dispatch as FusedOps>::fused_frozen_matmul(x.clone().into_dispatch(), weight)))
+    enabled().then(|| Tensor::from_dispatch(<Dispatch as FrozenOps>::frozen_matmul(x.clone().into_dispatch(), weight)))
+}
+
+/// The product with a frozen weight, as its own extension because it is served on LibTorch too
+/// (two GEMMs, nothing to fuse there; what it saves is memory).
+#[backend_extension(Flex, LibTorch: cfg(feature = "tch"), Autodiff)]
+pub trait FrozenOps: Backend {
+    fn frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self>;
+}
+
+/// rows,in · (out,in)ᵀ -> rows,out, with the weight made dense for this product only.
+fn frozen_forward<B: Backend>(x: FloatTensor<B>, weight: &DenseWeight) -> FloatTensor<B>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    B::float_matmul(x, B::float_transpose(weight.primitive::<B>()))
+}
+
+impl FrozenOps for Flex {
+    fn frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self> {
+        frozen_forward::<Self>(x, &weight)
+    }
+}
+
+#[cfg(feature = "tch")]
+impl FrozenOps for burn::backend::LibTorch {
+    fn frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self> {
+        frozen_forward::<Self>(x, &weight)
+    }
+}
+
+#[derive(Debug)]
+struct FrozenMatmulBackward;
+
+impl<B: Backend> Backward<B, 1> for FrozenMatmulBackward
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    type State = DenseWeight;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [Some(node_x)] = ops.parents else { return };
+        let dy = grads.consume::<B>(&ops.node);
+        // rows,out · out,in -> rows,in
+        grads.register::<B>(node_x.id, B::float_matmul(dy, ops.state.primitive::<B>()));
+    }
+}
+
+impl<B: Backend, C: CheckpointStrategy> FrozenOps for Autodiff<B, C>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    fn frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self> {
+        let prep = FrozenMatmulBackward.prepare::<C>([x.node()]).compute_bound().stateful();
+        let y = frozen_forward::<B>(x.into_primitive(), &weight);
+        finish(prep, weight, y)
+    }
 }
 
 /// The fused operations as a burn backend extension: flex computes them, autodiff over flex adds
@@ -192,7 +254,6 @@ pub trait FusedOps: Backend {
         scale: f64,
     ) -> FloatTensor<Self>;
     fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self>;
-    fn fused_frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self>;
     fn fused_rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self>;
 }
 
@@ -272,9 +333,6 @@ impl FusedOps for Flex {
     fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self> {
         forward::cross_entropy_sum(&logits.to_contiguous(), &targets).0
     }
-    fn fused_frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self> {
-        Flex::float_matmul(x, Flex::float_transpose(weight.flex()))
-    }
     fn fused_rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self> {
         forward::rope(&x.to_contiguous(), &tables, false)
     }
@@ -290,20 +348,6 @@ impl Backward<Flex, 1> for RopeBackward {
         let [Some(node_x)] = ops.parents else { return };
         let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
         grads.register::<Flex>(node_x.id, forward::rope(&dy, &ops.state, true));
-    }
-}
-
-#[derive(Debug)]
-struct FrozenMatmulBackward;
-
-impl Backward<Flex, 1> for FrozenMatmulBackward {
-    type State = DenseWeight;
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [Some(node_x)] = ops.parents else { return };
-        let dy = grads.consume::<Flex>(&ops.node);
-        // rows,out · out,in -> rows,in
-        grads.register::<Flex>(node_x.id, Flex::float_matmul(dy, ops.state.flex()));
     }
 }
 
@@ -385,9 +429,10 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
 
 /// The output of an operation under autodiff: with `state` kept for its backward step when an
 /// input is tracked, as is.
-fn finish<BO, C, const N: usize>(prep: OpsKind<BO, Flex, BO::State, C, N>, state: BO::State, output: FlexTensor) -> FloatTensor<Autodiff<Flex, C>>
+fn finish<B, BO, C, const N: usize>(prep: OpsKind<BO, B, BO::State, C, N>, state: BO::State, output: FloatTensor<B>) -> FloatTensor<Autodiff<B, C>>
 where
-    BO: Backward<Flex, N>,
+    B: Backend,
+    BO: Backward<B, N>,
     C: CheckpointStrategy,
 {
     match prep {
@@ -401,12 +446,6 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         let prep = RopeBackward.prepare::<C>([x.node()]).compute_bound().stateful();
         let y = Flex::fused_rope(x.into_primitive(), tables.clone());
         finish(prep, tables, y)
-    }
-
-    fn fused_frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self> {
-        let prep = FrozenMatmulBackward.prepare::<C>([x.node()]).compute_bound().stateful();
-        let y = Flex::fused_frozen_matmul(x.into_primitive(), weight.clone());
-        finish(prep, weight, y)
     }
 
     fn fused_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
