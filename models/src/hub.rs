@@ -6,13 +6,14 @@
 //! reads it first. A model that is not there is downloaded into it (the `download` feature:
 //! `$HF_ENDPOINT`, `$HF_TOKEN` or the cached login token), unless `HF_HUB_OFFLINE` is set or the
 //! caller only looks; then it is one error naming the id and the command that downloads it.
+
 use std::path::{Path, PathBuf};
 
 use crate::LoadError;
 
 /// Whether `text` is a hub id: `org/name` with an optional `@revision`, no path syntax.
 pub fn is_hub_id(text: &str) -> bool {
-    let id = text.split_once('@').map_or(text, |(id, _)| id);
+    let id = split_spec(text).0;
     let part = |p: &str| {
         !p.is_empty() && !p.starts_with(['.', '-']) && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) && !p.contains("..")
     };
@@ -62,15 +63,23 @@ fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false" | "no" | "off"))
 }
 
+/// `org/name[@revision]` as (id, revision), the revision `main` by default.
+fn split_spec(spec: &str) -> (&str, &str) {
+    spec.split_once('@').unwrap_or((spec, "main"))
+}
+
+/// The command that puts `id` at `revision` into the cache, for error lines.
+fn download_command(id: &str, revision: &str) -> String {
+    let revision = if revision == "main" { String::new() } else { format!(" --revision {revision}") };
+    format!("huggingface-cli download {id}{revision}")
+}
+
 /// The snapshot folder of hub id `spec` (`org/name[@revision]`, revision `main` by default) in
 /// `cache`. A revision is a ref (`refs/<revision>`) or a commit hash with a snapshot.
 pub fn resolve(spec: &str, cache: &Path) -> Result<PathBuf, LoadError> {
-    let (id, revision) = spec.split_once('@').unwrap_or((spec, "main"));
+    let (id, revision) = split_spec(spec);
     let repo = cache.join(format!("models--{}", id.replace('/', "--")));
-    let missing = |what: String| LoadError::Invalid {
-        path: PathBuf::from(spec),
-        reason: format!("{what}; download it with `huggingface-cli download {id}{}` (ember reads the cache offline)", if revision == "main" { String::new() } else { format!(" --revision {revision}") }),
-    };
+    let missing = |what: String| LoadError::Invalid { path: PathBuf::from(spec), reason: format!("{what}; download it with `{}`", download_command(id, revision)) };
     if !repo.is_dir() {
         return Err(missing(format!("not in the Hugging Face cache {}", cache.display())));
     }
@@ -95,6 +104,7 @@ pub mod download {
     use hf_hub::api::sync::{ApiBuilder, ApiError};
     use hf_hub::{Cache, Repo, RepoType};
 
+    use super::{download_command, split_spec};
     use crate::LoadError;
 
     /// Where to download from, and as whom.
@@ -152,7 +162,7 @@ pub mod download {
     /// Files already there are not fetched again; each lands atomically (hf-hub writes a
     /// temporary file, then renames it into `blobs/`).
     pub fn snapshot(spec: &str, cache: &Path, remote: &Remote) -> Result<(), LoadError> {
-        let (id, revision) = spec.split_once('@').unwrap_or((spec, "main"));
+        let (id, revision) = split_spec(spec);
         let mut builder = ApiBuilder::from_cache(Cache::new(cache.to_path_buf())).with_retries(3);
         if let Some(endpoint) = &remote.endpoint {
             builder = builder.with_endpoint(endpoint.clone());
@@ -160,7 +170,7 @@ pub mod download {
         if remote.token.is_some() {
             builder = builder.with_token(remote.token.clone());
         }
-        let fail = |what: &str, e: ApiError| failure(spec, id, revision, what, e);
+        let fail = |what: &str, e: ApiError| failure(spec, &download_command(id, revision), what, e);
         let api = builder.build().map_err(|e| fail("starting the download", e))?;
         let repo = api.repo(Repo::with_revision(id.to_string(), RepoType::Model, revision.to_string()));
         let info = repo.info().map_err(|e| fail("listing its files", e))?;
@@ -188,8 +198,7 @@ pub mod download {
 
     /// The error of a failed download: the id's fault (no such repository or revision, no access)
     /// or the run's (the network, the disk); either way with the command that fetches it.
-    fn failure(spec: &str, id: &str, revision: &str, what: &str, error: ApiError) -> LoadError {
-        let command = format!("huggingface-cli download {id}{}", if revision == "main" { String::new() } else { format!(" --revision {revision}") });
+    fn failure(spec: &str, command: &str, what: &str, error: ApiError) -> LoadError {
         let status = match &error {
             ApiError::RequestError(e) => match e.as_ref() {
                 ureq::Error::Status(code, _) => Some(*code),
