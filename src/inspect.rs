@@ -8,18 +8,20 @@ use std::path::Path;
 use ember_models::config::RopePairing;
 use ember_models::family::check_checkpoint;
 use ember_models::gguf::GgufFile;
+use ember_models::hub::Fetch;
 use ember_models::{Checkpoint, ModelConfig};
 use ember_trainer::Summary;
 use ember_trainer::checkpoint;
 use ember_trainer::memory::{self, BatchShape};
+use ember_trainer::recipe::env_overrides;
 use serde_json::Value;
 
 use crate::bad_input;
 
 /// `ember inspect --recipe r.toml [--shape s]`: the recipe's model (or a model shape, for a
 /// checkpoint not on this machine), what its adapter would train, and the estimated peak memory.
-pub fn recipe(path: &Path, shape: Option<&str>) -> anyhow::Result<()> {
-    let recipe = ember_trainer::Recipe::load(path, &[])?;
+pub fn recipe(path: &Path, shape: Option<&str>, overrides: &[String]) -> anyhow::Result<()> {
+    let recipe = ember_trainer::Recipe::load_with_env(path, &env_overrides(), overrides, Fetch::Download)?;
     let model = match shape {
         Some(shape) => {
             let (json, source) = ember_trainer::bench::shape_config(shape).map_err(|e| bad_input(anyhow::anyhow!("--shape {e}")))?;

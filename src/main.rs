@@ -51,6 +51,10 @@ enum Command {
         /// llama-13b, llama3-8b, smollm2-135m; or a config.json), for a checkpoint not on this machine.
         #[arg(long, requires = "recipe")]
         shape: Option<String>,
+        /// With --recipe: override a recipe key, e.g. `--set train.micro_batch_size=4`
+        /// (repeatable), after EMBER_<SECTION>__<KEY> environment variables, as `ember train` does.
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE", requires = "recipe")]
+        overrides: Vec<String>,
     },
     /// Fine-tune an adapter as a recipe file describes.
     ///
@@ -522,7 +526,7 @@ fn main() -> ExitCode {
     let result = match command {
         Command::Inspect { model: Some(dir), .. } if inspect::is_training_run(&dir) => inspect::training_run(&dir),
         Command::Inspect { model: Some(model), .. } => inspect::run(&model),
-        Command::Inspect { recipe, shape, .. } => inspect::recipe(&recipe.expect("clap requires model or recipe"), shape.as_deref()),
+        Command::Inspect { recipe, shape, overrides, .. } => inspect::recipe(&recipe.expect("clap requires model or recipe"), shape.as_deref(), &overrides),
         Command::Import(ImportCommand::Gguf { file, out }) => import::gguf(&file, &out),
         Command::Import(ImportCommand::Torch { dir, out }) => import::torch(&dir, &out),
         Command::Import(ImportCommand::Tokenizer { dir, out }) => import::tokenizer(&dir, out.as_deref().unwrap_or(&dir)),

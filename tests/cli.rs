@@ -35,6 +35,10 @@ fn inspect_recipe_estimates_peak_memory_of_a_model_shape() {
         assert!(line.contains(part), "{line}");
     }
     assert_bad_input(&ember(&["inspect", "--recipe", recipe.to_str().unwrap(), "--shape", "llama-99b"]), &["llama-99b", "not a preset"]);
+    // Recipe keys are overridden as for `ember train`: twice the batch, more activations.
+    let doubled = ember(&["inspect", "--recipe", recipe.to_str().unwrap(), "--shape", "llama-7b", "--set", "train.micro_batch_size=8"]);
+    let doubled = String::from_utf8_lossy(&doubled.stdout);
+    assert!(doubled.contains("8 sequences of 256 tokens"), "{doubled}");
 }
 
 #[test]

@@ -9,6 +9,8 @@
 //!   high nibble; value `(q − 8)·d`.
 //! - Q4_1: f16 `d`, f16 `m`, 16 bytes as Q4_0; value `q·d + m`.
 
+use std::ops::Range;
+
 use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
@@ -91,10 +93,20 @@ impl GgmlWeight {
         }
     }
 
-    /// The f32 weight `[out, in]`, each value as ggml dequantizes it. Each byte looks up the
-    /// values it stands for in a 256-row table, so the codes are never unpacked.
+    /// The f32 weight `[out, in]`, each value as ggml dequantizes it.
     pub fn dequantize(&self) -> Tensor<2> {
-        let blocks = self.shape[0] * self.shape[1] / BLOCK;
+        self.dequantize_rows(0..self.shape[0])
+    }
+
+    /// Rows `rows` of the f32 weight (a row is whole blocks). Each byte looks up the values it
+    /// stands for in a 256-row table, so the codes are never unpacked.
+    pub fn dequantize_rows(&self, rows: Range<usize>) -> Tensor<2> {
+        let shape = [rows.len(), self.shape[1]];
+        let blocks_per_row = self.shape[1] / BLOCK;
+        let code_bytes = block_layout(self.kind).1;
+        let block_range = rows.start * blocks_per_row..rows.end * blocks_per_row;
+        let blocks = block_range.len();
+        let codes = self.codes.clone().slice(block_range.start * code_bytes..block_range.end * code_bytes);
         let (table, packing): (Vec<f32>, _) = match self.kind {
             GgmlType::Q8_0 => ((0..=255u8).map(|b| b as i8 as f32).collect(), Packing::Adjacent),
             _ => {
@@ -102,12 +114,13 @@ impl GgmlWeight {
                 ((0..256i32).flat_map(|b| [(b & 0xF) - offset, (b >> 4) - offset]).map(|q| q as f32).collect(), Packing::SplitHalves)
             }
         };
-        let (scales, mins) = (self.scales.clone().cast(DType::F32), self.mins.clone().map(|m| m.cast(DType::F32)));
-        if let Some(values) = crate::fused::lookup_and_scale(&self.codes, &table, &scales, mins.as_ref(), self.shape, packing) {
+        let plane = |t: &Tensor<1>| t.clone().slice(block_range.clone()).cast(DType::F32);
+        let (scales, mins) = (plane(&self.scales), self.mins.as_ref().map(plane));
+        if let Some(values) = crate::fused::lookup_and_scale(&codes, &table, &scales, mins.as_ref(), shape, packing) {
             return values;
         }
         let d = scales.reshape([blocks, 1]);
-        let lookup = |table: Vec<f32>| lookup_bytes(&self.codes, table);
+        let lookup = |table: Vec<f32>| lookup_bytes(&codes, table);
         let values = match self.kind {
             GgmlType::Q8_0 => lookup(table).reshape([blocks, BLOCK]) * d,
             GgmlType::Q4_0 | GgmlType::Q4_1 => {
@@ -120,7 +133,7 @@ impl GgmlWeight {
             }
             other => unreachable!("{other:?} is not stored as a GgmlWeight"),
         };
-        values.reshape(self.shape)
+        values.reshape(shape)
     }
 }
 
@@ -166,6 +179,8 @@ mod tests {
                 };
                 let ours = weight.dequantize().into_data().try_to_vec::<f32>().unwrap();
                 assert!(ours.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()), "{kind:?} heads {heads:?}");
+                let band = weight.dequantize_rows(3..6).into_data().try_to_vec::<f32>().unwrap();
+                assert!(band.iter().zip(&expected[3 * inp..6 * inp]).all(|(a, b)| a.to_bits() == b.to_bits()), "{kind:?} heads {heads:?}, rows 3..6");
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Building blocks shared by every architecture: a frozen linear layer in HF layout, RMSNorm,
 //! rotary position embeddings and the attention core.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use burn::module::{Module, Param};
@@ -31,6 +32,27 @@ impl Weight {
             Weight::Nf4(weight) => weight.dequantize(),
             Weight::Int8(weight) => weight.dequantize(),
             Weight::Ggml(weight) => weight.dequantize(),
+        }
+    }
+
+    /// Rows `rows` of a quantized weight dequantized to f32 (they start on a multiple of
+    /// [`Self::align`] values).
+    fn dequantize_rows(&self, rows: Range<usize>) -> Tensor<2> {
+        match self {
+            Weight::Dense(weight) => weight.val().slice(rows),
+            Weight::Nf4(weight) => weight.dequantize_rows(rows),
+            Weight::Int8(weight) => weight.dequantize_rows(rows),
+            Weight::Ggml(weight) => weight.dequantize_rows(rows),
+        }
+    }
+
+    /// Values of the flattened weight a band of its rows must start on a multiple of.
+    fn align(&self) -> usize {
+        match self {
+            Weight::Nf4(weight) => weight.align(),
+            Weight::Int8(_) => crate::nf4::BLOCK,
+            // GGUF rows are whole blocks.
+            Weight::Dense(_) | Weight::Ggml(_) => 1,
         }
     }
 }
@@ -85,7 +107,7 @@ impl Linear {
             // Dequantized in the activations' dtype for this product only.
             quantized => {
                 let quantized = quantized.valid();
-                frozen_product(x, move || quantized.dense())
+                frozen_product(x, DenseWeight::new(self.shape(), quantized.align(), move |rows| quantized.dequantize_rows(rows)))
             }
         };
         let y = match &self.bias {
@@ -108,20 +130,19 @@ pub fn stored_product(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
         return x.matmul(weight.transpose());
     }
     let weight = weight.inner();
-    frozen_product(x, move || weight.clone())
+    frozen_product(x, DenseWeight::new(weight.dims(), 1, move |rows| weight.clone().slice(rows)))
 }
 
 /// `x Wᵀ` for a frozen `W` that `weight` makes dense (a cast, a dequantization) on the plain
-/// device, in `x`'s dtype. On flex the product is fused: backward makes it dense again rather
-/// than the graph keeping the dense copy of every projection until then.
+/// device, band by band, in `x`'s dtype. Backward makes it dense again rather than the graph
+/// keeping the dense copy of every projection until then.
 ///
 /// # Shapes
 /// - x: `[rows, in]`; weight: `[out, in]`
 /// - output: `[rows, out]`
-pub fn frozen_product(x: Tensor<2>, weight: impl Fn() -> Tensor<2> + Send + Sync + 'static) -> Tensor<2> {
-    let dtype = x.dtype();
-    let weight = Arc::new(move || weight().cast(dtype));
-    crate::fused::frozen_matmul(&x, DenseWeight(weight.clone())).unwrap_or_else(|| x.matmul(weight().transpose()))
+fn frozen_product(x: Tensor<2>, weight: DenseWeight) -> Tensor<2> {
+    let weight = weight.cast(x.dtype());
+    crate::fused::frozen_matmul(&x, weight.clone()).unwrap_or_else(|| x.matmul(weight.all().transpose()))
 }
 
 /// Token embedding table `[vocab, hidden]`.

@@ -9,6 +9,8 @@
 //! the absmax values themselves in 8 bits: minus their mean, in blocks of 256 with an f32 scale
 //! each, as indices into bitsandbytes' signed dynamic 8-bit map.
 
+use std::ops::Range;
+
 use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
@@ -237,27 +239,53 @@ impl Nf4Weight {
     /// The absmax of every block, f32 `[blocks]` (recovered from the 8-bit codes with double
     /// quantization: `map[code] · scale + offset`, an f32 multiply then add).
     pub fn block_absmax(&self) -> Tensor<1> {
+        self.absmax_of(0..self.shape[0] * self.shape[1] / BLOCK)
+    }
+
+    /// The absmax of blocks `blocks`; with double quantization they start a group of 256.
+    fn absmax_of(&self, blocks: Range<usize>) -> Tensor<1> {
         match &self.absmax {
-            Absmax::Exact(absmax) => absmax.clone(),
+            Absmax::Exact(absmax) => absmax.clone().slice(blocks),
             Absmax::Double(DoubleQuant { codes, scales, offset }) => {
-                let blocks = codes.dims()[0];
-                let groups = scales.dims()[0];
+                debug_assert_eq!(blocks.start % ABSMAX_BLOCK, 0, "bands start on a group of blocks");
+                let len = blocks.len();
+                let groups = len.div_ceil(ABSMAX_BLOCK);
+                let first_group = blocks.start / ABSMAX_BLOCK;
                 let device = codes.device();
                 let map = f32_tensor(table(&DYNAMIC_MAP_BITS).to_vec(), &device);
-                let values = map.select(0, codes.clone().cast(DType::I64));
+                let values = map.select(0, codes.clone().slice(blocks).cast(DType::I64));
                 // Pad to whole groups of 256 so each group meets its scale by broadcasting.
-                let padded = Tensor::cat(vec![values, Tensor::zeros([groups * ABSMAX_BLOCK - blocks], &device)], 0);
-                (padded.reshape([groups, ABSMAX_BLOCK]) * scales.clone().reshape([groups, 1])).reshape([groups * ABSMAX_BLOCK]).narrow(0, 0, blocks).add_scalar(*offset)
+                let padded = Tensor::cat(vec![values, Tensor::zeros([groups * ABSMAX_BLOCK - len], &device)], 0);
+                let scales = scales.clone().slice(first_group..first_group + groups).reshape([groups, 1]);
+                (padded.reshape([groups, ABSMAX_BLOCK]) * scales).reshape([groups * ABSMAX_BLOCK]).narrow(0, 0, len).add_scalar(*offset)
             }
         }
     }
 
-    /// The f32 weight `[out, in]`: `code[q] · absmax[block]`. Each byte looks up its two values
-    /// at once in a 256-row table (high nibble first), so the codes are never unpacked.
+    /// The f32 weight `[out, in]`: `code[q] · absmax[block]`.
     pub fn dequantize(&self) -> Tensor<2> {
+        self.dequantize_rows(0..self.shape[0])
+    }
+
+    /// Rows `rows` of the f32 weight, `[rows, in]`, starting on a multiple of [`Self::align`]
+    /// values. Each byte looks up its two values at once in a 256-row table (high nibble first),
+    /// so the codes are never unpacked.
+    pub fn dequantize_rows(&self, rows: Range<usize>) -> Tensor<2> {
+        let inp = self.shape[1];
+        let values = rows.start * inp..rows.end * inp;
         let codes = table(&NF4_BITS);
         let pairs: Vec<f32> = (0..256).flat_map(|byte| [codes[byte >> 4], codes[byte & 0xF]]).collect();
-        lookup_and_scale(&self.packed, pairs, self.block_absmax(), self.shape)
+        let bytes = self.packed.clone().slice(values.start / 2..values.end / 2);
+        lookup_and_scale(&bytes, pairs, self.absmax_of(values.start / BLOCK..values.end / BLOCK), [rows.len(), inp])
+    }
+
+    /// Values of the flattened weight a band of rows starts on a multiple of: a block, or with
+    /// double quantization a group of blocks sharing a scale.
+    pub fn align(&self) -> usize {
+        match self.absmax {
+            Absmax::Exact(_) => BLOCK,
+            Absmax::Double(_) => BLOCK * ABSMAX_BLOCK,
+        }
     }
 
     /// Bytes this weight takes (packed codes and block scales).
@@ -325,11 +353,19 @@ impl Int8Weight {
         Self { codes: u8_tensor(codes, &device), absmax: f32_tensor(absmax, &device), shape }
     }
 
-    /// The f32 weight `[out, in]`: `i8(code) / 127 · absmax[block]`, each byte looked up in a
-    /// 256-entry table.
+    /// The f32 weight `[out, in]`: `i8(code) / 127 · absmax[block]`.
     pub fn dequantize(&self) -> Tensor<2> {
+        self.dequantize_rows(0..self.shape[0])
+    }
+
+    /// Rows `rows` of the f32 weight, starting on a whole block; each byte looked up in a
+    /// 256-entry table.
+    pub fn dequantize_rows(&self, rows: Range<usize>) -> Tensor<2> {
+        let inp = self.shape[1];
+        let values = rows.start * inp..rows.end * inp;
         let steps: Vec<f32> = (0..=255u8).map(|byte| byte as i8 as f32 / 127.0).collect();
-        lookup_and_scale(&self.codes, steps, self.absmax.clone(), self.shape)
+        let absmax = self.absmax.clone().slice(values.start / BLOCK..values.end / BLOCK);
+        lookup_and_scale(&self.codes.clone().slice(values), steps, absmax, [rows.len(), inp])
     }
 }
 
@@ -388,6 +424,29 @@ mod tests {
             let absmax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
             let worst = v.iter().zip(d).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(worst <= absmax / 254.0 * 1.0001, "block {block}: {worst} > {}", absmax / 254.0);
+        }
+    }
+
+    /// A band of rows on the weight's alignment dequantizes to those rows of the whole weight,
+    /// bit for bit: with exact and double-quantized absmax (a last group of 128 blocks only),
+    /// int8, fused (plain flex) and composed (autodiff).
+    #[test]
+    fn bands_of_rows_dequantize_as_the_whole_weight() {
+        let [out, inp] = [48, 512];
+        let values: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i / BLOCK) as f32 / 100.0)).collect();
+        for device in [Device::flex(), Device::flex().autodiff()] {
+            let rows = |whole: Tensor<2>, r: Range<usize>| whole.slice(r).into_data().try_to_vec::<f32>().unwrap();
+            for double_quant in [false, true] {
+                let weight = Nf4Weight::quantize(&values, [out, inp], double_quant, &device);
+                let band = (weight.align() / inp).max(1);
+                for r in [0..band, band..out] {
+                    let ours = weight.dequantize_rows(r.clone()).into_data().try_to_vec::<f32>().unwrap();
+                    assert_eq!(ours, rows(weight.dequantize(), r.clone()), "double quant {double_quant}, rows {r:?}");
+                }
+            }
+            let int8 = Int8Weight::from_tensor(Tensor::<2>::from_data(TensorData::new(values.clone(), [out, inp]), &device));
+            let ours = int8.dequantize_rows(5..9).into_data().try_to_vec::<f32>().unwrap();
+            assert_eq!(ours, rows(int8.dequantize(), 5..9));
         }
     }
 

@@ -7,6 +7,7 @@ use ember_adapters::Method;
 use std::path::Path;
 
 use ember_models::device::DeviceName;
+use ember_models::fused;
 use ember_models::family::KeyLayout;
 use ember_models::gguf::GgufFile;
 use ember_models::nf4::{self, Quantization};
@@ -126,7 +127,7 @@ pub fn estimate(
 
     let trainable = method.count_trainable(model) as f64;
     MemoryEstimate {
-        weights: stored_weight_bytes(model, stored, projection_bytes, a) - method.replaced_base_parameters(model) as f64 * stored,
+        weights: stored_weight_bytes(model, stored, projection_bytes, a, on_flex) - method.replaced_base_parameters(model) as f64 * stored,
         adapter: trainable * 4.0 * 5.0,
         activations,
         loss,
@@ -134,18 +135,26 @@ pub fn estimate(
 }
 
 /// The frozen base: every weight at `stored` bytes, or the decoder projections quantized, plus
-/// the transient of making the largest one dense in the compute dtype of `compute` bytes: a
-/// dequantization (its bytes as i64 indices, the looked-up f32 values and the scaled copy: 12
-/// bytes a value), or a cast.
-fn stored_weight_bytes(model: &ModelConfig, stored: f64, projection_bytes: Option<f64>, compute: f64) -> f64 {
+/// the transient of making one band of rows of a weight dense in the compute dtype of `compute`
+/// bytes (`FLEX_BAND_VALUES` or `TORCH_BAND_VALUES` values, or the largest weight if smaller; the
+/// whole largest one with `EMBER_FUSED=0`): a dequantization (its bytes as i64 indices, the
+/// looked-up f32 values and the scaled copy: 12 bytes a value; 4 in flex's fused lookup), or a
+/// cast.
+fn stored_weight_bytes(model: &ModelConfig, stored: f64, projection_bytes: Option<f64>, compute: f64, on_flex: bool) -> f64 {
     let projections = projection_sizes(model);
-    let largest = projections.iter().copied().max().unwrap_or(0) as f64;
+    let band_values = if on_flex { fused::FLEX_BAND_VALUES } else { fused::TORCH_BAND_VALUES };
+    let band = |values: usize| if fused::enabled() { values.min(band_values) } else { values } as f64;
+    let largest = projections.iter().copied().max().unwrap_or(0);
+    let head = model.vocab_size * model.hidden_size;
+    // A 16-bit head (and dense projections) cast for f32 activations on flex.
+    let cast = if compute == stored { 0.0 } else { band(largest.max(head)) * compute };
     let Some(per_value) = projection_bytes else {
-        let cast = if compute == stored { 0.0 } else { largest * compute };
         return model.num_params() as f64 * stored + cast;
     };
     let quantized: usize = projections.iter().sum();
-    (model.num_params() - quantized) as f64 * stored + quantized as f64 * per_value + largest * 12.0
+    // flex's fused lookup writes the f32 values straight from the bytes.
+    let dequantize = if on_flex && fused::enabled() { 4.0 } else { 12.0 };
+    (model.num_params() - quantized) as f64 * stored + quantized as f64 * per_value + (band(largest) * dequantize).max(cast)
 }
 
 /// Bytes per value of the decoder projections as a recipe's model stores them: quantized while

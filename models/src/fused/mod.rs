@@ -15,6 +15,7 @@
 
 pub mod kernels;
 
+use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
@@ -24,7 +25,7 @@ use burn::backend::{
     Autodiff, Backend, Dispatch, DispatchDevice, DispatchKindConversion, DispatchTensor, Flex,
     backend_extension, tensor::FloatTensor,
 };
-use burn::tensor::{Bytes, DType, Int, Shape, Tensor};
+use burn::tensor::{Bytes, DType, Int, Shape, Slice, Tensor};
 use burn_flex::{FlexTensor, Layout};
 
 use crate::config::RopePairing;
@@ -119,8 +120,10 @@ pub fn lookup_and_scale(
     if !enabled() {
         return None;
     }
-    let flex = |t: &Tensor<1>| (t.dtype() == DType::F32).then(|| t.clone().try_into_primitive::<Flex>().ok()).flatten().map(|t| t.to_contiguous());
-    let bytes = bytes.clone().try_into_primitive::<Flex>().ok()?.to_contiguous();
+    // A band of a weight is a contiguous view into its planes: read in place, not copied.
+    let contiguous = |t: FlexTensor| if t.is_contiguous() { t } else { t.to_contiguous() };
+    let flex = |t: &Tensor<1>| (t.dtype() == DType::F32).then(|| t.clone().try_into_primitive::<Flex>().ok()).flatten().map(contiguous);
+    let bytes = contiguous(bytes.clone().try_into_primitive::<Flex>().ok()?);
     let scales = flex(scales)?;
     let mins = match mins {
         Some(mins) => Some(flex(mins)?),
@@ -147,33 +150,88 @@ pub fn rope(x: &Tensor<4>, tables: RopeTables) -> Option<Tensor<4>> {
     applies(x).then(|| Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rope(x.clone().into_dispatch(), tables)))
 }
 
-/// How a frozen weight `[out, in]` becomes a dense f32 tensor on the plain device (a cast of a
-/// bf16 base, a dequantization of packed blocks): called for the forward product and again for
-/// backward, so that no dense copy lives in the graph between them.
+/// Values of a frozen weight made dense at once for a product on flex: 64M, 256 MiB in f32. A
+/// 7B model's projections (45M values) stay whole; its head goes in 4 bands instead of an
+/// 805 MB f32 copy at once. Smaller bands cost flex speed: on a 7B NF4 step (198 tokens) bands of
+/// 4M values took 101 s, of 16M 96 s, of 64M 78 s, unbanded 86 s.
+pub const FLEX_BAND_VALUES: usize = 1 << 26;
+
+/// The same on LibTorch, where dequantizing takes 12 bytes a value (i64 indices, looked-up and
+/// scaled values): 16M values, 192 MB, instead of 540 MB for a 7B MLP projection.
+pub const TORCH_BAND_VALUES: usize = 1 << 24;
+
+/// Band size of backend `B`.
+fn band_values<B: Backend>() -> usize {
+    #[cfg(test)]
+    if let Some(values) = tests::BAND_VALUES.get() {
+        return values;
+    }
+    if std::any::TypeId::of::<B>() == std::any::TypeId::of::<Flex>() { FLEX_BAND_VALUES } else { TORCH_BAND_VALUES }
+}
+
+/// How a frozen weight `[out, in]` becomes dense on the plain device (a cast of a bf16 base, a
+/// dequantization of packed blocks), a band of rows at a time: for the forward product and again
+/// for backward, so that no dense copy lives in the graph between them and at most one band of it
+/// exists at once.
 #[derive(Clone)]
-pub struct DenseWeight(pub Arc<dyn Fn() -> Tensor<2> + Send + Sync>);
+pub struct DenseWeight {
+    shape: [usize; 2],
+    /// Bands start on a multiple of this many values of the flattened weight.
+    align: usize,
+    rows: Arc<dyn Fn(Range<usize>) -> Tensor<2> + Send + Sync>,
+}
 
 impl std::fmt::Debug for DenseWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DenseWeight")
+        write!(f, "DenseWeight({:?})", self.shape)
     }
 }
 
 impl DenseWeight {
-    /// The dense weight as backend `B`'s primitive (flex or LibTorch, never autodiff).
-    fn primitive<B: Backend>(&self) -> FloatTensor<B>
+    /// A weight of `shape` whose rows `r` `rows(r)` makes dense, for bands that start on a multiple
+    /// of `align` values of the flattened weight (a quantization block, a group of blocks).
+    pub fn new(shape: [usize; 2], align: usize, rows: impl Fn(Range<usize>) -> Tensor<2> + Send + Sync + 'static) -> Self {
+        Self { shape, align, rows: Arc::new(rows) }
+    }
+
+    /// The same weight made dense in `dtype`.
+    pub fn cast(self, dtype: DType) -> Self {
+        let rows = self.rows;
+        Self { rows: Arc::new(move |r| rows(r).cast(dtype)), ..self }
+    }
+
+    /// The whole weight, dense.
+    pub fn all(&self) -> Tensor<2> {
+        (self.rows)(0..self.shape[0])
+    }
+
+    /// The row ranges of bands of about `values` values, in order.
+    fn bands(&self, values: usize) -> impl Iterator<Item = Range<usize>> + use<> {
+        let [out, inp] = self.shape;
+        let align_rows = self.align / gcd(inp.max(1), self.align);
+        // At least one aligned band, at most the whole weight (which may be shorter than one).
+        let band = ((values / inp.max(1)) / align_rows * align_rows).max(align_rows).min(out.max(1));
+        (0..out).step_by(band).map(move |start| start..(start + band).min(out))
+    }
+
+    /// Rows `rows` of the weight as backend `B`'s primitive (flex or LibTorch, never autodiff).
+    fn band<B: Backend>(&self, rows: Range<usize>) -> FloatTensor<B>
     where
         DispatchTensor: DispatchKindConversion<B>,
     {
-        (self.0)().try_into_primitive::<B>().expect("a frozen weight rebuilds on the plain device")
+        (self.rows)(rows).try_into_primitive::<B>().expect("a frozen weight rebuilds on the plain device")
     }
 }
 
-/// `x Wᵀ` with the frozen `W` rebuilt by `weight` for the product and again for backward, or
-/// `None` where it does not apply (`EMBER_FUSED=0`). Where the graph would keep the dense copy of
-/// every projection until backward (4 bytes a value in f32, 2 in bf16, over a 0.5-byte NF4 base),
-/// it keeps only the recipe to rebuild it. On flex and on LibTorch, in any float dtype: on a GPU
-/// this is what keeps a 4-bit base 4-bit through backward.
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// `x Wᵀ` with the frozen `W` rebuilt by `weight`, band by band, for the product and again for
+/// backward, or `None` where it does not apply (`EMBER_FUSED=0`). Where the graph would keep the
+/// dense copy of every projection until backward (4 bytes a value in f32, 2 in bf16, over a
+/// 0.5-byte NF4 base), it keeps only the recipe to rebuild it. On flex and on LibTorch, in any
+/// float dtype: on a GPU this is what keeps a 4-bit base 4-bit through backward.
 ///
 /// # Shapes
 /// - x: `[rows, in]`; weight: `[out, in]`
@@ -183,18 +241,23 @@ pub fn frozen_matmul(x: &Tensor<2>, weight: DenseWeight) -> Option<Tensor<2>> {
 }
 
 /// The product with a frozen weight, as its own extension because it is served on LibTorch too
-/// (two GEMMs, nothing to fuse there; what it saves is memory).
+/// (GEMMs, nothing to fuse there; what it saves is memory).
 #[backend_extension(Flex, LibTorch: cfg(feature = "tch"), Autodiff)]
 pub trait FrozenOps: Backend {
     fn frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self>;
 }
 
-/// rows,in · (out,in)ᵀ -> rows,out, with the weight made dense for this product only.
+/// rows,in · (out,in)ᵀ -> rows,out, one band of the weight's rows (of the output's columns) at a
+/// time.
 fn frozen_forward<B: Backend>(x: FloatTensor<B>, weight: &DenseWeight) -> FloatTensor<B>
 where
     DispatchTensor: DispatchKindConversion<B>,
 {
-    B::float_matmul(x, B::float_transpose(weight.primitive::<B>()))
+    let mut parts: Vec<_> = weight.bands(band_values::<B>()).map(|rows| B::float_matmul(x.clone(), B::float_transpose(weight.band::<B>(rows)))).collect();
+    match parts.len() {
+        1 => parts.pop().expect("one band"),
+        _ => B::float_cat(parts, 1),
+    }
 }
 
 impl FrozenOps for Flex {
@@ -222,8 +285,14 @@ where
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [Some(node_x)] = ops.parents else { return };
         let dy = grads.consume::<B>(&ops.node);
-        // rows,out · out,in -> rows,in
-        grads.register::<B>(node_x.id, B::float_matmul(dy, ops.state.primitive::<B>()));
+        // rows,out · out,in -> rows,in, summed over the bands of out.
+        let weight = ops.state;
+        let dx = weight
+            .bands(band_values::<B>())
+            .map(|rows| B::float_matmul(B::float_slice(dy.clone(), &[Slice::full(), Slice::from(rows.clone())]), weight.band::<B>(rows)))
+            .reduce(B::float_add)
+            .expect("a weight has at least one band");
+        grads.register::<B>(node_x.id, dx);
     }
 }
 
@@ -483,6 +552,11 @@ mod tests {
     use burn::tensor::activation::{log_softmax, silu, softmax};
     use burn::tensor::{Device, Distribution, Int, TensorData};
 
+    std::thread_local! {
+        /// Band size for this thread's frozen products instead of the backend's.
+        pub(super) static BAND_VALUES: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+
     fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
         Tensor::random(shape, Distribution::Normal(0.0, 1.5), device)
     }
@@ -612,26 +686,47 @@ mod tests {
     }
 
     #[test]
-    fn frozen_matmul_rebuilds_the_weight_for_backward() {
+    fn frozen_matmul_rebuilds_the_weight_band_by_band_for_backward() {
         let device = Device::flex().autodiff();
         // A bf16 weight on the plain device, made dense in f32 for each product.
         let weight = random([9, 12], &Device::flex()).cast(DType::BF16);
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let dense = {
             let (weight, calls) = (weight.clone(), calls.clone());
-            DenseWeight(Arc::new(move || {
+            let rows = move |rows: Range<usize>| {
                 calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                weight.clone().cast(DType::F32)
-            }))
+                weight.clone().slice(rows).cast(DType::F32)
+            };
+            DenseWeight::new([9, 12], 1, rows)
         };
         let constant = weight.cast(DType::F32).to_device(&device);
+        // Bands of 4 rows: 0..4, 4..8, 8..9.
+        BAND_VALUES.set(Some(4 * 12));
         check(
             "frozen_matmul",
             [random([5, 12], &device)],
             |[x]| frozen_matmul(x, dense.clone()).unwrap(),
             |[x]| x.clone().matmul(constant.clone().transpose()),
         );
-        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 2, "one product forward, one backward");
+        BAND_VALUES.set(None);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 2 * 3, "each band once forward, once backward");
+    }
+
+    /// Bands hold about the values asked for, start on the quantization's alignment and cover
+    /// every row once.
+    #[test]
+    fn bands_cover_the_rows_on_whole_blocks() {
+        let bands = |shape, align, values| DenseWeight::new(shape, align, |_| unreachable!()).bands(values).collect::<Vec<_>>();
+        // A 7B MLP projection in NF4 with double quantization, in bands of 4M values.
+        let mlp = bands([11008, 4096], 64 * 256, 1 << 22);
+        assert_eq!((mlp.len(), mlp[0].clone(), mlp[10].clone()), (11, 0..1024, 10240..11008));
+        // 576 values a row: a group of 256 blocks is 16,384 / gcd(576, 16,384) = 256 rows.
+        assert!(bands([49152, 576], 64 * 256, 1 << 22).iter().all(|r| r.start % 256 == 0 && r.len() == 7168 || r.end == 49152));
+        assert_eq!(bands([1536, 576], 64, FLEX_BAND_VALUES), vec![0..1536]);
+        // A weight shorter than a group of blocks: one band.
+        assert_eq!(bands([64, 64], 64 * 256, 1 << 22), vec![0..64]);
+        // Rows wider than a band: one row at a time.
+        assert_eq!(bands([3, 1 << 23], 1, 1 << 22), vec![0..1, 1..2, 2..3]);
     }
 
     /// Both pairings, on part of each head, from a position offset. The composed reference runs
