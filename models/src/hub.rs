@@ -98,7 +98,7 @@ pub fn resolve(spec: &str, cache: &Path) -> Result<PathBuf, LoadError> {
 /// Downloading a model repository into the cache with `hf-hub`, the way `huggingface_hub` lays
 /// it out, so that [`resolve`] then finds it.
 #[cfg(feature = "download")]
-pub mod download {
+mod download {
     use std::path::Path;
 
     use hf_hub::api::sync::{ApiBuilder, ApiError};
