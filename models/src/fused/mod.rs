@@ -153,7 +153,7 @@ pub fn rope(x: &Tensor<4>, tables: RopeTables) -> Option<Tensor<4>> {
 /// Values of a frozen weight made dense at once for a product on flex: 64M, 256 MiB in f32. A
 /// 7B model's projections (45M values) stay whole; its head goes in 4 bands instead of an
 /// 805 MB f32 copy at once. Smaller bands cost flex speed: on a 7B NF4 step (198 tokens) bands of
-/// 4M values took 101 s, of 16M 96 s, of 64M 78 s, unbanded 86 s.
+/// 4M values took 101 s, of 16M 96 s, of 64M 78 s and 87 s (two runs), unbanded 86 s.
 pub const FLEX_BAND_VALUES: usize = 1 << 26;
 
 /// The same on LibTorch, where dequantizing takes 12 bytes a value (i64 indices, looked-up and
