@@ -4,7 +4,8 @@
 # (a) f16 SmolLM2: llama.cpp's greedy answers and last logits vs ember's; (b) ember's LoRA GGUF in
 # llama.cpp; (c) gguf-lora vs llama.cpp's convert_lora_to_gguf.py; (d) export -> import round
 # trip; (e) perplexity of ember's f32 vs llama.cpp's f32/f16/q8_0/q4_0 files.
-# (f) a LoRA trained on the q8_0/q4_0 GGUF itself, run by llama.cpp on that file.
+# (f) a LoRA trained on the q8_0/q4_0 GGUF itself, run by llama.cpp on that file; (g) the same on
+# Q4_K_M and Q6_K files made by llama.cpp's own quantizer.
 #
 #   scripts/verify-llamacpp.sh [work dir]      (default target/llamacpp)
 #
@@ -22,11 +23,8 @@ src="$work/llama_cpp_python-$version"
 
 if [ ! -x "$work/venv/bin/python" ] || ! "$work/venv/bin/python" -c "import llama_cpp" 2>/dev/null; then
   if [ ! -d "$src" ]; then
-    url=$(python3 -c "
-import json, urllib.parse, urllib.request
-index = 'https://pypi.org/pypi/llama-cpp-python/$version/json'
-release = json.load(urllib.request.urlopen(index))
-print(next(urllib.parse.urljoin(index, u['url']) for u in release['urls'] if u['packagetype'] == 'sdist'))")
+    # PyPI's simple index (PEP 503) lists the sdist; its JSON API is not reachable everywhere.
+    url=$(curl -sS https://pypi.org/simple/llama-cpp-python/ | grep -o "https://[^\"#]*llama_cpp_python-$version.tar.gz" | head -1)
     curl -sSL -o "$work/llama_cpp_python-$version.tar.gz" "$url"
     tar -xzf "$work/llama_cpp_python-$version.tar.gz" -C "$work"
   fi

@@ -12,6 +12,9 @@
     q4_0 files;
 (f) a LoRA adapter trained by ember directly on the q8_0 / q4_0 GGUF (its blocks as the frozen
     base), applied by llama.cpp to the same file: greedy answers equal ember's.
+(g) the same on Q4_K_M and Q6_K files made from ember's f32 export by llama.cpp's own quantizer
+    (K-quants, with Q5_0/Q8_0 where a row is not whole 256-value blocks): the types it chose are
+    listed, and ember imports each file to the values gguf-py dequantizes.
 """
 import argparse
 import json
@@ -52,6 +55,31 @@ def safetensors_read(path):
             continue
         out[name] = v.reshape(info["shape"])
     return out
+
+
+GGUF_TO_HF = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def gguf_name_matches(gguf_name, hf_name):
+    """Whether a GGUF tensor name (`blk.3.attn_q.weight`) is the HF one (`model.layers.3.self_attn.q_proj.weight`)."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        return hf_name == f"model.layers.{parts[1]}.{GGUF_TO_HF[parts[2]]}.{parts[3]}"
+    return hf_name == f"{GGUF_TO_HF[parts[0]]}.{parts[1]}"
+
+
+def llama_quantize(src, dst, ftype):
+    """llama.cpp's quantizer (llama-quantize's library call) from an f32/f16 GGUF."""
+    import ctypes
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    print(f"$ llama_model_quantize {src} {dst} ftype {ftype}", flush=True)
+    if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize {src} -> {dst} failed")
 
 
 def llama_answer(llm, ids, max_new):
@@ -201,8 +229,29 @@ def main():
     # llama.cpp's q8_0/q4_0 products also quantize the activations to 8 bits, which ember (like
     # PyTorch) does not, so the base's logits differ by about what quantizing the weights costs:
     # the answers are compared, and the perplexity with and without the adapter on both sides.
-    for ty in ("q8_0", "q4_0"):
+    import llama_cpp
+    for ty in ("q8_0", "q4_0", "q4_k_m", "q6_k"):
         path = os.path.join(work, f"smollm2-{ty}.gguf")
+        if ty in ("q4_k_m", "q6_k"):
+            # (g) llama.cpp's quantizer chooses the types; ember must read all it wrote.
+            ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K}[ty]
+            llama_quantize(os.path.join(work, "smollm2-f32.gguf"), path, ftype)
+            reader = gguf.GGUFReader(path)
+            kinds = {}
+            for t in reader.tensors:
+                kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+            back = os.path.join(work, f"imported-{ty}")
+            run([ember, "import", "gguf", path, "--out", back])
+            imported = safetensors_read(os.path.join(back, "model.safetensors"))
+            # Values compared as sorted multisets per tensor: llama.cpp's q/k row permutation is
+            # undone by the import, and a tensor's values are the same either way.
+            pairs = [(t, name) for t in reader.tensors for name in imported if gguf_name_matches(t.name, name)]
+            same = sum(
+                np.array_equal(np.sort(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).ravel()), np.sort(imported[name].ravel()))
+                for t, name in pairs
+            )
+            report.append(f"(g) {ty}: llama.cpp's quantizer wrote {dict(sorted(kinds.items()))} ({os.path.getsize(path) / 1e6:.0f} MB); "
+                          f"ember import equals gguf-py's dequantization for {same} of {len(pairs)} tensors ({len(reader.tensors)} in the file)")
         run_dir = os.path.join(work, f"lora-on-{ty}")
         run([ember, "train", recipe, "--quiet", "--overwrite", "--set", "train.max_steps=12", "--set", "train.lr=3e-3",
              "--set", f'output.dir="{run_dir}"', "--set", f'model.path="{path}"'])
@@ -229,7 +278,7 @@ def main():
             results[with_adapter] = (equal, worst, ours_ppl, perplexity(llm, examples))
             del llm
         (b_eq, b_worst, b_ours, b_theirs), (a_eq, a_worst, a_ours, a_theirs) = results[False], results[True]
-        report.append(f"(f) {ty} GGUF as the base, LoRA trained by ember on its blocks: perplexity (50 records) ember {b_ours:.4f} -> {a_ours:.4f} with the adapter, "
+        report.append(f"({'g' if '_k' in ty else 'f'}) {ty} GGUF as the base, LoRA trained by ember on its blocks: perplexity (50 records) ember {b_ours:.4f} -> {a_ours:.4f} with the adapter, "
                       f"llama.cpp --lora {b_theirs:.4f} -> {a_theirs:.4f}; greedy answers equal {a_eq}/{len(PROMPTS)} with the adapter, {b_eq}/{len(PROMPTS)} without; "
                       f"last-position logits max |diff| {a_worst:.3f} with, {b_worst:.3f} without")
 

@@ -245,7 +245,8 @@ struct BenchArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 20)]
     steps: usize,
-    /// Untimed steps first.
+    /// Untimed steps first. With 0 and one timed step, the peak RSS lacks AdamW's moments, which
+    /// exist from the second step on.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
     /// CPU threads of the flex backend (sets RAYON_NUM_THREADS).

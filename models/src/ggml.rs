@@ -1,13 +1,23 @@
-//! A frozen weight kept in a GGUF file's quantized blocks (Q4_0, Q4_1, Q8_0), so that a model is
-//! fine-tuned on the very file llama.cpp runs: the blocks' bits are kept as they are, split into
-//! a plane of codes and planes of f16 scales (and minimums), and dequantized one projection at a
-//! time in the forward pass, as ggml computes it.
+//! A frozen weight kept in a GGUF file's quantized blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+//! Q5_K, Q6_K), so that a model is fine-tuned on the very file llama.cpp runs: the blocks' bits
+//! are split into a plane of codes and planes of scales (and minimums), and dequantized a band of
+//! rows at a time in the forward pass, each value as ggml computes it.
 //!
-//! Layouts (ggml-quants.c), blocks of 32 consecutive values of a row:
-//! - Q8_0: f16 `d`, 32 i8 `q`; value `q·d`.
-//! - Q4_0: f16 `d`, 16 bytes; element `j` in the low nibble of byte `j`, element `j + 16` in its
-//!   high nibble; value `(q − 8)·d`.
-//! - Q4_1: f16 `d`, f16 `m`, 16 bytes as Q4_0; value `q·d + m`.
+//! Layouts (ggml-common.h, ggml-quants.c), blocks of consecutive values of a row:
+//! - Q8_0 (32): f16 `d`, 32 i8 `q`; value `q·d`.
+//! - Q4_0 (32): f16 `d`, 16 bytes; element `j` in the low nibble of byte `j`, element `j + 16` in
+//!   its high nibble; value `(q − 8)·d`. Q4_1: f16 `d`, f16 `m`, then as Q4_0; value `q·d + m`.
+//! - Q5_0/Q5_1 (32): as Q4_0/Q4_1 with a u32 of fifth bits before the nibbles; `(q − 16)·d`,
+//!   `q·d + m`.
+//! - Q4_K/Q5_K (256): f16 `d`, f16 `dmin`, 12 bytes of eight 6-bit scales `sc` and minimums `m`,
+//!   (Q5_K: 32 bytes of fifth bits), 128 bytes of nibbles; value `(d·sc)·q − dmin·m` per
+//!   sub-block of 32.
+//! - Q6_K (256): 128 bytes of low nibbles, 64 of high bit pairs, sixteen i8 scales, f16 `d`;
+//!   value `(d·sc)·(q − 32)` per sub-block of 16.
+//!
+//! In memory, 4-bit codes keep two a byte, ordered as Q4_0's within each run of 32; 5-, 6- and
+//! 8-bit codes take a byte each, so that one byte-table lookup makes any of them dense. With
+//! their scales, Q5_0 then holds 1.06 bytes a value, Q5_K 1.08 and Q6_K 1.07.
 
 use std::ops::Range;
 
@@ -15,41 +25,138 @@ use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::fused::kernels::Packing;
-use crate::gguf::{GgmlType, GgufFile, HfTensor, unpermute_rows};
+use crate::gguf::{block_codes, k_scale_min, GgmlType, GgufFile, HfTensor, unpermute_rows};
 use crate::nf4::{lookup_bytes, u8_tensor};
 use crate::LoadError;
-
-/// Values per ggml block.
-pub const BLOCK: usize = 32;
 
 /// A GGUF-quantized frozen weight `[out, in]`.
 #[derive(Module, Debug)]
 pub struct GgmlWeight {
-    /// Q4: two codes a byte, `[out · in / 2]`; Q8_0: one i8 a byte, `[out · in]` (u8).
+    /// 4-bit types: two codes a byte, `[out · in / 2]`; the others: one code a byte, `[out · in]`.
     pub codes: Tensor<1, Int>,
-    /// One f16 scale `d` per block, `[out · in / 32]`.
+    /// One f16 `d` per block (of 32 values, or a K-quant's 256).
     pub scales: Tensor<1>,
-    /// Q4_1's f16 minimum per block.
+    /// The f16 minimum per block: `m` (Q4_1, Q5_1) or `dmin` (Q4_K, Q5_K).
     pub mins: Option<Tensor<1>>,
+    /// K-quants: each sub-block's scale as a byte (6 bits; Q6_K's are i8).
+    pub sub_scales: Option<Tensor<1, Int>>,
+    /// Q4_K and Q5_K: each sub-block's 6-bit minimum.
+    pub sub_mins: Option<Tensor<1, Int>>,
     pub shape: [usize; 2],
     #[module(skip)]
     pub kind: GgmlType,
 }
 
-/// A block's bytes of scales (and minimum) before its codes, and its bytes of codes.
-fn block_layout(kind: GgmlType) -> (usize, usize) {
+/// How ember keeps a type's blocks.
+struct Layout {
+    /// Values one f16 `d` (and minimum) covers.
+    block: usize,
+    /// Values one scale covers once a K-quant's sub-block scales are applied (`block` otherwise).
+    group: usize,
+    /// Two codes a byte.
+    nibbles: bool,
+    /// Per-block minimums.
+    mins: bool,
+}
+
+impl Layout {
+    fn of(kind: GgmlType) -> Self {
+        let (block, group, nibbles, mins) = match kind {
+            GgmlType::Q8_0 | GgmlType::Q5_0 => (32, 32, false, false),
+            GgmlType::Q5_1 => (32, 32, false, true),
+            GgmlType::Q4_0 => (32, 32, true, false),
+            GgmlType::Q4_1 => (32, 32, true, true),
+            GgmlType::Q4_K => (256, 32, true, true),
+            GgmlType::Q5_K => (256, 32, false, true),
+            GgmlType::Q6_K => (256, 16, false, false),
+            other => unreachable!("{other:?} blocks are read only when GgmlWeight::reads them"),
+        };
+        Self { block, group, nibbles, mins }
+    }
+
+    fn sub_blocks(&self) -> bool {
+        self.block != self.group
+    }
+
+    /// Bytes of codes per group.
+    fn code_bytes(&self) -> usize {
+        if self.nibbles { self.group / 2 } else { self.group }
+    }
+}
+
+/// A code's value before scaling.
+fn code_value(kind: GgmlType, code: u8) -> f32 {
     match kind {
-        GgmlType::Q8_0 => (2, 32),
-        GgmlType::Q4_0 => (2, 16),
-        GgmlType::Q4_1 => (4, 16),
-        other => unreachable!("{other:?} blocks are read only when GgmlWeight::reads them"),
+        GgmlType::Q8_0 => code as i8 as f32,
+        GgmlType::Q4_0 => (code as i32 - 8) as f32,
+        GgmlType::Q5_0 => (code as i32 - 16) as f32,
+        GgmlType::Q6_K => (code as i32 - 32) as f32,
+        _ => code as f32,
+    }
+}
+
+/// A block's bits split into the planes of a [`GgmlWeight`].
+#[derive(Default)]
+struct Planes {
+    codes: Vec<u8>,
+    scales: Vec<half::f16>,
+    mins: Vec<half::f16>,
+    sub_scales: Vec<u8>,
+    sub_mins: Vec<u8>,
+    /// One block's codes in value order.
+    block: Vec<u8>,
+}
+
+impl Planes {
+    fn push_block(&mut self, kind: GgmlType, b: &[u8]) {
+        self.block.clear();
+        block_codes(kind, b, &mut self.block);
+        if Layout::of(kind).nibbles {
+            // Q4_0's order in each run of 32: value j in the low nibble of byte j, j + 16 high.
+            for run in self.block.chunks_exact(32) {
+                self.codes.extend((0..16).map(|j| run[j] | run[j + 16] << 4));
+            }
+        } else {
+            self.codes.extend_from_slice(&self.block);
+        }
+        let half_at = |i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]);
+        match kind {
+            GgmlType::Q6_K => {
+                self.sub_scales.extend_from_slice(&b[192..208]);
+                self.scales.push(half_at(208));
+            }
+            _ => {
+                self.scales.push(half_at(0));
+                if Layout::of(kind).mins {
+                    self.mins.push(half_at(2));
+                }
+                if matches!(kind, GgmlType::Q4_K | GgmlType::Q5_K) {
+                    for sub in 0..8 {
+                        let (sc, m) = k_scale_min(&b[4..16], sub);
+                        self.sub_scales.push(sc);
+                        self.sub_mins.push(m);
+                    }
+                }
+            }
+        }
     }
 }
 
 impl GgmlWeight {
     /// Whether ember trains on `kind`'s blocks as they are.
     pub fn reads(kind: GgmlType) -> bool {
-        matches!(kind, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+        !matches!(kind, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+    }
+
+    /// Bytes a value of `kind` takes in memory: its code and its share of the scales.
+    pub fn bytes_per_value(kind: GgmlType) -> f64 {
+        let layout = Layout::of(kind);
+        let code = if layout.nibbles { 0.5 } else { 1.0 };
+        let f16s = if layout.mins { 2.0 } else { 1.0 };
+        let per_block = 2.0 * f16s / layout.block as f64;
+        // A K-quant sub-block's scale byte (and minimum byte).
+        let per_group = if layout.sub_blocks() { f16s / layout.group as f64 } else { 0.0 };
+        code + per_block + per_group
     }
 
     /// The blocks of `hf` (a quantized projection) split into planes, rows in HF order.
@@ -63,31 +170,30 @@ impl GgmlWeight {
     /// `bytes`, ggml blocks of `kind` holding a `[out, in]` weight (checked by the GGUF reader),
     /// split into planes; with `unpermute_heads`, q/k rows are put back in HF order.
     fn from_blocks(kind: GgmlType, bytes: &[u8], [out, inp]: [usize; 2], unpermute_heads: Option<usize>, device: &Device) -> Self {
-        let (header, code_bytes) = block_layout(kind);
-        let blocks = bytes.len() / (header + code_bytes);
-        let mut codes = Vec::with_capacity(blocks * code_bytes);
-        let mut scales = Vec::with_capacity(blocks);
-        let mut mins = Vec::with_capacity(if kind == GgmlType::Q4_1 { blocks } else { 0 });
-        for block in bytes.chunks_exact(header + code_bytes) {
-            scales.push(half::f16::from_le_bytes([block[0], block[1]]));
-            if kind == GgmlType::Q4_1 {
-                mins.push(half::f16::from_le_bytes([block[2], block[3]]));
-            }
-            codes.extend_from_slice(&block[header..]);
+        let mut planes = Planes::default();
+        for block in bytes.chunks_exact(kind.block_bytes()) {
+            planes.push_block(kind, block);
         }
         if let Some(heads) = unpermute_heads {
             // A row is whole blocks, so un-permuting rows moves each plane's rows as they are.
-            let blocks_per_row = inp / BLOCK;
-            codes = unpermute_rows(&codes, out, blocks_per_row * code_bytes, heads);
-            scales = unpermute_rows(&scales, out, blocks_per_row, heads);
-            if !mins.is_empty() {
-                mins = unpermute_rows(&mins, out, blocks_per_row, heads);
+            fn rows<T: Copy + Default>(plane: &mut Vec<T>, out: usize, heads: usize) {
+                if !plane.is_empty() {
+                    *plane = unpermute_rows(plane, out, plane.len() / out, heads);
+                }
             }
+            rows(&mut planes.codes, out, heads);
+            rows(&mut planes.scales, out, heads);
+            rows(&mut planes.mins, out, heads);
+            rows(&mut planes.sub_scales, out, heads);
+            rows(&mut planes.sub_mins, out, heads);
         }
+        let bytes = |plane: Vec<u8>| (!plane.is_empty()).then(|| u8_tensor(plane, device));
         Self {
-            codes: u8_tensor(codes, device),
-            scales: f16_tensor(scales, device),
-            mins: (kind == GgmlType::Q4_1).then(|| f16_tensor(mins, device)),
+            codes: u8_tensor(planes.codes, device),
+            scales: f16_tensor(planes.scales, device),
+            mins: (!planes.mins.is_empty()).then(|| f16_tensor(planes.mins, device)),
+            sub_scales: bytes(planes.sub_scales),
+            sub_mins: bytes(planes.sub_mins),
             shape: [out, inp],
             kind,
         }
@@ -102,36 +208,42 @@ impl GgmlWeight {
     /// stands for in a 256-row table, so the codes are never unpacked.
     pub fn dequantize_rows(&self, rows: Range<usize>) -> Tensor<2> {
         let shape = [rows.len(), self.shape[1]];
-        let blocks_per_row = self.shape[1] / BLOCK;
-        let code_bytes = block_layout(self.kind).1;
-        let block_range = rows.start * blocks_per_row..rows.end * blocks_per_row;
-        let blocks = block_range.len();
-        let codes = self.codes.clone().slice(block_range.start * code_bytes..block_range.end * code_bytes);
-        let (table, packing): (Vec<f32>, _) = match self.kind {
-            GgmlType::Q8_0 => ((0..=255u8).map(|b| b as i8 as f32).collect(), Packing::Adjacent),
-            _ => {
-                let offset = if self.kind == GgmlType::Q4_0 { 8 } else { 0 };
-                ((0..256i32).flat_map(|b| [(b & 0xF) - offset, (b >> 4) - offset]).map(|q| q as f32).collect(), Packing::SplitHalves)
-            }
+        let layout = Layout::of(self.kind);
+        let values = rows.start * self.shape[1]..rows.end * self.shape[1];
+        let groups = values.start / layout.group..values.end / layout.group;
+        let blocks = values.start / layout.block..values.end / layout.block;
+        let codes = self.codes.clone().slice(groups.start * layout.code_bytes()..groups.end * layout.code_bytes());
+        let (table, packing): (Vec<f32>, _) = if layout.nibbles {
+            let table = (0..=255u8).flat_map(|b| [code_value(self.kind, b & 0x0f), code_value(self.kind, b >> 4)]).collect();
+            (table, Packing::SplitHalves)
+        } else {
+            ((0..=255u8).map(|b| code_value(self.kind, b)).collect(), Packing::Adjacent)
         };
-        let plane = |t: &Tensor<1>| t.clone().slice(block_range.clone()).cast(DType::F32);
-        let (scales, mins) = (plane(&self.scales), self.mins.as_ref().map(plane));
+        let per_block = |t: &Tensor<1>| t.clone().slice(blocks.clone()).cast(DType::F32);
+        let (mut scales, mut mins) = (per_block(&self.scales), self.mins.as_ref().map(per_block));
+        if let Some(sub_scales) = &self.sub_scales {
+            // K-quants: `d·sc` and `−dmin·m` per sub-block, each product in f32 as ggml's.
+            let spread = |t: Tensor<1>| t.reshape([blocks.len(), 1]).repeat_dim(1, layout.block / layout.group).reshape([groups.len()]);
+            let sub = |t: &Tensor<1, Int>, signed: bool| {
+                let table = (0..=255u8).map(|b| if signed { b as i8 as f32 } else { b as f32 }).collect();
+                lookup_bytes(&t.clone().slice(groups.clone()), table).reshape([groups.len()])
+            };
+            scales = spread(scales) * sub(sub_scales, self.kind == GgmlType::Q6_K);
+            mins = mins.zip(self.sub_mins.as_ref()).map(|(dmin, m)| (spread(dmin) * sub(m, false)).neg());
+        }
         if let Some(values) = crate::fused::lookup_and_scale(&codes, &table, &scales, mins.as_ref(), shape, packing) {
             return values;
         }
-        let d = scales.reshape([blocks, 1]);
-        let lookup = |table: Vec<f32>| lookup_bytes(&codes, table);
-        let values = match self.kind {
-            GgmlType::Q8_0 => lookup(table).reshape([blocks, BLOCK]) * d,
-            GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                // [blocks·16, 2] (low, high) -> [blocks, 2, 16]: the low nibbles are elements 0..16.
-                let q = lookup(table).reshape([blocks, BLOCK / 2, 2]).swap_dims(1, 2).reshape([blocks, BLOCK]);
-                match mins {
-                    Some(mins) => q * d + mins.reshape([blocks, 1]),
-                    None => q * d,
-                }
-            }
-            other => unreachable!("{other:?} is not stored as a GgmlWeight"),
+        let n = groups.len();
+        let q = lookup_bytes(&codes, table);
+        let q = match packing {
+            // [n·16, 2] (low, high) -> [n, 2, 16]: the low nibbles are elements 0..16.
+            Packing::SplitHalves => q.reshape([n, layout.group / 2, 2]).swap_dims(1, 2).reshape([n, layout.group]),
+            Packing::Adjacent => q.reshape([n, layout.group]),
+        };
+        let values = match mins {
+            Some(mins) => q * scales.reshape([n, 1]) + mins.reshape([n, 1]),
+            None => q * scales.reshape([n, 1]),
         };
         values.reshape(shape)
     }
@@ -158,18 +270,9 @@ mod tests {
     }
 
     fn dequantizes_as_ggml_on(device: &Device) {
-        let [out, inp] = [8, 64];
-        for kind in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
-            let (header, code_bytes) = block_layout(kind);
-            let blocks = out * inp / BLOCK;
-            let bytes: Vec<u8> = (0..blocks)
-                .flat_map(|b| {
-                    let d = half::f16::from_f32(0.013 * (b as f32 + 1.0)).to_le_bytes();
-                    let m = half::f16::from_f32(-0.07 * b as f32).to_le_bytes();
-                    let header_bytes: Vec<u8> = if header == 4 { [d, m].concat() } else { d.to_vec() };
-                    header_bytes.into_iter().chain((0..code_bytes).map(move |j| (j * 37 + b * 11) as u8))
-                })
-                .collect();
+        let [out, inp] = [8, 512];
+        for kind in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+            let bytes = blocks(kind, out * inp);
             let host = dequantize(kind, &bytes);
             for heads in [None, Some(2)] {
                 let weight = GgmlWeight::from_blocks(kind, &bytes, [out, inp], heads, device);
@@ -183,5 +286,33 @@ mod tests {
                 assert!(band.iter().zip(&expected[3 * inp..6 * inp]).all(|(a, b)| a.to_bits() == b.to_bits()), "{kind:?} heads {heads:?}, rows 3..6");
             }
         }
+    }
+
+    /// `values` worth of `kind` blocks: every byte varied, the f16 fields set to finite scales of
+    /// both signs (for a minimum) and sizes.
+    fn blocks(kind: GgmlType, values: usize) -> Vec<u8> {
+        let (per_block, block_bytes) = (kind.block().0 as usize, kind.block_bytes());
+        let halves: &[usize] = match kind {
+            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => &[0],
+            GgmlType::Q6_K => &[208],
+            _ => &[0, 2],
+        };
+        (0..values / per_block)
+            .flat_map(|b| {
+                let mut block: Vec<u8> = (0..block_bytes).map(|j| (j * 37 + b * 11 + j * j / 7) as u8).collect();
+                for (i, &at) in halves.iter().enumerate() {
+                    let value = if i == 0 { 0.013 * (b as f32 + 1.0) } else { -0.07 * b as f32 + 0.02 };
+                    block[at..at + 2].copy_from_slice(&half::f16::from_f32(value).to_le_bytes());
+                }
+                block
+            })
+            .collect()
+    }
+
+    #[test]
+    fn memory_per_value_counts_codes_and_scales() {
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q4_0), 0.5 + 2.0 / 32.0);
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q4_K), 0.5 + 4.0 / 256.0 + 2.0 / 32.0);
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q6_K), 1.0 + 2.0 / 256.0 + 1.0 / 16.0);
     }
 }

@@ -21,14 +21,20 @@ use crate::{LoadError, llama};
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 
-/// Tensor element types this reader can dequantize (ggml type ids).
+/// Tensor element types this reader can dequantize (ggml type ids), under ggml's names.
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
     F32,
     F16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q4_K,
+    Q5_K,
+    Q6_K,
     BF16,
 }
 
@@ -39,20 +45,35 @@ impl GgmlType {
             1 => Self::F16,
             2 => Self::Q4_0,
             3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
             8 => Self::Q8_0,
+            12 => Self::Q4_K,
+            13 => Self::Q5_K,
+            14 => Self::Q6_K,
             30 => Self::BF16,
             _ => return None,
         })
     }
 
+    /// Bytes per block.
+    pub(crate) fn block_bytes(self) -> usize {
+        self.block().1 as usize
+    }
+
     /// (elements per block, bytes per block)
-    fn block(self) -> (u64, u64) {
+    pub(crate) fn block(self) -> (u64, u64) {
         match self {
             Self::F32 => (1, 4),
             Self::F16 | Self::BF16 => (1, 2),
             Self::Q4_0 => (32, 18),
             Self::Q4_1 => (32, 20),
+            Self::Q5_0 => (32, 22),
+            Self::Q5_1 => (32, 24),
             Self::Q8_0 => (32, 34),
+            Self::Q4_K => (256, 144),
+            Self::Q5_K => (256, 176),
+            Self::Q6_K => (256, 210),
         }
     }
 }
@@ -232,7 +253,7 @@ impl GgufFile {
         for (name, dims, type_id, offset) in infos {
             let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason: format!("GGUF tensor '{name}': {reason}") };
             let ggml_type = GgmlType::from_id(type_id)
-                .ok_or_else(|| invalid(format!("ggml type {} is not supported (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0)", ggml_type_name(type_id))))?;
+                .ok_or_else(|| invalid(format!("ggml type {} is not supported (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)", ggml_type_name(type_id))))?;
             let elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).filter(|&n| n > 0)
                 .ok_or_else(|| invalid(format!("dimensions {dims:?} are empty or overflow")))?;
             let (block_elems, block_bytes) = ggml_type.block();
@@ -283,33 +304,104 @@ fn half_at(bytes: &[u8], i: usize) -> f32 {
     f16_to_f32(u16::from_le_bytes([bytes[i], bytes[i + 1]]))
 }
 
-/// Dequantizes ggml blocks. Layouts as in ggml-quants.c: Q4 blocks keep element j in the low
-/// nibble of byte j and element j+16 in the high nibble.
+/// Dequantizes ggml blocks, each value as ggml-quants.c's `dequantize_row_*` computes it (the
+/// same f32 operations in the same order), so that the device path can be checked bit for bit.
 pub(crate) fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
-    match kind {
-        GgmlType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-        GgmlType::F16 => bytes.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
-        GgmlType::BF16 => bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect(),
-        GgmlType::Q8_0 => bytes
-            .chunks_exact(34)
-            .flat_map(|b| {
-                let d = half_at(b, 0);
-                b[2..].iter().map(move |&q| q as i8 as f32 * d)
-            })
-            .collect(),
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let block_bytes = kind.block().1 as usize;
-            let mut out = Vec::with_capacity(bytes.len() / block_bytes * 32);
-            for b in bytes.chunks_exact(block_bytes) {
-                let d = half_at(b, 0);
-                // ggml: Q4_1 is q·d + m, Q4_0 is (q − 8)·d (not q·d − 8d, which rounds differently).
-                let value = |q: u8| if kind == GgmlType::Q4_1 { q as f32 * d + half_at(b, 2) } else { (q as i32 - 8) as f32 * d };
-                let qs = &b[if kind == GgmlType::Q4_1 { 4 } else { 2 }..];
-                out.extend(qs.iter().map(|&q| value(q & 0x0f)));
-                out.extend(qs.iter().map(|&q| value(q >> 4)));
+    let (per_block, block_bytes) = kind.block();
+    let mut out = Vec::with_capacity(bytes.len() / block_bytes as usize * per_block as usize);
+    let mut q = Vec::with_capacity(per_block as usize);
+    for b in bytes.chunks_exact(block_bytes as usize) {
+        let d = || half_at(b, 0);
+        match kind {
+            GgmlType::F32 => out.push(f32::from_le_bytes(b.try_into().unwrap())),
+            GgmlType::F16 => out.push(half_at(b, 0)),
+            GgmlType::BF16 => out.push(f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
+            _ => {
+                q.clear();
+                block_codes(kind, b, &mut q);
+                match kind {
+                    GgmlType::Q8_0 => out.extend(q.iter().map(|&c| c as i8 as f32 * d())),
+                    // ggml: (q − 8)·d, not q·d − 8d, which rounds differently.
+                    GgmlType::Q4_0 => out.extend(q.iter().map(|&c| (c as i32 - 8) as f32 * d())),
+                    GgmlType::Q5_0 => out.extend(q.iter().map(|&c| (c as i32 - 16) as f32 * d())),
+                    GgmlType::Q4_1 | GgmlType::Q5_1 => out.extend(q.iter().map(|&c| c as f32 * d() + half_at(b, 2))),
+                    GgmlType::Q4_K | GgmlType::Q5_K => {
+                        for (sub, codes) in q.chunks_exact(32).enumerate() {
+                            let (sc, m) = k_scale_min(&b[4..16], sub);
+                            let (d1, m1) = (d() * sc as f32, half_at(b, 2) * m as f32);
+                            out.extend(codes.iter().map(|&c| d1 * c as f32 - m1));
+                        }
+                    }
+                    GgmlType::Q6_K => {
+                        let d = half_at(b, 208);
+                        for (sub, codes) in q.chunks_exact(16).enumerate() {
+                            let scale = b[192 + sub] as i8 as f32;
+                            out.extend(codes.iter().map(|&c| d * scale * (c as i32 - 32) as f32));
+                        }
+                    }
+                    GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!(),
+                }
             }
-            out
         }
+    }
+    out
+}
+
+/// A quantized block's codes in value order, appended to `out`, before the offset a type
+/// subtracts or the scales (ggml-common.h's layouts, see `crate::ggml`).
+pub(crate) fn block_codes(kind: GgmlType, b: &[u8], out: &mut Vec<u8>) {
+    match kind {
+        GgmlType::Q8_0 => out.extend_from_slice(&b[2..]),
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            // Element j in the low nibble of byte j, element j + 16 in its high nibble.
+            let qs = &b[if kind == GgmlType::Q4_1 { 4 } else { 2 }..];
+            out.extend(qs.iter().map(|&q| q & 0x0f));
+            out.extend(qs.iter().map(|&q| q >> 4));
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            // As Q4_0, with element j's fifth bit in bit j of a u32 before the nibbles.
+            let at = if kind == GgmlType::Q5_1 { 4 } else { 2 };
+            let high = u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+            let qs = &b[at + 4..];
+            out.extend((0..32).map(|j| {
+                let nibble = if j < 16 { qs[j] & 0x0f } else { qs[j - 16] >> 4 };
+                nibble | (((high >> j) & 1) as u8) << 4
+            }));
+        }
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            // Each 64 values are 32 bytes, low nibbles first; Q5_K's fifth bits for sub-block s
+            // are bit s of 32 bytes after the scales.
+            let (high, qs) = if kind == GgmlType::Q5_K { (Some(&b[16..48]), &b[48..]) } else { (None, &b[16..]) };
+            for sub in 0..8 {
+                let bytes = &qs[sub / 2 * 32..][..32];
+                out.extend((0..32).map(|l| {
+                    let nibble = if sub % 2 == 0 { bytes[l] & 0x0f } else { bytes[l] >> 4 };
+                    nibble | high.map_or(0, |h| (h[l] >> sub & 1) << 4)
+                }));
+            }
+        }
+        GgmlType::Q6_K => {
+            // 128 bytes of low nibbles and 64 of high bit pairs: in each half of 128 values,
+            // quarter k's value l is nibble k/2 of ql[l + 32·(k%2)] and bits 2k of qh[l].
+            let (ql, qh) = (&b[..128], &b[128..192]);
+            out.extend((0..256).map(|i| {
+                let (half, l, quarter) = (i / 128, i % 32, i % 128 / 32);
+                let low = ql[half * 64 + l + (quarter % 2) * 32] >> (4 * (quarter / 2)) & 0x0f;
+                low | (qh[half * 32 + l] >> (2 * quarter) & 3) << 4
+            }));
+        }
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("{kind:?} is not a block type"),
+    }
+}
+
+/// Sub-block `j`'s 6-bit scale and minimum of a Q4_K/Q5_K super-block (ggml's
+/// `get_scale_min_k4`): the first four in bytes 0..8, the rest split over bytes 8..12 and the
+/// top two bits of bytes 0..8.
+pub(crate) fn k_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (scales[j] & 63, scales[j + 4] & 63)
+    } else {
+        ((scales[j + 4] & 0x0f) | (scales[j - 4] >> 6) << 4, (scales[j + 4] >> 4) | (scales[j] >> 6) << 4)
     }
 }
 
@@ -452,14 +544,17 @@ impl GgufFile {
     }
 
     /// Bytes per value of the decoder projections ember keeps in their blocks
-    /// ([`crate::ggml::GgmlWeight`]), over those projections; `None` when none is quantized.
+    /// ([`crate::ggml::GgmlWeight`]) as it holds them in memory, over those projections; `None`
+    /// when none is quantized.
     pub fn projection_bytes_per_value(&self) -> Option<f64> {
+        use crate::ggml::GgmlWeight;
         let (bytes, values) = self
             .tensors
             .iter()
-            .filter(|t| crate::ggml::GgmlWeight::reads(t.ggml_type) && hf_name(&t.name).is_some_and(|(_, role)| role.is_some()))
-            .fold((0, 0), |(bytes, values), t| (bytes + t.range.len(), values + t.shape.iter().product::<usize>()));
-        (values > 0).then(|| bytes as f64 / values as f64)
+            .filter(|t| GgmlWeight::reads(t.ggml_type) && hf_name(&t.name).is_some_and(|(_, role)| role.is_some()))
+            .map(|t| (t.ggml_type, t.shape.iter().product::<usize>() as f64))
+            .fold((0.0, 0.0), |(bytes, values), (kind, n)| (bytes + n * GgmlWeight::bytes_per_value(kind), values + n));
+        (values > 0.0).then(|| bytes / values)
     }
 
     /// The tensor's f32 values in HF order (dequantized, q/k rows un-permuted).
@@ -703,6 +798,25 @@ mod tests {
         assert_eq!(values[15], 7.0);
         assert_eq!(values[16], 7.0);
         assert_eq!(values[31], -8.0);
+    }
+
+    /// Every type's blocks (tests/fixtures/ggml_quants/blocks.safetensors) dequantize to the
+    /// values llama.cpp's Python package (`gguf.quants.dequantize`) gives, bit for bit.
+    #[test]
+    fn dequantizes_as_llama_cpps_python_package() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/ggml_quants/blocks.safetensors");
+        let bytes = std::fs::read(path).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (kind, id) in [(GgmlType::Q4_0, 2), (GgmlType::Q4_1, 3), (GgmlType::Q5_0, 6), (GgmlType::Q5_1, 7), (GgmlType::Q8_0, 8), (GgmlType::Q4_K, 12), (GgmlType::Q5_K, 13), (GgmlType::Q6_K, 14)] {
+            assert_eq!(GgmlType::from_id(id), Some(kind));
+            let name = format!("{kind:?}");
+            let blocks = file.tensor(&format!("{name}.blocks")).unwrap();
+            let expected: Vec<f32> = file.tensor(&format!("{name}.values")).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let ours = dequantize(kind, blocks.data());
+            assert_eq!(ours.len(), expected.len(), "{name}");
+            let differ = ours.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "{name}: {differ} values differ");
+        }
     }
 
     #[test]

@@ -200,7 +200,7 @@ impl CausalLm<Linear> {
         )
     }
 
-    /// A LLaMA-architecture GGUF file as the frozen base: its Q4_0/Q4_1/Q8_0 projections stay
+    /// A LLaMA-architecture GGUF file as the frozen base: its quantized projections stay
     /// in their blocks ([`GgmlWeight`]); other tensors (and quantized embeddings or heads, which
     /// transformers keeps in full precision too) are read as floats in `dtype`.
     pub fn from_gguf(path: &Path, dtype: LoadDtype, quantization: Option<Quantization>, device: &Device) -> Result<Self, LoadError> {
