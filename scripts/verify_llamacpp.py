@@ -15,6 +15,9 @@
 (g) the same on Q4_K_M and Q6_K files made from ember's f32 export by llama.cpp's own quantizer
     (K-quants, with Q5_0/Q8_0 where a row is not whole 256-value blocks): the types it chose are
     listed, and ember imports each file to the values gguf-py dequantizes.
+(h) Qwen2 (llama.cpp's `qwen2`: q/k/v biases, rows in HF order): a seeded random tiny Qwen2 made
+    by transformers, exported f32 by ember; last-position logits of transformers, ember and
+    llama.cpp on the same ids, and their greedy answers.
 """
 import argparse
 import json
@@ -24,6 +27,35 @@ import subprocess
 import sys
 
 import numpy as np
+
+# A seeded random tiny Qwen2 (argv: out dir, a tokenizer dir), weights wide enough that the
+# logits differ per token.
+MAKE_QWEN2 = """
+import os, shutil, sys, torch, transformers
+out, tokenizer = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+config = transformers.Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=1e6, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+model = transformers.Qwen2ForCausalLM(config)
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        p.copy_(1 + 0.1 * torch.randn_like(p) if 'norm' in name else 0.15 * torch.randn_like(p))
+model.save_pretrained(out, safe_serialization=True)
+for f in ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'):
+    shutil.copy(os.path.join(tokenizer, f), out)
+"""
+
+# Last-position logits and a greedy answer of a transformers model (argv: dir, ids JSON, new tokens).
+HF_ANSWER = """
+import json, sys, torch, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+ids = torch.tensor([json.loads(sys.argv[2])])
+with torch.no_grad():
+    last = model(ids).logits[0, -1].tolist()
+    answer = model.generate(ids, max_new_tokens=int(sys.argv[3]), do_sample=False)[0, ids.shape[1]:].tolist()
+print(json.dumps({"last_logits": last, "answer_ids": answer}))
+"""
 
 PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.", "Write a haiku about the sea."]
 
@@ -281,6 +313,33 @@ def main():
         report.append(f"({'g' if '_k' in ty else 'f'}) {ty} GGUF as the base, LoRA trained by ember on its blocks: perplexity (50 records) ember {b_ours:.4f} -> {a_ours:.4f} with the adapter, "
                       f"llama.cpp --lora {b_theirs:.4f} -> {a_theirs:.4f}; greedy answers equal {a_eq}/{len(PROMPTS)} with the adapter, {b_eq}/{len(PROMPTS)} without; "
                       f"last-position logits max |diff| {a_worst:.3f} with, {b_worst:.3f} without")
+
+    # (h) Qwen2 through llama.cpp's qwen2 architecture.
+    if args.reference_python:
+        qwen2 = os.path.join(work, "tiny_qwen2")
+        tiny_llama = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "tiny_llama")
+        run([args.reference_python, "-c", MAKE_QWEN2, qwen2, tiny_llama])
+        qwen2_gguf = os.path.join(work, "tiny-qwen2-f32.gguf")
+        # tiny_llama's trained BPE is not one llama.cpp knows by its hash: name the pre-tokenizer.
+        run([ember, "export", "gguf", "--base", qwen2, "--out", qwen2_gguf, "--type", "f32", "--pre", "gpt-2"])
+        llm = Llama(model_path=qwen2_gguf, n_ctx=256, logits_all=True, verbose=False)
+        worst_ours, worst_theirs, same = 0.0, 0.0, 0
+        for i, prompt in enumerate(PROMPTS):
+            dump = os.path.join(work, f"ember-h{i}.json")
+            run([ember, "generate", "--base", qwen2, "--prompt", prompt, "--template", "none", "--max-new-tokens", "8", "--logits-out", dump])
+            ours = json.load(open(dump))
+            reference = json.loads(run([args.reference_python, "-c", HF_ANSWER, qwen2, json.dumps(ours["prompt_ids"]), str(len(ours["answer_ids"]))]))
+            theirs, last = llama_answer(llm, ours["prompt_ids"], len(ours["answer_ids"]))
+            hf_last = np.array(reference["last_logits"], dtype=np.float32)
+            worst_ours = max(worst_ours, float(np.abs(np.array(ours["last_logits"], dtype=np.float32) - hf_last).max()))
+            worst_theirs = max(worst_theirs, float(np.abs(last - hf_last).max()))
+            same += theirs == ours["answer_ids"] == reference["answer_ids"]
+            print(f"(h) {prompt!r}: transformers {reference['answer_ids']} | ember {ours['answer_ids']} | llama.cpp {theirs}")
+        del llm
+        report.append(f"(h) tiny random Qwen2 (transformers), ember's f32 GGUF as llama.cpp's qwen2: last-position logits max |diff| to transformers: "
+                      f"llama.cpp {worst_theirs:.2e}, ember {worst_ours:.2e}; greedy answers (8 tokens) equal on all three {same}/{len(PROMPTS)}")
+    else:
+        report.append("(h) skipped: give --reference-python (torch + transformers) to make the Qwen2 model")
 
     print("\n==== verify-llamacpp report ====")
     for line in report:

@@ -88,13 +88,85 @@ fn lora_adapter_keeps_peft_shapes_with_q_k_rows_permuted() {
     assert_eq!(sorted(q), sorted(q_peft));
 }
 
+/// tiny_llama as a Qwen2 model in `dir`: `model_type` qwen2 and seeded q/k/v biases.
+fn tiny_qwen2(dir: &Path) {
+    let base = fixture("tiny_llama");
+    for file in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+        std::fs::copy(base.join(file), dir.join(file)).unwrap();
+    }
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap()).unwrap();
+    config["model_type"] = "qwen2".into();
+    config["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let bytes = std::fs::read(base.join("model.safetensors")).unwrap();
+    for (name, view) in SafeTensors::deserialize(&bytes).unwrap().tensors() {
+        tensors.push((name, view.shape().to_vec(), view.data().to_vec()));
+    }
+    for layer in 0..2 {
+        for (proj, width) in [("q", 64), ("k", 32), ("v", 32)] {
+            let bias: Vec<u8> = (0..width).flat_map(|i| (((i * 7 + layer * 3) % 11) as f32 * 0.01 - 0.05).to_le_bytes()).collect();
+            tensors.push((format!("model.layers.{layer}.self_attn.{proj}_proj.bias"), vec![width], bias));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, data)| (name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+/// Qwen2 goes out as llama.cpp's `qwen2` (its NEOX RoPE is HF's rotate_half: q/k rows stay in HF
+/// order, biases included) and comes back bit for bit; as a base it gives the folder's logits
+/// (on a raw prompt: `--pre gpt-2` splits newlines unlike this trained BPE).
+#[test]
+fn qwen2_exports_as_llama_cpps_qwen2_with_rows_in_hf_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("tiny_qwen2");
+    std::fs::create_dir(&base).unwrap();
+    tiny_qwen2(&base);
+    let gguf = dir.path().join("qwen2.gguf");
+    export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "gpt-2"]);
+    let file = GgufFile::open(&gguf).unwrap();
+    assert_eq!(file.metadata.get("general.architecture").unwrap(), "qwen2");
+    assert_eq!(file.metadata.get("qwen2.block_count").unwrap().as_u64(), Some(2));
+    let original = f32_tensors(&base.join("model.safetensors"));
+    let hf = |key: &str| original.iter().find(|(k, _)| k == key).unwrap().1.clone();
+    assert_eq!(file.dequantize(file.tensor("blk.0.attn_q.weight").unwrap()), hf("model.layers.0.self_attn.q_proj.weight"));
+    assert_eq!(file.dequantize(file.tensor("blk.1.attn_k.bias").unwrap()), hf("model.layers.1.self_attn.k_proj.bias"));
+
+    let back = dir.path().join("imported");
+    let output = ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(f32_tensors(&back.join("model.safetensors")), original);
+
+    let logits = |model: &Path, name: &str| {
+        let out = dir.path().join(name);
+        let args = ["generate", "--base", model.to_str().unwrap(), "--prompt", "Give three tips for staying healthy.", "--template", "none", "--max-new-tokens", "3", "--logits-out", out.to_str().unwrap()];
+        let output = ember(&args);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        std::fs::read_to_string(out).unwrap()
+    };
+    assert_eq!(logits(&gguf, "gguf.json"), logits(&base, "folder.json"));
+
+    // The LoRA GGUF: qwen2, B rows as PEFT's.
+    let lora = dir.path().join("lora.gguf");
+    let adapter = fixture("tiny_llama/adapters/lora");
+    export(&["gguf-lora", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", lora.to_str().unwrap()]);
+    let file = GgufFile::open(&lora).unwrap();
+    assert_eq!(file.metadata.get("general.architecture").unwrap(), "qwen2");
+    let peft = f32_tensors(&adapter.join("adapter_model.safetensors"));
+    let q_peft = peft.iter().find(|(k, _)| k == "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight").unwrap().1.clone();
+    assert_eq!(file.dequantize(file.tensor("blk.0.attn_q.weight.lora_b").unwrap()), q_peft);
+}
+
 #[test]
 fn what_llama_cpp_cannot_take_is_one_error_line() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.gguf");
     let out = out.to_str().unwrap();
     let chatglm = fixture("tiny_chatglm");
-    assert_bad_input(&ember(&["export", "gguf", "--base", chatglm.to_str().unwrap(), "--out", out]), &["model_type 'chatglm'", "llama.cpp"]);
+    assert_bad_input(&ember(&["export", "gguf", "--base", chatglm.to_str().unwrap(), "--out", out]), &["model_type 'chatglm'", "llama and qwen2", "convert_hf_to_gguf.py"]);
     let llama = fixture("tiny_llama");
     assert_bad_input(
         &ember(&["export", "gguf-lora", "--base", llama.to_str().unwrap(), "--adapter", fixture("tiny_llama/adapters/dora").to_str().unwrap(), "--out", out]),

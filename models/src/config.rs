@@ -318,4 +318,24 @@ mod tests {
         .unwrap();
         assert!(matches!(config.rope.scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
     }
+
+    /// transformers 5's `rope_parameters` reads as transformers 4's top-level keys.
+    #[test]
+    fn transformers_5_rope_parameters_are_read() {
+        for family in ["tiny_llama", "tiny_glm"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(family);
+            let read = |file: &str| parse(serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap()).unwrap();
+            assert_eq!(read("config.transformers_v5.json").rope, read("config.json").rope, "{family}");
+        }
+        let config = parse(serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "vocab_size": 10,
+            "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "partial_rotary_factor": 0.5},
+        }))
+        .unwrap();
+        assert_eq!(config.rope.theta, 500000.0);
+        assert_eq!(config.rope.rotary_dim, 8);
+        assert!(matches!(config.rope.scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
+    }
 }

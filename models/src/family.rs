@@ -3,7 +3,9 @@
 //! parameter counts, adapters' targets and GGUF names all read these tables, so a new family is
 //! a new table and a config parser, not edits across the decoder.
 
-use serde_json::Value;
+use std::borrow::Cow;
+
+use serde_json::{Map, Value};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{Architecture, JsonConfig, ModelConfig};
@@ -23,13 +25,33 @@ const FAMILIES: [Family; 3] = [
     Family { model_types: &["chatglm"], architecture: Architecture::ChatGlm, keys: &glm::CHATGLM_KEYS, parse: |json, _| glm::parse_chatglm_config(json) },
 ];
 
+/// transformers 5 saves RoPE's keys inside `rope_parameters` (`rope_theta`, `rope_type` with its
+/// scaling numbers, `partial_rotary_factor`) where transformers 4 kept them at the top level, as
+/// the parsers read them: they are put back there, without overriding a top-level key.
+fn with_rope_keys_at_top_level(obj: &Map<String, Value>) -> Cow<'_, Map<String, Value>> {
+    let Some(Value::Object(params)) = obj.get("rope_parameters") else { return Cow::Borrowed(obj) };
+    let mut obj = obj.clone();
+    let absent = |obj: &Map<String, Value>, key: &str| obj.get(key).is_none_or(Value::is_null);
+    for key in ["rope_theta", "partial_rotary_factor"] {
+        if let Some(value) = params.get(key).filter(|_| absent(&obj, key)) {
+            obj.insert(key.into(), value.clone());
+        }
+    }
+    let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
+    if kind != "default" && absent(&obj, "rope_scaling") {
+        obj.insert("rope_scaling".into(), Value::Object(params.clone()));
+    }
+    Cow::Owned(obj)
+}
+
 impl ModelConfig {
     /// Parses a config.json by its family's parser. `path` is only used in error messages.
     pub fn from_json(value: &Value, path: &std::path::Path) -> Result<Self, LoadError> {
         let obj = value
             .as_object()
             .ok_or_else(|| LoadError::Invalid { path: path.to_path_buf(), reason: "not a JSON object".into() })?;
-        let json = JsonConfig { obj, path: path.to_path_buf() };
+        let obj = with_rope_keys_at_top_level(obj);
+        let json = JsonConfig { obj: &obj, path: path.to_path_buf() };
         let model_type = json.string("model_type")?;
         match FAMILIES.iter().find(|f| f.model_types.contains(&model_type.as_str())) {
             Some(family) => (family.parse)(&json, &model_type),

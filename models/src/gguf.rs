@@ -92,6 +92,46 @@ fn ggml_type_name(id: u32) -> String {
     }
 }
 
+/// The llama.cpp architectures ember reads and writes: LLaMA's layout under llama.cpp's `llama`
+/// (q/k rows permuted for its interleaved RoPE) and `qwen2` (q/k/v biases; NEOX RoPE, which is
+/// HF's `rotate_half`, so rows stay in HF order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufArch {
+    Llama,
+    Qwen2,
+}
+
+impl GgufArch {
+    /// The architecture of an HF `model_type`, if llama.cpp has it in ember's layout.
+    pub fn of_model_type(model_type: &str) -> Option<Self> {
+        match model_type {
+            "llama" => Some(Self::Llama),
+            "qwen2" => Some(Self::Qwen2),
+            _ => None,
+        }
+    }
+
+    /// `general.architecture`, the prefix of the hyperparameter keys, and HF's `model_type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+
+    fn hf_class(self) -> &'static str {
+        match self {
+            Self::Llama => "LlamaForCausalLM",
+            Self::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+
+    /// Whether llama.cpp keeps q/k rows (and biases) in its interleaved order.
+    pub fn permutes_qk(self) -> bool {
+        self == Self::Llama
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct GgufTensor {
     pub name: String,
@@ -506,24 +546,27 @@ impl GgufFile {
         &self.mmap[tensor.range.clone()]
     }
 
-    fn check_llama(&self) -> Result<(), LoadError> {
+    /// The file's architecture, if ember reads it.
+    pub fn arch(&self) -> Result<GgufArch, LoadError> {
         let arch = self.metadata.str("general.architecture")?;
-        if arch != "llama" {
-            return Err(self.metadata.error("general.architecture", &format!("'{arch}' is not supported (supported: llama)")));
-        }
-        Ok(())
+        GgufArch::of_model_type(arch).ok_or_else(|| self.metadata.error("general.architecture", &format!("'{arch}' is not supported (supported: llama, qwen2)")))
+    }
+
+    /// The hyperparameter `key` under the architecture's prefix (`llama.block_count`).
+    fn key(&self, key: &str) -> Result<String, LoadError> {
+        Ok(format!("{}.{key}", self.arch()?.name()))
     }
 
     fn heads(&self) -> Result<(usize, usize), LoadError> {
-        let heads = self.metadata.u64("llama.attention.head_count")? as usize;
-        let kv_heads = self.metadata.get("llama.attention.head_count_kv").and_then(Value::as_u64).map_or(heads, |n| n as usize);
+        let heads = self.metadata.u64(&self.key("attention.head_count")?)? as usize;
+        let kv_heads = self.metadata.get(&self.key("attention.head_count_kv")?).and_then(Value::as_u64).map_or(heads, |n| n as usize);
         Ok((heads, kv_heads))
     }
 
     /// The tensors under their HF names, sorted, and the GGUF names that have none (e.g.
     /// rope_freqs.weight, recomputed from the config).
     pub fn hf_tensors(&self) -> Result<(Vec<HfTensor<'_>>, Vec<String>), LoadError> {
-        self.check_llama()?;
+        let permuted = self.arch()?.permutes_qk();
         let (heads, kv_heads) = self.heads()?;
         let mut named = Vec::new();
         let mut skipped = Vec::new();
@@ -533,8 +576,8 @@ impl GgufFile {
                 continue;
             };
             let unpermute_heads = match role {
-                Some(Role::Q) if name.ends_with(".weight") => Some(heads),
-                Some(Role::K) if name.ends_with(".weight") => Some(kv_heads),
+                Some(Role::Q) if permuted => Some(heads),
+                Some(Role::K) if permuted => Some(kv_heads),
                 _ => None,
             };
             named.push(HfTensor { name, tensor, unpermute_heads });
@@ -561,7 +604,8 @@ impl GgufFile {
     pub fn hf_values(&self, hf: &HfTensor) -> Vec<f32> {
         let values = self.dequantize(hf.tensor);
         match hf.unpermute_heads {
-            Some(heads) => unpermute_rows(&values, hf.tensor.shape[0], hf.tensor.shape[1], heads),
+            // A bias is a column of rows.
+            Some(heads) => unpermute_rows(&values, hf.tensor.shape[0], hf.tensor.shape.get(1).copied().unwrap_or(1), heads),
             None => values,
         }
     }
@@ -582,29 +626,30 @@ impl GgufFile {
 
     /// The model's HF `config.json`, from the metadata.
     pub fn config_json(&self) -> Result<Value, LoadError> {
-        self.check_llama()?;
+        let arch = self.arch()?;
         let meta = &self.metadata;
         let (heads, kv_heads) = self.heads()?;
-        let hidden = meta.u64("llama.embedding_length")? as usize;
+        let key = |k: &str| format!("{}.{k}", arch.name());
+        let hidden = meta.u64(&key("embedding_length"))? as usize;
         let embed = self.tensor("token_embd.weight").ok_or_else(|| LoadError::MissingTensor { path: meta.path.clone(), key: "token_embd.weight".into() })?;
-        let get_f64 = |key: &str| meta.get(key).and_then(Value::as_f64);
+        let get_f64 = |k: &str| meta.get(&key(k)).and_then(Value::as_f64);
         let token_id = |key: &str| meta.get(key).and_then(Value::as_u64);
-        let head_dim = meta.get("llama.rope.dimension_count").and_then(Value::as_u64).map_or(hidden / heads, |n| n as usize);
+        let head_dim = meta.get(&key("rope.dimension_count")).and_then(Value::as_u64).map_or(hidden / heads, |n| n as usize);
         Ok(json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [arch.hf_class()],
+            "model_type": arch.name(),
             "attention_bias": false,
             "mlp_bias": false,
             "hidden_act": "silu",
             "hidden_size": hidden,
-            "intermediate_size": meta.u64("llama.feed_forward_length")?,
-            "num_hidden_layers": meta.u64("llama.block_count")?,
+            "intermediate_size": meta.u64(&key("feed_forward_length"))?,
+            "num_hidden_layers": meta.u64(&key("block_count"))?,
             "num_attention_heads": heads,
             "num_key_value_heads": kv_heads,
             "head_dim": head_dim,
-            "max_position_embeddings": meta.get("llama.context_length").and_then(Value::as_u64).unwrap_or(2048),
-            "rms_norm_eps": get_f64("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
-            "rope_theta": get_f64("llama.rope.freq_base").unwrap_or(10000.0),
+            "max_position_embeddings": meta.get(&key("context_length")).and_then(Value::as_u64).unwrap_or(2048),
+            "rms_norm_eps": get_f64("attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
+            "rope_theta": get_f64("rope.freq_base").unwrap_or(10000.0),
             "rope_scaling": Value::Null,
             "tie_word_embeddings": self.tensor("output.weight").is_none(),
             "vocab_size": embed.shape[0],

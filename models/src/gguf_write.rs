@@ -16,6 +16,7 @@ use sha2::Digest;
 use crate::LoadError;
 use crate::config::ModelConfig;
 use crate::family::Role;
+use crate::gguf::GgufArch;
 
 const ALIGNMENT: usize = 32;
 
@@ -272,27 +273,28 @@ pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> V
     out
 }
 
-/// llama.cpp's hyperparameters of a LLaMA model.
-pub fn llama_metadata(config: &ModelConfig, name: &str, file_type: TensorType) -> Result<Vec<(String, MetaValue)>, String> {
+/// llama.cpp's hyperparameters of a model of `arch`.
+pub fn hyperparameters(config: &ModelConfig, arch: GgufArch, name: &str, file_type: TensorType) -> Result<Vec<(String, MetaValue)>, String> {
     if config.rope.scaling.is_some() {
         return Err("RoPE scaling is not exported yet (llama.cpp needs its rope_freqs tensor or scaling keys)".into());
     }
+    let key = |k: &str| format!("{}.{k}", arch.name());
     let mut meta = vec![
-        ("general.architecture".into(), MetaValue::Str("llama".into())),
+        ("general.architecture".into(), MetaValue::Str(arch.name().into())),
         ("general.name".into(), MetaValue::Str(name.into())),
         ("general.file_type".into(), MetaValue::U32(file_type.file_type())),
-        ("llama.vocab_size".into(), MetaValue::U32(config.vocab_size as u32)),
-        ("llama.context_length".into(), MetaValue::U32(config.max_position_embeddings as u32)),
-        ("llama.embedding_length".into(), MetaValue::U32(config.hidden_size as u32)),
-        ("llama.feed_forward_length".into(), MetaValue::U32(config.intermediate_size as u32)),
-        ("llama.block_count".into(), MetaValue::U32(config.num_layers as u32)),
-        ("llama.attention.head_count".into(), MetaValue::U32(config.num_heads as u32)),
-        ("llama.attention.head_count_kv".into(), MetaValue::U32(config.num_kv_heads as u32)),
-        ("llama.attention.key_length".into(), MetaValue::U32(config.head_dim as u32)),
-        ("llama.attention.value_length".into(), MetaValue::U32(config.head_dim as u32)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), MetaValue::F32(config.rms_norm_eps as f32)),
-        ("llama.rope.freq_base".into(), MetaValue::F32(config.rope.theta as f32)),
-        ("llama.rope.dimension_count".into(), MetaValue::U32(config.head_dim as u32)),
+        (key("vocab_size"), MetaValue::U32(config.vocab_size as u32)),
+        (key("context_length"), MetaValue::U32(config.max_position_embeddings as u32)),
+        (key("embedding_length"), MetaValue::U32(config.hidden_size as u32)),
+        (key("feed_forward_length"), MetaValue::U32(config.intermediate_size as u32)),
+        (key("block_count"), MetaValue::U32(config.num_layers as u32)),
+        (key("attention.head_count"), MetaValue::U32(config.num_heads as u32)),
+        (key("attention.head_count_kv"), MetaValue::U32(config.num_kv_heads as u32)),
+        (key("attention.key_length"), MetaValue::U32(config.head_dim as u32)),
+        (key("attention.value_length"), MetaValue::U32(config.head_dim as u32)),
+        (key("attention.layer_norm_rms_epsilon"), MetaValue::F32(config.rms_norm_eps as f32)),
+        (key("rope.freq_base"), MetaValue::F32(config.rope.theta as f32)),
+        (key("rope.dimension_count"), MetaValue::U32(config.head_dim as u32)),
     ];
     if file_type.quantized() {
         meta.push(("general.quantization_version".into(), MetaValue::U32(2)));

@@ -10,6 +10,7 @@ use burn::tensor::{Device, Tensor};
 use ember_adapters::lora::peft::PeftBranches;
 use ember_adapters::{AdapterFolder, Method};
 use ember_models::family::{Role, check_checkpoint};
+use ember_models::gguf::GgufArch;
 use ember_models::gguf_write::{self, MetaValue, TensorSpec, TensorType};
 use ember_models::{Checkpoint, LoadDtype, LoadError, ModelConfig};
 
@@ -21,29 +22,27 @@ pub struct ExportSummary {
     pub bytes: u64,
 }
 
-/// The model types llama.cpp's `llama` architecture reads as ember stores them.
-fn check_llama(config: &ModelConfig, dir: &Path) -> Result<(), LoadError> {
-    if config.model_type != "llama" {
-        return Err(LoadError::Invalid {
-            path: dir.join("config.json"),
-            reason: format!(
-                "model_type '{}': ember exports LLaMA-architecture models to GGUF (llama.cpp's llama); convert {} models with llama.cpp's convert_hf_to_gguf.py after `ember merge`",
-                config.model_type, config.model_type
-            ),
-        });
-    }
-    Ok(())
+/// The llama.cpp architecture of the model in `dir` (LLaMA and Qwen2 layouts).
+fn gguf_arch(config: &ModelConfig, dir: &Path) -> Result<GgufArch, LoadError> {
+    GgufArch::of_model_type(&config.model_type).ok_or_else(|| LoadError::Invalid {
+        path: dir.join("config.json"),
+        reason: format!(
+            "model_type '{}': ember exports llama and qwen2 models to GGUF; convert {} models with llama.cpp's convert_hf_to_gguf.py after `ember merge`",
+            config.model_type, config.model_type
+        ),
+    })
 }
 
 fn folder_name(dir: &Path) -> String {
     std::fs::canonicalize(dir).ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "model".into())
 }
 
-/// Rows of a q or k projection are reordered for llama.cpp's interleaved RoPE, by its head count.
-fn permute_heads(role: Option<Role>, config: &ModelConfig) -> Option<usize> {
+/// Rows of a q or k projection (weight or bias) are reordered for llama.cpp's interleaved RoPE,
+/// by its head count, where `arch` uses it.
+fn permute_heads(role: Option<Role>, config: &ModelConfig, arch: GgufArch) -> Option<usize> {
     match role {
-        Some(Role::Q) => Some(config.num_heads),
-        Some(Role::K) => Some(config.num_kv_heads),
+        Some(Role::Q) if arch.permutes_qk() => Some(config.num_heads),
+        Some(Role::K) if arch.permutes_qk() => Some(config.num_kv_heads),
         _ => None,
     }
 }
@@ -62,7 +61,7 @@ pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Tens
     }
     let device = Device::flex();
     let mut config = ModelConfig::from_dir(base_dir)?;
-    check_llama(&config, base_dir)?;
+    let arch = gguf_arch(&config, base_dir)?;
     let base = Checkpoint::open_dir(base_dir)?;
     check_checkpoint(&config, &base)?;
     let merge = adapter.map(Method::weight_merge).transpose()?;
@@ -72,21 +71,21 @@ pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Tens
     }
     let changed: std::collections::HashSet<String> = merge.as_ref().map(|m| m.keys().into_iter().collect()).unwrap_or_default();
 
-    let mut metadata = gguf_write::llama_metadata(&config, &folder_name(base_dir), ty).map_err(|reason| LoadError::Invalid { path: base_dir.join("config.json"), reason })?;
+    let mut metadata = gguf_write::hyperparameters(&config, arch, &folder_name(base_dir), ty).map_err(|reason| LoadError::Invalid { path: base_dir.join("config.json"), reason })?;
     metadata.extend(gguf_write::tokenizer_metadata(base_dir, config.vocab_size, pre)?);
 
     // (HF key, GGUF tensor, q/k heads to permute by)
     let mut plan: Vec<(String, TensorSpec, Option<usize>)> = Vec::new();
     for key in base.keys() {
         let Some((name, role)) = gguf_write::llama_tensor_name(key, config.num_layers) else {
-            return Err(LoadError::Invalid { path: base_dir.to_path_buf(), reason: format!("tensor '{key}' has no place in llama.cpp's llama architecture") }.into());
+            return Err(LoadError::Invalid { path: base_dir.to_path_buf(), reason: format!("tensor '{key}' has no place in llama.cpp's {} architecture", arch.name()) }.into());
         };
         let (shape, _) = base.info(key).expect("listed");
         let shape = match (&merge, changed.contains(key)) {
             (Some(merge), true) => merge.output_shape(key, shape),
             _ => shape.to_vec(),
         };
-        plan.push((key.to_string(), TensorSpec { ty: ty.for_shape(&shape), name, shape }, permute_heads(role, &config)));
+        plan.push((key.to_string(), TensorSpec { ty: ty.for_shape(&shape), name, shape }, permute_heads(role, &config, arch)));
     }
     plan.sort_by_key(|(_, spec, _)| gguf_order(&spec.name));
     let specs: Vec<TensorSpec> = plan.iter().map(|(_, spec, _)| spec.clone()).collect();
@@ -110,7 +109,8 @@ pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Tens
 fn gguf_values(values: Tensor<2>, spec: &TensorSpec, heads: Option<usize>) -> Vec<f32> {
     let values = values.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
     match heads {
-        Some(heads) => gguf_write::permute_rows(&values, spec.shape[0], spec.shape[1], heads),
+        // A bias is a column of rows.
+        Some(heads) => gguf_write::permute_rows(&values, spec.shape[0], spec.shape.get(1).copied().unwrap_or(1), heads),
         None => values,
     }
 }
@@ -130,7 +130,7 @@ fn gguf_order(name: &str) -> (usize, usize, String) {
 pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: TensorType) -> Result<ExportSummary, MergeError> {
     let device = Device::flex();
     let config = ModelConfig::from_dir(base_dir)?;
-    check_llama(&config, base_dir)?;
+    let arch = gguf_arch(&config, base_dir)?;
     let invalid = |reason: String| ember_adapters::AdapterError::Invalid { path: adapter.to_path_buf(), reason };
     let method = Method::read(adapter)?;
     let Method::Lora(lora) = &method else {
@@ -146,7 +146,7 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: TensorT
     // llama.cpp scales by alpha / r; rsLoRA's alpha / √r needs alpha · √r in its place.
     let alpha = if lora.use_rslora { lora.alpha * (lora.r as f64).sqrt() } else { lora.alpha };
     let metadata = vec![
-        ("general.architecture".to_string(), MetaValue::Str("llama".into())),
+        ("general.architecture".to_string(), MetaValue::Str(arch.name().into())),
         ("general.type".into(), MetaValue::Str("adapter".into())),
         ("general.name".into(), MetaValue::Str(folder_name(adapter))),
         ("adapter.type".into(), MetaValue::Str("lora".into())),
@@ -155,11 +155,11 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: TensorT
     let mut plan: Vec<(String, TensorSpec, Option<usize>)> = Vec::new();
     for (weight_key, module) in &branches.modules {
         let (name, role) = gguf_write::llama_tensor_name(weight_key, config.num_layers)
-            .ok_or_else(|| invalid(format!("'{module}' has no place in llama.cpp's llama architecture")))?;
+            .ok_or_else(|| invalid(format!("'{module}' has no place in llama.cpp's {} architecture", arch.name())))?;
         for (part, suffix) in [("lora_A", "lora_a"), ("lora_B", "lora_b")] {
             let key = ember_adapters::lora::peft::key(module, part);
             let (shape, _) = branches.weights.info(&key).expect("checked");
-            let heads = if part == "lora_B" { permute_heads(role, &config) } else { None };
+            let heads = if part == "lora_B" { permute_heads(role, &config, arch) } else { None };
             plan.push((key, TensorSpec { name: format!("{name}.{suffix}"), shape: shape.to_vec(), ty: ty.for_shape(shape) }, heads));
         }
     }
