@@ -6,6 +6,7 @@
 # trip; (e) perplexity of ember's f32 vs llama.cpp's f32/f16/q8_0/q4_0 files.
 # (f) a LoRA trained on the q8_0/q4_0 GGUF itself, run by llama.cpp on that file; (g) the same on
 # Q4_K_M and Q6_K files made by llama.cpp's own quantizer.
+# (h) Qwen2 as llama.cpp's qwen2; (i) Llama 3.1 RoPE scaling: tiny models from transformers.
 #
 #   scripts/verify-llamacpp.sh [work dir]      (default target/llamacpp)
 #

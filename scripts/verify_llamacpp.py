@@ -15,9 +15,12 @@
 (g) the same on Q4_K_M and Q6_K files made from ember's f32 export by llama.cpp's own quantizer
     (K-quants, with Q5_0/Q8_0 where a row is not whole 256-value blocks): the types it chose are
     listed, and ember imports each file to the values gguf-py dequantizes.
-(h) Qwen2 (llama.cpp's `qwen2`: q/k/v biases, rows in HF order): a seeded random tiny Qwen2 made
-    by transformers, exported f32 by ember; last-position logits of transformers, ember and
-    llama.cpp on the same ids, and their greedy answers.
+(h) Qwen2 (llama.cpp's `qwen2`: q/k/v biases, rows in HF order) and (i) LLaMA with Llama 3.1's
+    RoPE scaling (llama.cpp's `rope_freqs` tensor): seeded random tiny models made by
+    transformers (saved in its v5 config layout, RoPE under `rope_parameters`), exported f32 by
+    ember; last-position logits of transformers, ember and llama.cpp on the same ids (prompts
+    repeated to about 150 tokens for (i), where the long wavelengths turn), and their greedy
+    answers.
 """
 import argparse
 import json
@@ -28,16 +31,20 @@ import sys
 
 import numpy as np
 
-# A seeded random tiny Qwen2 (argv: out dir, a tokenizer dir), weights wide enough that the
-# logits differ per token.
-MAKE_QWEN2 = """
+# Seeded random tiny models (argv: out dir, a tokenizer dir), weights wide enough that the
+# logits differ per token: Qwen2, and LLaMA with Llama 3.1's RoPE scaling.
+MAKE_TINY = """
 import os, shutil, sys, torch, transformers
-out, tokenizer = sys.argv[1], sys.argv[2]
+out, tokenizer, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 torch.manual_seed(0)
-config = transformers.Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=1e6, rms_norm_eps=1e-6,
-    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-model = transformers.Qwen2ForCausalLM(config)
+shape = dict(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+if kind == 'qwen2':
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(rope_theta=1e6, **shape))
+else:
+    scaling = {'rope_type': 'llama3', 'rope_theta': 5e5, 'factor': 32.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+               'original_max_position_embeddings': 8192}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_parameters=scaling, **shape))
 with torch.no_grad():
     for name, p in model.named_parameters():
         p.copy_(1 + 0.1 * torch.randn_like(p) if 'norm' in name else 0.15 * torch.randn_like(p))
@@ -314,32 +321,35 @@ def main():
                       f"llama.cpp --lora {b_theirs:.4f} -> {a_theirs:.4f}; greedy answers equal {a_eq}/{len(PROMPTS)} with the adapter, {b_eq}/{len(PROMPTS)} without; "
                       f"last-position logits max |diff| {a_worst:.3f} with, {b_worst:.3f} without")
 
-    # (h) Qwen2 through llama.cpp's qwen2 architecture.
-    if args.reference_python:
-        qwen2 = os.path.join(work, "tiny_qwen2")
+    # (h) Qwen2 through llama.cpp's qwen2 architecture; (i) Llama 3.1's RoPE scaling.
+    for part, kind, what, repeat in (("h", "qwen2", "Qwen2 as llama.cpp's qwen2", 1), ("i", "llama3", "LLaMA with Llama 3.1 RoPE scaling (rope_freqs)", 8)):
+        if not args.reference_python:
+            report.append(f"({part}) skipped: give --reference-python (torch + transformers) to make the model")
+            continue
+        model = os.path.join(work, f"tiny_{kind}")
         tiny_llama = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "tiny_llama")
-        run([args.reference_python, "-c", MAKE_QWEN2, qwen2, tiny_llama])
-        qwen2_gguf = os.path.join(work, "tiny-qwen2-f32.gguf")
+        run([args.reference_python, "-c", MAKE_TINY, model, tiny_llama, kind])
+        model_gguf = os.path.join(work, f"tiny-{kind}-f32.gguf")
         # tiny_llama's trained BPE is not one llama.cpp knows by its hash: name the pre-tokenizer.
-        run([ember, "export", "gguf", "--base", qwen2, "--out", qwen2_gguf, "--type", "f32", "--pre", "gpt-2"])
-        llm = Llama(model_path=qwen2_gguf, n_ctx=256, logits_all=True, verbose=False)
-        worst_ours, worst_theirs, same = 0.0, 0.0, 0
+        run([ember, "export", "gguf", "--base", model, "--out", model_gguf, "--type", "f32", "--pre", "gpt-2"])
+        llm = Llama(model_path=model_gguf, n_ctx=512, logits_all=True, verbose=False)
+        worst_ours, worst_theirs, same, tokens = 0.0, 0.0, 0, 0
         for i, prompt in enumerate(PROMPTS):
-            dump = os.path.join(work, f"ember-h{i}.json")
-            run([ember, "generate", "--base", qwen2, "--prompt", prompt, "--template", "none", "--max-new-tokens", "8", "--logits-out", dump])
+            dump = os.path.join(work, f"ember-{part}{i}.json")
+            run([ember, "generate", "--base", model, "--prompt", " ".join([prompt] * repeat), "--template", "none", "--max-new-tokens", "8", "--logits-out", dump])
             ours = json.load(open(dump))
-            reference = json.loads(run([args.reference_python, "-c", HF_ANSWER, qwen2, json.dumps(ours["prompt_ids"]), str(len(ours["answer_ids"]))]))
+            tokens = max(tokens, len(ours["prompt_ids"]))
+            reference = json.loads(run([args.reference_python, "-c", HF_ANSWER, model, json.dumps(ours["prompt_ids"]), str(len(ours["answer_ids"]))]))
             theirs, last = llama_answer(llm, ours["prompt_ids"], len(ours["answer_ids"]))
             hf_last = np.array(reference["last_logits"], dtype=np.float32)
             worst_ours = max(worst_ours, float(np.abs(np.array(ours["last_logits"], dtype=np.float32) - hf_last).max()))
             worst_theirs = max(worst_theirs, float(np.abs(last - hf_last).max()))
             same += theirs == ours["answer_ids"] == reference["answer_ids"]
-            print(f"(h) {prompt!r}: transformers {reference['answer_ids']} | ember {ours['answer_ids']} | llama.cpp {theirs}")
+            print(f"({part}) {prompt!r} x{repeat}: transformers {reference['answer_ids']} | ember {ours['answer_ids']} | llama.cpp {theirs}")
         del llm
-        report.append(f"(h) tiny random Qwen2 (transformers), ember's f32 GGUF as llama.cpp's qwen2: last-position logits max |diff| to transformers: "
-                      f"llama.cpp {worst_theirs:.2e}, ember {worst_ours:.2e}; greedy answers (8 tokens) equal on all three {same}/{len(PROMPTS)}")
-    else:
-        report.append("(h) skipped: give --reference-python (torch + transformers) to make the Qwen2 model")
+        report.append(f"({part}) tiny random {what}, made by transformers, ember's f32 GGUF in llama.cpp (prompts up to {tokens} tokens): "
+                      f"last-position logits max |diff| to transformers: llama.cpp {worst_theirs:.2e}, ember {worst_ours:.2e}; "
+                      f"greedy answers (8 tokens) equal on all three {same}/{len(PROMPTS)}")
 
     print("\n==== verify-llamacpp report ====")
     for line in report:

@@ -88,27 +88,21 @@ fn lora_adapter_keeps_peft_shapes_with_q_k_rows_permuted() {
     assert_eq!(sorted(q), sorted(q_peft));
 }
 
-/// tiny_llama as a Qwen2 model in `dir`: `model_type` qwen2 and seeded q/k/v biases.
-fn tiny_qwen2(dir: &Path) {
+/// tiny_llama in `dir` with its config edited and `extra` f32 tensors added.
+fn tiny_llama_variant(dir: &Path, edit: impl FnOnce(&mut serde_json::Value), extra: Vec<(String, Vec<usize>, Vec<f32>)>) {
     let base = fixture("tiny_llama");
     for file in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
         std::fs::copy(base.join(file), dir.join(file)).unwrap();
     }
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap()).unwrap();
-    config["model_type"] = "qwen2".into();
-    config["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    edit(&mut config);
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let bytes = std::fs::read(base.join("model.safetensors")).unwrap();
     for (name, view) in SafeTensors::deserialize(&bytes).unwrap().tensors() {
         tensors.push((name, view.shape().to_vec(), view.data().to_vec()));
     }
-    for layer in 0..2 {
-        for (proj, width) in [("q", 64), ("k", 32), ("v", 32)] {
-            let bias: Vec<u8> = (0..width).flat_map(|i| (((i * 7 + layer * 3) % 11) as f32 * 0.01 - 0.05).to_le_bytes()).collect();
-            tensors.push((format!("model.layers.{layer}.self_attn.{proj}_proj.bias"), vec![width], bias));
-        }
-    }
+    tensors.extend(extra.into_iter().map(|(name, shape, values)| (name, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())));
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(name, shape, data)| (name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap()))
@@ -116,9 +110,83 @@ fn tiny_qwen2(dir: &Path) {
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
 }
 
+/// tiny_llama as a Qwen2 model in `dir`: `model_type` qwen2 and seeded q/k/v biases.
+fn tiny_qwen2(dir: &Path) {
+    let mut biases = Vec::new();
+    for layer in 0..2 {
+        for (proj, width) in [("q", 64), ("k", 32), ("v", 32)] {
+            let bias = (0..width).map(|i| ((i * 7 + layer * 3) % 11) as f32 * 0.01 - 0.05).collect();
+            biases.push((format!("model.layers.{layer}.self_attn.{proj}_proj.bias"), vec![width], bias));
+        }
+    }
+    let edit = |config: &mut serde_json::Value| {
+        config["model_type"] = "qwen2".into();
+        config["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    };
+    tiny_llama_variant(dir, edit, biases);
+}
+
+/// `ember generate`'s last-position logits and answer on a raw prompt (`--pre gpt-2` splits
+/// newlines unlike tiny_llama's trained BPE), as the JSON it writes.
+fn raw_answer(model: &Path, out: &Path) -> String {
+    let args = ["generate", "--base", model.to_str().unwrap(), "--prompt", "Give three tips for staying healthy.", "--template", "none", "--max-new-tokens", "3", "--logits-out", out.to_str().unwrap()];
+    let output = ember(&args);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    std::fs::read_to_string(out).unwrap()
+}
+
+/// RoPE scaling goes out as llama.cpp's converter writes it (linear: metadata keys; llama3: the
+/// `rope_freqs` tensor of per-frequency divisors) and comes back as the same `rope_scaling`; the
+/// GGUF as a base gives the folder's logits. Divisors that are not Llama 3's are refused.
+#[test]
+fn rope_scaling_round_trips_through_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let llama3 = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+    let linear = serde_json::json!({"rope_type": "linear", "factor": 2.0});
+    for (name, scaling) in [("llama3", llama3), ("linear", linear)] {
+        let base = dir.path().join(name);
+        std::fs::create_dir(&base).unwrap();
+        tiny_llama_variant(&base, |config| config["rope_scaling"] = scaling.clone(), vec![]);
+        let gguf = dir.path().join(format!("{name}.gguf"));
+        export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "gpt-2"]);
+        let file = GgufFile::open(&gguf).unwrap();
+        let config = ember_models::ModelConfig::from_dir(&base).unwrap();
+        match name {
+            "llama3" => {
+                let divisors = config.rope.scaling.as_ref().unwrap().llama3_divisors(config.rope.theta, config.rope.rotary_dim).unwrap();
+                // head_dim 16, theta 1e4: short, blended and long wavelengths all occur.
+                assert!(divisors.contains(&1.0) && divisors.contains(&8.0) && divisors.iter().any(|&d| d > 1.0 && d < 8.0), "{divisors:?}");
+                assert_eq!(file.dequantize(file.tensor("rope_freqs.weight").unwrap()), divisors);
+            }
+            _ => {
+                assert_eq!(file.metadata.get("llama.rope.scaling.type").unwrap(), "linear");
+                assert_eq!(file.metadata.get("llama.rope.scaling.factor").unwrap().as_f64(), Some(2.0));
+            }
+        }
+        let back = dir.path().join(format!("imported-{name}"));
+        let output = ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert_eq!(ember_models::ModelConfig::from_dir(&back).unwrap().rope, config.rope, "{name}");
+        assert_eq!(raw_answer(&gguf, &dir.path().join(format!("{name}-gguf.json"))), raw_answer(&base, &dir.path().join(format!("{name}-folder.json"))), "{name}");
+    }
+
+    // Divisors no Llama 3 scaling gives: one error line naming the tensor, no folder.
+    let gguf = dir.path().join("llama3.gguf");
+    let mut bytes = std::fs::read(&gguf).unwrap();
+    let file = GgufFile::open(&gguf).unwrap();
+    let divisors = file.data(file.tensor("rope_freqs.weight").unwrap());
+    let at = bytes.windows(divisors.len()).position(|w| w == divisors).unwrap();
+    drop(file);
+    bytes[at..at + 4].copy_from_slice(&3.0f32.to_le_bytes());
+    let odd = dir.path().join("odd.gguf");
+    std::fs::write(&odd, bytes).unwrap();
+    let out = dir.path().join("imported-odd");
+    assert_bad_input(&ember(&["import", "gguf", odd.to_str().unwrap(), "--out", out.to_str().unwrap()]), &["rope_freqs.weight", "not supported"]);
+    assert!(!out.exists());
+}
+
 /// Qwen2 goes out as llama.cpp's `qwen2` (its NEOX RoPE is HF's rotate_half: q/k rows stay in HF
-/// order, biases included) and comes back bit for bit; as a base it gives the folder's logits
-/// (on a raw prompt: `--pre gpt-2` splits newlines unlike this trained BPE).
+/// order, biases included) and comes back bit for bit; as a base it gives the folder's logits.
 #[test]
 fn qwen2_exports_as_llama_cpps_qwen2_with_rows_in_hf_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -140,14 +208,7 @@ fn qwen2_exports_as_llama_cpps_qwen2_with_rows_in_hf_order() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(f32_tensors(&back.join("model.safetensors")), original);
 
-    let logits = |model: &Path, name: &str| {
-        let out = dir.path().join(name);
-        let args = ["generate", "--base", model.to_str().unwrap(), "--prompt", "Give three tips for staying healthy.", "--template", "none", "--max-new-tokens", "3", "--logits-out", out.to_str().unwrap()];
-        let output = ember(&args);
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        std::fs::read_to_string(out).unwrap()
-    };
-    assert_eq!(logits(&gguf, "gguf.json"), logits(&base, "folder.json"));
+    assert_eq!(raw_answer(&gguf, &dir.path().join("gguf.json")), raw_answer(&base, &dir.path().join("folder.json")));
 
     // The LoRA GGUF: qwen2, B rows as PEFT's.
     let lora = dir.path().join("lora.gguf");

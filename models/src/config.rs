@@ -46,6 +46,30 @@ pub enum RopeScaling {
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
 }
 
+impl RopeScaling {
+    /// What llama3 scaling divides each of the `rotary_dim / 2` frequencies by (llama.cpp keeps
+    /// them as its `rope_freqs` tensor): 1 for short wavelengths, `factor` for long ones, a
+    /// smooth blend between. f32, as [`crate::layers::Rope`] scales the frequencies.
+    pub fn llama3_divisors(&self, theta: f64, rotary_dim: usize) -> Option<Vec<f32>> {
+        let &Self::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } = self else { return None };
+        let (factor, low, high, old) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_position_embeddings as f32);
+        let (low_freq_wavelen, high_freq_wavelen) = (old / low, old / high);
+        let divisor = |i: usize| {
+            let freq = 1.0 / (theta as f32).powf((2 * i) as f32 / rotary_dim as f32);
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            if wavelen < high_freq_wavelen {
+                1.0
+            } else if wavelen > low_freq_wavelen {
+                factor
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        };
+        Some((0..rotary_dim / 2).map(divisor).collect())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeConfig {
     pub theta: f64,

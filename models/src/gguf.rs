@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 
 use ember_data::sentencepiece::{self, Affixes, ModelProto, ModelType, Piece, PieceType};
 
+use crate::config::RopeScaling;
 use crate::family::Role;
 use crate::{LoadError, llama};
 
@@ -635,6 +636,7 @@ impl GgufFile {
         let get_f64 = |k: &str| meta.get(&key(k)).and_then(Value::as_f64);
         let token_id = |key: &str| meta.get(key).and_then(Value::as_u64);
         let head_dim = meta.get(&key("rope.dimension_count")).and_then(Value::as_u64).map_or(hidden / heads, |n| n as usize);
+        let theta = get_f64("rope.freq_base").unwrap_or(10000.0);
         Ok(json!({
             "architectures": [arch.hf_class()],
             "model_type": arch.name(),
@@ -649,8 +651,8 @@ impl GgufFile {
             "head_dim": head_dim,
             "max_position_embeddings": meta.get(&key("context_length")).and_then(Value::as_u64).unwrap_or(2048),
             "rms_norm_eps": get_f64("attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
-            "rope_theta": get_f64("rope.freq_base").unwrap_or(10000.0),
-            "rope_scaling": Value::Null,
+            "rope_theta": theta,
+            "rope_scaling": self.rope_scaling(arch, theta, head_dim)?,
             "tie_word_embeddings": self.tensor("output.weight").is_none(),
             "vocab_size": embed.shape[0],
             "bos_token_id": token_id("tokenizer.ggml.bos_token_id"),
@@ -658,6 +660,37 @@ impl GgufFile {
             "pad_token_id": token_id("tokenizer.ggml.padding_token_id"),
             "torch_dtype": "float32",
         }))
+    }
+
+    /// HF's `rope_scaling` for the file: `linear` from the metadata keys, `llama3` from the
+    /// `rope_freqs` tensor llama.cpp's converter writes for it. Every Llama 3.x uses low and high
+    /// frequency factors 1 and 4 and an original context of 8,192 with its own `factor` (the
+    /// largest divisor); divisors that are not those are refused, never dropped.
+    fn rope_scaling(&self, arch: GgufArch, theta: f64, rotary_dim: usize) -> Result<Value, LoadError> {
+        let meta = &self.metadata;
+        let kind_key = format!("{}.rope.scaling.type", arch.name());
+        match meta.get(&kind_key).and_then(Value::as_str) {
+            None | Some("none") => {}
+            Some("linear") => {
+                let factor_key = format!("{}.rope.scaling.factor", arch.name());
+                let factor = meta.get(&factor_key).and_then(Value::as_f64).ok_or_else(|| meta.error(&factor_key, "missing or not a number"))?;
+                return Ok(json!({"rope_type": "linear", "factor": factor}));
+            }
+            Some(other) => return Err(meta.error(&kind_key, &format!("'{other}' is not supported (supported: none, linear; llama3 as rope_freqs.weight)"))),
+        }
+        let Some(tensor) = self.tensor("rope_freqs.weight") else { return Ok(Value::Null) };
+        let divisors = self.dequantize(tensor);
+        let factor = divisors.iter().fold(1f32, |m, &d| m.max(d)) as f64;
+        let scaling = RopeScaling::Llama3 { factor, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 };
+        let expected = scaling.llama3_divisors(theta, rotary_dim).expect("llama3");
+        let close = |(a, b): (&f32, &f32)| (a - b).abs() <= 1e-6 * b.abs();
+        if expected.len() != divisors.len() || !expected.iter().zip(&divisors).all(close) {
+            return Err(LoadError::Invalid {
+                path: meta.path.clone(),
+                reason: "GGUF tensor 'rope_freqs.weight': per-dimension RoPE divisors other than Llama 3's scaling (low/high frequency factors 1 and 4, original context 8192) are not supported".into(),
+            });
+        }
+        Ok(json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}))
     }
 
     /// `tokenizer_config.json` and `generation_config.json` from the metadata (`tokenizer.json`

@@ -14,7 +14,7 @@ use serde_json::Value;
 use sha2::Digest;
 
 use crate::LoadError;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RopeScaling};
 use crate::family::Role;
 use crate::gguf::GgufArch;
 
@@ -274,10 +274,7 @@ pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> V
 }
 
 /// llama.cpp's hyperparameters of a model of `arch`.
-pub fn hyperparameters(config: &ModelConfig, arch: GgufArch, name: &str, file_type: TensorType) -> Result<Vec<(String, MetaValue)>, String> {
-    if config.rope.scaling.is_some() {
-        return Err("RoPE scaling is not exported yet (llama.cpp needs its rope_freqs tensor or scaling keys)".into());
-    }
+pub fn hyperparameters(config: &ModelConfig, arch: GgufArch, name: &str, file_type: TensorType) -> Vec<(String, MetaValue)> {
     let key = |k: &str| format!("{}.{k}", arch.name());
     let mut meta = vec![
         ("general.architecture".into(), MetaValue::Str(arch.name().into())),
@@ -296,10 +293,16 @@ pub fn hyperparameters(config: &ModelConfig, arch: GgufArch, name: &str, file_ty
         (key("rope.freq_base"), MetaValue::F32(config.rope.theta as f32)),
         (key("rope.dimension_count"), MetaValue::U32(config.head_dim as u32)),
     ];
+    // llama3 scaling goes out as the `rope_freqs` tensor ([`RopeScaling::llama3_divisors`]), as
+    // llama.cpp's converter writes it.
+    if let Some(RopeScaling::Linear { factor }) = config.rope.scaling {
+        meta.push((key("rope.scaling.type"), MetaValue::Str("linear".into())));
+        meta.push((key("rope.scaling.factor"), MetaValue::F32(factor as f32)));
+    }
     if file_type.quantized() {
         meta.push(("general.quantization_version".into(), MetaValue::U32(2)));
     }
-    Ok(meta)
+    meta
 }
 
 /// llama.cpp's token types.

@@ -71,11 +71,15 @@ pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Tens
     }
     let changed: std::collections::HashSet<String> = merge.as_ref().map(|m| m.keys().into_iter().collect()).unwrap_or_default();
 
-    let mut metadata = gguf_write::hyperparameters(&config, arch, &folder_name(base_dir), ty).map_err(|reason| LoadError::Invalid { path: base_dir.join("config.json"), reason })?;
+    let mut metadata = gguf_write::hyperparameters(&config, arch, &folder_name(base_dir), ty);
     metadata.extend(gguf_write::tokenizer_metadata(base_dir, config.vocab_size, pre)?);
 
-    // (HF key, GGUF tensor, q/k heads to permute by)
-    let mut plan: Vec<(String, TensorSpec, Option<usize>)> = Vec::new();
+    // (HF key, GGUF tensor, q/k heads to permute by); no key: llama3 RoPE scaling's divisors.
+    let mut plan: Vec<(Option<String>, TensorSpec, Option<usize>)> = Vec::new();
+    let rope_divisors = config.rope.scaling.as_ref().and_then(|s| s.llama3_divisors(config.rope.theta, config.rope.rotary_dim));
+    if let Some(divisors) = &rope_divisors {
+        plan.push((None, TensorSpec { name: "rope_freqs.weight".into(), shape: vec![divisors.len()], ty: TensorType::F32 }, None));
+    }
     for key in base.keys() {
         let Some((name, role)) = gguf_write::llama_tensor_name(key, config.num_layers) else {
             return Err(LoadError::Invalid { path: base_dir.to_path_buf(), reason: format!("tensor '{key}' has no place in llama.cpp's {} architecture", arch.name()) }.into());
@@ -85,12 +89,13 @@ pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Tens
             (Some(merge), true) => merge.output_shape(key, shape),
             _ => shape.to_vec(),
         };
-        plan.push((key.to_string(), TensorSpec { ty: ty.for_shape(&shape), name, shape }, permute_heads(role, &config, arch)));
+        plan.push((Some(key.to_string()), TensorSpec { ty: ty.for_shape(&shape), name, shape }, permute_heads(role, &config, arch)));
     }
     plan.sort_by_key(|(_, spec, _)| gguf_order(&spec.name));
     let specs: Vec<TensorSpec> = plan.iter().map(|(_, spec, _)| spec.clone()).collect();
     gguf_write::write(out, &metadata, &specs, |i| {
         let (key, spec, heads) = &plan[i];
+        let Some(key) = key else { return Ok(rope_divisors.clone().expect("planned with the divisors")) };
         let (base_shape, _) = base.info(key).expect("listed");
         let values: Tensor<2> = match base_shape {
             [rows, cols] => base.float::<2>(key, [*rows, *cols], LoadDtype::F32, &device)?,
