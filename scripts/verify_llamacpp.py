@@ -21,6 +21,9 @@
     ember; last-position logits of transformers, ember and llama.cpp on the same ids (prompts
     repeated to about 150 tokens for (i), where the long wavelengths turn), and their greedy
     answers.
+(j) the byte-level BPE pre-tokenizers ember reads back from a GGUF (`tokenizer.ggml.pre`
+    gpt-2, llama-bpe, qwen2): tiny_llama's vocabulary exported under each, the ids of ember's
+    GGUF tokenizer equal llama.cpp's on texts with digits, contractions, newlines and CJK.
 """
 import argparse
 import json
@@ -63,6 +66,8 @@ with torch.no_grad():
     answer = model.generate(ids, max_new_tokens=int(sys.argv[3]), do_sample=False)[0, ids.shape[1]:].tolist()
 print(json.dumps({"last_logits": last, "answer_ids": answer}))
 """
+
+PRE_TEXTS = ["It's 12345 o'clock!\n\nDON'T stop", "Numbers 2024-12-02, 3.14159 and 1000000", "  spaces\tand\ttabs  \n", "你好，世界 123"]
 
 PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.", "Write a haiku about the sea."]
 
@@ -350,6 +355,26 @@ def main():
         report.append(f"({part}) tiny random {what}, made by transformers, ember's f32 GGUF in llama.cpp (prompts up to {tokens} tokens): "
                       f"last-position logits max |diff| to transformers: llama.cpp {worst_theirs:.2e}, ember {worst_ours:.2e}; "
                       f"greedy answers (8 tokens) equal on all three {same}/{len(PROMPTS)}")
+
+    # (j) pre-tokenizers: ember's GGUF tokenizer against llama.cpp's on the same file.
+    tiny_llama = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "tiny_llama")
+    results = []
+    for pre in ("gpt-2", "llama-bpe", "qwen2"):
+        path = os.path.join(work, f"tiny-pre-{pre}.gguf")
+        run([ember, "export", "gguf", "--base", tiny_llama, "--out", path, "--type", "f32", "--pre", pre])
+        llm = Llama(model_path=path, n_ctx=256, vocab_only=True, verbose=False)
+        equal = 0
+        for i, text in enumerate(PRE_TEXTS):
+            dump = os.path.join(work, f"ember-j-{pre}-{i}.json")
+            run([ember, "generate", "--base", path, "--prompt", text, "--template", "none", "--max-new-tokens", "1", "--logits-out", dump])
+            ours = json.load(open(dump))["prompt_ids"]
+            theirs = llm.tokenize(text.encode(), add_bos=False, special=False)
+            ours = ours[1:] if ours and ours[0] == llm.token_bos() else ours
+            equal += ours == theirs
+            print(f"(j) {pre} {text!r}: ember {ours} | llama.cpp {theirs}")
+        results.append(f"{pre} {equal}/{len(PRE_TEXTS)}")
+        del llm
+    report.append(f"(j) GGUF byte-level BPE pre-tokenizers, ember's ids equal llama.cpp's: {', '.join(results)}")
 
     print("\n==== verify-llamacpp report ====")
     for line in report:

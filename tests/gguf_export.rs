@@ -271,6 +271,36 @@ fn tiny_llama_with_sentencepiece(dir: &Path) {
     std::fs::copy(fixture("tokenizers/sp_bpe/tokenizer.model"), dir.join("tokenizer.model")).unwrap();
 }
 
+/// A byte-level BPE's pre-tokenizer comes back from `tokenizer.ggml.pre` as HF's: GPT-2's
+/// byte-level regex, Llama 3's and Qwen2's regex splits (digits in runs of up to three, or one
+/// by one). A name ember does not know is one error line, not GPT-2's split in its place.
+#[test]
+fn gguf_pre_tokenizer_names_come_back_as_hf_pre_tokenizers() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("tiny_llama");
+    let tokenizer = ember_data::Tokenizer::from_dir(&base).unwrap();
+    let ids = |text: &str| tokenizer.encode(text, false).unwrap();
+    for (pre, digits) in [("gpt-2", vec!["12345"]), ("llama-bpe", vec!["123", "45"]), ("qwen2", vec!["1", "2", "3", "4", "5"])] {
+        let gguf = dir.path().join(format!("{pre}.gguf"));
+        export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", pre]);
+        let back = dir.path().join(format!("imported-{pre}"));
+        let output = ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
+        assert!(output.status.success(), "{pre}: {}", String::from_utf8_lossy(&output.stderr));
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(back.join("tokenizer.json")).unwrap()).unwrap();
+        assert_eq!(json["model"]["ignore_merges"], pre == "llama-bpe", "{pre}");
+        assert_eq!(json["normalizer"]["type"].as_str(), (pre == "qwen2").then_some("NFC"), "{pre}");
+        // The digits are split as the pre-tokenizer says, each piece then merged on its own.
+        let imported = ember_data::Tokenizer::from_dir(&back).unwrap();
+        let expected: Vec<_> = digits.iter().flat_map(|piece| ids(piece)).collect();
+        assert_eq!(imported.encode("12345", false).unwrap(), expected, "{pre}");
+    }
+    let gguf = dir.path().join("tekken.gguf");
+    export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "tekken"]);
+    let out = dir.path().join("imported-tekken");
+    assert_bad_input(&ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]), &["tokenizer.ggml.pre", "tekken"]);
+    assert!(!out.exists());
+}
+
 /// A SentencePiece tokenizer goes into the GGUF as llama.cpp's `llama` model (pieces, scores,
 /// types) and comes back, through `ember import gguf` and as a GGUF base, with the same ids.
 #[test]

@@ -812,6 +812,28 @@ fn vocabulary(meta: &GgufMetadata) -> Result<(Vec<&str>, Vec<u64>), LoadError> {
 
 /// Builds an HF `tokenizer.json` from the GGUF vocabulary: byte-level BPE for `gpt2`
 /// tokenizers, SentencePiece-style BPE with byte fallback for `llama` ones.
+/// HF's normalizer, pre-tokenizer and `ignore_merges` for a byte-level BPE whose
+/// `tokenizer.ggml.pre` names it (llama.cpp's names; as the models' own tokenizer.json has them):
+/// GPT-2's (also when the key is absent, as in older files), Llama 3's and Qwen2's. Any other
+/// name is refused: splitting text another way would change the ids without a word.
+fn byte_level_pre_tokenizer(meta: &GgufMetadata) -> Result<(Value, Value, bool), LoadError> {
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    let split_then_bytes = |pattern: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+        ]})
+    };
+    let key = "tokenizer.ggml.pre";
+    match meta.get(key).and_then(Value::as_str).unwrap_or("gpt-2") {
+        "gpt-2" | "default" | "smollm" => Ok((Value::Null, json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}), false)),
+        "llama-bpe" | "llama3" | "llama-v3" => Ok((Value::Null, split_then_bytes(LLAMA3), true)),
+        "qwen2" => Ok((json!({"type": "NFC"}), split_then_bytes(QWEN2), false)),
+        other => Err(meta.error(key, &format!("pre-tokenizer '{other}' is not known to ember (known: gpt-2, smollm, llama-bpe, qwen2); read the model from its HF folder instead"))),
+    }
+}
+
 pub fn tokenizer_json(meta: &GgufMetadata) -> Result<Value, LoadError> {
     let model = meta.str("tokenizer.ggml.model")?;
     let (tokens, types) = vocabulary(meta)?;
@@ -829,15 +851,16 @@ pub fn tokenizer_json(meta: &GgufMetadata) -> Result<Value, LoadError> {
             let affixes = Affixes { prefix: bos.map(|id| (tokens[id as usize].to_string(), id)).into_iter().collect(), suffix: Vec::new() };
             let merges = meta.get("tokenizer.ggml.merges").and_then(Value::as_array)
                 .ok_or_else(|| meta.error("tokenizer.ggml.merges", "missing for a gpt2 tokenizer"))?;
+            let (normalizer, pre_tokenizer, ignore_merges) = byte_level_pre_tokenizer(meta)?;
             Ok(json!({
                 "version": "1.0", "truncation": null, "padding": null,
                 "added_tokens": added_tokens,
-                "normalizer": null,
-                "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+                "normalizer": normalizer,
+                "pre_tokenizer": pre_tokenizer,
                 "post_processor": affixes.post_processor(),
                 "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
                 "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                    "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                    "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
                     "vocab": vocab, "merges": merges},
             }))
         }
