@@ -25,7 +25,7 @@ use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::fused::kernels::Packing;
-use crate::gguf::{block_codes, k_scale_min, GgmlType, GgufFile, HfTensor, unpermute_rows};
+use crate::gguf::{block_codes, code_value, k_scale_min, GgmlType, GgufFile, HfTensor, unpermute_rows};
 use crate::nf4::{lookup_bytes, u8_tensor};
 use crate::LoadError;
 
@@ -81,17 +81,6 @@ impl Layout {
     /// Bytes of codes per group.
     fn code_bytes(&self) -> usize {
         if self.nibbles { self.group / 2 } else { self.group }
-    }
-}
-
-/// A code's value before scaling.
-fn code_value(kind: GgmlType, code: u8) -> f32 {
-    match kind {
-        GgmlType::Q8_0 => code as i8 as f32,
-        GgmlType::Q4_0 => (code as i32 - 8) as f32,
-        GgmlType::Q5_0 => (code as i32 - 16) as f32,
-        GgmlType::Q6_K => (code as i32 - 32) as f32,
-        _ => code as f32,
     }
 }
 

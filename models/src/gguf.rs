@@ -14,6 +14,7 @@ use safetensors::tensor::{Dtype, View};
 use serde_json::{Map, Value, json};
 
 use ember_data::sentencepiece::{self, Affixes, ModelProto, ModelType, Piece, PieceType};
+use ember_data::tiktoken::split_then_byte_level;
 
 use crate::config::RopeScaling;
 use crate::family::Role;
@@ -348,44 +349,52 @@ fn half_at(bytes: &[u8], i: usize) -> f32 {
 /// Dequantizes ggml blocks, each value as ggml-quants.c's `dequantize_row_*` computes it (the
 /// same f32 operations in the same order), so that the device path can be checked bit for bit.
 pub(crate) fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
+    match kind {
+        GgmlType::F32 => return bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+        GgmlType::F16 => return bytes.chunks_exact(2).map(|c| half_at(c, 0)).collect(),
+        GgmlType::BF16 => return bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect(),
+        _ => {}
+    }
     let (per_block, block_bytes) = kind.block();
     let mut out = Vec::with_capacity(bytes.len() / block_bytes as usize * per_block as usize);
     let mut q = Vec::with_capacity(per_block as usize);
     for b in bytes.chunks_exact(block_bytes as usize) {
-        let d = || half_at(b, 0);
+        q.clear();
+        block_codes(kind, b, &mut q);
+        let value = |c: u8| code_value(kind, c);
         match kind {
-            GgmlType::F32 => out.push(f32::from_le_bytes(b.try_into().unwrap())),
-            GgmlType::F16 => out.push(half_at(b, 0)),
-            GgmlType::BF16 => out.push(f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
-            _ => {
-                q.clear();
-                block_codes(kind, b, &mut q);
-                match kind {
-                    GgmlType::Q8_0 => out.extend(q.iter().map(|&c| c as i8 as f32 * d())),
-                    // ggml: (q − 8)·d, not q·d − 8d, which rounds differently.
-                    GgmlType::Q4_0 => out.extend(q.iter().map(|&c| (c as i32 - 8) as f32 * d())),
-                    GgmlType::Q5_0 => out.extend(q.iter().map(|&c| (c as i32 - 16) as f32 * d())),
-                    GgmlType::Q4_1 | GgmlType::Q5_1 => out.extend(q.iter().map(|&c| c as f32 * d() + half_at(b, 2))),
-                    GgmlType::Q4_K | GgmlType::Q5_K => {
-                        for (sub, codes) in q.chunks_exact(32).enumerate() {
-                            let (sc, m) = k_scale_min(&b[4..16], sub);
-                            let (d1, m1) = (d() * sc as f32, half_at(b, 2) * m as f32);
-                            out.extend(codes.iter().map(|&c| d1 * c as f32 - m1));
-                        }
-                    }
-                    GgmlType::Q6_K => {
-                        let d = half_at(b, 208);
-                        for (sub, codes) in q.chunks_exact(16).enumerate() {
-                            let scale = b[192 + sub] as i8 as f32;
-                            out.extend(codes.iter().map(|&c| d * scale * (c as i32 - 32) as f32));
-                        }
-                    }
-                    GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!(),
+            GgmlType::Q4_K | GgmlType::Q5_K => {
+                let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+                for (sub, codes) in q.chunks_exact(32).enumerate() {
+                    let (sc, m) = k_scale_min(&b[4..16], sub);
+                    let (d1, m1) = (d * sc as f32, dmin * m as f32);
+                    out.extend(codes.iter().map(|&c| d1 * value(c) - m1));
                 }
             }
+            GgmlType::Q6_K => {
+                let d = half_at(b, 208);
+                for (sub, codes) in q.chunks_exact(16).enumerate() {
+                    let scale = b[192 + sub] as i8 as f32;
+                    out.extend(codes.iter().map(|&c| d * scale * value(c)));
+                }
+            }
+            GgmlType::Q4_1 | GgmlType::Q5_1 => out.extend(q.iter().map(|&c| value(c) * half_at(b, 0) + half_at(b, 2))),
+            // Q8_0, Q4_0, Q5_0. ggml: Q4_0 is (q − 8)·d, not q·d − 8d, which rounds differently.
+            _ => out.extend(q.iter().map(|&c| value(c) * half_at(b, 0))),
         }
     }
     out
+}
+
+/// A code's value before scaling: the offset or sign each type gives its codes.
+pub(crate) fn code_value(kind: GgmlType, code: u8) -> f32 {
+    match kind {
+        GgmlType::Q8_0 => code as i8 as f32,
+        GgmlType::Q4_0 => (code as i32 - 8) as f32,
+        GgmlType::Q5_0 => (code as i32 - 16) as f32,
+        GgmlType::Q6_K => (code as i32 - 32) as f32,
+        _ => code as f32,
+    }
 }
 
 /// A quantized block's codes in value order, appended to `out`, before the offset a type
@@ -819,17 +828,11 @@ fn vocabulary(meta: &GgufMetadata) -> Result<(Vec<&str>, Vec<u64>), LoadError> {
 fn byte_level_pre_tokenizer(meta: &GgufMetadata) -> Result<(Value, Value, bool), LoadError> {
     const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    let split_then_bytes = |pattern: &str| {
-        json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
-        ]})
-    };
     let key = "tokenizer.ggml.pre";
     match meta.get(key).and_then(Value::as_str).unwrap_or("gpt-2") {
         "gpt-2" | "default" | "smollm" => Ok((Value::Null, json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}), false)),
-        "llama-bpe" | "llama3" | "llama-v3" => Ok((Value::Null, split_then_bytes(LLAMA3), true)),
-        "qwen2" => Ok((json!({"type": "NFC"}), split_then_bytes(QWEN2), false)),
+        "llama-bpe" | "llama3" | "llama-v3" => Ok((Value::Null, split_then_byte_level(LLAMA3), true)),
+        "qwen2" => Ok((json!({"type": "NFC"}), split_then_byte_level(QWEN2), false)),
         other => Err(meta.error(key, &format!("pre-tokenizer '{other}' is not known to ember (known: gpt-2, smollm, llama-bpe, qwen2); read the model from its HF folder instead"))),
     }
 }
