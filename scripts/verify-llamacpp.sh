@@ -7,6 +7,8 @@
 # (f) a LoRA trained on the q8_0/q4_0 GGUF itself, run by llama.cpp on that file; (g) the same on
 # Q4_K_M and Q6_K files made by llama.cpp's own quantizer.
 # (h) Qwen2 as llama.cpp's qwen2; (i) Llama 3.1 RoPE scaling: tiny models from transformers.
+# (j) pre-tokenizers read back from a GGUF; (k) the GLM family (ChatGLM3, GLM-4 vocabularies) as
+# llama.cpp's chatglm (needs REFERENCE_PYTHON and the shared tokenizers, EMBER_TOKENIZERS).
 #
 #   scripts/verify-llamacpp.sh [work dir]      (default target/llamacpp)
 #
@@ -42,4 +44,5 @@ cargo build --release --quiet --bin ember
 "$work/venv/bin/python" scripts/verify_llamacpp.py \
   --ember target/release/ember --smollm2 target/models/smollm2_135m_instruct --work "$work/out" \
   --llama-cpp "$src/vendor/llama.cpp" --reference-python "${REFERENCE_PYTHON:-}" \
-  --data tests/data/alpaca_en_sample_200.json
+  --data tests/data/alpaca_en_sample_200.json --data-zh tests/data/alpaca_zh_sample_200.json \
+  --tokenizers "${EMBER_TOKENIZERS:-../shared/fixtures/tokenizers}"

@@ -24,6 +24,13 @@
 (j) the byte-level BPE pre-tokenizers ember reads back from a GGUF (`tokenizer.ggml.pre`
     gpt-2, llama-bpe, qwen2): tiny_llama's vocabulary exported under each, the ids of ember's
     GGUF tokenizer equal llama.cpp's on texts with digits, contractions, newlines and CJK.
+(k) the GLM family as llama.cpp's `chatglm`: seeded random tiny models with the real
+    vocabularies (../shared/fixtures/tokenizers): ChatGLM3's layout (fused query_key_value,
+    SentencePiece tokenizer.model with THUDM's specials) and HF-native `glm` with GLM-4's tiktoken
+    ranks. llama.cpp's ids equal the reference ids of THUDM's tokenizers; last-position logits and
+    greedy answers of ember and llama.cpp (and transformers for `glm`) on chat prompts; a LoRA
+    trained by ember on each, applied with --lora; the `glm` file against llama.cpp's own
+    convert_hf_to_gguf.py (tensors, and the metadata keys that differ).
 """
 import argparse
 import json
@@ -66,6 +73,53 @@ with torch.no_grad():
     answer = model.generate(ids, max_new_tokens=int(sys.argv[3]), do_sample=False)[0, ids.shape[1]:].tolist()
 print(json.dumps({"last_logits": last, "answer_ids": answer}))
 """
+
+# Seeded random tiny GLM-family models with a real vocabulary (argv: out dir, tokenizers dir, kind):
+# glm4 = HF-native `glm` (transformers' GlmForCausalLM) with GLM-4's tiktoken ranks; chatglm3 =
+# THUDM's layout, which transformers has no class for, with ChatGLM3's SentencePiece model.
+MAKE_GLM = """
+import json, os, shutil, sys, torch, transformers
+from safetensors.torch import save_file
+out, tokenizers, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+torch.manual_seed(0)
+os.makedirs(out, exist_ok=True)
+def rand(*shape, norm=False):
+    return 1 + 0.1 * torch.randn(*shape) if norm else 0.15 * torch.randn(*shape)
+if kind == 'glm4':
+    cfg = transformers.GlmConfig(vocab_size=151552, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5, max_position_embeddings=512, rms_norm_eps=1.5625e-7,
+        attention_bias=True, tie_word_embeddings=False, pad_token_id=151329, eos_token_id=[151329, 151336, 151338])
+    model = transformers.GlmForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(rand(*p.shape, norm='norm' in name))
+    model.save_pretrained(out, safe_serialization=True)
+    for f in ('tokenizer.model', 'tokenization_chatglm.py'):
+        shutil.copy(os.path.join(tokenizers, 'glm4_9b_chat', f), out)
+else:
+    h, ffn, heads, groups, d, vocab = 64, 128, 4, 2, 16, 65024
+    t = {'transformer.embedding.word_embeddings.weight': rand(vocab, h), 'transformer.encoder.final_layernorm.weight': rand(h, norm=True),
+         'transformer.output_layer.weight': rand(vocab, h)}
+    for i in range(2):
+        p = f'transformer.encoder.layers.{i}.'
+        t[p + 'input_layernorm.weight'] = rand(h, norm=True)
+        t[p + 'post_attention_layernorm.weight'] = rand(h, norm=True)
+        t[p + 'self_attention.query_key_value.weight'] = rand(heads * d + 2 * groups * d, h)
+        t[p + 'self_attention.query_key_value.bias'] = rand(heads * d + 2 * groups * d)
+        t[p + 'self_attention.dense.weight'] = rand(h, heads * d)
+        t[p + 'mlp.dense_h_to_4h.weight'] = rand(2 * ffn, h)
+        t[p + 'mlp.dense_4h_to_h.weight'] = rand(h, ffn)
+    save_file(t, os.path.join(out, 'model.safetensors'), metadata={'format': 'pt'})
+    src = os.path.join(tokenizers, 'chatglm3_6b')
+    config = json.load(open(os.path.join(src, 'config.json')))
+    config.update(hidden_size=h, ffn_hidden_size=ffn, kv_channels=d, num_attention_heads=heads, multi_query_group_num=groups,
+                  num_layers=2, seq_length=512, torch_dtype='float32')
+    json.dump(config, open(os.path.join(out, 'config.json'), 'w'), indent=2)
+    for f in ('tokenizer.model', 'tokenizer_config.json', 'tokenization_chatglm.py'):
+        shutil.copy(os.path.join(src, f), out)
+"""
+
+GLM_PROMPTS = ["你好，请介绍一下北京。", "Give three tips for staying healthy.", "用一句话解释什么是机器学习"]
 
 PRE_TEXTS = ["It's 12345 o'clock!\n\nDON'T stop", "Numbers 2024-12-02, 3.14159 and 1000000", "  spaces\tand\ttabs  \n", "你好，世界 123"]
 
@@ -165,6 +219,8 @@ def main():
     p.add_argument("--llama-cpp", required=True, help="the vendored llama.cpp source (convert_lora_to_gguf.py, gguf-py)")
     p.add_argument("--reference-python", default="", help="a Python with torch + transformers + safetensors for (c)")
     p.add_argument("--data", required=True, help="Alpaca JSON; its first 50 records are used for (e)")
+    p.add_argument("--data-zh", required=True, help="Chinese Alpaca JSON, trained on in (k)")
+    p.add_argument("--tokenizers", default="", help="the shared fixtures' tokenizers folder (chatglm3_6b, glm4_9b_chat) for (k)")
     args = p.parse_args()
     from llama_cpp import Llama
 
@@ -376,9 +432,120 @@ def main():
         del llm
     report.append(f"(j) GGUF byte-level BPE pre-tokenizers, ember's ids equal llama.cpp's: {', '.join(results)}")
 
+    # (k) the GLM family as llama.cpp's chatglm.
+    if args.reference_python and args.tokenizers:
+        report.extend(verify_glm(args, ember, work))
+    else:
+        report.append("(k) skipped: give --reference-python (torch + transformers) and --tokenizers (the shared fixtures' tokenizers)")
+
     print("\n==== verify-llamacpp report ====")
     for line in report:
         print(line)
+
+
+def verify_glm(args, ember, work):
+    """(k): one report line per model."""
+    from llama_cpp import Llama
+    sys.path.insert(0, os.path.join(args.llama_cpp, "gguf-py"))
+    import gguf
+    lines = []
+    for kind, layout, reference_dir, targets in (
+        ("chatglm3", "ChatGLM3 layout (fused query_key_value), SentencePiece", "chatglm3_6b", '["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]'),
+        ("glm4", "HF-native glm, GLM-4 tiktoken", "glm4_9b_chat", '["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]'),
+    ):
+        model = os.path.join(work, f"tiny_{kind}")
+        run([args.reference_python, "-c", MAKE_GLM, model, args.tokenizers, kind])
+        path = os.path.join(work, f"tiny-{kind}-f32.gguf")
+        run([ember, "export", "gguf", "--base", model, "--out", path, "--type", "f32"])
+        reader = gguf.GGUFReader(path)
+        pre = reader.fields["tokenizer.ggml.pre"].contents()
+
+        # Tokenization against the reference ids of THUDM's own tokenizers.
+        reference = json.load(open(os.path.join(args.tokenizers, reference_dir, "reference.json")))
+        cases = reference["sentencepiece"]["cases"] if "sentencepiece" in reference else reference["tiktoken"]["cases"]
+        llm = Llama(model_path=path, n_ctx=512, logits_all=True, verbose=False)
+        same_ids = 0
+        for case in cases:
+            want = case.get("ids", case.get("ids_ordinary"))
+            got = llm.tokenize(case["text"].encode(), add_bos=False, special=False)
+            same_ids += got == want
+            if got != want:
+                print(f"(k) {kind} {case['text']!r}: reference {want} | llama.cpp {got}")
+
+        # Base model, then a LoRA trained by ember on it.
+        run_dir = os.path.join(work, f"lora-{kind}")
+        recipe = os.path.join(work, f"lora-{kind}.toml")
+        open(recipe, "w").write(f'[model]\npath = "{model}"\n[adapter]\nmethod = "lora"\nr = 4\nalpha = 8\ntarget_modules = {targets}\n'
+                                f'[data]\npath = "{os.path.abspath(args.data_zh)}"\ntemplate = "{kind}"\ncutoff_len = 128\n'
+                                f'[train]\nmax_steps = 10\nlr = 1e-2\nmicro_batch_size = 4\n[output]\ndir = "{run_dir}"\n')
+        run([ember, "train", recipe, "--quiet", "--overwrite"])
+        adapter = os.path.join(run_dir, "adapter")
+        lora_gguf = os.path.join(work, f"lora-{kind}.gguf")
+        run([ember, "export", "gguf-lora", "--base", model, "--adapter", adapter, "--out", lora_gguf])
+        results = {}
+        for with_adapter in (False, True):
+            if with_adapter:
+                llm = Llama(model_path=path, lora_path=lora_gguf, n_ctx=512, logits_all=True, verbose=False)
+            equal, worst, worst_hf, changed = 0, 0.0, None, 0
+            for i, prompt in enumerate(GLM_PROMPTS):
+                dump = os.path.join(work, f"ember-k-{kind}-{with_adapter}-{i}.json")
+                extra = ["--adapter", adapter] if with_adapter else []
+                run([ember, "generate", "--base", model, *extra, "--prompt", prompt, "--template", kind, "--max-new-tokens", "8", "--logits-out", dump])
+                ours = json.load(open(dump))
+                theirs, last = llama_answer(llm, ours["prompt_ids"], len(ours["answer_ids"]))
+                same = theirs == ours["answer_ids"]
+                worst = max(worst, float(np.abs(last - np.array(ours["last_logits"], dtype=np.float32)).max()))
+                if with_adapter:
+                    changed += ours["answer_ids"] != json.load(open(os.path.join(work, f"ember-k-{kind}-False-{i}.json")))["answer_ids"]
+                elif kind == "glm4":
+                    hf = json.loads(run([args.reference_python, "-c", HF_ANSWER, model, json.dumps(ours["prompt_ids"]), str(len(ours["answer_ids"]))]))
+                    hf_last = np.array(hf["last_logits"], dtype=np.float32)
+                    ours_hf, theirs_hf = worst_hf or (0.0, 0.0)
+                    worst_hf = (max(ours_hf, float(np.abs(np.array(ours["last_logits"], dtype=np.float32) - hf_last).max())), max(theirs_hf, float(np.abs(last - hf_last).max())))
+                    same = same and hf["answer_ids"] == ours["answer_ids"]
+                equal += same
+                print(f"(k) {kind} adapter {with_adapter} {prompt!r}: ember {ours['answer_ids']} | llama.cpp {theirs}")
+            results[with_adapter] = (equal, worst, worst_hf, changed)
+            del llm
+        # The adapter merged into the export instead (`export gguf --adapter`).
+        merged = os.path.join(work, f"tiny-{kind}-merged-f32.gguf")
+        run([ember, "export", "gguf", "--base", model, "--adapter", adapter, "--out", merged, "--type", "f32"])
+        llm = Llama(model_path=merged, n_ctx=512, logits_all=True, verbose=False)
+        m_eq = 0
+        for i in range(len(GLM_PROMPTS)):
+            ours = json.load(open(os.path.join(work, f"ember-k-{kind}-True-{i}.json")))
+            m_eq += llama_answer(llm, ours["prompt_ids"], len(ours["answer_ids"]))[0] == ours["answer_ids"]
+        del llm
+        (b_eq, b_worst, b_hf, _), (a_eq, a_worst, _, a_changed) = results[False], results[True]
+        hf_part = f"; to transformers: ember {b_hf[0]:.2e}, llama.cpp {b_hf[1]:.2e}" if b_hf is not None else ""
+        line = (f"(k) {kind}: {layout} -> chatglm, pre '{pre}': llama.cpp's ids equal the reference tokenizer's on {same_ids}/{len(cases)} texts; "
+                f"greedy answers (8 tokens, {kind} chat prompts) equal {b_eq}/{len(GLM_PROMPTS)}{' on all three' if kind == 'glm4' else ''}, last-position logits max |diff| {b_worst:.2e}{hf_part}; "
+                f"LoRA trained by ember (10 steps) via --lora: answers equal {a_eq}/{len(GLM_PROMPTS)} (changed by the adapter {a_changed}/{len(GLM_PROMPTS)}), logits max |diff| {a_worst:.2e}; "
+                f"merged into the export: answers equal {m_eq}/{len(GLM_PROMPTS)}")
+
+        if kind == "glm4":
+            # llama.cpp's own converter on the same model, given ember's tokenizer.json of the ranks
+            # (its GLM-4 tiktoken path needs THUDM's remote-code tokenizer).
+            hf_dir = os.path.join(work, "tiny_glm4_tokenizer_json")
+            run([ember, "import", "tokenizer", model, "--out", hf_dir])
+            for f in ("config.json", "model.safetensors"):
+                if not os.path.exists(os.path.join(hf_dir, f)):
+                    os.symlink(os.path.join(model, f), os.path.join(hf_dir, f))
+            open(os.path.join(hf_dir, "tokenizer_config.json"), "w").write('{"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}')
+            theirs_path = os.path.join(work, "tiny-glm4-convert.gguf")
+            env = dict(os.environ, PYTHONPATH=os.path.join(args.llama_cpp, "gguf-py"))
+            run([args.reference_python, os.path.join(args.llama_cpp, "convert_hf_to_gguf.py"), hf_dir, "--outtype", "f32", "--outfile", theirs_path], env=env)
+            theirs_r = gguf.GGUFReader(theirs_path)
+            ot = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
+            tt = {t.name: np.array(t.data, dtype=np.float32) for t in theirs_r.tensors}
+            exact = sorted(ot) == sorted(tt) and all(np.array_equal(ot[k], tt[k]) for k in ot)
+            fields = lambda r: {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF") and k != "general.name"}
+            fo, ft = fields(reader), fields(theirs_r)
+            differ = sorted(k for k in set(fo) | set(ft) if fo.get(k) != ft.get(k))
+            shown = "; ".join(f"{k}: ember {fo.get(k)!r}, converter {ft.get(k)!r}" for k in differ)
+            line += f"; against convert_hf_to_gguf.py: {len(ot)} tensors bit for bit: {exact}; metadata keys that differ: {shown or 'none'}"
+        lines.append(line)
+    return lines
 
 
 if __name__ == "__main__":

@@ -347,7 +347,8 @@ enum RecipeCommand {
 
 #[derive(Subcommand)]
 enum ImportCommand {
-    /// A LLaMA-architecture GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 tensors), dequantized to f32.
+    /// A llama or qwen2 GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K
+    /// tensors), dequantized to f32.
     Gguf {
         /// The .gguf file.
         file: PathBuf,
@@ -386,8 +387,9 @@ enum ImportCommand {
 
 #[derive(Subcommand)]
 enum ExportCommand {
-    /// A LLaMA-architecture model, merged with an adapter if one is given, as one GGUF file for
-    /// llama.cpp / Ollama: llama.cpp's metadata and tokenizer, q/k rows in its order.
+    /// A LLaMA, Qwen2 or GLM-family model (glm, chatglm: llama.cpp's `chatglm`), merged with an
+    /// adapter if one is given, as one GGUF file for llama.cpp / Ollama: llama.cpp's metadata and
+    /// tokenizer, q/k rows in its order.
     ///
     /// Vectors stay f32; q8_0 / q4_0 quantize every matrix whose rows fill 32-value blocks
     /// (others f16). Streamed tensor by tensor; the file appears only complete.

@@ -221,13 +221,78 @@ fn qwen2_exports_as_llama_cpps_qwen2_with_rows_in_hf_order() {
     assert_eq!(file.dequantize(file.tensor("blk.0.attn_q.weight.lora_b").unwrap()), q_peft);
 }
 
+/// GLM's two layouts go out as llama.cpp's `chatglm`: HF-native `glm` with separate q/k/v,
+/// ChatGLM's fused `query_key_value` as `attn_qkv`; both with rows in HF order (llama.cpp's
+/// `chatglm` RoPE pairs neighbours, as GLM does), the fused `[gate | up]` as `ffn_up`, and RoPE
+/// over the rotary part of each head only. LoRA on the fused projections keeps PEFT's B rows.
+#[test]
+fn glm_family_exports_as_llama_cpps_chatglm() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, q, q_hf) in [
+        ("tiny_glm", "blk.1.attn_q.bias", "model.layers.1.self_attn.q_proj.bias"),
+        ("tiny_chatglm", "blk.1.attn_qkv.weight", "transformer.encoder.layers.1.self_attention.query_key_value.weight"),
+    ] {
+        let base = fixture(name);
+        let gguf = dir.path().join(format!("{name}.gguf"));
+        // The fixtures' trained BPEs are not ones llama.cpp knows by their hash.
+        export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "gpt-2"]);
+        let file = GgufFile::open(&gguf).unwrap();
+        let meta = |key: &str| file.metadata.get(key).unwrap().clone();
+        assert_eq!(meta("general.architecture"), "chatglm");
+        assert_eq!(meta("chatglm.rope.dimension_count"), 8, "{name}: half of each 16-value head");
+        assert_eq!(meta("chatglm.attention.head_count_kv"), 2);
+        assert_eq!(meta("tokenizer.ggml.add_bos_token"), false);
+        let original = f32_tensors(&base.join("model.safetensors"));
+        let hf = |key: &str| original.iter().find(|(k, _)| k == key).unwrap().1.clone();
+        assert_eq!(file.dequantize(file.tensor(q).unwrap()), hf(q_hf), "{name}");
+        let up = file.tensor("blk.0.ffn_up.weight").unwrap();
+        assert_eq!(up.shape, [256, 64], "{name}: [gate | up] as one tensor");
+        assert!(file.tensor("blk.0.ffn_gate.weight").is_none());
+        // ember reads llama and qwen2 GGUFs back, not chatglm: one line saying so.
+        let out = dir.path().join(format!("imported-{name}"));
+        assert_bad_input(&ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]), &["general.architecture", "'chatglm'"]);
+    }
+    let lora = dir.path().join("chatglm-lora.gguf");
+    let adapter = fixture("tiny_chatglm/adapters/lora");
+    export(&["gguf-lora", "--base", fixture("tiny_chatglm").to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", lora.to_str().unwrap()]);
+    let file = GgufFile::open(&lora).unwrap();
+    assert_eq!(file.metadata.get("general.architecture").unwrap(), "chatglm");
+    let peft = f32_tensors(&adapter.join("adapter_model.safetensors"));
+    let b = peft.iter().find(|(k, _)| k.ends_with("layers.0.self_attention.query_key_value.lora_B.weight")).unwrap().1.clone();
+    assert_eq!(file.dequantize(file.tensor("blk.0.attn_qkv.weight.lora_b").unwrap()), b);
+}
+
+/// A ChatGLM folder's `tokenizer.model` goes out as llama.cpp's converter writes it: the
+/// SentencePiece pieces (ids 0-2 named `<unk>`, `<bos>`, `<eos>`), THUDM's nine specials after
+/// them as control tokens, padding to the embedding's rows, and no BOS added.
+#[test]
+fn chatglm_sentencepiece_vocabulary_goes_out_as_llama_cpps_converter_writes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("chatglm-sp");
+    std::fs::create_dir(&model).unwrap();
+    with_sentencepiece("tiny_chatglm", &model, 2048, "padded_vocab_size", ["transformer.embedding.word_embeddings.weight", "transformer.output_layer.weight"]);
+    let gguf = dir.path().join("chatglm-sp.gguf");
+    export(&["gguf", "--base", model.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32"]);
+    let file = GgufFile::open(&gguf).unwrap();
+    let meta = |key: &str| file.metadata.get(key).unwrap().clone();
+    assert_eq!(meta("tokenizer.ggml.model"), "llama");
+    assert_eq!(meta("tokenizer.ggml.pre"), "chatglm-spm");
+    assert_eq!(meta("tokenizer.ggml.add_bos_token"), false);
+    let tokens = meta("tokenizer.ggml.tokens");
+    let types = meta("tokenizer.ggml.token_type");
+    assert_eq!(tokens.as_array().unwrap().len(), 2048);
+    assert_eq!(tokens.as_array().unwrap()[..3], ["<unk>", "<bos>", "<eos>"].map(serde_json::Value::from));
+    assert_eq!((&types[0], &types[1]), (&serde_json::json!(2), &serde_json::json!(3)), "unknown, control");
+    assert_eq!((&tokens[2001], &types[2001]), (&serde_json::json!("[gMASK]"), &serde_json::json!(3)));
+    assert_eq!((&tokens[2008], &types[2008]), (&serde_json::json!("<|observation|>"), &serde_json::json!(3)));
+    assert_eq!((&tokens[2009], &types[2009]), (&serde_json::json!("[PAD2009]"), &serde_json::json!(5)));
+}
+
 #[test]
 fn what_llama_cpp_cannot_take_is_one_error_line() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.gguf");
     let out = out.to_str().unwrap();
-    let chatglm = fixture("tiny_chatglm");
-    assert_bad_input(&ember(&["export", "gguf", "--base", chatglm.to_str().unwrap(), "--out", out]), &["model_type 'chatglm'", "llama and qwen2", "convert_hf_to_gguf.py"]);
     let llama = fixture("tiny_llama");
     assert_bad_input(
         &ember(&["export", "gguf-lora", "--base", llama.to_str().unwrap(), "--adapter", fixture("tiny_llama/adapters/dora").to_str().unwrap(), "--out", out]),
@@ -243,10 +308,10 @@ fn what_llama_cpp_cannot_take_is_one_error_line() {
     assert!(!Path::new(out).exists());
 }
 
-/// tiny_llama with a SentencePiece `tokenizer.model` (the repository's sp_bpe, 2,000 pieces) and
-/// its embedding and head grown to 2,000 rows.
-fn tiny_llama_with_sentencepiece(dir: &Path) {
-    let base = fixture("tiny_llama");
+/// The fixture `base` with a SentencePiece `tokenizer.model` (the repository's sp_bpe, 2,000
+/// pieces) and its embedding and head (`vocab_tensors`) grown to `rows` rows.
+fn with_sentencepiece(base: &str, dir: &Path, rows: usize, vocab_key: &str, vocab_tensors: [&str; 2]) {
+    let base = fixture(base);
     let bytes = std::fs::read(base.join("model.safetensors")).unwrap();
     let file = SafeTensors::deserialize(&bytes).unwrap();
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = file
@@ -255,9 +320,9 @@ fn tiny_llama_with_sentencepiece(dir: &Path) {
         .map(|(name, view)| {
             let mut shape = view.shape().to_vec();
             let mut data = view.data().to_vec();
-            if name.ends_with("embed_tokens.weight") || name == "lm_head.weight" {
-                data.resize(2000 * shape[1] * 4, 0);
-                shape[0] = 2000;
+            if vocab_tensors.contains(&name.as_str()) {
+                data.resize(rows * shape[1] * 4, 0);
+                shape[0] = rows;
             }
             (name, shape, data)
         })
@@ -266,9 +331,13 @@ fn tiny_llama_with_sentencepiece(dir: &Path) {
         tensors.iter().map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())).collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap()).unwrap();
-    config["vocab_size"] = 2000.into();
+    config[vocab_key] = rows.into();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     std::fs::copy(fixture("tokenizers/sp_bpe/tokenizer.model"), dir.join("tokenizer.model")).unwrap();
+}
+
+fn tiny_llama_with_sentencepiece(dir: &Path) {
+    with_sentencepiece("tiny_llama", dir, 2000, "vocab_size", ["model.embed_tokens.weight", "lm_head.weight"]);
 }
 
 /// A byte-level BPE's pre-tokenizer comes back from `tokenizer.ggml.pre` as HF's: GPT-2's

@@ -16,8 +16,8 @@ use serde_json::{Map, Value, json};
 use ember_data::sentencepiece::{self, Affixes, ModelProto, ModelType, Piece, PieceType};
 use ember_data::tiktoken::split_then_byte_level;
 
-use crate::config::RopeScaling;
-use crate::family::Role;
+use crate::config::{Architecture, RopeScaling};
+use crate::family::{KeyLayout, Role};
 use crate::{LoadError, llama};
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -94,37 +94,48 @@ fn ggml_type_name(id: u32) -> String {
     }
 }
 
-/// The llama.cpp architectures ember reads and writes: LLaMA's layout under llama.cpp's `llama`
-/// (q/k rows permuted for its interleaved RoPE) and `qwen2` (q/k/v biases; NEOX RoPE, which is
-/// HF's `rotate_half`, so rows stay in HF order).
+/// The llama.cpp architectures ember writes: LLaMA's layout under llama.cpp's `llama` (q/k rows
+/// permuted for its interleaved RoPE), `qwen2` (q/k/v biases; NEOX RoPE, which is HF's
+/// `rotate_half`, so rows stay in HF order), and the GLM family under `chatglm` (RoPE on interleaved
+/// pairs of the first part of each head, as ember's GLM decoder, so rows stay too). ember reads
+/// `llama` and `qwen2` back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufArch {
     Llama,
     Qwen2,
+    ChatGlm,
 }
 
 impl GgufArch {
-    /// The architecture of an HF `model_type`, if llama.cpp has it in ember's layout.
-    pub fn of_model_type(model_type: &str) -> Option<Self> {
-        match model_type {
-            "llama" => Some(Self::Llama),
-            "qwen2" => Some(Self::Qwen2),
-            _ => None,
+    /// llama.cpp's architecture for a model ember reads.
+    pub fn of(config: &crate::ModelConfig) -> Self {
+        match config.architecture {
+            Architecture::Llama if config.model_type == "qwen2" => Self::Qwen2,
+            Architecture::Llama => Self::Llama,
+            Architecture::Glm | Architecture::ChatGlm => Self::ChatGlm,
         }
     }
 
-    /// `general.architecture`, the prefix of the hyperparameter keys, and HF's `model_type`.
+    /// `general.architecture` and the prefix of the hyperparameter keys.
     pub fn name(self) -> &'static str {
         match self {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
+            Self::ChatGlm => "chatglm",
         }
     }
 
-    fn hf_class(self) -> &'static str {
+    /// The architecture of a file's `general.architecture`, if ember reads it back.
+    fn readable(name: &str) -> Option<Self> {
+        [Self::Llama, Self::Qwen2].into_iter().find(|arch| arch.name() == name)
+    }
+
+    /// HF's `model_type` and model class of what ember reads back.
+    fn hf_class(self) -> (&'static str, &'static str) {
         match self {
-            Self::Llama => "LlamaForCausalLM",
-            Self::Qwen2 => "Qwen2ForCausalLM",
+            Self::Llama => ("llama", "LlamaForCausalLM"),
+            Self::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+            Self::ChatGlm => ("glm", "GlmForCausalLM"),
         }
     }
 
@@ -497,21 +508,24 @@ impl View for &LazyTensor<'_> {
     }
 }
 
-/// llama.cpp's names of the per-layer projections of a LLaMA model, by role.
-const GGUF_PROJECTIONS: [(&str, Role); 7] = [
-    ("attn_q", Role::Q),
-    ("attn_k", Role::K),
-    ("attn_v", Role::V),
-    ("attn_output", Role::O),
-    ("ffn_gate", Role::Gate),
-    ("ffn_up", Role::Up),
-    ("ffn_down", Role::Down),
-];
+/// llama.cpp's name of a projection of `role`; fused ones are llama.cpp's fused tensors
+/// (`[q | k | v]` rows as `attn_qkv`, `[gate | up]` as `ffn_up`, which its SwiGLU splits in halves).
+pub(crate) fn gguf_projection(role: Role) -> &'static str {
+    match role {
+        Role::Q => "attn_q",
+        Role::K => "attn_k",
+        Role::V => "attn_v",
+        Role::Qkv => "attn_qkv",
+        Role::O => "attn_output",
+        Role::Gate => "ffn_gate",
+        Role::Up | Role::GateUp => "ffn_up",
+        Role::Down => "ffn_down",
+    }
+}
 
-/// HF name of a GGUF tensor in a LLaMA checkpoint (from LLaMA's table, [`llama::KEYS`]), and
-/// the projection's role if it is one.
-pub(crate) fn hf_name(gguf: &str) -> Option<(String, Option<Role>)> {
-    let keys = &llama::KEYS;
+/// HF name of a GGUF tensor in a checkpoint laid out as `keys`, and the projection's role if it
+/// is one.
+pub(crate) fn hf_name(keys: &KeyLayout, gguf: &str) -> Option<(String, Option<Role>)> {
     let fixed = match gguf {
         "token_embd.weight" => Some(keys.embed),
         "output_norm.weight" => Some(keys.final_norm),
@@ -528,10 +542,7 @@ pub(crate) fn hf_name(gguf: &str) -> Option<(String, Option<Role>)> {
     let (name, role) = match module {
         "attn_norm" => (format!("{}.{}", keys.layer(layer), keys.input_norm), None),
         "ffn_norm" => (format!("{}.{}", keys.layer(layer), keys.post_attention_norm), None),
-        _ => {
-            let role = GGUF_PROJECTIONS.iter().find(|(n, _)| *n == module)?.1;
-            (keys.roles(layer).into_iter().find(|(_, r)| *r == role)?.0, Some(role))
-        }
+        _ => keys.roles(layer).into_iter().find(|(_, role)| gguf_projection(*role) == module).map(|(name, role)| (name, Some(role)))?,
     };
     Some((format!("{name}.{suffix}"), role))
 }
@@ -559,7 +570,7 @@ impl GgufFile {
     /// The file's architecture, if ember reads it.
     pub fn arch(&self) -> Result<GgufArch, LoadError> {
         let arch = self.metadata.str("general.architecture")?;
-        GgufArch::of_model_type(arch).ok_or_else(|| self.metadata.error("general.architecture", &format!("'{arch}' is not supported (supported: llama, qwen2)")))
+        GgufArch::readable(arch).ok_or_else(|| self.metadata.error("general.architecture", &format!("'{arch}' is not supported (supported: llama, qwen2)")))
     }
 
     /// The hyperparameter `key` under the architecture's prefix (`llama.block_count`).
@@ -581,7 +592,7 @@ impl GgufFile {
         let mut named = Vec::new();
         let mut skipped = Vec::new();
         for tensor in &self.tensors {
-            let Some((name, role)) = hf_name(&tensor.name) else {
+            let Some((name, role)) = hf_name(&llama::KEYS, &tensor.name) else {
                 skipped.push(tensor.name.clone());
                 continue;
             };
@@ -604,7 +615,7 @@ impl GgufFile {
         let (bytes, values) = self
             .tensors
             .iter()
-            .filter(|t| GgmlWeight::reads(t.ggml_type) && hf_name(&t.name).is_some_and(|(_, role)| role.is_some()))
+            .filter(|t| GgmlWeight::reads(t.ggml_type) && hf_name(&llama::KEYS, &t.name).is_some_and(|(_, role)| role.is_some()))
             .map(|t| (t.ggml_type, t.shape.iter().product::<usize>() as f64))
             .fold((0.0, 0.0), |(bytes, values), (kind, n)| (bytes + n * GgmlWeight::bytes_per_value(kind), values + n));
         (values > 0.0).then(|| bytes / values)
@@ -647,8 +658,8 @@ impl GgufFile {
         let head_dim = meta.get(&key("rope.dimension_count")).and_then(Value::as_u64).map_or(hidden / heads, |n| n as usize);
         let theta = get_f64("rope.freq_base").unwrap_or(10000.0);
         Ok(json!({
-            "architectures": [arch.hf_class()],
-            "model_type": arch.name(),
+            "architectures": [arch.hf_class().1],
+            "model_type": arch.hf_class().0,
             "attention_bias": false,
             "mlp_bias": false,
             "hidden_act": "silu",

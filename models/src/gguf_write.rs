@@ -1,6 +1,6 @@
 //! Writing GGUF files for llama.cpp: the container (version 3), ggml's F16 / BF16 / Q8_0 / Q4_0
-//! encodings, the LLaMA tensor names with llama.cpp's q/k row order, and the metadata and
-//! tokenizer its loader reads.
+//! encodings, llama.cpp's tensor names (q/k rows in its order where its architecture wants
+//! them), and the metadata and tokenizer its loader reads.
 //!
 //! Tensors are produced one at a time by the caller and streamed into a temporary file that is
 //! renamed into place at the end: a GGUF never exists half-written, and memory holds one tensor.
@@ -10,12 +10,13 @@ use std::path::Path;
 
 use ember_data::sentencepiece::{ModelProto, PieceType};
 use ember_data::Tokenizer;
+use ember_data::tokenizer::{Flavour, convert_model};
 use serde_json::Value;
 use sha2::Digest;
 
 use crate::LoadError;
 use crate::config::{ModelConfig, RopeScaling};
-use crate::family::Role;
+use crate::family::{KeyLayout, Role};
 use crate::gguf::GgufArch;
 
 const ALIGNMENT: usize = 32;
@@ -242,16 +243,17 @@ pub fn write(
     )
 }
 
-/// The GGUF name of an HF LLaMA tensor (`model.layers.3.self_attn.q_proj.weight` ->
-/// `blk.3.attn_q.weight`) and its projection role; `None` for a tensor llama.cpp does not have.
-pub fn llama_tensor_name(hf: &str, layers: usize) -> Option<(String, Option<Role>)> {
+/// The GGUF name of an HF tensor of a checkpoint laid out as `keys`
+/// (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`) and its projection role;
+/// `None` for a tensor llama.cpp does not have.
+pub fn tensor_name(keys: &KeyLayout, hf: &str, layers: usize) -> Option<(String, Option<Role>)> {
     let candidates = ["token_embd.weight", "output_norm.weight", "output.weight"].into_iter().map(str::to_string).chain((0..layers).flat_map(|i| {
-        ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+        ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
             .into_iter()
             .flat_map(move |m| ["weight", "bias"].into_iter().map(move |s| format!("blk.{i}.{m}.{s}")))
     }));
     candidates.into_iter().find_map(|gguf| {
-        let (name, role) = crate::gguf::hf_name(&gguf)?;
+        let (name, role) = crate::gguf::hf_name(keys, &gguf)?;
         (name == hf).then_some((gguf, role))
     })
 }
@@ -291,7 +293,7 @@ pub fn hyperparameters(config: &ModelConfig, arch: GgufArch, name: &str, file_ty
         (key("attention.value_length"), MetaValue::U32(config.head_dim as u32)),
         (key("attention.layer_norm_rms_epsilon"), MetaValue::F32(config.rms_norm_eps as f32)),
         (key("rope.freq_base"), MetaValue::F32(config.rope.theta as f32)),
-        (key("rope.dimension_count"), MetaValue::U32(config.head_dim as u32)),
+        (key("rope.dimension_count"), MetaValue::U32(config.rope.rotary_dim as u32)),
     ];
     // llama3 scaling goes out as the `rope_freqs` tensor ([`RopeScaling::llama3_divisors`]), as
     // llama.cpp's converter writes it.
@@ -326,11 +328,19 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, pre: Option<&str>) -> R
     let json_path = dir.join("tokenizer.json");
     // GLM-4's tiktoken file named tokenizer.model is not a SentencePiece model.
     let proto = std::fs::read(dir.join("tokenizer.model")).ok().and_then(|bytes| ModelProto::parse(&bytes).ok());
-    let json: Option<Value> = match std::fs::read_to_string(&json_path) {
+    let mut json: Option<Value> = match std::fs::read_to_string(&json_path) {
         Ok(text) => Some(serde_json::from_str(&text).map_err(|e| LoadError::json(&json_path, e))?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(LoadError::io(&json_path, e)),
     };
+    // Without tokenizer.json, tokenizer.model as ember converts it: THUDM's ChatGLM specials after
+    // the SentencePiece pieces, or GLM-4's tiktoken ranks as byte-level BPE.
+    let mut flavour = None;
+    if json.is_none() && dir.join("tokenizer.model").is_file() {
+        let converted = convert_model(dir).map_err(|e| invalid(dir, e.to_string()))?;
+        flavour = Some(converted.flavour);
+        json = Some(converted.json);
+    }
     let (model, mut tokens, mut scores, mut types, merges, pre): (&str, Vec<String>, Vec<f32>, Vec<i32>, Option<Vec<String>>, Option<String>) =
         // A SentencePiece model (as llama.cpp's converter, preferred to tokenizer.json: its scores
         // are the real ones).
@@ -395,6 +405,10 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, pre: Option<&str>) -> R
     if let Some(json) = &json {
         for added in json["added_tokens"].as_array().into_iter().flatten() {
             let (Some(id), Some(content)) = (added["id"].as_u64().map(|i| i as usize), added["content"].as_str()) else { continue };
+            // A converted tokenizer.model's pieces keep the types the model gives them.
+            if flavour.is_some() && id < tokens.len() {
+                continue;
+            }
             if id >= tokens.len() {
                 tokens.resize(id + 1, String::new());
                 types.resize(id + 1, UNUSED);
@@ -417,6 +431,14 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, pre: Option<&str>) -> R
             scores.push(0.0);
         }
     }
+    // What llama.cpp's converter writes for THUDM's tokenizers (`conversion/chatglm.py`).
+    let mut pre = pre;
+    if matches!(flavour, Some(Flavour::ChatGlm2 | Flavour::ChatGlm3)) {
+        for (id, name) in ["<unk>", "<bos>", "<eos>"].into_iter().enumerate() {
+            tokens[id] = name.into();
+        }
+        pre = Some("chatglm-spm".into());
+    }
     let mut meta = vec![("tokenizer.ggml.model".to_string(), MetaValue::Str(model.into()))];
     if let Some(pre) = pre {
         meta.push(("tokenizer.ggml.pre".into(), MetaValue::Str(pre)));
@@ -434,7 +456,12 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, pre: Option<&str>) -> R
             meta.push((format!("tokenizer.ggml.{key}_token_id"), MetaValue::U32(id)));
         }
     }
-    if let Some(unk) = tokenizer.token_to_id("<unk>") {
+    if flavour == Some(Flavour::Glm4) {
+        // GLM-4 ends a turn at the next role token and has no unknown token of its own.
+        for (key, token) in [("eot", "<|user|>"), ("unknown", "<|endoftext|>")] {
+            meta.extend(tokenizer.token_to_id(token).map(|id| (format!("tokenizer.ggml.{key}_token_id"), MetaValue::U32(id))));
+        }
+    } else if let Some(unk) = tokenizer.token_to_id("<unk>") {
         meta.push(("tokenizer.ggml.unknown_token_id".into(), MetaValue::U32(unk)));
     }
     // Whether encoding adds BOS: what the tokenizer's own encoding of nothing starts with.

@@ -9,7 +9,7 @@ use std::path::Path;
 use burn::tensor::{Device, Tensor};
 use ember_adapters::lora::peft::PeftBranches;
 use ember_adapters::{AdapterFolder, Method};
-use ember_models::family::{Role, check_checkpoint};
+use ember_models::family::{KeyLayout, Role, check_checkpoint, expected_tensors};
 use ember_models::gguf::GgufArch;
 use ember_models::gguf_write::{self, MetaValue, TensorSpec, TensorType};
 use ember_models::{Checkpoint, LoadDtype, LoadError, ModelConfig};
@@ -20,17 +20,6 @@ use crate::merge::MergeError;
 pub struct ExportSummary {
     pub tensors: usize,
     pub bytes: u64,
-}
-
-/// The llama.cpp architecture of the model in `dir` (LLaMA and Qwen2 layouts).
-fn gguf_arch(config: &ModelConfig, dir: &Path) -> Result<GgufArch, LoadError> {
-    GgufArch::of_model_type(&config.model_type).ok_or_else(|| LoadError::Invalid {
-        path: dir.join("config.json"),
-        reason: format!(
-            "model_type '{}': ember exports llama and qwen2 models to GGUF; convert {} models with llama.cpp's convert_hf_to_gguf.py after `ember merge`",
-            config.model_type, config.model_type
-        ),
-    })
 }
 
 fn folder_name(dir: &Path) -> String {
@@ -61,7 +50,7 @@ pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Tens
     }
     let device = Device::flex();
     let mut config = ModelConfig::from_dir(base_dir)?;
-    let arch = gguf_arch(&config, base_dir)?;
+    let arch = GgufArch::of(&config);
     let base = Checkpoint::open_dir(base_dir)?;
     check_checkpoint(&config, &base)?;
     let merge = adapter.map(Method::weight_merge).transpose()?;
@@ -80,16 +69,19 @@ pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Tens
     if let Some(divisors) = &rope_divisors {
         plan.push((None, TensorSpec { name: "rope_freqs.weight".into(), shape: vec![divisors.len()], ty: TensorType::F32 }, None));
     }
-    for key in base.keys() {
-        let Some((name, role)) = gguf_write::llama_tensor_name(key, config.num_layers) else {
+    // The tensors ember's decoder reads (a checkpoint's others, e.g. ChatGLM's
+    // `rotary_pos_emb.inv_freq`, are recomputed from the config by ember and llama.cpp alike).
+    let keys = KeyLayout::of(config.architecture);
+    for (key, _) in expected_tensors(&config) {
+        let Some((name, role)) = gguf_write::tensor_name(keys, &key, config.num_layers) else {
             return Err(LoadError::Invalid { path: base_dir.to_path_buf(), reason: format!("tensor '{key}' has no place in llama.cpp's {} architecture", arch.name()) }.into());
         };
-        let (shape, _) = base.info(key).expect("listed");
-        let shape = match (&merge, changed.contains(key)) {
-            (Some(merge), true) => merge.output_shape(key, shape),
+        let (shape, _) = base.info(&key).expect("checked");
+        let shape = match (&merge, changed.contains(&key)) {
+            (Some(merge), true) => merge.output_shape(&key, shape),
             _ => shape.to_vec(),
         };
-        plan.push((Some(key.to_string()), TensorSpec { ty: ty.for_shape(&shape), name, shape }, permute_heads(role, &config, arch)));
+        plan.push((Some(key), TensorSpec { ty: ty.for_shape(&shape), name, shape }, permute_heads(role, &config, arch)));
     }
     plan.sort_by_key(|(_, spec, _)| gguf_order(&spec.name));
     let specs: Vec<TensorSpec> = plan.iter().map(|(_, spec, _)| spec.clone()).collect();
@@ -135,7 +127,7 @@ fn gguf_order(name: &str) -> (usize, usize, String) {
 pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: TensorType) -> Result<ExportSummary, MergeError> {
     let device = Device::flex();
     let config = ModelConfig::from_dir(base_dir)?;
-    let arch = gguf_arch(&config, base_dir)?;
+    let arch = GgufArch::of(&config);
     let invalid = |reason: String| ember_adapters::AdapterError::Invalid { path: adapter.to_path_buf(), reason };
     let method = Method::read(adapter)?;
     let Method::Lora(lora) = &method else {
@@ -146,7 +138,7 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: TensorT
     }
     let branches = PeftBranches::read(&AdapterFolder::read(adapter)?, &[])?;
     // Only the shapes are needed (from the config, so a GGUF base serves as well as a folder).
-    let shapes: std::collections::HashMap<String, Vec<usize>> = ember_models::family::expected_tensors(&config).into_iter().collect();
+    let shapes: std::collections::HashMap<String, Vec<usize>> = expected_tensors(&config).into_iter().collect();
     branches.check_shapes(|key| shapes.get(key).cloned())?;
     // llama.cpp scales by alpha / r; rsLoRA's alpha / √r needs alpha · √r in its place.
     let alpha = if lora.use_rslora { lora.alpha * (lora.r as f64).sqrt() } else { lora.alpha };
@@ -159,7 +151,7 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: TensorT
     ];
     let mut plan: Vec<(String, TensorSpec, Option<usize>)> = Vec::new();
     for (weight_key, module) in &branches.modules {
-        let (name, role) = gguf_write::llama_tensor_name(weight_key, config.num_layers)
+        let (name, role) = gguf_write::tensor_name(KeyLayout::of(config.architecture), weight_key, config.num_layers)
             .ok_or_else(|| invalid(format!("'{module}' has no place in llama.cpp's {} architecture", arch.name())))?;
         for (part, suffix) in [("lora_A", "lora_a"), ("lora_B", "lora_b")] {
             let key = ember_adapters::lora::peft::key(module, part);
