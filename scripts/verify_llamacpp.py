@@ -12,8 +12,8 @@
     q4_0 files;
 (f) a LoRA adapter trained by ember directly on the q8_0 / q4_0 GGUF (its blocks as the frozen
     base), applied by llama.cpp to the same file: greedy answers equal ember's.
-(g) the same on Q4_K_M and Q6_K files made from ember's f32 export by llama.cpp's own quantizer
-    (K-quants, with Q5_0/Q8_0 where a row is not whole 256-value blocks): the types it chose are
+(g) the same on Q4_K_M, Q6_K, Q3_K_M and Q2_K files made from ember's f32 export by llama.cpp's
+    own quantizer (K-quants, with Q4_0/Q5_0/Q8_0 where a row is not whole 256-value blocks): the types it chose are
     listed, and ember imports each file to the values gguf-py dequantizes.
 (h) Qwen2 (llama.cpp's `qwen2`: q/k/v biases, rows in HF order) and (i) LLaMA with Llama 3.1's
     RoPE scaling (llama.cpp's `rope_freqs` tensor): seeded random tiny models made by
@@ -330,11 +330,12 @@ def main():
     # PyTorch) does not, so the base's logits differ by about what quantizing the weights costs:
     # the answers are compared, and the perplexity with and without the adapter on both sides.
     import llama_cpp
-    for ty in ("q8_0", "q4_0", "q4_k_m", "q6_k"):
+    for ty in ("q8_0", "q4_0", "q4_k_m", "q6_k", "q3_k_m", "q2_k"):
         path = os.path.join(work, f"smollm2-{ty}.gguf")
-        if ty in ("q4_k_m", "q6_k"):
+        if "_k" in ty:
             # (g) llama.cpp's quantizer chooses the types; ember must read all it wrote.
-            ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K}[ty]
+            ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
+                     "q3_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M, "q2_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K}[ty]
             llama_quantize(os.path.join(work, "smollm2-f32.gguf"), path, ftype)
             reader = gguf.GGUFReader(path)
             kinds = {}

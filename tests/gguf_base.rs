@@ -65,7 +65,7 @@ fn training_on_gguf_blocks_equals_training_on_their_dequantized_import() {
     }
 }
 
-/// K-quants and the 5-bit types (tests/fixtures/ggml_quants, blocks written by llama.cpp's
+/// K-quants (Q2_K to Q6_K) and the 5-bit types (tests/fixtures/ggml_quants, blocks written by llama.cpp's
 /// Python package): training on the blocks equals training on `ember import gguf`'s f32 folder.
 #[test]
 fn training_on_k_quant_blocks_equals_training_on_their_dequantized_import() {
@@ -128,8 +128,8 @@ fn what_ember_cannot_train_on_is_one_error_line() {
     assert_bad_input(&output, &["tiny-q4_0.gguf", "ember import gguf", "gguf-lora"]);
     assert!(!dir.path().join("merged").exists());
 
-    // A type ember does not read (Q3_K, type 11) names the type and the tensor.
-    set_tensor_type(&gguf, "blk.0.ffn_down.weight", 11);
+    // A type ember does not read (IQ4_XS, type 23) names the type and the tensor.
+    set_tensor_type(&gguf, "blk.0.ffn_down.weight", 23);
     let output = train(&gguf, &dir.path().join("run-k"), &[]);
-    assert_bad_input(&output, &["blk.0.ffn_down.weight", "Q3_K"]);
+    assert_bad_input(&output, &["blk.0.ffn_down.weight", "IQ4_XS"]);
 }

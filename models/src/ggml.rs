@@ -1,5 +1,5 @@
-//! A frozen weight kept in a GGUF file's quantized blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
-//! Q5_K, Q6_K), so that a model is fine-tuned on the very file llama.cpp runs: the blocks' bits
+//! A frozen weight kept in a GGUF file's quantized blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K,
+//! Q3_K, Q4_K, Q5_K, Q6_K), so that a model is fine-tuned on the very file llama.cpp runs: the blocks' bits
 //! are split into a plane of codes and planes of scales (and minimums), and dequantized a band of
 //! rows at a time in the forward pass, each value as ggml computes it.
 //!
@@ -14,10 +14,15 @@
 //!   sub-block of 32.
 //! - Q6_K (256): 128 bytes of low nibbles, 64 of high bit pairs, sixteen i8 scales, f16 `d`;
 //!   value `(d·sc)·(q − 32)` per sub-block of 16.
+//! - Q2_K (256): sixteen bytes of 4-bit scale and minimum, 64 bytes of 2-bit codes, f16 `d` and
+//!   `dmin`; value `(d·sc)·q − dmin·m` per sub-block of 16.
+//! - Q3_K (256): 32 bytes of third bits, 64 of 2-bit codes, twelve bytes of sixteen 6-bit scales,
+//!   f16 `d`; value `(d·(sc − 32))·(q − 4)` per sub-block of 16.
 //!
-//! In memory, 4-bit codes keep two a byte, ordered as Q4_0's within each run of 32; 5-, 6- and
-//! 8-bit codes take a byte each, so that one byte-table lookup makes any of them dense. With
-//! their scales, Q5_0 then holds 1.06 bytes a value, Q5_K 1.08 and Q6_K 1.07.
+//! In memory, 2-bit codes keep four a byte (in value order), 3- and 4-bit codes two (the first
+//! half of each scale's group in the low nibbles, as Q4_0); 5-, 6- and 8-bit codes take a byte
+//! each, so that one byte-table lookup makes any of them dense. With their scales, Q2_K then holds
+//! 0.39 bytes a value, Q3_K 0.57, Q5_0 1.06, Q5_K 1.08 and Q6_K 1.07.
 
 use std::ops::Range;
 
@@ -25,22 +30,22 @@ use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::fused::kernels::Packing;
-use crate::gguf::{block_codes, code_value, k_scale_min, GgmlType, GgufFile, HfTensor, unpermute_rows};
+use crate::gguf::{block_codes, code_value, k_scale_min, q3_k_scale, GgmlType, GgufFile, HfTensor, unpermute_rows};
 use crate::nf4::{lookup_bytes, u8_tensor};
 use crate::LoadError;
 
 /// A GGUF-quantized frozen weight `[out, in]`.
 #[derive(Module, Debug)]
 pub struct GgmlWeight {
-    /// 4-bit types: two codes a byte, `[out · in / 2]`; the others: one code a byte, `[out · in]`.
+    /// `[out · in / codes a byte]`: four 2-bit codes a byte, two 3- or 4-bit codes, else one.
     pub codes: Tensor<1, Int>,
     /// One f16 `d` per block (of 32 values, or a K-quant's 256).
     pub scales: Tensor<1>,
-    /// The f16 minimum per block: `m` (Q4_1, Q5_1) or `dmin` (Q4_K, Q5_K).
+    /// The f16 minimum per block: `m` (Q4_1, Q5_1) or `dmin` (Q2_K, Q4_K, Q5_K).
     pub mins: Option<Tensor<1>>,
-    /// K-quants: each sub-block's scale as a byte (6 bits; Q6_K's are i8).
+    /// K-quants: each sub-block's scale as a byte (Q3_K's and Q6_K's are i8).
     pub sub_scales: Option<Tensor<1, Int>>,
-    /// Q4_K and Q5_K: each sub-block's 6-bit minimum.
+    /// Q2_K, Q4_K and Q5_K: each sub-block's minimum.
     pub sub_mins: Option<Tensor<1, Int>>,
     pub shape: [usize; 2],
     #[module(skip)]
@@ -53,25 +58,27 @@ struct Layout {
     block: usize,
     /// Values one scale covers once a K-quant's sub-block scales are applied (`block` otherwise).
     group: usize,
-    /// Two codes a byte.
-    nibbles: bool,
+    /// Codes a byte: 4 (2-bit), 2 (3- and 4-bit) or 1.
+    per_byte: usize,
     /// Per-block minimums.
     mins: bool,
 }
 
 impl Layout {
     fn of(kind: GgmlType) -> Self {
-        let (block, group, nibbles, mins) = match kind {
-            GgmlType::Q8_0 | GgmlType::Q5_0 => (32, 32, false, false),
-            GgmlType::Q5_1 => (32, 32, false, true),
-            GgmlType::Q4_0 => (32, 32, true, false),
-            GgmlType::Q4_1 => (32, 32, true, true),
-            GgmlType::Q4_K => (256, 32, true, true),
-            GgmlType::Q5_K => (256, 32, false, true),
-            GgmlType::Q6_K => (256, 16, false, false),
+        let (block, group, per_byte, mins) = match kind {
+            GgmlType::Q8_0 | GgmlType::Q5_0 => (32, 32, 1, false),
+            GgmlType::Q5_1 => (32, 32, 1, true),
+            GgmlType::Q4_0 => (32, 32, 2, false),
+            GgmlType::Q4_1 => (32, 32, 2, true),
+            GgmlType::Q2_K => (256, 16, 4, true),
+            GgmlType::Q3_K => (256, 16, 2, false),
+            GgmlType::Q4_K => (256, 32, 2, true),
+            GgmlType::Q5_K => (256, 32, 1, true),
+            GgmlType::Q6_K => (256, 16, 1, false),
             other => unreachable!("{other:?} blocks are read only when GgmlWeight::reads them"),
         };
-        Self { block, group, nibbles, mins }
+        Self { block, group, per_byte, mins }
     }
 
     fn sub_blocks(&self) -> bool {
@@ -80,7 +87,20 @@ impl Layout {
 
     /// Bytes of codes per group.
     fn code_bytes(&self) -> usize {
-        if self.nibbles { self.group / 2 } else { self.group }
+        self.group / self.per_byte
+    }
+
+    /// Where the codes of a byte go: two a byte split over the group's halves (ggml's 4-bit
+    /// order), four a byte side by side.
+    fn packing(&self) -> Packing {
+        if self.per_byte == 2 { Packing::SplitHalves } else { Packing::Adjacent }
+    }
+
+    /// The values each byte stands for, in [`Layout::packing`]'s order.
+    fn table(&self, kind: GgmlType) -> Vec<f32> {
+        let bits = 8 / self.per_byte;
+        let mask = ((1u16 << bits) - 1) as u8;
+        (0..=255u8).flat_map(|b| (0..self.per_byte).map(move |k| code_value(kind, b >> (bits * k) & mask))).collect()
     }
 }
 
@@ -100,19 +120,33 @@ impl Planes {
     fn push_block(&mut self, kind: GgmlType, b: &[u8]) {
         self.block.clear();
         block_codes(kind, b, &mut self.block);
-        if Layout::of(kind).nibbles {
-            // Q4_0's order in each run of 32: value j in the low nibble of byte j, j + 16 high.
-            for run in self.block.chunks_exact(32) {
-                self.codes.extend((0..16).map(|j| run[j] | run[j + 16] << 4));
+        let layout = Layout::of(kind);
+        match layout.per_byte {
+            // Q4_0's order in each group: value j in the low nibble of byte j, j + group/2 high.
+            2 => {
+                for run in self.block.chunks_exact(layout.group) {
+                    let half = layout.group / 2;
+                    self.codes.extend((0..half).map(|j| run[j] | run[j + half] << 4));
+                }
             }
-        } else {
-            self.codes.extend_from_slice(&self.block);
+            4 => self.codes.extend(self.block.chunks_exact(4).map(|c| c[0] | c[1] << 2 | c[2] << 4 | c[3] << 6)),
+            _ => self.codes.extend_from_slice(&self.block),
         }
         let half_at = |i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]);
         match kind {
             GgmlType::Q6_K => {
                 self.sub_scales.extend_from_slice(&b[192..208]);
                 self.scales.push(half_at(208));
+            }
+            GgmlType::Q2_K => {
+                self.sub_scales.extend(b[..16].iter().map(|sc| sc & 0x0f));
+                self.sub_mins.extend(b[..16].iter().map(|sc| sc >> 4));
+                self.scales.push(half_at(80));
+                self.mins.push(half_at(82));
+            }
+            GgmlType::Q3_K => {
+                self.sub_scales.extend((0..16).map(|sub| q3_k_scale(&b[96..108], sub) as u8));
+                self.scales.push(half_at(108));
             }
             _ => {
                 self.scales.push(half_at(0));
@@ -140,7 +174,7 @@ impl GgmlWeight {
     /// Bytes a value of `kind` takes in memory: its code and its share of the scales.
     pub fn bytes_per_value(kind: GgmlType) -> f64 {
         let layout = Layout::of(kind);
-        let code = if layout.nibbles { 0.5 } else { 1.0 };
+        let code = 1.0 / layout.per_byte as f64;
         let f16s = if layout.mins { 2.0 } else { 1.0 };
         let per_block = 2.0 * f16s / layout.block as f64;
         // A K-quant sub-block's scale byte (and minimum byte).
@@ -202,12 +236,7 @@ impl GgmlWeight {
         let groups = values.start / layout.group..values.end / layout.group;
         let blocks = values.start / layout.block..values.end / layout.block;
         let codes = self.codes.clone().slice(groups.start * layout.code_bytes()..groups.end * layout.code_bytes());
-        let (table, packing): (Vec<f32>, _) = if layout.nibbles {
-            let table = (0..=255u8).flat_map(|b| [code_value(self.kind, b & 0x0f), code_value(self.kind, b >> 4)]).collect();
-            (table, Packing::SplitHalves)
-        } else {
-            ((0..=255u8).map(|b| code_value(self.kind, b)).collect(), Packing::Adjacent)
-        };
+        let (table, packing) = (layout.table(self.kind), layout.packing());
         let per_block = |t: &Tensor<1>| t.clone().slice(blocks.clone()).cast(DType::F32);
         let (mut scales, mut mins) = (per_block(&self.scales), self.mins.as_ref().map(per_block));
         if let Some(sub_scales) = &self.sub_scales {
@@ -217,7 +246,7 @@ impl GgmlWeight {
                 let table = (0..=255u8).map(|b| if signed { b as i8 as f32 } else { b as f32 }).collect();
                 lookup_bytes(&t.clone().slice(groups.clone()), table).reshape([groups.len()])
             };
-            scales = spread(scales) * sub(sub_scales, self.kind == GgmlType::Q6_K);
+            scales = spread(scales) * sub(sub_scales, matches!(self.kind, GgmlType::Q3_K | GgmlType::Q6_K));
             mins = mins.zip(self.sub_mins.as_ref()).map(|(dmin, m)| (spread(dmin) * sub(m, false)).neg());
         }
         if let Some(values) = crate::fused::lookup_and_scale(&codes, &table, &scales, mins.as_ref(), shape, packing) {
@@ -226,7 +255,7 @@ impl GgmlWeight {
         let n = groups.len();
         let q = lookup_bytes(&codes, table);
         let q = match packing {
-            // [n·16, 2] (low, high) -> [n, 2, 16]: the low nibbles are elements 0..16.
+            // [n·group/2, 2] (low, high) -> [n, 2, group/2]: the low nibbles are the first half.
             Packing::SplitHalves => q.reshape([n, layout.group / 2, 2]).swap_dims(1, 2).reshape([n, layout.group]),
             Packing::Adjacent => q.reshape([n, layout.group]),
         };
@@ -260,7 +289,18 @@ mod tests {
 
     fn dequantizes_as_ggml_on(device: &Device) {
         let [out, inp] = [8, 512];
-        for kind in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+        for kind in [
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q2_K,
+            GgmlType::Q3_K,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ] {
             let bytes = blocks(kind, out * inp);
             let host = dequantize(kind, &bytes);
             for heads in [None, Some(2)] {
@@ -284,6 +324,8 @@ mod tests {
         let halves: &[usize] = match kind {
             GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => &[0],
             GgmlType::Q6_K => &[208],
+            GgmlType::Q2_K => &[80, 82],
+            GgmlType::Q3_K => &[108],
             _ => &[0, 2],
         };
         (0..values / per_block)
@@ -303,5 +345,7 @@ mod tests {
         assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q4_0), 0.5 + 2.0 / 32.0);
         assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q4_K), 0.5 + 4.0 / 256.0 + 2.0 / 32.0);
         assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q6_K), 1.0 + 2.0 / 256.0 + 1.0 / 16.0);
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q2_K), 0.25 + 4.0 / 256.0 + 2.0 / 16.0);
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q3_K), 0.5 + 2.0 / 256.0 + 1.0 / 16.0);
     }
 }

@@ -34,6 +34,8 @@ pub enum GgmlType {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q2_K,
+    Q3_K,
     Q4_K,
     Q5_K,
     Q6_K,
@@ -50,6 +52,8 @@ impl GgmlType {
             6 => Self::Q5_0,
             7 => Self::Q5_1,
             8 => Self::Q8_0,
+            10 => Self::Q2_K,
+            11 => Self::Q3_K,
             12 => Self::Q4_K,
             13 => Self::Q5_K,
             14 => Self::Q6_K,
@@ -73,6 +77,8 @@ impl GgmlType {
             Self::Q5_0 => (32, 22),
             Self::Q5_1 => (32, 24),
             Self::Q8_0 => (32, 34),
+            Self::Q2_K => (256, 84),
+            Self::Q3_K => (256, 110),
             Self::Q4_K => (256, 144),
             Self::Q5_K => (256, 176),
             Self::Q6_K => (256, 210),
@@ -306,7 +312,7 @@ impl GgufFile {
         for (name, dims, type_id, offset) in infos {
             let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason: format!("GGUF tensor '{name}': {reason}") };
             let ggml_type = GgmlType::from_id(type_id)
-                .ok_or_else(|| invalid(format!("ggml type {} is not supported (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)", ggml_type_name(type_id))))?;
+                .ok_or_else(|| invalid(format!("ggml type {} is not supported (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)", ggml_type_name(type_id))))?;
             let elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).filter(|&n| n > 0)
                 .ok_or_else(|| invalid(format!("dimensions {dims:?} are empty or overflow")))?;
             let (block_elems, block_bytes) = ggml_type.block();
@@ -382,6 +388,20 @@ pub(crate) fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
                     out.extend(codes.iter().map(|&c| d1 * value(c) - m1));
                 }
             }
+            GgmlType::Q2_K => {
+                let (d, dmin) = (half_at(b, 80), half_at(b, 82));
+                for (sub, codes) in q.chunks_exact(16).enumerate() {
+                    let (d1, m1) = (d * (b[sub] & 0x0f) as f32, dmin * (b[sub] >> 4) as f32);
+                    out.extend(codes.iter().map(|&c| d1 * value(c) - m1));
+                }
+            }
+            GgmlType::Q3_K => {
+                let d = half_at(b, 108);
+                for (sub, codes) in q.chunks_exact(16).enumerate() {
+                    let d1 = d * q3_k_scale(&b[96..108], sub) as f32;
+                    out.extend(codes.iter().map(|&c| d1 * value(c)));
+                }
+            }
             GgmlType::Q6_K => {
                 let d = half_at(b, 208);
                 for (sub, codes) in q.chunks_exact(16).enumerate() {
@@ -403,6 +423,7 @@ pub(crate) fn code_value(kind: GgmlType, code: u8) -> f32 {
         GgmlType::Q8_0 => code as i8 as f32,
         GgmlType::Q4_0 => (code as i32 - 8) as f32,
         GgmlType::Q5_0 => (code as i32 - 16) as f32,
+        GgmlType::Q3_K => (code as i32 - 4) as f32,
         GgmlType::Q6_K => (code as i32 - 32) as f32,
         _ => code as f32,
     }
@@ -429,6 +450,16 @@ pub(crate) fn block_codes(kind: GgmlType, b: &[u8], out: &mut Vec<u8>) {
                 nibble | (((high >> j) & 1) as u8) << 4
             }));
         }
+        GgmlType::Q2_K | GgmlType::Q3_K => {
+            // In each half of 128 values, quarter k's value l is bits 2k of qs[l] (of that half's
+            // 32 bytes); Q3_K's third bit is bit 4·half + k of hmask[l], set meaning "no − 4".
+            let (hmask, qs) = if kind == GgmlType::Q3_K { (Some(&b[..32]), &b[32..96]) } else { (None, &b[16..80]) };
+            out.extend((0..256).map(|i| {
+                let (half, quarter, l) = (i / 128, i % 128 / 32, i % 32);
+                let low = qs[half * 32 + l] >> (2 * quarter) & 3;
+                low | hmask.map_or(0, |h| (h[l] >> (4 * half + quarter) & 1) << 2)
+            }));
+        }
         GgmlType::Q4_K | GgmlType::Q5_K => {
             // Each 64 values are 32 bytes, low nibbles first; Q5_K's fifth bits for sub-block s
             // are bit s of 32 bytes after the scales.
@@ -453,6 +484,15 @@ pub(crate) fn block_codes(kind: GgmlType, b: &[u8], out: &mut Vec<u8>) {
         }
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("{kind:?} is not a block type"),
     }
+}
+
+/// Sub-block `j`'s scale of a Q3_K super-block (ggml's `dequantize_row_q3_K`): six bits, the
+/// low four a nibble of bytes 0..8 (low nibbles for the first eight), the top two from bytes
+/// 8..12, less 32.
+pub(crate) fn q3_k_scale(scales: &[u8], j: usize) -> i8 {
+    let low = if j < 8 { scales[j] & 0x0f } else { scales[j - 8] >> 4 };
+    let high = scales[8 + j % 4] >> (2 * (j / 4)) & 3;
+    (low | high << 4) as i8 - 32
 }
 
 /// Sub-block `j`'s 6-bit scale and minimum of a Q4_K/Q5_K super-block (ggml's
@@ -922,7 +962,18 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/ggml_quants/blocks.safetensors");
         let bytes = std::fs::read(path).unwrap();
         let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        for (kind, id) in [(GgmlType::Q4_0, 2), (GgmlType::Q4_1, 3), (GgmlType::Q5_0, 6), (GgmlType::Q5_1, 7), (GgmlType::Q8_0, 8), (GgmlType::Q4_K, 12), (GgmlType::Q5_K, 13), (GgmlType::Q6_K, 14)] {
+        for (kind, id) in [
+            (GgmlType::Q4_0, 2),
+            (GgmlType::Q4_1, 3),
+            (GgmlType::Q5_0, 6),
+            (GgmlType::Q5_1, 7),
+            (GgmlType::Q8_0, 8),
+            (GgmlType::Q2_K, 10),
+            (GgmlType::Q3_K, 11),
+            (GgmlType::Q4_K, 12),
+            (GgmlType::Q5_K, 13),
+            (GgmlType::Q6_K, 14),
+        ] {
             assert_eq!(GgmlType::from_id(id), Some(kind));
             let name = format!("{kind:?}");
             let blocks = file.tensor(&format!("{name}.blocks")).unwrap();
