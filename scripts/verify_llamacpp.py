@@ -29,8 +29,10 @@
     SentencePiece tokenizer.model with THUDM's specials) and HF-native `glm` with GLM-4's tiktoken
     ranks. llama.cpp's ids equal the reference ids of THUDM's tokenizers; last-position logits and
     greedy answers of ember and llama.cpp (and transformers for `glm`) on chat prompts; a LoRA
-    trained by ember on each, applied with --lora; the `glm` file against llama.cpp's own
-    convert_hf_to_gguf.py (tensors, and the metadata keys that differ).
+    trained by ember on each, applied with --lora and merged into the export; `ember import gguf`
+    back to the checkpoint's layout; llama.cpp's own Q4_K_M of each as ember's base, a LoRA
+    trained on its blocks, applied by llama.cpp to that file; the `glm` file against llama.cpp's
+    own convert_hf_to_gguf.py (tensors, and the metadata keys that differ).
 """
 import argparse
 import json
@@ -517,12 +519,42 @@ def verify_glm(args, ember, work):
             ours = json.load(open(os.path.join(work, f"ember-k-{kind}-True-{i}.json")))
             m_eq += llama_answer(llm, ours["prompt_ids"], len(ours["answer_ids"]))[0] == ours["answer_ids"]
         del llm
+        # Back: `ember import gguf` returns the weights bit for bit.
+        back = os.path.join(work, f"imported-{kind}")
+        run([ember, "import", "gguf", path, "--out", back])
+        original, imported = safetensors_read(os.path.join(model, "model.safetensors")), safetensors_read(os.path.join(back, "model.safetensors"))
+        round_trip = sorted(original) == sorted(imported) and all(np.array_equal(original[k], imported[k]) for k in original)
+
+        # Train on the file llama.cpp runs: quantized by its own quantizer, a LoRA trained by ember
+        # on the blocks, applied by llama.cpp to the same file.
+        import llama_cpp
+        quantized = os.path.join(work, f"tiny-{kind}-q4_k_m.gguf")
+        llama_quantize(path, quantized, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)
+        kinds = {}
+        for t in gguf.GGUFReader(quantized).tensors:
+            kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+        q_run = os.path.join(work, f"lora-{kind}-on-q4_k_m")
+        run([ember, "train", recipe, "--quiet", "--overwrite", "--set", f'model.path="{quantized}"', "--set", f'output.dir="{q_run}"'])
+        q_lora = os.path.join(work, f"lora-{kind}-on-q4_k_m.gguf")
+        run([ember, "export", "gguf-lora", "--base", quantized, "--adapter", os.path.join(q_run, "adapter"), "--out", q_lora])
+        llm = Llama(model_path=quantized, lora_path=q_lora, n_ctx=512, logits_all=True, verbose=False)
+        q_eq, q_worst = 0, 0.0
+        for i, prompt in enumerate(GLM_PROMPTS):
+            dump = os.path.join(work, f"ember-k-{kind}-q-{i}.json")
+            run([ember, "generate", "--base", quantized, "--adapter", os.path.join(q_run, "adapter"), "--prompt", prompt, "--template", kind, "--max-new-tokens", "8", "--logits-out", dump])
+            ours = json.load(open(dump))
+            theirs, last = llama_answer(llm, ours["prompt_ids"], len(ours["answer_ids"]))
+            q_eq += theirs == ours["answer_ids"]
+            q_worst = max(q_worst, float(np.abs(last - np.array(ours["last_logits"], dtype=np.float32)).max()))
+        del llm
         (b_eq, b_worst, b_hf, _), (a_eq, a_worst, _, a_changed) = results[False], results[True]
         hf_part = f"; to transformers: ember {b_hf[0]:.2e}, llama.cpp {b_hf[1]:.2e}" if b_hf is not None else ""
         line = (f"(k) {kind}: {layout} -> chatglm, pre '{pre}': llama.cpp's ids equal the reference tokenizer's on {same_ids}/{len(cases)} texts; "
                 f"greedy answers (8 tokens, {kind} chat prompts) equal {b_eq}/{len(GLM_PROMPTS)}{' on all three' if kind == 'glm4' else ''}, last-position logits max |diff| {b_worst:.2e}{hf_part}; "
                 f"LoRA trained by ember (10 steps) via --lora: answers equal {a_eq}/{len(GLM_PROMPTS)} (changed by the adapter {a_changed}/{len(GLM_PROMPTS)}), logits max |diff| {a_worst:.2e}; "
-                f"merged into the export: answers equal {m_eq}/{len(GLM_PROMPTS)}")
+                f"merged into the export: answers equal {m_eq}/{len(GLM_PROMPTS)}; import gguf bit for bit: {round_trip}; "
+                f"llama.cpp's Q4_K_M of it ({dict(sorted(kinds.items()))}) as ember's base, LoRA trained on its blocks, via --lora: "
+                f"answers equal {q_eq}/{len(GLM_PROMPTS)}, logits max |diff| {q_worst:.3f}")
 
         if kind == "glm4":
             # llama.cpp's own converter on the same model, given ember's tokenizer.json of the ranks

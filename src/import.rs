@@ -9,7 +9,7 @@ use crate::inspect::group_digits;
 
 pub fn gguf(file: &Path, out: &Path) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let summary = gguf::import_llama(file, out)?;
+    let summary = gguf::import_folder(file, out)?;
     println!(
         "imported {} -> {}: {} tensors, {} parameters (f32), {} tokenizer, {:.1}s",
         file.display(),

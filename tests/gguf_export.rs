@@ -224,7 +224,8 @@ fn qwen2_exports_as_llama_cpps_qwen2_with_rows_in_hf_order() {
 /// GLM's two layouts go out as llama.cpp's `chatglm`: HF-native `glm` with separate q/k/v,
 /// ChatGLM's fused `query_key_value` as `attn_qkv`; both with rows in HF order (llama.cpp's
 /// `chatglm` RoPE pairs neighbours, as GLM does), the fused `[gate | up]` as `ffn_up`, and RoPE
-/// over the rotary part of each head only. LoRA on the fused projections keeps PEFT's B rows.
+/// over the rotary part of each head only. They come back in their own layout (`import gguf`,
+/// and as a base), and LoRA on the fused projections keeps PEFT's B rows.
 #[test]
 fn glm_family_exports_as_llama_cpps_chatglm() {
     let dir = tempfile::tempdir().unwrap();
@@ -248,9 +249,26 @@ fn glm_family_exports_as_llama_cpps_chatglm() {
         let up = file.tensor("blk.0.ffn_up.weight").unwrap();
         assert_eq!(up.shape, [256, 64], "{name}: [gate | up] as one tensor");
         assert!(file.tensor("blk.0.ffn_gate.weight").is_none());
-        // ember reads llama and qwen2 GGUFs back, not chatglm: one line saying so.
-        let out = dir.path().join(format!("imported-{name}"));
-        assert_bad_input(&ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]), &["general.architecture", "'chatglm'"]);
+
+        // Back in the checkpoint's layout: the same tensors (ChatGLM's `rotary_pos_emb.inv_freq`
+        // is recomputed), the same config, the same logits from the folder and from the GGUF.
+        let back = dir.path().join(format!("imported-{name}"));
+        let output = ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
+        assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+        let kept: Vec<_> = original.iter().filter(|(k, _)| !k.ends_with("inv_freq")).cloned().collect();
+        assert_eq!(f32_tensors(&back.join("model.safetensors")), kept, "{name}");
+        // The same config but for the RMS epsilon, stored as f32, and the end-of-text ids: the
+        // GGUF keeps the end of text and llama.cpp's end of turn, `<|user|>`.
+        let (back_config, config) = (ember_models::ModelConfig::from_dir(&back).unwrap(), ember_models::ModelConfig::from_dir(&base).unwrap());
+        assert_eq!(back_config.rms_norm_eps, config.rms_norm_eps as f32 as f64, "{name}");
+        let user = ember_data::Tokenizer::from_dir(&base).unwrap().token_to_id("<|user|>").unwrap();
+        assert_eq!(back_config.eos_token_ids, [config.eos_token_ids[0], user], "{name}");
+        let comparable = |c: &ember_models::ModelConfig| ember_models::ModelConfig { rms_norm_eps: 0.0, eos_token_ids: Vec::new(), ..c.clone() };
+        assert_eq!(comparable(&back_config), comparable(&config), "{name}");
+        let answer = |model: &Path, tag: &str| raw_answer(model, &dir.path().join(format!("{name}-{tag}.json")));
+        let expected = answer(&base, "folder");
+        assert_eq!(answer(&gguf, "gguf"), expected, "{name}: the GGUF as a base");
+        assert_eq!(answer(&back, "imported"), expected, "{name}: the imported folder");
     }
     let lora = dir.path().join("chatglm-lora.gguf");
     let adapter = fixture("tiny_chatglm/adapters/lora");
@@ -264,7 +282,8 @@ fn glm_family_exports_as_llama_cpps_chatglm() {
 
 /// A ChatGLM folder's `tokenizer.model` goes out as llama.cpp's converter writes it: the
 /// SentencePiece pieces (ids 0-2 named `<unk>`, `<bos>`, `<eos>`), THUDM's nine specials after
-/// them as control tokens, padding to the embedding's rows, and no BOS added.
+/// them as control tokens, padding to the embedding's rows, and no BOS added. It comes back as
+/// ChatGLM3's tokenizer: `[gMASK] sop` before every text, the same ids.
 #[test]
 fn chatglm_sentencepiece_vocabulary_goes_out_as_llama_cpps_converter_writes_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -286,6 +305,18 @@ fn chatglm_sentencepiece_vocabulary_goes_out_as_llama_cpps_converter_writes_it()
     assert_eq!((&tokens[2001], &types[2001]), (&serde_json::json!("[gMASK]"), &serde_json::json!(3)));
     assert_eq!((&tokens[2008], &types[2008]), (&serde_json::json!("<|observation|>"), &serde_json::json!(3)));
     assert_eq!((&tokens[2009], &types[2009]), (&serde_json::json!("[PAD2009]"), &serde_json::json!(5)));
+
+    let back = dir.path().join("imported");
+    let output = ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let ours = ember_data::Tokenizer::from_dir(&model).unwrap();
+    for theirs in [ember_models::load_tokenizer(&gguf).unwrap(), ember_data::Tokenizer::from_dir(&back).unwrap()] {
+        for text in ["Give three tips for staying healthy.", "Hello world", "你好"] {
+            let ids = theirs.encode(text, true).unwrap();
+            assert_eq!(ids[..2], [2001, 2003], "{text}: [gMASK] sop");
+            assert_eq!(ids, ours.encode(text, true).unwrap(), "{text}");
+        }
+    }
 }
 
 #[test]

@@ -75,6 +75,15 @@ impl Flavour {
     fn literal_specials(self) -> bool {
         self != Flavour::SentencePiece
     }
+
+    /// The special tokens THUDM's SentencePiece tokenizers number after the model's pieces.
+    pub fn chatglm_specials(self) -> &'static [&'static str] {
+        match self {
+            Flavour::ChatGlm2 => CHATGLM2_SPECIALS,
+            Flavour::ChatGlm3 => CHATGLM3_SPECIALS,
+            Flavour::SentencePiece | Flavour::Glm4 => &[],
+        }
+    }
 }
 
 /// `dir/tokenizer.model` converted to `tokenizer.json`, with the default special ids.
@@ -140,7 +149,7 @@ fn convert_sentencepiece(model: &ModelProto, flavour: Flavour, configs: &Configs
             (&[][..], affixes, [model.bos_id, model.eos_id, model.pad_id])
         }
         Flavour::ChatGlm2 | Flavour::ChatGlm3 => {
-            let specials = if flavour == Flavour::ChatGlm2 { CHATGLM2_SPECIALS } else { CHATGLM3_SPECIALS };
+            let specials = flavour.chatglm_specials();
             let id = |token: &str| (token.to_string(), (model.pieces.len() + specials.iter().position(|t| *t == token).unwrap()) as u32);
             // THUDM's tokenizer: no BOS; EOS `</s>`; pad = unk.
             (specials, Affixes { prefix: vec![id("[gMASK]"), id("sop")], suffix: vec![] }, [None, model.eos_id, model.unk_id])
@@ -220,10 +229,11 @@ impl Tokenizer {
         Ok(Self::with_configs(inner, literal_specials, defaults, native, &configs))
     }
 
-    /// A LLaMA-style SentencePiece model held in memory (e.g. rebuilt from a GGUF file's
-    /// vocabulary), encoded with sentencepiece's own BPE as `tokenizer.model` is.
-    pub fn from_sentencepiece(model: &ModelProto, configs: &Configs, source: &Path) -> Result<Self, TokenizerError> {
-        Self::from_converted(convert_sentencepiece(model, Flavour::SentencePiece, configs), configs, source)
+    /// A SentencePiece model of `flavour` (LLaMA's, or ChatGLM2/3's without their specials) held
+    /// in memory, e.g. rebuilt from a GGUF file's vocabulary, encoded with sentencepiece's own
+    /// BPE as `tokenizer.model` is.
+    pub fn from_sentencepiece(model: &ModelProto, flavour: Flavour, configs: &Configs, source: &Path) -> Result<Self, TokenizerError> {
+        Self::from_converted(convert_sentencepiece(model, flavour, configs), configs, source)
     }
 
     fn from_converted(converted: Converted, configs: &Configs, source: &Path) -> Result<Self, TokenizerError> {

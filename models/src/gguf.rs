@@ -1,5 +1,6 @@
-//! Reading GGUF files (llama.cpp's format) and converting a LLaMA-architecture GGUF into an HF
-//! model folder: config.json, model.safetensors (f32), tokenizer.json and its config files.
+//! Reading GGUF files (llama.cpp's format) and converting a `llama`, `qwen2` or `chatglm` GGUF
+//! into an HF model folder in the family's layout: config.json, model.safetensors (f32),
+//! tokenizer.json and its config files.
 //!
 //! Every length and offset in the header is checked against the file before it is used, so a
 //! truncated or lying file is an error, never a panic or a huge allocation.
@@ -15,10 +16,11 @@ use serde_json::{Map, Value, json};
 
 use ember_data::sentencepiece::{self, Affixes, ModelProto, ModelType, Piece, PieceType};
 use ember_data::tiktoken::split_then_byte_level;
+use ember_data::tokenizer::Flavour;
 
 use crate::config::{Architecture, RopeScaling};
 use crate::family::{KeyLayout, Role};
-use crate::{LoadError, llama};
+use crate::{LoadError, glm, llama};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -103,8 +105,7 @@ fn ggml_type_name(id: u32) -> String {
 /// The llama.cpp architectures ember writes: LLaMA's layout under llama.cpp's `llama` (q/k rows
 /// permuted for its interleaved RoPE), `qwen2` (q/k/v biases; NEOX RoPE, which is HF's
 /// `rotate_half`, so rows stay in HF order), and the GLM family under `chatglm` (RoPE on interleaved
-/// pairs of the first part of each head, as ember's GLM decoder, so rows stay too). ember reads
-/// `llama` and `qwen2` back.
+/// pairs of the first part of each head, as ember's GLM decoder, so rows stay too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufArch {
     Llama,
@@ -131,18 +132,9 @@ impl GgufArch {
         }
     }
 
-    /// The architecture of a file's `general.architecture`, if ember reads it back.
-    fn readable(name: &str) -> Option<Self> {
-        [Self::Llama, Self::Qwen2].into_iter().find(|arch| arch.name() == name)
-    }
-
-    /// HF's `model_type` and model class of what ember reads back.
-    fn hf_class(self) -> (&'static str, &'static str) {
-        match self {
-            Self::Llama => ("llama", "LlamaForCausalLM"),
-            Self::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
-            Self::ChatGlm => ("glm", "GlmForCausalLM"),
-        }
+    /// The architecture of a file's `general.architecture`.
+    fn of_name(name: &str) -> Option<Self> {
+        [Self::Llama, Self::Qwen2, Self::ChatGlm].into_iter().find(|arch| arch.name() == name)
     }
 
     /// Whether llama.cpp keeps q/k rows (and biases) in its interleaved order.
@@ -610,7 +602,7 @@ impl GgufFile {
     /// The file's architecture, if ember reads it.
     pub fn arch(&self) -> Result<GgufArch, LoadError> {
         let arch = self.metadata.str("general.architecture")?;
-        GgufArch::readable(arch).ok_or_else(|| self.metadata.error("general.architecture", &format!("'{arch}' is not supported (supported: llama, qwen2)")))
+        GgufArch::of_name(arch).ok_or_else(|| self.metadata.error("general.architecture", &format!("'{arch}' is not supported (supported: llama, qwen2, chatglm)")))
     }
 
     /// The hyperparameter `key` under the architecture's prefix (`llama.block_count`).
@@ -624,15 +616,26 @@ impl GgufFile {
         Ok((heads, kv_heads))
     }
 
+    /// The HF checkpoint layout the file's tensors are named in: LLaMA's; for `chatglm`,
+    /// ChatGLM's (`query_key_value`) when q, k and v are one tensor, HF's `glm` otherwise.
+    fn keys(&self) -> Result<&'static KeyLayout, LoadError> {
+        Ok(match self.arch()? {
+            GgufArch::Llama | GgufArch::Qwen2 => &llama::KEYS,
+            GgufArch::ChatGlm if self.tensor("blk.0.attn_qkv.weight").is_some() => &glm::CHATGLM_KEYS,
+            GgufArch::ChatGlm => &glm::GLM_KEYS,
+        })
+    }
+
     /// The tensors under their HF names, sorted, and the GGUF names that have none (e.g.
     /// rope_freqs.weight, recomputed from the config).
     pub fn hf_tensors(&self) -> Result<(Vec<HfTensor<'_>>, Vec<String>), LoadError> {
+        let keys = self.keys()?;
         let permuted = self.arch()?.permutes_qk();
         let (heads, kv_heads) = self.heads()?;
         let mut named = Vec::new();
         let mut skipped = Vec::new();
         for tensor in &self.tensors {
-            let Some((name, role)) = hf_name(&llama::KEYS, &tensor.name) else {
+            let Some((name, role)) = hf_name(keys, &tensor.name) else {
                 skipped.push(tensor.name.clone());
                 continue;
             };
@@ -652,10 +655,11 @@ impl GgufFile {
     /// when none is quantized.
     pub fn projection_bytes_per_value(&self) -> Option<f64> {
         use crate::ggml::GgmlWeight;
+        let keys = self.keys().ok()?;
         let (bytes, values) = self
             .tensors
             .iter()
-            .filter(|t| GgmlWeight::reads(t.ggml_type) && hf_name(&llama::KEYS, &t.name).is_some_and(|(_, role)| role.is_some()))
+            .filter(|t| GgmlWeight::reads(t.ggml_type) && hf_name(keys, &t.name).is_some_and(|(_, role)| role.is_some()))
             .map(|t| (t.ggml_type, t.shape.iter().product::<usize>() as f64))
             .fold((0.0, 0.0), |(bytes, values), (kind, n)| (bytes + n * GgmlWeight::bytes_per_value(kind), values + n));
         (values > 0.0).then(|| bytes / values)
@@ -695,11 +699,15 @@ impl GgufFile {
         let embed = self.tensor("token_embd.weight").ok_or_else(|| LoadError::MissingTensor { path: meta.path.clone(), key: "token_embd.weight".into() })?;
         let get_f64 = |k: &str| meta.get(&key(k)).and_then(Value::as_f64);
         let token_id = |key: &str| meta.get(key).and_then(Value::as_u64);
-        let head_dim = meta.get(&key("rope.dimension_count")).and_then(Value::as_u64).map_or(hidden / heads, |n| n as usize);
         let theta = get_f64("rope.freq_base").unwrap_or(10000.0);
+        if arch == GgufArch::ChatGlm {
+            return self.glm_config_json(hidden, embed.shape[0], theta);
+        }
+        let head_dim = meta.get(&key("rope.dimension_count")).and_then(Value::as_u64).map_or(hidden / heads, |n| n as usize);
+        let (model_type, class) = if arch == GgufArch::Qwen2 { ("qwen2", "Qwen2ForCausalLM") } else { ("llama", "LlamaForCausalLM") };
         Ok(json!({
-            "architectures": [arch.hf_class().1],
-            "model_type": arch.hf_class().0,
+            "architectures": [class],
+            "model_type": model_type,
             "attention_bias": false,
             "mlp_bias": false,
             "hidden_act": "silu",
@@ -716,7 +724,88 @@ impl GgufFile {
             "tie_word_embeddings": self.tensor("output.weight").is_none(),
             "vocab_size": embed.shape[0],
             "bos_token_id": token_id("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": token_id("tokenizer.ggml.eos_token_id"),
+            "eos_token_id": self.end_ids(),
+            "pad_token_id": token_id("tokenizer.ggml.padding_token_id"),
+            "torch_dtype": "float32",
+        }))
+    }
+
+    /// HF's `eos_token_id`: the file's end of text, and its end of turn (GLM's `<|user|>`) when
+    /// that is another token (llama.cpp stops at either): one id, a list, or null.
+    fn end_ids(&self) -> Value {
+        let mut ids: Vec<u64> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"].iter().filter_map(|k| self.metadata.get(k)?.as_u64()).collect();
+        ids.dedup();
+        match ids.as_slice() {
+            [] => Value::Null,
+            [id] => json!(id),
+            _ => json!(ids),
+        }
+    }
+
+    /// The `config.json` of a `chatglm` file in its layout ([`GgufFile::keys`]): ChatGLM's
+    /// (RoPE on half of each head, base `10000 · rope_ratio`) or HF's `glm` (RoPE on the
+    /// `rope.dimension_count` first dims of each head).
+    fn glm_config_json(&self, hidden: usize, vocab: usize, theta: f64) -> Result<Value, LoadError> {
+        let meta = &self.metadata;
+        let (heads, kv_heads) = self.heads()?;
+        let key = |k: &str| format!("chatglm.{k}");
+        let head_dim = meta.get(&key("attention.key_length")).and_then(Value::as_u64).map_or(hidden / heads, |n| n as usize);
+        let rotary_key = key("rope.dimension_count");
+        let rotary = meta.get(&rotary_key).and_then(Value::as_u64).map_or(head_dim / 2, |n| n as usize);
+        let token_id = |key: &str| meta.get(key).and_then(Value::as_u64);
+        let eps = meta.get(&key("attention.layer_norm_rms_epsilon")).and_then(Value::as_f64).unwrap_or(1e-5);
+        let context = meta.get(&key("context_length")).and_then(Value::as_u64).unwrap_or(8192);
+        let has = |name: &str| self.tensor(name).is_some();
+        if !has("blk.0.attn_qkv.weight") {
+            return Ok(json!({
+                "architectures": ["GlmForCausalLM"],
+                "model_type": "glm",
+                "attention_bias": has("blk.0.attn_q.bias"),
+                "hidden_act": "silu",
+                "hidden_size": hidden,
+                "intermediate_size": meta.u64(&key("feed_forward_length"))?,
+                "num_hidden_layers": meta.u64(&key("block_count"))?,
+                "num_attention_heads": heads,
+                "num_key_value_heads": kv_heads,
+                "head_dim": head_dim,
+                "partial_rotary_factor": rotary as f64 / head_dim as f64,
+                "max_position_embeddings": context,
+                "rms_norm_eps": eps,
+                "rope_theta": theta,
+                "tie_word_embeddings": !has("output.weight"),
+                "vocab_size": vocab,
+                "eos_token_id": self.end_ids(),
+                "pad_token_id": token_id("tokenizer.ggml.padding_token_id"),
+                "torch_dtype": "float32",
+            }));
+        }
+        if rotary != head_dim / 2 {
+            return Err(meta.error(&rotary_key, &format!("{rotary} rotary dims of {head_dim}: ChatGLM's layout rotates half of each head")));
+        }
+        if !has("output.weight") {
+            return Err(LoadError::MissingTensor { path: meta.path.clone(), key: "output.weight".into() });
+        }
+        Ok(json!({
+            "architectures": ["ChatGLMModel"],
+            "model_type": "chatglm",
+            "num_layers": meta.u64(&key("block_count"))?,
+            "padded_vocab_size": vocab,
+            "hidden_size": hidden,
+            "ffn_hidden_size": meta.u64(&key("feed_forward_length"))?,
+            "kv_channels": head_dim,
+            "num_attention_heads": heads,
+            "multi_query_attention": kv_heads != heads,
+            "multi_query_group_num": kv_heads,
+            "add_qkv_bias": has("blk.0.attn_qkv.bias"),
+            "add_bias_linear": has("blk.0.attn_output.bias"),
+            "layernorm_epsilon": eps,
+            "rmsnorm": true,
+            "post_layer_norm": true,
+            "apply_residual_connection_post_layernorm": false,
+            "seq_length": context,
+            "rope_ratio": theta / 10000.0,
+            "tie_word_embeddings": false,
+            "eos_token_id": self.end_ids(),
             "pad_token_id": token_id("tokenizer.ggml.padding_token_id"),
             "torch_dtype": "float32",
         }))
@@ -775,13 +864,13 @@ impl GgufFile {
         });
         let generation_config = json!({
             "bos_token_id": token_id("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": token_id("tokenizer.ggml.eos_token_id"),
+            "eos_token_id": self.end_ids(),
         });
         Ok([tokenizer_config, generation_config])
     }
 }
 
-/// What [`import_llama`] wrote.
+/// What [`import_folder`] wrote.
 #[derive(Debug)]
 pub struct ImportSummary {
     pub tensors: usize,
@@ -790,9 +879,8 @@ pub struct ImportSummary {
     pub skipped: Vec<String>,
 }
 
-/// Converts a LLaMA-architecture GGUF into an HF folder at `out` (written to a temporary
-/// folder, then renamed).
-pub fn import_llama(path: &Path, out: &Path) -> Result<ImportSummary, LoadError> {
+/// Converts a GGUF into an HF folder at `out` (written to a temporary folder, then renamed).
+pub fn import_folder(path: &Path, out: &Path) -> Result<ImportSummary, LoadError> {
     let gguf = GgufFile::open(path)?;
     let config = gguf.config_json()?;
     let tokenizer = tokenizer_json(&gguf.metadata)?;
@@ -850,15 +938,35 @@ fn proto_of(meta: &GgufMetadata, tokens: &[&str], types: &[u64], scores: &[Value
     }
 }
 
-/// The SentencePiece model of a `llama` vocabulary; `None` for other tokenizer models.
-pub fn sentencepiece_model(meta: &GgufMetadata) -> Result<Option<ModelProto>, LoadError> {
+/// The SentencePiece model of a `llama` vocabulary and whose tokenizer it is; `None` for other
+/// tokenizer models. ChatGLM2/3's (`tokenizer.ggml.pre` `chatglm-spm`, as llama.cpp's converter
+/// writes them) are the model's pieces, THUDM's specials from `[MASK]` on, then padding: the
+/// model ends before the specials, which the ChatGLM flavours number the same way after it.
+pub fn sentencepiece_model(meta: &GgufMetadata) -> Result<Option<(ModelProto, Flavour)>, LoadError> {
     if meta.str("tokenizer.ggml.model")? != "llama" {
         return Ok(None);
     }
     let (tokens, types) = vocabulary(meta)?;
     let scores = meta.get("tokenizer.ggml.scores").and_then(Value::as_array)
         .ok_or_else(|| meta.error("tokenizer.ggml.scores", "missing for a llama tokenizer"))?;
-    Ok(Some(proto_of(meta, &tokens, &types, scores)))
+    let mut model = proto_of(meta, &tokens, &types, scores);
+    if meta.get("tokenizer.ggml.pre").and_then(Value::as_str) != Some("chatglm-spm") {
+        return Ok(Some((model, Flavour::SentencePiece)));
+    }
+    let start = tokens.iter().position(|t| *t == "[MASK]");
+    let flavour = [Flavour::ChatGlm3, Flavour::ChatGlm2].into_iter().find(|f| start.is_some_and(|at| tokens[at..].starts_with(f.chatglm_specials())));
+    let (Some(start), Some(flavour)) = (start, flavour) else {
+        return Err(meta.error("tokenizer.ggml.tokens", "a chatglm-spm vocabulary without THUDM's special tokens ([MASK], [gMASK], [sMASK], sop, eop…) after its pieces"));
+    };
+    model.pieces.truncate(start);
+    Ok(Some((model, flavour)))
+}
+
+/// The ids of `[gMASK]` and `sop` (ChatGLM2/3's name; GLM-4's is `<sop>`), which THUDM's
+/// tokenizers put before every text.
+fn chatglm_prefix(tokens: &[&str], sop: &str) -> Option<Vec<u32>> {
+    let id = |token: &str| tokens.iter().position(|t| *t == token).map(|i| i as u32);
+    Some(vec![id("[gMASK]")?, id(sop)?])
 }
 
 /// The tokens and their ggml types.
@@ -882,9 +990,10 @@ fn byte_level_pre_tokenizer(meta: &GgufMetadata) -> Result<(Value, Value, bool),
     let key = "tokenizer.ggml.pre";
     match meta.get(key).and_then(Value::as_str).unwrap_or("gpt-2") {
         "gpt-2" | "default" | "smollm" => Ok((Value::Null, json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}), false)),
-        "llama-bpe" | "llama3" | "llama-v3" => Ok((Value::Null, split_then_byte_level(LLAMA3), true)),
+        // GLM-4's tiktoken split is Llama 3's regex; its merges are the ranks' (as `ignore_merges`).
+        "llama-bpe" | "llama3" | "llama-v3" | "chatglm-bpe" | "glm4" => Ok((Value::Null, split_then_byte_level(LLAMA3), true)),
         "qwen2" => Ok((json!({"type": "NFC"}), split_then_byte_level(QWEN2), false)),
-        other => Err(meta.error(key, &format!("pre-tokenizer '{other}' is not known to ember (known: gpt-2, smollm, llama-bpe, qwen2); read the model from its HF folder instead"))),
+        other => Err(meta.error(key, &format!("pre-tokenizer '{other}' is not known to ember (known: gpt-2, smollm, llama-bpe, qwen2, chatglm-bpe); read the model from its HF folder instead"))),
     }
 }
 
@@ -901,8 +1010,12 @@ pub fn tokenizer_json(meta: &GgufMetadata) -> Result<Value, LoadError> {
                 .map(|(i, t)| sentencepiece::added_token(i, t, types.get(i) == Some(&3)))
                 .collect();
             let vocab: Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), json!(i))).collect();
-            let bos = bos_id.filter(|_| add_bos.unwrap_or(false));
-            let affixes = Affixes { prefix: bos.map(|id| (tokens[id as usize].to_string(), id)).into_iter().collect(), suffix: Vec::new() };
+            // GLM-4 starts every text with `[gMASK]<sop>`; others with BOS if the file says so.
+            let prefix = match meta.str("general.architecture")? {
+                "chatglm" => chatglm_prefix(&tokens, "<sop>").ok_or_else(|| meta.error("tokenizer.ggml.tokens", "no [gMASK] and <sop> tokens"))?,
+                _ => bos_id.filter(|_| add_bos.unwrap_or(false)).into_iter().collect(),
+            };
+            let affixes = Affixes { prefix: prefix.into_iter().map(|id| (tokens[id as usize].to_string(), id)).collect(), suffix: Vec::new() };
             let merges = meta.get("tokenizer.ggml.merges").and_then(Value::as_array)
                 .ok_or_else(|| meta.error("tokenizer.ggml.merges", "missing for a gpt2 tokenizer"))?;
             let (normalizer, pre_tokenizer, ignore_merges) = byte_level_pre_tokenizer(meta)?;
@@ -919,11 +1032,14 @@ pub fn tokenizer_json(meta: &GgufMetadata) -> Result<Value, LoadError> {
             }))
         }
         "llama" => {
-            let model = sentencepiece_model(meta)?.expect("a llama vocabulary");
-            // LLaMA's tokenizers add BOS unless the file says otherwise.
-            let bos = model.bos_id.filter(|_| add_bos.unwrap_or(true));
-            let affixes = Affixes { prefix: bos.map(|id| (tokens[id as usize].to_string(), id)).into_iter().collect(), suffix: Vec::new() };
-            Ok(sentencepiece::tokenizer_json(&model, &[], &affixes))
+            let (model, flavour) = sentencepiece_model(meta)?.expect("a llama vocabulary");
+            let prefix = match flavour {
+                // LLaMA's tokenizers add BOS unless the file says otherwise.
+                Flavour::SentencePiece => model.bos_id.filter(|_| add_bos.unwrap_or(true)).into_iter().collect(),
+                _ => chatglm_prefix(&tokens, "sop").ok_or_else(|| meta.error("tokenizer.ggml.tokens", "no [gMASK] and sop tokens"))?,
+            };
+            let affixes = Affixes { prefix: prefix.into_iter().map(|id| (tokens[id as usize].to_string(), id)).collect(), suffix: Vec::new() };
+            Ok(sentencepiece::tokenizer_json(&model, flavour.chatglm_specials(), &affixes))
         }
         other => Err(meta.error("tokenizer.ggml.model", &format!("'{other}' is not supported (supported: gpt2, llama)"))),
     }

@@ -322,7 +322,8 @@ const BYTE: i32 = 6;
 /// scores from the merge ranks, which order merges as HF's BPE does).
 ///
 /// `pre` names llama.cpp's pre-tokenizer for a byte-level BPE whose check hash it does not know.
-pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, pre: Option<&str>) -> Result<Vec<(String, MetaValue)>, LoadError> {
+/// A GLM-family model (`arch` `chatglm`) ends a turn at `<|user|>`, llama.cpp's end of turn.
+pub fn tokenizer_metadata(dir: &Path, arch: GgufArch, vocab_size: usize, pre: Option<&str>) -> Result<Vec<(String, MetaValue)>, LoadError> {
     let invalid = |path: &Path, reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
     let tokenizer = Tokenizer::from_dir(dir).map_err(|e| invalid(dir, e.to_string()))?;
     let json_path = dir.join("tokenizer.json");
@@ -456,12 +457,14 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize, pre: Option<&str>) -> R
             meta.push((format!("tokenizer.ggml.{key}_token_id"), MetaValue::U32(id)));
         }
     }
-    if flavour == Some(Flavour::Glm4) {
-        // GLM-4 ends a turn at the next role token and has no unknown token of its own.
-        for (key, token) in [("eot", "<|user|>"), ("unknown", "<|endoftext|>")] {
-            meta.extend(tokenizer.token_to_id(token).map(|id| (format!("tokenizer.ggml.{key}_token_id"), MetaValue::U32(id))));
-        }
-    } else if let Some(unk) = tokenizer.token_to_id("<unk>") {
+    if arch == GgufArch::ChatGlm
+        && let Some(user) = tokenizer.token_to_id("<|user|>")
+    {
+        meta.push(("tokenizer.ggml.eot_token_id".into(), MetaValue::U32(user)));
+    }
+    // GLM-4's tiktoken ranks have no unknown token: llama.cpp's converter names its end of text.
+    let unknown = if flavour == Some(Flavour::Glm4) { "<|endoftext|>" } else { "<unk>" };
+    if let Some(unk) = tokenizer.token_to_id(unknown) {
         meta.push(("tokenizer.ggml.unknown_token_id".into(), MetaValue::U32(unk)));
     }
     // Whether encoding adds BOS: what the tokenizer's own encoding of nothing starts with.

@@ -93,7 +93,7 @@ pub fn load_tokenizer(path: &Path) -> Result<ember_data::Tokenizer, ember_data::
     let configs = ember_data::tokenizer::Configs { tokenizer: Some(tokenizer), generation: Some(generation), model: None };
     // A `llama` vocabulary is a SentencePiece model: encoded as sentencepiece does, as from tokenizer.model.
     match gguf::sentencepiece_model(&file.metadata).map_err(invalid)? {
-        Some(model) => ember_data::Tokenizer::from_sentencepiece(&model, &configs, path),
+        Some((model, flavour)) => ember_data::Tokenizer::from_sentencepiece(&model, flavour, &configs, path),
         None => ember_data::Tokenizer::from_json(&gguf::tokenizer_json(&file.metadata).map_err(invalid)?, &configs, path),
     }
 }

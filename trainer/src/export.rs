@@ -61,7 +61,7 @@ pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Tens
     let changed: std::collections::HashSet<String> = merge.as_ref().map(|m| m.keys().into_iter().collect()).unwrap_or_default();
 
     let mut metadata = gguf_write::hyperparameters(&config, arch, &folder_name(base_dir), ty);
-    metadata.extend(gguf_write::tokenizer_metadata(base_dir, config.vocab_size, pre)?);
+    metadata.extend(gguf_write::tokenizer_metadata(base_dir, arch, config.vocab_size, pre)?);
 
     // (HF key, GGUF tensor, q/k heads to permute by); no key: llama3 RoPE scaling's divisors.
     let mut plan: Vec<(Option<String>, TensorSpec, Option<usize>)> = Vec::new();
