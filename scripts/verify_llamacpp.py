@@ -22,8 +22,10 @@
     repeated to about 150 tokens for (i), where the long wavelengths turn), and their greedy
     answers.
 (j) the byte-level BPE pre-tokenizers ember reads back from a GGUF (`tokenizer.ggml.pre`
-    gpt-2, llama-bpe, qwen2): tiny_llama's vocabulary exported under each, the ids of ember's
-    GGUF tokenizer equal llama.cpp's on texts with digits, contractions, newlines and CJK.
+    gpt-2, llama-bpe, qwen2, smaug-bpe, deepseek-r1-qwen, tekken, deepseek-llm, deepseek-coder):
+    tiny_llama's vocabulary exported under each, the ids of ember's GGUF tokenizer equal
+    llama.cpp's on texts with digits, contractions, newlines, case runs, slashes, CJK, Hangul and
+    full-width forms.
 (k) the GLM family as llama.cpp's `chatglm`: seeded random tiny models with the real
     vocabularies (../shared/fixtures/tokenizers): ChatGLM3's layout (fused query_key_value,
     SentencePiece tokenizer.model with THUDM's specials) and HF-native `glm` with GLM-4's tiktoken
@@ -123,7 +125,8 @@ else:
 
 GLM_PROMPTS = ["你好，请介绍一下北京。", "Give three tips for staying healthy.", "用一句话解释什么是机器学习"]
 
-PRE_TEXTS = ["It's 12345 o'clock!\n\nDON'T stop", "Numbers 2024-12-02, 3.14159 and 1000000", "  spaces\tand\ttabs  \n", "你好，世界 123"]
+PRE_TEXTS = ["It's 12345 o'clock!\n\nDON'T stop", "Numbers 2024-12-02, 3.14159 and 1000000", "  spaces\tand\ttabs  \n", "你好，世界 123",
+             "HTTPServer parses URLs/paths: a/b/c; camelCaseWords and ÀÉÎ façade", "深度求索 DeepSeek-V2 ２０２４年 ＡＢＣ δ-function, 한국어 텍스트！"]
 
 PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.", "Write a haiku about the sea."]
 
@@ -416,24 +419,7 @@ def main():
                       f"greedy answers (8 tokens) equal on all three {same}/{len(PROMPTS)}")
 
     # (j) pre-tokenizers: ember's GGUF tokenizer against llama.cpp's on the same file.
-    tiny_llama = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "tiny_llama")
-    results = []
-    for pre in ("gpt-2", "llama-bpe", "qwen2"):
-        path = os.path.join(work, f"tiny-pre-{pre}.gguf")
-        run([ember, "export", "gguf", "--base", tiny_llama, "--out", path, "--type", "f32", "--pre", pre])
-        llm = Llama(model_path=path, n_ctx=256, vocab_only=True, verbose=False)
-        equal = 0
-        for i, text in enumerate(PRE_TEXTS):
-            dump = os.path.join(work, f"ember-j-{pre}-{i}.json")
-            run([ember, "generate", "--base", path, "--prompt", text, "--template", "none", "--max-new-tokens", "1", "--logits-out", dump])
-            ours = json.load(open(dump))["prompt_ids"]
-            theirs = llm.tokenize(text.encode(), add_bos=False, special=False)
-            ours = ours[1:] if ours and ours[0] == llm.token_bos() else ours
-            equal += ours == theirs
-            print(f"(j) {pre} {text!r}: ember {ours} | llama.cpp {theirs}")
-        results.append(f"{pre} {equal}/{len(PRE_TEXTS)}")
-        del llm
-    report.append(f"(j) GGUF byte-level BPE pre-tokenizers, ember's ids equal llama.cpp's: {', '.join(results)}")
+    report.extend(verify_pre_tokenizers(ember, base, work))
 
     # (k) the GLM family as llama.cpp's chatglm.
     if args.reference_python and args.tokenizers:
@@ -444,6 +430,38 @@ def main():
     print("\n==== verify-llamacpp report ====")
     for line in report:
         print(line)
+
+
+def verify_pre_tokenizers(ember, base, work):
+    """(j): one report line per vocabulary: tiny_llama's 1,000 tokens, with multi-digit merges, and
+    SmolLM2's 49k (q4_0: only the tokenizer matters), with word merges. Each line counts the texts
+    on which the names give different ids, so that the check is seen to be sensitive."""
+    from llama_cpp import Llama
+    tiny_llama = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "tiny_llama")
+    lines = []
+    for vocabulary, model, ty in (("tiny_llama", tiny_llama, "f32"), ("SmolLM2", base, "q4_0")):
+        results, ids_by_text = [], {}
+        for pre in ("gpt-2", "llama-bpe", "qwen2", "smaug-bpe", "deepseek-r1-qwen", "tekken", "deepseek-llm", "deepseek-coder"):
+            path = os.path.join(work, f"pre-{vocabulary}-{pre}.gguf")
+            run([ember, "export", "gguf", "--base", model, "--out", path, "--type", ty, "--pre", pre])
+            llm = Llama(model_path=path, n_ctx=256, vocab_only=True, verbose=False)
+            equal = 0
+            for i, text in enumerate(PRE_TEXTS):
+                dump = os.path.join(work, f"ember-j-{vocabulary}-{pre}-{i}.json")
+                run([ember, "generate", "--base", path, "--prompt", text, "--template", "none", "--max-new-tokens", "1", "--logits-out", dump])
+                ours = json.load(open(dump))["prompt_ids"]
+                theirs = llm.tokenize(text.encode(), add_bos=False, special=False)
+                ours = ours[1:] if ours and ours[0] == llm.token_bos() else ours
+                equal += ours == theirs
+                ids_by_text.setdefault(text, set()).add(tuple(theirs))
+                print(f"(j) {vocabulary} {pre} {text!r}: ember {ours} | llama.cpp {theirs}")
+            results.append(f"{pre} {equal}/{len(PRE_TEXTS)}")
+            del llm
+            os.remove(path)
+        kinds = ", ".join(str(len(ids_by_text[t])) for t in PRE_TEXTS)
+        lines.append(f"(j) GGUF byte-level BPE pre-tokenizers on {vocabulary}'s vocabulary, ember's ids equal llama.cpp's: {', '.join(results)} "
+                     f"(distinct id lists per text across the names: {kinds})")
+    return lines
 
 
 def verify_glm(args, ember, work):

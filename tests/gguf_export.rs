@@ -372,32 +372,43 @@ fn tiny_llama_with_sentencepiece(dir: &Path) {
 }
 
 /// A byte-level BPE's pre-tokenizer comes back from `tokenizer.ggml.pre` as HF's: GPT-2's
-/// byte-level regex, Llama 3's and Qwen2's regex splits (digits in runs of up to three, or one
-/// by one). A name ember does not know is one error line, not GPT-2's split in its place.
+/// byte-level regex, or the regex splits of Llama 3, Qwen2, Mistral's tekken and DeepSeek's
+/// (digits whole, in runs of up to three, or one by one). A name ember does not know is one error
+/// line, not GPT-2's split in its place.
 #[test]
 fn gguf_pre_tokenizer_names_come_back_as_hf_pre_tokenizers() {
     let dir = tempfile::tempdir().unwrap();
     let base = fixture("tiny_llama");
     let tokenizer = ember_data::Tokenizer::from_dir(&base).unwrap();
     let ids = |text: &str| tokenizer.encode(text, false).unwrap();
-    for (pre, digits) in [("gpt-2", vec!["12345"]), ("llama-bpe", vec!["123", "45"]), ("qwen2", vec!["1", "2", "3", "4", "5"])] {
+    let one_by_one = vec!["1", "2", "3", "4", "5"];
+    for (pre, digits, ignore_merges) in [
+        ("gpt-2", vec!["12345"], false),
+        ("llama-bpe", vec!["123", "45"], true),
+        ("smaug-bpe", vec!["123", "45"], false),
+        ("qwen2", one_by_one.clone(), false),
+        ("deepseek-r1-qwen", one_by_one.clone(), false),
+        ("tekken", one_by_one.clone(), true),
+        ("deepseek-llm", vec!["12345"], false),
+        ("deepseek-coder", one_by_one.clone(), false),
+    ] {
         let gguf = dir.path().join(format!("{pre}.gguf"));
         export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", pre]);
         let back = dir.path().join(format!("imported-{pre}"));
         let output = ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
         assert!(output.status.success(), "{pre}: {}", String::from_utf8_lossy(&output.stderr));
         let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(back.join("tokenizer.json")).unwrap()).unwrap();
-        assert_eq!(json["model"]["ignore_merges"], pre == "llama-bpe", "{pre}");
-        assert_eq!(json["normalizer"]["type"].as_str(), (pre == "qwen2").then_some("NFC"), "{pre}");
+        assert_eq!(json["model"]["ignore_merges"], ignore_merges, "{pre}");
+        assert_eq!(json["normalizer"]["type"].as_str(), pre.contains("qwen").then_some("NFC"), "{pre}");
         // The digits are split as the pre-tokenizer says, each piece then merged on its own.
         let imported = ember_data::Tokenizer::from_dir(&back).unwrap();
         let expected: Vec<_> = digits.iter().flat_map(|piece| ids(piece)).collect();
         assert_eq!(imported.encode("12345", false).unwrap(), expected, "{pre}");
     }
-    let gguf = dir.path().join("tekken.gguf");
-    export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "tekken"]);
-    let out = dir.path().join("imported-tekken");
-    assert_bad_input(&ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]), &["tokenizer.ggml.pre", "tekken"]);
+    let gguf = dir.path().join("jais.gguf");
+    export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "jais"]);
+    let out = dir.path().join("imported-jais");
+    assert_bad_input(&ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]), &["tokenizer.ggml.pre", "jais", "tekken"]);
     assert!(!out.exists());
 }
 

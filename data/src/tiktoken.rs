@@ -62,7 +62,7 @@ pub fn tokenizer_json(ranks: &[Vec<u8>], pattern: &str, specials: &[&str], affix
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": added,
         "normalizer": null,
-        "pre_tokenizer": split_then_byte_level(pattern),
+        "pre_tokenizer": split_then_byte_level(&[pattern]),
         "post_processor": affixes.post_processor(),
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
@@ -71,12 +71,12 @@ pub fn tokenizer_json(ranks: &[Vec<u8>], pattern: &str, specials: &[&str], affix
     })
 }
 
-/// The pre-tokenizer of a byte-level BPE that splits text by the regex `pattern` (tiktoken's,
-/// Llama 3's, Qwen2's) before mapping bytes to GPT-2's characters.
-pub fn split_then_byte_level(pattern: &str) -> Value {
-    json!({"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
-        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})
+/// The pre-tokenizer of a byte-level BPE that splits text by each regex of `patterns` in turn
+/// (tiktoken's, Llama 3's, Qwen2's, DeepSeek's several) before mapping bytes to GPT-2's characters.
+pub fn split_then_byte_level(patterns: &[&str]) -> Value {
+    let splits = patterns.iter().map(|pattern| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false}));
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false});
+    json!({"type": "Sequence", "pretokenizers": splits.chain([byte_level]).collect::<Vec<_>>()})
 }
 
 /// GPT-2's byte-to-character table: printable bytes stand for themselves, the others map to

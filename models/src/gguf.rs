@@ -978,25 +978,29 @@ fn vocabulary(meta: &GgufMetadata) -> Result<(Vec<&str>, Vec<u64>), LoadError> {
     Ok((tokens.iter().map(|t| t.as_str().unwrap_or_default()).collect(), types))
 }
 
-/// Builds an HF `tokenizer.json` from the GGUF vocabulary: byte-level BPE for `gpt2`
-/// tokenizers, SentencePiece-style BPE with byte fallback for `llama` ones.
 /// HF's normalizer, pre-tokenizer and `ignore_merges` for a byte-level BPE whose
-/// `tokenizer.ggml.pre` names it (llama.cpp's names; as the models' own tokenizer.json has them):
-/// GPT-2's (also when the key is absent, as in older files), Llama 3's and Qwen2's. Any other
-/// name is refused: splitting text another way would change the ids without a word.
+/// `tokenizer.ggml.pre` names it ([`crate::gguf_pre::BYTE_LEVEL_SPLITS`]; GPT-2's also when the
+/// key is absent, as in older files). Any other name is refused: splitting text another way would
+/// change the ids without a word.
 fn byte_level_pre_tokenizer(meta: &GgufMetadata) -> Result<(Value, Value, bool), LoadError> {
-    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     let key = "tokenizer.ggml.pre";
-    match meta.get(key).and_then(Value::as_str).unwrap_or("gpt-2") {
-        "gpt-2" | "default" | "smollm" => Ok((Value::Null, json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}), false)),
-        // GLM-4's tiktoken split is Llama 3's regex; its merges are the ranks' (as `ignore_merges`).
-        "llama-bpe" | "llama3" | "llama-v3" | "chatglm-bpe" | "glm4" => Ok((Value::Null, split_then_byte_level(LLAMA3), true)),
-        "qwen2" => Ok((json!({"type": "NFC"}), split_then_byte_level(QWEN2), false)),
-        other => Err(meta.error(key, &format!("pre-tokenizer '{other}' is not known to ember (known: gpt-2, smollm, llama-bpe, qwen2, chatglm-bpe); read the model from its HF folder instead"))),
-    }
+    let name = meta.get(key).and_then(Value::as_str).unwrap_or("gpt-2");
+    let splits = crate::gguf_pre::BYTE_LEVEL_SPLITS;
+    let Some(split) = splits.iter().find(|s| s.names.contains(&name)) else {
+        let known: Vec<&str> = splits.iter().flat_map(|s| s.names.iter().copied()).collect();
+        return Err(meta.error(key, &format!("pre-tokenizer '{name}' is not known to ember (known: {}); read the model from its HF folder instead", known.join(", "))));
+    };
+    let pre_tokenizer = if split.regexes.is_empty() {
+        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+    } else {
+        split_then_byte_level(split.regexes)
+    };
+    let normalizer = if split.nfc { json!({"type": "NFC"}) } else { Value::Null };
+    Ok((normalizer, pre_tokenizer, split.ignore_merges))
 }
 
+/// Builds an HF `tokenizer.json` from the GGUF vocabulary: byte-level BPE for `gpt2`
+/// tokenizers, SentencePiece-style BPE with byte fallback for `llama` ones.
 pub fn tokenizer_json(meta: &GgufMetadata) -> Result<Value, LoadError> {
     let model = meta.str("tokenizer.ggml.model")?;
     let (tokens, types) = vocabulary(meta)?;

@@ -1,7 +1,8 @@
-//! llama.cpp's `tokenizer.ggml.pre` names for BPE pre-tokenizers, keyed by the sha256 of the
-//! token ids of [`CHECK_TEXT`] (`str(ids)` as Python prints the list). Data from llama.cpp's
-//! `conversion/base.py` (`get_vocab_base_pre`, llama-cpp-python 0.3.36 sdist; MIT licence),
-//! which writes the same name for the same hash.
+//! llama.cpp's `tokenizer.ggml.pre` names for BPE pre-tokenizers: keyed by the sha256 of the
+//! token ids of [`CHECK_TEXT`] (`str(ids)` as Python prints the list) for export, data from
+//! llama.cpp's `conversion/base.py` (`get_vocab_base_pre`, llama-cpp-python 0.3.36 sdist; MIT
+//! licence), which writes the same name for the same hash; and the splits those names stand for
+//! on import ([`BYTE_LEVEL_SPLITS`], from its llama-vocab.cpp).
 
 /// The text whose token ids identify a pre-tokenizer.
 pub const CHECK_TEXT: &str = "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u{200d}🌫\u{fe0f} (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL";
@@ -103,4 +104,45 @@ pub const PRE_TOKENIZERS: &[(&str, &str)] = &[
     ("9dcf830ee9990cdbf78cc523a5f7bd9ad8f3f9890c2d3581d2785ad10f07049d", "mellum2"),
     ("972da7b59cec44d1f0a490a86c96df53859e486e481563e5dddac155013d87ac", "laguna"),
     ("653660222fb704f61cbf2b618a8ae6502b7f8b20c980f9a5de07ed78e13319cd", "ufakzeka"),
+];
+
+/// How HF's `tokenizer.json` splits text for a byte-level BPE that llama.cpp names `names` (its
+/// `regex_exprs` per `tokenizer.ggml.pre`, llama-vocab.cpp of the same sdist; HF's original form
+/// where llama.cpp adapted a regex for its own engine): the regexes applied in turn (none: GPT-2's
+/// byte-level regex), NFC first or not, and `ignore_merges` (a pre-token in the vocabulary is
+/// taken whole).
+pub struct ByteLevelSplit {
+    pub names: &'static [&'static str],
+    pub regexes: &'static [&'static str],
+    pub nfc: bool,
+    pub ignore_merges: bool,
+}
+
+const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const TEKKEN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// CJK ideographs, and Hangul with the ranges between (DeepSeek's).
+const DEEPSEEK_CJK: &str = "[\u{4e00}-\u{9fa5}\u{800}-\u{4e00}\u{ac00}-\u{d7ff}]+";
+
+pub const BYTE_LEVEL_SPLITS: &[ByteLevelSplit] = &[
+    ByteLevelSplit { names: &["gpt-2", "default", "smollm"], regexes: &[], nfc: false, ignore_merges: false },
+    // GLM-4's tiktoken split is Llama 3's regex; its merges are the ranks' (as `ignore_merges`).
+    ByteLevelSplit { names: &["llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral", "chatglm-bpe", "glm4"], regexes: &[LLAMA3], nfc: false, ignore_merges: true },
+    ByteLevelSplit { names: &["smaug-bpe"], regexes: &[LLAMA3], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["qwen2", "deepseek-r1-qwen"], regexes: &[QWEN2], nfc: true, ignore_merges: false },
+    ByteLevelSplit { names: &["tekken"], regexes: &[TEKKEN], nfc: false, ignore_merges: true },
+    ByteLevelSplit {
+        names: &["deepseek-llm"],
+        regexes: &[
+            r"[\r\n]",
+            "\\s?[A-Za-z\u{b5}\u{c0}-\u{d6}\u{d8}-\u{f6}\u{f8}-\u{1ba}\u{1bc}-\u{1bf}\u{1c4}-\u{293}\u{295}-\u{2af}\u{370}-\u{373}\u{376}\u{377}\u{37b}-\u{37d}\u{37f}\u{386}\u{388}-\u{38a}\u{38c}\u{38e}-\u{3a1}\u{3a3}-\u{3f5}\u{3f7}-\u{481}\u{48a}-\u{52f}\u{531}-\u{556}\u{10a0}-\u{10c5}\u{13a0}-\u{13f5}\u{13f8}-\u{13fd}\u{1c90}-\u{1cba}\u{1cbd}-\u{1cbf}\u{1d00}-\u{1d2b}\u{1d6b}-\u{1d77}\u{1d79}-\u{1d9a}\u{1e00}-\u{1f15}\u{1f18}-\u{1f1d}\u{1f20}-\u{1f45}\u{1f48}-\u{1f4d}\u{1f50}-\u{1f57}\u{1f59}\u{1f5b}\u{1f5d}\u{1f5f}-\u{1f7d}\u{1f80}-\u{1fb4}\u{1fb6}-\u{1fbc}\u{1fbe}\u{1fc2}-\u{1fc4}\u{1fc6}-\u{1fcc}\u{1fd0}-\u{1fd3}\u{1fd6}-\u{1fdb}\u{1fe0}-\u{1fec}\u{1ff2}-\u{1ff4}\u{1ff6}-\u{1ffc}\u{2102}\u{2107}\u{210a}-\u{2113}\u{2115}\u{2119}-\u{211d}\u{2124}\u{2126}\u{2128}\u{212a}-\u{212d}\u{212f}-\u{2134}\u{2139}\u{213c}-\u{213f}\u{2145}-\u{2149}\u{214e}\u{2183}\u{2184}\u{2c00}-\u{2c7b}\u{2c7e}-\u{2ce4}\u{2ceb}-\u{2cee}\u{2cf2}\u{2cf3}\u{a640}-\u{a66d}\u{a680}-\u{a69b}\u{a722}-\u{a76f}\u{a771}-\u{a787}\u{a78b}-\u{a78e}\u{ab70}-\u{abbf}\u{fb00}-\u{fb06}\u{fb13}-\u{fb17}\u{ff21}-\u{ff3a}\u{ff41}-\u{ff5a}\u{10400}-\u{1044f}\u{104b0}-\u{104d3}\u{104d8}-\u{104fb}\u{10c80}-\u{10cb2}\u{10cc0}-\u{10cf2}\u{118a0}-\u{118df}\u{1e900}-\u{1e943}]+",
+            "\\s?[!-/:-~\u{ff01}-\u{ff0f}\u{ff1a}-\u{ff5e}\u{2018}-\u{201f}\u{3000}-\u{3002}]+",
+            r"\s+$",
+            DEEPSEEK_CJK,
+            r"\p{N}+",
+        ],
+        nfc: false,
+        ignore_merges: false,
+    },
+    ByteLevelSplit { names: &["deepseek-coder"], regexes: &[r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", DEEPSEEK_CJK, r"\p{N}"], nfc: false, ignore_merges: false },
 ];
