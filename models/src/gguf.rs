@@ -700,12 +700,22 @@ impl GgufFile {
         let get_f64 = |k: &str| meta.get(&key(k)).and_then(Value::as_f64);
         let token_id = |key: &str| meta.get(key).and_then(Value::as_u64);
         let theta = get_f64("rope.freq_base").unwrap_or(10000.0);
-        if arch == GgufArch::ChatGlm {
-            return self.glm_config_json(hidden, embed.shape[0], theta);
+        let fused = self.tensor("blk.0.attn_qkv.weight").is_some();
+        if arch == GgufArch::ChatGlm && fused {
+            return self.chatglm_config_json(hidden, embed.shape[0], theta);
         }
-        let head_dim = meta.get(&key("rope.dimension_count")).and_then(Value::as_u64).map_or(hidden / heads, |n| n as usize);
-        let (model_type, class) = if arch == GgufArch::Qwen2 { ("qwen2", "Qwen2ForCausalLM") } else { ("llama", "LlamaForCausalLM") };
-        Ok(json!({
+        // llama.cpp's GLM rotates `rope.dimension_count` dims of heads of `key_length`.
+        let rope_dims = meta.get(&key("rope.dimension_count")).and_then(Value::as_u64).map(|n| n as usize);
+        let head_dim = match arch {
+            GgufArch::ChatGlm => meta.get(&key("attention.key_length")).and_then(Value::as_u64).map_or(hidden / heads, |n| n as usize),
+            _ => rope_dims.unwrap_or(hidden / heads),
+        };
+        let (model_type, class) = match arch {
+            GgufArch::Llama => ("llama", "LlamaForCausalLM"),
+            GgufArch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+            GgufArch::ChatGlm => ("glm", "GlmForCausalLM"),
+        };
+        let mut config = json!({
             "architectures": [class],
             "model_type": model_type,
             "attention_bias": false,
@@ -727,7 +737,12 @@ impl GgufFile {
             "eos_token_id": self.end_ids(),
             "pad_token_id": token_id("tokenizer.ggml.padding_token_id"),
             "torch_dtype": "float32",
-        }))
+        });
+        if arch == GgufArch::ChatGlm {
+            config["attention_bias"] = json!(self.tensor("blk.0.attn_q.bias").is_some());
+            config["partial_rotary_factor"] = json!(rope_dims.unwrap_or(head_dim / 2) as f64 / head_dim as f64);
+        }
+        Ok(config)
     }
 
     /// HF's `eos_token_id`: the file's end of text, and its end of turn (GLM's `<|user|>`) when
@@ -742,10 +757,9 @@ impl GgufFile {
         }
     }
 
-    /// The `config.json` of a `chatglm` file in its layout ([`GgufFile::keys`]): ChatGLM's
-    /// (RoPE on half of each head, base `10000 · rope_ratio`) or HF's `glm` (RoPE on the
-    /// `rope.dimension_count` first dims of each head).
-    fn glm_config_json(&self, hidden: usize, vocab: usize, theta: f64) -> Result<Value, LoadError> {
+    /// The `config.json` of a `chatglm` file whose q, k and v are one tensor, in ChatGLM's layout
+    /// (RoPE on half of each head, base `10000 · rope_ratio`).
+    fn chatglm_config_json(&self, hidden: usize, vocab: usize, theta: f64) -> Result<Value, LoadError> {
         let meta = &self.metadata;
         let (heads, kv_heads) = self.heads()?;
         let key = |k: &str| format!("chatglm.{k}");
@@ -753,32 +767,7 @@ impl GgufFile {
         let rotary_key = key("rope.dimension_count");
         let rotary = meta.get(&rotary_key).and_then(Value::as_u64).map_or(head_dim / 2, |n| n as usize);
         let token_id = |key: &str| meta.get(key).and_then(Value::as_u64);
-        let eps = meta.get(&key("attention.layer_norm_rms_epsilon")).and_then(Value::as_f64).unwrap_or(1e-5);
-        let context = meta.get(&key("context_length")).and_then(Value::as_u64).unwrap_or(8192);
         let has = |name: &str| self.tensor(name).is_some();
-        if !has("blk.0.attn_qkv.weight") {
-            return Ok(json!({
-                "architectures": ["GlmForCausalLM"],
-                "model_type": "glm",
-                "attention_bias": has("blk.0.attn_q.bias"),
-                "hidden_act": "silu",
-                "hidden_size": hidden,
-                "intermediate_size": meta.u64(&key("feed_forward_length"))?,
-                "num_hidden_layers": meta.u64(&key("block_count"))?,
-                "num_attention_heads": heads,
-                "num_key_value_heads": kv_heads,
-                "head_dim": head_dim,
-                "partial_rotary_factor": rotary as f64 / head_dim as f64,
-                "max_position_embeddings": context,
-                "rms_norm_eps": eps,
-                "rope_theta": theta,
-                "tie_word_embeddings": !has("output.weight"),
-                "vocab_size": vocab,
-                "eos_token_id": self.end_ids(),
-                "pad_token_id": token_id("tokenizer.ggml.padding_token_id"),
-                "torch_dtype": "float32",
-            }));
-        }
         if rotary != head_dim / 2 {
             return Err(meta.error(&rotary_key, &format!("{rotary} rotary dims of {head_dim}: ChatGLM's layout rotates half of each head")));
         }
@@ -798,11 +787,11 @@ impl GgufFile {
             "multi_query_group_num": kv_heads,
             "add_qkv_bias": has("blk.0.attn_qkv.bias"),
             "add_bias_linear": has("blk.0.attn_output.bias"),
-            "layernorm_epsilon": eps,
+            "layernorm_epsilon": meta.get(&key("attention.layer_norm_rms_epsilon")).and_then(Value::as_f64).unwrap_or(1e-5),
             "rmsnorm": true,
             "post_layer_norm": true,
             "apply_residual_connection_post_layernorm": false,
-            "seq_length": context,
+            "seq_length": meta.get(&key("context_length")).and_then(Value::as_u64).unwrap_or(8192),
             "rope_ratio": theta / 10000.0,
             "tie_word_embeddings": false,
             "eos_token_id": self.end_ids(),
