@@ -102,7 +102,7 @@ fn ggml_type_name(id: u32) -> String {
     }
 }
 
-/// The llama.cpp architectures ember writes: LLaMA's layout under llama.cpp's `llama` (q/k rows
+/// The llama.cpp architectures ember writes and reads: LLaMA's layout under llama.cpp's `llama` (q/k rows
 /// permuted for its interleaved RoPE), `qwen2` (q/k/v biases; NEOX RoPE, which is HF's
 /// `rotate_half`, so rows stay in HF order), and the GLM family under `chatglm` (RoPE on interleaved
 /// pairs of the first part of each head, as ember's GLM decoder, so rows stay too).
@@ -621,9 +621,14 @@ impl GgufFile {
     fn keys(&self) -> Result<&'static KeyLayout, LoadError> {
         Ok(match self.arch()? {
             GgufArch::Llama | GgufArch::Qwen2 => &llama::KEYS,
-            GgufArch::ChatGlm if self.tensor("blk.0.attn_qkv.weight").is_some() => &glm::CHATGLM_KEYS,
+            GgufArch::ChatGlm if self.fused_qkv() => &glm::CHATGLM_KEYS,
             GgufArch::ChatGlm => &glm::GLM_KEYS,
         })
+    }
+
+    /// Whether q, k and v are one tensor (`attn_qkv`), as in ChatGLM's layout.
+    fn fused_qkv(&self) -> bool {
+        self.tensor("blk.0.attn_qkv.weight").is_some()
     }
 
     /// The tensors under their HF names, sorted, and the GGUF names that have none (e.g.
@@ -700,8 +705,7 @@ impl GgufFile {
         let get_f64 = |k: &str| meta.get(&key(k)).and_then(Value::as_f64);
         let token_id = |key: &str| meta.get(key).and_then(Value::as_u64);
         let theta = get_f64("rope.freq_base").unwrap_or(10000.0);
-        let fused = self.tensor("blk.0.attn_qkv.weight").is_some();
-        if arch == GgufArch::ChatGlm && fused {
+        if arch == GgufArch::ChatGlm && self.fused_qkv() {
             return self.chatglm_config_json(hidden, embed.shape[0], theta);
         }
         // llama.cpp's GLM rotates `rope.dimension_count` dims of heads of `key_length`.
@@ -1004,8 +1008,8 @@ pub fn tokenizer_json(meta: &GgufMetadata) -> Result<Value, LoadError> {
                 .collect();
             let vocab: Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), json!(i))).collect();
             // GLM-4 starts every text with `[gMASK]<sop>`; others with BOS if the file says so.
-            let prefix = match meta.str("general.architecture")? {
-                "chatglm" => chatglm_prefix(&tokens, "<sop>").ok_or_else(|| meta.error("tokenizer.ggml.tokens", "no [gMASK] and <sop> tokens"))?,
+            let prefix = match meta.get("general.architecture").and_then(Value::as_str) {
+                Some("chatglm") => chatglm_prefix(&tokens, "<sop>").ok_or_else(|| meta.error("tokenizer.ggml.tokens", "no [gMASK] and <sop> tokens"))?,
                 _ => bos_id.filter(|_| add_bos.unwrap_or(false)).into_iter().collect(),
             };
             let affixes = Affixes { prefix: prefix.into_iter().map(|id| (tokens[id as usize].to_string(), id)).collect(), suffix: Vec::new() };
