@@ -325,6 +325,17 @@ fn what_llama_cpp_cannot_take_is_one_error_line() {
     let out = dir.path().join("x.gguf");
     let out = out.to_str().unwrap();
     let llama = fixture("tiny_llama");
+    // A tensor llama.cpp has no place for is named, not dropped; RoPE's inverse frequencies are
+    // recomputed and left out.
+    let extra = dir.path().join("extra");
+    std::fs::create_dir(&extra).unwrap();
+    let inv_freq = ("model.layers.0.self_attn.rotary_emb.inv_freq".to_string(), vec![8], vec![1.0; 8]);
+    tiny_llama_variant(&extra, |_| {}, vec![inv_freq.clone(), ("model.vision_tower.weight".into(), vec![2, 2], vec![0.0; 4])]);
+    assert_bad_input(&ember(&["export", "gguf", "--base", extra.to_str().unwrap(), "--out", out, "--pre", "gpt-2"]), &["model.vision_tower.weight", "no place"]);
+    tiny_llama_variant(&extra, |_| {}, vec![inv_freq]);
+    export(&["gguf", "--base", extra.to_str().unwrap(), "--out", out, "--pre", "gpt-2", "--type", "f32"]);
+    assert_eq!(GgufFile::open(Path::new(out)).unwrap().tensors.len(), f32_tensors(&llama.join("model.safetensors")).len());
+    std::fs::remove_file(out).unwrap();
     assert_bad_input(
         &ember(&["export", "gguf-lora", "--base", llama.to_str().unwrap(), "--adapter", fixture("tiny_llama/adapters/dora").to_str().unwrap(), "--out", out]),
         &["a dora adapter", "LoRA only"],

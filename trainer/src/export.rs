@@ -69,19 +69,19 @@ pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Tens
     if let Some(divisors) = &rope_divisors {
         plan.push((None, TensorSpec { name: "rope_freqs.weight".into(), shape: vec![divisors.len()], ty: TensorType::F32 }, None));
     }
-    // The tensors ember's decoder reads (a checkpoint's others, e.g. ChatGLM's
-    // `rotary_pos_emb.inv_freq`, are recomputed from the config by ember and llama.cpp alike).
+    // Every tensor but RoPE's inverse frequencies (ChatGLM's `rotary_pos_emb.inv_freq`, old
+    // LLaMA checkpoints'), which ember and llama.cpp compute from the config.
     let keys = KeyLayout::of(config.architecture);
-    for (key, _) in expected_tensors(&config) {
-        let Some((name, role)) = gguf_write::tensor_name(keys, &key, config.num_layers) else {
+    for key in base.keys().filter(|key| !key.ends_with(".inv_freq")) {
+        let Some((name, role)) = gguf_write::tensor_name(keys, key, config.num_layers) else {
             return Err(LoadError::Invalid { path: base_dir.to_path_buf(), reason: format!("tensor '{key}' has no place in llama.cpp's {} architecture", arch.name()) }.into());
         };
-        let (shape, _) = base.info(&key).expect("checked");
-        let shape = match (&merge, changed.contains(&key)) {
-            (Some(merge), true) => merge.output_shape(&key, shape),
+        let (shape, _) = base.info(key).expect("listed");
+        let shape = match (&merge, changed.contains(key)) {
+            (Some(merge), true) => merge.output_shape(key, shape),
             _ => shape.to_vec(),
         };
-        plan.push((Some(key), TensorSpec { ty: ty.for_shape(&shape), name, shape }, permute_heads(role, &config, arch)));
+        plan.push((Some(key.to_string()), TensorSpec { ty: ty.for_shape(&shape), name, shape }, permute_heads(role, &config, arch)));
     }
     plan.sort_by_key(|(_, spec, _)| gguf_order(&spec.name));
     let specs: Vec<TensorSpec> = plan.iter().map(|(_, spec, _)| spec.clone()).collect();
