@@ -229,6 +229,16 @@ impl Tokenizer {
         Ok(Self::with_configs(inner, literal_specials, defaults, native, &configs))
     }
 
+    /// `dir/tokenizer.model` converted once: the tokenizer (as [`Tokenizer::from_dir`] loads it
+    /// from a folder without tokenizer.json), the `tokenizer.json` it was built from, and whose
+    /// tokenizer it is.
+    pub fn from_model(dir: &Path) -> Result<(Self, Value, Flavour), TokenizerError> {
+        let configs = Configs::read(dir)?;
+        let converted = convert_model(dir)?;
+        let (json, flavour) = (converted.json.clone(), converted.flavour);
+        Ok((Self::from_converted(converted, &configs, &dir.join("tokenizer.model"))?, json, flavour))
+    }
+
     /// A SentencePiece model of `flavour` (LLaMA's, or ChatGLM2/3's without their specials) held
     /// in memory, e.g. rebuilt from a GGUF file's vocabulary, encoded with sentencepiece's own
     /// BPE as `tokenizer.model` is.

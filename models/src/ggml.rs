@@ -150,7 +150,7 @@ impl Planes {
             }
             _ => {
                 self.scales.push(half_at(0));
-                if Layout::of(kind).mins {
+                if layout.mins {
                     self.mins.push(half_at(2));
                 }
                 if matches!(kind, GgmlType::Q4_K | GgmlType::Q5_K) {

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use ember_data::sentencepiece::{ModelProto, PieceType};
 use ember_data::Tokenizer;
-use ember_data::tokenizer::{Flavour, convert_model};
+use ember_data::tokenizer::Flavour;
 use serde_json::Value;
 use sha2::Digest;
 
@@ -325,23 +325,28 @@ const BYTE: i32 = 6;
 /// A GLM-family model (`arch` `chatglm`) ends a turn at `<|user|>`, llama.cpp's end of turn.
 pub fn tokenizer_metadata(dir: &Path, arch: GgufArch, vocab_size: usize, pre: Option<&str>) -> Result<Vec<(String, MetaValue)>, LoadError> {
     let invalid = |path: &Path, reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
-    let tokenizer = Tokenizer::from_dir(dir).map_err(|e| invalid(dir, e.to_string()))?;
     let json_path = dir.join("tokenizer.json");
-    // GLM-4's tiktoken file named tokenizer.model is not a SentencePiece model.
-    let proto = std::fs::read(dir.join("tokenizer.model")).ok().and_then(|bytes| ModelProto::parse(&bytes).ok());
-    let mut json: Option<Value> = match std::fs::read_to_string(&json_path) {
-        Ok(text) => Some(serde_json::from_str(&text).map_err(|e| LoadError::json(&json_path, e))?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(LoadError::io(&json_path, e)),
+    let model_path = dir.join("tokenizer.model");
+    // Without tokenizer.json, tokenizer.model converted once: the tokenizer, and the
+    // tokenizer.json it stands for (THUDM's ChatGLM specials after the SentencePiece pieces, or
+    // GLM-4's tiktoken ranks as byte-level BPE).
+    let (tokenizer, converted) = if !json_path.exists() && model_path.is_file() {
+        let (tokenizer, json, flavour) = Tokenizer::from_model(dir).map_err(|e| invalid(dir, e.to_string()))?;
+        (tokenizer, Some((json, flavour)))
+    } else {
+        (Tokenizer::from_dir(dir).map_err(|e| invalid(dir, e.to_string()))?, None)
     };
-    // Without tokenizer.json, tokenizer.model as ember converts it: THUDM's ChatGLM specials after
-    // the SentencePiece pieces, or GLM-4's tiktoken ranks as byte-level BPE.
-    let mut flavour = None;
-    if json.is_none() && dir.join("tokenizer.model").is_file() {
-        let converted = convert_model(dir).map_err(|e| invalid(dir, e.to_string()))?;
-        flavour = Some(converted.flavour);
-        json = Some(converted.json);
-    }
+    // GLM-4's tiktoken file named tokenizer.model is not a SentencePiece model.
+    let proto = std::fs::read(&model_path).ok().and_then(|bytes| ModelProto::parse(&bytes).ok());
+    let flavour = converted.as_ref().map(|(_, flavour)| *flavour);
+    let json: Option<Value> = match converted {
+        Some((json, _)) => Some(json),
+        None => match std::fs::read_to_string(&json_path) {
+            Ok(text) => Some(serde_json::from_str(&text).map_err(|e| LoadError::json(&json_path, e))?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(LoadError::io(&json_path, e)),
+        },
+    };
     let (model, mut tokens, mut scores, mut types, merges, pre): (&str, Vec<String>, Vec<f32>, Vec<i32>, Option<Vec<String>>, Option<String>) =
         // A SentencePiece model (as llama.cpp's converter, preferred to tokenizer.json: its scores
         // are the real ones).

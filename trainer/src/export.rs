@@ -149,9 +149,10 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: TensorT
         ("adapter.type".into(), MetaValue::Str("lora".into())),
         ("adapter.lora.alpha".into(), MetaValue::F32(alpha as f32)),
     ];
+    let keys = KeyLayout::of(config.architecture);
     let mut plan: Vec<(String, TensorSpec, Option<usize>)> = Vec::new();
     for (weight_key, module) in &branches.modules {
-        let (name, role) = gguf_write::tensor_name(KeyLayout::of(config.architecture), weight_key, config.num_layers)
+        let (name, role) = gguf_write::tensor_name(keys, weight_key, config.num_layers)
             .ok_or_else(|| invalid(format!("'{module}' has no place in llama.cpp's {} architecture", arch.name())))?;
         for (part, suffix) in [("lora_A", "lora_a"), ("lora_B", "lora_b")] {
             let key = ember_adapters::lora::peft::key(module, part);
