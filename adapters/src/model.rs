@@ -43,6 +43,13 @@ impl Projection for AdaptedLinear {
             None => self.base.forward(x),
         }
     }
+
+    fn surrogate(&self, x: Tensor<3>, grad: &Tensor<3>) -> Tensor<1> {
+        match &self.branch {
+            Some(branch) => branch.surrogate(&self.base, x, grad),
+            None => self.base.surrogate(x, grad),
+        }
+    }
 }
 
 /// The decoder with adaptable projections.

@@ -5,7 +5,7 @@
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
-use ember_models::layers::Linear;
+use ember_models::layers::{Linear, output_surrogate};
 use ember_models::{BaseModel, LayerExtras};
 
 use crate::adaption::{AdaptionConfig, AdaptionPrompts};
@@ -136,6 +136,13 @@ pub trait ProjectionBranch {
     /// - output: `[batch, seq, out]`
     fn forward(&self, base: &Linear, x: Tensor<3>) -> Tensor<3>;
 
+    /// [`ember_models::Projection::surrogate`] of [`Self::forward`]. A branch that adds to the base's output
+    /// (or scales its input) overrides it to leave the frozen product to the base's surrogate,
+    /// which skips that product's forward.
+    fn surrogate(&self, base: &Linear, x: Tensor<3>, grad: &Tensor<3>) -> Tensor<1> {
+        output_surrogate(self.forward(base, x), grad)
+    }
+
     /// The base with the branch folded into its weight (and bias).
     fn merged(self, base: Linear) -> Linear;
 
@@ -164,6 +171,10 @@ macro_rules! each_branch {
 impl ProjectionAdapter {
     pub fn forward(&self, base: &Linear, x: Tensor<3>) -> Tensor<3> {
         each_branch!(self, branch => branch.forward(base, x))
+    }
+
+    pub fn surrogate(&self, base: &Linear, x: Tensor<3>, grad: &Tensor<3>) -> Tensor<1> {
+        each_branch!(self, branch => branch.surrogate(base, x, grad))
     }
 
     pub fn merged(self, base: Linear) -> Linear {

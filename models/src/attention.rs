@@ -75,6 +75,23 @@ impl<P: Projection> Attention<P> {
         bias: Tensor<4>,
         extras: Option<&LayerExtras>,
     ) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
+        let (contexts, k, v) = self.contexts(x, rope, past, bias, extras);
+        (self.output(contexts), k, v)
+    }
+
+    /// [`Self::forward`] up to `o_proj`: the inputs whose `o_proj` products sum to the output
+    /// (the attended values, then the adaption prompt's share), and the cache's `k`, `v`.
+    ///
+    /// # Shapes
+    /// - x, contexts: `[batch, seq, hidden]`; the rest as [`Self::forward`]
+    pub fn contexts(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        past: Option<(Tensor<4>, Tensor<4>)>,
+        bias: Tensor<4>,
+        extras: Option<&LayerExtras>,
+    ) -> (Vec<Tensor<3>>, Tensor<4>, Tensor<4>) {
         let (q, k, v) = self.project_heads(x);
         let past_len = past.as_ref().map_or(0, |(k, _)| k.dims()[2]);
         let start = past_len + position_shift(extras);
@@ -87,7 +104,7 @@ impl<P: Projection> Attention<P> {
         }
         let (keys, values) = with_prefix(k.clone(), v.clone(), extras);
         let attended = grouped_attention(q.clone(), keys, values, bias);
-        (self.output(attended, q, extras), k, v)
+        (self.o_inputs(attended, q, extras), k, v)
     }
 
     /// Attention over sequences packed into one row without padding: each sequence attends
@@ -97,6 +114,11 @@ impl<P: Projection> Attention<P> {
     /// - x, output: `[1, Σ len, hidden]`
     /// - biases: `[1, 1, len, prefix + len]` per sequence, in order
     pub fn forward_packed(&self, x: Tensor<3>, rope: &Rope, biases: &[Tensor<4>], extras: Option<&LayerExtras>) -> Tensor<3> {
+        self.output(self.contexts_packed(x, rope, biases, extras))
+    }
+
+    /// [`Self::forward_packed`] up to `o_proj`, as [`Self::contexts`].
+    pub fn contexts_packed(&self, x: Tensor<3>, rope: &Rope, biases: &[Tensor<4>], extras: Option<&LayerExtras>) -> Vec<Tensor<3>> {
         let (q, k, v) = self.project_heads(x);
         let start = position_shift(extras);
         let (mut queries, mut attended, mut offset) = (Vec::new(), Vec::new(), 0);
@@ -109,7 +131,7 @@ impl<P: Projection> Attention<P> {
             queries.push(q);
             offset += len;
         }
-        self.output(Tensor::cat(attended, 2), Tensor::cat(queries, 2), extras)
+        self.o_inputs(Tensor::cat(attended, 2), Tensor::cat(queries, 2), extras)
     }
 
     /// q, k, v projections of `x` split into heads: b,s,h*d -> b,h,s,d.
@@ -120,14 +142,24 @@ impl<P: Projection> Attention<P> {
         (heads(q, self.num_heads), heads(k, self.num_kv_heads), heads(v, self.num_kv_heads))
     }
 
-    /// `o_proj` of the attended values, plus the gated adaption prompt's share read by the
-    /// (RoPE'd) queries `q`.
-    fn output(&self, attended: Tensor<4>, q: Tensor<4>, extras: Option<&LayerExtras>) -> Tensor<3> {
-        let out = self.o_proj.forward(self.merge_heads(attended));
-        match extras.and_then(|e| e.adaption.clone()) {
-            Some((prompt, gate)) => out + self.o_proj.forward(self.merge_heads(self.adaption_attention(q, prompt, gate))),
-            None => out,
+    /// The inputs of `o_proj`: the attended values, and the gated adaption prompt's share read
+    /// by the (RoPE'd) queries `q`.
+    fn o_inputs(&self, attended: Tensor<4>, q: Tensor<4>, extras: Option<&LayerExtras>) -> Vec<Tensor<3>> {
+        let mut inputs = vec![self.merge_heads(attended)];
+        if let Some((prompt, gate)) = extras.and_then(|e| e.adaption.clone()) {
+            inputs.push(self.merge_heads(self.adaption_attention(q, prompt, gate)));
         }
+        inputs
+    }
+
+    /// The sum of `o_proj` over the contexts.
+    fn output(&self, contexts: Vec<Tensor<3>>) -> Tensor<3> {
+        contexts.into_iter().map(|c| self.o_proj.forward(c)).reduce(|sum, out| sum + out).expect("attention has a context")
+    }
+
+    /// [`Projection::surrogate`] of [`Self::output`]: `o_proj`'s backward without its forward.
+    pub fn output_surrogate(&self, contexts: Vec<Tensor<3>>, grad: &Tensor<3>) -> Tensor<1> {
+        contexts.into_iter().map(|c| self.o_proj.surrogate(c, grad)).reduce(|sum, s| sum + s).expect("attention has a context")
     }
 
     /// b,h,s,d -> b,s,h*d

@@ -105,16 +105,37 @@ impl Linear {
         let y = match &self.weight {
             Weight::Dense(weight) => stored_product(x, weight.val()),
             // Dequantized in the activations' dtype for this product only.
-            quantized => {
-                let quantized = quantized.valid();
-                frozen_product(x, DenseWeight::new(self.shape(), quantized.align(), move |rows| quantized.dequantize_rows(rows)))
-            }
+            Weight::Nf4(_) | Weight::Int8(_) | Weight::Ggml(_) => frozen_product(x, self.bands()),
         };
+        // A bf16 checkpoint's bias under f32 activations (flex computes a bf16 base in f32).
         let y = match &self.bias {
-            Some(bias) => y + bias.val().unsqueeze_dim(0),
+            Some(bias) => {
+                let dtype = y.dtype();
+                y + bias.val().cast(dtype).unsqueeze_dim(0)
+            }
             None => y,
         };
         y.reshape([b, s, self.out_features()])
+    }
+
+    /// The weight rebuilt dense band by band, in f32 when quantized, in its stored dtype when
+    /// not.
+    fn bands(&self) -> DenseWeight {
+        match &self.weight {
+            Weight::Dense(weight) => {
+                let weight = weight.val().inner();
+                DenseWeight::new(weight.dims(), 1, move |rows| weight.clone().slice(rows))
+            }
+            quantized => {
+                let quantized = quantized.valid();
+                DenseWeight::new(self.shape(), quantized.align(), move |rows| quantized.dequantize_rows(rows))
+            }
+        }
+    }
+
+    /// Whether any of the layer's parameters trains (a projection never does; the LM head may).
+    fn trains(&self) -> bool {
+        matches!(&self.weight, Weight::Dense(w) if w.is_require_grad()) || self.bias.as_ref().is_some_and(|b| b.is_require_grad())
     }
 }
 
@@ -353,11 +374,79 @@ pub trait Projection: Module {
     /// - x: `[batch, seq, in]`
     /// - output: `[batch, seq, out]`
     fn forward(&self, x: Tensor<3>) -> Tensor<3>;
+
+    /// A scalar with the gradients (w.r.t. `x` and the trainable parameters) of
+    /// `sum(forward(x) · grad)` for a constant `grad`: what backward of a recomputed layer needs
+    /// from a projection whose output gradient is already known. Its value may differ from that
+    /// sum by a constant (a frozen bias's share).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, in]`; grad: `[batch, seq, out]`
+    /// - output: `[1]`, f32
+    fn surrogate(&self, x: Tensor<3>, grad: &Tensor<3>) -> Tensor<1> {
+        output_surrogate(self.forward(x), grad)
+    }
+}
+
+/// `sum(output · grad)` in f32: the surrogate of an output computed with its graph.
+pub fn output_surrogate(output: Tensor<3>, grad: &Tensor<3>) -> Tensor<1> {
+    (output * grad.clone()).sum().cast(DType::F32)
 }
 
 impl Projection for Linear {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         Linear::forward(self, x)
     }
+
+    /// `sum(x Wᵀ · g) = sum(x · g W)`: the frozen product's backward (`g W`, no graph) without
+    /// its forward, which checkpointing would otherwise recompute only to be multiplied by `g`.
+    fn surrogate(&self, x: Tensor<3>, grad: &Tensor<3>) -> Tensor<1> {
+        if self.trains() {
+            return output_surrogate(self.forward(x), grad);
+        }
+        let [b, s, out] = grad.dims();
+        let grad = grad.clone().reshape([b * s, out]);
+        let dtype = grad.dtype();
+        let grad_weight = match &self.weight {
+            Weight::Dense(weight) if weight.val().dtype() == dtype => grad.inner().matmul(weight.val().inner()),
+            _ => crate::fused::frozen_transposed_matmul(grad, &self.bands().cast(dtype)),
+        };
+        (x * grad_weight.reshape([b, s, self.in_features()])).sum().cast(DType::F32)
+    }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Distribution;
+
+    use super::*;
+    use crate::nf4::{Int8Weight, Nf4Weight};
+
+    /// A frozen projection's surrogate hands `x` the gradient of `sum(forward(x) · g)`, bit for
+    /// bit, however the weight is stored: f32, bf16 (rebuilt in f32), NF4, int8.
+    #[test]
+    fn surrogate_gives_the_gradient_of_the_product() {
+        let device = Device::flex().autodiff();
+        let (out, inp) = (24, 128);
+        let values = Tensor::<2>::random([out, inp], Distribution::Normal(0.0, 0.5), &device);
+        let flat = values.clone().into_data().try_to_vec::<f32>().unwrap();
+        let weights = [
+            ("f32", Weight::Dense(Param::from_tensor(values.clone()).set_require_grad(false))),
+            ("bf16", Weight::Dense(Param::from_tensor(values.clone().cast(DType::BF16)).set_require_grad(false))),
+            ("nf4", Weight::Nf4(Nf4Weight::quantize(&flat, [out, inp], true, &device))),
+            ("int8", Weight::Int8(Int8Weight::from_tensor(values.clone()))),
+        ];
+        let x = Tensor::<3>::random([2, 3, inp], Distribution::Normal(0.0, 1.0), &device);
+        let grad = Tensor::<3>::random([2, 3, out], Distribution::Normal(0.0, 1.0), &device);
+        let bias = Tensor::<1>::random([out], Distribution::Normal(0.0, 1.0), &device);
+        for (name, weight) in weights {
+            let linear = Linear::with_weight(weight, Some(bias.clone()));
+            let gradient_of = |scalar: Tensor<1>, x: &Tensor<3>| x.grad(&scalar.backward()).unwrap().into_data().try_to_vec::<f32>().unwrap();
+            let x = x.clone().require_grad();
+            let want = gradient_of(output_surrogate(linear.forward(x.clone()), &grad), &x);
+            let got = gradient_of(linear.surrogate(x.clone(), &grad), &x);
+            assert_eq!(want, got, "{name}");
+        }
+    }
+}

@@ -43,6 +43,20 @@ impl<P: Projection> Mlp<P> {
     /// # Shapes
     /// - x, output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.down_proj.forward(self.activations(x))
+    }
+
+    /// [`Projection::surrogate`] of [`Self::forward`]: `down_proj`'s backward without its forward.
+    pub fn surrogate(&self, x: Tensor<3>, grad: &Tensor<3>) -> Tensor<1> {
+        self.down_proj.surrogate(self.activations(x), grad)
+    }
+
+    /// `silu(gate(x)) · up(x)`, the input of `down_proj`.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, intermediate]`
+    fn activations(&self, x: Tensor<3>) -> Tensor<3> {
         let (gate, up) = match &self.gate_up {
             GateUpProjection::Separate(p) => (p.gate_proj.forward(x.clone()), p.up_proj.forward(x)),
             GateUpProjection::Fused(p) => {
@@ -51,7 +65,7 @@ impl<P: Projection> Mlp<P> {
                 (gu.clone().narrow(2, 0, half), gu.narrow(2, half, half))
             }
         };
-        self.down_proj.forward(crate::fused::swiglu(&gate, &up).unwrap_or_else(|| silu(gate) * up))
+        crate::fused::swiglu(&gate, &up).unwrap_or_else(|| silu(gate) * up)
     }
 }
 
@@ -69,8 +83,34 @@ impl<P: Projection> DecoderLayer<P> {
     /// # Shapes
     /// - x, output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>, attend: impl FnOnce(&Attention<P>, Tensor<3>) -> Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + attend(&self.attention, self.input_norm.forward(x));
-        x.clone() + self.mlp.forward(self.post_attention_norm.forward(x))
+        self.mlp_block(self.attention_block(x, attend))
+    }
+
+    /// The attention half: `x + attend(attention, norm(x))`, the post-attention residual.
+    pub fn attention_block(&self, x: Tensor<3>, attend: impl FnOnce(&Attention<P>, Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+        x.clone() + attend(&self.attention, self.input_norm.forward(x))
+    }
+
+    /// The MLP half: `h + mlp(norm(h))` of the post-attention residual `h`.
+    pub fn mlp_block(&self, h: Tensor<3>) -> Tensor<3> {
+        h.clone() + self.mlp.forward(self.post_attention_norm.forward(h))
+    }
+
+    /// A scalar with the gradients of `sum(attention_block(x) · grad)` less its residual term
+    /// `sum(x · grad)`, which the caller adds as `grad` itself. `contexts` runs the attention
+    /// up to `o_proj` ([`Attention::contexts`]).
+    pub fn attention_surrogate(
+        &self,
+        x: Tensor<3>,
+        contexts: impl FnOnce(&Attention<P>, Tensor<3>) -> Vec<Tensor<3>>,
+        grad: &Tensor<3>,
+    ) -> Tensor<1> {
+        self.attention.output_surrogate(contexts(&self.attention, self.input_norm.forward(x)), grad)
+    }
+
+    /// [`Self::attention_surrogate`] for the MLP half.
+    pub fn mlp_surrogate(&self, h: Tensor<3>, grad: &Tensor<3>) -> Tensor<1> {
+        self.mlp.surrogate(self.post_attention_norm.forward(h), grad)
     }
 }
 
@@ -570,15 +610,37 @@ impl<P: Projection> CausalLm<P> {
         }
     }
 
-    /// Decoder layer `i` without a cache (training).
+    /// The attention half of decoder layer `i` without a cache (training): its post-attention
+    /// residual. The layer's output is [`Self::mlp_block`] of it.
     ///
     /// # Shapes
     /// - x, output: `[batch, seq, hidden]` (padded) or `[1, Σ len, hidden]` (packed)
-    pub fn layer_forward(&self, i: usize, x: Tensor<3>, layout: &Layout, extras: Option<&LayerExtras>) -> Tensor<3> {
-        self.layers[i].forward(x, |attention, h| match layout {
+    pub fn attention_block(&self, i: usize, x: Tensor<3>, layout: &Layout, extras: Option<&LayerExtras>) -> Tensor<3> {
+        self.layers[i].attention_block(x, |attention, h| match layout {
             Layout::Padded(bias) => attention.forward(h, &self.rope, None, bias.clone(), extras).0,
             Layout::Packed(biases) => attention.forward_packed(h, &self.rope, biases, extras),
         })
+    }
+
+    /// The MLP half of decoder layer `i`, from its post-attention residual `h`.
+    pub fn mlp_block(&self, i: usize, h: Tensor<3>) -> Tensor<3> {
+        self.layers[i].mlp_block(h)
+    }
+
+    /// For backward of a recomputed layer whose output gradient `grad` is known: a scalar with
+    /// the gradients of `sum(attention_block(i, x) · grad)`, less the residual's `grad`
+    /// ([`DecoderLayer::attention_surrogate`]). `o_proj`'s product is not recomputed.
+    pub fn attention_surrogate(&self, i: usize, x: Tensor<3>, layout: &Layout, extras: Option<&LayerExtras>, grad: &Tensor<3>) -> Tensor<1> {
+        let contexts = |attention: &Attention<P>, h| match layout {
+            Layout::Padded(bias) => attention.contexts(h, &self.rope, None, bias.clone(), extras).0,
+            Layout::Packed(biases) => attention.contexts_packed(h, &self.rope, biases, extras),
+        };
+        self.layers[i].attention_surrogate(x, contexts, grad)
+    }
+
+    /// [`Self::attention_surrogate`] of the MLP half: `down_proj`'s product is not recomputed.
+    pub fn mlp_surrogate(&self, i: usize, h: Tensor<3>, grad: &Tensor<3>) -> Tensor<1> {
+        self.layers[i].mlp_surrogate(h, grad)
     }
 
     /// The final RMSNorm, applied to the last layer's output.

@@ -102,8 +102,9 @@ pub fn estimate(
         false => 0.0,
     };
     let kept = if options.checkpoint_layers {
-        // Each layer's input, then one layer recomputed with its graph.
-        layers * tokens * a * hidden + layer + dequantized
+        // Each layer's input and post-attention residual, then one layer recomputed with its
+        // graph.
+        layers * tokens * 2.0 * a * hidden + layer + dequantized
     } else {
         layers * (layer + dequantized)
     };

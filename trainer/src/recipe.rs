@@ -192,8 +192,9 @@ pub struct TrainSection {
     /// A NaN/inf loss or gradient norm: `stop` (exit 1, the last checkpoint kept) or `skip`
     /// the optimizer step.
     pub on_nonfinite: OnNonfinite,
-    /// Activation checkpointing per decoder layer: keep each layer's input only, recompute the
-    /// layer in backward (less memory, about a third more compute; same gradients).
+    /// Activation checkpointing per decoder layer: keep each layer's input and post-attention
+    /// residual only, recompute the layer in backward without its o/down products (less memory,
+    /// about a fifth more compute; same gradients).
     pub gradient_checkpointing: bool,
     /// LM head + cross-entropy over at most this many supervised tokens at a time (0: all at
     /// once); bounds the `[tokens, vocab]` f32 logits. Same loss and gradients.

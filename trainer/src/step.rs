@@ -18,8 +18,9 @@ use crate::loss::{nll_sum, select_rows, supervised_rows};
 /// gradients beyond float rounding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StepOptions {
-    /// Keep only each decoder layer's input from the forward pass; recompute the layer with its
-    /// graph in backward, one layer at a time (about one extra forward pass of compute).
+    /// Keep only each decoder layer's input and post-attention residual from the forward pass;
+    /// recompute the layer with its graph in backward, one half at a time, without the o and
+    /// down products (about two thirds of an extra forward pass of compute).
     pub checkpoint_layers: bool,
     /// LM head and cross-entropy over at most this many supervised tokens at a time, each chunk
     /// back-propagated before the next, so `[tokens, vocab]` f32 logits never exist whole.
@@ -39,8 +40,8 @@ impl Default for StepOptions {
 /// Forward and backward of `weight · loss` for one micro-batch, adding the gradients to
 /// `grads`. Returns `weight · loss`, or `None` when no token of the batch is supervised.
 ///
-/// Layer `i`'s dropout draws from `device` seeded with [`layer_seed`]`(seed, i)`, so a
-/// recomputed layer draws the masks of its forward pass.
+/// Each half of layer `i` (attention, MLP) draws its dropout from `device` seeded with
+/// [`block_seed`], so a recomputed half draws the masks of its forward pass.
 pub fn forward_backward(
     model: &AdaptedModel,
     batch: &Batch,
@@ -65,18 +66,20 @@ pub fn forward_backward(
     let embeddings_train = virtual_tokens > 0 || model.trains_embedding();
 
     // Layers, forward. With checkpointing the pass runs on a frozen view (no graph) and keeps
-    // the inputs of the layers that backward will recompute.
+    // the input and the post-attention residual of each layer that backward will recompute.
     let frozen = options.checkpoint_layers.then(|| model.clone().no_grad());
     let forward_model = frozen.as_ref().unwrap_or(model);
     let extras = forward_model.extras(batch_rows);
-    let mut inputs = Vec::new();
+    let mut kept = Vec::new();
     let mut x = forward_model.embed(&tokens, device);
     for i in 0..layers {
+        device.seed(block_seed(seed, i, Half::Attention));
+        let residual = forward_model.model.attention_block(i, x.clone(), &layout, extras.get(i));
         if options.checkpoint_layers && i >= first {
-            inputs.push(x.clone());
+            kept.push((x, residual.clone()));
         }
-        device.seed(layer_seed(seed, i));
-        x = forward_model.model.layer_forward(i, x, &layout, extras.get(i));
+        device.seed(block_seed(seed, i, Half::Mlp));
+        x = forward_model.model.mlp_block(i, residual);
     }
 
     let (loss, mut grad) = loss_backward(model, x.clone().detach().require_grad(), rows, targets, weight, options.loss_chunk_tokens, grads);
@@ -93,23 +96,37 @@ pub fn forward_backward(
     let prefix = model.prefix_keys_values();
     let prefix_leaf = prefix.as_ref().map(|kv| kv.clone().detach().require_grad());
     let mut prefix_grad: Option<Tensor<4>> = None;
+    // Each half back-propagates from its output gradient through surrogates
+    // (`Projection::surrogate`) that skip the forward of o_proj and down_proj: their outputs
+    // only fed the residual stream, whose gradient is already known.
     for i in (first..layers).rev() {
-        let input = inputs.pop().expect("one kept input per recomputed layer").detach();
-        // The lowest trainable layer's input comes from frozen layers: no gradient needed,
-        // unless the embeddings themselves train.
+        let (input, residual) = kept.pop().expect("one kept input per recomputed layer");
+        // MLP half, from the kept residual.
+        let residual = residual.detach().require_grad();
+        device.seed(block_seed(seed, i, Half::Mlp));
+        let mut mlp_grads = model.model.mlp_surrogate(i, residual.clone(), &grad).backward();
+        grad = grad + residual.grad_remove(&mut mlp_grads).expect("the residual has a gradient");
+        grads.accumulate(model, GradientsParams::from_grads(mlp_grads, model));
+
+        // Attention half. The lowest trainable layer's input comes from frozen layers: no
+        // gradient needed, unless the embeddings themselves train.
         let input_grad = i > first || embeddings_train;
-        let input = if input_grad { input.require_grad() } else { input };
-        device.seed(layer_seed(seed, i));
+        let input = if input_grad { input.detach().require_grad() } else { input.detach() };
+        device.seed(block_seed(seed, i, Half::Attention));
         let extras = model.layer_extras(batch_rows, i, prefix_leaf.as_ref());
-        let out = model.model.layer_forward(i, input.clone(), &layout, extras.as_ref());
-        let mut layer_grads = (out * grad.clone()).sum().backward();
-        if input_grad {
-            grad = input.grad_remove(&mut layer_grads).expect("a tracked layer input has a gradient");
+        let surrogate = model.model.attention_surrogate(i, input.clone(), &layout, extras.as_ref(), &grad);
+        // Nothing to train in the lowest layer's attention (LoRA on the MLP alone).
+        if !surrogate.is_tracked() {
+            continue;
         }
-        if let Some(g) = prefix_leaf.as_ref().and_then(|leaf| leaf.grad_remove(&mut layer_grads)) {
+        let mut attention_grads = surrogate.backward();
+        if input_grad {
+            grad = grad + input.grad_remove(&mut attention_grads).expect("a tracked layer input has a gradient");
+        }
+        if let Some(g) = prefix_leaf.as_ref().and_then(|leaf| leaf.grad_remove(&mut attention_grads)) {
             prefix_grad = Some(prefix_grad.map_or(g.clone(), |sum| sum + g));
         }
-        grads.accumulate(model, GradientsParams::from_grads(layer_grads, model));
+        grads.accumulate(model, GradientsParams::from_grads(attention_grads, model));
     }
     if let (Some(prefix), Some(grad)) = (prefix, prefix_grad) {
         let encoder_grads = (prefix * grad).sum().backward();
@@ -122,9 +139,17 @@ pub fn forward_backward(
     Some(loss)
 }
 
-/// The dropout seed of layer `i` in a micro-batch seeded `seed`.
-pub fn layer_seed(seed: u64, i: usize) -> u64 {
-    seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(i as u64)
+/// The halves of a decoder layer, each seeded on its own so that backward can recompute them in
+/// either order.
+#[derive(Debug, Clone, Copy)]
+pub enum Half {
+    Attention,
+    Mlp,
+}
+
+/// The dropout seed of one half of layer `i` in a micro-batch seeded `seed`.
+pub fn block_seed(seed: u64, i: usize, half: Half) -> u64 {
+    seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(2 * i as u64 + half as u64)
 }
 
 /// The batch's tokens, padded or packed, with the rows of the flattened hidden states that
@@ -200,6 +225,7 @@ mod tests {
     use ember_adapters::lora::{LoraConfig, Target};
     use ember_adapters::prefix::PrefixConfig;
     use ember_adapters::prompt_tuning::PromptTuningConfig;
+    use ember_models::nf4::Quantization;
     use ember_models::{BaseModel, ModelConfig};
     use serde_json::json;
 
@@ -219,15 +245,18 @@ mod tests {
     }
 
     fn methods() -> Vec<Method> {
-        let lora = |dropout, layers| {
-            Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout, use_rslora: false, target: Target::AllLinear, layers_to_transform: layers, modules_to_save: Vec::new() })
+        let lora = |dropout, target, layers| {
+            Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout, use_rslora: false, target, layers_to_transform: layers, modules_to_save: Vec::new() })
         };
+        let mlp = Target::Suffixes(["gate_proj", "up_proj", "down_proj", "dense_h_to_4h", "dense_4h_to_h"].map(String::from).to_vec());
         vec![
-            lora(0.0, None),
+            lora(0.0, Target::AllLinear, None),
             // Dropout: the recomputed layers must draw the forward pass's masks.
-            lora(0.2, None),
+            lora(0.2, Target::AllLinear, None),
             // Only the top layer: backward stops there.
-            lora(0.0, Some(vec![2])),
+            lora(0.0, Target::AllLinear, Some(vec![2])),
+            // Only the top layer's MLP: nothing to recompute in its attention.
+            lora(0.0, mlp, Some(vec![2])),
             Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: false, encoder_hidden_size: None }),
             Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: Some(16) }),
             Method::Adaption(AdaptionConfig { adapter_len: 2, adapter_layers: 2 }),
@@ -276,16 +305,19 @@ mod tests {
     fn checkpointing_gives_identical_gradients_chunking_and_packing_the_same_up_to_rounding() {
         let _rng = SEEDED_RNG.lock().unwrap();
         let device = Device::flex().autodiff();
+        // Frozen weights in f32, in bf16 and in NF4: each rebuilds its product's backward its own way.
+        let bases = [(DType::F32, None), (DType::BF16, None), (DType::F32, Some(Quantization::Nf4 { double_quant: true }))];
         for config in configs() {
             for method in methods() {
-                let base = BaseModel::synthetic(config.clone(), DType::F32, None, 3, &device);
+                for (dtype, quantization) in bases {
+                let base = BaseModel::synthetic(config.clone(), dtype, quantization, 3, &device);
                 let mut model = method.config().init(base, 5, &device).unwrap();
                 // Non-zero LoRA B and gates, so every parameter has a non-trivial gradient.
                 let mut grads = GradientsAccumulator::new();
                 forward_backward(&model, &batch(), 1.0, StepOptions::default(), 1, &device, &mut grads).unwrap();
                 model = burn::optim::AdamConfig::new().init().step(1e-2, model, grads.grads());
 
-                let what = |options: StepOptions| format!("{:?} {method} {options:?}", config.architecture);
+                let what = |options: StepOptions| format!("{:?} {dtype:?} {quantization:?} {method} {options:?}", config.architecture);
                 let dropout = method.config().dropout() > 0.0;
                 let mut reference = None;
                 for padding_free in [false, true] {
@@ -310,6 +342,7 @@ mod tests {
                             assert!(worst <= 1e-5 * scale, "{}: gradient differs by {worst} (scale {scale})", what(stored));
                         }
                     }
+                }
                 }
             }
         }

@@ -50,7 +50,8 @@ impl DoraBranch {
 /// `x Wᵀ` without the bias.
 fn weight_only(base: &Linear, x: Tensor<3>) -> Tensor<3> {
     let [b, s, i] = x.dims();
-    x.reshape([b * s, i]).matmul(base.dense_weight().transpose()).reshape([b, s, base.out_features()])
+    let weight = base.dense_weight().cast(x.dtype());
+    x.reshape([b * s, i]).matmul(weight.transpose()).reshape([b, s, base.out_features()])
 }
 
 impl ProjectionBranch for DoraBranch {
@@ -64,7 +65,7 @@ impl ProjectionBranch for DoraBranch {
         let dropped = self.lora.dropout.forward(x.clone());
         let without_bias = match (&base.bias, self.lora.dropout.prob == 0.0) {
             (None, true) => y.clone(),
-            (Some(bias), true) => y.clone() - bias.val().reshape([1, 1, out]),
+            (Some(bias), true) => y.clone() - bias.val().cast(dtype).reshape([1, 1, out]),
             (_, false) => weight_only(base, dropped.clone()),
         };
         let scaled = (g.clone() - 1.0) * without_bias.cast(DType::F32) + g * self.lora.delta(dropped);

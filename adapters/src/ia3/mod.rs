@@ -8,7 +8,8 @@ use std::path::Path;
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::{DType, Device, Tensor};
-use ember_models::layers::Linear;
+use ember_models::Projection;
+use ember_models::layers::{Linear, output_surrogate};
 use ember_models::{BaseModel, Checkpoint, LoadDtype, ModelConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -70,19 +71,41 @@ pub struct Ia3Vector {
     pub feedforward: bool,
 }
 
-impl ProjectionBranch for Ia3Vector {
-    fn forward(&self, base: &Linear, x: Tensor<3>) -> Tensor<3> {
+impl Ia3Vector {
+    /// The scale as `[1, 1, width]`, f32.
+    fn broadcast_scale(&self) -> Tensor<3> {
         let l = self.scale.val();
         let width = l.shape().num_elements();
-        let l = l.reshape([1, 1, width]);
+        l.reshape([1, 1, width])
+    }
+
+    /// `x ⊙ l` of a feed-forward (input) scale, computed in f32.
+    ///
+    /// # Shapes
+    /// - x, output: `[batch, seq, in]`
+    fn scaled_input(&self, x: Tensor<3>) -> Tensor<3> {
+        let dtype = x.dtype();
+        (x.cast(DType::F32) * self.broadcast_scale()).cast(dtype)
+    }
+}
+
+impl ProjectionBranch for Ia3Vector {
+    fn forward(&self, base: &Linear, x: Tensor<3>) -> Tensor<3> {
         if self.feedforward {
-            let dtype = x.dtype();
-            base.forward((x.cast(DType::F32) * l).cast(dtype))
-        } else {
-            let y = base.forward(x);
-            let dtype = y.dtype();
-            (y.cast(DType::F32) * l).cast(dtype)
+            return base.forward(self.scaled_input(x));
         }
+        let y = base.forward(x);
+        let dtype = y.dtype();
+        (y.cast(DType::F32) * self.broadcast_scale()).cast(dtype)
+    }
+
+    /// An input scale leaves the frozen product to the base's surrogate; an output scale needs
+    /// the product itself for its own gradient.
+    fn surrogate(&self, base: &Linear, x: Tensor<3>, grad: &Tensor<3>) -> Tensor<1> {
+        if self.feedforward {
+            return base.surrogate(self.scaled_input(x), grad);
+        }
+        output_surrogate(self.forward(base, x), grad)
     }
 
     /// `W ⊙ l` (rows for an output scale, columns for an input scale); an output scale also

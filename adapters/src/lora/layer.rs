@@ -3,6 +3,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use ember_models::Projection;
 use ember_models::layers::Linear;
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -70,6 +71,11 @@ impl ProjectionBranch for LoraBranch {
         let y = base.forward(x.clone());
         let dtype = y.dtype();
         y + self.delta(self.dropout.forward(x)).cast(dtype)
+    }
+
+    fn surrogate(&self, base: &Linear, x: Tensor<3>, grad: &Tensor<3>) -> Tensor<1> {
+        let branch = (self.delta(self.dropout.forward(x.clone())) * grad.clone().cast(DType::F32)).sum();
+        base.surrogate(x, grad) + branch
     }
 
     fn merged(self, base: Linear) -> Linear {

@@ -260,6 +260,37 @@ where
     }
 }
 
+/// rows,out · out,in -> rows,in, summed over the bands of out: backward of [`frozen_forward`].
+fn transposed_product<B: Backend>(dy: FloatTensor<B>, weight: &DenseWeight) -> FloatTensor<B>
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    weight
+        .bands(band_values::<B>())
+        .map(|rows| B::float_matmul(B::float_slice(dy.clone(), &[Slice::full(), Slice::from(rows.clone())]), weight.band::<B>(rows)))
+        .reduce(B::float_add)
+        .expect("a weight has at least one band")
+}
+
+/// `dy W` for the frozen `W` that `weight` rebuilds band by band: the gradient backward of
+/// `x Wᵀ` hands `x`, computed without a graph (a constant under autodiff), for a layer
+/// recomputed in backward once the gradient of its output is known.
+///
+/// # Shapes
+/// - dy: `[rows, out]`; weight: `[out, in]`
+/// - output: `[rows, in]`
+pub fn frozen_transposed_matmul(dy: Tensor<2>, weight: &DenseWeight) -> Tensor<2> {
+    let dy = dy.inner();
+    #[cfg(feature = "tch")]
+    if let DispatchDevice::LibTorch(_) = dy.device().as_dispatch() {
+        type Torch = burn::backend::LibTorch;
+        let dy = dy.try_into_primitive::<Torch>().expect("a LibTorch tensor");
+        return Tensor::from_primitive::<Torch>(transposed_product::<Torch>(dy, weight));
+    }
+    let dy = dy.try_into_primitive::<Flex>().expect("frozen weights live on flex or LibTorch");
+    Tensor::from_primitive::<Flex>(transposed_product::<Flex>(dy, weight))
+}
+
 impl FrozenOps for Flex {
     fn frozen_matmul(x: FloatTensor<Self>, weight: DenseWeight) -> FloatTensor<Self> {
         frozen_forward::<Self>(x, &weight)
@@ -285,14 +316,7 @@ where
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [Some(node_x)] = ops.parents else { return };
         let dy = grads.consume::<B>(&ops.node);
-        // rows,out · out,in -> rows,in, summed over the bands of out.
-        let weight = ops.state;
-        let dx = weight
-            .bands(band_values::<B>())
-            .map(|rows| B::float_matmul(B::float_slice(dy.clone(), &[Slice::full(), Slice::from(rows.clone())]), weight.band::<B>(rows)))
-            .reduce(B::float_add)
-            .expect("a weight has at least one band");
-        grads.register::<B>(node_x.id, dx);
+        grads.register::<B>(node_x.id, transposed_product::<B>(dy, &ops.state));
     }
 }
 
