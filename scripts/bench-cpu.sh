@@ -6,7 +6,10 @@
 # off (EMBER_FUSED=0). One JSON line a run goes to the output file (default
 # target/bench-cpu.jsonl), with an "label" field added.
 #
-#   REFERENCE_PYTHON=/path/to/venv/bin/python scripts/bench-cpu.sh [out.jsonl]
+#   REFERENCE_PYTHON=/path/to/venv/bin/python scripts/bench-cpu.sh [out.jsonl] [checkpointing]
+#
+# `checkpointing` runs only the cost of activation checkpointing instead: each method without and
+# with it, alternating (LoRA twice), then PEFT's LoRA without and with `--grad-ckpt`.
 #
 # Needs the SmolLM2 folder (scripts/fetch-smollm2.sh) and a Python with torch, transformers, peft
 # and bitsandbytes.
@@ -28,6 +31,16 @@ run() {
   echo "$ $*" >&2
   "$@" | tail -n 1 | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); d["label"]=sys.argv[1]; print(json.dumps(d))' "$label" | tee -a "$out"
 }
+if [ "${2:-}" = checkpointing ]; then
+  for method in lora lora prefix adaption; do
+    declare -n workload=$method
+    run "$method ember" target/release/ember bench "${workload[@]}"
+    run "$method ember checkpointing" target/release/ember bench "${workload[@]}" --gradient-checkpointing
+  done
+  run "lora peft" "$python" "$reference" "${lora[@]}"
+  run "lora peft checkpointing" "$python" "$reference" "${lora[@]}" --grad-ckpt
+  exit 0
+fi
 for pair in 1 2; do
   run "lora peft" "$python" "$reference" "${lora[@]}"
   run "lora ember" target/release/ember bench "${lora[@]}"
