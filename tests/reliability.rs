@@ -248,7 +248,9 @@ fn a_full_disk_in_a_checkpoint_write_keeps_the_previous_one() {
     let run = out.path().join("run");
     let args = train_args(&recipe, &run, &[]);
     let output = Command::new(env!("CARGO_BIN_EXE_ember")).args(&args).env("EMBER_FAULT", "disk-full-in-checkpoint@6").output().unwrap();
-    assert_error(&output, 1, &["step-00000006", "optimizer.bpk", "No space left on device"]);
+    assert_error(&output, 1, &["checkpoints/step-00000006/optimizer.bpk", "No space left on device"]);
+    // The error names the checkpoint it was writing, not the temporary it wrote into.
+    assert!(!String::from_utf8_lossy(&output.stderr).contains(".tmp-"), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(run.join("checkpoints/step-00000003/state.json").is_file());
     assert!(!run.join("checkpoints/step-00000006").exists() && !run.join("adapter").exists());
     assert!(temporaries(&run.join("checkpoints")).is_empty(), "{:?}", temporaries(&run.join("checkpoints")));
@@ -309,7 +311,9 @@ fn a_real_full_disk_keeps_the_previous_checkpoint() {
     let run = disk.0.join("run");
     let output = train(&recipe, &run, &["--set", "train.keep_checkpoints=0"]);
     assert_error(&output, 1, &["No space left on device", run.to_str().unwrap()]);
-    assert!(run.join("checkpoints/step-00000003/state.json").is_file(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains(".tmp-"), "the error names a temporary: {stderr}");
+    assert!(run.join("checkpoints/step-00000003/state.json").is_file(), "{stderr}");
     assert!(temporaries(&run.join("checkpoints")).is_empty() && temporaries(&run).is_empty(), "temporaries left behind");
     disk.resize(64 << 20);
     let output = train(&recipe, &run, &["--set", "train.keep_checkpoints=0", "--resume"]);

@@ -67,7 +67,7 @@ pub(crate) fn save_adapter_dir(
     json_files: &[(&str, &serde_json::Value)],
 ) -> Result<(), AdapterError> {
     use safetensors::tensor::{Dtype, TensorView};
-    let io = |path: &std::path::Path, e: std::io::Error| AdapterError::Write { path: path.to_path_buf(), source: e };
+    let io = |path: &std::path::Path, e: std::io::Error| AdapterError::Write { path: ember_models::destination_path(path), source: e };
     ember_models::write_dir_atomically(
         dir,
         |tmp| {

@@ -42,6 +42,27 @@ pub fn exit_removing_temporaries(code: i32) -> ! {
     std::process::exit(code)
 }
 
+/// The output a path inside a writer's temporary stands for: each `.<name>.tmp-<pid>` component
+/// read as `<name>`, so that a write error names the file the user asked for, not a temporary
+/// that is gone by the time the error is printed.
+pub fn destination_path(path: &Path) -> PathBuf {
+    path.components()
+        .map(|c| {
+            let name = c.as_os_str();
+            match name.to_str().and_then(temporary_of) {
+                Some(original) => original.into(),
+                None => name.to_owned(),
+            }
+        })
+        .collect()
+}
+
+/// `<name>` of a temporary's file name `.<name>.tmp-<pid>`.
+fn temporary_of(file_name: &str) -> Option<&str> {
+    let (original, pid) = file_name.strip_prefix('.')?.rsplit_once(".tmp-")?;
+    (!original.is_empty() && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())).then_some(original)
+}
+
 /// `path`'s folder and the hidden sibling `.<name>.<tag>-<pid>` this process writes beside it
 /// (the names [`remove_stale_temporaries`] recognises).
 fn sibling<'a>(path: &'a Path, tag: &str) -> (&'a Path, PathBuf) {
@@ -201,6 +222,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Temporaries, nested ones included, read as what they become; other dot names stay.
+    #[test]
+    fn errors_name_the_destination_of_a_temporary() {
+        let (_, tmp) = sibling(Path::new("/runs/a/checkpoints/step-00000006"), "tmp");
+        let nested = tmp.join(".adapter.tmp-17").join("adapter_model.safetensors");
+        assert_eq!(destination_path(&nested), Path::new("/runs/a/checkpoints/step-00000006/adapter/adapter_model.safetensors"));
+        for kept in ["/a/.hidden/b", "/a/.x.tmp-12ab/b", "/a/.x.old-12/b", "rel/.tmp-3/b"] {
+            assert_eq!(destination_path(Path::new(kept)), Path::new(kept));
+        }
+    }
 
     /// A writer killed between moving the old folder aside and renaming the new one in leaves
     /// only `.<name>.old-<pid>`: the cleanup puts it back; a half-written `.tmp-` goes.

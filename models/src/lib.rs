@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 pub use checkpoint::{Checkpoint, LoadDtype};
 pub use config::{Architecture, ModelConfig};
-pub use files::{remove_stale_temporaries, write_dir_atomically, write_file_atomically, write_json, write_safetensors};
+pub use files::{destination_path, remove_stale_temporaries, write_dir_atomically, write_file_atomically, write_json, write_safetensors};
 pub use attention::LayerExtras;
 pub use batch::{KvCache, Layout, TokenBatch};
 pub use layers::Projection;
@@ -69,7 +69,7 @@ impl LoadError {
     }
 
     pub(crate) fn write(path: &Path, source: std::io::Error) -> Self {
-        LoadError::Write { path: path.to_path_buf(), source }
+        LoadError::Write { path: files::destination_path(path), source }
     }
 
     /// True when the input (a file, a key, a shape) is at fault; false when writing failed.

@@ -65,7 +65,14 @@ pub fn save(
 ) -> Result<PathBuf, TrainError> {
     let dir = dir_for(root, state.position.step);
     let io = |path: &Path, e: std::io::Error| TrainError::write(path, e);
-    let failed = |path: &Path, reason: String| TrainError::Checkpoint { path: path.to_path_buf(), reason };
+    // burn's recorder errors quote the path they wrote: named as the checkpoint, not its temporary.
+    let failed = |path: &Path, reason: String| {
+        let reason = match path.parent() {
+            Some(tmp) => reason.replace(&*tmp.to_string_lossy(), &dir.to_string_lossy()),
+            None => reason,
+        };
+        TrainError::Checkpoint { path: ember_models::destination_path(path), reason }
+    };
     ember_models::write_dir_atomically(
         &dir,
         |tmp| {

@@ -75,6 +75,6 @@ impl TrainError {
     }
 
     pub(crate) fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        TrainError::Write { path: path.into(), source }
+        TrainError::Write { path: ember_models::destination_path(&path.into()), source }
     }
 }

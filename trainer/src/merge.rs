@@ -183,7 +183,7 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDt
         config_json["torch_dtype"] = name.into();
     }
 
-    let io = |path: &Path, e: std::io::Error| MergeError::Write { path: path.to_path_buf(), source: e };
+    let io = |path: &Path, e: std::io::Error| MergeError::Write { path: ember_models::destination_path(path), source: e };
     ember_models::write_dir_atomically(
         out_dir,
         |tmp| {
