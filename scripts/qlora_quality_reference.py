@@ -77,6 +77,12 @@ def main():
             quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
             model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, quantization_config=quantization,
                                                          device_map={"": "cpu"})
+            # On CPUs with AVX512-BF16, bitsandbytes 0.50.2's eval-mode forward repacks the weight once and computes in
+            # bf16 (see shared/fixtures/README.md); it then ignored the trained LoRA (held-out loss unchanged). The f32
+            # dequantize + linear path is what training runs and what other machines evaluate with.
+            for module in model.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
         else:
             model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
         config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")

@@ -126,7 +126,8 @@ else:
 GLM_PROMPTS = ["你好，请介绍一下北京。", "Give three tips for staying healthy.", "用一句话解释什么是机器学习"]
 
 PRE_TEXTS = ["It's 12345 o'clock!\n\nDON'T stop", "Numbers 2024-12-02, 3.14159 and 1000000", "  spaces\tand\ttabs  \n", "你好，世界 123",
-             "HTTPServer parses URLs/paths: a/b/c; camelCaseWords and ÀÉÎ façade", "深度求索 DeepSeek-V2 ２０２４年 ＡＢＣ δ-function, 한국어 텍스트！"]
+             "HTTPServer parses URLs/paths: a/b/c; camelCaseWords and ÀÉÎ façade", "深度求索 DeepSeek-V2 ２０２４年 ＡＢＣ δ-function, 한국어 텍스트！",
+             "Wait... (yes|no)?! I'm SO sure—it's 100%…"]
 
 PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.", "Write a haiku about the sea."]
 
@@ -441,7 +442,8 @@ def verify_pre_tokenizers(ember, base, work):
     lines = []
     for vocabulary, model, ty in (("tiny_llama", tiny_llama, "f32"), ("SmolLM2", base, "q4_0")):
         results, ids_by_text = [], {}
-        for pre in ("gpt-2", "llama-bpe", "qwen2", "smaug-bpe", "deepseek-r1-qwen", "tekken", "deepseek-llm", "deepseek-coder"):
+        for pre in ("gpt-2", "llama-bpe", "qwen2", "smaug-bpe", "deepseek-r1-qwen", "tekken", "deepseek-llm", "deepseek-coder",
+                    "smollm", "mpt", "dbrx", "stablelm2", "bloom", "viking", "gpt-4o"):
             path = os.path.join(work, f"pre-{vocabulary}-{pre}.gguf")
             run([ember, "export", "gguf", "--base", model, "--out", path, "--type", ty, "--pre", pre])
             llm = Llama(model_path=path, n_ctx=256, vocab_only=True, verbose=False)

@@ -383,8 +383,8 @@ fn tiny_llama_with_sentencepiece(dir: &Path) {
 }
 
 /// A byte-level BPE's pre-tokenizer comes back from `tokenizer.ggml.pre` as HF's: GPT-2's
-/// byte-level regex, or the regex splits of Llama 3, Qwen2, Mistral's tekken and DeepSeek's
-/// (digits whole, in runs of up to three, or one by one). A name ember does not know is one error
+/// byte-level regex, or the regex splits of Llama 3, Qwen2, Mistral's tekken, DeepSeek's,
+/// SmolLM's, BLOOM's and GPT-4o's (digits whole, in runs of up to three, or one by one). A name ember does not know is one error
 /// line, not GPT-2's split in its place.
 #[test]
 fn gguf_pre_tokenizer_names_come_back_as_hf_pre_tokenizers() {
@@ -402,6 +402,13 @@ fn gguf_pre_tokenizer_names_come_back_as_hf_pre_tokenizers() {
         ("tekken", one_by_one.clone(), true),
         ("deepseek-llm", vec!["12345"], false),
         ("deepseek-coder", one_by_one.clone(), false),
+        ("smollm", one_by_one.clone(), false),
+        ("mpt", vec!["12345"], false),
+        ("dbrx", vec!["123", "45"], false),
+        ("stablelm2", one_by_one.clone(), false),
+        ("bloom", vec!["12345"], false),
+        ("viking", one_by_one.clone(), false),
+        ("gpt-4o", vec!["123", "45"], false),
     ] {
         let gguf = dir.path().join(format!("{pre}.gguf"));
         export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", pre]);
@@ -416,10 +423,10 @@ fn gguf_pre_tokenizer_names_come_back_as_hf_pre_tokenizers() {
         let expected: Vec<_> = digits.iter().flat_map(|piece| ids(piece)).collect();
         assert_eq!(imported.encode("12345", false).unwrap(), expected, "{pre}");
     }
-    let gguf = dir.path().join("jais.gguf");
-    export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "jais"]);
-    let out = dir.path().join("imported-jais");
-    assert_bad_input(&ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]), &["tokenizer.ggml.pre", "jais", "tekken"]);
+    let gguf = dir.path().join("chameleon.gguf");
+    export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "chameleon"]);
+    let out = dir.path().join("imported-chameleon");
+    assert_bad_input(&ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]), &["tokenizer.ggml.pre", "chameleon", "tekken"]);
     assert!(!out.exists());
 }
 

@@ -122,15 +122,38 @@ pub struct ByteLevelSplit {
 const LLAMA3: &str = ember_data::tiktoken::GLM4_PATTERN;
 const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const TEKKEN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// GPT-2's byte-level regex, for names that split something off before it.
+const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+/// BLOOM's: runs up to a space or one of its punctuation marks (`(`, `|` and `)` included, as
+/// written), the marks as escapes (…。，、।۔،).
+const BLOOM: &str = " ?[^(\\s|.,!?\u{2026}\u{3002}\u{ff0c}\u{3001}\u{964}\u{6d4}\u{60c})]+";
+/// OpenAI's o200k split (GPT-4o, Llama 4), in HF's form.
+const GPT4O: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// CJK ideographs, and Hangul with the ranges between (DeepSeek's).
 const DEEPSEEK_CJK: &str = "[\u{4e00}-\u{9fa5}\u{800}-\u{4e00}\u{ac00}-\u{d7ff}]+";
 
 pub const BYTE_LEVEL_SPLITS: &[ByteLevelSplit] = &[
-    ByteLevelSplit { names: &["gpt-2", "default", "smollm"], regexes: &[], nfc: false, ignore_merges: false },
+    ByteLevelSplit {
+        names: &["gpt-2", "default", "phi-2", "gigachat", "a.x-4.0", "mellum", "modern-bert", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4"],
+        regexes: &[],
+        nfc: false,
+        ignore_merges: false,
+    },
+    // Single digits first (HF's `Digits(individual_digits)` before the byte-level split).
+    ByteLevelSplit {
+        names: &["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"],
+        regexes: &[r"\p{N}", GPT2],
+        nfc: false,
+        ignore_merges: false,
+    },
     // GLM-4's tiktoken split is Llama 3's regex; its merges are the ranks' (as `ignore_merges`).
     ByteLevelSplit { names: &["llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral", "chatglm-bpe", "glm4"], regexes: &[LLAMA3], nfc: false, ignore_merges: true },
-    ByteLevelSplit { names: &["smaug-bpe"], regexes: &[LLAMA3], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["smaug-bpe", "dbrx"], regexes: &[LLAMA3], nfc: false, ignore_merges: false },
     ByteLevelSplit { names: &["qwen2", "deepseek-r1-qwen"], regexes: &[QWEN2], nfc: true, ignore_merges: false },
+    ByteLevelSplit { names: &["stablelm2", "megrez", "kormo", "f2llmv2", "hunyuan", "solar-open"], regexes: &[QWEN2], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["poro-chat", "bloom", "gpt3-finnish"], regexes: &[BLOOM], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["viking"], regexes: &[BLOOM, r"\p{N}"], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], regexes: &[GPT4O], nfc: false, ignore_merges: false },
     ByteLevelSplit { names: &["tekken"], regexes: &[TEKKEN], nfc: false, ignore_merges: true },
     ByteLevelSplit {
         names: &["deepseek-llm"],
