@@ -107,17 +107,13 @@ impl<P: Projection> Attention<P> {
         (self.o_inputs(attended, q, extras), k, v)
     }
 
-    /// Attention over sequences packed into one row without padding: each sequence attends
-    /// causally within itself, with positions from 0, as if it were alone in the batch.
+    /// Attention over sequences packed into one row without padding, up to `o_proj` as
+    /// [`Self::contexts`]: each sequence attends causally within itself, with positions from 0,
+    /// as if it were alone in the batch.
     ///
     /// # Shapes
-    /// - x, output: `[1, Σ len, hidden]`
+    /// - x, contexts: `[1, Σ len, hidden]`
     /// - biases: `[1, 1, len, prefix + len]` per sequence, in order
-    pub fn forward_packed(&self, x: Tensor<3>, rope: &Rope, biases: &[Tensor<4>], extras: Option<&LayerExtras>) -> Tensor<3> {
-        self.output(self.contexts_packed(x, rope, biases, extras))
-    }
-
-    /// [`Self::forward_packed`] up to `o_proj`, as [`Self::contexts`].
     pub fn contexts_packed(&self, x: Tensor<3>, rope: &Rope, biases: &[Tensor<4>], extras: Option<&LayerExtras>) -> Vec<Tensor<3>> {
         let (q, k, v) = self.project_heads(x);
         let start = position_shift(extras);
@@ -152,8 +148,8 @@ impl<P: Projection> Attention<P> {
         inputs
     }
 
-    /// The sum of `o_proj` over the contexts.
-    fn output(&self, contexts: Vec<Tensor<3>>) -> Tensor<3> {
+    /// The sum of `o_proj` over the contexts: the attention's output.
+    pub fn output(&self, contexts: Vec<Tensor<3>>) -> Tensor<3> {
         contexts.into_iter().map(|c| self.o_proj.forward(c)).reduce(|sum, out| sum + out).expect("attention has a context")
     }
 

@@ -616,10 +616,16 @@ impl<P: Projection> CausalLm<P> {
     /// # Shapes
     /// - x, output: `[batch, seq, hidden]` (padded) or `[1, Σ len, hidden]` (packed)
     pub fn attention_block(&self, i: usize, x: Tensor<3>, layout: &Layout, extras: Option<&LayerExtras>) -> Tensor<3> {
-        self.layers[i].attention_block(x, |attention, h| match layout {
-            Layout::Padded(bias) => attention.forward(h, &self.rope, None, bias.clone(), extras).0,
-            Layout::Packed(biases) => attention.forward_packed(h, &self.rope, biases, extras),
-        })
+        self.layers[i].attention_block(x, |attention, h| attention.output(self.contexts(attention, h, layout, extras)))
+    }
+
+    /// A layer's attention of the normed `h` up to `o_proj`, padded or packed
+    /// ([`Attention::contexts`], [`Attention::contexts_packed`]).
+    fn contexts(&self, attention: &Attention<P>, h: Tensor<3>, layout: &Layout, extras: Option<&LayerExtras>) -> Vec<Tensor<3>> {
+        match layout {
+            Layout::Padded(bias) => attention.contexts(h, &self.rope, None, bias.clone(), extras).0,
+            Layout::Packed(biases) => attention.contexts_packed(h, &self.rope, biases, extras),
+        }
     }
 
     /// The MLP half of decoder layer `i`, from its post-attention residual `h`.
@@ -631,11 +637,7 @@ impl<P: Projection> CausalLm<P> {
     /// the gradients of `sum(attention_block(i, x) · grad)`, less the residual's `grad`
     /// ([`DecoderLayer::attention_surrogate`]). `o_proj`'s product is not recomputed.
     pub fn attention_surrogate(&self, i: usize, x: Tensor<3>, layout: &Layout, extras: Option<&LayerExtras>, grad: &Tensor<3>) -> Tensor<1> {
-        let contexts = |attention: &Attention<P>, h| match layout {
-            Layout::Padded(bias) => attention.contexts(h, &self.rope, None, bias.clone(), extras).0,
-            Layout::Packed(biases) => attention.contexts_packed(h, &self.rope, biases, extras),
-        };
-        self.layers[i].attention_surrogate(x, contexts, grad)
+        self.layers[i].attention_surrogate(x, |attention, h| self.contexts(attention, h, layout, extras), grad)
     }
 
     /// [`Self::attention_surrogate`] of the MLP half: `down_proj`'s product is not recomputed.

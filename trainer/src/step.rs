@@ -310,39 +310,39 @@ mod tests {
         for config in configs() {
             for method in methods() {
                 for (dtype, quantization) in bases {
-                let base = BaseModel::synthetic(config.clone(), dtype, quantization, 3, &device);
-                let mut model = method.config().init(base, 5, &device).unwrap();
-                // Non-zero LoRA B and gates, so every parameter has a non-trivial gradient.
-                let mut grads = GradientsAccumulator::new();
-                forward_backward(&model, &batch(), 1.0, StepOptions::default(), 1, &device, &mut grads).unwrap();
-                model = burn::optim::AdamConfig::new().init().step(1e-2, model, grads.grads());
+                    let base = BaseModel::synthetic(config.clone(), dtype, quantization, 3, &device);
+                    let mut model = method.config().init(base, 5, &device).unwrap();
+                    // Non-zero LoRA B and gates, so every parameter has a non-trivial gradient.
+                    let mut grads = GradientsAccumulator::new();
+                    forward_backward(&model, &batch(), 1.0, StepOptions::default(), 1, &device, &mut grads).unwrap();
+                    model = burn::optim::AdamConfig::new().init().step(1e-2, model, grads.grads());
 
-                let what = |options: StepOptions| format!("{:?} {dtype:?} {quantization:?} {method} {options:?}", config.architecture);
-                let dropout = method.config().dropout() > 0.0;
-                let mut reference = None;
-                for padding_free in [false, true] {
-                    for chunk in [0, 4] {
-                        let stored = StepOptions { checkpoint_layers: false, loss_chunk_tokens: chunk, padding_free };
-                        let recomputed = StepOptions { checkpoint_layers: true, ..stored };
-                        let (loss, expected) = run(&model, stored, &device);
-                        assert!(!expected.is_empty() && expected.iter().flatten().any(|g| *g != 0.0), "{}: no gradient", what(stored));
-                        let (other_loss, other) = run(&model, recomputed, &device);
-                        assert_eq!(loss, other_loss, "{}", what(recomputed));
-                        assert_eq!(expected, other, "{}: gradients differ", what(recomputed));
+                    let what = |options: StepOptions| format!("{:?} {dtype:?} {quantization:?} {method} {options:?}", config.architecture);
+                    let dropout = method.config().dropout() > 0.0;
+                    let mut reference = None;
+                    for padding_free in [false, true] {
+                        for chunk in [0, 4] {
+                            let stored = StepOptions { checkpoint_layers: false, loss_chunk_tokens: chunk, padding_free };
+                            let recomputed = StepOptions { checkpoint_layers: true, ..stored };
+                            let (loss, expected) = run(&model, stored, &device);
+                            assert!(!expected.is_empty() && expected.iter().flatten().any(|g| *g != 0.0), "{}: no gradient", what(stored));
+                            let (other_loss, other) = run(&model, recomputed, &device);
+                            assert_eq!(loss, other_loss, "{}", what(recomputed));
+                            assert_eq!(expected, other, "{}: gradients differ", what(recomputed));
 
-                        // Packing draws other dropout masks; without dropout it changes rounding only.
-                        if dropout && padding_free {
-                            continue;
-                        }
-                        let (reference_loss, reference) = reference.get_or_insert_with(|| (loss, expected.clone()));
-                        assert!((*reference_loss - loss).abs() < 1e-6, "{}: loss {reference_loss} vs {loss}", what(stored));
-                        for (a, b) in reference.iter().zip(&expected) {
-                            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-                            let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                            assert!(worst <= 1e-5 * scale, "{}: gradient differs by {worst} (scale {scale})", what(stored));
+                            // Packing draws other dropout masks; without dropout it changes rounding only.
+                            if dropout && padding_free {
+                                continue;
+                            }
+                            let (reference_loss, reference) = reference.get_or_insert_with(|| (loss, expected.clone()));
+                            assert!((*reference_loss - loss).abs() < 1e-6, "{}: loss {reference_loss} vs {loss}", what(stored));
+                            for (a, b) in reference.iter().zip(&expected) {
+                                let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+                                let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                                assert!(worst <= 1e-5 * scale, "{}: gradient differs by {worst} (scale {scale})", what(stored));
+                            }
                         }
                     }
-                }
                 }
             }
         }

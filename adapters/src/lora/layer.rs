@@ -4,7 +4,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use ember_models::Projection;
-use ember_models::layers::Linear;
+use ember_models::layers::{Linear, output_surrogate};
 use rand::Rng;
 use rand::rngs::StdRng;
 
@@ -73,8 +73,9 @@ impl ProjectionBranch for LoraBranch {
         y + self.delta(self.dropout.forward(x)).cast(dtype)
     }
 
+    /// The base's surrogate (no frozen forward) plus the branch's own, as [`Self::forward`] adds them.
     fn surrogate(&self, base: &Linear, x: Tensor<3>, grad: &Tensor<3>) -> Tensor<1> {
-        let branch = (self.delta(self.dropout.forward(x.clone())) * grad.clone().cast(DType::F32)).sum();
+        let branch = output_surrogate(self.delta(self.dropout.forward(x.clone())).cast(grad.dtype()), grad);
         base.surrogate(x, grad) + branch
     }
 
