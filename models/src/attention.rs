@@ -179,9 +179,9 @@ impl<P: Projection> Attention<P> {
         let k = k.reshape([1, len, kv, d]).swap_dims(1, 2);
         let v = v.reshape([1, len, kv, d]).swap_dims(1, 2);
         let q = q.reshape([b, kv, heads / kv * s, d]);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((d as f64).powf(-0.5));
+        let scores = crate::fused::matmul(q, k.swap_dims(2, 3)).mul_scalar((d as f64).powf(-0.5));
         let probs = softmax(scores.cast(DType::F32), 3).cast(dtype) * gate.cast(dtype).reshape([1, 1, 1, 1]);
-        probs.matmul(v).reshape([b, heads, s, d])
+        crate::fused::matmul(probs, v).reshape([b, heads, s, d])
     }
 }
 

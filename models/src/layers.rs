@@ -148,7 +148,7 @@ impl Linear {
 /// - output: `[rows, out]`
 pub fn stored_product(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
     if weight.dtype() == x.dtype() || weight.is_require_grad() {
-        return x.matmul(weight.transpose());
+        return crate::fused::matmul(x, weight.transpose());
     }
     let weight = weight.inner();
     frozen_product(x, DenseWeight::new(weight.dims(), 1, move |rows| weight.clone().slice(rows)))
@@ -163,7 +163,7 @@ pub fn stored_product(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
 /// - output: `[rows, out]`
 fn frozen_product(x: Tensor<2>, weight: DenseWeight) -> Tensor<2> {
     let weight = weight.cast(x.dtype());
-    crate::fused::frozen_matmul(&x, weight.clone()).unwrap_or_else(|| x.matmul(weight.all().transpose()))
+    crate::fused::frozen_matmul(&x, weight.clone()).unwrap_or_else(|| crate::fused::matmul(x, weight.all().transpose()))
 }
 
 /// Token embedding table `[vocab, hidden]`.
@@ -359,12 +359,12 @@ pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<
     // b,h,s,d -> b,kv,group*s,d
     let q = q.reshape([b, kv_heads, group * s, d]);
     let dtype = q.dtype();
-    let scores = q.matmul(k.swap_dims(2, 3)).reshape([b, heads, s, keys]);
+    let scores = crate::fused::matmul(q, k.swap_dims(2, 3)).reshape([b, heads, s, keys]);
     // Softmax in f32, probabilities back in the activations' dtype, as transformers' eager path.
     let probs = crate::fused::attention_softmax(&scores, &bias, scale)
         .unwrap_or_else(|| softmax(scores.mul_scalar(scale).cast(DType::F32) + bias, 3).cast(dtype))
         .reshape([b, kv_heads, group * s, keys]);
-    probs.matmul(v).reshape([b, heads, s, d])
+    crate::fused::matmul(probs, v).reshape([b, heads, s, d])
 }
 
 /// A learned linear map inside a decoder block (q/k/v/o, gate/up/down). The base model uses
@@ -408,7 +408,7 @@ impl Projection for Linear {
         let grad = grad.clone().reshape([b * s, out]);
         let dtype = grad.dtype();
         let grad_weight = match &self.weight {
-            Weight::Dense(weight) if weight.val().dtype() == dtype => grad.inner().matmul(weight.val().inner()),
+            Weight::Dense(weight) if weight.val().dtype() == dtype => crate::fused::matmul(grad.inner(), weight.val().inner()),
             _ => crate::fused::frozen_transposed_matmul(grad, &self.bands().cast(dtype)),
         };
         (x * grad_weight.reshape([b, s, self.in_features()])).sum().cast(DType::F32)

@@ -51,7 +51,7 @@ impl DoraBranch {
 fn weight_only(base: &Linear, x: Tensor<3>) -> Tensor<3> {
     let [b, s, i] = x.dims();
     let weight = base.dense_weight().cast(x.dtype());
-    x.reshape([b * s, i]).matmul(weight.transpose()).reshape([b, s, base.out_features()])
+    ember_models::fused::matmul(x.reshape([b * s, i]), weight.transpose()).reshape([b, s, base.out_features()])
 }
 
 impl ProjectionBranch for DoraBranch {

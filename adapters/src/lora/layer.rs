@@ -4,6 +4,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use ember_models::Projection;
+use ember_models::fused::matmul;
 use ember_models::layers::{Linear, output_surrogate};
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -57,7 +58,8 @@ impl LoraBranch {
         let out = self.lora_b.shape().dims::<2>()[0];
         let h = x.cast(DType::F32).reshape([b * s, i]);
         // b·s,in -> b·s,r -> b·s,out: never an in×out matrix.
-        h.matmul(self.lora_a.val().transpose()).matmul(self.lora_b.val().transpose()).mul_scalar(self.scale).reshape([b, s, out])
+        let down = matmul(h, self.lora_a.val().transpose());
+        matmul(down, self.lora_b.val().transpose()).mul_scalar(self.scale).reshape([b, s, out])
     }
 
     /// `s·B·A`, `[out, in]` in f32.

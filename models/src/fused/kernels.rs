@@ -2,6 +2,9 @@
 //! over a row, and rows are spread over rayon's global pool: flex's own, so `RAYON_NUM_THREADS`
 //! (`ember bench --threads`) bounds them too.
 
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::config::RopePairing;
@@ -319,6 +322,95 @@ pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], seq: usize, head_dim: usize, pa
         },
     );
     y
+}
+
+/// One operand of a batched product over a flat buffer: matrix `b` starts at `offsets[b]`,
+/// with `row_stride` values between its rows and `col_stride` between its columns (a transposed
+/// view swaps them). Strides are non-negative.
+pub struct Operand<'a> {
+    pub values: &'a [f32],
+    pub offsets: Vec<usize>,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl Operand<'_> {
+    /// Panics unless every `[rows, cols]` matrix lies inside `values` (what makes the GEMM's
+    /// pointer reads sound).
+    fn check(&self, rows: usize, cols: usize) {
+        let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
+        assert!(self.offsets.iter().all(|&o| o + last < self.values.len()), "a matrix of the product lies outside its buffer");
+    }
+}
+
+/// The output buffer, shared by the threads that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+// SAFETY: the jobs of one product write disjoint ranges of the buffer, which outlives them.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Products of fewer multiply-adds run on one thread; batches of fewer in all, too (flex's
+/// thresholds).
+const PARALLEL_PRODUCT: usize = 192 * 192 * 192;
+const PARALLEL_BATCH: usize = 128 * 128 * 128;
+
+/// `lhs_b · rhs_b` (`[m, k] · [k, n]`) for every matrix `b` of the batch, row-major, written once
+/// into a fresh buffer by `gemm` (flex's own GEMM). Flex's matmul zeroes its output, then copies
+/// the zeros into a re-aligned buffer, before the GEMM writes it: three passes over the largest
+/// tensors of a step (the LM head's logits) instead of one.
+pub fn matmul(lhs: &Operand, rhs: &Operand, m: usize, k: usize, n: usize) -> Vec<f32> {
+    let (count, size) = (lhs.offsets.len(), m * n);
+    assert_eq!(count, rhs.offsets.len(), "both operands of a product have the same batch");
+    if size == 0 || k == 0 {
+        return vec![0f32; count * size];
+    }
+    lhs.check(m, k);
+    rhs.check(k, n);
+    let mut out: Vec<MaybeUninit<f32>> = Vec::with_capacity(count * size);
+    // SAFETY: `MaybeUninit` values need no initialization.
+    unsafe { out.set_len(count * size) };
+    // Matrix b's columns `columns` (all its rows) into `dst`, which starts at its first value.
+    let product = |b: usize, columns: Range<usize>, dst: *mut f32| {
+        // SAFETY: `check` keeps every read inside the operands' buffers; `dst` is the first of
+        // `columns` in matrix b of the m × n output, rows n apart, written by this call alone;
+        // with `read_dst` false gemm only writes it (dst = 1 · lhs · rhs).
+        unsafe {
+            gemm::gemm(
+                m, columns.len(), k,
+                dst, 1, n as isize, false,
+                lhs.values.as_ptr().add(lhs.offsets[b]), lhs.col_stride as isize, lhs.row_stride as isize,
+                rhs.values.as_ptr().add(rhs.offsets[b] + columns.start * rhs.col_stride), rhs.col_stride as isize, rhs.row_stride as isize,
+                0.0, 1.0, false, false, false, gemm::Parallelism::None,
+            )
+        }
+    };
+    // Work is split by output columns, a share per thread: each thread packs only its share of
+    // the weight. (gemm's own threading packs the whole weight on the calling thread first, while
+    // the others wait.) Small products run whole, on one thread per matrix.
+    let ops = m * n * k;
+    let threads = rayon::current_num_threads();
+    let shares = if ops >= PARALLEL_PRODUCT { threads } else { 1 };
+    let width = n.div_ceil(shares).next_multiple_of(16).min(n);
+    let jobs: Vec<(usize, Range<usize>)> =
+        (0..count).flat_map(|b| (0..n).step_by(width).map(move |c| (b, c..(c + width).min(n)))).collect();
+    let base = SendPtr(out.as_mut_ptr().cast::<f32>());
+    let run = |(b, columns): &(usize, Range<usize>)| product(*b, columns.clone(), base.at(b * size + columns.start));
+    if jobs.len() > 1 && count * ops >= PARALLEL_BATCH {
+        jobs.par_iter().for_each(run);
+    } else {
+        jobs.iter().for_each(run);
+    }
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: every value was written above; `MaybeUninit<f32>` has `f32`'s layout.
+    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity()) }
 }
 
 #[cfg(test)]

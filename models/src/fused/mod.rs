@@ -15,6 +15,7 @@
 
 pub mod kernels;
 
+use std::any::Any;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
@@ -105,6 +106,19 @@ pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1
             targets.to_vec(),
         ))
     })
+}
+
+/// `lhs · rhs` over the last two dims; f32 on flex through [`kernels::matmul`], which writes its
+/// output once; elsewhere (LibTorch, bf16, batch dims that broadcast) burn's matmul.
+///
+/// # Shapes
+/// - lhs: `[..., m, k]`; rhs: `[..., k, n]` with the same leading dims
+/// - output: `[..., m, n]`
+pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
+    if !(applies(&lhs) && applies(&rhs) && lhs.dims()[..D - 2] == rhs.dims()[..D - 2]) {
+        return lhs.matmul(rhs);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_matmul(lhs.into_dispatch(), rhs.into_dispatch()))
 }
 
 /// A packed weight `[out, in]` made dense, as [`kernels::lookup_and_scale`] describes, on plain
@@ -253,11 +267,27 @@ fn frozen_forward<B: Backend>(x: FloatTensor<B>, weight: &DenseWeight) -> FloatT
 where
     DispatchTensor: DispatchKindConversion<B>,
 {
-    let mut parts: Vec<_> = weight.bands(band_values::<B>()).map(|rows| B::float_matmul(x.clone(), B::float_transpose(weight.band::<B>(rows)))).collect();
+    let mut parts: Vec<_> = weight.bands(band_values::<B>()).map(|rows| plain_matmul::<B>(x.clone(), B::float_transpose(weight.band::<B>(rows)))).collect();
     match parts.len() {
         1 => parts.pop().expect("one band"),
         _ => B::float_cat(parts, 1),
     }
+}
+
+/// `lhs · rhs` on backend `B`'s primitives: [`forward::matmul`] for f32 on flex, `B`'s own
+/// matmul elsewhere.
+fn plain_matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTensor<B> {
+    let mut operands = Some((lhs, rhs));
+    if let Some(flex) = (&mut operands as &mut dyn Any).downcast_mut::<Option<(FlexTensor, FlexTensor)>>()
+        && enabled()
+        && flex.as_ref().is_some_and(|(l, r)| l.dtype() == DType::F32 && r.dtype() == DType::F32)
+    {
+        let (lhs, rhs) = flex.take().expect("the operands");
+        let mut product = Some(forward::matmul(&forward::positive(lhs), &forward::positive(rhs)));
+        return (&mut product as &mut dyn Any).downcast_mut::<Option<FloatTensor<B>>>().and_then(Option::take).expect("B is flex");
+    }
+    let (lhs, rhs) = operands.expect("the operands");
+    B::float_matmul(lhs, rhs)
 }
 
 /// rows,out · out,in -> rows,in, summed over the bands of out: backward of [`frozen_forward`].
@@ -267,7 +297,7 @@ where
 {
     weight
         .bands(band_values::<B>())
-        .map(|rows| B::float_matmul(B::float_slice(dy.clone(), &[Slice::full(), Slice::from(rows.clone())]), weight.band::<B>(rows)))
+        .map(|rows| plain_matmul::<B>(B::float_slice(dy.clone(), &[Slice::full(), Slice::from(rows.clone())]), weight.band::<B>(rows)))
         .reduce(B::float_add)
         .expect("a weight has at least one band")
 }
@@ -348,6 +378,7 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self>;
     fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self>;
     fn fused_rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self>;
+    fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// A contiguous f32 tensor's values.
@@ -398,6 +429,35 @@ mod forward {
         tensor(kernels::rope(values(x), &tables.cos, &tables.sin, seq, head_dim, tables.pairing, inverse), shape)
     }
 
+    /// `lhs · rhs` over the last two dims, for operands with non-negative strides (views read in
+    /// place: a transposed weight is not copied).
+    pub fn matmul(lhs: &FlexTensor, rhs: &FlexTensor) -> FlexTensor {
+        let shape = lhs.layout().shape();
+        let rank = shape.num_dims();
+        let (m, k, n) = (shape[rank - 2], shape[rank - 1], rhs.layout().shape()[rank - 1]);
+        let mut dims = shape[..rank - 2].to_vec();
+        dims.extend([m, n]);
+        tensor(kernels::matmul(&operand(lhs), &operand(rhs), m, k, n), Shape::from(dims))
+    }
+
+    /// A tensor as a GEMM operand: where each of its matrices starts in its buffer, and the
+    /// strides of their rows and columns.
+    fn operand(t: &FlexTensor) -> kernels::Operand<'_> {
+        let layout = t.layout();
+        let (shape, strides) = (layout.shape(), layout.strides());
+        let rank = strides.len();
+        let mut offsets = vec![layout.start_offset()];
+        for d in 0..rank - 2 {
+            offsets = offsets.iter().flat_map(|&o| (0..shape[d]).map(move |i| o + i * strides[d] as usize)).collect();
+        }
+        kernels::Operand { values: t.storage::<f32>(), offsets, row_stride: strides[rank - 2] as usize, col_stride: strides[rank - 1] as usize }
+    }
+
+    /// The tensor itself, or a contiguous copy where a stride is negative (a flipped view).
+    pub fn positive(t: FlexTensor) -> FlexTensor {
+        if t.layout().has_positive_strides() { t } else { t.to_contiguous() }
+    }
+
     pub fn cross_entropy_sum(logits: &FlexTensor, targets: &[i64]) -> (FlexTensor, Vec<f32>) {
         let vocab = logits.layout().shape()[1];
         let (total, lse) = kernels::cross_entropy(values(logits), targets, vocab);
@@ -428,6 +488,9 @@ impl FusedOps for Flex {
     }
     fn fused_rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self> {
         forward::rope(&x.to_contiguous(), &tables, false)
+    }
+    fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        forward::matmul(&forward::positive(lhs), &forward::positive(rhs))
     }
 }
 
@@ -520,6 +583,28 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
     }
 }
 
+#[derive(Debug)]
+struct MatmulBackward;
+
+impl Backward<Flex, 2> for MatmulBackward {
+    /// lhs if rhs takes a gradient, rhs if lhs does.
+    type State = (Option<FlexTensor>, Option<FlexTensor>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_lhs, node_rhs] = ops.parents;
+        let dy = forward::positive(grads.consume::<Flex>(&ops.node));
+        let rank = dy.layout().num_dims();
+        let (lhs, rhs) = ops.state;
+        // d lhs = dy · rhsᵀ, d rhs = lhsᵀ · dy, the transposes as views.
+        if let (Some(node), Some(rhs)) = (node_lhs, rhs) {
+            grads.register::<Flex>(node.id, forward::matmul(&dy, &rhs.transpose(rank - 2, rank - 1)));
+        }
+        if let (Some(node), Some(lhs)) = (node_rhs, lhs) {
+            grads.register::<Flex>(node.id, forward::matmul(&lhs.transpose(rank - 2, rank - 1), &dy));
+        }
+    }
+}
+
 /// The output of an operation under autodiff: with `state` kept for its backward step when an
 /// input is tracked, as is.
 fn finish<B, BO, C, const N: usize>(prep: OpsKind<BO, B, BO::State, C, N>, state: BO::State, output: FloatTensor<B>) -> FloatTensor<Autodiff<B, C>>
@@ -560,6 +645,14 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         let probs =
             forward::attention_softmax(&scores.into_primitive().to_contiguous(), &bias.into_primitive().to_contiguous(), scale);
         finish(prep, (probs.clone(), scale), probs)
+    }
+
+    fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
+        let prep = MatmulBackward.prepare::<C>([lhs.node(), rhs.node()]).compute_bound().stateful();
+        let (lhs, rhs) = (forward::positive(lhs.into_primitive()), forward::positive(rhs.into_primitive()));
+        let y = forward::matmul(&lhs, &rhs);
+        finish(prep, (rhs_tracked.then_some(lhs), lhs_tracked.then_some(rhs)), y)
     }
 
     fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self> {
@@ -639,6 +732,39 @@ mod tests {
                 x.clone() * (variance + 1e-5).sqrt().recip() * weight.clone().unsqueeze::<3>()
             },
         );
+    }
+
+    #[test]
+    fn matmul_matches_burn_ops_on_views() {
+        let device = Device::flex().autodiff();
+        // A projection by a transposed weight, a narrowed and a flipped operand.
+        check(
+            "matmul 2-D",
+            [random([7, 40], &device), random([300, 40], &device)],
+            |[x, w]| matmul(x.clone(), w.clone().transpose()),
+            |[x, w]| x.clone().matmul(w.clone().transpose()),
+        );
+        check(
+            "matmul of views",
+            [random([9, 12], &device), random([12, 6], &device)],
+            |[a, b]| matmul(a.clone().narrow(1, 2, 8), b.clone().flip([0]).narrow(0, 1, 8)),
+            |[a, b]| a.clone().narrow(1, 2, 8).matmul(b.clone().flip([0]).narrow(0, 1, 8)),
+        );
+        // Attention's q kᵀ over a batch of heads, below and above the threads' thresholds.
+        for [b, h, s, d] in [[2, 3, 6, 4], [1, 4, 200, 64], [1, 2, 256, 128]] {
+            check(
+                "matmul 4-D",
+                [random([b, h, s, d], &device), random([b, h, s, d], &device)],
+                |[q, k]| matmul(q.clone(), k.clone().swap_dims(2, 3)),
+                |[q, k]| q.clone().matmul(k.clone().swap_dims(2, 3)),
+            );
+        }
+        // A frozen right operand: no gradient for it, and the product still matches.
+        let w = random([5, 40], &device);
+        let x = random([3, 40], &device).require_grad();
+        let grads = matmul(x.clone(), w.clone().transpose()).sum().backward();
+        assert_close("frozen rhs", x.grad(&grads).unwrap(), Tensor::<2>::ones([3, 5], &device).matmul(w.clone()), 2e-6);
+        assert!(w.grad(&grads).is_none());
     }
 
     #[test]
