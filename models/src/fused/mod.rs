@@ -2,7 +2,8 @@
 //! the LM-head cross-entropy, each one pass over a row instead of a chain of burn ops (with a
 //! full-size temporary per op and one thread for most of them); the product with a frozen weight
 //! that is made dense for forward and again for backward; the lookup that makes NF4/int8 bytes
-//! dense.
+//! dense; every product on flex, through one GEMM call of ember's that writes its output once and
+//! shares the weight's packing among the threads.
 //!
 //! burn routes them through `#[backend_extension]`: the forward runs on flex's buffers
 //! ([`kernels`]), and under autodiff a hand-written `Backward` step registers the input
