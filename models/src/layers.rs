@@ -163,7 +163,7 @@ pub fn stored_product(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
 /// - output: `[rows, out]`
 fn frozen_product(x: Tensor<2>, weight: DenseWeight) -> Tensor<2> {
     let weight = weight.cast(x.dtype());
-    crate::fused::frozen_matmul(&x, weight.clone()).unwrap_or_else(|| crate::fused::matmul(x, weight.all().transpose()))
+    crate::fused::frozen_matmul(&x, weight.clone()).unwrap_or_else(|| x.matmul(weight.all().transpose()))
 }
 
 /// Token embedding table `[vocab, hidden]`.

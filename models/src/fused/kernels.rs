@@ -1,6 +1,7 @@
-//! Row kernels on contiguous f32 slices behind the fused operations. Each makes one or two passes
-//! over a row, and rows are spread over rayon's global pool: flex's own, so `RAYON_NUM_THREADS`
-//! (`ember bench --threads`) bounds them too.
+//! Row kernels on contiguous f32 slices behind the fused operations, and the GEMM call behind
+//! the fused product (strided operands). Each row kernel makes one or two passes over a row, and
+//! rows, like a product's column shares, are spread over rayon's global pool: flex's own, so
+//! `RAYON_NUM_THREADS` (`ember bench --threads`) bounds them too.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
