@@ -247,7 +247,10 @@ pub fn write(
 /// (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`) and its projection role;
 /// `None` for a tensor llama.cpp does not have.
 pub fn tensor_name(keys: &KeyLayout, hf: &str, layers: usize) -> Option<(String, Option<Role>)> {
-    let candidates = ["token_embd.weight", "output_norm.weight", "output.weight"].into_iter().map(str::to_string).chain((0..layers).flat_map(|i| {
+    // Only the layer the HF name's first number names is searched, so a name costs the same at
+    // any depth.
+    let layer = hf.split('.').find_map(|part| part.parse::<usize>().ok()).filter(|&i| i < layers);
+    let candidates = ["token_embd.weight", "output_norm.weight", "output.weight"].into_iter().map(str::to_string).chain(layer.into_iter().flat_map(|i| {
         ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
             .into_iter()
             .flat_map(move |m| ["weight", "bias"].into_iter().map(move |s| format!("blk.{i}.{m}.{s}")))
