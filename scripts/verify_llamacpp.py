@@ -12,7 +12,7 @@
     q4_0 files;
 (f) a LoRA adapter trained by ember directly on the q8_0 / q4_0 GGUF (its blocks as the frozen
     base), applied by llama.cpp to the same file: greedy answers equal ember's.
-(g) the same on Q4_K_M, Q6_K, Q3_K_M and Q2_K files made from ember's f32 export by llama.cpp's
+(g) the same on Q4_K_M, Q6_K, Q3_K_M, Q2_K, IQ4_NL and IQ4_XS files made from ember's f32 export by llama.cpp's
     own quantizer (K-quants, with Q4_0/Q5_0/Q8_0 where a row is not whole 256-value blocks): the types it chose are
     listed, and ember imports each file to the values gguf-py dequantizes.
 (h) Qwen2 (llama.cpp's `qwen2`: q/k/v biases, rows in HF order) and (i) LLaMA with Llama 3.1's
@@ -336,12 +336,14 @@ def main():
     # PyTorch) does not, so the base's logits differ by about what quantizing the weights costs:
     # the answers are compared, and the perplexity with and without the adapter on both sides.
     import llama_cpp
-    for ty in ("q8_0", "q4_0", "q4_k_m", "q6_k", "q3_k_m", "q2_k"):
+    # (g) llama.cpp's quantizer chooses the types; ember must read all it wrote.
+    quantizer = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
+                 "q3_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M, "q2_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K,
+                 "iq4_nl": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_NL, "iq4_xs": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_XS}
+    for ty in ("q8_0", "q4_0", *quantizer):
         path = os.path.join(work, f"smollm2-{ty}.gguf")
-        if "_k" in ty:
-            # (g) llama.cpp's quantizer chooses the types; ember must read all it wrote.
-            ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
-                     "q3_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M, "q2_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K}[ty]
+        if ty in quantizer:
+            ftype = quantizer[ty]
             llama_quantize(os.path.join(work, "smollm2-f32.gguf"), path, ftype)
             reader = gguf.GGUFReader(path)
             kinds = {}
@@ -385,7 +387,7 @@ def main():
             results[with_adapter] = (equal, worst, ours_ppl, perplexity(llm, examples))
             del llm
         (b_eq, b_worst, b_ours, b_theirs), (a_eq, a_worst, a_ours, a_theirs) = results[False], results[True]
-        report.append(f"({'g' if '_k' in ty else 'f'}) {ty} GGUF as the base, LoRA trained by ember on its blocks: perplexity (50 records) ember {b_ours:.4f} -> {a_ours:.4f} with the adapter, "
+        report.append(f"({'g' if ty in quantizer else 'f'}) {ty} GGUF as the base, LoRA trained by ember on its blocks: perplexity (50 records) ember {b_ours:.4f} -> {a_ours:.4f} with the adapter, "
                       f"llama.cpp --lora {b_theirs:.4f} -> {a_theirs:.4f}; greedy answers equal {a_eq}/{len(PROMPTS)} with the adapter, {b_eq}/{len(PROMPTS)} without; "
                       f"last-position logits max |diff| {a_worst:.3f} with, {b_worst:.3f} without")
 

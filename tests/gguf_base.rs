@@ -128,8 +128,8 @@ fn what_ember_cannot_train_on_is_one_error_line() {
     assert_bad_input(&output, &["tiny-q4_0.gguf", "ember import gguf", "gguf-lora"]);
     assert!(!dir.path().join("merged").exists());
 
-    // A type ember does not read (IQ4_XS, type 23) names the type and the tensor.
-    set_tensor_type(&gguf, "blk.0.ffn_down.weight", 23);
+    // A type ember does not read (IQ2_XXS, type 16) names the type and the tensor.
+    set_tensor_type(&gguf, "blk.0.ffn_down.weight", 16);
     let output = train(&gguf, &dir.path().join("run-k"), &[]);
-    assert_bad_input(&output, &["blk.0.ffn_down.weight", "IQ4_XS"]);
+    assert_bad_input(&output, &["blk.0.ffn_down.weight", "IQ2_XXS"]);
 }

@@ -1,5 +1,5 @@
 //! A frozen weight kept in a GGUF file's quantized blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K,
-//! Q3_K, Q4_K, Q5_K, Q6_K), so that a model is fine-tuned on the very file llama.cpp runs: the blocks' bits
+//! Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS), so that a model is fine-tuned on the very file llama.cpp runs: the blocks' bits
 //! are split into a plane of codes and planes of scales (and minimums), and dequantized a band of
 //! rows at a time in the forward pass, each value as ggml computes it.
 //!
@@ -18,11 +18,17 @@
 //!   `dmin`; value `(d·sc)·q − dmin·m` per sub-block of 16.
 //! - Q3_K (256): 32 bytes of third bits, 64 of 2-bit codes, twelve bytes of sixteen 6-bit scales,
 //!   f16 `d`; value `(d·(sc − 32))·(q − 4)` per sub-block of 16.
+//! - IQ4_NL (32): as Q4_0, but a code stands for `kvalues_iq4nl[q]`, a non-linear grid; value
+//!   `d·kvalues[q]`. IQ4_XS (256): f16 `d`, u16 of high scale bits, 4 bytes of low scale nibbles,
+//!   then eight IQ4_NL runs of nibbles; value `(d·(sc − 32))·kvalues[q]` per sub-block of 32.
 //!
 //! In memory, 2-bit codes keep four a byte (in value order), 3- and 4-bit codes two (the first
-//! half of each scale's group in the low nibbles, as Q4_0); 5-, 6- and 8-bit codes take a byte
-//! each, so that one byte-table lookup makes any of them dense. With their scales, Q2_K then holds
-//! 0.39 bytes a value, Q3_K 0.57, Q5_0 1.06, Q5_K 1.08 and Q6_K 1.07.
+//! half of each scale's group in the low nibbles, as Q4_0), 8-bit codes one. 5- and 6-bit codes
+//! keep their low four bits as 4-bit codes and the rest in a second plane, eight fifth bits (or
+//! four pairs of fifth and sixth bits) a byte in value order: byte-table lookups make any of them
+//! dense, and a code's two parts add up exactly before the scale. With their scales, Q2_K then
+//! holds 0.39 bytes a value, Q3_K 0.57, IQ4_XS 0.54, Q5_0 0.69, Q5_K 0.70 and Q6_K 0.82 (as the
+//! file).
 
 use std::ops::Range;
 
@@ -30,15 +36,19 @@ use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::fused::kernels::Packing;
-use crate::gguf::{block_codes, code_value, k_scale_min, q3_k_scale, GgmlType, GgufFile, HfTensor, unpermute_rows};
+use crate::gguf::{block_codes, code_value, iq4_xs_scale, k_scale_min, q3_k_scale, GgmlType, GgufFile, HfTensor, unpermute_rows};
 use crate::nf4::{lookup_bytes, u8_tensor};
 use crate::LoadError;
 
 /// A GGUF-quantized frozen weight `[out, in]`.
 #[derive(Module, Debug)]
 pub struct GgmlWeight {
-    /// `[out · in / codes a byte]`: four 2-bit codes a byte, two 3- or 4-bit codes, else one.
+    /// `[out · in / codes a byte]`: four 2-bit codes a byte, two 3- or 4-bit codes (or the low
+    /// four bits of 5- and 6-bit codes), else one.
     pub codes: Tensor<1, Int>,
+    /// 5- and 6-bit codes: the bits above the fourth, in value order, eight (Q5) or four (Q6_K)
+    /// codes' worth a byte.
+    pub high_bits: Option<Tensor<1, Int>>,
     /// One f16 `d` per block (of 32 values, or a K-quant's 256).
     pub scales: Tensor<1>,
     /// The f16 minimum per block: `m` (Q4_1, Q5_1) or `dmin` (Q2_K, Q4_K, Q5_K).
@@ -58,27 +68,32 @@ struct Layout {
     block: usize,
     /// Values one scale covers once a K-quant's sub-block scales are applied (`block` otherwise).
     group: usize,
-    /// Codes a byte: 4 (2-bit), 2 (3- and 4-bit) or 1.
+    /// Codes a byte in `codes`: 4 (2-bit), 2 (3- to 6-bit) or 1.
     per_byte: usize,
     /// Per-block minimums.
     mins: bool,
+    /// Bits of a code kept in the high plane: 1 (Q5), 2 (Q6_K) or none.
+    high_bits: usize,
 }
 
 impl Layout {
     fn of(kind: GgmlType) -> Self {
-        let (block, group, per_byte, mins) = match kind {
-            GgmlType::Q8_0 | GgmlType::Q5_0 => (32, 32, 1, false),
-            GgmlType::Q5_1 => (32, 32, 1, true),
-            GgmlType::Q4_0 => (32, 32, 2, false),
-            GgmlType::Q4_1 => (32, 32, 2, true),
-            GgmlType::Q2_K => (256, 16, 4, true),
-            GgmlType::Q3_K => (256, 16, 2, false),
-            GgmlType::Q4_K => (256, 32, 2, true),
-            GgmlType::Q5_K => (256, 32, 1, true),
-            GgmlType::Q6_K => (256, 16, 1, false),
+        let (block, group, per_byte, mins, high_bits) = match kind {
+            GgmlType::Q8_0 => (32, 32, 1, false, 0),
+            GgmlType::Q5_0 => (32, 32, 2, false, 1),
+            GgmlType::Q5_1 => (32, 32, 2, true, 1),
+            GgmlType::Q4_0 => (32, 32, 2, false, 0),
+            GgmlType::Q4_1 => (32, 32, 2, true, 0),
+            GgmlType::Q2_K => (256, 16, 4, true, 0),
+            GgmlType::Q3_K => (256, 16, 2, false, 0),
+            GgmlType::Q4_K => (256, 32, 2, true, 0),
+            GgmlType::Q5_K => (256, 32, 2, true, 1),
+            GgmlType::Q6_K => (256, 16, 2, false, 2),
+            GgmlType::IQ4_NL => (32, 32, 2, false, 0),
+            GgmlType::IQ4_XS => (256, 32, 2, false, 0),
             other => unreachable!("{other:?} blocks are read only when GgmlWeight::reads them"),
         };
-        Self { block, group, per_byte, mins }
+        Self { block, group, per_byte, mins, high_bits }
     }
 
     fn sub_blocks(&self) -> bool {
@@ -90,13 +105,26 @@ impl Layout {
         self.group / self.per_byte
     }
 
+    /// Bytes of the high plane per group.
+    fn high_bytes(&self) -> usize {
+        self.group * self.high_bits / 8
+    }
+
+    /// What each byte of the high plane adds to its codes' values, `16 · bits` side by side.
+    fn high_table(&self) -> Vec<f32> {
+        let bits = self.high_bits;
+        let mask = ((1u16 << bits) - 1) as u8;
+        (0..=255u8).flat_map(|b| (0..8 / bits).map(move |k| (16 * (b >> (bits * k) & mask)) as f32)).collect()
+    }
+
     /// Where the codes of a byte go: two a byte split over the group's halves (ggml's 4-bit
     /// order), four a byte side by side.
     fn packing(&self) -> Packing {
         if self.per_byte == 2 { Packing::SplitHalves } else { Packing::Adjacent }
     }
 
-    /// The values each byte stands for, in [`Layout::packing`]'s order.
+    /// The values each byte stands for, in [`Layout::packing`]'s order (for 5- and 6-bit codes,
+    /// those of their low four bits, with the type's offset).
     fn table(&self, kind: GgmlType) -> Vec<f32> {
         let bits = 8 / self.per_byte;
         let mask = ((1u16 << bits) - 1) as u8;
@@ -108,6 +136,7 @@ impl Layout {
 #[derive(Default)]
 struct Planes {
     codes: Vec<u8>,
+    high_bits: Vec<u8>,
     scales: Vec<half::f16>,
     mins: Vec<half::f16>,
     sub_scales: Vec<u8>,
@@ -126,11 +155,16 @@ impl Planes {
             2 => {
                 for run in self.block.chunks_exact(layout.group) {
                     let half = layout.group / 2;
-                    self.codes.extend((0..half).map(|j| run[j] | run[j + half] << 4));
+                    self.codes.extend((0..half).map(|j| run[j] & 0x0f | (run[j + half] & 0x0f) << 4));
                 }
             }
             4 => self.codes.extend(self.block.chunks_exact(4).map(|c| c[0] | c[1] << 2 | c[2] << 4 | c[3] << 6)),
             _ => self.codes.extend_from_slice(&self.block),
+        }
+        if layout.high_bits > 0 {
+            let bits = layout.high_bits;
+            let codes = self.block.chunks_exact(8 / bits);
+            self.high_bits.extend(codes.map(|c| c.iter().enumerate().fold(0u8, |byte, (k, &q)| byte | (q >> 4) << (bits * k))));
         }
         let half_at = |i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]);
         match kind {
@@ -147,6 +181,10 @@ impl Planes {
             GgmlType::Q3_K => {
                 self.sub_scales.extend((0..16).map(|sub| q3_k_scale(&b[96..108], sub) as u8));
                 self.scales.push(half_at(108));
+            }
+            GgmlType::IQ4_XS => {
+                self.sub_scales.extend((0..8).map(|sub| iq4_xs_scale(b, sub) as u8));
+                self.scales.push(half_at(0));
             }
             _ => {
                 self.scales.push(half_at(0));
@@ -174,7 +212,7 @@ impl GgmlWeight {
     /// Bytes a value of `kind` takes in memory: its code and its share of the scales.
     pub fn bytes_per_value(kind: GgmlType) -> f64 {
         let layout = Layout::of(kind);
-        let code = 1.0 / layout.per_byte as f64;
+        let code = 1.0 / layout.per_byte as f64 + layout.high_bits as f64 / 8.0;
         let f16s = if layout.mins { 2.0 } else { 1.0 };
         let per_block = 2.0 * f16s / layout.block as f64;
         // A K-quant sub-block's scale byte (and minimum byte).
@@ -205,6 +243,7 @@ impl GgmlWeight {
                 }
             }
             rows(&mut planes.codes, out, heads);
+            rows(&mut planes.high_bits, out, heads);
             rows(&mut planes.scales, out, heads);
             rows(&mut planes.mins, out, heads);
             rows(&mut planes.sub_scales, out, heads);
@@ -213,6 +252,7 @@ impl GgmlWeight {
         let bytes = |plane: Vec<u8>| (!plane.is_empty()).then(|| u8_tensor(plane, device));
         Self {
             codes: u8_tensor(planes.codes, device),
+            high_bits: bytes(planes.high_bits),
             scales: f16_tensor(planes.scales, device),
             mins: (!planes.mins.is_empty()).then(|| f16_tensor(planes.mins, device)),
             sub_scales: bytes(planes.sub_scales),
@@ -237,6 +277,7 @@ impl GgmlWeight {
         let blocks = values.start / layout.block..values.end / layout.block;
         let codes = self.codes.clone().slice(groups.start * layout.code_bytes()..groups.end * layout.code_bytes());
         let (table, packing) = (layout.table(self.kind), layout.packing());
+        let high = self.high_bits.as_ref().map(|h| h.clone().slice(groups.start * layout.high_bytes()..groups.end * layout.high_bytes()));
         let per_block = |t: &Tensor<1>| t.clone().slice(blocks.clone()).cast(DType::F32);
         let (mut scales, mut mins) = (per_block(&self.scales), self.mins.as_ref().map(per_block));
         if let Some(sub_scales) = &self.sub_scales {
@@ -246,10 +287,10 @@ impl GgmlWeight {
                 let table = (0..=255u8).map(|b| if signed { b as i8 as f32 } else { b as f32 }).collect();
                 lookup_bytes(&t.clone().slice(groups.clone()), table).reshape([groups.len()])
             };
-            scales = spread(scales) * sub(sub_scales, matches!(self.kind, GgmlType::Q3_K | GgmlType::Q6_K));
+            scales = spread(scales) * sub(sub_scales, matches!(self.kind, GgmlType::Q3_K | GgmlType::Q6_K | GgmlType::IQ4_XS));
             mins = mins.zip(self.sub_mins.as_ref()).map(|(dmin, m)| (spread(dmin) * sub(m, false)).neg());
         }
-        if let Some(values) = crate::fused::lookup_and_scale(&codes, &table, &scales, mins.as_ref(), shape, packing) {
+        if let Some(values) = crate::fused::lookup_and_scale(&codes, &table, high.as_ref().map(|h| (h, layout.high_bits)), &scales, mins.as_ref(), shape, packing) {
             return values;
         }
         let n = groups.len();
@@ -258,6 +299,10 @@ impl GgmlWeight {
             // [n·group/2, 2] (low, high) -> [n, 2, group/2]: the low nibbles are the first half.
             Packing::SplitHalves => q.reshape([n, layout.group / 2, 2]).swap_dims(1, 2).reshape([n, layout.group]),
             Packing::Adjacent => q.reshape([n, layout.group]),
+        };
+        let q = match high {
+            Some(high) => q + lookup_bytes(&high, layout.high_table()).reshape([n, layout.group]),
+            None => q,
         };
         let values = match mins {
             Some(mins) => q * scales.reshape([n, 1]) + mins.reshape([n, 1]),
@@ -300,6 +345,8 @@ mod tests {
             GgmlType::Q4_K,
             GgmlType::Q5_K,
             GgmlType::Q6_K,
+            GgmlType::IQ4_NL,
+            GgmlType::IQ4_XS,
         ] {
             let bytes = blocks(kind, out * inp);
             let host = dequantize(kind, &bytes);
@@ -322,7 +369,7 @@ mod tests {
     fn blocks(kind: GgmlType, values: usize) -> Vec<u8> {
         let (per_block, block_bytes) = (kind.block().0 as usize, kind.block_bytes());
         let halves: &[usize] = match kind {
-            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => &[0],
+            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS => &[0],
             GgmlType::Q6_K => &[208],
             GgmlType::Q2_K => &[80, 82],
             GgmlType::Q3_K => &[108],
@@ -344,8 +391,13 @@ mod tests {
     fn memory_per_value_counts_codes_and_scales() {
         assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q4_0), 0.5 + 2.0 / 32.0);
         assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q4_K), 0.5 + 4.0 / 256.0 + 2.0 / 32.0);
-        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q6_K), 1.0 + 2.0 / 256.0 + 1.0 / 16.0);
+        // 5- and 6-bit codes: a nibble plus one or two bits in the high plane. Q6_K as in the file.
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q6_K), 0.5 + 0.25 + 2.0 / 256.0 + 1.0 / 16.0);
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q6_K), GgmlType::Q6_K.block_bytes() as f64 / 256.0);
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q5_K), 0.5 + 0.125 + 4.0 / 256.0 + 2.0 / 32.0);
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q5_0), 0.5 + 0.125 + 2.0 / 32.0);
         assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q2_K), 0.25 + 4.0 / 256.0 + 2.0 / 16.0);
         assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q3_K), 0.5 + 2.0 / 256.0 + 1.0 / 16.0);
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::IQ4_XS), 0.5 + 2.0 / 256.0 + 1.0 / 32.0);
     }
 }

@@ -41,6 +41,8 @@ pub enum GgmlType {
     Q4_K,
     Q5_K,
     Q6_K,
+    IQ4_NL,
+    IQ4_XS,
     BF16,
 }
 
@@ -59,6 +61,8 @@ impl GgmlType {
             12 => Self::Q4_K,
             13 => Self::Q5_K,
             14 => Self::Q6_K,
+            20 => Self::IQ4_NL,
+            23 => Self::IQ4_XS,
             30 => Self::BF16,
             _ => return None,
         })
@@ -84,6 +88,8 @@ impl GgmlType {
             Self::Q4_K => (256, 144),
             Self::Q5_K => (256, 176),
             Self::Q6_K => (256, 210),
+            Self::IQ4_NL => (32, 18),
+            Self::IQ4_XS => (256, 136),
         }
     }
 }
@@ -394,6 +400,13 @@ pub(crate) fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
                     out.extend(codes.iter().map(|&c| d1 * value(c)));
                 }
             }
+            GgmlType::IQ4_XS => {
+                let d = half_at(b, 0);
+                for (sub, codes) in q.chunks_exact(32).enumerate() {
+                    let d1 = d * iq4_xs_scale(b, sub) as f32;
+                    out.extend(codes.iter().map(|&c| d1 * value(c)));
+                }
+            }
             GgmlType::Q6_K => {
                 let d = half_at(b, 208);
                 for (sub, codes) in q.chunks_exact(16).enumerate() {
@@ -402,7 +415,7 @@ pub(crate) fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
                 }
             }
             GgmlType::Q4_1 | GgmlType::Q5_1 => out.extend(q.iter().map(|&c| value(c) * half_at(b, 0) + half_at(b, 2))),
-            // Q8_0, Q4_0, Q5_0. ggml: Q4_0 is (q − 8)·d, not q·d − 8d, which rounds differently.
+            // Q8_0, Q4_0, Q5_0, IQ4_NL. ggml: Q4_0 is (q − 8)·d, not q·d − 8d, which rounds differently.
             _ => out.extend(q.iter().map(|&c| value(c) * half_at(b, 0))),
         }
     }
@@ -417,6 +430,7 @@ pub(crate) fn code_value(kind: GgmlType, code: u8) -> f32 {
         GgmlType::Q5_0 => (code as i32 - 16) as f32,
         GgmlType::Q3_K => (code as i32 - 4) as f32,
         GgmlType::Q6_K => (code as i32 - 32) as f32,
+        GgmlType::IQ4_NL | GgmlType::IQ4_XS => IQ4_VALUES[code as usize] as f32,
         _ => code as f32,
     }
 }
@@ -426,11 +440,18 @@ pub(crate) fn code_value(kind: GgmlType, code: u8) -> f32 {
 pub(crate) fn block_codes(kind: GgmlType, b: &[u8], out: &mut Vec<u8>) {
     match kind {
         GgmlType::Q8_0 => out.extend_from_slice(&b[2..]),
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            // Element j in the low nibble of byte j, element j + 16 in its high nibble.
-            let qs = &b[if kind == GgmlType::Q4_1 { 4 } else { 2 }..];
-            out.extend(qs.iter().map(|&q| q & 0x0f));
-            out.extend(qs.iter().map(|&q| q >> 4));
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::IQ4_NL | GgmlType::IQ4_XS => {
+            // Per 32 values, element j in the low nibble of byte j, element j + 16 in its high
+            // nibble (IQ4_XS: eight such runs after its scales).
+            let qs = &b[match kind {
+                GgmlType::Q4_1 => 4,
+                GgmlType::IQ4_XS => 8,
+                _ => 2,
+            }..];
+            for run in qs.chunks_exact(16) {
+                out.extend(run.iter().map(|&q| q & 0x0f));
+                out.extend(run.iter().map(|&q| q >> 4));
+            }
         }
         GgmlType::Q5_0 | GgmlType::Q5_1 => {
             // As Q4_0, with element j's fifth bit in bit j of a u32 before the nibbles.
@@ -476,6 +497,18 @@ pub(crate) fn block_codes(kind: GgmlType, b: &[u8], out: &mut Vec<u8>) {
         }
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("{kind:?} is not a block type"),
     }
+}
+
+/// IQ4_NL's and IQ4_XS's code values (ggml-common.h's `kvalues_iq4nl`): a non-linear 4-bit grid.
+const IQ4_VALUES: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
+/// Sub-block `j`'s scale of an IQ4_XS super-block (ggml's `dequantize_row_iq4_xs`): six bits, the
+/// low four a nibble of `scales_l` (bytes 4..8, low nibble first), the top two bits 2j of the
+/// u16 `scales_h` (bytes 2..4), less 32.
+pub(crate) fn iq4_xs_scale(b: &[u8], j: usize) -> i8 {
+    let low = b[4 + j / 2] >> (4 * (j % 2)) & 0x0f;
+    let high = (u16::from_le_bytes([b[2], b[3]]) >> (2 * j) & 3) as u8;
+    (low | high << 4) as i8 - 32
 }
 
 /// Sub-block `j`'s scale of a Q3_K super-block (ggml's `dequantize_row_q3_K`): six bits, the
@@ -1086,6 +1119,8 @@ mod tests {
             (GgmlType::Q4_K, 12),
             (GgmlType::Q5_K, 13),
             (GgmlType::Q6_K, 14),
+            (GgmlType::IQ4_NL, 20),
+            (GgmlType::IQ4_XS, 23),
         ] {
             assert_eq!(GgmlType::from_id(id), Some(kind));
             let name = format!("{kind:?}");

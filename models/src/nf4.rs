@@ -308,7 +308,7 @@ fn host_values(weight: Tensor<2>) -> ([usize; 2], Device, Vec<f32>) {
 /// The f32 weight `[out, in]` from one byte a lookup: `table` has 256 rows of the values a byte
 /// stands for (`per_byte` each), then every block of 64 values is scaled by its absmax.
 fn lookup_and_scale(bytes: &Tensor<1, Int>, table: Vec<f32>, absmax: Tensor<1>, shape: [usize; 2]) -> Tensor<2> {
-    if let Some(values) = crate::fused::lookup_and_scale(bytes, &table, &absmax, None, shape, Packing::Adjacent) {
+    if let Some(values) = crate::fused::lookup_and_scale(bytes, &table, None, &absmax, None, shape, Packing::Adjacent) {
         return values;
     }
     let n = shape[0] * shape[1];

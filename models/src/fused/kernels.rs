@@ -264,20 +264,35 @@ pub enum Packing {
 
 /// A packed weight made dense: each byte stands for `table.len() / 256` values (its row of
 /// `table`), placed per `packing`, and each run of `block` values is scaled by its `scales` entry
-/// and shifted by its `mins` entry if there are minimums: `value · scale (+ min)`.
-pub fn lookup_and_scale(bytes: &[u8], table: &[f32], scales: &[f32], mins: Option<&[f32]>, block: usize, packing: Packing) -> Vec<f32> {
+/// and shifted by its `mins` entry if there are minimums: `value · scale (+ min)`. With
+/// `high = (plane, bits)`, value `i` of the weight also has `bits` bits at bit `i · bits` of
+/// `plane`, worth 16 each step (the high bits of 5- and 6-bit codes, which come with two codes a
+/// byte in split halves and at most 64 bits a block): they are added before the scaling, a sum
+/// of small integers and so exact.
+pub fn lookup_and_scale(bytes: &[u8], table: &[f32], high: Option<(&[u8], usize)>, scales: &[f32], mins: Option<&[f32]>, block: usize, packing: Packing) -> Vec<f32> {
     let per_byte = table.len() / 256;
+    if let Some((_, bits)) = high {
+        assert!(packing == Packing::SplitHalves && per_byte == 2 && block * bits <= 64, "high bits come with 4-bit codes in split halves");
+    }
     let mut values = vec![0f32; bytes.len() * per_byte];
     values.par_chunks_mut(block).zip(bytes.par_chunks(block / per_byte)).enumerate().with_min_len(min_rows(block)).for_each(
         |(b, (values, bytes))| {
             let scale = scales[b];
-            for (j, &byte) in bytes.iter().enumerate() {
-                for (k, &t) in table[byte as usize * per_byte..][..per_byte].iter().enumerate() {
-                    let at = match packing {
-                        Packing::Adjacent => j * per_byte + k,
-                        Packing::SplitHalves => j + k * bytes.len(),
-                    };
-                    values[at] = t * scale;
+            match high {
+                Some((plane, 1)) => split_halves_with_high::<1>(values, bytes, table, &plane[b * block / 8..][..block / 8], scale),
+                Some((plane, 2)) => split_halves_with_high::<2>(values, bytes, table, &plane[b * block / 4..][..block / 4], scale),
+                Some((_, bits)) => unreachable!("{bits} high bits a code"),
+                None if packing == Packing::SplitHalves && per_byte == 2 => split_halves_with_high::<0>(values, bytes, table, &[], scale),
+                None => {
+                    for (j, &byte) in bytes.iter().enumerate() {
+                        for (k, &t) in table[byte as usize * per_byte..][..per_byte].iter().enumerate() {
+                            let at = match packing {
+                                Packing::Adjacent => j * per_byte + k,
+                                Packing::SplitHalves => j + k * bytes.len(),
+                            };
+                            values[at] = t * scale;
+                        }
+                    }
                 }
             }
             if let Some(mins) = mins {
@@ -286,6 +301,21 @@ pub fn lookup_and_scale(bytes: &[u8], table: &[f32], scales: &[f32], mins: Optio
         },
     );
     values
+}
+
+/// One block of [`lookup_and_scale`] with two codes a byte in split halves and `BITS` (0, 1 or 2)
+/// more bits a code in `high` (at most 8 bytes), scaled.
+fn split_halves_with_high<const BITS: usize>(values: &mut [f32], bytes: &[u8], table: &[f32], high: &[u8], scale: f32) {
+    let mut word = [0u8; 8];
+    word[..high.len()].copy_from_slice(high);
+    let word = u64::from_le_bytes(word);
+    let code = |t: f32, at: usize| if BITS == 0 { t } else { t + (16 * (word >> (at * BITS) & ((1 << BITS) - 1))) as f32 };
+    let half = bytes.len();
+    for (j, &byte) in bytes.iter().enumerate() {
+        let pair = &table[2 * byte as usize..][..2];
+        values[j] = code(pair[0], j) * scale;
+        values[j + half] = code(pair[1], j + half) * scale;
+    }
 }
 
 /// The dims RoPE rotates together as pair `j` of a `rotary`-wide part: `(j, j + rotary/2)`

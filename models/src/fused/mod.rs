@@ -127,6 +127,7 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
 pub fn lookup_and_scale(
     bytes: &Tensor<1, Int>,
     table: &[f32],
+    high: Option<(&Tensor<1, Int>, usize)>,
     scales: &Tensor<1>,
     mins: Option<&Tensor<1>>,
     shape: [usize; 2],
@@ -139,13 +140,21 @@ pub fn lookup_and_scale(
     let contiguous = |t: FlexTensor| if t.is_contiguous() { t } else { t.to_contiguous() };
     let flex = |t: &Tensor<1>| (t.dtype() == DType::F32).then(|| t.clone().try_into_primitive::<Flex>().ok()).flatten().map(contiguous);
     let bytes = contiguous(bytes.clone().try_into_primitive::<Flex>().ok()?);
+    let high = match high {
+        Some((bytes, bits)) => Some((contiguous(bytes.clone().try_into_primitive::<Flex>().ok()?), bits)),
+        None => None,
+    };
     let scales = flex(scales)?;
     let mins = match mins {
         Some(mins) => Some(flex(mins)?),
         None => None,
     };
     let block = shape[0] * shape[1] / scales.layout().num_elements();
-    let values = kernels::lookup_and_scale(bytes.as_slice::<u8>()?, table, values(&scales), mins.as_ref().map(values), block, packing);
+    let high = match &high {
+        Some((bytes, bits)) => Some((bytes.as_slice::<u8>()?, *bits)),
+        None => None,
+    };
+    let values = kernels::lookup_and_scale(bytes.as_slice::<u8>()?, table, high, values(&scales), mins.as_ref().map(values), block, packing);
     Some(Tensor::from_primitive::<Flex>(tensor(values, Shape::new(shape))))
 }
 
@@ -910,7 +919,7 @@ mod tests {
             let n = bytes.len() * per_byte;
             let shape = [n / 64, 64];
             let packed = crate::nf4::u8_tensor(bytes.clone(), &device);
-            let fused = lookup_and_scale(&packed, &table, &absmax.clone().slice(0..n / 64), None, shape, kernels::Packing::Adjacent).unwrap();
+            let fused = lookup_and_scale(&packed, &table, None, &absmax.clone().slice(0..n / 64), None, shape, kernels::Packing::Adjacent).unwrap();
             let composed = crate::nf4::lookup_bytes(&packed, table).reshape([n / 64, 64]) * absmax.clone().slice(0..n / 64).reshape([n / 64, 1]);
             assert_eq!(fused.into_data().to_vec::<f32>().unwrap(), composed.into_data().to_vec::<f32>().unwrap());
         }
