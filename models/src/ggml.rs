@@ -112,9 +112,7 @@ impl Layout {
 
     /// What each byte of the high plane adds to its codes' values, `16 · bits` side by side.
     fn high_table(&self) -> Vec<f32> {
-        let bits = self.high_bits;
-        let mask = ((1u16 << bits) - 1) as u8;
-        (0..=255u8).flat_map(|b| (0..8 / bits).map(move |k| (16 * (b >> (bits * k) & mask)) as f32)).collect()
+        byte_table(self.high_bits, |bits| (16 * bits) as f32)
     }
 
     /// Where the codes of a byte go: two a byte split over the group's halves (ggml's 4-bit
@@ -126,10 +124,21 @@ impl Layout {
     /// The values each byte stands for, in [`Layout::packing`]'s order (for 5- and 6-bit codes,
     /// those of their low four bits, with the type's offset).
     fn table(&self, kind: GgmlType) -> Vec<f32> {
-        let bits = 8 / self.per_byte;
-        let mask = ((1u16 << bits) - 1) as u8;
-        (0..=255u8).flat_map(|b| (0..self.per_byte).map(move |k| code_value(kind, b >> (bits * k) & mask))).collect()
+        byte_table(8 / self.per_byte, |code| code_value(kind, code))
     }
+}
+
+/// For each byte, `value` of each of its `bits`-wide fields, lowest first: 256 rows of
+/// `8 / bits` values.
+fn byte_table(bits: usize, value: impl Fn(u8) -> f32) -> Vec<f32> {
+    let mask = ((1u16 << bits) - 1) as u8;
+    (0..=255u8).flat_map(|b| (0..8 / bits).map(move |k| b >> (bits * k) & mask)).map(value).collect()
+}
+
+/// `field` of each code, `bits` wide, packed `8 / bits` a byte side by side, lowest first (the
+/// order [`byte_table`] reads).
+fn side_by_side(codes: &[u8], bits: usize, field: impl Fn(u8) -> u8) -> impl Iterator<Item = u8> {
+    codes.chunks_exact(8 / bits).map(move |c| c.iter().enumerate().fold(0u8, |byte, (k, &q)| byte | field(q) << (bits * k)))
 }
 
 /// A block's bits split into the planes of a [`GgmlWeight`].
@@ -158,13 +167,11 @@ impl Planes {
                     self.codes.extend((0..half).map(|j| run[j] & 0x0f | (run[j + half] & 0x0f) << 4));
                 }
             }
-            4 => self.codes.extend(self.block.chunks_exact(4).map(|c| c[0] | c[1] << 2 | c[2] << 4 | c[3] << 6)),
+            4 => self.codes.extend(side_by_side(&self.block, 2, |q| q)),
             _ => self.codes.extend_from_slice(&self.block),
         }
         if layout.high_bits > 0 {
-            let bits = layout.high_bits;
-            let codes = self.block.chunks_exact(8 / bits);
-            self.high_bits.extend(codes.map(|c| c.iter().enumerate().fold(0u8, |byte, (k, &q)| byte | (q >> 4) << (bits * k))));
+            self.high_bits.extend(side_by_side(&self.block, layout.high_bits, |q| q >> 4));
         }
         let half_at = |i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]);
         match kind {

@@ -278,9 +278,11 @@ pub fn lookup_and_scale(bytes: &[u8], table: &[f32], high: Option<(&[u8], usize)
     values.par_chunks_mut(block).zip(bytes.par_chunks(block / per_byte)).enumerate().with_min_len(min_rows(block)).for_each(
         |(b, (values, bytes))| {
             let scale = scales[b];
+            // This block's bytes of the high plane.
+            let high = high.map(|(plane, bits)| (&plane[b * block * bits / 8..][..block * bits / 8], bits));
             match high {
-                Some((plane, 1)) => split_halves_with_high::<1>(values, bytes, table, &plane[b * block / 8..][..block / 8], scale),
-                Some((plane, 2)) => split_halves_with_high::<2>(values, bytes, table, &plane[b * block / 4..][..block / 4], scale),
+                Some((plane, 1)) => split_halves_with_high::<1>(values, bytes, table, plane, scale),
+                Some((plane, 2)) => split_halves_with_high::<2>(values, bytes, table, plane, scale),
                 Some((_, bits)) => unreachable!("{bits} high bits a code"),
                 None if packing == Packing::SplitHalves && per_byte == 2 => split_halves_with_high::<0>(values, bytes, table, &[], scale),
                 None => {
