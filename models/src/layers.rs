@@ -343,8 +343,8 @@ pub fn attention_bias(
 
 /// Scaled dot-product attention with grouped K/V heads.
 ///
-/// Head `h` reads K/V group `h / (heads / kv_heads)`, as transformers' `repeat_kv`. The queries are
-/// regrouped instead of copying K/V.
+/// Head `h` reads K/V group `h / (heads / kv_heads)`, as transformers' `repeat_kv`. On LibTorch
+/// this is its fused attention ([`crate::fused::attention`]); elsewhere [`composed_attention`].
 ///
 /// # Shapes
 /// - q: `[batch, heads, seq, head_dim]`
@@ -352,10 +352,17 @@ pub fn attention_bias(
 /// - bias: `[batch, 1, seq, keys]`
 /// - output: `[batch, heads, seq, head_dim]`
 pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>) -> Tensor<4> {
+    let scale = (q.dims()[3] as f64).powf(-0.5);
+    crate::fused::attention(&q, &k, &v, &bias, scale).unwrap_or_else(|| composed_attention(q, k, v, bias, scale))
+}
+
+/// [`grouped_attention`] from burn ops and the fused softmax: what runs where no fused attention
+/// applies, and the reference for the one that does. The queries are regrouped instead of copying
+/// K/V.
+pub(crate) fn composed_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>, scale: f64) -> Tensor<4> {
     let [b, heads, s, d] = q.dims();
     let [_, kv_heads, keys, _] = k.dims();
     let group = heads / kv_heads;
-    let scale = (d as f64).powf(-0.5);
     // b,h,s,d -> b,kv,group*s,d
     let q = q.reshape([b, kv_heads, group * s, d]);
     let dtype = q.dtype();

@@ -8,13 +8,16 @@
 //! burn routes them through `#[backend_extension]`: the forward runs on flex's buffers
 //! ([`kernels`]), and under autodiff a hand-written `Backward` step registers the input
 //! gradients. They serve f32 tensors on flex; anything else (LibTorch, bf16) returns `None` and the
-//! caller keeps its composed burn ops, which stay the reference the tests compare against. The
-//! frozen product is the exception: two GEMMs on any backend, served on LibTorch as well.
+//! caller keeps its composed burn ops, which stay the reference the tests compare against. Two
+//! are served on LibTorch as well: the frozen product (two GEMMs on any backend), and attention,
+//! which there is LibTorch's own fused scaled-dot-product attention ([`attention`]).
 //! `EMBER_FUSED=0` turns them off, to measure what they are worth.
 
 #![allow(deprecated)] // the macro's glue names burn-dispatch's deprecated aliases.
 
 pub mod kernels;
+#[cfg(feature = "tch")]
+mod torch_attention;
 
 use std::any::Any;
 use std::ops::Range;
@@ -262,6 +265,23 @@ fn gcd(a: usize, b: usize) -> usize {
 /// - output: `[rows, out]`
 pub fn frozen_matmul(x: &Tensor<2>, weight: DenseWeight) -> Option<Tensor<2>> {
     enabled().then(|| Tensor::from_dispatch(<Dispatch as FrozenOps>::frozen_matmul(x.clone().into_dispatch(), weight)))
+}
+
+/// `softmax(q kᵀ · scale + bias) v` in one fused operation with its own backward: LibTorch's
+/// scaled-dot-product attention, on LibTorch in f32 or bf16. `None` elsewhere: then the caller
+/// composes it from the product, [`attention_softmax`] and the product.
+///
+/// # Shapes
+/// - q: `[batch, heads, seq, head_dim]`
+/// - k, v: `[batch, kv_heads, keys, head_dim]`, `heads` a multiple of `kv_heads`
+/// - bias: `[batch, 1, seq, keys]`
+/// - output: `[batch, heads, seq, head_dim]`
+#[allow(unused_variables)]
+pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: &Tensor<4>, scale: f64) -> Option<Tensor<4>> {
+    #[cfg(feature = "tch")]
+    return torch_attention::attention(q, k, v, bias, scale);
+    #[cfg(not(feature = "tch"))]
+    None
 }
 
 /// The product with a frozen weight, as its own extension because it is served on LibTorch too
@@ -818,6 +838,60 @@ mod tests {
             |[s]| attention_softmax(s, &bias, 0.25).unwrap(),
             |[s]| softmax(s.clone().mul_scalar(0.25) + bias.clone(), 3),
         );
+    }
+
+    /// Attention bias for `seq` queries over `prefix` keys every query sees and then `seq` causal
+    /// keys; in the second row the last key is padding, and with `padded_query` query 0 is too
+    /// (every key masked).
+    #[cfg(feature = "tch")]
+    fn prefixed_padded_bias(batch: usize, seq: usize, prefix: usize, padded_query: bool, device: &Device) -> Tensor<4> {
+        let keys = prefix + seq;
+        let bias: Vec<f32> = (0..batch * seq * keys)
+            .map(|i| {
+                let (b, q, k) = (i / (seq * keys), i / keys % seq, i % keys);
+                let masked = (k >= prefix && k - prefix > q) || (b == 1 && (k == keys - 1 || (padded_query && q == 0)));
+                if masked { f32::MIN } else { 0.0 }
+            })
+            .collect();
+        Tensor::<4>::from_data(TensorData::new(bias, [batch, 1, seq, keys]), device)
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    #[allow(deprecated)]
+    fn attention_on_libtorch_matches_burn_ops_with_groups_a_prefix_and_padding() {
+        let device = Device::libtorch().autodiff();
+        let (batch, heads, kv_heads, seq, prefix, d) = (2, 4, 2, 5, 3, 8);
+        // No padded query: LibTorch's backward gives its row no gradient and the composed ops a
+        // uniform one, which training never sees (no loss reaches a padded position).
+        let bias = prefixed_padded_bias(batch, seq, prefix, false, &device);
+        let scale = (d as f64).powf(-0.5);
+        check(
+            "attention on LibTorch",
+            [random([batch, heads, seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device)],
+            |[q, k, v]| attention(q, k, v, &bias, scale).unwrap(),
+            |[q, k, v]| crate::layers::composed_attention(q.clone(), k.clone(), v.clone(), bias.clone(), scale),
+        );
+        // Only some inputs tracked (a frozen k): the others still get their gradients.
+        let (q, k, v) = (random([batch, heads, seq, d], &device).require_grad(), random([batch, kv_heads, prefix + seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device).require_grad());
+        let grads = attention(&q, &k, &v, &bias, scale).unwrap().sum().backward();
+        assert!(q.grad(&grads).is_some() && v.grad(&grads).is_some() && k.grad(&grads).is_none());
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    #[allow(deprecated)]
+    fn attention_on_libtorch_in_bf16_stays_finite_on_padded_rows() {
+        let device = Device::libtorch();
+        let (batch, heads, seq, d) = (2, 2, 6, 16);
+        let bias = prefixed_padded_bias(batch, seq, 0, true, &device);
+        let qkv = [0; 3].map(|_| random([batch, heads, seq, d], &device));
+        let scale = (d as f64).powf(-0.5);
+        let [q, k, v] = qkv.clone().map(|t| t.cast(DType::BF16));
+        let got = attention(&q, &k, &v, &bias, scale).unwrap().cast(DType::F32);
+        assert!(got.clone().into_data().to_vec::<f32>().unwrap().iter().all(|x| x.is_finite()));
+        let [q, k, v] = qkv;
+        assert_close("bf16 attention", got, crate::layers::composed_attention(q, k, v, bias, scale), 5e-2);
     }
 
     #[test]
