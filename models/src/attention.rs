@@ -103,7 +103,7 @@ impl<P: Projection> Attention<P> {
             v = Tensor::cat(vec![past_v, v], 2);
         }
         let (keys, values) = with_prefix(k.clone(), v.clone(), extras);
-        let attended = grouped_attention(q.clone(), keys, values, bias);
+        let attended = grouped_attention(q.clone(), keys, values, bias, false);
         (self.o_inputs(attended, q, extras), k, v)
     }
 
@@ -123,7 +123,9 @@ impl<P: Projection> Attention<P> {
             let segment = |t: &Tensor<4>| t.clone().narrow(2, offset, len);
             let q = rope.apply(segment(&q), start);
             let (keys, values) = with_prefix(rope.apply(segment(&k), start), segment(&v), extras);
-            attended.push(grouped_attention(q.clone(), keys, values, bias.clone()));
+            // A packed sequence's bias is causal; without a prefix, nothing else.
+            let causal = keys.dims()[2] == len;
+            attended.push(grouped_attention(q.clone(), keys, values, bias.clone(), causal));
             queries.push(q);
             offset += len;
         }

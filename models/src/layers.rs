@@ -346,14 +346,17 @@ pub fn attention_bias(
 /// Head `h` reads K/V group `h / (heads / kv_heads)`, as transformers' `repeat_kv`. On LibTorch
 /// this is its fused attention ([`crate::fused::attention`]); elsewhere [`composed_attention`].
 ///
+/// `causal`: the bias is the plain causal mask over as many keys as queries (a packed sequence
+/// without a prefix), which LibTorch's attention computes without reading it.
+///
 /// # Shapes
 /// - q: `[batch, heads, seq, head_dim]`
 /// - k, v: `[batch, kv_heads, keys, head_dim]`
 /// - bias: `[batch, 1, seq, keys]`
 /// - output: `[batch, heads, seq, head_dim]`
-pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>) -> Tensor<4> {
+pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>, causal: bool) -> Tensor<4> {
     let scale = (q.dims()[3] as f64).powf(-0.5);
-    crate::fused::attention(&q, &k, &v, &bias, scale).unwrap_or_else(|| composed_attention(q, k, v, bias, scale))
+    crate::fused::attention(&q, &k, &v, (!causal).then_some(&bias), scale).unwrap_or_else(|| composed_attention(q, k, v, bias, scale))
 }
 
 /// [`grouped_attention`] from burn ops and the fused softmax: what runs where no fused attention
