@@ -8,16 +8,17 @@
 //! burn routes them through `#[backend_extension]`: the forward runs on flex's buffers
 //! ([`kernels`]), and under autodiff a hand-written `Backward` step registers the input
 //! gradients. They serve f32 tensors on flex; anything else (LibTorch, bf16) returns `None` and the
-//! caller keeps its composed burn ops, which stay the reference the tests compare against. Two
-//! are served on LibTorch as well: the frozen product (two GEMMs on any backend), and attention,
-//! which there is LibTorch's own fused scaled-dot-product attention ([`attention`]).
+//! caller keeps its composed burn ops, which stay the reference the tests compare against. Some
+//! are served on LibTorch as well: the frozen product (two GEMMs on any backend), RMSNorm and
+//! SwiGLU (LibTorch ops with a hand-written backward), and attention, which there is LibTorch's own
+//! fused scaled-dot-product attention ([`attention`]; `torch_ops`).
 //! `EMBER_FUSED=0` turns them off, to measure what they are worth.
 
 #![allow(deprecated)] // the macro's glue names burn-dispatch's deprecated aliases.
 
 pub mod kernels;
 #[cfg(feature = "tch")]
-mod torch_attention;
+mod torch_ops;
 
 use std::any::Any;
 use std::ops::Range;
@@ -54,6 +55,10 @@ fn applies<const D: usize>(t: &Tensor<D>) -> bool {
 /// # Shapes
 /// - x, output: `[batch, seq, hidden]`; weight: `[hidden]`
 pub fn rms_norm(x: &Tensor<3>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<3>> {
+    #[cfg(feature = "tch")]
+    if let Some(y) = torch_ops::rms_norm(x, weight, eps) {
+        return Some(y);
+    }
     (applies(x) && applies(weight) && !weight.is_require_grad()).then(|| {
         Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rms_norm(
             x.clone().into_dispatch(),
@@ -68,6 +73,10 @@ pub fn rms_norm(x: &Tensor<3>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<3>
 /// # Shapes
 /// - gate, up, output: `[batch, seq, intermediate]`
 pub fn swiglu(gate: &Tensor<3>, up: &Tensor<3>) -> Option<Tensor<3>> {
+    #[cfg(feature = "tch")]
+    if let Some(y) = torch_ops::swiglu(gate, up) {
+        return Some(y);
+    }
     (applies(gate) && applies(up)).then(|| {
         Tensor::from_dispatch(<Dispatch as FusedOps>::fused_swiglu(
             gate.clone().into_dispatch(),
@@ -280,7 +289,7 @@ pub fn frozen_matmul(x: &Tensor<2>, weight: DenseWeight) -> Option<Tensor<2>> {
 #[allow(unused_variables)]
 pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: Option<&Tensor<4>>, scale: f64) -> Option<Tensor<4>> {
     #[cfg(feature = "tch")]
-    return torch_attention::attention(q, k, v, bias, scale);
+    return torch_ops::attention(q, k, v, bias, scale);
     #[cfg(not(feature = "tch"))]
     None
 }
@@ -750,9 +759,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn rms_norm_matches_burn_ops() {
-        let device = Device::flex().autodiff();
+    fn rms_norm_matches_burn_ops_on(device: Device) {
         let weight = random([40], &device);
         check(
             "rms_norm",
@@ -763,6 +770,18 @@ mod tests {
                 x.clone() * (variance + 1e-5).sqrt().recip() * weight.clone().unsqueeze::<3>()
             },
         );
+    }
+
+    #[test]
+    fn rms_norm_matches_burn_ops() {
+        rms_norm_matches_burn_ops_on(Device::flex().autodiff());
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    #[allow(deprecated)]
+    fn rms_norm_on_libtorch_matches_burn_ops() {
+        rms_norm_matches_burn_ops_on(Device::libtorch().autodiff());
     }
 
     #[test]
@@ -798,9 +817,7 @@ mod tests {
         assert!(w.grad(&grads).is_none());
     }
 
-    #[test]
-    fn swiglu_matches_burn_ops_on_strided_halves() {
-        let device = Device::flex().autodiff();
+    fn swiglu_matches_burn_ops_on_strided_halves_on(device: Device) {
         // Halves of one fused projection, as GLM's gate_up_proj: views with the row stride of both.
         let halves = |gu: &Tensor<3>| (gu.clone().narrow(2, 0, 33), gu.clone().narrow(2, 33, 33));
         check(
@@ -815,6 +832,50 @@ mod tests {
                 silu(gate) * up
             },
         );
+    }
+
+    #[test]
+    fn swiglu_matches_burn_ops_on_strided_halves() {
+        swiglu_matches_burn_ops_on_strided_halves_on(Device::flex().autodiff());
+    }
+
+    /// `fused` on a bf16 copy of `x` against `reference` on `x` in f32: output and input gradient
+    /// within bf16's rounding.
+    #[cfg(feature = "tch")]
+    fn bf16_follows_f32(what: &str, x: &Tensor<3>, fused: impl Fn(&Tensor<3>) -> Tensor<3>, reference: impl Fn(&Tensor<3>) -> Tensor<3>) {
+        let (leaf_bf16, leaf_f32) = (x.clone().cast(DType::BF16).require_grad(), x.clone().require_grad());
+        let (y_bf16, y_f32) = (fused(&leaf_bf16).cast(DType::F32), reference(&leaf_f32));
+        let probe = random(y_f32.dims(), &x.device());
+        let grads_bf16 = (y_bf16.clone() * probe.clone()).sum().backward();
+        let grads_f32 = (y_f32.clone() * probe).sum().backward();
+        assert_close(what, y_bf16, y_f32, 2e-2);
+        let grad_bf16 = leaf_bf16.grad(&grads_bf16).unwrap().cast(DType::F32);
+        assert_close(&format!("{what}: gradient"), grad_bf16, leaf_f32.grad(&grads_f32).unwrap(), 5e-2);
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    #[allow(deprecated)]
+    fn rms_norm_and_swiglu_on_libtorch_in_bf16_follow_f32() {
+        let device = Device::libtorch().autodiff();
+        let (x, weight, up) = (random([2, 7, 40], &device), random([40], &device), random([2, 7, 40], &device));
+        bf16_follows_f32(
+            "rms_norm",
+            &x,
+            |x| rms_norm(x, &weight.clone().cast(DType::BF16), 1e-5).unwrap(),
+            |x| {
+                let variance = x.clone().powi_scalar(2).mean_dim(2);
+                x.clone() * (variance + 1e-5).sqrt().recip() * weight.clone().unsqueeze::<3>()
+            },
+        );
+        bf16_follows_f32("swiglu", &x, |x| swiglu(x, &up.clone().cast(DType::BF16)).unwrap(), |x| silu(x.clone()) * up.clone());
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    #[allow(deprecated)]
+    fn swiglu_on_libtorch_matches_burn_ops_on_strided_halves() {
+        swiglu_matches_burn_ops_on_strided_halves_on(Device::libtorch().autodiff());
     }
 
     #[test]
