@@ -356,7 +356,7 @@ pub fn attention_bias(
 /// - output: `[batch, heads, seq, head_dim]`
 pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>, causal: bool) -> Tensor<4> {
     let scale = (q.dims()[3] as f64).powf(-0.5);
-    crate::fused::attention(&q, &k, &v, (!causal).then_some(&bias), scale).unwrap_or_else(|| composed_attention(q, k, v, bias, scale))
+    crate::fused::attention(&q, &k, &v, &bias, causal, scale).unwrap_or_else(|| composed_attention(q, k, v, bias, scale))
 }
 
 /// [`grouped_attention`] from burn ops and the fused softmax: what runs where no fused attention

@@ -277,9 +277,9 @@ pub fn frozen_matmul(x: &Tensor<2>, weight: DenseWeight) -> Option<Tensor<2>> {
 }
 
 /// `softmax(q kᵀ · scale + bias) v` in one fused operation with its own backward: LibTorch's
-/// scaled-dot-product attention, on LibTorch in f32 or bf16. `bias: None` is the plain causal
-/// mask (as many keys as queries). `None` elsewhere: then the caller composes it from the
-/// product, [`attention_softmax`] and the product.
+/// scaled-dot-product attention, on LibTorch in f32 or bf16. `causal`: `bias` is the plain causal
+/// mask (as many keys as queries), which LibTorch then applies itself. `None` elsewhere: then the
+/// caller composes it from the product, [`attention_softmax`] and the product.
 ///
 /// # Shapes
 /// - q: `[batch, heads, seq, head_dim]`
@@ -287,9 +287,9 @@ pub fn frozen_matmul(x: &Tensor<2>, weight: DenseWeight) -> Option<Tensor<2>> {
 /// - bias: `[batch, 1, seq, keys]`
 /// - output: `[batch, heads, seq, head_dim]`
 #[allow(unused_variables)]
-pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: Option<&Tensor<4>>, scale: f64) -> Option<Tensor<4>> {
+pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: &Tensor<4>, causal: bool, scale: f64) -> Option<Tensor<4>> {
     #[cfg(feature = "tch")]
-    return torch_ops::attention(q, k, v, bias, scale);
+    return torch_ops::attention(q, k, v, bias, causal, scale);
     #[cfg(not(feature = "tch"))]
     None
 }
@@ -931,20 +931,20 @@ mod tests {
         check(
             "attention on LibTorch",
             [random([batch, heads, seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device)],
-            |[q, k, v]| attention(q, k, v, Some(&bias), scale).unwrap(),
+            |[q, k, v]| attention(q, k, v, &bias, false, scale).unwrap(),
             |[q, k, v]| crate::layers::composed_attention(q.clone(), k.clone(), v.clone(), bias.clone(), scale),
         );
-        // No bias: the plain causal mask, as a packed sequence without a prefix has.
+        // The plain causal mask, as a packed sequence without a prefix has, left to LibTorch.
         let causal = crate::layers::attention_bias(1, seq, 0, None, &device);
         check(
             "causal attention on LibTorch",
             [random([1, heads, seq, d], &device), random([1, kv_heads, seq, d], &device), random([1, kv_heads, seq, d], &device)],
-            |[q, k, v]| attention(q, k, v, None, scale).unwrap(),
+            |[q, k, v]| attention(q, k, v, &causal, true, scale).unwrap(),
             |[q, k, v]| crate::layers::composed_attention(q.clone(), k.clone(), v.clone(), causal.clone(), scale),
         );
         // Only some inputs tracked (a frozen k): the others still get their gradients.
         let (q, k, v) = (random([batch, heads, seq, d], &device).require_grad(), random([batch, kv_heads, prefix + seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device).require_grad());
-        let grads = attention(&q, &k, &v, Some(&bias), scale).unwrap().sum().backward();
+        let grads = attention(&q, &k, &v, &bias, false, scale).unwrap().sum().backward();
         assert!(q.grad(&grads).is_some() && v.grad(&grads).is_some() && k.grad(&grads).is_none());
     }
 
@@ -958,7 +958,7 @@ mod tests {
         let qkv = [0; 3].map(|_| random([batch, heads, seq, d], &device));
         let scale = (d as f64).powf(-0.5);
         let [q, k, v] = qkv.clone().map(|t| t.cast(DType::BF16));
-        let got = attention(&q, &k, &v, Some(&bias), scale).unwrap().cast(DType::F32);
+        let got = attention(&q, &k, &v, &bias, false, scale).unwrap().cast(DType::F32);
         assert!(got.clone().into_data().to_vec::<f32>().unwrap().iter().all(|x| x.is_finite()));
         let [q, k, v] = qkv;
         assert_close("bf16 attention", got, crate::layers::composed_attention(q, k, v, bias, scale), 5e-2);

@@ -20,9 +20,9 @@ use burn::tensor::{DType, Tensor};
 
 /// `softmax(q kᵀ · scale + bias) v` with LibTorch's fused attention, or `None` where it does
 /// not apply (not LibTorch, f16, or `EMBER_FUSED=0`); then the caller composes it from burn ops.
-/// `bias: None` is the plain causal mask over as many keys as queries (a packed sequence without
-/// a prefix): LibTorch then skips the masked blocks, and on CUDA may use flash attention, which
-/// takes no mask tensor.
+/// `causal`: the bias is the plain causal mask over as many keys as queries (a packed sequence
+/// without a prefix), so LibTorch gets no mask tensor: it skips the masked blocks, and on CUDA may
+/// use flash attention, which takes none.
 ///
 /// f16 stays composed: its most negative value cannot hold the f32 mask of a padded row.
 ///
@@ -31,14 +31,11 @@ use burn::tensor::{DType, Tensor};
 /// - k, v: `[batch, kv_heads, keys, head_dim]`, `heads` a multiple of `kv_heads`
 /// - bias: `[batch, 1, seq, keys]`
 /// - output: `[batch, heads, seq, head_dim]`
-pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: Option<&Tensor<4>>, scale: f64) -> Option<Tensor<4>> {
+pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: &Tensor<4>, causal: bool, scale: f64) -> Option<Tensor<4>> {
     let applies = on_libtorch(q) && q.dtype() != DType::F16;
     applies.then(|| {
-        let [q, k, v] = [q, k, v].map(|t| t.clone().into_dispatch());
-        Tensor::from_dispatch(match bias {
-            Some(bias) => <Dispatch as TorchOps>::torch_attention(q, k, v, bias.clone().into_dispatch(), scale),
-            None => <Dispatch as TorchOps>::torch_causal_attention(q, k, v, scale),
-        })
+        let [q, k, v, bias] = [q, k, v, bias].map(|t| t.clone().into_dispatch());
+        Tensor::from_dispatch(<Dispatch as TorchOps>::torch_attention(q, k, v, bias, causal, scale))
     })
 }
 
@@ -78,17 +75,17 @@ pub trait TorchOps: Backend {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        causal: bool,
         scale: f64,
     ) -> FloatTensor<Self>;
-    fn torch_causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
 }
 
 /// LibTorch's attention with grouped K/V heads: head `h` reads K/V group `h / (heads / kv_heads)`,
-/// as transformers' `repeat_kv`. No bias: causal.
-fn sdpa(q: &tch::Tensor, k: &tch::Tensor, v: &tch::Tensor, bias: Option<&tch::Tensor>, scale: f64) -> tch::Tensor {
+/// as transformers' `repeat_kv`. `causal`: LibTorch's own causal mask instead of `bias`.
+fn sdpa(q: &tch::Tensor, k: &tch::Tensor, v: &tch::Tensor, bias: &tch::Tensor, causal: bool, scale: f64) -> tch::Tensor {
     // A padded query's row is all f32::MIN, which rounds to -inf in bf16 (and a row of -inf
     // is NaN); bf16's most negative finite value is as good a zero probability.
-    let bias = bias.map(|b| b.clamp_min(f64::from(half::bf16::MIN)).to_kind(q.kind()));
+    let bias = (!causal).then(|| bias.clamp_min(f64::from(half::bf16::MIN)).to_kind(q.kind()));
     let grouped = q.size()[1] != k.size()[1];
     tch::Tensor::scaled_dot_product_attention(q, k, v, bias.as_ref(), 0.0, bias.is_none(), scale, grouped)
 }
@@ -109,12 +106,8 @@ impl TorchOps for LibTorch {
         TchTensor::new(tch::no_grad(|| gate.tensor.silu() * &up.tensor))
     }
 
-    fn torch_attention(q: TchTensor, k: TchTensor, v: TchTensor, bias: TchTensor, scale: f64) -> TchTensor {
-        TchTensor::new(tch::no_grad(|| sdpa(&q.tensor, &k.tensor, &v.tensor, Some(&bias.tensor), scale)))
-    }
-
-    fn torch_causal_attention(q: TchTensor, k: TchTensor, v: TchTensor, scale: f64) -> TchTensor {
-        TchTensor::new(tch::no_grad(|| sdpa(&q.tensor, &k.tensor, &v.tensor, None, scale)))
+    fn torch_attention(q: TchTensor, k: TchTensor, v: TchTensor, bias: TchTensor, causal: bool, scale: f64) -> TchTensor {
+        TchTensor::new(tch::no_grad(|| sdpa(&q.tensor, &k.tensor, &v.tensor, &bias.tensor, causal, scale)))
     }
 }
 
@@ -194,31 +187,19 @@ impl Backward<LibTorch, 2> for SwigluBackward {
     }
 }
 
-/// `finish` for either kind of prepared step.
-fn finish<BO: Backward<LibTorch, N>, C: CheckpointStrategy, const N: usize>(
-    prep: OpsKind<BO, LibTorch, BO::State, C, N>,
-    state: impl FnOnce() -> BO::State,
-    output: TchTensor,
-) -> FloatTensor<Autodiff<LibTorch, C>> {
-    match prep {
-        OpsKind::Tracked(prep) => prep.finish(state(), output),
-        OpsKind::UnTracked(prep) => prep.finish(output),
-    }
-}
-
 impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
     fn torch_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         let prep = RmsNormBackward.prepare::<C>([x.node()]).compute_bound().stateful();
         let (x, weight) = (x.into_primitive(), weight.into_primitive());
         let (y, inv_rms) = tch::no_grad(|| rms_norm_forward(&x.tensor, &weight.tensor, eps));
-        finish(prep, || (x, weight, TchTensor::new(inv_rms)), TchTensor::new(y))
+        super::finish(prep, (x, weight, TchTensor::new(inv_rms)), TchTensor::new(y))
     }
 
     fn torch_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         let prep = SwigluBackward.prepare::<C>([gate.node(), up.node()]).compute_bound().stateful();
         let (gate, up) = (gate.into_primitive(), up.into_primitive());
         let y = tch::no_grad(|| gate.tensor.silu() * &up.tensor);
-        finish(prep, || (gate, up), TchTensor::new(y))
+        super::finish(prep, (gate, up), TchTensor::new(y))
     }
 
     fn torch_attention(
@@ -226,37 +207,23 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        causal: bool,
         scale: f64,
     ) -> FloatTensor<Self> {
-        tracked_attention::<C>(q, k, v, Some(bias.into_primitive()), scale)
-    }
-
-    fn torch_causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
-        tracked_attention::<C>(q, k, v, None, scale)
-    }
-}
-
-/// [`sdpa`] under burn's autodiff: with LibTorch's graph kept for backward where an input is
-/// tracked.
-fn tracked_attention<C: CheckpointStrategy>(
-    q: FloatTensor<Autodiff<LibTorch, C>>,
-    k: FloatTensor<Autodiff<LibTorch, C>>,
-    v: FloatTensor<Autodiff<LibTorch, C>>,
-    bias: Option<TchTensor>,
-    scale: f64,
-) -> FloatTensor<Autodiff<LibTorch, C>> {
-    let prep = TorchAttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful();
-    let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-    let bias = bias.as_ref().map(|b| &b.tensor);
-    match prep {
-        OpsKind::Tracked(prep) => {
-            let leaves = [q, k, v].map(|t| TchTensor::from_existing(t.tensor.detach().set_requires_grad(true), t.storage));
-            let output = tch::with_grad(|| sdpa(&leaves[0].tensor, &leaves[1].tensor, &leaves[2].tensor, bias, scale));
-            // burn's ops on the output must not grow LibTorch's graph.
-            let y = TchTensor::new(output.detach());
-            let output = TchTensor::from_existing(output, y.storage.clone());
-            prep.finish(TorchGraph { leaves, output }, y)
+        let prep = TorchAttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful();
+        let [q, k, v, bias] = [q, k, v, bias].map(|t| t.into_primitive());
+        let attend = |q: &TchTensor, k: &TchTensor, v: &TchTensor| sdpa(&q.tensor, &k.tensor, &v.tensor, &bias.tensor, causal, scale);
+        match prep {
+            // LibTorch's graph kept for backward.
+            OpsKind::Tracked(prep) => {
+                let leaves = [q, k, v].map(|t| TchTensor::from_existing(t.tensor.detach().set_requires_grad(true), t.storage));
+                let output = tch::with_grad(|| attend(&leaves[0], &leaves[1], &leaves[2]));
+                // burn's ops on the output must not grow LibTorch's graph.
+                let y = TchTensor::new(output.detach());
+                let output = TchTensor::from_existing(output, y.storage.clone());
+                prep.finish(TorchGraph { leaves, output }, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(TchTensor::new(tch::no_grad(|| attend(&q, &k, &v)))),
         }
-        OpsKind::UnTracked(prep) => prep.finish(TchTensor::new(tch::no_grad(|| sdpa(&q.tensor, &k.tensor, &v.tensor, bias, scale)))),
     }
 }
