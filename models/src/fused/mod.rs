@@ -9,9 +9,9 @@
 //! ([`kernels`]), and under autodiff a hand-written `Backward` step registers the input
 //! gradients. They serve f32 tensors on flex; anything else (LibTorch, bf16) returns `None` and the
 //! caller keeps its composed burn ops, which stay the reference the tests compare against. Some
-//! are served on LibTorch as well: the frozen product (two GEMMs on any backend), RMSNorm and
-//! SwiGLU (LibTorch ops with a hand-written backward), and attention, which there is LibTorch's own
-//! fused scaled-dot-product attention ([`attention`]; `torch_ops`).
+//! are served on LibTorch as well: the frozen product (two GEMMs on any backend), RMSNorm, SwiGLU,
+//! RoPE and the cross-entropy (LibTorch ops with a hand-written backward), and attention, which
+//! there is LibTorch's own fused scaled-dot-product attention ([`attention`]; `torch_ops`).
 //! `EMBER_FUSED=0` turns them off, to measure what they are worth.
 
 #![allow(deprecated)] // the macro's glue names burn-dispatch's deprecated aliases.
@@ -113,6 +113,10 @@ pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1
         targets.iter().all(|&t| (0..vocab as i64).contains(&t)),
         "cross-entropy target outside the vocabulary"
     );
+    #[cfg(feature = "tch")]
+    if let Some(total) = torch_ops::cross_entropy_sum(logits, targets) {
+        return Some(total);
+    }
     applies(logits).then(|| {
         Tensor::from_dispatch(<Dispatch as FusedOps>::fused_cross_entropy_sum(
             logits.clone().into_dispatch(),
@@ -183,6 +187,10 @@ pub struct RopeTables {
 /// # Shapes
 /// - x, output: `[batch, heads, seq, head_dim]`
 pub fn rope(x: &Tensor<4>, tables: RopeTables) -> Option<Tensor<4>> {
+    #[cfg(feature = "tch")]
+    if let Some(y) = torch_ops::rope(x, &tables) {
+        return Some(y);
+    }
     applies(x).then(|| Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rope(x.clone().into_dispatch(), tables)))
 }
 
@@ -842,7 +850,12 @@ mod tests {
     /// `fused` on a bf16 copy of `x` against `reference` on `x` in f32: output and input gradient
     /// within bf16's rounding.
     #[cfg(feature = "tch")]
-    fn bf16_follows_f32(what: &str, x: &Tensor<3>, fused: impl Fn(&Tensor<3>) -> Tensor<3>, reference: impl Fn(&Tensor<3>) -> Tensor<3>) {
+    fn bf16_follows_f32<const D: usize, const E: usize>(
+        what: &str,
+        x: &Tensor<D>,
+        fused: impl Fn(&Tensor<D>) -> Tensor<E>,
+        reference: impl Fn(&Tensor<D>) -> Tensor<E>,
+    ) {
         let (leaf_bf16, leaf_f32) = (x.clone().cast(DType::BF16).require_grad(), x.clone().require_grad());
         let (y_bf16, y_f32) = (fused(&leaf_bf16).cast(DType::F32), reference(&leaf_f32));
         let probe = random(y_f32.dims(), &x.device());
@@ -964,29 +977,44 @@ mod tests {
         assert_close("bf16 attention", got, crate::layers::composed_attention(q, k, v, bias, scale), 5e-2);
     }
 
-    #[test]
-    fn cross_entropy_matches_burn_ops() {
-        let device = Device::flex().autodiff();
-        let (n, vocab) = (6, 50);
-        let targets = vec![0, 49, 7, 7, 23, 1];
+    /// The composed loss: `-Σ log_softmax(logits)[target]` in f32.
+    fn composed_cross_entropy(logits: &Tensor<2>, targets: &[i64]) -> Tensor<2> {
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(targets.to_vec(), [targets.len(), 1]), &logits.device());
+        log_softmax(logits.clone().cast(DType::F32), 1).gather(1, ids).sum().neg().unsqueeze::<2>()
+    }
+
+    const CROSS_ENTROPY_TARGETS: [i64; 6] = [0, 49, 7, 7, 23, 1];
+
+    fn cross_entropy_matches_burn_ops_on(device: Device) {
         check(
             "cross_entropy",
-            [random([n, vocab], &device).mul_scalar(4.0)],
-            |[logits]| {
-                cross_entropy_sum(logits, &targets)
-                    .unwrap()
-                    .unsqueeze::<2>()
-            },
-            |[logits]| {
-                let ids =
-                    Tensor::<2, Int>::from_data(TensorData::new(targets.clone(), [n, 1]), &device);
-                log_softmax(logits.clone(), 1)
-                    .gather(1, ids)
-                    .sum()
-                    .neg()
-                    .unsqueeze::<2>()
-            },
+            [random([CROSS_ENTROPY_TARGETS.len(), 50], &device).mul_scalar(4.0)],
+            |[logits]| cross_entropy_sum(logits, &CROSS_ENTROPY_TARGETS).unwrap().unsqueeze::<2>(),
+            |[logits]| composed_cross_entropy(logits, &CROSS_ENTROPY_TARGETS),
         );
+    }
+
+    #[test]
+    fn cross_entropy_matches_burn_ops() {
+        cross_entropy_matches_burn_ops_on(Device::flex().autodiff());
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    #[allow(deprecated)]
+    fn cross_entropy_and_rope_on_libtorch_match_burn_ops_and_follow_f32_in_bf16() {
+        let device = Device::libtorch().autodiff();
+        cross_entropy_matches_burn_ops_on(device.clone());
+        rope_matches_burn_ops_for_both_pairings_on(device.clone());
+        let logits = random([CROSS_ENTROPY_TARGETS.len(), 50], &device).mul_scalar(4.0);
+        bf16_follows_f32(
+            "cross_entropy",
+            &logits,
+            |x| cross_entropy_sum(x, &CROSS_ENTROPY_TARGETS).unwrap().unsqueeze::<2>(),
+            |x| composed_cross_entropy(x, &CROSS_ENTROPY_TARGETS),
+        );
+        let rope = crate::layers::Rope::new(crate::config::RopeConfig { theta: 10_000.0, rotary_dim: 8, pairing: RopePairing::Half, scaling: None });
+        bf16_follows_f32("rope", &random([2, 3, 5, 12], &device), |x| rope.apply(x.clone(), 4), |x| rope.apply(x.clone(), 4));
     }
 
     #[test]
@@ -1035,11 +1063,9 @@ mod tests {
 
     /// Both pairings, on part of each head, from a position offset. The composed reference runs
     /// in f64, where the fused kernels do not apply.
-    #[test]
-    fn rope_matches_burn_ops_for_both_pairings() {
-        use crate::config::{RopeConfig, RopePairing};
+    fn rope_matches_burn_ops_for_both_pairings_on(device: Device) {
+        use crate::config::RopeConfig;
         use crate::layers::Rope;
-        let device = Device::flex().autodiff();
         for pairing in [RopePairing::Half, RopePairing::Interleaved] {
             let rope = Rope::new(RopeConfig { theta: 10_000.0, rotary_dim: 8, pairing, scaling: None });
             check(
@@ -1049,6 +1075,11 @@ mod tests {
                 |[x]| rope.apply(x.clone().cast(DType::F64), 4).cast(DType::F32),
             );
         }
+    }
+
+    #[test]
+    fn rope_matches_burn_ops_for_both_pairings() {
+        rope_matches_burn_ops_for_both_pairings_on(Device::flex().autodiff());
     }
 
     /// Bit for bit what the composed lookup computes, for one and two values a byte (GGUF's

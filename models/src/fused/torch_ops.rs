@@ -6,10 +6,13 @@
 //!   well: the forward runs on detached leaves with LibTorch's autograd on, and backward asks that
 //!   graph for the leaves' gradients;
 //! - RMSNorm, which keeps `x` in its dtype and one `1/rms` a row instead of an f32 copy of `x`;
-//! - SwiGLU, which keeps `gate` and `up` instead of also `silu(gate)`.
+//! - SwiGLU, which keeps `gate` and `up` instead of also `silu(gate)`;
+//! - RoPE, which keeps nothing but its tables (backward is the rotation back);
+//! - the LM head's cross-entropy, which keeps the logits and one log-sum-exp a row instead of f32
+//!   copies of the `[tokens, vocab]` block (the cast, the shifted logits, their exponentials).
 //!
-//! The last two have hand-written backwards in LibTorch ops. On a bf16 7B model at 4 × 512
-//! without checkpointing those copies are about 3.5 GB.
+//! All but attention have hand-written backwards in LibTorch ops. On a bf16 7B model at 4 × 512
+//! without checkpointing the copies RMSNorm and SwiGLU no longer keep are about 3.5 GB.
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -17,6 +20,9 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::libtorch::TchTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, LibTorch, backend_extension, tensor::FloatTensor};
 use burn::tensor::{DType, Tensor};
+
+use super::RopeTables;
+use crate::config::RopePairing;
 
 /// `softmax(q kᵀ · scale + bias) v` with LibTorch's fused attention, or `None` where it does
 /// not apply (not LibTorch, f16, or `EMBER_FUSED=0`); then the caller composes it from burn ops.
@@ -66,10 +72,33 @@ pub fn swiglu(gate: &Tensor<3>, up: &Tensor<3>) -> Option<Tensor<3>> {
     on_libtorch(gate).then(|| Tensor::from_dispatch(<Dispatch as TorchOps>::torch_swiglu(gate.clone().into_dispatch(), up.clone().into_dispatch())))
 }
 
+/// Rotary embedding of the first `rotary` dims of every head, in `x`'s dtype as transformers
+/// computes it, or `None` where it does not apply (not LibTorch).
+///
+/// # Shapes
+/// - x, output: `[batch, heads, seq, head_dim]`
+pub fn rope(x: &Tensor<4>, tables: &RopeTables) -> Option<Tensor<4>> {
+    on_libtorch(x).then(|| Tensor::from_dispatch(<Dispatch as TorchOps>::torch_rope(x.clone().into_dispatch(), tables.clone())))
+}
+
+/// Summed negative log-likelihood of one target per row, in f32 whatever the logits' dtype (as
+/// transformers upcasts them for the loss), or `None` where it does not apply (not LibTorch).
+///
+/// # Shapes
+/// - logits: `[n, vocab]`; targets: `n` ids in `0..vocab`
+/// - output: `[1]`, f32
+pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1>> {
+    on_libtorch(logits).then(|| {
+        Tensor::from_dispatch(<Dispatch as TorchOps>::torch_cross_entropy_sum(logits.clone().into_dispatch(), targets.to_vec()))
+    })
+}
+
 #[backend_extension(LibTorch: cfg(feature = "tch"), Autodiff)]
 pub trait TorchOps: Backend {
     fn torch_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
     fn torch_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn torch_rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self>;
+    fn torch_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self>;
     fn torch_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -97,6 +126,41 @@ fn rms_norm_forward(x: &tch::Tensor, weight: &tch::Tensor, eps: f64) -> (tch::Te
     ((x32 * &inv_rms).to_kind(x.kind()) * weight, inv_rms)
 }
 
+/// `rot·cos + rotate(rot)·sin` on the first `rotary` dims of `x`, the rest passed through; with
+/// `inverse` the rotation back (`-sin`), which is also its vector-Jacobian product.
+fn rope_forward(x: &tch::Tensor, tables: &RopeTables, inverse: bool) -> tch::Tensor {
+    let [b, h, s, head_dim] = x.size()[..] else { unreachable!("rope takes [batch, heads, seq, head_dim]") };
+    let dim = (tables.cos.len() as i64) / s;
+    let table = |values: &[f32]| tch::Tensor::from_slice(values).view([s, dim]).to_device(x.device()).to_kind(x.kind());
+    let (cos, sin) = (table(&tables.cos), table(&tables.sin));
+    let sin = if inverse { -sin } else { sin };
+    let rot = x.narrow(3, 0, dim);
+    let rotated = match tables.pairing {
+        // rotate_half: [x1, x2] -> [-x2, x1]
+        RopePairing::Half => tch::Tensor::cat(&[rot.narrow(3, dim / 2, dim / 2).neg(), rot.narrow(3, 0, dim / 2)], 3),
+        // pairs (x0, x1) -> (-x1, x0)
+        RopePairing::Interleaved => {
+            let pairs = rot.reshape([b, h, s, dim / 2, 2]);
+            tch::Tensor::stack(&[pairs.select(4, 1).neg(), pairs.select(4, 0)], 4).reshape([b, h, s, dim])
+        }
+    };
+    let out = &rot * cos + rotated * sin;
+    if dim == head_dim { out } else { tch::Tensor::cat(&[out, x.narrow(3, dim, head_dim - dim)], 3) }
+}
+
+/// The targets as a LibTorch `[n, 1]` index tensor on `device`.
+fn target_ids(targets: &[i64], device: tch::Device) -> tch::Tensor {
+    tch::Tensor::from_slice(targets).view([targets.len() as i64, 1]).to_device(device)
+}
+
+/// `(Σ lse − logit[target], lse)`: the summed loss `[1]` and the log-sum-exp `[n, 1]`, in f32.
+fn cross_entropy_forward(logits: &tch::Tensor, ids: &tch::Tensor) -> (tch::Tensor, tch::Tensor) {
+    let x = logits.to_kind(tch::Kind::Float);
+    let lse = x.logsumexp([-1].as_slice(), true);
+    let total = (&lse - x.gather(1, ids, false)).sum(tch::Kind::Float).reshape([1]);
+    (total, lse)
+}
+
 impl TorchOps for LibTorch {
     fn torch_rms_norm(x: TchTensor, weight: TchTensor, eps: f64) -> TchTensor {
         TchTensor::new(tch::no_grad(|| rms_norm_forward(&x.tensor, &weight.tensor, eps).0))
@@ -108,6 +172,14 @@ impl TorchOps for LibTorch {
 
     fn torch_attention(q: TchTensor, k: TchTensor, v: TchTensor, bias: TchTensor, causal: bool, scale: f64) -> TchTensor {
         TchTensor::new(tch::no_grad(|| sdpa(&q.tensor, &k.tensor, &v.tensor, &bias.tensor, causal, scale)))
+    }
+
+    fn torch_rope(x: TchTensor, tables: RopeTables) -> TchTensor {
+        TchTensor::new(tch::no_grad(|| rope_forward(&x.tensor, &tables, false)))
+    }
+
+    fn torch_cross_entropy_sum(logits: TchTensor, targets: Vec<i64>) -> TchTensor {
+        TchTensor::new(tch::no_grad(|| cross_entropy_forward(&logits.tensor, &target_ids(&targets, logits.tensor.device())).0))
     }
 }
 
@@ -187,7 +259,60 @@ impl Backward<LibTorch, 2> for SwigluBackward {
     }
 }
 
+/// Backward of [`rope`]: the rotation back.
+#[derive(Debug)]
+struct RopeBackward;
+
+impl Backward<LibTorch, 1> for RopeBackward {
+    type State = RopeTables;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [Some(node)] = ops.parents else { return };
+        let dy = grads.consume::<LibTorch>(&ops.node).tensor;
+        let dx = tch::no_grad(|| rope_forward(&dy, &ops.state, true));
+        grads.register::<LibTorch>(node.id, TchTensor::new(dx));
+    }
+}
+
+/// Backward of [`cross_entropy_sum`] from the logits, the target ids and the log-sum-exp:
+/// `(softmax − one_hot) · dy`, with one f32 `[n, vocab]` temporary.
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl Backward<LibTorch, 1> for CrossEntropyBackward {
+    type State = (TchTensor, TchTensor, TchTensor);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [Some(node)] = ops.parents else { return };
+        let dy = grads.consume::<LibTorch>(&ops.node).tensor;
+        let (logits, ids, lse) = ops.state;
+        let dx = tch::no_grad(|| {
+            let mut probs = logits.tensor.to_kind(tch::Kind::Float) - &lse.tensor;
+            let _ = probs.exp_();
+            let minus_one = tch::Tensor::full([ids.tensor.size()[0], 1], -1.0, (tch::Kind::Float, probs.device()));
+            let _ = probs.scatter_add_(1, &ids.tensor, &minus_one);
+            let _ = probs.g_mul_(&dy.to_kind(tch::Kind::Float));
+            probs.to_kind(logits.tensor.kind())
+        });
+        grads.register::<LibTorch>(node.id, TchTensor::new(dx));
+    }
+}
+
 impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
+    fn torch_rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self> {
+        let prep = RopeBackward.prepare::<C>([x.node()]).compute_bound().stateful();
+        let y = tch::no_grad(|| rope_forward(&x.into_primitive().tensor, &tables, false));
+        super::finish(prep, tables, TchTensor::new(y))
+    }
+
+    fn torch_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self> {
+        let prep = CrossEntropyBackward.prepare::<C>([logits.node()]).compute_bound().stateful();
+        let logits = logits.into_primitive();
+        let ids = target_ids(&targets, logits.tensor.device());
+        let (total, lse) = tch::no_grad(|| cross_entropy_forward(&logits.tensor, &ids));
+        super::finish(prep, (logits, TchTensor::new(ids), TchTensor::new(lse)), TchTensor::new(total))
+    }
+
     fn torch_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         let prep = RmsNormBackward.prepare::<C>([x.node()]).compute_bound().stateful();
         let (x, weight) = (x.into_primitive(), weight.into_primitive());
