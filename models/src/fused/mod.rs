@@ -964,17 +964,29 @@ mod tests {
     #[cfg(feature = "tch")]
     #[test]
     #[allow(deprecated)]
-    fn attention_on_libtorch_in_bf16_stays_finite_on_padded_rows() {
+    fn attention_on_libtorch_in_bf16_and_f16_stays_finite_on_padded_rows() {
         let device = Device::libtorch();
         let (batch, heads, seq, d) = (2, 2, 6, 16);
         let bias = prefixed_padded_bias(batch, seq, 0, true, &device);
         let qkv = [0; 3].map(|_| random([batch, heads, seq, d], &device));
         let scale = (d as f64).powf(-0.5);
-        let [q, k, v] = qkv.clone().map(|t| t.cast(DType::BF16));
-        let got = attention(&q, &k, &v, &bias, false, scale).unwrap().cast(DType::F32);
-        assert!(got.clone().into_data().to_vec::<f32>().unwrap().iter().all(|x| x.is_finite()));
-        let [q, k, v] = qkv;
-        assert_close("bf16 attention", got, crate::layers::composed_attention(q, k, v, bias, scale), 5e-2);
+        let [q, k, v] = qkv.clone();
+        let want = crate::layers::composed_attention(q, k, v, bias.clone(), scale);
+        for dtype in [DType::BF16, DType::F16] {
+            let [q, k, v] = qkv.clone().map(|t| t.cast(dtype));
+            let got = attention(&q, &k, &v, &bias, false, scale).unwrap().cast(DType::F32);
+            assert!(got.clone().into_data().to_vec::<f32>().unwrap().iter().all(|x| x.is_finite()), "{dtype:?}");
+            // The padded query (query 0 of the second sequence) reads every key through the same
+            // floor: uniform in bf16, whose floor swamps the scores, a softmax of the scores in
+            // f16. No loss reaches it; every other row must follow f32.
+            let rows = |t: &Tensor<4>, b: Range<usize>, q: Range<usize>| t.clone().slice([b, 0..heads, q, 0..d]);
+            for (b, q) in [(0..1, 0..seq), (1..2, 1..seq)] {
+                assert_close(&format!("{dtype:?} attention"), rows(&got, b.clone(), q.clone()), rows(&want, b, q), 5e-2);
+            }
+            if dtype == DType::BF16 {
+                assert_close("bf16 attention, padded query", got, want.clone(), 5e-2);
+            }
+        }
     }
 
     /// The composed loss: `-Σ log_softmax(logits)[target]` in f32.

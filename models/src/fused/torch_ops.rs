@@ -25,12 +25,10 @@ use super::RopeTables;
 use crate::config::RopePairing;
 
 /// `softmax(q kᵀ · scale + bias) v` with LibTorch's fused attention, or `None` where it does
-/// not apply (not LibTorch, f16, or `EMBER_FUSED=0`); then the caller composes it from burn ops.
+/// not apply (not LibTorch, or `EMBER_FUSED=0`); then the caller composes it from burn ops.
 /// `causal`: the bias is the plain causal mask over as many keys as queries (a packed sequence
 /// without a prefix), so LibTorch gets no mask tensor: it skips the masked blocks, and on CUDA may
 /// use flash attention, which takes none.
-///
-/// f16 stays composed: its most negative value cannot hold the f32 mask of a padded row.
 ///
 /// # Shapes
 /// - q: `[batch, heads, seq, head_dim]`
@@ -38,8 +36,7 @@ use crate::config::RopePairing;
 /// - bias: `[batch, 1, seq, keys]`
 /// - output: `[batch, heads, seq, head_dim]`
 pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: &Tensor<4>, causal: bool, scale: f64) -> Option<Tensor<4>> {
-    let applies = on_libtorch(q) && q.dtype() != DType::F16;
-    applies.then(|| {
+    on_libtorch(q).then(|| {
         let [q, k, v, bias] = [q, k, v, bias].map(|t| t.clone().into_dispatch());
         Tensor::from_dispatch(<Dispatch as TorchOps>::torch_attention(q, k, v, bias, causal, scale))
     })
@@ -112,9 +109,14 @@ pub trait TorchOps: Backend {
 /// LibTorch's attention with grouped K/V heads: head `h` reads K/V group `h / (heads / kv_heads)`,
 /// as transformers' `repeat_kv`. `causal`: LibTorch's own causal mask instead of `bias`.
 fn sdpa(q: &tch::Tensor, k: &tch::Tensor, v: &tch::Tensor, bias: &tch::Tensor, causal: bool, scale: f64) -> tch::Tensor {
-    // A padded query's row is all f32::MIN, which rounds to -inf in bf16 (and a row of -inf
-    // is NaN); bf16's most negative finite value is as good a zero probability.
-    let bias = (!causal).then(|| bias.clamp_min(f64::from(half::bf16::MIN)).to_kind(q.kind()));
+    // A padded query's row is all f32::MIN, which rounds to -inf in bf16 and f16 (and a row of
+    // -inf is NaN). Any large finite value is as good a zero probability: bf16's most negative,
+    // or half of f16's, so that adding a score to it stays finite in f16.
+    let floor = match q.kind() {
+        tch::Kind::Half => f64::from(half::f16::MIN) / 2.0,
+        _ => f64::from(half::bf16::MIN),
+    };
+    let bias = (!causal).then(|| bias.clamp_min(floor).to_kind(q.kind()));
     let grouped = q.size()[1] != k.size()[1];
     tch::Tensor::scaled_dot_product_attention(q, k, v, bias.as_ref(), 0.0, bias.is_none(), scale, grouped)
 }
