@@ -285,7 +285,7 @@ pub fn frozen_matmul(x: &Tensor<2>, weight: DenseWeight) -> Option<Tensor<2>> {
 }
 
 /// `softmax(q kᵀ · scale + bias) v` in one fused operation with its own backward: LibTorch's
-/// scaled-dot-product attention, on LibTorch in f32 or bf16. `causal`: `bias` is the plain causal
+/// scaled-dot-product attention, on LibTorch in f32, bf16 or f16. `causal`: `bias` is the plain causal
 /// mask (as many keys as queries), which LibTorch then applies itself. `None` elsewhere: then the
 /// caller composes it from the product, [`attention_softmax`] and the product.
 ///
@@ -767,16 +767,19 @@ mod tests {
         }
     }
 
+    /// RMSNorm from burn ops: `x / √(mean(x²) + eps) · weight`.
+    fn composed_rms_norm(x: &Tensor<3>, weight: &Tensor<1>, eps: f64) -> Tensor<3> {
+        let variance = x.clone().powi_scalar(2).mean_dim(2);
+        x.clone() * (variance + eps).sqrt().recip() * weight.clone().unsqueeze::<3>()
+    }
+
     fn rms_norm_matches_burn_ops_on(device: Device) {
         let weight = random([40], &device);
         check(
             "rms_norm",
             [random([2, 7, 40], &device)],
             |[x]| rms_norm(x, &weight, 1e-5).unwrap(),
-            |[x]| {
-                let variance = x.clone().powi_scalar(2).mean_dim(2);
-                x.clone() * (variance + 1e-5).sqrt().recip() * weight.clone().unsqueeze::<3>()
-            },
+            |[x]| composed_rms_norm(x, &weight, 1e-5),
         );
     }
 
@@ -876,10 +879,7 @@ mod tests {
             "rms_norm",
             &x,
             |x| rms_norm(x, &weight.clone().cast(DType::BF16), 1e-5).unwrap(),
-            |x| {
-                let variance = x.clone().powi_scalar(2).mean_dim(2);
-                x.clone() * (variance + 1e-5).sqrt().recip() * weight.clone().unsqueeze::<3>()
-            },
+            |x| composed_rms_norm(x, &weight, 1e-5),
         );
         bf16_follows_f32("swiglu", &x, |x| swiglu(x, &up.clone().cast(DType::BF16)).unwrap(), |x| silu(x.clone()) * up.clone());
     }
@@ -1119,13 +1119,7 @@ mod tests {
         let x = random([1, 3, 8], &device);
         let weight = random([8], &device);
         let y = rms_norm(&x, &weight, 1e-6).unwrap();
-        let variance = x.clone().powi_scalar(2).mean_dim(2);
-        assert_close(
-            "plain rms_norm",
-            y,
-            x.clone() * (variance + 1e-6).sqrt().recip() * weight.clone().unsqueeze::<3>(),
-            2e-6,
-        );
+        assert_close("plain rms_norm", y, composed_rms_norm(&x, &weight, 1e-6), 2e-6);
         assert!(rms_norm(&x.clone().cast(DType::BF16), &weight, 1e-6).is_none());
         let trained = Tensor::<1>::ones([8], &device.clone().autodiff()).require_grad();
         assert!(rms_norm(&x.clone().to_device(&trained.device()), &trained, 1e-6).is_none());

@@ -217,6 +217,15 @@ impl Backward<LibTorch, 3> for TorchAttentionBackward {
     }
 }
 
+/// Backward step of a one-input operation: registers `dx(dy, state)`, computed outside LibTorch's
+/// autograd, as the input's gradient when the input is tracked.
+fn input_backward<S>(ops: Ops<S, 1>, grads: &mut Gradients, dx: impl FnOnce(tch::Tensor, S) -> tch::Tensor) {
+    let [Some(node)] = ops.parents else { return };
+    let dy = grads.consume::<LibTorch>(&ops.node).tensor;
+    let dx = tch::no_grad(|| dx(dy, ops.state));
+    grads.register::<LibTorch>(node.id, TchTensor::new(dx));
+}
+
 /// Backward of [`rms_norm`] from `x`, the weight and `1/rms`.
 #[derive(Debug)]
 struct RmsNormBackward;
@@ -225,17 +234,13 @@ impl Backward<LibTorch, 1> for RmsNormBackward {
     type State = (TchTensor, TchTensor, TchTensor);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [Some(node)] = ops.parents else { return };
-        let dy = grads.consume::<LibTorch>(&ops.node).tensor;
-        let (x, weight, inv_rms) = ops.state;
-        let dx = tch::no_grad(|| {
+        input_backward(ops, grads, |dy, (x, weight, inv_rms)| {
             // d(normed) in f32, then through x̂ = x / rms: (g - x̂ · mean(g · x̂)) / rms.
             let g = (dy * &weight.tensor).to_kind(tch::Kind::Float);
             let x_hat = x.tensor.to_kind(tch::Kind::Float) * &inv_rms.tensor;
             let mean = (&g * &x_hat).mean_dim(-1, true, tch::Kind::Float);
             (g.addcmul(&x_hat, &-mean) * &inv_rms.tensor).to_kind(x.tensor.kind())
         });
-        grads.register::<LibTorch>(node.id, TchTensor::new(dx));
     }
 }
 
@@ -269,10 +274,7 @@ impl Backward<LibTorch, 1> for RopeBackward {
     type State = RopeTables;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [Some(node)] = ops.parents else { return };
-        let dy = grads.consume::<LibTorch>(&ops.node).tensor;
-        let dx = tch::no_grad(|| rope_forward(&dy, &ops.state, true));
-        grads.register::<LibTorch>(node.id, TchTensor::new(dx));
+        input_backward(ops, grads, |dy, tables| rope_forward(&dy, &tables, true));
     }
 }
 
@@ -285,10 +287,7 @@ impl Backward<LibTorch, 1> for CrossEntropyBackward {
     type State = (TchTensor, TchTensor, TchTensor);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [Some(node)] = ops.parents else { return };
-        let dy = grads.consume::<LibTorch>(&ops.node).tensor;
-        let (logits, ids, lse) = ops.state;
-        let dx = tch::no_grad(|| {
+        input_backward(ops, grads, |dy, (logits, ids, lse)| {
             let mut probs = logits.tensor.to_kind(tch::Kind::Float) - &lse.tensor;
             let _ = probs.exp_();
             let minus_one = tch::Tensor::full([ids.tensor.size()[0], 1], -1.0, (tch::Kind::Float, probs.device()));
@@ -296,7 +295,6 @@ impl Backward<LibTorch, 1> for CrossEntropyBackward {
             let _ = probs.g_mul_(&dy.to_kind(tch::Kind::Float));
             probs.to_kind(logits.tensor.kind())
         });
-        grads.register::<LibTorch>(node.id, TchTensor::new(dx));
     }
 }
 
