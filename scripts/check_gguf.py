@@ -1,7 +1,8 @@
 """CI: ember's GGUF files read back by the Python `gguf` package (PyPI), the reader of
-llama.cpp's own tools. Checks the tiny fixture's export (f32, q8_0) and LoRA adapter export.
+llama.cpp's own tools. Checks the tiny fixture's export (f32, q8_0), the LoRA adapter export,
+and a Q4_K_M export of a 256-wide model (`wide/`, its f32 folder).
 
-    python scripts/check_gguf.py <folder with tiny-f32.gguf, tiny-q8_0.gguf, lora.gguf> <tiny_llama folder>
+    python scripts/check_gguf.py <folder with tiny-f32.gguf, tiny-q8_0.gguf, lora.gguf, wide/, wide-q4_k_m.gguf> <tiny_llama folder>
 """
 import json
 import sys
@@ -52,6 +53,25 @@ def main():
     names = sorted(t.name for t in lora.tensors)
     assert len(names) == 16 and names[0] == "blk.0.attn_k.weight.lora_a", names
     print(f"gguf lora: {len(names)} tensors, alpha 16, ok")
+
+    # Q4_K_M: llama-quantize's types, and gguf-py's dequantization within each type's step.
+    wide = safetensors_f32(f"{out}/wide/model.safetensors")
+    reader = GGUFReader(f"{out}/wide-q4_k_m.gguf")
+    assert int(field(reader, "general.file_type")) == 15
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    expected = {"blk.0.attn_q.weight": "Q4_K", "blk.0.attn_v.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K",
+                "token_embd.weight": "Q4_K", "output.weight": "Q6_K", "output_norm.weight": "F32"}
+    assert all(kinds[n] == k for n, k in expected.items()), kinds
+    by_gguf = {"blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight", "blk.0.ffn_up.weight": "model.layers.0.mlp.up_proj.weight",
+               "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight", "output.weight": "lm_head.weight"}
+    tensors = {t.name: t for t in reader.tensors}
+    for name, key in by_gguf.items():
+        t = tensors[name]
+        values = dequantize(t.data, t.tensor_type).reshape(wide[key].shape)
+        scale = np.abs(wide[key]).max()
+        worst = np.abs(values - wide[key]).max()
+        assert worst <= (0.12 if kinds[name] == "Q4_K" else 0.03) * scale, (name, kinds[name], worst, scale)
+    print(f"gguf q4_k_m: {dict(sorted((k, list(kinds.values()).count(k)) for k in set(kinds.values())))}, values ok")
 
 
 if __name__ == "__main__":

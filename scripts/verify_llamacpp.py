@@ -26,6 +26,10 @@
     tiny_llama's vocabulary exported under each, the ids of ember's GGUF tokenizer equal
     llama.cpp's on texts with digits, contractions, newlines, case runs, slashes, CJK, Hangul and
     full-width forms.
+(l) ember's own Q4_K_M and Q6_K files (`export gguf --type q4_k_m|q6_k`) against llama.cpp's
+    quantizer run on ember's f32 export of the same model (SmolLM2, and a 256-wide tiny LLaMA
+    whose rows fill whole super-blocks): the type of every tensor, its bytes, and the perplexity
+    of both files in llama.cpp.
 (k) the GLM family as llama.cpp's `chatglm`: seeded random tiny models with the real
     vocabularies (../shared/fixtures/tokenizers): ChatGLM3's layout (fused query_key_value,
     SentencePiece tokenizer.model with THUDM's specials) and HF-native `glm` with GLM-4's tiktoken
@@ -424,6 +428,9 @@ def main():
     # (j) pre-tokenizers: ember's GGUF tokenizer against llama.cpp's on the same file.
     report.extend(verify_pre_tokenizers(ember, base, work))
 
+    # (l) ember's K-quant mixtures against llama.cpp's quantizer.
+    report.extend(verify_k_quants(ember, {"SmolLM2": base, "256-wide tiny LLaMA": wide_tiny_llama(ember, work)}, work, examples))
+
     # (k) the GLM family as llama.cpp's chatglm.
     if args.reference_python and args.tokenizers:
         report.extend(verify_glm(args, ember, work))
@@ -433,6 +440,57 @@ def main():
     print("\n==== verify-llamacpp report ====")
     for line in report:
         print(line)
+
+
+def wide_tiny_llama(ember, work):
+    """A 256-wide one-layer LLaMA folder: the K-quant fixture imported as f32."""
+    folder = os.path.join(work, "tiny-wide")
+    fixture = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "ggml_quants", "tiny_llama_kquants.gguf")
+    run([ember, "import", "gguf", fixture, "--out", folder])
+    return folder
+
+
+def verify_k_quants(ember, models, work, examples):
+    """(l): per model and type, one line: tensors whose type and bytes equal llama.cpp's quantizer
+    on ember's f32 export, and both files' perplexity on `examples` (SmolLM2 only)."""
+    import gguf
+    import llama_cpp
+    from llama_cpp import Llama
+    lines = []
+    for label, model in models.items():
+        f32 = os.path.join(work, f"k-{os.path.basename(model)}-f32.gguf")
+        run([ember, "export", "gguf", "--base", model, "--out", f32, "--type", "f32", "--pre", "gpt-2"] if "wide" in label else
+            [ember, "export", "gguf", "--base", model, "--out", f32, "--type", "f32"])
+        for ty, ftype in (("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M), ("q6_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K)):
+            ours, theirs = (os.path.join(work, f"k-{os.path.basename(model)}-{ty}-{who}.gguf") for who in ("ember", "llamacpp"))
+            run([ember, "export", "gguf", "--base", model, "--out", ours, "--type", ty] + (["--pre", "gpt-2"] if "wide" in label else []))
+            llama_quantize(f32, theirs, ftype)
+            a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+            b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+            same_type = sum(a[n].tensor_type == b[n].tensor_type for n in b)
+            same_bytes = sum(a[n].tensor_type == b[n].tensor_type and np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8)) for n in b)
+            kinds = {}
+            for t in a.values():
+                kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+            differing = [n for n in b if a[n].tensor_type == b[n].tensor_type
+                         and not np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8))]
+            detail = ""
+            if differing:
+                n = differing[0]
+                x, y = np.asarray(a[n].data).view(np.uint8).ravel(), np.asarray(b[n].data).view(np.uint8).ravel()
+                detail = f"; first differing tensor {n}: {int((x != y).sum())} of {x.size} bytes differ"
+            line = (f"(l) {label} {ty}: ember wrote {dict(sorted(kinds.items()))} ({os.path.getsize(ours) / 1e6:.1f} MB, llama.cpp's {os.path.getsize(theirs) / 1e6:.1f} MB); "
+                    f"same type as llama.cpp's quantizer {same_type}/{len(b)} tensors, same bytes {same_bytes}/{len(b)}{detail}")
+            if label == "SmolLM2" and examples:
+                ppl = []
+                for path in (ours, theirs):
+                    llm = Llama(model_path=path, n_ctx=512, logits_all=True, verbose=False)
+                    ppl.append(perplexity(llm, examples))
+                    del llm
+                line += f"; perplexity (50 records) ember's file {ppl[0]:.4f}, llama.cpp's {ppl[1]:.4f}"
+            lines.append(line)
+            print(line, flush=True)
+    return lines
 
 
 def verify_pre_tokenizers(ember, base, work):

@@ -393,7 +393,8 @@ enum ExportCommand {
     /// tokenizer, q/k rows in its order.
     ///
     /// Vectors stay f32; q8_0 / q4_0 quantize every matrix whose rows fill 32-value blocks
-    /// (others f16). Streamed tensor by tensor; the file appears only complete.
+    /// (others f16); q4_k_m / q6_k are llama-quantize's mixtures, tensor for tensor. Streamed
+    /// tensor by tensor; the file appears only complete.
     Gguf {
         /// Base model folder.
         #[arg(long)]
@@ -404,7 +405,7 @@ enum ExportCommand {
         /// The .gguf file to write.
         #[arg(long)]
         out: PathBuf,
-        /// f32, f16, bf16, q8_0 or q4_0.
+        /// f32, f16, bf16, q8_0, q4_0, q6_k or q4_k_m.
         #[arg(long = "type", default_value = "f16")]
         ty: String,
         /// llama.cpp's pre-tokenizer (`tokenizer.ggml.pre`) for a byte-level BPE tokenizer it
@@ -482,18 +483,17 @@ fn merge(base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Pat
 }
 
 fn export(command: ExportCommand) -> anyhow::Result<()> {
-    use ember_models::gguf_write::TensorType;
-    let parse = |ty: &str| TensorType::parse(ty).ok_or_else(|| bad_input(anyhow::anyhow!("--type '{ty}': expected f32, f16, bf16, q8_0 or q4_0")));
+    use ember_models::gguf_write::{ExportType, TensorType};
     let started = std::time::Instant::now();
     let (summary, out) = match command {
         ExportCommand::Gguf { base, adapter, out, ty, pre } => {
-            (ember_trainer::export::export_gguf(&base, adapter.as_deref(), &out, parse(&ty)?, pre.as_deref())?, out)
+            let ty = ExportType::parse(&ty).ok_or_else(|| bad_input(anyhow::anyhow!("--type '{ty}': expected {}", ExportType::NAMES)))?;
+            (ember_trainer::export::export_gguf(&base, adapter.as_deref(), &out, ty, pre.as_deref())?, out)
         }
         ExportCommand::GgufLora { base, adapter, out, ty } => {
-            let ty = parse(&ty)?;
-            if ty == TensorType::Q4_0 {
-                return Err(bad_input(anyhow::anyhow!("--type q4_0: llama.cpp's LoRA adapters take f32, f16, bf16 or q8_0")));
-            }
+            let ty = TensorType::parse(&ty)
+                .filter(|ty| *ty != TensorType::Q4_0)
+                .ok_or_else(|| bad_input(anyhow::anyhow!("--type '{ty}': llama.cpp's LoRA adapters take f32, f16, bf16 or q8_0")))?;
             (ember_trainer::export::export_gguf_lora(&base, &adapter, &out, ty)?, out)
         }
     };

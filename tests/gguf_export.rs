@@ -61,6 +61,49 @@ fn f32_round_trips_bit_for_bit_and_quantized_types_stay_within_their_step() {
     }
 }
 
+/// llama-quantize's Q4_K_M and Q6_K: each tensor gets the type llama.cpp gives it, and its blocks
+/// come back (`ember import gguf`) within their steps. The K-quant fixture imported as f32 is 256
+/// wide, so its rows fill whole super-blocks; tiny_llama's 64 and 176 fall back.
+#[test]
+fn k_quant_mixtures_choose_llama_cpps_types_and_decode_within_their_steps() {
+    use ember_models::gguf::GgmlType::{self, F16, F32, Q4_K, Q5_0, Q6_K, Q8_0};
+    let dir = tempfile::tempdir().unwrap();
+    let wide = dir.path().join("wide");
+    let kquants = fixture("ggml_quants/tiny_llama_kquants.gguf");
+    let output = ember(&["import", "gguf", kquants.to_str().unwrap(), "--out", wide.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // One layer: llama.cpp's use_more_bits picks it (it is in the last eighth).
+    let wide_q4_k_m: &[(&str, GgmlType)] = &[("blk.0.attn_q.weight", Q4_K), ("blk.0.attn_v.weight", Q6_K), ("blk.0.ffn_down.weight", Q6_K),
+        ("blk.0.ffn_up.weight", Q4_K), ("token_embd.weight", Q4_K), ("output.weight", Q6_K), ("blk.0.attn_norm.weight", F32)];
+    let wide_q6_k: &[(&str, GgmlType)] = &[("blk.0.attn_q.weight", Q6_K), ("blk.0.ffn_up.weight", Q6_K), ("token_embd.weight", Q6_K), ("output.weight", Q6_K)];
+    // 64 columns: Q4_K -> Q5_0, the output Q8_0; down_proj's 176 are not whole 32-value blocks.
+    let narrow_q4_k_m: &[(&str, GgmlType)] = &[("blk.1.attn_q.weight", Q5_0), ("blk.1.attn_v.weight", Q8_0), ("blk.1.ffn_down.weight", F16),
+        ("token_embd.weight", Q5_0), ("output.weight", Q8_0)];
+    let narrow = fixture("tiny_llama");
+    for (base, ty, file_type, expected, tolerance) in
+        [(&wide, "q4_k_m", 15, wide_q4_k_m, 0.12f32), (&wide, "q6_k", 18, wide_q6_k, 0.03), (&narrow, "q4_k_m", 15, narrow_q4_k_m, 0.07)]
+    {
+        let gguf = dir.path().join(format!("{ty}.gguf"));
+        export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", ty, "--pre", "gpt-2"]);
+        let file = GgufFile::open(&gguf).unwrap();
+        assert_eq!(file.metadata.get("general.file_type").unwrap(), file_type, "{ty}");
+        for (name, kind) in expected {
+            assert_eq!(file.tensor(name).unwrap_or_else(|| panic!("{name}")).ggml_type, *kind, "{ty} {name}");
+        }
+        let back = dir.path().join(format!("imported-{ty}"));
+        let output = ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let original = f32_tensors(&base.join("model.safetensors"));
+        let imported = f32_tensors(&back.join("model.safetensors"));
+        assert_eq!(imported.len(), original.len(), "{ty}");
+        for ((name, a), (_, b)) in original.iter().zip(&imported) {
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst <= tolerance * scale, "{ty} {name}: max |diff| {worst} > {tolerance} x {scale}");
+        }
+    }
+}
+
 #[test]
 fn lora_adapter_keeps_peft_shapes_with_q_k_rows_permuted() {
     let dir = tempfile::tempdir().unwrap();
@@ -346,7 +389,12 @@ fn what_llama_cpp_cannot_take_is_one_error_line() {
         &["modules_to_save"],
     );
     assert_bad_input(&ember(&["export", "gguf", "--base", llama.to_str().unwrap(), "--out", out]), &["--pre"]);
-    assert_bad_input(&ember(&["export", "gguf", "--base", llama.to_str().unwrap(), "--out", out, "--type", "q5_k"]), &["--type 'q5_k'"]);
+    assert_bad_input(&ember(&["export", "gguf", "--base", llama.to_str().unwrap(), "--out", out, "--type", "q5_k"]), &["--type 'q5_k'", "q4_k_m"]);
+    let lora = fixture("tiny_llama/adapters/lora");
+    assert_bad_input(
+        &ember(&["export", "gguf-lora", "--base", llama.to_str().unwrap(), "--adapter", lora.to_str().unwrap(), "--out", out, "--type", "q4_k_m"]),
+        &["--type 'q4_k_m'", "f32, f16, bf16 or q8_0"],
+    );
     assert!(!Path::new(out).exists());
 }
 

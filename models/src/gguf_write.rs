@@ -1,6 +1,7 @@
 //! Writing GGUF files for llama.cpp: the container (version 3), ggml's F16 / BF16 / Q8_0 / Q4_0
-//! encodings, llama.cpp's tensor names (q/k rows in its order where its architecture wants
-//! them), and the metadata and tokenizer its loader reads.
+//! encodings and llama-quantize's Q4_K_M and Q6_K mixtures ([`crate::kquants`]), llama.cpp's
+//! tensor names (q/k rows in its order where its architecture wants them), and the metadata and
+//! tokenizer its loader reads.
 //!
 //! Tensors are produced one at a time by the caller and streamed into a temporary file that is
 //! renamed into place at the end: a GGUF never exists half-written, and memory holds one tensor.
@@ -34,7 +35,8 @@ pub enum MetaValue {
     I32s(Vec<i32>),
 }
 
-/// How a tensor's values are stored.
+/// How a tensor's values are stored (ggml's names).
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TensorType {
     F32,
@@ -42,6 +44,9 @@ pub enum TensorType {
     Bf16,
     Q8_0,
     Q4_0,
+    Q5_0,
+    Q4_K,
+    Q6_K,
 }
 
 impl TensorType {
@@ -61,46 +66,63 @@ impl TensorType {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q4_0 => 2,
+            Self::Q5_0 => 6,
             Self::Q8_0 => 8,
+            Self::Q4_K => 12,
+            Self::Q6_K => 14,
             Self::Bf16 => 30,
         }
     }
 
     /// llama.cpp's `general.file_type` for a model mostly of this type.
-    pub fn file_type(self) -> u32 {
+    fn file_type(self) -> u32 {
         match self {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q8_0 => 7,
+            Self::Q5_0 => 8,
+            Self::Q4_K => 14,
+            Self::Q6_K => 18,
             Self::Bf16 => 32,
         }
     }
 
-    /// Values per block (32 for the quantized types) and bytes per block.
+    /// Values per block and bytes per block.
     fn block(self) -> (usize, usize) {
         match self {
             Self::F32 => (1, 4),
             Self::F16 | Self::Bf16 => (1, 2),
             Self::Q8_0 => (32, 34),
             Self::Q4_0 => (32, 18),
+            Self::Q5_0 => (32, 22),
+            Self::Q4_K => (256, 144),
+            Self::Q6_K => (256, 210),
         }
     }
 
     pub fn quantized(self) -> bool {
-        matches!(self, Self::Q8_0 | Self::Q4_0)
+        self.block().0 > 1
     }
 
     /// The type a tensor of `shape` gets when the file's type is `self`: vectors stay F32 (as
-    /// llama.cpp's converter keeps them), and rows that do not fill whole blocks are F16.
+    /// llama.cpp's converter keeps them); rows that do not fill whole blocks fall back as
+    /// llama-quantize does (Q4_K to Q5_0, Q6_K to Q8_0, then to F16).
     pub fn for_shape(self, shape: &[usize]) -> Self {
         if shape.len() < 2 {
             return Self::F32;
         }
-        if self.quantized() && shape.last().is_some_and(|&cols| cols % 32 != 0) {
-            return Self::F16;
+        let cols = shape.last().copied().unwrap_or(0);
+        let fits = |ty: Self| cols % ty.block().0 == 0;
+        let fallback = match self {
+            Self::Q4_K => Self::Q5_0,
+            Self::Q6_K => Self::Q8_0,
+            other => other,
+        };
+        match [self, fallback].into_iter().find(|&ty| fits(ty)) {
+            Some(ty) => ty,
+            None => Self::F16,
         }
-        self
     }
 
     fn bytes(self, values: usize) -> usize {
@@ -109,7 +131,74 @@ impl TensorType {
     }
 }
 
-/// `values` in `ty`'s encoding (ggml's reference quantizers for Q8_0 and Q4_0).
+/// What `ember export gguf --type` asks for: one type for every matrix, or llama-quantize's
+/// Q4_K_M mixture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportType {
+    Uniform(TensorType),
+    /// Q4_K, with Q6_K for the output (the tied embedding too) and, in the layers
+    /// llama.cpp's `use_more_bits` picks (the first and last eighth, every third between),
+    /// for attn_v and ffn_down.
+    Q4KM,
+}
+
+impl ExportType {
+    pub const NAMES: &str = "f32, f16, bf16, q8_0, q4_0, q6_k or q4_k_m";
+
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "q4_k_m" => Some(Self::Q4KM),
+            "q6_k" => Some(Self::Uniform(TensorType::Q6_K)),
+            other => TensorType::parse(other).map(Self::Uniform),
+        }
+    }
+
+    /// llama.cpp's `general.file_type` (its `LLAMA_FTYPE_*`).
+    pub fn file_type(self) -> u32 {
+        match self {
+            Self::Uniform(ty) => ty.file_type(),
+            Self::Q4KM => 15,
+        }
+    }
+
+    pub fn quantized(self) -> bool {
+        match self {
+            Self::Uniform(ty) => ty.quantized(),
+            Self::Q4KM => true,
+        }
+    }
+
+    /// The type of the GGUF tensor `name` of `shape` in a model of `layers` blocks whose output
+    /// is the token embedding when `tied` (no `output.weight`).
+    pub fn tensor_type(self, name: &str, shape: &[usize], layers: usize, tied: bool) -> TensorType {
+        let ty = match self {
+            Self::Uniform(ty) => ty,
+            Self::Q4KM => {
+                let output = name == "output.weight" || (tied && name == "token_embd.weight");
+                let layer = name.strip_prefix("blk.").and_then(|rest| rest.split_once('.')).and_then(|(i, _)| i.parse().ok());
+                let sensitive = ["attn_v.weight", "attn_qkv.weight", "ffn_down.weight"].iter().any(|suffix| name.ends_with(suffix));
+                if output {
+                    // llama.cpp checks the output's rows against Q4_K's blocks, not Q6_K's.
+                    if shape.last().is_some_and(|cols| cols % 256 != 0) { TensorType::Q8_0 } else { TensorType::Q6_K }
+                } else if sensitive && layer.is_some_and(|i| more_bits(i, layers)) {
+                    TensorType::Q6_K
+                } else {
+                    TensorType::Q4_K
+                }
+            }
+        };
+        ty.for_shape(shape)
+    }
+}
+
+/// llama.cpp's `use_more_bits`: the layers a K-quant mixture gives more bits.
+fn more_bits(layer: usize, layers: usize) -> bool {
+    let (i, n) = (layer as i64, layers as i64);
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
+}
+
+/// `values` in `ty`'s encoding (ggml's reference quantizers, as llama-quantize without an
+/// importance matrix).
 pub fn encode(ty: TensorType, values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(ty.bytes(values.len()));
     match ty {
@@ -138,6 +227,9 @@ pub fn encode(ty: TensorType, values: &[f32]) -> Vec<u8> {
                 out.extend((0..16).map(|j| q(block[j]) | q(block[j + 16]) << 4));
             }
         }
+        TensorType::Q5_0 => out = crate::kquants::encode_q5_0(values),
+        TensorType::Q4_K => out = crate::kquants::encode_q4_k(values),
+        TensorType::Q6_K => out = crate::kquants::encode_q6_k(values),
     }
     out
 }
@@ -279,7 +371,7 @@ pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> V
 }
 
 /// llama.cpp's hyperparameters of a model of `arch`.
-pub fn hyperparameters(config: &ModelConfig, arch: GgufArch, name: &str, file_type: TensorType) -> Vec<(String, MetaValue)> {
+pub fn hyperparameters(config: &ModelConfig, arch: GgufArch, name: &str, file_type: ExportType) -> Vec<(String, MetaValue)> {
     let key = |k: &str| format!("{}.{k}", arch.name());
     let mut meta = vec![
         ("general.architecture".into(), MetaValue::Str(arch.name().into())),
@@ -533,5 +625,29 @@ mod tests {
         assert_eq!(TensorType::Q4_0.for_shape(&[64]), TensorType::F32);
         assert_eq!(TensorType::Q4_0.for_shape(&[64, 48]), TensorType::F16);
         assert_eq!(TensorType::Q8_0.for_shape(&[64, 64]), TensorType::Q8_0);
+        // K-quants fall back as llama-quantize does: Q4_K to Q5_0, Q6_K to Q8_0, then F16.
+        assert_eq!(TensorType::Q4_K.for_shape(&[64, 576]), TensorType::Q5_0);
+        assert_eq!(TensorType::Q6_K.for_shape(&[64, 576]), TensorType::Q8_0);
+        assert_eq!(TensorType::Q4_K.for_shape(&[64, 176]), TensorType::F16);
+        assert_eq!(TensorType::Q4_K.for_shape(&[64, 1536]), TensorType::Q4_K);
+    }
+
+    #[test]
+    fn q4_k_m_gives_the_output_and_llama_cpps_layers_more_bits() {
+        let ty = |name: &str, cols: usize, tied: bool| ExportType::Q4KM.tensor_type(name, &[1024, cols], 32, tied);
+        // 32 layers: the first 4, the last 4 and every third from layer 6 (4 + 2).
+        let more: Vec<usize> = (0..32).filter(|&i| ty(&format!("blk.{i}.attn_v.weight"), 4096, false) == TensorType::Q6_K).collect();
+        assert_eq!(more, [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
+        assert_eq!(ty("blk.6.ffn_down.weight", 2880, false), TensorType::Q8_0, "rows of 2,880: Q6_K falls back");
+        assert_eq!(ty("blk.6.ffn_down.weight", 14336, false), TensorType::Q6_K);
+        assert_eq!(ty("blk.7.ffn_down.weight", 14336, false), TensorType::Q4_K);
+        assert_eq!(ty("blk.6.attn_q.weight", 4096, false), TensorType::Q4_K);
+        assert_eq!(ty("output.weight", 4096, false), TensorType::Q6_K);
+        assert_eq!(ty("token_embd.weight", 4096, false), TensorType::Q4_K);
+        assert_eq!(ty("token_embd.weight", 4096, true), TensorType::Q6_K, "a tied embedding is the output");
+        assert_eq!(ty("token_embd.weight", 576, true), TensorType::Q8_0);
+        assert_eq!(ExportType::Q4KM.tensor_type("blk.0.attn_norm.weight", &[4096], 32, false), TensorType::F32);
+        assert_eq!(ExportType::parse("q4_k_m").unwrap().file_type(), 15);
+        assert_eq!(ExportType::parse("q6_k").unwrap().file_type(), 18);
     }
 }

@@ -11,7 +11,7 @@ use ember_adapters::lora::peft::PeftBranches;
 use ember_adapters::{AdapterFolder, Method};
 use ember_models::family::{KeyLayout, Role, check_checkpoint, expected_tensors};
 use ember_models::gguf::GgufArch;
-use ember_models::gguf_write::{self, MetaValue, TensorSpec, TensorType};
+use ember_models::gguf_write::{self, ExportType, MetaValue, TensorSpec, TensorType};
 use ember_models::{Checkpoint, LoadDtype, LoadError, ModelConfig};
 
 use crate::merge::MergeError;
@@ -38,7 +38,7 @@ fn permute_heads(role: Option<Role>, config: &ModelConfig, arch: GgufArch) -> Op
 
 /// `base_dir` (merged with `adapter`, if given) as a GGUF file of `ty` at `out`; `pre` names
 /// llama.cpp's pre-tokenizer when it does not recognise a byte-level BPE's.
-pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: TensorType, pre: Option<&str>) -> Result<ExportSummary, MergeError> {
+pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: ExportType, pre: Option<&str>) -> Result<ExportSummary, MergeError> {
     if ember_models::gguf::GgufFile::is_gguf(base_dir) {
         // Merging into quantized blocks would quantize the merged weights a second time.
         return Err(LoadError::Invalid {
@@ -81,7 +81,12 @@ pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Tens
             (Some(merge), true) => merge.output_shape(key, shape),
             _ => shape.to_vec(),
         };
-        plan.push((Some(key.to_string()), TensorSpec { ty: ty.for_shape(&shape), name, shape }, permute_heads(role, &config, arch)));
+        plan.push((Some(key.to_string()), TensorSpec { ty: TensorType::F32, name, shape }, permute_heads(role, &config, arch)));
+    }
+    // Types once every name is known: Q4_K_M treats a tied embedding as the output.
+    let tied = !plan.iter().any(|(_, spec, _)| spec.name == "output.weight");
+    for (_, spec, _) in &mut plan {
+        spec.ty = ty.tensor_type(&spec.name, &spec.shape, config.num_layers, tied);
     }
     plan.sort_by_key(|(_, spec, _)| gguf_order(&spec.name));
     let specs: Vec<TensorSpec> = plan.iter().map(|(_, spec, _)| spec.clone()).collect();

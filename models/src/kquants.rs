@@ -1,0 +1,402 @@
+//! ggml's reference quantizers for Q5_0, Q4_K and Q6_K, as `llama-quantize` runs them without an
+//! importance matrix: the same search for each block's scales, in the same f32 operations, so that
+//! ember's Q4_K_M file holds the blocks llama.cpp would write from the same f32 weights.
+//!
+//! Layouts (little-endian, one block after another):
+//! - Q5_0, 32 values in 22 bytes: f16 `d`, a u32 of fifth bits (bit `j` for value `j`), 16 bytes
+//!   of low nibbles (value `j` low, value `j + 16` high); value = `(q − 16)·d`.
+//! - Q4_K, 256 values in 144 bytes: f16 `d`, f16 `dmin`, eight 6-bit scales and minimums packed
+//!   in 12 bytes, 128 bytes of nibbles (per 64 values: the first 32 low, the next 32 high);
+//!   value = `d·sc·q − dmin·m` per 32-value sub-block.
+//! - Q6_K, 256 values in 210 bytes: 128 bytes of low nibbles, 64 of high bit pairs, sixteen i8
+//!   scales, f16 `d`; value = `d·sc·(q − 32)` per 16-value sub-block.
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Below this a block counts as all zeros (ggml's `GROUP_MAX_EPS`).
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// Values per K-quant super-block.
+pub const QK_K: usize = 256;
+
+/// ggml's `nearest_int`: round half to even (it adds 1.5·2²³ and reads the mantissa).
+fn nearest_int(x: f32) -> i32 {
+    x.round_ties_even() as i32
+}
+
+/// `values` encoded block by block with `encode_block`, blocks of `block` values in `bytes` bytes
+/// each, spread over the threads (blocks are independent).
+fn encode_blocks(values: &[f32], block: usize, bytes: usize, encode_block: impl Fn(&[f32], &mut [u8]) + Sync) -> Vec<u8> {
+    assert_eq!(values.len() % block, 0, "a whole number of {block}-value blocks");
+    let mut out = vec![0u8; values.len() / block * bytes];
+    // Chunks of 64 blocks: enough work per task, and a 7B row of any width splits evenly.
+    out.par_chunks_mut(64 * bytes).zip(values.par_chunks(64 * block)).for_each(|(out, values)| {
+        for (out, values) in out.chunks_mut(bytes).zip(values.chunks(block)) {
+            encode_block(values, out);
+        }
+    });
+    out
+}
+
+/// Q5_0 blocks of `values` (a multiple of 32).
+pub fn encode_q5_0(values: &[f32]) -> Vec<u8> {
+    encode_blocks(values, 32, 22, |x, out| {
+        // d = (the value of largest magnitude) / −16; q = min(31, trunc(x / d + 16.5))
+        let mut amax = 0f32;
+        let mut max = 0f32;
+        for &v in x {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -16.0;
+        let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        let mut high = 0u32;
+        for j in 0..16 {
+            let q0 = ((x[j] * inverse + 16.5) as i8).min(31) as u8;
+            let q1 = ((x[j + 16] * inverse + 16.5) as i8).min(31) as u8;
+            out[6 + j] = (q0 & 0x0F) | (q1 & 0x0F) << 4;
+            high |= u32::from((q0 & 0x10) >> 4) << j;
+            high |= u32::from((q1 & 0x10) >> 4) << (j + 16);
+        }
+        out[2..6].copy_from_slice(&high.to_le_bytes());
+    })
+}
+
+/// ggml's `make_qkx2_quants` for `nmax = 15` over one 32-value sub-block: the scale and minimum
+/// (returned as `(scale, -min)`, the minimum as a non-negative offset) minimising the weighted
+/// squared error, searched over 21 candidate scales around `nmax / (max - min)`; `codes` gets
+/// the sub-block's 4-bit codes.
+fn scale_and_min(x: &[f32], weights: &[f32], codes: &mut [u8]) -> (f32, f32) {
+    const NMAX: i32 = 15;
+    let (rmin, rdelta, steps) = (-1.0f32, 0.1f32, 20);
+    let mut min = x[0];
+    let mut max = x[0];
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..x.len() {
+        min = min.min(x[i]);
+        max = max.max(x[i]);
+        sum_w += weights[i];
+        sum_x += weights[i] * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        codes.fill(0);
+        return (0.0, -min);
+    }
+    let mut iscale = NMAX as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0f32;
+    for i in 0..x.len() {
+        let l = nearest_int(iscale * (x[i] - min)).clamp(0, NMAX);
+        codes[i] = l as u8;
+        let diff = scale * l as f32 + min - x[i];
+        best_error += weights[i] * (diff * diff);
+    }
+    let mut candidate = [0u8; 32];
+    for step in 0..=steps {
+        iscale = (rmin + rdelta * step as f32 + NMAX as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..x.len() {
+            let l = nearest_int(iscale * (x[i] - min)).clamp(0, NMAX);
+            candidate[i] = l as u8;
+            let (w, l) = (weights[i], l as f32);
+            sum_l += w * l;
+            sum_l2 += w * l * l;
+            sum_xl += w * l * x[i];
+        }
+        let det = sum_w * sum_l2 - sum_l * sum_l;
+        if det > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut error = 0f32;
+            for i in 0..x.len() {
+                let diff = this_scale * candidate[i] as f32 + this_min - x[i];
+                error += weights[i] * (diff * diff);
+            }
+            if error < best_error {
+                codes[..x.len()].copy_from_slice(&candidate[..x.len()]);
+                best_error = error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// Sub-block `j`'s 6-bit scale and minimum from Q4_K's 12 packed bytes.
+fn scale_min_k4(j: usize, packed: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (packed[j] & 63, packed[j + 4] & 63)
+    } else {
+        ((packed[j + 4] & 0xF) | ((packed[j - 4] >> 6) << 4), (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4))
+    }
+}
+
+/// Q4_K super-blocks of `values` (a multiple of 256).
+pub fn encode_q4_k(values: &[f32]) -> Vec<u8> {
+    encode_blocks(values, QK_K, 144, |x, out| {
+        let mut codes = [0u8; QK_K];
+        let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
+        let (mut max_scale, mut max_min) = (0f32, 0f32);
+        for j in 0..8 {
+            let sub = &x[32 * j..32 * j + 32];
+            // Weights: the sub-block's RMS plus each value's magnitude.
+            let sum_x2 = sub.iter().fold(0f32, |s, v| s + v * v);
+            let rms = (sum_x2 / 32.0).sqrt();
+            let mut weights = [0f32; 32];
+            weights.iter_mut().zip(sub).for_each(|(w, v)| *w = rms + v.abs());
+            (scales[j], mins[j]) = scale_and_min(sub, &weights, &mut codes[32 * j..32 * j + 32]);
+            if scales[j] > max_scale {
+                max_scale = scales[j];
+            }
+            if mins[j] > max_min {
+                max_min = mins[j];
+            }
+        }
+        // Scales and minimums in 6 bits against the block's f16 `d` and `dmin`.
+        let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+        let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+        let packed = &mut out[4..16];
+        for j in 0..8 {
+            // ggml keeps these in a u8 before clamping: a negative value wraps.
+            let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+            let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+            if j < 4 {
+                packed[j] = ls;
+                packed[j + 4] = lm;
+            } else {
+                packed[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+                packed[j - 4] |= (ls >> 4) << 6;
+                packed[j] |= (lm >> 4) << 6;
+            }
+        }
+        let (d, dmin) = (f16::from_f32(max_scale / 63.0), f16::from_f32(max_min / 63.0));
+        // Codes again against the scales as stored; a zero scale keeps the search's codes.
+        for j in 0..8 {
+            let (sc, m) = scale_min_k4(j, &out[4..16]);
+            let d = d.to_f32() * f32::from(sc);
+            if d == 0.0 {
+                continue;
+            }
+            let dm = dmin.to_f32() * f32::from(m);
+            for i in 32 * j..32 * j + 32 {
+                codes[i] = nearest_int((x[i] + dm) / d).clamp(0, 15) as u8;
+            }
+        }
+        out[0..2].copy_from_slice(&d.to_le_bytes());
+        out[2..4].copy_from_slice(&dmin.to_le_bytes());
+        for (half, nibbles) in out[16..144].chunks_mut(32).enumerate() {
+            let base = 64 * half;
+            for l in 0..32 {
+                nibbles[l] = codes[base + l] | codes[base + l + 32] << 4;
+            }
+        }
+    })
+}
+
+/// ggml's `make_qx_quants` with `rmse_type = 1` for Q6_K (`nmax = 32`) over one 16-value
+/// sub-block: the scale minimising the x²-weighted squared error over 19 candidates around
+/// `−nmax / max`; `codes` gets `q + 32` in `0..64`.
+fn symmetric_scale(x: &[f32], codes: &mut [i8]) -> f32 {
+    const NMAX: i32 = 32;
+    let mut max = 0f32;
+    let mut amax = 0f32;
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        codes.fill(0);
+        return 0.0;
+    }
+    let quantize = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-NMAX, NMAX - 1);
+    let sums = |iscale: f32| {
+        x.iter().fold((0f32, 0f32), |(sum_lx, sum_l2), &v| {
+            let (w, l) = (v * v, quantize(iscale, v) as f32);
+            (sum_lx + w * v * l, sum_l2 + w * l * l)
+        })
+    };
+    let fill = |iscale: f32, codes: &mut [i8]| {
+        for (code, &v) in codes.iter_mut().zip(x) {
+            *code = (quantize(iscale, v) + NMAX) as i8;
+        }
+    };
+    let iscale = -(NMAX as f32) / max;
+    fill(iscale, codes);
+    let (sum_lx, sum_l2) = sums(iscale);
+    let mut scale = if sum_l2 != 0.0 { sum_lx / sum_l2 } else { 0.0 };
+    let mut best = scale * sum_lx;
+    for step in (-9..=9).filter(|&s| s != 0) {
+        let iscale = -(NMAX as f32 + 0.1 * step as f32) / max;
+        let (sum_lx, sum_l2) = sums(iscale);
+        if sum_l2 > 0.0 && sum_lx * sum_lx > best * sum_l2 {
+            fill(iscale, codes);
+            scale = sum_lx / sum_l2;
+            best = scale * sum_lx;
+        }
+    }
+    scale
+}
+
+/// Q6_K super-blocks of `values` (a multiple of 256).
+pub fn encode_q6_k(values: &[f32]) -> Vec<u8> {
+    encode_blocks(values, QK_K, 210, |x, out| {
+        let mut codes = [0i8; QK_K];
+        let mut scales = [0f32; 16];
+        let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
+        for (ib, scale) in scales.iter_mut().enumerate() {
+            *scale = symmetric_scale(&x[16 * ib..16 * ib + 16], &mut codes[16 * ib..16 * ib + 16]);
+            if scale.abs() > max_abs_scale {
+                max_abs_scale = scale.abs();
+                max_scale = *scale;
+            }
+        }
+        if max_abs_scale < GROUP_MAX_EPS {
+            out.fill(0);
+            return;
+        }
+        // Sub-block scales as i8 against the block's f16 `d`; codes again against them.
+        let iscale = -128.0 / max_scale;
+        let d = f16::from_f32(1.0 / iscale);
+        for (ib, scale) in scales.iter().enumerate() {
+            out[192 + ib] = nearest_int(iscale * scale).min(127) as i8 as u8;
+        }
+        for j in 0..16 {
+            let d = d.to_f32() * f32::from(out[192 + j] as i8);
+            if d == 0.0 {
+                continue;
+            }
+            for i in 16 * j..16 * j + 16 {
+                codes[i] = (nearest_int(x[i] / d).clamp(-32, 31) + 32) as i8;
+            }
+        }
+        out[208..210].copy_from_slice(&d.to_le_bytes());
+        // Per 128 values: low nibbles of values l and l+64 share a byte (and l+32, l+96); the
+        // high bit pairs of l, l+32, l+64, l+96 share one.
+        let (low, high) = out[..192].split_at_mut(128);
+        for (half, (low, high)) in low.chunks_mut(64).zip(high.chunks_mut(32)).enumerate() {
+            let q = |i: usize| codes[128 * half + i] as u8;
+            for l in 0..32 {
+                low[l] = (q(l) & 0xF) | (q(l + 64) & 0xF) << 4;
+                low[l + 32] = (q(l + 32) & 0xF) | (q(l + 96) & 0xF) << 4;
+                high[l] = (q(l) >> 4) | (q(l + 32) >> 4) << 2 | (q(l + 64) >> 4) << 4 | (q(l + 96) >> 4) << 6;
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values with a spread of magnitudes, a zero block and an outlier.
+    fn values(n: usize) -> Vec<f32> {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut v: Vec<f32> = (0..n)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                u * (1.0 + (i / 256) as f32 * 0.3)
+            })
+            .collect();
+        v[256..512].fill(0.0);
+        v[700] = 9.0;
+        v
+    }
+
+    /// Dequantized Q4_K, for the test: `d·sc·q − dmin·m`.
+    fn decode_q4_k(bytes: &[u8]) -> Vec<f32> {
+        bytes.chunks(144).flat_map(|b| {
+            let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
+            (0..QK_K).map(move |i| {
+                let (sc, m) = scale_min_k4(i / 32, &b[4..16]);
+                let byte = b[16 + 32 * (i / 64) + i % 32];
+                let q = if i % 64 < 32 { byte & 0xF } else { byte >> 4 };
+                d * f32::from(sc) * f32::from(q) - dmin * f32::from(m)
+            })
+        }).collect()
+    }
+
+    /// Dequantized Q6_K, for the test: `d·sc·(q − 32)`.
+    fn decode_q6_k(bytes: &[u8]) -> Vec<f32> {
+        bytes.chunks(210).flat_map(|b| {
+            let d = f16::from_le_bytes([b[208], b[209]]).to_f32();
+            (0..QK_K).map(move |i| {
+                let (half, l) = (i / 128, i % 128);
+                let low = b[64 * half + l % 64];
+                let low = if l < 64 { low & 0xF } else { low >> 4 };
+                let high = (b[128 + 32 * half + l % 32] >> (2 * (l / 32))) & 3;
+                d * f32::from(b[192 + i / 16] as i8) * (f32::from(low | high << 4) - 32.0)
+            })
+        }).collect()
+    }
+
+    fn worst_relative_error(original: &[f32], decoded: &[f32], block: usize) -> f32 {
+        original.chunks(block).zip(decoded.chunks(block)).map(|(x, y)| {
+            let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let error = x.iter().zip(y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            if scale > 0.0 { error / scale } else { error }
+        }).fold(0f32, f32::max)
+    }
+
+    #[test]
+    fn k_quants_decode_within_their_steps() {
+        let x = values(8 * QK_K);
+        let q4 = encode_q4_k(&x);
+        assert_eq!(q4.len(), 8 * 144);
+        // 4 bits with an offset: half a step of a 15-step range, plus the 6-bit scale rounding.
+        assert!(worst_relative_error(&x, &decode_q4_k(&q4), QK_K) < 0.12);
+        let q6 = encode_q6_k(&x);
+        assert_eq!(q6.len(), 8 * 210);
+        assert!(worst_relative_error(&x, &decode_q6_k(&q6), QK_K) < 0.03);
+        // The zero super-block decodes to zeros.
+        assert!(decode_q4_k(&q4)[256..512].iter().chain(&decode_q6_k(&q6)[256..512]).all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn q5_0_matches_ggml_on_a_hand_checked_block() {
+        // max = -2 (largest magnitude) -> d = 0.125, 1/d = 8: x·8 + 16.5 truncated.
+        let mut x = [0f32; 32];
+        x[0] = -2.0;
+        x[1] = 1.0;
+        x[17] = 0.0625;
+        let bytes = encode_q5_0(&x);
+        assert_eq!(f16::from_le_bytes([bytes[0], bytes[1]]).to_f32(), 0.125);
+        let high = u32::from_le_bytes(bytes[2..6].try_into().unwrap());
+        // q: x0 -> 0, x1 -> 24, zeros -> 16, x17 -> 17.
+        // Byte j: value j's low nibble, then value j + 16's (16: low nibble 0).
+        assert_eq!(bytes[6], 0);
+        assert_eq!(bytes[7], 24 & 0xF | (17 & 0xF) << 4);
+        assert_eq!(high & 1, 0);
+        assert_eq!(high >> 1 & 1, 1);
+        assert_eq!(high >> 17 & 1, 1);
+    }
+
+    #[test]
+    fn nearest_int_rounds_half_to_even_as_ggml() {
+        let ggml = |x: f32| {
+            let v = x + 12_582_912.0f32;
+            (v.to_bits() as i32 & 0x007f_ffff) - 0x0040_0000
+        };
+        for x in [0.5f32, 1.5, 2.5, -0.5, -1.5, 3.49, -7.51, 14.999, 0.0, -0.0, 62.5, 63.5] {
+            assert_eq!(nearest_int(x), ggml(x), "{x}");
+        }
+    }
+}
