@@ -26,8 +26,8 @@
     tiny_llama's vocabulary exported under each, the ids of ember's GGUF tokenizer equal
     llama.cpp's on texts with digits, contractions, newlines, case runs, slashes, CJK, Hangul and
     full-width forms.
-(l) ember's own Q4_K_M and Q6_K files (`export gguf --type q4_k_m|q6_k`) against llama.cpp's
-    quantizer run on ember's f32 export of the same model (SmolLM2, and a 256-wide tiny LLaMA
+(l) ember's own quantized files (`export gguf --type q8_0|q4_0|q6_k|q5_k_m|q4_k_m`) against
+    llama.cpp's quantizer (llama-quantize's file types) run on ember's f32 export of the same model (SmolLM2, and a 256-wide tiny LLaMA
     whose rows fill whole super-blocks): the type of every tensor, its bytes, and the perplexity
     of both files in llama.cpp.
 (k) the GLM family as llama.cpp's `chatglm`: seeded random tiny models with the real
@@ -461,7 +461,9 @@ def verify_k_quants(ember, models, work, examples):
         f32 = os.path.join(work, f"k-{os.path.basename(model)}-f32.gguf")
         run([ember, "export", "gguf", "--base", model, "--out", f32, "--type", "f32", "--pre", "gpt-2"] if "wide" in label else
             [ember, "export", "gguf", "--base", model, "--out", f32, "--type", "f32"])
-        for ty, ftype in (("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M), ("q6_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K)):
+        for ty, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0),
+                          ("q6_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K), ("q5_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M),
+                          ("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
             ours, theirs = (os.path.join(work, f"k-{os.path.basename(model)}-{ty}-{who}.gguf") for who in ("ember", "llamacpp"))
             run([ember, "export", "gguf", "--base", model, "--out", ours, "--type", ty] + (["--pre", "gpt-2"] if "wide" in label else []))
             llama_quantize(f32, theirs, ftype)

@@ -392,9 +392,9 @@ enum ExportCommand {
     /// adapter if one is given, as one GGUF file for llama.cpp / Ollama: llama.cpp's metadata and
     /// tokenizer, q/k rows in its order.
     ///
-    /// Vectors stay f32; q8_0 / q4_0 quantize every matrix whose rows fill 32-value blocks
-    /// (others f16); q4_k_m / q6_k are llama-quantize's mixtures, tensor for tensor. Streamed
-    /// tensor by tensor; the file appears only complete.
+    /// Vectors stay f32; the quantized types give each matrix the type llama-quantize gives it
+    /// (with its fallbacks for rows that are not whole blocks) and ggml's reference quantizer's
+    /// bytes. Streamed tensor by tensor; the file appears only complete.
     Gguf {
         /// Base model folder.
         #[arg(long)]
@@ -405,7 +405,7 @@ enum ExportCommand {
         /// The .gguf file to write.
         #[arg(long)]
         out: PathBuf,
-        /// f32, f16, bf16, q8_0, q4_0, q6_k or q4_k_m.
+        /// f32, f16, bf16, q8_0, q4_0, q6_k, q5_k_m or q4_k_m.
         #[arg(long = "type", default_value = "f16")]
         ty: String,
         /// llama.cpp's pre-tokenizer (`tokenizer.ggml.pre`) for a byte-level BPE tokenizer it

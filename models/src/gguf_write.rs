@@ -1,5 +1,6 @@
 //! Writing GGUF files for llama.cpp: the container (version 3), ggml's F16 / BF16 / Q8_0 / Q4_0
-//! encodings and llama-quantize's Q4_K_M and Q6_K mixtures ([`crate::kquants`]), llama.cpp's
+//! encodings and llama-quantize's choice of types per tensor (Q4_K_M, Q5_K_M, Q6_K;
+//! [`crate::kquants`]), llama.cpp's
 //! tensor names (q/k rows in its order where its architecture wants them), and the metadata and
 //! tokenizer its loader reads.
 //!
@@ -45,11 +46,14 @@ pub enum TensorType {
     Q8_0,
     Q4_0,
     Q5_0,
+    Q5_1,
     Q4_K,
+    Q5_K,
     Q6_K,
 }
 
 impl TensorType {
+    /// The types a LoRA adapter's tensors may take (`export gguf-lora --type`).
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
             "f32" => Self::F32,
@@ -67,24 +71,12 @@ impl TensorType {
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
             Self::Q8_0 => 8,
             Self::Q4_K => 12,
+            Self::Q5_K => 13,
             Self::Q6_K => 14,
             Self::Bf16 => 30,
-        }
-    }
-
-    /// llama.cpp's `general.file_type` for a model mostly of this type.
-    fn file_type(self) -> u32 {
-        match self {
-            Self::F32 => 0,
-            Self::F16 => 1,
-            Self::Q4_0 => 2,
-            Self::Q8_0 => 7,
-            Self::Q5_0 => 8,
-            Self::Q4_K => 14,
-            Self::Q6_K => 18,
-            Self::Bf16 => 32,
         }
     }
 
@@ -96,7 +88,9 @@ impl TensorType {
             Self::Q8_0 => (32, 34),
             Self::Q4_0 => (32, 18),
             Self::Q5_0 => (32, 22),
+            Self::Q5_1 => (32, 24),
             Self::Q4_K => (256, 144),
+            Self::Q5_K => (256, 176),
             Self::Q6_K => (256, 210),
         }
     }
@@ -107,7 +101,7 @@ impl TensorType {
 
     /// The type a tensor of `shape` gets when the file's type is `self`: vectors stay F32 (as
     /// llama.cpp's converter keeps them); rows that do not fill whole blocks fall back as
-    /// llama-quantize does (Q4_K to Q5_0, Q6_K to Q8_0, then to F16).
+    /// llama-quantize does (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, then to F16).
     pub fn for_shape(self, shape: &[usize]) -> Self {
         if shape.len() < 2 {
             return Self::F32;
@@ -116,6 +110,7 @@ impl TensorType {
         let fits = |ty: Self| cols % ty.block().0 == 0;
         let fallback = match self {
             Self::Q4_K => Self::Q5_0,
+            Self::Q5_K => Self::Q5_1,
             Self::Q6_K => Self::Q8_0,
             other => other,
         };
@@ -131,61 +126,90 @@ impl TensorType {
     }
 }
 
-/// What `ember export gguf --type` asks for: one type for every matrix, or llama-quantize's
-/// Q4_K_M mixture.
+/// What `ember export gguf --type` asks for: one of llama.cpp's file types. A quantized one gets
+/// the types llama-quantize gives each tensor: its main type, Q6_K for the output (the tied
+/// embedding too; Q8_0 where its rows are not whole blocks of the main type) and, in Q4_K_M and
+/// Q5_K_M, Q6_K for attn_v and ffn_down in the layers llama.cpp's `use_more_bits` picks (the
+/// first and last eighth, every third between).
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportType {
-    Uniform(TensorType),
-    /// Q4_K, with Q6_K for the output (the tied embedding too) and, in the layers
-    /// llama.cpp's `use_more_bits` picks (the first and last eighth, every third between),
-    /// for attn_v and ffn_down.
-    Q4KM,
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+    Q6_K,
+    Q4_K_M,
+    Q5_K_M,
 }
 
 impl ExportType {
-    pub const NAMES: &str = "f32, f16, bf16, q8_0, q4_0, q6_k or q4_k_m";
+    pub const NAMES: &str = "f32, f16, bf16, q8_0, q4_0, q6_k, q5_k_m or q4_k_m";
 
     pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "q4_k_m" => Some(Self::Q4KM),
-            "q6_k" => Some(Self::Uniform(TensorType::Q6_K)),
-            other => TensorType::parse(other).map(Self::Uniform),
-        }
+        Some(match name {
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::Bf16,
+            "q8_0" => Self::Q8_0,
+            "q4_0" => Self::Q4_0,
+            "q6_k" => Self::Q6_K,
+            "q4_k_m" => Self::Q4_K_M,
+            "q5_k_m" => Self::Q5_K_M,
+            _ => return None,
+        })
     }
 
     /// llama.cpp's `general.file_type` (its `LLAMA_FTYPE_*`).
     pub fn file_type(self) -> u32 {
         match self {
-            Self::Uniform(ty) => ty.file_type(),
-            Self::Q4KM => 15,
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q8_0 => 7,
+            Self::Q4_K_M => 15,
+            Self::Q5_K_M => 17,
+            Self::Q6_K => 18,
+            Self::Bf16 => 32,
+        }
+    }
+
+    /// The type most matrices get.
+    fn main_type(self) -> TensorType {
+        match self {
+            Self::F32 => TensorType::F32,
+            Self::F16 => TensorType::F16,
+            Self::Bf16 => TensorType::Bf16,
+            Self::Q8_0 => TensorType::Q8_0,
+            Self::Q4_0 => TensorType::Q4_0,
+            Self::Q6_K => TensorType::Q6_K,
+            Self::Q4_K_M => TensorType::Q4_K,
+            Self::Q5_K_M => TensorType::Q5_K,
         }
     }
 
     pub fn quantized(self) -> bool {
-        match self {
-            Self::Uniform(ty) => ty.quantized(),
-            Self::Q4KM => true,
-        }
+        self.main_type().quantized()
     }
 
     /// The type of the GGUF tensor `name` of `shape` in a model of `layers` blocks whose output
     /// is the token embedding when `tied` (no `output.weight`).
     pub fn tensor_type(self, name: &str, shape: &[usize], layers: usize, tied: bool) -> TensorType {
-        let ty = match self {
-            Self::Uniform(ty) => ty,
-            Self::Q4KM => {
-                let output = name == "output.weight" || (tied && name == "token_embd.weight");
-                let layer = name.strip_prefix("blk.").and_then(|rest| rest.split_once('.')).and_then(|(i, _)| i.parse().ok());
-                let sensitive = ["attn_v.weight", "attn_qkv.weight", "ffn_down.weight"].iter().any(|suffix| name.ends_with(suffix));
-                if output {
-                    // llama.cpp checks the output's rows against Q4_K's blocks, not Q6_K's.
-                    if shape.last().is_some_and(|cols| cols % 256 != 0) { TensorType::Q8_0 } else { TensorType::Q6_K }
-                } else if sensitive && layer.is_some_and(|i| more_bits(i, layers)) {
-                    TensorType::Q6_K
-                } else {
-                    TensorType::Q4_K
-                }
-            }
+        let main = self.main_type();
+        if !main.quantized() || shape.len() < 2 {
+            return main.for_shape(shape);
+        }
+        let output = name == "output.weight" || (tied && name == "token_embd.weight");
+        let layer = name.strip_prefix("blk.").and_then(|rest| rest.split_once('.')).and_then(|(i, _)| i.parse().ok());
+        let sensitive = ["attn_v.weight", "attn_qkv.weight", "ffn_down.weight"].iter().any(|suffix| name.ends_with(suffix));
+        let ty = if output {
+            let whole_blocks = shape.last().is_some_and(|cols| cols % main.block().0 == 0);
+            if whole_blocks && main != TensorType::Q8_0 { TensorType::Q6_K } else { TensorType::Q8_0 }
+        } else if matches!(self, Self::Q4_K_M | Self::Q5_K_M) && sensitive && layer.is_some_and(|i| more_bits(i, layers)) {
+            TensorType::Q6_K
+        } else {
+            main
         };
         ty.for_shape(shape)
     }
@@ -228,7 +252,9 @@ pub fn encode(ty: TensorType, values: &[f32]) -> Vec<u8> {
             }
         }
         TensorType::Q5_0 => out = crate::kquants::encode_q5_0(values),
+        TensorType::Q5_1 => out = crate::kquants::encode_q5_1(values),
         TensorType::Q4_K => out = crate::kquants::encode_q4_k(values),
+        TensorType::Q5_K => out = crate::kquants::encode_q5_k(values),
         TensorType::Q6_K => out = crate::kquants::encode_q6_k(values),
     }
     out
@@ -634,7 +660,7 @@ mod tests {
 
     #[test]
     fn q4_k_m_gives_the_output_and_llama_cpps_layers_more_bits() {
-        let ty = |name: &str, cols: usize, tied: bool| ExportType::Q4KM.tensor_type(name, &[1024, cols], 32, tied);
+        let ty = |name: &str, cols: usize, tied: bool| ExportType::Q4_K_M.tensor_type(name, &[1024, cols], 32, tied);
         // 32 layers: the first 4, the last 4 and every third from layer 6 (4 + 2).
         let more: Vec<usize> = (0..32).filter(|&i| ty(&format!("blk.{i}.attn_v.weight"), 4096, false) == TensorType::Q6_K).collect();
         assert_eq!(more, [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
@@ -646,8 +672,24 @@ mod tests {
         assert_eq!(ty("token_embd.weight", 4096, false), TensorType::Q4_K);
         assert_eq!(ty("token_embd.weight", 4096, true), TensorType::Q6_K, "a tied embedding is the output");
         assert_eq!(ty("token_embd.weight", 576, true), TensorType::Q8_0);
-        assert_eq!(ExportType::Q4KM.tensor_type("blk.0.attn_norm.weight", &[4096], 32, false), TensorType::F32);
+        assert_eq!(ExportType::Q4_K_M.tensor_type("blk.0.attn_norm.weight", &[4096], 32, false), TensorType::F32);
         assert_eq!(ExportType::parse("q4_k_m").unwrap().file_type(), 15);
         assert_eq!(ExportType::parse("q6_k").unwrap().file_type(), 18);
+    }
+
+    #[test]
+    fn other_file_types_follow_llama_quantize_too() {
+        let ty = |file: &str, name: &str, cols: usize| ExportType::parse(file).unwrap().tensor_type(name, &[1024, cols], 32, false);
+        // Q5_K_M: Q4_K_M's layers at Q6_K, Q5_K elsewhere, Q5_1 where rows are not whole blocks.
+        assert_eq!(ty("q5_k_m", "blk.0.ffn_down.weight", 4096), TensorType::Q6_K);
+        assert_eq!(ty("q5_k_m", "blk.7.ffn_down.weight", 4096), TensorType::Q5_K);
+        assert_eq!(ty("q5_k_m", "blk.7.attn_q.weight", 576), TensorType::Q5_1);
+        // Q4_0 and Q8_0: no layer gets more bits; Q4_0's output is Q6_K, Q8_0's stays Q8_0.
+        assert_eq!(ty("q4_0", "blk.0.attn_v.weight", 4096), TensorType::Q4_0);
+        assert_eq!(ty("q4_0", "output.weight", 4096), TensorType::Q6_K);
+        assert_eq!(ty("q4_0", "output.weight", 576), TensorType::Q8_0);
+        assert_eq!(ty("q8_0", "output.weight", 4096), TensorType::Q8_0);
+        assert_eq!(ty("f16", "output.weight", 4096), TensorType::F16);
+        assert_eq!(ty("q4_0", "output.weight", 48), TensorType::F16);
     }
 }

@@ -1,13 +1,17 @@
-//! ggml's reference quantizers for Q5_0, Q4_K and Q6_K, as `llama-quantize` runs them without an
-//! importance matrix: the same search for each block's scales, in the same f32 operations, so that
-//! ember's Q4_K_M file holds the blocks llama.cpp would write from the same f32 weights.
+//! ggml's reference quantizers for Q5_0, Q5_1, Q4_K, Q5_K and Q6_K, as `llama-quantize` runs them
+//! without an importance matrix: the same search for each block's scales, in the same f32
+//! operations, so that ember's Q4_K_M and Q5_K_M files hold the blocks llama.cpp would write from
+//! the same f32 weights.
 //!
 //! Layouts (little-endian, one block after another):
 //! - Q5_0, 32 values in 22 bytes: f16 `d`, a u32 of fifth bits (bit `j` for value `j`), 16 bytes
 //!   of low nibbles (value `j` low, value `j + 16` high); value = `(q − 16)·d`.
+//! - Q5_1, 32 values in 24 bytes: as Q5_0 with an f16 minimum `m` after `d`; value = `q·d + m`.
 //! - Q4_K, 256 values in 144 bytes: f16 `d`, f16 `dmin`, eight 6-bit scales and minimums packed
 //!   in 12 bytes, 128 bytes of nibbles (per 64 values: the first 32 low, the next 32 high);
 //!   value = `d·sc·q − dmin·m` per 32-value sub-block.
+//! - Q5_K, 256 values in 176 bytes: Q4_K's 16-byte head, 32 bytes of fifth bits (byte `j`, bit
+//!   pair `2k, 2k+1` for values `64k + j` and `64k + 32 + j`), then Q4_K's nibbles.
 //! - Q6_K, 256 values in 210 bytes: 128 bytes of low nibbles, 64 of high bit pairs, sixteen i8
 //!   scales, f16 `d`; value = `d·sc·(q − 32)` per 16-value sub-block.
 
@@ -39,6 +43,19 @@ fn encode_blocks(values: &[f32], block: usize, bytes: usize, encode_block: impl 
     out
 }
 
+/// Five-bit codes of a 32-value block: low nibbles (value `j` low, `j + 16` high) into
+/// `nibbles`, the fifth bits into a u32 (bit `j` for value `j`) into `high`.
+fn pack_five_bits(codes: impl Fn(usize) -> u8, high: &mut [u8], nibbles: &mut [u8]) {
+    let mut bits = 0u32;
+    for j in 0..16 {
+        let (q0, q1) = (codes(j), codes(j + 16));
+        nibbles[j] = (q0 & 0x0F) | (q1 & 0x0F) << 4;
+        bits |= u32::from((q0 & 0x10) >> 4) << j;
+        bits |= u32::from((q1 & 0x10) >> 4) << (j + 16);
+    }
+    high.copy_from_slice(&bits.to_le_bytes());
+}
+
 /// Q5_0 blocks of `values` (a multiple of 32).
 pub fn encode_q5_0(values: &[f32]) -> Vec<u8> {
     encode_blocks(values, 32, 22, |x, out| {
@@ -54,25 +71,43 @@ pub fn encode_q5_0(values: &[f32]) -> Vec<u8> {
         let d = max / -16.0;
         let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
         out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-        let mut high = 0u32;
-        for j in 0..16 {
-            let q0 = ((x[j] * inverse + 16.5) as i8).min(31) as u8;
-            let q1 = ((x[j + 16] * inverse + 16.5) as i8).min(31) as u8;
-            out[6 + j] = (q0 & 0x0F) | (q1 & 0x0F) << 4;
-            high |= u32::from((q0 & 0x10) >> 4) << j;
-            high |= u32::from((q1 & 0x10) >> 4) << (j + 16);
-        }
-        out[2..6].copy_from_slice(&high.to_le_bytes());
+        let (high, nibbles) = out[2..].split_at_mut(4);
+        pack_five_bits(|j| ((x[j] * inverse + 16.5) as i8).min(31) as u8, high, nibbles);
     })
 }
 
-/// ggml's `make_qkx2_quants` for `nmax = 15` over one 32-value sub-block: the scale and minimum
-/// (returned as `(scale, -min)`, the minimum as a non-negative offset) minimising the weighted
-/// squared error, searched over 21 candidate scales around `nmax / (max - min)`; `codes` gets
-/// the sub-block's 4-bit codes.
-fn scale_and_min(x: &[f32], weights: &[f32], codes: &mut [u8]) -> (f32, f32) {
-    const NMAX: i32 = 15;
-    let (rmin, rdelta, steps) = (-1.0f32, 0.1f32, 20);
+/// Q5_1 blocks of `values` (a multiple of 32).
+pub fn encode_q5_1(values: &[f32]) -> Vec<u8> {
+    encode_blocks(values, 32, 24, |x, out| {
+        // d = (max − min) / 31, m = min; q = trunc((x − min) / d + 0.5)
+        let (min, max) = x.iter().fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (if v < lo { v } else { lo }, if v > hi { v } else { hi }));
+        let d = (max - min) / 31.0;
+        let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        out[2..4].copy_from_slice(&f16::from_f32(min).to_le_bytes());
+        let (high, nibbles) = out[4..].split_at_mut(4);
+        pack_five_bits(|j| ((x[j] - min) * inverse + 0.5) as u8, high, nibbles);
+    })
+}
+
+/// How Q4_K and Q5_K search each sub-block's scale: codes `0..=nmax`, candidates
+/// `(rmin + 0.1·step + nmax) / (max − min)` for `step` in `0..=steps`.
+#[derive(Clone, Copy)]
+struct ScaleSearch {
+    nmax: i32,
+    rmin: f32,
+    steps: i32,
+}
+
+const Q4_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 15, rmin: -1.0, steps: 20 };
+const Q5_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 31, rmin: -0.5, steps: 15 };
+
+/// ggml's `make_qkx2_quants` over one 32-value sub-block: the scale and minimum (returned as
+/// `(scale, -min)`, the minimum as a non-negative offset) minimising the weighted squared error
+/// over `search`'s candidate scales; `codes` gets the sub-block's codes.
+fn scale_and_min(x: &[f32], weights: &[f32], codes: &mut [u8], search: ScaleSearch) -> (f32, f32) {
+    let ScaleSearch { nmax, rmin, steps } = search;
+    let rdelta = 0.1f32;
     let mut min = x[0];
     let mut max = x[0];
     let mut sum_w = weights[0];
@@ -90,21 +125,21 @@ fn scale_and_min(x: &[f32], weights: &[f32], codes: &mut [u8]) -> (f32, f32) {
         codes.fill(0);
         return (0.0, -min);
     }
-    let mut iscale = NMAX as f32 / (max - min);
+    let mut iscale = nmax as f32 / (max - min);
     let mut scale = 1.0 / iscale;
     let mut best_error = 0f32;
     for i in 0..x.len() {
-        let l = nearest_int(iscale * (x[i] - min)).clamp(0, NMAX);
+        let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
         codes[i] = l as u8;
         let diff = scale * l as f32 + min - x[i];
         best_error += weights[i] * (diff * diff);
     }
     let mut candidate = [0u8; 32];
     for step in 0..=steps {
-        iscale = (rmin + rdelta * step as f32 + NMAX as f32) / (max - min);
+        iscale = (rmin + rdelta * step as f32 + nmax as f32) / (max - min);
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
         for i in 0..x.len() {
-            let l = nearest_int(iscale * (x[i] - min)).clamp(0, NMAX);
+            let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
             candidate[i] = l as u8;
             let (w, l) = (weights[i], l as f32);
             sum_l += w * l;
@@ -144,63 +179,89 @@ fn scale_min_k4(j: usize, packed: &[u8]) -> (u8, u8) {
     }
 }
 
+/// One Q4_K / Q5_K super-block's 16-byte head (f16 `d` and `dmin`, the eight 6-bit scales and
+/// minimums) written to `head`, and its codes `0..=nmax`.
+fn scales_and_mins(x: &[f32], head: &mut [u8], search: ScaleSearch) -> [u8; QK_K] {
+    let mut codes = [0u8; QK_K];
+    let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
+    let (mut max_scale, mut max_min) = (0f32, 0f32);
+    for j in 0..8 {
+        let sub = &x[32 * j..32 * j + 32];
+        // Weights: the sub-block's RMS plus each value's magnitude.
+        let sum_x2 = sub.iter().fold(0f32, |s, v| s + v * v);
+        let rms = (sum_x2 / 32.0).sqrt();
+        let mut weights = [0f32; 32];
+        weights.iter_mut().zip(sub).for_each(|(w, v)| *w = rms + v.abs());
+        (scales[j], mins[j]) = scale_and_min(sub, &weights, &mut codes[32 * j..32 * j + 32], search);
+        if scales[j] > max_scale {
+            max_scale = scales[j];
+        }
+        if mins[j] > max_min {
+            max_min = mins[j];
+        }
+    }
+    // Scales and minimums in 6 bits against the block's f16 `d` and `dmin`.
+    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let packed = &mut head[4..16];
+    for j in 0..8 {
+        // ggml keeps these in a u8 before clamping: a negative value wraps.
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            packed[j] = ls;
+            packed[j + 4] = lm;
+        } else {
+            packed[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+            packed[j - 4] |= (ls >> 4) << 6;
+            packed[j] |= (lm >> 4) << 6;
+        }
+    }
+    let (d, dmin) = (f16::from_f32(max_scale / 63.0), f16::from_f32(max_min / 63.0));
+    head[0..2].copy_from_slice(&d.to_le_bytes());
+    head[2..4].copy_from_slice(&dmin.to_le_bytes());
+    // Codes again against the scales as stored; a zero scale keeps the search's codes.
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(j, &head[4..16]);
+        let d = d.to_f32() * f32::from(sc);
+        if d == 0.0 {
+            continue;
+        }
+        let dm = dmin.to_f32() * f32::from(m);
+        for i in 32 * j..32 * j + 32 {
+            codes[i] = nearest_int((x[i] + dm) / d).clamp(0, search.nmax) as u8;
+        }
+    }
+    codes
+}
+
 /// Q4_K super-blocks of `values` (a multiple of 256).
 pub fn encode_q4_k(values: &[f32]) -> Vec<u8> {
     encode_blocks(values, QK_K, 144, |x, out| {
-        let mut codes = [0u8; QK_K];
-        let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
-        let (mut max_scale, mut max_min) = (0f32, 0f32);
-        for j in 0..8 {
-            let sub = &x[32 * j..32 * j + 32];
-            // Weights: the sub-block's RMS plus each value's magnitude.
-            let sum_x2 = sub.iter().fold(0f32, |s, v| s + v * v);
-            let rms = (sum_x2 / 32.0).sqrt();
-            let mut weights = [0f32; 32];
-            weights.iter_mut().zip(sub).for_each(|(w, v)| *w = rms + v.abs());
-            (scales[j], mins[j]) = scale_and_min(sub, &weights, &mut codes[32 * j..32 * j + 32]);
-            if scales[j] > max_scale {
-                max_scale = scales[j];
-            }
-            if mins[j] > max_min {
-                max_min = mins[j];
-            }
-        }
-        // Scales and minimums in 6 bits against the block's f16 `d` and `dmin`.
-        let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
-        let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
-        let packed = &mut out[4..16];
-        for j in 0..8 {
-            // ggml keeps these in a u8 before clamping: a negative value wraps.
-            let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
-            let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
-            if j < 4 {
-                packed[j] = ls;
-                packed[j + 4] = lm;
-            } else {
-                packed[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
-                packed[j - 4] |= (ls >> 4) << 6;
-                packed[j] |= (lm >> 4) << 6;
-            }
-        }
-        let (d, dmin) = (f16::from_f32(max_scale / 63.0), f16::from_f32(max_min / 63.0));
-        // Codes again against the scales as stored; a zero scale keeps the search's codes.
-        for j in 0..8 {
-            let (sc, m) = scale_min_k4(j, &out[4..16]);
-            let d = d.to_f32() * f32::from(sc);
-            if d == 0.0 {
-                continue;
-            }
-            let dm = dmin.to_f32() * f32::from(m);
-            for i in 32 * j..32 * j + 32 {
-                codes[i] = nearest_int((x[i] + dm) / d).clamp(0, 15) as u8;
-            }
-        }
-        out[0..2].copy_from_slice(&d.to_le_bytes());
-        out[2..4].copy_from_slice(&dmin.to_le_bytes());
-        for (half, nibbles) in out[16..144].chunks_mut(32).enumerate() {
-            let base = 64 * half;
+        let (head, nibbles) = out.split_at_mut(16);
+        let codes = scales_and_mins(x, head, Q4_K_SEARCH);
+        for (quarter, nibbles) in nibbles.chunks_mut(32).enumerate() {
+            let base = 64 * quarter;
             for l in 0..32 {
                 nibbles[l] = codes[base + l] | codes[base + l + 32] << 4;
+            }
+        }
+    })
+}
+
+/// Q5_K super-blocks of `values` (a multiple of 256).
+pub fn encode_q5_k(values: &[f32]) -> Vec<u8> {
+    encode_blocks(values, QK_K, 176, |x, out| {
+        let (head, rest) = out.split_at_mut(16);
+        let codes = scales_and_mins(x, head, Q5_K_SEARCH);
+        let (high, nibbles) = rest.split_at_mut(32);
+        high.fill(0);
+        for (quarter, nibbles) in nibbles.chunks_mut(32).enumerate() {
+            let base = 64 * quarter;
+            for l in 0..32 {
+                let (q0, q1) = (codes[base + l], codes[base + l + 32]);
+                high[l] |= (q0 >> 4) << (2 * quarter) | (q1 >> 4) << (2 * quarter + 1);
+                nibbles[l] = (q0 & 0xF) | (q1 & 0xF) << 4;
             }
         }
     })
@@ -334,6 +395,35 @@ mod tests {
         }).collect()
     }
 
+    /// Dequantized Q5_K, for the test: Q4_K's with a fifth bit.
+    fn decode_q5_k(bytes: &[u8]) -> Vec<f32> {
+        bytes.chunks(176).flat_map(|b| {
+            let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
+            (0..QK_K).map(move |i| {
+                let (sc, m) = scale_min_k4(i / 32, &b[4..16]);
+                let byte = b[48 + 32 * (i / 64) + i % 32];
+                let low = if i % 64 < 32 { byte & 0xF } else { byte >> 4 };
+                let high = (b[16 + i % 32] >> (i / 32)) & 1;
+                d * f32::from(sc) * f32::from(low | high << 4) - dmin * f32::from(m)
+            })
+        }).collect()
+    }
+
+    /// Dequantized Q5_1, for the test: `q·d + m`.
+    fn decode_q5_1(bytes: &[u8]) -> Vec<f32> {
+        bytes.chunks(24).flat_map(|b| {
+            let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
+            let high = u32::from_le_bytes(b[4..8].try_into().unwrap());
+            (0..32).map(move |j| {
+                let byte = b[8 + j % 16];
+                let low = if j < 16 { byte & 0xF } else { byte >> 4 };
+                f32::from(low | (((high >> j) & 1) as u8) << 4) * d + m
+            })
+        }).collect()
+    }
+
     /// Dequantized Q6_K, for the test: `d·sc·(q − 32)`.
     fn decode_q6_k(bytes: &[u8]) -> Vec<f32> {
         bytes.chunks(210).flat_map(|b| {
@@ -366,8 +456,16 @@ mod tests {
         let q6 = encode_q6_k(&x);
         assert_eq!(q6.len(), 8 * 210);
         assert!(worst_relative_error(&x, &decode_q6_k(&q6), QK_K) < 0.03);
+        let q5 = encode_q5_k(&x);
+        assert_eq!(q5.len(), 8 * 176);
+        assert!(worst_relative_error(&x, &decode_q5_k(&q5), QK_K) < 0.06);
+        let q5_1 = encode_q5_1(&x);
+        assert_eq!(q5_1.len(), 8 * 256 / 32 * 24);
+        // Half a step of 31 over the block's range (at most twice its largest magnitude).
+        assert!(worst_relative_error(&x, &decode_q5_1(&q5_1), 32) < 0.04);
         // The zero super-block decodes to zeros.
-        assert!(decode_q4_k(&q4)[256..512].iter().chain(&decode_q6_k(&q6)[256..512]).all(|&v| v == 0.0));
+        let zeros = [decode_q4_k(&q4), decode_q5_k(&q5), decode_q6_k(&q6)];
+        assert!(zeros.iter().all(|decoded| decoded[256..512].iter().all(|&v| v == 0.0)));
     }
 
     #[test]
