@@ -1,8 +1,7 @@
-//! Writing GGUF files for llama.cpp: the container (version 3), ggml's F16 / BF16 / Q8_0 / Q4_0
-//! encodings and llama-quantize's choice of types per tensor (Q4_K_M, Q5_K_M, Q6_K;
-//! [`crate::kquants`]), llama.cpp's
-//! tensor names (q/k rows in its order where its architecture wants them), and the metadata and
-//! tokenizer its loader reads.
+//! Writing GGUF files for llama.cpp: the container (version 3), the encodings (F32, F16, BF16
+//! and ggml's quantized blocks, [`crate::ggml_encode`]) with llama-quantize's choice of type per
+//! tensor, llama.cpp's tensor names (q/k rows in its order where its architecture wants them), and
+//! the metadata and tokenizer its loader reads.
 //!
 //! Tensors are produced one at a time by the caller and streamed into a temporary file that is
 //! renamed into place at the end: a GGUF never exists half-written, and memory holds one tensor.
@@ -17,6 +16,7 @@ use serde_json::Value;
 use sha2::Digest;
 
 use crate::LoadError;
+use crate::ggml_encode;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::family::{KeyLayout, Role};
 use crate::gguf::GgufArch;
@@ -224,40 +224,18 @@ fn more_bits(layer: usize, layers: usize) -> bool {
 /// `values` in `ty`'s encoding (ggml's reference quantizers, as llama-quantize without an
 /// importance matrix).
 pub fn encode(ty: TensorType, values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(ty.bytes(values.len()));
     match ty {
-        TensorType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        TensorType::F16 => values.iter().for_each(|&v| out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())),
-        TensorType::Bf16 => values.iter().for_each(|&v| out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes())),
-        TensorType::Q8_0 => {
-            for block in values.chunks(32) {
-                // d = max|x| / 127, q = round(x / d) (half away from zero, as C's roundf)
-                let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
-                out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
-                out.extend(block.iter().map(|&v| (v * inverse).round() as i8 as u8));
-            }
-        }
-        TensorType::Q4_0 => {
-            for block in values.chunks(32) {
-                // d = (the value of largest magnitude) / -8; q = min(15, trunc(x / d + 8.5)),
-                // value j in the low nibble of byte j, value j + 16 in its high nibble.
-                let max = block.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-                let d = max / -8.0;
-                let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
-                out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
-                let q = |v: f32| ((v * inverse + 8.5) as i8).min(15) as u8;
-                out.extend((0..16).map(|j| q(block[j]) | q(block[j + 16]) << 4));
-            }
-        }
-        TensorType::Q5_0 => out = crate::kquants::encode_q5_0(values),
-        TensorType::Q5_1 => out = crate::kquants::encode_q5_1(values),
-        TensorType::Q4_K => out = crate::kquants::encode_q4_k(values),
-        TensorType::Q5_K => out = crate::kquants::encode_q5_k(values),
-        TensorType::Q6_K => out = crate::kquants::encode_q6_k(values),
+        TensorType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        TensorType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        TensorType::Bf16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+        TensorType::Q8_0 => ggml_encode::encode_q8_0(values),
+        TensorType::Q4_0 => ggml_encode::encode_q4_0(values),
+        TensorType::Q5_0 => ggml_encode::encode_q5_0(values),
+        TensorType::Q5_1 => ggml_encode::encode_q5_1(values),
+        TensorType::Q4_K => ggml_encode::encode_q4_k(values),
+        TensorType::Q5_K => ggml_encode::encode_q5_k(values),
+        TensorType::Q6_K => ggml_encode::encode_q6_k(values),
     }
-    out
 }
 
 /// A tensor of the file: its GGUF name, shape in PyTorch order (outermost first) and type.
@@ -620,22 +598,6 @@ fn pre_tokenizer(tokenizer: &Tokenizer) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn q8_0_and_q4_0_blocks_match_ggml_reference_values() {
-        let values: Vec<f32> = (0..32).map(|i| i as f32 - 15.5).collect();
-        let q8 = encode(TensorType::Q8_0, &values);
-        assert_eq!(q8.len(), 34);
-        // d = max|x| / 127 = 15.5 / 127: the extremes map to -127 and 127, 0.5 to round(4.1) = 4.
-        assert_eq!(half::f16::from_le_bytes([q8[0], q8[1]]).to_f32(), half::f16::from_f32(15.5 / 127.0).to_f32());
-        assert_eq!((q8[2] as i8, q8[33] as i8, q8[2 + 16] as i8), (-127, 127, 4));
-        let q4 = encode(TensorType::Q4_0, &values);
-        assert_eq!(q4.len(), 18);
-        // The largest magnitude is -15.5 (first): d = 15.5 / 8, so -15.5 -> 0 and 15.5 -> 16 -> 15.
-        assert_eq!(half::f16::from_le_bytes([q4[0], q4[1]]).to_f32(), half::f16::from_f32(-15.5 / -8.0).to_f32());
-        assert_eq!(q4[2] & 0xf, 0);
-        assert_eq!(q4[17] >> 4, 15);
-    }
 
     #[test]
     fn permute_inverts_the_import() {

@@ -12,7 +12,7 @@ pub mod ggml;
 pub mod gguf;
 mod gguf_pre;
 pub mod gguf_write;
-pub mod kquants;
+pub mod ggml_encode;
 pub mod family;
 pub mod fused;
 pub mod glm;

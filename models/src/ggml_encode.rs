@@ -1,9 +1,12 @@
-//! ggml's reference quantizers for Q5_0, Q5_1, Q4_K, Q5_K and Q6_K, as `llama-quantize` runs them
-//! without an importance matrix: the same search for each block's scales, in the same f32
-//! operations, so that ember's Q4_K_M and Q5_K_M files hold the blocks llama.cpp would write from
-//! the same f32 weights.
+//! ggml's reference quantizers for Q8_0, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K, as
+//! `llama-quantize` runs them without an importance matrix: the same search for each block's
+//! scales, in the same f32 operations, so that ember's GGUF files hold the blocks llama.cpp would
+//! write from the same f32 weights.
 //!
 //! Layouts (little-endian, one block after another):
+//! - Q8_0, 32 values in 34 bytes: f16 `d`, 32 i8 codes; value = `q·d`.
+//! - Q4_0, 32 values in 18 bytes: f16 `d`, 16 bytes of nibbles (value `j` low, value `j + 16`
+//!   high); value = `(q − 8)·d`.
 //! - Q5_0, 32 values in 22 bytes: f16 `d`, a u32 of fifth bits (bit `j` for value `j`), 16 bytes
 //!   of low nibbles (value `j` low, value `j + 16` high); value = `(q − 16)·d`.
 //! - Q5_1, 32 values in 24 bytes: as Q5_0 with an f16 minimum `m` after `d`; value = `q·d + m`.
@@ -24,9 +27,12 @@ const GROUP_MAX_EPS: f32 = 1e-15;
 /// Values per K-quant super-block.
 pub const QK_K: usize = 256;
 
-/// ggml's `nearest_int`: round half to even (it adds 1.5·2²³ and reads the mantissa).
+/// ggml's `nearest_int`: round half to even by adding 1.5·2²³ and reading the mantissa (for
+/// |x| < 2²²). Plain SSE2 arithmetic: `f32::round_ties_even` is a libm call without SSE4.1, and
+/// took two thirds of a K-quant export.
 fn nearest_int(x: f32) -> i32 {
-    x.round_ties_even() as i32
+    let shifted = x + 12_582_912.0;
+    (shifted.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
 /// `values` encoded block by block with `encode_block`, blocks of `block` values in `bytes` bytes
@@ -34,13 +40,42 @@ fn nearest_int(x: f32) -> i32 {
 fn encode_blocks(values: &[f32], block: usize, bytes: usize, encode_block: impl Fn(&[f32], &mut [u8]) + Sync) -> Vec<u8> {
     assert_eq!(values.len() % block, 0, "a whole number of {block}-value blocks");
     let mut out = vec![0u8; values.len() / block * bytes];
-    // Chunks of 64 blocks: enough work per task, and a 7B row of any width splits evenly.
+    // 64 blocks a task: enough work to outweigh the scheduling.
     out.par_chunks_mut(64 * bytes).zip(values.par_chunks(64 * block)).for_each(|(out, values)| {
         for (out, values) in out.chunks_mut(bytes).zip(values.chunks(block)) {
             encode_block(values, out);
         }
     });
     out
+}
+
+/// Q8_0 blocks of `values` (a multiple of 32).
+pub fn encode_q8_0(values: &[f32]) -> Vec<u8> {
+    encode_blocks(values, 32, 34, |x, out| {
+        // d = max|x| / 127, q = round(x / d) (half away from zero, as C's roundf)
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        for (code, &v) in out[2..].iter_mut().zip(x) {
+            *code = (v * inverse).round() as i8 as u8;
+        }
+    })
+}
+
+/// Q4_0 blocks of `values` (a multiple of 32).
+pub fn encode_q4_0(values: &[f32]) -> Vec<u8> {
+    encode_blocks(values, 32, 18, |x, out| {
+        // d = (the value of largest magnitude) / −8; q = min(15, trunc(x / d + 8.5))
+        let max = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let d = max / -8.0;
+        let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        let q = |v: f32| ((v * inverse + 8.5) as i8).min(15) as u8;
+        for j in 0..16 {
+            out[2 + j] = q(x[j]) | q(x[j + 16]) << 4;
+        }
+    })
 }
 
 /// Five-bit codes of a 32-value block: low nibbles (value `j` low, `j + 16` high) into
@@ -469,6 +504,22 @@ mod tests {
     }
 
     #[test]
+    fn q8_0_and_q4_0_blocks_match_ggml_reference_values() {
+        let values: Vec<f32> = (0..32).map(|i| i as f32 - 15.5).collect();
+        let q8 = encode_q8_0(&values);
+        assert_eq!(q8.len(), 34);
+        // d = max|x| / 127 = 15.5 / 127: the extremes map to -127 and 127, 0.5 to round(4.1) = 4.
+        assert_eq!(f16::from_le_bytes([q8[0], q8[1]]).to_f32(), f16::from_f32(15.5 / 127.0).to_f32());
+        assert_eq!((q8[2] as i8, q8[33] as i8, q8[2 + 16] as i8), (-127, 127, 4));
+        let q4 = encode_q4_0(&values);
+        assert_eq!(q4.len(), 18);
+        // The largest magnitude is -15.5 (first): d = 15.5 / 8, so -15.5 -> 0 and 15.5 -> 16 -> 15.
+        assert_eq!(f16::from_le_bytes([q4[0], q4[1]]).to_f32(), f16::from_f32(-15.5 / -8.0).to_f32());
+        assert_eq!(q4[2] & 0xf, 0);
+        assert_eq!(q4[17] >> 4, 15);
+    }
+
+    #[test]
     fn q5_0_matches_ggml_on_a_hand_checked_block() {
         // max = -2 (largest magnitude) -> d = 0.125, 1/d = 8: x·8 + 16.5 truncated.
         let mut x = [0f32; 32];
@@ -488,13 +539,9 @@ mod tests {
     }
 
     #[test]
-    fn nearest_int_rounds_half_to_even_as_ggml() {
-        let ggml = |x: f32| {
-            let v = x + 12_582_912.0f32;
-            (v.to_bits() as i32 & 0x007f_ffff) - 0x0040_0000
-        };
-        for x in [0.5f32, 1.5, 2.5, -0.5, -1.5, 3.49, -7.51, 14.999, 0.0, -0.0, 62.5, 63.5] {
-            assert_eq!(nearest_int(x), ggml(x), "{x}");
+    fn nearest_int_rounds_half_to_even() {
+        for x in [0.5f32, 1.5, 2.5, -0.5, -1.5, 3.49, -7.51, 14.999, 0.0, -0.0, 62.5, 63.5, -128.0, 4_194_303.0] {
+            assert_eq!(nearest_int(x), x.round_ties_even() as i32, "{x}");
         }
     }
 }
