@@ -254,6 +254,7 @@ impl CausalLm<Linear> {
         let float = |key: &str, shape: &[usize]| -> Result<Tensor<1>, LoadError> {
             let hf = find(key)?;
             let values = file.hf_values(hf);
+            file.release(hf.tensor);
             let tensor = Tensor::<1>::from_data(TensorData::new(values, [shape.iter().product::<usize>()]), device);
             Ok(match (dtype, hf.tensor.ggml_type) {
                 (LoadDtype::F32, _) => tensor,
@@ -269,7 +270,11 @@ impl CausalLm<Linear> {
             |key, len| float(key, &[len]),
             |key, _| {
                 let hf = find(key)?;
-                Ok(GgmlWeight::reads(hf.tensor.ggml_type).then(|| GgmlWeight::from_gguf(&file, hf, device)).transpose()?.map(Weight::Ggml))
+                let weight = GgmlWeight::reads(hf.tensor.ggml_type).then(|| GgmlWeight::from_gguf(&file, hf, device)).transpose()?;
+                if weight.is_some() {
+                    file.release(hf.tensor);
+                }
+                Ok(weight.map(Weight::Ggml))
             },
         )?;
         Ok(Self { name_or_path: Some(path.to_path_buf()), ..model })
