@@ -26,10 +26,11 @@
     tiny_llama's vocabulary exported under each, the ids of ember's GGUF tokenizer equal
     llama.cpp's on texts with digits, contractions, newlines, case runs, slashes, CJK, Hangul and
     full-width forms.
-(l) ember's own quantized files (`export gguf --type q8_0|q4_0|q6_k|q5_k_m|q4_k_m`) against
-    llama.cpp's quantizer (llama-quantize's file types) run on ember's f32 export of the same model (SmolLM2, and a 256-wide tiny LLaMA
-    whose rows fill whole super-blocks): the type of every tensor, its bytes, and the perplexity
-    of both files in llama.cpp.
+(l) ember's own quantized files (`export gguf --type q8_0|q4_0|q6_k|q5_k_m|q5_k_s|q4_k_m|q4_k_s`)
+    against llama.cpp's quantizer (llama-quantize's file types) run on ember's f32 export of the
+    same model (SmolLM2; a 256-wide tiny LLaMA whose rows fill whole super-blocks; an 80-layer one
+    with grouped KV heads, llama.cpp's 70B type): the type of every tensor, its bytes, and the
+    perplexity of both files in llama.cpp.
 (k) the GLM family as llama.cpp's `chatglm`: seeded random tiny models with the real
     vocabularies (../shared/fixtures/tokenizers): ChatGLM3's layout (fused query_key_value,
     SentencePiece tokenizer.model with THUDM's specials) and HF-native `glm` with GLM-4's tiktoken
@@ -44,6 +45,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -429,7 +431,11 @@ def main():
     report.extend(verify_pre_tokenizers(ember, base, work))
 
     # (l) ember's K-quant mixtures against llama.cpp's quantizer.
-    report.extend(verify_k_quants(ember, {"SmolLM2": base, "256-wide tiny LLaMA": wide_tiny_llama(ember, work)}, work, examples))
+    wide = wide_tiny_llama(ember, work)
+    models = {"SmolLM2": base, "256-wide tiny LLaMA": wide}
+    if args.reference_python:
+        models["80-layer GQA tiny LLaMA (llama.cpp's 70B type)"] = deep_tiny_llama(wide, work, args.reference_python)
+    report.extend(verify_k_quants(ember, models, work, examples))
 
     # (k) the GLM family as llama.cpp's chatglm.
     if args.reference_python and args.tokenizers:
@@ -450,6 +456,41 @@ def wide_tiny_llama(ember, work):
     return folder
 
 
+def deep_tiny_llama(wide, work, python):
+    """An 80-layer LLaMA with grouped KV heads, 256 wide: llama.cpp's 70B type, whose attn_v
+    llama-quantize treats apart. Seeded random weights; `wide`'s tokenizer."""
+    folder = os.path.join(work, "tiny-80-layers")
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(wide):
+        if name != "model.safetensors" and name != "config.json":
+            shutil.copy(os.path.join(wide, name), folder)
+    config = json.load(open(os.path.join(wide, "config.json")))
+    config.update(num_hidden_layers=80, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"), indent=1)
+    run([python, "-c", MAKE_DEEP, folder])
+    return folder
+
+
+MAKE_DEEP = """
+import json, os, sys
+import numpy as np
+from safetensors.numpy import save_file
+folder = sys.argv[1]
+c = json.load(open(os.path.join(folder, "config.json")))
+h, inter, kv, vocab = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"], c["vocab_size"]
+rng = np.random.default_rng(0)
+draw = lambda *s: rng.standard_normal(s, dtype=np.float32) * 0.02
+t = {"model.embed_tokens.weight": draw(vocab, h), "model.norm.weight": np.ones(h, np.float32), "lm_head.weight": draw(vocab, h)}
+for i in range(c["num_hidden_layers"]):
+    p = f"model.layers.{i}."
+    t.update({p + "input_layernorm.weight": np.ones(h, np.float32), p + "post_attention_layernorm.weight": np.ones(h, np.float32),
+              p + "self_attn.q_proj.weight": draw(h, h), p + "self_attn.k_proj.weight": draw(kv, h), p + "self_attn.v_proj.weight": draw(kv, h),
+              p + "self_attn.o_proj.weight": draw(h, h), p + "mlp.gate_proj.weight": draw(inter, h), p + "mlp.up_proj.weight": draw(inter, h),
+              p + "mlp.down_proj.weight": draw(h, inter)})
+save_file(t, os.path.join(folder, "model.safetensors"))
+"""
+
+
 def verify_k_quants(ember, models, work, examples):
     """(l): per model and type, one line: tensors whose type and bytes equal llama.cpp's quantizer
     on ember's f32 export, and both files' perplexity on `examples` (SmolLM2 only)."""
@@ -459,13 +500,14 @@ def verify_k_quants(ember, models, work, examples):
     lines = []
     for label, model in models.items():
         f32 = os.path.join(work, f"k-{os.path.basename(model)}-f32.gguf")
-        run([ember, "export", "gguf", "--base", model, "--out", f32, "--type", "f32", "--pre", "gpt-2"] if "wide" in label else
-            [ember, "export", "gguf", "--base", model, "--out", f32, "--type", "f32"])
+        pre = ["--pre", "gpt-2"] if "tiny" in label else []
+        run([ember, "export", "gguf", "--base", model, "--out", f32, "--type", "f32", *pre])
         for ty, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0),
                           ("q6_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K), ("q5_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M),
-                          ("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
+                          ("q5_k_s", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_S), ("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M),
+                          ("q4_k_s", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S)):
             ours, theirs = (os.path.join(work, f"k-{os.path.basename(model)}-{ty}-{who}.gguf") for who in ("ember", "llamacpp"))
-            run([ember, "export", "gguf", "--base", model, "--out", ours, "--type", ty] + (["--pre", "gpt-2"] if "wide" in label else []))
+            run([ember, "export", "gguf", "--base", model, "--out", ours, "--type", ty, *pre])
             llama_quantize(f32, theirs, ftype)
             a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
             b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}

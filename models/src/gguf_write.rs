@@ -128,9 +128,10 @@ impl TensorType {
 
 /// What `ember export gguf --type` asks for: one of llama.cpp's file types. A quantized one gets
 /// the types llama-quantize gives each tensor: its main type, Q6_K for the output (the tied
-/// embedding too; Q8_0 where its rows are not whole blocks of the main type) and, in Q4_K_M and
-/// Q5_K_M, Q6_K for attn_v and ffn_down in the layers llama.cpp's `use_more_bits` picks (the
-/// first and last eighth, every third between).
+/// embedding too; Q8_0 where its rows are not whole blocks of the main type), and for attn_v and
+/// ffn_down what each mixture gives them (Q4_K_M, Q5_K_M: Q6_K in the layers llama.cpp's
+/// `use_more_bits` picks, the first and last eighth and every third between; Q4_K_S: Q5_K in the
+/// first layers), with Q5_K for a 70B's other attn_v (8 heads share each).
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportType {
@@ -140,12 +141,36 @@ pub enum ExportType {
     Q8_0,
     Q4_0,
     Q6_K,
-    Q4_K_M,
     Q5_K_M,
+    Q5_K_S,
+    Q4_K_M,
+    Q4_K_S,
+}
+
+/// What llama-quantize's choice of types reads from the model beyond a tensor's name and shape.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantizeModel {
+    pub layers: usize,
+    /// No `output.weight`: the token embedding is the output.
+    pub tied: bool,
+    /// llama.cpp's 70B type: 80 layers, of `llama` with grouped KV heads or of `qwen2`.
+    pub seventy_b: bool,
+}
+
+impl QuantizeModel {
+    pub fn of(config: &ModelConfig, arch: GgufArch, tied: bool) -> Self {
+        let seventy_b = config.num_layers == 80
+            && match arch {
+                GgufArch::Llama => config.num_heads != config.num_kv_heads,
+                GgufArch::Qwen2 => true,
+                GgufArch::ChatGlm => false,
+            };
+        Self { layers: config.num_layers, tied, seventy_b }
+    }
 }
 
 impl ExportType {
-    pub const NAMES: &str = "f32, f16, bf16, q8_0, q4_0, q6_k, q5_k_m or q4_k_m";
+    pub const NAMES: &str = "f32, f16, bf16, q8_0, q4_0, q6_k, q5_k_m, q5_k_s, q4_k_m or q4_k_s";
 
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
@@ -155,8 +180,10 @@ impl ExportType {
             "q8_0" => Self::Q8_0,
             "q4_0" => Self::Q4_0,
             "q6_k" => Self::Q6_K,
-            "q4_k_m" => Self::Q4_K_M,
             "q5_k_m" => Self::Q5_K_M,
+            "q5_k_s" => Self::Q5_K_S,
+            "q4_k_m" => Self::Q4_K_M,
+            "q4_k_s" => Self::Q4_K_S,
             _ => return None,
         })
     }
@@ -168,7 +195,9 @@ impl ExportType {
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q8_0 => 7,
+            Self::Q4_K_S => 14,
             Self::Q4_K_M => 15,
+            Self::Q5_K_S => 16,
             Self::Q5_K_M => 17,
             Self::Q6_K => 18,
             Self::Bf16 => 32,
@@ -184,8 +213,8 @@ impl ExportType {
             Self::Q8_0 => TensorType::Q8_0,
             Self::Q4_0 => TensorType::Q4_0,
             Self::Q6_K => TensorType::Q6_K,
-            Self::Q4_K_M => TensorType::Q4_K,
-            Self::Q5_K_M => TensorType::Q5_K,
+            Self::Q5_K_M | Self::Q5_K_S => TensorType::Q5_K,
+            Self::Q4_K_M | Self::Q4_K_S => TensorType::Q4_K,
         }
     }
 
@@ -193,21 +222,32 @@ impl ExportType {
         self.main_type().quantized()
     }
 
-    /// The type of the GGUF tensor `name` of `shape` in a model of `layers` blocks whose output
-    /// is the token embedding when `tied` (no `output.weight`).
-    pub fn tensor_type(self, name: &str, shape: &[usize], layers: usize, tied: bool) -> TensorType {
+    /// The type of the GGUF tensor `name` of `shape` in `model`.
+    pub fn tensor_type(self, name: &str, shape: &[usize], model: QuantizeModel) -> TensorType {
         let main = self.main_type();
         if !main.quantized() || shape.len() < 2 {
             return main.for_shape(shape);
         }
-        let output = name == "output.weight" || (tied && name == "token_embd.weight");
-        let layer = name.strip_prefix("blk.").and_then(|rest| rest.split_once('.')).and_then(|(i, _)| i.parse().ok());
-        let sensitive = ["attn_v.weight", "attn_qkv.weight", "ffn_down.weight"].iter().any(|suffix| name.ends_with(suffix));
-        let ty = if output {
+        // Tensors come in layer order, so a layer's attn_v and ffn_down are its index's.
+        let layer = name.strip_prefix("blk.").and_then(|rest| rest.split_once('.')).and_then(|(i, _)| i.parse::<usize>().ok());
+        let more_bits = layer.is_some_and(|i| more_bits(i, model.layers));
+        let early = |below: usize| layer.is_some_and(|i| i < below);
+        let ty = if name == "output.weight" || (model.tied && name == "token_embd.weight") {
             let whole_blocks = shape.last().is_some_and(|cols| cols % main.block().0 == 0);
             if whole_blocks && main != TensorType::Q8_0 { TensorType::Q6_K } else { TensorType::Q8_0 }
-        } else if matches!(self, Self::Q4_K_M | Self::Q5_K_M) && sensitive && layer.is_some_and(|i| more_bits(i, layers)) {
-            TensorType::Q6_K
+        } else if name.ends_with("attn_v.weight") || name.ends_with("attn_qkv.weight") {
+            let ty = match self {
+                Self::Q4_K_M | Self::Q5_K_M if more_bits => TensorType::Q6_K,
+                Self::Q4_K_S if early(4) => TensorType::Q5_K,
+                _ => main,
+            };
+            if model.seventy_b && ty == TensorType::Q4_K { TensorType::Q5_K } else { ty }
+        } else if name.ends_with("ffn_down.weight") {
+            match self {
+                Self::Q4_K_M | Self::Q5_K_M if more_bits => TensorType::Q6_K,
+                Self::Q4_K_S if early(model.layers / 8) => TensorType::Q5_K,
+                _ => main,
+            }
         } else {
             main
         };
@@ -622,7 +662,8 @@ mod tests {
 
     #[test]
     fn q4_k_m_gives_the_output_and_llama_cpps_layers_more_bits() {
-        let ty = |name: &str, cols: usize, tied: bool| ExportType::Q4_K_M.tensor_type(name, &[1024, cols], 32, tied);
+        let model = |tied| QuantizeModel { layers: 32, tied, seventy_b: false };
+        let ty = |name: &str, cols: usize, tied: bool| ExportType::Q4_K_M.tensor_type(name, &[1024, cols], model(tied));
         // 32 layers: the first 4, the last 4 and every third from layer 6 (4 + 2).
         let more: Vec<usize> = (0..32).filter(|&i| ty(&format!("blk.{i}.attn_v.weight"), 4096, false) == TensorType::Q6_K).collect();
         assert_eq!(more, [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
@@ -634,14 +675,15 @@ mod tests {
         assert_eq!(ty("token_embd.weight", 4096, false), TensorType::Q4_K);
         assert_eq!(ty("token_embd.weight", 4096, true), TensorType::Q6_K, "a tied embedding is the output");
         assert_eq!(ty("token_embd.weight", 576, true), TensorType::Q8_0);
-        assert_eq!(ExportType::Q4_K_M.tensor_type("blk.0.attn_norm.weight", &[4096], 32, false), TensorType::F32);
+        assert_eq!(ExportType::Q4_K_M.tensor_type("blk.0.attn_norm.weight", &[4096], model(false)), TensorType::F32);
         assert_eq!(ExportType::parse("q4_k_m").unwrap().file_type(), 15);
         assert_eq!(ExportType::parse("q6_k").unwrap().file_type(), 18);
     }
 
     #[test]
     fn other_file_types_follow_llama_quantize_too() {
-        let ty = |file: &str, name: &str, cols: usize| ExportType::parse(file).unwrap().tensor_type(name, &[1024, cols], 32, false);
+        let model = QuantizeModel { layers: 32, tied: false, seventy_b: false };
+        let ty = |file: &str, name: &str, cols: usize| ExportType::parse(file).unwrap().tensor_type(name, &[1024, cols], model);
         // Q5_K_M: Q4_K_M's layers at Q6_K, Q5_K elsewhere, Q5_1 where rows are not whole blocks.
         assert_eq!(ty("q5_k_m", "blk.0.ffn_down.weight", 4096), TensorType::Q6_K);
         assert_eq!(ty("q5_k_m", "blk.7.ffn_down.weight", 4096), TensorType::Q5_K);
@@ -653,5 +695,17 @@ mod tests {
         assert_eq!(ty("q8_0", "output.weight", 4096), TensorType::Q8_0);
         assert_eq!(ty("f16", "output.weight", 4096), TensorType::F16);
         assert_eq!(ty("q4_0", "output.weight", 48), TensorType::F16);
+        // Q4_K_S: Q5_K for attn_v in the first 4 layers and ffn_down in the first eighth.
+        assert_eq!(ty("q4_k_s", "blk.3.attn_v.weight", 4096), TensorType::Q5_K);
+        assert_eq!(ty("q4_k_s", "blk.4.attn_v.weight", 4096), TensorType::Q4_K);
+        assert_eq!(ty("q4_k_s", "blk.3.ffn_down.weight", 11008), TensorType::Q5_K);
+        assert_eq!(ty("q4_k_s", "blk.4.ffn_down.weight", 11008), TensorType::Q4_K);
+        assert_eq!(ty("q5_k_s", "blk.0.attn_v.weight", 4096), TensorType::Q5_K);
+        assert_eq!(ty("q5_k_s", "output.weight", 4096), TensorType::Q6_K);
+        // A 70B's attn_v: Q5_K where the mixture would give it Q4_K.
+        let seventy = QuantizeModel { layers: 80, tied: false, seventy_b: true };
+        assert_eq!(ExportType::Q4_K_M.tensor_type("blk.11.attn_v.weight", &[1024, 8192], seventy), TensorType::Q5_K);
+        assert_eq!(ExportType::Q4_K_M.tensor_type("blk.12.attn_v.weight", &[1024, 8192], seventy), TensorType::Q6_K);
+        assert_eq!(ExportType::Q4_K_M.tensor_type("blk.11.attn_q.weight", &[8192, 8192], seventy), TensorType::Q4_K);
     }
 }

@@ -11,7 +11,7 @@ use ember_adapters::lora::peft::PeftBranches;
 use ember_adapters::{AdapterFolder, Method};
 use ember_models::family::{KeyLayout, Role, check_checkpoint, expected_tensors};
 use ember_models::gguf::GgufArch;
-use ember_models::gguf_write::{self, ExportType, MetaValue, TensorSpec, TensorType};
+use ember_models::gguf_write::{self, ExportType, MetaValue, QuantizeModel, TensorSpec, TensorType};
 use ember_models::{Checkpoint, LoadDtype, LoadError, ModelConfig};
 
 use crate::merge::MergeError;
@@ -84,9 +84,9 @@ pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Expo
         plan.push((Some(key.to_string()), TensorSpec { ty: TensorType::F32, name, shape }, permute_heads(role, &config, arch)));
     }
     // Types once every name is known: Q4_K_M treats a tied embedding as the output.
-    let tied = !plan.iter().any(|(_, spec, _)| spec.name == "output.weight");
+    let model = QuantizeModel::of(&config, arch, !plan.iter().any(|(_, spec, _)| spec.name == "output.weight"));
     for (_, spec, _) in &mut plan {
-        spec.ty = ty.tensor_type(&spec.name, &spec.shape, config.num_layers, tied);
+        spec.ty = ty.tensor_type(&spec.name, &spec.shape, model);
     }
     plan.sort_by_key(|(_, spec, _)| gguf_order(&spec.name));
     let specs: Vec<TensorSpec> = plan.iter().map(|(_, spec, _)| spec.clone()).collect();
