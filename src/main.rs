@@ -491,8 +491,7 @@ fn export(command: ExportCommand) -> anyhow::Result<()> {
             (ember_trainer::export::export_gguf(&base, adapter.as_deref(), &out, ty, pre.as_deref())?, out)
         }
         ExportCommand::GgufLora { base, adapter, out, ty } => {
-            let ty = TensorType::parse(&ty)
-                .filter(|ty| *ty != TensorType::Q4_0)
+            let ty = TensorType::parse_lora(&ty)
                 .ok_or_else(|| bad_input(anyhow::anyhow!("--type '{ty}': llama.cpp's LoRA adapters take f32, f16, bf16 or q8_0")))?;
             (ember_trainer::export::export_gguf_lora(&base, &adapter, &out, ty)?, out)
         }

@@ -24,6 +24,20 @@ fn f32_tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     out
 }
 
+/// `ember import gguf` of `gguf` into `back` gives every tensor of `original` back within
+/// `tolerance` × its largest value (a quantized block's step is at most that).
+fn assert_imports_within(gguf: &Path, back: &Path, original: &[(String, Vec<f32>)], tolerance: f32, what: &str) {
+    let output = ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let imported = f32_tensors(&back.join("model.safetensors"));
+    assert_eq!(imported.len(), original.len(), "{what}");
+    for ((name, a), (_, b)) in original.iter().zip(&imported) {
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst <= tolerance * scale, "{what} {name}: max |diff| {worst} > {tolerance} x {scale}");
+    }
+}
+
 fn export(args: &[&str]) {
     let output = ember(&[&["export"], args].concat());
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -42,16 +56,7 @@ fn f32_round_trips_bit_for_bit_and_quantized_types_stay_within_their_step() {
         assert_eq!(file.metadata.get("general.architecture").unwrap(), "llama");
         assert_eq!(file.metadata.get("tokenizer.ggml.pre").unwrap(), "gpt-2");
         let back = dir.path().join(format!("imported-{ty}"));
-        let output = ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        let imported = f32_tensors(&back.join("model.safetensors"));
-        assert_eq!(imported.len(), original.len(), "{ty}");
-        for ((name, a), (_, b)) in original.iter().zip(&imported) {
-            // Relative to the tensor's largest value: each quantized block's step is at most that.
-            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            assert!(worst <= tolerance * scale, "{ty} {name}: max |diff| {worst} > {tolerance} x {scale}");
-        }
+        assert_imports_within(&gguf, &back, &original, tolerance, ty);
         // The tokenizer comes back too: same ids for the fixture's texts.
         let theirs = ember_data::Tokenizer::from_dir(&back).unwrap();
         let ours = ember_data::Tokenizer::from_dir(&base).unwrap();
@@ -98,16 +103,7 @@ fn k_quant_mixtures_choose_llama_cpps_types_and_decode_within_their_steps() {
             assert_eq!(file.tensor(name).unwrap_or_else(|| panic!("{name}")).ggml_type, *kind, "{ty} {name}");
         }
         let back = dir.path().join(format!("imported-{ty}"));
-        let output = ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        let original = f32_tensors(&base.join("model.safetensors"));
-        let imported = f32_tensors(&back.join("model.safetensors"));
-        assert_eq!(imported.len(), original.len(), "{ty}");
-        for ((name, a), (_, b)) in original.iter().zip(&imported) {
-            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            assert!(worst <= tolerance * scale, "{ty} {name}: max |diff| {worst} > {tolerance} x {scale}");
-        }
+        assert_imports_within(&gguf, &back, &f32_tensors(&base.join("model.safetensors")), tolerance, ty);
     }
 }
 

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// Values per K-quant super-block.
-pub const QK_K: usize = 256;
+const QK_K: usize = 256;
 
 /// ggml's `nearest_int`: round half to even by adding 1.5·2²³ and reading the mantissa (for
 /// |x| < 2²²). Plain SSE2 arithmetic: `f32::round_ties_even` is a libm call without SSE4.1, and

@@ -53,14 +53,14 @@ pub enum TensorType {
 }
 
 impl TensorType {
-    /// The types a LoRA adapter's tensors may take (`export gguf-lora --type`).
-    pub fn parse(name: &str) -> Option<Self> {
+    /// The types a LoRA adapter's tensors may take (`export gguf-lora --type`), as llama.cpp's
+    /// `convert_lora_to_gguf.py` writes them.
+    pub fn parse_lora(name: &str) -> Option<Self> {
         Some(match name {
             "f32" => Self::F32,
             "f16" => Self::F16,
             "bf16" => Self::Bf16,
             "q8_0" => Self::Q8_0,
-            "q4_0" => Self::Q4_0,
             _ => return None,
         })
     }
