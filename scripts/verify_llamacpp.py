@@ -26,10 +26,10 @@
     tiny_llama's vocabulary exported under each, the ids of ember's GGUF tokenizer equal
     llama.cpp's on texts with digits, contractions, newlines, case runs, slashes, CJK, Hangul and
     full-width forms.
-(l) ember's own quantized files (`export gguf --type q8_0|q4_0|q6_k|q5_k_m|q5_k_s|q4_k_m|q4_k_s`)
-    against llama.cpp's quantizer (llama-quantize's file types) run on ember's f32 export of the
-    same model (SmolLM2; a 256-wide tiny LLaMA whose rows fill whole super-blocks; an 80-layer one
-    with grouped KV heads, llama.cpp's 70B type): the type of every tensor, its bytes, and the
+(l) ember's own quantized files (`export gguf --type`, its eight quantized types) against
+    llama.cpp's quantizer (llama-quantize's file types) run on ember's f32 export of the same
+    model (SmolLM2; a 256-wide tiny LLaMA whose rows fill whole super-blocks; an 80-layer one with
+    grouped KV heads, llama.cpp's 70B type): the type of every tensor, its bytes, and the
     perplexity of both files in llama.cpp.
 (k) the GLM family as llama.cpp's `chatglm`: seeded random tiny models with the real
     vocabularies (../shared/fixtures/tokenizers): ChatGLM3's layout (fused query_key_value,
@@ -505,7 +505,7 @@ def verify_k_quants(ember, models, work, examples):
         for ty, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0),
                           ("q6_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K), ("q5_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M),
                           ("q5_k_s", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_S), ("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M),
-                          ("q4_k_s", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S)):
+                          ("q4_k_s", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S), ("q3_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M)):
             ours, theirs = (os.path.join(work, f"k-{os.path.basename(model)}-{ty}-{who}.gguf") for who in ("ember", "llamacpp"))
             run([ember, "export", "gguf", "--base", model, "--out", ours, "--type", ty, *pre])
             llama_quantize(f32, theirs, ftype)

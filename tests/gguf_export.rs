@@ -71,7 +71,7 @@ fn f32_round_trips_bit_for_bit_and_quantized_types_stay_within_their_step() {
 /// wide, so its rows fill whole super-blocks; tiny_llama's 64 and 176 fall back.
 #[test]
 fn k_quant_mixtures_choose_llama_cpps_types_and_decode_within_their_steps() {
-    use ember_models::gguf::GgmlType::{self, F16, F32, Q4_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
+    use ember_models::gguf::GgmlType::{self, F16, F32, Q3_K, Q4_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
     let dir = tempfile::tempdir().unwrap();
     let wide = dir.path().join("wide");
     let kquants = fixture("ggml_quants/tiny_llama_kquants.gguf");
@@ -83,6 +83,8 @@ fn k_quant_mixtures_choose_llama_cpps_types_and_decode_within_their_steps() {
     let wide_q5_k_m: &[(&str, GgmlType)] = &[("blk.0.attn_q.weight", Q5_K), ("blk.0.attn_v.weight", Q6_K), ("blk.0.ffn_down.weight", Q6_K),
         ("token_embd.weight", Q5_K), ("output.weight", Q6_K)];
     let wide_q4_k_s: &[(&str, GgmlType)] = &[("blk.0.attn_v.weight", Q5_K), ("blk.0.ffn_down.weight", Q4_K), ("output.weight", Q6_K)];
+    let wide_q3_k_m: &[(&str, GgmlType)] = &[("blk.0.attn_q.weight", Q3_K), ("blk.0.attn_output.weight", Q4_K), ("blk.0.attn_v.weight", Q5_K),
+        ("blk.0.ffn_down.weight", Q4_K), ("output.weight", Q6_K)];
     let wide_q6_k: &[(&str, GgmlType)] = &[("blk.0.attn_q.weight", Q6_K), ("blk.0.ffn_up.weight", Q6_K), ("token_embd.weight", Q6_K), ("output.weight", Q6_K)];
     // 64 columns: Q4_K -> Q5_0, the output Q8_0; down_proj's 176 are not whole 32-value blocks.
     let narrow_q4_k_m: &[(&str, GgmlType)] = &[("blk.1.attn_q.weight", Q5_0), ("blk.1.attn_v.weight", Q8_0), ("blk.1.ffn_down.weight", F16),
@@ -92,7 +94,7 @@ fn k_quant_mixtures_choose_llama_cpps_types_and_decode_within_their_steps() {
     let narrow_q4_0: &[(&str, GgmlType)] = &[("blk.0.attn_v.weight", Q4_0), ("token_embd.weight", Q4_0), ("output.weight", Q8_0)];
     let narrow = fixture("tiny_llama");
     for (base, ty, file_type, expected, tolerance) in
-        [(&wide, "q4_k_m", 15, wide_q4_k_m, 0.12f32), (&wide, "q4_k_s", 14, wide_q4_k_s, 0.12), (&wide, "q5_k_m", 17, wide_q5_k_m, 0.06), (&wide, "q6_k", 18, wide_q6_k, 0.03),
+        [(&wide, "q4_k_m", 15, wide_q4_k_m, 0.12f32), (&wide, "q4_k_s", 14, wide_q4_k_s, 0.12), (&wide, "q3_k_m", 12, wide_q3_k_m, 0.3), (&wide, "q5_k_m", 17, wide_q5_k_m, 0.06), (&wide, "q6_k", 18, wide_q6_k, 0.03),
          (&narrow, "q4_k_m", 15, narrow_q4_k_m, 0.07), (&narrow, "q5_k_m", 17, narrow_q5_k_m, 0.04), (&narrow, "q4_0", 2, narrow_q4_0, 1.0 / 7.0)]
     {
         let gguf = dir.path().join(format!("{ty}.gguf"));

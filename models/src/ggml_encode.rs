@@ -1,4 +1,4 @@
-//! ggml's reference quantizers for Q8_0, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K, as
+//! ggml's reference quantizers for Q8_0, Q4_0, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K and Q6_K, as
 //! `llama-quantize` runs them without an importance matrix: the same search for each block's
 //! scales, in the same f32 operations, so that ember's GGUF files hold the blocks llama.cpp would
 //! write from the same f32 weights.
@@ -10,6 +10,9 @@
 //! - Q5_0, 32 values in 22 bytes: f16 `d`, a u32 of fifth bits (bit `j` for value `j`), 16 bytes
 //!   of low nibbles (value `j` low, value `j + 16` high); value = `(q − 16)·d`.
 //! - Q5_1, 32 values in 24 bytes: as Q5_0 with an f16 minimum `m` after `d`; value = `q·d + m`.
+//! - Q3_K, 256 values in 110 bytes: 32 bytes of third bits (byte `j % 32`, bit `j / 32`), 64 of
+//!   2-bit codes (per 128 values, byte `l` holds values `l`, `l+32`, `l+64`, `l+96`), sixteen
+//!   6-bit scales in 12 bytes (offset by 32), f16 `d`; value = `d·(sc − 32)·(q − 4)`.
 //! - Q4_K, 256 values in 144 bytes: f16 `d`, f16 `dmin`, eight 6-bit scales and minimums packed
 //!   in 12 bytes, 128 bytes of nibbles (per 64 values: the first 32 low, the next 32 high);
 //!   value = `d·sc·q − dmin·m` per 32-value sub-block.
@@ -302,6 +305,122 @@ pub fn encode_q5_k(values: &[f32]) -> Vec<u8> {
     })
 }
 
+/// ggml's `make_q3_quants` with `do_rmse` for Q3_K (`nmax = 4`) over one 16-value sub-block:
+/// codes from `−nmax / max`, then up to 5 rounds of moving single codes while the x²-weighted
+/// fit improves; returns the fitted scale, `codes` gets `q + 4` in `0..8`.
+fn q3_scale(x: &[f32], codes: &mut [i8]) -> f32 {
+    const NMAX: i32 = 4;
+    let mut max = 0f32;
+    let mut amax = 0f32;
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        codes.fill(0);
+        return 0.0;
+    }
+    let iscale = -(NMAX as f32) / max;
+    let (mut sum_lx, mut sum_l2) = (0f32, 0f32);
+    for (code, &v) in codes.iter_mut().zip(x) {
+        let l = nearest_int(iscale * v).clamp(-NMAX, NMAX - 1);
+        *code = l as i8;
+        let (w, l) = (v * v, l as f32);
+        sum_lx += w * v * l;
+        sum_l2 += w * l * l;
+    }
+    for _ in 0..5 {
+        let mut changed = false;
+        for (code, &v) in codes.iter_mut().zip(x) {
+            let w = v * v;
+            let l = f32::from(*code);
+            let mut slx = sum_lx - w * v * l;
+            if slx > 0.0 {
+                let mut sl2 = sum_l2 - w * l * l;
+                let new_l = nearest_int(v * sl2 / slx).clamp(-NMAX, NMAX - 1);
+                if new_l != i32::from(*code) {
+                    slx += w * v * new_l as f32;
+                    sl2 += w * new_l as f32 * new_l as f32;
+                    if sl2 > 0.0 && slx * slx * sum_l2 > sum_lx * sum_lx * sl2 {
+                        *code = new_l as i8;
+                        (sum_lx, sum_l2) = (slx, sl2);
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    codes.iter_mut().for_each(|code| *code += NMAX as i8);
+    if sum_l2 > 0.0 { sum_lx / sum_l2 } else { 0.0 }
+}
+
+/// Q3_K super-blocks of `values` (a multiple of 256).
+pub fn encode_q3_k(values: &[f32]) -> Vec<u8> {
+    encode_blocks(values, QK_K, 110, |x, out| {
+        let mut codes = [0i8; QK_K];
+        let mut scales = [0f32; 16];
+        let (mut max_scale, mut amax) = (0f32, 0f32);
+        for (j, scale) in scales.iter_mut().enumerate() {
+            *scale = q3_scale(&x[16 * j..16 * j + 16], &mut codes[16 * j..16 * j + 16]);
+            if scale.abs() > amax {
+                amax = scale.abs();
+                max_scale = *scale;
+            }
+        }
+        out.fill(0);
+        let (high, rest) = out.split_at_mut(32);
+        let (low, rest) = rest.split_at_mut(64);
+        let (packed, d_bytes) = rest.split_at_mut(12);
+        // Sub-block scales in 6 bits (offset by 32): low nibbles first, then their top bit pairs.
+        let d = if max_scale != 0.0 {
+            let iscale = -32.0 / max_scale;
+            for (j, scale) in scales.iter().enumerate() {
+                let l = (nearest_int(iscale * scale).clamp(-32, 31) + 32) as u8;
+                if j < 8 {
+                    packed[j] = l & 0xF;
+                } else {
+                    packed[j - 8] |= (l & 0xF) << 4;
+                }
+                packed[j % 4 + 8] |= (l >> 4) << (2 * (j / 4));
+            }
+            f16::from_f32(1.0 / iscale)
+        } else {
+            f16::from_f32(0.0)
+        };
+        d_bytes.copy_from_slice(&d.to_le_bytes());
+        // Codes again against the scales as stored; a zero scale keeps the search's codes.
+        for j in 0..16 {
+            let low_bits = if j < 8 { packed[j] & 0xF } else { packed[j - 8] >> 4 };
+            let sc = (low_bits | ((packed[8 + j % 4] >> (2 * (j / 4))) & 3) << 4) as i8 - 32;
+            let d = d.to_f32() * f32::from(sc);
+            if d == 0.0 {
+                continue;
+            }
+            for i in 16 * j..16 * j + 16 {
+                codes[i] = (nearest_int(x[i] / d).clamp(-4, 3) + 4) as i8;
+            }
+        }
+        for (j, &code) in codes.iter().enumerate() {
+            let q = code as u8;
+            if q > 3 {
+                high[j % 32] |= 1 << (j / 32);
+            }
+        }
+        let q = |i: usize| (codes[i] as u8) & 3;
+        for (half, low) in low.chunks_mut(32).enumerate() {
+            let base = 128 * half;
+            for l in 0..32 {
+                low[l] = q(base + l) | q(base + l + 32) << 2 | q(base + l + 64) << 4 | q(base + l + 96) << 6;
+            }
+        }
+    })
+}
+
 /// ggml's `make_qx_quants` with `rmse_type = 1` for Q6_K (`nmax = 32`) over one 16-value
 /// sub-block: the scale minimising the x²-weighted squared error over 19 candidates around
 /// `−nmax / max`; `codes` gets `q + 32` in `0..64`.
@@ -445,6 +564,23 @@ mod tests {
         }).collect()
     }
 
+    /// Dequantized Q3_K, for the test: `d·(sc − 32)·(q − 4)`.
+    fn decode_q3_k(bytes: &[u8]) -> Vec<f32> {
+        bytes.chunks(110).flat_map(|b| {
+            let d = f16::from_le_bytes([b[108], b[109]]).to_f32();
+            let packed = &b[96..108];
+            (0..QK_K).map(move |i| {
+                let j = i / 16;
+                let low_bits = if j < 8 { packed[j] & 0xF } else { packed[j - 8] >> 4 };
+                let sc = (low_bits | ((packed[8 + j % 4] >> (2 * (j / 4))) & 3) << 4) as i8 - 32;
+                let (half, l) = (i / 128, i % 128);
+                let low = (b[32 + 32 * half + l % 32] >> (2 * (l / 32))) & 3;
+                let high = (b[i % 32] >> (i / 32)) & 1;
+                d * f32::from(sc) * (f32::from(low | high << 2) - 4.0)
+            })
+        }).collect()
+    }
+
     /// Dequantized Q5_1, for the test: `q·d + m`.
     fn decode_q5_1(bytes: &[u8]) -> Vec<f32> {
         bytes.chunks(24).flat_map(|b| {
@@ -499,7 +635,11 @@ mod tests {
         // Half a step of 31 over the block's range (at most twice its largest magnitude).
         assert!(worst_relative_error(&x, &decode_q5_1(&q5_1), 32) < 0.04);
         // The zero super-block decodes to zeros.
-        let zeros = [decode_q4_k(&q4), decode_q5_k(&q5), decode_q6_k(&q6)];
+        let q3 = encode_q3_k(&x);
+        assert_eq!(q3.len(), 8 * 110);
+        // 3 bits: half a step of 7 over about twice the largest magnitude, and the scales' 6 bits.
+        assert!(worst_relative_error(&x, &decode_q3_k(&q3), QK_K) < 0.3);
+        let zeros = [decode_q3_k(&q3), decode_q4_k(&q4), decode_q5_k(&q5), decode_q6_k(&q6)];
         assert!(zeros.iter().all(|decoded| decoded[256..512].iter().all(|&v| v == 0.0)));
     }
 

@@ -47,6 +47,7 @@ pub enum TensorType {
     Q4_0,
     Q5_0,
     Q5_1,
+    Q3_K,
     Q4_K,
     Q5_K,
     Q6_K,
@@ -73,6 +74,7 @@ impl TensorType {
             Self::Q5_0 => 6,
             Self::Q5_1 => 7,
             Self::Q8_0 => 8,
+            Self::Q3_K => 11,
             Self::Q4_K => 12,
             Self::Q5_K => 13,
             Self::Q6_K => 14,
@@ -89,6 +91,7 @@ impl TensorType {
             Self::Q4_0 => (32, 18),
             Self::Q5_0 => (32, 22),
             Self::Q5_1 => (32, 24),
+            Self::Q3_K => (256, 110),
             Self::Q4_K => (256, 144),
             Self::Q5_K => (256, 176),
             Self::Q6_K => (256, 210),
@@ -101,7 +104,7 @@ impl TensorType {
 
     /// The type a tensor of `shape` gets when the file's type is `self`: vectors stay F32 (as
     /// llama.cpp's converter keeps them); rows that do not fill whole blocks fall back as
-    /// llama-quantize does (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, then to F16).
+    /// llama-quantize does (Q3_K to Q4_0, Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, then to F16).
     pub fn for_shape(self, shape: &[usize]) -> Self {
         if shape.len() < 2 {
             return Self::F32;
@@ -109,6 +112,7 @@ impl TensorType {
         let cols = shape.last().copied().unwrap_or(0);
         let fits = |ty: Self| cols % ty.block().0 == 0;
         let fallback = match self {
+            Self::Q3_K => Self::Q4_0,
             Self::Q4_K => Self::Q5_0,
             Self::Q5_K => Self::Q5_1,
             Self::Q6_K => Self::Q8_0,
@@ -131,7 +135,8 @@ impl TensorType {
 /// embedding too; Q8_0 where its rows are not whole blocks of the main type), and for attn_v and
 /// ffn_down what each mixture gives them (Q4_K_M, Q5_K_M: Q6_K in the layers llama.cpp's
 /// `use_more_bits` picks, the first and last eighth and every third between; Q4_K_S: Q5_K in the
-/// first layers), with Q5_K for a 70B's other attn_v (8 heads share each).
+/// first layers; Q3_K_M: Q5_K in the first layers, Q4_K elsewhere, and Q4_K for attn_output),
+/// with Q5_K for a 70B's other attn_v (8 heads share each).
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportType {
@@ -145,6 +150,7 @@ pub enum ExportType {
     Q5_K_S,
     Q4_K_M,
     Q4_K_S,
+    Q3_K_M,
 }
 
 /// What llama-quantize's choice of types reads from the model beyond a tensor's name and shape.
@@ -170,7 +176,7 @@ impl QuantizeModel {
 }
 
 impl ExportType {
-    pub const NAMES: &str = "f32, f16, bf16, q8_0, q4_0, q6_k, q5_k_m, q5_k_s, q4_k_m or q4_k_s";
+    pub const NAMES: &str = "f32, f16, bf16, q8_0, q4_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s or q3_k_m";
 
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
@@ -184,6 +190,7 @@ impl ExportType {
             "q5_k_s" => Self::Q5_K_S,
             "q4_k_m" => Self::Q4_K_M,
             "q4_k_s" => Self::Q4_K_S,
+            "q3_k_m" => Self::Q3_K_M,
             _ => return None,
         })
     }
@@ -195,6 +202,7 @@ impl ExportType {
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q8_0 => 7,
+            Self::Q3_K_M => 12,
             Self::Q4_K_S => 14,
             Self::Q4_K_M => 15,
             Self::Q5_K_S => 16,
@@ -215,6 +223,7 @@ impl ExportType {
             Self::Q6_K => TensorType::Q6_K,
             Self::Q5_K_M | Self::Q5_K_S => TensorType::Q5_K,
             Self::Q4_K_M | Self::Q4_K_S => TensorType::Q4_K,
+            Self::Q3_K_M => TensorType::Q3_K,
         }
     }
 
@@ -239,15 +248,21 @@ impl ExportType {
             let ty = match self {
                 Self::Q4_K_M | Self::Q5_K_M if more_bits => TensorType::Q6_K,
                 Self::Q4_K_S if early(4) => TensorType::Q5_K,
+                Self::Q3_K_M if early(2) => TensorType::Q5_K,
+                Self::Q3_K_M => TensorType::Q4_K,
                 _ => main,
             };
-            if model.seventy_b && ty == TensorType::Q4_K { TensorType::Q5_K } else { ty }
+            if model.seventy_b && matches!(ty, TensorType::Q3_K | TensorType::Q4_K) { TensorType::Q5_K } else { ty }
         } else if name.ends_with("ffn_down.weight") {
             match self {
                 Self::Q4_K_M | Self::Q5_K_M if more_bits => TensorType::Q6_K,
                 Self::Q4_K_S if early(model.layers / 8) => TensorType::Q5_K,
+                Self::Q3_K_M if early(model.layers / 16) => TensorType::Q5_K,
+                Self::Q3_K_M => TensorType::Q4_K,
                 _ => main,
             }
+        } else if name.ends_with("attn_output.weight") && self == Self::Q3_K_M {
+            TensorType::Q4_K
         } else {
             main
         };
@@ -272,6 +287,7 @@ pub fn encode(ty: TensorType, values: &[f32]) -> Vec<u8> {
         TensorType::Q4_0 => ggml_encode::encode_q4_0(values),
         TensorType::Q5_0 => ggml_encode::encode_q5_0(values),
         TensorType::Q5_1 => ggml_encode::encode_q5_1(values),
+        TensorType::Q3_K => ggml_encode::encode_q3_k(values),
         TensorType::Q4_K => ggml_encode::encode_q4_k(values),
         TensorType::Q5_K => ggml_encode::encode_q5_k(values),
         TensorType::Q6_K => ggml_encode::encode_q6_k(values),
@@ -702,6 +718,14 @@ mod tests {
         assert_eq!(ty("q4_k_s", "blk.4.ffn_down.weight", 11008), TensorType::Q4_K);
         assert_eq!(ty("q5_k_s", "blk.0.attn_v.weight", 4096), TensorType::Q5_K);
         assert_eq!(ty("q5_k_s", "output.weight", 4096), TensorType::Q6_K);
+        // Q3_K_M: Q3_K for q, k, gate, up; Q4_K for attn_output and most attn_v and ffn_down.
+        assert_eq!(ty("q3_k_m", "blk.9.attn_q.weight", 4096), TensorType::Q3_K);
+        assert_eq!(ty("q3_k_m", "blk.9.attn_output.weight", 4096), TensorType::Q4_K);
+        assert_eq!(ty("q3_k_m", "blk.1.attn_v.weight", 4096), TensorType::Q5_K);
+        assert_eq!(ty("q3_k_m", "blk.2.attn_v.weight", 4096), TensorType::Q4_K);
+        assert_eq!(ty("q3_k_m", "blk.1.ffn_down.weight", 11008), TensorType::Q5_K);
+        assert_eq!(ty("q3_k_m", "blk.2.ffn_down.weight", 11008), TensorType::Q4_K);
+        assert_eq!(ty("q3_k_m", "blk.9.ffn_up.weight", 576), TensorType::Q4_0);
         // A 70B's attn_v: Q5_K where the mixture would give it Q4_K.
         let seventy = QuantizeModel { layers: 80, tied: false, seventy_b: true };
         assert_eq!(ExportType::Q4_K_M.tensor_type("blk.11.attn_v.weight", &[1024, 8192], seventy), TensorType::Q5_K);
