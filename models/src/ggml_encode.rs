@@ -38,6 +38,11 @@ fn nearest_int(x: f32) -> i32 {
     (shifted.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
+/// The value of largest magnitude, the first of equals (as ggml's quantizers pick it).
+fn largest_magnitude(x: &[f32]) -> f32 {
+    x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m })
+}
+
 /// `values` encoded block by block with `encode_block`, blocks of `block` values in `bytes` bytes
 /// each, spread over the threads (blocks are independent).
 fn encode_blocks(values: &[f32], block: usize, bytes: usize, encode_block: impl Fn(&[f32], &mut [u8]) + Sync) -> Vec<u8> {
@@ -70,8 +75,7 @@ pub fn encode_q8_0(values: &[f32]) -> Vec<u8> {
 pub fn encode_q4_0(values: &[f32]) -> Vec<u8> {
     encode_blocks(values, 32, 18, |x, out| {
         // d = (the value of largest magnitude) / −8; q = min(15, trunc(x / d + 8.5))
-        let max = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-        let d = max / -8.0;
+        let d = largest_magnitude(x) / -8.0;
         let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
         out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
         let q = |v: f32| ((v * inverse + 8.5) as i8).min(15) as u8;
@@ -98,15 +102,7 @@ fn pack_five_bits(codes: impl Fn(usize) -> u8, high: &mut [u8], nibbles: &mut [u
 pub fn encode_q5_0(values: &[f32]) -> Vec<u8> {
     encode_blocks(values, 32, 22, |x, out| {
         // d = (the value of largest magnitude) / −16; q = min(31, trunc(x / d + 16.5))
-        let mut amax = 0f32;
-        let mut max = 0f32;
-        for &v in x {
-            if amax < v.abs() {
-                amax = v.abs();
-                max = v;
-            }
-        }
-        let d = max / -16.0;
+        let d = largest_magnitude(x) / -16.0;
         let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
         out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
         let (high, nibbles) = out[2..].split_at_mut(4);
@@ -310,15 +306,8 @@ pub fn encode_q5_k(values: &[f32]) -> Vec<u8> {
 /// fit improves; returns the fitted scale, `codes` gets `q + 4` in `0..8`.
 fn q3_scale(x: &[f32], codes: &mut [i8]) -> f32 {
     const NMAX: i32 = 4;
-    let mut max = 0f32;
-    let mut amax = 0f32;
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax < GROUP_MAX_EPS {
+    let max = largest_magnitude(x);
+    if max.abs() < GROUP_MAX_EPS {
         codes.fill(0);
         return 0.0;
     }
@@ -426,15 +415,8 @@ pub fn encode_q3_k(values: &[f32]) -> Vec<u8> {
 /// `−nmax / max`; `codes` gets `q + 32` in `0..64`.
 fn symmetric_scale(x: &[f32], codes: &mut [i8]) -> f32 {
     const NMAX: i32 = 32;
-    let mut max = 0f32;
-    let mut amax = 0f32;
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax < GROUP_MAX_EPS {
+    let max = largest_magnitude(x);
+    if max.abs() < GROUP_MAX_EPS {
         codes.fill(0);
         return 0.0;
     }
