@@ -26,6 +26,18 @@ def field(reader, key):
     return bytes(part).decode() if part.dtype == np.uint8 else part[0]
 
 
+def assert_within(reader, weights, by_gguf, tolerance):
+    """gguf-py's dequantization of each GGUF tensor in `by_gguf` within `tolerance(type name)` x
+    the largest magnitude of its HF tensor in `weights` (a block's step is at most that)."""
+    tensors = {t.name: t for t in reader.tensors}
+    for name, key in by_gguf.items():
+        t = tensors[name]
+        values = dequantize(t.data, t.tensor_type).reshape(weights[key].shape)
+        scale = np.abs(weights[key]).max()
+        worst = np.abs(values - weights[key]).max()
+        assert worst <= tolerance(t.tensor_type.name) * scale, (name, t.tensor_type.name, worst, scale)
+
+
 def main():
     out, tiny = sys.argv[1], sys.argv[2]
     weights = safetensors_f32(f"{tiny}/model.safetensors")
@@ -37,13 +49,7 @@ def main():
         reader = GGUFReader(f"{out}/tiny-{ty}.gguf")
         assert field(reader, "general.architecture") == "llama"
         assert len(reader.tensors) == len(weights), (len(reader.tensors), len(weights))
-        tensors = {t.name: t for t in reader.tensors}
-        for name, key in by_gguf.items():
-            t = tensors[name]
-            values = dequantize(t.data, t.tensor_type).reshape(weights[key].shape)
-            scale = np.abs(weights[key]).max()
-            worst = np.abs(values - weights[key]).max()
-            assert worst <= tolerance * scale, (ty, name, worst, scale)
+        assert_within(reader, weights, by_gguf, lambda _: tolerance)
         tokens = reader.fields["tokenizer.ggml.tokens"]
         assert len(tokens.data) == 1000, len(tokens.data)
         print(f"gguf {ty}: {len(reader.tensors)} tensors, {len(tokens.data)} tokens, values ok")
@@ -64,13 +70,7 @@ def main():
     assert all(kinds[n] == k for n, k in expected.items()), kinds
     by_gguf = {"blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight", "blk.0.ffn_up.weight": "model.layers.0.mlp.up_proj.weight",
                "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight", "output.weight": "lm_head.weight"}
-    tensors = {t.name: t for t in reader.tensors}
-    for name, key in by_gguf.items():
-        t = tensors[name]
-        values = dequantize(t.data, t.tensor_type).reshape(wide[key].shape)
-        scale = np.abs(wide[key]).max()
-        worst = np.abs(values - wide[key]).max()
-        assert worst <= (0.12 if kinds[name] == "Q4_K" else 0.03) * scale, (name, kinds[name], worst, scale)
+    assert_within(reader, wide, by_gguf, lambda kind: 0.12 if kind == "Q4_K" else 0.03)
     print(f"gguf q4_k_m: {dict(sorted((k, list(kinds.values()).count(k)) for k in set(kinds.values())))}, values ok")
 
 

@@ -487,7 +487,7 @@ fn export(command: ExportCommand) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let (summary, out) = match command {
         ExportCommand::Gguf { base, adapter, out, ty, pre } => {
-            let ty = ExportType::parse(&ty).ok_or_else(|| bad_input(anyhow::anyhow!("--type '{ty}': expected {}", ExportType::NAMES)))?;
+            let ty = ExportType::parse(&ty).ok_or_else(|| bad_input(anyhow::anyhow!("--type '{ty}': expected {}", ExportType::names())))?;
             (ember_trainer::export::export_gguf(&base, adapter.as_deref(), &out, ty, pre.as_deref())?, out)
         }
         ExportCommand::GgufLora { base, adapter, out, ty } => {

@@ -348,19 +348,22 @@ fn q3_scale(x: &[f32], codes: &mut [i8]) -> f32 {
     if sum_l2 > 0.0 { sum_lx / sum_l2 } else { 0.0 }
 }
 
+/// Each 16-value sub-block's scale from `scale_of` (Q3_K's and Q6_K's searches), its codes into
+/// `codes`.
+fn sub_block_scales(x: &[f32], codes: &mut [i8; QK_K], scale_of: fn(&[f32], &mut [i8]) -> f32) -> [f32; 16] {
+    let mut scales = [0f32; 16];
+    for (j, (scale, codes)) in scales.iter_mut().zip(codes.chunks_mut(16)).enumerate() {
+        *scale = scale_of(&x[16 * j..16 * j + 16], codes);
+    }
+    scales
+}
+
 /// Q3_K super-blocks of `values` (a multiple of 256).
 pub fn encode_q3_k(values: &[f32]) -> Vec<u8> {
     encode_blocks(values, QK_K, 110, |x, out| {
         let mut codes = [0i8; QK_K];
-        let mut scales = [0f32; 16];
-        let (mut max_scale, mut amax) = (0f32, 0f32);
-        for (j, scale) in scales.iter_mut().enumerate() {
-            *scale = q3_scale(&x[16 * j..16 * j + 16], &mut codes[16 * j..16 * j + 16]);
-            if scale.abs() > amax {
-                amax = scale.abs();
-                max_scale = *scale;
-            }
-        }
+        let scales = sub_block_scales(x, &mut codes, q3_scale);
+        let max_scale = largest_magnitude(&scales);
         out.fill(0);
         let (high, rest) = out.split_at_mut(32);
         let (low, rest) = rest.split_at_mut(64);
@@ -453,16 +456,9 @@ fn symmetric_scale(x: &[f32], codes: &mut [i8]) -> f32 {
 pub fn encode_q6_k(values: &[f32]) -> Vec<u8> {
     encode_blocks(values, QK_K, 210, |x, out| {
         let mut codes = [0i8; QK_K];
-        let mut scales = [0f32; 16];
-        let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
-        for (ib, scale) in scales.iter_mut().enumerate() {
-            *scale = symmetric_scale(&x[16 * ib..16 * ib + 16], &mut codes[16 * ib..16 * ib + 16]);
-            if scale.abs() > max_abs_scale {
-                max_abs_scale = scale.abs();
-                max_scale = *scale;
-            }
-        }
-        if max_abs_scale < GROUP_MAX_EPS {
+        let scales = sub_block_scales(x, &mut codes, symmetric_scale);
+        let max_scale = largest_magnitude(&scales);
+        if max_scale.abs() < GROUP_MAX_EPS {
             out.fill(0);
             return;
         }

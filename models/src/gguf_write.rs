@@ -176,23 +176,22 @@ impl QuantizeModel {
 }
 
 impl ExportType {
-    pub const NAMES: &str = "f32, f16, bf16, q8_0, q4_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s or q3_k_m";
+    /// Every type by its `--type` name.
+    const BY_NAME: [(&str, Self); 11] = [
+        ("f32", Self::F32), ("f16", Self::F16), ("bf16", Self::Bf16), ("q8_0", Self::Q8_0), ("q4_0", Self::Q4_0),
+        ("q6_k", Self::Q6_K), ("q5_k_m", Self::Q5_K_M), ("q5_k_s", Self::Q5_K_S), ("q4_k_m", Self::Q4_K_M),
+        ("q4_k_s", Self::Q4_K_S), ("q3_k_m", Self::Q3_K_M),
+    ];
 
     pub fn parse(name: &str) -> Option<Self> {
-        Some(match name {
-            "f32" => Self::F32,
-            "f16" => Self::F16,
-            "bf16" => Self::Bf16,
-            "q8_0" => Self::Q8_0,
-            "q4_0" => Self::Q4_0,
-            "q6_k" => Self::Q6_K,
-            "q5_k_m" => Self::Q5_K_M,
-            "q5_k_s" => Self::Q5_K_S,
-            "q4_k_m" => Self::Q4_K_M,
-            "q4_k_s" => Self::Q4_K_S,
-            "q3_k_m" => Self::Q3_K_M,
-            _ => return None,
-        })
+        Self::BY_NAME.iter().find(|(known, _)| *known == name).map(|&(_, ty)| ty)
+    }
+
+    /// The `--type` names, for an error message: "f32, f16, … or q3_k_m".
+    pub fn names() -> String {
+        let names: Vec<&str> = Self::BY_NAME.iter().map(|(name, _)| *name).collect();
+        let (last, rest) = names.split_last().expect("types");
+        format!("{} or {last}", rest.join(", "))
     }
 
     /// llama.cpp's `general.file_type` (its `LLAMA_FTYPE_*`).
