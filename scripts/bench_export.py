@@ -74,15 +74,11 @@ def main():
         seven_b_layer(model, args.tokenizer)
     f32 = os.path.join(args.work, "model-f32.gguf")
     f32_seconds = timed([args.ember, "export", "gguf", "--base", model, "--out", f32, "--type", "f32"])
-    ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
-              "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M, "q5_k_s": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_S,
-              "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q4_k_s": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S,
-              "q3_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M}
     for ty in args.types.split(","):
         ours, theirs = (os.path.join(args.work, f"model-{ty}-{who}.gguf") for who in ("ember", "llamacpp"))
         ember_seconds = timed([args.ember, "export", "gguf", "--base", model, "--out", ours, "--type", ty])
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftypes[ty]
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ty.upper()}")
         start = time.perf_counter()
         if llama_cpp.llama_model_quantize(f32.encode(), theirs.encode(), ctypes.byref(params)) != 0:
             raise RuntimeError(f"llama_model_quantize {ty} failed")

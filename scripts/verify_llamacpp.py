@@ -25,12 +25,13 @@
     gpt-2, llama-bpe, qwen2, smaug-bpe, deepseek-r1-qwen, tekken, deepseek-llm, deepseek-coder):
     tiny_llama's vocabulary exported under each, the ids of ember's GGUF tokenizer equal
     llama.cpp's on texts with digits, contractions, newlines, case runs, slashes, CJK, Hangul and
-    full-width forms.
-(l) ember's own quantized files (`export gguf --type`, its eight quantized types) against
+    full-width forms. Also a SentencePiece vocabulary with a user-defined piece (`<tool>`): ember's
+    ids as a GGUF base equal llama.cpp's, which splits such pieces out of the text first.
+(l) ember's own quantized files (`export gguf --type`, its thirteen quantized types) against
     llama.cpp's quantizer (llama-quantize's file types) run on ember's f32 export of the same
     model (SmolLM2; a 256-wide tiny LLaMA whose rows fill whole super-blocks; an 80-layer one with
-    grouped KV heads, llama.cpp's 70B type): the type of every tensor, its bytes, and the
-    perplexity of both files in llama.cpp.
+    grouped KV heads, llama.cpp's 70B type; an 8-layer one with 4 query heads per KV head): the
+    type of every tensor, its bytes, and the perplexity of both files in llama.cpp.
 (k) the GLM family as llama.cpp's `chatglm`: seeded random tiny models with the real
     vocabularies (../shared/fixtures/tokenizers): ChatGLM3's layout (fused query_key_value,
     SentencePiece tokenizer.model with THUDM's specials) and HF-native `glm` with GLM-4's tiktoken
@@ -429,12 +430,14 @@ def main():
 
     # (j) pre-tokenizers: ember's GGUF tokenizer against llama.cpp's on the same file.
     report.extend(verify_pre_tokenizers(ember, base, work))
+    report.append(verify_sentencepiece(ember, work))
 
     # (l) ember's K-quant mixtures against llama.cpp's quantizer.
     wide = wide_tiny_llama(ember, work)
     models = {"SmolLM2": base, "256-wide tiny LLaMA": wide}
     if args.reference_python:
-        models["80-layer GQA tiny LLaMA (llama.cpp's 70B type)"] = deep_tiny_llama(wide, work, args.reference_python)
+        models["80-layer GQA tiny LLaMA (llama.cpp's 70B type)"] = random_tiny_llama(wide, work, args.reference_python, 80, 4, 2, 64)
+        models["8-layer tiny LLaMA, 4 query heads per KV head"] = random_tiny_llama(wide, work, args.reference_python, 8, 8, 2, 32)
     report.extend(verify_k_quants(ember, models, work, examples))
 
     # (k) the GLM family as llama.cpp's chatglm.
@@ -456,16 +459,17 @@ def wide_tiny_llama(ember, work):
     return folder
 
 
-def deep_tiny_llama(wide, work, python):
-    """An 80-layer LLaMA with grouped KV heads, 256 wide: llama.cpp's 70B type, whose attn_v
-    llama-quantize treats apart. Seeded random weights; `wide`'s tokenizer."""
-    folder = os.path.join(work, "tiny-80-layers")
+def random_tiny_llama(wide, work, python, layers, heads, kv_heads, head_dim):
+    """A 256-wide LLaMA of `layers` layers with grouped KV heads, seeded random weights and
+    `wide`'s tokenizer: with 80 layers llama.cpp's 70B type, whose attn_v llama-quantize treats
+    apart; with 4 or more query heads per KV head, the grouping its Q2_K and IQ4 mixtures read."""
+    folder = os.path.join(work, f"tiny-{layers}-layers-{heads}-{kv_heads}")
     os.makedirs(folder, exist_ok=True)
     for name in os.listdir(wide):
         if name != "model.safetensors" and name != "config.json":
             shutil.copy(os.path.join(wide, name), folder)
     config = json.load(open(os.path.join(wide, "config.json")))
-    config.update(num_hidden_layers=80, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    config.update(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
     json.dump(config, open(os.path.join(folder, "config.json"), "w"), indent=1)
     run([python, "-c", MAKE_DEEP, folder])
     return folder
@@ -491,7 +495,10 @@ save_file(t, os.path.join(folder, "model.safetensors"))
 """
 
 
-def verify_k_quants(ember, models, work, examples):
+QUANTIZED_TYPES = ("q8_0", "q4_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "iq4_xs", "iq4_nl")
+
+
+def verify_k_quants(ember, models, work, examples, types=QUANTIZED_TYPES):
     """(l): per model and type, one line: tensors whose type and bytes equal llama.cpp's quantizer
     on ember's f32 export, and both files' perplexity on `examples` (SmolLM2 only)."""
     import gguf
@@ -502,10 +509,8 @@ def verify_k_quants(ember, models, work, examples):
         f32 = os.path.join(work, f"k-{os.path.basename(model)}-f32.gguf")
         pre = ["--pre", "gpt-2"] if "tiny" in label else []
         run([ember, "export", "gguf", "--base", model, "--out", f32, "--type", "f32", *pre])
-        for ty, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0),
-                          ("q6_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K), ("q5_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M),
-                          ("q5_k_s", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_S), ("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M),
-                          ("q4_k_s", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S), ("q3_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M)):
+        for ty in types:
+            ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ty.upper()}")
             ours, theirs = (os.path.join(work, f"k-{os.path.basename(model)}-{ty}-{who}.gguf") for who in ("ember", "llamacpp"))
             run([ember, "export", "gguf", "--base", model, "--out", ours, "--type", ty, *pre])
             llama_quantize(f32, theirs, ftype)
@@ -568,6 +573,44 @@ def verify_pre_tokenizers(ember, base, work):
         lines.append(f"(j) GGUF byte-level BPE pre-tokenizers on {vocabulary}'s vocabulary, ember's ids equal llama.cpp's: {', '.join(results)} "
                      f"(distinct id lists per text across the names: {kinds})")
     return lines
+
+
+SENTENCEPIECE_TEXTS = ["a <tool> call", "<tool>call", "x<tool><tool> y", "Hello world", " leading space", "你好，世界！",
+                       "</s>after a control token", "emoji 🦙 and 𠀋"]
+
+
+def verify_sentencepiece(ember, work):
+    """(j): a SentencePiece vocabulary with a user-defined piece (the fixtures' sp_bpe model, on
+    tiny_llama's weights): ember's GGUF tokenizer against llama.cpp's on the same file, control
+    tokens parsed, user-defined pieces split out."""
+    from llama_cpp import Llama
+    from safetensors.numpy import load_file, save_file
+    fixtures = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
+    folder = os.path.join(work, "tiny-sentencepiece")
+    os.makedirs(folder, exist_ok=True)
+    tensors = load_file(os.path.join(fixtures, "tiny_llama", "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        rows = tensors[name]
+        tensors[name] = np.concatenate([rows, np.zeros((2000 - rows.shape[0], rows.shape[1]), rows.dtype)])
+    save_file(tensors, os.path.join(folder, "model.safetensors"))
+    config = json.load(open(os.path.join(fixtures, "tiny_llama", "config.json")))
+    config["vocab_size"] = 2000
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"))
+    shutil.copy(os.path.join(fixtures, "tokenizers", "sp_bpe", "tokenizer.model"), folder)
+    path = os.path.join(work, "tiny-sentencepiece.gguf")
+    run([ember, "export", "gguf", "--base", folder, "--out", path, "--type", "f32"])
+    llm = Llama(model_path=path, n_ctx=256, vocab_only=True, verbose=False)
+    equal = 0
+    for i, text in enumerate(SENTENCEPIECE_TEXTS):
+        dump = os.path.join(work, f"ember-j-sp-{i}.json")
+        run([ember, "generate", "--base", path, "--prompt", text, "--template", "none", "--max-new-tokens", "1", "--logits-out", dump])
+        ours = json.load(open(dump))["prompt_ids"]
+        theirs = llm.tokenize(text.encode(), add_bos=True, special=True)
+        equal += ours == theirs
+        print(f"(j) SentencePiece {text!r}: ember {ours} | llama.cpp {theirs}")
+    del llm
+    return (f"(j) a SentencePiece vocabulary with a user-defined piece (`<tool>`), as a GGUF base: ember's ids equal llama.cpp's "
+            f"{equal}/{len(SENTENCEPIECE_TEXTS)}")
 
 
 def verify_glm(args, ember, work):

@@ -66,12 +66,12 @@ fn f32_round_trips_bit_for_bit_and_quantized_types_stay_within_their_step() {
     }
 }
 
-/// llama-quantize's Q4_K_M and Q6_K: each tensor gets the type llama.cpp gives it, and its blocks
+/// llama-quantize's mixtures: each tensor gets the type llama.cpp gives it, and its blocks
 /// come back (`ember import gguf`) within their steps. The K-quant fixture imported as f32 is 256
 /// wide, so its rows fill whole super-blocks; tiny_llama's 64 and 176 fall back.
 #[test]
 fn k_quant_mixtures_choose_llama_cpps_types_and_decode_within_their_steps() {
-    use ember_models::gguf::GgmlType::{self, F16, F32, Q3_K, Q4_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
+    use ember_models::gguf::GgmlType::{self, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
     let dir = tempfile::tempdir().unwrap();
     let wide = dir.path().join("wide");
     let kquants = fixture("ggml_quants/tiny_llama_kquants.gguf");
@@ -85,6 +85,14 @@ fn k_quant_mixtures_choose_llama_cpps_types_and_decode_within_their_steps() {
     let wide_q4_k_s: &[(&str, GgmlType)] = &[("blk.0.attn_v.weight", Q5_K), ("blk.0.ffn_down.weight", Q4_K), ("output.weight", Q6_K)];
     let wide_q3_k_m: &[(&str, GgmlType)] = &[("blk.0.attn_q.weight", Q3_K), ("blk.0.attn_output.weight", Q4_K), ("blk.0.attn_v.weight", Q5_K),
         ("blk.0.ffn_down.weight", Q4_K), ("output.weight", Q6_K)];
+    let wide_q3_k_l: &[(&str, GgmlType)] = &[("blk.0.attn_q.weight", Q3_K), ("blk.0.attn_output.weight", Q5_K), ("blk.0.attn_v.weight", Q5_K),
+        ("blk.0.ffn_down.weight", Q5_K), ("output.weight", Q6_K)];
+    // Q2_K: Q3_K for attn_v (the fixture has 2 query heads per KV head), ffn_down and attn_output.
+    let wide_q2_k: &[(&str, GgmlType)] = &[("blk.0.attn_q.weight", Q2_K), ("blk.0.attn_output.weight", Q3_K), ("blk.0.attn_v.weight", Q3_K),
+        ("blk.0.ffn_down.weight", Q3_K), ("token_embd.weight", Q2_K), ("output.weight", Q6_K)];
+    // IQ4_XS: Q5_K would go to ffn_down in the first eighth of the layers, none of one layer.
+    let wide_iq4_xs: &[(&str, GgmlType)] = &[("blk.0.attn_q.weight", IQ4_XS), ("blk.0.attn_v.weight", IQ4_XS), ("blk.0.ffn_down.weight", IQ4_XS),
+        ("token_embd.weight", IQ4_XS), ("output.weight", Q6_K)];
     let wide_q6_k: &[(&str, GgmlType)] = &[("blk.0.attn_q.weight", Q6_K), ("blk.0.ffn_up.weight", Q6_K), ("token_embd.weight", Q6_K), ("output.weight", Q6_K)];
     // 64 columns: Q4_K -> Q5_0, the output Q8_0; down_proj's 176 are not whole 32-value blocks.
     let narrow_q4_k_m: &[(&str, GgmlType)] = &[("blk.1.attn_q.weight", Q5_0), ("blk.1.attn_v.weight", Q8_0), ("blk.1.ffn_down.weight", F16),
@@ -92,10 +100,15 @@ fn k_quant_mixtures_choose_llama_cpps_types_and_decode_within_their_steps() {
     let narrow_q5_k_m: &[(&str, GgmlType)] = &[("blk.0.attn_v.weight", Q5_1), ("blk.1.attn_v.weight", Q8_0), ("output.weight", Q8_0)];
     // Q4_0 gives the output Q6_K as llama-quantize does (Q8_0 for rows of 64).
     let narrow_q4_0: &[(&str, GgmlType)] = &[("blk.0.attn_v.weight", Q4_0), ("token_embd.weight", Q4_0), ("output.weight", Q8_0)];
+    // IQ4_NL's 32-value blocks fit rows of 64; Q2_K falls back to Q4_0.
+    let narrow_iq4_nl: &[(&str, GgmlType)] = &[("blk.1.attn_q.weight", IQ4_NL), ("blk.1.ffn_down.weight", F16), ("output.weight", Q8_0)];
+    let narrow_q2_k: &[(&str, GgmlType)] = &[("blk.1.attn_q.weight", Q4_0), ("blk.1.attn_v.weight", Q4_0), ("output.weight", Q8_0)];
     let narrow = fixture("tiny_llama");
     for (base, ty, file_type, expected, tolerance) in
         [(&wide, "q4_k_m", 15, wide_q4_k_m, 0.12f32), (&wide, "q4_k_s", 14, wide_q4_k_s, 0.12), (&wide, "q3_k_m", 12, wide_q3_k_m, 0.3), (&wide, "q5_k_m", 17, wide_q5_k_m, 0.06), (&wide, "q6_k", 18, wide_q6_k, 0.03),
-         (&narrow, "q4_k_m", 15, narrow_q4_k_m, 0.07), (&narrow, "q5_k_m", 17, narrow_q5_k_m, 0.04), (&narrow, "q4_0", 2, narrow_q4_0, 1.0 / 7.0)]
+         (&wide, "q3_k_l", 13, wide_q3_k_l, 0.3), (&wide, "q2_k", 10, wide_q2_k, 0.5), (&wide, "iq4_xs", 30, wide_iq4_xs, 0.15),
+         (&narrow, "q4_k_m", 15, narrow_q4_k_m, 0.07), (&narrow, "q5_k_m", 17, narrow_q5_k_m, 0.04), (&narrow, "q4_0", 2, narrow_q4_0, 1.0 / 7.0),
+         (&narrow, "iq4_nl", 25, narrow_iq4_nl, 0.12), (&narrow, "q2_k", 10, narrow_q2_k, 1.0 / 7.0)]
     {
         let gguf = dir.path().join(format!("{ty}.gguf"));
         export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", ty, "--pre", "gpt-2"]);
@@ -484,7 +497,8 @@ fn gguf_pre_tokenizer_names_come_back_as_hf_pre_tokenizers() {
 }
 
 /// A SentencePiece tokenizer goes into the GGUF as llama.cpp's `llama` model (pieces, scores,
-/// types) and comes back, through `ember import gguf` and as a GGUF base, with the same ids.
+/// types) and comes back, through `ember import gguf` and as a GGUF base, with the same ids (and
+/// llama.cpp's around user-defined pieces).
 #[test]
 fn sentencepiece_tokenizers_round_trip_through_gguf() {
     let dir = tempfile::tempdir().unwrap();
@@ -503,16 +517,21 @@ fn sentencepiece_tokenizers_round_trip_through_gguf() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let ours = ember_data::Tokenizer::from_dir(&model).unwrap();
     let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("tokenizers/sp_bpe/reference.json")).unwrap()).unwrap();
-    // The GGUF as a base encodes with sentencepiece's BPE, as tokenizer.model does; the imported
-    // folder's tokenizer.json is HF's legacy LLaMA conversion, which puts a word-start `▁` after
-    // every added token (`<tool>` here), so those texts are left out for it.
-    for (theirs, legacy) in [(ember_models::load_tokenizer(&gguf).unwrap(), false), (ember_data::Tokenizer::from_dir(&back).unwrap(), true)] {
+    // Both encode with sentencepiece's BPE, as tokenizer.model does, except around user-defined
+    // pieces (`<tool>` here): the GGUF as a base splits them out first as llama.cpp does, and the
+    // imported folder's tokenizer.json is HF's legacy LLaMA conversion, which does the same. Each
+    // text after one starts a word: `▁`.
+    let as_gguf = ember_models::load_tokenizer(&gguf).unwrap();
+    let legacy = ember_data::Tokenizer::from_dir(&back).unwrap();
+    let tool = ours.token_to_id("<tool>").unwrap();
+    let split: Vec<u32> = std::iter::once(tool).chain(ours.encode("call", false).unwrap()).collect();
+    assert_eq!(as_gguf.encode("<tool>call", false).unwrap(), split);
+    assert_ne!(ours.encode("<tool>call", false).unwrap(), split, "sentencepiece keeps the piece inside the text");
+    for theirs in [&as_gguf, &legacy] {
         for case in reference["sentencepiece"]["cases"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
-            if legacy && text.contains("<tool>") {
-                continue;
-            }
-            assert_eq!(theirs.encode(text, true).unwrap(), ours.encode(text, true).unwrap(), "{text:?} (legacy {legacy})");
+            let expected = if text.contains("<tool>") { legacy.encode(text, true).unwrap() } else { ours.encode(text, true).unwrap() };
+            assert_eq!(theirs.encode(text, true).unwrap(), expected, "{text:?}");
             let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
             assert_eq!(theirs.decode(&ids, true).unwrap(), case["decoded"].as_str().unwrap(), "{text:?}");
         }

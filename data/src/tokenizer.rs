@@ -132,12 +132,15 @@ pub fn convert_model(dir: &Path) -> Result<Converted, TokenizerError> {
     }
     let model = ModelProto::parse(&bytes).map_err(|reason| invalid(format!("SentencePiece model: {reason}")))?;
     let flavour = configs.chatglm_flavour(dir).unwrap_or(Flavour::SentencePiece);
-    Ok(convert_sentencepiece(&model, flavour, &configs))
+    Ok(convert_sentencepiece(&model, flavour, &configs, false))
 }
 
 /// A SentencePiece `model` of `flavour` as `tokenizer.json` and sentencepiece's own BPE, with
-/// BOS/EOS added as `configs` say.
-fn convert_sentencepiece(model: &ModelProto, flavour: Flavour, configs: &Configs) -> Converted {
+/// BOS/EOS added as `configs` say. `user_defined_apart`: user-defined pieces are matched in text
+/// as control tokens are, each text between them encoded on its own with its word-start `▁`
+/// (llama.cpp's tokenizer, and HF's legacy conversion); otherwise they stay inside the text, as
+/// sentencepiece itself encodes them.
+fn convert_sentencepiece(model: &ModelProto, flavour: Flavour, configs: &Configs, user_defined_apart: bool) -> Converted {
     let (specials, affixes, defaults) = match flavour {
         Flavour::SentencePiece => {
             let piece = |id: Option<u32>| model.piece(id).map(|text| (text.to_string(), id.unwrap()));
@@ -157,10 +160,11 @@ fn convert_sentencepiece(model: &ModelProto, flavour: Flavour, configs: &Configs
         Flavour::Glm4 => unreachable!("GLM-4 ships tiktoken ranks"),
     };
     let native = BpeEncoder::new(model).map(|encoder| {
+        use sentencepiece::PieceType::{Control, Unknown, UserDefined};
         let mut matched: Vec<(String, u32)> = Vec::new();
         if !flavour.literal_specials() {
             matched = model.pieces.iter().enumerate()
-                .filter(|(_, p)| matches!(p.kind, sentencepiece::PieceType::Control | sentencepiece::PieceType::Unknown) && !p.text.is_empty())
+                .filter(|(_, p)| (matches!(p.kind, Control | Unknown) || (user_defined_apart && p.kind == UserDefined)) && !p.text.is_empty())
                 .map(|(id, p)| (p.text.clone(), id as u32))
                 .collect();
             matched.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
@@ -239,11 +243,12 @@ impl Tokenizer {
         Ok((Self::from_converted(converted, &configs, &dir.join("tokenizer.model"))?, json, flavour))
     }
 
-    /// A SentencePiece model of `flavour` (LLaMA's, or ChatGLM2/3's without their specials) held
-    /// in memory, e.g. rebuilt from a GGUF file's vocabulary, encoded with sentencepiece's own
-    /// BPE as `tokenizer.model` is.
-    pub fn from_sentencepiece(model: &ModelProto, flavour: Flavour, configs: &Configs, source: &Path) -> Result<Self, TokenizerError> {
-        Self::from_converted(convert_sentencepiece(model, flavour, configs), configs, source)
+    /// A GGUF file's SentencePiece vocabulary of `flavour` (LLaMA's, or ChatGLM2/3's without their
+    /// specials), encoded with sentencepiece's own BPE as `tokenizer.model` is, except that a
+    /// LLaMA vocabulary's user-defined pieces are split out first, as llama.cpp does when it runs
+    /// the file (each following text then starts a word: `<tool>call` is `<tool>`, `▁call`).
+    pub fn from_gguf_sentencepiece(model: &ModelProto, flavour: Flavour, configs: &Configs, source: &Path) -> Result<Self, TokenizerError> {
+        Self::from_converted(convert_sentencepiece(model, flavour, configs, true), configs, source)
     }
 
     fn from_converted(converted: Converted, configs: &Configs, source: &Path) -> Result<Self, TokenizerError> {

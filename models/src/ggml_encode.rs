@@ -1,7 +1,7 @@
-//! ggml's reference quantizers for Q8_0, Q4_0, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K and Q6_K, as
-//! `llama-quantize` runs them without an importance matrix: the same search for each block's
-//! scales, in the same f32 operations, so that ember's GGUF files hold the blocks llama.cpp would
-//! write from the same f32 weights.
+//! ggml's quantizers for Q8_0, Q4_0, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and
+//! IQ4_XS, as `llama-quantize` runs them without an importance matrix: the same search for each
+//! block's scales, in the same f32 operations, so that ember's GGUF files hold the blocks
+//! llama.cpp would write from the same f32 weights.
 //!
 //! Layouts (little-endian, one block after another):
 //! - Q8_0, 32 values in 34 bytes: f16 `d`, 32 i8 codes; value = `q·d`.
@@ -10,6 +10,9 @@
 //! - Q5_0, 32 values in 22 bytes: f16 `d`, a u32 of fifth bits (bit `j` for value `j`), 16 bytes
 //!   of low nibbles (value `j` low, value `j + 16` high); value = `(q − 16)·d`.
 //! - Q5_1, 32 values in 24 bytes: as Q5_0 with an f16 minimum `m` after `d`; value = `q·d + m`.
+//! - Q2_K, 256 values in 84 bytes: sixteen bytes of 4-bit scale (low) and minimum (high), 64 of
+//!   2-bit codes (per 128 values, byte `l` holds values `l`, `l+32`, `l+64`, `l+96`), f16 `d`,
+//!   f16 `dmin`; value = `d·sc·q − dmin·m` per 16-value sub-block.
 //! - Q3_K, 256 values in 110 bytes: 32 bytes of third bits (byte `j % 32`, bit `j / 32`), 64 of
 //!   2-bit codes (per 128 values, byte `l` holds values `l`, `l+32`, `l+64`, `l+96`), sixteen
 //!   6-bit scales in 12 bytes (offset by 32), f16 `d`; value = `d·(sc − 32)·(q − 4)`.
@@ -20,9 +23,15 @@
 //!   pair `2k, 2k+1` for values `64k + j` and `64k + 32 + j`), then Q4_K's nibbles.
 //! - Q6_K, 256 values in 210 bytes: 128 bytes of low nibbles, 64 of high bit pairs, sixteen i8
 //!   scales, f16 `d`; value = `d·sc·(q − 32)` per 16-value sub-block.
+//! - IQ4_NL, 32 values in 18 bytes: f16 `d`, 16 bytes of nibbles as Q4_0; value =
+//!   `d·kvalues[q]`, a non-linear grid of 16 values.
+//! - IQ4_XS, 256 values in 136 bytes: f16 `d`, a u16 of scales' top bit pairs, 4 bytes of their
+//!   low nibbles, then IQ4_NL's nibbles per 32 values; value = `d·(sc − 32)·kvalues[q]`.
 
 use half::f16;
 use rayon::prelude::*;
+
+use crate::gguf::IQ4_VALUES;
 
 /// Below this a block counts as all zeros (ggml's `GROUP_MAX_EPS`).
 const GROUP_MAX_EPS: f32 = 1e-15;
@@ -124,23 +133,27 @@ pub fn encode_q5_1(values: &[f32]) -> Vec<u8> {
     })
 }
 
-/// How Q4_K and Q5_K search each sub-block's scale: codes `0..=nmax`, candidates
-/// `(rmin + 0.1·step + nmax) / (max − min)` for `step` in `0..=steps`.
+/// How Q2_K, Q4_K and Q5_K search each sub-block's scale: codes `0..=nmax`, candidates
+/// `(rmin + 0.1·step + nmax) / (max − min)` for `step` in `0..=steps`, judged by the weighted
+/// squared error (or absolute error, Q2_K's choice).
 #[derive(Clone, Copy)]
 struct ScaleSearch {
     nmax: i32,
     rmin: f32,
     steps: i32,
+    absolute_error: bool,
 }
 
-const Q4_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 15, rmin: -1.0, steps: 20 };
-const Q5_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 31, rmin: -0.5, steps: 15 };
+const Q2_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 3, rmin: -0.5, steps: 15, absolute_error: true };
+const Q4_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 15, rmin: -1.0, steps: 20, absolute_error: false };
+const Q5_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 31, rmin: -0.5, steps: 15, absolute_error: false };
 
-/// ggml's `make_qkx2_quants` over one 32-value sub-block: the scale and minimum (returned as
-/// `(scale, -min)`, the minimum as a non-negative offset) minimising the weighted squared error
-/// over `search`'s candidate scales; `codes` gets the sub-block's codes.
+/// ggml's `make_qkx2_quants` over one sub-block (of up to 32 values): the scale and minimum
+/// (returned as `(scale, -min)`, the minimum as a non-negative offset) minimising the weighted
+/// error over `search`'s candidate scales; `codes` gets the sub-block's codes.
 fn scale_and_min(x: &[f32], weights: &[f32], codes: &mut [u8], search: ScaleSearch) -> (f32, f32) {
-    let ScaleSearch { nmax, rmin, steps } = search;
+    let ScaleSearch { nmax, rmin, steps, absolute_error } = search;
+    let error_of = |diff: f32| if absolute_error { diff.abs() } else { diff * diff };
     let rdelta = 0.1f32;
     let mut min = x[0];
     let mut max = x[0];
@@ -166,7 +179,7 @@ fn scale_and_min(x: &[f32], weights: &[f32], codes: &mut [u8], search: ScaleSear
         let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
         codes[i] = l as u8;
         let diff = scale * l as f32 + min - x[i];
-        best_error += weights[i] * (diff * diff);
+        best_error += weights[i] * error_of(diff);
     }
     let mut candidate = [0u8; 32];
     for step in 0..=steps {
@@ -191,7 +204,7 @@ fn scale_and_min(x: &[f32], weights: &[f32], codes: &mut [u8], search: ScaleSear
             let mut error = 0f32;
             for i in 0..x.len() {
                 let diff = this_scale * candidate[i] as f32 + this_min - x[i];
-                error += weights[i] * (diff * diff);
+                error += weights[i] * error_of(diff);
             }
             if error < best_error {
                 codes[..x.len()].copy_from_slice(&candidate[..x.len()]);
@@ -296,6 +309,59 @@ pub fn encode_q5_k(values: &[f32]) -> Vec<u8> {
                 let (q0, q1) = (codes[base + l], codes[base + l + 32]);
                 high[l] |= (q0 >> 4) << (2 * quarter) | (q1 >> 4) << (2 * quarter + 1);
                 nibbles[l] = (q0 & 0xF) | (q1 & 0xF) << 4;
+            }
+        }
+    })
+}
+
+/// Q2_K super-blocks of `values` (a multiple of 256).
+pub fn encode_q2_k(values: &[f32]) -> Vec<u8> {
+    encode_blocks(values, QK_K, 84, |x, out| {
+        let mut codes = [0u8; QK_K];
+        let (mut scales, mut mins) = ([0f32; 16], [0f32; 16]);
+        for j in 0..16 {
+            let sub = &x[16 * j..16 * j + 16];
+            // Weights: each value's magnitude.
+            let mut weights = [0f32; 16];
+            weights.iter_mut().zip(sub).for_each(|(w, v)| *w = v.abs());
+            (scales[j], mins[j]) = scale_and_min(sub, &weights, &mut codes[16 * j..16 * j + 16], Q2_K_SEARCH);
+        }
+        let largest = |v: &[f32; 16]| v.iter().fold(0f32, |m, &s| if s > m { s } else { m });
+        let (max_scale, max_min) = (largest(&scales), largest(&mins));
+        let (packed, rest) = out.split_at_mut(16);
+        let (quants, tail) = rest.split_at_mut(64);
+        // Scales (low nibbles) and minimums (high nibbles) in 4 bits against the f16 `d`, `dmin`;
+        // ggml stores the rounded int in a byte unclamped.
+        packed.fill(0);
+        let mut d = f16::from_f32(0.0);
+        if max_scale > 0.0 {
+            let inverse = 15.0 / max_scale;
+            packed.iter_mut().zip(&scales).for_each(|(p, s)| *p = nearest_int(inverse * s) as u8);
+            d = f16::from_f32(max_scale / 15.0);
+        }
+        let mut dmin = f16::from_f32(0.0);
+        if max_min > 0.0 {
+            let inverse = 15.0 / max_min;
+            packed.iter_mut().zip(&mins).for_each(|(p, m)| *p |= (nearest_int(inverse * m) << 4) as u8);
+            dmin = f16::from_f32(max_min / 15.0);
+        }
+        tail[0..2].copy_from_slice(&d.to_le_bytes());
+        tail[2..4].copy_from_slice(&dmin.to_le_bytes());
+        // Codes again against the scales as stored; a zero scale keeps the search's codes.
+        for j in 0..16 {
+            let scale = d.to_f32() * f32::from(packed[j] & 0xF);
+            if scale == 0.0 {
+                continue;
+            }
+            let offset = dmin.to_f32() * f32::from(packed[j] >> 4);
+            for i in 16 * j..16 * j + 16 {
+                codes[i] = nearest_int((x[i] + offset) / scale).clamp(0, 3) as u8;
+            }
+        }
+        for (half, quants) in quants.chunks_mut(32).enumerate() {
+            let base = 128 * half;
+            for l in 0..32 {
+                quants[l] = codes[base + l] | codes[base + l + 32] << 2 | codes[base + l + 64] << 4 | codes[base + l + 96] << 6;
             }
         }
     })
@@ -492,6 +558,103 @@ pub fn encode_q6_k(values: &[f32]) -> Vec<u8> {
     })
 }
 
+/// ggml's `best_index_int8` over IQ4's grid: the code whose value is nearest `x`, the upper one
+/// of a tie.
+fn nearest_iq4_code(x: f32) -> u8 {
+    let value = |i: usize| f32::from(IQ4_VALUES[i]);
+    if x <= value(0) {
+        return 0;
+    }
+    if x >= value(15) {
+        return 15;
+    }
+    let (mut low, mut high) = (0, 15);
+    while high - low > 1 {
+        let middle = (low + high) / 2;
+        if x < value(middle) {
+            high = middle;
+        } else {
+            low = middle;
+        }
+    }
+    (if x - value(high - 1) < value(high) - x { high - 1 } else { high }) as u8
+}
+
+/// ggml's IQ4 scale search (`quantize_row_iq4_nl_impl`, 7 tries each way, weights x²) over one
+/// 32-value block: the scale from the value of largest magnitude, then the best of 15 candidate
+/// scales around it by the weighted least-squares fit of the grid values. 0 for a zero block.
+fn iq4_scale(x: &[f32]) -> f32 {
+    let max = largest_magnitude(x);
+    if max.abs() < GROUP_MAX_EPS {
+        return 0.0;
+    }
+    let first = f32::from(IQ4_VALUES[0]);
+    let fit = |inverse: f32| {
+        x.iter().fold((0f32, 0f32), |(sum_qx, sum_q2), &v| {
+            let (w, q) = (v * v, f32::from(IQ4_VALUES[nearest_iq4_code(inverse * v) as usize]));
+            (sum_qx + w * q * v, sum_q2 + w * q * q)
+        })
+    };
+    let (sum_qx, sum_q2) = fit(1.0 / (-max / first));
+    let mut scale = if sum_q2 > 0.0 { sum_qx / sum_q2 } else { 0.0 };
+    let mut best = scale * sum_qx;
+    for step in -7..=7 {
+        let (sum_qx, sum_q2) = fit((step + i32::from(IQ4_VALUES[0])) as f32 / max);
+        if sum_q2 > 0.0 && sum_qx * sum_qx > best * sum_q2 {
+            scale = sum_qx / sum_q2;
+            best = scale * sum_qx;
+        }
+    }
+    scale
+}
+
+/// IQ4 nibbles of `codes` (value `j` low, value `j + 16` high, per 32 values) into `out`.
+fn pack_iq4_nibbles(codes: &[u8], out: &mut [u8]) {
+    for (out, codes) in out.chunks_mut(16).zip(codes.chunks(32)) {
+        for j in 0..16 {
+            out[j] = codes[j] | codes[j + 16] << 4;
+        }
+    }
+}
+
+/// IQ4_NL blocks of `values` (a multiple of 32).
+pub fn encode_iq4_nl(values: &[f32]) -> Vec<u8> {
+    encode_blocks(values, 32, 18, |x, out| {
+        let scale = iq4_scale(x);
+        out[0..2].copy_from_slice(&f16::from_f32(scale).to_le_bytes());
+        let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+        let codes: Vec<u8> = x.iter().map(|&v| nearest_iq4_code(inverse * v)).collect();
+        pack_iq4_nibbles(&codes, &mut out[2..]);
+    })
+}
+
+/// IQ4_XS super-blocks of `values` (a multiple of 256).
+pub fn encode_iq4_xs(values: &[f32]) -> Vec<u8> {
+    encode_blocks(values, QK_K, 136, |x, out| {
+        let scales: Vec<f32> = x.chunks(32).map(iq4_scale).collect();
+        // Sub-block scales in 6 bits (offset by 32) against the block's `d`; codes against them.
+        let d = -largest_magnitude(&scales) / 32.0;
+        out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut codes = [0u8; QK_K];
+        let mut high_bits = 0u16;
+        out[4..8].fill(0);
+        for (ib, scale) in scales.iter().enumerate() {
+            let l = nearest_int(inverse * scale).clamp(-32, 31);
+            let sub_scale = d * l as f32;
+            let sub_inverse = if sub_scale != 0.0 { 1.0 / sub_scale } else { 0.0 };
+            for i in 32 * ib..32 * ib + 32 {
+                codes[i] = nearest_iq4_code(sub_inverse * x[i]);
+            }
+            let l = (l + 32) as u8;
+            out[4 + ib / 2] |= (l & 0xF) << (4 * (ib % 2));
+            high_bits |= u16::from(l >> 4) << (2 * ib);
+        }
+        out[2..4].copy_from_slice(&high_bits.to_le_bytes());
+        pack_iq4_nibbles(&codes, &mut out[8..]);
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -619,6 +782,37 @@ mod tests {
         assert!(worst_relative_error(&x, &decode_q3_k(&q3), QK_K) < 0.3);
         let zeros = [decode_q3_k(&q3), decode_q4_k(&q4), decode_q5_k(&q5), decode_q6_k(&q6)];
         assert!(zeros.iter().all(|decoded| decoded[256..512].iter().all(|&v| v == 0.0)));
+    }
+
+    #[test]
+    fn q2_k_and_iq4_decode_within_their_steps() {
+        use crate::gguf::{GgmlType, dequantize};
+        let x = values(8 * QK_K);
+        let q2 = encode_q2_k(&x);
+        assert_eq!(q2.len(), 8 * 84);
+        // 2 bits with an offset: half a step of 3 over the sub-block's range, and 4-bit scales.
+        let q2_error = worst_relative_error(&x, &dequantize(GgmlType::Q2_K, &q2), QK_K);
+        let nl = encode_iq4_nl(&x);
+        assert_eq!(nl.len(), 8 * QK_K / 32 * 18);
+        // The grid's widest gap is 24 of 127; the fitted scale may leave the largest value off
+        // the grid's end, so a little more than half of it.
+        let nl_error = worst_relative_error(&x, &dequantize(GgmlType::IQ4_NL, &nl), 32);
+        let xs = encode_iq4_xs(&x);
+        assert_eq!(xs.len(), 8 * 136);
+        let xs_error = worst_relative_error(&x, &dequantize(GgmlType::IQ4_XS, &xs), QK_K);
+        assert!(q2_error < 0.5 && nl_error < 0.12 && xs_error < 0.15, "Q2_K {q2_error}, IQ4_NL {nl_error}, IQ4_XS {xs_error}");
+        // A zero block: every code the grid's value nearest 0 (code 8), scale ±0.
+        assert!(nl[18 * 8..18 * 9][2..].iter().all(|&b| b == 0x88) && f16::from_le_bytes([nl[144], nl[145]]).to_f32() == 0.0);
+        assert!(xs[136..136 + 136][8..].iter().all(|&b| b == 0x88));
+        let zeros = [dequantize(GgmlType::Q2_K, &q2), dequantize(GgmlType::IQ4_XS, &xs)];
+        assert!(zeros.iter().all(|decoded| decoded[256..512].iter().all(|&v| v == 0.0)));
+    }
+
+    #[test]
+    fn iq4_codes_are_the_nearest_grid_values() {
+        for (x, code) in [(-200.0, 0), (-127.0, 0), (-115.6, 0), (-115.4, 1), (0.0, 8), (-4.5, 8), (-4.6, 7), (113.0, 15), (101.0, 15), (100.9, 14)] {
+            assert_eq!(nearest_iq4_code(x), code, "{x}");
+        }
     }
 
     #[test]

@@ -500,7 +500,7 @@ pub(crate) fn block_codes(kind: GgmlType, b: &[u8], out: &mut Vec<u8>) {
 }
 
 /// IQ4_NL's and IQ4_XS's code values (ggml-common.h's `kvalues_iq4nl`): a non-linear 4-bit grid.
-const IQ4_VALUES: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+pub(crate) const IQ4_VALUES: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 /// Sub-block `j`'s scale of an IQ4_XS super-block (ggml's `dequantize_row_iq4_xs`): six bits, the
 /// low four a nibble of `scales_l` (bytes 4..8, low nibble first), the top two bits 2j of the

@@ -47,10 +47,13 @@ pub enum TensorType {
     Q4_0,
     Q5_0,
     Q5_1,
+    Q2_K,
     Q3_K,
     Q4_K,
     Q5_K,
     Q6_K,
+    IQ4_NL,
+    IQ4_XS,
 }
 
 impl TensorType {
@@ -74,10 +77,13 @@ impl TensorType {
             Self::Q5_0 => 6,
             Self::Q5_1 => 7,
             Self::Q8_0 => 8,
+            Self::Q2_K => 10,
             Self::Q3_K => 11,
             Self::Q4_K => 12,
             Self::Q5_K => 13,
             Self::Q6_K => 14,
+            Self::IQ4_NL => 20,
+            Self::IQ4_XS => 23,
             Self::Bf16 => 30,
         }
     }
@@ -91,10 +97,13 @@ impl TensorType {
             Self::Q4_0 => (32, 18),
             Self::Q5_0 => (32, 22),
             Self::Q5_1 => (32, 24),
+            Self::Q2_K => (256, 84),
             Self::Q3_K => (256, 110),
             Self::Q4_K => (256, 144),
             Self::Q5_K => (256, 176),
             Self::Q6_K => (256, 210),
+            Self::IQ4_NL => (32, 18),
+            Self::IQ4_XS => (256, 136),
         }
     }
 
@@ -104,7 +113,8 @@ impl TensorType {
 
     /// The type a tensor of `shape` gets when the file's type is `self`: vectors stay F32 (as
     /// llama.cpp's converter keeps them); rows that do not fill whole blocks fall back as
-    /// llama-quantize does (Q3_K to Q4_0, Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, then to F16).
+    /// llama-quantize does (Q2_K and Q3_K to Q4_0, Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0,
+    /// IQ4_XS to IQ4_NL, then to F16).
     pub fn for_shape(self, shape: &[usize]) -> Self {
         if shape.len() < 2 {
             return Self::F32;
@@ -112,10 +122,11 @@ impl TensorType {
         let cols = shape.last().copied().unwrap_or(0);
         let fits = |ty: Self| cols % ty.block().0 == 0;
         let fallback = match self {
-            Self::Q3_K => Self::Q4_0,
+            Self::Q2_K | Self::Q3_K => Self::Q4_0,
             Self::Q4_K => Self::Q5_0,
             Self::Q5_K => Self::Q5_1,
             Self::Q6_K => Self::Q8_0,
+            Self::IQ4_XS => Self::IQ4_NL,
             other => other,
         };
         match [self, fallback].into_iter().find(|&ty| fits(ty)) {
@@ -131,12 +142,14 @@ impl TensorType {
 }
 
 /// What `ember export gguf --type` asks for: one of llama.cpp's file types. A quantized one gets
-/// the types llama-quantize gives each tensor: its main type, Q6_K for the output (the tied
-/// embedding too; Q8_0 where its rows are not whole blocks of the main type), and for attn_v and
-/// ffn_down what each mixture gives them (Q4_K_M, Q5_K_M: Q6_K in the layers llama.cpp's
-/// `use_more_bits` picks, the first and last eighth and every third between; Q4_K_S: Q5_K in the
-/// first layers; Q3_K_M: Q5_K in the first layers, Q4_K elsewhere, and Q4_K for attn_output),
-/// with Q5_K for a 70B's other attn_v (8 heads share each).
+/// the types llama-quantize gives each tensor without an importance matrix: its main type, Q6_K
+/// for the output (the tied embedding too; Q8_0 where its rows are not whole blocks of the main
+/// type), and for attn_v, ffn_down and attn_output what each mixture gives them (Q4_K_M, Q5_K_M:
+/// Q6_K in the layers llama.cpp's `use_more_bits` picks, the first and last eighth and every
+/// third between; Q4_K_S: Q5_K in the first layers; Q3_K_M: Q5_K in the first layers, Q4_K
+/// elsewhere, and Q4_K for attn_output; Q3_K_L: Q5_K for all three; Q2_K: Q3_K for them, Q4_K
+/// for attn_v with 4 or more query heads per KV head; IQ4_NL, IQ4_XS: Q5_K for that attn_v and
+/// the first eighth's ffn_down), with Q5_K for a 70B's other attn_v (8 heads share each).
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportType {
@@ -150,7 +163,12 @@ pub enum ExportType {
     Q5_K_S,
     Q4_K_M,
     Q4_K_S,
+    Q3_K_L,
     Q3_K_M,
+    Q3_K_S,
+    Q2_K,
+    IQ4_XS,
+    IQ4_NL,
 }
 
 /// What llama-quantize's choice of types reads from the model beyond a tensor's name and shape.
@@ -161,6 +179,8 @@ pub struct QuantizeModel {
     pub tied: bool,
     /// llama.cpp's 70B type: 80 layers, of `llama` with grouped KV heads or of `qwen2`.
     pub seventy_b: bool,
+    /// Query heads per KV head (llama.cpp's `n_gqa`).
+    pub gqa: usize,
 }
 
 impl QuantizeModel {
@@ -171,23 +191,24 @@ impl QuantizeModel {
                 GgufArch::Qwen2 => true,
                 GgufArch::ChatGlm => false,
             };
-        Self { layers: config.num_layers, tied, seventy_b }
+        Self { layers: config.num_layers, tied, seventy_b, gqa: config.num_heads / config.num_kv_heads.max(1) }
     }
 }
 
 impl ExportType {
     /// Every type by its `--type` name.
-    const BY_NAME: [(&str, Self); 11] = [
+    const BY_NAME: [(&str, Self); 16] = [
         ("f32", Self::F32), ("f16", Self::F16), ("bf16", Self::Bf16), ("q8_0", Self::Q8_0), ("q4_0", Self::Q4_0),
         ("q6_k", Self::Q6_K), ("q5_k_m", Self::Q5_K_M), ("q5_k_s", Self::Q5_K_S), ("q4_k_m", Self::Q4_K_M),
-        ("q4_k_s", Self::Q4_K_S), ("q3_k_m", Self::Q3_K_M),
+        ("q4_k_s", Self::Q4_K_S), ("q3_k_l", Self::Q3_K_L), ("q3_k_m", Self::Q3_K_M), ("q3_k_s", Self::Q3_K_S),
+        ("q2_k", Self::Q2_K), ("iq4_xs", Self::IQ4_XS), ("iq4_nl", Self::IQ4_NL),
     ];
 
     pub fn parse(name: &str) -> Option<Self> {
         Self::BY_NAME.iter().find(|(known, _)| *known == name).map(|&(_, ty)| ty)
     }
 
-    /// The `--type` names, for an error message: "f32, f16, … or q3_k_m".
+    /// The `--type` names, for an error message: "f32, f16, … or iq4_nl".
     pub fn names() -> String {
         let names: Vec<&str> = Self::BY_NAME.iter().map(|(name, _)| *name).collect();
         let (last, rest) = names.split_last().expect("types");
@@ -201,12 +222,17 @@ impl ExportType {
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q8_0 => 7,
+            Self::Q2_K => 10,
+            Self::Q3_K_S => 11,
             Self::Q3_K_M => 12,
+            Self::Q3_K_L => 13,
             Self::Q4_K_S => 14,
             Self::Q4_K_M => 15,
             Self::Q5_K_S => 16,
             Self::Q5_K_M => 17,
             Self::Q6_K => 18,
+            Self::IQ4_NL => 25,
+            Self::IQ4_XS => 30,
             Self::Bf16 => 32,
         }
     }
@@ -222,7 +248,10 @@ impl ExportType {
             Self::Q6_K => TensorType::Q6_K,
             Self::Q5_K_M | Self::Q5_K_S => TensorType::Q5_K,
             Self::Q4_K_M | Self::Q4_K_S => TensorType::Q4_K,
-            Self::Q3_K_M => TensorType::Q3_K,
+            Self::Q3_K_L | Self::Q3_K_M | Self::Q3_K_S => TensorType::Q3_K,
+            Self::Q2_K => TensorType::Q2_K,
+            Self::IQ4_XS => TensorType::IQ4_XS,
+            Self::IQ4_NL => TensorType::IQ4_NL,
         }
     }
 
@@ -244,11 +273,16 @@ impl ExportType {
             let whole_blocks = shape.last().is_some_and(|cols| cols % main.block().0 == 0);
             if whole_blocks && main != TensorType::Q8_0 { TensorType::Q6_K } else { TensorType::Q8_0 }
         } else if name.ends_with("attn_v.weight") || name.ends_with("attn_qkv.weight") {
+            let grouped = model.gqa >= 4;
             let ty = match self {
                 Self::Q4_K_M | Self::Q5_K_M if more_bits => TensorType::Q6_K,
                 Self::Q4_K_S if early(4) => TensorType::Q5_K,
                 Self::Q3_K_M if early(2) => TensorType::Q5_K,
                 Self::Q3_K_M => TensorType::Q4_K,
+                Self::Q3_K_L => TensorType::Q5_K,
+                Self::Q2_K if grouped => TensorType::Q4_K,
+                Self::Q2_K => TensorType::Q3_K,
+                Self::IQ4_XS | Self::IQ4_NL if grouped => TensorType::Q5_K,
                 _ => main,
             };
             if model.seventy_b && matches!(ty, TensorType::Q3_K | TensorType::Q4_K) { TensorType::Q5_K } else { ty }
@@ -258,10 +292,18 @@ impl ExportType {
                 Self::Q4_K_S if early(model.layers / 8) => TensorType::Q5_K,
                 Self::Q3_K_M if early(model.layers / 16) => TensorType::Q5_K,
                 Self::Q3_K_M => TensorType::Q4_K,
+                Self::Q3_K_L => TensorType::Q5_K,
+                Self::Q2_K => TensorType::Q3_K,
+                Self::IQ4_XS | Self::IQ4_NL if early(model.layers / 8) => TensorType::Q5_K,
                 _ => main,
             }
-        } else if name.ends_with("attn_output.weight") && self == Self::Q3_K_M {
-            TensorType::Q4_K
+        } else if name.ends_with("attn_output.weight") {
+            match self {
+                Self::Q3_K_M => TensorType::Q4_K,
+                Self::Q3_K_L => TensorType::Q5_K,
+                Self::Q2_K => TensorType::Q3_K,
+                _ => main,
+            }
         } else {
             main
         };
@@ -286,10 +328,13 @@ pub fn encode(ty: TensorType, values: &[f32]) -> Vec<u8> {
         TensorType::Q4_0 => ggml_encode::encode_q4_0(values),
         TensorType::Q5_0 => ggml_encode::encode_q5_0(values),
         TensorType::Q5_1 => ggml_encode::encode_q5_1(values),
+        TensorType::Q2_K => ggml_encode::encode_q2_k(values),
         TensorType::Q3_K => ggml_encode::encode_q3_k(values),
         TensorType::Q4_K => ggml_encode::encode_q4_k(values),
         TensorType::Q5_K => ggml_encode::encode_q5_k(values),
         TensorType::Q6_K => ggml_encode::encode_q6_k(values),
+        TensorType::IQ4_NL => ggml_encode::encode_iq4_nl(values),
+        TensorType::IQ4_XS => ggml_encode::encode_iq4_xs(values),
     }
 }
 
@@ -677,7 +722,7 @@ mod tests {
 
     #[test]
     fn q4_k_m_gives_the_output_and_llama_cpps_layers_more_bits() {
-        let model = |tied| QuantizeModel { layers: 32, tied, seventy_b: false };
+        let model = |tied| QuantizeModel { layers: 32, tied, seventy_b: false, gqa: 1 };
         let ty = |name: &str, cols: usize, tied: bool| ExportType::Q4_K_M.tensor_type(name, &[1024, cols], model(tied));
         // 32 layers: the first 4, the last 4 and every third from layer 6 (4 + 2).
         let more: Vec<usize> = (0..32).filter(|&i| ty(&format!("blk.{i}.attn_v.weight"), 4096, false) == TensorType::Q6_K).collect();
@@ -697,7 +742,7 @@ mod tests {
 
     #[test]
     fn other_file_types_follow_llama_quantize_too() {
-        let model = QuantizeModel { layers: 32, tied: false, seventy_b: false };
+        let model = QuantizeModel { layers: 32, tied: false, seventy_b: false, gqa: 1 };
         let ty = |file: &str, name: &str, cols: usize| ExportType::parse(file).unwrap().tensor_type(name, &[1024, cols], model);
         // Q5_K_M: Q4_K_M's layers at Q6_K, Q5_K elsewhere, Q5_1 where rows are not whole blocks.
         assert_eq!(ty("q5_k_m", "blk.0.ffn_down.weight", 4096), TensorType::Q6_K);
@@ -726,9 +771,45 @@ mod tests {
         assert_eq!(ty("q3_k_m", "blk.2.ffn_down.weight", 11008), TensorType::Q4_K);
         assert_eq!(ty("q3_k_m", "blk.9.ffn_up.weight", 576), TensorType::Q4_0);
         // A 70B's attn_v: Q5_K where the mixture would give it Q4_K.
-        let seventy = QuantizeModel { layers: 80, tied: false, seventy_b: true };
+        let seventy = QuantizeModel { layers: 80, tied: false, seventy_b: true, gqa: 8 };
         assert_eq!(ExportType::Q4_K_M.tensor_type("blk.11.attn_v.weight", &[1024, 8192], seventy), TensorType::Q5_K);
         assert_eq!(ExportType::Q4_K_M.tensor_type("blk.12.attn_v.weight", &[1024, 8192], seventy), TensorType::Q6_K);
         assert_eq!(ExportType::Q4_K_M.tensor_type("blk.11.attn_q.weight", &[8192, 8192], seventy), TensorType::Q4_K);
+        assert_eq!(ExportType::Q2_K.tensor_type("blk.11.attn_v.weight", &[1024, 8192], seventy), TensorType::Q5_K);
+    }
+
+    #[test]
+    fn two_and_three_bit_and_iq4_mixtures_follow_llama_quantize() {
+        let grouped = |gqa| QuantizeModel { layers: 32, tied: false, seventy_b: false, gqa };
+        let ty = |file: &str, name: &str, cols: usize, gqa: usize| ExportType::parse(file).unwrap().tensor_type(name, &[1024, cols], grouped(gqa));
+        // Q3_K_S: Q3_K everywhere but the output. Q3_K_L: Q5_K for attn_v, ffn_down, attn_output.
+        for name in ["blk.0.attn_v.weight", "blk.0.ffn_down.weight", "blk.9.attn_output.weight", "blk.9.attn_q.weight"] {
+            assert_eq!(ty("q3_k_s", name, 4096, 1), TensorType::Q3_K, "{name}");
+            let large = if name.contains("attn_q") { TensorType::Q3_K } else { TensorType::Q5_K };
+            assert_eq!(ty("q3_k_l", name, 4096, 1), large, "{name}");
+        }
+        assert_eq!(ty("q3_k_s", "output.weight", 4096, 1), TensorType::Q6_K);
+        // Q2_K: Q3_K for ffn_down and attn_output, attn_v Q3_K or (4+ heads a KV head) Q4_K.
+        assert_eq!(ty("q2_k", "blk.9.attn_q.weight", 4096, 1), TensorType::Q2_K);
+        assert_eq!(ty("q2_k", "blk.9.ffn_down.weight", 2880, 1), TensorType::Q4_0, "Q3_K falls back");
+        assert_eq!(ty("q2_k", "blk.9.ffn_down.weight", 14336, 1), TensorType::Q3_K);
+        assert_eq!(ty("q2_k", "blk.9.attn_output.weight", 4096, 1), TensorType::Q3_K);
+        assert_eq!(ty("q2_k", "blk.9.attn_v.weight", 4096, 3), TensorType::Q3_K);
+        assert_eq!(ty("q2_k", "blk.9.attn_v.weight", 4096, 4), TensorType::Q4_K);
+        assert_eq!(ty("q2_k", "blk.9.attn_q.weight", 576, 1), TensorType::Q4_0);
+        // IQ4_XS and IQ4_NL: Q5_K for ffn_down in the first eighth and for a grouped attn_v.
+        for file in ["iq4_xs", "iq4_nl"] {
+            assert_eq!(ty(file, "blk.3.ffn_down.weight", 14336, 1), TensorType::Q5_K);
+            assert_eq!(ty(file, "blk.9.attn_v.weight", 4096, 8), TensorType::Q5_K);
+            assert_eq!(ty(file, "output.weight", 4096, 1), TensorType::Q6_K);
+            assert_eq!(ty(file, "token_embd.weight", 4096, 1), ExportType::parse(file).unwrap().main_type());
+        }
+        assert_eq!(ty("iq4_xs", "blk.4.ffn_down.weight", 2880, 1), TensorType::IQ4_NL, "rows of 2,880: not whole 256s");
+        assert_eq!(ty("iq4_xs", "blk.9.attn_v.weight", 4096, 3), TensorType::IQ4_XS);
+        assert_eq!(ty("iq4_xs", "blk.9.attn_q.weight", 576, 1), TensorType::IQ4_NL);
+        assert_eq!(ty("iq4_nl", "blk.9.attn_q.weight", 48, 1), TensorType::F16);
+        assert_eq!(ty("iq4_nl", "output.weight", 576, 1), TensorType::Q8_0);
+        let file_types: Vec<u32> = ["q2_k", "q3_k_s", "q3_k_l", "iq4_nl", "iq4_xs"].iter().map(|t| ExportType::parse(t).unwrap().file_type()).collect();
+        assert_eq!(file_types, [10, 11, 13, 25, 30]);
     }
 }

@@ -92,9 +92,10 @@ pub fn load_tokenizer(path: &Path) -> Result<ember_data::Tokenizer, ember_data::
     let file = gguf::GgufFile::open(path).map_err(invalid)?;
     let [tokenizer, generation] = file.tokenizer_configs().map_err(invalid)?;
     let configs = ember_data::tokenizer::Configs { tokenizer: Some(tokenizer), generation: Some(generation), model: None };
-    // A `llama` vocabulary is a SentencePiece model: encoded as sentencepiece does, as from tokenizer.model.
+    // A `llama` vocabulary is a SentencePiece model: encoded as from tokenizer.model, with
+    // user-defined pieces split out as llama.cpp does.
     match gguf::sentencepiece_model(&file.metadata).map_err(invalid)? {
-        Some((model, flavour)) => ember_data::Tokenizer::from_sentencepiece(&model, flavour, &configs, path),
+        Some((model, flavour)) => ember_data::Tokenizer::from_gguf_sentencepiece(&model, flavour, &configs, path),
         None => ember_data::Tokenizer::from_json(&gguf::tokenizer_json(&file.metadata).map_err(invalid)?, &configs, path),
     }
 }
