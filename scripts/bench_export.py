@@ -7,12 +7,11 @@ one-layer LLaMA of Llama-2-7B's widths (hidden 4096, MLP 11008, vocabulary 32000
 parameters, 1.9 GB in f32) is drawn with numpy's seeded normal and LLaMA-2's tokenizer.model.
 
     python scripts/bench_export.py --ember target/release/ember --work target/bench-export \\
-        --gguf-py <llama.cpp>/gguf-py [--model <HF folder>] [--tokenizer <tokenizer.model>]
+        --gguf-py <llama.cpp>/gguf-py [--model <HF folder>] [--tokenizer <tokenizer.model>] [--imatrix]
 
 Needs the llama_cpp package (scripts/verify-llamacpp.sh builds it), numpy and safetensors.
 """
 import argparse
-import ctypes
 import json
 import os
 import shutil
@@ -63,6 +62,7 @@ def main():
     p.add_argument("--model", default="")
     p.add_argument("--tokenizer", default="../shared/fixtures/tokenizers/llama2/tokenizer.model")
     p.add_argument("--types", default="q8_0,q4_k_m")
+    p.add_argument("--imatrix", action="store_true", help="both quantize with the same synthetic importance matrix")
     args = p.parse_args()
     sys.path.insert(0, args.gguf_py)
     import gguf
@@ -74,20 +74,23 @@ def main():
         seven_b_layer(model, args.tokenizer)
     f32 = os.path.join(args.work, "model-f32.gguf")
     f32_seconds = timed([args.ember, "export", "gguf", "--base", model, "--out", f32, "--type", "f32"])
+    importance, imatrix = None, []
+    if args.imatrix:
+        from verify_llamacpp import write_importance_matrix
+        path = os.path.join(args.work, "imatrix.gguf")
+        importance, imatrix = write_importance_matrix(f32, path), ["--imatrix", path]
     for ty in args.types.split(","):
         ours, theirs = (os.path.join(args.work, f"model-{ty}-{who}.gguf") for who in ("ember", "llamacpp"))
-        ember_seconds = timed([args.ember, "export", "gguf", "--base", model, "--out", ours, "--type", ty])
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ty.upper()}")
+        ember_seconds = timed([args.ember, "export", "gguf", "--base", model, "--out", ours, "--type", ty, *imatrix])
+        from verify_llamacpp import llama_quantize
         start = time.perf_counter()
-        if llama_cpp.llama_model_quantize(f32.encode(), theirs.encode(), ctypes.byref(params)) != 0:
-            raise RuntimeError(f"llama_model_quantize {ty} failed")
+        llama_quantize(f32, theirs, getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ty.upper()}"), importance)
         llama_seconds = time.perf_counter() - start
         a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
         b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
         same = sum(a[n].tensor_type == b[n].tensor_type and np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8)) for n in b)
         values = sum(int(np.prod(t.shape)) for t in b.values())
-        print(json.dumps({"type": ty, "parameters": values, "cores": os.cpu_count(), "ember_export_s": round(ember_seconds, 2),
+        print(json.dumps({"type": ty, "imatrix": args.imatrix, "parameters": values, "cores": os.cpu_count(), "ember_export_s": round(ember_seconds, 2),
                           "llama_quantize_from_f32_gguf_s": round(llama_seconds, 2), "ember_f32_export_s": round(f32_seconds, 2),
                           "same_bytes_tensors": f"{same}/{len(b)}", "mb": round(os.path.getsize(ours) / 1e6, 1)}), flush=True)
 

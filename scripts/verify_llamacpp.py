@@ -182,15 +182,51 @@ def gguf_name_matches(gguf_name, hf_name):
     return hf_name == f"{GGUF_TO_HF[parts[0]]}.{parts[1]}"
 
 
-def llama_quantize(src, dst, ftype):
-    """llama.cpp's quantizer (llama-quantize's library call) from an f32/f16 GGUF."""
+def llama_quantize(src, dst, ftype, importance=None):
+    """llama.cpp's quantizer (llama-quantize's library call) from an f32/f16 GGUF; `importance`:
+    per tensor name, the f32 column importances it is given (its `--imatrix`)."""
     import ctypes
     import llama_cpp
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
-    print(f"$ llama_model_quantize {src} {dst} ftype {ftype}", flush=True)
+    if importance:
+        values = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in importance.items()}
+        names = {name: name.encode() for name in values}
+        entries = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
+        for entry, (name, v) in zip(entries, values.items()):
+            entry.name, entry.data, entry.size = names[name], v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
+        entries[len(values)].name = None
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    print(f"$ llama_model_quantize {src} {dst} ftype {ftype}{' with an importance matrix' if importance else ''}", flush=True)
     if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama_model_quantize {src} -> {dst} failed")
+
+
+def write_importance_matrix(model_gguf, path, seed=0):
+    """A synthetic importance matrix in llama-imatrix's GGUF layout (per matrix but the token
+    embedding: sums of squared activations `<name>.in_sum2` and `<name>.counts`) for every matrix
+    of `model_gguf`; returns what llama.cpp's loader makes of it, sums / count, by name."""
+    import gguf
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(path, "imatrix")
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", ["synthetic"])
+    writer.add_uint32("imatrix.chunk_count", 10)
+    writer.add_uint32("imatrix.chunk_size", 512)
+    importance = {}
+    for t in gguf.GGUFReader(model_gguf).tensors:
+        if len(t.shape) < 2 or t.name == "token_embd.weight":
+            continue
+        columns, count = int(t.shape[0]), np.float32(7)
+        sums = (np.exp(rng.standard_normal(columns)) * 7).astype(np.float32)
+        writer.add_tensor(t.name + ".in_sum2", sums.reshape(1, columns))
+        writer.add_tensor(t.name + ".counts", np.array([[count]], dtype=np.float32))
+        importance[t.name] = sums / count
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return importance
 
 
 def llama_answer(llm, ids, max_new):
@@ -439,6 +475,7 @@ def main():
         models["80-layer GQA tiny LLaMA (llama.cpp's 70B type)"] = random_tiny_llama(wide, work, args.reference_python, 80, 4, 2, 64)
         models["8-layer tiny LLaMA, 4 query heads per KV head"] = random_tiny_llama(wide, work, args.reference_python, 8, 8, 2, 32)
     report.extend(verify_k_quants(ember, models, work, examples))
+    report.extend(verify_k_quants(ember, models, work, [], with_importance=True))
 
     # (k) the GLM family as llama.cpp's chatglm.
     if args.reference_python and args.tokenizers:
@@ -498,9 +535,10 @@ save_file(t, os.path.join(folder, "model.safetensors"))
 QUANTIZED_TYPES = ("q8_0", "q4_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "iq4_xs", "iq4_nl")
 
 
-def verify_k_quants(ember, models, work, examples, types=QUANTIZED_TYPES):
+def verify_k_quants(ember, models, work, examples, types=QUANTIZED_TYPES, with_importance=False):
     """(l): per model and type, one line: tensors whose type and bytes equal llama.cpp's quantizer
-    on ember's f32 export, and both files' perplexity on `examples` (SmolLM2 only)."""
+    on ember's f32 export, and both files' perplexity on `examples` (SmolLM2 only).
+    `with_importance`: both quantize with the same synthetic importance matrix (`--imatrix`)."""
     import gguf
     import llama_cpp
     from llama_cpp import Llama
@@ -509,11 +547,16 @@ def verify_k_quants(ember, models, work, examples, types=QUANTIZED_TYPES):
         f32 = os.path.join(work, f"k-{os.path.basename(model)}-f32.gguf")
         pre = ["--pre", "gpt-2"] if "tiny" in label else []
         run([ember, "export", "gguf", "--base", model, "--out", f32, "--type", "f32", *pre])
+        importance, imatrix = None, []
+        if with_importance:
+            path = os.path.join(work, f"k-{os.path.basename(model)}-imatrix.gguf")
+            importance, imatrix = write_importance_matrix(f32, path), ["--imatrix", path]
+            label = f"{label} with an importance matrix"
         for ty in types:
             ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ty.upper()}")
             ours, theirs = (os.path.join(work, f"k-{os.path.basename(model)}-{ty}-{who}.gguf") for who in ("ember", "llamacpp"))
-            run([ember, "export", "gguf", "--base", model, "--out", ours, "--type", ty, *pre])
-            llama_quantize(f32, theirs, ftype)
+            run([ember, "export", "gguf", "--base", model, "--out", ours, "--type", ty, *pre, *imatrix])
+            llama_quantize(f32, theirs, ftype, importance)
             a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
             b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
             same_type = sum(a[n].tensor_type == b[n].tensor_type for n in b)
@@ -528,9 +571,17 @@ def verify_k_quants(ember, models, work, examples, types=QUANTIZED_TYPES):
                 n = differing[0]
                 x, y = np.asarray(a[n].data).view(np.uint8).ravel(), np.asarray(b[n].data).view(np.uint8).ravel()
                 detail = f"; first differing tensor {n}: {int((x != y).sum())} of {x.size} bytes differ"
+            if with_importance:
+                # The matrix is seen to matter: tensors whose bytes differ from the plain export.
+                plain = os.path.join(work, f"k-{os.path.basename(model)}-{ty}-plain.gguf")
+                run([ember, "export", "gguf", "--base", model, "--out", plain, "--type", ty, *pre])
+                c = {t.name: t for t in gguf.GGUFReader(plain).tensors}
+                changed = sum(not np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(c[n].data).view(np.uint8)) for n in a)
+                detail += f"; {changed} tensors differ from the export without it"
+                os.remove(plain)
             line = (f"(l) {label} {ty}: ember wrote {dict(sorted(kinds.items()))} ({os.path.getsize(ours) / 1e6:.1f} MB, llama.cpp's {os.path.getsize(theirs) / 1e6:.1f} MB); "
                     f"same type as llama.cpp's quantizer {same_type}/{len(b)} tensors, same bytes {same_bytes}/{len(b)}{detail}")
-            if label == "SmolLM2" and examples:
+            if label == "SmolLM2" and examples and not with_importance:
                 ppl = []
                 for path in (ours, theirs):
                     llm = Llama(model_path=path, n_ctx=512, logits_all=True, verbose=False)

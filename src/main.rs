@@ -412,6 +412,11 @@ enum ExportCommand {
         /// does not recognise by its check hash (e.g. default, gpt-2, llama-bpe).
         #[arg(long)]
         pre: Option<String>,
+        /// An importance matrix from llama.cpp's `llama-imatrix` (GGUF or the legacy .dat),
+        /// keyed by the GGUF's tensor names: the quantized types weigh each column's error by it,
+        /// as `llama-quantize --imatrix` does.
+        #[arg(long)]
+        imatrix: Option<PathBuf>,
     },
     /// A PEFT LoRA adapter as llama.cpp's LoRA GGUF (`llama-cli --lora adapter.gguf`).
     GgufLora {
@@ -486,9 +491,9 @@ fn export(command: ExportCommand) -> anyhow::Result<()> {
     use ember_models::gguf_write::{ExportType, TensorType};
     let started = std::time::Instant::now();
     let (summary, out) = match command {
-        ExportCommand::Gguf { base, adapter, out, ty, pre } => {
+        ExportCommand::Gguf { base, adapter, out, ty, pre, imatrix } => {
             let ty = ExportType::parse(&ty).ok_or_else(|| bad_input(anyhow::anyhow!("--type '{ty}': expected {}", ExportType::names())))?;
-            (ember_trainer::export::export_gguf(&base, adapter.as_deref(), &out, ty, pre.as_deref())?, out)
+            (ember_trainer::export::export_gguf(&base, adapter.as_deref(), &out, ty, pre.as_deref(), imatrix.as_deref())?, out)
         }
         ExportCommand::GgufLora { base, adapter, out, ty } => {
             let ty = TensorType::parse_lora(&ty)

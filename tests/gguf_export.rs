@@ -122,6 +122,72 @@ fn k_quant_mixtures_choose_llama_cpps_types_and_decode_within_their_steps() {
     }
 }
 
+/// llama.cpp's legacy importance-matrix file: per entry its name, calls and values.
+fn legacy_imatrix(entries: &[(String, Vec<f32>)]) -> Vec<u8> {
+    let mut out = (entries.len() as i32).to_le_bytes().to_vec();
+    for (name, values) in entries {
+        out.extend((name.len() as i32).to_le_bytes());
+        out.extend(name.as_bytes());
+        out.extend(1i32.to_le_bytes());
+        out.extend((values.len() as i32).to_le_bytes());
+        values.iter().for_each(|v| out.extend(v.to_le_bytes()));
+    }
+    out
+}
+
+/// `--imatrix`: the quantizers weigh each column by it (the blocks change, and still decode within
+/// their steps), the file records it as llama-quantize does, and a matrix of another model is one
+/// error line with no file written.
+#[test]
+fn an_importance_matrix_weighs_the_quantization() {
+    let dir = tempfile::tempdir().unwrap();
+    let wide = dir.path().join("wide");
+    let kquants = fixture("ggml_quants/tiny_llama_kquants.gguf");
+    let output = ember(&["import", "gguf", kquants.to_str().unwrap(), "--out", wide.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let export_to = |name: &str, extra: &[&str]| {
+        let path = dir.path().join(name);
+        export(&[&["gguf", "--base", wide.to_str().unwrap(), "--out", path.to_str().unwrap(), "--type", "q4_k_m", "--pre", "gpt-2"], extra].concat());
+        path
+    };
+    let plain = GgufFile::open(&export_to("plain.gguf", &[])).unwrap();
+    // Every matrix but the embedding, one importance per column, some columns far above the rest.
+    let entries: Vec<(String, Vec<f32>)> = plain.tensors.iter()
+        .filter(|t| t.shape.len() == 2 && t.name != "token_embd.weight")
+        .map(|t| (t.name.clone(), (0..t.shape[1]).map(|i| if i % 5 == 0 { 50.0 } else { 0.5 }).collect()))
+        .collect();
+    let imatrix = dir.path().join("imatrix.dat");
+    std::fs::write(&imatrix, legacy_imatrix(&entries)).unwrap();
+    let weighted_path = export_to("weighted.gguf", &["--imatrix", imatrix.to_str().unwrap()]);
+    let weighted = GgufFile::open(&weighted_path).unwrap();
+    assert_eq!(weighted.metadata.get("quantize.imatrix.file").unwrap(), "imatrix.dat");
+    assert_eq!(weighted.metadata.get("quantize.imatrix.entries_count").unwrap().as_u64(), Some(entries.len() as u64));
+    let bytes = |file: &GgufFile, name: &str| {
+        let t = file.tensor(name).unwrap();
+        (t.ggml_type, file.dequantize(t))
+    };
+    for (name, _) in &entries {
+        let (kind, values) = bytes(&weighted, name);
+        let (plain_kind, plain_values) = bytes(&plain, name);
+        assert_eq!(kind, plain_kind, "{name}");
+        assert_ne!(values, plain_values, "{name}: the importance changes the blocks");
+    }
+    assert_eq!(bytes(&weighted, "token_embd.weight"), bytes(&plain, "token_embd.weight"), "no entry: quantized as without");
+    let back = dir.path().join("imported-weighted");
+    assert_imports_within(&weighted_path, &back, &f32_tensors(&wide.join("model.safetensors")), 0.12, "q4_k_m with an importance matrix");
+
+    // Another model's matrix (rows of another length), and a float type: one error line each.
+    let mut foreign = entries.clone();
+    foreign[0].1.truncate(3);
+    std::fs::write(&imatrix, legacy_imatrix(&foreign)).unwrap();
+    let out = dir.path().join("foreign.gguf");
+    let args = |ty: &'static str| ["export", "gguf", "--base", wide.to_str().unwrap(), "--out", out.to_str().unwrap(), "--type", ty, "--pre", "gpt-2", "--imatrix", imatrix.to_str().unwrap()].map(str::to_string);
+    let run = |ty| ember(&args(ty).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_bad_input(&run("q4_k_m"), &["imatrix.dat", &foreign[0].0, "3 values"]);
+    assert!(!out.exists());
+    assert_bad_input(&run("f16"), &["--imatrix", "quantized types"]);
+}
+
 #[test]
 fn lora_adapter_keeps_peft_shapes_with_q_k_rows_permuted() {
     let dir = tempfile::tempdir().unwrap();

@@ -33,6 +33,8 @@ use rayon::prelude::*;
 
 use crate::gguf::IQ4_VALUES;
 
+pub mod importance;
+
 /// Below this a block counts as all zeros (ggml's `GROUP_MAX_EPS`).
 const GROUP_MAX_EPS: f32 = 1e-15;
 
@@ -133,28 +135,44 @@ pub fn encode_q5_1(values: &[f32]) -> Vec<u8> {
     })
 }
 
+/// Q4_1 blocks of `values` (a multiple of 32).
+pub fn encode_q4_1(values: &[f32]) -> Vec<u8> {
+    encode_blocks(values, 32, 20, |x, out| {
+        // d = (max − min) / 15, m = min; q = min(15, trunc((x − min) / d + 0.5))
+        let (min, max) = x.iter().fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (if v < lo { v } else { lo }, if v > hi { v } else { hi }));
+        let d = (max - min) / 15.0;
+        let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        out[2..4].copy_from_slice(&f16::from_f32(min).to_le_bytes());
+        let q = |v: f32| (((v - min) * inverse + 0.5) as i8).min(15) as u8;
+        for j in 0..16 {
+            out[4 + j] = q(x[j]) | q(x[j + 16]) << 4;
+        }
+    })
+}
+
 /// How Q2_K, Q4_K and Q5_K search each sub-block's scale: codes `0..=nmax`, candidates
-/// `(rmin + 0.1·step + nmax) / (max − min)` for `step` in `0..=steps`, judged by the weighted
+/// `(rmin + rdelta·step + nmax) / (max − min)` for `step` in `0..=steps`, judged by the weighted
 /// squared error (or absolute error, Q2_K's choice).
 #[derive(Clone, Copy)]
 struct ScaleSearch {
     nmax: i32,
     rmin: f32,
+    rdelta: f32,
     steps: i32,
     absolute_error: bool,
 }
 
-const Q2_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 3, rmin: -0.5, steps: 15, absolute_error: true };
-const Q4_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 15, rmin: -1.0, steps: 20, absolute_error: false };
-const Q5_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 31, rmin: -0.5, steps: 15, absolute_error: false };
+const Q2_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 3, rmin: -0.5, rdelta: 0.1, steps: 15, absolute_error: true };
+const Q4_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 15, rmin: -1.0, rdelta: 0.1, steps: 20, absolute_error: false };
+const Q5_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 31, rmin: -0.5, rdelta: 0.1, steps: 15, absolute_error: false };
 
 /// ggml's `make_qkx2_quants` over one sub-block (of up to 32 values): the scale and minimum
 /// (returned as `(scale, -min)`, the minimum as a non-negative offset) minimising the weighted
 /// error over `search`'s candidate scales; `codes` gets the sub-block's codes.
 fn scale_and_min(x: &[f32], weights: &[f32], codes: &mut [u8], search: ScaleSearch) -> (f32, f32) {
-    let ScaleSearch { nmax, rmin, steps, absolute_error } = search;
+    let ScaleSearch { nmax, rmin, rdelta, steps, absolute_error } = search;
     let error_of = |diff: f32| if absolute_error { diff.abs() } else { diff * diff };
-    let rdelta = 0.1f32;
     let mut min = x[0];
     let mut max = x[0];
     let mut sum_w = weights[0];
@@ -250,11 +268,21 @@ fn scales_and_mins(x: &[f32], head: &mut [u8], search: ScaleSearch) -> [u8; QK_K
     // Scales and minimums in 6 bits against the block's f16 `d` and `dmin`.
     let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    // ggml keeps these in a u8 before clamping: a negative value wraps.
+    let six_bits = |inverse: f32, v: &[f32; 8]| v.map(|v| (nearest_int(inverse * v) as u8).min(63));
+    let (d, dmin) = (max_scale / 63.0, max_min / 63.0);
+    pack_k4_head(head, six_bits(inv_scale, &scales), six_bits(inv_min, &mins), d, dmin);
+    requantize_k4(x, head, search.nmax, &mut codes);
+    codes
+}
+
+/// A Q4_K / Q5_K head: f16 `d` and `dmin`, then the eight 6-bit scales and minimums packed in 12
+/// bytes (ggml's shifts: bits above the sixth of the last four are dropped).
+fn pack_k4_head(head: &mut [u8], scales: [u8; 8], mins: [u8; 8], d: f32, dmin: f32) {
     let packed = &mut head[4..16];
+    packed.fill(0);
     for j in 0..8 {
-        // ggml keeps these in a u8 before clamping: a negative value wraps.
-        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
-        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        let (ls, lm) = (scales[j], mins[j]);
         if j < 4 {
             packed[j] = ls;
             packed[j + 4] = lm;
@@ -264,10 +292,15 @@ fn scales_and_mins(x: &[f32], head: &mut [u8], search: ScaleSearch) -> [u8; QK_K
             packed[j] |= (lm >> 4) << 6;
         }
     }
-    let (d, dmin) = (f16::from_f32(max_scale / 63.0), f16::from_f32(max_min / 63.0));
-    head[0..2].copy_from_slice(&d.to_le_bytes());
-    head[2..4].copy_from_slice(&dmin.to_le_bytes());
-    // Codes again against the scales as stored; a zero scale keeps the search's codes.
+    head[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    head[2..4].copy_from_slice(&f16::from_f32(dmin).to_le_bytes());
+}
+
+/// Codes `0..=nmax` again against a Q4_K / Q5_K head's scales as stored; a zero scale keeps the
+/// search's codes.
+fn requantize_k4(x: &[f32], head: &[u8], nmax: i32, codes: &mut [u8; QK_K]) {
+    let d = f16::from_le_bytes([head[0], head[1]]);
+    let dmin = f16::from_le_bytes([head[2], head[3]]);
     for j in 0..8 {
         let (sc, m) = scale_min_k4(j, &head[4..16]);
         let d = d.to_f32() * f32::from(sc);
@@ -276,10 +309,9 @@ fn scales_and_mins(x: &[f32], head: &mut [u8], search: ScaleSearch) -> [u8; QK_K
         }
         let dm = dmin.to_f32() * f32::from(m);
         for i in 32 * j..32 * j + 32 {
-            codes[i] = nearest_int((x[i] + dm) / d).clamp(0, search.nmax) as u8;
+            codes[i] = nearest_int((x[i] + dm) / d).clamp(0, nmax) as u8;
         }
     }
-    codes
 }
 
 /// Q4_K super-blocks of `values` (a multiple of 256).
@@ -287,13 +319,18 @@ pub fn encode_q4_k(values: &[f32]) -> Vec<u8> {
     encode_blocks(values, QK_K, 144, |x, out| {
         let (head, nibbles) = out.split_at_mut(16);
         let codes = scales_and_mins(x, head, Q4_K_SEARCH);
-        for (quarter, nibbles) in nibbles.chunks_mut(32).enumerate() {
-            let base = 64 * quarter;
-            for l in 0..32 {
-                nibbles[l] = codes[base + l] | codes[base + l + 32] << 4;
-            }
-        }
+        pack_q4_k_codes(&codes, nibbles);
     })
+}
+
+/// Q4_K's nibbles: per 64 values, the first 32 low, the next 32 high.
+fn pack_q4_k_codes(codes: &[u8; QK_K], nibbles: &mut [u8]) {
+    for (quarter, nibbles) in nibbles.chunks_mut(32).enumerate() {
+        let base = 64 * quarter;
+        for l in 0..32 {
+            nibbles[l] = codes[base + l] | codes[base + l + 32] << 4;
+        }
+    }
 }
 
 /// Q5_K super-blocks of `values` (a multiple of 256).
@@ -301,17 +338,22 @@ pub fn encode_q5_k(values: &[f32]) -> Vec<u8> {
     encode_blocks(values, QK_K, 176, |x, out| {
         let (head, rest) = out.split_at_mut(16);
         let codes = scales_and_mins(x, head, Q5_K_SEARCH);
-        let (high, nibbles) = rest.split_at_mut(32);
-        high.fill(0);
-        for (quarter, nibbles) in nibbles.chunks_mut(32).enumerate() {
-            let base = 64 * quarter;
-            for l in 0..32 {
-                let (q0, q1) = (codes[base + l], codes[base + l + 32]);
-                high[l] |= (q0 >> 4) << (2 * quarter) | (q1 >> 4) << (2 * quarter + 1);
-                nibbles[l] = (q0 & 0xF) | (q1 & 0xF) << 4;
-            }
-        }
+        pack_q5_k_codes(&codes, rest);
     })
+}
+
+/// Q5_K's fifth bits (32 bytes) and nibbles (as Q4_K's).
+fn pack_q5_k_codes(codes: &[u8; QK_K], rest: &mut [u8]) {
+    let (high, nibbles) = rest.split_at_mut(32);
+    high.fill(0);
+    for (quarter, nibbles) in nibbles.chunks_mut(32).enumerate() {
+        let base = 64 * quarter;
+        for l in 0..32 {
+            let (q0, q1) = (codes[base + l], codes[base + l + 32]);
+            high[l] |= (q0 >> 4) << (2 * quarter) | (q1 >> 4) << (2 * quarter + 1);
+            nibbles[l] = (q0 & 0xF) | (q1 & 0xF) << 4;
+        }
+    }
 }
 
 /// Q2_K super-blocks of `values` (a multiple of 256).
@@ -329,7 +371,7 @@ pub fn encode_q2_k(values: &[f32]) -> Vec<u8> {
         let largest = |v: &[f32; 16]| v.iter().fold(0f32, |m, &s| if s > m { s } else { m });
         let (max_scale, max_min) = (largest(&scales), largest(&mins));
         let (packed, rest) = out.split_at_mut(16);
-        let (quants, tail) = rest.split_at_mut(64);
+        let tail = &mut rest[64..];
         // Scales (low nibbles) and minimums (high nibbles) in 4 bits against the f16 `d`, `dmin`;
         // ggml stores the rounded int in a byte unclamped.
         packed.fill(0);
@@ -347,24 +389,33 @@ pub fn encode_q2_k(values: &[f32]) -> Vec<u8> {
         }
         tail[0..2].copy_from_slice(&d.to_le_bytes());
         tail[2..4].copy_from_slice(&dmin.to_le_bytes());
-        // Codes again against the scales as stored; a zero scale keeps the search's codes.
-        for j in 0..16 {
-            let scale = d.to_f32() * f32::from(packed[j] & 0xF);
-            if scale == 0.0 {
-                continue;
-            }
-            let offset = dmin.to_f32() * f32::from(packed[j] >> 4);
-            for i in 16 * j..16 * j + 16 {
-                codes[i] = nearest_int((x[i] + offset) / scale).clamp(0, 3) as u8;
-            }
-        }
-        for (half, quants) in quants.chunks_mut(32).enumerate() {
-            let base = 128 * half;
-            for l in 0..32 {
-                quants[l] = codes[base + l] | codes[base + l + 32] << 2 | codes[base + l + 64] << 4 | codes[base + l + 96] << 6;
-            }
-        }
+        finish_q2_k(x, &mut codes, out);
     })
+}
+
+/// The rest of a Q2_K block whose scales, `d` and `dmin` are written: codes again against the
+/// scales as stored (a zero scale keeps the search's codes), then packed.
+fn finish_q2_k(x: &[f32], codes: &mut [u8; QK_K], out: &mut [u8]) {
+    let (packed, rest) = out.split_at_mut(16);
+    let (quants, tail) = rest.split_at_mut(64);
+    let d = f16::from_le_bytes([tail[0], tail[1]]).to_f32();
+    let dmin = f16::from_le_bytes([tail[2], tail[3]]).to_f32();
+    for j in 0..16 {
+        let scale = d * f32::from(packed[j] & 0xF);
+        if scale == 0.0 {
+            continue;
+        }
+        let offset = dmin * f32::from(packed[j] >> 4);
+        for i in 16 * j..16 * j + 16 {
+            codes[i] = nearest_int((x[i] + offset) / scale).clamp(0, 3) as u8;
+        }
+    }
+    for (half, quants) in quants.chunks_mut(32).enumerate() {
+        let base = 128 * half;
+        for l in 0..32 {
+            quants[l] = codes[base + l] | codes[base + l + 32] << 2 | codes[base + l + 64] << 4 | codes[base + l + 96] << 6;
+        }
+    }
 }
 
 /// ggml's `make_q3_quants` with `do_rmse` for Q3_K (`nmax = 4`) over one 16-value sub-block:
@@ -431,83 +482,100 @@ pub fn encode_q3_k(values: &[f32]) -> Vec<u8> {
         let scales = sub_block_scales(x, &mut codes, q3_scale);
         let max_scale = largest_magnitude(&scales);
         out.fill(0);
-        let (high, rest) = out.split_at_mut(32);
-        let (low, rest) = rest.split_at_mut(64);
-        let (packed, d_bytes) = rest.split_at_mut(12);
-        // Sub-block scales in 6 bits (offset by 32): low nibbles first, then their top bit pairs.
+        let (packed, d_bytes) = out[96..].split_at_mut(12);
+        // Sub-block scales in 6 bits (offset by 32).
         let d = if max_scale != 0.0 {
             let iscale = -32.0 / max_scale;
-            for (j, scale) in scales.iter().enumerate() {
-                let l = (nearest_int(iscale * scale).clamp(-32, 31) + 32) as u8;
-                if j < 8 {
-                    packed[j] = l & 0xF;
-                } else {
-                    packed[j - 8] |= (l & 0xF) << 4;
-                }
-                packed[j % 4 + 8] |= (l >> 4) << (2 * (j / 4));
-            }
+            let levels = scales.map(|scale| (nearest_int(iscale * scale).clamp(-32, 31) + 32) as u8);
+            pack_q3_k_scales(&levels, packed);
             f16::from_f32(1.0 / iscale)
         } else {
             f16::from_f32(0.0)
         };
         d_bytes.copy_from_slice(&d.to_le_bytes());
-        // Codes again against the scales as stored; a zero scale keeps the search's codes.
-        for j in 0..16 {
-            let low_bits = if j < 8 { packed[j] & 0xF } else { packed[j - 8] >> 4 };
-            let sc = (low_bits | ((packed[8 + j % 4] >> (2 * (j / 4))) & 3) << 4) as i8 - 32;
-            let d = d.to_f32() * f32::from(sc);
-            if d == 0.0 {
-                continue;
-            }
-            for i in 16 * j..16 * j + 16 {
-                codes[i] = (nearest_int(x[i] / d).clamp(-4, 3) + 4) as i8;
-            }
-        }
-        for (j, &code) in codes.iter().enumerate() {
-            let q = code as u8;
-            if q > 3 {
-                high[j % 32] |= 1 << (j / 32);
-            }
-        }
-        let q = |i: usize| (codes[i] as u8) & 3;
-        for (half, low) in low.chunks_mut(32).enumerate() {
-            let base = 128 * half;
-            for l in 0..32 {
-                low[l] = q(base + l) | q(base + l + 32) << 2 | q(base + l + 64) << 4 | q(base + l + 96) << 6;
-            }
-        }
+        finish_q3_k(x, &mut codes, out);
     })
+}
+
+/// Q3_K's sixteen 6-bit scales (offset by 32) in 12 bytes: low nibbles first, then their top bit
+/// pairs.
+fn pack_q3_k_scales(levels: &[u8; 16], packed: &mut [u8]) {
+    for (j, &l) in levels.iter().enumerate() {
+        if j < 8 {
+            packed[j] = l & 0xF;
+        } else {
+            packed[j - 8] |= (l & 0xF) << 4;
+        }
+        packed[j % 4 + 8] |= (l >> 4) << (2 * (j / 4));
+    }
+}
+
+/// The rest of a zeroed Q3_K block whose scales and `d` are written: codes again against the
+/// scales as stored (a zero scale keeps the search's codes), then the planes of bits.
+fn finish_q3_k(x: &[f32], codes: &mut [i8; QK_K], out: &mut [u8]) {
+    let (high, rest) = out.split_at_mut(32);
+    let (low, rest) = rest.split_at_mut(64);
+    let (packed, d_bytes) = rest.split_at_mut(12);
+    let d = f16::from_le_bytes([d_bytes[0], d_bytes[1]]);
+    for j in 0..16 {
+        let low_bits = if j < 8 { packed[j] & 0xF } else { packed[j - 8] >> 4 };
+        let sc = (low_bits | ((packed[8 + j % 4] >> (2 * (j / 4))) & 3) << 4) as i8 - 32;
+        let d = d.to_f32() * f32::from(sc);
+        if d == 0.0 {
+            continue;
+        }
+        for i in 16 * j..16 * j + 16 {
+            codes[i] = (nearest_int(x[i] / d).clamp(-4, 3) + 4) as i8;
+        }
+    }
+    for (j, &code) in codes.iter().enumerate() {
+        if code as u8 > 3 {
+            high[j % 32] |= 1 << (j / 32);
+        }
+    }
+    let q = |i: usize| (codes[i] as u8) & 3;
+    for (half, low) in low.chunks_mut(32).enumerate() {
+        let base = 128 * half;
+        for l in 0..32 {
+            low[l] = q(base + l) | q(base + l + 32) << 2 | q(base + l + 64) << 4 | q(base + l + 96) << 6;
+        }
+    }
 }
 
 /// ggml's `make_qx_quants` with `rmse_type = 1` for Q6_K (`nmax = 32`) over one 16-value
 /// sub-block: the scale minimising the x²-weighted squared error over 19 candidates around
 /// `−nmax / max`; `codes` gets `q + 32` in `0..64`.
 fn symmetric_scale(x: &[f32], codes: &mut [i8]) -> f32 {
-    const NMAX: i32 = 32;
+    weighted_symmetric_scale(x, codes, 32, None)
+}
+
+/// ggml's `make_qx_quants` with `rmse_type = 1`: codes `q + nmax` for `q` in `−nmax..nmax`, the
+/// scale minimising the weighted squared error (weights `weights`, or x²) over 19 candidates.
+fn weighted_symmetric_scale(x: &[f32], codes: &mut [i8], nmax: i32, weights: Option<&[f32]>) -> f32 {
     let max = largest_magnitude(x);
     if max.abs() < GROUP_MAX_EPS {
         codes.fill(0);
         return 0.0;
     }
-    let quantize = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-NMAX, NMAX - 1);
+    let quantize = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
     let sums = |iscale: f32| {
-        x.iter().fold((0f32, 0f32), |(sum_lx, sum_l2), &v| {
-            let (w, l) = (v * v, quantize(iscale, v) as f32);
+        x.iter().enumerate().fold((0f32, 0f32), |(sum_lx, sum_l2), (i, &v)| {
+            let (w, l) = (weights.map_or(v * v, |w| w[i]), quantize(iscale, v) as f32);
             (sum_lx + w * v * l, sum_l2 + w * l * l)
         })
     };
     let fill = |iscale: f32, codes: &mut [i8]| {
         for (code, &v) in codes.iter_mut().zip(x) {
-            *code = (quantize(iscale, v) + NMAX) as i8;
+            *code = (quantize(iscale, v) + nmax) as i8;
         }
     };
-    let iscale = -(NMAX as f32) / max;
+    let iscale = -(nmax as f32) / max;
     fill(iscale, codes);
     let (sum_lx, sum_l2) = sums(iscale);
     let mut scale = if sum_l2 != 0.0 { sum_lx / sum_l2 } else { 0.0 };
     let mut best = scale * sum_lx;
     for step in (-9..=9).filter(|&s| s != 0) {
-        let iscale = -(NMAX as f32 + 0.1 * step as f32) / max;
+        let iscale = -(nmax as f32 + 0.1 * step as f32) / max;
         let (sum_lx, sum_l2) = sums(iscale);
         if sum_l2 > 0.0 && sum_lx * sum_lx > best * sum_l2 {
             fill(iscale, codes);
@@ -523,39 +591,45 @@ pub fn encode_q6_k(values: &[f32]) -> Vec<u8> {
     encode_blocks(values, QK_K, 210, |x, out| {
         let mut codes = [0i8; QK_K];
         let scales = sub_block_scales(x, &mut codes, symmetric_scale);
-        let max_scale = largest_magnitude(&scales);
-        if max_scale.abs() < GROUP_MAX_EPS {
-            out.fill(0);
-            return;
-        }
-        // Sub-block scales as i8 against the block's f16 `d`; codes again against them.
-        let iscale = -128.0 / max_scale;
-        let d = f16::from_f32(1.0 / iscale);
-        for (ib, scale) in scales.iter().enumerate() {
-            out[192 + ib] = nearest_int(iscale * scale).min(127) as i8 as u8;
-        }
-        for j in 0..16 {
-            let d = d.to_f32() * f32::from(out[192 + j] as i8);
-            if d == 0.0 {
-                continue;
-            }
-            for i in 16 * j..16 * j + 16 {
-                codes[i] = (nearest_int(x[i] / d).clamp(-32, 31) + 32) as i8;
-            }
-        }
-        out[208..210].copy_from_slice(&d.to_le_bytes());
-        // Per 128 values: low nibbles of values l and l+64 share a byte (and l+32, l+96); the
-        // high bit pairs of l, l+32, l+64, l+96 share one.
-        let (low, high) = out[..192].split_at_mut(128);
-        for (half, (low, high)) in low.chunks_mut(64).zip(high.chunks_mut(32)).enumerate() {
-            let q = |i: usize| codes[128 * half + i] as u8;
-            for l in 0..32 {
-                low[l] = (q(l) & 0xF) | (q(l + 64) & 0xF) << 4;
-                low[l + 32] = (q(l + 32) & 0xF) | (q(l + 96) & 0xF) << 4;
-                high[l] = (q(l) >> 4) | (q(l + 32) >> 4) << 2 | (q(l + 64) >> 4) << 4 | (q(l + 96) >> 4) << 6;
-            }
-        }
+        finish_q6_k(x, &scales, &mut codes, out);
     })
+}
+
+/// A Q6_K block from its sub-block scales and search codes: scales as i8 against the block's
+/// f16 `d`, codes again against them, then packed.
+fn finish_q6_k(x: &[f32], scales: &[f32; 16], codes: &mut [i8; QK_K], out: &mut [u8]) {
+    let max_scale = largest_magnitude(scales);
+    if max_scale.abs() < GROUP_MAX_EPS {
+        out.fill(0);
+        return;
+    }
+    // Sub-block scales as i8 against the block's f16 `d`; codes again against them.
+    let iscale = -128.0 / max_scale;
+    let d = f16::from_f32(1.0 / iscale);
+    for (ib, scale) in scales.iter().enumerate() {
+        out[192 + ib] = nearest_int(iscale * scale).min(127) as i8 as u8;
+    }
+    for j in 0..16 {
+        let d = d.to_f32() * f32::from(out[192 + j] as i8);
+        if d == 0.0 {
+            continue;
+        }
+        for i in 16 * j..16 * j + 16 {
+            codes[i] = (nearest_int(x[i] / d).clamp(-32, 31) + 32) as i8;
+        }
+    }
+    out[208..210].copy_from_slice(&d.to_le_bytes());
+    // Per 128 values: low nibbles of values l and l+64 share a byte (and l+32, l+96); the
+    // high bit pairs of l, l+32, l+64, l+96 share one.
+    let (low, high) = out[..192].split_at_mut(128);
+    for (half, (low, high)) in low.chunks_mut(64).zip(high.chunks_mut(32)).enumerate() {
+        let q = |i: usize| codes[128 * half + i] as u8;
+        for l in 0..32 {
+            low[l] = (q(l) & 0xF) | (q(l + 64) & 0xF) << 4;
+            low[l + 32] = (q(l + 32) & 0xF) | (q(l + 96) & 0xF) << 4;
+            high[l] = (q(l) >> 4) | (q(l + 32) >> 4) << 2 | (q(l + 64) >> 4) << 4 | (q(l + 96) >> 4) << 6;
+        }
+    }
 }
 
 /// ggml's `best_index_int8` over IQ4's grid: the code whose value is nearest `x`, the upper one
@@ -580,18 +654,18 @@ fn nearest_iq4_code(x: f32) -> u8 {
     (if x - value(high - 1) < value(high) - x { high - 1 } else { high }) as u8
 }
 
-/// ggml's IQ4 scale search (`quantize_row_iq4_nl_impl`, 7 tries each way, weights x²) over one
-/// 32-value block: the scale from the value of largest magnitude, then the best of 15 candidate
-/// scales around it by the weighted least-squares fit of the grid values. 0 for a zero block.
-fn iq4_scale(x: &[f32]) -> f32 {
+/// ggml's IQ4 scale search (`quantize_row_iq4_nl_impl`, 7 tries each way) over one 32-value
+/// block: the scale from the value of largest magnitude, then the best of 15 candidate scales
+/// around it by the `weights`-weighted least-squares fit of the grid values. 0 for a zero block.
+fn iq4_scale(x: &[f32], weights: &[f32]) -> f32 {
     let max = largest_magnitude(x);
     if max.abs() < GROUP_MAX_EPS {
         return 0.0;
     }
     let first = f32::from(IQ4_VALUES[0]);
     let fit = |inverse: f32| {
-        x.iter().fold((0f32, 0f32), |(sum_qx, sum_q2), &v| {
-            let (w, q) = (v * v, f32::from(IQ4_VALUES[nearest_iq4_code(inverse * v) as usize]));
+        x.iter().zip(weights).fold((0f32, 0f32), |(sum_qx, sum_q2), (&v, &w)| {
+            let q = f32::from(IQ4_VALUES[nearest_iq4_code(inverse * v) as usize]);
             (sum_qx + w * q * v, sum_q2 + w * q * q)
         })
     };
@@ -617,42 +691,53 @@ fn pack_iq4_nibbles(codes: &[u8], out: &mut [u8]) {
     }
 }
 
+/// Each of `N` values' square: IQ4's weights without an importance matrix.
+fn squares<const N: usize>(x: &[f32]) -> [f32; N] {
+    std::array::from_fn(|i| x[i] * x[i])
+}
+
 /// IQ4_NL blocks of `values` (a multiple of 32).
 pub fn encode_iq4_nl(values: &[f32]) -> Vec<u8> {
-    encode_blocks(values, 32, 18, |x, out| {
-        let scale = iq4_scale(x);
-        out[0..2].copy_from_slice(&f16::from_f32(scale).to_le_bytes());
-        let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-        let codes: Vec<u8> = x.iter().map(|&v| nearest_iq4_code(inverse * v)).collect();
-        pack_iq4_nibbles(&codes, &mut out[2..]);
-    })
+    encode_blocks(values, 32, 18, |x, out| iq4_nl_block(x, &squares::<32>(x), out))
+}
+
+/// One IQ4_NL block of `x` with its values' `weights`.
+fn iq4_nl_block(x: &[f32], weights: &[f32], out: &mut [u8]) {
+    let scale = iq4_scale(x, weights);
+    out[0..2].copy_from_slice(&f16::from_f32(scale).to_le_bytes());
+    let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+    let codes: Vec<u8> = x.iter().map(|&v| nearest_iq4_code(inverse * v)).collect();
+    pack_iq4_nibbles(&codes, &mut out[2..]);
 }
 
 /// IQ4_XS super-blocks of `values` (a multiple of 256).
 pub fn encode_iq4_xs(values: &[f32]) -> Vec<u8> {
-    encode_blocks(values, QK_K, 136, |x, out| {
-        let scales: Vec<f32> = x.chunks(32).map(iq4_scale).collect();
-        // Sub-block scales in 6 bits (offset by 32) against the block's `d`; codes against them.
-        let d = -largest_magnitude(&scales) / 32.0;
-        out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-        let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut codes = [0u8; QK_K];
-        let mut high_bits = 0u16;
-        out[4..8].fill(0);
-        for (ib, scale) in scales.iter().enumerate() {
-            let l = nearest_int(inverse * scale).clamp(-32, 31);
-            let sub_scale = d * l as f32;
-            let sub_inverse = if sub_scale != 0.0 { 1.0 / sub_scale } else { 0.0 };
-            for i in 32 * ib..32 * ib + 32 {
-                codes[i] = nearest_iq4_code(sub_inverse * x[i]);
-            }
-            let l = (l + 32) as u8;
-            out[4 + ib / 2] |= (l & 0xF) << (4 * (ib % 2));
-            high_bits |= u16::from(l >> 4) << (2 * ib);
+    encode_blocks(values, QK_K, 136, |x, out| iq4_xs_block(x, &squares::<QK_K>(x), out))
+}
+
+/// One IQ4_XS super-block of `x` with its values' `weights`.
+fn iq4_xs_block(x: &[f32], weights: &[f32], out: &mut [u8]) {
+    let scales: Vec<f32> = x.chunks(32).zip(weights.chunks(32)).map(|(x, w)| iq4_scale(x, w)).collect();
+    // Sub-block scales in 6 bits (offset by 32) against the block's `d`; codes against them.
+    let d = -largest_magnitude(&scales) / 32.0;
+    out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut codes = [0u8; QK_K];
+    let mut high_bits = 0u16;
+    out[4..8].fill(0);
+    for (ib, scale) in scales.iter().enumerate() {
+        let l = nearest_int(inverse * scale).clamp(-32, 31);
+        let sub_scale = d * l as f32;
+        let sub_inverse = if sub_scale != 0.0 { 1.0 / sub_scale } else { 0.0 };
+        for i in 32 * ib..32 * ib + 32 {
+            codes[i] = nearest_iq4_code(sub_inverse * x[i]);
         }
-        out[2..4].copy_from_slice(&high_bits.to_le_bytes());
-        pack_iq4_nibbles(&codes, &mut out[8..]);
-    })
+        let l = (l + 32) as u8;
+        out[4 + ib / 2] |= (l & 0xF) << (4 * (ib % 2));
+        high_bits |= u16::from(l >> 4) << (2 * ib);
+    }
+    out[2..4].copy_from_slice(&high_bits.to_le_bytes());
+    pack_iq4_nibbles(&codes, &mut out[8..]);
 }
 
 #[cfg(test)]

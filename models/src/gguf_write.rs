@@ -20,6 +20,7 @@ use crate::ggml_encode;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::family::{KeyLayout, Role};
 use crate::gguf::GgufArch;
+use crate::imatrix::ImportanceMatrix;
 
 const ALIGNMENT: usize = 32;
 
@@ -45,6 +46,7 @@ pub enum TensorType {
     Bf16,
     Q8_0,
     Q4_0,
+    Q4_1,
     Q5_0,
     Q5_1,
     Q2_K,
@@ -74,6 +76,7 @@ impl TensorType {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
             Self::Q5_0 => 6,
             Self::Q5_1 => 7,
             Self::Q8_0 => 8,
@@ -95,6 +98,7 @@ impl TensorType {
             Self::F16 | Self::Bf16 => (1, 2),
             Self::Q8_0 => (32, 34),
             Self::Q4_0 => (32, 18),
+            Self::Q4_1 => (32, 20),
             Self::Q5_0 => (32, 22),
             Self::Q5_1 => (32, 24),
             Self::Q2_K => (256, 84),
@@ -181,17 +185,19 @@ pub struct QuantizeModel {
     pub seventy_b: bool,
     /// Query heads per KV head (llama.cpp's `n_gqa`).
     pub gqa: usize,
+    /// Quantized with an importance matrix, which changes a few of llama-quantize's choices.
+    pub importance: bool,
 }
 
 impl QuantizeModel {
-    pub fn of(config: &ModelConfig, arch: GgufArch, tied: bool) -> Self {
+    pub fn of(config: &ModelConfig, arch: GgufArch, tied: bool, importance: bool) -> Self {
         let seventy_b = config.num_layers == 80
             && match arch {
                 GgufArch::Llama => config.num_heads != config.num_kv_heads,
                 GgufArch::Qwen2 => true,
                 GgufArch::ChatGlm => false,
             };
-        Self { layers: config.num_layers, tied, seventy_b, gqa: config.num_heads / config.num_kv_heads.max(1) }
+        Self { layers: config.num_layers, tied, seventy_b, gqa: config.num_heads / config.num_kv_heads.max(1), importance }
     }
 }
 
@@ -294,7 +300,9 @@ impl ExportType {
                 Self::Q3_K_M => TensorType::Q4_K,
                 Self::Q3_K_L => TensorType::Q5_K,
                 Self::Q2_K => TensorType::Q3_K,
-                Self::IQ4_XS | Self::IQ4_NL if early(model.layers / 8) => TensorType::Q5_K,
+                Self::IQ4_XS | Self::IQ4_NL if early(model.layers / 8) && !model.importance => TensorType::Q5_K,
+                // With an importance matrix, llama.cpp's guard for the first ffn_down.
+                Self::Q4_0 if early(model.layers / 8) && model.importance => TensorType::Q4_1,
                 _ => main,
             }
         } else if name.ends_with("attn_output.weight") {
@@ -317,15 +325,34 @@ fn more_bits(layer: usize, layers: usize) -> bool {
     i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
-/// `values` in `ty`'s encoding (ggml's reference quantizers, as llama-quantize without an
-/// importance matrix).
-pub fn encode(ty: TensorType, values: &[f32]) -> Vec<u8> {
+/// `values` in `ty`'s encoding: ggml's quantizers as llama-quantize runs them, with the
+/// `importance` of each column (the rows' length) when an importance matrix has it.
+pub fn encode(ty: TensorType, values: &[f32], importance: Option<&[f32]>) -> Vec<u8> {
+    use ggml_encode::importance as weighted;
+    if let Some(importance) = importance {
+        match ty {
+            TensorType::Q4_0 => return weighted::encode_q4_0(values, importance),
+            TensorType::Q4_1 => return weighted::encode_q4_1(values, importance),
+            TensorType::Q5_0 => return weighted::encode_q5_0(values, importance),
+            TensorType::Q5_1 => return weighted::encode_q5_1(values, importance),
+            TensorType::Q2_K => return weighted::encode_q2_k(values, importance),
+            TensorType::Q3_K => return weighted::encode_q3_k(values, importance),
+            TensorType::Q4_K => return weighted::encode_q4_k(values, importance),
+            TensorType::Q5_K => return weighted::encode_q5_k(values, importance),
+            TensorType::Q6_K => return weighted::encode_q6_k(values, importance),
+            TensorType::IQ4_NL => return weighted::encode_iq4_nl(values, importance),
+            TensorType::IQ4_XS => return weighted::encode_iq4_xs(values, importance),
+            // Q8_0 and the float types have no use for it, as in llama.cpp.
+            TensorType::F32 | TensorType::F16 | TensorType::Bf16 | TensorType::Q8_0 => {}
+        }
+    }
     match ty {
         TensorType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         TensorType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
         TensorType::Bf16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
         TensorType::Q8_0 => ggml_encode::encode_q8_0(values),
         TensorType::Q4_0 => ggml_encode::encode_q4_0(values),
+        TensorType::Q4_1 => ggml_encode::encode_q4_1(values),
         TensorType::Q5_0 => ggml_encode::encode_q5_0(values),
         TensorType::Q5_1 => ggml_encode::encode_q5_1(values),
         TensorType::Q2_K => ggml_encode::encode_q2_k(values),
@@ -336,6 +363,21 @@ pub fn encode(ty: TensorType, values: &[f32]) -> Vec<u8> {
         TensorType::IQ4_NL => ggml_encode::encode_iq4_nl(values),
         TensorType::IQ4_XS => ggml_encode::encode_iq4_xs(values),
     }
+}
+
+/// The keys llama-quantize writes for an importance matrix: its file name, entries, and the
+/// dataset and chunks where the file says.
+pub fn importance_metadata(matrix: &ImportanceMatrix, path: &Path) -> Vec<(String, MetaValue)> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut keys = vec![("quantize.imatrix.file".to_string(), MetaValue::Str(name))];
+    if let Some(dataset) = matrix.datasets.first() {
+        keys.push(("quantize.imatrix.dataset".into(), MetaValue::Str(dataset.clone())));
+    }
+    keys.push(("quantize.imatrix.entries_count".into(), MetaValue::I32(matrix.len() as i32)));
+    if let Some(chunks) = matrix.chunks.filter(|&n| n > 0) {
+        keys.push(("quantize.imatrix.chunks_count".into(), MetaValue::I32(chunks as i32)));
+    }
+    keys
 }
 
 /// A tensor of the file: its GGUF name, shape in PyTorch order (outermost first) and type.
@@ -399,6 +441,7 @@ pub fn write(
     path: &Path,
     metadata: &[(String, MetaValue)],
     tensors: &[TensorSpec],
+    importance: Option<&ImportanceMatrix>,
     mut data: impl FnMut(usize) -> Result<Vec<f32>, LoadError>,
 ) -> Result<(), LoadError> {
     let mut header = Vec::new();
@@ -429,7 +472,12 @@ pub fn write(
             for (i, t) in tensors.iter().enumerate() {
                 let values = data(i)?;
                 debug_assert_eq!(values.len(), t.shape.iter().product::<usize>(), "{}", t.name);
-                let mut bytes = encode(t.ty, &values);
+                let columns = t.shape.last().copied().unwrap_or(1);
+                let importance = match importance {
+                    Some(matrix) if t.ty.quantized() && t.shape.len() > 1 => matrix.for_tensor(&t.name, columns)?,
+                    _ => None,
+                };
+                let mut bytes = encode(t.ty, &values, importance);
                 bytes.resize(padded(bytes.len()), 0);
                 file.write_all(&bytes).map_err(|e| LoadError::write(path, e))?;
             }
@@ -722,7 +770,7 @@ mod tests {
 
     #[test]
     fn q4_k_m_gives_the_output_and_llama_cpps_layers_more_bits() {
-        let model = |tied| QuantizeModel { layers: 32, tied, seventy_b: false, gqa: 1 };
+        let model = |tied| QuantizeModel { layers: 32, tied, seventy_b: false, gqa: 1, importance: false };
         let ty = |name: &str, cols: usize, tied: bool| ExportType::Q4_K_M.tensor_type(name, &[1024, cols], model(tied));
         // 32 layers: the first 4, the last 4 and every third from layer 6 (4 + 2).
         let more: Vec<usize> = (0..32).filter(|&i| ty(&format!("blk.{i}.attn_v.weight"), 4096, false) == TensorType::Q6_K).collect();
@@ -742,7 +790,7 @@ mod tests {
 
     #[test]
     fn other_file_types_follow_llama_quantize_too() {
-        let model = QuantizeModel { layers: 32, tied: false, seventy_b: false, gqa: 1 };
+        let model = QuantizeModel { layers: 32, tied: false, seventy_b: false, gqa: 1, importance: false };
         let ty = |file: &str, name: &str, cols: usize| ExportType::parse(file).unwrap().tensor_type(name, &[1024, cols], model);
         // Q5_K_M: Q4_K_M's layers at Q6_K, Q5_K elsewhere, Q5_1 where rows are not whole blocks.
         assert_eq!(ty("q5_k_m", "blk.0.ffn_down.weight", 4096), TensorType::Q6_K);
@@ -771,7 +819,7 @@ mod tests {
         assert_eq!(ty("q3_k_m", "blk.2.ffn_down.weight", 11008), TensorType::Q4_K);
         assert_eq!(ty("q3_k_m", "blk.9.ffn_up.weight", 576), TensorType::Q4_0);
         // A 70B's attn_v: Q5_K where the mixture would give it Q4_K.
-        let seventy = QuantizeModel { layers: 80, tied: false, seventy_b: true, gqa: 8 };
+        let seventy = QuantizeModel { layers: 80, tied: false, seventy_b: true, gqa: 8, importance: false };
         assert_eq!(ExportType::Q4_K_M.tensor_type("blk.11.attn_v.weight", &[1024, 8192], seventy), TensorType::Q5_K);
         assert_eq!(ExportType::Q4_K_M.tensor_type("blk.12.attn_v.weight", &[1024, 8192], seventy), TensorType::Q6_K);
         assert_eq!(ExportType::Q4_K_M.tensor_type("blk.11.attn_q.weight", &[8192, 8192], seventy), TensorType::Q4_K);
@@ -780,7 +828,7 @@ mod tests {
 
     #[test]
     fn two_and_three_bit_and_iq4_mixtures_follow_llama_quantize() {
-        let grouped = |gqa| QuantizeModel { layers: 32, tied: false, seventy_b: false, gqa };
+        let grouped = |gqa| QuantizeModel { layers: 32, tied: false, seventy_b: false, gqa, importance: false };
         let ty = |file: &str, name: &str, cols: usize, gqa: usize| ExportType::parse(file).unwrap().tensor_type(name, &[1024, cols], grouped(gqa));
         // Q3_K_S: Q3_K everywhere but the output. Q3_K_L: Q5_K for attn_v, ffn_down, attn_output.
         for name in ["blk.0.attn_v.weight", "blk.0.ffn_down.weight", "blk.9.attn_output.weight", "blk.9.attn_q.weight"] {
@@ -809,6 +857,12 @@ mod tests {
         assert_eq!(ty("iq4_xs", "blk.9.attn_q.weight", 576, 1), TensorType::IQ4_NL);
         assert_eq!(ty("iq4_nl", "blk.9.attn_q.weight", 48, 1), TensorType::F16);
         assert_eq!(ty("iq4_nl", "output.weight", 576, 1), TensorType::Q8_0);
+        // With an importance matrix: no Q5_K for IQ4's first ffn_down; Q4_1 for Q4_0's.
+        let with_importance = QuantizeModel { importance: true, ..grouped(1) };
+        assert_eq!(ExportType::IQ4_XS.tensor_type("blk.3.ffn_down.weight", &[1024, 14336], with_importance), TensorType::IQ4_XS);
+        assert_eq!(ExportType::Q4_0.tensor_type("blk.3.ffn_down.weight", &[1024, 14336], with_importance), TensorType::Q4_1);
+        assert_eq!(ExportType::Q4_0.tensor_type("blk.4.ffn_down.weight", &[1024, 14336], with_importance), TensorType::Q4_0);
+        assert_eq!(ExportType::Q4_0.tensor_type("blk.3.ffn_down.weight", &[1024, 14336], grouped(1)), TensorType::Q4_0);
         let file_types: Vec<u32> = ["q2_k", "q3_k_s", "q3_k_l", "iq4_nl", "iq4_xs"].iter().map(|t| ExportType::parse(t).unwrap().file_type()).collect();
         assert_eq!(file_types, [10, 11, 13, 25, 30]);
     }

@@ -17,6 +17,7 @@ pub mod family;
 pub mod fused;
 pub mod glm;
 pub mod hub;
+pub mod imatrix;
 pub mod layers;
 pub mod llama;
 pub mod nf4;

@@ -12,6 +12,7 @@ use ember_adapters::{AdapterFolder, Method};
 use ember_models::family::{KeyLayout, Role, check_checkpoint, expected_tensors};
 use ember_models::gguf::GgufArch;
 use ember_models::gguf_write::{self, ExportType, MetaValue, QuantizeModel, TensorSpec, TensorType};
+use ember_models::imatrix::ImportanceMatrix;
 use ember_models::{Checkpoint, LoadDtype, LoadError, ModelConfig};
 
 use crate::merge::MergeError;
@@ -37,8 +38,16 @@ fn permute_heads(role: Option<Role>, config: &ModelConfig, arch: GgufArch) -> Op
 }
 
 /// `base_dir` (merged with `adapter`, if given) as a GGUF file of `ty` at `out`; `pre` names
-/// llama.cpp's pre-tokenizer when it does not recognise a byte-level BPE's.
-pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: ExportType, pre: Option<&str>) -> Result<ExportSummary, MergeError> {
+/// llama.cpp's pre-tokenizer when it does not recognise a byte-level BPE's; `importance_path`, a
+/// llama.cpp importance matrix to quantize with (llama-quantize's `--imatrix`).
+pub fn export_gguf(
+    base_dir: &Path,
+    adapter: Option<&Path>,
+    out: &Path,
+    ty: ExportType,
+    pre: Option<&str>,
+    importance_path: Option<&Path>,
+) -> Result<ExportSummary, MergeError> {
     if ember_models::gguf::GgufFile::is_gguf(base_dir) {
         // Merging into quantized blocks would quantize the merged weights a second time.
         return Err(LoadError::Invalid {
@@ -48,6 +57,10 @@ pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Expo
         }
         .into());
     }
+    if let Some(path) = importance_path.filter(|_| !ty.quantized()) {
+        return Err(LoadError::Invalid { path: path.to_path_buf(), reason: "--imatrix applies to the quantized types (q4_k_m, iq4_xs, …), not to float ones".into() }.into());
+    }
+    let importance = importance_path.map(ImportanceMatrix::read).transpose()?;
     let device = Device::flex();
     let mut config = ModelConfig::from_dir(base_dir)?;
     let arch = GgufArch::of(&config);
@@ -62,6 +75,9 @@ pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Expo
 
     let mut metadata = gguf_write::hyperparameters(&config, arch, &folder_name(base_dir), ty);
     metadata.extend(gguf_write::tokenizer_metadata(base_dir, arch, config.vocab_size, pre)?);
+    if let (Some(matrix), Some(path)) = (&importance, importance_path) {
+        metadata.extend(gguf_write::importance_metadata(matrix, path));
+    }
 
     // (HF key, GGUF tensor, q/k heads to permute by); no key: llama3 RoPE scaling's divisors.
     let mut plan: Vec<(Option<String>, TensorSpec, Option<usize>)> = Vec::new();
@@ -84,13 +100,13 @@ pub fn export_gguf(base_dir: &Path, adapter: Option<&Path>, out: &Path, ty: Expo
         plan.push((Some(key.to_string()), TensorSpec { ty: TensorType::F32, name, shape }, permute_heads(role, &config, arch)));
     }
     // Types once every name is known: Q4_K_M treats a tied embedding as the output.
-    let model = QuantizeModel::of(&config, arch, !plan.iter().any(|(_, spec, _)| spec.name == "output.weight"));
+    let model = QuantizeModel::of(&config, arch, !plan.iter().any(|(_, spec, _)| spec.name == "output.weight"), importance.is_some());
     for (_, spec, _) in &mut plan {
         spec.ty = ty.tensor_type(&spec.name, &spec.shape, model);
     }
     plan.sort_by_key(|(_, spec, _)| gguf_order(&spec.name));
     let specs: Vec<TensorSpec> = plan.iter().map(|(_, spec, _)| spec.clone()).collect();
-    gguf_write::write(out, &metadata, &specs, |i| {
+    gguf_write::write(out, &metadata, &specs, importance.as_ref(), |i| {
         let (key, spec, heads) = &plan[i];
         let Some(key) = key else { return Ok(rope_divisors.clone().expect("planned with the divisors")) };
         let (base_shape, _) = base.info(key).expect("listed");
@@ -168,7 +184,7 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: TensorT
     }
     plan.sort_by_key(|(_, spec, _)| gguf_order(&spec.name));
     let specs: Vec<TensorSpec> = plan.iter().map(|(_, spec, _)| spec.clone()).collect();
-    gguf_write::write(out, &metadata, &specs, |i| {
+    gguf_write::write(out, &metadata, &specs, None, |i| {
         let (key, spec, heads) = &plan[i];
         let values = branches.weights.float::<2>(key, [spec.shape[0], spec.shape[1]], LoadDtype::F32, &device)?;
         Ok(gguf_values(values, spec, *heads))

@@ -1,0 +1,233 @@
+//! llama.cpp's importance matrix (`llama-imatrix` output; `llama-quantize --imatrix`): for each
+//! weight, by its GGUF name, the mean squared activation each input column saw on calibration
+//! text. Read from either of its formats:
+//! - GGUF (`general.type = imatrix`): per weight `<name>.in_sum2` (the sums of squares, f32) and
+//!   `<name>.counts` (the tokens counted, f32), with `imatrix.datasets`, `imatrix.chunk_count` and
+//!   `imatrix.chunk_size`; the importance is `in_sum2 / round(count)` (1 where nothing was counted).
+//! - the legacy `.dat`: an i32 entry count, then per entry an i32 name length, the name, i32 calls,
+//!   i32 values and the f32 values (sums already divided by the tokens, times the calls), then
+//!   optionally the chunk count and the dataset name; the importance is `values / calls`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::LoadError;
+use crate::gguf::{GgmlType, GgufFile};
+
+pub struct ImportanceMatrix {
+    path: PathBuf,
+    entries: HashMap<String, Vec<f32>>,
+    /// The calibration texts' names, and how many chunks of them were run, where the file says.
+    pub datasets: Vec<String>,
+    pub chunks: Option<u32>,
+}
+
+/// What a file holds besides the entries.
+struct Provenance {
+    datasets: Vec<String>,
+    chunks: Option<u32>,
+}
+
+impl ImportanceMatrix {
+    pub fn read(path: &Path) -> Result<Self, LoadError> {
+        let head = {
+            use std::io::Read;
+            let mut head = [0u8; 4];
+            let mut file = std::fs::File::open(path).map_err(|e| LoadError::io(path, e))?;
+            file.read(&mut head).map_err(|e| LoadError::io(path, e))?;
+            head
+        };
+        let (entries, Provenance { datasets, chunks }) = if &head == b"GGUF" { read_gguf(path)? } else { read_legacy(path)? };
+        for (name, values) in &entries {
+            if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+                return Err(LoadError::Invalid { path: path.to_path_buf(), reason: format!("'{name}' has a non-finite value {bad}") });
+            }
+        }
+        Ok(Self { path: path.to_path_buf(), entries, datasets, chunks })
+    }
+
+    /// The importance of the columns of the GGUF tensor `name` with rows of `columns`: `None`
+    /// when the file has none for it (llama-quantize then quantizes it without); an error when
+    /// its length is not `columns`, except for the token embedding, whose entry llama-quantize
+    /// ignores then.
+    pub fn for_tensor(&self, name: &str, columns: usize) -> Result<Option<&[f32]>, LoadError> {
+        match self.entries.get(name) {
+            Some(values) if values.len() == columns => Ok(Some(values)),
+            Some(_) if name == "token_embd.weight" => Ok(None),
+            Some(values) => Err(LoadError::Invalid {
+                path: self.path.clone(),
+                reason: format!("'{name}' has {} values, the tensor's rows {columns}: an importance matrix of another model?", values.len()),
+            }),
+            None => Ok(None),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+fn read_gguf(path: &Path) -> Result<(HashMap<String, Vec<f32>>, Provenance), LoadError> {
+    let file = GgufFile::open(path)?;
+    let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
+    for key in ["imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"] {
+        if file.metadata.get(key).is_none() {
+            return Err(invalid(format!("missing the importance matrix key '{key}' (not a llama-imatrix file?)")));
+        }
+    }
+    let mut entries = HashMap::new();
+    for sums in &file.tensors {
+        let Some(name) = sums.name.strip_suffix(".in_sum2") else { continue };
+        let counts = file.tensor(&format!("{name}.counts")).ok_or_else(|| invalid(format!("'{name}.in_sum2' has no '{name}.counts'")))?;
+        if sums.ggml_type != GgmlType::F32 || counts.ggml_type != GgmlType::F32 {
+            return Err(invalid(format!("'{name}': sums and counts must be F32")));
+        }
+        let (sums, counts) = (file.dequantize(sums), file.dequantize(counts));
+        if counts.is_empty() || sums.len() % counts.len() != 0 {
+            return Err(invalid(format!("'{name}': {} sums do not split into {} counts", sums.len(), counts.len())));
+        }
+        // Per expert (one count each): sums over its columns, divided by its rounded count.
+        let columns = sums.len() / counts.len();
+        let values = sums
+            .chunks(columns)
+            .zip(&counts)
+            .flat_map(|(sums, &count)| {
+                let count = count.round() as i64 as f32;
+                sums.iter().map(move |&s| if count > 0.0 { s / count } else { 1.0 })
+            })
+            .collect();
+        entries.insert(name.to_string(), values);
+    }
+    if entries.is_empty() {
+        return Err(invalid("no '<tensor>.in_sum2' entries".into()));
+    }
+    let datasets = file.metadata.get("imatrix.datasets").and_then(|v| v.as_array()).map(|names| {
+        names.iter().filter_map(|name| name.as_str().map(str::to_string)).collect()
+    });
+    let chunks = file.metadata.get("imatrix.chunk_count").and_then(|v| v.as_u64()).and_then(|n| u32::try_from(n).ok());
+    Ok((entries, Provenance { datasets: datasets.unwrap_or_default(), chunks }))
+}
+
+/// A legacy file's bytes, read in order.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    path: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], LoadError> {
+        let end = self.at.checked_add(n).filter(|&end| end <= self.bytes.len()).ok_or_else(|| LoadError::Invalid {
+            path: self.path.to_path_buf(),
+            reason: format!("neither GGUF nor a legacy importance matrix: {what} runs past the end"),
+        })?;
+        let slice = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(slice)
+    }
+
+    fn int(&mut self, what: &str) -> Result<i32, LoadError> {
+        Ok(i32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes")))
+    }
+}
+
+fn read_legacy(path: &Path) -> Result<(HashMap<String, Vec<f32>>, Provenance), LoadError> {
+    let bytes = std::fs::read(path).map_err(|e| LoadError::io(path, e))?;
+    let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
+    let mut cursor = Cursor { bytes: &bytes, at: 0, path };
+    let count = cursor.int("the entry count")?;
+    if count < 1 {
+        return Err(invalid(format!("neither GGUF nor a legacy importance matrix ({count} entries)")));
+    }
+    let mut entries = HashMap::new();
+    for i in 0..count {
+        let length = cursor.int("a name length")?;
+        let length = usize::try_from(length).map_err(|_| invalid(format!("entry {i}: a name length of {length}")))?;
+        let name = String::from_utf8(cursor.take(length, "a name")?.to_vec()).map_err(|_| invalid(format!("entry {i}: the name is not UTF-8")))?;
+        let calls = cursor.int("a call count")?;
+        let values = cursor.int("a value count")?;
+        if values < 1 {
+            return Err(invalid(format!("'{name}': {values} values")));
+        }
+        let data = cursor.take(values as usize * 4, "the values")?;
+        // The sums were divided by the tokens and multiplied by the calls: divide by the calls.
+        let importance = data
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .map(|v| if calls > 0 { v / calls as f32 } else { v })
+            .collect();
+        entries.insert(name, importance);
+    }
+    // Optionally, the chunks run and the dataset's name.
+    let mut provenance = Provenance { datasets: Vec::new(), chunks: None };
+    if let Ok(chunks) = cursor.int("the chunk count") {
+        provenance.chunks = u32::try_from(chunks).ok();
+        let name = cursor.int("the dataset name's length").ok().and_then(|n| usize::try_from(n).ok()).and_then(|n| cursor.take(n, "the dataset name").ok());
+        provenance.datasets.extend(name.and_then(|n| std::str::from_utf8(n).ok()).filter(|n| !n.is_empty()).map(str::to_string));
+    }
+    Ok((entries, provenance))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn legacy(entries: &[(&str, i32, &[f32])]) -> Vec<u8> {
+        let mut out = (entries.len() as i32).to_le_bytes().to_vec();
+        for (name, calls, values) in entries {
+            out.extend((name.len() as i32).to_le_bytes());
+            out.extend(name.as_bytes());
+            out.extend(calls.to_le_bytes());
+            out.extend((values.len() as i32).to_le_bytes());
+            values.iter().for_each(|v| out.extend(v.to_le_bytes()));
+        }
+        // The optional tail: chunks and the dataset's name.
+        out.extend(10i32.to_le_bytes());
+        out.extend(4i32.to_le_bytes());
+        out.extend(b"wiki");
+        out
+    }
+
+    /// A scratch file for one test: the process id and `test` keep tests apart.
+    fn scratch(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ember-imatrix-{}-{test}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("imatrix.dat")
+    }
+
+    #[test]
+    fn legacy_files_divide_by_their_calls_and_check_lengths() {
+        let path = scratch("legacy");
+        std::fs::write(&path, legacy(&[("blk.0.attn_q.weight", 4, &[8.0, 2.0]), ("output.weight", 0, &[3.0, 1.0])])).unwrap();
+        let matrix = ImportanceMatrix::read(&path).unwrap();
+        assert_eq!(matrix.len(), 2);
+        assert_eq!((matrix.chunks, matrix.datasets.clone()), (Some(10), vec!["wiki".to_string()]));
+        assert_eq!(matrix.for_tensor("blk.0.attn_q.weight", 2).unwrap(), Some(&[2.0f32, 0.5][..]));
+        assert_eq!(matrix.for_tensor("output.weight", 2).unwrap(), Some(&[3.0f32, 1.0][..]));
+        assert_eq!(matrix.for_tensor("blk.0.attn_k.weight", 2).unwrap(), None);
+        let error = matrix.for_tensor("blk.0.attn_q.weight", 3).unwrap_err().to_string();
+        assert!(error.contains("imatrix.dat") && error.contains("blk.0.attn_q.weight") && error.contains("2 values"), "{error}");
+        assert_eq!(matrix.for_tensor("token_embd.weight", 2).unwrap(), None);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn truncated_or_foreign_files_are_errors_naming_the_file() {
+        let path = scratch("truncated");
+        let mut bytes = legacy(&[("blk.0.attn_q.weight", 1, &[1.0, 2.0])]);
+        bytes.truncate(20);
+        std::fs::write(&path, &bytes).unwrap();
+        let error = ImportanceMatrix::read(&path).err().unwrap().to_string();
+        assert!(error.contains("imatrix.dat") && error.contains("runs past the end"), "{error}");
+        std::fs::write(&path, legacy(&[("blk.0.attn_q.weight", 1, &[f32::NAN, 2.0])])).unwrap();
+        let error = ImportanceMatrix::read(&path).err().unwrap().to_string();
+        assert!(error.contains("non-finite"), "{error}");
+        std::fs::write(&path, b"{\"not\": \"an imatrix\"}").unwrap();
+        assert!(ImportanceMatrix::read(&path).is_err());
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+}
