@@ -7,15 +7,17 @@
 # (f) a LoRA trained on the q8_0/q4_0 GGUF itself, run by llama.cpp on that file; (g) the same on
 # Q4_K_M, Q6_K, Q3_K_M, Q2_K, IQ4_NL and IQ4_XS files made by llama.cpp's own quantizer.
 # (h) Qwen2 as llama.cpp's qwen2; (i) Llama 3.1 RoPE scaling: tiny models from transformers.
-# (j) pre-tokenizers read back from a GGUF; (k) the GLM family (ChatGLM3, GLM-4 vocabularies) as
-# llama.cpp's chatglm (needs REFERENCE_PYTHON and the shared tokenizers, EMBER_TOKENIZERS).
+# (j) pre-tokenizers read back from a GGUF (and a SentencePiece vocabulary's user-defined pieces);
+# (k) the GLM family (ChatGLM3, GLM-4 vocabularies) as llama.cpp's chatglm (needs
+# REFERENCE_PYTHON and the shared tokenizers, EMBER_TOKENIZERS); (l) ember's 13 quantized types
+# against llama.cpp's quantizer, byte for byte, without and with an importance matrix.
 #
 #   scripts/verify-llamacpp.sh [work dir]      (default target/llamacpp)
 #
 # Needs python3 (venv, pip), a C/C++ compiler and PyPI. Not part of CI: the llama.cpp build takes
 # about 15 minutes on 2 cores (CMAKE_BUILD_PARALLEL_LEVEL sets its jobs). For (c), point
 # REFERENCE_PYTHON at a Python with torch, transformers and safetensors (tests/fixtures/
-# requirements.txt); without it (c) is skipped.
+# requirements.txt); without it (c) and the Python-built models of (h), (i), (k), (l) are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-target/llamacpp}

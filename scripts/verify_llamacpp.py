@@ -31,7 +31,10 @@
     llama.cpp's quantizer (llama-quantize's file types) run on ember's f32 export of the same
     model (SmolLM2; a 256-wide tiny LLaMA whose rows fill whole super-blocks; an 80-layer one with
     grouped KV heads, llama.cpp's 70B type; an 8-layer one with 4 query heads per KV head): the
-    type of every tensor, its bytes, and the perplexity of both files in llama.cpp.
+    type of every tensor, its bytes, and the perplexity of both files in llama.cpp. Again with an
+    importance matrix (`--imatrix`) given to both: a synthetic one on every model, and on SmolLM2
+    one of its real activations (transformers, on Alpaca records the perplexity does not use),
+    with the perplexity it gains.
 (k) the GLM family as llama.cpp's `chatglm`: seeded random tiny models with the real
     vocabularies (../shared/fixtures/tokenizers): ChatGLM3's layout (fused query_key_value,
     SentencePiece tokenizer.model with THUDM's specials) and HF-native `glm` with GLM-4's tiktoken
@@ -476,6 +479,8 @@ def main():
         models["8-layer tiny LLaMA, 4 query heads per KV head"] = random_tiny_llama(wide, work, args.reference_python, 8, 8, 2, 32)
     report.extend(verify_k_quants(ember, models, work, examples))
     report.extend(verify_k_quants(ember, models, work, [], with_importance=True))
+    if args.reference_python:
+        report.extend(verify_real_importance(args, ember, base, work, examples))
 
     # (k) the GLM family as llama.cpp's chatglm.
     if args.reference_python and args.tokenizers:
@@ -590,6 +595,86 @@ def verify_k_quants(ember, models, work, examples, types=QUANTIZED_TYPES, with_i
                 line += f"; perplexity (50 records) ember's file {ppl[0]:.4f}, llama.cpp's {ppl[1]:.4f}"
             lines.append(line)
             print(line, flush=True)
+    return lines
+
+
+MAKE_IMATRIX = """
+import json, sys, numpy as np, torch, transformers
+model_dir, data, out = sys.argv[1:4]
+tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+sums, counts = {}, {}
+def hook(name):
+    def f(module, inputs):
+        x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1])
+        sums[name] = sums.get(name, 0) + (x * x).sum(0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
+    return f
+for i, layer in enumerate(model.model.layers):
+    for hf, g in names.items():
+        module = layer.get_submodule(hf)
+        module.register_forward_pre_hook(hook(f"blk.{i}.{g}.weight"))
+tied = model.config.tie_word_embeddings
+model.lm_head.register_forward_pre_hook(hook("token_embd.weight" if tied else "output.weight"))
+records = json.load(open(data))[50:200]
+with torch.no_grad():
+    for r in records:
+        text = r["instruction"] + ("\\n" + r["input"] if r.get("input") else "") + "\\n" + r["output"]
+        ids = tok(text, return_tensors="pt").input_ids[:, :512]
+        model(ids)
+np.savez(out, **{name + ".in_sum2": sums[name].float().numpy().astype(np.float32) for name in sums},
+         **{name + ".counts": np.array([counts[name]], dtype=np.float32) for name in sums})
+print(f"{len(sums)} entries, {max(counts.values())} tokens")
+"""
+
+
+def verify_real_importance(args, ember, base, work, examples, types=("q6_k", "q4_k_m", "q4_0", "q3_k_m", "iq4_xs", "q2_k")):
+    """(l): an importance matrix of SmolLM2's real activations (transformers, llama-imatrix's
+    quantity: each linear input column's mean square over the tokens of Alpaca records 50-199,
+    disjoint from the 50 evaluated): per type, perplexity without and with it, and whether
+    llama.cpp's quantizer given the same matrix writes the same bytes."""
+    import gguf
+    import llama_cpp
+    from llama_cpp import Llama
+    activations = os.path.join(work, "smollm2-activations.npz")
+    run([args.reference_python, "-c", MAKE_IMATRIX, base, args.data, activations])
+    tensors = dict(np.load(activations))
+    # In llama-imatrix's GGUF layout.
+    imatrix = os.path.join(work, "smollm2-imatrix.gguf")
+    writer = gguf.GGUFWriter(imatrix, "imatrix")
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", ["alpaca records 50-199"])
+    writer.add_uint32("imatrix.chunk_count", 150)
+    writer.add_uint32("imatrix.chunk_size", 512)
+    for name, values in sorted(tensors.items()):
+        writer.add_tensor(name, values.reshape(1, -1))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    importance = {n[:-8]: tensors[n] / np.float32(round(float(tensors[n[:-8] + ".counts"][0]))) for n in tensors if n.endswith(".in_sum2")}
+    f32 = os.path.join(work, "smollm2-imatrix-f32.gguf")
+    run([ember, "export", "gguf", "--base", base, "--out", f32, "--type", "f32"])
+    lines = []
+    for ty in types:
+        ppl = {}
+        for label, extra in (("without", []), ("with", ["--imatrix", imatrix])):
+            path = os.path.join(work, f"imatrix-{ty}-{label}.gguf")
+            run([ember, "export", "gguf", "--base", base, "--out", path, "--type", ty, *extra])
+            llm = Llama(model_path=path, n_ctx=512, logits_all=True, verbose=False)
+            ppl[label] = perplexity(llm, examples)
+            del llm
+        theirs = os.path.join(work, f"imatrix-{ty}-llamacpp.gguf")
+        llama_quantize(f32, theirs, getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ty.upper()}"), importance)
+        a = {t.name: t for t in gguf.GGUFReader(os.path.join(work, f"imatrix-{ty}-with.gguf")).tensors}
+        b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+        same = sum(a[n].tensor_type == b[n].tensor_type and np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8)) for n in b)
+        line = (f"(l) SmolLM2 {ty} with an importance matrix of its activations on 150 other Alpaca records: perplexity (50 records) "
+                f"{ppl['without']:.4f} without, {ppl['with']:.4f} with; same bytes as llama.cpp's quantizer given it {same}/{len(b)}")
+        lines.append(line)
+        print(line, flush=True)
     return lines
 
 
