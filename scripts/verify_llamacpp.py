@@ -678,6 +678,12 @@ def verify_real_importance(args, ember, base, work, examples, types=("q6_k", "q4
     return lines
 
 
+def ember_prompt_ids(ember, gguf_path, text, dump):
+    """The ids ember encodes `text` to with the GGUF file as its base (BOS first, if it adds one)."""
+    run([ember, "generate", "--base", gguf_path, "--prompt", text, "--template", "none", "--max-new-tokens", "1", "--logits-out", dump])
+    return json.load(open(dump))["prompt_ids"]
+
+
 def verify_pre_tokenizers(ember, base, work):
     """(j): one report line per vocabulary: tiny_llama's 1,000 tokens, with multi-digit merges, and
     SmolLM2's 49k (q4_0: only the tokenizer matters), with word merges. Each line counts the texts
@@ -694,9 +700,7 @@ def verify_pre_tokenizers(ember, base, work):
             llm = Llama(model_path=path, n_ctx=256, vocab_only=True, verbose=False)
             equal = 0
             for i, text in enumerate(PRE_TEXTS):
-                dump = os.path.join(work, f"ember-j-{vocabulary}-{pre}-{i}.json")
-                run([ember, "generate", "--base", path, "--prompt", text, "--template", "none", "--max-new-tokens", "1", "--logits-out", dump])
-                ours = json.load(open(dump))["prompt_ids"]
+                ours = ember_prompt_ids(ember, path, text, os.path.join(work, f"ember-j-{vocabulary}-{pre}-{i}.json"))
                 theirs = llm.tokenize(text.encode(), add_bos=False, special=False)
                 ours = ours[1:] if ours and ours[0] == llm.token_bos() else ours
                 equal += ours == theirs
@@ -738,9 +742,7 @@ def verify_sentencepiece(ember, work):
     llm = Llama(model_path=path, n_ctx=256, vocab_only=True, verbose=False)
     equal = 0
     for i, text in enumerate(SENTENCEPIECE_TEXTS):
-        dump = os.path.join(work, f"ember-j-sp-{i}.json")
-        run([ember, "generate", "--base", path, "--prompt", text, "--template", "none", "--max-new-tokens", "1", "--logits-out", dump])
-        ours = json.load(open(dump))["prompt_ids"]
+        ours = ember_prompt_ids(ember, path, text, os.path.join(work, f"ember-j-sp-{i}.json"))
         theirs = llm.tokenize(text.encode(), add_bos=True, special=True)
         equal += ours == theirs
         print(f"(j) SentencePiece {text!r}: ember {ours} | llama.cpp {theirs}")

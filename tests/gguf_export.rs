@@ -38,6 +38,16 @@ fn assert_imports_within(gguf: &Path, back: &Path, original: &[(String, Vec<f32>
     }
 }
 
+/// The K-quant fixture imported as an f32 folder under `dir`: a one-layer LLaMA 256 wide, whose
+/// rows fill whole super-blocks.
+fn wide_tiny_llama(dir: &Path) -> PathBuf {
+    let wide = dir.join("wide");
+    let kquants = fixture("ggml_quants/tiny_llama_kquants.gguf");
+    let output = ember(&["import", "gguf", kquants.to_str().unwrap(), "--out", wide.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    wide
+}
+
 fn export(args: &[&str]) {
     let output = ember(&[&["export"], args].concat());
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -73,10 +83,7 @@ fn f32_round_trips_bit_for_bit_and_quantized_types_stay_within_their_step() {
 fn k_quant_mixtures_choose_llama_cpps_types_and_decode_within_their_steps() {
     use ember_models::gguf::GgmlType::{self, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
     let dir = tempfile::tempdir().unwrap();
-    let wide = dir.path().join("wide");
-    let kquants = fixture("ggml_quants/tiny_llama_kquants.gguf");
-    let output = ember(&["import", "gguf", kquants.to_str().unwrap(), "--out", wide.to_str().unwrap()]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let wide = wide_tiny_llama(dir.path());
     // One layer: llama.cpp's use_more_bits picks it (it is in the last eighth).
     let wide_q4_k_m: &[(&str, GgmlType)] = &[("blk.0.attn_q.weight", Q4_K), ("blk.0.attn_v.weight", Q6_K), ("blk.0.ffn_down.weight", Q6_K),
         ("blk.0.ffn_up.weight", Q4_K), ("token_embd.weight", Q4_K), ("output.weight", Q6_K), ("blk.0.attn_norm.weight", F32)];
@@ -141,10 +148,7 @@ fn legacy_imatrix(entries: &[(String, Vec<f32>)]) -> Vec<u8> {
 #[test]
 fn an_importance_matrix_weighs_the_quantization() {
     let dir = tempfile::tempdir().unwrap();
-    let wide = dir.path().join("wide");
-    let kquants = fixture("ggml_quants/tiny_llama_kquants.gguf");
-    let output = ember(&["import", "gguf", kquants.to_str().unwrap(), "--out", wide.to_str().unwrap()]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let wide = wide_tiny_llama(dir.path());
     let export_to = |name: &str, extra: &[&str]| {
         let path = dir.path().join(name);
         export(&[&["gguf", "--base", wide.to_str().unwrap(), "--out", path.to_str().unwrap(), "--type", "q4_k_m", "--pre", "gpt-2"], extra].concat());

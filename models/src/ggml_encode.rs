@@ -121,15 +121,21 @@ pub fn encode_q5_0(values: &[f32]) -> Vec<u8> {
     })
 }
 
+/// A Q4_1 / Q5_1 block's head: `d = (max − min) / steps` and `m = min` as f16 into `out[0..4]`;
+/// returns the minimum and `1 / d` (0 for a flat block).
+fn offset_head(x: &[f32], steps: f32, out: &mut [u8]) -> (f32, f32) {
+    let (min, max) = x.iter().fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (if v < lo { v } else { lo }, if v > hi { v } else { hi }));
+    let d = (max - min) / steps;
+    out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    out[2..4].copy_from_slice(&f16::from_f32(min).to_le_bytes());
+    (min, if d != 0.0 { 1.0 / d } else { 0.0 })
+}
+
 /// Q5_1 blocks of `values` (a multiple of 32).
 pub fn encode_q5_1(values: &[f32]) -> Vec<u8> {
     encode_blocks(values, 32, 24, |x, out| {
-        // d = (max − min) / 31, m = min; q = trunc((x − min) / d + 0.5)
-        let (min, max) = x.iter().fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (if v < lo { v } else { lo }, if v > hi { v } else { hi }));
-        let d = (max - min) / 31.0;
-        let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-        out[2..4].copy_from_slice(&f16::from_f32(min).to_le_bytes());
+        // q = trunc((x − min) / d + 0.5)
+        let (min, inverse) = offset_head(x, 31.0, out);
         let (high, nibbles) = out[4..].split_at_mut(4);
         pack_five_bits(|j| ((x[j] - min) * inverse + 0.5) as u8, high, nibbles);
     })
@@ -138,12 +144,8 @@ pub fn encode_q5_1(values: &[f32]) -> Vec<u8> {
 /// Q4_1 blocks of `values` (a multiple of 32).
 pub fn encode_q4_1(values: &[f32]) -> Vec<u8> {
     encode_blocks(values, 32, 20, |x, out| {
-        // d = (max − min) / 15, m = min; q = min(15, trunc((x − min) / d + 0.5))
-        let (min, max) = x.iter().fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (if v < lo { v } else { lo }, if v > hi { v } else { hi }));
-        let d = (max - min) / 15.0;
-        let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-        out[2..4].copy_from_slice(&f16::from_f32(min).to_le_bytes());
+        // q = min(15, trunc((x − min) / d + 0.5))
+        let (min, inverse) = offset_head(x, 15.0, out);
         let q = |v: f32| (((v - min) * inverse + 0.5) as i8).min(15) as u8;
         for j in 0..16 {
             out[4 + j] = q(x[j]) | q(x[j + 16]) << 4;
