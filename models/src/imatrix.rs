@@ -215,6 +215,42 @@ mod tests {
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
+    /// llama-imatrix's GGUF layout, written with ember's own GGUF writer.
+    fn gguf_imatrix(path: &Path, keys: &[&str], entries: &[(&str, Vec<f32>, f32)]) {
+        use crate::gguf_write::{MetaValue, TensorSpec, TensorType, write};
+        let mut metadata = vec![("general.type".to_string(), MetaValue::Str("imatrix".into()))];
+        for &key in keys {
+            let value = if key == "imatrix.datasets" { MetaValue::Strs(vec!["wiki.train".into()]) } else { MetaValue::U32(10) };
+            metadata.push((key.to_string(), value));
+        }
+        let mut specs = Vec::new();
+        let mut data = Vec::new();
+        for (name, sums, count) in entries {
+            specs.push(TensorSpec { name: format!("{name}.in_sum2"), shape: vec![1, sums.len()], ty: TensorType::F32 });
+            data.push(sums.clone());
+            specs.push(TensorSpec { name: format!("{name}.counts"), shape: vec![1, 1], ty: TensorType::F32 });
+            data.push(vec![*count]);
+        }
+        write(path, &metadata, &specs, None, |i| Ok(data[i].clone())).unwrap();
+    }
+
+    #[test]
+    fn gguf_files_divide_sums_by_rounded_counts() {
+        let path = scratch("gguf").with_file_name("imatrix.gguf");
+        let keys = ["imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"];
+        gguf_imatrix(&path, &keys, &[("blk.0.ffn_down.weight", vec![6.0, 3.0, 1.5], 2.6), ("output.weight", vec![4.0, 8.0], 0.0)]);
+        let matrix = ImportanceMatrix::read(&path).unwrap();
+        // A count of 2.6 rounds to 3; nothing counted gives importance 1.
+        assert_eq!(matrix.for_tensor("blk.0.ffn_down.weight", 3).unwrap(), Some(&[2.0f32, 1.0, 0.5][..]));
+        assert_eq!(matrix.for_tensor("output.weight", 2).unwrap(), Some(&[1.0f32, 1.0][..]));
+        assert_eq!((matrix.chunks, matrix.datasets.clone()), (Some(10), vec!["wiki.train".to_string()]));
+        // Without llama-imatrix's keys it is not taken for one.
+        gguf_imatrix(&path, &keys[..2], &[("output.weight", vec![4.0, 8.0], 1.0)]);
+        let error = ImportanceMatrix::read(&path).err().unwrap().to_string();
+        assert!(error.contains("imatrix.gguf") && error.contains("imatrix.chunk_size"), "{error}");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
     #[test]
     fn truncated_or_foreign_files_are_errors_naming_the_file() {
         let path = scratch("truncated");
