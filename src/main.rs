@@ -405,7 +405,8 @@ enum ExportCommand {
         /// The .gguf file to write.
         #[arg(long)]
         out: PathBuf,
-        /// f32, f16, bf16, q8_0, q4_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k, iq4_xs or iq4_nl.
+        /// f32, f16, bf16, q8_0, q4_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k,
+        /// q2_k_s (needs --imatrix), iq4_xs or iq4_nl.
         #[arg(long = "type", default_value = "f16")]
         ty: String,
         /// llama.cpp's pre-tokenizer (`tokenizer.ggml.pre`) for a byte-level BPE tokenizer it

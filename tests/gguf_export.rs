@@ -180,6 +180,18 @@ fn an_importance_matrix_weighs_the_quantization() {
     let back = dir.path().join("imported-weighted");
     assert_imports_within(&weighted_path, &back, &f32_tensors(&wide.join("model.safetensors")), 0.12, "q4_k_m with an importance matrix");
 
+    // q2_k_s needs the matrix, as llama-quantize does: with it, Q2_K blocks; without, one error line.
+    let q2_k_s = dir.path().join("q2_k_s.gguf");
+    let base_args = ["export", "gguf", "--base", wide.to_str().unwrap(), "--out", q2_k_s.to_str().unwrap(), "--type", "q2_k_s", "--pre", "gpt-2"];
+    let output = ember(&[&base_args[..], &["--imatrix", imatrix.to_str().unwrap()]].concat());
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let file = GgufFile::open(&q2_k_s).unwrap();
+    assert_eq!(file.metadata.get("general.file_type").unwrap().as_u64(), Some(21));
+    assert_eq!(file.tensor("blk.0.attn_q.weight").unwrap().ggml_type, ember_models::gguf::GgmlType::Q2_K);
+    std::fs::remove_file(&q2_k_s).unwrap();
+    assert_bad_input(&ember(&base_args), &["q2_k_s", "--imatrix"]);
+    assert!(!q2_k_s.exists());
+
     // Another model's matrix (rows of another length), and a float type: one error line each.
     let mut foreign = entries.clone();
     foreign[0].1.truncate(3);

@@ -152,8 +152,9 @@ impl TensorType {
 /// Q6_K in the layers llama.cpp's `use_more_bits` picks, the first and last eighth and every
 /// third between; Q4_K_S: Q5_K in the first layers; Q3_K_M: Q5_K in the first layers, Q4_K
 /// elsewhere, and Q4_K for attn_output; Q3_K_L: Q5_K for all three; Q2_K: Q3_K for them, Q4_K
-/// for attn_v with 4 or more query heads per KV head; IQ4_NL, IQ4_XS: Q5_K for that attn_v and
-/// the first eighth's ffn_down), with Q5_K for a 70B's other attn_v (8 heads share each).
+/// for attn_v with 4 or more query heads per KV head; Q2_K_S: Q4_K for that attn_v and the first
+/// eighth's ffn_down; IQ4_NL, IQ4_XS: Q5_K for them), with Q5_K for a 70B's other attn_v (8 heads
+/// share each).
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportType {
@@ -171,6 +172,7 @@ pub enum ExportType {
     Q3_K_M,
     Q3_K_S,
     Q2_K,
+    Q2_K_S,
     IQ4_XS,
     IQ4_NL,
 }
@@ -203,11 +205,11 @@ impl QuantizeModel {
 
 impl ExportType {
     /// Every type by its `--type` name.
-    const BY_NAME: [(&str, Self); 16] = [
+    const BY_NAME: [(&str, Self); 17] = [
         ("f32", Self::F32), ("f16", Self::F16), ("bf16", Self::Bf16), ("q8_0", Self::Q8_0), ("q4_0", Self::Q4_0),
         ("q6_k", Self::Q6_K), ("q5_k_m", Self::Q5_K_M), ("q5_k_s", Self::Q5_K_S), ("q4_k_m", Self::Q4_K_M),
         ("q4_k_s", Self::Q4_K_S), ("q3_k_l", Self::Q3_K_L), ("q3_k_m", Self::Q3_K_M), ("q3_k_s", Self::Q3_K_S),
-        ("q2_k", Self::Q2_K), ("iq4_xs", Self::IQ4_XS), ("iq4_nl", Self::IQ4_NL),
+        ("q2_k", Self::Q2_K), ("q2_k_s", Self::Q2_K_S), ("iq4_xs", Self::IQ4_XS), ("iq4_nl", Self::IQ4_NL),
     ];
 
     pub fn parse(name: &str) -> Option<Self> {
@@ -237,6 +239,7 @@ impl ExportType {
             Self::Q5_K_S => 16,
             Self::Q5_K_M => 17,
             Self::Q6_K => 18,
+            Self::Q2_K_S => 21,
             Self::IQ4_NL => 25,
             Self::IQ4_XS => 30,
             Self::Bf16 => 32,
@@ -255,7 +258,7 @@ impl ExportType {
             Self::Q5_K_M | Self::Q5_K_S => TensorType::Q5_K,
             Self::Q4_K_M | Self::Q4_K_S => TensorType::Q4_K,
             Self::Q3_K_L | Self::Q3_K_M | Self::Q3_K_S => TensorType::Q3_K,
-            Self::Q2_K => TensorType::Q2_K,
+            Self::Q2_K | Self::Q2_K_S => TensorType::Q2_K,
             Self::IQ4_XS => TensorType::IQ4_XS,
             Self::IQ4_NL => TensorType::IQ4_NL,
         }
@@ -263,6 +266,12 @@ impl ExportType {
 
     pub fn quantized(self) -> bool {
         self.main_type().quantized()
+    }
+
+    /// Whether the tensor `name` of type `ty` must be quantized with an importance matrix, as
+    /// llama-quantize requires: Q2_K_S's Q2_K tensors, but the embedding and the output.
+    pub fn needs_importance(self, name: &str, ty: TensorType) -> bool {
+        self == Self::Q2_K_S && ty == TensorType::Q2_K && name != "token_embd.weight" && name != "output.weight"
     }
 
     /// The type of the GGUF tensor `name` of `shape` in `model`.
@@ -286,7 +295,7 @@ impl ExportType {
                 Self::Q3_K_M if early(2) => TensorType::Q5_K,
                 Self::Q3_K_M => TensorType::Q4_K,
                 Self::Q3_K_L => TensorType::Q5_K,
-                Self::Q2_K if grouped => TensorType::Q4_K,
+                Self::Q2_K | Self::Q2_K_S if grouped => TensorType::Q4_K,
                 Self::Q2_K => TensorType::Q3_K,
                 Self::IQ4_XS | Self::IQ4_NL if grouped => TensorType::Q5_K,
                 _ => main,
@@ -300,6 +309,7 @@ impl ExportType {
                 Self::Q3_K_M => TensorType::Q4_K,
                 Self::Q3_K_L => TensorType::Q5_K,
                 Self::Q2_K => TensorType::Q3_K,
+                Self::Q2_K_S if early(model.layers / 8) => TensorType::Q4_K,
                 Self::IQ4_XS | Self::IQ4_NL if early(model.layers / 8) && !model.importance => TensorType::Q5_K,
                 // With an importance matrix, llama.cpp's guard for the first ffn_down.
                 Self::Q4_0 if early(model.layers / 8) && model.importance => TensorType::Q4_1,
@@ -863,7 +873,17 @@ mod tests {
         assert_eq!(ExportType::Q4_0.tensor_type("blk.3.ffn_down.weight", &[1024, 14336], with_importance), TensorType::Q4_1);
         assert_eq!(ExportType::Q4_0.tensor_type("blk.4.ffn_down.weight", &[1024, 14336], with_importance), TensorType::Q4_0);
         assert_eq!(ExportType::Q4_0.tensor_type("blk.3.ffn_down.weight", &[1024, 14336], grouped(1)), TensorType::Q4_0);
-        let file_types: Vec<u32> = ["q2_k", "q3_k_s", "q3_k_l", "iq4_nl", "iq4_xs"].iter().map(|t| ExportType::parse(t).unwrap().file_type()).collect();
-        assert_eq!(file_types, [10, 11, 13, 25, 30]);
+        // Q2_K_S: Q2_K but Q4_K for a grouped attn_v and the first eighth's ffn_down.
+        assert_eq!(ty("q2_k_s", "blk.9.attn_v.weight", 4096, 3), TensorType::Q2_K);
+        assert_eq!(ty("q2_k_s", "blk.9.attn_v.weight", 4096, 4), TensorType::Q4_K);
+        assert_eq!(ty("q2_k_s", "blk.3.ffn_down.weight", 14336, 1), TensorType::Q4_K);
+        assert_eq!(ty("q2_k_s", "blk.4.ffn_down.weight", 14336, 1), TensorType::Q2_K);
+        assert_eq!(ty("q2_k_s", "blk.4.attn_output.weight", 4096, 1), TensorType::Q2_K);
+        assert!(ExportType::Q2_K_S.needs_importance("blk.4.attn_q.weight", TensorType::Q2_K));
+        assert!(!ExportType::Q2_K_S.needs_importance("token_embd.weight", TensorType::Q2_K));
+        assert!(!ExportType::Q2_K_S.needs_importance("blk.4.attn_q.weight", TensorType::Q4_0));
+        assert!(!ExportType::Q2_K.needs_importance("blk.4.attn_q.weight", TensorType::Q2_K));
+        let file_types: Vec<u32> = ["q2_k", "q3_k_s", "q3_k_l", "iq4_nl", "iq4_xs", "q2_k_s"].iter().map(|t| ExportType::parse(t).unwrap().file_type()).collect();
+        assert_eq!(file_types, [10, 11, 13, 25, 30, 21]);
     }
 }

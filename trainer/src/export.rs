@@ -103,6 +103,21 @@ pub fn export_gguf(
     let model = QuantizeModel::of(&config, arch, !plan.iter().any(|(_, spec, _)| spec.name == "output.weight"), importance.is_some());
     for (_, spec, _) in &mut plan {
         spec.ty = ty.tensor_type(&spec.name, &spec.shape, model);
+        // As llama-quantize: without importance, a 2-bit file's blocks would be garbage.
+        if ty.needs_importance(&spec.name, spec.ty) {
+            let columns = spec.shape.last().copied().unwrap_or(1);
+            let has = match &importance {
+                Some(matrix) => matrix.for_tensor(&spec.name, columns)?.is_some(),
+                None => false,
+            };
+            if !has {
+                let reason = match importance_path {
+                    Some(_) => format!("the importance matrix has no entry for '{}', which q2_k_s quantizes to Q2_K", spec.name),
+                    None => "q2_k_s needs an importance matrix (--imatrix, from llama.cpp's llama-imatrix), as llama-quantize does".into(),
+                };
+                return Err(LoadError::Invalid { path: importance_path.unwrap_or(base_dir).to_path_buf(), reason }.into());
+            }
+        }
     }
     plan.sort_by_key(|(_, spec, _)| gguf_order(&spec.name));
     let specs: Vec<TensorSpec> = plan.iter().map(|(_, spec, _)| spec.clone()).collect();
