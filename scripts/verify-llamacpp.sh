@@ -9,8 +9,9 @@
 # (h) Qwen2 as llama.cpp's qwen2; (i) Llama 3.1 RoPE scaling: tiny models from transformers.
 # (j) pre-tokenizers read back from a GGUF (and a SentencePiece vocabulary's user-defined pieces);
 # (k) the GLM family (ChatGLM3, GLM-4 vocabularies) as llama.cpp's chatglm (needs
-# REFERENCE_PYTHON and the shared tokenizers, EMBER_TOKENIZERS); (l) ember's 13 quantized types
-# against llama.cpp's quantizer, byte for byte, without and with an importance matrix.
+# REFERENCE_PYTHON and the shared tokenizers, EMBER_TOKENIZERS); (l) ember's 14 quantized types
+# against llama.cpp's quantizer, byte for byte, without and with an importance matrix; (m) `ember
+# imatrix` against llama.cpp's llama-imatrix (built from the same source with cmake).
 #
 #   scripts/verify-llamacpp.sh [work dir]      (default target/llamacpp)
 #
@@ -39,12 +40,20 @@ if [ ! -x "$work/venv/bin/python" ] || ! "$work/venv/bin/python" -c "import llam
   echo "llama.cpp (llama-cpp-python $version) built in $(( $(date +%s) - start ))s"
 fi
 
-# numpy for the checks, pyyaml for llama.cpp's gguf-py
-"$work/venv/bin/pip" install -q numpy pyyaml
+# numpy for the checks, pyyaml for llama.cpp's gguf-py, cmake and ninja for llama-imatrix
+"$work/venv/bin/pip" install -q numpy pyyaml cmake ninja
+tools="$work/build-tools"
+if [ ! -x "$tools/bin/llama-imatrix" ]; then
+  start=$(date +%s)
+  PATH="$work/venv/bin:$PATH" cmake -S "$src/vendor/llama.cpp" -B "$tools" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF > "$work/build-tools.log"
+  PATH="$work/venv/bin:$PATH" cmake --build "$tools" --target llama-imatrix >> "$work/build-tools.log"
+  echo "llama-imatrix built in $(( $(date +%s) - start ))s"
+fi
 scripts/fetch-smollm2.sh
 cargo build --release --quiet --bin ember
 "$work/venv/bin/python" scripts/verify_llamacpp.py \
   --ember target/release/ember --smollm2 target/models/smollm2_135m_instruct --work "$work/out" \
   --llama-cpp "$src/vendor/llama.cpp" --reference-python "${REFERENCE_PYTHON:-}" \
   --data tests/data/alpaca_en_sample_200.json --data-zh tests/data/alpaca_zh_sample_200.json \
-  --tokenizers "${EMBER_TOKENIZERS:-../shared/fixtures/tokenizers}"
+  --tokenizers "${EMBER_TOKENIZERS:-../shared/fixtures/tokenizers}" --llama-imatrix "$tools/bin/llama-imatrix"

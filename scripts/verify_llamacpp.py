@@ -44,6 +44,11 @@
     back to the checkpoint's layout; llama.cpp's own Q4_K_M of each as ember's base, a LoRA
     trained on its blocks, applied by llama.cpp to that file; the `glm` file against llama.cpp's
     own convert_hf_to_gguf.py (tensors, and the metadata keys that differ).
+(m) `ember imatrix` against llama.cpp's llama-imatrix on ember's f32 export, on the same text
+    (Alpaca records 50-199), for SmolLM2 and for SmolLM2 with (b)'s LoRA merged: entry names,
+    token counts, chunks and each entry's mean squares; then the perplexity of quantized files
+    made with each matrix, and with ember's matrix of the same records rendered as training sees
+    them.
 """
 import argparse
 import json
@@ -273,6 +278,7 @@ def main():
     p.add_argument("--data", required=True, help="Alpaca JSON; its first 50 records are used for (e)")
     p.add_argument("--data-zh", required=True, help="Chinese Alpaca JSON, trained on in (k)")
     p.add_argument("--tokenizers", default="", help="the shared fixtures' tokenizers folder (chatglm3_6b, glm4_9b_chat) for (k)")
+    p.add_argument("--llama-imatrix", default="", help="llama.cpp's llama-imatrix binary, for (m)")
     args = p.parse_args()
     from llama_cpp import Llama
 
@@ -482,6 +488,12 @@ def main():
     if args.reference_python:
         report.extend(verify_real_importance(args, ember, base, work, examples))
 
+    # (m) ember's importance matrix against llama-imatrix's.
+    if args.llama_imatrix:
+        report.extend(verify_imatrix(args, ember, base, adapter, work, examples))
+    else:
+        report.append("(m) skipped: give --llama-imatrix (built by verify-llamacpp.sh)")
+
     # (k) the GLM family as llama.cpp's chatglm.
     if args.reference_python and args.tokenizers:
         report.extend(verify_glm(args, ember, work))
@@ -674,6 +686,82 @@ def verify_real_importance(args, ember, base, work, examples, types=("q6_k", "q4
         same = sum(a[n].tensor_type == b[n].tensor_type and np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8)) for n in b)
         line = (f"(l) SmolLM2 {ty} with an importance matrix of its activations on 150 other Alpaca records: perplexity (50 records) "
                 f"{ppl['without']:.4f} without, {ppl['with']:.4f} with; same bytes as llama.cpp's quantizer given it {same}/{len(b)}")
+        lines.append(line)
+        print(line, flush=True)
+    return lines
+
+
+def imatrix_means(path):
+    """An importance matrix file's mean squares by weight name, its token counts and chunks."""
+    import gguf
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: np.asarray(t.data, dtype=np.float64).reshape(-1) for t in reader.tensors}
+    means = {n[: -len(".in_sum2")]: v / tensors[n.replace(".in_sum2", ".counts")][0] for n, v in tensors.items() if n.endswith(".in_sum2")}
+    counts = sorted({int(v[0]) for n, v in tensors.items() if n.endswith(".counts")})
+    return means, counts, int(reader.fields["imatrix.chunk_count"].parts[-1][0])
+
+
+def verify_imatrix(args, ember, base, adapter, work, examples, types=("q4_k_m", "q3_k_m", "iq4_xs", "q2_k")):
+    """(m): ember's importance matrix against llama-imatrix's, and the quantized files each makes."""
+    from llama_cpp import Llama
+    records = json.load(open(args.data))[50:200]
+    text = os.path.join(work, "calibration.txt")
+    with open(text, "w") as f:
+        f.write("\n\n".join(r["instruction"] + ("\n" + r["input"] if r.get("input") else "") + "\n" + r["output"] for r in records))
+    lines, matrices = [], {}
+    for tag, label, extra in (("base", "SmolLM2", []), ("lora", "SmolLM2 with (b)'s LoRA merged", ["--adapter", adapter])):
+        f32 = os.path.join(work, f"m-{tag}-f32.gguf")
+        run([ember, "export", "gguf", "--base", base, *extra, "--out", f32, "--type", "f32"])
+        ours = os.path.join(work, f"m-{tag}-ember.imatrix.gguf")
+        run([ember, "imatrix", "--base", base, *extra, "--data", text, "--out", ours])
+        ours_means, ours_counts, ours_chunks = imatrix_means(ours)
+        # llama-imatrix one chunk per batch, KV cache in f32 (as ember's attention); then as it runs by default.
+        agreement = []
+        for setting, flags in (("1 chunk per batch, f32 KV cache", ["-b", "512", "-ctk", "f32", "-ctv", "f32"]), ("its defaults", [])):
+            theirs = os.path.join(work, f"m-{tag}-llama-{len(flags)}.imatrix.gguf")
+            run([args.llama_imatrix, "-m", f32, "-f", text, "-o", theirs, "-c", "512", "--no-ppl", "-t", str(os.cpu_count()), *flags])
+            means, counts, chunks = imatrix_means(theirs)
+            same_names = sorted(means) == sorted(ours_means)
+            worst = max(float(np.abs(ours_means[n] - means[n]).max() / np.abs(means[n]).max()) for n in means) if same_names else float("nan")
+            agreement.append(f"{setting}: same {len(means)} names {same_names}, tokens counted {counts} vs ember {ours_counts}, "
+                             f"chunks {chunks} vs {ours_chunks}, mean squares max |diff| / entry max {worst:.1e}")
+            matrices.setdefault(tag, {})[setting] = theirs
+        line = f"(m) {label}: ember imatrix vs llama-imatrix on ember's f32 export, {len(records)} Alpaca records as text: " + "; ".join(agreement)
+        lines.append(line)
+        print(line, flush=True)
+        matrices[tag]["ember"] = ours
+    # The merged LoRA's own effect on the matrix, to set the agreement above against.
+    base_means, lora_means = imatrix_means(matrices["base"]["ember"])[0], imatrix_means(matrices["lora"]["ember"])[0]
+    shifts = sorted(float(np.abs(base_means[n] - lora_means[n]).max() / np.abs(base_means[n]).max()) for n in base_means)
+    lines.append(f"(m) the LoRA moves ember's entries from the base's by up to {shifts[-1]:.2f} of the entry's max (median {shifts[len(shifts) // 2]:.3f})")
+    # A q8_0 GGUF as the base (its blocks stay quantized), as llama-imatrix is usually run.
+    q8 = os.path.join(work, "m-base-q8_0.gguf")
+    run([ember, "export", "gguf", "--base", base, "--out", q8, "--type", "q8_0"])
+    for who, command in (("ember", [ember, "imatrix", "--base", q8, "--data", text, "--out"]),
+                         ("llama", [args.llama_imatrix, "-m", q8, "-f", text, "-c", "512", "--no-ppl", "-t", str(os.cpu_count()), "-b", "512", "-ctk", "f32", "-ctv", "f32", "-o"])):
+        matrices.setdefault("q8_0", {})[who] = os.path.join(work, f"m-q8_0-{who}.imatrix.gguf")
+        run([*command, matrices["q8_0"][who]])
+    means = {who: imatrix_means(path)[0] for who, path in matrices["q8_0"].items()}
+    f32_means = imatrix_means(matrices["base"]["ember"])[0]
+    relative = lambda a, b: sorted(float(np.abs(a[n] - b[n]).max() / np.abs(b[n]).max()) for n in b)
+    between, from_f32 = relative(means["ember"], means["llama"]), relative(means["ember"], f32_means)
+    lines.append(f"(m) on ember's q8_0 file as the base: ember vs llama-imatrix max {between[-1]:.1e} (median {between[len(between) // 2]:.1e}; "
+                 f"llama.cpp's q8_0 products round activations to 8 bits), ember's q8_0 vs f32 matrices max {from_f32[-1]:.1e}")
+    print(lines[-1], flush=True)
+    rendered = os.path.join(work, "calibration.json")
+    json.dump(records, open(rendered, "w"))
+    run([ember, "imatrix", "--base", base, "--data", rendered, "--out", os.path.join(work, "m-records.imatrix.gguf")])
+    choices = (("without", None), ("llama-imatrix", matrices["base"]["1 chunk per batch, f32 KV cache"]), ("ember imatrix", matrices["base"]["ember"]),
+               ("ember imatrix of the records rendered with the alpaca template", os.path.join(work, "m-records.imatrix.gguf")))
+    for ty in types:
+        ppl = []
+        for label, matrix in choices:
+            path = os.path.join(work, f"m-{ty}-{len(ppl)}.gguf")
+            run([ember, "export", "gguf", "--base", base, "--out", path, "--type", ty, *(["--imatrix", matrix] if matrix else [])])
+            llm = Llama(model_path=path, n_ctx=512, logits_all=True, verbose=False)
+            ppl.append(f"{label} {perplexity(llm, examples):.4f}")
+            del llm
+        line = f"(m) SmolLM2 {ty}, perplexity (50 other records): " + ", ".join(ppl)
         lines.append(line)
         print(line, flush=True)
     return lines

@@ -6,6 +6,7 @@
 mod data;
 mod eval;
 mod generate;
+mod imatrix;
 mod import;
 mod inspect;
 mod recipe_check;
@@ -190,6 +191,45 @@ enum Command {
     /// Write a model or an adapter for llama.cpp (`ember export gguf|gguf-lora`).
     #[command(subcommand)]
     Export(ExportCommand),
+    /// llama.cpp's importance matrix of a model (merged with its adapter, if given), as
+    /// `llama-imatrix` computes it: for `ember export gguf --imatrix` or `llama-quantize --imatrix`.
+    ///
+    /// The calibration tokens are cut into chunks of --ctx (each starting with BOS where the
+    /// tokenizer adds one), each run on its own; every decoder projection's entry sums the squares
+    /// of its inputs per column. Writes llama-imatrix's GGUF layout; prints one JSON line.
+    Imatrix {
+        /// Model folder, hub id or GGUF file.
+        #[arg(long)]
+        base: PathBuf,
+        /// An adapter that merges into the weights (LoRA, DoRA, (IA)³): the matrix is then the
+        /// merged model's, the one `ember export gguf --adapter` writes.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Calibration data: a text file (tokenized whole, as llama-imatrix's -f), or Alpaca /
+        /// chat records (.json, .jsonl, optionally .gz) rendered with --template, answers included.
+        #[arg(long)]
+        data: PathBuf,
+        /// The importance matrix to write (GGUF).
+        #[arg(long)]
+        out: PathBuf,
+        /// Prompt template for records (alpaca, alpaca-lora), chat template (chatglm2, chatglm3,
+        /// glm4, llama2-chat, llama3, chatml, auto: the model's own), as in the recipe.
+        #[arg(long, default_value = "alpaca")]
+        template: String,
+        /// Tokens per chunk (llama-imatrix's --ctx-size).
+        #[arg(long = "ctx", default_value_t = 512)]
+        chunk_size: usize,
+        /// At most this many chunks (default: every whole chunk of the data).
+        #[arg(long)]
+        chunks: Option<usize>,
+        /// Also the output layer's input (llama-imatrix's --process-output), where the head is
+        /// not tied to the embedding.
+        #[arg(long)]
+        process_output: bool,
+        /// flex, libtorch, cuda or cuda:N.
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
     /// Look at training data as a recipe turns it into examples (`ember data preview`).
     #[command(subcommand)]
     Data(DataCommand),
@@ -540,6 +580,10 @@ fn main() -> ExitCode {
         Command::Import(ImportCommand::Torch { dir, out }) => import::torch(&dir, &out),
         Command::Import(ImportCommand::Tokenizer { dir, out }) => import::tokenizer(&dir, out.as_deref().unwrap_or(&dir)),
         Command::Export(command) => export(command),
+        Command::Imatrix { base, adapter, data, out, template, chunk_size, chunks, process_output, device } => imatrix::run(&imatrix::Request {
+            base: &base, adapter: adapter.as_deref(), data: &data, out: &out, template: &template, chunk_size, chunks, process_output,
+            device: &device,
+        }),
         Command::Data(DataCommand::Preview { recipe, limit, json, overrides }) => data::preview(&recipe, &overrides, limit, json),
         Command::Train { recipe, overrides, resume, overwrite, quiet, json } => {
             let start = match (resume, overwrite) {
@@ -588,7 +632,7 @@ fn resolve_hub_ids(mut command: Command) -> anyhow::Result<Command> {
     };
     match &mut command {
         Command::Inspect { model: Some(dir), .. } => resolve(dir)?,
-        Command::Merge { base, .. } | Command::Generate { base, .. } | Command::Eval { base, .. } => resolve(base)?,
+        Command::Merge { base, .. } | Command::Generate { base, .. } | Command::Eval { base, .. } | Command::Imatrix { base, .. } => resolve(base)?,
         Command::Export(ExportCommand::Gguf { base, .. } | ExportCommand::GgufLora { base, .. }) => resolve(base)?,
         Command::Bench(args) => {
             if let Some(dir) = args.model.as_mut() {

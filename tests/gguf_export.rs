@@ -620,3 +620,37 @@ fn sentencepiece_tokenizers_round_trip_through_gguf() {
         assert_eq!((theirs.bos_id, theirs.eos_id), (ours.bos_id, ours.eos_id));
     }
 }
+
+/// `ember imatrix` on a text file and on Alpaca records; its matrix is what `export gguf
+/// --imatrix` reads, and too little data or too short a chunk is one error line.
+#[test]
+fn ember_imatrix_feeds_the_quantized_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("tiny_llama");
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let imatrix = |data: &str, extra: &[&str]| {
+        let output = ember(&[&["imatrix", "--base", base.to_str().unwrap(), "--data", data, "--out", &path("m.gguf")], extra].concat());
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    std::fs::write(path("calibration.txt"), "The quick brown fox jumps over the lazy dog.\n".repeat(30)).unwrap();
+    let text = imatrix(&path("calibration.txt"), &["--ctx", "32"]);
+    assert_eq!(text["entries"], 14);
+    assert_eq!(text["chunk_size"], 32);
+    let records = repository().join("tests/data/alpaca_en_sample_200.json");
+    let records = imatrix(records.to_str().unwrap(), &["--ctx", "64", "--chunks", "3"]);
+    assert_eq!((records["chunks"].as_u64(), records["tokens"].as_u64()), (Some(3), Some(192)));
+
+    export(&["gguf", "--base", base.to_str().unwrap(), "--out", &path("q4_0.gguf"), "--type", "q4_0", "--pre", "gpt-2", "--imatrix", &path("m.gguf")]);
+    let file = GgufFile::open(Path::new(&path("q4_0.gguf"))).unwrap();
+    assert_eq!(file.metadata.get("quantize.imatrix.file").unwrap(), "m.gguf");
+    assert_eq!(file.metadata.get("quantize.imatrix.entries_count").unwrap().as_u64(), Some(14));
+    assert_eq!(file.metadata.get("quantize.imatrix.chunks_count").unwrap().as_u64(), Some(3));
+
+    std::fs::write(path("short.txt"), "Too short.").unwrap();
+    let short = ember(&["imatrix", "--base", base.to_str().unwrap(), "--data", &path("short.txt"), "--out", &path("short.gguf")]);
+    assert_bad_input(&short, &["short.txt", "fewer than one chunk of --ctx 512"]);
+    let tiny = ember(&["imatrix", "--base", base.to_str().unwrap(), "--data", &path("calibration.txt"), "--out", &path("short.gguf"), "--ctx", "8"]);
+    assert_bad_input(&tiny, &["--ctx 8"]);
+    assert!(!dir.path().join("short.gguf").exists());
+}

@@ -342,6 +342,11 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special_tokens).map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 
+    /// Whether encoding with special tokens puts BOS first (llama.cpp's `add_bos_token`).
+    pub fn adds_bos(&self) -> bool {
+        self.bos_id.is_some_and(|bos| self.encode("", true).is_ok_and(|ids| ids.first() == Some(&bos)))
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

@@ -377,8 +377,8 @@ pub fn encode(ty: TensorType, values: &[f32], importance: Option<&[f32]>) -> Vec
 
 /// The keys llama-quantize writes for an importance matrix: its file name, entries, and the
 /// dataset and chunks where the file says.
-pub fn importance_metadata(matrix: &ImportanceMatrix, path: &Path) -> Vec<(String, MetaValue)> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+pub fn importance_metadata(matrix: &ImportanceMatrix) -> Vec<(String, MetaValue)> {
+    let name = matrix.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let mut keys = vec![("quantize.imatrix.file".to_string(), MetaValue::Str(name))];
     if let Some(dataset) = matrix.datasets.first() {
         keys.push(("quantize.imatrix.dataset".into(), MetaValue::Str(dataset.clone())));
@@ -729,9 +729,7 @@ pub fn tokenizer_metadata(dir: &Path, arch: GgufArch, vocab_size: usize, pre: Op
     if let Some(unk) = tokenizer.token_to_id(unknown) {
         meta.push(("tokenizer.ggml.unknown_token_id".into(), MetaValue::U32(unk)));
     }
-    // Whether encoding adds BOS: what the tokenizer's own encoding of nothing starts with.
-    let adds_bos = tokenizer.bos_id.is_some_and(|bos| tokenizer.encode("", true).is_ok_and(|ids| ids.first() == Some(&bos)));
-    meta.push(("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(adds_bos)));
+    meta.push(("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(tokenizer.adds_bos())));
     meta.push(("tokenizer.ggml.add_eos_token".into(), MetaValue::Bool(false)));
     let config = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok());
     if let Some(template) = config.as_ref().and_then(|c| c["chat_template"].as_str()) {

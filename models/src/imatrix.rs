@@ -7,8 +7,10 @@
 //! - the legacy `.dat`: an i32 entry count, then per entry an i32 name length, the name, i32 calls,
 //!   i32 values and the f32 values (sums already divided by the tokens, times the calls), then
 //!   optionally the chunk count and the dataset name; the importance is `values / calls`.
+//!
+//! [`write_gguf`] writes the GGUF layout, for what `ember imatrix` collects.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use crate::LoadError;
@@ -66,9 +68,62 @@ impl ImportanceMatrix {
         self.entries.len()
     }
 
+    /// The file it was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// What llama-imatrix collects for one weight: the sum of each input column's squares, and the
+/// tokens (rows) summed.
+#[derive(Debug, Clone, Default)]
+pub struct ColumnSquares {
+    pub sums: Vec<f64>,
+    pub tokens: u64,
+}
+
+impl ColumnSquares {
+    /// Adds the column sums of `squares` over `tokens` more rows.
+    pub fn add(&mut self, squares: &[f32], tokens: usize) {
+        if self.sums.is_empty() {
+            self.sums = vec![0.0; squares.len()];
+        }
+        for (sum, &square) in self.sums.iter_mut().zip(squares) {
+            *sum += f64::from(square);
+        }
+        self.tokens += tokens as u64;
+    }
+}
+
+/// Writes `entries` (by GGUF weight name) in llama-imatrix's GGUF layout: `general.type =
+/// imatrix`, the datasets, the chunks run and their size; per weight, in name order,
+/// `<name>.in_sum2` (f32, `[1, columns]`) and `<name>.counts` (f32, `[1, 1]`). Atomic.
+pub fn write_gguf(path: &Path, entries: &BTreeMap<String, ColumnSquares>, datasets: &[String], chunks: u32, chunk_size: u32) -> Result<(), LoadError> {
+    use crate::gguf_write::{MetaValue, TensorSpec, TensorType, write};
+    let metadata = [
+        ("general.type".to_string(), MetaValue::Str("imatrix".into())),
+        ("imatrix.datasets".into(), MetaValue::Strs(datasets.to_vec())),
+        ("imatrix.chunk_count".into(), MetaValue::U32(chunks)),
+        ("imatrix.chunk_size".into(), MetaValue::U32(chunk_size)),
+    ];
+    let entries: Vec<(&String, &ColumnSquares)> = entries.iter().filter(|(_, e)| !e.sums.is_empty()).collect();
+    let specs: Vec<TensorSpec> = entries
+        .iter()
+        .flat_map(|(name, e)| {
+            [
+                TensorSpec { name: format!("{name}.in_sum2"), shape: vec![1, e.sums.len()], ty: TensorType::F32 },
+                TensorSpec { name: format!("{name}.counts"), shape: vec![1, 1], ty: TensorType::F32 },
+            ]
+        })
+        .collect();
+    write(path, &metadata, &specs, None, |i| {
+        let (_, entry) = entries[i / 2];
+        Ok(if i % 2 == 0 { entry.sums.iter().map(|&s| s as f32).collect() } else { vec![entry.tokens as f32] })
+    })
 }
 
 fn read_gguf(path: &Path) -> Result<(HashMap<String, Vec<f32>>, Provenance), LoadError> {
@@ -248,6 +303,27 @@ mod tests {
         gguf_imatrix(&path, &keys[..2], &[("output.weight", vec![4.0, 8.0], 1.0)]);
         let error = ImportanceMatrix::read(&path).err().unwrap().to_string();
         assert!(error.contains("imatrix.gguf") && error.contains("imatrix.chunk_size"), "{error}");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// What `ember imatrix` writes reads back as llama-imatrix's files do: sums over tokens,
+    /// the dataset and chunks, tensors in name order.
+    #[test]
+    fn written_sums_read_back_as_mean_squares() {
+        let path = scratch("written").with_file_name("ember.imatrix.gguf");
+        let mut entries = BTreeMap::new();
+        let mut ffn = ColumnSquares::default();
+        ffn.add(&[4.0, 1.0, 0.5], 2);
+        ffn.add(&[2.0, 1.0, 0.5], 2);
+        entries.insert("blk.0.ffn_down.weight".to_string(), ffn);
+        entries.insert("blk.0.attn_q.weight".to_string(), ColumnSquares { sums: vec![3.0, 6.0], tokens: 3 });
+        write_gguf(&path, &entries, &["alpaca.json".to_string()], 2, 2).unwrap();
+        let matrix = ImportanceMatrix::read(&path).unwrap();
+        assert_eq!(matrix.for_tensor("blk.0.ffn_down.weight", 3).unwrap(), Some(&[1.5f32, 0.5, 0.25][..]));
+        assert_eq!(matrix.for_tensor("blk.0.attn_q.weight", 2).unwrap(), Some(&[1.0f32, 2.0][..]));
+        assert_eq!((matrix.chunks, matrix.datasets.clone()), (Some(2), vec!["alpaca.json".to_string()]));
+        let names: Vec<String> = GgufFile::open(&path).unwrap().tensors.iter().map(|t| t.name.clone()).collect();
+        assert_eq!(names, ["blk.0.attn_q.weight.in_sum2", "blk.0.attn_q.weight.counts", "blk.0.ffn_down.weight.in_sum2", "blk.0.ffn_down.weight.counts"]);
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 

@@ -75,8 +75,8 @@ pub fn export_gguf(
 
     let mut metadata = gguf_write::hyperparameters(&config, arch, &folder_name(base_dir), ty);
     metadata.extend(gguf_write::tokenizer_metadata(base_dir, arch, config.vocab_size, pre)?);
-    if let (Some(matrix), Some(path)) = (&importance, importance_path) {
-        metadata.extend(gguf_write::importance_metadata(matrix, path));
+    if let Some(matrix) = &importance {
+        metadata.extend(gguf_write::importance_metadata(matrix));
     }
 
     // (HF key, GGUF tensor, q/k heads to permute by); no key: llama3 RoPE scaling's divisors.
@@ -111,11 +111,11 @@ pub fn export_gguf(
                 None => false,
             };
             if !has {
-                let reason = match importance_path {
-                    Some(_) => format!("the importance matrix has no entry for '{}', which q2_k_s quantizes to Q2_K", spec.name),
-                    None => "q2_k_s needs an importance matrix (--imatrix, from llama.cpp's llama-imatrix), as llama-quantize does".into(),
+                let (path, reason) = match &importance {
+                    Some(matrix) => (matrix.path(), format!("the importance matrix has no entry for '{}', which q2_k_s quantizes to Q2_K", spec.name)),
+                    None => (base_dir, "q2_k_s needs an importance matrix (--imatrix, from `ember imatrix` or llama.cpp's llama-imatrix), as llama-quantize does".into()),
                 };
-                return Err(LoadError::Invalid { path: importance_path.unwrap_or(base_dir).to_path_buf(), reason }.into());
+                return Err(LoadError::Invalid { path: path.to_path_buf(), reason }.into());
             }
         }
     }

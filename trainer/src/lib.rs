@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod export;
 pub mod fault;
+pub mod imatrix;
 pub mod interrupt;
 pub mod loss;
 pub mod memory;
