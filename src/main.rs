@@ -226,6 +226,10 @@ enum Command {
         /// not tied to the embedding.
         #[arg(long)]
         process_output: bool,
+        /// The base's dtype in memory: f32, bf16 (half a folder's f32 memory) or checkpoint. A
+        /// GGUF base's quantized blocks stay as they are.
+        #[arg(long, default_value = "f32", value_parser = ember_models::LoadDtype::parse)]
+        dtype: ember_models::LoadDtype,
         /// flex, libtorch, cuda or cuda:N.
         #[arg(long, default_value = "flex")]
         device: String,
@@ -580,9 +584,9 @@ fn main() -> ExitCode {
         Command::Import(ImportCommand::Torch { dir, out }) => import::torch(&dir, &out),
         Command::Import(ImportCommand::Tokenizer { dir, out }) => import::tokenizer(&dir, out.as_deref().unwrap_or(&dir)),
         Command::Export(command) => export(command),
-        Command::Imatrix { base, adapter, data, out, template, chunk_size, chunks, process_output, device } => imatrix::run(&imatrix::Request {
+        Command::Imatrix { base, adapter, data, out, template, chunk_size, chunks, process_output, dtype, device } => imatrix::run(&imatrix::Request {
             base: &base, adapter: adapter.as_deref(), data: &data, out: &out, template: &template, chunk_size, chunks, process_output,
-            device: &device,
+            dtype, device: &device,
         }),
         Command::Data(DataCommand::Preview { recipe, limit, json, overrides }) => data::preview(&recipe, &overrides, limit, json),
         Command::Train { recipe, overrides, resume, overwrite, quiet, json } => {

@@ -637,6 +637,7 @@ fn ember_imatrix_feeds_the_quantized_export() {
     let text = imatrix(&path("calibration.txt"), &["--ctx", "32"]);
     assert_eq!(text["entries"], 14);
     assert_eq!(text["chunk_size"], 32);
+    assert_eq!(imatrix(&path("calibration.txt"), &["--ctx", "32", "--dtype", "bf16", "--process-output"])["entries"], 15);
     let records = repository().join("tests/data/alpaca_en_sample_200.json");
     let records = imatrix(records.to_str().unwrap(), &["--ctx", "64", "--chunks", "3"]);
     assert_eq!((records["chunks"].as_u64(), records["tokens"].as_u64()), (Some(3), Some(192)));

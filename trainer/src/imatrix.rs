@@ -86,11 +86,12 @@ pub struct Collected {
     pub chunks: usize,
 }
 
-/// Runs `calibration` through `base_dir` (a model folder or GGUF file), merged with `adapter`
-/// when given, calling `progress(chunk, chunks)` after each chunk.
+/// Runs `calibration` through `base_dir` (a model folder or GGUF file) loaded in `dtype`, merged
+/// with `adapter` when given, calling `progress(chunk, chunks)` after each chunk.
 pub fn collect(
     base_dir: &Path,
     adapter: Option<&Path>,
+    dtype: LoadDtype,
     calibration: &Calibration,
     device: &Device,
     mut progress: impl FnMut(usize, usize),
@@ -99,7 +100,7 @@ pub fn collect(
         // Only what export can merge: the matrix is for the weights it writes.
         Method::weight_merge(dir)?;
     }
-    let base = BaseModel::load(base_dir, LoadDtype::F32, device)?;
+    let base = BaseModel::load(base_dir, dtype, device)?;
     let model = match adapter {
         Some(dir) => Method::load(dir, base, device)?.0,
         None => AdaptedModel::base_only(base),
@@ -184,7 +185,7 @@ mod tests {
         let device = Device::flex();
         let base = fixture("tiny_llama");
         let tokens = tokens();
-        let collected = collect(&base, None, &calibration(&tokens), &device, |_, _| {}).unwrap();
+        let collected = collect(&base, None, LoadDtype::F32, &calibration(&tokens), &device, |_, _| {}).unwrap();
         assert_eq!(collected.chunks, 2);
         assert_eq!(collected.entries.len(), 2 * 7);
         assert!(collected.entries.values().all(|e| e.tokens == 32));
@@ -209,7 +210,7 @@ mod tests {
         }
 
         // With the output: tiny_llama's own head sees the final hidden states.
-        let with_output = collect(&base, None, &Calibration { output: true, ..calibration(&tokens) }, &device, |_, _| {}).unwrap();
+        let with_output = collect(&base, None, LoadDtype::F32, &Calibration { output: true, ..calibration(&tokens) }, &device, |_, _| {}).unwrap();
         assert_eq!(with_output.entries.len(), 2 * 7 + 1);
         let head = &with_output.entries["output.weight"];
         assert_eq!((head.sums.len(), head.tokens), (64, 32));
@@ -224,12 +225,12 @@ mod tests {
         let device = Device::flex();
         let base = fixture("tiny_llama");
         let tokens = tokens();
-        let plain = collect(&base, None, &calibration(&tokens), &device, |_, _| {}).unwrap();
-        let adapted = collect(&base, Some(&fixture("tiny_llama/adapters/lora")), &calibration(&tokens), &device, |_, _| {}).unwrap();
+        let plain = collect(&base, None, LoadDtype::F32, &calibration(&tokens), &device, |_, _| {}).unwrap();
+        let adapted = collect(&base, Some(&fixture("tiny_llama/adapters/lora")), LoadDtype::F32, &calibration(&tokens), &device, |_, _| {}).unwrap();
         let sums = |c: &Collected, name: &str| c.entries[name].sums.clone();
         assert_eq!(sums(&plain, "blk.0.attn_q.weight"), sums(&adapted, "blk.0.attn_q.weight"));
         assert_ne!(sums(&plain, "blk.0.attn_output.weight"), sums(&adapted, "blk.0.attn_output.weight"));
-        let error = collect(&base, Some(&fixture("tiny_llama/adapters/prefix")), &calibration(&tokens), &device, |_, _| {}).err().unwrap().to_string();
+        let error = collect(&base, Some(&fixture("tiny_llama/adapters/prefix")), LoadDtype::F32, &calibration(&tokens), &device, |_, _| {}).err().unwrap().to_string();
         assert!(error.contains("cannot be merged"), "{error}");
     }
 }
