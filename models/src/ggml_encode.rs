@@ -554,36 +554,42 @@ fn symmetric_scale(x: &[f32], codes: &mut [i8]) -> f32 {
 /// ggml's `make_qx_quants` with `rmse_type = 1`: codes `q + nmax` for `q` in `−nmax..nmax`, the
 /// scale minimising the weighted squared error (weights `weights`, or x²) over 19 candidates.
 fn weighted_symmetric_scale(x: &[f32], codes: &mut [i8], nmax: i32, weights: Option<&[f32]>) -> f32 {
+    const CANDIDATES: usize = 19;
     let max = largest_magnitude(x);
     if max.abs() < GROUP_MAX_EPS {
         codes.fill(0);
         return 0.0;
     }
     let quantize = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
-    let sums = |iscale: f32| {
-        x.iter().enumerate().fold((0f32, 0f32), |(sum_lx, sum_l2), (i, &v)| {
-            let (w, l) = (weights.map_or(v * v, |w| w[i]), quantize(iscale, v) as f32);
-            (sum_lx + w * v * l, sum_l2 + w * l * l)
-        })
-    };
-    let fill = |iscale: f32, codes: &mut [i8]| {
-        for (code, &v) in codes.iter_mut().zip(x) {
-            *code = (quantize(iscale, v) + nmax) as i8;
+    // ggml's candidates in its order: −nmax/max, then −(nmax + 0.1·step)/max for steps −9..=9
+    // but 0. None depends on another's outcome, so their sums run side by side (each in ggml's
+    // order of values, the same floats), which the compiler vectorises over the candidates.
+    let mut iscales = [-(nmax as f32) / max; CANDIDATES];
+    for (iscale, step) in iscales[1..].iter_mut().zip((-9..=9).filter(|&s| s != 0)) {
+        *iscale = -(nmax as f32 + 0.1 * step as f32) / max;
+    }
+    let (mut sum_lx, mut sum_l2) = ([0f32; CANDIDATES], [0f32; CANDIDATES]);
+    for (i, &v) in x.iter().enumerate() {
+        let w = weights.map_or(v * v, |w| w[i]);
+        let wv = w * v;
+        for c in 0..CANDIDATES {
+            let l = quantize(iscales[c], v) as f32;
+            sum_lx[c] += wv * l;
+            sum_l2[c] += w * l * l;
         }
-    };
-    let iscale = -(nmax as f32) / max;
-    fill(iscale, codes);
-    let (sum_lx, sum_l2) = sums(iscale);
-    let mut scale = if sum_l2 != 0.0 { sum_lx / sum_l2 } else { 0.0 };
-    let mut best = scale * sum_lx;
-    for step in (-9..=9).filter(|&s| s != 0) {
-        let iscale = -(nmax as f32 + 0.1 * step as f32) / max;
-        let (sum_lx, sum_l2) = sums(iscale);
-        if sum_l2 > 0.0 && sum_lx * sum_lx > best * sum_l2 {
-            fill(iscale, codes);
-            scale = sum_lx / sum_l2;
-            best = scale * sum_lx;
+    }
+    let mut chosen = 0;
+    let mut scale = if sum_l2[0] != 0.0 { sum_lx[0] / sum_l2[0] } else { 0.0 };
+    let mut best = scale * sum_lx[0];
+    for c in 1..CANDIDATES {
+        if sum_l2[c] > 0.0 && sum_lx[c] * sum_lx[c] > best * sum_l2[c] {
+            chosen = c;
+            scale = sum_lx[c] / sum_l2[c];
+            best = scale * sum_lx[c];
         }
+    }
+    for (code, &v) in codes.iter_mut().zip(x) {
+        *code = (quantize(iscales[chosen], v) + nmax) as i8;
     }
     scale
 }
