@@ -748,6 +748,18 @@ def verify_imatrix(args, ember, base, adapter, work, examples, types=("q4_k_m", 
     lines.append(f"(m) on ember's q8_0 file as the base: ember vs llama-imatrix max {between[-1]:.1e} (median {between[len(between) // 2]:.1e}; "
                  f"llama.cpp's q8_0 products round activations to 8 bits), ember's q8_0 vs f32 matrices max {from_f32[-1]:.1e}")
     print(lines[-1], flush=True)
+    # --process-output on a model whose head is its own weight (SmolLM2's is tied).
+    wide = wide_tiny_llama(ember, work)
+    wide_f32 = os.path.join(work, "m-wide-f32.gguf")
+    run([ember, "export", "gguf", "--base", wide, "--out", wide_f32, "--type", "f32", "--pre", "gpt-2"])
+    ours, theirs = os.path.join(work, "m-wide-ember.imatrix.gguf"), os.path.join(work, "m-wide-llama.imatrix.gguf")
+    run([ember, "imatrix", "--base", wide, "--data", text, "--out", ours, "--ctx", "128", "--process-output"])
+    run([args.llama_imatrix, "-m", wide_f32, "-f", text, "-o", theirs, "-c", "128", "-b", "128", "-ctk", "f32", "-ctv", "f32", "--no-ppl", "--process-output"])
+    (a, a_counts, _), (b, b_counts, _) = imatrix_means(ours), imatrix_means(theirs)
+    worst = max(float(np.abs(a[n] - b[n]).max() / np.abs(b[n]).max()) for n in b) if sorted(a) == sorted(b) else float("nan")
+    lines.append(f"(m) --process-output on the 256-wide tiny LLaMA (own head), chunks of 128: names {sorted(a) == sorted(b)} "
+                 f"(output.weight in both: {'output.weight' in a and 'output.weight' in b}), tokens {a_counts} vs {b_counts}, max |diff| / entry max {worst:.1e}")
+    print(lines[-1], flush=True)
     rendered = os.path.join(work, "calibration.json")
     json.dump(records, open(rendered, "w"))
     run([ember, "imatrix", "--base", base, "--data", rendered, "--out", os.path.join(work, "m-records.imatrix.gguf")])

@@ -71,7 +71,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
         )));
     }
     let started = std::time::Instant::now();
-    let collected = ember_trainer::imatrix::collect(request.base, request.adapter, request.dtype, &calibration, &device, |chunk, chunks| {
+    let collected = ember_trainer::imatrix::collect(request.base, request.adapter, request.dtype, None, &calibration, &device, |chunk, chunks| {
         if chunk == 1 {
             let seconds = started.elapsed().as_secs_f64();
             eprintln!("imatrix: {seconds:.2} s per chunk of {} tokens, {chunks} chunks, about {:.1} min", request.chunk_size, seconds * chunks as f64 / 60.0);

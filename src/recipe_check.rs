@@ -82,6 +82,7 @@ fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Res
             let all = config.num_params() + trainable;
             summary.push(format!("{} trainable of {} parameters ({:.4}%)", group_digits(trainable), group_digits(all), 100.0 * trainable as f64 / all as f64));
         }
+        ember_trainer::run_export::check(&recipe).map_err(|e| fail(e.to_string()))?;
         let name = recipe.model.path.file_name().map_or_else(|| recipe.model.path.display().to_string(), |n| n.to_string_lossy().into_owned());
         summary.push(format!("model {name} ({}, {} layers)", config.architecture.name(), config.num_layers));
     }
@@ -90,5 +91,10 @@ fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Res
         summary.push(format!("{} records ({} held out for eval)", group_digits(train.len() + eval.len()), eval.len()));
     }
     summary.push(format!("template {template_name}"));
+    if recipe.export.any() {
+        let mut exports: Vec<String> = recipe.export.gguf.iter().map(|ty| format!("gguf {ty}")).collect();
+        exports.extend(recipe.export.merged.iter().map(|dtype| format!("merged {dtype}")));
+        summary.push(format!("exports {}", exports.join(", ")));
+    }
     Ok(summary.join("; "))
 }

@@ -655,3 +655,42 @@ fn ember_imatrix_feeds_the_quantized_export() {
     assert_bad_input(&tiny, &["--ctx 8"]);
     assert!(!dir.path().join("short.gguf").exists());
 }
+
+/// A recipe's `[export]`: after training, the merged folder, an importance matrix of the
+/// training examples and the GGUF files, the same bytes `ember export gguf` writes from the run's
+/// adapter; a tokenizer llama.cpp would not know fails before training.
+#[test]
+fn a_recipe_export_writes_the_merged_model_and_its_gguf_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let train = |extra: &[&str]| {
+        let output_dir = format!("output.dir=\"{}\"", run.display());
+        let recipe = common::recipe("ci/tiny-lora.toml");
+        ember(&[&["train", &recipe, "--quiet", "--set", &output_dir, "--set", "train.max_steps=2"], extra].concat())
+    };
+    let settings = ["export.gguf=[\"q8_0\", \"q4_0\"]", "export.imatrix=true", "export.imatrix_chunks=2", "export.merged=f32"];
+    let set: Vec<&str> = settings.iter().flat_map(|s| ["--set", s]).collect();
+    assert_bad_input(&train(&set), &["tokenizer.json", "export.pre"]);
+    assert!(!run.exists(), "no output folder before training");
+
+    let output = train(&[&set[..], &["--set", "export.pre=gpt-2"]].concat());
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    let exports: Vec<String> = summary["exports"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
+    let names: Vec<&str> = exports.iter().map(|p| Path::new(p).file_name().unwrap().to_str().unwrap()).collect();
+    assert_eq!(names, ["merged", "imatrix.gguf", "model-q8_0.gguf", "model-q4_0.gguf"]);
+    assert!(run.join("merged/model.safetensors").is_file());
+    let matrix = GgufFile::open(&run.join("gguf/imatrix.gguf")).unwrap();
+    assert_eq!(matrix.metadata.get("imatrix.chunk_count").unwrap().as_u64(), Some(2));
+
+    // The same files as the commands write from the run's adapter.
+    let base = fixture("tiny_llama");
+    let adapter = run.join("adapter");
+    let again = dir.path().join("q8_0.gguf");
+    let matrix = run.join("gguf/imatrix.gguf");
+    let (base, adapter, again_path, matrix) = (base.to_str().unwrap(), adapter.to_str().unwrap(), again.to_str().unwrap(), matrix.to_str().unwrap());
+    export(&["gguf", "--base", base, "--adapter", adapter, "--out", again_path, "--type", "q8_0", "--pre", "gpt-2", "--imatrix", matrix]);
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(run.join("gguf/model-q8_0.gguf")).unwrap());
+    let quantized = GgufFile::open(&run.join("gguf/model-q4_0.gguf")).unwrap();
+    assert_eq!(quantized.metadata.get("quantize.imatrix.file").unwrap(), "imatrix.gguf");
+}

@@ -55,6 +55,12 @@ pub trait MethodConfig: fmt::Debug + fmt::Display {
         0
     }
 
+    /// Whether a trained adapter folds into the base weights (`ember merge`, `export gguf
+    /// --adapter`): its parameters are a change of weights, not extra inputs.
+    fn merges_into_weights(&self) -> bool {
+        false
+    }
+
     /// Dropout on the method's input (packing then draws other masks than padding).
     fn dropout(&self) -> f64 {
         0.0

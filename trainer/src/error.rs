@@ -44,6 +44,9 @@ pub enum TrainError {
     /// Another live process holds the output folder's lock.
     #[error("{}: output.dir is in use by another ember run (pid {pid}); wait for it to end or choose another output.dir", path.display())]
     Locked { path: PathBuf, pid: String },
+    /// The adapter is saved, but the recipe's `[export]` failed.
+    #[error("adapter saved to {}, but [export] failed: {source}", adapter.display())]
+    Export { adapter: PathBuf, source: crate::merge::MergeError },
     /// SIGINT or SIGTERM stopped the run after a finished optimizer step.
     #[error("interrupted by {} after step {step}: {}", crate::interrupt::signal_name(*signal), match checkpoint {
         Some(dir) => format!("checkpoint {}; ember train --resume continues from it", dir.display()),
@@ -61,6 +64,7 @@ impl TrainError {
             TrainError::Resume { .. } | TrainError::Output { .. } | TrainError::Locked { .. } => true,
             TrainError::Model(e) => e.is_input(),
             TrainError::Adapter(e) => e.is_input(),
+            TrainError::Export { source, .. } => source.is_input(),
             TrainError::Write { .. } | TrainError::Checkpoint { .. } | TrainError::Stopped(_) | TrainError::Interrupted { .. } => false,
         }
     }

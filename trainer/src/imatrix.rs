@@ -23,6 +23,7 @@ use ember_adapters::{AdaptedLinear, AdaptedModel, Method};
 use ember_models::family::KeyLayout;
 use ember_models::gguf_write::tensor_name;
 use ember_models::imatrix::ColumnSquares;
+use ember_models::nf4::Quantization;
 use ember_models::{BaseModel, CausalLm, LoadDtype, LoadError, Projection};
 
 use crate::merge::MergeError;
@@ -86,12 +87,14 @@ pub struct Collected {
     pub chunks: usize,
 }
 
-/// Runs `calibration` through `base_dir` (a model folder or GGUF file) loaded in `dtype`, merged
-/// with `adapter` when given, calling `progress(chunk, chunks)` after each chunk.
+/// Runs `calibration` through `base_dir` (a model folder or GGUF file) loaded in `dtype` (its
+/// projections quantized as `quantization` says, as a QLoRA run trains them), merged with
+/// `adapter` when given, calling `progress(chunk, chunks)` after each chunk.
 pub fn collect(
     base_dir: &Path,
     adapter: Option<&Path>,
     dtype: LoadDtype,
+    quantization: Option<Quantization>,
     calibration: &Calibration,
     device: &Device,
     mut progress: impl FnMut(usize, usize),
@@ -100,7 +103,7 @@ pub fn collect(
         // Only what export can merge: the matrix is for the weights it writes.
         Method::weight_merge(dir)?;
     }
-    let base = BaseModel::load(base_dir, dtype, device)?;
+    let base = BaseModel::load_quantized(base_dir, dtype, quantization, device)?;
     let model = match adapter {
         Some(dir) => Method::load(dir, base, device)?.0,
         None => AdaptedModel::base_only(base),
@@ -185,7 +188,7 @@ mod tests {
         let device = Device::flex();
         let base = fixture("tiny_llama");
         let tokens = tokens();
-        let collected = collect(&base, None, LoadDtype::F32, &calibration(&tokens), &device, |_, _| {}).unwrap();
+        let collected = collect(&base, None, LoadDtype::F32, None, &calibration(&tokens), &device, |_, _| {}).unwrap();
         assert_eq!(collected.chunks, 2);
         assert_eq!(collected.entries.len(), 2 * 7);
         assert!(collected.entries.values().all(|e| e.tokens == 32));
@@ -210,7 +213,7 @@ mod tests {
         }
 
         // With the output: tiny_llama's own head sees the final hidden states.
-        let with_output = collect(&base, None, LoadDtype::F32, &Calibration { output: true, ..calibration(&tokens) }, &device, |_, _| {}).unwrap();
+        let with_output = collect(&base, None, LoadDtype::F32, None, &Calibration { output: true, ..calibration(&tokens) }, &device, |_, _| {}).unwrap();
         assert_eq!(with_output.entries.len(), 2 * 7 + 1);
         let head = &with_output.entries["output.weight"];
         assert_eq!((head.sums.len(), head.tokens), (64, 32));
@@ -225,12 +228,12 @@ mod tests {
         let device = Device::flex();
         let base = fixture("tiny_llama");
         let tokens = tokens();
-        let plain = collect(&base, None, LoadDtype::F32, &calibration(&tokens), &device, |_, _| {}).unwrap();
-        let adapted = collect(&base, Some(&fixture("tiny_llama/adapters/lora")), LoadDtype::F32, &calibration(&tokens), &device, |_, _| {}).unwrap();
+        let plain = collect(&base, None, LoadDtype::F32, None, &calibration(&tokens), &device, |_, _| {}).unwrap();
+        let adapted = collect(&base, Some(&fixture("tiny_llama/adapters/lora")), LoadDtype::F32, None, &calibration(&tokens), &device, |_, _| {}).unwrap();
         let sums = |c: &Collected, name: &str| c.entries[name].sums.clone();
         assert_eq!(sums(&plain, "blk.0.attn_q.weight"), sums(&adapted, "blk.0.attn_q.weight"));
         assert_ne!(sums(&plain, "blk.0.attn_output.weight"), sums(&adapted, "blk.0.attn_output.weight"));
-        let error = collect(&base, Some(&fixture("tiny_llama/adapters/prefix")), LoadDtype::F32, &calibration(&tokens), &device, |_, _| {}).err().unwrap().to_string();
+        let error = collect(&base, Some(&fixture("tiny_llama/adapters/prefix")), LoadDtype::F32, None, &calibration(&tokens), &device, |_, _| {}).err().unwrap().to_string();
         assert!(error.contains("cannot be merged"), "{error}");
     }
 }

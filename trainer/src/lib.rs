@@ -12,6 +12,7 @@ pub mod memory;
 pub mod merge;
 pub mod plot;
 pub mod recipe;
+pub mod run_export;
 pub mod run;
 pub mod step;
 pub(crate) mod tensorboard;

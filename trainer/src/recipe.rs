@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 
 use ember_adapters::Method;
 use ember_models::LoadDtype;
+use ember_models::gguf_write::ExportType;
 use ember_models::hub::{self, Fetch};
 use ember_models::nf4::Quantization;
 use ember_models::device::DeviceName;
 use serde::Deserialize;
 use toml::Value;
 
+use crate::merge::MergeDtype;
 use crate::step::StepOptions;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,7 @@ pub struct Recipe {
     pub data: DataSection,
     pub train: TrainSection,
     pub output: OutputSection,
+    pub export: ExportSection,
     /// The recipe as applied (environment and `--set` overrides included), as TOML.
     pub text: String,
 }
@@ -57,6 +60,8 @@ struct RecipeFile {
     #[serde(default)]
     train: TrainSection,
     output: OutputSection,
+    #[serde(default)]
+    export: ExportSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -255,6 +260,77 @@ pub struct OutputSection {
     pub dir: PathBuf,
 }
 
+/// `[export]`: what the run writes after its adapter, for serving: the merged model as llama.cpp
+/// files (`ember export gguf`) and as an HF folder (`ember merge`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExportSection {
+    /// GGUF types (`f16`, `q8_0`, `q4_k_m`, …), each written to `<output.dir>/gguf/model-<type>.gguf`.
+    pub gguf: Vec<String>,
+    /// Quantize them with an importance matrix of the training examples (`ember imatrix`,
+    /// written to `<output.dir>/gguf/imatrix.gguf`).
+    pub imatrix: bool,
+    /// The matrix's chunks of 512 tokens, at most.
+    pub imatrix_chunks: usize,
+    /// llama.cpp's pre-tokenizer name for a byte-level BPE it does not recognise (`--pre`).
+    pub pre: Option<String>,
+    /// The merged model as an HF folder in `<output.dir>/merged/`, in `keep`, `f32`, `bf16` or `f16`.
+    pub merged: Option<String>,
+}
+
+impl Default for ExportSection {
+    fn default() -> Self {
+        Self { gguf: Vec::new(), imatrix: false, imatrix_chunks: 100, pre: None, merged: None }
+    }
+}
+
+impl ExportSection {
+    /// Whether the run writes anything besides its adapter.
+    pub fn any(&self) -> bool {
+        !self.gguf.is_empty() || self.merged.is_some()
+    }
+
+    /// `gguf` as types, in order.
+    pub fn gguf_types(&self) -> Vec<ExportType> {
+        self.gguf.iter().map(|name| ExportType::parse(name).expect("checked when the recipe loaded")).collect()
+    }
+
+    /// `merged` as a dtype.
+    pub fn merged_dtype(&self) -> Option<MergeDtype> {
+        self.merged.as_deref().map(|name| MergeDtype::parse(name).expect("checked when the recipe loaded"))
+    }
+
+    fn check(&self, method: &Method) -> Result<(), String> {
+        let mut types = Vec::new();
+        for name in &self.gguf {
+            let ty = ExportType::parse(name).ok_or_else(|| format!("'export.gguf': '{name}' is not a GGUF type (expected {})", ExportType::names()))?;
+            if types.contains(&ty) {
+                return Err(format!("'export.gguf': '{name}' is listed twice"));
+            }
+            types.push(ty);
+        }
+        if let Some(name) = &self.merged {
+            MergeDtype::parse(name).ok_or_else(|| format!("'export.merged': '{name}' is not a dtype (expected keep, f32, bf16 or f16)"))?;
+        }
+        if self.imatrix && !types.iter().any(|ty| ty.quantized()) {
+            return Err("'export.imatrix' weighs quantization: list a quantized type (q4_k_m, iq4_xs, …) in 'export.gguf'".into());
+        }
+        if self.imatrix && self.imatrix_chunks == 0 {
+            return Err("'export.imatrix_chunks' must be at least 1".into());
+        }
+        if !self.imatrix && let Some(name) = self.gguf.iter().find(|name| ExportType::parse(name) == Some(ExportType::Q2_K_S)) {
+            return Err(format!("'export.gguf': '{name}' needs an importance matrix, as llama-quantize does: set export.imatrix = true"));
+        }
+        if self.any() && !method.config().merges_into_weights() {
+            return Err(format!(
+                "'export': a {} adapter does not merge into the weights (its parameters are extra inputs, not a change of weights); export needs lora, dora or ia3",
+                method.config().name()
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The learning-rate schedule after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -297,6 +373,7 @@ const KEYS: &[(&str, &[&str])] = &[
         "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
         "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "loss_chunk_tokens", "padding_free", "report_to"]),
     ("output", &["dir"]),
+    ("export", &["gguf", "imatrix", "imatrix_chunks", "pre", "merged"]),
 ];
 
 impl Recipe {
@@ -340,7 +417,7 @@ impl Recipe {
             }
         })?;
         let adapter = AdapterSection::from_table(file.adapter).map_err(invalid)?;
-        let mut recipe = Recipe { model: file.model, adapter, data: file.data, train: file.train, output: file.output, text };
+        let mut recipe = Recipe { model: file.model, adapter, data: file.data, train: file.train, output: file.output, export: file.export, text };
         recipe.validate().map_err(invalid)?;
         // Absolute, so adapters record a base path that works from any folder.
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -354,6 +431,9 @@ impl Recipe {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
+        }
+        if recipe.export.any() && ember_models::gguf::GgufFile::is_gguf(&recipe.model.path) {
+            return Err(invalid("'export': model.path is a GGUF file; the merged model is written from a full-precision folder (export the adapter with `ember export gguf-lora` instead)".into()));
         }
         Ok(recipe)
     }
@@ -371,7 +451,7 @@ impl Recipe {
         if t.epochs == 0 && t.max_steps == 0 {
             return Err("'train.epochs' and 'train.max_steps' are both 0: nothing to train".into());
         }
-        Ok(())
+        self.export.check(&self.adapter.method)
     }
 }
 
@@ -569,6 +649,28 @@ mod tests {
         let adaption = MINIMAL.replace("method = \"lora\"", "method = \"adaption\"");
         let e = load(&adaption, &["adapter.adapter_len=10"]).unwrap_err();
         assert!(e.contains("'adapter.adapter_layers' must be at least 1"), "{e}");
+    }
+
+    /// `[export]`: types and dtypes checked by name, the importance matrix only with a quantized
+    /// type (and required by q2_k_s), and only for methods that merge into the weights.
+    #[test]
+    fn export_section_is_checked_when_the_recipe_loads() {
+        let r = load(MINIMAL, &["export.gguf=[\"q4_k_m\", \"f16\"]", "export.imatrix=true", "export.merged=bf16"]).unwrap();
+        assert_eq!(r.export.gguf_types(), [ExportType::Q4_K_M, ExportType::F16]);
+        assert_eq!((r.export.imatrix_chunks, r.export.merged_dtype()), (100, Some(MergeDtype::Bf16)));
+        assert!(!load(MINIMAL, &[]).unwrap().export.any());
+        let cases: [(&[&str], &str); 6] = [
+            (&["export.gguf=[\"q4_k\"]"], "'export.gguf': 'q4_k' is not a GGUF type"),
+            (&["export.gguf=[\"q8_0\", \"q8_0\"]"], "'q8_0' is listed twice"),
+            (&["export.merged=f8"], "'export.merged': 'f8' is not a dtype"),
+            (&["export.gguf=[\"f16\"]", "export.imatrix=true"], "'export.imatrix' weighs quantization"),
+            (&["export.gguf=[\"q2_k_s\"]"], "'q2_k_s' needs an importance matrix"),
+            (&["export.merged=keep", "adapter.method=prompt_tuning", "adapter.num_virtual_tokens=4"], "a prompt_tuning adapter does not merge into the weights"),
+        ];
+        for (overrides, want) in cases {
+            let e = load(MINIMAL, overrides).unwrap_err();
+            assert!(e.contains(want), "{overrides:?}: {e}");
+        }
     }
 
     fn load_with_env(text: &str, env: &[(&str, &str)], overrides: &[&str]) -> Result<Recipe, String> {

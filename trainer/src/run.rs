@@ -67,6 +67,9 @@ pub struct Summary {
     /// before plots existed.)
     #[serde(default)]
     pub plot: Option<PathBuf>,
+    /// What the recipe's `[export]` wrote (merged folder, GGUF files, importance matrix).
+    #[serde(default)]
+    pub exports: Vec<PathBuf>,
 }
 
 /// `metrics.jsonl`: one JSON object per training step or evaluation, flushed as written.

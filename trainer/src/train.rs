@@ -43,7 +43,7 @@ pub enum Start {
 }
 
 /// The files a run writes into its output folder.
-const RUN_FILES: &[&str] = &["metrics.jsonl", "summary.json", "adapter", "checkpoints", "training_curves.png"];
+const RUN_FILES: &[&str] = &["metrics.jsonl", "summary.json", "adapter", "checkpoints", "training_curves.png", "merged", "gguf"];
 
 /// An advisory lock on the output folder (`.ember.lock`, which holds the holder's PID), so two
 /// live processes never write one folder. The kernel releases it when its holder dies, so a
@@ -242,6 +242,8 @@ struct Run<'a> {
     train_set: Vec<Example>,
     eval_set: Vec<Example>,
     pad_id: u32,
+    /// What starts each importance-matrix chunk (`[export]`), where the tokenizer adds BOS.
+    bos: Option<u32>,
     model: AdaptedModel,
     method: Method,
     optimizer: ModuleOptimizer,
@@ -278,6 +280,8 @@ impl<'a> Run<'a> {
                 reason: format!("no record of {} has a supervised token within {} tokens", recipe.data.path.display(), recipe.data.cutoff_len),
             });
         }
+        // A GGUF export llama.cpp could not take fails now, not after training.
+        crate::run_export::check(recipe)?;
         // After the checks of the tokenizer and the data, so that a bad recipe leaves no output
         // folder behind; before the model loads, so that a second run on the folder stops at once.
         let lock = lock_output(&recipe.output.dir)?;
@@ -286,6 +290,7 @@ impl<'a> Run<'a> {
             train_set.len(), eval_set.len(), recipe.data.path.display(), stats.truncated, recipe.data.cutoff_len, stats.empty.len()
         )));
         let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
+        let bos = tokenizer.bos_id.filter(|_| tokenizer.adds_bos());
 
         let base = BaseModel::load_quantized(&recipe.model.path, recipe.model.dtype, recipe.model.quantization(), &device)?;
         let vocab = recipe.model.vocab_for(tokenizer.vocab_size(), base.config.vocab_size)
@@ -329,9 +334,10 @@ impl<'a> Run<'a> {
             trainable_parameters: trainable, total_parameters: total,
             first_train_loss: None, final_train_loss: None, first_eval_loss: None, final_eval_loss: None, best_eval_loss: None,
             tokens_per_second: 0.0, seconds: 0.0, adapter_dir: recipe.output.dir.join("adapter"), metrics: metrics.path.clone(), plot: None,
+            exports: Vec::new(),
         };
         Ok(Self {
-            recipe, started, device, train_set, eval_set, pad_id, model, method, optimizer, total_steps, metrics, summary,
+            recipe, started, device, train_set, eval_set, pad_id, bos, model, method, optimizer, total_steps, metrics, summary,
             position: Position::default(), tokens_seen: 0, train_seconds: 0.0, last_checkpoint: resume_from, _lock: lock,
         })
     }
@@ -361,7 +367,7 @@ impl<'a> Run<'a> {
         let (model, optimizer) = checkpoint::restore(&dir, self.model.clone(), self.optimizer.clone())?;
         (self.model, self.optimizer) = (model, optimizer);
         (self.position, self.tokens_seen, self.train_seconds) = (state.position, state.tokens_seen, state.train_seconds);
-        self.summary = Summary { adapter_dir: self.summary.adapter_dir.clone(), metrics: self.summary.metrics.clone(), plot: None, ..state.summary };
+        self.summary = Summary { adapter_dir: self.summary.adapter_dir.clone(), metrics: self.summary.metrics.clone(), plot: None, exports: Vec::new(), ..state.summary };
         on_event(Event::Info(format!("resumed from {} at step {}", dir.display(), self.position.step)));
         Ok(())
     }
@@ -502,9 +508,21 @@ impl<'a> Run<'a> {
         }
         summary.seconds = self.started.elapsed().as_secs_f64();
         let summary_path = dir.join("summary.json");
-        let text = serde_json::to_string_pretty(&summary).expect("summary serializes") + "\n";
-        ember_models::write_file_atomically(&summary_path, text.as_bytes()).map_err(|e| TrainError::write(&summary_path, e))?;
+        let write_summary = |summary: &Summary| {
+            let text = serde_json::to_string_pretty(summary).expect("summary serializes") + "\n";
+            ember_models::write_file_atomically(&summary_path, text.as_bytes()).map_err(|e| TrainError::write(&summary_path, e))
+        };
+        write_summary(&summary)?;
         on_event(Event::Info(format!("saved adapter to {} ({:.0}s)", summary.adapter_dir.display(), summary.seconds)));
+        if self.recipe.export.any() {
+            // The exports read the base again: the training copy goes first.
+            drop(self.model);
+            let calibration: Vec<u32> = self.train_set.iter().flat_map(|e| e.input_ids.iter().copied()).collect();
+            let mut info = |line: String| on_event(Event::Info(line));
+            summary.exports = crate::run_export::export(self.recipe, &summary.adapter_dir, &calibration, self.bos, &mut info)
+                .map_err(|source| TrainError::Export { adapter: summary.adapter_dir.clone(), source })?;
+            write_summary(&summary)?;
+        }
         Ok(summary)
     }
 }

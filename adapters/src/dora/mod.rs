@@ -91,6 +91,10 @@ impl MethodConfig for DoraConfig {
         Self::NAME
     }
 
+    fn merges_into_weights(&self) -> bool {
+        true
+    }
+
     fn check(&self, model: &ModelConfig) -> Result<(), String> {
         lora::check_targets(model, &self.0)
     }

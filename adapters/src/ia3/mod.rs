@@ -140,6 +140,10 @@ impl MethodConfig for Ia3Config {
         Self::NAME
     }
 
+    fn merges_into_weights(&self) -> bool {
+        true
+    }
+
     fn check(&self, model: &ModelConfig) -> Result<(), String> {
         if self.targeted_shapes(model).is_empty() {
             return Err(format!("target_modules {} match no module of this {} model", self.target, model.architecture.name()));

@@ -80,6 +80,10 @@ impl MethodConfig for LoraConfig {
         Self::NAME
     }
 
+    fn merges_into_weights(&self) -> bool {
+        true
+    }
+
     fn check(&self, model: &ModelConfig) -> Result<(), String> {
         check_targets(model, self)
     }
