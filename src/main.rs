@@ -620,7 +620,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let interrupted = matches!(error.downcast_ref::<TrainError>(), Some(TrainError::Interrupted { .. }));
+            let interrupted = matches!(error.downcast_ref::<TrainError>(), Some(TrainError::Interrupted { .. } | TrainError::InterruptedBeforeExport { .. }));
             eprintln!("{}{}", if interrupted { "" } else { "error: " }, message(&error));
             ExitCode::from(exit_code(&error))
         }

@@ -236,6 +236,20 @@ fn a_signal_during_merge_leaves_no_output() {
     assert!(left.is_empty(), "merge left {left:?}");
 }
 
+/// A signal while a run's `[export]` writes the merged folder stops the run at once (no training
+/// step is left to finish): exit 143, the adapter saved, neither the folder nor a temporary left.
+#[test]
+fn a_signal_during_a_runs_export_stops_it_at_once() {
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let args = train_args(&recipe("ci/tiny-lora.toml"), &run, &["--set", "train.max_steps=3", "--set", "export.merged=f32"]);
+    let output = Command::new(env!("CARGO_BIN_EXE_ember")).args(&args).env("EMBER_FAULT", "signal-in-merge@1").output().unwrap();
+    assert_eq!(output.status.code(), Some(143), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(run.join("adapter/adapter_model.safetensors").is_file());
+    assert!(!run.join("merged").exists());
+    assert!(temporaries(&run).is_empty(), "{:?}", temporaries(&run));
+}
+
 /// A full disk while writing a checkpoint: exit 1 with one line naming the file and the OS
 /// error; the previous checkpoint stays, no temporary is left, and `--resume` ends like a run
 /// that never failed.

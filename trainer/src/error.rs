@@ -53,6 +53,9 @@ pub enum TrainError {
         None => "no step was finished, nothing to save".into(),
     })]
     Interrupted { signal: i32, step: usize, checkpoint: Option<PathBuf> },
+    /// SIGINT or SIGTERM arrived by the time the adapter was saved: the `[export]` did not run.
+    #[error("interrupted by {} with the adapter saved to {}: [export] not run", crate::interrupt::signal_name(*signal), adapter.display())]
+    InterruptedBeforeExport { signal: i32, adapter: PathBuf },
 }
 
 impl TrainError {
@@ -65,14 +68,15 @@ impl TrainError {
             TrainError::Model(e) => e.is_input(),
             TrainError::Adapter(e) => e.is_input(),
             TrainError::Export { source, .. } => source.is_input(),
-            TrainError::Write { .. } | TrainError::Checkpoint { .. } | TrainError::Stopped(_) | TrainError::Interrupted { .. } => false,
+            TrainError::Write { .. } | TrainError::Checkpoint { .. } | TrainError::Stopped(_) => false,
+            TrainError::Interrupted { .. } | TrainError::InterruptedBeforeExport { .. } => false,
         }
     }
 
     /// The exit code: 128 + the signal for an interrupted run, else 2 for bad input, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            TrainError::Interrupted { signal, .. } => 128 + signal,
+            TrainError::Interrupted { signal, .. } | TrainError::InterruptedBeforeExport { signal, .. } => 128 + signal,
             _ if self.is_input() => 2,
             _ => 1,
         }

@@ -515,6 +515,12 @@ impl<'a> Run<'a> {
         write_summary(&summary)?;
         on_event(Event::Info(format!("saved adapter to {} ({:.0}s)", summary.adapter_dir.display(), summary.seconds)));
         if self.recipe.export.any() {
+            // A signal from here on stops at once; one that came during the last step or
+            // evaluation already asked to stop.
+            crate::interrupt::end_graceful();
+            if let Some(signal) = crate::interrupt::requested() {
+                return Err(TrainError::InterruptedBeforeExport { signal, adapter: summary.adapter_dir.clone() });
+            }
             // The exports read the base again: the training copy goes first.
             drop(self.model);
             let calibration: Vec<u32> = self.train_set.iter().flat_map(|e| e.input_ids.iter().copied()).collect();
