@@ -9,8 +9,9 @@
 # (h) Qwen2 as llama.cpp's qwen2; (i) Llama 3.1 RoPE scaling: tiny models from transformers.
 # (j) pre-tokenizers read back from a GGUF (and a SentencePiece vocabulary's user-defined pieces);
 # (k) the GLM family (ChatGLM3, GLM-4 vocabularies) as llama.cpp's chatglm (needs
-# REFERENCE_PYTHON and the shared tokenizers, EMBER_TOKENIZERS); (l) ember's 14 quantized types
-# against llama.cpp's quantizer, byte for byte, without and with an importance matrix; (m) `ember
+# REFERENCE_PYTHON and the shared tokenizers, EMBER_TOKENIZERS); (l) ember's 24 quantized types
+# against llama.cpp's quantizer, byte for byte, without and with an importance matrix (q2_k_s, iq3_xs,
+# iq3_xxs and the iq2/iq1 types only with one, as llama-quantize); (m) `ember
 # imatrix` against llama.cpp's llama-imatrix (built from the same source with cmake).
 #
 #   scripts/verify-llamacpp.sh [work dir]      (default target/llamacpp)

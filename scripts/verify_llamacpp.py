@@ -27,7 +27,9 @@
     llama.cpp's on texts with digits, contractions, newlines, case runs, slashes, CJK, Hangul and
     full-width forms. Also a SentencePiece vocabulary with a user-defined piece (`<tool>`): ember's
     ids as a GGUF base equal llama.cpp's, which splits such pieces out of the text first.
-(l) ember's own quantized files (`export gguf --type`, its thirteen quantized types) against
+(l) ember's own quantized files (`export gguf --type`: its fifteen quantized types, and with a
+    matrix also the nine llama-quantize writes only with one: q2_k_s, iq3_xs, iq3_xxs, iq2_m,
+    iq2_s, iq2_xs, iq2_xxs, iq1_m, iq1_s) against
     llama.cpp's quantizer (llama-quantize's file types) run on ember's f32 export of the same
     model (SmolLM2; a 256-wide tiny LLaMA whose rows fill whole super-blocks; an 80-layer one with
     grouped KV heads, llama.cpp's 70B type; an 8-layer one with 4 query heads per KV head): the
@@ -549,7 +551,10 @@ save_file(t, os.path.join(folder, "model.safetensors"))
 """
 
 
-QUANTIZED_TYPES = ("q8_0", "q4_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "iq4_xs", "iq4_nl")
+QUANTIZED_TYPES = ("q8_0", "q4_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "iq4_xs", "iq4_nl",
+                   "iq3_m", "iq3_s")
+# Written only with an importance matrix (llama-quantize refuses them without).
+NEEDS_IMPORTANCE = ("q2_k_s", "iq3_xs", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
 
 
 def verify_k_quants(ember, models, work, examples, types=QUANTIZED_TYPES, with_importance=False):
@@ -569,8 +574,8 @@ def verify_k_quants(ember, models, work, examples, types=QUANTIZED_TYPES, with_i
             path = os.path.join(work, f"k-{os.path.basename(model)}-imatrix.gguf")
             importance, imatrix = write_importance_matrix(f32, path), ["--imatrix", path]
             label = f"{label} with an importance matrix"
-        # q2_k_s is written only with a matrix, by both.
-        for ty in (*types, "q2_k_s") if with_importance else types:
+        # The types written only with a matrix, by both.
+        for ty in (*types, *NEEDS_IMPORTANCE) if with_importance else types:
             ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ty.upper()}")
             ours, theirs = (os.path.join(work, f"k-{os.path.basename(model)}-{ty}-{who}.gguf") for who in ("ember", "llamacpp"))
             run([ember, "export", "gguf", "--base", model, "--out", ours, "--type", ty, *pre, *imatrix])
@@ -589,7 +594,7 @@ def verify_k_quants(ember, models, work, examples, types=QUANTIZED_TYPES, with_i
                 n = differing[0]
                 x, y = np.asarray(a[n].data).view(np.uint8).ravel(), np.asarray(b[n].data).view(np.uint8).ravel()
                 detail = f"; first differing tensor {n}: {int((x != y).sum())} of {x.size} bytes differ"
-            if with_importance and ty != "q2_k_s":
+            if with_importance and ty not in NEEDS_IMPORTANCE:
                 # The matrix is seen to matter: tensors whose bytes differ from the plain export.
                 plain = os.path.join(work, f"k-{os.path.basename(model)}-{ty}-plain.gguf")
                 run([ember, "export", "gguf", "--base", model, "--out", plain, "--type", ty, *pre])
@@ -643,7 +648,7 @@ print(f"{len(sums)} entries, {max(counts.values())} tokens")
 """
 
 
-def verify_real_importance(args, ember, base, work, examples, types=("q6_k", "q4_k_m", "q4_0", "q3_k_m", "iq4_xs", "q2_k")):
+def verify_real_importance(args, ember, base, work, examples, types=("q6_k", "q4_k_m", "q4_0", "q3_k_m", "iq4_xs", "q2_k", "iq3_m", "iq3_xxs", "iq2_m", "iq1_m")):
     """(l): an importance matrix of SmolLM2's real activations (transformers, llama-imatrix's
     quantity: each linear input column's mean square over the tokens of Alpaca records 50-199,
     disjoint from the 50 evaluated): per type, perplexity without and with it, and whether
@@ -673,7 +678,10 @@ def verify_real_importance(args, ember, base, work, examples, types=("q6_k", "q4
     lines = []
     for ty in types:
         ppl = {}
+        ppl["without"] = float("nan")  # the types llama-quantize writes only with a matrix
         for label, extra in (("without", []), ("with", ["--imatrix", imatrix])):
+            if label == "without" and ty in NEEDS_IMPORTANCE:
+                continue
             path = os.path.join(work, f"imatrix-{ty}-{label}.gguf")
             run([ember, "export", "gguf", "--base", base, "--out", path, "--type", ty, *extra])
             llm = Llama(model_path=path, n_ctx=512, logits_all=True, verbose=False)

@@ -49,7 +49,7 @@ pub fn recipe(path: &Path, shape: Option<&str>, overrides: &[String]) -> anyhow:
     let batch = BatchShape::worst_case(t.micro_batch_size, recipe.data.cutoff_len);
     let projection_bytes = match shape {
         Some(_) => recipe.model.quantization().map(ember_models::nf4::bytes_per_value),
-        None => memory::projection_bytes(&recipe.model.path, recipe.model.quantization())?,
+        None => memory::projection_bytes(&recipe.model.path, recipe.model.quantization(), memory::weight_bytes(recipe.model.dtype, &model))?,
     };
     let estimate = memory::estimate(&model, method, memory::weight_bytes(recipe.model.dtype, &model), projection_bytes, &batch, t.step_options(), recipe.model.device);
     let gib = |bytes: f64| bytes / (1u64 << 30) as f64;

@@ -450,7 +450,8 @@ enum ExportCommand {
         #[arg(long)]
         out: PathBuf,
         /// f32, f16, bf16, q8_0, q4_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k,
-        /// q2_k_s (needs --imatrix), iq4_xs or iq4_nl.
+        /// iq4_xs, iq4_nl, iq3_m, iq3_s; with --imatrix also q2_k_s, iq3_xs, iq3_xxs, iq2_m, iq2_s,
+        /// iq2_xs, iq2_xxs, iq1_m, iq1_s.
         #[arg(long = "type", default_value = "f16")]
         ty: String,
         /// llama.cpp's pre-tokenizer (`tokenizer.ggml.pre`) for a byte-level BPE tokenizer it

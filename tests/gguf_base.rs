@@ -128,8 +128,36 @@ fn what_ember_cannot_train_on_is_one_error_line() {
     assert_bad_input(&output, &["tiny-q4_0.gguf", "ember import gguf", "gguf-lora"]);
     assert!(!dir.path().join("merged").exists());
 
-    // A type ember does not read (IQ2_XXS, type 16) names the type and the tensor.
-    set_tensor_type(&gguf, "blk.0.ffn_down.weight", 16);
+    // A type ember does not read (TQ1_0, type 34) names the type and the tensor.
+    set_tensor_type(&gguf, "blk.0.ffn_down.weight", 34);
     let output = train(&gguf, &dir.path().join("run-k"), &[]);
-    assert_bad_input(&output, &["blk.0.ffn_down.weight", "IQ2_XXS"]);
+    assert_bad_input(&output, &["blk.0.ffn_down.weight", "TQ1_0"]);
+}
+
+/// The lattice types (IQ3_S here, with Q4_K and Q6_K beside it in an IQ3_M file) are kept as
+/// 4-bit codes of their grid values: training on the file equals training on `ember import
+/// gguf`'s f32 folder.
+#[test]
+fn training_on_lattice_types_equals_training_on_their_dequantized_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let wide = dir.path().join("wide");
+    let kquants = repository().join("tests/fixtures/ggml_quants/tiny_llama_kquants.gguf");
+    run_ok(&["import", "gguf", kquants.to_str().unwrap(), "--out", wide.to_str().unwrap()]);
+    let gguf = dir.path().join("wide-iq3_m.gguf");
+    run_ok(&["export", "gguf", "--base", wide.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "iq3_m", "--pre", "gpt-2"]);
+    let file = ember_models::gguf::GgufFile::open(&gguf).unwrap();
+    assert_eq!(file.tensor("blk.0.attn_q.weight").unwrap().ggml_type, ember_models::gguf::GgmlType::IQ3_S);
+    // All projections stay in their blocks' codes: about 0.55 bytes a value whatever the dtype.
+    let per_value = |dense: f64| file.projection_bytes_per_value(dense).unwrap();
+    assert!(per_value(4.0) == per_value(2.0) && per_value(2.0) < 0.6, "{} {}", per_value(4.0), per_value(2.0));
+    let folder = dir.path().join("imported");
+    run_ok(&["import", "gguf", gguf.to_str().unwrap(), "--out", folder.to_str().unwrap()]);
+    let (on_gguf, on_folder) = (dir.path().join("run-gguf"), dir.path().join("run-folder"));
+    for (base, run) in [(&gguf, &on_gguf), (&folder, &on_folder)] {
+        let output = train(base, run, &["--set", "adapter.target_modules=\"all-linear\""]);
+        assert!(output.status.success(), "{}: {}", base.display(), String::from_utf8_lossy(&output.stderr));
+    }
+    assert_eq!(losses(&on_gguf), losses(&on_folder));
+    let weights = |run: &Path| std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(weights(&on_gguf) == weights(&on_folder), "the adapters differ");
 }

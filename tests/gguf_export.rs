@@ -81,7 +81,7 @@ fn f32_round_trips_bit_for_bit_and_quantized_types_stay_within_their_step() {
 /// wide, so its rows fill whole super-blocks; tiny_llama's 64 and 176 fall back.
 #[test]
 fn k_quant_mixtures_choose_llama_cpps_types_and_decode_within_their_steps() {
-    use ember_models::gguf::GgmlType::{self, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
+    use ember_models::gguf::GgmlType::{self, F16, F32, IQ3_S, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
     let dir = tempfile::tempdir().unwrap();
     let wide = wide_tiny_llama(dir.path());
     // One layer: llama.cpp's use_more_bits picks it (it is in the last eighth).
@@ -110,10 +110,14 @@ fn k_quant_mixtures_choose_llama_cpps_types_and_decode_within_their_steps() {
     // IQ4_NL's 32-value blocks fit rows of 64; Q2_K falls back to Q4_0.
     let narrow_iq4_nl: &[(&str, GgmlType)] = &[("blk.1.attn_q.weight", IQ4_NL), ("blk.1.ffn_down.weight", F16), ("output.weight", Q8_0)];
     let narrow_q2_k: &[(&str, GgmlType)] = &[("blk.1.attn_q.weight", Q4_0), ("blk.1.attn_v.weight", Q4_0), ("output.weight", Q8_0)];
+    // IQ3_M: IQ3_S, with Q4_K for attn_v and attn_output.
+    let wide_iq3_m: &[(&str, GgmlType)] = &[("blk.0.attn_q.weight", IQ3_S), ("blk.0.attn_v.weight", Q4_K), ("blk.0.attn_output.weight", Q4_K),
+        ("blk.0.ffn_down.weight", IQ3_S), ("token_embd.weight", IQ3_S), ("output.weight", Q6_K)];
+    let narrow_iq3_s: &[(&str, GgmlType)] = &[("blk.1.attn_q.weight", IQ4_NL), ("blk.1.ffn_down.weight", F16), ("output.weight", Q8_0)];
     let narrow = fixture("tiny_llama");
     for (base, ty, file_type, expected, tolerance) in
         [(&wide, "q4_k_m", 15, wide_q4_k_m, 0.12f32), (&wide, "q4_k_s", 14, wide_q4_k_s, 0.12), (&wide, "q3_k_m", 12, wide_q3_k_m, 0.3), (&wide, "q5_k_m", 17, wide_q5_k_m, 0.06), (&wide, "q6_k", 18, wide_q6_k, 0.03),
-         (&wide, "q3_k_l", 13, wide_q3_k_l, 0.3), (&wide, "q2_k", 10, wide_q2_k, 0.5), (&wide, "iq4_xs", 30, wide_iq4_xs, 0.15),
+         (&wide, "q3_k_l", 13, wide_q3_k_l, 0.3), (&wide, "q2_k", 10, wide_q2_k, 0.5), (&wide, "iq4_xs", 30, wide_iq4_xs, 0.15), (&wide, "iq3_m", 27, wide_iq3_m, 0.35), (&narrow, "iq3_s", 26, narrow_iq3_s, 0.12),
          (&narrow, "q4_k_m", 15, narrow_q4_k_m, 0.07), (&narrow, "q5_k_m", 17, narrow_q5_k_m, 0.04), (&narrow, "q4_0", 2, narrow_q4_0, 1.0 / 7.0),
          (&narrow, "iq4_nl", 25, narrow_iq4_nl, 0.12), (&narrow, "q2_k", 10, narrow_q2_k, 1.0 / 7.0)]
     {
@@ -180,17 +184,25 @@ fn an_importance_matrix_weighs_the_quantization() {
     let back = dir.path().join("imported-weighted");
     assert_imports_within(&weighted_path, &back, &f32_tensors(&wide.join("model.safetensors")), 0.12, "q4_k_m with an importance matrix");
 
-    // q2_k_s needs the matrix, as llama-quantize does: with it, Q2_K blocks; without, one error line.
-    let q2_k_s = dir.path().join("q2_k_s.gguf");
-    let base_args = ["export", "gguf", "--base", wide.to_str().unwrap(), "--out", q2_k_s.to_str().unwrap(), "--type", "q2_k_s", "--pre", "gpt-2"];
-    let output = ember(&[&base_args[..], &["--imatrix", imatrix.to_str().unwrap()]].concat());
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let file = GgufFile::open(&q2_k_s).unwrap();
-    assert_eq!(file.metadata.get("general.file_type").unwrap().as_u64(), Some(21));
-    assert_eq!(file.tensor("blk.0.attn_q.weight").unwrap().ggml_type, ember_models::gguf::GgmlType::Q2_K);
-    std::fs::remove_file(&q2_k_s).unwrap();
-    assert_bad_input(&ember(&base_args), &["q2_k_s", "--imatrix"]);
-    assert!(!q2_k_s.exists());
+    // q2_k_s and the 2-bit lattice types need the matrix, as llama-quantize does: with it, their
+    // blocks, decoding within each tensor's range (the matrix favours every fifth column 100 to 1,
+    // so the others may be off by that much; byte-equality is verify-llamacpp's (l)); without,
+    // one error line.
+    use ember_models::gguf::GgmlType;
+    for (ty, file_type, attn_q) in [("q2_k_s", 21, GgmlType::Q2_K), ("iq2_xxs", 19, GgmlType::IQ2_XXS), ("iq3_xxs", 23, GgmlType::IQ2_S)] {
+        let path = dir.path().join(format!("{ty}.gguf"));
+        let base_args = ["export", "gguf", "--base", wide.to_str().unwrap(), "--out", path.to_str().unwrap(), "--type", ty, "--pre", "gpt-2"];
+        let output = ember(&[&base_args[..], &["--imatrix", imatrix.to_str().unwrap()]].concat());
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let file = GgufFile::open(&path).unwrap();
+        assert_eq!(file.metadata.get("general.file_type").unwrap().as_u64(), Some(file_type), "{ty}");
+        assert_eq!(file.tensor("blk.0.attn_q.weight").unwrap().ggml_type, attn_q, "{ty}");
+        let back = dir.path().join(format!("imported-{ty}"));
+        assert_imports_within(&path, &back, &f32_tensors(&wide.join("model.safetensors")), 1.0, ty);
+        std::fs::remove_file(&path).unwrap();
+        assert_bad_input(&ember(&base_args), &[ty, "--imatrix"]);
+        assert!(!path.exists());
+    }
 
     // Another model's matrix (rows of another length), and a float type: one error line each.
     let mut foreign = entries.clone();

@@ -1,5 +1,6 @@
 //! A frozen weight kept in a GGUF file's quantized blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K,
-//! Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS), so that a model is fine-tuned on the very file llama.cpp runs: the blocks' bits
+//! Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, and the lattice types IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS,
+//! IQ2_S, IQ1_S, IQ1_M), so that a model is fine-tuned on the very file llama.cpp runs: the blocks' bits
 //! are split into a plane of codes and planes of scales (and minimums), and dequantized a band of
 //! rows at a time in the forward pass, each value as ggml computes it.
 //!
@@ -21,6 +22,9 @@
 //! - IQ4_NL (32): as Q4_0, but a code stands for `kvalues_iq4nl[q]`, a non-linear grid; value
 //!   `d·kvalues[q]`. IQ4_XS (256): f16 `d`, u16 of high scale bits, 4 bytes of low scale nibbles,
 //!   then eight IQ4_NL runs of nibbles; value `(d·(sc − 32))·kvalues[q]` per sub-block of 32.
+//! - The lattice types (256; `crate::ggml_encode::lattice`): a value's grid level and sign (IQ1:
+//!   its shift's) become a 4-bit code, its sub-block's scale a byte; value
+//!   `(d·sc)·code_value(q)`, exact in f32 and so ggml's value bit for bit.
 //!
 //! In memory, 2-bit codes keep four a byte (in value order), 3- and 4-bit codes two (the first
 //! half of each scale's group in the low nibbles, as Q4_0), 8-bit codes one. 5- and 6-bit codes
@@ -28,7 +32,8 @@
 //! four pairs of fifth and sixth bits) a byte in value order: byte-table lookups make any of them
 //! dense, and a code's two parts add up exactly before the scale. With their scales, Q2_K then
 //! holds 0.39 bytes a value, Q3_K 0.57, IQ4_XS 0.54, Q5_0 0.69, Q5_K 0.70 and Q6_K 0.82 (as the
-//! file).
+//! file); the lattice types 0.54 (IQ3_XXS, IQ3_S, IQ2_XXS, IQ1_S) or 0.57 (IQ2_XS, IQ2_S, IQ1_M),
+//! against their files' 0.38 to 0.20.
 
 use std::ops::Range;
 
@@ -36,6 +41,7 @@ use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::fused::kernels::Packing;
+use crate::ggml_encode::lattice;
 use crate::gguf::{block_codes, code_value, iq4_xs_scale, k_scale_min, q3_k_scale, GgmlType, GgufFile, HfTensor, unpermute_rows};
 use crate::nf4::{lookup_bytes, u8_tensor};
 use crate::LoadError;
@@ -91,6 +97,7 @@ impl Layout {
             GgmlType::Q6_K => (256, 16, 2, false, 2),
             GgmlType::IQ4_NL => (32, 32, 2, false, 0),
             GgmlType::IQ4_XS => (256, 32, 2, false, 0),
+            kind if kind.lattice().is_some() => (256, lattice::sub_block(kind), 2, false, 0),
             other => unreachable!("{other:?} blocks are read only when GgmlWeight::reads them"),
         };
         Self { block, group, per_byte, mins, high_bits }
@@ -157,7 +164,11 @@ struct Planes {
 impl Planes {
     fn push_block(&mut self, kind: GgmlType, b: &[u8]) {
         self.block.clear();
-        block_codes(kind, b, &mut self.block);
+        // A lattice block as 4-bit codes of its grid levels and signs, with sub-block scales.
+        let lattice_d = kind.lattice().is_some().then(|| lattice::split(kind, b, &mut self.block, &mut self.sub_scales));
+        if lattice_d.is_none() {
+            block_codes(kind, b, &mut self.block);
+        }
         let layout = Layout::of(kind);
         match layout.per_byte {
             // Q4_0's order in each group: value j in the low nibble of byte j, j + group/2 high.
@@ -172,6 +183,10 @@ impl Planes {
         }
         if layout.high_bits > 0 {
             self.high_bits.extend(side_by_side(&self.block, layout.high_bits, |q| q >> 4));
+        }
+        if let Some(d) = lattice_d {
+            self.scales.push(d);
+            return;
         }
         let half_at = |i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]);
         match kind {
@@ -211,7 +226,7 @@ impl Planes {
 }
 
 impl GgmlWeight {
-    /// Whether ember trains on `kind`'s blocks as they are.
+    /// Whether ember trains on `kind`'s blocks (the float types load dense).
     pub fn reads(kind: GgmlType) -> bool {
         !matches!(kind, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
     }
@@ -354,6 +369,13 @@ mod tests {
             GgmlType::Q6_K,
             GgmlType::IQ4_NL,
             GgmlType::IQ4_XS,
+            GgmlType::IQ3_XXS,
+            GgmlType::IQ3_S,
+            GgmlType::IQ2_XXS,
+            GgmlType::IQ2_XS,
+            GgmlType::IQ2_S,
+            GgmlType::IQ1_S,
+            GgmlType::IQ1_M,
         ] {
             let bytes = blocks(kind, out * inp);
             let host = dequantize(kind, &bytes);
@@ -376,7 +398,9 @@ mod tests {
     fn blocks(kind: GgmlType, values: usize) -> Vec<u8> {
         let (per_block, block_bytes) = (kind.block().0 as usize, kind.block_bytes());
         let halves: &[usize] = match kind {
+            GgmlType::IQ1_M => &[],
             GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS => &[0],
+            kind if kind.lattice().is_some() => &[0],
             GgmlType::Q6_K => &[208],
             GgmlType::Q2_K => &[80, 82],
             GgmlType::Q3_K => &[108],
@@ -388,6 +412,13 @@ mod tests {
                 for (i, &at) in halves.iter().enumerate() {
                     let value = if i == 0 { 0.013 * (b as f32 + 1.0) } else { -0.07 * b as f32 + 0.02 };
                     block[at..at + 2].copy_from_slice(&half::f16::from_f32(value).to_le_bytes());
+                }
+                if kind == GgmlType::IQ1_M {
+                    // Its f16 `d` is the top nibbles of the four u16 scales at byte 48.
+                    let d = half::f16::from_f32(0.013 * (b as f32 + 1.0)).to_bits();
+                    for i in 0..4 {
+                        block[49 + 2 * i] = block[49 + 2 * i] & 0x0f | ((d >> (4 * i)) as u8 & 0x0f) << 4;
+                    }
                 }
                 block
             })
@@ -406,5 +437,8 @@ mod tests {
         assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q2_K), 0.25 + 4.0 / 256.0 + 2.0 / 16.0);
         assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q3_K), 0.5 + 2.0 / 256.0 + 1.0 / 16.0);
         assert_eq!(GgmlWeight::bytes_per_value(GgmlType::IQ4_XS), 0.5 + 2.0 / 256.0 + 1.0 / 32.0);
+        // Lattice types as 4-bit codes, a scale byte per 32 (IQ3, IQ2_XXS, IQ1_S) or 16 values.
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::IQ3_S), 0.5 + 2.0 / 256.0 + 1.0 / 32.0);
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::IQ2_XS), 0.5 + 2.0 / 256.0 + 1.0 / 16.0);
     }
 }

@@ -1,7 +1,8 @@
 //! ggml's quantizers for Q8_0, Q4_0, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and
 //! IQ4_XS, as `llama-quantize` runs them without an importance matrix: the same search for each
 //! block's scales, in the same f32 operations, so that ember's GGUF files hold the blocks
-//! llama.cpp would write from the same f32 weights.
+//! llama.cpp would write from the same f32 weights. [`importance`] has their variants weighted by
+//! an importance matrix, [`lattice`] the grid types (IQ3_XXS, IQ3_S, IQ2_*, IQ1_S, IQ1_M).
 //!
 //! Layouts (little-endian, one block after another):
 //! - Q8_0, 32 values in 34 bytes: f16 `d`, 32 i8 codes; value = `q·d`.
@@ -33,7 +34,9 @@ use rayon::prelude::*;
 
 use crate::gguf::IQ4_VALUES;
 
+mod grids;
 pub mod importance;
+pub mod lattice;
 
 /// Below this a block counts as all zeros (ggml's `GROUP_MAX_EPS`).
 const GROUP_MAX_EPS: f32 = 1e-15;

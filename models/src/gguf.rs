@@ -19,6 +19,7 @@ use ember_data::tiktoken::split_then_byte_level;
 use ember_data::tokenizer::Flavour;
 
 use crate::config::{Architecture, RopeScaling};
+use crate::ggml_encode::lattice::{self, Grid};
 use crate::family::{KeyLayout, Role};
 use crate::{LoadError, glm, llama};
 
@@ -43,6 +44,13 @@ pub enum GgmlType {
     Q6_K,
     IQ4_NL,
     IQ4_XS,
+    IQ2_XXS,
+    IQ2_XS,
+    IQ2_S,
+    IQ3_XXS,
+    IQ3_S,
+    IQ1_S,
+    IQ1_M,
     BF16,
 }
 
@@ -61,11 +69,24 @@ impl GgmlType {
             12 => Self::Q4_K,
             13 => Self::Q5_K,
             14 => Self::Q6_K,
+            16 => Self::IQ2_XXS,
+            17 => Self::IQ2_XS,
+            18 => Self::IQ3_XXS,
+            19 => Self::IQ1_S,
             20 => Self::IQ4_NL,
+            21 => Self::IQ3_S,
+            22 => Self::IQ2_S,
             23 => Self::IQ4_XS,
+            29 => Self::IQ1_M,
             30 => Self::BF16,
             _ => return None,
         })
+    }
+
+    /// The types ember reads, by ggml's names: "F32, F16, …, IQ3_S".
+    fn names() -> String {
+        let names: Vec<String> = (0..=40).filter(|&id| Self::from_id(id).is_some()).map(|id| ggml_type_name(id).split(' ').next().unwrap_or_default().to_string()).collect();
+        names.join(", ")
     }
 
     /// Bytes per block.
@@ -90,7 +111,27 @@ impl GgmlType {
             Self::Q6_K => (256, 210),
             Self::IQ4_NL => (32, 18),
             Self::IQ4_XS => (256, 136),
+            Self::IQ2_XXS => (256, 66),
+            Self::IQ2_XS => (256, 74),
+            Self::IQ2_S => (256, 82),
+            Self::IQ3_XXS => (256, 98),
+            Self::IQ3_S => (256, 110),
+            Self::IQ1_S => (256, 50),
+            Self::IQ1_M => (256, 56),
         }
+    }
+
+    /// The lattice of an IQ1/IQ2/IQ3 type, whose blocks hold grid indices rather than codes.
+    pub(crate) fn lattice(self) -> Option<Grid> {
+        Some(match self {
+            Self::IQ2_XXS => Grid::Iq2Xxs,
+            Self::IQ2_XS => Grid::Iq2Xs,
+            Self::IQ2_S => Grid::Iq2S,
+            Self::IQ3_XXS => Grid::Iq3Xxs,
+            Self::IQ3_S => Grid::Iq3S,
+            Self::IQ1_S | Self::IQ1_M => Grid::Iq1,
+            _ => return None,
+        })
     }
 }
 
@@ -310,7 +351,7 @@ impl GgufFile {
         for (name, dims, type_id, offset) in infos {
             let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason: format!("GGUF tensor '{name}': {reason}") };
             let ggml_type = GgmlType::from_id(type_id)
-                .ok_or_else(|| invalid(format!("ggml type {} is not supported (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)", ggml_type_name(type_id))))?;
+                .ok_or_else(|| invalid(format!("ggml type {} is not supported (supported: {})", ggml_type_name(type_id), GgmlType::names())))?;
             let elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).filter(|&n| n > 0)
                 .ok_or_else(|| invalid(format!("dimensions {dims:?} are empty or overflow")))?;
             let (block_elems, block_bytes) = ggml_type.block();
@@ -372,6 +413,12 @@ pub(crate) fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
     }
     let (per_block, block_bytes) = kind.block();
     let mut out = Vec::with_capacity(bytes.len() / block_bytes as usize * per_block as usize);
+    if kind.lattice().is_some() {
+        for b in bytes.chunks_exact(block_bytes as usize) {
+            lattice::decode(kind, b, &mut out);
+        }
+        return out;
+    }
     let mut q = Vec::with_capacity(per_block as usize);
     for b in bytes.chunks_exact(block_bytes as usize) {
         q.clear();
@@ -431,6 +478,7 @@ pub(crate) fn code_value(kind: GgmlType, code: u8) -> f32 {
         GgmlType::Q3_K => (code as i32 - 4) as f32,
         GgmlType::Q6_K => (code as i32 - 32) as f32,
         GgmlType::IQ4_NL | GgmlType::IQ4_XS => IQ4_VALUES[code as usize] as f32,
+        kind if kind.lattice().is_some() => lattice::code_value(kind, code),
         _ => code as f32,
     }
 }
@@ -496,6 +544,9 @@ pub(crate) fn block_codes(kind: GgmlType, b: &[u8], out: &mut Vec<u8>) {
             }));
         }
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("{kind:?} is not a block type"),
+        GgmlType::IQ2_XXS | GgmlType::IQ2_XS | GgmlType::IQ2_S | GgmlType::IQ3_XXS | GgmlType::IQ3_S | GgmlType::IQ1_S | GgmlType::IQ1_M => {
+            unreachable!("{kind:?} holds grid indices, not codes")
+        }
     }
 }
 
@@ -700,19 +751,20 @@ impl GgufFile {
         Ok((named, skipped))
     }
 
-    /// Bytes per value of the decoder projections ember keeps in their blocks
-    /// ([`crate::ggml::GgmlWeight`]) as it holds them in memory, over those projections; `None`
-    /// when none is quantized.
-    pub fn projection_bytes_per_value(&self) -> Option<f64> {
+    /// Bytes per value of the decoder projections as ember holds them in memory: in their blocks
+    /// ([`crate::ggml::GgmlWeight`]), or dense at `dense_bytes` (float and lattice types); `None`
+    /// when none keeps its blocks.
+    pub fn projection_bytes_per_value(&self, dense_bytes: f64) -> Option<f64> {
         use crate::ggml::GgmlWeight;
         let keys = self.keys().ok()?;
-        let (bytes, values) = self
-            .tensors
-            .iter()
-            .filter(|t| GgmlWeight::reads(t.ggml_type) && hf_name(keys, &t.name).is_some_and(|(_, role)| role.is_some()))
-            .map(|t| (t.ggml_type, t.shape.iter().product::<usize>() as f64))
-            .fold((0.0, 0.0), |(bytes, values), (kind, n)| (bytes + n * GgmlWeight::bytes_per_value(kind), values + n));
-        (values > 0.0).then(|| bytes / values)
+        let projections = self.tensors.iter().filter(|t| hf_name(keys, &t.name).is_some_and(|(_, role)| role.is_some()));
+        let (bytes, values, in_blocks) = projections.fold((0.0, 0.0, false), |(bytes, values, in_blocks), t| {
+            let n = t.shape.iter().product::<usize>() as f64;
+            let reads = GgmlWeight::reads(t.ggml_type);
+            let per_value = if reads { GgmlWeight::bytes_per_value(t.ggml_type) } else { dense_bytes };
+            (bytes + n * per_value, values + n, in_blocks || reads)
+        });
+        (in_blocks && values > 0.0).then(|| bytes / values)
     }
 
     /// The tensor's f32 values in HF order (dequantized, q/k rows un-permuted).
@@ -1133,6 +1185,13 @@ mod tests {
             (GgmlType::Q6_K, 14),
             (GgmlType::IQ4_NL, 20),
             (GgmlType::IQ4_XS, 23),
+            (GgmlType::IQ2_XXS, 16),
+            (GgmlType::IQ2_XS, 17),
+            (GgmlType::IQ2_S, 22),
+            (GgmlType::IQ3_XXS, 18),
+            (GgmlType::IQ3_S, 21),
+            (GgmlType::IQ1_S, 19),
+            (GgmlType::IQ1_M, 29),
         ] {
             assert_eq!(GgmlType::from_id(id), Some(kind));
             let name = format!("{kind:?}");

@@ -56,6 +56,13 @@ pub enum TensorType {
     Q6_K,
     IQ4_NL,
     IQ4_XS,
+    IQ2_XXS,
+    IQ2_XS,
+    IQ2_S,
+    IQ3_XXS,
+    IQ3_S,
+    IQ1_S,
+    IQ1_M,
 }
 
 impl TensorType {
@@ -85,8 +92,15 @@ impl TensorType {
             Self::Q4_K => 12,
             Self::Q5_K => 13,
             Self::Q6_K => 14,
+            Self::IQ2_XXS => 16,
+            Self::IQ2_XS => 17,
+            Self::IQ3_XXS => 18,
+            Self::IQ1_S => 19,
             Self::IQ4_NL => 20,
+            Self::IQ3_S => 21,
+            Self::IQ2_S => 22,
             Self::IQ4_XS => 23,
+            Self::IQ1_M => 29,
             Self::Bf16 => 30,
         }
     }
@@ -108,6 +122,13 @@ impl TensorType {
             Self::Q6_K => (256, 210),
             Self::IQ4_NL => (32, 18),
             Self::IQ4_XS => (256, 136),
+            Self::IQ2_XXS => (256, 66),
+            Self::IQ2_XS => (256, 74),
+            Self::IQ2_S => (256, 82),
+            Self::IQ3_XXS => (256, 98),
+            Self::IQ3_S => (256, 110),
+            Self::IQ1_S => (256, 50),
+            Self::IQ1_M => (256, 56),
         }
     }
 
@@ -118,7 +139,7 @@ impl TensorType {
     /// The type a tensor of `shape` gets when the file's type is `self`: vectors stay F32 (as
     /// llama.cpp's converter keeps them); rows that do not fill whole blocks fall back as
     /// llama-quantize does (Q2_K and Q3_K to Q4_0, Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0,
-    /// IQ4_XS to IQ4_NL, then to F16).
+    /// IQ4_XS and the lattice types to IQ4_NL, then to F16).
     pub fn for_shape(self, shape: &[usize]) -> Self {
         if shape.len() < 2 {
             return Self::F32;
@@ -130,7 +151,7 @@ impl TensorType {
             Self::Q4_K => Self::Q5_0,
             Self::Q5_K => Self::Q5_1,
             Self::Q6_K => Self::Q8_0,
-            Self::IQ4_XS => Self::IQ4_NL,
+            Self::IQ4_XS | Self::IQ2_XXS | Self::IQ2_XS | Self::IQ2_S | Self::IQ3_XXS | Self::IQ3_S | Self::IQ1_S | Self::IQ1_M => Self::IQ4_NL,
             other => other,
         };
         match [self, fallback].into_iter().find(|&ty| fits(ty)) {
@@ -175,6 +196,16 @@ pub enum ExportType {
     Q2_K_S,
     IQ4_XS,
     IQ4_NL,
+    IQ3_M,
+    IQ3_S,
+    IQ3_XS,
+    IQ3_XXS,
+    IQ2_M,
+    IQ2_S,
+    IQ2_XS,
+    IQ2_XXS,
+    IQ1_M,
+    IQ1_S,
 }
 
 /// What llama-quantize's choice of types reads from the model beyond a tensor's name and shape.
@@ -205,18 +236,26 @@ impl QuantizeModel {
 
 impl ExportType {
     /// Every type by its `--type` name.
-    const BY_NAME: [(&str, Self); 17] = [
+    const BY_NAME: [(&str, Self); 27] = [
         ("f32", Self::F32), ("f16", Self::F16), ("bf16", Self::Bf16), ("q8_0", Self::Q8_0), ("q4_0", Self::Q4_0),
         ("q6_k", Self::Q6_K), ("q5_k_m", Self::Q5_K_M), ("q5_k_s", Self::Q5_K_S), ("q4_k_m", Self::Q4_K_M),
         ("q4_k_s", Self::Q4_K_S), ("q3_k_l", Self::Q3_K_L), ("q3_k_m", Self::Q3_K_M), ("q3_k_s", Self::Q3_K_S),
         ("q2_k", Self::Q2_K), ("q2_k_s", Self::Q2_K_S), ("iq4_xs", Self::IQ4_XS), ("iq4_nl", Self::IQ4_NL),
+        ("iq3_m", Self::IQ3_M), ("iq3_s", Self::IQ3_S), ("iq3_xs", Self::IQ3_XS), ("iq3_xxs", Self::IQ3_XXS),
+        ("iq2_m", Self::IQ2_M), ("iq2_s", Self::IQ2_S), ("iq2_xs", Self::IQ2_XS), ("iq2_xxs", Self::IQ2_XXS),
+        ("iq1_m", Self::IQ1_M), ("iq1_s", Self::IQ1_S),
     ];
 
     pub fn parse(name: &str) -> Option<Self> {
         Self::BY_NAME.iter().find(|(known, _)| *known == name).map(|&(_, ty)| ty)
     }
 
-    /// The `--type` names, for an error message: "f32, f16, … or iq4_nl".
+    /// The `--type` name.
+    pub fn name(self) -> &'static str {
+        Self::BY_NAME.iter().find(|(_, ty)| *ty == self).map(|(name, _)| *name).expect("every type has a name")
+    }
+
+    /// The `--type` names, for an error message: "f32, f16, … or iq2_xxs".
     pub fn names() -> String {
         let names: Vec<&str> = Self::BY_NAME.iter().map(|(name, _)| *name).collect();
         let (last, rest) = names.split_last().expect("types");
@@ -240,8 +279,18 @@ impl ExportType {
             Self::Q5_K_M => 17,
             Self::Q6_K => 18,
             Self::Q2_K_S => 21,
+            Self::IQ2_XXS => 19,
+            Self::IQ2_XS => 20,
+            Self::IQ3_XS => 22,
+            Self::IQ3_XXS => 23,
+            Self::IQ1_S => 24,
             Self::IQ4_NL => 25,
+            Self::IQ3_S => 26,
+            Self::IQ3_M => 27,
+            Self::IQ2_S => 28,
+            Self::IQ2_M => 29,
             Self::IQ4_XS => 30,
+            Self::IQ1_M => 31,
             Self::Bf16 => 32,
         }
     }
@@ -261,6 +310,13 @@ impl ExportType {
             Self::Q2_K | Self::Q2_K_S => TensorType::Q2_K,
             Self::IQ4_XS => TensorType::IQ4_XS,
             Self::IQ4_NL => TensorType::IQ4_NL,
+            Self::IQ3_M | Self::IQ3_S | Self::IQ3_XS => TensorType::IQ3_S,
+            Self::IQ3_XXS => TensorType::IQ3_XXS,
+            Self::IQ2_M => TensorType::IQ2_S,
+            Self::IQ2_S | Self::IQ2_XS => TensorType::IQ2_XS,
+            Self::IQ2_XXS => TensorType::IQ2_XXS,
+            Self::IQ1_M => TensorType::IQ1_M,
+            Self::IQ1_S => TensorType::IQ1_S,
         }
     }
 
@@ -269,9 +325,27 @@ impl ExportType {
     }
 
     /// Whether the tensor `name` of type `ty` must be quantized with an importance matrix, as
-    /// llama-quantize requires: Q2_K_S's Q2_K tensors, but the embedding and the output.
+    /// llama-quantize requires: the 1- and 2-bit lattice types, IQ3_XXS and Q2_K_S's Q2_K tensors,
+    /// but not the embedding and the output.
     pub fn needs_importance(self, name: &str, ty: TensorType) -> bool {
-        self == Self::Q2_K_S && ty == TensorType::Q2_K && name != "token_embd.weight" && name != "output.weight"
+        let needs = match ty {
+            TensorType::IQ1_S | TensorType::IQ1_M | TensorType::IQ2_XXS | TensorType::IQ2_XS | TensorType::IQ2_S | TensorType::IQ3_XXS => true,
+            TensorType::Q2_K => self == Self::Q2_K_S,
+            _ => false,
+        };
+        needs && name != "token_embd.weight" && name != "output.weight"
+    }
+
+    /// Whether llama-quantize writes this type only with an importance matrix: some of its
+    /// tensors need one.
+    pub fn requires_importance(self) -> bool {
+        matches!(self, Self::Q2_K_S | Self::IQ3_XS | Self::IQ3_XXS) || self.below_three_bits()
+    }
+
+    /// llama.cpp's 1- and 2-bit lattice mixtures, whose attn_v, ffn_down and attn_output follow
+    /// rules of their own.
+    fn below_three_bits(self) -> bool {
+        matches!(self, Self::IQ2_M | Self::IQ2_S | Self::IQ2_XS | Self::IQ2_XXS | Self::IQ1_M | Self::IQ1_S)
     }
 
     /// The type of the GGUF tensor `name` of `shape` in `model`.
@@ -284,11 +358,37 @@ impl ExportType {
         let layer = name.strip_prefix("blk.").and_then(|rest| rest.split_once('.')).and_then(|(i, _)| i.parse::<usize>().ok());
         let more_bits = layer.is_some_and(|i| more_bits(i, model.layers));
         let early = |below: usize| layer.is_some_and(|i| i < below);
+        let grouped = model.gqa >= 4;
+        let middle = layer.is_some_and(|i| i >= model.layers / 8 && i < 7 * model.layers / 8);
+        let two_bit_wider = if matches!(self, Self::IQ2_S | Self::IQ2_M) { TensorType::IQ3_S } else { TensorType::Q2_K };
         let ty = if name == "output.weight" || (model.tied && name == "token_embd.weight") {
             let whole_blocks = shape.last().is_some_and(|cols| cols % main.block().0 == 0);
-            if whole_blocks && main != TensorType::Q8_0 { TensorType::Q6_K } else { TensorType::Q8_0 }
+            if !whole_blocks || main == TensorType::Q8_0 {
+                TensorType::Q8_0
+            } else if self.below_three_bits() || self == Self::IQ3_XXS {
+                TensorType::Q5_K
+            } else {
+                TensorType::Q6_K
+            }
+        } else if name == "token_embd.weight" {
+            match self {
+                Self::IQ2_XXS | Self::IQ2_XS | Self::IQ1_S | Self::IQ1_M => TensorType::Q2_K,
+                Self::IQ2_S | Self::IQ2_M | Self::IQ3_XXS => TensorType::IQ3_S,
+                _ => main,
+            }
+        } else if self.below_three_bits() {
+            if name.ends_with("attn_v.weight") || name.ends_with("attn_qkv.weight") {
+                if grouped { TensorType::Q4_K } else { two_bit_wider }
+            } else if name.ends_with("ffn_down.weight") && early(model.layers / 8) {
+                two_bit_wider
+            } else if name.ends_with("attn_output.weight") && matches!(self, Self::IQ2_S | Self::IQ2_M) {
+                TensorType::IQ3_S
+            } else if name.ends_with("attn_output.weight") && matches!(self, Self::IQ1_S | Self::IQ1_M) {
+                TensorType::IQ2_XXS
+            } else {
+                main
+            }
         } else if name.ends_with("attn_v.weight") || name.ends_with("attn_qkv.weight") {
-            let grouped = model.gqa >= 4;
             let ty = match self {
                 Self::Q4_K_M | Self::Q5_K_M if more_bits => TensorType::Q6_K,
                 Self::Q4_K_S if early(4) => TensorType::Q5_K,
@@ -298,9 +398,18 @@ impl ExportType {
                 Self::Q2_K | Self::Q2_K_S if grouped => TensorType::Q4_K,
                 Self::Q2_K => TensorType::Q3_K,
                 Self::IQ4_XS | Self::IQ4_NL if grouped => TensorType::Q5_K,
+                Self::IQ3_XXS | Self::IQ3_XS | Self::IQ3_S if grouped => TensorType::Q4_K,
+                Self::IQ3_XXS if !model.importance => TensorType::IQ3_S,
+                Self::IQ3_M => TensorType::Q4_K,
                 _ => main,
             };
             if model.seventy_b && matches!(ty, TensorType::Q3_K | TensorType::Q4_K) { TensorType::Q5_K } else { ty }
+        } else if name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight") {
+            match self {
+                Self::IQ3_XS => TensorType::IQ3_XXS,
+                Self::IQ3_XXS => TensorType::IQ2_S,
+                _ => main,
+            }
         } else if name.ends_with("ffn_down.weight") {
             match self {
                 Self::Q4_K_M | Self::Q5_K_M if more_bits => TensorType::Q6_K,
@@ -311,17 +420,22 @@ impl ExportType {
                 Self::Q2_K => TensorType::Q3_K,
                 Self::Q2_K_S if early(model.layers / 8) => TensorType::Q4_K,
                 Self::IQ4_XS | Self::IQ4_NL if early(model.layers / 8) && !model.importance => TensorType::Q5_K,
+                Self::IQ3_XXS if !model.importance => if early(model.layers / 8) { TensorType::Q4_K } else { TensorType::Q3_K },
+                Self::IQ3_M if early(model.layers / 8) => TensorType::Q4_K,
                 // With an importance matrix, llama.cpp's guard for the first ffn_down.
                 Self::Q4_0 if early(model.layers / 8) && model.importance => TensorType::Q4_1,
                 _ => main,
             }
         } else if name.ends_with("attn_output.weight") {
             match self {
-                Self::Q3_K_M => TensorType::Q4_K,
+                Self::Q3_K_M | Self::IQ3_M => TensorType::Q4_K,
                 Self::Q3_K_L => TensorType::Q5_K,
                 Self::Q2_K => TensorType::Q3_K,
+                Self::IQ3_XXS => TensorType::IQ3_S,
                 _ => main,
             }
+        } else if name.ends_with("ffn_gate.weight") || name.ends_with("ffn_up.weight") {
+            if self == Self::IQ3_XS && middle { TensorType::IQ3_XXS } else { main }
         } else {
             main
         };
@@ -339,6 +453,7 @@ fn more_bits(layer: usize, layers: usize) -> bool {
 /// `importance` of each column (the rows' length) when an importance matrix has it.
 pub fn encode(ty: TensorType, values: &[f32], importance: Option<&[f32]>) -> Vec<u8> {
     use ggml_encode::importance as weighted;
+    use ggml_encode::lattice;
     if let Some(importance) = importance {
         match ty {
             TensorType::Q4_0 => return weighted::encode_q4_0(values, importance),
@@ -352,6 +467,13 @@ pub fn encode(ty: TensorType, values: &[f32], importance: Option<&[f32]>) -> Vec
             TensorType::Q6_K => return weighted::encode_q6_k(values, importance),
             TensorType::IQ4_NL => return weighted::encode_iq4_nl(values, importance),
             TensorType::IQ4_XS => return weighted::encode_iq4_xs(values, importance),
+            TensorType::IQ2_XXS => return lattice::encode_iq2_xxs(values, importance),
+            TensorType::IQ2_XS => return lattice::encode_iq2_xs(values, importance),
+            TensorType::IQ2_S => return lattice::encode_iq2_s(values, Some(importance)),
+            TensorType::IQ3_XXS => return lattice::encode_iq3_xxs(values, Some(importance)),
+            TensorType::IQ3_S => return lattice::encode_iq3_s(values, Some(importance)),
+            TensorType::IQ1_S => return lattice::encode_iq1_s(values, importance),
+            TensorType::IQ1_M => return lattice::encode_iq1_m(values, Some(importance)),
             // Q8_0 and the float types have no use for it, as in llama.cpp.
             TensorType::F32 | TensorType::F16 | TensorType::Bf16 | TensorType::Q8_0 => {}
         }
@@ -372,6 +494,12 @@ pub fn encode(ty: TensorType, values: &[f32], importance: Option<&[f32]>) -> Vec
         TensorType::Q6_K => ggml_encode::encode_q6_k(values),
         TensorType::IQ4_NL => ggml_encode::encode_iq4_nl(values),
         TensorType::IQ4_XS => ggml_encode::encode_iq4_xs(values),
+        TensorType::IQ2_S => lattice::encode_iq2_s(values, None),
+        TensorType::IQ3_XXS => lattice::encode_iq3_xxs(values, None),
+        TensorType::IQ3_S => lattice::encode_iq3_s(values, None),
+        TensorType::IQ1_M => lattice::encode_iq1_m(values, None),
+        // ggml has no quantizer for them without importance; `needs_importance` sees to it.
+        TensorType::IQ2_XXS | TensorType::IQ2_XS | TensorType::IQ1_S => unreachable!("{ty:?} is written only with an importance matrix"),
     }
 }
 
@@ -883,5 +1011,76 @@ mod tests {
         assert!(!ExportType::Q2_K.needs_importance("blk.4.attn_q.weight", TensorType::Q2_K));
         let file_types: Vec<u32> = ["q2_k", "q3_k_s", "q3_k_l", "iq4_nl", "iq4_xs", "q2_k_s"].iter().map(|t| ExportType::parse(t).unwrap().file_type()).collect();
         assert_eq!(file_types, [10, 11, 13, 25, 30, 21]);
+    }
+
+    /// The IQ3 and IQ2 mixtures, as llama-quantize's `llama_tensor_get_type` (32 layers).
+    #[test]
+    fn lattice_mixtures_follow_llama_quantize() {
+        let model = |gqa, importance, tied| QuantizeModel { layers: 32, tied, seventy_b: false, gqa, importance };
+        let ty = |file: &str, name: &str, cols: usize, gqa: usize| ExportType::parse(file).unwrap().tensor_type(name, &[1024, cols], model(gqa, true, false));
+        // Main types: IQ3_S for iq3_s/iq3_m/iq3_xs, IQ2_XS for iq2_s, IQ2_S for iq2_m.
+        for (file, main) in [("iq3_s", TensorType::IQ3_S), ("iq3_m", TensorType::IQ3_S), ("iq3_xs", TensorType::IQ3_S), ("iq3_xxs", TensorType::IQ3_XXS),
+            ("iq2_m", TensorType::IQ2_S), ("iq2_s", TensorType::IQ2_XS), ("iq2_xs", TensorType::IQ2_XS), ("iq2_xxs", TensorType::IQ2_XXS)] {
+            assert_eq!(ty(file, "blk.1.ffn_gate.weight", 4096, 1), main, "{file}");
+            assert_eq!(ty(file, "blk.9.attn_q.weight", 576, 1), TensorType::IQ4_NL, "{file}: rows of 576 are not whole 256s");
+        }
+        // The output: Q5_K for the 2-bit types and iq3_xxs, Q6_K for the others.
+        for (file, output) in [("iq3_s", TensorType::Q6_K), ("iq3_m", TensorType::Q6_K), ("iq3_xxs", TensorType::Q5_K), ("iq2_xxs", TensorType::Q5_K), ("iq2_m", TensorType::Q5_K)] {
+            assert_eq!(ty(file, "output.weight", 4096, 1), output, "{file}");
+            let tied = ExportType::parse(file).unwrap().tensor_type("token_embd.weight", &[1024, 4096], model(1, true, true));
+            assert_eq!(tied, output, "{file}: a tied embedding is the output");
+        }
+        // An untied embedding: Q2_K (iq2_xxs, iq2_xs), IQ3_S (iq2_s, iq2_m, iq3_xxs), else the main type.
+        for (file, embedding) in [("iq2_xxs", TensorType::Q2_K), ("iq2_xs", TensorType::Q2_K), ("iq2_s", TensorType::IQ3_S), ("iq2_m", TensorType::IQ3_S), ("iq3_xxs", TensorType::IQ3_S), ("iq3_m", TensorType::IQ3_S)] {
+            assert_eq!(ty(file, "token_embd.weight", 4096, 1), embedding, "{file}");
+        }
+        // 2-bit: attn_v Q4_K when grouped, else IQ3_S (iq2_s, iq2_m) or Q2_K; the first eighth's
+        // ffn_down likewise; attn_output IQ3_S for iq2_s and iq2_m.
+        assert_eq!(ty("iq2_xxs", "blk.9.attn_v.weight", 4096, 4), TensorType::Q4_K);
+        assert_eq!(ty("iq2_xxs", "blk.9.attn_v.weight", 4096, 1), TensorType::Q2_K);
+        assert_eq!(ty("iq2_m", "blk.9.attn_v.weight", 4096, 1), TensorType::IQ3_S);
+        assert_eq!(ty("iq2_xs", "blk.3.ffn_down.weight", 4096, 1), TensorType::Q2_K);
+        assert_eq!(ty("iq2_s", "blk.3.ffn_down.weight", 4096, 1), TensorType::IQ3_S);
+        assert_eq!(ty("iq2_s", "blk.4.ffn_down.weight", 4096, 1), TensorType::IQ2_XS);
+        assert_eq!(ty("iq2_s", "blk.9.attn_output.weight", 4096, 1), TensorType::IQ3_S);
+        assert_eq!(ty("iq2_xxs", "blk.9.attn_output.weight", 4096, 1), TensorType::IQ2_XXS);
+        assert_eq!(ty("iq2_xxs", "blk.9.attn_k.weight", 4096, 1), TensorType::IQ2_XXS);
+        // iq3_xxs: IQ2_S for attn_q/attn_k, IQ3_S for attn_output; attn_v IQ3_XXS with a matrix,
+        // IQ3_S without, Q4_K when grouped; without a matrix ffn_down Q4_K/Q3_K.
+        assert_eq!(ty("iq3_xxs", "blk.9.attn_q.weight", 4096, 1), TensorType::IQ2_S);
+        assert_eq!(ty("iq3_xxs", "blk.9.attn_k.weight", 4096, 1), TensorType::IQ2_S);
+        assert_eq!(ty("iq3_xxs", "blk.9.attn_output.weight", 4096, 1), TensorType::IQ3_S);
+        assert_eq!(ty("iq3_xxs", "blk.9.attn_v.weight", 4096, 1), TensorType::IQ3_XXS);
+        assert_eq!(ty("iq3_xxs", "blk.9.attn_v.weight", 4096, 4), TensorType::Q4_K);
+        let plain = |name: &str| ExportType::IQ3_XXS.tensor_type(name, &[1024, 4096], model(1, false, false));
+        assert_eq!(plain("blk.9.attn_v.weight"), TensorType::IQ3_S);
+        assert_eq!(plain("blk.3.ffn_down.weight"), TensorType::Q4_K);
+        assert_eq!(plain("blk.4.ffn_down.weight"), TensorType::Q3_K);
+        assert_eq!(ty("iq3_xxs", "blk.4.ffn_down.weight", 4096, 1), TensorType::IQ3_XXS);
+        // iq3_xs: IQ3_XXS for attn_q/attn_k and the middle layers' ffn_gate/ffn_up.
+        assert_eq!(ty("iq3_xs", "blk.9.attn_k.weight", 4096, 1), TensorType::IQ3_XXS);
+        assert_eq!(ty("iq3_xs", "blk.4.ffn_up.weight", 4096, 1), TensorType::IQ3_XXS);
+        assert_eq!(ty("iq3_xs", "blk.3.ffn_up.weight", 4096, 1), TensorType::IQ3_S);
+        assert_eq!(ty("iq3_xs", "blk.28.ffn_gate.weight", 4096, 1), TensorType::IQ3_S);
+        assert_eq!(ty("iq3_xs", "blk.9.attn_v.weight", 4096, 4), TensorType::Q4_K);
+        // iq3_m: Q4_K for attn_v, attn_output and the first eighth's ffn_down.
+        assert_eq!(ty("iq3_m", "blk.9.attn_v.weight", 4096, 1), TensorType::Q4_K);
+        assert_eq!(ty("iq3_m", "blk.9.attn_output.weight", 4096, 1), TensorType::Q4_K);
+        assert_eq!(ty("iq3_m", "blk.3.ffn_down.weight", 4096, 1), TensorType::Q4_K);
+        assert_eq!(ty("iq3_m", "blk.4.ffn_down.weight", 4096, 1), TensorType::IQ3_S);
+        // What needs a matrix: the 2-bit lattice tensors and IQ3_XXS, not the embedding or output.
+        assert!(ExportType::IQ3_M.needs_importance("blk.4.attn_q.weight", TensorType::IQ2_S));
+        assert!(!ExportType::IQ3_M.needs_importance("blk.4.attn_q.weight", TensorType::IQ3_S));
+        assert!(!ExportType::IQ2_XXS.needs_importance("output.weight", TensorType::IQ2_XXS));
+        let required: Vec<&str> = ExportType::BY_NAME.iter().filter(|(_, t)| t.requires_importance()).map(|(name, _)| *name).collect();
+        assert_eq!(required, ["q2_k_s", "iq3_xs", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s"]);
+        let file_types: Vec<u32> = ["iq3_m", "iq3_s", "iq3_xs", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s"].iter().map(|t| ExportType::parse(t).unwrap().file_type()).collect();
+        assert_eq!(file_types, [27, 26, 22, 23, 29, 28, 20, 19, 31, 24]);
+        // 1-bit: as the 2-bit types, with IQ2_XXS for attn_output.
+        assert_eq!(ty("iq1_s", "blk.9.attn_output.weight", 4096, 1), TensorType::IQ2_XXS);
+        assert_eq!(ty("iq1_m", "blk.9.attn_q.weight", 4096, 1), TensorType::IQ1_M);
+        assert_eq!(ty("iq1_m", "blk.3.ffn_down.weight", 4096, 1), TensorType::Q2_K);
+        assert_eq!(ty("iq1_s", "token_embd.weight", 4096, 1), TensorType::Q2_K);
+        assert_eq!(ty("iq1_s", "output.weight", 4096, 1), TensorType::Q5_K);
     }
 }

@@ -146,7 +146,7 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
     let seconds = started.map_or(0.0, |t| t.elapsed().as_secs_f64());
     let weight_bytes = memory::weight_bytes(o.dtype, model.config());
     let projection_bytes = match &o.model {
-        BenchModel::Dir(dir) => memory::projection_bytes(dir, o.quantization).map_err(|e| e.to_string())?,
+        BenchModel::Dir(dir) => memory::projection_bytes(dir, o.quantization, weight_bytes).map_err(|e| e.to_string())?,
         BenchModel::Synthetic { .. } => o.quantization.map(ember_models::nf4::bytes_per_value),
     };
     let estimated = shapes.iter().map(|shape| estimate(model.config(), method, weight_bytes, projection_bytes, shape, o.step, o.device).total()).fold(0.0, f64::max);

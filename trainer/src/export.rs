@@ -112,8 +112,8 @@ pub fn export_gguf(
             };
             if !has {
                 let (path, reason) = match &importance {
-                    Some(matrix) => (matrix.path(), format!("the importance matrix has no entry for '{}', which q2_k_s quantizes to Q2_K", spec.name)),
-                    None => (base_dir, "q2_k_s needs an importance matrix (--imatrix, from `ember imatrix` or llama.cpp's llama-imatrix), as llama-quantize does".into()),
+                    Some(matrix) => (matrix.path(), format!("the importance matrix has no entry for '{}', which {} quantizes to {:?}", spec.name, ty.name(), spec.ty)),
+                    None => (base_dir, format!("{} needs an importance matrix (--imatrix, from `ember imatrix` or llama.cpp's llama-imatrix), as llama-quantize does", ty.name())),
                 };
                 return Err(LoadError::Invalid { path: path.to_path_buf(), reason }.into());
             }

@@ -159,10 +159,11 @@ fn stored_weight_bytes(model: &ModelConfig, stored: f64, projection_bytes: Optio
 }
 
 /// Bytes per value of the decoder projections as a recipe's model stores them: quantized while
-/// loading (`quantization`), or a GGUF file's blocks (`path`); `None` when they are dense.
-pub fn projection_bytes(path: &Path, quantization: Option<Quantization>) -> Result<Option<f64>, LoadError> {
+/// loading (`quantization`), or a GGUF file's blocks (`path`; its projections that load dense at
+/// `dense_bytes`); `None` when they are dense.
+pub fn projection_bytes(path: &Path, quantization: Option<Quantization>, dense_bytes: usize) -> Result<Option<f64>, LoadError> {
     if GgufFile::is_gguf(path) {
-        return Ok(GgufFile::open(path)?.projection_bytes_per_value());
+        return Ok(GgufFile::open(path)?.projection_bytes_per_value(dense_bytes as f64));
     }
     Ok(quantization.map(nf4::bytes_per_value))
 }

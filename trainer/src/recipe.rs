@@ -318,7 +318,7 @@ impl ExportSection {
         if self.imatrix && self.imatrix_chunks == 0 {
             return Err("'export.imatrix_chunks' must be at least 1".into());
         }
-        if !self.imatrix && let Some(name) = self.gguf.iter().find(|name| ExportType::parse(name) == Some(ExportType::Q2_K_S)) {
+        if !self.imatrix && let Some(name) = self.gguf.iter().find(|name| ExportType::parse(name).is_some_and(ExportType::requires_importance)) {
             return Err(format!("'export.gguf': '{name}' needs an importance matrix, as llama-quantize does: set export.imatrix = true"));
         }
         if self.any() && !method.config().merges_into_weights() {
@@ -652,19 +652,20 @@ mod tests {
     }
 
     /// `[export]`: types and dtypes checked by name, the importance matrix only with a quantized
-    /// type (and required by q2_k_s), and only for methods that merge into the weights.
+    /// type (and required by q2_k_s and the 2- and 3-bit lattice types but iq3_s/iq3_m), and only for methods that merge into the weights.
     #[test]
     fn export_section_is_checked_when_the_recipe_loads() {
         let r = load(MINIMAL, &["export.gguf=[\"q4_k_m\", \"f16\"]", "export.imatrix=true", "export.merged=bf16"]).unwrap();
         assert_eq!(r.export.gguf_types(), [ExportType::Q4_K_M, ExportType::F16]);
         assert_eq!((r.export.imatrix_chunks, r.export.merged_dtype()), (100, Some(MergeDtype::Bf16)));
         assert!(!load(MINIMAL, &[]).unwrap().export.any());
-        let cases: [(&[&str], &str); 6] = [
+        let cases: [(&[&str], &str); 7] = [
             (&["export.gguf=[\"q4_k\"]"], "'export.gguf': 'q4_k' is not a GGUF type"),
             (&["export.gguf=[\"q8_0\", \"q8_0\"]"], "'q8_0' is listed twice"),
             (&["export.merged=f8"], "'export.merged': 'f8' is not a dtype"),
             (&["export.gguf=[\"f16\"]", "export.imatrix=true"], "'export.imatrix' weighs quantization"),
             (&["export.gguf=[\"q2_k_s\"]"], "'q2_k_s' needs an importance matrix"),
+            (&["export.gguf=[\"iq3_m\", \"iq2_xxs\"]"], "'iq2_xxs' needs an importance matrix"),
             (&["export.merged=keep", "adapter.method=prompt_tuning", "adapter.num_virtual_tokens=4"], "a prompt_tuning adapter does not merge into the weights"),
         ];
         for (overrides, want) in cases {

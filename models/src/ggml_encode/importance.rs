@@ -59,7 +59,7 @@ fn encode_rows(
 /// ggml's `make_qp_quants`: non-negative `x` (a block's sub-block scales or minimums) as codes
 /// `0..=nmax` of one scale, chosen by the `weights`-weighted squared error over 9 candidates, then
 /// up to 5 rounds of single-code moves. Codes are bytes as ggml keeps them (a negative wraps).
-fn positive_scale(x: &[f32], nmax: i32, weights: &[f32], codes: &mut [u8]) -> f32 {
+pub(super) fn positive_scale(x: &[f32], nmax: i32, weights: &[f32], codes: &mut [u8]) -> f32 {
     let max = x.iter().fold(0f32, |m, &v| if m > v { m } else { v });
     if max < GROUP_MAX_EPS {
         codes.fill(0);
