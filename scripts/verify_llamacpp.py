@@ -699,6 +699,19 @@ def verify_real_importance(args, ember, base, work, examples, types=("q6_k", "q4
     return lines
 
 
+def imatrix_raw(path):
+    """An importance matrix file's raw sums and counts by weight name, its chunk count and datasets."""
+    import gguf
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32).ravel() for t in reader.tensors}
+    sums = {n[:-len(".in_sum2")]: v for n, v in tensors.items() if n.endswith(".in_sum2")}
+    counts = {n[:-len(".counts")]: v.tolist() for n, v in tensors.items() if n.endswith(".counts")}
+    field = lambda key: reader.fields[key]
+    chunks = int(field("imatrix.chunk_count").parts[-1][0])
+    datasets = [bytes(field("imatrix.datasets").parts[i]).decode() for i in field("imatrix.datasets").data]
+    return sums, counts, chunks, datasets
+
+
 def imatrix_means(path):
     """An importance matrix file's mean squares by weight name, its token counts and chunks."""
     import gguf
@@ -767,6 +780,24 @@ def verify_imatrix(args, ember, base, adapter, work, examples, types=("q4_k_m", 
     worst = max(float(np.abs(a[n] - b[n]).max() / np.abs(b[n]).max()) for n in b) if sorted(a) == sorted(b) else float("nan")
     lines.append(f"(m) --process-output on the 256-wide tiny LLaMA (own head), chunks of 128: names {sorted(a) == sorted(b)} "
                  f"(output.weight in both: {'output.weight' in a and 'output.weight' in b}), tokens {a_counts} vs {b_counts}, max |diff| / entry max {worst:.1e}")
+    print(lines[-1], flush=True)
+    # --in-file: two matrices added up (ember's and llama-imatrix's of SmolLM2), by both.
+    pair = [matrices["base"]["ember"], matrices["base"]["1 chunk per batch, f32 KV cache"]]
+    ours, theirs = os.path.join(work, "m-sum-ember.imatrix.gguf"), os.path.join(work, "m-sum-llama.imatrix.gguf")
+    run([ember, "imatrix", "--in-file", pair[0], "--in-file", pair[1], "--out", ours])
+    # llama-imatrix wants a model even to add up, and the files comma-separated.
+    run([args.llama_imatrix, "-m", os.path.join(work, "m-base-f32.gguf"), "--in-file", ",".join(pair), "-c", "512", "-o", theirs])
+    a, b = imatrix_raw(ours), imatrix_raw(theirs)
+    worst = max(float(np.abs(a[0][n] - b[0][n]).max() / np.abs(b[0][n]).max()) for n in b[0]) if sorted(a[0]) == sorted(b[0]) else float("nan")
+    lines.append(f"(m) --in-file, ember's and llama-imatrix's SmolLM2 matrices added up by each: same names {sorted(a[0]) == sorted(b[0])}, "
+                 f"counts equal {all(a[1][n] == b[1][n] for n in b[1])}, chunk count {a[2]} vs {b[2]}, datasets {a[3]} vs {b[3]}, "
+                 f"sums max |diff| / entry max {worst:.1e}")
+    print(lines[-1], flush=True)
+    # The same sum in llama-imatrix's legacy layout (--output-format dat), byte for byte.
+    ours, theirs = os.path.join(work, "m-sum-ember.dat"), os.path.join(work, "m-sum-llama.dat")
+    run([ember, "imatrix", "--in-file", pair[0], "--in-file", pair[1], "--output-format", "dat", "--out", ours])
+    run([args.llama_imatrix, "-m", os.path.join(work, "m-base-f32.gguf"), "--in-file", ",".join(pair), "-c", "512", "--output-format", "dat", "-o", theirs])
+    lines.append(f"(m) --output-format dat of that sum: ember's file equals llama-imatrix's byte for byte: {open(ours, 'rb').read() == open(theirs, 'rb').read()}")
     print(lines[-1], flush=True)
     rendered = os.path.join(work, "calibration.json")
     json.dump(records, open(rendered, "w"))

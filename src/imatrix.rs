@@ -1,7 +1,11 @@
 //! `ember imatrix`: llama.cpp's importance matrix of a model (with its adapter merged), from a
-//! text file or the records of a dataset, for `ember export gguf --imatrix`.
+//! text file or the records of a dataset, for `ember export gguf --imatrix`; added to earlier
+//! matrices (`--in-file`), or only those added up.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ember_models::imatrix::ColumnSquares;
 
 use ember_data::sft::{SftOptions, build_examples};
 use ember_data::{Dataset, Tokenizer};
@@ -11,9 +15,12 @@ use serde_json::json;
 use crate::bad_input;
 
 pub struct Request<'a> {
-    pub base: &'a Path,
+    pub base: Option<&'a Path>,
     pub adapter: Option<&'a Path>,
-    pub data: &'a Path,
+    pub data: Option<&'a Path>,
+    pub in_files: &'a [PathBuf],
+    /// Write llama-imatrix's legacy `.dat` layout instead of GGUF.
+    pub legacy: bool,
     pub out: &'a Path,
     pub template: &'a str,
     pub chunk_size: usize,
@@ -50,13 +57,59 @@ fn calibration_tokens(tokenizer: &Tokenizer, data: &Path, template: &str, base: 
 }
 
 pub fn run(request: &Request) -> anyhow::Result<()> {
-    let device = ember_models::device::parse_device(request.device).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
     if request.chunk_size < 16 {
         // llama-imatrix skips products of fewer than 16 rows.
         return Err(bad_input(anyhow::anyhow!("--ctx {}: chunks need at least 16 tokens", request.chunk_size)));
     }
-    let tokenizer = ember_models::load_tokenizer(request.base)?;
-    let tokens = calibration_tokens(&tokenizer, request.data, request.template, request.base, request.chunk_size)?;
+    let started = std::time::Instant::now();
+    // The earlier matrices, added up as llama-imatrix's --in-file does.
+    let mut entries: BTreeMap<String, ColumnSquares> = BTreeMap::new();
+    let mut datasets = Vec::new();
+    for path in request.in_files {
+        let (file_entries, file_datasets) = ember_models::imatrix::read_sums(path, request.chunk_size)?;
+        for (name, squares) in file_entries {
+            let total = entries.entry(name.clone()).or_default();
+            let columns = total.sums.len();
+            total.merge(&squares).ok_or_else(|| {
+                bad_input(anyhow::anyhow!("{}: '{name}' has {} columns, the matrices before it {columns}", path.display(), squares.sums.len()))
+            })?;
+        }
+        datasets.extend(file_datasets);
+    }
+    let (data_tokens, new_chunks) = match request.data {
+        Some(data) => {
+            let base = request.base.ok_or_else(|| bad_input(anyhow::anyhow!("--data needs --base, the model to run it through")))?;
+            let (collected, tokens) = collect(request, base, data, started)?;
+            for (name, squares) in collected.entries {
+                let total = entries.entry(name.clone()).or_default();
+                let columns = total.sums.len();
+                total.merge(&squares).ok_or_else(|| {
+                    bad_input(anyhow::anyhow!("{}: the model's '{name}' has {} columns, the --in-file matrices' {columns}", base.display(), squares.sums.len()))
+                })?;
+            }
+            datasets.push(data.display().to_string());
+            (tokens, collected.chunks)
+        }
+        None if request.in_files.is_empty() => return Err(bad_input(anyhow::anyhow!("give --data (with --base) or --in-file matrices to add up"))),
+        None => (0, 0),
+    };
+    // As llama-imatrix: the chunks of the entry that counted the most tokens.
+    let chunks = entries.values().map(|e| e.tokens).max().unwrap_or(0) / request.chunk_size as u64;
+    let write = if request.legacy { ember_models::imatrix::write_legacy } else { ember_models::imatrix::write_gguf };
+    write(request.out, &entries, &datasets, chunks as u32, request.chunk_size as u32)?;
+    let result = json!({
+        "out": request.out, "entries": entries.len(), "chunks": chunks, "chunk_size": request.chunk_size, "in_files": request.in_files.len(),
+        "new_chunks": new_chunks, "tokens": new_chunks * request.chunk_size, "data_tokens": data_tokens, "seconds": started.elapsed().as_secs_f64(),
+    });
+    println!("{result}");
+    Ok(())
+}
+
+/// `data` run through `base` (with the request's adapter): the matrix and the data's token count.
+fn collect(request: &Request, base: &Path, data: &Path, started: std::time::Instant) -> anyhow::Result<(ember_trainer::imatrix::Collected, usize)> {
+    let device = ember_models::device::parse_device(request.device).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+    let tokenizer = ember_models::load_tokenizer(base)?;
+    let tokens = calibration_tokens(&tokenizer, data, request.template, base, request.chunk_size)?;
     let calibration = Calibration {
         tokens: &tokens,
         chunk_size: request.chunk_size,
@@ -65,24 +118,13 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
         output: request.process_output,
     };
     if calibration.chunks() == 0 {
-        return Err(bad_input(anyhow::anyhow!(
-            "{}: {} tokens, fewer than one chunk of --ctx {}",
-            request.data.display(), tokens.len(), request.chunk_size
-        )));
+        return Err(bad_input(anyhow::anyhow!("{}: {} tokens, fewer than one chunk of --ctx {}", data.display(), tokens.len(), request.chunk_size)));
     }
-    let started = std::time::Instant::now();
-    let collected = ember_trainer::imatrix::collect(request.base, request.adapter, request.dtype, None, &calibration, &device, |chunk, chunks| {
+    let collected = ember_trainer::imatrix::collect(base, request.adapter, request.dtype, None, &calibration, &device, |chunk, chunks| {
         if chunk == 1 {
             let seconds = started.elapsed().as_secs_f64();
             eprintln!("imatrix: {seconds:.2} s per chunk of {} tokens, {chunks} chunks, about {:.1} min", request.chunk_size, seconds * chunks as f64 / 60.0);
         }
     })?;
-    let dataset = request.data.display().to_string();
-    ember_models::imatrix::write_gguf(request.out, &collected.entries, &[dataset], collected.chunks as u32, request.chunk_size as u32)?;
-    let result = json!({
-        "out": request.out, "entries": collected.entries.len(), "chunks": collected.chunks, "chunk_size": request.chunk_size,
-        "tokens": collected.chunks * request.chunk_size, "data_tokens": tokens.len(), "seconds": started.elapsed().as_secs_f64(),
-    });
-    println!("{result}");
-    Ok(())
+    Ok((collected, tokens.len()))
 }

@@ -198,9 +198,9 @@ enum Command {
     /// tokenizer adds one), each run on its own; every decoder projection's entry sums the squares
     /// of its inputs per column. Writes llama-imatrix's GGUF layout; prints one JSON line.
     Imatrix {
-        /// Model folder, hub id or GGUF file.
+        /// Model folder, hub id or GGUF file (needed with --data).
         #[arg(long)]
-        base: PathBuf,
+        base: Option<PathBuf>,
         /// An adapter that merges into the weights (LoRA, DoRA, (IA)³): the matrix is then the
         /// merged model's, the one `ember export gguf --adapter` writes.
         #[arg(long)]
@@ -208,10 +208,17 @@ enum Command {
         /// Calibration data: a text file (tokenized whole, as llama-imatrix's -f), or Alpaca /
         /// chat records (.json, .jsonl, optionally .gz) rendered with --template, answers included.
         #[arg(long)]
-        data: PathBuf,
-        /// The importance matrix to write (GGUF).
+        data: Option<PathBuf>,
+        /// Importance matrices to add up first (llama-imatrix's --in-file; GGUF, or the legacy
+        /// .dat taken as --ctx tokens a call), then --data's, if given (repeatable).
+        #[arg(long = "in-file")]
+        in_files: Vec<PathBuf>,
+        /// The importance matrix to write.
         #[arg(long)]
         out: PathBuf,
+        /// gguf, or dat: llama-imatrix's legacy layout (its --output-format).
+        #[arg(long = "output-format", default_value = "gguf", value_parser = ["gguf", "dat"])]
+        output_format: String,
         /// Prompt template for records (alpaca, alpaca-lora), chat template (chatglm2, chatglm3,
         /// glm4, llama2-chat, llama3, chatml, auto: the model's own), as in the recipe.
         #[arg(long, default_value = "alpaca")]
@@ -585,9 +592,9 @@ fn main() -> ExitCode {
         Command::Import(ImportCommand::Torch { dir, out }) => import::torch(&dir, &out),
         Command::Import(ImportCommand::Tokenizer { dir, out }) => import::tokenizer(&dir, out.as_deref().unwrap_or(&dir)),
         Command::Export(command) => export(command),
-        Command::Imatrix { base, adapter, data, out, template, chunk_size, chunks, process_output, dtype, device } => imatrix::run(&imatrix::Request {
-            base: &base, adapter: adapter.as_deref(), data: &data, out: &out, template: &template, chunk_size, chunks, process_output,
-            dtype, device: &device,
+        Command::Imatrix { base, adapter, data, in_files, out, output_format, template, chunk_size, chunks, process_output, dtype, device } => imatrix::run(&imatrix::Request {
+            base: base.as_deref(), adapter: adapter.as_deref(), data: data.as_deref(), in_files: &in_files, out: &out, legacy: output_format == "dat",
+            template: &template, chunk_size, chunks, process_output, dtype, device: &device,
         }),
         Command::Data(DataCommand::Preview { recipe, limit, json, overrides }) => data::preview(&recipe, &overrides, limit, json),
         Command::Train { recipe, overrides, resume, overwrite, quiet, json } => {
@@ -637,7 +644,8 @@ fn resolve_hub_ids(mut command: Command) -> anyhow::Result<Command> {
     };
     match &mut command {
         Command::Inspect { model: Some(dir), .. } => resolve(dir)?,
-        Command::Merge { base, .. } | Command::Generate { base, .. } | Command::Eval { base, .. } | Command::Imatrix { base, .. } => resolve(base)?,
+        Command::Merge { base, .. } | Command::Generate { base, .. } | Command::Eval { base, .. } => resolve(base)?,
+        Command::Imatrix { base: Some(base), .. } => resolve(base)?,
         Command::Export(ExportCommand::Gguf { base, .. } | ExportCommand::GgufLora { base, .. }) => resolve(base)?,
         Command::Bench(args) => {
             if let Some(dir) = args.model.as_mut() {

@@ -668,6 +668,55 @@ fn ember_imatrix_feeds_the_quantized_export() {
     assert!(!dir.path().join("short.gguf").exists());
 }
 
+/// `--in-file`: earlier matrices added up (sums and tokens), alone or before --data's, as
+/// llama-imatrix does; one error line for nothing to do or a matrix of other widths.
+#[test]
+fn ember_imatrix_adds_up_earlier_matrices() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("tiny_llama");
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    std::fs::write(path("calibration.txt"), "The quick brown fox jumps over the lazy dog.\n".repeat(30)).unwrap();
+    let imatrix = |args: &[&str]| {
+        let output = ember(&[&["imatrix", "--ctx", "32"], args].concat());
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let data = ["--base", base.to_str().unwrap(), "--data", &path("calibration.txt")];
+    imatrix(&[&data[..], &["--chunks", "2", "--out", &path("a.gguf")]].concat());
+    imatrix(&[&data[..], &["--chunks", "3", "--out", &path("b.gguf")]].concat());
+    let merged = imatrix(&["--in-file", &path("a.gguf"), "--in-file", &path("b.gguf"), "--out", &path("ab.gguf")]);
+    assert_eq!((merged["chunks"].as_u64(), merged["entries"].as_u64()), (Some(5), Some(14)));
+    // With --data: the first file's sums plus the new chunks', the same as adding both files.
+    let continued = imatrix(&[&data[..], &["--chunks", "3", "--in-file", &path("a.gguf"), "--out", &path("a+3.gguf")]].concat());
+    assert_eq!((continued["chunks"].as_u64(), continued["new_chunks"].as_u64()), (Some(5), Some(3)));
+    let sums = |name: &str| ember_models::imatrix::read_sums(Path::new(&path(name)), 32).unwrap();
+    let ((a, _), (b, _), (ab, datasets), (a3, _)) = (sums("a.gguf"), sums("b.gguf"), sums("ab.gguf"), sums("a+3.gguf"));
+    assert_eq!(datasets.len(), 2);
+    for (name, entry) in &ab {
+        assert_eq!(entry.tokens, a[name].tokens + b[name].tokens, "{name}");
+        assert_eq!(a3[name].tokens, entry.tokens, "{name}");
+        for (i, sum) in entry.sums.iter().enumerate() {
+            let expected = a[name].sums[i] + b[name].sums[i];
+            assert!((sum - expected).abs() <= 1e-6 * expected.abs().max(1e-6), "{name}[{i}]: {sum} vs {expected}");
+            assert!((a3[name].sums[i] - expected).abs() <= 1e-5 * expected.abs().max(1e-6), "{name}[{i}]: {} vs {expected}", a3[name].sums[i]);
+        }
+    }
+    // The legacy layout (--output-format dat) reads back as the same sums over whole chunks.
+    imatrix(&["--in-file", &path("a.gguf"), "--in-file", &path("b.gguf"), "--output-format", "dat", "--out", &path("ab.dat")]);
+    let (dat, _) = sums("ab.dat");
+    for (name, entry) in &ab {
+        assert_eq!(dat[name].tokens, entry.tokens, "{name}");
+        assert!(dat[name].sums.iter().zip(&entry.sums).all(|(x, y)| (x - y).abs() <= 1e-5 * y.abs().max(1e-6)), "{name}");
+    }
+    assert_bad_input(&ember(&["imatrix", "--out", &path("none.gguf")]), &["--data", "--in-file"]);
+    assert_bad_input(&ember(&["imatrix", "--data", &path("calibration.txt"), "--out", &path("none.gguf")]), &["--base"]);
+    // A matrix of another width for the same name.
+    std::fs::write(path("other.dat"), legacy_imatrix(&[("blk.0.attn_q.weight".to_string(), vec![1.0; 3])])).unwrap();
+    let other = ember(&["imatrix", "--in-file", &path("a.gguf"), "--in-file", &path("other.dat"), "--out", &path("none.gguf")]);
+    assert_bad_input(&other, &["other.dat", "blk.0.attn_q.weight", "3 columns"]);
+    assert!(!dir.path().join("none.gguf").exists());
+}
+
 /// A recipe's `[export]`: after training, the merged folder, an importance matrix of the
 /// training examples and the GGUF files, the same bytes `ember export gguf` writes from the run's
 /// adapter; a tokenizer llama.cpp would not know fails before training.

@@ -8,7 +8,8 @@
 //!   i32 values and the f32 values (sums already divided by the tokens, times the calls), then
 //!   optionally the chunk count and the dataset name; the importance is `values / calls`.
 //!
-//! [`write_gguf`] writes the GGUF layout, for what `ember imatrix` collects.
+//! [`write_gguf`] writes the GGUF layout, for what `ember imatrix` collects; [`read_sums`] reads
+//! a file back as sums and token counts, to add to (llama-imatrix's `--in-file`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -32,14 +33,7 @@ struct Provenance {
 
 impl ImportanceMatrix {
     pub fn read(path: &Path) -> Result<Self, LoadError> {
-        let head = {
-            use std::io::Read;
-            let mut head = [0u8; 4];
-            let mut file = std::fs::File::open(path).map_err(|e| LoadError::io(path, e))?;
-            file.read(&mut head).map_err(|e| LoadError::io(path, e))?;
-            head
-        };
-        let (entries, Provenance { datasets, chunks }) = if &head == b"GGUF" { read_gguf(path)? } else { read_legacy(path)? };
+        let (entries, Provenance { datasets, chunks }) = if is_gguf(path)? { read_gguf(path)? } else { read_legacy(path)? };
         for (name, values) in &entries {
             if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
                 return Err(LoadError::Invalid { path: path.to_path_buf(), reason: format!("'{name}' has a non-finite value {bad}") });
@@ -87,6 +81,21 @@ pub struct ColumnSquares {
 }
 
 impl ColumnSquares {
+    /// Adds `other`'s sums and tokens; `None` when their columns differ.
+    pub fn merge(&mut self, other: &ColumnSquares) -> Option<()> {
+        if self.sums.is_empty() {
+            self.sums = vec![0.0; other.sums.len()];
+        }
+        if self.sums.len() != other.sums.len() {
+            return None;
+        }
+        for (sum, other) in self.sums.iter_mut().zip(&other.sums) {
+            *sum += other;
+        }
+        self.tokens += other.tokens;
+        Some(())
+    }
+
     /// Adds the column sums of `squares` over `tokens` more rows.
     pub fn add(&mut self, squares: &[f32], tokens: usize) {
         if self.sums.is_empty() {
@@ -126,25 +135,110 @@ pub fn write_gguf(path: &Path, entries: &BTreeMap<String, ColumnSquares>, datase
     })
 }
 
-fn read_gguf(path: &Path) -> Result<(HashMap<String, Vec<f32>>, Provenance), LoadError> {
-    let file = GgufFile::open(path)?;
+/// An importance matrix file as sums of squares and token counts per weight (what llama-imatrix
+/// loads with `--in-file`), with its datasets. A GGUF file holds them as they are; a legacy one's
+/// means times calls are taken back to sums over `chunk_size` tokens a call, as llama-imatrix does.
+pub fn read_sums(path: &Path, chunk_size: usize) -> Result<(BTreeMap<String, ColumnSquares>, Vec<String>), LoadError> {
     let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
+    let mut entries = BTreeMap::new();
+    if !is_gguf(path)? {
+        let (legacy, Provenance { datasets, .. }) = read_legacy_raw(path)?;
+        for (name, (calls, values)) in legacy {
+            let sums = values.iter().map(|&v| f64::from(v) * chunk_size as f64).collect();
+            entries.insert(name, ColumnSquares { sums, tokens: calls.max(0) as u64 * chunk_size as u64 });
+        }
+        return Ok((entries, datasets));
+    }
+    let file = GgufFile::open(path)?;
+    check_gguf_keys(&file, path)?;
+    for sums in &file.tensors {
+        let Some(name) = sums.name.strip_suffix(".in_sum2") else { continue };
+        let (sums, counts) = gguf_entry(&file, name, sums, path)?;
+        let [count] = counts[..] else {
+            return Err(invalid(format!("'{name}' has {} counts (one per expert): ember merges no MoE matrices", counts.len())));
+        };
+        entries.insert(name.to_string(), ColumnSquares { sums: sums.iter().map(|&s| f64::from(s)).collect(), tokens: count.round().max(0.0) as u64 });
+    }
+    if entries.is_empty() {
+        return Err(invalid("no '<tensor>.in_sum2' entries".into()));
+    }
+    Ok((entries, gguf_provenance(&file).datasets))
+}
+
+/// Whether `path` starts as a GGUF file.
+fn is_gguf(path: &Path) -> Result<bool, LoadError> {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    let mut file = std::fs::File::open(path).map_err(|e| LoadError::io(path, e))?;
+    file.read(&mut head).map_err(|e| LoadError::io(path, e))?;
+    Ok(&head == b"GGUF")
+}
+
+/// The keys that make a GGUF file an importance matrix.
+fn check_gguf_keys(file: &GgufFile, path: &Path) -> Result<(), LoadError> {
     for key in ["imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"] {
         if file.metadata.get(key).is_none() {
-            return Err(invalid(format!("missing the importance matrix key '{key}' (not a llama-imatrix file?)")));
+            return Err(LoadError::Invalid { path: path.to_path_buf(), reason: format!("missing the importance matrix key '{key}' (not a llama-imatrix file?)") });
         }
     }
+    Ok(())
+}
+
+/// Entry `name`'s sums (`sums`, its `.in_sum2` tensor) and counts, whole experts of columns.
+fn gguf_entry(file: &GgufFile, name: &str, sums: &crate::gguf::GgufTensor, path: &Path) -> Result<(Vec<f32>, Vec<f32>), LoadError> {
+    let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
+    let counts = file.tensor(&format!("{name}.counts")).ok_or_else(|| invalid(format!("'{name}.in_sum2' has no '{name}.counts'")))?;
+    if sums.ggml_type != GgmlType::F32 || counts.ggml_type != GgmlType::F32 {
+        return Err(invalid(format!("'{name}': sums and counts must be F32")));
+    }
+    let (sums, counts) = (file.dequantize(sums), file.dequantize(counts));
+    if counts.is_empty() || sums.len() % counts.len() != 0 {
+        return Err(invalid(format!("'{name}': {} sums do not split into {} counts", sums.len(), counts.len())));
+    }
+    Ok((sums, counts))
+}
+
+fn gguf_provenance(file: &GgufFile) -> Provenance {
+    let datasets = file.metadata.get("imatrix.datasets").and_then(|v| v.as_array()).map(|names| {
+        names.iter().filter_map(|name| name.as_str().map(str::to_string)).collect()
+    });
+    let chunks = file.metadata.get("imatrix.chunk_count").and_then(|v| v.as_u64()).and_then(|n| u32::try_from(n).ok());
+    Provenance { datasets: datasets.unwrap_or_default(), chunks }
+}
+
+/// Writes `entries` in llama-imatrix's legacy `.dat` layout (its `--output-format dat`): per
+/// weight in name order its calls (`⌈tokens / chunk_size⌉`) and `sums / tokens · calls` in f32,
+/// then the chunks and the last dataset's name. Entries that counted nothing are left out, as
+/// llama-imatrix leaves them. Atomic.
+pub fn write_legacy(path: &Path, entries: &BTreeMap<String, ColumnSquares>, datasets: &[String], chunks: u32, chunk_size: u32) -> Result<(), LoadError> {
+    let stored: Vec<(&String, &ColumnSquares)> = entries.iter().filter(|(_, e)| e.tokens > 0 && !e.sums.is_empty()).collect();
+    let mut out = (stored.len() as i32).to_le_bytes().to_vec();
+    for (name, entry) in stored {
+        out.extend((name.len() as i32).to_le_bytes());
+        out.extend(name.as_bytes());
+        let calls = entry.tokens.div_ceil(u64::from(chunk_size)) as i32;
+        out.extend(calls.to_le_bytes());
+        out.extend((entry.sums.len() as i32).to_le_bytes());
+        // In f32, as llama-imatrix computes it from its f32 sums.
+        let (count, calls) = (entry.tokens as f32, calls as f32);
+        for &sum in &entry.sums {
+            out.extend(((sum as f32 / count) * calls).to_le_bytes());
+        }
+    }
+    out.extend((chunks as i32).to_le_bytes());
+    let dataset = datasets.last().map(String::as_str).unwrap_or_default();
+    out.extend((dataset.len() as i32).to_le_bytes());
+    out.extend(dataset.as_bytes());
+    crate::files::write_file_atomically(path, &out).map_err(|e| LoadError::io(path, e))
+}
+
+fn read_gguf(path: &Path) -> Result<(HashMap<String, Vec<f32>>, Provenance), LoadError> {
+    let file = GgufFile::open(path)?;
+    check_gguf_keys(&file, path)?;
     let mut entries = HashMap::new();
     for sums in &file.tensors {
         let Some(name) = sums.name.strip_suffix(".in_sum2") else { continue };
-        let counts = file.tensor(&format!("{name}.counts")).ok_or_else(|| invalid(format!("'{name}.in_sum2' has no '{name}.counts'")))?;
-        if sums.ggml_type != GgmlType::F32 || counts.ggml_type != GgmlType::F32 {
-            return Err(invalid(format!("'{name}': sums and counts must be F32")));
-        }
-        let (sums, counts) = (file.dequantize(sums), file.dequantize(counts));
-        if counts.is_empty() || sums.len() % counts.len() != 0 {
-            return Err(invalid(format!("'{name}': {} sums do not split into {} counts", sums.len(), counts.len())));
-        }
+        let (sums, counts) = gguf_entry(&file, name, sums, path)?;
         // Per expert (one count each): sums over its columns, divided by its rounded count.
         let columns = sums.len() / counts.len();
         let values = sums
@@ -158,13 +252,9 @@ fn read_gguf(path: &Path) -> Result<(HashMap<String, Vec<f32>>, Provenance), Loa
         entries.insert(name.to_string(), values);
     }
     if entries.is_empty() {
-        return Err(invalid("no '<tensor>.in_sum2' entries".into()));
+        return Err(LoadError::Invalid { path: path.to_path_buf(), reason: "no '<tensor>.in_sum2' entries".into() });
     }
-    let datasets = file.metadata.get("imatrix.datasets").and_then(|v| v.as_array()).map(|names| {
-        names.iter().filter_map(|name| name.as_str().map(str::to_string)).collect()
-    });
-    let chunks = file.metadata.get("imatrix.chunk_count").and_then(|v| v.as_u64()).and_then(|n| u32::try_from(n).ok());
-    Ok((entries, Provenance { datasets: datasets.unwrap_or_default(), chunks }))
+    Ok((entries, gguf_provenance(&file)))
 }
 
 /// A legacy file's bytes, read in order.
@@ -190,7 +280,9 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn read_legacy(path: &Path) -> Result<(HashMap<String, Vec<f32>>, Provenance), LoadError> {
+/// A legacy file's entries as they are stored: per name its calls and values (sums divided by the
+/// tokens, times the calls).
+fn read_legacy_raw(path: &Path) -> Result<(HashMap<String, (i32, Vec<f32>)>, Provenance), LoadError> {
     let bytes = std::fs::read(path).map_err(|e| LoadError::io(path, e))?;
     let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
     let mut cursor = Cursor { bytes: &bytes, at: 0, path };
@@ -209,13 +301,7 @@ fn read_legacy(path: &Path) -> Result<(HashMap<String, Vec<f32>>, Provenance), L
             return Err(invalid(format!("'{name}': {values} values")));
         }
         let data = cursor.take(values as usize * 4, "the values")?;
-        // The sums were divided by the tokens and multiplied by the calls: divide by the calls.
-        let importance = data
-            .chunks(4)
-            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .map(|v| if calls > 0 { v / calls as f32 } else { v })
-            .collect();
-        entries.insert(name, importance);
+        entries.insert(name, (calls, data.chunks(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()));
     }
     // Optionally, the chunks run and the dataset's name.
     let mut provenance = Provenance { datasets: Vec::new(), chunks: None };
@@ -224,6 +310,16 @@ fn read_legacy(path: &Path) -> Result<(HashMap<String, Vec<f32>>, Provenance), L
         let name = cursor.int("the dataset name's length").ok().and_then(|n| usize::try_from(n).ok()).and_then(|n| cursor.take(n, "the dataset name").ok());
         provenance.datasets.extend(name.and_then(|n| std::str::from_utf8(n).ok()).filter(|n| !n.is_empty()).map(str::to_string));
     }
+    Ok((entries, provenance))
+}
+
+fn read_legacy(path: &Path) -> Result<(HashMap<String, Vec<f32>>, Provenance), LoadError> {
+    let (raw, provenance) = read_legacy_raw(path)?;
+    // The sums were divided by the tokens and multiplied by the calls: divide by the calls.
+    let entries = raw
+        .into_iter()
+        .map(|(name, (calls, values))| (name, values.into_iter().map(|v| if calls > 0 { v / calls as f32 } else { v }).collect()))
+        .collect();
     Ok((entries, provenance))
 }
 
@@ -325,6 +421,41 @@ mod tests {
         let names: Vec<String> = GgufFile::open(&path).unwrap().tensors.iter().map(|t| t.name.clone()).collect();
         assert_eq!(names, ["blk.0.attn_q.weight.in_sum2", "blk.0.attn_q.weight.counts", "blk.0.ffn_down.weight.in_sum2", "blk.0.ffn_down.weight.counts"]);
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// For adding up (`--in-file`): a GGUF file's sums and counts as they are, a legacy file's
+    /// values and calls times the chunk size, as llama-imatrix takes them back; entries add.
+    #[test]
+    fn sums_read_back_for_adding_up() {
+        let path = scratch("sums").with_file_name("a.gguf");
+        let keys = ["imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"];
+        gguf_imatrix(&path, &keys, &[("blk.0.ffn_down.weight", vec![6.0, 3.0], 2.6)]);
+        let (gguf, datasets) = read_sums(&path, 512).unwrap();
+        assert_eq!((gguf["blk.0.ffn_down.weight"].sums.clone(), gguf["blk.0.ffn_down.weight"].tokens), (vec![6.0, 3.0], 3));
+        assert_eq!(datasets, ["wiki.train"]);
+        let legacy_path = path.with_file_name("b.dat");
+        std::fs::write(&legacy_path, legacy(&[("blk.0.ffn_down.weight", 2, &[0.5, 0.25])])).unwrap();
+        let (old, datasets) = read_sums(&legacy_path, 4).unwrap();
+        assert_eq!((old["blk.0.ffn_down.weight"].sums.clone(), old["blk.0.ffn_down.weight"].tokens), (vec![2.0, 1.0], 8));
+        assert_eq!(datasets, ["wiki"]);
+        let mut total = gguf["blk.0.ffn_down.weight"].clone();
+        total.merge(&old["blk.0.ffn_down.weight"]).unwrap();
+        assert_eq!((total.sums, total.tokens), (vec![8.0, 4.0], 11));
+        assert!(total_of(&[1.0]).merge(&old["blk.0.ffn_down.weight"]).is_none(), "columns differ");
+        // The legacy layout written reads back as the same sums (at whole calls of 4 tokens).
+        let mut entries = BTreeMap::new();
+        entries.insert("blk.0.ffn_down.weight".to_string(), ColumnSquares { sums: vec![8.0, 4.0], tokens: 8 });
+        entries.insert("blk.0.attn_q.weight".to_string(), ColumnSquares { sums: vec![1.0], tokens: 0 });
+        let written = path.with_file_name("written.dat");
+        write_legacy(&written, &entries, &["a.txt".into(), "b.txt".into()], 2, 4).unwrap();
+        let (back, datasets) = read_sums(&written, 4).unwrap();
+        assert_eq!((back["blk.0.ffn_down.weight"].sums.clone(), back["blk.0.ffn_down.weight"].tokens, back.len()), (vec![8.0, 4.0], 8, 1));
+        assert_eq!(datasets, ["b.txt"]);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    fn total_of(sums: &[f64]) -> ColumnSquares {
+        ColumnSquares { sums: sums.to_vec(), tokens: 1 }
     }
 
     #[test]
