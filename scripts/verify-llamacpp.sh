@@ -5,7 +5,7 @@
 # llama.cpp; (c) gguf-lora vs llama.cpp's convert_lora_to_gguf.py; (d) export -> import round
 # trip; (e) perplexity of ember's f32 vs llama.cpp's f32/f16/q8_0/q4_0 files.
 # (f) a LoRA trained on the q8_0/q4_0 GGUF itself, run by llama.cpp on that file; (g) the same on
-# Q4_K_M, Q6_K, Q3_K_M, Q2_K, IQ4_NL and IQ4_XS files made by llama.cpp's own quantizer.
+# Q4_K_M, Q6_K, Q3_K_M, Q2_K, IQ4_NL, IQ4_XS, IQ3_M and IQ2_M files made by llama.cpp's own quantizer.
 # (h) Qwen2 as llama.cpp's qwen2; (i) Llama 3.1 RoPE scaling: tiny models from transformers.
 # (j) pre-tokenizers read back from a GGUF (and a SentencePiece vocabulary's user-defined pieces);
 # (k) the GLM family (ChatGLM3, GLM-4 vocabularies) as llama.cpp's chatglm (needs

@@ -12,7 +12,8 @@
     q4_0 files;
 (f) a LoRA adapter trained by ember directly on the q8_0 / q4_0 GGUF (its blocks as the frozen
     base), applied by llama.cpp to the same file: greedy answers equal ember's.
-(g) the same on Q4_K_M, Q6_K, Q3_K_M, Q2_K, IQ4_NL and IQ4_XS files made from ember's f32 export by llama.cpp's
+(g) the same on Q4_K_M, Q6_K, Q3_K_M, Q2_K, IQ4_NL, IQ4_XS, IQ3_M and IQ2_M (with a synthetic
+    importance matrix) files made from ember's f32 export by llama.cpp's
     own quantizer (K-quants, with Q4_0/Q5_0/Q8_0 where a row is not whole 256-value blocks): the types it chose are
     listed, and ember imports each file to the values gguf-py dequantizes.
 (h) Qwen2 (llama.cpp's `qwen2`: q/k/v biases, rows in HF order) and (i) LLaMA with Llama 3.1's
@@ -393,12 +394,15 @@ def main():
     # (g) llama.cpp's quantizer chooses the types; ember must read all it wrote.
     quantizer = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
                  "q3_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M, "q2_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K,
-                 "iq4_nl": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_NL, "iq4_xs": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_XS}
+                 "iq4_nl": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_NL, "iq4_xs": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_XS,
+                 "iq3_m": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ3_M, "iq2_m": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ2_M}
     for ty in ("q8_0", "q4_0", *quantizer):
         path = os.path.join(work, f"smollm2-{ty}.gguf")
         if ty in quantizer:
             ftype = quantizer[ty]
-            llama_quantize(os.path.join(work, "smollm2-f32.gguf"), path, ftype)
+            # iq2_m only with an importance matrix, as llama-quantize: a synthetic one.
+            importance = write_importance_matrix(os.path.join(work, "smollm2-f32.gguf"), os.path.join(work, "smollm2-imatrix-g.gguf")) if ty in NEEDS_IMPORTANCE else None
+            llama_quantize(os.path.join(work, "smollm2-f32.gguf"), path, ftype, importance)
             reader = gguf.GGUFReader(path)
             kinds = {}
             for t in reader.tensors:
@@ -415,35 +419,7 @@ def main():
             )
             report.append(f"(g) {ty}: llama.cpp's quantizer wrote {dict(sorted(kinds.items()))} ({os.path.getsize(path) / 1e6:.0f} MB); "
                           f"ember import equals gguf-py's dequantization for {same} of {len(pairs)} tensors ({len(reader.tensors)} in the file)")
-        run_dir = os.path.join(work, f"lora-on-{ty}")
-        run([ember, "train", recipe, "--quiet", "--overwrite", "--set", "train.max_steps=12", "--set", "train.lr=3e-3",
-             "--set", f'output.dir="{run_dir}"', "--set", f'model.path="{path}"'])
-        adapter = os.path.join(run_dir, "adapter")
-        lora_gguf = os.path.join(work, f"lora-on-{ty}.gguf")
-        run([ember, "export", "gguf-lora", "--base", path, "--adapter", adapter, "--out", lora_gguf])
-        results = {}
-        for with_adapter in (False, True):
-            llm = Llama(model_path=path, lora_path=lora_gguf if with_adapter else None, n_ctx=1024, logits_all=True, verbose=False)
-            equal, worst = 0, 0.0
-            for i, prompt in enumerate(PROMPTS):
-                dump = os.path.join(work, f"ember-f-{ty}-{with_adapter}-{i}.json")
-                extra = ["--adapter", adapter] if with_adapter else []
-                text = run([ember, "generate", "--base", path, *extra, "--prompt", prompt, "--template", "auto", "--max-new-tokens", "24", "--logits-out", dump]).rstrip("\n")
-                ours = json.load(open(dump))
-                theirs, last = llama_answer(llm, ours["prompt_ids"], len(ours["answer_ids"]))
-                same = theirs == [t for t in ours["answer_ids"] if t != llm.token_eos()]
-                equal += same
-                worst = max(worst, float(np.abs(last - np.array(ours["last_logits"], dtype=np.float32)).max()))
-                print(f"(f) {ty} adapter {with_adapter} {prompt!r}: ember {text!r} | llama.cpp {llm.detokenize(theirs).decode(errors='replace')!r} | same ids: {same}")
-            extra = ["--adapter", adapter] if with_adapter else []
-            ours_eval = json.loads(run([ember, "eval", "--base", path, *extra, "--data", data50, "--template", "alpaca", "--cutoff-len", "256"]).strip().splitlines()[-1])
-            ours_ppl = ours_eval["adapter" if with_adapter else "base"]["perplexity"]
-            results[with_adapter] = (equal, worst, ours_ppl, perplexity(llm, examples))
-            del llm
-        (b_eq, b_worst, b_ours, b_theirs), (a_eq, a_worst, a_ours, a_theirs) = results[False], results[True]
-        report.append(f"({'g' if ty in quantizer else 'f'}) {ty} GGUF as the base, LoRA trained by ember on its blocks: perplexity (50 records) ember {b_ours:.4f} -> {a_ours:.4f} with the adapter, "
-                      f"llama.cpp --lora {b_theirs:.4f} -> {a_theirs:.4f}; greedy answers equal {a_eq}/{len(PROMPTS)} with the adapter, {b_eq}/{len(PROMPTS)} without; "
-                      f"last-position logits max |diff| {a_worst:.3f} with, {b_worst:.3f} without")
+        report.append(train_on_gguf(ember, recipe, work, ty, path, data50, examples, "g" if ty in quantizer else "f"))
 
     # (h) Qwen2 through llama.cpp's qwen2 architecture; (i) Llama 3.1's RoPE scaling.
     for part, kind, what, repeat in (("h", "qwen2", "Qwen2 as llama.cpp's qwen2", 1), ("i", "llama3", "LLaMA with Llama 3.1 RoPE scaling (rope_freqs)", 8)):
@@ -505,6 +481,41 @@ def main():
     print("\n==== verify-llamacpp report ====")
     for line in report:
         print(line)
+
+
+def train_on_gguf(ember, recipe, work, ty, path, data50, examples, part):
+    """(f)/(g): a LoRA trained by ember for 12 steps with the GGUF `path` as its base, exported with
+    gguf-lora and run by llama.cpp on that file: the report line (answers, logits, perplexity)."""
+    from llama_cpp import Llama
+    run_dir = os.path.join(work, f"lora-on-{ty}")
+    run([ember, "train", recipe, "--quiet", "--overwrite", "--set", "train.max_steps=12", "--set", "train.lr=3e-3",
+         "--set", f'output.dir="{run_dir}"', "--set", f'model.path="{path}"'])
+    adapter = os.path.join(run_dir, "adapter")
+    lora_gguf = os.path.join(work, f"lora-on-{ty}.gguf")
+    run([ember, "export", "gguf-lora", "--base", path, "--adapter", adapter, "--out", lora_gguf])
+    results = {}
+    for with_adapter in (False, True):
+        llm = Llama(model_path=path, lora_path=lora_gguf if with_adapter else None, n_ctx=1024, logits_all=True, verbose=False)
+        equal, worst = 0, 0.0
+        for i, prompt in enumerate(PROMPTS):
+            dump = os.path.join(work, f"ember-f-{ty}-{with_adapter}-{i}.json")
+            extra = ["--adapter", adapter] if with_adapter else []
+            text = run([ember, "generate", "--base", path, *extra, "--prompt", prompt, "--template", "auto", "--max-new-tokens", "24", "--logits-out", dump]).rstrip("\n")
+            ours = json.load(open(dump))
+            theirs, last = llama_answer(llm, ours["prompt_ids"], len(ours["answer_ids"]))
+            same = theirs == [t for t in ours["answer_ids"] if t != llm.token_eos()]
+            equal += same
+            worst = max(worst, float(np.abs(last - np.array(ours["last_logits"], dtype=np.float32)).max()))
+            print(f"(f) {ty} adapter {with_adapter} {prompt!r}: ember {text!r} | llama.cpp {llm.detokenize(theirs).decode(errors='replace')!r} | same ids: {same}")
+        extra = ["--adapter", adapter] if with_adapter else []
+        ours_eval = json.loads(run([ember, "eval", "--base", path, *extra, "--data", data50, "--template", "alpaca", "--cutoff-len", "256"]).strip().splitlines()[-1])
+        ours_ppl = ours_eval["adapter" if with_adapter else "base"]["perplexity"]
+        results[with_adapter] = (equal, worst, ours_ppl, perplexity(llm, examples))
+        del llm
+    (b_eq, b_worst, b_ours, b_theirs), (a_eq, a_worst, a_ours, a_theirs) = results[False], results[True]
+    return (f"({part}) {ty} GGUF as the base, LoRA trained by ember on its blocks: perplexity (50 records) ember {b_ours:.4f} -> {a_ours:.4f} with the adapter, "
+            f"llama.cpp --lora {b_theirs:.4f} -> {a_theirs:.4f}; greedy answers equal {a_eq}/{len(PROMPTS)} with the adapter, {b_eq}/{len(PROMPTS)} without; "
+            f"last-position logits max |diff| {a_worst:.3f} with, {b_worst:.3f} without")
 
 
 def wide_tiny_llama(ember, work):
