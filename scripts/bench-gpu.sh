@@ -7,9 +7,14 @@
 #   scripts/bench-gpu.sh <ember binary> <tokenizer dir> <alpaca json> <peft_reference.py> <out dir>
 #
 # The model gets the tokenizer's vocabulary (SmolLM2's 49,152 tokens: no LLaMA tokenizer is
-# bundled), otherwise LLaMA-7B's shape: 32 layers, hidden 4096, ffn 11008, 32 heads.
+# bundled), otherwise LLaMA-7B's shape: 32 layers, hidden 4096, ffn 11008, 32 heads. It is made
+# once, with transformers, only for a job that reads it: with SYNTHETIC=1 ember's jobs draw the
+# same shape themselves (`ember bench --synthetic llama-7b`), which skips that step.
 # Each run's peak GPU memory is sampled with nvidia-smi (whole process, CUDA context included);
-# PEFT also reports torch.cuda.max_memory_allocated.
+# PEFT also reports torch.cuda.max_memory_allocated. JOBS picks and orders the runs (names in the
+# case below); each is stopped after JOB_TIMEOUT seconds (default 300) so one hang cannot eat a
+# lease; none starts after DEADLINE (seconds since the epoch). EMBER_FUSED reaches ember's jobs as it is (see models/src/fused/mod.rs); `ember-unfused`
+# sets it to 0.
 set -uo pipefail
 ember=$1 tok=$2 data=$3 reference=$4 out=$5
 model=${MODEL_DIR:-/tmp/llama7b-random}
@@ -20,7 +25,9 @@ export LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 
-if [ ! -f "$model/config.json" ]; then
+# The random model folder, made on first use.
+make_model() {
+  [ -f "$model/config.json" ] && return
   python3 - "$model" "$tok" <<'PY'
 import sys, shutil, glob, torch, transformers
 out, tok = sys.argv[1], sys.argv[2]
@@ -36,31 +43,48 @@ for f in glob.glob(tok + "/tokenizer*") + glob.glob(tok + "/special_tokens_map.j
     shutil.copy(f, out)
 print("random model:", sum(p.numel() for p in m.parameters()), "parameters in", out)
 PY
-fi
+}
 
 # run <name> <command...>: the command's JSON line plus the sampled peak memory.
 run() {
   local name=$1; shift
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$out/$name.mem" &
   local sampler=$!
-  "$@" > "$out/$name.json" 2> "$out/$name.err"
+  timeout "${JOB_TIMEOUT:-300}" "$@" > "$out/$name.json" 2> "$out/$name.err"
   local rc=$?
   kill $sampler; wait $sampler 2>/dev/null
   local peak; peak=$(sort -n "$out/$name.mem" | tail -1)
   echo "$name rc=$rc peak_nvidia_smi_mib=$peak $(tail -1 "$out/$name.json")"
   [ $rc -eq 0 ] || tail -3 "$out/$name.err"
 }
+# ember's model: the folder, or its shape drawn by ember.
+ember_model() {
+  if [ "${SYNTHETIC:-0}" = 1 ]; then echo --synthetic llama-7b --tokenizer "$tok"; else make_model >&2; echo --model "$model"; fi
+}
 lora=(--r 16 --alpha 32 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --batch 4 --cutoff 512 --steps "$steps" --warmup 3)
 for job in ${JOBS:-peft peft-ckpt ember ember-ckpt}; do
+  if [ -n "${DEADLINE:-}" ] && [ "$(date +%s)" -ge "$DEADLINE" ]; then echo "$job skipped: past DEADLINE"; continue; fi
+  case $job in peft*) make_model ;; esac
+  read -ra source <<< "$(ember_model)"
   case $job in
     peft) run peft python3 "$reference" --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda ;;
     peft-ckpt) run peft-ckpt python3 "$reference" --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda --grad-ckpt ;;
-    ember) run ember "$ember" bench --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint ;;
-    ember-ckpt) run ember-ckpt "$ember" bench --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint \
+    ember) run ember "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint ;;
+    ember-unfused) EMBER_FUSED=0 run ember-unfused "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint ;;
+    ember-padded) run ember-padded "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint --padded ;;
+    ember-ckpt) run ember-ckpt "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint \
       --gradient-checkpointing --loss-chunk-tokens 1024 ;;
+    # QLoRA as recipes/qlora-7b.toml trains it: NF4 base with double quantization, checkpointing.
+    # (PEFT's side needs bitsandbytes, which the GPU image lacks.)
+    ember-nf4) run ember-nf4 "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint \
+      --quantize nf4 --double-quant --gradient-checkpointing --loss-chunk-tokens 1024 ;;
+    peft-nf4) run peft-nf4 python3 "$reference" --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda \
+      --load-in-4bit --double-quant --grad-ckpt ;;
     peft-prefix) run peft-prefix python3 "$reference" --model "$model" --data "$data" --method prefix --batch 4 --cutoff 512 --steps "$steps" --device cuda ;;
-    ember-prefix) run ember-prefix "$ember" bench --model "$model" --data "$data" --method prefix --batch 4 --cutoff 512 --steps "$steps" --device cuda --dtype checkpoint ;;
+    ember-prefix) run ember-prefix "$ember" bench "${source[@]}" --data "$data" --method prefix --batch 4 --cutoff 512 --steps "$steps" --device cuda --dtype checkpoint ;;
+    ember-prefix-ckpt) run ember-prefix-ckpt "$ember" bench "${source[@]}" --data "$data" --method prefix --batch 4 --cutoff 512 --steps "$steps" --device cuda --dtype checkpoint \
+      --gradient-checkpointing --loss-chunk-tokens 1024 ;;
     peft-adaption) run peft-adaption python3 "$reference" --model "$model" --data "$data" --method adaption --batch 4 --cutoff 512 --steps "$steps" --device cuda ;;
-    ember-adaption) run ember-adaption "$ember" bench --model "$model" --data "$data" --method adaption --batch 4 --cutoff 512 --steps "$steps" --device cuda --dtype checkpoint ;;
+    ember-adaption) run ember-adaption "$ember" bench "${source[@]}" --data "$data" --method adaption --batch 4 --cutoff 512 --steps "$steps" --device cuda --dtype checkpoint ;;
   esac
 done

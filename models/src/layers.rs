@@ -2,7 +2,7 @@
 //! rotary position embeddings and the attention core.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
@@ -217,10 +217,19 @@ impl RmsNorm {
 }
 
 /// Rotary position embedding for a range of positions, per the architecture's pairing.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Rope {
     pub config: RopeConfig,
     inv_freq: Vec<f32>,
+    /// The f32 tables of positions `0..n` on the device that last asked, grown as needed: made
+    /// and uploaded once instead of at every call (on a GPU each upload waits for the queue).
+    uploaded: Arc<Mutex<Option<RopeTables>>>,
+}
+
+impl PartialEq for Rope {
+    fn eq(&self, other: &Self) -> bool {
+        self.config == other.config && self.inv_freq == other.inv_freq
+    }
 }
 
 impl Rope {
@@ -251,16 +260,33 @@ impl Rope {
                 }
             }
         }
-        Self { config, inv_freq }
+        Self { config, inv_freq, uploaded: Arc::default() }
     }
 
-    /// cos and sin tables for positions `start..start+len`, laid out to match the pairing.
+    /// The tables of positions `start..start+len` on `device` (its plain side), views of the
+    /// uploaded ones.
+    fn tables(&self, start: usize, len: usize, device: &Device) -> RopeTables {
+        let device = device.clone().inner();
+        let mut uploaded = self.uploaded.lock().unwrap_or_else(PoisonError::into_inner);
+        let covers = |t: &RopeTables| t.cos.device() == device && t.cos.dims()[0] >= start + len;
+        if !uploaded.as_ref().is_some_and(covers) {
+            // Whole powers of two: a few uploads over a run of growing lengths.
+            let n = (start + len).next_power_of_two();
+            let (cos, sin) = self.host_tables(n);
+            let table = |values: Vec<f32>| Tensor::<2>::from_data(TensorData::new(values, [n, self.config.rotary_dim]), &device);
+            *uploaded = Some(RopeTables { cos: table(cos), sin: table(sin), pairing: self.config.pairing });
+        }
+        let all = uploaded.as_ref().expect("uploaded above");
+        RopeTables { cos: all.cos.clone().narrow(0, start, len), sin: all.sin.clone().narrow(0, start, len), pairing: all.pairing }
+    }
+
+    /// cos and sin tables for positions `0..len`, laid out to match the pairing.
     /// Shapes: `[len, rotary_dim]` each.
-    fn tables(&self, start: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+    fn host_tables(&self, len: usize) -> (Vec<f32>, Vec<f32>) {
         let dim = self.config.rotary_dim;
         let mut cos = Vec::with_capacity(len * dim);
         let mut sin = Vec::with_capacity(len * dim);
-        for pos in start..start + len {
+        for pos in 0..len {
             let angle = |i: usize| pos as f32 * self.inv_freq[i];
             for d in 0..dim {
                 let i = match self.config.pairing {
@@ -281,14 +307,12 @@ impl Rope {
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
         let [b, h, s, head_dim] = x.dims();
         let dim = self.config.rotary_dim;
-        let (cos, sin) = self.tables(start, s);
-        let tables = RopeTables { cos: Arc::new(cos), sin: Arc::new(sin), pairing: self.config.pairing };
+        let tables = self.tables(start, s, &x.device());
         if let Some(y) = crate::fused::rope(&x, tables.clone()) {
             return y;
         }
-        let table = |values: &[f32]| Tensor::<2>::from_data(TensorData::new(values.to_vec(), [s, dim]), &x.device());
         // Tables in f32, applied in the activations' dtype (transformers: `cos.to(x.dtype)`).
-        let (cos, sin) = (table(&tables.cos).cast(x.dtype()).unsqueeze::<4>(), table(&tables.sin).cast(x.dtype()).unsqueeze::<4>());
+        let (cos, sin) = (tables.cos.cast(x.dtype()).unsqueeze::<4>(), tables.sin.cast(x.dtype()).unsqueeze::<4>());
         let rot = x.clone().narrow(3, 0, dim);
         let rotated = match self.config.pairing {
             // rotate_half: [x1, x2] -> [-x2, x1]

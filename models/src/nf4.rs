@@ -10,9 +10,11 @@
 //! each, as indices into bitsandbytes' signed dynamic 8-bit map.
 
 use std::ops::Range;
+use std::sync::{Mutex, PoisonError};
 
 use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use rayon::prelude::*;
 
 use crate::fused::kernels::Packing;
 
@@ -142,16 +144,17 @@ fn cascade_sum<const W: usize>(items: &[[f32; W]]) -> [f32; W] {
 
 /// Per block of `block` values: the absolute maximum, and every value scaled by its reciprocal
 /// and clamped to [−1, 1] (an f32 product with the reciprocal, as bitsandbytes computes it).
+/// Blocks in parallel: quantizing while loading is host work (a 7B model's 6.5G values).
 fn blockwise(values: &[f32], block: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut absmax = Vec::with_capacity(values.len().div_ceil(block));
-    let mut scaled = Vec::with_capacity(values.len());
-    for chunk in values.chunks(block) {
-        let max = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let absmax: Vec<f32> = values.par_chunks(block).map(|chunk| chunk.iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
+    let mut scaled = vec![0f32; values.len()];
+    scaled.par_chunks_mut(block).zip(values.par_chunks(block)).zip(absmax.par_iter()).for_each(|((scaled, chunk), &max)| {
         let inverse = 1.0 / max;
-        absmax.push(max);
         // An all-zero block has no scale: its values are the code 0.0.
-        scaled.extend(chunk.iter().map(|&v| if max == 0.0 { 0.0 } else { (v * inverse).clamp(-1.0, 1.0) }));
-    }
+        for (s, &v) in scaled.iter_mut().zip(chunk) {
+            *s = if max == 0.0 { 0.0 } else { (v * inverse).clamp(-1.0, 1.0) };
+        }
+    });
     (absmax, scaled)
 }
 
@@ -215,7 +218,7 @@ impl Nf4Weight {
         assert!(values.len() == n && n % BLOCK == 0, "NF4 needs [out, in] with out·in a multiple of {BLOCK} (checked by the loader)");
         let codes = midpoints(&table(&NF4_BITS));
         let (absmax, scaled) = blockwise(values, BLOCK);
-        let packed: Vec<u8> = scaled.chunks(2).map(|pair| (nearest(&codes, pair[0]) << 4) | nearest(&codes, pair[1])).collect();
+        let packed: Vec<u8> = scaled.par_chunks(2).map(|pair| (nearest(&codes, pair[0]) << 4) | nearest(&codes, pair[1])).collect();
         let absmax = if double_quant {
             let offset = torch_sum(&absmax) / absmax.len() as f32;
             let centred: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
@@ -252,7 +255,7 @@ impl Nf4Weight {
                 let groups = len.div_ceil(ABSMAX_BLOCK);
                 let first_group = blocks.start / ABSMAX_BLOCK;
                 let device = codes.device();
-                let map = f32_tensor(table(&DYNAMIC_MAP_BITS).to_vec(), &device);
+                let map = uploaded_table(table(&DYNAMIC_MAP_BITS).to_vec(), &device).reshape([256]);
                 let values = map.select(0, codes.clone().slice(blocks).cast(DType::I64));
                 // Pad to whole groups of 256 so each group meets its scale by broadcasting.
                 let padded = Tensor::cat(vec![values, Tensor::zeros([groups * ABSMAX_BLOCK - len], &device)], 0);
@@ -319,9 +322,22 @@ fn lookup_and_scale(bytes: &Tensor<1, Int>, table: Vec<f32>, absmax: Tensor<1>, 
 /// `[bytes, per_byte]`: each byte's row of `table`, which has 256 rows of the values a byte
 /// stands for.
 pub(crate) fn lookup_bytes(bytes: &Tensor<1, Int>, table: Vec<f32>) -> Tensor<2> {
-    let per_byte = table.len() / 256;
-    let table = Tensor::<2>::from_data(TensorData::new(table, [256, per_byte]), &bytes.device());
-    table.select(0, bytes.clone().cast(DType::I64))
+    uploaded_table(table, &bytes.device()).select(0, bytes.clone().cast(DType::I64))
+}
+
+/// `values` as a `[256, values / 256]` table on `device`'s plain side, uploaded once: the same few
+/// tables serve every product, and on a GPU every upload waits for the queue to drain.
+fn uploaded_table(values: Vec<f32>, device: &Device) -> Tensor<2> {
+    static TABLES: Mutex<Vec<(Vec<f32>, Device, Tensor<2>)>> = Mutex::new(Vec::new());
+    let device = device.clone().inner();
+    let mut tables = TABLES.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((_, _, table)) = tables.iter().find(|(v, d, _)| *d == device && *v == values) {
+        return table.clone();
+    }
+    let per_byte = values.len() / 256;
+    let table = Tensor::<2>::from_data(TensorData::new(values.clone(), [256, per_byte]), &device);
+    tables.push((values, device, table.clone()));
+    table
 }
 
 /// Storage per quantized value: the code plus its share of the block scales.
@@ -349,7 +365,7 @@ impl Int8Weight {
     pub fn from_tensor(weight: Tensor<2>) -> Self {
         let (shape, device, values) = host_values(weight);
         let (absmax, scaled) = blockwise(&values, BLOCK);
-        let codes: Vec<u8> = scaled.iter().map(|&v| (v * 127.0).round() as i8 as u8).collect();
+        let codes: Vec<u8> = scaled.par_iter().map(|&v| (v * 127.0).round() as i8 as u8).collect();
         Self { codes: u8_tensor(codes, &device), absmax: f32_tensor(absmax, &device), shape }
     }
 

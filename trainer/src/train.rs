@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use ember_adapters::{AdaptedModel, Method};
 use ember_data::sft::{self, SftOptions};
 use ember_data::{Batch, Dataset, Example, Format, Template};
@@ -186,11 +186,17 @@ pub fn evaluate(model: &AdaptedModel, examples: &[Example], batch_size: usize, p
 /// Squared L2 norm of every adapter gradient, then scales them to `max_norm` if above it.
 /// Returns the norm before clipping. Frozen parameters have no gradient and add nothing.
 fn clip_global_norm(model: &AdaptedModel, grads: &mut GradientsParams, max_norm: f64) -> f64 {
-    struct SquaredNorm<'a>(&'a GradientsParams, f64);
+    // Each tensor's sum in f32, added up in f64 on the device: one read at the end, not one per
+    // tensor (on a GPU each read waits for the queue).
+    struct SquaredNorm<'a>(&'a GradientsParams, Option<Tensor<1>>);
     impl ModuleVisitor for SquaredNorm<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.0.get::<D>(param.id) {
-                self.1 += g.powi_scalar(2).sum().into_scalar::<f32>() as f64;
+                let squared = g.powi_scalar(2).sum().cast(DType::F64);
+                self.1 = Some(match self.1.take() {
+                    Some(total) => total + squared,
+                    None => squared,
+                });
             }
         }
     }
@@ -202,9 +208,9 @@ fn clip_global_norm(model: &AdaptedModel, grads: &mut GradientsParams, max_norm:
             }
         }
     }
-    let mut squared = SquaredNorm(grads, 0.0);
+    let mut squared = SquaredNorm(grads, None);
     model.visit(&mut squared);
-    let norm = squared.1.sqrt();
+    let norm = squared.1.map_or(0.0, |total| total.into_scalar::<f64>()).sqrt();
     if max_norm > 0.0 && norm > max_norm {
         model.visit(&mut Scale(grads, max_norm / (norm + 1e-6)));
     }

@@ -12,7 +12,8 @@
 //! are served on LibTorch as well: the frozen product (two GEMMs on any backend), RMSNorm, SwiGLU,
 //! RoPE and the cross-entropy (LibTorch ops with a hand-written backward), and attention, which
 //! there is LibTorch's own fused scaled-dot-product attention ([`attention`]; `torch_ops`).
-//! `EMBER_FUSED=0` turns them off, to measure what they are worth.
+//! `EMBER_FUSED=0` turns them off, `EMBER_FUSED=rope,attention` keeps only those named ([`OPS`]), to
+//! measure what they are worth.
 
 #![allow(deprecated)] // the macro's glue names burn-dispatch's deprecated aliases.
 
@@ -36,15 +37,34 @@ use burn_flex::{FlexTensor, Layout};
 
 use crate::config::RopePairing;
 
-/// Whether fused operations are used where they apply (`EMBER_FUSED=0` turns them off).
-pub fn enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("EMBER_FUSED").map_or(true, |v| v != "0"))
+/// The fused operations' names, for `EMBER_FUSED`.
+pub const OPS: [&str; 8] = ["rms_norm", "swiglu", "rope", "attention", "cross_entropy", "matmul", "frozen_matmul", "dequantize"];
+
+/// `EMBER_FUSED`: unset or `1` all fused operations, `0` none, or a comma list of [`OPS`] names,
+/// only those: to measure what each is worth.
+fn selection() -> &'static Option<Vec<String>> {
+    static SELECTION: OnceLock<Option<Vec<String>>> = OnceLock::new();
+    SELECTION.get_or_init(|| match std::env::var("EMBER_FUSED").ok().as_deref().map(str::trim) {
+        None | Some("" | "1") => None,
+        Some("0") => Some(Vec::new()),
+        Some(list) => {
+            let ops: Vec<String> = list.split(',').map(|op| op.trim().to_owned()).collect();
+            for op in ops.iter().filter(|op| !OPS.contains(&op.as_str())) {
+                eprintln!("warning: EMBER_FUSED names no fused operation `{op}` (known: {})", OPS.join(", "));
+            }
+            Some(ops)
+        }
+    })
 }
 
-/// Whether the fused kernels serve this tensor: f32 on flex, with or without autodiff.
-fn applies<const D: usize>(t: &Tensor<D>) -> bool {
-    enabled()
+/// Whether the fused operation `op` (one of [`OPS`]) is used where it applies.
+pub fn enabled_for(op: &str) -> bool {
+    selection().as_ref().is_none_or(|ops| ops.iter().any(|o| o == op))
+}
+
+/// Whether the fused kernel `op` serves this tensor: f32 on flex, with or without autodiff.
+fn applies<const D: usize>(op: &str, t: &Tensor<D>) -> bool {
+    enabled_for(op)
         && t.dtype() == DType::F32
         && matches!(t.device().inner().as_dispatch(), DispatchDevice::Flex(_))
 }
@@ -59,7 +79,7 @@ pub fn rms_norm(x: &Tensor<3>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<3>
     if let Some(y) = torch_ops::rms_norm(x, weight, eps) {
         return Some(y);
     }
-    (applies(x) && applies(weight) && !weight.is_require_grad()).then(|| {
+    (applies("rms_norm", x) && applies("rms_norm", weight) && !weight.is_require_grad()).then(|| {
         Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rms_norm(
             x.clone().into_dispatch(),
             weight.clone().into_dispatch(),
@@ -77,7 +97,7 @@ pub fn swiglu(gate: &Tensor<3>, up: &Tensor<3>) -> Option<Tensor<3>> {
     if let Some(y) = torch_ops::swiglu(gate, up) {
         return Some(y);
     }
-    (applies(gate) && applies(up)).then(|| {
+    (applies("swiglu", gate) && applies("swiglu", up)).then(|| {
         Tensor::from_dispatch(<Dispatch as FusedOps>::fused_swiglu(
             gate.clone().into_dispatch(),
             up.clone().into_dispatch(),
@@ -92,7 +112,7 @@ pub fn swiglu(gate: &Tensor<3>, up: &Tensor<3>) -> Option<Tensor<3>> {
 /// - scores, output: `[batch, heads, seq, keys]`
 /// - bias: `[batch, 1, seq, keys]`
 pub fn attention_softmax(scores: &Tensor<4>, bias: &Tensor<4>, scale: f64) -> Option<Tensor<4>> {
-    (applies(scores) && applies(bias) && !bias.is_require_grad()).then(|| {
+    (applies("attention", scores) && applies("attention", bias) && !bias.is_require_grad()).then(|| {
         Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention_softmax(
             scores.clone().into_dispatch(),
             bias.clone().into_dispatch(),
@@ -117,7 +137,7 @@ pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1
     if let Some(total) = torch_ops::cross_entropy_sum(logits, targets) {
         return Some(total);
     }
-    applies(logits).then(|| {
+    applies("cross_entropy", logits).then(|| {
         Tensor::from_dispatch(<Dispatch as FusedOps>::fused_cross_entropy_sum(
             logits.clone().into_dispatch(),
             targets.to_vec(),
@@ -132,7 +152,7 @@ pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1
 /// - lhs: `[..., m, k]`; rhs: `[..., k, n]` with the same leading dims
 /// - output: `[..., m, n]`
 pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
-    if !(applies(&lhs) && applies(&rhs) && lhs.dims()[..D - 2] == rhs.dims()[..D - 2]) {
+    if !(applies("matmul", &lhs) && applies("matmul", &rhs) && lhs.dims()[..D - 2] == rhs.dims()[..D - 2]) {
         return lhs.matmul(rhs);
     }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_matmul(lhs.into_dispatch(), rhs.into_dispatch()))
@@ -149,7 +169,7 @@ pub fn lookup_and_scale(
     shape: [usize; 2],
     packing: kernels::Packing,
 ) -> Option<Tensor<2>> {
-    if !enabled() {
+    if !enabled_for("dequantize") {
         return None;
     }
     // A band of a weight is a contiguous view into its planes: read in place, not copied.
@@ -174,11 +194,12 @@ pub fn lookup_and_scale(
     Some(Tensor::from_primitive::<Flex>(tensor(values, Shape::new(shape))))
 }
 
-/// RoPE tables for a range of positions: `[seq, rotary]` values each, laid out per `pairing`.
+/// RoPE tables for a range of positions: `[seq, rotary]` f32 values each on the activations'
+/// plain device, laid out per `pairing`.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
-    pub cos: Arc<Vec<f32>>,
-    pub sin: Arc<Vec<f32>>,
+    pub cos: Tensor<2>,
+    pub sin: Tensor<2>,
     pub pairing: RopePairing,
 }
 
@@ -191,7 +212,7 @@ pub fn rope(x: &Tensor<4>, tables: RopeTables) -> Option<Tensor<4>> {
     if let Some(y) = torch_ops::rope(x, &tables) {
         return Some(y);
     }
-    applies(x).then(|| Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rope(x.clone().into_dispatch(), tables)))
+    applies("rope", x).then(|| Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rope(x.clone().into_dispatch(), tables)))
 }
 
 /// Values of a frozen weight made dense at once for a product on flex: 64M, 256 MiB in f32. A
@@ -281,7 +302,7 @@ fn gcd(a: usize, b: usize) -> usize {
 /// - x: `[rows, in]`; weight: `[out, in]`
 /// - output: `[rows, out]`
 pub fn frozen_matmul(x: &Tensor<2>, weight: DenseWeight) -> Option<Tensor<2>> {
-    enabled().then(|| Tensor::from_dispatch(<Dispatch as FrozenOps>::frozen_matmul(x.clone().into_dispatch(), weight)))
+    enabled_for("frozen_matmul").then(|| Tensor::from_dispatch(<Dispatch as FrozenOps>::frozen_matmul(x.clone().into_dispatch(), weight)))
 }
 
 /// `softmax(q kᵀ · scale + bias) v` in one fused operation with its own backward: LibTorch's
@@ -327,7 +348,7 @@ where
 fn plain_matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTensor<B> {
     let mut operands = Some((lhs, rhs));
     if let Some(flex) = (&mut operands as &mut dyn Any).downcast_mut::<Option<(FlexTensor, FlexTensor)>>()
-        && enabled()
+        && enabled_for("matmul")
         && flex.as_ref().is_some_and(|(l, r)| l.dtype() == DType::F32 && r.dtype() == DType::F32)
     {
         let (lhs, rhs) = flex.take().expect("the operands");
@@ -474,7 +495,9 @@ mod forward {
     pub fn rope(x: &FlexTensor, tables: &RopeTables, inverse: bool) -> FlexTensor {
         let shape = x.layout().shape().clone();
         let [_, _, seq, head_dim] = shape[..] else { panic!("RoPE takes [batch, heads, seq, head_dim]") };
-        tensor(kernels::rope(values(x), &tables.cos, &tables.sin, seq, head_dim, tables.pairing, inverse), shape)
+        let host = |t: &Tensor<2>| t.clone().try_into_primitive::<Flex>().expect("RoPE tables beside the activations").to_contiguous();
+        let (cos, sin) = (host(&tables.cos), host(&tables.sin));
+        tensor(kernels::rope(values(x), values(&cos), values(&sin), seq, head_dim, tables.pairing, inverse), shape)
     }
 
     /// `lhs · rhs` over the last two dims, for operands with non-negative strides (views read in

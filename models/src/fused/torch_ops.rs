@@ -36,15 +36,15 @@ use crate::config::RopePairing;
 /// - bias: `[batch, 1, seq, keys]`
 /// - output: `[batch, heads, seq, head_dim]`
 pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: &Tensor<4>, causal: bool, scale: f64) -> Option<Tensor<4>> {
-    on_libtorch(q).then(|| {
+    on_libtorch("attention", q).then(|| {
         let [q, k, v, bias] = [q, k, v, bias].map(|t| t.clone().into_dispatch());
         Tensor::from_dispatch(<Dispatch as TorchOps>::torch_attention(q, k, v, bias, causal, scale))
     })
 }
 
 /// Whether `t` is a float tensor on LibTorch (with or without autodiff) and fused ops are on.
-fn on_libtorch<const D: usize>(t: &Tensor<D>) -> bool {
-    super::enabled()
+fn on_libtorch<const D: usize>(op: &str, t: &Tensor<D>) -> bool {
+    super::enabled_for(op)
         && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
         && matches!(t.device().inner().as_dispatch(), DispatchDevice::LibTorch(_))
 }
@@ -56,7 +56,7 @@ fn on_libtorch<const D: usize>(t: &Tensor<D>) -> bool {
 /// # Shapes
 /// - x, output: `[batch, seq, hidden]`; weight: `[hidden]`, in `x`'s dtype
 pub fn rms_norm(x: &Tensor<3>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<3>> {
-    (on_libtorch(x) && !weight.is_require_grad()).then(|| {
+    (on_libtorch("rms_norm", x) && !weight.is_require_grad()).then(|| {
         Tensor::from_dispatch(<Dispatch as TorchOps>::torch_rms_norm(x.clone().into_dispatch(), weight.clone().into_dispatch(), eps))
     })
 }
@@ -66,7 +66,7 @@ pub fn rms_norm(x: &Tensor<3>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<3>
 /// # Shapes
 /// - gate, up, output: `[batch, seq, intermediate]`
 pub fn swiglu(gate: &Tensor<3>, up: &Tensor<3>) -> Option<Tensor<3>> {
-    on_libtorch(gate).then(|| Tensor::from_dispatch(<Dispatch as TorchOps>::torch_swiglu(gate.clone().into_dispatch(), up.clone().into_dispatch())))
+    on_libtorch("swiglu", gate).then(|| Tensor::from_dispatch(<Dispatch as TorchOps>::torch_swiglu(gate.clone().into_dispatch(), up.clone().into_dispatch())))
 }
 
 /// Rotary embedding of the first `rotary` dims of every head, in `x`'s dtype as transformers
@@ -75,7 +75,7 @@ pub fn swiglu(gate: &Tensor<3>, up: &Tensor<3>) -> Option<Tensor<3>> {
 /// # Shapes
 /// - x, output: `[batch, heads, seq, head_dim]`
 pub fn rope(x: &Tensor<4>, tables: &RopeTables) -> Option<Tensor<4>> {
-    on_libtorch(x).then(|| Tensor::from_dispatch(<Dispatch as TorchOps>::torch_rope(x.clone().into_dispatch(), tables.clone())))
+    on_libtorch("rope", x).then(|| Tensor::from_dispatch(<Dispatch as TorchOps>::torch_rope(x.clone().into_dispatch(), tables.clone())))
 }
 
 /// Summed negative log-likelihood of one target per row, in f32 whatever the logits' dtype (as
@@ -85,7 +85,7 @@ pub fn rope(x: &Tensor<4>, tables: &RopeTables) -> Option<Tensor<4>> {
 /// - logits: `[n, vocab]`; targets: `n` ids in `0..vocab`
 /// - output: `[1]`, f32
 pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1>> {
-    on_libtorch(logits).then(|| {
+    on_libtorch("cross_entropy", logits).then(|| {
         Tensor::from_dispatch(<Dispatch as TorchOps>::torch_cross_entropy_sum(logits.clone().into_dispatch(), targets.to_vec()))
     })
 }
@@ -132,8 +132,8 @@ fn rms_norm_forward(x: &tch::Tensor, weight: &tch::Tensor, eps: f64) -> (tch::Te
 /// `inverse` the rotation back (`-sin`), which is also its vector-Jacobian product.
 fn rope_forward(x: &tch::Tensor, tables: &RopeTables, inverse: bool) -> tch::Tensor {
     let [b, h, s, head_dim] = x.size()[..] else { unreachable!("rope takes [batch, heads, seq, head_dim]") };
-    let dim = (tables.cos.len() as i64) / s;
-    let table = |values: &[f32]| tch::Tensor::from_slice(values).view([s, dim]).to_device(x.device()).to_kind(x.kind());
+    let dim = tables.cos.dims()[1] as i64;
+    let table = |t: &Tensor<2>| t.clone().try_into_primitive::<LibTorch>().expect("RoPE tables beside the activations").tensor.to_kind(x.kind());
     let (cos, sin) = (table(&tables.cos), table(&tables.sin));
     let sin = if inverse { -sin } else { sin };
     let rot = x.narrow(3, 0, dim);
