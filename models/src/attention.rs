@@ -117,19 +117,18 @@ impl<P: Projection> Attention<P> {
     pub fn contexts_packed(&self, x: Tensor<3>, rope: &Rope, biases: &[Tensor<4>], extras: Option<&LayerExtras>) -> Vec<Tensor<3>> {
         let (q, k, v) = self.project_heads(x);
         let start = position_shift(extras);
-        let (mut queries, mut attended, mut offset) = (Vec::new(), Vec::new(), 0);
-        for bias in biases {
-            let len = bias.dims()[2];
+        let lengths: Vec<usize> = biases.iter().map(|bias| bias.dims()[2]).collect();
+        let (q, k) = (rope.apply_packed(q, &lengths, start), rope.apply_packed(k, &lengths, start));
+        let (mut attended, mut offset) = (Vec::new(), 0);
+        for (bias, &len) in biases.iter().zip(&lengths) {
             let segment = |t: &Tensor<4>| t.clone().narrow(2, offset, len);
-            let q = rope.apply(segment(&q), start);
-            let (keys, values) = with_prefix(rope.apply(segment(&k), start), segment(&v), extras);
+            let (keys, values) = with_prefix(segment(&k), segment(&v), extras);
             // A packed sequence's bias is causal; without a prefix, nothing else.
             let causal = keys.dims()[2] == len;
-            attended.push(grouped_attention(q.clone(), keys, values, bias.clone(), causal));
-            queries.push(q);
+            attended.push(grouped_attention(segment(&q), keys, values, bias.clone(), causal));
             offset += len;
         }
-        self.o_inputs(Tensor::cat(attended, 2), Tensor::cat(queries, 2), extras)
+        self.o_inputs(Tensor::cat(attended, 2), q, extras)
     }
 
     /// q, k, v projections of `x` split into heads: b,s,h*d -> b,h,s,d.

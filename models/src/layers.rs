@@ -224,6 +224,9 @@ pub struct Rope {
     /// The f32 tables of positions `0..n` on the device that last asked, grown as needed: made
     /// and uploaded once instead of at every call (on a GPU each upload waits for the queue).
     uploaded: Arc<Mutex<Option<RopeTables>>>,
+    /// The last packed row's tables (its sequences' lengths and first position): every layer of
+    /// a step asks for the same.
+    packed: Arc<Mutex<Option<(Vec<usize>, usize, RopeTables)>>>,
 }
 
 impl PartialEq for Rope {
@@ -260,7 +263,7 @@ impl Rope {
                 }
             }
         }
-        Self { config, inv_freq, uploaded: Arc::default() }
+        Self { config, inv_freq, uploaded: Arc::default(), packed: Arc::default() }
     }
 
     /// The tables of positions `start..start+len` on `device` (its plain side), views of the
@@ -305,9 +308,33 @@ impl Rope {
     /// # Shapes
     /// - x, output: `[batch, heads, seq, head_dim]`
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
+        let tables = self.tables(start, x.dims()[2], &x.device());
+        self.rotate(x, tables)
+    }
+
+    /// [`Self::apply`] on sequences packed into one row, each from position `start`: one
+    /// operation for the row rather than one per sequence.
+    ///
+    /// # Shapes
+    /// - x, output: `[1, heads, Σ lengths, head_dim]`
+    pub fn apply_packed(&self, x: Tensor<4>, lengths: &[usize], start: usize) -> Tensor<4> {
+        let device = x.device().inner();
+        let mut packed = self.packed.lock().unwrap_or_else(PoisonError::into_inner);
+        let same = |(l, s, t): &(Vec<usize>, usize, RopeTables)| l == lengths && *s == start && t.cos.device() == device;
+        if !packed.as_ref().is_some_and(same) {
+            let (cos, sin) = lengths.iter().map(|&len| self.tables(start, len, &device)).map(|t| (t.cos, t.sin)).unzip();
+            let tables = RopeTables { cos: Tensor::cat(cos, 0), sin: Tensor::cat(sin, 0), pairing: self.config.pairing };
+            *packed = Some((lengths.to_vec(), start, tables));
+        }
+        let tables = packed.as_ref().expect("made above").2.clone();
+        drop(packed);
+        self.rotate(x, tables)
+    }
+
+    /// x rotated by `tables`, one row of them a position of `x`.
+    fn rotate(&self, x: Tensor<4>, tables: RopeTables) -> Tensor<4> {
         let [b, h, s, head_dim] = x.dims();
         let dim = self.config.rotary_dim;
-        let tables = self.tables(start, s, &x.device());
         if let Some(y) = crate::fused::rope(&x, tables.clone()) {
             return y;
         }
@@ -456,6 +483,32 @@ mod tests {
 
     use super::*;
     use crate::nf4::{Int8Weight, Nf4Weight};
+
+    /// Packed sequences rotate in one call exactly as each would alone, from the same position,
+    /// for both pairings and on part of each head; a second layer reuses the tables.
+    #[test]
+    fn packed_rope_equals_rope_per_sequence() {
+        use crate::config::RopeConfig;
+        let device = Device::flex();
+        let lengths = [5, 1, 7];
+        for pairing in [RopePairing::Half, RopePairing::Interleaved] {
+            let rope = Rope::new(RopeConfig { theta: 10_000.0, rotary_dim: 8, pairing, scaling: None });
+            let x = Tensor::<4>::random([1, 3, 13, 12], Distribution::Normal(0.0, 1.0), &device);
+            let mut offset = 0;
+            let alone: Vec<_> = lengths
+                .iter()
+                .map(|&len| {
+                    let part = rope.apply(x.clone().narrow(2, offset, len), 2);
+                    offset += len;
+                    part
+                })
+                .collect();
+            let alone = Tensor::cat(alone, 2).into_data().try_to_vec::<f32>().unwrap();
+            for _ in 0..2 {
+                assert_eq!(rope.apply_packed(x.clone(), &lengths, 2).into_data().try_to_vec::<f32>().unwrap(), alone, "{pairing:?}");
+            }
+        }
+    }
 
     /// A frozen projection's surrogate hands `x` the gradient of `sum(forward(x) · g)`, bit for
     /// bit, however the weight is stored: f32, bf16 (rebuilt in f32), NF4, int8.
