@@ -13,8 +13,8 @@
 # Each run's peak GPU memory is sampled with nvidia-smi (whole process, CUDA context included);
 # PEFT also reports torch.cuda.max_memory_allocated. JOBS picks and orders the runs (names in the
 # case below); each is stopped after JOB_TIMEOUT seconds (default 300) so one hang cannot eat a
-# lease; none starts after DEADLINE (seconds since the epoch). EMBER_FUSED reaches ember's jobs as it is (see models/src/fused/mod.rs); `ember-unfused`
-# sets it to 0.
+# lease; none starts after DEADLINE (seconds since the epoch). EMBER_FUSED reaches ember's jobs
+# as it is (see models/src/fused/mod.rs); `ember-unfused` sets it to 0.
 set -uo pipefail
 ember=$1 tok=$2 data=$3 reference=$4 out=$5
 model=${MODEL_DIR:-/tmp/llama7b-random}
@@ -64,8 +64,7 @@ ember_model() {
 lora=(--r 16 --alpha 32 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --batch 4 --cutoff 512 --steps "$steps" --warmup 3)
 for job in ${JOBS:-peft peft-ckpt ember ember-ckpt}; do
   if [ -n "${DEADLINE:-}" ] && [ "$(date +%s)" -ge "$DEADLINE" ]; then echo "$job skipped: past DEADLINE"; continue; fi
-  case $job in peft*) make_model ;; esac
-  read -ra source <<< "$(ember_model)"
+  case $job in peft*) make_model ;; *) read -ra source <<< "$(ember_model)" ;; esac
   case $job in
     peft) run peft python3 "$reference" --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda ;;
     peft-ckpt) run peft-ckpt python3 "$reference" --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda --grad-ckpt ;;
