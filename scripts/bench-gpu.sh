@@ -10,11 +10,11 @@
 # bundled), otherwise LLaMA-7B's shape: 32 layers, hidden 4096, ffn 11008, 32 heads. It is made
 # once, with transformers, only for a job that reads it: with SYNTHETIC=1 ember's jobs draw the
 # same shape themselves (`ember bench --synthetic llama-7b`), which skips that step.
-# Each run's peak GPU memory is sampled with nvidia-smi (whole process, CUDA context included);
-# PEFT also reports torch.cuda.max_memory_allocated. JOBS picks and orders the runs (names in the
-# case below); each is stopped after JOB_TIMEOUT seconds (default 300) so one hang cannot eat a
-# lease; none starts after DEADLINE (seconds since the epoch). EMBER_FUSED reaches ember's jobs
-# as it is (see models/src/fused/mod.rs); `ember-unfused` sets it to 0.
+# Each run's peak GPU memory and utilization are sampled with nvidia-smi (whole process, CUDA
+# context included); PEFT also reports torch.cuda.max_memory_allocated. JOBS picks and orders the
+# runs (names in the case below); each is stopped after JOB_TIMEOUT seconds (default 300) so one
+# hang cannot eat a lease; none starts after DEADLINE (seconds since the epoch). EMBER_FUSED reaches ember's jobs
+# as it is (see models/src/fused/mod.rs); `ember-unfused` sets it to 0, `ember-fused` to 1.
 set -uo pipefail
 ember=$1 tok=$2 data=$3 reference=$4 out=$5
 model=${MODEL_DIR:-/tmp/llama7b-random}
@@ -45,16 +45,19 @@ print("random model:", sum(p.numel() for p in m.parameters()), "parameters in", 
 PY
 }
 
-# run <name> <command...>: the command's JSON line plus the sampled peak memory.
+# run <name> <command...>: the command's JSON line, the sampled peak memory and the mean GPU
+# utilization (share of time a kernel ran) over the job's last 10 s, which are its timed steps.
 run() {
   local name=$1; shift
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$out/$name.mem" &
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader,nounits -lms 100 > "$out/$name.mem" &
   local sampler=$!
   timeout "${JOB_TIMEOUT:-300}" "$@" > "$out/$name.json" 2> "$out/$name.err"
   local rc=$?
   kill $sampler; wait $sampler 2>/dev/null
-  local peak; peak=$(sort -n "$out/$name.mem" | tail -1)
-  echo "$name rc=$rc peak_nvidia_smi_mib=$peak $(tail -1 "$out/$name.json")"
+  local peak util
+  peak=$(cut -d, -f1 "$out/$name.mem" | sort -n | tail -1)
+  util=$(tail -100 "$out/$name.mem" | awk -F', *' '{s += $2; n++} END {if (n) printf "%.0f", s / n}')
+  echo "$name rc=$rc peak_nvidia_smi_mib=$peak gpu_util_last10s=$util% $(tail -1 "$out/$name.json")"
   [ $rc -eq 0 ] || tail -3 "$out/$name.err"
 }
 # ember's model: the folder, or its shape drawn by ember.
@@ -69,6 +72,10 @@ for job in ${JOBS:-peft peft-ckpt ember ember-ckpt}; do
     peft) run peft python3 "$reference" --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda ;;
     peft-ckpt) run peft-ckpt python3 "$reference" --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda --grad-ckpt ;;
     ember) run ember "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint ;;
+    # The same with a wait after the backward pass and the optimizer: where a step's time goes.
+    ember-phases) run ember-phases "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint --phase-times ;;
+    # LibTorch's fused ops are off on CUDA unless asked for: `ember-fused` turns them on.
+    ember-fused) EMBER_FUSED=1 run ember-fused "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint ;;
     ember-unfused) EMBER_FUSED=0 run ember-unfused "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint ;;
     ember-padded) run ember-padded "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint --padded ;;
     ember-ckpt) run ember-ckpt "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint \

@@ -324,6 +324,10 @@ struct BenchArgs {
     /// Compute the padded batch as the reference does, pad tokens included (recipe: train.padding_free = false).
     #[arg(long)]
     padded: bool,
+    /// Wait for the device after the backward pass and after the optimizer, and report each
+    /// phase's milliseconds a step (`phase_ms_per_step`).
+    #[arg(long)]
+    phase_times: bool,
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -345,6 +349,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         step: ember_trainer::step::StepOptions {
             checkpoint_layers: args.gradient_checkpointing, loss_chunk_tokens: args.loss_chunk_tokens, padding_free: !args.padded,
         },
+        phase_times: args.phase_times,
     };
     let result = ember_trainer::bench::run(&options).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
     println!("{result}");

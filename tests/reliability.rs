@@ -262,7 +262,7 @@ fn a_full_disk_in_a_checkpoint_write_keeps_the_previous_one() {
     let run = out.path().join("run");
     let args = train_args(&recipe, &run, &[]);
     let output = Command::new(env!("CARGO_BIN_EXE_ember")).args(&args).env("EMBER_FAULT", "disk-full-in-checkpoint@6").output().unwrap();
-    assert_error(&output, 1, &["checkpoints/step-00000006/optimizer.bpk", "No space left on device"]);
+    assert_error(&output, 1, &["checkpoints/step-00000006/optimizer.safetensors", "No space left on device"]);
     // The error names the checkpoint it was writing, not the temporary it wrote into.
     assert!(!String::from_utf8_lossy(&output.stderr).contains(".tmp-"), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(run.join("checkpoints/step-00000003/state.json").is_file());

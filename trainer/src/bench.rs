@@ -3,14 +3,15 @@
 //!
 //! Workload: Alpaca records rendered with the Stanford template, target = output + EOS, prompt
 //! masked, truncated to `cutoff`; step `s` takes examples `(s·batch + i) mod n` right-padded;
-//! forward, backward, AdamW (lr 3e-4, torch's defaults: weight decay 0.01), no accumulation, no
-//! clipping. Tokens/s counts non-pad tokens of the timed steps (warm-up steps excluded).
+//! forward, backward, AdamW (lr 3e-4, torch's defaults: betas 0.9/0.999, eps 1e-8, weight decay
+//! 0.01), no accumulation, no clipping. Tokens/s counts non-pad tokens of the timed steps (warm-up
+//! steps excluded).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::optim::{AdamWConfig, GradientsAccumulator};
-use burn::tensor::DType;
+use burn::optim::GradientsAccumulator;
+use burn::tensor::{DType, Tensor};
 use ember_adapters::Method;
 use ember_data::sft::{SftOptions, build_example};
 use ember_data::{Batch, Dataset, Template};
@@ -21,6 +22,7 @@ use ember_models::{BaseModel, LoadDtype, ModelConfig};
 use serde_json::{Value, json};
 
 use crate::memory::{self, BatchShape, estimate};
+use crate::optimizer::AdamW;
 use crate::step::{StepOptions, forward_backward};
 
 /// Where the base comes from.
@@ -47,6 +49,9 @@ pub struct BenchOptions {
     pub dtype: LoadDtype,
     pub quantization: Option<Quantization>,
     pub step: StepOptions,
+    /// Wait for the device after the backward pass and after the optimizer, and report how long
+    /// each phase took to issue and to finish (the waits change the timing a little).
+    pub phase_times: bool,
 }
 
 /// config.json of a model shape: a preset (`llama-7b`, `llama-13b`, `llama3-8b`,
@@ -119,7 +124,12 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
         return Err(format!("{}: no records", o.data.display()));
     }
 
-    let mut optimizer = AdamWConfig::new().with_weight_decay(0.01).init();
+    let mut optimizer = AdamW::torch_defaults();
+    // Milliseconds summed over the timed steps: forward + backward issued (the loss read waits
+    // for the forward), backward finished, optimizer issued, optimizer finished.
+    let mut phases = [0f64; 4];
+    let inner = autodiff.clone().inner();
+    let wait = || Tensor::<1>::zeros([1], &inner).into_scalar::<f32>();
     // Each batch's shape, for the estimate of `ember inspect --recipe` beside the measured peak.
     let mut shapes = Vec::new();
     let mut model = model;
@@ -135,9 +145,27 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
             supervised_tokens: batch.supervised_tokens(),
         });
         let mut grads = GradientsAccumulator::new();
+        let mut clock = Instant::now();
+        let mut lap = |phase: usize| {
+            if o.phase_times && step >= o.warmup {
+                phases[phase] += clock.elapsed().as_secs_f64() * 1e3;
+            }
+            clock = Instant::now();
+        };
         // Reading the loss waits for the forward pass, as the reference's float(loss) does.
         let Some(loss) = forward_backward(&model, &batch, 1.0, o.step, step as u64, &autodiff, &mut grads) else { continue };
-        model = optimizer.step(3e-4, model, grads.grads());
+        lap(0);
+        if o.phase_times {
+            wait();
+            lap(1);
+        }
+        let grads = AdamW::gather(&model, grads.grads());
+        model = optimizer.step(3e-4, model, grads);
+        if o.phase_times {
+            lap(2);
+            wait();
+            lap(3);
+        }
         losses.push(loss);
         if step >= o.warmup {
             tokens += batch.real_tokens();
@@ -165,5 +193,10 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
         "first_loss": losses.first().map(|l| round(*l, 4)), "last_loss": losses.last().map(|l| round(*l, 4)),
         "peak_rss_mib": peak_rss_mib().map(|m| round(m, 1)), "estimated_peak_mib": round(estimated / (1u64 << 20) as f64, 1),
         "gradient_checkpointing": o.step.checkpoint_layers, "loss_chunk_tokens": o.step.loss_chunk_tokens, "padding_free": o.step.padding_free,
+        "phase_ms_per_step": o.phase_times.then(|| {
+            let per_step = |ms: f64| round(ms / o.steps.max(1) as f64, 2);
+            json!({"forward_backward_issued": per_step(phases[0]), "backward_finished": per_step(phases[1]),
+                   "optimizer_issued": per_step(phases[2]), "optimizer_finished": per_step(phases[3])})
+        }),
     }))
 }

@@ -2,7 +2,7 @@
 //!
 //! `<out>/checkpoints/step-<N>/` holds the adapter in its export format (usable as is), the
 //! trainable parameters with their ids (`trainable.bpk`, burn's burnpack: exact values, and the
-//! ids the optimizer state is keyed by), the AdamW state (`optimizer.bpk`), `metrics.jsonl` up to
+//! ids the optimizer state is laid out by), the AdamW moments (`optimizer.safetensors`), `metrics.jsonl` up to
 //! step N and `state.json` (position in the data, running summary). Data order and dropout are
 //! functions of the seed and the step, so no RNG state needs saving. Each checkpoint is written
 //! to a temporary folder and renamed into place.
@@ -10,12 +10,12 @@
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ParamGroup};
-use burn::optim::{ModuleOptimizer, OptimizerRecord};
 use burn::store::ModuleRecord;
 use ember_adapters::{AdaptedModel, Method};
 use serde::{Deserialize, Serialize};
 
 use crate::error::TrainError;
+use crate::optimizer::AdamW;
 use crate::run::Summary;
 
 /// Where the next optimizer step starts.
@@ -57,7 +57,7 @@ pub fn save(
     root: &Path,
     model: &AdaptedModel,
     method: &Method,
-    optimizer: &ModuleOptimizer,
+    optimizer: &AdamW,
     state: &State,
     metrics: &Path,
     base_name: &str,
@@ -84,10 +84,10 @@ pub fn save(
                 crate::fault::kill_self();
             }
             if crate::fault::armed(crate::fault::Fault::DiskFullInCheckpoint, state.position.step) {
-                return Err(io(&tmp.join("optimizer.bpk"), crate::fault::disk_full()));
+                return Err(io(&tmp.join("optimizer.safetensors"), crate::fault::disk_full()));
             }
-            let optimizer_path = tmp.join("optimizer.bpk");
-            optimizer.to_record().save(&optimizer_path).map_err(|e| failed(&optimizer_path, format!("{e:?}")))?;
+            let optimizer_path = tmp.join("optimizer.safetensors");
+            optimizer.save(&optimizer_path).map_err(|e| io(&optimizer_path, e))?;
             std::fs::copy(metrics, tmp.join("metrics.jsonl")).map_err(|e| io(metrics, e))?;
             let path = tmp.join("state.json");
             ember_models::write_json(&path, state).map_err(|e| io(&path, e))
@@ -118,14 +118,17 @@ pub fn read_state(dir: &Path) -> Result<State, TrainError> {
 
 /// Puts the checkpoint's trainable values and ids into `model` and its AdamW state into
 /// `optimizer`.
-pub fn restore(dir: &Path, model: AdaptedModel, optimizer: ModuleOptimizer) -> Result<(AdaptedModel, ModuleOptimizer), TrainError> {
+pub fn restore(dir: &Path, model: AdaptedModel, mut optimizer: AdamW, device: &burn::tensor::Device) -> Result<(AdaptedModel, AdamW), TrainError> {
     let unreadable = |path: &Path, reason: String| TrainError::Resume { path: path.to_path_buf(), reason };
     let path = dir.join("trainable.bpk");
     let record = ModuleRecord::load(&path).map_err(|e| unreadable(&path, e.to_string()))?.allow_partial(true);
     let model = model
         .try_load_record(record)
         .map_err(|e| unreadable(&path, format!("the checkpoint does not fit the recipe's adapter ({e})")))?;
-    let path = dir.join("optimizer.bpk");
-    let record = OptimizerRecord::load(&path).map_err(|e| unreadable(&path, format!("{e:?}")))?;
-    Ok((model, optimizer.load_record(record)))
+    let path = dir.join("optimizer.safetensors");
+    if !path.exists() && dir.join("optimizer.bpk").exists() {
+        return Err(unreadable(&path, "absent: the checkpoint has an optimizer.bpk, written by an ember before 2026-12-04; resume it with that version".into()));
+    }
+    optimizer.load(&path, &model, device).map_err(|e| unreadable(&path, e))?;
+    Ok((model, optimizer))
 }

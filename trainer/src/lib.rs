@@ -10,6 +10,7 @@ pub mod interrupt;
 pub mod loss;
 pub mod memory;
 pub mod merge;
+pub mod optimizer;
 pub mod plot;
 pub mod recipe;
 pub mod run_export;

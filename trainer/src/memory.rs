@@ -66,7 +66,7 @@ pub fn estimate(
     device: DeviceName,
 ) -> MemoryEstimate {
     let on_flex = device == DeviceName::Flex;
-    let flex_fused = |op: &str| on_flex && fused::enabled_for(op);
+    let flex_fused = |op: fused::Op| on_flex && fused::enabled_for(op);
     let stored = weight_bytes as f64;
     let a = if on_flex { 4.0 } else { stored };
     let (h, kv, f) = (model.q_dim() as f64, model.kv_dim() as f64, model.intermediate_size as f64);
@@ -86,8 +86,8 @@ pub fn estimate(
     // the probabilities (fused: the probabilities).
     let norms = 2.0 * 4.0 * hidden;
     let attention = a * (h + 2.0 * kv);
-    let mlp = if flex_fused("swiglu") { 2.0 } else { 4.0 } * a * f;
-    let per_score = if flex_fused("attention") { 4.0 } else { 4.0 + a };
+    let mlp = if flex_fused(fused::Op::Swiglu) { 2.0 } else { 4.0 } * a * f;
+    let per_score = if flex_fused(fused::Op::Attention) { 4.0 } else { 4.0 + a };
     // What the method's own layers keep (a LoRA branch: its f32 input and `x·A`).
     let own = method.activation_bytes_per_token(model, a as usize) / model.num_layers as f64;
     let layer = tokens * (norms + attention + mlp + own) + score_cells * per_score;
@@ -96,7 +96,7 @@ pub fn estimate(
     // Without the frozen product, the graph keeps each projection made dense (dequantized, or
     // cast to f32 on flex) until backward: per layer with a graph, its projections at `a` bytes.
     let made_dense = projection_bytes.is_some() || (on_flex && stored != 4.0);
-    let dequantized = match made_dense && !fused::enabled_for("frozen_matmul") {
+    let dequantized = match made_dense && !fused::enabled_for(fused::Op::FrozenMatmul) {
         true => projection_sizes(model).iter().sum::<usize>() as f64 / model.num_layers as f64 * a,
         false => 0.0,
     };
@@ -119,7 +119,7 @@ pub fn estimate(
     // the logits and the gradient); under 16-bit activations also the head's own output and the
     // gradient's cast.
     let per_logit = match a {
-        _ if flex_fused("cross_entropy") => 8.0,
+        _ if flex_fused(fused::Op::CrossEntropy) => 8.0,
         4.0 => 12.0,
         _ => 16.0 + 2.0 * a,
     };
@@ -143,7 +143,7 @@ pub fn estimate(
 fn stored_weight_bytes(model: &ModelConfig, stored: f64, projection_bytes: Option<f64>, compute: f64, on_flex: bool) -> f64 {
     let projections = projection_sizes(model);
     let band_values = if on_flex { fused::FLEX_BAND_VALUES } else { fused::TORCH_BAND_VALUES };
-    let band = |values: usize| if fused::enabled_for("frozen_matmul") { values.min(band_values) } else { values } as f64;
+    let band = |values: usize| if fused::enabled_for(fused::Op::FrozenMatmul) { values.min(band_values) } else { values } as f64;
     let largest = projections.iter().copied().max().unwrap_or(0);
     let head = model.vocab_size * model.hidden_size;
     // A 16-bit head (and dense projections) cast for f32 activations on flex.
@@ -153,7 +153,7 @@ fn stored_weight_bytes(model: &ModelConfig, stored: f64, projection_bytes: Optio
     };
     let quantized: usize = projections.iter().sum();
     // flex's fused lookup writes the f32 values straight from the bytes.
-    let dequantize = if on_flex && fused::enabled_for("dequantize") { 4.0 } else { 12.0 };
+    let dequantize = if on_flex && fused::enabled_for(fused::Op::Dequantize) { 4.0 } else { 12.0 };
     (model.num_params() - quantized) as f64 * stored + quantized as f64 * per_value + (band(largest) * dequantize).max(cast)
 }
 

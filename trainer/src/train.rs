@@ -10,9 +10,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::module::Module;
+use burn::optim::GradientsAccumulator;
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_adapters::{AdaptedModel, Method};
 use ember_data::sft::{self, SftOptions};
 use ember_data::{Batch, Dataset, Example, Format, Template};
@@ -27,6 +27,7 @@ use crate::error::TrainError;
 use crate::fault::{self, Fault};
 use crate::interrupt;
 use crate::loss::causal_lm_loss;
+use crate::optimizer::{AdamW, FlatGradients};
 use crate::recipe::{LrScheduler, OnNonfinite, Recipe, ReportTo};
 use crate::run::{Event, Metrics, StepReport, Summary};
 use crate::step;
@@ -183,38 +184,11 @@ pub fn evaluate(model: &AdaptedModel, examples: &[Example], batch_size: usize, p
     (tokens > 0).then(|| total / tokens as f64)
 }
 
-/// Squared L2 norm of every adapter gradient, then scales them to `max_norm` if above it.
-/// Returns the norm before clipping. Frozen parameters have no gradient and add nothing.
-fn clip_global_norm(model: &AdaptedModel, grads: &mut GradientsParams, max_norm: f64) -> f64 {
-    // Each tensor's sum in f32, added up in f64 on the device: one read at the end, not one per
-    // tensor (on a GPU each read waits for the queue).
-    struct SquaredNorm<'a>(&'a GradientsParams, Option<Tensor<1>>);
-    impl ModuleVisitor for SquaredNorm<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.0.get::<D>(param.id) {
-                let squared = g.powi_scalar(2).sum().cast(DType::F64);
-                self.1 = Some(match self.1.take() {
-                    Some(total) => total + squared,
-                    None => squared,
-                });
-            }
-        }
-    }
-    struct Scale<'a>(&'a mut GradientsParams, f64);
-    impl ModuleVisitor for Scale<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.0.remove::<D>(param.id) {
-                self.0.register(param.id, g.mul_scalar(self.1));
-            }
-        }
-    }
-    let mut squared = SquaredNorm(grads, None);
-    model.visit(&mut squared);
-    let norm = squared.1.map_or(0.0, |total| total.into_scalar::<f64>()).sqrt();
-    if max_norm > 0.0 && norm > max_norm {
-        model.visit(&mut Scale(grads, max_norm / (norm + 1e-6)));
-    }
-    norm
+/// The global L2 norm of the gradients, which are scaled to `max_norm` if above it (0: no
+/// clipping). Returns the norm before clipping.
+fn clip_global_norm(grads: FlatGradients, max_norm: f64) -> (FlatGradients, f64) {
+    let norm = grads.norm();
+    if max_norm > 0.0 && norm > max_norm { (grads.scale(max_norm / (norm + 1e-6)), norm) } else { (grads, norm) }
 }
 
 /// What stops or skips a step whose loss or gradient norm is NaN/inf.
@@ -252,7 +226,7 @@ struct Run<'a> {
     bos: Option<u32>,
     model: AdaptedModel,
     method: Method,
-    optimizer: ModuleOptimizer,
+    optimizer: AdamW,
     total_steps: usize,
     metrics: Metrics,
     summary: Summary,
@@ -317,12 +291,7 @@ impl<'a> Run<'a> {
         on_event(Event::Info(format!("model: {} with {method}: {trainable} trainable of {total} parameters ({:.4}%)",
             recipe.model.path.display(), 100.0 * trainable as f64 / total as f64)));
 
-        let optimizer = AdamWConfig::new()
-            .with_beta_1(t.adam_beta1 as f32)
-            .with_beta_2(t.adam_beta2 as f32)
-            .with_epsilon(t.adam_epsilon as f32)
-            .with_weight_decay(t.weight_decay as f32)
-            .init();
+        let optimizer = AdamW::new(t.adam_beta1 as f32, t.adam_beta2 as f32, t.adam_epsilon as f32, t.weight_decay as f32);
         let steps_per_epoch = train_set.len().div_ceil(t.micro_batch_size * t.gradient_accumulation_steps);
         let total_steps = if t.max_steps > 0 { t.max_steps } else { steps_per_epoch * t.epochs };
 
@@ -370,7 +339,7 @@ impl<'a> Run<'a> {
     fn start(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
         let Some(dir) = self.last_checkpoint.clone() else { return self.evaluate(on_event) };
         let state = checkpoint::read_state(&dir)?;
-        let (model, optimizer) = checkpoint::restore(&dir, self.model.clone(), self.optimizer.clone())?;
+        let (model, optimizer) = checkpoint::restore(&dir, self.model.clone(), self.optimizer.clone(), &self.device)?;
         (self.model, self.optimizer) = (model, optimizer);
         (self.position, self.tokens_seen, self.train_seconds) = (state.position, state.tokens_seen, state.train_seconds);
         self.summary = Summary { adapter_dir: self.summary.adapter_dir.clone(), metrics: self.summary.metrics.clone(), plot: None, exports: Vec::new(), ..state.summary };
@@ -435,8 +404,7 @@ impl<'a> Run<'a> {
         if fault::armed(Fault::NanLoss, step + 1) {
             loss = f64::NAN;
         }
-        let mut grads = accumulator.grads();
-        let grad_norm = clip_global_norm(&self.model, &mut grads, t.max_grad_norm);
+        let (grads, grad_norm) = clip_global_norm(AdamW::gather(&self.model, accumulator.grads()), t.max_grad_norm);
         let lr = learning_rate(self.recipe, step, self.total_steps);
         match [("loss", loss), ("gradient norm", grad_norm)].into_iter().find(|(_, v)| !v.is_finite()) {
             Some((what, value)) => {

@@ -12,8 +12,10 @@
 //! are served on LibTorch as well: the frozen product (two GEMMs on any backend), RMSNorm, SwiGLU,
 //! RoPE and the cross-entropy (LibTorch ops with a hand-written backward), and attention, which
 //! there is LibTorch's own fused scaled-dot-product attention ([`attention`]; `torch_ops`).
-//! `EMBER_FUSED=0` turns them off, `EMBER_FUSED=rope,attention` keeps only those named ([`OPS`]), to
-//! measure what they are worth.
+//! `EMBER_FUSED=0` turns them off, `EMBER_FUSED=rope,attention` keeps only those named ([`Op`]), to
+//! measure what they are worth. On a CUDA device LibTorch's five (`torch_ops`) are off unless
+//! `EMBER_FUSED` names them or is `1`: on an H200 the composed ops trained 7B LoRA at 2,176
+//! tokens/s where these gave 607 (BENCHMARKS.md).
 
 #![allow(deprecated)] // the macro's glue names burn-dispatch's deprecated aliases.
 
@@ -37,33 +39,88 @@ use burn_flex::{FlexTensor, Layout};
 
 use crate::config::RopePairing;
 
-/// The fused operations' names, for `EMBER_FUSED`.
-pub const OPS: [&str; 8] = ["rms_norm", "swiglu", "rope", "attention", "cross_entropy", "matmul", "frozen_matmul", "dequantize"];
+/// The fused operations, each switchable by name in `EMBER_FUSED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    RmsNorm,
+    Swiglu,
+    Rope,
+    Attention,
+    CrossEntropy,
+    Matmul,
+    FrozenMatmul,
+    Dequantize,
+}
 
-/// `EMBER_FUSED`: unset or `1` all fused operations, `0` none, or a comma list of [`OPS`] names,
-/// only those: to measure what each is worth.
-fn selection() -> &'static Option<Vec<String>> {
-    static SELECTION: OnceLock<Option<Vec<String>>> = OnceLock::new();
-    SELECTION.get_or_init(|| match std::env::var("EMBER_FUSED").ok().as_deref().map(str::trim) {
-        None | Some("" | "1") => None,
-        Some("0") => Some(Vec::new()),
-        Some(list) => {
-            let ops: Vec<String> = list.split(',').map(|op| op.trim().to_owned()).collect();
-            for op in ops.iter().filter(|op| !OPS.contains(&op.as_str())) {
-                eprintln!("warning: EMBER_FUSED names no fused operation `{op}` (known: {})", OPS.join(", "));
-            }
-            Some(ops)
+impl Op {
+    pub const ALL: [Op; 8] = [Op::RmsNorm, Op::Swiglu, Op::Rope, Op::Attention, Op::CrossEntropy, Op::Matmul, Op::FrozenMatmul, Op::Dequantize];
+
+    /// The name `EMBER_FUSED` knows it by.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::RmsNorm => "rms_norm",
+            Op::Swiglu => "swiglu",
+            Op::Rope => "rope",
+            Op::Attention => "attention",
+            Op::CrossEntropy => "cross_entropy",
+            Op::Matmul => "matmul",
+            Op::FrozenMatmul => "frozen_matmul",
+            Op::Dequantize => "dequantize",
         }
+    }
+}
+
+/// What `EMBER_FUSED` asks for.
+enum Selection {
+    /// Unset: every fused operation where it is known to pay (not LibTorch's on CUDA).
+    Default,
+    /// `1`: every fused operation everywhere.
+    All,
+    /// `0` (none), or a comma list of [`Op`] names: only those.
+    Only(Vec<Op>),
+}
+
+fn selection() -> &'static Selection {
+    static SELECTION: OnceLock<Selection> = OnceLock::new();
+    SELECTION.get_or_init(|| match std::env::var("EMBER_FUSED").ok().as_deref().map(str::trim) {
+        None | Some("") => Selection::Default,
+        Some("1") => Selection::All,
+        Some("0") => Selection::Only(Vec::new()),
+        Some(list) => Selection::Only(
+            list.split(',')
+                .map(str::trim)
+                .filter_map(|name| {
+                    let op = Op::ALL.into_iter().find(|op| op.name() == name);
+                    if op.is_none() {
+                        let known: Vec<_> = Op::ALL.iter().map(|op| op.name()).collect();
+                        eprintln!("warning: EMBER_FUSED names no fused operation `{name}` (known: {})", known.join(", "));
+                    }
+                    op
+                })
+                .collect(),
+        ),
     })
 }
 
-/// Whether the fused operation `op` (one of [`OPS`]) is used where it applies.
-pub fn enabled_for(op: &str) -> bool {
-    selection().as_ref().is_none_or(|ops| ops.iter().any(|o| o == op))
+/// Whether the fused operation `op` is used where it applies.
+pub fn enabled_for(op: Op) -> bool {
+    match selection() {
+        Selection::Default | Selection::All => true,
+        Selection::Only(ops) => ops.contains(&op),
+    }
+}
+
+/// Whether LibTorch's fused `op` is used on a CUDA device: only when `EMBER_FUSED` asks for it.
+pub fn enabled_on_cuda(op: Op) -> bool {
+    match selection() {
+        Selection::Default => false,
+        Selection::All => true,
+        Selection::Only(ops) => ops.contains(&op),
+    }
 }
 
 /// Whether the fused kernel `op` serves this tensor: f32 on flex, with or without autodiff.
-fn applies<const D: usize>(op: &str, t: &Tensor<D>) -> bool {
+fn applies<const D: usize>(op: Op, t: &Tensor<D>) -> bool {
     enabled_for(op)
         && t.dtype() == DType::F32
         && matches!(t.device().inner().as_dispatch(), DispatchDevice::Flex(_))
@@ -79,7 +136,7 @@ pub fn rms_norm(x: &Tensor<3>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<3>
     if let Some(y) = torch_ops::rms_norm(x, weight, eps) {
         return Some(y);
     }
-    (applies("rms_norm", x) && applies("rms_norm", weight) && !weight.is_require_grad()).then(|| {
+    (applies(Op::RmsNorm, x) && applies(Op::RmsNorm, weight) && !weight.is_require_grad()).then(|| {
         Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rms_norm(
             x.clone().into_dispatch(),
             weight.clone().into_dispatch(),
@@ -97,7 +154,7 @@ pub fn swiglu(gate: &Tensor<3>, up: &Tensor<3>) -> Option<Tensor<3>> {
     if let Some(y) = torch_ops::swiglu(gate, up) {
         return Some(y);
     }
-    (applies("swiglu", gate) && applies("swiglu", up)).then(|| {
+    (applies(Op::Swiglu, gate) && applies(Op::Swiglu, up)).then(|| {
         Tensor::from_dispatch(<Dispatch as FusedOps>::fused_swiglu(
             gate.clone().into_dispatch(),
             up.clone().into_dispatch(),
@@ -112,7 +169,7 @@ pub fn swiglu(gate: &Tensor<3>, up: &Tensor<3>) -> Option<Tensor<3>> {
 /// - scores, output: `[batch, heads, seq, keys]`
 /// - bias: `[batch, 1, seq, keys]`
 pub fn attention_softmax(scores: &Tensor<4>, bias: &Tensor<4>, scale: f64) -> Option<Tensor<4>> {
-    (applies("attention", scores) && applies("attention", bias) && !bias.is_require_grad()).then(|| {
+    (applies(Op::Attention, scores) && applies(Op::Attention, bias) && !bias.is_require_grad()).then(|| {
         Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention_softmax(
             scores.clone().into_dispatch(),
             bias.clone().into_dispatch(),
@@ -137,7 +194,7 @@ pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1
     if let Some(total) = torch_ops::cross_entropy_sum(logits, targets) {
         return Some(total);
     }
-    applies("cross_entropy", logits).then(|| {
+    applies(Op::CrossEntropy, logits).then(|| {
         Tensor::from_dispatch(<Dispatch as FusedOps>::fused_cross_entropy_sum(
             logits.clone().into_dispatch(),
             targets.to_vec(),
@@ -152,7 +209,7 @@ pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1
 /// - lhs: `[..., m, k]`; rhs: `[..., k, n]` with the same leading dims
 /// - output: `[..., m, n]`
 pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
-    if !(applies("matmul", &lhs) && applies("matmul", &rhs) && lhs.dims()[..D - 2] == rhs.dims()[..D - 2]) {
+    if !(applies(Op::Matmul, &lhs) && applies(Op::Matmul, &rhs) && lhs.dims()[..D - 2] == rhs.dims()[..D - 2]) {
         return lhs.matmul(rhs);
     }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_matmul(lhs.into_dispatch(), rhs.into_dispatch()))
@@ -169,7 +226,7 @@ pub fn lookup_and_scale(
     shape: [usize; 2],
     packing: kernels::Packing,
 ) -> Option<Tensor<2>> {
-    if !enabled_for("dequantize") {
+    if !enabled_for(Op::Dequantize) {
         return None;
     }
     // A band of a weight is a contiguous view into its planes: read in place, not copied.
@@ -212,7 +269,7 @@ pub fn rope(x: &Tensor<4>, tables: RopeTables) -> Option<Tensor<4>> {
     if let Some(y) = torch_ops::rope(x, &tables) {
         return Some(y);
     }
-    applies("rope", x).then(|| Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rope(x.clone().into_dispatch(), tables)))
+    applies(Op::Rope, x).then(|| Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rope(x.clone().into_dispatch(), tables)))
 }
 
 /// Values of a frozen weight made dense at once for a product on flex: 64M, 256 MiB in f32. A
@@ -302,7 +359,7 @@ fn gcd(a: usize, b: usize) -> usize {
 /// - x: `[rows, in]`; weight: `[out, in]`
 /// - output: `[rows, out]`
 pub fn frozen_matmul(x: &Tensor<2>, weight: DenseWeight) -> Option<Tensor<2>> {
-    enabled_for("frozen_matmul").then(|| Tensor::from_dispatch(<Dispatch as FrozenOps>::frozen_matmul(x.clone().into_dispatch(), weight)))
+    enabled_for(Op::FrozenMatmul).then(|| Tensor::from_dispatch(<Dispatch as FrozenOps>::frozen_matmul(x.clone().into_dispatch(), weight)))
 }
 
 /// `softmax(q kᵀ · scale + bias) v` in one fused operation with its own backward: LibTorch's
@@ -348,7 +405,7 @@ where
 fn plain_matmul<B: Backend>(lhs: FloatTensor<B>, rhs: FloatTensor<B>) -> FloatTensor<B> {
     let mut operands = Some((lhs, rhs));
     if let Some(flex) = (&mut operands as &mut dyn Any).downcast_mut::<Option<(FlexTensor, FlexTensor)>>()
-        && enabled_for("matmul")
+        && enabled_for(Op::Matmul)
         && flex.as_ref().is_some_and(|(l, r)| l.dtype() == DType::F32 && r.dtype() == DType::F32)
     {
         let (lhs, rhs) = flex.take().expect("the operands");

@@ -17,11 +17,11 @@
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::libtorch::TchTensor;
+use burn::backend::libtorch::{LibTorchDevice, TchTensor};
 use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, LibTorch, backend_extension, tensor::FloatTensor};
 use burn::tensor::{DType, Tensor};
 
-use super::RopeTables;
+use super::{Op, RopeTables};
 use crate::config::RopePairing;
 
 /// `softmax(q kᵀ · scale + bias) v` with LibTorch's fused attention, or `None` where it does
@@ -36,17 +36,21 @@ use crate::config::RopePairing;
 /// - bias: `[batch, 1, seq, keys]`
 /// - output: `[batch, heads, seq, head_dim]`
 pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: &Tensor<4>, causal: bool, scale: f64) -> Option<Tensor<4>> {
-    on_libtorch("attention", q).then(|| {
+    on_libtorch(Op::Attention, q).then(|| {
         let [q, k, v, bias] = [q, k, v, bias].map(|t| t.clone().into_dispatch());
         Tensor::from_dispatch(<Dispatch as TorchOps>::torch_attention(q, k, v, bias, causal, scale))
     })
 }
 
-/// Whether `t` is a float tensor on LibTorch (with or without autodiff) and fused ops are on.
-fn on_libtorch<const D: usize>(op: &str, t: &Tensor<D>) -> bool {
-    super::enabled_for(op)
-        && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && matches!(t.device().inner().as_dispatch(), DispatchDevice::LibTorch(_))
+/// Whether `t` is a float tensor on LibTorch (with or without autodiff) and the fused `op` is
+/// on for its device (see [`super::enabled_on_cuda`]).
+fn on_libtorch<const D: usize>(op: Op, t: &Tensor<D>) -> bool {
+    matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && match t.device().inner().as_dispatch() {
+            DispatchDevice::LibTorch(LibTorchDevice::Cuda(_)) => super::enabled_on_cuda(op),
+            DispatchDevice::LibTorch(_) => super::enabled_for(op),
+            _ => false,
+        }
 }
 
 /// HF's RMSNorm, `weight · (x / √(mean(x²) + eps))` with the normalization in f32 and its result
@@ -56,7 +60,7 @@ fn on_libtorch<const D: usize>(op: &str, t: &Tensor<D>) -> bool {
 /// # Shapes
 /// - x, output: `[batch, seq, hidden]`; weight: `[hidden]`, in `x`'s dtype
 pub fn rms_norm(x: &Tensor<3>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<3>> {
-    (on_libtorch("rms_norm", x) && !weight.is_require_grad()).then(|| {
+    (on_libtorch(Op::RmsNorm, x) && !weight.is_require_grad()).then(|| {
         Tensor::from_dispatch(<Dispatch as TorchOps>::torch_rms_norm(x.clone().into_dispatch(), weight.clone().into_dispatch(), eps))
     })
 }
@@ -66,7 +70,7 @@ pub fn rms_norm(x: &Tensor<3>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<3>
 /// # Shapes
 /// - gate, up, output: `[batch, seq, intermediate]`
 pub fn swiglu(gate: &Tensor<3>, up: &Tensor<3>) -> Option<Tensor<3>> {
-    on_libtorch("swiglu", gate).then(|| Tensor::from_dispatch(<Dispatch as TorchOps>::torch_swiglu(gate.clone().into_dispatch(), up.clone().into_dispatch())))
+    on_libtorch(Op::Swiglu, gate).then(|| Tensor::from_dispatch(<Dispatch as TorchOps>::torch_swiglu(gate.clone().into_dispatch(), up.clone().into_dispatch())))
 }
 
 /// Rotary embedding of the first `rotary` dims of every head, in `x`'s dtype as transformers
@@ -75,7 +79,7 @@ pub fn swiglu(gate: &Tensor<3>, up: &Tensor<3>) -> Option<Tensor<3>> {
 /// # Shapes
 /// - x, output: `[batch, heads, seq, head_dim]`
 pub fn rope(x: &Tensor<4>, tables: &RopeTables) -> Option<Tensor<4>> {
-    on_libtorch("rope", x).then(|| Tensor::from_dispatch(<Dispatch as TorchOps>::torch_rope(x.clone().into_dispatch(), tables.clone())))
+    on_libtorch(Op::Rope, x).then(|| Tensor::from_dispatch(<Dispatch as TorchOps>::torch_rope(x.clone().into_dispatch(), tables.clone())))
 }
 
 /// Summed negative log-likelihood of one target per row, in f32 whatever the logits' dtype (as
@@ -85,7 +89,7 @@ pub fn rope(x: &Tensor<4>, tables: &RopeTables) -> Option<Tensor<4>> {
 /// - logits: `[n, vocab]`; targets: `n` ids in `0..vocab`
 /// - output: `[1]`, f32
 pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1>> {
-    on_libtorch("cross_entropy", logits).then(|| {
+    on_libtorch(Op::CrossEntropy, logits).then(|| {
         Tensor::from_dispatch(<Dispatch as TorchOps>::torch_cross_entropy_sum(logits.clone().into_dispatch(), targets.to_vec()))
     })
 }
