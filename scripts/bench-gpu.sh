@@ -74,14 +74,18 @@ for job in ${JOBS:-peft peft-ckpt ember ember-ckpt}; do
     ember) run ember "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint ;;
     # The same with a wait after the backward pass and the optimizer: where a step's time goes.
     ember-phases) run ember-phases "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint --phase-times ;;
-    # LibTorch's fused ops are off on CUDA unless asked for: `ember-fused` turns them on.
+    # LibTorch's fused ops are off on CUDA unless asked for: `ember-fused` turns them all on,
+    # `ember-fused-attention` or `ember-fused-rms_norm,rope` only those named.
     ember-fused) EMBER_FUSED=1 run ember-fused "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint ;;
+    ember-fused-*) EMBER_FUSED=${job#ember-fused-} run "$job" "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint ;;
     ember-unfused) EMBER_FUSED=0 run ember-unfused "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint ;;
     ember-padded) run ember-padded "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint --padded ;;
     ember-ckpt) run ember-ckpt "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint \
       --gradient-checkpointing --loss-chunk-tokens 1024 ;;
     # QLoRA as recipes/qlora-7b.toml trains it: NF4 base with double quantization, checkpointing.
-    # (PEFT's side needs bitsandbytes, which the GPU image lacks.)
+    # PEFT's side needs bitsandbytes. Where the image lacks it, a folder on PYTHONPATH with the
+    # wheel's python files, its dist-info and the one libbitsandbytes_cuda<ver>.so the torch needs
+    # (4.5 MB for 0.50.2 and CUDA 13.0) is enough.
     ember-nf4) run ember-nf4 "$ember" bench "${source[@]}" --data "$data" --method lora "${lora[@]}" --device cuda --dtype checkpoint \
       --quantize nf4 --double-quant --gradient-checkpointing --loss-chunk-tokens 1024 ;;
     peft-nf4) run peft-nf4 python3 "$reference" --model "$model" --data "$data" --method lora "${lora[@]}" --device cuda \
