@@ -281,26 +281,15 @@ impl CausalLm<Linear> {
     }
 
     /// A model of `config`'s shape with random weights (N(0, 0.02²), norms 1) in `dtype`, for
-    /// benchmarks of checkpoints one does not have (e.g. LLaMA-7B-shaped). Seeded.
+    /// benchmarks of checkpoints one does not have (e.g. LLaMA-7B-shaped). Seeded: the same
+    /// values on every device and thread count.
     pub fn synthetic(config: ModelConfig, dtype: DType, quantization: Option<Quantization>, seed: u64, device: &Device) -> Self {
-        let seeded = |key: &str| {
-            let hash = key.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-            device.seed(hash);
-        };
         let model = Self::from_tensors(
             config,
             quantization,
             |key, [out, inp]| {
-                seeded(key);
-                // Drawn in f32 a band of rows at a time: a 7B head's whole f32 draw and its cast
-                // (1.2 GB) would set the peak a benchmark measures, which a checkpoint never does.
-                let band = ((1 << 22) / inp.max(1)).max(1);
-                let mut bytes = Vec::with_capacity(out * inp * dtype.size());
-                for start in (0..out).step_by(band) {
-                    let rows = band.min(out - start);
-                    let part = Tensor::<2>::random([rows, inp], burn::tensor::Distribution::Normal(0.0, 0.02), device).cast(dtype);
-                    bytes.extend_from_slice(part.into_data().as_bytes());
-                }
+                let key_seed = key.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+                let bytes = random_normal_bytes(out * inp, 0.02, dtype, key_seed);
                 Ok(Tensor::from_data(TensorData::from_bytes_vec(bytes, [out, inp], dtype), (device, dtype)))
             },
             |key, len| {
@@ -669,3 +658,48 @@ impl<P: Projection> CausalLm<P> {
     }
 }
 
+/// `len` values drawn from N(0, std²) as little-endian `dtype` (f32, bf16 or f16) bytes, drawn on
+/// the host over all cores: chunks of 1M values, each from its own generator seeded by `seed` and
+/// its index, written straight into the output (no f32 copy of the whole tensor).
+fn random_normal_bytes(len: usize, std: f32, dtype: DType, seed: u64) -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 20;
+    let size = dtype.size();
+    let normal = rand_distr::Normal::new(0.0f32, std).expect("a positive standard deviation");
+    let mut bytes = vec![0u8; len * size];
+    bytes.par_chunks_mut(CHUNK * size).enumerate().for_each(|(index, out)| {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add((index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        for value in out.chunks_exact_mut(size) {
+            let v: f32 = rng.sample(normal);
+            match dtype {
+                DType::BF16 => value.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                DType::F16 => value.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                _ => value.copy_from_slice(&v.to_le_bytes()),
+            }
+        }
+    });
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same bytes on one thread and on many, near N(0, 0.02²), and bf16 the rounding of f32.
+    #[test]
+    fn synthetic_draws_are_seeded_not_scheduled() {
+        let len = 3 * (1 << 20) + 17;
+        let many = random_normal_bytes(len, 0.02, DType::F32, 9);
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| random_normal_bytes(len, 0.02, DType::F32, 9));
+        assert_eq!(many, one);
+        let values: Vec<f32> = many.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let mean = values.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+        let std = (values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64).sqrt();
+        assert!(mean.abs() < 1e-4 && (std - 0.02).abs() < 1e-4, "mean {mean} std {std}");
+        let bf16 = random_normal_bytes(len, 0.02, DType::BF16, 9);
+        let rounded: Vec<u8> = values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+        assert_eq!(bf16, rounded);
+        assert_ne!(random_normal_bytes(16, 0.02, DType::F32, 10), many[..64]);
+    }
+}
