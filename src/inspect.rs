@@ -57,7 +57,11 @@ pub fn recipe(path: &Path, shape: Option<&str>, overrides: &[String]) -> anyhow:
         "memory:         ~{:.1} GiB peak (estimate; {} sequences of {} tokens, checkpointing {}, loss chunk {}): \
          weights {:.1}, adapter + AdamW {:.2}, activations {:.1}, loss {:.2} GiB",
         gib(estimate.total()), t.micro_batch_size, recipe.data.cutoff_len,
-        if t.gradient_checkpointing { "on" } else { "off" },
+        match (t.gradient_checkpointing, t.gradient_checkpointing_every) {
+            (false, _) => "off".to_string(),
+            (true, 1) => "on".to_string(),
+            (true, k) => format!("on for 1 layer in {k}"),
+        },
         if t.loss_chunk_tokens == 0 { "off".to_string() } else { format!("{} tokens", t.loss_chunk_tokens) },
         gib(estimate.weights), gib(estimate.adapter), gib(estimate.activations), gib(estimate.loss)
     );

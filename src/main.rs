@@ -318,6 +318,10 @@ struct BenchArgs {
     /// Activation checkpointing per decoder layer (recipe: train.gradient_checkpointing).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// With --gradient-checkpointing: recompute one decoder layer in K, the others keep their
+    /// graph (recipe: train.gradient_checkpointing_every).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    gradient_checkpointing_every: u64,
     /// LM head + loss over at most N supervised tokens at a time, 0: all (recipe: train.loss_chunk_tokens).
     #[arg(long, default_value_t = 0)]
     loss_chunk_tokens: usize,
@@ -347,7 +351,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         device: args.device, dtype: args.dtype,
         quantization: ember_models::nf4::Quantization::from_name(&args.quantize, args.double_quant).map_err(|e| bad_input(anyhow::anyhow!("--quantize {e}")))?,
         step: ember_trainer::step::StepOptions {
-            checkpoint_layers: args.gradient_checkpointing, loss_chunk_tokens: args.loss_chunk_tokens, padding_free: !args.padded,
+            checkpoint_every: if args.gradient_checkpointing { args.gradient_checkpointing_every as usize } else { 0 },
+            loss_chunk_tokens: args.loss_chunk_tokens, padding_free: !args.padded,
         },
         phase_times: args.phase_times,
     };

@@ -192,7 +192,7 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
         "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens as f64 / seconds.max(1e-9), 1),
         "first_loss": losses.first().map(|l| round(*l, 4)), "last_loss": losses.last().map(|l| round(*l, 4)),
         "peak_rss_mib": peak_rss_mib().map(|m| round(m, 1)), "estimated_peak_mib": round(estimated / (1u64 << 20) as f64, 1),
-        "gradient_checkpointing": o.step.checkpoint_layers, "loss_chunk_tokens": o.step.loss_chunk_tokens, "padding_free": o.step.padding_free,
+        "gradient_checkpointing": o.step.checkpoint_every > 0, "gradient_checkpointing_every": o.step.checkpoint_every, "loss_chunk_tokens": o.step.loss_chunk_tokens, "padding_free": o.step.padding_free,
         "phase_ms_per_step": o.phase_times.then(|| {
             let per_step = |ms: f64| round(ms / o.steps.max(1) as f64, 2);
             json!({"forward_backward_issued": per_step(phases[0]), "backward_finished": per_step(phases[1]),

@@ -100,12 +100,14 @@ pub fn estimate(
         true => projection_sizes(model).iter().sum::<usize>() as f64 / model.num_layers as f64 * a,
         false => 0.0,
     };
-    let kept = if options.checkpoint_layers {
-        // Each layer's input and post-attention residual, then one layer recomputed with its
-        // graph.
-        layers * tokens * 2.0 * a * hidden + layer + dequantized
-    } else {
-        layers * (layer + dequantized)
+    let kept = match options.checkpoint_every {
+        0 => layers * (layer + dequantized),
+        // One layer in k keeps its input and post-attention residual and is recomputed with its
+        // graph, one at a time; the others keep their graph.
+        k => {
+            let recomputed = (layers / k as f64).ceil();
+            recomputed * tokens * 2.0 * a * hidden + (layers - recomputed) * (layer + dequantized) + layer + dequantized
+        }
     };
     // Backward of one layer allocates about as much again as it frees.
     let activations = kept + layer;
@@ -203,8 +205,8 @@ mod tests {
         let method = Method::Lora(LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, use_rslora: false, target: Target::AllLinear, layers_to_transform: None, modules_to_save: Vec::new() });
         let batch = BatchShape::worst_case(4, 512);
         let gib = |e: MemoryEstimate| e.total() / (1u64 << 30) as f64;
-        let lean = estimate(&model, &method, weight_bytes(LoadDtype::Checkpoint, &model), None, &batch, StepOptions { checkpoint_layers: true, loss_chunk_tokens: 1024, padding_free: true }, DeviceName::Cuda(0));
-        let full = estimate(&model, &method, 2, None, &batch, StepOptions { checkpoint_layers: false, loss_chunk_tokens: 0, padding_free: true }, DeviceName::Cuda(0));
+        let lean = estimate(&model, &method, weight_bytes(LoadDtype::Checkpoint, &model), None, &batch, StepOptions { checkpoint_every: 1, loss_chunk_tokens: 1024, padding_free: true }, DeviceName::Cuda(0));
+        let full = estimate(&model, &method, 2, None, &batch, StepOptions { checkpoint_every: 0, loss_chunk_tokens: 0, padding_free: true }, DeviceName::Cuda(0));
         assert!((12.0..16.0).contains(&(lean.weights / (1u64 << 30) as f64)), "{lean:?}");
         assert!(gib(lean) < 18.0, "{} GiB: {lean:?}", gib(lean));
         assert!(gib(full) > 24.0, "{} GiB: {full:?}", gib(full));

@@ -201,6 +201,10 @@ pub struct TrainSection {
     /// residual only, recompute the layer in backward without its o/down products (less memory,
     /// about a fifth more compute; same gradients).
     pub gradient_checkpointing: bool,
+    /// With `gradient_checkpointing`: recompute one trainable decoder layer in this many (from
+    /// the lowest), the others keeping their graph: 1 recomputes all; 2 half of them, for about
+    /// half the extra compute and more memory (torchtune's selective activation checkpointing).
+    pub gradient_checkpointing_every: usize,
     /// LM head + cross-entropy over at most this many supervised tokens at a time (0: all at
     /// once); bounds the `[tokens, vocab]` f32 logits. Same loss and gradients.
     pub loss_chunk_tokens: usize,
@@ -221,7 +225,11 @@ pub enum ReportTo {
 impl TrainSection {
     /// How each micro-batch is computed.
     pub fn step_options(&self) -> StepOptions {
-        StepOptions { checkpoint_layers: self.gradient_checkpointing, loss_chunk_tokens: self.loss_chunk_tokens, padding_free: self.padding_free }
+        StepOptions {
+            checkpoint_every: if self.gradient_checkpointing { self.gradient_checkpointing_every } else { 0 },
+            loss_chunk_tokens: self.loss_chunk_tokens,
+            padding_free: self.padding_free,
+        }
     }
 }
 
@@ -247,6 +255,7 @@ impl Default for TrainSection {
             keep_checkpoints: 2,
             on_nonfinite: OnNonfinite::Stop,
             gradient_checkpointing: false,
+            gradient_checkpointing_every: 1,
             loss_chunk_tokens: 0,
             padding_free: true,
             report_to: Vec::new(),
@@ -371,7 +380,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("data", &["path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "mask_history", "val_size", "group_by_length"]),
     ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
         "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
-        "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "loss_chunk_tokens", "padding_free", "report_to"]),
+        "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "gradient_checkpointing_every", "loss_chunk_tokens", "padding_free", "report_to"]),
     ("output", &["dir"]),
     ("export", &["gguf", "imatrix", "imatrix_chunks", "pre", "merged"]),
 ];
@@ -442,6 +451,7 @@ impl Recipe {
         self.model.checked_quantization().map_err(|e| format!("'model.double_quant': {e}"))?;
         let t = &self.train;
         let positive = [("train.micro_batch_size", t.micro_batch_size), ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+            ("train.gradient_checkpointing_every", t.gradient_checkpointing_every),
             ("data.cutoff_len", self.data.cutoff_len)];
         for (key, value) in positive {
             if value == 0 {

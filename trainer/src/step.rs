@@ -6,22 +6,24 @@
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Gradients, Tensor};
 use ember_adapters::AdaptedModel;
 use ember_data::Batch;
 use ember_models::TokenBatch;
 
 use crate::loss::{nll_sum, select_rows, supervised_rows};
 
-/// How one micro-batch is computed (recipe keys `train.gradient_checkpointing`,
-/// `train.loss_chunk_tokens` and `train.padding_free`). None of them changes the loss or the
-/// gradients beyond float rounding.
+/// How one micro-batch is computed (recipe keys `train.gradient_checkpointing` and
+/// `train.gradient_checkpointing_every`, `train.loss_chunk_tokens` and `train.padding_free`).
+/// None of them changes the loss or the gradients beyond float rounding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StepOptions {
-    /// Keep only each decoder layer's input and post-attention residual from the forward pass;
-    /// recompute the layer with its graph in backward, one half at a time, without the o and
-    /// down products (about two thirds of an extra forward pass of compute).
-    pub checkpoint_layers: bool,
+    /// 0: keep the whole graph. k ≥ 1: for one trainable decoder layer in k (counted from the
+    /// lowest), keep only its input and post-attention residual from the forward pass and
+    /// recompute it with its graph in backward, one half at a time, without the o and down
+    /// products (about two thirds of an extra forward pass of compute over those layers); the
+    /// other layers keep their graph, each back-propagated on its own.
+    pub checkpoint_every: usize,
     /// LM head and cross-entropy over at most this many supervised tokens at a time, each chunk
     /// back-propagated before the next, so `[tokens, vocab]` f32 logits never exist whole.
     /// 0: all tokens in one chunk.
@@ -33,7 +35,7 @@ pub struct StepOptions {
 
 impl Default for StepOptions {
     fn default() -> Self {
-        Self { checkpoint_layers: false, loss_chunk_tokens: 0, padding_free: true }
+        Self { checkpoint_every: 0, loss_chunk_tokens: 0, padding_free: true }
     }
 }
 
@@ -66,17 +68,41 @@ pub fn forward_backward(
     let embeddings_train = virtual_tokens > 0 || model.trains_embedding();
 
     // Layers, forward. With checkpointing the pass runs on a frozen view (no graph) and keeps
-    // the input and the post-attention residual of each layer that backward will recompute.
-    let frozen = options.checkpoint_layers.then(|| model.clone().no_grad());
+    // the input and the post-attention residual of each layer that backward will recompute; a
+    // trainable layer that is not recomputed (`checkpoint_every` > 1) runs with its graph from a
+    // detached input, and backward goes through that graph alone.
+    let checkpointing = options.checkpoint_every > 0;
+    let recomputed = |i: usize| (i - first) % options.checkpoint_every.max(1) == 0;
+    let frozen = checkpointing.then(|| model.clone().no_grad());
     let forward_model = frozen.as_ref().unwrap_or(model);
     let extras = forward_model.extras(batch_rows);
+    // Prefix keys/values of all layers come from one encoder: computed once with its graph, read
+    // by the layers that backward goes through through a leaf whose gradient sums over layers,
+    // then back-propagated through the encoder once, as the stored graph does.
+    let prefix = checkpointing.then(|| model.prefix_keys_values()).flatten();
+    let prefix_leaf = prefix.as_ref().map(|kv| kv.clone().detach().require_grad());
+    // The lowest trainable layer's input comes from frozen layers: no gradient needed, unless the
+    // embeddings themselves train.
+    let input_grad = |i: usize| i > first || embeddings_train;
+    let leaf = |x: Tensor<3>, i: usize| if input_grad(i) { x.detach().require_grad() } else { x.detach() };
     let mut kept = Vec::new();
     let mut x = forward_model.embed(&tokens, device);
     for i in 0..layers {
+        if checkpointing && i >= first && !recomputed(i) {
+            let input = leaf(x, i);
+            let extras = model.layer_extras(batch_rows, i, prefix_leaf.as_ref());
+            device.seed(block_seed(seed, i, Half::Attention));
+            let residual = model.model.attention_block(i, input.clone(), &layout, extras.as_ref());
+            device.seed(block_seed(seed, i, Half::Mlp));
+            let output = model.model.mlp_block(i, residual);
+            x = output.clone().detach();
+            kept.push(Kept::Graph { input, output });
+            continue;
+        }
         device.seed(block_seed(seed, i, Half::Attention));
         let residual = forward_model.model.attention_block(i, x.clone(), &layout, extras.get(i));
-        if options.checkpoint_layers && i >= first {
-            kept.push((x, residual.clone()));
+        if checkpointing && i >= first {
+            kept.push(Kept::Recompute { input: x, residual: residual.clone() });
         }
         device.seed(block_seed(seed, i, Half::Mlp));
         x = forward_model.model.mlp_block(i, residual);
@@ -85,22 +111,36 @@ pub fn forward_backward(
     let (loss, mut grad) = loss_backward(model, x.clone().detach().require_grad(), rows, targets, weight, options.loss_chunk_tokens, grads);
 
     // Layers, backward.
-    if !options.checkpoint_layers {
+    if !checkpointing {
         let layer_grads = (x * grad).sum().backward();
         grads.accumulate(model, GradientsParams::from_grads(layer_grads, model));
         return Some(loss);
     }
-    // Prefix keys/values of all layers come from one encoder: computed once with its graph, read
-    // by the recomputed layers through a leaf whose gradient sums over layers, then
-    // back-propagated through the encoder once, as the stored graph does.
-    let prefix = model.prefix_keys_values();
-    let prefix_leaf = prefix.as_ref().map(|kv| kv.clone().detach().require_grad());
     let mut prefix_grad: Option<Tensor<4>> = None;
-    // Each half back-propagates from its output gradient through surrogates
-    // (`Projection::surrogate`) that skip the forward of o_proj and down_proj: their outputs
-    // only fed the residual stream, whose gradient is already known.
+    let mut take_prefix_grad = |layer_grads: &mut Gradients| {
+        if let Some(g) = prefix_leaf.as_ref().and_then(|leaf| leaf.grad_remove(layer_grads)) {
+            prefix_grad = Some(prefix_grad.take().map_or(g.clone(), |sum| sum + g));
+        }
+    };
     for i in (first..layers).rev() {
-        let (input, residual) = kept.pop().expect("one kept input per recomputed layer");
+        let (input, residual) = match kept.pop().expect("one kept entry per trainable layer") {
+            Kept::Graph { input, output } => {
+                if !output.is_tracked() {
+                    continue;
+                }
+                let mut layer_grads = (output * grad.clone()).sum().backward();
+                if input_grad(i) {
+                    grad = input.grad_remove(&mut layer_grads).expect("a tracked layer input has a gradient");
+                }
+                take_prefix_grad(&mut layer_grads);
+                grads.accumulate(model, GradientsParams::from_grads(layer_grads, model));
+                continue;
+            }
+            Kept::Recompute { input, residual } => (input, residual),
+        };
+        // Each half back-propagates from its output gradient through surrogates
+        // (`Projection::surrogate`) that skip the forward of o_proj and down_proj: their outputs
+        // only fed the residual stream, whose gradient is already known.
         // MLP half, from the kept residual.
         let residual = residual.detach().require_grad();
         device.seed(block_seed(seed, i, Half::Mlp));
@@ -108,10 +148,8 @@ pub fn forward_backward(
         grad = grad + residual.grad_remove(&mut mlp_grads).expect("the residual has a gradient");
         grads.accumulate(model, GradientsParams::from_grads(mlp_grads, model));
 
-        // Attention half. The lowest trainable layer's input comes from frozen layers: no
-        // gradient needed, unless the embeddings themselves train.
-        let input_grad = i > first || embeddings_train;
-        let input = if input_grad { input.detach().require_grad() } else { input.detach() };
+        // Attention half.
+        let input = leaf(input, i);
         device.seed(block_seed(seed, i, Half::Attention));
         let extras = model.layer_extras(batch_rows, i, prefix_leaf.as_ref());
         let surrogate = model.model.attention_surrogate(i, input.clone(), &layout, extras.as_ref(), &grad);
@@ -120,12 +158,10 @@ pub fn forward_backward(
             continue;
         }
         let mut attention_grads = surrogate.backward();
-        if input_grad {
+        if input_grad(i) {
             grad = grad + input.grad_remove(&mut attention_grads).expect("a tracked layer input has a gradient");
         }
-        if let Some(g) = prefix_leaf.as_ref().and_then(|leaf| leaf.grad_remove(&mut attention_grads)) {
-            prefix_grad = Some(prefix_grad.map_or(g.clone(), |sum| sum + g));
-        }
+        take_prefix_grad(&mut attention_grads);
         grads.accumulate(model, GradientsParams::from_grads(attention_grads, model));
     }
     if let (Some(prefix), Some(grad)) = (prefix, prefix_grad) {
@@ -137,6 +173,14 @@ pub fn forward_backward(
         grads.accumulate(model, GradientsParams::from_grads(embedding_grads, model));
     }
     Some(loss)
+}
+
+/// What the forward pass keeps of a trainable layer for backward under checkpointing.
+enum Kept {
+    /// Its input and post-attention residual: backward recomputes it.
+    Recompute { input: Tensor<3>, residual: Tensor<3> },
+    /// Its graph, from a detached input to its output.
+    Graph { input: Tensor<3>, output: Tensor<3> },
 }
 
 /// The halves of a decoder layer, each seeded on its own so that backward can recompute them in
@@ -322,13 +366,16 @@ mod tests {
                     let mut reference = None;
                     for padding_free in [false, true] {
                         for chunk in [0, 4] {
-                            let stored = StepOptions { checkpoint_layers: false, loss_chunk_tokens: chunk, padding_free };
-                            let recomputed = StepOptions { checkpoint_layers: true, ..stored };
+                            let stored = StepOptions { checkpoint_every: 0, loss_chunk_tokens: chunk, padding_free };
                             let (loss, expected) = run(&model, stored, &device);
                             assert!(!expected.is_empty() && expected.iter().flatten().any(|g| *g != 0.0), "{}: no gradient", what(stored));
-                            let (other_loss, other) = run(&model, recomputed, &device);
-                            assert_eq!(loss, other_loss, "{}", what(recomputed));
-                            assert_eq!(expected, other, "{}: gradients differ", what(recomputed));
+                            // Every layer recomputed, and one in two (the others keeping their graph).
+                            for every in [1, 2] {
+                                let recomputed = StepOptions { checkpoint_every: every, ..stored };
+                                let (other_loss, other) = run(&model, recomputed, &device);
+                                assert_eq!(loss, other_loss, "{}", what(recomputed));
+                                assert_eq!(expected, other, "{}: gradients differ", what(recomputed));
+                            }
 
                             // Packing draws other dropout masks; without dropout it changes rounding only.
                             if dropout && padding_free {
@@ -363,7 +410,7 @@ mod tests {
         let loss = causal_lm_loss(model.hidden_states(ids, Some(mask)), &b.labels, |h| model.logits(h)).unwrap().mul_scalar(0.5);
         let expected_loss = loss.clone().into_scalar::<f32>() as f64;
         let expected = gradients(&model, burn::optim::GradientsParams::from_grads(loss.backward(), &model));
-        let (staged_loss, staged) = run(&model, StepOptions { checkpoint_layers: true, loss_chunk_tokens: 4, padding_free: true }, &device);
+        let (staged_loss, staged) = run(&model, StepOptions { checkpoint_every: 1, loss_chunk_tokens: 4, padding_free: true }, &device);
         assert!((expected_loss - staged_loss).abs() < 1e-6, "{expected_loss} vs {staged_loss}");
         assert_eq!(expected.len(), staged.len());
         for (a, b) in expected.iter().zip(&staged) {
