@@ -212,7 +212,20 @@ where
     S: AsRef<str> + Ord + std::fmt::Display,
     V: safetensors::View,
 {
-    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_safetensors_with(path, tensors, std::collections::HashMap::new())
+}
+
+/// [`write_safetensors`] with more metadata beside `format: pt`.
+pub fn write_safetensors_with<S, V>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (S, V)>,
+    mut metadata: std::collections::HashMap<String, String>,
+) -> std::io::Result<()>
+where
+    S: AsRef<str> + Ord + std::fmt::Display,
+    V: safetensors::View,
+{
+    metadata.insert("format".to_string(), "pt".to_string());
     safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|e| match e {
         safetensors::SafeTensorError::IoError(e) => e,
         other => std::io::Error::other(other.to_string()),

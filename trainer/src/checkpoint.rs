@@ -118,7 +118,7 @@ pub fn read_state(dir: &Path) -> Result<State, TrainError> {
 
 /// Puts the checkpoint's trainable values and ids into `model` and its AdamW state into
 /// `optimizer`.
-pub fn restore(dir: &Path, model: AdaptedModel, mut optimizer: AdamW, device: &burn::tensor::Device) -> Result<(AdaptedModel, AdamW), TrainError> {
+pub fn restore(dir: &Path, model: AdaptedModel, mut optimizer: AdamW) -> Result<(AdaptedModel, AdamW), TrainError> {
     let unreadable = |path: &Path, reason: String| TrainError::Resume { path: path.to_path_buf(), reason };
     let path = dir.join("trainable.bpk");
     let record = ModuleRecord::load(&path).map_err(|e| unreadable(&path, e.to_string()))?.allow_partial(true);
@@ -129,6 +129,6 @@ pub fn restore(dir: &Path, model: AdaptedModel, mut optimizer: AdamW, device: &b
     if !path.exists() && dir.join("optimizer.bpk").exists() {
         return Err(unreadable(&path, "absent: the checkpoint has an optimizer.bpk, written by an ember before 2026-12-04; resume it with that version".into()));
     }
-    optimizer.load(&path, &model, device).map_err(|e| unreadable(&path, e))?;
+    optimizer.load(&path, &model).map_err(|e| unreadable(&path, e))?;
     Ok((model, optimizer))
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 /// AdamW's hyperparameters and moments, the moments flat in the order the trainable parameters
@@ -51,20 +51,27 @@ impl FlatGradients {
     }
 }
 
-/// The trainable parameters' ids and lengths, in visit order.
-fn layout<M: Module>(model: &M) -> Vec<(ParamId, usize)> {
-    struct Layout(Vec<(ParamId, usize)>);
-    impl ModuleVisitor for Layout {
+/// The trainable parameters' ids and values (inner backend, no autodiff, flattened), in visit
+/// order: the moments' layout and what the update reads.
+fn trainable<M: Module>(model: &M) -> Vec<(ParamId, Tensor<1>)> {
+    struct Trainable(Vec<(ParamId, Tensor<1>)>);
+    impl ModuleVisitor for Trainable {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let value = param.val();
             if value.is_require_grad() {
-                self.0.push((param.id, value.shape().num_elements()));
+                let n = value.shape().num_elements();
+                self.0.push((param.id, value.inner().reshape([n])));
             }
         }
     }
-    let mut visitor = Layout(Vec::new());
+    let mut visitor = Trainable(Vec::new());
     model.visit(&mut visitor);
     visitor.0
+}
+
+/// Each trainable parameter's id and length.
+fn layout(trainable: &[(ParamId, Tensor<1>)]) -> Vec<(ParamId, usize)> {
+    trainable.iter().map(|(id, value)| (*id, value.dims()[0])).collect()
 }
 
 impl AdamW {
@@ -103,9 +110,13 @@ impl AdamW {
     pub fn step<M: Module>(&mut self, lr: f64, model: M, grads: FlatGradients) -> M {
         let grad = grads.0;
         let (b1, b2) = (self.beta_1, self.beta_2);
+        let (ids_and_lengths, values): (Vec<_>, Vec<_>) = {
+            let trainable = trainable(&model);
+            (layout(&trainable), trainable.into_iter().map(|(_, value)| value).collect())
+        };
         let moments = match self.moments.take() {
             Some(m) => {
-                debug_assert!(m.layout == layout(&model), "the trainable parameters changed between steps");
+                debug_assert!(m.layout == ids_and_lengths, "the trainable parameters changed between steps");
                 Moments {
                     time: m.time + 1,
                     first: m.first.mul_scalar(b1).add(grad.clone().mul_scalar(1.0 - b1)),
@@ -117,7 +128,7 @@ impl AdamW {
                 time: 1,
                 first: grad.clone().mul_scalar(1.0 - b1),
                 second: grad.square().mul_scalar(1.0 - b2),
-                layout: layout(&model),
+                layout: ids_and_lengths,
             },
         };
         // burn's AdaptiveMomentumW and AdamW::step, in their order (bit-identical results).
@@ -125,7 +136,7 @@ impl AdamW {
         let second = moments.second.clone().div_scalar(1f32 - b2.powi(moments.time));
         let delta = first.div(second.sqrt().add_scalar(self.epsilon));
         let decay = lr * self.weight_decay as f64;
-        let params = Tensor::cat(flat_values(&model), 0);
+        let params = Tensor::cat(values, 0);
         let params = if decay == 0.0 { params } else { params.mul_scalar(1.0 - decay) };
         let updated = params - delta.mul_scalar(lr);
         self.moments = Some(moments);
@@ -136,7 +147,7 @@ impl AdamW {
     /// the parameter layout in the metadata.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         let Some(m) = &self.moments else {
-            return safetensors::serialize_to_file(Vec::<(&str, TensorView)>::new(), Some(metadata(0, &[])), path).map_err(std::io::Error::other);
+            return ember_models::write_safetensors_with(path, Vec::<(&str, TensorView)>::new(), metadata(0, &[]));
         };
         let bytes = |t: &Tensor<1>| t.clone().into_data().as_bytes().to_vec();
         let (first, second) = (bytes(&m.first), bytes(&m.second));
@@ -145,15 +156,12 @@ impl AdamW {
             ("exp_avg", TensorView::new(Dtype::F32, vec![len], &first).expect("f32 bytes match shape")),
             ("exp_avg_sq", TensorView::new(Dtype::F32, vec![len], &second).expect("f32 bytes match shape")),
         ];
-        safetensors::serialize_to_file(views, Some(metadata(m.time, &m.layout)), path).map_err(|e| match e {
-            safetensors::SafeTensorError::IoError(e) => e,
-            other => std::io::Error::other(other.to_string()),
-        })
+        ember_models::write_safetensors_with(path, views, metadata(m.time, &m.layout))
     }
 
-    /// Puts the moments `save` wrote into this optimizer, checked against `model`'s trainable
-    /// parameters (ids and lengths, as restored from the same checkpoint).
-    pub fn load<M: Module>(&mut self, path: &Path, model: &M, device: &Device) -> Result<(), String> {
+    /// Puts the moments `save` wrote into this optimizer, on the device of `model`'s trainable
+    /// parameters, checked against them (ids and lengths, as restored from the same checkpoint).
+    pub fn load<M: Module>(&mut self, path: &Path, model: &M) -> Result<(), String> {
         let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
         let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| e.to_string())?;
         let meta = header.metadata().clone().unwrap_or_default();
@@ -163,10 +171,13 @@ impl AdamW {
             self.moments = None;
             return Ok(());
         }
-        let expected = layout(model);
+        let trainable = trainable(model);
+        let expected = layout(&trainable);
         if *field("params")? != layout_text(&expected) {
             return Err("the optimizer state does not fit the recipe's adapter (other parameters or shapes)".into());
         }
+        let Some((_, first)) = trainable.first() else { return Err("the recipe's adapter has no trainable parameters".into()) };
+        let device = first.device();
         let file = SafeTensors::deserialize(&bytes).map_err(|e| e.to_string())?;
         let len: usize = expected.iter().map(|(_, n)| n).sum();
         let moment = |name: &str| -> Result<Tensor<1>, String> {
@@ -175,7 +186,7 @@ impl AdamW {
                 return Err(format!("`{name}` is {:?} {:?}, expected F32 [{len}]", view.dtype(), view.shape()));
             }
             let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect::<Vec<_>>();
-            Ok(Tensor::from_data(TensorData::new(values, [len]), &device.clone().inner()))
+            Ok(Tensor::from_data(TensorData::new(values, [len]), &device))
         };
         self.moments = Some(Moments { time, first: moment("exp_avg")?, second: moment("exp_avg_sq")?, layout: expected });
         Ok(())
@@ -188,23 +199,6 @@ fn layout_text(layout: &[(ParamId, usize)]) -> String {
 
 fn metadata(time: i32, layout: &[(ParamId, usize)]) -> std::collections::HashMap<String, String> {
     [("step".to_string(), time.to_string()), ("params".to_string(), layout_text(layout))].into()
-}
-
-/// The trainable parameters' values (inner backend, no autodiff), flattened, in visit order.
-fn flat_values<M: Module>(model: &M) -> Vec<Tensor<1>> {
-    struct Values(Vec<Tensor<1>>);
-    impl ModuleVisitor for Values {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let value = param.val();
-            if value.is_require_grad() {
-                let n = value.shape().num_elements();
-                self.0.push(value.inner().reshape([n]));
-            }
-        }
-    }
-    let mut values = Values(Vec::new());
-    model.visit(&mut values);
-    values.0
 }
 
 /// Replaces each trainable parameter with its slice of `flat`, keeping its id and autodiff
@@ -237,7 +231,8 @@ mod tests {
     use super::*;
     use burn::module::Module;
     use burn::nn::{Linear, LinearConfig};
-    use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+    use burn::optim::{AdamWConfig, GradientsParams};
+    use burn::tensor::Device;
 
     #[derive(Module, Debug)]
     struct Two {
@@ -289,7 +284,7 @@ mod tests {
             if step == 2 {
                 flat.save(&file).unwrap();
                 let mut loaded = AdamW::new(0.9, 0.95, 1e-6, 0.1);
-                loaded.load(&file, &ours, &device).unwrap();
+                loaded.load(&file, &ours).unwrap();
                 resumed = Some((loaded, ours.clone()));
             }
         }
@@ -301,7 +296,7 @@ mod tests {
         assert_eq!(values(&again), values(&ours));
         // Another adapter's parameters: refused.
         let other = model(&device);
-        let err = AdamW::torch_defaults().load(&file, &other, &device).unwrap_err();
+        let err = AdamW::torch_defaults().load(&file, &other).unwrap_err();
         assert!(err.contains("does not fit"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -339,7 +339,7 @@ impl<'a> Run<'a> {
     fn start(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
         let Some(dir) = self.last_checkpoint.clone() else { return self.evaluate(on_event) };
         let state = checkpoint::read_state(&dir)?;
-        let (model, optimizer) = checkpoint::restore(&dir, self.model.clone(), self.optimizer.clone(), &self.device)?;
+        let (model, optimizer) = checkpoint::restore(&dir, self.model.clone(), self.optimizer.clone())?;
         (self.model, self.optimizer) = (model, optimizer);
         (self.position, self.tokens_seen, self.train_seconds) = (state.position, state.tokens_seen, state.train_seconds);
         self.summary = Summary { adapter_dir: self.summary.adapter_dir.clone(), metrics: self.summary.metrics.clone(), plot: None, exports: Vec::new(), ..state.summary };
