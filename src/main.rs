@@ -351,7 +351,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         device: args.device, dtype: args.dtype,
         quantization: ember_models::nf4::Quantization::from_name(&args.quantize, args.double_quant).map_err(|e| bad_input(anyhow::anyhow!("--quantize {e}")))?,
         step: ember_trainer::step::StepOptions {
-            checkpoint_every: if args.gradient_checkpointing { args.gradient_checkpointing_every as usize } else { 0 },
+            checkpoint_every: ember_trainer::step::StepOptions::checkpoint_every(args.gradient_checkpointing, args.gradient_checkpointing_every as usize),
             loss_chunk_tokens: args.loss_chunk_tokens, padding_free: !args.padded,
         },
         phase_times: args.phase_times,
@@ -581,6 +581,7 @@ fn plot(run: &std::path::Path) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     ember_models::device::keep_freed_memory();
+    ember_models::device::avoid_cudnn_attention();
     let cli = Cli::parse();
     // Training stops gracefully on the first signal; every other command exits at once, leaving
     // no half-written output.

@@ -226,7 +226,7 @@ impl TrainSection {
     /// How each micro-batch is computed.
     pub fn step_options(&self) -> StepOptions {
         StepOptions {
-            checkpoint_every: if self.gradient_checkpointing { self.gradient_checkpointing_every } else { 0 },
+            checkpoint_every: StepOptions::checkpoint_every(self.gradient_checkpointing, self.gradient_checkpointing_every),
             loss_chunk_tokens: self.loss_chunk_tokens,
             padding_free: self.padding_free,
         }

@@ -39,6 +39,14 @@ impl Default for StepOptions {
     }
 }
 
+impl StepOptions {
+    /// `checkpoint_every` from the switch and its period as recipes and the CLI give them
+    /// (`gradient_checkpointing`, `gradient_checkpointing_every`): the period when on, else 0.
+    pub fn checkpoint_every(on: bool, every: usize) -> usize {
+        if on { every } else { 0 }
+    }
+}
+
 /// Forward and backward of `weight · loss` for one micro-batch, adding the gradients to
 /// `grads`. Returns `weight · loss`, or `None` when no token of the batch is supervised.
 ///

@@ -13,9 +13,9 @@
 //! RoPE and the cross-entropy (LibTorch ops with a hand-written backward), and attention, which
 //! there is LibTorch's own fused scaled-dot-product attention ([`attention`]; `torch_ops`).
 //! `EMBER_FUSED=0` turns them off, `EMBER_FUSED=rope,attention` keeps only those named ([`Op`]), to
-//! measure what they are worth. On a CUDA device LibTorch's five (`torch_ops`) are off unless
-//! `EMBER_FUSED` names them or is `1`: on an H200 the composed ops trained 7B LoRA at 2,176
-//! tokens/s where these gave 607 (BENCHMARKS.md).
+//! measure what they are worth. On CUDA, LibTorch's attention needs cuDNN's attention kept out of
+//! the way ([`crate::device::avoid_cudnn_attention`]): it builds a graph for each new sequence
+//! length, 83 ms of host time a call on an H200, which cost 7B LoRA 3.1× its speed.
 
 #![allow(deprecated)] // the macro's glue names burn-dispatch's deprecated aliases.
 
@@ -72,9 +72,7 @@ impl Op {
 
 /// What `EMBER_FUSED` asks for.
 enum Selection {
-    /// Unset: every fused operation where it is known to pay (not LibTorch's on CUDA).
-    Default,
-    /// `1`: every fused operation everywhere.
+    /// Unset or `1`: every fused operation.
     All,
     /// `0` (none), or a comma list of [`Op`] names: only those.
     Only(Vec<Op>),
@@ -83,8 +81,7 @@ enum Selection {
 fn selection() -> &'static Selection {
     static SELECTION: OnceLock<Selection> = OnceLock::new();
     SELECTION.get_or_init(|| match std::env::var("EMBER_FUSED").ok().as_deref().map(str::trim) {
-        None | Some("") => Selection::Default,
-        Some("1") => Selection::All,
+        None | Some("" | "1") => Selection::All,
         Some("0") => Selection::Only(Vec::new()),
         Some(list) => Selection::Only(
             list.split(',')
@@ -105,15 +102,6 @@ fn selection() -> &'static Selection {
 /// Whether the fused operation `op` is used where it applies.
 pub fn enabled_for(op: Op) -> bool {
     match selection() {
-        Selection::Default | Selection::All => true,
-        Selection::Only(ops) => ops.contains(&op),
-    }
-}
-
-/// Whether LibTorch's fused `op` is used on a CUDA device: only when `EMBER_FUSED` asks for it.
-pub fn enabled_on_cuda(op: Op) -> bool {
-    match selection() {
-        Selection::Default => false,
         Selection::All => true,
         Selection::Only(ops) => ops.contains(&op),
     }

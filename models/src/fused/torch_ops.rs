@@ -17,7 +17,7 @@
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::libtorch::{LibTorchDevice, TchTensor};
+use burn::backend::libtorch::TchTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, LibTorch, backend_extension, tensor::FloatTensor};
 use burn::tensor::{DType, Tensor};
 
@@ -42,15 +42,11 @@ pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: &Tensor<4>, 
     })
 }
 
-/// Whether `t` is a float tensor on LibTorch (with or without autodiff) and the fused `op` is
-/// on for its device (see [`super::enabled_on_cuda`]).
+/// Whether `t` is a float tensor on LibTorch (with or without autodiff) and the fused `op` is on.
 fn on_libtorch<const D: usize>(op: Op, t: &Tensor<D>) -> bool {
-    matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && match t.device().inner().as_dispatch() {
-            DispatchDevice::LibTorch(LibTorchDevice::Cuda(_)) => super::enabled_on_cuda(op),
-            DispatchDevice::LibTorch(_) => super::enabled_for(op),
-            _ => false,
-        }
+    super::enabled_for(op)
+        && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && matches!(t.device().inner().as_dispatch(), DispatchDevice::LibTorch(_))
 }
 
 /// HF's RMSNorm, `weight · (x / √(mean(x²) + eps))` with the normalization in f32 and its result
