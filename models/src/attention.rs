@@ -119,6 +119,11 @@ impl<P: Projection> Attention<P> {
         let start = position_shift(extras);
         let lengths: Vec<usize> = biases.iter().map(|bias| bias.dims()[2]).collect();
         let (q, k) = (rope.apply_packed(q, &lengths, start), rope.apply_packed(k, &lengths, start));
+        let prefix = extras.and_then(|e| e.prefix.clone()).map(|(prefix_k, prefix_v)| (prefix_k.cast(k.dtype()), prefix_v.cast(v.dtype())));
+        let scale = (self.head_dim as f64).powf(-0.5);
+        if let Some(attended) = crate::fused::packed_attention(&q, &k, &v, prefix.as_ref().map(|(k, v)| (k, v)), &lengths, scale) {
+            return self.o_inputs(attended, q, extras);
+        }
         let (mut attended, mut offset) = (Vec::new(), 0);
         for (bias, &len) in biases.iter().zip(&lengths) {
             let segment = |t: &Tensor<4>| t.clone().narrow(2, offset, len);

@@ -368,6 +368,23 @@ pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: &Tensor<4>, 
     None
 }
 
+/// Attention of sequences packed into one row, each causal over its own keys after the shared
+/// prefix's (if any): [`attention`] once per sequence, in one operation whose backward hands back
+/// whole gradients (on LibTorch). `None` elsewhere: then the caller attends to each sequence's
+/// slices.
+///
+/// # Shapes
+/// - q, output: `[1, heads, Σ lengths, head_dim]`
+/// - k, v: `[1, kv_heads, Σ lengths, head_dim]`, `heads` a multiple of `kv_heads`
+/// - prefix: `[1, kv_heads, prefix, head_dim]` each, in `k`'s dtype
+#[allow(unused_variables)]
+pub fn packed_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, prefix: Option<(&Tensor<4>, &Tensor<4>)>, lengths: &[usize], scale: f64) -> Option<Tensor<4>> {
+    #[cfg(feature = "tch")]
+    return torch_ops::packed_attention(q, k, v, prefix, lengths, scale);
+    #[cfg(not(feature = "tch"))]
+    None
+}
+
 /// The product with a frozen weight, as its own extension because it is served on LibTorch too
 /// (GEMMs, nothing to fuse there; what it saves is memory).
 #[backend_extension(Flex, LibTorch: cfg(feature = "tch"), Autodiff)]
@@ -1027,6 +1044,52 @@ mod tests {
         let (q, k, v) = (random([batch, heads, seq, d], &device).require_grad(), random([batch, kv_heads, prefix + seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device).require_grad());
         let grads = attention(&q, &k, &v, &bias, false, scale).unwrap().sum().backward();
         assert!(q.grad(&grads).is_some() && v.grad(&grads).is_some() && k.grad(&grads).is_none());
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    fn packed_attention_on_libtorch_matches_burn_ops_per_sequence_with_or_without_a_prefix() {
+        let device = Device::libtorch().autodiff();
+        let (heads, kv_heads, d, prefix, lengths) = (4, 2, 8, 3, [3, 5, 1, 4]);
+        let total = lengths.iter().sum();
+        let scale = (d as f64).powf(-0.5);
+        // Each sequence's slices with the prefix before its keys, as `Attention::contexts_packed`.
+        let per_sequence = |[q, k, v, prefix_k, prefix_v]: &[Tensor<4>; 5], with_prefix: bool| {
+            let (mut start, visible) = (0, if with_prefix { prefix } else { 0 });
+            let outputs = lengths.map(|len| {
+                let [q, mut k, mut v] = [q, k, v].map(|t| t.clone().narrow(2, start, len));
+                start += len;
+                if with_prefix {
+                    (k, v) = (Tensor::cat(vec![prefix_k.clone(), k], 2), Tensor::cat(vec![prefix_v.clone(), v], 2));
+                }
+                crate::layers::composed_attention(q, k, v, crate::layers::attention_bias(1, len, visible, None, &device), scale)
+            });
+            Tensor::cat(outputs.to_vec(), 2)
+        };
+        let packed = |[q, k, v, prefix_k, prefix_v]: &[Tensor<4>; 5], with_prefix: bool| {
+            packed_attention(q, k, v, with_prefix.then_some((prefix_k, prefix_v)), &lengths, scale).unwrap()
+        };
+        let inputs = || {
+            let kv = |len| random([1, kv_heads, len, d], &device);
+            [random([1, heads, total, d], &device), kv(total), kv(total), kv(prefix), kv(prefix)]
+        };
+        let [q, k, v, prefix_k, prefix_v] = inputs();
+        let with = |[q, k, v]: &[Tensor<4>; 3]| [q.clone(), k.clone(), v.clone(), prefix_k.clone(), prefix_v.clone()];
+        check("packed attention on LibTorch", [q, k, v], |t| packed(&with(t), false), |t| per_sequence(&with(t), false));
+        check("packed attention after a prefix on LibTorch", inputs(), |t| packed(t, true), |t| per_sequence(t, true));
+        // Only some inputs tracked (a frozen k): the others still get theirs.
+        let [q, k, v, prefix_k, prefix_v] = inputs();
+        let (q, v, prefix_v) = (q.require_grad(), v.require_grad(), prefix_v.require_grad());
+        let grads = packed_attention(&q, &k, &v, Some((&prefix_k, &prefix_v)), &lengths, scale).unwrap().sum().backward();
+        assert!(q.grad(&grads).is_some() && v.grad(&grads).is_some() && prefix_v.grad(&grads).is_some());
+        assert!(k.grad(&grads).is_none() && prefix_k.grad(&grads).is_none());
+        // Without autodiff.
+        let plain = Device::libtorch();
+        let inputs = inputs().map(|t| Tensor::from_data(t.into_data(), &plain));
+        for with_prefix in [false, true] {
+            let want = Tensor::from_data(per_sequence(&inputs, with_prefix).into_data(), &plain);
+            assert_close("packed attention without autodiff", packed(&inputs, with_prefix), want, 2e-6);
+        }
     }
 
     #[cfg(feature = "tch")]

@@ -42,6 +42,30 @@ pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: &Tensor<4>, 
     })
 }
 
+/// Attention of sequences packed into one row, each causal over its own keys after the shared
+/// `prefix` keys and values (if any), with LibTorch's fused attention once per sequence, or `None`
+/// where it does not apply (not LibTorch, or `EMBER_FUSED` without `attention`). The same as
+/// [`attention`] on each sequence's slices with the outputs concatenated, but the gradients come
+/// back whole: burn's slices would each add a zero-filled `[1, heads, Σ len, head_dim]` gradient
+/// per sequence and input, and its concatenations with the prefix their copies.
+///
+/// # Shapes
+/// - q, output: `[1, heads, Σ len, head_dim]`
+/// - k, v: `[1, kv_heads, Σ len, head_dim]`, `heads` a multiple of `kv_heads`
+/// - prefix: `[1, kv_heads, prefix, head_dim]` each, in `k`'s dtype
+pub fn packed_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, prefix: Option<(&Tensor<4>, &Tensor<4>)>, lengths: &[usize], scale: f64) -> Option<Tensor<4>> {
+    on_libtorch(Op::Attention, q).then(|| {
+        let [q, k, v] = [q, k, v].map(|t| t.clone().into_dispatch());
+        Tensor::from_dispatch(match prefix {
+            None => <Dispatch as TorchOps>::torch_packed_causal_attention(q, k, v, lengths.to_vec(), scale),
+            Some((prefix_k, prefix_v)) => {
+                let [prefix_k, prefix_v] = [prefix_k, prefix_v].map(|t| t.clone().into_dispatch());
+                <Dispatch as TorchOps>::torch_packed_prefix_attention(q, k, v, prefix_k, prefix_v, lengths.to_vec(), scale)
+            }
+        })
+    })
+}
+
 /// Whether `t` is a float tensor on LibTorch (with or without autodiff) and the fused `op` is on.
 fn on_libtorch<const D: usize>(op: Op, t: &Tensor<D>) -> bool {
     super::enabled_for(op)
@@ -104,6 +128,16 @@ pub trait TorchOps: Backend {
         causal: bool,
         scale: f64,
     ) -> FloatTensor<Self>;
+    fn torch_packed_causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, lengths: Vec<usize>, scale: f64) -> FloatTensor<Self>;
+    fn torch_packed_prefix_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        prefix_k: FloatTensor<Self>,
+        prefix_v: FloatTensor<Self>,
+        lengths: Vec<usize>,
+        scale: f64,
+    ) -> FloatTensor<Self>;
 }
 
 /// LibTorch's attention with grouped K/V heads: head `h` reads K/V group `h / (heads / kv_heads)`,
@@ -119,6 +153,32 @@ fn sdpa(q: &tch::Tensor, k: &tch::Tensor, v: &tch::Tensor, bias: &tch::Tensor, c
     let bias = (!causal).then(|| bias.clamp_min(floor).to_kind(q.kind()));
     let grouped = q.size()[1] != k.size()[1];
     tch::Tensor::scaled_dot_product_attention(q, k, v, bias.as_ref(), 0.0, bias.is_none(), scale, grouped)
+}
+
+/// [`packed_attention`] of LibTorch tensors: each sequence's rows of `q`, `k`, `v` (by `segment`)
+/// attended causally after the `prefix` keys and values, the outputs concatenated.
+fn packed_sdpa(lengths: &[usize], scale: f64, prefix: Option<&[TchTensor; 2]>, segment: impl Fn(usize, i64, i64) -> [tch::Tensor; 3]) -> tch::Tensor {
+    let mut start = 0;
+    let outputs: Vec<_> = lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let [q, k, v] = segment(i, start, len as i64);
+            start += len as i64;
+            let grouped = q.size()[1] != k.size()[1];
+            match prefix {
+                None => tch::Tensor::scaled_dot_product_attention(&q, &k, &v, None::<tch::Tensor>, 0.0, true, scale, grouped),
+                Some([prefix_k, prefix_v]) => {
+                    let (k, v) = (tch::Tensor::cat(&[&prefix_k.tensor, &k], 2), tch::Tensor::cat(&[&prefix_v.tensor, &v], 2));
+                    // Every prefix key, then the sequence's own up to the query: true where attended.
+                    let prefix_len = prefix_k.tensor.size()[2];
+                    let visible = tch::Tensor::ones([len as i64, prefix_len + len as i64], (tch::Kind::Bool, q.device())).tril(prefix_len);
+                    tch::Tensor::scaled_dot_product_attention(&q, &k, &v, Some(visible), 0.0, false, scale, grouped)
+                }
+            }
+        })
+        .collect();
+    tch::Tensor::cat(&outputs, 2)
 }
 
 /// `(output, 1/rms)` of [`rms_norm`], the latter `[.., 1]` in f32.
@@ -183,6 +243,17 @@ impl TorchOps for LibTorch {
     fn torch_cross_entropy_sum(logits: TchTensor, targets: Vec<i64>) -> TchTensor {
         TchTensor::new(tch::no_grad(|| cross_entropy_forward(&logits.tensor, &target_ids(&targets, logits.tensor.device())).0))
     }
+
+    fn torch_packed_causal_attention(q: TchTensor, k: TchTensor, v: TchTensor, lengths: Vec<usize>, scale: f64) -> TchTensor {
+        let inputs = [q, k, v];
+        TchTensor::new(tch::no_grad(|| packed_sdpa(&lengths, scale, None, |_, start, len| inputs.each_ref().map(|t| t.tensor.narrow(2, start, len)))))
+    }
+
+    fn torch_packed_prefix_attention(q: TchTensor, k: TchTensor, v: TchTensor, prefix_k: TchTensor, prefix_v: TchTensor, lengths: Vec<usize>, scale: f64) -> TchTensor {
+        let inputs = [q, k, v];
+        let prefix = [prefix_k, prefix_v];
+        TchTensor::new(tch::no_grad(|| packed_sdpa(&lengths, scale, Some(&prefix), |_, start, len| inputs.each_ref().map(|t| t.tensor.narrow(2, start, len)))))
+    }
 }
 
 /// The forward's LibTorch graph: leaves q, k, v and the output that depends on them. Each shares
@@ -212,6 +283,72 @@ impl Backward<LibTorch, 3> for TorchAttentionBackward {
         let surrogate = (&output.tensor * &dy.tensor).sum(output.tensor.kind());
         let input_grads = tch::with_grad(|| tch::Tensor::run_backward(&[surrogate], &inputs, false, false));
         for ((id, _), grad) in wanted.into_iter().zip(input_grads) {
+            grads.register::<LibTorch>(id, TchTensor::new(grad));
+        }
+    }
+}
+
+/// The forward's LibTorch graph of [`packed_attention`]: per sequence, leaves that are its slices
+/// of q, k and v; the prefix's keys and values as two more leaves (none without a prefix); and
+/// the concatenated output that depends on them. The leaves share the storage handles of the
+/// tensors burn holds, as in [`TorchGraph`].
+#[derive(Debug, Clone)]
+struct PackedGraph {
+    sequences: Vec<[TchTensor; 3]>,
+    prefix: Option<[TchTensor; 2]>,
+    output: TchTensor,
+}
+
+impl PackedGraph {
+    /// The graph of `inputs` (q, k, v) attended by sequence after `prefix`.
+    fn build(inputs: &[TchTensor; 3], prefix: Option<[TchTensor; 2]>, lengths: &[usize], scale: f64) -> (Self, TchTensor) {
+        let leaf = |t: &TchTensor, part: tch::Tensor| TchTensor::from_existing(part.detach().set_requires_grad(true), t.storage.clone());
+        let mut start = 0;
+        let sequences: Vec<[TchTensor; 3]> = lengths
+            .iter()
+            .map(|&len| {
+                let at = start;
+                start += len as i64;
+                inputs.each_ref().map(|t| leaf(t, t.tensor.narrow(2, at, len as i64)))
+            })
+            .collect();
+        let prefix = prefix.map(|kv| kv.each_ref().map(|t| leaf(t, t.tensor.shallow_clone())));
+        let output = tch::with_grad(|| packed_sdpa(lengths, scale, prefix.as_ref(), |i, _, _| sequences[i].each_ref().map(|t| t.tensor.shallow_clone())));
+        // burn's ops on the output must not grow LibTorch's graph.
+        let y = TchTensor::new(output.detach());
+        let output = TchTensor::from_existing(output, y.storage.clone());
+        (Self { sequences, prefix, output }, y)
+    }
+}
+
+/// Backward of [`packed_attention`]: inputs q, k, v, then the prefix's keys and values if any.
+#[derive(Debug)]
+struct TorchPackedAttentionBackward;
+
+impl<const N: usize> Backward<LibTorch, N> for TorchPackedAttentionBackward {
+    type State = PackedGraph;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<LibTorch>(&ops.node);
+        let PackedGraph { sequences, prefix, output } = ops.state;
+        let wanted: Vec<_> = ops.parents.iter().enumerate().filter_map(|(input, parent)| parent.as_ref().map(|p| (p.id, input))).collect();
+        if wanted.is_empty() {
+            return;
+        }
+        // A packed input's gradient comes in one part per sequence; a prefix's whole.
+        let leaves = |input: usize| -> Vec<&tch::Tensor> {
+            match input {
+                0..3 => sequences.iter().map(|sequence| &sequence[input].tensor).collect(),
+                _ => vec![&prefix.as_ref().expect("the inputs after v are the prefix's")[input - 3].tensor],
+            }
+        };
+        let inputs: Vec<_> = wanted.iter().flat_map(|&(_, input)| leaves(input)).collect();
+        let surrogate = (&output.tensor * &dy.tensor).sum(output.tensor.kind());
+        let mut input_grads = tch::with_grad(|| tch::Tensor::run_backward(&[surrogate], &inputs, false, false)).into_iter();
+        for (id, input) in wanted {
+            let parts: Vec<_> = input_grads.by_ref().take(leaves(input).len()).collect();
+            // The sequences' parts end to end: one copy, no zero fill.
+            let grad = if parts.len() == 1 { parts.into_iter().next().unwrap() } else { tch::no_grad(|| tch::Tensor::cat(&parts, 2)) };
             grads.register::<LibTorch>(id, TchTensor::new(grad));
         }
     }
@@ -349,6 +486,46 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
                 prep.finish(TorchGraph { leaves, output }, y)
             }
             OpsKind::UnTracked(prep) => prep.finish(TchTensor::new(tch::no_grad(|| attend(&q, &k, &v)))),
+        }
+    }
+
+    fn torch_packed_causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, lengths: Vec<usize>, scale: f64) -> FloatTensor<Self> {
+        let prep = TorchPackedAttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful();
+        let inputs = [q, k, v].map(|t| t.into_primitive());
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let (graph, y) = PackedGraph::build(&inputs, None, &lengths, scale);
+                prep.finish(graph, y)
+            }
+            OpsKind::UnTracked(prep) => {
+                let [q, k, v] = inputs;
+                prep.finish(LibTorch::torch_packed_causal_attention(q, k, v, lengths, scale))
+            }
+        }
+    }
+
+    fn torch_packed_prefix_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        prefix_k: FloatTensor<Self>,
+        prefix_v: FloatTensor<Self>,
+        lengths: Vec<usize>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let nodes = [q.node(), k.node(), v.node(), prefix_k.node(), prefix_v.node()];
+        let prep = TorchPackedAttentionBackward.prepare::<C>(nodes).compute_bound().stateful();
+        let inputs = [q, k, v].map(|t| t.into_primitive());
+        let prefix = [prefix_k, prefix_v].map(|t| t.into_primitive());
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let (graph, y) = PackedGraph::build(&inputs, Some(prefix), &lengths, scale);
+                prep.finish(graph, y)
+            }
+            OpsKind::UnTracked(prep) => {
+                let ([q, k, v], [prefix_k, prefix_v]) = (inputs, prefix);
+                prep.finish(LibTorch::torch_packed_prefix_attention(q, k, v, prefix_k, prefix_v, lengths, scale))
+            }
         }
     }
 }
