@@ -4,7 +4,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use ember_models::Projection;
-use ember_models::fused::matmul;
+use ember_models::fused::{low_rank, matmul};
 use ember_models::layers::{Linear, output_surrogate};
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -54,6 +54,9 @@ impl LoraBranch {
     /// - x: `[batch, seq, in]`
     /// - output: `[batch, seq, out]`
     pub fn delta(&self, x: Tensor<3>) -> Tensor<3> {
+        if let Some(delta) = low_rank(&x, &self.lora_a.val(), &self.lora_b.val(), self.scale) {
+            return delta;
+        }
         let [b, s, i] = x.dims();
         let out = self.lora_b.shape().dims::<2>()[0];
         let h = x.cast(DType::F32).reshape([b * s, i]);

@@ -50,10 +50,11 @@ pub enum Op {
     Matmul,
     FrozenMatmul,
     Dequantize,
+    LowRank,
 }
 
 impl Op {
-    pub const ALL: [Op; 8] = [Op::RmsNorm, Op::Swiglu, Op::Rope, Op::Attention, Op::CrossEntropy, Op::Matmul, Op::FrozenMatmul, Op::Dequantize];
+    pub const ALL: [Op; 9] = [Op::RmsNorm, Op::Swiglu, Op::Rope, Op::Attention, Op::CrossEntropy, Op::Matmul, Op::FrozenMatmul, Op::Dequantize, Op::LowRank];
 
     /// The name `EMBER_FUSED` knows it by.
     pub fn name(self) -> &'static str {
@@ -66,6 +67,7 @@ impl Op {
             Op::Matmul => "matmul",
             Op::FrozenMatmul => "frozen_matmul",
             Op::Dequantize => "dequantize",
+            Op::LowRank => "low_rank",
         }
     }
 }
@@ -364,6 +366,20 @@ pub fn frozen_matmul(x: &Tensor<2>, weight: DenseWeight) -> Option<Tensor<2>> {
 pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: &Tensor<4>, causal: bool, scale: f64) -> Option<Tensor<4>> {
     #[cfg(feature = "tch")]
     return torch_ops::attention(q, k, v, bias, causal, scale);
+    #[cfg(not(feature = "tch"))]
+    None
+}
+
+/// LoRA's branch `scale · x Aᵀ Bᵀ` in f32 whatever `x`'s dtype, as one operation whose backward is
+/// four products, on LibTorch; `None` elsewhere (then the caller composes it from burn ops).
+///
+/// # Shapes
+/// - x: `[batch, seq, in]`; a: `[rank, in]`, b: `[out, rank]`, both f32
+/// - output: `[batch, seq, out]`, f32
+#[allow(unused_variables)]
+pub fn low_rank(x: &Tensor<3>, a: &Tensor<2>, b: &Tensor<2>, scale: f64) -> Option<Tensor<3>> {
+    #[cfg(feature = "tch")]
+    return torch_ops::low_rank(x, a, b, scale);
     #[cfg(not(feature = "tch"))]
     None
 }
@@ -1044,6 +1060,40 @@ mod tests {
         let (q, k, v) = (random([batch, heads, seq, d], &device).require_grad(), random([batch, kv_heads, prefix + seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device).require_grad());
         let grads = attention(&q, &k, &v, &bias, false, scale).unwrap().sum().backward();
         assert!(q.grad(&grads).is_some() && v.grad(&grads).is_some() && k.grad(&grads).is_none());
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    fn low_rank_on_libtorch_matches_burn_ops_from_f32_and_bf16_inputs() {
+        let device = Device::libtorch().autodiff();
+        let (batch, seq, input, rank, output, scale) = (2, 3, 8, 4, 6, 0.5);
+        let composed = |x: &Tensor<3>, a: &Tensor<2>, b: &Tensor<2>| {
+            let rows = x.clone().cast(DType::F32).reshape([batch * seq, input]);
+            rows.matmul(a.clone().transpose()).matmul(b.clone().transpose()).mul_scalar(scale).reshape([batch, seq, output])
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let x = random([batch, seq, input], &device).cast(dtype);
+            let (a, b) = (random([rank, input], &device), random([output, rank], &device));
+            let probe = random([batch, seq, output], &device);
+            let run = |op: &dyn Fn(&Tensor<3>, &Tensor<2>, &Tensor<2>) -> Tensor<3>| {
+                let (x, a, b) = (x.clone().require_grad(), a.clone().require_grad(), b.clone().require_grad());
+                let y = op(&x, &a, &b);
+                let grads = (y.clone() * probe.clone()).sum().backward();
+                (y, x.grad(&grads).unwrap().cast(DType::F32), a.grad(&grads).unwrap(), b.grad(&grads).unwrap())
+            };
+            let (y, dx, da, db) = run(&|x, a, b| low_rank(x, a, b, scale).unwrap());
+            let (y_want, dx_want, da_want, db_want) = run(&composed);
+            assert_eq!(y.dtype(), DType::F32);
+            let tolerance = if dtype == DType::F32 { 2e-5 } else { 1e-2 };
+            assert_close(&format!("low rank from {dtype:?}"), y, y_want, 2e-5);
+            assert_close(&format!("low rank from {dtype:?}: dx"), dx, dx_want, tolerance);
+            assert_close(&format!("low rank from {dtype:?}: dA"), da, da_want, 2e-5);
+            assert_close(&format!("low rank from {dtype:?}: dB"), db, db_want, 2e-5);
+        }
+        // A frozen input (the first layer's): A and B still get theirs.
+        let (x, a, b) = (random([batch, seq, input], &device), random([rank, input], &device).require_grad(), random([output, rank], &device).require_grad());
+        let grads = low_rank(&x, &a, &b, scale).unwrap().sum().backward();
+        assert!(a.grad(&grads).is_some() && b.grad(&grads).is_some() && x.grad(&grads).is_none());
     }
 
     #[cfg(feature = "tch")]

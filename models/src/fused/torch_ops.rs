@@ -66,6 +66,22 @@ pub fn packed_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, prefix: Opt
     })
 }
 
+/// LoRA's branch `scale · x Aᵀ Bᵀ` in f32 in one LibTorch operation, or `None` where it does not
+/// apply (not LibTorch, or `EMBER_FUSED` without `low_rank`). burn's composition (a cast, two
+/// reshapes, two transposes, two products and a scaling) is eight graph nodes and about twenty
+/// LibTorch calls forward and backward; this is five forward and nine backward (one more each
+/// for a cast from bf16).
+///
+/// # Shapes
+/// - x: `[batch, seq, in]`; a: `[rank, in]`, b: `[out, rank]`, both f32
+/// - output: `[batch, seq, out]`, f32
+pub fn low_rank(x: &Tensor<3>, a: &Tensor<2>, b: &Tensor<2>, scale: f64) -> Option<Tensor<3>> {
+    (on_libtorch(Op::LowRank, x) && a.dtype() == DType::F32 && b.dtype() == DType::F32).then(|| {
+        let [x, a, b] = [x.clone().into_dispatch(), a.clone().into_dispatch(), b.clone().into_dispatch()];
+        Tensor::from_dispatch(<Dispatch as TorchOps>::torch_low_rank(x, a, b, scale))
+    })
+}
+
 /// Whether `t` is a float tensor on LibTorch (with or without autodiff) and the fused `op` is on.
 fn on_libtorch<const D: usize>(op: Op, t: &Tensor<D>) -> bool {
     super::enabled_for(op)
@@ -128,6 +144,7 @@ pub trait TorchOps: Backend {
         causal: bool,
         scale: f64,
     ) -> FloatTensor<Self>;
+    fn torch_low_rank(x: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
     fn torch_packed_causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, lengths: Vec<usize>, scale: f64) -> FloatTensor<Self>;
     fn torch_packed_prefix_attention(
         q: FloatTensor<Self>,
@@ -179,6 +196,23 @@ fn packed_sdpa(lengths: &[usize], scale: f64, prefix: Option<&[TchTensor; 2]>, s
         })
         .collect();
     tch::Tensor::cat(&outputs, 2)
+}
+
+/// `(scale · x Aᵀ Bᵀ, x in f32, x Aᵀ)` of [`low_rank`]: the output and what its backward reads.
+/// In rows, `[batch · seq, ..]`, so that each product is one GEMM call.
+fn low_rank_forward(x: &tch::Tensor, a: &tch::Tensor, b: &tch::Tensor, scale: f64) -> (tch::Tensor, tch::Tensor, tch::Tensor) {
+    let rows = to_f32(x.flatten(0, -2));
+    // rows,in -> rows,r -> rows,out: never an in×out matrix; the scale on the narrow middle.
+    let mut down = rows.linear::<tch::Tensor>(a, None);
+    let _ = down.g_mul_scalar_(scale);
+    let mut shape = x.size();
+    *shape.last_mut().expect("x has dims") = b.size()[0];
+    (down.linear::<tch::Tensor>(b, None).view(shape.as_slice()), rows, down)
+}
+
+/// `t` in f32, itself when it is already.
+fn to_f32(t: tch::Tensor) -> tch::Tensor {
+    if t.kind() == tch::Kind::Float { t } else { t.to_kind(tch::Kind::Float) }
 }
 
 /// `(output, 1/rms)` of [`rms_norm`], the latter `[.., 1]` in f32.
@@ -242,6 +276,10 @@ impl TorchOps for LibTorch {
 
     fn torch_cross_entropy_sum(logits: TchTensor, targets: Vec<i64>) -> TchTensor {
         TchTensor::new(tch::no_grad(|| cross_entropy_forward(&logits.tensor, &target_ids(&targets, logits.tensor.device())).0))
+    }
+
+    fn torch_low_rank(x: TchTensor, a: TchTensor, b: TchTensor, scale: f64) -> TchTensor {
+        TchTensor::new(tch::no_grad(|| low_rank_forward(&x.tensor, &a.tensor, &b.tensor, scale).0))
     }
 
     fn torch_packed_causal_attention(q: TchTensor, k: TchTensor, v: TchTensor, lengths: Vec<usize>, scale: f64) -> TchTensor {
@@ -351,6 +389,48 @@ impl<const N: usize> Backward<LibTorch, N> for TorchPackedAttentionBackward {
             let grad = if parts.len() == 1 { parts.into_iter().next().unwrap() } else { tch::no_grad(|| tch::Tensor::cat(&parts, 2)) };
             grads.register::<LibTorch>(id, TchTensor::new(grad));
         }
+    }
+}
+
+/// Backward of [`low_rank`], in rows: with `d = s · x Aᵀ` (kept from the forward),
+/// dB = dyᵀ d, dd = s · dy B, dA = ddᵀ x, dx = dd A in `x`'s dtype.
+#[derive(Debug)]
+struct LowRankBackward;
+
+#[derive(Debug, Clone)]
+struct LowRankState {
+    /// `x` as f32 rows.
+    rows: TchTensor,
+    /// `s · x Aᵀ`, rows.
+    down: TchTensor,
+    a: TchTensor,
+    b: TchTensor,
+    scale: f64,
+    x_shape: Vec<i64>,
+    x_kind: tch::Kind,
+}
+
+impl Backward<LibTorch, 3> for LowRankBackward {
+    type State = LowRankState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<LibTorch>(&ops.node).tensor.flatten(0, -2);
+        let LowRankState { rows, down, a, b, scale, x_shape, x_kind } = ops.state;
+        let [node_x, node_a, node_b] = ops.parents;
+        tch::no_grad(|| {
+            if let Some(node) = node_b {
+                grads.register::<LibTorch>(node.id, TchTensor::new(dy.tr().mm(&down.tensor)));
+            }
+            let mut d_down = dy.mm(&b.tensor);
+            let _ = d_down.g_mul_scalar_(scale);
+            if let Some(node) = node_a {
+                grads.register::<LibTorch>(node.id, TchTensor::new(d_down.tr().mm(&rows.tensor)));
+            }
+            if let Some(node) = node_x {
+                let dx = d_down.mm(&a.tensor).view(x_shape.as_slice());
+                grads.register::<LibTorch>(node.id, TchTensor::new(if x_kind == tch::Kind::Float { dx } else { dx.to_kind(x_kind) }));
+            }
+        });
     }
 }
 
@@ -487,6 +567,17 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(TchTensor::new(tch::no_grad(|| attend(&q, &k, &v)))),
         }
+    }
+
+    fn torch_low_rank(x: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        let prep = LowRankBackward.prepare::<C>([x.node(), a.node(), b.node()]).compute_bound().stateful();
+        let [x, a, b] = [x, a, b].map(|t| t.into_primitive());
+        let (x_shape, x_kind) = (x.tensor.size(), x.tensor.kind());
+        let (y, rows, down) = tch::no_grad(|| low_rank_forward(&x.tensor, &a.tensor, &b.tensor, scale));
+        // An f32 `x`'s rows are a view of it: share its storage handle, so burn never writes over it.
+        let rows = if x_kind == tch::Kind::Float { TchTensor::from_existing(rows, x.storage.clone()) } else { TchTensor::new(rows) };
+        let state = LowRankState { rows, down: TchTensor::new(down), a, b, scale, x_shape, x_kind };
+        super::finish(prep, state, TchTensor::new(y))
     }
 
     fn torch_packed_causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, lengths: Vec<usize>, scale: f64) -> FloatTensor<Self> {
