@@ -102,7 +102,8 @@ impl<P: Projection> Attention<P> {
             k = Tensor::cat(vec![past_k, k], 2);
             v = Tensor::cat(vec![past_v, v], 2);
         }
-        let (keys, values) = with_prefix(k.clone(), v.clone(), extras);
+        let prefix = prefix_like(extras, &k, &v);
+        let (keys, values) = with_prefix(k.clone(), v.clone(), prefix.as_ref());
         let attended = grouped_attention(q.clone(), keys, values, bias, false);
         (self.o_inputs(attended, q, extras), k, v)
     }
@@ -119,7 +120,7 @@ impl<P: Projection> Attention<P> {
         let start = position_shift(extras);
         let lengths: Vec<usize> = biases.iter().map(|bias| bias.dims()[2]).collect();
         let (q, k) = (rope.apply_packed(q, &lengths, start), rope.apply_packed(k, &lengths, start));
-        let prefix = extras.and_then(|e| e.prefix.clone()).map(|(prefix_k, prefix_v)| (prefix_k.cast(k.dtype()), prefix_v.cast(v.dtype())));
+        let prefix = prefix_like(extras, &k, &v);
         let scale = (self.head_dim as f64).powf(-0.5);
         if let Some(attended) = crate::fused::packed_attention(&q, &k, &v, prefix.as_ref().map(|(k, v)| (k, v)), &lengths, scale) {
             return self.o_inputs(attended, q, extras);
@@ -127,7 +128,7 @@ impl<P: Projection> Attention<P> {
         let (mut attended, mut offset) = (Vec::new(), 0);
         for (bias, &len) in biases.iter().zip(&lengths) {
             let segment = |t: &Tensor<4>| t.clone().narrow(2, offset, len);
-            let (keys, values) = with_prefix(segment(&k), segment(&v), extras);
+            let (keys, values) = with_prefix(segment(&k), segment(&v), prefix.as_ref());
             // A packed sequence's bias is causal; without a prefix, nothing else.
             let causal = keys.dims()[2] == len;
             attended.push(grouped_attention(segment(&q), keys, values, bias.clone(), causal));
@@ -199,13 +200,15 @@ fn position_shift(extras: Option<&LayerExtras>) -> usize {
     }
 }
 
-/// Keys and values with the prefix's (if any) placed before them.
-fn with_prefix(k: Tensor<4>, v: Tensor<4>, extras: Option<&LayerExtras>) -> (Tensor<4>, Tensor<4>) {
-    match extras.and_then(|e| e.prefix.clone()) {
-        Some((prefix_k, prefix_v)) => {
-            let (k_dtype, v_dtype) = (k.dtype(), v.dtype());
-            (Tensor::cat(vec![prefix_k.cast(k_dtype), k], 2), Tensor::cat(vec![prefix_v.cast(v_dtype), v], 2))
-        }
+/// The prefix's keys and values (if any) in the dtypes of `k` and `v`.
+fn prefix_like(extras: Option<&LayerExtras>, k: &Tensor<4>, v: &Tensor<4>) -> Option<(Tensor<4>, Tensor<4>)> {
+    extras.and_then(|e| e.prefix.clone()).map(|(prefix_k, prefix_v)| (prefix_k.cast(k.dtype()), prefix_v.cast(v.dtype())))
+}
+
+/// Keys and values with `prefix`'s placed before them.
+fn with_prefix(k: Tensor<4>, v: Tensor<4>, prefix: Option<&(Tensor<4>, Tensor<4>)>) -> (Tensor<4>, Tensor<4>) {
+    match prefix {
+        Some((prefix_k, prefix_v)) => (Tensor::cat(vec![prefix_k.clone(), k], 2), Tensor::cat(vec![prefix_v.clone(), v], 2)),
         None => (k, v),
     }
 }

@@ -172,25 +172,34 @@ fn sdpa(q: &tch::Tensor, k: &tch::Tensor, v: &tch::Tensor, bias: &tch::Tensor, c
     tch::Tensor::scaled_dot_product_attention(q, k, v, bias.as_ref(), 0.0, bias.is_none(), scale, grouped)
 }
 
-/// [`packed_attention`] of LibTorch tensors: each sequence's rows of `q`, `k`, `v` (by `segment`)
-/// attended causally after the `prefix` keys and values, the outputs concatenated.
-fn packed_sdpa(lengths: &[usize], scale: f64, prefix: Option<&[TchTensor; 2]>, segment: impl Fn(usize, i64, i64) -> [tch::Tensor; 3]) -> tch::Tensor {
+/// Each sequence's rows of q, k and v (narrowed views, no copies).
+fn sequences(inputs: &[TchTensor; 3], lengths: &[usize]) -> Vec<[tch::Tensor; 3]> {
     let mut start = 0;
-    let outputs: Vec<_> = lengths
+    lengths
         .iter()
-        .enumerate()
-        .map(|(i, &len)| {
-            let [q, k, v] = segment(i, start, len as i64);
+        .map(|&len| {
+            let at = start;
             start += len as i64;
+            inputs.each_ref().map(|t| t.tensor.narrow(2, at, len as i64))
+        })
+        .collect()
+}
+
+/// [`packed_attention`] of LibTorch tensors: each sequence's q, k, v attended causally after the
+/// `prefix` keys and values, the outputs concatenated.
+fn packed_sdpa(sequences: &[[tch::Tensor; 3]], prefix: Option<&[TchTensor; 2]>, scale: f64) -> tch::Tensor {
+    let outputs: Vec<_> = sequences
+        .iter()
+        .map(|[q, k, v]| {
             let grouped = q.size()[1] != k.size()[1];
             match prefix {
-                None => tch::Tensor::scaled_dot_product_attention(&q, &k, &v, None::<tch::Tensor>, 0.0, true, scale, grouped),
+                None => tch::Tensor::scaled_dot_product_attention(q, k, v, None::<tch::Tensor>, 0.0, true, scale, grouped),
                 Some([prefix_k, prefix_v]) => {
-                    let (k, v) = (tch::Tensor::cat(&[&prefix_k.tensor, &k], 2), tch::Tensor::cat(&[&prefix_v.tensor, &v], 2));
+                    let (k, v) = (tch::Tensor::cat(&[&prefix_k.tensor, k], 2), tch::Tensor::cat(&[&prefix_v.tensor, v], 2));
                     // Every prefix key, then the sequence's own up to the query: true where attended.
-                    let prefix_len = prefix_k.tensor.size()[2];
-                    let visible = tch::Tensor::ones([len as i64, prefix_len + len as i64], (tch::Kind::Bool, q.device())).tril(prefix_len);
-                    tch::Tensor::scaled_dot_product_attention(&q, &k, &v, Some(visible), 0.0, false, scale, grouped)
+                    let (len, prefix_len) = (q.size()[2], prefix_k.tensor.size()[2]);
+                    let visible = tch::Tensor::ones([len, prefix_len + len], (tch::Kind::Bool, q.device())).tril(prefix_len);
+                    tch::Tensor::scaled_dot_product_attention(q, &k, &v, Some(visible), 0.0, false, scale, grouped)
                 }
             }
         })
@@ -283,75 +292,39 @@ impl TorchOps for LibTorch {
     }
 
     fn torch_packed_causal_attention(q: TchTensor, k: TchTensor, v: TchTensor, lengths: Vec<usize>, scale: f64) -> TchTensor {
-        let inputs = [q, k, v];
-        TchTensor::new(tch::no_grad(|| packed_sdpa(&lengths, scale, None, |_, start, len| inputs.each_ref().map(|t| t.tensor.narrow(2, start, len)))))
+        TchTensor::new(tch::no_grad(|| packed_sdpa(&sequences(&[q, k, v], &lengths), None, scale)))
     }
 
     fn torch_packed_prefix_attention(q: TchTensor, k: TchTensor, v: TchTensor, prefix_k: TchTensor, prefix_v: TchTensor, lengths: Vec<usize>, scale: f64) -> TchTensor {
-        let inputs = [q, k, v];
-        let prefix = [prefix_k, prefix_v];
-        TchTensor::new(tch::no_grad(|| packed_sdpa(&lengths, scale, Some(&prefix), |_, start, len| inputs.each_ref().map(|t| t.tensor.narrow(2, start, len)))))
+        TchTensor::new(tch::no_grad(|| packed_sdpa(&sequences(&[q, k, v], &lengths), Some(&[prefix_k, prefix_v]), scale)))
     }
 }
 
-/// The forward's LibTorch graph: leaves q, k, v and the output that depends on them. Each shares
-/// its storage handle with the tensor burn holds, so burn never writes over what LibTorch's
-/// backward reads.
+/// The forward's LibTorch graph, kept for backward: leaves q, k, v (one triple a packed
+/// sequence, or the whole tensors), the prefix's keys and values as two more (if any), and the
+/// output that depends on them. Each leaf shares the storage handle of the tensor burn holds, so
+/// burn never writes over what LibTorch's backward reads.
 #[derive(Debug, Clone)]
 struct TorchGraph {
-    leaves: [TchTensor; 3],
-    output: TchTensor,
-}
-
-#[derive(Debug)]
-struct TorchAttentionBackward;
-
-impl Backward<LibTorch, 3> for TorchAttentionBackward {
-    type State = TorchGraph;
-
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let dy = grads.consume::<LibTorch>(&ops.node);
-        let TorchGraph { leaves, output } = ops.state;
-        let wanted: Vec<_> = ops.parents.iter().zip(&leaves).filter_map(|(parent, leaf)| parent.as_ref().map(|p| (p.id, leaf))).collect();
-        if wanted.is_empty() {
-            return;
-        }
-        let inputs: Vec<_> = wanted.iter().map(|(_, leaf)| &leaf.tensor).collect();
-        // Gradients of Σ output · dy: the vector-Jacobian product with dy.
-        let surrogate = (&output.tensor * &dy.tensor).sum(output.tensor.kind());
-        let input_grads = tch::with_grad(|| tch::Tensor::run_backward(&[surrogate], &inputs, false, false));
-        for ((id, _), grad) in wanted.into_iter().zip(input_grads) {
-            grads.register::<LibTorch>(id, TchTensor::new(grad));
-        }
-    }
-}
-
-/// The forward's LibTorch graph of [`packed_attention`]: per sequence, leaves that are its slices
-/// of q, k and v; the prefix's keys and values as two more leaves (none without a prefix); and
-/// the concatenated output that depends on them. The leaves share the storage handles of the
-/// tensors burn holds, as in [`TorchGraph`].
-#[derive(Debug, Clone)]
-struct PackedGraph {
     sequences: Vec<[TchTensor; 3]>,
     prefix: Option<[TchTensor; 2]>,
     output: TchTensor,
 }
 
-impl PackedGraph {
-    /// The graph of `inputs` (q, k, v) attended by sequence after `prefix`.
-    fn build(inputs: &[TchTensor; 3], prefix: Option<[TchTensor; 2]>, lengths: &[usize], scale: f64) -> (Self, TchTensor) {
-        let leaf = |t: &TchTensor, part: tch::Tensor| TchTensor::from_existing(part.detach().set_requires_grad(true), t.storage.clone());
-        let mut start = 0;
-        let sequences: Vec<[TchTensor; 3]> = lengths
-            .iter()
-            .map(|&len| {
-                let at = start;
-                start += len as i64;
-                inputs.each_ref().map(|t| leaf(t, t.tensor.narrow(2, at, len as i64)))
-            })
-            .collect();
-        let prefix = prefix.map(|kv| kv.each_ref().map(|t| leaf(t, t.tensor.shallow_clone())));
-        let output = tch::with_grad(|| packed_sdpa(lengths, scale, prefix.as_ref(), |i, _, _| sequences[i].each_ref().map(|t| t.tensor.shallow_clone())));
+impl TorchGraph {
+    /// `forward` run with LibTorch's autograd on leaves made of `sequences` (parts of `inputs`)
+    /// and `prefix`; returns the graph and the output for burn.
+    fn record(
+        inputs: &[TchTensor; 3],
+        sequences: Vec<[tch::Tensor; 3]>,
+        prefix: Option<[TchTensor; 2]>,
+        forward: impl FnOnce(&[[tch::Tensor; 3]], Option<&[TchTensor; 2]>) -> tch::Tensor,
+    ) -> (Self, TchTensor) {
+        let leaf = |owner: &TchTensor, part: &tch::Tensor| TchTensor::from_existing(part.detach().set_requires_grad(true), owner.storage.clone());
+        let sequences: Vec<[TchTensor; 3]> = sequences.iter().map(|parts| [0, 1, 2].map(|i| leaf(&inputs[i], &parts[i]))).collect();
+        let prefix = prefix.map(|kv| kv.each_ref().map(|t| leaf(t, &t.tensor)));
+        let leaves: Vec<_> = sequences.iter().map(|parts| parts.each_ref().map(|t| t.tensor.shallow_clone())).collect();
+        let output = tch::with_grad(|| forward(&leaves, prefix.as_ref()));
         // burn's ops on the output must not grow LibTorch's graph.
         let y = TchTensor::new(output.detach());
         let output = TchTensor::from_existing(output, y.storage.clone());
@@ -359,21 +332,22 @@ impl PackedGraph {
     }
 }
 
-/// Backward of [`packed_attention`]: inputs q, k, v, then the prefix's keys and values if any.
+/// Backward of an attention run on LibTorch's graph ([`TorchGraph`]): inputs q, k, v, then the
+/// prefix's keys and values if any.
 #[derive(Debug)]
-struct TorchPackedAttentionBackward;
+struct TorchGraphBackward;
 
-impl<const N: usize> Backward<LibTorch, N> for TorchPackedAttentionBackward {
-    type State = PackedGraph;
+impl<const N: usize> Backward<LibTorch, N> for TorchGraphBackward {
+    type State = TorchGraph;
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<LibTorch>(&ops.node);
-        let PackedGraph { sequences, prefix, output } = ops.state;
+        let TorchGraph { sequences, prefix, output } = ops.state;
         let wanted: Vec<_> = ops.parents.iter().enumerate().filter_map(|(input, parent)| parent.as_ref().map(|p| (p.id, input))).collect();
         if wanted.is_empty() {
             return;
         }
-        // A packed input's gradient comes in one part per sequence; a prefix's whole.
+        // An input's gradient comes in one part per sequence; a prefix's whole.
         let leaves = |input: usize| -> Vec<&tch::Tensor> {
             match input {
                 0..3 => sequences.iter().map(|sequence| &sequence[input].tensor).collect(),
@@ -381,6 +355,7 @@ impl<const N: usize> Backward<LibTorch, N> for TorchPackedAttentionBackward {
             }
         };
         let inputs: Vec<_> = wanted.iter().flat_map(|&(_, input)| leaves(input)).collect();
+        // Gradients of Σ output · dy: the vector-Jacobian product with dy.
         let surrogate = (&output.tensor * &dy.tensor).sum(output.tensor.kind());
         let mut input_grads = tch::with_grad(|| tch::Tensor::run_backward(&[surrogate], &inputs, false, false)).into_iter();
         for (id, input) in wanted {
@@ -552,20 +527,17 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
         causal: bool,
         scale: f64,
     ) -> FloatTensor<Self> {
-        let prep = TorchAttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful();
+        let prep = TorchGraphBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful();
         let [q, k, v, bias] = [q, k, v, bias].map(|t| t.into_primitive());
-        let attend = |q: &TchTensor, k: &TchTensor, v: &TchTensor| sdpa(&q.tensor, &k.tensor, &v.tensor, &bias.tensor, causal, scale);
+        let attend = |[q, k, v]: &[tch::Tensor; 3]| sdpa(q, k, v, &bias.tensor, causal, scale);
+        let whole = [&q, &k, &v].map(|t| t.tensor.shallow_clone());
         match prep {
             // LibTorch's graph kept for backward.
             OpsKind::Tracked(prep) => {
-                let leaves = [q, k, v].map(|t| TchTensor::from_existing(t.tensor.detach().set_requires_grad(true), t.storage));
-                let output = tch::with_grad(|| attend(&leaves[0], &leaves[1], &leaves[2]));
-                // burn's ops on the output must not grow LibTorch's graph.
-                let y = TchTensor::new(output.detach());
-                let output = TchTensor::from_existing(output, y.storage.clone());
-                prep.finish(TorchGraph { leaves, output }, y)
+                let (graph, y) = TorchGraph::record(&[q, k, v], vec![whole], None, |leaves, _| attend(&leaves[0]));
+                prep.finish(graph, y)
             }
-            OpsKind::UnTracked(prep) => prep.finish(TchTensor::new(tch::no_grad(|| attend(&q, &k, &v)))),
+            OpsKind::UnTracked(prep) => prep.finish(TchTensor::new(tch::no_grad(|| attend(&whole)))),
         }
     }
 
@@ -581,11 +553,11 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
     }
 
     fn torch_packed_causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, lengths: Vec<usize>, scale: f64) -> FloatTensor<Self> {
-        let prep = TorchPackedAttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful();
+        let prep = TorchGraphBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful();
         let inputs = [q, k, v].map(|t| t.into_primitive());
         match prep {
             OpsKind::Tracked(prep) => {
-                let (graph, y) = PackedGraph::build(&inputs, None, &lengths, scale);
+                let (graph, y) = TorchGraph::record(&inputs, sequences(&inputs, &lengths), None, |leaves, _| packed_sdpa(leaves, None, scale));
                 prep.finish(graph, y)
             }
             OpsKind::UnTracked(prep) => {
@@ -605,12 +577,12 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
         scale: f64,
     ) -> FloatTensor<Self> {
         let nodes = [q.node(), k.node(), v.node(), prefix_k.node(), prefix_v.node()];
-        let prep = TorchPackedAttentionBackward.prepare::<C>(nodes).compute_bound().stateful();
+        let prep = TorchGraphBackward.prepare::<C>(nodes).compute_bound().stateful();
         let inputs = [q, k, v].map(|t| t.into_primitive());
         let prefix = [prefix_k, prefix_v].map(|t| t.into_primitive());
         match prep {
             OpsKind::Tracked(prep) => {
-                let (graph, y) = PackedGraph::build(&inputs, Some(prefix), &lengths, scale);
+                let (graph, y) = TorchGraph::record(&inputs, sequences(&inputs, &lengths), Some(prefix), |leaves, prefix| packed_sdpa(leaves, prefix, scale));
                 prep.finish(graph, y)
             }
             OpsKind::UnTracked(prep) => {
