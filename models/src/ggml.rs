@@ -119,7 +119,7 @@ impl Layout {
 
     /// What each byte of the high plane adds to its codes' values, `16 · bits` side by side.
     fn high_table(&self) -> Vec<f32> {
-        byte_table(self.high_bits, |bits| (16 * bits) as f32)
+        high_table(self.high_bits)
     }
 
     /// Where the codes of a byte go: two a byte split over the group's halves (ggml's 4-bit
@@ -137,6 +137,12 @@ impl Layout {
 
 /// For each byte, `value` of each of its `bits`-wide fields, lowest first: 256 rows of
 /// `8 / bits` values.
+/// What a byte of a high-bit plane adds to each of its `8 / bits` codes (16 a step), for a
+/// 256-row lookup.
+pub(crate) fn high_table(bits: usize) -> Vec<f32> {
+    byte_table(bits, |high| (16 * high) as f32)
+}
+
 fn byte_table(bits: usize, value: impl Fn(u8) -> f32) -> Vec<f32> {
     let mask = ((1u16 << bits) - 1) as u8;
     (0..=255u8).flat_map(|b| (0..8 / bits).map(move |k| b >> (bits * k) & mask)).map(value).collect()
@@ -286,12 +292,13 @@ impl GgmlWeight {
 
     /// The f32 weight `[out, in]`, each value as ggml dequantizes it.
     pub fn dequantize(&self) -> Tensor<2> {
-        self.dequantize_rows(0..self.shape[0])
+        self.dequantize_rows(0..self.shape[0], DType::F32)
     }
 
-    /// Rows `rows` of the f32 weight (a row is whole blocks). Each byte looks up the values it
-    /// stands for in a 256-row table, so the codes are never unpacked.
-    pub fn dequantize_rows(&self, rows: Range<usize>) -> Tensor<2> {
+    /// Rows `rows` of the weight in `dtype` (a row is whole blocks; each value computed in f32,
+    /// rounded once). Each byte looks up the values it stands for in a 256-row table, so the codes
+    /// are never unpacked.
+    pub fn dequantize_rows(&self, rows: Range<usize>, dtype: DType) -> Tensor<2> {
         let shape = [rows.len(), self.shape[1]];
         let layout = Layout::of(self.kind);
         let values = rows.start * self.shape[1]..rows.end * self.shape[1];
@@ -312,7 +319,7 @@ impl GgmlWeight {
             scales = spread(scales) * sub(sub_scales, matches!(self.kind, GgmlType::Q3_K | GgmlType::Q6_K | GgmlType::IQ4_XS));
             mins = mins.zip(self.sub_mins.as_ref()).map(|(dmin, m)| (spread(dmin) * sub(m, false)).neg());
         }
-        if let Some(values) = crate::fused::lookup_and_scale(&codes, &table, high.as_ref().map(|h| (h, layout.high_bits)), &scales, mins.as_ref(), shape, packing) {
+        if let Some(values) = crate::fused::lookup_and_scale(&codes, &table, high.as_ref().map(|h| (h, layout.high_bits)), &scales, mins.as_ref(), shape, packing, dtype) {
             return values;
         }
         let n = groups.len();
@@ -330,7 +337,7 @@ impl GgmlWeight {
             Some(mins) => q * scales.reshape([n, 1]) + mins.reshape([n, 1]),
             None => q * scales.reshape([n, 1]),
         };
-        values.reshape(shape)
+        values.reshape(shape).cast(dtype)
     }
 }
 
@@ -346,12 +353,21 @@ mod tests {
 
     /// Blocks of every type with varied scales, minimums and codes, dequantized on the device,
     /// equal the GGUF reader's host dequantization (ggml's formulas) bit for bit, also with q/k
-    /// rows un-permuted: by the fused lookup (plain flex) and by burn ops (under autodiff).
+    /// rows un-permuted, and a band in bf16 its values rounded once: by the fused lookup (plain
+    /// flex) and by burn ops (under autodiff).
     #[test]
     fn dequantizes_as_ggml_and_unpermutes_rows() {
         for device in [Device::flex(), Device::flex().autodiff()] {
             dequantizes_as_ggml_on(&device);
         }
+    }
+
+    /// The same by LibTorch's lookup (plain LibTorch).
+    #[cfg(feature = "tch")]
+    #[test]
+    #[allow(deprecated)]
+    fn dequantizes_as_ggml_on_libtorch() {
+        dequantizes_as_ggml_on(&Device::libtorch());
     }
 
     fn dequantizes_as_ggml_on(device: &Device) {
@@ -387,8 +403,10 @@ mod tests {
                 };
                 let ours = weight.dequantize().into_data().try_to_vec::<f32>().unwrap();
                 assert!(ours.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()), "{kind:?} heads {heads:?}");
-                let band = weight.dequantize_rows(3..6).into_data().try_to_vec::<f32>().unwrap();
+                let band = weight.dequantize_rows(3..6, DType::F32).into_data().try_to_vec::<f32>().unwrap();
                 assert!(band.iter().zip(&expected[3 * inp..6 * inp]).all(|(a, b)| a.to_bits() == b.to_bits()), "{kind:?} heads {heads:?}, rows 3..6");
+                let bf16 = weight.dequantize_rows(3..6, DType::BF16).into_data().convert::<half::bf16>().try_to_vec::<half::bf16>().unwrap();
+                assert!(bf16.iter().zip(&expected[3 * inp..6 * inp]).all(|(a, &b)| *a == half::bf16::from_f32(b)), "{kind:?} heads {heads:?}, bf16");
             }
         }
     }

@@ -35,14 +35,14 @@ impl Weight {
         }
     }
 
-    /// Rows `rows` of a quantized weight dequantized to f32 (they start on a multiple of
+    /// Rows `rows` of a quantized weight dequantized to `dtype` (they start on a multiple of
     /// [`Self::align`] values).
-    fn dequantize_rows(&self, rows: Range<usize>) -> Tensor<2> {
+    fn dequantize_rows(&self, rows: Range<usize>, dtype: DType) -> Tensor<2> {
         match self {
-            Weight::Dense(weight) => weight.val().slice(rows),
-            Weight::Nf4(weight) => weight.dequantize_rows(rows),
-            Weight::Int8(weight) => weight.dequantize_rows(rows),
-            Weight::Ggml(weight) => weight.dequantize_rows(rows),
+            Weight::Dense(weight) => weight.val().slice(rows).cast(dtype),
+            Weight::Nf4(weight) => weight.dequantize_rows(rows, dtype),
+            Weight::Int8(weight) => weight.dequantize_rows(rows, dtype),
+            Weight::Ggml(weight) => weight.dequantize_rows(rows, dtype),
         }
     }
 
@@ -122,13 +122,10 @@ impl Linear {
     /// not.
     fn bands(&self) -> DenseWeight {
         match &self.weight {
-            Weight::Dense(weight) => {
-                let weight = weight.val().inner();
-                DenseWeight::new(weight.dims(), 1, move |rows| weight.clone().slice(rows))
-            }
+            Weight::Dense(weight) => dense_bands(weight.val().inner()),
             quantized => {
                 let quantized = quantized.valid();
-                DenseWeight::new(self.shape(), quantized.align(), move |rows| quantized.dequantize_rows(rows))
+                DenseWeight::new(self.shape(), quantized.align(), DType::F32, move |rows, dtype| quantized.dequantize_rows(rows, dtype))
             }
         }
     }
@@ -150,8 +147,12 @@ pub fn stored_product(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
     if weight.dtype() == x.dtype() || weight.is_require_grad() {
         return crate::fused::matmul(x, weight.transpose());
     }
-    let weight = weight.inner();
-    frozen_product(x, DenseWeight::new(weight.dims(), 1, move |rows| weight.clone().slice(rows)))
+    frozen_product(x, dense_bands(weight.inner()))
+}
+
+/// A stored weight's bands: its rows, cast.
+fn dense_bands(weight: Tensor<2>) -> DenseWeight {
+    DenseWeight::new(weight.dims(), 1, weight.dtype(), move |rows, dtype| weight.clone().slice(rows).cast(dtype))
 }
 
 /// `x Wᵀ` for a frozen `W` that `weight` makes dense (a cast, a dequantization) on the plain
@@ -221,12 +222,20 @@ impl RmsNorm {
 pub struct Rope {
     pub config: RopeConfig,
     inv_freq: Vec<f32>,
-    /// The f32 tables of positions `0..n` on the device that last asked, grown as needed: made
+    /// The tables of positions `0..n` on the device that last asked, grown as needed: made
     /// and uploaded once instead of at every call (on a GPU each upload waits for the queue).
-    uploaded: Arc<Mutex<Option<RopeTables>>>,
-    /// The last packed row's tables (its sequences' lengths and first position): every layer of
-    /// a step asks for the same.
-    packed: Arc<Mutex<Option<(Vec<usize>, usize, RopeTables)>>>,
+    uploaded: Arc<Mutex<Option<UploadedRope>>>,
+    /// The last packed row's tables (its sequences' lengths, first position and dtype): every
+    /// layer of a step asks for the same.
+    packed: Arc<Mutex<Option<(Vec<usize>, usize, DType, RopeTables)>>>,
+}
+
+/// [`Rope`]'s uploaded f32 tables, and them in the dtype last asked.
+#[derive(Debug)]
+struct UploadedRope {
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+    tables: RopeTables,
 }
 
 impl PartialEq for Rope {
@@ -266,21 +275,26 @@ impl Rope {
         Self { config, inv_freq, uploaded: Arc::default(), packed: Arc::default() }
     }
 
-    /// The tables of positions `start..start+len` on `device` (its plain side), views of the
-    /// uploaded ones.
-    fn tables(&self, start: usize, len: usize, device: &Device) -> RopeTables {
+    /// The tables of positions `start..start+len` on `device` (its plain side) in `dtype`, views
+    /// of the uploaded ones.
+    fn tables(&self, start: usize, len: usize, device: &Device, dtype: DType) -> RopeTables {
         let device = device.clone().inner();
         let mut uploaded = self.uploaded.lock().unwrap_or_else(PoisonError::into_inner);
-        let covers = |t: &RopeTables| t.cos.device() == device && t.cos.dims()[0] >= start + len;
+        let covers = |u: &UploadedRope| u.cos.device() == device && u.cos.dims()[0] >= start + len;
         if !uploaded.as_ref().is_some_and(covers) {
             // Whole powers of two: a few uploads over a run of growing lengths.
             let n = (start + len).next_power_of_two();
             let (cos, sin) = self.host_tables(n);
             let table = |values: Vec<f32>| Tensor::<2>::from_data(TensorData::new(values, [n, self.config.rotary_dim]), &device);
-            *uploaded = Some(RopeTables { cos: table(cos), sin: table(sin), pairing: self.config.pairing });
+            let (cos, sin) = (table(cos), table(sin));
+            let tables = RopeTables::new(cos.clone(), sin.clone(), self.config.pairing, dtype);
+            *uploaded = Some(UploadedRope { cos, sin, tables });
         }
-        let all = uploaded.as_ref().expect("uploaded above");
-        RopeTables { cos: all.cos.clone().narrow(0, start, len), sin: all.sin.clone().narrow(0, start, len), pairing: all.pairing }
+        let uploaded = uploaded.as_mut().expect("uploaded above");
+        if uploaded.tables.cos.dtype() != dtype {
+            uploaded.tables = RopeTables::new(uploaded.cos.clone(), uploaded.sin.clone(), self.config.pairing, dtype);
+        }
+        uploaded.tables.rows(start, len)
     }
 
     /// cos and sin tables for positions `0..len`, laid out to match the pairing.
@@ -308,7 +322,7 @@ impl Rope {
     /// # Shapes
     /// - x, output: `[batch, heads, seq, head_dim]`
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
-        let tables = self.tables(start, x.dims()[2], &x.device());
+        let tables = self.tables(start, x.dims()[2], &x.device(), x.dtype());
         self.rotate(x, tables)
     }
 
@@ -320,13 +334,13 @@ impl Rope {
     pub fn apply_packed(&self, x: Tensor<4>, lengths: &[usize], start: usize) -> Tensor<4> {
         let device = x.device().inner();
         let mut packed = self.packed.lock().unwrap_or_else(PoisonError::into_inner);
-        let same = |(l, s, t): &(Vec<usize>, usize, RopeTables)| l == lengths && *s == start && t.cos.device() == device;
+        let dtype = x.dtype();
+        let same = |(l, s, d, t): &(Vec<usize>, usize, DType, RopeTables)| l == lengths && *s == start && *d == dtype && t.cos.device() == device;
         if !packed.as_ref().is_some_and(same) {
-            let (cos, sin) = lengths.iter().map(|&len| self.tables(start, len, &device)).map(|t| (t.cos, t.sin)).unzip();
-            let tables = RopeTables { cos: Tensor::cat(cos, 0), sin: Tensor::cat(sin, 0), pairing: self.config.pairing };
-            *packed = Some((lengths.to_vec(), start, tables));
+            let tables = RopeTables::cat(lengths.iter().map(|&len| self.tables(start, len, &device, dtype)).collect());
+            *packed = Some((lengths.to_vec(), start, dtype, tables));
         }
-        let tables = packed.as_ref().expect("made above").2.clone();
+        let tables = packed.as_ref().expect("made above").3.clone();
         drop(packed);
         self.rotate(x, tables)
     }
@@ -338,8 +352,7 @@ impl Rope {
         if let Some(y) = crate::fused::rope(&x, tables.clone()) {
             return y;
         }
-        // Tables in f32, applied in the activations' dtype (transformers: `cos.to(x.dtype)`).
-        let (cos, sin) = (tables.cos.cast(x.dtype()).unsqueeze::<4>(), tables.sin.cast(x.dtype()).unsqueeze::<4>());
+        let (cos, sin) = (tables.cos.unsqueeze::<4>(), tables.sin.unsqueeze::<4>());
         let rot = x.clone().narrow(3, 0, dim);
         let rotated = match self.config.pairing {
             // rotate_half: [x1, x2] -> [-x2, x1]

@@ -257,29 +257,34 @@ impl Nf4Weight {
                 let device = codes.device();
                 let map = uploaded_table(table(&DYNAMIC_MAP_BITS).to_vec(), &device).reshape([256]);
                 let values = map.select(0, codes.clone().slice(blocks).cast(DType::I64));
-                // Pad to whole groups of 256 so each group meets its scale by broadcasting.
-                let padded = Tensor::cat(vec![values, Tensor::zeros([groups * ABSMAX_BLOCK - len], &device)], 0);
                 let scales = scales.clone().slice(first_group..first_group + groups).reshape([groups, 1]);
-                (padded.reshape([groups, ABSMAX_BLOCK]) * scales).reshape([groups * ABSMAX_BLOCK]).narrow(0, 0, len).add_scalar(*offset)
+                let scaled = if len == groups * ABSMAX_BLOCK {
+                    (values.reshape([groups, ABSMAX_BLOCK]) * scales).reshape([len])
+                } else {
+                    // Pad to whole groups of 256 so each group meets its scale by broadcasting.
+                    let padded = Tensor::cat(vec![values, Tensor::zeros([groups * ABSMAX_BLOCK - len], &device)], 0);
+                    (padded.reshape([groups, ABSMAX_BLOCK]) * scales).reshape([groups * ABSMAX_BLOCK]).narrow(0, 0, len)
+                };
+                scaled.add_scalar(*offset)
             }
         }
     }
 
     /// The f32 weight `[out, in]`: `code[q] · absmax[block]`.
     pub fn dequantize(&self) -> Tensor<2> {
-        self.dequantize_rows(0..self.shape[0])
+        self.dequantize_rows(0..self.shape[0], DType::F32)
     }
 
-    /// Rows `rows` of the f32 weight, `[rows, in]`, starting on a multiple of [`Self::align`]
-    /// values. Each byte looks up its two values at once in a 256-row table (high nibble first),
-    /// so the codes are never unpacked.
-    pub fn dequantize_rows(&self, rows: Range<usize>) -> Tensor<2> {
+    /// Rows `rows` of the weight in `dtype` (each value computed in f32, rounded once), `[rows,
+    /// in]`, starting on a multiple of [`Self::align`] values. Each byte looks up its two values at
+    /// once in a 256-row table (high nibble first), so the codes are never unpacked.
+    pub fn dequantize_rows(&self, rows: Range<usize>, dtype: DType) -> Tensor<2> {
         let inp = self.shape[1];
         let values = rows.start * inp..rows.end * inp;
         let codes = table(&NF4_BITS);
         let pairs: Vec<f32> = (0..256).flat_map(|byte| [codes[byte >> 4], codes[byte & 0xF]]).collect();
         let bytes = self.packed.clone().slice(values.start / 2..values.end / 2);
-        lookup_and_scale(&bytes, pairs, self.absmax_of(values.start / BLOCK..values.end / BLOCK), [rows.len(), inp])
+        lookup_and_scale(&bytes, pairs, self.absmax_of(values.start / BLOCK..values.end / BLOCK), [rows.len(), inp], dtype)
     }
 
     /// Values of the flattened weight a band of rows starts on a multiple of: a block, or with
@@ -308,15 +313,15 @@ fn host_values(weight: Tensor<2>) -> ([usize; 2], Device, Vec<f32>) {
     (shape, device, values)
 }
 
-/// The f32 weight `[out, in]` from one byte a lookup: `table` has 256 rows of the values a byte
-/// stands for (`per_byte` each), then every block of 64 values is scaled by its absmax.
-fn lookup_and_scale(bytes: &Tensor<1, Int>, table: Vec<f32>, absmax: Tensor<1>, shape: [usize; 2]) -> Tensor<2> {
-    if let Some(values) = crate::fused::lookup_and_scale(bytes, &table, None, &absmax, None, shape, Packing::Adjacent) {
+/// The weight `[out, in]` in `dtype` from one byte a lookup: `table` has 256 rows of the values a
+/// byte stands for (`per_byte` each), then every block of 64 values is scaled by its absmax.
+fn lookup_and_scale(bytes: &Tensor<1, Int>, table: Vec<f32>, absmax: Tensor<1>, shape: [usize; 2], dtype: DType) -> Tensor<2> {
+    if let Some(values) = crate::fused::lookup_and_scale(bytes, &table, None, &absmax, None, shape, Packing::Adjacent, dtype) {
         return values;
     }
     let n = shape[0] * shape[1];
     let values = lookup_bytes(bytes, table).reshape([n / BLOCK, BLOCK]);
-    (values * absmax.reshape([n / BLOCK, 1])).reshape(shape)
+    (values * absmax.reshape([n / BLOCK, 1])).reshape(shape).cast(dtype)
 }
 
 /// `[bytes, per_byte]`: each byte's row of `table`, which has 256 rows of the values a byte
@@ -327,7 +332,7 @@ pub(crate) fn lookup_bytes(bytes: &Tensor<1, Int>, table: Vec<f32>) -> Tensor<2>
 
 /// `values` as a `[256, values / 256]` table on `device`'s plain side, uploaded once: the same few
 /// tables serve every product, and on a GPU every upload waits for the queue to drain.
-fn uploaded_table(values: Vec<f32>, device: &Device) -> Tensor<2> {
+pub(crate) fn uploaded_table(values: Vec<f32>, device: &Device) -> Tensor<2> {
     static TABLES: Mutex<Vec<(Vec<f32>, Device, Tensor<2>)>> = Mutex::new(Vec::new());
     let device = device.clone().inner();
     let mut tables = TABLES.lock().unwrap_or_else(PoisonError::into_inner);
@@ -371,17 +376,17 @@ impl Int8Weight {
 
     /// The f32 weight `[out, in]`: `i8(code) / 127 · absmax[block]`.
     pub fn dequantize(&self) -> Tensor<2> {
-        self.dequantize_rows(0..self.shape[0])
+        self.dequantize_rows(0..self.shape[0], DType::F32)
     }
 
-    /// Rows `rows` of the f32 weight, starting on a whole block; each byte looked up in a
+    /// Rows `rows` of the weight in `dtype`, starting on a whole block; each byte looked up in a
     /// 256-entry table.
-    pub fn dequantize_rows(&self, rows: Range<usize>) -> Tensor<2> {
+    pub fn dequantize_rows(&self, rows: Range<usize>, dtype: DType) -> Tensor<2> {
         let inp = self.shape[1];
         let values = rows.start * inp..rows.end * inp;
         let steps: Vec<f32> = (0..=255u8).map(|byte| byte as i8 as f32 / 127.0).collect();
         let absmax = self.absmax.clone().slice(values.start / BLOCK..values.end / BLOCK);
-        lookup_and_scale(&self.codes.clone().slice(values), steps, absmax, [rows.len(), inp])
+        lookup_and_scale(&self.codes.clone().slice(values), steps, absmax, [rows.len(), inp], dtype)
     }
 }
 
@@ -444,26 +449,54 @@ mod tests {
     }
 
     /// A band of rows on the weight's alignment dequantizes to those rows of the whole weight,
-    /// bit for bit: with exact and double-quantized absmax (a last group of 128 blocks only),
-    /// int8, fused (plain flex) and composed (autodiff).
+    /// bit for bit, and in bf16 to their values rounded once: with exact and double-quantized
+    /// absmax (a last group of 128 blocks only), int8, fused (plain flex) and composed (autodiff).
     #[test]
     fn bands_of_rows_dequantize_as_the_whole_weight() {
+        for device in [Device::flex(), Device::flex().autodiff()] {
+            bands_of_rows_dequantize_as_the_whole_weight_on(&device);
+        }
+    }
+
+    /// The same by LibTorch's lookup (plain LibTorch), also equal to flex's values.
+    #[cfg(feature = "tch")]
+    #[test]
+    #[allow(deprecated)]
+    fn bands_of_rows_dequantize_as_the_whole_weight_on_libtorch() {
+        let device = Device::libtorch();
+        let libtorch = bands_of_rows_dequantize_as_the_whole_weight_on(&device);
+        assert_eq!(libtorch, bands_of_rows_dequantize_as_the_whole_weight_on(&Device::flex()));
+        let bytes = u8_tensor(vec![0x42; 32], &device);
+        let lookup = crate::fused::lookup_and_scale(&bytes, &[0.5; 512], None, &f32_tensor(vec![2.0], &device), None, [1, 64], Packing::Adjacent, DType::BF16);
+        assert!(lookup.is_some_and(|t| t.dtype() == DType::BF16), "LibTorch's own lookup, not the composition");
+    }
+
+    /// The whole weights' values: NF4 without and with double quantization, int8.
+    fn bands_of_rows_dequantize_as_the_whole_weight_on(device: &Device) -> Vec<Vec<f32>> {
         let [out, inp] = [48, 512];
         let values: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i / BLOCK) as f32 / 100.0)).collect();
-        for device in [Device::flex(), Device::flex().autodiff()] {
-            let rows = |whole: Tensor<2>, r: Range<usize>| whole.slice(r).into_data().try_to_vec::<f32>().unwrap();
-            for double_quant in [false, true] {
-                let weight = Nf4Weight::quantize(&values, [out, inp], double_quant, &device);
-                let band = (weight.align() / inp).max(1);
-                for r in [0..band, band..out] {
-                    let ours = weight.dequantize_rows(r.clone()).into_data().try_to_vec::<f32>().unwrap();
-                    assert_eq!(ours, rows(weight.dequantize(), r.clone()), "double quant {double_quant}, rows {r:?}");
-                }
+        let f32s = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap();
+        let rounded = |t: Tensor<2>| t.into_data().convert::<half::bf16>().try_to_vec::<half::bf16>().unwrap();
+        let check = |band: &dyn Fn(Range<usize>, DType) -> Tensor<2>, whole: &[f32], r: Range<usize>, what: &str| {
+            assert_eq!(f32s(band(r.clone(), DType::F32)), whole[r.start * inp..r.end * inp], "{what}, rows {r:?}");
+            let expected: Vec<_> = whole[r.start * inp..r.end * inp].iter().map(|&v| half::bf16::from_f32(v)).collect();
+            assert_eq!(rounded(band(r.clone(), DType::BF16)), expected, "{what} in bf16, rows {r:?}");
+        };
+        let mut wholes = Vec::new();
+        for double_quant in [false, true] {
+            let weight = Nf4Weight::quantize(&values, [out, inp], double_quant, device);
+            let whole = f32s(weight.dequantize());
+            let band = (weight.align() / inp).max(1);
+            for r in [0..band, band..out] {
+                check(&|r, dtype| weight.dequantize_rows(r, dtype), &whole, r, &format!("double quant {double_quant}"));
             }
-            let int8 = Int8Weight::from_tensor(Tensor::<2>::from_data(TensorData::new(values.clone(), [out, inp]), &device));
-            let ours = int8.dequantize_rows(5..9).into_data().try_to_vec::<f32>().unwrap();
-            assert_eq!(ours, rows(int8.dequantize(), 5..9));
+            wholes.push(whole);
         }
+        let int8 = Int8Weight::from_tensor(Tensor::<2>::from_data(TensorData::new(values.clone(), [out, inp]), device));
+        let whole = f32s(int8.dequantize());
+        check(&|r, dtype| int8.dequantize_rows(r, dtype), &whole, 5..9, "int8");
+        wholes.push(whole);
+        wholes
     }
 
     /// Double quantization changes only the scales, by at most one step of the 8-bit map.

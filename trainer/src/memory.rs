@@ -139,9 +139,10 @@ pub fn estimate(
 /// The frozen base: every weight at `stored` bytes, or the decoder projections quantized, plus
 /// the transient of making one band of rows of a weight dense in the compute dtype of `compute`
 /// bytes (`FLEX_BAND_VALUES` or `TORCH_BAND_VALUES` values, or the largest weight if smaller; the
-/// whole largest one with `EMBER_FUSED=0`): a dequantization (its bytes as i64 indices, the
-/// looked-up f32 values and the scaled copy: 12 bytes a value; 4 in flex's fused lookup), or a
-/// cast.
+/// whole largest one with `EMBER_FUSED=0`): a dequantization (flex's fused lookup writes 4 bytes
+/// a value; LibTorch's holds its bytes as i32 indices, the looked-up f32 values and the result in
+/// the compute dtype, 6 + `compute` for two values a byte; burn's composition with i64 indices 12),
+/// or a cast.
 fn stored_weight_bytes(model: &ModelConfig, stored: f64, projection_bytes: Option<f64>, compute: f64, on_flex: bool) -> f64 {
     let projections = projection_sizes(model);
     let band_values = if on_flex { fused::FLEX_BAND_VALUES } else { fused::TORCH_BAND_VALUES };
@@ -154,8 +155,12 @@ fn stored_weight_bytes(model: &ModelConfig, stored: f64, projection_bytes: Optio
         return model.num_params() as f64 * stored + cast;
     };
     let quantized: usize = projections.iter().sum();
-    // flex's fused lookup writes the f32 values straight from the bytes.
-    let dequantize = if on_flex && fused::enabled_for(fused::Op::Dequantize) { 4.0 } else { 12.0 };
+    let dequantize = match (on_flex, fused::enabled_for(fused::Op::Dequantize)) {
+        // flex's fused lookup writes the f32 values straight from the bytes.
+        (true, true) => 4.0,
+        (false, true) => 6.0 + compute,
+        (_, false) => 12.0,
+    };
     (model.num_params() - quantized) as f64 * stored + quantized as f64 * per_value + (band(largest) * dequantize).max(cast)
 }
 

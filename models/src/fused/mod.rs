@@ -205,8 +205,10 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_matmul(lhs.into_dispatch(), rhs.into_dispatch()))
 }
 
-/// A packed weight `[out, in]` made dense, as [`kernels::lookup_and_scale`] describes, on plain
-/// flex tensors (u8 bytes; f32 scales and minimums); `None` elsewhere.
+/// A packed weight `[out, in]` made dense in `dtype`, as [`kernels::lookup_and_scale`] describes
+/// (each value computed in f32, rounded once), on plain flex or LibTorch tensors (u8 bytes; f32
+/// scales and minimums); `None` elsewhere.
+#[allow(clippy::too_many_arguments)]
 pub fn lookup_and_scale(
     bytes: &Tensor<1, Int>,
     table: &[f32],
@@ -215,9 +217,14 @@ pub fn lookup_and_scale(
     mins: Option<&Tensor<1>>,
     shape: [usize; 2],
     packing: kernels::Packing,
+    dtype: DType,
 ) -> Option<Tensor<2>> {
     if !enabled_for(Op::Dequantize) {
         return None;
+    }
+    #[cfg(feature = "tch")]
+    if let DispatchDevice::LibTorch(_) = bytes.device().inner().as_dispatch() {
+        return torch_ops::lookup_and_scale(bytes, table, high, scales, mins, shape, packing, dtype);
     }
     // A band of a weight is a contiguous view into its planes: read in place, not copied.
     let contiguous = |t: FlexTensor| if t.is_contiguous() { t } else { t.to_contiguous() };
@@ -238,16 +245,50 @@ pub fn lookup_and_scale(
         None => None,
     };
     let values = kernels::lookup_and_scale(bytes.as_slice::<u8>()?, table, high, values(&scales), mins.as_ref().map(values), block, packing);
-    Some(Tensor::from_primitive::<Flex>(tensor(values, Shape::new(shape))))
+    Some(Tensor::<2>::from_primitive::<Flex>(tensor(values, Shape::new(shape))).cast(dtype))
 }
 
-/// RoPE tables for a range of positions: `[seq, rotary]` f32 values each on the activations'
-/// plain device, laid out per `pairing`.
+/// RoPE tables for a range of positions: `[seq, rotary]` values each on the activations' plain
+/// device in their dtype, laid out per `pairing`.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
     pub cos: Tensor<2>,
     pub sin: Tensor<2>,
+    /// `sin` with the rotation's signs in it: `rotate(x) · sin = turn(x) · turned_sin`, where
+    /// `turn` only moves values (`rotate_half`'s halves swapped, or each pair's two values), so
+    /// that LibTorch rotates in one copy and three elementwise kernels.
+    pub turned_sin: Tensor<2>,
     pub pairing: RopePairing,
+}
+
+impl RopeTables {
+    /// Tables from f32 `cos` and `sin`, in `dtype` (transformers: `cos.to(x.dtype)`).
+    pub fn new(cos: Tensor<2>, sin: Tensor<2>, pairing: RopePairing, dtype: DType) -> Self {
+        let [len, dim] = sin.dims();
+        let turned_sin = match pairing {
+            // rotate_half: [x1, x2] -> [-x2, x1] = [x2, x1] · [-1, 1]
+            RopePairing::Half => Tensor::cat(vec![sin.clone().narrow(1, 0, dim / 2).neg(), sin.clone().narrow(1, dim / 2, dim / 2)], 1),
+            // pairs (x0, x1) -> (-x1, x0) = (x1, x0) · (-1, 1)
+            RopePairing::Interleaved => {
+                let pairs = sin.clone().reshape([len, dim / 2, 2]);
+                Tensor::cat(vec![pairs.clone().narrow(2, 0, 1).neg(), pairs.narrow(2, 1, 1)], 2).reshape([len, dim])
+            }
+        };
+        Self { cos: cos.cast(dtype), sin: sin.cast(dtype), turned_sin: turned_sin.cast(dtype), pairing }
+    }
+
+    /// Positions `start..start + len` of these (views).
+    pub fn rows(&self, start: usize, len: usize) -> Self {
+        let rows = |t: &Tensor<2>| t.clone().narrow(0, start, len);
+        Self { cos: rows(&self.cos), sin: rows(&self.sin), turned_sin: rows(&self.turned_sin), pairing: self.pairing }
+    }
+
+    /// The tables of sequences packed one after the other.
+    pub fn cat(parts: Vec<Self>) -> Self {
+        let pairing = parts[0].pairing;
+        let cat = |pick: fn(&Self) -> &Tensor<2>| Tensor::cat(parts.iter().map(|t| pick(t).clone()).collect(), 0);
+        Self { cos: cat(|t| &t.cos), sin: cat(|t| &t.sin), turned_sin: cat(|t| &t.turned_sin), pairing }
+    }
 }
 
 /// Rotary embedding of the first `rotary` dims of every head, or `None` where it does not apply.
@@ -268,8 +309,11 @@ pub fn rope(x: &Tensor<4>, tables: RopeTables) -> Option<Tensor<4>> {
 /// 4M values took 101 s, of 16M 96 s, of 64M 78 s and 87 s (two runs), unbanded 86 s.
 pub const FLEX_BAND_VALUES: usize = 1 << 26;
 
-/// The same on LibTorch, where dequantizing takes 12 bytes a value (i64 indices, looked-up and
-/// scaled values): 16M values, 192 MB, instead of 540 MB for a 7B MLP projection.
+/// The same on LibTorch, where dequantizing into bf16 holds 8 bytes a value (i32 indices, the
+/// looked-up f32 values, the result): 16M values, 128 MB, instead of 360 MB for a 7B MLP
+/// projection. Bands of 48M (a 7B projection in one) cut a 7B NF4 step's LibTorch calls by 27%,
+/// but made it 15% slower on the CPU (89.3 against 77.9 s, alternating pairs, 2026-12-04); on a
+/// GPU, not measured.
 pub const TORCH_BAND_VALUES: usize = 1 << 24;
 
 /// Band size of backend `B`.
@@ -290,7 +334,9 @@ pub struct DenseWeight {
     shape: [usize; 2],
     /// Bands start on a multiple of this many values of the flattened weight.
     align: usize,
-    rows: Arc<dyn Fn(Range<usize>) -> Tensor<2> + Send + Sync>,
+    /// The dtype the bands come in.
+    dtype: DType,
+    rows: Arc<dyn Fn(Range<usize>, DType) -> Tensor<2> + Send + Sync>,
 }
 
 impl std::fmt::Debug for DenseWeight {
@@ -300,21 +346,21 @@ impl std::fmt::Debug for DenseWeight {
 }
 
 impl DenseWeight {
-    /// A weight of `shape` whose rows `r` `rows(r)` makes dense, for bands that start on a multiple
-    /// of `align` values of the flattened weight (a quantization block, a group of blocks).
-    pub fn new(shape: [usize; 2], align: usize, rows: impl Fn(Range<usize>) -> Tensor<2> + Send + Sync + 'static) -> Self {
-        Self { shape, align, rows: Arc::new(rows) }
+    /// A weight of `shape` whose rows `r` `rows(r, dtype)` makes dense in `dtype`, for bands that
+    /// start on a multiple of `align` values of the flattened weight (a quantization block, a
+    /// group of blocks); in `dtype` until [`Self::cast`].
+    pub fn new(shape: [usize; 2], align: usize, dtype: DType, rows: impl Fn(Range<usize>, DType) -> Tensor<2> + Send + Sync + 'static) -> Self {
+        Self { shape, align, dtype, rows: Arc::new(rows) }
     }
 
-    /// The same weight made dense in `dtype`.
+    /// The same weight made dense in `dtype` (a dequantization writes it directly).
     pub fn cast(self, dtype: DType) -> Self {
-        let rows = self.rows;
-        Self { rows: Arc::new(move |r| rows(r).cast(dtype)), ..self }
+        Self { dtype, ..self }
     }
 
     /// The whole weight, dense.
     pub fn all(&self) -> Tensor<2> {
-        (self.rows)(0..self.shape[0])
+        (self.rows)(0..self.shape[0], self.dtype)
     }
 
     /// The row ranges of bands of about `values` values, in order.
@@ -331,7 +377,7 @@ impl DenseWeight {
     where
         DispatchTensor: DispatchKindConversion<B>,
     {
-        (self.rows)(rows).try_into_primitive::<B>().expect("a frozen weight rebuilds on the plain device")
+        (self.rows)(rows, self.dtype).try_into_primitive::<B>().expect("a frozen weight rebuilds on the plain device")
     }
 }
 
@@ -1218,11 +1264,11 @@ mod tests {
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let dense = {
             let (weight, calls) = (weight.clone(), calls.clone());
-            let rows = move |rows: Range<usize>| {
+            let rows = move |rows: Range<usize>, dtype| {
                 calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                weight.clone().slice(rows).cast(DType::F32)
+                weight.clone().slice(rows).cast(dtype)
             };
-            DenseWeight::new([9, 12], 1, rows)
+            DenseWeight::new([9, 12], 1, DType::F32, rows)
         };
         let constant = weight.cast(DType::F32).to_device(&device);
         // Bands of 4 rows: 0..4, 4..8, 8..9.
@@ -1241,7 +1287,7 @@ mod tests {
     /// every row once.
     #[test]
     fn bands_cover_the_rows_on_whole_blocks() {
-        let bands = |shape, align, values| DenseWeight::new(shape, align, |_| unreachable!()).bands(values).collect::<Vec<_>>();
+        let bands = |shape, align, values| DenseWeight::new(shape, align, DType::F32, |_, _| unreachable!()).bands(values).collect::<Vec<_>>();
         // A 7B MLP projection in NF4 with double quantization, in bands of 4M values.
         let mlp = bands([11008, 4096], 64 * 256, 1 << 22);
         assert_eq!((mlp.len(), mlp[0].clone(), mlp[10].clone()), (11, 0..1024, 10240..11008));
@@ -1287,7 +1333,7 @@ mod tests {
             let n = bytes.len() * per_byte;
             let shape = [n / 64, 64];
             let packed = crate::nf4::u8_tensor(bytes.clone(), &device);
-            let fused = lookup_and_scale(&packed, &table, None, &absmax.clone().slice(0..n / 64), None, shape, kernels::Packing::Adjacent).unwrap();
+            let fused = lookup_and_scale(&packed, &table, None, &absmax.clone().slice(0..n / 64), None, shape, kernels::Packing::Adjacent, DType::F32).unwrap();
             let composed = crate::nf4::lookup_bytes(&packed, table).reshape([n / 64, 64]) * absmax.clone().slice(0..n / 64).reshape([n / 64, 1]);
             assert_eq!(fused.into_data().to_vec::<f32>().unwrap(), composed.into_data().to_vec::<f32>().unwrap());
         }

@@ -13,14 +13,20 @@
 //!
 //! All but attention have hand-written backwards in LibTorch ops. On a bf16 7B model at 4 × 512
 //! without checkpointing the copies RMSNorm and SwiGLU no longer keep are about 3.5 GB.
+//!
+//! Also here, without a graph: a packed frozen weight made dense in the activations' dtype
+//! ([`lookup_and_scale`]) in three kernels.
+
+use std::sync::{Mutex, PoisonError};
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::libtorch::TchTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, LibTorch, backend_extension, tensor::FloatTensor};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Int, Tensor};
 
+use super::kernels::Packing;
 use super::{Op, RopeTables};
 use crate::config::RopePairing;
 
@@ -130,6 +136,69 @@ pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1
     })
 }
 
+/// [`super::lookup_and_scale`] on LibTorch tensors, in as few passes over a band as stock ops
+/// allow: the bytes widened to i32 indices (burn's select takes i64, twice the bytes), one
+/// `index_select` from the f32 table, the high bits added, and the scaling written straight in
+/// `dtype` (a product, or a sum, with an output of that dtype computes in f32 and rounds once, as
+/// the cast after it did). For NF4 into bf16 that moves about 14.5 bytes a value, where the
+/// composition moved 26.5 (i64 indices, the f32 values, their f32 product, the cast), and holds
+/// 8 bytes a value at once instead of 14. `None` for other dtypes or non-f32 scales.
+///
+/// # Shapes
+/// - bytes: `[out · in / per_byte]` u8, `per_byte = table.len() / 256`; scales, mins: `[blocks]`
+/// - output: `shape`, `[out, in]`
+#[allow(clippy::too_many_arguments)]
+pub fn lookup_and_scale(
+    bytes: &Tensor<1, Int>,
+    table: &[f32],
+    high: Option<(&Tensor<1, Int>, usize)>,
+    scales: &Tensor<1>,
+    mins: Option<&Tensor<1>>,
+    shape: [usize; 2],
+    packing: Packing,
+    dtype: DType,
+) -> Option<Tensor<2>> {
+    let kind = match dtype {
+        DType::F32 => tch::Kind::Float,
+        DType::BF16 => tch::Kind::BFloat16,
+        DType::F16 => tch::Kind::Half,
+        _ => return None,
+    };
+    let device = bytes.device();
+    let int = |t: &Tensor<1, Int>| t.clone().try_into_primitive::<LibTorch>().ok().map(|t| t.tensor);
+    let float = |t: &Tensor<1>| (t.dtype() == DType::F32).then(|| t.clone().try_into_primitive::<LibTorch>().ok()).flatten().map(|t| t.tensor);
+    // Each byte's row of a 256-row table (uploaded once per device).
+    let lookup = |bytes: &tch::Tensor, table: Vec<f32>| {
+        let table = crate::nf4::uploaded_table(table, &device).try_into_primitive::<LibTorch>().ok()?.tensor;
+        Some(table.index_select(0, &bytes.to_kind(tch::Kind::Int)))
+    };
+    let blocks = scales.dims()[0] as i64;
+    let block = (shape[0] * shape[1]) as i64 / blocks;
+    // [blocks, 2, block/2] for split halves (byte j's values at j and j + block/2), so that the
+    // reordering is a strided view the scaling reads; [blocks, 1, block] side by side.
+    let (halves, width) = if packing == Packing::SplitHalves { (2, block / 2) } else { (1, block) };
+    let codes = lookup(&int(bytes)?, table.to_vec())?;
+    let codes = match packing {
+        Packing::SplitHalves => codes.view([blocks, width, 2]).transpose(1, 2),
+        Packing::Adjacent => codes.view([blocks, 1, block]),
+    };
+    let mut codes = match high {
+        Some((plane, bits)) => codes + lookup(&int(plane)?, crate::ggml::high_table(bits))?.view([blocks, halves, width]),
+        None => codes,
+    };
+    let per_block = |t: tch::Tensor| t.view([blocks, 1, 1]);
+    let out = tch::Tensor::empty([blocks, halves, width], (kind, codes.device()));
+    let _ = match mins {
+        None => codes.mul_out(&out, &per_block(float(scales)?)),
+        Some(mins) => {
+            let _ = codes.g_mul_(&per_block(float(scales)?));
+            codes.add_out(&out, &per_block(float(mins)?))
+        }
+    };
+    let [rows, cols] = shape.map(|d| d as i64);
+    Some(Tensor::from_primitive::<LibTorch>(TchTensor::new(out.view([rows, cols]))))
+}
+
 #[backend_extension(LibTorch: cfg(feature = "tch"), Autodiff)]
 pub trait TorchOps: Backend {
     fn torch_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
@@ -196,15 +265,32 @@ fn packed_sdpa(sequences: &[[tch::Tensor; 3]], prefix: Option<&[TchTensor; 2]>, 
                 None => tch::Tensor::scaled_dot_product_attention(q, k, v, None::<tch::Tensor>, 0.0, true, scale, grouped),
                 Some([prefix_k, prefix_v]) => {
                     let (k, v) = (tch::Tensor::cat(&[&prefix_k.tensor, k], 2), tch::Tensor::cat(&[&prefix_v.tensor, v], 2));
-                    // Every prefix key, then the sequence's own up to the query: true where attended.
-                    let (len, prefix_len) = (q.size()[2], prefix_k.tensor.size()[2]);
-                    let visible = tch::Tensor::ones([len, prefix_len + len], (tch::Kind::Bool, q.device())).tril(prefix_len);
+                    let visible = prefix_mask(q.size()[2], prefix_k.tensor.size()[2], q.device());
                     tch::Tensor::scaled_dot_product_attention(q, &k, &v, Some(visible), 0.0, false, scale, grouped)
                 }
             }
         })
         .collect();
     tch::Tensor::cat(&outputs, 2)
+}
+
+/// `[len, prefix + len]`, true where a query attends: every prefix key, then the sequence's own up
+/// to the query. Kept for the sequences of the step in hand, as every layer asks for the same
+/// (two kernels each on a GPU, otherwise 2 · sequences · layers a step).
+fn prefix_mask(len: i64, prefix: i64, device: tch::Device) -> tch::Tensor {
+    type Masks = Vec<((i64, i64, tch::Device), tch::Tensor)>;
+    static MASKS: Mutex<Masks> = Mutex::new(Vec::new());
+    let mut masks = MASKS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((_, mask)) = masks.iter().find(|(key, _)| *key == (len, prefix, device)) {
+        return mask.shallow_clone();
+    }
+    // A step brings a few lengths: past 64M entries (bytes), the older steps' are dropped.
+    if masks.iter().map(|(_, mask)| mask.numel()).sum::<usize>() + (len * (prefix + len)) as usize > 1 << 26 {
+        masks.clear();
+    }
+    let mask = tch::Tensor::ones([len, prefix + len], (tch::Kind::Bool, device)).tril(prefix);
+    masks.push(((len, prefix, device), mask.shallow_clone()));
+    mask
 }
 
 /// `(scale · x Aᵀ Bᵀ, x in f32, x Aᵀ)` of [`low_rank`]: the output and what its backward reads.
@@ -232,24 +318,24 @@ fn rms_norm_forward(x: &tch::Tensor, weight: &tch::Tensor, eps: f64) -> (tch::Te
 }
 
 /// `rot·cos + rotate(rot)·sin` on the first `rotary` dims of `x`, the rest passed through; with
-/// `inverse` the rotation back (`-sin`), which is also its vector-Jacobian product.
+/// `inverse` the rotation back (`-sin`), which is also its vector-Jacobian product. `rotate(rot) ·
+/// sin` is `turn(rot) · turned_sin` (a roll by half, or a swap within pairs): the same products,
+/// bit for bit, without negating `x`.
 fn rope_forward(x: &tch::Tensor, tables: &RopeTables, inverse: bool) -> tch::Tensor {
     let [b, h, s, head_dim] = x.size()[..] else { unreachable!("rope takes [batch, heads, seq, head_dim]") };
     let dim = tables.cos.dims()[1] as i64;
-    let table = |t: &Tensor<2>| t.clone().try_into_primitive::<LibTorch>().expect("RoPE tables beside the activations").tensor.to_kind(x.kind());
-    let (cos, sin) = (table(&tables.cos), table(&tables.sin));
-    let sin = if inverse { -sin } else { sin };
-    let rot = x.narrow(3, 0, dim);
-    let rotated = match tables.pairing {
-        // rotate_half: [x1, x2] -> [-x2, x1]
-        RopePairing::Half => tch::Tensor::cat(&[rot.narrow(3, dim / 2, dim / 2).neg(), rot.narrow(3, 0, dim / 2)], 3),
-        // pairs (x0, x1) -> (-x1, x0)
-        RopePairing::Interleaved => {
-            let pairs = rot.reshape([b, h, s, dim / 2, 2]);
-            tch::Tensor::stack(&[pairs.select(4, 1).neg(), pairs.select(4, 0)], 4).reshape([b, h, s, dim])
-        }
+    let table = |t: &Tensor<2>| {
+        let t = t.clone().try_into_primitive::<LibTorch>().expect("RoPE tables beside the activations").tensor;
+        if t.kind() == x.kind() { t } else { t.to_kind(x.kind()) }
     };
-    let out = &rot * cos + rotated * sin;
+    let (cos, sin) = (table(&tables.cos), table(&tables.turned_sin));
+    let rot = if dim == head_dim { x.shallow_clone() } else { x.narrow(3, 0, dim) };
+    let turned = match tables.pairing {
+        RopePairing::Half => rot.roll([dim / 2], [3]),
+        RopePairing::Interleaved => rot.reshape([b, h, s, dim / 2, 2]).flip([4]).reshape([b, h, s, dim]),
+    } * sin;
+    let straight = &rot * cos;
+    let out = if inverse { straight - turned } else { straight + turned };
     if dim == head_dim { out } else { tch::Tensor::cat(&[out, x.narrow(3, dim, head_dim - dim)], 3) }
 }
 
