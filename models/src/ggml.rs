@@ -41,6 +41,7 @@ use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::fused::kernels::Packing;
+use crate::fused::PackedBand;
 use crate::ggml_encode::lattice;
 use crate::gguf::{block_codes, code_value, iq4_xs_scale, k_scale_min, q3_k_scale, GgmlType, GgufFile, HfTensor, unpermute_rows};
 use crate::nf4::{lookup_bytes, u8_tensor};
@@ -319,7 +320,8 @@ impl GgmlWeight {
             scales = spread(scales) * sub(sub_scales, matches!(self.kind, GgmlType::Q3_K | GgmlType::Q6_K | GgmlType::IQ4_XS));
             mins = mins.zip(self.sub_mins.as_ref()).map(|(dmin, m)| (spread(dmin) * sub(m, false)).neg());
         }
-        if let Some(values) = crate::fused::lookup_and_scale(&codes, &table, high.as_ref().map(|h| (h, layout.high_bits)), &scales, mins.as_ref(), shape, packing, dtype) {
+        let band = PackedBand { bytes: &codes, table: &table, high: high.as_ref().map(|h| (h, layout.high_bits)), scales: &scales, mins: mins.as_ref(), shape, packing };
+        if let Some(values) = crate::fused::lookup_and_scale(&band, dtype) {
             return values;
         }
         let n = groups.len();

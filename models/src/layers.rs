@@ -225,9 +225,9 @@ pub struct Rope {
     /// The tables of positions `0..n` on the device that last asked, grown as needed: made
     /// and uploaded once instead of at every call (on a GPU each upload waits for the queue).
     uploaded: Arc<Mutex<Option<UploadedRope>>>,
-    /// The last packed row's tables (its sequences' lengths, first position and dtype): every
-    /// layer of a step asks for the same.
-    packed: Arc<Mutex<Option<(Vec<usize>, usize, DType, RopeTables)>>>,
+    /// The last packed row's tables (its sequences' lengths and first position): every layer of
+    /// a step asks for the same.
+    packed: Arc<Mutex<Option<(Vec<usize>, usize, RopeTables)>>>,
 }
 
 /// [`Rope`]'s uploaded f32 tables, and them in the dtype last asked.
@@ -335,12 +335,12 @@ impl Rope {
         let device = x.device().inner();
         let mut packed = self.packed.lock().unwrap_or_else(PoisonError::into_inner);
         let dtype = x.dtype();
-        let same = |(l, s, d, t): &(Vec<usize>, usize, DType, RopeTables)| l == lengths && *s == start && *d == dtype && t.cos.device() == device;
+        let same = |(l, s, t): &(Vec<usize>, usize, RopeTables)| l == lengths && *s == start && t.cos.device() == device && t.cos.dtype() == dtype;
         if !packed.as_ref().is_some_and(same) {
             let tables = RopeTables::cat(lengths.iter().map(|&len| self.tables(start, len, &device, dtype)).collect());
-            *packed = Some((lengths.to_vec(), start, dtype, tables));
+            *packed = Some((lengths.to_vec(), start, tables));
         }
-        let tables = packed.as_ref().expect("made above").3.clone();
+        let tables = packed.as_ref().expect("made above").2.clone();
         drop(packed);
         self.rotate(x, tables)
     }

@@ -17,6 +17,7 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::fused::kernels::Packing;
+use crate::fused::PackedBand;
 
 /// Values per 4-bit block.
 pub const BLOCK: usize = 64;
@@ -316,7 +317,8 @@ fn host_values(weight: Tensor<2>) -> ([usize; 2], Device, Vec<f32>) {
 /// The weight `[out, in]` in `dtype` from one byte a lookup: `table` has 256 rows of the values a
 /// byte stands for (`per_byte` each), then every block of 64 values is scaled by its absmax.
 fn lookup_and_scale(bytes: &Tensor<1, Int>, table: Vec<f32>, absmax: Tensor<1>, shape: [usize; 2], dtype: DType) -> Tensor<2> {
-    if let Some(values) = crate::fused::lookup_and_scale(bytes, &table, None, &absmax, None, shape, Packing::Adjacent, dtype) {
+    let band = PackedBand { bytes, table: &table, high: None, scales: &absmax, mins: None, shape, packing: Packing::Adjacent };
+    if let Some(values) = crate::fused::lookup_and_scale(&band, dtype) {
         return values;
     }
     let n = shape[0] * shape[1];
@@ -467,7 +469,9 @@ mod tests {
         let libtorch = bands_of_rows_dequantize_as_the_whole_weight_on(&device);
         assert_eq!(libtorch, bands_of_rows_dequantize_as_the_whole_weight_on(&Device::flex()));
         let bytes = u8_tensor(vec![0x42; 32], &device);
-        let lookup = crate::fused::lookup_and_scale(&bytes, &[0.5; 512], None, &f32_tensor(vec![2.0], &device), None, [1, 64], Packing::Adjacent, DType::BF16);
+        let scales = f32_tensor(vec![2.0], &device);
+        let band = PackedBand { bytes: &bytes, table: &[0.5; 512], high: None, scales: &scales, mins: None, shape: [1, 64], packing: Packing::Adjacent };
+        let lookup = crate::fused::lookup_and_scale(&band, DType::BF16);
         assert!(lookup.is_some_and(|t| t.dtype() == DType::BF16), "LibTorch's own lookup, not the composition");
     }
 

@@ -205,27 +205,30 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_matmul(lhs.into_dispatch(), rhs.into_dispatch()))
 }
 
-/// A packed weight `[out, in]` made dense in `dtype`, as [`kernels::lookup_and_scale`] describes
-/// (each value computed in f32, rounded once), on plain flex or LibTorch tensors (u8 bytes; f32
-/// scales and minimums); `None` elsewhere.
-#[allow(clippy::too_many_arguments)]
-pub fn lookup_and_scale(
-    bytes: &Tensor<1, Int>,
-    table: &[f32],
-    high: Option<(&Tensor<1, Int>, usize)>,
-    scales: &Tensor<1>,
-    mins: Option<&Tensor<1>>,
-    shape: [usize; 2],
-    packing: kernels::Packing,
-    dtype: DType,
-) -> Option<Tensor<2>> {
+/// Rows of a packed weight `[out, in]`, as [`kernels::lookup_and_scale`] reads them: u8 `bytes`
+/// that each stand for their row of the 256-row `table`, placed per `packing`, maybe `high` bits
+/// (a plane and its bits a value), f32 `scales` and `mins` a block.
+pub struct PackedBand<'a> {
+    pub bytes: &'a Tensor<1, Int>,
+    pub table: &'a [f32],
+    pub high: Option<(&'a Tensor<1, Int>, usize)>,
+    pub scales: &'a Tensor<1>,
+    pub mins: Option<&'a Tensor<1>>,
+    pub shape: [usize; 2],
+    pub packing: kernels::Packing,
+}
+
+/// `band` made dense in `dtype` (each value computed in f32, rounded once), on plain flex or
+/// LibTorch tensors; `None` elsewhere.
+pub fn lookup_and_scale(band: &PackedBand, dtype: DType) -> Option<Tensor<2>> {
     if !enabled_for(Op::Dequantize) {
         return None;
     }
     #[cfg(feature = "tch")]
-    if let DispatchDevice::LibTorch(_) = bytes.device().inner().as_dispatch() {
-        return torch_ops::lookup_and_scale(bytes, table, high, scales, mins, shape, packing, dtype);
+    if let DispatchDevice::LibTorch(_) = band.bytes.device().inner().as_dispatch() {
+        return torch_ops::lookup_and_scale(band, dtype);
     }
+    let PackedBand { bytes, table, high, scales, mins, shape, packing } = *band;
     // A band of a weight is a contiguous view into its planes: read in place, not copied.
     let contiguous = |t: FlexTensor| if t.is_contiguous() { t } else { t.to_contiguous() };
     let flex = |t: &Tensor<1>| (t.dtype() == DType::F32).then(|| t.clone().try_into_primitive::<Flex>().ok()).flatten().map(contiguous);
@@ -1333,7 +1336,9 @@ mod tests {
             let n = bytes.len() * per_byte;
             let shape = [n / 64, 64];
             let packed = crate::nf4::u8_tensor(bytes.clone(), &device);
-            let fused = lookup_and_scale(&packed, &table, None, &absmax.clone().slice(0..n / 64), None, shape, kernels::Packing::Adjacent, DType::F32).unwrap();
+            let scales = absmax.clone().slice(0..n / 64);
+            let band = PackedBand { bytes: &packed, table: &table, high: None, scales: &scales, mins: None, shape, packing: kernels::Packing::Adjacent };
+            let fused = lookup_and_scale(&band, DType::F32).unwrap();
             let composed = crate::nf4::lookup_bytes(&packed, table).reshape([n / 64, 64]) * absmax.clone().slice(0..n / 64).reshape([n / 64, 1]);
             assert_eq!(fused.into_data().to_vec::<f32>().unwrap(), composed.into_data().to_vec::<f32>().unwrap());
         }

@@ -27,7 +27,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, LibTorch, backe
 use burn::tensor::{DType, Int, Tensor};
 
 use super::kernels::Packing;
-use super::{Op, RopeTables};
+use super::{Op, PackedBand, RopeTables};
 use crate::config::RopePairing;
 
 /// `softmax(q kᵀ · scale + bias) v` with LibTorch's fused attention, or `None` where it does
@@ -147,17 +147,8 @@ pub fn cross_entropy_sum(logits: &Tensor<2>, targets: &[i64]) -> Option<Tensor<1
 /// # Shapes
 /// - bytes: `[out · in / per_byte]` u8, `per_byte = table.len() / 256`; scales, mins: `[blocks]`
 /// - output: `shape`, `[out, in]`
-#[allow(clippy::too_many_arguments)]
-pub fn lookup_and_scale(
-    bytes: &Tensor<1, Int>,
-    table: &[f32],
-    high: Option<(&Tensor<1, Int>, usize)>,
-    scales: &Tensor<1>,
-    mins: Option<&Tensor<1>>,
-    shape: [usize; 2],
-    packing: Packing,
-    dtype: DType,
-) -> Option<Tensor<2>> {
+pub fn lookup_and_scale(band: &PackedBand, dtype: DType) -> Option<Tensor<2>> {
+    let PackedBand { bytes, table, high, scales, mins, shape, packing } = *band;
     let kind = match dtype {
         DType::F32 => tch::Kind::Float,
         DType::BF16 => tch::Kind::BFloat16,
