@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::ParamId;
 use burn::tensor::{Device, Tensor};
+use ember_models::fused::KeptActivations;
 use ember_models::{BaseModel, Checkpoint, ModelConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -39,9 +40,9 @@ pub trait MethodConfig: fmt::Debug + fmt::Display {
         0
     }
 
-    /// Bytes the method's own layers keep for backward per token, over the whole model, with
-    /// base activations of `activation_bytes` per value (the memory estimator's share).
-    fn activation_bytes_per_token(&self, _model: &ModelConfig, _activation_bytes: usize) -> f64 {
+    /// Bytes the method's own layers keep for backward per token, over the whole model, beside
+    /// base activations kept as `kept` says (the memory estimator's share).
+    fn activation_bytes_per_token(&self, _model: &ModelConfig, _kept: KeptActivations) -> f64 {
         0.0
     }
 

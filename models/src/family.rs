@@ -110,6 +110,16 @@ impl Role {
         }
     }
 
+    /// The activation of its layer this projection reads.
+    pub fn input(self) -> LayerActivation {
+        match self {
+            Role::Q | Role::K | Role::V | Role::Qkv => LayerActivation::AttentionInput,
+            Role::O => LayerActivation::AttentionOutput,
+            Role::Gate | Role::Up | Role::GateUp => LayerActivation::MlpInput,
+            Role::Down => LayerActivation::MlpProduct,
+        }
+    }
+
     pub fn bias(self, config: &ModelConfig) -> bool {
         match self {
             Role::Q | Role::K | Role::V | Role::Qkv => config.qkv_bias,
@@ -117,6 +127,20 @@ impl Role {
             Role::Gate | Role::Up | Role::GateUp | Role::Down => config.mlp_bias,
         }
     }
+}
+
+/// The activations of a decoder layer that its projections read: projections that read the same
+/// one (q, k and v; gate and up) read one tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LayerActivation {
+    /// The input norm's output.
+    AttentionInput,
+    /// The attention's output, heads concatenated.
+    AttentionOutput,
+    /// The post-attention norm's output.
+    MlpInput,
+    /// `act(gate) · up`.
+    MlpProduct,
 }
 
 /// One row of a family's projection table.

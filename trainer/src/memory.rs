@@ -81,15 +81,22 @@ pub fn estimate(
     let score_cells: f64 = lengths.iter().map(|&s| heads * s * (s + prefix)).sum();
 
     // Per token and layer, what backward needs (a frozen projection keeps only its weight):
-    // each RMSNorm's f32 input, RoPE'd q and k and v for the attention matmuls, SwiGLU's gate,
-    // sigmoid, silu and up (flex's fused SwiGLU: gate and up); per score cell, the f32 exp and
-    // the probabilities (fused: the probabilities).
-    let norms = 2.0 * 4.0 * hidden;
-    let attention = a * (h + 2.0 * kv);
-    let mlp = if flex_fused(fused::Op::Swiglu) { 2.0 } else { 4.0 } * a * f;
-    let per_score = if flex_fused(fused::Op::Attention) { 4.0 } else { 4.0 + a };
-    // What the method's own layers keep (a LoRA branch: its f32 input and `x·A`).
-    let own = method.activation_bytes_per_token(model, a as usize) / model.num_layers as f64;
+    // each RMSNorm's input (f32 composed), RoPE'd q and k and v for the attention, SwiGLU's
+    // gate, sigmoid, silu and up (fused: gate and up); per score cell, the f32 exp and the
+    // probabilities (flex's fused softmax: the probabilities). LibTorch's fused attention keeps
+    // no score cells but its output twice: each sequence's, and the packed row's.
+    let norms = 2.0 * if fused::enabled_for(fused::Op::RmsNorm) { a } else { 4.0 } * hidden;
+    let torch_attention = !on_flex && fused::enabled_for(fused::Op::Attention);
+    let attention = a * (h + 2.0 * kv) + if torch_attention { 2.0 * a * h } else { 0.0 };
+    let mlp = if fused::enabled_for(fused::Op::Swiglu) { 2.0 } else { 4.0 } * a * f;
+    let per_score = match () {
+        _ if torch_attention => 0.0,
+        _ if flex_fused(fused::Op::Attention) => 4.0,
+        _ => 4.0 + a,
+    };
+    // What the method's own layers keep (a LoRA branch: its input, shared with the branches
+    // that read the same activation, and its f32 `x·A`).
+    let own = method.activation_bytes_per_token(model, fused::KeptActivations::new(a as usize, !on_flex)) / model.num_layers as f64;
     let layer = tokens * (norms + attention + mlp + own) + score_cells * per_score;
     // Layers below the lowest trainable one build no graph.
     let layers = (model.num_layers - method.first_trainable_layer(model)) as f64;
@@ -118,10 +125,12 @@ pub fn estimate(
         n => n.min(batch.supervised_tokens),
     } as f64;
     // Per logit: f32 logits, exp and log-softmax, then the gradient (flex's fused cross-entropy:
-    // the logits and the gradient); under 16-bit activations also the head's own output and the
+    // the logits and the gradient; LibTorch's: the head's output, one f32 copy and the gradient
+    // in the head's dtype); composed under 16-bit activations also the head's own output and the
     // gradient's cast.
     let per_logit = match a {
         _ if flex_fused(fused::Op::CrossEntropy) => 8.0,
+        _ if !on_flex && fused::enabled_for(fused::Op::CrossEntropy) => 4.0 + 2.0 * a,
         4.0 => 12.0,
         _ => 16.0 + 2.0 * a,
     };

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::{DType, Device, Tensor};
+use ember_models::fused::KeptActivations;
 use ember_models::layers::Linear;
 use ember_models::{BaseModel, Checkpoint, LoadDtype, ModelConfig};
 use rand::SeedableRng;
@@ -116,8 +117,9 @@ impl MethodConfig for DoraConfig {
     }
 
     /// LoRA's share plus the f32 base output and the scaled sum per targeted projection.
-    fn activation_bytes_per_token(&self, model: &ModelConfig, _activation_bytes: usize) -> f64 {
-        lora::targeted_shapes(model, &self.0).iter().map(|(_, [out, inp])| 4.0 * (inp + self.0.r + 2 * out) as f64).sum()
+    fn activation_bytes_per_token(&self, model: &ModelConfig, kept: KeptActivations) -> f64 {
+        let own: usize = lora::targeted_shapes(model, &self.0).iter().map(|(_, [out, _])| 4 * 2 * out).sum();
+        lora::branch_activation_bytes_per_token(model, &self.0, kept) + own as f64
     }
 
     fn dropout(&self) -> f64 {

@@ -9,6 +9,7 @@ use std::path::Path;
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::{DType, Device, Tensor};
 use ember_models::Projection;
+use ember_models::fused::KeptActivations;
 use ember_models::layers::{Linear, output_surrogate};
 use ember_models::{BaseModel, Checkpoint, LoadDtype, ModelConfig};
 use serde::{Deserialize, Serialize};
@@ -160,8 +161,8 @@ impl MethodConfig for Ia3Config {
     }
 
     /// The scaled side (input or output) is kept for the vector's gradient.
-    fn activation_bytes_per_token(&self, model: &ModelConfig, activation_bytes: usize) -> f64 {
-        self.targeted_shapes(model).iter().map(|(ff, [out, inp])| (activation_bytes * if *ff { *inp } else { *out }) as f64).sum()
+    fn activation_bytes_per_token(&self, model: &ModelConfig, kept: KeptActivations) -> f64 {
+        self.targeted_shapes(model).iter().map(|(ff, [out, inp])| (kept.bytes * if *ff { *inp } else { *out }) as f64).sum()
     }
 
     fn init(&self, base: BaseModel, _seed: u64, device: &Device) -> Result<AdaptedModel, AdapterError> {

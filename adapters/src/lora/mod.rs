@@ -14,7 +14,8 @@ use std::path::Path;
 
 use burn::module::ParamId;
 use burn::tensor::{Device, Tensor};
-use ember_models::family::KeyLayout;
+use ember_models::family::{KeyLayout, LayerActivation};
+use ember_models::fused::KeptActivations;
 use ember_models::{BaseModel, Checkpoint, ModelConfig, VocabModule};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -40,6 +41,30 @@ impl fmt::Display for LoraConfig {
 /// alone (no weights read).
 pub fn targeted_shapes(model: &ModelConfig, config: &LoraConfig) -> Vec<(String, [usize; 2])> {
     target::projections(model).into_iter().filter(|(name, _, _)| config.targets(name)).map(|(name, shape, _)| (name, shape)).collect()
+}
+
+/// What the branches keep for backward, per token: each its f32 `x·A`, and its input in the
+/// activations' dtype, one tensor for the branches that read the same activation of a layer
+/// (none for SwiGLU's output where the branch makes it again); under dropout each branch's own
+/// dropped copy and its mask.
+pub fn branch_activation_bytes_per_token(model: &ModelConfig, config: &LoraConfig, kept: KeptActivations) -> f64 {
+    let keys = KeyLayout::of(model.architecture);
+    let mut bytes = 0;
+    for layer in 0..model.num_layers {
+        let targeted: Vec<_> = keys.projections(model, layer).into_iter().filter(|p| config.targets(&p.name)).collect();
+        bytes += targeted.len() * 4 * config.r;
+        let mut read = Vec::new();
+        for p in &targeted {
+            let input = p.role.input();
+            if config.dropout > 0.0 {
+                bytes += 2 * kept.bytes * p.shape[1];
+            } else if !read.contains(&input) && !(input == LayerActivation::MlpProduct && kept.swiglu_output_remade) {
+                read.push(input);
+                bytes += kept.bytes * p.shape[1];
+            }
+        }
+    }
+    bytes as f64
 }
 
 /// The lowest layer with a targeted projection.
@@ -102,9 +127,8 @@ impl MethodConfig for LoraConfig {
         first_targeted_layer(model, self)
     }
 
-    /// A branch keeps its f32 input and `x·A`.
-    fn activation_bytes_per_token(&self, model: &ModelConfig, _activation_bytes: usize) -> f64 {
-        targeted_shapes(model, self).iter().map(|(_, [_, inp])| 4.0 * (inp + self.r) as f64).sum()
+    fn activation_bytes_per_token(&self, model: &ModelConfig, kept: KeptActivations) -> f64 {
+        branch_activation_bytes_per_token(model, self, kept)
     }
 
     fn dropout(&self) -> f64 {
@@ -213,5 +237,22 @@ mod tests {
         assert_eq!(trainable, 4_194_304);
         // PEFT's "all params" counts the base plus the adapter.
         assert_eq!(model.num_params() + trainable, 6_742_609_920);
+    }
+
+    /// q, k and v read one tensor, gate and up another; with dropout each branch keeps its own.
+    #[test]
+    fn branches_that_read_one_activation_keep_it_once() {
+        let model = ModelConfig::preset("llama-7b").unwrap();
+        let mut config = LoraConfig { r: 16, dropout: 0.0, target: Target::AllLinear, ..LoraConfig::try_from(LoraSection::default()).unwrap() };
+        let (h, f, layers) = (4096, 11008, 32);
+        let per_layer = 7 * 4 * 16 + 2 * (h + h + h + f);
+        let flex = KeptActivations { bytes: 2, swiglu_output_remade: false };
+        assert_eq!(branch_activation_bytes_per_token(&model, &config, flex), (layers * per_layer) as f64);
+        // LibTorch's branch on down_proj makes its input again from SwiGLU's gate and up.
+        let libtorch = KeptActivations { bytes: 2, swiglu_output_remade: true };
+        assert_eq!(branch_activation_bytes_per_token(&model, &config, libtorch), (layers * (per_layer - 2 * f)) as f64);
+        config.dropout = 0.05;
+        let per_layer = 7 * 4 * 16 + 2 * 2 * (6 * h + f);
+        assert_eq!(branch_activation_bytes_per_token(&model, &config, libtorch), (layers * per_layer) as f64);
     }
 }

@@ -109,6 +109,25 @@ pub fn enabled_for(op: Op) -> bool {
     }
 }
 
+/// What a training step's forward keeps for backward, as far as the memory estimate of a
+/// method's own layers depends on the device.
+#[derive(Debug, Clone, Copy)]
+pub struct KeptActivations {
+    /// Bytes a value of the activations.
+    pub bytes: usize,
+    /// LoRA's branch on SwiGLU's output keeps gate and up (which SwiGLU keeps) instead of it, and
+    /// makes it again in backward (LibTorch).
+    pub swiglu_output_remade: bool,
+}
+
+impl KeptActivations {
+    /// Activations of `bytes` a value; on LibTorch or not.
+    pub fn new(bytes: usize, on_libtorch: bool) -> Self {
+        let swiglu_output_remade = on_libtorch && enabled_for(Op::Swiglu) && enabled_for(Op::LowRank);
+        Self { bytes, swiglu_output_remade }
+    }
+}
+
 /// Whether the fused kernel `op` serves this tensor: f32 on flex, with or without autodiff.
 fn applies<const D: usize>(op: Op, t: &Tensor<D>) -> bool {
     enabled_for(op)
@@ -1143,6 +1162,32 @@ mod tests {
         let (x, a, b) = (random([batch, seq, input], &device), random([rank, input], &device).require_grad(), random([output, rank], &device).require_grad());
         let grads = low_rank(&x, &a, &b, scale).unwrap().sum().backward();
         assert!(a.grad(&grads).is_some() && b.grad(&grads).is_some() && x.grad(&grads).is_none());
+    }
+
+    /// A branch reading SwiGLU's output keeps gate and up and makes the product again: the same
+    /// gradients, bit for bit, as keeping it; an output written since (dropout's in-place
+    /// product) is kept as itself.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn low_rank_on_libtorch_after_swiglu_gives_the_gradients_of_its_input() {
+        let device = Device::libtorch().autodiff();
+        let (batch, seq, input, rank, output, scale) = (2, 3, 8, 4, 6, 0.5);
+        let (a, b) = (random([rank, input], &device), random([output, rank], &device));
+        let (gate, up) = (random([batch, seq, input], &device).cast(DType::BF16), random([batch, seq, input], &device).cast(DType::BF16));
+        let probe = random([batch, seq, output], &device);
+        let run = |through: &dyn Fn(Tensor<3>) -> Tensor<3>| {
+            let (gate, up, a, b) = (gate.clone().require_grad(), up.clone().require_grad(), a.clone().require_grad(), b.clone().require_grad());
+            let x = through(swiglu(&gate, &up).unwrap());
+            let grads = (low_rank(&x, &a, &b, scale).unwrap() * probe.clone()).sum().backward();
+            let of_input = |t: &Tensor<3>| t.grad(&grads).unwrap().cast(DType::F32).into_data();
+            [of_input(&gate), of_input(&up), a.grad(&grads).unwrap().into_data(), b.grad(&grads).unwrap().into_data()]
+        };
+        // A copy of the product is not SwiGLU's output: the branch keeps it as it is.
+        assert_eq!(run(&|x| x), run(&|x| x.cast(DType::F32).cast(DType::BF16)));
+        // Written in place (a sole owner's scaling): the branch must read the scaled values.
+        let [_, _, da, _] = run(&|x| x.mul_scalar(2.0));
+        let [_, _, da_copy, _] = run(&|x| x.cast(DType::F32).cast(DType::BF16).mul_scalar(2.0));
+        assert_eq!(da, da_copy);
     }
 
     #[cfg(feature = "tch")]

@@ -6,7 +6,10 @@
 //!   well: the forward runs on detached leaves with LibTorch's autograd on, and backward asks that
 //!   graph for the leaves' gradients;
 //! - RMSNorm, which keeps `x` in its dtype and one `1/rms` a row instead of an f32 copy of `x`;
-//! - SwiGLU, which keeps `gate` and `up` instead of also `silu(gate)`;
+//! - SwiGLU, which keeps `gate` and `up` instead of also `silu(gate)`, and leaves them for LoRA's
+//!   branch on down_proj to make its input again in backward ([`SwigluOutput`]);
+//! - LoRA's branch, which keeps its input in the activations' dtype, shared with every branch
+//!   that reads it;
 //! - RoPE, which keeps nothing but its tables (backward is the rotation back);
 //! - the LM head's cross-entropy, which keeps the logits and one log-sum-exp a row instead of f32
 //!   copies of the `[tokens, vocab]` block (the cast, the shifted logits, their exponentials).
@@ -17,7 +20,9 @@
 //! Also here, without a graph: a packed frozen weight made dense in the activations' dtype
 //! ([`lookup_and_scale`]) in three kernels.
 
-use std::sync::{Mutex, PoisonError};
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -261,8 +266,13 @@ fn packed_sdpa(sequences: &[[tch::Tensor; 3]], prefix: Option<&[TchTensor; 2]>, 
                 }
             }
         })
+        // Tokens-major, `[1, len, heads, head_dim]` (each output's own memory on flash attention).
+        .map(|output| output.transpose(1, 2))
         .collect();
-    tch::Tensor::cat(&outputs, 2)
+    // End to end tokens-major, handed back as the `[1, heads, tokens, head_dim]` view: the
+    // caller's swap to `[1, tokens, hidden]` for o_proj is then a view, not one more copy that
+    // o_proj's LoRA branch would keep.
+    tch::Tensor::cat(&outputs, 1).transpose(1, 2)
 }
 
 /// `[len, prefix + len]`, true where a query attends: every prefix key, then the sequence's own up
@@ -284,12 +294,12 @@ fn prefix_mask(len: i64, prefix: i64, device: tch::Device) -> tch::Tensor {
     mask
 }
 
-/// `(scale · x Aᵀ Bᵀ, x in f32, x Aᵀ)` of [`low_rank`]: the output and what its backward reads.
-/// In rows, `[batch · seq, ..]`, so that each product is one GEMM call.
+/// `(scale · x Aᵀ Bᵀ, x as rows, scale · x Aᵀ)` of [`low_rank`]: the output, and what its
+/// backward reads. In rows, `[batch · seq, ..]`, so that each product is one GEMM call.
 fn low_rank_forward(x: &tch::Tensor, a: &tch::Tensor, b: &tch::Tensor, scale: f64) -> (tch::Tensor, tch::Tensor, tch::Tensor) {
-    let rows = to_f32(x.flatten(0, -2));
+    let rows = x.flatten(0, -2);
     // rows,in -> rows,r -> rows,out: never an in×out matrix; the scale on the narrow middle.
-    let mut down = rows.linear::<tch::Tensor>(a, None);
+    let mut down = to_f32(rows.shallow_clone()).linear::<tch::Tensor>(a, None);
     let _ = down.g_mul_scalar_(scale);
     let mut shape = x.size();
     *shape.last_mut().expect("x has dims") = b.size()[0];
@@ -336,11 +346,27 @@ fn target_ids(targets: &[i64], device: tch::Device) -> tch::Tensor {
 }
 
 /// `(Σ lse − logit[target], lse)`: the summed loss `[1]` and the log-sum-exp `[n, 1]`, in f32.
+/// LibTorch's `logsumexp` steps (max, exp(x − max) summed, log, + max), on one f32 copy of the
+/// logits shifted and exponentiated in place: at the step's peak (every layer's activations
+/// still held) that is 4 bytes a logit less than `logsumexp`'s own second temporary.
 fn cross_entropy_forward(logits: &tch::Tensor, ids: &tch::Tensor) -> (tch::Tensor, tch::Tensor) {
-    let x = logits.to_kind(tch::Kind::Float);
-    let lse = x.logsumexp([-1].as_slice(), true);
-    let total = (&lse - x.gather(1, ids, false)).sum(tch::Kind::Float).reshape([1]);
+    let mut x = writable_f32(logits);
+    let target = x.gather(1, ids, false);
+    let mut max = x.amax([-1].as_slice(), true);
+    let infinite = max.isinf();
+    let _ = max.masked_fill_(&infinite, 0.0);
+    let _ = x.g_sub_(&max);
+    let _ = x.exp_();
+    let mut lse = x.sum_dim_intlist([-1].as_slice(), true, tch::Kind::Float);
+    let _ = lse.log_();
+    let _ = lse.g_add_(&max);
+    let total = (&lse - target).sum(tch::Kind::Float).reshape([1]);
     (total, lse)
+}
+
+/// `t` as an f32 tensor of its own, to be written in place (a copy even when `t` is f32).
+fn writable_f32(t: &tch::Tensor) -> tch::Tensor {
+    if t.kind() == tch::Kind::Float { t.copy() } else { t.to_kind(tch::Kind::Float) }
 }
 
 impl TorchOps for LibTorch {
@@ -445,21 +471,46 @@ impl<const N: usize> Backward<LibTorch, N> for TorchGraphBackward {
 }
 
 /// Backward of [`low_rank`], in rows: with `d = s · x Aᵀ` (kept from the forward),
-/// dB = dyᵀ d, dd = s · dy B, dA = ddᵀ x, dx = dd A in `x`'s dtype.
+/// dB = dyᵀ d, dd = s · dy B, dA = ddᵀ x, dx = dd A in `x`'s dtype. `x` is kept in its own dtype
+/// (the tensor the layer holds anyway, shared by every branch that reads it) and cast to f32 here:
+/// a bf16 activation kept as f32 rows for each of a layer's seven branches cost 2.9× its size.
 #[derive(Debug)]
 struct LowRankBackward;
 
 #[derive(Debug, Clone)]
 struct LowRankState {
-    /// `x` as f32 rows.
-    rows: TchTensor,
+    input: BranchInput,
+    x_shape: Vec<i64>,
+    x_kind: tch::Kind,
     /// `s · x Aᵀ`, rows.
     down: TchTensor,
     a: TchTensor,
     b: TchTensor,
     scale: f64,
-    x_shape: Vec<i64>,
-    x_kind: tch::Kind,
+}
+
+/// What a LoRA branch keeps to have its input `x` in backward, as `[batch · seq, in]` rows.
+#[derive(Debug, Clone)]
+enum BranchInput {
+    /// A view of `x` (sharing its storage handle, so burn never writes over it).
+    Rows(TchTensor),
+    /// `x = silu(gate) · up`, made again (the same kernels, the same values).
+    Swiglu { gate: TchTensor, up: TchTensor },
+}
+
+impl BranchInput {
+    /// `dA = ddᵀ x`, `x` in f32 (exact: every bf16/f16 value is an f32).
+    fn a_gradient(&self, d_down: &tch::Tensor) -> tch::Tensor {
+        let remade;
+        let rows = match self {
+            BranchInput::Rows(rows) => &rows.tensor,
+            BranchInput::Swiglu { gate, up } => {
+                remade = (gate.tensor.silu() * &up.tensor).flatten(0, -2);
+                &remade
+            }
+        };
+        if rows.kind() == tch::Kind::Float { d_down.tr().mm(rows) } else { d_down.tr().mm(&rows.to_kind(tch::Kind::Float)) }
+    }
 }
 
 impl Backward<LibTorch, 3> for LowRankBackward {
@@ -467,7 +518,7 @@ impl Backward<LibTorch, 3> for LowRankBackward {
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<LibTorch>(&ops.node).tensor.flatten(0, -2);
-        let LowRankState { rows, down, a, b, scale, x_shape, x_kind } = ops.state;
+        let LowRankState { input, x_shape, x_kind, down, a, b, scale } = ops.state;
         let [node_x, node_a, node_b] = ops.parents;
         tch::no_grad(|| {
             if let Some(node) = node_b {
@@ -476,13 +527,61 @@ impl Backward<LibTorch, 3> for LowRankBackward {
             let mut d_down = dy.mm(&b.tensor);
             let _ = d_down.g_mul_scalar_(scale);
             if let Some(node) = node_a {
-                grads.register::<LibTorch>(node.id, TchTensor::new(d_down.tr().mm(&rows.tensor)));
+                grads.register::<LibTorch>(node.id, TchTensor::new(input.a_gradient(&d_down)));
             }
             if let Some(node) = node_x {
                 let dx = d_down.mm(&a.tensor).view(x_shape.as_slice());
                 grads.register::<LibTorch>(node.id, TchTensor::new(if x_kind == tch::Kind::Float { dx } else { dx.to_kind(x_kind) }));
             }
         });
+    }
+}
+
+/// SwiGLU's latest output under autodiff, with the gate and up it was made from. LoRA's branch on
+/// down_proj reads that output next: finding it here (the same buffer, still alive, not written
+/// since), the branch keeps gate and up, which SwiGLU's backward keeps anyway, instead of a third
+/// `[tokens, intermediate]` tensor (15% of a bf16 LLaMA-7B layer's activations). Taken by the next
+/// branch, replaced by the next SwiGLU, dropped by SwiGLU's backward: never held past a layer's
+/// forward that did not use it, nor past backward.
+struct SwigluOutput {
+    buffer: Weak<*mut c_void>,
+    data: *mut c_void,
+    size: Vec<i64>,
+    strides: Vec<i64>,
+    version: i64,
+    gate: TchTensor,
+    up: TchTensor,
+}
+
+thread_local! {
+    static LATEST_SWIGLU: RefCell<Option<SwigluOutput>> = const { RefCell::new(None) };
+}
+
+impl SwigluOutput {
+    fn remember(output: &TchTensor, gate: &TchTensor, up: &TchTensor) {
+        let latest = SwigluOutput {
+            buffer: Arc::downgrade(output.storage.buffer_ref()),
+            data: output.tensor.data_ptr(),
+            size: output.tensor.size(),
+            strides: output.tensor.stride(),
+            version: output.tensor.internal_version(),
+            gate: gate.clone(),
+            up: up.clone(),
+        };
+        LATEST_SWIGLU.with(|slot| *slot.borrow_mut() = Some(latest));
+    }
+
+    fn forget() {
+        LATEST_SWIGLU.with(|slot| slot.borrow_mut().take());
+    }
+
+    /// Gate and up if `x` is the latest output, unchanged; the record is taken either way.
+    fn sources_of(x: &TchTensor) -> Option<(TchTensor, TchTensor)> {
+        let latest = LATEST_SWIGLU.with(|slot| slot.borrow_mut().take())?;
+        let same_buffer = latest.buffer.upgrade().is_some_and(|buffer| Arc::ptr_eq(&buffer, x.storage.buffer_ref()));
+        let t = &x.tensor;
+        (same_buffer && t.data_ptr() == latest.data && t.size() == latest.size && t.stride() == latest.strides && t.internal_version() == latest.version)
+            .then_some((latest.gate, latest.up))
     }
 }
 
@@ -521,6 +620,7 @@ impl Backward<LibTorch, 2> for SwigluBackward {
     type State = (TchTensor, TchTensor);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        SwigluOutput::forget();
         let dy = grads.consume::<LibTorch>(&ops.node).tensor;
         let (gate, up) = ops.state;
         let [node_gate, node_up] = ops.parents;
@@ -557,7 +657,8 @@ impl Backward<LibTorch, 1> for CrossEntropyBackward {
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         input_backward(ops, grads, |dy, (logits, ids, lse)| {
-            let mut probs = logits.tensor.to_kind(tch::Kind::Float) - &lse.tensor;
+            let mut probs = writable_f32(&logits.tensor);
+            let _ = probs.g_sub_(&lse.tensor);
             let _ = probs.exp_();
             let minus_one = tch::Tensor::full([ids.tensor.size()[0], 1], -1.0, (tch::Kind::Float, probs.device()));
             let _ = probs.scatter_add_(1, &ids.tensor, &minus_one);
@@ -592,8 +693,11 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
     fn torch_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         let prep = SwigluBackward.prepare::<C>([gate.node(), up.node()]).compute_bound().stateful();
         let (gate, up) = (gate.into_primitive(), up.into_primitive());
-        let y = tch::no_grad(|| gate.tensor.silu() * &up.tensor);
-        super::finish(prep, (gate, up), TchTensor::new(y))
+        let y = TchTensor::new(tch::no_grad(|| gate.tensor.silu() * &up.tensor));
+        if let OpsKind::Tracked(_) = &prep {
+            SwigluOutput::remember(&y, &gate, &up);
+        }
+        super::finish(prep, (gate, up), y)
     }
 
     fn torch_attention(
@@ -621,11 +725,13 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
     fn torch_low_rank(x: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
         let prep = LowRankBackward.prepare::<C>([x.node(), a.node(), b.node()]).compute_bound().stateful();
         let [x, a, b] = [x, a, b].map(|t| t.into_primitive());
-        let (x_shape, x_kind) = (x.tensor.size(), x.tensor.kind());
         let (y, rows, down) = tch::no_grad(|| low_rank_forward(&x.tensor, &a.tensor, &b.tensor, scale));
-        // An f32 `x`'s rows are a view of it: share its storage handle, so burn never writes over it.
-        let rows = if x_kind == tch::Kind::Float { TchTensor::from_existing(rows, x.storage.clone()) } else { TchTensor::new(rows) };
-        let state = LowRankState { rows, down: TchTensor::new(down), a, b, scale, x_shape, x_kind };
+        let (x_shape, x_kind) = (x.tensor.size(), x.tensor.kind());
+        let input = match SwigluOutput::sources_of(&x) {
+            Some((gate, up)) => BranchInput::Swiglu { gate, up },
+            None => BranchInput::Rows(TchTensor::from_existing(rows, x.storage)),
+        };
+        let state = LowRankState { input, x_shape, x_kind, down: TchTensor::new(down), a, b, scale };
         super::finish(prep, state, TchTensor::new(y))
     }
 
