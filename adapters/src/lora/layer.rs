@@ -4,7 +4,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use ember_models::Projection;
-use ember_models::fused::{low_rank, matmul};
+use ember_models::fused::{low_rank, low_rank_onto, matmul};
 use ember_models::layers::{Linear, output_surrogate};
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -74,8 +74,14 @@ impl LoraBranch {
 impl ProjectionBranch for LoraBranch {
     fn forward(&self, base: &Linear, x: Tensor<3>) -> Tensor<3> {
         let y = base.forward(x.clone());
-        let dtype = y.dtype();
-        y + self.delta(self.dropout.forward(x)).cast(dtype)
+        let x = self.dropout.forward(x);
+        match low_rank_onto(y, &x, &self.lora_a.val(), &self.lora_b.val(), self.scale) {
+            Ok(sum) => sum,
+            Err(y) => {
+                let dtype = y.dtype();
+                y + self.delta(x).cast(dtype)
+            }
+        }
     }
 
     /// The base's surrogate (no frozen forward) plus the branch's own, as [`Self::forward`] adds them.

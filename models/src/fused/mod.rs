@@ -452,6 +452,21 @@ pub fn low_rank(x: &Tensor<3>, a: &Tensor<2>, b: &Tensor<2>, scale: f64) -> Opti
     None
 }
 
+/// `y + scale · x Aᵀ Bᵀ` in `y`'s dtype, the sum computed in f32 and rounded once, as PEFT adds
+/// its f32 branch to a bf16 base output and casts the sum (a cast of the branch first rounds
+/// twice), on LibTorch, in place of `y` where nothing else holds it; `Err(y)` elsewhere.
+///
+/// # Shapes
+/// - y: `[batch, seq, out]`; x: `[batch, seq, in]`; a: `[rank, in]`, b: `[out, rank]`, both f32
+/// - output: `[batch, seq, out]`, in `y`'s dtype
+#[allow(unused_variables)]
+pub fn low_rank_onto(y: Tensor<3>, x: &Tensor<3>, a: &Tensor<2>, b: &Tensor<2>, scale: f64) -> Result<Tensor<3>, Tensor<3>> {
+    #[cfg(feature = "tch")]
+    return torch_ops::low_rank_onto(y, x, a, b, scale);
+    #[cfg(not(feature = "tch"))]
+    Err(y)
+}
+
 /// Attention of sequences packed into one row, each causal over its own keys after the shared
 /// prefix's (if any): [`attention`] once per sequence, in one operation whose backward hands back
 /// whole gradients (on LibTorch). `None` elsewhere: then the caller attends to each sequence's
@@ -1162,6 +1177,33 @@ mod tests {
         let (x, a, b) = (random([batch, seq, input], &device), random([rank, input], &device).require_grad(), random([output, rank], &device).require_grad());
         let grads = low_rank(&x, &a, &b, scale).unwrap().sum().backward();
         assert!(a.grad(&grads).is_some() && b.grad(&grads).is_some() && x.grad(&grads).is_none());
+    }
+
+    /// The sum with the base output is PEFT's: computed in f32, rounded once to the base's dtype;
+    /// the gradients are those of the cast-up sum.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn low_rank_onto_on_libtorch_rounds_the_sum_once() {
+        let device = Device::libtorch().autodiff();
+        let (batch, seq, input, rank, output, scale) = (2, 5, 8, 4, 6, 0.5);
+        for dtype in [DType::F32, DType::BF16] {
+            let (x, y) = (random([batch, seq, input], &device).cast(dtype), random([batch, seq, output], &device).cast(dtype));
+            let (a, b) = (random([rank, input], &device), random([output, rank], &device));
+            let probe = random([batch, seq, output], &device).cast(dtype);
+            let run = |onto: bool| {
+                let (x, y, a, b) = (x.clone().require_grad(), y.clone().require_grad(), a.clone().require_grad(), b.clone().require_grad());
+                // An intermediate, as a projection's output is: burn holds it nowhere else.
+                let base = y.clone().mul_scalar(1.0);
+                let sum = match onto {
+                    true => low_rank_onto(base, &x, &a, &b, scale).unwrap(),
+                    false => (base.cast(DType::F32) + low_rank(&x, &a, &b, scale).unwrap()).cast(dtype),
+                };
+                let grads = (sum.clone() * probe.clone()).sum().backward();
+                let of = |t: &Tensor<3>| t.grad(&grads).unwrap().cast(DType::F32).into_data();
+                [sum.cast(DType::F32).into_data(), of(&y), of(&x), a.grad(&grads).unwrap().into_data(), b.grad(&grads).unwrap().into_data()]
+            };
+            assert_eq!(run(true), run(false), "{dtype:?}");
+        }
     }
 
     /// A branch reading SwiGLU's output keeps gate and up and makes the product again: the same

@@ -25,6 +25,7 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::libtorch::TchTensor;
@@ -91,6 +92,15 @@ pub fn low_rank(x: &Tensor<3>, a: &Tensor<2>, b: &Tensor<2>, scale: f64) -> Opti
         let [x, a, b] = [x.clone().into_dispatch(), a.clone().into_dispatch(), b.clone().into_dispatch()];
         Tensor::from_dispatch(<Dispatch as TorchOps>::torch_low_rank(x, a, b, scale))
     })
+}
+
+/// [`super::low_rank_onto`] on LibTorch.
+pub fn low_rank_onto(y: Tensor<3>, x: &Tensor<3>, a: &Tensor<2>, b: &Tensor<2>, scale: f64) -> Result<Tensor<3>, Tensor<3>> {
+    if !(on_libtorch(Op::LowRank, x) && a.dtype() == DType::F32 && b.dtype() == DType::F32) {
+        return Err(y);
+    }
+    let [x, a, b] = [x.clone().into_dispatch(), a.clone().into_dispatch(), b.clone().into_dispatch()];
+    Ok(Tensor::from_dispatch(<Dispatch as TorchOps>::torch_low_rank_onto(y.into_dispatch(), x, a, b, scale)))
 }
 
 /// Whether `t` is a float tensor on LibTorch (with or without autodiff) and the fused `op` is on.
@@ -210,6 +220,7 @@ pub trait TorchOps: Backend {
         scale: f64,
     ) -> FloatTensor<Self>;
     fn torch_low_rank(x: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
+    fn torch_low_rank_onto(y: FloatTensor<Self>, x: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
     fn torch_packed_causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, lengths: Vec<usize>, scale: f64) -> FloatTensor<Self>;
     fn torch_packed_prefix_attention(
         q: FloatTensor<Self>,
@@ -369,6 +380,18 @@ fn writable_f32(t: &tch::Tensor) -> tch::Tensor {
     if t.kind() == tch::Kind::Float { t.copy() } else { t.to_kind(tch::Kind::Float) }
 }
 
+/// `y + delta` in `y`'s dtype, computed in f32 and rounded once: in place when burn holds `y`
+/// nowhere else (one kernel), otherwise a new tensor.
+fn add_rounding_once(y: TchTensor, delta: &tch::Tensor) -> TchTensor {
+    if y.storage.can_mut() {
+        let mut sum = y.tensor.shallow_clone();
+        let _ = sum.g_add_(delta);
+        TchTensor::from_existing(sum, y.storage)
+    } else {
+        TchTensor::new((&y.tensor + delta).to_kind(y.tensor.kind()))
+    }
+}
+
 impl TorchOps for LibTorch {
     fn torch_rms_norm(x: TchTensor, weight: TchTensor, eps: f64) -> TchTensor {
         TchTensor::new(tch::no_grad(|| rms_norm_forward(&x.tensor, &weight.tensor, eps).0))
@@ -392,6 +415,10 @@ impl TorchOps for LibTorch {
 
     fn torch_low_rank(x: TchTensor, a: TchTensor, b: TchTensor, scale: f64) -> TchTensor {
         TchTensor::new(tch::no_grad(|| low_rank_forward(&x.tensor, &a.tensor, &b.tensor, scale).0))
+    }
+
+    fn torch_low_rank_onto(y: TchTensor, x: TchTensor, a: TchTensor, b: TchTensor, scale: f64) -> TchTensor {
+        tch::no_grad(|| add_rounding_once(y, &low_rank_forward(&x.tensor, &a.tensor, &b.tensor, scale).0))
     }
 
     fn torch_packed_causal_attention(q: TchTensor, k: TchTensor, v: TchTensor, lengths: Vec<usize>, scale: f64) -> TchTensor {
@@ -517,24 +544,59 @@ impl Backward<LibTorch, 3> for LowRankBackward {
     type State = LowRankState;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let dy = grads.consume::<LibTorch>(&ops.node).tensor.flatten(0, -2);
-        let LowRankState { input, x_shape, x_kind, down, a, b, scale } = ops.state;
-        let [node_x, node_a, node_b] = ops.parents;
-        tch::no_grad(|| {
-            if let Some(node) = node_b {
-                grads.register::<LibTorch>(node.id, TchTensor::new(dy.tr().mm(&down.tensor)));
-            }
-            let mut d_down = dy.mm(&b.tensor);
-            let _ = d_down.g_mul_scalar_(scale);
-            if let Some(node) = node_a {
-                grads.register::<LibTorch>(node.id, TchTensor::new(input.a_gradient(&d_down)));
-            }
-            if let Some(node) = node_x {
-                let dx = d_down.mm(&a.tensor).view(x_shape.as_slice());
-                grads.register::<LibTorch>(node.id, TchTensor::new(if x_kind == tch::Kind::Float { dx } else { dx.to_kind(x_kind) }));
-            }
-        });
+        let dy = grads.consume::<LibTorch>(&ops.node).tensor;
+        low_rank_gradients(&dy, ops.state, ops.parents.map(|p| p.map(|node| node.id)), grads);
     }
+}
+
+/// Backward of [`low_rank_onto`]: `y`'s gradient is the output's, the branch's as [`low_rank`]'s
+/// from it in f32.
+#[derive(Debug)]
+struct LowRankOntoBackward;
+
+impl Backward<LibTorch, 4> for LowRankOntoBackward {
+    type State = LowRankState;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<LibTorch>(&ops.node).tensor;
+        let [node_y, node_x, node_a, node_b] = ops.parents.map(|p| p.map(|node| node.id));
+        if let Some(id) = node_y {
+            grads.register::<LibTorch>(id, TchTensor::new(dy.shallow_clone()));
+        }
+        let dy = tch::no_grad(|| to_f32(dy));
+        low_rank_gradients(&dy, ops.state, [node_x, node_a, node_b], grads);
+    }
+}
+
+/// Registers the gradients of x, A and B (the nodes that want one) from the output's `dy`.
+fn low_rank_gradients(dy: &tch::Tensor, state: LowRankState, [node_x, node_a, node_b]: [Option<NodeId>; 3], grads: &mut Gradients) {
+    let dy = dy.flatten(0, -2);
+    let LowRankState { input, x_shape, x_kind, down, a, b, scale } = state;
+    tch::no_grad(|| {
+        if let Some(id) = node_b {
+            grads.register::<LibTorch>(id, TchTensor::new(dy.tr().mm(&down.tensor)));
+        }
+        let mut d_down = dy.mm(&b.tensor);
+        let _ = d_down.g_mul_scalar_(scale);
+        if let Some(id) = node_a {
+            grads.register::<LibTorch>(id, TchTensor::new(input.a_gradient(&d_down)));
+        }
+        if let Some(id) = node_x {
+            let dx = d_down.mm(&a.tensor).view(x_shape.as_slice());
+            grads.register::<LibTorch>(id, TchTensor::new(if x_kind == tch::Kind::Float { dx } else { dx.to_kind(x_kind) }));
+        }
+    });
+}
+
+/// [`low_rank`]'s output, and what its backward keeps.
+fn low_rank_with_state([x, a, b]: [TchTensor; 3], scale: f64) -> (tch::Tensor, LowRankState) {
+    let (delta, rows, down) = tch::no_grad(|| low_rank_forward(&x.tensor, &a.tensor, &b.tensor, scale));
+    let (x_shape, x_kind) = (x.tensor.size(), x.tensor.kind());
+    let input = match SwigluOutput::sources_of(&x) {
+        Some((gate, up)) => BranchInput::Swiglu { gate, up },
+        None => BranchInput::Rows(TchTensor::from_existing(rows, x.storage)),
+    };
+    (delta, LowRankState { input, x_shape, x_kind, down: TchTensor::new(down), a, b, scale })
 }
 
 /// SwiGLU's latest output under autodiff, with the gate and up it was made from. LoRA's branch on
@@ -724,15 +786,15 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
 
     fn torch_low_rank(x: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
         let prep = LowRankBackward.prepare::<C>([x.node(), a.node(), b.node()]).compute_bound().stateful();
-        let [x, a, b] = [x, a, b].map(|t| t.into_primitive());
-        let (y, rows, down) = tch::no_grad(|| low_rank_forward(&x.tensor, &a.tensor, &b.tensor, scale));
-        let (x_shape, x_kind) = (x.tensor.size(), x.tensor.kind());
-        let input = match SwigluOutput::sources_of(&x) {
-            Some((gate, up)) => BranchInput::Swiglu { gate, up },
-            None => BranchInput::Rows(TchTensor::from_existing(rows, x.storage)),
-        };
-        let state = LowRankState { input, x_shape, x_kind, down: TchTensor::new(down), a, b, scale };
-        super::finish(prep, state, TchTensor::new(y))
+        let (delta, state) = low_rank_with_state([x, a, b].map(|t| t.into_primitive()), scale);
+        super::finish(prep, state, TchTensor::new(delta))
+    }
+
+    fn torch_low_rank_onto(y: FloatTensor<Self>, x: FloatTensor<Self>, a: FloatTensor<Self>, b: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        let prep = LowRankOntoBackward.prepare::<C>([y.node(), x.node(), a.node(), b.node()]).compute_bound().stateful();
+        let y = y.into_primitive();
+        let (delta, state) = low_rank_with_state([x, a, b].map(|t| t.into_primitive()), scale);
+        super::finish(prep, state, tch::no_grad(|| add_rounding_once(y, &delta)))
     }
 
     fn torch_packed_causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, lengths: Vec<usize>, scale: f64) -> FloatTensor<Self> {
