@@ -33,11 +33,11 @@ fn mutate(seed: &[u8], edits: &[(usize, u8, u8)]) -> Vec<u8> {
     bytes
 }
 
-/// A scratch file, unique per test thread.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ember-fuzz-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(format!("{:?}-{name}", std::thread::current().id()).replace(['(', ')'], ""))
+/// A scratch file in a folder of its own, removed with the returned guard.
+fn scratch(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new().prefix("ember-fuzz-").tempdir().unwrap();
+    let path = dir.path().join(name);
+    (dir, path)
 }
 
 const ALPACA: &str = r#"[{"instruction": "Give three tips.", "input": "", "output": "Eat, sleep, move."},
@@ -121,10 +121,10 @@ fn seeds_are_valid() {
     let views = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_bin/views.bin")).unwrap();
     assert_eq!(ember_models::torch::count_tensors(Path::new("views.bin"), &views).unwrap(), 5);
     ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), RECIPE, &[], &[], Fetch::CacheOnly).unwrap();
-    let path = scratch("seed.safetensors");
+    let (_dir, path) = scratch("seed.safetensors");
     std::fs::write(&path, valid_safetensors()).unwrap();
     assert_eq!(Checkpoint::open_file(&path).unwrap().keys().count(), 11);
-    let path = scratch("seed.gguf");
+    let (_dir, path) = scratch("seed.gguf");
     std::fs::write(&path, valid_gguf()).unwrap();
     let file = GgufFile::open(&path).unwrap();
     assert_eq!(file.dequantize(&file.tensors[1]).len(), 4);
@@ -173,7 +173,7 @@ proptest! {
     #[test]
     fn safetensors_reader_never_panics(edits in edits(), header_edits in prop::collection::vec((0usize..2000, any::<u8>()), 1..6)) {
         let seed = valid_safetensors();
-        let path = scratch("fuzz.safetensors");
+        let (_dir, path) = scratch("fuzz.safetensors");
         std::fs::write(&path, mutate(&seed, &edits)).unwrap();
         read_safetensors(&path);
         // Edits inside the JSON header, where the offsets, shapes and dtypes are.
@@ -188,7 +188,7 @@ proptest! {
 
     #[test]
     fn gguf_reader_never_panics(edits in edits()) {
-        let path = scratch("fuzz.gguf");
+        let (_dir, path) = scratch("fuzz.gguf");
         std::fs::write(&path, mutate(&valid_gguf(), &edits)).unwrap();
         read_gguf(&path);
     }

@@ -215,7 +215,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("data.json");
         std::fs::write(&path, text).unwrap();
-        Dataset::load(&path).map(|d| d.samples)
+        let samples = Dataset::load(&path).map(|d| d.samples);
+        std::fs::remove_dir_all(&dir).unwrap();
+        samples
     }
 
     #[test]

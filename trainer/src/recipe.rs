@@ -690,7 +690,9 @@ mod tests {
         let path = dir.join("r.toml");
         std::fs::write(&path, text).unwrap();
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        Recipe::load_with_env(&path, &env, &overrides.iter().map(|s| s.to_string()).collect::<Vec<_>>(), Fetch::CacheOnly).map_err(|e| e.to_string())
+        let recipe = Recipe::load_with_env(&path, &env, &overrides.iter().map(|s| s.to_string()).collect::<Vec<_>>(), Fetch::CacheOnly).map_err(|e| e.to_string());
+        std::fs::remove_dir_all(&dir).unwrap();
+        recipe
     }
 
     #[test]
