@@ -136,14 +136,14 @@ impl Layout {
     }
 }
 
-/// For each byte, `value` of each of its `bits`-wide fields, lowest first: 256 rows of
-/// `8 / bits` values.
 /// What a byte of a high-bit plane adds to each of its `8 / bits` codes (16 a step), for a
 /// 256-row lookup.
 pub(crate) fn high_table(bits: usize) -> Vec<f32> {
     byte_table(bits, |high| (16 * high) as f32)
 }
 
+/// For each byte, `value` of each of its `bits`-wide fields, lowest first: 256 rows of
+/// `8 / bits` values.
 fn byte_table(bits: usize, value: impl Fn(u8) -> f32) -> Vec<f32> {
     let mask = ((1u16 << bits) - 1) as u8;
     (0..=255u8).flat_map(|b| (0..8 / bits).map(move |k| b >> (bits * k) & mask)).map(value).collect()

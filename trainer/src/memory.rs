@@ -89,10 +89,12 @@ pub fn estimate(
     let torch_attention = !on_flex && fused::enabled_for(fused::Op::Attention);
     let attention = a * (h + 2.0 * kv) + if torch_attention { 2.0 * a * h } else { 0.0 };
     let mlp = if fused::enabled_for(fused::Op::Swiglu) { 2.0 } else { 4.0 } * a * f;
-    let per_score = match () {
-        _ if torch_attention => 0.0,
-        _ if flex_fused(fused::Op::Attention) => 4.0,
-        _ => 4.0 + a,
+    let per_score = if torch_attention {
+        0.0
+    } else if flex_fused(fused::Op::Attention) {
+        4.0
+    } else {
+        4.0 + a
     };
     // What the method's own layers keep (a LoRA branch: its input, shared with the branches
     // that read the same activation, and its f32 `x·A`).

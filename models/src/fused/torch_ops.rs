@@ -88,7 +88,7 @@ pub fn packed_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, prefix: Opt
 /// - x: `[batch, seq, in]`; a: `[rank, in]`, b: `[out, rank]`, both f32
 /// - output: `[batch, seq, out]`, f32
 pub fn low_rank(x: &Tensor<3>, a: &Tensor<2>, b: &Tensor<2>, scale: f64) -> Option<Tensor<3>> {
-    (on_libtorch(Op::LowRank, x) && a.dtype() == DType::F32 && b.dtype() == DType::F32).then(|| {
+    low_rank_applies(x, a, b).then(|| {
         let [x, a, b] = [x.clone().into_dispatch(), a.clone().into_dispatch(), b.clone().into_dispatch()];
         Tensor::from_dispatch(<Dispatch as TorchOps>::torch_low_rank(x, a, b, scale))
     })
@@ -96,11 +96,16 @@ pub fn low_rank(x: &Tensor<3>, a: &Tensor<2>, b: &Tensor<2>, scale: f64) -> Opti
 
 /// [`super::low_rank_onto`] on LibTorch.
 pub fn low_rank_onto(y: Tensor<3>, x: &Tensor<3>, a: &Tensor<2>, b: &Tensor<2>, scale: f64) -> Result<Tensor<3>, Tensor<3>> {
-    if !(on_libtorch(Op::LowRank, x) && a.dtype() == DType::F32 && b.dtype() == DType::F32) {
+    if !low_rank_applies(x, a, b) {
         return Err(y);
     }
     let [x, a, b] = [x.clone().into_dispatch(), a.clone().into_dispatch(), b.clone().into_dispatch()];
     Ok(Tensor::from_dispatch(<Dispatch as TorchOps>::torch_low_rank_onto(y.into_dispatch(), x, a, b, scale)))
+}
+
+/// Whether LoRA's fused branch serves `x` (on LibTorch) with f32 `a` and `b`.
+fn low_rank_applies(x: &Tensor<3>, a: &Tensor<2>, b: &Tensor<2>) -> bool {
+    on_libtorch(Op::LowRank, x) && a.dtype() == DType::F32 && b.dtype() == DType::F32
 }
 
 /// Whether `t` is a float tensor on LibTorch (with or without autodiff) and the fused `op` is on.
