@@ -57,6 +57,11 @@ fn largest_magnitude(x: &[f32]) -> f32 {
     x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m })
 }
 
+/// The largest value, or 0 if none is positive.
+fn largest_or_zero(x: &[f32]) -> f32 {
+    x.iter().fold(0f32, |m, &v| if v > m { v } else { m })
+}
+
 /// `values` encoded block by block with `encode_block`, blocks of `block` values in `bytes` bytes
 /// each, spread over the threads (blocks are independent).
 fn encode_blocks(values: &[f32], block: usize, bytes: usize, encode_block: impl Fn(&[f32], &mut [u8]) + Sync) -> Vec<u8> {
@@ -172,72 +177,102 @@ const Q2_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 3, rmin: -0.5, rdelta: 0.1,
 const Q4_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 15, rmin: -1.0, rdelta: 0.1, steps: 20, absolute_error: false };
 const Q5_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 31, rmin: -0.5, rdelta: 0.1, steps: 15, absolute_error: false };
 
-/// ggml's `make_qkx2_quants` over one sub-block (of up to 32 values): the scale and minimum
-/// (returned as `(scale, -min)`, the minimum as a non-negative offset) minimising the weighted
-/// error over `search`'s candidate scales; `codes` gets the sub-block's codes.
-fn scale_and_min(x: &[f32], weights: &[f32], codes: &mut [u8], search: ScaleSearch) -> (f32, f32) {
+/// ggml's `make_qkx2_quants` over each of the `L` consecutive `N`-value sub-blocks of `x`: the
+/// scale and minimum minimising the `weights`-weighted error over `search`'s candidate scales,
+/// returned as `(scales, -mins)` (each minimum as a non-negative offset); `codes` gets the
+/// sub-blocks' codes.
+///
+/// One sub-block's candidates depend on each other (an improvement moves the minimum the next
+/// one starts from); the sub-blocks do not. So they run side by side, sub-block `j` in lane `j`,
+/// each in ggml's operations and order (the same floats as on its own), which the compiler
+/// vectorises over the lanes.
+fn scale_and_min<const L: usize, const N: usize>(x: &[f32], weights: &[f32], codes: &mut [u8], search: ScaleSearch) -> ([f32; L], [f32; L]) {
     let ScaleSearch { nmax, rmin, rdelta, steps, absolute_error } = search;
     let error_of = |diff: f32| if absolute_error { diff.abs() } else { diff * diff };
-    let mut min = x[0];
-    let mut max = x[0];
-    let mut sum_w = weights[0];
-    let mut sum_x = sum_w * x[0];
-    for i in 1..x.len() {
-        min = min.min(x[i]);
-        max = max.max(x[i]);
-        sum_w += weights[i];
-        sum_x += weights[i] * x[i];
+    let quantize = |iscale: f32, v: f32, min: f32| nearest_int(iscale * (v - min)).clamp(0, nmax) as f32;
+    // x[i][j], w[i][j]: value i of sub-block j.
+    let x: [[f32; L]; N] = std::array::from_fn(|i| std::array::from_fn(|j| x[N * j + i]));
+    let w: [[f32; L]; N] = std::array::from_fn(|i| std::array::from_fn(|j| weights[N * j + i]));
+    let (mut min, mut max, mut sum_w) = (x[0], x[0], w[0]);
+    let mut sum_x: [f32; L] = std::array::from_fn(|j| w[0][j] * x[0][j]);
+    for i in 1..N {
+        for j in 0..L {
+            min[j] = if x[i][j] < min[j] { x[i][j] } else { min[j] };
+            max[j] = if x[i][j] > max[j] { x[i][j] } else { max[j] };
+            sum_w[j] += w[i][j];
+            sum_x[j] += w[i][j] * x[i][j];
+        }
     }
-    if min > 0.0 {
-        min = 0.0;
+    for m in &mut min {
+        if *m > 0.0 {
+            *m = 0.0;
+        }
     }
-    if max == min {
-        codes.fill(0);
-        return (0.0, -min);
+    // A constant sub-block: codes 0, scale 0 (its lane's arithmetic below is discarded).
+    let constant: [bool; L] = std::array::from_fn(|j| max[j] == min[j]);
+    let constant_min = min;
+    let iscale: [f32; L] = std::array::from_fn(|j| nmax as f32 / (max[j] - min[j]));
+    let mut scale = iscale.map(|i| 1.0 / i);
+    let mut best = [[0f32; L]; N];
+    let mut best_error = [0f32; L];
+    for i in 0..N {
+        for j in 0..L {
+            let l = quantize(iscale[j], x[i][j], min[j]);
+            best[i][j] = l;
+            best_error[j] += w[i][j] * error_of(scale[j] * l + min[j] - x[i][j]);
+        }
     }
-    let mut iscale = nmax as f32 / (max - min);
-    let mut scale = 1.0 / iscale;
-    let mut best_error = 0f32;
-    for i in 0..x.len() {
-        let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-        codes[i] = l as u8;
-        let diff = scale * l as f32 + min - x[i];
-        best_error += weights[i] * error_of(diff);
-    }
-    let mut candidate = [0u8; 32];
+    let mut candidate = [[0f32; L]; N];
     for step in 0..=steps {
-        iscale = (rmin + rdelta * step as f32 + nmax as f32) / (max - min);
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
-        for i in 0..x.len() {
-            let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-            candidate[i] = l as u8;
-            let (w, l) = (weights[i], l as f32);
-            sum_l += w * l;
-            sum_l2 += w * l * l;
-            sum_xl += w * l * x[i];
+        let iscale: [f32; L] = std::array::from_fn(|j| (rmin + rdelta * step as f32 + nmax as f32) / (max[j] - min[j]));
+        let (mut sum_l, mut sum_l2, mut sum_xl) = ([0f32; L], [0f32; L], [0f32; L]);
+        for i in 0..N {
+            for j in 0..L {
+                let l = quantize(iscale[j], x[i][j], min[j]);
+                candidate[i][j] = l;
+                sum_l[j] += w[i][j] * l;
+                sum_l2[j] += w[i][j] * l * l;
+                sum_xl[j] += w[i][j] * l * x[i][j];
+            }
         }
-        let det = sum_w * sum_l2 - sum_l * sum_l;
-        if det > 0.0 {
-            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
-            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
-            if this_min > 0.0 {
-                this_min = 0.0;
-                this_scale = sum_xl / sum_l2;
+        // Selects rather than branches, so that the lanes stay in vectors.
+        let (mut this_scale, mut this_min, mut fitted) = ([0f32; L], [0f32; L], [false; L]);
+        for j in 0..L {
+            let det = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j];
+            fitted[j] = det > 0.0;
+            let scale = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / det;
+            let min = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / det;
+            this_scale[j] = if min > 0.0 { sum_xl[j] / sum_l2[j] } else { scale };
+            this_min[j] = if min > 0.0 { 0.0 } else { min };
+        }
+        let mut error = [0f32; L];
+        for i in 0..N {
+            for j in 0..L {
+                error[j] += w[i][j] * error_of(this_scale[j] * candidate[i][j] + this_min[j] - x[i][j]);
             }
-            let mut error = 0f32;
-            for i in 0..x.len() {
-                let diff = this_scale * candidate[i] as f32 + this_min - x[i];
-                error += weights[i] * error_of(diff);
-            }
-            if error < best_error {
-                codes[..x.len()].copy_from_slice(&candidate[..x.len()]);
-                best_error = error;
-                scale = this_scale;
-                min = this_min;
+        }
+        let better: [bool; L] = std::array::from_fn(|j| fitted[j] & (error[j] < best_error[j]));
+        for j in 0..L {
+            best_error[j] = if better[j] { error[j] } else { best_error[j] };
+            scale[j] = if better[j] { this_scale[j] } else { scale[j] };
+            min[j] = if better[j] { this_min[j] } else { min[j] };
+        }
+        for (best, candidate) in best.iter_mut().zip(&candidate) {
+            for j in 0..L {
+                best[j] = if better[j] { candidate[j] } else { best[j] };
             }
         }
     }
-    (scale, -min)
+    for j in 0..L {
+        if constant[j] {
+            scale[j] = 0.0;
+            min[j] = constant_min[j];
+        }
+        for i in 0..N {
+            codes[N * j + i] = if constant[j] { 0 } else { best[i][j] as u8 };
+        }
+    }
+    (scale, min.map(|m| -m))
 }
 
 /// Sub-block `j`'s 6-bit scale and minimum from Q4_K's 12 packed bytes.
@@ -253,23 +288,15 @@ fn scale_min_k4(j: usize, packed: &[u8]) -> (u8, u8) {
 /// minimums) written to `head`, and its codes `0..=nmax`.
 fn scales_and_mins(x: &[f32], head: &mut [u8], search: ScaleSearch) -> [u8; QK_K] {
     let mut codes = [0u8; QK_K];
-    let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
-    let (mut max_scale, mut max_min) = (0f32, 0f32);
-    for j in 0..8 {
-        let sub = &x[32 * j..32 * j + 32];
-        // Weights: the sub-block's RMS plus each value's magnitude.
+    // Weights: each sub-block's RMS plus each value's magnitude.
+    let mut weights = [0f32; QK_K];
+    for (weights, sub) in weights.chunks_mut(32).zip(x.chunks(32)) {
         let sum_x2 = sub.iter().fold(0f32, |s, v| s + v * v);
         let rms = (sum_x2 / 32.0).sqrt();
-        let mut weights = [0f32; 32];
         weights.iter_mut().zip(sub).for_each(|(w, v)| *w = rms + v.abs());
-        (scales[j], mins[j]) = scale_and_min(sub, &weights, &mut codes[32 * j..32 * j + 32], search);
-        if scales[j] > max_scale {
-            max_scale = scales[j];
-        }
-        if mins[j] > max_min {
-            max_min = mins[j];
-        }
     }
+    let (scales, mins) = scale_and_min::<8, 32>(x, &weights, &mut codes, search);
+    let (max_scale, max_min) = (largest_or_zero(&scales), largest_or_zero(&mins));
     // Scales and minimums in 6 bits against the block's f16 `d` and `dmin`.
     let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
@@ -365,16 +392,10 @@ fn pack_q5_k_codes(codes: &[u8; QK_K], rest: &mut [u8]) {
 pub fn encode_q2_k(values: &[f32]) -> Vec<u8> {
     encode_blocks(values, QK_K, 84, |x, out| {
         let mut codes = [0u8; QK_K];
-        let (mut scales, mut mins) = ([0f32; 16], [0f32; 16]);
-        for j in 0..16 {
-            let sub = &x[16 * j..16 * j + 16];
-            // Weights: each value's magnitude.
-            let mut weights = [0f32; 16];
-            weights.iter_mut().zip(sub).for_each(|(w, v)| *w = v.abs());
-            (scales[j], mins[j]) = scale_and_min(sub, &weights, &mut codes[16 * j..16 * j + 16], Q2_K_SEARCH);
-        }
-        let largest = |v: &[f32; 16]| v.iter().fold(0f32, |m, &s| if s > m { s } else { m });
-        let (max_scale, max_min) = (largest(&scales), largest(&mins));
+        // Weights: each value's magnitude.
+        let weights: [f32; QK_K] = std::array::from_fn(|i| x[i].abs());
+        let (scales, mins) = scale_and_min::<16, 16>(x, &weights, &mut codes, Q2_K_SEARCH);
+        let (max_scale, max_min) = (largest_or_zero(&scales), largest_or_zero(&mins));
         let (packed, rest) = out.split_at_mut(16);
         let tail = &mut rest[64..];
         // Scales (low nibbles) and minimums (high nibbles) in 4 bits against the f16 `d`, `dmin`;
@@ -530,13 +551,13 @@ fn finish_q3_k(x: &[f32], codes: &mut [i8; QK_K], out: &mut [u8]) {
             continue;
         }
         for i in 16 * j..16 * j + 16 {
-            codes[i] = (nearest_int(x[i] / d).clamp(-4, 3) + 4) as i8;
+            // Clamped in f32 (exact for these integers), which vectorises without SSE4.1.
+            codes[i] = (nearest_int(x[i] / d) as f32).clamp(-4.0, 3.0) as i8 + 4;
         }
     }
-    for (j, &code) in codes.iter().enumerate() {
-        if code as u8 > 3 {
-            high[j % 32] |= 1 << (j / 32);
-        }
+    // Byte l holds the third bits of values l, l + 32, …, l + 224.
+    for (l, high) in high.iter_mut().enumerate() {
+        *high = (0..8).fold(0, |bits, k| bits | u8::from(codes[32 * k + l] > 3) << k);
     }
     let q = |i: usize| (codes[i] as u8) & 3;
     for (half, low) in low.chunks_mut(32).enumerate() {
@@ -944,6 +965,39 @@ mod tests {
         assert_eq!(high & 1, 0);
         assert_eq!(high >> 1 & 1, 1);
         assert_eq!(high >> 17 & 1, 1);
+    }
+
+    /// Sub-blocks searched side by side (one a lane) come out as each searched alone, bit for bit:
+    /// random ones, all zeros, constant, all negative, and one whose minimum is -0.
+    #[test]
+    fn sub_blocks_side_by_side_equal_each_alone() {
+        let mut x = values(4 * QK_K)[..QK_K].to_vec();
+        x[0..16].fill(0.0);
+        x[16..32].fill(0.25);
+        x[32..48].fill(-0.5);
+        x[48..64].iter_mut().for_each(|v| *v = -v.abs() - 0.01);
+        x[64..80].iter_mut().for_each(|v| *v = v.abs());
+        x[64] = -0.0;
+        let weights: Vec<f32> = x.iter().map(|v| v.abs() + 0.1).collect();
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for search in [Q2_K_SEARCH, Q4_K_SEARCH, Q5_K_SEARCH] {
+            let mut together = [0u8; QK_K];
+            let (scales, mins) = scale_and_min::<16, 16>(&x, &weights, &mut together, search);
+            for j in 0..16 {
+                let mut alone = [0u8; 16];
+                let ([scale], [min]) = scale_and_min::<1, 16>(&x[16 * j..16 * j + 16], &weights[16 * j..16 * j + 16], &mut alone, search);
+                assert_eq!(bits(&[scales[j], mins[j]]), bits(&[scale, min]), "sub-block {j}");
+                assert_eq!(together[16 * j..16 * j + 16], alone, "sub-block {j}");
+            }
+            let mut together = [0u8; QK_K];
+            let (scales, mins) = scale_and_min::<8, 32>(&x, &weights, &mut together, search);
+            for j in 0..8 {
+                let mut alone = [0u8; 32];
+                let ([scale], [min]) = scale_and_min::<1, 32>(&x[32 * j..32 * j + 32], &weights[32 * j..32 * j + 32], &mut alone, search);
+                assert_eq!(bits(&[scales[j], mins[j]]), bits(&[scale, min]), "sub-block {j}");
+                assert_eq!(together[32 * j..32 * j + 32], alone, "sub-block {j}");
+            }
+        }
     }
 
     #[test]

@@ -149,7 +149,7 @@ pub fn encode_q5_0(values: &[f32], importance: &[f32]) -> Vec<u8> {
 /// A Q4_1 / Q5_1 block's scale and minimum into `out[0..4]`, its codes `0..=nmax` returned.
 fn scale_and_minimum(x: &[f32], qw: &[f32], mean_square: f32, nmax: i32, out: &mut [u8]) -> [u8; 32] {
     let mut codes = [0u8; 32];
-    let (scale, offset) = scale_and_min(x, &weights::<32>(x, qw, mean_square), &mut codes, weighted_search(nmax));
+    let ([scale], [offset]) = scale_and_min::<1, 32>(x, &weights::<32>(x, qw, mean_square), &mut codes, weighted_search(nmax));
     out[0..2].copy_from_slice(&f16::from_f32(scale).to_le_bytes());
     out[2..4].copy_from_slice(&f16::from_f32(-offset).to_le_bytes());
     codes
@@ -179,12 +179,9 @@ pub fn encode_q2_k(values: &[f32], importance: &[f32]) -> Vec<u8> {
     encode_rows(values, importance, QK_K, 84, |x, qw, _, out| {
         let sigma2 = sum_of_squares(x) / QK_K as f32;
         let mut codes = [0u8; QK_K];
-        let (mut scales, mut mins, mut sums) = ([0f32; 16], [0f32; 16], [0f32; 16]);
-        for j in 0..16 {
-            let (sub, w) = (&x[16 * j..16 * j + 16], weights::<16>(&x[16 * j..16 * j + 16], &qw[16 * j..16 * j + 16], sigma2));
-            sums[j] = total(&w);
-            (scales[j], mins[j]) = scale_and_min(sub, &w, &mut codes[16 * j..16 * j + 16], weighted_search(3));
-        }
+        let w = weights::<QK_K>(x, qw, sigma2);
+        let sums: [f32; 16] = std::array::from_fn(|j| total(&w[16 * j..16 * j + 16]));
+        let (scales, mins) = scale_and_min::<16, 16>(x, &w, &mut codes, weighted_search(3));
         let (mut levels, mut min_levels) = ([0u8; 16], [0u8; 16]);
         let d = positive_scale(&scales, 15, &sums, &mut levels);
         let dmin = positive_scale(&mins, 15, &sums, &mut min_levels);
@@ -222,12 +219,9 @@ pub fn encode_q3_k(values: &[f32], importance: &[f32]) -> Vec<u8> {
 fn k4_head(x: &[f32], qw: &[f32], head: &mut [u8], nmax: i32, clamp: bool) -> [u8; QK_K] {
     let sigma2 = 2.0 * sum_of_squares(x) / QK_K as f32;
     let mut codes = [0u8; QK_K];
-    let (mut scales, mut mins, mut sums) = ([0f32; 8], [0f32; 8], [0f32; 8]);
-    for j in 0..8 {
-        let w = weights::<32>(&x[32 * j..32 * j + 32], &qw[32 * j..32 * j + 32], sigma2);
-        sums[j] = total(&w);
-        (scales[j], mins[j]) = scale_and_min(&x[32 * j..32 * j + 32], &w, &mut codes[32 * j..32 * j + 32], weighted_search(nmax));
-    }
+    let w = weights::<QK_K>(x, qw, sigma2);
+    let sums: [f32; 8] = std::array::from_fn(|j| total(&w[32 * j..32 * j + 32]));
+    let (scales, mins) = scale_and_min::<8, 32>(x, &w, &mut codes, weighted_search(nmax));
     let (mut levels, mut min_levels) = ([0u8; 8], [0u8; 8]);
     let d = positive_scale(&scales, 63, &sums, &mut levels);
     let dmin = positive_scale(&mins, 63, &sums, &mut min_levels);
