@@ -166,7 +166,7 @@ impl Checkpoint {
     /// copied: otherwise the mapped file stays resident beside the loaded copy until the
     /// checkpoint is closed, and peak memory holds the base twice. The mapping is read-only, so
     /// a later read faults the same bytes back in from the file.
-    fn release(&self, key: &str) {
+    pub fn release(&self, key: &str) {
         let Some(&i) = self.index.get(key) else { return };
         let file = &self.files[i];
         let (start, end) = file.tensors[key].data_offsets;

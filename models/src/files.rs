@@ -229,12 +229,40 @@ where
     safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|e| match e {
         safetensors::SafeTensorError::IoError(e) => e,
         other => std::io::Error::other(other.to_string()),
-    })
+    })?;
+    give_default_mode(path)
+}
+
+/// Gives `path` the permissions a file created there gets (0666 less the umask on Unix):
+/// safetensors 0.8 writes through a temporary file created 0600 and renames it
+/// (safetensors/safetensors#782), which leaves adapters and merged models unreadable to
+/// other users, e.g. a vLLM or llama.cpp server running as another account.
+fn give_default_mode(path: &Path) -> std::io::Result<()> {
+    let (_, probe) = sibling(path, "mode");
+    let permissions = File::create(&probe)?.metadata()?.permissions();
+    std::fs::remove_file(&probe)?;
+    std::fs::set_permissions(path, permissions)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A written safetensors file has the permissions of any other new file (not 0600).
+    #[cfg(unix)]
+    #[test]
+    fn safetensors_files_get_the_default_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (file, plain) = (dir.path().join("a.safetensors"), dir.path().join("plain"));
+        let bytes = [0u8; 8];
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &bytes).unwrap();
+        write_safetensors(&file, [("w", view)]).unwrap();
+        File::create(&plain).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&file), mode(&plain));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no probe left behind");
+    }
 
     /// Temporaries, nested ones included, read as what they become; other dot names stay.
     #[test]
