@@ -979,24 +979,20 @@ mod tests {
         x[64..80].iter_mut().for_each(|v| *v = v.abs());
         x[64] = -0.0;
         let weights: Vec<f32> = x.iter().map(|v| v.abs() + 0.1).collect();
-        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        fn check<const L: usize, const N: usize>(x: &[f32], weights: &[f32], search: ScaleSearch) {
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let mut together = [0u8; QK_K];
+            let (scales, mins) = scale_and_min::<L, N>(x, weights, &mut together, search);
+            for j in 0..L {
+                let mut alone = [0u8; N];
+                let ([scale], [min]) = scale_and_min::<1, N>(&x[N * j..N * j + N], &weights[N * j..N * j + N], &mut alone, search);
+                assert_eq!(bits(&[scales[j], mins[j]]), bits(&[scale, min]), "{L} x {N}, sub-block {j}");
+                assert_eq!(together[N * j..N * j + N], alone, "{L} x {N}, sub-block {j}");
+            }
+        }
         for search in [Q2_K_SEARCH, Q4_K_SEARCH, Q5_K_SEARCH] {
-            let mut together = [0u8; QK_K];
-            let (scales, mins) = scale_and_min::<16, 16>(&x, &weights, &mut together, search);
-            for j in 0..16 {
-                let mut alone = [0u8; 16];
-                let ([scale], [min]) = scale_and_min::<1, 16>(&x[16 * j..16 * j + 16], &weights[16 * j..16 * j + 16], &mut alone, search);
-                assert_eq!(bits(&[scales[j], mins[j]]), bits(&[scale, min]), "sub-block {j}");
-                assert_eq!(together[16 * j..16 * j + 16], alone, "sub-block {j}");
-            }
-            let mut together = [0u8; QK_K];
-            let (scales, mins) = scale_and_min::<8, 32>(&x, &weights, &mut together, search);
-            for j in 0..8 {
-                let mut alone = [0u8; 32];
-                let ([scale], [min]) = scale_and_min::<1, 32>(&x[32 * j..32 * j + 32], &weights[32 * j..32 * j + 32], &mut alone, search);
-                assert_eq!(bits(&[scales[j], mins[j]]), bits(&[scale, min]), "sub-block {j}");
-                assert_eq!(together[32 * j..32 * j + 32], alone, "sub-block {j}");
-            }
+            check::<16, 16>(&x, &weights, search);
+            check::<8, 32>(&x, &weights, search);
         }
     }
 
