@@ -208,9 +208,9 @@ fn scale_and_min<const L: usize, const N: usize>(x: &[f32], weights: &[f32], cod
             *m = 0.0;
         }
     }
-    // A constant sub-block: codes 0, scale 0 (its lane's arithmetic below is discarded).
+    // A constant sub-block: codes 0, scale 0, its minimum kept (its lane's arithmetic below
+    // never counts as better).
     let constant: [bool; L] = std::array::from_fn(|j| max[j] == min[j]);
-    let constant_min = min;
     let iscale: [f32; L] = std::array::from_fn(|j| nmax as f32 / (max[j] - min[j]));
     let mut scale = iscale.map(|i| 1.0 / i);
     let mut best = [[0f32; L]; N];
@@ -251,7 +251,7 @@ fn scale_and_min<const L: usize, const N: usize>(x: &[f32], weights: &[f32], cod
                 error[j] += w[i][j] * error_of(this_scale[j] * candidate[i][j] + this_min[j] - x[i][j]);
             }
         }
-        let better: [bool; L] = std::array::from_fn(|j| fitted[j] & (error[j] < best_error[j]));
+        let better: [bool; L] = std::array::from_fn(|j| !constant[j] & fitted[j] & (error[j] < best_error[j]));
         for j in 0..L {
             best_error[j] = if better[j] { error[j] } else { best_error[j] };
             scale[j] = if better[j] { this_scale[j] } else { scale[j] };
@@ -264,10 +264,7 @@ fn scale_and_min<const L: usize, const N: usize>(x: &[f32], weights: &[f32], cod
         }
     }
     for j in 0..L {
-        if constant[j] {
-            scale[j] = 0.0;
-            min[j] = constant_min[j];
-        }
+        scale[j] = if constant[j] { 0.0 } else { scale[j] };
         for i in 0..N {
             codes[N * j + i] = if constant[j] { 0 } else { best[i][j] as u8 };
         }
