@@ -39,10 +39,24 @@ pub(crate) struct Lattice {
     bits: usize,
     /// Each grid point's levels.
     points: Vec<[u8; 8]>,
-    /// For every key (levels packed from the lowest bits): its grid index, or `-(offset + 1)` of
-    /// its neighbour list in `neighbours` (a count, then grid indices), as ggml's `kmap`.
+    /// For every key (levels packed from the lowest bits): its grid index, or `-(list + 1)` of
+    /// its neighbour list in `lists`, as ggml's `kmap`.
     map: Vec<i32>,
+    lists: Vec<NeighbourList>,
+    /// The lists' grid indices, each list padded to whole chunks of [`LANES`] with its last.
     neighbours: Vec<u16>,
+    /// Their levels a chunk at a time, level-major (`[level i][lane]`), so that a chunk's
+    /// distances are computed side by side.
+    neighbour_levels: Vec<[[u8; LANES]; 8]>,
+}
+
+/// Neighbours whose distances are computed side by side, each in ggml's operations and order.
+const LANES: usize = 8;
+
+/// An off-grid key's nearest grid points: `count` of them from chunk `first_chunk`.
+struct NeighbourList {
+    first_chunk: u32,
+    count: u16,
 }
 
 /// ggml's grids, one a type but IQ1_S and IQ1_M, which share theirs.
@@ -97,35 +111,55 @@ impl Lattice {
             map[p as usize] = index as i32;
         }
         // Every key off the grid: the grid points at its `neighbour_distances` smallest squared
-        // distances (between the odd values 2l + 1), nearest first, then by index.
+        // distances, nearest first, then by index. (ggml measures between the odd values 2l + 1,
+        // four times the distance between levels: the same order.)
+        let by_level: Vec<Vec<u8>> = (0..dim).map(|i| points.iter().map(|p| p[i]).collect()).collect();
         let lists: Vec<Vec<u16>> = (0..keys)
             .into_par_iter()
-            .map(|key| {
-                if map[key] >= 0 {
-                    return Vec::new();
-                }
-                let levels: [i32; 8] = std::array::from_fn(|i| if i < dim { ((key >> (bits * i)) & mask as usize) as i32 } else { 0 });
-                let distances: Vec<usize> = points.iter().map(|p| (0..dim).map(|i| 4 * (i32::from(p[i]) - levels[i]).pow(2) as usize).sum()).collect();
-                let mut present = vec![false; distances.iter().max().map_or(0, |&d| d + 1)];
-                for &d in &distances {
-                    present[d] = true;
-                }
-                let mut nearest = (0..present.len()).filter(|&d| present[d]);
-                let limit = nearest.clone().nth(grid.neighbour_distances() - 1).or_else(|| nearest.next_back()).expect("a grid");
-                let mut list: Vec<u16> = (0..points.len() as u16).filter(|&j| distances[j as usize] <= limit).collect();
-                list.sort_by_key(|&j| distances[j as usize]);
-                list
-            })
+            .map_init(
+                || vec![0u16; points.len()],
+                |distances, key| {
+                    if map[key] >= 0 {
+                        return Vec::new();
+                    }
+                    // Side by side over the points, a level at a time.
+                    distances.fill(0);
+                    for (i, levels) in by_level.iter().enumerate() {
+                        let level = ((key >> (bits * i)) as u16 & mask) as u8;
+                        for (d, &p) in distances.iter_mut().zip(levels) {
+                            let diff = u16::from(p.abs_diff(level));
+                            *d += diff * diff;
+                        }
+                    }
+                    // At most 4·7² (IQ3) or 8·3² (IQ2, IQ1).
+                    let mut present = [false; 197];
+                    for &d in distances.iter() {
+                        present[d as usize] = true;
+                    }
+                    let mut nearest = (0..present.len()).filter(|&d| present[d]);
+                    let limit = nearest.clone().nth(grid.neighbour_distances() - 1).or_else(|| nearest.next_back()).expect("a grid") as u16;
+                    let mut list: Vec<u16> = (0..points.len() as u16).filter(|&j| distances[j as usize] <= limit).collect();
+                    list.sort_by_key(|&j| distances[j as usize]);
+                    list
+                },
+            )
             .collect();
-        let mut neighbours = Vec::new();
-        for (key, list) in lists.into_iter().enumerate() {
-            if map[key] < 0 {
-                map[key] = -(neighbours.len() as i32 + 1);
-                neighbours.push(list.len() as u16);
-                neighbours.extend(list);
+        let (mut neighbour_lists, mut neighbours, mut neighbour_levels) = (Vec::new(), Vec::new(), Vec::new());
+        for (key, mut list) in lists.into_iter().enumerate() {
+            if map[key] >= 0 {
+                continue;
             }
+            map[key] = -(neighbour_lists.len() as i32 + 1);
+            neighbour_lists.push(NeighbourList { first_chunk: neighbour_levels.len() as u32, count: list.len() as u16 });
+            // A repeated last neighbour is never nearer than itself: the first of equals wins.
+            let last = *list.last().expect("a grid point is always near");
+            list.resize(list.len().div_ceil(LANES) * LANES, last);
+            for chunk in list.chunks(LANES) {
+                neighbour_levels.push(std::array::from_fn(|i| std::array::from_fn(|j| points[chunk[j] as usize][i])));
+            }
+            neighbours.extend(list);
         }
-        Self { dim, bits, points, map, neighbours }
+        Self { dim, bits, points, map, lists: neighbour_lists, neighbours, neighbour_levels }
     }
 
     fn key(&self, levels: &[u8]) -> usize {
@@ -138,48 +172,37 @@ impl Lattice {
         (entry >= 0).then_some(entry as usize)
     }
 
-    /// ggml's `iq*_find_best_neighbour`: the neighbour of `levels` (off the grid) nearest the
-    /// magnitudes `x` at `scale` by `weights`-weighted squared error, the first of equals; its
-    /// levels go into `levels`.
-    fn snap(&self, levels: &mut [u8], x: &[f32], weights: &[f32], scale: f32) -> usize {
-        let offset = (-self.map[self.key(levels)] - 1) as usize;
-        let count = self.neighbours[offset] as usize;
-        let mut best = (f32::MAX, usize::MAX);
-        for &j in &self.neighbours[offset + 1..=offset + count] {
-            let point = &self.points[j as usize];
-            let mut d2 = 0f32;
-            for i in 0..self.dim {
-                let diff = scale * f32::from(2 * point[i] + 1) - x[i];
-                d2 += weights[i] * diff * diff;
-            }
-            if d2 < best.0 {
-                best = (d2, j as usize);
-            }
-        }
-        levels.copy_from_slice(&self.points[best.1][..self.dim]);
-        best.1
+    /// The neighbours of `levels` (off the grid): their grid indices, and their levels a chunk at
+    /// a time.
+    fn neighbours_of(&self, levels: &[u8]) -> (&[u16], &[[[u8; LANES]; 8]]) {
+        let list = &self.lists[(-self.map[self.key(levels)] - 1) as usize];
+        let first = list.first_chunk as usize;
+        let chunks = (list.count as usize).div_ceil(LANES);
+        (&self.neighbours[first * LANES..(first + chunks) * LANES], &self.neighbour_levels[first..first + chunks])
     }
 
-    /// ggml's `iq1_find_best_neighbour2`: the neighbour of `levels` (off the grid) nearest the
-    /// signed `x` at `scale` when level `l` stands for `values[l]`, by `weights`-weighted squared
-    /// error, the first of equals; its levels go into `levels`.
+    /// The neighbour of `levels` (off the grid) nearest `x` at `scale` when level `l` stands for
+    /// `values[l]`, by `weights`-weighted squared error, the first of equals; its levels go into
+    /// `levels`.
+    fn nearest(&self, levels: &mut [u8], x: &[f32], weights: &[f32], scale: f32, values: &[f32; 8]) -> usize {
+        let (indices, chunks) = self.neighbours_of(levels);
+        let best = match self.dim {
+            8 => nearest_chunk::<8>(indices, chunks, x, weights, scale, values),
+            _ => nearest_chunk::<4>(indices, chunks, x, weights, scale, values),
+        };
+        levels.copy_from_slice(&self.points[best][..self.dim]);
+        best
+    }
+
+    /// ggml's `iq*_find_best_neighbour`: level `l` stands for `2l + 1`.
+    fn snap(&self, levels: &mut [u8], x: &[f32], weights: &[f32], scale: f32) -> usize {
+        const ODD: [f32; 8] = [1.0, 3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0];
+        self.nearest(levels, x, weights, scale, &ODD)
+    }
+
+    /// ggml's `iq1_find_best_neighbour2`: level `l` stands for `values[l]`.
     fn snap_to_values(&self, levels: &mut [u8], x: &[f32], weights: &[f32], scale: f32, values: &[f32; 3]) -> usize {
-        let offset = (-self.map[self.key(levels)] - 1) as usize;
-        let count = self.neighbours[offset] as usize;
-        let mut best = (f32::MAX, usize::MAX);
-        for &j in &self.neighbours[offset + 1..=offset + count] {
-            let point = &self.points[j as usize];
-            let mut d2 = 0f32;
-            for i in 0..self.dim {
-                let diff = scale * values[point[i] as usize] - x[i];
-                d2 += weights[i] * diff * diff;
-            }
-            if d2 < best.0 {
-                best = (d2, j as usize);
-            }
-        }
-        levels.copy_from_slice(&self.points[best.1][..self.dim]);
-        best.1
+        self.nearest(levels, x, weights, scale, &[values[0], values[1], values[2], 0.0, 0.0, 0.0, 0.0, 0.0])
     }
 
     /// Each group of `x` rounded to levels at `inverse` (`l = round((inverse·x − 1)/2)` within
@@ -201,6 +224,71 @@ impl Lattice {
         }
         on_grid
     }
+}
+
+/// The grid index in `indices` whose levels in `chunks` are nearest `x` when level `l` stands
+/// for `values[l]` (see [`Lattice::nearest`]): with AVX2 where the processor has it, a chunk's
+/// eight distances in one register.
+fn nearest_chunk<const DIM: usize>(indices: &[u16], chunks: &[[[u8; LANES]; 8]], x: &[f32], weights: &[f32], scale: f32, values: &[f32; 8]) -> usize {
+    let (x, weights): (&[f32; DIM], &[f32; DIM]) = (x.try_into().expect("a group"), weights.try_into().expect("a group"));
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the processor has AVX2, checked above.
+        return unsafe { nearest_avx2::<DIM>(indices, chunks, x, weights, scale, values) };
+    }
+    nearest_in_turn::<DIM>(indices, chunks, x, weights, scale, values)
+}
+
+/// [`nearest_chunk`] one neighbour at a time, as ggml's loop.
+fn nearest_in_turn<const DIM: usize>(indices: &[u16], chunks: &[[[u8; LANES]; 8]], x: &[f32; DIM], weights: &[f32; DIM], scale: f32, values: &[f32; 8]) -> usize {
+    let mut best = (f32::MAX, usize::MAX);
+    for (indices, chunk) in indices.chunks_exact(LANES).zip(chunks) {
+        for j in 0..LANES {
+            let mut d2 = 0f32;
+            for i in 0..DIM {
+                let diff = scale * values[chunk[i][j] as usize] - x[i];
+                d2 += weights[i] * diff * diff;
+            }
+            if d2 < best.0 {
+                best = (d2, indices[j] as usize);
+            }
+        }
+    }
+    best.1
+}
+
+/// [`nearest_chunk`] in AVX2: each lane one neighbour in ggml's operations and order (no fused
+/// multiply-add), so the same distances; of a chunk, the first lane of the least distance wins if
+/// below the best so far, as in ggml's `if (d2 < best_d2)` in turn (NaN never wins there, nor
+/// here).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn nearest_avx2<const DIM: usize>(indices: &[u16], chunks: &[[[u8; LANES]; 8]], x: &[f32; DIM], weights: &[f32; DIM], scale: f32, values: &[f32; 8]) -> usize {
+    use std::arch::x86_64::*;
+    // SAFETY: `values` holds 8 floats.
+    let table = unsafe { _mm256_loadu_ps(values.as_ptr()) };
+    let scale = _mm256_set1_ps(scale);
+    let infinity = _mm256_set1_ps(f32::INFINITY);
+    let mut best = (f32::MAX, usize::MAX);
+    for (indices, chunk) in indices.chunks_exact(LANES).zip(chunks) {
+        let mut d2 = _mm256_setzero_ps();
+        for i in 0..DIM {
+            // SAFETY: a row of a chunk is LANES = 8 bytes.
+            let levels = _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(chunk[i].as_ptr().cast()) });
+            let diff = _mm256_sub_ps(_mm256_mul_ps(scale, _mm256_permutevar8x32_ps(table, levels)), _mm256_set1_ps(x[i]));
+            d2 = _mm256_add_ps(d2, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(weights[i]), diff), diff));
+        }
+        let d2 = _mm256_blendv_ps(d2, infinity, _mm256_cmp_ps::<_CMP_UNORD_Q>(d2, d2));
+        let least = _mm256_min_ps(d2, _mm256_permute2f128_ps::<1>(d2, d2));
+        let least = _mm256_min_ps(least, _mm256_permute_ps::<0b01_00_11_10>(least));
+        let least = _mm256_min_ps(least, _mm256_permute_ps::<0b10_11_00_01>(least));
+        let least_value = _mm256_cvtss_f32(least);
+        if least_value < best.0 {
+            let first = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(d2, least)).trailing_zeros();
+            best = (least_value, indices[first as usize] as usize);
+        }
+    }
+    best.1
 }
 
 /// When the best candidate scale's off-grid groups are rounded again at that scale.
@@ -1018,13 +1106,56 @@ mod tests {
             let off: Vec<usize> = (0..lattice.map.len()).filter(|&k| lattice.map[k] < 0).collect();
             assert_eq!(off.len() + packed.len(), lattice.map.len());
             for key in off {
-                let offset = (-lattice.map[key] - 1) as usize;
-                let list = &lattice.neighbours[offset + 1..=offset + lattice.neighbours[offset] as usize];
+                let levels: Vec<u8> = (0..lattice.dim).map(|i| (key >> (lattice.bits * i) & ((1 << lattice.bits) - 1)) as u8).collect();
+                let (indices, chunks) = lattice.neighbours_of(&levels);
+                let (list, padding) = indices.split_at(lattice.lists[(-lattice.map[key] - 1) as usize].count as usize);
                 assert!(!list.is_empty(), "{grid:?} key {key}");
-                let levels: Vec<i32> = (0..lattice.dim).map(|i| (key >> (lattice.bits * i) & ((1 << lattice.bits) - 1)) as i32).collect();
-                let distance = |j: u16| lattice.points[j as usize].iter().zip(&levels).map(|(&p, &l)| (i32::from(p) - l).pow(2)).sum::<i32>();
+                assert!(padding.len() < LANES && padding.iter().all(|j| Some(j) == list.last()), "{grid:?} key {key}: padded with the last");
+                for (c, chunk) in chunks.iter().enumerate() {
+                    for j in 0..LANES {
+                        let point = &lattice.points[indices[LANES * c + j] as usize];
+                        assert!((0..lattice.dim).all(|i| chunk[i][j] == point[i]), "{grid:?} key {key}: chunk {c} lane {j}");
+                    }
+                }
+                let distance = |j: u16| lattice.points[j as usize].iter().zip(&levels).map(|(&p, &l)| (i32::from(p) - i32::from(l)).pow(2)).sum::<i32>();
                 assert!(list.windows(2).all(|w| (distance(w[0]), w[0]) < (distance(w[1]), w[1])), "{grid:?} key {key}: nearest first");
             }
+        }
+    }
+
+    /// The AVX2 search picks the neighbour ggml's loop picks, ties (integer values) and NaN included.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn side_by_side_search_equals_ggmls_loop() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        fn check<const DIM: usize>(grid: Grid, draw: &mut impl FnMut() -> f32) {
+            let lattice = grid.lattice();
+            let values = [1.0, 3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0];
+            for key in (0..lattice.map.len()).filter(|&k| lattice.map[k] < 0).step_by(97) {
+                let levels: Vec<u8> = (0..DIM).map(|i| (key >> (lattice.bits * i) & ((1 << lattice.bits) - 1)) as u8).collect();
+                let (indices, chunks) = lattice.neighbours_of(&levels);
+                let whole = key % 3 == 0;
+                let x: [f32; DIM] = std::array::from_fn(|_| if whole { draw().round() } else { draw() });
+                let w: [f32; DIM] = std::array::from_fn(|_| if whole { draw().abs().round() } else { draw().abs() });
+                for scale in [1.0, 0.37, 0.0, f32::NAN] {
+                    let in_turn = nearest_in_turn::<DIM>(indices, chunks, &x, &w, scale, &values);
+                    // SAFETY: AVX2 checked above.
+                    let avx2 = unsafe { nearest_avx2::<DIM>(indices, chunks, &x, &w, scale, &values) };
+                    assert_eq!(avx2, in_turn, "{grid:?} key {key} scale {scale}");
+                }
+            }
+        }
+        let mut state = 7u64;
+        let mut draw = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 16.0
+        };
+        check::<4>(Grid::Iq3Xxs, &mut draw);
+        check::<4>(Grid::Iq3S, &mut draw);
+        for grid in [Grid::Iq2Xxs, Grid::Iq2Xs, Grid::Iq2S, Grid::Iq1] {
+            check::<8>(grid, &mut draw);
         }
     }
 
