@@ -118,8 +118,10 @@ fn seeds_are_valid() {
     assert_eq!(ember_data::dataset::parse(Path::new("d.json"), ALPACA.as_bytes().to_vec()).unwrap().len(), 3);
     assert_eq!(ember_data::dataset::parse(Path::new("d.jsonl"), CHAT.as_bytes().to_vec()).unwrap().len(), 3);
     assert_eq!(ember_data::sentencepiece::ModelProto::parse(&sentencepiece_model()).unwrap().pieces.len(), 2000);
-    let views = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_bin/views.bin")).unwrap();
-    assert_eq!(ember_models::torch::count_tensors(Path::new("views.bin"), &views).unwrap(), 5);
+    for file in ["views.bin", "legacy_views.bin"] {
+        let views = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_bin").join(file)).unwrap();
+        assert_eq!(ember_models::torch::count_tensors(Path::new(file), &views).unwrap(), 5);
+    }
     ember_trainer::Recipe::parse(Path::new("/r/recipe.toml"), RECIPE, &[], &[], Fetch::CacheOnly).unwrap();
     let (_dir, path) = scratch("seed.safetensors");
     std::fs::write(&path, valid_safetensors()).unwrap();
@@ -159,8 +161,10 @@ proptest! {
 
     #[test]
     fn torch_bin_reader_never_panics(edits in edits()) {
-        let real = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_bin/views.bin")).unwrap();
-        let _ = ember_models::torch::count_tensors(Path::new("pytorch_model.bin"), &mutate(&real, &edits));
+        for file in ["views.bin", "legacy_views.bin"] {
+            let real = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_bin").join(file)).unwrap();
+            let _ = ember_models::torch::count_tensors(Path::new("pytorch_model.bin"), &mutate(&real, &edits));
+        }
     }
 
     #[test]

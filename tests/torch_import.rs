@@ -35,7 +35,7 @@ fn single_and_sharded_checkpoints_convert_bit_for_bit() {
     let expected = tensors(&repository().join("tests/fixtures/tiny_llama"));
     assert_eq!(expected.len(), 21);
     let out = tempfile::tempdir().unwrap();
-    for folder in ["single", "sharded"] {
+    for folder in ["single", "sharded", "legacy"] {
         let target = out.path().join(folder);
         let output = ember(&["import", "torch", &torch_bin(folder).to_string_lossy(), "--out", &target.to_string_lossy()]);
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -52,17 +52,25 @@ fn single_and_sharded_checkpoints_convert_bit_for_bit() {
 
 #[test]
 fn views_parameters_and_dtypes_keep_their_values() {
-    let dir = tempfile::tempdir().unwrap();
-    let folder = dir.path().join("in");
-    std::fs::create_dir_all(&folder).unwrap();
-    std::fs::copy(torch_bin("views.bin"), folder.join("pytorch_model.bin")).unwrap();
-    let out = dir.path().join("out");
-    let output = ember(&["import", "torch", &folder.to_string_lossy(), "--out", &out.to_string_lossy()]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let expected = read_json(&torch_bin("views.json"));
-    for (name, dtype, shape, bytes) in tensors(&out) {
-        let want = &expected[&name];
-        assert_eq!(shape, want["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect::<Vec<_>>(), "{name}");
+    for file in ["views.bin", "legacy_views.bin"] {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("in");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::copy(torch_bin(file), folder.join("pytorch_model.bin")).unwrap();
+        let out = dir.path().join("out");
+        let output = ember(&["import", "torch", &folder.to_string_lossy(), "--out", &out.to_string_lossy()]);
+        assert!(output.status.success(), "{file}: {}", String::from_utf8_lossy(&output.stderr));
+        let converted = tensors(&out);
+        assert_eq!(converted.len(), 5, "{file}");
+        check_views(&converted, &expected);
+    }
+}
+
+fn check_views(converted: &[(String, String, Vec<usize>, Vec<u8>)], expected: &serde_json::Value) {
+    for (name, dtype, shape, bytes) in converted {
+        let want = &expected[name];
+        assert_eq!(*shape, want["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect::<Vec<_>>(), "{name}");
         let values: Vec<f64> = match dtype.as_str() {
             "F32" => bytes.chunks(4).map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap()))).collect(),
             "BF16" => bytes.chunks(2).map(|b| f64::from(f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16))).collect(),
@@ -81,9 +89,12 @@ fn hostile_files_are_refused_and_nothing_is_written() {
     let cases = [
         ("os_system.bin", "global 'posix.system' is not allowed"),
         ("zip_bomb.bin", "is compressed"),
-        ("truncated.bin", "not a zip archive"),
+        ("truncated.bin", "nor a legacy torch.save file"),
         ("lying_storage.bin", "holds 48 bytes, but its header says 24 elements"),
-        ("not_a_zip.bin", "not a zip archive"),
+        ("not_a_zip.bin", "nor a legacy torch.save file"),
+        ("legacy_os_system.bin", "global 'posix.system' is not allowed"),
+        ("legacy_truncated.bin", "truncated"),
+        ("legacy_lying_count.bin", "elements, but its header says"),
     ];
     let dir = tempfile::tempdir().unwrap();
     for (file, needle) in cases {

@@ -246,6 +246,12 @@ impl<'a> Machine<'a> {
 
 /// Runs the pickle in `bytes`; `persistent` turns a `BINPERSID` id into a value (torch's storages).
 pub fn unpickle(bytes: &[u8], persistent: impl Fn(Value) -> Result<Value, String>) -> Result<Value, String> {
+    unpickle_prefix(bytes, persistent).map(|(value, _)| value)
+}
+
+/// Runs the pickle at the start of `bytes` (files of several pickles back to back): its value
+/// and how many bytes it took, up to and including STOP.
+pub fn unpickle_prefix(bytes: &[u8], persistent: impl Fn(Value) -> Result<Value, String>) -> Result<(Value, usize), String> {
     let copy_budget = bytes.len().saturating_mul(COPY_BUDGET_PER_BYTE);
     let mut m = Machine { bytes, at: 0, stack: Vec::new(), memo: Default::default(), copy_budget };
     loop {
@@ -257,7 +263,7 @@ pub fn unpickle(bytes: &[u8], persistent: impl Fn(Value) -> Result<Value, String
             0x95 => {
                 m.take(8)?;
             } // FRAME
-            b'.' => return m.pop(), // STOP
+            b'.' => return Ok((m.pop()?, m.at)), // STOP
             b'(' => m.stack.push(Item::Mark),
             b'}' => m.push(Value::Dict(Vec::new()))?,
             b']' => m.push(Value::List(Vec::new()))?,
@@ -464,12 +470,18 @@ fn call(callable: Value, args: Value) -> Result<Value, String> {
     }
 }
 
-/// torch's persistent ids: `('storage', <storage class>, key, location, numel)`.
+/// torch's persistent ids: `('storage', <storage class>, key, location, numel)`, and in the legacy
+/// (pre-zip) format the same with a sixth item, the view metadata, `None` since PyTorch 0.4.
 pub fn torch_storage(id: Value) -> Result<Value, String> {
     let Value::Tuple(items) = id else { return Err("a persistent id that is not a tuple".into()) };
     match items.as_slice() {
-        [Value::String(kind), Value::Global(Global::StorageClass(dtype)), Value::String(key), _, numel] if kind == "storage" => {
+        [Value::String(kind), Value::Global(Global::StorageClass(dtype)), Value::String(key), _, numel, rest @ ..]
+            if kind == "storage" && matches!(rest, [] | [Value::None]) =>
+        {
             Ok(Value::Storage(Storage { dtype: *dtype, key: key.clone(), numel: int(numel, "a storage size")? }))
+        }
+        [Value::String(kind), _, _, _, _, view] if kind == "storage" => {
+            Err(format!("a storage saved as a view of another ({view:?}): PyTorch < 0.4's format is not supported"))
         }
         _ => Err(format!("unsupported persistent id {items:?}")),
     }
@@ -491,6 +503,17 @@ mod tests {
         let Value::Tensor(t) = &pairs[0].1 else { panic!() };
         assert_eq!((t.storage.dtype, t.storage.key.as_str(), t.storage.numel), (StorageDtype::F32, "0", 6));
         assert_eq!((t.offset, t.shape.as_slice(), t.stride.as_slice()), (0, &[2, 3][..], &[3, 1][..]));
+    }
+
+    #[test]
+    fn legacy_persistent_ids_carry_view_metadata() {
+        let id = |view: Value| {
+            let items = vec![Value::String("storage".into()), Value::Global(Global::StorageClass(StorageDtype::F16)), Value::String("7".into()), Value::String("cpu".into()), Value::Int(4), view];
+            torch_storage(Value::Tuple(items))
+        };
+        assert_eq!(id(Value::None).unwrap(), Value::Storage(Storage { dtype: StorageDtype::F16, key: "7".into(), numel: 4 }));
+        let view = Value::Tuple(vec![Value::String("8".into()), Value::Int(0), Value::Int(2)]);
+        assert!(id(view).unwrap_err().contains("PyTorch < 0.4"));
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! safetensors, without running any of their code.
 //!
 //! A `.bin` from `torch.save` (PyTorch ≥ 1.6) is a zip archive of stored entries:
-//! `<name>/data.pkl` (the state dict, pickled) and one `<name>/data/<key>` per storage. The
-//! archive is memory-mapped and read in place; the pickle goes through the restricted
-//! unpickler in [`crate::pickle`]. Every tensor is checked against its storage before a byte is
+//! `<name>/data.pkl` (the state dict, pickled) and one `<name>/data/<key>` per storage; older
+//! ones (and `_use_new_zipfile_serialization=False`) are pickles back to back followed by the
+//! raw storages. The file is memory-mapped and read in place; every pickle goes through the
+//! restricted unpickler in [`crate::pickle`]. Every tensor is checked against its storage before a byte is
 //! written, and the output folder appears only complete.
 
 use std::borrow::Cow;
@@ -51,7 +52,7 @@ impl<'a> StoredZip<'a> {
         let eocd = (search_from..bytes.len().saturating_sub(21))
             .rev()
             .find(|&at| u32_at(bytes, at) == Some(u64::from(EOCD)))
-            .ok_or("not a zip archive (no end-of-central-directory record): truncated, or a legacy torch.save file")?;
+            .ok_or("neither a zip archive (no end-of-central-directory record) nor a legacy torch.save file: truncated, or not a PyTorch checkpoint")?;
         let short = |what: &str| format!("zip: truncated {what}");
         let mut count = u16_at(bytes, eocd + 10).ok_or_else(|| short("end record"))?;
         let mut cd_size = u32_at(bytes, eocd + 12).ok_or_else(|| short("end record"))?;
@@ -200,26 +201,120 @@ fn tensor_bytes<'a>(tensor: &TensorRef, storage: &'a [u8]) -> Result<Cow<'a, [u8
     Ok(Cow::Owned(out))
 }
 
-/// The tensors of one `.bin` file, by name, validated against their storages.
-fn read_state_dict<'a>(path: &Path, bytes: &'a [u8]) -> Result<BTreeMap<String, TensorOut<'a>>, LoadError> {
-    let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
-    let zip = StoredZip::parse(bytes).map_err(invalid)?;
+/// A checkpoint's unpickled state dict and the bytes of every storage, by key.
+struct Pickled<'a> {
+    state: Value,
+    storages: HashMap<String, &'a [u8]>,
+}
+
+/// A zip archive from `torch.save`: `<name>/data.pkl` and `<name>/data/<key>` per storage.
+fn read_zip(bytes: &[u8]) -> Result<Pickled<'_>, String> {
+    let zip = StoredZip::parse(bytes)?;
     let pickle_names: Vec<&String> = zip.entries.keys().filter(|n| n.ends_with("/data.pkl") || n.as_str() == "data.pkl").collect();
     let [pickle_name] = pickle_names.as_slice() else {
-        return Err(invalid(format!("expected one data.pkl in the archive, found {}", pickle_names.len())));
+        return Err(format!("expected one data.pkl in the archive, found {}", pickle_names.len()));
     };
     let prefix = &pickle_name[..pickle_name.len() - "data.pkl".len()];
     if zip.get(&format!("{prefix}byteorder")).is_some_and(|order| order != b"little") {
-        return Err(invalid("big-endian storages are not supported".into()));
+        return Err("big-endian storages are not supported".into());
     }
-    let state = pickle::unpickle(zip.get(pickle_name).unwrap(), pickle::torch_storage).map_err(|e| invalid(format!("{pickle_name}: {e}")))?;
+    let state = pickle::unpickle(zip.get(pickle_name).unwrap(), pickle::torch_storage).map_err(|e| format!("{pickle_name}: {e}"))?;
+    let data = format!("{prefix}data/");
+    let storages = zip.entries.keys().filter_map(|name| Some((name.strip_prefix(&data)?.to_string(), zip.get(name).unwrap()))).collect();
+    Ok(Pickled { state, storages })
+}
+
+/// The magic number that opens a legacy `torch.save` file, 0x1950a86a20f9469cfc6c, as the
+/// little-endian bytes of its pickled LONG1.
+const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+
+/// Whether `bytes` opens with a legacy file's first pickle (the magic number): PROTO, an
+/// optional FRAME, LONG1 of 10 bytes, STOP. Its length if so.
+fn legacy_magic(bytes: &[u8]) -> Option<usize> {
+    let mut at = if bytes.first() == Some(&0x80) { 2 } else { 0 };
+    if bytes.get(at) == Some(&0x95) {
+        at += 9;
+    }
+    let magic = [&[0x8a, 10][..], &LEGACY_MAGIC, b"."].concat();
+    (bytes.get(at..at + magic.len()) == Some(&magic[..])).then_some(at + magic.len())
+}
+
+/// `torch.save`'s format before PyTorch 1.6 (and with `_use_new_zipfile_serialization=False`):
+/// pickles back to back — the magic number, the protocol version 1001, the system's byte order
+/// and type sizes, the state dict, the sorted list of storage keys — then each storage in that
+/// order as an i64 element count and its bytes.
+fn read_legacy(bytes: &[u8], magic_end: usize) -> Result<Pickled<'_>, String> {
+    let mut at = magic_end;
+    let mut next = |what: &str| -> Result<Value, String> {
+        let (value, len) = pickle::unpickle_prefix(&bytes[at..], pickle::torch_storage).map_err(|e| format!("legacy torch.save file, {what} (the pickle from byte {at}): {e}"))?;
+        at += len;
+        Ok(value)
+    };
+    match next("protocol version")? {
+        Value::Int(1001) => {}
+        other => return Err(format!("legacy torch.save protocol {other:?}, expected 1001")),
+    }
+    let Value::Dict(info) = next("system info")? else { return Err("legacy torch.save file: the system info is not a dict".into()) };
+    let little = info.iter().any(|(k, v)| *k == Value::String("little_endian".into()) && *v == Value::Bool(true));
+    if !little {
+        return Err("big-endian storages are not supported".into());
+    }
+    let state = next("state dict")?;
+    let Value::List(keys) = next("storage keys")? else { return Err("legacy torch.save file: the storage keys are not a list".into()) };
+    let mut sizes = HashMap::new();
+    collect_storages(&state, &mut sizes);
+    let mut storages = HashMap::new();
+    for key in keys {
+        let Value::String(key) = key else { return Err(format!("legacy torch.save file: storage key {key:?} is not a string")) };
+        let &(numel, size) = sizes.get(&key).ok_or_else(|| format!("storage '{key}' is not used by any tensor"))?;
+        let count = bytes.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+        let count = count.ok_or_else(|| format!("storage '{key}' runs past the end of the file (truncated?)"))?;
+        if count != numel as u64 {
+            return Err(format!("storage '{key}' holds {count} elements, but its header says {numel}"));
+        }
+        let start = at + 8;
+        let end = numel.checked_mul(size).and_then(|len| start.checked_add(len)).filter(|&e| e <= bytes.len());
+        let end = end.ok_or_else(|| format!("storage '{key}' ({numel} elements of {size} bytes) runs past the end of the file (truncated?)"))?;
+        if storages.insert(key.clone(), &bytes[start..end]).is_some() {
+            return Err(format!("storage '{key}' is listed twice"));
+        }
+        at = end;
+    }
+    if at != bytes.len() {
+        return Err(format!("{} bytes after the last storage", bytes.len() - at));
+    }
+    Ok(Pickled { state, storages })
+}
+
+/// Every storage a value's tensors view: key → (elements, bytes an element).
+fn collect_storages(value: &Value, out: &mut HashMap<String, (usize, usize)>) {
+    match value {
+        Value::Tensor(tensor) => {
+            out.insert(tensor.storage.key.clone(), (tensor.storage.numel, tensor.storage.dtype.size()));
+        }
+        Value::Tuple(items) | Value::List(items) => items.iter().for_each(|v| collect_storages(v, out)),
+        Value::Dict(pairs) => pairs.iter().for_each(|(k, v)| {
+            collect_storages(k, out);
+            collect_storages(v, out);
+        }),
+        _ => {}
+    }
+}
+
+/// The tensors of one `.bin` file, by name, validated against their storages.
+fn read_state_dict<'a>(path: &Path, bytes: &'a [u8]) -> Result<BTreeMap<String, TensorOut<'a>>, LoadError> {
+    let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
+    let Pickled { state, storages } = match legacy_magic(bytes) {
+        Some(magic_end) => read_legacy(bytes, magic_end),
+        None => read_zip(bytes),
+    }
+    .map_err(invalid)?;
     let Value::Dict(pairs) = state else { return Err(invalid("the pickle is not a state dict (a dict of tensors)".into())) };
     let mut tensors = BTreeMap::new();
     for (key, value) in pairs {
         let Value::String(name) = key else { return Err(invalid(format!("a state-dict key is not a string: {key:?}"))) };
         let Value::Tensor(tensor) = value else { return Err(invalid(format!("'{name}' is not a tensor: not an HF state dict"))) };
-        let storage_name = format!("{prefix}data/{}", tensor.storage.key);
-        let storage = zip.get(&storage_name).ok_or_else(|| invalid(format!("'{name}': storage {storage_name} is missing")))?;
+        let storage = storages.get(&tensor.storage.key).ok_or_else(|| invalid(format!("'{name}': storage '{}' is missing", tensor.storage.key)))?;
         let data = tensor_bytes(&tensor, storage).map_err(|e| invalid(format!("'{name}': {e}")))?;
         let out = TensorOut { dtype: safetensors_dtype(tensor.storage.dtype), shape: tensor.shape.clone(), data };
         if tensors.insert(name.clone(), out).is_some() {
