@@ -29,6 +29,8 @@
 //! - IQ4_XS, 256 values in 136 bytes: f16 `d`, a u16 of scales' top bit pairs, 4 bytes of their
 //!   low nibbles, then IQ4_NL's nibbles per 32 values; value = `d·(sc − 32)·kvalues[q]`.
 
+use std::ops::Range;
+
 use half::f16;
 use rayon::prelude::*;
 
@@ -37,12 +39,25 @@ use crate::gguf::IQ4_VALUES;
 mod grids;
 pub mod importance;
 pub mod lattice;
+#[cfg(target_arch = "x86_64")]
+mod searches_avx2;
 
 /// Below this a block counts as all zeros (ggml's `GROUP_MAX_EPS`).
 const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// Values per K-quant super-block.
 const QK_K: usize = 256;
+
+/// Whether the searches below run their copies compiled for AVX2. They are written lane by lane
+/// for the compiler to vectorise: the baseline x86-64 build gets 4-wide SSE2 without i32
+/// min/max, AVX2 8-wide with them. Without FMA every lane's operations round as before, so the
+/// bytes do not change.
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
 
 /// ggml's `nearest_int`: round half to even by adding 1.5·2²³ and reading the mantissa (for
 /// |x| < 2²²). Plain SSE2 arithmetic: `f32::round_ties_even` is a libm call without SSE4.1, and
@@ -184,9 +199,26 @@ const Q5_K_SEARCH: ScaleSearch = ScaleSearch { nmax: 31, rmin: -0.5, rdelta: 0.1
 ///
 /// One sub-block's candidates depend on each other (an improvement moves the minimum the next
 /// one starts from); the sub-blocks do not. So they run side by side, sub-block `j` in lane `j`,
-/// each in ggml's operations and order (the same floats as on its own), which the compiler
-/// vectorises over the lanes.
+/// each in ggml's operations and order (the same floats as on its own): eight at a time in AVX2
+/// where the processor has it, else as the compiler vectorises the lanes.
 fn scale_and_min<const L: usize, const N: usize>(x: &[f32], weights: &[f32], codes: &mut [u8], search: ScaleSearch) -> ([f32; L], [f32; L]) {
+    #[cfg(target_arch = "x86_64")]
+    if L % searches_avx2::LANES == 0 && has_avx2() {
+        use searches_avx2::LANES;
+        let (mut scales, mut mins) = ([0f32; L], [0f32; L]);
+        for group in 0..L / LANES {
+            let span = N * LANES * group..N * LANES * (group + 1);
+            // SAFETY: the processor has AVX2.
+            let (s, m) = unsafe { searches_avx2::scale_and_min::<N>(&x[span.clone()], &weights[span.clone()], &mut codes[span], search) };
+            scales[LANES * group..][..LANES].copy_from_slice(&s);
+            mins[LANES * group..][..LANES].copy_from_slice(&m);
+        }
+        return (scales, mins);
+    }
+    scale_and_min_lanes::<L, N>(x, weights, codes, search)
+}
+
+fn scale_and_min_lanes<const L: usize, const N: usize>(x: &[f32], weights: &[f32], codes: &mut [u8], search: ScaleSearch) -> ([f32; L], [f32; L]) {
     let ScaleSearch { nmax, rmin, rdelta, steps, absolute_error } = search;
     let error_of = |diff: f32| if absolute_error { diff.abs() } else { diff * diff };
     let quantize = |iscale: f32, v: f32, min: f32| nearest_int(iscale * (v - min)).clamp(0, nmax) as f32;
@@ -488,12 +520,51 @@ fn q3_scale(x: &[f32], codes: &mut [i8]) -> f32 {
     if sum_l2 > 0.0 { sum_lx / sum_l2 } else { 0.0 }
 }
 
-/// Each 16-value sub-block's scale from `scale_of` (Q3_K's and Q6_K's searches), its codes into
-/// `codes`.
-fn sub_block_scales(x: &[f32], codes: &mut [i8; QK_K], scale_of: fn(&[f32], &mut [i8]) -> f32) -> [f32; 16] {
+/// The 16-value sub-block searches of Q3_K and Q6_K (and of their importance-matrix variants).
+#[derive(Clone, Copy)]
+enum SubBlockSearch<'a> {
+    /// [`q3_scale`].
+    Q3K,
+    /// [`weighted_symmetric_scale`] with codes `−nmax..nmax`, weighted by the super-block's
+    /// `weights` or by x².
+    Symmetric { nmax: i32, weights: Option<&'a [f32]> },
+}
+
+impl SubBlockSearch<'_> {
+    /// The sub-block of `x` at `span`.
+    fn alone(self, x: &[f32], codes: &mut [i8], span: Range<usize>) -> f32 {
+        match self {
+            Self::Q3K => q3_scale(&x[span], codes),
+            Self::Symmetric { nmax, weights } => weighted_symmetric_scale(&x[span.clone()], codes, nmax, weights.map(|w| &w[span])),
+        }
+    }
+
+    /// The eight sub-blocks of `x` at `span`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn eight(self, x: &[f32], codes: &mut [i8], span: Range<usize>) -> [f32; 8] {
+        match self {
+            Self::Q3K => searches_avx2::q3_scales(&x[span], codes),
+            Self::Symmetric { nmax, weights } => searches_avx2::symmetric_scales::<16>(&x[span.clone()], codes, nmax, weights.map(|w| &w[span])),
+        }
+    }
+}
+
+/// Each 16-value sub-block's scale from `search`, its codes into `codes`: eight at a time in AVX2
+/// where the processor has it.
+fn sub_block_scales(x: &[f32], codes: &mut [i8; QK_K], search: SubBlockSearch) -> [f32; 16] {
     let mut scales = [0f32; 16];
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        for (half, scales) in scales.chunks_mut(8).enumerate() {
+            let span = 128 * half..128 * (half + 1);
+            // SAFETY: the processor has AVX2.
+            scales.copy_from_slice(&unsafe { search.eight(x, &mut codes[span.clone()], span) });
+        }
+        return scales;
+    }
     for (j, (scale, codes)) in scales.iter_mut().zip(codes.chunks_mut(16)).enumerate() {
-        *scale = scale_of(&x[16 * j..16 * j + 16], codes);
+        *scale = search.alone(x, codes, 16 * j..16 * j + 16);
     }
     scales
 }
@@ -502,7 +573,7 @@ fn sub_block_scales(x: &[f32], codes: &mut [i8; QK_K], scale_of: fn(&[f32], &mut
 pub fn encode_q3_k(values: &[f32]) -> Vec<u8> {
     encode_blocks(values, QK_K, 110, |x, out| {
         let mut codes = [0i8; QK_K];
-        let scales = sub_block_scales(x, &mut codes, q3_scale);
+        let scales = sub_block_scales(x, &mut codes, SubBlockSearch::Q3K);
         let max_scale = largest_magnitude(&scales);
         out.fill(0);
         let (packed, d_bytes) = out[96..].split_at_mut(12);
@@ -565,16 +636,24 @@ fn finish_q3_k(x: &[f32], codes: &mut [i8; QK_K], out: &mut [u8]) {
     }
 }
 
-/// ggml's `make_qx_quants` with `rmse_type = 1` for Q6_K (`nmax = 32`) over one 16-value
-/// sub-block: the scale minimising the x²-weighted squared error over 19 candidates around
-/// `−nmax / max`; `codes` gets `q + 32` in `0..64`.
-fn symmetric_scale(x: &[f32], codes: &mut [i8]) -> f32 {
-    weighted_symmetric_scale(x, codes, 32, None)
+/// ggml's `make_qx_quants` with `rmse_type = 1` (Q6_K's search with `nmax = 32`): codes `q + nmax`
+/// for `q` in `−nmax..nmax`, the scale minimising the weighted squared error (weights `weights`,
+/// or x²) over 19 candidates around `−nmax / max`.
+fn weighted_symmetric_scale(x: &[f32], codes: &mut [i8], nmax: i32, weights: Option<&[f32]>) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        #[target_feature(enable = "avx2")]
+        fn avx2(x: &[f32], codes: &mut [i8], nmax: i32, weights: Option<&[f32]>) -> f32 {
+            weighted_symmetric_scale_lanes(x, codes, nmax, weights)
+        }
+        // SAFETY: the processor has AVX2.
+        return unsafe { avx2(x, codes, nmax, weights) };
+    }
+    weighted_symmetric_scale_lanes(x, codes, nmax, weights)
 }
 
-/// ggml's `make_qx_quants` with `rmse_type = 1`: codes `q + nmax` for `q` in `−nmax..nmax`, the
-/// scale minimising the weighted squared error (weights `weights`, or x²) over 19 candidates.
-fn weighted_symmetric_scale(x: &[f32], codes: &mut [i8], nmax: i32, weights: Option<&[f32]>) -> f32 {
+#[inline(always)]
+fn weighted_symmetric_scale_lanes(x: &[f32], codes: &mut [i8], nmax: i32, weights: Option<&[f32]>) -> f32 {
     const CANDIDATES: usize = 19;
     let max = largest_magnitude(x);
     if max.abs() < GROUP_MAX_EPS {
@@ -619,7 +698,7 @@ fn weighted_symmetric_scale(x: &[f32], codes: &mut [i8], nmax: i32, weights: Opt
 pub fn encode_q6_k(values: &[f32]) -> Vec<u8> {
     encode_blocks(values, QK_K, 210, |x, out| {
         let mut codes = [0i8; QK_K];
-        let scales = sub_block_scales(x, &mut codes, symmetric_scale);
+        let scales = sub_block_scales(x, &mut codes, SubBlockSearch::Symmetric { nmax: 32, weights: None });
         finish_q6_k(x, &scales, &mut codes, out);
     })
 }
@@ -990,6 +1069,50 @@ mod tests {
         for search in [Q2_K_SEARCH, Q4_K_SEARCH, Q5_K_SEARCH] {
             check::<16, 16>(&x, &weights, search);
             check::<8, 32>(&x, &weights, search);
+        }
+    }
+
+    /// Eight sub-blocks searched at once in AVX2 come out as each searched alone, bit for bit, for
+    /// Q6_K's and Q3_K's searches and the weighted ones of the importance-matrix types.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sixteen_value_searches_eight_at_a_time_equal_each_alone() {
+        if !has_avx2() {
+            return;
+        }
+        let mut x = values(4 * QK_K)[..QK_K].to_vec();
+        x[0..16].fill(0.0);
+        x[16..32].fill(0.25);
+        x[32..48].iter_mut().for_each(|v| *v = -v.abs() - 0.01);
+        x[48..64].fill(1e-16);
+        x[64] = -0.0;
+        let weights: Vec<f32> = x.iter().map(|v| v.abs() + 0.1).collect();
+        fn check<const N: usize>(x: &[f32], nmax: i32, weights: Option<&[f32]>) {
+            let mut together = vec![0i8; 8 * N];
+            // SAFETY: checked above that the processor has AVX2.
+            let scales = unsafe { searches_avx2::symmetric_scales::<N>(&x[..8 * N], &mut together, nmax, weights) };
+            for j in 0..8 {
+                let mut alone = [0i8; N];
+                let scale = weighted_symmetric_scale_lanes(&x[N * j..N * j + N], &mut alone, nmax, weights.map(|w| &w[N * j..N * j + N]));
+                assert_eq!(scales[j].to_bits(), scale.to_bits(), "{N} values, nmax {nmax}, sub-block {j}");
+                assert_eq!(together[N * j..N * j + N], alone, "{N} values, nmax {nmax}, sub-block {j}");
+            }
+        }
+        for offset in [0, 128] {
+            check::<16>(&x[offset..], 32, None);
+            check::<16>(&x[offset..], 4, Some(&weights[offset..]));
+        }
+        check::<32>(&x, 8, Some(&weights));
+        check::<32>(&x, 16, None);
+        for offset in [0, 128] {
+            let mut together = [0i8; 128];
+            // SAFETY: checked above that the processor has AVX2.
+            let scales = unsafe { searches_avx2::q3_scales(&x[offset..offset + 128], &mut together) };
+            for j in 0..8 {
+                let mut alone = [0i8; 16];
+                let scale = q3_scale(&x[offset + 16 * j..offset + 16 * j + 16], &mut alone);
+                assert_eq!((scales[j].to_bits(), &together[16 * j..16 * j + 16]), (scale.to_bits(), &alone[..]), "Q3_K, sub-block {j} from {offset}");
+            }
         }
     }
 

@@ -12,8 +12,8 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::{
-    GROUP_MAX_EPS, QK_K, ScaleSearch, finish_q2_k, finish_q3_k, finish_q6_k, iq4_nl_block, iq4_xs_block, nearest_int, pack_five_bits,
-    pack_k4_head, pack_q3_k_scales, pack_q4_k_codes, pack_q5_k_codes, requantize_k4, scale_and_min, weighted_symmetric_scale,
+    GROUP_MAX_EPS, QK_K, ScaleSearch, SubBlockSearch, finish_q2_k, finish_q3_k, finish_q6_k, iq4_nl_block, iq4_xs_block, nearest_int, pack_five_bits,
+    pack_k4_head, pack_q3_k_scales, pack_q4_k_codes, pack_q5_k_codes, requantize_k4, scale_and_min, sub_block_scales, weighted_symmetric_scale,
 };
 
 /// `make_qkx3_quants`' candidates as the weighted quantizers call it.
@@ -199,12 +199,9 @@ pub fn encode_q3_k(values: &[f32], importance: &[f32]) -> Vec<u8> {
     encode_rows(values, importance, QK_K, 110, |x, qw, _, out| {
         let sigma2 = 2.0 * sum_of_squares(x) / QK_K as f32;
         let mut codes = [0i8; QK_K];
-        let (mut scales, mut sums) = ([0f32; 16], [0f32; 16]);
-        for j in 0..16 {
-            let w = weights::<16>(&x[16 * j..16 * j + 16], &qw[16 * j..16 * j + 16], sigma2);
-            sums[j] = total(&w);
-            scales[j] = weighted_symmetric_scale(&x[16 * j..16 * j + 16], &mut codes[16 * j..16 * j + 16], 4, Some(&w));
-        }
+        let w = weights::<QK_K>(x, qw, sigma2);
+        let sums: [f32; 16] = std::array::from_fn(|j| total(&w[16 * j..16 * j + 16]));
+        let scales = sub_block_scales(x, &mut codes, SubBlockSearch::Symmetric { nmax: 4, weights: Some(&w) });
         out.fill(0);
         let mut levels = [0i8; 16];
         let d = weighted_symmetric_scale(&scales, &mut levels, 32, Some(&sums));
@@ -256,10 +253,7 @@ pub fn encode_q5_k(values: &[f32], importance: &[f32]) -> Vec<u8> {
 pub fn encode_q6_k(values: &[f32], importance: &[f32]) -> Vec<u8> {
     encode_rows(values, importance, QK_K, 210, |x, qw, _, out| {
         let mut codes = [0i8; QK_K];
-        let mut scales = [0f32; 16];
-        for j in 0..16 {
-            scales[j] = weighted_symmetric_scale(&x[16 * j..16 * j + 16], &mut codes[16 * j..16 * j + 16], 32, Some(&qw[16 * j..16 * j + 16]));
-        }
+        let scales = sub_block_scales(x, &mut codes, SubBlockSearch::Symmetric { nmax: 32, weights: Some(qw) });
         finish_q6_k(x, &scales, &mut codes, out);
     })
 }
