@@ -804,9 +804,24 @@ fn squares<const N: usize>(x: &[f32]) -> [f32; N] {
     std::array::from_fn(|i| x[i] * x[i])
 }
 
-/// IQ4_NL blocks of `values` (a multiple of 32).
+/// IQ4_NL blocks of `values` (a multiple of 32), eight at a time where they come in 256s.
 pub fn encode_iq4_nl(values: &[f32]) -> Vec<u8> {
+    if values.len() % QK_K == 0 {
+        return encode_blocks(values, QK_K, 8 * 18, |x, out| eight_iq4_nl_blocks(x, &squares::<QK_K>(x), out));
+    }
     encode_blocks(values, 32, 18, |x, out| iq4_nl_block(x, &squares::<32>(x), out))
+}
+
+/// Eight consecutive IQ4_NL blocks of `x` with their values' `weights`, as [`iq4_nl_block`] each.
+fn eight_iq4_nl_blocks(x: &[f32], weights: &[f32], out: &mut [u8]) {
+    let scales = iq4_scales(x, weights);
+    let inverses = scales.map(|scale| if scale != 0.0 { 1.0 / scale } else { 0.0 });
+    let mut codes = [0u8; QK_K];
+    iq4_codes(x, inverses, &mut codes);
+    for ((out, scale), codes) in out.chunks_mut(18).zip(scales).zip(codes.chunks(32)) {
+        out[0..2].copy_from_slice(&f16::from_f32(scale).to_le_bytes());
+        pack_iq4_nibbles(codes, &mut out[2..]);
+    }
 }
 
 /// One IQ4_NL block of `x` with its values' `weights`.
@@ -818,6 +833,28 @@ fn iq4_nl_block(x: &[f32], weights: &[f32], out: &mut [u8]) {
     pack_iq4_nibbles(&codes, &mut out[2..]);
 }
 
+/// [`iq4_scale`] of eight consecutive 32-value blocks: at once in AVX2 where the processor has it.
+fn iq4_scales(x: &[f32], weights: &[f32]) -> [f32; 8] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the processor has AVX2.
+        return unsafe { searches_avx2::iq4_scales(x, weights) };
+    }
+    std::array::from_fn(|j| iq4_scale(&x[32 * j..32 * j + 32], &weights[32 * j..32 * j + 32]))
+}
+
+/// The IQ4 codes of eight consecutive 32-value blocks, block `j`'s values times `inverses[j]`.
+fn iq4_codes(x: &[f32], inverses: [f32; 8], codes: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the processor has AVX2.
+        return unsafe { searches_avx2::iq4_codes(x, inverses, codes) };
+    }
+    for (i, (code, &v)) in codes.iter_mut().zip(x).enumerate() {
+        *code = nearest_iq4_code(inverses[i / 32] * v);
+    }
+}
+
 /// IQ4_XS super-blocks of `values` (a multiple of 256).
 pub fn encode_iq4_xs(values: &[f32]) -> Vec<u8> {
     encode_blocks(values, QK_K, 136, |x, out| iq4_xs_block(x, &squares::<QK_K>(x), out))
@@ -825,26 +862,25 @@ pub fn encode_iq4_xs(values: &[f32]) -> Vec<u8> {
 
 /// One IQ4_XS super-block of `x` with its values' `weights`.
 fn iq4_xs_block(x: &[f32], weights: &[f32], out: &mut [u8]) {
-    let scales: Vec<f32> = x.chunks(32).zip(weights.chunks(32)).map(|(x, w)| iq4_scale(x, w)).collect();
+    let scales = iq4_scales(x, weights);
     // Sub-block scales in 6 bits (offset by 32) against the block's `d`; codes against them.
     let d = -largest_magnitude(&scales) / 32.0;
     out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
     let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut codes = [0u8; QK_K];
+    let mut inverses = [0f32; 8];
     let mut high_bits = 0u16;
     out[4..8].fill(0);
     for (ib, scale) in scales.iter().enumerate() {
         let l = nearest_int(inverse * scale).clamp(-32, 31);
         let sub_scale = d * l as f32;
-        let sub_inverse = if sub_scale != 0.0 { 1.0 / sub_scale } else { 0.0 };
-        for i in 32 * ib..32 * ib + 32 {
-            codes[i] = nearest_iq4_code(sub_inverse * x[i]);
-        }
+        inverses[ib] = if sub_scale != 0.0 { 1.0 / sub_scale } else { 0.0 };
         let l = (l + 32) as u8;
         out[4 + ib / 2] |= (l & 0xF) << (4 * (ib % 2));
         high_bits |= u16::from(l >> 4) << (2 * ib);
     }
     out[2..4].copy_from_slice(&high_bits.to_le_bytes());
+    let mut codes = [0u8; QK_K];
+    iq4_codes(x, inverses, &mut codes);
     pack_iq4_nibbles(&codes, &mut out[8..]);
 }
 
@@ -1113,6 +1149,39 @@ mod tests {
                 let scale = q3_scale(&x[offset + 16 * j..offset + 16 * j + 16], &mut alone);
                 assert_eq!((scales[j].to_bits(), &together[16 * j..16 * j + 16]), (scale.to_bits(), &alone[..]), "Q3_K, sub-block {j} from {offset}");
             }
+        }
+    }
+
+    /// IQ4's scale search and codes eight blocks at a time in AVX2 equal ggml's one block at a
+    /// time, with a zero block, ties between grid values, the grid's ends and NaN.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn iq4_eight_blocks_at_a_time_equal_one_at_a_time() {
+        if !has_avx2() {
+            return;
+        }
+        let x = values(4 * QK_K);
+        for (offset, weights) in [(0, squares::<QK_K>(&x[..QK_K])), (512, squares::<QK_K>(&x[512..768])), (256, [1.0; QK_K])] {
+            let x = &x[offset..offset + QK_K];
+            // SAFETY: checked above that the processor has AVX2.
+            let scales = unsafe { searches_avx2::iq4_scales(x, &weights) };
+            for j in 0..8 {
+                assert_eq!(scales[j].to_bits(), iq4_scale(&x[32 * j..32 * j + 32], &weights[32 * j..32 * j + 32]).to_bits(), "block {j} from {offset}");
+            }
+        }
+        // Every grid value, the midpoints between neighbours (ties), beyond the ends, NaN.
+        let grid: Vec<f32> = IQ4_VALUES.iter().map(|&v| f32::from(v)).collect();
+        let mut probes: Vec<f32> = grid.clone();
+        probes.extend(grid.windows(2).map(|w| (w[0] + w[1]) / 2.0));
+        probes.extend([-1000.0, -127.5, 113.5, 1000.0, f32::NAN, -0.0, 0.0, 1e-30]);
+        probes.extend(values(4 * QK_K)[..QK_K].iter().map(|v| v * 300.0));
+        probes.resize(QK_K, 0.5);
+        let inverses = [1.0, 0.5, 2.0, -1.0, 0.0, 1.5, 0.25, 3.0];
+        let mut codes = [0u8; QK_K];
+        // SAFETY: as above.
+        unsafe { searches_avx2::iq4_codes(&probes, inverses, &mut codes) };
+        for (i, &v) in probes.iter().enumerate() {
+            assert_eq!(codes[i], nearest_iq4_code(inverses[i / 32] * v), "{v} times {}", inverses[i / 32]);
         }
     }
 

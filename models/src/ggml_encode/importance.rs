@@ -12,7 +12,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::{
-    GROUP_MAX_EPS, QK_K, ScaleSearch, SubBlockSearch, finish_q2_k, finish_q3_k, finish_q6_k, iq4_nl_block, iq4_xs_block, nearest_int, pack_five_bits,
+    GROUP_MAX_EPS, QK_K, ScaleSearch, SubBlockSearch, finish_q2_k, finish_q3_k, finish_q6_k, eight_iq4_nl_blocks, iq4_nl_block, iq4_xs_block, nearest_int, pack_five_bits,
     pack_k4_head, pack_q3_k_scales, pack_q4_k_codes, pack_q5_k_codes, requantize_k4, scale_and_min, sub_block_scales, weighted_symmetric_scale,
 };
 
@@ -258,8 +258,17 @@ pub fn encode_q6_k(values: &[f32], importance: &[f32]) -> Vec<u8> {
     })
 }
 
-/// IQ4_NL blocks of whole rows (σ² over each 32-value block).
+/// IQ4_NL blocks of whole rows (σ² over each 32-value block), eight at a time in rows of 256s.
 pub fn encode_iq4_nl(values: &[f32], importance: &[f32]) -> Vec<u8> {
+    if importance.len() % QK_K == 0 {
+        return encode_rows(values, importance, QK_K, 8 * 18, |x, qw, _, out| {
+            let mut w = [0f32; QK_K];
+            for ((w, x), qw) in w.chunks_mut(32).zip(x.chunks(32)).zip(qw.chunks(32)) {
+                w.copy_from_slice(&weights::<32>(x, qw, sum_of_squares(x) * (2.0 / 32.0)));
+            }
+            eight_iq4_nl_blocks(x, &w, out);
+        });
+    }
     encode_rows(values, importance, 32, 18, |x, qw, _, out| {
         iq4_nl_block(x, &weights::<32>(x, qw, sum_of_squares(x) * (2.0 / 32.0)), out);
     })

@@ -221,6 +221,97 @@ pub(super) fn q3_scales(x: &[f32], codes: &mut [i8]) -> [f32; LANES] {
     lanes(_mm256_andnot_ps(blank, scale))
 }
 
+/// IQ4's grid as two registers, values 0..8 and 8..16.
+#[target_feature(enable = "avx2")]
+fn iq4_grid() -> (__m256, __m256) {
+    let grid = |half: usize| from_lanes(|j| f32::from(crate::gguf::IQ4_VALUES[8 * half + j]));
+    (grid(0), grid(1))
+}
+
+/// [`super::nearest_iq4_code`] in each lane: the code and its grid value. Below the grid's end the
+/// count of grid values `<= x` is one past ggml's binary search's lower end; NaN takes 15, as
+/// its search ends there.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn nearest_iq4(x: __m256, grid: (__m256, __m256)) -> (__m256i, __m256) {
+    let mut count = _mm256_setzero_si256();
+    for &value in &crate::gguf::IQ4_VALUES {
+        // A true compare is −1: subtracting counts it.
+        count = _mm256_sub_epi32(count, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_set1_ps(f32::from(value)), x)));
+    }
+    let (one, fifteen) = (_mm256_set1_epi32(1), _mm256_set1_epi32(15));
+    // Lower end in 0..15 (below the grid: 0, past it: 14), upper end one above.
+    let low = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(count, one), _mm256_setzero_si256()), _mm256_set1_epi32(14));
+    let high = _mm256_add_epi32(low, one);
+    let value = |code: __m256i| {
+        let upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(code, _mm256_set1_epi32(7)));
+        _mm256_blendv_ps(_mm256_permutevar8x32_ps(grid.0, code), _mm256_permutevar8x32_ps(grid.1, code), upper)
+    };
+    let (low_value, high_value) = (value(low), value(high));
+    let nearer_low = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_sub_ps(x, low_value), _mm256_sub_ps(high_value, x));
+    let mut code = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(high), _mm256_castsi256_ps(low), nearer_low));
+    // The ends: at or below the first value 0, at or above the last 15, NaN 15.
+    let first = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(x, _mm256_set1_ps(f32::from(crate::gguf::IQ4_VALUES[0]))));
+    let last = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_NLT_UQ>(x, _mm256_set1_ps(f32::from(crate::gguf::IQ4_VALUES[15]))));
+    code = _mm256_andnot_si256(first, code);
+    code = _mm256_or_si256(_mm256_andnot_si256(last, code), _mm256_and_si256(last, fifteen));
+    (code, value(code))
+}
+
+/// [`super::iq4_scale`] (`quantize_row_iq4_nl_impl`'s search) over eight consecutive 32-value
+/// blocks of `x` with their `weights`: their scales.
+#[target_feature(enable = "avx2")]
+pub(super) fn iq4_scales(x: &[f32], weights: &[f32]) -> [f32; LANES] {
+    const N: usize = 32;
+    let x: [__m256; N] = std::array::from_fn(|i| from_lanes(|j| x[N * j + i]));
+    let w: [__m256; N] = std::array::from_fn(|i| from_lanes(|j| weights[N * j + i]));
+    let grid = iq4_grid();
+    let sign = _mm256_set1_ps(-0.0);
+    let mut max = _mm256_setzero_ps();
+    for &v in &x {
+        max = _mm256_blendv_ps(max, v, _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_andnot_ps(sign, v), _mm256_andnot_ps(sign, max)));
+    }
+    let blank = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_andnot_ps(sign, max), _mm256_set1_ps(super::GROUP_MAX_EPS));
+    let fit = |inverse: __m256| {
+        let (mut sum_qx, mut sum_q2) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for i in 0..N {
+            let (_, q) = nearest_iq4(_mm256_mul_ps(inverse, x[i]), grid);
+            let wq = _mm256_mul_ps(w[i], q);
+            sum_qx = _mm256_add_ps(sum_qx, _mm256_mul_ps(wq, x[i]));
+            sum_q2 = _mm256_add_ps(sum_q2, _mm256_mul_ps(wq, q));
+        }
+        (sum_qx, sum_q2)
+    };
+    let zero = _mm256_setzero_ps();
+    let first = f32::from(crate::gguf::IQ4_VALUES[0]);
+    let (sum_qx, sum_q2) = fit(_mm256_div_ps(_mm256_set1_ps(1.0), _mm256_div_ps(_mm256_xor_ps(max, sign), _mm256_set1_ps(first))));
+    let mut scale = _mm256_and_ps(_mm256_div_ps(sum_qx, sum_q2), _mm256_cmp_ps::<_CMP_GT_OQ>(sum_q2, zero));
+    let mut best = _mm256_mul_ps(scale, sum_qx);
+    for step in -7..=7 {
+        let (sum_qx, sum_q2) = fit(_mm256_div_ps(_mm256_set1_ps((step + i32::from(crate::gguf::IQ4_VALUES[0])) as f32), max));
+        let better = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(sum_q2, zero), _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_mul_ps(sum_qx, sum_qx), _mm256_mul_ps(best, sum_q2)));
+        let this_scale = _mm256_div_ps(sum_qx, sum_q2);
+        scale = _mm256_blendv_ps(scale, this_scale, better);
+        best = _mm256_blendv_ps(best, _mm256_mul_ps(this_scale, sum_qx), better);
+    }
+    lanes(_mm256_andnot_ps(blank, scale))
+}
+
+/// IQ4 codes of eight consecutive 32-value blocks of `x`, block `j`'s values times `inverses[j]`.
+#[target_feature(enable = "avx2")]
+pub(super) fn iq4_codes(x: &[f32], inverses: [f32; LANES], codes: &mut [u8]) {
+    const N: usize = 32;
+    let grid = iq4_grid();
+    let inverse = from_lanes(|j| inverses[j]);
+    for i in 0..N {
+        let (code, _) = nearest_iq4(_mm256_mul_ps(inverse, from_lanes(|j| x[N * j + i])), grid);
+        let code = lanes_i32(code);
+        for j in 0..LANES {
+            codes[N * j + i] = code[j] as u8;
+        }
+    }
+}
+
 /// A register from its eight lanes, lane `j` from `lane(j)`.
 #[inline(always)]
 fn from_lanes(lane: impl Fn(usize) -> f32) -> __m256 {
