@@ -1095,7 +1095,7 @@ mod tests {
     }
 
     /// Sub-blocks searched side by side (one a lane) come out as each searched alone, bit for bit:
-    /// random ones, all zeros, constant, all negative, and one whose minimum is -0.
+    /// random ones, all zeros, constant, all negative, one whose minimum is -0, with NaN and with ∞.
     #[test]
     fn sub_blocks_side_by_side_equal_each_alone() {
         let mut x = values(4 * QK_K)[..QK_K].to_vec();
@@ -1105,6 +1105,7 @@ mod tests {
         x[48..64].iter_mut().for_each(|v| *v = -v.abs() - 0.01);
         x[64..80].iter_mut().for_each(|v| *v = v.abs());
         x[64] = -0.0;
+        (x[100], x[120]) = (f32::NAN, f32::INFINITY);
         let weights: Vec<f32> = x.iter().map(|v| v.abs() + 0.1).collect();
         fn check<const L: usize, const N: usize>(x: &[f32], weights: &[f32], search: ScaleSearch) {
             let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
@@ -1137,6 +1138,7 @@ mod tests {
         x[32..48].iter_mut().for_each(|v| *v = -v.abs() - 0.01);
         x[48..64].fill(1e-16);
         x[64] = -0.0;
+        (x[100], x[120], x[140]) = (f32::NAN, f32::INFINITY, f32::NAN);
         let weights: Vec<f32> = x.iter().map(|v| v.abs() + 0.1).collect();
         fn check<const N: usize>(x: &[f32], nmax: i32, weights: Option<&[f32]>) {
             let mut together = vec![0i8; 8 * N];
@@ -1175,7 +1177,8 @@ mod tests {
         if !has_avx2() {
             return;
         }
-        let x = values(4 * QK_K);
+        let mut x = values(4 * QK_K);
+        (x[40], x[70]) = (f32::NAN, f32::INFINITY);
         for (offset, weights) in [(0, squares::<QK_K>(&x[..QK_K])), (512, squares::<QK_K>(&x[512..768])), (256, [1.0; QK_K])] {
             let x = &x[offset..offset + QK_K];
             // SAFETY: checked above that the processor has AVX2.
