@@ -48,10 +48,10 @@ const GROUP_MAX_EPS: f32 = 1e-15;
 /// Values per K-quant super-block.
 const QK_K: usize = 256;
 
-/// Whether the searches below run their copies compiled for AVX2. They are written lane by lane
-/// for the compiler to vectorise: the baseline x86-64 build gets 4-wide SSE2 without i32
-/// min/max, AVX2 8-wide with them. Without FMA every lane's operations round as before, so the
-/// bytes do not change.
+/// Whether the processor has AVX2: the searches below then run eight sub-blocks a register
+/// (`searches_avx2`), or their lane-by-lane code compiled for it (the baseline x86-64 build has
+/// 4-wide SSE2 without i32 min/max or `round`). Without FMA every lane's operations round as in
+/// the scalar code, so the bytes do not change.
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     return std::arch::is_x86_feature_detected!("avx2");

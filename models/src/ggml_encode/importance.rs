@@ -12,8 +12,9 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::{
-    GROUP_MAX_EPS, QK_K, ScaleSearch, SubBlockSearch, finish_q2_k, finish_q3_k, finish_q6_k, eight_iq4_nl_blocks, iq4_nl_block, iq4_xs_block, nearest_int, pack_five_bits,
-    pack_k4_head, pack_q3_k_scales, pack_q4_k_codes, pack_q5_k_codes, requantize_k4, scale_and_min, sub_block_scales, weighted_symmetric_scale,
+    GROUP_MAX_EPS, QK_K, ScaleSearch, SubBlockSearch, eight_iq4_nl_blocks, finish_q2_k, finish_q3_k, finish_q6_k, iq4_nl_block,
+    iq4_xs_block, nearest_int, pack_five_bits, pack_k4_head, pack_q3_k_scales, pack_q4_k_codes, pack_q5_k_codes, requantize_k4,
+    scale_and_min, sub_block_scales, weighted_symmetric_scale,
 };
 
 /// `make_qkx3_quants`' candidates as the weighted quantizers call it.
