@@ -232,7 +232,7 @@ impl Lattice {
 fn nearest_chunk<const DIM: usize>(indices: &[u16], chunks: &[[[u8; LANES]; 8]], x: &[f32], weights: &[f32], scale: f32, values: &[f32; 8]) -> usize {
     let (x, weights): (&[f32; DIM], &[f32; DIM]) = (x.try_into().expect("a group"), weights.try_into().expect("a group"));
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if super::has_avx2() {
         // SAFETY: the processor has AVX2, checked above.
         return unsafe { nearest_avx2::<DIM>(indices, chunks, x, weights, scale, values) };
     }
@@ -1127,7 +1127,7 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn side_by_side_search_equals_ggmls_loop() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
+        if !crate::ggml_encode::has_avx2() {
             return;
         }
         fn check<const DIM: usize>(grid: Grid, draw: &mut impl FnMut() -> f32) {
