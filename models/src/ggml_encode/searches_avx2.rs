@@ -21,14 +21,7 @@ pub(super) fn scale_and_min<const N: usize>(x: &[f32], weights: &[f32], codes: &
     let w: [__m256; N] = std::array::from_fn(|i| from_lanes(|j| weights[N * j + i]));
     let sign = _mm256_set1_ps(-0.0);
     let error_of = |diff: __m256| if absolute_error { _mm256_andnot_ps(sign, diff) } else { _mm256_mul_ps(diff, diff) };
-    let (zero, top) = (_mm256_setzero_si256(), _mm256_set1_epi32(nmax));
-    let (magic, mantissa, half) = (_mm256_set1_ps(12_582_912.0), _mm256_set1_epi32(0x007f_ffff), _mm256_set1_epi32(0x0040_0000));
-    // nearest_int(iscale · (v − min)).clamp(0, nmax) as f32.
-    let quantize = |iscale: __m256, v: __m256, min: __m256| {
-        let shifted = _mm256_add_ps(_mm256_mul_ps(iscale, _mm256_sub_ps(v, min)), magic);
-        let int = _mm256_sub_epi32(_mm256_and_si256(_mm256_castps_si256(shifted), mantissa), half);
-        _mm256_cvtepi32_ps(_mm256_min_epi32(_mm256_max_epi32(int, zero), top))
-    };
+    let quantize = |iscale: __m256, v: __m256, min: __m256| _mm256_cvtepi32_ps(nearest_int_clamped(_mm256_mul_ps(iscale, _mm256_sub_ps(v, min)), 0, nmax));
     let (mut min, mut max, mut sum_w, mut sum_x) = (x[0], x[0], w[0], _mm256_mul_ps(w[0], x[0]));
     for i in 1..N {
         min = _mm256_blendv_ps(min, x[i], _mm256_cmp_ps::<_CMP_LT_OQ>(x[i], min));
@@ -102,21 +95,8 @@ pub(super) fn symmetric_scales<const N: usize>(x: &[f32], codes: &mut [i8], nmax
     const CANDIDATES: usize = 19;
     let x: [__m256; N] = std::array::from_fn(|i| from_lanes(|j| x[N * j + i]));
     let w: [__m256; N] = std::array::from_fn(|i| weights.map_or_else(|| _mm256_mul_ps(x[i], x[i]), |w| from_lanes(|j| w[N * j + i])));
-    let sign = _mm256_set1_ps(-0.0);
-    // The value of largest magnitude, the first of equals, from 0.
-    let mut max = _mm256_setzero_ps();
-    for &v in &x {
-        max = _mm256_blendv_ps(max, v, _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_andnot_ps(sign, v), _mm256_andnot_ps(sign, max)));
-    }
-    let blank = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_andnot_ps(sign, max), _mm256_set1_ps(super::GROUP_MAX_EPS));
-    let (low, high) = (_mm256_set1_epi32(-nmax), _mm256_set1_epi32(nmax - 1));
-    let (magic, mantissa, half) = (_mm256_set1_ps(12_582_912.0), _mm256_set1_epi32(0x007f_ffff), _mm256_set1_epi32(0x0040_0000));
-    // nearest_int(iscale · v).clamp(−nmax, nmax − 1).
-    let quantize = |iscale: __m256, v: __m256| {
-        let shifted = _mm256_add_ps(_mm256_mul_ps(iscale, v), magic);
-        let int = _mm256_sub_epi32(_mm256_and_si256(_mm256_castps_si256(shifted), mantissa), half);
-        _mm256_min_epi32(_mm256_max_epi32(int, low), high)
-    };
+    let (max, blank) = largest_magnitude(&x);
+    let quantize = |iscale: __m256, v: __m256| nearest_int_clamped(_mm256_mul_ps(iscale, v), -nmax, nmax - 1);
     // ggml's candidates in its order: −nmax/max, then −(nmax + 0.1·step)/max for steps −9..=9 but 0.
     let mut numerators = [-(nmax as f32); CANDIDATES];
     for (numerator, step) in numerators[1..].iter_mut().zip((-9..=9).filter(|&s| s != 0)) {
@@ -165,19 +145,8 @@ pub(super) fn q3_scales(x: &[f32], codes: &mut [i8]) -> [f32; LANES] {
     let x: [__m256; N] = std::array::from_fn(|i| from_lanes(|j| x[N * j + i]));
     let w: [__m256; N] = std::array::from_fn(|i| _mm256_mul_ps(x[i], x[i]));
     let wx: [__m256; N] = std::array::from_fn(|i| _mm256_mul_ps(w[i], x[i]));
-    let sign = _mm256_set1_ps(-0.0);
-    let mut max = _mm256_setzero_ps();
-    for &v in &x {
-        max = _mm256_blendv_ps(max, v, _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_andnot_ps(sign, v), _mm256_andnot_ps(sign, max)));
-    }
-    let blank = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_andnot_ps(sign, max), _mm256_set1_ps(super::GROUP_MAX_EPS));
-    let (low, high) = (_mm256_set1_epi32(-NMAX), _mm256_set1_epi32(NMAX - 1));
-    let (magic, mantissa, half) = (_mm256_set1_ps(12_582_912.0), _mm256_set1_epi32(0x007f_ffff), _mm256_set1_epi32(0x0040_0000));
-    // nearest_int(v).clamp(−4, 3).
-    let quantize = |v: __m256| {
-        let int = _mm256_sub_epi32(_mm256_and_si256(_mm256_castps_si256(_mm256_add_ps(v, magic)), mantissa), half);
-        _mm256_min_epi32(_mm256_max_epi32(int, low), high)
-    };
+    let (max, blank) = largest_magnitude(&x);
+    let quantize = |v: __m256| nearest_int_clamped(v, -NMAX, NMAX - 1);
     let iscale = _mm256_div_ps(_mm256_set1_ps(-(NMAX as f32)), max);
     let mut code = [_mm256_setzero_si256(); N];
     let (mut sum_lx, mut sum_l2) = (_mm256_setzero_ps(), _mm256_setzero_ps());
@@ -219,6 +188,29 @@ pub(super) fn q3_scales(x: &[f32], codes: &mut [i8]) -> [f32; LANES] {
     }
     let scale = _mm256_and_ps(_mm256_div_ps(sum_lx, sum_l2), _mm256_cmp_ps::<_CMP_GT_OQ>(sum_l2, zero));
     lanes(_mm256_andnot_ps(blank, scale))
+}
+
+/// Each lane's value of largest magnitude, the first of equals, from 0 (`largest_magnitude`), and
+/// the lanes where it is below ggml's `GROUP_MAX_EPS` (all-zero sub-blocks).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn largest_magnitude(x: &[__m256]) -> (__m256, __m256) {
+    let sign = _mm256_set1_ps(-0.0);
+    let mut max = _mm256_setzero_ps();
+    for &v in x {
+        max = _mm256_blendv_ps(max, v, _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_andnot_ps(sign, v), _mm256_andnot_ps(sign, max)));
+    }
+    (max, _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_andnot_ps(sign, max), _mm256_set1_ps(super::GROUP_MAX_EPS)))
+}
+
+/// ggml's `nearest_int` (`super::nearest_int`: add 1.5·2²³, read the mantissa) in each lane,
+/// clamped to `low..=high`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn nearest_int_clamped(v: __m256, low: i32, high: i32) -> __m256i {
+    let shifted = _mm256_castps_si256(_mm256_add_ps(v, _mm256_set1_ps(12_582_912.0)));
+    let int = _mm256_sub_epi32(_mm256_and_si256(shifted, _mm256_set1_epi32(0x007f_ffff)), _mm256_set1_epi32(0x0040_0000));
+    _mm256_min_epi32(_mm256_max_epi32(int, _mm256_set1_epi32(low)), _mm256_set1_epi32(high))
 }
 
 /// IQ4's grid as two registers, values 0..8 and 8..16.
@@ -266,12 +258,7 @@ pub(super) fn iq4_scales(x: &[f32], weights: &[f32]) -> [f32; LANES] {
     let x: [__m256; N] = std::array::from_fn(|i| from_lanes(|j| x[N * j + i]));
     let w: [__m256; N] = std::array::from_fn(|i| from_lanes(|j| weights[N * j + i]));
     let grid = iq4_grid();
-    let sign = _mm256_set1_ps(-0.0);
-    let mut max = _mm256_setzero_ps();
-    for &v in &x {
-        max = _mm256_blendv_ps(max, v, _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_andnot_ps(sign, v), _mm256_andnot_ps(sign, max)));
-    }
-    let blank = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_andnot_ps(sign, max), _mm256_set1_ps(super::GROUP_MAX_EPS));
+    let (max, blank) = largest_magnitude(&x);
     let fit = |inverse: __m256| {
         let (mut sum_qx, mut sum_q2) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for i in 0..N {
@@ -284,7 +271,7 @@ pub(super) fn iq4_scales(x: &[f32], weights: &[f32]) -> [f32; LANES] {
     };
     let zero = _mm256_setzero_ps();
     let first = f32::from(crate::gguf::IQ4_VALUES[0]);
-    let (sum_qx, sum_q2) = fit(_mm256_div_ps(_mm256_set1_ps(1.0), _mm256_div_ps(_mm256_xor_ps(max, sign), _mm256_set1_ps(first))));
+    let (sum_qx, sum_q2) = fit(_mm256_div_ps(_mm256_set1_ps(1.0), _mm256_div_ps(_mm256_xor_ps(max, _mm256_set1_ps(-0.0)), _mm256_set1_ps(first))));
     let mut scale = _mm256_and_ps(_mm256_div_ps(sum_qx, sum_q2), _mm256_cmp_ps::<_CMP_GT_OQ>(sum_q2, zero));
     let mut best = _mm256_mul_ps(scale, sum_qx);
     for step in -7..=7 {
