@@ -267,8 +267,7 @@ fn read_legacy(bytes: &[u8], magic_end: usize) -> Result<Pickled<'_>, String> {
     for key in keys {
         let Value::String(key) = key else { return Err(format!("legacy torch.save file: storage key {key:?} is not a string")) };
         let &(numel, size) = sizes.get(&key).ok_or_else(|| format!("storage '{key}' is not used by any tensor"))?;
-        let count = bytes.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
-        let count = count.ok_or_else(|| format!("storage '{key}' runs past the end of the file (truncated?)"))?;
+        let count = u64_at(bytes, at).ok_or_else(|| format!("storage '{key}' runs past the end of the file (truncated?)"))?;
         if count != numel as u64 {
             return Err(format!("storage '{key}' holds {count} elements, but its header says {numel}"));
         }

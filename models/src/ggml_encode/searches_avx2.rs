@@ -1,4 +1,4 @@
-//! ggml's K-quant scale searches for eight sub-blocks at once in AVX2: lane `j` is sub-block `j`,
+//! ggml's K-quant and IQ4 scale searches for eight sub-blocks at once in AVX2: lane `j` is sub-block `j`,
 //! and every lane runs the scalar search's operations in its order (no fused multiply-add), so
 //! each sub-block gets the same floats, codes and choice as on its own. The compiler's own
 //! vectorisation of the lane-by-lane code left most of the sums scalar.
@@ -17,8 +17,7 @@ pub(super) const LANES: usize = 8;
 pub(super) fn scale_and_min<const N: usize>(x: &[f32], weights: &[f32], codes: &mut [u8], search: ScaleSearch) -> ([f32; LANES], [f32; LANES]) {
     let ScaleSearch { nmax, rmin, rdelta, steps, absolute_error } = search;
     // x[i], w[i]: value i of each sub-block, a lane each.
-    let x: [__m256; N] = std::array::from_fn(|i| from_lanes(|j| x[N * j + i]));
-    let w: [__m256; N] = std::array::from_fn(|i| from_lanes(|j| weights[N * j + i]));
+    let (x, w) = (columns::<N>(x), columns::<N>(weights));
     let sign = _mm256_set1_ps(-0.0);
     let error_of = |diff: __m256| if absolute_error { _mm256_andnot_ps(sign, diff) } else { _mm256_mul_ps(diff, diff) };
     let quantize = |iscale: __m256, v: __m256, min: __m256| _mm256_cvtepi32_ps(nearest_int_clamped(_mm256_mul_ps(iscale, _mm256_sub_ps(v, min)), 0, nmax));
@@ -93,8 +92,12 @@ pub(super) fn scale_and_min<const N: usize>(x: &[f32], weights: &[f32], codes: &
 #[target_feature(enable = "avx2")]
 pub(super) fn symmetric_scales<const N: usize>(x: &[f32], codes: &mut [i8], nmax: i32, weights: Option<&[f32]>) -> [f32; LANES] {
     const CANDIDATES: usize = 19;
-    let x: [__m256; N] = std::array::from_fn(|i| from_lanes(|j| x[N * j + i]));
-    let w: [__m256; N] = std::array::from_fn(|i| weights.map_or_else(|| _mm256_mul_ps(x[i], x[i]), |w| from_lanes(|j| w[N * j + i])));
+    let x = columns::<N>(x);
+    let w = match weights {
+        Some(weights) => columns::<N>(weights),
+        None => std::array::from_fn(|i| _mm256_mul_ps(x[i], x[i])),
+    };
+    let wx: [__m256; N] = std::array::from_fn(|i| _mm256_mul_ps(w[i], x[i]));
     let (max, blank) = largest_magnitude(&x);
     let quantize = |iscale: __m256, v: __m256| nearest_int_clamped(_mm256_mul_ps(iscale, v), -nmax, nmax - 1);
     // ggml's candidates in its order: −nmax/max, then −(nmax + 0.1·step)/max for steps −9..=9 but 0.
@@ -108,7 +111,7 @@ pub(super) fn symmetric_scales<const N: usize>(x: &[f32], codes: &mut [i8], nmax
         let (mut sum_lx, mut sum_l2) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for i in 0..N {
             let l = _mm256_cvtepi32_ps(quantize(iscale, x[i]));
-            sum_lx = _mm256_add_ps(sum_lx, _mm256_mul_ps(_mm256_mul_ps(w[i], x[i]), l));
+            sum_lx = _mm256_add_ps(sum_lx, _mm256_mul_ps(wx[i], l));
             sum_l2 = _mm256_add_ps(sum_l2, _mm256_mul_ps(_mm256_mul_ps(w[i], l), l));
         }
         let this_scale = _mm256_div_ps(sum_lx, sum_l2);
@@ -124,13 +127,7 @@ pub(super) fn symmetric_scales<const N: usize>(x: &[f32], codes: &mut [i8], nmax
         scale = _mm256_blendv_ps(scale, this_scale, better);
         best = _mm256_blendv_ps(best, _mm256_mul_ps(this_scale, sum_lx), better);
     }
-    let blank_lanes = _mm256_movemask_ps(blank);
-    for (i, &v) in x.iter().enumerate() {
-        let q = lanes_i32(_mm256_add_epi32(quantize(chosen, v), _mm256_set1_epi32(nmax)));
-        for j in 0..LANES {
-            codes[N * j + i] = if blank_lanes >> j & 1 == 1 { 0 } else { q[j] as i8 };
-        }
-    }
+    store_codes::<N>(std::array::from_fn(|i| quantize(chosen, x[i])), nmax, blank, codes);
     lanes(_mm256_andnot_ps(blank, scale))
 }
 
@@ -142,7 +139,7 @@ pub(super) fn symmetric_scales<const N: usize>(x: &[f32], codes: &mut [i8], nmax
 pub(super) fn q3_scales(x: &[f32], codes: &mut [i8]) -> [f32; LANES] {
     const N: usize = 16;
     const NMAX: i32 = 4;
-    let x: [__m256; N] = std::array::from_fn(|i| from_lanes(|j| x[N * j + i]));
+    let x = columns::<N>(x);
     let w: [__m256; N] = std::array::from_fn(|i| _mm256_mul_ps(x[i], x[i]));
     let wx: [__m256; N] = std::array::from_fn(|i| _mm256_mul_ps(w[i], x[i]));
     let (max, blank) = largest_magnitude(&x);
@@ -179,13 +176,7 @@ pub(super) fn q3_scales(x: &[f32], codes: &mut [i8]) -> [f32; LANES] {
             break;
         }
     }
-    let blank_lanes = _mm256_movemask_ps(blank);
-    for (i, &code) in code.iter().enumerate() {
-        let q = lanes_i32(_mm256_add_epi32(code, _mm256_set1_epi32(NMAX)));
-        for j in 0..LANES {
-            codes[N * j + i] = if blank_lanes >> j & 1 == 1 { 0 } else { q[j] as i8 };
-        }
-    }
+    store_codes::<N>(code, NMAX, blank, codes);
     let scale = _mm256_and_ps(_mm256_div_ps(sum_lx, sum_l2), _mm256_cmp_ps::<_CMP_GT_OQ>(sum_l2, zero));
     lanes(_mm256_andnot_ps(blank, scale))
 }
@@ -255,8 +246,7 @@ fn nearest_iq4(x: __m256, grid: (__m256, __m256)) -> (__m256i, __m256) {
 #[target_feature(enable = "avx2")]
 pub(super) fn iq4_scales(x: &[f32], weights: &[f32]) -> [f32; LANES] {
     const N: usize = 32;
-    let x: [__m256; N] = std::array::from_fn(|i| from_lanes(|j| x[N * j + i]));
-    let w: [__m256; N] = std::array::from_fn(|i| from_lanes(|j| weights[N * j + i]));
+    let (x, w) = (columns::<N>(x), columns::<N>(weights));
     let grid = iq4_grid();
     let (max, blank) = largest_magnitude(&x);
     let fit = |inverse: __m256| {
@@ -290,11 +280,33 @@ pub(super) fn iq4_codes(x: &[f32], inverses: [f32; LANES], codes: &mut [u8]) {
     const N: usize = 32;
     let grid = iq4_grid();
     let inverse = from_lanes(|j| inverses[j]);
+    let x = columns::<N>(x);
     for i in 0..N {
-        let (code, _) = nearest_iq4(_mm256_mul_ps(inverse, from_lanes(|j| x[N * j + i])), grid);
+        let (code, _) = nearest_iq4(_mm256_mul_ps(inverse, x[i]), grid);
         let code = lanes_i32(code);
         for j in 0..LANES {
             codes[N * j + i] = code[j] as u8;
+        }
+    }
+}
+
+/// Eight consecutive `N`-value sub-blocks of `x` as `N` registers: value `i` of sub-block `j` in
+/// lane `j` of register `i`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn columns<const N: usize>(x: &[f32]) -> [__m256; N] {
+    std::array::from_fn(|i| from_lanes(|j| x[N * j + i]))
+}
+
+/// Codes `q + offset` of eight `N`-value sub-blocks (`q[i]`: value `i` of each, a lane each) into
+/// `codes`, sub-block after sub-block; 0 throughout the `blank` lanes.
+#[target_feature(enable = "avx2")]
+fn store_codes<const N: usize>(q: [__m256i; N], offset: i32, blank: __m256, codes: &mut [i8]) {
+    let blank = _mm256_movemask_ps(blank);
+    for (i, &q) in q.iter().enumerate() {
+        let q = lanes_i32(_mm256_add_epi32(q, _mm256_set1_epi32(offset)));
+        for j in 0..LANES {
+            codes[N * j + i] = if blank >> j & 1 == 1 { 0 } else { q[j] as i8 };
         }
     }
 }
