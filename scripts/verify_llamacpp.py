@@ -22,11 +22,10 @@
     ember; last-position logits of transformers, ember and llama.cpp on the same ids (prompts
     repeated to about 150 tokens for (i), where the long wavelengths turn), and their greedy
     answers.
-(j) the byte-level BPE pre-tokenizers ember reads back from a GGUF (`tokenizer.ggml.pre`
-    gpt-2, llama-bpe, qwen2, smaug-bpe, deepseek-r1-qwen, tekken, deepseek-llm, deepseek-coder):
-    tiny_llama's vocabulary exported under each, the ids of ember's GGUF tokenizer equal
-    llama.cpp's on texts with digits, contractions, newlines, case runs, slashes, CJK, Hangul and
-    full-width forms. Also a SentencePiece vocabulary with a user-defined piece (`<tool>`): ember's
+(j) the byte-level BPE pre-tokenizers ember reads back from a GGUF (`tokenizer.ggml.pre`: one
+    name for each of llama.cpp's regex splits, 29): tiny_llama's and SmolLM2's vocabularies
+    exported under each, the ids of ember's GGUF tokenizer equal llama.cpp's on texts with digits,
+    contractions, newlines, case runs, slashes, CJK, kana, Hangul and full-width forms. Also a SentencePiece vocabulary with a user-defined piece (`<tool>`): ember's
     ids as a GGUF base equal llama.cpp's, which splits such pieces out of the text first.
 (l) ember's own quantized files (`export gguf --type`: its fifteen quantized types, and with a
     matrix also the nine llama-quantize writes only with one: q2_k_s, iq3_xs, iq3_xxs, iq2_m,
@@ -145,7 +144,7 @@ GLM_PROMPTS = ["你好，请介绍一下北京。", "Give three tips for staying
 
 PRE_TEXTS = ["It's 12345 o'clock!\n\nDON'T stop", "Numbers 2024-12-02, 3.14159 and 1000000", "  spaces\tand\ttabs  \n", "你好，世界 123",
              "HTTPServer parses URLs/paths: a/b/c; camelCaseWords and ÀÉÎ façade", "深度求索 DeepSeek-V2 ２０２４年 ＡＢＣ δ-function, 한국어 텍스트！",
-             "Wait... (yes|no)?! I'm SO sure—it's 100%…"]
+             "Wait... (yes|no)?! I'm SO sure—it's 100%…", "カタカナとひらがな、ｶﾀｶﾅ 1234567 items: naïve café's x+y=z/2 $5^2 ~|`<tag>\r\n\n  end"]
 
 PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.", "Write a haiku about the sea."]
 
@@ -845,7 +844,8 @@ def verify_pre_tokenizers(ember, base, work):
     for vocabulary, model, ty in (("tiny_llama", tiny_llama, "f32"), ("SmolLM2", base, "q4_0")):
         results, ids_by_text = [], {}
         for pre in ("gpt-2", "llama-bpe", "qwen2", "smaug-bpe", "deepseek-r1-qwen", "tekken", "deepseek-llm", "deepseek-coder",
-                    "smollm", "mpt", "dbrx", "stablelm2", "bloom", "viking", "gpt-4o"):
+                    "smollm", "mpt", "dbrx", "stablelm2", "bloom", "viking", "gpt-4o", "deepseek-v3", "spark2_5", "youtu", "falcon",
+                    "jais-2", "tiny_aya", "bailingmoe", "seed-coder", "ufakzeka", "laguna", "exaone-moe", "minicpm5", "midm-2.0", "grok-2"):
             path = os.path.join(work, f"pre-{vocabulary}-{pre}.gguf")
             run([ember, "export", "gguf", "--base", model, "--out", path, "--type", ty, "--pre", pre])
             llm = Llama(model_path=path, n_ctx=256, vocab_only=True, verbose=False)

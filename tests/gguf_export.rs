@@ -544,8 +544,9 @@ fn tiny_llama_with_sentencepiece(dir: &Path) {
 
 /// A byte-level BPE's pre-tokenizer comes back from `tokenizer.ggml.pre` as HF's: GPT-2's
 /// byte-level regex, or the regex splits of Llama 3, Qwen2, Mistral's tekken, DeepSeek's,
-/// SmolLM's, BLOOM's and GPT-4o's (digits whole, in runs of up to three, or one by one). A name ember does not know is one error
-/// line, not GPT-2's split in its place.
+/// SmolLM's, BLOOM's, GPT-4o's and the rest of llama.cpp's (digits whole, in runs of up to three,
+/// one by one, or in thousands from the right). A name ember does not read is one error line, not
+/// GPT-2's split in its place.
 #[test]
 fn gguf_pre_tokenizer_names_come_back_as_hf_pre_tokenizers() {
     let dir = tempfile::tempdir().unwrap();
@@ -569,6 +570,23 @@ fn gguf_pre_tokenizer_names_come_back_as_hf_pre_tokenizers() {
         ("bloom", vec!["12345"], false),
         ("viking", one_by_one.clone(), false),
         ("gpt-4o", vec!["123", "45"], false),
+        ("jina-de", vec!["12345"], false),
+        ("midm-2.0", vec!["123", "45"], true),
+        ("glm5", vec!["123", "45"], true),
+        ("grok-2", one_by_one.clone(), false),
+        ("deepseek-v3", vec!["123", "45"], false),
+        ("spark2_5", one_by_one.clone(), false),
+        ("youtu", one_by_one.clone(), true),
+        ("falcon", vec!["123", "45"], false),
+        ("jais-2", vec!["123", "45"], false),
+        // Thousands from the right.
+        ("tiny_aya", vec!["12", "345"], false),
+        ("bailingmoe", one_by_one.clone(), false),
+        ("seed-coder", one_by_one.clone(), false),
+        ("ufakzeka", one_by_one.clone(), false),
+        ("laguna", one_by_one.clone(), false),
+        ("exaone-moe", one_by_one.clone(), false),
+        ("minicpm5", vec!["123", "45"], true),
     ] {
         let gguf = dir.path().join(format!("{pre}.gguf"));
         export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", pre]);
@@ -587,6 +605,12 @@ fn gguf_pre_tokenizer_names_come_back_as_hf_pre_tokenizers() {
     export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "chameleon"]);
     let out = dir.path().join("imported-chameleon");
     assert_bad_input(&ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]), &["tokenizer.ggml.pre", "chameleon", "tekken"]);
+    assert!(!out.exists());
+    // A name llama.cpp splits with its own code: the reason, not the list.
+    let gguf = dir.path().join("kimi-k2.gguf");
+    export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "kimi-k2"]);
+    let out = dir.path().join("imported-kimi-k2");
+    assert_bad_input(&ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]), &["tokenizer.ggml.pre", "kimi-k2", "code of its own"]);
     assert!(!out.exists());
 }
 

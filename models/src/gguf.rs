@@ -1077,6 +1077,9 @@ fn byte_level_pre_tokenizer(meta: &GgufMetadata) -> Result<(Value, Value, bool),
     let name = meta.get(key).and_then(Value::as_str).unwrap_or("gpt-2");
     let splits = crate::gguf_pre::BYTE_LEVEL_SPLITS;
     let Some(split) = splits.iter().find(|s| s.names.contains(&name)) else {
+        if let Some((_, why)) = crate::gguf_pre::REFUSED.iter().find(|(names, _)| names.contains(&name)) {
+            return Err(meta.error(key, &format!("pre-tokenizer '{name}' is not read by ember: {why}; read the model from its HF folder instead")));
+        }
         let known: Vec<&str> = splits.iter().flat_map(|s| s.names.iter().copied()).collect();
         return Err(meta.error(key, &format!("pre-tokenizer '{name}' is not known to ember (known: {}); read the model from its HF folder instead", known.join(", "))));
     };

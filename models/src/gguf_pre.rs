@@ -129,12 +129,37 @@ const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]
 const BLOOM: &str = " ?[^(\\s|.,!?\u{2026}\u{3002}\u{ff0c}\u{3001}\u{964}\u{6d4}\u{60c})]+";
 /// OpenAI's o200k split (GPT-4o, Llama 4), in HF's form.
 const GPT4O: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The digits, kana and ideographs split off first, then DeepSeek-V3's words: a punctuation mark
+/// with the ASCII letters after it, letters with their combining marks, runs of punctuation and
+/// symbols.
+const CJK_KANA: &str = "[\u{4e00}-\u{9fa5}\u{3040}-\u{309f}\u{30a0}-\u{30ff}]+";
+const DEEPSEEK3: &str = r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##;
+/// DeepSeek-V3's words, with each newline apart and no newlines after punctuation.
+const SPARK2_5: &str = r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+|[\r\n]|\s+(?!\S)|\s+"##;
+/// Youtu's Hangul, CJK punctuation, bopomofo, kana and ideographs as runs of their own.
+const YOUTU_CJK: &str = "[\u{ac00}-\u{d7a3}\u{3131}-\u{318e}]+|[\u{ff01}\u{2026}\u{201c}\u{201d}\u{2018}\u{2019}\u{2014}\u{ff1a}\u{ff1b}\u{ff0c}\u{3001}-\u{303f}\u{fe30}-\u{fe4f}]+|[\u{3105}-\u{312f}]+|[\u{4e00}-\u{9fa5}\u{3040}-\u{309f}\u{30a0}-\u{30ff}]+";
+/// Tekken's cased words with GPT-4o's contractions, one digit at a time.
+const YOUTU: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Llama 3's split with whitespace runs cut into powers of two.
+const JAIS2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s{512}(?!\S)|\s{256}(?!\S)|\s{128}(?!\S)|\s{64}(?!\S)|\s{32}(?!\S)|\s{16}(?!\S)|\s{8}(?!\S)|\s{4}(?!\S)|\s{1,2}(?!\S)|\s{1}";
+/// Qwen2's, with one newline at most after spaces (HF's possessive quantifiers as greedy ones, as
+/// llama.cpp writes them: the same splits, since what they guard cannot match what follows).
+const BAILINGMOE: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
+/// Qwen2's, with newlines never joined to punctuation.
+const SEED_CODER: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's without the English contractions (Turkish suffixes after an apostrophe stay whole).
+const UFAKZEKA: &str = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's, with words joined across single spaces and their combining marks.
+const EXAONE_MOE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+";
+/// Qwen2's with whole digit runs (already cut into threes).
+const MINICPM5: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// CJK ideographs, and Hangul with the ranges between (DeepSeek's).
 const DEEPSEEK_CJK: &str = "[\u{4e00}-\u{9fa5}\u{800}-\u{4e00}\u{ac00}-\u{d7ff}]+";
 
 pub const BYTE_LEVEL_SPLITS: &[ByteLevelSplit] = &[
     ByteLevelSplit {
-        names: &["gpt-2", "default", "phi-2", "gigachat", "a.x-4.0", "mellum", "modern-bert", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4"],
+        names: &["gpt-2", "default", "phi-2", "gigachat", "a.x-4.0", "mellum", "modern-bert", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4",
+            "jina-es", "jina-de", "jina-v2-es", "jina-v2-de"],
         regexes: &[],
         nfc: false,
         ignore_merges: false,
@@ -147,10 +172,15 @@ pub const BYTE_LEVEL_SPLITS: &[ByteLevelSplit] = &[
         ignore_merges: false,
     },
     // GLM-4's tiktoken split is Llama 3's regex; its merges are the ranks' (as `ignore_merges`).
-    ByteLevelSplit { names: &["llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral", "chatglm-bpe", "glm4"], regexes: &[LLAMA3], nfc: false, ignore_merges: true },
+    ByteLevelSplit {
+        names: &["llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano", "chatglm-bpe", "glm4", "glm5"],
+        regexes: &[LLAMA3],
+        nfc: false,
+        ignore_merges: true,
+    },
     ByteLevelSplit { names: &["smaug-bpe", "dbrx"], regexes: &[LLAMA3], nfc: false, ignore_merges: false },
     ByteLevelSplit { names: &["qwen2", "deepseek-r1-qwen"], regexes: &[QWEN2], nfc: true, ignore_merges: false },
-    ByteLevelSplit { names: &["stablelm2", "megrez", "kormo", "f2llmv2", "hunyuan", "solar-open"], regexes: &[QWEN2], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["stablelm2", "megrez", "kormo", "f2llmv2", "hunyuan", "solar-open", "grok-2"], regexes: &[QWEN2], nfc: false, ignore_merges: false },
     ByteLevelSplit { names: &["poro-chat", "bloom", "gpt3-finnish"], regexes: &[BLOOM], nfc: false, ignore_merges: false },
     ByteLevelSplit { names: &["viking"], regexes: &[BLOOM, r"\p{N}"], nfc: false, ignore_merges: false },
     ByteLevelSplit { names: &["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], regexes: &[GPT4O], nfc: false, ignore_merges: false },
@@ -169,4 +199,28 @@ pub const BYTE_LEVEL_SPLITS: &[ByteLevelSplit] = &[
         ignore_merges: false,
     },
     ByteLevelSplit { names: &["deepseek-coder"], regexes: &[r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", DEEPSEEK_CJK, r"\p{N}"], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"], regexes: &[r"\p{N}{1,3}", CJK_KANA, DEEPSEEK3], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["spark2_5"], regexes: &[r"\p{N}{1,3}", CJK_KANA, SPARK2_5, r"\p{N}"], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["youtu"], regexes: &[YOUTU_CJK, YOUTU], nfc: false, ignore_merges: true },
+    ByteLevelSplit {
+        names: &["falcon"],
+        regexes: &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, "[0-9][0-9][0-9]"],
+        nfc: false,
+        ignore_merges: false,
+    },
+    ByteLevelSplit { names: &["jais-2"], regexes: &[JAIS2], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["tiny_aya", "cohere2moe"], regexes: &[r"\d{1,3}(?=(?:\d{3})*\b)", GPT4O], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["bailingmoe", "bailingmoe2", "llada-moe"], regexes: &[BAILINGMOE], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["seed-coder"], regexes: &[SEED_CODER], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["ufakzeka"], regexes: &[UFAKZEKA], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["laguna"], regexes: &[r"[^\n]+|[\n]+", QWEN2], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["exaone-moe"], regexes: &[EXAONE_MOE], nfc: false, ignore_merges: false },
+    ByteLevelSplit { names: &["minicpm5"], regexes: &[r"\p{N}{1,3}", MINICPM5], nfc: false, ignore_merges: true },
+];
+
+/// Names llama.cpp knows that ember refuses, and why.
+pub const REFUSED: &[(&[&str], &str)] = &[
+    (&["kimi-k2", "afmoe", "superbpe"], "llama.cpp splits it with code of its own, not a regex"),
+    (&["gemma4", "sarvam-moe", "granite-embed-multi-311m", "whitespace"], "it is not a byte-level split"),
+    (&["roberta-bpe", "jina-v1-en", "jina-v2-code"], "it is an embedding model's (a separator token after every text)"),
 ];
