@@ -561,8 +561,8 @@ save_file(t, os.path.join(folder, "model.safetensors"))
 """
 
 
-QUANTIZED_TYPES = ("q8_0", "q4_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "iq4_xs", "iq4_nl",
-                   "iq3_m", "iq3_s")
+QUANTIZED_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s",
+                   "q2_k", "iq4_xs", "iq4_nl", "iq3_m", "iq3_s", "tq2_0", "tq1_0", "q2_0", "q1_0")
 # Written only with an importance matrix (llama-quantize refuses them without).
 NEEDS_IMPORTANCE = ("q2_k_s", "iq3_xs", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
 
@@ -588,8 +588,21 @@ def verify_k_quants(ember, models, work, examples, types=QUANTIZED_TYPES, with_i
         for ty in (*types, *NEEDS_IMPORTANCE) if with_importance else types:
             ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ty.upper()}")
             ours, theirs = (os.path.join(work, f"k-{os.path.basename(model)}-{ty}-{who}.gguf") for who in ("ember", "llamacpp"))
-            run([ember, "export", "gguf", "--base", model, "--out", ours, "--type", ty, *pre, *imatrix])
-            llama_quantize(f32, theirs, ftype, importance)
+            refusals = []
+            try:
+                run([ember, "export", "gguf", "--base", model, "--out", ours, "--type", ty, *pre, *imatrix])
+            except subprocess.CalledProcessError as e:
+                refusals.append(f"ember refused ({e.stderr.strip().splitlines()[-1]})")
+            try:
+                llama_quantize(f32, theirs, ftype, importance)
+            except RuntimeError:
+                refusals.append("llama.cpp's quantizer refused")
+            if refusals:
+                # Q1_0 has no type to fall back to: both must stop on rows that are not whole blocks.
+                line = f"(l) {label} {ty}: {'; '.join(refusals)}; both refused: {len(refusals) == 2}"
+                lines.append(line)
+                print(line, flush=True)
+                continue
             a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
             b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
             same_type = sum(a[n].tensor_type == b[n].tensor_type for n in b)

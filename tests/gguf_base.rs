@@ -7,6 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{assert_bad_input, ember, losses, recipe, repository};
+use ember_models::gguf::GgmlType;
 
 fn tiny_llama() -> PathBuf {
     repository().join("tests/fixtures/tiny_llama")
@@ -128,10 +129,10 @@ fn what_ember_cannot_train_on_is_one_error_line() {
     assert_bad_input(&output, &["tiny-q4_0.gguf", "ember import gguf", "gguf-lora"]);
     assert!(!dir.path().join("merged").exists());
 
-    // A type ember does not read (TQ1_0, type 34) names the type and the tensor.
-    set_tensor_type(&gguf, "blk.0.ffn_down.weight", 34);
+    // A type ember does not read (MXFP4, type 39) names the type and the tensor.
+    set_tensor_type(&gguf, "blk.0.ffn_down.weight", 39);
     let output = train(&gguf, &dir.path().join("run-k"), &[]);
-    assert_bad_input(&output, &["blk.0.ffn_down.weight", "TQ1_0"]);
+    assert_bad_input(&output, &["blk.0.ffn_down.weight", "MXFP4"]);
 }
 
 /// The lattice types (IQ3_S here, with Q4_K and Q6_K beside it in an IQ3_M file) are kept as
@@ -140,24 +141,52 @@ fn what_ember_cannot_train_on_is_one_error_line() {
 #[test]
 fn training_on_lattice_types_equals_training_on_their_dequantized_import() {
     let dir = tempfile::tempdir().unwrap();
-    let wide = dir.path().join("wide");
-    let kquants = repository().join("tests/fixtures/ggml_quants/tiny_llama_kquants.gguf");
-    run_ok(&["import", "gguf", kquants.to_str().unwrap(), "--out", wide.to_str().unwrap()]);
+    let wide = wide_tiny_llama(dir.path());
     let gguf = dir.path().join("wide-iq3_m.gguf");
     run_ok(&["export", "gguf", "--base", wide.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "iq3_m", "--pre", "gpt-2"]);
     let file = ember_models::gguf::GgufFile::open(&gguf).unwrap();
-    assert_eq!(file.tensor("blk.0.attn_q.weight").unwrap().ggml_type, ember_models::gguf::GgmlType::IQ3_S);
+    assert_eq!(file.tensor("blk.0.attn_q.weight").unwrap().ggml_type, GgmlType::IQ3_S);
     // All projections stay in their blocks' codes: about 0.55 bytes a value whatever the dtype.
     let per_value = |dense: f64| file.projection_bytes_per_value(dense).unwrap();
     assert!(per_value(4.0) == per_value(2.0) && per_value(2.0) < 0.6, "{} {}", per_value(4.0), per_value(2.0));
-    let folder = dir.path().join("imported");
+    assert_blocks_train_as_their_import(dir.path(), &gguf);
+}
+
+/// The ternary TQ1_0 and TQ2_0 (a TriLM's or BitNet's), Q2_0 and Q1_0, written by ember as
+/// llama-quantize writes them: training on their blocks equals training on their import.
+#[test]
+fn training_on_ternary_and_low_bit_types_equals_training_on_their_dequantized_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let wide = wide_tiny_llama(dir.path());
+    for (ty, kind) in [("tq1_0", GgmlType::TQ1_0), ("tq2_0", GgmlType::TQ2_0), ("q2_0", GgmlType::Q2_0), ("q1_0", GgmlType::Q1_0)] {
+        let gguf = dir.path().join(format!("wide-{ty}.gguf"));
+        run_ok(&["export", "gguf", "--base", wide.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", ty, "--pre", "gpt-2"]);
+        let file = ember_models::gguf::GgufFile::open(&gguf).unwrap();
+        assert_eq!(file.tensor("blk.0.ffn_down.weight").unwrap().ggml_type, kind, "{ty}");
+        assert_blocks_train_as_their_import(&dir.path().join(ty), &gguf);
+    }
+}
+
+/// tiny_llama_kquants' weights (256 wide, so whole blocks of 256) as an f32 folder.
+fn wide_tiny_llama(dir: &Path) -> PathBuf {
+    let wide = dir.join("wide");
+    let kquants = repository().join("tests/fixtures/ggml_quants/tiny_llama_kquants.gguf");
+    run_ok(&["import", "gguf", kquants.to_str().unwrap(), "--out", wide.to_str().unwrap()]);
+    wide
+}
+
+/// Training on `gguf`'s blocks gives the losses and the adapter, bit for bit, of training on its
+/// `ember import gguf` folder (all linear layers adapted, so every projection's blocks are read).
+fn assert_blocks_train_as_their_import(dir: &Path, gguf: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let folder = dir.join("imported");
     run_ok(&["import", "gguf", gguf.to_str().unwrap(), "--out", folder.to_str().unwrap()]);
-    let (on_gguf, on_folder) = (dir.path().join("run-gguf"), dir.path().join("run-folder"));
-    for (base, run) in [(&gguf, &on_gguf), (&folder, &on_folder)] {
+    let (on_gguf, on_folder) = (dir.join("run-gguf"), dir.join("run-folder"));
+    for (base, run) in [(gguf, &on_gguf), (&folder, &on_folder)] {
         let output = train(base, run, &["--set", "adapter.target_modules=\"all-linear\""]);
         assert!(output.status.success(), "{}: {}", base.display(), String::from_utf8_lossy(&output.stderr));
     }
-    assert_eq!(losses(&on_gguf), losses(&on_folder));
+    assert_eq!(losses(&on_gguf), losses(&on_folder), "{}", gguf.display());
     let weights = |run: &Path| std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap();
-    assert!(weights(&on_gguf) == weights(&on_folder), "the adapters differ");
+    assert!(weights(&on_gguf) == weights(&on_folder), "{}: the adapters differ", gguf.display());
 }

@@ -1,6 +1,6 @@
 //! A frozen weight kept in a GGUF file's quantized blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K,
-//! Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, and the lattice types IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS,
-//! IQ2_S, IQ1_S, IQ1_M), so that a model is fine-tuned on the very file llama.cpp runs: the blocks' bits
+//! Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, the lattice types IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS,
+//! IQ2_S, IQ1_S, IQ1_M, and Q1_0, Q2_0, TQ1_0, TQ2_0), so that a model is fine-tuned on the very file llama.cpp runs: the blocks' bits
 //! are split into a plane of codes and planes of scales (and minimums), and dequantized a band of
 //! rows at a time in the forward pass, each value as ggml computes it.
 //!
@@ -25,8 +25,10 @@
 //! - The lattice types (256; `crate::ggml_encode::lattice`): a value's grid level and sign (IQ1:
 //!   its shift's) become a 4-bit code, its sub-block's scale a byte; value
 //!   `(d·sc)·code_value(q)`, exact in f32 and so ggml's value bit for bit.
+//! - Q1_0 (128), Q2_0 (64), TQ1_0 and TQ2_0 (256; `crate::ggml_encode::low_bit`): a sign or a
+//!   code `q` (TQ1_0's trits unpacked from base 3) and an f16 `d`; value `±d` or `(q − 1)·d`.
 //!
-//! In memory, 2-bit codes keep four a byte (in value order), 3- and 4-bit codes two (the first
+//! In memory, 1-bit codes keep eight a byte and 2-bit codes (and trits) four (in value order), 3- and 4-bit codes two (the first
 //! half of each scale's group in the low nibbles, as Q4_0), 8-bit codes one. 5- and 6-bit codes
 //! keep their low four bits as 4-bit codes and the rest in a second plane, eight fifth bits (or
 //! four pairs of fifth and sixth bits) a byte in value order: byte-table lookups make any of them
@@ -50,7 +52,7 @@ use crate::LoadError;
 /// A GGUF-quantized frozen weight `[out, in]`.
 #[derive(Module, Debug)]
 pub struct GgmlWeight {
-    /// `[out · in / codes a byte]`: four 2-bit codes a byte, two 3- or 4-bit codes (or the low
+    /// `[out · in / codes a byte]`: eight signs or four 2-bit codes a byte, two 3- or 4-bit codes (or the low
     /// four bits of 5- and 6-bit codes), else one.
     pub codes: Tensor<1, Int>,
     /// 5- and 6-bit codes: the bits above the fourth, in value order, eight (Q5) or four (Q6_K)
@@ -75,7 +77,7 @@ struct Layout {
     block: usize,
     /// Values one scale covers once a K-quant's sub-block scales are applied (`block` otherwise).
     group: usize,
-    /// Codes a byte in `codes`: 4 (2-bit), 2 (3- to 6-bit) or 1.
+    /// Codes a byte in `codes`: 8 (1-bit), 4 (2-bit), 2 (3- to 6-bit) or 1.
     per_byte: usize,
     /// Per-block minimums.
     mins: bool,
@@ -98,6 +100,9 @@ impl Layout {
             GgmlType::Q6_K => (256, 16, 2, false, 2),
             GgmlType::IQ4_NL => (32, 32, 2, false, 0),
             GgmlType::IQ4_XS => (256, 32, 2, false, 0),
+            GgmlType::Q1_0 => (128, 128, 8, false, 0),
+            GgmlType::Q2_0 => (64, 64, 4, false, 0),
+            GgmlType::TQ1_0 | GgmlType::TQ2_0 => (256, 256, 4, false, 0),
             kind if kind.lattice().is_some() => (256, lattice::sub_block(kind), 2, false, 0),
             other => unreachable!("{other:?} blocks are read only when GgmlWeight::reads them"),
         };
@@ -186,6 +191,7 @@ impl Planes {
                 }
             }
             4 => self.codes.extend(side_by_side(&self.block, 2, |q| q)),
+            8 => self.codes.extend(side_by_side(&self.block, 1, |q| q)),
             _ => self.codes.extend_from_slice(&self.block),
         }
         if layout.high_bits > 0 {
@@ -215,6 +221,7 @@ impl Planes {
                 self.sub_scales.extend((0..8).map(|sub| iq4_xs_scale(b, sub) as u8));
                 self.scales.push(half_at(0));
             }
+            GgmlType::TQ1_0 | GgmlType::TQ2_0 => self.scales.push(half_at(b.len() - 2)),
             _ => {
                 self.scales.push(half_at(0));
                 if layout.mins {
@@ -394,6 +401,10 @@ mod tests {
             GgmlType::IQ2_S,
             GgmlType::IQ1_S,
             GgmlType::IQ1_M,
+            GgmlType::Q1_0,
+            GgmlType::Q2_0,
+            GgmlType::TQ1_0,
+            GgmlType::TQ2_0,
         ] {
             let bytes = blocks(kind, out * inp);
             let host = dequantize(kind, &bytes);
@@ -419,7 +430,9 @@ mod tests {
         let (per_block, block_bytes) = (kind.block().0 as usize, kind.block_bytes());
         let halves: &[usize] = match kind {
             GgmlType::IQ1_M => &[],
-            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS => &[0],
+            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS | GgmlType::Q1_0 | GgmlType::Q2_0 => &[0],
+            GgmlType::TQ1_0 => &[52],
+            GgmlType::TQ2_0 => &[64],
             kind if kind.lattice().is_some() => &[0],
             GgmlType::Q6_K => &[208],
             GgmlType::Q2_K => &[80, 82],
@@ -460,5 +473,10 @@ mod tests {
         // Lattice types as 4-bit codes, a scale byte per 32 (IQ3, IQ2_XXS, IQ1_S) or 16 values.
         assert_eq!(GgmlWeight::bytes_per_value(GgmlType::IQ3_S), 0.5 + 2.0 / 256.0 + 1.0 / 32.0);
         assert_eq!(GgmlWeight::bytes_per_value(GgmlType::IQ2_XS), 0.5 + 2.0 / 256.0 + 1.0 / 16.0);
+        // Q1_0's signs eight a byte; Q2_0's codes and the ternary types' trits four a byte.
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q1_0), GgmlType::Q1_0.block_bytes() as f64 / 128.0);
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q2_0), GgmlType::Q2_0.block_bytes() as f64 / 64.0);
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::TQ2_0), GgmlType::TQ2_0.block_bytes() as f64 / 256.0);
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::TQ1_0), 0.25 + 2.0 / 256.0);
     }
 }

@@ -39,6 +39,7 @@ use crate::gguf::IQ4_VALUES;
 mod grids;
 pub mod importance;
 pub mod lattice;
+pub mod low_bit;
 #[cfg(target_arch = "x86_64")]
 mod searches_avx2;
 

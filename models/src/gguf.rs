@@ -52,6 +52,10 @@ pub enum GgmlType {
     IQ1_S,
     IQ1_M,
     BF16,
+    TQ1_0,
+    TQ2_0,
+    Q1_0,
+    Q2_0,
 }
 
 impl GgmlType {
@@ -79,13 +83,17 @@ impl GgmlType {
             23 => Self::IQ4_XS,
             29 => Self::IQ1_M,
             30 => Self::BF16,
+            34 => Self::TQ1_0,
+            35 => Self::TQ2_0,
+            41 => Self::Q1_0,
+            42 => Self::Q2_0,
             _ => return None,
         })
     }
 
     /// The types ember reads, by ggml's names: "F32, F16, …, IQ3_S".
     fn names() -> String {
-        let names: Vec<String> = (0..=40).filter(|&id| Self::from_id(id).is_some()).map(|id| ggml_type_name(id).split(' ').next().unwrap_or_default().to_string()).collect();
+        let names: Vec<String> = (0..=42).filter(|&id| Self::from_id(id).is_some()).map(|id| ggml_type_name(id).split(' ').next().unwrap_or_default().to_string()).collect();
         names.join(", ")
     }
 
@@ -118,6 +126,10 @@ impl GgmlType {
             Self::IQ3_S => (256, 110),
             Self::IQ1_S => (256, 50),
             Self::IQ1_M => (256, 56),
+            Self::TQ1_0 => (256, 54),
+            Self::TQ2_0 => (256, 66),
+            Self::Q1_0 => (128, 18),
+            Self::Q2_0 => (64, 18),
         }
     }
 
@@ -462,7 +474,9 @@ pub(crate) fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
                 }
             }
             GgmlType::Q4_1 | GgmlType::Q5_1 => out.extend(q.iter().map(|&c| value(c) * half_at(b, 0) + half_at(b, 2))),
-            // Q8_0, Q4_0, Q5_0, IQ4_NL. ggml: Q4_0 is (q − 8)·d, not q·d − 8d, which rounds differently.
+            // The ternary types keep `d` after their codes.
+            GgmlType::TQ1_0 | GgmlType::TQ2_0 => out.extend(q.iter().map(|&c| value(c) * half_at(b, b.len() - 2))),
+            // Q8_0, Q4_0, Q5_0, IQ4_NL, Q1_0, Q2_0. ggml: Q4_0 is (q − 8)·d, not q·d − 8d, which rounds differently.
             _ => out.extend(q.iter().map(|&c| value(c) * half_at(b, 0))),
         }
     }
@@ -478,6 +492,8 @@ pub(crate) fn code_value(kind: GgmlType, code: u8) -> f32 {
         GgmlType::Q3_K => (code as i32 - 4) as f32,
         GgmlType::Q6_K => (code as i32 - 32) as f32,
         GgmlType::IQ4_NL | GgmlType::IQ4_XS => IQ4_VALUES[code as usize] as f32,
+        GgmlType::Q1_0 => if code == 0 { -1.0 } else { 1.0 },
+        GgmlType::Q2_0 | GgmlType::TQ1_0 | GgmlType::TQ2_0 => (code as i32 - 1) as f32,
         kind if kind.lattice().is_some() => lattice::code_value(kind, code),
         _ => code as f32,
     }
@@ -542,6 +558,23 @@ pub(crate) fn block_codes(kind: GgmlType, b: &[u8], out: &mut Vec<u8>) {
                 let low = ql[half * 64 + l + (quarter % 2) * 32] >> (4 * (quarter / 2)) & 0x0f;
                 low | (qh[half * 32 + l] >> (2 * quarter) & 3) << 4
             }));
+        }
+        // Q1_0: value j's sign in bit j % 8 of byte j / 8 after `d`; Q2_0: its code in bits
+        // 2·(j % 4) of byte j / 4.
+        GgmlType::Q1_0 => out.extend((0..128).map(|j| b[2 + j / 8] >> (j % 8) & 1)),
+        GgmlType::Q2_0 => out.extend((0..64).map(|j| b[2 + j / 4] >> (2 * (j % 4)) & 3)),
+        GgmlType::TQ2_0 => {
+            // Per 128 values, quarter k's value m is bits 2k of byte m (of that half's 32).
+            out.extend((0..256).map(|i| b[i / 128 * 32 + i % 32] >> (2 * (i % 128 / 32)) & 3));
+        }
+        GgmlType::TQ1_0 => {
+            // Trit n (most significant first) of a byte holding ⌈t·256/243⌉ of its trits' number
+            // t: `(byte·3ⁿ mod 256)·3 >> 8`. The first 32 bytes hold values m + 32n, the next 16
+            // values 160 + m + 16n, the last 4 (four trits) values 240 + j + 4n.
+            let trit = |byte: u8, n: u32| ((u16::from(byte.wrapping_mul(3u8.pow(n))) * 3) >> 8) as u8;
+            for (bytes, trits) in [(&b[..32], 5), (&b[32..48], 5), (&b[48..52], 4)] {
+                out.extend((0..trits).flat_map(|n| bytes.iter().map(move |&byte| trit(byte, n))));
+            }
         }
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("{kind:?} is not a block type"),
         GgmlType::IQ2_XXS | GgmlType::IQ2_XS | GgmlType::IQ2_S | GgmlType::IQ3_XXS | GgmlType::IQ3_S | GgmlType::IQ1_S | GgmlType::IQ1_M => {
@@ -1195,6 +1228,8 @@ mod tests {
             (GgmlType::IQ3_S, 21),
             (GgmlType::IQ1_S, 19),
             (GgmlType::IQ1_M, 29),
+            (GgmlType::TQ1_0, 34),
+            (GgmlType::TQ2_0, 35),
         ] {
             assert_eq!(GgmlType::from_id(id), Some(kind));
             let name = format!("{kind:?}");
@@ -1205,6 +1240,22 @@ mod tests {
             let differ = ours.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
             assert_eq!(differ, 0, "{name}: {differ} values differ");
         }
+    }
+
+    /// Q1_0 and Q2_0 (gguf-py has no reader for them), from ggml's `dequantize_row_*`: a set bit
+    /// is `d`, a clear one `−d`; a 2-bit code `q` is `(q − 1)·d`.
+    #[test]
+    fn q1_0_and_q2_0_blocks_dequantize_as_ggml() {
+        let mut block = vec![0x00, 0x3c];
+        block.extend((0..16u8).map(|j| if j == 0 { 0b1000_0101 } else { 0 }));
+        let values = dequantize(GgmlType::Q1_0, &block);
+        assert_eq!(&values[..8], &[1.0, -1.0, 1.0, -1.0, -1.0, -1.0, -1.0, 1.0]);
+        assert!(values[8..].iter().all(|&v| v == -1.0));
+        let mut block = vec![0x00, 0x40];
+        block.extend((0..16u8).map(|j| if j == 0 { 0b11_10_01_00 } else { 0x55 }));
+        let values = dequantize(GgmlType::Q2_0, &block);
+        assert_eq!(&values[..4], &[-2.0, 0.0, 2.0, 4.0]);
+        assert!(values[4..].iter().all(|&v| v == 0.0));
     }
 
     #[test]

@@ -63,6 +63,10 @@ pub enum TensorType {
     IQ3_S,
     IQ1_S,
     IQ1_M,
+    Q1_0,
+    Q2_0,
+    TQ1_0,
+    TQ2_0,
 }
 
 impl TensorType {
@@ -102,6 +106,10 @@ impl TensorType {
             Self::IQ4_XS => 23,
             Self::IQ1_M => 29,
             Self::Bf16 => 30,
+            Self::TQ1_0 => 34,
+            Self::TQ2_0 => 35,
+            Self::Q1_0 => 41,
+            Self::Q2_0 => 42,
         }
     }
 
@@ -129,6 +137,10 @@ impl TensorType {
             Self::IQ3_S => (256, 110),
             Self::IQ1_S => (256, 50),
             Self::IQ1_M => (256, 56),
+            Self::Q1_0 => (128, 18),
+            Self::Q2_0 => (64, 18),
+            Self::TQ1_0 => (256, 54),
+            Self::TQ2_0 => (256, 66),
         }
     }
 
@@ -138,8 +150,9 @@ impl TensorType {
 
     /// The type a tensor of `shape` gets when the file's type is `self`: vectors stay F32 (as
     /// llama.cpp's converter keeps them); rows that do not fill whole blocks fall back as
-    /// llama-quantize does (Q2_K and Q3_K to Q4_0, Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0,
-    /// IQ4_XS and the lattice types to IQ4_NL, then to F16).
+    /// llama-quantize does (Q2_K, Q3_K, Q2_0 and the ternary types to Q4_0, Q4_K to Q5_0, Q5_K to
+    /// Q5_1, Q6_K to Q8_0, IQ4_XS and the lattice types to IQ4_NL, then to F16; Q1_0 has none, see
+    /// [`ExportType::fitted_tensor_type`]).
     pub fn for_shape(self, shape: &[usize]) -> Self {
         if shape.len() < 2 {
             return Self::F32;
@@ -147,7 +160,7 @@ impl TensorType {
         let cols = shape.last().copied().unwrap_or(0);
         let fits = |ty: Self| cols % ty.block().0 == 0;
         let fallback = match self {
-            Self::Q2_K | Self::Q3_K => Self::Q4_0,
+            Self::Q2_K | Self::Q3_K | Self::Q2_0 | Self::TQ1_0 | Self::TQ2_0 => Self::Q4_0,
             Self::Q4_K => Self::Q5_0,
             Self::Q5_K => Self::Q5_1,
             Self::Q6_K => Self::Q8_0,
@@ -183,6 +196,9 @@ pub enum ExportType {
     F16,
     Bf16,
     Q8_0,
+    Q5_1,
+    Q5_0,
+    Q4_1,
     Q4_0,
     Q6_K,
     Q5_K_M,
@@ -206,6 +222,10 @@ pub enum ExportType {
     IQ2_XXS,
     IQ1_M,
     IQ1_S,
+    TQ2_0,
+    TQ1_0,
+    Q2_0,
+    Q1_0,
 }
 
 /// What llama-quantize's choice of types reads from the model beyond a tensor's name and shape.
@@ -236,14 +256,16 @@ impl QuantizeModel {
 
 impl ExportType {
     /// Every type by its `--type` name.
-    const BY_NAME: [(&str, Self); 27] = [
-        ("f32", Self::F32), ("f16", Self::F16), ("bf16", Self::Bf16), ("q8_0", Self::Q8_0), ("q4_0", Self::Q4_0),
+    const BY_NAME: [(&str, Self); 34] = [
+        ("f32", Self::F32), ("f16", Self::F16), ("bf16", Self::Bf16), ("q8_0", Self::Q8_0), ("q5_1", Self::Q5_1),
+        ("q5_0", Self::Q5_0), ("q4_1", Self::Q4_1), ("q4_0", Self::Q4_0),
         ("q6_k", Self::Q6_K), ("q5_k_m", Self::Q5_K_M), ("q5_k_s", Self::Q5_K_S), ("q4_k_m", Self::Q4_K_M),
         ("q4_k_s", Self::Q4_K_S), ("q3_k_l", Self::Q3_K_L), ("q3_k_m", Self::Q3_K_M), ("q3_k_s", Self::Q3_K_S),
         ("q2_k", Self::Q2_K), ("q2_k_s", Self::Q2_K_S), ("iq4_xs", Self::IQ4_XS), ("iq4_nl", Self::IQ4_NL),
         ("iq3_m", Self::IQ3_M), ("iq3_s", Self::IQ3_S), ("iq3_xs", Self::IQ3_XS), ("iq3_xxs", Self::IQ3_XXS),
         ("iq2_m", Self::IQ2_M), ("iq2_s", Self::IQ2_S), ("iq2_xs", Self::IQ2_XS), ("iq2_xxs", Self::IQ2_XXS),
-        ("iq1_m", Self::IQ1_M), ("iq1_s", Self::IQ1_S),
+        ("iq1_m", Self::IQ1_M), ("iq1_s", Self::IQ1_S), ("tq2_0", Self::TQ2_0), ("tq1_0", Self::TQ1_0), ("q2_0", Self::Q2_0),
+        ("q1_0", Self::Q1_0),
     ];
 
     pub fn parse(name: &str) -> Option<Self> {
@@ -268,7 +290,10 @@ impl ExportType {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
             Self::Q8_0 => 7,
+            Self::Q5_0 => 8,
+            Self::Q5_1 => 9,
             Self::Q2_K => 10,
             Self::Q3_K_S => 11,
             Self::Q3_K_M => 12,
@@ -292,6 +317,10 @@ impl ExportType {
             Self::IQ4_XS => 30,
             Self::IQ1_M => 31,
             Self::Bf16 => 32,
+            Self::TQ1_0 => 36,
+            Self::TQ2_0 => 37,
+            Self::Q1_0 => 40,
+            Self::Q2_0 => 41,
         }
     }
 
@@ -302,6 +331,9 @@ impl ExportType {
             Self::F16 => TensorType::F16,
             Self::Bf16 => TensorType::Bf16,
             Self::Q8_0 => TensorType::Q8_0,
+            Self::Q5_1 => TensorType::Q5_1,
+            Self::Q5_0 => TensorType::Q5_0,
+            Self::Q4_1 => TensorType::Q4_1,
             Self::Q4_0 => TensorType::Q4_0,
             Self::Q6_K => TensorType::Q6_K,
             Self::Q5_K_M | Self::Q5_K_S => TensorType::Q5_K,
@@ -317,6 +349,10 @@ impl ExportType {
             Self::IQ2_XXS => TensorType::IQ2_XXS,
             Self::IQ1_M => TensorType::IQ1_M,
             Self::IQ1_S => TensorType::IQ1_S,
+            Self::TQ2_0 => TensorType::TQ2_0,
+            Self::TQ1_0 => TensorType::TQ1_0,
+            Self::Q2_0 => TensorType::Q2_0,
+            Self::Q1_0 => TensorType::Q1_0,
         }
     }
 
@@ -374,6 +410,7 @@ impl ExportType {
             match self {
                 Self::IQ2_XXS | Self::IQ2_XS | Self::IQ1_S | Self::IQ1_M => TensorType::Q2_K,
                 Self::IQ2_S | Self::IQ2_M | Self::IQ3_XXS => TensorType::IQ3_S,
+                Self::TQ1_0 | Self::TQ2_0 | Self::Q2_0 => TensorType::Q4_K,
                 _ => main,
             }
         } else if self.below_three_bits() {
@@ -424,6 +461,7 @@ impl ExportType {
                 Self::IQ3_M if early(model.layers / 8) => TensorType::Q4_K,
                 // With an importance matrix, llama.cpp's guard for the first ffn_down.
                 Self::Q4_0 if early(model.layers / 8) && model.importance => TensorType::Q4_1,
+                Self::Q5_0 if early(model.layers / 8) && model.importance => TensorType::Q5_1,
                 _ => main,
             }
         } else if name.ends_with("attn_output.weight") {
@@ -441,6 +479,17 @@ impl ExportType {
         };
         ty.for_shape(shape)
     }
+
+    /// [`Self::tensor_type`], or why llama-quantize refuses the tensor: Q1_0 has no type to fall
+    /// back to for rows that are not whole blocks of 128.
+    pub fn fitted_tensor_type(self, name: &str, shape: &[usize], model: QuantizeModel) -> Result<TensorType, String> {
+        let ty = self.tensor_type(name, shape, model);
+        let cols = shape.last().copied().unwrap_or(0);
+        if self == Self::Q1_0 && ty == TensorType::F16 {
+            return Err(format!("tensor '{name}' has rows of {cols} values, not whole Q1_0 blocks of 128, and Q1_0 has no type to fall back to (llama-quantize stops there too)"));
+        }
+        Ok(ty)
+    }
 }
 
 /// llama.cpp's `use_more_bits`: the layers a K-quant mixture gives more bits.
@@ -454,6 +503,7 @@ fn more_bits(layer: usize, layers: usize) -> bool {
 pub fn encode(ty: TensorType, values: &[f32], importance: Option<&[f32]>) -> Vec<u8> {
     use ggml_encode::importance as weighted;
     use ggml_encode::lattice;
+    use ggml_encode::low_bit;
     if let Some(importance) = importance {
         match ty {
             TensorType::Q4_0 => return weighted::encode_q4_0(values, importance),
@@ -474,8 +524,10 @@ pub fn encode(ty: TensorType, values: &[f32], importance: Option<&[f32]>) -> Vec
             TensorType::IQ3_S => return lattice::encode_iq3_s(values, Some(importance)),
             TensorType::IQ1_S => return lattice::encode_iq1_s(values, importance),
             TensorType::IQ1_M => return lattice::encode_iq1_m(values, Some(importance)),
-            // Q8_0 and the float types have no use for it, as in llama.cpp.
+            // Q8_0, the 1- and 2-bit round-to-nearest types and the float types have no use for
+            // it, as in llama.cpp.
             TensorType::F32 | TensorType::F16 | TensorType::Bf16 | TensorType::Q8_0 => {}
+            TensorType::Q1_0 | TensorType::Q2_0 | TensorType::TQ1_0 | TensorType::TQ2_0 => {}
         }
     }
     match ty {
@@ -498,6 +550,10 @@ pub fn encode(ty: TensorType, values: &[f32], importance: Option<&[f32]>) -> Vec
         TensorType::IQ3_XXS => lattice::encode_iq3_xxs(values, None),
         TensorType::IQ3_S => lattice::encode_iq3_s(values, None),
         TensorType::IQ1_M => lattice::encode_iq1_m(values, None),
+        TensorType::Q1_0 => low_bit::encode_q1_0(values),
+        TensorType::Q2_0 => low_bit::encode_q2_0(values),
+        TensorType::TQ1_0 => low_bit::encode_tq1_0(values),
+        TensorType::TQ2_0 => low_bit::encode_tq2_0(values),
         // ggml has no quantizer for them without importance; `needs_importance` sees to it.
         TensorType::IQ2_XXS | TensorType::IQ2_XS | TensorType::IQ1_S => unreachable!("{ty:?} is written only with an importance matrix"),
     }
@@ -954,6 +1010,24 @@ mod tests {
         assert_eq!(ty("q3_k_m", "blk.1.ffn_down.weight", 11008), TensorType::Q5_K);
         assert_eq!(ty("q3_k_m", "blk.2.ffn_down.weight", 11008), TensorType::Q4_K);
         assert_eq!(ty("q3_k_m", "blk.9.ffn_up.weight", 576), TensorType::Q4_0);
+        // Q4_1, Q5_0, Q5_1: their type throughout, Q6_K for the output; with an importance matrix
+        // the first eighth's ffn_down goes from Q5_0 to Q5_1 (as from Q4_0 to Q4_1).
+        assert_eq!(ty("q5_1", "blk.0.ffn_down.weight", 11008), TensorType::Q5_1);
+        assert_eq!(ty("q4_1", "output.weight", 4096), TensorType::Q6_K);
+        assert_eq!(ty("q5_0", "blk.0.ffn_down.weight", 11008), TensorType::Q5_0);
+        let weighted = QuantizeModel { importance: true, ..model };
+        assert_eq!(ExportType::Q5_0.tensor_type("blk.3.ffn_down.weight", &[4096, 11008], weighted), TensorType::Q5_1);
+        assert_eq!(ExportType::Q5_0.tensor_type("blk.4.ffn_down.weight", &[4096, 11008], weighted), TensorType::Q5_0);
+        // The ternary types and Q2_0: Q4_K for the embedding, Q4_0 where rows are not whole blocks;
+        // Q1_0 has no type to fall back to, and the export stops, as llama-quantize does.
+        assert_eq!(ty("tq1_0", "token_embd.weight", 4096), TensorType::Q4_K);
+        assert_eq!(ty("tq2_0", "blk.0.attn_v.weight", 4096), TensorType::TQ2_0);
+        assert_eq!(ty("q2_0", "blk.0.attn_q.weight", 96), TensorType::Q4_0);
+        assert_eq!(ty("q2_0", "output.weight", 4096), TensorType::Q6_K);
+        assert_eq!(ty("q1_0", "token_embd.weight", 4096), TensorType::Q1_0);
+        let refused = ExportType::Q1_0.fitted_tensor_type("blk.0.attn_q.weight", &[576, 576], model).unwrap_err();
+        assert!(refused.contains("blk.0.attn_q.weight") && refused.contains("576"), "{refused}");
+        assert_eq!(ExportType::Q1_0.fitted_tensor_type("output.weight", &[1000, 576], model), Ok(TensorType::Q8_0));
         // A 70B's attn_v: Q5_K where the mixture would give it Q4_K.
         let seventy = QuantizeModel { layers: 80, tied: false, seventy_b: true, gqa: 8, importance: false };
         assert_eq!(ExportType::Q4_K_M.tensor_type("blk.11.attn_v.weight", &[1024, 8192], seventy), TensorType::Q5_K);

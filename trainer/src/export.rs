@@ -102,7 +102,7 @@ pub fn export_gguf(
     // Types once every name is known: Q4_K_M treats a tied embedding as the output.
     let model = QuantizeModel::of(&config, arch, !plan.iter().any(|(_, spec, _)| spec.name == "output.weight"), importance.is_some());
     for (_, spec, _) in &mut plan {
-        spec.ty = ty.tensor_type(&spec.name, &spec.shape, model);
+        spec.ty = ty.fitted_tensor_type(&spec.name, &spec.shape, model).map_err(|reason| LoadError::Invalid { path: base_dir.to_path_buf(), reason })?;
         // As llama-quantize: without importance, a 2-bit file's blocks would be garbage.
         if ty.needs_importance(&spec.name, spec.ty) {
             let columns = spec.shape.last().copied().unwrap_or(1);
