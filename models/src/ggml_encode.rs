@@ -905,7 +905,7 @@ mod tests {
     use super::*;
 
     /// Deterministic values with a spread of magnitudes, a zero block and an outlier.
-    fn values(n: usize) -> Vec<f32> {
+    pub(super) fn values(n: usize) -> Vec<f32> {
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut v: Vec<f32> = (0..n)
             .map(|i| {

@@ -95,23 +95,8 @@ fn round_to_int(x: f32) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ggml_encode::tests::values;
     use crate::gguf::{dequantize, GgmlType};
-
-    /// Seeded values of every sign and size, with ties to round and a zero block.
-    fn values(n: usize) -> Vec<f32> {
-        let mut state = 0x2545_f491_u32;
-        let mut values: Vec<f32> = (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state as f32 / u32::MAX as f32 - 0.5) * 4.0
-            })
-            .collect();
-        values[..256].fill(0.0);
-        values[256..264].copy_from_slice(&[1.0, -1.0, 0.5, -0.5, 0.25, -0.0, 2.0, -2.0]);
-        values
-    }
 
     /// Each type's blocks dequantize to what its quantizer meant: Q1_0 to `d` for `x ≥ 0` and `−d`
     /// below; the others to the step (`(q − 1)·d`) nearest to `x`, up to `d`'s rounding to f16.
