@@ -466,9 +466,9 @@ enum ExportCommand {
         /// The .gguf file to write.
         #[arg(long)]
         out: PathBuf,
-        /// f32, f16, bf16, q8_0, q4_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k,
-        /// iq4_xs, iq4_nl, iq3_m, iq3_s; with --imatrix also q2_k_s, iq3_xs, iq3_xxs, iq2_m, iq2_s,
-        /// iq2_xs, iq2_xxs, iq1_m, iq1_s.
+        /// f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l,
+        /// q3_k_m, q3_k_s, q2_k, iq4_xs, iq4_nl, iq3_m, iq3_s, tq2_0, tq1_0, q2_0, q1_0; with --imatrix
+        /// also q2_k_s, iq3_xs, iq3_xxs, iq2_m, iq2_s, iq2_xs, iq2_xxs, iq1_m, iq1_s.
         #[arg(long = "type", default_value = "f16")]
         ty: String,
         /// llama.cpp's pre-tokenizer (`tokenizer.ggml.pre`) for a byte-level BPE tokenizer it
