@@ -188,7 +188,8 @@ impl TensorType {
 /// elsewhere, and Q4_K for attn_output; Q3_K_L: Q5_K for all three; Q2_K: Q3_K for them, Q4_K
 /// for attn_v with 4 or more query heads per KV head; Q2_K_S: Q4_K for that attn_v and the first
 /// eighth's ffn_down; IQ4_NL, IQ4_XS: Q5_K for them), with Q5_K for a 70B's other attn_v (8 heads
-/// share each).
+/// share each). Q4_1, Q5_0 and Q5_1 are their type throughout; TQ1_0, TQ2_0 and Q2_0 take a Q4_K
+/// embedding.
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportType {
@@ -386,9 +387,15 @@ impl ExportType {
 
     /// The type of the GGUF tensor `name` of `shape` in `model`.
     pub fn tensor_type(self, name: &str, shape: &[usize], model: QuantizeModel) -> TensorType {
+        self.chosen_type(name, shape, model).for_shape(shape)
+    }
+
+    /// The type llama-quantize chooses for the tensor before falling back where its rows are not
+    /// whole blocks.
+    fn chosen_type(self, name: &str, shape: &[usize], model: QuantizeModel) -> TensorType {
         let main = self.main_type();
         if !main.quantized() || shape.len() < 2 {
-            return main.for_shape(shape);
+            return main;
         }
         // Tensors come in layer order, so a layer's attn_v and ffn_down are its index's.
         let layer = name.strip_prefix("blk.").and_then(|rest| rest.split_once('.')).and_then(|(i, _)| i.parse::<usize>().ok());
@@ -477,18 +484,18 @@ impl ExportType {
         } else {
             main
         };
-        ty.for_shape(shape)
+        ty
     }
 
     /// [`Self::tensor_type`], or why llama-quantize refuses the tensor: Q1_0 has no type to fall
     /// back to for rows that are not whole blocks of 128.
     pub fn fitted_tensor_type(self, name: &str, shape: &[usize], model: QuantizeModel) -> Result<TensorType, String> {
-        let ty = self.tensor_type(name, shape, model);
+        let chosen = self.chosen_type(name, shape, model);
         let cols = shape.last().copied().unwrap_or(0);
-        if self == Self::Q1_0 && ty == TensorType::F16 {
+        if chosen == TensorType::Q1_0 && shape.len() >= 2 && cols % 128 != 0 {
             return Err(format!("tensor '{name}' has rows of {cols} values, not whole Q1_0 blocks of 128, and Q1_0 has no type to fall back to (llama-quantize stops there too)"));
         }
-        Ok(ty)
+        Ok(chosen.for_shape(shape))
     }
 }
 
@@ -1028,6 +1035,8 @@ mod tests {
         let refused = ExportType::Q1_0.fitted_tensor_type("blk.0.attn_q.weight", &[576, 576], model).unwrap_err();
         assert!(refused.contains("blk.0.attn_q.weight") && refused.contains("576"), "{refused}");
         assert_eq!(ExportType::Q1_0.fitted_tensor_type("output.weight", &[1000, 576], model), Ok(TensorType::Q8_0));
+        // An output whose rows fit neither Q1_0 nor Q8_0 is F16 in llama-quantize, not an error.
+        assert_eq!(ExportType::Q1_0.fitted_tensor_type("output.weight", &[1000, 48], model), Ok(TensorType::F16));
         // A 70B's attn_v: Q5_K where the mixture would give it Q4_K.
         let seventy = QuantizeModel { layers: 80, tied: false, seventy_b: true, gqa: 8, importance: false };
         assert_eq!(ExportType::Q4_K_M.tensor_type("blk.11.attn_v.weight", &[1024, 8192], seventy), TensorType::Q5_K);
