@@ -678,8 +678,9 @@ fn ascending(x: &[f32]) -> Vec<usize> {
     order
 }
 
-/// The largest magnitude, ggml's `MAX` fold of `fabsf` from the first value.
-fn largest_magnitude(x: &[f32]) -> f32 {
+/// The largest magnitude, ggml's `MAX` fold of `fabsf` from the first value (a NaN is kept until
+/// the next value replaces it).
+pub(super) fn largest_magnitude(x: &[f32]) -> f32 {
     x[1..].iter().fold(x[0].abs(), |m, v| if m > v.abs() { m } else { v.abs() })
 }
 

@@ -76,11 +76,10 @@ pub fn encode_tq1_0(values: &[f32]) -> Vec<u8> {
     })
 }
 
-/// A ternary block's scale, its largest magnitude (ggml's `MAX` macro: a NaN is kept until the
-/// next value replaces it), and its trit of a value, `lroundf(x / d) + 1` (a NaN gives 1, as
-/// glibc's `long` of it does once cut to `int`).
+/// A ternary block's scale, its largest magnitude as ggml's `MAX` macro finds it, and its trit of
+/// a value, `lroundf(x / d) + 1` (a NaN gives 1, as glibc's `long` of it does once cut to `int`).
 fn ternary_scale(x: &[f32]) -> (f32, impl Fn(f32) -> u8) {
-    let d = x.iter().fold(0f32, |amax, v| if amax > v.abs() { amax } else { v.abs() });
+    let d = super::lattice::largest_magnitude(x);
     let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
     (d, move |v: f32| ((v * inverse).round() as i64 + 1) as u8 & 3)
 }
