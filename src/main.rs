@@ -551,7 +551,8 @@ fn merge(base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Pat
 }
 
 fn export(command: ExportCommand) -> anyhow::Result<()> {
-    use ember_models::gguf_write::{ExportType, TensorType};
+    use ember_models::gguf::GgmlType;
+    use ember_models::gguf_write::ExportType;
     let started = std::time::Instant::now();
     let (summary, out) = match command {
         ExportCommand::Gguf { base, adapter, out, ty, pre, imatrix } => {
@@ -559,7 +560,7 @@ fn export(command: ExportCommand) -> anyhow::Result<()> {
             (ember_trainer::export::export_gguf(&base, adapter.as_deref(), &out, ty, pre.as_deref(), imatrix.as_deref())?, out)
         }
         ExportCommand::GgufLora { base, adapter, out, ty } => {
-            let ty = TensorType::parse_lora(&ty)
+            let ty = GgmlType::parse_lora(&ty)
                 .ok_or_else(|| bad_input(anyhow::anyhow!("--type '{ty}': llama.cpp's LoRA adapters take f32, f16, bf16 or q8_0")))?;
             (ember_trainer::export::export_gguf_lora(&base, &adapter, &out, ty)?, out)
         }

@@ -242,7 +242,7 @@ impl Planes {
 impl GgmlWeight {
     /// Whether ember trains on `kind`'s blocks (the float types load dense).
     pub fn reads(kind: GgmlType) -> bool {
-        !matches!(kind, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+        kind.quantized()
     }
 
     /// Bytes a value of `kind` takes in memory: its code and its share of the scales.

@@ -59,36 +59,22 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
+    /// Every type with its ggml id (ggml.h's `ggml_type`): the one table readers and writers share.
+    const IDS: [(Self, u32); 26] = [
+        (Self::F32, 0), (Self::F16, 1), (Self::Q4_0, 2), (Self::Q4_1, 3), (Self::Q5_0, 6), (Self::Q5_1, 7),
+        (Self::Q8_0, 8), (Self::Q2_K, 10), (Self::Q3_K, 11), (Self::Q4_K, 12), (Self::Q5_K, 13),
+        (Self::Q6_K, 14), (Self::IQ2_XXS, 16), (Self::IQ2_XS, 17), (Self::IQ3_XXS, 18), (Self::IQ1_S, 19),
+        (Self::IQ4_NL, 20), (Self::IQ3_S, 21), (Self::IQ2_S, 22), (Self::IQ4_XS, 23), (Self::IQ1_M, 29),
+        (Self::BF16, 30), (Self::TQ1_0, 34), (Self::TQ2_0, 35), (Self::Q1_0, 41), (Self::Q2_0, 42),
+    ];
+
     fn from_id(id: u32) -> Option<Self> {
-        Some(match id {
-            0 => Self::F32,
-            1 => Self::F16,
-            2 => Self::Q4_0,
-            3 => Self::Q4_1,
-            6 => Self::Q5_0,
-            7 => Self::Q5_1,
-            8 => Self::Q8_0,
-            10 => Self::Q2_K,
-            11 => Self::Q3_K,
-            12 => Self::Q4_K,
-            13 => Self::Q5_K,
-            14 => Self::Q6_K,
-            16 => Self::IQ2_XXS,
-            17 => Self::IQ2_XS,
-            18 => Self::IQ3_XXS,
-            19 => Self::IQ1_S,
-            20 => Self::IQ4_NL,
-            21 => Self::IQ3_S,
-            22 => Self::IQ2_S,
-            23 => Self::IQ4_XS,
-            29 => Self::IQ1_M,
-            30 => Self::BF16,
-            34 => Self::TQ1_0,
-            35 => Self::TQ2_0,
-            41 => Self::Q1_0,
-            42 => Self::Q2_0,
-            _ => return None,
-        })
+        Self::IDS.iter().find(|&&(_, known)| known == id).map(|&(ty, _)| ty)
+    }
+
+    /// ggml's id of this type.
+    pub(crate) fn id(self) -> u32 {
+        Self::IDS.iter().find(|&&(ty, _)| ty == self).map(|&(_, id)| id).expect("every type is in IDS")
     }
 
     /// The types ember reads, by ggml's names: "F32, F16, …, IQ3_S".

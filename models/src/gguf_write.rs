@@ -19,7 +19,7 @@ use crate::LoadError;
 use crate::ggml_encode;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::family::{KeyLayout, Role};
-use crate::gguf::GgufArch;
+use crate::gguf::{GgmlType, GgufArch};
 use crate::imatrix::ImportanceMatrix;
 
 const ALIGNMENT: usize = 32;
@@ -37,111 +37,19 @@ pub enum MetaValue {
     I32s(Vec<i32>),
 }
 
-/// How a tensor's values are stored (ggml's names).
-#[allow(non_camel_case_types)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TensorType {
-    F32,
-    F16,
-    Bf16,
-    Q8_0,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q2_K,
-    Q3_K,
-    Q4_K,
-    Q5_K,
-    Q6_K,
-    IQ4_NL,
-    IQ4_XS,
-    IQ2_XXS,
-    IQ2_XS,
-    IQ2_S,
-    IQ3_XXS,
-    IQ3_S,
-    IQ1_S,
-    IQ1_M,
-    Q1_0,
-    Q2_0,
-    TQ1_0,
-    TQ2_0,
-}
-
-impl TensorType {
+/// What the writer needs of a type: the names `gguf-lora --type` takes, and the fallbacks of
+/// rows that are not whole blocks.
+impl GgmlType {
     /// The types a LoRA adapter's tensors may take (`export gguf-lora --type`), as llama.cpp's
     /// `convert_lora_to_gguf.py` writes them.
     pub fn parse_lora(name: &str) -> Option<Self> {
         Some(match name {
             "f32" => Self::F32,
             "f16" => Self::F16,
-            "bf16" => Self::Bf16,
+            "bf16" => Self::BF16,
             "q8_0" => Self::Q8_0,
             _ => return None,
         })
-    }
-
-    fn ggml_id(self) -> u32 {
-        match self {
-            Self::F32 => 0,
-            Self::F16 => 1,
-            Self::Q4_0 => 2,
-            Self::Q4_1 => 3,
-            Self::Q5_0 => 6,
-            Self::Q5_1 => 7,
-            Self::Q8_0 => 8,
-            Self::Q2_K => 10,
-            Self::Q3_K => 11,
-            Self::Q4_K => 12,
-            Self::Q5_K => 13,
-            Self::Q6_K => 14,
-            Self::IQ2_XXS => 16,
-            Self::IQ2_XS => 17,
-            Self::IQ3_XXS => 18,
-            Self::IQ1_S => 19,
-            Self::IQ4_NL => 20,
-            Self::IQ3_S => 21,
-            Self::IQ2_S => 22,
-            Self::IQ4_XS => 23,
-            Self::IQ1_M => 29,
-            Self::Bf16 => 30,
-            Self::TQ1_0 => 34,
-            Self::TQ2_0 => 35,
-            Self::Q1_0 => 41,
-            Self::Q2_0 => 42,
-        }
-    }
-
-    /// Values per block and bytes per block.
-    fn block(self) -> (usize, usize) {
-        match self {
-            Self::F32 => (1, 4),
-            Self::F16 | Self::Bf16 => (1, 2),
-            Self::Q8_0 => (32, 34),
-            Self::Q4_0 => (32, 18),
-            Self::Q4_1 => (32, 20),
-            Self::Q5_0 => (32, 22),
-            Self::Q5_1 => (32, 24),
-            Self::Q2_K => (256, 84),
-            Self::Q3_K => (256, 110),
-            Self::Q4_K => (256, 144),
-            Self::Q5_K => (256, 176),
-            Self::Q6_K => (256, 210),
-            Self::IQ4_NL => (32, 18),
-            Self::IQ4_XS => (256, 136),
-            Self::IQ2_XXS => (256, 66),
-            Self::IQ2_XS => (256, 74),
-            Self::IQ2_S => (256, 82),
-            Self::IQ3_XXS => (256, 98),
-            Self::IQ3_S => (256, 110),
-            Self::IQ1_S => (256, 50),
-            Self::IQ1_M => (256, 56),
-            Self::Q1_0 => (128, 18),
-            Self::Q2_0 => (64, 18),
-            Self::TQ1_0 => (256, 54),
-            Self::TQ2_0 => (256, 66),
-        }
     }
 
     pub fn quantized(self) -> bool {
@@ -158,7 +66,7 @@ impl TensorType {
             return Self::F32;
         }
         let cols = shape.last().copied().unwrap_or(0);
-        let fits = |ty: Self| cols % ty.block().0 == 0;
+        let fits = |ty: Self| cols % ty.block().0 as usize == 0;
         let fallback = match self {
             Self::Q2_K | Self::Q3_K | Self::Q2_0 | Self::TQ1_0 | Self::TQ2_0 => Self::Q4_0,
             Self::Q4_K => Self::Q5_0,
@@ -175,7 +83,7 @@ impl TensorType {
 
     fn bytes(self, values: usize) -> usize {
         let (per_block, bytes) = self.block();
-        values / per_block * bytes
+        values / per_block as usize * bytes as usize
     }
 }
 
@@ -326,34 +234,34 @@ impl ExportType {
     }
 
     /// The type most matrices get.
-    fn main_type(self) -> TensorType {
+    fn main_type(self) -> GgmlType {
         match self {
-            Self::F32 => TensorType::F32,
-            Self::F16 => TensorType::F16,
-            Self::Bf16 => TensorType::Bf16,
-            Self::Q8_0 => TensorType::Q8_0,
-            Self::Q5_1 => TensorType::Q5_1,
-            Self::Q5_0 => TensorType::Q5_0,
-            Self::Q4_1 => TensorType::Q4_1,
-            Self::Q4_0 => TensorType::Q4_0,
-            Self::Q6_K => TensorType::Q6_K,
-            Self::Q5_K_M | Self::Q5_K_S => TensorType::Q5_K,
-            Self::Q4_K_M | Self::Q4_K_S => TensorType::Q4_K,
-            Self::Q3_K_L | Self::Q3_K_M | Self::Q3_K_S => TensorType::Q3_K,
-            Self::Q2_K | Self::Q2_K_S => TensorType::Q2_K,
-            Self::IQ4_XS => TensorType::IQ4_XS,
-            Self::IQ4_NL => TensorType::IQ4_NL,
-            Self::IQ3_M | Self::IQ3_S | Self::IQ3_XS => TensorType::IQ3_S,
-            Self::IQ3_XXS => TensorType::IQ3_XXS,
-            Self::IQ2_M => TensorType::IQ2_S,
-            Self::IQ2_S | Self::IQ2_XS => TensorType::IQ2_XS,
-            Self::IQ2_XXS => TensorType::IQ2_XXS,
-            Self::IQ1_M => TensorType::IQ1_M,
-            Self::IQ1_S => TensorType::IQ1_S,
-            Self::TQ2_0 => TensorType::TQ2_0,
-            Self::TQ1_0 => TensorType::TQ1_0,
-            Self::Q2_0 => TensorType::Q2_0,
-            Self::Q1_0 => TensorType::Q1_0,
+            Self::F32 => GgmlType::F32,
+            Self::F16 => GgmlType::F16,
+            Self::Bf16 => GgmlType::BF16,
+            Self::Q8_0 => GgmlType::Q8_0,
+            Self::Q5_1 => GgmlType::Q5_1,
+            Self::Q5_0 => GgmlType::Q5_0,
+            Self::Q4_1 => GgmlType::Q4_1,
+            Self::Q4_0 => GgmlType::Q4_0,
+            Self::Q6_K => GgmlType::Q6_K,
+            Self::Q5_K_M | Self::Q5_K_S => GgmlType::Q5_K,
+            Self::Q4_K_M | Self::Q4_K_S => GgmlType::Q4_K,
+            Self::Q3_K_L | Self::Q3_K_M | Self::Q3_K_S => GgmlType::Q3_K,
+            Self::Q2_K | Self::Q2_K_S => GgmlType::Q2_K,
+            Self::IQ4_XS => GgmlType::IQ4_XS,
+            Self::IQ4_NL => GgmlType::IQ4_NL,
+            Self::IQ3_M | Self::IQ3_S | Self::IQ3_XS => GgmlType::IQ3_S,
+            Self::IQ3_XXS => GgmlType::IQ3_XXS,
+            Self::IQ2_M => GgmlType::IQ2_S,
+            Self::IQ2_S | Self::IQ2_XS => GgmlType::IQ2_XS,
+            Self::IQ2_XXS => GgmlType::IQ2_XXS,
+            Self::IQ1_M => GgmlType::IQ1_M,
+            Self::IQ1_S => GgmlType::IQ1_S,
+            Self::TQ2_0 => GgmlType::TQ2_0,
+            Self::TQ1_0 => GgmlType::TQ1_0,
+            Self::Q2_0 => GgmlType::Q2_0,
+            Self::Q1_0 => GgmlType::Q1_0,
         }
     }
 
@@ -364,10 +272,10 @@ impl ExportType {
     /// Whether the tensor `name` of type `ty` must be quantized with an importance matrix, as
     /// llama-quantize requires: the 1- and 2-bit lattice types, IQ3_XXS and Q2_K_S's Q2_K tensors,
     /// but not the embedding and the output.
-    pub fn needs_importance(self, name: &str, ty: TensorType) -> bool {
+    pub fn needs_importance(self, name: &str, ty: GgmlType) -> bool {
         let needs = match ty {
-            TensorType::IQ1_S | TensorType::IQ1_M | TensorType::IQ2_XXS | TensorType::IQ2_XS | TensorType::IQ2_S | TensorType::IQ3_XXS => true,
-            TensorType::Q2_K => self == Self::Q2_K_S,
+            GgmlType::IQ1_S | GgmlType::IQ1_M | GgmlType::IQ2_XXS | GgmlType::IQ2_XS | GgmlType::IQ2_S | GgmlType::IQ3_XXS => true,
+            GgmlType::Q2_K => self == Self::Q2_K_S,
             _ => false,
         };
         needs && name != "token_embd.weight" && name != "output.weight"
@@ -386,13 +294,13 @@ impl ExportType {
     }
 
     /// The type of the GGUF tensor `name` of `shape` in `model`.
-    pub fn tensor_type(self, name: &str, shape: &[usize], model: QuantizeModel) -> TensorType {
+    pub fn tensor_type(self, name: &str, shape: &[usize], model: QuantizeModel) -> GgmlType {
         self.chosen_type(name, shape, model).for_shape(shape)
     }
 
     /// The type llama-quantize chooses for the tensor before falling back where its rows are not
     /// whole blocks.
-    fn chosen_type(self, name: &str, shape: &[usize], model: QuantizeModel) -> TensorType {
+    fn chosen_type(self, name: &str, shape: &[usize], model: QuantizeModel) -> GgmlType {
         let main = self.main_type();
         if !main.quantized() || shape.len() < 2 {
             return main;
@@ -403,84 +311,84 @@ impl ExportType {
         let early = |below: usize| layer.is_some_and(|i| i < below);
         let grouped = model.gqa >= 4;
         let middle = layer.is_some_and(|i| i >= model.layers / 8 && i < 7 * model.layers / 8);
-        let two_bit_wider = if matches!(self, Self::IQ2_S | Self::IQ2_M) { TensorType::IQ3_S } else { TensorType::Q2_K };
+        let two_bit_wider = if matches!(self, Self::IQ2_S | Self::IQ2_M) { GgmlType::IQ3_S } else { GgmlType::Q2_K };
         let ty = if name == "output.weight" || (model.tied && name == "token_embd.weight") {
-            let whole_blocks = shape.last().is_some_and(|cols| cols % main.block().0 == 0);
-            if !whole_blocks || main == TensorType::Q8_0 {
-                TensorType::Q8_0
+            let whole_blocks = shape.last().is_some_and(|cols| cols % main.block().0 as usize == 0);
+            if !whole_blocks || main == GgmlType::Q8_0 {
+                GgmlType::Q8_0
             } else if self.below_three_bits() || self == Self::IQ3_XXS {
-                TensorType::Q5_K
+                GgmlType::Q5_K
             } else {
-                TensorType::Q6_K
+                GgmlType::Q6_K
             }
         } else if name == "token_embd.weight" {
             match self {
-                Self::IQ2_XXS | Self::IQ2_XS | Self::IQ1_S | Self::IQ1_M => TensorType::Q2_K,
-                Self::IQ2_S | Self::IQ2_M | Self::IQ3_XXS => TensorType::IQ3_S,
-                Self::TQ1_0 | Self::TQ2_0 | Self::Q2_0 => TensorType::Q4_K,
+                Self::IQ2_XXS | Self::IQ2_XS | Self::IQ1_S | Self::IQ1_M => GgmlType::Q2_K,
+                Self::IQ2_S | Self::IQ2_M | Self::IQ3_XXS => GgmlType::IQ3_S,
+                Self::TQ1_0 | Self::TQ2_0 | Self::Q2_0 => GgmlType::Q4_K,
                 _ => main,
             }
         } else if self.below_three_bits() {
             if name.ends_with("attn_v.weight") || name.ends_with("attn_qkv.weight") {
-                if grouped { TensorType::Q4_K } else { two_bit_wider }
+                if grouped { GgmlType::Q4_K } else { two_bit_wider }
             } else if name.ends_with("ffn_down.weight") && early(model.layers / 8) {
                 two_bit_wider
             } else if name.ends_with("attn_output.weight") && matches!(self, Self::IQ2_S | Self::IQ2_M) {
-                TensorType::IQ3_S
+                GgmlType::IQ3_S
             } else if name.ends_with("attn_output.weight") && matches!(self, Self::IQ1_S | Self::IQ1_M) {
-                TensorType::IQ2_XXS
+                GgmlType::IQ2_XXS
             } else {
                 main
             }
         } else if name.ends_with("attn_v.weight") || name.ends_with("attn_qkv.weight") {
             let ty = match self {
-                Self::Q4_K_M | Self::Q5_K_M if more_bits => TensorType::Q6_K,
-                Self::Q4_K_S if early(4) => TensorType::Q5_K,
-                Self::Q3_K_M if early(2) => TensorType::Q5_K,
-                Self::Q3_K_M => TensorType::Q4_K,
-                Self::Q3_K_L => TensorType::Q5_K,
-                Self::Q2_K | Self::Q2_K_S if grouped => TensorType::Q4_K,
-                Self::Q2_K => TensorType::Q3_K,
-                Self::IQ4_XS | Self::IQ4_NL if grouped => TensorType::Q5_K,
-                Self::IQ3_XXS | Self::IQ3_XS | Self::IQ3_S if grouped => TensorType::Q4_K,
-                Self::IQ3_XXS if !model.importance => TensorType::IQ3_S,
-                Self::IQ3_M => TensorType::Q4_K,
+                Self::Q4_K_M | Self::Q5_K_M if more_bits => GgmlType::Q6_K,
+                Self::Q4_K_S if early(4) => GgmlType::Q5_K,
+                Self::Q3_K_M if early(2) => GgmlType::Q5_K,
+                Self::Q3_K_M => GgmlType::Q4_K,
+                Self::Q3_K_L => GgmlType::Q5_K,
+                Self::Q2_K | Self::Q2_K_S if grouped => GgmlType::Q4_K,
+                Self::Q2_K => GgmlType::Q3_K,
+                Self::IQ4_XS | Self::IQ4_NL if grouped => GgmlType::Q5_K,
+                Self::IQ3_XXS | Self::IQ3_XS | Self::IQ3_S if grouped => GgmlType::Q4_K,
+                Self::IQ3_XXS if !model.importance => GgmlType::IQ3_S,
+                Self::IQ3_M => GgmlType::Q4_K,
                 _ => main,
             };
-            if model.seventy_b && matches!(ty, TensorType::Q3_K | TensorType::Q4_K) { TensorType::Q5_K } else { ty }
+            if model.seventy_b && matches!(ty, GgmlType::Q3_K | GgmlType::Q4_K) { GgmlType::Q5_K } else { ty }
         } else if name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight") {
             match self {
-                Self::IQ3_XS => TensorType::IQ3_XXS,
-                Self::IQ3_XXS => TensorType::IQ2_S,
+                Self::IQ3_XS => GgmlType::IQ3_XXS,
+                Self::IQ3_XXS => GgmlType::IQ2_S,
                 _ => main,
             }
         } else if name.ends_with("ffn_down.weight") {
             match self {
-                Self::Q4_K_M | Self::Q5_K_M if more_bits => TensorType::Q6_K,
-                Self::Q4_K_S if early(model.layers / 8) => TensorType::Q5_K,
-                Self::Q3_K_M if early(model.layers / 16) => TensorType::Q5_K,
-                Self::Q3_K_M => TensorType::Q4_K,
-                Self::Q3_K_L => TensorType::Q5_K,
-                Self::Q2_K => TensorType::Q3_K,
-                Self::Q2_K_S if early(model.layers / 8) => TensorType::Q4_K,
-                Self::IQ4_XS | Self::IQ4_NL if early(model.layers / 8) && !model.importance => TensorType::Q5_K,
-                Self::IQ3_XXS if !model.importance => if early(model.layers / 8) { TensorType::Q4_K } else { TensorType::Q3_K },
-                Self::IQ3_M if early(model.layers / 8) => TensorType::Q4_K,
+                Self::Q4_K_M | Self::Q5_K_M if more_bits => GgmlType::Q6_K,
+                Self::Q4_K_S if early(model.layers / 8) => GgmlType::Q5_K,
+                Self::Q3_K_M if early(model.layers / 16) => GgmlType::Q5_K,
+                Self::Q3_K_M => GgmlType::Q4_K,
+                Self::Q3_K_L => GgmlType::Q5_K,
+                Self::Q2_K => GgmlType::Q3_K,
+                Self::Q2_K_S if early(model.layers / 8) => GgmlType::Q4_K,
+                Self::IQ4_XS | Self::IQ4_NL if early(model.layers / 8) && !model.importance => GgmlType::Q5_K,
+                Self::IQ3_XXS if !model.importance => if early(model.layers / 8) { GgmlType::Q4_K } else { GgmlType::Q3_K },
+                Self::IQ3_M if early(model.layers / 8) => GgmlType::Q4_K,
                 // With an importance matrix, llama.cpp's guard for the first ffn_down.
-                Self::Q4_0 if early(model.layers / 8) && model.importance => TensorType::Q4_1,
-                Self::Q5_0 if early(model.layers / 8) && model.importance => TensorType::Q5_1,
+                Self::Q4_0 if early(model.layers / 8) && model.importance => GgmlType::Q4_1,
+                Self::Q5_0 if early(model.layers / 8) && model.importance => GgmlType::Q5_1,
                 _ => main,
             }
         } else if name.ends_with("attn_output.weight") {
             match self {
-                Self::Q3_K_M | Self::IQ3_M => TensorType::Q4_K,
-                Self::Q3_K_L => TensorType::Q5_K,
-                Self::Q2_K => TensorType::Q3_K,
-                Self::IQ3_XXS => TensorType::IQ3_S,
+                Self::Q3_K_M | Self::IQ3_M => GgmlType::Q4_K,
+                Self::Q3_K_L => GgmlType::Q5_K,
+                Self::Q2_K => GgmlType::Q3_K,
+                Self::IQ3_XXS => GgmlType::IQ3_S,
                 _ => main,
             }
         } else if name.ends_with("ffn_gate.weight") || name.ends_with("ffn_up.weight") {
-            if self == Self::IQ3_XS && middle { TensorType::IQ3_XXS } else { main }
+            if self == Self::IQ3_XS && middle { GgmlType::IQ3_XXS } else { main }
         } else {
             main
         };
@@ -489,10 +397,10 @@ impl ExportType {
 
     /// [`Self::tensor_type`], or why llama-quantize refuses the tensor: Q1_0 has no type to fall
     /// back to for rows that are not whole blocks of 128.
-    pub fn fitted_tensor_type(self, name: &str, shape: &[usize], model: QuantizeModel) -> Result<TensorType, String> {
+    pub fn fitted_tensor_type(self, name: &str, shape: &[usize], model: QuantizeModel) -> Result<GgmlType, String> {
         let chosen = self.chosen_type(name, shape, model);
         let cols = shape.last().copied().unwrap_or(0);
-        if chosen == TensorType::Q1_0 && shape.len() >= 2 && cols % 128 != 0 {
+        if chosen == GgmlType::Q1_0 && shape.len() >= 2 && cols % 128 != 0 {
             return Err(format!("tensor '{name}' has rows of {cols} values, not whole Q1_0 blocks of 128, and Q1_0 has no type to fall back to (llama-quantize stops there too)"));
         }
         Ok(chosen.for_shape(shape))
@@ -507,62 +415,62 @@ fn more_bits(layer: usize, layers: usize) -> bool {
 
 /// `values` in `ty`'s encoding: ggml's quantizers as llama-quantize runs them, with the
 /// `importance` of each column (the rows' length) when an importance matrix has it.
-pub fn encode(ty: TensorType, values: &[f32], importance: Option<&[f32]>) -> Vec<u8> {
+pub fn encode(ty: GgmlType, values: &[f32], importance: Option<&[f32]>) -> Vec<u8> {
     use ggml_encode::importance as weighted;
     use ggml_encode::lattice;
     use ggml_encode::low_bit;
     if let Some(importance) = importance {
         match ty {
-            TensorType::Q4_0 => return weighted::encode_q4_0(values, importance),
-            TensorType::Q4_1 => return weighted::encode_q4_1(values, importance),
-            TensorType::Q5_0 => return weighted::encode_q5_0(values, importance),
-            TensorType::Q5_1 => return weighted::encode_q5_1(values, importance),
-            TensorType::Q2_K => return weighted::encode_q2_k(values, importance),
-            TensorType::Q3_K => return weighted::encode_q3_k(values, importance),
-            TensorType::Q4_K => return weighted::encode_q4_k(values, importance),
-            TensorType::Q5_K => return weighted::encode_q5_k(values, importance),
-            TensorType::Q6_K => return weighted::encode_q6_k(values, importance),
-            TensorType::IQ4_NL => return weighted::encode_iq4_nl(values, importance),
-            TensorType::IQ4_XS => return weighted::encode_iq4_xs(values, importance),
-            TensorType::IQ2_XXS => return lattice::encode_iq2_xxs(values, importance),
-            TensorType::IQ2_XS => return lattice::encode_iq2_xs(values, importance),
-            TensorType::IQ2_S => return lattice::encode_iq2_s(values, Some(importance)),
-            TensorType::IQ3_XXS => return lattice::encode_iq3_xxs(values, Some(importance)),
-            TensorType::IQ3_S => return lattice::encode_iq3_s(values, Some(importance)),
-            TensorType::IQ1_S => return lattice::encode_iq1_s(values, importance),
-            TensorType::IQ1_M => return lattice::encode_iq1_m(values, Some(importance)),
+            GgmlType::Q4_0 => return weighted::encode_q4_0(values, importance),
+            GgmlType::Q4_1 => return weighted::encode_q4_1(values, importance),
+            GgmlType::Q5_0 => return weighted::encode_q5_0(values, importance),
+            GgmlType::Q5_1 => return weighted::encode_q5_1(values, importance),
+            GgmlType::Q2_K => return weighted::encode_q2_k(values, importance),
+            GgmlType::Q3_K => return weighted::encode_q3_k(values, importance),
+            GgmlType::Q4_K => return weighted::encode_q4_k(values, importance),
+            GgmlType::Q5_K => return weighted::encode_q5_k(values, importance),
+            GgmlType::Q6_K => return weighted::encode_q6_k(values, importance),
+            GgmlType::IQ4_NL => return weighted::encode_iq4_nl(values, importance),
+            GgmlType::IQ4_XS => return weighted::encode_iq4_xs(values, importance),
+            GgmlType::IQ2_XXS => return lattice::encode_iq2_xxs(values, importance),
+            GgmlType::IQ2_XS => return lattice::encode_iq2_xs(values, importance),
+            GgmlType::IQ2_S => return lattice::encode_iq2_s(values, Some(importance)),
+            GgmlType::IQ3_XXS => return lattice::encode_iq3_xxs(values, Some(importance)),
+            GgmlType::IQ3_S => return lattice::encode_iq3_s(values, Some(importance)),
+            GgmlType::IQ1_S => return lattice::encode_iq1_s(values, importance),
+            GgmlType::IQ1_M => return lattice::encode_iq1_m(values, Some(importance)),
             // Q8_0, the 1- and 2-bit round-to-nearest types and the float types have no use for
             // it, as in llama.cpp.
-            TensorType::F32 | TensorType::F16 | TensorType::Bf16 | TensorType::Q8_0 => {}
-            TensorType::Q1_0 | TensorType::Q2_0 | TensorType::TQ1_0 | TensorType::TQ2_0 => {}
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 => {}
+            GgmlType::Q1_0 | GgmlType::Q2_0 | GgmlType::TQ1_0 | GgmlType::TQ2_0 => {}
         }
     }
     match ty {
-        TensorType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        TensorType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
-        TensorType::Bf16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-        TensorType::Q8_0 => ggml_encode::encode_q8_0(values),
-        TensorType::Q4_0 => ggml_encode::encode_q4_0(values),
-        TensorType::Q4_1 => ggml_encode::encode_q4_1(values),
-        TensorType::Q5_0 => ggml_encode::encode_q5_0(values),
-        TensorType::Q5_1 => ggml_encode::encode_q5_1(values),
-        TensorType::Q2_K => ggml_encode::encode_q2_k(values),
-        TensorType::Q3_K => ggml_encode::encode_q3_k(values),
-        TensorType::Q4_K => ggml_encode::encode_q4_k(values),
-        TensorType::Q5_K => ggml_encode::encode_q5_k(values),
-        TensorType::Q6_K => ggml_encode::encode_q6_k(values),
-        TensorType::IQ4_NL => ggml_encode::encode_iq4_nl(values),
-        TensorType::IQ4_XS => ggml_encode::encode_iq4_xs(values),
-        TensorType::IQ2_S => lattice::encode_iq2_s(values, None),
-        TensorType::IQ3_XXS => lattice::encode_iq3_xxs(values, None),
-        TensorType::IQ3_S => lattice::encode_iq3_s(values, None),
-        TensorType::IQ1_M => lattice::encode_iq1_m(values, None),
-        TensorType::Q1_0 => low_bit::encode_q1_0(values),
-        TensorType::Q2_0 => low_bit::encode_q2_0(values),
-        TensorType::TQ1_0 => low_bit::encode_tq1_0(values),
-        TensorType::TQ2_0 => low_bit::encode_tq2_0(values),
+        GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        GgmlType::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+        GgmlType::Q8_0 => ggml_encode::encode_q8_0(values),
+        GgmlType::Q4_0 => ggml_encode::encode_q4_0(values),
+        GgmlType::Q4_1 => ggml_encode::encode_q4_1(values),
+        GgmlType::Q5_0 => ggml_encode::encode_q5_0(values),
+        GgmlType::Q5_1 => ggml_encode::encode_q5_1(values),
+        GgmlType::Q2_K => ggml_encode::encode_q2_k(values),
+        GgmlType::Q3_K => ggml_encode::encode_q3_k(values),
+        GgmlType::Q4_K => ggml_encode::encode_q4_k(values),
+        GgmlType::Q5_K => ggml_encode::encode_q5_k(values),
+        GgmlType::Q6_K => ggml_encode::encode_q6_k(values),
+        GgmlType::IQ4_NL => ggml_encode::encode_iq4_nl(values),
+        GgmlType::IQ4_XS => ggml_encode::encode_iq4_xs(values),
+        GgmlType::IQ2_S => lattice::encode_iq2_s(values, None),
+        GgmlType::IQ3_XXS => lattice::encode_iq3_xxs(values, None),
+        GgmlType::IQ3_S => lattice::encode_iq3_s(values, None),
+        GgmlType::IQ1_M => lattice::encode_iq1_m(values, None),
+        GgmlType::Q1_0 => low_bit::encode_q1_0(values),
+        GgmlType::Q2_0 => low_bit::encode_q2_0(values),
+        GgmlType::TQ1_0 => low_bit::encode_tq1_0(values),
+        GgmlType::TQ2_0 => low_bit::encode_tq2_0(values),
         // ggml has no quantizer for them without importance; `needs_importance` sees to it.
-        TensorType::IQ2_XXS | TensorType::IQ2_XS | TensorType::IQ1_S => unreachable!("{ty:?} is written only with an importance matrix"),
+        GgmlType::IQ2_XXS | GgmlType::IQ2_XS | GgmlType::IQ1_S => unreachable!("{ty:?} is written only with an importance matrix"),
     }
 }
 
@@ -586,7 +494,7 @@ pub fn importance_metadata(matrix: &ImportanceMatrix) -> Vec<(String, MetaValue)
 pub struct TensorSpec {
     pub name: String,
     pub shape: Vec<usize>,
-    pub ty: TensorType,
+    pub ty: GgmlType,
 }
 
 fn put_string(out: &mut Vec<u8>, s: &str) {
@@ -661,7 +569,7 @@ pub fn write(
         header.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
         // ggml lists dimensions innermost first.
         t.shape.iter().rev().for_each(|&d| header.extend_from_slice(&(d as u64).to_le_bytes()));
-        header.extend_from_slice(&t.ty.ggml_id().to_le_bytes());
+        header.extend_from_slice(&t.ty.id().to_le_bytes());
         header.extend_from_slice(&(offset as u64).to_le_bytes());
         offset += padded(t.ty.bytes(t.shape.iter().product()));
     }
@@ -957,14 +865,14 @@ mod tests {
 
     #[test]
     fn vectors_stay_f32_and_odd_rows_f16() {
-        assert_eq!(TensorType::Q4_0.for_shape(&[64]), TensorType::F32);
-        assert_eq!(TensorType::Q4_0.for_shape(&[64, 48]), TensorType::F16);
-        assert_eq!(TensorType::Q8_0.for_shape(&[64, 64]), TensorType::Q8_0);
+        assert_eq!(GgmlType::Q4_0.for_shape(&[64]), GgmlType::F32);
+        assert_eq!(GgmlType::Q4_0.for_shape(&[64, 48]), GgmlType::F16);
+        assert_eq!(GgmlType::Q8_0.for_shape(&[64, 64]), GgmlType::Q8_0);
         // K-quants fall back as llama-quantize does: Q4_K to Q5_0, Q6_K to Q8_0, then F16.
-        assert_eq!(TensorType::Q4_K.for_shape(&[64, 576]), TensorType::Q5_0);
-        assert_eq!(TensorType::Q6_K.for_shape(&[64, 576]), TensorType::Q8_0);
-        assert_eq!(TensorType::Q4_K.for_shape(&[64, 176]), TensorType::F16);
-        assert_eq!(TensorType::Q4_K.for_shape(&[64, 1536]), TensorType::Q4_K);
+        assert_eq!(GgmlType::Q4_K.for_shape(&[64, 576]), GgmlType::Q5_0);
+        assert_eq!(GgmlType::Q6_K.for_shape(&[64, 576]), GgmlType::Q8_0);
+        assert_eq!(GgmlType::Q4_K.for_shape(&[64, 176]), GgmlType::F16);
+        assert_eq!(GgmlType::Q4_K.for_shape(&[64, 1536]), GgmlType::Q4_K);
     }
 
     #[test]
@@ -972,17 +880,17 @@ mod tests {
         let model = |tied| QuantizeModel { layers: 32, tied, seventy_b: false, gqa: 1, importance: false };
         let ty = |name: &str, cols: usize, tied: bool| ExportType::Q4_K_M.tensor_type(name, &[1024, cols], model(tied));
         // 32 layers: the first 4, the last 4 and every third from layer 6 (4 + 2).
-        let more: Vec<usize> = (0..32).filter(|&i| ty(&format!("blk.{i}.attn_v.weight"), 4096, false) == TensorType::Q6_K).collect();
+        let more: Vec<usize> = (0..32).filter(|&i| ty(&format!("blk.{i}.attn_v.weight"), 4096, false) == GgmlType::Q6_K).collect();
         assert_eq!(more, [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
-        assert_eq!(ty("blk.6.ffn_down.weight", 2880, false), TensorType::Q8_0, "rows of 2,880: Q6_K falls back");
-        assert_eq!(ty("blk.6.ffn_down.weight", 14336, false), TensorType::Q6_K);
-        assert_eq!(ty("blk.7.ffn_down.weight", 14336, false), TensorType::Q4_K);
-        assert_eq!(ty("blk.6.attn_q.weight", 4096, false), TensorType::Q4_K);
-        assert_eq!(ty("output.weight", 4096, false), TensorType::Q6_K);
-        assert_eq!(ty("token_embd.weight", 4096, false), TensorType::Q4_K);
-        assert_eq!(ty("token_embd.weight", 4096, true), TensorType::Q6_K, "a tied embedding is the output");
-        assert_eq!(ty("token_embd.weight", 576, true), TensorType::Q8_0);
-        assert_eq!(ExportType::Q4_K_M.tensor_type("blk.0.attn_norm.weight", &[4096], model(false)), TensorType::F32);
+        assert_eq!(ty("blk.6.ffn_down.weight", 2880, false), GgmlType::Q8_0, "rows of 2,880: Q6_K falls back");
+        assert_eq!(ty("blk.6.ffn_down.weight", 14336, false), GgmlType::Q6_K);
+        assert_eq!(ty("blk.7.ffn_down.weight", 14336, false), GgmlType::Q4_K);
+        assert_eq!(ty("blk.6.attn_q.weight", 4096, false), GgmlType::Q4_K);
+        assert_eq!(ty("output.weight", 4096, false), GgmlType::Q6_K);
+        assert_eq!(ty("token_embd.weight", 4096, false), GgmlType::Q4_K);
+        assert_eq!(ty("token_embd.weight", 4096, true), GgmlType::Q6_K, "a tied embedding is the output");
+        assert_eq!(ty("token_embd.weight", 576, true), GgmlType::Q8_0);
+        assert_eq!(ExportType::Q4_K_M.tensor_type("blk.0.attn_norm.weight", &[4096], model(false)), GgmlType::F32);
         assert_eq!(ExportType::parse("q4_k_m").unwrap().file_type(), 15);
         assert_eq!(ExportType::parse("q6_k").unwrap().file_type(), 18);
     }
@@ -992,57 +900,57 @@ mod tests {
         let model = QuantizeModel { layers: 32, tied: false, seventy_b: false, gqa: 1, importance: false };
         let ty = |file: &str, name: &str, cols: usize| ExportType::parse(file).unwrap().tensor_type(name, &[1024, cols], model);
         // Q5_K_M: Q4_K_M's layers at Q6_K, Q5_K elsewhere, Q5_1 where rows are not whole blocks.
-        assert_eq!(ty("q5_k_m", "blk.0.ffn_down.weight", 4096), TensorType::Q6_K);
-        assert_eq!(ty("q5_k_m", "blk.7.ffn_down.weight", 4096), TensorType::Q5_K);
-        assert_eq!(ty("q5_k_m", "blk.7.attn_q.weight", 576), TensorType::Q5_1);
+        assert_eq!(ty("q5_k_m", "blk.0.ffn_down.weight", 4096), GgmlType::Q6_K);
+        assert_eq!(ty("q5_k_m", "blk.7.ffn_down.weight", 4096), GgmlType::Q5_K);
+        assert_eq!(ty("q5_k_m", "blk.7.attn_q.weight", 576), GgmlType::Q5_1);
         // Q4_0 and Q8_0: no layer gets more bits; Q4_0's output is Q6_K, Q8_0's stays Q8_0.
-        assert_eq!(ty("q4_0", "blk.0.attn_v.weight", 4096), TensorType::Q4_0);
-        assert_eq!(ty("q4_0", "output.weight", 4096), TensorType::Q6_K);
-        assert_eq!(ty("q4_0", "output.weight", 576), TensorType::Q8_0);
-        assert_eq!(ty("q8_0", "output.weight", 4096), TensorType::Q8_0);
-        assert_eq!(ty("f16", "output.weight", 4096), TensorType::F16);
-        assert_eq!(ty("q4_0", "output.weight", 48), TensorType::F16);
+        assert_eq!(ty("q4_0", "blk.0.attn_v.weight", 4096), GgmlType::Q4_0);
+        assert_eq!(ty("q4_0", "output.weight", 4096), GgmlType::Q6_K);
+        assert_eq!(ty("q4_0", "output.weight", 576), GgmlType::Q8_0);
+        assert_eq!(ty("q8_0", "output.weight", 4096), GgmlType::Q8_0);
+        assert_eq!(ty("f16", "output.weight", 4096), GgmlType::F16);
+        assert_eq!(ty("q4_0", "output.weight", 48), GgmlType::F16);
         // Q4_K_S: Q5_K for attn_v in the first 4 layers and ffn_down in the first eighth.
-        assert_eq!(ty("q4_k_s", "blk.3.attn_v.weight", 4096), TensorType::Q5_K);
-        assert_eq!(ty("q4_k_s", "blk.4.attn_v.weight", 4096), TensorType::Q4_K);
-        assert_eq!(ty("q4_k_s", "blk.3.ffn_down.weight", 11008), TensorType::Q5_K);
-        assert_eq!(ty("q4_k_s", "blk.4.ffn_down.weight", 11008), TensorType::Q4_K);
-        assert_eq!(ty("q5_k_s", "blk.0.attn_v.weight", 4096), TensorType::Q5_K);
-        assert_eq!(ty("q5_k_s", "output.weight", 4096), TensorType::Q6_K);
+        assert_eq!(ty("q4_k_s", "blk.3.attn_v.weight", 4096), GgmlType::Q5_K);
+        assert_eq!(ty("q4_k_s", "blk.4.attn_v.weight", 4096), GgmlType::Q4_K);
+        assert_eq!(ty("q4_k_s", "blk.3.ffn_down.weight", 11008), GgmlType::Q5_K);
+        assert_eq!(ty("q4_k_s", "blk.4.ffn_down.weight", 11008), GgmlType::Q4_K);
+        assert_eq!(ty("q5_k_s", "blk.0.attn_v.weight", 4096), GgmlType::Q5_K);
+        assert_eq!(ty("q5_k_s", "output.weight", 4096), GgmlType::Q6_K);
         // Q3_K_M: Q3_K for q, k, gate, up; Q4_K for attn_output and most attn_v and ffn_down.
-        assert_eq!(ty("q3_k_m", "blk.9.attn_q.weight", 4096), TensorType::Q3_K);
-        assert_eq!(ty("q3_k_m", "blk.9.attn_output.weight", 4096), TensorType::Q4_K);
-        assert_eq!(ty("q3_k_m", "blk.1.attn_v.weight", 4096), TensorType::Q5_K);
-        assert_eq!(ty("q3_k_m", "blk.2.attn_v.weight", 4096), TensorType::Q4_K);
-        assert_eq!(ty("q3_k_m", "blk.1.ffn_down.weight", 11008), TensorType::Q5_K);
-        assert_eq!(ty("q3_k_m", "blk.2.ffn_down.weight", 11008), TensorType::Q4_K);
-        assert_eq!(ty("q3_k_m", "blk.9.ffn_up.weight", 576), TensorType::Q4_0);
+        assert_eq!(ty("q3_k_m", "blk.9.attn_q.weight", 4096), GgmlType::Q3_K);
+        assert_eq!(ty("q3_k_m", "blk.9.attn_output.weight", 4096), GgmlType::Q4_K);
+        assert_eq!(ty("q3_k_m", "blk.1.attn_v.weight", 4096), GgmlType::Q5_K);
+        assert_eq!(ty("q3_k_m", "blk.2.attn_v.weight", 4096), GgmlType::Q4_K);
+        assert_eq!(ty("q3_k_m", "blk.1.ffn_down.weight", 11008), GgmlType::Q5_K);
+        assert_eq!(ty("q3_k_m", "blk.2.ffn_down.weight", 11008), GgmlType::Q4_K);
+        assert_eq!(ty("q3_k_m", "blk.9.ffn_up.weight", 576), GgmlType::Q4_0);
         // Q4_1, Q5_0, Q5_1: their type throughout, Q6_K for the output; with an importance matrix
         // the first eighth's ffn_down goes from Q5_0 to Q5_1 (as from Q4_0 to Q4_1).
-        assert_eq!(ty("q5_1", "blk.0.ffn_down.weight", 11008), TensorType::Q5_1);
-        assert_eq!(ty("q4_1", "output.weight", 4096), TensorType::Q6_K);
-        assert_eq!(ty("q5_0", "blk.0.ffn_down.weight", 11008), TensorType::Q5_0);
+        assert_eq!(ty("q5_1", "blk.0.ffn_down.weight", 11008), GgmlType::Q5_1);
+        assert_eq!(ty("q4_1", "output.weight", 4096), GgmlType::Q6_K);
+        assert_eq!(ty("q5_0", "blk.0.ffn_down.weight", 11008), GgmlType::Q5_0);
         let weighted = QuantizeModel { importance: true, ..model };
-        assert_eq!(ExportType::Q5_0.tensor_type("blk.3.ffn_down.weight", &[4096, 11008], weighted), TensorType::Q5_1);
-        assert_eq!(ExportType::Q5_0.tensor_type("blk.4.ffn_down.weight", &[4096, 11008], weighted), TensorType::Q5_0);
+        assert_eq!(ExportType::Q5_0.tensor_type("blk.3.ffn_down.weight", &[4096, 11008], weighted), GgmlType::Q5_1);
+        assert_eq!(ExportType::Q5_0.tensor_type("blk.4.ffn_down.weight", &[4096, 11008], weighted), GgmlType::Q5_0);
         // The ternary types and Q2_0: Q4_K for the embedding, Q4_0 where rows are not whole blocks;
         // Q1_0 has no type to fall back to, and the export stops, as llama-quantize does.
-        assert_eq!(ty("tq1_0", "token_embd.weight", 4096), TensorType::Q4_K);
-        assert_eq!(ty("tq2_0", "blk.0.attn_v.weight", 4096), TensorType::TQ2_0);
-        assert_eq!(ty("q2_0", "blk.0.attn_q.weight", 96), TensorType::Q4_0);
-        assert_eq!(ty("q2_0", "output.weight", 4096), TensorType::Q6_K);
-        assert_eq!(ty("q1_0", "token_embd.weight", 4096), TensorType::Q1_0);
+        assert_eq!(ty("tq1_0", "token_embd.weight", 4096), GgmlType::Q4_K);
+        assert_eq!(ty("tq2_0", "blk.0.attn_v.weight", 4096), GgmlType::TQ2_0);
+        assert_eq!(ty("q2_0", "blk.0.attn_q.weight", 96), GgmlType::Q4_0);
+        assert_eq!(ty("q2_0", "output.weight", 4096), GgmlType::Q6_K);
+        assert_eq!(ty("q1_0", "token_embd.weight", 4096), GgmlType::Q1_0);
         let refused = ExportType::Q1_0.fitted_tensor_type("blk.0.attn_q.weight", &[576, 576], model).unwrap_err();
         assert!(refused.contains("blk.0.attn_q.weight") && refused.contains("576"), "{refused}");
-        assert_eq!(ExportType::Q1_0.fitted_tensor_type("output.weight", &[1000, 576], model), Ok(TensorType::Q8_0));
+        assert_eq!(ExportType::Q1_0.fitted_tensor_type("output.weight", &[1000, 576], model), Ok(GgmlType::Q8_0));
         // An output whose rows fit neither Q1_0 nor Q8_0 is F16 in llama-quantize, not an error.
-        assert_eq!(ExportType::Q1_0.fitted_tensor_type("output.weight", &[1000, 48], model), Ok(TensorType::F16));
+        assert_eq!(ExportType::Q1_0.fitted_tensor_type("output.weight", &[1000, 48], model), Ok(GgmlType::F16));
         // A 70B's attn_v: Q5_K where the mixture would give it Q4_K.
         let seventy = QuantizeModel { layers: 80, tied: false, seventy_b: true, gqa: 8, importance: false };
-        assert_eq!(ExportType::Q4_K_M.tensor_type("blk.11.attn_v.weight", &[1024, 8192], seventy), TensorType::Q5_K);
-        assert_eq!(ExportType::Q4_K_M.tensor_type("blk.12.attn_v.weight", &[1024, 8192], seventy), TensorType::Q6_K);
-        assert_eq!(ExportType::Q4_K_M.tensor_type("blk.11.attn_q.weight", &[8192, 8192], seventy), TensorType::Q4_K);
-        assert_eq!(ExportType::Q2_K.tensor_type("blk.11.attn_v.weight", &[1024, 8192], seventy), TensorType::Q5_K);
+        assert_eq!(ExportType::Q4_K_M.tensor_type("blk.11.attn_v.weight", &[1024, 8192], seventy), GgmlType::Q5_K);
+        assert_eq!(ExportType::Q4_K_M.tensor_type("blk.12.attn_v.weight", &[1024, 8192], seventy), GgmlType::Q6_K);
+        assert_eq!(ExportType::Q4_K_M.tensor_type("blk.11.attn_q.weight", &[8192, 8192], seventy), GgmlType::Q4_K);
+        assert_eq!(ExportType::Q2_K.tensor_type("blk.11.attn_v.weight", &[1024, 8192], seventy), GgmlType::Q5_K);
     }
 
     #[test]
@@ -1051,47 +959,47 @@ mod tests {
         let ty = |file: &str, name: &str, cols: usize, gqa: usize| ExportType::parse(file).unwrap().tensor_type(name, &[1024, cols], grouped(gqa));
         // Q3_K_S: Q3_K everywhere but the output. Q3_K_L: Q5_K for attn_v, ffn_down, attn_output.
         for name in ["blk.0.attn_v.weight", "blk.0.ffn_down.weight", "blk.9.attn_output.weight", "blk.9.attn_q.weight"] {
-            assert_eq!(ty("q3_k_s", name, 4096, 1), TensorType::Q3_K, "{name}");
-            let large = if name.contains("attn_q") { TensorType::Q3_K } else { TensorType::Q5_K };
+            assert_eq!(ty("q3_k_s", name, 4096, 1), GgmlType::Q3_K, "{name}");
+            let large = if name.contains("attn_q") { GgmlType::Q3_K } else { GgmlType::Q5_K };
             assert_eq!(ty("q3_k_l", name, 4096, 1), large, "{name}");
         }
-        assert_eq!(ty("q3_k_s", "output.weight", 4096, 1), TensorType::Q6_K);
+        assert_eq!(ty("q3_k_s", "output.weight", 4096, 1), GgmlType::Q6_K);
         // Q2_K: Q3_K for ffn_down and attn_output, attn_v Q3_K or (4+ heads a KV head) Q4_K.
-        assert_eq!(ty("q2_k", "blk.9.attn_q.weight", 4096, 1), TensorType::Q2_K);
-        assert_eq!(ty("q2_k", "blk.9.ffn_down.weight", 2880, 1), TensorType::Q4_0, "Q3_K falls back");
-        assert_eq!(ty("q2_k", "blk.9.ffn_down.weight", 14336, 1), TensorType::Q3_K);
-        assert_eq!(ty("q2_k", "blk.9.attn_output.weight", 4096, 1), TensorType::Q3_K);
-        assert_eq!(ty("q2_k", "blk.9.attn_v.weight", 4096, 3), TensorType::Q3_K);
-        assert_eq!(ty("q2_k", "blk.9.attn_v.weight", 4096, 4), TensorType::Q4_K);
-        assert_eq!(ty("q2_k", "blk.9.attn_q.weight", 576, 1), TensorType::Q4_0);
+        assert_eq!(ty("q2_k", "blk.9.attn_q.weight", 4096, 1), GgmlType::Q2_K);
+        assert_eq!(ty("q2_k", "blk.9.ffn_down.weight", 2880, 1), GgmlType::Q4_0, "Q3_K falls back");
+        assert_eq!(ty("q2_k", "blk.9.ffn_down.weight", 14336, 1), GgmlType::Q3_K);
+        assert_eq!(ty("q2_k", "blk.9.attn_output.weight", 4096, 1), GgmlType::Q3_K);
+        assert_eq!(ty("q2_k", "blk.9.attn_v.weight", 4096, 3), GgmlType::Q3_K);
+        assert_eq!(ty("q2_k", "blk.9.attn_v.weight", 4096, 4), GgmlType::Q4_K);
+        assert_eq!(ty("q2_k", "blk.9.attn_q.weight", 576, 1), GgmlType::Q4_0);
         // IQ4_XS and IQ4_NL: Q5_K for ffn_down in the first eighth and for a grouped attn_v.
         for file in ["iq4_xs", "iq4_nl"] {
-            assert_eq!(ty(file, "blk.3.ffn_down.weight", 14336, 1), TensorType::Q5_K);
-            assert_eq!(ty(file, "blk.9.attn_v.weight", 4096, 8), TensorType::Q5_K);
-            assert_eq!(ty(file, "output.weight", 4096, 1), TensorType::Q6_K);
+            assert_eq!(ty(file, "blk.3.ffn_down.weight", 14336, 1), GgmlType::Q5_K);
+            assert_eq!(ty(file, "blk.9.attn_v.weight", 4096, 8), GgmlType::Q5_K);
+            assert_eq!(ty(file, "output.weight", 4096, 1), GgmlType::Q6_K);
             assert_eq!(ty(file, "token_embd.weight", 4096, 1), ExportType::parse(file).unwrap().main_type());
         }
-        assert_eq!(ty("iq4_xs", "blk.4.ffn_down.weight", 2880, 1), TensorType::IQ4_NL, "rows of 2,880: not whole 256s");
-        assert_eq!(ty("iq4_xs", "blk.9.attn_v.weight", 4096, 3), TensorType::IQ4_XS);
-        assert_eq!(ty("iq4_xs", "blk.9.attn_q.weight", 576, 1), TensorType::IQ4_NL);
-        assert_eq!(ty("iq4_nl", "blk.9.attn_q.weight", 48, 1), TensorType::F16);
-        assert_eq!(ty("iq4_nl", "output.weight", 576, 1), TensorType::Q8_0);
+        assert_eq!(ty("iq4_xs", "blk.4.ffn_down.weight", 2880, 1), GgmlType::IQ4_NL, "rows of 2,880: not whole 256s");
+        assert_eq!(ty("iq4_xs", "blk.9.attn_v.weight", 4096, 3), GgmlType::IQ4_XS);
+        assert_eq!(ty("iq4_xs", "blk.9.attn_q.weight", 576, 1), GgmlType::IQ4_NL);
+        assert_eq!(ty("iq4_nl", "blk.9.attn_q.weight", 48, 1), GgmlType::F16);
+        assert_eq!(ty("iq4_nl", "output.weight", 576, 1), GgmlType::Q8_0);
         // With an importance matrix: no Q5_K for IQ4's first ffn_down; Q4_1 for Q4_0's.
         let with_importance = QuantizeModel { importance: true, ..grouped(1) };
-        assert_eq!(ExportType::IQ4_XS.tensor_type("blk.3.ffn_down.weight", &[1024, 14336], with_importance), TensorType::IQ4_XS);
-        assert_eq!(ExportType::Q4_0.tensor_type("blk.3.ffn_down.weight", &[1024, 14336], with_importance), TensorType::Q4_1);
-        assert_eq!(ExportType::Q4_0.tensor_type("blk.4.ffn_down.weight", &[1024, 14336], with_importance), TensorType::Q4_0);
-        assert_eq!(ExportType::Q4_0.tensor_type("blk.3.ffn_down.weight", &[1024, 14336], grouped(1)), TensorType::Q4_0);
+        assert_eq!(ExportType::IQ4_XS.tensor_type("blk.3.ffn_down.weight", &[1024, 14336], with_importance), GgmlType::IQ4_XS);
+        assert_eq!(ExportType::Q4_0.tensor_type("blk.3.ffn_down.weight", &[1024, 14336], with_importance), GgmlType::Q4_1);
+        assert_eq!(ExportType::Q4_0.tensor_type("blk.4.ffn_down.weight", &[1024, 14336], with_importance), GgmlType::Q4_0);
+        assert_eq!(ExportType::Q4_0.tensor_type("blk.3.ffn_down.weight", &[1024, 14336], grouped(1)), GgmlType::Q4_0);
         // Q2_K_S: Q2_K but Q4_K for a grouped attn_v and the first eighth's ffn_down.
-        assert_eq!(ty("q2_k_s", "blk.9.attn_v.weight", 4096, 3), TensorType::Q2_K);
-        assert_eq!(ty("q2_k_s", "blk.9.attn_v.weight", 4096, 4), TensorType::Q4_K);
-        assert_eq!(ty("q2_k_s", "blk.3.ffn_down.weight", 14336, 1), TensorType::Q4_K);
-        assert_eq!(ty("q2_k_s", "blk.4.ffn_down.weight", 14336, 1), TensorType::Q2_K);
-        assert_eq!(ty("q2_k_s", "blk.4.attn_output.weight", 4096, 1), TensorType::Q2_K);
-        assert!(ExportType::Q2_K_S.needs_importance("blk.4.attn_q.weight", TensorType::Q2_K));
-        assert!(!ExportType::Q2_K_S.needs_importance("token_embd.weight", TensorType::Q2_K));
-        assert!(!ExportType::Q2_K_S.needs_importance("blk.4.attn_q.weight", TensorType::Q4_0));
-        assert!(!ExportType::Q2_K.needs_importance("blk.4.attn_q.weight", TensorType::Q2_K));
+        assert_eq!(ty("q2_k_s", "blk.9.attn_v.weight", 4096, 3), GgmlType::Q2_K);
+        assert_eq!(ty("q2_k_s", "blk.9.attn_v.weight", 4096, 4), GgmlType::Q4_K);
+        assert_eq!(ty("q2_k_s", "blk.3.ffn_down.weight", 14336, 1), GgmlType::Q4_K);
+        assert_eq!(ty("q2_k_s", "blk.4.ffn_down.weight", 14336, 1), GgmlType::Q2_K);
+        assert_eq!(ty("q2_k_s", "blk.4.attn_output.weight", 4096, 1), GgmlType::Q2_K);
+        assert!(ExportType::Q2_K_S.needs_importance("blk.4.attn_q.weight", GgmlType::Q2_K));
+        assert!(!ExportType::Q2_K_S.needs_importance("token_embd.weight", GgmlType::Q2_K));
+        assert!(!ExportType::Q2_K_S.needs_importance("blk.4.attn_q.weight", GgmlType::Q4_0));
+        assert!(!ExportType::Q2_K.needs_importance("blk.4.attn_q.weight", GgmlType::Q2_K));
         let file_types: Vec<u32> = ["q2_k", "q3_k_s", "q3_k_l", "iq4_nl", "iq4_xs", "q2_k_s"].iter().map(|t| ExportType::parse(t).unwrap().file_type()).collect();
         assert_eq!(file_types, [10, 11, 13, 25, 30, 21]);
     }
@@ -1102,68 +1010,68 @@ mod tests {
         let model = |gqa, importance, tied| QuantizeModel { layers: 32, tied, seventy_b: false, gqa, importance };
         let ty = |file: &str, name: &str, cols: usize, gqa: usize| ExportType::parse(file).unwrap().tensor_type(name, &[1024, cols], model(gqa, true, false));
         // Main types: IQ3_S for iq3_s/iq3_m/iq3_xs, IQ2_XS for iq2_s, IQ2_S for iq2_m.
-        for (file, main) in [("iq3_s", TensorType::IQ3_S), ("iq3_m", TensorType::IQ3_S), ("iq3_xs", TensorType::IQ3_S), ("iq3_xxs", TensorType::IQ3_XXS),
-            ("iq2_m", TensorType::IQ2_S), ("iq2_s", TensorType::IQ2_XS), ("iq2_xs", TensorType::IQ2_XS), ("iq2_xxs", TensorType::IQ2_XXS)] {
+        for (file, main) in [("iq3_s", GgmlType::IQ3_S), ("iq3_m", GgmlType::IQ3_S), ("iq3_xs", GgmlType::IQ3_S), ("iq3_xxs", GgmlType::IQ3_XXS),
+            ("iq2_m", GgmlType::IQ2_S), ("iq2_s", GgmlType::IQ2_XS), ("iq2_xs", GgmlType::IQ2_XS), ("iq2_xxs", GgmlType::IQ2_XXS)] {
             assert_eq!(ty(file, "blk.1.ffn_gate.weight", 4096, 1), main, "{file}");
-            assert_eq!(ty(file, "blk.9.attn_q.weight", 576, 1), TensorType::IQ4_NL, "{file}: rows of 576 are not whole 256s");
+            assert_eq!(ty(file, "blk.9.attn_q.weight", 576, 1), GgmlType::IQ4_NL, "{file}: rows of 576 are not whole 256s");
         }
         // The output: Q5_K for the 2-bit types and iq3_xxs, Q6_K for the others.
-        for (file, output) in [("iq3_s", TensorType::Q6_K), ("iq3_m", TensorType::Q6_K), ("iq3_xxs", TensorType::Q5_K), ("iq2_xxs", TensorType::Q5_K), ("iq2_m", TensorType::Q5_K)] {
+        for (file, output) in [("iq3_s", GgmlType::Q6_K), ("iq3_m", GgmlType::Q6_K), ("iq3_xxs", GgmlType::Q5_K), ("iq2_xxs", GgmlType::Q5_K), ("iq2_m", GgmlType::Q5_K)] {
             assert_eq!(ty(file, "output.weight", 4096, 1), output, "{file}");
             let tied = ExportType::parse(file).unwrap().tensor_type("token_embd.weight", &[1024, 4096], model(1, true, true));
             assert_eq!(tied, output, "{file}: a tied embedding is the output");
         }
         // An untied embedding: Q2_K (iq2_xxs, iq2_xs), IQ3_S (iq2_s, iq2_m, iq3_xxs), else the main type.
-        for (file, embedding) in [("iq2_xxs", TensorType::Q2_K), ("iq2_xs", TensorType::Q2_K), ("iq2_s", TensorType::IQ3_S), ("iq2_m", TensorType::IQ3_S), ("iq3_xxs", TensorType::IQ3_S), ("iq3_m", TensorType::IQ3_S)] {
+        for (file, embedding) in [("iq2_xxs", GgmlType::Q2_K), ("iq2_xs", GgmlType::Q2_K), ("iq2_s", GgmlType::IQ3_S), ("iq2_m", GgmlType::IQ3_S), ("iq3_xxs", GgmlType::IQ3_S), ("iq3_m", GgmlType::IQ3_S)] {
             assert_eq!(ty(file, "token_embd.weight", 4096, 1), embedding, "{file}");
         }
         // 2-bit: attn_v Q4_K when grouped, else IQ3_S (iq2_s, iq2_m) or Q2_K; the first eighth's
         // ffn_down likewise; attn_output IQ3_S for iq2_s and iq2_m.
-        assert_eq!(ty("iq2_xxs", "blk.9.attn_v.weight", 4096, 4), TensorType::Q4_K);
-        assert_eq!(ty("iq2_xxs", "blk.9.attn_v.weight", 4096, 1), TensorType::Q2_K);
-        assert_eq!(ty("iq2_m", "blk.9.attn_v.weight", 4096, 1), TensorType::IQ3_S);
-        assert_eq!(ty("iq2_xs", "blk.3.ffn_down.weight", 4096, 1), TensorType::Q2_K);
-        assert_eq!(ty("iq2_s", "blk.3.ffn_down.weight", 4096, 1), TensorType::IQ3_S);
-        assert_eq!(ty("iq2_s", "blk.4.ffn_down.weight", 4096, 1), TensorType::IQ2_XS);
-        assert_eq!(ty("iq2_s", "blk.9.attn_output.weight", 4096, 1), TensorType::IQ3_S);
-        assert_eq!(ty("iq2_xxs", "blk.9.attn_output.weight", 4096, 1), TensorType::IQ2_XXS);
-        assert_eq!(ty("iq2_xxs", "blk.9.attn_k.weight", 4096, 1), TensorType::IQ2_XXS);
+        assert_eq!(ty("iq2_xxs", "blk.9.attn_v.weight", 4096, 4), GgmlType::Q4_K);
+        assert_eq!(ty("iq2_xxs", "blk.9.attn_v.weight", 4096, 1), GgmlType::Q2_K);
+        assert_eq!(ty("iq2_m", "blk.9.attn_v.weight", 4096, 1), GgmlType::IQ3_S);
+        assert_eq!(ty("iq2_xs", "blk.3.ffn_down.weight", 4096, 1), GgmlType::Q2_K);
+        assert_eq!(ty("iq2_s", "blk.3.ffn_down.weight", 4096, 1), GgmlType::IQ3_S);
+        assert_eq!(ty("iq2_s", "blk.4.ffn_down.weight", 4096, 1), GgmlType::IQ2_XS);
+        assert_eq!(ty("iq2_s", "blk.9.attn_output.weight", 4096, 1), GgmlType::IQ3_S);
+        assert_eq!(ty("iq2_xxs", "blk.9.attn_output.weight", 4096, 1), GgmlType::IQ2_XXS);
+        assert_eq!(ty("iq2_xxs", "blk.9.attn_k.weight", 4096, 1), GgmlType::IQ2_XXS);
         // iq3_xxs: IQ2_S for attn_q/attn_k, IQ3_S for attn_output; attn_v IQ3_XXS with a matrix,
         // IQ3_S without, Q4_K when grouped; without a matrix ffn_down Q4_K/Q3_K.
-        assert_eq!(ty("iq3_xxs", "blk.9.attn_q.weight", 4096, 1), TensorType::IQ2_S);
-        assert_eq!(ty("iq3_xxs", "blk.9.attn_k.weight", 4096, 1), TensorType::IQ2_S);
-        assert_eq!(ty("iq3_xxs", "blk.9.attn_output.weight", 4096, 1), TensorType::IQ3_S);
-        assert_eq!(ty("iq3_xxs", "blk.9.attn_v.weight", 4096, 1), TensorType::IQ3_XXS);
-        assert_eq!(ty("iq3_xxs", "blk.9.attn_v.weight", 4096, 4), TensorType::Q4_K);
+        assert_eq!(ty("iq3_xxs", "blk.9.attn_q.weight", 4096, 1), GgmlType::IQ2_S);
+        assert_eq!(ty("iq3_xxs", "blk.9.attn_k.weight", 4096, 1), GgmlType::IQ2_S);
+        assert_eq!(ty("iq3_xxs", "blk.9.attn_output.weight", 4096, 1), GgmlType::IQ3_S);
+        assert_eq!(ty("iq3_xxs", "blk.9.attn_v.weight", 4096, 1), GgmlType::IQ3_XXS);
+        assert_eq!(ty("iq3_xxs", "blk.9.attn_v.weight", 4096, 4), GgmlType::Q4_K);
         let plain = |name: &str| ExportType::IQ3_XXS.tensor_type(name, &[1024, 4096], model(1, false, false));
-        assert_eq!(plain("blk.9.attn_v.weight"), TensorType::IQ3_S);
-        assert_eq!(plain("blk.3.ffn_down.weight"), TensorType::Q4_K);
-        assert_eq!(plain("blk.4.ffn_down.weight"), TensorType::Q3_K);
-        assert_eq!(ty("iq3_xxs", "blk.4.ffn_down.weight", 4096, 1), TensorType::IQ3_XXS);
+        assert_eq!(plain("blk.9.attn_v.weight"), GgmlType::IQ3_S);
+        assert_eq!(plain("blk.3.ffn_down.weight"), GgmlType::Q4_K);
+        assert_eq!(plain("blk.4.ffn_down.weight"), GgmlType::Q3_K);
+        assert_eq!(ty("iq3_xxs", "blk.4.ffn_down.weight", 4096, 1), GgmlType::IQ3_XXS);
         // iq3_xs: IQ3_XXS for attn_q/attn_k and the middle layers' ffn_gate/ffn_up.
-        assert_eq!(ty("iq3_xs", "blk.9.attn_k.weight", 4096, 1), TensorType::IQ3_XXS);
-        assert_eq!(ty("iq3_xs", "blk.4.ffn_up.weight", 4096, 1), TensorType::IQ3_XXS);
-        assert_eq!(ty("iq3_xs", "blk.3.ffn_up.weight", 4096, 1), TensorType::IQ3_S);
-        assert_eq!(ty("iq3_xs", "blk.28.ffn_gate.weight", 4096, 1), TensorType::IQ3_S);
-        assert_eq!(ty("iq3_xs", "blk.9.attn_v.weight", 4096, 4), TensorType::Q4_K);
+        assert_eq!(ty("iq3_xs", "blk.9.attn_k.weight", 4096, 1), GgmlType::IQ3_XXS);
+        assert_eq!(ty("iq3_xs", "blk.4.ffn_up.weight", 4096, 1), GgmlType::IQ3_XXS);
+        assert_eq!(ty("iq3_xs", "blk.3.ffn_up.weight", 4096, 1), GgmlType::IQ3_S);
+        assert_eq!(ty("iq3_xs", "blk.28.ffn_gate.weight", 4096, 1), GgmlType::IQ3_S);
+        assert_eq!(ty("iq3_xs", "blk.9.attn_v.weight", 4096, 4), GgmlType::Q4_K);
         // iq3_m: Q4_K for attn_v, attn_output and the first eighth's ffn_down.
-        assert_eq!(ty("iq3_m", "blk.9.attn_v.weight", 4096, 1), TensorType::Q4_K);
-        assert_eq!(ty("iq3_m", "blk.9.attn_output.weight", 4096, 1), TensorType::Q4_K);
-        assert_eq!(ty("iq3_m", "blk.3.ffn_down.weight", 4096, 1), TensorType::Q4_K);
-        assert_eq!(ty("iq3_m", "blk.4.ffn_down.weight", 4096, 1), TensorType::IQ3_S);
+        assert_eq!(ty("iq3_m", "blk.9.attn_v.weight", 4096, 1), GgmlType::Q4_K);
+        assert_eq!(ty("iq3_m", "blk.9.attn_output.weight", 4096, 1), GgmlType::Q4_K);
+        assert_eq!(ty("iq3_m", "blk.3.ffn_down.weight", 4096, 1), GgmlType::Q4_K);
+        assert_eq!(ty("iq3_m", "blk.4.ffn_down.weight", 4096, 1), GgmlType::IQ3_S);
         // What needs a matrix: the 2-bit lattice tensors and IQ3_XXS, not the embedding or output.
-        assert!(ExportType::IQ3_M.needs_importance("blk.4.attn_q.weight", TensorType::IQ2_S));
-        assert!(!ExportType::IQ3_M.needs_importance("blk.4.attn_q.weight", TensorType::IQ3_S));
-        assert!(!ExportType::IQ2_XXS.needs_importance("output.weight", TensorType::IQ2_XXS));
+        assert!(ExportType::IQ3_M.needs_importance("blk.4.attn_q.weight", GgmlType::IQ2_S));
+        assert!(!ExportType::IQ3_M.needs_importance("blk.4.attn_q.weight", GgmlType::IQ3_S));
+        assert!(!ExportType::IQ2_XXS.needs_importance("output.weight", GgmlType::IQ2_XXS));
         let required: Vec<&str> = ExportType::BY_NAME.iter().filter(|(_, t)| t.requires_importance()).map(|(name, _)| *name).collect();
         assert_eq!(required, ["q2_k_s", "iq3_xs", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s"]);
         let file_types: Vec<u32> = ["iq3_m", "iq3_s", "iq3_xs", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s"].iter().map(|t| ExportType::parse(t).unwrap().file_type()).collect();
         assert_eq!(file_types, [27, 26, 22, 23, 29, 28, 20, 19, 31, 24]);
         // 1-bit: as the 2-bit types, with IQ2_XXS for attn_output.
-        assert_eq!(ty("iq1_s", "blk.9.attn_output.weight", 4096, 1), TensorType::IQ2_XXS);
-        assert_eq!(ty("iq1_m", "blk.9.attn_q.weight", 4096, 1), TensorType::IQ1_M);
-        assert_eq!(ty("iq1_m", "blk.3.ffn_down.weight", 4096, 1), TensorType::Q2_K);
-        assert_eq!(ty("iq1_s", "token_embd.weight", 4096, 1), TensorType::Q2_K);
-        assert_eq!(ty("iq1_s", "output.weight", 4096, 1), TensorType::Q5_K);
+        assert_eq!(ty("iq1_s", "blk.9.attn_output.weight", 4096, 1), GgmlType::IQ2_XXS);
+        assert_eq!(ty("iq1_m", "blk.9.attn_q.weight", 4096, 1), GgmlType::IQ1_M);
+        assert_eq!(ty("iq1_m", "blk.3.ffn_down.weight", 4096, 1), GgmlType::Q2_K);
+        assert_eq!(ty("iq1_s", "token_embd.weight", 4096, 1), GgmlType::Q2_K);
+        assert_eq!(ty("iq1_s", "output.weight", 4096, 1), GgmlType::Q5_K);
     }
 }

@@ -112,7 +112,8 @@ impl ColumnSquares {
 /// imatrix`, the datasets, the chunks run and their size; per weight, in name order,
 /// `<name>.in_sum2` (f32, `[1, columns]`) and `<name>.counts` (f32, `[1, 1]`). Atomic.
 pub fn write_gguf(path: &Path, entries: &BTreeMap<String, ColumnSquares>, datasets: &[String], chunks: u32, chunk_size: u32) -> Result<(), LoadError> {
-    use crate::gguf_write::{MetaValue, TensorSpec, TensorType, write};
+    use crate::gguf::GgmlType;
+    use crate::gguf_write::{MetaValue, TensorSpec, write};
     let metadata = [
         ("general.type".to_string(), MetaValue::Str("imatrix".into())),
         ("imatrix.datasets".into(), MetaValue::Strs(datasets.to_vec())),
@@ -124,8 +125,8 @@ pub fn write_gguf(path: &Path, entries: &BTreeMap<String, ColumnSquares>, datase
         .iter()
         .flat_map(|(name, e)| {
             [
-                TensorSpec { name: format!("{name}.in_sum2"), shape: vec![1, e.sums.len()], ty: TensorType::F32 },
-                TensorSpec { name: format!("{name}.counts"), shape: vec![1, 1], ty: TensorType::F32 },
+                TensorSpec { name: format!("{name}.in_sum2"), shape: vec![1, e.sums.len()], ty: GgmlType::F32 },
+                TensorSpec { name: format!("{name}.counts"), shape: vec![1, 1], ty: GgmlType::F32 },
             ]
         })
         .collect();
@@ -368,7 +369,8 @@ mod tests {
 
     /// llama-imatrix's GGUF layout, written with ember's own GGUF writer.
     fn gguf_imatrix(path: &Path, keys: &[&str], entries: &[(&str, Vec<f32>, f32)]) {
-        use crate::gguf_write::{MetaValue, TensorSpec, TensorType, write};
+        use crate::gguf::GgmlType;
+    use crate::gguf_write::{MetaValue, TensorSpec, write};
         let mut metadata = vec![("general.type".to_string(), MetaValue::Str("imatrix".into()))];
         for &key in keys {
             let value = if key == "imatrix.datasets" { MetaValue::Strs(vec!["wiki.train".into()]) } else { MetaValue::U32(10) };
@@ -377,9 +379,9 @@ mod tests {
         let mut specs = Vec::new();
         let mut data = Vec::new();
         for (name, sums, count) in entries {
-            specs.push(TensorSpec { name: format!("{name}.in_sum2"), shape: vec![1, sums.len()], ty: TensorType::F32 });
+            specs.push(TensorSpec { name: format!("{name}.in_sum2"), shape: vec![1, sums.len()], ty: GgmlType::F32 });
             data.push(sums.clone());
-            specs.push(TensorSpec { name: format!("{name}.counts"), shape: vec![1, 1], ty: TensorType::F32 });
+            specs.push(TensorSpec { name: format!("{name}.counts"), shape: vec![1, 1], ty: GgmlType::F32 });
             data.push(vec![*count]);
         }
         write(path, &metadata, &specs, None, |i| Ok(data[i].clone())).unwrap();

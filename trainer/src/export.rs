@@ -11,7 +11,8 @@ use ember_adapters::lora::peft::PeftBranches;
 use ember_adapters::{AdapterFolder, Method};
 use ember_models::family::{KeyLayout, Role, check_checkpoint, expected_tensors};
 use ember_models::gguf::GgufArch;
-use ember_models::gguf_write::{self, ExportType, MetaValue, QuantizeModel, TensorSpec, TensorType};
+use ember_models::gguf::GgmlType;
+use ember_models::gguf_write::{self, ExportType, MetaValue, QuantizeModel, TensorSpec};
 use ember_models::imatrix::ImportanceMatrix;
 use ember_models::{Checkpoint, LoadDtype, LoadError, ModelConfig};
 
@@ -83,7 +84,7 @@ pub fn export_gguf(
     let mut plan: Vec<(Option<String>, TensorSpec, Option<usize>)> = Vec::new();
     let rope_divisors = config.rope.scaling.as_ref().and_then(|s| s.llama3_divisors(config.rope.theta, config.rope.rotary_dim));
     if let Some(divisors) = &rope_divisors {
-        plan.push((None, TensorSpec { name: "rope_freqs.weight".into(), shape: vec![divisors.len()], ty: TensorType::F32 }, None));
+        plan.push((None, TensorSpec { name: "rope_freqs.weight".into(), shape: vec![divisors.len()], ty: GgmlType::F32 }, None));
     }
     // Every tensor but RoPE's inverse frequencies (ChatGLM's `rotary_pos_emb.inv_freq`, old
     // LLaMA checkpoints'), which ember and llama.cpp compute from the config.
@@ -97,7 +98,7 @@ pub fn export_gguf(
             (Some(merge), true) => merge.output_shape(key, shape),
             _ => shape.to_vec(),
         };
-        plan.push((Some(key.to_string()), TensorSpec { ty: TensorType::F32, name, shape }, permute_heads(role, &config, arch)));
+        plan.push((Some(key.to_string()), TensorSpec { ty: GgmlType::F32, name, shape }, permute_heads(role, &config, arch)));
     }
     // Types once every name is known: Q4_K_M treats a tied embedding as the output.
     let model = QuantizeModel::of(&config, arch, !plan.iter().any(|(_, spec, _)| spec.name == "output.weight"), importance.is_some());
@@ -160,7 +161,7 @@ fn gguf_order(name: &str) -> (usize, usize, String) {
 /// A PEFT LoRA adapter of `base_dir` as llama.cpp's LoRA GGUF (`llama-cli --lora`): per adapted
 /// weight `<tensor>.lora_a` `[r, in]` and `<tensor>.lora_b` `[out, r]` (q/k rows of B in
 /// llama.cpp's order), and `adapter.lora.alpha`, from which llama.cpp scales by alpha / r.
-pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: TensorType) -> Result<ExportSummary, MergeError> {
+pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: GgmlType) -> Result<ExportSummary, MergeError> {
     let device = Device::flex();
     let config = ModelConfig::from_dir(base_dir)?;
     let arch = GgufArch::of(&config);
