@@ -12,7 +12,9 @@
 # REFERENCE_PYTHON and the shared tokenizers, EMBER_TOKENIZERS); (l) ember's 24 quantized types
 # against llama.cpp's quantizer, byte for byte, without and with an importance matrix (q2_k_s, iq3_xs,
 # iq3_xxs and the iq2/iq1 types only with one, as llama-quantize); (m) `ember
-# imatrix` against llama.cpp's llama-imatrix (built from the same source with cmake).
+# imatrix` against llama.cpp's llama-imatrix (built from the same source with cmake); (n) SmolLM2
+# as llama.cpp's converter writes a ModelOpt NVFP4 checkpoint (NVFP4 projections with tensor
+# scales, an MXFP4 ffn_down): ember's import against gguf-py's, and (f) on that file.
 #
 #   scripts/verify-llamacpp.sh [work dir]      (default target/llamacpp)
 #
@@ -41,8 +43,9 @@ if [ ! -x "$work/venv/bin/python" ] || ! "$work/venv/bin/python" -c "import llam
   echo "llama.cpp (llama-cpp-python $version) built in $(( $(date +%s) - start ))s"
 fi
 
-# numpy for the checks, pyyaml for llama.cpp's gguf-py, cmake and ninja for llama-imatrix
-"$work/venv/bin/pip" install -q numpy pyyaml cmake ninja
+# numpy for the checks, pyyaml for llama.cpp's gguf-py, safetensors for the fixtures' generator
+# (n), cmake and ninja for llama-imatrix
+"$work/venv/bin/pip" install -q numpy pyyaml safetensors cmake ninja
 tools="$work/build-tools"
 if [ ! -x "$tools/bin/llama-imatrix" ]; then
   start=$(date +%s)

@@ -420,6 +420,9 @@ def main():
                           f"ember import equals gguf-py's dequantization for {same} of {len(pairs)} tensors ({len(reader.tensors)} in the file)")
         report.append(train_on_gguf(ember, recipe, work, ty, path, data50, examples, "g" if ty in quantizer else "f"))
 
+    # (n) an NVFP4 checkpoint as llama.cpp's converter writes one, with an MXFP4 ffn_down.
+    report.extend(verify_fp4(ember, recipe, work, data50, examples))
+
     # (h) Qwen2 through llama.cpp's qwen2 architecture; (i) Llama 3.1's RoPE scaling.
     for part, kind, what, repeat in (("h", "qwen2", "Qwen2 as llama.cpp's qwen2", 1), ("i", "llama3", "LLaMA with Llama 3.1 RoPE scaling (rope_freqs)", 8)):
         if not args.reference_python:
@@ -505,7 +508,7 @@ def train_on_gguf(ember, recipe, work, ty, path, data50, examples, part):
             same = theirs == [t for t in ours["answer_ids"] if t != llm.token_eos()]
             equal += same
             worst = max(worst, float(np.abs(last - np.array(ours["last_logits"], dtype=np.float32)).max()))
-            print(f"(f) {ty} adapter {with_adapter} {prompt!r}: ember {text!r} | llama.cpp {llm.detokenize(theirs).decode(errors='replace')!r} | same ids: {same}")
+            print(f"({part}) {ty} adapter {with_adapter} {prompt!r}: ember {text!r} | llama.cpp {llm.detokenize(theirs).decode(errors='replace')!r} | same ids: {same}")
         extra = ["--adapter", adapter] if with_adapter else []
         ours_eval = json.loads(run([ember, "eval", "--base", path, *extra, "--data", data50, "--template", "alpaca", "--cutoff-len", "256"]).strip().splitlines()[-1])
         ours_ppl = ours_eval["adapter" if with_adapter else "base"]["perplexity"]
@@ -515,6 +518,63 @@ def train_on_gguf(ember, recipe, work, ty, path, data50, examples, part):
     return (f"({part}) {ty} GGUF as the base, LoRA trained by ember on its blocks: perplexity (50 records) ember {b_ours:.4f} -> {a_ours:.4f} with the adapter, "
             f"llama.cpp --lora {b_theirs:.4f} -> {a_theirs:.4f}; greedy answers equal {a_eq}/{len(PROMPTS)} with the adapter, {b_eq}/{len(PROMPTS)} without; "
             f"last-position logits max |diff| {a_worst:.3f} with, {b_worst:.3f} without")
+
+
+def fp4_smollm2(work):
+    """SmolLM2 (its f32 GGUF in `work`) as llama.cpp's converter writes a ModelOpt NVFP4 checkpoint:
+    attention and gate/up projections NVFP4 with their per-tensor `.scale` and `.input_scale`,
+    ffn_down MXFP4 (gguf-py's quantizer), the rest as in the f32 file."""
+    import gguf
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    from generate_ggml_quants import copy_field, nvfp4_blocks
+    source = gguf.GGUFReader(os.path.join(work, "smollm2-f32.gguf"))
+    path = os.path.join(work, "smollm2-nvfp4.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    for field in source.fields.values():
+        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
+            copy_field(writer, field)
+    for t in source.tensors:
+        values = np.array(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+        stem, kind = t.name.rsplit(".", 1)[0], t.name.split(".")[-2] if t.name.startswith("blk.") else ""
+        if kind == "ffn_down":
+            writer.add_tensor(t.name, gguf.quants.quantize(values, gguf.GGMLQuantizationType.MXFP4), raw_dtype=gguf.GGMLQuantizationType.MXFP4)
+        elif kind in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"):
+            blocks, tensor_scale = nvfp4_blocks(values)
+            writer.add_tensor(t.name, blocks, raw_dtype=gguf.GGMLQuantizationType.NVFP4)
+            writer.add_tensor(f"{stem}.scale", np.array([tensor_scale], dtype=np.float32))
+            writer.add_tensor(f"{stem}.input_scale", np.array([1.0], dtype=np.float32))
+        else:
+            writer.add_tensor(t.name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def verify_fp4(ember, recipe, work, data50, examples):
+    """(n): SmolLM2 as an NVFP4 checkpoint: ember's import equals gguf-py's dequantization times
+    the tensor scale (to rounding: ember folds the scale into each sub-block's), and a LoRA trained on
+    its blocks runs in llama.cpp (`train_on_gguf`)."""
+    import gguf
+    path = fp4_smollm2(work)
+    back = os.path.join(work, "imported-nvfp4")
+    run([ember, "import", "gguf", path, "--out", back])
+    imported = safetensors_read(os.path.join(back, "model.safetensors"))
+    reader = gguf.GGUFReader(path)
+    scales = {t.name.rsplit(".", 1)[0]: float(t.data[0]) for t in reader.tensors if t.name.endswith(".scale")}
+    worst, compared = 0.0, 0
+    for t in reader.tensors:
+        if t.tensor_type.name not in ("NVFP4", "MXFP4"):
+            continue
+        ours = next(imported[name] for name in imported if gguf_name_matches(t.name, name))
+        theirs = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32) * np.float32(scales.get(t.name.rsplit(".", 1)[0], 1.0))
+        # Sorted per tensor, as in (g): the import undoes llama.cpp's q/k row order.
+        diff = np.abs(np.sort(ours.ravel()) - np.sort(theirs.ravel())) / (np.abs(theirs).max() or 1.0)
+        worst, compared = max(worst, float(diff.max())), compared + 1
+    line = (f"(n) SmolLM2 as an NVFP4 checkpoint (NVFP4 projections with tensor scales, MXFP4 ffn_down; {os.path.getsize(path) / 1e6:.0f} MB): "
+            f"ember's import of {compared} FP4 tensors equals gguf-py's dequantization times the scale within {worst:.1e} of each tensor's largest value")
+    return [line, train_on_gguf(ember, recipe, work, "nvfp4", path, data50, examples, "n")]
 
 
 def wide_tiny_llama(ember, work):

@@ -20,7 +20,7 @@ pub fn gguf(file: &Path, out: &Path) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     if !summary.skipped.is_empty() {
-        println!("not converted (recomputed from config): {}", summary.skipped.join(", "));
+        println!("not converted (llama.cpp's own: RoPE factors, recomputed from the config; activation scales): {}", summary.skipped.join(", "));
     }
     Ok(())
 }

@@ -129,10 +129,33 @@ fn what_ember_cannot_train_on_is_one_error_line() {
     assert_bad_input(&output, &["tiny-q4_0.gguf", "ember import gguf", "gguf-lora"]);
     assert!(!dir.path().join("merged").exists());
 
-    // A type ember does not read (MXFP4, type 39) names the type and the tensor.
-    set_tensor_type(&gguf, "blk.0.ffn_down.weight", 39);
+    // A type ember does not read (Q8_K, type 15: llama.cpp's intermediate for dot products)
+    // names the type and the tensor.
+    set_tensor_type(&gguf, "blk.0.ffn_down.weight", 15);
     let output = train(&gguf, &dir.path().join("run-k"), &[]);
-    assert_bad_input(&output, &["blk.0.ffn_down.weight", "MXFP4"]);
+    assert_bad_input(&output, &["blk.0.ffn_down.weight", "Q8_K"]);
+
+    // A per-tensor scale belongs to NVFP4 weights only: on MXFP4's it is refused, by name.
+    let fp4 = dir.path().join("fp4.gguf");
+    std::fs::copy(repository().join("tests/fixtures/ggml_quants/tiny_llama_fp4.gguf"), &fp4).unwrap();
+    set_tensor_type(&fp4, "blk.0.attn_q.weight", 39);
+    let output = train(&fp4, &dir.path().join("run-scale"), &[]);
+    assert_bad_input(&output, &["blk.0.attn_q.scale", "MXFP4"]);
+}
+
+/// A ModelOpt NVFP4 checkpoint as llama.cpp's converter writes it (NVFP4 projections with their
+/// per-tensor `.scale`, an MXFP4 ffn_down): kept in its blocks at the file's size, and training
+/// on it equals training on its import.
+#[test]
+fn training_on_fp4_types_equals_training_on_their_dequantized_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = repository().join("tests/fixtures/ggml_quants/tiny_llama_fp4.gguf");
+    let file = ember_models::gguf::GgufFile::open(&gguf).unwrap();
+    assert_eq!(file.tensor("blk.0.attn_q.weight").unwrap().ggml_type, GgmlType::NVFP4);
+    assert_eq!(file.tensor("blk.0.ffn_down.weight").unwrap().ggml_type, GgmlType::MXFP4);
+    let per_value = file.projection_bytes_per_value(4.0).unwrap();
+    assert!((0.53..0.57).contains(&per_value), "{per_value}");
+    assert_blocks_train_as_their_import(dir.path(), &gguf);
 }
 
 /// The lattice types (IQ3_S here, with Q4_K and Q6_K beside it in an IQ3_M file) are kept as

@@ -1,6 +1,6 @@
 //! A frozen weight kept in a GGUF file's quantized blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K,
 //! Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, the lattice types IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS,
-//! IQ2_S, IQ1_S, IQ1_M, and Q1_0, Q2_0, TQ1_0, TQ2_0), so that a model is fine-tuned on the very file llama.cpp runs: the blocks' bits
+//! IQ2_S, IQ1_S, IQ1_M, Q1_0, Q2_0, TQ1_0, TQ2_0, MXFP4 and NVFP4), so that a model is fine-tuned on the very file llama.cpp runs: the blocks' bits
 //! are split into a plane of codes and planes of scales (and minimums), and dequantized a band of
 //! rows at a time in the forward pass, each value as ggml computes it.
 //!
@@ -27,6 +27,10 @@
 //!   `(d·sc)·code_value(q)`, exact in f32 and so ggml's value bit for bit.
 //! - Q1_0 (128), Q2_0 (64), TQ1_0 and TQ2_0 (256; `crate::ggml_encode::low_bit`): a sign or a
 //!   code `q` (TQ1_0's trits unpacked from base 3) and an f16 `d`; value `±d` or `(q − 1)·d`.
+//! - MXFP4 (32): an E8M0 exponent byte, then nibbles as Q4_0; NVFP4 (64): four UE4M3 scale bytes,
+//!   then per 16 values nibbles as Q4_0's; value `kvalues_mxfp4[q]·scale/2`. NVFP4's per-tensor
+//!   scale (the file's `.scale`, which llama.cpp multiplies the product by) is folded into each
+//!   scale byte's value. They keep only their scale bytes, no f16 `d`.
 //!
 //! In memory, 1-bit codes keep eight a byte and 2-bit codes (and trits) four (in value order), 3- and 4-bit codes two (the first
 //! half of each scale's group in the low nibbles, as Q4_0), 8-bit codes one. 5- and 6-bit codes
@@ -34,8 +38,8 @@
 //! four pairs of fifth and sixth bits) a byte in value order: byte-table lookups make any of them
 //! dense, and a code's two parts add up exactly before the scale. With their scales, Q2_K then
 //! holds 0.39 bytes a value, Q3_K 0.57, IQ4_XS 0.54, Q5_0 0.69, Q5_K 0.70 and Q6_K 0.82 (as the
-//! file); the lattice types 0.54 (IQ3_XXS, IQ3_S, IQ2_XXS, IQ1_S) or 0.57 (IQ2_XS, IQ2_S, IQ1_M),
-//! against their files' 0.43 (IQ3_S) to 0.20 (IQ1_S).
+//! file), MXFP4 0.53 and NVFP4 0.56 (as the file); the lattice types 0.54 (IQ3_XXS, IQ3_S, IQ2_XXS,
+//! IQ1_S) or 0.57 (IQ2_XS, IQ2_S, IQ1_M), against their files' 0.43 (IQ3_S) to 0.20 (IQ1_S).
 
 use std::ops::Range;
 
@@ -45,7 +49,7 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use crate::fused::kernels::Packing;
 use crate::fused::PackedBand;
 use crate::ggml_encode::lattice;
-use crate::gguf::{block_codes, code_value, iq4_xs_scale, k_scale_min, q3_k_scale, GgmlType, GgufFile, HfTensor, unpermute_rows};
+use crate::gguf::{block_codes, code_value, e8m0_half, iq4_xs_scale, ue4m3_half, k_scale_min, q3_k_scale, GgmlType, GgufFile, HfTensor, unpermute_rows};
 use crate::nf4::{lookup_bytes, u8_tensor};
 use crate::LoadError;
 
@@ -58,17 +62,22 @@ pub struct GgmlWeight {
     /// 5- and 6-bit codes: the bits above the fourth, in value order, eight (Q5) or four (Q6_K)
     /// codes' worth a byte.
     pub high_bits: Option<Tensor<1, Int>>,
-    /// One f16 `d` per block (of 32 values, or a K-quant's 256).
-    pub scales: Tensor<1>,
+    /// One f16 `d` per block (of 32 values, or a K-quant's 256); none for MXFP4 and NVFP4, whose
+    /// scales are all in `sub_scales`.
+    pub scales: Option<Tensor<1>>,
     /// The f16 minimum per block: `m` (Q4_1, Q5_1) or `dmin` (Q2_K, Q4_K, Q5_K).
     pub mins: Option<Tensor<1>>,
-    /// K-quants: each sub-block's scale as a byte (Q3_K's and Q6_K's are i8).
+    /// K-quants: each sub-block's scale as a byte (Q3_K's and Q6_K's are i8); MXFP4's E8M0
+    /// exponents and NVFP4's UE4M3 scales, a byte per 32 or 16 values.
     pub sub_scales: Option<Tensor<1, Int>>,
     /// Q2_K, Q4_K and Q5_K: each sub-block's minimum.
     pub sub_mins: Option<Tensor<1, Int>>,
     pub shape: [usize; 2],
     #[module(skip)]
     pub kind: GgmlType,
+    /// NVFP4's per-tensor scale (the file's `.scale` tensor), folded into each sub-block's scale.
+    #[module(skip)]
+    pub tensor_scale: Option<f32>,
 }
 
 /// How ember keeps a type's blocks.
@@ -83,6 +92,8 @@ struct Layout {
     mins: bool,
     /// Bits of a code kept in the high plane: 1 (Q5), 2 (Q6_K) or none.
     high_bits: usize,
+    /// An f16 `d` per block; MXFP4 and NVFP4 have only a scale byte per group.
+    block_scales: bool,
 }
 
 impl Layout {
@@ -104,13 +115,17 @@ impl Layout {
             GgmlType::Q2_0 => (64, 64, 4, false, 0),
             GgmlType::TQ1_0 | GgmlType::TQ2_0 => (256, 256, 4, false, 0),
             kind if kind.lattice().is_some() => (256, lattice::sub_block(kind), 2, false, 0),
+            GgmlType::MXFP4 => (32, 32, 2, false, 0),
+            GgmlType::NVFP4 => (64, 16, 2, false, 0),
             other => unreachable!("{other:?} blocks are read only when GgmlWeight::reads them"),
         };
-        Self { block, group, per_byte, mins, high_bits }
+        let block_scales = !matches!(kind, GgmlType::MXFP4 | GgmlType::NVFP4);
+        Self { block, group, per_byte, mins, high_bits, block_scales }
     }
 
+    /// Whether each group has a scale byte of its own.
     fn sub_blocks(&self) -> bool {
-        self.block != self.group
+        self.block != self.group || !self.block_scales
     }
 
     /// Bytes of codes per group.
@@ -222,6 +237,8 @@ impl Planes {
                 self.scales.push(half_at(0));
             }
             GgmlType::TQ1_0 | GgmlType::TQ2_0 => self.scales.push(half_at(b.len() - 2)),
+            GgmlType::MXFP4 => self.sub_scales.push(b[0]),
+            GgmlType::NVFP4 => self.sub_scales.extend_from_slice(&b[..4]),
             _ => {
                 self.scales.push(half_at(0));
                 if layout.mins {
@@ -250,7 +267,7 @@ impl GgmlWeight {
         let layout = Layout::of(kind);
         let code = 1.0 / layout.per_byte as f64 + layout.high_bits as f64 / 8.0;
         let f16s = if layout.mins { 2.0 } else { 1.0 };
-        let per_block = 2.0 * f16s / layout.block as f64;
+        let per_block = if layout.block_scales { 2.0 * f16s / layout.block as f64 } else { 0.0 };
         // A K-quant sub-block's scale byte (and minimum byte).
         let per_group = if layout.sub_blocks() { f16s / layout.group as f64 } else { 0.0 };
         code + per_block + per_group
@@ -261,7 +278,7 @@ impl GgmlWeight {
         let &[out, inp] = hf.tensor.shape.as_slice() else {
             return Err(LoadError::Invalid { path: file.metadata.path.clone(), reason: format!("GGUF tensor '{}' is not a matrix", hf.tensor.name) });
         };
-        Ok(Self::from_blocks(hf.tensor.ggml_type, file.data(hf.tensor), [out, inp], hf.unpermute_heads, device))
+        Ok(Self { tensor_scale: hf.scale, ..Self::from_blocks(hf.tensor.ggml_type, file.data(hf.tensor), [out, inp], hf.unpermute_heads, device) })
     }
 
     /// `bytes`, ggml blocks of `kind` holding a `[out, in]` weight (checked by the GGUF reader),
@@ -289,12 +306,13 @@ impl GgmlWeight {
         Self {
             codes: u8_tensor(planes.codes, device),
             high_bits: bytes(planes.high_bits),
-            scales: f16_tensor(planes.scales, device),
+            scales: (!planes.scales.is_empty()).then(|| f16_tensor(planes.scales, device)),
             mins: (!planes.mins.is_empty()).then(|| f16_tensor(planes.mins, device)),
             sub_scales: bytes(planes.sub_scales),
             sub_mins: bytes(planes.sub_mins),
             shape: [out, inp],
             kind,
+            tensor_scale: None,
         }
     }
 
@@ -316,17 +334,21 @@ impl GgmlWeight {
         let (table, packing) = (layout.table(self.kind), layout.packing());
         let high = self.high_bits.as_ref().map(|h| h.clone().slice(groups.start * layout.high_bytes()..groups.end * layout.high_bytes()));
         let per_block = |t: &Tensor<1>| t.clone().slice(blocks.clone()).cast(DType::F32);
-        let (mut scales, mut mins) = (per_block(&self.scales), self.mins.as_ref().map(per_block));
-        if let Some(sub_scales) = &self.sub_scales {
-            // K-quants: `d·sc` and `−dmin·m` per sub-block, each product in f32 as ggml's.
-            let spread = |t: Tensor<1>| t.reshape([blocks.len(), 1]).repeat_dim(1, layout.block / layout.group).reshape([groups.len()]);
-            let sub = |t: &Tensor<1, Int>, signed: bool| {
-                let table = (0..=255u8).map(|b| if signed { b as i8 as f32 } else { b as f32 }).collect();
-                lookup_bytes(&t.clone().slice(groups.clone()), table).reshape([groups.len()])
-            };
-            scales = spread(scales) * sub(sub_scales, matches!(self.kind, GgmlType::Q3_K | GgmlType::Q6_K | GgmlType::IQ4_XS));
-            mins = mins.zip(self.sub_mins.as_ref()).map(|(dmin, m)| (spread(dmin) * sub(m, false)).neg());
-        }
+        let mut mins = self.mins.as_ref().map(per_block);
+        let scales = match &self.sub_scales {
+            Some(sub_scales) => {
+                // K-quants: `d·sc` and `−dmin·m` per sub-block, each product in f32 as ggml's.
+                let spread = |t: Tensor<1>| t.reshape([blocks.len(), 1]).repeat_dim(1, layout.block / layout.group).reshape([groups.len()]);
+                let sub = |t: &Tensor<1, Int>, table: Vec<f32>| lookup_bytes(&t.clone().slice(groups.clone()), table).reshape([groups.len()]);
+                mins = mins.zip(self.sub_mins.as_ref()).map(|(dmin, m)| (spread(dmin) * sub(m, byte_values(|b| b as f32))).neg());
+                let sub_scales = sub(sub_scales, self.sub_scale_table());
+                match &self.scales {
+                    Some(d) => spread(per_block(d)) * sub_scales,
+                    None => sub_scales,
+                }
+            }
+            None => per_block(self.scales.as_ref().expect("a type without sub-block scales has block scales")),
+        };
         let band = PackedBand { bytes: &codes, table: &table, high: high.as_ref().map(|h| (h, layout.high_bits)), scales: &scales, mins: mins.as_ref(), shape, packing };
         if let Some(values) = crate::fused::lookup_and_scale(&band, dtype) {
             return values;
@@ -348,6 +370,21 @@ impl GgmlWeight {
         };
         values.reshape(shape).cast(dtype)
     }
+
+    /// What each byte of `sub_scales` stands for.
+    fn sub_scale_table(&self) -> Vec<f32> {
+        match self.kind {
+            GgmlType::Q3_K | GgmlType::Q6_K | GgmlType::IQ4_XS => byte_values(|b| b as i8 as f32),
+            GgmlType::MXFP4 => byte_values(e8m0_half),
+            GgmlType::NVFP4 => byte_values(|b| ue4m3_half(b) * self.tensor_scale.unwrap_or(1.0)),
+            _ => byte_values(|b| b as f32),
+        }
+    }
+}
+
+/// `value` of every byte, for a 256-row lookup.
+fn byte_values(value: impl Fn(u8) -> f32) -> Vec<f32> {
+    (0..=255u8).map(value).collect()
 }
 
 fn f16_tensor(values: Vec<half::f16>, device: &Device) -> Tensor<1> {
@@ -358,7 +395,7 @@ fn f16_tensor(values: Vec<half::f16>, device: &Device) -> Tensor<1> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::dequantize;
+    use crate::gguf::dequantize_scaled;
 
     /// Blocks of every type with varied scales, minimums and codes, dequantized on the device,
     /// equal the GGUF reader's host dequantization (ggml's formulas) bit for bit, also with q/k
@@ -405,11 +442,15 @@ mod tests {
             GgmlType::Q2_0,
             GgmlType::TQ1_0,
             GgmlType::TQ2_0,
+            GgmlType::MXFP4,
+            GgmlType::NVFP4,
         ] {
             let bytes = blocks(kind, out * inp);
-            let host = dequantize(kind, &bytes);
+            // NVFP4 also with a per-tensor scale, folded into its sub-block scales.
+            let tensor_scale = (kind == GgmlType::NVFP4).then_some(0.0137);
+            let host = dequantize_scaled(kind, &bytes, tensor_scale);
             for heads in [None, Some(2)] {
-                let weight = GgmlWeight::from_blocks(kind, &bytes, [out, inp], heads, device);
+                let weight = GgmlWeight { tensor_scale, ..GgmlWeight::from_blocks(kind, &bytes, [out, inp], heads, device) };
                 let expected = match heads {
                     Some(h) => unpermute_rows(&host, out, inp, h),
                     None => host.clone(),
@@ -429,7 +470,7 @@ mod tests {
     fn blocks(kind: GgmlType, values: usize) -> Vec<u8> {
         let (per_block, block_bytes) = (kind.block().0 as usize, kind.block_bytes());
         let halves: &[usize] = match kind {
-            GgmlType::IQ1_M => &[],
+            GgmlType::IQ1_M | GgmlType::MXFP4 | GgmlType::NVFP4 => &[],
             GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS | GgmlType::Q1_0 | GgmlType::Q2_0 => &[0],
             GgmlType::TQ1_0 => &[52],
             GgmlType::TQ2_0 => &[64],
@@ -478,5 +519,8 @@ mod tests {
         assert_eq!(GgmlWeight::bytes_per_value(GgmlType::Q2_0), GgmlType::Q2_0.block_bytes() as f64 / 64.0);
         assert_eq!(GgmlWeight::bytes_per_value(GgmlType::TQ2_0), GgmlType::TQ2_0.block_bytes() as f64 / 256.0);
         assert_eq!(GgmlWeight::bytes_per_value(GgmlType::TQ1_0), 0.25 + 2.0 / 256.0);
+        // MXFP4 and NVFP4 as their files: codes two a byte, an 8-bit scale per 32 or 16 values.
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::MXFP4), GgmlType::MXFP4.block_bytes() as f64 / 32.0);
+        assert_eq!(GgmlWeight::bytes_per_value(GgmlType::NVFP4), GgmlType::NVFP4.block_bytes() as f64 / 64.0);
     }
 }

@@ -56,16 +56,18 @@ pub enum GgmlType {
     TQ2_0,
     Q1_0,
     Q2_0,
+    MXFP4,
+    NVFP4,
 }
 
 impl GgmlType {
     /// Every type with its ggml id (ggml.h's `ggml_type`): the one table readers and writers share.
-    const IDS: [(Self, u32); 26] = [
+    const IDS: [(Self, u32); 28] = [
         (Self::F32, 0), (Self::F16, 1), (Self::Q4_0, 2), (Self::Q4_1, 3), (Self::Q5_0, 6), (Self::Q5_1, 7),
         (Self::Q8_0, 8), (Self::Q2_K, 10), (Self::Q3_K, 11), (Self::Q4_K, 12), (Self::Q5_K, 13),
         (Self::Q6_K, 14), (Self::IQ2_XXS, 16), (Self::IQ2_XS, 17), (Self::IQ3_XXS, 18), (Self::IQ1_S, 19),
         (Self::IQ4_NL, 20), (Self::IQ3_S, 21), (Self::IQ2_S, 22), (Self::IQ4_XS, 23), (Self::IQ1_M, 29),
-        (Self::BF16, 30), (Self::TQ1_0, 34), (Self::TQ2_0, 35), (Self::Q1_0, 41), (Self::Q2_0, 42),
+        (Self::BF16, 30), (Self::TQ1_0, 34), (Self::TQ2_0, 35), (Self::MXFP4, 39), (Self::NVFP4, 40), (Self::Q1_0, 41), (Self::Q2_0, 42),
     ];
 
     fn from_id(id: u32) -> Option<Self> {
@@ -116,6 +118,8 @@ impl GgmlType {
             Self::TQ2_0 => (256, 66),
             Self::Q1_0 => (128, 18),
             Self::Q2_0 => (64, 18),
+            Self::MXFP4 => (32, 17),
+            Self::NVFP4 => (64, 36),
         }
     }
 
@@ -403,6 +407,13 @@ fn half_at(bytes: &[u8], i: usize) -> f32 {
 /// Dequantizes ggml blocks, each value as ggml-quants.c's `dequantize_row_*` computes it (the
 /// same f32 operations in the same order), so that the device path can be checked bit for bit.
 pub(crate) fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
+    dequantize_scaled(kind, bytes, None)
+}
+
+/// [`dequantize`] of an NVFP4 weight with the per-tensor scale of llama.cpp's `.scale` tensor
+/// (ModelOpt's `weight_scale_2`). llama.cpp multiplies the product by it; ember folds it into
+/// each sub-block's scale, `kv·(d·s)`, as its packed weight does, so the two agree bit for bit.
+pub(crate) fn dequantize_scaled(kind: GgmlType, bytes: &[u8], tensor_scale: Option<f32>) -> Vec<f32> {
     match kind {
         GgmlType::F32 => return bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
         GgmlType::F16 => return bytes.chunks_exact(2).map(|c| half_at(c, 0)).collect(),
@@ -460,6 +471,15 @@ pub(crate) fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
                 }
             }
             GgmlType::Q4_1 | GgmlType::Q5_1 => out.extend(q.iter().map(|&c| value(c) * half_at(b, 0) + half_at(b, 2))),
+            // MXFP4: one E8M0 exponent a block; NVFP4: a UE4M3 scale per 16 values, times the
+            // tensor's scale if it has one.
+            GgmlType::MXFP4 => out.extend(q.iter().map(|&c| value(c) * e8m0_half(b[0]))),
+            GgmlType::NVFP4 => {
+                for (sub, codes) in q.chunks_exact(16).enumerate() {
+                    let d = ue4m3_half(b[sub]) * tensor_scale.unwrap_or(1.0);
+                    out.extend(codes.iter().map(|&c| value(c) * d));
+                }
+            }
             // The ternary types keep `d` after their codes.
             GgmlType::TQ1_0 | GgmlType::TQ2_0 => out.extend(q.iter().map(|&c| value(c) * half_at(b, b.len() - 2))),
             // Q8_0, Q4_0, Q5_0, IQ4_NL, Q1_0, Q2_0. ggml: Q4_0 is (q − 8)·d, not q·d − 8d, which rounds differently.
@@ -478,6 +498,7 @@ pub(crate) fn code_value(kind: GgmlType, code: u8) -> f32 {
         GgmlType::Q3_K => (code as i32 - 4) as f32,
         GgmlType::Q6_K => (code as i32 - 32) as f32,
         GgmlType::IQ4_NL | GgmlType::IQ4_XS => IQ4_VALUES[code as usize] as f32,
+        GgmlType::MXFP4 | GgmlType::NVFP4 => FP4_VALUES[code as usize] as f32,
         GgmlType::Q1_0 => if code == 0 { -1.0 } else { 1.0 },
         GgmlType::Q2_0 | GgmlType::TQ1_0 | GgmlType::TQ2_0 => (code as i32 - 1) as f32,
         kind if kind.lattice().is_some() => lattice::code_value(kind, code),
@@ -490,15 +511,18 @@ pub(crate) fn code_value(kind: GgmlType, code: u8) -> f32 {
 pub(crate) fn block_codes(kind: GgmlType, b: &[u8], out: &mut Vec<u8>) {
     match kind {
         GgmlType::Q8_0 => out.extend_from_slice(&b[2..]),
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::IQ4_NL | GgmlType::IQ4_XS => {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::IQ4_NL | GgmlType::IQ4_XS | GgmlType::MXFP4 | GgmlType::NVFP4 => {
             // Per 32 values, element j in the low nibble of byte j, element j + 16 in its high
-            // nibble (IQ4_XS: eight such runs after its scales).
-            let qs = &b[match kind {
-                GgmlType::Q4_1 => 4,
-                GgmlType::IQ4_XS => 8,
-                _ => 2,
-            }..];
-            for run in qs.chunks_exact(16) {
+            // nibble (IQ4_XS: eight such runs after its scales; NVFP4: per 16 values, after
+            // its four scales).
+            let (qs, run) = match kind {
+                GgmlType::Q4_1 => (&b[4..], 16),
+                GgmlType::IQ4_XS => (&b[8..], 16),
+                GgmlType::MXFP4 => (&b[1..], 16),
+                GgmlType::NVFP4 => (&b[4..], 8),
+                _ => (&b[2..], 16),
+            };
+            for run in qs.chunks_exact(run) {
                 out.extend(run.iter().map(|&q| q & 0x0f));
                 out.extend(run.iter().map(|&q| q >> 4));
             }
@@ -567,6 +591,27 @@ pub(crate) fn block_codes(kind: GgmlType, b: &[u8], out: &mut Vec<u8>) {
             unreachable!("{kind:?} holds grid indices, not codes")
         }
     }
+}
+
+/// MXFP4's and NVFP4's code values (ggml-common.h's `kvalues_mxfp4`): E2M1 numbers doubled, their
+/// scales halved to match.
+pub(crate) const FP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// An MXFP4 block's E8M0 exponent as a scale, halved (ggml's `ggml_e8m0_to_fp32_half`): `2^(e−128)`,
+/// the two smallest as f32 subnormals.
+pub(crate) fn e8m0_half(e: u8) -> f32 {
+    f32::from_bits(if e < 2 { 0x0020_0000 << e } else { (e as u32 - 1) << 23 })
+}
+
+/// An NVFP4 sub-block's unsigned E4M3 scale, halved (ggml's `ggml_ue4m3_to_fp32`): 0 and 0x7F
+/// (NaN in E4M3) are 0.
+pub(crate) fn ue4m3_half(x: u8) -> f32 {
+    if x == 0 || x == 0x7f {
+        return 0.0;
+    }
+    let (exp, man) = ((x >> 3 & 0x0f) as i32, (x & 7) as f32);
+    let raw = if exp == 0 { man * 2f32.powi(-9) } else { (1.0 + man / 8.0) * 2f32.powi(exp - 7) };
+    raw * 0.5
 }
 
 /// IQ4_NL's and IQ4_XS's code values (ggml-common.h's `kvalues_iq4nl`): a non-linear 4-bit grid.
@@ -690,6 +735,8 @@ pub struct HfTensor<'a> {
     pub tensor: &'a GgufTensor,
     /// llama.cpp stores q/k rows permuted for its RoPE pairing; HF's rotate_half wants them back.
     pub unpermute_heads: Option<usize>,
+    /// An NVFP4 projection's per-tensor scale (its `.scale` tensor).
+    pub scale: Option<f32>,
 }
 
 impl GgufFile {
@@ -755,7 +802,13 @@ impl GgufFile {
         let mut named = Vec::new();
         let mut skipped = Vec::new();
         for tensor in &self.tensors {
-            let Some((name, role)) = hf_name(keys, &tensor.name) else {
+            // A weight's `.scale` goes with the weight; its activation scale (ModelOpt's
+            // `input_scale`) is for 4-bit activations, which llama.cpp does not use either.
+            let of_weight = |suffix: &str| tensor.name.strip_suffix(suffix).is_some_and(|stem| self.tensor(&format!("{stem}.weight")).is_some());
+            if of_weight(".scale") {
+                continue;
+            }
+            let Some((name, role)) = hf_name(keys, &tensor.name).filter(|_| !of_weight(".input_scale")) else {
                 skipped.push(tensor.name.clone());
                 continue;
             };
@@ -764,10 +817,30 @@ impl GgufFile {
                 Some(Role::K) if permuted => Some(kv_heads),
                 _ => None,
             };
-            named.push(HfTensor { name, tensor, unpermute_heads });
+            let scale = self.tensor_scale(tensor)?;
+            named.push(HfTensor { name, tensor, unpermute_heads, scale });
         }
         named.sort_by(|a, b| a.name.cmp(&b.name));
         Ok((named, skipped))
+    }
+
+    /// The `.scale` tensor beside projection `weight`, which llama.cpp multiplies its product by:
+    /// one f32, read for NVFP4 weights (the only ones llama.cpp's converter gives one).
+    fn tensor_scale(&self, weight: &GgufTensor) -> Result<Option<f32>, LoadError> {
+        let Some(stem) = weight.name.strip_suffix(".weight") else {
+            return Ok(None);
+        };
+        let Some(scale) = self.tensor(&format!("{stem}.scale")) else {
+            return Ok(None);
+        };
+        let invalid = |reason: String| LoadError::Invalid { path: self.metadata.path.clone(), reason: format!("GGUF tensor '{}': {reason}", scale.name) };
+        if weight.ggml_type != GgmlType::NVFP4 {
+            return Err(invalid(format!("ember reads a per-tensor scale only beside an NVFP4 weight, and this weight is {:?}", weight.ggml_type)));
+        }
+        match (scale.ggml_type, self.dequantize(scale).as_slice()) {
+            (GgmlType::F32, &[value]) if value.is_finite() => Ok(Some(value)),
+            (ty, values) => Err(invalid(format!("a per-tensor scale must be one finite F32, found {} {ty:?} values", values.len()))),
+        }
     }
 
     /// Bytes per value of the decoder projections as ember holds them in memory: in their blocks
@@ -788,7 +861,7 @@ impl GgufFile {
 
     /// The tensor's f32 values in HF order (dequantized, q/k rows un-permuted).
     pub fn hf_values(&self, hf: &HfTensor) -> Vec<f32> {
-        let values = self.dequantize(hf.tensor);
+        let values = dequantize_scaled(hf.tensor.ggml_type, self.data(hf.tensor), hf.scale);
         match hf.unpermute_heads {
             // A bias is a column of rows.
             Some(heads) => unpermute_rows(&values, hf.tensor.shape[0], hf.tensor.shape.get(1).copied().unwrap_or(1), heads),
@@ -1216,6 +1289,8 @@ mod tests {
             (GgmlType::IQ1_M, 29),
             (GgmlType::TQ1_0, 34),
             (GgmlType::TQ2_0, 35),
+            (GgmlType::MXFP4, 39),
+            (GgmlType::NVFP4, 40),
         ] {
             assert_eq!(GgmlType::from_id(id), Some(kind));
             let name = format!("{kind:?}");

@@ -443,6 +443,7 @@ pub fn encode(ty: GgmlType, values: &[f32], importance: Option<&[f32]>) -> Vec<u
             // it, as in llama.cpp.
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 => {}
             GgmlType::Q1_0 | GgmlType::Q2_0 | GgmlType::TQ1_0 | GgmlType::TQ2_0 => {}
+            GgmlType::MXFP4 | GgmlType::NVFP4 => {}
         }
     }
     match ty {
@@ -471,6 +472,9 @@ pub fn encode(ty: GgmlType, values: &[f32], importance: Option<&[f32]>) -> Vec<u
         GgmlType::TQ2_0 => low_bit::encode_tq2_0(values),
         // ggml has no quantizer for them without importance; `needs_importance` sees to it.
         GgmlType::IQ2_XXS | GgmlType::IQ2_XS | GgmlType::IQ1_S => unreachable!("{ty:?} is written only with an importance matrix"),
+        // Read, not written: llama-quantize gives MXFP4 only to MoE experts, and NVFP4 comes
+        // from ModelOpt checkpoints; no `ExportType` asks for them.
+        GgmlType::MXFP4 | GgmlType::NVFP4 => unreachable!("{ty:?} is not a type ember writes"),
     }
 }
 
