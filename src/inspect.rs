@@ -74,6 +74,8 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
     let mut stored = 0usize;
     let mut tensors = 0;
+    // A GGUF base's projections stay in their blocks: what a value of them takes in memory.
+    let mut in_blocks = None;
     if GgufFile::is_gguf(dir) {
         let file = GgufFile::open(dir)?;
         for tensor in &file.tensors {
@@ -81,6 +83,7 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
             stored += tensor.shape.iter().product::<usize>();
         }
         tensors = file.tensors.len();
+        in_blocks = file.projection_bytes_per_value(4.0);
     } else {
         let checkpoint = Checkpoint::open_dir(dir)?;
         check_checkpoint(&config, &checkpoint)?;
@@ -91,7 +94,7 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
             tensors += 1;
         }
     }
-    let dtypes: Vec<String> = dtypes.iter().map(|(d, n)| format!("{d} ({n} tensors)")).collect();
+    let dtypes: Vec<String> = dtypes.iter().map(|(d, n)| format!("{d} ({n} tensor{})", if *n == 1 { "" } else { "s" })).collect();
     let rope = &config.rope;
     let pairing = match rope.pairing {
         RopePairing::Half => "rotate_half",
@@ -110,8 +113,12 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
     println!("tied embedding: {}", if config.tie_word_embeddings { "yes" } else { "no" });
     println!("parameters:     {} ({})", group_digits(num_params), human(num_params));
     println!("checkpoint:     {tensors} tensors, {} values, dtype {}", group_digits(stored), dtypes.join(", "));
+    if let Some(bytes) = in_blocks {
+        println!("as a base:      projections kept in their blocks, {bytes:.2} bytes a value in memory");
+    }
+    let id = |id: Option<u32>| id.map_or("none".to_string(), |id| id.to_string());
     match ember_models::load_tokenizer(dir) {
-        Ok(t) => println!("tokenizer:      {} tokens, bos {:?}, eos {:?}, pad {:?}", t.vocab_size(), t.bos_id, t.eos_id, t.pad_id),
+        Ok(t) => println!("tokenizer:      {} tokens, bos {}, eos {}, pad {}", t.vocab_size(), id(t.bos_id), id(t.eos_id), id(t.pad_id)),
         Err(e) => println!("tokenizer:      none ({e})"),
     }
     Ok(())

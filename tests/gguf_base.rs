@@ -155,6 +155,10 @@ fn training_on_fp4_types_equals_training_on_their_dequantized_import() {
     assert_eq!(file.tensor("blk.0.ffn_down.weight").unwrap().ggml_type, GgmlType::MXFP4);
     let per_value = file.projection_bytes_per_value(4.0).unwrap();
     assert!((0.53..0.57).contains(&per_value), "{per_value}");
+    let shown = run_ok(&["inspect", gguf.to_str().unwrap()]);
+    for line in ["MXFP4 (1 tensor), NVFP4 (6 tensors)", "kept in their blocks, 0.56 bytes a value", "pad none"] {
+        assert!(shown.contains(line), "{line}: {shown}");
+    }
     assert_blocks_train_as_their_import(dir.path(), &gguf);
 }
 
