@@ -409,7 +409,8 @@ enum RecipeCommand {
 #[derive(Subcommand)]
 enum ImportCommand {
     /// A llama, qwen2 or chatglm GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K,
-    /// Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS tensors), dequantized to f32, as an HF folder in the family's layout
+    /// Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, IQ3/IQ2/IQ1, TQ1_0, TQ2_0, Q1_0, Q2_0, MXFP4 and NVFP4
+    /// tensors), dequantized to f32, as an HF folder in the family's layout
     /// (a chatglm file: ChatGLM's when q/k/v are one tensor, HF's glm otherwise).
     Gguf {
         /// The .gguf file.
