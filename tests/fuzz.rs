@@ -1,5 +1,5 @@
 //! Fuzzing (proptest) of every reader that takes a user's file: Alpaca data, recipes and their
-//! `--set` overrides, safetensors headers, GGUF headers. Each gets random bytes and random
+//! `--set` overrides, safetensors headers, GGUF headers and a GGUF model's tensors as HF names. Each gets random bytes and random
 //! mutations of a valid file and must answer Ok or an error, never panic. `PROPTEST_CASES`
 //! sets the cases per test (CI: the default 256; `scripts/fuzz.sh` runs far more).
 
@@ -113,6 +113,25 @@ fn read_gguf(path: &Path) {
     }
 }
 
+/// tests/fixtures/ggml_quants/tiny_llama_fp4.gguf (NVFP4 projections with `.scale` and
+/// `.input_scale` tensors, an MXFP4 one) and where its tensor infos are: 24 of them, in the
+/// 2,048 bytes from the first one's name length.
+fn fp4_gguf() -> (Vec<u8>, std::ops::Range<usize>) {
+    let bytes = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ggml_quants/tiny_llama_fp4.gguf")).unwrap();
+    let mut needle = 17u64.to_le_bytes().to_vec();
+    needle.extend(b"token_embd.weight");
+    let start = bytes.windows(needle.len()).position(|w| w == needle).expect("the first tensor info");
+    (bytes, start..start + 2048)
+}
+
+/// The file's tensors under their HF names, with NVFP4's tensor scales, and its config.
+fn read_gguf_model(path: &Path) {
+    if let Ok(file) = GgufFile::open(path) {
+        let _ = file.hf_tensors();
+        let _ = file.config_json();
+    }
+}
+
 #[test]
 fn seeds_are_valid() {
     assert_eq!(ember_data::dataset::parse(Path::new("d.json"), ALPACA.as_bytes().to_vec()).unwrap().len(), 3);
@@ -130,6 +149,12 @@ fn seeds_are_valid() {
     std::fs::write(&path, valid_gguf()).unwrap();
     let file = GgufFile::open(&path).unwrap();
     assert_eq!(file.dequantize(&file.tensors[1]).len(), 4);
+    let (bytes, infos) = fp4_gguf();
+    let (_dir, path) = scratch("seed-fp4.gguf");
+    std::fs::write(&path, &bytes[..]).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    assert_eq!(file.tensors.len(), 24);
+    assert!(file.hf_tensors().unwrap().0.iter().filter(|hf| hf.scale.is_some()).count() == 6 && infos.end < bytes.len());
 }
 
 proptest! {
@@ -195,5 +220,16 @@ proptest! {
         let (_dir, path) = scratch("fuzz.gguf");
         std::fs::write(&path, mutate(&valid_gguf(), &edits)).unwrap();
         read_gguf(&path);
+    }
+
+    /// Edits of tiny_llama_fp4.gguf's tensor infos (names, dimensions, types, offsets): its
+    /// mapping to HF names and its `.scale` tensors are errors, never panics.
+    #[test]
+    fn gguf_model_mapping_never_panics(edits in edits()) {
+        let (bytes, infos) = fp4_gguf();
+        let mutated = [&bytes[..infos.start], &mutate(&bytes[infos.clone()], &edits), &bytes[infos.end..]].concat();
+        let (_dir, path) = scratch("fuzz-fp4.gguf");
+        std::fs::write(&path, mutated).unwrap();
+        read_gguf_model(&path);
     }
 }
