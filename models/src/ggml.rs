@@ -49,7 +49,7 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use crate::fused::kernels::Packing;
 use crate::fused::PackedBand;
 use crate::ggml_encode::lattice;
-use crate::gguf::{block_codes, code_value, e8m0_half, iq4_xs_scale, ue4m3_half, k_scale_min, q3_k_scale, GgmlType, GgufFile, HfTensor, unpermute_rows};
+use crate::gguf::{block_codes, code_value, e8m0_half, iq4_xs_scale, nvfp4_scale, k_scale_min, q3_k_scale, GgmlType, GgufFile, HfTensor, unpermute_rows};
 use crate::nf4::{lookup_bytes, u8_tensor};
 use crate::LoadError;
 
@@ -376,7 +376,7 @@ impl GgmlWeight {
         match self.kind {
             GgmlType::Q3_K | GgmlType::Q6_K | GgmlType::IQ4_XS => byte_values(|b| b as i8 as f32),
             GgmlType::MXFP4 => byte_values(e8m0_half),
-            GgmlType::NVFP4 => byte_values(|b| ue4m3_half(b) * self.tensor_scale.unwrap_or(1.0)),
+            GgmlType::NVFP4 => byte_values(|b| nvfp4_scale(b, self.tensor_scale)),
             _ => byte_values(|b| b as f32),
         }
     }

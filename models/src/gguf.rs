@@ -81,13 +81,18 @@ impl GgmlType {
 
     /// The types ember reads, by ggml's names: "F32, F16, …, IQ3_S".
     fn names() -> String {
-        let names: Vec<String> = (0..=42).filter(|&id| Self::from_id(id).is_some()).map(|id| ggml_type_name(id).split(' ').next().unwrap_or_default().to_string()).collect();
+        let names: Vec<String> = Self::IDS.iter().map(|&(_, id)| ggml_type_name(id).split(' ').next().unwrap_or_default().to_string()).collect();
         names.join(", ")
     }
 
     /// Bytes per block.
     pub(crate) fn block_bytes(self) -> usize {
         self.block().1 as usize
+    }
+
+    /// Whether values come in blocks with their scales (every type but the float ones).
+    pub fn quantized(self) -> bool {
+        self.block().0 > 1
     }
 
     /// (elements per block, bytes per block)
@@ -476,7 +481,7 @@ pub(crate) fn dequantize_scaled(kind: GgmlType, bytes: &[u8], tensor_scale: Opti
             GgmlType::MXFP4 => out.extend(q.iter().map(|&c| value(c) * e8m0_half(b[0]))),
             GgmlType::NVFP4 => {
                 for (sub, codes) in q.chunks_exact(16).enumerate() {
-                    let d = ue4m3_half(b[sub]) * tensor_scale.unwrap_or(1.0);
+                    let d = nvfp4_scale(b[sub], tensor_scale);
                     out.extend(codes.iter().map(|&c| value(c) * d));
                 }
             }
@@ -605,13 +610,20 @@ pub(crate) fn e8m0_half(e: u8) -> f32 {
 
 /// An NVFP4 sub-block's unsigned E4M3 scale, halved (ggml's `ggml_ue4m3_to_fp32`): 0 and 0x7F
 /// (NaN in E4M3) are 0.
-pub(crate) fn ue4m3_half(x: u8) -> f32 {
+fn ue4m3_half(x: u8) -> f32 {
     if x == 0 || x == 0x7f {
         return 0.0;
     }
     let (exp, man) = ((x >> 3 & 0x0f) as i32, (x & 7) as f32);
     let raw = if exp == 0 { man * 2f32.powi(-9) } else { (1.0 + man / 8.0) * 2f32.powi(exp - 7) };
     raw * 0.5
+}
+
+/// An NVFP4 sub-block's scale: its UE4M3 byte's value times the tensor's scale, if it has one.
+/// The host dequantization and the packed weight's lookup table both take it from here, so they
+/// agree bit for bit.
+pub(crate) fn nvfp4_scale(byte: u8, tensor_scale: Option<f32>) -> f32 {
+    ue4m3_half(byte) * tensor_scale.unwrap_or(1.0)
 }
 
 /// IQ4_NL's and IQ4_XS's code values (ggml-common.h's `kvalues_iq4nl`): a non-linear 4-bit grid.

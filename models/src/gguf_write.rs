@@ -52,10 +52,6 @@ impl GgmlType {
         })
     }
 
-    pub fn quantized(self) -> bool {
-        self.block().0 > 1
-    }
-
     /// The type a tensor of `shape` gets when the file's type is `self`: vectors stay F32 (as
     /// llama.cpp's converter keeps them); rows that do not fill whole blocks fall back as
     /// llama-quantize does (Q2_K, Q3_K, Q2_0 and the ternary types to Q4_0, Q4_K to Q5_0, Q5_K to
