@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use std::collections::HashMap;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Flag, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Gradients;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -315,11 +315,16 @@ fn method_checks(case: &Case, device: &Device, report: &mut Report) -> Result<()
     let merged_weights: Vec<&str> = reference.keys().filter(|k| k.starts_with(&weights_prefix)).collect();
     if !merged_weights.is_empty() {
         let merged = merged_model.as_ref().ok_or("the reference has merged weights but ember cannot merge this adapter")?;
+        // Weights and biases: (IA)³'s output scale merges into a projection's bias too.
+        let values = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().expect("f32 weights");
         let ours: std::collections::HashMap<String, Vec<f32>> = merged
             .model
             .projections()
             .into_iter()
-            .map(|(module, p)| (format!("{module}.weight"), p.base.dense_weight().into_data().try_to_vec::<f32>().expect("f32 weights")))
+            .flat_map(|(module, p)| {
+                let bias = p.base.bias.as_ref().map(|b| (format!("{module}.bias"), values(b.val().unsqueeze())));
+                std::iter::once((format!("{module}.weight"), values(p.base.dense_weight()))).chain(bias)
+            })
             .collect();
         let mut max_abs = 0f32;
         for key in &merged_weights {
@@ -374,7 +379,8 @@ fn method_checks(case: &Case, device: &Device, report: &mut Report) -> Result<()
     let model = match training_prefix(case, &autodiff)? {
         Some(encoder) => AdaptedModel::with_inputs(base, Some(ModelAdapter::Prefix(encoder))),
         None => Method::load(&case.adapter_dir, base, &autodiff).map_err(|e| e.to_string())?.0,
-    };
+    }
+    .map(&mut EvalMode);
     let (train_ids, train_shape) = i64s(reference, "train.input_ids")?;
     let (train_mask, _) = i64s(reference, "train.attention_mask")?;
     let (labels, _) = i64s(reference, "train.labels")?;
@@ -465,6 +471,15 @@ fn training_prefix(case: &Case, device: &Device) -> Result<Option<prefix::Prefix
     };
     let mlp = (tensor2("transform.0.weight")?, tensor1("transform.0.bias")?, tensor2("transform.2.weight")?, tensor1("transform.2.bias")?);
     Ok(Some(prefix::from_training_params(tensor2("embedding.weight")?, Some(mlp), &config)))
+}
+
+/// The reference's loss and gradients come from PEFT in eval mode: every dropout is off.
+struct EvalMode;
+
+impl ModuleMapper for EvalMode {
+    fn map_flag(&mut self, flag: Param<Flag>) -> Param<Flag> {
+        flag.with_value(false)
+    }
 }
 
 /// Gradients of one backward through the whole graph, or of ember's training step.

@@ -82,6 +82,22 @@ fn nearest(midpoints: &[f32], x: f32) -> u8 {
     midpoints.partition_point(|&m| m < x) as u8
 }
 
+/// The 8-bit codes of `scaled` values in [−1, 1], as bitsandbytes' CPU `quantize_blockwise` picks
+/// them (shared/fixtures/README.md, "Double quantization"): not a search for the nearest code but a
+/// 65,536-step table over [−1, 1]. A value falls on step `⌊(v + 1)·0.5·65535 + 0.5⌋` (f32), whose
+/// entry counts the midpoints below the step's left end, so near a midpoint the farther code can win.
+fn dynamic_map_codes(scaled: &[f32]) -> Vec<u8> {
+    const STEPS: u32 = 1 << 16;
+    let map = midpoints(&table(&DYNAMIC_MAP_BITS));
+    let steps: Vec<u8> = (0..STEPS)
+        .map(|i| {
+            let left = -1.0 + (2.0 * i as f32) / (STEPS - 1) as f32;
+            map.partition_point(|&m| m < left) as u8
+        })
+        .collect();
+    scaled.iter().map(|&v| steps[((v + 1.0) * 0.5 * (STEPS - 1) as f32 + 0.5) as u16 as usize]).collect()
+}
+
 /// The f32 sum of `values` in the order of torch's single-threaded CPU `sum` (8-wide vectors, then
 /// the remainder and the lanes one by one), so that double quantization's offset,
 /// `torch.mean(absmax)`, matches to the last bit: it decides codes near a rounding boundary.
@@ -224,8 +240,7 @@ impl Nf4Weight {
             let offset = torch_sum(&absmax) / absmax.len() as f32;
             let centred: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
             let (scales, scaled) = blockwise(&centred, ABSMAX_BLOCK);
-            let map = midpoints(&table(&DYNAMIC_MAP_BITS));
-            let codes: Vec<u8> = scaled.iter().map(|&c| nearest(&map, c)).collect();
+            let codes = dynamic_map_codes(&scaled);
             Absmax::Double(DoubleQuant { codes: u8_tensor(codes, device), scales: f32_tensor(scales, device), offset })
         } else {
             Absmax::Exact(f32_tensor(absmax, device))
@@ -501,6 +516,26 @@ mod tests {
         check(&|r, dtype| int8.dequantize_rows(r, dtype), &whole, 5..9, "int8");
         wholes.push(whole);
         wholes
+    }
+
+    /// bitsandbytes 0.50.2's `quantize_blockwise` on the CPU (signed dynamic map, blocks of 256):
+    /// values it codes one step away from the nearest code, with their block's absmax.
+    #[test]
+    fn double_quantization_codes_as_bitsandbytes_on_the_cpu() {
+        let cases = [
+            (0x3e6e011f_u32, 0x3e998ce0_u32, 238_u8),
+            (0x3e39eb38, 0x3e99565d, 227),
+            (0xbe3e6520, 0x3e9977b8, 26),
+            (0x3c554441, 0x3e9853ba, 170),
+            (0xbe8db873, 0x3e987006, 5),
+            (0x3e8c2678, 0x3e991058, 248),
+        ];
+        let map = midpoints(&table(&DYNAMIC_MAP_BITS));
+        for (value, absmax, expected) in cases {
+            let scaled = (f32::from_bits(value) * (1.0 / f32::from_bits(absmax))).clamp(-1.0, 1.0);
+            assert_eq!(dynamic_map_codes(&[scaled]), [expected], "{value:#x} / {absmax:#x}");
+            assert_ne!(nearest(&map, scaled), expected, "{value:#x}: a case where the nearest code differs");
+        }
     }
 
     /// Double quantization changes only the scales, by at most one step of the 8-bit map.
