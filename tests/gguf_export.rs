@@ -243,6 +243,31 @@ fn lora_adapter_keeps_peft_shapes_with_q_k_rows_permuted() {
     assert_eq!(sorted(q), sorted(q_peft));
 }
 
+/// llama.cpp scales a tensor by one alpha over its own rank: a module whose alpha PEFT's
+/// `alpha_pattern` changes carries the ratio in its B.
+#[test]
+fn an_alpha_pattern_goes_into_the_module_b() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("lora");
+    std::fs::create_dir(&adapter).unwrap();
+    let original = fixture("tiny_llama/adapters/lora");
+    std::fs::copy(original.join("adapter_model.safetensors"), adapter.join("adapter_model.safetensors")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(original.join("adapter_config.json")).unwrap()).unwrap();
+    config["alpha_pattern"] = serde_json::json!({ "layers.1.self_attn.v_proj": 48 });
+    std::fs::write(adapter.join("adapter_config.json"), config.to_string()).unwrap();
+    let out = dir.path().join("lora.gguf");
+    export(&["gguf-lora", "--base", fixture("tiny_llama").to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let file = GgufFile::open(&out).unwrap();
+    assert_eq!(file.metadata.get("adapter.lora.alpha").unwrap().as_f64(), Some(16.0));
+    let peft = f32_tensors(&adapter.join("adapter_model.safetensors"));
+    let get = |name: &str| file.dequantize(file.tensor(name).unwrap_or_else(|| panic!("{name}")));
+    let peft_of = |key: &str| peft.iter().find(|(k, _)| k == key).unwrap().1.clone();
+    let v = |layer: usize| format!("base_model.model.model.layers.{layer}.self_attn.v_proj.lora_B.weight");
+    assert_eq!(get("blk.0.attn_v.weight.lora_b"), peft_of(&v(0)));
+    let tripled: Vec<f32> = peft_of(&v(1)).iter().map(|b| b * 3.0).collect();
+    assert_eq!(get("blk.1.attn_v.weight.lora_b"), tripled);
+}
+
 /// tiny_llama in `dir` with its config edited and `extra` f32 tensors added.
 fn tiny_llama_variant(dir: &Path, edit: impl FnOnce(&mut serde_json::Value), extra: Vec<(String, Vec<usize>, Vec<f32>)>) {
     let base = fixture("tiny_llama");

@@ -102,6 +102,49 @@ pub fn layers_from_peft(value: Option<&serde_json::Value>) -> Result<Option<Vec<
     })
 }
 
+/// PEFT's `rank_pattern` / `alpha_pattern`: values for the modules a pattern names, the first
+/// matching pattern in order winning. A pattern is a regex that must match the end of the module
+/// name from a `.` boundary on (PEFT: `re.match(rf"(.*\.)?({key})$", name)`), so `q_proj`
+/// names every q_proj and `model.layers.0.self_attn.q_proj` one.
+#[derive(Debug, Clone)]
+pub struct Patterns<T> {
+    entries: Vec<(String, Regex, T)>,
+}
+
+impl<T> Default for Patterns<T> {
+    fn default() -> Self {
+        Self { entries: Vec::new() }
+    }
+}
+
+impl<T: Copy + Serialize> Patterns<T> {
+    /// `entries` in the order they are tried; `key` names the config key in errors.
+    pub fn new(entries: Vec<(String, T)>, key: &str) -> Result<Self, String> {
+        let entries = entries
+            .into_iter()
+            .map(|(pattern, value)| {
+                let re = Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$")).map_err(|e| format!("'{key}': pattern '{pattern}': {e}"))?;
+                Ok((pattern, re, value))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { entries })
+    }
+
+    /// The value of the first pattern that names the module `name`.
+    pub fn get(&self, name: &str) -> Option<T> {
+        self.entries.iter().find(|(_, re, _)| re.is_match(name)).map(|&(_, _, value)| value)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// `{pattern: value}` as adapter_config.json holds it.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::Value::Object(self.entries.iter().map(|(pattern, _, value)| (pattern.clone(), serde_json::json!(value))).collect())
+    }
+}
+
 /// `model.layers.12.self_attn.q_proj` -> 12
 fn layer_index(name: &str) -> Option<usize> {
     let mut parts = name.split('.');
@@ -131,6 +174,18 @@ mod tests {
         let t = Target::Regex(Regex::new(r".*\.(q|v)_proj").unwrap());
         assert!(t.matches("model.layers.0.self_attn.v_proj", None));
         assert!(!t.matches("model.layers.0.self_attn.v_proj_extra", None));
+    }
+
+    /// As PEFT's `get_pattern_key`: a pattern names a whole trailing part of the module name.
+    #[test]
+    fn patterns_match_from_a_dot_to_the_end() {
+        let ranks = Patterns::new(vec![("model.layers.1.self_attn.q_proj".into(), 2), ("q_proj".into(), 4), ("(up|down)_proj".into(), 6)], "rank_pattern").unwrap();
+        assert_eq!(ranks.get("model.layers.1.self_attn.q_proj"), Some(2));
+        assert_eq!(ranks.get("model.layers.11.self_attn.q_proj"), Some(4));
+        assert_eq!(ranks.get("model.layers.0.mlp.down_proj"), Some(6));
+        assert_eq!(ranks.get("model.layers.0.self_attn.qq_proj"), None);
+        assert_eq!(ranks.get("model.layers.0.self_attn.q_proj_extra"), None);
+        assert!(Patterns::<usize>::new(vec![("(".into(), 1)], "rank_pattern").unwrap_err().contains("'rank_pattern'"));
     }
 
     #[test]

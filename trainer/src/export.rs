@@ -177,8 +177,11 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: GgmlTyp
     // Only the shapes are needed (from the config, so a GGUF base serves as well as a folder).
     let shapes: std::collections::HashMap<String, Vec<usize>> = expected_tensors(&config).into_iter().collect();
     branches.check_shapes(|key| shapes.get(key).cloned())?;
-    // llama.cpp scales by alpha / r; rsLoRA's alpha / √r needs alpha · √r in its place.
+    // llama.cpp scales every tensor by one alpha over that tensor's own rank. rsLoRA's alpha / √r
+    // needs alpha · √r in its place; a module whose scale differs from that (rank_pattern with
+    // rsLoRA, alpha_pattern) has the ratio folded into its B.
     let alpha = if lora.use_rslora { lora.alpha * (lora.r as f64).sqrt() } else { lora.alpha };
+    let b_factor = |module: &str| lora.scale_of(module) / (alpha / lora.rank_of(module) as f64);
     let metadata = vec![
         ("general.architecture".to_string(), MetaValue::Str(arch.name().into())),
         ("general.type".into(), MetaValue::Str("adapter".into())),
@@ -187,22 +190,23 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: GgmlTyp
         ("adapter.lora.alpha".into(), MetaValue::F32(alpha as f32)),
     ];
     let keys = KeyLayout::of(config.architecture);
-    let mut plan: Vec<(String, TensorSpec, Option<usize>)> = Vec::new();
+    let mut plan: Vec<(String, TensorSpec, Option<usize>, f64)> = Vec::new();
     for (weight_key, module) in &branches.modules {
         let (name, role) = gguf_write::tensor_name(keys, weight_key, config.num_layers)
             .ok_or_else(|| invalid(format!("'{module}' has no place in llama.cpp's {} architecture", arch.name())))?;
         for (part, suffix) in [("lora_A", "lora_a"), ("lora_B", "lora_b")] {
             let key = ember_adapters::lora::peft::key(module, part);
             let (shape, _) = branches.weights.info(&key).expect("checked");
-            let heads = if part == "lora_B" { permute_heads(role, &config, arch) } else { None };
-            plan.push((key, TensorSpec { name: format!("{name}.{suffix}"), shape: shape.to_vec(), ty: ty.for_shape(shape) }, heads));
+            let (heads, factor) = if part == "lora_B" { (permute_heads(role, &config, arch), b_factor(module)) } else { (None, 1.0) };
+            plan.push((key, TensorSpec { name: format!("{name}.{suffix}"), shape: shape.to_vec(), ty: ty.for_shape(shape) }, heads, factor));
         }
     }
-    plan.sort_by_key(|(_, spec, _)| gguf_order(&spec.name));
-    let specs: Vec<TensorSpec> = plan.iter().map(|(_, spec, _)| spec.clone()).collect();
+    plan.sort_by_key(|(_, spec, _, _)| gguf_order(&spec.name));
+    let specs: Vec<TensorSpec> = plan.iter().map(|(_, spec, _, _)| spec.clone()).collect();
     gguf_write::write(out, &metadata, &specs, None, |i| {
-        let (key, spec, heads) = &plan[i];
+        let (key, spec, heads, factor) = &plan[i];
         let values = branches.weights.float::<2>(key, [spec.shape[0], spec.shape[1]], LoadDtype::F32, &device)?;
+        let values = if *factor == 1.0 { values } else { values.mul_scalar(*factor) };
         Ok(gguf_values(values, spec, *heads))
     })?;
     Ok(ExportSummary { tensors: specs.len(), bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0) })

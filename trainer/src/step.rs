@@ -298,7 +298,7 @@ mod tests {
 
     fn methods() -> Vec<Method> {
         let lora = |dropout, target, layers| {
-            Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout, use_rslora: false, target, layers_to_transform: layers, modules_to_save: Vec::new() })
+            Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout, use_rslora: false, target, layers_to_transform: layers, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default() })
         };
         let mlp = Target::Suffixes(["gate_proj", "up_proj", "down_proj", "dense_h_to_4h", "dense_4h_to_h"].map(String::from).to_vec());
         vec![
@@ -312,7 +312,7 @@ mod tests {
             Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: false, encoder_hidden_size: None }),
             Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: Some(16) }),
             Method::Adaption(AdaptionConfig { adapter_len: 2, adapter_layers: 2 }),
-            Method::Dora(DoraConfig(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None, modules_to_save: Vec::new() })),
+            Method::Dora(DoraConfig(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default() })),
             Method::Ia3(Ia3Config { target: Target::AllLinear, feedforward: Target::Suffixes(vec!["down_proj".into(), "dense_4h_to_h".into()]) }),
             Method::PromptTuning(PromptTuningConfig { num_virtual_tokens: 3, init_text: None }),
         ]

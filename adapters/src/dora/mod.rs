@@ -103,7 +103,7 @@ impl MethodConfig for DoraConfig {
     /// LoRA's `r·(in + out)` plus `out` magnitudes per targeted projection, plus the modules
     /// trained in full.
     fn count_trainable(&self, model: &ModelConfig) -> usize {
-        lora::targeted_shapes(model, &self.0).iter().map(|(_, [out, inp])| self.0.r * (out + inp) + out).sum::<usize>()
+        lora::targeted_shapes(model, &self.0).iter().map(|(name, [out, inp])| self.0.rank_of(name) * (out + inp) + out).sum::<usize>()
             + lora::whole_module_parameters(model, &self.0)
     }
 
@@ -133,7 +133,7 @@ impl MethodConfig for DoraConfig {
             peft::train_whole_modules(&self.0, base)?,
             |name, linear| {
                 Ok(self.0.targets(name).then(|| {
-                    let lora = LoraBranch::init(linear, &self.0, &mut rng, device);
+                    let lora = LoraBranch::init(name, linear, &self.0, &mut rng, device);
                     let norm = linear.dense_weight().cast(DType::F32).powi_scalar(2).sum_dim(1).sqrt().reshape([linear.out_features()]);
                     ProjectionAdapter::Dora(DoraBranch { lora, magnitude: Param::from_tensor(norm.detach()) })
                 }))

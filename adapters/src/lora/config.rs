@@ -1,8 +1,10 @@
 //! Which modules get LoRA and with what rank and scale, with PEFT's matching rules.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
-use crate::target::{Target, TargetModules};
+use crate::target::{Patterns, Target, TargetModules};
 
 #[derive(Debug, Clone)]
 pub struct LoraConfig {
@@ -17,11 +19,28 @@ pub struct LoraConfig {
     /// Modules trained in full beside the branches (PEFT `modules_to_save`): the embedding
     /// and/or the LM head, by their names (`embed_tokens`, `lm_head`).
     pub modules_to_save: Vec<String>,
+    /// Ranks other than `r` for the modules a pattern names (PEFT `rank_pattern`).
+    pub rank_pattern: Patterns<usize>,
+    /// Alphas other than `alpha` for the modules a pattern names (PEFT `alpha_pattern`).
+    pub alpha_pattern: Patterns<f64>,
 }
 
 impl LoraConfig {
-    pub fn scale(&self) -> f64 {
-        if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
+    /// The rank of the branch on module `name`.
+    pub fn rank_of(&self, name: &str) -> usize {
+        self.rank_pattern.get(name).unwrap_or(self.r)
+    }
+
+    /// The branch's scale on module `name`: `alpha/r`, or `alpha/sqrt(r)` with rsLoRA, from
+    /// that module's rank and alpha.
+    pub fn scale_of(&self, name: &str) -> f64 {
+        let (r, alpha) = (self.rank_of(name) as f64, self.alpha_pattern.get(name).unwrap_or(self.alpha));
+        if self.use_rslora { alpha / r.sqrt() } else { alpha / r }
+    }
+
+    /// Whether any module's rank or alpha differs from `r` and `alpha`.
+    pub fn has_patterns(&self) -> bool {
+        !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty()
     }
 
     /// Whether the module `name` (HF path, e.g. `model.layers.3.self_attn.q_proj`) gets LoRA.
@@ -43,6 +62,11 @@ pub struct LoraSection {
     pub layers_to_transform: Option<Vec<usize>>,
     /// `["embed_tokens", "lm_head"]`: train these in full too (an extended vocabulary).
     pub modules_to_save: Vec<String>,
+    /// `{ "down_proj" = 4 }`: other ranks for the modules a pattern names, PEFT's `rank_pattern`
+    /// (patterns tried in alphabetical order, as they are saved).
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// `{ "v_proj" = 32.0 }`: other alphas, PEFT's `alpha_pattern`.
+    pub alpha_pattern: BTreeMap<String, f64>,
 }
 
 impl Default for LoraSection {
@@ -55,6 +79,8 @@ impl Default for LoraSection {
             use_rslora: false,
             layers_to_transform: None,
             modules_to_save: Vec::new(),
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
         }
     }
 }
@@ -69,6 +95,9 @@ impl TryFrom<LoraSection> for LoraConfig {
         if !(0.0..1.0).contains(&s.dropout) {
             return Err(format!("'adapter.dropout' is {}; expected 0 <= dropout < 1", s.dropout));
         }
+        if let Some((pattern, _)) = s.rank_pattern.iter().find(|(_, r)| **r == 0) {
+            return Err(format!("'adapter.rank_pattern': '{pattern}' must have a rank of at least 1"));
+        }
         Ok(LoraConfig {
             r: s.r,
             alpha: s.alpha,
@@ -77,6 +106,8 @@ impl TryFrom<LoraSection> for LoraConfig {
             target: Target::from_recipe(&s.target_modules)?,
             layers_to_transform: s.layers_to_transform,
             modules_to_save: s.modules_to_save,
+            rank_pattern: Patterns::new(s.rank_pattern.into_iter().collect(), "adapter.rank_pattern")?,
+            alpha_pattern: Patterns::new(s.alpha_pattern.into_iter().collect(), "adapter.alpha_pattern")?,
         })
     }
 }
@@ -88,8 +119,27 @@ mod tests {
     #[test]
     fn rslora_scales_by_sqrt_rank() {
         let mut c = LoraConfig::try_from(LoraSection::default()).unwrap();
-        assert_eq!(c.scale(), 2.0);
+        let q = "model.layers.0.self_attn.q_proj";
+        assert_eq!(c.scale_of(q), 2.0);
         c.use_rslora = true;
-        assert!((c.scale() - 16.0 / 8f64.sqrt()).abs() < 1e-12);
+        assert!((c.scale_of(q) - 16.0 / 8f64.sqrt()).abs() < 1e-12);
+    }
+
+    /// A module's own rank and alpha give its scale, as PEFT's `update_layer`.
+    #[test]
+    fn patterns_give_a_module_its_rank_and_scale() {
+        let section = LoraSection {
+            rank_pattern: BTreeMap::from([("q_proj".into(), 4)]),
+            alpha_pattern: BTreeMap::from([("v_proj".into(), 32.0)]),
+            ..LoraSection::default()
+        };
+        let mut c = LoraConfig::try_from(section).unwrap();
+        let (q, v) = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj");
+        assert_eq!((c.rank_of(q), c.scale_of(q)), (4, 4.0));
+        assert_eq!((c.rank_of(v), c.scale_of(v)), (8, 4.0));
+        c.use_rslora = true;
+        assert_eq!(c.scale_of(q), 8.0);
+        let zero = LoraSection { rank_pattern: BTreeMap::from([("k_proj".into(), 0)]), ..LoraSection::default() };
+        assert!(LoraConfig::try_from(zero).unwrap_err().contains("'k_proj'"));
     }
 }

@@ -25,13 +25,13 @@ pub struct LoraBranch {
 
 impl LoraBranch {
     /// A as PEFT's Kaiming-uniform(a=√5), i.e. U(-1/√in, 1/√in); B zero.
-    pub fn init(base: &Linear, config: &LoraConfig, rng: &mut StdRng, device: &Device) -> Self {
-        let (r, fan_in, fan_out) = (config.r, base.in_features(), base.out_features());
+    pub fn init(name: &str, base: &Linear, config: &LoraConfig, rng: &mut StdRng, device: &Device) -> Self {
+        let (r, fan_in, fan_out) = (config.rank_of(name), base.in_features(), base.out_features());
         let bound = 1.0 / (fan_in as f64).sqrt();
         let a: Vec<f32> = (0..r * fan_in).map(|_| rng.random_range(-bound..bound) as f32).collect();
         let a = Tensor::from_data(TensorData::new(a, [r, fan_in]), device);
         let b = Tensor::zeros([fan_out, r], device);
-        Self::from_tensors(a, b, config.scale(), config.dropout)
+        Self::from_tensors(a, b, config.scale_of(name), config.dropout)
     }
 
     pub fn from_tensors(lora_a: Tensor<2>, lora_b: Tensor<2>, scale: f64, dropout: f64) -> Self {

@@ -30,6 +30,9 @@ pub use crate::target::Target;
 impl fmt::Display for LoraConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "LoRA r={} on {}", self.r, self.target)?;
+        if self.has_patterns() {
+            f.write_str(", ranks/alphas by pattern")?;
+        }
         if !self.modules_to_save.is_empty() {
             write!(f, ", {} trained in full", self.modules_to_save.join(" and "))?;
         }
@@ -52,7 +55,7 @@ pub fn branch_activation_bytes_per_token(model: &ModelConfig, config: &LoraConfi
     let mut bytes = 0;
     for layer in 0..model.num_layers {
         let targeted: Vec<_> = keys.projections(model, layer).into_iter().filter(|p| config.targets(&p.name)).collect();
-        bytes += targeted.len() * 4 * config.r;
+        bytes += targeted.iter().map(|p| 4 * config.rank_of(&p.name)).sum::<usize>();
         let mut read = Vec::new();
         for p in &targeted {
             let input = p.role.input();
@@ -115,7 +118,7 @@ impl MethodConfig for LoraConfig {
 
     /// `r·(in + out)` per targeted projection, plus the modules trained in full.
     fn count_trainable(&self, model: &ModelConfig) -> usize {
-        targeted_shapes(model, self).iter().map(|(_, [out, inp])| self.r * (out + inp)).sum::<usize>() + whole_module_parameters(model, self)
+        targeted_shapes(model, self).iter().map(|(name, [out, inp])| self.rank_of(name) * (out + inp)).sum::<usize>() + whole_module_parameters(model, self)
     }
 
     /// The embedding and LM head trained in full replace the base's.
@@ -140,7 +143,7 @@ impl MethodConfig for LoraConfig {
         let mut rng = StdRng::seed_from_u64(seed);
         AdaptedModel::with_branches(
             peft::train_whole_modules(self, base)?,
-            |name, linear| Ok(self.targets(name).then(|| ProjectionAdapter::Lora(LoraBranch::init(linear, self, &mut rng, device)))),
+            |name, linear| Ok(self.targets(name).then(|| ProjectionAdapter::Lora(LoraBranch::init(name, linear, self, &mut rng, device)))),
             || AdapterError::Config(format!("lora: target {} matches no module of the model", self.target)),
         )
     }

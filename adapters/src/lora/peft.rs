@@ -9,12 +9,13 @@ use burn::module::ParamId;
 use burn::tensor::{Device, Tensor};
 use ember_models::layers::Linear;
 use ember_models::{BaseModel, Checkpoint, LoadDtype, ModelConfig, VocabModule};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{LoraBranch, LoraConfig};
 use crate::method::{AdapterFolder, PEFT_VERSION};
 use crate::registry::ProjectionAdapter;
-use crate::target::{Target, layers_from_peft};
+use crate::target::{Patterns, Target, layers_from_peft};
 use crate::{AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
 
 /// `base_model.model.<module>.<part>.weight`
@@ -47,8 +48,8 @@ pub(crate) fn save_peft(config: &LoraConfig, use_dora: bool, modules: &[String],
         "init_lora_weights": true,
         "modules_to_save": (!config.modules_to_save.is_empty()).then_some(&config.modules_to_save),
         "use_dora": use_dora,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": config.rank_pattern.to_json(),
+        "alpha_pattern": config.alpha_pattern.to_json(),
         "revision": null,
         "peft_version": PEFT_VERSION,
     });
@@ -142,15 +143,16 @@ pub(crate) fn load_branches(
                 used.borrow_mut().insert(k.clone());
                 weights.float::<2>(&k, shape, LoadDtype::F32, device).map_err(read_error)
             };
-            let a = matrix("lora_A", [config.r, linear.in_features()])?;
-            let b = matrix("lora_B", [linear.out_features(), config.r])?;
+            let r = config.rank_of(name);
+            let a = matrix("lora_A", [r, linear.in_features()])?;
+            let b = matrix("lora_B", [linear.out_features(), r])?;
             let vector = |part: &str, len: usize| {
                 // PEFT drops the `.weight` of the magnitude vector in the file.
                 let k = format!("base_model.model.{name}.{part}");
                 used.borrow_mut().insert(k.clone());
                 weights.float::<1>(&k, [len], LoadDtype::F32, device).map_err(read_error)
             };
-            let branch = LoraBranch::from_tensors(a, b, config.scale(), config.dropout);
+            let branch = LoraBranch::from_tensors(a, b, config.scale_of(name), config.dropout);
             make(name, linear, branch, &vector).map(Some)
         },
         || folder.invalid(format!("target_modules {} match no module of the base model", config.target)),
@@ -176,11 +178,6 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
     if let Some(bias) = get("bias").and_then(Value::as_str).filter(|b| *b != "none") {
         return unsupported("bias", &format!("bias '{bias}'"));
     }
-    for k in ["rank_pattern", "alpha_pattern"] {
-        if get(k).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
-            return unsupported(k, "a per-module pattern");
-        }
-    }
     for k in ["layer_replication", "target_parameters", "trainable_token_indices"] {
         if get(k).is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
             return unsupported(k, "a non-empty value");
@@ -192,6 +189,9 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
         Some(_) => return Err("'modules_to_save' must be a list of module names".into()),
     };
     let r = get("r").and_then(Value::as_u64).filter(|&r| r > 0).ok_or("'r' must be a positive integer")? as usize;
+    let patterns = PatternMaps::read(&folder.config_path)?;
+    let rank_pattern = patterns.rank_pattern.map(|p| p.values("rank_pattern", |v| v.as_u64().filter(|&r| r > 0).map(|r| r as usize))).transpose()?;
+    let alpha_pattern = patterns.alpha_pattern.map(|p| p.values("alpha_pattern", Value::as_f64)).transpose()?;
     let alpha = get("lora_alpha").and_then(Value::as_f64).ok_or("'lora_alpha' must be a number")?;
     Ok(LoraConfig {
         r,
@@ -201,7 +201,59 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
         target: Target::from_peft(get("target_modules"), "target_modules")?,
         layers_to_transform: layers_from_peft(get("layers_to_transform"))?,
         modules_to_save,
+        rank_pattern: Patterns::new(rank_pattern.unwrap_or_default(), "rank_pattern")?,
+        alpha_pattern: Patterns::new(alpha_pattern.unwrap_or_default(), "alpha_pattern")?,
     })
+}
+
+/// adapter_config.json's `rank_pattern` and `alpha_pattern` with their entries in the file's
+/// order, which is the order PEFT tries them in (a parsed `Value` keeps maps sorted by key).
+#[derive(Deserialize)]
+struct PatternMaps {
+    #[serde(default)]
+    rank_pattern: Option<InFileOrder>,
+    #[serde(default)]
+    alpha_pattern: Option<InFileOrder>,
+}
+
+impl PatternMaps {
+    fn read(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        serde_json::from_str(&text).map_err(|e| format!("'rank_pattern' / 'alpha_pattern': {e}"))
+    }
+}
+
+/// A JSON object's entries in the order the file has them.
+struct InFileOrder(Vec<(String, Value)>);
+
+impl InFileOrder {
+    /// Each entry's value as `value` reads it; `key` names the map in errors.
+    fn values<T>(self, key: &str, value: impl Fn(&Value) -> Option<T>) -> Result<Vec<(String, T)>, String> {
+        self.0
+            .into_iter()
+            .map(|(pattern, v)| value(&v).map(|v| (pattern.clone(), v)).ok_or(format!("'{key}': '{pattern}' has {v}, expected a positive number")))
+            .collect()
+    }
+}
+
+impl<'de> Deserialize<'de> for InFileOrder {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = InFileOrder;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of patterns")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<InFileOrder, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(InFileOrder(entries))
+            }
+        }
+        deserializer.deserialize_map(Entries)
+    }
 }
 
 /// A LoRA (or DoRA) adapter's branches as `ember merge` streams them: per adapted weight key,
@@ -281,8 +333,8 @@ impl PeftBranches {
                 return Err(AdapterError::invalid(&self.path, format!("modules_to_save: '{weight_key}' has shape {shape:?}, the base {base_shape:?}")));
             }
         }
-        let r = self.config.r;
         for (weight_key, module) in &self.modules {
+            let r = self.config.rank_of(module);
             let Some(shape) = shape_of(weight_key) else {
                 return Err(AdapterError::invalid(&self.path, format!("adapter module '{module}' is not in the base model")));
             };
@@ -304,6 +356,6 @@ impl PeftBranches {
             let (shape, _) = self.weights.info(k).expect("checked");
             self.weights.float::<2>(k, [shape[0], shape[1]], LoadDtype::F32, device).expect("checked")
         };
-        load(&key(module, "lora_B")).matmul(load(&key(module, "lora_A"))).mul_scalar(self.config.scale())
+        load(&key(module, "lora_B")).matmul(load(&key(module, "lora_A"))).mul_scalar(self.config.scale_of(module))
     }
 }
