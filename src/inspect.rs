@@ -109,7 +109,7 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
     println!("mlp:            {} (SwiGLU)", config.intermediate_size);
     println!("vocab:          {}", config.vocab_size);
     println!("rope:           theta {}, {} of {} dims, {pairing}{}", rope.theta, rope.rotary_dim, config.head_dim,
-        rope.scaling.as_ref().map(|s| format!(", scaling {s:?}")).unwrap_or_default());
+        rope.scaling.as_ref().map(|s| format!(", scaling {s}")).unwrap_or_default());
     println!("tied embedding: {}", if config.tie_word_embeddings { "yes" } else { "no" });
     println!("parameters:     {} ({})", group_digits(num_params), human(num_params));
     println!("checkpoint:     {tensors} tensors, {} values, dtype {}", group_digits(stored), dtypes.join(", "));

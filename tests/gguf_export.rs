@@ -323,7 +323,8 @@ fn rope_scaling_round_trips_through_gguf() {
     let dir = tempfile::tempdir().unwrap();
     let llama3 = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
     let linear = serde_json::json!({"rope_type": "linear", "factor": 2.0});
-    for (name, scaling) in [("llama3", llama3), ("linear", linear)] {
+    let yarn = serde_json::json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128});
+    for (name, scaling) in [("llama3", llama3), ("linear", linear), ("yarn", yarn)] {
         let base = dir.path().join(name);
         std::fs::create_dir(&base).unwrap();
         tiny_llama_variant(&base, |config| config["rope_scaling"] = scaling.clone(), vec![]);
@@ -338,6 +339,13 @@ fn rope_scaling_round_trips_through_gguf() {
                 assert!(divisors.contains(&1.0) && divisors.contains(&8.0) && divisors.iter().any(|&d| d > 1.0 && d < 8.0), "{divisors:?}");
                 assert_eq!(file.dequantize(file.tensor("rope_freqs.weight").unwrap()), divisors);
             }
+            "yarn" => {
+                assert_eq!(file.metadata.get("llama.rope.scaling.type").unwrap(), "yarn");
+                assert_eq!(file.metadata.get("llama.rope.scaling.factor").unwrap().as_f64(), Some(4.0));
+                assert_eq!(file.metadata.get("llama.rope.scaling.original_context_length").unwrap().as_u64(), Some(128));
+                // transformers' default attention factor is llama.cpp's own: no attn_factor key.
+                assert!(file.metadata.get("llama.rope.scaling.attn_factor").is_none());
+            }
             _ => {
                 assert_eq!(file.metadata.get("llama.rope.scaling.type").unwrap(), "linear");
                 assert_eq!(file.metadata.get("llama.rope.scaling.factor").unwrap().as_f64(), Some(2.0));
@@ -349,6 +357,29 @@ fn rope_scaling_round_trips_through_gguf() {
         assert_eq!(ember_models::ModelConfig::from_dir(&back).unwrap().rope, config.rope, "{name}");
         assert_eq!(raw_answer(&gguf, &dir.path().join(format!("{name}-gguf.json"))), raw_answer(&base, &dir.path().join(format!("{name}-folder.json"))), "{name}");
     }
+
+    // A YaRN attention factor of the config's own goes out as llama.cpp's extra factor and comes
+    // back; betas llama.cpp would not use are refused.
+    let yarn = dir.path().join("yarn-attention");
+    std::fs::create_dir(&yarn).unwrap();
+    let scaling = serde_json::json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "attention_factor": 1.3});
+    tiny_llama_variant(&yarn, |config| config["rope_scaling"] = scaling, vec![]);
+    let gguf = dir.path().join("yarn-attention.gguf");
+    export(&["gguf", "--base", yarn.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "gpt-2"]);
+    let extra = GgufFile::open(&gguf).unwrap().metadata.get("llama.rope.scaling.attn_factor").unwrap().as_f64().unwrap();
+    assert!((extra - 1.3 / (0.1 * 4f64.ln() + 1.0)).abs() < 1e-6, "{extra}");
+    let back = dir.path().join("imported-yarn-attention");
+    let output = ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let attention = ember_models::ModelConfig::from_dir(&back).unwrap().rope.scaling.unwrap().attention_scaling();
+    assert!((attention - 1.3).abs() < 1e-6, "{attention}");
+    let betas = dir.path().join("yarn-betas");
+    std::fs::create_dir(&betas).unwrap();
+    let scaling = serde_json::json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 16});
+    tiny_llama_variant(&betas, |config| config["rope_scaling"] = scaling, vec![]);
+    let out = dir.path().join("betas.gguf");
+    assert_bad_input(&ember(&["export", "gguf", "--base", betas.to_str().unwrap(), "--out", out.to_str().unwrap()]), &["rope_scaling", "betas"]);
+    assert!(!out.exists());
 
     // Divisors no Llama 3 scaling gives: one error line naming the tensor, no folder.
     let gguf = dir.path().join("llama3.gguf");

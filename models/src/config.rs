@@ -44,9 +44,68 @@ pub enum RopeScaling {
     Linear { factor: f64 },
     /// Llama 3.1 frequency-dependent scaling.
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    /// YaRN (Peng et al. 2023; Qwen2.5's long context): frequencies blended between the original
+    /// and `1/factor` of it over a ramp of dimensions, and cos/sin scaled by an attention factor.
+    /// The optional keys are kept as the config gives them (None: transformers' default).
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: Option<f64>,
+        beta_slow: Option<f64>,
+        attention_factor: Option<f64>,
+        mscale: Option<f64>,
+        mscale_all_dim: Option<f64>,
+        truncate: bool,
+    },
 }
 
 impl RopeScaling {
+    /// YaRN's inverse frequencies from the unscaled `inv_freq` (`theta^(-2i/dim)`), in f32 as
+    /// transformers' `_compute_yarn_parameters` computes them.
+    pub fn yarn_inv_freq(&self, theta: f64, rotary_dim: usize) -> Option<Vec<f32>> {
+        let &Self::Yarn { factor, original_max_position_embeddings, beta_fast, beta_slow, truncate, .. } = self else { return None };
+        let dim = rotary_dim as f64;
+        // The dimension whose wavelength turns `rotations` times over the original context.
+        let correction_dim = |rotations: f64| dim * (original_max_position_embeddings / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+        // Python's `x or default`: 0 counts as absent.
+        let (fast, slow) = (beta_fast.filter(|&b| b != 0.0).unwrap_or(32.0), beta_slow.filter(|&b| b != 0.0).unwrap_or(1.0));
+        let (mut low, mut high) = (correction_dim(fast), correction_dim(slow));
+        if truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+        if low == high {
+            high += 0.001;
+        }
+        let base = theta as f32;
+        Some(
+            (0..rotary_dim / 2)
+                .map(|i| {
+                    let pos_freq = base.powf((2 * i) as f32 / rotary_dim as f32);
+                    let (extrapolation, interpolation) = (1.0 / pos_freq, 1.0 / (factor as f32 * pos_freq));
+                    let ramp = ((i as f32 - low as f32) / (high - low) as f32).clamp(0.0, 1.0);
+                    let extrapolation_factor = 1.0 - ramp;
+                    interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
+                })
+                .collect(),
+        )
+    }
+
+    /// What cos and sin are multiplied by: YaRN's attention factor (given, or from `factor`
+    /// and `mscale`/`mscale_all_dim` as transformers infers it); 1 for the other scalings.
+    pub fn attention_scaling(&self) -> f64 {
+        let &Self::Yarn { factor, attention_factor, mscale, mscale_all_dim, .. } = self else { return 1.0 };
+        attention_factor.unwrap_or_else(|| match (mscale.filter(|&m| m != 0.0), mscale_all_dim.filter(|&m| m != 0.0)) {
+            (Some(m), Some(all)) => yarn_mscale(factor, m) / yarn_mscale(factor, all),
+            _ => Self::yarn_default_attention(factor),
+        })
+    }
+
+    /// YaRN's attention factor when the config gives none: `0.1·ln(factor) + 1`.
+    pub fn yarn_default_attention(factor: f64) -> f64 {
+        yarn_mscale(factor, 1.0)
+    }
+
     /// What llama3 scaling divides each of the `rotary_dim / 2` frequencies by (llama.cpp keeps
     /// them as its `rope_freqs` tensor): 1 for short wavelengths, `factor` for long ones, a
     /// smooth blend between. f32, as [`crate::layers::Rope`] scales the frequencies.
@@ -68,6 +127,23 @@ impl RopeScaling {
         };
         Some((0..rotary_dim / 2).map(divisor).collect())
     }
+}
+
+impl std::fmt::Display for RopeScaling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Linear { factor } => write!(f, "linear x{factor}"),
+            Self::Llama3 { factor, original_max_position_embeddings, .. } => write!(f, "llama3 x{factor} (original context {original_max_position_embeddings})"),
+            Self::Yarn { factor, original_max_position_embeddings, .. } => {
+                write!(f, "yarn x{factor} (original context {original_max_position_embeddings}, attention x{:.4})", self.attention_scaling())
+            }
+        }
+    }
+}
+
+/// transformers' `get_mscale`.
+fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 { 1.0 } else { 0.1 * mscale * scale.ln() + 1.0 }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -262,6 +338,13 @@ impl JsonConfig<'_> {
         rms_norm_eps: f64,
         rope: impl FnOnce(usize) -> Result<RopeConfig, LoadError>,
     ) -> Result<ModelConfig, LoadError> {
+        // Every family's MLP is SwiGLU with SiLU; another activation would run silently wrong.
+        if let Some(act) = self.get("hidden_act") {
+            let name = act.as_str().ok_or_else(|| self.invalid("hidden_act", format!("expected a string, found {act}")))?;
+            if !matches!(name, "silu" | "swish") {
+                return Err(self.unsupported("hidden_act", format!("'{name}' is not supported (ember's MLP is SwiGLU with SiLU)")));
+            }
+        }
         let hidden_size = self.usize(keys.hidden)?;
         let num_heads = self.usize(keys.heads)?;
         let num_kv_heads = self.opt_usize(keys.kv_heads)?.unwrap_or(num_heads);
@@ -309,10 +392,47 @@ impl JsonConfig<'_> {
     pub fn invalid(&self, key: &str, reason: impl Into<String>) -> LoadError {
         self.error(key, reason)
     }
+
+    /// A value ember understands but does not implement.
+    pub fn unsupported(&self, key: &str, reason: impl Into<String>) -> LoadError {
+        LoadError::Unsupported { path: self.path.clone(), key: key.into(), reason: reason.into() }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    /// transformers' `_compute_yarn_parameters` (transformers 5.23.0) for head_dim 16: the
+    /// inverse frequencies bit for bit, and the attention factor.
+    #[test]
+    fn yarn_frequencies_and_attention_factor_are_transformers() {
+        let plain = RopeScaling::Yarn {
+            factor: 4.0,
+            original_max_position_embeddings: 128.0,
+            beta_fast: None,
+            beta_slow: None,
+            attention_factor: None,
+            mscale: None,
+            mscale_all_dim: None,
+            truncate: true,
+        };
+        let expected = [0x3f800000u32, 0x3e72dce8, 0x3d4ccccc, 0x3c0186e3, 0x3b23d70a, 0x3a4f3e38, 0x3983126f, 0x38a5cb60];
+        assert_eq!(plain.yarn_inv_freq(10_000.0, 16).unwrap(), expected.map(f32::from_bits));
+        assert!((plain.attention_scaling() - 1.138629436111989).abs() < 1e-15);
+        let options = RopeScaling::Yarn {
+            factor: 8.0,
+            original_max_position_embeddings: 64.0,
+            beta_fast: Some(16.0),
+            beta_slow: Some(2.0),
+            attention_factor: None,
+            mscale: Some(0.7),
+            mscale_all_dim: Some(1.0),
+            truncate: false,
+        };
+        let expected = [0x3f800000u32, 0x3cc693b0, 0x3b9a08c8, 0x3a6ef74f, 0x39395d21, 0x380fc8f8, 0x36df10c4, 0x35ad07a7];
+        assert_eq!(options.yarn_inv_freq(500_000.0, 16).unwrap(), expected.map(f32::from_bits));
+        assert!((options.attention_scaling() - 0.9483558523503399).abs() < 1e-15);
+    }
+
     use super::*;
 
     fn parse(json: Value) -> Result<ModelConfig, LoadError> {
@@ -329,6 +449,34 @@ mod tests {
     fn unknown_architecture_names_the_key_and_value() {
         let error = parse(serde_json::json!({"model_type": "gpt_neox"})).unwrap_err().to_string();
         assert!(error.contains("'model_type'") && error.contains("gpt_neox"), "{error}");
+    }
+
+    /// What ember cannot run is refused as unsupported, naming the key: an activation other than
+    /// SiLU, sliding-window attention, an unknown RoPE scaling. Mistral without a window short
+    /// enough to matter is LLaMA.
+    #[test]
+    fn configs_ember_cannot_run_are_unsupported() {
+        let config = |extra: Value| {
+            let mut json = serde_json::json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10, "max_position_embeddings": 32768});
+            json.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            parse(json)
+        };
+        for (extra, key) in [
+            (serde_json::json!({"hidden_act": "gelu_pytorch_tanh"}), "hidden_act"),
+            (serde_json::json!({"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 4096}), "use_sliding_window"),
+            (serde_json::json!({"model_type": "mistral", "sliding_window": 4096}), "sliding_window"),
+            (serde_json::json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}), "rope_scaling"),
+            (serde_json::json!({"model_type": "gpt_neox"}), "model_type"),
+        ] {
+            match config(extra.clone()) {
+                Err(LoadError::Unsupported { key: k, .. }) => assert_eq!(k, key, "{extra}"),
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+        for extra in [serde_json::json!({"model_type": "mistral", "sliding_window": null}), serde_json::json!({"model_type": "mistral", "sliding_window": 32768}), serde_json::json!({"hidden_act": "silu"})] {
+            assert_eq!(config(extra.clone()).unwrap().architecture, Architecture::Llama, "{extra}");
+        }
     }
 
     #[test]

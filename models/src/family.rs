@@ -20,7 +20,7 @@ struct Family {
 }
 
 const FAMILIES: [Family; 3] = [
-    Family { model_types: &["llama", "qwen2"], architecture: Architecture::Llama, keys: &llama::KEYS, parse: llama::parse_config },
+    Family { model_types: &["llama", "qwen2", "mistral"], architecture: Architecture::Llama, keys: &llama::KEYS, parse: llama::parse_config },
     Family { model_types: &["glm"], architecture: Architecture::Glm, keys: &glm::GLM_KEYS, parse: |json, _| glm::parse_glm_config(json) },
     Family { model_types: &["chatglm"], architecture: Architecture::ChatGlm, keys: &glm::CHATGLM_KEYS, parse: |json, _| glm::parse_chatglm_config(json) },
 ];
@@ -57,7 +57,7 @@ impl ModelConfig {
             Some(family) => (family.parse)(&json, &model_type),
             None => {
                 let supported: Vec<&str> = FAMILIES.iter().flat_map(|f| f.model_types.iter().copied()).collect();
-                Err(LoadError::ConfigKey {
+                Err(LoadError::Unsupported {
                     path: path.to_path_buf(),
                     key: "model_type".into(),
                     reason: format!("unsupported architecture '{model_type}' (supported: {})", supported.join(", ")),

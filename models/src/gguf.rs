@@ -1005,7 +1005,7 @@ impl GgufFile {
         }))
     }
 
-    /// HF's `rope_scaling` for the file: `linear` from the metadata keys, `llama3` from the
+    /// HF's `rope_scaling` for the file: `linear` and `yarn` from the metadata keys, `llama3` from the
     /// `rope_freqs` tensor llama.cpp's converter writes for it. Every Llama 3.x uses low and high
     /// frequency factors 1 and 4 and an original context of 8,192 with its own `factor` (the
     /// largest divisor); divisors that are not those are refused, never dropped.
@@ -1019,7 +1019,21 @@ impl GgufFile {
                 let factor = meta.get(&factor_key).and_then(Value::as_f64).ok_or_else(|| meta.error(&factor_key, "missing or not a number"))?;
                 return Ok(json!({"rope_type": "linear", "factor": factor}));
             }
-            Some(other) => return Err(meta.error(&kind_key, &format!("'{other}' is not supported (supported: none, linear; llama3 as rope_freqs.weight)"))),
+            Some("yarn") => {
+                let number = |k: &str| meta.get(&format!("{}.rope.scaling.{k}", arch.name())).and_then(Value::as_f64);
+                let factor_key = format!("{}.rope.scaling.factor", arch.name());
+                let factor = number("factor").ok_or_else(|| meta.error(&factor_key, "missing or not a number"))?;
+                let context_key = format!("{}.context_length", arch.name());
+                let original = number("original_context_length").or_else(|| meta.get(&context_key).and_then(Value::as_f64))
+                    .ok_or_else(|| meta.error(&context_key, "missing or not a number"))?;
+                let mut scaling = json!({"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original});
+                // llama.cpp multiplies its own 0.1·ln(factor) + 1 by `attn_factor`.
+                if let Some(extra) = number("attn_factor").filter(|&f| f != 1.0) {
+                    scaling["attention_factor"] = json!(RopeScaling::yarn_default_attention(factor) * extra);
+                }
+                return Ok(scaling);
+            }
+            Some(other) => return Err(meta.error(&kind_key, &format!("'{other}' is not supported (supported: none, linear, yarn; llama3 as rope_freqs.weight)"))),
         }
         let Some(tensor) = self.tensor("rope_freqs.weight") else { return Ok(Value::Null) };
         let divisors = self.dequantize(tensor);

@@ -631,6 +631,18 @@ pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> V
     out
 }
 
+/// Whether llama.cpp can run `config`'s RoPE as transformers does: its YaRN truncates the
+/// correction range and takes the default betas (32, 1), whatever the file says.
+pub fn check_rope(config: &ModelConfig) -> Result<(), String> {
+    if let Some(RopeScaling::Yarn { beta_fast, beta_slow, truncate, .. }) = config.rope.scaling {
+        let default = |beta: Option<f64>, value: f64| beta.is_none_or(|b| b == 0.0 || b == value);
+        if !truncate || !default(beta_fast, 32.0) || !default(beta_slow, 1.0) {
+            return Err("YaRN with truncate false or betas other than 32 and 1: llama.cpp computes its YaRN with those defaults, so the exported model would not run as this one".into());
+        }
+    }
+    Ok(())
+}
+
 /// llama.cpp's hyperparameters of a model of `arch`.
 pub fn hyperparameters(config: &ModelConfig, arch: GgufArch, name: &str, file_type: ExportType) -> Vec<(String, MetaValue)> {
     let key = |k: &str| format!("{}.{k}", arch.name());
@@ -653,9 +665,22 @@ pub fn hyperparameters(config: &ModelConfig, arch: GgufArch, name: &str, file_ty
     ];
     // llama3 scaling goes out as the `rope_freqs` tensor ([`RopeScaling::llama3_divisors`]), as
     // llama.cpp's converter writes it.
-    if let Some(RopeScaling::Linear { factor }) = config.rope.scaling {
-        meta.push((key("rope.scaling.type"), MetaValue::Str("linear".into())));
-        meta.push((key("rope.scaling.factor"), MetaValue::F32(factor as f32)));
+    match config.rope.scaling {
+        Some(RopeScaling::Linear { factor }) => {
+            meta.push((key("rope.scaling.type"), MetaValue::Str("linear".into())));
+            meta.push((key("rope.scaling.factor"), MetaValue::F32(factor as f32)));
+        }
+        Some(ref yarn @ RopeScaling::Yarn { factor, original_max_position_embeddings, .. }) => {
+            meta.push((key("rope.scaling.type"), MetaValue::Str("yarn".into())));
+            meta.push((key("rope.scaling.factor"), MetaValue::F32(factor as f32)));
+            meta.push((key("rope.scaling.original_context_length"), MetaValue::U32(original_max_position_embeddings as u32)));
+            // llama.cpp scales cos/sin by 0.1·ln(factor) + 1 itself, then by `attn_factor`.
+            let extra = yarn.attention_scaling() / RopeScaling::yarn_default_attention(factor);
+            if extra != 1.0 {
+                meta.push((key("rope.scaling.attn_factor"), MetaValue::F32(extra as f32)));
+            }
+        }
+        _ => {}
     }
     if file_type.quantized() {
         meta.push(("general.quantization_version".into(), MetaValue::U32(2)));

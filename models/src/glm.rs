@@ -50,7 +50,7 @@ pub(crate) fn parse_chatglm_config(json: &JsonConfig) -> Result<ModelConfig, Loa
     // Variants of the remote code that this decoder does not implement.
     let require = |key: &str, expected: bool, default: bool| -> Result<(), LoadError> {
         if json.bool_or(key, default)? != expected {
-            return Err(json.invalid(key, format!("only {expected} is supported")));
+            return Err(json.unsupported(key, format!("only {expected} is supported")));
         }
         Ok(())
     };
@@ -58,7 +58,7 @@ pub(crate) fn parse_chatglm_config(json: &JsonConfig) -> Result<ModelConfig, Loa
     require("post_layer_norm", true, true)?;
     require("apply_residual_connection_post_layernorm", false, false)?;
     if json.get("quantization_bit").and_then(|v| v.as_u64()).is_some_and(|bits| bits != 0) {
-        return Err(json.invalid("quantization_bit", "quantized ChatGLM checkpoints are not supported"));
+        return Err(json.unsupported("quantization_bit", "quantized ChatGLM checkpoints are not supported"));
     }
     let multi_query = json.bool_or("multi_query_attention", false)?;
     if multi_query {

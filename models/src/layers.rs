@@ -271,6 +271,7 @@ impl Rope {
                     };
                 }
             }
+            Some(yarn @ RopeScaling::Yarn { .. }) => inv_freq = yarn.yarn_inv_freq(config.theta, config.rotary_dim).expect("yarn"),
         }
         Self { config, inv_freq, uploaded: Arc::default(), packed: Arc::default() }
     }
@@ -301,6 +302,7 @@ impl Rope {
     /// Shapes: `[len, rotary_dim]` each.
     fn host_tables(&self, len: usize) -> (Vec<f32>, Vec<f32>) {
         let dim = self.config.rotary_dim;
+        let scaling = self.config.scaling.as_ref().map_or(1.0, RopeScaling::attention_scaling) as f32;
         let mut cos = Vec::with_capacity(len * dim);
         let mut sin = Vec::with_capacity(len * dim);
         for pos in 0..len {
@@ -310,8 +312,8 @@ impl Rope {
                     RopePairing::Half => d % (dim / 2),
                     RopePairing::Interleaved => d / 2,
                 };
-                cos.push(angle(i).cos());
-                sin.push(angle(i).sin());
+                cos.push(angle(i).cos() * scaling);
+                sin.push(angle(i).sin() * scaling);
             }
         }
         (cos, sin)

@@ -49,6 +49,10 @@ pub enum LoadError {
     Invalid { path: PathBuf, reason: String },
     #[error("{}: key '{key}': {reason}", path.display())]
     ConfigKey { path: PathBuf, key: String, reason: String },
+    /// A valid config that asks for something ember does not implement (an architecture, a RoPE
+    /// scaling, an activation): the model is not wrong, ember cannot run it.
+    #[error("{}: key '{key}': {reason}", path.display())]
+    Unsupported { path: PathBuf, key: String, reason: String },
     #[error("{}: missing tensor '{key}'", path.display())]
     MissingTensor { path: PathBuf, key: String },
     #[error("{}: tensor '{key}' has shape {found:?}, expected {expected:?}", path.display())]

@@ -1,4 +1,4 @@
-//! LLaMA 1/2/3 and compatible checkpoints (SmolLM2, Vicuna, Chinese-LLaMA, Qwen2):
+//! LLaMA 1/2/3 and compatible checkpoints (SmolLM2, Vicuna, Chinese-LLaMA, Qwen2, Mistral):
 //! grouped-query attention, RMSNorm, SwiGLU, RoPE in HF's `rotate_half` convention, so q/k load
 //! as stored and adapters export without un-permuting.
 
@@ -25,6 +25,19 @@ pub const KEYS: KeyLayout = KeyLayout {
 pub(crate) fn parse_config(json: &JsonConfig, model_type: &str) -> Result<ModelConfig, LoadError> {
     let partial_rotary_factor = json.opt_f64("partial_rotary_factor")?;
     // Qwen2 always has q/k/v biases and none on o_proj; LLaMA's `attention_bias` covers all four.
+    // Sliding-window attention is not implemented: Qwen2 switches it on with use_sliding_window
+    // (off in its released configs); Mistral has it whenever the window is shorter than the
+    // longest sequence (null from v0.2 on).
+    if json.bool_or("use_sliding_window", false)? {
+        return Err(json.unsupported("use_sliding_window", "sliding-window attention is not supported"));
+    }
+    if model_type == "mistral" {
+        let window = json.opt_usize("sliding_window")?;
+        let longest = json.opt_usize("max_position_embeddings")?;
+        if let Some(window) = window.filter(|&w| longest.is_none_or(|longest| w < longest)) {
+            return Err(json.unsupported("sliding_window", format!("a window of {window} tokens: sliding-window attention is not supported")));
+        }
+    }
     let (qkv_bias, o_bias) = if model_type == "qwen2" {
         (true, false)
     } else {
@@ -48,7 +61,7 @@ pub(crate) fn parse_config(json: &JsonConfig, model_type: &str) -> Result<ModelC
     })
 }
 
-/// `rope_scaling`: absent/null/"default", "linear" or "llama3".
+/// `rope_scaling`: absent/null/"default", "linear", "llama3" or "yarn".
 fn parse_rope_scaling(json: &JsonConfig) -> Result<Option<RopeScaling>, LoadError> {
     let Some(value) = json.get("rope_scaling") else { return Ok(None) };
     let key = "rope_scaling";
@@ -68,6 +81,25 @@ fn parse_rope_scaling(json: &JsonConfig) -> Result<Option<RopeScaling>, LoadErro
             high_freq_factor: number("high_freq_factor")?,
             original_max_position_embeddings: number("original_max_position_embeddings")?,
         })),
-        other => Err(json.invalid(key, format!("unsupported rope_type '{other}' (supported: default, linear, llama3)"))),
+        "yarn" => {
+            let optional = |name: &str| obj.get(name).and_then(|v| v.as_f64());
+            // transformers prefers a top-level original_max_position_embeddings, then the
+            // scaling's own, then max_position_embeddings.
+            let original = match json.opt_f64("original_max_position_embeddings")?.or_else(|| optional("original_max_position_embeddings")) {
+                Some(original) => original,
+                None => json.opt_f64("max_position_embeddings")?.ok_or_else(|| json.invalid(key, "'yarn' scaling needs 'original_max_position_embeddings'"))?,
+            };
+            Ok(Some(RopeScaling::Yarn {
+                factor: number("factor")?,
+                original_max_position_embeddings: original,
+                beta_fast: optional("beta_fast"),
+                beta_slow: optional("beta_slow"),
+                attention_factor: optional("attention_factor"),
+                mscale: optional("mscale"),
+                mscale_all_dim: optional("mscale_all_dim"),
+                truncate: obj.get("truncate").and_then(|v| v.as_bool()).unwrap_or(true),
+            }))
+        }
+        other => Err(json.unsupported(key, format!("unsupported rope_type '{other}' (supported: default, linear, llama3, yarn)"))),
     }
 }

@@ -64,6 +64,7 @@ pub fn export_gguf(
     let importance = importance_path.map(ImportanceMatrix::read).transpose()?;
     let device = Device::flex();
     let mut config = ModelConfig::from_dir(base_dir)?;
+    gguf_write::check_rope(&config).map_err(|reason| LoadError::Unsupported { path: base_dir.join("config.json"), key: "rope_scaling".into(), reason })?;
     let arch = GgufArch::of(&config);
     let base = Checkpoint::open_dir(base_dir)?;
     check_checkpoint(&config, &base)?;
