@@ -158,10 +158,22 @@ fn adapters_that_do_not_fit_the_base_are_bad_input() {
 
 #[test]
 fn peft_options_ember_cannot_compute_are_refused() {
-    for (key, value) in [("bias", serde_json::json!("all")), ("fan_in_fan_out", serde_json::json!(true))] {
+    for (key, value) in [
+        ("bias", serde_json::json!("all")),
+        ("fan_in_fan_out", serde_json::json!(true)),
+        ("lora_bias", serde_json::json!(true)),
+        ("target_modules", serde_json::json!(["q_proj", "lm_head"])),
+        ("target_modules", serde_json::json!(".*embed_tokens")),
+    ] {
         let adapter = edited_adapter("tiny_llama", "lora", |c| c[key] = value.clone());
         assert_bad_input(&generate_with("tiny_llama", adapter.path()), &["adapter_config.json", key]);
     }
+    // A pattern that is not a regex.
+    let adapter = edited_adapter("tiny_llama", "lora", |c| c["rank_pattern"] = serde_json::json!({"q_proj(": 4}));
+    assert_bad_input(&generate_with("tiny_llama", adapter.path()), &["adapter_config.json", "rank_pattern", "q_proj("]);
+    // A rank the pattern gives that the tensors do not have.
+    let adapter = edited_adapter("tiny_llama", "lora", |c| c["rank_pattern"] = serde_json::json!({"q_proj": 4}));
+    assert_bad_input(&generate_with("tiny_llama", adapter.path()), &["adapter_model.safetensors", "q_proj.lora_A.weight", "shape"]);
     // A LoRA file that claims to be DoRA lacks the magnitudes.
     let adapter = edited_adapter("tiny_llama", "lora", |c| c["use_dora"] = true.into());
     assert_bad_input(&generate_with("tiny_llama", adapter.path()), &["adapter_model.safetensors", "lora_magnitude_vector"]);

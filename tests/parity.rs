@@ -408,7 +408,7 @@ fn method_checks(case: &Case, device: &Device, report: &mut Report) -> Result<()
         let ours = gradients_by_id(&model, &grads);
         let mut worst = 0f32;
         for (id, key) in &names {
-            let full = format!("grad.{method}.{key}");
+            let full = gradient_key(reference, method, key);
             let (expected, _) = f32s(reference, &full)?;
             let values = ours.get(id).ok_or_else(|| format!("no gradient for {full}"))?;
             worst = worst.max(grad_excess(values, &expected));
@@ -476,6 +476,15 @@ fn training_prefix(case: &Case, device: &Device) -> Result<Option<prefix::Prefix
     };
     let mlp = (tensor2("transform.0.weight")?, tensor1("transform.0.bias")?, tensor2("transform.2.weight")?, tensor1("transform.2.bias")?);
     Ok(Some(prefix::from_training_params(tensor2("embedding.weight")?, Some(mlp), &config)))
+}
+
+/// The reference's gradient of the adapter tensor `key`: keyed by the tensor's name in the
+/// adapter file, or (as gen.py's first wave wrote them) by PEFT's parameter name, which adds
+/// `.weight` to a DoRA magnitude and `.modules_to_save` to a module trained in full.
+fn gradient_key(reference: &Checkpoint, method: &str, key: &str) -> String {
+    let saved = format!("grad.{method}.{key}");
+    let parameter_names = [format!("{saved}.weight"), saved.strip_suffix(".weight").map(|k| format!("{k}.modules_to_save.weight")).unwrap_or_default()];
+    parameter_names.into_iter().find(|k| reference.contains(k)).filter(|_| !reference.contains(&saved)).unwrap_or(saved)
 }
 
 /// The reference's loss and gradients come from PEFT in eval mode: every dropout is off.

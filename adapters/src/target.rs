@@ -33,7 +33,7 @@ impl Target {
         Ok(match modules {
             TargetModules::List(list) => Target::Suffixes(list.clone()),
             TargetModules::One(s) if s == "all-linear" => Target::AllLinear,
-            TargetModules::One(s) => Target::Regex(Regex::new(s).map_err(|e| format!("'adapter.target_modules': {e}"))?),
+            TargetModules::One(s) => Target::Regex(Regex::new(s).map_err(|e| format!("'adapter.target_modules': {}", regex_error(&e)))?),
         })
     }
 
@@ -42,7 +42,7 @@ impl Target {
         use serde_json::Value;
         Ok(match value {
             Some(Value::String(s)) if s == "all-linear" => Target::AllLinear,
-            Some(Value::String(s)) => Target::Regex(Regex::new(s).map_err(|e| format!("'{key}' regex: {e}"))?),
+            Some(Value::String(s)) => Target::Regex(Regex::new(s).map_err(|e| format!("'{key}' regex: {}", regex_error(&e)))?),
             Some(Value::Array(items)) => Target::Suffixes(
                 items.iter().map(|v| v.as_str().map(str::to_owned)).collect::<Option<_>>().ok_or(format!("'{key}' must list strings"))?,
             ),
@@ -123,7 +123,7 @@ impl<T: Copy + Serialize> Patterns<T> {
         let entries = entries
             .into_iter()
             .map(|(pattern, value)| {
-                let re = Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$")).map_err(|e| format!("'{key}': pattern '{pattern}': {e}"))?;
+                let re = Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$")).map_err(|e| format!("'{key}': pattern '{pattern}': {}", regex_error(&e)))?;
                 Ok((pattern, re, value))
             })
             .collect::<Result<_, String>>()?;
@@ -143,6 +143,12 @@ impl<T: Copy + Serialize> Patterns<T> {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::Value::Object(self.entries.iter().map(|(pattern, _, value)| (pattern.clone(), serde_json::json!(value))).collect())
     }
+}
+
+/// A regex error on one line (the regex crate draws the pattern with a caret under it).
+fn regex_error(error: &regex::Error) -> String {
+    let text = error.to_string();
+    text.lines().last().unwrap_or_default().trim().trim_start_matches("error: ").to_owned()
 }
 
 /// `model.layers.12.self_attn.q_proj` -> 12

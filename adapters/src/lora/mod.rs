@@ -87,6 +87,12 @@ pub fn whole_module_parameters(model: &ModelConfig, config: &LoraConfig) -> usiz
 /// Whether `config`'s layers exist and it targets at least one projection of `model`.
 pub fn check_targets(model: &ModelConfig, config: &LoraConfig) -> Result<(), String> {
     peft::whole_modules(config, model)?;
+    if let Some(module) = peft::vocab_module_targeted(&config.target) {
+        return Err(format!(
+            "'adapter.target_modules' = {} names '{module}': LoRA on the embedding or the LM head is not supported (train it in full with modules_to_save)",
+            config.target
+        ));
+    }
     if let Some(layer) = config.layers_to_transform.iter().flatten().find(|&&i| i >= model.num_layers) {
         return Err(format!("'adapter.layers_to_transform': layer {layer} does not exist (the model has {} layers)", model.num_layers));
     }

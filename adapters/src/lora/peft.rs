@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use burn::module::ParamId;
 use burn::tensor::{Device, Tensor};
 use ember_models::layers::Linear;
+use ember_models::config::Architecture;
+use ember_models::family::KeyLayout;
 use ember_models::{BaseModel, Checkpoint, LoadDtype, ModelConfig, VocabModule};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -188,6 +190,13 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
         Some(Value::Array(names)) => names.iter().map(|n| n.as_str().map(str::to_string).ok_or("'modules_to_save' must list module names")).collect::<Result<_, _>>()?,
         Some(_) => return Err("'modules_to_save' must be a list of module names".into()),
     };
+    let target = Target::from_peft(get("target_modules"), "target_modules")?;
+    if let Some(module) = vocab_module_targeted(&target) {
+        return unsupported("target_modules", &format!("LoRA on '{module}' (the embedding or the LM head)"));
+    }
+    if get("lora_bias").and_then(Value::as_bool) == Some(true) {
+        return unsupported("lora_bias", "a bias on lora_B");
+    }
     let r = get("r").and_then(Value::as_u64).filter(|&r| r > 0).ok_or("'r' must be a positive integer")? as usize;
     let patterns = PatternMaps::read(&folder.config_path)?;
     let rank_pattern = patterns.rank_pattern.map(|p| p.values("rank_pattern", |v| v.as_u64().filter(|&r| r > 0).map(|r| r as usize))).transpose()?;
@@ -198,12 +207,26 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
         alpha,
         dropout: get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
         use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
-        target: Target::from_peft(get("target_modules"), "target_modules")?,
+        target,
         layers_to_transform: layers_from_peft(get("layers_to_transform"))?,
         modules_to_save,
         rank_pattern: Patterns::new(rank_pattern.unwrap_or_default(), "rank_pattern")?,
         alpha_pattern: Patterns::new(alpha_pattern.unwrap_or_default(), "alpha_pattern")?,
     })
+}
+
+/// The embedding or LM head (of any family) that `target` names: PEFT would put a LoRA branch
+/// there (`lora_embedding_A`, or one on the head's product), which ember does not implement.
+/// `all-linear` never takes them.
+pub fn vocab_module_targeted(target: &Target) -> Option<&'static str> {
+    if matches!(target, Target::AllLinear) {
+        return None;
+    }
+    [Architecture::Llama, Architecture::Glm, Architecture::ChatGlm]
+        .into_iter()
+        .map(KeyLayout::of)
+        .flat_map(|keys| [keys.embed, keys.lm_head])
+        .find(|name| target.matches(name, None))
 }
 
 /// adapter_config.json's `rank_pattern` and `alpha_pattern` with their entries in the file's
