@@ -22,6 +22,10 @@
     ember; last-position logits of transformers, ember and llama.cpp on the same ids (prompts
     repeated to about 150 tokens for (i), where the long wavelengths turn), and their greedy
     answers.
+(o) YaRN (Qwen2.5's long context), as (h): Qwen2 with its own attention factor and LLaMA with
+    transformers' default one, exported with llama.cpp's YaRN keys.
+(p) a LoRA with PEFT's rank_pattern / alpha_pattern (tests/fixtures/tiny_qwen2 lora_pattern) as
+    ember's gguf-lora: llama.cpp's logits with the adapter against ember's.
 (j) the byte-level BPE pre-tokenizers ember reads back from a GGUF (`tokenizer.ggml.pre`: one
     name for each of llama.cpp's regex splits, 29): tiny_llama's and SmolLM2's vocabularies
     exported under each, the ids of ember's GGUF tokenizer equal llama.cpp's on texts with digits,
@@ -72,6 +76,14 @@ shape = dict(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_
     num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 if kind == 'qwen2':
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(rope_theta=1e6, **shape))
+elif kind == 'qwen2_yarn':
+    # Qwen2.5's long-context switch, with the attention factor given as well.
+    scaling = {'rope_type': 'yarn', 'rope_theta': 1e6, 'factor': 4.0, 'original_max_position_embeddings': 64,
+               'attention_factor': 1.3}
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(rope_parameters=scaling, **shape))
+elif kind == 'llama_yarn':
+    scaling = {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 8.0, 'original_max_position_embeddings': 128}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_parameters=scaling, **shape))
 else:
     scaling = {'rope_type': 'llama3', 'rope_theta': 5e5, 'factor': 32.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
                'original_max_position_embeddings': 8192}
@@ -423,35 +435,10 @@ def main():
     # (n) an NVFP4 checkpoint as llama.cpp's converter writes one, with an MXFP4 ffn_down.
     report.extend(verify_fp4(ember, recipe, work, data50, examples))
 
-    # (h) Qwen2 through llama.cpp's qwen2 architecture; (i) Llama 3.1's RoPE scaling.
-    for part, kind, what, repeat in (("h", "qwen2", "Qwen2 as llama.cpp's qwen2", 1), ("i", "llama3", "LLaMA with Llama 3.1 RoPE scaling (rope_freqs)", 8)):
-        if not args.reference_python:
-            report.append(f"({part}) skipped: give --reference-python (torch + transformers) to make the model")
-            continue
-        model = os.path.join(work, f"tiny_{kind}")
-        tiny_llama = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "tiny_llama")
-        run([args.reference_python, "-c", MAKE_TINY, model, tiny_llama, kind])
-        model_gguf = os.path.join(work, f"tiny-{kind}-f32.gguf")
-        # tiny_llama's trained BPE is not one llama.cpp knows by its hash: name the pre-tokenizer.
-        run([ember, "export", "gguf", "--base", model, "--out", model_gguf, "--type", "f32", "--pre", "gpt-2"])
-        llm = Llama(model_path=model_gguf, n_ctx=512, logits_all=True, verbose=False)
-        worst_ours, worst_theirs, same, tokens = 0.0, 0.0, 0, 0
-        for i, prompt in enumerate(PROMPTS):
-            dump = os.path.join(work, f"ember-{part}{i}.json")
-            run([ember, "generate", "--base", model, "--prompt", " ".join([prompt] * repeat), "--template", "none", "--max-new-tokens", "8", "--logits-out", dump])
-            ours = json.load(open(dump))
-            tokens = max(tokens, len(ours["prompt_ids"]))
-            reference = json.loads(run([args.reference_python, "-c", HF_ANSWER, model, json.dumps(ours["prompt_ids"]), str(len(ours["answer_ids"]))]))
-            theirs, last = llama_answer(llm, ours["prompt_ids"], len(ours["answer_ids"]))
-            hf_last = np.array(reference["last_logits"], dtype=np.float32)
-            worst_ours = max(worst_ours, float(np.abs(np.array(ours["last_logits"], dtype=np.float32) - hf_last).max()))
-            worst_theirs = max(worst_theirs, float(np.abs(last - hf_last).max()))
-            same += theirs == ours["answer_ids"] == reference["answer_ids"]
-            print(f"({part}) {prompt!r} x{repeat}: transformers {reference['answer_ids']} | ember {ours['answer_ids']} | llama.cpp {theirs}")
-        del llm
-        report.append(f"({part}) tiny random {what}, made by transformers, ember's f32 GGUF in llama.cpp (prompts up to {tokens} tokens): "
-                      f"last-position logits max |diff| to transformers: llama.cpp {worst_theirs:.2e}, ember {worst_ours:.2e}; "
-                      f"greedy answers (8 tokens) equal on all three {same}/{len(PROMPTS)}")
+    # (h) Qwen2 through llama.cpp's qwen2 architecture; (i) Llama 3.1's RoPE scaling; (o) YaRN.
+    report.extend(verify_tiny_random(args, ember, work))
+    # (p) a LoRA with PEFT's rank_pattern / alpha_pattern through gguf-lora.
+    report.append(verify_lora_patterns(ember, work))
 
     # (j) pre-tokenizers: ember's GGUF tokenizer against llama.cpp's on the same file.
     report.extend(verify_pre_tokenizers(ember, base, work))
@@ -575,6 +562,73 @@ def verify_fp4(ember, recipe, work, data50, examples):
     line = (f"(n) SmolLM2 as an NVFP4 checkpoint (NVFP4 projections with tensor scales, MXFP4 ffn_down; {os.path.getsize(path) / 1e6:.0f} MB): "
             f"ember's import of {compared} FP4 tensors equals gguf-py's dequantization times the scale within {worst:.1e} of each tensor's largest value")
     return [line, train_on_gguf(ember, recipe, work, "nvfp4", path, data50, examples, "n")]
+
+
+TINY_RANDOM = (("h", "qwen2", "Qwen2 as llama.cpp's qwen2", 1), ("i", "llama3", "LLaMA with Llama 3.1 RoPE scaling (rope_freqs)", 8),
+               ("o", "qwen2_yarn", "Qwen2 with YaRN and its own attention factor", 8), ("o", "llama_yarn", "LLaMA with YaRN", 8))
+
+
+def verify_tiny_random(args, ember, work, cases=TINY_RANDOM):
+    """Seeded random tiny models made by transformers, exported f32 by ember: transformers', ember's
+    and llama.cpp's last-position logits and greedy answers on the same ids."""
+    from llama_cpp import Llama
+    report = []
+    for part, kind, what, repeat in cases:
+        if not args.reference_python:
+            report.append(f"({part}) skipped: give --reference-python (torch + transformers) to make the model")
+            continue
+        model = os.path.join(work, f"tiny_{kind}")
+        tiny_llama = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "tiny_llama")
+        run([args.reference_python, "-c", MAKE_TINY, model, tiny_llama, kind])
+        model_gguf = os.path.join(work, f"tiny-{kind}-f32.gguf")
+        # tiny_llama's trained BPE is not one llama.cpp knows by its hash: name the pre-tokenizer.
+        run([ember, "export", "gguf", "--base", model, "--out", model_gguf, "--type", "f32", "--pre", "gpt-2"])
+        llm = Llama(model_path=model_gguf, n_ctx=512, logits_all=True, verbose=False)
+        worst_ours, worst_theirs, same, tokens = 0.0, 0.0, 0, 0
+        for i, prompt in enumerate(PROMPTS):
+            dump = os.path.join(work, f"ember-{part}{kind}{i}.json")
+            run([ember, "generate", "--base", model, "--prompt", " ".join([prompt] * repeat), "--template", "none", "--max-new-tokens", "8", "--logits-out", dump])
+            ours = json.load(open(dump))
+            tokens = max(tokens, len(ours["prompt_ids"]))
+            reference = json.loads(run([args.reference_python, "-c", HF_ANSWER, model, json.dumps(ours["prompt_ids"]), str(len(ours["answer_ids"]))]))
+            theirs, last = llama_answer(llm, ours["prompt_ids"], len(ours["answer_ids"]))
+            hf_last = np.array(reference["last_logits"], dtype=np.float32)
+            worst_ours = max(worst_ours, float(np.abs(np.array(ours["last_logits"], dtype=np.float32) - hf_last).max()))
+            worst_theirs = max(worst_theirs, float(np.abs(last - hf_last).max()))
+            same += theirs == ours["answer_ids"] == reference["answer_ids"]
+            print(f"({part}) {prompt!r} x{repeat}: transformers {reference['answer_ids']} | ember {ours['answer_ids']} | llama.cpp {theirs}")
+        del llm
+        report.append(f"({part}) tiny random {what}, made by transformers, ember's f32 GGUF in llama.cpp (prompts up to {tokens} tokens): "
+                      f"last-position logits max |diff| to transformers: llama.cpp {worst_theirs:.2e}, ember {worst_ours:.2e}; "
+                      f"greedy answers (8 tokens) equal on all three {same}/{len(PROMPTS)}")
+    return report
+
+
+def verify_lora_patterns(ember, work):
+    """tests/fixtures/tiny_qwen2's lora_pattern (PEFT's rank_pattern and alpha_pattern, layer 1 only)
+    as ember's gguf-lora on ember's f32 export, in llama.cpp: last-position logits against ember's."""
+    from llama_cpp import Llama
+    fixture = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "tiny_qwen2")
+    adapter = os.path.join(fixture, "adapters", "lora_pattern")
+    base_gguf, lora_gguf = os.path.join(work, "tiny-qwen2-fixture-f32.gguf"), os.path.join(work, "tiny-qwen2-lora-pattern.gguf")
+    run([ember, "export", "gguf", "--base", fixture, "--out", base_gguf, "--type", "f32", "--pre", "gpt-2"])
+    run([ember, "export", "gguf-lora", "--base", fixture, "--adapter", adapter, "--out", lora_gguf])
+    worst, moved = 0.0, 0.0
+    for prompt in PROMPTS:
+        lasts = []
+        for with_lora in (False, True):
+            dump = os.path.join(work, "ember-p.json")
+            run([ember, "generate", "--base", fixture, "--prompt", prompt, "--template", "none", "--max-new-tokens", "1", "--logits-out", dump]
+                + (["--adapter", adapter] if with_lora else []))
+            ours = json.load(open(dump))
+            llm = Llama(model_path=base_gguf, lora_path=lora_gguf if with_lora else None, n_ctx=256, logits_all=True, verbose=False)
+            _, last = llama_answer(llm, ours["prompt_ids"], 0)
+            del llm
+            worst = max(worst, float(np.abs(last - np.array(ours["last_logits"], dtype=np.float32)).max()))
+            lasts.append(last)
+        moved = max(moved, float(np.abs(lasts[1] - lasts[0]).max()))
+    return (f"(p) a LoRA with rank_pattern, alpha_pattern and layers_to_transform (tiny_qwen2 lora_pattern) as ember's gguf-lora in llama.cpp: "
+            f"last-position logits max |diff| to ember {worst:.2e}, with and without the adapter (which moves them by up to {moved:.2f})")
 
 
 def wide_tiny_llama(ember, work):
