@@ -105,7 +105,8 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
     println!("architecture:   {} (model_type {})", config.architecture.name(), config.model_type);
     println!("layers:         {}", config.num_layers);
     println!("hidden size:    {}", config.hidden_size);
-    println!("attention:      {} heads, {} kv heads, head dim {}", config.num_heads, config.num_kv_heads, config.head_dim);
+    let qk_norm = if config.qk_norm { ", q/k norm per head" } else { "" };
+    println!("attention:      {} heads, {} kv heads, head dim {}{qk_norm}", config.num_heads, config.num_kv_heads, config.head_dim);
     println!("mlp:            {} (SwiGLU)", config.intermediate_size);
     println!("vocab:          {}", config.vocab_size);
     println!("rope:           theta {}, {} of {} dims, {pairing}{}", rope.theta, rope.rotary_dim, config.head_dim,

@@ -563,6 +563,13 @@ fn what_llama_cpp_cannot_take_is_one_error_line() {
         &ember(&["export", "gguf-lora", "--base", llama.to_str().unwrap(), "--adapter", lora.to_str().unwrap(), "--out", out, "--type", "q4_k_m"]),
         &["--type 'q4_k_m'", "f32, f16, bf16 or q8_0"],
     );
+    // Qwen3's q/k norms would be lost in llama.cpp's llama or qwen2 layout.
+    let qwen3 = fixture("tiny_qwen3");
+    assert_bad_input(&ember(&["export", "gguf", "--base", qwen3.to_str().unwrap(), "--out", out, "--pre", "gpt-2"]), &["config.json", "model_type", "qwen3"]);
+    assert_bad_input(
+        &ember(&["export", "gguf-lora", "--base", qwen3.to_str().unwrap(), "--adapter", qwen3.join("adapters/lora").to_str().unwrap(), "--out", out]),
+        &["config.json", "qwen3"],
+    );
     assert!(!Path::new(out).exists());
 }
 

@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Tensor};
 
-use crate::layers::{Projection, Rope, grouped_attention};
+use crate::layers::{Projection, RmsNorm, Rope, grouped_attention};
 
 #[derive(Module, Debug)]
 pub struct SeparateQkv<P> {
@@ -37,6 +37,13 @@ pub struct LayerExtras {
     pub adaption: Option<(Tensor<3>, Tensor<1>)>,
 }
 
+/// Qwen3's RMSNorm over each head of the queries and of the keys, before RoPE.
+#[derive(Module, Debug)]
+pub struct QkNorm {
+    pub q_norm: RmsNorm,
+    pub k_norm: RmsNorm,
+}
+
 #[derive(Module, Debug)]
 pub struct Attention<P> {
     pub qkv: QkvProjection<P>,
@@ -44,6 +51,7 @@ pub struct Attention<P> {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    pub qk_norm: Option<QkNorm>,
 }
 
 impl<P: Projection> Attention<P> {
@@ -141,6 +149,10 @@ impl<P: Projection> Attention<P> {
     fn project_heads(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let [b, s, _] = x.dims();
         let (q, k, v) = self.project(x);
+        let (q, k) = match &self.qk_norm {
+            Some(norm) => (per_head(q, &norm.q_norm, self.head_dim), per_head(k, &norm.k_norm, self.head_dim)),
+            None => (q, k),
+        };
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, self.head_dim]).swap_dims(1, 2);
         (heads(q, self.num_heads), heads(k, self.num_kv_heads), heads(v, self.num_kv_heads))
     }
@@ -182,6 +194,10 @@ impl<P: Projection> Attention<P> {
         let kv = self.num_kv_heads;
         let dtype = q.dtype();
         let (_, k, v) = self.project(prompt.cast(dtype));
+        let k = match &self.qk_norm {
+            Some(norm) => per_head(k, &norm.k_norm, d),
+            None => k,
+        };
         // 1,len,kv*d -> 1,kv,len,d
         let k = k.reshape([1, len, kv, d]).swap_dims(1, 2);
         let v = v.reshape([1, len, kv, d]).swap_dims(1, 2);
@@ -190,6 +206,16 @@ impl<P: Projection> Attention<P> {
         let probs = softmax(scores.cast(DType::F32), 3).cast(dtype) * gate.cast(dtype).reshape([1, 1, 1, 1]);
         crate::fused::matmul(probs, v).reshape([b, heads, s, d])
     }
+}
+
+/// `norm` over each head's `d` values of `x`.
+///
+/// # Shapes
+/// - x, output: `[batch, seq, heads·d]`
+fn per_head(x: Tensor<3>, norm: &RmsNorm, d: usize) -> Tensor<3> {
+    let [b, s, width] = x.dims();
+    // b,s,n·d -> b,s·n,d: RMSNorm runs over the last dim.
+    norm.forward(x.reshape([b, s * width / d, d])).reshape([b, s, width])
 }
 
 /// Where real tokens' positions start: after the prefix when it takes positions (PEFT).

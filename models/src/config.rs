@@ -171,6 +171,8 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// Qwen3's RMSNorm over each head of q and k before RoPE (`…self_attn.q_norm`, `k_norm`).
+    pub qk_norm: bool,
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
     pub bos_token_id: Option<u32>,
@@ -366,6 +368,7 @@ impl JsonConfig<'_> {
             qkv_bias: false,
             o_bias: false,
             mlp_bias: false,
+            qk_norm: false,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
             max_position_embeddings: self.opt_usize("max_position_embeddings")?.unwrap_or(2048),
             bos_token_id,

@@ -20,7 +20,7 @@ struct Family {
 }
 
 const FAMILIES: [Family; 3] = [
-    Family { model_types: &["llama", "qwen2", "mistral"], architecture: Architecture::Llama, keys: &llama::KEYS, parse: llama::parse_config },
+    Family { model_types: &["llama", "qwen2", "qwen3", "mistral"], architecture: Architecture::Llama, keys: &llama::KEYS, parse: llama::parse_config },
     Family { model_types: &["glm"], architecture: Architecture::Glm, keys: &glm::GLM_KEYS, parse: |json, _| glm::parse_glm_config(json) },
     Family { model_types: &["chatglm"], architecture: Architecture::ChatGlm, keys: &glm::CHATGLM_KEYS, parse: |json, _| glm::parse_chatglm_config(json) },
 ];
@@ -191,6 +191,12 @@ impl KeyLayout {
         format!("{}.{i}", self.layers)
     }
 
+    /// Layer `i`'s per-head q and k norms (Qwen3), as modules.
+    pub fn qk_norms(&self, i: usize) -> [String; 2] {
+        let attn = format!("{}.{}", self.layer(i), self.attention);
+        [format!("{attn}.q_norm"), format!("{attn}.k_norm")]
+    }
+
     /// Layer `i`'s projections, each with its HF module name and what it computes, in
     /// [`DecoderLayer::projections`](crate::transformer::DecoderLayer::projections) order.
     pub fn roles(&self, i: usize) -> Vec<(String, Role)> {
@@ -236,6 +242,9 @@ pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         }
         for norm in [keys.input_norm, keys.post_attention_norm] {
             norms.push((format!("{}.{norm}.weight", keys.layer(i)), vec![h]));
+        }
+        if config.qk_norm {
+            norms.extend(keys.qk_norms(i).map(|norm| (format!("{norm}.weight"), vec![config.head_dim])));
         }
     }
     out.extend(norms);

@@ -631,9 +631,18 @@ pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> V
     out
 }
 
-/// Whether llama.cpp can run `config`'s RoPE as transformers does: its YaRN truncates the
-/// correction range and takes the default betas (32, 1), whatever the file says.
-pub fn check_rope(config: &ModelConfig) -> Result<(), String> {
+/// Whether ember writes `config` as a GGUF llama.cpp runs as transformers does: not Qwen3's
+/// per-head q/k norms (llama.cpp's `qwen3`, which ember does not write), and only the YaRN
+/// llama.cpp computes (it truncates the correction range and takes the default betas 32 and 1,
+/// whatever the file says). The error names the config key.
+pub fn check_exportable(config: &ModelConfig) -> Result<(), (&'static str, String)> {
+    if config.qk_norm {
+        return Err(("model_type", format!("'{}' (per-head q/k norms): ember does not write llama.cpp's qwen3 architecture", config.model_type)));
+    }
+    check_rope(config).map_err(|reason| ("rope_scaling", reason))
+}
+
+fn check_rope(config: &ModelConfig) -> Result<(), String> {
     if let Some(RopeScaling::Yarn { beta_fast, beta_slow, truncate, .. }) = config.rope.scaling {
         let default = |beta: Option<f64>, value: f64| beta.is_none_or(|b| b == 0.0 || b == value);
         if !truncate || !default(beta_fast, 32.0) || !default(beta_slow, 1.0) {

@@ -1,4 +1,4 @@
-//! LLaMA 1/2/3 and compatible checkpoints (SmolLM2, Vicuna, Chinese-LLaMA, Qwen2, Mistral):
+//! LLaMA 1/2/3 and compatible checkpoints (SmolLM2, Vicuna, Chinese-LLaMA, Qwen2, Qwen3, Mistral):
 //! grouped-query attention, RMSNorm, SwiGLU, RoPE in HF's `rotate_half` convention, so q/k load
 //! as stored and adapters export without un-permuting.
 
@@ -57,6 +57,7 @@ pub(crate) fn parse_config(json: &JsonConfig, model_type: &str) -> Result<ModelC
         qkv_bias,
         o_bias,
         mlp_bias: json.bool_or("mlp_bias", false)?,
+        qk_norm: model_type == "qwen3",
         ..json.base_config(&HF_SHAPE_KEYS, Architecture::Llama, model_type, rms_norm_eps, rope)?
     })
 }

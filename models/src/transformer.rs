@@ -8,7 +8,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
-use crate::attention::{Attention, LayerExtras, QkvProjection, SeparateQkv};
+use crate::attention::{Attention, LayerExtras, QkNorm, QkvProjection, SeparateQkv};
 use crate::batch::{KvCache, Layout, TokenBatch};
 use crate::checkpoint::{Checkpoint, LoadDtype};
 use crate::config::ModelConfig;
@@ -146,14 +146,14 @@ impl<P> DecoderLayer<P> {
         let (num_heads, num_kv_heads, head_dim) = (self.attention.num_heads, self.attention.num_kv_heads, self.attention.head_dim);
         DecoderLayer {
             input_norm: self.input_norm,
-            attention: Attention { qkv, o_proj, num_heads, num_kv_heads, head_dim },
+            attention: Attention { qkv, o_proj, num_heads, num_kv_heads, head_dim, qk_norm: self.attention.qk_norm },
             post_attention_norm: self.post_attention_norm,
             mlp: Mlp { gate_up, down_proj },
         }
     }
 
     /// A layer from its norms and its projections by role, as a family's table lists them.
-    fn from_table(config: &ModelConfig, input_norm: RmsNorm, post_attention_norm: RmsNorm, projections: Vec<(Role, P)>) -> Self {
+    fn from_table(config: &ModelConfig, input_norm: RmsNorm, post_attention_norm: RmsNorm, qk_norm: Option<QkNorm>, projections: Vec<(Role, P)>) -> Self {
         let mut by_role: Vec<(Role, Option<P>)> = projections.into_iter().map(|(r, p)| (r, Some(p))).collect();
         let mut take = |role: Role| by_role.iter_mut().find(|(r, _)| *r == role).and_then(|(_, p)| p.take());
         let qkv = match take(Role::Qkv) {
@@ -177,6 +177,7 @@ impl<P> DecoderLayer<P> {
             num_heads: config.num_heads,
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
+            qk_norm,
         };
         let mlp = Mlp { gate_up, down_proj: take(Role::Down).expect("a table has down") };
         DecoderLayer { input_norm, attention, post_attention_norm, mlp }
@@ -339,7 +340,8 @@ impl CausalLm<Linear> {
             };
             Ok(Linear::with_weight(weight, bias))
         };
-        let norm = |name: &str| -> Result<RmsNorm, LoadError> { Ok(RmsNorm::new(vector(&format!("{name}.weight"), h)?, config.rms_norm_eps)) };
+        let norm_of = |name: &str, len: usize| -> Result<RmsNorm, LoadError> { Ok(RmsNorm::new(vector(&format!("{name}.weight"), len)?, config.rms_norm_eps)) };
+        let norm = |name: &str| norm_of(name, h);
 
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
@@ -351,7 +353,14 @@ impl CausalLm<Linear> {
                 .collect::<Result<Vec<_>, LoadError>>()?;
             let input_norm = norm(&format!("{layer}.{}", keys.input_norm))?;
             let post_attention_norm = norm(&format!("{layer}.{}", keys.post_attention_norm))?;
-            layers.push(DecoderLayer::from_table(&config, input_norm, post_attention_norm, projections));
+            let qk_norm = match config.qk_norm {
+                true => {
+                    let [q_norm, k_norm] = keys.qk_norms(i);
+                    Some(QkNorm { q_norm: norm_of(&q_norm, config.head_dim)?, k_norm: norm_of(&k_norm, config.head_dim)? })
+                }
+                false => None,
+            };
+            layers.push(DecoderLayer::from_table(&config, input_norm, post_attention_norm, qk_norm, projections));
         }
         let embed_tokens = Embedding::new(matrix(&format!("{}.weight", keys.embed), [config.vocab_size, h])?);
         // The head stays in full precision, as transformers keeps it.

@@ -64,7 +64,7 @@ pub fn export_gguf(
     let importance = importance_path.map(ImportanceMatrix::read).transpose()?;
     let device = Device::flex();
     let mut config = ModelConfig::from_dir(base_dir)?;
-    gguf_write::check_rope(&config).map_err(|reason| LoadError::Unsupported { path: base_dir.join("config.json"), key: "rope_scaling".into(), reason })?;
+    exportable(&config, base_dir)?;
     let arch = GgufArch::of(&config);
     let base = Checkpoint::open_dir(base_dir)?;
     check_checkpoint(&config, &base)?;
@@ -150,6 +150,12 @@ fn gguf_values(values: Tensor<2>, spec: &TensorSpec, heads: Option<usize>) -> Ve
     }
 }
 
+/// [`gguf_write::check_exportable`] as an error naming the base's config.json.
+fn exportable(config: &ModelConfig, base_dir: &Path) -> Result<(), LoadError> {
+    gguf_write::check_exportable(config)
+        .map_err(|(key, reason)| LoadError::Unsupported { path: base_dir.join("config.json"), key: key.into(), reason })
+}
+
 /// llama.cpp's converter order: the embedding, the blocks in order, the final norm, the head.
 fn gguf_order(name: &str) -> (usize, usize, String) {
     match name.strip_prefix("blk.").and_then(|rest| rest.split_once('.')) {
@@ -165,6 +171,7 @@ fn gguf_order(name: &str) -> (usize, usize, String) {
 pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: GgmlType) -> Result<ExportSummary, MergeError> {
     let device = Device::flex();
     let config = ModelConfig::from_dir(base_dir)?;
+    exportable(&config, base_dir)?;
     let arch = GgufArch::of(&config);
     let invalid = |reason: String| ember_adapters::AdapterError::Invalid { path: adapter.to_path_buf(), reason };
     let method = Method::read(adapter)?;
