@@ -48,7 +48,7 @@ sys.argv = saved_argv
 from peft import (AdaptionPromptConfig, IA3Config, LoraConfig, PrefixTuningConfig,  # noqa: E402
                   PromptTuningConfig)
 from transformers import (AutoTokenizer, GlmConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa: E402
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 gen.setup(["--threads", "2", "--attn", "eager"])
 OUT = os.path.abspath(ARGS.out)
@@ -58,7 +58,7 @@ TEXTS = ["Give three tips for staying healthy.", "你好，世界！请介绍一
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = QKVO + ["gate_proj", "up_proj", "down_proj"]
 CLASSES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-           "mistral": (MistralConfig, MistralForCausalLM)}
+           "mistral": (MistralConfig, MistralForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
 BASE = dict(vocab_size=3072, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=512,
             pad_token_id=None)
@@ -109,6 +109,9 @@ CASES = [
                                          original_max_position_embeddings=16)),
      BASIC + ADAPTION, ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]),
     ("qwen2_tied", "qwen2", dict(tie_word_embeddings=True, **rope(theta=1e6)), BASIC + OPTIONS[:3], ALL),
+    ("qwen3_yarn", "qwen3", dict(head_dim=32, num_key_value_heads=1, tie_word_embeddings=True, attention_bias=True,
+                                 **rope("yarn", 1e6, factor=4.0, original_max_position_embeddings=64)),
+     BASIC + OPTIONS[:3], ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]),
     ("llama_options", "llama", dict(num_key_value_heads=1, **rope()), BASIC + OPTIONS, None),
     ("rope_linear", "llama", rope("linear", factor=4.0), BASIC + ADAPTION, None),
     ("rope_yarn", "llama", rope("yarn", factor=4.0, original_max_position_embeddings=128), BASIC, None),
