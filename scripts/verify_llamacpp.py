@@ -24,6 +24,8 @@
     answers.
 (o) YaRN (Qwen2.5's long context), as (h): Qwen2 with its own attention factor and LLaMA with
     transformers' default one, exported with llama.cpp's YaRN keys.
+(q) Qwen3 as llama.cpp's `qwen3` (per-head q/k norms, a head_dim other than hidden / heads), as (h).
+(q) Qwen3 as llama.cpp's `qwen3` (per-head q/k norms, a head_dim other than hidden / heads), as (h).
 (p) a LoRA with PEFT's rank_pattern / alpha_pattern (tests/fixtures/tiny_qwen2 lora_pattern) as
     ember's gguf-lora: llama.cpp's logits with the adapter against ember's.
 (j) the byte-level BPE pre-tokenizers ember reads back from a GGUF (`tokenizer.ggml.pre`: one
@@ -76,6 +78,8 @@ shape = dict(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_
     num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 if kind == 'qwen2':
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(rope_theta=1e6, **shape))
+elif kind == 'qwen3':
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(rope_theta=1e6, head_dim=32, **shape))
 elif kind == 'qwen2_yarn':
     # Qwen2.5's long-context switch, with the attention factor given as well.
     scaling = {'rope_type': 'yarn', 'rope_theta': 1e6, 'factor': 4.0, 'original_max_position_embeddings': 64,
@@ -435,7 +439,7 @@ def main():
     # (n) an NVFP4 checkpoint as llama.cpp's converter writes one, with an MXFP4 ffn_down.
     report.extend(verify_fp4(ember, recipe, work, data50, examples))
 
-    # (h) Qwen2 through llama.cpp's qwen2 architecture; (i) Llama 3.1's RoPE scaling; (o) YaRN.
+    # (h) Qwen2 through llama.cpp's qwen2 architecture; (i) Llama 3.1's RoPE scaling; (o) YaRN; (q) Qwen3.
     report.extend(verify_tiny_random(args, ember, work))
     # (p) a LoRA with PEFT's rank_pattern / alpha_pattern through gguf-lora.
     report.append(verify_lora_patterns(ember, work))
@@ -565,7 +569,8 @@ def verify_fp4(ember, recipe, work, data50, examples):
 
 
 TINY_RANDOM = (("h", "qwen2", "Qwen2 as llama.cpp's qwen2", 1), ("i", "llama3", "LLaMA with Llama 3.1 RoPE scaling (rope_freqs)", 8),
-               ("o", "qwen2_yarn", "Qwen2 with YaRN and its own attention factor", 8), ("o", "llama_yarn", "LLaMA with YaRN", 8))
+               ("o", "qwen2_yarn", "Qwen2 with YaRN and its own attention factor", 8), ("o", "llama_yarn", "LLaMA with YaRN", 8),
+               ("q", "qwen3", "Qwen3 as llama.cpp's qwen3 (per-head q/k norms, head_dim 32)", 1))
 
 
 def verify_tiny_random(args, ember, work, cases=TINY_RANDOM):

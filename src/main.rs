@@ -408,7 +408,7 @@ enum RecipeCommand {
 
 #[derive(Subcommand)]
 enum ImportCommand {
-    /// A llama, qwen2 or chatglm GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K,
+    /// A llama, qwen2, qwen3 or chatglm GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K,
     /// Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, IQ3/IQ2/IQ1, TQ1_0, TQ2_0, Q1_0, Q2_0, MXFP4 and NVFP4
     /// tensors), dequantized to f32, as an HF folder in the family's layout
     /// (a chatglm file: ChatGLM's when q/k/v are one tensor, HF's glm otherwise).
@@ -450,7 +450,7 @@ enum ImportCommand {
 
 #[derive(Subcommand)]
 enum ExportCommand {
-    /// A LLaMA, Qwen2 or GLM-family model (glm, chatglm: llama.cpp's `chatglm`), merged with an
+    /// A LLaMA, Qwen2, Qwen3 or GLM-family model (glm, chatglm: llama.cpp's `chatglm`), merged with an
     /// adapter if one is given, as one GGUF file for llama.cpp / Ollama: llama.cpp's metadata and
     /// tokenizer, q/k rows in its order.
     ///

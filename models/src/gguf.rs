@@ -164,6 +164,8 @@ fn ggml_type_name(id: u32) -> String {
 pub enum GgufArch {
     Llama,
     Qwen2,
+    /// Qwen3: as `qwen2` without biases, with per-head q/k norms (`attn_q_norm`, `attn_k_norm`).
+    Qwen3,
     ChatGlm,
 }
 
@@ -172,6 +174,7 @@ impl GgufArch {
     pub fn of(config: &crate::ModelConfig) -> Self {
         match config.architecture {
             Architecture::Llama if config.model_type == "qwen2" => Self::Qwen2,
+            Architecture::Llama if config.model_type == "qwen3" => Self::Qwen3,
             Architecture::Llama => Self::Llama,
             Architecture::Glm | Architecture::ChatGlm => Self::ChatGlm,
         }
@@ -182,13 +185,14 @@ impl GgufArch {
         match self {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
             Self::ChatGlm => "chatglm",
         }
     }
 
     /// The architecture of a file's `general.architecture`.
     fn of_name(name: &str) -> Option<Self> {
-        [Self::Llama, Self::Qwen2, Self::ChatGlm].into_iter().find(|arch| arch.name() == name)
+        [Self::Llama, Self::Qwen2, Self::Qwen3, Self::ChatGlm].into_iter().find(|arch| arch.name() == name)
     }
 
     /// Whether llama.cpp keeps q/k rows (and biases) in its interleaved order.
@@ -736,6 +740,8 @@ pub(crate) fn hf_name(keys: &KeyLayout, gguf: &str) -> Option<(String, Option<Ro
     let (name, role) = match module {
         "attn_norm" => (format!("{}.{}", keys.layer(layer), keys.input_norm), None),
         "ffn_norm" => (format!("{}.{}", keys.layer(layer), keys.post_attention_norm), None),
+        "attn_q_norm" => (keys.qk_norms(layer)[0].clone(), None),
+        "attn_k_norm" => (keys.qk_norms(layer)[1].clone(), None),
         _ => keys.roles(layer).into_iter().find(|(_, role)| gguf_projection(*role) == module).map(|(name, role)| (name, Some(role)))?,
     };
     Some((format!("{name}.{suffix}"), role))
@@ -776,7 +782,7 @@ impl GgufFile {
     /// The file's architecture, if ember reads it.
     pub fn arch(&self) -> Result<GgufArch, LoadError> {
         let arch = self.metadata.str("general.architecture")?;
-        GgufArch::of_name(arch).ok_or_else(|| self.metadata.error("general.architecture", &format!("'{arch}' is not supported (supported: llama, qwen2, chatglm)")))
+        GgufArch::of_name(arch).ok_or_else(|| self.metadata.error("general.architecture", &format!("'{arch}' is not supported (supported: llama, qwen2, qwen3, chatglm)")))
     }
 
     /// The hyperparameter `key` under the architecture's prefix (`llama.block_count`).
@@ -794,7 +800,7 @@ impl GgufFile {
     /// ChatGLM's (`query_key_value`) when q, k and v are one tensor, HF's `glm` otherwise.
     fn keys(&self) -> Result<&'static KeyLayout, LoadError> {
         Ok(match self.arch()? {
-            GgufArch::Llama | GgufArch::Qwen2 => &llama::KEYS,
+            GgufArch::Llama | GgufArch::Qwen2 | GgufArch::Qwen3 => &llama::KEYS,
             GgufArch::ChatGlm if self.fused_qkv() => &glm::CHATGLM_KEYS,
             GgufArch::ChatGlm => &glm::GLM_KEYS,
         })
@@ -912,12 +918,13 @@ impl GgufFile {
         // llama.cpp's GLM rotates `rope.dimension_count` dims of heads of `key_length`.
         let rope_dims = meta.get(&key("rope.dimension_count")).and_then(Value::as_u64).map(|n| n as usize);
         let head_dim = match arch {
-            GgufArch::ChatGlm => meta.get(&key("attention.key_length")).and_then(Value::as_u64).map_or(hidden / heads, |n| n as usize),
+            GgufArch::ChatGlm | GgufArch::Qwen3 => meta.get(&key("attention.key_length")).and_then(Value::as_u64).map_or(hidden / heads, |n| n as usize),
             _ => rope_dims.unwrap_or(hidden / heads),
         };
         let (model_type, class) = match arch {
             GgufArch::Llama => ("llama", "LlamaForCausalLM"),
             GgufArch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+            GgufArch::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
             GgufArch::ChatGlm => ("glm", "GlmForCausalLM"),
         };
         let mut config = json!({

@@ -153,7 +153,7 @@ impl QuantizeModel {
             && match arch {
                 GgufArch::Llama => config.num_heads != config.num_kv_heads,
                 GgufArch::Qwen2 => true,
-                GgufArch::ChatGlm => false,
+                GgufArch::Qwen3 | GgufArch::ChatGlm => false,
             };
         Self { layers: config.num_layers, tied, seventy_b, gqa: config.num_heads / config.num_kv_heads.max(1), importance }
     }
@@ -604,7 +604,7 @@ pub fn tensor_name(keys: &KeyLayout, hf: &str, layers: usize) -> Option<(String,
     // any depth.
     let layer = hf.split('.').find_map(|part| part.parse::<usize>().ok()).filter(|&i| i < layers);
     let candidates = ["token_embd.weight", "output_norm.weight", "output.weight"].into_iter().map(str::to_string).chain(layer.into_iter().flat_map(|i| {
-        ["attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+        ["attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
             .into_iter()
             .flat_map(move |m| ["weight", "bias"].into_iter().map(move |s| format!("blk.{i}.{m}.{s}")))
     }));
@@ -631,14 +631,10 @@ pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> V
     out
 }
 
-/// Whether ember writes `config` as a GGUF llama.cpp runs as transformers does: not Qwen3's
-/// per-head q/k norms (llama.cpp's `qwen3`, which ember does not write), and only the YaRN
+/// Whether ember writes `config` as a GGUF llama.cpp runs as transformers does: only the YaRN
 /// llama.cpp computes (it truncates the correction range and takes the default betas 32 and 1,
 /// whatever the file says). The error names the config key.
 pub fn check_exportable(config: &ModelConfig) -> Result<(), (&'static str, String)> {
-    if config.qk_norm {
-        return Err(("model_type", format!("'{}' (per-head q/k norms): ember does not write llama.cpp's qwen3 architecture", config.model_type)));
-    }
     check_rope(config).map_err(|reason| ("rope_scaling", reason))
 }
 
