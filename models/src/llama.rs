@@ -24,7 +24,6 @@ pub const KEYS: KeyLayout = KeyLayout {
 
 pub(crate) fn parse_config(json: &JsonConfig, model_type: &str) -> Result<ModelConfig, LoadError> {
     let partial_rotary_factor = json.opt_f64("partial_rotary_factor")?;
-    // Qwen2 always has q/k/v biases and none on o_proj; LLaMA's `attention_bias` covers all four.
     // Sliding-window attention is not implemented: Qwen2 switches it on with use_sliding_window
     // (off in its released configs); Mistral has it whenever the window is shorter than the
     // longest sequence (null from v0.2 on).
@@ -38,6 +37,8 @@ pub(crate) fn parse_config(json: &JsonConfig, model_type: &str) -> Result<ModelC
             return Err(json.unsupported("sliding_window", format!("a window of {window} tokens: sliding-window attention is not supported")));
         }
     }
+    // Qwen2 always has q/k/v biases and none on o_proj; LLaMA's (and Qwen3's) `attention_bias`
+    // covers all four.
     let (qkv_bias, o_bias) = if model_type == "qwen2" {
         (true, false)
     } else {
