@@ -38,7 +38,8 @@
     iq2_s, iq2_xs, iq2_xxs, iq1_m, iq1_s) against
     llama.cpp's quantizer (llama-quantize's file types) run on ember's f32 export of the same
     model (SmolLM2; a 256-wide tiny LLaMA whose rows fill whole super-blocks; an 80-layer one with
-    grouped KV heads, llama.cpp's 70B type; an 8-layer one with 4 query heads per KV head): the
+    grouped KV heads, llama.cpp's 70B type; an 8-layer one with 4 query heads per KV head; a
+    256-wide Qwen3 with head_dim 128 and its q/k norms, llama.cpp's `qwen3`): the
     type of every tensor, its bytes, and the perplexity of both files in llama.cpp. Again with an
     importance matrix (`--imatrix`) given to both: a synthetic one on every model, and on SmolLM2
     one of its real activations (transformers, on Alpaca records the perplexity does not use),
@@ -454,6 +455,7 @@ def main():
     if args.reference_python:
         models["80-layer GQA tiny LLaMA (llama.cpp's 70B type)"] = random_tiny_llama(wide, work, args.reference_python, 80, 4, 2, 64)
         models["8-layer tiny LLaMA, 4 query heads per KV head"] = random_tiny_llama(wide, work, args.reference_python, 8, 8, 2, 32)
+        models["256-wide tiny Qwen3 (head_dim 128)"] = random_tiny_qwen3(wide, work, args.reference_python)
     report.extend(verify_k_quants(ember, models, work, examples))
     report.extend(verify_k_quants(ember, models, work, [], with_importance=True))
     if args.reference_python:
@@ -660,6 +662,22 @@ def random_tiny_llama(wide, work, python, layers, heads, kv_heads, head_dim):
     return folder
 
 
+def random_tiny_qwen3(wide, work, python):
+    """`wide` as a two-layer Qwen3 (llama.cpp's `qwen3`): head_dim 128 over 4 heads of a 256-wide model,
+    so q and o are not square, and the per-head q/k norms, with seeded random weights."""
+    folder = os.path.join(work, "tiny-qwen3-wide")
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(wide):
+        if name not in ("model.safetensors", "config.json"):
+            shutil.copy(os.path.join(wide, name), folder)
+    config = json.load(open(os.path.join(wide, "config.json")))
+    config.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=128, attention_bias=False, use_sliding_window=False)
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"), indent=1)
+    run([python, "-c", MAKE_DEEP, folder])
+    return folder
+
+
 MAKE_DEEP = """
 import json, os, sys
 import numpy as np
@@ -667,15 +685,18 @@ from safetensors.numpy import save_file
 folder = sys.argv[1]
 c = json.load(open(os.path.join(folder, "config.json")))
 h, inter, kv, vocab = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"], c["vocab_size"]
+q = c["num_attention_heads"] * c["head_dim"]
 rng = np.random.default_rng(0)
 draw = lambda *s: rng.standard_normal(s, dtype=np.float32) * 0.02
 t = {"model.embed_tokens.weight": draw(vocab, h), "model.norm.weight": np.ones(h, np.float32), "lm_head.weight": draw(vocab, h)}
 for i in range(c["num_hidden_layers"]):
     p = f"model.layers.{i}."
     t.update({p + "input_layernorm.weight": np.ones(h, np.float32), p + "post_attention_layernorm.weight": np.ones(h, np.float32),
-              p + "self_attn.q_proj.weight": draw(h, h), p + "self_attn.k_proj.weight": draw(kv, h), p + "self_attn.v_proj.weight": draw(kv, h),
-              p + "self_attn.o_proj.weight": draw(h, h), p + "mlp.gate_proj.weight": draw(inter, h), p + "mlp.up_proj.weight": draw(inter, h),
+              p + "self_attn.q_proj.weight": draw(q, h), p + "self_attn.k_proj.weight": draw(kv, h), p + "self_attn.v_proj.weight": draw(kv, h),
+              p + "self_attn.o_proj.weight": draw(h, q), p + "mlp.gate_proj.weight": draw(inter, h), p + "mlp.up_proj.weight": draw(inter, h),
               p + "mlp.down_proj.weight": draw(h, inter)})
+    if c["model_type"] == "qwen3":
+        t.update({p + "self_attn.q_norm.weight": 1 + draw(c["head_dim"]), p + "self_attn.k_norm.weight": 1 + draw(c["head_dim"])})
 save_file(t, os.path.join(folder, "model.safetensors"))
 """
 
