@@ -581,7 +581,19 @@ fn plot(run: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Output into a pipe whose reader has gone (`ember inspect … | head`) ends the process as it
+/// ends other Unix tools, instead of a panic in `println!` (Rust ignores SIGPIPE by default).
+/// Files are written atomically, so nothing is left half-written.
+fn exit_quietly_on_a_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    exit_quietly_on_a_closed_pipe();
     ember_models::device::keep_freed_memory();
     ember_models::device::avoid_cudnn_attention();
     let cli = Cli::parse();

@@ -589,6 +589,13 @@ fn what_llama_cpp_cannot_take_is_one_error_line() {
         &ember(&["export", "gguf-lora", "--base", llama.to_str().unwrap(), "--adapter", lora.to_str().unwrap(), "--out", out, "--type", "q4_k_m"]),
         &["--type 'q4_k_m'", "f32, f16, bf16 or q8_0"],
     );
+    // GLM-4-0414's output norms would be lost in llama.cpp's chatglm layout.
+    let glm4 = fixture("tiny_glm4");
+    assert_bad_input(&ember(&["export", "gguf", "--base", glm4.to_str().unwrap(), "--out", out, "--pre", "gpt-2"]), &["config.json", "model_type", "glm4"]);
+    assert_bad_input(
+        &ember(&["export", "gguf-lora", "--base", glm4.to_str().unwrap(), "--adapter", glm4.join("adapters/lora").to_str().unwrap(), "--out", out]),
+        &["config.json", "glm4"],
+    );
     assert!(!Path::new(out).exists());
 }
 

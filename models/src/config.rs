@@ -173,6 +173,9 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// Qwen3's RMSNorm over each head of q and k before RoPE (`…self_attn.q_norm`, `k_norm`).
     pub qk_norm: bool,
+    /// GLM-4-0414's RMSNorm on the attention's and the MLP's output before each residual add
+    /// (`post_self_attn_layernorm`, `post_mlp_layernorm`).
+    pub output_norms: bool,
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
     pub bos_token_id: Option<u32>,
@@ -369,6 +372,7 @@ impl JsonConfig<'_> {
             o_bias: false,
             mlp_bias: false,
             qk_norm: false,
+            output_norms: false,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
             max_position_embeddings: self.opt_usize("max_position_embeddings")?.unwrap_or(2048),
             bos_token_id,

@@ -21,7 +21,7 @@ struct Family {
 
 const FAMILIES: [Family; 3] = [
     Family { model_types: &["llama", "qwen2", "qwen3", "mistral"], architecture: Architecture::Llama, keys: &llama::KEYS, parse: llama::parse_config },
-    Family { model_types: &["glm"], architecture: Architecture::Glm, keys: &glm::GLM_KEYS, parse: |json, _| glm::parse_glm_config(json) },
+    Family { model_types: &["glm", "glm4"], architecture: Architecture::Glm, keys: &glm::GLM_KEYS, parse: glm::parse_glm_config },
     Family { model_types: &["chatglm"], architecture: Architecture::ChatGlm, keys: &glm::CHATGLM_KEYS, parse: |json, _| glm::parse_chatglm_config(json) },
 ];
 
@@ -191,6 +191,11 @@ impl KeyLayout {
         format!("{}.{i}", self.layers)
     }
 
+    /// Layer `i`'s norms of the attention's and the MLP's output (GLM-4-0414), as modules.
+    pub fn output_norms(&self, i: usize) -> [String; 2] {
+        [format!("{}.post_self_attn_layernorm", self.layer(i)), format!("{}.post_mlp_layernorm", self.layer(i))]
+    }
+
     /// Layer `i`'s per-head q and k norms (Qwen3), as modules.
     pub fn qk_norms(&self, i: usize) -> [String; 2] {
         let attn = format!("{}.{}", self.layer(i), self.attention);
@@ -245,6 +250,9 @@ pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         }
         if config.qk_norm {
             norms.extend(keys.qk_norms(i).map(|norm| (format!("{norm}.weight"), vec![config.head_dim])));
+        }
+        if config.output_norms {
+            norms.extend(keys.output_norms(i).map(|norm| (format!("{norm}.weight"), vec![h])));
         }
     }
     out.extend(norms);

@@ -635,6 +635,9 @@ pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> V
 /// llama.cpp computes (it truncates the correction range and takes the default betas 32 and 1,
 /// whatever the file says). The error names the config key.
 pub fn check_exportable(config: &ModelConfig) -> Result<(), (&'static str, String)> {
+    if config.output_norms {
+        return Err(("model_type", format!("'{}' (norms on the attention's and the MLP's output): ember does not write llama.cpp's glm4 architecture", config.model_type)));
+    }
     check_rope(config).map_err(|reason| ("rope_scaling", reason))
 }
 

@@ -28,7 +28,9 @@ pub const CHATGLM_KEYS: KeyLayout = KeyLayout {
     lm_head: "transformer.output_layer",
 };
 
-pub(crate) fn parse_glm_config(json: &JsonConfig) -> Result<ModelConfig, LoadError> {
+/// HF's `glm` (GLM-4-9b-chat-hf) and `glm4` (GLM-4-0414: the same decoder with norms on the
+/// attention's and the MLP's output).
+pub(crate) fn parse_glm_config(json: &JsonConfig, model_type: &str) -> Result<ModelConfig, LoadError> {
     let factor = json.opt_f64("partial_rotary_factor")?.unwrap_or(0.5);
     let rope = |head_dim: usize| {
         Ok(RopeConfig {
@@ -41,8 +43,9 @@ pub(crate) fn parse_glm_config(json: &JsonConfig) -> Result<ModelConfig, LoadErr
     let rms_norm_eps = json.opt_f64("rms_norm_eps")?.unwrap_or(1.5625e-7);
     Ok(ModelConfig {
         qkv_bias: json.bool_or("attention_bias", true)?,
+        output_norms: model_type == "glm4",
         max_position_embeddings: json.opt_usize("max_position_embeddings")?.unwrap_or(131_072),
-        ..json.base_config(&HF_SHAPE_KEYS, Architecture::Glm, "glm", rms_norm_eps, rope)?
+        ..json.base_config(&HF_SHAPE_KEYS, Architecture::Glm, model_type, rms_norm_eps, rope)?
     })
 }
 

@@ -13,7 +13,7 @@ use crate::batch::{KvCache, Layout, TokenBatch};
 use crate::checkpoint::{Checkpoint, LoadDtype};
 use crate::config::ModelConfig;
 use crate::family::{KeyLayout, Role, check_checkpoint};
-use crate::layers::{stored_product, Embedding, Linear, Projection, RmsNorm, Rope, Weight, attention_bias};
+use crate::layers::{stored_product, Embedding, Linear, Projection, RmsNorm, Rope, Weight, attention_bias, output_surrogate};
 use crate::ggml::GgmlWeight;
 use crate::gguf::{GgmlType, GgufFile, HfTensor};
 use crate::nf4::{self, Int8Weight, Nf4Weight, Quantization};
@@ -75,6 +75,15 @@ pub struct DecoderLayer<P> {
     pub attention: Attention<P>,
     pub post_attention_norm: RmsNorm,
     pub mlp: Mlp<P>,
+    /// GLM-4-0414's norms of the attention's and the MLP's output, before each residual add.
+    pub output_norms: Option<OutputNorms>,
+}
+
+/// GLM-4-0414's `post_self_attn_layernorm` and `post_mlp_layernorm`.
+#[derive(Module, Debug)]
+pub struct OutputNorms {
+    pub attention: RmsNorm,
+    pub mlp: RmsNorm,
 }
 
 impl<P: Projection> DecoderLayer<P> {
@@ -88,12 +97,14 @@ impl<P: Projection> DecoderLayer<P> {
 
     /// The attention half: `x + attend(attention, norm(x))`, the post-attention residual.
     pub fn attention_block(&self, x: Tensor<3>, attend: impl FnOnce(&Attention<P>, Tensor<3>) -> Tensor<3>) -> Tensor<3> {
-        x.clone() + attend(&self.attention, self.input_norm.forward(x))
+        let out = attend(&self.attention, self.input_norm.forward(x.clone()));
+        x + self.output_norms.as_ref().map_or(out.clone(), |norms| norms.attention.forward(out))
     }
 
     /// The MLP half: `h + mlp(norm(h))` of the post-attention residual `h`.
     pub fn mlp_block(&self, h: Tensor<3>) -> Tensor<3> {
-        h.clone() + self.mlp.forward(self.post_attention_norm.forward(h))
+        let out = self.mlp.forward(self.post_attention_norm.forward(h.clone()));
+        h + self.output_norms.as_ref().map_or(out.clone(), |norms| norms.mlp.forward(out))
     }
 
     /// A scalar with the gradients of `sum(attention_block(x) · grad)` less its residual term
@@ -105,12 +116,21 @@ impl<P: Projection> DecoderLayer<P> {
         contexts: impl FnOnce(&Attention<P>, Tensor<3>) -> Vec<Tensor<3>>,
         grad: &Tensor<3>,
     ) -> Tensor<1> {
-        self.attention.output_surrogate(contexts(&self.attention, self.input_norm.forward(x)), grad)
+        let contexts = contexts(&self.attention, self.input_norm.forward(x));
+        match &self.output_norms {
+            // A norm after o_proj needs its product.
+            Some(norms) => output_surrogate(norms.attention.forward(self.attention.output(contexts)), grad),
+            None => self.attention.output_surrogate(contexts, grad),
+        }
     }
 
     /// [`Self::attention_surrogate`] for the MLP half.
     pub fn mlp_surrogate(&self, h: Tensor<3>, grad: &Tensor<3>) -> Tensor<1> {
-        self.mlp.surrogate(self.post_attention_norm.forward(h), grad)
+        let x = self.post_attention_norm.forward(h);
+        match &self.output_norms {
+            Some(norms) => output_surrogate(norms.mlp.forward(self.mlp.forward(x)), grad),
+            None => self.mlp.surrogate(x, grad),
+        }
     }
 }
 
@@ -149,11 +169,13 @@ impl<P> DecoderLayer<P> {
             attention: Attention { qkv, o_proj, num_heads, num_kv_heads, head_dim, qk_norm: self.attention.qk_norm },
             post_attention_norm: self.post_attention_norm,
             mlp: Mlp { gate_up, down_proj },
+            output_norms: self.output_norms,
         }
     }
 
     /// A layer from its norms and its projections by role, as a family's table lists them.
-    fn from_table(config: &ModelConfig, input_norm: RmsNorm, post_attention_norm: RmsNorm, qk_norm: Option<QkNorm>, projections: Vec<(Role, P)>) -> Self {
+    fn from_table(config: &ModelConfig, norms: LayerNorms, projections: Vec<(Role, P)>) -> Self {
+        let LayerNorms { input_norm, post_attention_norm, qk_norm, output_norms } = norms;
         let mut by_role: Vec<(Role, Option<P>)> = projections.into_iter().map(|(r, p)| (r, Some(p))).collect();
         let mut take = |role: Role| by_role.iter_mut().find(|(r, _)| *r == role).and_then(|(_, p)| p.take());
         let qkv = match take(Role::Qkv) {
@@ -180,8 +202,16 @@ impl<P> DecoderLayer<P> {
             qk_norm,
         };
         let mlp = Mlp { gate_up, down_proj: take(Role::Down).expect("a table has down") };
-        DecoderLayer { input_norm, attention, post_attention_norm, mlp }
+        DecoderLayer { input_norm, attention, post_attention_norm, mlp, output_norms }
     }
+}
+
+/// A layer's norms as the checkpoint holds them.
+struct LayerNorms {
+    input_norm: RmsNorm,
+    post_attention_norm: RmsNorm,
+    qk_norm: Option<QkNorm>,
+    output_norms: Option<OutputNorms>,
 }
 
 /// A decoder-only language model with a frozen base. `P` is the type of its projections:
@@ -360,7 +390,15 @@ impl CausalLm<Linear> {
                 }
                 false => None,
             };
-            layers.push(DecoderLayer::from_table(&config, input_norm, post_attention_norm, qk_norm, projections));
+            let output_norms = match config.output_norms {
+                true => {
+                    let [attention, mlp] = keys.output_norms(i);
+                    Some(OutputNorms { attention: norm(&attention)?, mlp: norm(&mlp)? })
+                }
+                false => None,
+            };
+            let norms = LayerNorms { input_norm, post_attention_norm, qk_norm, output_norms };
+            layers.push(DecoderLayer::from_table(&config, norms, projections));
         }
         let embed_tokens = Embedding::new(matrix(&format!("{}.weight", keys.embed), [config.vocab_size, h])?);
         // The head stays in full precision, as transformers keeps it.
