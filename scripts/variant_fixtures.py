@@ -47,8 +47,9 @@ sys.argv = saved_argv
 
 from peft import (AdaptionPromptConfig, IA3Config, LoraConfig, PrefixTuningConfig,  # noqa: E402
                   PromptTuningConfig)
-from transformers import (AutoTokenizer, GlmConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa: E402
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoTokenizer, Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM, LlamaConfig,  # noqa: E402
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 gen.setup(["--threads", "2", "--attn", "eager"])
 OUT = os.path.abspath(ARGS.out)
@@ -166,12 +167,14 @@ for tag, family, change, methods, qlora_targets in CASES:
     except Exception as e:  # noqa: BLE001
         print(f"[{tag}] left out: {e!r:.300}", flush=True)
 
-# GLM (transformers' GlmForCausalLM): full rotary, MQA, tied, no bias.
-glm_config = GlmConfig
-gen.GlmConfig = lambda **kw: glm_config(**dict(kw, num_attention_heads=8, num_key_value_heads=1, head_dim=8,
-                                               partial_rotary_factor=1.0, attention_bias=False,
-                                               tie_word_embeddings=True, rope_theta=500000.0))
-gen.glm_fixture("glm_variant", os.path.join(OUT, "glm_variant"), TEXTS, 4242)
+# GLM (transformers' GlmForCausalLM): full rotary, MQA, tied, no bias; and GLM-4-0414 (Glm4ForCausalLM,
+# norms on the attention's and the MLP's output) with the same changes.
+for tag, config_class, model_class in [("glm_variant", GlmConfig, GlmForCausalLM), ("glm4_variant", Glm4Config, Glm4ForCausalLM)]:
+    gen.GlmConfig = lambda config_class=config_class, **kw: config_class(**dict(
+        kw, num_attention_heads=8, num_key_value_heads=1, head_dim=8, partial_rotary_factor=1.0, attention_bias=False,
+        tie_word_embeddings=True, rope_theta=500000.0))
+    gen.GlmForCausalLM = model_class
+    gen.glm_fixture(tag, os.path.join(OUT, tag), TEXTS, 4242)
 
 if ARGS.chatglm_src:
     chatglm = dict(num_layers=2, padded_vocab_size=2048, hidden_size=64, ffn_hidden_size=128, kv_channels=16,
