@@ -396,6 +396,23 @@ fn rope_scaling_round_trips_through_gguf() {
     assert!(!out.exists());
 }
 
+/// `base` exported f32 under `dir` as llama.cpp's `arch`: the file, after checking that `ember import
+/// gguf` gives every tensor back bit for bit and that the file as a base gives the folder's
+/// logits; and the folder's tensors.
+fn f32_round_trip(base: &Path, dir: &Path, arch: &str) -> (GgufFile, Vec<(String, Vec<f32>)>) {
+    let gguf = dir.join(format!("{arch}.gguf"));
+    export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "gpt-2"]);
+    let file = GgufFile::open(&gguf).unwrap();
+    assert_eq!(file.metadata.get("general.architecture").unwrap(), arch);
+    let original = f32_tensors(&base.join("model.safetensors"));
+    let back = dir.join("imported");
+    let output = ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(f32_tensors(&back.join("model.safetensors")), original);
+    assert_eq!(raw_answer(&gguf, &dir.join("gguf.json")), raw_answer(base, &dir.join("folder.json")));
+    (file, original)
+}
+
 /// Qwen3 goes out as llama.cpp's `qwen3`: rows in HF order, the per-head norms as
 /// `attn_q_norm`/`attn_k_norm`, head_dim (32) other than hidden / heads as the key length; it
 /// comes back bit for bit, and as a base gives the folder's logits.
@@ -403,20 +420,11 @@ fn rope_scaling_round_trips_through_gguf() {
 fn qwen3_exports_as_llama_cpps_qwen3_with_its_head_norms() {
     let dir = tempfile::tempdir().unwrap();
     let base = fixture("tiny_qwen3");
-    let gguf = dir.path().join("qwen3.gguf");
-    export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "gpt-2"]);
-    let file = GgufFile::open(&gguf).unwrap();
-    assert_eq!(file.metadata.get("general.architecture").unwrap(), "qwen3");
+    let (file, original) = f32_round_trip(&base, dir.path(), "qwen3");
     assert_eq!(file.metadata.get("qwen3.attention.key_length").unwrap().as_u64(), Some(32));
-    let original = f32_tensors(&base.join("model.safetensors"));
     let hf = |key: &str| original.iter().find(|(k, _)| k == key).unwrap().1.clone();
     assert_eq!(file.dequantize(file.tensor("blk.1.attn_k_norm.weight").unwrap()), hf("model.layers.1.self_attn.k_norm.weight"));
     assert_eq!(file.dequantize(file.tensor("blk.0.attn_q.weight").unwrap()), hf("model.layers.0.self_attn.q_proj.weight"));
-    let back = dir.path().join("imported");
-    let output = ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(f32_tensors(&back.join("model.safetensors")), original);
-    assert_eq!(raw_answer(&gguf, &dir.path().join("gguf.json")), raw_answer(&base, &dir.path().join("folder.json")));
     let lora = dir.path().join("lora.gguf");
     export(&["gguf-lora", "--base", base.to_str().unwrap(), "--adapter", base.join("adapters/lora").to_str().unwrap(), "--out", lora.to_str().unwrap()]);
     assert_eq!(GgufFile::open(&lora).unwrap().metadata.get("general.architecture").unwrap(), "qwen3");
@@ -430,22 +438,11 @@ fn qwen2_exports_as_llama_cpps_qwen2_with_rows_in_hf_order() {
     let base = dir.path().join("tiny_qwen2");
     std::fs::create_dir(&base).unwrap();
     tiny_qwen2(&base);
-    let gguf = dir.path().join("qwen2.gguf");
-    export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "gpt-2"]);
-    let file = GgufFile::open(&gguf).unwrap();
-    assert_eq!(file.metadata.get("general.architecture").unwrap(), "qwen2");
+    let (file, original) = f32_round_trip(&base, dir.path(), "qwen2");
     assert_eq!(file.metadata.get("qwen2.block_count").unwrap().as_u64(), Some(2));
-    let original = f32_tensors(&base.join("model.safetensors"));
     let hf = |key: &str| original.iter().find(|(k, _)| k == key).unwrap().1.clone();
     assert_eq!(file.dequantize(file.tensor("blk.0.attn_q.weight").unwrap()), hf("model.layers.0.self_attn.q_proj.weight"));
     assert_eq!(file.dequantize(file.tensor("blk.1.attn_k.bias").unwrap()), hf("model.layers.1.self_attn.k_proj.bias"));
-
-    let back = dir.path().join("imported");
-    let output = ember(&["import", "gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(f32_tensors(&back.join("model.safetensors")), original);
-
-    assert_eq!(raw_answer(&gguf, &dir.path().join("gguf.json")), raw_answer(&base, &dir.path().join("folder.json")));
 
     // The LoRA GGUF: qwen2, B rows as PEFT's.
     let lora = dir.path().join("lora.gguf");

@@ -10,7 +10,7 @@
 //! each, as indices into bitsandbytes' signed dynamic 8-bit map.
 
 use std::ops::Range;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
@@ -88,13 +88,17 @@ fn nearest(midpoints: &[f32], x: f32) -> u8 {
 /// entry counts the midpoints below the step's left end, so near a midpoint the farther code can win.
 fn dynamic_map_codes(scaled: &[f32]) -> Vec<u8> {
     const STEPS: u32 = 1 << 16;
-    let map = midpoints(&table(&DYNAMIC_MAP_BITS));
-    let steps: Vec<u8> = (0..STEPS)
-        .map(|i| {
-            let left = -1.0 + (2.0 * i as f32) / (STEPS - 1) as f32;
-            map.partition_point(|&m| m < left) as u8
-        })
-        .collect();
+    // Built once per process: a model quantizes hundreds of weights with it.
+    static CODE_OF_STEP: OnceLock<Vec<u8>> = OnceLock::new();
+    let steps = CODE_OF_STEP.get_or_init(|| {
+        let map = midpoints(&table(&DYNAMIC_MAP_BITS));
+        (0..STEPS)
+            .map(|i| {
+                let left = -1.0 + (2.0 * i as f32) / (STEPS - 1) as f32;
+                map.partition_point(|&m| m < left) as u8
+            })
+            .collect()
+    });
     scaled.iter().map(|&v| steps[((v + 1.0) * 0.5 * (STEPS - 1) as f32 + 0.5) as u16 as usize]).collect()
 }
 

@@ -98,13 +98,19 @@ impl<P: Projection> DecoderLayer<P> {
     /// The attention half: `x + attend(attention, norm(x))`, the post-attention residual.
     pub fn attention_block(&self, x: Tensor<3>, attend: impl FnOnce(&Attention<P>, Tensor<3>) -> Tensor<3>) -> Tensor<3> {
         let out = attend(&self.attention, self.input_norm.forward(x.clone()));
-        x + self.output_norms.as_ref().map_or(out.clone(), |norms| norms.attention.forward(out))
+        x + match &self.output_norms {
+            Some(norms) => norms.attention.forward(out),
+            None => out,
+        }
     }
 
     /// The MLP half: `h + mlp(norm(h))` of the post-attention residual `h`.
     pub fn mlp_block(&self, h: Tensor<3>) -> Tensor<3> {
         let out = self.mlp.forward(self.post_attention_norm.forward(h.clone()));
-        h + self.output_norms.as_ref().map_or(out.clone(), |norms| norms.mlp.forward(out))
+        h + match &self.output_norms {
+            Some(norms) => norms.mlp.forward(out),
+            None => out,
+        }
     }
 
     /// A scalar with the gradients of `sum(attention_block(x) · grad)` less its residual term
@@ -383,18 +389,14 @@ impl CausalLm<Linear> {
                 .collect::<Result<Vec<_>, LoadError>>()?;
             let input_norm = norm(&format!("{layer}.{}", keys.input_norm))?;
             let post_attention_norm = norm(&format!("{layer}.{}", keys.post_attention_norm))?;
+            let [q_norm, k_norm] = keys.qk_norms(i);
             let qk_norm = match config.qk_norm {
-                true => {
-                    let [q_norm, k_norm] = keys.qk_norms(i);
-                    Some(QkNorm { q_norm: norm_of(&q_norm, config.head_dim)?, k_norm: norm_of(&k_norm, config.head_dim)? })
-                }
+                true => Some(QkNorm { q_norm: norm_of(&q_norm, config.head_dim)?, k_norm: norm_of(&k_norm, config.head_dim)? }),
                 false => None,
             };
+            let [attention, mlp] = keys.output_norms(i);
             let output_norms = match config.output_norms {
-                true => {
-                    let [attention, mlp] = keys.output_norms(i);
-                    Some(OutputNorms { attention: norm(&attention)?, mlp: norm(&mlp)? })
-                }
+                true => Some(OutputNorms { attention: norm(&attention)?, mlp: norm(&mlp)? }),
                 false => None,
             };
             let norms = LayerNorms { input_norm, post_attention_norm, qk_norm, output_norms };
