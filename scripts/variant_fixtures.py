@@ -6,7 +6,8 @@ generator's own functions (`../shared/fixtures/gen.py`, `gen_wave2.py`), so the 
 contract exactly; only the configurations and PEFT options differ.
 
 A developer tool (torch, transformers, peft, bitsandbytes; see tests/fixtures/requirements.txt).
-Usage: python scripts/variant_fixtures.py --out DIR [--shared ../shared/fixtures] [--chatglm-src DIR]
+Usage: python scripts/variant_fixtures.py --out DIR [--shared ../shared/fixtures] [--only A,B] [--chatglm-src DIR]
+  --only: comma-separated case folders (default: every case)
   --chatglm-src: configuration_chatglm.py + modeling_chatglm.py of THUDM/chatglm3-6b (see
   tests/fixtures/README.md); without it the ChatGLM variants are left out.
 
@@ -30,6 +31,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--out", required=True)
 ap.add_argument("--shared", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures"))
 ap.add_argument("--chatglm-src", default=None)
+ap.add_argument("--only", default=None, help="comma-separated case folders to write (default: all)")
 ARGS = ap.parse_args()
 if ARGS.chatglm_src:
     # gen.py imports the remote code as a package from $FIXTURE_WORKDIR/src/chatglm3.
@@ -123,9 +125,11 @@ CASES = [
     ("mlp_bias", "llama", dict(mlp_bias=True, attention_bias=True, **rope()), BASIC + ADAPTION, None),
     ("mistral", "mistral", dict(sliding_window=None, **rope()), BASIC + ADAPTION, None),
     ("mistral_long_window", "mistral", dict(sliding_window=4096, **rope()), BASIC, None),
-    ("mistral_short_window", "mistral", dict(sliding_window=4, **rope()), BASIC, None),     # ember: SKIP
+    ("mistral_short_window", "mistral", dict(sliding_window=4, **rope()), BASIC + ADAPTION, ALL),
     ("qwen2_window", "qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0, **rope()),
-     BASIC, None),                                                                          # ember: SKIP
+     BASIC, None),
+    ("qwen2_window_upper", "qwen2", dict(use_sliding_window=True, sliding_window=3, max_window_layers=1, **rope()),
+     BASIC + OPTIONS[:1], ["q_proj", "v_proj"]),
     ("gelu", "llama", dict(hidden_act="gelu_pytorch_tanh", **rope()), BASIC, None),        # ember: SKIP
     ("rope_dynamic", "llama", dict(max_position_embeddings=16, **rope("dynamic", factor=2.0)), BASIC, None),  # SKIP
 ]
@@ -154,7 +158,14 @@ def buildable(family, cfg, methods):
     return ok
 
 
-for tag, family, change, methods, qlora_targets in CASES:
+ONLY = set(ARGS.only.split(",")) if ARGS.only else None
+
+
+def wanted(tag):
+    return ONLY is None or tag in ONLY
+
+
+for tag, family, change, methods, qlora_targets in filter(lambda case: wanted(case[0]), CASES):
     gen.LlamaConfig, gen.LlamaForCausalLM = CLASSES[family]
     cfg = dict(BASE, **change)
     try:
@@ -170,6 +181,8 @@ for tag, family, change, methods, qlora_targets in CASES:
 # GLM (transformers' GlmForCausalLM): full rotary, MQA, tied, no bias; and GLM-4-0414 (Glm4ForCausalLM,
 # norms on the attention's and the MLP's output) with the same changes.
 for tag, config_class, model_class in [("glm_variant", GlmConfig, GlmForCausalLM), ("glm4_variant", Glm4Config, Glm4ForCausalLM)]:
+    if not wanted(tag):
+        continue
     gen.GlmConfig = lambda config_class=config_class, **kw: config_class(**dict(
         kw, num_attention_heads=8, num_key_value_heads=1, head_dim=8, partial_rotary_factor=1.0, attention_bias=False,
         tie_word_embeddings=True, rope_theta=500000.0))
@@ -186,6 +199,8 @@ if ARGS.chatglm_src:
                    original_rope=True, prefix_projection=False, tie_word_embeddings=False)
     for tag, change in [("chatglm_group1", dict(multi_query_group_num=1, kv_channels=32, num_attention_heads=2)),
                         ("chatglm_bias_linear", dict(add_bias_linear=True))]:
+        if not wanted(tag):
+            continue
         gen.chatglm_fixture(tag, os.path.join(OUT, tag), dict(chatglm, **change), TEXTS, 5678, 401,
                             gen.build_glm_tokenizer)
 

@@ -106,7 +106,11 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
     println!("layers:         {}", config.num_layers);
     println!("hidden size:    {}", config.hidden_size);
     let qk_norm = if config.qk_norm { ", q/k norm per head" } else { "" };
-    println!("attention:      {} heads, {} kv heads, head dim {}{qk_norm}", config.num_heads, config.num_kv_heads, config.head_dim);
+    let window = config.sliding_window.as_ref().map_or(String::new(), |w| {
+        let sliding = w.layers.iter().filter(|&&s| s).count();
+        format!(", sliding window {} tokens in {sliding} of {} layers", w.size, config.num_layers)
+    });
+    println!("attention:      {} heads, {} kv heads, head dim {}{qk_norm}{window}", config.num_heads, config.num_kv_heads, config.head_dim);
     println!("mlp:            {} (SwiGLU)", config.intermediate_size);
     println!("vocab:          {}", config.vocab_size);
     println!("rope:           theta {}, {} of {} dims, {pairing}{}", rope.theta, rope.rotary_dim, config.head_dim,

@@ -18,7 +18,7 @@ use ember_models::{BaseModel, LoadDtype};
 #[test]
 fn fresh_gated_adapter_leaves_the_base_logits_unchanged() {
     let device = Device::flex();
-    for name in ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_glm", "tiny_glm4", "tiny_chatglm"] {
+    for name in ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_mistral", "tiny_glm", "tiny_glm4", "tiny_chatglm"] {
         let model = BaseModel::load(&fixtures().join(name), LoadDtype::F32, &device).unwrap();
         let prompts = AdaptionPrompts::init(&model.config, 10, 2, 7, &device);
         let ids = || Tensor::<2, Int>::from_data(TensorData::new(vec![5i64, 17, 42, 99, 3, 8], [2, 3]), &device);
@@ -42,7 +42,7 @@ fn trainable_counts_from_shapes_match_fresh_adapters() {
         Method::Ia3(Ia3Config { target: Target::AllLinear, feedforward: Target::Suffixes(vec!["down_proj".into(), "dense_4h_to_h".into()]) }),
         Method::PromptTuning(PromptTuningConfig { num_virtual_tokens: 4, init_text: None }),
     ];
-    for name in ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_glm", "tiny_glm4", "tiny_chatglm"] {
+    for name in ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_mistral", "tiny_glm", "tiny_glm4", "tiny_chatglm"] {
         for method in &methods {
             let base = BaseModel::load(&fixtures().join(name), LoadDtype::F32, &device).unwrap();
             let expected = method.config().count_trainable(&base.config);

@@ -10,7 +10,7 @@ use safetensors::tensor::TensorView;
 
 #[test]
 fn inspect_prints_parameter_counts_of_the_fixtures() {
-    for (name, arch) in [("tiny_llama", "llama"), ("tiny_qwen2", "llama (model_type qwen2)"), ("tiny_qwen3", "llama (model_type qwen3)"), ("tiny_glm", "glm"), ("tiny_glm4", "glm (model_type glm4)"), ("tiny_chatglm", "chatglm")] {
+    for (name, arch) in [("tiny_llama", "llama"), ("tiny_qwen2", "llama (model_type qwen2)"), ("tiny_qwen3", "llama (model_type qwen3)"), ("tiny_mistral", "llama (model_type mistral)"), ("tiny_glm", "glm"), ("tiny_glm4", "glm (model_type glm4)"), ("tiny_chatglm", "chatglm")] {
         let params = group_digits(parameter_count(&fixtures().join(name)));
         let output = ember(&["inspect", fixtures().join(name).to_str().unwrap()]);
         let stdout = String::from_utf8_lossy(&output.stdout);

@@ -430,6 +430,18 @@ fn qwen3_exports_as_llama_cpps_qwen3_with_its_head_norms() {
     assert_eq!(GgufFile::open(&lora).unwrap().metadata.get("general.architecture").unwrap(), "qwen3");
 }
 
+/// llama.cpp's llama has no sliding window: Mistral goes out as llama declaring its window (6
+/// tokens here, not 512) as the context, within which both attend alike.
+#[test]
+fn a_sliding_window_bounds_the_declared_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("mistral.gguf");
+    export(&["gguf", "--base", fixture("tiny_mistral").to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "gpt-2"]);
+    let file = GgufFile::open(&gguf).unwrap();
+    assert_eq!(file.metadata.get("general.architecture").unwrap(), "llama");
+    assert_eq!(file.metadata.get("llama.context_length").unwrap().as_u64(), Some(6));
+}
+
 /// Qwen2 goes out as llama.cpp's `qwen2` (its NEOX RoPE is HF's rotate_half: q/k rows stay in HF
 /// order, biases included) and comes back bit for bit; as a base it gives the folder's logits.
 #[test]

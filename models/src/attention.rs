@@ -122,24 +122,26 @@ impl<P: Projection> Attention<P> {
     ///
     /// # Shapes
     /// - x, contexts: `[1, Σ len, hidden]`
-    /// - biases: `[1, 1, len, prefix + len]` per sequence, in order
-    pub fn contexts_packed(&self, x: Tensor<3>, rope: &Rope, biases: &[Tensor<4>], extras: Option<&LayerExtras>) -> Vec<Tensor<3>> {
+    /// - biases: `[1, 1, len, prefix + len]` per sequence, in order; `causal`: each is the plain
+    ///   causal mask after the prefix (no sliding window)
+    pub fn contexts_packed(&self, x: Tensor<3>, rope: &Rope, biases: &[Tensor<4>], causal: bool, extras: Option<&LayerExtras>) -> Vec<Tensor<3>> {
         let (q, k, v) = self.project_heads(x);
         let start = position_shift(extras);
         let lengths: Vec<usize> = biases.iter().map(|bias| bias.dims()[2]).collect();
         let (q, k) = (rope.apply_packed(q, &lengths, start), rope.apply_packed(k, &lengths, start));
         let prefix = prefix_like(extras, &k, &v);
         let scale = (self.head_dim as f64).powf(-0.5);
-        if let Some(attended) = crate::fused::packed_attention(&q, &k, &v, prefix.as_ref().map(|(k, v)| (k, v)), &lengths, scale) {
+        let fused = causal.then(|| crate::fused::packed_attention(&q, &k, &v, prefix.as_ref().map(|(k, v)| (k, v)), &lengths, scale)).flatten();
+        if let Some(attended) = fused {
             return self.o_inputs(attended, q, extras);
         }
         let (mut attended, mut offset) = (Vec::new(), 0);
         for (bias, &len) in biases.iter().zip(&lengths) {
             let segment = |t: &Tensor<4>| t.clone().narrow(2, offset, len);
             let (keys, values) = with_prefix(segment(&k), segment(&v), prefix.as_ref());
-            // A packed sequence's bias is causal; without a prefix, nothing else.
-            let causal = keys.dims()[2] == len;
-            attended.push(grouped_attention(segment(&q), keys, values, bias.clone(), causal));
+            // Without a prefix or a window, a packed sequence's bias is the plain causal mask.
+            let plain = causal && keys.dims()[2] == len;
+            attended.push(grouped_attention(segment(&q), keys, values, bias.clone(), plain));
             offset += len;
         }
         self.o_inputs(Tensor::cat(attended, 2), q, extras)

@@ -49,9 +49,19 @@ impl TokenBatch {
 /// What each query of a [`TokenBatch`] may attend to, built once per batch by
 /// [`CausalLm::layout`] and shared by every layer.
 #[derive(Debug, Clone)]
-pub enum Layout {
+pub struct Layout {
+    /// The masks of the layers without a sliding window.
+    pub full: Masks,
+    /// The masks of the sliding-window layers, where the window masks some key of this batch.
+    pub windowed: Option<Masks>,
+}
+
+/// Attention biases of a batch's rows.
+#[derive(Debug, Clone)]
+pub enum Masks {
     /// The additive bias `[batch, 1, seq, prefix + seq]` of padded rows.
     Padded(Tensor<4>),
-    /// Per packed sequence, its causal bias `[1, 1, len, prefix + len]`.
-    Packed(Vec<Tensor<4>>),
+    /// Per packed sequence, its bias `[1, 1, len, prefix + len]`; `causal`: each is the plain
+    /// causal mask after the prefix (no window), which fused kernels compute without reading it.
+    Packed { biases: Vec<Tensor<4>>, causal: bool },
 }

@@ -155,6 +155,26 @@ pub struct RopeConfig {
     pub scaling: Option<RopeScaling>,
 }
 
+/// A query at position `p` of a sliding layer sees the keys at positions `p - size + 1 ..= p`,
+/// as transformers' `sliding_window_overlay` (prefix keys count as the first positions).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlidingWindow {
+    pub size: usize,
+    /// Per layer, whether the window applies to it.
+    pub layers: Vec<bool>,
+}
+
+impl SlidingWindow {
+    pub fn applies(&self, layer: usize) -> bool {
+        self.layers.get(layer).copied().unwrap_or(false)
+    }
+
+    /// Whether the window masks anything when queries see `keys` keys.
+    pub fn masks(&self, keys: usize) -> bool {
+        keys > self.size
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub architecture: Architecture,
@@ -176,6 +196,8 @@ pub struct ModelConfig {
     /// GLM-4-0414's RMSNorm on the attention's and the MLP's output before each residual add
     /// (`post_self_attn_layernorm`, `post_mlp_layernorm`).
     pub output_norms: bool,
+    /// Sliding-window attention (Mistral; Qwen2/Qwen3 with `use_sliding_window`).
+    pub sliding_window: Option<SlidingWindow>,
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
     pub bos_token_id: Option<u32>,
@@ -373,6 +395,7 @@ impl JsonConfig<'_> {
             mlp_bias: false,
             qk_norm: false,
             output_norms: false,
+            sliding_window: None,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
             max_position_embeddings: self.opt_usize("max_position_embeddings")?.unwrap_or(2048),
             bos_token_id,
@@ -459,8 +482,7 @@ mod tests {
     }
 
     /// What ember cannot run is refused as unsupported, naming the key: an activation other than
-    /// SiLU, sliding-window attention, an unknown RoPE scaling. Mistral without a window short
-    /// enough to matter is LLaMA.
+    /// SiLU, an unknown RoPE scaling or layer type.
     #[test]
     fn configs_ember_cannot_run_are_unsupported() {
         let config = |extra: Value| {
@@ -471,8 +493,7 @@ mod tests {
         };
         for (extra, key) in [
             (serde_json::json!({"hidden_act": "gelu_pytorch_tanh"}), "hidden_act"),
-            (serde_json::json!({"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 4096}), "use_sliding_window"),
-            (serde_json::json!({"model_type": "mistral", "sliding_window": 4096}), "sliding_window"),
+            (serde_json::json!({"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 4096, "layer_types": ["chunked_attention"]}), "layer_types"),
             (serde_json::json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}), "rope_scaling"),
             (serde_json::json!({"model_type": "gpt_neox"}), "model_type"),
         ] {
@@ -481,9 +502,29 @@ mod tests {
                 other => panic!("{extra}: {other:?}"),
             }
         }
-        for extra in [serde_json::json!({"model_type": "mistral", "sliding_window": null}), serde_json::json!({"model_type": "mistral", "sliding_window": 32768}), serde_json::json!({"hidden_act": "silu"})] {
+        for extra in [serde_json::json!({"model_type": "mistral", "sliding_window": null}), serde_json::json!({"hidden_act": "silu"})] {
             assert_eq!(config(extra.clone()).unwrap().architecture, Architecture::Llama, "{extra}");
         }
+    }
+
+    /// Which layers slide, as transformers decides: Mistral all of them; Qwen2/Qwen3 only with
+    /// `use_sliding_window`, from `max_window_layers` on or as `layer_types` lists them.
+    #[test]
+    fn sliding_windows_follow_transformers() {
+        let window = |extra: Value| {
+            let mut json = serde_json::json!({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+                "num_attention_heads": 4, "vocab_size": 10});
+            json.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            parse(json).unwrap().sliding_window.map(|w| (w.size, w.layers))
+        };
+        assert_eq!(window(serde_json::json!({"model_type": "mistral", "sliding_window": 4096})), Some((4096, vec![true; 3])));
+        assert_eq!(window(serde_json::json!({"model_type": "mistral", "sliding_window": null})), None);
+        assert_eq!(window(serde_json::json!({"model_type": "qwen2", "sliding_window": 4096})), None);
+        assert_eq!(window(serde_json::json!({"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 8, "max_window_layers": 1})), Some((8, vec![false, true, true])));
+        assert_eq!(window(serde_json::json!({"model_type": "qwen3", "use_sliding_window": true, "sliding_window": 8})), None);
+        let types = serde_json::json!(["sliding_attention", "full_attention", "sliding_attention"]);
+        assert_eq!(window(serde_json::json!({"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 8, "layer_types": types})), Some((8, vec![true, false, true])));
+        assert_eq!(window(serde_json::json!({"model_type": "llama", "sliding_window": 8})), None);
     }
 
     #[test]

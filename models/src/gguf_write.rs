@@ -651,6 +651,13 @@ fn check_rope(config: &ModelConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// The context the GGUF declares. llama.cpp's llama and qwen2 have no sliding window: up to the
+/// window's length they attend as transformers does, beyond it to keys the window would drop, so
+/// a windowed model declares the window as its context (Mistral-7B-v0.1: 4,096, not 32,768).
+fn context_length(config: &ModelConfig) -> usize {
+    config.sliding_window.as_ref().map_or(config.max_position_embeddings, |window| window.size.min(config.max_position_embeddings))
+}
+
 /// llama.cpp's hyperparameters of a model of `arch`.
 pub fn hyperparameters(config: &ModelConfig, arch: GgufArch, name: &str, file_type: ExportType) -> Vec<(String, MetaValue)> {
     let key = |k: &str| format!("{}.{k}", arch.name());
@@ -659,7 +666,7 @@ pub fn hyperparameters(config: &ModelConfig, arch: GgufArch, name: &str, file_ty
         ("general.name".into(), MetaValue::Str(name.into())),
         ("general.file_type".into(), MetaValue::U32(file_type.file_type())),
         (key("vocab_size"), MetaValue::U32(config.vocab_size as u32)),
-        (key("context_length"), MetaValue::U32(config.max_position_embeddings as u32)),
+        (key("context_length"), MetaValue::U32(context_length(config) as u32)),
         (key("embedding_length"), MetaValue::U32(config.hidden_size as u32)),
         (key("feed_forward_length"), MetaValue::U32(config.intermediate_size as u32)),
         (key("block_count"), MetaValue::U32(config.num_layers as u32)),

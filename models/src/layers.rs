@@ -377,7 +377,8 @@ impl Rope {
 }
 
 /// Additive attention bias `[batch, 1, seq, past + seq]`: 0 where a query may attend, a large
-/// negative number elsewhere (causal, and padded keys when a mask is given).
+/// negative number elsewhere (causal, keys a sliding `window` has left behind, and padded keys
+/// when a mask is given).
 ///
 /// `attention_mask`: `[batch, past + seq]`, 1 for real tokens.
 pub fn attention_bias(
@@ -385,19 +386,24 @@ pub fn attention_bias(
     seq: usize,
     past: usize,
     attention_mask: Option<&Tensor<2, Int>>,
+    window: Option<usize>,
     device: &Device,
 ) -> Tensor<4> {
     let total = past + seq;
     // tril_mask is true above the diagonal shifted by `past`: the future keys.
-    let future = Tensor::<2, Bool>::tril_mask([seq, total], past as i64, device)
-        .reshape([1, 1, seq, total])
-        .expand([batch, 1, seq, total]);
+    let mut masked = Tensor::<2, Bool>::tril_mask([seq, total], past as i64, device);
+    if let Some(window) = window.filter(|&window| total > window) {
+        // Query i sits at position past + i and sees keys k > past + i - window: triu_mask is
+        // true where k - i < past - window + 1.
+        masked = masked.bool_or(Tensor::<2, Bool>::triu_mask([seq, total], past as i64 - window as i64 + 1, device));
+    }
+    let masked = masked.reshape([1, 1, seq, total]).expand([batch, 1, seq, total]);
     let masked = match attention_mask {
         Some(mask) => {
             let padded = mask.clone().equal_elem(0).reshape([batch, 1, 1, total]).expand([batch, 1, seq, total]);
-            future.bool_or(padded)
+            masked.bool_or(padded)
         }
-        None => future,
+        None => masked,
     };
     // With padding, a padded query's row has every key masked: the most negative finite value
     // keeps it finite, as in transformers. Without, every row sees its own key, and -inf makes
@@ -498,6 +504,28 @@ mod tests {
 
     use super::*;
     use crate::nf4::{Int8Weight, Nf4Weight};
+
+    /// Query i (at position past + i) sees key k where k <= past + i, k > past + i - window,
+    /// and k is not padding; a window no shorter than the keys changes nothing.
+    #[test]
+    fn attention_bias_is_causal_windowed_and_padded() {
+        let device = Device::flex();
+        let (batch, seq, past) = (2, 4, 3);
+        let total = past + seq;
+        let mask = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0], [batch, total]), &device);
+        for window in [None, Some(2), Some(5), Some(total)] {
+            let bias = attention_bias(batch, seq, past, Some(&mask), window, &device).into_data().try_to_vec::<f32>().unwrap();
+            for (index, &value) in bias.iter().enumerate() {
+                let (b, i, k) = (index / (seq * total), index / total % seq, index % total);
+                let position = past + i;
+                let visible = k <= position && window.is_none_or(|w| k + w > position) && !(b == 1 && (k == 0 || k == 6));
+                assert_eq!(value == 0.0, visible, "window {window:?} row {b} query {i} key {k}");
+            }
+        }
+        let plain = attention_bias(1, seq, past, None, None, &device);
+        let wide = attention_bias(1, seq, past, None, Some(total), &device);
+        assert_eq!(plain.into_data().try_to_vec::<f32>().unwrap(), wide.into_data().try_to_vec::<f32>().unwrap());
+    }
 
     /// Packed sequences rotate in one call exactly as each would alone, from the same position,
     /// for both pairings and on part of each head; a second layer reuses the tables.

@@ -31,7 +31,7 @@ pub use checkpoint::{Checkpoint, LoadDtype};
 pub use config::{Architecture, ModelConfig};
 pub use files::{destination_path, remove_stale_temporaries, write_dir_atomically, write_file_atomically, write_json, write_safetensors, write_safetensors_with};
 pub use attention::LayerExtras;
-pub use batch::{KvCache, Layout, TokenBatch};
+pub use batch::{KvCache, Layout, Masks, TokenBatch};
 pub use layers::Projection;
 pub use transformer::{BaseModel, CausalLm, VocabModule};
 

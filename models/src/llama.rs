@@ -3,7 +3,8 @@
 //! as stored and adapters export without un-permuting.
 
 use crate::LoadError;
-use crate::config::{Architecture, HF_SHAPE_KEYS, JsonConfig, ModelConfig, RopeConfig, RopePairing, RopeScaling};
+use crate::config::{Architecture, HF_SHAPE_KEYS, JsonConfig, ModelConfig, RopeConfig, RopePairing, RopeScaling, SlidingWindow};
+use serde_json::Value;
 use crate::family::{GateUpKeys, KeyLayout, QkvKeys};
 
 /// Tensor names of `LlamaForCausalLM`.
@@ -24,19 +25,6 @@ pub const KEYS: KeyLayout = KeyLayout {
 
 pub(crate) fn parse_config(json: &JsonConfig, model_type: &str) -> Result<ModelConfig, LoadError> {
     let partial_rotary_factor = json.opt_f64("partial_rotary_factor")?;
-    // Sliding-window attention is not implemented: Qwen2 switches it on with use_sliding_window
-    // (off in its released configs); Mistral has it whenever the window is shorter than the
-    // longest sequence (null from v0.2 on).
-    if json.bool_or("use_sliding_window", false)? {
-        return Err(json.unsupported("use_sliding_window", "sliding-window attention is not supported"));
-    }
-    if model_type == "mistral" {
-        let window = json.opt_usize("sliding_window")?;
-        let longest = json.opt_usize("max_position_embeddings")?;
-        if let Some(window) = window.filter(|&w| longest.is_none_or(|longest| w < longest)) {
-            return Err(json.unsupported("sliding_window", format!("a window of {window} tokens: sliding-window attention is not supported")));
-        }
-    }
     // Qwen2 always has q/k/v biases and none on o_proj; LLaMA's (and Qwen3's) `attention_bias`
     // covers all four.
     let (qkv_bias, o_bias) = if model_type == "qwen2" {
@@ -59,8 +47,43 @@ pub(crate) fn parse_config(json: &JsonConfig, model_type: &str) -> Result<ModelC
         o_bias,
         mlp_bias: json.bool_or("mlp_bias", false)?,
         qk_norm: model_type == "qwen3",
+        sliding_window: parse_sliding_window(json, model_type)?,
         ..json.base_config(&HF_SHAPE_KEYS, Architecture::Llama, model_type, rms_norm_eps, rope)?
     })
+}
+
+/// Mistral's `sliding_window` applies to every layer (null: none). Qwen2/Qwen3 use their
+/// `sliding_window` only with `use_sliding_window`, in the layers `layer_types` names
+/// `sliding_attention`, or by default from `max_window_layers` on, as transformers.
+fn parse_sliding_window(json: &JsonConfig, model_type: &str) -> Result<Option<SlidingWindow>, LoadError> {
+    let layers = json.usize(HF_SHAPE_KEYS.layers)?;
+    let size = match model_type {
+        "mistral" => json.opt_usize("sliding_window")?,
+        "qwen2" | "qwen3" if json.bool_or("use_sliding_window", false)? => json.opt_usize("sliding_window")?,
+        _ => None,
+    };
+    let Some(size) = size else { return Ok(None) };
+    if size == 0 {
+        return Err(json.invalid("sliding_window", "a window of 0 tokens"));
+    }
+    let sliding = match (model_type, json.get("layer_types")) {
+        ("mistral", _) | (_, None | Some(Value::Null)) => {
+            let first = if model_type == "mistral" { 0 } else { json.opt_usize("max_window_layers")?.unwrap_or(28) };
+            (0..layers).map(|i| i >= first).collect::<Vec<_>>()
+        }
+        (_, Some(types)) => {
+            let types = types.as_array().filter(|t| t.len() == layers).ok_or_else(|| json.invalid("layer_types", format!("expected a list of {layers} layer types")))?;
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(json.unsupported("layer_types", format!("layer type {t} is not supported"))),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        }
+    };
+    Ok(sliding.contains(&true).then_some(SlidingWindow { size, layers: sliding }))
 }
 
 /// `rope_scaling`: absent/null/"default", "linear", "llama3" or "yarn".

@@ -9,7 +9,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::attention::{Attention, LayerExtras, QkNorm, QkvProjection, SeparateQkv};
-use crate::batch::{KvCache, Layout, TokenBatch};
+use crate::batch::{KvCache, Layout, Masks, TokenBatch};
 use crate::checkpoint::{Checkpoint, LoadDtype};
 use crate::config::ModelConfig;
 use crate::family::{KeyLayout, Role, check_checkpoint};
@@ -597,11 +597,16 @@ impl<P: Projection> CausalLm<P> {
         let [b, s, _] = embeddings.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());
         let prefix = extras.iter().find_map(|e| e.prefix.as_ref()).map_or(0, |(k, _)| k.dims()[2]);
-        let bias = self.attention_bias([b, s], past, prefix, attention_mask, &embeddings.device());
+        let bias = self.attention_bias([b, s], past, prefix, attention_mask, None, &embeddings.device());
+        let windowed = self.window_masking(prefix + past + s).map(|window| self.attention_bias([b, s], past, prefix, attention_mask, Some(window), &embeddings.device()));
         let mut x = embeddings;
         for (i, layer) in self.layers.iter().enumerate() {
             let past_kv = cache.as_ref().and_then(|c| c.layers.get(i).cloned());
             let mut new_kv = None;
+            let bias = match &windowed {
+                Some(windowed) if self.slides(i) => windowed,
+                _ => &bias,
+            };
             x = layer.forward(x, |attention, h| {
                 let (out, k, v) = attention.forward(h, &self.rope, past_kv, bias.clone(), extras.get(i));
                 new_kv = Some((k, v));
@@ -624,33 +629,51 @@ impl<P: Projection> CausalLm<P> {
     }
 
     /// Additive attention bias `[batch, 1, seq, prefix + past + seq]`: causal, padded keys
-    /// masked, and `prefix` keys (prefix tuning) visible to every query, as PEFT extends the mask.
+    /// masked, and `prefix` keys (prefix tuning) visible to every query, as PEFT extends the mask;
+    /// with a sliding `window`, the prefix keys count as the first positions.
     pub fn attention_bias(
         &self,
         [batch, seq]: [usize; 2],
         past: usize,
         prefix: usize,
         attention_mask: Option<&Tensor<2, Int>>,
+        window: Option<usize>,
         device: &Device,
     ) -> Tensor<4> {
-        let bias = attention_bias(batch, seq, past, attention_mask, device);
-        if prefix == 0 {
-            return bias;
-        }
-        Tensor::cat(vec![Tensor::zeros([batch, 1, seq, prefix], device), bias], 3)
+        let attention_mask = attention_mask.map(|mask| match prefix {
+            0 => mask.clone(),
+            _ => Tensor::cat(vec![Tensor::ones([batch, prefix], device), mask.clone()], 1),
+        });
+        attention_bias(batch, seq, prefix + past, attention_mask.as_ref(), window, device)
+    }
+
+    /// The sliding window's size, where some layer has one and it masks some of `keys` keys.
+    fn window_masking(&self, keys: usize) -> Option<usize> {
+        self.config.sliding_window.as_ref().filter(|window| window.masks(keys)).map(|window| window.size)
+    }
+
+    /// Whether layer `i` attends through the sliding window.
+    fn slides(&self, i: usize) -> bool {
+        self.config.sliding_window.as_ref().is_some_and(|window| window.applies(i))
     }
 
     /// The layout of a training batch: what each query of it may attend to.
     pub fn layout(&self, batch: &TokenBatch, prefix: usize, device: &Device) -> Layout {
-        match batch {
+        let masks = |window: Option<usize>| match batch {
             TokenBatch::Padded { shape, attention_mask, .. } => {
                 let mask = Tensor::<2, Int>::from_data(TensorData::new(attention_mask.clone(), *shape), device);
-                Layout::Padded(self.attention_bias(*shape, 0, prefix, Some(&mask), device))
+                Masks::Padded(self.attention_bias(*shape, 0, prefix, Some(&mask), window, device))
             }
-            TokenBatch::Packed { lengths, .. } => {
-                Layout::Packed(lengths.iter().map(|&len| self.attention_bias([1, len], 0, prefix, None, device)).collect())
-            }
-        }
+            TokenBatch::Packed { lengths, .. } => Masks::Packed {
+                biases: lengths.iter().map(|&len| self.attention_bias([1, len], 0, prefix, None, window, device)).collect(),
+                causal: window.is_none(),
+            },
+        };
+        let longest = match batch {
+            TokenBatch::Padded { shape, .. } => shape[1],
+            TokenBatch::Packed { lengths, .. } => lengths.iter().copied().max().unwrap_or(0),
+        };
+        Layout { full: masks(None), windowed: self.window_masking(prefix + longest).map(|window| masks(Some(window))) }
     }
 
     /// The attention half of decoder layer `i` without a cache (training): its post-attention
@@ -659,15 +682,23 @@ impl<P: Projection> CausalLm<P> {
     /// # Shapes
     /// - x, output: `[batch, seq, hidden]` (padded) or `[1, Σ len, hidden]` (packed)
     pub fn attention_block(&self, i: usize, x: Tensor<3>, layout: &Layout, extras: Option<&LayerExtras>) -> Tensor<3> {
-        self.layers[i].attention_block(x, |attention, h| attention.output(self.contexts(attention, h, layout, extras)))
+        self.layers[i].attention_block(x, |attention, h| attention.output(self.contexts(attention, h, self.masks(i, layout), extras)))
+    }
+
+    /// The masks layer `i` attends through.
+    fn masks<'a>(&self, i: usize, layout: &'a Layout) -> &'a Masks {
+        match &layout.windowed {
+            Some(windowed) if self.slides(i) => windowed,
+            _ => &layout.full,
+        }
     }
 
     /// A layer's attention of the normed `h` up to `o_proj`, padded or packed
     /// ([`Attention::contexts`], [`Attention::contexts_packed`]).
-    fn contexts(&self, attention: &Attention<P>, h: Tensor<3>, layout: &Layout, extras: Option<&LayerExtras>) -> Vec<Tensor<3>> {
-        match layout {
-            Layout::Padded(bias) => attention.contexts(h, &self.rope, None, bias.clone(), extras).0,
-            Layout::Packed(biases) => attention.contexts_packed(h, &self.rope, biases, extras),
+    fn contexts(&self, attention: &Attention<P>, h: Tensor<3>, masks: &Masks, extras: Option<&LayerExtras>) -> Vec<Tensor<3>> {
+        match masks {
+            Masks::Padded(bias) => attention.contexts(h, &self.rope, None, bias.clone(), extras).0,
+            Masks::Packed { biases, causal } => attention.contexts_packed(h, &self.rope, biases, *causal, extras),
         }
     }
 
@@ -680,7 +711,7 @@ impl<P: Projection> CausalLm<P> {
     /// the gradients of `sum(attention_block(i, x) · grad)`, less the residual's `grad`
     /// ([`DecoderLayer::attention_surrogate`]). `o_proj`'s product is not recomputed.
     pub fn attention_surrogate(&self, i: usize, x: Tensor<3>, layout: &Layout, extras: Option<&LayerExtras>, grad: &Tensor<3>) -> Tensor<1> {
-        self.layers[i].attention_surrogate(x, |attention, h| self.contexts(attention, h, layout, extras), grad)
+        self.layers[i].attention_surrogate(x, |attention, h| self.contexts(attention, h, self.masks(i, layout), extras), grad)
     }
 
     /// [`Self::attention_surrogate`] of the MLP half: `down_proj`'s product is not recomputed.
@@ -733,7 +764,45 @@ fn random_normal_bytes(len: usize, std: f32, dtype: DType, seed: u64) -> Vec<u8>
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
+
+    /// Generation through the cache sees what the full forward sees: with a sliding window of 3,
+    /// the logits of every position agree, and differ from the same weights without the window.
+    #[test]
+    fn cached_generation_keeps_the_sliding_window() {
+        let device = Device::flex();
+        let config = |window: Value| {
+            let json = serde_json::json!({"model_type": "mistral", "hidden_size": 32, "intermediate_size": 64,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 50,
+                "sliding_window": window});
+            ModelConfig::from_json(&json, Path::new("config.json")).unwrap()
+        };
+        let logits = |model: &CausalLm<Linear>, ids: &[i64]| {
+            let input = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), &device);
+            model.logits(model.hidden_states(input, None, None, &[])).into_data().try_to_vec::<f32>().unwrap()
+        };
+        let ids = [3i64, 17, 5, 42, 8, 11, 29, 1];
+        let windowed = CausalLm::synthetic(config(serde_json::json!(3)), DType::F32, None, 7, &device);
+        let full = logits(&windowed, &ids);
+        let mut cache = KvCache::default();
+        let mut cached = logits_cached(&windowed, &ids[..2], &mut cache, &device);
+        for &id in &ids[2..] {
+            cached.extend(logits_cached(&windowed, &[id], &mut cache, &device));
+        }
+        let max_abs = full.iter().zip(&cached).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(max_abs < 1e-6, "cached against full forward: {max_abs}");
+        let unwindowed = logits(&CausalLm::synthetic(config(Value::Null), DType::F32, None, 7, &device), &ids);
+        let vocab = 50;
+        assert_eq!(full[..3 * vocab], unwindowed[..3 * vocab], "the first 3 positions see the same keys");
+        assert!(full[3 * vocab..].iter().zip(&unwindowed[3 * vocab..]).any(|(a, b)| (a - b).abs() > 1e-4));
+    }
+
+    fn logits_cached(model: &CausalLm<Linear>, ids: &[i64], cache: &mut KvCache, device: &Device) -> Vec<f32> {
+        let input = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device);
+        model.forward_cached(input, cache).into_data().try_to_vec::<f32>().unwrap()
+    }
 
     /// The same bytes on one thread and on many, near N(0, 0.02²), and bf16 the rounding of f32.
     #[test]

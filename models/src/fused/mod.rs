@@ -1132,7 +1132,7 @@ mod tests {
             |[q, k, v]| crate::layers::composed_attention(q.clone(), k.clone(), v.clone(), bias.clone(), scale),
         );
         // The plain causal mask, as a packed sequence without a prefix has, left to LibTorch.
-        let causal = crate::layers::attention_bias(1, seq, 0, None, &device);
+        let causal = crate::layers::attention_bias(1, seq, 0, None, None, &device);
         check(
             "causal attention on LibTorch",
             [random([1, heads, seq, d], &device), random([1, kv_heads, seq, d], &device), random([1, kv_heads, seq, d], &device)],
@@ -1248,7 +1248,7 @@ mod tests {
                 if with_prefix {
                     (k, v) = (Tensor::cat(vec![prefix_k.clone(), k], 2), Tensor::cat(vec![prefix_v.clone(), v], 2));
                 }
-                crate::layers::composed_attention(q, k, v, crate::layers::attention_bias(1, len, visible, None, &device), scale)
+                crate::layers::composed_attention(q, k, v, crate::layers::attention_bias(1, len, visible, None, None, &device), scale)
             });
             Tensor::cat(outputs.to_vec(), 2)
         };
