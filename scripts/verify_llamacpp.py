@@ -44,15 +44,15 @@
     importance matrix (`--imatrix`) given to both: a synthetic one on every model, and on SmolLM2
     one of its real activations (transformers, on Alpaca records the perplexity does not use),
     with the perplexity it gains.
-(k) the GLM family as llama.cpp's `chatglm`: seeded random tiny models with the real
+(k) the GLM family as llama.cpp's `chatglm` and `glm4`: seeded random tiny models with the real
     vocabularies (../shared/fixtures/tokenizers): ChatGLM3's layout (fused query_key_value,
-    SentencePiece tokenizer.model with THUDM's specials) and HF-native `glm` with GLM-4's tiktoken
-    ranks. llama.cpp's ids equal the reference ids of THUDM's tokenizers; last-position logits and
+    SentencePiece tokenizer.model with THUDM's specials), HF-native `glm` with GLM-4's tiktoken
+    ranks, and GLM-4-0414 (transformers' Glm4ForCausalLM, llama.cpp's `glm4`) with the same ranks. llama.cpp's ids equal the reference ids of THUDM's tokenizers; last-position logits and
     greedy answers of ember and llama.cpp (and transformers for `glm`) on chat prompts; a LoRA
     trained by ember on each, applied with --lora and merged into the export; `ember import gguf`
     back to the checkpoint's layout; llama.cpp's own Q4_K_M of each as ember's base, a LoRA
     trained on its blocks, applied by llama.cpp to that file; the `glm` file against llama.cpp's
-    own convert_hf_to_gguf.py (tensors, and the metadata keys that differ).
+    own convert_hf_to_gguf.py (tensors, and the metadata keys that differ) for both GLM-4 layouts.
 (m) `ember imatrix` against llama.cpp's llama-imatrix on ember's f32 export, on the same text
     (Alpaca records 50-199), for SmolLM2 and for SmolLM2 with (b)'s LoRA merged: entry names,
     token counts, chunks and each entry's mean squares; then the perplexity of quantized files
@@ -113,7 +113,8 @@ print(json.dumps({"last_logits": last, "answer_ids": answer}))
 """
 
 # Seeded random tiny GLM-family models with a real vocabulary (argv: out dir, tokenizers dir, kind):
-# glm4 = HF-native `glm` (transformers' GlmForCausalLM) with GLM-4's tiktoken ranks; chatglm3 =
+# glm4 = HF-native `glm` (transformers' GlmForCausalLM) with GLM-4's tiktoken ranks; glm4_0414 = the same as
+# transformers' Glm4ForCausalLM (GLM-4-0414: norms on the attention's and the MLP's output); chatglm3 =
 # THUDM's layout, which transformers has no class for, with ChatGLM3's SentencePiece model.
 MAKE_GLM = """
 import json, os, shutil, sys, torch, transformers
@@ -123,11 +124,12 @@ torch.manual_seed(0)
 os.makedirs(out, exist_ok=True)
 def rand(*shape, norm=False):
     return 1 + 0.1 * torch.randn(*shape) if norm else 0.15 * torch.randn(*shape)
-if kind == 'glm4':
-    cfg = transformers.GlmConfig(vocab_size=151552, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+if kind in ('glm4', 'glm4_0414'):
+    config, causal_lm = (transformers.GlmConfig, transformers.GlmForCausalLM) if kind == 'glm4' else (transformers.Glm4Config, transformers.Glm4ForCausalLM)
+    cfg = config(vocab_size=151552, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5, max_position_embeddings=512, rms_norm_eps=1.5625e-7,
         attention_bias=True, tie_word_embeddings=False, pad_token_id=151329, eos_token_id=[151329, 151336, 151338])
-    model = transformers.GlmForCausalLM(cfg)
+    model = causal_lm(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(rand(*p.shape, norm='norm' in name))
@@ -297,6 +299,7 @@ def main():
     p.add_argument("--data", required=True, help="Alpaca JSON; its first 50 records are used for (e)")
     p.add_argument("--data-zh", required=True, help="Chinese Alpaca JSON, trained on in (k)")
     p.add_argument("--tokenizers", default="", help="the shared fixtures' tokenizers folder (chatglm3_6b, glm4_9b_chat) for (k)")
+    p.add_argument("--glm-kinds", default="", help="(k) only for these models: chatglm3, glm4, glm4_0414 (default: all)")
     p.add_argument("--llama-imatrix", default="", help="llama.cpp's llama-imatrix binary, for (m)")
     args = p.parse_args()
     from llama_cpp import Llama
@@ -1064,7 +1067,12 @@ def verify_glm(args, ember, work):
     for kind, layout, reference_dir, targets in (
         ("chatglm3", "ChatGLM3 layout (fused query_key_value), SentencePiece", "chatglm3_6b", '["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]'),
         ("glm4", "HF-native glm, GLM-4 tiktoken", "glm4_9b_chat", '["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]'),
+        ("glm4_0414", "GLM-4-0414 (Glm4ForCausalLM), GLM-4 tiktoken", "glm4_9b_chat", '["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]'),
     ):
+        if args.glm_kinds and kind not in args.glm_kinds.split(","):
+            continue
+        # transformers' classes exist for both GLM-4 layouts; llama.cpp names GLM-4-0414 glm4.
+        has_hf, arch, template = kind != "chatglm3", "glm4" if kind == "glm4_0414" else "chatglm", "glm4" if kind == "glm4_0414" else kind
         model = os.path.join(work, f"tiny_{kind}")
         run([args.reference_python, "-c", MAKE_GLM, model, args.tokenizers, kind])
         path = os.path.join(work, f"tiny-{kind}-f32.gguf")
@@ -1088,7 +1096,7 @@ def verify_glm(args, ember, work):
         run_dir = os.path.join(work, f"lora-{kind}")
         recipe = os.path.join(work, f"lora-{kind}.toml")
         open(recipe, "w").write(f'[model]\npath = "{model}"\n[adapter]\nmethod = "lora"\nr = 4\nalpha = 8\ntarget_modules = {targets}\n'
-                                f'[data]\npath = "{os.path.abspath(args.data_zh)}"\ntemplate = "{kind}"\ncutoff_len = 128\n'
+                                f'[data]\npath = "{os.path.abspath(args.data_zh)}"\ntemplate = "{template}"\ncutoff_len = 128\n'
                                 f'[train]\nmax_steps = 10\nlr = 1e-2\nmicro_batch_size = 4\n[output]\ndir = "{run_dir}"\n')
         run([ember, "train", recipe, "--quiet", "--overwrite"])
         adapter = os.path.join(run_dir, "adapter")
@@ -1102,14 +1110,14 @@ def verify_glm(args, ember, work):
             for i, prompt in enumerate(GLM_PROMPTS):
                 dump = os.path.join(work, f"ember-k-{kind}-{with_adapter}-{i}.json")
                 extra = ["--adapter", adapter] if with_adapter else []
-                run([ember, "generate", "--base", model, *extra, "--prompt", prompt, "--template", kind, "--max-new-tokens", "8", "--logits-out", dump])
+                run([ember, "generate", "--base", model, *extra, "--prompt", prompt, "--template", template, "--max-new-tokens", "8", "--logits-out", dump])
                 ours = json.load(open(dump))
                 theirs, last = llama_answer(llm, ours["prompt_ids"], len(ours["answer_ids"]))
                 same = theirs == ours["answer_ids"]
                 worst = max(worst, float(np.abs(last - np.array(ours["last_logits"], dtype=np.float32)).max()))
                 if with_adapter:
                     changed += ours["answer_ids"] != json.load(open(os.path.join(work, f"ember-k-{kind}-False-{i}.json")))["answer_ids"]
-                elif kind == "glm4":
+                elif has_hf:
                     hf = json.loads(run([args.reference_python, "-c", HF_ANSWER, model, json.dumps(ours["prompt_ids"]), str(len(ours["answer_ids"]))]))
                     hf_last = np.array(hf["last_logits"], dtype=np.float32)
                     ours_hf, theirs_hf = worst_hf or (0.0, 0.0)
@@ -1150,7 +1158,7 @@ def verify_glm(args, ember, work):
         q_eq, q_worst = 0, 0.0
         for i, prompt in enumerate(GLM_PROMPTS):
             dump = os.path.join(work, f"ember-k-{kind}-q-{i}.json")
-            run([ember, "generate", "--base", quantized, "--adapter", os.path.join(q_run, "adapter"), "--prompt", prompt, "--template", kind, "--max-new-tokens", "8", "--logits-out", dump])
+            run([ember, "generate", "--base", quantized, "--adapter", os.path.join(q_run, "adapter"), "--prompt", prompt, "--template", template, "--max-new-tokens", "8", "--logits-out", dump])
             ours = json.load(open(dump))
             theirs, last = llama_answer(llm, ours["prompt_ids"], len(ours["answer_ids"]))
             q_eq += theirs == ours["answer_ids"]
@@ -1158,23 +1166,23 @@ def verify_glm(args, ember, work):
         del llm
         (b_eq, b_worst, b_hf, _), (a_eq, a_worst, _, a_changed) = results[False], results[True]
         hf_part = f"; to transformers: ember {b_hf[0]:.2e}, llama.cpp {b_hf[1]:.2e}" if b_hf is not None else ""
-        line = (f"(k) {kind}: {layout} -> chatglm, pre '{pre}': llama.cpp's ids equal the reference tokenizer's on {same_ids}/{len(cases)} texts; "
-                f"greedy answers (8 tokens, {kind} chat prompts) equal {b_eq}/{len(GLM_PROMPTS)}{' on all three' if kind == 'glm4' else ''}, last-position logits max |diff| {b_worst:.2e}{hf_part}; "
+        line = (f"(k) {kind}: {layout} -> {arch}, pre '{pre}': llama.cpp's ids equal the reference tokenizer's on {same_ids}/{len(cases)} texts; "
+                f"greedy answers (8 tokens, {kind} chat prompts) equal {b_eq}/{len(GLM_PROMPTS)}{' on all three' if has_hf else ''}, last-position logits max |diff| {b_worst:.2e}{hf_part}; "
                 f"LoRA trained by ember (10 steps) via --lora: answers equal {a_eq}/{len(GLM_PROMPTS)} (changed by the adapter {a_changed}/{len(GLM_PROMPTS)}), logits max |diff| {a_worst:.2e}; "
                 f"merged into the export: answers equal {m_eq}/{len(GLM_PROMPTS)}; import gguf bit for bit: {round_trip}; "
                 f"llama.cpp's Q4_K_M of it ({dict(sorted(kinds.items()))}) as ember's base, LoRA trained on its blocks, via --lora: "
                 f"answers equal {q_eq}/{len(GLM_PROMPTS)}, logits max |diff| {q_worst:.3f}")
 
-        if kind == "glm4":
+        if has_hf:
             # llama.cpp's own converter on the same model, given ember's tokenizer.json of the ranks
             # (its GLM-4 tiktoken path needs THUDM's remote-code tokenizer).
-            hf_dir = os.path.join(work, "tiny_glm4_tokenizer_json")
+            hf_dir = os.path.join(work, f"tiny_{kind}_tokenizer_json")
             run([ember, "import", "tokenizer", model, "--out", hf_dir])
             for f in ("config.json", "model.safetensors"):
                 if not os.path.exists(os.path.join(hf_dir, f)):
                     os.symlink(os.path.join(model, f), os.path.join(hf_dir, f))
             open(os.path.join(hf_dir, "tokenizer_config.json"), "w").write('{"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}')
-            theirs_path = os.path.join(work, "tiny-glm4-convert.gguf")
+            theirs_path = os.path.join(work, f"tiny-{kind}-convert.gguf")
             env = dict(os.environ, PYTHONPATH=os.path.join(args.llama_cpp, "gguf-py"))
             run([args.reference_python, os.path.join(args.llama_cpp, "convert_hf_to_gguf.py"), hf_dir, "--outtype", "f32", "--outfile", theirs_path], env=env)
             theirs_r = gguf.GGUFReader(theirs_path)

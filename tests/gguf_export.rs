@@ -470,14 +470,17 @@ fn qwen2_exports_as_llama_cpps_qwen2_with_rows_in_hf_order() {
 /// GLM's two layouts go out as llama.cpp's `chatglm`: HF-native `glm` with separate q/k/v,
 /// ChatGLM's fused `query_key_value` as `attn_qkv`; both with rows in HF order (llama.cpp's
 /// `chatglm` RoPE pairs neighbours, as GLM does), the fused `[gate | up]` as `ffn_up`, and RoPE
-/// over the rotary part of each head only. They come back in their own layout (`import gguf`,
-/// and as a base), and LoRA on the fused projections keeps PEFT's B rows.
+/// over the rotary part of each head only. GLM-4-0414 goes out the same way as llama.cpp's
+/// `glm4`, its output norms as `post_attention_norm` and `post_ffw_norm`. They come back in
+/// their own layout (`import gguf`, and as a base), and LoRA on the fused projections keeps
+/// PEFT's B rows.
 #[test]
 fn glm_family_exports_as_llama_cpps_chatglm() {
     let dir = tempfile::tempdir().unwrap();
-    for (name, q, q_hf) in [
-        ("tiny_glm", "blk.1.attn_q.bias", "model.layers.1.self_attn.q_proj.bias"),
-        ("tiny_chatglm", "blk.1.attn_qkv.weight", "transformer.encoder.layers.1.self_attention.query_key_value.weight"),
+    for (name, arch, q, q_hf) in [
+        ("tiny_glm", "chatglm", "blk.1.attn_q.bias", "model.layers.1.self_attn.q_proj.bias"),
+        ("tiny_chatglm", "chatglm", "blk.1.attn_qkv.weight", "transformer.encoder.layers.1.self_attention.query_key_value.weight"),
+        ("tiny_glm4", "glm4", "blk.1.post_ffw_norm.weight", "model.layers.1.post_mlp_layernorm.weight"),
     ] {
         let base = fixture(name);
         let gguf = dir.path().join(format!("{name}.gguf"));
@@ -485,9 +488,9 @@ fn glm_family_exports_as_llama_cpps_chatglm() {
         export(&["gguf", "--base", base.to_str().unwrap(), "--out", gguf.to_str().unwrap(), "--type", "f32", "--pre", "gpt-2"]);
         let file = GgufFile::open(&gguf).unwrap();
         let meta = |key: &str| file.metadata.get(key).unwrap().clone();
-        assert_eq!(meta("general.architecture"), "chatglm");
-        assert_eq!(meta("chatglm.rope.dimension_count"), 8, "{name}: half of each 16-value head");
-        assert_eq!(meta("chatglm.attention.head_count_kv"), 2);
+        assert_eq!(meta("general.architecture"), arch);
+        assert_eq!(meta(&format!("{arch}.rope.dimension_count")), 8, "{name}: half of each 16-value head");
+        assert_eq!(meta(&format!("{arch}.attention.head_count_kv")), 2);
         assert_eq!(meta("tokenizer.ggml.add_bos_token"), false);
         let original = f32_tensors(&base.join("model.safetensors"));
         let hf = |key: &str| original.iter().find(|(k, _)| k == key).unwrap().1.clone();
@@ -516,6 +519,9 @@ fn glm_family_exports_as_llama_cpps_chatglm() {
         assert_eq!(answer(&gguf, "gguf"), expected, "{name}: the GGUF as a base");
         assert_eq!(answer(&back, "imported"), expected, "{name}: the imported folder");
     }
+    let lora = dir.path().join("glm4-lora.gguf");
+    export(&["gguf-lora", "--base", fixture("tiny_glm4").to_str().unwrap(), "--adapter", fixture("tiny_glm4/adapters/lora").to_str().unwrap(), "--out", lora.to_str().unwrap()]);
+    assert_eq!(GgufFile::open(&lora).unwrap().metadata.get("general.architecture").unwrap(), "glm4");
     let lora = dir.path().join("chatglm-lora.gguf");
     let adapter = fixture("tiny_chatglm/adapters/lora");
     export(&["gguf-lora", "--base", fixture("tiny_chatglm").to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", lora.to_str().unwrap()]);
@@ -597,13 +603,6 @@ fn what_llama_cpp_cannot_take_is_one_error_line() {
     assert_bad_input(
         &ember(&["export", "gguf-lora", "--base", llama.to_str().unwrap(), "--adapter", lora.to_str().unwrap(), "--out", out, "--type", "q4_k_m"]),
         &["--type 'q4_k_m'", "f32, f16, bf16 or q8_0"],
-    );
-    // GLM-4-0414's output norms would be lost in llama.cpp's chatglm layout.
-    let glm4 = fixture("tiny_glm4");
-    assert_bad_input(&ember(&["export", "gguf", "--base", glm4.to_str().unwrap(), "--out", out, "--pre", "gpt-2"]), &["config.json", "model_type", "glm4"]);
-    assert_bad_input(
-        &ember(&["export", "gguf-lora", "--base", glm4.to_str().unwrap(), "--adapter", glm4.join("adapters/lora").to_str().unwrap(), "--out", out]),
-        &["config.json", "glm4"],
     );
     assert!(!Path::new(out).exists());
 }

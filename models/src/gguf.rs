@@ -1,6 +1,6 @@
-//! Reading GGUF files (llama.cpp's format) and converting a `llama`, `qwen2` or `chatglm` GGUF
-//! into an HF model folder in the family's layout: config.json, model.safetensors (f32),
-//! tokenizer.json and its config files.
+//! Reading GGUF files (llama.cpp's format) and converting a `llama`, `qwen2`, `qwen3`, `chatglm`
+//! or `glm4` GGUF into an HF model folder in the family's layout: config.json,
+//! model.safetensors (f32), tokenizer.json and its config files.
 //!
 //! Every length and offset in the header is checked against the file before it is used, so a
 //! truncated or lying file is an error, never a panic or a huge allocation.
@@ -167,6 +167,9 @@ pub enum GgufArch {
     /// Qwen3: as `qwen2` without biases, with per-head q/k norms (`attn_q_norm`, `attn_k_norm`).
     Qwen3,
     ChatGlm,
+    /// GLM-4-0414: as `chatglm` with q/k/v apart, plus RMSNorms on the attention's and the MLP's
+    /// output (`post_attention_norm`, `post_ffw_norm`).
+    Glm4,
 }
 
 impl GgufArch {
@@ -176,6 +179,7 @@ impl GgufArch {
             Architecture::Llama if config.model_type == "qwen2" => Self::Qwen2,
             Architecture::Llama if config.model_type == "qwen3" => Self::Qwen3,
             Architecture::Llama => Self::Llama,
+            Architecture::Glm if config.output_norms => Self::Glm4,
             Architecture::Glm | Architecture::ChatGlm => Self::ChatGlm,
         }
     }
@@ -187,12 +191,13 @@ impl GgufArch {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::ChatGlm => "chatglm",
+            Self::Glm4 => "glm4",
         }
     }
 
     /// The architecture of a file's `general.architecture`.
     fn of_name(name: &str) -> Option<Self> {
-        [Self::Llama, Self::Qwen2, Self::Qwen3, Self::ChatGlm].into_iter().find(|arch| arch.name() == name)
+        [Self::Llama, Self::Qwen2, Self::Qwen3, Self::ChatGlm, Self::Glm4].into_iter().find(|arch| arch.name() == name)
     }
 
     /// Whether llama.cpp keeps q/k rows (and biases) in its interleaved order.
@@ -742,6 +747,8 @@ pub(crate) fn hf_name(keys: &KeyLayout, gguf: &str) -> Option<(String, Option<Ro
         "ffn_norm" => (format!("{}.{}", keys.layer(layer), keys.post_attention_norm), None),
         "attn_q_norm" => (keys.qk_norms(layer)[0].clone(), None),
         "attn_k_norm" => (keys.qk_norms(layer)[1].clone(), None),
+        "post_attention_norm" => (keys.output_norms(layer)[0].clone(), None),
+        "post_ffw_norm" => (keys.output_norms(layer)[1].clone(), None),
         _ => keys.roles(layer).into_iter().find(|(_, role)| gguf_projection(*role) == module).map(|(name, role)| (name, Some(role)))?,
     };
     Some((format!("{name}.{suffix}"), role))
@@ -782,7 +789,7 @@ impl GgufFile {
     /// The file's architecture, if ember reads it.
     pub fn arch(&self) -> Result<GgufArch, LoadError> {
         let arch = self.metadata.str("general.architecture")?;
-        GgufArch::of_name(arch).ok_or_else(|| self.metadata.error("general.architecture", &format!("'{arch}' is not supported (supported: llama, qwen2, qwen3, chatglm)")))
+        GgufArch::of_name(arch).ok_or_else(|| self.metadata.error("general.architecture", &format!("'{arch}' is not supported (supported: llama, qwen2, qwen3, chatglm, glm4)")))
     }
 
     /// The hyperparameter `key` under the architecture's prefix (`llama.block_count`).
@@ -802,7 +809,7 @@ impl GgufFile {
         Ok(match self.arch()? {
             GgufArch::Llama | GgufArch::Qwen2 | GgufArch::Qwen3 => &llama::KEYS,
             GgufArch::ChatGlm if self.fused_qkv() => &glm::CHATGLM_KEYS,
-            GgufArch::ChatGlm => &glm::GLM_KEYS,
+            GgufArch::ChatGlm | GgufArch::Glm4 => &glm::GLM_KEYS,
         })
     }
 
@@ -918,7 +925,7 @@ impl GgufFile {
         // llama.cpp's GLM rotates `rope.dimension_count` dims of heads of `key_length`.
         let rope_dims = meta.get(&key("rope.dimension_count")).and_then(Value::as_u64).map(|n| n as usize);
         let head_dim = match arch {
-            GgufArch::ChatGlm | GgufArch::Qwen3 => meta.get(&key("attention.key_length")).and_then(Value::as_u64).map_or(hidden / heads, |n| n as usize),
+            GgufArch::ChatGlm | GgufArch::Glm4 | GgufArch::Qwen3 => meta.get(&key("attention.key_length")).and_then(Value::as_u64).map_or(hidden / heads, |n| n as usize),
             _ => rope_dims.unwrap_or(hidden / heads),
         };
         let (model_type, class) = match arch {
@@ -926,6 +933,7 @@ impl GgufFile {
             GgufArch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
             GgufArch::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
             GgufArch::ChatGlm => ("glm", "GlmForCausalLM"),
+            GgufArch::Glm4 => ("glm4", "Glm4ForCausalLM"),
         };
         let mut config = json!({
             "architectures": [class],
@@ -950,7 +958,7 @@ impl GgufFile {
             "pad_token_id": token_id("tokenizer.ggml.padding_token_id"),
             "torch_dtype": "float32",
         });
-        if arch == GgufArch::ChatGlm {
+        if matches!(arch, GgufArch::ChatGlm | GgufArch::Glm4) {
             config["attention_bias"] = json!(self.tensor("blk.0.attn_q.bias").is_some());
             config["partial_rotary_factor"] = json!(rope_dims.unwrap_or(head_dim / 2) as f64 / head_dim as f64);
         }
@@ -1234,7 +1242,7 @@ pub fn tokenizer_json(meta: &GgufMetadata) -> Result<Value, LoadError> {
             let vocab: Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), json!(i))).collect();
             // GLM-4 starts every text with `[gMASK]<sop>`; others with BOS if the file says so.
             let prefix = match meta.get("general.architecture").and_then(Value::as_str) {
-                Some("chatglm") => chatglm_prefix(&tokens, "<sop>").ok_or_else(|| meta.error("tokenizer.ggml.tokens", "no [gMASK] and <sop> tokens"))?,
+                Some("chatglm" | "glm4") => chatglm_prefix(&tokens, "<sop>").ok_or_else(|| meta.error("tokenizer.ggml.tokens", "no [gMASK] and <sop> tokens"))?,
                 _ => bos_id.filter(|_| add_bos.unwrap_or(false)).into_iter().collect(),
             };
             let affixes = Affixes { prefix: prefix.into_iter().map(|id| (tokens[id as usize].to_string(), id)).collect(), suffix: Vec::new() };

@@ -153,7 +153,7 @@ impl QuantizeModel {
             && match arch {
                 GgufArch::Llama => config.num_heads != config.num_kv_heads,
                 GgufArch::Qwen2 => true,
-                GgufArch::Qwen3 | GgufArch::ChatGlm => false,
+                GgufArch::Qwen3 | GgufArch::ChatGlm | GgufArch::Glm4 => false,
             };
         Self { layers: config.num_layers, tied, seventy_b, gqa: config.num_heads / config.num_kv_heads.max(1), importance }
     }
@@ -604,7 +604,7 @@ pub fn tensor_name(keys: &KeyLayout, hf: &str, layers: usize) -> Option<(String,
     // any depth.
     let layer = hf.split('.').find_map(|part| part.parse::<usize>().ok()).filter(|&i| i < layers);
     let candidates = ["token_embd.weight", "output_norm.weight", "output.weight"].into_iter().map(str::to_string).chain(layer.into_iter().flat_map(|i| {
-        ["attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+        ["attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
             .into_iter()
             .flat_map(move |m| ["weight", "bias"].into_iter().map(move |s| format!("blk.{i}.{m}.{s}")))
     }));
@@ -635,9 +635,6 @@ pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> V
 /// llama.cpp computes (it truncates the correction range and takes the default betas 32 and 1,
 /// whatever the file says). The error names the config key.
 pub fn check_exportable(config: &ModelConfig) -> Result<(), (&'static str, String)> {
-    if config.output_norms {
-        return Err(("model_type", format!("'{}' (norms on the attention's and the MLP's output): ember does not write llama.cpp's glm4 architecture", config.model_type)));
-    }
     check_rope(config).map_err(|reason| ("rope_scaling", reason))
 }
 
@@ -718,7 +715,7 @@ const BYTE: i32 = 6;
 /// scores from the merge ranks, which order merges as HF's BPE does).
 ///
 /// `pre` names llama.cpp's pre-tokenizer for a byte-level BPE whose check hash it does not know.
-/// A GLM-family model (`arch` `chatglm`) ends a turn at `<|user|>`, llama.cpp's end of turn.
+/// A GLM-family model (`arch` `chatglm`, `glm4`) ends a turn at `<|user|>`, llama.cpp's end of turn.
 pub fn tokenizer_metadata(dir: &Path, arch: GgufArch, vocab_size: usize, pre: Option<&str>) -> Result<Vec<(String, MetaValue)>, LoadError> {
     let invalid = |path: &Path, reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
     let json_path = dir.join("tokenizer.json");
@@ -858,7 +855,7 @@ pub fn tokenizer_metadata(dir: &Path, arch: GgufArch, vocab_size: usize, pre: Op
             meta.push((format!("tokenizer.ggml.{key}_token_id"), MetaValue::U32(id)));
         }
     }
-    if arch == GgufArch::ChatGlm
+    if matches!(arch, GgufArch::ChatGlm | GgufArch::Glm4)
         && let Some(user) = tokenizer.token_to_id("<|user|>")
     {
         meta.push(("tokenizer.ggml.eot_token_id".into(), MetaValue::U32(user)));
