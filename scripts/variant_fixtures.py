@@ -125,6 +125,7 @@ CASES = [
     ("mlp_bias", "llama", dict(mlp_bias=True, attention_bias=True, **rope()), BASIC + ADAPTION, None),
     ("mistral", "mistral", dict(sliding_window=None, **rope()), BASIC + ADAPTION, None),
     ("mistral_long_window", "mistral", dict(sliding_window=4096, **rope()), BASIC, None),
+    ("mistral_nemo_heads", "mistral", dict(head_dim=32, sliding_window=None, **rope(theta=1e6)), BASIC, ALL),
     ("mistral_short_window", "mistral", dict(sliding_window=4, **rope()), BASIC + ADAPTION, ALL),
     ("qwen2_window", "qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0, **rope()),
      BASIC, None),
