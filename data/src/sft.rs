@@ -213,6 +213,12 @@ impl Batch {
     pub fn lengths(&self) -> Vec<usize> {
         self.attention_mask.chunks(self.seq.max(1)).map(|row| row.iter().take_while(|&&m| m == 1).count()).collect()
     }
+
+    /// Whether every row is its real tokens, then padding (as ember's batches are): only then do
+    /// [`Self::lengths`] give each row's tokens.
+    pub fn right_padded(&self) -> bool {
+        self.attention_mask.chunks(self.seq.max(1)).all(|row| row.iter().skip_while(|&&m| m == 1).all(|&m| m == 0))
+    }
 }
 
 /// Row-major `[rows, row_len]` values with `n` copies of `fill` in front of every row: how PEFT

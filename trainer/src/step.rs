@@ -207,7 +207,9 @@ pub fn block_seed(seed: u64, i: usize, half: Half) -> u64 {
 /// The batch's tokens, padded or packed, with the rows of the flattened hidden states that
 /// predict a supervised token and the tokens they predict.
 fn tokens_and_targets(batch: &Batch, padding_free: bool) -> (TokenBatch, Vec<i64>, Vec<i64>) {
-    if !padding_free {
+    // Packing takes each row's leading real tokens: a batch padded otherwise (on the left, as
+    // some callers build them) stays padded, positions and all, as transformers runs it.
+    if !padding_free || !batch.right_padded() {
         let (rows, targets) = supervised_rows(&batch.labels, batch.batch, batch.seq);
         let tokens = TokenBatch::Padded {
             shape: [batch.batch, batch.seq],
@@ -345,8 +347,12 @@ mod tests {
     }
 
     fn run(model: &AdaptedModel, memory: StepOptions, device: &Device) -> (f64, Vec<Vec<f32>>) {
+        run_on(model, &batch(), memory, device)
+    }
+
+    fn run_on(model: &AdaptedModel, batch: &Batch, memory: StepOptions, device: &Device) -> (f64, Vec<Vec<f32>>) {
         let mut grads = GradientsAccumulator::new();
-        let loss = forward_backward(model, &batch(), 0.5, memory, 7, device, &mut grads).unwrap();
+        let loss = forward_backward(model, batch, 0.5, memory, 7, device, &mut grads).unwrap();
         (loss, gradients(model, grads.grads()))
     }
 
@@ -403,7 +409,8 @@ mod tests {
         }
     }
 
-    /// The staged backward equals one backward of transformers' loss through the whole model.
+    /// The staged backward equals one backward of transformers' loss through the whole model,
+    /// for right-padded rows and for left-padded ones (which are not packed).
     #[test]
     fn staged_backward_matches_a_single_backward() {
         let _rng = SEEDED_RNG.lock().unwrap();
@@ -411,14 +418,25 @@ mod tests {
         let config = configs().remove(0);
         let method = Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: Some(16) });
         let model = method.config().init(BaseModel::synthetic(config, DType::F32, None, 3, &device), 5, &device).unwrap();
-        let b = batch();
+        let right = batch();
+        let mut left = right.clone();
+        for values in [&mut left.input_ids, &mut left.attention_mask, &mut left.labels] {
+            values[right.seq..].rotate_right(3);
+        }
+        assert!(right.right_padded() && !left.right_padded());
+        for b in [right, left] {
+            staged_matches_single(&model, b, &device);
+        }
+    }
+
+    fn staged_matches_single(model: &AdaptedModel, b: Batch, device: &Device) {
         let shape = [b.batch, b.seq];
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(b.input_ids.clone(), shape), &device);
-        let mask = Tensor::<2, Int>::from_data(TensorData::new(b.attention_mask.clone(), shape), &device);
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(b.input_ids.clone(), shape), device);
+        let mask = Tensor::<2, Int>::from_data(TensorData::new(b.attention_mask.clone(), shape), device);
         let loss = causal_lm_loss(model.hidden_states(ids, Some(mask)), &b.labels, |h| model.logits(h)).unwrap().mul_scalar(0.5);
         let expected_loss = loss.clone().into_scalar::<f32>() as f64;
-        let expected = gradients(&model, burn::optim::GradientsParams::from_grads(loss.backward(), &model));
-        let (staged_loss, staged) = run(&model, StepOptions { checkpoint_every: 1, loss_chunk_tokens: 4, padding_free: true }, &device);
+        let expected = gradients(model, burn::optim::GradientsParams::from_grads(loss.backward(), model));
+        let (staged_loss, staged) = run_on(model, &b, StepOptions { checkpoint_every: 1, loss_chunk_tokens: 4, padding_free: true }, device);
         assert!((expected_loss - staged_loss).abs() < 1e-6, "{expected_loss} vs {staged_loss}");
         assert_eq!(expected.len(), staged.len());
         for (a, b) in expected.iter().zip(&staged) {
