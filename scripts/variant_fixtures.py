@@ -93,8 +93,8 @@ OPTIONS = [
          alpha_pattern={"v_proj": 32}, layers_to_transform=[0, 1]),
     lora("lora_regex", 121, target_modules=r".*\.(q|v)_proj"),
     lora("lora_all_linear", 122, target_modules="all-linear"),
-    lora("lora_embed", 123, target_modules=["embed_tokens", "q_proj"]),          # ember: SKIP (not implemented)
-    lora("lora_lm_head", 124, target_modules=["lm_head", "v_proj"]),             # ember: SKIP (not implemented)
+    lora("lora_embed", 123, target_modules=["embed_tokens", "q_proj"]),
+    lora("lora_lm_head", 124, target_modules=["lm_head", "v_proj"]),
     lora("lora_bias", 113, target_modules=QKVO, bias="lora_only"),               # ember: SKIP (not implemented)
     lora("lora_save_head", 126, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
     lora("dora_layers", 127, use_dora=True, use_rslora=True, target_modules=["o_proj", "down_proj"],

@@ -72,3 +72,48 @@ fn prompt_tuning_text_init_equals_peft() {
     let peft: Vec<f32> = saved.tensor("prompt_embeddings").unwrap().data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     assert_eq!(ours, peft);
 }
+
+/// LoRA on the embedding and the LM head (PEFT's `lora_embedding_A/B`, and a branch on
+/// `lm_head`): fresh, the model is the base; with both branches changed, saved in PEFT's format
+/// and loaded back, the same logits; the trainable count from shapes equals the model's. On a
+/// model whose head is tied to its embedding, one clear error.
+#[test]
+fn lora_on_the_embedding_and_head_round_trips_through_peft_format() {
+    let device = Device::flex();
+    let config = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_rslora: false,
+        target: Target::Suffixes(vec!["q_proj".into(), "embed_tokens".into(), "lm_head".into()]),
+        layers_to_transform: None,
+        modules_to_save: Vec::new(),
+        rank_pattern: Default::default(),
+        alpha_pattern: Default::default(),
+    };
+    let dir = fixtures().join("tiny_mistral");
+    let base = || BaseModel::load(&dir, LoadDtype::F32, &device).unwrap();
+    let ids = || Tensor::<2, Int>::from_data(TensorData::new(vec![5i64, 17, 42, 99, 3, 8, 600, 2], [2, 4]), &device);
+    let logits = |t: Tensor<3>| t.into_data().try_to_vec::<f32>().unwrap();
+    let expected = logits(base().forward(ids(), None));
+    let method = Method::Lora(config.clone());
+    let mut model = method.config().init(base(), 0, &device).unwrap();
+    assert_eq!(logits(model.forward(ids(), None)), expected, "a fresh adapter is the base");
+    assert_eq!(model.parameter_counts().0, method.config().count_trainable(&base().config));
+
+    let vocab = model.vocab.as_mut().unwrap();
+    let embedding = vocab.embedding.as_mut().unwrap();
+    embedding.lora_a = burn::module::Param::from_tensor(Tensor::random(embedding.lora_a.shape(), burn::tensor::Distribution::Normal(0.0, 0.1), &device));
+    let head = vocab.head.as_mut().unwrap();
+    head.lora_b = burn::module::Param::from_tensor(Tensor::random(head.lora_b.shape(), burn::tensor::Distribution::Normal(0.0, 0.1), &device));
+    let changed = logits(model.forward(ids(), None));
+    assert!(changed.iter().zip(&expected).any(|(a, b)| (a - b).abs() > 1e-3), "the branches change the logits");
+    let saved = tempfile::tempdir().unwrap();
+    method.config().save(&model, "tiny_mistral", saved.path()).unwrap();
+    let (loaded, _) = Method::load(saved.path(), base(), &device).unwrap();
+    assert_eq!(logits(loaded.forward(ids(), None)), changed);
+
+    let tied = BaseModel::load(&fixtures().join("tiny_qwen3"), LoadDtype::F32, &device).unwrap();
+    let error = method.config().init(tied, 0, &device).unwrap_err().to_string();
+    assert!(error.contains("tied") && error.contains("embed_tokens"), "{error}");
+}

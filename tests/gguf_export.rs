@@ -599,6 +599,11 @@ fn what_llama_cpp_cannot_take_is_one_error_line() {
     );
     assert_bad_input(&ember(&["export", "gguf", "--base", llama.to_str().unwrap(), "--out", out]), &["--pre"]);
     assert_bad_input(&ember(&["export", "gguf", "--base", llama.to_str().unwrap(), "--out", out, "--type", "q5_k"]), &["--type 'q5_k'", "q4_k_m"]);
+    let mistral = fixture("tiny_mistral");
+    assert_bad_input(
+        &ember(&["export", "gguf-lora", "--base", mistral.to_str().unwrap(), "--adapter", mistral.join("adapters/lora_vocab").to_str().unwrap(), "--out", out]),
+        &["adapter", "the embedding or the LM head", "export gguf --adapter"],
+    );
     let lora = fixture("tiny_llama/adapters/lora");
     assert_bad_input(
         &ember(&["export", "gguf-lora", "--base", llama.to_str().unwrap(), "--adapter", lora.to_str().unwrap(), "--out", out, "--type", "q4_k_m"]),

@@ -162,12 +162,15 @@ fn peft_options_ember_cannot_compute_are_refused() {
         ("bias", serde_json::json!("all")),
         ("fan_in_fan_out", serde_json::json!(true)),
         ("lora_bias", serde_json::json!(true)),
-        ("target_modules", serde_json::json!(["q_proj", "lm_head"])),
-        ("target_modules", serde_json::json!(".*embed_tokens")),
     ] {
         let adapter = edited_adapter("tiny_llama", "lora", |c| c[key] = value.clone());
         assert_bad_input(&generate_with("tiny_llama", adapter.path()), &["adapter_config.json", key]);
     }
+    // Branches on the LM head or the embedding the file does not hold.
+    let adapter = edited_adapter("tiny_llama", "lora", |c| c["target_modules"] = serde_json::json!(["q_proj", "lm_head"]));
+    assert_bad_input(&generate_with("tiny_llama", adapter.path()), &["adapter_model.safetensors", "lm_head.lora_A.weight"]);
+    let adapter = edited_adapter("tiny_llama", "lora", |c| c["target_modules"] = serde_json::json!(".*embed_tokens"));
+    assert_bad_input(&generate_with("tiny_llama", adapter.path()), &["adapter_model.safetensors", "embed_tokens.lora_embedding_A"]);
     // A pattern that is not a regex.
     let adapter = edited_adapter("tiny_llama", "lora", |c| c["rank_pattern"] = serde_json::json!({"q_proj(": 4}));
     assert_bad_input(&generate_with("tiny_llama", adapter.path()), &["adapter_config.json", "rank_pattern", "q_proj("]);

@@ -12,6 +12,7 @@ pub mod prefix;
 pub mod prompt_tuning;
 pub mod registry;
 pub mod target;
+pub mod vocab;
 
 pub use method::{AdapterFolder, MethodConfig, PeftMethod, WeightMerge};
 pub use model::{AdaptedLinear, AdaptedModel};

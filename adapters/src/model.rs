@@ -8,6 +8,7 @@ use ember_models::layers::Linear;
 use ember_models::{BaseModel, CausalLm, KvCache, LayerExtras, ModelConfig, Projection, TokenBatch, VocabModule};
 
 use crate::registry::{ModelAdapter, ProjectionAdapter};
+use crate::vocab::VocabBranches;
 
 /// A base projection with an optional branch of a method. `name` is the HF module path, the
 /// key under which PEFT saves the branch.
@@ -61,6 +62,8 @@ pub struct AdaptedModel {
     pub model: AdaptedDecoder,
     /// Parameters that feed the decoder (prefixes, prompts), when the method has them.
     pub inputs: Option<ModelAdapter>,
+    /// Branches on the token embedding and the LM head (LoRA targeting them).
+    pub vocab: Option<VocabBranches>,
 }
 
 impl AdaptedModel {
@@ -71,7 +74,7 @@ impl AdaptedModel {
 
     /// The base with untouched projections and `inputs` feeding it.
     pub fn with_inputs(base: BaseModel, inputs: Option<ModelAdapter>) -> Self {
-        Self { model: base.map_projections(|name, linear| AdaptedLinear::new(name, linear, None)), inputs }
+        Self { model: base.map_projections(|name, linear| AdaptedLinear::new(name, linear, None)), inputs, vocab: None }
     }
 
     /// The base with `branch(name, linear)` in every projection it returns one for. Errors
@@ -102,7 +105,12 @@ impl AdaptedModel {
         if matched == 0 {
             return Err(no_match());
         }
-        Ok(Self { model, inputs: None })
+        Ok(Self { model, inputs: None, vocab: None })
+    }
+
+    /// The model with `vocab`'s branches on its embedding and LM head.
+    pub fn with_vocab_branches(self, vocab: VocabBranches) -> Self {
+        Self { vocab: Some(vocab), ..self }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -176,7 +184,7 @@ impl AdaptedModel {
     /// # Shapes
     /// - output: `[batch, seq, hidden]` (padded) or `[1, Σ len, hidden]` (packed)
     pub fn embed(&self, tokens: &TokenBatch, device: &Device) -> Tensor<3> {
-        let x = self.model.embed(tokens.input_ids(device));
+        let x = self.embed_ids(tokens.input_ids(device));
         let Some(prompt) = self.virtual_embeddings() else { return x };
         let [n, hidden] = prompt.dims();
         let prompt = prompt.cast(x.dtype()).unsqueeze_dim::<3>(0);
@@ -226,6 +234,19 @@ impl AdaptedModel {
         self.model.hidden_states_from(x, mask.as_ref(), None, &self.extras(rows))
     }
 
+    /// Token embeddings, with the embedding's branch if it has one.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    fn embed_ids(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let x = self.model.embed(ids.clone());
+        match &self.vocab {
+            Some(vocab) => vocab.embed(x, ids),
+            None => x,
+        }
+    }
+
     /// Logits of every position, virtual ones first, as PEFT returns them.
     ///
     /// # Shapes
@@ -235,9 +256,12 @@ impl AdaptedModel {
         self.logits(self.hidden_states(input_ids, attention_mask))
     }
 
-    /// The LM head: `[batch, seq, hidden] -> [batch, seq, vocab]`.
+    /// The LM head, with its branch if it has one: `[batch, seq, hidden] -> [batch, seq, vocab]`.
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        self.model.logits(hidden)
+        match &self.vocab {
+            Some(vocab) => vocab.logits(self.model.logits(hidden.clone()), hidden),
+            None => self.model.logits(hidden),
+        }
     }
 
     /// Logits of the new tokens, reading and extending `cache` (generation). The virtual
@@ -249,24 +273,26 @@ impl AdaptedModel {
             let (tokens, _) = self.with_virtual_positions(input_ids, None);
             self.embed(&tokens, &device)
         } else {
-            self.model.embed(input_ids)
+            self.embed_ids(input_ids)
         };
         let hidden = self.model.hidden_states_from(x, None, Some(cache), &self.extras(rows));
-        self.model.logits(hidden)
+        self.logits(hidden)
     }
 
-    /// Branches folded into the base weights (faster generation); other methods are kept.
+    /// Branches folded into the base weights (faster generation); other methods, and the
+    /// branches on the embedding and LM head (cheap beside them), are kept.
     pub fn into_inference(self) -> Self {
         if self.branches().is_empty() {
             return self;
         }
         let base = self.model.map_projections(|_, p| p.merged());
-        Self::with_inputs(base, self.inputs)
+        Self { vocab: self.vocab, ..Self::with_inputs(base, self.inputs) }
     }
 
-    /// Whether the token embedding trains (in full, as PEFT's `modules_to_save`).
+    /// Whether the token embedding trains (in full, as PEFT's `modules_to_save`, or through a
+    /// branch).
     pub fn trains_embedding(&self) -> bool {
-        self.model.vocab_weight(VocabModule::Embedding).is_some_and(|w| w.is_require_grad())
+        self.vocab.as_ref().is_some_and(|v| v.embedding.is_some()) || self.model.vocab_weight(VocabModule::Embedding).is_some_and(|w| w.is_require_grad())
     }
 
     /// Parameters of the embedding and LM head when they train in full.
@@ -282,7 +308,7 @@ impl AdaptedModel {
     /// parameters; the base only frozen ones, but for an embedding or LM head trained in full.
     /// The base counts from its config, so quantized weights (stored as bytes) count as values.
     pub fn parameter_counts(&self) -> (usize, usize) {
-        let branches: usize = self.branches().iter().map(|(_, b)| b.num_params()).sum();
+        let branches = self.branches().iter().map(|(_, b)| b.num_params()).sum::<usize>() + self.vocab.as_ref().map_or(0, VocabBranches::num_params);
         let inputs = self.inputs.as_ref().map_or(0, Module::num_params);
         (branches + inputs + self.whole_module_params(), self.config().num_params() + branches + inputs)
     }
@@ -297,7 +323,8 @@ impl AdaptedModel {
             return inputs.inputs().unchanged_reason();
         }
         let branches = self.branches();
-        (!branches.is_empty() && branches.iter().all(|(_, b)| b.leaves_base_unchanged()))
+        let vocab_unchanged = self.vocab.as_ref().is_none_or(VocabBranches::leaves_base_unchanged);
+        (!(branches.is_empty() && self.vocab.is_none()) && vocab_unchanged && branches.iter().all(|(_, b)| b.leaves_base_unchanged()))
             .then_some("every branch still leaves its projection unchanged (LoRA B all zero, (IA)³ vectors all one)")
     }
 

@@ -476,8 +476,19 @@ impl<P> CausalLm<P> {
     /// Replaces `module`'s weight with `weight` (`[vocab, hidden]`) as a trainable f32
     /// parameter: PEFT's `modules_to_save`, a module trained in full. The vocabulary grows to
     /// the weight's rows first if it has more.
-    pub fn train_whole(mut self, module: VocabModule, weight: Tensor<2>) -> Result<Self, String> {
-        let [rows, width] = weight.dims();
+    pub fn train_whole(self, module: VocabModule, weight: Tensor<2>) -> Result<Self, String> {
+        self.with_vocab_weight(module, Param::from_tensor(weight.cast(DType::F32)).set_require_grad(true))
+    }
+
+    /// Replaces `module`'s frozen weight with `weight` (`[vocab, hidden]`), as PEFT loads the
+    /// `base_layer` weights it saves beside a LoRA on the embedding or LM head. The vocabulary
+    /// grows to the weight's rows first if it has more.
+    pub fn replace_vocab_weight(self, module: VocabModule, weight: Tensor<2>) -> Result<Self, String> {
+        self.with_vocab_weight(module, Param::from_tensor(weight).set_require_grad(false))
+    }
+
+    fn with_vocab_weight(mut self, module: VocabModule, weight: Param<Tensor<2>>) -> Result<Self, String> {
+        let [rows, width] = weight.shape().dims::<2>();
         if width != self.config.hidden_size {
             return Err(format!("{}: {width} columns, the model's hidden size is {}", module.hf_name(&self.config), self.config.hidden_size));
         }
@@ -485,13 +496,12 @@ impl<P> CausalLm<P> {
         if rows != self.config.vocab_size {
             return Err(format!("{}: {rows} rows, the model's vocabulary has {} ids", module.hf_name(&self.config), self.config.vocab_size));
         }
-        let trainable = Param::from_tensor(weight.cast(DType::F32)).set_require_grad(true);
         match module {
-            VocabModule::Embedding => self.embed_tokens = Embedding { weight: trainable },
+            VocabModule::Embedding => self.embed_tokens = Embedding { weight },
             VocabModule::LmHead if self.lm_head.is_none() => {
                 return Err("lm_head is tied to the embedding in this model: train embed_tokens alone".into());
             }
-            VocabModule::LmHead => self.lm_head = Some(Linear::with_weight(Weight::Dense(trainable), None)),
+            VocabModule::LmHead => self.lm_head = Some(Linear::with_weight(Weight::Dense(weight), None)),
         }
         Ok(self)
     }

@@ -182,6 +182,9 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: GgmlTyp
         return Err(invalid("modules_to_save: llama.cpp's LoRA format has no whole modules; merge it instead: ember export gguf --adapter".into()).into());
     }
     let branches = PeftBranches::read(&AdapterFolder::read(adapter)?, &[])?;
+    if let Some(module) = ember_adapters::lora::peft::any_vocab_module(lora) {
+        return Err(invalid(format!("LoRA on '{module}' (the embedding or the LM head): ember writes llama.cpp's LoRA GGUF for decoder projections only; merge it instead: ember export gguf --adapter")).into());
+    }
     // Only the shapes are needed (from the config, so a GGUF base serves as well as a folder).
     let shapes: std::collections::HashMap<String, Vec<usize>> = expected_tensors(&config).into_iter().collect();
     branches.check_shapes(|key| shapes.get(key).cloned())?;

@@ -97,6 +97,7 @@ impl MethodConfig for DoraConfig {
     }
 
     fn check(&self, model: &ModelConfig) -> Result<(), String> {
+        vocab_untargeted(&self.0, model)?;
         lora::check_targets(model, &self.0)
     }
 
@@ -187,6 +188,7 @@ impl PeftMethod for DoraConfig {
 
     fn load(folder: &AdapterFolder, base: BaseModel, device: &Device) -> Result<(AdaptedModel, Self), AdapterError> {
         let config = peft::read_config(folder)?;
+        vocab_untargeted(&config, &base.config).map_err(|e| folder.invalid(e))?;
         let model = peft::load_branches(folder, &config, base, device, |_, linear, lora, vector| {
             Ok(ProjectionAdapter::Dora(DoraBranch { lora, magnitude: Param::from_tensor(vector(MAGNITUDE, linear.out_features())?) }))
         })?;
@@ -194,7 +196,20 @@ impl PeftMethod for DoraConfig {
     }
 
     fn weight_merge(folder: &AdapterFolder) -> Option<Result<Box<dyn WeightMerge>, AdapterError>> {
-        Some(peft::PeftBranches::read(folder, &[MAGNITUDE]).map(|b| Box::new(DoraMerge(b)) as Box<dyn WeightMerge>))
+        let branches = peft::PeftBranches::read(folder, &[MAGNITUDE]).and_then(|b| match peft::any_vocab_module(&b.config) {
+            Some(module) => Err(folder.invalid(format!("DoRA on '{module}' (the embedding or the LM head) is not supported"))),
+            None => Ok(b),
+        });
+        Some(branches.map(|b| Box::new(DoraMerge(b)) as Box<dyn WeightMerge>))
+    }
+}
+
+/// DoRA's branches live on decoder projections only: PEFT's DoRA on the embedding or LM head is
+/// refused, naming the module.
+fn vocab_untargeted(config: &LoraConfig, model: &ModelConfig) -> Result<(), String> {
+    match peft::vocab_modules(config, model).first() {
+        Some(module) => Err(format!("DoRA on '{}' (the embedding or the LM head) is not supported", module.hf_name(model))),
+        None => Ok(()),
     }
 }
 

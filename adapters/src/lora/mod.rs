@@ -73,7 +73,8 @@ pub fn branch_activation_bytes_per_token(model: &ModelConfig, config: &LoraConfi
 /// The lowest layer with a targeted projection.
 pub fn first_targeted_layer(model: &ModelConfig, config: &LoraConfig) -> usize {
     // A trained embedding needs the gradient all the way down.
-    if peft::whole_modules(config, model).unwrap_or_default().contains(&VocabModule::Embedding) {
+    let embedding = |modules: Vec<VocabModule>| modules.contains(&VocabModule::Embedding);
+    if embedding(peft::whole_modules(config, model).unwrap_or_default()) || embedding(peft::vocab_modules(config, model)) {
         return 0;
     }
     target::projections(model).into_iter().find(|(name, _, _)| config.targets(name)).map_or(0, |(_, _, layer)| layer)
@@ -84,19 +85,19 @@ pub fn whole_module_parameters(model: &ModelConfig, config: &LoraConfig) -> usiz
     peft::whole_modules(config, model).unwrap_or_default().len() * model.vocab_size * model.hidden_size
 }
 
+/// Parameters of the branches on the embedding and LM head (`r · (vocab + hidden)` each).
+pub fn vocab_branch_parameters(model: &ModelConfig, config: &LoraConfig) -> usize {
+    peft::vocab_modules(config, model).iter().map(|m| config.rank_of(m.hf_name(model)) * (model.vocab_size + model.hidden_size)).sum()
+}
+
 /// Whether `config`'s layers exist and it targets at least one projection of `model`.
 pub fn check_targets(model: &ModelConfig, config: &LoraConfig) -> Result<(), String> {
     peft::whole_modules(config, model)?;
-    if let Some(module) = peft::vocab_module_targeted(&config.target) {
-        return Err(format!(
-            "'adapter.target_modules' = {} names '{module}': LoRA on the embedding or the LM head is not supported (train it in full with modules_to_save)",
-            config.target
-        ));
-    }
+    peft::check_vocab_modules(config, model)?;
     if let Some(layer) = config.layers_to_transform.iter().flatten().find(|&&i| i >= model.num_layers) {
         return Err(format!("'adapter.layers_to_transform': layer {layer} does not exist (the model has {} layers)", model.num_layers));
     }
-    if targeted_shapes(model, config).is_empty() {
+    if targeted_shapes(model, config).is_empty() && peft::vocab_modules(config, model).is_empty() {
         let keys = KeyLayout::of(model.architecture);
         let names: Vec<String> = keys.projection_names(0).iter().map(|n| n.rsplit('.').next().unwrap_or(n).to_owned()).collect();
         return Err(format!(
@@ -122,9 +123,11 @@ impl MethodConfig for LoraConfig {
         check_targets(model, self)
     }
 
-    /// `r·(in + out)` per targeted projection, plus the modules trained in full.
+    /// `r·(in + out)` per targeted projection, embedding and LM head, plus the modules trained
+    /// in full.
     fn count_trainable(&self, model: &ModelConfig) -> usize {
-        targeted_shapes(model, self).iter().map(|(name, [out, inp])| self.rank_of(name) * (out + inp)).sum::<usize>() + whole_module_parameters(model, self)
+        let projections: usize = targeted_shapes(model, self).iter().map(|(name, [out, inp])| self.rank_of(name) * (out + inp)).sum();
+        projections + vocab_branch_parameters(model, self) + whole_module_parameters(model, self)
     }
 
     /// The embedding and LM head trained in full replace the base's.
@@ -147,11 +150,22 @@ impl MethodConfig for LoraConfig {
     /// A Kaiming-uniform(a=√5) as PEFT (U(±1/√in)), B zero: the model starts exactly at the base.
     fn init(&self, base: BaseModel, seed: u64, device: &Device) -> Result<AdaptedModel, AdapterError> {
         let mut rng = StdRng::seed_from_u64(seed);
-        AdaptedModel::with_branches(
-            peft::train_whole_modules(self, base)?,
-            |name, linear| Ok(self.targets(name).then(|| ProjectionAdapter::Lora(LoraBranch::init(name, linear, self, &mut rng, device)))),
-            || AdapterError::Config(format!("lora: target {} matches no module of the model", self.target)),
-        )
+        peft::check_vocab_modules(self, &base.config).map_err(AdapterError::Config)?;
+        let vocab = peft::init_vocab_branches(self, &base.config, &mut rng, device);
+        let base = peft::train_whole_modules(self, base)?;
+        let model = if vocab.is_some() && targeted_shapes(&base.config, self).is_empty() {
+            AdaptedModel::base_only(base)
+        } else {
+            AdaptedModel::with_branches(
+                base,
+                |name, linear| Ok(self.targets(name).then(|| ProjectionAdapter::Lora(LoraBranch::init(name, linear, self, &mut rng, device)))),
+                || AdapterError::Config(format!("lora: target {} matches no module of the model", self.target)),
+            )?
+        };
+        Ok(match vocab {
+            Some(vocab) => model.with_vocab_branches(vocab),
+            None => model,
+        })
     }
 
     fn save(&self, model: &AdaptedModel, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
@@ -163,6 +177,8 @@ impl MethodConfig for LoraConfig {
             }
         }
         tensors.extend(peft::whole_parameters(self, model).into_iter().map(|(key, _, weight)| SavedTensor::new(key, weight)));
+        tensors.extend(peft::vocab_tensors(model));
+        modules.extend(peft::vocab_modules(self, model.config()).into_iter().map(|m| m.hf_name(model.config()).to_owned()));
         peft::save_peft(self, false, &modules, &tensors, base_model, dir)
     }
 
@@ -175,6 +191,7 @@ impl MethodConfig for LoraConfig {
             }
         }
         names.extend(peft::whole_parameters(self, model).into_iter().map(|(key, id, _)| (id, key)));
+        names.extend(peft::vocab_parameter_names(model));
         names
     }
 }
@@ -219,14 +236,18 @@ impl WeightMerge for LoraMerge {
     }
 
     fn apply(&self, key: &str, base: Tensor<2>, device: &Device) -> Tensor<2> {
-        match self.0.whole_weight(key, device) {
-            Some(weight) => weight,
+        if let Some(weight) = self.0.whole_weight(key, device) {
+            return weight;
+        }
+        let base = self.0.base_layer(key, device).unwrap_or(base);
+        match self.0.embeddings.get(key) {
+            Some(embedding) => base + self.0.embedding_delta(embedding, device),
             None => base + self.0.delta(&self.0.modules[key], device),
         }
     }
 
     fn output_shape(&self, key: &str, base_shape: &[usize]) -> Vec<usize> {
-        self.0.whole.get(key).cloned().unwrap_or_else(|| base_shape.to_vec())
+        self.0.whole.get(key).or_else(|| self.0.base_layers.get(key)).cloned().unwrap_or_else(|| base_shape.to_vec())
     }
 
     fn vocab_size(&self) -> Option<usize> {

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use burn::module::ParamId;
 use burn::tensor::{Device, Tensor};
-use ember_models::layers::Linear;
 use ember_models::config::Architecture;
 use ember_models::family::KeyLayout;
+use ember_models::layers::Linear;
 use ember_models::{BaseModel, Checkpoint, LoadDtype, ModelConfig, VocabModule};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -18,6 +18,7 @@ use super::{LoraBranch, LoraConfig};
 use crate::method::{AdapterFolder, PEFT_VERSION};
 use crate::registry::ProjectionAdapter;
 use crate::target::{Patterns, Target, layers_from_peft};
+use crate::vocab::{EmbeddingBranch, VocabBranches};
 use crate::{AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
 
 /// `base_model.model.<module>.<part>.weight`
@@ -134,35 +135,90 @@ pub(crate) fn load_branches(
         base = base.train_whole(module, weight).map_err(|e| AdapterError::invalid(&weights_path, e))?;
         used.borrow_mut().insert(k);
     }
-    let model = AdaptedModel::with_branches(
-        base,
-        |name, linear| {
-            if !config.targets(name) {
-                return Ok(None);
-            }
-            let matrix = |part: &str, shape: [usize; 2]| {
-                let k = key(name, part);
-                used.borrow_mut().insert(k.clone());
-                weights.float::<2>(&k, shape, LoadDtype::F32, device).map_err(read_error)
-            };
-            let r = config.rank_of(name);
-            let a = matrix("lora_A", [r, linear.in_features()])?;
-            let b = matrix("lora_B", [linear.out_features(), r])?;
-            let vector = |part: &str, len: usize| {
-                // PEFT drops the `.weight` of the magnitude vector in the file.
-                let k = format!("base_model.model.{name}.{part}");
-                used.borrow_mut().insert(k.clone());
-                weights.float::<1>(&k, [len], LoadDtype::F32, device).map_err(read_error)
-            };
-            let branch = LoraBranch::from_tensors(a, b, config.scale_of(name), config.dropout);
-            make(name, linear, branch, &vector).map(Some)
-        },
-        || folder.invalid(format!("target_modules {} match no module of the base model", config.target)),
-    )?;
+    check_vocab_modules(config, &base.config).map_err(|e| folder.invalid(e))?;
+    // PEFT saves the base weight of an embedding or head it puts a branch on (`base_layer`), and
+    // loads it over the base's: the same weights, or those of the vocabulary it was resized to.
+    for module in vocab_modules(config, &base.config) {
+        let k = format!("base_model.model.{}.base_layer.weight", module.hf_name(&base.config));
+        let Some((shape, _)) = weights.info(&k) else { continue };
+        let [rows, cols] = shape[..] else { return Err(AdapterError::invalid(&weights_path, format!("'{k}' has shape {shape:?}, expected [vocab, hidden]"))) };
+        let dtype = base.vocab_weight(module).map_or(burn::tensor::DType::F32, |w| w.val().dtype());
+        let weight = weights.float::<2>(&k, [rows, cols], LoadDtype::F32, device).map_err(read_error)?.cast(dtype);
+        base = base.replace_vocab_weight(module, weight).map_err(|e| AdapterError::invalid(&weights_path, e))?;
+        used.borrow_mut().insert(k);
+    }
+    let vocab_only = !vocab_modules(config, &base.config).is_empty() && super::targeted_shapes(&base.config, config).is_empty();
+    let model = if vocab_only {
+        AdaptedModel::base_only(base)
+    } else {
+        AdaptedModel::with_branches(
+            base,
+            |name, linear| {
+                if !config.targets(name) {
+                    return Ok(None);
+                }
+                let matrix = |part: &str, shape: [usize; 2]| {
+                    let k = key(name, part);
+                    used.borrow_mut().insert(k.clone());
+                    weights.float::<2>(&k, shape, LoadDtype::F32, device).map_err(read_error)
+                };
+                let r = config.rank_of(name);
+                let a = matrix("lora_A", [r, linear.in_features()])?;
+                let b = matrix("lora_B", [linear.out_features(), r])?;
+                let vector = |part: &str, len: usize| {
+                    // PEFT drops the `.weight` of the magnitude vector in the file.
+                    let k = format!("base_model.model.{name}.{part}");
+                    used.borrow_mut().insert(k.clone());
+                    weights.float::<1>(&k, [len], LoadDtype::F32, device).map_err(read_error)
+                };
+                let branch = LoraBranch::from_tensors(a, b, config.scale_of(name), config.dropout);
+                make(name, linear, branch, &vector).map(Some)
+            },
+            || folder.invalid(format!("target_modules {} match no module of the base model", config.target)),
+        )?
+    };
+    let model = match load_vocab_branches(config, model.config(), |k, shape| {
+        used.borrow_mut().insert(k.to_owned());
+        weights.float::<2>(k, shape, LoadDtype::F32, device).map_err(read_error)
+    })? {
+        Some(vocab) => model.with_vocab_branches(vocab),
+        None => model,
+    };
     if let Some(extra) = weights.keys().find(|k| !used.borrow().contains(*k)) {
         return Err(AdapterError::invalid(&weights_path, format!("tensor '{extra}' belongs to no module this config targets in the base model")));
     }
     Ok(model)
+}
+
+/// The branches on the embedding and LM head `config` targets, read by `matrix(key, shape)`.
+fn load_vocab_branches(
+    config: &LoraConfig,
+    model: &ModelConfig,
+    matrix: impl Fn(&str, [usize; 2]) -> Result<Tensor<2>, AdapterError>,
+) -> Result<Option<VocabBranches>, AdapterError> {
+    let modules = vocab_modules(config, model);
+    if modules.is_empty() {
+        return Ok(None);
+    }
+    let (vocab, hidden) = (model.vocab_size, model.hidden_size);
+    let embedding = match modules.contains(&VocabModule::Embedding) {
+        true => {
+            let name = VocabModule::Embedding.hf_name(model);
+            let r = config.rank_of(name);
+            Some(EmbeddingBranch::from_tensors(matrix(&embedding_key(name, "A"), [r, vocab])?, matrix(&embedding_key(name, "B"), [hidden, r])?, config.scale_of(name)))
+        }
+        false => None,
+    };
+    let head = match modules.contains(&VocabModule::LmHead) {
+        true => {
+            let name = VocabModule::LmHead.hf_name(model);
+            let r = config.rank_of(name);
+            let (a, b) = (matrix(&key(name, "lora_A"), [r, hidden])?, matrix(&key(name, "lora_B"), [vocab, r])?);
+            Some(LoraBranch::from_tensors(a, b, config.scale_of(name), config.dropout))
+        }
+        false => None,
+    };
+    Ok(Some(VocabBranches { embedding, head }))
 }
 
 /// PEFT's LoRA config, refusing the options whose math ember does not implement. DoRA's
@@ -191,9 +247,6 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
         Some(_) => return Err("'modules_to_save' must be a list of module names".into()),
     };
     let target = Target::from_peft(get("target_modules"), "target_modules")?;
-    if let Some(module) = vocab_module_targeted(&target) {
-        return unsupported("target_modules", &format!("LoRA on '{module}' (the embedding or the LM head)"));
-    }
     if get("lora_bias").and_then(Value::as_bool) == Some(true) {
         return unsupported("lora_bias", "a bias on lora_B");
     }
@@ -215,18 +268,102 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
     })
 }
 
-/// The embedding or LM head (of any family) that `target` names: PEFT would put a LoRA branch
-/// there (`lora_embedding_A`, or one on the head's product), which ember does not implement.
-/// `all-linear` never takes them.
-pub fn vocab_module_targeted(target: &Target) -> Option<&'static str> {
-    if matches!(target, Target::AllLinear) {
+/// The embedding and LM head `config` puts a LoRA branch on (PEFT's `lora.Embedding`, and a
+/// `lora.Linear` on the head): named in `target_modules` (`all-linear` never takes them, and
+/// `layers_to_transform` keeps to decoder layers).
+pub fn vocab_modules(config: &LoraConfig, model: &ModelConfig) -> Vec<VocabModule> {
+    if matches!(config.target, Target::AllLinear) {
+        return Vec::new();
+    }
+    [VocabModule::Embedding, VocabModule::LmHead].into_iter().filter(|m| config.targets(m.hf_name(model))).collect()
+}
+
+/// The embedding or LM head of any family that `config` puts a branch on, for a reader that
+/// does not know the model (`ember merge` of a DoRA adapter).
+pub fn any_vocab_module(config: &LoraConfig) -> Option<&'static str> {
+    if matches!(config.target, Target::AllLinear) {
         return None;
     }
     [Architecture::Llama, Architecture::Glm, Architecture::ChatGlm]
         .into_iter()
         .map(KeyLayout::of)
         .flat_map(|keys| [keys.embed, keys.lm_head])
-        .find(|name| target.matches(name, None))
+        .find(|name| config.targets(name))
+}
+
+/// Refuses branches on the embedding or LM head ember cannot give PEFT's results for: on a model
+/// whose head is tied to its embedding (one weight, which a merge would change for both), or on
+/// a module `modules_to_save` trains in full as well.
+pub(crate) fn check_vocab_modules(config: &LoraConfig, model: &ModelConfig) -> Result<(), String> {
+    let modules = vocab_modules(config, model);
+    let whole = whole_modules(config, model)?;
+    for module in modules {
+        let name = module.hf_name(model);
+        if model.tie_word_embeddings {
+            return Err(format!("LoRA on '{name}' of a model whose LM head is tied to its embedding is not supported (one weight for both)"));
+        }
+        if whole.contains(&module) {
+            return Err(format!("'{name}' is both a LoRA target and in modules_to_save"));
+        }
+    }
+    Ok(())
+}
+
+/// PEFT's keys of the embedding's branch: `base_model.model.<embedding>.lora_embedding_A`
+/// `[r, vocab]` and `…_B` `[hidden, r]` (no `.weight`).
+pub fn embedding_key(module: &str, part: &str) -> String {
+    format!("base_model.model.{module}.lora_embedding_{part}")
+}
+
+/// The tensors of the branches on the embedding and LM head, keyed as PEFT saves them.
+pub(crate) fn vocab_tensors(model: &AdaptedModel) -> Vec<SavedTensor> {
+    let mut tensors = Vec::new();
+    let Some(vocab) = &model.vocab else { return tensors };
+    if let Some(e) = &vocab.embedding {
+        let module = VocabModule::Embedding.hf_name(model.config());
+        tensors.push(SavedTensor::new(embedding_key(module, "A"), e.lora_a.val()));
+        tensors.push(SavedTensor::new(embedding_key(module, "B"), e.lora_b.val()));
+    }
+    if let Some(head) = &vocab.head {
+        tensors.extend(branch_tensors(VocabModule::LmHead.hf_name(model.config()), head));
+    }
+    tensors
+}
+
+/// The parameter ids of those branches under their PEFT keys.
+pub(crate) fn vocab_parameter_names(model: &AdaptedModel) -> Vec<(ParamId, String)> {
+    let mut names = Vec::new();
+    let Some(vocab) = &model.vocab else { return names };
+    if let Some(e) = &vocab.embedding {
+        let module = VocabModule::Embedding.hf_name(model.config());
+        names.push((e.lora_a.id, embedding_key(module, "A")));
+        names.push((e.lora_b.id, embedding_key(module, "B")));
+    }
+    if let Some(head) = &vocab.head {
+        let module = VocabModule::LmHead.hf_name(model.config());
+        names.push((head.lora_a.id, key(module, "lora_A")));
+        names.push((head.lora_b.id, key(module, "lora_B")));
+    }
+    names
+}
+
+/// Fresh branches on the modules `config` targets among the embedding and LM head, or `None`.
+pub(crate) fn init_vocab_branches(config: &LoraConfig, model: &ModelConfig, rng: &mut rand::rngs::StdRng, device: &Device) -> Option<VocabBranches> {
+    let modules = vocab_modules(config, model);
+    if modules.is_empty() {
+        return None;
+    }
+    let (vocab, hidden) = (model.vocab_size, model.hidden_size);
+    let embedding = modules.contains(&VocabModule::Embedding).then(|| {
+        let name = VocabModule::Embedding.hf_name(model);
+        EmbeddingBranch::init(vocab, hidden, config.rank_of(name), config.scale_of(name), rng, device)
+    });
+    let head = modules.contains(&VocabModule::LmHead).then(|| {
+        let name = VocabModule::LmHead.hf_name(model);
+        let base = Linear::new(Tensor::zeros([vocab, hidden], device), None);
+        LoraBranch::init(name, &base, config, rng, device)
+    });
+    Some(VocabBranches { embedding, head })
 }
 
 /// adapter_config.json's `rank_pattern` and `alpha_pattern` with their entries in the file's
@@ -289,6 +426,11 @@ pub struct PeftBranches {
     pub modules: HashMap<String, String>,
     /// `<module>.weight` of each module trained in full -> its shape in the adapter
     pub whole: HashMap<String, Vec<usize>>,
+    /// `<embedding>.weight` -> the embedding module, when it has a branch (`lora_embedding_A/B`)
+    pub embeddings: HashMap<String, String>,
+    /// `<module>.weight` of each `base_layer` weight PEFT saved beside an embedding's or head's
+    /// branch -> its shape: the weight the branch adds to.
+    pub base_layers: HashMap<String, Vec<usize>>,
 }
 
 impl PeftBranches {
@@ -299,11 +441,23 @@ impl PeftBranches {
         let (weights, path) = folder.weights(AdapterFolder::PEFT_WEIGHTS)?;
         let mut modules = HashMap::new();
         let mut whole = HashMap::new();
+        let mut embeddings = HashMap::new();
+        let mut base_layers = HashMap::new();
         let saved = |module: &str| config.modules_to_save.iter().any(|name| module == name || module.ends_with(&format!(".{name}")));
         for k in weights.keys() {
             let whole_module = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".weight")).filter(|m| saved(m));
-            if let Some(module) = whole_module {
+            let embedding = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".lora_embedding_A"));
+            let base_layer = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".base_layer.weight"));
+            if let Some(module) = base_layer {
+                base_layers.insert(format!("{module}.weight"), weights.info(k).expect("listed").0.to_vec());
+            } else if let Some(module) = whole_module {
                 whole.insert(format!("{module}.weight"), weights.info(k).expect("listed").0.to_vec());
+            } else if let Some(module) = embedding {
+                let b = embedding_key(module, "B");
+                if !weights.contains(&b) {
+                    return Err(AdapterError::invalid(&path, format!("'{k}' has no matching '{b}'")));
+                }
+                embeddings.insert(format!("{module}.weight"), module.to_owned());
             } else if let Some(module) = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".lora_A.weight")) {
                 let b = key(module, "lora_B");
                 if !weights.contains(&b) {
@@ -316,16 +470,21 @@ impl PeftBranches {
                     }
                 }
                 modules.insert(format!("{module}.weight"), module.to_owned());
-            } else if !k.ends_with(".lora_B.weight") && !extra.iter().any(|part| k.ends_with(&format!(".{part}"))) {
+            } else if !k.ends_with(".lora_B.weight") && !k.ends_with(".lora_embedding_B") && !extra.iter().any(|part| k.ends_with(&format!(".{part}"))) {
                 return Err(AdapterError::invalid(&path, format!("unexpected tensor '{k}' in a LoRA adapter")));
             }
         }
-        Ok(Self { weights, path, config, modules, whole })
+        for module in base_layers.keys() {
+            if !modules.contains_key(module) && !embeddings.contains_key(module) {
+                return Err(AdapterError::invalid(&path, format!("'base_model.model.{}.base_layer.weight' belongs to no branch of the adapter", module.trim_end_matches(".weight"))));
+            }
+        }
+        Ok(Self { weights, path, config, modules, whole, embeddings, base_layers })
     }
 
     /// Every base key the merge writes: adapted weights and modules trained in full.
     pub fn keys(&self) -> Vec<String> {
-        self.modules.keys().chain(self.whole.keys()).cloned().collect()
+        self.modules.keys().chain(self.whole.keys()).chain(self.embeddings.keys()).cloned().collect()
     }
 
     /// A module trained in full: its saved weight, `[vocab, hidden]` f32.
@@ -337,7 +496,13 @@ impl PeftBranches {
 
     /// The merged model's vocabulary when the adapter's modules grow it.
     pub fn vocab_size(&self) -> Option<usize> {
-        self.whole.values().map(|shape| shape[0]).max()
+        self.whole.values().chain(self.base_layers.values()).map(|shape| shape[0]).max()
+    }
+
+    /// The `base_layer` weight saved for `key`, `[vocab, hidden]` f32: what the branch adds to
+    /// in place of the base's.
+    pub fn base_layer(&self, key: &str, device: &Device) -> Option<Tensor<2>> {
+        self.base_layers.contains_key(key).then(|| self.load(&format!("base_model.model.{}", key.replace(".weight", ".base_layer.weight")), device))
     }
 
     /// Checks each branch against its base weight's `[out, in]`, and each module trained in
@@ -354,6 +519,30 @@ impl PeftBranches {
             };
             if shape.len() != 2 || shape[1] != base_shape[1] || shape[0] < base_shape[0] {
                 return Err(AdapterError::invalid(&self.path, format!("modules_to_save: '{weight_key}' has shape {shape:?}, the base {base_shape:?}")));
+            }
+        }
+        for (weight_key, shape) in &self.base_layers {
+            let Some(base_shape) = shape_of(weight_key) else {
+                return Err(AdapterError::invalid(&self.path, format!("'{weight_key}' (a base_layer weight) is not in the base model")));
+            };
+            if shape.len() != 2 || shape[1] != base_shape[1] || shape[0] < base_shape[0] {
+                return Err(AdapterError::invalid(&self.path, format!("base_layer of '{weight_key}' has shape {shape:?}, the base {base_shape:?}")));
+            }
+        }
+        // A branch fits the weight it adds to: the saved base_layer where there is one.
+        let shape_of = |key: &str| self.base_layers.get(key).cloned().or_else(|| shape_of(key));
+        for (weight_key, module) in &self.embeddings {
+            let r = self.config.rank_of(module);
+            let Some(shape) = shape_of(weight_key) else {
+                return Err(AdapterError::invalid(&self.path, format!("adapter module '{module}' is not in the base model")));
+            };
+            let (a_shape, _) = self.weights.info(&embedding_key(module, "A")).expect("listed");
+            let (b_shape, _) = self.weights.info(&embedding_key(module, "B")).expect("listed");
+            if a_shape != [r, shape[0]] || b_shape != [shape[1], r] {
+                return Err(AdapterError::invalid(
+                    &self.path,
+                    format!("'{module}': lora_embedding_A {a_shape:?} / lora_embedding_B {b_shape:?} do not fit embedding {shape:?} with r={r}"),
+                ));
             }
         }
         for (weight_key, module) in &self.modules {
@@ -375,10 +564,17 @@ impl PeftBranches {
 
     /// `s·B·A` of `module`, `[out, in]` f32 (shapes checked before).
     pub fn delta(&self, module: &str, device: &Device) -> Tensor<2> {
-        let load = |k: &str| {
-            let (shape, _) = self.weights.info(k).expect("checked");
-            self.weights.float::<2>(k, [shape[0], shape[1]], LoadDtype::F32, device).expect("checked")
-        };
-        load(&key(module, "lora_B")).matmul(load(&key(module, "lora_A"))).mul_scalar(self.config.scale_of(module))
+        self.load(&key(module, "lora_B"), device).matmul(self.load(&key(module, "lora_A"), device)).mul_scalar(self.config.scale_of(module))
+    }
+
+    /// `s·(B·A)ᵀ` of the embedding `module`, `[vocab, hidden]` f32 (shapes checked before).
+    pub fn embedding_delta(&self, module: &str, device: &Device) -> Tensor<2> {
+        let product = self.load(&embedding_key(module, "B"), device).matmul(self.load(&embedding_key(module, "A"), device));
+        product.transpose().mul_scalar(self.config.scale_of(module))
+    }
+
+    fn load(&self, k: &str, device: &Device) -> Tensor<2> {
+        let (shape, _) = self.weights.info(k).expect("checked");
+        self.weights.float::<2>(k, [shape[0], shape[1]], LoadDtype::F32, device).expect("checked")
     }
 }
