@@ -25,9 +25,11 @@
 (o) YaRN (Qwen2.5's long context), as (h): Qwen2 with its own attention factor and LLaMA with
     transformers' default one, exported with llama.cpp's YaRN keys.
 (q) Qwen3 as llama.cpp's `qwen3` (per-head q/k norms, a head_dim other than hidden / heads), as (h).
-(q) Qwen3 as llama.cpp's `qwen3` (per-head q/k norms, a head_dim other than hidden / heads), as (h).
 (p) a LoRA with PEFT's rank_pattern / alpha_pattern (tests/fixtures/tiny_qwen2 lora_pattern) as
     ember's gguf-lora: llama.cpp's logits with the adapter against ember's.
+(r) a LoRA on q/v, the token embedding and the LM head, trained by ember on tests/fixtures/tiny_llama,
+    as ember's gguf-lora in llama.cpp: logits and greedy answers against ember's and against PEFT's
+    (transformers + PEFT loading ember's adapter).
 (j) the byte-level BPE pre-tokenizers ember reads back from a GGUF (`tokenizer.ggml.pre`: one
     name for each of llama.cpp's regex splits, 29): tiny_llama's and SmolLM2's vocabularies
     exported under each, the ids of ember's GGUF tokenizer equal llama.cpp's on texts with digits,
@@ -447,6 +449,8 @@ def main():
     report.extend(verify_tiny_random(args, ember, work))
     # (p) a LoRA with PEFT's rank_pattern / alpha_pattern through gguf-lora.
     report.append(verify_lora_patterns(ember, work))
+    # (r) LoRA on the embedding and the LM head through gguf-lora.
+    report.append(verify_vocab_lora(args, ember, work))
 
     # (j) pre-tokenizers: ember's GGUF tokenizer against llama.cpp's on the same file.
     report.extend(verify_pre_tokenizers(ember, base, work))
@@ -639,6 +643,57 @@ def verify_lora_patterns(ember, work):
         moved = max(moved, float(np.abs(lasts[1] - lasts[0]).max()))
     return (f"(p) a LoRA with rank_pattern, alpha_pattern and layers_to_transform (tiny_qwen2 lora_pattern) as ember's gguf-lora in llama.cpp: "
             f"last-position logits max |diff| to ember {worst:.2e}, with and without the adapter (which moves them by up to {moved:.2f})")
+
+
+# Last-position logits and a greedy answer of transformers + PEFT (argv: base dir, adapter dir, ids JSON, new tokens).
+PEFT_ANSWER = """
+import json, sys, torch, transformers, peft
+base = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+model = peft.PeftModel.from_pretrained(base, sys.argv[2]).eval()
+ids = torch.tensor([json.loads(sys.argv[3])])
+with torch.no_grad():
+    last = model(ids).logits[0, -1].tolist()
+    answer = model.generate(input_ids=ids, max_new_tokens=int(sys.argv[4]), do_sample=False)[0, ids.shape[1]:].tolist()
+print(json.dumps({"last_logits": last, "answer_ids": answer}))
+"""
+
+
+def verify_vocab_lora(args, ember, work):
+    """(r): a LoRA on q/v, embed_tokens and lm_head trained by ember (recipes/ci/tiny-lora.toml, 10
+    steps) on tests/fixtures/tiny_llama, as ember's gguf-lora on ember's f32 export in llama.cpp."""
+    from llama_cpp import Llama
+    here = os.path.dirname(os.path.abspath(__file__))
+    fixture = os.path.join(here, "..", "tests", "fixtures", "tiny_llama")
+    run_dir = os.path.join(work, "lora-vocab")
+    run([ember, "train", os.path.join(here, "..", "recipes", "ci", "tiny-lora.toml"), "--quiet", "--overwrite",
+         "--set", 'adapter.target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"]', "--set", f'output.dir="{run_dir}"'])
+    adapter = os.path.join(run_dir, "adapter")
+    base_gguf, lora_gguf = os.path.join(work, "tiny-llama-fixture-f32.gguf"), os.path.join(work, "tiny-llama-lora-vocab.gguf")
+    run([ember, "export", "gguf", "--base", fixture, "--out", base_gguf, "--type", "f32", "--pre", "gpt-2"])
+    run([ember, "export", "gguf-lora", "--base", fixture, "--adapter", adapter, "--out", lora_gguf])
+    llm = Llama(model_path=base_gguf, lora_path=lora_gguf, n_ctx=256, logits_all=True, verbose=False)
+    worst, worst_peft, same, moved = 0.0, None, 0, 0.0
+    for i, prompt in enumerate(PROMPTS):
+        dumps = [os.path.join(work, f"ember-r{i}-{with_lora}.json") for with_lora in (False, True)]
+        for dump, extra in zip(dumps, ([], ["--adapter", adapter])):
+            run([ember, "generate", "--base", fixture, *extra, "--prompt", prompt, "--template", "none", "--max-new-tokens", "8", "--logits-out", dump])
+        base_run, ours = (json.load(open(d)) for d in dumps)
+        theirs, last = llama_answer(llm, ours["prompt_ids"], len(ours["answer_ids"]))
+        ours_last = np.array(ours["last_logits"], dtype=np.float32)
+        worst = max(worst, float(np.abs(last - ours_last).max()))
+        moved = max(moved, float(np.abs(ours_last - np.array(base_run["last_logits"], dtype=np.float32)).max()))
+        agree = theirs == ours["answer_ids"]
+        if args.reference_python:
+            peft_run = json.loads(run([args.reference_python, "-c", PEFT_ANSWER, fixture, adapter, json.dumps(ours["prompt_ids"]), str(len(ours["answer_ids"]))]))
+            worst_peft = max(worst_peft or 0.0, float(np.abs(np.array(peft_run["last_logits"], dtype=np.float32) - ours_last).max()))
+            agree = agree and peft_run["answer_ids"] == ours["answer_ids"]
+        same += agree
+        print(f"(r) {prompt!r}: ember {ours['answer_ids']} | llama.cpp {theirs}")
+    del llm
+    peft_part = f", PEFT loading ember's adapter {worst_peft:.2e}" if worst_peft is not None else ""
+    return (f"(r) a LoRA on q/v, the embedding and the LM head trained by ember on tiny_llama (10 steps; it moves ember's last logits by up to {moved:.2f}) "
+            f"as ember's gguf-lora in llama.cpp: last-position logits max |diff| to ember: llama.cpp {worst:.2e}{peft_part}; "
+            f"greedy answers (8 tokens) equal {same}/{len(PROMPTS)}{' on all three' if worst_peft is not None else ''}")
 
 
 def wide_tiny_llama(ember, work):

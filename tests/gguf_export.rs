@@ -430,6 +430,28 @@ fn qwen3_exports_as_llama_cpps_qwen3_with_its_head_norms() {
     assert_eq!(GgufFile::open(&lora).unwrap().metadata.get("general.architecture").unwrap(), "qwen3");
 }
 
+/// LoRA on the embedding and the LM head goes out as llama.cpp's converter writes it: the head's
+/// as any projection's on `output.weight`, the embedding's on `token_embd.weight` with
+/// `lora_a` PEFT's `lora_embedding_A` transposed (`[vocab, r]`, rows picked by token id) and
+/// `lora_b` its `lora_embedding_B` (`[hidden, r]`).
+#[test]
+fn lora_on_the_embedding_and_head_goes_out_as_llama_cpps_converter_writes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = fixture("tiny_mistral/adapters/lora_vocab");
+    let lora = dir.path().join("lora.gguf");
+    export(&["gguf-lora", "--base", fixture("tiny_mistral").to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", lora.to_str().unwrap()]);
+    let file = GgufFile::open(&lora).unwrap();
+    let peft = f32_tensors(&adapter.join("adapter_model.safetensors"));
+    let tensor = |key: &str| peft.iter().find(|(k, _)| k == key).unwrap().1.clone();
+    let a = tensor("base_model.model.model.embed_tokens.lora_embedding_A");
+    let vocab = a.len() / 4;
+    let transposed: Vec<f32> = (0..vocab * 4).map(|i| a[(i % 4) * vocab + i / 4]).collect();
+    assert_eq!(file.dequantize(file.tensor("token_embd.weight.lora_a").unwrap()), transposed);
+    assert_eq!(file.dequantize(file.tensor("token_embd.weight.lora_b").unwrap()), tensor("base_model.model.model.embed_tokens.lora_embedding_B"));
+    assert_eq!(file.dequantize(file.tensor("output.weight.lora_b").unwrap()), tensor("base_model.model.lm_head.lora_B.weight"));
+    assert_eq!(file.tensor("output.weight.lora_a").unwrap().shape, [4, 64]);
+}
+
 /// llama.cpp's llama has no sliding window: Mistral goes out as llama declaring its window (6
 /// tokens here, not 512) as the context, within which both attend alike.
 #[test]
@@ -599,11 +621,6 @@ fn what_llama_cpp_cannot_take_is_one_error_line() {
     );
     assert_bad_input(&ember(&["export", "gguf", "--base", llama.to_str().unwrap(), "--out", out]), &["--pre"]);
     assert_bad_input(&ember(&["export", "gguf", "--base", llama.to_str().unwrap(), "--out", out, "--type", "q5_k"]), &["--type 'q5_k'", "q4_k_m"]);
-    let mistral = fixture("tiny_mistral");
-    assert_bad_input(
-        &ember(&["export", "gguf-lora", "--base", mistral.to_str().unwrap(), "--adapter", mistral.join("adapters/lora_vocab").to_str().unwrap(), "--out", out]),
-        &["adapter", "the embedding or the LM head", "export gguf --adapter"],
-    );
     let lora = fixture("tiny_llama/adapters/lora");
     assert_bad_input(
         &ember(&["export", "gguf-lora", "--base", llama.to_str().unwrap(), "--adapter", lora.to_str().unwrap(), "--out", out, "--type", "q4_k_m"]),

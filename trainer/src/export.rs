@@ -167,7 +167,8 @@ fn gguf_order(name: &str) -> (usize, usize, String) {
 
 /// A PEFT LoRA adapter of `base_dir` as llama.cpp's LoRA GGUF (`llama-cli --lora`): per adapted
 /// weight `<tensor>.lora_a` `[r, in]` and `<tensor>.lora_b` `[out, r]` (q/k rows of B in
-/// llama.cpp's order), and `adapter.lora.alpha`, from which llama.cpp scales by alpha / r.
+/// llama.cpp's order; the embedding's `lora_a` is `[vocab, r]`), and `adapter.lora.alpha`, from
+/// which llama.cpp scales by alpha / r.
 pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: GgmlType) -> Result<ExportSummary, MergeError> {
     let device = Device::flex();
     let config = ModelConfig::from_dir(base_dir)?;
@@ -182,9 +183,6 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: GgmlTyp
         return Err(invalid("modules_to_save: llama.cpp's LoRA format has no whole modules; merge it instead: ember export gguf --adapter".into()).into());
     }
     let branches = PeftBranches::read(&AdapterFolder::read(adapter)?, &[])?;
-    if let Some(module) = ember_adapters::lora::peft::any_vocab_module(lora) {
-        return Err(invalid(format!("LoRA on '{module}' (the embedding or the LM head): ember writes llama.cpp's LoRA GGUF for decoder projections only; merge it instead: ember export gguf --adapter")).into());
-    }
     // Only the shapes are needed (from the config, so a GGUF base serves as well as a folder).
     let shapes: std::collections::HashMap<String, Vec<usize>> = expected_tensors(&config).into_iter().collect();
     branches.check_shapes(|key| shapes.get(key).cloned())?;
@@ -201,7 +199,21 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: GgmlTyp
         ("adapter.lora.alpha".into(), MetaValue::F32(alpha as f32)),
     ];
     let keys = KeyLayout::of(config.architecture);
-    let mut plan: Vec<(String, TensorSpec, Option<usize>, f64)> = Vec::new();
+    // (adapter key, the tensor written, heads its rows are permuted over, factor, transposed)
+    let mut plan: Vec<(String, TensorSpec, Option<usize>, f64, bool)> = Vec::new();
+    // An embedding's branch goes out as llama.cpp's converter writes it: `lora_a` is PEFT's
+    // `lora_embedding_A` transposed, `[vocab, r]`, whose rows llama.cpp picks by token id;
+    // `lora_b` is `lora_embedding_B`, `[hidden, r]`.
+    for (weight_key, module) in &branches.embeddings {
+        let (name, _) = gguf_write::tensor_name(keys, weight_key, config.num_layers)
+            .ok_or_else(|| invalid(format!("'{module}' has no place in llama.cpp's {} architecture", arch.name())))?;
+        for (part, suffix) in [("A", "lora_a"), ("B", "lora_b")] {
+            let key = ember_adapters::lora::peft::embedding_key(module, part);
+            let (shape, _) = branches.weights.info(&key).expect("checked");
+            let (shape, factor, transposed) = if part == "A" { (vec![shape[1], shape[0]], 1.0, true) } else { (shape.to_vec(), b_factor(module), false) };
+            plan.push((key, TensorSpec { name: format!("{name}.{suffix}"), ty: ty.for_shape(&shape), shape }, None, factor, transposed));
+        }
+    }
     for (weight_key, module) in &branches.modules {
         let (name, role) = gguf_write::tensor_name(keys, weight_key, config.num_layers)
             .ok_or_else(|| invalid(format!("'{module}' has no place in llama.cpp's {} architecture", arch.name())))?;
@@ -209,14 +221,17 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: GgmlTyp
             let key = ember_adapters::lora::peft::key(module, part);
             let (shape, _) = branches.weights.info(&key).expect("checked");
             let (heads, factor) = if part == "lora_B" { (permute_heads(role, &config, arch), b_factor(module)) } else { (None, 1.0) };
-            plan.push((key, TensorSpec { name: format!("{name}.{suffix}"), shape: shape.to_vec(), ty: ty.for_shape(shape) }, heads, factor));
+            plan.push((key, TensorSpec { name: format!("{name}.{suffix}"), shape: shape.to_vec(), ty: ty.for_shape(shape) }, heads, factor, false));
         }
     }
-    plan.sort_by_key(|(_, spec, _, _)| gguf_order(&spec.name));
-    let specs: Vec<TensorSpec> = plan.iter().map(|(_, spec, _, _)| spec.clone()).collect();
+    plan.sort_by_key(|(_, spec, _, _, _)| gguf_order(&spec.name));
+    let specs: Vec<TensorSpec> = plan.iter().map(|(_, spec, _, _, _)| spec.clone()).collect();
     gguf_write::write(out, &metadata, &specs, None, |i| {
-        let (key, spec, heads, factor) = &plan[i];
-        let values = branches.weights.float::<2>(key, [spec.shape[0], spec.shape[1]], LoadDtype::F32, &device)?;
+        let (key, spec, heads, factor, transposed) = &plan[i];
+        let values = match transposed {
+            true => branches.weights.float::<2>(key, [spec.shape[1], spec.shape[0]], LoadDtype::F32, &device)?.transpose(),
+            false => branches.weights.float::<2>(key, [spec.shape[0], spec.shape[1]], LoadDtype::F32, &device)?,
+        };
         let values = if *factor == 1.0 { values } else { values.mul_scalar(*factor) };
         Ok(gguf_values(values, spec, *heads))
     })?;
