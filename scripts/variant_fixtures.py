@@ -112,6 +112,8 @@ CASES = [
                                          original_max_position_embeddings=16)),
      BASIC + ADAPTION, ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]),
     ("qwen2_tied", "qwen2", dict(tie_word_embeddings=True, **rope(theta=1e6)), BASIC + OPTIONS[:3], ALL),
+    ("qwen2_tied_vocab", "qwen2", dict(tie_word_embeddings=True, **rope(theta=1e6)),
+     [lora("lora_embed", 123, target_modules=["embed_tokens", "q_proj"]), lora("lora_lm_head", 124, target_modules=["lm_head", "v_proj"])], None),
     ("qwen3_yarn", "qwen3", dict(head_dim=32, num_key_value_heads=1, tie_word_embeddings=True, attention_bias=True,
                                  **rope("yarn", 1e6, factor=4.0, original_max_position_embeddings=64)),
      BASIC + OPTIONS[:3], ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]),

@@ -76,7 +76,8 @@ fn prompt_tuning_text_init_equals_peft() {
 /// LoRA on the embedding and the LM head (PEFT's `lora_embedding_A/B`, and a branch on
 /// `lm_head`): fresh, the model is the base; with both branches changed, saved in PEFT's format
 /// and loaded back, the same logits; the trainable count from shapes equals the model's. On a
-/// model whose head is tied to its embedding, one clear error.
+/// model whose head is tied to its embedding they start at the base as well; a module both a
+/// target and in modules_to_save is one clear error.
 #[test]
 fn lora_on_the_embedding_and_head_round_trips_through_peft_format() {
     let device = Device::flex();
@@ -113,7 +114,10 @@ fn lora_on_the_embedding_and_head_round_trips_through_peft_format() {
     let (loaded, _) = Method::load(saved.path(), base(), &device).unwrap();
     assert_eq!(logits(loaded.forward(ids(), None)), changed);
 
-    let tied = BaseModel::load(&fixtures().join("tiny_qwen3"), LoadDtype::F32, &device).unwrap();
-    let error = method.config().init(tied, 0, &device).unwrap_err().to_string();
-    assert!(error.contains("tied") && error.contains("embed_tokens"), "{error}");
+    let tied = || BaseModel::load(&fixtures().join("tiny_qwen3"), LoadDtype::F32, &device).unwrap();
+    let expected = logits(tied().forward(ids(), None));
+    assert_eq!(logits(method.config().init(tied(), 0, &device).unwrap().forward(ids(), None)), expected);
+    let both = Method::Lora(LoraConfig { modules_to_save: vec!["embed_tokens".into()], ..config });
+    let error = both.config().init(base(), 0, &device).unwrap_err().to_string();
+    assert!(error.contains("modules_to_save") && error.contains("embed_tokens"), "{error}");
 }

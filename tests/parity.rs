@@ -308,12 +308,24 @@ fn method_checks(case: &Case, device: &Device, report: &mut Report) -> Result<()
     let again = to_vec(reloaded.forward(ids_t(), mask_t()));
     report.check(name, &format!("{method}.save_load"), max_abs_on_mask(&again, &ours, &mask_ext, vocab), 0.0);
 
-    let merges = Method::weight_merge(&case.adapter_dir).is_ok();
+    let base_config = ember_models::ModelConfig::from_dir(dir).map_err(|e| e.to_string())?;
+    let merges = Method::weight_merge(&case.adapter_dir, &base_config).is_ok();
+    // Branches on the embedding or LM head stay unmerged in memory (where a tied head shares the
+    // embedding, merging changes both, as PEFT's merge does): their merged logits are those of
+    // the checkpoint `ember merge` writes.
+    let vocab_branches = model.vocab.is_some();
     let merged_model = merges.then(|| model.into_inference());
     // Each method's merged logits, weights and checkpoint carry its own name.
     let merged_key = format!("logits.{method}_merged");
     if let (Some(merged), Ok((merged_expected, _))) = (&merged_model, f32s(reference, &merged_key)) {
-        let logits = to_vec(merged.forward(ids_t(), mask_t()));
+        let logits = if vocab_branches {
+            let out = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let out = out.path().join("merged");
+            merge::merge(dir, &case.adapter_dir, &out, merge::MergeDtype::Keep).map_err(|e| e.to_string())?;
+            to_vec(BaseModel::load(&out, LoadDtype::F32, device).map_err(|e| e.to_string())?.forward(ids_t(), mask_t()))
+        } else {
+            to_vec(merged.forward(ids_t(), mask_t()))
+        };
         report.check(name, &merged_key, max_abs_on_mask(&logits, &merged_expected, mask, vocab), LOGITS_ATOL_TINY);
     }
     let weights_prefix = format!("merged.{method}.");

@@ -100,9 +100,10 @@ pub trait PeftMethod: MethodConfig + Clone + Sized + Into<Method> {
     /// Reads `folder` (PEFT's files, or ember's) onto `base`.
     fn load(folder: &AdapterFolder, base: BaseModel, device: &Device) -> Result<(AdaptedModel, Self), AdapterError>;
 
-    /// What `ember merge` folds into the base weights, tensor by tensor; `None` for a method
-    /// whose parameters are not a function of the weights (prefixes, prompts).
-    fn weight_merge(_folder: &AdapterFolder) -> Option<Result<Box<dyn WeightMerge>, AdapterError>> {
+    /// What `ember merge` folds into the base weights of a model of `model`'s config, tensor by
+    /// tensor; `None` for a method whose parameters are not a function of the weights (prefixes,
+    /// prompts).
+    fn weight_merge(_folder: &AdapterFolder, _model: &ModelConfig) -> Option<Result<Box<dyn WeightMerge>, AdapterError>> {
         None
     }
 }

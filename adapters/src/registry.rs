@@ -77,11 +77,12 @@ macro_rules! methods {
                 Err(unrecognised(&folder))
             }
 
-            /// What `ember merge` folds into the base weights for the adapter in `dir`.
-            pub fn weight_merge(dir: &std::path::Path) -> Result<Box<dyn WeightMerge>, AdapterError> {
+            /// What `ember merge` folds into the base weights of a model of `model`'s config for
+            /// the adapter in `dir`.
+            pub fn weight_merge(dir: &std::path::Path, model: &ember_models::ModelConfig) -> Result<Box<dyn WeightMerge>, AdapterError> {
                 let folder = AdapterFolder::read(dir)?;
                 $(if <$config as PeftMethod>::recognises(&folder) {
-                    return <$config as PeftMethod>::weight_merge(&folder).unwrap_or_else(|| Err(folder.invalid(format!(
+                    return <$config as PeftMethod>::weight_merge(&folder, model).unwrap_or_else(|| Err(folder.invalid(format!(
                         "a {} adapter cannot be merged into the weights: its parameters are not a change of any weight; load it with --adapter instead",
                         <$config as PeftMethod>::NAME
                     ))));

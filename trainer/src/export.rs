@@ -68,7 +68,7 @@ pub fn export_gguf(
     let arch = GgufArch::of(&config);
     let base = Checkpoint::open_dir(base_dir)?;
     check_checkpoint(&config, &base)?;
-    let merge = adapter.map(Method::weight_merge).transpose()?;
+    let merge = adapter.map(|dir| Method::weight_merge(dir, &config)).transpose()?;
     if let Some(merge) = &merge {
         merge.check(&base)?;
         config.vocab_size = merge.vocab_size().unwrap_or(config.vocab_size).max(config.vocab_size);
@@ -183,6 +183,14 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: GgmlTyp
         return Err(invalid("modules_to_save: llama.cpp's LoRA format has no whole modules; merge it instead: ember export gguf --adapter".into()).into());
     }
     let branches = PeftBranches::read(&AdapterFolder::read(adapter)?, &[])?;
+    if config.tie_word_embeddings
+        && let Some(module) = ember_adapters::lora::peft::any_vocab_module(lora)
+    {
+        return Err(invalid(format!(
+            "LoRA on '{module}' of a model whose LM head is its embedding: llama.cpp holds one tensor for both and would apply the branch to both; merge it instead: ember export gguf --adapter"
+        ))
+        .into());
+    }
     // Only the shapes are needed (from the config, so a GGUF base serves as well as a folder).
     let shapes: std::collections::HashMap<String, Vec<usize>> = expected_tensors(&config).into_iter().collect();
     branches.check_shapes(|key| shapes.get(key).cloned())?;

@@ -101,7 +101,7 @@ pub fn collect(
 ) -> Result<Collected, MergeError> {
     if let Some(dir) = adapter {
         // Only what export can merge: the matrix is for the weights it writes.
-        Method::weight_merge(dir)?;
+        Method::weight_merge(dir, &ember_models::ModelConfig::from_dir(base_dir)?)?;
     }
     let base = BaseModel::load_quantized(base_dir, dtype, quantization, device)?;
     let model = match adapter {

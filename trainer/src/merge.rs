@@ -174,7 +174,7 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDt
     let config = ModelConfig::from_dir(base_dir)?;
     let base = Checkpoint::open_dir(base_dir)?;
     ember_models::family::check_checkpoint(&config, &base)?;
-    let merge = Method::weight_merge(adapter_dir)?;
+    let merge = Method::weight_merge(adapter_dir, &config)?;
     merge.check(&base)?;
     let changed: std::collections::HashSet<String> = merge.keys().into_iter().collect();
 

@@ -195,7 +195,7 @@ impl PeftMethod for DoraConfig {
         Ok((model, DoraConfig(config)))
     }
 
-    fn weight_merge(folder: &AdapterFolder) -> Option<Result<Box<dyn WeightMerge>, AdapterError>> {
+    fn weight_merge(folder: &AdapterFolder, _model: &ModelConfig) -> Option<Result<Box<dyn WeightMerge>, AdapterError>> {
         let branches = peft::PeftBranches::read(folder, &[MAGNITUDE]).and_then(|b| match peft::any_vocab_module(&b.config) {
             Some(module) => Err(folder.invalid(format!("DoRA on '{module}' (the embedding or the LM head) is not supported"))),
             None => Ok(b),

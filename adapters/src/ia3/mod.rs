@@ -266,7 +266,7 @@ impl PeftMethod for Ia3Config {
         Ok((model, config))
     }
 
-    fn weight_merge(folder: &AdapterFolder) -> Option<Result<Box<dyn WeightMerge>, AdapterError>> {
+    fn weight_merge(folder: &AdapterFolder, _model: &ModelConfig) -> Option<Result<Box<dyn WeightMerge>, AdapterError>> {
         let merge = || -> Result<Box<dyn WeightMerge>, AdapterError> {
             let config = read_config(folder)?;
             let (weights, path) = folder.weights(AdapterFolder::PEFT_WEIGHTS)?;

@@ -218,8 +218,11 @@ impl PeftMethod for LoraConfig {
         Ok((model, config))
     }
 
-    fn weight_merge(folder: &AdapterFolder) -> Option<Result<Box<dyn WeightMerge>, AdapterError>> {
-        Some(peft::PeftBranches::read(folder, &[]).map(|b| Box::new(LoraMerge(b)) as Box<dyn WeightMerge>))
+    fn weight_merge(folder: &AdapterFolder, model: &ModelConfig) -> Option<Result<Box<dyn WeightMerge>, AdapterError>> {
+        Some(peft::PeftBranches::read(folder, &[]).map(|mut b| {
+            b.tie_head(model);
+            Box::new(LoraMerge(b)) as Box<dyn WeightMerge>
+        }))
     }
 }
 
@@ -240,9 +243,14 @@ impl WeightMerge for LoraMerge {
             return weight;
         }
         let base = self.0.base_layer(key, device).unwrap_or(base);
-        match self.0.embeddings.get(key) {
-            Some(embedding) => base + self.0.embedding_delta(embedding, device),
-            None => base + self.0.delta(&self.0.modules[key], device),
+        let merged = match (self.0.embeddings.get(key), self.0.modules.get(key)) {
+            (Some(embedding), _) => base + self.0.embedding_delta(embedding, device),
+            (None, Some(module)) => base + self.0.delta(module, device),
+            (None, None) => base,
+        };
+        match &self.0.tied_head {
+            Some((embedding, head)) if embedding == key => merged + self.0.delta(head, device),
+            _ => merged,
         }
     }
 

@@ -142,6 +142,8 @@ pub(crate) fn load_branches(
         let k = format!("base_model.model.{}.base_layer.weight", module.hf_name(&base.config));
         let Some((shape, _)) = weights.info(&k) else { continue };
         let [rows, cols] = shape[..] else { return Err(AdapterError::invalid(&weights_path, format!("'{k}' has shape {shape:?}, expected [vocab, hidden]"))) };
+        // A tied head's weight is the embedding's.
+        let module = if base.config.tie_word_embeddings { VocabModule::Embedding } else { module };
         let dtype = base.vocab_weight(module).map_or(burn::tensor::DType::F32, |w| w.val().dtype());
         let weight = weights.float::<2>(&k, [rows, cols], LoadDtype::F32, device).map_err(read_error)?.cast(dtype);
         base = base.replace_vocab_weight(module, weight).map_err(|e| AdapterError::invalid(&weights_path, e))?;
@@ -291,17 +293,14 @@ pub fn any_vocab_module(config: &LoraConfig) -> Option<&'static str> {
         .find(|name| config.targets(name))
 }
 
-/// Refuses branches on the embedding or LM head ember cannot give PEFT's results for: on a model
-/// whose head is tied to its embedding (one weight, which a merge would change for both), or on
-/// a module `modules_to_save` trains in full as well.
+/// Refuses a branch on a module `modules_to_save` trains in full as well. (On a model whose head
+/// is tied to its embedding, branches on either train as PEFT's do, and a merge changes the one
+/// weight, as PEFT's merge does.)
 pub(crate) fn check_vocab_modules(config: &LoraConfig, model: &ModelConfig) -> Result<(), String> {
     let modules = vocab_modules(config, model);
     let whole = whole_modules(config, model)?;
     for module in modules {
         let name = module.hf_name(model);
-        if model.tie_word_embeddings {
-            return Err(format!("LoRA on '{name}' of a model whose LM head is tied to its embedding is not supported (one weight for both)"));
-        }
         if whole.contains(&module) {
             return Err(format!("'{name}' is both a LoRA target and in modules_to_save"));
         }
@@ -431,6 +430,9 @@ pub struct PeftBranches {
     /// `<module>.weight` of each `base_layer` weight PEFT saved beside an embedding's or head's
     /// branch -> its shape: the weight the branch adds to.
     pub base_layers: HashMap<String, Vec<usize>>,
+    /// On a model whose LM head is its embedding: the embedding's `<module>.weight` and the head
+    /// module whose branch merges into it ([`Self::tie_head`]).
+    pub tied_head: Option<(String, String)>,
 }
 
 impl PeftBranches {
@@ -479,12 +481,30 @@ impl PeftBranches {
                 return Err(AdapterError::invalid(&path, format!("'base_model.model.{}.base_layer.weight' belongs to no branch of the adapter", module.trim_end_matches(".weight"))));
             }
         }
-        Ok(Self { weights, path, config, modules, whole, embeddings, base_layers })
+        Ok(Self { weights, path, config, modules, whole, embeddings, base_layers, tied_head: None })
+    }
+
+    /// On a model of `model`'s config whose LM head is its embedding (tied), a branch on the head
+    /// changes that one weight, as PEFT's merge does: its delta goes onto the embedding's key. The
+    /// head's `base_layer` PEFT saved is that same weight.
+    pub fn tie_head(&mut self, model: &ModelConfig) {
+        if !model.tie_word_embeddings {
+            return;
+        }
+        let head = format!("{}.weight", VocabModule::LmHead.hf_name(model));
+        self.base_layers.remove(&head);
+        if let Some(module) = self.modules.remove(&head) {
+            self.tied_head = Some((format!("{}.weight", VocabModule::Embedding.hf_name(model)), module));
+        }
     }
 
     /// Every base key the merge writes: adapted weights and modules trained in full.
     pub fn keys(&self) -> Vec<String> {
-        self.modules.keys().chain(self.whole.keys()).chain(self.embeddings.keys()).cloned().collect()
+        let tied = self.tied_head.iter().map(|(key, _)| key);
+        let mut keys: Vec<String> = self.modules.keys().chain(self.whole.keys()).chain(self.embeddings.keys()).chain(tied).cloned().collect();
+        keys.sort();
+        keys.dedup();
+        keys
     }
 
     /// A module trained in full: its saved weight, `[vocab, hidden]` f32.
@@ -545,7 +565,7 @@ impl PeftBranches {
                 ));
             }
         }
-        for (weight_key, module) in &self.modules {
+        for (weight_key, module) in self.modules.iter().chain(self.tied_head.iter().map(|(key, module)| (key, module))) {
             let r = self.config.rank_of(module);
             let Some(shape) = shape_of(weight_key) else {
                 return Err(AdapterError::invalid(&self.path, format!("adapter module '{module}' is not in the base model")));
