@@ -279,8 +279,9 @@ impl AdaptedModel {
         self.logits(hidden)
     }
 
-    /// Branches folded into the base weights (faster generation); other methods, and the
-    /// branches on the embedding and LM head (cheap beside them), are kept.
+    /// Branches folded into the base weights (faster generation); other methods are kept, and so
+    /// are the branches on the embedding and LM head: on a tied head, merging would change the
+    /// embedding too.
     pub fn into_inference(self) -> Self {
         if self.branches().is_empty() {
             return self;

@@ -26,7 +26,12 @@ pub struct LoraBranch {
 impl LoraBranch {
     /// A as PEFT's Kaiming-uniform(a=√5), i.e. U(-1/√in, 1/√in); B zero.
     pub fn init(name: &str, base: &Linear, config: &LoraConfig, rng: &mut StdRng, device: &Device) -> Self {
-        let (r, fan_in, fan_out) = (config.rank_of(name), base.in_features(), base.out_features());
+        Self::init_for([base.out_features(), base.in_features()], name, config, rng, device)
+    }
+
+    /// [`Self::init`] for a weight of shape `[out, in]`.
+    pub fn init_for([fan_out, fan_in]: [usize; 2], name: &str, config: &LoraConfig, rng: &mut StdRng, device: &Device) -> Self {
+        let r = config.rank_of(name);
         let bound = 1.0 / (fan_in as f64).sqrt();
         let a: Vec<f32> = (0..r * fan_in).map(|_| rng.random_range(-bound..bound) as f32).collect();
         let a = Tensor::from_data(TensorData::new(a, [r, fan_in]), device);

@@ -358,9 +358,7 @@ pub(crate) fn init_vocab_branches(config: &LoraConfig, model: &ModelConfig, rng:
         EmbeddingBranch::init(vocab, hidden, config.rank_of(name), config.scale_of(name), rng, device)
     });
     let head = modules.contains(&VocabModule::LmHead).then(|| {
-        let name = VocabModule::LmHead.hf_name(model);
-        let base = Linear::new(Tensor::zeros([vocab, hidden], device), None);
-        LoraBranch::init(name, &base, config, rng, device)
+        LoraBranch::init_for([vocab, hidden], VocabModule::LmHead.hf_name(model), config, rng, device)
     });
     Some(VocabBranches { embedding, head })
 }
