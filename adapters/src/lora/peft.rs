@@ -203,22 +203,20 @@ fn load_vocab_branches(
         return Ok(None);
     }
     let (vocab, hidden) = (model.vocab_size, model.hidden_size);
-    let embedding = match modules.contains(&VocabModule::Embedding) {
-        true => {
-            let name = VocabModule::Embedding.hf_name(model);
-            let r = config.rank_of(name);
-            Some(EmbeddingBranch::from_tensors(matrix(&embedding_key(name, "A"), [r, vocab])?, matrix(&embedding_key(name, "B"), [hidden, r])?, config.scale_of(name)))
-        }
-        false => None,
+    let embedding = if modules.contains(&VocabModule::Embedding) {
+        let name = VocabModule::Embedding.hf_name(model);
+        let r = config.rank_of(name);
+        Some(EmbeddingBranch::from_tensors(matrix(&embedding_key(name, "A"), [r, vocab])?, matrix(&embedding_key(name, "B"), [hidden, r])?, config.scale_of(name)))
+    } else {
+        None
     };
-    let head = match modules.contains(&VocabModule::LmHead) {
-        true => {
-            let name = VocabModule::LmHead.hf_name(model);
-            let r = config.rank_of(name);
-            let (a, b) = (matrix(&key(name, "lora_A"), [r, hidden])?, matrix(&key(name, "lora_B"), [vocab, r])?);
-            Some(LoraBranch::from_tensors(a, b, config.scale_of(name), config.dropout))
-        }
-        false => None,
+    let head = if modules.contains(&VocabModule::LmHead) {
+        let name = VocabModule::LmHead.hf_name(model);
+        let r = config.rank_of(name);
+        let (a, b) = (matrix(&key(name, "lora_A"), [r, hidden])?, matrix(&key(name, "lora_B"), [vocab, r])?);
+        Some(LoraBranch::from_tensors(a, b, config.scale_of(name), config.dropout))
+    } else {
+        None
     };
     Ok(Some(VocabBranches { embedding, head }))
 }
@@ -280,8 +278,8 @@ pub fn vocab_modules(config: &LoraConfig, model: &ModelConfig) -> Vec<VocabModul
     [VocabModule::Embedding, VocabModule::LmHead].into_iter().filter(|m| config.targets(m.hf_name(model))).collect()
 }
 
-/// The embedding or LM head of any family that `config` puts a branch on, for a reader that
-/// does not know the model (`ember merge` of a DoRA adapter).
+/// The embedding or LM head of any family that `config` puts a branch on, for a reader that does
+/// not know the model's family (a DoRA adapter's merge, `gguf-lora`).
 pub fn any_vocab_module(config: &LoraConfig) -> Option<&'static str> {
     if matches!(config.target, Target::AllLinear) {
         return None;
