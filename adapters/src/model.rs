@@ -309,7 +309,7 @@ impl AdaptedModel {
     /// parameters; the base only frozen ones, but for an embedding or LM head trained in full.
     /// The base counts from its config, so quantized weights (stored as bytes) count as values.
     pub fn parameter_counts(&self) -> (usize, usize) {
-        let branches = self.branches().iter().map(|(_, b)| b.num_params()).sum::<usize>() + self.vocab.as_ref().map_or(0, VocabBranches::num_params);
+        let branches = self.branches().iter().map(|(_, b)| b.num_params()).sum::<usize>() + self.vocab.as_ref().map_or(0, Module::num_params);
         let inputs = self.inputs.as_ref().map_or(0, Module::num_params);
         (branches + inputs + self.whole_module_params(), self.config().num_params() + branches + inputs)
     }

@@ -9,6 +9,7 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
 use crate::lora::LoraBranch;
+use crate::registry::ProjectionBranch;
 
 /// PEFT's `lora_embedding_A` / `lora_embedding_B` of the token embedding.
 #[derive(Module, Debug)]
@@ -44,15 +45,6 @@ impl EmbeddingBranch {
         // The columns of A the ids pick: b·s,r -> b·s,hidden.
         let picked = self.lora_a.val().transpose().select(0, ids.reshape([b * s]));
         picked.matmul(self.lora_b.val().transpose()).mul_scalar(self.scale).reshape([b, s, hidden])
-    }
-
-    /// `s · (B A)ᵀ`, `[vocab, hidden]` f32: what merging adds to the embedding.
-    pub fn delta_weight(&self) -> Tensor<2> {
-        self.lora_b.val().matmul(self.lora_a.val()).transpose().mul_scalar(self.scale)
-    }
-
-    pub fn num_params(&self) -> usize {
-        self.lora_a.shape().num_elements() + self.lora_b.shape().num_elements()
     }
 }
 
@@ -92,13 +84,9 @@ impl VocabBranches {
         }
     }
 
-    pub fn num_params(&self) -> usize {
-        self.embedding.as_ref().map_or(0, EmbeddingBranch::num_params) + self.head.as_ref().map_or(0, |h| h.lora_a.shape().num_elements() + h.lora_b.shape().num_elements())
-    }
-
     /// Every branch still leaves the model at the base (embedding A, head B all zero).
     pub fn leaves_base_unchanged(&self) -> bool {
-        let zero = |t: Tensor<2>| t.abs().max().into_scalar::<f32>() == 0.0;
-        self.embedding.as_ref().is_none_or(|e| zero(e.lora_a.val())) && self.head.as_ref().is_none_or(|h| zero(h.lora_b.val()))
+        let embedding_unchanged = |e: &EmbeddingBranch| e.lora_a.val().abs().max().into_scalar::<f32>() == 0.0;
+        self.embedding.as_ref().is_none_or(embedding_unchanged) && self.head.as_ref().is_none_or(ProjectionBranch::leaves_base_unchanged)
     }
 }

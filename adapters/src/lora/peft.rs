@@ -547,32 +547,20 @@ impl PeftBranches {
         }
         // A branch fits the weight it adds to: the saved base_layer where there is one.
         let shape_of = |key: &str| self.base_layers.get(key).cloned().or_else(|| shape_of(key));
-        for (weight_key, module) in &self.embeddings {
+        // An embedding's A is `[r, vocab]` and its B `[hidden, r]`, the transpose of a projection's.
+        let embeddings = self.embeddings.iter().map(|(weight_key, module)| (weight_key, module, ["lora_embedding_A", "lora_embedding_B"], [embedding_key(module, "A"), embedding_key(module, "B")], true));
+        let projections = self.modules.iter().chain(self.tied_head.iter().map(|(key, module)| (key, module)));
+        let projections = projections.map(|(weight_key, module)| (weight_key, module, ["lora_A", "lora_B"], [key(module, "lora_A"), key(module, "lora_B")], false));
+        for (weight_key, module, [a_name, b_name], [a_key, b_key], transposed) in embeddings.chain(projections) {
             let r = self.config.rank_of(module);
             let Some(shape) = shape_of(weight_key) else {
                 return Err(AdapterError::invalid(&self.path, format!("adapter module '{module}' is not in the base model")));
             };
-            let (a_shape, _) = self.weights.info(&embedding_key(module, "A")).expect("listed");
-            let (b_shape, _) = self.weights.info(&embedding_key(module, "B")).expect("listed");
-            if a_shape != [r, shape[0]] || b_shape != [shape[1], r] {
-                return Err(AdapterError::invalid(
-                    &self.path,
-                    format!("'{module}': lora_embedding_A {a_shape:?} / lora_embedding_B {b_shape:?} do not fit embedding {shape:?} with r={r}"),
-                ));
-            }
-        }
-        for (weight_key, module) in self.modules.iter().chain(self.tied_head.iter().map(|(key, module)| (key, module))) {
-            let r = self.config.rank_of(module);
-            let Some(shape) = shape_of(weight_key) else {
-                return Err(AdapterError::invalid(&self.path, format!("adapter module '{module}' is not in the base model")));
-            };
-            let (a_shape, _) = self.weights.info(&key(module, "lora_A")).expect("listed");
-            let (b_shape, _) = self.weights.info(&key(module, "lora_B")).expect("listed");
-            if a_shape != [r, shape[1]] || b_shape != [shape[0], r] {
-                return Err(AdapterError::invalid(
-                    &self.path,
-                    format!("'{module}': lora_A {a_shape:?} / lora_B {b_shape:?} do not fit base weight {shape:?} with r={r}"),
-                ));
+            let [out, inp] = if transposed { [shape[1], shape[0]] } else { [shape[0], shape[1]] };
+            let (a_shape, _) = self.weights.info(&a_key).expect("listed");
+            let (b_shape, _) = self.weights.info(&b_key).expect("listed");
+            if a_shape != [r, inp] || b_shape != [out, r] {
+                return Err(AdapterError::invalid(&self.path, format!("'{module}': {a_name} {a_shape:?} / {b_name} {b_shape:?} do not fit base weight {shape:?} with r={r}")));
             }
         }
         Ok(())
