@@ -80,6 +80,7 @@ def tok_builder(out_dir):
     return AutoTokenizer.from_pretrained(out_dir)
 
 
+# A method: (name, PEFT config, seed, with loss and gradients); gen.py merges the ones named lora*.
 def lora(name, seed, **kw):
     return (name, LoraConfig(task_type="CAUSAL_LM", **{"r": 4, "lora_alpha": 8, **kw}), seed, True)
 
@@ -95,7 +96,7 @@ OPTIONS = [
     lora("lora_all_linear", 122, target_modules="all-linear"),
     lora("lora_embed", 123, target_modules=["embed_tokens", "q_proj"]),
     lora("lora_lm_head", 124, target_modules=["lm_head", "v_proj"]),
-    lora("lora_bias", 113, target_modules=QKVO, bias="lora_only"),               # ember: SKIP (not implemented)
+    lora("bias_lora_only", 113, target_modules=QKVO, bias="lora_only"),    # no bias in these models: nothing more trains
     lora("lora_save_head", 126, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
     lora("dora_layers", 127, use_dora=True, use_rslora=True, target_modules=["o_proj", "down_proj"],
          layers_to_transform=[0]),
@@ -104,6 +105,15 @@ OPTIONS = [
     ("prefix_small", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True,
                                         encoder_hidden_size=24), 221, True),
 ]
+# Qwen2's q/k/v biases trained (PEFT `bias`), and a bias on B (`lora_bias`; PEFT cannot merge it where the base
+# has no bias, so that case is not named lora*).
+BIASES = [lora("lora_bias_all", 131, target_modules=["q_proj", "v_proj", "o_proj"], layers_to_transform=[1], bias="all"),
+          lora("lora_bias_only", 132, target_modules=["q_proj", "k_proj", "down_proj"], bias="lora_only"),
+          lora("lora_bias", 133, target_modules=["q_proj", "v_proj"], lora_bias=True, lora_dropout=0.1),
+          ("unmergeable_lora_bias", LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_bias=True,
+                                               target_modules=["o_proj", "down_proj"]), 134, True),
+          ("dora_bias", LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, use_dora=True, bias="all",
+                                   target_modules=["q_proj", "v_proj"]), 135, True)]
 # (folder, family, config changes, methods, wave 2 (DoRA, (IA)^3, prompt tuning, QLoRA NF4 on these targets))
 CASES = [
     ("llama3_tied", "llama", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
@@ -133,7 +143,9 @@ CASES = [
      BASIC, None),
     ("qwen2_window_upper", "qwen2", dict(use_sliding_window=True, sliding_window=3, max_window_layers=1, **rope()),
      BASIC + OPTIONS[:1], ["q_proj", "v_proj"]),
-    ("gelu", "llama", dict(hidden_act="gelu_pytorch_tanh", **rope()), BASIC, None),        # ember: SKIP
+    ("qwen2_biases", "qwen2", dict(**rope()), BIASES, None),
+    ("gelu", "llama", dict(hidden_act="gelu_pytorch_tanh", **rope()), BASIC, None),
+    ("gelu_exact", "llama", dict(hidden_act="gelu", mlp_bias=True, **rope()), BASIC + ADAPTION, ALL),
     ("rope_dynamic", "llama", dict(max_position_embeddings=16, **rope("dynamic", factor=2.0)), BASIC, None),  # SKIP
 ]
 

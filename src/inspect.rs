@@ -111,7 +111,7 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
         format!(", sliding window {} tokens in {sliding} of {} layers", w.size, config.num_layers)
     });
     println!("attention:      {} heads, {} kv heads, head dim {}{qk_norm}{window}", config.num_heads, config.num_kv_heads, config.head_dim);
-    println!("mlp:            {} (SwiGLU)", config.intermediate_size);
+    println!("mlp:            {} ({})", config.intermediate_size, config.hidden_act.mlp_name());
     println!("vocab:          {}", config.vocab_size);
     println!("rope:           theta {}, {} of {} dims, {pairing}{}", rope.theta, rope.rotary_dim, config.head_dim,
         rope.scaling.as_ref().map(|s| format!(", scaling {s}")).unwrap_or_default());

@@ -7,11 +7,12 @@ use ember_adapters::adaption::{AdaptionConfig, AdaptionPrompts};
 use ember_adapters::Method;
 use ember_adapters::dora::DoraConfig;
 use ember_adapters::ia3::Ia3Config;
-use ember_adapters::lora::{LoraConfig, Target};
+use ember_adapters::lora::{BiasTraining, LoraConfig, LoraSection, Target};
+use ember_adapters::target::TargetModules;
 use ember_adapters::prefix::PrefixConfig;
 use ember_adapters::prompt_tuning::{PromptEmbedding, PromptTuningConfig};
 use common::fixtures;
-use ember_models::{BaseModel, LoadDtype};
+use ember_models::{BaseModel, Checkpoint, LoadDtype};
 
 
 /// LLaMA-Adapter's zero-initialised gate: a new adapter must not change a single logit.
@@ -34,11 +35,11 @@ fn fresh_gated_adapter_leaves_the_base_logits_unchanged() {
 fn trainable_counts_from_shapes_match_fresh_adapters() {
     let device = Device::flex();
     let methods = [
-        Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default() }),
+        Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default(), bias: Default::default(), lora_bias: false }),
         Method::Prefix(PrefixConfig { num_virtual_tokens: 5, prefix_projection: false, encoder_hidden_size: None }),
         Method::Prefix(PrefixConfig { num_virtual_tokens: 5, prefix_projection: true, encoder_hidden_size: Some(24) }),
         Method::Adaption(AdaptionConfig { adapter_len: 3, adapter_layers: 1 }),
-        Method::Dora(DoraConfig(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default() })),
+        Method::Dora(DoraConfig(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default(), bias: Default::default(), lora_bias: false })),
         Method::Ia3(Ia3Config { target: Target::AllLinear, feedforward: Target::Suffixes(vec!["down_proj".into(), "dense_4h_to_h".into()]) }),
         Method::PromptTuning(PromptTuningConfig { num_virtual_tokens: 4, init_text: None }),
     ];
@@ -91,6 +92,8 @@ fn lora_on_the_embedding_and_head_round_trips_through_peft_format() {
         modules_to_save: Vec::new(),
         rank_pattern: Default::default(),
         alpha_pattern: Default::default(),
+        bias: Default::default(),
+        lora_bias: false,
     };
     let dir = fixtures().join("tiny_mistral");
     let base = || BaseModel::load(&dir, LoadDtype::F32, &device).unwrap();
@@ -120,4 +123,46 @@ fn lora_on_the_embedding_and_head_round_trips_through_peft_format() {
     let both = Method::Lora(LoraConfig { modules_to_save: vec!["embed_tokens".into()], ..config });
     let error = both.config().init(base(), 0, &device).unwrap_err().to_string();
     assert!(error.contains("modules_to_save") && error.contains("embed_tokens"), "{error}");
+}
+
+/// PEFT's `bias = "all"` and `lora_bias` on Qwen2 (biases on q, k, v; none on o): a fresh
+/// adapter is the base, the estimator counts what trains, the biases go out under PEFT's keys and
+/// read back, and merging B's bias into o_proj, which has none, is refused as PEFT refuses it.
+#[test]
+fn trained_biases_use_peft_keys_and_a_bias_free_projection_refuses_the_merge() {
+    let device = Device::flex();
+    let dir = fixtures().join("tiny_qwen2");
+    let base = || BaseModel::load(&dir, LoadDtype::F32, &device).unwrap();
+    let ids = || Tensor::<2, Int>::from_data(TensorData::new(vec![5i64, 17, 42, 99, 3, 8], [2, 3]), &device);
+    let logits = |t: Tensor<3>| t.into_data().try_to_vec::<f32>().unwrap();
+    let section = LoraSection {
+        r: 4,
+        target_modules: TargetModules::List(vec!["q_proj".into(), "o_proj".into()]),
+        layers_to_transform: Some(vec![1]),
+        bias: BiasTraining::All,
+        lora_bias: true,
+        ..LoraSection::default()
+    };
+    let method = Method::Lora(LoraConfig::try_from(section).unwrap());
+    let model = method.config().init(base(), 0, &device).unwrap();
+    assert_eq!(logits(model.forward(ids(), None)), logits(base().forward(ids(), None)), "a fresh adapter is the base");
+    assert_eq!(model.parameter_counts().0, method.config().count_trainable(&base().config));
+    let names: Vec<String> = method.config().parameter_names(&model).into_iter().map(|(_, name)| name).collect();
+    for name in [
+        "base_model.model.model.layers.0.self_attn.q_proj.bias",
+        "base_model.model.model.layers.1.self_attn.q_proj.base_layer.bias",
+        "base_model.model.model.layers.1.self_attn.k_proj.bias",
+        "base_model.model.model.layers.1.self_attn.o_proj.lora_B.bias",
+    ] {
+        assert!(names.iter().any(|n| n == name), "{name} not in {names:?}");
+    }
+    assert_eq!(model.first_trainable_layer(), 0, "layer 0's biases train");
+
+    let saved = tempfile::tempdir().unwrap();
+    method.config().save(&model, "tiny_qwen2", saved.path()).unwrap();
+    let (loaded, _) = Method::load(saved.path(), base(), &device).unwrap();
+    assert_eq!(logits(loaded.forward(ids(), None)), logits(model.forward(ids(), None)));
+    let merge = Method::weight_merge(saved.path(), &base().config).unwrap();
+    let error = merge.check(&Checkpoint::open_dir(&dir).unwrap()).unwrap_err().to_string();
+    assert!(error.contains("o_proj.lora_B.bias") && error.contains("has no"), "{error}");
 }

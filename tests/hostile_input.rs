@@ -158,14 +158,15 @@ fn adapters_that_do_not_fit_the_base_are_bad_input() {
 
 #[test]
 fn peft_options_ember_cannot_compute_are_refused() {
-    for (key, value) in [
-        ("bias", serde_json::json!("all")),
-        ("fan_in_fan_out", serde_json::json!(true)),
-        ("lora_bias", serde_json::json!(true)),
-    ] {
+    for (key, value) in [("bias", serde_json::json!("some")), ("fan_in_fan_out", serde_json::json!(true))] {
         let adapter = edited_adapter("tiny_llama", "lora", |c| c[key] = value.clone());
         assert_bad_input(&generate_with("tiny_llama", adapter.path()), &["adapter_config.json", key]);
     }
+    // Trained biases (B's, or the base's on Qwen2's q/k/v) the file does not hold.
+    let adapter = edited_adapter("tiny_llama", "lora", |c| c["lora_bias"] = true.into());
+    assert_bad_input(&generate_with("tiny_llama", adapter.path()), &["adapter_model.safetensors", "q_proj.lora_B.bias"]);
+    let adapter = edited_adapter("tiny_qwen2", "lora_dropout", |c| c["bias"] = "all".into());
+    assert_bad_input(&generate_with("tiny_qwen2", adapter.path()), &["adapter_model.safetensors", "q_proj.base_layer.bias"]);
     // Branches on the LM head or the embedding the file does not hold.
     let adapter = edited_adapter("tiny_llama", "lora", |c| c["target_modules"] = serde_json::json!(["q_proj", "lm_head"]));
     assert_bad_input(&generate_with("tiny_llama", adapter.path()), &["adapter_model.safetensors", "lm_head.lora_A.weight"]);

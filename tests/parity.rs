@@ -390,7 +390,11 @@ fn method_checks(case: &Case, device: &Device, report: &mut Report) -> Result<()
     }
 
     // Loss and gradients on the Alpaca train batch, on the autodiff device, with the
-    // training-time parameters (PEFT's projected prefix keeps its MLP apart from the saved table).
+    // training-time parameters (PEFT's projected prefix keeps its MLP apart from the saved table),
+    // where the reference has them.
+    let Some(expected_loss) = spec["loss"].as_f64().map(|loss| loss as f32) else {
+        return Ok(());
+    };
     let autodiff = device.clone().autodiff();
     let base = case.base(&autodiff)?;
     let model = match training_prefix(case, &autodiff)? {
@@ -407,7 +411,6 @@ fn method_checks(case: &Case, device: &Device, report: &mut Report) -> Result<()
     let labels = train_batch.with_virtual_tokens(model.virtual_tokens()).labels;
     let loss = causal_lm_loss(hidden, &labels, |h| model.logits(h)).ok_or("no supervised token in the train batch")?;
     let loss_value = loss.to_data().try_to_vec::<f32>().map_err(|e| format!("{e:?}"))?[0];
-    let expected_loss = spec["loss"].as_f64().ok_or("no loss")? as f32;
     report.check(name, &format!("{method}.loss"), (loss_value - expected_loss).abs(), LOSS_ATOL);
     let tape = loss.backward();
     let staged = staged_gradients(&model, &train_batch, &autodiff);

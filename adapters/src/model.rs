@@ -18,11 +18,30 @@ pub struct AdaptedLinear {
     pub branch: Option<ProjectionAdapter>,
     #[module(skip)]
     pub name: String,
+    /// Whether the base's bias trains (PEFT's `bias`).
+    #[module(skip)]
+    pub bias_trains: bool,
 }
 
 impl AdaptedLinear {
     pub fn new(name: &str, base: Linear, branch: Option<ProjectionAdapter>) -> Self {
-        Self { base, branch, name: name.to_owned() }
+        Self { base, branch, name: name.to_owned(), bias_trains: false }
+    }
+
+    /// Makes the base's bias a trainable f32 parameter starting at `value`.
+    pub fn train_bias(&mut self, value: Tensor<1>) {
+        self.base.train_bias(value);
+        self.bias_trains = true;
+    }
+
+    /// The trained bias, if the base's bias trains.
+    pub fn trained_bias(&self) -> Option<&Param<Tensor<1>>> {
+        self.base.bias.as_ref().filter(|_| self.bias_trains)
+    }
+
+    /// Whether the projection has a trainable part: a branch, or the base's bias.
+    pub fn trains(&self) -> bool {
+        self.branch.is_some() || self.bias_trains
     }
 
     /// The base with the branch folded in.
@@ -174,7 +193,7 @@ impl AdaptedModel {
         }
         match &self.inputs {
             Some(inputs) => inputs.inputs().first_trainable_layer(),
-            None => self.model.layers.iter().position(|layer| layer.projections().iter().any(|p| p.branch.is_some())).unwrap_or(0),
+            None => self.model.layers.iter().position(|layer| layer.projections().iter().any(|p| p.trains())).unwrap_or(0),
         }
     }
 
@@ -311,7 +330,8 @@ impl AdaptedModel {
     pub fn parameter_counts(&self) -> (usize, usize) {
         let branches = self.branches().iter().map(|(_, b)| b.num_params()).sum::<usize>() + self.vocab.as_ref().map_or(0, Module::num_params);
         let inputs = self.inputs.as_ref().map_or(0, Module::num_params);
-        (branches + inputs + self.whole_module_params(), self.config().num_params() + branches + inputs)
+        let biases: usize = self.model.projections().iter().filter_map(|(_, p)| p.trained_bias()).map(Module::num_params).sum();
+        (branches + inputs + biases + self.whole_module_params(), self.config().num_params() + branches + inputs)
     }
 
     /// Why saving would be pointless: the parameters still leave the base unchanged (every

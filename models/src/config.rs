@@ -155,6 +155,40 @@ pub struct RopeConfig {
     pub scaling: Option<RopeScaling>,
 }
 
+/// The MLP's gate activation (`hidden_act`): `down(act(gate(x)) · up(x))`. Every family's own
+/// checkpoints use SiLU (SwiGLU); a LLaMA-architecture config may name GELU (GeGLU), which
+/// transformers' `LlamaMLP` runs through its `ACT2FN`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MlpActivation {
+    #[default]
+    Silu,
+    /// The exact GELU, `x·Φ(x)` (transformers' `gelu`).
+    Gelu,
+    /// GELU's tanh approximation (`gelu_pytorch_tanh`, `gelu_new`, `gelu_fast`).
+    GeluTanh,
+}
+
+impl MlpActivation {
+    /// transformers' `ACT2FN` names this reads.
+    pub fn from_hf(name: &str) -> Option<Self> {
+        match name {
+            "silu" | "swish" => Some(Self::Silu),
+            "gelu" | "gelu_python" => Some(Self::Gelu),
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Some(Self::GeluTanh),
+            _ => None,
+        }
+    }
+
+    /// SwiGLU or GeGLU, as `ember inspect` says it.
+    pub fn mlp_name(self) -> &'static str {
+        match self {
+            Self::Silu => "SwiGLU",
+            Self::Gelu => "GeGLU, exact GELU",
+            Self::GeluTanh => "GeGLU, tanh GELU",
+        }
+    }
+}
+
 /// A query at position `p` of a sliding layer sees the keys at positions `p - size + 1 ..= p`,
 /// as transformers' `sliding_window_overlay` (prefix keys count as the first positions).
 #[derive(Debug, Clone, PartialEq)]
@@ -198,6 +232,8 @@ pub struct ModelConfig {
     pub output_norms: bool,
     /// Sliding-window attention (Mistral; Qwen2/Qwen3 with `use_sliding_window`).
     pub sliding_window: Option<SlidingWindow>,
+    /// The MLP's gate activation.
+    pub hidden_act: MlpActivation,
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
     pub bos_token_id: Option<u32>,
@@ -365,13 +401,16 @@ impl JsonConfig<'_> {
         rms_norm_eps: f64,
         rope: impl FnOnce(usize) -> Result<RopeConfig, LoadError>,
     ) -> Result<ModelConfig, LoadError> {
-        // Every family's MLP is SwiGLU with SiLU; another activation would run silently wrong.
-        if let Some(act) = self.get("hidden_act") {
-            let name = act.as_str().ok_or_else(|| self.invalid("hidden_act", format!("expected a string, found {act}")))?;
-            if !matches!(name, "silu" | "swish") {
-                return Err(self.unsupported("hidden_act", format!("'{name}' is not supported (ember's MLP is SwiGLU with SiLU)")));
+        // An activation ember does not compute would run silently wrong.
+        let hidden_act = match self.get("hidden_act") {
+            None | Some(Value::Null) => MlpActivation::Silu,
+            Some(act) => {
+                let name = act.as_str().ok_or_else(|| self.invalid("hidden_act", format!("expected a string, found {act}")))?;
+                MlpActivation::from_hf(name).ok_or_else(|| {
+                    self.unsupported("hidden_act", format!("'{name}' is not supported (ember's MLP gate takes silu, gelu or gelu_pytorch_tanh)"))
+                })?
             }
-        }
+        };
         let hidden_size = self.usize(keys.hidden)?;
         let num_heads = self.usize(keys.heads)?;
         let num_kv_heads = self.opt_usize(keys.kv_heads)?.unwrap_or(num_heads);
@@ -396,6 +435,7 @@ impl JsonConfig<'_> {
             qk_norm: false,
             output_norms: false,
             sliding_window: None,
+            hidden_act,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
             max_position_embeddings: self.opt_usize("max_position_embeddings")?.unwrap_or(2048),
             bos_token_id,
@@ -482,7 +522,7 @@ mod tests {
     }
 
     /// What ember cannot run is refused as unsupported, naming the key: an activation other than
-    /// SiLU, an unknown RoPE scaling or layer type.
+    /// SiLU and GELU, an unknown RoPE scaling or layer type.
     #[test]
     fn configs_ember_cannot_run_are_unsupported() {
         let config = |extra: Value| {
@@ -492,7 +532,7 @@ mod tests {
             parse(json)
         };
         for (extra, key) in [
-            (serde_json::json!({"hidden_act": "gelu_pytorch_tanh"}), "hidden_act"),
+            (serde_json::json!({"hidden_act": "quick_gelu"}), "hidden_act"),
             (serde_json::json!({"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 4096, "layer_types": ["chunked_attention"]}), "layer_types"),
             (serde_json::json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}), "rope_scaling"),
             (serde_json::json!({"model_type": "gpt_neox"}), "model_type"),
@@ -505,6 +545,8 @@ mod tests {
         for extra in [serde_json::json!({"model_type": "mistral", "sliding_window": null}), serde_json::json!({"hidden_act": "silu"})] {
             assert_eq!(config(extra.clone()).unwrap().architecture, Architecture::Llama, "{extra}");
         }
+        let act = |name: &str| config(serde_json::json!({"hidden_act": name})).unwrap().hidden_act;
+        assert_eq!((act("gelu"), act("gelu_pytorch_tanh"), act("swish")), (MlpActivation::Gelu, MlpActivation::GeluTanh, MlpActivation::Silu));
     }
 
     /// Which layers slide, as transformers decides: Mistral all of them; Qwen2/Qwen3 only with

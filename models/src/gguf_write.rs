@@ -17,7 +17,7 @@ use sha2::Digest;
 
 use crate::LoadError;
 use crate::ggml_encode;
-use crate::config::{ModelConfig, RopeScaling};
+use crate::config::{MlpActivation, ModelConfig, RopeScaling};
 use crate::family::{KeyLayout, Role};
 use crate::gguf::{GgmlType, GgufArch};
 use crate::imatrix::ImportanceMatrix;
@@ -635,6 +635,9 @@ pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> V
 /// llama.cpp computes (it truncates the correction range and takes the default betas 32 and 1,
 /// whatever the file says). The error names the config key.
 pub fn check_exportable(config: &ModelConfig) -> Result<(), (&'static str, String)> {
+    if config.hidden_act != MlpActivation::Silu {
+        return Err(("hidden_act", "an MLP with GELU: llama.cpp's llama, qwen2 and GLM architectures compute SiLU there".into()));
+    }
     check_rope(config).map_err(|reason| ("rope_scaling", reason))
 }
 

@@ -130,9 +130,15 @@ impl Linear {
         }
     }
 
-    /// Whether any of the layer's parameters trains (a projection never does; the LM head may).
-    fn trains(&self) -> bool {
-        matches!(&self.weight, Weight::Dense(w) if w.is_require_grad()) || self.bias.as_ref().is_some_and(|b| b.is_require_grad())
+    /// Whether the weight trains (a projection's never does; the LM head's may).
+    fn weight_trains(&self) -> bool {
+        matches!(&self.weight, Weight::Dense(w) if w.is_require_grad())
+    }
+
+    /// Makes the bias a trainable f32 parameter starting at `value` (`[out]`), as PEFT's `bias`
+    /// option trains the base's biases.
+    pub fn train_bias(&mut self, value: Tensor<1>) {
+        self.bias = Some(Param::from_tensor(value.cast(DType::F32)).set_require_grad(true));
     }
 }
 
@@ -482,18 +488,23 @@ impl Projection for Linear {
 
     /// `sum(x Wᵀ · g) = sum(x · g W)`: the frozen product's backward (`g W`, no graph) without
     /// its forward, which checkpointing would otherwise recompute only to be multiplied by `g`.
+    /// A trained bias adds `sum(b · Σ_rows g)`.
     fn surrogate(&self, x: Tensor<3>, grad: &Tensor<3>) -> Tensor<1> {
-        if self.trains() {
+        if self.weight_trains() {
             return output_surrogate(self.forward(x), grad);
         }
         let [b, s, out] = grad.dims();
         let grad = grad.clone().reshape([b * s, out]);
         let dtype = grad.dtype();
         let grad_weight = match &self.weight {
-            Weight::Dense(weight) if weight.val().dtype() == dtype => crate::fused::matmul(grad.inner(), weight.val().inner()),
-            _ => crate::fused::frozen_transposed_matmul(grad, &self.bands().cast(dtype)),
+            Weight::Dense(weight) if weight.val().dtype() == dtype => crate::fused::matmul(grad.clone().inner(), weight.val().inner()),
+            _ => crate::fused::frozen_transposed_matmul(grad.clone(), &self.bands().cast(dtype)),
         };
-        (x * grad_weight.reshape([b, s, self.in_features()])).sum().cast(DType::F32)
+        let frozen = (x * grad_weight.reshape([b, s, self.in_features()])).sum().cast(DType::F32);
+        match &self.bias {
+            Some(bias) if bias.is_require_grad() => frozen + (grad.inner().cast(DType::F32).sum_dim(0).reshape([out]) * bias.val()).sum(),
+            _ => frozen,
+        }
     }
 }
 
@@ -577,6 +588,25 @@ mod tests {
             let want = gradient_of(output_surrogate(linear.forward(x.clone()), &grad), &x);
             let got = gradient_of(linear.surrogate(x.clone(), &grad), &x);
             assert_eq!(want, got, "{name}");
+        }
+    }
+
+    /// A trained bias (PEFT's `bias = "all"`) takes the gradient `Σ_rows g` through the
+    /// surrogate, as through the product.
+    #[test]
+    fn surrogate_gives_a_trained_bias_its_gradient() {
+        let device = Device::flex().autodiff();
+        let (out, inp) = (6, 8);
+        let mut linear = Linear::new(Tensor::random([out, inp], Distribution::Normal(0.0, 0.5), &device), Some(Tensor::zeros([out], &device)));
+        linear.train_bias(Tensor::random([out], Distribution::Normal(0.0, 1.0), &device));
+        let bias = linear.bias.clone().unwrap();
+        let x = Tensor::<3>::random([2, 3, inp], Distribution::Normal(0.0, 1.0), &device);
+        let grad = Tensor::<3>::random([2, 3, out], Distribution::Normal(0.0, 1.0), &device);
+        let bias_gradient = |scalar: Tensor<1>| bias.val().grad(&scalar.backward()).unwrap().into_data().try_to_vec::<f32>().unwrap();
+        let want = bias_gradient(output_surrogate(linear.forward(x.clone()), &grad));
+        let got = bias_gradient(linear.surrogate(x, &grad));
+        for (w, g) in want.iter().zip(&got) {
+            assert!((w - g).abs() < 1e-5, "{want:?} vs {got:?}");
         }
     }
 }

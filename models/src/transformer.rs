@@ -1,17 +1,17 @@
 //! The decoder shared by LLaMA, GLM and ChatGLM: pre-norm blocks of grouped-query attention with
-//! RoPE and a SwiGLU MLP. Families differ only in their projection tables
+//! RoPE and a gated MLP (SwiGLU; GeGLU where a config names GELU). Families differ only in their projection tables
 //! ([`crate::family::KeyLayout`]) and RoPE pairing, all decided by [`ModelConfig`].
 
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{gelu, gelu_approximate, silu};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::attention::{Attention, LayerExtras, QkNorm, QkvProjection, SeparateQkv};
 use crate::batch::{KvCache, Layout, Masks, TokenBatch};
 use crate::checkpoint::{Checkpoint, LoadDtype};
-use crate::config::ModelConfig;
+use crate::config::{MlpActivation, ModelConfig};
 use crate::family::{KeyLayout, Role, check_checkpoint};
 use crate::layers::{stored_product, Embedding, Linear, Projection, RmsNorm, Rope, Weight, attention_bias, output_surrogate};
 use crate::ggml::GgmlWeight;
@@ -32,11 +32,13 @@ pub enum GateUpProjection<P> {
     Fused(P),
 }
 
-/// SwiGLU: `down(silu(gate(x)) · up(x))`.
+/// SwiGLU: `down(silu(gate(x)) · up(x))`, or GeGLU with GELU in SiLU's place.
 #[derive(Module, Debug)]
 pub struct Mlp<P> {
     pub gate_up: GateUpProjection<P>,
     pub down_proj: P,
+    #[module(skip)]
+    pub activation: MlpActivation,
 }
 
 impl<P: Projection> Mlp<P> {
@@ -51,7 +53,7 @@ impl<P: Projection> Mlp<P> {
         self.down_proj.surrogate(self.activations(x), grad)
     }
 
-    /// `silu(gate(x)) · up(x)`, the input of `down_proj`.
+    /// `act(gate(x)) · up(x)`, the input of `down_proj`.
     ///
     /// # Shapes
     /// - x: `[batch, seq, hidden]`
@@ -65,7 +67,12 @@ impl<P: Projection> Mlp<P> {
                 (gu.clone().narrow(2, 0, half), gu.narrow(2, half, half))
             }
         };
-        crate::fused::swiglu(&gate, &up).unwrap_or_else(|| silu(gate) * up)
+        match self.activation {
+            MlpActivation::Silu => crate::fused::swiglu(&gate, &up).unwrap_or_else(|| silu(gate) * up),
+            // Rare enough to run composed; the GELU of a bf16 gate in f32, as PyTorch's kernel.
+            MlpActivation::Gelu => gelu(gate.clone().cast(DType::F32)).cast(gate.dtype()) * up,
+            MlpActivation::GeluTanh => gelu_approximate(gate.clone().cast(DType::F32)).cast(gate.dtype()) * up,
+        }
     }
 }
 
@@ -174,7 +181,7 @@ impl<P> DecoderLayer<P> {
             input_norm: self.input_norm,
             attention: Attention { qkv, o_proj, num_heads, num_kv_heads, head_dim, qk_norm: self.attention.qk_norm },
             post_attention_norm: self.post_attention_norm,
-            mlp: Mlp { gate_up, down_proj },
+            mlp: Mlp { gate_up, down_proj, activation: self.mlp.activation },
             output_norms: self.output_norms,
         }
     }
@@ -207,7 +214,7 @@ impl<P> DecoderLayer<P> {
             head_dim: config.head_dim,
             qk_norm,
         };
-        let mlp = Mlp { gate_up, down_proj: take(Role::Down).expect("a table has down") };
+        let mlp = Mlp { gate_up, down_proj: take(Role::Down).expect("a table has down"), activation: config.hidden_act };
         DecoderLayer { input_norm, attention, post_attention_norm, mlp, output_norms }
     }
 }

@@ -22,6 +22,8 @@ pub struct AdamW {
     beta_2: f32,
     epsilon: f32,
     weight_decay: f32,
+    /// Parameters the weight decay leaves alone.
+    undecayed: Vec<ParamId>,
     moments: Option<Moments>,
 }
 
@@ -76,7 +78,13 @@ fn layout(trainable: &[(ParamId, Tensor<1>)]) -> Vec<(ParamId, usize)> {
 
 impl AdamW {
     pub fn new(beta_1: f32, beta_2: f32, epsilon: f32, weight_decay: f32) -> Self {
-        Self { beta_1, beta_2, epsilon, weight_decay, moments: None }
+        Self { beta_1, beta_2, epsilon, weight_decay, undecayed: Vec::new(), moments: None }
+    }
+
+    /// The optimizer with `undecayed` left out of the weight decay (transformers' `Trainer`
+    /// leaves out every parameter named `bias`).
+    pub fn without_decay(self, undecayed: Vec<ParamId>) -> Self {
+        Self { undecayed, ..self }
     }
 
     /// torch's `AdamW` defaults: betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
@@ -136,8 +144,14 @@ impl AdamW {
         let second = moments.second.clone().div_scalar(1f32 - b2.powi(moments.time));
         let delta = first.div(second.sqrt().add_scalar(self.epsilon));
         let decay = lr * self.weight_decay as f64;
-        let params = Tensor::cat(values, 0);
-        let params = if decay == 0.0 { params } else { params.mul_scalar(1.0 - decay) };
+        let params = if decay == 0.0 {
+            Tensor::cat(values, 0)
+        } else if self.undecayed.is_empty() {
+            Tensor::cat(values, 0).mul_scalar(1.0 - decay)
+        } else {
+            let decayed = |(value, (id, _)): (Tensor<1>, &(ParamId, usize))| if self.undecayed.contains(id) { value } else { value.mul_scalar(1.0 - decay) };
+            Tensor::cat(values.into_iter().zip(&moments.layout).map(decayed).collect(), 0)
+        };
         let updated = params - delta.mul_scalar(lr);
         self.moments = Some(moments);
         model.map(&mut Scatter { flat: updated, offset: 0 })
@@ -299,6 +313,26 @@ mod tests {
         let err = AdamW::torch_defaults().load(&file, &other).unwrap_err();
         assert!(err.contains("does not fit"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A parameter left out of the weight decay steps as with no decay; the others as with it.
+    #[test]
+    fn undecayed_parameters_step_without_the_decay() {
+        let device = Device::default().autodiff();
+        let start = model(&device);
+        let _ = values(&start);
+        let step = |optimizer: &mut AdamW| {
+            let m = start.clone();
+            let g = AdamW::gather(&m, grads(&m, 0, &device));
+            values(&optimizer.step(1e-2, m, g))
+        };
+        let bias = start.first.bias.as_ref().unwrap().id;
+        let mixed = step(&mut AdamW::new(0.9, 0.95, 1e-6, 0.1).without_decay(vec![bias]));
+        let decayed = step(&mut AdamW::new(0.9, 0.95, 1e-6, 0.1));
+        let undecayed = step(&mut AdamW::new(0.9, 0.95, 1e-6, 0.0));
+        assert_eq!(mixed[..3], decayed[..3]);
+        assert_eq!(mixed[3], undecayed[3]);
+        assert_ne!(decayed[3], undecayed[3]);
     }
 
     /// Norm and scaling of the gathered gradients.

@@ -276,7 +276,7 @@ mod tests {
     use ember_adapters::adaption::AdaptionConfig;
     use ember_adapters::dora::DoraConfig;
     use ember_adapters::ia3::Ia3Config;
-    use ember_adapters::lora::{LoraConfig, Target};
+    use ember_adapters::lora::{BiasTraining, LoraConfig, Target};
     use ember_adapters::prefix::PrefixConfig;
     use ember_adapters::prompt_tuning::PromptTuningConfig;
     use ember_models::nf4::Quantization;
@@ -299,9 +299,20 @@ mod tests {
     }
 
     fn methods() -> Vec<Method> {
-        let lora = |dropout, target, layers| {
-            Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout, use_rslora: false, target, layers_to_transform: layers, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default() })
+        let lora_config = |dropout, target, layers| LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout,
+            use_rslora: false,
+            target,
+            layers_to_transform: layers,
+            modules_to_save: Vec::new(),
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
+            bias: BiasTraining::None,
+            lora_bias: false,
         };
+        let lora = |dropout, target, layers| Method::Lora(lora_config(dropout, target, layers));
         let mlp = Target::Suffixes(["gate_proj", "up_proj", "down_proj", "dense_h_to_4h", "dense_4h_to_h"].map(String::from).to_vec());
         vec![
             lora(0.0, Target::AllLinear, None),
@@ -311,10 +322,13 @@ mod tests {
             lora(0.0, Target::AllLinear, Some(vec![2])),
             // Only the top layer's MLP: nothing to recompute in its attention.
             lora(0.0, mlp, Some(vec![2])),
+            // Branches on the top layer, every bias trained (ChatGLM's q/k/v): backward goes down
+            // to layer 0 for the biases alone.
+            Method::Lora(LoraConfig { bias: BiasTraining::All, lora_bias: true, ..lora_config(0.0, Target::AllLinear, Some(vec![2])) }),
             Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: false, encoder_hidden_size: None }),
             Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: Some(16) }),
             Method::Adaption(AdaptionConfig { adapter_len: 2, adapter_layers: 2 }),
-            Method::Dora(DoraConfig(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default() })),
+            Method::Dora(DoraConfig(lora_config(0.0, Target::AllLinear, None))),
             Method::Ia3(Ia3Config { target: Target::AllLinear, feedforward: Target::Suffixes(vec!["down_proj".into(), "dense_4h_to_h".into()]) }),
             Method::PromptTuning(PromptTuningConfig { num_virtual_tokens: 3, init_text: None }),
         ]

@@ -291,7 +291,8 @@ impl<'a> Run<'a> {
         on_event(Event::Info(format!("model: {} with {method}: {trainable} trainable of {total} parameters ({:.4}%)",
             recipe.model.path.display(), 100.0 * trainable as f64 / total as f64)));
 
-        let optimizer = AdamW::new(t.adam_beta1 as f32, t.adam_beta2 as f32, t.adam_epsilon as f32, t.weight_decay as f32);
+        let biases = method.config().parameter_names(&model).into_iter().filter(|(_, name)| name.contains("bias")).map(|(id, _)| id).collect();
+        let optimizer = AdamW::new(t.adam_beta1 as f32, t.adam_beta2 as f32, t.adam_epsilon as f32, t.weight_decay as f32).without_decay(biases);
         let steps_per_epoch = train_set.len().div_ceil(t.micro_batch_size * t.gradient_accumulation_steps);
         let total_steps = if t.max_steps > 0 { t.max_steps } else { steps_per_epoch * t.epochs };
 

@@ -97,15 +97,16 @@ impl MethodConfig for DoraConfig {
     }
 
     fn check(&self, model: &ModelConfig) -> Result<(), String> {
-        vocab_untargeted(&self.0, model)?;
+        check_dora(&self.0, model)?;
         lora::check_targets(model, &self.0)
     }
 
     /// LoRA's `r·(in + out)` plus `out` magnitudes per targeted projection, plus the modules
-    /// trained in full.
+    /// trained in full and the biases.
     fn count_trainable(&self, model: &ModelConfig) -> usize {
         lora::targeted_shapes(model, &self.0).iter().map(|(name, [out, inp])| self.0.rank_of(name) * (out + inp) + out).sum::<usize>()
             + lora::whole_module_parameters(model, &self.0)
+            + peft::bias_parameter_count(&self.0, model)
     }
 
     /// The embedding and LM head trained in full replace the base's.
@@ -130,7 +131,7 @@ impl MethodConfig for DoraConfig {
     /// LoRA's init, and `m = ‖W‖` per row as PEFT, so the model starts exactly at the base.
     fn init(&self, base: BaseModel, seed: u64, device: &Device) -> Result<AdaptedModel, AdapterError> {
         let mut rng = StdRng::seed_from_u64(seed);
-        AdaptedModel::with_branches(
+        let model = AdaptedModel::with_branches(
             peft::train_whole_modules(&self.0, base)?,
             |name, linear| {
                 Ok(self.0.targets(name).then(|| {
@@ -140,7 +141,8 @@ impl MethodConfig for DoraConfig {
                 }))
             },
             || AdapterError::Config(format!("dora: target {} matches no module of the model", self.0.target)),
-        )
+        )?;
+        peft::train_biases(&self.0, model, |_, base| Ok(base))
     }
 
     fn save(&self, model: &AdaptedModel, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
@@ -153,6 +155,7 @@ impl MethodConfig for DoraConfig {
             }
         }
         tensors.extend(peft::whole_parameters(&self.0, model).into_iter().map(|(key, _, weight)| SavedTensor::new(key, weight)));
+        tensors.extend(peft::bias_parameters(model).into_iter().map(|(key, _, bias)| SavedTensor::new(key, bias)));
         peft::save_peft(&self.0, true, &modules, &tensors, base_model, dir)
     }
 
@@ -166,6 +169,7 @@ impl MethodConfig for DoraConfig {
             }
         }
         names.extend(peft::whole_parameters(&self.0, model).into_iter().map(|(key, id, _)| (id, key)));
+        names.extend(peft::bias_parameters(model).into_iter().map(|(key, id, _)| (id, key)));
         names
     }
 }
@@ -188,7 +192,7 @@ impl PeftMethod for DoraConfig {
 
     fn load(folder: &AdapterFolder, base: BaseModel, device: &Device) -> Result<(AdaptedModel, Self), AdapterError> {
         let config = peft::read_config(folder)?;
-        vocab_untargeted(&config, &base.config).map_err(|e| folder.invalid(e))?;
+        check_dora(&config, &base.config).map_err(|e| folder.invalid(e))?;
         let model = peft::load_branches(folder, &config, base, device, |_, linear, lora, vector| {
             Ok(ProjectionAdapter::Dora(DoraBranch { lora, magnitude: Param::from_tensor(vector(MAGNITUDE, linear.out_features())?) }))
         })?;
@@ -198,6 +202,7 @@ impl PeftMethod for DoraConfig {
     fn weight_merge(folder: &AdapterFolder, _model: &ModelConfig) -> Option<Result<Box<dyn WeightMerge>, AdapterError>> {
         let branches = peft::PeftBranches::read(folder, &[MAGNITUDE]).and_then(|b| match peft::any_vocab_module(&b.config) {
             Some(module) => Err(folder.invalid(format!("DoRA on '{module}' (the embedding or the LM head) is not supported"))),
+            None if b.config.lora_bias => Err(folder.invalid("'lora_bias' is not supported with DoRA (PEFT refuses it too)")),
             None => Ok(b),
         });
         Some(branches.map(|b| Box::new(DoraMerge(b)) as Box<dyn WeightMerge>))
@@ -205,8 +210,11 @@ impl PeftMethod for DoraConfig {
 }
 
 /// DoRA's branches live on decoder projections only: PEFT's DoRA on the embedding or LM head is
-/// refused, naming the module.
-fn vocab_untargeted(config: &LoraConfig, model: &ModelConfig) -> Result<(), String> {
+/// refused, naming the module, and so is a bias on B (PEFT refuses `lora_bias` with DoRA).
+fn check_dora(config: &LoraConfig, model: &ModelConfig) -> Result<(), String> {
+    if config.lora_bias {
+        return Err("'lora_bias' is not supported with DoRA (PEFT refuses it too)".into());
+    }
     match peft::vocab_modules(config, model).first() {
         Some(module) => Err(format!("DoRA on '{}' (the embedding or the LM head) is not supported", module.hf_name(model))),
         None => Ok(()),
@@ -237,6 +245,9 @@ impl WeightMerge for DoraMerge {
     fn apply(&self, key: &str, base: Tensor<2>, device: &Device) -> Tensor<2> {
         if let Some(weight) = self.0.whole_weight(key, device) {
             return weight;
+        }
+        if self.0.changes_bias(key) {
+            return self.0.merged_bias(key, base, device);
         }
         let module = &self.0.modules[key];
         let v = base + self.0.delta(module, device);

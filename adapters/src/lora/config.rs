@@ -23,6 +23,47 @@ pub struct LoraConfig {
     pub rank_pattern: Patterns<usize>,
     /// Alphas other than `alpha` for the modules a pattern names (PEFT `alpha_pattern`).
     pub alpha_pattern: Patterns<f64>,
+    /// Which of the base's biases train beside the branches (PEFT `bias`).
+    pub bias: BiasTraining,
+    /// A trainable bias on each branch's B, `s·(x Aᵀ Bᵀ + b)` (PEFT `lora_bias`).
+    pub lora_bias: bool,
+}
+
+/// Which biases of the frozen base train (PEFT's `bias`): a bias is one vector per projection,
+/// cheap to train, and Qwen2 and ChatGLM have them on q, k and v.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BiasTraining {
+    #[default]
+    None,
+    /// Every bias of the model.
+    All,
+    /// The biases of the projections that carry a branch.
+    LoraOnly,
+}
+
+impl BiasTraining {
+    /// PEFT's name: `none`, `all`, `lora_only`.
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            BiasTraining::None => "none",
+            BiasTraining::All => "all",
+            BiasTraining::LoraOnly => "lora_only",
+        }
+    }
+
+    pub fn from_peft(name: &str) -> Option<Self> {
+        [BiasTraining::None, BiasTraining::All, BiasTraining::LoraOnly].into_iter().find(|b| b.peft_name() == name)
+    }
+
+    /// Whether the bias of a projection trains; `branched`: the projection carries a branch.
+    pub fn trains(self, branched: bool) -> bool {
+        match self {
+            BiasTraining::None => false,
+            BiasTraining::All => true,
+            BiasTraining::LoraOnly => branched,
+        }
+    }
 }
 
 impl LoraConfig {
@@ -67,6 +108,10 @@ pub struct LoraSection {
     pub rank_pattern: BTreeMap<String, usize>,
     /// `{ "v_proj" = 32.0 }`: other alphas, PEFT's `alpha_pattern`.
     pub alpha_pattern: BTreeMap<String, f64>,
+    /// `"none"`, `"all"` or `"lora_only"`: which of the base's biases train, PEFT's `bias`.
+    pub bias: BiasTraining,
+    /// A trainable bias on each branch's B, PEFT's `lora_bias`.
+    pub lora_bias: bool,
 }
 
 impl Default for LoraSection {
@@ -81,6 +126,8 @@ impl Default for LoraSection {
             modules_to_save: Vec::new(),
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
+            bias: BiasTraining::None,
+            lora_bias: false,
         }
     }
 }
@@ -108,6 +155,8 @@ impl TryFrom<LoraSection> for LoraConfig {
             modules_to_save: s.modules_to_save,
             rank_pattern: Patterns::new(s.rank_pattern.into_iter().collect(), "adapter.rank_pattern")?,
             alpha_pattern: Patterns::new(s.alpha_pattern.into_iter().collect(), "adapter.alpha_pattern")?,
+            bias: s.bias,
+            lora_bias: s.lora_bias,
         })
     }
 }

@@ -12,19 +12,21 @@ use rand::rngs::StdRng;
 use super::LoraConfig;
 use crate::registry::ProjectionBranch;
 
-/// The trainable part: `s · dropout(x) Aᵀ Bᵀ`.
+/// The trainable part: `s · (dropout(x) Aᵀ Bᵀ + b)`, `b` only under PEFT's `lora_bias`.
 #[derive(Module, Debug)]
 pub struct LoraBranch {
     /// `[r, in]`, PEFT's `lora_A.weight`.
     pub lora_a: Param<Tensor<2>>,
     /// `[out, r]`, PEFT's `lora_B.weight`.
     pub lora_b: Param<Tensor<2>>,
+    /// `[out]`, PEFT's `lora_B.bias`.
+    pub lora_b_bias: Option<Param<Tensor<1>>>,
     pub scale: f64,
     pub dropout: Dropout,
 }
 
 impl LoraBranch {
-    /// A as PEFT's Kaiming-uniform(a=√5), i.e. U(-1/√in, 1/√in); B zero.
+    /// A as PEFT's Kaiming-uniform(a=√5), i.e. U(-1/√in, 1/√in); B (and its bias) zero.
     pub fn init(name: &str, base: &Linear, config: &LoraConfig, rng: &mut StdRng, device: &Device) -> Self {
         Self::init_for([base.out_features(), base.in_features()], name, config, rng, device)
     }
@@ -36,15 +38,34 @@ impl LoraBranch {
         let a: Vec<f32> = (0..r * fan_in).map(|_| rng.random_range(-bound..bound) as f32).collect();
         let a = Tensor::from_data(TensorData::new(a, [r, fan_in]), device);
         let b = Tensor::zeros([fan_out, r], device);
-        Self::from_tensors(a, b, config.scale_of(name), config.dropout)
+        let branch = Self::from_tensors(a, b, config.scale_of(name), config.dropout);
+        if config.lora_bias { branch.with_bias(Tensor::zeros([fan_out], device)) } else { branch }
     }
 
     pub fn from_tensors(lora_a: Tensor<2>, lora_b: Tensor<2>, scale: f64, dropout: f64) -> Self {
         Self {
             lora_a: Param::from_tensor(lora_a),
             lora_b: Param::from_tensor(lora_b),
+            lora_b_bias: None,
             scale,
             dropout: DropoutConfig::new(dropout).init(),
+        }
+    }
+
+    /// The branch with B's bias `[out]` (PEFT's `lora_bias`).
+    pub fn with_bias(self, bias: Tensor<1>) -> Self {
+        Self { lora_b_bias: Some(Param::from_tensor(bias)), ..self }
+    }
+
+    /// `y + s·b` where B has a bias.
+    fn plus_bias(&self, y: Tensor<3>) -> Tensor<3> {
+        match &self.lora_b_bias {
+            Some(bias) => {
+                let out = bias.shape().dims::<1>()[0];
+                let dtype = y.dtype();
+                y + bias.val().mul_scalar(self.scale).cast(dtype).reshape([1, 1, out])
+            }
+            None => y,
         }
     }
 
@@ -52,22 +73,22 @@ impl LoraBranch {
         self.lora_a.shape().dims::<2>()[0]
     }
 
-    /// `s · x Aᵀ Bᵀ` in f32 (the branch computes in its own dtype under a bf16/f16 base, as PEFT
-    /// does); `x` has been through the branch's dropout.
+    /// `s · (x Aᵀ Bᵀ + b)` in f32 (the branch computes in its own dtype under a bf16/f16 base, as
+    /// PEFT does); `x` has been through the branch's dropout.
     ///
     /// # Shapes
     /// - x: `[batch, seq, in]`
     /// - output: `[batch, seq, out]`
     pub fn delta(&self, x: Tensor<3>) -> Tensor<3> {
         if let Some(delta) = low_rank(&x, &self.lora_a.val(), &self.lora_b.val(), self.scale) {
-            return delta;
+            return self.plus_bias(delta);
         }
         let [b, s, i] = x.dims();
         let out = self.lora_b.shape().dims::<2>()[0];
         let h = x.cast(DType::F32).reshape([b * s, i]);
         // b·s,in -> b·s,r -> b·s,out: never an in×out matrix.
         let down = matmul(h, self.lora_a.val().transpose());
-        matmul(down, self.lora_b.val().transpose()).mul_scalar(self.scale).reshape([b, s, out])
+        self.plus_bias(matmul(down, self.lora_b.val().transpose()).mul_scalar(self.scale).reshape([b, s, out]))
     }
 
     /// `s·B·A`, `[out, in]` in f32.
@@ -81,7 +102,7 @@ impl ProjectionBranch for LoraBranch {
         let y = base.forward(x.clone());
         let x = self.dropout.forward(x);
         match low_rank_onto(y, &x, &self.lora_a.val(), &self.lora_b.val(), self.scale) {
-            Ok(sum) => sum,
+            Ok(sum) => self.plus_bias(sum),
             Err(y) => {
                 let dtype = y.dtype();
                 y + self.delta(x).cast(dtype)
@@ -95,13 +116,20 @@ impl ProjectionBranch for LoraBranch {
         base.surrogate(x, grad) + branch
     }
 
+    /// `W + s·B·A`, and the bias plus `s·b` (in memory a bias-free base gets one).
     fn merged(self, base: Linear) -> Linear {
         let weight = base.dense_weight();
         let merged = (weight.clone().cast(DType::F32) + self.delta_weight()).cast(weight.dtype());
-        Linear::new(merged, base.bias.map(|b| b.val()))
+        let shift = self.lora_b_bias.map(|b| b.val().mul_scalar(self.scale));
+        let bias = match (base.bias.map(|b| b.val()), shift) {
+            (Some(bias), Some(shift)) => Some((bias.clone().cast(DType::F32) + shift).cast(bias.dtype())),
+            (bias, shift) => bias.or(shift),
+        };
+        Linear::new(merged, bias)
     }
 
     fn leaves_base_unchanged(&self) -> bool {
-        self.lora_b.val().abs().max().into_scalar::<f32>() == 0.0
+        let zero = |t: Tensor<1>| t.abs().max().into_scalar::<f32>() == 0.0;
+        zero(self.lora_b.val().flatten(0, 1)) && self.lora_b_bias.as_ref().is_none_or(|b| zero(b.val()))
     }
 }

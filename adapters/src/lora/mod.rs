@@ -6,7 +6,7 @@ mod config;
 mod layer;
 pub mod peft;
 
-pub use config::{LoraConfig, LoraSection};
+pub use config::{BiasTraining, LoraConfig, LoraSection};
 pub use layer::LoraBranch;
 
 use std::fmt;
@@ -77,7 +77,9 @@ pub fn first_targeted_layer(model: &ModelConfig, config: &LoraConfig) -> usize {
     if embedding(peft::whole_modules(config, model).unwrap_or_default()) || embedding(peft::vocab_modules(config, model)) {
         return 0;
     }
-    target::projections(model).into_iter().find(|(name, _, _)| config.targets(name)).map_or(0, |(_, _, layer)| layer)
+    let branch = target::projections(model).into_iter().find(|(name, _, _)| config.targets(name)).map_or(0, |(_, _, layer)| layer);
+    // Under `bias = "all"` a layer below the first branch may train its biases.
+    (0..branch).find(|&layer| peft::trains_bias_in_layer(config, model, layer)).unwrap_or(branch)
 }
 
 /// Parameters of the modules `config` trains in full (`vocab · hidden` each).
@@ -124,10 +126,10 @@ impl MethodConfig for LoraConfig {
     }
 
     /// `r·(in + out)` per targeted projection, embedding and LM head, plus the modules trained
-    /// in full.
+    /// in full and the biases.
     fn count_trainable(&self, model: &ModelConfig) -> usize {
         let projections: usize = targeted_shapes(model, self).iter().map(|(name, [out, inp])| self.rank_of(name) * (out + inp)).sum();
-        projections + vocab_branch_parameters(model, self) + whole_module_parameters(model, self)
+        projections + vocab_branch_parameters(model, self) + whole_module_parameters(model, self) + peft::bias_parameter_count(self, model)
     }
 
     /// The embedding and LM head trained in full replace the base's.
@@ -162,10 +164,11 @@ impl MethodConfig for LoraConfig {
                 || AdapterError::Config(format!("lora: target {} matches no module of the model", self.target)),
             )?
         };
-        Ok(match vocab {
+        let model = match vocab {
             Some(vocab) => model.with_vocab_branches(vocab),
             None => model,
-        })
+        };
+        peft::train_biases(self, model, |_, base| Ok(base))
     }
 
     fn save(&self, model: &AdaptedModel, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
@@ -177,6 +180,7 @@ impl MethodConfig for LoraConfig {
             }
         }
         tensors.extend(peft::whole_parameters(self, model).into_iter().map(|(key, _, weight)| SavedTensor::new(key, weight)));
+        tensors.extend(peft::bias_parameters(model).into_iter().map(|(key, _, bias)| SavedTensor::new(key, bias)));
         tensors.extend(peft::vocab_tensors(model));
         modules.extend(peft::vocab_modules(self, model.config()).into_iter().map(|m| m.hf_name(model.config()).to_owned()));
         peft::save_peft(self, false, &modules, &tensors, base_model, dir)
@@ -191,6 +195,7 @@ impl MethodConfig for LoraConfig {
             }
         }
         names.extend(peft::whole_parameters(self, model).into_iter().map(|(key, id, _)| (id, key)));
+        names.extend(peft::bias_parameters(model).into_iter().map(|(key, id, _)| (id, key)));
         names.extend(peft::vocab_parameter_names(model));
         names
     }
@@ -241,6 +246,9 @@ impl WeightMerge for LoraMerge {
     fn apply(&self, key: &str, base: Tensor<2>, device: &Device) -> Tensor<2> {
         if let Some(weight) = self.0.whole_weight(key, device) {
             return weight;
+        }
+        if self.0.changes_bias(key) {
+            return self.0.merged_bias(key, base, device);
         }
         let base = self.0.base_layer(key, device).unwrap_or(base);
         let merged = match (self.0.embeddings.get(key), self.0.modules.get(key)) {

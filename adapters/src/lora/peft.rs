@@ -14,12 +14,12 @@ use ember_models::{BaseModel, Checkpoint, LoadDtype, ModelConfig, VocabModule};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{LoraBranch, LoraConfig};
+use super::{BiasTraining, LoraBranch, LoraConfig};
 use crate::method::{AdapterFolder, PEFT_VERSION};
 use crate::registry::ProjectionAdapter;
 use crate::target::{Patterns, Target, layers_from_peft};
 use crate::vocab::{EmbeddingBranch, VocabBranches};
-use crate::{AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
+use crate::{AdaptedLinear, AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
 
 /// `base_model.model.<module>.<part>.weight`
 pub fn key(module: &str, part: &str) -> String {
@@ -45,7 +45,8 @@ pub(crate) fn save_peft(config: &LoraConfig, use_dora: bool, modules: &[String],
         "use_rslora": config.use_rslora,
         "target_modules": config.target.to_peft(&short),
         "layers_to_transform": config.layers_to_transform,
-        "bias": "none",
+        "bias": config.bias.peft_name(),
+        "lora_bias": config.lora_bias,
         "fan_in_fan_out": false,
         "inference_mode": true,
         "init_lora_weights": true,
@@ -57,6 +58,79 @@ pub(crate) fn save_peft(config: &LoraConfig, use_dora: bool, modules: &[String],
         "peft_version": PEFT_VERSION,
     });
     save_adapter_dir(dir, AdapterFolder::PEFT_WEIGHTS, tensors, &[(AdapterFolder::PEFT_CONFIG, &adapter_config)])
+}
+
+/// PEFT's key of a projection's trained bias: under `base_layer` where the projection carries
+/// a branch (PEFT's wrapper holds the base layer there), under the module's own name elsewhere.
+pub fn bias_key(module: &str, branched: bool) -> String {
+    if branched { format!("base_model.model.{module}.base_layer.bias") } else { format!("base_model.model.{module}.bias") }
+}
+
+/// PEFT's key of the bias on a branch's B (`lora_bias`).
+pub fn lora_bias_key(module: &str) -> String {
+    format!("base_model.model.{module}.lora_B.bias")
+}
+
+/// `model` with the base biases `config.bias` trains made trainable f32 parameters, each
+/// starting at `value(PEFT key, the base's bias)`: the base's own at init, the adapter's on load.
+pub(crate) fn train_biases(
+    config: &LoraConfig,
+    mut model: AdaptedModel,
+    mut value: impl FnMut(&str, Tensor<1>) -> Result<Tensor<1>, AdapterError>,
+) -> Result<AdaptedModel, AdapterError> {
+    if config.bias == BiasTraining::None {
+        return Ok(model);
+    }
+    let mut first_error = None;
+    model.model = model.model.map_projections(|name, mut p: AdaptedLinear| {
+        let branched = p.branch.is_some();
+        if let Some(bias) = p.base.bias.as_ref().filter(|_| first_error.is_none() && config.bias.trains(branched)) {
+            match value(&bias_key(name, branched), bias.val()) {
+                Ok(start) => p.train_bias(start),
+                Err(e) => first_error = Some(e),
+            }
+        }
+        p
+    });
+    first_error.map_or(Ok(model), Err)
+}
+
+/// The biases that train in `model` (the base's under `bias`, B's under `lora_bias`), with their
+/// PEFT keys and parameter ids.
+pub(crate) fn bias_parameters(model: &AdaptedModel) -> Vec<(String, ParamId, Tensor<1>)> {
+    let mut biases = Vec::new();
+    for (name, p) in model.model.projections() {
+        if let Some(bias) = p.trained_bias() {
+            biases.push((bias_key(&name, p.branch.is_some()), bias.id, bias.val()));
+        }
+        if let Some(ProjectionAdapter::Lora(branch)) = &p.branch
+            && let Some(bias) = &branch.lora_b_bias
+        {
+            biases.push((lora_bias_key(&name), bias.id, bias.val()));
+        }
+    }
+    biases
+}
+
+/// The number of bias values `config` trains on a model of `model`'s config.
+pub(crate) fn bias_parameter_count(config: &LoraConfig, model: &ModelConfig) -> usize {
+    let keys = KeyLayout::of(model.architecture);
+    (0..model.num_layers)
+        .flat_map(|layer| keys.projections(model, layer))
+        .map(|p| {
+            let branched = config.targets(&p.name);
+            let base = if p.bias && config.bias.trains(branched) { p.shape[0] } else { 0 };
+            base + if config.lora_bias && branched { p.shape[0] } else { 0 }
+        })
+        .sum()
+}
+
+/// Whether `config` trains a bias of `model`'s layer `layer`.
+pub(crate) fn trains_bias_in_layer(config: &LoraConfig, model: &ModelConfig, layer: usize) -> bool {
+    KeyLayout::of(model.architecture).projections(model, layer).iter().any(|p| {
+        let branched = config.targets(&p.name);
+        (p.bias && config.bias.trains(branched)) || (config.lora_bias && branched)
+    })
 }
 
 /// PEFT's key of a module trained in full: `base_model.model.<module>.weight` (its
@@ -174,6 +248,7 @@ pub(crate) fn load_branches(
                     weights.float::<1>(&k, [len], LoadDtype::F32, device).map_err(read_error)
                 };
                 let branch = LoraBranch::from_tensors(a, b, config.scale_of(name), config.dropout);
+                let branch = if config.lora_bias { branch.with_bias(vector("lora_B.bias", linear.out_features())?) } else { branch };
                 make(name, linear, branch, &vector).map(Some)
             },
             || folder.invalid(format!("target_modules {} match no module of the base model", config.target)),
@@ -186,6 +261,10 @@ pub(crate) fn load_branches(
         Some(vocab) => model.with_vocab_branches(vocab),
         None => model,
     };
+    let model = train_biases(config, model, |k, base| {
+        used.borrow_mut().insert(k.to_owned());
+        weights.float::<1>(k, [base.dims()[0]], LoadDtype::F32, device).map_err(read_error)
+    })?;
     if let Some(extra) = weights.keys().find(|k| !used.borrow().contains(*k)) {
         return Err(AdapterError::invalid(&weights_path, format!("tensor '{extra}' belongs to no module this config targets in the base model")));
     }
@@ -233,9 +312,10 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
     if get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
         return unsupported("fan_in_fan_out", "Conv1D (fan_in_fan_out) weights");
     }
-    if let Some(bias) = get("bias").and_then(Value::as_str).filter(|b| *b != "none") {
-        return unsupported("bias", &format!("bias '{bias}'"));
-    }
+    let bias = match get("bias") {
+        None | Some(Value::Null) => BiasTraining::None,
+        Some(value) => value.as_str().and_then(BiasTraining::from_peft).ok_or_else(|| format!("'bias': {value} is not one of \"none\", \"all\", \"lora_only\""))?,
+    };
     for k in ["layer_replication", "target_parameters", "trainable_token_indices"] {
         if get(k).is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
             return unsupported(k, "a non-empty value");
@@ -247,9 +327,6 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
         Some(_) => return Err("'modules_to_save' must be a list of module names".into()),
     };
     let target = Target::from_peft(get("target_modules"), "target_modules")?;
-    if get("lora_bias").and_then(Value::as_bool) == Some(true) {
-        return unsupported("lora_bias", "a bias on lora_B");
-    }
     let r = get("r").and_then(Value::as_u64).filter(|&r| r > 0).ok_or("'r' must be a positive integer")? as usize;
     let patterns = PatternMaps::read(&folder.config_path)?;
     let rank_pattern = patterns.rank_pattern.map(|p| p.values("rank_pattern", |v| v.as_u64().filter(|&r| r > 0).map(|r| r as usize))).transpose()?;
@@ -265,6 +342,8 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
         modules_to_save,
         rank_pattern: Patterns::new(rank_pattern.unwrap_or_default(), "rank_pattern")?,
         alpha_pattern: Patterns::new(alpha_pattern.unwrap_or_default(), "alpha_pattern")?,
+        bias,
+        lora_bias: get("lora_bias").and_then(Value::as_bool).unwrap_or(false),
     })
 }
 
@@ -291,9 +370,9 @@ pub fn any_vocab_module(config: &LoraConfig) -> Option<&'static str> {
         .find(|name| config.targets(name))
 }
 
-/// Refuses a branch on a module `modules_to_save` trains in full as well. (On a model whose head
-/// is tied to its embedding, branches on either train as PEFT's do, and a merge changes the one
-/// weight, as PEFT's merge does.)
+/// Refuses a branch on a module `modules_to_save` trains in full as well, and B's bias on the
+/// embedding's or head's branch. (On a model whose head is tied to its embedding, branches on
+/// either train as PEFT's do, and a merge changes the one weight, as PEFT's merge does.)
 pub(crate) fn check_vocab_modules(config: &LoraConfig, model: &ModelConfig) -> Result<(), String> {
     let modules = vocab_modules(config, model);
     let whole = whole_modules(config, model)?;
@@ -301,6 +380,9 @@ pub(crate) fn check_vocab_modules(config: &LoraConfig, model: &ModelConfig) -> R
         let name = module.hf_name(model);
         if whole.contains(&module) {
             return Err(format!("'{name}' is both a LoRA target and in modules_to_save"));
+        }
+        if config.lora_bias {
+            return Err(format!("'lora_bias' with a branch on '{name}' (the embedding or the LM head) is not supported"));
         }
     }
     Ok(())
@@ -429,6 +511,10 @@ pub struct PeftBranches {
     /// On a model whose LM head is its embedding: the embedding's `<module>.weight` and the head
     /// module whose branch merges into it ([`Self::tie_head`]).
     pub tied_head: Option<(String, String)>,
+    /// `<module>.bias` -> the adapter's key of its trained value (PEFT's `bias`)
+    pub biases: HashMap<String, String>,
+    /// `<module>.bias` -> the module whose B has a bias (`lora_bias`), added scaled
+    pub lora_biases: HashMap<String, String>,
 }
 
 impl PeftBranches {
@@ -441,12 +527,18 @@ impl PeftBranches {
         let mut whole = HashMap::new();
         let mut embeddings = HashMap::new();
         let mut base_layers = HashMap::new();
+        let (mut biases, mut lora_biases) = (HashMap::new(), HashMap::new());
         let saved = |module: &str| config.modules_to_save.iter().any(|name| module == name || module.ends_with(&format!(".{name}")));
         for k in weights.keys() {
             let whole_module = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".weight")).filter(|m| saved(m));
             let embedding = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".lora_embedding_A"));
             let base_layer = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".base_layer.weight"));
-            if let Some(module) = base_layer {
+            let bias = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".bias"));
+            if let Some(module) = bias.and_then(|m| m.strip_suffix(".lora_B")) {
+                lora_biases.insert(format!("{module}.bias"), module.to_owned());
+            } else if let Some(module) = bias {
+                biases.insert(format!("{}.bias", module.trim_end_matches(".base_layer")), k.to_owned());
+            } else if let Some(module) = base_layer {
                 base_layers.insert(format!("{module}.weight"), weights.info(k).expect("listed").0.to_vec());
             } else if let Some(module) = whole_module {
                 whole.insert(format!("{module}.weight"), weights.info(k).expect("listed").0.to_vec());
@@ -477,7 +569,10 @@ impl PeftBranches {
                 return Err(AdapterError::invalid(&path, format!("'base_model.model.{}.base_layer.weight' belongs to no branch of the adapter", module.trim_end_matches(".weight"))));
             }
         }
-        Ok(Self { weights, path, config, modules, whole, embeddings, base_layers, tied_head: None })
+        if let Some(module) = lora_biases.values().find(|m| !modules.contains_key(&format!("{m}.weight"))) {
+            return Err(AdapterError::invalid(&path, format!("'{}' belongs to no branch of the adapter", lora_bias_key(module))));
+        }
+        Ok(Self { weights, path, config, modules, whole, embeddings, base_layers, tied_head: None, biases, lora_biases })
     }
 
     /// On a model of `model`'s config whose LM head is its embedding (tied), a branch on the head
@@ -494,13 +589,31 @@ impl PeftBranches {
         }
     }
 
-    /// Every base key the merge writes: adapted weights and modules trained in full.
+    /// Every base key the merge writes: adapted weights, modules trained in full and biases.
     pub fn keys(&self) -> Vec<String> {
         let tied = self.tied_head.iter().map(|(key, _)| key);
-        let mut keys: Vec<String> = self.modules.keys().chain(self.whole.keys()).chain(self.embeddings.keys()).chain(tied).cloned().collect();
+        let biases = self.biases.keys().chain(self.lora_biases.keys());
+        let mut keys: Vec<String> = self.modules.keys().chain(self.whole.keys()).chain(self.embeddings.keys()).chain(tied).chain(biases).cloned().collect();
         keys.sort();
         keys.dedup();
         keys
+    }
+
+    /// Whether the adapter changes the bias `key` (`<module>.bias`).
+    pub fn changes_bias(&self, key: &str) -> bool {
+        self.biases.contains_key(key) || self.lora_biases.contains_key(key)
+    }
+
+    /// The merged bias `key`, `[1, out]` f32: its trained value (or `base`'s) plus `s·b` of B's
+    /// bias, as PEFT's merge adds it.
+    pub fn merged_bias(&self, key: &str, base: Tensor<2>, device: &Device) -> Tensor<2> {
+        let out = base.dims()[1];
+        let vector = |k: &str| self.weights.float::<1>(k, [out], LoadDtype::F32, device).expect("checked").reshape([1, out]);
+        let bias = self.biases.get(key).map_or(base, |k| vector(k));
+        match self.lora_biases.get(key) {
+            Some(module) => bias + vector(&lora_bias_key(module)).mul_scalar(self.config.scale_of(module)),
+            None => bias,
+        }
     }
 
     /// A module trained in full: its saved weight, `[vocab, hidden]` f32.
@@ -543,6 +656,17 @@ impl PeftBranches {
             };
             if shape.len() != 2 || shape[1] != base_shape[1] || shape[0] < base_shape[0] {
                 return Err(AdapterError::invalid(&self.path, format!("base_layer of '{weight_key}' has shape {shape:?}, the base {base_shape:?}")));
+            }
+        }
+        let bias_keys = self.biases.iter().map(|(bias, k)| (bias, k.clone())).chain(self.lora_biases.iter().map(|(bias, m)| (bias, lora_bias_key(m))));
+        for (bias_key, adapter_key) in bias_keys {
+            let (shape, _) = self.weights.info(&adapter_key).expect("listed");
+            match shape_of(bias_key) {
+                None => return Err(AdapterError::invalid(&self.path, format!("'{adapter_key}': the base has no '{bias_key}' to merge it into"))),
+                Some(base) if base != shape => {
+                    return Err(AdapterError::invalid(&self.path, format!("'{adapter_key}' has shape {shape:?}, the base's bias {base:?}")));
+                }
+                Some(_) => {}
             }
         }
         // A branch fits the weight it adds to: the saved base_layer where there is one.
