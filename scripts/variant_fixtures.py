@@ -146,7 +146,7 @@ CASES = [
     ("qwen2_biases", "qwen2", dict(**rope()), BIASES, None),
     ("gelu", "llama", dict(hidden_act="gelu_pytorch_tanh", **rope()), BASIC, None),
     ("gelu_exact", "llama", dict(hidden_act="gelu", mlp_bias=True, **rope()), BASIC + ADAPTION, ALL),
-    ("rope_dynamic", "llama", dict(max_position_embeddings=16, **rope("dynamic", factor=2.0)), BASIC, None),  # SKIP
+    ("rope_dynamic", "llama", dict(max_position_embeddings=16, **rope("dynamic", factor=2.0)), BASIC + ADAPTION, ALL),
 ]
 
 

@@ -57,9 +57,26 @@ pub enum RopeScaling {
         mscale_all_dim: Option<f64>,
         truncate: bool,
     },
+    /// Dynamic NTK (transformers' `dynamic`): a sequence longer than `max_position_embeddings`
+    /// rotates with theta grown to its length; a shorter one with the plain frequencies.
+    Dynamic { factor: f64, max_position_embeddings: f64 },
 }
 
 impl RopeScaling {
+    /// Dynamic NTK's inverse frequencies for a call whose positions end at `seq_len - 1`, where
+    /// they differ from the plain ones: theta · (factor·seq_len/max − (factor − 1))^(dim/(dim−2)),
+    /// in f32 as transformers' `_compute_dynamic_ntk_parameters` computes it.
+    pub fn dynamic_inv_freq(&self, theta: f64, rotary_dim: usize, seq_len: usize) -> Option<Vec<f32>> {
+        let &Self::Dynamic { factor, max_position_embeddings } = self else { return None };
+        if seq_len as f64 <= max_position_embeddings {
+            return None;
+        }
+        let (factor, dim) = (factor as f32, rotary_dim as f32);
+        let grown = factor * seq_len as f32 / max_position_embeddings as f32 - (factor - 1.0);
+        let base = theta as f32 * grown.powf((rotary_dim as f64 / (rotary_dim as f64 - 2.0)) as f32);
+        Some((0..rotary_dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim)).collect())
+    }
+
     /// YaRN's inverse frequencies from the unscaled `inv_freq` (`theta^(-2i/dim)`), in f32 as
     /// transformers' `_compute_yarn_parameters` computes them.
     pub fn yarn_inv_freq(&self, theta: f64, rotary_dim: usize) -> Option<Vec<f32>> {
@@ -137,6 +154,7 @@ impl std::fmt::Display for RopeScaling {
             Self::Yarn { factor, original_max_position_embeddings, .. } => {
                 write!(f, "yarn x{factor} (original context {original_max_position_embeddings}, attention x{:.4})", self.attention_scaling())
             }
+            Self::Dynamic { factor, max_position_embeddings } => write!(f, "dynamic NTK x{factor} (beyond {max_position_embeddings} positions)"),
         }
     }
 }
@@ -534,7 +552,7 @@ mod tests {
         for (extra, key) in [
             (serde_json::json!({"hidden_act": "quick_gelu"}), "hidden_act"),
             (serde_json::json!({"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 4096, "layer_types": ["chunked_attention"]}), "layer_types"),
-            (serde_json::json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}), "rope_scaling"),
+            (serde_json::json!({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}), "rope_scaling"),
             (serde_json::json!({"model_type": "gpt_neox"}), "model_type"),
         ] {
             match config(extra.clone()) {
@@ -547,6 +565,20 @@ mod tests {
         }
         let act = |name: &str| config(serde_json::json!({"hidden_act": name})).unwrap().hidden_act;
         assert_eq!((act("gelu"), act("gelu_pytorch_tanh"), act("swish")), (MlpActivation::Gelu, MlpActivation::GeluTanh, MlpActivation::Silu));
+    }
+
+    /// Dynamic NTK: plain frequencies up to the context, beyond it theta grown by
+    /// (factor·len/max − (factor − 1))^(dim/(dim−2)).
+    #[test]
+    fn dynamic_ntk_grows_theta_beyond_the_context() {
+        let dynamic = RopeScaling::Dynamic { factor: 2.0, max_position_embeddings: 2048.0 };
+        assert_eq!(dynamic.dynamic_inv_freq(10000.0, 128, 2048), None);
+        let freq = dynamic.dynamic_inv_freq(10000.0, 128, 4096).unwrap();
+        let base = 10000.0 * 3f64.powf(128.0 / 126.0);
+        for (i, f) in freq.iter().enumerate() {
+            let want = base.powf(-(2.0 * i as f64) / 128.0);
+            assert!((*f as f64 - want).abs() <= 1e-5 * want, "{i}: {f} vs {want}");
+        }
     }
 
     /// Which layers slide, as transformers decides: Mistral all of them; Qwen2/Qwen3 only with

@@ -642,6 +642,9 @@ pub fn check_exportable(config: &ModelConfig) -> Result<(), (&'static str, Strin
 }
 
 fn check_rope(config: &ModelConfig) -> Result<(), String> {
+    if let Some(RopeScaling::Dynamic { .. }) = config.rope.scaling {
+        return Err("dynamic NTK RoPE: llama.cpp has no such scaling, so the exported model would not run as this one beyond its context".into());
+    }
     if let Some(RopeScaling::Yarn { beta_fast, beta_slow, truncate, .. }) = config.rope.scaling {
         let default = |beta: Option<f64>, value: f64| beta.is_none_or(|b| b == 0.0 || b == value);
         if !truncate || !default(beta_fast, 32.0) || !default(beta_slow, 1.0) {

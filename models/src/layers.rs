@@ -278,20 +278,29 @@ impl Rope {
                 }
             }
             Some(yarn @ RopeScaling::Yarn { .. }) => inv_freq = yarn.yarn_inv_freq(config.theta, config.rotary_dim).expect("yarn"),
+            // Plain frequencies up to the context; longer calls make their own ([`Self::tables`]).
+            Some(RopeScaling::Dynamic { .. }) => {}
         }
         Self { config, inv_freq, uploaded: Arc::default(), packed: Arc::default() }
     }
 
     /// The tables of positions `start..start+len` on `device` (its plain side) in `dtype`, views
-    /// of the uploaded ones.
-    fn tables(&self, start: usize, len: usize, device: &Device, dtype: DType) -> RopeTables {
+    /// of the uploaded ones, for a call whose positions end at `seq_len - 1`. Dynamic NTK beyond
+    /// the context makes them for that call alone, as transformers recomputes its frequencies
+    /// from the call's longest position.
+    fn tables(&self, start: usize, len: usize, seq_len: usize, device: &Device, dtype: DType) -> RopeTables {
         let device = device.clone().inner();
+        if let Some(inv_freq) = self.config.scaling.as_ref().and_then(|s| s.dynamic_inv_freq(self.config.theta, self.config.rotary_dim, seq_len)) {
+            let (cos, sin) = self.host_tables(&inv_freq, start, len);
+            let table = |values: Vec<f32>| Tensor::<2>::from_data(TensorData::new(values, [len, self.config.rotary_dim]), &device);
+            return RopeTables::new(table(cos), table(sin), self.config.pairing, dtype);
+        }
         let mut uploaded = self.uploaded.lock().unwrap_or_else(PoisonError::into_inner);
         let covers = |u: &UploadedRope| u.cos.device() == device && u.cos.dims()[0] >= start + len;
         if !uploaded.as_ref().is_some_and(covers) {
             // Whole powers of two: a few uploads over a run of growing lengths.
             let n = (start + len).next_power_of_two();
-            let (cos, sin) = self.host_tables(n);
+            let (cos, sin) = self.host_tables(&self.inv_freq, 0, n);
             let table = |values: Vec<f32>| Tensor::<2>::from_data(TensorData::new(values, [n, self.config.rotary_dim]), &device);
             let (cos, sin) = (table(cos), table(sin));
             let tables = RopeTables::new(cos.clone(), sin.clone(), self.config.pairing, dtype);
@@ -304,15 +313,15 @@ impl Rope {
         uploaded.tables.rows(start, len)
     }
 
-    /// cos and sin tables for positions `0..len`, laid out to match the pairing.
-    /// Shapes: `[len, rotary_dim]` each.
-    fn host_tables(&self, len: usize) -> (Vec<f32>, Vec<f32>) {
+    /// cos and sin tables of `inv_freq` for positions `start..start+len`, laid out to match the
+    /// pairing. Shapes: `[len, rotary_dim]` each.
+    fn host_tables(&self, inv_freq: &[f32], start: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
         let dim = self.config.rotary_dim;
         let scaling = self.config.scaling.as_ref().map_or(1.0, RopeScaling::attention_scaling) as f32;
         let mut cos = Vec::with_capacity(len * dim);
         let mut sin = Vec::with_capacity(len * dim);
-        for pos in 0..len {
-            let angle = |i: usize| pos as f32 * self.inv_freq[i];
+        for pos in start..start + len {
+            let angle = |i: usize| pos as f32 * inv_freq[i];
             for d in 0..dim {
                 let i = match self.config.pairing {
                     RopePairing::Half => d % (dim / 2),
@@ -330,7 +339,8 @@ impl Rope {
     /// # Shapes
     /// - x, output: `[batch, heads, seq, head_dim]`
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
-        let tables = self.tables(start, x.dims()[2], &x.device(), x.dtype());
+        let len = x.dims()[2];
+        let tables = self.tables(start, len, start + len, &x.device(), x.dtype());
         self.rotate(x, tables)
     }
 
@@ -345,7 +355,9 @@ impl Rope {
         let dtype = x.dtype();
         let same = |(l, s, t): &(Vec<usize>, usize, RopeTables)| l == lengths && *s == start && t.cos.device() == device && t.cos.dtype() == dtype;
         if !packed.as_ref().is_some_and(same) {
-            let tables = RopeTables::cat(lengths.iter().map(|&len| self.tables(start, len, &device, dtype)).collect());
+            // One call: its longest sequence decides dynamic NTK's frequencies for all.
+            let seq_len = start + lengths.iter().copied().max().unwrap_or(0);
+            let tables = RopeTables::cat(lengths.iter().map(|&len| self.tables(start, len, seq_len, &device, dtype)).collect());
             *packed = Some((lengths.to_vec(), start, tables));
         }
         let tables = packed.as_ref().expect("made above").2.clone();

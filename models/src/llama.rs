@@ -86,7 +86,7 @@ fn parse_sliding_window(json: &JsonConfig, model_type: &str) -> Result<Option<Sl
     Ok(sliding.contains(&true).then_some(SlidingWindow { size, layers: sliding }))
 }
 
-/// `rope_scaling`: absent/null/"default", "linear", "llama3" or "yarn".
+/// `rope_scaling`: absent/null/"default", "linear", "llama3", "yarn" or "dynamic".
 fn parse_rope_scaling(json: &JsonConfig) -> Result<Option<RopeScaling>, LoadError> {
     let Some(value) = json.get("rope_scaling") else { return Ok(None) };
     let key = "rope_scaling";
@@ -125,6 +125,10 @@ fn parse_rope_scaling(json: &JsonConfig) -> Result<Option<RopeScaling>, LoadErro
                 truncate: obj.get("truncate").and_then(|v| v.as_bool()).unwrap_or(true),
             }))
         }
-        other => Err(json.unsupported(key, format!("unsupported rope_type '{other}' (supported: default, linear, llama3, yarn)"))),
+        "dynamic" => Ok(Some(RopeScaling::Dynamic {
+            factor: number("factor")?,
+            max_position_embeddings: json.opt_f64("max_position_embeddings")?.unwrap_or(2048.0),
+        })),
+        other => Err(json.unsupported(key, format!("unsupported rope_type '{other}' (supported: default, linear, llama3, yarn, dynamic)"))),
     }
 }
