@@ -97,6 +97,11 @@ OPTIONS = [
     lora("lora_embed", 123, target_modules=["embed_tokens", "q_proj"]),
     lora("lora_lm_head", 124, target_modules=["lm_head", "v_proj"]),
     lora("bias_lora_only", 113, target_modules=QKVO, bias="lora_only"),    # no bias in these models: nothing more trains
+    lora("lora_exclude", 128, target_modules="all-linear", exclude_modules=["o_proj", "model.layers.0.mlp.down_proj"]),
+    lora("lora_exclude_regex", 129, target_modules=QKVO, exclude_modules=r".*\.0\.self_attn\.(k|v)_proj"),
+    ("ia3_exclude", IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                              feedforward_modules=["down_proj"], exclude_modules=["model.layers.1.mlp.down_proj"]),
+     523, True),
     lora("lora_save_head", 126, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
     lora("dora_layers", 127, use_dora=True, use_rslora=True, target_modules=["o_proj", "down_proj"],
          layers_to_transform=[0]),

@@ -35,12 +35,12 @@ fn fresh_gated_adapter_leaves_the_base_logits_unchanged() {
 fn trainable_counts_from_shapes_match_fresh_adapters() {
     let device = Device::flex();
     let methods = [
-        Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default(), bias: Default::default(), lora_bias: false }),
+        Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, exclude: Default::default(), layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default(), bias: Default::default(), lora_bias: false }),
         Method::Prefix(PrefixConfig { num_virtual_tokens: 5, prefix_projection: false, encoder_hidden_size: None }),
         Method::Prefix(PrefixConfig { num_virtual_tokens: 5, prefix_projection: true, encoder_hidden_size: Some(24) }),
         Method::Adaption(AdaptionConfig { adapter_len: 3, adapter_layers: 1 }),
-        Method::Dora(DoraConfig(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default(), bias: Default::default(), lora_bias: false })),
-        Method::Ia3(Ia3Config { target: Target::AllLinear, feedforward: Target::Suffixes(vec!["down_proj".into(), "dense_4h_to_h".into()]) }),
+        Method::Dora(DoraConfig(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, exclude: Default::default(), layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default(), bias: Default::default(), lora_bias: false })),
+        Method::Ia3(Ia3Config { target: Target::AllLinear, feedforward: Target::Suffixes(vec!["down_proj".into(), "dense_4h_to_h".into()]), exclude: Default::default() }),
         Method::PromptTuning(PromptTuningConfig { num_virtual_tokens: 4, init_text: None }),
     ];
     for name in ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_mistral", "tiny_glm", "tiny_glm4", "tiny_chatglm"] {
@@ -88,6 +88,7 @@ fn lora_on_the_embedding_and_head_round_trips_through_peft_format() {
         dropout: 0.0,
         use_rslora: false,
         target: Target::Suffixes(vec!["q_proj".into(), "embed_tokens".into(), "lm_head".into()]),
+        exclude: Default::default(),
         layers_to_transform: None,
         modules_to_save: Vec::new(),
         rank_pattern: Default::default(),

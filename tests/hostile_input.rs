@@ -158,7 +158,13 @@ fn adapters_that_do_not_fit_the_base_are_bad_input() {
 
 #[test]
 fn peft_options_ember_cannot_compute_are_refused() {
-    for (key, value) in [("bias", serde_json::json!("some")), ("fan_in_fan_out", serde_json::json!(true))] {
+    for (key, value) in [
+        ("bias", serde_json::json!("some")),
+        ("fan_in_fan_out", serde_json::json!(true)),
+        ("alora_invocation_tokens", serde_json::json!([5, 17])),
+        ("use_qalora", serde_json::json!(true)),
+        ("arrow_config", serde_json::json!({"top_k": 3})),
+    ] {
         let adapter = edited_adapter("tiny_llama", "lora", |c| c[key] = value.clone());
         assert_bad_input(&generate_with("tiny_llama", adapter.path()), &["adapter_config.json", key]);
     }

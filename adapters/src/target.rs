@@ -50,6 +50,11 @@ impl Target {
         })
     }
 
+    /// A regex that must match whole module names; `key` names it in the error.
+    fn regex(pattern: &str, key: &str) -> Result<Self, String> {
+        Regex::new(pattern).map(Target::Regex).map_err(|e| format!("'{key}' regex: {}", regex_error(&e)))
+    }
+
     /// As PEFT writes it: the list, the regex, or (for all-linear) the names `modules` matched.
     pub fn to_peft(&self, modules: &std::collections::BTreeSet<String>) -> serde_json::Value {
         match self {
@@ -72,6 +77,42 @@ impl Target {
                 None => true,
                 Some(layers) => layer_index(name).is_some_and(|i| layers.contains(&i)),
             }
+    }
+}
+
+/// PEFT's `exclude_modules`: modules never adapted, whatever `target_modules` says. A list
+/// matches as `target_modules`' (the name or its `.`-suffix), a string as a regex over the whole
+/// name.
+#[derive(Debug, Clone, Default)]
+pub struct Exclude(Option<Target>);
+
+impl Exclude {
+    /// From an adapter_config.json value (absent or null: nothing excluded).
+    pub fn from_peft(value: Option<&serde_json::Value>) -> Result<Self, String> {
+        use serde_json::Value;
+        match value {
+            None | Some(Value::Null) => Ok(Self(None)),
+            Some(Value::String(s)) => Target::regex(s, "exclude_modules").map(|re| Self(Some(re))),
+            some => Target::from_peft(some, "exclude_modules").map(|t| Self(Some(t))),
+        }
+    }
+
+    /// A recipe's `exclude_modules`: a list of suffixes or a regex string.
+    pub fn from_recipe(modules: Option<&TargetModules>) -> Result<Self, String> {
+        match modules {
+            None => Ok(Self(None)),
+            Some(TargetModules::List(list)) => Ok(Self(Some(Target::Suffixes(list.clone())))),
+            Some(TargetModules::One(s)) => Target::regex(s, "adapter.exclude_modules").map(|re| Self(Some(re))),
+        }
+    }
+
+    pub fn excludes(&self, name: &str) -> bool {
+        self.0.as_ref().is_some_and(|t| t.matches(name, None))
+    }
+
+    /// As PEFT writes it: null, the list or the regex.
+    pub fn to_peft(&self) -> serde_json::Value {
+        self.0.as_ref().map_or(serde_json::Value::Null, |t| t.to_peft(&Default::default()))
     }
 }
 
@@ -192,6 +233,22 @@ mod tests {
         assert_eq!(ranks.get("model.layers.0.self_attn.qq_proj"), None);
         assert_eq!(ranks.get("model.layers.0.self_attn.q_proj_extra"), None);
         assert!(Patterns::<usize>::new(vec![("(".into(), 1)], "rank_pattern").unwrap_err().contains("'rank_pattern'"));
+    }
+
+    /// PEFT's `exclude_modules`: a list by name or suffix, a string as a whole-name regex (even
+    /// "all-linear", which only `target_modules` reads as a keyword).
+    #[test]
+    fn exclusions_match_as_peft_reads_them() {
+        let list = Exclude::from_peft(Some(&serde_json::json!(["o_proj", "model.layers.0.mlp.down_proj"]))).unwrap();
+        assert!(list.excludes("model.layers.3.self_attn.o_proj"));
+        assert!(list.excludes("model.layers.0.mlp.down_proj"));
+        assert!(!list.excludes("model.layers.10.mlp.down_proj"));
+        let regex = Exclude::from_peft(Some(&serde_json::json!(r".*\.0\..*"))).unwrap();
+        assert!(regex.excludes("model.layers.0.self_attn.k_proj") && !regex.excludes("model.layers.1.self_attn.k_proj"));
+        assert!(!Exclude::from_peft(Some(&serde_json::json!("all-linear"))).unwrap().excludes("model.layers.0.self_attn.q_proj"));
+        assert!(!Exclude::from_peft(None).unwrap().excludes("model.layers.0.self_attn.q_proj"));
+        assert_eq!(list.to_peft(), serde_json::json!(["o_proj", "model.layers.0.mlp.down_proj"]));
+        assert!(Exclude::from_recipe(Some(&TargetModules::One("(".into()))).unwrap_err().contains("'adapter.exclude_modules'"));
     }
 
     #[test]

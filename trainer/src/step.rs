@@ -305,6 +305,7 @@ mod tests {
             dropout,
             use_rslora: false,
             target,
+            exclude: Default::default(),
             layers_to_transform: layers,
             modules_to_save: Vec::new(),
             rank_pattern: Default::default(),
@@ -329,7 +330,7 @@ mod tests {
             Method::Prefix(PrefixConfig { num_virtual_tokens: 3, prefix_projection: true, encoder_hidden_size: Some(16) }),
             Method::Adaption(AdaptionConfig { adapter_len: 2, adapter_layers: 2 }),
             Method::Dora(DoraConfig(lora_config(0.0, Target::AllLinear, None))),
-            Method::Ia3(Ia3Config { target: Target::AllLinear, feedforward: Target::Suffixes(vec!["down_proj".into(), "dense_4h_to_h".into()]) }),
+            Method::Ia3(Ia3Config { target: Target::AllLinear, feedforward: Target::Suffixes(vec!["down_proj".into(), "dense_4h_to_h".into()]), exclude: Default::default() }),
             Method::PromptTuning(PromptTuningConfig { num_virtual_tokens: 3, init_text: None }),
         ]
     }

@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::method::{AdapterFolder, MethodConfig, PEFT_VERSION, PeftMethod, WeightMerge};
 use crate::registry::{ProjectionAdapter, ProjectionBranch};
-use crate::target::{Target, TargetModules, projections};
+use crate::target::{Exclude, Target, TargetModules, projections};
 use crate::{AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
 
 #[derive(Debug, Clone)]
@@ -25,12 +25,14 @@ pub struct Ia3Config {
     pub target: Target,
     /// The targets whose input, not output, is scaled (a subset of `target`).
     pub feedforward: Target,
+    /// Modules never scaled (PEFT `exclude_modules`).
+    pub exclude: Exclude,
 }
 
 impl Ia3Config {
     /// `Some(feed-forward?)` for a targeted module.
     fn role(&self, name: &str) -> Option<bool> {
-        self.target.matches(name, None).then(|| self.feedforward.matches(name, None))
+        (!self.exclude.excludes(name) && self.target.matches(name, None)).then(|| self.feedforward.matches(name, None))
     }
 
     /// (feed-forward?, `[out, in]`) of every targeted projection, from shapes alone.
@@ -53,6 +55,8 @@ pub struct Ia3Section {
     pub target_modules: TargetModules,
     /// The targets scaled at their input.
     pub feedforward_modules: TargetModules,
+    /// Modules never scaled, as a list of suffixes or a regex.
+    pub exclude_modules: Option<TargetModules>,
 }
 
 impl Default for Ia3Section {
@@ -61,6 +65,7 @@ impl Default for Ia3Section {
         Self {
             target_modules: TargetModules::List(vec!["k_proj".into(), "v_proj".into(), "down_proj".into()]),
             feedforward_modules: TargetModules::List(vec!["down_proj".into()]),
+            exclude_modules: None,
         }
     }
 }
@@ -195,6 +200,7 @@ impl MethodConfig for Ia3Config {
             "base_model_name_or_path": base_model,
             "target_modules": self.target.to_peft(&targets),
             "feedforward_modules": self.feedforward.to_peft(&feedforward),
+            "exclude_modules": self.exclude.to_peft(),
             "fan_in_fan_out": false,
             "init_ia3_weights": true,
             "inference_mode": true,
@@ -226,7 +232,8 @@ fn read_config(folder: &AdapterFolder) -> Result<Ia3Config, AdapterError> {
     if folder.get("fan_in_fan_out").and_then(serde_json::Value::as_bool) == Some(true) {
         return Err(folder.invalid("'fan_in_fan_out': Conv1D (fan_in_fan_out) weights are not supported"));
     }
-    Ok(Ia3Config { target, feedforward })
+    let exclude = Exclude::from_peft(folder.get("exclude_modules")).map_err(|e| folder.invalid(e))?;
+    Ok(Ia3Config { target, feedforward, exclude })
 }
 
 impl PeftMethod for Ia3Config {
@@ -234,7 +241,11 @@ impl PeftMethod for Ia3Config {
     type Section = Ia3Section;
 
     fn from_section(section: Ia3Section) -> Result<Self, String> {
-        Ok(Ia3Config { target: Target::from_recipe(&section.target_modules)?, feedforward: Target::from_recipe(&section.feedforward_modules)? })
+        Ok(Ia3Config {
+            target: Target::from_recipe(&section.target_modules)?,
+            feedforward: Target::from_recipe(&section.feedforward_modules)?,
+            exclude: Exclude::from_recipe(section.exclude_modules.as_ref())?,
+        })
     }
 
     fn recognises(folder: &AdapterFolder) -> bool {

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::target::{Patterns, Target, TargetModules};
+use crate::target::{Exclude, Patterns, Target, TargetModules};
 
 #[derive(Debug, Clone)]
 pub struct LoraConfig {
@@ -14,6 +14,8 @@ pub struct LoraConfig {
     /// Scale `alpha/sqrt(r)` instead of `alpha/r`.
     pub use_rslora: bool,
     pub target: Target,
+    /// Modules never adapted (PEFT `exclude_modules`).
+    pub exclude: Exclude,
     /// Only these layer indices (PEFT `layers_to_transform`).
     pub layers_to_transform: Option<Vec<usize>>,
     /// Modules trained in full beside the branches (PEFT `modules_to_save`): the embedding
@@ -86,7 +88,7 @@ impl LoraConfig {
 
     /// Whether the module `name` (HF path, e.g. `model.layers.3.self_attn.q_proj`) gets LoRA.
     pub fn targets(&self, name: &str) -> bool {
-        self.target.matches(name, self.layers_to_transform.as_deref())
+        !self.exclude.excludes(name) && self.target.matches(name, self.layers_to_transform.as_deref())
     }
 }
 
@@ -99,6 +101,8 @@ pub struct LoraSection {
     pub dropout: f64,
     /// A list of module-name suffixes, a regex string, or "all-linear".
     pub target_modules: TargetModules,
+    /// Modules never adapted, as a list of suffixes or a regex (PEFT's `exclude_modules`).
+    pub exclude_modules: Option<TargetModules>,
     pub use_rslora: bool,
     pub layers_to_transform: Option<Vec<usize>>,
     /// `["embed_tokens", "lm_head"]`: train these in full too (an extended vocabulary).
@@ -121,6 +125,7 @@ impl Default for LoraSection {
             alpha: 16.0,
             dropout: 0.0,
             target_modules: TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
+            exclude_modules: None,
             use_rslora: false,
             layers_to_transform: None,
             modules_to_save: Vec::new(),
@@ -151,6 +156,7 @@ impl TryFrom<LoraSection> for LoraConfig {
             dropout: s.dropout,
             use_rslora: s.use_rslora,
             target: Target::from_recipe(&s.target_modules)?,
+            exclude: Exclude::from_recipe(s.exclude_modules.as_ref())?,
             layers_to_transform: s.layers_to_transform,
             modules_to_save: s.modules_to_save,
             rank_pattern: Patterns::new(s.rank_pattern.into_iter().collect(), "adapter.rank_pattern")?,

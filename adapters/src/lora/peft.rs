@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use super::{BiasTraining, LoraBranch, LoraConfig};
 use crate::method::{AdapterFolder, PEFT_VERSION};
 use crate::registry::ProjectionAdapter;
-use crate::target::{Patterns, Target, layers_from_peft};
+use crate::target::{Exclude, Patterns, Target, layers_from_peft};
 use crate::vocab::{EmbeddingBranch, VocabBranches};
 use crate::{AdaptedLinear, AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
 
@@ -44,6 +44,7 @@ pub(crate) fn save_peft(config: &LoraConfig, use_dora: bool, modules: &[String],
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
         "target_modules": config.target.to_peft(&short),
+        "exclude_modules": config.exclude.to_peft(),
         "layers_to_transform": config.layers_to_transform,
         "bias": config.bias.peft_name(),
         "lora_bias": config.lora_bias,
@@ -316,10 +317,17 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
         None | Some(Value::Null) => BiasTraining::None,
         Some(value) => value.as_str().and_then(BiasTraining::from_peft).ok_or_else(|| format!("'bias': {value} is not one of \"none\", \"all\", \"lora_only\""))?,
     };
-    for k in ["layer_replication", "target_parameters", "trainable_token_indices"] {
-        if get(k).is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
+    // LoRA variants whose forward differs from `x Wᵀ + s·x Aᵀ Bᵀ` (aLoRA's invocation-gated
+    // branch, QALoRA's pooled input, Arrow's routing, MonteCLoRA, BD-LoRA, KaSA) or that reshape
+    // the model: refused rather than run as plain LoRA.
+    let variants = ["layer_replication", "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config"];
+    for k in variants {
+        if get(k).is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())) {
             return unsupported(k, "a non-empty value");
         }
+    }
+    if get("use_qalora").and_then(Value::as_bool) == Some(true) {
+        return unsupported("use_qalora", "QALoRA's pooled input");
     }
     let modules_to_save = match get("modules_to_save") {
         None | Some(Value::Null) => Vec::new(),
@@ -338,6 +346,7 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
         dropout: get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
         use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
         target,
+        exclude: Exclude::from_peft(get("exclude_modules"))?,
         layers_to_transform: layers_from_peft(get("layers_to_transform"))?,
         modules_to_save,
         rank_pattern: Patterns::new(rank_pattern.unwrap_or_default(), "rank_pattern")?,
