@@ -151,6 +151,14 @@ CASES = [
     ("qwen2_biases", "qwen2", dict(**rope()), BIASES, None),
     ("gelu", "llama", dict(hidden_act="gelu_pytorch_tanh", **rope()), BASIC, None),
     ("gelu_exact", "llama", dict(hidden_act="gelu", mlp_bias=True, **rope()), BASIC + ADAPTION, ALL),
+    # LongRoPE with the long factors from 9 positions on (every batch here is longer), and with the short ones
+    # (a context of 64); Phi-3's default attention factor from max_position_embeddings / original.
+    ("rope_longrope", "llama", dict(max_position_embeddings=64, **rope(
+        "longrope", original_max_position_embeddings=8, short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+        long_factor=[1.0, 1.5, 2.2, 3.4, 5.0, 7.5, 11.0, 16.0])), BASIC + ADAPTION, ALL),
+    ("rope_longrope_short", "llama", dict(max_position_embeddings=256, **rope(
+        "longrope", original_max_position_embeddings=64, attention_factor=1.2,
+        short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8], long_factor=[4.0] * 8)), BASIC, None),
     ("rope_dynamic", "llama", dict(max_position_embeddings=16, **rope("dynamic", factor=2.0)), BASIC + ADAPTION, ALL),
 ]
 

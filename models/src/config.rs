@@ -60,9 +60,34 @@ pub enum RopeScaling {
     /// Dynamic NTK (transformers' `dynamic`): a sequence longer than `max_position_embeddings`
     /// rotates with theta grown to its length; a shorter one with the plain frequencies.
     Dynamic { factor: f64, max_position_embeddings: f64 },
+    /// LongRoPE (Phi-3's, transformers' `longrope`): each frequency divided by its short factor,
+    /// or by its long one in a call longer than `original_max_position_embeddings`; cos/sin
+    /// scaled by `attention_factor`.
+    LongRope { short_factor: Vec<f64>, long_factor: Vec<f64>, original_max_position_embeddings: f64, attention_factor: f64 },
 }
 
 impl RopeScaling {
+    /// LongRoPE's attention factor where the config gives none: `√(1 + ln(factor) / ln(original))`,
+    /// 1 for a factor up to 1 (`factor` defaulting to `max_position_embeddings / original`).
+    pub fn longrope_default_attention(factor: f64, original_max_position_embeddings: f64) -> f64 {
+        if factor <= 1.0 { 1.0 } else { (1.0 + factor.ln() / original_max_position_embeddings.ln()).sqrt() }
+    }
+
+    /// The inverse frequencies of a call whose positions end at `seq_len - 1` where they are
+    /// not the ones a [`crate::layers::Rope`] keeps: dynamic NTK beyond the context, and
+    /// LongRoPE's (short or long factors), in f32 as transformers computes them.
+    pub fn call_inv_freq(&self, theta: f64, rotary_dim: usize, seq_len: usize) -> Option<Vec<f32>> {
+        match self {
+            Self::Dynamic { .. } => self.dynamic_inv_freq(theta, rotary_dim, seq_len),
+            Self::LongRope { short_factor, long_factor, original_max_position_embeddings, .. } => {
+                let factors = if seq_len as f64 > *original_max_position_embeddings { long_factor } else { short_factor };
+                let base = theta as f32;
+                Some((0..rotary_dim / 2).map(|i| 1.0 / (factors[i] as f32 * base.powf((2 * i) as f32 / rotary_dim as f32))).collect())
+            }
+            _ => None,
+        }
+    }
+
     /// Dynamic NTK's inverse frequencies for a call whose positions end at `seq_len - 1`, where
     /// they differ from the plain ones: theta · (factor·seq_len/max − (factor − 1))^(dim/(dim−2)),
     /// in f32 as transformers' `_compute_dynamic_ntk_parameters` computes it.
@@ -111,6 +136,9 @@ impl RopeScaling {
     /// What cos and sin are multiplied by: YaRN's attention factor (given, or from `factor`
     /// and `mscale`/`mscale_all_dim` as transformers infers it); 1 for the other scalings.
     pub fn attention_scaling(&self) -> f64 {
+        if let Self::LongRope { attention_factor, .. } = self {
+            return *attention_factor;
+        }
         let &Self::Yarn { factor, attention_factor, mscale, mscale_all_dim, .. } = self else { return 1.0 };
         attention_factor.unwrap_or_else(|| match (mscale.filter(|&m| m != 0.0), mscale_all_dim.filter(|&m| m != 0.0)) {
             (Some(m), Some(all)) => yarn_mscale(factor, m) / yarn_mscale(factor, all),
@@ -155,6 +183,9 @@ impl std::fmt::Display for RopeScaling {
                 write!(f, "yarn x{factor} (original context {original_max_position_embeddings}, attention x{:.4})", self.attention_scaling())
             }
             Self::Dynamic { factor, max_position_embeddings } => write!(f, "dynamic NTK x{factor} (beyond {max_position_embeddings} positions)"),
+            Self::LongRope { original_max_position_embeddings, attention_factor, .. } => {
+                write!(f, "longrope (long factors beyond {original_max_position_embeddings} positions, attention x{attention_factor:.4})")
+            }
         }
     }
 }
@@ -552,7 +583,7 @@ mod tests {
         for (extra, key) in [
             (serde_json::json!({"hidden_act": "quick_gelu"}), "hidden_act"),
             (serde_json::json!({"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 4096, "layer_types": ["chunked_attention"]}), "layer_types"),
-            (serde_json::json!({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}), "rope_scaling"),
+            (serde_json::json!({"rope_scaling": {"rope_type": "su", "factor": 2.0}}), "rope_scaling"),
             (serde_json::json!({"model_type": "gpt_neox"}), "model_type"),
         ] {
             match config(extra.clone()) {
@@ -579,6 +610,29 @@ mod tests {
             let want = base.powf(-(2.0 * i as f64) / 128.0);
             assert!((*f as f64 - want).abs() <= 1e-5 * want, "{i}: {f} vs {want}");
         }
+    }
+
+    /// LongRoPE: one factor per frequency, the long ones beyond the original context, Phi-3's
+    /// attention factor from the context ratio when the config gives none.
+    #[test]
+    fn longrope_reads_its_factors_and_attention() {
+        let config = |scaling: Value| {
+            parse(serde_json::json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                "num_attention_heads": 4, "vocab_size": 10, "max_position_embeddings": 4096, "rope_scaling": scaling}))
+        };
+        let short: Vec<f64> = (0..8).map(|i| 1.0 + i as f64).collect();
+        let rope = config(serde_json::json!({"rope_type": "longrope", "original_max_position_embeddings": 1024, "short_factor": short, "long_factor": vec![2.0; 8]}))
+            .unwrap()
+            .rope;
+        let scaling = rope.scaling.unwrap();
+        assert!((scaling.attention_scaling() - (1.0 + 4f64.ln() / 1024f64.ln()).sqrt()).abs() < 1e-12);
+        let plain = scaling.call_inv_freq(10000.0, 16, 1024).unwrap();
+        let long = scaling.call_inv_freq(10000.0, 16, 1025).unwrap();
+        assert_eq!((plain[3], long[3]), (1.0 / (4.0 * 10000f32.powf(6.0 / 16.0)), 1.0 / (2.0 * 10000f32.powf(6.0 / 16.0))));
+        let error = config(serde_json::json!({"rope_type": "longrope", "original_max_position_embeddings": 1024, "short_factor": [1.0], "long_factor": vec![2.0; 8]}))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("short_factor") && error.contains("8 numbers"), "{error}");
     }
 
     /// Which layers slide, as transformers decides: Mistral all of them; Qwen2/Qwen3 only with

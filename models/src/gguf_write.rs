@@ -642,8 +642,8 @@ pub fn check_exportable(config: &ModelConfig) -> Result<(), (&'static str, Strin
 }
 
 fn check_rope(config: &ModelConfig) -> Result<(), String> {
-    if let Some(RopeScaling::Dynamic { .. }) = config.rope.scaling {
-        return Err("dynamic NTK RoPE: llama.cpp has no such scaling, so the exported model would not run as this one beyond its context".into());
+    if let Some(RopeScaling::Dynamic { .. } | RopeScaling::LongRope { .. }) = config.rope.scaling {
+        return Err("dynamic NTK or LongRoPE: llama.cpp's llama architecture has neither, so the exported model would not run as this one".into());
     }
     if let Some(RopeScaling::Yarn { beta_fast, beta_slow, truncate, .. }) = config.rope.scaling {
         let default = |beta: Option<f64>, value: f64| beta.is_none_or(|b| b == 0.0 || b == value);

@@ -278,19 +278,21 @@ impl Rope {
                 }
             }
             Some(yarn @ RopeScaling::Yarn { .. }) => inv_freq = yarn.yarn_inv_freq(config.theta, config.rotary_dim).expect("yarn"),
-            // Plain frequencies up to the context; longer calls make their own ([`Self::tables`]).
+            // Each call makes its own where they differ from these ([`Self::tables`]).
             Some(RopeScaling::Dynamic { .. }) => {}
+            Some(longrope @ RopeScaling::LongRope { .. }) => inv_freq = longrope.call_inv_freq(config.theta, config.rotary_dim, 0).expect("longrope"),
         }
         Self { config, inv_freq, uploaded: Arc::default(), packed: Arc::default() }
     }
 
     /// The tables of positions `start..start+len` on `device` (its plain side) in `dtype`, views
     /// of the uploaded ones, for a call whose positions end at `seq_len - 1`. Dynamic NTK beyond
-    /// the context makes them for that call alone, as transformers recomputes its frequencies
-    /// from the call's longest position.
+    /// the context and LongRoPE's long factors make them for that call alone, as transformers
+    /// recomputes its frequencies from the call's longest position.
     fn tables(&self, start: usize, len: usize, seq_len: usize, device: &Device, dtype: DType) -> RopeTables {
         let device = device.clone().inner();
-        if let Some(inv_freq) = self.config.scaling.as_ref().and_then(|s| s.dynamic_inv_freq(self.config.theta, self.config.rotary_dim, seq_len)) {
+        let call_freq = self.config.scaling.as_ref().and_then(|s| s.call_inv_freq(self.config.theta, self.config.rotary_dim, seq_len));
+        if let Some(inv_freq) = call_freq.filter(|freq| *freq != self.inv_freq) {
             let (cos, sin) = self.host_tables(&inv_freq, start, len);
             let table = |values: Vec<f32>| Tensor::<2>::from_data(TensorData::new(values, [len, self.config.rotary_dim]), &device);
             return RopeTables::new(table(cos), table(sin), self.config.pairing, dtype);

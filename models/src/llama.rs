@@ -34,11 +34,12 @@ pub(crate) fn parse_config(json: &JsonConfig, model_type: &str) -> Result<ModelC
         (bias, bias)
     };
     let rope = |head_dim: usize| {
+        let rotary_dim = partial_rotary_factor.map_or(head_dim, |factor| (head_dim as f64 * factor) as usize);
         Ok(RopeConfig {
             theta: json.opt_f64("rope_theta")?.unwrap_or(10_000.0),
-            rotary_dim: partial_rotary_factor.map_or(head_dim, |factor| (head_dim as f64 * factor) as usize),
+            rotary_dim,
             pairing: RopePairing::Half,
-            scaling: parse_rope_scaling(json)?,
+            scaling: parse_rope_scaling(json, rotary_dim)?,
         })
     };
     let rms_norm_eps = json.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
@@ -86,8 +87,9 @@ fn parse_sliding_window(json: &JsonConfig, model_type: &str) -> Result<Option<Sl
     Ok(sliding.contains(&true).then_some(SlidingWindow { size, layers: sliding }))
 }
 
-/// `rope_scaling`: absent/null/"default", "linear", "llama3", "yarn" or "dynamic".
-fn parse_rope_scaling(json: &JsonConfig) -> Result<Option<RopeScaling>, LoadError> {
+/// `rope_scaling`: absent/null/"default", "linear", "llama3", "yarn", "dynamic" or "longrope"
+/// (whose factors are one per frequency of the `rotary_dim` rotated dims).
+fn parse_rope_scaling(json: &JsonConfig, rotary_dim: usize) -> Result<Option<RopeScaling>, LoadError> {
     let Some(value) = json.get("rope_scaling") else { return Ok(None) };
     let key = "rope_scaling";
     let obj = value.as_object().ok_or_else(|| json.invalid(key, format!("expected an object, found {value}")))?;
@@ -129,6 +131,28 @@ fn parse_rope_scaling(json: &JsonConfig) -> Result<Option<RopeScaling>, LoadErro
             factor: number("factor")?,
             max_position_embeddings: json.opt_f64("max_position_embeddings")?.unwrap_or(2048.0),
         })),
-        other => Err(json.unsupported(key, format!("unsupported rope_type '{other}' (supported: default, linear, llama3, yarn, dynamic)"))),
+        "longrope" => {
+            let original = match obj.get("original_max_position_embeddings").and_then(Value::as_f64) {
+                Some(original) => original,
+                None => json.opt_f64("original_max_position_embeddings")?.ok_or_else(|| json.invalid(key, "'longrope' scaling needs 'original_max_position_embeddings'"))?,
+            };
+            let half = rotary_dim / 2;
+            let factors = |name: &str| {
+                let list = obj.get(name).and_then(Value::as_array).ok_or_else(|| json.invalid(key, format!("'longrope' scaling needs a list '{name}'")))?;
+                let values: Option<Vec<f64>> = list.iter().map(Value::as_f64).collect();
+                values.filter(|v| v.len() == half).ok_or_else(|| json.invalid(key, format!("'{name}' must hold {half} numbers (half the rotary dimension)")))
+            };
+            let factor = match obj.get("factor").and_then(Value::as_f64) {
+                Some(factor) => factor,
+                None => json.opt_f64("max_position_embeddings")?.unwrap_or(2048.0) / original,
+            };
+            Ok(Some(RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor: obj.get("attention_factor").and_then(Value::as_f64).unwrap_or_else(|| RopeScaling::longrope_default_attention(factor, original)),
+            }))
+        }
+        other => Err(json.unsupported(key, format!("unsupported rope_type '{other}' (supported: default, linear, llama3, yarn, dynamic, longrope)"))),
     }
 }
