@@ -171,6 +171,8 @@ fn peft_options_ember_cannot_compute_are_refused() {
     // Trained biases (B's, or the base's on Qwen2's q/k/v) the file does not hold.
     let adapter = edited_adapter("tiny_llama", "lora", |c| c["lora_bias"] = true.into());
     assert_bad_input(&generate_with("tiny_llama", adapter.path()), &["adapter_model.safetensors", "q_proj.lora_B.bias"]);
+    let adapter = edited_adapter("tiny_llama", "lora", |c| c["trainable_token_indices"] = serde_json::json!([5, 99999]));
+    assert_bad_input(&generate_with("tiny_llama", adapter.path()), &["adapter_config.json", "token 99999 is outside the vocabulary"]);
     let adapter = edited_adapter("tiny_qwen2", "lora_dropout", |c| c["bias"] = "all".into());
     assert_bad_input(&generate_with("tiny_qwen2", adapter.path()), &["adapter_model.safetensors", "q_proj.base_layer.bias"]);
     // Branches on the LM head or the embedding the file does not hold.

@@ -261,7 +261,7 @@ impl AdaptedModel {
     fn embed_ids(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         let x = self.model.embed(ids.clone());
         match &self.vocab {
-            Some(vocab) => vocab.embed(x, ids),
+            Some(vocab) => vocab.embed(x, ids, &self.model.embed_tokens.weight.val()),
             None => x,
         }
     }
@@ -278,7 +278,7 @@ impl AdaptedModel {
     /// The LM head, with its branch if it has one: `[batch, seq, hidden] -> [batch, seq, vocab]`.
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.vocab {
-            Some(vocab) => vocab.logits(self.model.logits(hidden.clone()), hidden),
+            Some(vocab) => vocab.logits(self.model.logits(hidden.clone()), hidden, &self.model.embed_tokens.weight.val()),
             None => self.model.logits(hidden),
         }
     }
@@ -309,10 +309,10 @@ impl AdaptedModel {
         Self { vocab: self.vocab, ..Self::with_inputs(base, self.inputs) }
     }
 
-    /// Whether the token embedding trains (in full, as PEFT's `modules_to_save`, or through a
-    /// branch).
+    /// Whether the token embedding trains (in full, as PEFT's `modules_to_save`, through a
+    /// branch, or some of its rows).
     pub fn trains_embedding(&self) -> bool {
-        self.vocab.as_ref().is_some_and(|v| v.embedding.is_some()) || self.model.vocab_weight(VocabModule::Embedding).is_some_and(|w| w.is_require_grad())
+        self.vocab.as_ref().is_some_and(|v| v.embedding.is_some() || v.tokens.is_some()) || self.model.vocab_weight(VocabModule::Embedding).is_some_and(|w| w.is_require_grad())
     }
 
     /// Parameters of the embedding and LM head when they train in full.

@@ -1,10 +1,11 @@
 //! LoRA branches on the token embedding and the LM head, as PEFT puts them there when
 //! `target_modules` names them: a `lora.Embedding`, `E[x] + s · Aᵀ[x] Bᵀ`, and a `lora.Linear`
-//! on the head, `h Wᵀ + s · dropout(h) Aᵀ Bᵀ`. Both stay beside the frozen weights, as every
-//! LoRA branch does.
+//! on the head, `h Wᵀ + s · dropout(h) Aᵀ Bᵀ`; and PEFT's trainable tokens, rows of the embedding
+//! that train (`trainable_token_indices`). All stay beside the frozen weights, as every LoRA
+//! branch does.
 
 use burn::module::{Module, Param};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
@@ -48,19 +49,82 @@ impl EmbeddingBranch {
     }
 }
 
-/// The branches on the embedding and the LM head a model carries (either or both).
+/// PEFT's trainable tokens (`trainable_token_indices`): the embedding's rows at `indices`
+/// replaced by trained values (its `token_adapter.trainable_tokens_delta`, which holds the rows,
+/// not a difference). Where the LM head is tied to the embedding its rows change too, as PEFT's
+/// tied adapter does.
+#[derive(Module, Debug)]
+pub struct TrainableTokens {
+    /// `[n, hidden]` f32, starting as the embedding's rows.
+    pub values: Param<Tensor<2>>,
+    #[module(skip)]
+    pub indices: Vec<usize>,
+    #[module(skip)]
+    pub tied_head: bool,
+}
+
+impl TrainableTokens {
+    pub fn new(values: Tensor<2>, indices: Vec<usize>, tied_head: bool) -> Self {
+        Self { values: Param::from_tensor(values), indices, tied_head }
+    }
+
+    fn index_tensor(&self, device: &Device) -> Tensor<1, Int> {
+        let indices: Vec<i64> = self.indices.iter().map(|&i| i as i64).collect();
+        Tensor::from_data(TensorData::new(indices, [self.indices.len()]), device)
+    }
+
+    /// What the trained rows add to the frozen ones, `values − W[indices]`, f32 `[n, hidden]`.
+    fn shift(&self, weight: &Tensor<2>) -> Tensor<2> {
+        self.values.val() - weight.clone().select(0, self.index_tensor(&weight.device())).cast(DType::F32)
+    }
+
+    /// `x` with the embeddings of the trained tokens replaced.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` (the embeddings of `ids` from `weight`, `[vocab, hidden]`)
+    pub fn embed(&self, x: Tensor<3>, ids: Tensor<2, Int>, weight: &Tensor<2>) -> Tensor<3> {
+        let ([b, s], [_, hidden], n) = (ids.dims(), weight.dims(), self.indices.len());
+        let device = ids.device();
+        // b·s,n: which trained token each position holds, if any.
+        let hits = ids.reshape([b * s, 1]).expand([b * s, n]).equal(self.index_tensor(&device).reshape([1, n]).expand([b * s, n])).float();
+        let dtype = x.dtype();
+        x + hits.matmul(self.shift(weight)).reshape([b, s, hidden]).cast(dtype)
+    }
+
+    /// `logits` with a tied head's columns of the trained tokens replaced: `h · shiftᵀ` added
+    /// there.
+    ///
+    /// # Shapes
+    /// - hidden: `[batch, seq, hidden]`; logits: `[batch, seq, vocab]`
+    pub fn logits(&self, logits: Tensor<3>, hidden: Tensor<3>, weight: &Tensor<2>) -> Tensor<3> {
+        if !self.tied_head {
+            return logits;
+        }
+        let ([b, s, h], n) = (hidden.dims(), self.indices.len());
+        let dtype = logits.dtype();
+        let extra = hidden.cast(DType::F32).reshape([b * s, h]).matmul(self.shift(weight).transpose()).reshape([b, s, n]).cast(dtype);
+        logits.select_assign(2, self.index_tensor(&extra.device()), extra, IndexingUpdateOp::Add)
+    }
+}
+
+/// The branches on the embedding and the LM head a model carries, and its trainable tokens.
 #[derive(Module, Debug)]
 pub struct VocabBranches {
     pub embedding: Option<EmbeddingBranch>,
     pub head: Option<LoraBranch>,
+    pub tokens: Option<TrainableTokens>,
 }
 
 impl VocabBranches {
-    /// `x + s · Aᵀ[ids] Bᵀ` when the embedding has a branch.
+    /// `x + s · Aᵀ[ids] Bᵀ` when the embedding has a branch, with the trained tokens' rows.
     ///
     /// # Shapes
-    /// - x: `[batch, seq, hidden]` (the base's embeddings of `ids`)
-    pub fn embed(&self, x: Tensor<3>, ids: Tensor<2, Int>) -> Tensor<3> {
+    /// - x: `[batch, seq, hidden]` (the base's embeddings of `ids` from `weight`)
+    pub fn embed(&self, x: Tensor<3>, ids: Tensor<2, Int>, weight: &Tensor<2>) -> Tensor<3> {
+        let x = match &self.tokens {
+            Some(tokens) => tokens.embed(x, ids.clone(), weight),
+            None => x,
+        };
         match &self.embedding {
             Some(branch) => {
                 let dtype = x.dtype();
@@ -70,11 +134,16 @@ impl VocabBranches {
         }
     }
 
-    /// `logits + s · dropout(hidden) Aᵀ Bᵀ` when the head has a branch.
+    /// `logits + s · dropout(hidden) Aᵀ Bᵀ` when the head has a branch, and the trained tokens'
+    /// columns of a head tied to `weight`, the embedding.
     ///
     /// # Shapes
     /// - hidden: `[batch, seq, hidden]`; logits: `[batch, seq, vocab]`
-    pub fn logits(&self, logits: Tensor<3>, hidden: Tensor<3>) -> Tensor<3> {
+    pub fn logits(&self, logits: Tensor<3>, hidden: Tensor<3>, weight: &Tensor<2>) -> Tensor<3> {
+        let logits = match &self.tokens {
+            Some(tokens) => tokens.logits(logits, hidden.clone(), weight),
+            None => logits,
+        };
         match &self.head {
             Some(branch) => {
                 let dtype = logits.dtype();
@@ -84,9 +153,12 @@ impl VocabBranches {
         }
     }
 
-    /// Every branch still leaves the model at the base (embedding A, head B all zero).
+    /// Every branch still leaves the model at the base (embedding A, head B all zero) and no
+    /// token trains.
     pub fn leaves_base_unchanged(&self) -> bool {
         let embedding_unchanged = |e: &EmbeddingBranch| e.lora_a.val().abs().max().into_scalar::<f32>() == 0.0;
-        self.embedding.as_ref().is_none_or(embedding_unchanged) && self.head.as_ref().is_none_or(ProjectionBranch::leaves_base_unchanged)
+        self.tokens.is_none()
+            && self.embedding.as_ref().is_none_or(embedding_unchanged)
+            && self.head.as_ref().is_none_or(ProjectionBranch::leaves_base_unchanged)
     }
 }

@@ -183,8 +183,11 @@ pub fn export_gguf_lora(base_dir: &Path, adapter: &Path, out: &Path, ty: GgmlTyp
         return Err(invalid("modules_to_save: llama.cpp's LoRA format has no whole modules; merge it instead: ember export gguf --adapter".into()).into());
     }
     let branches = PeftBranches::read(&AdapterFolder::read(adapter)?, &[])?;
-    if !branches.biases.is_empty() || !branches.lora_biases.is_empty() {
-        return Err(invalid("trained biases (PEFT's bias or lora_bias): llama.cpp's LoRA format holds A and B only; merge it instead: ember export gguf --adapter".into()).into());
+    if !branches.biases.is_empty() || !branches.lora_biases.is_empty() || branches.tokens.is_some() {
+        return Err(invalid(
+            "trained biases or tokens (PEFT's bias, lora_bias, trainable_token_indices): llama.cpp's LoRA format holds A and B only; merge it instead: ember export gguf --adapter".into(),
+        )
+        .into());
     }
     if config.tie_word_embeddings
         && let Some(module) = ember_adapters::lora::peft::any_vocab_module(lora)

@@ -312,6 +312,7 @@ mod tests {
             alpha_pattern: Default::default(),
             bias: BiasTraining::None,
             lora_bias: false,
+            trainable_token_indices: None,
         };
         let lora = |dropout, target, layers| Method::Lora(lora_config(dropout, target, layers));
         let mlp = Target::Suffixes(["gate_proj", "up_proj", "down_proj", "dense_h_to_4h", "dense_4h_to_h"].map(String::from).to_vec());

@@ -202,7 +202,9 @@ impl PeftMethod for DoraConfig {
     fn weight_merge(folder: &AdapterFolder, _model: &ModelConfig) -> Option<Result<Box<dyn WeightMerge>, AdapterError>> {
         let branches = peft::PeftBranches::read(folder, &[MAGNITUDE]).and_then(|b| match peft::any_vocab_module(&b.config) {
             Some(module) => Err(folder.invalid(format!("DoRA on '{module}' (the embedding or the LM head) is not supported"))),
-            None if b.config.lora_bias => Err(folder.invalid("'lora_bias' is not supported with DoRA (PEFT refuses it too)")),
+            None if b.config.lora_bias || b.config.trainable_token_indices.is_some() => {
+                Err(folder.invalid("'lora_bias' and 'trainable_token_indices' are not supported with DoRA"))
+            }
             None => Ok(b),
         });
         Some(branches.map(|b| Box::new(DoraMerge(b)) as Box<dyn WeightMerge>))
@@ -214,6 +216,9 @@ impl PeftMethod for DoraConfig {
 fn check_dora(config: &LoraConfig, model: &ModelConfig) -> Result<(), String> {
     if config.lora_bias {
         return Err("'lora_bias' is not supported with DoRA (PEFT refuses it too)".into());
+    }
+    if config.trainable_token_indices.is_some() {
+        return Err("'trainable_token_indices' is not supported with DoRA".into());
     }
     match peft::vocab_modules(config, model).first() {
         Some(module) => Err(format!("DoRA on '{}' (the embedding or the LM head) is not supported", module.hf_name(model))),

@@ -29,6 +29,8 @@ pub struct LoraConfig {
     pub bias: BiasTraining,
     /// A trainable bias on each branch's B, `s·(x Aᵀ Bᵀ + b)` (PEFT `lora_bias`).
     pub lora_bias: bool,
+    /// Rows of the token embedding that train (PEFT `trainable_token_indices`).
+    pub trainable_token_indices: Option<Vec<usize>>,
 }
 
 /// Which biases of the frozen base train (PEFT's `bias`): a bias is one vector per projection,
@@ -116,6 +118,9 @@ pub struct LoraSection {
     pub bias: BiasTraining,
     /// A trainable bias on each branch's B, PEFT's `lora_bias`.
     pub lora_bias: bool,
+    /// `[32000, 32001]`: these rows of the token embedding train (new special tokens), PEFT's
+    /// `trainable_token_indices`.
+    pub trainable_token_indices: Option<Vec<usize>>,
 }
 
 impl Default for LoraSection {
@@ -133,6 +138,7 @@ impl Default for LoraSection {
             alpha_pattern: BTreeMap::new(),
             bias: BiasTraining::None,
             lora_bias: false,
+            trainable_token_indices: None,
         }
     }
 }
@@ -163,6 +169,7 @@ impl TryFrom<LoraSection> for LoraConfig {
             alpha_pattern: Patterns::new(s.alpha_pattern.into_iter().collect(), "adapter.alpha_pattern")?,
             bias: s.bias,
             lora_bias: s.lora_bias,
+            trainable_token_indices: s.trainable_token_indices.filter(|indices| !indices.is_empty()),
         })
     }
 }

@@ -74,7 +74,10 @@ pub fn branch_activation_bytes_per_token(model: &ModelConfig, config: &LoraConfi
 pub fn first_targeted_layer(model: &ModelConfig, config: &LoraConfig) -> usize {
     // A trained embedding needs the gradient all the way down.
     let embedding = |modules: Vec<VocabModule>| modules.contains(&VocabModule::Embedding);
-    if embedding(peft::whole_modules(config, model).unwrap_or_default()) || embedding(peft::vocab_modules(config, model)) {
+    if embedding(peft::whole_modules(config, model).unwrap_or_default())
+        || embedding(peft::vocab_modules(config, model))
+        || config.trainable_token_indices.is_some()
+    {
         return 0;
     }
     let branch = target::projections(model).into_iter().find(|(name, _, _)| config.targets(name)).map_or(0, |(_, _, layer)| layer);
@@ -126,10 +129,11 @@ impl MethodConfig for LoraConfig {
     }
 
     /// `r·(in + out)` per targeted projection, embedding and LM head, plus the modules trained
-    /// in full and the biases.
+    /// in full, the biases and the trained tokens' rows.
     fn count_trainable(&self, model: &ModelConfig) -> usize {
         let projections: usize = targeted_shapes(model, self).iter().map(|(name, [out, inp])| self.rank_of(name) * (out + inp)).sum();
-        projections + vocab_branch_parameters(model, self) + whole_module_parameters(model, self) + peft::bias_parameter_count(self, model)
+        let tokens = self.trainable_token_indices.as_ref().map_or(0, |indices| indices.len() * model.hidden_size);
+        projections + vocab_branch_parameters(model, self) + whole_module_parameters(model, self) + peft::bias_parameter_count(self, model) + tokens
     }
 
     /// The embedding and LM head trained in full replace the base's.
@@ -153,7 +157,7 @@ impl MethodConfig for LoraConfig {
     fn init(&self, base: BaseModel, seed: u64, device: &Device) -> Result<AdaptedModel, AdapterError> {
         let mut rng = StdRng::seed_from_u64(seed);
         peft::check_vocab_modules(self, &base.config).map_err(AdapterError::Config)?;
-        let vocab = peft::init_vocab_branches(self, &base.config, &mut rng, device);
+        let vocab = peft::init_vocab_branches(self, &base, &mut rng, device);
         let base = peft::train_whole_modules(self, base)?;
         let model = if vocab.is_some() && targeted_shapes(&base.config, self).is_empty() {
             AdaptedModel::base_only(base)
@@ -251,6 +255,7 @@ impl WeightMerge for LoraMerge {
             return self.0.merged_bias(key, base, device);
         }
         let base = self.0.base_layer(key, device).unwrap_or(base);
+        let base = self.0.with_trained_tokens(key, base, device);
         let merged = match (self.0.embeddings.get(key), self.0.modules.get(key)) {
             (Some(embedding), _) => base + self.0.embedding_delta(embedding, device),
             (None, Some(module)) => base + self.0.delta(module, device),

@@ -18,7 +18,7 @@ use super::{BiasTraining, LoraBranch, LoraConfig};
 use crate::method::{AdapterFolder, PEFT_VERSION};
 use crate::registry::ProjectionAdapter;
 use crate::target::{Exclude, Patterns, Target, layers_from_peft};
-use crate::vocab::{EmbeddingBranch, VocabBranches};
+use crate::vocab::{EmbeddingBranch, TrainableTokens, VocabBranches};
 use crate::{AdaptedLinear, AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
 
 /// `base_model.model.<module>.<part>.weight`
@@ -48,6 +48,7 @@ pub(crate) fn save_peft(config: &LoraConfig, use_dora: bool, modules: &[String],
         "layers_to_transform": config.layers_to_transform,
         "bias": config.bias.peft_name(),
         "lora_bias": config.lora_bias,
+        "trainable_token_indices": config.trainable_token_indices,
         "fan_in_fan_out": false,
         "inference_mode": true,
         "init_lora_weights": true,
@@ -279,10 +280,17 @@ fn load_vocab_branches(
     matrix: impl Fn(&str, [usize; 2]) -> Result<Tensor<2>, AdapterError>,
 ) -> Result<Option<VocabBranches>, AdapterError> {
     let modules = vocab_modules(config, model);
-    if modules.is_empty() {
+    if modules.is_empty() && config.trainable_token_indices.is_none() {
         return Ok(None);
     }
     let (vocab, hidden) = (model.vocab_size, model.hidden_size);
+    let tokens = match &config.trainable_token_indices {
+        Some(indices) => {
+            let values = matrix(&tokens_key(VocabModule::Embedding.hf_name(model)), [indices.len(), hidden])?;
+            Some(TrainableTokens::new(values, indices.clone(), model.tie_word_embeddings))
+        }
+        None => None,
+    };
     let embedding = if modules.contains(&VocabModule::Embedding) {
         let name = VocabModule::Embedding.hf_name(model);
         let r = config.rank_of(name);
@@ -298,7 +306,7 @@ fn load_vocab_branches(
     } else {
         None
     };
-    Ok(Some(VocabBranches { embedding, head }))
+    Ok(Some(VocabBranches { embedding, head, tokens }))
 }
 
 /// PEFT's LoRA config, refusing the options whose math ember does not implement. DoRA's
@@ -320,7 +328,7 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
     // LoRA variants whose forward differs from `x Wᵀ + s·x Aᵀ Bᵀ` (aLoRA's invocation-gated
     // branch, QALoRA's pooled input, Arrow's routing, MonteCLoRA, BD-LoRA, KaSA) or that reshape
     // the model: refused rather than run as plain LoRA.
-    let variants = ["layer_replication", "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config"];
+    let variants = ["layer_replication", "target_parameters", "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config"];
     for k in variants {
         if get(k).is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())) {
             return unsupported(k, "a non-empty value");
@@ -353,7 +361,43 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
         alpha_pattern: Patterns::new(alpha_pattern.unwrap_or_default(), "alpha_pattern")?,
         bias,
         lora_bias: get("lora_bias").and_then(Value::as_bool).unwrap_or(false),
+        trainable_token_indices: trainable_token_indices(get("trainable_token_indices"))?,
     })
+}
+
+/// PEFT's `trainable_token_indices`: a list (rows of the input embedding), or a map from module
+/// name to list of which ember trains the embedding's alone.
+fn trainable_token_indices(value: Option<&Value>) -> Result<Option<Vec<usize>>, String> {
+    let key = "trainable_token_indices";
+    let list = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(list)) => list,
+        Some(Value::Object(map)) => {
+            let embeddings: Vec<&str> = [Architecture::Llama, Architecture::Glm, Architecture::ChatGlm].into_iter().map(|a| KeyLayout::of(a).embed).collect();
+            let is_embedding = |name: &str| embeddings.iter().any(|full| *full == name || full.ends_with(&format!(".{name}")));
+            match map.iter().collect::<Vec<_>>()[..] {
+                [(name, Value::Array(list))] if is_embedding(name) => list,
+                _ => return Err(format!("'{key}': tokens of modules other than the input embedding are not supported ({value:?})")),
+            }
+        }
+        Some(other) => return Err(format!("'{key}' must be a list of token ids, found {other}")),
+    };
+    let ids: Option<Vec<usize>> = list.iter().map(|v| v.as_u64().map(|id| id as usize)).collect();
+    ids.map(|ids| (!ids.is_empty()).then_some(ids)).ok_or_else(|| format!("'{key}' must be a list of token ids"))
+}
+
+/// PEFT's key of the trained rows of `embedding` (`[n, hidden]`).
+pub fn tokens_key(embedding: &str) -> String {
+    format!("base_model.model.{embedding}.token_adapter.trainable_tokens_delta")
+}
+
+/// Fresh trainable tokens: the embedding's own rows.
+fn init_trainable_tokens(config: &LoraConfig, base: &BaseModel) -> Option<TrainableTokens> {
+    let indices = config.trainable_token_indices.clone()?;
+    let weight = base.vocab_weight(VocabModule::Embedding).expect("an embedding").val();
+    let rows: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+    let rows = Tensor::<1, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(rows, [indices.len()]), &weight.device());
+    Some(TrainableTokens::new(weight.select(0, rows).cast(burn::tensor::DType::F32), indices, base.config.tie_word_embeddings))
 }
 
 /// The embedding and LM head `config` puts a LoRA branch on (PEFT's `lora.Embedding`, and a
@@ -379,8 +423,9 @@ pub fn any_vocab_module(config: &LoraConfig) -> Option<&'static str> {
         .find(|name| config.targets(name))
 }
 
-/// Refuses a branch on a module `modules_to_save` trains in full as well, and B's bias on the
-/// embedding's or head's branch. (On a model whose head is tied to its embedding, branches on
+/// Refuses a branch on a module `modules_to_save` trains in full as well, B's bias on the
+/// embedding's or head's branch, and trainable tokens beside another way of training the
+/// embedding or outside the vocabulary. (On a model whose head is tied to its embedding, branches on
 /// either train as PEFT's do, and a merge changes the one weight, as PEFT's merge does.)
 pub(crate) fn check_vocab_modules(config: &LoraConfig, model: &ModelConfig) -> Result<(), String> {
     let modules = vocab_modules(config, model);
@@ -392,6 +437,18 @@ pub(crate) fn check_vocab_modules(config: &LoraConfig, model: &ModelConfig) -> R
         }
         if config.lora_bias {
             return Err(format!("'lora_bias' with a branch on '{name}' (the embedding or the LM head) is not supported"));
+        }
+    }
+    if let Some(indices) = &config.trainable_token_indices {
+        let embedding = VocabModule::Embedding.hf_name(model);
+        if whole.contains(&VocabModule::Embedding) || config.targets(embedding) {
+            return Err(format!("'trainable_token_indices' with '{embedding}' also a LoRA target or in modules_to_save"));
+        }
+        if let Some(id) = indices.iter().find(|&&id| id >= model.vocab_size) {
+            return Err(format!("'trainable_token_indices': token {id} is outside the vocabulary of {} ids", model.vocab_size));
+        }
+        if (1..indices.len()).any(|i| indices[..i].contains(&indices[i])) {
+            return Err("'trainable_token_indices' lists a token twice".into());
         }
     }
     Ok(())
@@ -415,6 +472,9 @@ pub(crate) fn vocab_tensors(model: &AdaptedModel) -> Vec<SavedTensor> {
     if let Some(head) = &vocab.head {
         tensors.extend(branch_tensors(VocabModule::LmHead.hf_name(model.config()), head));
     }
+    if let Some(tokens) = &vocab.tokens {
+        tensors.push(SavedTensor::new(tokens_key(VocabModule::Embedding.hf_name(model.config())), tokens.values.val()));
+    }
     tensors
 }
 
@@ -432,13 +492,19 @@ pub(crate) fn vocab_parameter_names(model: &AdaptedModel) -> Vec<(ParamId, Strin
         names.push((head.lora_a.id, key(module, "lora_A")));
         names.push((head.lora_b.id, key(module, "lora_B")));
     }
+    if let Some(tokens) = &vocab.tokens {
+        names.push((tokens.values.id, tokens_key(VocabModule::Embedding.hf_name(model.config()))));
+    }
     names
 }
 
-/// Fresh branches on the modules `config` targets among the embedding and LM head, or `None`.
-pub(crate) fn init_vocab_branches(config: &LoraConfig, model: &ModelConfig, rng: &mut rand::rngs::StdRng, device: &Device) -> Option<VocabBranches> {
+/// Fresh branches on the modules `config` targets among the embedding and LM head, and its
+/// trainable tokens, or `None`.
+pub(crate) fn init_vocab_branches(config: &LoraConfig, base: &BaseModel, rng: &mut rand::rngs::StdRng, device: &Device) -> Option<VocabBranches> {
+    let model = &base.config;
     let modules = vocab_modules(config, model);
-    if modules.is_empty() {
+    let tokens = init_trainable_tokens(config, base);
+    if modules.is_empty() && tokens.is_none() {
         return None;
     }
     let (vocab, hidden) = (model.vocab_size, model.hidden_size);
@@ -449,7 +515,7 @@ pub(crate) fn init_vocab_branches(config: &LoraConfig, model: &ModelConfig, rng:
     let head = modules.contains(&VocabModule::LmHead).then(|| {
         LoraBranch::init_for([vocab, hidden], VocabModule::LmHead.hf_name(model), config, rng, device)
     });
-    Some(VocabBranches { embedding, head })
+    Some(VocabBranches { embedding, head, tokens })
 }
 
 /// adapter_config.json's `rank_pattern` and `alpha_pattern` with their entries in the file's
@@ -524,6 +590,9 @@ pub struct PeftBranches {
     pub biases: HashMap<String, String>,
     /// `<module>.bias` -> the module whose B has a bias (`lora_bias`), added scaled
     pub lora_biases: HashMap<String, String>,
+    /// The embedding's `<module>.weight` and the adapter's key of its trained rows
+    /// (`trainable_token_indices`)
+    pub tokens: Option<(String, String)>,
 }
 
 impl PeftBranches {
@@ -536,14 +605,20 @@ impl PeftBranches {
         let mut whole = HashMap::new();
         let mut embeddings = HashMap::new();
         let mut base_layers = HashMap::new();
-        let (mut biases, mut lora_biases) = (HashMap::new(), HashMap::new());
+        let (mut biases, mut lora_biases, mut tokens) = (HashMap::new(), HashMap::new(), None);
         let saved = |module: &str| config.modules_to_save.iter().any(|name| module == name || module.ends_with(&format!(".{name}")));
         for k in weights.keys() {
             let whole_module = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".weight")).filter(|m| saved(m));
             let embedding = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".lora_embedding_A"));
             let base_layer = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".base_layer.weight"));
             let bias = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".bias"));
-            if let Some(module) = bias.and_then(|m| m.strip_suffix(".lora_B")) {
+            let trained_rows = k.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".token_adapter.trainable_tokens_delta"));
+            if let Some(module) = trained_rows {
+                if config.trainable_token_indices.is_none() {
+                    return Err(AdapterError::invalid(&path, format!("'{k}' without 'trainable_token_indices' in adapter_config.json")));
+                }
+                tokens = Some((format!("{module}.weight"), k.to_owned()));
+            } else if let Some(module) = bias.and_then(|m| m.strip_suffix(".lora_B")) {
                 lora_biases.insert(format!("{module}.bias"), module.to_owned());
             } else if let Some(module) = bias {
                 biases.insert(format!("{}.bias", module.trim_end_matches(".base_layer")), k.to_owned());
@@ -581,7 +656,10 @@ impl PeftBranches {
         if let Some(module) = lora_biases.values().find(|m| !modules.contains_key(&format!("{m}.weight"))) {
             return Err(AdapterError::invalid(&path, format!("'{}' belongs to no branch of the adapter", lora_bias_key(module))));
         }
-        Ok(Self { weights, path, config, modules, whole, embeddings, base_layers, tied_head: None, biases, lora_biases })
+        if tokens.is_none() && config.trainable_token_indices.is_some() {
+            return Err(AdapterError::invalid(&path, "no '…token_adapter.trainable_tokens_delta' for the config's 'trainable_token_indices'"));
+        }
+        Ok(Self { weights, path, config, modules, whole, embeddings, base_layers, tied_head: None, biases, lora_biases, tokens })
     }
 
     /// On a model of `model`'s config whose LM head is its embedding (tied), a branch on the head
@@ -602,10 +680,26 @@ impl PeftBranches {
     pub fn keys(&self) -> Vec<String> {
         let tied = self.tied_head.iter().map(|(key, _)| key);
         let biases = self.biases.keys().chain(self.lora_biases.keys());
-        let mut keys: Vec<String> = self.modules.keys().chain(self.whole.keys()).chain(self.embeddings.keys()).chain(tied).chain(biases).cloned().collect();
+        let tokens = self.tokens.iter().map(|(key, _)| key);
+        let mut keys: Vec<String> =
+            self.modules.keys().chain(self.whole.keys()).chain(self.embeddings.keys()).chain(tied).chain(biases).chain(tokens).cloned().collect();
         keys.sort();
         keys.dedup();
         keys
+    }
+
+    /// `base` (the embedding's `key`, `[vocab, hidden]` f32) with the trained tokens' rows, where
+    /// the adapter trains some.
+    pub fn with_trained_tokens(&self, key: &str, base: Tensor<2>, device: &Device) -> Tensor<2> {
+        let (Some((weight_key, adapter_key)), Some(indices)) = (&self.tokens, &self.config.trainable_token_indices) else { return base };
+        if weight_key != key {
+            return base;
+        }
+        let rows: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+        let rows = Tensor::<1, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(rows, [indices.len()]), device);
+        let values = self.load(adapter_key, device);
+        let shift = values - base.clone().select(0, rows.clone());
+        base.select_assign(0, rows, shift, burn::tensor::IndexingUpdateOp::Add)
     }
 
     /// Whether the adapter changes the bias `key` (`<module>.bias`).
@@ -665,6 +759,13 @@ impl PeftBranches {
             };
             if shape.len() != 2 || shape[1] != base_shape[1] || shape[0] < base_shape[0] {
                 return Err(AdapterError::invalid(&self.path, format!("base_layer of '{weight_key}' has shape {shape:?}, the base {base_shape:?}")));
+            }
+        }
+        if let (Some((weight_key, adapter_key)), Some(indices)) = (&self.tokens, &self.config.trainable_token_indices) {
+            let base = shape_of(weight_key).ok_or_else(|| AdapterError::invalid(&self.path, format!("'{adapter_key}': the base has no '{weight_key}'")))?;
+            let (shape, _) = self.weights.info(adapter_key).expect("listed");
+            if shape != [indices.len(), base[1]] || indices.iter().any(|&id| id >= base[0]) {
+                return Err(AdapterError::invalid(&self.path, format!("'{adapter_key}' has shape {shape:?}: it must hold the rows of tokens {indices:?} of '{weight_key}' {base:?}")));
             }
         }
         let bias_keys = self.biases.iter().map(|(bias, k)| (bias, k.clone())).chain(self.lora_biases.iter().map(|(bias, m)| (bias, lora_bias_key(m))));
