@@ -179,6 +179,7 @@ fn method_recipes_train_export_and_generate() {
         ("ci/tiny-prompt-tuning.toml", "tiny_llama", PEFT),
         ("ci/tiny-qlora.toml", "tiny_llama", PEFT),
         ("ci/tiny-vocab-chat.toml", "tiny_llama_vocab", PEFT),
+        ("ci/tiny-lora-options.toml", "tiny_qwen2", PEFT),
     ] {
         let out = tempfile::tempdir().unwrap();
         let run = out.path().join("run");

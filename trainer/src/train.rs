@@ -291,8 +291,7 @@ impl<'a> Run<'a> {
         on_event(Event::Info(format!("model: {} with {method}: {trainable} trainable of {total} parameters ({:.4}%)",
             recipe.model.path.display(), 100.0 * trainable as f64 / total as f64)));
 
-        let biases = method.config().parameter_names(&model).into_iter().filter(|(_, name)| name.contains("bias")).map(|(id, _)| id).collect();
-        let optimizer = AdamW::new(t.adam_beta1 as f32, t.adam_beta2 as f32, t.adam_epsilon as f32, t.weight_decay as f32).without_decay(biases);
+        let optimizer = AdamW::new(t.adam_beta1 as f32, t.adam_beta2 as f32, t.adam_epsilon as f32, t.weight_decay as f32).without_decay(biases(&method, &model));
         let steps_per_epoch = train_set.len().div_ceil(t.micro_batch_size * t.gradient_accumulation_steps);
         let total_steps = if t.max_steps > 0 { t.max_steps } else { steps_per_epoch * t.epochs };
 
@@ -341,7 +340,9 @@ impl<'a> Run<'a> {
         let Some(dir) = self.last_checkpoint.clone() else { return self.evaluate(on_event) };
         let state = checkpoint::read_state(&dir)?;
         let (model, optimizer) = checkpoint::restore(&dir, self.model.clone(), self.optimizer.clone())?;
-        (self.model, self.optimizer) = (model, optimizer);
+        // The checkpoint's parameters come with their ids.
+        let undecayed = biases(&self.method, &model);
+        (self.model, self.optimizer) = (model, optimizer.without_decay(undecayed));
         (self.position, self.tokens_seen, self.train_seconds) = (state.position, state.tokens_seen, state.train_seconds);
         self.summary = Summary { adapter_dir: self.summary.adapter_dir.clone(), metrics: self.summary.metrics.clone(), plot: None, exports: Vec::new(), ..state.summary };
         on_event(Event::Info(format!("resumed from {} at step {}", dir.display(), self.position.step)));
@@ -506,4 +507,9 @@ impl<'a> Run<'a> {
         }
         Ok(summary)
     }
+}
+
+/// The parameters transformers' `Trainer` leaves out of the weight decay: those named `bias`.
+fn biases(method: &Method, model: &AdaptedModel) -> Vec<burn::module::ParamId> {
+    method.config().parameter_names(model).into_iter().filter(|(_, name)| name.contains("bias")).map(|(id, _)| id).collect()
 }
