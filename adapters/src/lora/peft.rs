@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use burn::module::ParamId;
 use burn::tensor::{Device, Tensor};
 use ember_models::config::Architecture;
-use ember_models::family::KeyLayout;
+use ember_models::family::{KeyLayout, ProjectionSpec};
 use ember_models::layers::Linear;
 use ember_models::{BaseModel, Checkpoint, LoadDtype, ModelConfig, VocabModule};
 use serde::Deserialize;
@@ -114,25 +114,22 @@ pub(crate) fn bias_parameters(model: &AdaptedModel) -> Vec<(String, ParamId, Ten
     biases
 }
 
+/// The bias values `config` trains on projection `p`: its base bias, and B's.
+fn trained_bias_values(config: &LoraConfig, p: &ProjectionSpec) -> usize {
+    let branched = config.targets(&p.name);
+    let base = if p.bias && config.bias.trains(branched) { p.shape[0] } else { 0 };
+    base + if config.lora_bias && branched { p.shape[0] } else { 0 }
+}
+
 /// The number of bias values `config` trains on a model of `model`'s config.
 pub(crate) fn bias_parameter_count(config: &LoraConfig, model: &ModelConfig) -> usize {
     let keys = KeyLayout::of(model.architecture);
-    (0..model.num_layers)
-        .flat_map(|layer| keys.projections(model, layer))
-        .map(|p| {
-            let branched = config.targets(&p.name);
-            let base = if p.bias && config.bias.trains(branched) { p.shape[0] } else { 0 };
-            base + if config.lora_bias && branched { p.shape[0] } else { 0 }
-        })
-        .sum()
+    (0..model.num_layers).flat_map(|layer| keys.projections(model, layer)).map(|p| trained_bias_values(config, &p)).sum()
 }
 
 /// Whether `config` trains a bias of `model`'s layer `layer`.
 pub(crate) fn trains_bias_in_layer(config: &LoraConfig, model: &ModelConfig, layer: usize) -> bool {
-    KeyLayout::of(model.architecture).projections(model, layer).iter().any(|p| {
-        let branched = config.targets(&p.name);
-        (p.bias && config.bias.trains(branched)) || (config.lora_bias && branched)
-    })
+    KeyLayout::of(model.architecture).projections(model, layer).iter().any(|p| trained_bias_values(config, p) > 0)
 }
 
 /// PEFT's key of a module trained in full: `base_model.model.<module>.weight` (its
