@@ -210,13 +210,17 @@ for tag, family, change, methods, qlora_targets in filter(lambda case: wanted(ca
         print(f"[{tag}] left out: {e!r:.300}", flush=True)
 
 # GLM (transformers' GlmForCausalLM): full rotary, MQA, tied, no bias; and GLM-4-0414 (Glm4ForCausalLM,
-# norms on the attention's and the MLP's output) with the same changes.
-for tag, config_class, model_class in [("glm_variant", GlmConfig, GlmForCausalLM), ("glm4_variant", Glm4Config, Glm4ForCausalLM)]:
+# norms on the attention's and the MLP's output) with the same changes; and GLM's own half rotary with YaRN.
+GLM_VARIANT = dict(num_attention_heads=8, num_key_value_heads=1, head_dim=8, partial_rotary_factor=1.0,
+                   attention_bias=False, tie_word_embeddings=True, rope_theta=500000.0)
+GLM_YARN = dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                     original_max_position_embeddings=16, partial_rotary_factor=0.5))
+for tag, config_class, model_class, change in [("glm_variant", GlmConfig, GlmForCausalLM, GLM_VARIANT),
+                                               ("glm4_variant", Glm4Config, Glm4ForCausalLM, GLM_VARIANT),
+                                               ("glm_yarn", GlmConfig, GlmForCausalLM, GLM_YARN)]:
     if not wanted(tag):
         continue
-    gen.GlmConfig = lambda config_class=config_class, **kw: config_class(**dict(
-        kw, num_attention_heads=8, num_key_value_heads=1, head_dim=8, partial_rotary_factor=1.0, attention_bias=False,
-        tie_word_embeddings=True, rope_theta=500000.0))
+    gen.GlmConfig = lambda config_class=config_class, change=change, **kw: config_class(**dict(kw, **change))
     gen.GlmForCausalLM = model_class
     gen.glm_fixture(tag, os.path.join(OUT, tag), TEXTS, 4242)
 

@@ -612,6 +612,17 @@ mod tests {
         }
     }
 
+    /// GLM's rotary embedding takes LLaMA's scalings over its rotated half (it used to drop them).
+    #[test]
+    fn glm_reads_rope_scaling_over_its_rotary_dims() {
+        let config = parse(serde_json::json!({"model_type": "glm", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "head_dim": 16, "vocab_size": 10, "partial_rotary_factor": 0.5,
+            "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}))
+        .unwrap();
+        assert_eq!(config.rope.rotary_dim, 8);
+        assert!(matches!(config.rope.scaling, Some(RopeScaling::Yarn { factor, .. }) if factor == 4.0));
+    }
+
     /// LongRoPE: one factor per frequency, the long ones beyond the original context, Phi-3's
     /// attention factor from the context ratio when the config gives none.
     #[test]

@@ -33,11 +33,13 @@ pub const CHATGLM_KEYS: KeyLayout = KeyLayout {
 pub(crate) fn parse_glm_config(json: &JsonConfig, model_type: &str) -> Result<ModelConfig, LoadError> {
     let factor = json.opt_f64("partial_rotary_factor")?.unwrap_or(0.5);
     let rope = |head_dim: usize| {
+        let rotary_dim = (head_dim as f64 * factor) as usize;
         Ok(RopeConfig {
             theta: json.opt_f64("rope_theta")?.unwrap_or(10_000.0),
-            rotary_dim: (head_dim as f64 * factor) as usize,
+            rotary_dim,
             pairing: RopePairing::Interleaved,
-            scaling: None,
+            // transformers' GLM rotary embedding takes LLaMA's `rope_scaling` types.
+            scaling: crate::llama::parse_rope_scaling(json, rotary_dim)?,
         })
     };
     let rms_norm_eps = json.opt_f64("rms_norm_eps")?.unwrap_or(1.5625e-7);

@@ -89,7 +89,7 @@ fn parse_sliding_window(json: &JsonConfig, model_type: &str) -> Result<Option<Sl
 
 /// `rope_scaling`: absent/null/"default", "linear", "llama3", "yarn", "dynamic" or "longrope"
 /// (whose factors are one per frequency of the `rotary_dim` rotated dims).
-fn parse_rope_scaling(json: &JsonConfig, rotary_dim: usize) -> Result<Option<RopeScaling>, LoadError> {
+pub(crate) fn parse_rope_scaling(json: &JsonConfig, rotary_dim: usize) -> Result<Option<RopeScaling>, LoadError> {
     let Some(value) = json.get("rope_scaling") else { return Ok(None) };
     let key = "rope_scaling";
     let obj = value.as_object().ok_or_else(|| json.invalid(key, format!("expected an object, found {value}")))?;
