@@ -68,14 +68,9 @@ impl TrainableTokens {
         Self { values: Param::from_tensor(values), indices, tied_head }
     }
 
-    fn index_tensor(&self, device: &Device) -> Tensor<1, Int> {
-        let indices: Vec<i64> = self.indices.iter().map(|&i| i as i64).collect();
-        Tensor::from_data(TensorData::new(indices, [self.indices.len()]), device)
-    }
-
-    /// What the trained rows add to the frozen ones, `values − W[indices]`, f32 `[n, hidden]`.
-    fn shift(&self, weight: &Tensor<2>) -> Tensor<2> {
-        self.values.val() - weight.clone().select(0, self.index_tensor(&weight.device())).cast(DType::F32)
+    /// What the trained rows add to the frozen ones, `values − W[rows]`, f32 `[n, hidden]`.
+    fn shift(&self, weight: &Tensor<2>, rows: Tensor<1, Int>) -> Tensor<2> {
+        self.values.val() - weight.clone().select(0, rows).cast(DType::F32)
     }
 
     /// `x` with the embeddings of the trained tokens replaced.
@@ -84,11 +79,11 @@ impl TrainableTokens {
     /// - x: `[batch, seq, hidden]` (the embeddings of `ids` from `weight`, `[vocab, hidden]`)
     pub fn embed(&self, x: Tensor<3>, ids: Tensor<2, Int>, weight: &Tensor<2>) -> Tensor<3> {
         let ([b, s], [_, hidden], n) = (ids.dims(), weight.dims(), self.indices.len());
-        let device = ids.device();
+        let rows = token_rows(&self.indices, &ids.device());
         // b·s,n: which trained token each position holds, if any.
-        let hits = ids.reshape([b * s, 1]).expand([b * s, n]).equal(self.index_tensor(&device).reshape([1, n]).expand([b * s, n])).float();
+        let hits = ids.reshape([b * s, 1]).expand([b * s, n]).equal(rows.clone().reshape([1, n]).expand([b * s, n])).float();
         let dtype = x.dtype();
-        x + hits.matmul(self.shift(weight)).reshape([b, s, hidden]).cast(dtype)
+        x + hits.matmul(self.shift(weight, rows)).reshape([b, s, hidden]).cast(dtype)
     }
 
     /// `logits` with a tied head's columns of the trained tokens replaced: `h · shiftᵀ` added
@@ -101,10 +96,16 @@ impl TrainableTokens {
             return logits;
         }
         let ([b, s, h], n) = (hidden.dims(), self.indices.len());
-        let dtype = logits.dtype();
-        let extra = hidden.cast(DType::F32).reshape([b * s, h]).matmul(self.shift(weight).transpose()).reshape([b, s, n]).cast(dtype);
-        logits.select_assign(2, self.index_tensor(&extra.device()), extra, IndexingUpdateOp::Add)
+        let (dtype, rows) = (logits.dtype(), token_rows(&self.indices, &hidden.device()));
+        let extra = hidden.cast(DType::F32).reshape([b * s, h]).matmul(self.shift(weight, rows.clone()).transpose()).reshape([b, s, n]).cast(dtype);
+        logits.select_assign(2, rows, extra, IndexingUpdateOp::Add)
     }
+}
+
+/// Token ids as the index tensor `select` takes.
+pub(crate) fn token_rows(indices: &[usize], device: &Device) -> Tensor<1, Int> {
+    let rows: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(rows, [indices.len()]), device)
 }
 
 /// The branches on the embedding and the LM head a model carries, and its trainable tokens.

@@ -74,18 +74,23 @@ impl RopeScaling {
     }
 
     /// The inverse frequencies of a call whose positions end at `seq_len - 1` where they are
-    /// not the ones a [`crate::layers::Rope`] keeps: dynamic NTK beyond the context, and
-    /// LongRoPE's (short or long factors), in f32 as transformers computes them.
+    /// not the ones a [`crate::layers::Rope`] keeps: dynamic NTK beyond the context, LongRoPE's
+    /// long factors beyond the original context; in f32 as transformers computes them.
     pub fn call_inv_freq(&self, theta: f64, rotary_dim: usize, seq_len: usize) -> Option<Vec<f32>> {
         match self {
             Self::Dynamic { .. } => self.dynamic_inv_freq(theta, rotary_dim, seq_len),
-            Self::LongRope { short_factor, long_factor, original_max_position_embeddings, .. } => {
-                let factors = if seq_len as f64 > *original_max_position_embeddings { long_factor } else { short_factor };
-                let base = theta as f32;
-                Some((0..rotary_dim / 2).map(|i| 1.0 / (factors[i] as f32 * base.powf((2 * i) as f32 / rotary_dim as f32))).collect())
+            Self::LongRope { long_factor, original_max_position_embeddings, .. } if seq_len as f64 > *original_max_position_embeddings => {
+                Some(longrope_inv_freq(theta, rotary_dim, long_factor))
             }
             _ => None,
         }
+    }
+
+    /// LongRoPE's frequencies with the short factors, those of a call within the original
+    /// context (what a [`crate::layers::Rope`] keeps); `None` for another scaling.
+    pub fn longrope_short_inv_freq(&self, theta: f64, rotary_dim: usize) -> Option<Vec<f32>> {
+        let Self::LongRope { short_factor, .. } = self else { return None };
+        Some(longrope_inv_freq(theta, rotary_dim, short_factor))
     }
 
     /// Dynamic NTK's inverse frequencies for a call whose positions end at `seq_len - 1`, where
@@ -188,6 +193,12 @@ impl std::fmt::Display for RopeScaling {
             }
         }
     }
+}
+
+/// `1 / (factor_i · theta^(2i/dim))`, LongRoPE's inverse frequencies for one set of factors.
+fn longrope_inv_freq(theta: f64, rotary_dim: usize, factors: &[f64]) -> Vec<f32> {
+    let base = theta as f32;
+    (0..rotary_dim / 2).map(|i| 1.0 / (factors[i] as f32 * base.powf((2 * i) as f32 / rotary_dim as f32))).collect()
 }
 
 /// transformers' `get_mscale`.
@@ -637,7 +648,8 @@ mod tests {
             .rope;
         let scaling = rope.scaling.unwrap();
         assert!((scaling.attention_scaling() - (1.0 + 4f64.ln() / 1024f64.ln()).sqrt()).abs() < 1e-12);
-        let plain = scaling.call_inv_freq(10000.0, 16, 1024).unwrap();
+        assert_eq!(scaling.call_inv_freq(10000.0, 16, 1024), None, "within the context: the short factors Rope keeps");
+        let plain = scaling.longrope_short_inv_freq(10000.0, 16).unwrap();
         let long = scaling.call_inv_freq(10000.0, 16, 1025).unwrap();
         assert_eq!((plain[3], long[3]), (1.0 / (4.0 * 10000f32.powf(6.0 / 16.0)), 1.0 / (2.0 * 10000f32.powf(6.0 / 16.0))));
         let error = config(serde_json::json!({"rope_type": "longrope", "original_max_position_embeddings": 1024, "short_factor": [1.0], "long_factor": vec![2.0; 8]}))

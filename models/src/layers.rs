@@ -234,6 +234,9 @@ pub struct Rope {
     /// The last packed row's tables (its sequences' lengths and first position): every layer of
     /// a step asks for the same.
     packed: Arc<Mutex<Option<(Vec<usize>, usize, RopeTables)>>>,
+    /// The last call's own tables (dynamic NTK or LongRoPE beyond the context) with its start,
+    /// length and longest position + 1: every layer of a step asks for the same.
+    own: Arc<Mutex<Option<([usize; 3], RopeTables)>>>,
 }
 
 /// [`Rope`]'s uploaded f32 tables, and them in the dtype last asked.
@@ -280,9 +283,9 @@ impl Rope {
             Some(yarn @ RopeScaling::Yarn { .. }) => inv_freq = yarn.yarn_inv_freq(config.theta, config.rotary_dim).expect("yarn"),
             // Each call makes its own where they differ from these ([`Self::tables`]).
             Some(RopeScaling::Dynamic { .. }) => {}
-            Some(longrope @ RopeScaling::LongRope { .. }) => inv_freq = longrope.call_inv_freq(config.theta, config.rotary_dim, 0).expect("longrope"),
+            Some(longrope @ RopeScaling::LongRope { .. }) => inv_freq = longrope.longrope_short_inv_freq(config.theta, config.rotary_dim).expect("longrope"),
         }
-        Self { config, inv_freq, uploaded: Arc::default(), packed: Arc::default() }
+        Self { config, inv_freq, uploaded: Arc::default(), packed: Arc::default(), own: Arc::default() }
     }
 
     /// The tables of positions `start..start+len` on `device` (its plain side) in `dtype`, views
@@ -291,11 +294,17 @@ impl Rope {
     /// recomputes its frequencies from the call's longest position.
     fn tables(&self, start: usize, len: usize, seq_len: usize, device: &Device, dtype: DType) -> RopeTables {
         let device = device.clone().inner();
-        let call_freq = self.config.scaling.as_ref().and_then(|s| s.call_inv_freq(self.config.theta, self.config.rotary_dim, seq_len));
-        if let Some(inv_freq) = call_freq.filter(|freq| *freq != self.inv_freq) {
+        if let Some(inv_freq) = self.config.scaling.as_ref().and_then(|s| s.call_inv_freq(self.config.theta, self.config.rotary_dim, seq_len)) {
+            let mut own = self.own.lock().unwrap_or_else(PoisonError::into_inner);
+            let same = |(key, t): &([usize; 3], RopeTables)| *key == [start, len, seq_len] && t.cos.device() == device && t.cos.dtype() == dtype;
+            if let Some((_, tables)) = own.as_ref().filter(|o| same(o)) {
+                return tables.clone();
+            }
             let (cos, sin) = self.host_tables(&inv_freq, start, len);
             let table = |values: Vec<f32>| Tensor::<2>::from_data(TensorData::new(values, [len, self.config.rotary_dim]), &device);
-            return RopeTables::new(table(cos), table(sin), self.config.pairing, dtype);
+            let tables = RopeTables::new(table(cos), table(sin), self.config.pairing, dtype);
+            *own = Some(([start, len, seq_len], tables.clone()));
+            return tables;
         }
         let mut uploaded = self.uploaded.lock().unwrap_or_else(PoisonError::into_inner);
         let covers = |u: &UploadedRope| u.cos.device() == device && u.cos.dims()[0] >= start + len;

@@ -70,8 +70,14 @@ impl<P: Projection> Mlp<P> {
         match self.activation {
             MlpActivation::Silu => crate::fused::swiglu(&gate, &up).unwrap_or_else(|| silu(gate) * up),
             // Rare enough to run composed; the GELU of a bf16 gate in f32, as PyTorch's kernel.
-            MlpActivation::Gelu => gelu(gate.clone().cast(DType::F32)).cast(gate.dtype()) * up,
-            MlpActivation::GeluTanh => gelu_approximate(gate.clone().cast(DType::F32)).cast(gate.dtype()) * up,
+            MlpActivation::Gelu => {
+                let dtype = gate.dtype();
+                gelu(gate.cast(DType::F32)).cast(dtype) * up
+            }
+            MlpActivation::GeluTanh => {
+                let dtype = gate.dtype();
+                gelu_approximate(gate.cast(DType::F32)).cast(dtype) * up
+            }
         }
     }
 }

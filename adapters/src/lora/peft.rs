@@ -18,7 +18,7 @@ use super::{BiasTraining, LoraBranch, LoraConfig};
 use crate::method::{AdapterFolder, PEFT_VERSION};
 use crate::registry::ProjectionAdapter;
 use crate::target::{Exclude, Patterns, Target, layers_from_peft};
-use crate::vocab::{EmbeddingBranch, TrainableTokens, VocabBranches};
+use crate::vocab::{EmbeddingBranch, TrainableTokens, VocabBranches, token_rows};
 use crate::{AdaptedLinear, AdaptedModel, AdapterError, SavedTensor, save_adapter_dir};
 
 /// `base_model.model.<module>.<part>.weight`
@@ -392,8 +392,7 @@ pub fn tokens_key(embedding: &str) -> String {
 fn init_trainable_tokens(config: &LoraConfig, base: &BaseModel) -> Option<TrainableTokens> {
     let indices = config.trainable_token_indices.clone()?;
     let weight = base.vocab_weight(VocabModule::Embedding).expect("an embedding").val();
-    let rows: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
-    let rows = Tensor::<1, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(rows, [indices.len()]), &weight.device());
+    let rows = token_rows(&indices, &weight.device());
     Some(TrainableTokens::new(weight.select(0, rows).cast(burn::tensor::DType::F32), indices, base.config.tie_word_embeddings))
 }
 
@@ -692,8 +691,7 @@ impl PeftBranches {
         if weight_key != key {
             return base;
         }
-        let rows: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
-        let rows = Tensor::<1, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(rows, [indices.len()]), device);
+        let rows = token_rows(indices, device);
         let values = self.load(adapter_key, device);
         let shift = values - base.clone().select(0, rows.clone());
         base.select_assign(0, rows, shift, burn::tensor::IndexingUpdateOp::Add)
