@@ -86,7 +86,13 @@ fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Res
         let name = recipe.model.path.file_name().map_or_else(|| recipe.model.path.display().to_string(), |n| n.to_string_lossy().into_owned());
         summary.push(format!("model {name} ({}, {} layers)", config.architecture.name(), config.num_layers));
     }
-    if present("data.path", &recipe.data.path)? {
+    let mut data_present = true;
+    for (key, paths) in [("data.path", &recipe.data.paths), ("data.eval_path", &recipe.data.eval_paths)] {
+        for path in paths {
+            data_present &= present(key, path)?;
+        }
+    }
+    if data_present {
         let (_, train, eval) = ember_trainer::train::split_records(&recipe).map_err(|e| fail(e.to_string()))?;
         summary.push(format!("{} records ({} held out for eval)", group_digits(train.len() + eval.len()), eval.len()));
     }

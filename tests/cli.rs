@@ -167,6 +167,22 @@ fn recipe_pointing_at_missing_data_is_bad_input() {
     assert_bad_input(&output, &["/nonexistent/data.json"]);
 }
 
+/// `data.eval_path` holds out a file of its own: every record of it is evaluated, none trained on.
+#[test]
+fn an_eval_file_is_held_out_whole() {
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let eval = data("alpaca_zh_sample_200.json");
+    let sets = ["data.val_size=0".to_string(), format!("data.eval_path=\"{}\"", eval.display()), format!("output.dir=\"{}\"", run.display())];
+    let mut args = vec!["train".to_string(), recipe("ci/tiny-lora.toml"), "--quiet".into()];
+    args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
+    let output = ember(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    // 200 records each; cutoff 128 leaves 10 English ones without an answer token.
+    assert_eq!((summary["train_examples"].as_u64(), summary["eval_examples"].as_u64()), (Some(190), Some(190)));
+}
+
 /// The method CI recipes train, export in their formats, and generate with the adapter.
 #[test]
 fn method_recipes_train_export_and_generate() {

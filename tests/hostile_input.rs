@@ -58,7 +58,7 @@ fn over_long_records_are_counted_and_reported() {
         {"instruction": long, "output": "Too late."},
         {"instruction": "Say bye.", "output": "Bye."},
     ]);
-    let (output, dir) = train_on("long.json", data.to_string().as_bytes(), &["--set", "data.cutoff_len=48", "--set", "train.micro_batch_size=2"]);
+    let (output, dir) = train_on("long.json", data.to_string().as_bytes(), &["--set", "data.cutoff_len=48", "--set", "train.micro_batch_size=2", "--set", "train.warmup_steps=0"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let summary = read_json(&dir.path().join("run/summary.json"));
     assert_eq!(summary["truncated_records"], 2);

@@ -576,7 +576,7 @@ fn gradients_by_id(model: &AdaptedModel, grads: &Grads) -> HashMap<ParamId, Vec<
 fn staged_gradients(model: &AdaptedModel, batch: &Batch, device: &Device) -> GradientsParams {
     let mut grads = GradientsAccumulator::new();
     let options = StepOptions { checkpoint_every: 1, loss_chunk_tokens: 5, padding_free: true };
-    forward_backward(model, batch, 1.0, options, 0, device, &mut grads);
+    forward_backward(model, batch, 1.0, options, None, 0, device, &mut grads);
     grads.grads()
 }
 

@@ -51,22 +51,42 @@ impl Sample {
     }
 }
 
-/// A data file's records.
+/// The records of one data file, or of several one after the other.
 #[derive(Debug, Clone)]
 pub struct Dataset {
-    pub path: PathBuf,
+    /// Each file with the index of its first record in `samples`.
+    files: Vec<(PathBuf, usize)>,
     pub samples: Vec<Sample>,
 }
 
 impl Dataset {
     pub fn load(path: &Path) -> Result<Self, DatasetError> {
-        let bytes = std::fs::read(path).map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
-        Ok(Self { path: path.to_path_buf(), samples: parse(path, bytes)? })
+        Self::load_all(std::slice::from_ref(&path.to_path_buf()))
     }
 
-    /// The error for record `index` of this file.
+    /// The records of `paths` concatenated in order (LLaMA-Factory's `dataset: a,b`).
+    pub fn load_all(paths: &[PathBuf]) -> Result<Self, DatasetError> {
+        let mut dataset = Self { files: Vec::new(), samples: Vec::new() };
+        for path in paths {
+            let bytes = std::fs::read(path).map_err(|source| DatasetError::Io { path: path.clone(), source })?;
+            dataset.files.push((path.clone(), dataset.samples.len()));
+            dataset.samples.extend(parse(path, bytes)?);
+        }
+        Ok(dataset)
+    }
+
+    /// `other`'s records after these.
+    pub fn append(&mut self, other: Dataset) {
+        let offset = self.samples.len();
+        self.files.extend(other.files.into_iter().map(|(path, first)| (path, first + offset)));
+        self.samples.extend(other.samples);
+    }
+
+    /// The error for record `index` (of all files' records): it names the file and the index
+    /// within that file.
     pub fn record_error(&self, index: usize, reason: impl Into<String>) -> DatasetError {
-        DatasetError::Record { path: self.path.clone(), index, reason: reason.into() }
+        let (path, first) = self.files.iter().rev().find(|(_, first)| *first <= index).expect("a loaded dataset has a file");
+        DatasetError::Record { path: path.clone(), index: index - first, reason: reason.into() }
     }
 }
 
@@ -240,6 +260,28 @@ mod tests {
         assert!(e.contains("invalid UTF-8 at byte 18"), "{e}");
         let e = load_text(b"[{\"instruction\": ").unwrap_err().to_string();
         assert!(e.contains("malformed JSON"), "{e}");
+    }
+
+    /// Several files are one dataset; a record's error names its own file and index there.
+    #[test]
+    fn files_concatenate_and_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("ember-files-{}-{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.json"), dir.join("b.jsonl"));
+        std::fs::write(&a, br#"[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]"#).unwrap();
+        std::fs::write(&b, b"{\"messages\": [{\"role\": \"user\", \"content\": \"e\"}, {\"role\": \"assistant\", \"content\": \"f\"}]}\n").unwrap();
+        let mut dataset = Dataset::load_all(&[a.clone(), b.clone()]).unwrap();
+        dataset.append(Dataset::load(&a).unwrap());
+        assert_eq!(dataset.samples.len(), 5);
+        assert!(matches!(&dataset.samples[2], Sample::Chat(_)));
+        let e = dataset.record_error(2, "bad").to_string();
+        assert!(e.starts_with(&b.display().to_string()) && e.ends_with("record 0: bad"), "{e}");
+        let e = dataset.record_error(4, "bad").to_string();
+        assert!(e.starts_with(&a.display().to_string()) && e.ends_with("record 1: bad"), "{e}");
+        std::fs::write(&b, b"{\"instruction\": 1}\n").unwrap();
+        let e = Dataset::load_all(&[a, b.clone()]).unwrap_err().to_string();
+        assert!(e.starts_with(&b.display().to_string()) && e.contains("record 0"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn chat(turns: &[(Role, &str)]) -> Sample {

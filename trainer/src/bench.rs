@@ -153,7 +153,7 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
             clock = Instant::now();
         };
         // Reading the loss waits for the forward pass, as the reference's float(loss) does.
-        let Some(loss) = forward_backward(&model, &batch, 1.0, o.step, step as u64, &autodiff, &mut grads) else { continue };
+        let Some(loss) = forward_backward(&model, &batch, 1.0, o.step, None, step as u64, &autodiff, &mut grads) else { continue };
         lap(0);
         if o.phase_times {
             wait();

@@ -144,8 +144,14 @@ pub struct AdapterSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// JSON array or JSONL of Alpaca, ShareGPT or OpenAI-messages records.
-    pub path: PathBuf,
+    /// JSON arrays or JSONL of Alpaca, ShareGPT or OpenAI-messages records (key `path`): one
+    /// file, or a list of files whose records are concatenated (LLaMA-Factory's `dataset: a,b`).
+    #[serde(rename = "path", deserialize_with = "one_or_more_paths")]
+    pub paths: Vec<PathBuf>,
+    /// Files held out for evaluation (key `eval_path`, one or a list), instead of `val_size`
+    /// records of `path` (HF's `eval_dataset`, LLaMA-Factory's `eval_dataset`).
+    #[serde(default, rename = "eval_path", deserialize_with = "one_or_more_paths")]
+    pub eval_paths: Vec<PathBuf>,
     /// Prompt template (alpaca, alpaca-lora, or `custom`), or chat template (chatglm2, chatglm3,
     /// glm4, llama2-chat, llama3, chatml, or `auto`: the checkpoint's own).
     #[serde(default = "default_template")]
@@ -168,6 +174,34 @@ pub struct DataSection {
     pub group_by_length: bool,
 }
 
+impl DataSection {
+    /// The data files as messages name them: `a.json`, or `a.json + b.json`, then the
+    /// evaluation files if any.
+    pub fn describe(&self) -> String {
+        let join = |paths: &[PathBuf]| paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" + ");
+        match self.eval_paths.is_empty() {
+            true => join(&self.paths),
+            false => format!("{} (eval: {})", join(&self.paths), join(&self.eval_paths)),
+        }
+    }
+}
+
+/// `data.path`: a path, or a non-empty list of paths.
+fn one_or_more_paths<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMore {
+        One(PathBuf),
+        More(Vec<PathBuf>),
+    }
+    match OneOrMore::deserialize(deserializer) {
+        Ok(OneOrMore::One(path)) => Ok(vec![path]),
+        Ok(OneOrMore::More(paths)) if !paths.is_empty() => Ok(paths),
+        Ok(OneOrMore::More(_)) => Err(serde::de::Error::custom("an empty list: name at least one data file")),
+        Err(_) => Err(serde::de::Error::custom("expected a path string or a list of path strings")),
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainSection {
@@ -181,6 +215,9 @@ pub struct TrainSection {
     /// `constant`, `linear` or `cosine` (after warmup).
     pub lr_scheduler: LrScheduler,
     pub warmup_steps: usize,
+    /// Warmup as a fraction of the run's optimizer steps, `⌈ratio · steps⌉` (transformers'
+    /// `warmup_ratio`, LLaMA-Factory's); instead of `warmup_steps`.
+    pub warmup_ratio: f64,
     pub weight_decay: f64,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
@@ -213,6 +250,10 @@ pub struct TrainSection {
     pub padding_free: bool,
     /// Where else to log: `["tensorboard"]` writes event files under `<output.dir>/tensorboard/`.
     pub report_to: Vec<ReportTo>,
+    /// NEFTune: uniform noise on the token embeddings while training, of magnitude
+    /// `alpha / √(len · hidden)` (transformers' `neftune_noise_alpha`; the paper's Alpaca runs
+    /// used 5). 0: off. Evaluation and generation see no noise.
+    pub neftune_noise_alpha: f64,
 }
 
 /// `train.report_to` entries.
@@ -231,6 +272,16 @@ impl TrainSection {
             padding_free: self.padding_free,
         }
     }
+
+    /// NEFTune's alpha when it is on.
+    pub fn neftune(&self) -> Option<f64> {
+        (self.neftune_noise_alpha > 0.0).then_some(self.neftune_noise_alpha)
+    }
+
+    /// Warmup steps of a run of `total` optimizer steps.
+    pub fn warmup(&self, total: usize) -> usize {
+        if self.warmup_ratio > 0.0 { (self.warmup_ratio * total as f64).ceil() as usize } else { self.warmup_steps }
+    }
 }
 
 impl Default for TrainSection {
@@ -244,6 +295,7 @@ impl Default for TrainSection {
             lr: 3e-4,
             lr_scheduler: LrScheduler::Linear,
             warmup_steps: 0,
+            warmup_ratio: 0.0,
             weight_decay: 0.0,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
@@ -259,6 +311,7 @@ impl Default for TrainSection {
             loss_chunk_tokens: 0,
             padding_free: true,
             report_to: Vec::new(),
+            neftune_noise_alpha: 0.0,
         }
     }
 }
@@ -377,10 +430,11 @@ const KEYS: &[(&str, &[&str])] = &[
     ("model", &["path", "device", "dtype", "quantize", "double_quant", "resize_embeddings"]),
     // The method's own keys come from its section type (`adapter_keys`).
     ("adapter", &["method", "init_from"]),
-    ("data", &["path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "mask_history", "val_size", "group_by_length"]),
+    ("data", &["path", "eval_path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "mask_history", "val_size", "group_by_length"]),
     ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
-        "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
-        "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "gradient_checkpointing_every", "loss_chunk_tokens", "padding_free", "report_to"]),
+        "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
+        "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "gradient_checkpointing_every", "loss_chunk_tokens", "padding_free", "report_to",
+        "neftune_noise_alpha"]),
     ("output", &["dir"]),
     ("export", &["gguf", "imatrix", "imatrix_chunks", "pre", "merged"]),
 ];
@@ -436,7 +490,7 @@ impl Recipe {
         if recipe.model.path.is_relative() && !model.exists() && hub::is_hub_id(&recipe.model.path.to_string_lossy()) {
             recipe.model.path = hub::model_dir(&recipe.model.path, fetch).map_err(|source| RecipeError::Model { path: path.to_path_buf(), source })?;
         }
-        for p in [&mut recipe.model.path, &mut recipe.data.path, &mut recipe.output.dir].into_iter().chain(recipe.adapter.init_from.as_mut()) {
+        for p in [&mut recipe.model.path, &mut recipe.output.dir].into_iter().chain(&mut recipe.data.paths).chain(&mut recipe.data.eval_paths).chain(recipe.adapter.init_from.as_mut()) {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -457,6 +511,18 @@ impl Recipe {
             if value == 0 {
                 return Err(format!("'{key}' must be at least 1"));
             }
+        }
+        if !(0.0..1.0).contains(&t.warmup_ratio) {
+            return Err(format!("'train.warmup_ratio' is {}; expected 0 <= ratio < 1", t.warmup_ratio));
+        }
+        if t.warmup_ratio > 0.0 && t.warmup_steps > 0 {
+            return Err("'train.warmup_steps' and 'train.warmup_ratio' are both set: give one".into());
+        }
+        if !(t.neftune_noise_alpha >= 0.0 && t.neftune_noise_alpha.is_finite()) {
+            return Err(format!("'train.neftune_noise_alpha' is {}; expected a finite alpha >= 0 (0: off)", t.neftune_noise_alpha));
+        }
+        if !self.data.eval_paths.is_empty() && self.data.val_size > 0 {
+            return Err("'data.val_size' and 'data.eval_path' both hold records out for evaluation: give one".into());
         }
         if t.epochs == 0 && t.max_steps == 0 {
             return Err("'train.epochs' and 'train.max_steps' are both 0: nothing to train".into());
@@ -621,6 +687,44 @@ mod tests {
     fn wrong_types_name_the_key() {
         let e = load(&format!("{MINIMAL}[train]\nlr = \"fast\"\n"), &[]).unwrap_err();
         assert!(e.contains("'train.lr': invalid type: string \"fast\", expected f64"), "{e}");
+    }
+
+    /// `data.path` takes one file or a list, each resolved against the recipe's folder.
+    #[test]
+    fn data_path_takes_a_list_of_files() {
+        let r = load(MINIMAL, &["data.path=[\"en.json\", \"zh.jsonl.gz\"]"]).unwrap();
+        assert_eq!(r.data.paths.len(), 2);
+        assert!(r.data.paths.iter().all(|p| p.is_absolute()) && r.data.paths[1].ends_with("zh.jsonl.gz"));
+        assert!(r.data.describe().contains(".json + /"), "{}", r.data.describe());
+        let r = load(MINIMAL, &["data.eval_path=\"dev.json\""]).unwrap();
+        assert!(r.data.eval_paths.len() == 1 && r.data.describe().ends_with("dev.json)"), "{}", r.data.describe());
+        let cases = [
+            ("data.path=[]", "'data.path': an empty list"),
+            ("data.path=3", "'data.path': expected a path string or a list"),
+            ("data.eval_path=[]", "'data.eval_path': an empty list"),
+        ];
+        for (set, want) in cases {
+            let e = load(MINIMAL, &[set]).unwrap_err();
+            assert!(e.contains(want), "{set}: {e}");
+        }
+    }
+
+    #[test]
+    fn warmup_ratio_and_neftune_are_checked() {
+        let r = load(MINIMAL, &["train.warmup_ratio=0.03", "train.neftune_noise_alpha=5"]).unwrap();
+        assert_eq!((r.train.warmup(1000), r.train.neftune()), (30, Some(5.0)));
+        assert_eq!((load(MINIMAL, &[]).unwrap().train.neftune()), None);
+        let cases: [(&[&str], &str); 3] = [
+            (&["train.warmup_ratio=1.5"], "'train.warmup_ratio' is 1.5; expected 0 <= ratio < 1"),
+            (&["train.warmup_ratio=0.1", "train.warmup_steps=10"], "both set: give one"),
+            (&["train.neftune_noise_alpha=-1.0"], "'train.neftune_noise_alpha' is -1"),
+        ];
+        let e = load(MINIMAL, &["data.eval_path=\"dev.json\"", "data.val_size=10"]).unwrap_err();
+        assert!(e.contains("'data.val_size' and 'data.eval_path' both"), "{e}");
+        for (overrides, want) in cases {
+            let e = load(MINIMAL, overrides).unwrap_err();
+            assert!(e.contains(want), "{overrides:?}: {e}");
+        }
     }
 
     #[test]

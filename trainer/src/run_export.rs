@@ -86,7 +86,7 @@ fn importance_matrix(
     let chunk_size = IMATRIX_CHUNK.min(calibration.len());
     if chunk_size < 16 {
         let reason = format!("'export.imatrix': the training examples hold {} tokens, fewer than the 16 a chunk needs", calibration.len());
-        return Err(LoadError::Invalid { path: recipe.data.path.clone(), reason }.into());
+        return Err(LoadError::Invalid { path: recipe.data.paths[0].clone(), reason }.into());
     }
     let calibration = Calibration { tokens: calibration, chunk_size, bos, max_chunks: Some(recipe.export.imatrix_chunks), output: false };
     let device = recipe.model.device.device().map_err(|e| LoadError::Invalid { path: recipe.model.path.clone(), reason: e.to_string() })?;
@@ -94,8 +94,8 @@ fn importance_matrix(
     let (dtype, quantization) = (recipe.model.dtype, recipe.model.quantization());
     let collected = collect(&recipe.model.path, Some(adapter_dir), dtype, quantization, &calibration, &device, |_, _| {})?;
     let out = gguf_dir.join("imatrix.gguf");
-    let dataset = recipe.data.path.display().to_string();
-    ember_models::imatrix::write_gguf(&out, &collected.entries, &[dataset], collected.chunks as u32, chunk_size as u32)?;
+    let datasets: Vec<String> = recipe.data.paths.iter().map(|p| p.display().to_string()).collect();
+    ember_models::imatrix::write_gguf(&out, &collected.entries, &datasets, collected.chunks as u32, chunk_size as u32)?;
     info(format!(
         "export: importance matrix {} ({} chunks of {chunk_size} training tokens, {:.1}s)",
         out.display(), collected.chunks, started.elapsed().as_secs_f64()

@@ -6,7 +6,7 @@
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::{Device, Gradients, Tensor};
+use burn::tensor::{Device, Distribution, Gradients, Tensor, TensorData};
 use ember_adapters::AdaptedModel;
 use ember_data::Batch;
 use ember_models::TokenBatch;
@@ -49,14 +49,17 @@ impl StepOptions {
 
 /// Forward and backward of `weight · loss` for one micro-batch, adding the gradients to
 /// `grads`. Returns `weight · loss`, or `None` when no token of the batch is supervised.
+/// `neftune_alpha`: noise on the token embeddings ([`with_embedding_noise`]).
 ///
 /// Each half of layer `i` (attention, MLP) draws its dropout from `device` seeded with
 /// [`block_seed`], so a recomputed half draws the masks of its forward pass.
+#[allow(clippy::too_many_arguments)]
 pub fn forward_backward(
     model: &AdaptedModel,
     batch: &Batch,
     weight: f64,
     options: StepOptions,
+    neftune_alpha: Option<f64>,
     seed: u64,
     device: &Device,
     grads: &mut GradientsAccumulator<AdaptedModel>,
@@ -95,6 +98,11 @@ pub fn forward_backward(
     let leaf = |x: Tensor<3>, i: usize| if input_grad(i) { x.detach().require_grad() } else { x.detach() };
     let mut kept = Vec::new();
     let mut x = forward_model.embed(&tokens, device);
+    if let Some(alpha) = neftune_alpha {
+        // Seeded as one more half after the last layer's.
+        device.seed(block_seed(seed, layers, Half::Attention));
+        x = with_embedding_noise(x, alpha, batch.seq, &tokens, virtual_tokens);
+    }
     for i in 0..layers {
         if checkpointing && i >= first && !recomputed(i) {
             let input = leaf(x, i);
@@ -181,6 +189,32 @@ pub fn forward_backward(
         grads.accumulate(model, GradientsParams::from_grads(embedding_grads, model));
     }
     Some(loss)
+}
+
+/// NEFTune (Jain et al., 2023; transformers' `neftune_noise_alpha`): noise drawn from
+/// `U(-m, m)`, `m = alpha / √(L·d)`, added to the token embeddings of a training pass, with `L`
+/// the batch's padded length (`padded_len`, its longest sequence, as transformers sees a batch
+/// padded to it) and `d` the hidden size. The noise is additive, so the gradients of a trained
+/// embedding are unchanged. Prompt tuning's virtual positions (the first `virtual_tokens` of
+/// each sequence) come from the adapter, not from the embedding module transformers hooks, and
+/// stay clean.
+///
+/// # Shapes
+/// - x: `[batch, seq, hidden]` (padded) or `[1, Σ len, hidden]` (packed), as `tokens`
+pub fn with_embedding_noise(x: Tensor<3>, alpha: f64, padded_len: usize, tokens: &TokenBatch, virtual_tokens: usize) -> Tensor<3> {
+    let [rows, positions, hidden] = x.dims();
+    let magnitude = alpha / ((padded_len * hidden) as f64).sqrt();
+    let noise = x.random_like(Distribution::Uniform(-magnitude, magnitude));
+    if virtual_tokens == 0 {
+        return x + noise;
+    }
+    let lengths = match tokens {
+        TokenBatch::Padded { shape: [_, seq], .. } => vec![*seq; rows],
+        TokenBatch::Packed { lengths, .. } => lengths.clone(),
+    };
+    let real: Vec<f32> = lengths.iter().flat_map(|&len| (0..len).map(|j| if j < virtual_tokens { 0.0 } else { 1.0 })).collect();
+    let real = Tensor::<1>::from_data(TensorData::new(real, [rows * positions]), &x.device()).reshape([rows, positions, 1]).cast(x.dtype());
+    x + noise * real
 }
 
 /// What the forward pass keeps of a trainable layer for backward under checkpointing.
@@ -368,7 +402,7 @@ mod tests {
 
     fn run_on(model: &AdaptedModel, batch: &Batch, memory: StepOptions, device: &Device) -> (f64, Vec<Vec<f32>>) {
         let mut grads = GradientsAccumulator::new();
-        let loss = forward_backward(model, batch, 0.5, memory, 7, device, &mut grads).unwrap();
+        let loss = forward_backward(model, batch, 0.5, memory, None, 7, device, &mut grads).unwrap();
         (loss, gradients(model, grads.grads()))
     }
 
@@ -388,7 +422,7 @@ mod tests {
                     let mut model = method.config().init(base, 5, &device).unwrap();
                     // Non-zero LoRA B and gates, so every parameter has a non-trivial gradient.
                     let mut grads = GradientsAccumulator::new();
-                    forward_backward(&model, &batch(), 1.0, StepOptions::default(), 1, &device, &mut grads).unwrap();
+                    forward_backward(&model, &batch(), 1.0, StepOptions::default(), None, 1, &device, &mut grads).unwrap();
                     model = burn::optim::AdamConfig::new().init().step(1e-2, model, grads.grads());
 
                     let what = |options: StepOptions| format!("{:?} {dtype:?} {quantization:?} {method} {options:?}", config.architecture);
@@ -459,6 +493,59 @@ mod tests {
             let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
             let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(worst <= 1e-5 * scale, "gradient differs by {worst} (scale {scale})");
+        }
+    }
+
+    /// NEFTune's noise: within ±alpha/√(L·d), uniform (standard deviation m/√3), none on prompt
+    /// tuning's virtual positions, padded or packed.
+    #[test]
+    fn embedding_noise_is_uniform_within_its_magnitude_and_spares_virtual_positions() {
+        let _rng = SEEDED_RNG.lock().unwrap();
+        let device = Device::flex();
+        device.seed(3);
+        let (alpha, padded_len, hidden) = (5.0, 50, 64);
+        let magnitude = alpha / ((padded_len * hidden) as f64).sqrt();
+        let padded = TokenBatch::Padded { shape: [2, padded_len], input_ids: vec![0; 2 * padded_len], attention_mask: vec![1; 2 * padded_len] };
+        let noise = with_embedding_noise(Tensor::zeros([2, padded_len, hidden], &device), alpha, padded_len, &padded, 0);
+        let values = noise.into_data().try_to_vec::<f32>().unwrap();
+        assert!(values.iter().all(|v| (v.abs() as f64) <= magnitude));
+        let std = (values.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / values.len() as f64).sqrt();
+        assert!((std / (magnitude / 3f64.sqrt()) - 1.0).abs() < 0.03, "std {std} for magnitude {magnitude}");
+
+        let packed = TokenBatch::Packed { lengths: vec![4, 6], input_ids: vec![0; 10] };
+        for (tokens, rows, positions) in [(packed, 1, 10), (TokenBatch::Padded { shape: [2, 5], input_ids: vec![0; 10], attention_mask: vec![1; 10] }, 2, 5)] {
+            let noise = with_embedding_noise(Tensor::zeros([rows, positions, hidden], &device), alpha, 5, &tokens, 2);
+            let starts: Vec<usize> = match &tokens {
+                TokenBatch::Packed { .. } => vec![0, 4],
+                TokenBatch::Padded { .. } => vec![0, 5],
+            };
+            let values = noise.reshape([rows * positions, hidden]).into_data().try_to_vec::<f32>().unwrap();
+            for (position, row) in values.chunks(hidden).enumerate() {
+                let is_virtual = starts.iter().any(|&start| (start..start + 2).contains(&position));
+                assert_eq!(is_virtual, row.iter().all(|v| *v == 0.0), "position {position} of {tokens:?}");
+            }
+        }
+    }
+
+    /// With NEFTune on, a step is as deterministic as without: checkpointing recomputes the
+    /// layers from the noisy embeddings of the forward pass, so gradients stay bit-identical.
+    #[test]
+    fn embedding_noise_is_drawn_once_per_step() {
+        let _rng = SEEDED_RNG.lock().unwrap();
+        let device = Device::flex().autodiff();
+        let config = configs().remove(0);
+        let run_noisy = |model: &AdaptedModel, options: StepOptions, alpha: Option<f64>| {
+            let mut grads = GradientsAccumulator::new();
+            let loss = forward_backward(model, &batch(), 1.0, options, alpha, 7, &device, &mut grads).unwrap();
+            (loss, gradients(model, grads.grads()))
+        };
+        for method in [methods().remove(0), Method::PromptTuning(PromptTuningConfig { num_virtual_tokens: 3, init_text: None })] {
+            let base = BaseModel::synthetic(config.clone(), DType::F32, None, 3, &device);
+            let model = method.config().init(base, 5, &device).unwrap();
+            let stored = StepOptions::default();
+            let noisy = run_noisy(&model, stored, Some(5.0));
+            assert_ne!(noisy.0, run_noisy(&model, stored, None).0, "{method}: the noise changes the loss");
+            assert_eq!(noisy, run_noisy(&model, StepOptions { checkpoint_every: 1, ..stored }, Some(5.0)), "{method}");
         }
     }
 }

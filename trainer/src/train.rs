@@ -111,15 +111,22 @@ pub fn sft_options(recipe: &Recipe) -> SftOptions {
     SftOptions { cutoff_len: d.cutoff_len, train_on_inputs: d.train_on_inputs, last_turn_only: d.mask_history }
 }
 
-/// The data file's records, and the indices of the training and held-out records: shuffled with
-/// the seed, the last `data.val_size` held out.
+/// The data files' records, and the indices of the training and held-out records: shuffled with
+/// the seed, the last `data.val_size` held out; or every record of `data.eval_path` held out.
 pub fn split_records(recipe: &Recipe) -> Result<(Dataset, Vec<usize>, Vec<usize>), TrainError> {
-    let dataset = Dataset::load(&recipe.data.path)?;
+    let mut dataset = Dataset::load_all(&recipe.data.paths)?;
     let records = dataset.samples.len();
+    if !recipe.data.eval_paths.is_empty() {
+        dataset.append(Dataset::load_all(&recipe.data.eval_paths)?);
+        let mut train: Vec<usize> = (0..records).collect();
+        train.shuffle(&mut StdRng::seed_from_u64(recipe.train.seed));
+        let eval = (records..dataset.samples.len()).collect();
+        return Ok((dataset, train, eval));
+    }
     if recipe.data.val_size >= records {
         return Err(TrainError::Setting {
             key: "data.val_size",
-            reason: format!("{} leaves no training record ({} has {records} records)", recipe.data.val_size, recipe.data.path.display()),
+            reason: format!("{} leaves no training record ({} has {records} records)", recipe.data.val_size, recipe.data.describe()),
         });
     }
     let mut train: Vec<usize> = (0..records).collect();
@@ -133,13 +140,15 @@ fn int_tensor(values: &[i64], shape: [usize; 2], device: &Device) -> Tensor<2, I
 }
 
 /// Learning rate at optimizer step `step` (0-based): linear warmup, then constant, linear or
-/// cosine decay to 0 at `total`, as transformers' schedulers.
+/// cosine decay to 0 at `total`, as transformers' schedulers. As there, warmup starts from 0:
+/// the first step's rate is 0 (its AdamW moments still count).
 pub fn learning_rate(recipe: &Recipe, step: usize, total: usize) -> f64 {
     let t = &recipe.train;
-    if step < t.warmup_steps {
-        return t.lr * (step + 1) as f64 / t.warmup_steps as f64;
+    let warmup = t.warmup(total);
+    if step < warmup {
+        return t.lr * step as f64 / warmup as f64;
     }
-    let progress = (step - t.warmup_steps) as f64 / (total.saturating_sub(t.warmup_steps)).max(1) as f64;
+    let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
     match t.lr_scheduler {
         LrScheduler::Linear => t.lr * (1.0 - progress).max(0.0),
         LrScheduler::Cosine => t.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
@@ -257,7 +266,7 @@ impl<'a> Run<'a> {
         if train_set.is_empty() {
             return Err(TrainError::Setting {
                 key: "data.cutoff_len",
-                reason: format!("no record of {} has a supervised token within {} tokens", recipe.data.path.display(), recipe.data.cutoff_len),
+                reason: format!("no record of {} has a supervised token within {} tokens", recipe.data.describe(), recipe.data.cutoff_len),
             });
         }
         // A GGUF export llama.cpp could not take fails now, not after training.
@@ -267,7 +276,7 @@ impl<'a> Run<'a> {
         let lock = lock_output(&recipe.output.dir)?;
         on_event(Event::Info(format!(
             "data: {} train / {} eval examples from {} ({} truncated to {} tokens, {} without any answer token after truncation, skipped)",
-            train_set.len(), eval_set.len(), recipe.data.path.display(), stats.truncated, recipe.data.cutoff_len, stats.empty.len()
+            train_set.len(), eval_set.len(), recipe.data.describe(), stats.truncated, recipe.data.cutoff_len, stats.empty.len()
         )));
         let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
         let bos = tokenizer.bos_id.filter(|_| tokenizer.adds_bos());
@@ -398,7 +407,7 @@ impl<'a> Run<'a> {
             // Dropout masks depend on the seed, step and micro-batch only: a resumed run draws the same.
             let seed = t.seed.wrapping_add(step as u64).wrapping_mul(1 << 16).wrapping_add(index as u64);
             let weight = batch.supervised_tokens() as f64 / step_tokens as f64;
-            if let Some(micro_loss) = step::forward_backward(&self.model, batch, weight, t.step_options(), seed, &self.device, &mut accumulator) {
+            if let Some(micro_loss) = step::forward_backward(&self.model, batch, weight, t.step_options(), t.neftune(), seed, &self.device, &mut accumulator) {
                 loss += micro_loss;
                 self.tokens_seen += batch.real_tokens();
             }
@@ -472,7 +481,12 @@ impl<'a> Run<'a> {
         let mut summary = self.summary;
         summary.tokens_per_second = self.tokens_seen as f64 / self.train_seconds.max(1e-9);
         if let Some(reason) = self.model.unchanged_reason() {
-            return Err(TrainError::Stopped(format!("{reason} after training: the adapter would equal the base model; not saving it")));
+            // A run of one step with warmup never moves: warmup starts from a rate of 0.
+            let cause = match self.total_steps == 1 && self.recipe.train.warmup(1) > 0 {
+                true => " (its only step had a learning rate of 0: warmup starts from 0, as in transformers; set train.warmup_steps = 0)",
+                false => "",
+            };
+            return Err(TrainError::Stopped(format!("{reason} after training{cause}: the adapter would equal the base model; not saving it")));
         }
         let dir = &self.recipe.output.dir;
         self.method.config().save(&self.model, &self.recipe.model.path.to_string_lossy(), &summary.adapter_dir)?;
@@ -512,4 +526,35 @@ impl<'a> Run<'a> {
 /// The parameters transformers' `Trainer` leaves out of the weight decay: those named `bias`.
 fn biases(method: &Method, model: &AdaptedModel) -> Vec<burn::module::ParamId> {
     method.config().parameter_names(model).into_iter().filter(|(_, name)| name.contains("bias")).map(|(id, _)| id).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_models::hub::Fetch;
+
+    fn recipe(train: &str) -> Recipe {
+        let text = format!("[model]\npath = \"m\"\n[adapter]\nmethod = \"lora\"\n[data]\npath = \"d.json\"\n[output]\ndir = \"out\"\n[train]\nlr = 1.0\n{train}\n");
+        Recipe::parse(Path::new("r.toml"), &text, &[], &[], Fetch::CacheOnly).unwrap()
+    }
+
+    /// The rate of each of 10 optimizer steps with 3 of warmup (lr 1), as transformers'
+    /// `get_scheduler(name, optimizer, num_warmup_steps=3, num_training_steps=10)` sets it for
+    /// each `optimizer.step()` (transformers 5.23.0); warmup 0.25 of 10 steps is ⌈2.5⌉ = 3.
+    #[test]
+    fn schedules_are_transformers() {
+        let cases = [
+            ("linear", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.857142857143, 0.714285714286, 0.571428571429, 0.428571428571, 0.285714285714, 0.142857142857]),
+            ("cosine", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.950484433951, 0.811744900929, 0.611260466978, 0.388739533022, 0.188255099071, 0.049515566049]),
+            ("constant", [0.0, 0.333333333333, 0.666666666667, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ];
+        for (name, want) in cases {
+            for warmup in ["warmup_steps = 3", "warmup_ratio = 0.25"] {
+                let r = recipe(&format!("lr_scheduler = \"{name}\"\n{warmup}"));
+                let got: Vec<f64> = (0..10).map(|step| learning_rate(&r, step, 10)).collect();
+                assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-11), "{name}, {warmup}: {got:?}");
+            }
+        }
+        assert_eq!(learning_rate(&recipe("lr_scheduler = \"linear\""), 0, 10), 1.0);
+    }
 }
