@@ -212,7 +212,7 @@ pub struct TrainSection {
     /// Stop after this many optimizer steps (0: run all epochs).
     pub max_steps: usize,
     pub lr: f64,
-    /// `constant`, `linear` or `cosine` (after warmup).
+    /// `constant`, `constant_with_warmup`, `linear` or `cosine`.
     pub lr_scheduler: LrScheduler,
     pub warmup_steps: usize,
     /// Warmup as a fraction of the run's optimizer steps, `⌈ratio · steps⌉` (transformers'
@@ -393,11 +393,13 @@ impl ExportSection {
     }
 }
 
-/// The learning-rate schedule after warmup.
+/// The learning-rate schedule after warmup, by transformers' names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum LrScheduler {
+    /// No warmup (transformers' `constant` ignores it; a recipe giving both is refused).
     Constant,
+    ConstantWithWarmup,
     Linear,
     Cosine,
 }
@@ -517,6 +519,9 @@ impl Recipe {
         }
         if t.warmup_ratio > 0.0 && t.warmup_steps > 0 {
             return Err("'train.warmup_steps' and 'train.warmup_ratio' are both set: give one".into());
+        }
+        if t.lr_scheduler == LrScheduler::Constant && (t.warmup_steps > 0 || t.warmup_ratio > 0.0) {
+            return Err("'train.lr_scheduler': \"constant\" has no warmup (transformers' ignores its warmup steps): use \"constant_with_warmup\", or no warmup".into());
         }
         if !(t.neftune_noise_alpha >= 0.0 && t.neftune_noise_alpha.is_finite()) {
             return Err(format!("'train.neftune_noise_alpha' is {}; expected a finite alpha >= 0 (0: off)", t.neftune_noise_alpha));
@@ -714,10 +719,11 @@ mod tests {
         let r = load(MINIMAL, &["train.warmup_ratio=0.03", "train.neftune_noise_alpha=5"]).unwrap();
         assert_eq!((r.train.warmup(1000), r.train.neftune()), (30, Some(5.0)));
         assert_eq!((load(MINIMAL, &[]).unwrap().train.neftune()), None);
-        let cases: [(&[&str], &str); 3] = [
+        let cases: [(&[&str], &str); 4] = [
             (&["train.warmup_ratio=1.5"], "'train.warmup_ratio' is 1.5; expected 0 <= ratio < 1"),
             (&["train.warmup_ratio=0.1", "train.warmup_steps=10"], "both set: give one"),
             (&["train.neftune_noise_alpha=-1.0"], "'train.neftune_noise_alpha' is -1"),
+            (&["train.lr_scheduler=constant", "train.warmup_steps=5"], "use \"constant_with_warmup\""),
         ];
         let e = load(MINIMAL, &["data.eval_path=\"dev.json\"", "data.val_size=10"]).unwrap_err();
         assert!(e.contains("'data.val_size' and 'data.eval_path' both"), "{e}");

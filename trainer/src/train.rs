@@ -152,7 +152,7 @@ pub fn learning_rate(recipe: &Recipe, step: usize, total: usize) -> f64 {
     match t.lr_scheduler {
         LrScheduler::Linear => t.lr * (1.0 - progress).max(0.0),
         LrScheduler::Cosine => t.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
-        LrScheduler::Constant => t.lr,
+        LrScheduler::Constant | LrScheduler::ConstantWithWarmup => t.lr,
     }
 }
 
@@ -546,7 +546,7 @@ mod tests {
         let cases = [
             ("linear", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.857142857143, 0.714285714286, 0.571428571429, 0.428571428571, 0.285714285714, 0.142857142857]),
             ("cosine", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.950484433951, 0.811744900929, 0.611260466978, 0.388739533022, 0.188255099071, 0.049515566049]),
-            ("constant", [0.0, 0.333333333333, 0.666666666667, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+            ("constant_with_warmup", [0.0, 0.333333333333, 0.666666666667, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
         ];
         for (name, want) in cases {
             for warmup in ["warmup_steps = 3", "warmup_ratio = 0.25"] {
@@ -556,5 +556,6 @@ mod tests {
             }
         }
         assert_eq!(learning_rate(&recipe("lr_scheduler = \"linear\""), 0, 10), 1.0);
+        assert_eq!(learning_rate(&recipe("lr_scheduler = \"constant\""), 0, 10), 1.0);
     }
 }
