@@ -1,0 +1,59 @@
+//! The training loop against transformers' `Trainer` + PEFT, step by step
+//! (`tests/fixtures/trainer_run`, made by `tests/fixtures/generate_trainer_run.py`): LoRA from
+//! PEFT's initial adapter, 12 steps of two accumulated micro-batches, warmup from 0 and cosine
+//! decay, AdamW with weight decay, the gradient norm clipped. Each step's learning rate, loss and
+//! gradient norm, and the adapter after the last step, must be the reference's.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{ember, repository};
+
+fn tensors(path: &std::path::Path) -> HashMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
+        .collect()
+}
+
+#[test]
+fn training_steps_are_transformers_trainers() {
+    let fixture = repository().join("tests/fixtures/trainer_run");
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let output = ember(&["train", fixture.join("recipe.toml").to_str().unwrap(), "--quiet", "--set", &format!("output.dir=\"{}\"", run.display())]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("reference.json")).unwrap()).unwrap();
+    let steps: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|m| m.get("loss").is_some())
+        .collect();
+    let want = reference["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), want.len());
+    for (got, want) in steps.iter().zip(want) {
+        let value = |m: &serde_json::Value, key: &str| m[key].as_f64().unwrap();
+        let step = value(want, "step");
+        assert_eq!(value(got, "step"), step);
+        assert!((value(got, "lr") - value(want, "lr")).abs() < 1e-12, "step {step}: lr {} vs {}", value(got, "lr"), value(want, "lr"));
+        assert!((value(got, "loss") - value(want, "loss")).abs() < 2e-5, "step {step}: loss {} vs {}", value(got, "loss"), value(want, "loss"));
+        let (norm, want_norm) = (value(got, "grad_norm"), value(want, "grad_norm"));
+        assert!((norm - want_norm).abs() < 1e-4 * want_norm, "step {step}: gradient norm {norm} vs {want_norm}");
+    }
+
+    let trained = tensors(&run.join("adapter/adapter_model.safetensors"));
+    let reference = tensors(&fixture.join("reference_adapter/adapter_model.safetensors"));
+    let initial = tensors(&fixture.join("init_adapter/adapter_model.safetensors"));
+    assert_eq!(trained.len(), reference.len());
+    for (name, want) in &reference {
+        let got = trained.get(name).unwrap_or_else(|| panic!("no {name} in ember's adapter"));
+        let worst = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let moved = want.iter().zip(&initial[name]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(moved > 1e-3 && worst < 2e-5, "{name}: {worst} from the reference, which moved {moved}");
+    }
+}
