@@ -1,8 +1,9 @@
 //! The training loop against transformers' `Trainer` + PEFT, step by step
-//! (`tests/fixtures/trainer_run`, made by `tests/fixtures/generate_trainer_run.py`): LoRA from
+//! (`tests/fixtures/trainer_run`, made by `tests/fixtures/generate_trainer_run.py`): for each
+//! case (LoRA; every bias trained with a bias on B; DoRA; prefix tuning; prompt tuning), from
 //! PEFT's initial adapter, 12 steps of two accumulated micro-batches, warmup from 0 and cosine
-//! decay, AdamW with weight decay, the gradient norm clipped. Each step's learning rate, loss and
-//! gradient norm, and the adapter after the last step, must be the reference's.
+//! decay, AdamW with weight decay (not on biases), the gradient norm clipped. Each step's learning
+//! rate, loss and gradient norm, and the adapter after the last step, must be the reference's.
 
 mod common;
 
@@ -22,12 +23,20 @@ fn tensors(path: &std::path::Path) -> HashMap<String, Vec<f32>> {
 #[test]
 fn training_steps_are_transformers_trainers() {
     let fixture = repository().join("tests/fixtures/trainer_run");
+    for case in ["lora", "lora_biases", "dora", "prefix", "prompt_tuning"] {
+        check_case(&fixture, case);
+    }
+}
+
+fn check_case(fixture: &std::path::Path, case: &str) {
+    let dir = fixture.join(case);
     let out = tempfile::tempdir().unwrap();
     let run = out.path().join("run");
-    let output = ember(&["train", fixture.join("recipe.toml").to_str().unwrap(), "--quiet", "--set", &format!("output.dir=\"{}\"", run.display())]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let sets = [format!("adapter.init_from=\"{}\"", dir.join("init_adapter").display()), format!("output.dir=\"{}\"", run.display())];
+    let output = ember(&["train", fixture.join("recipe.toml").to_str().unwrap(), "--quiet", "--set", &sets[0], "--set", &sets[1]]);
+    assert!(output.status.success(), "{case}: {}", String::from_utf8_lossy(&output.stderr));
 
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("reference.json")).unwrap()).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let steps: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -35,25 +44,30 @@ fn training_steps_are_transformers_trainers() {
         .filter(|m| m.get("loss").is_some())
         .collect();
     let want = reference["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), want.len());
+    assert_eq!(steps.len(), want.len(), "{case}");
     for (got, want) in steps.iter().zip(want) {
         let value = |m: &serde_json::Value, key: &str| m[key].as_f64().unwrap();
         let step = value(want, "step");
         assert_eq!(value(got, "step"), step);
-        assert!((value(got, "lr") - value(want, "lr")).abs() < 1e-12, "step {step}: lr {} vs {}", value(got, "lr"), value(want, "lr"));
-        assert!((value(got, "loss") - value(want, "loss")).abs() < 2e-5, "step {step}: loss {} vs {}", value(got, "loss"), value(want, "loss"));
+        assert!((value(got, "lr") - value(want, "lr")).abs() < 1e-12, "{case} step {step}: lr {} vs {}", value(got, "lr"), value(want, "lr"));
+        assert!((value(got, "loss") - value(want, "loss")).abs() < 2e-5, "{case} step {step}: loss {} vs {}", value(got, "loss"), value(want, "loss"));
         let (norm, want_norm) = (value(got, "grad_norm"), value(want, "grad_norm"));
-        assert!((norm - want_norm).abs() < 1e-4 * want_norm, "step {step}: gradient norm {norm} vs {want_norm}");
+        assert!((norm - want_norm).abs() < 1e-4 * want_norm, "{case} step {step}: gradient norm {norm} vs {want_norm}");
     }
 
     let trained = tensors(&run.join("adapter/adapter_model.safetensors"));
-    let reference = tensors(&fixture.join("reference_adapter/adapter_model.safetensors"));
-    let initial = tensors(&fixture.join("init_adapter/adapter_model.safetensors"));
-    assert_eq!(trained.len(), reference.len());
+    let reference = tensors(&dir.join("reference_adapter/adapter_model.safetensors"));
+    let initial = tensors(&dir.join("init_adapter/adapter_model.safetensors"));
+    assert_eq!(trained.len(), reference.len(), "{case}: {:?}", trained.keys().collect::<Vec<_>>());
     for (name, want) in &reference {
-        let got = trained.get(name).unwrap_or_else(|| panic!("no {name} in ember's adapter"));
+        // A key's bias shifts every score of a query by the same amount, which softmax ignores:
+        // its gradient is 0 up to rounding, and Adam turns either side's rounding into full steps.
+        if name.ends_with("k_proj.bias") {
+            continue;
+        }
+        let got = trained.get(name).unwrap_or_else(|| panic!("{case}: no {name} in ember's adapter"));
         let worst = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         let moved = want.iter().zip(&initial[name]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(moved > 1e-3 && worst < 2e-5, "{name}: {worst} from the reference, which moved {moved}");
+        assert!(moved > 1e-4 && worst < 2e-5, "{case} {name}: {worst} from the reference, which moved {moved}");
     }
 }
