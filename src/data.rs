@@ -17,6 +17,9 @@ pub fn preview(recipe_path: &Path, overrides: &[String], limit: usize, as_json: 
     let format = template(&recipe)?;
     let options = sft_options(&recipe);
     let (dataset, _, held_out) = split_records(&recipe)?;
+    if matches!(format, ember_data::Format::Text) && !as_json {
+        println!("plain text: training joins the records (text + EOS) and cuts them into blocks of {} tokens; each record is shown alone\n", options.cutoff_len);
+    }
     for (index, sample) in dataset.samples.iter().enumerate().take(limit) {
         let record_error = |e: String| dataset.record_error(index, e);
         let (example, truncated) = format.example(&tokenizer, sample, &options).map_err(record_error)?;

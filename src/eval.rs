@@ -117,7 +117,7 @@ fn write_answers(path: &Path, samples: &[Sample], base: &[String], adapter: &[St
             let (instruction, input, reference) = match sample.instruction() {
                 Some(r) => (r.instruction, r.input, r.output),
                 None => {
-                    let messages = sample.conversation().messages;
+                    let messages = sample.conversation().map(|c| c.messages).unwrap_or_default();
                     let last = |role: Role| messages.iter().rev().find(|m| m.role == role).map(|m| m.content.clone()).unwrap_or_default();
                     (last(Role::User), String::new(), last(Role::Assistant))
                 }

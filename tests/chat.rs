@@ -90,7 +90,7 @@ fn every_format_through_every_template_trains_on_the_answers() {
         let format = Format::named(name, dir).unwrap().unwrap();
         let ends = turn_ends(name, &tokenizer);
         for (index, sample) in dataset.samples.iter().enumerate() {
-            let conversation = sample.conversation();
+            let conversation = sample.conversation().expect("chat records");
             if *name == "chatglm2" && conversation.messages[0].role == Role::System {
                 let options = SftOptions { cutoff_len: 4096, train_on_inputs: false, last_turn_only: false };
                 assert!(format.example(&tokenizer, sample, &options).unwrap_err().contains("no system role"));
@@ -201,4 +201,55 @@ fn data_preview_shows_ids_and_labels() {
     let output = ember(&["data", "preview", &recipe, "--limit", "1"]);
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(stdout.contains("⟦Blue.<|im_end|>\n⟧") && stdout.starts_with("record 0 (train, "), "{stdout}");
+}
+
+/// Plain text (`template = "text"`, continued pretraining): `.txt` lines and `{"text"}` records
+/// join as `text + EOS` in file order and are cut into blocks, each starting with BOS where the
+/// tokenizer adds one, every token trained on, the last shorter block kept; text and other
+/// records never mix.
+#[test]
+fn plain_text_is_packed_into_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let txt = dir.path().join("corpus.txt");
+    std::fs::write(&txt, "first document\n\n  \nsecond one, a little longer\nthird\n").unwrap();
+    let jsonl = dir.path().join("corpus.jsonl");
+    std::fs::write(&jsonl, "{\"text\": \"first document\"}\n{\"text\": \"second one, a little longer\"}\n{\"text\": \"third\"}\n").unwrap();
+    let tokenizer = Tokenizer::from_dir(&fixture("tiny_llama")).unwrap();
+    let (bos, eos) = (tokenizer.bos_id.unwrap(), tokenizer.eos_id.unwrap());
+    assert!(tokenizer.adds_bos());
+    let format = Format::named("text", &fixture("tiny_llama")).unwrap().unwrap();
+    let options = SftOptions { cutoff_len: 8, train_on_inputs: false, last_turn_only: false };
+    let stream: Vec<u32> = ["first document", "second one, a little longer", "third"]
+        .iter()
+        .flat_map(|text| tokenizer.encode(text, false).unwrap().into_iter().chain([eos]))
+        .collect();
+    for path in [&txt, &jsonl] {
+        let dataset = Dataset::load(path).unwrap();
+        assert_eq!(dataset.samples.len(), 3, "{}", path.display());
+        // Indices in any order: blocks follow the file.
+        let (blocks, stats) = ember_data::sft::build_examples(&tokenizer, &format, &dataset, &[2, 0, 1], &options).unwrap();
+        assert_eq!(stats.records, 3);
+        assert_eq!(blocks.len(), stream.len().div_ceil(7));
+        let mut joined = Vec::new();
+        for block in &blocks {
+            assert!(block.input_ids.len() <= 8 && block.input_ids[0] == bos);
+            assert!(block.labels.iter().zip(&block.input_ids).all(|(l, id)| *l == *id as i64));
+            joined.extend_from_slice(&block.input_ids[1..]);
+        }
+        assert_eq!(joined, stream);
+    }
+    // One record alone (what `data preview` and `ember eval`'s prompts see): BOS + text + EOS.
+    let dataset = Dataset::load(&txt).unwrap();
+    let (example, truncated) = format.example(&tokenizer, &dataset.samples[2], &options).unwrap();
+    assert!(!truncated && example.input_ids[0] == bos && *example.input_ids.last().unwrap() == eos);
+
+    let alpaca = Dataset::load(&data("alpaca_en_sample_200.json")).unwrap();
+    let e = ember_data::sft::build_examples(&tokenizer, &format, &alpaca, &[0], &options).unwrap_err().to_string();
+    assert!(e.contains("record 0") && e.contains("trains on plain-text records"), "{e}");
+    let prompt = Format::named("alpaca", &fixture("tiny_llama")).unwrap().unwrap();
+    let e = ember_data::sft::build_examples(&tokenizer, &prompt, &dataset, &[1], &options).unwrap_err().to_string();
+    assert!(e.contains("corpus.txt: record 1") && e.contains("needs data.template = \"text\""), "{e}");
+    std::fs::write(&jsonl, "{\"text\": \"a\", \"system\": \"s\"}\n").unwrap();
+    let e = Dataset::load(&jsonl).unwrap_err().to_string();
+    assert!(e.contains("record 0") && e.contains("has no 'system'"), "{e}");
 }

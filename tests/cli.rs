@@ -196,6 +196,7 @@ fn method_recipes_train_export_and_generate() {
         ("ci/tiny-qlora.toml", "tiny_llama", PEFT),
         ("ci/tiny-vocab-chat.toml", "tiny_llama_vocab", PEFT),
         ("ci/tiny-lora-options.toml", "tiny_qwen2", PEFT),
+        ("ci/tiny-pretrain.toml", "tiny_llama_vocab", PEFT),
     ] {
         let out = tempfile::tempdir().unwrap();
         let run = out.path().join("run");

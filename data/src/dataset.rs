@@ -2,7 +2,9 @@
 //! - Alpaca: `instruction`, optional `input`, `output`; with LLaMA-Factory's optional `system`
 //!   and `history: [[query, answer], …]` it is a conversation;
 //! - ShareGPT: `conversations: [{from: human|gpt|system|observation, value}]`, optional `system`;
-//! - OpenAI: `messages: [{role: system|user|assistant|tool, content}]`.
+//! - OpenAI: `messages: [{role: system|user|assistant|tool, content}]`;
+//! - plain text: `text` (continued pretraining); a `.txt` file is one such record per non-empty
+//!   line.
 
 use std::path::{Path, PathBuf};
 
@@ -10,29 +12,24 @@ use serde_json::{Map, Value};
 
 use crate::chat::{Conversation, Message, Role};
 
-/// One record: a single instruction (rendered by prompt or chat templates) or a conversation
-/// (chat templates only).
+/// One record: a single instruction (rendered by prompt or chat templates), a conversation
+/// (chat templates only) or plain text (the `text` template only).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sample {
     Instruction(Record),
     Chat(Conversation),
+    Text(String),
 }
 
 impl Sample {
     /// The record as a conversation: the instruction (and its input on the next line, as
-    /// LLaMA-Factory joins them) from the user, the output from the assistant.
-    pub fn conversation(&self) -> Conversation {
+    /// LLaMA-Factory joins them) from the user, the output from the assistant. Plain text is
+    /// none.
+    pub fn conversation(&self) -> Option<Conversation> {
         match self {
-            Sample::Chat(c) => c.clone(),
-            Sample::Instruction(r) => {
-                let query = if r.input.is_empty() { r.instruction.clone() } else { format!("{}\n{}", r.instruction, r.input) };
-                Conversation {
-                    messages: vec![
-                        Message { role: Role::User, content: query },
-                        Message { role: Role::Assistant, content: r.output.clone() },
-                    ],
-                }
-            }
+            Sample::Chat(c) => Some(c.clone()),
+            Sample::Instruction(r) => Some(Conversation { messages: r.turns() }),
+            Sample::Text(_) => None,
         }
     }
 
@@ -47,6 +44,7 @@ impl Sample {
                 }
                 _ => None,
             },
+            Sample::Text(_) => None,
         }
     }
 }
@@ -97,6 +95,15 @@ pub struct Record {
     pub output: String,
 }
 
+impl Record {
+    /// The user's turn (the instruction, and its input on the next line, as LLaMA-Factory
+    /// joins them) and the assistant's (the output).
+    fn turns(&self) -> Vec<Message> {
+        let query = if self.input.is_empty() { self.instruction.clone() } else { format!("{}\n{}", self.instruction, self.input) };
+        vec![Message { role: Role::User, content: query }, Message { role: Role::Assistant, content: self.output.clone() }]
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
     #[error("{}: {source}", path.display())]
@@ -121,6 +128,11 @@ pub fn parse(path: &Path, mut bytes: Vec<u8>) -> Result<Vec<Sample>, DatasetErro
     }
     let invalid = |reason: String| DatasetError::Invalid { path: path.to_path_buf(), reason };
     let text = String::from_utf8(bytes).map_err(|e| invalid(format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to())))?;
+    let name = path.to_string_lossy();
+    if name.ends_with(".txt") || name.ends_with(".txt.gz") {
+        let lines: Vec<Sample> = text.lines().filter(|line| !line.trim().is_empty()).map(|line| Sample::Text(line.to_string())).collect();
+        return if lines.is_empty() { Err(invalid("no records".into())) } else { Ok(lines) };
+    }
     let values: Vec<Value> = if text.trim_start().starts_with('[') {
         serde_json::from_str(&text).map_err(|e| invalid(format!("malformed JSON: {e}")))?
     } else {
@@ -153,6 +165,11 @@ fn parse_sample(value: &Value) -> Result<Sample, String> {
         messages.extend(turns(list, "messages", "role", "content")?);
     } else if let Some(list) = obj.get("conversations") {
         messages.extend(turns(list, "conversations", "from", "value")?);
+    } else if obj.contains_key("text") && !obj.contains_key("instruction") {
+        if !messages.is_empty() {
+            return Err("a plain-text record ('text') has no 'system'".into());
+        }
+        return Ok(Sample::Text(string_field(obj, "text", true)?));
     } else {
         let record = Record {
             instruction: string_field(obj, "instruction", true)?,
@@ -171,7 +188,7 @@ fn parse_sample(value: &Value) -> Result<Sample, String> {
             messages.push(Message { role: Role::User, content: query });
             messages.push(Message { role: Role::Assistant, content: answer });
         }
-        messages.extend(Sample::Instruction(record).conversation().messages);
+        messages.extend(record.turns());
     }
     let conversation = Conversation { messages };
     conversation.validate()?;

@@ -45,22 +45,31 @@ pub struct SftStats {
     pub empty: Vec<usize>,
 }
 
-/// How records become text: a prompt template for single instructions, or a chat template.
+/// How records become text: a prompt template for single instructions, a chat template, or
+/// plain text (continued pretraining).
 #[derive(Debug, Clone)]
 pub enum Format {
     Prompt(Template),
     Chat(ChatTemplate),
+    /// `{"text": …}` records, every token trained on; [`build_examples`] packs them into blocks.
+    Text,
 }
+
+/// The name of [`Format::Text`].
+pub const TEXT_TEMPLATE: &str = "text";
 
 /// Every template name `Format::named` accepts.
 pub fn template_names() -> Vec<&'static str> {
-    PROMPT_TEMPLATES.iter().chain(crate::chat::CHAT_TEMPLATES).copied().collect()
+    PROMPT_TEMPLATES.iter().chain(crate::chat::CHAT_TEMPLATES).copied().chain([TEXT_TEMPLATE]).collect()
 }
 
 impl Format {
     /// The template called `name` (`auto` reads `model_dir`'s chat template); `Ok(None)` for a
     /// name that is not built in.
     pub fn named(name: &str, model_dir: &Path) -> Result<Option<Self>, String> {
+        if name == TEXT_TEMPLATE {
+            return Ok(Some(Format::Text));
+        }
         if let Some(template) = Template::builtin(name) {
             return Ok(Some(Format::Prompt(template)));
         }
@@ -68,15 +77,24 @@ impl Format {
     }
 
     /// The example of `sample`, and whether it was truncated; errors say what is wrong with it.
+    /// Plain text becomes `text + EOS` (BOS first where the tokenizer adds it), truncated.
     pub fn example(&self, tokenizer: &Tokenizer, sample: &Sample, options: &SftOptions) -> Result<(Example, bool), String> {
         match self {
             Format::Prompt(template) => {
-                let record = sample.instruction().ok_or_else(single_instruction_only)?;
+                let record = sample.instruction().ok_or_else(|| single_instruction_only(sample))?;
                 build_example(tokenizer, template, &record, options).map_err(|e| e.to_string())
             }
             Format::Chat(template) => {
                 let policy = LossPolicy { last_turn_only: options.last_turn_only, train_on_inputs: options.train_on_inputs };
-                template.example(tokenizer, &sample.conversation(), policy, options.cutoff_len)
+                template.example(tokenizer, &conversation(sample)?, policy, options.cutoff_len)
+            }
+            Format::Text => {
+                let mut input_ids = tokenizer.bos_id.filter(|_| tokenizer.adds_bos()).into_iter().collect::<Vec<_>>();
+                input_ids.extend(text_ids(tokenizer, sample)?);
+                let truncated = input_ids.len() > options.cutoff_len;
+                input_ids.truncate(options.cutoff_len);
+                let labels = input_ids.iter().map(|&id| id as i64).collect();
+                Ok((Example { input_ids, labels }, truncated))
             }
         }
     }
@@ -85,13 +103,14 @@ impl Format {
     pub fn text(&self, tokenizer: &Tokenizer, sample: &Sample, options: &SftOptions) -> Result<String, String> {
         match self {
             Format::Prompt(template) => {
-                let record = sample.instruction().ok_or_else(single_instruction_only)?;
+                let record = sample.instruction().ok_or_else(|| single_instruction_only(sample))?;
                 Ok(format!("{}{}{}", template.render(&record), record.output, tokenizer.eos_token().unwrap_or_default()))
             }
             Format::Chat(template) => {
                 let policy = LossPolicy { last_turn_only: options.last_turn_only, train_on_inputs: options.train_on_inputs };
-                Ok(template.text(tokenizer, &template.render(&sample.conversation(), policy, false)?))
+                Ok(template.text(tokenizer, &template.render(&conversation(sample)?, policy, false)?))
             }
+            Format::Text => Ok(format!("{}{}", plain_text(sample)?, tokenizer.eos_token().unwrap_or_default())),
         }
     }
 
@@ -99,21 +118,72 @@ impl Format {
     pub fn prompt_ids(&self, tokenizer: &Tokenizer, sample: &Sample) -> Result<Vec<u32>, String> {
         match self {
             Format::Prompt(template) => {
-                let record = sample.instruction().ok_or_else(single_instruction_only)?;
+                let record = sample.instruction().ok_or_else(|| single_instruction_only(sample))?;
                 let prompt = template.render(&Record { output: String::new(), ..record });
                 tokenizer.encode(&prompt, true).map_err(|e| e.to_string())
             }
             Format::Chat(template) => {
-                let mut conversation = sample.conversation();
+                let mut conversation = conversation(sample)?;
                 conversation.messages.pop();
                 template.prompt_ids(tokenizer, &conversation)
             }
+            Format::Text => Err("plain text has no question to answer".into()),
         }
     }
 }
 
-fn single_instruction_only() -> String {
-    format!("a conversation needs a chat template ({}); prompt templates render single instructions", crate::chat::CHAT_TEMPLATES.join(", "))
+fn single_instruction_only(sample: &Sample) -> String {
+    match sample {
+        Sample::Text(_) => text_needs_text_template(),
+        _ => format!("a conversation needs a chat template ({}); prompt templates render single instructions", crate::chat::CHAT_TEMPLATES.join(", ")),
+    }
+}
+
+fn text_needs_text_template() -> String {
+    format!("a plain-text record ('text') needs data.template = \"{TEXT_TEMPLATE}\" (continued pretraining)")
+}
+
+fn conversation(sample: &Sample) -> Result<crate::chat::Conversation, String> {
+    sample.conversation().ok_or_else(text_needs_text_template)
+}
+
+fn plain_text(sample: &Sample) -> Result<&str, String> {
+    match sample {
+        Sample::Text(text) => Ok(text),
+        _ => Err(format!("data.template = \"{TEXT_TEMPLATE}\" trains on plain-text records ({{\"text\": …}} or .txt lines); this one is an instruction or a conversation")),
+    }
+}
+
+/// `text + EOS` without other special tokens, as LLaMA-Factory's pretraining stage encodes it.
+fn text_ids(tokenizer: &Tokenizer, sample: &Sample) -> Result<Vec<u32>, String> {
+    let eos = tokenizer.eos_id.ok_or("the tokenizer has no EOS token")?;
+    let mut ids = tokenizer.encode(plain_text(sample)?, false).map_err(|e| e.to_string())?;
+    ids.push(eos);
+    Ok(ids)
+}
+
+/// Continued pretraining's examples: the records' `text + EOS` concatenated in file order and
+/// cut into blocks of `cutoff_len` tokens, every token trained on (LLaMA-Factory's and
+/// transformers' `run_clm` `group_texts`). Where the tokenizer adds BOS, each block starts with
+/// it (LLaMA-Factory writes it over the block's first token; here it comes first, so no token is
+/// lost). The last, shorter block is kept, not dropped.
+fn text_blocks(tokenizer: &Tokenizer, dataset: &Dataset, indices: &[usize], cutoff_len: usize) -> Result<Vec<Example>, DatasetError> {
+    let mut ordered = indices.to_vec();
+    ordered.sort_unstable();
+    let mut stream = Vec::new();
+    for index in ordered {
+        stream.extend(text_ids(tokenizer, &dataset.samples[index]).map_err(|e| dataset.record_error(index, e))?);
+    }
+    let bos = tokenizer.bos_id.filter(|_| tokenizer.adds_bos());
+    let block = cutoff_len.saturating_sub(usize::from(bos.is_some())).max(1);
+    Ok(stream
+        .chunks(block)
+        .map(|chunk| {
+            let input_ids: Vec<u32> = bos.into_iter().chain(chunk.iter().copied()).collect();
+            let labels = input_ids.iter().map(|&id| id as i64).collect();
+            Example { input_ids, labels }
+        })
+        .collect())
 }
 
 /// `input_ids = tok(source + output) + [eos]`, `labels = input_ids` with the first
@@ -139,7 +209,8 @@ pub fn build_example(tokenizer: &Tokenizer, template: &Template, record: &Record
 }
 
 /// The examples of `dataset`'s records at `indices`; records with no supervised token left are
-/// reported in the stats and left out. An error names the record.
+/// reported in the stats and left out. Plain text becomes blocks ([`Format::Text`]). An error
+/// names the record.
 pub fn build_examples(
     tokenizer: &Tokenizer,
     format: &Format,
@@ -148,6 +219,9 @@ pub fn build_examples(
     options: &SftOptions,
 ) -> Result<(Vec<Example>, SftStats), DatasetError> {
     let mut stats = SftStats { records: indices.len(), ..Default::default() };
+    if let Format::Text = format {
+        return Ok((text_blocks(tokenizer, dataset, indices, options.cutoff_len)?, stats));
+    }
     let mut examples = Vec::with_capacity(indices.len());
     for &index in indices {
         let (example, truncated) = format.example(tokenizer, &dataset.samples[index], options).map_err(|e| dataset.record_error(index, e))?;

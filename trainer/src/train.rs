@@ -274,10 +274,16 @@ impl<'a> Run<'a> {
         // After the checks of the tokenizer and the data, so that a bad recipe leaves no output
         // folder behind; before the model loads, so that a second run on the folder stops at once.
         let lock = lock_output(&recipe.output.dir)?;
-        on_event(Event::Info(format!(
-            "data: {} train / {} eval examples from {} ({} truncated to {} tokens, {} without any answer token after truncation, skipped)",
-            train_set.len(), eval_set.len(), recipe.data.describe(), stats.truncated, recipe.data.cutoff_len, stats.empty.len()
-        )));
+        on_event(Event::Info(match template {
+            Format::Text => format!(
+                "data: {} train / {} eval blocks of up to {} tokens from {} (plain text: {} records)",
+                train_set.len(), eval_set.len(), recipe.data.cutoff_len, recipe.data.describe(), stats.records
+            ),
+            _ => format!(
+                "data: {} train / {} eval examples from {} ({} truncated to {} tokens, {} without any answer token after truncation, skipped)",
+                train_set.len(), eval_set.len(), recipe.data.describe(), stats.truncated, recipe.data.cutoff_len, stats.empty.len()
+            ),
+        }));
         let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
         let bos = tokenizer.bos_id.filter(|_| tokenizer.adds_bos());
 
