@@ -58,7 +58,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     let format = ember_models::template(request.template, request.base)
         .map_err(|e| bad_input(anyhow::anyhow!(e)))?
         .ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{}'", request.template)))?;
-    let dataset = Dataset::load(request.data)?;
+    let dataset = Dataset::load(&ember_models::hub::data_file(request.data, ember_models::hub::Fetch::Download)?)?;
     let to_answer = request.generate.min(dataset.samples.len());
     let records = if request.limit > 0 { request.limit.min(dataset.samples.len()) } else { dataset.samples.len() };
     let indices: Vec<usize> = (0..records).collect();

@@ -40,6 +40,7 @@ fn is_dataset(path: &Path) -> bool {
 /// it (as llama-imatrix reads its `-f` file); a dataset's records as training renders them
 /// (`template`, answers included, each cut at `cutoff_len`), one after another.
 fn calibration_tokens(tokenizer: &Tokenizer, data: &Path, template: &str, base: &Path, cutoff_len: usize) -> anyhow::Result<Vec<u32>> {
+    let data = &ember_models::hub::data_file(data, ember_models::hub::Fetch::Download)?;
     if !is_dataset(data) {
         let text = std::fs::read(data).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", data.display())))?;
         let text = String::from_utf8(text)

@@ -223,7 +223,7 @@ fn hub_ids_not_in_the_cache_are_downloaded() {
     assert_eq!(hub.requests.lock().unwrap().len(), asked);
 
     // An id the hub does not have is the input's fault; a hub that cannot be reached is not.
-    assert_bad_input(&ember_with_env(&["inspect", "org/absent"], &env), &["org/absent", "no such model or revision", "HTTP 404"]);
+    assert_bad_input(&ember_with_env(&["inspect", "org/absent"], &env), &["org/absent", "no such repository, revision or file", "HTTP 404"]);
     let closed = TcpListener::bind("127.0.0.1:0").unwrap();
     let unreachable = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
@@ -239,4 +239,44 @@ fn hub_ids_not_in_the_cache_are_downloaded() {
     assert_eq!(check.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("'model.path'") && stderr.contains("revision 'v2'"), "{stderr}");
     assert_eq!(hub.requests.lock().unwrap().len(), asked);
+}
+
+/// A data file of a hub dataset (`hf://datasets/org/name[@revision]/file`): downloaded alone into
+/// the cache as huggingface_hub lays it out, read from there after; errors name the URL and the
+/// command that fetches it.
+#[test]
+fn dataset_files_come_from_the_hub_cache() {
+    let records = std::fs::read(repository().join("tests/data/alpaca_en_sample_200.json")).unwrap();
+    let files = vec![("data/train.json".to_string(), records), ("README.md".to_string(), b"# alpaca".to_vec())];
+    let hub = FakeHub::start(vec![("datasets/org/alpaca", files)]);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let url = "hf://datasets/org/alpaca/data/train.json";
+    let recipe = dir.path().join("r.toml");
+    let text = format!(
+        "[model]\npath = {:?}\n[adapter]\nmethod = \"lora\"\n[data]\npath = \"{url}\"\ncutoff_len = 64\nval_size = 10\n[train]\nmax_steps = 1\n[output]\ndir = {:?}\n",
+        tiny(),
+        dir.path().join("run")
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let env = [("HF_HUB_CACHE", cache.to_str().unwrap()), ("HF_ENDPOINT", hub.endpoint.as_str()), ("HF_HUB_OFFLINE", "")];
+    let output = ember_with_env(&["train", recipe.to_str().unwrap(), "--quiet"], &env);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let fetched = hub.file_requests();
+    assert!(!fetched.is_empty() && fetched.iter().all(|p| p == "/datasets/org/alpaca/resolve/main/data/train.json"), "{fetched:?}");
+    let file = cache.join("datasets--org--alpaca/snapshots").join(MAIN).join("data/train.json");
+    assert!(std::fs::symlink_metadata(&file).unwrap().file_type().is_symlink());
+
+    // From the cache after: offline, and `ember eval --data` takes the URL too.
+    let offline = [("HF_HUB_CACHE", cache.to_str().unwrap()), ("HF_HUB_OFFLINE", "1")];
+    let base = tiny();
+    let eval = |data: &str, env: &[(&str, &str)]| ember_with_env(&["eval", "--base", base.to_str().unwrap(), "--data", data, "--limit", "4"], env);
+    let output = eval(url, &offline);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let absent = format!("{url}x");
+    let command = "huggingface-cli download --repo-type dataset org/alpaca data/train.jsonx";
+    assert_bad_input(&eval(&absent, &offline), &["train.jsonx", "HF_HUB_OFFLINE", command]);
+    assert_bad_input(&eval(&absent, &env), &["train.jsonx", "HTTP 404"]);
+    assert_bad_input(&eval("hf://datasets/org/alpaca", &env), &["expected hf://datasets/<org>/<name>"]);
 }

@@ -1,6 +1,9 @@
-//! Models named by hub id (`HuggingFaceTB/SmolLM2-135M-Instruct[@revision]`), found in the
+//! Models named by hub id (`HuggingFaceTB/SmolLM2-135M-Instruct[@revision]`), and data files of
+//! dataset repositories named as `huggingface_hub`'s file system names them
+//! (`hf://datasets/yahma/alpaca-cleaned[@revision]/alpaca_data_cleaned.json`), found in the
 //! Hugging Face cache as `huggingface_hub` lays it out: `models--org--name/refs/<revision>`
-//! holds a commit hash, `snapshots/<hash>/` the files (symlinks into `blobs/`).
+//! (`datasets--org--name/…`) holds a commit hash, `snapshots/<hash>/` the files (symlinks into
+//! `blobs/`).
 //!
 //! The cache is `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`. ember
 //! reads it first. A model that is not there is downloaded into it (the `download` feature:
@@ -68,31 +71,85 @@ fn split_spec(spec: &str) -> (&str, &str) {
     spec.split_once('@').unwrap_or((spec, "main"))
 }
 
-/// The command that puts `id` at `revision` into the cache, for error lines.
-fn download_command(id: &str, revision: &str) -> String {
+/// The command that puts `id` at `revision` into the cache (only `file` of it, when given: a
+/// dataset's file), for error lines.
+fn download_command(id: &str, revision: &str, file: Option<&str>) -> String {
     let revision = if revision == "main" { String::new() } else { format!(" --revision {revision}") };
-    format!("huggingface-cli download {id}{revision}")
+    match file {
+        None => format!("huggingface-cli download {id}{revision}"),
+        Some(file) => format!("huggingface-cli download --repo-type dataset {id} {file}{revision}"),
+    }
 }
 
 /// The snapshot folder of hub id `spec` (`org/name[@revision]`, revision `main` by default) in
 /// `cache`. A revision is a ref (`refs/<revision>`) or a commit hash with a snapshot.
 pub fn resolve(spec: &str, cache: &Path) -> Result<PathBuf, LoadError> {
     let (id, revision) = split_spec(spec);
-    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
-    let missing = |what: String| LoadError::Invalid { path: PathBuf::from(spec), reason: format!("{what}; download it with `{}`", download_command(id, revision)) };
+    let missing = |what: String| LoadError::Invalid { path: PathBuf::from(spec), reason: format!("{what}; download it with `{}`", download_command(id, revision, None)) };
+    let config = snapshot_file("models", id, revision, "config.json", cache).map_err(missing)?;
+    Ok(config.parent().expect("a file of a snapshot").to_path_buf())
+}
+
+/// `file` in the snapshot of repository `id` (of `kind`: `models`, `datasets`) at `revision`
+/// in `cache`; the error says what is missing.
+fn snapshot_file(kind: &str, id: &str, revision: &str, file: &str, cache: &Path) -> Result<PathBuf, String> {
+    let repo = cache.join(format!("{kind}--{}", id.replace('/', "--")));
     if !repo.is_dir() {
-        return Err(missing(format!("not in the Hugging Face cache {}", cache.display())));
+        return Err(format!("not in the Hugging Face cache {}", cache.display()));
     }
     let hash = match std::fs::read_to_string(repo.join("refs").join(revision)) {
         Ok(hash) => hash.trim().to_string(),
         Err(_) if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) => revision.to_string(),
-        Err(_) => return Err(missing(format!("revision '{revision}' is not in the cache (no refs/{revision})"))),
+        Err(_) => return Err(format!("revision '{revision}' is not in the cache (no refs/{revision})")),
     };
-    let snapshot = repo.join("snapshots").join(&hash);
-    if !snapshot.join("config.json").is_file() {
-        return Err(missing(format!("snapshot {hash} in {} has no config.json (missing, or a link to a blob that is not there)", repo.display())));
+    let path = repo.join("snapshots").join(&hash).join(file);
+    if !path.is_file() {
+        return Err(format!("snapshot {hash} in {} has no {file} (missing, or a link to a blob that is not there)", repo.display()));
     }
-    Ok(snapshot)
+    Ok(path)
+}
+
+/// The prefix of a dataset file's URL.
+const DATASET_URL: &str = "hf://datasets/";
+
+/// Whether `text` names a file of a hub dataset: `hf://datasets/org/name[@revision]/path`.
+pub fn is_dataset_url(text: &str) -> bool {
+    text.starts_with(DATASET_URL)
+}
+
+/// `hf://datasets/org/name[@revision]/path` as (id, revision, path); `None` when malformed.
+fn split_dataset_url(text: &str) -> Option<(&str, &str, &str)> {
+    let rest = text.strip_prefix(DATASET_URL)?;
+    let (org, rest) = rest.split_once('/')?;
+    let (name, file) = rest.split_once('/')?;
+    let id = &text[DATASET_URL.len()..DATASET_URL.len() + org.len() + 1 + name.len()];
+    let (id, revision) = split_spec(id);
+    let safe = !file.is_empty() && file.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+    (is_hub_id(id) && !revision.is_empty() && safe).then_some((id, revision, file))
+}
+
+/// The local file of a dataset URL (`hf://datasets/org/name[@revision]/path`) in the cache,
+/// downloaded first (that file alone) when `fetch` allows it and it is not there; any other path
+/// as it is.
+pub fn data_file(path: &Path, fetch: Fetch) -> Result<PathBuf, LoadError> {
+    let text = path.to_string_lossy();
+    if !is_dataset_url(&text) {
+        return Ok(path.to_path_buf());
+    }
+    let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
+    let (id, revision, file) = split_dataset_url(&text).ok_or_else(|| invalid("expected hf://datasets/<org>/<name>[@<revision>]/<file in the repository>".into()))?;
+    let cache = cache_dir().ok_or_else(|| invalid("no hub cache: set HF_HUB_CACHE or HF_HOME".into()))?;
+    let missing = |what: String| invalid(format!("{what}; download it with `{}`", download_command(id, revision, Some(file))));
+    match snapshot_file("datasets", id, revision, file, &cache) {
+        Ok(found) => Ok(found),
+        Err(what) if fetch == Fetch::Download && cfg!(feature = "download") && !offline() => {
+            #[cfg(feature = "download")]
+            download::dataset_file(id, revision, file, &cache, &download::Remote::from_env())?;
+            snapshot_file("datasets", id, revision, file, &cache).map_err(|_| missing(what))
+        }
+        Err(what) if offline() => Err(missing(format!("{what} (HF_HUB_OFFLINE is set)"))),
+        Err(what) => Err(missing(what)),
+    }
 }
 
 /// Downloading a model repository into the cache with `hf-hub`, the way `huggingface_hub` lays
@@ -122,6 +179,30 @@ mod download {
             let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
             Remote { endpoint: var("HF_ENDPOINT").map(|e| e.trim_end_matches('/').to_string()), token: var("HF_TOKEN") }
         }
+
+        /// A client writing into `cache`.
+        fn api(&self, cache: &Path) -> Result<hf_hub::api::sync::Api, ApiError> {
+            let mut builder = ApiBuilder::from_cache(Cache::new(cache.to_path_buf())).with_retries(3);
+            if let Some(endpoint) = &self.endpoint {
+                builder = builder.with_endpoint(endpoint.clone());
+            }
+            if self.token.is_some() {
+                builder = builder.with_token(self.token.clone());
+            }
+            builder.build()
+        }
+    }
+
+    /// Downloads `file` of dataset repository `id` at `revision` into `cache` (atomically, as
+    /// [`snapshot`] does).
+    pub fn dataset_file(id: &str, revision: &str, file: &str, cache: &Path, remote: &Remote) -> Result<(), LoadError> {
+        let spec = format!("{}{id}@{revision}/{file}", super::DATASET_URL);
+        let fail = |what: &str, e: ApiError| failure(&spec, &download_command(id, revision, Some(file)), what, e);
+        let api = remote.api(cache).map_err(|e| fail("starting the download", e))?;
+        let repo = api.repo(Repo::with_revision(id.to_string(), RepoType::Dataset, revision.to_string()));
+        repo.get(file).map_err(|e| fail(&format!("downloading {file}"), e))?;
+        eprintln!("downloaded {spec} into {}", cache.display());
+        Ok(())
     }
 
     /// Files of a model ember reads, as transformers picks them: config, tokenizer and generation
@@ -163,15 +244,8 @@ mod download {
     /// temporary file, then renames it into `blobs/`).
     pub fn snapshot(spec: &str, cache: &Path, remote: &Remote) -> Result<(), LoadError> {
         let (id, revision) = split_spec(spec);
-        let mut builder = ApiBuilder::from_cache(Cache::new(cache.to_path_buf())).with_retries(3);
-        if let Some(endpoint) = &remote.endpoint {
-            builder = builder.with_endpoint(endpoint.clone());
-        }
-        if remote.token.is_some() {
-            builder = builder.with_token(remote.token.clone());
-        }
-        let fail = |what: &str, e: ApiError| failure(spec, &download_command(id, revision), what, e);
-        let api = builder.build().map_err(|e| fail("starting the download", e))?;
+        let fail = |what: &str, e: ApiError| failure(spec, &download_command(id, revision, None), what, e);
+        let api = remote.api(cache).map_err(|e| fail("starting the download", e))?;
         let repo = api.repo(Repo::with_revision(id.to_string(), RepoType::Model, revision.to_string()));
         let info = repo.info().map_err(|e| fail("listing its files", e))?;
         let listing: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
@@ -207,10 +281,10 @@ mod download {
             _ => None,
         };
         match status {
-            Some(404) => LoadError::Invalid { path: spec.into(), reason: format!("no such model or revision on the hub ({what}: HTTP 404)") },
+            Some(404) => LoadError::Invalid { path: spec.into(), reason: format!("no such repository, revision or file on the hub ({what}: HTTP 404)") },
             Some(code @ (401 | 403)) => LoadError::Invalid {
                 path: spec.into(),
-                reason: format!("access denied ({what}: HTTP {code}): a gated or private model needs HF_TOKEN, or a login with `huggingface-cli login`"),
+                reason: format!("access denied ({what}: HTTP {code}): a gated or private repository needs HF_TOKEN, or a login with `huggingface-cli login`"),
             },
             _ => LoadError::Download { id: spec.to_string(), reason: format!("{what} failed: {error}; fetch it with `{command}`, or set HF_HUB_OFFLINE=1 to use the cache only") },
         }
@@ -229,5 +303,23 @@ mod tests {
         for path in ["./org/name", "../models/llama", "/abs/dir", "models", "a/b/c", "org/..", ".hidden/x", "org/na me"] {
             assert!(!is_hub_id(path), "{path}");
         }
+    }
+
+    #[test]
+    fn dataset_urls_split_into_id_revision_and_file() {
+        let cases = [
+            ("hf://datasets/yahma/alpaca-cleaned/alpaca_data_cleaned.json", Some(("yahma/alpaca-cleaned", "main", "alpaca_data_cleaned.json"))),
+            ("hf://datasets/org/name@v1.0/data/train.jsonl", Some(("org/name", "v1.0", "data/train.jsonl"))),
+            ("hf://datasets/org/name", None),
+            ("hf://datasets/org/name/", None),
+            ("hf://datasets/org/name/../../secret", None),
+            ("hf://datasets/org/name@/a.json", None),
+            ("hf://datasets/../name/a.json", None),
+        ];
+        for (url, want) in cases {
+            assert!(is_dataset_url(url));
+            assert_eq!(split_dataset_url(url), want, "{url}");
+        }
+        assert!(!is_dataset_url("data/hf://datasets/x"));
     }
 }

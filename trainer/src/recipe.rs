@@ -22,16 +22,17 @@ pub enum RecipeError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{}: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
-    /// `model.path` is a hub id that could not be found or downloaded.
-    #[error("{}: 'model.path': {source}", path.display())]
-    Model { path: PathBuf, source: ember_models::LoadError },
+    /// `model.path` (a hub id) or a data path (a hub dataset's file) could not be found or
+    /// downloaded.
+    #[error("{}: '{key}': {source}", path.display())]
+    Hub { path: PathBuf, key: &'static str, source: ember_models::LoadError },
 }
 
 impl RecipeError {
     /// Whether the recipe is at fault, not the run (a download that failed on the network).
     pub fn is_input(&self) -> bool {
         match self {
-            RecipeError::Model { source, .. } => source.is_input(),
+            RecipeError::Hub { source, .. } => source.is_input(),
             _ => true,
         }
     }
@@ -490,7 +491,13 @@ impl Recipe {
         // model.path may be a hub id (`org/name[@revision]`) when no such folder exists here.
         let model = base.join(&recipe.model.path);
         if recipe.model.path.is_relative() && !model.exists() && hub::is_hub_id(&recipe.model.path.to_string_lossy()) {
-            recipe.model.path = hub::model_dir(&recipe.model.path, fetch).map_err(|source| RecipeError::Model { path: path.to_path_buf(), source })?;
+            recipe.model.path = hub::model_dir(&recipe.model.path, fetch).map_err(|source| RecipeError::Hub { path: path.to_path_buf(), key: "model.path", source })?;
+        }
+        // Data files may be hub datasets' files (`hf://datasets/org/name/file.json`).
+        for (key, paths) in [("data.path", &mut recipe.data.paths), ("data.eval_path", &mut recipe.data.eval_paths)] {
+            for p in paths.iter_mut().filter(|p| hub::is_dataset_url(&p.to_string_lossy())) {
+                *p = hub::data_file(p, fetch).map_err(|source| RecipeError::Hub { path: path.to_path_buf(), key, source })?;
+            }
         }
         for p in [&mut recipe.model.path, &mut recipe.output.dir].into_iter().chain(&mut recipe.data.paths).chain(&mut recipe.data.eval_paths).chain(recipe.adapter.init_from.as_mut()) {
             if p.is_relative() {
