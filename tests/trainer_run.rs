@@ -1,7 +1,7 @@
 //! The training loop against transformers' `Trainer` + PEFT, step by step
 //! (`tests/fixtures/trainer_run`, made by `tests/fixtures/generate_trainer_run.py`): for each
 //! case (LoRA; every bias trained with a bias on B; DoRA; prefix tuning; prompt tuning; QLoRA on
-//! an NF4 base), from
+//! an NF4 base; (IA)³; LLaMA-Adapter's adaption prompts), from
 //! PEFT's initial adapter, 12 steps of two accumulated micro-batches, warmup from 0 and cosine
 //! decay, AdamW with weight decay (not on biases), the gradient norm clipped. Each step's learning
 //! rate, loss and gradient norm, and the adapter after the last step, must be the reference's.
@@ -27,7 +27,7 @@ fn training_steps_are_transformers_trainers() {
     // QLoRA trains on a bitsandbytes NF4 base, ember on its own NF4 of the same bytes. The memory
     // options (checkpointing, a chunked loss, padded batches) must not move a run off the reference.
     let memory: &[&str] = &["train.gradient_checkpointing=true", "train.loss_chunk_tokens=16", "train.padding_free=false"];
-    let cases: [(&str, &[&str]); 8] = [
+    let cases: [(&str, &[&str]); 10] = [
         ("lora", &[]),
         ("lora", memory),
         ("lora_biases", &[]),
@@ -36,6 +36,9 @@ fn training_steps_are_transformers_trainers() {
         ("prompt_tuning", &[]),
         ("qlora_nf4", &["model.quantize=\"nf4\""]),
         ("qlora_nf4", &["model.quantize=\"nf4\"", "train.gradient_checkpointing=true", "train.loss_chunk_tokens=16"]),
+        ("ia3", &[]),
+        // PEFT's adaption prompts are LLaMA's.
+        ("adaption", &["model.path=\"../tiny_llama\""]),
     ];
     for (case, sets) in cases {
         check_case(&fixture, case, sets);
