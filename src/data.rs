@@ -1,10 +1,10 @@
 //! `ember data preview`: a recipe's records as the model sees them, so users can check their
-//! template and loss mask before training.
+//! template and loss mask before training; `ember data stats`: how long its examples are.
 
 use std::path::Path;
 
-use ember_data::sft::IGNORE_INDEX;
-use ember_data::Tokenizer;
+use ember_data::sft::{IGNORE_INDEX, build_examples};
+use ember_data::{Example, Format, SftOptions, Tokenizer};
 use ember_models::hub::Fetch;
 use ember_trainer::recipe::env_overrides;
 use ember_trainer::train::{sft_options, split_records, template};
@@ -41,6 +41,49 @@ pub fn preview(recipe_path: &Path, overrides: &[String], limit: usize, as_json: 
         println!("text:\n{text}");
         println!("tokens (loss in ⟦ ⟧):\n{}", marked_tokens(&tokenizer, &example.input_ids, &example.labels)?);
         println!("ids: {:?}\n", example.input_ids);
+    }
+    Ok(())
+}
+
+/// `ember data stats`: the recipe's data files and split, and its examples' lengths before
+/// and after the cutoff.
+pub fn stats(recipe_path: &Path, overrides: &[String], as_json: bool) -> anyhow::Result<()> {
+    let recipe = Recipe::load_with_env(recipe_path, &env_overrides(), overrides, Fetch::Download)?;
+    let tokenizer = ember_models::load_tokenizer(&recipe.model.path).map_err(TrainError::from)?;
+    let format = template(&recipe)?;
+    let (dataset, train, eval) = split_records(&recipe)?;
+    let cutoff = recipe.data.cutoff_len;
+    let files: Vec<_> = dataset.files().map(|(path, records)| json!({"path": path, "records": records})).collect();
+    let mut out = json!({"files": files, "template": recipe.data.template, "cutoff_len": cutoff});
+    for (name, indices) in [("train", &train), ("eval", &eval)] {
+        // Untruncated (plain text: the blocks themselves), to see what the cutoff cuts.
+        let whole = SftOptions { cutoff_len: if matches!(format, Format::Text) { cutoff } else { usize::MAX }, ..sft_options(&recipe) };
+        let (examples, _) = build_examples(&tokenizer, &format, &dataset, indices, &whole)?;
+        let (cut, stats) = build_examples(&tokenizer, &format, &dataset, indices, &sft_options(&recipe))?;
+        let mut lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
+        lengths.sort_unstable();
+        let at = |q: f64| lengths.get(((lengths.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
+        out[name] = json!({
+            "records": indices.len(), "examples": cut.len(), "without_answer": stats.empty.len(),
+            "truncated": lengths.iter().filter(|&&l| l > cutoff).count(),
+            "length": {"min": at(0.0), "median": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": at(1.0)},
+            "tokens": cut.iter().map(|e| e.input_ids.len()).sum::<usize>(),
+            "supervised_tokens": cut.iter().map(Example::supervised_tokens).sum::<usize>(),
+        });
+    }
+    if as_json {
+        println!("{out}");
+        return Ok(());
+    }
+    let files: Vec<String> = dataset.files().map(|(path, records)| format!("{} ({records} records)", path.display())).collect();
+    println!("data: {}; template {}; cutoff_len {cutoff}", files.join(" + "), recipe.data.template);
+    for name in ["train", "eval"] {
+        let s = &out[name];
+        let l = &s["length"];
+        println!(
+            "{name}: {} examples from {} records ({} without an answer token within the cutoff); length before the cutoff: min {}, median {}, p90 {}, p99 {}, max {}; {} truncated; {} tokens, {} with loss",
+            s["examples"], s["records"], s["without_answer"], l["min"], l["median"], l["p90"], l["p99"], l["max"], s["truncated"], s["tokens"], s["supervised_tokens"]
+        );
     }
     Ok(())
 }

@@ -520,6 +520,19 @@ enum DataCommand {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Count a recipe's data as training sees it, to choose cutoff_len and the batch: records a
+    /// file, the train/eval split, example lengths before the cutoff (min, median, p90, p99, max),
+    /// how many the cutoff truncates, and the tokens that carry loss.
+    Stats {
+        /// The TOML recipe.
+        recipe: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Override a recipe key, as in `ember train`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
 }
 
 /// A command-line argument that is wrong (exit code 2). The library's errors carry their own kind;
@@ -622,6 +635,7 @@ fn main() -> ExitCode {
             template: &template, chunk_size, chunks, process_output, dtype, device: &device,
         }),
         Command::Data(DataCommand::Preview { recipe, limit, json, overrides }) => data::preview(&recipe, &overrides, limit, json),
+        Command::Data(DataCommand::Stats { recipe, json, overrides }) => data::stats(&recipe, &overrides, json),
         Command::Train { recipe, overrides, resume, overwrite, quiet, json } => {
             let start = match (resume, overwrite) {
                 (true, _) => ember_trainer::Start::Resume,

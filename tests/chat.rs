@@ -253,3 +253,30 @@ fn plain_text_is_packed_into_blocks() {
     let e = Dataset::load(&jsonl).unwrap_err().to_string();
     assert!(e.contains("record 0") && e.contains("has no 'system'"), "{e}");
 }
+
+/// `ember data stats`: records a file, the split, lengths before the cutoff and what it cuts,
+/// consistent with the examples training builds.
+#[test]
+fn data_stats_count_what_training_sees() {
+    let recipe = repository().join("recipes/ci/tiny-lora-options.toml");
+    let output = ember(&["data", "stats", recipe.to_str().unwrap(), "--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stats: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let files = stats["files"].as_array().unwrap();
+    assert_eq!(files.iter().map(|f| f["records"].as_u64().unwrap()).collect::<Vec<_>>(), [200, 200]);
+    let (train, eval) = (&stats["train"], &stats["eval"]);
+    assert_eq!((train["records"].as_u64(), eval["records"].as_u64()), (Some(380), Some(20)));
+    for part in [train, eval] {
+        let length = &part["length"];
+        let [min, median, max] = ["min", "median", "max"].map(|k| length[k].as_u64().unwrap());
+        assert!(min <= median && median <= max && max > 128, "{part}");
+        // Every example that keeps an answer token is at most the cutoff long.
+        assert!(part["tokens"].as_u64().unwrap() <= 128 * part["examples"].as_u64().unwrap());
+        assert!(part["supervised_tokens"].as_u64().unwrap() > 0 && part["truncated"].as_u64().unwrap() > 0);
+    }
+    let output = ember(&["data", "stats", recipe.to_str().unwrap(), "--set", "data.template=\"text\""]);
+    assert_bad_input(&output, &["alpaca_en_sample_200.json", "record", "trains on plain-text records"]);
+    let text = ember(&["data", "stats", repository().join("recipes/ci/tiny-pretrain.toml").to_str().unwrap()]);
+    let stdout = String::from_utf8(text.stdout).unwrap();
+    assert!(stdout.starts_with("data: ") && stdout.contains("zh_text_sample.txt (200 records)") && stdout.contains("0 truncated"), "{stdout}");
+}

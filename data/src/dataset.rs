@@ -73,6 +73,12 @@ impl Dataset {
         Ok(dataset)
     }
 
+    /// Each file and its number of records.
+    pub fn files(&self) -> impl Iterator<Item = (&Path, usize)> {
+        let ends = self.files.iter().skip(1).map(|(_, first)| *first).chain([self.samples.len()]);
+        self.files.iter().zip(ends).map(|((path, first), end)| (path.as_path(), end - first))
+    }
+
     /// `other`'s records after these.
     pub fn append(&mut self, other: Dataset) {
         let offset = self.samples.len();
