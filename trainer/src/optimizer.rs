@@ -24,6 +24,10 @@ pub struct AdamW {
     weight_decay: f32,
     /// Parameters the weight decay leaves alone.
     undecayed: Vec<ParamId>,
+    /// Parameters whose learning rate is a multiple of the schedule's (LoRA+).
+    lr_scales: Vec<(ParamId, f64)>,
+    /// `lr_scales` laid out as the moments, made at the first update.
+    lr_scale_vector: Option<Tensor<1>>,
     moments: Option<Moments>,
 }
 
@@ -78,13 +82,23 @@ fn layout(trainable: &[(ParamId, Tensor<1>)]) -> Vec<(ParamId, usize)> {
 
 impl AdamW {
     pub fn new(beta_1: f32, beta_2: f32, epsilon: f32, weight_decay: f32) -> Self {
-        Self { beta_1, beta_2, epsilon, weight_decay, undecayed: Vec::new(), moments: None }
+        Self { beta_1, beta_2, epsilon, weight_decay, undecayed: Vec::new(), lr_scales: Vec::new(), lr_scale_vector: None, moments: None }
     }
 
     /// The optimizer with `undecayed` left out of the weight decay (transformers' `Trainer`
     /// leaves out every parameter named `bias`).
     pub fn without_decay(self, undecayed: Vec<ParamId>) -> Self {
         Self { undecayed, ..self }
+    }
+
+    /// The optimizer with each parameter of `lr_scales` at that multiple of the learning rate,
+    /// in its update and its weight decay (torch's parameter groups of other `lr`).
+    pub fn with_lr_scales(self, lr_scales: Vec<(ParamId, f64)>) -> Self {
+        Self { lr_scales, lr_scale_vector: None, ..self }
+    }
+
+    fn lr_scale(&self, id: &ParamId) -> f64 {
+        self.lr_scales.iter().find(|(p, _)| p == id).map_or(1.0, |(_, scale)| *scale)
     }
 
     /// torch's `AdamW` defaults: betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
@@ -146,13 +160,25 @@ impl AdamW {
         let decay = lr * self.weight_decay as f64;
         let params = if decay == 0.0 {
             Tensor::cat(values, 0)
-        } else if self.undecayed.is_empty() {
+        } else if self.undecayed.is_empty() && self.lr_scales.is_empty() {
             Tensor::cat(values, 0).mul_scalar(1.0 - decay)
         } else {
-            let decayed = |(value, (id, _)): (Tensor<1>, &(ParamId, usize))| if self.undecayed.contains(id) { value } else { value.mul_scalar(1.0 - decay) };
+            let decayed = |(value, (id, _)): (Tensor<1>, &(ParamId, usize))| match self.undecayed.contains(id) {
+                true => value,
+                false => value.mul_scalar(1.0 - decay * self.lr_scale(id)),
+            };
             Tensor::cat(values.into_iter().zip(&moments.layout).map(decayed).collect(), 0)
         };
-        let updated = params - delta.mul_scalar(lr);
+        let updated = if self.lr_scales.is_empty() {
+            params - delta.mul_scalar(lr)
+        } else {
+            let scales = self.lr_scale_vector.get_or_insert_with(|| {
+                let values: Vec<f32> = moments.layout.iter().flat_map(|(id, n)| std::iter::repeat_n(self.lr_scales.iter().find(|(p, _)| p == id).map_or(1.0, |(_, s)| *s as f32), *n)).collect();
+                let len = values.len();
+                Tensor::from_data(TensorData::new(values, [len]), &delta.device())
+            });
+            params - delta.mul(scales.clone()).mul_scalar(lr)
+        };
         self.moments = Some(moments);
         model.map(&mut Scatter { flat: updated, offset: 0 })
     }
@@ -333,6 +359,27 @@ mod tests {
         assert_eq!(mixed[..3], decayed[..3]);
         assert_eq!(mixed[3], undecayed[3]);
         assert_ne!(decayed[3], undecayed[3]);
+    }
+
+    /// A parameter at a multiple of the learning rate steps as with that rate, its decay too;
+    /// the others exactly as without multiples.
+    #[test]
+    fn scaled_parameters_step_at_their_own_rate() {
+        let device = Device::default().autodiff();
+        let start = model(&device);
+        let _ = values(&start);
+        let step = |optimizer: &mut AdamW, lr: f64| {
+            let m = start.clone();
+            let g = AdamW::gather(&m, grads(&m, 0, &device));
+            values(&optimizer.step(lr, m, g))
+        };
+        let bias = start.first.bias.as_ref().unwrap().id;
+        let scaled = step(&mut AdamW::new(0.9, 0.95, 1e-6, 0.1).with_lr_scales(vec![(bias, 4.0)]), 1e-2);
+        let plain = step(&mut AdamW::new(0.9, 0.95, 1e-6, 0.1), 1e-2);
+        let faster = step(&mut AdamW::new(0.9, 0.95, 1e-6, 0.1), 4e-2);
+        assert_eq!(scaled[..3], plain[..3]);
+        assert!(scaled[3].iter().zip(&faster[3]).all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1e-3)), "{:?} vs {:?}", scaled[3], faster[3]);
+        assert_ne!(scaled[3], plain[3]);
     }
 
     /// Norm and scaling of the gathered gradients.

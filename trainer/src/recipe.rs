@@ -251,6 +251,11 @@ pub struct TrainSection {
     pub padding_free: bool,
     /// Where else to log: `["tensorboard"]` writes event files under `<output.dir>/tensorboard/`.
     pub report_to: Vec<ReportTo>,
+    /// LoRA+ (PEFT's `create_loraplus_optimizer`): B matrices and every vector (biases, DoRA's
+    /// magnitudes) at this multiple of the learning rate. 0: off. LoRA and DoRA only.
+    pub loraplus_lr_ratio: f64,
+    /// With LoRA+: the learning rate of a LoRA on the embedding (PEFT's default 1e-6).
+    pub loraplus_lr_embedding: f64,
     /// NEFTune: uniform noise on the token embeddings while training, of magnitude
     /// `alpha / √(len · hidden)` (transformers' `neftune_noise_alpha`; the paper's Alpaca runs
     /// used 5). 0: off. Evaluation and generation see no noise.
@@ -313,6 +318,8 @@ impl Default for TrainSection {
             padding_free: true,
             report_to: Vec::new(),
             neftune_noise_alpha: 0.0,
+            loraplus_lr_ratio: 0.0,
+            loraplus_lr_embedding: 1e-6,
         }
     }
 }
@@ -437,7 +444,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
         "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
         "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "gradient_checkpointing_every", "loss_chunk_tokens", "padding_free", "report_to",
-        "neftune_noise_alpha"]),
+        "neftune_noise_alpha", "loraplus_lr_ratio", "loraplus_lr_embedding"]),
     ("output", &["dir"]),
     ("export", &["gguf", "imatrix", "imatrix_chunks", "pre", "merged"]),
 ];
@@ -535,6 +542,12 @@ impl Recipe {
         }
         if !self.data.eval_paths.is_empty() && self.data.val_size > 0 {
             return Err("'data.val_size' and 'data.eval_path' both hold records out for evaluation: give one".into());
+        }
+        if !(t.loraplus_lr_ratio >= 0.0 && t.loraplus_lr_ratio.is_finite()) || !(t.loraplus_lr_embedding > 0.0 && t.loraplus_lr_embedding.is_finite()) {
+            return Err(format!("'train.loraplus_lr_ratio' ({}) must be >= 0 (0: off) and 'train.loraplus_lr_embedding' ({}) > 0", t.loraplus_lr_ratio, t.loraplus_lr_embedding));
+        }
+        if t.loraplus_lr_ratio > 0.0 && !matches!(self.adapter.method, Method::Lora(_) | Method::Dora(_)) {
+            return Err(format!("'train.loraplus_lr_ratio': LoRA+ sets the rates of LoRA's A and B; method '{}' has neither", self.adapter.method.config().name()));
         }
         if t.epochs == 0 && t.max_steps == 0 {
             return Err("'train.epochs' and 'train.max_steps' are both 0: nothing to train".into());
@@ -732,6 +745,9 @@ mod tests {
             (&["train.neftune_noise_alpha=-1.0"], "'train.neftune_noise_alpha' is -1"),
             (&["train.lr_scheduler=constant", "train.warmup_steps=5"], "use \"constant_with_warmup\""),
         ];
+        let e = load(MINIMAL, &["train.loraplus_lr_ratio=16", "adapter.method=ia3"]).unwrap_err();
+        assert!(e.contains("LoRA+ sets the rates of LoRA's A and B; method 'ia3'"), "{e}");
+        assert!(load(MINIMAL, &["train.loraplus_lr_ratio=-1"]).unwrap_err().contains("must be >= 0"));
         let e = load(MINIMAL, &["data.eval_path=\"dev.json\"", "data.val_size=10"]).unwrap_err();
         assert!(e.contains("'data.val_size' and 'data.eval_path' both"), "{e}");
         for (overrides, want) in cases {

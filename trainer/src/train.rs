@@ -306,7 +306,8 @@ impl<'a> Run<'a> {
         on_event(Event::Info(format!("model: {} with {method}: {trainable} trainable of {total} parameters ({:.4}%)",
             recipe.model.path.display(), 100.0 * trainable as f64 / total as f64)));
 
-        let optimizer = AdamW::new(t.adam_beta1 as f32, t.adam_beta2 as f32, t.adam_epsilon as f32, t.weight_decay as f32).without_decay(biases(&method, &model));
+        let optimizer = AdamW::new(t.adam_beta1 as f32, t.adam_beta2 as f32, t.adam_epsilon as f32, t.weight_decay as f32);
+        let optimizer = parameter_groups(recipe, &method, &model, optimizer);
         let steps_per_epoch = train_set.len().div_ceil(t.micro_batch_size * t.gradient_accumulation_steps);
         let total_steps = if t.max_steps > 0 { t.max_steps } else { steps_per_epoch * t.epochs };
 
@@ -356,8 +357,8 @@ impl<'a> Run<'a> {
         let state = checkpoint::read_state(&dir)?;
         let (model, optimizer) = checkpoint::restore(&dir, self.model.clone(), self.optimizer.clone())?;
         // The checkpoint's parameters come with their ids.
-        let undecayed = biases(&self.method, &model);
-        (self.model, self.optimizer) = (model, optimizer.without_decay(undecayed));
+        let optimizer = parameter_groups(self.recipe, &self.method, &model, optimizer);
+        (self.model, self.optimizer) = (model, optimizer);
         (self.position, self.tokens_seen, self.train_seconds) = (state.position, state.tokens_seen, state.train_seconds);
         self.summary = Summary { adapter_dir: self.summary.adapter_dir.clone(), metrics: self.summary.metrics.clone(), plot: None, exports: Vec::new(), ..state.summary };
         on_event(Event::Info(format!("resumed from {} at step {}", dir.display(), self.position.step)));
@@ -529,9 +530,43 @@ impl<'a> Run<'a> {
     }
 }
 
-/// The parameters transformers' `Trainer` leaves out of the weight decay: those named `bias`.
-fn biases(method: &Method, model: &AdaptedModel) -> Vec<burn::module::ParamId> {
-    method.config().parameter_names(model).into_iter().filter(|(_, name)| name.contains("bias")).map(|(id, _)| id).collect()
+/// `optimizer` with `model`'s parameter groups: those transformers' `Trainer` leaves out of the
+/// weight decay (named `bias`), and with LoRA+ the rates of PEFT's `create_loraplus_optimizer`:
+/// a LoRA on the embedding at `loraplus_lr_embedding`, every B and every vector at
+/// `loraplus_lr_ratio` times the rate, the rest (A, whole modules, trained tokens) at the rate.
+fn parameter_groups(recipe: &Recipe, method: &Method, model: &AdaptedModel, optimizer: AdamW) -> AdamW {
+    let names = method.config().parameter_names(model);
+    let undecayed = names.iter().filter(|(_, name)| name.contains("bias")).map(|(id, _)| *id).collect();
+    let optimizer = optimizer.without_decay(undecayed);
+    let t = &recipe.train;
+    if t.loraplus_lr_ratio == 0.0 {
+        return optimizer;
+    }
+    let vectors = vector_parameters(model);
+    let scales = names
+        .into_iter()
+        .filter_map(|(id, name)| match () {
+            _ if name.contains("lora_embedding_") => Some((id, t.loraplus_lr_embedding / t.lr)),
+            _ if name.contains("lora_B") || vectors.contains(&id) => Some((id, t.loraplus_lr_ratio)),
+            _ => None,
+        })
+        .collect();
+    optimizer.with_lr_scales(scales)
+}
+
+/// The trainable parameters with one dimension.
+fn vector_parameters(model: &AdaptedModel) -> Vec<burn::module::ParamId> {
+    struct Vectors(Vec<burn::module::ParamId>);
+    impl burn::module::ModuleVisitor for Vectors {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            if D == 1 && param.val().is_require_grad() {
+                self.0.push(param.id);
+            }
+        }
+    }
+    let mut visitor = Vectors(Vec::new());
+    model.visit(&mut visitor);
+    visitor.0
 }
 
 #[cfg(test)]
