@@ -183,6 +183,36 @@ fn an_eval_file_is_held_out_whole() {
     assert_eq!((summary["train_examples"].as_u64(), summary["eval_examples"].as_u64()), (Some(190), Some(190)));
 }
 
+/// Early stopping and `load_best_model_at_end`: the run stops after `patience` evaluations
+/// without a lower eval loss, and its adapter is the best evaluation's: `ember eval` on the eval
+/// file gives that loss back.
+#[test]
+fn early_stopping_keeps_the_best_adapter() {
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let eval = data("alpaca_zh_sample_200.json");
+    let sets = [
+        "train.max_steps=40".to_string(), "train.lr=0.05".into(), "train.eval_steps=2".into(), "train.early_stopping_patience=2".into(),
+        "train.load_best_model_at_end=true".into(), "data.val_size=0".into(), format!("data.eval_path=\"{}\"", eval.display()),
+        format!("output.dir=\"{}\"", run.display()),
+    ];
+    let mut args = vec!["train".to_string(), recipe("ci/tiny-lora.toml"), "--quiet".into()];
+    args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
+    let output = ember(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let (best_step, stopped) = (summary["best_eval_step"].as_u64().unwrap(), summary["stopped_early_at"].as_u64().unwrap());
+    assert_eq!((stopped, summary["steps"].as_u64().unwrap()), (best_step + 4, stopped), "{summary}");
+    assert!(!run.join("best_adapter").exists());
+    let base = fixtures().join("tiny_llama");
+    let adapter = run.join("adapter");
+    let output = ember(&["eval", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--data", eval.to_str().unwrap(), "--cutoff-len", "128"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let (loss, best) = (result["adapter"]["loss"].as_f64().unwrap(), summary["best_eval_loss"].as_f64().unwrap());
+    assert!((loss - best).abs() < 1e-5, "ember eval {loss} vs the best evaluation's {best}");
+}
+
 /// The method CI recipes train, export in their formats, and generate with the adapter.
 #[test]
 fn method_recipes_train_export_and_generate() {

@@ -251,6 +251,12 @@ pub struct TrainSection {
     pub padding_free: bool,
     /// Where else to log: `["tensorboard"]` writes event files under `<output.dir>/tensorboard/`.
     pub report_to: Vec<ReportTo>,
+    /// Stop when this many evaluations in a row do not lower the best eval loss (transformers'
+    /// `EarlyStoppingCallback`). 0: off. Needs held-out data and `eval_steps`.
+    pub early_stopping_patience: usize,
+    /// The saved adapter is the one of the best evaluation, not the last step's (transformers'
+    /// `load_best_model_at_end`); kept in `<output.dir>/best_adapter/` while training.
+    pub load_best_model_at_end: bool,
     /// LoRA+ (PEFT's `create_loraplus_optimizer`): B matrices and every vector (biases, DoRA's
     /// magnitudes) at this multiple of the learning rate. 0: off. LoRA and DoRA only.
     pub loraplus_lr_ratio: f64,
@@ -320,6 +326,8 @@ impl Default for TrainSection {
             neftune_noise_alpha: 0.0,
             loraplus_lr_ratio: 0.0,
             loraplus_lr_embedding: 1e-6,
+            early_stopping_patience: 0,
+            load_best_model_at_end: false,
         }
     }
 }
@@ -444,7 +452,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
         "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
         "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "gradient_checkpointing_every", "loss_chunk_tokens", "padding_free", "report_to",
-        "neftune_noise_alpha", "loraplus_lr_ratio", "loraplus_lr_embedding"]),
+        "neftune_noise_alpha", "loraplus_lr_ratio", "loraplus_lr_embedding", "early_stopping_patience", "load_best_model_at_end"]),
     ("output", &["dir"]),
     ("export", &["gguf", "imatrix", "imatrix_chunks", "pre", "merged"]),
 ];
@@ -548,6 +556,13 @@ impl Recipe {
         }
         if t.loraplus_lr_ratio > 0.0 && !matches!(self.adapter.method, Method::Lora(_) | Method::Dora(_)) {
             return Err(format!("'train.loraplus_lr_ratio': LoRA+ sets the rates of LoRA's A and B; method '{}' has neither", self.adapter.method.config().name()));
+        }
+        let held_out = self.data.val_size > 0 || !self.data.eval_paths.is_empty();
+        if (t.early_stopping_patience > 0 || t.load_best_model_at_end) && !held_out {
+            return Err("'train.early_stopping_patience' and 'train.load_best_model_at_end' judge by the eval loss: hold records out (data.val_size or data.eval_path)".into());
+        }
+        if t.early_stopping_patience > 0 && t.eval_steps == 0 {
+            return Err("'train.early_stopping_patience' counts evaluations: set train.eval_steps".into());
         }
         if t.epochs == 0 && t.max_steps == 0 {
             return Err("'train.epochs' and 'train.max_steps' are both 0: nothing to train".into());
@@ -745,6 +760,10 @@ mod tests {
             (&["train.neftune_noise_alpha=-1.0"], "'train.neftune_noise_alpha' is -1"),
             (&["train.lr_scheduler=constant", "train.warmup_steps=5"], "use \"constant_with_warmup\""),
         ];
+        let e = load(MINIMAL, &["train.early_stopping_patience=2", "train.eval_steps=5"]).unwrap_err();
+        assert!(e.contains("hold records out"), "{e}");
+        let e = load(MINIMAL, &["train.early_stopping_patience=2", "data.val_size=5"]).unwrap_err();
+        assert!(e.contains("set train.eval_steps"), "{e}");
         let e = load(MINIMAL, &["train.loraplus_lr_ratio=16", "adapter.method=ia3"]).unwrap_err();
         assert!(e.contains("LoRA+ sets the rates of LoRA's A and B; method 'ia3'"), "{e}");
         assert!(load(MINIMAL, &["train.loraplus_lr_ratio=-1"]).unwrap_err().contains("must be >= 0"));

@@ -59,6 +59,15 @@ pub struct Summary {
     pub first_eval_loss: Option<f64>,
     pub final_eval_loss: Option<f64>,
     pub best_eval_loss: Option<f64>,
+    /// The step of the best evaluation.
+    #[serde(default)]
+    pub best_eval_step: Option<usize>,
+    /// Evaluations since the best one (`train.early_stopping_patience` counts them).
+    #[serde(default)]
+    pub evals_since_best: usize,
+    /// The step at which `train.early_stopping_patience` stopped the run.
+    #[serde(default)]
+    pub stopped_early_at: Option<usize>,
     pub tokens_per_second: f64,
     pub seconds: f64,
     pub adapter_dir: PathBuf,

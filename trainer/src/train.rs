@@ -44,7 +44,7 @@ pub enum Start {
 }
 
 /// The files a run writes into its output folder.
-const RUN_FILES: &[&str] = &["metrics.jsonl", "summary.json", "adapter", "checkpoints", "training_curves.png", "merged", "gguf"];
+const RUN_FILES: &[&str] = &["metrics.jsonl", "summary.json", "adapter", "checkpoints", "training_curves.png", "merged", "gguf", "best_adapter"];
 
 /// An advisory lock on the output folder (`.ember.lock`, which holds the holder's PID), so two
 /// live processes never write one folder. The kernel releases it when its holder dies, so a
@@ -324,6 +324,7 @@ impl<'a> Run<'a> {
             skipped_empty_records: stats.empty.clone(), skipped_nonfinite_steps: Vec::new(), truncated_records: stats.truncated,
             trainable_parameters: trainable, total_parameters: total,
             first_train_loss: None, final_train_loss: None, first_eval_loss: None, final_eval_loss: None, best_eval_loss: None,
+            best_eval_step: None, evals_since_best: 0, stopped_early_at: None,
             tokens_per_second: 0.0, seconds: 0.0, adapter_dir: recipe.output.dir.join("adapter"), metrics: metrics.path.clone(), plot: None,
             exports: Vec::new(),
         };
@@ -346,9 +347,20 @@ impl<'a> Run<'a> {
         let summary = &mut self.summary;
         summary.first_eval_loss.get_or_insert(loss);
         summary.final_eval_loss = Some(loss);
-        summary.best_eval_loss = Some(summary.best_eval_loss.map_or(loss, |b| b.min(loss)));
+        // As transformers' early stopping: better means strictly lower.
+        if summary.best_eval_loss.is_none_or(|best| loss < best) {
+            (summary.best_eval_loss, summary.best_eval_step, summary.evals_since_best) = (Some(loss), Some(step), 0);
+            // The untrained adapter (step 0) is a yardstick, never the one saved.
+            if self.recipe.train.load_best_model_at_end && step > 0 {
+                self.method.config().save(&self.model, &self.recipe.model.path.to_string_lossy(), &best_adapter_dir(self.recipe))?;
+            }
+        } else {
+            summary.evals_since_best += 1;
+        }
         self.metrics.write(json!({"step": step, "eval_loss": loss}))
     }
+
+
 
     /// When resuming, puts the checkpoint's parameters, optimizer state, position and summary in
     /// place; otherwise evaluates the untrained adapter (step 0).
@@ -385,6 +397,15 @@ impl<'a> Run<'a> {
                 self.position = Position { step, epoch, next_group: group_index + 1 };
                 if t.eval_steps > 0 && step % t.eval_steps == 0 && step < self.total_steps {
                     self.evaluate(on_event)?;
+                    let patience = t.early_stopping_patience;
+                    if patience > 0 && self.summary.evals_since_best >= patience {
+                        self.summary.stopped_early_at = Some(step);
+                        on_event(Event::Info(format!(
+                            "step {step}: stopping early, {patience} evaluations without a lower eval loss than {:.4} (step {})",
+                            self.summary.best_eval_loss.unwrap_or(f64::NAN), self.summary.best_eval_step.unwrap_or(0)
+                        )));
+                        break 'epochs;
+                    }
                 }
                 if t.save_steps > 0 && step % t.save_steps == 0 && step < self.total_steps {
                     self.save_checkpoint(on_event)?;
@@ -484,7 +505,10 @@ impl<'a> Run<'a> {
 
     /// The last evaluation, then the adapter, the training curves and `summary.json`.
     fn finish(mut self, on_event: &mut dyn FnMut(Event)) -> Result<Summary, TrainError> {
-        self.evaluate(on_event)?;
+        // Early stopping has just evaluated this step.
+        if self.summary.stopped_early_at != Some(self.position.step) {
+            self.evaluate(on_event)?;
+        }
         let mut summary = self.summary;
         summary.tokens_per_second = self.tokens_seen as f64 / self.train_seconds.max(1e-9);
         if let Some(reason) = self.model.unchanged_reason() {
@@ -496,7 +520,17 @@ impl<'a> Run<'a> {
             return Err(TrainError::Stopped(format!("{reason} after training{cause}: the adapter would equal the base model; not saving it")));
         }
         let dir = &self.recipe.output.dir;
-        self.method.config().save(&self.model, &self.recipe.model.path.to_string_lossy(), &summary.adapter_dir)?;
+        let best = best_adapter_dir(self.recipe);
+        if self.recipe.train.load_best_model_at_end && best.is_dir() {
+            // The best evaluation's adapter becomes the run's.
+            std::fs::rename(&best, &summary.adapter_dir).map_err(|e| TrainError::write(&summary.adapter_dir, e))?;
+            on_event(Event::Info(format!("adapter: the best evaluation's (step {}, eval loss {:.4})", summary.best_eval_step.unwrap_or(0), summary.best_eval_loss.unwrap_or(f64::NAN))));
+        } else {
+            if self.recipe.train.load_best_model_at_end {
+                on_event(Event::Info("adapter: the last step's (no evaluation after step 0 had a lower eval loss than the untrained adapter)".into()));
+            }
+            self.method.config().save(&self.model, &self.recipe.model.path.to_string_lossy(), &summary.adapter_dir)?;
+        }
         // The adapter is saved: a plot that cannot be drawn is worth a message, not a failed run.
         let run_name = dir.file_name().map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned());
         match crate::plot::plot_run(dir, &run_name) {
@@ -528,6 +562,11 @@ impl<'a> Run<'a> {
         }
         Ok(summary)
     }
+}
+
+/// Where `train.load_best_model_at_end` keeps the best evaluation's adapter.
+fn best_adapter_dir(recipe: &Recipe) -> PathBuf {
+    recipe.output.dir.join("best_adapter")
 }
 
 /// `optimizer` with `model`'s parameter groups: those transformers' `Trainer` leaves out of the
