@@ -167,9 +167,10 @@ pub struct DataSection {
     /// Conversations: loss on the last assistant turn only (default: every assistant turn).
     #[serde(default)]
     pub mask_history: bool,
-    /// Records held out for evaluation (taken after a seeded shuffle).
+    /// Records held out for evaluation (taken after a seeded shuffle): a number, or a fraction
+    /// below 1.
     #[serde(default)]
-    pub val_size: usize,
+    pub val_size: ValSize,
     /// Batch examples of similar length together (fewer pad tokens), as HF `group_by_length`.
     #[serde(default)]
     pub group_by_length: bool,
@@ -183,6 +184,59 @@ impl DataSection {
         match self.eval_paths.is_empty() {
             true => join(&self.paths),
             false => format!("{} (eval: {})", join(&self.paths), join(&self.eval_paths)),
+        }
+    }
+}
+
+/// `data.val_size`: a number of records, or a fraction of them (LLaMA-Factory's `val_size = 0.1`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum ValSize {
+    #[default]
+    None,
+    Records(usize),
+    /// Above 0 and below 1.
+    Fraction(f64),
+}
+
+impl ValSize {
+    /// Whether any record is held out.
+    pub fn holds_out(self) -> bool {
+        self != ValSize::None
+    }
+
+    /// How many of `records` are held out: a fraction rounds up, as `datasets`' `train_test_split`.
+    pub fn of(self, records: usize) -> usize {
+        match self {
+            ValSize::None => 0,
+            ValSize::Records(n) => n,
+            ValSize::Fraction(f) => (f * records as f64).ceil() as usize,
+        }
+    }
+}
+
+impl std::fmt::Display for ValSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ValSize::None => write!(f, "0"),
+            ValSize::Records(n) => write!(f, "{n}"),
+            ValSize::Fraction(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ValSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Records(u64),
+            Fraction(f64),
+        }
+        match Raw::deserialize(deserializer) {
+            Ok(Raw::Records(0)) => Ok(ValSize::None),
+            Ok(Raw::Records(n)) => Ok(ValSize::Records(n as usize)),
+            Ok(Raw::Fraction(f)) if f > 0.0 && f < 1.0 => Ok(ValSize::Fraction(f)),
+            _ => Err(serde::de::Error::custom("expected a number of records, or a fraction above 0 and below 1")),
         }
     }
 }
@@ -548,7 +602,7 @@ impl Recipe {
         if !(t.neftune_noise_alpha >= 0.0 && t.neftune_noise_alpha.is_finite()) {
             return Err(format!("'train.neftune_noise_alpha' is {}; expected a finite alpha >= 0 (0: off)", t.neftune_noise_alpha));
         }
-        if !self.data.eval_paths.is_empty() && self.data.val_size > 0 {
+        if !self.data.eval_paths.is_empty() && self.data.val_size.holds_out() {
             return Err("'data.val_size' and 'data.eval_path' both hold records out for evaluation: give one".into());
         }
         if !(t.loraplus_lr_ratio >= 0.0 && t.loraplus_lr_ratio.is_finite()) || !(t.loraplus_lr_embedding > 0.0 && t.loraplus_lr_embedding.is_finite()) {
@@ -557,7 +611,7 @@ impl Recipe {
         if t.loraplus_lr_ratio > 0.0 && !matches!(self.adapter.method, Method::Lora(_) | Method::Dora(_)) {
             return Err(format!("'train.loraplus_lr_ratio': LoRA+ sets the rates of LoRA's A and B; method '{}' has neither", self.adapter.method.config().name()));
         }
-        let held_out = self.data.val_size > 0 || !self.data.eval_paths.is_empty();
+        let held_out = self.data.val_size.holds_out() || !self.data.eval_paths.is_empty();
         if (t.early_stopping_patience > 0 || t.load_best_model_at_end) && !held_out {
             return Err("'train.early_stopping_patience' and 'train.load_best_model_at_end' judge by the eval loss: hold records out (data.val_size or data.eval_path)".into());
         }
@@ -767,6 +821,11 @@ mod tests {
         let e = load(MINIMAL, &["train.loraplus_lr_ratio=16", "adapter.method=ia3"]).unwrap_err();
         assert!(e.contains("LoRA+ sets the rates of LoRA's A and B; method 'ia3'"), "{e}");
         assert!(load(MINIMAL, &["train.loraplus_lr_ratio=-1"]).unwrap_err().contains("must be >= 0"));
+        assert_eq!(load(MINIMAL, &["data.val_size=0.1"]).unwrap().data.val_size.of(52002), 5201);
+        assert_eq!(load(MINIMAL, &["data.val_size=2000"]).unwrap().data.val_size.of(52002), 2000);
+        for bad in ["data.val_size=1.5", "data.val_size=-3"] {
+            assert!(load(MINIMAL, &[bad]).unwrap_err().contains("'data.val_size': expected a number of records, or a fraction"), "{bad}");
+        }
         let e = load(MINIMAL, &["data.eval_path=\"dev.json\"", "data.val_size=10"]).unwrap_err();
         assert!(e.contains("'data.val_size' and 'data.eval_path' both"), "{e}");
         for (overrides, want) in cases {

@@ -112,7 +112,8 @@ pub fn sft_options(recipe: &Recipe) -> SftOptions {
 }
 
 /// The data files' records, and the indices of the training and held-out records: shuffled with
-/// the seed, the last `data.val_size` held out; or every record of `data.eval_path` held out.
+/// the seed, the last `data.val_size` (a number, or a fraction rounded up) held out; or every record
+/// of `data.eval_path` held out.
 pub fn split_records(recipe: &Recipe) -> Result<(Dataset, Vec<usize>, Vec<usize>), TrainError> {
     let mut dataset = Dataset::load_all(&recipe.data.paths)?;
     let records = dataset.samples.len();
@@ -123,7 +124,8 @@ pub fn split_records(recipe: &Recipe) -> Result<(Dataset, Vec<usize>, Vec<usize>
         let eval = (records..dataset.samples.len()).collect();
         return Ok((dataset, train, eval));
     }
-    if recipe.data.val_size >= records {
+    let held_out = recipe.data.val_size.of(records);
+    if held_out >= records {
         return Err(TrainError::Setting {
             key: "data.val_size",
             reason: format!("{} leaves no training record ({} has {records} records)", recipe.data.val_size, recipe.data.describe()),
@@ -131,7 +133,7 @@ pub fn split_records(recipe: &Recipe) -> Result<(Dataset, Vec<usize>, Vec<usize>
     }
     let mut train: Vec<usize> = (0..records).collect();
     train.shuffle(&mut StdRng::seed_from_u64(recipe.train.seed));
-    let eval = train.split_off(records - recipe.data.val_size);
+    let eval = train.split_off(records - held_out);
     Ok((dataset, train, eval))
 }
 
