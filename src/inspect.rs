@@ -168,7 +168,11 @@ pub fn training_run(dir: &Path) -> anyhow::Result<()> {
     println!("trainable:      {} of {} parameters ({percent:.4}%)", group_digits(s.trainable_parameters), group_digits(s.total_parameters));
     println!("steps:          {} ({:.2} epochs, {} train / {} eval examples)", s.steps, s.epochs_completed, s.train_examples, s.eval_examples);
     println!("train loss:     {} -> {}", loss(s.first_train_loss), loss(s.final_train_loss));
-    println!("eval loss:      {} -> {} (best {})", loss(s.first_eval_loss), loss(s.final_eval_loss), loss(s.best_eval_loss));
+    let best_step = s.best_eval_step.map_or(String::new(), |step| format!(" at step {step}"));
+    println!("eval loss:      {} -> {} (best {}{best_step})", loss(s.first_eval_loss), loss(s.final_eval_loss), loss(s.best_eval_loss));
+    if let Some(step) = s.stopped_early_at {
+        println!("stopped early:  at step {step} (train.early_stopping_patience)");
+    }
     if let Some(adapter) = adapter {
         println!("adapter:        {}", adapter.display());
     }
