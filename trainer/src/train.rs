@@ -362,8 +362,6 @@ impl<'a> Run<'a> {
         self.metrics.write(json!({"step": step, "eval_loss": loss}))
     }
 
-
-
     /// When resuming, puts the checkpoint's parameters, optimizer state, position and summary in
     /// place; otherwise evaluates the untrained adapter (step 0).
     fn start(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
@@ -584,14 +582,16 @@ fn parameter_groups(recipe: &Recipe, method: &Method, model: &AdaptedModel, opti
         return optimizer;
     }
     let vectors = vector_parameters(model);
-    let scales = names
-        .into_iter()
-        .filter_map(|(id, name)| match () {
-            _ if name.contains("lora_embedding_") => Some((id, t.loraplus_lr_embedding / t.lr)),
-            _ if name.contains("lora_B") || vectors.contains(&id) => Some((id, t.loraplus_lr_ratio)),
-            _ => None,
-        })
-        .collect();
+    let scale = |id: &burn::module::ParamId, name: &str| {
+        if name.contains("lora_embedding_") {
+            Some(t.loraplus_lr_embedding / t.lr)
+        } else if name.contains("lora_B") || vectors.contains(id) {
+            Some(t.loraplus_lr_ratio)
+        } else {
+            None
+        }
+    };
+    let scales = names.into_iter().filter_map(|(id, name)| scale(&id, &name).map(|s| (id, s))).collect();
     optimizer.with_lr_scales(scales)
 }
 
