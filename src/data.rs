@@ -56,15 +56,21 @@ pub fn stats(recipe_path: &Path, overrides: &[String], as_json: bool) -> anyhow:
     let files: Vec<_> = dataset.files().map(|(path, records)| json!({"path": path, "records": records})).collect();
     let mut out = json!({"files": files, "template": recipe.data.template, "cutoff_len": cutoff});
     for (name, indices) in [("train", &train), ("eval", &eval)] {
-        // Untruncated (plain text: the blocks themselves), to see what the cutoff cuts.
+        // Untruncated (plain text: the blocks themselves), to see what the cutoff cuts; training's
+        // examples are these cut at the cutoff, those left with a supervised token.
         let whole = SftOptions { cutoff_len: if matches!(format, Format::Text) { cutoff } else { usize::MAX }, ..sft_options(&recipe) };
-        let (examples, _) = build_examples(&tokenizer, &format, &dataset, indices, &whole)?;
-        let (cut, stats) = build_examples(&tokenizer, &format, &dataset, indices, &sft_options(&recipe))?;
+        let (examples, stats) = build_examples(&tokenizer, &format, &dataset, indices, &whole)?;
+        let cut: Vec<Example> = examples
+            .iter()
+            .map(|e| Example { input_ids: e.input_ids.iter().take(cutoff).copied().collect(), labels: e.labels.iter().take(cutoff).copied().collect() })
+            .filter(|e| e.supervised_tokens() > 0)
+            .collect();
+        let without_answer = stats.empty.len() + examples.len() - cut.len();
         let mut lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
         lengths.sort_unstable();
         let at = |q: f64| lengths.get(((lengths.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
         out[name] = json!({
-            "records": indices.len(), "examples": cut.len(), "without_answer": stats.empty.len(),
+            "records": indices.len(), "examples": cut.len(), "without_answer": without_answer,
             "truncated": lengths.iter().filter(|&&l| l > cutoff).count(),
             "length": {"min": at(0.0), "median": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": at(1.0)},
             "tokens": cut.iter().map(|e| e.input_ids.len()).sum::<usize>(),

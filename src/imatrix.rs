@@ -114,7 +114,7 @@ fn collect(request: &Request, base: &Path, data: &Path, started: std::time::Inst
     let calibration = Calibration {
         tokens: &tokens,
         chunk_size: request.chunk_size,
-        bos: tokenizer.bos_id.filter(|_| tokenizer.adds_bos()),
+        bos: tokenizer.added_bos(),
         max_chunks: request.chunks,
         output: request.process_output,
     };

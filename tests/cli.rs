@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_bad_input, data, ember, ember_with_env, fixtures, parameter_count, recipe, repository, write_micro_llama};
+use common::{assert_bad_input, data, ember, ember_with_env, fixtures, parameter_count, read_json, recipe, repository, write_micro_llama};
 use safetensors::tensor::TensorView;
 
 #[test]
@@ -124,7 +124,7 @@ fn tiny_recipe_trains_merges_and_generates() {
     let run = out.path().join("run");
     let output = ember(&["train", &recipe("ci/tiny-lora.toml"), "--quiet", "--set", &format!("output.dir=\"{}\"", run.display())]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let summary = read_json(&run.join("summary.json"));
     assert_eq!(summary["steps"], 10);
     let (first, last) = (summary["first_eval_loss"].as_f64().unwrap(), summary["final_eval_loss"].as_f64().unwrap());
     assert!(last < first, "eval loss did not fall: {first} -> {last}");
@@ -178,7 +178,7 @@ fn an_eval_file_is_held_out_whole() {
     args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
     let output = ember(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let summary = read_json(&run.join("summary.json"));
     // 200 records each; cutoff 128 leaves 10 English ones without an answer token.
     assert_eq!((summary["train_examples"].as_u64(), summary["eval_examples"].as_u64()), (Some(190), Some(190)));
 }
@@ -200,7 +200,7 @@ fn early_stopping_keeps_the_best_adapter() {
     args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
     let output = ember(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let summary = read_json(&run.join("summary.json"));
     let (best_step, stopped) = (summary["best_eval_step"].as_u64().unwrap(), summary["stopped_early_at"].as_u64().unwrap());
     assert_eq!((stopped, summary["steps"].as_u64().unwrap()), (best_step + 4, stopped), "{summary}");
     assert!(!run.join("best_adapter").exists());
@@ -232,7 +232,7 @@ fn method_recipes_train_export_and_generate() {
         let run = out.path().join("run");
         let output = ember(&["train", &recipe(name), "--quiet", "--set", &format!("output.dir=\"{}\"", run.display())]);
         assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
-        let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+        let summary = read_json(&run.join("summary.json"));
         let (first, last) = (summary["first_eval_loss"].as_f64().unwrap(), summary["final_eval_loss"].as_f64().unwrap());
         assert!(last < first, "{name}: eval loss did not fall: {first} -> {last}");
         for file in files {
@@ -360,7 +360,7 @@ fn train_json_prints_events_and_the_summary_last() {
     let last = events.last().unwrap();
     assert_eq!(last["event"], "summary");
     assert_eq!(last["steps"], 3);
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let summary = read_json(&run.join("summary.json"));
     assert!(summary["final_eval_loss"].as_f64().is_some() && summary["best_eval_loss"].as_f64().is_some());
     assert!(Path::new(summary["adapter_dir"].as_str().unwrap()).join("adapter_config.json").is_file());
     assert!(Path::new(summary["metrics"].as_str().unwrap()).is_file());

@@ -6,22 +6,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_bad_input, ember, repository};
+use common::{assert_bad_input, ember, f32_tensors, repository};
 use ember_models::gguf::GgufFile;
 use safetensors::SafeTensors;
 
 fn fixture(path: &str) -> PathBuf {
     repository().join("tests/fixtures").join(path)
-}
-
-/// Every F32 tensor of a safetensors file, by name.
-fn f32_tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let file = SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<(String, Vec<f32>)> =
-        file.tensors().into_iter().map(|(name, view)| (name, view.data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())).collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
 }
 
 /// `ember import gguf` of `gguf` into `back` gives every tensor of `original` back within

@@ -10,15 +10,10 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{ember, repository};
+use common::{ember, f32_tensors, read_json, repository};
 
 fn tensors(path: &std::path::Path) -> HashMap<String, Vec<f32>> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    file.tensors()
-        .into_iter()
-        .map(|(name, view)| (name, view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
-        .collect()
+    f32_tensors(path).into_iter().collect()
 }
 
 #[test]
@@ -60,7 +55,7 @@ fn check_case(fixture: &std::path::Path, case: &str, extra: &[&str]) {
     let output = ember(&args);
     assert!(output.status.success(), "{case}: {}", String::from_utf8_lossy(&output.stderr));
 
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let reference = read_json(&dir.join("reference.json"));
     let steps: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()

@@ -89,12 +89,11 @@ impl Format {
                 template.example(tokenizer, &conversation(sample)?, policy, options.cutoff_len)
             }
             Format::Text => {
-                let mut input_ids = tokenizer.bos_id.filter(|_| tokenizer.adds_bos()).into_iter().collect::<Vec<_>>();
+                let mut input_ids: Vec<u32> = tokenizer.added_bos().into_iter().collect();
                 input_ids.extend(text_ids(tokenizer, sample)?);
                 let truncated = input_ids.len() > options.cutoff_len;
                 input_ids.truncate(options.cutoff_len);
-                let labels = input_ids.iter().map(|&id| id as i64).collect();
-                Ok((Example { input_ids, labels }, truncated))
+                Ok((all_trained(input_ids), truncated))
             }
         }
     }
@@ -174,16 +173,15 @@ fn text_blocks(tokenizer: &Tokenizer, dataset: &Dataset, indices: &[usize], cuto
     for index in ordered {
         stream.extend(text_ids(tokenizer, &dataset.samples[index]).map_err(|e| dataset.record_error(index, e))?);
     }
-    let bos = tokenizer.bos_id.filter(|_| tokenizer.adds_bos());
+    let bos = tokenizer.added_bos();
     let block = cutoff_len.saturating_sub(usize::from(bos.is_some())).max(1);
-    Ok(stream
-        .chunks(block)
-        .map(|chunk| {
-            let input_ids: Vec<u32> = bos.into_iter().chain(chunk.iter().copied()).collect();
-            let labels = input_ids.iter().map(|&id| id as i64).collect();
-            Example { input_ids, labels }
-        })
-        .collect())
+    Ok(stream.chunks(block).map(|chunk| all_trained(bos.into_iter().chain(chunk.iter().copied()).collect())).collect())
+}
+
+/// An example whose every token carries loss.
+fn all_trained(input_ids: Vec<u32>) -> Example {
+    let labels = input_ids.iter().map(|&id| id as i64).collect();
+    Example { input_ids, labels }
 }
 
 /// `input_ids = tok(source + output) + [eos]`, `labels = input_ids` with the first

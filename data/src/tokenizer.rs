@@ -347,6 +347,11 @@ impl Tokenizer {
         self.bos_id.is_some_and(|bos| self.encode("", true).is_ok_and(|ids| ids.first() == Some(&bos)))
     }
 
+    /// The BOS id, where encoding with special tokens puts it first.
+    pub fn added_bos(&self) -> Option<u32> {
+        self.bos_id.filter(|_| self.adds_bos())
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

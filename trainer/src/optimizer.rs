@@ -172,12 +172,17 @@ impl AdamW {
         let updated = if self.lr_scales.is_empty() {
             params - delta.mul_scalar(lr)
         } else {
-            let scales = self.lr_scale_vector.get_or_insert_with(|| {
-                let values: Vec<f32> = moments.layout.iter().flat_map(|(id, n)| std::iter::repeat_n(self.lr_scales.iter().find(|(p, _)| p == id).map_or(1.0, |(_, s)| *s as f32), *n)).collect();
-                let len = values.len();
-                Tensor::from_data(TensorData::new(values, [len]), &delta.device())
-            });
-            params - delta.mul(scales.clone()).mul_scalar(lr)
+            let scales = match &self.lr_scale_vector {
+                Some(scales) => scales.clone(),
+                None => {
+                    let values: Vec<f32> = moments.layout.iter().flat_map(|(id, n)| std::iter::repeat_n(self.lr_scale(id) as f32, *n)).collect();
+                    let len = values.len();
+                    let scales = Tensor::<1>::from_data(TensorData::new(values, [len]), &delta.device());
+                    self.lr_scale_vector = Some(scales.clone());
+                    scales
+                }
+            };
+            params - delta.mul(scales).mul_scalar(lr)
         };
         self.moments = Some(moments);
         model.map(&mut Scatter { flat: updated, offset: 0 })

@@ -287,7 +287,7 @@ impl<'a> Run<'a> {
             ),
         }));
         let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
-        let bos = tokenizer.bos_id.filter(|_| tokenizer.adds_bos());
+        let bos = tokenizer.added_bos();
 
         let base = BaseModel::load_quantized(&recipe.model.path, recipe.model.dtype, recipe.model.quantization(), &device)?;
         let vocab = recipe.model.vocab_for(tokenizer.vocab_size(), base.config.vocab_size)
