@@ -35,11 +35,11 @@ fn fresh_gated_adapter_leaves_the_base_logits_unchanged() {
 fn trainable_counts_from_shapes_match_fresh_adapters() {
     let device = Device::flex();
     let methods = [
-        Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, exclude: Default::default(), layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default(), bias: Default::default(), lora_bias: false, trainable_token_indices: None }),
+        Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, exclude: Default::default(), layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default(), bias: Default::default(), lora_bias: false, trainable_token_indices: None, init: Default::default() }),
         Method::Prefix(PrefixConfig { num_virtual_tokens: 5, prefix_projection: false, encoder_hidden_size: None }),
         Method::Prefix(PrefixConfig { num_virtual_tokens: 5, prefix_projection: true, encoder_hidden_size: Some(24) }),
         Method::Adaption(AdaptionConfig { adapter_len: 3, adapter_layers: 1 }),
-        Method::Dora(DoraConfig(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, exclude: Default::default(), layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default(), bias: Default::default(), lora_bias: false, trainable_token_indices: None })),
+        Method::Dora(DoraConfig(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, target: Target::AllLinear, exclude: Default::default(), layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default(), bias: Default::default(), lora_bias: false, trainable_token_indices: None, init: Default::default() })),
         Method::Ia3(Ia3Config { target: Target::AllLinear, feedforward: Target::Suffixes(vec!["down_proj".into(), "dense_4h_to_h".into()]), exclude: Default::default() }),
         Method::PromptTuning(PromptTuningConfig { num_virtual_tokens: 4, init_text: None }),
     ];
@@ -96,6 +96,7 @@ fn lora_on_the_embedding_and_head_round_trips_through_peft_format() {
         bias: Default::default(),
         lora_bias: false,
         trainable_token_indices: None,
+        init: Default::default(),
     };
     let dir = fixtures().join("tiny_mistral");
     let base = || BaseModel::load(&dir, LoadDtype::F32, &device).unwrap();

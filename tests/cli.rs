@@ -213,6 +213,48 @@ fn early_stopping_keeps_the_best_adapter() {
     assert!((loss - best).abs() < 1e-5, "ember eval {loss} vs the best evaluation's {best}");
 }
 
+/// PiSSA takes its start out of the frozen weight and saves the adapter converted for the
+/// original base: `ember eval` of the saved adapter on the untouched base gives the run's own
+/// final eval loss back. A quantized base is refused (its weight cannot take the change), and so
+/// is a start given twice (`init_from`).
+#[test]
+fn a_pissa_adapter_is_saved_for_the_original_base() {
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let eval = data("alpaca_zh_sample_200.json");
+    let sets = [
+        "adapter.init_lora_weights=\"pissa_niter_4\"".to_string(), "train.max_steps=6".into(), "train.lr=0.01".into(), "data.val_size=0".into(),
+        format!("data.eval_path=\"{}\"", eval.display()), format!("output.dir=\"{}\"", run.display()),
+    ];
+    let mut args = vec!["train".to_string(), recipe("ci/tiny-lora.toml"), "--quiet".into()];
+    args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
+    let output = ember(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let summary = read_json(&run.join("summary.json"));
+    let config = read_json(&run.join("adapter/adapter_config.json"));
+    assert_eq!((config["r"].as_u64(), config["init_lora_weights"].as_bool()), (Some(16), Some(true)), "{config}");
+    let (base, adapter) = (fixtures().join("tiny_llama"), run.join("adapter"));
+    let output = ember(&["eval", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--data", eval.to_str().unwrap(), "--cutoff-len", "128"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let (loss, trained) = (result["adapter"]["loss"].as_f64().unwrap(), summary["final_eval_loss"].as_f64().unwrap());
+    assert!((loss - trained).abs() < 1e-5, "ember eval {loss} vs the run's {trained}");
+    assert!((loss - result["base"]["loss"].as_f64().unwrap()).abs() > 1e-3, "the adapter changed nothing");
+
+    // Away from the run folder, which --overwrite may clear.
+    let start = out.path().join("start");
+    std::fs::create_dir(&start).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(adapter.join(file), start.join(file)).unwrap();
+    }
+    args.push("--overwrite".into());
+    for (set, needles) in [("model.quantize=\"nf4\"".to_string(), ["init_lora_weights", "quantized"]), (format!("adapter.init_from=\"{}\"", start.display()), ["init_lora_weights", "init_from"])] {
+        let mut args = args.clone();
+        args.extend(["--set".into(), set]);
+        assert_bad_input(&ember(&args.iter().map(String::as_str).collect::<Vec<_>>()), &needles);
+    }
+}
+
 /// The method CI recipes train, export in their formats, and generate with the adapter.
 #[test]
 fn method_recipes_train_export_and_generate() {

@@ -5,6 +5,8 @@
 //! PEFT's initial adapter, 12 steps of two accumulated micro-batches, warmup from 0 and cosine
 //! decay, AdamW with weight decay (not on biases), the gradient norm clipped. Each step's learning
 //! rate, loss and gradient norm, and the adapter after the last step, must be the reference's.
+//! PiSSA and OLoRA make their start from the base weight on both sides instead, and are saved
+//! converted to plain LoRA of rank 2r on the original base.
 
 mod common;
 
@@ -22,7 +24,7 @@ fn training_steps_are_transformers_trainers() {
     // QLoRA trains on a bitsandbytes NF4 base, ember on its own NF4 of the same bytes. The memory
     // options (checkpointing, a chunked loss, padded batches) must not move a run off the reference.
     let memory: &[&str] = &["train.gradient_checkpointing=true", "train.loss_chunk_tokens=16", "train.padding_free=false"];
-    let cases: [(&str, &[&str]); 11] = [
+    let cases: [(&str, &[&str]); 13] = [
         ("lora", &[]),
         ("lora", memory),
         ("lora_biases", &[]),
@@ -36,6 +38,8 @@ fn training_steps_are_transformers_trainers() {
         ("adaption", &["model.path=\"../tiny_llama\""]),
         // LoRA+ against PEFT's create_loraplus_optimizer: B, biases and the embedding's LoRA at rates of their own.
         ("loraplus", &["train.loraplus_lr_ratio=4"]),
+        ("pissa", &["adapter.init_lora_weights=\"pissa\""]),
+        ("olora", &["adapter.init_lora_weights=\"olora\""]),
     ];
     for (case, sets) in cases {
         check_case(&fixture, case, sets);
@@ -46,7 +50,11 @@ fn check_case(fixture: &std::path::Path, case: &str, extra: &[&str]) {
     let dir = fixture.join(case);
     let out = tempfile::tempdir().unwrap();
     let run = out.path().join("run");
-    let sets = [format!("adapter.init_from=\"{}\"", dir.join("init_adapter").display()), format!("output.dir=\"{}\"", run.display())];
+    let own_start = extra.iter().any(|set| set.starts_with("adapter.init_lora_weights"));
+    let mut sets = vec![format!("output.dir=\"{}\"", run.display())];
+    if !own_start {
+        sets.push(format!("adapter.init_from=\"{}\"", dir.join("init_adapter").display()));
+    }
     let recipe = fixture.join("recipe.toml");
     let mut args = vec!["train", recipe.to_str().unwrap(), "--quiet"];
     for set in sets.iter().map(String::as_str).chain(extra.iter().copied()) {
@@ -74,6 +82,9 @@ fn check_case(fixture: &std::path::Path, case: &str, extra: &[&str]) {
         assert!((norm - want_norm).abs() < 1e-4 * want_norm, "{case} step {step}: gradient norm {norm} vs {want_norm}");
     }
 
+    if own_start {
+        return check_converted(case, &run.join("adapter"), &dir.join("reference_adapter"));
+    }
     let trained = tensors(&run.join("adapter/adapter_model.safetensors"));
     // PEFT also saves a copy of a frozen embedding that carries a LoRA (`base_layer.weight`);
     // ember does not (the base has it).
@@ -94,5 +105,48 @@ fn check_case(fixture: &std::path::Path, case: &str, extra: &[&str]) {
         // gradient is near zero carries rounding further: 1e-4, and 1% of what the tensor moved
         // (LoRA+ moves the embedding's LoRA at 1e-6 a step).
         assert!(worst < 1e-4 && worst < 1e-2 * moved, "{case} {name}: {worst} from the reference, which moved {moved}");
+    }
+}
+
+/// A start read from the weight is only defined up to each singular pair's sign, so the converted
+/// adapters are compared by what they add to each weight: `B'·A'` over all 2r components (the
+/// trained update) and over the last r (`−B₀A₀`, the start taken out of the weight).
+fn check_converted(case: &str, got: &std::path::Path, want: &std::path::Path) {
+    let config = |dir: &std::path::Path| {
+        let c = read_json(&dir.join("adapter_config.json"));
+        (c["r"].as_u64().unwrap() as usize, c["lora_alpha"].as_f64().unwrap(), c["init_lora_weights"].clone())
+    };
+    assert_eq!(config(got), config(want), "{case}: r, lora_alpha, init_lora_weights");
+    let rank = config(want).0;
+    let (got, want) = (tensors(&got.join("adapter_model.safetensors")), tensors(&want.join("adapter_model.safetensors")));
+    assert_eq!(got.keys().collect::<std::collections::BTreeSet<_>>(), want.keys().collect(), "{case}");
+    // B·A over the components `parts` of a module whose A is `[rank, in]` and B `[out, rank]`.
+    let product = |t: &HashMap<String, Vec<f32>>, module: &str, parts: std::ops::Range<usize>| -> Vec<f64> {
+        let (a, b) = (&t[&format!("{module}.lora_A.weight")], &t[&format!("{module}.lora_B.weight")]);
+        let (inp, out) = (a.len() / rank, b.len() / rank);
+        let mut p = vec![0.0; out * inp];
+        for o in 0..out {
+            for k in parts.clone() {
+                for i in 0..inp {
+                    p[o * inp + i] += b[o * rank + k] as f64 * a[k * inp + i] as f64;
+                }
+            }
+        }
+        p
+    };
+    // OLoRA's QR has LAPACK's signs on both sides: its factors are the reference's themselves.
+    if case == "olora" {
+        for (name, w) in &want {
+            let worst = got[name].iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst < 1e-5, "{case} {name}: {worst} from the reference");
+        }
+    }
+    for module in want.keys().filter_map(|k| k.strip_suffix(".lora_A.weight")) {
+        for (what, parts) in [("update", 0..rank), ("start", rank / 2..rank)] {
+            let (g, w) = (product(&got, module, parts.clone()), product(&want, module, parts));
+            let worst = g.iter().zip(&w).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            let size = w.iter().fold(0f64, |m, x| m.max(x.abs()));
+            assert!(worst < 1e-4 * size.max(1.0), "{case} {module} {what}: {worst} from the reference, whose largest entry is {size}");
+        }
     }
 }

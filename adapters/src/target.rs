@@ -180,6 +180,11 @@ impl<T: Copy + Serialize> Patterns<T> {
         self.entries.is_empty()
     }
 
+    /// The same patterns with each value through `f`.
+    pub fn map_values(&self, f: impl Fn(T) -> T) -> Self {
+        Self { entries: self.entries.iter().map(|(pattern, re, value)| (pattern.clone(), re.clone(), f(*value))).collect() }
+    }
+
     /// `{pattern: value}` as adapter_config.json holds it.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::Value::Object(self.entries.iter().map(|(pattern, _, value)| (pattern.clone(), serde_json::json!(value))).collect())

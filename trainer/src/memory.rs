@@ -218,7 +218,7 @@ mod tests {
     #[test]
     fn llama_7b_lora_fits_24_gb_only_with_checkpointing() {
         let model = llama_7b();
-        let method = Method::Lora(LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, use_rslora: false, target: Target::AllLinear, exclude: Default::default(), layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default(), bias: Default::default(), lora_bias: false, trainable_token_indices: None });
+        let method = Method::Lora(LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, use_rslora: false, target: Target::AllLinear, exclude: Default::default(), layers_to_transform: None, modules_to_save: Vec::new(), rank_pattern: Default::default(), alpha_pattern: Default::default(), bias: Default::default(), lora_bias: false, trainable_token_indices: None, init: Default::default() });
         let batch = BatchShape::worst_case(4, 512);
         let gib = |e: MemoryEstimate| e.total() / (1u64 << 30) as f64;
         let lean = estimate(&model, &method, weight_bytes(LoadDtype::Checkpoint, &model), None, &batch, StepOptions { checkpoint_every: 1, loss_chunk_tokens: 1024, padding_free: true }, DeviceName::Cuda(0));

@@ -347,6 +347,7 @@ mod tests {
             bias: BiasTraining::None,
             lora_bias: false,
             trainable_token_indices: None,
+            init: Default::default(),
         };
         let lora = |dropout, target, layers| Method::Lora(lora_config(dropout, target, layers));
         let mlp = Target::Suffixes(["gate_proj", "up_proj", "down_proj", "dense_h_to_4h", "dense_4h_to_h"].map(String::from).to_vec());

@@ -297,6 +297,9 @@ impl<'a> Run<'a> {
         }
         let base = base.resize_vocab(vocab).map_err(|reason| TrainError::Setting { key: "model.resize_embeddings", reason })?;
         let (model, method) = match &recipe.adapter.init_from {
+            Some(_) if matches!(&recipe.adapter.method, Method::Lora(c) if c.init.reads_base()) => {
+                return Err(TrainError::Setting { key: "adapter.init_lora_weights", reason: "the start comes from adapter.init_from; set one of the two".into() });
+            }
             Some(dir) => Method::load(dir, base, &device)?,
             None => {
                 let method = recipe.adapter.method.clone();

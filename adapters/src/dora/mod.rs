@@ -179,7 +179,12 @@ impl PeftMethod for DoraConfig {
     type Section = LoraSection;
 
     fn from_section(section: LoraSection) -> Result<Self, String> {
-        section.try_into().map(DoraConfig)
+        let config: LoraConfig = section.try_into()?;
+        if config.init.reads_base() {
+            // PEFT's conversion to the original base drops DoRA's magnitudes.
+            return Err(format!("'adapter.init_lora_weights' = {} is for method = \"lora\"; DoRA takes true or \"gaussian\"", config.init));
+        }
+        Ok(DoraConfig(config))
     }
 
     fn recognises(folder: &AdapterFolder) -> bool {

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::init::{InitLoraWeights, LoraInit};
 use crate::target::{Exclude, Patterns, Target, TargetModules};
 
 #[derive(Debug, Clone)]
@@ -31,6 +32,8 @@ pub struct LoraConfig {
     pub lora_bias: bool,
     /// Rows of the token embedding that train (PEFT `trainable_token_indices`).
     pub trainable_token_indices: Option<Vec<usize>>,
+    /// How the branches start (PEFT `init_lora_weights`).
+    pub init: LoraInit,
 }
 
 /// Which biases of the frozen base train (PEFT's `bias`): a bias is one vector per projection,
@@ -121,6 +124,8 @@ pub struct LoraSection {
     /// `[32000, 32001]`: these rows of the token embedding train (new special tokens), PEFT's
     /// `trainable_token_indices`.
     pub trainable_token_indices: Option<Vec<usize>>,
+    /// `true`, `"gaussian"`, `"pissa"`, `"pissa_niter_16"` or `"olora"`: PEFT's `init_lora_weights`.
+    pub init_lora_weights: InitLoraWeights,
 }
 
 impl Default for LoraSection {
@@ -139,6 +144,7 @@ impl Default for LoraSection {
             bias: BiasTraining::None,
             lora_bias: false,
             trainable_token_indices: None,
+            init_lora_weights: InitLoraWeights::default(),
         }
     }
 }
@@ -156,7 +162,13 @@ impl TryFrom<LoraSection> for LoraConfig {
         if let Some((pattern, _)) = s.rank_pattern.iter().find(|(_, r)| **r == 0) {
             return Err(format!("'adapter.rank_pattern': '{pattern}' must have a rank of at least 1"));
         }
+        let init = LoraInit::from_recipe(&s.init_lora_weights)?;
+        if init.reads_base() && s.use_rslora && !(s.rank_pattern.is_empty() && s.alpha_pattern.is_empty()) {
+            // The converted adapter doubles r and each pattern's rank, which rsLoRA's alpha/√r cannot follow per pattern.
+            return Err("'adapter.init_lora_weights' reads the base: its adapter is saved as plain LoRA of rank 2r, which PEFT cannot express with use_rslora and rank_pattern or alpha_pattern together".into());
+        }
         Ok(LoraConfig {
+            init,
             r: s.r,
             alpha: s.alpha,
             dropout: s.dropout,

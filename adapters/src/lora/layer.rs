@@ -3,13 +3,14 @@
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use rand_distr::{Distribution, Normal};
 use ember_models::Projection;
 use ember_models::fused::{low_rank, low_rank_onto, matmul};
 use ember_models::layers::{Linear, output_surrogate};
 use rand::Rng;
 use rand::rngs::StdRng;
 
-use super::LoraConfig;
+use super::{LoraConfig, LoraInit};
 use crate::registry::ProjectionBranch;
 
 /// The trainable part: `s · (dropout(x) Aᵀ Bᵀ + b)`, `b` only under PEFT's `lora_bias`.
@@ -23,10 +24,15 @@ pub struct LoraBranch {
     pub lora_b_bias: Option<Param<Tensor<1>>>,
     pub scale: f64,
     pub dropout: Dropout,
+    /// `(A₀, B₀)` where the start was taken out of the base weight (PiSSA, OLoRA): the saved
+    /// adapter is `s·(BA − B₀A₀)` on the original base.
+    #[module(skip)]
+    pub start: Option<(TensorData, TensorData)>,
 }
 
 impl LoraBranch {
-    /// A as PEFT's Kaiming-uniform(a=√5), i.e. U(-1/√in, 1/√in); B (and its bias) zero.
+    /// A as PEFT's Kaiming-uniform(a=√5), i.e. U(-1/√in, 1/√in), or N(0, 1/r²) under
+    /// `gaussian`; B (and its bias) zero.
     pub fn init(name: &str, base: &Linear, config: &LoraConfig, rng: &mut StdRng, device: &Device) -> Self {
         Self::init_for([base.out_features(), base.in_features()], name, config, rng, device)
     }
@@ -34,8 +40,16 @@ impl LoraBranch {
     /// [`Self::init`] for a weight of shape `[out, in]`.
     pub fn init_for([fan_out, fan_in]: [usize; 2], name: &str, config: &LoraConfig, rng: &mut StdRng, device: &Device) -> Self {
         let r = config.rank_of(name);
-        let bound = 1.0 / (fan_in as f64).sqrt();
-        let a: Vec<f32> = (0..r * fan_in).map(|_| rng.random_range(-bound..bound) as f32).collect();
+        let a: Vec<f32> = match config.init {
+            LoraInit::Gaussian => {
+                let normal = Normal::new(0.0, 1.0 / r as f64).expect("a positive deviation");
+                (0..r * fan_in).map(|_| normal.sample(rng) as f32).collect()
+            }
+            _ => {
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                (0..r * fan_in).map(|_| rng.random_range(-bound..bound) as f32).collect()
+            }
+        };
         let a = Tensor::from_data(TensorData::new(a, [r, fan_in]), device);
         let b = Tensor::zeros([fan_out, r], device);
         let branch = Self::from_tensors(a, b, config.scale_of(name), config.dropout);
@@ -49,6 +63,36 @@ impl LoraBranch {
             lora_b_bias: None,
             scale,
             dropout: DropoutConfig::new(dropout).init(),
+            start: None,
+        }
+    }
+
+    /// A branch that starts at `(A₀, B₀)` taken out of the base weight, kept for the saved
+    /// adapter's conversion.
+    pub fn from_start(lora_a: Tensor<2>, lora_b: Tensor<2>, config: &LoraConfig, name: &str) -> Self {
+        let start = Some((lora_a.clone().into_data(), lora_b.clone().into_data()));
+        let branch = Self { start, ..Self::from_tensors(lora_a, lora_b, config.scale_of(name), config.dropout) };
+        if config.lora_bias {
+            let out = branch.lora_b.shape().dims::<2>()[0];
+            let device = branch.lora_b.val().device();
+            branch.with_bias(Tensor::zeros([out], &device))
+        } else {
+            branch
+        }
+    }
+
+    /// `(A, B)` as saved on the original base: the branch's own, or `([A; A₀], [B, −B₀])` (rank
+    /// 2r) for a start taken out of the base, as PEFT's `subtract_mutated_init`.
+    pub fn saved_factors(&self) -> (Tensor<2>, Tensor<2>) {
+        let (a, b) = (self.lora_a.val(), self.lora_b.val());
+        match &self.start {
+            None => (a, b),
+            Some((a0, b0)) => {
+                let device = a.device();
+                let a0 = Tensor::from_data(a0.clone(), (&device, DType::F32));
+                let b0 = Tensor::<2>::from_data(b0.clone(), (&device, DType::F32));
+                (Tensor::cat(vec![a, a0], 0), Tensor::cat(vec![b, b0.neg()], 1))
+            }
         }
     }
 
@@ -128,8 +172,13 @@ impl ProjectionBranch for LoraBranch {
         Linear::new(merged, bias)
     }
 
+    /// B zero, or still the start taken out of the base.
     fn leaves_base_unchanged(&self) -> bool {
         let zero = |t: Tensor<1>| t.abs().max().into_scalar::<f32>() == 0.0;
-        zero(self.lora_b.val().flatten(0, 1)) && self.lora_b_bias.as_ref().is_none_or(|b| zero(b.val()))
+        let product_unchanged = match &self.start {
+            None => zero(self.lora_b.val().flatten(0, 1)),
+            Some((a0, b0)) => self.lora_a.val().into_data() == *a0 && self.lora_b.val().into_data() == *b0,
+        };
+        product_unchanged && self.lora_b_bias.as_ref().is_none_or(|b| zero(b.val()))
     }
 }

@@ -3,12 +3,15 @@
 //! training, so no weight-sized gradient exists).
 
 mod config;
+mod init;
 mod layer;
 pub mod peft;
 
 pub use config::{BiasTraining, LoraConfig, LoraSection};
+pub use init::{InitLoraWeights, LoraInit};
 pub use layer::LoraBranch;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
@@ -16,6 +19,7 @@ use burn::module::ParamId;
 use burn::tensor::{Device, Tensor};
 use ember_models::family::{KeyLayout, LayerActivation};
 use ember_models::fused::KeptActivations;
+use ember_models::layers::{Linear, Weight};
 use ember_models::{BaseModel, Checkpoint, ModelConfig, VocabModule};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -35,6 +39,9 @@ impl fmt::Display for LoraConfig {
         }
         if !self.modules_to_save.is_empty() {
             write!(f, ", {} trained in full", self.modules_to_save.join(" and "))?;
+        }
+        if self.init != LoraInit::Kaiming {
+            write!(f, ", init_lora_weights = {}", self.init)?;
         }
         Ok(())
     }
@@ -102,6 +109,14 @@ pub fn check_targets(model: &ModelConfig, config: &LoraConfig) -> Result<(), Str
     if let Some(layer) = config.layers_to_transform.iter().flatten().find(|&&i| i >= model.num_layers) {
         return Err(format!("'adapter.layers_to_transform': layer {layer} does not exist (the model has {} layers)", model.num_layers));
     }
+    if config.init.reads_base() {
+        if let Some(module) = peft::vocab_modules(config, model).first() {
+            return Err(format!("'adapter.init_lora_weights' = {} starts projections from their weight; not the {}", config.init, module.hf_name(model)));
+        }
+        if let Some((name, [out, inp])) = targeted_shapes(model, config).into_iter().find(|(name, [out, inp])| config.rank_of(name) > *out.min(inp)) {
+            return Err(format!("'adapter.init_lora_weights' = {}: rank {} is above {name}'s smaller side ([{out}, {inp}])", config.init, config.rank_of(&name)));
+        }
+    }
     if targeted_shapes(model, config).is_empty() && peft::vocab_modules(config, model).is_empty() {
         let keys = KeyLayout::of(model.architecture);
         let names: Vec<String> = keys.projection_names(0).iter().map(|n| n.rsplit('.').next().unwrap_or(n).to_owned()).collect();
@@ -154,17 +169,23 @@ impl MethodConfig for LoraConfig {
     }
 
     /// A Kaiming-uniform(a=√5) as PEFT (U(±1/√in)), B zero: the model starts exactly at the base.
+    /// Under PiSSA or OLoRA both start from the weight, and the weight keeps the rest.
     fn init(&self, base: BaseModel, seed: u64, device: &Device) -> Result<AdaptedModel, AdapterError> {
         let mut rng = StdRng::seed_from_u64(seed);
         peft::check_vocab_modules(self, &base.config).map_err(AdapterError::Config)?;
         let vocab = peft::init_vocab_branches(self, &base, &mut rng, device);
         let base = peft::train_whole_modules(self, base)?;
+        let (base, mut starts) = starts_from_weights(self, base, &mut rng)?;
         let model = if vocab.is_some() && targeted_shapes(&base.config, self).is_empty() {
             AdaptedModel::base_only(base)
         } else {
             AdaptedModel::with_branches(
                 base,
-                |name, linear| Ok(self.targets(name).then(|| ProjectionAdapter::Lora(LoraBranch::init(name, linear, self, &mut rng, device)))),
+                |name, linear| {
+                    Ok(self.targets(name).then(|| {
+                        ProjectionAdapter::Lora(starts.remove(name).unwrap_or_else(|| LoraBranch::init(name, linear, self, &mut rng, device)))
+                    }))
+                },
                 || AdapterError::Config(format!("lora: target {} matches no module of the model", self.target)),
             )?
         };
@@ -187,7 +208,8 @@ impl MethodConfig for LoraConfig {
         tensors.extend(peft::bias_parameters(model).into_iter().map(|(key, _, bias)| SavedTensor::new(key, bias)));
         tensors.extend(peft::vocab_tensors(model));
         modules.extend(peft::vocab_modules(self, model.config()).into_iter().map(|m| m.hf_name(model.config()).to_owned()));
-        peft::save_peft(self, false, &modules, &tensors, base_model, dir)
+        let converted = model.branches().into_iter().any(|(_, b)| matches!(b, ProjectionAdapter::Lora(b) if b.start.is_some()));
+        peft::save_peft(&if converted { self.converted() } else { self.clone() }, false, &modules, &tensors, base_model, dir)
     }
 
     fn parameter_names(&self, model: &AdaptedModel) -> Vec<(ParamId, String)> {
@@ -202,6 +224,53 @@ impl MethodConfig for LoraConfig {
         names.extend(peft::bias_parameters(model).into_iter().map(|(key, id, _)| (id, key)));
         names.extend(peft::vocab_parameter_names(model));
         names
+    }
+}
+
+impl LoraConfig {
+    /// The config of the adapter saved from a start taken out of the base: plain LoRA of twice
+    /// the rank at the same scale (PEFT's `save_pretrained` with
+    /// `path_initial_model_for_weight_conversion`).
+    fn converted(&self) -> Self {
+        let alpha = if self.use_rslora { self.alpha * 2f64.sqrt() } else { 2.0 * self.alpha };
+        Self {
+            r: 2 * self.r,
+            alpha,
+            rank_pattern: self.rank_pattern.map_values(|r| 2 * r),
+            alpha_pattern: self.alpha_pattern.map_values(|a| 2.0 * a),
+            init: LoraInit::Kaiming,
+            ..self.clone()
+        }
+    }
+}
+
+/// Branches whose start `init` reads from the base weight (PiSSA, OLoRA), by module, and the
+/// base with each such weight replaced by what it keeps, `W − s·B₀A₀`. Others: none, base as is.
+fn starts_from_weights(config: &LoraConfig, base: BaseModel, rng: &mut StdRng) -> Result<(BaseModel, HashMap<String, LoraBranch>), AdapterError> {
+    let mut starts = HashMap::new();
+    if !config.init.reads_base() {
+        return Ok((base, starts));
+    }
+    let mut quantized = None;
+    let base = base.map_projections(|name, linear: Linear| {
+        if !config.targets(name) || quantized.is_some() {
+            return linear;
+        }
+        let Weight::Dense(weight) = &linear.weight else {
+            quantized = Some(name.to_owned());
+            return linear;
+        };
+        let (r, scale) = (config.rank_of(name), config.scale_of(name));
+        let (a, b, kept) = init::start_from_weight(weight.val(), r, scale, config.init, rng);
+        starts.insert(name.to_owned(), LoraBranch::from_start(a, b, config, name));
+        Linear::new(kept, linear.bias.map(|b| b.val()))
+    });
+    match quantized {
+        Some(name) => Err(AdapterError::Config(format!(
+            "'adapter.init_lora_weights' = {} changes the frozen weight, and {name} is quantized: start from a full-precision base (model.quantize unset)",
+            config.init
+        ))),
+        None => Ok((base, starts)),
     }
 }
 
@@ -279,6 +348,7 @@ impl WeightMerge for LoraMerge {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::ProjectionBranch;
 
     #[test]
     fn llama_7b_r8_on_q_v_trains_4_194_304_parameters() {
@@ -288,6 +358,17 @@ mod tests {
         assert_eq!(trainable, 4_194_304);
         // PEFT's "all params" counts the base plus the adapter.
         assert_eq!(model.num_params() + trainable, 6_742_609_920);
+    }
+
+    /// `init_lora_weights = "gaussian"`: A ~ N(0, 1/r²) as PEFT's `nn.init.normal_(std = 1/r)`, B zero.
+    #[test]
+    fn gaussian_start_draws_a_with_deviation_one_over_r() {
+        let config = LoraConfig { r: 4, init: LoraInit::Gaussian, ..LoraConfig::try_from(LoraSection::default()).unwrap() };
+        let branch = LoraBranch::init_for([64, 4096], "q_proj", &config, &mut StdRng::seed_from_u64(0), &Device::default());
+        let a = branch.lora_a.val().into_data().try_to_vec::<f32>().unwrap();
+        let std = (a.iter().map(|x| (x * x) as f64).sum::<f64>() / a.len() as f64).sqrt();
+        assert!((std - 0.25).abs() < 0.005, "{std}");
+        assert!(branch.leaves_base_unchanged());
     }
 
     /// q, k and v read one tensor, gate and up another; with dropout each branch keeps its own.

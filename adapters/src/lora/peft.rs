@@ -14,7 +14,7 @@ use ember_models::{BaseModel, Checkpoint, LoadDtype, ModelConfig, VocabModule};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{BiasTraining, LoraBranch, LoraConfig};
+use super::{BiasTraining, LoraBranch, LoraConfig, LoraInit};
 use crate::method::{AdapterFolder, PEFT_VERSION};
 use crate::registry::ProjectionAdapter;
 use crate::target::{Exclude, Patterns, Target, layers_from_peft};
@@ -51,7 +51,7 @@ pub(crate) fn save_peft(config: &LoraConfig, use_dora: bool, modules: &[String],
         "trainable_token_indices": config.trainable_token_indices,
         "fan_in_fan_out": false,
         "inference_mode": true,
-        "init_lora_weights": true,
+        "init_lora_weights": config.init.to_peft(),
         "modules_to_save": (!config.modules_to_save.is_empty()).then_some(&config.modules_to_save),
         "use_dora": use_dora,
         "rank_pattern": config.rank_pattern.to_json(),
@@ -182,7 +182,8 @@ pub(crate) fn whole_parameters(config: &LoraConfig, model: &AdaptedModel) -> Vec
 
 /// The LoRA tensors of one branch, keyed as PEFT saves them.
 pub(crate) fn branch_tensors(module: &str, branch: &LoraBranch) -> [SavedTensor; 2] {
-    [SavedTensor::new(key(module, "lora_A"), branch.lora_a.val()), SavedTensor::new(key(module, "lora_B"), branch.lora_b.val())]
+    let (a, b) = branch.saved_factors();
+    [SavedTensor::new(key(module, "lora_A"), a), SavedTensor::new(key(module, "lora_B"), b)]
 }
 
 /// The adapter's weights with every branch's A and B checked against `base`'s projections, for
@@ -359,6 +360,7 @@ fn parse_config(folder: &AdapterFolder) -> Result<LoraConfig, String> {
         bias,
         lora_bias: get("lora_bias").and_then(Value::as_bool).unwrap_or(false),
         trainable_token_indices: trainable_token_indices(get("trainable_token_indices"))?,
+        init: LoraInit::from_peft(get("init_lora_weights"))?,
     })
 }
 
