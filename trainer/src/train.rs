@@ -304,7 +304,14 @@ impl<'a> Run<'a> {
             None => {
                 let method = recipe.adapter.method.clone();
                 method.config().check(&base.config).map_err(|e| TrainError::Setting { key: "adapter", reason: e.to_string() })?;
-                (method.config().init(base, t.seed, &device)?, method)
+                let started = Instant::now();
+                let model = method.config().init(base, t.seed, &device)?;
+                if let Method::Lora(c) = &method
+                    && c.init.reads_base()
+                {
+                    on_event(Event::Info(format!("adapter: start {} read from the base's weights in {:.1} s", c.init, started.elapsed().as_secs_f64())));
+                }
+                (model, method)
             }
         };
         let (trainable, total) = model.parameter_counts();

@@ -316,3 +316,4 @@ mod tests {
         assert_eq!(LoraInit::from_peft(Some(&json!("gaussian"))), Ok(LoraInit::Gaussian));
     }
 }
+
