@@ -204,6 +204,19 @@ impl Quantization {
         }
         Ok(quantization)
     }
+
+    /// Why an `[out, in]` weight cannot be stored this way, if it cannot.
+    pub fn unfit(self, [out, inp]: [usize; 2]) -> Option<String> {
+        ((out * inp) % BLOCK != 0).then(|| format!("quantization stores blocks of {BLOCK} values; this [{out}, {inp}] weight has {}", out * inp))
+    }
+
+    /// `weight` stored this way.
+    pub fn store(self, weight: Tensor<2>) -> crate::layers::Weight {
+        match self {
+            Quantization::Nf4 { double_quant } => crate::layers::Weight::Nf4(Nf4Weight::from_tensor(weight, double_quant)),
+            Quantization::Int8 => crate::layers::Weight::Int8(Int8Weight::from_tensor(weight)),
+        }
+    }
 }
 
 /// A block's absmax values, as stored.

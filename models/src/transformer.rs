@@ -16,7 +16,7 @@ use crate::family::{KeyLayout, Role, check_checkpoint};
 use crate::layers::{stored_product, Embedding, Linear, Projection, RmsNorm, Rope, Weight, attention_bias, output_surrogate};
 use crate::ggml::GgmlWeight;
 use crate::gguf::{GgmlType, GgufFile, HfTensor};
-use crate::nf4::{self, Int8Weight, Nf4Weight, Quantization};
+use crate::nf4::Quantization;
 use crate::LoadError;
 
 #[derive(Module, Debug)]
@@ -374,17 +374,12 @@ impl CausalLm<Linear> {
                 }
                 return Ok(Linear::with_weight(weight, bias));
             }
-            if quantize.is_some() && (out * inp) % nf4::BLOCK != 0 {
-                return Err(LoadError::ConfigKey {
-                    path: name.into(),
-                    key: "quantize".into(),
-                    reason: format!("quantization stores blocks of {} values; this [{out}, {inp}] weight has {}", nf4::BLOCK, out * inp),
-                });
+            if let Some(reason) = quantize.and_then(|q| q.unfit([out, inp])) {
+                return Err(LoadError::ConfigKey { path: name.into(), key: "quantize".into(), reason });
             }
             let weight = matrix(&format!("{name}.weight"), [out, inp])?;
             let weight = match quantize {
-                Some(Quantization::Nf4 { double_quant }) => Weight::Nf4(Nf4Weight::from_tensor(weight, double_quant)),
-                Some(Quantization::Int8) => Weight::Int8(Int8Weight::from_tensor(weight)),
+                Some(q) => q.store(weight),
                 None => Weight::Dense(Param::from_tensor(weight).set_require_grad(false)),
             };
             Ok(Linear::with_weight(weight, bias))

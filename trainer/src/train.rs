@@ -289,7 +289,12 @@ impl<'a> Run<'a> {
         let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
         let bos = tokenizer.added_bos();
 
-        let base = BaseModel::load_quantized(&recipe.model.path, recipe.model.dtype, recipe.model.quantization(), &device)?;
+        // A start read from the base's weights needs them in full precision: such a base is
+        // quantized after the start is taken out (QPiSSA), holding the full-precision base meanwhile.
+        let start_reads_base = recipe.adapter.init_from.is_none() && matches!(&recipe.adapter.method, Method::Lora(c) if c.init.reads_base());
+        let quantize_after_start = recipe.model.quantization().filter(|_| start_reads_base);
+        let quantization = if quantize_after_start.is_some() { None } else { recipe.model.quantization() };
+        let base = BaseModel::load_quantized(&recipe.model.path, recipe.model.dtype, quantization, &device)?;
         let vocab = recipe.model.vocab_for(tokenizer.vocab_size(), base.config.vocab_size)
             .map_err(|reason| TrainError::Setting { key: "model.resize_embeddings", reason })?;
         if vocab > base.config.vocab_size {
@@ -311,6 +316,10 @@ impl<'a> Run<'a> {
                 {
                     on_event(Event::Info(format!("adapter: start {} read from the base's weights in {:.1} s", c.init, started.elapsed().as_secs_f64())));
                 }
+                let model = match quantize_after_start {
+                    Some(q) => model.quantize_base(q).map_err(|reason| TrainError::Setting { key: "model.quantize", reason })?,
+                    None => model,
+                };
                 (model, method)
             }
         };

@@ -14,11 +14,30 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// PEFT's `init_lora_weights` as a recipe writes it: `true` or a name.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum InitLoraWeights {
     Switch(bool),
     Name(String),
+}
+
+impl<'de> Deserialize<'de> for InitLoraWeights {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = InitLoraWeights;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "'init_lora_weights' as {NAMES}")
+            }
+            fn visit_bool<E>(self, value: bool) -> Result<Self::Value, E> {
+                Ok(InitLoraWeights::Switch(value))
+            }
+            fn visit_str<E>(self, value: &str) -> Result<Self::Value, E> {
+                Ok(InitLoraWeights::Name(value.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 impl Default for InitLoraWeights {

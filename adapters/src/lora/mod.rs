@@ -267,7 +267,7 @@ fn starts_from_weights(config: &LoraConfig, base: BaseModel, rng: &mut StdRng) -
     });
     match quantized {
         Some(name) => Err(AdapterError::Config(format!(
-            "'adapter.init_lora_weights' = {} changes the frozen weight, and {name} is quantized: start from a full-precision base (model.quantize unset)",
+            "'adapter.init_lora_weights' = {} changes the frozen weight, and {name} is quantized already (a GGUF base's blocks): start from a full-precision checkpoint (model.quantize may then quantize what the start leaves)",
             config.init
         ))),
         None => Ok((base, starts)),
