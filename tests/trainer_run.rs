@@ -6,7 +6,7 @@
 //! decay, AdamW with weight decay (not on biases), the gradient norm clipped. Each step's learning
 //! rate, loss and gradient norm, and the adapter after the last step, must be the reference's.
 //! PiSSA and OLoRA make their start from the base weight on both sides instead, and are saved
-//! converted to plain LoRA of rank 2r on the original base.
+//! converted to plain LoRA of rank 2r on the original base; QPiSSA quantizes what PiSSA leaves.
 
 mod common;
 
@@ -24,7 +24,7 @@ fn training_steps_are_transformers_trainers() {
     // QLoRA trains on a bitsandbytes NF4 base, ember on its own NF4 of the same bytes. The memory
     // options (checkpointing, a chunked loss, padded batches) must not move a run off the reference.
     let memory: &[&str] = &["train.gradient_checkpointing=true", "train.loss_chunk_tokens=16", "train.padding_free=false"];
-    let cases: [(&str, &[&str]); 13] = [
+    let cases: [(&str, &[&str]); 14] = [
         ("lora", &[]),
         ("lora", memory),
         ("lora_biases", &[]),
@@ -40,6 +40,8 @@ fn training_steps_are_transformers_trainers() {
         ("loraplus", &["train.loraplus_lr_ratio=4"]),
         ("pissa", &["adapter.init_lora_weights=\"pissa\""]),
         ("olora", &["adapter.init_lora_weights=\"olora\""]),
+        // QPiSSA: the reference rounds every projection through bitsandbytes' NF4 after the start.
+        ("qpissa", &["adapter.init_lora_weights=\"pissa\"", "model.quantize=\"nf4\""]),
     ];
     for (case, sets) in cases {
         check_case(&fixture, case, sets);
