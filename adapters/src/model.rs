@@ -4,8 +4,7 @@
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use ember_models::layers::{Linear, Weight};
-use ember_models::nf4::Quantization;
+use ember_models::layers::Linear;
 use ember_models::{BaseModel, CausalLm, KvCache, LayerExtras, ModelConfig, Projection, TokenBatch, VocabModule};
 
 use crate::registry::{ModelAdapter, ProjectionAdapter};
@@ -131,25 +130,6 @@ impl AdaptedModel {
     /// The model with `vocab`'s branches on its embedding and LM head.
     pub fn with_vocab_branches(self, vocab: VocabBranches) -> Self {
         Self { vocab: Some(vocab), ..self }
-    }
-
-    /// The model with every full-precision base projection stored as `quantization` (a base
-    /// quantized after a start was taken out of its weights). Errors name a weight that cannot be.
-    pub fn quantize_base(mut self, quantization: Quantization) -> Result<Self, String> {
-        let mut unfit = None;
-        self.model = self.model.map_projections(|name, mut p: AdaptedLinear| {
-            if let Weight::Dense(weight) = &p.base.weight
-                && unfit.is_none()
-            {
-                let weight = weight.val();
-                match quantization.unfit(weight.dims()) {
-                    Some(reason) => unfit = Some(format!("{name}: {reason}")),
-                    None => p.base.weight = quantization.store(weight),
-                }
-            }
-            p
-        });
-        unfit.map_or(Ok(self), Err)
     }
 
     pub fn config(&self) -> &ModelConfig {

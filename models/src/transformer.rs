@@ -264,20 +264,34 @@ impl CausalLm<Linear> {
     /// [`Self::load`], with the decoder projections quantized tensor by tensor as they load: the
     /// full-precision model never exists in memory.
     pub fn load_quantized(dir: &Path, dtype: LoadDtype, quantization: Option<Quantization>, device: &Device) -> Result<Self, LoadError> {
+        Self::load_prepared(dir, dtype, quantization, device, &mut |_, weight| weight)
+    }
+
+    /// [`Self::load_quantized`] with `prepare(module, weight)` applied to each decoder
+    /// projection's full-precision weight as it loads, before it is stored (a LoRA start taken
+    /// out of it, then quantized: QPiSSA). Projections a GGUF file keeps in blocks skip it.
+    pub fn load_prepared(
+        dir: &Path,
+        dtype: LoadDtype,
+        quantization: Option<Quantization>,
+        device: &Device,
+        prepare: &mut dyn FnMut(&str, Tensor<2>) -> Tensor<2>,
+    ) -> Result<Self, LoadError> {
         if GgufFile::is_gguf(dir) {
-            return Self::from_gguf(dir, dtype, quantization, device);
+            return Self::from_gguf(dir, dtype, quantization, device, prepare);
         }
         let config = ModelConfig::from_dir(dir)?;
         let checkpoint = Checkpoint::open_dir(dir)?;
-        Ok(Self { name_or_path: Some(dir.to_path_buf()), ..Self::from_checkpoint(config, &checkpoint, dtype, quantization, device)? })
+        Ok(Self { name_or_path: Some(dir.to_path_buf()), ..Self::from_checkpoint(config, &checkpoint, dtype, quantization, device, prepare)? })
     }
 
-    pub fn from_checkpoint(
+    fn from_checkpoint(
         config: ModelConfig,
         checkpoint: &Checkpoint,
         dtype: LoadDtype,
         quantization: Option<Quantization>,
         device: &Device,
+        prepare: &mut dyn FnMut(&str, Tensor<2>) -> Tensor<2>,
     ) -> Result<Self, LoadError> {
         // Every name and shape is checked from the headers before any weight is read.
         check_checkpoint(&config, checkpoint)?;
@@ -287,13 +301,20 @@ impl CausalLm<Linear> {
             |key, [out, inp]| checkpoint.float(key, [out, inp], dtype, device),
             |key, len| checkpoint.float(key, [len], dtype, device),
             |_, _| Ok(None),
+            prepare,
         )
     }
 
     /// A LLaMA-architecture GGUF file as the frozen base: its quantized projections stay
     /// in their blocks ([`GgmlWeight`]); other tensors (and quantized embeddings or heads, which
     /// transformers keeps in full precision too) are read as floats in `dtype`.
-    pub fn from_gguf(path: &Path, dtype: LoadDtype, quantization: Option<Quantization>, device: &Device) -> Result<Self, LoadError> {
+    fn from_gguf(
+        path: &Path,
+        dtype: LoadDtype,
+        quantization: Option<Quantization>,
+        device: &Device,
+        prepare: &mut dyn FnMut(&str, Tensor<2>) -> Tensor<2>,
+    ) -> Result<Self, LoadError> {
         let file = GgufFile::open(path)?;
         let config = ModelConfig::from_json(&file.config_json()?, path)?;
         // Every name and shape is checked from the header before any weight is read.
@@ -326,6 +347,7 @@ impl CausalLm<Linear> {
                 }
                 Ok(weight.map(Weight::Ggml))
             },
+            prepare,
         )?;
         Ok(Self { name_or_path: Some(path.to_path_buf()), ..model })
     }
@@ -346,6 +368,7 @@ impl CausalLm<Linear> {
                 Ok(if key.ends_with("bias") { Tensor::<1>::zeros([len], device) } else { Tensor::<1>::ones([len], device) }.cast(dtype))
             },
             |_, _| Ok(None),
+            &mut |_, weight| weight,
         );
         model.expect("synthetic tensors have the expected shapes")
     }
@@ -359,10 +382,11 @@ impl CausalLm<Linear> {
         matrix: impl Fn(&str, [usize; 2]) -> Result<Tensor<2>, LoadError>,
         vector: impl Fn(&str, usize) -> Result<Tensor<1>, LoadError>,
         stored: impl Fn(&str, [usize; 2]) -> Result<Option<Weight>, LoadError>,
+        prepare: &mut dyn FnMut(&str, Tensor<2>) -> Tensor<2>,
     ) -> Result<Self, LoadError> {
         let keys = KeyLayout::of(config.architecture);
         let h = config.hidden_size;
-        let linear = |name: &str, [out, inp]: [usize; 2], bias: bool, quantize: Option<Quantization>| -> Result<Linear, LoadError> {
+        let mut linear = |name: &str, [out, inp]: [usize; 2], bias: bool, quantize: Option<Quantization>| -> Result<Linear, LoadError> {
             let bias = if bias { Some(vector(&format!("{name}.bias"), out)?) } else { None };
             if let Some(weight) = stored(&format!("{name}.weight"), [out, inp])? {
                 if quantize.is_some() {
@@ -377,7 +401,7 @@ impl CausalLm<Linear> {
             if let Some(reason) = quantize.and_then(|q| q.unfit([out, inp])) {
                 return Err(LoadError::ConfigKey { path: name.into(), key: "quantize".into(), reason });
             }
-            let weight = matrix(&format!("{name}.weight"), [out, inp])?;
+            let weight = prepare(name, matrix(&format!("{name}.weight"), [out, inp])?);
             let weight = match quantize {
                 Some(q) => q.store(weight),
                 None => Weight::Dense(Param::from_tensor(weight).set_require_grad(false)),

@@ -13,6 +13,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::GradientsAccumulator;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use ember_adapters::lora::WeightStarts;
 use ember_adapters::{AdaptedModel, Method};
 use ember_data::sft::{self, SftOptions};
 use ember_data::{Batch, Dataset, Example, Format, Template};
@@ -289,12 +290,16 @@ impl<'a> Run<'a> {
         let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
         let bos = tokenizer.added_bos();
 
-        // A start read from the base's weights needs them in full precision: such a base is
-        // quantized after the start is taken out (QPiSSA), holding the full-precision base meanwhile.
-        let start_reads_base = recipe.adapter.init_from.is_none() && matches!(&recipe.adapter.method, Method::Lora(c) if c.init.reads_base());
-        let quantize_after_start = recipe.model.quantization().filter(|_| start_reads_base);
-        let quantization = if quantize_after_start.is_some() { None } else { recipe.model.quantization() };
-        let base = BaseModel::load_quantized(&recipe.model.path, recipe.model.dtype, quantization, &device)?;
+        // A start read from the base's weights needs them in full precision: on a quantized base
+        // each is taken out as its weight loads, and what it leaves is quantized (QPiSSA).
+        let (base, mut taken) = match &recipe.adapter.method {
+            Method::Lora(c) if c.init.reads_base() && recipe.adapter.init_from.is_none() && recipe.model.quantization().is_some() => {
+                let mut starts = WeightStarts::new(c, t.seed);
+                let base = BaseModel::load_prepared(&recipe.model.path, recipe.model.dtype, recipe.model.quantization(), &device, &mut |name, weight| starts.take(name, weight))?;
+                (base, Some(starts))
+            }
+            _ => (BaseModel::load_quantized(&recipe.model.path, recipe.model.dtype, recipe.model.quantization(), &device)?, None),
+        };
         let vocab = recipe.model.vocab_for(tokenizer.vocab_size(), base.config.vocab_size)
             .map_err(|reason| TrainError::Setting { key: "model.resize_embeddings", reason })?;
         if vocab > base.config.vocab_size {
@@ -310,16 +315,20 @@ impl<'a> Run<'a> {
                 let method = recipe.adapter.method.clone();
                 method.config().check(&base.config).map_err(|e| TrainError::Setting { key: "adapter", reason: e.to_string() })?;
                 let started = Instant::now();
-                let model = method.config().init(base, t.seed, &device)?;
+                // Starts taken while the base loaded were timed there.
+                let (model, while_loading) = match (&method, taken.take()) {
+                    (Method::Lora(c), Some(starts)) => {
+                        let seconds = starts.seconds();
+                        (c.init_with_starts(base, Some(starts), t.seed, &device)?, seconds)
+                    }
+                    _ => (method.config().init(base, t.seed, &device)?, 0.0),
+                };
                 if let Method::Lora(c) = &method
                     && c.init.reads_base()
                 {
-                    on_event(Event::Info(format!("adapter: start {} read from the base's weights in {:.1} s", c.init, started.elapsed().as_secs_f64())));
+                    let seconds = while_loading + started.elapsed().as_secs_f64();
+                    on_event(Event::Info(format!("adapter: start {} read from the base's weights in {seconds:.1} s", c.init)));
                 }
-                let model = match quantize_after_start {
-                    Some(q) => model.quantize_base(q).map_err(|reason| TrainError::Setting { key: "model.quantize", reason })?,
-                    None => model,
-                };
                 (model, method)
             }
         };

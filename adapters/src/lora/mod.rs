@@ -171,31 +171,8 @@ impl MethodConfig for LoraConfig {
     /// A Kaiming-uniform(a=√5) as PEFT (U(±1/√in)), B zero: the model starts exactly at the base.
     /// Under PiSSA or OLoRA both start from the weight, and the weight keeps the rest.
     fn init(&self, base: BaseModel, seed: u64, device: &Device) -> Result<AdaptedModel, AdapterError> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        peft::check_vocab_modules(self, &base.config).map_err(AdapterError::Config)?;
-        let vocab = peft::init_vocab_branches(self, &base, &mut rng, device);
-        let base = peft::train_whole_modules(self, base)?;
-        let (base, mut starts) = starts_from_weights(self, base, &mut rng)?;
-        let model = if vocab.is_some() && targeted_shapes(&base.config, self).is_empty() {
-            AdaptedModel::base_only(base)
-        } else {
-            AdaptedModel::with_branches(
-                base,
-                |name, linear| {
-                    Ok(self.targets(name).then(|| {
-                        ProjectionAdapter::Lora(starts.remove(name).unwrap_or_else(|| LoraBranch::init(name, linear, self, &mut rng, device)))
-                    }))
-                },
-                || AdapterError::Config(format!("lora: target {} matches no module of the model", self.target)),
-            )?
-        };
-        let model = match vocab {
-            Some(vocab) => model.with_vocab_branches(vocab),
-            None => model,
-        };
-        peft::train_biases(self, model, |_, base| Ok(base))
+        self.init_with_starts(base, None, seed, device)
     }
-
     fn save(&self, model: &AdaptedModel, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
         let (mut modules, mut tensors) = (Vec::new(), Vec::new());
         for (name, branch) in model.branches() {
@@ -228,6 +205,35 @@ impl MethodConfig for LoraConfig {
 }
 
 impl LoraConfig {
+    /// [`MethodConfig::init`] with the starts `taken` out of the weights while the base loaded
+    /// (QPiSSA: [`WeightStarts`]); the others are read from the base here.
+    pub fn init_with_starts(&self, base: BaseModel, taken: Option<WeightStarts>, seed: u64, device: &Device) -> Result<AdaptedModel, AdapterError> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        peft::check_vocab_modules(self, &base.config).map_err(AdapterError::Config)?;
+
+        let vocab = peft::init_vocab_branches(self, &base, &mut rng, device);
+        let base = peft::train_whole_modules(self, base)?;
+        let (base, mut starts) = starts_from_weights(self, base, &mut rng, taken.map(|t| t.starts).unwrap_or_default())?;
+        let model = if vocab.is_some() && targeted_shapes(&base.config, self).is_empty() {
+            AdaptedModel::base_only(base)
+        } else {
+            AdaptedModel::with_branches(
+                base,
+                |name, linear| {
+                    Ok(self.targets(name).then(|| {
+                        ProjectionAdapter::Lora(starts.remove(name).unwrap_or_else(|| LoraBranch::init(name, linear, self, &mut rng, device)))
+                    }))
+                },
+                || AdapterError::Config(format!("lora: target {} matches no module of the model", self.target)),
+            )?
+        };
+        let model = match vocab {
+            Some(vocab) => model.with_vocab_branches(vocab),
+            None => model,
+        };
+        peft::train_biases(self, model, |_, base| Ok(base))
+    }
+
     /// The config of the adapter saved from a start taken out of the base: plain LoRA of twice
     /// the rank at the same scale (PEFT's `save_pretrained` with
     /// `path_initial_model_for_weight_conversion`).
@@ -244,16 +250,57 @@ impl LoraConfig {
     }
 }
 
+/// Starts taken out of the base's weights while it loads (`BaseModel::load_prepared`), so that a
+/// quantized base stores what the start leaves (QPiSSA) and never exists in full precision.
+pub struct WeightStarts {
+    config: LoraConfig,
+    rng: StdRng,
+    starts: HashMap<String, LoraBranch>,
+    seconds: f64,
+}
+
+impl WeightStarts {
+    /// Seeded as [`MethodConfig::init`] seeds its own draws.
+    pub fn new(config: &LoraConfig, seed: u64) -> Self {
+        Self { config: config.clone(), rng: StdRng::seed_from_u64(seed), starts: HashMap::new(), seconds: 0.0 }
+    }
+
+    /// The weight to store for projection `name`: what the start leaves of it where one is taken.
+    /// A rank above the weight's smaller side takes none (the method's check then says so).
+    pub fn take(&mut self, name: &str, weight: Tensor<2>) -> Tensor<2> {
+        let [out, inp] = weight.dims();
+        let r = self.config.rank_of(name);
+        if !self.config.targets(name) || r > out.min(inp) {
+            return weight;
+        }
+        let started = std::time::Instant::now();
+        let (a, b, kept) = init::start_from_weight(weight, r, self.config.scale_of(name), self.config.init, &mut self.rng);
+        self.starts.insert(name.to_owned(), LoraBranch::from_start(a, b, &self.config, name));
+        self.seconds += started.elapsed().as_secs_f64();
+        kept
+    }
+
+    /// Time spent taking the starts.
+    pub fn seconds(&self) -> f64 {
+        self.seconds
+    }
+}
+
 /// Branches whose start `init` reads from the base weight (PiSSA, OLoRA), by module, and the
-/// base with each such weight replaced by what it keeps, `W − s·B₀A₀`. Others: none, base as is.
-fn starts_from_weights(config: &LoraConfig, base: BaseModel, rng: &mut StdRng) -> Result<(BaseModel, HashMap<String, LoraBranch>), AdapterError> {
-    let mut starts = HashMap::new();
+/// base with each such weight replaced by what it keeps, `W − s·B₀A₀`; those already `taken`
+/// while the base loaded are kept as they are. Other starts: none, base as is.
+fn starts_from_weights(
+    config: &LoraConfig,
+    base: BaseModel,
+    rng: &mut StdRng,
+    mut starts: HashMap<String, LoraBranch>,
+) -> Result<(BaseModel, HashMap<String, LoraBranch>), AdapterError> {
     if !config.init.reads_base() {
         return Ok((base, starts));
     }
     let mut quantized = None;
     let base = base.map_projections(|name, linear: Linear| {
-        if !config.targets(name) || quantized.is_some() {
+        if !config.targets(name) || quantized.is_some() || starts.contains_key(name) {
             return linear;
         }
         let Weight::Dense(weight) = &linear.weight else {
