@@ -271,6 +271,7 @@ fn method_recipes_train_export_and_generate() {
         ("ci/tiny-ia3.toml", "tiny_llama", PEFT),
         ("ci/tiny-prompt-tuning.toml", "tiny_llama", PEFT),
         ("ci/tiny-qlora.toml", "tiny_llama", PEFT),
+        ("ci/tiny-qpissa.toml", "tiny_llama", PEFT),
         ("ci/tiny-vocab-chat.toml", "tiny_llama_vocab", PEFT),
         ("ci/tiny-lora-options.toml", "tiny_qwen2", PEFT),
         ("ci/tiny-pretrain.toml", "tiny_llama_vocab", PEFT),

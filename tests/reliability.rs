@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{adapter_files, assert_bad_input, assert_error, ember, losses, read_json, recipe};
 
-const METHODS: [&str; 9] = [
+const METHODS: [&str; 10] = [
     "ci/tiny-lora.toml",
     "ci/tiny-ptuning-v2.toml",
     "ci/tiny-llama-adapter.toml",
@@ -21,6 +21,7 @@ const METHODS: [&str; 9] = [
     "ci/tiny-ia3.toml",
     "ci/tiny-prompt-tuning.toml",
     "ci/tiny-qlora.toml",
+    "ci/tiny-qpissa.toml",
     "ci/tiny-vocab-chat.toml",
     "ci/tiny-lora-options.toml",
 ];
