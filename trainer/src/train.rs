@@ -290,10 +290,14 @@ impl<'a> Run<'a> {
         let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
         let bos = tokenizer.added_bos();
 
+        let start_reads_base = matches!(&recipe.adapter.method, Method::Lora(c) if c.init.reads_base());
+        if start_reads_base && recipe.adapter.init_from.is_some() {
+            return Err(TrainError::Setting { key: "adapter.init_lora_weights", reason: "the start comes from adapter.init_from; set one of the two".into() });
+        }
         // A start read from the base's weights needs them in full precision: on a quantized base
         // each is taken out as its weight loads, and what it leaves is quantized (QPiSSA).
-        let (base, mut taken) = match &recipe.adapter.method {
-            Method::Lora(c) if c.init.reads_base() && recipe.adapter.init_from.is_none() && recipe.model.quantization().is_some() => {
+        let (base, taken) = match &recipe.adapter.method {
+            Method::Lora(c) if start_reads_base && recipe.model.quantization().is_some() => {
                 let mut starts = WeightStarts::new(c, t.seed);
                 let base = BaseModel::load_prepared(&recipe.model.path, recipe.model.dtype, recipe.model.quantization(), &device, &mut |name, weight| starts.take(name, weight))?;
                 (base, Some(starts))
@@ -307,16 +311,13 @@ impl<'a> Run<'a> {
         }
         let base = base.resize_vocab(vocab).map_err(|reason| TrainError::Setting { key: "model.resize_embeddings", reason })?;
         let (model, method) = match &recipe.adapter.init_from {
-            Some(_) if matches!(&recipe.adapter.method, Method::Lora(c) if c.init.reads_base()) => {
-                return Err(TrainError::Setting { key: "adapter.init_lora_weights", reason: "the start comes from adapter.init_from; set one of the two".into() });
-            }
             Some(dir) => Method::load(dir, base, &device)?,
             None => {
                 let method = recipe.adapter.method.clone();
                 method.config().check(&base.config).map_err(|e| TrainError::Setting { key: "adapter", reason: e.to_string() })?;
                 let started = Instant::now();
                 // Starts taken while the base loaded were timed there.
-                let (model, while_loading) = match (&method, taken.take()) {
+                let (model, while_loading) = match (&method, taken) {
                     (Method::Lora(c), Some(starts)) => {
                         let seconds = starts.seconds();
                         (c.init_with_starts(base, Some(starts), t.seed, &device)?, seconds)
@@ -324,7 +325,7 @@ impl<'a> Run<'a> {
                     _ => (method.config().init(base, t.seed, &device)?, 0.0),
                 };
                 if let Method::Lora(c) = &method
-                    && c.init.reads_base()
+                    && start_reads_base
                 {
                     let seconds = while_loading + started.elapsed().as_secs_f64();
                     on_event(Event::Info(format!("adapter: start {} read from the base's weights in {seconds:.1} s", c.init)));

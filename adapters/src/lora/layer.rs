@@ -52,8 +52,7 @@ impl LoraBranch {
         };
         let a = Tensor::from_data(TensorData::new(a, [r, fan_in]), device);
         let b = Tensor::zeros([fan_out, r], device);
-        let branch = Self::from_tensors(a, b, config.scale_of(name), config.dropout);
-        if config.lora_bias { branch.with_bias(Tensor::zeros([fan_out], device)) } else { branch }
+        Self::from_tensors(a, b, config.scale_of(name), config.dropout).with_zero_bias_if(config.lora_bias)
     }
 
     pub fn from_tensors(lora_a: Tensor<2>, lora_b: Tensor<2>, scale: f64, dropout: f64) -> Self {
@@ -71,14 +70,17 @@ impl LoraBranch {
     /// adapter's conversion.
     pub fn from_start(lora_a: Tensor<2>, lora_b: Tensor<2>, config: &LoraConfig, name: &str) -> Self {
         let start = Some((lora_a.clone().into_data(), lora_b.clone().into_data()));
-        let branch = Self { start, ..Self::from_tensors(lora_a, lora_b, config.scale_of(name), config.dropout) };
-        if config.lora_bias {
-            let out = branch.lora_b.shape().dims::<2>()[0];
-            let device = branch.lora_b.val().device();
-            branch.with_bias(Tensor::zeros([out], &device))
-        } else {
-            branch
+        Self { start, ..Self::from_tensors(lora_a, lora_b, config.scale_of(name), config.dropout) }.with_zero_bias_if(config.lora_bias)
+    }
+
+    /// The branch with a zero bias on B where `lora_bias` asks for one: B·x + b starts as B·x.
+    fn with_zero_bias_if(self, lora_bias: bool) -> Self {
+        if !lora_bias {
+            return self;
         }
+        let out = self.lora_b.shape().dims::<2>()[0];
+        let device = self.lora_b.val().device();
+        self.with_bias(Tensor::zeros([out], &device))
     }
 
     /// `(A, B)` as saved on the original base: the branch's own, or `([A; A₀], [B, −B₀])` (rank

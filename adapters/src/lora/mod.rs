@@ -173,6 +173,7 @@ impl MethodConfig for LoraConfig {
     fn init(&self, base: BaseModel, seed: u64, device: &Device) -> Result<AdaptedModel, AdapterError> {
         self.init_with_starts(base, None, seed, device)
     }
+
     fn save(&self, model: &AdaptedModel, base_model: &str, dir: &Path) -> Result<(), AdapterError> {
         let (mut modules, mut tensors) = (Vec::new(), Vec::new());
         for (name, branch) in model.branches() {
@@ -185,8 +186,9 @@ impl MethodConfig for LoraConfig {
         tensors.extend(peft::bias_parameters(model).into_iter().map(|(key, _, bias)| SavedTensor::new(key, bias)));
         tensors.extend(peft::vocab_tensors(model));
         modules.extend(peft::vocab_modules(self, model.config()).into_iter().map(|m| m.hf_name(model.config()).to_owned()));
-        let converted = model.branches().into_iter().any(|(_, b)| matches!(b, ProjectionAdapter::Lora(b) if b.start.is_some()));
-        peft::save_peft(&if converted { self.converted() } else { self.clone() }, false, &modules, &tensors, base_model, dir)
+        // Every branch of such a start took it out of the base, and saves converted.
+        let config = if self.init.reads_base() { self.converted() } else { self.clone() };
+        peft::save_peft(&config, false, &modules, &tensors, base_model, dir)
     }
 
     fn parameter_names(&self, model: &AdaptedModel) -> Vec<(ParamId, String)> {
@@ -213,7 +215,11 @@ impl LoraConfig {
 
         let vocab = peft::init_vocab_branches(self, &base, &mut rng, device);
         let base = peft::train_whole_modules(self, base)?;
-        let (base, mut starts) = starts_from_weights(self, base, &mut rng, taken.map(|t| t.starts).unwrap_or_default())?;
+        // Under a start read from the base no vocabulary branch draws from `rng` (the check
+        // refuses them), so a fresh stream of `seed` draws what `rng` would.
+        let mut starts = taken.unwrap_or_else(|| WeightStarts::new(self, seed));
+        let base = starts.take_all(base)?;
+        let mut starts = starts.starts;
         let model = if vocab.is_some() && targeted_shapes(&base.config, self).is_empty() {
             AdaptedModel::base_only(base)
         } else {
@@ -284,42 +290,35 @@ impl WeightStarts {
     pub fn seconds(&self) -> f64 {
         self.seconds
     }
+
+    /// `base` with every targeted weight not taken while it loaded replaced by what its start
+    /// leaves ([`Self::take`]). A quantized one cannot give its start: an error names it.
+    fn take_all(&mut self, base: BaseModel) -> Result<BaseModel, AdapterError> {
+        if !self.config.init.reads_base() {
+            return Ok(base);
+        }
+        let mut quantized = None;
+        let base = base.map_projections(|name, linear: Linear| {
+            if !self.config.targets(name) || quantized.is_some() || self.starts.contains_key(name) {
+                return linear;
+            }
+            let Weight::Dense(weight) = &linear.weight else {
+                quantized = Some(name.to_owned());
+                return linear;
+            };
+            let kept = self.take(name, weight.val());
+            Linear::new(kept, linear.bias.map(|b| b.val()))
+        });
+        match quantized {
+            Some(name) => Err(AdapterError::Config(format!(
+                "'adapter.init_lora_weights' = {} changes the frozen weight, and {name} is quantized already (a GGUF base's blocks): start from a full-precision checkpoint (model.quantize may then quantize what the start leaves)",
+                self.config.init
+            ))),
+            None => Ok(base),
+        }
+    }
 }
 
-/// Branches whose start `init` reads from the base weight (PiSSA, OLoRA), by module, and the
-/// base with each such weight replaced by what it keeps, `W − s·B₀A₀`; those already `taken`
-/// while the base loaded are kept as they are. Other starts: none, base as is.
-fn starts_from_weights(
-    config: &LoraConfig,
-    base: BaseModel,
-    rng: &mut StdRng,
-    mut starts: HashMap<String, LoraBranch>,
-) -> Result<(BaseModel, HashMap<String, LoraBranch>), AdapterError> {
-    if !config.init.reads_base() {
-        return Ok((base, starts));
-    }
-    let mut quantized = None;
-    let base = base.map_projections(|name, linear: Linear| {
-        if !config.targets(name) || quantized.is_some() || starts.contains_key(name) {
-            return linear;
-        }
-        let Weight::Dense(weight) = &linear.weight else {
-            quantized = Some(name.to_owned());
-            return linear;
-        };
-        let (r, scale) = (config.rank_of(name), config.scale_of(name));
-        let (a, b, kept) = init::start_from_weight(weight.val(), r, scale, config.init, rng);
-        starts.insert(name.to_owned(), LoraBranch::from_start(a, b, config, name));
-        Linear::new(kept, linear.bias.map(|b| b.val()))
-    });
-    match quantized {
-        Some(name) => Err(AdapterError::Config(format!(
-            "'adapter.init_lora_weights' = {} changes the frozen weight, and {name} is quantized already (a GGUF base's blocks): start from a full-precision checkpoint (model.quantize may then quantize what the start leaves)",
-            config.init
-        ))),
-        None => Ok((base, starts)),
-    }
-}
 
 impl PeftMethod for LoraConfig {
     const NAME: &'static str = "lora";
