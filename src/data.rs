@@ -4,10 +4,11 @@
 use std::path::Path;
 
 use ember_data::sft::{IGNORE_INDEX, build_examples};
+use ember_data::text::Corpus;
 use ember_data::{Example, Format, SftOptions, Tokenizer};
 use ember_models::hub::Fetch;
 use ember_trainer::recipe::env_overrides;
-use ember_trainer::train::{sft_options, split_records, template};
+use ember_trainer::train::{held_out_records, sft_options, split_records, template};
 use ember_trainer::{Recipe, TrainError};
 use serde_json::json;
 
@@ -16,7 +17,19 @@ pub fn preview(recipe_path: &Path, overrides: &[String], limit: usize, as_json: 
     let tokenizer = ember_models::load_tokenizer(&recipe.model.path).map_err(TrainError::from)?;
     let format = template(&recipe)?;
     let options = sft_options(&recipe);
-    let (dataset, _, held_out) = split_records(&recipe)?;
+    // A plain-text corpus is read as a stream: only the records shown are held.
+    let (dataset, held_out) = match format {
+        Format::Text => {
+            let corpus = Corpus::count(&recipe.data.all_paths())?;
+            (corpus.head(limit)?, held_out_records(&corpus.counts(), &recipe)?)
+        }
+        _ => {
+            let (dataset, _, eval) = split_records(&recipe)?;
+            let mut held_out = vec![false; dataset.samples.len()];
+            eval.into_iter().for_each(|i| held_out[i] = true);
+            (dataset, held_out)
+        }
+    };
     if matches!(format, ember_data::Format::Text) && !as_json {
         println!("plain text: training joins the records (text + EOS) and cuts them into blocks of {} tokens; each record is shown alone\n", options.cutoff_len);
     }
@@ -24,7 +37,7 @@ pub fn preview(recipe_path: &Path, overrides: &[String], limit: usize, as_json: 
         let record_error = |e: String| dataset.record_error(index, e);
         let (example, truncated) = format.example(&tokenizer, sample, &options).map_err(record_error)?;
         let text = format.text(&tokenizer, sample, &options).map_err(record_error)?;
-        let held_out = held_out.contains(&index);
+        let held_out = held_out[index];
         if as_json {
             let line = json!({"index": index, "held_out": held_out, "truncated": truncated, "text": text,
                 "input_ids": example.input_ids, "labels": example.labels});
@@ -51,8 +64,11 @@ pub fn stats(recipe_path: &Path, overrides: &[String], as_json: bool) -> anyhow:
     let recipe = Recipe::load_with_env(recipe_path, &env_overrides(), overrides, Fetch::Download)?;
     let tokenizer = ember_models::load_tokenizer(&recipe.model.path).map_err(TrainError::from)?;
     let format = template(&recipe)?;
-    let (dataset, train, eval) = split_records(&recipe)?;
     let cutoff = recipe.data.cutoff_len;
+    if matches!(format, Format::Text) {
+        return print_stats(&text_stats(&recipe, &tokenizer)?, as_json);
+    }
+    let (dataset, train, eval) = split_records(&recipe)?;
     let files: Vec<_> = dataset.files().map(|(path, records)| json!({"path": path, "records": records})).collect();
     let mut out = json!({"files": files, "template": recipe.data.template, "cutoff_len": cutoff});
     for (name, indices) in [("train", &train), ("eval", &eval)] {
@@ -77,12 +93,40 @@ pub fn stats(recipe_path: &Path, overrides: &[String], as_json: bool) -> anyhow:
             "supervised_tokens": cut.iter().map(Example::supervised_tokens).sum::<usize>(),
         });
     }
+    print_stats(&out, as_json)
+}
+
+/// [`stats`] of a plain-text corpus, streamed as training reads it (and from
+/// `data.tokenized_path`, which this fills): its blocks, none of them truncated.
+fn text_stats(recipe: &Recipe, tokenizer: &Tokenizer) -> anyhow::Result<serde_json::Value> {
+    let data = ember_trainer::train::text_data(recipe, tokenizer, &mut |event| {
+        if let ember_trainer::run::Event::Info(line) = event {
+            eprintln!("{line}");
+        }
+    })?;
+    let files: Vec<_> = data.files.iter().map(|(path, records)| json!({"path": path, "records": records})).collect();
+    let mut out = json!({"files": files, "template": recipe.data.template, "cutoff_len": recipe.data.cutoff_len});
+    for (name, blocks, records) in [("train", &data.train, data.records[0]), ("eval", &data.eval, data.records[1])] {
+        // Every block is full but the last.
+        let lengths: Vec<usize> = (0..blocks.len()).map(|i| blocks.input_len(i)).collect();
+        let (min, max) = (lengths.iter().min().copied().unwrap_or(0), lengths.iter().max().copied().unwrap_or(0));
+        let tokens: usize = lengths.iter().sum();
+        out[name] = json!({
+            "records": records, "examples": blocks.len(), "without_answer": 0, "truncated": 0,
+            "length": {"min": min, "median": max, "p90": max, "p99": max, "max": max},
+            "tokens": tokens, "supervised_tokens": tokens - lengths.len(),
+        });
+    }
+    Ok(out)
+}
+
+fn print_stats(out: &serde_json::Value, as_json: bool) -> anyhow::Result<()> {
     if as_json {
         println!("{out}");
         return Ok(());
     }
-    let files: Vec<String> = dataset.files().map(|(path, records)| format!("{} ({records} records)", path.display())).collect();
-    println!("data: {}; template {}; cutoff_len {cutoff}", files.join(" + "), recipe.data.template);
+    let files: Vec<String> = out["files"].as_array().into_iter().flatten().map(|f| format!("{} ({} records)", f["path"].as_str().unwrap_or_default(), f["records"])).collect();
+    println!("data: {}; template {}; cutoff_len {}", files.join(" + "), out["template"].as_str().unwrap_or_default(), out["cutoff_len"]);
     for name in ["train", "eval"] {
         let s = &out[name];
         let l = &s["length"];

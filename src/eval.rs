@@ -69,6 +69,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     }
     let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
     let tokens: usize = examples.iter().map(|e| e.supervised_tokens()).sum();
+    let examples = ember_data::Examples::Records(examples);
     let score = |model: &AdaptedModel| {
         let loss = ember_trainer::train::evaluate(model, &examples, request.batch.max(1), pad_id, &device).unwrap_or(f64::NAN);
         json!({"loss": loss, "perplexity": loss.exp()})

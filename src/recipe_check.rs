@@ -93,8 +93,8 @@ fn check(file: &Path, env: &[(String, String)], skip_missing_paths: bool) -> Res
         }
     }
     if data_present {
-        let (_, train, eval) = ember_trainer::train::split_records(&recipe).map_err(|e| fail(e.to_string()))?;
-        summary.push(format!("{} records ({} held out for eval)", group_digits(train.len() + eval.len()), eval.len()));
+        let [train, eval] = ember_trainer::train::record_counts(&recipe).map_err(|e| fail(e.to_string()))?;
+        summary.push(format!("{} records ({} held out for eval)", group_digits(train + eval), eval));
     }
     summary.push(format!("template {template_name}"));
     if recipe.export.any() {

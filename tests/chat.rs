@@ -254,6 +254,82 @@ fn plain_text_is_packed_into_blocks() {
     assert!(e.contains("record 0") && e.contains("has no 'system'"), "{e}");
 }
 
+/// A plain-text corpus read as a stream (`.txt.gz` lines, JSON Lines) gives the blocks of the
+/// records loaded whole, split by the held-out records; `data.tokenized_path`'s cache maps them
+/// back and knows when its files, tokenizer or split changed. Bad records name file and index.
+#[test]
+fn a_streamed_corpus_gives_the_blocks_of_the_loaded_one_and_caches_them() {
+    use ember_data::text::{Corpus, TextBlocks, TokenBuffer, TokenCache, TokenStream};
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let lines = ["first document", "", "second one, a little longer", "  ", "third", "a fourth, to span blocks"];
+    let txt = dir.path().join("corpus.txt.gz");
+    let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(&txt).unwrap(), flate2::Compression::default());
+    gz.write_all(lines.join("\n").as_bytes()).unwrap();
+    gz.finish().unwrap();
+    let jsonl = dir.path().join("corpus.jsonl");
+    let records: Vec<String> = lines.iter().filter(|l| !l.trim().is_empty()).map(|l| serde_json::json!({"text": l}).to_string()).collect();
+    std::fs::write(&jsonl, records.join("\n\n")).unwrap();
+    let tokenizer = Tokenizer::from_dir(&fixture("tiny_llama")).unwrap();
+    let format = Format::named("text", &fixture("tiny_llama")).unwrap().unwrap();
+    let options = SftOptions { cutoff_len: 8, train_on_inputs: false, last_turn_only: false };
+    let held_out = [false, true, false, false, false, false, true, false];
+    let blocks = |stream: TokenStream| {
+        let blocks = TextBlocks::new(stream, 8, tokenizer.added_bos());
+        (0..blocks.len()).map(|i| blocks.example(i)).collect::<Vec<_>>()
+    };
+    let paths = [txt.clone(), jsonl.clone()];
+    let corpus = Corpus::count(&paths).unwrap();
+    assert_eq!(corpus.counts(), [4, 4]);
+    let mut buffers = [TokenBuffer::default(), TokenBuffer::default()];
+    corpus.tokenize(&tokenizer, &held_out, &mut buffers).unwrap();
+    let [train, eval] = buffers.map(TokenStream::from);
+    let mut dataset = Dataset::load(&txt).unwrap();
+    dataset.append(Dataset::load(&jsonl).unwrap());
+    let loaded = |indices: &[usize]| ember_data::sft::build_examples(&tokenizer, &format, &dataset, indices, &options).unwrap().0;
+    let (train_blocks, eval_blocks) = (loaded(&[0, 2, 3, 4, 5, 7]), loaded(&[1, 6]));
+    assert_eq!((blocks(train), blocks(eval)), (train_blocks.clone(), eval_blocks.clone()));
+
+    let cache_dir = dir.path().join("cache");
+    let mut cache = TokenCache::open(&cache_dir, &paths, &tokenizer, || {}).unwrap();
+    assert_eq!(cache.records(), None);
+    assert!(cache.streams(&held_out).unwrap().is_err());
+    let [train, eval] = cache.write(&corpus, &tokenizer, &held_out).unwrap();
+    assert_eq!((blocks(train), blocks(eval)), (train_blocks.clone(), eval_blocks.clone()));
+    drop(cache);
+    let cache = TokenCache::open(&cache_dir, &paths, &tokenizer, || {}).unwrap();
+    assert_eq!(cache.records(), Some(vec![4, 4]));
+    let [train, eval] = cache.streams(&held_out).unwrap().unwrap();
+    assert!(matches!(train, TokenStream::Mapped(_)));
+    assert_eq!((blocks(train), blocks(eval)), (train_blocks, eval_blocks));
+    let other_split = [true, false, false, false, false, false, true, false];
+    assert!(cache.streams(&other_split).unwrap().err().unwrap().contains("other records out"));
+    drop(cache);
+    std::fs::write(&jsonl, records.join("\n") + "\n{\"text\": \"more\"}").unwrap();
+    let cache = TokenCache::open(&cache_dir, &paths, &tokenizer, || {}).unwrap();
+    assert_eq!(cache.records(), None);
+    assert!(cache.streams(&held_out).unwrap().err().unwrap().contains("corpus.jsonl changed"));
+    drop(cache);
+    let other = Tokenizer::from_dir(&fixture("tiny_llama_vocab")).unwrap();
+    let cache = TokenCache::open(&cache_dir, &[txt.clone()], &other, || {}).unwrap();
+    assert!(cache.streams(&held_out[..4]).unwrap().err().unwrap().contains("other files"));
+    drop(cache);
+
+    // Errors name the file and the record (or line) as loading whole does.
+    for (text, needles) in [
+        ("{\"text\": \"a\"}\n\n{\"text\": 3}\n", ["corpus.jsonl: record 1", "'text' must be a string"]),
+        ("{\"text\": \"a\"}\n{\"text\"\n", ["corpus.jsonl", "line 2: malformed JSON"]),
+        ("{\"instruction\": \"a\", \"output\": \"b\"}\n", ["corpus.jsonl: record 0", "trains on plain-text records"]),
+    ] {
+        std::fs::write(&jsonl, text).unwrap();
+        let corpus = Corpus::count(std::slice::from_ref(&jsonl)).unwrap();
+        let e = corpus.tokenize(&tokenizer, &[false; 2][..corpus.records()], &mut [TokenBuffer::default(), TokenBuffer::default()]).unwrap_err().to_string();
+        assert!(needles.iter().all(|n| e.contains(n)), "{e}");
+    }
+    std::fs::write(&jsonl, "\n \n").unwrap();
+    assert!(Corpus::count(std::slice::from_ref(&jsonl)).err().unwrap().to_string().contains("no records"));
+}
+
 /// `ember data stats`: records a file, the split, lengths before the cutoff and what it cuts,
 /// consistent with the examples training builds.
 #[test]

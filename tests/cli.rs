@@ -183,6 +183,36 @@ fn an_eval_file_is_held_out_whole() {
     assert_eq!((summary["train_examples"].as_u64(), summary["eval_examples"].as_u64()), (Some(190), Some(190)));
 }
 
+/// `data.tokenized_path`: the first run tokenizes the corpus into the folder, the next maps the
+/// ids from it without reading the text; both train exactly as a run without the folder.
+#[test]
+fn a_tokenized_corpus_is_kept_and_mapped_by_the_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("tokens");
+    let train = |name: &str, cached: bool| {
+        let run = dir.path().join(name);
+        let mut sets = vec![format!("output.dir=\"{}\"", run.display()), "train.max_steps=4".to_string()];
+        if cached {
+            sets.push(format!("data.tokenized_path=\"{}\"", cache.display()));
+        }
+        let mut args = vec!["train".to_string(), recipe("ci/tiny-pretrain.toml")];
+        args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
+        let output = ember(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let summary = read_json(&run.join("summary.json"));
+        let losses = ["train_examples", "eval_examples", "final_train_loss", "final_eval_loss"].map(|key| summary[key].clone());
+        (String::from_utf8(output.stdout).unwrap(), losses)
+    };
+    let (_, in_memory) = train("in-memory", false);
+    let (first, written) = train("first", true);
+    assert!(first.contains("data: tokenizing into") && first.contains("nothing there yet"), "{first}");
+    let (second, mapped) = train("second", true);
+    assert!(second.contains("data: token ids mapped from"), "{second}");
+    assert_eq!((&written, &mapped), (&in_memory, &in_memory));
+    let output = ember(&["train", &recipe("ci/tiny-lora.toml"), "--set", "data.tokenized_path=\"tokens\""]);
+    assert_bad_input(&output, &["data.tokenized_path", "data.template = \"text\""]);
+}
+
 /// Early stopping and `load_best_model_at_end`: the run stops after `patience` evaluations
 /// without a lower eval loss, and its adapter is the best evaluation's: `ember eval` on the eval
 /// file gives that loss back.

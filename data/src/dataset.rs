@@ -73,6 +73,11 @@ impl Dataset {
         Ok(dataset)
     }
 
+    /// The records `samples` of `files`, each with the index of its first record.
+    pub(crate) fn from_parts(files: Vec<(PathBuf, usize)>, samples: Vec<Sample>) -> Self {
+        Self { files, samples }
+    }
+
     /// Each file and its number of records.
     pub fn files(&self) -> impl Iterator<Item = (&Path, usize)> {
         let ends = self.files.iter().skip(1).map(|(_, first)| *first).chain([self.samples.len()]);
@@ -160,7 +165,7 @@ pub fn parse(path: &Path, mut bytes: Vec<u8>) -> Result<Vec<Sample>, DatasetErro
         .collect()
 }
 
-fn parse_sample(value: &Value) -> Result<Sample, String> {
+pub(crate) fn parse_sample(value: &Value) -> Result<Sample, String> {
     let obj = value.as_object().ok_or_else(|| format!("expected an object, found {}", kind(value)))?;
     let system = string_field(obj, "system", false)?;
     let mut messages: Vec<Message> = Vec::new();

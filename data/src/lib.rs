@@ -7,11 +7,12 @@ pub mod dataset;
 pub mod sentencepiece;
 pub mod sft;
 pub mod template;
+pub mod text;
 pub mod tiktoken;
 pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Conversation, Message, Role};
 pub use dataset::{Dataset, DatasetError, Record, Sample};
-pub use sft::{Batch, Example, Format, SftOptions, SftStats};
+pub use sft::{Batch, Example, Examples, Format, SftOptions, SftStats};
 pub use template::Template;
 pub use tokenizer::{Tokenizer, TokenizerError};

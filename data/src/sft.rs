@@ -4,10 +4,13 @@
 
 use std::path::Path;
 
+use rayon::prelude::*;
+
 use crate::dataset::Record;
 use crate::chat::{ChatTemplate, LossPolicy};
 use crate::dataset::{Dataset, DatasetError, Sample};
 use crate::template::{PROMPT_TEMPLATES, Template};
+use crate::text::{TextBlocks, TokenBuffer};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// Label of tokens that carry no loss.
@@ -33,6 +36,40 @@ impl Example {
     /// Tokens that contribute to the loss: position t predicts labels[t + 1].
     pub fn supervised_tokens(&self) -> usize {
         self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+    }
+}
+
+/// A run's examples: one a record, or a plain-text corpus's blocks, cut when a batch asks.
+pub enum Examples {
+    Records(Vec<Example>),
+    Blocks(TextBlocks),
+}
+
+impl Examples {
+    pub fn len(&self) -> usize {
+        match self {
+            Examples::Records(examples) => examples.len(),
+            Examples::Blocks(blocks) => blocks.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, i: usize) -> std::borrow::Cow<'_, Example> {
+        match self {
+            Examples::Records(examples) => std::borrow::Cow::Borrowed(&examples[i]),
+            Examples::Blocks(blocks) => std::borrow::Cow::Owned(blocks.example(i)),
+        }
+    }
+
+    /// Example `i`'s tokens.
+    pub fn input_len(&self, i: usize) -> usize {
+        match self {
+            Examples::Records(examples) => examples[i].input_ids.len(),
+            Examples::Blocks(blocks) => blocks.input_len(i),
+        }
     }
 }
 
@@ -154,32 +191,30 @@ fn plain_text(sample: &Sample) -> Result<&str, String> {
 }
 
 /// `text + EOS` without other special tokens, as LLaMA-Factory's pretraining stage encodes it.
-fn text_ids(tokenizer: &Tokenizer, sample: &Sample) -> Result<Vec<u32>, String> {
+pub(crate) fn text_ids(tokenizer: &Tokenizer, sample: &Sample) -> Result<Vec<u32>, String> {
     let eos = tokenizer.eos_id.ok_or("the tokenizer has no EOS token")?;
     let mut ids = tokenizer.encode(plain_text(sample)?, false).map_err(|e| e.to_string())?;
     ids.push(eos);
     Ok(ids)
 }
 
-/// Continued pretraining's examples: the records' `text + EOS` concatenated in file order and
-/// cut into blocks of `cutoff_len` tokens, every token trained on (LLaMA-Factory's and
-/// transformers' `run_clm` `group_texts`). Where the tokenizer adds BOS, each block starts with
-/// it (LLaMA-Factory writes it over the block's first token; here it comes first, so no token is
-/// lost). The last, shorter block is kept, not dropped.
+/// Continued pretraining's examples from `dataset`'s records at `indices`: their `text + EOS`
+/// in file order, tokenized on every core and cut into [`TextBlocks`].
 fn text_blocks(tokenizer: &Tokenizer, dataset: &Dataset, indices: &[usize], cutoff_len: usize) -> Result<Vec<Example>, DatasetError> {
     let mut ordered = indices.to_vec();
     ordered.sort_unstable();
-    let mut stream = Vec::new();
-    for index in ordered {
-        stream.extend(text_ids(tokenizer, &dataset.samples[index]).map_err(|e| dataset.record_error(index, e))?);
+    let ids: Vec<Result<Vec<u32>, DatasetError>> =
+        ordered.par_iter().map(|&index| text_ids(tokenizer, &dataset.samples[index]).map_err(|e| dataset.record_error(index, e))).collect();
+    let mut buffer = TokenBuffer::default();
+    for ids in ids {
+        buffer.append(&ids?);
     }
-    let bos = tokenizer.added_bos();
-    let block = cutoff_len.saturating_sub(usize::from(bos.is_some())).max(1);
-    Ok(stream.chunks(block).map(|chunk| all_trained(bos.into_iter().chain(chunk.iter().copied()).collect())).collect())
+    let blocks = TextBlocks::new(buffer.into(), cutoff_len, tokenizer.added_bos());
+    Ok((0..blocks.len()).map(|i| blocks.example(i)).collect())
 }
 
 /// An example whose every token carries loss.
-fn all_trained(input_ids: Vec<u32>) -> Example {
+pub(crate) fn all_trained(input_ids: Vec<u32>) -> Example {
     let labels = input_ids.iter().map(|&id| id as i64).collect();
     Example { input_ids, labels }
 }

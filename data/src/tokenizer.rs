@@ -296,6 +296,17 @@ impl Tokenizer {
         Ok(Self { inner: load_tokenizer_json(path)?, native: None, bos_id: None, eos_id: None, pad_id: None })
     }
 
+    /// A digest of what decides the ids of text: the tokenizer as loaded (vocabulary, merges,
+    /// normalizer, pre-tokenizer), which encoder runs it, and the special ids.
+    pub fn fingerprint(&self) -> Result<String, TokenizerError> {
+        use sha2::Digest;
+        let json = self.inner.to_string(false).map_err(|e| TokenizerError::Encode(format!("the tokenizer does not serialize: {e}")))?;
+        let mut hash = sha2::Sha256::new();
+        hash.update(json.as_bytes());
+        hash.update(format!("{} {} {:?} {:?} {:?}", self.native.is_some(), self.inner.get_encode_special_tokens(), self.bos_id, self.eos_id, self.pad_id));
+        Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     /// Token ids of `text`; `add_special_tokens` runs the post-processor (BOS, `[gMASK]<sop>`…).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
         Ok(self.encode_with_offsets(text, add_special_tokens)?.0)

@@ -174,9 +174,17 @@ pub struct DataSection {
     /// Batch examples of similar length together (fewer pad tokens), as HF `group_by_length`.
     #[serde(default)]
     pub group_by_length: bool,
+    /// Plain text (`template = "text"`): a folder where the first run keeps the corpus's token
+    /// ids, which later runs map instead of tokenizing again (LLaMA-Factory's `tokenized_path`).
+    pub tokenized_path: Option<PathBuf>,
 }
 
 impl DataSection {
+    /// `path`'s files, then `eval_path`'s.
+    pub fn all_paths(&self) -> Vec<PathBuf> {
+        [self.paths.as_slice(), self.eval_paths.as_slice()].concat()
+    }
+
     /// The data files as messages name them: `a.json`, or `a.json + b.json`, then the
     /// evaluation files if any.
     pub fn describe(&self) -> String {
@@ -502,7 +510,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("model", &["path", "device", "dtype", "quantize", "double_quant", "resize_embeddings"]),
     // The method's own keys come from its section type (`adapter_keys`).
     ("adapter", &["method", "init_from"]),
-    ("data", &["path", "eval_path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "mask_history", "val_size", "group_by_length"]),
+    ("data", &["path", "eval_path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "mask_history", "val_size", "group_by_length", "tokenized_path"]),
     ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
         "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
         "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "gradient_checkpointing_every", "loss_chunk_tokens", "padding_free", "report_to",
@@ -568,7 +576,7 @@ impl Recipe {
                 *p = hub::data_file(p, fetch).map_err(|source| RecipeError::Hub { path: path.to_path_buf(), key, source })?;
             }
         }
-        for p in [&mut recipe.model.path, &mut recipe.output.dir].into_iter().chain(&mut recipe.data.paths).chain(&mut recipe.data.eval_paths).chain(recipe.adapter.init_from.as_mut()) {
+        for p in [&mut recipe.model.path, &mut recipe.output.dir].into_iter().chain(&mut recipe.data.paths).chain(&mut recipe.data.eval_paths).chain(recipe.adapter.init_from.as_mut()).chain(recipe.data.tokenized_path.as_mut()) {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -601,6 +609,9 @@ impl Recipe {
         }
         if !(t.neftune_noise_alpha >= 0.0 && t.neftune_noise_alpha.is_finite()) {
             return Err(format!("'train.neftune_noise_alpha' is {}; expected a finite alpha >= 0 (0: off)", t.neftune_noise_alpha));
+        }
+        if self.data.tokenized_path.is_some() && self.data.template != ember_data::sft::TEXT_TEMPLATE {
+            return Err(format!("'data.tokenized_path' keeps a plain-text corpus's token ids: it needs data.template = \"{}\"", ember_data::sft::TEXT_TEMPLATE));
         }
         if !self.data.eval_paths.is_empty() && self.data.val_size.holds_out() {
             return Err("'data.val_size' and 'data.eval_path' both hold records out for evaluation: give one".into());

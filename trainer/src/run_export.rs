@@ -72,6 +72,11 @@ pub fn export(
     Ok(written)
 }
 
+/// How many of the training examples' tokens the importance matrix can use.
+pub fn calibration_tokens(recipe: &Recipe) -> usize {
+    IMATRIX_CHUNK * recipe.export.imatrix_chunks
+}
+
 /// `gguf_dir/imatrix.gguf` of the merged model over `calibration`, in chunks of 512 tokens (fewer
 /// when the examples hold fewer), at most `export.imatrix_chunks` of them.
 fn importance_matrix(

@@ -16,7 +16,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_adapters::lora::WeightStarts;
 use ember_adapters::{AdaptedModel, Method};
 use ember_data::sft::{self, SftOptions};
-use ember_data::{Batch, Dataset, Example, Format, Template};
+use ember_data::text::{Corpus, TextBlocks, TokenBuffer, TokenCache, TokenStream};
+use ember_data::{Batch, Dataset, Examples, Format, SftStats, Template};
 use ember_models::BaseModel;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -120,22 +121,109 @@ pub fn split_records(recipe: &Recipe) -> Result<(Dataset, Vec<usize>, Vec<usize>
     let records = dataset.samples.len();
     if !recipe.data.eval_paths.is_empty() {
         dataset.append(Dataset::load_all(&recipe.data.eval_paths)?);
-        let mut train: Vec<usize> = (0..records).collect();
-        train.shuffle(&mut StdRng::seed_from_u64(recipe.train.seed));
-        let eval = (records..dataset.samples.len()).collect();
-        return Ok((dataset, train, eval));
     }
-    let held_out = recipe.data.val_size.of(records);
+    let (order, held_out) = split_order(records, recipe)?;
+    let mut train: Vec<usize> = order.into_iter().map(|i| i as usize).collect();
+    let eval = match recipe.data.eval_paths.is_empty() {
+        true => train.split_off(records - held_out),
+        false => (records..dataset.samples.len()).collect(),
+    };
+    Ok((dataset, train, eval))
+}
+
+/// The seeded order of `records` training records, and how many at its end `data.val_size`
+/// holds out (none where `data.eval_path` gives the evaluation records). Indices are `u32`: a
+/// corpus of a hundred million lines costs 400 MB here.
+fn split_order(records: usize, recipe: &Recipe) -> Result<(Vec<u32>, usize), TrainError> {
+    let held_out = if recipe.data.eval_paths.is_empty() { recipe.data.val_size.of(records) } else { 0 };
     if held_out >= records {
         return Err(TrainError::Setting {
             key: "data.val_size",
             reason: format!("{} leaves no training record ({} has {records} records)", recipe.data.val_size, recipe.data.describe()),
         });
     }
-    let mut train: Vec<usize> = (0..records).collect();
-    train.shuffle(&mut StdRng::seed_from_u64(recipe.train.seed));
-    let eval = train.split_off(records - held_out);
-    Ok((dataset, train, eval))
+    let records = u32::try_from(records).map_err(|_| TrainError::Setting { key: "data.path", reason: format!("{records} records: at most {} are read", u32::MAX) })?;
+    let mut order: Vec<u32> = (0..records).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(recipe.train.seed));
+    Ok((order, held_out))
+}
+
+/// A plain-text corpus as a run sees it.
+pub struct TextData {
+    pub train: Examples,
+    pub eval: Examples,
+    /// Each file (`data.path`, then `data.eval_path`) and its records.
+    pub files: Vec<(PathBuf, usize)>,
+    /// Training and held-out records.
+    pub records: [usize; 2],
+}
+
+/// Continued pretraining's train and eval blocks, the corpus streamed (no text is held: see
+/// [`Corpus`]) and split as [`split_records`] splits it, or its ids mapped from
+/// `data.tokenized_path`.
+pub fn text_data(recipe: &Recipe, tokenizer: &ember_data::Tokenizer, on_event: &mut dyn FnMut(Event)) -> Result<TextData, TrainError> {
+    let d = &recipe.data;
+    let paths = d.all_paths();
+    let waiting = |dir: &Path| Event::Info(format!("data: waiting for another run writing {} (data.tokenized_path)", dir.display()));
+    let mut cache = d.tokenized_path.as_deref().map(|dir| TokenCache::open(dir, &paths, tokenizer, || on_event(waiting(dir)))).transpose()?;
+    // A cache of these files says how many records each has: the text is not read at all.
+    let (mut corpus, counts) = match cache.as_ref().and_then(TokenCache::records) {
+        Some(counts) => (None, counts),
+        None => {
+            let corpus = Corpus::count(&paths)?;
+            let counts = corpus.counts();
+            (Some(corpus), counts)
+        }
+    };
+    let held_out = held_out_records(&counts, recipe)?;
+    let [train, eval] = match &mut cache {
+        None => {
+            let mut buffers = [TokenBuffer::default(), TokenBuffer::default()];
+            corpus.expect("counted without a cache").tokenize(tokenizer, &held_out, &mut buffers)?;
+            buffers.map(TokenStream::from)
+        }
+        Some(cache) => match cache.streams(&held_out)? {
+            Ok(streams) => {
+                on_event(Event::Info(format!("data: token ids mapped from {} (data.tokenized_path)", cache.dir().display())));
+                streams
+            }
+            Err(reason) => {
+                on_event(Event::Info(format!("data: tokenizing into {} (data.tokenized_path): {reason}", cache.dir().display())));
+                let corpus = match corpus.take() {
+                    Some(corpus) => corpus,
+                    None => Corpus::count(&paths)?,
+                };
+                cache.write(&corpus, tokenizer, &held_out)?
+            }
+        },
+    };
+    let blocks = |ids| Examples::Blocks(TextBlocks::new(ids, d.cutoff_len, tokenizer.added_bos()));
+    let eval_records = held_out.iter().filter(|&&h| h).count();
+    Ok(TextData { train: blocks(train), eval: blocks(eval), files: paths.into_iter().zip(counts).collect(), records: [held_out.len() - eval_records, eval_records] })
+}
+
+/// Which records of files with `counts` records each (`data.path`'s, then `data.eval_path`'s)
+/// are held out for evaluation, as [`split_records`] holds them out.
+pub fn held_out_records(counts: &[usize], recipe: &Recipe) -> Result<Vec<bool>, TrainError> {
+    let records = counts[..recipe.data.paths.len()].iter().sum();
+    let (order, held) = split_order(records, recipe)?;
+    let mut held_out = vec![false; counts.iter().sum()];
+    held_out[records..].fill(true);
+    for &i in &order[records - held..] {
+        held_out[i as usize] = true;
+    }
+    Ok(held_out)
+}
+
+/// The records a recipe trains and evaluates on; a plain-text corpus is counted a line at a time.
+pub fn record_counts(recipe: &Recipe) -> Result<[usize; 2], TrainError> {
+    if recipe.data.template != ember_data::sft::TEXT_TEMPLATE {
+        let (_, train, eval) = split_records(recipe)?;
+        return Ok([train.len(), eval.len()]);
+    }
+    let held_out = held_out_records(&Corpus::count(&recipe.data.all_paths())?.counts(), recipe)?;
+    let eval = held_out.iter().filter(|&&h| h).count();
+    Ok([held_out.len() - eval, eval])
 }
 
 fn int_tensor(values: &[i64], shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
@@ -161,28 +249,29 @@ pub fn learning_rate(recipe: &Recipe, step: usize, total: usize) -> f64 {
 
 /// Micro-batches of one epoch, in a seeded order; with `group_by_length`, examples of similar
 /// length share a batch (megabatches of 50 batches sorted by length, as HF's sampler).
-fn epoch_batches(examples: &[Example], recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>> {
+fn epoch_batches(examples: &Examples, recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..examples.len()).collect();
     let mut rng = StdRng::seed_from_u64(recipe.train.seed.wrapping_add(1 + epoch as u64));
     order.shuffle(&mut rng);
     let mbs = recipe.train.micro_batch_size;
     if recipe.data.group_by_length {
         for mega in order.chunks_mut(50 * mbs) {
-            mega.sort_by_key(|&i| std::cmp::Reverse(examples[i].input_ids.len()));
+            mega.sort_by_key(|&i| std::cmp::Reverse(examples.input_len(i)));
         }
     }
     order.chunks(mbs).map(<[usize]>::to_vec).collect()
 }
 
 /// Mean loss over every supervised token of `examples`, without building a graph.
-pub fn evaluate(model: &AdaptedModel, examples: &[Example], batch_size: usize, pad_id: u32, device: &Device) -> Option<f64> {
+pub fn evaluate(model: &AdaptedModel, examples: &Examples, batch_size: usize, pad_id: u32, device: &Device) -> Option<f64> {
     if examples.is_empty() {
         return None;
     }
     let model = model.valid();
     let (mut total, mut tokens) = (0f64, 0usize);
-    for chunk in examples.chunks(batch_size) {
-        let batch = Batch::collate(&chunk.iter().collect::<Vec<_>>(), pad_id);
+    for start in (0..examples.len()).step_by(batch_size.max(1)) {
+        let chunk: Vec<_> = (start..(start + batch_size).min(examples.len())).map(|i| examples.get(i)).collect();
+        let batch = Batch::collate(&chunk.iter().map(|e| e.as_ref()).collect::<Vec<_>>(), pad_id);
         let shape = [batch.batch, batch.seq];
         let hidden = model.hidden_states(int_tensor(&batch.input_ids, shape, device), Some(int_tensor(&batch.attention_mask, shape, device)));
         // The hidden states include prompt tuning's virtual positions; so must the labels.
@@ -231,8 +320,8 @@ struct Run<'a> {
     recipe: &'a Recipe,
     started: Instant,
     device: Device,
-    train_set: Vec<Example>,
-    eval_set: Vec<Example>,
+    train_set: Examples,
+    eval_set: Examples,
     pad_id: u32,
     /// What starts each importance-matrix chunk (`[export]`), where the tokenizer adds BOS.
     bos: Option<u32>,
@@ -262,10 +351,19 @@ impl<'a> Run<'a> {
 
         let tokenizer = ember_models::load_tokenizer(&recipe.model.path)?;
         let template = template(recipe)?;
-        let (dataset, train_records, eval_records) = split_records(recipe)?;
-        let options = sft_options(recipe);
-        let (train_set, stats) = sft::build_examples(&tokenizer, &template, &dataset, &train_records, &options)?;
-        let (eval_set, _) = sft::build_examples(&tokenizer, &template, &dataset, &eval_records, &options)?;
+        let (train_set, eval_set, stats) = match &template {
+            Format::Text => {
+                let data = text_data(recipe, &tokenizer, on_event)?;
+                (data.train, data.eval, SftStats { records: data.records[0], ..Default::default() })
+            }
+            _ => {
+                let (dataset, train_records, eval_records) = split_records(recipe)?;
+                let options = sft_options(recipe);
+                let (train_set, stats) = sft::build_examples(&tokenizer, &template, &dataset, &train_records, &options)?;
+                let (eval_set, _) = sft::build_examples(&tokenizer, &template, &dataset, &eval_records, &options)?;
+                (Examples::Records(train_set), Examples::Records(eval_set), stats)
+            }
+        };
         if train_set.is_empty() {
             return Err(TrainError::Setting {
                 key: "data.cutoff_len",
@@ -454,7 +552,10 @@ impl<'a> Run<'a> {
         let step_started = Instant::now();
         let micro: Vec<Batch> = group
             .iter()
-            .map(|ids| Batch::collate(&ids.iter().map(|&i| &self.train_set[i]).collect::<Vec<_>>(), self.pad_id))
+            .map(|ids| {
+                let examples: Vec<_> = ids.iter().map(|&i| self.train_set.get(i)).collect();
+                Batch::collate(&examples.iter().map(|e| e.as_ref()).collect::<Vec<_>>(), self.pad_id)
+            })
             .collect();
         // HF normalises by the supervised tokens of the whole accumulated batch.
         let step_tokens: usize = micro.iter().map(Batch::supervised_tokens).sum();
@@ -583,7 +684,10 @@ impl<'a> Run<'a> {
             }
             // The exports read the base again: the training copy goes first.
             drop(self.model);
-            let calibration: Vec<u32> = self.train_set.iter().flat_map(|e| e.input_ids.iter().copied()).collect();
+            let calibration: Vec<u32> = (0..self.train_set.len())
+                .flat_map(|i| self.train_set.get(i).input_ids.clone())
+                .take(crate::run_export::calibration_tokens(self.recipe))
+                .collect();
             let mut info = |line: String| on_event(Event::Info(line));
             summary.exports = crate::run_export::export(self.recipe, &summary.adapter_dir, &calibration, self.bos, &mut info)
                 .map_err(|source| TrainError::Export { adapter: summary.adapter_dir.clone(), source })?;
