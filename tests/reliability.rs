@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{adapter_files, assert_bad_input, assert_error, ember, losses, read_json, recipe};
 
-const METHODS: [&str; 10] = [
+const METHODS: [&str; 11] = [
     "ci/tiny-lora.toml",
     "ci/tiny-ptuning-v2.toml",
     "ci/tiny-llama-adapter.toml",
@@ -24,6 +24,7 @@ const METHODS: [&str; 10] = [
     "ci/tiny-qpissa.toml",
     "ci/tiny-vocab-chat.toml",
     "ci/tiny-lora-options.toml",
+    "ci/tiny-pretrain.toml",
 ];
 
 /// 12 steps with a checkpoint every 3, two kept.
