@@ -70,9 +70,9 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
     let tokens: usize = examples.iter().map(|e| e.supervised_tokens()).sum();
     let examples = ember_data::Examples::Records(examples);
-    let score = |model: &AdaptedModel| {
-        let loss = ember_trainer::train::evaluate(model, &examples, request.batch.max(1), pad_id, &device).unwrap_or(f64::NAN);
-        json!({"loss": loss, "perplexity": loss.exp()})
+    let score = |model: &AdaptedModel| -> Result<serde_json::Value, ember_data::DatasetError> {
+        let loss = ember_trainer::train::evaluate(model, &examples, request.batch.max(1), pad_id, &device)?.unwrap_or(f64::NAN);
+        Ok(json!({"loss": loss, "perplexity": loss.exp()}))
     };
     let base = BaseModel::load(request.base, LoadDtype::F32, &device)?;
     let stop_ids = base.config.eos_token_ids.iter().copied().chain(tokenizer.eos_id).collect();
@@ -87,14 +87,14 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
         "skipped_without_answer": stats.empty.len(), "truncated": stats.truncated, "answer_tokens": tokens,
     });
     let base_model = AdaptedModel::base_only(base);
-    result["base"] = score(&base_model);
+    result["base"] = score(&base_model)?;
     let base_answers = answerer.answer(&base_model, &dataset, to_answer)?;
     let mut adapter_answers = Vec::new();
     if let Some(dir) = request.adapter {
         // The same weights again, unwrapped: never two copies of the base.
         let base = base_model.model.map_projections(|_, p| p.merged());
         let (model, method) = ember_adapters::Method::load(dir, base, &device)?;
-        result["adapter"] = score(&model);
+        result["adapter"] = score(&model)?;
         result["method"] = json!(method.config().name());
         adapter_answers = answerer.answer(&model.into_inference(), &dataset, to_answer)?;
     }

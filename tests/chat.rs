@@ -255,7 +255,7 @@ fn plain_text_is_packed_into_blocks() {
 }
 
 /// A plain-text corpus read as a stream (`.txt.gz` lines, JSON Lines) gives the blocks of the
-/// records loaded whole, split by the held-out records; `data.tokenized_path`'s cache maps them
+/// records loaded whole, split by the held-out records; `data.tokenized_path`'s cache reads them
 /// back and knows when its files, tokenizer or split changed. Bad records name file and index.
 #[test]
 fn a_streamed_corpus_gives_the_blocks_of_the_loaded_one_and_caches_them() {
@@ -276,7 +276,7 @@ fn a_streamed_corpus_gives_the_blocks_of_the_loaded_one_and_caches_them() {
     let held_out = [false, true, false, false, false, false, true, false];
     let blocks = |stream: TokenStream| {
         let blocks = TextBlocks::new(stream, 8, tokenizer.added_bos());
-        (0..blocks.len()).map(|i| blocks.example(i)).collect::<Vec<_>>()
+        (0..blocks.len()).map(|i| blocks.example(i).unwrap()).collect::<Vec<_>>()
     };
     let paths = [txt.clone(), jsonl.clone()];
     let corpus = Corpus::count(&paths).unwrap();
@@ -300,7 +300,7 @@ fn a_streamed_corpus_gives_the_blocks_of_the_loaded_one_and_caches_them() {
     let cache = TokenCache::open(&cache_dir, &paths, &tokenizer, || {}).unwrap();
     assert_eq!(cache.records(), Some(vec![4, 4]));
     let [train, eval] = cache.streams(&held_out).unwrap().unwrap();
-    assert!(matches!(train, TokenStream::Mapped(_)));
+    assert!(matches!(train, TokenStream::Stored { .. }));
     assert_eq!((blocks(train), blocks(eval)), (train_blocks, eval_blocks));
     let other_split = [true, false, false, false, false, false, true, false];
     assert!(cache.streams(&other_split).unwrap().err().unwrap().contains("other records out"));

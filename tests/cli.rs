@@ -183,7 +183,7 @@ fn an_eval_file_is_held_out_whole() {
     assert_eq!((summary["train_examples"].as_u64(), summary["eval_examples"].as_u64()), (Some(190), Some(190)));
 }
 
-/// `data.tokenized_path`: the first run tokenizes the corpus into the folder, the next maps the
+/// `data.tokenized_path`: the first run tokenizes the corpus into the folder, the next reads the
 /// ids from it without reading the text; both train exactly as a run without the folder.
 #[test]
 fn a_tokenized_corpus_is_kept_and_mapped_by_the_next_run() {
@@ -207,7 +207,7 @@ fn a_tokenized_corpus_is_kept_and_mapped_by_the_next_run() {
     let (first, written) = train("first", true);
     assert!(first.contains("data: tokenizing into") && first.contains("nothing there yet"), "{first}");
     let (second, mapped) = train("second", true);
-    assert!(second.contains("data: token ids mapped from"), "{second}");
+    assert!(second.contains("data: token ids read from"), "{second}");
     assert_eq!((&written, &mapped), (&in_memory, &in_memory));
     let output = ember(&["train", &recipe("ci/tiny-lora.toml"), "--set", "data.tokenized_path=\"tokens\""]);
     assert_bad_input(&output, &["data.tokenized_path", "data.template = \"text\""]);

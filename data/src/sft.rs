@@ -57,10 +57,11 @@ impl Examples {
         self.len() == 0
     }
 
-    pub fn get(&self, i: usize) -> std::borrow::Cow<'_, Example> {
+    /// Example `i`; an error only where blocks are read from a file that cannot be read.
+    pub fn get(&self, i: usize) -> Result<std::borrow::Cow<'_, Example>, DatasetError> {
         match self {
-            Examples::Records(examples) => std::borrow::Cow::Borrowed(&examples[i]),
-            Examples::Blocks(blocks) => std::borrow::Cow::Owned(blocks.example(i)),
+            Examples::Records(examples) => Ok(std::borrow::Cow::Borrowed(&examples[i])),
+            Examples::Blocks(blocks) => blocks.example(i).map(std::borrow::Cow::Owned),
         }
     }
 
@@ -210,7 +211,7 @@ fn text_blocks(tokenizer: &Tokenizer, dataset: &Dataset, indices: &[usize], cuto
         buffer.append(&ids?);
     }
     let blocks = TextBlocks::new(buffer.into(), cutoff_len, tokenizer.added_bos());
-    Ok((0..blocks.len()).map(|i| blocks.example(i)).collect())
+    (0..blocks.len()).map(|i| blocks.example(i)).collect()
 }
 
 /// An example whose every token carries loss.

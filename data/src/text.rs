@@ -2,7 +2,7 @@
 //! held as text: each file is read twice, a line at a time (once to count its records, so that
 //! the seeded split is the one [`crate::Dataset`] gives, once to tokenize them on every core),
 //! and only its token ids stay, 4 bytes a token, in memory or in a [`TokenCache`] folder that
-//! later runs map instead of tokenizing again. Blocks are cut from them when a batch asks.
+//! later runs read instead of tokenizing again. Blocks are cut from them when a batch asks.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -280,11 +280,13 @@ impl TokenSink for TokenBuffer {
     }
 }
 
-/// Token ids in order: gathered in memory, or mapped from a [`TokenCache`] file (little-endian
-/// `u32`s).
+/// Token ids in order: gathered in memory, or read from a [`TokenCache`] file (little-endian
+/// `u32`s) a block at a time. Read, not mapped: blocks come in a shuffled order, and a mapping
+/// would keep every page read resident (with the kernel's neighbours of each) until it is the
+/// file's size; reads leave them to the page cache.
 pub enum TokenStream {
     Memory(TokenBuffer),
-    Mapped(memmap2::Mmap),
+    Stored { file: File, path: PathBuf, len: usize },
 }
 
 impl From<TokenBuffer> for TokenStream {
@@ -297,7 +299,7 @@ impl TokenStream {
     pub fn len(&self) -> usize {
         match self {
             TokenStream::Memory(buffer) => buffer.len,
-            TokenStream::Mapped(map) => map.len() / 4,
+            TokenStream::Stored { len, .. } => *len,
         }
     }
 
@@ -306,7 +308,7 @@ impl TokenStream {
     }
 
     /// The ids at `range`, appended to `out`.
-    fn copy_range(&self, range: std::ops::Range<usize>, out: &mut Vec<u32>) {
+    fn copy_range(&self, range: std::ops::Range<usize>, out: &mut Vec<u32>) -> Result<(), DatasetError> {
         match self {
             TokenStream::Memory(buffer) => {
                 let mut at = range.start;
@@ -318,15 +320,19 @@ impl TokenStream {
                     at += take;
                 }
             }
-            TokenStream::Mapped(map) => {
-                out.extend(map[4 * range.start..4 * range.end].chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            TokenStream::Stored { file, path, .. } => {
+                let mut bytes = vec![0u8; 4 * range.len()];
+                std::os::unix::fs::FileExt::read_exact_at(file, &mut bytes, 4 * range.start as u64)
+                    .map_err(|source| DatasetError::Io { path: path.clone(), source })?;
+                out.extend(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
             }
         }
+        Ok(())
     }
 }
 
-/// `data.tokenized_path`: a corpus's token ids kept in a folder by the first run and mapped by
-/// the next ones, which then neither read nor tokenize the text (LLaMA-Factory's
+/// `data.tokenized_path`: a corpus's token ids kept in a folder by the first run and read from
+/// there by the next ones, which then neither read nor tokenize the text (LLaMA-Factory's
 /// `tokenized_path`). `corpus.json` says what the ids are of: the files (path, size, modification
 /// time) with their record counts, the tokenizer's fingerprint and the held-out records; a run
 /// with anything else tokenizes again and replaces them. The folder is locked while a run
@@ -423,7 +429,7 @@ impl TokenCache {
             if bytes != 4 * tokens as u64 {
                 return Ok(Err(format!("{} holds {bytes} bytes, not the {} of {tokens} ids", path.display(), 4 * tokens)));
             }
-            map(&file, &path).map(Ok)
+            Ok(Ok(TokenStream::Stored { file, path, len: tokens }))
         };
         Ok(match (open(0)?, open(1)?) {
             (Ok(train), Ok(eval)) => Ok([train, eval]),
@@ -432,7 +438,7 @@ impl TokenCache {
     }
 
     /// Tokenizes `corpus` into the folder (each file written whole, then renamed into place;
-    /// `corpus.json` last) and maps the ids.
+    /// `corpus.json` last) and opens the ids there.
     pub fn write(&mut self, corpus: &Corpus, tokenizer: &Tokenizer, held_out: &[bool]) -> Result<[TokenStream; 2], DatasetError> {
         let info_path = self.dir.join(CACHE_INFO);
         match std::fs::remove_file(&info_path) {
@@ -456,16 +462,6 @@ impl TokenCache {
         self.found = Some(info);
         self.streams(held_out)?.map_err(|reason| DatasetError::Invalid { path: self.dir.clone(), reason: format!("just written, but {reason}") })
     }
-}
-
-fn map(file: &File, path: &Path) -> Result<TokenStream, DatasetError> {
-    if file.metadata().map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?.len() == 0 {
-        return Ok(TokenStream::Memory(TokenBuffer::default()));
-    }
-    // SAFETY: the cache folder is locked while a run writes it, and a writer replaces files by
-    // renaming, so a mapped file is never changed underneath.
-    let map = unsafe { memmap2::Mmap::map(file) }.map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
-    Ok(TokenStream::Mapped(map))
 }
 
 /// The held-out records' indices, digested.
@@ -541,11 +537,12 @@ impl TextBlocks {
         self.range(i).len() + usize::from(self.bos.is_some())
     }
 
-    pub fn example(&self, i: usize) -> Example {
+    /// Block `i`; an error only where a stored stream's file cannot be read.
+    pub fn example(&self, i: usize) -> Result<Example, DatasetError> {
         let mut input_ids = Vec::with_capacity(self.input_len(i));
         input_ids.extend(self.bos);
-        self.ids.copy_range(self.range(i), &mut input_ids);
-        all_trained(input_ids)
+        self.ids.copy_range(self.range(i), &mut input_ids)?;
+        Ok(all_trained(input_ids))
     }
 }
 
@@ -563,7 +560,7 @@ mod tests {
         let stream = TokenStream::from(buffer);
         assert_eq!(stream.len(), ids.len());
         let mut out = Vec::new();
-        stream.copy_range(CHUNK - 3..2 * CHUNK + 2, &mut out);
+        stream.copy_range(CHUNK - 3..2 * CHUNK + 2, &mut out).unwrap();
         assert_eq!(out, ids[CHUNK - 3..2 * CHUNK + 2]);
     }
 
@@ -573,9 +570,9 @@ mod tests {
         buffer.append(&[10, 11, 12, 13, 14, 15, 16]);
         let blocks = TextBlocks::new(buffer.into(), 4, Some(1));
         assert_eq!(blocks.len(), 3);
-        assert_eq!(blocks.example(0).input_ids, [1, 10, 11, 12]);
-        assert_eq!(blocks.example(2).input_ids, [1, 16]);
-        assert_eq!(blocks.example(2).labels, [1, 16]);
+        assert_eq!(blocks.example(0).unwrap().input_ids, [1, 10, 11, 12]);
+        assert_eq!(blocks.example(2).unwrap().input_ids, [1, 16]);
+        assert_eq!(blocks.example(2).unwrap().labels, [1, 16]);
         assert_eq!(blocks.input_len(2), 2);
     }
 

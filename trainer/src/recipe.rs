@@ -175,7 +175,7 @@ pub struct DataSection {
     #[serde(default)]
     pub group_by_length: bool,
     /// Plain text (`template = "text"`): a folder where the first run keeps the corpus's token
-    /// ids, which later runs map instead of tokenizing again (LLaMA-Factory's `tokenized_path`).
+    /// ids, which later runs read instead of tokenizing again (LLaMA-Factory's `tokenized_path`).
     pub tokenized_path: Option<PathBuf>,
 }
 

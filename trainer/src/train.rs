@@ -17,7 +17,7 @@ use ember_adapters::lora::WeightStarts;
 use ember_adapters::{AdaptedModel, Method};
 use ember_data::sft::{self, SftOptions};
 use ember_data::text::{Corpus, TextBlocks, TokenBuffer, TokenCache, TokenStream};
-use ember_data::{Batch, Dataset, Examples, Format, SftStats, Template};
+use ember_data::{Batch, Dataset, DatasetError, Examples, Format, SftStats, Template};
 use ember_models::BaseModel;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -159,7 +159,7 @@ pub struct TextData {
 }
 
 /// Continued pretraining's train and eval blocks, the corpus streamed (no text is held: see
-/// [`Corpus`]) and split as [`split_records`] splits it, or its ids mapped from
+/// [`Corpus`]) and split as [`split_records`] splits it, or its ids read from
 /// `data.tokenized_path`.
 pub fn text_data(recipe: &Recipe, tokenizer: &ember_data::Tokenizer, on_event: &mut dyn FnMut(Event)) -> Result<TextData, TrainError> {
     let d = &recipe.data;
@@ -184,7 +184,7 @@ pub fn text_data(recipe: &Recipe, tokenizer: &ember_data::Tokenizer, on_event: &
         }
         Some(cache) => match cache.streams(&held_out)? {
             Ok(streams) => {
-                on_event(Event::Info(format!("data: token ids mapped from {} (data.tokenized_path)", cache.dir().display())));
+                on_event(Event::Info(format!("data: token ids read from {} (data.tokenized_path), not tokenized again", cache.dir().display())));
                 streams
             }
             Err(reason) => {
@@ -247,9 +247,10 @@ pub fn learning_rate(recipe: &Recipe, step: usize, total: usize) -> f64 {
     }
 }
 
-/// Micro-batches of one epoch, in a seeded order; with `group_by_length`, examples of similar
-/// length share a batch (megabatches of 50 batches sorted by length, as HF's sampler).
-fn epoch_batches(examples: &Examples, recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>> {
+/// The examples of one epoch in a seeded order, read `micro_batch_size` at a time; with
+/// `group_by_length`, examples of similar length share a batch (megabatches of 50 batches sorted
+/// by length, as HF's sampler).
+fn epoch_order(examples: &Examples, recipe: &Recipe, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..examples.len()).collect();
     let mut rng = StdRng::seed_from_u64(recipe.train.seed.wrapping_add(1 + epoch as u64));
     order.shuffle(&mut rng);
@@ -259,18 +260,18 @@ fn epoch_batches(examples: &Examples, recipe: &Recipe, epoch: usize) -> Vec<Vec<
             mega.sort_by_key(|&i| std::cmp::Reverse(examples.input_len(i)));
         }
     }
-    order.chunks(mbs).map(<[usize]>::to_vec).collect()
+    order
 }
 
 /// Mean loss over every supervised token of `examples`, without building a graph.
-pub fn evaluate(model: &AdaptedModel, examples: &Examples, batch_size: usize, pad_id: u32, device: &Device) -> Option<f64> {
+pub fn evaluate(model: &AdaptedModel, examples: &Examples, batch_size: usize, pad_id: u32, device: &Device) -> Result<Option<f64>, DatasetError> {
     if examples.is_empty() {
-        return None;
+        return Ok(None);
     }
     let model = model.valid();
     let (mut total, mut tokens) = (0f64, 0usize);
     for start in (0..examples.len()).step_by(batch_size.max(1)) {
-        let chunk: Vec<_> = (start..(start + batch_size).min(examples.len())).map(|i| examples.get(i)).collect();
+        let chunk = (start..(start + batch_size).min(examples.len())).map(|i| examples.get(i)).collect::<Result<Vec<_>, _>>()?;
         let batch = Batch::collate(&chunk.iter().map(|e| e.as_ref()).collect::<Vec<_>>(), pad_id);
         let shape = [batch.batch, batch.seq];
         let hidden = model.hidden_states(int_tensor(&batch.input_ids, shape, device), Some(int_tensor(&batch.attention_mask, shape, device)));
@@ -282,7 +283,7 @@ pub fn evaluate(model: &AdaptedModel, examples: &Examples, batch_size: usize, pa
             tokens += count;
         }
     }
-    (tokens > 0).then(|| total / tokens as f64)
+    Ok((tokens > 0).then(|| total / tokens as f64))
 }
 
 /// The global L2 norm of the gradients, which are scaled to `max_norm` if above it (0: no
@@ -471,7 +472,7 @@ impl<'a> Run<'a> {
     fn evaluate(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
         let step = self.position.step;
         let (batch_size, device) = (self.recipe.train.micro_batch_size, self.device.clone().inner());
-        let Some(loss) = evaluate(&self.model, &self.eval_set, batch_size, self.pad_id, &device) else { return Ok(()) };
+        let Some(loss) = evaluate(&self.model, &self.eval_set, batch_size, self.pad_id, &device)? else { return Ok(()) };
         on_event(Event::Info(format!("eval step {step}: loss {loss:.4}")));
         let summary = &mut self.summary;
         summary.first_eval_loss.get_or_insert(loss);
@@ -509,7 +510,8 @@ impl<'a> Run<'a> {
         let t = &self.recipe.train;
         let start = self.position;
         'epochs: for epoch in start.epoch.. {
-            let batches = epoch_batches(&self.train_set, self.recipe, epoch);
+            let order = epoch_order(&self.train_set, self.recipe, epoch);
+            let batches: Vec<&[usize]> = order.chunks(t.micro_batch_size).collect();
             let first_group = if epoch == start.epoch { start.next_group } else { 0 };
             for (group_index, group) in batches.chunks(t.gradient_accumulation_steps).enumerate().skip(first_group) {
                 if self.position.step >= self.total_steps {
@@ -546,17 +548,17 @@ impl<'a> Run<'a> {
     }
 
     /// One optimizer step over the micro-batches of `group` (indices into the training set).
-    fn step(&mut self, group: &[Vec<usize>], epoch: f64, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+    fn step(&mut self, group: &[&[usize]], epoch: f64, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
         let t = &self.recipe.train;
         let step = self.position.step;
         let step_started = Instant::now();
-        let micro: Vec<Batch> = group
+        let micro = group
             .iter()
             .map(|ids| {
-                let examples: Vec<_> = ids.iter().map(|&i| self.train_set.get(i)).collect();
-                Batch::collate(&examples.iter().map(|e| e.as_ref()).collect::<Vec<_>>(), self.pad_id)
+                let examples = ids.iter().map(|&i| self.train_set.get(i)).collect::<Result<Vec<_>, _>>()?;
+                Ok(Batch::collate(&examples.iter().map(|e| e.as_ref()).collect::<Vec<_>>(), self.pad_id))
             })
-            .collect();
+            .collect::<Result<Vec<Batch>, DatasetError>>()?;
         // HF normalises by the supervised tokens of the whole accumulated batch.
         let step_tokens: usize = micro.iter().map(Batch::supervised_tokens).sum();
         let mut accumulator = GradientsAccumulator::<AdaptedModel>::new();
@@ -684,10 +686,14 @@ impl<'a> Run<'a> {
             }
             // The exports read the base again: the training copy goes first.
             drop(self.model);
-            let calibration: Vec<u32> = (0..self.train_set.len())
-                .flat_map(|i| self.train_set.get(i).input_ids.clone())
-                .take(crate::run_export::calibration_tokens(self.recipe))
-                .collect();
+            let mut calibration = Vec::new();
+            for i in 0..self.train_set.len() {
+                if calibration.len() >= crate::run_export::calibration_tokens(self.recipe) {
+                    break;
+                }
+                calibration.extend_from_slice(&self.train_set.get(i)?.input_ids);
+            }
+            calibration.truncate(crate::run_export::calibration_tokens(self.recipe));
             let mut info = |line: String| on_event(Event::Info(line));
             summary.exports = crate::run_export::export(self.recipe, &summary.adapter_dir, &calibration, self.bos, &mut info)
                 .map_err(|source| TrainError::Export { adapter: summary.adapter_dir.clone(), source })?;
