@@ -74,19 +74,8 @@ impl Corpus {
                 break;
             }
             files.push((file.path.clone(), samples.len()));
-            match &file.records {
-                Records::Parsed(parsed) => samples.extend(parsed.iter().take(limit - samples.len()).cloned()),
-                Records::Lines { json, .. } => {
-                    let mut lines = Lines::open(&file.path)?;
-                    let mut index = 0;
-                    while samples.len() < limit
-                        && let Some((line, text)) = lines.next_line()?
-                    {
-                        let record = if *json { Record::Json(text) } else { Record::Sample(Sample::Text(text)) };
-                        samples.push(Pending { index, line, record }.sample(&file.path)?);
-                        index += 1;
-                    }
-                }
+            for pending in file.pending()?.take(limit - samples.len()) {
+                samples.push(pending?.sample(&file.path)?);
             }
         }
         Ok(Dataset::from_parts(files, samples))
@@ -107,35 +96,41 @@ impl Corpus {
                 }
                 Ok(())
             };
-            match &file.records {
-                Records::Parsed(samples) => {
-                    for (index, sample) in samples.iter().enumerate() {
-                        batch.push(Pending { index, line: 0, record: Record::Sample(sample.clone()) });
-                        bytes += sample_bytes(sample);
-                        if bytes >= BATCH_BYTES {
-                            flush(&mut batch)?;
-                            bytes = 0;
-                        }
-                    }
-                }
-                Records::Lines { json, .. } => {
-                    let mut lines = Lines::open(&file.path)?;
-                    let mut index = 0;
-                    while let Some((line, text)) = lines.next_line()? {
-                        bytes += text.len();
-                        batch.push(Pending { index, line, record: if *json { Record::Json(text) } else { Record::Sample(Sample::Text(text)) } });
-                        index += 1;
-                        if bytes >= BATCH_BYTES {
-                            flush(&mut batch)?;
-                            bytes = 0;
-                        }
-                    }
+            for pending in file.pending()? {
+                let pending = pending?;
+                bytes += pending.text_len();
+                batch.push(pending);
+                if bytes >= BATCH_BYTES {
+                    flush(&mut batch)?;
+                    bytes = 0;
                 }
             }
             flush(&mut batch)?;
             first += file.records.count();
         }
         Ok(())
+    }
+}
+
+impl CorpusFile {
+    /// The file's records in order, read again.
+    fn pending(&self) -> Result<Box<dyn Iterator<Item = Result<Pending, DatasetError>> + '_>, DatasetError> {
+        Ok(match &self.records {
+            Records::Parsed(samples) => Box::new(samples.iter().enumerate().map(|(index, sample)| Ok(Pending { index, line: 0, record: Record::Sample(sample.clone()) }))),
+            Records::Lines { json, .. } => {
+                let (mut lines, json) = (Lines::open(&self.path)?, *json);
+                let mut index = 0;
+                Box::new(std::iter::from_fn(move || {
+                    let (line, text) = match lines.next_line().transpose()? {
+                        Ok(next) => next,
+                        Err(e) => return Some(Err(e)),
+                    };
+                    let record = if json { Record::Json(text) } else { Record::Sample(Sample::Text(text)) };
+                    index += 1;
+                    Some(Ok(Pending { index: index - 1, line, record }))
+                }))
+            }
+        })
     }
 }
 
@@ -153,6 +148,14 @@ enum Record {
 }
 
 impl Pending {
+    /// Bytes of text the record carries, as read.
+    fn text_len(&self) -> usize {
+        match &self.record {
+            Record::Json(text) | Record::Sample(Sample::Text(text)) => text.len(),
+            Record::Sample(_) => 0,
+        }
+    }
+
     fn sample(self, path: &Path) -> Result<Sample, DatasetError> {
         match self.record {
             Record::Sample(sample) => Ok(sample),
@@ -175,13 +178,6 @@ impl Pending {
             }
         };
         text_ids(tokenizer, sample).map_err(|reason| DatasetError::Record { path: path.to_path_buf(), index: self.index, reason })
-    }
-}
-
-fn sample_bytes(sample: &Sample) -> usize {
-    match sample {
-        Sample::Text(text) => text.len(),
-        _ => 0,
     }
 }
 
