@@ -65,6 +65,12 @@ impl Examples {
         }
     }
 
+    /// The right-padded batch of the examples at `indices`.
+    pub fn collate(&self, indices: impl IntoIterator<Item = usize>, pad_id: u32) -> Result<Batch, DatasetError> {
+        let examples = indices.into_iter().map(|i| self.get(i)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Batch::collate(&examples.iter().map(|e| e.as_ref()).collect::<Vec<_>>(), pad_id))
+    }
+
     /// Example `i`'s tokens.
     pub fn input_len(&self, i: usize) -> usize {
         match self {

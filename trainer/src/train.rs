@@ -167,7 +167,7 @@ pub fn text_data(recipe: &Recipe, tokenizer: &ember_data::Tokenizer, on_event: &
     let waiting = |dir: &Path| Event::Info(format!("data: waiting for another run writing {} (data.tokenized_path)", dir.display()));
     let mut cache = d.tokenized_path.as_deref().map(|dir| TokenCache::open(dir, &paths, tokenizer, || on_event(waiting(dir)))).transpose()?;
     // A cache of these files says how many records each has: the text is not read at all.
-    let (mut corpus, counts) = match cache.as_ref().and_then(TokenCache::records) {
+    let (counted, counts) = match cache.as_ref().and_then(TokenCache::records) {
         Some(counts) => (None, counts),
         None => {
             let corpus = Corpus::count(&paths)?;
@@ -176,10 +176,11 @@ pub fn text_data(recipe: &Recipe, tokenizer: &ember_data::Tokenizer, on_event: &
         }
     };
     let held_out = held_out_records(&counts, recipe)?;
+    let corpus = || counted.map_or_else(|| Corpus::count(&paths), Ok);
     let [train, eval] = match &mut cache {
         None => {
             let mut buffers = [TokenBuffer::default(), TokenBuffer::default()];
-            corpus.expect("counted without a cache").tokenize(tokenizer, &held_out, &mut buffers)?;
+            corpus()?.tokenize(tokenizer, &held_out, &mut buffers)?;
             buffers.map(TokenStream::from)
         }
         Some(cache) => match cache.streams(&held_out)? {
@@ -189,17 +190,18 @@ pub fn text_data(recipe: &Recipe, tokenizer: &ember_data::Tokenizer, on_event: &
             }
             Err(reason) => {
                 on_event(Event::Info(format!("data: tokenizing into {} (data.tokenized_path): {reason}", cache.dir().display())));
-                let corpus = match corpus.take() {
-                    Some(corpus) => corpus,
-                    None => Corpus::count(&paths)?,
-                };
-                cache.write(&corpus, tokenizer, &held_out)?
+                cache.write(&corpus()?, tokenizer, &held_out)?
             }
         },
     };
     let blocks = |ids| Examples::Blocks(TextBlocks::new(ids, d.cutoff_len, tokenizer.added_bos()));
-    let eval_records = held_out.iter().filter(|&&h| h).count();
-    Ok(TextData { train: blocks(train), eval: blocks(eval), files: paths.into_iter().zip(counts).collect(), records: [held_out.len() - eval_records, eval_records] })
+    Ok(TextData { train: blocks(train), eval: blocks(eval), files: paths.into_iter().zip(counts).collect(), records: split_sizes(&held_out) })
+}
+
+/// Training and held-out records of a [`held_out_records`] split.
+fn split_sizes(held_out: &[bool]) -> [usize; 2] {
+    let eval = held_out.iter().filter(|&&held| held).count();
+    [held_out.len() - eval, eval]
 }
 
 /// Which records of files with `counts` records each (`data.path`'s, then `data.eval_path`'s)
@@ -221,9 +223,7 @@ pub fn record_counts(recipe: &Recipe) -> Result<[usize; 2], TrainError> {
         let (_, train, eval) = split_records(recipe)?;
         return Ok([train.len(), eval.len()]);
     }
-    let held_out = held_out_records(&Corpus::count(&recipe.data.all_paths())?.counts(), recipe)?;
-    let eval = held_out.iter().filter(|&&h| h).count();
-    Ok([held_out.len() - eval, eval])
+    Ok(split_sizes(&held_out_records(&Corpus::count(&recipe.data.all_paths())?.counts(), recipe)?))
 }
 
 fn int_tensor(values: &[i64], shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
@@ -271,8 +271,7 @@ pub fn evaluate(model: &AdaptedModel, examples: &Examples, batch_size: usize, pa
     let model = model.valid();
     let (mut total, mut tokens) = (0f64, 0usize);
     for start in (0..examples.len()).step_by(batch_size.max(1)) {
-        let chunk = (start..(start + batch_size).min(examples.len())).map(|i| examples.get(i)).collect::<Result<Vec<_>, _>>()?;
-        let batch = Batch::collate(&chunk.iter().map(|e| e.as_ref()).collect::<Vec<_>>(), pad_id);
+        let batch = examples.collate(start..(start + batch_size).min(examples.len()), pad_id)?;
         let shape = [batch.batch, batch.seq];
         let hidden = model.hidden_states(int_tensor(&batch.input_ids, shape, device), Some(int_tensor(&batch.attention_mask, shape, device)));
         // The hidden states include prompt tuning's virtual positions; so must the labels.
@@ -552,13 +551,7 @@ impl<'a> Run<'a> {
         let t = &self.recipe.train;
         let step = self.position.step;
         let step_started = Instant::now();
-        let micro = group
-            .iter()
-            .map(|ids| {
-                let examples = ids.iter().map(|&i| self.train_set.get(i)).collect::<Result<Vec<_>, _>>()?;
-                Ok(Batch::collate(&examples.iter().map(|e| e.as_ref()).collect::<Vec<_>>(), self.pad_id))
-            })
-            .collect::<Result<Vec<Batch>, DatasetError>>()?;
+        let micro = group.iter().map(|ids| self.train_set.collate(ids.iter().copied(), self.pad_id)).collect::<Result<Vec<Batch>, _>>()?;
         // HF normalises by the supervised tokens of the whole accumulated batch.
         let step_tokens: usize = micro.iter().map(Batch::supervised_tokens).sum();
         let mut accumulator = GradientsAccumulator::<AdaptedModel>::new();
@@ -686,14 +679,15 @@ impl<'a> Run<'a> {
             }
             // The exports read the base again: the training copy goes first.
             drop(self.model);
+            let wanted = crate::run_export::calibration_tokens(self.recipe);
             let mut calibration = Vec::new();
             for i in 0..self.train_set.len() {
-                if calibration.len() >= crate::run_export::calibration_tokens(self.recipe) {
+                if calibration.len() >= wanted {
                     break;
                 }
                 calibration.extend_from_slice(&self.train_set.get(i)?.input_ids);
             }
-            calibration.truncate(crate::run_export::calibration_tokens(self.recipe));
+            calibration.truncate(wanted);
             let mut info = |line: String| on_event(Event::Info(line));
             summary.exports = crate::run_export::export(self.recipe, &summary.adapter_dir, &calibration, self.bos, &mut info)
                 .map_err(|source| TrainError::Export { adapter: summary.adapter_dir.clone(), source })?;

@@ -319,7 +319,6 @@ impl WeightStarts {
     }
 }
 
-
 impl PeftMethod for LoraConfig {
     const NAME: &'static str = "lora";
     type Section = LoraSection;
