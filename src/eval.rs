@@ -1,13 +1,15 @@
 //! `ember eval`: how well the base, and the base with an adapter, predict the answers of an
-//! Alpaca file (mean loss over answer tokens, and its exponential, the perplexity); with
-//! `--generate N`, also the greedy answers of both to the first N instructions, side by side.
+//! Alpaca file, or a plain-text corpus (mean loss over answer tokens, or over every token of the
+//! text, and its exponential, the perplexity); with `--generate N`, also the greedy answers of
+//! both to the first N instructions, side by side.
 
 use std::path::Path;
 
 use burn::tensor::Device;
 use ember_adapters::AdaptedModel;
-use ember_data::sft::{SftOptions, build_examples};
-use ember_data::{Dataset, Format, Role, Sample, Tokenizer};
+use ember_data::sft::{SftOptions, TEXT_TEMPLATE, build_examples};
+use ember_data::text::{Corpus, TextBlocks, TokenBuffer};
+use ember_data::{Dataset, Examples, Format, Role, Sample, Tokenizer};
 use ember_models::generate::{GenerationOptions, generate};
 use ember_models::{BaseModel, LoadDtype};
 use serde_json::{Value, json};
@@ -52,24 +54,67 @@ impl Answerer<'_> {
     }
 }
 
+/// What is scored: the examples, and what the result says of them.
+struct Scored {
+    examples: Examples,
+    /// Records read; those without an answer token left; those cut at the cutoff.
+    records: usize,
+    skipped: usize,
+    truncated: usize,
+    /// Tokens the loss is taken over.
+    tokens: usize,
+}
+
+/// A dataset's records as training renders them, the answers supervised.
+fn record_examples(request: &Request, tokenizer: &Tokenizer, format: &Format, dataset: &Dataset) -> anyhow::Result<Scored> {
+    let records = if request.limit > 0 { request.limit.min(dataset.samples.len()) } else { dataset.samples.len() };
+    let indices: Vec<usize> = (0..records).collect();
+    let options = SftOptions { cutoff_len: request.cutoff_len, train_on_inputs: false, last_turn_only: false };
+    let (examples, stats) = build_examples(tokenizer, format, dataset, &indices, &options)?;
+    let tokens = examples.iter().map(|e| e.supervised_tokens()).sum();
+    Ok(Scored { examples: Examples::Records(examples), records, skipped: stats.empty.len(), truncated: stats.truncated, tokens })
+}
+
+/// A plain-text corpus (`--template text`) streamed as training streams it: cut into blocks of
+/// `cutoff_len`, every token scored; only the first `limit` records are read and tokenized.
+fn text_examples(request: &Request, tokenizer: &Tokenizer, data: &Path) -> anyhow::Result<Scored> {
+    let corpus = Corpus::count(&[data.to_path_buf()])?;
+    let corpus = if request.limit > 0 { corpus.first(request.limit) } else { corpus };
+    let records = corpus.records();
+    let mut buffers = [TokenBuffer::default(), TokenBuffer::default()];
+    corpus.tokenize(tokenizer, &vec![false; records], &mut buffers)?;
+    let [ids, _] = buffers;
+    let blocks = TextBlocks::new(ids.into(), request.cutoff_len, tokenizer.added_bos());
+    // Position t predicts token t + 1: a block scores all its tokens but the first.
+    let tokens = (0..blocks.len()).map(|i| blocks.input_len(i) - 1).sum();
+    Ok(Scored { examples: Examples::Blocks(blocks), records, skipped: 0, truncated: 0, tokens })
+}
+
 pub fn run(request: &Request) -> anyhow::Result<()> {
     let device = ember_models::device::parse_device(request.device).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
     let tokenizer = ember_models::load_tokenizer(request.base)?;
     let format = ember_models::template(request.template, request.base)
         .map_err(|e| bad_input(anyhow::anyhow!(e)))?
         .ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{}'", request.template)))?;
-    let dataset = Dataset::load(&ember_models::hub::data_file(request.data, ember_models::hub::Fetch::Download)?)?;
-    let to_answer = request.generate.min(dataset.samples.len());
-    let records = if request.limit > 0 { request.limit.min(dataset.samples.len()) } else { dataset.samples.len() };
-    let indices: Vec<usize> = (0..records).collect();
-    let options = SftOptions { cutoff_len: request.cutoff_len, train_on_inputs: false, last_turn_only: false };
-    let (examples, stats) = build_examples(&tokenizer, &format, &dataset, &indices, &options)?;
+    let data = ember_models::hub::data_file(request.data, ember_models::hub::Fetch::Download)?;
+    if matches!(format, Format::Text) && request.generate > 0 {
+        return Err(bad_input(anyhow::anyhow!("--generate answers instructions: plain text (--template {TEXT_TEMPLATE}) has no question to answer")));
+    }
+    // Plain text is streamed, never held as records; there is nothing to answer.
+    let dataset = match format {
+        Format::Text => None,
+        _ => Some(Dataset::load(&data)?),
+    };
+    let scored = match &dataset {
+        None => text_examples(request, &tokenizer, &data)?,
+        Some(dataset) => record_examples(request, &tokenizer, &format, dataset)?,
+    };
+    let Scored { examples, records, skipped, truncated, tokens } = scored;
     if examples.is_empty() {
         return Err(bad_input(anyhow::anyhow!("{}: no record has an answer token within {} tokens", request.data.display(), request.cutoff_len)));
     }
+    let samples = dataset.as_ref().map_or(&[][..], |d| &d.samples[..request.generate.min(d.samples.len())]);
     let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
-    let tokens: usize = examples.iter().map(|e| e.supervised_tokens()).sum();
-    let examples = ember_data::Examples::Records(examples);
     let score = |model: &AdaptedModel| -> Result<serde_json::Value, ember_data::DatasetError> {
         let loss = ember_trainer::train::evaluate(model, &examples, request.batch.max(1), pad_id, &device)?.unwrap_or(f64::NAN);
         Ok(json!({"loss": loss, "perplexity": loss.exp()}))
@@ -82,13 +127,14 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
         options: GenerationOptions { max_new_tokens: request.max_new_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids },
         device: &device,
     };
+    let answers = |model: &AdaptedModel| dataset.as_ref().map_or(Ok(Vec::new()), |d| answerer.answer(model, d, samples.len()));
     let mut result = json!({
         "data": request.data, "records": records, "examples": examples.len(),
-        "skipped_without_answer": stats.empty.len(), "truncated": stats.truncated, "answer_tokens": tokens,
+        "skipped_without_answer": skipped, "truncated": truncated, "answer_tokens": tokens,
     });
     let base_model = AdaptedModel::base_only(base);
     result["base"] = score(&base_model)?;
-    let base_answers = answerer.answer(&base_model, &dataset, to_answer)?;
+    let base_answers = answers(&base_model)?;
     let mut adapter_answers = Vec::new();
     if let Some(dir) = request.adapter {
         // The same weights again, unwrapped: never two copies of the base.
@@ -96,12 +142,12 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
         let (model, method) = ember_adapters::Method::load(dir, base, &device)?;
         result["adapter"] = score(&model)?;
         result["method"] = json!(method.config().name());
-        adapter_answers = answerer.answer(&model.into_inference(), &dataset, to_answer)?;
+        adapter_answers = answers(&model.into_inference())?;
     }
     if let Some(path) = request.answers {
-        write_answers(path, &dataset.samples[..to_answer], &base_answers, &adapter_answers)?;
+        write_answers(path, samples, &base_answers, &adapter_answers)?;
         result["answers"] = json!(path);
-        result["answered"] = json!(to_answer);
+        result["answered"] = json!(samples.len());
     }
     println!("{result}");
     Ok(())

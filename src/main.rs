@@ -144,11 +144,12 @@ enum Command {
         #[arg(long, default_value = "flex")]
         device: String,
     },
-    /// Score the base and base + adapter on an Alpaca file; optionally their answers side by side.
+    /// Score the base and base + adapter on an Alpaca file or plain text; optionally their answers side by side.
     ///
-    /// Loss and perplexity over the answer tokens only, as in training; prints one JSON line.
-    /// With --generate N --answers FILE, also writes both models' greedy answers to the first N
-    /// instructions.
+    /// Loss and perplexity over the answer tokens only, as in training; with --template text,
+    /// over every token of a plain-text corpus in blocks of --cutoff-len, read as a stream.
+    /// Prints one JSON line. With --generate N --answers FILE, also writes both models' greedy
+    /// answers to the first N instructions.
     Eval {
         /// Base model folder.
         #[arg(long)]
@@ -156,7 +157,8 @@ enum Command {
         /// Adapter folder (any format `generate` takes).
         #[arg(long)]
         adapter: Option<PathBuf>,
-        /// Alpaca, ShareGPT or OpenAI-messages JSON / JSONL (.gz too).
+        /// Alpaca, ShareGPT or OpenAI-messages JSON / JSONL (.gz too); plain text (.txt, or
+        /// {"text": …} records) with --template text.
         #[arg(long)]
         data: PathBuf,
         /// Prompt template, as in the recipe.

@@ -213,6 +213,47 @@ fn a_tokenized_corpus_is_kept_and_mapped_by_the_next_run() {
     assert_bad_input(&output, &["data.tokenized_path", "data.template = \"text\""]);
 }
 
+/// `ember eval --template text` scores a corpus as a run evaluates it: a run whose `eval_path` is
+/// a text file gives its final eval loss back. `--limit N` scores what a file of the first N
+/// records scores; `--generate` has no question to answer.
+#[test]
+fn eval_scores_a_text_corpus_as_training_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(data("zh_text_sample.txt")).unwrap().lines().map(str::to_owned).collect();
+    let (held, head) = (dir.path().join("held.txt"), dir.path().join("head.txt"));
+    std::fs::write(&held, lines[..40].join("\n")).unwrap();
+    std::fs::write(&head, lines[..10].join("\n")).unwrap();
+    let run = dir.path().join("run");
+    let sets = ["train.max_steps=4".to_string(), "data.val_size=0".into(), format!("data.eval_path=\"{}\"", held.display()), format!("output.dir=\"{}\"", run.display())];
+    let mut args = vec!["train".to_string(), recipe("ci/tiny-pretrain.toml"), "--quiet".into()];
+    args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
+    let output = ember(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let summary = read_json(&run.join("summary.json"));
+    let base = repository().join("tests/fixtures/tiny_llama_vocab");
+    let adapter = run.join("adapter");
+    let eval = |data: &Path, extra: &[&str]| {
+        let mut args = vec!["eval", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--data", data.to_str().unwrap(), "--template", "text", "--cutoff-len", "128"];
+        args.extend(extra);
+        ember(&args)
+    };
+    let scored = |data: &Path, extra: &[&str]| {
+        let output = eval(data, extra);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let all = scored(&held, &[]);
+    let (loss, final_eval) = (all["adapter"]["loss"].as_f64().unwrap(), summary["final_eval_loss"].as_f64().unwrap());
+    assert!((loss - final_eval).abs() < 1e-5, "ember eval {loss} vs the run's final eval loss {final_eval}");
+    assert_eq!((all["records"].as_u64(), all["examples"].as_u64()), (Some(40), summary["eval_examples"].as_u64()), "{all}");
+    let (limited, first) = (scored(&held, &["--limit", "10"]), scored(&head, &[]));
+    assert_eq!(limited["records"], 10);
+    for key in ["examples", "answer_tokens", "base", "adapter"] {
+        assert_eq!(limited[key], first[key], "{key}");
+    }
+    assert_bad_input(&eval(&held, &["--generate", "1", "--answers", "answers.jsonl"]), &["--generate", "plain text"]);
+}
+
 /// Early stopping and `load_best_model_at_end`: the run stops after `patience` evaluations
 /// without a lower eval loss, and its adapter is the best evaluation's: `ember eval` on the eval
 /// file gives that loss back.

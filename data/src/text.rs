@@ -65,6 +65,20 @@ impl Corpus {
         self.files.iter().map(|f| f.records.count()).collect()
     }
 
+    /// Only the first `limit` records (what `ember eval --limit` scores): tokenizing stops there.
+    pub fn first(mut self, limit: usize) -> Self {
+        let mut left = limit;
+        for file in &mut self.files {
+            match &mut file.records {
+                Records::Lines { count, .. } => *count = (*count).min(left),
+                Records::Parsed(samples) => samples.truncate(left),
+            }
+            left -= file.records.count();
+        }
+        self.files.retain(|f| f.records.count() > 0);
+        self
+    }
+
     /// The first `limit` records, read as [`Self::tokenize`] reads them (what `ember data preview`
     /// shows).
     pub fn head(&self, limit: usize) -> Result<Dataset, DatasetError> {
@@ -96,7 +110,7 @@ impl Corpus {
                 }
                 Ok(())
             };
-            for pending in file.pending()? {
+            for pending in file.pending()?.take(file.records.count()) {
                 let pending = pending?;
                 bytes += pending.text_len();
                 batch.push(pending);
@@ -573,7 +587,7 @@ mod tests {
     }
 
     #[test]
-    fn lines_skip_blanks_and_name_invalid_utf8() {
+    fn lines_skip_blanks_name_invalid_utf8_and_a_corpus_keeps_its_first_records() {
         let dir = std::env::temp_dir().join(format!("ember-text-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("corpus.txt");
@@ -582,6 +596,11 @@ mod tests {
         let mut lines = Lines::open(&path).unwrap();
         assert_eq!(lines.next_line().unwrap(), Some((1, "one".to_owned())));
         assert_eq!(lines.next_line().unwrap(), Some((4, "two".to_owned())));
+        let other = dir.join("more.jsonl");
+        std::fs::write(&other, "{\"text\": \"four\"}\n{\"text\": \"five\"}\n").unwrap();
+        let both = [path.clone(), other];
+        assert_eq!(Corpus::count(&both).unwrap().first(4).counts(), [3, 1]);
+        assert_eq!(Corpus::count(&both).unwrap().first(2).counts(), [2]);
         std::fs::write(&path, b"ok\nbad \xff\n").unwrap();
         let e = Corpus::count(std::slice::from_ref(&path)).err().unwrap().to_string();
         assert!(e.contains("invalid UTF-8 at byte 7"), "{e}");
