@@ -289,6 +289,19 @@ fn a_streamed_corpus_gives_the_blocks_of_the_loaded_one_and_caches_them() {
     let loaded = |indices: &[usize]| ember_data::sft::build_examples(&tokenizer, &format, &dataset, indices, &options).unwrap().0;
     let (train_blocks, eval_blocks) = (loaded(&[0, 2, 3, 4, 5, 7]), loaded(&[1, 6]));
     assert_eq!((blocks(train), blocks(eval)), (train_blocks.clone(), eval_blocks.clone()));
+    // A JSON array (gzipped, one key a line) is read an element at a time: the same blocks.
+    let array = dir.path().join("corpus.json.gz");
+    let elements: Vec<serde_json::Value> = lines.iter().filter(|l| !l.trim().is_empty()).map(|l| serde_json::json!({"text": l})).collect();
+    let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(&array).unwrap(), flate2::Compression::default());
+    gz.write_all(serde_json::to_string_pretty(&elements).unwrap().as_bytes()).unwrap();
+    gz.finish().unwrap();
+    let corpus = Corpus::count(&[txt.clone(), array.clone()]).unwrap();
+    assert_eq!(corpus.counts(), [4, 4]);
+    let mut buffers = [TokenBuffer::default(), TokenBuffer::default()];
+    corpus.tokenize(&tokenizer, &held_out, &mut buffers).unwrap();
+    let [train, eval] = buffers.map(TokenStream::from);
+    assert_eq!((blocks(train), blocks(eval)), (train_blocks.clone(), eval_blocks.clone()));
+    assert_eq!(corpus.head(6).unwrap().samples, dataset.samples[..6]);
 
     let cache_dir = dir.path().join("cache");
     let mut cache = TokenCache::open(&cache_dir, &paths, &tokenizer, || {}).unwrap();
@@ -328,6 +341,16 @@ fn a_streamed_corpus_gives_the_blocks_of_the_loaded_one_and_caches_them() {
     }
     std::fs::write(&jsonl, "\n \n").unwrap();
     assert!(Corpus::count(std::slice::from_ref(&jsonl)).err().unwrap().to_string().contains("no records"));
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "[{\"text\": \"a\"},\n {\"text\": 3}]").unwrap();
+    let corpus = Corpus::count(std::slice::from_ref(&bad)).unwrap();
+    let e = corpus.tokenize(&tokenizer, &[false; 2], &mut [TokenBuffer::default(), TokenBuffer::default()]).unwrap_err().to_string();
+    assert!(e.contains("bad.json: record 1") && e.contains("'text' must be a string"), "{e}");
+    for (text, needle) in [("[{\"text\": \"a\"},\n {\"text\"", "malformed JSON: EOF while parsing an object at line 2"), (" []", "no records"), ("[{}] x", "trailing characters")] {
+        std::fs::write(&bad, text).unwrap();
+        let e = Corpus::count(std::slice::from_ref(&bad)).err().unwrap().to_string();
+        assert!(e.contains("bad.json") && e.contains(needle), "{e}");
+    }
 }
 
 /// `ember data stats`: records a file, the split, lengths before the cutoff and what it cuts,

@@ -1,5 +1,5 @@
 //! Plain-text corpora for continued pretraining, read as streams. A corpus of gigabytes is never
-//! held as text: each file is read twice, a line at a time (once to count its records, so that
+//! held as text: each file is read twice, a line or a JSON array element at a time (once to count its records, so that
 //! the seeded split is the one [`crate::Dataset`] gives, once to tokenize them on every core),
 //! and only its token ids stay, 4 bytes a token, in memory or in a [`TokenCache`] folder that
 //! later runs read instead of tokenizing again. Blocks are cut from them when a batch asks.
@@ -33,15 +33,14 @@ enum Records {
     /// One record a non-blank line: the line itself (`.txt`) or a JSON object. Read again to
     /// tokenize.
     Lines { count: usize, json: bool },
-    /// A JSON array, parsed whole: it cannot be read a record at a time.
-    Parsed(Vec<Sample>),
+    /// A JSON array's elements, parsed one at a time on a reader thread (see [`array_elements`]).
+    Array { count: usize },
 }
 
 impl Records {
     fn count(&self) -> usize {
         match self {
-            Records::Lines { count, .. } => *count,
-            Records::Parsed(samples) => samples.len(),
+            Records::Lines { count, .. } | Records::Array { count } => *count,
         }
     }
 }
@@ -70,8 +69,7 @@ impl Corpus {
         let mut left = limit;
         for file in &mut self.files {
             match &mut file.records {
-                Records::Lines { count, .. } => *count = (*count).min(left),
-                Records::Parsed(samples) => samples.truncate(left),
+                Records::Lines { count, .. } | Records::Array { count } => *count = (*count).min(left),
             }
             left -= file.records.count();
         }
@@ -130,7 +128,10 @@ impl CorpusFile {
     /// The file's records in order, read again.
     fn pending(&self) -> Result<Box<dyn Iterator<Item = Result<Pending, DatasetError>> + '_>, DatasetError> {
         Ok(match &self.records {
-            Records::Parsed(samples) => Box::new(samples.iter().enumerate().map(|(index, sample)| Ok(Pending { index, line: 0, record: Record::Sample(sample.clone()) }))),
+            Records::Array { .. } => {
+                let elements = array_elements(&self.path)?;
+                Box::new(elements.enumerate().map(|(index, value)| Ok(Pending { index, line: 0, record: Record::Value(value?) })))
+            }
             Records::Lines { json, .. } => {
                 let (mut lines, json) = (Lines::open(&self.path)?, *json);
                 let mut index = 0;
@@ -159,6 +160,8 @@ enum Record {
     Sample(Sample),
     /// A JSON Lines record, parsed on the worker that tokenizes it.
     Json(String),
+    /// A JSON array's element.
+    Value(serde_json::Value),
 }
 
 impl Pending {
@@ -166,6 +169,7 @@ impl Pending {
     fn text_len(&self) -> usize {
         match &self.record {
             Record::Json(text) | Record::Sample(Sample::Text(text)) => text.len(),
+            Record::Value(value) => value.get("text").and_then(serde_json::Value::as_str).map_or(0, str::len),
             Record::Sample(_) => 0,
         }
     }
@@ -174,12 +178,17 @@ impl Pending {
         match self.record {
             Record::Sample(sample) => Ok(sample),
             Record::Json(ref text) => self.parse(text, path),
+            Record::Value(ref value) => self.sample_of(value, path),
         }
     }
 
     fn parse(&self, text: &str, path: &Path) -> Result<Sample, DatasetError> {
         let value = serde_json::from_str(text).map_err(|e| DatasetError::Invalid { path: path.to_path_buf(), reason: format!("line {}: malformed JSON: {e}", self.line) })?;
-        dataset::parse_sample(&value).map_err(|reason| DatasetError::Record { path: path.to_path_buf(), index: self.index, reason })
+        self.sample_of(&value, path)
+    }
+
+    fn sample_of(&self, value: &serde_json::Value, path: &Path) -> Result<Sample, DatasetError> {
+        dataset::parse_sample(value).map_err(|reason| DatasetError::Record { path: path.to_path_buf(), index: self.index, reason })
     }
 
     fn ids(&self, tokenizer: &Tokenizer, path: &Path) -> Result<Vec<u32>, DatasetError> {
@@ -188,6 +197,10 @@ impl Pending {
             Record::Sample(sample) => sample,
             Record::Json(text) => {
                 parsed = self.parse(text, path)?;
+                &parsed
+            }
+            Record::Value(value) => {
+                parsed = self.sample_of(value, path)?;
                 &parsed
             }
         };
@@ -202,21 +215,81 @@ fn count_records(path: &Path) -> Result<Records, DatasetError> {
     let mut count = 0;
     while let Some((_, text)) = lines.next_line()? {
         if json && count == 0 && text.trim_start().starts_with('[') {
-            let bytes = std::fs::read(path).map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
-            return Ok(Records::Parsed(dataset::parse(path, bytes)?));
+            count = for_each_element(open(path)?, |_: serde::de::IgnoredAny| true).map_err(|e| malformed(path, &e))?;
+            return match count {
+                0 => Err(no_records(path)),
+                count => Ok(Records::Array { count }),
+            };
         }
         count += 1;
     }
-    if count == 0 {
-        return Err(DatasetError::Invalid { path: path.to_path_buf(), reason: "no records".into() });
+    match count {
+        0 => Err(no_records(path)),
+        count => Ok(Records::Lines { count, json }),
     }
-    Ok(Records::Lines { count, json })
+}
+
+fn no_records(path: &Path) -> DatasetError {
+    DatasetError::Invalid { path: path.to_path_buf(), reason: "no records".into() }
+}
+
+/// A file's bytes, gunzipped if its name ends in `.gz`.
+fn open(path: &Path) -> Result<Box<dyn BufRead + Send>, DatasetError> {
+    let file = File::open(path).map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
+    Ok(match path.extension().is_some_and(|e| e == "gz") {
+        true => Box::new(BufReader::new(flate2::read::GzDecoder::new(BufReader::new(file)))),
+        false => Box::new(BufReader::new(file)),
+    })
+}
+
+fn malformed(path: &Path, error: &serde_json::Error) -> DatasetError {
+    DatasetError::Invalid { path: path.to_path_buf(), reason: format!("malformed JSON: {error}") }
+}
+
+/// Hands each element of the JSON array in `reader` to `each` as it is parsed, until `each`
+/// returns false; the number of elements. Nothing but the element at hand is held.
+fn for_each_element<T: serde::de::DeserializeOwned>(reader: impl std::io::Read, each: impl FnMut(T) -> bool) -> Result<usize, serde_json::Error> {
+    struct Elements<T, F>(F, std::marker::PhantomData<T>);
+    impl<'de, T: serde::de::DeserializeOwned, F: FnMut(T) -> bool> serde::de::Visitor<'de> for Elements<T, F> {
+        type Value = usize;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an array of records")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<usize, A::Error> {
+            let mut count = 0;
+            while let Some(element) = seq.next_element::<T>()? {
+                count += 1;
+                if !(self.0)(element) {
+                    return Err(serde::de::Error::custom("stopped"));
+                }
+            }
+            Ok(count)
+        }
+    }
+    let mut deserializer = serde_json::Deserializer::from_reader(reader);
+    let count = serde::Deserializer::deserialize_seq(&mut deserializer, Elements(each, std::marker::PhantomData))?;
+    deserializer.end()?;
+    Ok(count)
+}
+
+/// The elements of the JSON array in `path`, parsed on a thread of their own a little ahead of
+/// the reader; dropping the iterator stops the thread.
+fn array_elements(path: &Path) -> Result<impl Iterator<Item = Result<serde_json::Value, DatasetError>> + use<>, DatasetError> {
+    let (reader, path) = (open(path)?, path.to_path_buf());
+    let (sender, receiver) = std::sync::mpsc::sync_channel(256);
+    std::thread::spawn(move || {
+        if let Err(e) = for_each_element(reader, |value| sender.send(Ok(value)).is_ok()) {
+            // Nobody is there to receive it when the reader stopped early.
+            let _ = sender.send(Err(malformed(&path, &e)));
+        }
+    });
+    Ok(receiver.into_iter())
 }
 
 /// The non-blank lines of a file (gunzipped if its name ends in `.gz`), one at a time.
 struct Lines {
     path: PathBuf,
-    reader: Box<dyn BufRead>,
+    reader: Box<dyn BufRead + Send>,
     buffer: Vec<u8>,
     number: usize,
     /// Bytes read so far, to name where invalid UTF-8 starts.
@@ -225,12 +298,7 @@ struct Lines {
 
 impl Lines {
     fn open(path: &Path) -> Result<Self, DatasetError> {
-        let file = std::fs::File::open(path).map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
-        let reader: Box<dyn BufRead> = match path.extension().is_some_and(|e| e == "gz") {
-            true => Box::new(BufReader::new(flate2::read::GzDecoder::new(BufReader::new(file)))),
-            false => Box::new(BufReader::new(file)),
-        };
-        Ok(Self { path: path.to_path_buf(), reader, buffer: Vec::new(), number: 0, offset: 0 })
+        Ok(Self { path: path.to_path_buf(), reader: open(path)?, buffer: Vec::new(), number: 0, offset: 0 })
     }
 
     /// The next non-blank line without its line ending, and its number (from 1).
