@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 a failure while running, 2 bad input (a missing or malformed file,
 //! an unsupported model, a wrong argument).
 
+mod chat;
 mod data;
 mod eval;
 mod generate;
@@ -124,22 +125,41 @@ enum Command {
         /// llama2-chat, llama3, chatml, auto: the model's own), or none (raw prompt).
         #[arg(long, default_value = "alpaca")]
         template: String,
-        /// Longest answer, in tokens.
-        #[arg(long, default_value_t = 128)]
-        max_new_tokens: usize,
-        /// Sampling temperature; 0 for greedy decoding.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f64,
-        /// Nucleus sampling: sample from the most likely tokens that reach this probability.
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f64,
-        /// Seed of the sampler.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        sampling: Sampling,
         /// Also write the prompt ids, answer ids and the prompt's last-position logits as JSON
         /// (to compare ember with another runtime, e.g. llama.cpp).
         #[arg(long)]
         logits_out: Option<PathBuf>,
+        /// flex, libtorch, cuda or cuda:N.
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
+    /// Talk with a base model and optionally an adapter: one message a line of standard input.
+    ///
+    /// With a chat template the conversation is kept (and the KV cache with it: each turn runs
+    /// only the tokens it adds); with a prompt template each message is answered on its own.
+    /// Answers are written as they are generated; /clear starts a new conversation, /exit or the
+    /// end of input ends.
+    Chat {
+        /// Base model folder.
+        #[arg(long)]
+        base: PathBuf,
+        /// Adapter folder (any format `generate` takes).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Chat template (auto: the model's own, chatglm3, glm4, llama3, chatml, …) or prompt
+        /// template (alpaca: no history).
+        #[arg(long, default_value = "auto")]
+        template: String,
+        /// A system message first in every conversation (chat templates).
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: Sampling,
+        /// One JSON object a turn: {"turn", "prompt_tokens", "reused_tokens", "answer_tokens", "answer"}.
+        #[arg(long)]
+        json: bool,
         /// flex, libtorch, cuda or cuda:N.
         #[arg(long, default_value = "flex")]
         device: String,
@@ -250,6 +270,29 @@ enum Command {
     ///
     /// Runs the reference's workload step for step; prints one JSON line with its fields.
     Bench(BenchArgs),
+}
+
+/// How `generate` and `chat` pick tokens.
+#[derive(clap::Args)]
+struct Sampling {
+    /// Longest answer, in tokens.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 for greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling: sample from the most likely tokens that reach this probability.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl Sampling {
+    fn options(&self) -> ember_models::generate::GenerationOptions {
+        ember_models::generate::GenerationOptions { max_new_tokens: self.max_new_tokens, temperature: self.temperature, top_p: self.top_p, seed: self.seed, stop_ids: Vec::new() }
+    }
 }
 
 #[derive(clap::Args)]
@@ -657,13 +700,18 @@ fn main() -> ExitCode {
                 generate, answers: answers.as_deref(), max_new_tokens,
             })
         }
-        Command::Generate { base, adapter, prompt, input, template, max_new_tokens, temperature, top_p, seed, logits_out, device } => {
-            let options = ember_models::generate::GenerationOptions { max_new_tokens, temperature, top_p, seed, stop_ids: Vec::new() };
+        Command::Generate { base, adapter, prompt, input, template, sampling, logits_out, device } => {
             let request = generate::Request {
-                base: &base, adapter: adapter.as_deref(), prompt: &prompt, input: &input, template: &template, options, device: &device,
+                base: &base, adapter: adapter.as_deref(), prompt: &prompt, input: &input, template: &template, options: sampling.options(), device: &device,
                 logits_out: logits_out.as_deref(),
             };
             generate::complete(&request).map(|text| println!("{text}"))
+        }
+        Command::Chat { base, adapter, template, system, sampling, json, device } => {
+            let request = chat::Request {
+                base: &base, adapter: adapter.as_deref(), template: &template, system: system.as_deref(), options: sampling.options(), device: &device, json,
+            };
+            chat::run(&request)
         }
     };
     match result {
@@ -685,7 +733,7 @@ fn resolve_hub_ids(mut command: Command) -> anyhow::Result<Command> {
     };
     match &mut command {
         Command::Inspect { model: Some(dir), .. } => resolve(dir)?,
-        Command::Merge { base, .. } | Command::Generate { base, .. } | Command::Eval { base, .. } => resolve(base)?,
+        Command::Merge { base, .. } | Command::Generate { base, .. } | Command::Chat { base, .. } | Command::Eval { base, .. } => resolve(base)?,
         Command::Imatrix { base: Some(base), .. } => resolve(base)?,
         Command::Export(ExportCommand::Gguf { base, .. } | ExportCommand::GgufLora { base, .. }) => resolve(base)?,
         Command::Bench(args) => {

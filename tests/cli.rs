@@ -153,6 +153,43 @@ fn tiny_recipe_trains_merges_and_generates() {
     assert_eq!(generate(&merged, None), generate(&base, Some(&adapter)));
 }
 
+/// `ember chat`: a line a message; the second message's prompt holds the first exchange; /clear
+/// starts over, so the same message gets the same answer, which is `ember generate`'s; the
+/// streamed text is the answers of `--json`. Templates that hold no conversation are refused.
+#[test]
+fn chat_keeps_the_conversation_until_cleared() {
+    let base = repository().join("tests/fixtures/tiny_llama");
+    let chat = |extra: &[&str], input: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
+            .args(["chat", "--base", base.to_str().unwrap(), "--max-new-tokens", "6"])
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let input = "Hello there\n\nAnd then?\n/clear\nHello there\n/exit\nnever read\n";
+    let output = chat(&["--template", "llama2-chat", "--json"], input);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let turns: Vec<serde_json::Value> = String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(turns.len(), 3, "{turns:?}");
+    let count = |turn: &serde_json::Value, key: &str| turn[key].as_u64().unwrap();
+    assert!(count(&turns[1], "prompt_tokens") > count(&turns[0], "prompt_tokens") + count(&turns[0], "answer_tokens"), "{turns:?}");
+    assert_eq!((&turns[2]["answer"], count(&turns[2], "prompt_tokens"), count(&turns[2], "reused_tokens")), (&turns[0]["answer"], count(&turns[0], "prompt_tokens"), 0));
+    let generated = ember(&["generate", "--base", base.to_str().unwrap(), "--template", "llama2-chat", "--prompt", "Hello there", "--max-new-tokens", "6"]);
+    assert_eq!(String::from_utf8(generated.stdout).unwrap().trim_end_matches('\n'), turns[0]["answer"].as_str().unwrap());
+    let streamed = chat(&["--template", "llama2-chat"], input);
+    assert!(streamed.status.success(), "{}", String::from_utf8_lossy(&streamed.stderr));
+    let answers: String = turns.iter().map(|t| format!("{}\n", t["answer"].as_str().unwrap())).collect();
+    assert_eq!(String::from_utf8(streamed.stdout).unwrap(), answers);
+    assert_bad_input(&chat(&["--template", "text"], ""), &["--template text", "not a conversation"]);
+    assert_bad_input(&chat(&["--template", "alpaca", "--system", "Be brief."], ""), &["--system", "prompt template"]);
+}
+
 #[test]
 fn recipe_with_unknown_key_is_bad_input() {
     let dir = tempfile::tempdir().unwrap();

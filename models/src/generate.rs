@@ -26,23 +26,60 @@ pub fn generate(
     options: &GenerationOptions,
     device: &Device,
 ) -> Vec<u32> {
-    let mut rng = StdRng::seed_from_u64(options.seed);
-    let mut cache = KvCache::default();
-    let mut next: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-    let mut out = Vec::new();
-    while out.len() < options.max_new_tokens {
-        let len = next.len();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(next, [1, len]), device);
-        let logits = forward_cached(ids, &mut cache).narrow(1, len - 1, 1).cast(DType::F32);
-        let logits: Vec<f32> = logits.into_data().try_into_vec::<f32>().expect("f32 logits");
-        let token = pick(&logits, options, &mut rng);
-        out.push(token);
-        if options.stop_ids.contains(&token) {
-            break;
+    Session::default().generate(forward_cached, prompt, options, device, |_| {})
+}
+
+/// Generation across the turns of a conversation: the KV cache and the tokens it holds are
+/// kept, so that a prompt that extends them (the history with the answer, then a new message)
+/// runs only its new tokens, as llama.cpp's conversation mode does.
+#[derive(Default)]
+pub struct Session {
+    cache: KvCache,
+    /// The tokens run so far, in order: what `cache` holds (virtual positions aside).
+    tokens: Vec<u32>,
+    /// Tokens of the last prompt that the cache already held.
+    reused: usize,
+}
+
+impl Session {
+    /// As [`generate`], each new token handed to `on_token` as it comes; the cache is reused
+    /// where `prompt` starts with the tokens already run, and started again otherwise.
+    pub fn generate(
+        &mut self,
+        forward_cached: impl Fn(Tensor<2, Int>, &mut KvCache) -> Tensor<3>,
+        prompt: &[u32],
+        options: &GenerationOptions,
+        device: &Device,
+        mut on_token: impl FnMut(u32),
+    ) -> Vec<u32> {
+        // At least one prompt token must run: its logits give the first new token.
+        if !(prompt.len() > self.tokens.len() && prompt.starts_with(&self.tokens)) {
+            *self = Self::default();
         }
-        next = vec![token as i64];
+        self.reused = self.tokens.len();
+        let mut rng = StdRng::seed_from_u64(options.seed);
+        let mut next = prompt[self.reused..].to_vec();
+        let mut out = Vec::new();
+        while out.len() < options.max_new_tokens {
+            let ids = TensorData::new(next.iter().map(|&t| t as i64).collect(), [1, next.len()]);
+            let logits = forward_cached(Tensor::<2, Int>::from_data(ids, device), &mut self.cache).narrow(1, next.len() - 1, 1).cast(DType::F32);
+            self.tokens.append(&mut next);
+            let logits: Vec<f32> = logits.into_data().try_into_vec::<f32>().expect("f32 logits");
+            let token = pick(&logits, options, &mut rng);
+            out.push(token);
+            on_token(token);
+            if options.stop_ids.contains(&token) {
+                break;
+            }
+            next.push(token);
+        }
+        out
     }
-    out
+
+    /// Tokens of the last prompt that the cache already held (0: it ran whole).
+    pub fn reused(&self) -> usize {
+        self.reused
+    }
 }
 
 fn pick(logits: &[f32], options: &GenerationOptions, rng: &mut StdRng) -> u32 {
@@ -70,4 +107,36 @@ fn pick(logits: &[f32], options: &GenerationOptions, rng: &mut StdRng) -> u32 {
         }
     }
     probs.last().map_or_else(argmax, |p| p.0 as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    /// A session runs only what its cache lacks: the next prompt's tokens past those already run
+    /// (the last answer token was picked, never run), and the whole prompt where it diverges.
+    #[test]
+    fn a_session_runs_only_the_tokens_its_cache_lacks() {
+        let device = Device::flex();
+        let runs = RefCell::new(Vec::new());
+        // Logits that pick the last id + 1.
+        let forward = |ids: Tensor<2, Int>, _: &mut KvCache| {
+            let ids: Vec<i64> = ids.into_data().convert::<i64>().to_vec().unwrap();
+            let mut logits = vec![0f32; ids.len() * 16];
+            logits[(ids.len() - 1) * 16 + (*ids.last().unwrap() as usize + 1) % 16] = 1.0;
+            runs.borrow_mut().push(ids);
+            Tensor::<3>::from_data(TensorData::new(logits, [1, runs.borrow().last().unwrap().len(), 16]), &device)
+        };
+        let options = GenerationOptions { max_new_tokens: 2, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids: vec![15] };
+        let mut session = Session::default();
+        let mut streamed = Vec::new();
+        assert_eq!(session.generate(forward, &[1, 2, 3], &options, &device, |t| streamed.push(t)), [4, 5]);
+        assert_eq!((streamed, session.reused()), (vec![4, 5], 0));
+        assert_eq!(session.generate(forward, &[1, 2, 3, 4, 5, 9], &options, &device, |_| {}), [10, 11]);
+        assert_eq!(session.reused(), 4);
+        assert_eq!(session.generate(forward, &[13, 14], &options, &device, |_| {}), [15]);
+        assert_eq!(session.reused(), 0);
+        assert_eq!(runs.into_inner(), [vec![1, 2, 3], vec![4], vec![5, 9], vec![10], vec![13, 14]]);
+    }
 }
