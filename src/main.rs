@@ -6,6 +6,7 @@
 mod chat;
 mod data;
 mod eval;
+mod exam;
 mod generate;
 mod imatrix;
 mod import;
@@ -160,6 +161,46 @@ enum Command {
         /// One JSON object a turn: {"turn", "prompt_tokens", "reused_tokens", "answer_tokens", "answer"}.
         #[arg(long)]
         json: bool,
+        /// flex, libtorch, cuda or cuda:N.
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
+    /// Accuracy on multiple-choice questions (MMLU, C-Eval, CMMLU CSV files), base vs base + adapter.
+    ///
+    /// As LLaMA-Factory's `eval`: each question follows --shots solved examples of its subject
+    /// (the first rows of its --dev file) and is answered by the highest of the logits of "A",
+    /// "B", "C" and "D" after the answer cue. Prints one JSON line: accuracy overall, by subject,
+    /// and by category where a `mapping.json` (LLaMA-Factory's) lies beside the files.
+    Exam {
+        /// Base model folder.
+        #[arg(long)]
+        base: PathBuf,
+        /// Adapter folder (any format `generate` takes).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// A CSV file of questions or a folder of them, a subject a file (`abstract_algebra_test.csv`):
+        /// question,A,B,C,D,answer without a header, or a header naming those columns.
+        #[arg(long)]
+        test: PathBuf,
+        /// The solved examples: a CSV file or folder, matched to --test by subject
+        /// (`abstract_algebra_dev.csv`).
+        #[arg(long)]
+        dev: Option<PathBuf>,
+        /// Solved examples before each question.
+        #[arg(long, default_value_t = 0)]
+        shots: usize,
+        /// The opening line and answer cue: en ("Answer:") or zh ("答案：").
+        #[arg(long, value_enum, default_value = "en")]
+        lang: exam::Lang,
+        /// fewshot (plain text, for base models) or a chat template (auto, chatglm3, llama3, …).
+        #[arg(long, default_value = "fewshot")]
+        template: String,
+        /// Only the first N questions of each subject (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        /// JSONL file: each question's answer and each model's pick and choice logits.
+        #[arg(long)]
+        answers: Option<PathBuf>,
         /// flex, libtorch, cuda or cuda:N.
         #[arg(long, default_value = "flex")]
         device: String,
@@ -707,6 +748,9 @@ fn main() -> ExitCode {
             };
             generate::complete(&request).map(|text| println!("{text}"))
         }
+        Command::Exam { base, adapter, test, dev, shots, lang, template, limit, answers, device } => exam::run(&exam::Request {
+            base: &base, adapter: adapter.as_deref(), test: &test, dev: dev.as_deref(), shots, lang, template: &template, limit, answers: answers.as_deref(), device: &device,
+        }),
         Command::Chat { base, adapter, template, system, sampling, json, device } => {
             let request = chat::Request {
                 base: &base, adapter: adapter.as_deref(), template: &template, system: system.as_deref(), options: sampling.options(), device: &device, json,
@@ -733,7 +777,7 @@ fn resolve_hub_ids(mut command: Command) -> anyhow::Result<Command> {
     };
     match &mut command {
         Command::Inspect { model: Some(dir), .. } => resolve(dir)?,
-        Command::Merge { base, .. } | Command::Generate { base, .. } | Command::Chat { base, .. } | Command::Eval { base, .. } => resolve(base)?,
+        Command::Merge { base, .. } | Command::Generate { base, .. } | Command::Chat { base, .. } | Command::Eval { base, .. } | Command::Exam { base, .. } => resolve(base)?,
         Command::Imatrix { base: Some(base), .. } => resolve(base)?,
         Command::Export(ExportCommand::Gguf { base, .. } | ExportCommand::GgufLora { base, .. }) => resolve(base)?,
         Command::Bench(args) => {

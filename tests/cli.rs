@@ -190,6 +190,55 @@ fn chat_keeps_the_conversation_until_cleared() {
     assert_bad_input(&chat(&["--template", "alpaca", "--system", "Be brief."], ""), &["--system", "prompt template"]);
 }
 
+/// `ember exam` on MMLU-style (no header) and CMMLU-style (a header, `mapping.json`) files:
+/// every question scored by base and adapter, accuracy matching the picks it writes, `--limit`
+/// per subject; bad files and options name what is wrong.
+#[test]
+fn exam_scores_multiple_choice_questions() {
+    let base = repository().join("tests/fixtures/tiny_llama");
+    let exam = data("exam");
+    let dir = tempfile::tempdir().unwrap();
+    let answers = dir.path().join("answers.jsonl");
+    let run = |args: &[&str]| {
+        let mut all = vec!["exam", "--base", base.to_str().unwrap()];
+        all.extend(args);
+        ember(&all)
+    };
+    let (test, dev) = (exam.join("en/test"), exam.join("en/dev"));
+    let adapter = base.join("adapters/lora");
+    let output = run(&["--adapter", adapter.to_str().unwrap(), "--test", test.to_str().unwrap(), "--dev", dev.to_str().unwrap(), "--shots", "3", "--answers", answers.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!((result["questions"].as_u64(), result["subjects"].as_u64(), result["method"].as_str()), (Some(9), Some(2), Some("lora")), "{result}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&answers).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 9);
+    for model in ["base", "adapter"] {
+        let correct = lines.iter().filter(|l| l[model]["pick"] == l["answer"]).count();
+        assert_eq!(result[model]["correct"].as_u64(), Some(correct as u64), "{model}: {result}");
+        assert!((result[model]["accuracy"].as_f64().unwrap() - correct as f64 / 9.0).abs() < 1e-12);
+    }
+    // Shots make the prompt longer; the same test without them is shorter.
+    let limited = run(&["--test", test.to_str().unwrap(), "--limit", "2", "--answers", answers.to_str().unwrap()]);
+    assert!(limited.status.success(), "{}", String::from_utf8_lossy(&limited.stderr));
+    let short: Vec<serde_json::Value> = std::fs::read_to_string(&answers).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(short.len(), 4);
+    assert!(short[0]["prompt_tokens"].as_u64() < lines[0]["prompt_tokens"].as_u64());
+    let zh = run(&["--test", exam.join("zh/test").to_str().unwrap(), "--dev", exam.join("zh/dev").to_str().unwrap(), "--shots", "2", "--lang", "zh"]);
+    assert!(zh.status.success(), "{}", String::from_utf8_lossy(&zh.stderr));
+    let zh: serde_json::Value = serde_json::from_slice(&zh.stdout).unwrap();
+    assert!(zh["base"]["categories"]["Social Sciences"].is_number(), "{zh}");
+
+    assert_bad_input(&run(&["--test", test.to_str().unwrap(), "--shots", "2"]), &["--shots 2", "--dev"]);
+    assert_bad_input(&run(&["--test", test.to_str().unwrap(), "--template", "alpaca"]), &["--template alpaca", "fewshot"]);
+    let bad = dir.path().join("bad_test.csv");
+    std::fs::write(&bad, "Q1,a,b,c,d,A\nQ2,a,b,c,d,E\n").unwrap();
+    assert_bad_input(&run(&["--test", bad.to_str().unwrap()]), &["bad_test.csv: row 2", "answer 'E'"]);
+    std::fs::write(&bad, "Q1,a,b,c\n").unwrap();
+    assert_bad_input(&run(&["--test", bad.to_str().unwrap()]), &["bad_test.csv: row 1", "4 columns, 6 needed"]);
+    std::fs::write(&bad, "Q1,a,b,c,d,A\n").unwrap();
+    assert_bad_input(&run(&["--test", bad.to_str().unwrap(), "--dev", dev.to_str().unwrap(), "--shots", "1"]), &["no dev file of subject 'bad'"]);
+}
+
 #[test]
 fn recipe_with_unknown_key_is_bad_input() {
     let dir = tempfile::tempdir().unwrap();
