@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use ember_adapters::AdaptedModel;
 use ember_data::{Conversation, Format, Message, Role, Tokenizer};
-use ember_models::{BaseModel, KvCache, LoadDtype};
+use ember_models::{BaseModel, LoadDtype};
 use serde_json::{Value, json};
 
 use crate::bad_input;
@@ -27,6 +27,8 @@ pub struct Request<'a> {
     pub template: &'a str,
     /// Only the first N questions of each subject (0: all).
     pub limit: usize,
+    /// Prompts a forward pass.
+    pub batch: usize,
     /// Each question's answer and picks, as JSON lines.
     pub answers: Option<&'a Path>,
     pub device: &'a str,
@@ -107,13 +109,15 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
         .map(|subject| subject.questions.iter().map(|q| prompt_ids(&tokenizer, chat.as_ref(), request.lang, subject, q)).collect())
         .collect::<anyhow::Result<_>>()?;
     let base = AdaptedModel::base_only(BaseModel::load(request.base, LoadDtype::F32, &device)?);
-    let mut picks = vec![sit(&base, &prompts, &choice_ids, &device)];
+    let pad_id = tokenizer.pad_id.or(tokenizer.eos_id).unwrap_or(0);
+    let logits = |model: &AdaptedModel| choice_logits(model, &prompts, &choice_ids, request.batch.max(1), pad_id, &device);
+    let mut picks = vec![logits(&base)];
     let mut result = json!({"test": request.test, "subjects": subjects.len(), "shots": request.shots, "template": request.template});
     if let Some(dir) = request.adapter {
         // The same weights again, unwrapped: never two copies of the base.
         let base = base.model.map_projections(|_, p| p.merged());
         let (model, method) = ember_adapters::Method::load(dir, base, &device)?;
-        picks.push(sit(&model.into_inference(), &prompts, &choice_ids, &device));
+        picks.push(logits(&model.into_inference()));
         result["method"] = json!(method.config().name());
     }
     result["questions"] = json!(prompts.iter().map(Vec::len).sum::<usize>());
@@ -156,18 +160,27 @@ fn prompt_ids(tokenizer: &Tokenizer, chat: Option<&ember_data::ChatTemplate>, la
     chat.prompt_ids(tokenizer, &conversation).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", subject.key)))
 }
 
-/// Each question's choice logits (A to D) under `model`, subject by subject.
-fn sit(model: &AdaptedModel, prompts: &[Vec<Vec<u32>>], choice_ids: &[u32], device: &Device) -> Vec<Vec<[f32; 4]>> {
+/// Each question's choice logits (A to D) under `model`, subject by subject, `batch` prompts a
+/// forward pass (right-padded: a row's last real position sees no padding).
+fn choice_logits(model: &AdaptedModel, prompts: &[Vec<Vec<u32>>], choice_ids: &[u32], batch: usize, pad_id: u32, device: &Device) -> Vec<Vec<[f32; 4]>> {
+    let virtual_tokens = model.virtual_tokens();
     prompts
         .iter()
         .map(|subject| {
             subject
-                .iter()
-                .map(|ids| {
-                    let input = Tensor::<2, Int>::from_data(TensorData::new(ids.iter().map(|&t| t as i64).collect(), [1, ids.len()]), device);
-                    let last = model.forward_cached(input, &mut KvCache::default()).narrow(1, ids.len() - 1, 1).cast(DType::F32);
-                    let logits: Vec<f32> = last.into_data().try_into_vec::<f32>().expect("f32 logits");
-                    std::array::from_fn(|i| logits[choice_ids[i] as usize])
+                .chunks(batch)
+                .flat_map(|rows| {
+                    let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
+                    let ids: Vec<i64> = rows.iter().flat_map(|ids| ids.iter().map(|&t| t as i64).chain(std::iter::repeat_n(pad_id as i64, seq - ids.len()))).collect();
+                    let mask: Vec<i64> = rows.iter().flat_map(|ids| std::iter::repeat_n(1, ids.len()).chain(std::iter::repeat_n(0, seq - ids.len()))).collect();
+                    let shape = [rows.len(), seq];
+                    let hidden = model.hidden_states(Tensor::from_data(TensorData::new(ids, shape), device), Some(Tensor::from_data(TensorData::new(mask, shape), device)));
+                    // b, v+s, h -> b, 1, h: each row's last real position.
+                    let last = rows.iter().enumerate().map(|(r, ids)| hidden.clone().narrow(0, r, 1).narrow(1, virtual_tokens + ids.len() - 1, 1)).collect();
+                    let logits = model.logits(Tensor::cat(last, 0)).cast(DType::F32);
+                    let vocab = logits.dims()[2];
+                    let logits: Vec<f32> = logits.into_data().try_into_vec::<f32>().expect("f32 logits");
+                    (0..rows.len()).map(move |r| std::array::from_fn(|i| logits[r * vocab + choice_ids[i] as usize])).collect::<Vec<[f32; 4]>>()
                 })
                 .collect()
         })

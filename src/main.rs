@@ -198,6 +198,9 @@ enum Command {
         /// Only the first N questions of each subject (0: all).
         #[arg(long, default_value_t = 0)]
         limit: usize,
+        /// Questions a forward pass (right-padded).
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
         /// JSONL file: each question's answer and each model's pick and choice logits.
         #[arg(long)]
         answers: Option<PathBuf>,
@@ -748,8 +751,8 @@ fn main() -> ExitCode {
             };
             generate::complete(&request).map(|text| println!("{text}"))
         }
-        Command::Exam { base, adapter, test, dev, shots, lang, template, limit, answers, device } => exam::run(&exam::Request {
-            base: &base, adapter: adapter.as_deref(), test: &test, dev: dev.as_deref(), shots, lang, template: &template, limit, answers: answers.as_deref(), device: &device,
+        Command::Exam { base, adapter, test, dev, shots, lang, template, limit, batch, answers, device } => exam::run(&exam::Request {
+            base: &base, adapter: adapter.as_deref(), test: &test, dev: dev.as_deref(), shots, lang, template: &template, limit, batch, answers: answers.as_deref(), device: &device,
         }),
         Command::Chat { base, adapter, template, system, sampling, json, device } => {
             let request = chat::Request {
