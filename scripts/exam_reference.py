@@ -75,7 +75,7 @@ def main():
     template, eval_template = templates["fewshot"], get_eval_template(a.lang)
     choices = [tokenizer.encode(ch, add_special_tokens=False)[-1] for ch in "ABCD"]
     dev = {subject_key(f): f for f in sorted(Path(a.dev).glob("*.csv"))} if a.dev else {}
-    mapping_file = next((f for f in [Path(a.test) / "mapping.json", Path(a.test) / ".." / "mapping.json"] if f.is_file()), None)
+    mapping_file = next((f for f in [Path(a.test, *[".."] * up, "mapping.json") for up in range(3)] if f.is_file()), None)
     mapping = json.loads(mapping_file.read_text(encoding="utf-8")) if mapping_file else {}
     with open(a.out, "w", encoding="utf-8") as out:
         for test in sorted(Path(a.test).glob("*.csv")):

@@ -224,7 +224,7 @@ fn write_answers(path: &Path, subjects: &[Subject], prompts: &[Vec<Vec<u32>>], p
 
 /// The test files' subjects, each with its first `shots` solved examples from the dev file of the
 /// same subject, and its name and category from a `mapping.json` (LLaMA-Factory's) beside the
-/// files or one folder up, where there is one.
+/// files or up to two folders up (`mmlu/mapping.json` over `mmlu/data/test`), where there is one.
 fn load_subjects(request: &Request) -> anyhow::Result<Vec<Subject>> {
     let tests = csv_files(request.test)?;
     let dev: BTreeMap<String, PathBuf> = match request.dev {
@@ -279,7 +279,7 @@ fn subject_key(path: &Path) -> String {
 
 fn mapping(test: &Path) -> anyhow::Result<serde_json::Map<String, Value>> {
     let folder = if test.is_dir() { test } else { test.parent().unwrap_or(Path::new(".")) };
-    let Some(path) = [folder.join("mapping.json"), folder.join("../mapping.json")].into_iter().find(|p| p.is_file()) else {
+    let Some(path) = (0..3).map(|up| folder.join("../".repeat(up)).join("mapping.json")).find(|p| p.is_file()) else {
         return Ok(serde_json::Map::new());
     };
     let text = std::fs::read_to_string(&path).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", path.display())))?;

@@ -170,7 +170,7 @@ enum Command {
     /// As LLaMA-Factory's `eval`: each question follows --shots solved examples of its subject
     /// (the first rows of its --dev file) and is answered by the highest of the logits of "A",
     /// "B", "C" and "D" after the answer cue. Prints one JSON line: accuracy overall, by subject,
-    /// and by category where a `mapping.json` (LLaMA-Factory's) lies beside the files.
+    /// and by category where a `mapping.json` (LLaMA-Factory's) lies beside the files or above them.
     Exam {
         /// Base model folder.
         #[arg(long)]
