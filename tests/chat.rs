@@ -341,6 +341,21 @@ fn a_streamed_corpus_gives_the_blocks_of_the_loaded_one_and_caches_them() {
     }
     std::fs::write(&jsonl, "\n \n").unwrap();
     assert!(Corpus::count(std::slice::from_ref(&jsonl)).err().unwrap().to_string().contains("no records"));
+    // A file that changes between the count and the reading is an error, not another split.
+    let buffers = || [TokenBuffer::default(), TokenBuffer::default()];
+    for (path, two, one, three) in [
+        (&jsonl, "{\"text\": \"a\"}\n{\"text\": \"b\"}\n", "{\"text\": \"a\"}\n", "{\"text\": \"a\"}\n{\"text\": \"b\"}\n{\"text\": \"c\"}\n"),
+        (&dir.path().join("changing.json"), "[{\"text\": \"a\"}, {\"text\": \"b\"}]", "[{\"text\": \"a\"}]", "[{\"text\": \"a\"}, {\"text\": \"b\"}, {\"text\": \"c\"}]"),
+    ] {
+        std::fs::write(path, two).unwrap();
+        let corpus = Corpus::count(std::slice::from_ref(path)).unwrap();
+        for (changed, read) in [(one, "1 read"), (three, "more read")] {
+            std::fs::write(path, changed).unwrap();
+            let e = corpus.tokenize(&tokenizer, &[false; 2], &mut buffers()).unwrap_err().to_string();
+            assert!(e.contains("changed while it was read: 2 records counted") && e.contains(read), "{e}");
+        }
+        assert!(Corpus::count(std::slice::from_ref(path)).unwrap().first(2).tokenize(&tokenizer, &[false; 2], &mut buffers()).is_ok());
+    }
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, "[{\"text\": \"a\"},\n {\"text\": 3}]").unwrap();
     let corpus = Corpus::count(std::slice::from_ref(&bad)).unwrap();

@@ -1,4 +1,4 @@
-//! Fuzzing (proptest) of every reader that takes a user's file: Alpaca data, recipes and their
+//! Fuzzing (proptest) of every reader that takes a user's file: Alpaca data, plain-text corpora, recipes and their
 //! `--set` overrides, safetensors headers, GGUF headers and a GGUF model's tensors as HF names. Each gets random bytes and random
 //! mutations of a valid file and must answer Ok or an error, never panic. `PROPTEST_CASES`
 //! sets the cases per test (CI: the default 256; `scripts/fuzz.sh` runs far more).
@@ -46,6 +46,19 @@ const ALPACA: &str = r#"[{"instruction": "Give three tips.", "input": "", "outpu
 const CHAT: &str = "{\"messages\": [{\"role\": \"system\", \"content\": \"s\"}, {\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}\n\
     {\"conversations\": [{\"from\": \"human\", \"value\": \"你好\"}, {\"from\": \"gpt\", \"value\": \"好\"}]}\n\
     {\"instruction\": \"i\", \"output\": \"o\", \"history\": [[\"q\", \"a\"]], \"system\": \"s\"}\n";
+
+/// Plain-text corpora, one a reader: a JSON array (read an element at a time), JSON Lines, text.
+const CORPORA: [(&str, &str); 3] = [
+    ("c.json", "[{\"text\": \"first document\"},\n {\"text\": \"第二个\"}, {\"text\": \"\\u00e9t\\u00e9\"}]"),
+    ("c.jsonl", "{\"text\": \"first document\"}\n\n{\"text\": \"第二个\"}\n"),
+    ("c.txt.gz", "first document\r\n第二个\n"),
+];
+
+/// tiny_llama's tokenizer, loaded once.
+fn tokenizer() -> &'static ember_data::Tokenizer {
+    static TOKENIZER: std::sync::OnceLock<ember_data::Tokenizer> = std::sync::OnceLock::new();
+    TOKENIZER.get_or_init(|| ember_data::Tokenizer::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_llama")).unwrap())
+}
 
 /// The small SentencePiece model of tests/fixtures (BPE, byte fallback, a user-defined piece).
 fn sentencepiece_model() -> Vec<u8> {
@@ -164,6 +177,26 @@ proptest! {
         let _ = ember_data::dataset::parse(Path::new(name), mutate(ALPACA.as_bytes(), &edits));
         let _ = ember_data::dataset::parse(Path::new(name), raw.clone());
         let _ = ember_data::dataset::parse(Path::new("d.json.gz"), raw);
+    }
+
+    /// A corpus is counted, then read again and tokenized, as training streams it.
+    #[test]
+    fn text_corpus_reader_never_panics(edits in edits(), which in 0usize..3, gzip in any::<bool>()) {
+        use ember_data::text::{Corpus, TokenBuffer};
+        let (name, seed) = CORPORA[which];
+        let mut bytes = mutate(seed.as_bytes(), &edits);
+        if name.ends_with(".gz") && gzip {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut gz, &bytes).unwrap();
+            bytes = gz.finish().unwrap();
+        }
+        let (_dir, path) = scratch(name);
+        std::fs::write(&path, bytes).unwrap();
+        if let Ok(corpus) = Corpus::count(std::slice::from_ref(&path)) {
+            let held_out: Vec<bool> = (0..corpus.records()).map(|i| i % 2 == 1).collect();
+            let _ = corpus.tokenize(tokenizer(), &held_out, &mut [TokenBuffer::default(), TokenBuffer::default()]);
+            let _ = corpus.head(2);
+        }
     }
 
     #[test]

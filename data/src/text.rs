@@ -27,6 +27,8 @@ pub struct Corpus {
 struct CorpusFile {
     path: PathBuf,
     records: Records,
+    /// Whether `records` counts all of the file's records ([`Corpus::first`] may keep fewer).
+    whole: bool,
 }
 
 enum Records {
@@ -50,7 +52,7 @@ impl Corpus {
     /// has one a non-blank line, a JSON Lines file one an object, a JSON array one an element.
     /// Invalid UTF-8 is an error here; a bad record is one when [`Self::tokenize`] reaches it.
     pub fn count(paths: &[PathBuf]) -> Result<Self, DatasetError> {
-        let files = paths.iter().map(|path| Ok(CorpusFile { path: path.clone(), records: count_records(path)? })).collect::<Result<_, DatasetError>>()?;
+        let files = paths.iter().map(|path| Ok(CorpusFile { path: path.clone(), records: count_records(path)?, whole: true })).collect::<Result<_, DatasetError>>()?;
         Ok(Self { files })
     }
 
@@ -69,7 +71,10 @@ impl Corpus {
         let mut left = limit;
         for file in &mut self.files {
             match &mut file.records {
-                Records::Lines { count, .. } | Records::Array { count } => *count = (*count).min(left),
+                Records::Lines { count, .. } | Records::Array { count } => {
+                    file.whole = *count <= left;
+                    *count = (*count).min(left);
+                }
             }
             left -= file.records.count();
         }
@@ -108,9 +113,11 @@ impl Corpus {
                 }
                 Ok(())
             };
-            for pending in file.pending()?.take(file.records.count()) {
+            let (mut records, count) = (file.pending()?, file.records.count());
+            let mut read = 0;
+            for pending in records.by_ref().take(count) {
                 let pending = pending?;
-                bytes += pending.text_len();
+                (bytes, read) = (bytes + pending.text_len(), read + 1);
                 batch.push(pending);
                 if bytes >= BATCH_BYTES {
                     flush(&mut batch)?;
@@ -118,7 +125,12 @@ impl Corpus {
                 }
             }
             flush(&mut batch)?;
-            first += file.records.count();
+            // A file written to between the two readings would shift the split: never used so.
+            if read < count || (file.whole && records.next().is_some()) {
+                let reason = format!("changed while it was read: {count} records counted, {} read", if read < count { read.to_string() } else { "more".into() });
+                return Err(DatasetError::Invalid { path: file.path.clone(), reason });
+            }
+            first += count;
         }
         Ok(())
     }
