@@ -381,6 +381,20 @@ mod tests {
         assert!(parse_csv("a,\"open\n").unwrap_err().contains("line 1"));
     }
 
+    proptest::proptest! {
+        /// Any table written as CSV (every field quoted, quotes doubled) reads back as it was.
+        #[test]
+        fn csv_reads_back_what_was_written(table in proptest::collection::vec(proptest::collection::vec(".{0,12}", 1..5), 1..5)) {
+            let text: String = table.iter().map(|row| row.iter().map(|f| format!("\"{}\"", f.replace('"', "\"\""))).collect::<Vec<_>>().join(",") + "\n").collect();
+            proptest::prop_assert_eq!(parse_csv(&text).unwrap(), table);
+        }
+
+        #[test]
+        fn csv_never_panics(text in "[a,\"\r\n ]{0,40}") {
+            let _ = parse_csv(&text);
+        }
+    }
+
     #[test]
     fn subjects_match_across_splits() {
         assert_eq!(subject_key(Path::new("data/test/abstract_algebra_test.csv")), "abstract_algebra");
