@@ -222,30 +222,29 @@ fn write_answers(path: &Path, subjects: &[Subject], prompts: &[Vec<Vec<u32>>], p
     ember_models::write_file_atomically(path, lines.as_bytes()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-/// The test files' subjects, each with its first `shots` solved examples from the dev file of the
-/// same subject, and its name and category from a `mapping.json` (LLaMA-Factory's) beside the
-/// files or up to two folders up (`mmlu/mapping.json` over `mmlu/data/test`), where there is one.
+/// The test files' subjects, each with its first `shots` solved examples from the dev files'
+/// questions of the same subject, and its name and category from a `mapping.json`
+/// (LLaMA-Factory's) beside the files or up to two folders up (`mmlu/mapping.json` over
+/// `mmlu/data/test`), where there is one.
 fn load_subjects(request: &Request) -> anyhow::Result<Vec<Subject>> {
-    let tests = csv_files(request.test)?;
-    let dev: BTreeMap<String, PathBuf> = match request.dev {
-        Some(dev) => csv_files(dev)?.into_iter().map(|path| (subject_key(&path), path)).collect(),
+    let tests = read_subjects(request.test)?;
+    let mut dev: BTreeMap<String, Vec<Question>> = match request.dev {
+        Some(dev) => read_subjects(dev)?.into_iter().collect(),
         None if request.shots > 0 => return Err(bad_input(anyhow::anyhow!("--shots {} needs --dev, the solved examples", request.shots))),
         None => BTreeMap::new(),
     };
     let mapping = mapping(request.test)?;
     tests
-        .iter()
-        .map(|path| {
-            let key = subject_key(path);
-            let mut questions = read_questions(path)?;
+        .into_iter()
+        .map(|(key, mut questions)| {
             if request.limit > 0 {
                 questions.truncate(request.limit);
             }
             let shots = match request.shots {
                 0 => Vec::new(),
                 n => {
-                    let dev_path = dev.get(&key).ok_or_else(|| bad_input(anyhow::anyhow!("{}: no dev file of subject '{key}' for --shots {n}", request.dev.unwrap_or(Path::new("")).display())))?;
-                    let mut shots = read_questions(dev_path)?;
+                    let dev_path = request.dev.unwrap_or(Path::new("")).display();
+                    let mut shots = dev.remove(&key).ok_or_else(|| bad_input(anyhow::anyhow!("{dev_path}: no dev questions of subject '{key}' for --shots {n}")))?;
                     shots.truncate(n);
                     shots
                 }
@@ -258,18 +257,92 @@ fn load_subjects(request: &Request) -> anyhow::Result<Vec<Subject>> {
         .collect()
 }
 
-/// `path` itself, or the `.csv` files in the folder, by name.
-fn csv_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    if !path.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
+/// The questions of `path` (a file, or the `.csv`, `.json` and `.jsonl` files of a folder, by
+/// name) by subject, in the order the subjects come: a file's subject is its name
+/// ([`subject_key`]) unless its records name theirs (`subject`, as in `cais/mmlu`).
+fn read_subjects(path: &Path) -> anyhow::Result<Vec<(String, Vec<Question>)>> {
+    let files = if path.is_dir() {
+        let entries = std::fs::read_dir(path).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", path.display())))?;
+        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| format_of(p).is_some()).collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(bad_input(anyhow::anyhow!("{}: no .csv, .json or .jsonl files", path.display())));
+        }
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut subjects: Vec<(String, Vec<Question>)> = Vec::new();
+    for file in files {
+        let questions = match format_of(&file) {
+            Some(QuestionFormat::Json) => read_json_questions(&file)?,
+            _ => read_questions(&file)?.into_iter().map(|q| (None, q)).collect(),
+        };
+        for (subject, question) in questions {
+            let key = subject.unwrap_or_else(|| subject_key(&file));
+            match subjects.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, list)) => list.push(question),
+                None => subjects.push((key, vec![question])),
+            }
+        }
     }
-    let entries = std::fs::read_dir(path).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", path.display())))?;
-    let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "csv")).collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(bad_input(anyhow::anyhow!("{}: no .csv files", path.display())));
+    Ok(subjects)
+}
+
+enum QuestionFormat {
+    Csv,
+    Json,
+}
+
+fn format_of(path: &Path) -> Option<QuestionFormat> {
+    match path.extension()?.to_str()? {
+        "csv" => Some(QuestionFormat::Csv),
+        "json" | "jsonl" => Some(QuestionFormat::Json),
+        _ => None,
     }
-    Ok(files)
+}
+
+/// JSON (an array) or JSON Lines question records, as the Hub's datasets save them:
+/// `{"question", "choices": [4], "answer": 0-3, "subject"}` (`cais/mmlu`) or `{"question" |
+/// "Question", "A", "B", "C", "D", "answer" | "Answer": "A"-"D"}` (C-Eval, CMMLU).
+fn read_json_questions(path: &Path) -> anyhow::Result<Vec<(Option<String>, Question)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", path.display())))?;
+    let malformed = |e: serde_json::Error, line: Option<usize>| {
+        let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
+        bad_input(anyhow::anyhow!("{}: {at}malformed JSON: {e}", path.display()))
+    };
+    let records: Vec<Value> = if text.trim_start().starts_with('[') {
+        serde_json::from_str(&text).map_err(|e| malformed(e, None))?
+    } else {
+        text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(n, l)| serde_json::from_str(l).map_err(|e| malformed(e, Some(n + 1)))).collect::<anyhow::Result<_>>()?
+    };
+    if records.is_empty() {
+        return Err(bad_input(anyhow::anyhow!("{}: no questions", path.display())));
+    }
+    records
+        .iter()
+        .enumerate()
+        .map(|(index, record)| json_question(record).map_err(|reason| bad_input(anyhow::anyhow!("{}: record {index}: {reason}", path.display()))))
+        .collect()
+}
+
+fn json_question(record: &Value) -> Result<(Option<String>, Question), String> {
+    let field = |names: [&str; 2]| names.into_iter().find_map(|name| record.get(name));
+    let string = |value: &Value| value.as_str().map(str::to_owned).ok_or_else(|| format!("{value} is not a string"));
+    let text = field(["question", "Question"]).ok_or("no 'question'")?;
+    let options: Vec<String> = match record.get("choices") {
+        Some(Value::Array(choices)) if choices.len() == 4 => choices.iter().map(string).collect::<Result<_, _>>()?,
+        Some(_) => return Err("'choices' must be 4 strings".into()),
+        None => CHOICES.iter().map(|letter| record.get(*letter).ok_or_else(|| format!("no '{letter}' (nor 'choices')")).and_then(string)).collect::<Result<_, _>>()?,
+    };
+    let answer = match field(["answer", "Answer"]) {
+        Some(Value::Number(n)) => n.as_u64().filter(|&i| i < 4).map(|i| i as usize).ok_or_else(|| format!("answer {n} is not 0 to 3"))?,
+        Some(Value::String(letter)) => CHOICES.iter().position(|c| *c == letter.trim()).ok_or_else(|| format!("answer '{letter}' is not A, B, C or D"))?,
+        _ => return Err("no 'answer' (A to D, or 0 to 3)".into()),
+    };
+    let subject = record.get("subject").and_then(Value::as_str).map(str::to_owned);
+    let options = options.try_into().map_err(|_| "4 options needed".to_owned())?;
+    Ok((subject, Question { text: string(text)?, options, answer }))
 }
 
 fn subject_key(path: &Path) -> String {

@@ -165,7 +165,7 @@ enum Command {
         #[arg(long, default_value = "flex")]
         device: String,
     },
-    /// Accuracy on multiple-choice questions (MMLU, C-Eval, CMMLU CSV files), base vs base + adapter.
+    /// Accuracy on multiple-choice questions (MMLU, C-Eval, CMMLU), base vs base + adapter.
     ///
     /// As LLaMA-Factory's `eval`: each question follows --shots solved examples of its subject
     /// (the first rows of its --dev file) and is answered by the highest of the logits of "A",
@@ -178,11 +178,13 @@ enum Command {
         /// Adapter folder (any format `generate` takes).
         #[arg(long)]
         adapter: Option<PathBuf>,
-        /// A CSV file of questions or a folder of them, a subject a file (`abstract_algebra_test.csv`):
-        /// question,A,B,C,D,answer without a header, or a header naming those columns.
+        /// A file of questions or a folder of them, a subject a file (`abstract_algebra_test.csv`):
+        /// CSV (question,A,B,C,D,answer without a header, or a header naming those columns), or
+        /// JSON / JSON Lines records as the Hub's MMLU, C-Eval and CMMLU save them (a record's
+        /// `subject` overrides the file's).
         #[arg(long)]
         test: PathBuf,
-        /// The solved examples: a CSV file or folder, matched to --test by subject
+        /// The solved examples: a file or folder as --test, matched to it by subject
         /// (`abstract_algebra_dev.csv`).
         #[arg(long)]
         dev: Option<PathBuf>,

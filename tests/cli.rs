@@ -236,7 +236,47 @@ fn exam_scores_multiple_choice_questions() {
     std::fs::write(&bad, "Q1,a,b,c\n").unwrap();
     assert_bad_input(&run(&["--test", bad.to_str().unwrap()]), &["bad_test.csv: row 1", "4 columns, 6 needed"]);
     std::fs::write(&bad, "Q1,a,b,c,d,A\n").unwrap();
-    assert_bad_input(&run(&["--test", bad.to_str().unwrap(), "--dev", dev.to_str().unwrap(), "--shots", "1"]), &["no dev file of subject 'bad'"]);
+    assert_bad_input(&run(&["--test", bad.to_str().unwrap(), "--dev", dev.to_str().unwrap(), "--shots", "1"]), &["no dev questions of subject 'bad'"]);
+
+    // The same questions as the Hub's datasets save them: `cais/mmlu`'s records (choices, an
+    // index, the subject) in one JSON Lines file, C-Eval's (letters) in a JSON array.
+    let as_records = |folder: &Path, mmlu: bool| -> Vec<serde_json::Value> {
+        let mut files: Vec<_> = std::fs::read_dir(folder).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        files.iter().flat_map(|file| {
+            let subject = file.file_stem().unwrap().to_str().unwrap().rsplit_once('_').unwrap().0.to_owned();
+            std::fs::read_to_string(file).unwrap().lines().map(|line| {
+                // The sample's questions hold commas only inside quotes, and no quotes.
+                let mut cells: Vec<String> = Vec::new();
+                let mut quoted = false;
+                let mut cell = String::new();
+                for c in line.chars() {
+                    match c {
+                        '"' => quoted = !quoted,
+                        ',' if !quoted => cells.push(std::mem::take(&mut cell)),
+                        c => cell.push(c),
+                    }
+                }
+                cells.push(cell);
+                let answer = "ABCD".find(cells[5].as_str()).unwrap();
+                match mmlu {
+                    true => serde_json::json!({"question": cells[0], "subject": subject, "choices": cells[1..5], "answer": answer}),
+                    false => serde_json::json!({"id": 0, "question": cells[0], "A": cells[1], "B": cells[2], "C": cells[3], "D": cells[4], "answer": cells[5], "subject": subject}),
+                }
+            }).collect::<Vec<_>>()
+        }).collect()
+    };
+    let (jsonl, array) = (dir.path().join("test.jsonl"), dir.path().join("dev.json"));
+    std::fs::write(&jsonl, as_records(&test, true).iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();
+    std::fs::write(&array, serde_json::to_string(&as_records(&dev, false)).unwrap()).unwrap();
+    let from_records = run(&["--adapter", adapter.to_str().unwrap(), "--test", jsonl.to_str().unwrap(), "--dev", array.to_str().unwrap(), "--shots", "3"]);
+    assert!(from_records.status.success(), "{}", String::from_utf8_lossy(&from_records.stderr));
+    let from_records: serde_json::Value = serde_json::from_slice(&from_records.stdout).unwrap();
+    for key in ["questions", "subjects", "base", "adapter"] {
+        assert_eq!(from_records[key], result[key], "{key}");
+    }
+    std::fs::write(&jsonl, "{\"question\": \"q\", \"choices\": [\"a\", \"b\"], \"answer\": 0}\n").unwrap();
+    assert_bad_input(&run(&["--test", jsonl.to_str().unwrap()]), &["test.jsonl: record 0", "'choices' must be 4 strings"]);
 }
 
 #[test]
