@@ -395,6 +395,10 @@ impl SendPtr {
 const PARALLEL_PRODUCT: usize = 192 * 192 * 192;
 const PARALLEL_BATCH: usize = 128 * 128 * 128;
 
+/// gemm's bound for a small product (rows and columns both at most this): its sums over k run in
+/// blocks of 512, a larger product's in blocks sized from the caches.
+const SMALL_SIDE: usize = 64;
+
 /// `lhs_b · rhs_b` (`[m, k] · [k, n]`) for every matrix `b` of the batch, row-major, written once
 /// into a fresh buffer by `gemm` (flex's own GEMM). Flex's matmul zeroes its output, then copies
 /// the zeros into a re-aligned buffer, before the GEMM writes it: three passes over the largest
@@ -430,8 +434,16 @@ pub fn matmul(lhs: &Operand, rhs: &Operand, m: usize, k: usize, n: usize) -> Vec
     // the others wait.) Small products run whole, on one thread per matrix.
     let ops = m * n * k;
     let threads = rayon::current_num_threads();
-    let shares = if ops >= PARALLEL_PRODUCT { threads } else { 1 };
-    let width = n.div_ceil(shares).next_multiple_of(16).min(n);
+    let mut shares = if ops >= PARALLEL_PRODUCT { threads } else { 1 };
+    let width = |shares: usize| n.div_ceil(shares).next_multiple_of(16).min(n);
+    // gemm blocks the sum over k one way for a product of at most 64 rows and 64 columns, and
+    // another for a larger one: a share must not cross that line where the whole product does
+    // not, or its values would depend on the number of threads. Fewer, wider shares keep every
+    // value what one thread computes.
+    while shares > 1 && m <= SMALL_SIDE && n > SMALL_SIDE && n - (n.div_ceil(width(shares)) - 1) * width(shares) <= SMALL_SIDE {
+        shares -= 1;
+    }
+    let width = width(shares);
     let jobs: Vec<(usize, Range<usize>)> =
         (0..count).flat_map(|b| (0..n).step_by(width).map(move |c| (b, c..(c + width).min(n)))).collect();
     let base = SendPtr(out.as_mut_ptr().cast::<f32>());
@@ -449,6 +461,23 @@ pub fn matmul(lhs: &Operand, rhs: &Operand, m: usize, k: usize, n: usize) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A product's values do not depend on the number of threads that share it, also where a
+    /// share is narrow (few rows, a sum over k long enough for gemm to block it).
+    #[test]
+    fn products_are_the_same_at_any_thread_count() {
+        for (m, k, n) in [(16, 3000, 192), (8, 1600, 130), (64, 2000, 576), (65, 700, 200), (478, 576, 1536)] {
+            let lhs: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1013) as f32 * 0.001 - 0.5).collect();
+            let rhs: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 997) as f32 * 0.001 - 0.5).collect();
+            let lhs = Operand { values: &lhs, offsets: vec![0], row_stride: k, col_stride: 1 };
+            let rhs = Operand { values: &rhs, offsets: vec![0], row_stride: 1, col_stride: k };
+            let product = |threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| matmul(&lhs, &rhs, m, k, n));
+            let one: Vec<u32> = product(1).iter().map(|v| v.to_bits()).collect();
+            for threads in [2, 3, 7, 16] {
+                assert!(product(threads).iter().map(|v| v.to_bits()).eq(one.iter().copied()), "{m}x{k}x{n} on {threads} threads");
+            }
+        }
+    }
 
     #[test]
     fn exp_is_within_two_ulp_and_flushes_to_zero() {
