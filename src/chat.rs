@@ -5,7 +5,6 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
-use burn::tensor::Device;
 use ember_adapters::AdaptedModel;
 use ember_data::{Conversation, Format, Message, Record, Role, Sample, Tokenizer};
 use ember_models::BaseModel;
@@ -30,11 +29,9 @@ pub struct Request<'a> {
 const COMMANDS: &str = "/clear starts a new conversation, /exit (or end of input) ends";
 
 pub fn run(request: &Request) -> anyhow::Result<()> {
-    let device: Device = ember_models::device::parse_device(request.device).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+    let device = crate::device(request.device)?;
     let tokenizer = ember_models::load_tokenizer(request.base)?;
-    let format = ember_models::template(request.template, request.base)
-        .map_err(|e| bad_input(anyhow::anyhow!(e)))?
-        .ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{}'", request.template)))?;
+    let format = crate::format(request.template, request.base)?;
     match format {
         Format::Text => return Err(bad_input(anyhow::anyhow!("--template text is plain text, not a conversation: give a chat or prompt template"))),
         Format::Prompt(_) if request.system.is_some() => {
@@ -44,7 +41,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     }
     let base = BaseModel::load(request.base, LoadDtype::F32, &device)?;
     let mut options = request.options.clone();
-    options.stop_ids.extend(base.config.eos_token_ids.iter().copied().chain(tokenizer.eos_id));
+    options.stop_ids.extend(crate::generate::stop_ids(&base, &tokenizer));
     let model = match request.adapter {
         Some(dir) => ember_adapters::Method::load(dir, base, &device)?.0,
         None => AdaptedModel::base_only(base),

@@ -91,11 +91,9 @@ fn text_examples(request: &Request, tokenizer: &Tokenizer, data: &Path) -> anyho
 }
 
 pub fn run(request: &Request) -> anyhow::Result<()> {
-    let device = ember_models::device::parse_device(request.device).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+    let device = crate::device(request.device)?;
     let tokenizer = ember_models::load_tokenizer(request.base)?;
-    let format = ember_models::template(request.template, request.base)
-        .map_err(|e| bad_input(anyhow::anyhow!(e)))?
-        .ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{}'", request.template)))?;
+    let format = crate::format(request.template, request.base)?;
     let data = ember_models::hub::data_file(request.data, ember_models::hub::Fetch::Download)?;
     if matches!(format, Format::Text) && request.generate > 0 {
         return Err(bad_input(anyhow::anyhow!("--generate answers instructions: plain text (--template {TEXT_TEMPLATE}) has no question to answer")));
@@ -120,7 +118,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
         Ok(json!({"loss": loss, "perplexity": loss.exp()}))
     };
     let base = BaseModel::load(request.base, LoadDtype::F32, &device)?;
-    let stop_ids = base.config.eos_token_ids.iter().copied().chain(tokenizer.eos_id).collect();
+    let stop_ids = crate::generate::stop_ids(&base, &tokenizer);
     let answerer = Answerer {
         tokenizer: &tokenizer,
         format: &format,
@@ -137,9 +135,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     let base_answers = answers(&base_model)?;
     let mut adapter_answers = Vec::new();
     if let Some(dir) = request.adapter {
-        // The same weights again, unwrapped: never two copies of the base.
-        let base = base_model.model.map_projections(|_, p| p.merged());
-        let (model, method) = ember_adapters::Method::load(dir, base, &device)?;
+        let (model, method) = with_adapter(base_model, dir, &device)?;
         result["adapter"] = score(&model)?;
         result["method"] = json!(method.config().name());
         adapter_answers = answers(&model.into_inference())?;
@@ -151,6 +147,12 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     }
     println!("{result}");
     Ok(())
+}
+
+/// `dir`'s adapter on the base that `base` scored: the same weights again, unwrapped, never two
+/// copies of the base.
+pub fn with_adapter(base: AdaptedModel, dir: &Path, device: &Device) -> anyhow::Result<(AdaptedModel, ember_adapters::Method)> {
+    Ok(ember_adapters::Method::load(dir, base.model.map_projections(|_, p| p.merged()), device)?)
 }
 
 /// One JSON object per record, written to a temporary file and renamed: a reader never sees a

@@ -89,14 +89,13 @@ struct Subject {
 
 pub fn run(request: &Request) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let device: Device = ember_models::device::parse_device(request.device).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+    let device = crate::device(request.device)?;
     let tokenizer = ember_models::load_tokenizer(request.base)?;
     let chat = match request.template {
         FEWSHOT => None,
-        name => match ember_models::template(name, request.base).map_err(|e| bad_input(anyhow::anyhow!(e)))? {
-            Some(Format::Chat(template)) => Some(template),
-            Some(_) => return Err(bad_input(anyhow::anyhow!("--template {name}: give {FEWSHOT} or a chat template (the solved examples are turns of a conversation)"))),
-            None => return Err(bad_input(anyhow::anyhow!("unknown template '{name}'"))),
+        name => match crate::format(name, request.base)? {
+            Format::Chat(template) => Some(template),
+            _ => return Err(bad_input(anyhow::anyhow!("--template {name}: give {FEWSHOT} or a chat template (the solved examples are turns of a conversation)"))),
         },
     };
     let subjects = load_subjects(request)?;
@@ -114,9 +113,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     let mut picks = vec![logits(&base)];
     let mut result = json!({"test": request.test, "subjects": subjects.len(), "shots": request.shots, "template": request.template});
     if let Some(dir) = request.adapter {
-        // The same weights again, unwrapped: never two copies of the base.
-        let base = base.model.map_projections(|_, p| p.merged());
-        let (model, method) = ember_adapters::Method::load(dir, base, &device)?;
+        let (model, method) = crate::eval::with_adapter(base, dir, &device)?;
         picks.push(logits(&model.into_inference()));
         result["method"] = json!(method.config().name());
     }

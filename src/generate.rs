@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use ember_data::{Record, Sample};
 use ember_models::generate::{GenerationOptions, generate};
 use ember_models::{BaseModel, KvCache, LoadDtype};
@@ -23,23 +23,26 @@ pub struct Request<'a> {
     pub logits_out: Option<&'a Path>,
 }
 
+/// Where generation stops: the model's end-of-sequence ids and the tokenizer's.
+pub fn stop_ids(base: &BaseModel, tokenizer: &ember_data::Tokenizer) -> Vec<u32> {
+    base.config.eos_token_ids.iter().copied().chain(tokenizer.eos_id).collect()
+}
+
 /// The completion text of `request` (special tokens removed).
 pub fn complete(request: &Request) -> anyhow::Result<String> {
-    let device: Device = ember_models::device::parse_device(request.device).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+    let device = crate::device(request.device)?;
     let tokenizer = ember_models::load_tokenizer(request.base)?;
     let prompt = match request.template {
         "none" => tokenizer.encode(request.prompt, true)?,
         name => {
-            let format = ember_models::template(name, request.base)
-                .map_err(|e| bad_input(anyhow::anyhow!(e)))?
-                .ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{name}'")))?;
+            let format = crate::format(name, request.base)?;
             let sample = Sample::Instruction(Record { instruction: request.prompt.into(), input: request.input.into(), output: String::new() });
             format.prompt_ids(&tokenizer, &sample).map_err(|e| bad_input(anyhow::anyhow!(e)))?
         }
     };
     let base = BaseModel::load(request.base, LoadDtype::F32, &device)?;
     let mut options = request.options.clone();
-    options.stop_ids.extend(base.config.eos_token_ids.iter().copied().chain(tokenizer.eos_id));
+    options.stop_ids.extend(stop_ids(&base, &tokenizer));
     let run = |forward: &dyn Fn(Tensor<2, Int>, &mut KvCache) -> Tensor<3>| -> anyhow::Result<Vec<u32>> {
         let answer = generate(forward, &prompt, &options, &device);
         if let Some(path) = request.logits_out {

@@ -47,9 +47,7 @@ fn calibration_tokens(tokenizer: &Tokenizer, data: &Path, template: &str, base: 
             .map_err(|e| bad_input(anyhow::anyhow!("{}: not UTF-8 text (byte {})", data.display(), e.utf8_error().valid_up_to())))?;
         return Ok(tokenizer.encode(&text, true)?);
     }
-    let format = ember_models::template(template, base)
-        .map_err(|e| bad_input(anyhow::anyhow!(e)))?
-        .ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{template}'")))?;
+    let format = crate::format(template, base)?;
     let dataset = Dataset::load(data)?;
     let indices: Vec<usize> = (0..dataset.samples.len()).collect();
     let options = SftOptions { cutoff_len, train_on_inputs: true, last_turn_only: false };
@@ -108,7 +106,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
 
 /// `data` run through `base` (with the request's adapter): the matrix and the data's token count.
 fn collect(request: &Request, base: &Path, data: &Path, started: std::time::Instant) -> anyhow::Result<(ember_trainer::imatrix::Collected, usize)> {
-    let device = ember_models::device::parse_device(request.device).map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+    let device = crate::device(request.device)?;
     let tokenizer = ember_models::load_tokenizer(base)?;
     let tokens = calibration_tokens(&tokenizer, data, request.template, base, request.chunk_size)?;
     let calibration = Calibration {

@@ -644,6 +644,16 @@ pub fn bad_input(error: impl Into<anyhow::Error>) -> anyhow::Error {
     anyhow::Error::new(BadInput(error.into()))
 }
 
+/// The device a `--device` flag names (flex, libtorch, cuda, cuda:N).
+pub fn device(name: &str) -> anyhow::Result<burn::tensor::Device> {
+    ember_models::device::parse_device(name).map_err(|e| bad_input(anyhow::anyhow!(e)))
+}
+
+/// The prompt, chat or text template a `--template` flag names, for the model at `base`.
+pub fn format(name: &str, base: &std::path::Path) -> anyhow::Result<ember_data::Format> {
+    ember_models::template(name, base).map_err(|e| bad_input(anyhow::anyhow!(e)))?.ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{name}'")))
+}
+
 fn merge(base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Path, dtype: &str) -> anyhow::Result<()> {
     let dtype = ember_trainer::merge::MergeDtype::parse(dtype)
         .ok_or_else(|| bad_input(anyhow::anyhow!("--dtype '{dtype}': expected keep, f32, bf16 or f16")))?;
