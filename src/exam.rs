@@ -167,9 +167,7 @@ fn choice_logits(model: &AdaptedModel, prompts: &[Vec<Vec<u32>>], choice_ids: &[
             subject
                 .chunks(batch)
                 .flat_map(|rows| {
-                    let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
-                    let ids: Vec<i64> = rows.iter().flat_map(|ids| ids.iter().map(|&t| t as i64).chain(std::iter::repeat_n(pad_id as i64, seq - ids.len()))).collect();
-                    let mask: Vec<i64> = rows.iter().flat_map(|ids| std::iter::repeat_n(1, ids.len()).chain(std::iter::repeat_n(0, seq - ids.len()))).collect();
+                    let (seq, ids, mask) = ember_data::sft::right_pad(&rows.iter().map(Vec::as_slice).collect::<Vec<_>>(), pad_id);
                     let shape = [rows.len(), seq];
                     let hidden = model.hidden_states(Tensor::from_data(TensorData::new(ids, shape), device), Some(Tensor::from_data(TensorData::new(mask, shape), device)));
                     // b, v+s, h -> b, 1, h: each row's last real position.
@@ -304,19 +302,7 @@ fn format_of(path: &Path) -> Option<QuestionFormat> {
 /// "Question", "A", "B", "C", "D", "answer" | "Answer": "A"-"D"}` (C-Eval, CMMLU).
 fn read_json_questions(path: &Path) -> anyhow::Result<Vec<(Option<String>, Question)>> {
     let text = std::fs::read_to_string(path).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", path.display())))?;
-    let malformed = |e: serde_json::Error, line: Option<usize>| {
-        let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
-        bad_input(anyhow::anyhow!("{}: {at}malformed JSON: {e}", path.display()))
-    };
-    let records: Vec<Value> = if text.trim_start().starts_with('[') {
-        serde_json::from_str(&text).map_err(|e| malformed(e, None))?
-    } else {
-        text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(n, l)| serde_json::from_str(l).map_err(|e| malformed(e, Some(n + 1)))).collect::<anyhow::Result<_>>()?
-    };
-    if records.is_empty() {
-        return Err(bad_input(anyhow::anyhow!("{}: no questions", path.display())));
-    }
-    records
+    ember_data::dataset::json_values(path, &text)?
         .iter()
         .enumerate()
         .map(|(index, record)| json_question(record).map_err(|reason| bad_input(anyhow::anyhow!("{}: record {index}: {reason}", path.display()))))

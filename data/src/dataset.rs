@@ -144,8 +144,21 @@ pub fn parse(path: &Path, mut bytes: Vec<u8>) -> Result<Vec<Sample>, DatasetErro
         let lines: Vec<Sample> = text.lines().filter(|line| !line.trim().is_empty()).map(|line| Sample::Text(line.to_string())).collect();
         return if lines.is_empty() { Err(invalid("no records".into())) } else { Ok(lines) };
     }
+    json_values(path, &text)?
+        .iter()
+        .enumerate()
+        .map(|(index, value)| {
+            parse_sample(value).map_err(|reason| DatasetError::Record { path: path.to_path_buf(), index, reason })
+        })
+        .collect()
+}
+
+/// The values of a JSON array (`[...]`) or of JSON Lines (blank lines skipped); a malformed one
+/// names its line, and a file without any is an error.
+pub fn json_values(path: &Path, text: &str) -> Result<Vec<Value>, DatasetError> {
+    let invalid = |reason: String| DatasetError::Invalid { path: path.to_path_buf(), reason };
     let values: Vec<Value> = if text.trim_start().starts_with('[') {
-        serde_json::from_str(&text).map_err(|e| invalid(format!("malformed JSON: {e}")))?
+        serde_json::from_str(text).map_err(|e| invalid(format!("malformed JSON: {e}")))?
     } else {
         text.lines()
             .enumerate()
@@ -156,13 +169,7 @@ pub fn parse(path: &Path, mut bytes: Vec<u8>) -> Result<Vec<Sample>, DatasetErro
     if values.is_empty() {
         return Err(invalid("no records".into()));
     }
-    values
-        .iter()
-        .enumerate()
-        .map(|(index, value)| {
-            parse_sample(value).map_err(|reason| DatasetError::Record { path: path.to_path_buf(), index, reason })
-        })
-        .collect()
+    Ok(values)
 }
 
 pub(crate) fn parse_sample(value: &Value) -> Result<Sample, String> {

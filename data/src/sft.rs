@@ -275,6 +275,19 @@ pub fn build_examples(
     Ok((examples, stats))
 }
 
+/// `rows` of ids right-padded with `pad_id` to the longest: its length, then the ids and the
+/// attention mask (0 on padding), each `[rows, seq]` row-major.
+pub fn right_pad(rows: &[&[u32]], pad_id: u32) -> (usize, Vec<i64>, Vec<i64>) {
+    let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let (mut ids, mut mask) = (Vec::with_capacity(rows.len() * seq), Vec::with_capacity(rows.len() * seq));
+    for row in rows {
+        let pad = seq - row.len();
+        ids.extend(row.iter().map(|&i| i as i64).chain(std::iter::repeat_n(pad_id as i64, pad)));
+        mask.extend(std::iter::repeat_n(1, row.len()).chain(std::iter::repeat_n(0, pad)));
+    }
+    (seq, ids, mask)
+}
+
 /// A right-padded batch, row-major `[batch, seq]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
@@ -288,15 +301,10 @@ pub struct Batch {
 impl Batch {
     /// Pads to the longest example with `pad_id` (labels -100, mask 0 on padding).
     pub fn collate(examples: &[&Example], pad_id: u32) -> Self {
-        let seq = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
-        let mut batch = Batch { batch: examples.len(), seq, input_ids: Vec::new(), attention_mask: Vec::new(), labels: Vec::new() };
-        for e in examples {
-            let pad = seq - e.input_ids.len();
-            batch.input_ids.extend(e.input_ids.iter().map(|&i| i as i64).chain(std::iter::repeat_n(pad_id as i64, pad)));
-            batch.attention_mask.extend(std::iter::repeat_n(1, e.input_ids.len()).chain(std::iter::repeat_n(0, pad)));
-            batch.labels.extend(e.labels.iter().copied().chain(std::iter::repeat_n(IGNORE_INDEX, pad)));
-        }
-        batch
+        let rows: Vec<&[u32]> = examples.iter().map(|e| e.input_ids.as_slice()).collect();
+        let (seq, input_ids, attention_mask) = right_pad(&rows, pad_id);
+        let labels = examples.iter().flat_map(|e| e.labels.iter().copied().chain(std::iter::repeat_n(IGNORE_INDEX, seq - e.labels.len()))).collect();
+        Batch { batch: examples.len(), seq, input_ids, attention_mask, labels }
     }
 
     pub fn supervised_tokens(&self) -> usize {
