@@ -440,7 +440,8 @@ pub fn matmul(lhs: &Operand, rhs: &Operand, m: usize, k: usize, n: usize) -> Vec
     // another for a larger one: a share must not cross that line where the whole product does
     // not, or its values would depend on the number of threads. Fewer, wider shares keep every
     // value what one thread computes.
-    while shares > 1 && m <= SMALL_SIDE && n > SMALL_SIDE && n - (n.div_ceil(width(shares)) - 1) * width(shares) <= SMALL_SIDE {
+    // The last share is the narrowest: (n - 1) % width + 1 columns.
+    while shares > 1 && m <= SMALL_SIDE && n > SMALL_SIDE && (n - 1) % width(shares) < SMALL_SIDE {
         shares -= 1;
     }
     let width = width(shares);
