@@ -20,6 +20,8 @@ pub struct Request<'a> {
     pub base: &'a Path,
     pub adapter: Option<&'a Path>,
     pub data: &'a Path,
+    /// How the records' keys are renamed (`--columns`, `--tags`).
+    pub mapping: &'a ember_data::Mapping,
     pub template: &'a str,
     pub cutoff_len: usize,
     pub batch: usize,
@@ -78,7 +80,7 @@ fn record_examples(request: &Request, tokenizer: &Tokenizer, format: &Format, da
 /// A plain-text corpus (`--template text`) streamed as training streams it: cut into blocks of
 /// `cutoff_len`, every token scored; only the first `limit` records are read and tokenized.
 fn text_examples(request: &Request, tokenizer: &Tokenizer, data: &Path) -> anyhow::Result<Scored> {
-    let corpus = Corpus::count(&[data.to_path_buf()])?;
+    let corpus = Corpus::count(&[data.to_path_buf()])?.mapped(request.mapping.clone());
     let corpus = if request.limit > 0 { corpus.first(request.limit) } else { corpus };
     let records = corpus.records();
     let mut buffers = [TokenBuffer::default(), TokenBuffer::default()];
@@ -101,7 +103,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     // Plain text is streamed, never held as records; there is nothing to answer.
     let dataset = match format {
         Format::Text => None,
-        _ => Some(Dataset::load(&data)?),
+        _ => Some(Dataset::load_all(std::slice::from_ref(&data), request.mapping)?),
     };
     let scored = match &dataset {
         None => text_examples(request, &tokenizer, &data)?,

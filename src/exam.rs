@@ -17,10 +17,11 @@ use crate::bad_input;
 pub struct Request<'a> {
     pub base: &'a Path,
     pub adapter: Option<&'a Path>,
-    /// A CSV file of questions, or a folder of them (a subject a file).
-    pub test: &'a Path,
-    /// The solved examples: a CSV file or a folder, matched to the test files by subject.
-    pub dev: Option<&'a Path>,
+    /// Files of questions, or folders of them (a subject a file).
+    pub test: &'a [PathBuf],
+    /// The solved examples: files or folders as `test`, matched to the test files by subject
+    /// (none: no shots).
+    pub dev: &'a [PathBuf],
     pub shots: usize,
     pub lang: Lang,
     /// `fewshot` (the examples one after another, as plain text) or a chat template.
@@ -223,12 +224,11 @@ fn write_answers(path: &Path, subjects: &[Subject], prompts: &[Vec<Vec<u32>>], p
 /// `mmlu/data/test`), where there is one.
 fn load_subjects(request: &Request) -> anyhow::Result<Vec<Subject>> {
     let tests = read_subjects(request.test)?;
-    let mut dev: BTreeMap<String, Vec<Question>> = match request.dev {
-        Some(dev) => read_subjects(dev)?.into_iter().collect(),
-        None if request.shots > 0 => return Err(bad_input(anyhow::anyhow!("--shots {} needs --dev, the solved examples", request.shots))),
-        None => BTreeMap::new(),
-    };
-    let mapping = mapping(request.test)?;
+    if request.shots > 0 && request.dev.is_empty() {
+        return Err(bad_input(anyhow::anyhow!("--shots {} needs --dev, the solved examples", request.shots)));
+    }
+    let mut dev: BTreeMap<String, Vec<Question>> = read_subjects(request.dev)?.into_iter().collect();
+    let mapping = mapping(&request.test[0])?;
     tests
         .into_iter()
         .map(|(key, mut questions)| {
@@ -238,7 +238,7 @@ fn load_subjects(request: &Request) -> anyhow::Result<Vec<Subject>> {
             let shots = match request.shots {
                 0 => Vec::new(),
                 n => {
-                    let dev_path = request.dev.unwrap_or(Path::new("")).display();
+                    let dev_path = request.dev[0].display();
                     let mut shots = dev.remove(&key).ok_or_else(|| bad_input(anyhow::anyhow!("{dev_path}: no dev questions of subject '{key}' for --shots {n}")))?;
                     shots.truncate(n);
                     shots
@@ -252,25 +252,28 @@ fn load_subjects(request: &Request) -> anyhow::Result<Vec<Subject>> {
         .collect()
 }
 
-/// The questions of `path` (a file, or the `.csv`, `.json` and `.jsonl` files of a folder, by
-/// name) by subject, in the order the subjects come: a file's subject is its name
+/// The questions of `paths` (files, or the `.csv`, `.json`, `.jsonl` and `.parquet` files of
+/// folders, by name) by subject, in the order the subjects come: a file's subject is its name
 /// ([`subject_key`]) unless its records name theirs (`subject`, as in `cais/mmlu`).
-fn read_subjects(path: &Path) -> anyhow::Result<Vec<(String, Vec<Question>)>> {
-    let files = if path.is_dir() {
-        let entries = std::fs::read_dir(path).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", path.display())))?;
-        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| format_of(p).is_some()).collect();
-        files.sort();
-        if files.is_empty() {
-            return Err(bad_input(anyhow::anyhow!("{}: no .csv, .json or .jsonl files", path.display())));
+fn read_subjects(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, Vec<Question>)>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let entries = std::fs::read_dir(path).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", path.display())))?;
+            let mut found: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| format_of(p).is_some()).collect();
+            if found.is_empty() {
+                return Err(bad_input(anyhow::anyhow!("{}: no .csv, .json, .jsonl or .parquet files", path.display())));
+            }
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path.clone());
         }
-        files
-    } else {
-        vec![path.to_path_buf()]
-    };
+    }
     let mut subjects: Vec<(String, Vec<Question>)> = Vec::new();
     for file in files {
         let questions = match format_of(&file) {
-            Some(QuestionFormat::Json) => read_json_questions(&file)?,
+            Some(QuestionFormat::Records) => read_records(&file)?,
             _ => read_questions(&file)?.into_iter().map(|q| (None, q)).collect(),
         };
         for (subject, question) in questions {
@@ -286,23 +289,23 @@ fn read_subjects(path: &Path) -> anyhow::Result<Vec<(String, Vec<Question>)>> {
 
 enum QuestionFormat {
     Csv,
-    Json,
+    /// JSON, JSON Lines or Parquet records.
+    Records,
 }
 
 fn format_of(path: &Path) -> Option<QuestionFormat> {
     match path.extension()?.to_str()? {
         "csv" => Some(QuestionFormat::Csv),
-        "json" | "jsonl" => Some(QuestionFormat::Json),
+        "json" | "jsonl" | "parquet" => Some(QuestionFormat::Records),
         _ => None,
     }
 }
 
-/// JSON (an array) or JSON Lines question records, as the Hub's datasets save them:
+/// JSON (an array), JSON Lines or Parquet question records, as the Hub's datasets hold them:
 /// `{"question", "choices": [4], "answer": 0-3, "subject"}` (`cais/mmlu`) or `{"question" |
 /// "Question", "A", "B", "C", "D", "answer" | "Answer": "A"-"D"}` (C-Eval, CMMLU).
-fn read_json_questions(path: &Path) -> anyhow::Result<Vec<(Option<String>, Question)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", path.display())))?;
-    ember_data::dataset::json_values(path, &text)?
+fn read_records(path: &Path) -> anyhow::Result<Vec<(Option<String>, Question)>> {
+    ember_data::dataset::read_values(path)?
         .iter()
         .enumerate()
         .map(|(index, record)| json_question(record).map_err(|reason| bad_input(anyhow::anyhow!("{}: record {index}: {reason}", path.display()))))
@@ -328,8 +331,19 @@ fn json_question(record: &Value) -> Result<(Option<String>, Question), String> {
     Ok((subject, Question { text: string(text)?, options, answer }))
 }
 
+/// A file's subject: its name less a split's suffix (`abstract_algebra_test.csv`), or its
+/// folder's name when the file is named as the Hub names a split's shards (C-Eval's
+/// `accountant/test-00000-of-00001.parquet`).
 fn subject_key(path: &Path) -> String {
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = |path: &Path| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = name(path);
+    if let Some((_, shard)) = stem.split_once('-')
+        && let Some((index, total)) = shard.split_once("-of-")
+        && [index, total].iter().all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        && let Some(folder) = path.parent().filter(|f| f.file_name().is_some())
+    {
+        return name(folder);
+    }
     ["_test", "_val", "_dev"].iter().find_map(|suffix| stem.strip_suffix(suffix)).map_or(stem.clone(), str::to_owned)
 }
 
@@ -456,5 +470,7 @@ mod tests {
         assert_eq!(subject_key(Path::new("data/test/abstract_algebra_test.csv")), "abstract_algebra");
         assert_eq!(subject_key(Path::new("dev/accountant_dev.csv")), "accountant");
         assert_eq!(subject_key(Path::new("test/agronomy.csv")), "agronomy");
+        assert_eq!(subject_key(Path::new("ceval-exam/accountant/val-00000-of-00001.parquet")), "accountant");
+        assert_eq!(subject_key(Path::new("test-00000-of-00001.parquet")), "test-00000-of-00001");
     }
 }

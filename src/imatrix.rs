@@ -30,10 +30,11 @@ pub struct Request<'a> {
     pub device: &'a str,
 }
 
-/// Whether `path` holds records (JSON, JSON lines, either gzipped) rather than plain text.
+/// Whether `path` holds records (JSON, JSON lines, either gzipped, or Parquet) rather than plain
+/// text.
 fn is_dataset(path: &Path) -> bool {
     let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-    [".json", ".jsonl", ".json.gz", ".jsonl.gz"].iter().any(|ext| name.ends_with(ext))
+    [".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet"].iter().any(|ext| name.ends_with(ext))
 }
 
 /// The calibration tokens: a text file tokenized whole, with BOS first where the tokenizer adds

@@ -178,16 +178,17 @@ enum Command {
         /// Adapter folder (any format `generate` takes).
         #[arg(long)]
         adapter: Option<PathBuf>,
-        /// A file of questions or a folder of them, a subject a file (`abstract_algebra_test.csv`):
-        /// CSV (question,A,B,C,D,answer without a header, or a header naming those columns), or
-        /// JSON / JSON Lines records as the Hub's MMLU, C-Eval and CMMLU save them (a record's
+        /// Files of questions or folders of them, a subject a file (`abstract_algebra_test.csv`,
+        /// or the folder of a Hub shard: `accountant/test-00000-of-00001.parquet`): CSV
+        /// (question,A,B,C,D,answer without a header, or a header naming those columns), or JSON /
+        /// JSON Lines / Parquet records as the Hub's MMLU, C-Eval and CMMLU hold them (a record's
         /// `subject` overrides the file's).
-        #[arg(long)]
-        test: PathBuf,
-        /// The solved examples: a file or folder as --test, matched to it by subject
+        #[arg(long, num_args = 1.., required = true)]
+        test: Vec<PathBuf>,
+        /// The solved examples: files or folders as --test, matched to it by subject
         /// (`abstract_algebra_dev.csv`).
-        #[arg(long)]
-        dev: Option<PathBuf>,
+        #[arg(long, num_args = 1..)]
+        dev: Vec<PathBuf>,
         /// Solved examples before each question.
         #[arg(long, default_value_t = 0)]
         shots: usize,
@@ -223,10 +224,17 @@ enum Command {
         /// Adapter folder (any format `generate` takes).
         #[arg(long)]
         adapter: Option<PathBuf>,
-        /// Alpaca, ShareGPT or OpenAI-messages JSON / JSONL (.gz too); plain text (.txt, or
-        /// {"text": …} records) with --template text.
+        /// Alpaca, ShareGPT or OpenAI-messages JSON / JSONL (.gz too) or Parquet; plain text
+        /// (.txt, or {"text": …} records) with --template text.
         #[arg(long)]
         data: PathBuf,
+        /// The records' keys where they are not ember's, as the recipe's [data.columns]:
+        /// 'query = "context", response = "response"'.
+        #[arg(long)]
+        columns: Option<String>,
+        /// A conversation's turn keys and role names, as the recipe's [data.tags].
+        #[arg(long)]
+        tags: Option<String>,
         /// Prompt template, as in the recipe.
         #[arg(long, default_value = "alpaca")]
         template: String,
@@ -654,6 +662,14 @@ pub fn format(name: &str, base: &std::path::Path) -> anyhow::Result<ember_data::
     ember_models::template(name, base).map_err(|e| bad_input(anyhow::anyhow!(e)))?.ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{name}'")))
 }
 
+/// A flag's inline-table body (`key = "value", …`) read as `T`; none: `T`'s default.
+fn inline_table<T: serde::de::DeserializeOwned + Default>(flag: &str, body: Option<&str>) -> anyhow::Result<T> {
+    let Some(body) = body else { return Ok(T::default()) };
+    let table: toml::Table = format!("v = {{ {body} }}").parse().map_err(|e: toml::de::Error| bad_input(anyhow::anyhow!("{flag} '{body}': expected key = \"value\", …: {}", e.message())))?;
+    let value = table.get("v").cloned().unwrap_or_else(|| toml::Value::Table(Default::default()));
+    value.try_into().map_err(|e: toml::de::Error| bad_input(anyhow::anyhow!("{flag} '{body}': {}", e.message())))
+}
+
 fn merge(base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Path, dtype: &str) -> anyhow::Result<()> {
     let dtype = ember_trainer::merge::MergeDtype::parse(dtype)
         .ok_or_else(|| bad_input(anyhow::anyhow!("--dtype '{dtype}': expected keep, f32, bf16 or f16")))?;
@@ -750,10 +766,13 @@ fn main() -> ExitCode {
         Command::Plot { run } => plot(&run),
         Command::Merge { base, adapter, out, dtype } => merge(&base, &adapter, &out, &dtype),
         Command::Bench(args) => bench(args),
-        Command::Eval { base, adapter, data, template, cutoff_len, batch, limit, generate, answers, max_new_tokens, device } => {
-            eval::run(&eval::Request {
-                base: &base, adapter: adapter.as_deref(), data: &data, template: &template, cutoff_len, batch, limit, device: &device,
-                generate, answers: answers.as_deref(), max_new_tokens,
+        Command::Eval { base, adapter, data, columns, tags, template, cutoff_len, batch, limit, generate, answers, max_new_tokens, device } => {
+            let mapping = || -> anyhow::Result<_> { Ok(ember_data::Mapping { columns: inline_table("--columns", columns.as_deref())?, tags: inline_table("--tags", tags.as_deref())? }) };
+            mapping().and_then(|mapping| {
+                eval::run(&eval::Request {
+                    base: &base, adapter: adapter.as_deref(), data: &data, mapping: &mapping, template: &template, cutoff_len, batch, limit, device: &device,
+                    generate, answers: answers.as_deref(), max_new_tokens,
+                })
             })
         }
         Command::Generate { base, adapter, prompt, input, template, sampling, logits_out, device } => {
@@ -764,7 +783,7 @@ fn main() -> ExitCode {
             generate::complete(&request).map(|text| println!("{text}"))
         }
         Command::Exam { base, adapter, test, dev, shots, lang, template, limit, batch, answers, device } => exam::run(&exam::Request {
-            base: &base, adapter: adapter.as_deref(), test: &test, dev: dev.as_deref(), shots, lang, template: &template, limit, batch, answers: answers.as_deref(), device: &device,
+            base: &base, adapter: adapter.as_deref(), test: &test, dev: &dev, shots, lang, template: &template, limit, batch, answers: answers.as_deref(), device: &device,
         }),
         Command::Chat { base, adapter, template, system, sampling, json, device } => {
             let request = chat::Request {

@@ -368,6 +368,45 @@ fn a_streamed_corpus_gives_the_blocks_of_the_loaded_one_and_caches_them() {
     }
 }
 
+/// Parquet files, as the Hub's `datasets` writes them (`tests/data/parquet/generate.py`), hold the
+/// records of the JSON and text samples they were written from: the same samples (a file mixing
+/// formats has each row's other columns null), and streamed as a corpus the same blocks. A damaged
+/// file, or a column that is not text, is one error naming the file (and the record).
+#[test]
+fn parquet_files_hold_the_records_they_were_written_from() {
+    use ember_data::text::{Corpus, TextBlocks, TokenBuffer, TokenStream};
+    let parquet = |name: &str| data("parquet").join(name);
+    for (file, json) in [("alpaca_en_sample_200.parquet", "alpaca_en_sample_200.json"), ("chat_sample.parquet", "chat_sample.jsonl")] {
+        assert_eq!(Dataset::load(&parquet(file)).unwrap().samples, Dataset::load(&data(json)).unwrap().samples, "{file}");
+    }
+    // 200 rows in four zstd row groups, read a row at a time.
+    let tokenizer = Tokenizer::from_dir(&fixture("tiny_llama")).unwrap();
+    let blocks = |path: PathBuf| {
+        let corpus = Corpus::count(&[path]).unwrap();
+        assert_eq!(corpus.records(), 200);
+        let held_out: Vec<bool> = (0..200).map(|i| i % 10 == 3).collect();
+        let mut buffers = [TokenBuffer::default(), TokenBuffer::default()];
+        corpus.tokenize(&tokenizer, &held_out, &mut buffers).unwrap();
+        buffers.map(|buffer| {
+            let blocks = TextBlocks::new(TokenStream::from(buffer), 64, tokenizer.added_bos());
+            (0..blocks.len()).map(|i| blocks.example(i).unwrap()).collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(blocks(parquet("zh_text_sample.parquet")), blocks(data("zh_text_sample.txt")));
+    let head = Corpus::count(&[parquet("zh_text_sample.parquet")]).unwrap().head(3).unwrap().samples;
+    assert_eq!(head, Dataset::load(&data("zh_text_sample.txt")).unwrap().samples[..3]);
+
+    let e = Dataset::load(&parquet("not_text.parquet")).unwrap_err().to_string();
+    assert!(e.contains("not_text.parquet: record 1") && e.contains("column 'instruction'") && e.contains("not UTF-8"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.parquet");
+    let bytes = std::fs::read(parquet("chat_sample.parquet")).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    for e in [Dataset::load(&cut).unwrap_err().to_string(), Corpus::count(std::slice::from_ref(&cut)).err().unwrap().to_string()] {
+        assert!(e.contains("cut.parquet") && e.contains("malformed Parquet"), "{e}");
+    }
+}
+
 /// `ember data stats`: records a file, the split, lengths before the cutoff and what it cuts,
 /// consistent with the examples training builds.
 #[test]
@@ -390,6 +429,60 @@ fn data_stats_count_what_training_sees() {
     }
     let output = ember(&["data", "stats", recipe.to_str().unwrap(), "--set", "data.template=\"text\""]);
     assert_bad_input(&output, &["alpaca_en_sample_200.json", "record", "trains on plain-text records"]);
+    // The same records from Parquet: the same split and the same examples.
+    let lora = repository().join("recipes/ci/tiny-lora.toml");
+    let stats_of = |path: &Path| {
+        let output = ember(&["data", "stats", lora.to_str().unwrap(), "--json", "--set", &format!("data.path=\"{}\"", path.display())]);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let stats: Value = serde_json::from_slice(&output.stdout).unwrap();
+        (stats["train"].clone(), stats["eval"].clone())
+    };
+    assert_eq!(stats_of(&data("parquet/alpaca_en_sample_200.parquet")), stats_of(&data("alpaca_en_sample_200.json")));
+    // Records under other keys, renamed by `[data.columns]` and `[data.tags]` (databricks-dolly's
+    // `context` and `response`; turns under `dialog` with `speaker`/`text` and their own roles).
+    let dir = tempfile::tempdir().unwrap();
+    let renamed = dir.path().join("dolly.jsonl");
+    let records: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(data("alpaca_en_sample_200.json")).unwrap()).unwrap();
+    let dolly: Vec<String> = records.iter().map(|r| serde_json::json!({"instruction": r["instruction"], "context": r["input"], "response": r["output"], "category": "x"}).to_string()).collect();
+    std::fs::write(&renamed, dolly.join("\n")).unwrap();
+    let mapped = |path: &Path, sets: &[&str]| {
+        let mut args = vec!["data", "stats", lora.to_str().unwrap(), "--json"];
+        let data_path = format!("data.path=\"{}\"", path.display());
+        for set in [data_path.as_str()].iter().chain(sets) {
+            args.extend(["--set", set]);
+        }
+        ember(&args)
+    };
+    let output = mapped(&renamed, &["data.columns={query = \"context\", response = \"response\"}"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stats: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!((stats["train"].clone(), stats["eval"].clone()), stats_of(&data("alpaca_en_sample_200.json")));
+    assert_bad_input(&mapped(&renamed, &[]), &["dolly.jsonl: record 0", "missing 'output'"]);
+    // `ember eval` takes the same mapping as flags.
+    let eval = |data: &Path, flags: &[&str]| {
+        let base = repository().join("tests/fixtures/tiny_llama");
+        let mut args = vec!["eval", "--base", base.to_str().unwrap(), "--data", data.to_str().unwrap(), "--limit", "4"];
+        args.extend(flags);
+        ember(&args)
+    };
+    let scored = |output: std::process::Output| {
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()["base"].clone()
+    };
+    assert_eq!(scored(eval(&renamed, &["--columns", "query = \"context\", response = \"response\""])), scored(eval(&data("alpaca_en_sample_200.json"), &[])));
+    assert_bad_input(&eval(&renamed, &["--columns", "answer = \"response\""]), &["--columns", "unknown field `answer`"]);
+    assert_bad_input(&mapped(&renamed, &["data.columns={answer = \"response\"}"]), &["data.columns", "unknown field `answer`"]);
+    let chat = dir.path().join("dialog.jsonl");
+    let turns = |roles: [&str; 2]| serde_json::json!({"dialog": [{"speaker": roles[0], "text": "Name a colour."}, {"speaker": roles[1], "text": "Red."}]}).to_string();
+    std::fs::write(&chat, turns(["USER", "BOT"])).unwrap();
+    let chat_template = ["data.template=\"llama2-chat\"", "data.val_size=0", "data.columns={messages = \"dialog\"}"];
+    let output = mapped(&chat, &[&chat_template[..], &["data.tags={role_tag = \"speaker\", content_tag = \"text\", user_tag = \"USER\", assistant_tag = \"BOT\"}"][..]].concat());
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    std::fs::write(&dir.path().join("plain.jsonl"), turns(["user", "assistant"]).replace("speaker", "role").replace("\"text\"", "\"content\"")).unwrap();
+    let plain = mapped(&dir.path().join("plain.jsonl"), &chat_template);
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    assert_eq!(serde_json::from_slice::<Value>(&output.stdout).unwrap()["train"], serde_json::from_slice::<Value>(&plain.stdout).unwrap()["train"]);
+    assert_bad_input(&mapped(&chat, &chat_template), &["dialog.jsonl: record 0", "dialog[0]: no 'role' or 'from'"]);
     let text = ember(&["data", "stats", repository().join("recipes/ci/tiny-pretrain.toml").to_str().unwrap()]);
     let stdout = String::from_utf8(text.stdout).unwrap();
     assert!(stdout.starts_with("data: ") && stdout.contains("zh_text_sample.txt (200 records)") && stdout.contains("0 truncated"), "{stdout}");

@@ -275,6 +275,22 @@ fn exam_scores_multiple_choice_questions() {
     for key in ["questions", "subjects", "base", "adapter"] {
         assert_eq!(from_records[key], result[key], "{key}");
     }
+    // And as Parquet (`tests/data/parquet/generate.py`): `cais/mmlu`'s one table of every subject,
+    // and C-Eval's folder a subject, its files named as the Hub names a split's shards.
+    let parquet = exam.join("parquet");
+    let shard = |folder: &str, split: &str| parquet.join(folder).join(format!("{split}-00000-of-00001.parquet")).to_str().unwrap().to_owned();
+    let mmlu = run(&["--adapter", adapter.to_str().unwrap(), "--test", &shard("mmlu", "test"), "--dev", &shard("mmlu", "dev"), "--shots", "3"]);
+    assert!(mmlu.status.success(), "{}", String::from_utf8_lossy(&mmlu.stderr));
+    let mmlu: serde_json::Value = serde_json::from_slice(&mmlu.stdout).unwrap();
+    for key in ["questions", "subjects", "base", "adapter"] {
+        assert_eq!(mmlu[key], result[key], "{key}");
+    }
+    let ceval = run(&["--test", &shard("ceval/chinese_geography", "test"), "--dev", &shard("ceval/chinese_geography", "dev"), "--shots", "2", "--lang", "zh"]);
+    assert!(ceval.status.success(), "{}", String::from_utf8_lossy(&ceval.stderr));
+    let ceval: serde_json::Value = serde_json::from_slice(&ceval.stdout).unwrap();
+    for key in ["correct", "subjects"] {
+        assert_eq!(ceval["base"][key], zh["base"][key], "{key}: {ceval}");
+    }
     std::fs::write(&jsonl, "{\"question\": \"q\", \"choices\": [\"a\", \"b\"], \"answer\": 0}\n").unwrap();
     assert_bad_input(&run(&["--test", jsonl.to_str().unwrap()]), &["test.jsonl: record 0", "'choices' must be 4 strings"]);
 }

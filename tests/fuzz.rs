@@ -147,8 +147,8 @@ fn read_gguf_model(path: &Path) {
 
 #[test]
 fn seeds_are_valid() {
-    assert_eq!(ember_data::dataset::parse(Path::new("d.json"), ALPACA.as_bytes().to_vec()).unwrap().len(), 3);
-    assert_eq!(ember_data::dataset::parse(Path::new("d.jsonl"), CHAT.as_bytes().to_vec()).unwrap().len(), 3);
+    assert_eq!(ember_data::dataset::parse(Path::new("d.json"), ALPACA.as_bytes().to_vec(), &Default::default()).unwrap().len(), 3);
+    assert_eq!(ember_data::dataset::parse(Path::new("d.jsonl"), CHAT.as_bytes().to_vec(), &Default::default()).unwrap().len(), 3);
     assert_eq!(ember_data::sentencepiece::ModelProto::parse(&sentencepiece_model()).unwrap().pieces.len(), 2000);
     for file in ["views.bin", "legacy_views.bin"] {
         let views = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_bin").join(file)).unwrap();
@@ -174,9 +174,9 @@ proptest! {
     #[test]
     fn alpaca_reader_never_panics(edits in edits(), raw in prop::collection::vec(any::<u8>(), 0..200), jsonl in any::<bool>()) {
         let name = if jsonl { "d.jsonl" } else { "d.json" };
-        let _ = ember_data::dataset::parse(Path::new(name), mutate(ALPACA.as_bytes(), &edits));
-        let _ = ember_data::dataset::parse(Path::new(name), raw.clone());
-        let _ = ember_data::dataset::parse(Path::new("d.json.gz"), raw);
+        let _ = ember_data::dataset::parse(Path::new(name), mutate(ALPACA.as_bytes(), &edits), &Default::default());
+        let _ = ember_data::dataset::parse(Path::new(name), raw.clone(), &Default::default());
+        let _ = ember_data::dataset::parse(Path::new("d.json.gz"), raw, &Default::default());
     }
 
     /// A corpus is counted, then read again and tokenized, as training streams it.
@@ -199,9 +199,34 @@ proptest! {
         }
     }
 
+    /// Parquet files as the Hub's `datasets` writes them: nested lists of structs (snappy), and
+    /// text rows (zstd) read as a streamed corpus.
     #[test]
-    fn chat_reader_never_panics(edits in edits()) {
-        let _ = ember_data::dataset::parse(Path::new("d.jsonl"), mutate(CHAT.as_bytes(), &edits));
+    fn parquet_reader_never_panics(edits in edits(), text in any::<bool>()) {
+        use ember_data::text::{Corpus, TokenBuffer};
+        let seed = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/parquet").join(if text { "zh_text_sample.parquet" } else { "chat_sample.parquet" })).unwrap();
+        let bytes = mutate(&seed, &edits);
+        let _ = ember_data::dataset::parse(Path::new("d.parquet"), bytes.clone(), &Default::default());
+        let (_dir, path) = scratch("c.parquet");
+        std::fs::write(&path, bytes).unwrap();
+        if let Ok(corpus) = Corpus::count(std::slice::from_ref(&path)) {
+            let held_out = vec![false; corpus.records()];
+            let _ = corpus.tokenize(tokenizer(), &held_out, &mut [TokenBuffer::default(), TokenBuffer::default()]);
+        }
+    }
+
+    #[test]
+    fn chat_reader_never_panics(edits in edits(), mapped in any::<bool>()) {
+        use ember_data::columns::{Columns, Mapping, Tags};
+        // Keys and role names renamed as `[data.columns]` and `[data.tags]` rename them.
+        let mapping = match mapped {
+            true => Mapping {
+                columns: Columns { prompt: Some("output".into()), messages: Some("messages".into()), ..Default::default() },
+                tags: Tags { user_tag: Some("human".into()), content_tag: Some("content".into()), ..Default::default() },
+            },
+            false => Mapping::default(),
+        };
+        let _ = ember_data::dataset::parse(Path::new("d.jsonl"), mutate(CHAT.as_bytes(), &edits), &mapping);
     }
 
     #[test]

@@ -247,7 +247,8 @@ fn hub_ids_not_in_the_cache_are_downloaded() {
 #[test]
 fn dataset_files_come_from_the_hub_cache() {
     let records = std::fs::read(repository().join("tests/data/alpaca_en_sample_200.json")).unwrap();
-    let files = vec![("data/train.json".to_string(), records), ("README.md".to_string(), b"# alpaca".to_vec())];
+    let parquet = std::fs::read(repository().join("tests/data/parquet/alpaca_en_sample_200.parquet")).unwrap();
+    let files = vec![("data/train.json".to_string(), records), ("data/train-00000-of-00001.parquet".to_string(), parquet), ("README.md".to_string(), b"# alpaca".to_vec())];
     let hub = FakeHub::start(vec![("datasets/org/alpaca", files)]);
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("hub");
@@ -279,4 +280,15 @@ fn dataset_files_come_from_the_hub_cache() {
     assert_bad_input(&eval(&absent, &offline), &["train.jsonx", "HF_HUB_OFFLINE", command]);
     assert_bad_input(&eval(&absent, &env), &["train.jsonx", "HTTP 404"]);
     assert_bad_input(&eval("hf://datasets/org/alpaca", &env), &["expected hf://datasets/<org>/<name>"]);
+
+    // The Hub's Parquet shards: the same records, the same scores.
+    let shard = "hf://datasets/org/alpaca/data/train-00000-of-00001.parquet";
+    let scores = |output: std::process::Output| {
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        result["base"].clone()
+    };
+    assert_eq!(scores(eval(shard, &env)), scores(eval(url, &offline)));
+    let pattern = "hf://datasets/org/alpaca/data/train-*.parquet";
+    assert_bad_input(&eval(pattern, &env), &[pattern, "local files only", "--include 'data/train-*.parquet'"]);
 }

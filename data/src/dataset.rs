@@ -1,4 +1,5 @@
-//! Training data from a JSON array or JSONL, one record per element or line, in any of:
+//! Training data from a JSON array, JSONL or Parquet, one record per element, line or row, in any
+//! of:
 //! - Alpaca: `instruction`, optional `input`, `output`; with LLaMA-Factory's optional `system`
 //!   and `history: [[query, answer], …]` it is a conversation;
 //! - ShareGPT: `conversations: [{from: human|gpt|system|observation, value}]`, optional `system`;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::chat::{Conversation, Message, Role};
+use crate::columns::Mapping;
 
 /// One record: a single instruction (rendered by prompt or chat templates), a conversation
 /// (chat templates only) or plain text (the `text` template only).
@@ -59,16 +61,17 @@ pub struct Dataset {
 
 impl Dataset {
     pub fn load(path: &Path) -> Result<Self, DatasetError> {
-        Self::load_all(std::slice::from_ref(&path.to_path_buf()))
+        Self::load_all(std::slice::from_ref(&path.to_path_buf()), &Mapping::default())
     }
 
-    /// The records of `paths` concatenated in order (LLaMA-Factory's `dataset: a,b`).
-    pub fn load_all(paths: &[PathBuf]) -> Result<Self, DatasetError> {
+    /// The records of `paths` concatenated in order (LLaMA-Factory's `dataset: a,b`), their keys
+    /// renamed by `mapping`.
+    pub fn load_all(paths: &[PathBuf], mapping: &Mapping) -> Result<Self, DatasetError> {
         let mut dataset = Self { files: Vec::new(), samples: Vec::new() };
         for path in paths {
             let bytes = std::fs::read(path).map_err(|source| DatasetError::Io { path: path.clone(), source })?;
             dataset.files.push((path.clone(), dataset.samples.len()));
-            dataset.samples.extend(parse(path, bytes)?);
+            dataset.samples.extend(parse(path, bytes, mapping)?);
         }
         Ok(dataset)
     }
@@ -125,37 +128,73 @@ pub enum DatasetError {
     Record { path: PathBuf, index: usize, reason: String },
 }
 
-/// The records of a data file's `bytes` (gzip-compressed if `path` ends in `.gz`); `path` names
-/// the file in errors.
+/// Whether `path`'s name is that of a data file ember reads: JSON, JSON Lines or text (each
+/// gzipped too), or Parquet.
+pub fn is_data_file(path: &Path) -> bool {
+    let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let name = name.strip_suffix(".gz").unwrap_or(&name);
+    [".json", ".jsonl", ".txt"].iter().any(|ext| name.ends_with(ext)) || crate::parquet::is_parquet(path)
+}
+
+/// The records of a data file's `bytes` (gzip-compressed if `path` ends in `.gz`), their keys
+/// renamed by `mapping`; `path` names the file in errors.
 ///
-/// A JSON array (`[...]`) or one JSON object per line. Any bad record is an error naming its
-/// index (0-based) and key: nothing is dropped silently.
-pub fn parse(path: &Path, mut bytes: Vec<u8>) -> Result<Vec<Sample>, DatasetError> {
+/// A JSON array (`[...]`), one JSON object per line, or a Parquet file (`.parquet`, a row a
+/// record). Any bad record is an error naming its index (0-based) and key: nothing is dropped
+/// silently.
+pub fn parse(path: &Path, bytes: Vec<u8>, mapping: &Mapping) -> Result<Vec<Sample>, DatasetError> {
+    if crate::parquet::is_parquet(path) {
+        return samples(path, crate::parquet::values(path, bytes)?, mapping);
+    }
+    let text = decode(path, bytes)?;
+    let name = path.to_string_lossy();
+    if name.ends_with(".txt") || name.ends_with(".txt.gz") {
+        let lines: Vec<Sample> = text.lines().filter(|line| !line.trim().is_empty()).map(|line| Sample::Text(line.to_string())).collect();
+        return if lines.is_empty() { Err(DatasetError::Invalid { path: path.to_path_buf(), reason: "no records".into() }) } else { Ok(lines) };
+    }
+    samples(path, json_values(path, &text)?, mapping)
+}
+
+/// The records of the file at `path` as JSON values, whatever holds them: a JSON array, JSON
+/// Lines (either gzipped) or Parquet.
+pub fn read_values(path: &Path) -> Result<Vec<Value>, DatasetError> {
+    let bytes = std::fs::read(path).map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
+    match crate::parquet::is_parquet(path) {
+        true => crate::parquet::values(path, bytes),
+        false => json_values(path, &decode(path, bytes)?),
+    }
+}
+
+fn samples(path: &Path, values: Vec<Value>, mapping: &Mapping) -> Result<Vec<Sample>, DatasetError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(index, value)| mapped_sample(value, mapping).map_err(|reason| DatasetError::Record { path: path.to_path_buf(), index, reason }))
+        .collect()
+}
+
+/// A record read after `mapping` renames its keys.
+pub(crate) fn mapped_sample(value: &Value, mapping: &Mapping) -> Result<Sample, String> {
+    match mapping.is_identity() {
+        true => parse_sample(value),
+        false => parse_sample(&mapping.apply(value.clone())?),
+    }
+}
+
+/// A text file's `bytes` (gunzipped if `path` ends in `.gz`) as text.
+fn decode(path: &Path, mut bytes: Vec<u8>) -> Result<String, DatasetError> {
     if path.extension().is_some_and(|e| e == "gz") {
         let mut plain = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes.as_slice()), &mut plain)
             .map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
         bytes = plain;
     }
-    let invalid = |reason: String| DatasetError::Invalid { path: path.to_path_buf(), reason };
-    let text = String::from_utf8(bytes).map_err(|e| invalid(format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to())))?;
-    let name = path.to_string_lossy();
-    if name.ends_with(".txt") || name.ends_with(".txt.gz") {
-        let lines: Vec<Sample> = text.lines().filter(|line| !line.trim().is_empty()).map(|line| Sample::Text(line.to_string())).collect();
-        return if lines.is_empty() { Err(invalid("no records".into())) } else { Ok(lines) };
-    }
-    json_values(path, &text)?
-        .iter()
-        .enumerate()
-        .map(|(index, value)| {
-            parse_sample(value).map_err(|reason| DatasetError::Record { path: path.to_path_buf(), index, reason })
-        })
-        .collect()
+    String::from_utf8(bytes).map_err(|e| DatasetError::Invalid { path: path.to_path_buf(), reason: format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()) })
 }
 
 /// The values of a JSON array (`[...]`) or of JSON Lines (blank lines skipped); a malformed one
 /// names its line, and a file without any is an error.
-pub fn json_values(path: &Path, text: &str) -> Result<Vec<Value>, DatasetError> {
+fn json_values(path: &Path, text: &str) -> Result<Vec<Value>, DatasetError> {
     let invalid = |reason: String| DatasetError::Invalid { path: path.to_path_buf(), reason };
     let values: Vec<Value> = if text.trim_start().starts_with('[') {
         serde_json::from_str(text).map_err(|e| invalid(format!("malformed JSON: {e}")))?
@@ -305,7 +344,7 @@ mod tests {
         let (a, b) = (dir.join("a.json"), dir.join("b.jsonl"));
         std::fs::write(&a, br#"[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]"#).unwrap();
         std::fs::write(&b, b"{\"messages\": [{\"role\": \"user\", \"content\": \"e\"}, {\"role\": \"assistant\", \"content\": \"f\"}]}\n").unwrap();
-        let mut dataset = Dataset::load_all(&[a.clone(), b.clone()]).unwrap();
+        let mut dataset = Dataset::load_all(&[a.clone(), b.clone()], &Mapping::default()).unwrap();
         dataset.append(Dataset::load(&a).unwrap());
         assert_eq!(dataset.samples.len(), 5);
         assert!(matches!(&dataset.samples[2], Sample::Chat(_)));
@@ -314,7 +353,7 @@ mod tests {
         let e = dataset.record_error(4, "bad").to_string();
         assert!(e.starts_with(&a.display().to_string()) && e.ends_with("record 1: bad"), "{e}");
         std::fs::write(&b, b"{\"instruction\": 1}\n").unwrap();
-        let e = Dataset::load_all(&[a, b.clone()]).unwrap_err().to_string();
+        let e = Dataset::load_all(&[a, b.clone()], &Mapping::default()).unwrap_err().to_string();
         assert!(e.starts_with(&b.display().to_string()) && e.contains("record 0"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

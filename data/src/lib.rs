@@ -3,7 +3,9 @@
 //! prompt masking, and padded batches.
 
 pub mod chat;
+pub mod columns;
 pub mod dataset;
+pub mod parquet;
 pub mod sentencepiece;
 pub mod sft;
 pub mod template;
@@ -12,6 +14,7 @@ pub mod tiktoken;
 pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Conversation, Message, Role};
+pub use columns::Mapping;
 pub use dataset::{Dataset, DatasetError, Record, Sample};
 pub use sft::{Batch, Example, Examples, Format, SftOptions, SftStats};
 pub use template::Template;

@@ -1,8 +1,9 @@
 //! Plain-text corpora for continued pretraining, read as streams. A corpus of gigabytes is never
-//! held as text: each file is read twice, a line or a JSON array element at a time (once to count its records, so that
-//! the seeded split is the one [`crate::Dataset`] gives, once to tokenize them on every core),
-//! and only its token ids stay, 4 bytes a token, in memory or in a [`TokenCache`] folder that
-//! later runs read instead of tokenizing again. Blocks are cut from them when a batch asks.
+//! held as text: each file is read twice, a line, a JSON array element or a Parquet row at a time
+//! (once to count its records, so that the seeded split is the one [`crate::Dataset`] gives, once
+//! to tokenize them on every core), and only its token ids stay, 4 bytes a token, in memory or in
+//! a [`TokenCache`] folder that later runs read instead of tokenizing again. Blocks are cut from
+//! them when a batch asks.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -12,6 +13,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+use crate::columns::Mapping;
 use crate::dataset::{self, Dataset, DatasetError, Sample};
 use crate::sft::{Example, all_trained, text_ids};
 use crate::tokenizer::Tokenizer;
@@ -22,6 +24,8 @@ const BATCH_BYTES: usize = 4 << 20;
 /// The record files of a plain-text corpus, counted.
 pub struct Corpus {
     files: Vec<CorpusFile>,
+    /// How JSON and Parquet records' keys are renamed before they are read.
+    mapping: Mapping,
 }
 
 struct CorpusFile {
@@ -37,23 +41,31 @@ enum Records {
     Lines { count: usize, json: bool },
     /// A JSON array's elements, parsed one at a time on a reader thread (see [`array_elements`]).
     Array { count: usize },
+    /// A Parquet file's rows, read a row group at a time.
+    Parquet { count: usize },
 }
 
 impl Records {
     fn count(&self) -> usize {
         match self {
-            Records::Lines { count, .. } | Records::Array { count } => *count,
+            Records::Lines { count, .. } | Records::Array { count } | Records::Parquet { count } => *count,
         }
     }
 }
 
 impl Corpus {
     /// The records of `paths` in order, counted: a `.txt` file (gzipped if it ends in `.gz`)
-    /// has one a non-blank line, a JSON Lines file one an object, a JSON array one an element.
+    /// has one a non-blank line, a JSON Lines file one an object, a JSON array one an element, a
+    /// Parquet file one a row.
     /// Invalid UTF-8 is an error here; a bad record is one when [`Self::tokenize`] reaches it.
     pub fn count(paths: &[PathBuf]) -> Result<Self, DatasetError> {
         let files = paths.iter().map(|path| Ok(CorpusFile { path: path.clone(), records: count_records(path)?, whole: true })).collect::<Result<_, DatasetError>>()?;
-        Ok(Self { files })
+        Ok(Self { files, mapping: Mapping::default() })
+    }
+
+    /// The records read with their keys renamed by `mapping` (`[data.columns]`).
+    pub fn mapped(self, mapping: Mapping) -> Self {
+        Self { mapping, ..self }
     }
 
     /// All files' records.
@@ -71,7 +83,7 @@ impl Corpus {
         let mut left = limit;
         for file in &mut self.files {
             match &mut file.records {
-                Records::Lines { count, .. } | Records::Array { count } => {
+                Records::Lines { count, .. } | Records::Array { count } | Records::Parquet { count } => {
                     file.whole = *count <= left;
                     *count = (*count).min(left);
                 }
@@ -92,7 +104,7 @@ impl Corpus {
             }
             files.push((file.path.clone(), samples.len()));
             for pending in file.pending()?.take(limit - samples.len()) {
-                samples.push(pending?.sample(&file.path)?);
+                samples.push(pending?.sample(&file.path, &self.mapping)?);
             }
         }
         Ok(Dataset::from_parts(files, samples))
@@ -107,7 +119,7 @@ impl Corpus {
             let mut batch = Vec::new();
             let mut bytes = 0;
             let mut flush = |batch: &mut Vec<Pending>| -> Result<(), DatasetError> {
-                let ids: Vec<Result<Vec<u32>, DatasetError>> = batch.par_iter().map(|pending| pending.ids(tokenizer, &file.path)).collect();
+                let ids: Vec<Result<Vec<u32>, DatasetError>> = batch.par_iter().map(|pending| pending.ids(tokenizer, &file.path, &self.mapping)).collect();
                 for (pending, ids) in batch.drain(..).zip(ids) {
                     streams[usize::from(held_out[first + pending.index])].push(&ids?)?;
                 }
@@ -144,6 +156,10 @@ impl CorpusFile {
                 let elements = array_elements(&self.path)?;
                 Box::new(elements.enumerate().map(|(index, value)| Ok(Pending { index, line: 0, record: Record::Value(value?) })))
             }
+            Records::Parquet { .. } => {
+                let rows = crate::parquet::stream(&self.path)?;
+                Box::new(rows.enumerate().map(|(index, value)| Ok(Pending { index, line: 0, record: Record::Value(value?) })))
+            }
             Records::Lines { json, .. } => {
                 let (mut lines, json) = (Lines::open(&self.path)?, *json);
                 let mut index = 0;
@@ -172,7 +188,7 @@ enum Record {
     Sample(Sample),
     /// A JSON Lines record, parsed on the worker that tokenizes it.
     Json(String),
-    /// A JSON array's element.
+    /// A JSON array's element or a Parquet row.
     Value(serde_json::Value),
 }
 
@@ -186,33 +202,33 @@ impl Pending {
         }
     }
 
-    fn sample(self, path: &Path) -> Result<Sample, DatasetError> {
+    fn sample(self, path: &Path, mapping: &Mapping) -> Result<Sample, DatasetError> {
         match self.record {
             Record::Sample(sample) => Ok(sample),
-            Record::Json(ref text) => self.parse(text, path),
-            Record::Value(ref value) => self.sample_of(value, path),
+            Record::Json(ref text) => self.parse(text, path, mapping),
+            Record::Value(ref value) => self.sample_of(value, path, mapping),
         }
     }
 
-    fn parse(&self, text: &str, path: &Path) -> Result<Sample, DatasetError> {
+    fn parse(&self, text: &str, path: &Path, mapping: &Mapping) -> Result<Sample, DatasetError> {
         let value = serde_json::from_str(text).map_err(|e| DatasetError::Invalid { path: path.to_path_buf(), reason: format!("line {}: malformed JSON: {e}", self.line) })?;
-        self.sample_of(&value, path)
+        self.sample_of(&value, path, mapping)
     }
 
-    fn sample_of(&self, value: &serde_json::Value, path: &Path) -> Result<Sample, DatasetError> {
-        dataset::parse_sample(value).map_err(|reason| DatasetError::Record { path: path.to_path_buf(), index: self.index, reason })
+    fn sample_of(&self, value: &serde_json::Value, path: &Path, mapping: &Mapping) -> Result<Sample, DatasetError> {
+        dataset::mapped_sample(value, mapping).map_err(|reason| DatasetError::Record { path: path.to_path_buf(), index: self.index, reason })
     }
 
-    fn ids(&self, tokenizer: &Tokenizer, path: &Path) -> Result<Vec<u32>, DatasetError> {
+    fn ids(&self, tokenizer: &Tokenizer, path: &Path, mapping: &Mapping) -> Result<Vec<u32>, DatasetError> {
         let parsed;
         let sample = match &self.record {
             Record::Sample(sample) => sample,
             Record::Json(text) => {
-                parsed = self.parse(text, path)?;
+                parsed = self.parse(text, path, mapping)?;
                 &parsed
             }
             Record::Value(value) => {
-                parsed = self.sample_of(value, path)?;
+                parsed = self.sample_of(value, path, mapping)?;
                 &parsed
             }
         };
@@ -221,6 +237,9 @@ impl Pending {
 }
 
 fn count_records(path: &Path) -> Result<Records, DatasetError> {
+    if crate::parquet::is_parquet(path) {
+        return Ok(Records::Parquet { count: crate::parquet::count(path)? });
+    }
     let mut lines = Lines::open(path)?;
     let name = path.to_string_lossy();
     let json = !(name.ends_with(".txt") || name.ends_with(".txt.gz"));
@@ -430,6 +449,8 @@ impl TokenStream {
 pub struct TokenCache {
     dir: PathBuf,
     tokenizer: String,
+    /// The records' text column where `[data.columns]` names one.
+    text_column: Option<String>,
     sources: Vec<Source>,
     found: Option<CacheInfo>,
     _lock: File,
@@ -450,6 +471,8 @@ struct CacheInfo {
     records: Vec<usize>,
     /// Digest of the held-out records' indices.
     held_out: String,
+    #[serde(default)]
+    text_column: Option<String>,
     /// Ids in `train.u32` and `eval.u32`.
     tokens: [usize; 2],
 }
@@ -485,7 +508,12 @@ impl TokenCache {
         let tokenizer = tokenizer.fingerprint().map_err(|e| DatasetError::Invalid { path: dir.to_path_buf(), reason: e.to_string() })?;
         // Unreadable or from another version: written again.
         let found = std::fs::read(dir.join(CACHE_INFO)).ok().and_then(|bytes| serde_json::from_slice::<CacheInfo>(&bytes).ok()).filter(|info| info.version == CACHE_VERSION);
-        Ok(Self { dir: dir.to_path_buf(), tokenizer, sources, found, _lock: lock })
+        Ok(Self { dir: dir.to_path_buf(), tokenizer, text_column: None, sources, found, _lock: lock })
+    }
+
+    /// The ids there are of the records' `column` (`data.columns.text`), not of `text`.
+    pub fn of_column(self, column: Option<String>) -> Self {
+        Self { text_column: column, ..self }
     }
 
     pub fn dir(&self) -> &Path {
@@ -494,7 +522,7 @@ impl TokenCache {
 
     /// Each file's record count, where the ids there are of these files and this tokenizer.
     pub fn records(&self) -> Option<Vec<usize>> {
-        self.found.as_ref().filter(|info| info.sources == self.sources && info.tokenizer == self.tokenizer).map(|info| info.records.clone())
+        self.found.as_ref().filter(|info| info.sources == self.sources && info.tokenizer == self.tokenizer && info.text_column == self.text_column).map(|info| info.records.clone())
     }
 
     /// The ids there, if they are of these files, tokenizer and held-out records; else why not.
@@ -508,6 +536,9 @@ impl TokenCache {
         }
         if info.tokenizer != self.tokenizer {
             return Ok(Err("it was tokenized by another tokenizer".into()));
+        }
+        if info.text_column != self.text_column {
+            return Ok(Err("it holds another column's text (data.columns.text changed)".into()));
         }
         if info.held_out != digest(held_out) {
             return Ok(Err("it holds other records out for evaluation (data.val_size, data.eval_path or train.seed changed)".into()));
@@ -544,7 +575,7 @@ impl TokenCache {
             let from = temporary(name);
             std::fs::rename(&from, self.dir.join(name)).map_err(|source| DatasetError::Io { path: from, source })?;
         }
-        let info = CacheInfo { version: CACHE_VERSION, tokenizer: self.tokenizer.clone(), sources: self.sources.clone(), records: corpus.counts(), held_out: digest(held_out), tokens };
+        let info = CacheInfo { version: CACHE_VERSION, tokenizer: self.tokenizer.clone(), sources: self.sources.clone(), records: corpus.counts(), held_out: digest(held_out), text_column: self.text_column.clone(), tokens };
         let written = temporary(CACHE_INFO);
         std::fs::write(&written, serde_json::to_vec_pretty(&info).expect("plain data serializes"))
             .and_then(|()| std::fs::rename(&written, &info_path))

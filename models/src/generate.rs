@@ -122,7 +122,7 @@ mod tests {
         let runs = RefCell::new(Vec::new());
         // Logits that pick the last id + 1.
         let forward = |ids: Tensor<2, Int>, _: &mut KvCache| {
-            let ids: Vec<i64> = ids.into_data().convert::<i64>().to_vec().unwrap();
+            let ids: Vec<i64> = ids.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
             let mut logits = vec![0f32; ids.len() * 16];
             logits[(ids.len() - 1) * 16 + (*ids.last().unwrap() as usize + 1) % 16] = 1.0;
             runs.borrow_mut().push(ids);

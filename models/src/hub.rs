@@ -138,6 +138,11 @@ pub fn data_file(path: &Path, fetch: Fetch) -> Result<PathBuf, LoadError> {
     }
     let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
     let (id, revision, file) = split_dataset_url(&text).ok_or_else(|| invalid("expected hf://datasets/<org>/<name>[@<revision>]/<file in the repository>".into()))?;
+    if file.contains(['*', '?']) {
+        let revision = if revision == "main" { String::new() } else { format!(" --revision {revision}") };
+        let download = format!("huggingface-cli download --repo-type dataset {id} --include '{file}' --local-dir <folder>{revision}");
+        return Err(invalid(format!("a pattern matches local files only: name the dataset's files one by one, or download them (`{download}`) and give <folder>/{file}")));
+    }
     let cache = cache_dir().ok_or_else(|| invalid("no hub cache: set HF_HUB_CACHE or HF_HOME".into()))?;
     let missing = |what: String| invalid(format!("{what}; download it with `{}`", download_command(id, revision, Some(file))));
     match snapshot_file("datasets", id, revision, file, &cache) {

@@ -145,8 +145,10 @@ pub struct AdapterSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// JSON arrays or JSONL of Alpaca, ShareGPT or OpenAI-messages records (key `path`): one
-    /// file, or a list of files whose records are concatenated (LLaMA-Factory's `dataset: a,b`).
+    /// JSON arrays, JSONL or Parquet of Alpaca, ShareGPT or OpenAI-messages records (key
+    /// `path`): one file, or a list of files whose records are concatenated (LLaMA-Factory's
+    /// `dataset: a,b`); a folder or a file-name pattern stands for the data files it holds or
+    /// matches ([`expand_data_paths`]).
     #[serde(rename = "path", deserialize_with = "one_or_more_paths")]
     pub paths: Vec<PathBuf>,
     /// Files held out for evaluation (key `eval_path`, one or a list), instead of `val_size`
@@ -177,9 +179,22 @@ pub struct DataSection {
     /// Plain text (`template = "text"`): a folder where the first run keeps the corpus's token
     /// ids, which later runs read instead of tokenizing again (LLaMA-Factory's `tokenized_path`).
     pub tokenized_path: Option<PathBuf>,
+    /// Records whose keys are not ember's: which key holds the instruction, input, answer, …
+    /// (`[data.columns]`, LLaMA-Factory's `columns`: prompt, query, response, system, history,
+    /// messages, text).
+    #[serde(default)]
+    pub columns: ember_data::columns::Columns,
+    /// A conversation's turn keys and role names (`[data.tags]`, LLaMA-Factory's `tags`).
+    #[serde(default)]
+    pub tags: ember_data::columns::Tags,
 }
 
 impl DataSection {
+    /// How the records' keys are renamed before they are read.
+    pub fn mapping(&self) -> ember_data::Mapping {
+        ember_data::Mapping { columns: self.columns.clone(), tags: self.tags.clone() }
+    }
+
     /// `path`'s files, then `eval_path`'s.
     pub fn all_paths(&self) -> Vec<PathBuf> {
         [self.paths.as_slice(), self.eval_paths.as_slice()].concat()
@@ -247,6 +262,69 @@ impl<'de> Deserialize<'de> for ValSize {
             _ => Err(serde::de::Error::custom("expected a number of records, or a fraction above 0 and below 1")),
         }
     }
+}
+
+/// `paths` with each folder replaced by the data files in it and each file-name pattern (`*`: any
+/// characters, `?`: one) by the files it matches, in name order, as `datasets` reads a `data_dir`
+/// or a `data_files` pattern (a dataset's shards, `train-*.parquet`). A pattern that matches
+/// nothing stays, to be named as missing; a folder without data files is an error.
+fn expand_data_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let mut expanded = Vec::new();
+    for path in paths {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let folder = path.parent().unwrap_or(Path::new(""));
+        let pattern = name.contains(['*', '?']);
+        if folder.to_string_lossy().contains(['*', '?']) {
+            return Err(format!("{}: a pattern may only match file names, not folders", path.display()));
+        }
+        if !pattern && !path.is_dir() {
+            expanded.push(path.clone());
+            continue;
+        }
+        let (dir, wanted) = if pattern { (folder, Some(name.as_str())) } else { (path.as_path(), None) };
+        let mut found: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(entries) => entries
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && ember_data::dataset::is_data_file(p))
+                .filter(|p| wanted.is_none_or(|w| p.file_name().is_some_and(|n| wildcard_match(w, &n.to_string_lossy()))))
+                .collect(),
+            Err(_) if pattern => Vec::new(),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        match (found.is_empty(), pattern) {
+            (true, true) => expanded.push(path.clone()),
+            (true, false) => return Err(format!("{}: a folder without data files (.json, .jsonl, .txt, gzipped too, or .parquet)", path.display())),
+            (false, _) => {
+                found.sort();
+                expanded.extend(found);
+            }
+        }
+    }
+    Ok(expanded)
+}
+
+/// Whether `name` matches `pattern`, whose `*` stands for any characters and `?` for one.
+fn wildcard_match(pattern: &str, name: &str) -> bool {
+    let (pattern, name): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // The last `*` seen and the name position it was tried at: on a mismatch it takes one more.
+    let (mut p, mut n, mut star) = (0, 0, None);
+    while n < name.len() {
+        match pattern.get(p) {
+            Some('*') => {
+                star = Some((p, n));
+                p += 1;
+            }
+            Some(&c) if c == '?' || c == name[n] => (p, n) = (p + 1, n + 1),
+            _ => match star {
+                Some((sp, sn)) => {
+                    (p, n) = (sp + 1, sn + 1);
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == '*')
 }
 
 /// `data.path`: a path, or a non-empty list of paths.
@@ -510,7 +588,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("model", &["path", "device", "dtype", "quantize", "double_quant", "resize_embeddings"]),
     // The method's own keys come from its section type (`adapter_keys`).
     ("adapter", &["method", "init_from"]),
-    ("data", &["path", "eval_path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "mask_history", "val_size", "group_by_length", "tokenized_path"]),
+    ("data", &["path", "eval_path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "mask_history", "val_size", "group_by_length", "tokenized_path", "columns", "tags"]),
     ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
         "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
         "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "gradient_checkpointing_every", "loss_chunk_tokens", "padding_free", "report_to",
@@ -580,6 +658,9 @@ impl Recipe {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
+        }
+        for (key, paths) in [("data.path", &mut recipe.data.paths), ("data.eval_path", &mut recipe.data.eval_paths)] {
+            *paths = expand_data_paths(paths).map_err(|reason| invalid(format!("'{key}': {reason}")))?;
         }
         if recipe.export.any() && ember_models::gguf::GgufFile::is_gguf(&recipe.model.path) {
             return Err(invalid("'export': model.path is a GGUF file; the merged model is written from a full-precision folder (export the adapter with `ember export gguf-lora` instead)".into()));
@@ -811,6 +892,36 @@ mod tests {
         for (set, want) in cases {
             let e = load(MINIMAL, &[set]).unwrap_err();
             assert!(e.contains(want), "{set}: {e}");
+        }
+    }
+
+    /// A folder reads as its data files and a file-name pattern as the files it matches, in
+    /// name order; a pattern without a match is left to be named as missing.
+    #[test]
+    fn data_folders_and_patterns_expand_to_their_files() {
+        let dir = std::env::temp_dir().join(format!("ember-data-paths-{}", std::process::id()));
+        let shards = dir.join("shards");
+        std::fs::create_dir_all(&shards).unwrap();
+        for name in ["train-00001-of-00002.parquet", "train-00000-of-00002.parquet", "test-00000-of-00001.parquet", "notes.md", "extra.jsonl.gz"] {
+            std::fs::write(shards.join(name), "").unwrap();
+        }
+        std::fs::create_dir(shards.join("sub.json")).unwrap();
+        let names = |paths: Vec<PathBuf>| paths.iter().map(|p| p.strip_prefix(&shards).unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            names(expand_data_paths(&[shards.join("train-*.parquet"), shards.join("test-?????-of-00001.parquet")]).unwrap()),
+            ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet", "test-00000-of-00001.parquet"]
+        );
+        assert_eq!(names(expand_data_paths(std::slice::from_ref(&shards)).unwrap()), ["extra.jsonl.gz", "test-00000-of-00001.parquet", "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]);
+        let missing = shards.join("valid-*.parquet");
+        assert_eq!(expand_data_paths(std::slice::from_ref(&missing)).unwrap(), [missing]);
+        let e = expand_data_paths(&[dir.join("*/a.json")]).unwrap_err();
+        assert!(e.contains("only match file names"), "{e}");
+        let empty = dir.join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        assert!(expand_data_paths(&[empty]).unwrap_err().contains("a folder without data files"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        for (pattern, name, matches) in [("*", "", true), ("a*b*c", "aXbYbc", true), ("a*b?c", "abc", false), ("a*b?c", "abbc", true), ("*.json", "x.json.gz", false), ("?", "字", true)] {
+            assert_eq!(wildcard_match(pattern, name), matches, "{pattern} {name}");
         }
     }
 
