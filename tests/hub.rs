@@ -176,7 +176,11 @@ impl FakeHub {
 fn answer(repos: &[(&str, Vec<(String, Vec<u8>)>)], path: &str, start: usize, end: Option<usize>) -> (&'static str, String, Vec<u8>) {
     let not_found = ("404 Not Found", "x-error-code: RepoNotFound\r\n".to_string(), b"{}".to_vec());
     for (id, files) in repos {
-        if path == format!("/api/models/{id}/revision/main") {
+        let listing = match id.strip_prefix("datasets/") {
+            Some(dataset) => format!("/api/datasets/{dataset}/revision/main"),
+            None => format!("/api/models/{id}/revision/main"),
+        };
+        if path == listing {
             let siblings: Vec<serde_json::Value> = files.iter().map(|(name, _)| serde_json::json!({ "rfilename": name })).collect();
             return ("200 OK", "content-type: application/json\r\n".into(), serde_json::json!({ "sha": MAIN, "siblings": siblings }).to_string().into_bytes());
         }
@@ -241,6 +245,42 @@ fn hub_ids_not_in_the_cache_are_downloaded() {
     assert_eq!(hub.requests.lock().unwrap().len(), asked);
 }
 
+/// A pattern of a hub dataset's files (`hf://datasets/org/name/data/train-*.parquet`, as the Hub
+/// shards a split): the files the hub lists that match, downloaded; offline, those of the cache.
+#[test]
+fn dataset_patterns_match_the_hubs_files() {
+    let parquet = std::fs::read(repository().join("tests/data/parquet/alpaca_en_sample_200.parquet")).unwrap();
+    let shard = |name: &str| (name.to_string(), parquet.clone());
+    let files = vec![shard("data/train-00000-of-00002.parquet"), shard("data/train-00001-of-00002.parquet"), shard("data/test-00000-of-00001.parquet"), shard("other/train-00000-of-00001.parquet")];
+    let hub = FakeHub::start(vec![("datasets/org/shards", files)]);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let recipe = repository().join("recipes/ci/tiny-lora.toml");
+    let stats = |pattern: &str, offline: &str| {
+        let env = [("HF_HUB_CACHE", cache.to_str().unwrap()), ("HF_ENDPOINT", hub.endpoint.as_str()), ("HF_HUB_OFFLINE", offline)];
+        let set = format!("data.path=\"hf://datasets/org/shards/{pattern}\"");
+        ember_with_env(&["data", "stats", recipe.to_str().unwrap(), "--json", "--set", &set], &env)
+    };
+    let files = |output: std::process::Output| -> Vec<(String, u64)> {
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let stats: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let name = |f: &serde_json::Value| f["path"].as_str().unwrap().rsplit_once("snapshots/").unwrap().1.split_once('/').unwrap().1.to_owned();
+        stats["files"].as_array().unwrap().iter().map(|f| (name(f), f["records"].as_u64().unwrap())).collect()
+    };
+    let want = vec![("data/train-00000-of-00002.parquet".to_owned(), 200), ("data/train-00001-of-00002.parquet".to_owned(), 200)];
+    assert_eq!(files(stats("data/train-*.parquet", "")), want);
+    let mut fetched = hub.file_requests();
+    fetched.dedup();
+    assert_eq!(fetched, want.iter().map(|(name, _)| format!("/datasets/org/shards/resolve/main/{name}")).collect::<Vec<_>>());
+    // From the cache: offline, and online without fetching again.
+    let requests = hub.file_requests().len();
+    assert_eq!(files(stats("data/train-*.parquet", "1")), want);
+    assert_eq!(files(stats("data/train-*.parquet", "")), want);
+    assert_eq!(hub.file_requests().len(), requests);
+    assert_bad_input(&stats("data/valid-*.parquet", ""), &["valid-*.parquet", "no file of dataset org/shards"]);
+    assert_bad_input(&stats("data/test-*.parquet", "1"), &["no file in the Hugging Face cache", "HF_HUB_OFFLINE", "--include 'data/test-*.parquet'"]);
+}
+
 /// A data file of a hub dataset (`hf://datasets/org/name[@revision]/file`): downloaded alone into
 /// the cache as huggingface_hub lays it out, read from there after; errors name the URL and the
 /// command that fetches it.
@@ -290,5 +330,5 @@ fn dataset_files_come_from_the_hub_cache() {
     };
     assert_eq!(scores(eval(shard, &env)), scores(eval(url, &offline)));
     let pattern = "hf://datasets/org/alpaca/data/train-*.parquet";
-    assert_bad_input(&eval(pattern, &env), &[pattern, "local files only", "--include 'data/train-*.parquet'"]);
+    assert_bad_input(&eval(pattern, &env), &[pattern, "a pattern names several files"]);
 }

@@ -136,6 +136,30 @@ pub fn is_data_file(path: &Path) -> bool {
     [".json", ".jsonl", ".txt"].iter().any(|ext| name.ends_with(ext)) || crate::parquet::is_parquet(path)
 }
 
+/// Whether `name` matches `pattern`, whose `*` stands for any characters and `?` for one.
+pub fn wildcard_match(pattern: &str, name: &str) -> bool {
+    let (pattern, name): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // The last `*` seen and the name position it was tried at: on a mismatch it takes one more.
+    let (mut p, mut n, mut star) = (0, 0, None);
+    while n < name.len() {
+        match pattern.get(p) {
+            Some('*') => {
+                star = Some((p, n));
+                p += 1;
+            }
+            Some(&c) if c == '?' || c == name[n] => (p, n) = (p + 1, n + 1),
+            _ => match star {
+                Some((sp, sn)) => {
+                    (p, n) = (sp + 1, sn + 1);
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == '*')
+}
+
 /// The records of a data file's `bytes` (gzip-compressed if `path` ends in `.gz`), their keys
 /// renamed by `mapping`; `path` names the file in errors.
 ///
@@ -303,6 +327,13 @@ fn kind(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wildcards_match_any_characters_or_one() {
+        for (pattern, name, matches) in [("*", "", true), ("a*b*c", "aXbYbc", true), ("a*b?c", "abc", false), ("a*b?c", "abbc", true), ("*.json", "x.json.gz", false), ("?", "字", true)] {
+            assert_eq!(wildcard_match(pattern, name), matches, "{pattern} {name}");
+        }
+    }
 
     fn load_text(text: &[u8]) -> Result<Vec<Sample>, DatasetError> {
         let dir = std::env::temp_dir().join(format!("ember-alpaca-{}-{:?}", std::process::id(), std::thread::current().id()));

@@ -93,6 +93,17 @@ pub fn resolve(spec: &str, cache: &Path) -> Result<PathBuf, LoadError> {
 /// `file` in the snapshot of repository `id` (of `kind`: `models`, `datasets`) at `revision`
 /// in `cache`; the error says what is missing.
 fn snapshot_file(kind: &str, id: &str, revision: &str, file: &str, cache: &Path) -> Result<PathBuf, String> {
+    let snapshot = snapshot_dir(kind, id, revision, cache)?;
+    let path = snapshot.join(file);
+    if !path.is_file() {
+        let hash = snapshot.file_name().unwrap_or_default().to_string_lossy();
+        return Err(format!("snapshot {hash} in {} has no {file} (missing, or a link to a blob that is not there)", cache.display()));
+    }
+    Ok(path)
+}
+
+/// The snapshot folder of repository `id` at `revision` in `cache`.
+fn snapshot_dir(kind: &str, id: &str, revision: &str, cache: &Path) -> Result<PathBuf, String> {
     let repo = cache.join(format!("{kind}--{}", id.replace('/', "--")));
     if !repo.is_dir() {
         return Err(format!("not in the Hugging Face cache {}", cache.display()));
@@ -102,11 +113,33 @@ fn snapshot_file(kind: &str, id: &str, revision: &str, file: &str, cache: &Path)
         Err(_) if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) => revision.to_string(),
         Err(_) => return Err(format!("revision '{revision}' is not in the cache (no refs/{revision})")),
     };
-    let path = repo.join("snapshots").join(&hash).join(file);
-    if !path.is_file() {
-        return Err(format!("snapshot {hash} in {} has no {file} (missing, or a link to a blob that is not there)", repo.display()));
+    Ok(repo.join("snapshots").join(hash))
+}
+
+/// The files below `dir` (links to blobs that are there), as paths relative to it with `/`.
+fn files_below(dir: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.is_file()
+                && let Ok(relative) = path.strip_prefix(dir)
+            {
+                files.push(relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/"));
+            }
+        }
     }
-    Ok(path)
+    files
+}
+
+/// Whether repository path `name` matches `pattern`, segment by segment (`*` and `?` never
+/// match a `/`, as in `datasets`' `data_files` patterns).
+fn path_matches(pattern: &str, name: &str) -> bool {
+    let (pattern, name): (Vec<&str>, Vec<&str>) = (pattern.split('/').collect(), name.split('/').collect());
+    pattern.len() == name.len() && pattern.iter().zip(&name).all(|(p, n)| ember_data::dataset::wildcard_match(p, n))
 }
 
 /// The prefix of a dataset file's URL.
@@ -139,9 +172,7 @@ pub fn data_file(path: &Path, fetch: Fetch) -> Result<PathBuf, LoadError> {
     let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
     let (id, revision, file) = split_dataset_url(&text).ok_or_else(|| invalid("expected hf://datasets/<org>/<name>[@<revision>]/<file in the repository>".into()))?;
     if file.contains(['*', '?']) {
-        let revision = if revision == "main" { String::new() } else { format!(" --revision {revision}") };
-        let download = format!("huggingface-cli download --repo-type dataset {id} --include '{file}' --local-dir <folder>{revision}");
-        return Err(invalid(format!("a pattern matches local files only: name the dataset's files one by one, or download them (`{download}`) and give <folder>/{file}")));
+        return Err(invalid("a pattern names several files: give it to a recipe's data.path, or name one file".into()));
     }
     let cache = cache_dir().ok_or_else(|| invalid("no hub cache: set HF_HUB_CACHE or HF_HOME".into()))?;
     let missing = |what: String| invalid(format!("{what}; download it with `{}`", download_command(id, revision, Some(file))));
@@ -155,6 +186,45 @@ pub fn data_file(path: &Path, fetch: Fetch) -> Result<PathBuf, LoadError> {
         Err(what) if offline() => Err(missing(format!("{what} (HF_HUB_OFFLINE is set)"))),
         Err(what) => Err(missing(what)),
     }
+}
+
+/// The local files of a dataset URL whose path is a pattern (`hf://datasets/org/name/data/train-*.parquet`):
+/// the repository's files it matches, segment by segment, in name order, downloaded first when
+/// `fetch` allows it and they are not there (the hub's listing says what matches); offline, the
+/// files of the cached snapshot that match. Any other path: [`data_file`]'s one file.
+pub fn data_files(path: &Path, fetch: Fetch) -> Result<Vec<PathBuf>, LoadError> {
+    let text = path.to_string_lossy();
+    let Some((id, revision, pattern)) = split_dataset_url(&text).filter(|(_, _, file)| file.contains(['*', '?'])) else {
+        return Ok(vec![data_file(path, fetch)?]);
+    };
+    let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
+    let cache = cache_dir().ok_or_else(|| invalid("no hub cache: set HF_HUB_CACHE or HF_HOME".into()))?;
+    let matching = |names: Vec<String>| {
+        let mut names: Vec<String> = names.into_iter().filter(|name| path_matches(pattern, name)).collect();
+        names.sort();
+        names
+    };
+    let snapshot_files = |names: &[String]| -> Result<Vec<PathBuf>, LoadError> { names.iter().map(|name| snapshot_file("datasets", id, revision, name, &cache).map_err(&invalid)).collect() };
+    #[cfg(feature = "download")]
+    if fetch == Fetch::Download && !offline() {
+        let remote = download::Remote::from_env();
+        let names = matching(download::dataset_listing(id, revision, &cache, &remote)?);
+        if names.is_empty() {
+            return Err(invalid(format!("no file of dataset {id} at revision {revision} matches")));
+        }
+        for name in names.iter().filter(|name| snapshot_file("datasets", id, revision, name, &cache).is_err()) {
+            download::dataset_file(id, revision, name, &cache, &remote)?;
+        }
+        return snapshot_files(&names);
+    }
+    let names = snapshot_dir("datasets", id, revision, &cache).map(|dir| matching(files_below(&dir))).unwrap_or_default();
+    if names.is_empty() {
+        let revision = if revision == "main" { String::new() } else { format!(" --revision {revision}") };
+        let command = format!("huggingface-cli download --repo-type dataset {id} --include '{pattern}'{revision}");
+        let offline = if offline() { " (HF_HUB_OFFLINE is set)" } else { "" };
+        return Err(invalid(format!("no file in the Hugging Face cache {} matches{offline}; download them with `{command}`", cache.display())));
+    }
+    snapshot_files(&names)
 }
 
 /// Downloading a model repository into the cache with `hf-hub`, the way `huggingface_hub` lays
@@ -208,6 +278,18 @@ mod download {
         repo.get(file).map_err(|e| fail(&format!("downloading {file}"), e))?;
         eprintln!("downloaded {spec} into {}", cache.display());
         Ok(())
+    }
+
+    /// The files of dataset repository `id` at `revision`, as the hub lists them.
+    pub fn dataset_listing(id: &str, revision: &str, cache: &Path, remote: &Remote) -> Result<Vec<String>, LoadError> {
+        let spec = format!("{}{id}@{revision}", super::DATASET_URL);
+        let revision_flag = if revision == "main" { String::new() } else { format!(" --revision {revision}") };
+        let command = format!("huggingface-cli download --repo-type dataset {id}{revision_flag}");
+        let fail = |what: &str, e: ApiError| failure(&spec, &command, what, e);
+        let api = remote.api(cache).map_err(|e| fail("starting the download", e))?;
+        let repo = api.repo(Repo::with_revision(id.to_string(), RepoType::Dataset, revision.to_string()));
+        let info = repo.info().map_err(|e| fail("listing its files", e))?;
+        Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
     }
 
     /// Files of a model ember reads, as transformers picks them: config, tokenizer and generation

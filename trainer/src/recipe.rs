@@ -286,7 +286,7 @@ fn expand_data_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
             Ok(entries) => entries
                 .filter_map(|entry| entry.ok().map(|e| e.path()))
                 .filter(|p| p.is_file() && ember_data::dataset::is_data_file(p))
-                .filter(|p| wanted.is_none_or(|w| p.file_name().is_some_and(|n| wildcard_match(w, &n.to_string_lossy()))))
+                .filter(|p| wanted.is_none_or(|w| p.file_name().is_some_and(|n| ember_data::dataset::wildcard_match(w, &n.to_string_lossy()))))
                 .collect(),
             Err(_) if pattern => Vec::new(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
@@ -301,30 +301,6 @@ fn expand_data_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
         }
     }
     Ok(expanded)
-}
-
-/// Whether `name` matches `pattern`, whose `*` stands for any characters and `?` for one.
-fn wildcard_match(pattern: &str, name: &str) -> bool {
-    let (pattern, name): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
-    // The last `*` seen and the name position it was tried at: on a mismatch it takes one more.
-    let (mut p, mut n, mut star) = (0, 0, None);
-    while n < name.len() {
-        match pattern.get(p) {
-            Some('*') => {
-                star = Some((p, n));
-                p += 1;
-            }
-            Some(&c) if c == '?' || c == name[n] => (p, n) = (p + 1, n + 1),
-            _ => match star {
-                Some((sp, sn)) => {
-                    (p, n) = (sp + 1, sn + 1);
-                    star = Some((sp, sn + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    pattern[p..].iter().all(|&c| c == '*')
 }
 
 /// `data.path`: a path, or a non-empty list of paths.
@@ -648,11 +624,17 @@ impl Recipe {
         if recipe.model.path.is_relative() && !model.exists() && hub::is_hub_id(&recipe.model.path.to_string_lossy()) {
             recipe.model.path = hub::model_dir(&recipe.model.path, fetch).map_err(|source| RecipeError::Hub { path: path.to_path_buf(), key: "model.path", source })?;
         }
-        // Data files may be hub datasets' files (`hf://datasets/org/name/file.json`).
+        // Data files may be hub datasets' files (`hf://datasets/org/name/file.json`, or a pattern
+        // of them).
         for (key, paths) in [("data.path", &mut recipe.data.paths), ("data.eval_path", &mut recipe.data.eval_paths)] {
-            for p in paths.iter_mut().filter(|p| hub::is_dataset_url(&p.to_string_lossy())) {
-                *p = hub::data_file(p, fetch).map_err(|source| RecipeError::Hub { path: path.to_path_buf(), key, source })?;
+            let mut resolved = Vec::new();
+            for p in paths.iter() {
+                match hub::is_dataset_url(&p.to_string_lossy()) {
+                    true => resolved.extend(hub::data_files(p, fetch).map_err(|source| RecipeError::Hub { path: path.to_path_buf(), key, source })?),
+                    false => resolved.push(p.clone()),
+                }
             }
+            *paths = resolved;
         }
         for p in [&mut recipe.model.path, &mut recipe.output.dir].into_iter().chain(&mut recipe.data.paths).chain(&mut recipe.data.eval_paths).chain(recipe.adapter.init_from.as_mut()).chain(recipe.data.tokenized_path.as_mut()) {
             if p.is_relative() {
@@ -920,9 +902,6 @@ mod tests {
         std::fs::create_dir(&empty).unwrap();
         assert!(expand_data_paths(&[empty]).unwrap_err().contains("a folder without data files"));
         std::fs::remove_dir_all(&dir).unwrap();
-        for (pattern, name, matches) in [("*", "", true), ("a*b*c", "aXbYbc", true), ("a*b?c", "abc", false), ("a*b?c", "abbc", true), ("*.json", "x.json.gz", false), ("?", "字", true)] {
-            assert_eq!(wildcard_match(pattern, name), matches, "{pattern} {name}");
-        }
     }
 
     #[test]
