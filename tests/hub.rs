@@ -246,9 +246,10 @@ fn hub_ids_not_in_the_cache_are_downloaded() {
 }
 
 /// A pattern of a hub dataset's files (`hf://datasets/org/name/data/train-*.parquet`, as the Hub
-/// shards a split): the files the hub lists that match, downloaded; offline, those of the cache.
+/// shards a split) or the dataset alone (its train split): the files the hub lists that match,
+/// downloaded; offline, those of the cache.
 #[test]
-fn dataset_patterns_match_the_hubs_files() {
+fn dataset_patterns_and_whole_datasets_are_the_files_of_the_hubs_listing() {
     let parquet = std::fs::read(repository().join("tests/data/parquet/alpaca_en_sample_200.parquet")).unwrap();
     let shard = |name: &str| (name.to_string(), parquet.clone());
     let files = vec![shard("data/train-00000-of-00002.parquet"), shard("data/train-00001-of-00002.parquet"), shard("data/test-00000-of-00001.parquet"), shard("other/train-00000-of-00001.parquet")];
@@ -277,8 +278,17 @@ fn dataset_patterns_match_the_hubs_files() {
     assert_eq!(files(stats("data/train-*.parquet", "1")), want);
     assert_eq!(files(stats("data/train-*.parquet", "")), want);
     assert_eq!(hub.file_requests().len(), requests);
-    assert_bad_input(&stats("data/valid-*.parquet", ""), &["valid-*.parquet", "no file of dataset org/shards"]);
-    assert_bad_input(&stats("data/test-*.parquet", "1"), &["no file in the Hugging Face cache", "HF_HUB_OFFLINE", "--include 'data/test-*.parquet'"]);
+    assert_bad_input(&stats("data/valid-*.parquet", ""), &["valid-*.parquet", "dataset org/shards at revision main: no file matches"]);
+    assert_bad_input(&stats("data/test-*.parquet", "1"), &["in the Hugging Face cache", "no file matches", "HF_HUB_OFFLINE", "--include 'data/test-*.parquet'"]);
+    // The dataset alone: its train split, as `datasets` finds it (the files named train…).
+    let whole = |offline: &str| {
+        let env = [("HF_HUB_CACHE", cache.to_str().unwrap()), ("HF_ENDPOINT", hub.endpoint.as_str()), ("HF_HUB_OFFLINE", offline)];
+        ember_with_env(&["data", "stats", recipe.to_str().unwrap(), "--json", "--set", "data.path=\"hf://datasets/org/shards\""], &env)
+    };
+    assert_eq!(files(whole("1")), want);
+    let both = vec![want[0].clone(), want[1].clone(), ("other/train-00000-of-00001.parquet".to_owned(), 200)];
+    assert_eq!(files(whole("")), both);
+    assert_eq!(files(whole("1")), both);
 }
 
 /// A data file of a hub dataset (`hf://datasets/org/name[@revision]/file`): downloaded alone into
@@ -319,7 +329,8 @@ fn dataset_files_come_from_the_hub_cache() {
     let command = "huggingface-cli download --repo-type dataset org/alpaca data/train.jsonx";
     assert_bad_input(&eval(&absent, &offline), &["train.jsonx", "HF_HUB_OFFLINE", command]);
     assert_bad_input(&eval(&absent, &env), &["train.jsonx", "HTTP 404"]);
-    assert_bad_input(&eval("hf://datasets/org/alpaca", &env), &["expected hf://datasets/<org>/<name>"]);
+    assert_bad_input(&eval("hf://datasets/org/alpaca", &env), &["a whole dataset is several files"]);
+    assert_bad_input(&eval("hf://datasets/org", &env), &["expected hf://datasets/<org>/<name>"]);
 
     // The Hub's Parquet shards: the same records, the same scores.
     let shard = "hf://datasets/org/alpaca/data/train-00000-of-00001.parquet";

@@ -161,6 +161,13 @@ fn split_dataset_url(text: &str) -> Option<(&str, &str, &str)> {
     (is_hub_id(id) && !revision.is_empty() && safe).then_some((id, revision, file))
 }
 
+/// `hf://datasets/org/name[@revision]` (a whole dataset, no file) as (id, revision).
+fn split_dataset_repo(text: &str) -> Option<(&str, &str)> {
+    let spec = text.strip_prefix(DATASET_URL)?.trim_end_matches('/');
+    let (id, revision) = split_spec(spec);
+    (is_hub_id(id) && id.matches('/').count() == 1 && !revision.is_empty() && !revision.contains('/')).then_some((id, revision))
+}
+
 /// The local file of a dataset URL (`hf://datasets/org/name[@revision]/path`) in the cache,
 /// downloaded first (that file alone) when `fetch` allows it and it is not there; any other path
 /// as it is.
@@ -170,6 +177,9 @@ pub fn data_file(path: &Path, fetch: Fetch) -> Result<PathBuf, LoadError> {
         return Ok(path.to_path_buf());
     }
     let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
+    if split_dataset_repo(&text).is_some() {
+        return Err(invalid("a whole dataset is several files: give it to a recipe's data.path, or name one file".into()));
+    }
     let (id, revision, file) = split_dataset_url(&text).ok_or_else(|| invalid("expected hf://datasets/<org>/<name>[@<revision>]/<file in the repository>".into()))?;
     if file.contains(['*', '?']) {
         return Err(invalid("a pattern names several files: give it to a recipe's data.path, or name one file".into()));
@@ -188,43 +198,76 @@ pub fn data_file(path: &Path, fetch: Fetch) -> Result<PathBuf, LoadError> {
     }
 }
 
-/// The local files of a dataset URL whose path is a pattern (`hf://datasets/org/name/data/train-*.parquet`):
-/// the repository's files it matches, segment by segment, in name order, downloaded first when
-/// `fetch` allows it and they are not there (the hub's listing says what matches); offline, the
-/// files of the cached snapshot that match. Any other path: [`data_file`]'s one file.
+/// The local files of a dataset URL that names several: a pattern
+/// (`hf://datasets/org/name/data/train-*.parquet`: the repository's files it matches, segment by
+/// segment) or the dataset alone (`hf://datasets/org/name[@revision]`: its train split's files,
+/// [`train_split`]). In name order, downloaded first when `fetch` allows it and they are not
+/// there (the hub's listing says which files there are); offline, chosen among the cached
+/// snapshot's files. Any other path: [`data_file`]'s one file.
 pub fn data_files(path: &Path, fetch: Fetch) -> Result<Vec<PathBuf>, LoadError> {
     let text = path.to_string_lossy();
-    let Some((id, revision, pattern)) = split_dataset_url(&text).filter(|(_, _, file)| file.contains(['*', '?'])) else {
-        return Ok(vec![data_file(path, fetch)?]);
+    let (id, revision, pattern) = match (split_dataset_url(&text), split_dataset_repo(&text)) {
+        (Some((id, revision, file)), _) if file.contains(['*', '?']) => (id, revision, Some(file)),
+        (None, Some((id, revision))) => (id, revision, None),
+        _ => return Ok(vec![data_file(path, fetch)?]),
     };
     let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
     let cache = cache_dir().ok_or_else(|| invalid("no hub cache: set HF_HUB_CACHE or HF_HOME".into()))?;
-    let matching = |names: Vec<String>| {
-        let mut names: Vec<String> = names.into_iter().filter(|name| path_matches(pattern, name)).collect();
+    let choose = |names: Vec<String>| -> Result<Vec<String>, String> {
+        let mut names = match pattern {
+            Some(pattern) => names.into_iter().filter(|name| path_matches(pattern, name)).collect(),
+            None => train_split(names)?,
+        };
         names.sort();
-        names
+        match names.is_empty() {
+            true => Err(match pattern {
+                Some(_) => "no file matches".into(),
+                None => "no data files (JSON, JSON Lines, Parquet or text)".into(),
+            }),
+            false => Ok(names),
+        }
     };
     let snapshot_files = |names: &[String]| -> Result<Vec<PathBuf>, LoadError> { names.iter().map(|name| snapshot_file("datasets", id, revision, name, &cache).map_err(&invalid)).collect() };
     #[cfg(feature = "download")]
     if fetch == Fetch::Download && !offline() {
         let remote = download::Remote::from_env();
-        let names = matching(download::dataset_listing(id, revision, &cache, &remote)?);
-        if names.is_empty() {
-            return Err(invalid(format!("no file of dataset {id} at revision {revision} matches")));
-        }
+        let names = choose(download::dataset_listing(id, revision, &cache, &remote)?).map_err(|why| invalid(format!("dataset {id} at revision {revision}: {why}")))?;
         for name in names.iter().filter(|name| snapshot_file("datasets", id, revision, name, &cache).is_err()) {
             download::dataset_file(id, revision, name, &cache, &remote)?;
         }
         return snapshot_files(&names);
     }
-    let names = snapshot_dir("datasets", id, revision, &cache).map(|dir| matching(files_below(&dir))).unwrap_or_default();
-    if names.is_empty() {
+    let cached = snapshot_dir("datasets", id, revision, &cache).map(|dir| files_below(&dir)).unwrap_or_default();
+    let names = choose(cached).map_err(|why| {
         let revision = if revision == "main" { String::new() } else { format!(" --revision {revision}") };
-        let command = format!("huggingface-cli download --repo-type dataset {id} --include '{pattern}'{revision}");
+        let include = pattern.map(|p| format!(" --include '{p}'")).unwrap_or_default();
         let offline = if offline() { " (HF_HUB_OFFLINE is set)" } else { "" };
-        return Err(invalid(format!("no file in the Hugging Face cache {} matches{offline}; download them with `{command}`", cache.display())));
-    }
+        invalid(format!("in the Hugging Face cache {}: {why}{offline}; download it with `huggingface-cli download --repo-type dataset {id}{include}{revision}`", cache.display()))
+    })?;
     snapshot_files(&names)
+}
+
+/// A dataset's train split, as `datasets` finds it in a repository without a loading script:
+/// the data files ember reads whose path names the split (a file or folder `train…`:
+/// `train.json`, `data/train-00000-of-00002.parquet`, `train/part_1.jsonl`); where no file names a
+/// split, all of them. Hidden files and folders are not data.
+fn train_split(listing: Vec<String>) -> Result<Vec<String>, String> {
+    let data: Vec<String> = listing.into_iter().filter(|n| !n.split('/').any(|s| s.starts_with('.')) && ember_data::dataset::is_data_file(Path::new(n))).collect();
+    // A segment that is the word, or starts with it and a separator or digit (`train-0000`, `test.json`).
+    let names_split = |name: &str, words: &[&str]| {
+        name.split('/').any(|segment| {
+            let segment = segment.to_lowercase();
+            words.iter().any(|word| segment.strip_prefix(word).is_some_and(|rest| rest.is_empty() || rest.starts_with(['-', '.', '_', ' ']) || rest.starts_with(|c: char| c.is_ascii_digit())))
+        })
+    };
+    let train: Vec<String> = data.iter().filter(|n| names_split(n, &["train", "training"])).cloned().collect();
+    if !train.is_empty() {
+        return Ok(train);
+    }
+    if let Some(other) = data.iter().find(|n| names_split(n, &["validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation"])) {
+        return Err(format!("no train split: its data files are of other splits ({other}); name the files, or a pattern of them"));
+    }
+    Ok(data)
 }
 
 /// Downloading a model repository into the cache with `hf-hub`, the way `huggingface_hub` lays
@@ -408,5 +451,20 @@ mod tests {
             assert_eq!(split_dataset_url(url), want, "{url}");
         }
         assert!(!is_dataset_url("data/hf://datasets/x"));
+        assert_eq!(split_dataset_repo("hf://datasets/tatsu-lab/alpaca"), Some(("tatsu-lab/alpaca", "main")));
+        assert_eq!(split_dataset_repo("hf://datasets/org/name@v1/"), Some(("org/name", "v1")));
+        assert_eq!(split_dataset_repo("hf://datasets/org/name/data.json"), None);
+    }
+
+    /// As `datasets` resolves a repository without a loading script.
+    #[test]
+    fn a_datasets_train_split_is_its_files_named_train_or_all() {
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let shards = names(&["README.md", ".gitattributes", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "data/test-00000-of-00001.parquet"]);
+        assert_eq!(train_split(shards).unwrap(), names(&["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]));
+        assert_eq!(train_split(names(&["alpaca_data.json", "README.md", "training/a.jsonl.gz"])).unwrap(), names(&["training/a.jsonl.gz"]));
+        assert_eq!(train_split(names(&["alpaca_data_cleaned.json", "README.md"])).unwrap(), names(&["alpaca_data_cleaned.json"]));
+        assert!(train_split(names(&["val.json", "test.jsonl", "trainer.py"])).unwrap_err().contains("no train split"));
+        assert_eq!(train_split(names(&["README.md", "convert.csv"])).unwrap(), Vec::<String>::new());
     }
 }
