@@ -3,7 +3,7 @@
 //! text, and its exponential, the perplexity); with `--generate N`, also the greedy answers of
 //! both to the first N instructions, side by side.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use ember_adapters::AdaptedModel;
@@ -79,8 +79,8 @@ fn record_examples(request: &Request, tokenizer: &Tokenizer, format: &Format, da
 
 /// A plain-text corpus (`--template text`) streamed as training streams it: cut into blocks of
 /// `cutoff_len`, every token scored; only the first `limit` records are read and tokenized.
-fn text_examples(request: &Request, tokenizer: &Tokenizer, data: &Path) -> anyhow::Result<Scored> {
-    let corpus = Corpus::count(&[data.to_path_buf()])?.mapped(request.mapping.clone());
+fn text_examples(request: &Request, tokenizer: &Tokenizer, files: &[PathBuf]) -> anyhow::Result<Scored> {
+    let corpus = Corpus::count(files)?.mapped(request.mapping.clone());
     let corpus = if request.limit > 0 { corpus.first(request.limit) } else { corpus };
     let records = corpus.records();
     let mut buffers = [TokenBuffer::default(), TokenBuffer::default()];
@@ -96,17 +96,19 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     let device = crate::device(request.device)?;
     let tokenizer = ember_models::load_tokenizer(request.base)?;
     let format = crate::format(request.template, request.base)?;
-    let data = ember_models::hub::data_file(request.data, ember_models::hub::Fetch::Download)?;
+    // A file, a folder, a file-name pattern, a hub dataset's file, pattern or train split.
+    let files = ember_models::hub::data_files(request.data, ember_models::hub::Fetch::Download)?;
+    let files = ember_data::dataset::expand_paths(&files).map_err(|e| bad_input(anyhow::anyhow!("--data: {e}")))?;
     if matches!(format, Format::Text) && request.generate > 0 {
         return Err(bad_input(anyhow::anyhow!("--generate answers instructions: plain text (--template {TEXT_TEMPLATE}) has no question to answer")));
     }
     // Plain text is streamed, never held as records; there is nothing to answer.
     let dataset = match format {
         Format::Text => None,
-        _ => Some(Dataset::load_all(std::slice::from_ref(&data), request.mapping)?),
+        _ => Some(Dataset::load_all(&files, request.mapping)?),
     };
     let scored = match &dataset {
-        None => text_examples(request, &tokenizer, &data)?,
+        None => text_examples(request, &tokenizer, &files)?,
         Some(dataset) => record_examples(request, &tokenizer, &format, dataset)?,
     };
     let Scored { examples, records, skipped, truncated, tokens } = scored;

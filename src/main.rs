@@ -225,7 +225,8 @@ enum Command {
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// Alpaca, ShareGPT or OpenAI-messages JSON / JSONL (.gz too) or Parquet; plain text
-        /// (.txt, or {"text": …} records) with --template text.
+        /// (.txt, or {"text": …} records) with --template text. A folder or file-name pattern
+        /// (quoted) reads its files; hf://datasets/org/name[/file or pattern] a hub dataset's.
         #[arg(long)]
         data: PathBuf,
         /// The records' keys where they are not ember's, as the recipe's [data.columns]:

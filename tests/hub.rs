@@ -329,7 +329,7 @@ fn dataset_files_come_from_the_hub_cache() {
     let command = "huggingface-cli download --repo-type dataset org/alpaca data/train.jsonx";
     assert_bad_input(&eval(&absent, &offline), &["train.jsonx", "HF_HUB_OFFLINE", command]);
     assert_bad_input(&eval(&absent, &env), &["train.jsonx", "HTTP 404"]);
-    assert_bad_input(&eval("hf://datasets/org/alpaca", &env), &["a whole dataset is several files"]);
+
     assert_bad_input(&eval("hf://datasets/org", &env), &["expected hf://datasets/<org>/<name>"]);
 
     // The Hub's Parquet shards: the same records, the same scores.
@@ -340,6 +340,7 @@ fn dataset_files_come_from_the_hub_cache() {
         result["base"].clone()
     };
     assert_eq!(scores(eval(shard, &env)), scores(eval(url, &offline)));
-    let pattern = "hf://datasets/org/alpaca/data/train-*.parquet";
-    assert_bad_input(&eval(pattern, &env), &[pattern, "a pattern names several files"]);
+    // A pattern of them, and the dataset alone (its train split: both files, the shard first).
+    assert_eq!(scores(eval("hf://datasets/org/alpaca/data/train-*.parquet", &env)), scores(eval(url, &offline)));
+    assert_eq!(scores(eval("hf://datasets/org/alpaca", &offline)), scores(eval(url, &offline)));
 }

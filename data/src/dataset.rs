@@ -136,6 +136,45 @@ pub fn is_data_file(path: &Path) -> bool {
     [".json", ".jsonl", ".txt"].iter().any(|ext| name.ends_with(ext)) || crate::parquet::is_parquet(path)
 }
 
+/// `paths` with each folder replaced by the data files in it and each file-name pattern (`*`: any
+/// characters, `?`: one) by the files it matches, in name order, as `datasets` reads a `data_dir`
+/// or a `data_files` pattern (a dataset's shards, `train-*.parquet`). A pattern that matches
+/// nothing stays, to be named as missing; a folder without data files is an error.
+pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let mut expanded = Vec::new();
+    for path in paths {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let folder = path.parent().unwrap_or(Path::new(""));
+        let pattern = name.contains(['*', '?']);
+        if folder.to_string_lossy().contains(['*', '?']) {
+            return Err(format!("{}: a pattern may only match file names, not folders", path.display()));
+        }
+        if !pattern && !path.is_dir() {
+            expanded.push(path.clone());
+            continue;
+        }
+        let (dir, wanted) = if pattern { (folder, Some(name.as_str())) } else { (path.as_path(), None) };
+        let mut found: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(entries) => entries
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && is_data_file(p))
+                .filter(|p| wanted.is_none_or(|w| p.file_name().is_some_and(|n| wildcard_match(w, &n.to_string_lossy()))))
+                .collect(),
+            Err(_) if pattern => Vec::new(),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        match (found.is_empty(), pattern) {
+            (true, true) => expanded.push(path.clone()),
+            (true, false) => return Err(format!("{}: a folder without data files (.json, .jsonl, .txt, gzipped too, or .parquet)", path.display())),
+            (false, _) => {
+                found.sort();
+                expanded.extend(found);
+            }
+        }
+    }
+    Ok(expanded)
+}
+
 /// Whether `name` matches `pattern`, whose `*` stands for any characters and `?` for one.
 pub fn wildcard_match(pattern: &str, name: &str) -> bool {
     let (pattern, name): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
@@ -327,6 +366,33 @@ fn kind(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A folder reads as its data files and a file-name pattern as the files it matches, in
+    /// name order; a pattern without a match is left to be named as missing.
+    #[test]
+    fn data_folders_and_patterns_expand_to_their_files() {
+        let dir = std::env::temp_dir().join(format!("ember-data-paths-{}", std::process::id()));
+        let shards = dir.join("shards");
+        std::fs::create_dir_all(&shards).unwrap();
+        for name in ["train-00001-of-00002.parquet", "train-00000-of-00002.parquet", "test-00000-of-00001.parquet", "notes.md", "extra.jsonl.gz"] {
+            std::fs::write(shards.join(name), "").unwrap();
+        }
+        std::fs::create_dir(shards.join("sub.json")).unwrap();
+        let names = |paths: Vec<PathBuf>| paths.iter().map(|p| p.strip_prefix(&shards).unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            names(expand_paths(&[shards.join("train-*.parquet"), shards.join("test-?????-of-00001.parquet")]).unwrap()),
+            ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet", "test-00000-of-00001.parquet"]
+        );
+        assert_eq!(names(expand_paths(std::slice::from_ref(&shards)).unwrap()), ["extra.jsonl.gz", "test-00000-of-00001.parquet", "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]);
+        let missing = shards.join("valid-*.parquet");
+        assert_eq!(expand_paths(std::slice::from_ref(&missing)).unwrap(), [missing]);
+        let e = expand_paths(&[dir.join("*/a.json")]).unwrap_err();
+        assert!(e.contains("only match file names"), "{e}");
+        let empty = dir.join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        assert!(expand_paths(&[empty]).unwrap_err().contains("a folder without data files"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn wildcards_match_any_characters_or_one() {

@@ -178,11 +178,11 @@ pub fn data_file(path: &Path, fetch: Fetch) -> Result<PathBuf, LoadError> {
     }
     let invalid = |reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
     if split_dataset_repo(&text).is_some() {
-        return Err(invalid("a whole dataset is several files: give it to a recipe's data.path, or name one file".into()));
+        return Err(invalid("a whole dataset is several files: give it to a recipe's data.path or `ember eval --data`, or name one file".into()));
     }
     let (id, revision, file) = split_dataset_url(&text).ok_or_else(|| invalid("expected hf://datasets/<org>/<name>[@<revision>]/<file in the repository>".into()))?;
     if file.contains(['*', '?']) {
-        return Err(invalid("a pattern names several files: give it to a recipe's data.path, or name one file".into()));
+        return Err(invalid("a pattern names several files: give it to a recipe's data.path or `ember eval --data`, or name one file".into()));
     }
     let cache = cache_dir().ok_or_else(|| invalid("no hub cache: set HF_HUB_CACHE or HF_HOME".into()))?;
     let missing = |what: String| invalid(format!("{what}; download it with `{}`", download_command(id, revision, Some(file))));
