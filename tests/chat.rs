@@ -254,7 +254,7 @@ fn plain_text_is_packed_into_blocks() {
     assert!(e.contains("record 0") && e.contains("has no 'system'"), "{e}");
 }
 
-/// A plain-text corpus read as a stream (`.txt.gz` lines, JSON Lines) gives the blocks of the
+/// A plain-text corpus read as a stream (`.txt.gz` lines, JSON Lines, text under another key) gives the blocks of the
 /// records loaded whole, split by the held-out records; `data.tokenized_path`'s cache reads them
 /// back and knows when its files, tokenizer or split changed. Bad records name file and index.
 #[test]
@@ -302,6 +302,15 @@ fn a_streamed_corpus_gives_the_blocks_of_the_loaded_one_and_caches_them() {
     let [train, eval] = buffers.map(TokenStream::from);
     assert_eq!((blocks(train), blocks(eval)), (train_blocks.clone(), eval_blocks.clone()));
     assert_eq!(corpus.head(6).unwrap().samples, dataset.samples[..6]);
+    // Text under another key (`[data.columns] text = "content"`): the same blocks.
+    let content = dir.path().join("content.jsonl");
+    std::fs::write(&content, records.iter().map(|r| r.replace("\"text\"", "\"content\"")).collect::<Vec<_>>().join("\n")).unwrap();
+    let column = ember_data::Mapping { columns: ember_data::columns::Columns { text: Some("content".into()), ..Default::default() }, ..Default::default() };
+    let corpus = Corpus::count(&[txt.clone(), content]).unwrap().mapped(column);
+    let mut buffers = [TokenBuffer::default(), TokenBuffer::default()];
+    corpus.tokenize(&tokenizer, &held_out, &mut buffers).unwrap();
+    let [train, eval] = buffers.map(TokenStream::from);
+    assert_eq!((blocks(train), blocks(eval)), (train_blocks.clone(), eval_blocks.clone()));
 
     let cache_dir = dir.path().join("cache");
     let mut cache = TokenCache::open(&cache_dir, &paths, &tokenizer, || {}).unwrap();
@@ -309,6 +318,11 @@ fn a_streamed_corpus_gives_the_blocks_of_the_loaded_one_and_caches_them() {
     assert!(cache.streams(&held_out).unwrap().is_err());
     let [train, eval] = cache.write(&corpus, &tokenizer, &held_out).unwrap();
     assert_eq!((blocks(train), blocks(eval)), (train_blocks.clone(), eval_blocks.clone()));
+    drop(cache);
+    // Ids of the `text` key are not those of another column.
+    let cache = TokenCache::open(&cache_dir, &paths, &tokenizer, || {}).unwrap().of_column(Some("content".into()));
+    assert_eq!(cache.records(), None);
+    assert!(cache.streams(&held_out).unwrap().err().unwrap().contains("another column's text"));
     drop(cache);
     let cache = TokenCache::open(&cache_dir, &paths, &tokenizer, || {}).unwrap();
     assert_eq!(cache.records(), Some(vec![4, 4]));
