@@ -20,7 +20,7 @@ pub fn preview(recipe_path: &Path, overrides: &[String], limit: usize, as_json: 
     // A plain-text corpus is read as a stream: only the records shown are held.
     let (dataset, held_out) = match format {
         Format::Text => {
-            let corpus = Corpus::count(&recipe.data.all_paths())?.mapped(recipe.data.mapping());
+            let corpus = Corpus::count(&recipe.data.all_paths())?.mapped(recipe.data.mappings());
             (corpus.head(limit)?, held_out_records(&corpus.counts(), &recipe)?)
         }
         _ => {

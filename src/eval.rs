@@ -105,7 +105,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     // Plain text is streamed, never held as records; there is nothing to answer.
     let dataset = match format {
         Format::Text => None,
-        _ => Some(Dataset::load_all(&files, request.mapping)?),
+        _ => Some(Dataset::load_all(&files, &request.mapping.clone().into())?),
     };
     let scored = match &dataset {
         None => text_examples(request, &tokenizer, &files)?,

@@ -472,6 +472,35 @@ fn data_stats_count_what_training_sees() {
     let stats: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!((stats["train"].clone(), stats["eval"].clone()), stats_of(&data("alpaca_en_sample_200.json")));
     assert_bad_input(&mapped(&renamed, &[]), &["dolly.jsonl: record 0", "missing 'output'"]);
+    // The same files as LLaMA-Factory's `dataset_info.json` names them, each with its mapping.
+    let info = serde_json::json!({
+        "alpaca_en_demo": {"file_name": data("alpaca_en_sample_200.json")},
+        "dolly_demo": {"file_name": "dolly.jsonl", "columns": {"prompt": "instruction", "query": "context", "response": "response"}},
+        "pairs": {"file_name": "dolly.jsonl", "ranking": true},
+    });
+    std::fs::write(dir.path().join("dataset_info.json"), info.to_string()).unwrap();
+    let by_name = |names: &str| {
+        let (names, folder) = (format!("data.dataset=\"{names}\""), format!("data.dataset_dir=\"{}\"", dir.path().display()));
+        ember(&["data", "stats", lora.to_str().unwrap(), "--json", "--set", "data.path=[]", "--set", &names, "--set", &folder])
+    };
+    let both = |output: std::process::Output| {
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let stats: Value = serde_json::from_slice(&output.stdout).unwrap();
+        (stats["train"].clone(), stats["eval"].clone())
+    };
+    let alpaca_twice = format!("data.path=[\"{0}\", \"{0}\"]", data("alpaca_en_sample_200.json").display());
+    assert_eq!(both(by_name("alpaca_en_demo, dolly_demo")), both(ember(&["data", "stats", lora.to_str().unwrap(), "--json", "--set", &alpaca_twice])));
+    assert_bad_input(&by_name("pairs"), &["dataset_info.json: dataset 'pairs'", "'ranking'"]);
+    assert_bad_input(&by_name("alpaca"), &["no dataset 'alpaca' (it has: alpaca_en_demo, dolly_demo, pairs)"]);
+    // A pretraining entry names its text column `prompt`, as LLaMA-Factory's `c4_demo`.
+    let lines = std::fs::read_to_string(data("zh_text_sample.txt")).unwrap();
+    let content: Vec<String> = lines.lines().map(|l| serde_json::json!({"content": l}).to_string()).collect();
+    std::fs::write(dir.path().join("web.jsonl"), content.join("\n")).unwrap();
+    std::fs::write(dir.path().join("dataset_info.json"), r#"{"web": {"file_name": "web.jsonl", "columns": {"prompt": "content"}}}"#).unwrap();
+    let pretrain = repository().join("recipes/ci/tiny-pretrain.toml");
+    let folder = format!("data.dataset_dir=\"{}\"", dir.path().display());
+    let web = ember(&["data", "stats", pretrain.to_str().unwrap(), "--json", "--set", "data.path=[]", "--set", "data.dataset=\"web\"", "--set", &folder]);
+    assert_eq!(both(web), both(ember(&["data", "stats", pretrain.to_str().unwrap(), "--json"])));
     // `ember eval` takes the same mapping as flags.
     let eval = |data: &Path, flags: &[&str]| {
         let base = repository().join("tests/fixtures/tiny_llama");

@@ -289,6 +289,12 @@ fn dataset_patterns_and_whole_datasets_are_the_files_of_the_hubs_listing() {
     let both = vec![want[0].clone(), want[1].clone(), ("other/train-00000-of-00001.parquet".to_owned(), 200)];
     assert_eq!(files(whole("")), both);
     assert_eq!(files(whole("1")), both);
+    // LLaMA-Factory's `hf_hub_url` entries are the same train split.
+    std::fs::write(dir.path().join("dataset_info.json"), r#"{"shards": {"hf_hub_url": "org/shards", "ms_hub_url": "org/shards"}}"#).unwrap();
+    let env = [("HF_HUB_CACHE", cache.to_str().unwrap()), ("HF_HUB_OFFLINE", "1")];
+    let folder = format!("data.dataset_dir=\"{}\"", dir.path().display());
+    let by_name = ember_with_env(&["data", "stats", recipe.to_str().unwrap(), "--json", "--set", "data.path=[]", "--set", "data.dataset=\"shards\"", "--set", &folder], &env);
+    assert_eq!(files(by_name), both);
 }
 
 /// A data file of a hub dataset (`hf://datasets/org/name[@revision]/file`): downloaded alone into

@@ -47,6 +47,38 @@ pub struct Mapping {
     pub tags: Tags,
 }
 
+/// Each data file's [`Mapping`]: its own where a dataset entry gave it one
+/// (`data.dataset`), else the recipe's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Mappings {
+    default: Mapping,
+    files: Vec<(std::path::PathBuf, Mapping)>,
+}
+
+impl Mappings {
+    /// `default` for every file but those of `files`.
+    pub fn new(default: Mapping, files: Vec<(std::path::PathBuf, Mapping)>) -> Self {
+        Self { default, files }
+    }
+
+    pub fn of(&self, path: &std::path::Path) -> &Mapping {
+        self.files.iter().find(|(file, _)| file == path).map_or(&self.default, |(_, mapping)| mapping)
+    }
+
+    /// Which key holds each file's plain text, where any is not `text`: what a token cache of
+    /// the files depends on.
+    pub fn text_columns(&self, paths: &[std::path::PathBuf]) -> Option<String> {
+        let columns: Vec<&str> = paths.iter().map(|p| self.of(p).columns.text.as_deref().unwrap_or("text")).collect();
+        columns.iter().any(|c| *c != "text").then(|| columns.join(","))
+    }
+}
+
+impl From<Mapping> for Mappings {
+    fn from(default: Mapping) -> Self {
+        Self::new(default, Vec::new())
+    }
+}
+
 impl Mapping {
     pub fn is_identity(&self) -> bool {
         *self == Self::default()

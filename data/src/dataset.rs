@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::chat::{Conversation, Message, Role};
-use crate::columns::Mapping;
+use crate::columns::{Mapping, Mappings};
 
 /// One record: a single instruction (rendered by prompt or chat templates), a conversation
 /// (chat templates only) or plain text (the `text` template only).
@@ -61,17 +61,17 @@ pub struct Dataset {
 
 impl Dataset {
     pub fn load(path: &Path) -> Result<Self, DatasetError> {
-        Self::load_all(std::slice::from_ref(&path.to_path_buf()), &Mapping::default())
+        Self::load_all(std::slice::from_ref(&path.to_path_buf()), &Mappings::default())
     }
 
     /// The records of `paths` concatenated in order (LLaMA-Factory's `dataset: a,b`), their keys
-    /// renamed by `mapping`.
-    pub fn load_all(paths: &[PathBuf], mapping: &Mapping) -> Result<Self, DatasetError> {
+    /// renamed by each file's mapping.
+    pub fn load_all(paths: &[PathBuf], mappings: &Mappings) -> Result<Self, DatasetError> {
         let mut dataset = Self { files: Vec::new(), samples: Vec::new() };
         for path in paths {
             let bytes = std::fs::read(path).map_err(|source| DatasetError::Io { path: path.clone(), source })?;
             dataset.files.push((path.clone(), dataset.samples.len()));
-            dataset.samples.extend(parse(path, bytes, mapping)?);
+            dataset.samples.extend(parse(path, bytes, mappings.of(path))?);
         }
         Ok(dataset)
     }
@@ -441,7 +441,7 @@ mod tests {
         let (a, b) = (dir.join("a.json"), dir.join("b.jsonl"));
         std::fs::write(&a, br#"[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]"#).unwrap();
         std::fs::write(&b, b"{\"messages\": [{\"role\": \"user\", \"content\": \"e\"}, {\"role\": \"assistant\", \"content\": \"f\"}]}\n").unwrap();
-        let mut dataset = Dataset::load_all(&[a.clone(), b.clone()], &Mapping::default()).unwrap();
+        let mut dataset = Dataset::load_all(&[a.clone(), b.clone()], &Mappings::default()).unwrap();
         dataset.append(Dataset::load(&a).unwrap());
         assert_eq!(dataset.samples.len(), 5);
         assert!(matches!(&dataset.samples[2], Sample::Chat(_)));
@@ -450,7 +450,7 @@ mod tests {
         let e = dataset.record_error(4, "bad").to_string();
         assert!(e.starts_with(&a.display().to_string()) && e.ends_with("record 1: bad"), "{e}");
         std::fs::write(&b, b"{\"instruction\": 1}\n").unwrap();
-        let e = Dataset::load_all(&[a, b.clone()], &Mapping::default()).unwrap_err().to_string();
+        let e = Dataset::load_all(&[a, b.clone()], &Mappings::default()).unwrap_err().to_string();
         assert!(e.starts_with(&b.display().to_string()) && e.contains("record 0"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

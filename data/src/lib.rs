@@ -5,6 +5,7 @@
 pub mod chat;
 pub mod columns;
 pub mod dataset;
+pub mod dataset_info;
 pub mod parquet;
 pub mod sentencepiece;
 pub mod sft;
@@ -14,7 +15,7 @@ pub mod tiktoken;
 pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Conversation, Message, Role};
-pub use columns::Mapping;
+pub use columns::{Mapping, Mappings};
 pub use dataset::{Dataset, DatasetError, Record, Sample};
 pub use sft::{Batch, Example, Examples, Format, SftOptions, SftStats};
 pub use template::Template;

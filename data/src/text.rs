@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use crate::columns::Mapping;
+use crate::columns::{Mapping, Mappings};
 use crate::dataset::{self, Dataset, DatasetError, Sample};
 use crate::sft::{Example, all_trained, text_ids};
 use crate::tokenizer::Tokenizer;
@@ -25,7 +25,7 @@ const BATCH_BYTES: usize = 4 << 20;
 pub struct Corpus {
     files: Vec<CorpusFile>,
     /// How JSON and Parquet records' keys are renamed before they are read.
-    mapping: Mapping,
+    mappings: Mappings,
 }
 
 struct CorpusFile {
@@ -60,12 +60,12 @@ impl Corpus {
     /// Invalid UTF-8 is an error here; a bad record is one when [`Self::tokenize`] reaches it.
     pub fn count(paths: &[PathBuf]) -> Result<Self, DatasetError> {
         let files = paths.iter().map(|path| Ok(CorpusFile { path: path.clone(), records: count_records(path)?, whole: true })).collect::<Result<_, DatasetError>>()?;
-        Ok(Self { files, mapping: Mapping::default() })
+        Ok(Self { files, mappings: Mappings::default() })
     }
 
-    /// The records read with their keys renamed by `mapping` (`[data.columns]`).
-    pub fn mapped(self, mapping: Mapping) -> Self {
-        Self { mapping, ..self }
+    /// The records read with their keys renamed by each file's mapping (`[data.columns]`).
+    pub fn mapped(self, mappings: impl Into<Mappings>) -> Self {
+        Self { mappings: mappings.into(), ..self }
     }
 
     /// All files' records.
@@ -104,7 +104,7 @@ impl Corpus {
             }
             files.push((file.path.clone(), samples.len()));
             for pending in file.pending()?.take(limit - samples.len()) {
-                samples.push(pending?.sample(&file.path, &self.mapping)?);
+                samples.push(pending?.sample(&file.path, self.mappings.of(&file.path))?);
             }
         }
         Ok(Dataset::from_parts(files, samples))
@@ -119,7 +119,7 @@ impl Corpus {
             let mut batch = Vec::new();
             let mut bytes = 0;
             let mut flush = |batch: &mut Vec<Pending>| -> Result<(), DatasetError> {
-                let ids: Vec<Result<Vec<u32>, DatasetError>> = batch.par_iter().map(|pending| pending.ids(tokenizer, &file.path, &self.mapping)).collect();
+                let ids: Vec<Result<Vec<u32>, DatasetError>> = batch.par_iter().map(|pending| pending.ids(tokenizer, &file.path, self.mappings.of(&file.path))).collect();
                 for (pending, ids) in batch.drain(..).zip(ids) {
                     streams[usize::from(held_out[first + pending.index])].push(&ids?)?;
                 }

@@ -201,10 +201,15 @@ pub fn data_file(path: &Path, fetch: Fetch) -> Result<PathBuf, LoadError> {
 /// The local files of a dataset URL that names several: a pattern
 /// (`hf://datasets/org/name/data/train-*.parquet`: the repository's files it matches, segment by
 /// segment) or the dataset alone (`hf://datasets/org/name[@revision]`: its train split's files,
-/// [`train_split`]). In name order, downloaded first when `fetch` allows it and they are not
+/// [`split_files`]). In name order, downloaded first when `fetch` allows it and they are not
 /// there (the hub's listing says which files there are); offline, chosen among the cached
 /// snapshot's files. Any other path: [`data_file`]'s one file.
 pub fn data_files(path: &Path, fetch: Fetch) -> Result<Vec<PathBuf>, LoadError> {
+    dataset_files(path, "train", fetch)
+}
+
+/// [`data_files`], where a dataset alone stands for its split `split` ([`split_files`]).
+pub fn dataset_files(path: &Path, split: &str, fetch: Fetch) -> Result<Vec<PathBuf>, LoadError> {
     let text = path.to_string_lossy();
     let (id, revision, pattern) = match (split_dataset_url(&text), split_dataset_repo(&text)) {
         (Some((id, revision, file)), _) if file.contains(['*', '?']) => (id, revision, Some(file)),
@@ -216,7 +221,7 @@ pub fn data_files(path: &Path, fetch: Fetch) -> Result<Vec<PathBuf>, LoadError> 
     let choose = |names: Vec<String>| -> Result<Vec<String>, String> {
         let mut names = match pattern {
             Some(pattern) => names.into_iter().filter(|name| path_matches(pattern, name)).collect(),
-            None => train_split(names)?,
+            None => split_files(names, split)?,
         };
         names.sort();
         match names.is_empty() {
@@ -247,12 +252,22 @@ pub fn data_files(path: &Path, fetch: Fetch) -> Result<Vec<PathBuf>, LoadError> 
     snapshot_files(&names)
 }
 
-/// A dataset's train split, as `datasets` finds it in a repository without a loading script:
-/// the data files ember reads whose path names the split (a file or folder `train…`:
-/// `train.json`, `data/train-00000-of-00002.parquet`, `train/part_1.jsonl`); where no file names a
-/// split, all of them. Hidden files and folders are not data.
-fn train_split(listing: Vec<String>) -> Result<Vec<String>, String> {
+/// A dataset's files of split `split`, as `datasets` finds them in a repository without a
+/// loading script: of the data files ember reads, those whose path names the split. The train
+/// split is a file or folder `train…` (`train.json`, `data/train-00000-of-00002.parquet`,
+/// `train/part_1.jsonl`), or all of them where no file names a split; another split, one named
+/// as it is (`data/train_sft-00000-of-00003.parquet` for `train_sft`). Hidden files and folders
+/// are not data.
+fn split_files(listing: Vec<String>, split: &str) -> Result<Vec<String>, String> {
     let data: Vec<String> = listing.into_iter().filter(|n| !n.split('/').any(|s| s.starts_with('.')) && ember_data::dataset::is_data_file(Path::new(n))).collect();
+    if split != "train" {
+        let named = |segment: &str| segment.strip_prefix(split).is_some_and(|rest| rest.is_empty() || rest.starts_with(['-', '.']));
+        let files: Vec<String> = data.into_iter().filter(|n| n.split('/').any(named)).collect();
+        return match files.is_empty() {
+            true => Err(format!("no data file of split '{split}'")),
+            false => Ok(files),
+        };
+    }
     // A segment that is the word, or starts with it and a separator or digit (`train-0000`, `test.json`).
     let names_split = |name: &str, words: &[&str]| {
         name.split('/').any(|segment| {
@@ -458,13 +473,16 @@ mod tests {
 
     /// As `datasets` resolves a repository without a loading script.
     #[test]
-    fn a_datasets_train_split_is_its_files_named_train_or_all() {
+    fn a_datasets_split_is_its_files_named_so() {
         let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let shards = names(&["README.md", ".gitattributes", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "data/test-00000-of-00001.parquet"]);
-        assert_eq!(train_split(shards).unwrap(), names(&["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]));
-        assert_eq!(train_split(names(&["alpaca_data.json", "README.md", "training/a.jsonl.gz"])).unwrap(), names(&["training/a.jsonl.gz"]));
-        assert_eq!(train_split(names(&["alpaca_data_cleaned.json", "README.md"])).unwrap(), names(&["alpaca_data_cleaned.json"]));
-        assert!(train_split(names(&["val.json", "test.jsonl", "trainer.py"])).unwrap_err().contains("no train split"));
-        assert_eq!(train_split(names(&["README.md", "convert.csv"])).unwrap(), Vec::<String>::new());
+        assert_eq!(split_files(shards, "train").unwrap(), names(&["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]));
+        assert_eq!(split_files(names(&["alpaca_data.json", "README.md", "training/a.jsonl.gz"]), "train").unwrap(), names(&["training/a.jsonl.gz"]));
+        assert_eq!(split_files(names(&["alpaca_data_cleaned.json", "README.md"]), "train").unwrap(), names(&["alpaca_data_cleaned.json"]));
+        assert!(split_files(names(&["val.json", "test.jsonl", "trainer.py"]), "train").unwrap_err().contains("no train split"));
+        assert_eq!(split_files(names(&["README.md", "convert.csv"]), "train").unwrap(), Vec::<String>::new());
+        let ultrachat = names(&["data/train_sft-00000-of-00001.parquet", "data/train_gen-00000-of-00001.parquet", "data/test_sft-00000-of-00001.parquet"]);
+        assert_eq!(split_files(ultrachat.clone(), "train_sft").unwrap(), names(&["data/train_sft-00000-of-00001.parquet"]));
+        assert!(split_files(ultrachat, "validation").unwrap_err().contains("no data file of split 'validation'"));
     }
 }

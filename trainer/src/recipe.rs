@@ -149,7 +149,7 @@ pub struct DataSection {
     /// `path`): one file, or a list of files whose records are concatenated (LLaMA-Factory's
     /// `dataset: a,b`); a folder or a file-name pattern stands for the data files it holds or
     /// matches ([`ember_data::dataset::expand_paths`]).
-    #[serde(rename = "path", deserialize_with = "one_or_more_paths")]
+    #[serde(default, rename = "path", deserialize_with = "one_or_more_paths")]
     pub paths: Vec<PathBuf>,
     /// Files held out for evaluation (key `eval_path`, one or a list), instead of `val_size`
     /// records of `path` (HF's `eval_dataset`, LLaMA-Factory's `eval_dataset`).
@@ -187,12 +187,51 @@ pub struct DataSection {
     /// A conversation's turn keys and role names (`[data.tags]`, LLaMA-Factory's `tags`).
     #[serde(default)]
     pub tags: ember_data::columns::Tags,
+    /// Datasets by name in `dataset_dir`'s `dataset_info.json` (LLaMA-Factory's `dataset`: "a,b"
+    /// or a list); their files come after `path`'s, each read with its entry's columns and tags.
+    #[serde(default, deserialize_with = "names")]
+    pub dataset: Vec<String>,
+    /// The same for evaluation (LLaMA-Factory's `eval_dataset`), after `eval_path`'s files.
+    #[serde(default, deserialize_with = "names")]
+    pub eval_dataset: Vec<String>,
+    /// The folder of `dataset_info.json` (default `data`, as LLaMA-Factory's).
+    pub dataset_dir: Option<PathBuf>,
+    /// The data entries' own mappings, by file (filled while loading).
+    #[serde(skip)]
+    file_mappings: Vec<(PathBuf, ember_data::Mapping)>,
 }
 
 impl DataSection {
-    /// How the records' keys are renamed before they are read.
-    pub fn mapping(&self) -> ember_data::Mapping {
-        ember_data::Mapping { columns: self.columns.clone(), tags: self.tags.clone() }
+    /// How each file's records' keys are renamed before they are read.
+    pub fn mappings(&self) -> ember_data::Mappings {
+        let default = ember_data::Mapping { columns: self.columns.clone(), tags: self.tags.clone() };
+        ember_data::Mappings::new(default, self.file_mappings.clone())
+    }
+
+    /// `dataset`'s and `eval_dataset`'s files after `path`'s and `eval_path`'s, with their
+    /// entries' mappings: a file or folder beside `dataset_info.json` (relative to
+    /// `dataset_dir`, itself relative to `base`), or a hub dataset's train split.
+    fn add_datasets(&mut self, base: &Path, fetch: Fetch) -> Result<(), String> {
+        if self.dataset.is_empty() && self.eval_dataset.is_empty() {
+            return Ok(());
+        }
+        let dir = base.join(self.dataset_dir.clone().unwrap_or_else(|| PathBuf::from("data")));
+        let info = ember_data::dataset_info::DatasetInfo::read(&dir).map_err(|e| format!("'data.dataset_dir': {e}"))?;
+        for (key, names, paths) in [("data.dataset", &self.dataset, &mut self.paths), ("data.eval_dataset", &self.eval_dataset, &mut self.eval_paths)] {
+            for name in names {
+                let entry = info.entry(name).map_err(|e| format!("'{key}': {e}"))?;
+                let files = match &entry.source {
+                    ember_data::dataset_info::Source::File(file) => ember_data::dataset::expand_paths(&[dir.join(file)]).map_err(|e| format!("'{key}': dataset '{name}': {e}"))?,
+                    ember_data::dataset_info::Source::Hub(id) => hub::dataset_files(Path::new(&format!("hf://datasets/{id}")), &entry.split, fetch).map_err(|e| format!("'{key}': dataset '{name}': {e}"))?,
+                };
+                let mapping = if self.template == ember_data::sft::TEXT_TEMPLATE { entry.text_mapping() } else { entry.mapping.clone() };
+                for file in files {
+                    self.file_mappings.push((file.clone(), mapping.clone()));
+                    paths.push(file);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `path`'s files, then `eval_path`'s.
@@ -264,7 +303,26 @@ impl<'de> Deserialize<'de> for ValSize {
     }
 }
 
-/// `data.path`: a path, or a non-empty list of paths.
+/// `data.dataset`: names separated by commas (LLaMA-Factory's form), or a list.
+fn names<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMore {
+        One(String),
+        More(Vec<String>),
+    }
+    let names = match OneOrMore::deserialize(deserializer) {
+        Ok(OneOrMore::One(names)) => names.split(',').map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect(),
+        Ok(OneOrMore::More(names)) => names,
+        Err(_) => return Err(serde::de::Error::custom("expected dataset names: \"a,b\" or a list")),
+    };
+    match names.is_empty() {
+        true => Err(serde::de::Error::custom("no dataset names")),
+        false => Ok(names),
+    }
+}
+
+/// `data.path`: a path, or a list of paths (empty: none, where `data.dataset` names the data).
 fn one_or_more_paths<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<PathBuf>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -274,8 +332,7 @@ fn one_or_more_paths<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Resul
     }
     match OneOrMore::deserialize(deserializer) {
         Ok(OneOrMore::One(path)) => Ok(vec![path]),
-        Ok(OneOrMore::More(paths)) if !paths.is_empty() => Ok(paths),
-        Ok(OneOrMore::More(_)) => Err(serde::de::Error::custom("an empty list: name at least one data file")),
+        Ok(OneOrMore::More(paths)) => Ok(paths),
         Err(_) => Err(serde::de::Error::custom("expected a path string or a list of path strings")),
     }
 }
@@ -525,7 +582,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("model", &["path", "device", "dtype", "quantize", "double_quant", "resize_embeddings"]),
     // The method's own keys come from its section type (`adapter_keys`).
     ("adapter", &["method", "init_from"]),
-    ("data", &["path", "eval_path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "mask_history", "val_size", "group_by_length", "tokenized_path", "columns", "tags"]),
+    ("data", &["path", "eval_path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "mask_history", "val_size", "group_by_length", "tokenized_path", "columns", "tags", "dataset", "eval_dataset", "dataset_dir"]),
     ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
         "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
         "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "gradient_checkpointing_every", "loss_chunk_tokens", "padding_free", "report_to",
@@ -605,6 +662,7 @@ impl Recipe {
         for (key, paths) in [("data.path", &mut recipe.data.paths), ("data.eval_path", &mut recipe.data.eval_paths)] {
             *paths = ember_data::dataset::expand_paths(paths).map_err(|reason| invalid(format!("'{key}': {reason}")))?;
         }
+        recipe.data.add_datasets(&base, fetch).map_err(|reason| invalid(reason))?;
         if recipe.export.any() && ember_models::gguf::GgufFile::is_gguf(&recipe.model.path) {
             return Err(invalid("'export': model.path is a GGUF file; the merged model is written from a full-precision folder (export the adapter with `ember export gguf-lora` instead)".into()));
         }
@@ -612,6 +670,9 @@ impl Recipe {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if self.data.paths.is_empty() && self.data.dataset.is_empty() {
+            return Err("no training data: give 'data.path' (files) or 'data.dataset' (names in dataset_info.json)".into());
+        }
         self.model.checked_quantization().map_err(|e| format!("'model.double_quant': {e}"))?;
         let t = &self.train;
         let positive = [("train.micro_batch_size", t.micro_batch_size), ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
@@ -828,9 +889,8 @@ mod tests {
         let r = load(MINIMAL, &["data.eval_path=\"dev.json\""]).unwrap();
         assert!(r.data.eval_paths.len() == 1 && r.data.describe().ends_with("dev.json)"), "{}", r.data.describe());
         let cases = [
-            ("data.path=[]", "'data.path': an empty list"),
+            ("data.path=[]", "no training data: give 'data.path' (files) or 'data.dataset'"),
             ("data.path=3", "'data.path': expected a path string or a list"),
-            ("data.eval_path=[]", "'data.eval_path': an empty list"),
         ];
         for (set, want) in cases {
             let e = load(MINIMAL, &[set]).unwrap_err();

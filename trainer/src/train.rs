@@ -117,11 +117,11 @@ pub fn sft_options(recipe: &Recipe) -> SftOptions {
 /// the seed, the last `data.val_size` (a number, or a fraction rounded up) held out; or every record
 /// of `data.eval_path` held out.
 pub fn split_records(recipe: &Recipe) -> Result<(Dataset, Vec<usize>, Vec<usize>), TrainError> {
-    let mapping = recipe.data.mapping();
-    let mut dataset = Dataset::load_all(&recipe.data.paths, &mapping)?;
+    let mappings = recipe.data.mappings();
+    let mut dataset = Dataset::load_all(&recipe.data.paths, &mappings)?;
     let records = dataset.samples.len();
     if !recipe.data.eval_paths.is_empty() {
-        dataset.append(Dataset::load_all(&recipe.data.eval_paths, &mapping)?);
+        dataset.append(Dataset::load_all(&recipe.data.eval_paths, &mappings)?);
     }
     let (order, held_out) = split_order(records, recipe)?;
     let mut train: Vec<usize> = order.into_iter().map(|i| i as usize).collect();
@@ -166,18 +166,18 @@ pub fn text_data(recipe: &Recipe, tokenizer: &ember_data::Tokenizer, on_event: &
     let d = &recipe.data;
     let paths = d.all_paths();
     let waiting = |dir: &Path| Event::Info(format!("data: waiting for another run writing {} (data.tokenized_path)", dir.display()));
-    let mut cache = d.tokenized_path.as_deref().map(|dir| TokenCache::open(dir, &paths, tokenizer, || on_event(waiting(dir))).map(|c| c.of_column(d.columns.text.clone()))).transpose()?;
+    let mut cache = d.tokenized_path.as_deref().map(|dir| TokenCache::open(dir, &paths, tokenizer, || on_event(waiting(dir))).map(|c| c.of_column(d.mappings().text_columns(&paths)))).transpose()?;
     // A cache of these files says how many records each has: the text is not read at all.
     let (counted, counts) = match cache.as_ref().and_then(TokenCache::records) {
         Some(counts) => (None, counts),
         None => {
-            let corpus = Corpus::count(&paths)?.mapped(d.mapping());
+            let corpus = Corpus::count(&paths)?.mapped(d.mappings());
             let counts = corpus.counts();
             (Some(corpus), counts)
         }
     };
     let held_out = held_out_records(&counts, recipe)?;
-    let corpus = || counted.map_or_else(|| Corpus::count(&paths).map(|c| c.mapped(d.mapping())), Ok);
+    let corpus = || counted.map_or_else(|| Corpus::count(&paths).map(|c| c.mapped(d.mappings())), Ok);
     let [train, eval] = match &mut cache {
         None => {
             let mut buffers = [TokenBuffer::default(), TokenBuffer::default()];
