@@ -252,12 +252,18 @@ fn load_subjects(request: &Request) -> anyhow::Result<Vec<Subject>> {
         .collect()
 }
 
-/// The questions of `paths` (files, or the `.csv`, `.json`, `.jsonl` and `.parquet` files of
-/// folders, by name) by subject, in the order the subjects come: a file's subject is its name
+/// The questions of `paths` (files, the `.csv`, `.json`, `.jsonl` and `.parquet` files of
+/// folders, by name, or a hub dataset's files) by subject, in the order the subjects come: a file's subject is its name
 /// ([`subject_key`]) unless its records name theirs (`subject`, as in `cais/mmlu`).
 fn read_subjects(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, Vec<Question>)>> {
     let mut files = Vec::new();
+    // A hub dataset's file or pattern (`hf://datasets/cais/mmlu/all/test-*.parquet`) is its
+    // files in the cache, downloaded first.
+    let mut resolved = Vec::new();
     for path in paths {
+        resolved.extend(ember_models::hub::data_files(path, ember_models::hub::Fetch::Download)?);
+    }
+    for path in &resolved {
         if path.is_dir() {
             let entries = std::fs::read_dir(path).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", path.display())))?;
             let mut found: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| format_of(p).is_some()).collect();

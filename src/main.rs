@@ -182,7 +182,7 @@ enum Command {
         /// or the folder of a Hub shard: `accountant/test-00000-of-00001.parquet`): CSV
         /// (question,A,B,C,D,answer without a header, or a header naming those columns), or JSON /
         /// JSON Lines / Parquet records as the Hub's MMLU, C-Eval and CMMLU hold them (a record's
-        /// `subject` overrides the file's).
+        /// `subject` overrides the file's); hf://datasets/org/name/file or pattern for the Hub's.
         #[arg(long, num_args = 1.., required = true)]
         test: Vec<PathBuf>,
         /// The solved examples: files or folders as --test, matched to it by subject

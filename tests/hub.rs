@@ -297,6 +297,28 @@ fn dataset_patterns_and_whole_datasets_are_the_files_of_the_hubs_listing() {
     assert_eq!(files(by_name), both);
 }
 
+/// `ember exam` on MMLU as the Hub holds it (`cais/mmlu`'s Parquet shards, by pattern): the scores
+/// of the same files read locally.
+#[test]
+fn exam_questions_come_from_the_hub() {
+    let exam = repository().join("tests/data/exam/parquet/mmlu");
+    let shard = |split: &str| format!("{split}-00000-of-00001.parquet");
+    let files = ["test", "dev"].map(|split| (format!("all/{}", shard(split)), std::fs::read(exam.join(shard(split))).unwrap())).to_vec();
+    let hub = FakeHub::start(vec![("datasets/cais/mmlu", files)]);
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("HF_HUB_CACHE", dir.path().to_str().unwrap()), ("HF_ENDPOINT", hub.endpoint.as_str()), ("HF_HUB_OFFLINE", "")];
+    let base = tiny();
+    let exam_of = |test: &str, dev: &str| {
+        let output = ember_with_env(&["exam", "--base", base.to_str().unwrap(), "--test", test, "--dev", dev, "--shots", "2"], &env);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        (result["questions"].clone(), result["base"].clone())
+    };
+    let local = exam_of(exam.join(shard("test")).to_str().unwrap(), exam.join(shard("dev")).to_str().unwrap());
+    assert_eq!(exam_of("hf://datasets/cais/mmlu/all/test-*.parquet", "hf://datasets/cais/mmlu/all/dev-*.parquet"), local);
+    assert_eq!(local.0.as_u64(), Some(9));
+}
+
 /// A data file of a hub dataset (`hf://datasets/org/name[@revision]/file`): downloaded alone into
 /// the cache as huggingface_hub lays it out, read from there after; errors name the URL and the
 /// command that fetches it.
