@@ -295,6 +295,8 @@ fn dataset_patterns_and_whole_datasets_are_the_files_of_the_hubs_listing() {
     let folder = format!("data.dataset_dir=\"{}\"", dir.path().display());
     let by_name = ember_with_env(&["data", "stats", recipe.to_str().unwrap(), "--json", "--set", "data.path=[]", "--set", "data.dataset=\"shards\"", "--set", &folder], &env);
     assert_eq!(files(by_name), both);
+    let absent = ember_with_env(&["data", "stats", recipe.to_str().unwrap(), "--set", "data.path=\"hf://datasets/org/absent\""], &env);
+    assert_bad_input(&absent, &["hf://datasets/org/absent", "not in the Hugging Face cache", "HF_HUB_OFFLINE", "huggingface-cli download --repo-type dataset org/absent`"]);
 }
 
 /// `ember exam` on MMLU as the Hub holds it (`cais/mmlu`'s Parquet shards, by pattern): the scores

@@ -242,12 +242,12 @@ pub fn dataset_files(path: &Path, split: &str, fetch: Fetch) -> Result<Vec<PathB
         }
         return snapshot_files(&names);
     }
-    let cached = snapshot_dir("datasets", id, revision, &cache).map(|dir| files_below(&dir)).unwrap_or_default();
-    let names = choose(cached).map_err(|why| {
+    let in_cache = |dir: PathBuf| choose(files_below(&dir)).map_err(|why| format!("in the Hugging Face cache {}: {why}", cache.display()));
+    let names = snapshot_dir("datasets", id, revision, &cache).and_then(in_cache).map_err(|why| {
         let revision = if revision == "main" { String::new() } else { format!(" --revision {revision}") };
         let include = pattern.map(|p| format!(" --include '{p}'")).unwrap_or_default();
         let offline = if offline() { " (HF_HUB_OFFLINE is set)" } else { "" };
-        invalid(format!("in the Hugging Face cache {}: {why}{offline}; download it with `huggingface-cli download --repo-type dataset {id}{include}{revision}`", cache.display()))
+        invalid(format!("{why}{offline}; download it with `huggingface-cli download --repo-type dataset {id}{include}{revision}`"))
     })?;
     snapshot_files(&names)
 }
