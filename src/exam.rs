@@ -259,13 +259,9 @@ fn read_subjects(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, Vec<Question>
     let mut files = Vec::new();
     // A hub dataset's file or pattern (`hf://datasets/cais/mmlu/all/test-*.parquet`) is its
     // files in the cache, downloaded first.
-    let mut resolved = Vec::new();
-    for path in paths {
-        resolved.extend(ember_models::hub::data_files(path, ember_models::hub::Fetch::Download)?);
-    }
-    for path in &resolved {
+    for path in paths.iter().map(|path| ember_models::hub::data_files(path, ember_models::hub::Fetch::Download)).collect::<Result<Vec<_>, _>>()?.concat() {
         if path.is_dir() {
-            let entries = std::fs::read_dir(path).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", path.display())))?;
+            let entries = std::fs::read_dir(&path).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", path.display())))?;
             let mut found: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| format_of(p).is_some()).collect();
             if found.is_empty() {
                 return Err(bad_input(anyhow::anyhow!("{}: no .csv, .json, .jsonl or .parquet files", path.display())));
@@ -273,7 +269,7 @@ fn read_subjects(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, Vec<Question>
             found.sort();
             files.extend(found);
         } else {
-            files.push(path.clone());
+            files.push(path);
         }
     }
     let mut subjects: Vec<(String, Vec<Question>)> = Vec::new();

@@ -74,7 +74,7 @@ fn split_spec(spec: &str) -> (&str, &str) {
 /// The command that puts `id` at `revision` into the cache (only `file` of it, when given: a
 /// dataset's file), for error lines.
 fn download_command(id: &str, revision: &str, file: Option<&str>) -> String {
-    let revision = if revision == "main" { String::new() } else { format!(" --revision {revision}") };
+    let revision = revision_flag(revision);
     match file {
         None => format!("huggingface-cli download {id}{revision}"),
         Some(file) => format!("huggingface-cli download --repo-type dataset {id} {file}{revision}"),
@@ -100,6 +100,11 @@ fn snapshot_file(kind: &str, id: &str, revision: &str, file: &str, cache: &Path)
         return Err(format!("snapshot {hash} in {} has no {file} (missing, or a link to a blob that is not there)", cache.display()));
     }
     Ok(path)
+}
+
+/// `huggingface-cli download`'s `--revision` flag for `revision` (none for `main`).
+fn revision_flag(revision: &str) -> String {
+    if revision == "main" { String::new() } else { format!(" --revision {revision}") }
 }
 
 /// The snapshot folder of repository `id` at `revision` in `cache`.
@@ -232,24 +237,30 @@ pub fn dataset_files(path: &Path, split: &str, fetch: Fetch) -> Result<Vec<PathB
             false => Ok(names),
         }
     };
-    let snapshot_files = |names: &[String]| -> Result<Vec<PathBuf>, LoadError> { names.iter().map(|name| snapshot_file("datasets", id, revision, name, &cache).map_err(&invalid)).collect() };
     #[cfg(feature = "download")]
     if fetch == Fetch::Download && !offline() {
         let remote = download::Remote::from_env();
         let names = choose(download::dataset_listing(id, revision, &cache, &remote)?).map_err(|why| invalid(format!("dataset {id} at revision {revision}: {why}")))?;
-        for name in names.iter().filter(|name| snapshot_file("datasets", id, revision, name, &cache).is_err()) {
-            download::dataset_file(id, revision, name, &cache, &remote)?;
-        }
-        return snapshot_files(&names);
+        // Each file not in the cache comes down, then is found there.
+        return names
+            .iter()
+            .map(|name| match snapshot_file("datasets", id, revision, name, &cache) {
+                Ok(found) => Ok(found),
+                Err(_) => {
+                    download::dataset_file(id, revision, name, &cache, &remote)?;
+                    snapshot_file("datasets", id, revision, name, &cache).map_err(&invalid)
+                }
+            })
+            .collect();
     }
     let in_cache = |dir: PathBuf| choose(files_below(&dir)).map_err(|why| format!("in the Hugging Face cache {}: {why}", cache.display()));
     let names = snapshot_dir("datasets", id, revision, &cache).and_then(in_cache).map_err(|why| {
-        let revision = if revision == "main" { String::new() } else { format!(" --revision {revision}") };
+        let revision = revision_flag(revision);
         let include = pattern.map(|p| format!(" --include '{p}'")).unwrap_or_default();
         let offline = if offline() { " (HF_HUB_OFFLINE is set)" } else { "" };
         invalid(format!("{why}{offline}; download it with `huggingface-cli download --repo-type dataset {id}{include}{revision}`"))
     })?;
-    snapshot_files(&names)
+    names.iter().map(|name| snapshot_file("datasets", id, revision, name, &cache).map_err(&invalid)).collect()
 }
 
 /// A dataset's files of split `split`, as `datasets` finds them in a repository without a
@@ -341,8 +352,7 @@ mod download {
     /// The files of dataset repository `id` at `revision`, as the hub lists them.
     pub fn dataset_listing(id: &str, revision: &str, cache: &Path, remote: &Remote) -> Result<Vec<String>, LoadError> {
         let spec = format!("{}{id}@{revision}", super::DATASET_URL);
-        let revision_flag = if revision == "main" { String::new() } else { format!(" --revision {revision}") };
-        let command = format!("huggingface-cli download --repo-type dataset {id}{revision_flag}");
+        let command = format!("huggingface-cli download --repo-type dataset {id}{}", super::revision_flag(revision));
         let fail = |what: &str, e: ApiError| failure(&spec, &command, what, e);
         let api = remote.api(cache).map_err(|e| fail("starting the download", e))?;
         let repo = api.repo(Repo::with_revision(id.to_string(), RepoType::Dataset, revision.to_string()));

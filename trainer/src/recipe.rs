@@ -303,15 +303,17 @@ impl<'de> Deserialize<'de> for ValSize {
     }
 }
 
+/// A recipe value given as one item or a list of them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMore<T> {
+    One(T),
+    More(Vec<T>),
+}
+
 /// `data.dataset`: names separated by commas (LLaMA-Factory's form), or a list.
 fn names<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMore {
-        One(String),
-        More(Vec<String>),
-    }
-    let names = match OneOrMore::deserialize(deserializer) {
+    let names = match OneOrMore::<String>::deserialize(deserializer) {
         Ok(OneOrMore::One(names)) => names.split(',').map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect(),
         Ok(OneOrMore::More(names)) => names,
         Err(_) => return Err(serde::de::Error::custom("expected dataset names: \"a,b\" or a list")),
@@ -324,13 +326,7 @@ fn names<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String
 
 /// `data.path`: a path, or a list of paths (empty: none, where `data.dataset` names the data).
 fn one_or_more_paths<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<PathBuf>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMore {
-        One(PathBuf),
-        More(Vec<PathBuf>),
-    }
-    match OneOrMore::deserialize(deserializer) {
+    match OneOrMore::<PathBuf>::deserialize(deserializer) {
         Ok(OneOrMore::One(path)) => Ok(vec![path]),
         Ok(OneOrMore::More(paths)) => Ok(paths),
         Err(_) => Err(serde::de::Error::custom("expected a path string or a list of path strings")),

@@ -164,20 +164,20 @@ pub struct TextData {
 /// `data.tokenized_path`.
 pub fn text_data(recipe: &Recipe, tokenizer: &ember_data::Tokenizer, on_event: &mut dyn FnMut(Event)) -> Result<TextData, TrainError> {
     let d = &recipe.data;
-    let paths = d.all_paths();
+    let (paths, mappings) = (d.all_paths(), d.mappings());
     let waiting = |dir: &Path| Event::Info(format!("data: waiting for another run writing {} (data.tokenized_path)", dir.display()));
-    let mut cache = d.tokenized_path.as_deref().map(|dir| TokenCache::open(dir, &paths, tokenizer, || on_event(waiting(dir))).map(|c| c.of_column(d.mappings().text_columns(&paths)))).transpose()?;
+    let mut cache = d.tokenized_path.as_deref().map(|dir| TokenCache::open(dir, &paths, tokenizer, || on_event(waiting(dir))).map(|c| c.of_column(mappings.text_columns(&paths)))).transpose()?;
     // A cache of these files says how many records each has: the text is not read at all.
     let (counted, counts) = match cache.as_ref().and_then(TokenCache::records) {
         Some(counts) => (None, counts),
         None => {
-            let corpus = Corpus::count(&paths)?.mapped(d.mappings());
+            let corpus = Corpus::count(&paths)?.mapped(mappings.clone());
             let counts = corpus.counts();
             (Some(corpus), counts)
         }
     };
     let held_out = held_out_records(&counts, recipe)?;
-    let corpus = || counted.map_or_else(|| Corpus::count(&paths).map(|c| c.mapped(d.mappings())), Ok);
+    let corpus = || counted.map_or_else(|| Corpus::count(&paths).map(|c| c.mapped(mappings.clone())), Ok);
     let [train, eval] = match &mut cache {
         None => {
             let mut buffers = [TokenBuffer::default(), TokenBuffer::default()];
