@@ -56,7 +56,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
         };
         eprintln!("ember chat ({history}); {COMMANDS}");
     }
-    let system: Vec<Message> = request.system.map(|s| Message { role: Role::System, content: s.into() }).into_iter().collect();
+    let system: Vec<Message> = request.system.map(|s| Message::new(Role::System, s)).into_iter().collect();
     let mut messages = system.clone();
     let mut session = Session::default();
     let (mut turn, mut line) = (0, String::new());
@@ -77,7 +77,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
                 session = Session::default();
                 continue;
             }
-            text => messages.push(Message { role: Role::User, content: text.into() }),
+            text => messages.push(Message::new(Role::User, text)),
         }
         turn += 1;
         let prompt = prompt_ids(&format, &tokenizer, &messages)?;
@@ -97,7 +97,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
         if let Format::Prompt(_) = format {
             messages.clone_from(&system);
         } else {
-            messages.push(Message { role: Role::Assistant, content: answer });
+            messages.push(Message::new(Role::Assistant, answer));
         }
     }
 }
@@ -111,8 +111,8 @@ fn prompt_ids(format: &Format, tokenizer: &Tokenizer, messages: &[Message]) -> a
         }
         // The answer to come, empty: the prompt stops where it starts.
         _ => {
-            let answer = Message { role: Role::Assistant, content: String::new() };
-            Sample::Chat(Conversation { messages: messages.iter().cloned().chain([answer]).collect() })
+            let answer = Message::new(Role::Assistant, "");
+            Sample::Chat(Conversation::new(messages.iter().cloned().chain([answer]).collect()))
         }
     };
     format.prompt_ids(tokenizer, &sample).map_err(|e| bad_input(anyhow::anyhow!(e)))

@@ -18,22 +18,29 @@ pub fn preview(recipe_path: &Path, overrides: &[String], limit: usize, as_json: 
     let format = template(&recipe)?;
     let options = sft_options(&recipe);
     // A plain-text corpus is read as a stream: only the records shown are held.
-    let (dataset, held_out) = match format {
+    // The records a run reads, in file order (`data.max_samples` and `num_samples` keep some).
+    let (dataset, shown, held_out) = match format {
         Format::Text => {
             let corpus = Corpus::count(&recipe.data.all_paths())?.mapped(recipe.data.mappings());
-            (corpus.head(limit)?, held_out_records(&corpus.counts(), &recipe)?)
+            let dataset = corpus.head(limit)?;
+            let shown = (0..dataset.samples.len()).collect();
+            (dataset, shown, held_out_records(&corpus.counts(), &recipe)?)
         }
         _ => {
-            let (dataset, _, eval) = split_records(&recipe)?;
+            let (dataset, train, eval) = split_records(&recipe)?;
             let mut held_out = vec![false; dataset.samples.len()];
-            eval.into_iter().for_each(|i| held_out[i] = true);
-            (dataset, held_out)
+            eval.iter().for_each(|&i| held_out[i] = true);
+            let mut shown: Vec<usize> = train.into_iter().chain(eval).collect();
+            shown.sort_unstable();
+            shown.dedup();
+            (dataset, shown, held_out)
         }
     };
     if matches!(format, ember_data::Format::Text) && !as_json {
         println!("plain text: training joins the records (text + EOS) and cuts them into blocks of {} tokens; each record is shown alone\n", options.cutoff_len);
     }
-    for (index, sample) in dataset.samples.iter().enumerate().take(limit) {
+    for index in shown.into_iter().take(limit) {
+        let sample = &dataset.samples[index];
         let record_error = |e: String| dataset.record_error(index, e);
         let (example, truncated) = format.example(&tokenizer, sample, &options).map_err(record_error)?;
         let text = format.text(&tokenizer, sample, &options).map_err(record_error)?;

@@ -151,9 +151,9 @@ fn prompt_ids(tokenizer: &Tokenizer, chat: Option<&ember_data::ChatTemplate>, la
     };
     let messages = turns
         .into_iter()
-        .flat_map(|(user, answer)| [Message { role: Role::User, content: user }, Message { role: Role::Assistant, content: answer }])
+        .flat_map(|(user, answer)| [Message::new(Role::User, user), Message::new(Role::Assistant, answer)])
         .collect::<Vec<_>>();
-    let mut conversation = Conversation { messages };
+    let mut conversation = Conversation::new(messages);
     conversation.messages.pop();
     chat.prompt_ids(tokenizer, &conversation).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", subject.key)))
 }

@@ -530,3 +530,125 @@ fn data_stats_count_what_training_sees() {
     let stdout = String::from_utf8(text.stdout).unwrap();
     assert!(stdout.starts_with("data: ") && stdout.contains("zh_text_sample.txt (200 records)") && stdout.contains("0 truncated"), "{stdout}");
 }
+
+/// `data.max_samples` keeps each dataset's first records, and a `dataset_info.json` entry's
+/// `num_samples` draws records with the seed (each once before any again), as LLaMA-Factory.
+#[test]
+fn max_samples_and_num_samples_choose_the_records_read() {
+    let lora = repository().join("recipes/ci/tiny-lora.toml");
+    let alpaca = data("alpaca_en_sample_200.json");
+    let stats = |sets: &[String]| {
+        let mut args = vec!["data".to_string(), "stats".into(), lora.display().to_string(), "--json".into()];
+        sets.iter().for_each(|set| args.extend(["--set".into(), set.clone()]));
+        let output = ember(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let stats: Value = serde_json::from_slice(&output.stdout).unwrap();
+        (stats["train"].clone(), stats["eval"].clone())
+    };
+    let records = |(train, eval): &(Value, Value)| train["records"].as_u64().unwrap() + eval["records"].as_u64().unwrap();
+    // Two entries of 200 records, 50 of each: the statistics of two files of the first 50.
+    let dir = tempfile::tempdir().unwrap();
+    let all: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&alpaca).unwrap()).unwrap();
+    let head = dir.path().join("head.json");
+    std::fs::write(&head, serde_json::to_string(&all[..50]).unwrap()).unwrap();
+    let twice = |path: &Path| format!("data.path=[\"{0}\", \"{0}\"]", path.display());
+    let capped = stats(&[twice(&alpaca), "data.max_samples=50".into()]);
+    assert_eq!(records(&capped), 100);
+    assert_eq!(capped, stats(&[twice(&head)]));
+    // num_samples: fewer records than the file holds, or more (each record at least once).
+    let info = serde_json::json!({
+        "some": {"file_name": alpaca, "num_samples": 50},
+        "more": {"file_name": alpaca, "num_samples": 450},
+    });
+    std::fs::write(dir.path().join("dataset_info.json"), info.to_string()).unwrap();
+    let named = |names: &str, sets: &[&str]| {
+        let mut all = vec!["data.path=[]".to_string(), format!("data.dataset=\"{names}\""), format!("data.dataset_dir=\"{}\"", dir.path().display())];
+        all.extend(sets.iter().map(|s| s.to_string()));
+        stats(&all)
+    };
+    assert_eq!(records(&named("some", &[])), 50);
+    let more = named("more", &[]);
+    assert_eq!(records(&more), 450);
+    assert_eq!(named("more", &[]), more, "the draw is seeded");
+    assert_ne!(named("more", &["train.seed=7"]).0, more.0);
+    assert_eq!(records(&named("some,more", &["data.max_samples=30"])), 60);
+    // preview shows only the records read.
+    let output = ember(&["data", "preview", lora.to_str().unwrap(), "--json", "--limit", "500", "--set", "data.max_samples=30"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let indices: Vec<u64> = String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["index"].as_u64().unwrap()).collect();
+    assert_eq!(indices, (0..30).collect::<Vec<_>>());
+    let pretrain = repository().join("recipes/ci/tiny-pretrain.toml");
+    assert_bad_input(&ember(&["data", "stats", pretrain.to_str().unwrap(), "--set", "data.max_samples=5"]), &["'data.max_samples'", "plain-text corpus"]);
+    assert_bad_input(&ember(&["data", "stats", lora.to_str().unwrap(), "--set", "data.max_samples=0"]), &["'data.max_samples' must be at least 1"]);
+}
+
+/// Tool calls: LLaMA-Factory's `function_call` turns and `tools` column (glaive_toolcall's
+/// layout) and OpenAI's `tool_calls`, rendered by a checkpoint's own template (Qwen2.5's) as
+/// transformers' `apply_chat_template(messages, tools=...)` renders them, the trained spans those
+/// of LLaMA-Factory's `qwen` template (`tests/fixtures/generate_tool_calls.py`).
+#[test]
+fn tool_calls_render_as_transformers_and_train_as_llamafactory() {
+    let folder = fixture("chat_template/qwen2.5_tools");
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(folder.join("reference.json")).unwrap()).unwrap();
+    assert_eq!(reference["llamafactory_checked"], true);
+    let cases = reference["cases"].as_array().unwrap();
+    let samples = Dataset::load(&data("tool_calls.jsonl")).unwrap().samples;
+    assert_eq!(samples.len(), cases.len());
+    let tokenizer = Tokenizer::from_dir(&folder).unwrap();
+    let template = ember_data::ChatTemplate::named("auto", &folder).unwrap().unwrap();
+    let policy = ember_data::chat::LossPolicy { last_turn_only: false, train_on_inputs: false };
+    for (i, (sample, case)) in samples.iter().zip(cases).enumerate() {
+        let conversation = sample.conversation().unwrap();
+        assert!(conversation.uses_tools(), "record {i}");
+        let pieces = template.render(&conversation, policy, false).unwrap();
+        assert_eq!(template.text(&tokenizer, &pieces), case["text"].as_str().unwrap(), "record {i}");
+        if let Some(responses) = case.get("responses") {
+            let trained: Vec<String> = pieces.iter().filter(|p| p.loss).map(|p| template.text(&tokenizer, std::slice::from_ref(p))).collect();
+            assert_eq!(trained, responses.as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect::<Vec<_>>(), "record {i}");
+        }
+        let (example, _) = template.example(&tokenizer, &conversation, policy, 4096).unwrap();
+        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(example.input_ids, ids, "record {i}");
+        // What carries loss is the calls and the answers, each with its <|im_end|>.
+        let trained: Vec<u32> = ids.iter().zip(&example.labels).filter(|(_, l)| **l != IGNORE_INDEX).map(|(&id, _)| id).collect();
+        assert!(tokenizer.decode(&trained, false).unwrap().ends_with("<|im_end|>\n"), "record {i}");
+    }
+    // Templates that cannot render them say so instead of dropping them.
+    let conversation = samples[0].conversation().unwrap();
+    let e = ember_data::ChatTemplate::ChatMl.render(&conversation, policy, false).unwrap_err();
+    assert!(e.contains("template 'chatml' has no tool calls"), "{e}");
+    let smollm2 = ember_data::ChatTemplate::named("auto", &fixture("chat_template/smollm2")).unwrap().unwrap();
+    let e = smollm2.render(&conversation, policy, false).unwrap_err();
+    assert!(e.contains("does not render the tools (no 'get_weather' in its text)"), "{e}");
+    let calls_only = ember_data::Conversation { tools: Vec::new(), ..conversation };
+    let e = smollm2.render(&calls_only, policy, false).unwrap_err();
+    assert!(e.contains("does not render tool calls (message 1's call of 'get_weather'"), "{e}");
+    // Through a recipe: LLaMA-Factory's glaive_toolcall entry, and `data preview`'s ids.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(data("tool_calls.jsonl"), dir.path().join("glaive.jsonl")).unwrap();
+    let info = r#"{"glaive": {"file_name": "glaive.jsonl", "formatting": "sharegpt", "columns": {"messages": "conversations", "tools": "tools"}}}"#;
+    std::fs::write(dir.path().join("dataset_info.json"), info).unwrap();
+    let recipe = dir.path().join("tools.toml");
+    let text = format!(
+        "[model]\npath = {folder:?}\n[adapter]\nmethod = \"lora\"\n[data]\ndataset = \"glaive\"\ndataset_dir = {:?}\ntemplate = \"auto\"\ncutoff_len = 1024\n[train]\nmax_steps = 1\n[output]\ndir = {:?}\n",
+        dir.path(), dir.path().join("out")
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let output = ember(&["data", "preview", recipe.to_str().unwrap(), "--json", "--limit", "10"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<Value> = String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), cases.len());
+    for (line, case) in lines.iter().zip(cases) {
+        assert_eq!(line["input_ids"], case["ids"]);
+    }
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&recipe, std::fs::read_to_string(&recipe).unwrap().replace("dataset = \"glaive\"", &format!("path = {bad:?}"))).unwrap();
+    for (record, needle) in [
+        (r#"{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "get_weather(Paris)"}], "tools": "[]"}"#, "record 0: conversations[1]: a function_call is the JSON of"),
+        (r#"{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "tools": "{\"name\": \"f\"}"}"#, "record 0: 'tools' must be a list of function schemas"),
+        (r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}"#, "'tool_calls': the arguments of 'f' are not JSON"),
+    ] {
+        std::fs::write(&bad, record).unwrap();
+        assert_bad_input(&ember(&["data", "stats", recipe.to_str().unwrap()]), &["bad.jsonl", needle]);
+    }
+}

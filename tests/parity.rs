@@ -21,7 +21,7 @@ use burn::tensor::Gradients;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_adapters::registry::ModelAdapter;
 use ember_adapters::{AdaptedModel, Method, prefix};
-use ember_data::{Batch, ChatTemplate, Conversation, Example, Message, Record, Role, SftOptions, Template, Tokenizer, sft};
+use ember_data::{Batch, ChatTemplate, Conversation, Example, Message, Record, Role, SftOptions, Template, Tokenizer, ToolCall, sft};
 use ember_trainer::loss::causal_lm_loss;
 use ember_trainer::merge;
 use ember_trainer::step::{StepOptions, forward_backward};
@@ -739,7 +739,7 @@ fn tokenizer_model_checks(dir: &Path, name: &str, report: &mut Report) -> Result
     Ok(())
 }
 
-/// `[{role, content}]` as a conversation.
+/// `[{role, content, tool_calls?}]` as a conversation.
 fn conversation_of(messages: &[Value]) -> Result<Conversation, String> {
     let messages = messages
         .iter()
@@ -751,10 +751,17 @@ fn conversation_of(messages: &[Value]) -> Result<Conversation, String> {
                 Some("observation" | "tool") => Role::Observation,
                 other => return Err(format!("unknown role {other:?}")),
             };
-            Ok(Message { role, content: m["content"].as_str().unwrap_or_default().to_string() })
+            let mut message = Message::new(role, m["content"].as_str().unwrap_or_default());
+            // transformers' `tool_calls`: `{"type": "function", "function": {name, arguments}}`.
+            for call in m["tool_calls"].as_array().into_iter().flatten() {
+                let function = if call["function"].is_object() { &call["function"] } else { call };
+                let name = function["name"].as_str().ok_or("a tool call without a name")?;
+                message.tool_calls.push(ToolCall { name: name.to_string(), arguments: function["arguments"].clone() });
+            }
+            Ok(message)
         })
         .collect::<Result<_, String>>()?;
-    Ok(Conversation { messages })
+    Ok(Conversation::new(messages))
 }
 
 /// Checkpoints' own Jinja chat templates (`template = "auto"`) against transformers'
@@ -775,6 +782,7 @@ fn chat_template_fixtures(root: &Path, report: &mut Report) {
             let (mut text_bad, mut ids_bad) = (0, 0);
             for case in cases {
                 let mut conversation = conversation_of(case["messages"].as_array().ok_or("a case without messages")?)?;
+                conversation.tools = case["tools"].as_array().cloned().unwrap_or_default();
                 let ids = |key: &str| -> Vec<u32> { case[key].as_array().into_iter().flatten().filter_map(Value::as_u64).map(|v| v as u32).collect() };
                 let text = template.text(&tokenizer, &template.render(&conversation, policy, false)?);
                 text_bad += usize::from(case["text"].as_str() != Some(text.as_str()));

@@ -43,15 +43,43 @@ impl Role {
 pub struct Message {
     pub role: Role,
     pub content: String,
+    /// The tools an assistant turn calls (LLaMA-Factory's `function_call` turns, OpenAI's
+    /// `tool_calls`).
+    pub tool_calls: Vec<ToolCall>,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self { role, content: content.into(), tool_calls: Vec::new() }
+    }
+}
+
+/// A call of one of the conversation's tools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    pub name: String,
+    /// Usually an object of the arguments by name.
+    pub arguments: Value,
 }
 
 /// A system message (optional, first), then turns ending with the assistant's.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Conversation {
     pub messages: Vec<Message>,
+    /// The functions the assistant may call, as JSON schemas (a record's `tools`).
+    pub tools: Vec<Value>,
 }
 
 impl Conversation {
+    pub fn new(messages: Vec<Message>) -> Self {
+        Self { messages, tools: Vec::new() }
+    }
+
+    /// Whether the conversation offers or calls tools.
+    pub fn uses_tools(&self) -> bool {
+        !self.tools.is_empty() || self.messages.iter().any(|m| !m.tool_calls.is_empty())
+    }
+
     /// Checks what every template needs: at least one assistant turn, the system message only
     /// first, and an assistant turn last (nothing after it would be learned).
     pub fn validate(&self) -> Result<(), String> {
@@ -125,6 +153,19 @@ impl ChatTemplate {
         }))
     }
 
+    /// The name recipes give the template.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ChatTemplate::ChatGlm2 => "chatglm2",
+            ChatTemplate::ChatGlm3 => "chatglm3",
+            ChatTemplate::Glm4 => "glm4",
+            ChatTemplate::Llama2Chat => "llama2-chat",
+            ChatTemplate::Llama3 => "llama3",
+            ChatTemplate::ChatMl => "chatml",
+            ChatTemplate::Jinja(_) => "auto",
+        }
+    }
+
     /// Per-piece encoding (THUDM's code) rather than one string.
     fn per_piece(&self) -> bool {
         matches!(self, ChatTemplate::ChatGlm2 | ChatTemplate::ChatGlm3 | ChatTemplate::Glm4)
@@ -133,6 +174,12 @@ impl ChatTemplate {
     /// The pieces of `conversation`; with `generation_prompt`, the conversation is a prompt
     /// (ending with a user turn) and what starts the assistant's answer is appended.
     pub fn render(&self, conversation: &Conversation, policy: LossPolicy, generation_prompt: bool) -> Result<Vec<Piece>, String> {
+        if conversation.uses_tools() && !matches!(self, ChatTemplate::Jinja(_)) {
+            return Err(format!(
+                "template '{}' has no tool calls: use template = \"auto\" with a checkpoint whose chat template renders them (Qwen2.5's, for one)",
+                self.name()
+            ));
+        }
         let messages = &conversation.messages;
         let last_assistant = messages.iter().rposition(|m| m.role == Role::Assistant);
         let trained = |i: usize| messages[i].role == Role::Assistant && (!policy.last_turn_only || Some(i) == last_assistant);
@@ -378,22 +425,42 @@ impl JinjaTemplate {
             })
             .collect();
         let template = Self { source, specials };
-        template.render_string(&[], false)?;
+        // Checked on a conversation every template takes (some index `messages[0]`).
+        template.render_string(&[Message::new(Role::User, "Hi")], &[], true)?;
         Ok(template)
     }
 
-    fn render_string(&self, messages: &[Message], generation_prompt: bool) -> Result<String, String> {
+    /// The template's text for `messages`, in transformers' message format: a tool's result
+    /// has role `tool`, an assistant's calls are its `tool_calls`, and `tools` are passed as
+    /// `{"type": "function", "function": schema}`.
+    fn render_string(&self, messages: &[Message], tools: &[Value], generation_prompt: bool) -> Result<String, String> {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
         });
+        env.add_filter("tojson", python_tojson);
         env.add_template("chat", &self.source).map_err(|e| format!("chat_template: {e}"))?;
-        let messages: Vec<Value> = messages.iter().map(|m| serde_json::json!({"role": m.role.name(), "content": m.content})).collect();
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                let role = if m.role == Role::Observation { "tool" } else { m.role.name() };
+                let mut message = serde_json::json!({"role": role, "content": m.content});
+                if !m.tool_calls.is_empty() {
+                    let calls = m.tool_calls.iter().map(|c| serde_json::json!({"type": "function", "function": {"name": c.name, "arguments": c.arguments}}));
+                    message["tool_calls"] = Value::Array(calls.collect());
+                }
+                message
+            })
+            .collect();
         let mut context: serde_json::Map<String, Value> =
             self.specials.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
         context.insert("messages".into(), Value::Array(messages));
+        if !tools.is_empty() {
+            let wrapped = tools.iter().map(|tool| if tool["type"] == "function" { tool.clone() } else { serde_json::json!({"type": "function", "function": tool}) });
+            context.insert("tools".into(), Value::Array(wrapped.collect()));
+        }
         context.insert("add_generation_prompt".into(), Value::Bool(generation_prompt));
         let template = env.get_template("chat").map_err(|e| format!("chat_template: {e}"))?;
         template.render(minijinja::value::Serde(&context)).map_err(|e| format!("chat_template: {e}"))
@@ -403,18 +470,28 @@ impl JinjaTemplate {
     /// rendering it adds to the conversation before it with the generation prompt; templates
     /// that do not render conversations as prefixes of each other are refused.
     fn render(&self, conversation: &Conversation, trained: &dyn Fn(usize) -> bool, generation_prompt: bool) -> Result<Vec<Piece>, String> {
-        let messages = &conversation.messages;
-        let full = self.render_string(messages, generation_prompt)?;
+        let (messages, tools) = (&conversation.messages, &conversation.tools);
+        let full = self.render_string(messages, tools, generation_prompt)?;
+        // A template without tools drops them silently: each tool and call must be in the text.
+        for tool in tools {
+            let name = tool["function"]["name"].as_str().or_else(|| tool["name"].as_str()).unwrap_or_default();
+            if !full.contains(name) {
+                return Err(format!("template 'auto': the checkpoint's chat_template does not render the tools (no '{name}' in its text); use a checkpoint whose template does"));
+            }
+        }
         let mut pieces = Vec::new();
         let mut done = 0;
         for (i, m) in messages.iter().enumerate().filter(|(_, m)| m.role == Role::Assistant) {
-            let before = self.render_string(&messages[..i], true)?;
-            let through = self.render_string(&messages[..=i], false)?;
+            let before = self.render_string(&messages[..i], tools, true)?;
+            let through = self.render_string(&messages[..=i], tools, false)?;
             if !through.starts_with(&before) || !full.starts_with(&through) || before.len() < done {
                 return Err(format!(
                     "template 'auto': the checkpoint's chat_template does not render message {i} ({}) as an extension of the messages before it; name a template instead",
                     m.role.name()
                 ));
+            }
+            if let Some(call) = m.tool_calls.iter().find(|call| !through[before.len()..].contains(call.name.as_str())) {
+                return Err(format!("template 'auto': the checkpoint's chat_template does not render tool calls (message {i}'s call of '{}' is not in its text); use a checkpoint whose template does", call.name));
             }
             pieces.push(Piece { part: Part::Text(full[done..before.len()].to_string()), loss: false });
             pieces.push(Piece { part: Part::Text(full[before.len()..through.len()].to_string()), loss: trained(i) });
@@ -426,12 +503,83 @@ impl JinjaTemplate {
     }
 }
 
+/// Jinja's `tojson` as transformers overrides it: Python's `json.dumps` (`", "` and `": "`
+/// between items, keys in their order, characters as they are, nothing HTML-escaped), with its
+/// `indent`, `sort_keys` and `ensure_ascii` arguments.
+fn python_tojson(value: minijinja::Value, kwargs: minijinja::value::Kwargs) -> Result<minijinja::Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let value = serde_json::to_value(&value).map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let mut out = String::new();
+    python_json(&value, &PythonJson { indent, sort_keys: sort_keys.unwrap_or(false), ensure_ascii: ensure_ascii.unwrap_or(false) }, 0, &mut out);
+    Ok(minijinja::Value::from_safe_string(out))
+}
+
+struct PythonJson {
+    indent: Option<usize>,
+    sort_keys: bool,
+    ensure_ascii: bool,
+}
+
+fn python_json(value: &Value, options: &PythonJson, depth: usize, out: &mut String) {
+    let string = |s: &str, out: &mut String| {
+        let quoted = serde_json::to_string(s).expect("a string serializes");
+        match options.ensure_ascii {
+            false => out.push_str(&quoted),
+            true => quoted.encode_utf16().for_each(|unit| match char::from_u32(u32::from(unit)).filter(char::is_ascii) {
+                Some(c) => out.push(c),
+                None => out.push_str(&format!("\\u{unit:04x}")),
+            }),
+        }
+    };
+    // Between items: ", " on one line, or "," and a new line at the next depth's indent.
+    let newline = |depth: usize, out: &mut String| {
+        if let Some(indent) = options.indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(indent * depth));
+        }
+    };
+    let separator = if options.indent.is_some() { "," } else { ", " };
+    match value {
+        Value::String(s) => string(s, out),
+        Value::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                out.push_str(if i > 0 { separator } else { "" });
+                newline(depth + 1, out);
+                python_json(item, options, depth + 1, out);
+            }
+            newline(depth, out);
+            out.push(']');
+        }
+        Value::Object(map) if !map.is_empty() => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            if options.sort_keys {
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+            }
+            out.push('{');
+            for (i, (key, item)) in entries.into_iter().enumerate() {
+                out.push_str(if i > 0 { separator } else { "" });
+                newline(depth + 1, out);
+                string(key, out);
+                out.push_str(": ");
+                python_json(item, options, depth + 1, out);
+            }
+            newline(depth, out);
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn conversation(turns: &[(Role, &str)]) -> Conversation {
-        Conversation { messages: turns.iter().map(|&(role, content)| Message { role, content: content.into() }).collect() }
+        Conversation::new(turns.iter().map(|&(role, content)| Message::new(role, content)).collect())
     }
 
     fn texts(pieces: &[Piece]) -> Vec<(String, bool)> {
@@ -488,6 +636,21 @@ mod tests {
         assert!(e.contains("message 1"), "{e}");
         let e = conversation(&[(Role::User, "q")]).validate().unwrap_err();
         assert!(e.contains("must end with the assistant"), "{e}");
+    }
+
+    /// Outputs of Python's `json.dumps`, which transformers' `tojson` calls.
+    #[test]
+    fn tojson_writes_what_python_writes() {
+        let mut env = minijinja::Environment::new();
+        env.add_filter("tojson", python_tojson);
+        let value = serde_json::json!({"b": [1, 2.5, {"x": null}], "a": "é\n\"<>&", "e": [], "f": {}, "t": true});
+        let render = |source: &str| env.render_str(source, minijinja::context! { v => minijinja::value::Serde(&value), s => "😀é" }).unwrap();
+        assert_eq!(render("{{ v | tojson }}"), r#"{"b": [1, 2.5, {"x": null}], "a": "é\n\"<>&", "e": [], "f": {}, "t": true}"#);
+        assert_eq!(
+            render("{{ v | tojson(indent=2, sort_keys=true) }}"),
+            "{\n  \"a\": \"é\\n\\\"<>&\",\n  \"b\": [\n    1,\n    2.5,\n    {\n      \"x\": null\n    }\n  ],\n  \"e\": [],\n  \"f\": {},\n  \"t\": true\n}"
+        );
+        assert_eq!(render("{{ s | tojson(ensure_ascii=true) }}"), r#""\ud83d\ude00\u00e9""#);
     }
 
     #[test]

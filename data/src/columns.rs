@@ -2,8 +2,8 @@
 //! keys holds the instruction, input, answer, system prompt, history, conversation or text, and
 //! `[data.tags]` which keys and names a conversation's turns use, with the keys of
 //! LLaMA-Factory's `dataset_info.json` (`columns`: prompt, query, response, system, history,
-//! messages, text; `tags`: role_tag, content_tag, user_tag, assistant_tag, system_tag,
-//! observation_tag). A record is renamed into ember's own keys before it is read, so every
+//! messages, text, tools; `tags`: role_tag, content_tag, user_tag, assistant_tag, system_tag,
+//! observation_tag, function_tag). A record is renamed into ember's own keys before it is read, so every
 //! format and error is the same as for a record that used them.
 
 use serde::Deserialize;
@@ -26,6 +26,8 @@ pub struct Columns {
     pub messages: Option<String>,
     /// Plain text for continued pretraining (`text`).
     pub text: Option<String>,
+    /// The functions a conversation's assistant may call (`tools`).
+    pub tools: Option<String>,
 }
 
 /// A conversation's turns: the keys of a turn's role and content, and the role names.
@@ -38,6 +40,8 @@ pub struct Tags {
     pub assistant_tag: Option<String>,
     pub system_tag: Option<String>,
     pub observation_tag: Option<String>,
+    /// An assistant's tool call (LLaMA-Factory's `function_call`).
+    pub function_tag: Option<String>,
 }
 
 /// `[data.columns]` and `[data.tags]` together.
@@ -95,7 +99,7 @@ impl Mapping {
         }
         let c = &self.columns;
         let mut renamed = Map::new();
-        let moves = [(&c.prompt, "instruction"), (&c.query, "input"), (&c.response, "output"), (&c.system, "system"), (&c.history, "history"), (&c.text, "text")];
+        let moves = [(&c.prompt, "instruction"), (&c.query, "input"), (&c.response, "output"), (&c.system, "system"), (&c.history, "history"), (&c.text, "text"), (&c.tools, "tools")];
         for (theirs, ours) in moves {
             if let Some(value) = theirs.as_deref().and_then(|key| fields.remove(key)) {
                 renamed.insert(ours.to_owned(), value);
@@ -122,7 +126,7 @@ impl Mapping {
     fn turns(&self, key: &str, turns: Value) -> Result<Value, String> {
         let Value::Array(turns) = turns else { return Err(format!("'{key}' must be a list of turns")) };
         let t = &self.tags;
-        let names = [(&t.user_tag, "user"), (&t.assistant_tag, "assistant"), (&t.system_tag, "system"), (&t.observation_tag, "tool")];
+        let names = [(&t.user_tag, "user"), (&t.assistant_tag, "assistant"), (&t.system_tag, "system"), (&t.observation_tag, "tool"), (&t.function_tag, "function_call")];
         let turns = turns.into_iter().enumerate().map(|(i, turn)| {
             let Value::Object(mut turn) = turn else { return Err(format!("{key}[{i}] must be an object")) };
             let mut take = |tag: &Option<String>, usual: [&str; 2]| {
@@ -138,7 +142,11 @@ impl Mapping {
                 Value::String(name) => names.iter().find(|(tag, _)| tag.as_deref() == Some(name.as_str())).map_or(name, |(_, ours)| ours.to_string()),
                 _ => return Err(format!("{key}[{i}]: '{role_key}' must be a string")),
             };
-            Ok(serde_json::json!({"role": role, "content": content}))
+            let mut renamed = serde_json::json!({"role": role, "content": content});
+            if let Some(calls) = turn.remove("tool_calls") {
+                renamed["tool_calls"] = calls;
+            }
+            Ok(renamed)
         });
         Ok(Value::Array(turns.collect::<Result<_, String>>()?))
     }

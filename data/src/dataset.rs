@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use crate::chat::{Conversation, Message, Role};
+use crate::chat::{Conversation, Message, Role, ToolCall};
 use crate::columns::{Mapping, Mappings};
 
 /// One record: a single instruction (rendered by prompt or chat templates), a conversation
@@ -30,7 +30,7 @@ impl Sample {
     pub fn conversation(&self) -> Option<Conversation> {
         match self {
             Sample::Chat(c) => Some(c.clone()),
-            Sample::Instruction(r) => Some(Conversation { messages: r.turns() }),
+            Sample::Instruction(r) => Some(Conversation::new(r.turns())),
             Sample::Text(_) => None,
         }
     }
@@ -40,6 +40,7 @@ impl Sample {
     pub fn instruction(&self) -> Option<Record> {
         match self {
             Sample::Instruction(r) => Some(r.clone()),
+            Sample::Chat(c) if c.uses_tools() => None,
             Sample::Chat(c) => match c.messages.as_slice() {
                 [q, a] if q.role == Role::User && a.role == Role::Assistant => {
                     Some(Record { instruction: q.content.clone(), input: String::new(), output: a.content.clone() })
@@ -114,7 +115,7 @@ impl Record {
     /// joins them) and the assistant's (the output).
     fn turns(&self) -> Vec<Message> {
         let query = if self.input.is_empty() { self.instruction.clone() } else { format!("{}\n{}", self.instruction, self.input) };
-        vec![Message { role: Role::User, content: query }, Message { role: Role::Assistant, content: self.output.clone() }]
+        vec![Message::new(Role::User, query), Message::new(Role::Assistant, self.output.clone())]
     }
 }
 
@@ -277,17 +278,18 @@ fn json_values(path: &Path, text: &str) -> Result<Vec<Value>, DatasetError> {
 pub(crate) fn parse_sample(value: &Value) -> Result<Sample, String> {
     let obj = value.as_object().ok_or_else(|| format!("expected an object, found {}", kind(value)))?;
     let system = string_field(obj, "system", false)?;
+    let tools = tools(obj.get("tools"))?;
     let mut messages: Vec<Message> = Vec::new();
     if !system.is_empty() {
-        messages.push(Message { role: Role::System, content: system });
+        messages.push(Message::new(Role::System, system));
     }
     if let Some(list) = obj.get("messages") {
         messages.extend(turns(list, "messages", "role", "content")?);
     } else if let Some(list) = obj.get("conversations") {
         messages.extend(turns(list, "conversations", "from", "value")?);
     } else if obj.contains_key("text") && !obj.contains_key("instruction") {
-        if !messages.is_empty() {
-            return Err("a plain-text record ('text') has no 'system'".into());
+        if !messages.is_empty() || !tools.is_empty() {
+            return Err("a plain-text record ('text') has no 'system' nor 'tools'".into());
         }
         return Ok(Sample::Text(string_field(obj, "text", true)?));
     } else {
@@ -301,16 +303,16 @@ pub(crate) fn parse_sample(value: &Value) -> Result<Sample, String> {
             Some(Value::Array(pairs)) => pairs.iter().enumerate().map(|(i, pair)| history_pair(i, pair)).collect::<Result<_, _>>()?,
             Some(other) => return Err(format!("'history' must be a list of [query, answer] pairs, found {}", kind(other))),
         };
-        if messages.is_empty() && history.is_empty() {
+        if messages.is_empty() && history.is_empty() && tools.is_empty() {
             return Ok(Sample::Instruction(record));
         }
         for (query, answer) in history {
-            messages.push(Message { role: Role::User, content: query });
-            messages.push(Message { role: Role::Assistant, content: answer });
+            messages.push(Message::new(Role::User, query));
+            messages.push(Message::new(Role::Assistant, answer));
         }
         messages.extend(record.turns());
     }
-    let conversation = Conversation { messages };
+    let conversation = Conversation { messages, tools };
     conversation.validate()?;
     Ok(Sample::Chat(conversation))
 }
@@ -331,7 +333,9 @@ fn history_pair(i: usize, pair: &Value) -> Result<(String, String), String> {
     }
 }
 
-/// The messages of a ShareGPT `conversations` or OpenAI `messages` list.
+/// The messages of a ShareGPT `conversations` or OpenAI `messages` list. An assistant's tool
+/// calls are OpenAI's `tool_calls`, or a LLaMA-Factory `function_call` turn (its content the
+/// JSON of a call, or of a list of calls).
 fn turns(list: &Value, key: &str, role_key: &str, content_key: &str) -> Result<Vec<Message>, String> {
     let list = list.as_array().ok_or_else(|| format!("'{key}' must be a list, found {}", kind(list)))?;
     list.iter()
@@ -342,14 +346,64 @@ fn turns(list: &Value, key: &str, role_key: &str, content_key: &str) -> Result<V
             let role = match role_name.as_str() {
                 "system" => Role::System,
                 "user" | "human" => Role::User,
-                "assistant" | "gpt" => Role::Assistant,
+                "assistant" | "gpt" | "function_call" => Role::Assistant,
                 "tool" | "observation" | "function" => Role::Observation,
-                other => return Err(format!("{key}[{i}]: unknown {role_key} '{other}' (known: system, user/human, assistant/gpt, tool/observation/function)")),
+                other => return Err(format!("{key}[{i}]: unknown {role_key} '{other}' (known: system, user/human, assistant/gpt, function_call, tool/observation/function)")),
             };
-            let content = string_field(obj, content_key, true).map_err(|e| format!("{key}[{i}]: {e}"))?;
-            Ok(Message { role, content })
+            let mut calls = match obj.get("tool_calls") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(list) if role == Role::Assistant => tool_calls(list).map_err(|e| format!("{key}[{i}]: 'tool_calls': {e}"))?,
+                Some(_) => return Err(format!("{key}[{i}]: only an assistant turn has 'tool_calls'")),
+            };
+            // A message that calls tools may have no content (OpenAI's `null`).
+            let content = string_field(obj, content_key, calls.is_empty() && role_name != "function_call").map_err(|e| format!("{key}[{i}]: {e}"))?;
+            if role_name == "function_call" {
+                let call: Value = serde_json::from_str(&content).map_err(|e| format!("{key}[{i}]: a function_call is the JSON of {{\"name\", \"arguments\"}} (or a list of them): {e}"))?;
+                calls.extend(tool_calls(&call).map_err(|e| format!("{key}[{i}]: {e}"))?);
+                return Ok(Message { role, content: String::new(), tool_calls: calls });
+            }
+            Ok(Message { role, content, tool_calls: calls })
         })
         .collect()
+}
+
+/// Calls as OpenAI writes them (`{"type": "function", "function": {"name", "arguments"}}`) or
+/// as LLaMA-Factory does (`{"name", "arguments"}`), one or a list; arguments given as JSON
+/// text are parsed.
+fn tool_calls(value: &Value) -> Result<Vec<ToolCall>, String> {
+    let one = |call: &Value| {
+        let call = if call.get("type").is_some_and(|t| t == "function") { &call["function"] } else { call };
+        let name = call.get("name").and_then(Value::as_str).ok_or("a tool call needs a 'name' string")?;
+        let arguments = match call.get("arguments") {
+            Some(Value::String(text)) => serde_json::from_str(text).map_err(|e| format!("the arguments of '{name}' are not JSON: {e}"))?,
+            Some(arguments) => arguments.clone(),
+            None => Value::Object(Map::new()),
+        };
+        Ok(ToolCall { name: name.to_string(), arguments })
+    };
+    match value {
+        Value::Array(calls) if !calls.is_empty() => calls.iter().map(one).collect(),
+        Value::Object(_) => Ok(vec![one(value)?]),
+        other => Err(format!("expected a tool call or a list of them, found {}", kind(other))),
+    }
+}
+
+/// A record's `tools`: a list of function schemas, or its JSON text (LLaMA-Factory's column).
+fn tools(value: Option<&Value>) -> Result<Vec<Value>, String> {
+    let parsed;
+    let list = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::String(text)) if text.trim().is_empty() => return Ok(Vec::new()),
+        Some(Value::String(text)) => {
+            parsed = serde_json::from_str::<Value>(text).map_err(|e| format!("'tools' is not JSON: {e}"))?;
+            &parsed
+        }
+        Some(list) => list,
+    };
+    match list {
+        Value::Array(tools) if tools.iter().all(Value::is_object) => Ok(tools.clone()),
+        other => Err(format!("'tools' must be a list of function schemas (objects), found {}", kind(other))),
+    }
 }
 
 fn kind(value: &Value) -> &'static str {
@@ -456,7 +510,7 @@ mod tests {
     }
 
     fn chat(turns: &[(Role, &str)]) -> Sample {
-        Sample::Chat(Conversation { messages: turns.iter().map(|&(role, c)| Message { role, content: c.into() }).collect() })
+        Sample::Chat(Conversation::new(turns.iter().map(|&(role, c)| Message::new(role, c)).collect()))
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! "identity"]`), each a file or folder beside it (`file_name`) or a Hugging Face dataset
 //! (`hf_hub_url`), with its `formatting` (alpaca or sharegpt), `columns` and `tags`, so that a
 //! LLaMA-Factory data folder trains as it is. What ember does not do (preference pairs, other
-//! hubs, loading scripts, sampling) is an error naming the dataset and the key.
+//! hubs, loading scripts) is an error naming the dataset and the key.
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +26,9 @@ pub struct Entry {
     /// The hub dataset's split (`train` unless the entry names another).
     pub split: String,
     pub mapping: Mapping,
+    /// How many records to draw (`num_samples`): every record once in a seeded order before
+    /// any is drawn again, as LLaMA-Factory samples.
+    pub num_samples: Option<usize>,
 }
 
 impl Entry {
@@ -67,14 +70,21 @@ impl DatasetInfo {
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(other) => Err(fail(format!("'{key}' must be a string, found {other}"))),
         };
-        for key in ["ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "subset", "folder", "num_samples"] {
+        for key in ["ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "subset", "folder"] {
             if attr.get(key).is_some_and(|v| !v.is_null()) && !(key.ends_with("_url") && attr.contains_key("hf_hub_url")) {
-                return Err(fail(format!("'{key}' is not supported (ember reads local files and Hugging Face datasets, all of their records)")));
+                return Err(fail(format!("'{key}' is not supported (ember reads local files and Hugging Face datasets)")));
             }
         }
         if attr.get("ranking").and_then(Value::as_bool) == Some(true) {
             return Err(fail("'ranking': preference pairs are not supported (ember trains on instructions and conversations)".into()));
         }
+        let num_samples = match attr.get("num_samples") {
+            None | Some(Value::Null) => None,
+            Some(value) => match value.as_u64().filter(|&n| n > 0) {
+                Some(n) => Some(n as usize),
+                None => return Err(fail(format!("'num_samples' must be a number of records (at least 1), found {value}"))),
+            },
+        };
         let split = string("split")?.unwrap_or_else(|| "train".into());
         let source = match (string("hf_hub_url")?, string("file_name")?) {
             (Some(id), _) => Source::Hub(id),
@@ -98,12 +108,20 @@ impl DatasetInfo {
             Some(other) => Err(fail(format!("'columns.{key}' must be a string, found {other}"))),
         };
         for key in columns.keys() {
-            if !["prompt", "query", "response", "history", "system", "messages"].contains(&key.as_str()) && column(key)?.is_some() {
-                return Err(fail(format!("'columns.{key}' is not supported (ember reads text records: no tools, images, videos, audios or preference columns)")));
+            if !["prompt", "query", "response", "history", "system", "messages", "tools"].contains(&key.as_str()) && column(key)?.is_some() {
+                return Err(fail(format!("'columns.{key}' is not supported (ember reads text records and tools: no images, videos, audios or preference columns)")));
             }
         }
         let mut mapping = Mapping {
-            columns: Columns { prompt: column("prompt")?, query: column("query")?, response: column("response")?, system: column("system")?, history: column("history")?, ..Default::default() },
+            columns: Columns {
+                prompt: column("prompt")?,
+                query: column("query")?,
+                response: column("response")?,
+                system: column("system")?,
+                history: column("history")?,
+                tools: column("tools")?,
+                ..Default::default()
+            },
             tags: Tags::default(),
         };
         match formatting.as_str() {
@@ -115,8 +133,6 @@ impl DatasetInfo {
                     Some(Value::String(s)) => Ok(Some(s.clone())),
                     Some(other) => Err(fail(format!("'tags.{key}' must be a string, found {other}"))),
                 };
-                // LLaMA-Factory's `function_tag` (an assistant's tool call) has no role in ember: a
-                // record with one is an error when it is read.
                 mapping.tags = Tags {
                     role_tag: tag("role_tag")?,
                     content_tag: tag("content_tag")?,
@@ -124,11 +140,12 @@ impl DatasetInfo {
                     assistant_tag: tag("assistant_tag")?,
                     system_tag: tag("system_tag")?,
                     observation_tag: tag("observation_tag")?,
+                    function_tag: tag("function_tag")?,
                 };
             }
             other => return Err(fail(format!("'formatting' is '{other}': expected alpaca or sharegpt"))),
         }
-        Ok(Entry { source, split, mapping })
+        Ok(Entry { source, split, mapping, num_samples })
     }
 }
 
@@ -153,13 +170,18 @@ mod tests {
             "dolly": {"file_name": "dolly", "columns": {"prompt": "instruction", "query": "context", "response": "response"}},
             "dpo": {"file_name": "dpo.json", "ranking": true, "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}},
             "glaive": {"file_name": "glaive.json", "formatting": "sharegpt", "columns": {"messages": "conversations", "tools": "tools"}},
+            "mllm": {"file_name": "mllm.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"}},
             "c4": {"hf_hub_url": "allenai/c4", "subset": "en"},
             "bad": {"file_name": "x.json", "formatting": "jsonl"},
             "c4_demo": {"file_name": "c4_demo.jsonl", "columns": {"prompt": "text"}},
             "ultrachat": {"hf_hub_url": "HuggingFaceH4/ultrachat_200k", "split": "train_sft", "formatting": "sharegpt", "columns": {"messages": "messages"}},
             "split_file": {"file_name": "x.json", "split": "test"},
+            "sampled": {"file_name": "x.json", "num_samples": 500},
+            "no_samples": {"file_name": "x.json", "num_samples": 0},
         }));
-        assert_eq!(info.entry("alpaca_zh_demo").unwrap(), Entry { source: Source::File("alpaca_zh_demo.json".into()), split: "train".into(), mapping: Mapping::default() });
+        assert_eq!(info.entry("sampled").unwrap().num_samples, Some(500));
+        assert_eq!(info.entry("glaive").unwrap().mapping.columns.tools.as_deref(), Some("tools"));
+        assert_eq!(info.entry("alpaca_zh_demo").unwrap(), Entry { source: Source::File("alpaca_zh_demo.json".into()), split: "train".into(), mapping: Mapping::default(), num_samples: None });
         assert_eq!(info.entry("c4_demo").unwrap().text_mapping().columns.text.as_deref(), Some("text"));
         assert_eq!(info.entry("ultrachat").unwrap().split, "train_sft");
         assert_eq!(info.entry("alpaca_en").unwrap().source, Source::Hub("llamafactory/alpaca_en".into()));
@@ -167,7 +189,7 @@ mod tests {
         let openai = info.entry("openai").unwrap().mapping;
         assert_eq!((openai.tags.role_tag.as_deref(), openai.tags.user_tag.as_deref()), (Some("role"), Some("user")));
         assert_eq!(info.entry("dolly").unwrap().mapping.columns.query.as_deref(), Some("context"));
-        for (name, needle) in [("dpo", "'ranking'"), ("glaive", "'columns.tools'"), ("c4", "'subset'"), ("bad", "'formatting' is 'jsonl'"), ("split_file", "a file is read whole"), ("missing", "no dataset 'missing' (it has: alpaca_en, ")] {
+        for (name, needle) in [("dpo", "'ranking'"), ("mllm", "'columns.images'"), ("c4", "'subset'"), ("bad", "'formatting' is 'jsonl'"), ("split_file", "a file is read whole"), ("no_samples", "'num_samples' must be a number of records (at least 1), found 0"), ("missing", "no dataset 'missing' (it has: alpaca_en, ")] {
             let e = info.entry(name).unwrap_err();
             assert!(e.starts_with("data/dataset_info.json: ") && e.contains(needle), "{name}: {e}");
         }

@@ -14,7 +14,7 @@ pub mod text;
 pub mod tiktoken;
 pub mod tokenizer;
 
-pub use chat::{ChatTemplate, Conversation, Message, Role};
+pub use chat::{ChatTemplate, Conversation, Message, Role, ToolCall};
 pub use columns::{Mapping, Mappings};
 pub use dataset::{Dataset, DatasetError, Record, Sample};
 pub use sft::{Batch, Example, Examples, Format, SftOptions, SftStats};

@@ -196,9 +196,26 @@ pub struct DataSection {
     pub eval_dataset: Vec<String>,
     /// The folder of `dataset_info.json` (default `data`, as LLaMA-Factory's).
     pub dataset_dir: Option<PathBuf>,
+    /// At most this many records of each dataset, its first (LLaMA-Factory's `max_samples`, for
+    /// quick runs): each entry of `path` and `eval_path` (a file, folder or pattern) and each
+    /// name of `dataset` and `eval_dataset` is one dataset.
+    pub max_samples: Option<usize>,
     /// The data entries' own mappings, by file (filled while loading).
     #[serde(skip)]
     file_mappings: Vec<(PathBuf, ember_data::Mapping)>,
+    /// The datasets that `paths`' and `eval_paths`' files make up, in file order (filled while
+    /// loading).
+    #[serde(skip)]
+    groups: [Vec<FileGroup>; 2],
+}
+
+/// One dataset's files, consecutive in `data.path`'s (or `data.eval_path`'s) list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileGroup {
+    pub files: usize,
+    /// Records drawn with the seed instead of the records as they are (a `dataset_info.json`
+    /// entry's `num_samples`).
+    pub num_samples: Option<usize>,
 }
 
 impl DataSection {
@@ -217,7 +234,8 @@ impl DataSection {
         }
         let dir = base.join(self.dataset_dir.clone().unwrap_or_else(|| PathBuf::from("data")));
         let info = ember_data::dataset_info::DatasetInfo::read(&dir).map_err(|e| format!("'data.dataset_dir': {e}"))?;
-        for (key, names, paths) in [("data.dataset", &self.dataset, &mut self.paths), ("data.eval_dataset", &self.eval_dataset, &mut self.eval_paths)] {
+        let [train_groups, eval_groups] = &mut self.groups;
+        for (key, names, paths, groups) in [("data.dataset", &self.dataset, &mut self.paths, train_groups), ("data.eval_dataset", &self.eval_dataset, &mut self.eval_paths, eval_groups)] {
             for name in names {
                 let entry = info.entry(name).map_err(|e| format!("'{key}': {e}"))?;
                 let files = match &entry.source {
@@ -225,6 +243,10 @@ impl DataSection {
                     ember_data::dataset_info::Source::Hub(id) => hub::dataset_files(Path::new(&format!("hf://datasets/{id}")), &entry.split, fetch).map_err(|e| format!("'{key}': dataset '{name}': {e}"))?,
                 };
                 let mapping = if self.template == ember_data::sft::TEXT_TEMPLATE { entry.text_mapping() } else { entry.mapping.clone() };
+                if entry.num_samples.is_some() && self.template == ember_data::sft::TEXT_TEMPLATE {
+                    return Err(format!("'{key}': dataset '{name}': 'num_samples' draws records, and a plain-text corpus (template \"text\") is read whole"));
+                }
+                groups.push(FileGroup { files: files.len(), num_samples: entry.num_samples });
                 for file in files {
                     self.file_mappings.push((file.clone(), mapping.clone()));
                     paths.push(file);
@@ -232,6 +254,11 @@ impl DataSection {
             }
         }
         Ok(())
+    }
+
+    /// The datasets that `path`'s files make up, and those of `eval_path`'s.
+    pub fn groups(&self) -> &[Vec<FileGroup>; 2] {
+        &self.groups
     }
 
     /// `path`'s files, then `eval_path`'s.
@@ -578,7 +605,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("model", &["path", "device", "dtype", "quantize", "double_quant", "resize_embeddings"]),
     // The method's own keys come from its section type (`adapter_keys`).
     ("adapter", &["method", "init_from"]),
-    ("data", &["path", "eval_path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "mask_history", "val_size", "group_by_length", "tokenized_path", "columns", "tags", "dataset", "eval_dataset", "dataset_dir"]),
+    ("data", &["path", "eval_path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "mask_history", "val_size", "group_by_length", "tokenized_path", "columns", "tags", "dataset", "eval_dataset", "dataset_dir", "max_samples"]),
     ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
         "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
         "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "gradient_checkpointing_every", "loss_chunk_tokens", "padding_free", "report_to",
@@ -640,23 +667,25 @@ impl Recipe {
         }
         // Data files may be hub datasets' files (`hf://datasets/org/name/file.json`, or a pattern
         // of them).
-        for (key, paths) in [("data.path", &mut recipe.data.paths), ("data.eval_path", &mut recipe.data.eval_paths)] {
-            let mut resolved = Vec::new();
+        // A folder or pattern is the files it holds or matches; each entry is one dataset.
+        let [train_groups, eval_groups] = &mut recipe.data.groups;
+        for (key, paths, groups) in [("data.path", &mut recipe.data.paths, train_groups), ("data.eval_path", &mut recipe.data.eval_paths, eval_groups)] {
+            let mut files = Vec::new();
             for p in paths.iter() {
-                match hub::is_dataset_url(&p.to_string_lossy()) {
-                    true => resolved.extend(hub::data_files(p, fetch).map_err(|source| RecipeError::Hub { path: path.to_path_buf(), key, source })?),
-                    false => resolved.push(p.clone()),
-                }
+                let resolved = match hub::is_dataset_url(&p.to_string_lossy()) {
+                    true => hub::data_files(p, fetch).map_err(|source| RecipeError::Hub { path: path.to_path_buf(), key, source })?,
+                    false => vec![base.join(p)],
+                };
+                let expanded = ember_data::dataset::expand_paths(&resolved).map_err(|reason| invalid(format!("'{key}': {reason}")))?;
+                groups.push(FileGroup { files: expanded.len(), num_samples: None });
+                files.extend(expanded);
             }
-            *paths = resolved;
+            *paths = files;
         }
-        for p in [&mut recipe.model.path, &mut recipe.output.dir].into_iter().chain(&mut recipe.data.paths).chain(&mut recipe.data.eval_paths).chain(recipe.adapter.init_from.as_mut()).chain(recipe.data.tokenized_path.as_mut()) {
+        for p in [&mut recipe.model.path, &mut recipe.output.dir].into_iter().chain(recipe.adapter.init_from.as_mut()).chain(recipe.data.tokenized_path.as_mut()) {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
-        }
-        for (key, paths) in [("data.path", &mut recipe.data.paths), ("data.eval_path", &mut recipe.data.eval_paths)] {
-            *paths = ember_data::dataset::expand_paths(paths).map_err(|reason| invalid(format!("'{key}': {reason}")))?;
         }
         recipe.data.add_datasets(&base, fetch).map_err(|reason| invalid(reason))?;
         if recipe.export.any() && ember_models::gguf::GgufFile::is_gguf(&recipe.model.path) {
@@ -693,6 +722,12 @@ impl Recipe {
         }
         if self.data.tokenized_path.is_some() && self.data.template != ember_data::sft::TEXT_TEMPLATE {
             return Err(format!("'data.tokenized_path' keeps a plain-text corpus's token ids: it needs data.template = \"{}\"", ember_data::sft::TEXT_TEMPLATE));
+        }
+        if self.data.max_samples.is_some() && self.data.template == ember_data::sft::TEXT_TEMPLATE {
+            return Err("'data.max_samples' keeps a dataset's first records; a plain-text corpus (template \"text\") is read whole: cut its files instead".into());
+        }
+        if self.data.max_samples == Some(0) {
+            return Err("'data.max_samples' must be at least 1".into());
         }
         if !self.data.eval_paths.is_empty() && self.data.val_size.holds_out() {
             return Err("'data.val_size' and 'data.eval_path' both hold records out for evaluation: give one".into());

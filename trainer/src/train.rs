@@ -19,7 +19,7 @@ use ember_data::sft::{self, SftOptions};
 use ember_data::text::{Corpus, TextBlocks, TokenBuffer, TokenCache, TokenStream};
 use ember_data::{Batch, Dataset, DatasetError, Examples, Format, SftStats, Template};
 use ember_models::BaseModel;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde_json::json;
@@ -30,7 +30,7 @@ use crate::fault::{self, Fault};
 use crate::interrupt;
 use crate::loss::causal_lm_loss;
 use crate::optimizer::{AdamW, FlatGradients};
-use crate::recipe::{LrScheduler, OnNonfinite, Recipe, ReportTo};
+use crate::recipe::{FileGroup, LrScheduler, OnNonfinite, Recipe, ReportTo};
 use crate::run::{Event, Metrics, StepReport, Summary};
 use crate::step;
 
@@ -113,23 +113,52 @@ pub fn sft_options(recipe: &Recipe) -> SftOptions {
     SftOptions { cutoff_len: d.cutoff_len, train_on_inputs: d.train_on_inputs, last_turn_only: d.mask_history }
 }
 
-/// The data files' records, and the indices of the training and held-out records: shuffled with
-/// the seed, the last `data.val_size` (a number, or a fraction rounded up) held out; or every record
-/// of `data.eval_path` held out.
+/// The data files' records, and the indices of the training and held-out records: each
+/// dataset's records as [`kept_records`] keeps them, shuffled with the seed, the last
+/// `data.val_size` (a number, or a fraction rounded up) held out; or the kept records of
+/// `data.eval_path` held out.
 pub fn split_records(recipe: &Recipe) -> Result<(Dataset, Vec<usize>, Vec<usize>), TrainError> {
     let mappings = recipe.data.mappings();
+    let [train_groups, eval_groups] = recipe.data.groups();
     let mut dataset = Dataset::load_all(&recipe.data.paths, &mappings)?;
-    let records = dataset.samples.len();
+    let kept = kept_records(&dataset, train_groups, recipe, 0);
+    let mut eval = Vec::new();
     if !recipe.data.eval_paths.is_empty() {
-        dataset.append(Dataset::load_all(&recipe.data.eval_paths, &mappings)?);
+        let held = Dataset::load_all(&recipe.data.eval_paths, &mappings)?;
+        eval = kept_records(&held, eval_groups, recipe, dataset.samples.len());
+        dataset.append(held);
     }
-    let (order, held_out) = split_order(records, recipe)?;
-    let mut train: Vec<usize> = order.into_iter().map(|i| i as usize).collect();
-    let eval = match recipe.data.eval_paths.is_empty() {
-        true => train.split_off(records - held_out),
-        false => (records..dataset.samples.len()).collect(),
-    };
+    let (order, held_out) = split_order(kept.len(), recipe)?;
+    let mut train: Vec<usize> = order.into_iter().map(|i| kept[i as usize]).collect();
+    if recipe.data.eval_paths.is_empty() {
+        eval = train.split_off(train.len() - held_out);
+    }
     Ok((dataset, train, eval))
+}
+
+/// The indices (from `first`) of the records of `dataset` that a run reads, dataset by dataset
+/// (`groups`): `num_samples` drawn with the seed (every record once, in a shuffled order,
+/// before any is drawn again, as LLaMA-Factory draws them), then the first `data.max_samples`.
+fn kept_records(dataset: &Dataset, groups: &[FileGroup], recipe: &Recipe, first: usize) -> Vec<usize> {
+    let counts: Vec<usize> = dataset.files().map(|(_, records)| records).collect();
+    let mut rng = StdRng::seed_from_u64(recipe.train.seed);
+    let (mut kept, mut file, mut start) = (Vec::new(), 0, first);
+    for group in groups {
+        let len: usize = counts[file..file + group.files].iter().sum();
+        let mut records: Vec<usize> = (start..start + len).collect();
+        if let Some(n) = group.num_samples {
+            records.shuffle(&mut rng);
+            records.truncate(n);
+            while records.len() < n && len > 0 {
+                records.push(start + rng.random_range(0..len));
+            }
+        }
+        records.truncate(recipe.data.max_samples.unwrap_or(usize::MAX));
+        kept.extend(records);
+        (file, start) = (file + group.files, start + len);
+    }
+    kept.extend(start..first + dataset.samples.len());
+    kept
 }
 
 /// The seeded order of `records` training records, and how many at its end `data.val_size`
