@@ -107,6 +107,10 @@ enum Command {
         /// Output dtype: keep (the base's), f32, bf16 or f16.
         #[arg(long, default_value = "keep")]
         dtype: String,
+        /// A Jinja chat template (.jinja file) the adapter was trained with, written into the
+        /// merged tokenizer instead of the base's (LLaMA-Factory's export --template).
+        #[arg(long, value_name = "FILE")]
+        chat_template: Option<PathBuf>,
     },
     /// Answer an instruction with a base model and optionally an adapter.
     Generate {
@@ -123,7 +127,7 @@ enum Command {
         #[arg(long, default_value = "")]
         input: String,
         /// Prompt template (alpaca, alpaca-lora), chat template (chatglm2, chatglm3, glm4,
-        /// llama2-chat, llama3, chatml, auto: the model's own), or none (raw prompt).
+        /// llama2-chat, llama3, chatml, auto: the model's own, or a .jinja file), or none (raw prompt).
         #[arg(long, default_value = "alpaca")]
         template: String,
         #[command(flatten)]
@@ -149,8 +153,8 @@ enum Command {
         /// Adapter folder (any format `generate` takes).
         #[arg(long)]
         adapter: Option<PathBuf>,
-        /// Chat template (auto: the model's own, chatglm3, glm4, llama3, chatml, …) or prompt
-        /// template (alpaca: no history).
+        /// Chat template (auto: the model's own, chatglm3, glm4, llama3, chatml, …, or a .jinja
+        /// file) or prompt template (alpaca: no history).
         #[arg(long, default_value = "auto")]
         template: String,
         /// A system message first in every conversation (chat templates).
@@ -581,6 +585,10 @@ enum ExportCommand {
         /// as `llama-quantize --imatrix` does.
         #[arg(long)]
         imatrix: Option<PathBuf>,
+        /// A Jinja chat template (.jinja file) as `tokenizer.chat_template`, instead of the
+        /// base's: the template the adapter was trained with.
+        #[arg(long, value_name = "FILE")]
+        chat_template: Option<PathBuf>,
     },
     /// A PEFT LoRA adapter as llama.cpp's LoRA GGUF (`llama-cli --lora adapter.gguf`).
     GgufLora {
@@ -671,10 +679,15 @@ fn inline_table<T: serde::de::DeserializeOwned + Default>(flag: &str, body: Opti
     value.try_into().map_err(|e: toml::de::Error| bad_input(anyhow::anyhow!("{flag} '{body}': {}", e.message())))
 }
 
-fn merge(base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Path, dtype: &str) -> anyhow::Result<()> {
+/// The text of `--chat-template FILE`.
+fn chat_template_file(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    file.map(|file| std::fs::read_to_string(file).map_err(|e| bad_input(anyhow::anyhow!("--chat-template {}: {e}", file.display())))).transpose()
+}
+
+fn merge(base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Path, dtype: &str, chat_template: Option<&std::path::Path>) -> anyhow::Result<()> {
     let dtype = ember_trainer::merge::MergeDtype::parse(dtype)
         .ok_or_else(|| bad_input(anyhow::anyhow!("--dtype '{dtype}': expected keep, f32, bf16 or f16")))?;
-    let summary = ember_trainer::merge::merge(base, adapter, out, dtype)?;
+    let summary = ember_trainer::merge::merge(base, adapter, out, dtype, chat_template_file(chat_template)?.as_deref())?;
     println!(
         "merged {} tensors into {}: {} tensors in all, {} shard(s), {:.1} MB",
         summary.merged_tensors, out.display(), summary.tensors, summary.shards, summary.bytes as f64 / 1e6
@@ -687,9 +700,10 @@ fn export(command: ExportCommand) -> anyhow::Result<()> {
     use ember_models::gguf_write::ExportType;
     let started = std::time::Instant::now();
     let (summary, out) = match command {
-        ExportCommand::Gguf { base, adapter, out, ty, pre, imatrix } => {
+        ExportCommand::Gguf { base, adapter, out, ty, pre, imatrix, chat_template } => {
             let ty = ExportType::parse(&ty).ok_or_else(|| bad_input(anyhow::anyhow!("--type '{ty}': expected {}", ExportType::names())))?;
-            (ember_trainer::export::export_gguf(&base, adapter.as_deref(), &out, ty, pre.as_deref(), imatrix.as_deref())?, out)
+            let chat_template = chat_template_file(chat_template.as_deref())?;
+            (ember_trainer::export::export_gguf(&base, adapter.as_deref(), &out, ty, pre.as_deref(), imatrix.as_deref(), chat_template.as_deref())?, out)
         }
         ExportCommand::GgufLora { base, adapter, out, ty } => {
             let ty = GgmlType::parse_lora(&ty)
@@ -765,7 +779,7 @@ fn main() -> ExitCode {
         }
         Command::Recipe(RecipeCommand::Check { files, skip_missing_paths }) => recipe_check::run(&files, skip_missing_paths),
         Command::Plot { run } => plot(&run),
-        Command::Merge { base, adapter, out, dtype } => merge(&base, &adapter, &out, &dtype),
+        Command::Merge { base, adapter, out, dtype, chat_template } => merge(&base, &adapter, &out, &dtype, chat_template.as_deref()),
         Command::Bench(args) => bench(args),
         Command::Eval { base, adapter, data, columns, tags, template, cutoff_len, batch, limit, generate, answers, max_new_tokens, device } => {
             let mapping = || -> anyhow::Result<_> { Ok(ember_data::Mapping { columns: inline_table("--columns", columns.as_deref())?, tags: inline_table("--tags", tags.as_deref())? }) };

@@ -652,3 +652,31 @@ fn tool_calls_render_as_transformers_and_train_as_llamafactory() {
         assert_bad_input(&ember(&["data", "stats", recipe.to_str().unwrap()]), &["bad.jsonl", needle]);
     }
 }
+
+/// A Jinja template of one's own (`data.template = "x.jinja"`, `--template x.jinja`) on a
+/// checkpoint whose template has no tools: Qwen2.5's template on SmolLM2's tokenizer renders and
+/// tokenizes as the `qwen2.5_tools` fixture (the same tokenizer with that template inside).
+#[test]
+fn a_jinja_template_file_puts_tools_on_any_checkpoint() {
+    let with_tools = fixture("chat_template/qwen2.5_tools");
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(with_tools.join("tokenizer_config.json")).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("qwen2.5.jinja"), config["chat_template"].as_str().unwrap()).unwrap();
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(with_tools.join("reference.json")).unwrap()).unwrap();
+    let recipe = dir.path().join("tools.toml");
+    let text = format!(
+        "[model]\npath = {:?}\n[adapter]\nmethod = \"lora\"\n[data]\npath = {:?}\ntemplate = \"qwen2.5.jinja\"\ncutoff_len = 1024\n[train]\nmax_steps = 1\n[output]\ndir = {:?}\n",
+        fixture("chat_template/smollm2"), data("tool_calls.jsonl"), dir.path().join("out")
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let output = ember(&["data", "preview", recipe.to_str().unwrap(), "--json", "--limit", "10"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<Value> = String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let cases = reference["cases"].as_array().unwrap();
+    assert_eq!(lines.len(), cases.len());
+    for (line, case) in lines.iter().zip(cases) {
+        assert_eq!((&line["text"], &line["input_ids"]), (&case["text"], &case["ids"]));
+    }
+    let missing = ember(&["data", "stats", recipe.to_str().unwrap(), "--set", "data.template=\"none.jinja\""]);
+    assert_bad_input(&missing, &["none.jinja"]);
+}

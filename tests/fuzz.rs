@@ -226,7 +226,9 @@ proptest! {
             },
             false => Mapping::default(),
         };
-        let _ = ember_data::dataset::parse(Path::new("d.jsonl"), mutate(CHAT.as_bytes(), &edits), &mapping);
+        // With tool calls: LLaMA-Factory's function_call turns and tools column, OpenAI's tool_calls.
+        let seed = [CHAT, include_str!("data/tool_calls.jsonl")].concat();
+        let _ = ember_data::dataset::parse(Path::new("d.jsonl"), mutate(seed.as_bytes(), &edits), &mapping);
     }
 
     #[test]

@@ -888,3 +888,48 @@ fn a_recipe_export_writes_the_merged_model_and_its_gguf_files() {
     let quantized = GgufFile::open(&run.join("gguf/model-q4_0.gguf")).unwrap();
     assert_eq!(quantized.metadata.get("quantize.imatrix.file").unwrap(), "imatrix.gguf");
 }
+
+/// A template of one's own (`data.template = "x.jinja"`) trains the adapter and goes with the
+/// model it trained: into the merged tokenizer and the GGUF's `tokenizer.chat_template`, as
+/// `ember merge` and `ember export gguf` write it with `--chat-template`.
+#[test]
+fn a_jinja_template_file_trains_and_goes_into_the_merged_model_and_its_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+    let file = dir.path().join("chat.jinja");
+    std::fs::write(&file, template).unwrap();
+    let run = dir.path().join("run");
+    let sets = [
+        format!("output.dir=\"{}\"", run.display()),
+        format!("data.path=\"{}\"", common::data("chat_sample.jsonl").display()),
+        format!("data.template=\"{}\"", file.display()),
+        "data.val_size=0".into(), "train.max_steps=1".into(), "train.warmup_steps=0".into(), "export.merged=\"f32\"".into(), "export.gguf=[\"f32\"]".into(), "export.pre=\"gpt-2\"".into(),
+    ];
+    let mut args = vec!["train".to_string(), common::recipe("ci/tiny-lora.toml"), "--quiet".into()];
+    sets.iter().for_each(|s| args.extend(["--set".into(), s.clone()]));
+    let output = ember(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let chat_template = |folder: &Path| -> Option<String> {
+        let config: serde_json::Value = serde_json::from_slice(&std::fs::read(folder.join("tokenizer_config.json")).unwrap()).unwrap();
+        config["chat_template"].as_str().map(str::to_string)
+    };
+    assert_eq!(chat_template(&run.join("merged")).as_deref(), Some(template));
+    let gguf = GgufFile::open(&run.join("gguf/model-f32.gguf")).unwrap();
+    assert_eq!(gguf.metadata.get("tokenizer.chat_template").and_then(|v| v.as_str()), Some(template));
+    // The commands: the base's template (tiny_llama has none) unless --chat-template names one.
+    let base = fixture("tiny_llama");
+    let adapter = run.join("adapter");
+    let merged = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let args = [&["merge", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()], extra].concat();
+        let output = ember(&args);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        chat_template(&out)
+    };
+    assert_eq!(merged("plain", &[]), chat_template(&base));
+    assert_eq!(merged("templated", &["--chat-template", file.to_str().unwrap()]).as_deref(), Some(template));
+    let again = dir.path().join("again.gguf");
+    export(&["gguf", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", again.to_str().unwrap(), "--type", "f32", "--pre", "gpt-2", "--chat-template", file.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(run.join("gguf/model-f32.gguf")).unwrap());
+    assert_bad_input(&ember(&["merge", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap(), "--chat-template", "missing.jinja"]), &["--chat-template missing.jinja"]);
+}

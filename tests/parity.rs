@@ -343,7 +343,7 @@ fn method_checks(case: &Case, device: &Device, report: &mut Report) -> Result<()
         let logits = if vocab_branches {
             let out = tempfile::tempdir().map_err(|e| e.to_string())?;
             let out = out.path().join("merged");
-            merge::merge(dir, &case.adapter_dir, &out, merge::MergeDtype::Keep).map_err(|e| e.to_string())?;
+            merge::merge(dir, &case.adapter_dir, &out, merge::MergeDtype::Keep, None).map_err(|e| e.to_string())?;
             to_vec(BaseModel::load(&out, LoadDtype::F32, device).map_err(|e| e.to_string())?.forward(ids_t(), mask_t()))
         } else {
             to_vec(merged.forward(ids_t(), mask_t()))
@@ -382,7 +382,7 @@ fn method_checks(case: &Case, device: &Device, report: &mut Report) -> Result<()
         // `ember merge` streams the same weights from the files.
         let out = tempfile::tempdir().map_err(|e| e.to_string())?;
         let out = out.path().join("merged");
-        merge::merge(dir, &case.adapter_dir, &out, merge::MergeDtype::Keep).map_err(|e| e.to_string())?;
+        merge::merge(dir, &case.adapter_dir, &out, merge::MergeDtype::Keep, None).map_err(|e| e.to_string())?;
         let streamed = Checkpoint::open_dir(&out).map_err(|e| e.to_string())?;
         let mut max_abs = 0f32;
         for key in &merged_weights {
@@ -398,7 +398,7 @@ fn method_checks(case: &Case, device: &Device, report: &mut Report) -> Result<()
     if merged_reference.is_dir() {
         let out = tempfile::tempdir().map_err(|e| e.to_string())?;
         let out = out.path().join("merged");
-        merge::merge(dir, &case.adapter_dir, &out, merge::MergeDtype::Keep).map_err(|e| e.to_string())?;
+        merge::merge(dir, &case.adapter_dir, &out, merge::MergeDtype::Keep, None).map_err(|e| e.to_string())?;
         let ours = Checkpoint::open_dir(&out).map_err(|e| e.to_string())?;
         let theirs = Checkpoint::open_dir(&merged_reference).map_err(|e| e.to_string())?;
         let mut max_abs = 0f32;

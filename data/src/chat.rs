@@ -139,7 +139,9 @@ pub enum ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// The template called `name`; `auto` reads `model_dir/tokenizer_config.json`.
+    /// The template called `name`; `auto` reads `model_dir/tokenizer_config.json`, and a path
+    /// ending in `.jinja` is a Jinja chat template of one's own (with the checkpoint's special
+    /// tokens), as TRL's `chat_template_path` and LLaMA-Factory's templates put one on any model.
     pub fn named(name: &str, model_dir: &Path) -> Result<Option<Self>, String> {
         Ok(Some(match name {
             "chatglm2" => ChatTemplate::ChatGlm2,
@@ -149,6 +151,7 @@ impl ChatTemplate {
             "llama3" => ChatTemplate::Llama3,
             "chatml" => ChatTemplate::ChatMl,
             "auto" => ChatTemplate::Jinja(Box::new(JinjaTemplate::from_dir(model_dir)?)),
+            file if is_jinja_file(file) => ChatTemplate::Jinja(Box::new(JinjaTemplate::from_file(Path::new(file), &tokenizer_config(model_dir)?)?)),
             _ => return Ok(None),
         }))
     }
@@ -392,12 +395,36 @@ pub struct JinjaTemplate {
     specials: Vec<(String, String)>,
 }
 
+/// Whether a template name is the path of a Jinja file.
+pub fn is_jinja_file(name: &str) -> bool {
+    name.ends_with(".jinja")
+}
+
+/// `dir/tokenizer_config.json`, or an empty object where there is none.
+fn tokenizer_config(dir: &Path) -> Result<Value, String> {
+    let path = dir.join("tokenizer_config.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Value::Object(Default::default())),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
 impl JinjaTemplate {
     pub fn from_dir(dir: &Path) -> Result<Self, String> {
         let path = dir.join("tokenizer_config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| format!("template 'auto' reads {}: {e}", path.display()))?;
         let config: Value = serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", path.display()))?;
         Self::from_config(&config, &path, Some(&dir.join("chat_template.jinja")))
+    }
+
+    /// The template in `file`, with the special tokens of a `tokenizer_config.json` held as
+    /// `config`.
+    pub fn from_file(file: &Path, config: &Value) -> Result<Self, String> {
+        let source = std::fs::read_to_string(file).map_err(|e| format!("chat template {}: {e}", file.display()))?;
+        let mut config = if config.is_object() { config.clone() } else { Value::Object(Default::default()) };
+        config["chat_template"] = Value::String(source);
+        Self::from_config(&config, file, None).map_err(|e| format!("{}: {e}", file.display()))
     }
 
     /// The template of a `tokenizer_config.json` held as `config` (`path` names it in errors),

@@ -722,7 +722,8 @@ const BYTE: i32 = 6;
 ///
 /// `pre` names llama.cpp's pre-tokenizer for a byte-level BPE whose check hash it does not know.
 /// A GLM-family model (`arch` `chatglm`, `glm4`) ends a turn at `<|user|>`, llama.cpp's end of turn.
-pub fn tokenizer_metadata(dir: &Path, arch: GgufArch, vocab_size: usize, pre: Option<&str>) -> Result<Vec<(String, MetaValue)>, LoadError> {
+/// `chat_template` replaces the folder's own (the template an adapter was trained with).
+pub fn tokenizer_metadata(dir: &Path, arch: GgufArch, vocab_size: usize, pre: Option<&str>, chat_template: Option<&str>) -> Result<Vec<(String, MetaValue)>, LoadError> {
     let invalid = |path: &Path, reason: String| LoadError::Invalid { path: path.to_path_buf(), reason };
     let json_path = dir.join("tokenizer.json");
     let model_path = dir.join("tokenizer.model");
@@ -874,7 +875,7 @@ pub fn tokenizer_metadata(dir: &Path, arch: GgufArch, vocab_size: usize, pre: Op
     meta.push(("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(tokenizer.adds_bos())));
     meta.push(("tokenizer.ggml.add_eos_token".into(), MetaValue::Bool(false)));
     let config = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok());
-    if let Some(template) = config.as_ref().and_then(|c| c["chat_template"].as_str()) {
+    if let Some(template) = chat_template.or_else(|| config.as_ref().and_then(|c| c["chat_template"].as_str())) {
         meta.push(("tokenizer.chat_template".into(), MetaValue::Str(template.into())));
     }
     Ok(meta)

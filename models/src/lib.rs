@@ -106,14 +106,18 @@ pub fn load_tokenizer(path: &Path) -> Result<ember_data::Tokenizer, ember_data::
 }
 
 /// The prompt or chat template `name` for the model at `path` (`auto`: the model's own chat
-/// template, from its folder or from a GGUF file's `tokenizer.chat_template`); `Ok(None)` for a
-/// name that is not built in.
+/// template, from its folder or from a GGUF file's `tokenizer.chat_template`; a `.jinja` file:
+/// that template with the model's special tokens); `Ok(None)` for a name that is not built in.
 pub fn template(name: &str, path: &Path) -> Result<Option<ember_data::Format>, String> {
-    if name != "auto" || !gguf::GgufFile::is_gguf(path) {
+    let jinja_file = ember_data::chat::is_jinja_file(name);
+    if !(name == "auto" || jinja_file) || !gguf::GgufFile::is_gguf(path) {
         return ember_data::Format::named(name, path);
     }
     let file = gguf::GgufFile::open(path).map_err(|e| e.to_string())?;
     let [tokenizer_config, _] = file.tokenizer_configs().map_err(|e| e.to_string())?;
-    let jinja = ember_data::chat::JinjaTemplate::from_config(&tokenizer_config, path, None)?;
+    let jinja = match jinja_file {
+        true => ember_data::chat::JinjaTemplate::from_file(Path::new(name), &tokenizer_config)?,
+        false => ember_data::chat::JinjaTemplate::from_config(&tokenizer_config, path, None)?,
+    };
     Ok(Some(ember_data::Format::Chat(ember_data::chat::ChatTemplate::Jinja(Box::new(jinja)))))
 }

@@ -40,7 +40,8 @@ fn permute_heads(role: Option<Role>, config: &ModelConfig, arch: GgufArch) -> Op
 
 /// `base_dir` (merged with `adapter`, if given) as a GGUF file of `ty` at `out`; `pre` names
 /// llama.cpp's pre-tokenizer when it does not recognise a byte-level BPE's; `importance_path`, a
-/// llama.cpp importance matrix to quantize with (llama-quantize's `--imatrix`).
+/// llama.cpp importance matrix to quantize with (llama-quantize's `--imatrix`); `chat_template`,
+/// the Jinja template the adapter was trained with, instead of the base's.
 pub fn export_gguf(
     base_dir: &Path,
     adapter: Option<&Path>,
@@ -48,6 +49,7 @@ pub fn export_gguf(
     ty: ExportType,
     pre: Option<&str>,
     importance_path: Option<&Path>,
+    chat_template: Option<&str>,
 ) -> Result<ExportSummary, MergeError> {
     if ember_models::gguf::GgufFile::is_gguf(base_dir) {
         // Merging into quantized blocks would quantize the merged weights a second time.
@@ -76,7 +78,7 @@ pub fn export_gguf(
     let changed: std::collections::HashSet<String> = merge.as_ref().map(|m| m.keys().into_iter().collect()).unwrap_or_default();
 
     let mut metadata = gguf_write::hyperparameters(&config, arch, &folder_name(base_dir), ty);
-    metadata.extend(gguf_write::tokenizer_metadata(base_dir, arch, config.vocab_size, pre)?);
+    metadata.extend(gguf_write::tokenizer_metadata(base_dir, arch, config.vocab_size, pre, chat_template)?);
     if let Some(matrix) = &importance {
         metadata.extend(gguf_write::importance_metadata(matrix));
     }

@@ -160,8 +160,32 @@ impl MergeError {
     }
 }
 
-/// Merges `adapter_dir` into `base_dir`, writing `out_dir` atomically.
-pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDtype) -> Result<MergeSummary, MergeError> {
+/// `template` as the chat template of the tokenizer in `dir`: its `tokenizer_config.json`'s
+/// `chat_template`, and its `chat_template.jinja` where there is one (transformers reads that
+/// first).
+fn with_chat_template(dir: &Path, template: &str) -> Result<(), (PathBuf, std::io::Error)> {
+    let path = dir.join("tokenizer_config.json");
+    let mut config = match std::fs::read_to_string(&path) {
+        Ok(text) => match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(config) if config.is_object() => config,
+            _ => return Err((path, std::io::Error::other("not a JSON object, so its chat_template cannot be set"))),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
+        Err(e) => return Err((path, e)),
+    };
+    config["chat_template"] = template.into();
+    ember_models::write_json(&path, &config).map_err(|e| (path.clone(), e))?;
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        std::fs::write(&jinja, template).map_err(|e| (jinja.clone(), e))?;
+    }
+    Ok(())
+}
+
+/// Merges `adapter_dir` into `base_dir`, writing `out_dir` atomically; with `chat_template`
+/// (the Jinja template the adapter was trained with), the merged tokenizer carries it instead of
+/// the base's.
+pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDtype, chat_template: Option<&str>) -> Result<MergeSummary, MergeError> {
     if ember_models::gguf::GgufFile::is_gguf(base_dir) {
         return Err(LoadError::Invalid {
             path: base_dir.to_path_buf(),
@@ -238,6 +262,9 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDt
                 if path.is_file() && !is_weights && name != "config.json" {
                     std::fs::copy(&path, tmp.join(&name)).map_err(|e| io(&path, e))?;
                 }
+            }
+            if let Some(template) = chat_template {
+                with_chat_template(tmp, template).map_err(|(path, e)| io(&path, e))?;
             }
             let config_path = tmp.join("config.json");
             ember_models::write_json(&config_path, &config_json).map_err(|e| io(&config_path, e))?;

@@ -156,7 +156,8 @@ pub struct DataSection {
     #[serde(default, rename = "eval_path", deserialize_with = "one_or_more_paths")]
     pub eval_paths: Vec<PathBuf>,
     /// Prompt template (alpaca, alpaca-lora, or `custom`), or chat template (chatglm2, chatglm3,
-    /// glm4, llama2-chat, llama3, chatml, or `auto`: the checkpoint's own).
+    /// glm4, llama2-chat, llama3, chatml, `auto`: the checkpoint's own, or a `.jinja` file,
+    /// relative to the recipe).
     #[serde(default = "default_template")]
     pub template: String,
     /// With `template = "custom"`: prompts with `{instruction}` and `{input}` placeholders.
@@ -687,6 +688,9 @@ impl Recipe {
                 *p = base.join(&*p);
             }
         }
+        if ember_data::chat::is_jinja_file(&recipe.data.template) && Path::new(&recipe.data.template).is_relative() {
+            recipe.data.template = base.join(&recipe.data.template).to_string_lossy().into_owned();
+        }
         recipe.data.add_datasets(&base, fetch).map_err(|reason| invalid(reason))?;
         if recipe.export.any() && ember_models::gguf::GgufFile::is_gguf(&recipe.model.path) {
             return Err(invalid("'export': model.path is a GGUF file; the merged model is written from a full-precision folder (export the adapter with `ember export gguf-lora` instead)".into()));
@@ -894,6 +898,10 @@ mod tests {
         let r = load(MINIMAL, &[]).unwrap();
         assert_eq!(r.train.micro_batch_size, 4);
         assert!(r.model.path.ends_with("m") && r.model.path.is_absolute());
+        // A template of one's own is a file beside the recipe; built-in names stay names.
+        let jinja = load(MINIMAL, &["data.template=\"templates/qwen.jinja\""]).unwrap().data.template;
+        assert!(Path::new(&jinja).is_absolute() && jinja.ends_with("templates/qwen.jinja"), "{jinja}");
+        assert_eq!(load(MINIMAL, &["data.template=\"chatml\""]).unwrap().data.template, "chatml");
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub fn check(recipe: &Recipe) -> Result<(), LoadError> {
     }
     let base = &recipe.model.path;
     let config = ModelConfig::from_dir(base)?;
-    ember_models::gguf_write::tokenizer_metadata(base, GgufArch::of(&config), config.vocab_size, recipe.export.pre.as_deref()).map(drop).map_err(|e| match e {
+    ember_models::gguf_write::tokenizer_metadata(base, GgufArch::of(&config), config.vocab_size, recipe.export.pre.as_deref(), None).map(drop).map_err(|e| match e {
         // The recipe's name for the command line's --pre.
         LoadError::Invalid { path, reason } => LoadError::Invalid { path, reason: reason.replace("--pre", "export.pre") },
         other => other,
@@ -43,11 +43,16 @@ pub fn export(
     info: &mut dyn FnMut(String),
 ) -> Result<Vec<PathBuf>, MergeError> {
     let (base, dir, export) = (&recipe.model.path, &recipe.output.dir, &recipe.export);
+    // A template of one's own (`data.template = "x.jinja"`) goes with the model it trained.
+    let chat_template = match ember_data::chat::is_jinja_file(&recipe.data.template) {
+        true => Some(std::fs::read_to_string(&recipe.data.template).map_err(|source| LoadError::Io { path: PathBuf::from(&recipe.data.template), source })?),
+        false => None,
+    };
     let mut written = Vec::new();
     if let Some(dtype) = export.merged_dtype() {
         let started = Instant::now();
         let out = dir.join("merged");
-        let summary = merge(base, adapter_dir, &out, dtype)?;
+        let summary = merge(base, adapter_dir, &out, dtype, chat_template.as_deref())?;
         info(format!("export: merged model {} ({:.1} MB, {:.1}s)", out.display(), summary.bytes as f64 / 1e6, started.elapsed().as_secs_f64()));
         written.push(out);
     }
@@ -65,7 +70,7 @@ pub fn export(
         let started = Instant::now();
         let out = gguf_dir.join(format!("model-{name}.gguf"));
         let matrix = importance.as_deref().filter(|_| ty.quantized());
-        let summary = export_gguf(base, Some(adapter_dir), &out, ty, export.pre.as_deref(), matrix)?;
+        let summary = export_gguf(base, Some(adapter_dir), &out, ty, export.pre.as_deref(), matrix, chat_template.as_deref())?;
         info(format!("export: {} ({:.1} MB, {:.1}s)", out.display(), summary.bytes as f64 / 1e6, started.elapsed().as_secs_f64()));
         written.push(out);
     }

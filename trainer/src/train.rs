@@ -104,7 +104,7 @@ pub fn template(recipe: &Recipe) -> Result<Format, TrainError> {
     }
     ember_models::template(&d.template, &recipe.model.path)
         .map_err(setting)?
-        .ok_or_else(|| setting(format!("'{}' is unknown (built in: {}, or custom)", d.template, ember_data::sft::template_names().join(", "))))
+        .ok_or_else(|| setting(format!("'{}' is unknown (built in: {}, or custom, or a .jinja file)", d.template, ember_data::sft::template_names().join(", "))))
 }
 
 /// The recipe's options for turning records into examples.
