@@ -65,11 +65,7 @@ impl DatasetInfo {
             known.sort();
             return Err(format!("{}: no dataset '{name}' (it has: {})", self.path.display(), known.join(", ")));
         };
-        let string = |key: &str| match attr.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(fail(format!("'{key}' must be a string, found {other}"))),
-        };
+        let string = |key: &str| optional_string(attr, "", key).map_err(&fail);
         for key in ["ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "subset", "folder"] {
             if attr.get(key).is_some_and(|v| !v.is_null()) && !(key.ends_with("_url") && attr.contains_key("hf_hub_url")) {
                 return Err(fail(format!("'{key}' is not supported (ember reads local files and Hugging Face datasets)")));
@@ -102,11 +98,7 @@ impl DatasetInfo {
             Some(other) => Err(fail(format!("'{key}' must be an object, found {other}"))),
         };
         let (columns, tags) = (table("columns")?, table("tags")?);
-        let column = |key: &str| match columns.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(fail(format!("'columns.{key}' must be a string, found {other}"))),
-        };
+        let column = |key: &str| optional_string(&columns, "columns.", key).map_err(&fail);
         for key in columns.keys() {
             if !["prompt", "query", "response", "history", "system", "messages", "tools"].contains(&key.as_str()) && column(key)?.is_some() {
                 return Err(fail(format!("'columns.{key}' is not supported (ember reads text records and tools: no images, videos, audios or preference columns)")));
@@ -128,11 +120,7 @@ impl DatasetInfo {
             "alpaca" => {}
             "sharegpt" => {
                 mapping.columns.messages = Some(column("messages")?.unwrap_or_else(|| "conversations".into()));
-                let tag = |key: &str| match tags.get(key) {
-                    None | Some(Value::Null) => Ok(None),
-                    Some(Value::String(s)) => Ok(Some(s.clone())),
-                    Some(other) => Err(fail(format!("'tags.{key}' must be a string, found {other}"))),
-                };
+                let tag = |key: &str| optional_string(&tags, "tags.", key).map_err(&fail);
                 mapping.tags = Tags {
                     role_tag: tag("role_tag")?,
                     content_tag: tag("content_tag")?,
@@ -146,6 +134,15 @@ impl DatasetInfo {
             other => return Err(fail(format!("'formatting' is '{other}': expected alpaca or sharegpt"))),
         }
         Ok(Entry { source, split, mapping, num_samples })
+    }
+}
+
+/// `map[key]` as a string, if given; errors name the key after `prefix` (`'columns.prompt'`).
+fn optional_string(map: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<String>, String> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(format!("'{prefix}{key}' must be a string, found {other}")),
     }
 }
 
