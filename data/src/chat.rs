@@ -390,7 +390,9 @@ impl Pieces {
 /// minijinja and Python-compatible string methods.
 #[derive(Debug, Clone)]
 pub struct JinjaTemplate {
-    source: String,
+    /// The compiled template "chat", with transformers' filters and functions; compiled once,
+    /// as rendering a conversation renders it 1 + 2 × its assistant turns times.
+    env: std::sync::Arc<minijinja::Environment<'static>>,
     /// `bos_token`, `eos_token`… as the template sees them.
     specials: Vec<(String, String)>,
 }
@@ -451,16 +453,14 @@ impl JinjaTemplate {
                 Some((key.to_string(), text.to_string()))
             })
             .collect();
-        let template = Self { source, specials };
+        let template = Self::compile(source, specials)?;
         // Checked on a conversation every template takes (some index `messages[0]`).
         template.render_string(&[Message::new(Role::User, "Hi")], &[], true)?;
         Ok(template)
     }
 
-    /// The template's text for `messages`, in transformers' message format: a tool's result
-    /// has role `tool`, an assistant's calls are its `tool_calls`, and `tools` are passed as
-    /// `{"type": "function", "function": schema}`.
-    fn render_string(&self, messages: &[Message], tools: &[Value], generation_prompt: bool) -> Result<String, String> {
+    /// `source` compiled in an environment with transformers' additions to Jinja.
+    fn compile(source: String, specials: Vec<(String, String)>) -> Result<Self, String> {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -468,7 +468,14 @@ impl JinjaTemplate {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
         });
         env.add_filter("tojson", python_tojson);
-        env.add_template("chat", &self.source).map_err(|e| format!("chat_template: {e}"))?;
+        env.add_template_owned("chat", source).map_err(|e| format!("chat_template: {e}"))?;
+        Ok(Self { env: std::sync::Arc::new(env), specials })
+    }
+
+    /// The template's text for `messages`, in transformers' message format: a tool's result
+    /// has role `tool`, an assistant's calls are its `tool_calls`, and `tools` are passed as
+    /// `{"type": "function", "function": schema}`.
+    fn render_string(&self, messages: &[Message], tools: &[Value], generation_prompt: bool) -> Result<String, String> {
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
@@ -489,7 +496,7 @@ impl JinjaTemplate {
             context.insert("tools".into(), Value::Array(wrapped.collect()));
         }
         context.insert("add_generation_prompt".into(), Value::Bool(generation_prompt));
-        let template = env.get_template("chat").map_err(|e| format!("chat_template: {e}"))?;
+        let template = self.env.get_template("chat").map_err(|e| format!("chat_template: {e}"))?;
         template.render(minijinja::value::Serde(&context)).map_err(|e| format!("chat_template: {e}"))
     }
 
@@ -682,10 +689,8 @@ mod tests {
 
     #[test]
     fn jinja_spans_are_the_assistant_turns() {
-        let template = JinjaTemplate {
-            source: "{% for m in messages %}<{{ m.role }}>{{ m.content.strip() }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}".into(),
-            specials: vec![],
-        };
+        let source = "{% for m in messages %}<{{ m.role }}>{{ m.content.strip() }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+        let template = JinjaTemplate::compile(source.into(), vec![]).unwrap();
         let c = conversation(&[(Role::User, " q "), (Role::Assistant, "a")]);
         let pieces = texts(&template.render(&c, &|i| i == 1, false).unwrap());
         assert_eq!(pieces, [("<user>q</s><assistant>".to_string(), false), ("a</s>".to_string(), true)]);
