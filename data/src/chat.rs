@@ -13,6 +13,7 @@
 use std::ops::Range;
 use std::path::Path;
 
+use minijinja::value::ValueKind;
 use serde_json::Value;
 
 use crate::sft::{Example, IGNORE_INDEX};
@@ -459,16 +460,25 @@ impl JinjaTemplate {
         Ok(template)
     }
 
-    /// `source` compiled in an environment with transformers' additions to Jinja.
+    /// `source` compiled in an environment as transformers sets up Jinja's: blocks trimmed,
+    /// `raise_exception`, `strftime_now`, Python's `tojson`, and `{% generation %}` blocks
+    /// (TRL's assistant masks) rendered as their content.
     fn compile(source: String, specials: Vec<(String, String)>) -> Result<Self, String> {
         let mut env = minijinja::Environment::new();
+        let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build();
+        env.set_syntax(syntax.map_err(|e| format!("chat_template: {e}"))?);
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
         });
+        env.add_function("strftime_now", strftime_now);
+        // Jinja2's tests, which differ from minijinja's: None is not iterable; strings and
+        // dicts are sequences (they have len and []).
+        env.add_test("iterable", |v: minijinja::Value| v.is_undefined() || matches!(v.kind(), ValueKind::String | ValueKind::Bytes | ValueKind::Seq | ValueKind::Map | ValueKind::Iterable));
+        env.add_test("sequence", |v: minijinja::Value| v.is_undefined() || matches!(v.kind(), ValueKind::String | ValueKind::Bytes | ValueKind::Seq | ValueKind::Map));
         env.add_filter("tojson", python_tojson);
-        env.add_template_owned("chat", source).map_err(|e| format!("chat_template: {e}"))?;
+        env.add_template_owned("chat", without_generation_tags(&source)).map_err(|e| format!("chat_template: {e}"))?;
         Ok(Self { env: std::sync::Arc::new(env), specials })
     }
 
@@ -491,18 +501,19 @@ impl JinjaTemplate {
         let mut context: serde_json::Map<String, Value> =
             self.specials.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
         context.insert("messages".into(), Value::Array(messages));
-        if !tools.is_empty() {
-            let wrapped = tools.iter().map(|tool| if tool["type"] == "function" { tool.clone() } else { serde_json::json!({"type": "function", "function": tool}) });
-            context.insert("tools".into(), Value::Array(wrapped.collect()));
-        }
+        // transformers passes `tools` and `documents` as None when there are none.
+        let wrapped = tools.iter().map(|tool| if tool["type"] == "function" { tool.clone() } else { serde_json::json!({"type": "function", "function": tool}) });
+        context.insert("tools".into(), if tools.is_empty() { Value::Null } else { Value::Array(wrapped.collect()) });
+        context.insert("documents".into(), Value::Null);
         context.insert("add_generation_prompt".into(), Value::Bool(generation_prompt));
         let template = self.env.get_template("chat").map_err(|e| format!("chat_template: {e}"))?;
         template.render(minijinja::value::Serde(&context)).map_err(|e| format!("chat_template: {e}"))
     }
 
-    /// One text piece per stretch between assistant turns. An assistant turn's text is what
-    /// rendering it adds to the conversation before it with the generation prompt; templates
-    /// that do not render conversations as prefixes of each other are refused.
+    /// One text piece per stretch between assistant turns, cut from the text of the whole
+    /// conversation. An assistant turn's text is what rendering it adds to the conversation
+    /// before it with the generation prompt, found in the whole text by [`turn_span`] where the
+    /// template renders a turn differently once later messages follow (thinking templates).
     fn render(&self, conversation: &Conversation, trained: &dyn Fn(usize) -> bool, generation_prompt: bool) -> Result<Vec<Piece>, String> {
         let (messages, tools) = (&conversation.messages, &conversation.tools);
         let full = self.render_string(messages, tools, generation_prompt)?;
@@ -518,23 +529,101 @@ impl JinjaTemplate {
         for (i, m) in messages.iter().enumerate().filter(|(_, m)| m.role == Role::Assistant) {
             let before = self.render_string(&messages[..i], tools, true)?;
             let through = self.render_string(&messages[..=i], tools, false)?;
-            if !through.starts_with(&before) || !full.starts_with(&through) || before.len() < done {
+            let said = !m.content.trim().is_empty() || !m.tool_calls.is_empty();
+            let span = Some(turn_span(&full, &before, &through)).filter(|span| span.start >= done && (!said || !span.is_empty()));
+            let Some(span) = span else {
                 return Err(format!(
-                    "template 'auto': the checkpoint's chat_template does not render message {i} ({}) as an extension of the messages before it; name a template instead",
+                    "template 'auto': the checkpoint's chat_template does not render message {i} ({}) where the messages before it end; name a template instead",
                     m.role.name()
                 ));
-            }
-            if let Some(call) = m.tool_calls.iter().find(|call| !through[before.len()..].contains(call.name.as_str())) {
+            };
+            if let Some(call) = m.tool_calls.iter().find(|call| !full[span.clone()].contains(call.name.as_str())) {
                 return Err(format!("template 'auto': the checkpoint's chat_template does not render tool calls (message {i}'s call of '{}' is not in its text); use a checkpoint whose template does", call.name));
             }
-            pieces.push(Piece { part: Part::Text(full[done..before.len()].to_string()), loss: false });
-            pieces.push(Piece { part: Part::Text(full[before.len()..through.len()].to_string()), loss: trained(i) });
-            done = through.len();
+            pieces.push(Piece { part: Part::Text(full[done..span.start].to_string()), loss: false });
+            pieces.push(Piece { part: Part::Text(full[span.clone()].to_string()), loss: trained(i) });
+            done = span.end;
         }
         pieces.push(Piece { part: Part::Text(full[done..].to_string()), loss: false });
         pieces.retain(|p| p.part != Part::Text(String::new()));
         Ok(pieces)
     }
+}
+
+/// Where an assistant turn lies in `full`, the whole conversation's text, given `before`, the
+/// messages before it with the generation prompt, and `through`, the conversation ending with it.
+/// Where each is a prefix of the next (most templates) that is `before.len()..through.len()`.
+/// Thinking templates break this both ways, and the span is then:
+/// - from where `full` leaves `before`: the generation prompt opens a `<think>` that an answer
+///   rendered among later messages lacks (DeepSeek-R1, GLM-4.7, Gemma 4, Command A), or the
+///   message before the answer ends differently when it ends the prompt (Hermes' tool results):
+///   the prompt's rest is then skipped where it follows within its own length;
+/// - for as long as `full` goes on as the turn does when it is the last, or, where a template
+///   adds to the last turn only (Qwen3's empty `<think></think>`), as long as the end of it.
+fn turn_span(full: &str, before: &str, through: &str) -> Range<usize> {
+    let common = common_prefix(full, before);
+    let rest = &before[common..];
+    let start = match full[common..].find(rest) {
+        Some(skip) if !rest.is_empty() && skip <= rest.len() => common + skip + rest.len(),
+        _ => common,
+    };
+    // The turn as the last message: what `through` adds to `before` (or to where they part).
+    let last = &through[common_prefix(through, before).min(through.len())..];
+    let after = &full[start..];
+    let same_start = common_prefix(after, last);
+    let same_end = (0..=last.len()).filter(|&k| last.is_char_boundary(k)).map(|k| &last[k..]).find(|tail| after.starts_with(tail)).map_or(0, str::len);
+    start..start + same_start.max(same_end)
+}
+
+/// The length in bytes of the longest common prefix of `a` and `b`, on a char boundary.
+fn common_prefix(a: &str, b: &str) -> usize {
+    a.char_indices().zip(b.chars()).find(|((_, x), y)| x != y).map_or(a.len().min(b.len()), |((i, _), _)| i)
+}
+
+/// transformers' `strftime_now(format)`: the local time in strftime's format, or the time
+/// `SOURCE_DATE_EPOCH` names (UTC), so that a recipe renders the same text on any day.
+fn strftime_now(format: String) -> Result<String, minijinja::Error> {
+    let pinned = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.trim().parse::<i64>().ok());
+    strftime(&format, pinned)
+}
+
+/// The time `epoch` names (seconds, UTC), or the local time now, in strftime's `format`.
+fn strftime(format: &str, epoch: Option<i64>) -> Result<String, minijinja::Error> {
+    let items = chrono::format::StrftimeItems::new(format)
+        .parse()
+        .map_err(|_| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("strftime_now: invalid format {format:?}")))?;
+    Ok(match epoch.and_then(|secs| chrono::DateTime::from_timestamp(secs, 0)) {
+        Some(time) => time.format_with_items(items.iter()).to_string(),
+        None => chrono::Local::now().format_with_items(items.iter()).to_string(),
+    })
+}
+
+/// `source` with TRL's `{% generation %}` … `{% endgeneration %}` tags (transformers' extension,
+/// which minijinja cannot add) turned into an always-true `if`, whitespace control kept.
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        out.push_str(&rest[..start]);
+        let tag = &rest[start..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return out;
+        };
+        let inner = tag[2..end].trim_start_matches(['-', '+']).trim_end_matches(['-', '+']).trim();
+        let replacement = match inner {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match replacement {
+            Some(keyword) => out.push_str(&tag[..end + 2].replacen(inner, keyword, 1)),
+            None => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Jinja's `tojson` as transformers overrides it: Python's `json.dumps` (`", "` and `": "`
@@ -685,6 +774,48 @@ mod tests {
             "{\n  \"a\": \"é\\n\\\"<>&\",\n  \"b\": [\n    1,\n    2.5,\n    {\n      \"x\": null\n    }\n  ],\n  \"e\": [],\n  \"f\": {},\n  \"t\": true\n}"
         );
         assert_eq!(render("{{ s | tojson(ensure_ascii=true) }}"), r#""\ud83d\ude00\u00e9""#);
+    }
+
+    fn jinja(source: &str) -> JinjaTemplate {
+        JinjaTemplate::compile(source.into(), vec![]).unwrap()
+    }
+
+    /// transformers' Jinja settings: blocks trimmed, `tools` and `documents` None when absent,
+    /// Jinja2's `iterable` and `sequence` tests, `{% generation %}` rendered as its content.
+    #[test]
+    fn jinja_renders_as_transformers_does() {
+        let c = conversation(&[(Role::User, "q"), (Role::Assistant, "a")]);
+        let render = |source: &str| jinja(source).render_string(&c.messages, &[], false).unwrap();
+        assert_eq!(render("{% for m in messages %}\n  {% if m.role == 'user' %}\n<{{ m.content }}>\n  {% endif %}\n{% endfor %}"), "<q>\n");
+        assert_eq!(render("{{ tools is none }} {{ documents is none }} {{ tools is iterable }} {{ 'ab' is sequence }} {{ {} is sequence }}"), "True True False True True");
+        assert_eq!(render("{%- for m in messages %}{%- generation -%}\n {{ m.content }}{% endgeneration %}{% endfor %}"), "qa");
+    }
+
+    #[test]
+    fn strftime_formats_a_pinned_time() {
+        // 2024-07-26 00:00:00 UTC.
+        assert_eq!(strftime("%d %b %Y", Some(1_721_952_000)).unwrap(), "26 Jul 2024");
+        assert!(strftime("%Q", None).unwrap_err().to_string().contains("invalid format"));
+    }
+
+    /// Templates that render a turn differently once later messages follow: each answer's span
+    /// is its text in the whole conversation, with what ends it.
+    #[test]
+    fn thinking_templates_train_the_answers_as_the_whole_text_has_them() {
+        let c = conversation(&[(Role::User, "q1"), (Role::Assistant, "a1"), (Role::User, "q2"), (Role::Assistant, "a2")]);
+        let spans = |source: &str| {
+            let pieces = texts(&jinja(source).render(&c, &|i| i % 2 == 1, false).unwrap());
+            pieces.into_iter().filter(|(_, loss)| *loss).map(|(text, _)| text).collect::<Vec<_>>()
+        };
+        // Qwen3: an empty thought on the last answer only.
+        let qwen3 = "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' and loop.last %}<think></think>{% endif %}{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+        assert_eq!(spans(qwen3), ["a1<end>", "<think></think>a2<end>"]);
+        // DeepSeek-R1: the generation prompt opens a thought that rendered answers lack.
+        let r1 = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% if m.role == 'assistant' %}<eos>{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant><think>{% endif %}";
+        assert_eq!(spans(r1), ["a1<eos>", "a2<eos>"]);
+        // Hermes: the message before an answer ends differently when it ends the prompt.
+        let hermes = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% if m.role == 'user' and not loop.last %}{{ '\n' }}{% endif %}<end>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+        assert_eq!(spans(hermes), ["a1<end>", "a2<end>"]);
     }
 
     #[test]
