@@ -647,10 +647,31 @@ fn tool_calls_render_as_transformers_and_train_as_llamafactory() {
         (r#"{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "get_weather(Paris)"}], "tools": "[]"}"#, "record 0: conversations[1]: a function_call is the JSON of"),
         (r#"{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "tools": "{\"name\": \"f\"}"}"#, "record 0: 'tools' must be a list of function schemas"),
         (r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}"#, "'tool_calls': the arguments of 'f' are not JSON"),
+        (r#"{"messages": [{"role": "user", "content": "q", "tool_call_id": "abc"}, {"role": "assistant", "content": "a"}]}"#, "messages[0]: only a tool's result has a 'tool_call_id'"),
+        (r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": null, "tool_calls": [{"id": 7, "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}"#, "a tool call's 'id' must be a string, found a number"),
     ] {
         std::fs::write(&bad, record).unwrap();
         assert_bad_input(&ember(&["data", "stats", recipe.to_str().unwrap()]), &["bad.jsonl", needle]);
     }
+}
+
+/// OpenAI's call ids (`tool_calls[].id`, a result's `tool_call_id`) reach the template, as
+/// Mistral's templates need them to pair calls with results.
+#[test]
+fn tool_call_ids_reach_the_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = dir.path().join("calls.jsonl");
+    std::fs::write(&records, r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": null, "tool_calls": [{"id": "A1b2C3d4E", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]}, {"role": "tool", "tool_call_id": "A1b2C3d4E", "content": "2"}, {"role": "assistant", "content": "two"}], "tools": [{"name": "f", "parameters": {}}]}"#).unwrap();
+    let jinja = dir.path().join("ids.jinja");
+    let source = "{% for m in messages %}{% if m.tool_calls %}[CALLS]{% for c in m.tool_calls %}{{ c.function.name }}#{{ c.id }}{{ c.function.arguments | tojson }}{% endfor %}</s>\
+{% elif m.role == 'tool' %}[RESULT]{{ m.tool_call_id }}:{{ m.content }}{% elif m.role == 'assistant' %}{{ m.content }}</s>{% else %}[INST]{{ m.content }}{% for t in tools %} {{ t.function.name }}{% endfor %}[/INST]{% endif %}{% endfor %}";
+    std::fs::write(&jinja, source).unwrap();
+    let template = ember_data::ChatTemplate::named(jinja.to_str().unwrap(), &fixture("chat_template/smollm2")).unwrap().unwrap();
+    let conversation = Dataset::load(&records).unwrap().samples[0].conversation().unwrap();
+    let policy = ember_data::chat::LossPolicy { last_turn_only: false, train_on_inputs: false };
+    let pieces = template.render(&conversation, policy, false).unwrap();
+    let tokenizer = Tokenizer::from_dir(&fixture("chat_template/smollm2")).unwrap();
+    assert_eq!(template.text(&tokenizer, &pieces), r#"[INST]q f[/INST][CALLS]f#A1b2C3d4E{"x": 1}</s>[RESULT]A1b2C3d4E:2two</s>"#);
 }
 
 /// A Jinja template of one's own (`data.template = "x.jinja"`, `--template x.jinja`) on a

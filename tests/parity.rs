@@ -752,11 +752,13 @@ fn conversation_of(messages: &[Value]) -> Result<Conversation, String> {
                 other => return Err(format!("unknown role {other:?}")),
             };
             let mut message = Message::new(role, m["content"].as_str().unwrap_or_default());
-            // transformers' `tool_calls`: `{"type": "function", "function": {name, arguments}}`.
+            message.tool_call_id = m["tool_call_id"].as_str().map(str::to_string);
+            // transformers' `tool_calls`: `{"type": "function", "function": {name, arguments}, "id"?}`.
             for call in m["tool_calls"].as_array().into_iter().flatten() {
                 let function = if call["function"].is_object() { &call["function"] } else { call };
                 let name = function["name"].as_str().ok_or("a tool call without a name")?;
-                message.tool_calls.push(ToolCall { name: name.to_string(), arguments: function["arguments"].clone() });
+                let id = call["id"].as_str().map(str::to_string);
+                message.tool_calls.push(ToolCall { name: name.to_string(), arguments: function["arguments"].clone(), id });
             }
             Ok(message)
         })

@@ -47,11 +47,14 @@ pub struct Message {
     /// The tools an assistant turn calls (LLaMA-Factory's `function_call` turns, OpenAI's
     /// `tool_calls`).
     pub tool_calls: Vec<ToolCall>,
+    /// The call a tool's result answers (OpenAI's `tool_call_id`), for templates that pair them
+    /// (Mistral's).
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self { role, content: content.into(), tool_calls: Vec::new() }
+        Self { role, content: content.into(), tool_calls: Vec::new(), tool_call_id: None }
     }
 }
 
@@ -61,6 +64,8 @@ pub struct ToolCall {
     pub name: String,
     /// Usually an object of the arguments by name.
     pub arguments: Value,
+    /// OpenAI's call `id`, where the data has one.
+    pub id: Option<String>,
 }
 
 /// A system message (optional, first), then turns ending with the assistant's.
@@ -492,8 +497,17 @@ impl JinjaTemplate {
                 let role = if m.role == Role::Observation { "tool" } else { m.role.name() };
                 let mut message = serde_json::json!({"role": role, "content": m.content});
                 if !m.tool_calls.is_empty() {
-                    let calls = m.tool_calls.iter().map(|c| serde_json::json!({"type": "function", "function": {"name": c.name, "arguments": c.arguments}}));
+                    let calls = m.tool_calls.iter().map(|c| {
+                        let mut call = serde_json::json!({"type": "function", "function": {"name": c.name, "arguments": c.arguments}});
+                        if let Some(id) = &c.id {
+                            call["id"] = Value::String(id.clone());
+                        }
+                        call
+                    });
                     message["tool_calls"] = Value::Array(calls.collect());
+                }
+                if let Some(id) = &m.tool_call_id {
+                    message["tool_call_id"] = Value::String(id.clone());
                 }
                 message
             })

@@ -357,12 +357,18 @@ fn turns(list: &Value, key: &str, role_key: &str, content_key: &str) -> Result<V
             };
             // A message that calls tools may have no content (OpenAI's `null`).
             let content = string_field(obj, content_key, calls.is_empty() && role_name != "function_call").map_err(|e| format!("{key}[{i}]: {e}"))?;
+            let tool_call_id = match obj.get("tool_call_id") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(id)) if role == Role::Observation => Some(id.clone()),
+                Some(Value::String(_)) => return Err(format!("{key}[{i}]: only a tool's result has a 'tool_call_id'")),
+                Some(other) => return Err(format!("{key}[{i}]: 'tool_call_id' must be a string, found {}", kind(other))),
+            };
             if role_name == "function_call" {
                 let call: Value = serde_json::from_str(&content).map_err(|e| format!("{key}[{i}]: a function_call is the JSON of {{\"name\", \"arguments\"}} (or a list of them): {e}"))?;
                 calls.extend(tool_calls(&call).map_err(|e| format!("{key}[{i}]: {e}"))?);
-                return Ok(Message { role, content: String::new(), tool_calls: calls });
+                return Ok(Message { role, content: String::new(), tool_calls: calls, tool_call_id });
             }
-            Ok(Message { role, content, tool_calls: calls })
+            Ok(Message { role, content, tool_calls: calls, tool_call_id })
         })
         .collect()
 }
@@ -372,6 +378,11 @@ fn turns(list: &Value, key: &str, role_key: &str, content_key: &str) -> Result<V
 /// text are parsed.
 fn tool_calls(value: &Value) -> Result<Vec<ToolCall>, String> {
     let one = |call: &Value| {
+        let id = match call.get("id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(id)) => Some(id.clone()),
+            Some(other) => return Err(format!("a tool call's 'id' must be a string, found {}", kind(other))),
+        };
         let call = if call.get("type").is_some_and(|t| t == "function") { &call["function"] } else { call };
         let name = call.get("name").and_then(Value::as_str).ok_or("a tool call needs a 'name' string")?;
         let arguments = match call.get("arguments") {
@@ -379,7 +390,7 @@ fn tool_calls(value: &Value) -> Result<Vec<ToolCall>, String> {
             Some(arguments) => arguments.clone(),
             None => Value::Object(Map::new()),
         };
-        Ok(ToolCall { name: name.to_string(), arguments })
+        Ok(ToolCall { name: name.to_string(), arguments, id })
     };
     match value {
         Value::Array(calls) if !calls.is_empty() => calls.iter().map(one).collect(),
