@@ -5,8 +5,8 @@
 Renders every record of the records files (LLaMA-Factory's ShareGPT with `function_call` turns and
 `tools`, or OpenAI messages with `tool_calls`; default tests/data/tool_calls.jsonl) with every
 `*.jinja` template in TEMPLATES_DIR, once by transformers' `render_jinja_template` and once by
-`ember data preview --json` with `data.template` the file, and counts per template: the same text,
-a different text, both refusing, ember refusing (with its reason) and transformers refusing.
+`ember data preview --json` with `data.template` the file, and counts per template: the same text
+(or it with EOS after the last answer, where the template puts nothing after one), a different text, both refusing, ember refusing (with its reason) and transformers refusing.
 Special tokens are those of --model's tokenizer_config.json (default SmolLM2's fixture).
 scripts/check-chat-templates.sh runs it on the templates llama.cpp keeps (models/templates).
 """
@@ -86,8 +86,11 @@ def main():
                 counts["ember refuses"] += 1
                 reason = re.search(r"does not render (the tools|tool calls|message)|unknown [a-z]+|invalid operation[^(]*", got[1])
                 reasons[reason.group(0) if reason else got[1][-100:]] += 1
+            elif ref == got:
+                counts["same"] += 1
             else:
-                counts["same" if ref == got else "differ"] += 1
+                # A template with nothing after an answer gets EOS after the last (GLM's).
+                counts["same, EOS after the last answer" if got == ref + specials["eos_token"] else "differ"] += 1
         totals.update(counts)
         print(f"{name[:-6]}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), flush=True)
     print(f"templates {len([n for n in os.listdir(args.templates) if n.endswith('.jinja')])} x records {len(records)}: " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items())))

@@ -674,6 +674,29 @@ fn tool_call_ids_reach_the_template() {
     assert_eq!(template.text(&tokenizer, &pieces), r#"[INST]q f[/INST][CALLS]f#A1b2C3d4E{"x": 1}</s>[RESULT]A1b2C3d4E:2two</s>"#);
 }
 
+/// A template that puts nothing after an answer (GLM's: the next role token starts the next
+/// message) trains the token after each answer and an EOS after the last, as THUDM's GLM-4
+/// fine-tuning code does; templates with an end marker are left as they are.
+#[test]
+fn answers_without_an_end_marker_train_the_next_token_and_eos() {
+    let dir = tempfile::tempdir().unwrap();
+    let jinja = dir.path().join("glm_like.jinja");
+    std::fs::write(&jinja, "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}").unwrap();
+    let folder = fixture("chat_template/smollm2");
+    let template = ember_data::ChatTemplate::named(jinja.to_str().unwrap(), &folder).unwrap().unwrap();
+    let tokenizer = Tokenizer::from_dir(&folder).unwrap();
+    let conversation = ember_data::Conversation::new(
+        [(Role::User, "q1"), (Role::Assistant, "a1"), (Role::User, "q2"), (Role::Assistant, "a2")].map(|(role, text)| ember_data::chat::Message::new(role, text)).to_vec(),
+    );
+    let policy = ember_data::chat::LossPolicy { last_turn_only: false, train_on_inputs: false };
+    let (example, _) = template.example(&tokenizer, &conversation, policy, 4096).unwrap();
+    let runs: Vec<String> = loss_runs(&example.labels).into_iter().map(|run| tokenizer.decode(&example.input_ids[run], false).unwrap()).collect();
+    // SmolLM2's EOS is <|im_end|>.
+    assert_eq!(runs, ["a1<|im_start|>", "a2<|im_end|>"]);
+    let prompt = template.prompt_ids(&tokenizer, &ember_data::Conversation::new(conversation.messages[..3].to_vec())).unwrap();
+    assert!(tokenizer.decode(&prompt, false).unwrap().ends_with("q2<|im_start|>assistant\n"));
+}
+
 /// A Jinja template of one's own (`data.template = "x.jinja"`, `--template x.jinja`) on a
 /// checkpoint whose template has no tools: Qwen2.5's template on SmolLM2's tokenizer renders and
 /// tokenizes as the `qwen2.5_tools` fixture (the same tokenizer with that template inside).

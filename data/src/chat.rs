@@ -351,7 +351,14 @@ impl ChatTemplate {
             }
         }
         let (ids, offsets) = tokenizer.encode_with_offsets(&text, false).map_err(|e| e.to_string())?;
-        let loss = offsets.iter().map(|&(s, e)| loss_spans.iter().any(|span| s < span.end && span.start < e.max(s + 1))).collect();
+        let mut loss: Vec<bool> = offsets.iter().map(|&(s, e)| loss_spans.iter().any(|span| s < span.end && span.start < e.max(s + 1))).collect();
+        if let ChatTemplate::Jinja(template) = self
+            && template.ends_by_next_token
+        {
+            // The token after each answer (the next role token) is what ends it.
+            let answers = loss.clone();
+            (1..loss.len()).filter(|&k| answers[k - 1] && !answers[k]).for_each(|k| loss[k] = true);
+        }
         Ok((ids, loss))
     }
 }
@@ -399,6 +406,9 @@ pub struct JinjaTemplate {
     /// The compiled template "chat", with transformers' filters and functions; compiled once,
     /// as rendering a conversation renders it 1 + 2 × its assistant turns times.
     env: std::sync::Arc<minijinja::Environment<'static>>,
+    /// The template puts nothing after an answer (GLM's): the next role token ends it, or EOS
+    /// at the end, trained as THUDM's fine-tuning code trains them.
+    ends_by_next_token: bool,
     /// `bos_token`, `eos_token`… as the template sees them.
     specials: Vec<(String, String)>,
 }
@@ -459,9 +469,11 @@ impl JinjaTemplate {
                 Some((key.to_string(), text.to_string()))
             })
             .collect();
-        let template = Self::compile(source, specials)?;
+        let mut template = Self::compile(source, specials)?;
         // Checked on a conversation every template takes (some index `messages[0]`).
         template.render_string(&[Message::new(Role::User, "Hi")], &[], true)?;
+        let probe = [Message::new(Role::User, "Hi"), Message::new(Role::Assistant, "Hello\u{e000}")];
+        template.ends_by_next_token = template.render_string(&probe, &[], false).is_ok_and(|text| text.trim_end().ends_with('\u{e000}'));
         Ok(template)
     }
 
@@ -484,7 +496,7 @@ impl JinjaTemplate {
         env.add_test("sequence", |v: minijinja::Value| v.is_undefined() || matches!(v.kind(), ValueKind::String | ValueKind::Bytes | ValueKind::Seq | ValueKind::Map));
         env.add_filter("tojson", python_tojson);
         env.add_template_owned("chat", without_generation_tags(&source)).map_err(|e| format!("chat_template: {e}"))?;
-        Ok(Self { env: std::sync::Arc::new(env), specials })
+        Ok(Self { env: std::sync::Arc::new(env), ends_by_next_token: false, specials })
     }
 
     /// The template's text for `messages`, in transformers' message format: a tool's result
@@ -560,6 +572,10 @@ impl JinjaTemplate {
         }
         pieces.push(Piece { part: Part::Text(full[done..].to_string()), loss: false });
         pieces.retain(|p| p.part != Part::Text(String::new()));
+        if self.ends_by_next_token && !generation_prompt && full[done..].trim().is_empty() {
+            let last = messages.len() - 1;
+            pieces.push(Piece { part: Part::Eos, loss: messages[last].role == Role::Assistant && trained(last) });
+        }
         Ok(pieces)
     }
 }
