@@ -31,7 +31,7 @@ const COMMANDS: &str = "/clear starts a new conversation, /exit (or end of input
 pub fn run(request: &Request) -> anyhow::Result<()> {
     let device = crate::device(request.device)?;
     let tokenizer = ember_models::load_tokenizer(request.base)?;
-    let format = crate::format(request.template, request.base)?;
+    let format = crate::format(request.template, request.base, request.adapter)?;
     match format {
         Format::Text => return Err(bad_input(anyhow::anyhow!("--template text is plain text, not a conversation: give a chat or prompt template"))),
         Format::Prompt(_) if request.system.is_some() => {

@@ -95,7 +95,7 @@ fn text_examples(request: &Request, tokenizer: &Tokenizer, files: &[PathBuf]) ->
 pub fn run(request: &Request) -> anyhow::Result<()> {
     let device = crate::device(request.device)?;
     let tokenizer = ember_models::load_tokenizer(request.base)?;
-    let format = crate::format(request.template, request.base)?;
+    let format = crate::format(request.template, request.base, request.adapter)?;
     // A file, a folder, a file-name pattern, a hub dataset's file, pattern or train split.
     let files = ember_models::hub::data_files(request.data, ember_models::hub::Fetch::Download)?;
     let files = ember_data::dataset::expand_paths(&files).map_err(|e| bad_input(anyhow::anyhow!("--data: {e}")))?;

@@ -94,7 +94,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     let tokenizer = ember_models::load_tokenizer(request.base)?;
     let chat = match request.template {
         FEWSHOT => None,
-        name => match crate::format(name, request.base)? {
+        name => match crate::format(name, request.base, request.adapter)? {
             Format::Chat(template) => Some(template),
             _ => return Err(bad_input(anyhow::anyhow!("--template {name}: give {FEWSHOT} or a chat template (the solved examples are turns of a conversation)"))),
         },

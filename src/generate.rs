@@ -35,7 +35,7 @@ pub fn complete(request: &Request) -> anyhow::Result<String> {
     let prompt = match request.template {
         "none" => tokenizer.encode(request.prompt, true)?,
         name => {
-            let format = crate::format(name, request.base)?;
+            let format = crate::format(name, request.base, request.adapter)?;
             let sample = Sample::Instruction(Record { instruction: request.prompt.into(), input: request.input.into(), output: String::new() });
             format.prompt_ids(&tokenizer, &sample).map_err(|e| bad_input(anyhow::anyhow!(e)))?
         }

@@ -40,7 +40,7 @@ fn is_dataset(path: &Path) -> bool {
 /// The calibration tokens: a text file tokenized whole, with BOS first where the tokenizer adds
 /// it (as llama-imatrix reads its `-f` file); a dataset's records as training renders them
 /// (`template`, answers included, each cut at `cutoff_len`), one after another.
-fn calibration_tokens(tokenizer: &Tokenizer, data: &Path, template: &str, base: &Path, cutoff_len: usize) -> anyhow::Result<Vec<u32>> {
+fn calibration_tokens(tokenizer: &Tokenizer, data: &Path, template: &str, base: &Path, adapter: Option<&Path>, cutoff_len: usize) -> anyhow::Result<Vec<u32>> {
     let data = &ember_models::hub::data_file(data, ember_models::hub::Fetch::Download)?;
     if !is_dataset(data) {
         let text = std::fs::read(data).map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", data.display())))?;
@@ -48,7 +48,7 @@ fn calibration_tokens(tokenizer: &Tokenizer, data: &Path, template: &str, base: 
             .map_err(|e| bad_input(anyhow::anyhow!("{}: not UTF-8 text (byte {})", data.display(), e.utf8_error().valid_up_to())))?;
         return Ok(tokenizer.encode(&text, true)?);
     }
-    let format = crate::format(template, base)?;
+    let format = crate::format(template, base, adapter)?;
     let dataset = Dataset::load(data)?;
     let indices: Vec<usize> = (0..dataset.samples.len()).collect();
     let options = SftOptions { cutoff_len, train_on_inputs: true, last_turn_only: false };
@@ -109,7 +109,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
 fn collect(request: &Request, base: &Path, data: &Path, started: std::time::Instant) -> anyhow::Result<(ember_trainer::imatrix::Collected, usize)> {
     let device = crate::device(request.device)?;
     let tokenizer = ember_models::load_tokenizer(base)?;
-    let tokens = calibration_tokens(&tokenizer, data, request.template, base, request.chunk_size)?;
+    let tokens = calibration_tokens(&tokenizer, data, request.template, base, request.adapter, request.chunk_size)?;
     let calibration = Calibration {
         tokens: &tokens,
         chunk_size: request.chunk_size,

@@ -108,7 +108,8 @@ enum Command {
         #[arg(long, default_value = "keep")]
         dtype: String,
         /// A Jinja chat template (.jinja file) the adapter was trained with, written into the
-        /// merged tokenizer instead of the base's (LLaMA-Factory's export --template).
+        /// merged tokenizer instead of the base's (LLaMA-Factory's export --template); default:
+        /// the adapter's chat_template.jinja, where training with a .jinja template left one.
         #[arg(long, value_name = "FILE")]
         chat_template: Option<PathBuf>,
     },
@@ -127,7 +128,7 @@ enum Command {
         #[arg(long, default_value = "")]
         input: String,
         /// Prompt template (alpaca, alpaca-lora), chat template (chatglm2, chatglm3, glm4,
-        /// llama2-chat, llama3, chatml, auto: the model's own, or a .jinja file), or none (raw prompt).
+        /// llama2-chat, llama3, chatml, auto: the adapter's chat_template.jinja or the model's own, or a .jinja file), or none (raw prompt).
         #[arg(long, default_value = "alpaca")]
         template: String,
         #[command(flatten)]
@@ -153,7 +154,7 @@ enum Command {
         /// Adapter folder (any format `generate` takes).
         #[arg(long)]
         adapter: Option<PathBuf>,
-        /// Chat template (auto: the model's own, chatglm3, glm4, llama3, chatml, …, or a .jinja
+        /// Chat template (auto: the adapter's chat_template.jinja or the model's own, chatglm3, glm4, llama3, chatml, …, or a .jinja
         /// file) or prompt template (alpaca: no history).
         #[arg(long, default_value = "auto")]
         template: String,
@@ -301,7 +302,7 @@ enum Command {
         #[arg(long = "output-format", default_value = "gguf", value_parser = ["gguf", "dat"])]
         output_format: String,
         /// Prompt template for records (alpaca, alpaca-lora), chat template (chatglm2, chatglm3,
-        /// glm4, llama2-chat, llama3, chatml, auto: the model's own), as in the recipe.
+        /// glm4, llama2-chat, llama3, chatml, auto: the adapter's chat_template.jinja or the model's own), as in the recipe.
         #[arg(long, default_value = "alpaca")]
         template: String,
         /// Tokens per chunk (llama-imatrix's --ctx-size).
@@ -586,7 +587,8 @@ enum ExportCommand {
         #[arg(long)]
         imatrix: Option<PathBuf>,
         /// A Jinja chat template (.jinja file) as `tokenizer.chat_template`, instead of the
-        /// base's: the template the adapter was trained with.
+        /// base's: the template the adapter was trained with (default: the adapter's
+        /// chat_template.jinja, where there is one).
         #[arg(long, value_name = "FILE")]
         chat_template: Option<PathBuf>,
     },
@@ -666,9 +668,18 @@ pub fn device(name: &str) -> anyhow::Result<burn::tensor::Device> {
     ember_models::device::parse_device(name).map_err(|e| bad_input(anyhow::anyhow!(e)))
 }
 
-/// The prompt, chat or text template a `--template` flag names, for the model at `base`.
-pub fn format(name: &str, base: &std::path::Path) -> anyhow::Result<ember_data::Format> {
-    ember_models::template(name, base).map_err(|e| bad_input(anyhow::anyhow!(e)))?.ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{name}'")))
+/// The prompt, chat or text template a `--template` flag names, for the model at `base`; `auto`
+/// with an adapter trained with a Jinja template of its own (its `chat_template.jinja`) is that
+/// template.
+pub fn format(name: &str, base: &std::path::Path, adapter: Option<&std::path::Path>) -> anyhow::Result<ember_data::Format> {
+    let trained_with = adapter_chat_template(adapter).filter(|_| name == "auto");
+    let name = trained_with.as_deref().map_or(std::borrow::Cow::Borrowed(name), |file| file.to_string_lossy());
+    ember_models::template(&name, base).map_err(|e| bad_input(anyhow::anyhow!(e)))?.ok_or_else(|| bad_input(anyhow::anyhow!("unknown template '{name}'")))
+}
+
+/// The Jinja template an adapter was trained with, where its folder has one.
+fn adapter_chat_template(adapter: Option<&std::path::Path>) -> Option<std::path::PathBuf> {
+    adapter.map(|dir| dir.join(ember_data::chat::ADAPTER_CHAT_TEMPLATE)).filter(|file| file.is_file())
 }
 
 /// A flag's inline-table body (`key = "value", …`) read as `T`; none: `T`'s default.
@@ -687,7 +698,8 @@ fn chat_template_file(file: Option<&std::path::Path>) -> anyhow::Result<Option<S
 fn merge(base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Path, dtype: &str, chat_template: Option<&std::path::Path>) -> anyhow::Result<()> {
     let dtype = ember_trainer::merge::MergeDtype::parse(dtype)
         .ok_or_else(|| bad_input(anyhow::anyhow!("--dtype '{dtype}': expected keep, f32, bf16 or f16")))?;
-    let summary = ember_trainer::merge::merge(base, adapter, out, dtype, chat_template_file(chat_template)?.as_deref())?;
+    let chat_template = chat_template.map(std::path::Path::to_path_buf).or_else(|| adapter_chat_template(Some(adapter)));
+    let summary = ember_trainer::merge::merge(base, adapter, out, dtype, chat_template_file(chat_template.as_deref())?.as_deref())?;
     println!(
         "merged {} tensors into {}: {} tensors in all, {} shard(s), {:.1} MB",
         summary.merged_tensors, out.display(), summary.tensors, summary.shards, summary.bytes as f64 / 1e6
@@ -702,6 +714,7 @@ fn export(command: ExportCommand) -> anyhow::Result<()> {
     let (summary, out) = match command {
         ExportCommand::Gguf { base, adapter, out, ty, pre, imatrix, chat_template } => {
             let ty = ExportType::parse(&ty).ok_or_else(|| bad_input(anyhow::anyhow!("--type '{ty}': expected {}", ExportType::names())))?;
+            let chat_template = chat_template.or_else(|| adapter_chat_template(adapter.as_deref()));
             let chat_template = chat_template_file(chat_template.as_deref())?;
             (ember_trainer::export::export_gguf(&base, adapter.as_deref(), &out, ty, pre.as_deref(), imatrix.as_deref(), chat_template.as_deref())?, out)
         }

@@ -916,9 +916,15 @@ fn a_jinja_template_file_trains_and_goes_into_the_merged_model_and_its_gguf() {
     assert_eq!(chat_template(&run.join("merged")).as_deref(), Some(template));
     let gguf = GgufFile::open(&run.join("gguf/model-f32.gguf")).unwrap();
     assert_eq!(gguf.metadata.get("tokenizer.chat_template").and_then(|v| v.as_str()), Some(template));
-    // The commands: the base's template (tiny_llama has none) unless --chat-template names one.
+    // The adapter keeps it (as transformers' tokenizer saves it), and the commands read it there:
+    // `--template auto` is the adapter's template (tiny_llama has none of its own).
     let base = fixture("tiny_llama");
     let adapter = run.join("adapter");
+    assert_eq!(std::fs::read_to_string(adapter.join("chat_template.jinja")).unwrap(), template);
+    let generate = |adapter_args: &[&str]| ember(&[&["generate", "--base", base.to_str().unwrap(), "--template", "auto", "--prompt", "hi", "--max-new-tokens", "1"], adapter_args].concat());
+    let output = generate(&["--adapter", adapter.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_bad_input(&generate(&[]), &["no chat_template"]);
     let merged = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
         let args = [&["merge", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()], extra].concat();
@@ -926,10 +932,13 @@ fn a_jinja_template_file_trains_and_goes_into_the_merged_model_and_its_gguf() {
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         chat_template(&out)
     };
+    assert_eq!(merged("from_adapter", &[]).as_deref(), Some(template));
+    let again = dir.path().join("again.gguf");
+    export(&["gguf", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", again.to_str().unwrap(), "--type", "f32", "--pre", "gpt-2"]);
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(run.join("gguf/model-f32.gguf")).unwrap());
+    // Without it, the base's template unless --chat-template names one.
+    std::fs::remove_file(adapter.join("chat_template.jinja")).unwrap();
     assert_eq!(merged("plain", &[]), chat_template(&base));
     assert_eq!(merged("templated", &["--chat-template", file.to_str().unwrap()]).as_deref(), Some(template));
-    let again = dir.path().join("again.gguf");
-    export(&["gguf", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", again.to_str().unwrap(), "--type", "f32", "--pre", "gpt-2", "--chat-template", file.to_str().unwrap()]);
-    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(run.join("gguf/model-f32.gguf")).unwrap());
     assert_bad_input(&ember(&["merge", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", dir.path().join("x").to_str().unwrap(), "--chat-template", "missing.jinja"]), &["--chat-template missing.jinja"]);
 }

@@ -413,6 +413,10 @@ pub struct JinjaTemplate {
     specials: Vec<(String, String)>,
 }
 
+/// The file in an adapter's folder that holds the Jinja template it was trained with (a
+/// `.jinja` `data.template`), as transformers' tokenizer names it.
+pub const ADAPTER_CHAT_TEMPLATE: &str = "chat_template.jinja";
+
 /// Whether a template name is the path of a Jinja file.
 pub fn is_jinja_file(name: &str) -> bool {
     name.ends_with(".jinja")

@@ -686,6 +686,13 @@ impl<'a> Run<'a> {
             }
             self.method.config().save(&self.model, &self.recipe.model.path.to_string_lossy(), &summary.adapter_dir)?;
         }
+        // A template of one's own goes with the adapter, where transformers' tokenizer saves it:
+        // chat, generate, eval, merge and export find it there.
+        if ember_data::chat::is_jinja_file(&self.recipe.data.template) {
+            let source = std::fs::read(&self.recipe.data.template).map_err(|e| TrainError::write(&self.recipe.data.template, e))?;
+            let path = summary.adapter_dir.join(ember_data::chat::ADAPTER_CHAT_TEMPLATE);
+            ember_models::write_file_atomically(&path, &source).map_err(|e| TrainError::write(&path, e))?;
+        }
         // The adapter is saved: a plot that cannot be drawn is worth a message, not a failed run.
         let run_name = dir.file_name().map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned());
         match crate::plot::plot_run(dir, &run_name) {
