@@ -460,8 +460,8 @@ pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<
     crate::fused::attention(&q, &k, &v, &bias, causal, scale).unwrap_or_else(|| composed_attention(q, k, v, bias, scale))
 }
 
-/// [`grouped_attention`] from burn ops and the fused softmax: what runs where no fused attention
-/// applies, and the reference for the one that does. The queries are regrouped instead of copying
+/// [`grouped_attention`] from burn ops: what runs where no fused attention applies, and the
+/// reference for the ones that do. The queries are regrouped instead of copying
 /// K/V.
 pub(crate) fn composed_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>, scale: f64) -> Tensor<4> {
     let [b, heads, s, d] = q.dims();
@@ -472,9 +472,7 @@ pub(crate) fn composed_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias:
     let dtype = q.dtype();
     let scores = crate::fused::matmul(q, k.swap_dims(2, 3)).reshape([b, heads, s, keys]);
     // Softmax in f32, probabilities back in the activations' dtype, as transformers' eager path.
-    let probs = crate::fused::attention_softmax(&scores, &bias, scale)
-        .unwrap_or_else(|| softmax(scores.mul_scalar(scale).cast(DType::F32) + bias, 3).cast(dtype))
-        .reshape([b, kv_heads, group * s, keys]);
+    let probs = softmax(scores.mul_scalar(scale).cast(DType::F32) + bias, 3).cast(dtype).reshape([b, kv_heads, group * s, keys]);
     crate::fused::matmul(probs, v).reshape([b, heads, s, d])
 }
 

@@ -78,28 +78,47 @@ pub fn estimate(
     let tokens: f64 = lengths.iter().sum();
     // Every sequence's scores, [heads, len, prefix + len].
     let prefix = method.prefix_keys() as f64;
-    let score_cells: f64 = lengths.iter().map(|&s| heads * s * (s + prefix)).sum();
+    let cells = |s: f64| heads * s * (s + prefix);
+    let score_cells: f64 = lengths.iter().map(|&s| cells(s)).sum();
 
     // Per token and layer, what backward needs (a frozen projection keeps only its weight):
     // each RMSNorm's input (f32 composed), RoPE'd q and k and v for the attention, SwiGLU's
     // gate, sigmoid, silu and up (fused: gate and up); per score cell, the f32 exp and the
-    // probabilities (flex's fused softmax: the probabilities). LibTorch's fused attention keeps
-    // no score cells but its output twice: each sequence's, and the packed row's.
+    // probabilities. LibTorch's fused attention keeps no score cells but its output twice (each
+    // sequence's, and the packed row's); flex's keeps the probabilities where they are small, and
+    // else each score row's maximum and sum.
     let norms = 2.0 * if fused::enabled_for(fused::Op::RmsNorm) { a } else { 4.0 } * hidden;
     let torch_attention = !on_flex && fused::enabled_for(fused::Op::Attention);
-    let attention = a * (h + 2.0 * kv) + if torch_attention { 2.0 * a * h } else { 0.0 };
+    let flex_attention = flex_fused(fused::Op::Attention);
+    let attention = a * (h + 2.0 * kv)
+        + if torch_attention {
+            2.0 * a * h
+        } else if flex_attention {
+            8.0 * heads
+        } else {
+            0.0
+        };
     let mlp = if fused::enabled_for(fused::Op::Swiglu) { 2.0 } else { 4.0 } * a * f;
-    let per_score = if torch_attention {
+    // Flex's attention runs per sequence (the whole padded batch at once); where it makes the
+    // probabilities again, its backward holds them, their gradient and the scores': three f32
+    // score cells.
+    let attended: Vec<f64> = if options.padding_free { lengths.iter().map(|&s| cells(s)).collect() } else { vec![score_cells] };
+    let kept_by_flex = |cells: f64| cells * 4.0 <= fused::KEPT_PROBABILITIES_BYTES as f64;
+    let kept_scores = if torch_attention {
         0.0
-    } else if flex_fused(fused::Op::Attention) {
-        4.0
+    } else if flex_attention {
+        4.0 * attended.iter().filter(|&&c| kept_by_flex(c)).sum::<f64>()
     } else {
-        4.0 + a
+        (4.0 + a) * score_cells
+    };
+    let remade_scores = match flex_attention {
+        true => 12.0 * attended.iter().filter(|&&c| !kept_by_flex(c)).fold(0.0, |m: f64, &c| m.max(c)),
+        false => 0.0,
     };
     // What the method's own layers keep (a LoRA branch: its input, shared with the branches
     // that read the same activation, and its f32 `x·A`).
     let own = method.activation_bytes_per_token(model, fused::KeptActivations::new(a as usize, !on_flex)) / model.num_layers as f64;
-    let layer = tokens * (norms + attention + mlp + own) + score_cells * per_score;
+    let layer = tokens * (norms + attention + mlp + own) + kept_scores;
     // Layers below the lowest trainable one build no graph.
     let layers = (model.num_layers - method.first_trainable_layer(model)) as f64;
     // Without the frozen product, the graph keeps each projection made dense (dequantized, or
@@ -119,7 +138,7 @@ pub fn estimate(
         }
     };
     // Backward of one layer allocates about as much again as it frees.
-    let activations = kept + layer;
+    let activations = kept + layer + remade_scores;
 
     let vocab = model.vocab_size as f64;
     let chunk = match options.loss_chunk_tokens {

@@ -164,37 +164,40 @@ pub fn swiglu_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f
 }
 
 /// Attention probabilities `softmax(scale·s + bias)` over each `keys`-wide row of scores laid out
-/// `[batch, heads, seq, keys]`; `bias` is `[batch, seq, keys]`, shared by the heads.
-pub fn softmax(
-    scores: &[f32],
-    bias: &[f32],
-    scale: f32,
-    heads: usize,
-    seq: usize,
-    keys: usize,
-) -> Vec<f32> {
-    let mut y = vec![0f32; scores.len()];
-    y.par_chunks_mut(keys)
-        .zip(scores.par_chunks(keys))
-        .enumerate()
-        .with_min_len(min_rows(keys))
-        .for_each(|(row, (y, s))| {
-            let bias_row = row / (heads * seq) * seq + row % seq;
-            let bias = &bias[bias_row * keys..][..keys];
-            for ((y, &s), &b) in y.iter_mut().zip(s).zip(bias) {
-                *y = s * scale + b;
-            }
-            let sum = {
-                let shift = max(y);
-                y.iter_mut().for_each(|v| *v = exp(*v - shift));
-                y.iter().sum::<f32>()
-            };
-            y.iter_mut().for_each(|v| *v /= sum);
-        });
-    y
+/// `[batch, heads, seq, keys]`, written over the scores; `bias` is `[batch, seq, keys]`, shared by
+/// the heads. Returns each row's maximum and sum of exponentials, from which
+/// [`probabilities_in_place`] makes the same probabilities again (a fully masked row included).
+pub fn softmax_in_place(s: &mut [f32], bias: &[f32], scale: f32, heads: usize, seq: usize, keys: usize) -> Vec<[f32; 2]> {
+    let mut stats = vec![[0f32; 2]; s.len() / keys.max(1)];
+    s.par_chunks_mut(keys).zip(stats.par_iter_mut()).enumerate().with_min_len(min_rows(keys)).for_each(|(row, (y, stats))| {
+        for (y, &b) in y.iter_mut().zip(bias_row(bias, row, heads, seq, keys)) {
+            *y = *y * scale + b;
+        }
+        let shift = max(y);
+        y.iter_mut().for_each(|v| *v = exp(*v - shift));
+        let sum = y.iter().sum::<f32>();
+        y.iter_mut().for_each(|v| *v /= sum);
+        *stats = [shift, sum];
+    });
+    stats
 }
 
-/// ∂L/∂s of [`softmax`] from its output `y`: `scale·y·(dy − Σ dy·y)` per row.
+/// The probabilities of [`softmax_in_place`] made again from the scores and each row's maximum
+/// and sum, written over the scores: the same operations, so the same values.
+pub fn probabilities_in_place(s: &mut [f32], bias: &[f32], stats: &[[f32; 2]], scale: f32, heads: usize, seq: usize, keys: usize) {
+    s.par_chunks_mut(keys).zip(stats.par_iter()).enumerate().with_min_len(min_rows(keys)).for_each(|(row, (y, &[shift, sum]))| {
+        for (y, &b) in y.iter_mut().zip(bias_row(bias, row, heads, seq, keys)) {
+            *y = exp(*y * scale + b - shift) / sum;
+        }
+    });
+}
+
+/// The bias of score row `row` (`[batch, heads, seq]` order): its batch's, at its query.
+fn bias_row(bias: &[f32], row: usize, heads: usize, seq: usize, keys: usize) -> &[f32] {
+    &bias[(row / (heads * seq) * seq + row % seq) * keys..][..keys]
+}
+
+/// ∂L/∂s of [`softmax_in_place`] from its output `y`: `scale·y·(dy − Σ dy·y)` per row.
 pub fn softmax_backward(y: &[f32], dy: &[f32], scale: f32, keys: usize) -> Vec<f32> {
     let mut ds = vec![0f32; y.len()];
     ds.par_chunks_mut(keys)

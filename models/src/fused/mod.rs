@@ -1,6 +1,7 @@
-//! Fused operations with their own backward: RMSNorm, RoPE, SwiGLU, the attention softmax and
-//! the LM-head cross-entropy, each one pass over a row instead of a chain of burn ops (with a
-//! full-size temporary per op and one thread for most of them); the product with a frozen weight
+//! Fused operations with their own backward: RMSNorm, RoPE, SwiGLU, attention (its
+//! probabilities made again in backward rather than kept) and the LM-head cross-entropy, each
+//! one pass over a row instead of a chain of burn ops (with a full-size temporary per op and one
+//! thread for most of them); the product with a frozen weight
 //! that is made dense for forward and again for backward; the lookup that makes NF4/int8 bytes
 //! dense; every product on flex, through one GEMM call of ember's that writes its output once and
 //! shares the weight's packing among the threads.
@@ -167,22 +168,6 @@ pub fn swiglu(gate: &Tensor<3>, up: &Tensor<3>) -> Option<Tensor<3>> {
         Tensor::from_dispatch(<Dispatch as FusedOps>::fused_swiglu(
             gate.clone().into_dispatch(),
             up.clone().into_dispatch(),
-        ))
-    })
-}
-
-/// Attention probabilities `softmax(scale · scores + bias)` over the keys, or `None` where it does
-/// not apply. The bias (the mask) takes no gradient.
-///
-/// # Shapes
-/// - scores, output: `[batch, heads, seq, keys]`
-/// - bias: `[batch, 1, seq, keys]`
-pub fn attention_softmax(scores: &Tensor<4>, bias: &Tensor<4>, scale: f64) -> Option<Tensor<4>> {
-    (applies(Op::Attention, scores) && applies(Op::Attention, bias) && !bias.is_require_grad()).then(|| {
-        Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention_softmax(
-            scores.clone().into_dispatch(),
-            bias.clone().into_dispatch(),
-            scale,
         ))
     })
 }
@@ -420,22 +405,35 @@ pub fn frozen_matmul(x: &Tensor<2>, weight: DenseWeight) -> Option<Tensor<2>> {
     enabled_for(Op::FrozenMatmul).then(|| Tensor::from_dispatch(<Dispatch as FrozenOps>::frozen_matmul(x.clone().into_dispatch(), weight)))
 }
 
-/// `softmax(q kᵀ · scale + bias) v` in one fused operation with its own backward: LibTorch's
-/// scaled-dot-product attention, on LibTorch in f32, bf16 or f16. `causal`: `bias` is the plain causal
-/// mask (as many keys as queries), which LibTorch then applies itself. `None` elsewhere: then the
-/// caller composes it from the product, [`attention_softmax`] and the product.
+/// `softmax(q kᵀ · scale + bias) v` in one fused operation with its own backward, the bias (the
+/// mask) taking no gradient. On LibTorch (f32, bf16 or f16) LibTorch's scaled-dot-product
+/// attention; `causal`: `bias` is the plain causal mask (as many keys as queries), which LibTorch
+/// then applies itself. On flex in f32, products and a softmax whose `[batch, heads, seq, keys]`
+/// probabilities, where they are large ([`keeps_probabilities`]), are not kept: backward makes
+/// the same ones again from each row's maximum and sum. `None` elsewhere: then the caller
+/// composes it from burn ops.
 ///
 /// # Shapes
 /// - q: `[batch, heads, seq, head_dim]`
 /// - k, v: `[batch, kv_heads, keys, head_dim]`, `heads` a multiple of `kv_heads`
 /// - bias: `[batch, 1, seq, keys]`
 /// - output: `[batch, heads, seq, head_dim]`
-#[allow(unused_variables)]
+#[cfg_attr(not(feature = "tch"), allow(unused_variables))]
 pub fn attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: &Tensor<4>, causal: bool, scale: f64) -> Option<Tensor<4>> {
     #[cfg(feature = "tch")]
-    return torch_ops::attention(q, k, v, bias, causal, scale);
-    #[cfg(not(feature = "tch"))]
-    None
+    if let Some(y) = torch_ops::attention(q, k, v, bias, causal, scale) {
+        return Some(y);
+    }
+    let on_flex = [q, k, v, bias].into_iter().all(|t| applies(Op::Attention, t)) && !bias.is_require_grad();
+    on_flex.then(|| {
+        Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(
+            q.clone().into_dispatch(),
+            k.clone().into_dispatch(),
+            v.clone().into_dispatch(),
+            bias.clone().into_dispatch(),
+            scale,
+        ))
+    })
 }
 
 /// LoRA's branch `scale · x Aᵀ Bᵀ` in f32 whatever `x`'s dtype, as one operation whose backward is
@@ -601,8 +599,10 @@ pub trait FusedOps: Backend {
         eps: f64,
     ) -> FloatTensor<Self>;
     fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
-    fn fused_attention_softmax(
-        scores: FloatTensor<Self>,
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self>;
@@ -641,15 +641,15 @@ mod forward {
         )
     }
 
-    pub fn attention_softmax(scores: &FlexTensor, bias: &FlexTensor, scale: f64) -> FlexTensor {
-        let shape = scores.layout().shape().clone();
-        let [_, heads, seq, keys] = shape[..] else {
-            panic!("attention scores are [batch, heads, seq, keys]")
-        };
-        tensor(
-            kernels::softmax(values(scores), values(bias), scale as f32, heads, seq, keys),
-            shape,
-        )
+    /// Attention's output, and its probabilities with each score row's maximum and sum. The
+    /// queries are regrouped so that each K/V head's group of query heads is one product (as
+    /// transformers' `repeat_kv`, without copying K/V).
+    pub fn attention(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, bias: &FlexTensor, scale: f64) -> (FlexTensor, Vec<f32>, Vec<[f32; 2]>) {
+        let dims = AttentionDims::of(q, k);
+        let mut probs = dims.scores(q, k);
+        let stats = kernels::softmax_in_place(&mut probs, values(bias), scale as f32, dims.heads, dims.seq, dims.keys);
+        let out = kernels::matmul(&dims.operand(&probs, dims.rows(), dims.keys, false), &dims.operand(values(v), dims.keys, dims.head_dim, false), dims.rows(), dims.keys, dims.head_dim);
+        (tensor(out, q.layout().shape().clone()), probs, stats)
     }
 
     /// RoPE of `x` (`[batch, heads, seq, head_dim]`), or its transpose when `inverse`.
@@ -708,12 +708,8 @@ impl FusedOps for Flex {
     fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         forward::swiglu(&gate.to_contiguous(), &up.to_contiguous())
     }
-    fn fused_attention_softmax(
-        scores: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        scale: f64,
-    ) -> FloatTensor<Self> {
-        forward::attention_softmax(&scores.to_contiguous(), &bias.to_contiguous(), scale)
+    fn fused_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, bias: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        forward::attention(&q.to_contiguous(), &k.to_contiguous(), &v.to_contiguous(), &bias.to_contiguous(), scale).0
     }
     fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self> {
         forward::cross_entropy_sum(&logits.to_contiguous(), &targets).0
@@ -777,22 +773,109 @@ impl Backward<Flex, 2> for SwigluBackward {
     }
 }
 
-#[derive(Debug)]
-struct AttentionSoftmaxBackward;
+/// The sizes of an attention: `q` `[batch, heads, seq, head_dim]`, `k` `[batch, kv_heads, keys,
+/// head_dim]`; its products run over `batch · kv_heads` groups of `heads / kv_heads · seq` query
+/// rows.
+struct AttentionDims {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    seq: usize,
+    keys: usize,
+    head_dim: usize,
+}
 
-impl Backward<Flex, 1> for AttentionSoftmaxBackward {
-    /// The probabilities, scale.
-    type State = (FlexTensor, f64);
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [Some(node_scores)] = ops.parents else {
-            return;
+impl AttentionDims {
+    fn of(q: &FlexTensor, k: &FlexTensor) -> Self {
+        let (&[batch, heads, seq, head_dim], &[_, kv_heads, keys, _]) = (&q.layout().shape()[..], &k.layout().shape()[..]) else {
+            panic!("attention takes q [batch, heads, seq, head_dim] and k, v [batch, kv_heads, keys, head_dim]")
         };
+        Self { batch, heads, kv_heads, seq, keys, head_dim }
+    }
+
+    /// Query rows a group: the query heads that read one K/V head, each `seq` rows.
+    fn rows(&self) -> usize {
+        self.heads / self.kv_heads * self.seq
+    }
+
+    /// A contiguous buffer of `batch · kv_heads` matrices `[rows, cols]` as a GEMM operand, or
+    /// their transposes (`[cols, rows]`, read in place).
+    fn operand<'a>(&self, values: &'a [f32], rows: usize, cols: usize, transposed: bool) -> kernels::Operand<'a> {
+        let offsets = (0..self.batch * self.kv_heads).map(|g| g * rows * cols).collect();
+        let (row_stride, col_stride) = if transposed { (1, cols) } else { (cols, 1) };
+        kernels::Operand { values, offsets, row_stride, col_stride }
+    }
+
+    /// q kᵀ per group: `[rows, keys]` each.
+    fn scores(&self, q: &FlexTensor, k: &FlexTensor) -> Vec<f32> {
+        let (rows, d) = (self.rows(), self.head_dim);
+        kernels::matmul(&self.operand(values(q), rows, d, false), &self.operand(values(k), self.keys, d, true), rows, d, self.keys)
+    }
+}
+
+/// Probabilities of at most this many bytes (a sequence's, in a layer) are kept for backward;
+/// larger ones are made again there. Measured on SmolLM2 (2 cores, Zen 3): at 4 × 256 keeping
+/// them was 3% faster; at 4 × 1024, making them again was 7% faster (no fresh pages for them)
+/// and 37% lighter.
+pub const KEPT_PROBABILITIES_BYTES: usize = 8 << 20;
+
+/// Whether attention over `[batch, heads, seq, keys]` scores keeps its probabilities for
+/// backward (rather than each row's maximum and sum) on flex.
+pub fn keeps_probabilities(batch: usize, heads: usize, seq: usize, keys: usize) -> bool {
+    batch * heads * seq * keys * 4 <= KEPT_PROBABILITIES_BYTES
+}
+
+/// What attention's backward starts from besides q, k, v.
+#[derive(Debug, Clone)]
+enum Probabilities {
+    Kept(FlexTensor),
+    /// Each score row's maximum and sum, and the bias: enough to make them again.
+    Remade(Vec<[f32; 2]>, FlexTensor),
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Flex, 3> for AttentionBackward {
+    /// q, k, v, the probabilities, the scale.
+    type State = (FlexTensor, FlexTensor, FlexTensor, Probabilities, f64);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
-        let (probs, scale) = ops.state;
-        let shape = probs.layout().shape().clone();
-        let ds = kernels::softmax_backward(values(&probs), values(&dy), scale as f32, shape[3]);
-        grads.register::<Flex>(node_scores.id, tensor(ds, shape));
+        let (q, k, v, probs, scale) = ops.state;
+        let dims = AttentionDims::of(&q, &k);
+        let (rows, keys, d) = (dims.rows(), dims.keys, dims.head_dim);
+        let remade;
+        let probs = match &probs {
+            Probabilities::Kept(probs) => values(probs),
+            Probabilities::Remade(stats, bias) => {
+                let mut probs = dims.scores(&q, &k);
+                kernels::probabilities_in_place(&mut probs, values(bias), stats, scale as f32, dims.heads, dims.seq, keys);
+                remade = probs;
+                &remade
+            }
+        };
+        if let Some(node) = node_v {
+            // dV = Pᵀ dO, summed over the group's query heads by the product.
+            let dv = kernels::matmul(&dims.operand(probs, rows, keys, true), &dims.operand(values(&dy), rows, d, false), keys, rows, d);
+            grads.register::<Flex>(node.id, tensor(dv, v.layout().shape().clone()));
+        }
+        if node_q.is_none() && node_k.is_none() {
+            return;
+        }
+        // dS = scale · P ∘ (dP − Σ dP ∘ P), with dP = dO vᵀ.
+        let dp = kernels::matmul(&dims.operand(values(&dy), rows, d, false), &dims.operand(values(&v), keys, d, true), rows, d, keys);
+        let ds = kernels::softmax_backward(probs, &dp, scale as f32, keys);
+        drop(dp);
+        if let Some(node) = node_q {
+            let dq = kernels::matmul(&dims.operand(&ds, rows, keys, false), &dims.operand(values(&k), keys, d, false), rows, keys, d);
+            grads.register::<Flex>(node.id, tensor(dq, q.layout().shape().clone()));
+        }
+        if let Some(node) = node_k {
+            let dk = kernels::matmul(&dims.operand(&ds, rows, keys, true), &dims.operand(values(&q), rows, d, false), keys, rows, d);
+            grads.register::<Flex>(node.id, tensor(dk, k.layout().shape().clone()));
+        }
     }
 }
 
@@ -872,11 +955,16 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         finish(prep, (gate, up), y)
     }
 
-    fn fused_attention_softmax(scores: FloatTensor<Self>, bias: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
-        let prep = AttentionSoftmaxBackward.prepare::<C>([scores.node()]).compute_bound().stateful();
-        let probs =
-            forward::attention_softmax(&scores.into_primitive().to_contiguous(), &bias.into_primitive().to_contiguous(), scale);
-        finish(prep, (probs.clone(), scale), probs)
+    fn fused_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, bias: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        let prep = AttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful();
+        let [q, k, v, bias] = [q, k, v, bias].map(|t| t.into_primitive().to_contiguous());
+        let (y, probs, stats) = forward::attention(&q, &k, &v, &bias, scale);
+        let dims = AttentionDims::of(&q, &k);
+        let probs = match keeps_probabilities(dims.batch, dims.heads, dims.seq, dims.keys) {
+            true => Probabilities::Kept(tensor(probs, Shape::new([dims.batch, dims.heads, dims.seq, dims.keys]))),
+            false => Probabilities::Remade(stats, bias),
+        };
+        finish(prep, (q, k, v, probs, scale), y)
     }
 
     fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -1075,34 +1163,41 @@ mod tests {
         swiglu_matches_burn_ops_on_strided_halves_on(Device::libtorch().autodiff());
     }
 
+    /// With K/V groups, a prefix every query sees, causal keys and padding; and a plain causal
+    /// mask. Kept or made again in backward, the probabilities give the composed ops' gradients.
     #[test]
-    fn attention_softmax_matches_burn_ops_with_a_causal_padded_mask() {
+    fn attention_on_flex_matches_burn_ops_with_groups_a_prefix_and_padding() {
         let device = Device::flex().autodiff();
-        let (batch, heads, seq, keys) = (2, 3, 5, 7);
-        // Keys 0..2 are a prefix every query sees; then causal; the second row's last key is padding.
-        let bias: Vec<f32> = (0..batch * seq * keys)
-            .map(|i| {
-                let (b, q, k) = (i / (seq * keys), i / keys % seq, i % keys);
-                if (k >= 2 && k - 2 > q) || (b == 1 && k == keys - 1) {
-                    f32::MIN
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let bias = Tensor::<4>::from_data(TensorData::new(bias, [batch, 1, seq, keys]), &device);
+        let (batch, heads, kv_heads, seq, prefix, d) = (2, 6, 2, 5, 3, 8);
+        let scale = (d as f64).powf(-0.5);
+        for (bias, prefix) in [(prefixed_padded_bias(batch, seq, prefix, true, &device), prefix), (crate::layers::attention_bias(batch, seq, 0, None, None, &device), 0)] {
+            check(
+                "attention on flex",
+                [random([batch, heads, seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device)],
+                |[q, k, v]| attention(q, k, v, &bias, false, scale).unwrap(),
+                |[q, k, v]| crate::layers::composed_attention(q.clone(), k.clone(), v.clone(), bias.clone(), scale),
+            );
+        }
+        // Probabilities too large to keep, made again in backward.
+        let (heads, seq) = (2, 1100);
+        assert!(!keeps_probabilities(1, heads, seq, seq));
+        let causal = crate::layers::attention_bias(1, seq, 0, None, None, &device);
         check(
-            "attention_softmax",
-            [random([batch, heads, seq, keys], &device)],
-            |[s]| attention_softmax(s, &bias, 0.25).unwrap(),
-            |[s]| softmax(s.clone().mul_scalar(0.25) + bias.clone(), 3),
+            "attention on flex, probabilities made again",
+            [random([1, heads, seq, d], &device), random([1, 1, seq, d], &device), random([1, 1, seq, d], &device)],
+            |[q, k, v]| attention(q, k, v, &causal, false, scale).unwrap(),
+            |[q, k, v]| crate::layers::composed_attention(q.clone(), k.clone(), v.clone(), causal.clone(), scale),
         );
+        // Only some inputs tracked (a frozen k): the others still get their gradients.
+        let bias = prefixed_padded_bias(batch, 5, prefix, false, &device);
+        let (q, k, v) = (random([batch, 6, 5, d], &device).require_grad(), random([batch, kv_heads, prefix + 5, d], &device), random([batch, kv_heads, prefix + 5, d], &device).require_grad());
+        let grads = attention(&q, &k, &v, &bias, false, scale).unwrap().sum().backward();
+        assert!(q.grad(&grads).is_some() && v.grad(&grads).is_some() && k.grad(&grads).is_none());
     }
 
     /// Attention bias for `seq` queries over `prefix` keys every query sees and then `seq` causal
     /// keys; in the second row the last key is padding, and with `padded_query` query 0 is too
     /// (every key masked).
-    #[cfg(feature = "tch")]
     fn prefixed_padded_bias(batch: usize, seq: usize, prefix: usize, padded_query: bool, device: &Device) -> Tensor<4> {
         let keys = prefix + seq;
         let bias: Vec<f32> = (0..batch * seq * keys)
