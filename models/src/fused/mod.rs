@@ -1178,13 +1178,14 @@ mod tests {
                 |[q, k, v]| crate::layers::composed_attention(q.clone(), k.clone(), v.clone(), bias.clone(), scale),
             );
         }
-        // Probabilities too large to keep, made again in backward.
-        let (heads, seq) = (2, 1100);
+        // Probabilities too large to keep, made again in backward (rows kept short: the
+        // composed softmax's exp and the fused one's differ in the last bits).
+        let (heads, seq) = (16, 380);
         assert!(!keeps_probabilities(1, heads, seq, seq));
         let causal = crate::layers::attention_bias(1, seq, 0, None, None, &device);
         check(
             "attention on flex, probabilities made again",
-            [random([1, heads, seq, d], &device), random([1, 1, seq, d], &device), random([1, 1, seq, d], &device)],
+            [random([1, heads, seq, d], &device), random([1, 2, seq, d], &device), random([1, 2, seq, d], &device)],
             |[q, k, v]| attention(q, k, v, &causal, false, scale).unwrap(),
             |[q, k, v]| crate::layers::composed_attention(q.clone(), k.clone(), v.clone(), causal.clone(), scale),
         );
