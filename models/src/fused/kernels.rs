@@ -483,6 +483,26 @@ mod tests {
         }
     }
 
+    /// Backward's probabilities, made again from each row's maximum and sum, are the forward's
+    /// bit for bit: also in a fully masked row (every bias f32::MIN) and with -inf keys.
+    #[test]
+    fn remade_probabilities_are_the_softmax_bit_for_bit() {
+        let (batch, heads, seq, keys) = (2, 3, 4, 37);
+        let scores: Vec<f32> = (0..batch * heads * seq * keys).map(|i| ((i * 7919) % 1013) as f32 * 0.01 - 5.0).collect();
+        let bias: Vec<f32> = (0..batch * seq * keys)
+            .map(|i| match (i / keys, i % keys) {
+                (1, _) => f32::MIN,
+                (_, k) if k % 5 == 0 => f32::NEG_INFINITY,
+                _ => 0.0,
+            })
+            .collect();
+        let mut probs = scores.clone();
+        let stats = softmax_in_place(&mut probs, &bias, 0.125, heads, seq, keys);
+        let mut remade = scores;
+        probabilities_in_place(&mut remade, &bias, &stats, 0.125, heads, seq, keys);
+        assert!(probs.iter().zip(&remade).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
     #[test]
     fn exp_is_within_two_ulp_and_flushes_to_zero() {
         let mut worst = 0f32;
