@@ -6,7 +6,8 @@ Renders every record of the records files (LLaMA-Factory's ShareGPT with `functi
 `tools`, or OpenAI messages with `tool_calls`; default tests/data/tool_calls.jsonl) with every
 `*.jinja` template in TEMPLATES_DIR, once by transformers' `render_jinja_template` and once by
 `ember data preview --json` with `data.template` the file, and counts per template: the same text
-(or it with EOS after the last answer, where the template puts nothing after one), a different text, both refusing, ember refusing (with its reason) and transformers refusing.
+(or it with EOS after the last answer, where the template puts nothing after one), a different
+text, both refusing, ember refusing (with its reason) and transformers refusing.
 Special tokens are those of --model's tokenizer_config.json (default SmolLM2's fixture).
 scripts/check-chat-templates.sh runs it on the templates llama.cpp keeps (models/templates).
 """

@@ -814,9 +814,9 @@ impl AttentionDims {
 }
 
 /// Probabilities of at most this many bytes (a sequence's, in a layer) are kept for backward;
-/// larger ones are made again there. Measured on SmolLM2 (2 cores, Zen 3): at 4 × 256 keeping
-/// them was 3% faster; at 4 × 1024, making them again was 7% faster (no fresh pages for them)
-/// and 37% lighter.
+/// larger ones are made again there. Measured on SmolLM2 LoRA (2 cores, Zen 3) with every one
+/// made again: 3% slower at 4 × 256; on tool-call records at cutoff 1024, 7% faster (no fresh
+/// pages for them) and 37% lighter.
 pub const KEPT_PROBABILITIES_BYTES: usize = 8 << 20;
 
 /// Whether attention over `[batch, heads, seq, keys]` scores keeps its probabilities for
