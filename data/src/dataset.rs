@@ -326,6 +326,15 @@ fn string_field(obj: &Map<String, Value>, key: &str, required: bool) -> Result<S
     }
 }
 
+/// A field that may be absent or null, else a string; errors name it as `name`.
+pub(crate) fn optional_string(value: Option<&Value>, name: &str) -> Result<Option<String>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(format!("'{name}' must be a string, found {}", kind(other))),
+    }
+}
+
 fn history_pair(i: usize, pair: &Value) -> Result<(String, String), String> {
     match pair.as_array().map(Vec::as_slice) {
         Some([Value::String(q), Value::String(a)]) => Ok((q.clone(), a.clone())),
@@ -357,12 +366,10 @@ fn turns(list: &Value, key: &str, role_key: &str, content_key: &str) -> Result<V
             };
             // A message that calls tools may have no content (OpenAI's `null`).
             let content = string_field(obj, content_key, calls.is_empty() && role_name != "function_call").map_err(|e| format!("{key}[{i}]: {e}"))?;
-            let tool_call_id = match obj.get("tool_call_id") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(id)) if role == Role::Observation => Some(id.clone()),
-                Some(Value::String(_)) => return Err(format!("{key}[{i}]: only a tool's result has a 'tool_call_id'")),
-                Some(other) => return Err(format!("{key}[{i}]: 'tool_call_id' must be a string, found {}", kind(other))),
-            };
+            let tool_call_id = optional_string(obj.get("tool_call_id"), "tool_call_id").map_err(|e| format!("{key}[{i}]: {e}"))?;
+            if tool_call_id.is_some() && role != Role::Observation {
+                return Err(format!("{key}[{i}]: only a tool's result has a 'tool_call_id'"));
+            }
             if role_name == "function_call" {
                 let call: Value = serde_json::from_str(&content).map_err(|e| format!("{key}[{i}]: a function_call is the JSON of {{\"name\", \"arguments\"}} (or a list of them): {e}"))?;
                 calls.extend(tool_calls(&call).map_err(|e| format!("{key}[{i}]: {e}"))?);
@@ -378,11 +385,7 @@ fn turns(list: &Value, key: &str, role_key: &str, content_key: &str) -> Result<V
 /// text are parsed.
 fn tool_calls(value: &Value) -> Result<Vec<ToolCall>, String> {
     let one = |call: &Value| {
-        let id = match call.get("id") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(id)) => Some(id.clone()),
-            Some(other) => return Err(format!("a tool call's 'id' must be a string, found {}", kind(other))),
-        };
+        let id = optional_string(call.get("id"), "id").map_err(|e| format!("a tool call's {e}"))?;
         let call = if call.get("type").is_some_and(|t| t == "function") { &call["function"] } else { call };
         let name = call.get("name").and_then(Value::as_str).ok_or("a tool call needs a 'name' string")?;
         let arguments = match call.get("arguments") {

@@ -139,11 +139,7 @@ impl DatasetInfo {
 
 /// `map[key]` as a string, if given; errors name the key after `prefix` (`'columns.prompt'`).
 fn optional_string(map: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<String>, String> {
-    match map.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(format!("'{prefix}{key}' must be a string, found {other}")),
-    }
+    crate::dataset::optional_string(map.get(key), &format!("{prefix}{key}"))
 }
 
 #[cfg(test)]

@@ -103,7 +103,7 @@ pub fn estimate(
     // probabilities again, its backward holds them, their gradient and the scores': three f32
     // score cells.
     let attended: Vec<f64> = if options.padding_free { lengths.iter().map(|&s| cells(s)).collect() } else { vec![score_cells] };
-    let kept_by_flex = |cells: f64| cells * 4.0 <= fused::KEPT_PROBABILITIES_BYTES as f64;
+    let kept_by_flex = |cells: f64| fused::keeps_probabilities(cells as usize);
     let kept_scores = if torch_attention {
         0.0
     } else if flex_attention {

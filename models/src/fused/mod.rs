@@ -817,18 +817,18 @@ impl AttentionDims {
 /// larger ones are made again there. Measured on SmolLM2 LoRA (2 cores, Zen 3) with every one
 /// made again: 3% slower at 4 × 256; on tool-call records at cutoff 1024, 7% faster (no fresh
 /// pages for them) and 37% lighter.
-pub const KEPT_PROBABILITIES_BYTES: usize = 8 << 20;
+const KEPT_PROBABILITIES_BYTES: usize = 8 << 20;
 
-/// Whether attention over `[batch, heads, seq, keys]` scores keeps its probabilities for
-/// backward (rather than each row's maximum and sum) on flex.
-pub fn keeps_probabilities(batch: usize, heads: usize, seq: usize, keys: usize) -> bool {
-    batch * heads * seq * keys * 4 <= KEPT_PROBABILITIES_BYTES
+/// Whether attention over `score_cells` f32 scores (`batch · heads · seq · keys`) keeps its
+/// probabilities for backward (rather than each row's maximum and sum) on flex.
+pub fn keeps_probabilities(score_cells: usize) -> bool {
+    score_cells * 4 <= KEPT_PROBABILITIES_BYTES
 }
 
 /// What attention's backward starts from besides q, k, v.
 #[derive(Debug, Clone)]
 enum Probabilities {
-    Kept(FlexTensor),
+    Kept(Vec<f32>),
     /// Each score row's maximum and sum, and the bias: enough to make them again.
     Remade(Vec<[f32; 2]>, FlexTensor),
 }
@@ -848,7 +848,7 @@ impl Backward<Flex, 3> for AttentionBackward {
         let (rows, keys, d) = (dims.rows(), dims.keys, dims.head_dim);
         let remade;
         let probs = match &probs {
-            Probabilities::Kept(probs) => values(probs),
+            Probabilities::Kept(probs) => probs,
             Probabilities::Remade(stats, bias) => {
                 let mut probs = dims.scores(&q, &k);
                 kernels::probabilities_in_place(&mut probs, values(bias), stats, scale as f32, dims.heads, dims.seq, keys);
@@ -959,9 +959,8 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         let prep = AttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful();
         let [q, k, v, bias] = [q, k, v, bias].map(|t| t.into_primitive().to_contiguous());
         let (y, probs, stats) = forward::attention(&q, &k, &v, &bias, scale);
-        let dims = AttentionDims::of(&q, &k);
-        let probs = match keeps_probabilities(dims.batch, dims.heads, dims.seq, dims.keys) {
-            true => Probabilities::Kept(tensor(probs, Shape::new([dims.batch, dims.heads, dims.seq, dims.keys]))),
+        let probs = match keeps_probabilities(probs.len()) {
+            true => Probabilities::Kept(probs),
             false => Probabilities::Remade(stats, bias),
         };
         finish(prep, (q, k, v, probs, scale), y)
@@ -1192,19 +1191,19 @@ mod tests {
         // Probabilities too large to keep, made again in backward (the same values as kept:
         // `kernels`' test). Long rows sum more of the last bits in which the composed softmax's
         // exp and the fused one's differ.
-        let (heads, seq) = (16, 380);
-        assert!(!keeps_probabilities(1, heads, seq, seq));
-        let causal = crate::layers::attention_bias(1, seq, 0, None, None, &device);
+        let (long_heads, long_seq) = (16, 380);
+        assert!(!keeps_probabilities(long_heads * long_seq * long_seq));
+        let causal = crate::layers::attention_bias(1, long_seq, 0, None, None, &device);
         check_within(
             "attention on flex, probabilities made again",
-            [random([1, heads, seq, d], &device), random([1, 2, seq, d], &device), random([1, 2, seq, d], &device)],
+            [random([1, long_heads, long_seq, d], &device), random([1, kv_heads, long_seq, d], &device), random([1, kv_heads, long_seq, d], &device)],
             |[q, k, v]| attention(q, k, v, &causal, false, scale).unwrap(),
             |[q, k, v]| crate::layers::composed_attention(q.clone(), k.clone(), v.clone(), causal.clone(), scale),
             [1e-5, 1e-4],
         );
         // Only some inputs tracked (a frozen k): the others still get their gradients.
-        let bias = prefixed_padded_bias(batch, 5, prefix, false, &device);
-        let (q, k, v) = (random([batch, 6, 5, d], &device).require_grad(), random([batch, kv_heads, prefix + 5, d], &device), random([batch, kv_heads, prefix + 5, d], &device).require_grad());
+        let bias = prefixed_padded_bias(batch, seq, prefix, false, &device);
+        let (q, k, v) = (random([batch, heads, seq, d], &device).require_grad(), random([batch, kv_heads, prefix + seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device).require_grad());
         let grads = attention(&q, &k, &v, &bias, false, scale).unwrap().sum().backward();
         assert!(q.grad(&grads).is_some() && v.grad(&grads).is_some() && k.grad(&grads).is_none());
     }
