@@ -560,7 +560,21 @@ impl JinjaTemplate {
             let before = self.render_string(&messages[..i], tools, true)?;
             let through = self.render_string(&messages[..=i], tools, false)?;
             let said = !m.content.trim().is_empty() || !m.tool_calls.is_empty();
-            let span = Some(turn_span(&full, &before, &through)).filter(|span| span.start >= done && (!said || !span.is_empty()));
+            let found = |span: &Range<usize>| span.start >= done && (!said || !span.is_empty());
+            // Where the template renders earlier messages differently once later ones follow,
+            // the turn is looked for after the turn before it (`done`), from a cut of `before`:
+            // where `before` takes up `full` again (Qwen3.5 and Step 3.5 think only in the turns
+            // after the last query), or else the longest end of `before` found there (Mistral's
+            // tools and system prompt go before the last query). Such a span must hold the
+            // answer's text.
+            let from_cut = |from: usize, cut: usize| {
+                (common_prefix(&through, &before) >= cut).then(|| turn_span(&full[from..], &before[cut..], &through[cut..])).map(|span| from + span.start..from + span.end)
+            };
+            let holds_answer = |span: &Range<usize>| found(span) && full[span.clone()].contains(m.content.trim());
+            let span = Some(turn_span(&full, &before, &through))
+                .filter(found)
+                .or_else(|| resumption(&full[done..], &before).and_then(|cut| from_cut(done, cut)).filter(holds_answer))
+                .or_else(|| longest_end(&full[done..], &before).and_then(|(at, cut)| from_cut(done + at, cut)).filter(holds_answer));
             let Some(span) = span else {
                 return Err(format!(
                     "template 'auto': the checkpoint's chat_template does not render message {i} ({}) where the messages before it end; name a template instead",
@@ -607,6 +621,27 @@ fn turn_span(full: &str, before: &str, through: &str) -> Range<usize> {
     let same_start = common_prefix(after, last);
     let same_end = (0..=last.len()).filter(|&k| last.is_char_boundary(k)).map(|k| &last[k..]).find(|tail| after.starts_with(tail)).map_or(0, str::len);
     start..start + same_start.max(same_end)
+}
+
+/// Where in `before` the text `rest` (the whole conversation's text after the turn before an
+/// answer) starts: the place with the longest common prefix with it, the last one of equals.
+fn resumption(rest: &str, before: &str) -> Option<usize> {
+    let first = rest.chars().next()?;
+    before.char_indices().filter(|&(_, c)| c == first).map(|(q, _)| (common_prefix(rest, &before[q..]), q)).max().map(|(_, q)| q)
+}
+
+/// The longest end of `before` that `rest` holds: where it is in `rest` (its first place) and
+/// where it starts in `before`.
+fn longest_end(rest: &str, before: &str) -> Option<(usize, usize)> {
+    // An end found means every shorter end is found too: halve on the cut.
+    let ends: Vec<usize> = before.char_indices().map(|(i, _)| i).collect();
+    let (mut found, mut missing) = (if rest.contains(before) { 0 } else { ends.len() }, 0);
+    while found > missing + 1 {
+        let mid = (found + missing) / 2;
+        if rest.contains(&before[ends[mid]..]) { found = mid } else { missing = mid }
+    }
+    let cut = *ends.get(found)?;
+    Some((rest.find(&before[cut..])?, cut))
 }
 
 /// The length in bytes of the longest common prefix of `a` and `b`, on a char boundary.
@@ -850,6 +885,22 @@ mod tests {
         // Hermes: the message before an answer ends differently when it ends the prompt.
         let hermes = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% if m.role == 'user' and not loop.last %}{{ '\n' }}{% endif %}<end>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
         assert_eq!(spans(hermes), ["a1<end>", "a2<end>"]);
+        // Qwen3.5: every answer after the last query thinks, so an earlier answer renders
+        // differently once a later query follows.
+        let qwen35 = "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}{% endif %}{% endfor %}\
+            {% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' and loop.index0 > ns.last %}<think></think>{% endif %}{{ m.content }}<end>{% endfor %}\
+            {% if add_generation_prompt %}<assistant><think>{% endif %}";
+        let c = conversation(&[(Role::User, "q1"), (Role::Assistant, "a1"), (Role::Observation, "r1"), (Role::Assistant, "a2"), (Role::User, "q2"), (Role::Assistant, "a3")]);
+        let pieces = texts(&jinja(qwen35).render(&c, &|i| c.messages[i].role == Role::Assistant, false).unwrap());
+        assert_eq!(pieces.iter().map(|(text, _)| text.as_str()).collect::<String>(), "<user>q1<end><assistant>a1<end><tool>r1<end><assistant>a2<end><user>q2<end><assistant><think></think>a3<end>");
+        let trained: Vec<_> = pieces.iter().filter(|(_, loss)| *loss).map(|(text, _)| text.as_str()).collect();
+        assert_eq!(trained, ["a1<end>", "a2<end>", "</think>a3<end>"]);
+        // Mistral: the system prompt goes before the last query only.
+        let mistral = "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}{% endif %}{% endfor %}\
+            {% for m in messages %}{% if m.role == 'user' %}[INST]{% if loop.index0 == ns.last %}(sys) {% endif %}{{ m.content }}[/INST]{% else %}{{ m.content }}</s>{% endif %}{% endfor %}";
+        let c = conversation(&[(Role::User, "q1"), (Role::Assistant, "a1"), (Role::User, "q2"), (Role::Assistant, "a2")]);
+        let pieces = texts(&jinja(mistral).render(&c, &|i| i % 2 == 1, false).unwrap());
+        assert_eq!(pieces, [("[INST]q1[/INST]", false), ("a1</s>", true), ("[INST](sys) q2[/INST]", false), ("a2</s>", true)].map(|(text, loss)| (text.to_string(), loss)));
     }
 
     #[test]
