@@ -6,7 +6,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
 use ember_adapters::AdaptedModel;
-use ember_data::{Conversation, Format, Message, Record, Role, Sample, Tokenizer};
+use ember_data::{ChatTemplate, Conversation, Format, Message, Record, Role, Sample, Tokenizer};
 use ember_models::BaseModel;
 use ember_models::LoadDtype;
 use ember_models::generate::{GenerationOptions, Session};
@@ -19,6 +19,8 @@ pub struct Request<'a> {
     pub adapter: Option<&'a Path>,
     pub template: &'a str,
     pub system: Option<&'a str>,
+    /// A JSON file of function schemas.
+    pub tools: Option<&'a Path>,
     pub options: GenerationOptions,
     pub device: &'a str,
     /// One JSON object a turn instead of the streamed answer.
@@ -26,7 +28,7 @@ pub struct Request<'a> {
 }
 
 /// What the user can type besides a message.
-const COMMANDS: &str = "/clear starts a new conversation, /exit (or end of input) ends";
+const COMMANDS: &str = "/tool RESULT gives a tool call's result back, /clear starts a new conversation, /exit (or end of input) ends";
 
 pub fn run(request: &Request) -> anyhow::Result<()> {
     let device = crate::device(request.device)?;
@@ -34,10 +36,25 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     let format = crate::format(request.template, request.base, request.adapter)?;
     match format {
         Format::Text => return Err(bad_input(anyhow::anyhow!("--template text is plain text, not a conversation: give a chat or prompt template"))),
-        Format::Prompt(_) if request.system.is_some() => {
-            return Err(bad_input(anyhow::anyhow!("--system needs a chat template; '{}' is a prompt template", request.template)));
+        Format::Prompt(_) if request.system.is_some() || request.tools.is_some() => {
+            let option = if request.system.is_some() { "--system" } else { "--tools" };
+            return Err(bad_input(anyhow::anyhow!("{option} needs a chat template; '{}' is a prompt template", request.template)));
+        }
+        Format::Chat(ref template) if request.tools.is_some() && !matches!(template, ChatTemplate::Jinja(_)) => {
+            return Err(bad_input(anyhow::anyhow!(
+                "--tools needs a Jinja chat template that renders tools (auto, of a checkpoint whose template has them, or a .jinja file); '{}' has no tool calls",
+                request.template
+            )));
         }
         _ => {}
+    }
+    let tools = match request.tools {
+        Some(path) => ember_data::read_tools(path).map_err(|e| bad_input(anyhow::anyhow!(e)))?,
+        None => Vec::new(),
+    };
+    if !tools.is_empty() {
+        // A template that drops the tools is refused now, not at the first message.
+        prompt_ids(&format, &tokenizer, &[Message::new(Role::User, "?")], &tools)?;
     }
     let base = BaseModel::load(request.base, LoadDtype::F32, &device)?;
     let mut options = request.options.clone();
@@ -77,10 +94,20 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
                 session = Session::default();
                 continue;
             }
-            text => messages.push(Message::new(Role::User, text)),
+            text => match text.strip_prefix("/tool") {
+                // A call's result answers the model's last turn, as a record's tool turn does.
+                Some(result) if result.is_empty() || result.starts_with(char::is_whitespace) => {
+                    if messages.last().is_none_or(|m| m.role != Role::Assistant) {
+                        eprintln!("ember chat: /tool gives back the result of a call the model made; there is no answer of the model's to follow");
+                        continue;
+                    }
+                    messages.push(Message::new(Role::Observation, result.trim()));
+                }
+                _ => messages.push(Message::new(Role::User, text)),
+            },
         }
         turn += 1;
-        let prompt = prompt_ids(&format, &tokenizer, &messages)?;
+        let prompt = prompt_ids(&format, &tokenizer, &messages, &tools)?;
         let mut stream = Stream { tokenizer: &tokenizer, ids: Vec::new(), shown: String::new(), out: (!request.json).then_some(&mut stdout) };
         let ids = session.generate(|ids, cache| model.forward_cached(ids, cache), &prompt, &options, &device, |token| stream.push(token));
         let answer = tokenizer.decode(&ids, true)?;
@@ -102,8 +129,8 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     }
 }
 
-/// The prompt of `messages` (the last one the user's) up to where the answer starts.
-fn prompt_ids(format: &Format, tokenizer: &Tokenizer, messages: &[Message]) -> anyhow::Result<Vec<u32>> {
+/// The prompt of `messages` (the last one the user's or a tool's) up to where the answer starts.
+fn prompt_ids(format: &Format, tokenizer: &Tokenizer, messages: &[Message], tools: &[serde_json::Value]) -> anyhow::Result<Vec<u32>> {
     let sample = match format {
         Format::Prompt(_) => {
             let instruction = messages.last().map(|m| m.content.clone()).unwrap_or_default();
@@ -112,7 +139,7 @@ fn prompt_ids(format: &Format, tokenizer: &Tokenizer, messages: &[Message]) -> a
         // The answer to come, empty: the prompt stops where it starts.
         _ => {
             let answer = Message::new(Role::Assistant, "");
-            Sample::Chat(Conversation::new(messages.iter().cloned().chain([answer]).collect()))
+            Sample::Chat(Conversation { messages: messages.iter().cloned().chain([answer]).collect(), tools: tools.to_vec() })
         }
     };
     format.prompt_ids(tokenizer, &sample).map_err(|e| bad_input(anyhow::anyhow!(e)))

@@ -161,6 +161,11 @@ enum Command {
         /// A system message first in every conversation (chat templates).
         #[arg(long)]
         system: Option<String>,
+        /// A JSON file of function schemas the model may call (a list, as a record's `tools`),
+        /// rendered by a Jinja template that takes tools; a line `/tool RESULT` gives a call's
+        /// result back and the model goes on.
+        #[arg(long)]
+        tools: Option<PathBuf>,
         #[command(flatten)]
         sampling: Sampling,
         /// One JSON object a turn: {"turn", "prompt_tokens", "reused_tokens", "answer_tokens", "answer"}.
@@ -813,9 +818,9 @@ fn main() -> ExitCode {
         Command::Exam { base, adapter, test, dev, shots, lang, template, limit, batch, answers, device } => exam::run(&exam::Request {
             base: &base, adapter: adapter.as_deref(), test: &test, dev: &dev, shots, lang, template: &template, limit, batch, answers: answers.as_deref(), device: &device,
         }),
-        Command::Chat { base, adapter, template, system, sampling, json, device } => {
+        Command::Chat { base, adapter, template, system, tools, sampling, json, device } => {
             let request = chat::Request {
-                base: &base, adapter: adapter.as_deref(), template: &template, system: system.as_deref(), options: sampling.options(), device: &device, json,
+                base: &base, adapter: adapter.as_deref(), template: &template, system: system.as_deref(), tools: tools.as_deref(), options: sampling.options(), device: &device, json,
             };
             chat::run(&request)
         }

@@ -190,6 +190,56 @@ fn chat_keeps_the_conversation_until_cleared() {
     assert_bad_input(&chat(&["--template", "alpaca", "--system", "Be brief."], ""), &["--system", "prompt template"]);
 }
 
+/// `ember chat --tools`: a Jinja template renders the tools into the prompt, `/tool RESULT`
+/// answers the model's turn and the model goes on from the cached conversation; `/tool` with no
+/// answer to follow is refused on stderr and the chat goes on; templates without tool calls and
+/// a tools file that is not a list of schemas are bad input.
+#[test]
+fn chat_offers_tools_and_takes_their_results() {
+    let base = repository().join("tests/fixtures/tiny_llama");
+    let dir = tempfile::tempdir().unwrap();
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repository().join("tests/fixtures/chat_template/qwen2.5_tools/tokenizer_config.json")).unwrap()).unwrap();
+    let template = dir.path().join("qwen2.5.jinja");
+    std::fs::write(&template, config["chat_template"].as_str().unwrap()).unwrap();
+    let tools = dir.path().join("tools.json");
+    std::fs::write(&tools, r#"[{"type": "function", "function": {"name": "add", "description": "Adds two numbers", "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}]"#).unwrap();
+    let chat = |extra: &[&str], input: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
+            .args(["chat", "--base", base.to_str().unwrap(), "--max-new-tokens", "4", "--json"])
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let turns = |output: &std::process::Output| -> Vec<serde_json::Value> {
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout.clone()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let count = |turn: &serde_json::Value, key: &str| turn[key].as_u64().unwrap();
+    let with_tools = chat(&["--template", template.to_str().unwrap(), "--tools", tools.to_str().unwrap()], "/tool 4\nWhat is 2 + 2?\n/tool {\"sum\": 4}\n");
+    assert!(String::from_utf8_lossy(&with_tools.stderr).contains("/tool gives back the result of a call"), "{}", String::from_utf8_lossy(&with_tools.stderr));
+    let with_tools = turns(&with_tools);
+    assert_eq!(with_tools.len(), 2, "{with_tools:?}");
+    // The result's turn runs only what it adds to the cached conversation.
+    assert!(count(&with_tools[1], "prompt_tokens") > count(&with_tools[0], "prompt_tokens") + count(&with_tools[0], "answer_tokens"));
+    assert!(count(&with_tools[1], "reused_tokens") >= count(&with_tools[0], "prompt_tokens"), "{with_tools:?}");
+    let without = turns(&chat(&["--template", template.to_str().unwrap()], "What is 2 + 2?\n"));
+    assert!(count(&with_tools[0], "prompt_tokens") > count(&without[0], "prompt_tokens") + 20, "the tools are not in the prompt: {with_tools:?} {without:?}");
+    assert_bad_input(&chat(&["--template", "llama2-chat", "--tools", tools.to_str().unwrap()], ""), &["--tools", "'llama2-chat' has no tool calls"]);
+    assert_bad_input(&chat(&["--template", "alpaca", "--tools", tools.to_str().unwrap()], ""), &["--tools", "prompt template"]);
+    let toolless = dir.path().join("plain.jinja");
+    std::fs::write(&toolless, "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+    assert_bad_input(&chat(&["--template", toolless.to_str().unwrap(), "--tools", tools.to_str().unwrap()], ""), &["does not render the tools", "'add'"]);
+    let not_a_list = dir.path().join("one.json");
+    std::fs::write(&not_a_list, r#"{"name": "add"}"#).unwrap();
+    assert_bad_input(&chat(&["--template", template.to_str().unwrap(), "--tools", not_a_list.to_str().unwrap()], ""), &["one.json", "'tools' must be a list of function schemas"]);
+}
+
 /// `ember exam` on MMLU-style (no header) and CMMLU-style (a header, `mapping.json`) files:
 /// every question scored by base and adapter, accuracy matching the picks it writes, `--limit`
 /// per subject; bad files and options name what is wrong.

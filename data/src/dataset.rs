@@ -402,6 +402,14 @@ fn tool_calls(value: &Value) -> Result<Vec<ToolCall>, String> {
     }
 }
 
+/// The function schemas of a JSON file holding a list of them (or OpenAI's `{"type":
+/// "function", "function": …}` wrappers), as a record's `tools` holds them.
+pub fn read_tools(path: &Path) -> Result<Vec<Value>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let value: Value = serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    tools(Some(&value)).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// A record's `tools`: a list of function schemas, or its JSON text (LLaMA-Factory's column).
 fn tools(value: Option<&Value>) -> Result<Vec<Value>, String> {
     let parsed;

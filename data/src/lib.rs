@@ -16,7 +16,7 @@ pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Conversation, Message, Role, ToolCall};
 pub use columns::{Mapping, Mappings};
-pub use dataset::{Dataset, DatasetError, Record, Sample};
+pub use dataset::{read_tools, Dataset, DatasetError, Record, Sample};
 pub use sft::{Batch, Example, Examples, Format, SftOptions, SftStats};
 pub use template::Template;
 pub use tokenizer::{Tokenizer, TokenizerError};

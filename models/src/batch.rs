@@ -17,6 +17,15 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Forgets the last `n` positions of every layer.
+    pub(crate) fn drop_last(&mut self, n: usize) {
+        for (k, v) in &mut self.layers {
+            let keep = k.dims()[2] - n;
+            *k = k.clone().narrow(2, 0, keep);
+            *v = v.clone().narrow(2, 0, keep);
+        }
+    }
 }
 
 /// The tokens of a training batch: right-padded rows, or the same sequences packed into one

@@ -30,8 +30,8 @@ pub fn generate(
 }
 
 /// Generation across the turns of a conversation: the KV cache and the tokens it holds are
-/// kept, so that a prompt that extends them (the history with the answer, then a new message)
-/// runs only its new tokens, as llama.cpp's conversation mode does.
+/// kept, so that a prompt that starts as they do (the history with the answer, then a new
+/// message) runs only the tokens past what they share, as llama.cpp's conversation mode does.
 #[derive(Default)]
 pub struct Session {
     cache: KvCache,
@@ -42,8 +42,9 @@ pub struct Session {
 }
 
 impl Session {
-    /// As [`generate`], each new token handed to `on_token` as it comes; the cache is reused
-    /// where `prompt` starts with the tokens already run, and started again otherwise.
+    /// As [`generate`], each new token handed to `on_token` as it comes; the cache keeps the
+    /// tokens already run that `prompt` starts with (an answer's text can tokenize differently
+    /// in the next prompt), and starts again where it shares none.
     pub fn generate(
         &mut self,
         forward_cached: impl Fn(Tensor<2, Int>, &mut KvCache) -> Tensor<3>,
@@ -53,10 +54,15 @@ impl Session {
         mut on_token: impl FnMut(u32),
     ) -> Vec<u32> {
         // At least one prompt token must run: its logits give the first new token.
-        if !(prompt.len() > self.tokens.len() && prompt.starts_with(&self.tokens)) {
-            *self = Self::default();
+        let shared = self.tokens.iter().zip(prompt).take_while(|(run, wanted)| run == wanted).count().min(prompt.len().saturating_sub(1));
+        match shared {
+            0 => *self = Self::default(),
+            _ => {
+                self.cache.drop_last(self.tokens.len() - shared);
+                self.tokens.truncate(shared);
+            }
         }
-        self.reused = self.tokens.len();
+        self.reused = shared;
         let mut rng = StdRng::seed_from_u64(options.seed);
         let mut next = prompt[self.reused..].to_vec();
         let mut out = Vec::new();
@@ -115,7 +121,8 @@ mod tests {
     use std::cell::RefCell;
 
     /// A session runs only what its cache lacks: the next prompt's tokens past those already run
-    /// (the last answer token was picked, never run), and the whole prompt where it diverges.
+    /// (the last answer token was picked, never run) or past the ones it shares with them, and
+    /// the whole prompt where it shares none.
     #[test]
     fn a_session_runs_only_the_tokens_its_cache_lacks() {
         let device = Device::flex();
@@ -135,8 +142,12 @@ mod tests {
         assert_eq!((streamed, session.reused()), (vec![4, 5], 0));
         assert_eq!(session.generate(forward, &[1, 2, 3, 4, 5, 9], &options, &device, |_| {}), [10, 11]);
         assert_eq!(session.reused(), 4);
+        assert_eq!(session.generate(forward, &[1, 2, 7], &options, &device, |_| {}), [8, 9]);
+        assert_eq!(session.reused(), 2);
+        assert_eq!(session.generate(forward, &[1, 2], &options, &device, |_| {}), [3, 4]);
+        assert_eq!(session.reused(), 1);
         assert_eq!(session.generate(forward, &[13, 14], &options, &device, |_| {}), [15]);
         assert_eq!(session.reused(), 0);
-        assert_eq!(runs.into_inner(), [vec![1, 2, 3], vec![4], vec![5, 9], vec![10], vec![13, 14]]);
+        assert_eq!(runs.into_inner(), [vec![1, 2, 3], vec![4], vec![5, 9], vec![10], vec![7], vec![8], vec![2], vec![3], vec![13, 14]]);
     }
 }

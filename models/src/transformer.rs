@@ -841,6 +841,25 @@ mod tests {
         assert!(full[3 * vocab..].iter().zip(&unwindowed[3 * vocab..]).any(|(a, b)| (a - b).abs() > 1e-4));
     }
 
+    /// A cache cut back to the positions a new prompt shares (`ember chat` after an answer that
+    /// tokenizes differently) goes on as a cache that only ever held them.
+    #[test]
+    fn a_cache_cut_back_goes_on_as_a_fresh_one() {
+        let device = Device::flex();
+        let json = serde_json::json!({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 50});
+        let model = CausalLm::synthetic(ModelConfig::from_json(&json, Path::new("config.json")).unwrap(), DType::F32, None, 7, &device);
+        let (mut cut, mut fresh) = (KvCache::default(), KvCache::default());
+        logits_cached(&model, &[3, 17, 5, 42, 8, 11], &mut cut, &device);
+        cut.drop_last(3);
+        logits_cached(&model, &[3, 17, 5], &mut fresh, &device);
+        assert_eq!(cut.len(), 3);
+        let (from_cut, from_fresh) = (logits_cached(&model, &[29, 1], &mut cut, &device), logits_cached(&model, &[29, 1], &mut fresh, &device));
+        // The cut cache's keys came from a product over 6 rows, the fresh one's over 3: the last bits.
+        let max_abs = from_cut.iter().zip(&from_fresh).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(max_abs < 1e-6, "cut against fresh cache: {max_abs}");
+    }
+
     fn logits_cached(model: &CausalLm<Linear>, ids: &[i64], cache: &mut KvCache, device: &Device) -> Vec<f32> {
         let input = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device);
         model.forward_cached(input, cache).into_data().try_to_vec::<f32>().unwrap()
