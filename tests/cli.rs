@@ -159,19 +159,7 @@ fn tiny_recipe_trains_merges_and_generates() {
 #[test]
 fn chat_keeps_the_conversation_until_cleared() {
     let base = repository().join("tests/fixtures/tiny_llama");
-    let chat = |extra: &[&str], input: &str| {
-        use std::io::Write;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
-            .args(["chat", "--base", base.to_str().unwrap(), "--max-new-tokens", "6"])
-            .args(extra)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-        child.wait_with_output().unwrap()
-    };
+    let chat = |extra: &[&str], input: &str| chat_on(&[&["--base", base.to_str().unwrap(), "--max-new-tokens", "6"], extra].concat(), input);
     let input = "Hello there\n\nAnd then?\n/clear\nHello there\n/exit\nnever read\n";
     let output = chat(&["--template", "llama2-chat", "--json"], input);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -203,19 +191,7 @@ fn chat_offers_tools_and_takes_their_results() {
     std::fs::write(&template, config["chat_template"].as_str().unwrap()).unwrap();
     let tools = dir.path().join("tools.json");
     std::fs::write(&tools, r#"[{"type": "function", "function": {"name": "add", "description": "Adds two numbers", "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}]"#).unwrap();
-    let chat = |extra: &[&str], input: &str| {
-        use std::io::Write;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
-            .args(["chat", "--base", base.to_str().unwrap(), "--max-new-tokens", "4", "--json"])
-            .args(extra)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-        child.wait_with_output().unwrap()
-    };
+    let chat = |extra: &[&str], input: &str| chat_on(&[&["--base", base.to_str().unwrap(), "--max-new-tokens", "4", "--json"], extra].concat(), input);
     let turns = |output: &std::process::Output| -> Vec<serde_json::Value> {
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8(output.stdout.clone()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
@@ -238,6 +214,21 @@ fn chat_offers_tools_and_takes_their_results() {
     let not_a_list = dir.path().join("one.json");
     std::fs::write(&not_a_list, r#"{"name": "add"}"#).unwrap();
     assert_bad_input(&chat(&["--template", template.to_str().unwrap(), "--tools", not_a_list.to_str().unwrap()], ""), &["one.json", "'tools' must be a list of function schemas"]);
+}
+
+/// `ember chat` with `args`, `input` its standard input.
+fn chat_on(args: &[&str], input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
+        .arg("chat")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
 }
 
 /// `ember exam` on MMLU-style (no header) and CMMLU-style (a header, `mapping.json`) files:
