@@ -6,7 +6,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
 use ember_adapters::AdaptedModel;
-use ember_data::{ChatTemplate, Conversation, Format, Message, Record, Role, Sample, Tokenizer};
+use ember_data::{Conversation, Format, Message, Record, Role, Sample, Tokenizer};
 use ember_models::BaseModel;
 use ember_models::LoadDtype;
 use ember_models::generate::{GenerationOptions, Session};
@@ -40,9 +40,9 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
             let option = if request.system.is_some() { "--system" } else { "--tools" };
             return Err(bad_input(anyhow::anyhow!("{option} needs a chat template; '{}' is a prompt template", request.template)));
         }
-        Format::Chat(ref template) if request.tools.is_some() && !matches!(template, ChatTemplate::Jinja(_)) => {
+        Format::Chat(ref template) if request.tools.is_some() && !template.renders_tools() => {
             return Err(bad_input(anyhow::anyhow!(
-                "--tools needs a Jinja chat template that renders tools (auto, of a checkpoint whose template has them, or a .jinja file); '{}' has no tool calls",
+                "--tools needs a chat template that renders tools (glm4, auto of a checkpoint whose template has them, or a .jinja file); '{}' has no tool calls",
                 request.template
             )));
         }
@@ -121,10 +121,17 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
                 writeln!(stdout, "{result}")?;
             }
         }
-        if let Format::Prompt(_) = format {
-            messages.clone_from(&system);
-        } else {
-            messages.push(Message::new(Role::Assistant, answer));
+        match &format {
+            Format::Chat(template) => {
+                // The reply as generated, special tokens kept but the stop token, read back as
+                // the template reads it (GLM's calls).
+                let reply = match ids.split_last() {
+                    Some((last, rest)) if options.stop_ids.contains(last) => rest,
+                    _ => &ids[..],
+                };
+                messages.push(template.reply_message(&tokenizer.decode(reply, false)?));
+            }
+            _ => messages.clone_from(&system),
         }
     }
 }

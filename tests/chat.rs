@@ -724,3 +724,35 @@ fn a_jinja_template_file_puts_tools_on_any_checkpoint() {
     let missing = ember(&["data", "stats", recipe.to_str().unwrap(), "--set", "data.template=\"none.jinja\""]);
     assert_bad_input(&missing, &["none.jinja"]);
 }
+
+/// `template = "glm4"` with tools: the text of each record of tests/data/tool_calls.jsonl is what
+/// glm-4-9b-chat's own tokenizer code writes (`tests/fixtures/glm4_tools.json`,
+/// from `generate_glm4_tools.py`) after `[gMASK]<sop>`, with EOS after the last answer; each call is an
+/// assistant item of its own, trained with the role token that ends it.
+#[test]
+fn glm4_renders_tools_and_calls_as_thudm_does() {
+    let dir = fixture("tiny_chatglm");
+    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    let template = ember_data::ChatTemplate::named("glm4", &dir).unwrap().unwrap();
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(fixture("glm4_tools.json")).unwrap()).unwrap();
+    let cases = reference["cases"].as_array().unwrap();
+    let dataset = Dataset::load(&data("tool_calls.jsonl")).unwrap();
+    assert_eq!(dataset.samples.len(), cases.len());
+    let policy = ember_data::chat::LossPolicy { last_turn_only: false, train_on_inputs: false };
+    for (index, (sample, case)) in dataset.samples.iter().zip(cases).enumerate() {
+        let pieces = template.render(&sample.conversation().unwrap(), policy, false).unwrap();
+        let eos = tokenizer.eos_token().unwrap();
+        let expected = format!("[gMASK]<sop>{}{eos}", case["text"].as_str().unwrap());
+        assert_eq!(template.text(&tokenizer, &pieces), expected, "record {index}");
+        // Every assistant item is trained with what ends it; nothing else is.
+        let trained: String = pieces.iter().filter(|p| p.loss).map(|p| template.text(&tokenizer, std::slice::from_ref(p))).collect();
+        let items: String = case["items"].as_array().unwrap().iter().enumerate().filter(|(_, item)| item["role"] == "assistant").map(|(k, item)| {
+            let next = case["items"].get(k + 1).map_or(eos.clone(), |next| format!("<|{}|>", next["role"].as_str().unwrap()));
+            format!("{}\n{}{next}", item["metadata"].as_str().unwrap_or(""), item["content"].as_str().unwrap())
+        }).collect();
+        assert_eq!(trained, items, "record {index}");
+    }
+    let mut typed = dataset.samples[0].conversation().unwrap();
+    typed.tools = vec![serde_json::json!({"type": "python"})];
+    assert!(template.render(&typed, policy, false).unwrap_err().contains("a tool of type 'python'"));
+}

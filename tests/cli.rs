@@ -208,6 +208,10 @@ fn chat_offers_tools_and_takes_their_results() {
     assert!(count(&with_tools[0], "prompt_tokens") > count(&without[0], "prompt_tokens") + 20, "the tools are not in the prompt: {with_tools:?} {without:?}");
     assert_bad_input(&chat(&["--template", "llama2-chat", "--tools", tools.to_str().unwrap()], ""), &["--tools", "'llama2-chat' has no tool calls"]);
     assert_bad_input(&chat(&["--template", "alpaca", "--tools", tools.to_str().unwrap()], ""), &["--tools", "prompt template"]);
+    // GLM-4's own tool format; the tiny model's replies are read back as THUDM reads them.
+    let glm = repository().join("tests/fixtures/tiny_chatglm");
+    let glm4 = turns(&chat_on(&["--base", glm.to_str().unwrap(), "--max-new-tokens", "4", "--json", "--template", "glm4", "--tools", tools.to_str().unwrap()], "1 + 2?\n/tool 3\n"));
+    assert_eq!(glm4.len(), 2, "{glm4:?}");
     let toolless = dir.path().join("plain.jinja");
     std::fs::write(&toolless, "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
     assert_bad_input(&chat(&["--template", toolless.to_str().unwrap(), "--tools", tools.to_str().unwrap()], ""), &["does not render the tools", "'add'"]);

@@ -175,6 +175,32 @@ impl ChatTemplate {
         }
     }
 
+    /// Whether `tools` and tool calls render (the others refuse them rather than drop them).
+    pub fn renders_tools(&self) -> bool {
+        matches!(self, ChatTemplate::Glm4 | ChatTemplate::Jinja(_))
+    }
+
+    /// The assistant message of `reply`, a generated answer (special tokens kept, the stop token
+    /// not), as the conversation holds it for the next turn's prompt: GLM's reply is items split
+    /// at `<|assistant|>`, each `metadata\ntext`, where GLM-4's metadata names a function called
+    /// with the JSON text (THUDM's `process_response`); any other reply is its text.
+    pub fn reply_message(&self, reply: &str) -> Message {
+        if !matches!(self, ChatTemplate::ChatGlm3 | ChatTemplate::Glm4) {
+            return Message::new(Role::Assistant, reply);
+        }
+        let mut message = Message::new(Role::Assistant, "");
+        for item in reply.split("<|assistant|>") {
+            let (metadata, text) = item.split_once('\n').unwrap_or((item, ""));
+            let call = serde_json::from_str::<Value>(text.trim()).ok().filter(|arguments| arguments.is_object() && matches!(self, ChatTemplate::Glm4));
+            match (metadata.trim(), call) {
+                ("", _) => message.content.push_str(text.trim()),
+                (name, Some(arguments)) => message.tool_calls.push(ToolCall { name: name.to_string(), arguments, id: None }),
+                (_, None) => message.content.push_str(item.trim()),
+            }
+        }
+        message
+    }
+
     /// Per-piece encoding (THUDM's code) rather than one string.
     fn per_piece(&self) -> bool {
         matches!(self, ChatTemplate::ChatGlm2 | ChatTemplate::ChatGlm3 | ChatTemplate::Glm4)
@@ -183,9 +209,9 @@ impl ChatTemplate {
     /// The pieces of `conversation`; with `generation_prompt`, the conversation is a prompt
     /// (ending with a user turn) and what starts the assistant's answer is appended.
     pub fn render(&self, conversation: &Conversation, policy: LossPolicy, generation_prompt: bool) -> Result<Vec<Piece>, String> {
-        if conversation.uses_tools() && !matches!(self, ChatTemplate::Jinja(_)) {
+        if conversation.uses_tools() && !self.renders_tools() {
             return Err(format!(
-                "template '{}' has no tool calls: use template = \"auto\" with a checkpoint whose chat template renders them (Qwen2.5's, for one)",
+                "template '{}' has no tool calls: use template = \"glm4\" for GLM-4, or \"auto\" with a checkpoint whose chat template renders them (Qwen2.5's, for one)",
                 self.name()
             ));
         }
@@ -198,11 +224,29 @@ impl ChatTemplate {
                 let glm4 = matches!(self, ChatTemplate::Glm4);
                 out.token("[gMASK]", false);
                 out.token(if glm4 { "<sop>" } else { "sop" }, false);
+                if !conversation.tools.is_empty() {
+                    out.token("<|system|>", false);
+                    out.text(format!("\n{}", glm4_tools_prompt(&conversation.tools)?), false);
+                }
                 for (i, m) in messages.iter().enumerate() {
                     // The role token ends the previous assistant turn.
                     out.token(role_token(m.role), i > 0 && trained(i - 1));
                     if glm4 {
-                        out.text(format!("\n{}", m.content), trained(i));
+                        // A call is an assistant item of its own, the function's name as its
+                        // metadata and its arguments as the text; THUDM's `process_response`
+                        // splits a reply into such items at `<|assistant|>`.
+                        let calls = m.tool_calls.iter().map(|call| {
+                            let mut arguments = String::new();
+                            python_json(&call.arguments, &PythonJson { indent: None, sort_keys: false, ensure_ascii: false }, 0, &mut arguments);
+                            format!("{}\n{arguments}", call.name)
+                        });
+                        let text = (m.tool_calls.is_empty() || !m.content.is_empty()).then(|| format!("\n{}", m.content));
+                        for (k, item) in text.into_iter().chain(calls).enumerate() {
+                            if k > 0 {
+                                out.token("<|assistant|>", trained(i));
+                            }
+                            out.text(item, trained(i));
+                        }
                     } else {
                         // metadata ("") + "\n", then the content, each encoded on its own.
                         out.text("\n".into(), trained(i));
@@ -361,6 +405,24 @@ impl ChatTemplate {
         }
         Ok((ids, loss))
     }
+}
+
+/// GLM-4's system prompt offering `tools`, as glm-4-9b-chat's `tokenization_chatglm.py` writes it
+/// ("GhatGLM" included): each function's schema as `json.dumps(indent=4, ensure_ascii=False)`.
+fn glm4_tools_prompt(tools: &[Value]) -> Result<String, String> {
+    let mut prompt = String::from("你是一个名为 GhatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具");
+    for tool in tools {
+        let function = match tool.get("type").and_then(Value::as_str) {
+            Some("function") => &tool["function"],
+            None => tool,
+            Some(other) => return Err(format!("template 'glm4' renders function tools; a tool of type '{other}' is not one")),
+        };
+        let name = function.get("name").and_then(Value::as_str).ok_or("template 'glm4': a tool has no 'name' string")?;
+        let mut schema = String::new();
+        python_json(function, &PythonJson { indent: Some(4), sort_keys: false, ensure_ascii: false }, 0, &mut schema);
+        prompt.push_str(&format!("\n\n## {name}\n\n{schema}\n在调用上述函数时，请使用 Json 格式表示调用的参数。"));
+    }
+    Ok(prompt)
 }
 
 fn role_token(role: Role) -> &'static str {
@@ -901,6 +963,19 @@ mod tests {
         let c = conversation(&[(Role::User, "q1"), (Role::Assistant, "a1"), (Role::User, "q2"), (Role::Assistant, "a2")]);
         let pieces = texts(&jinja(mistral).render(&c, &|i| i % 2 == 1, false).unwrap());
         assert_eq!(pieces, [("[INST]q1[/INST]", false), ("a1</s>", true), ("[INST](sys) q2[/INST]", false), ("a2</s>", true)].map(|(text, loss)| (text.to_string(), loss)));
+    }
+
+    #[test]
+    fn glm_replies_are_read_back_as_thudm_reads_them() {
+        let reply = ChatTemplate::Glm4.reply_message("get_time\n{\"city\": \"北京\"}<|assistant|>get_weather\n{\"city\": \"北京\"}");
+        assert_eq!((reply.content.as_str(), reply.tool_calls.iter().map(|c| c.name.as_str()).collect::<Vec<_>>()), ("", vec!["get_time", "get_weather"]));
+        assert_eq!(reply.tool_calls[1].arguments, serde_json::json!({"city": "北京"}));
+        // An answer starts with the newline the template puts after the role token.
+        let answer = ChatTemplate::Glm4.reply_message("\n你好！");
+        assert_eq!((answer.content.as_str(), answer.tool_calls.len()), ("你好！", 0));
+        assert_eq!(ChatTemplate::ChatGlm3.reply_message("\n Hi").content, "Hi");
+        assert_eq!(ChatTemplate::Glm4.reply_message("no call\nhere").content, "no call\nhere");
+        assert_eq!(ChatTemplate::ChatMl.reply_message("\nas is").content, "\nas is");
     }
 
     #[test]
