@@ -7,7 +7,9 @@ Renders every record of the records files (LLaMA-Factory's ShareGPT with `functi
 `*.jinja` template in TEMPLATES_DIR, once by transformers' `render_jinja_template` and once by
 `ember data preview --json` with `data.template` the file, and counts per template: the same text
 (or it with EOS after the last answer, where the template puts nothing after one), a different
-text, both refusing, ember refusing (with its reason) and transformers refusing.
+text, both refusing, ember refusing (with its reason) and transformers refusing; and where ember
+renders, whether its trained tokens are off: missing an answer's text or a call's name, or
+holding a question's text that no answer repeats.
 Special tokens are those of --model's tokenizer_config.json (default SmolLM2's fixture).
 scripts/check-chat-templates.sh runs it on the templates llama.cpp keeps (models/templates).
 """
@@ -16,6 +18,7 @@ import argparse, collections, json, os, re, subprocess, sys, tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "fixtures"))
 from generate_tool_calls import hf_messages  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
 from transformers.utils.chat_template_utils import render_jinja_template  # noqa: E402
 
 RECIPE = """[model]
@@ -33,14 +36,36 @@ dir = "{out}"
 
 
 def ember_texts(ember, model, template, data, limit, work):
-    """ember's texts of the records in `data`, or None and its error line."""
+    """ember's previews (`text`, `input_ids`, `labels`) of the records in `data`, or None and its error line."""
     recipe = os.path.join(work, "recipe.toml")
     with open(recipe, "w") as f:
         f.write(RECIPE.format(model=model, data=data, template=template, out=os.path.join(work, "out")))
     p = subprocess.run([ember, "data", "preview", "--json", "--limit", str(limit), recipe], capture_output=True, text=True)
     if p.returncode != 0:
         return None, (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
-    return [json.loads(line)["text"] for line in p.stdout.splitlines()], None
+    return [json.loads(line) for line in p.stdout.splitlines()], None
+
+
+def spans_off(tokenizer, preview, messages):
+    """Whether the trained tokens miss an answer's text or a call's name, or hold a question's
+    text that no answer repeats: the runs of tokens with loss, decoded."""
+    runs, run = [], []
+    for token, label in zip(preview["input_ids"], preview["labels"]):
+        if label != -100:
+            run.append(token)
+        elif run:
+            runs.append(run)
+            run = []
+    trained = "\0".join(tokenizer.decode(r, skip_special_tokens=False) for r in runs + [run] if r)
+    answers = [m for m in messages if m["role"] == "assistant"]
+    for m in messages:
+        text = (m.get("content") or "").strip()
+        if m["role"] == "assistant":
+            if text and text not in trained or any(c["function"]["name"] not in trained for c in m.get("tool_calls", [])):
+                return True
+        elif len(text) >= 4 and text in trained and not any(text in (a.get("content") or "") for a in answers):
+            return True
+    return False
 
 
 def main():
@@ -53,6 +78,7 @@ def main():
     model = os.path.abspath(args.model)
     config = json.load(open(os.path.join(model, "tokenizer_config.json"), encoding="utf-8"))
     specials = {k: config[k] if isinstance(config[k], str) else config[k]["content"] for k in ["bos_token", "eos_token", "unk_token", "pad_token"] if config.get(k)}
+    tokenizer = Tokenizer.from_file(os.path.join(model, "tokenizer.json"))
     records = [json.loads(line) for path in args.records for line in open(path, encoding="utf-8") if line.strip()]
     work = tempfile.mkdtemp(prefix="ember-chat-templates-")
     all_records = os.path.join(work, "all.jsonl")
@@ -76,11 +102,14 @@ def main():
                 one = os.path.join(work, "one.jsonl")
                 with open(one, "w", encoding="utf-8") as f:
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                text, error = ember_texts(args.ember, model, path, one, 1, work)
-                texts.append(text[0] if text else ("error", error))
+                preview, error = ember_texts(args.ember, model, path, one, 1, work)
+                texts.append(preview[0] if preview else ("error", error))
         counts = collections.Counter()
-        for ref, got in zip(reference, texts):
+        for record, ref, got in zip(records, reference, texts):
             refused = isinstance(got, tuple)
+            if not refused:
+                counts["trained spans off"] += spans_off(tokenizer, got, hf_messages(record)[0])
+                got = got["text"]
             if ref is None:
                 counts["both refuse" if refused else "transformers refuses"] += 1
             elif refused:
@@ -95,7 +124,8 @@ def main():
         totals.update(counts)
         print(f"{name[:-6]}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), flush=True)
     print(f"templates {len([n for n in os.listdir(args.templates) if n.endswith('.jinja')])} x records {len(records)}: " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items())))
-    print("ember refuses because the template " + "; ".join(f"{k}: {v}" for k, v in reasons.most_common()))
+    if reasons:
+        print("ember refuses because the template " + "; ".join(f"{k}: {v}" for k, v in reasons.most_common()))
 
 
 if __name__ == "__main__":

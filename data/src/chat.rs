@@ -622,15 +622,21 @@ impl JinjaTemplate {
             let before = self.render_string(&messages[..i], tools, true)?;
             let through = self.render_string(&messages[..=i], tools, false)?;
             let said = !m.content.trim().is_empty() || !m.tool_calls.is_empty();
-            let found = |span: &Range<usize>| span.start >= done && (!said || !span.is_empty());
+            // A span holds nothing of the messages it answers (a template that moves the system
+            // prompt renders them differently in `through`), unless the answer repeats it.
+            let asked = messages[..i].iter().rev().take_while(|p| p.role != Role::Assistant).map(|p| p.content.trim()).filter(|c| c.chars().count() >= 4 && !m.content.contains(c));
+            let asked: Vec<&str> = asked.collect();
+            let found = |span: &Range<usize>| span.start >= done && (!said || !span.is_empty()) && !asked.iter().any(|c| full[span.clone()].contains(c));
             // Where the template renders earlier messages differently once later ones follow,
             // the turn is looked for after the turn before it (`done`), from a cut of `before`:
             // where `before` takes up `full` again (Qwen3.5 and Step 3.5 think only in the turns
             // after the last query), or else the longest end of `before` found there (Mistral's
-            // tools and system prompt go before the last query). Such a span must hold the
+            // tools and system prompt go before the last query only). Such a span must hold the
             // answer's text.
             let from_cut = |from: usize, cut: usize| {
-                (common_prefix(&through, &before) >= cut).then(|| turn_span(&full[from..], &before[cut..], &through[cut..])).map(|span| from + span.start..from + span.end)
+                // `through` ends with the same messages' text, where it renders them as `before` does.
+                let through_cut = if common_prefix(&through, &before) >= cut { Some(cut) } else { through.rfind(&before[cut..]) };
+                through_cut.map(|t| turn_span(&full[from..], &before[cut..], &through[t..])).map(|span| from + span.start..from + span.end)
             };
             let holds_answer = |span: &Range<usize>| found(span) && full[span.clone()].contains(m.content.trim());
             let span = Some(turn_span(&full, &before, &through))
@@ -963,6 +969,12 @@ mod tests {
         let c = conversation(&[(Role::User, "q1"), (Role::Assistant, "a1"), (Role::User, "q2"), (Role::Assistant, "a2")]);
         let pieces = texts(&jinja(mistral).render(&c, &|i| i % 2 == 1, false).unwrap());
         assert_eq!(pieces, [("[INST]q1[/INST]", false), ("a1</s>", true), ("[INST](sys) q2[/INST]", false), ("a2</s>", true)].map(|(text, loss)| (text.to_string(), loss)));
+        // And a conversation ending with an answer (no query last) loses that system prompt:
+        // `before` has it, the whole text and `through` do not.
+        let mistral = "{% for m in messages %}{% if m.role == 'system' %}{% elif m.role == 'user' %}[INST]{% if loop.last and messages[0].role == 'system' %}{{ messages[0].content }} {% endif %}{{ m.content }}[/INST]{% else %}{{ m.content }}</s>{% endif %}{% endfor %}";
+        let c = conversation(&[(Role::System, "Be terse."), (Role::User, "Name a prime."), (Role::Assistant, "7"), (Role::User, "Another one?"), (Role::Assistant, "11")]);
+        let pieces = texts(&jinja(mistral).render(&c, &|i| c.messages[i].role == Role::Assistant, false).unwrap());
+        assert_eq!(pieces, [("[INST]Name a prime.[/INST]", false), ("7</s>", true), ("[INST]Another one?[/INST]", false), ("11</s>", true)].map(|(text, loss)| (text.to_string(), loss)));
     }
 
     #[test]
