@@ -621,29 +621,10 @@ impl JinjaTemplate {
         for (i, m) in messages.iter().enumerate().filter(|(_, m)| m.role == Role::Assistant) {
             let before = self.render_string(&messages[..i], tools, true)?;
             let through = self.render_string(&messages[..=i], tools, false)?;
-            let said = !m.content.trim().is_empty() || !m.tool_calls.is_empty();
-            // A span holds nothing of the messages it answers (a template that moves the system
-            // prompt renders them differently in `through`), unless the answer repeats it.
-            let asked = messages[..i].iter().rev().take_while(|p| p.role != Role::Assistant).map(|p| p.content.trim()).filter(|c| c.chars().count() >= 4 && !m.content.contains(c));
-            let asked: Vec<&str> = asked.collect();
-            let found = |span: &Range<usize>| span.start >= done && (!said || !span.is_empty()) && !asked.iter().any(|c| full[span.clone()].contains(c));
-            // Where the template renders earlier messages differently once later ones follow,
-            // the turn is looked for after the turn before it (`done`), from a cut of `before`:
-            // where `before` takes up `full` again (Qwen3.5 and Step 3.5 think only in the turns
-            // after the last query), or else the longest end of `before` found there (Mistral's
-            // tools and system prompt go before the last query only). Such a span must hold the
-            // answer's text.
-            let from_cut = |from: usize, cut: usize| {
-                // `through` ends with the same messages' text, where it renders them as `before` does.
-                let through_cut = if common_prefix(&through, &before) >= cut { Some(cut) } else { through.rfind(&before[cut..]) };
-                through_cut.map(|t| turn_span(&full[from..], &before[cut..], &through[t..])).map(|span| from + span.start..from + span.end)
-            };
-            let holds_answer = |span: &Range<usize>| found(span) && full[span.clone()].contains(m.content.trim());
-            let span = Some(turn_span(&full, &before, &through))
-                .filter(found)
-                .or_else(|| resumption(&full[done..], &before).and_then(|cut| from_cut(done, cut)).filter(holds_answer))
-                .or_else(|| longest_end(&full[done..], &before).and_then(|(at, cut)| from_cut(done + at, cut)).filter(holds_answer));
-            let Some(span) = span else {
+            // The texts of the messages it answers, which its span must not hold (unless the
+            // answer repeats them).
+            let asked: Vec<&str> = messages[..i].iter().rev().take_while(|p| p.role != Role::Assistant).map(|p| p.content.trim()).filter(|c| c.chars().count() >= 4 && !m.content.contains(c)).collect();
+            let Some(span) = locate_turn(&full, done, &before, &through, m, &asked) else {
                 return Err(format!(
                     "template 'auto': the checkpoint's chat_template does not render message {i} ({}) where the messages before it end; name a template instead",
                     m.role.name()
@@ -689,6 +670,30 @@ fn turn_span(full: &str, before: &str, through: &str) -> Range<usize> {
     let same_start = common_prefix(after, last);
     let same_end = (0..=last.len()).filter(|&k| last.is_char_boundary(k)).map(|k| &last[k..]).find(|tail| after.starts_with(tail)).map_or(0, str::len);
     start..start + same_start.max(same_end)
+}
+
+/// Where assistant message `answer` lies in `full`, the whole conversation's text, after `done`
+/// (the end of the turn before it), given `before` (the messages before it, with the generation
+/// prompt) and `through` (the conversation ending with it); the span holds none of `asked`.
+fn locate_turn(full: &str, done: usize, before: &str, through: &str, answer: &Message, asked: &[&str]) -> Option<Range<usize>> {
+    let said = !answer.content.trim().is_empty() || !answer.tool_calls.is_empty();
+    // A template that moves the system prompt renders the question differently in `through`.
+    let found = |span: &Range<usize>| span.start >= done && (!said || !span.is_empty()) && !asked.iter().any(|c| full[span.clone()].contains(c));
+    // Where the template renders earlier messages differently once later ones follow, the turn
+    // is looked for after `done`, from a cut of `before`: where `before` takes up `full` again
+    // (Qwen3.5 and Step 3.5 think only in the turns after the last query), or else the longest
+    // end of `before` found there (Mistral's tools and system prompt go before the last query
+    // only). Such a span must hold the answer's text.
+    let from_cut = |from: usize, cut: usize| {
+        // `through` ends with the same messages' text, where it renders them as `before` does.
+        let through_cut = if common_prefix(through, before) >= cut { Some(cut) } else { through.rfind(&before[cut..]) };
+        through_cut.map(|t| turn_span(&full[from..], &before[cut..], &through[t..])).map(|span| from + span.start..from + span.end)
+    };
+    let holds_answer = |span: &Range<usize>| found(span) && full[span.clone()].contains(answer.content.trim());
+    Some(turn_span(full, before, through))
+        .filter(found)
+        .or_else(|| resumption(&full[done..], before).and_then(|cut| from_cut(done, cut)).filter(holds_answer))
+        .or_else(|| longest_end(&full[done..], before).and_then(|(at, cut)| from_cut(done + at, cut)).filter(holds_answer))
 }
 
 /// Where in `before` the text `rest` (the whole conversation's text after the turn before an
