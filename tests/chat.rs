@@ -695,6 +695,13 @@ fn answers_without_an_end_marker_train_the_next_token_and_eos() {
     assert_eq!(runs, ["a1<|im_start|>", "a2<|im_end|>"]);
     let prompt = template.prompt_ids(&tokenizer, &ember_data::Conversation::new(conversation.messages[..3].to_vec())).unwrap();
     assert!(tokenizer.decode(&prompt, false).unwrap().ends_with("q2<|im_start|>assistant\n"));
+    // Apriel's: a line break and an end token after all but the last answer, trained through
+    // the end token.
+    std::fs::write(&jinja, "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}{% if m.role == 'assistant' and not loop.last %}{{ '\\n<|im_end|>\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}").unwrap();
+    let template = ember_data::ChatTemplate::named(jinja.to_str().unwrap(), &folder).unwrap().unwrap();
+    let (example, _) = template.example(&tokenizer, &conversation, policy, 4096).unwrap();
+    let runs: Vec<String> = loss_runs(&example.labels).into_iter().map(|run| tokenizer.decode(&example.input_ids[run], false).unwrap()).collect();
+    assert_eq!(runs, ["a1\n<|im_end|>", "a2<|im_end|>"]);
 }
 
 /// A Jinja template of one's own (`data.template = "x.jinja"`, `--template x.jinja`) on a

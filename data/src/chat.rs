@@ -399,9 +399,16 @@ impl ChatTemplate {
         if let ChatTemplate::Jinja(template) = self
             && template.ends_by_next_token
         {
-            // The token after each answer (the next role token) is what ends it.
+            // The token after each answer (the next role token) is what ends it; where the
+            // template puts a line break before an end token after all but the last answer
+            // (Apriel's `\n<|end|>`), through that special token.
+            let special = |id: u32| tokenizer.decode(&[id], true).is_ok_and(|text| text.is_empty());
+            let blank = |id: u32| tokenizer.decode(&[id], false).is_ok_and(|text| !text.is_empty() && text.trim().is_empty());
             let answers = loss.clone();
-            (1..loss.len()).filter(|&k| answers[k - 1] && !answers[k]).for_each(|k| loss[k] = true);
+            for k in (1..loss.len()).filter(|&k| answers[k - 1] && !answers[k]) {
+                let through = (k..ids.len()).find(|&j| !blank(ids[j])).filter(|&j| j > k && special(ids[j]) && !answers[j]).unwrap_or(k);
+                loss[k..=through].iter_mut().for_each(|l| *l = true);
+            }
         }
         Ok((ids, loss))
     }
