@@ -695,16 +695,16 @@ fn inline_table<T: serde::de::DeserializeOwned + Default>(flag: &str, body: Opti
     value.try_into().map_err(|e: toml::de::Error| bad_input(anyhow::anyhow!("{flag} '{body}': {}", e.message())))
 }
 
-/// The text of `--chat-template FILE`.
-fn chat_template_file(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
-    file.map(|file| std::fs::read_to_string(file).map_err(|e| bad_input(anyhow::anyhow!("--chat-template {}: {e}", file.display())))).transpose()
+/// The text of `--chat-template FILE`, else of the adapter's `chat_template.jinja` where it has one.
+fn chat_template_file(file: Option<&std::path::Path>, adapter: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let file = file.map(std::path::Path::to_path_buf).or_else(|| adapter_chat_template(adapter));
+    file.map(|file| std::fs::read_to_string(&file).map_err(|e| bad_input(anyhow::anyhow!("--chat-template {}: {e}", file.display())))).transpose()
 }
 
 fn merge(base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Path, dtype: &str, chat_template: Option<&std::path::Path>) -> anyhow::Result<()> {
     let dtype = ember_trainer::merge::MergeDtype::parse(dtype)
         .ok_or_else(|| bad_input(anyhow::anyhow!("--dtype '{dtype}': expected keep, f32, bf16 or f16")))?;
-    let chat_template = chat_template.map(std::path::Path::to_path_buf).or_else(|| adapter_chat_template(Some(adapter)));
-    let summary = ember_trainer::merge::merge(base, adapter, out, dtype, chat_template_file(chat_template.as_deref())?.as_deref())?;
+    let summary = ember_trainer::merge::merge(base, adapter, out, dtype, chat_template_file(chat_template, Some(adapter))?.as_deref())?;
     println!(
         "merged {} tensors into {}: {} tensors in all, {} shard(s), {:.1} MB",
         summary.merged_tensors, out.display(), summary.tensors, summary.shards, summary.bytes as f64 / 1e6
@@ -719,8 +719,7 @@ fn export(command: ExportCommand) -> anyhow::Result<()> {
     let (summary, out) = match command {
         ExportCommand::Gguf { base, adapter, out, ty, pre, imatrix, chat_template } => {
             let ty = ExportType::parse(&ty).ok_or_else(|| bad_input(anyhow::anyhow!("--type '{ty}': expected {}", ExportType::names())))?;
-            let chat_template = chat_template.or_else(|| adapter_chat_template(adapter.as_deref()));
-            let chat_template = chat_template_file(chat_template.as_deref())?;
+            let chat_template = chat_template_file(chat_template.as_deref(), adapter.as_deref())?;
             (ember_trainer::export::export_gguf(&base, adapter.as_deref(), &out, ty, pre.as_deref(), imatrix.as_deref(), chat_template.as_deref())?, out)
         }
         ExportCommand::GgufLora { base, adapter, out, ty } => {

@@ -985,7 +985,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::activation::{log_softmax, silu, softmax};
+    use burn::tensor::activation::{log_softmax, silu};
     use burn::tensor::{Device, Distribution, Int, TensorData};
 
     std::thread_local! {
@@ -1183,7 +1183,7 @@ mod tests {
         for (bias, prefix) in [(prefixed_padded_bias(batch, seq, prefix, true, &device), prefix), (crate::layers::attention_bias(batch, seq, 0, None, None, &device), 0)] {
             check(
                 "attention on flex",
-                [random([batch, heads, seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device)],
+                attention_inputs([batch, heads, kv_heads, seq, prefix + seq, d], &device),
                 |[q, k, v]| attention(q, k, v, &bias, false, scale).unwrap(),
                 |[q, k, v]| crate::layers::composed_attention(q.clone(), k.clone(), v.clone(), bias.clone(), scale),
             );
@@ -1196,15 +1196,25 @@ mod tests {
         let causal = crate::layers::attention_bias(1, long_seq, 0, None, None, &device);
         check_within(
             "attention on flex, probabilities made again",
-            [random([1, long_heads, long_seq, d], &device), random([1, kv_heads, long_seq, d], &device), random([1, kv_heads, long_seq, d], &device)],
+            attention_inputs([1, long_heads, kv_heads, long_seq, long_seq, d], &device),
             |[q, k, v]| attention(q, k, v, &causal, false, scale).unwrap(),
             |[q, k, v]| crate::layers::composed_attention(q.clone(), k.clone(), v.clone(), causal.clone(), scale),
             [1e-5, 1e-4],
         );
-        // Only some inputs tracked (a frozen k): the others still get their gradients.
         let bias = prefixed_padded_bias(batch, seq, prefix, false, &device);
-        let (q, k, v) = (random([batch, heads, seq, d], &device).require_grad(), random([batch, kv_heads, prefix + seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device).require_grad());
-        let grads = attention(&q, &k, &v, &bias, false, scale).unwrap().sum().backward();
+        assert_a_frozen_k_leaves_q_and_v_their_gradients([batch, heads, kv_heads, seq, prefix + seq, d], &bias, scale, &device);
+    }
+
+    /// Random q `[batch, heads, seq, d]`, k and v `[batch, kv_heads, keys, d]`.
+    fn attention_inputs([batch, heads, kv_heads, seq, keys, d]: [usize; 6], device: &Device) -> [Tensor<4>; 3] {
+        [random([batch, heads, seq, d], device), random([batch, kv_heads, keys, d], device), random([batch, kv_heads, keys, d], device)]
+    }
+
+    /// Only some inputs tracked (a frozen k): the others still get their gradients.
+    fn assert_a_frozen_k_leaves_q_and_v_their_gradients(sizes: [usize; 6], bias: &Tensor<4>, scale: f64, device: &Device) {
+        let [q, k, v] = attention_inputs(sizes, device);
+        let (q, v) = (q.require_grad(), v.require_grad());
+        let grads = attention(&q, &k, &v, bias, false, scale).unwrap().sum().backward();
         assert!(q.grad(&grads).is_some() && v.grad(&grads).is_some() && k.grad(&grads).is_none());
     }
 
@@ -1235,7 +1245,7 @@ mod tests {
         let scale = (d as f64).powf(-0.5);
         check(
             "attention on LibTorch",
-            [random([batch, heads, seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device)],
+            attention_inputs([batch, heads, kv_heads, seq, prefix + seq, d], &device),
             |[q, k, v]| attention(q, k, v, &bias, false, scale).unwrap(),
             |[q, k, v]| crate::layers::composed_attention(q.clone(), k.clone(), v.clone(), bias.clone(), scale),
         );
@@ -1243,14 +1253,11 @@ mod tests {
         let causal = crate::layers::attention_bias(1, seq, 0, None, None, &device);
         check(
             "causal attention on LibTorch",
-            [random([1, heads, seq, d], &device), random([1, kv_heads, seq, d], &device), random([1, kv_heads, seq, d], &device)],
+            attention_inputs([1, heads, kv_heads, seq, seq, d], &device),
             |[q, k, v]| attention(q, k, v, &causal, true, scale).unwrap(),
             |[q, k, v]| crate::layers::composed_attention(q.clone(), k.clone(), v.clone(), causal.clone(), scale),
         );
-        // Only some inputs tracked (a frozen k): the others still get their gradients.
-        let (q, k, v) = (random([batch, heads, seq, d], &device).require_grad(), random([batch, kv_heads, prefix + seq, d], &device), random([batch, kv_heads, prefix + seq, d], &device).require_grad());
-        let grads = attention(&q, &k, &v, &bias, false, scale).unwrap().sum().backward();
-        assert!(q.grad(&grads).is_some() && v.grad(&grads).is_some() && k.grad(&grads).is_none());
+        assert_a_frozen_k_leaves_q_and_v_their_gradients([batch, heads, kv_heads, seq, prefix + seq, d], &bias, scale, &device);
     }
 
     #[cfg(feature = "tch")]
