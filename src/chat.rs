@@ -42,7 +42,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
         }
         Format::Chat(ref template) if request.tools.is_some() && !template.renders_tools() => {
             return Err(bad_input(anyhow::anyhow!(
-                "--tools needs a chat template that renders tools (glm4, auto of a checkpoint whose template has them, or a .jinja file); '{}' has no tool calls",
+                "--tools needs a chat template that renders tools (chatglm3, glm4, auto of a checkpoint whose template has them, or a .jinja file); '{}' has no tool calls",
                 request.template
             )));
         }

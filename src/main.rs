@@ -162,7 +162,7 @@ enum Command {
         #[arg(long)]
         system: Option<String>,
         /// A JSON file of function schemas the model may call (a list, as a record's `tools`),
-        /// rendered by a template that takes tools (glm4, or a Jinja one that renders them); a
+        /// rendered by a template that takes tools (chatglm3, glm4, or a Jinja one that renders them); a
         /// line `/tool RESULT` gives a call's result back and the model goes on.
         #[arg(long)]
         tools: Option<PathBuf>,

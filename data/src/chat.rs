@@ -16,6 +16,7 @@ use std::path::Path;
 use minijinja::value::ValueKind;
 use serde_json::Value;
 
+use crate::python::{self, JsonStyle};
 use crate::sft::{Example, IGNORE_INDEX};
 use crate::tokenizer::Tokenizer;
 
@@ -72,7 +73,8 @@ pub struct ToolCall {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Conversation {
     pub messages: Vec<Message>,
-    /// The functions the assistant may call, as JSON schemas (a record's `tools`).
+    /// The functions the assistant may call, as bare JSON schemas (`{"name", "description",
+    /// "parameters"}`); the dataset reader unwraps OpenAI's `{"type": "function", …}`.
     pub tools: Vec<Value>,
 }
 
@@ -177,13 +179,14 @@ impl ChatTemplate {
 
     /// Whether `tools` and tool calls render (the others refuse them rather than drop them).
     pub fn renders_tools(&self) -> bool {
-        matches!(self, ChatTemplate::Glm4 | ChatTemplate::Jinja(_))
+        matches!(self, ChatTemplate::ChatGlm3 | ChatTemplate::Glm4 | ChatTemplate::Jinja(_))
     }
 
     /// The assistant message of `reply`, a generated answer (special tokens kept, the stop token
     /// not), as the conversation holds it for the next turn's prompt: GLM's reply is items split
-    /// at `<|assistant|>`, each `metadata\ntext`, where GLM-4's metadata names a function called
-    /// with the JSON text (THUDM's `process_response`); any other reply is its text.
+    /// at `<|assistant|>`, each `metadata\ntext`, where the metadata names a function called with
+    /// the JSON text (GLM-4) or a `tool_call(…)` code block (ChatGLM3), as THUDM's
+    /// `process_response` reads them; any other reply is its text.
     pub fn reply_message(&self, reply: &str) -> Message {
         if !matches!(self, ChatTemplate::ChatGlm3 | ChatTemplate::Glm4) {
             return Message::new(Role::Assistant, reply);
@@ -191,7 +194,10 @@ impl ChatTemplate {
         let mut message = Message::new(Role::Assistant, "");
         for item in reply.split("<|assistant|>") {
             let (metadata, text) = item.split_once('\n').unwrap_or((item, ""));
-            let call = serde_json::from_str::<Value>(text.trim()).ok().filter(|arguments| arguments.is_object() && matches!(self, ChatTemplate::Glm4));
+            let call = match self {
+                ChatTemplate::Glm4 => serde_json::from_str::<Value>(text.trim()).ok().filter(Value::is_object),
+                _ => chatglm3_arguments(text),
+            };
             match (metadata.trim(), call) {
                 ("", _) => message.content.push_str(text.trim()),
                 (name, Some(arguments)) => message.tool_calls.push(ToolCall { name: name.to_string(), arguments, id: None }),
@@ -211,7 +217,7 @@ impl ChatTemplate {
     pub fn render(&self, conversation: &Conversation, policy: LossPolicy, generation_prompt: bool) -> Result<Vec<Piece>, String> {
         if conversation.uses_tools() && !self.renders_tools() {
             return Err(format!(
-                "template '{}' has no tool calls: use template = \"glm4\" for GLM-4, or \"auto\" with a checkpoint whose chat template renders them (Qwen2.5's, for one)",
+                "template '{}' has no tool calls: use template = \"chatglm3\" or \"glm4\" for those models, or \"auto\" with a checkpoint whose chat template renders them (Qwen2.5's, for one)",
                 self.name()
             ));
         }
@@ -226,31 +232,26 @@ impl ChatTemplate {
                 out.token(if glm4 { "<sop>" } else { "sop" }, false);
                 if !conversation.tools.is_empty() {
                     out.token("<|system|>", false);
-                    out.text(format!("\n{}", glm4_tools_prompt(&conversation.tools)?), false);
+                    let prompt = if glm4 { glm4_tools_prompt(&conversation.tools) } else { chatglm3_tools_prompt(&conversation.tools) };
+                    out.item("", prompt, glm4, false);
                 }
                 for (i, m) in messages.iter().enumerate() {
                     // The role token ends the previous assistant turn.
                     out.token(role_token(m.role), i > 0 && trained(i - 1));
-                    if glm4 {
-                        // A call is an assistant item of its own, the function's name as its
-                        // metadata and its arguments as the text; THUDM's `process_response`
-                        // splits a reply into such items at `<|assistant|>`.
-                        let calls = m.tool_calls.iter().map(|call| {
-                            let mut arguments = String::new();
-                            python_json(&call.arguments, &PythonJson { indent: None, sort_keys: false, ensure_ascii: false }, 0, &mut arguments);
-                            format!("{}\n{arguments}", call.name)
-                        });
-                        let text = (m.tool_calls.is_empty() || !m.content.is_empty()).then(|| format!("\n{}", m.content));
-                        for (k, item) in text.into_iter().chain(calls).enumerate() {
-                            if k > 0 {
-                                out.token("<|assistant|>", trained(i));
-                            }
-                            out.text(item, trained(i));
+                    // A call is an assistant item of its own, the function's name as its
+                    // metadata; THUDM's `process_response` splits a reply into such items at
+                    // `<|assistant|>`.
+                    let calls = m.tool_calls.iter().map(|call| {
+                        let text = if glm4 { python::json(&call.arguments, &JsonStyle { indent: None, sort_keys: false, ensure_ascii: false }) } else { chatglm3_call(call)? };
+                        Ok::<_, String>((call.name.as_str(), text))
+                    });
+                    let text = (m.tool_calls.is_empty() || !m.content.is_empty()).then(|| Ok(("", m.content.clone())));
+                    for (k, item) in text.into_iter().chain(calls).enumerate() {
+                        let (metadata, content) = item?;
+                        if k > 0 {
+                            out.token("<|assistant|>", trained(i));
                         }
-                    } else {
-                        // metadata ("") + "\n", then the content, each encoded on its own.
-                        out.text("\n".into(), trained(i));
-                        out.text(m.content.clone(), trained(i));
+                        out.item(metadata, content, glm4, trained(i));
                     }
                 }
                 if generation_prompt {
@@ -416,20 +417,38 @@ impl ChatTemplate {
 
 /// GLM-4's system prompt offering `tools`, as glm-4-9b-chat's `tokenization_chatglm.py` writes it
 /// ("GhatGLM" included): each function's schema as `json.dumps(indent=4, ensure_ascii=False)`.
-fn glm4_tools_prompt(tools: &[Value]) -> Result<String, String> {
+fn glm4_tools_prompt(tools: &[Value]) -> String {
     let mut prompt = String::from("你是一个名为 GhatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具");
-    for tool in tools {
-        let function = match tool.get("type").and_then(Value::as_str) {
-            Some("function") => &tool["function"],
-            None => tool,
-            Some(other) => return Err(format!("template 'glm4' renders function tools; a tool of type '{other}' is not one")),
-        };
-        let name = function.get("name").and_then(Value::as_str).ok_or("template 'glm4': a tool has no 'name' string")?;
-        let mut schema = String::new();
-        python_json(function, &PythonJson { indent: Some(4), sort_keys: false, ensure_ascii: false }, 0, &mut schema);
-        prompt.push_str(&format!("\n\n## {name}\n\n{schema}\n在调用上述函数时，请使用 Json 格式表示调用的参数。"));
+    for function in tools {
+        let schema = python::json(function, &JsonStyle { indent: Some(4), sort_keys: false, ensure_ascii: false });
+        prompt.push_str(&format!("\n\n## {}\n\n{schema}\n在调用上述函数时，请使用 Json 格式表示调用的参数。", function["name"].as_str().unwrap_or_default()));
     }
-    Ok(prompt)
+    prompt
+}
+
+/// ChatGLM3's system prompt offering `tools`, as THUDM's tool fine-tuning data (and its OpenAI
+/// demo) puts it: the list of schemas as `json.dumps(indent=4, ensure_ascii=False)`.
+fn chatglm3_tools_prompt(tools: &[Value]) -> String {
+    let schemas = python::json(&Value::Array(tools.to_vec()), &JsonStyle { indent: Some(4), sort_keys: false, ensure_ascii: false });
+    format!("Answer the following questions as best as you can. You have access to the following tools:\n{schemas}")
+}
+
+/// A ChatGLM3 call's text: Python's `tool_call(name=value, …)` in a python code block, as THUDM's
+/// `format_function_call` writes it (values as `repr`); its `process_response` evaluates it.
+fn chatglm3_call(call: &ToolCall) -> Result<String, String> {
+    let Value::Object(arguments) = &call.arguments else {
+        return Err(format!("template 'chatglm3': the arguments of '{}' are not a JSON object; ChatGLM3's calls take them by name", call.name));
+    };
+    let keywords: Vec<String> = arguments.iter().map(|(name, value)| format!("{name}={}", python::repr(value))).collect();
+    Ok(format!("```python\ntool_call({})\n```", keywords.join(", ")))
+}
+
+/// The arguments of a ChatGLM3 call's text (see [`chatglm3_call`]), as its `process_response`
+/// reads them: the lines between the first and the last.
+fn chatglm3_arguments(text: &str) -> Option<Value> {
+    let lines: Vec<&str> = text.trim().lines().collect();
+    let (name, arguments) = python::read_call(&lines.get(1..lines.len().checked_sub(1)?)?.join("\n"))?;
+    (name == "tool_call").then_some(Value::Object(arguments))
 }
 
 fn role_token(role: Role) -> &'static str {
@@ -461,6 +480,17 @@ impl Pieces {
     /// A special token: its id in per-piece templates, its text in joined ones.
     fn token(&mut self, token: &'static str, loss: bool) {
         self.pieces.push(Piece { part: Part::Token(token), loss });
+    }
+
+    /// THUDM's `build_single_message` after the role token: `metadata` + "\n", then the content,
+    /// each encoded on its own (ChatGLM3's SentencePiece pieces); GLM-4's as one text.
+    fn item(&mut self, metadata: &str, content: String, glm4: bool, loss: bool) {
+        if glm4 {
+            self.text(format!("{metadata}\n{content}"), loss);
+        } else {
+            self.text(format!("{metadata}\n"), loss);
+            self.text(content, loss);
+        }
     }
 
     fn eos(&mut self, loss: bool) {
@@ -601,7 +631,7 @@ impl JinjaTemplate {
             self.specials.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
         context.insert("messages".into(), Value::Array(messages));
         // transformers passes `tools` and `documents` as None when there are none.
-        let wrapped = tools.iter().map(|tool| if tool["type"] == "function" { tool.clone() } else { serde_json::json!({"type": "function", "function": tool}) });
+        let wrapped = tools.iter().map(|function| serde_json::json!({"type": "function", "function": function}));
         context.insert("tools".into(), if tools.is_empty() { Value::Null } else { Value::Array(wrapped.collect()) });
         context.insert("documents".into(), Value::Null);
         context.insert("add_generation_prompt".into(), Value::Bool(generation_prompt));
@@ -618,7 +648,7 @@ impl JinjaTemplate {
         let full = self.render_string(messages, tools, generation_prompt)?;
         // A template without tools drops them silently: each tool and call must be in the text.
         for tool in tools {
-            let name = tool["function"]["name"].as_str().or_else(|| tool["name"].as_str()).unwrap_or_default();
+            let name = tool["name"].as_str().unwrap_or_default();
             if !full.contains(name) {
                 return Err(format!("template 'auto': the checkpoint's chat_template does not render the tools (no '{name}' in its text); use a checkpoint whose template does"));
             }
@@ -784,66 +814,8 @@ fn python_tojson(value: minijinja::Value, kwargs: minijinja::value::Kwargs) -> R
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     kwargs.assert_all_used()?;
     let value = serde_json::to_value(&value).map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-    let mut out = String::new();
-    python_json(&value, &PythonJson { indent, sort_keys: sort_keys.unwrap_or(false), ensure_ascii: ensure_ascii.unwrap_or(false) }, 0, &mut out);
-    Ok(minijinja::Value::from_safe_string(out))
-}
-
-struct PythonJson {
-    indent: Option<usize>,
-    sort_keys: bool,
-    ensure_ascii: bool,
-}
-
-fn python_json(value: &Value, options: &PythonJson, depth: usize, out: &mut String) {
-    let string = |s: &str, out: &mut String| {
-        let quoted = serde_json::to_string(s).expect("a string serializes");
-        match options.ensure_ascii {
-            false => out.push_str(&quoted),
-            true => quoted.encode_utf16().for_each(|unit| match char::from_u32(u32::from(unit)).filter(char::is_ascii) {
-                Some(c) => out.push(c),
-                None => out.push_str(&format!("\\u{unit:04x}")),
-            }),
-        }
-    };
-    // Between items: ", " on one line, or "," and a new line at the next depth's indent.
-    let newline = |depth: usize, out: &mut String| {
-        if let Some(indent) = options.indent {
-            out.push('\n');
-            out.push_str(&" ".repeat(indent * depth));
-        }
-    };
-    let separator = if options.indent.is_some() { "," } else { ", " };
-    match value {
-        Value::String(s) => string(s, out),
-        Value::Array(items) if !items.is_empty() => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                out.push_str(if i > 0 { separator } else { "" });
-                newline(depth + 1, out);
-                python_json(item, options, depth + 1, out);
-            }
-            newline(depth, out);
-            out.push(']');
-        }
-        Value::Object(map) if !map.is_empty() => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            if options.sort_keys {
-                entries.sort_by(|a, b| a.0.cmp(b.0));
-            }
-            out.push('{');
-            for (i, (key, item)) in entries.into_iter().enumerate() {
-                out.push_str(if i > 0 { separator } else { "" });
-                newline(depth + 1, out);
-                string(key, out);
-                out.push_str(": ");
-                python_json(item, options, depth + 1, out);
-            }
-            newline(depth, out);
-            out.push('}');
-        }
-        other => out.push_str(&other.to_string()),
-    }
+    let style = JsonStyle { indent, sort_keys: sort_keys.unwrap_or(false), ensure_ascii: ensure_ascii.unwrap_or(false) };
+    Ok(minijinja::Value::from_safe_string(python::json(&value, &style)))
 }
 
 #[cfg(test)]

@@ -403,7 +403,7 @@ fn tool_calls(value: &Value) -> Result<Vec<ToolCall>, String> {
 }
 
 /// The function schemas of a JSON file holding a list of them (or OpenAI's `{"type":
-/// "function", "function": …}` wrappers), as a record's `tools` holds them.
+/// "function", "function": …}` wrappers), read as a record's `tools`.
 pub fn read_tools(path: &Path) -> Result<Vec<Value>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let value: Value = serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
@@ -423,8 +423,22 @@ fn tools(value: Option<&Value>) -> Result<Vec<Value>, String> {
         Some(list) => list,
     };
     match list {
-        Value::Array(tools) if tools.iter().all(Value::is_object) => Ok(tools.clone()),
+        Value::Array(tools) if tools.iter().all(Value::is_object) => tools.iter().enumerate().map(|(i, tool)| function_schema(i, tool)).collect(),
         other => Err(format!("'tools' must be a list of function schemas (objects), found {}", kind(other))),
+    }
+}
+
+/// The function schema of OpenAI's `{"type": "function", "function": schema}` or of a bare
+/// schema (LLaMA-Factory's), so that templates read one form.
+fn function_schema(i: usize, tool: &Value) -> Result<Value, String> {
+    let schema = match tool.get("type").and_then(Value::as_str) {
+        Some("function") => &tool["function"],
+        Some(other) => return Err(format!("tools[{i}] has type '{other}'; ember renders function tools only")),
+        None => tool,
+    };
+    match schema.get("name") {
+        Some(Value::String(_)) => Ok(schema.clone()),
+        _ => Err(format!("tools[{i}] has no 'name' string")),
     }
 }
 
@@ -493,6 +507,15 @@ mod tests {
         assert_eq!(array[0], Sample::Instruction(Record { instruction: "a".into(), input: "".into(), output: "b".into() }));
         let lines = load_text(b"{\"instruction\": \"a\", \"output\": \"b\"}\n\n{\"instruction\": \"c\", \"output\": \"e\"}\n").unwrap();
         assert_eq!(lines.len(), 2);
+    }
+
+    /// OpenAI's wrapped tools and LLaMA-Factory's bare schemas read as the same bare schema.
+    #[test]
+    fn tools_read_as_bare_function_schemas() {
+        let schema = serde_json::json!({"name": "f", "parameters": {"type": "object"}});
+        let wrapped = serde_json::json!([{"type": "function", "function": schema}]);
+        assert_eq!(tools(Some(&wrapped)).unwrap(), [schema.clone()]);
+        assert_eq!(tools(Some(&Value::String(serde_json::json!([schema]).to_string()))).unwrap(), [schema]);
     }
 
     #[test]

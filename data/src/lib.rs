@@ -7,6 +7,7 @@ pub mod columns;
 pub mod dataset;
 pub mod dataset_info;
 pub mod parquet;
+mod python;
 pub mod sentencepiece;
 pub mod sft;
 pub mod template;
