@@ -164,15 +164,12 @@ pub fn read_call(text: &str) -> Option<(String, Map<String, Value>)> {
     let function = reader.identifier()?;
     reader.expect('(')?;
     let mut arguments = Map::new();
-    while !reader.eat(')') {
+    reader.sequence(')', |reader| {
         let name = reader.identifier()?;
         reader.expect('=')?;
         arguments.insert(name, reader.value()?);
-        if !reader.eat(',') {
-            reader.expect(')')?;
-            break;
-        }
-    }
+        Some(())
+    })?;
     reader.skip_space();
     (reader.at == reader.text.len()).then_some((function, arguments))
 }
@@ -200,6 +197,17 @@ impl<'a> Reader<'a> {
 
     fn expect(&mut self, c: char) -> Option<()> {
         self.eat(c).then_some(())
+    }
+
+    /// Items read by `item`, separated by commas (one may trail), up to and through `close`.
+    fn sequence(&mut self, close: char, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        while !self.eat(close) {
+            item(self)?;
+            if !self.eat(',') {
+                return self.expect(close);
+            }
+        }
+        Some(())
     }
 
     fn identifier(&mut self) -> Option<String> {
@@ -231,29 +239,20 @@ impl<'a> Reader<'a> {
         };
         self.at += 1;
         let mut items = Vec::new();
-        while !self.eat(close) {
-            items.push(self.value()?);
-            if !self.eat(',') {
-                self.expect(close)?;
-                break;
-            }
-        }
+        self.sequence(close, |reader| Some(items.push(reader.value()?)))?;
         Some(Value::Array(items))
     }
 
     fn dict(&mut self) -> Option<Value> {
         self.expect('{')?;
         let mut map = Map::new();
-        while !self.eat('}') {
-            self.skip_space();
-            let key = self.string()?;
-            self.expect(':')?;
-            map.insert(key, self.value()?);
-            if !self.eat(',') {
-                self.expect('}')?;
-                break;
-            }
-        }
+        self.sequence('}', |reader| {
+            reader.skip_space();
+            let key = reader.string()?;
+            reader.expect(':')?;
+            map.insert(key, reader.value()?);
+            Some(())
+        })?;
         Some(Value::Object(map))
     }
 
