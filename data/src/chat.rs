@@ -598,6 +598,15 @@ impl JinjaTemplate {
         env.add_test("iterable", |v: minijinja::Value| v.is_undefined() || matches!(v.kind(), ValueKind::String | ValueKind::Bytes | ValueKind::Seq | ValueKind::Map | ValueKind::Iterable));
         env.add_test("sequence", |v: minijinja::Value| v.is_undefined() || matches!(v.kind(), ValueKind::String | ValueKind::Bytes | ValueKind::Seq | ValueKind::Map));
         env.add_filter("tojson", python_tojson);
+        // Jinja2 prints a float as Python's `str` does (`1e+20`, `1.5e-07`), minijinja positionally.
+        env.set_formatter(|out, state, value| match python_float(value) {
+            Some(text) => Ok(out.write_str(&text)?),
+            None => minijinja::escape_formatter(out, state, value),
+        });
+        env.add_filter("string", |state: &minijinja::State, value: minijinja::Value| match python_float(&value) {
+            Some(text) => Ok(minijinja::Value::from(text)),
+            None => minijinja::filters::string(state, &value),
+        });
         env.add_template_owned("chat", without_generation_tags(&source)).map_err(|e| format!("chat_template: {e}"))?;
         Ok(Self { env: std::sync::Arc::new(env), ends_by_next_token: false, specials })
     }
@@ -805,6 +814,12 @@ fn without_generation_tags(source: &str) -> String {
     out
 }
 
+/// A float's text as Python's `str` writes it; `None` for any other value.
+fn python_float(value: &minijinja::Value) -> Option<String> {
+    let x = f64::try_from(value.clone()).ok().filter(|x| x.is_finite())?;
+    (value.kind() == ValueKind::Number && !value.is_integer()).then(|| python::float(x))
+}
+
 /// Jinja's `tojson` as transformers overrides it: Python's `json.dumps` (`", "` and `": "`
 /// between items, keys in their order, characters as they are, nothing HTML-escaped), with its
 /// `indent`, `sort_keys` and `ensure_ascii` arguments.
@@ -910,6 +925,7 @@ mod tests {
         assert_eq!(render("{% for m in messages %}\n  {% if m.role == 'user' %}\n<{{ m.content }}>\n  {% endif %}\n{% endfor %}"), "<q>\n");
         assert_eq!(render("{{ tools is none }} {{ documents is none }} {{ tools is iterable }} {{ 'ab' is sequence }} {{ {} is sequence }}"), "True True False True True");
         assert_eq!(render("{%- for m in messages %}{%- generation -%}\n {{ m.content }}{% endgeneration %}{% endfor %}"), "qa");
+        assert_eq!(render("{{ 1e20 }} {{ 1.5e-7 | string }} {{ 2.0 }} {{ 3 | string }} {{ [0.1] | tojson(ensure_ascii=true) }} {{ '\x7f' | tojson(ensure_ascii=true) }}"), r#"1e+20 1.5e-07 2.0 3 [0.1] "\u007f""#);
     }
 
     #[test]

@@ -26,7 +26,8 @@ fn write_json(value: &Value, style: &JsonStyle, depth: usize, out: &mut String) 
         let quoted = serde_json::to_string(s).expect("a string serializes");
         match style.ensure_ascii {
             false => out.push_str(&quoted),
-            true => quoted.encode_utf16().for_each(|unit| match char::from_u32(u32::from(unit)).filter(char::is_ascii) {
+            // Python escapes all but the printable ASCII characters (DEL too).
+            true => quoted.encode_utf16().for_each(|unit| match char::from_u32(u32::from(unit)).filter(|c| (' '..='~').contains(c)) {
                 Some(c) => out.push(c),
                 None => out.push_str(&format!("\\u{unit:04x}")),
             }),
@@ -104,10 +105,17 @@ fn write_repr(value: &Value, out: &mut String) {
     }
 }
 
-/// An integer as it is; a float as Python's `repr(float)`: the shortest digits that read back,
-/// positional from 1e-4 up to 1e16 (with `.0` if whole), else `1.5e-07`, `1e+16`.
+/// An integer as it is, a float as [`float`] writes it.
 fn number(n: &Number) -> String {
-    let Some(x) = n.as_f64().filter(|_| n.is_f64()) else { return n.to_string() };
+    match n.as_f64().filter(|_| n.is_f64()) {
+        Some(x) => float(x),
+        None => n.to_string(),
+    }
+}
+
+/// A finite float as Python's `repr` and `str` write it: the shortest digits that read back,
+/// positional from 1e-4 up to 1e16 (with `.0` if whole), else `1.5e-07`, `1e+16`.
+pub fn float(x: f64) -> String {
     // Rust's `{:e}` writes the same shortest digits: `d[.ddd]e[-]x`.
     let scientific = format!("{:e}", x.abs());
     let (mantissa, exponent) = scientific.split_once('e').expect("{:e} has an exponent");
