@@ -58,7 +58,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     }
     let base = BaseModel::load(request.base, LoadDtype::F32, &device)?;
     let mut options = request.options.clone();
-    options.stop_ids.extend(crate::generate::stop_ids(&base, &tokenizer));
+    options.stop_ids.extend(crate::generate::stop_ids(request.base, &base, &tokenizer, Some(&format))?);
     let model = match request.adapter {
         Some(dir) => ember_adapters::Method::load(dir, base, &device)?.0,
         None => AdaptedModel::base_only(base),

@@ -122,7 +122,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
         Ok(json!({"loss": loss, "perplexity": loss.exp()}))
     };
     let base = BaseModel::load(request.base, LoadDtype::F32, &device)?;
-    let stop_ids = crate::generate::stop_ids(&base, &tokenizer);
+    let stop_ids = crate::generate::stop_ids(request.base, &base, &tokenizer, Some(&format))?;
     let answerer = Answerer {
         tokenizer: &tokenizer,
         format: &format,

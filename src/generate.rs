@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use ember_data::{Record, Sample};
+use ember_data::{Format, Record, Sample};
 use ember_models::generate::{GenerationOptions, generate};
 use ember_models::{BaseModel, KvCache, LoadDtype};
 
@@ -23,26 +23,57 @@ pub struct Request<'a> {
     pub logits_out: Option<&'a Path>,
 }
 
-/// Where generation stops: the model's end-of-sequence ids and the tokenizer's.
-pub fn stop_ids(base: &BaseModel, tokenizer: &ember_data::Tokenizer) -> Vec<u32> {
-    base.config.eos_token_ids.iter().copied().chain(tokenizer.eos_id).collect()
+/// Where generation stops, as transformers' `generate` and the chat formats stop: the model's
+/// end-of-sequence ids (`config.json`, and `generation_config.json` where the base folder has
+/// one), the tokenizer's, and the tokens that end the assistant's turn in a chat template
+/// (ChatGLM3's config names only `</s>`; its chat stops at `<|user|>` and `<|observation|>`).
+pub fn stop_ids(base_dir: &Path, base: &BaseModel, tokenizer: &ember_data::Tokenizer, format: Option<&Format>) -> anyhow::Result<Vec<u32>> {
+    let mut ids: Vec<u32> = base.config.eos_token_ids.iter().copied().chain(tokenizer.eos_id).collect();
+    ids.extend(generation_config_eos(base_dir)?);
+    if let Some(Format::Chat(template)) = format {
+        ids.extend(template.turn_ends().iter().filter_map(|token| tokenizer.token_to_id(token)));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// The `eos_token_id` (one id or a list) of `dir/generation_config.json`, where transformers'
+/// `generate` stops; none without that file.
+fn generation_config_eos(dir: &Path) -> anyhow::Result<Vec<u32>> {
+    let path = dir.join("generation_config.json");
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let bad = |reason: String| bad_input(anyhow::anyhow!("{}: {reason}", path.display()));
+    let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+    let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let ids: Vec<&serde_json::Value> = match &config["eos_token_id"] {
+        serde_json::Value::Null => Vec::new(),
+        serde_json::Value::Array(list) => list.iter().collect(),
+        one => vec![one],
+    };
+    ids.into_iter().map(|id| id.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| bad(format!("'eos_token_id' must be token ids, found {id}")))).collect()
 }
 
 /// The completion text of `request` (special tokens removed).
 pub fn complete(request: &Request) -> anyhow::Result<String> {
     let device = crate::device(request.device)?;
     let tokenizer = ember_models::load_tokenizer(request.base)?;
-    let prompt = match request.template {
-        "none" => tokenizer.encode(request.prompt, true)?,
-        name => {
-            let format = crate::format(name, request.base, request.adapter)?;
+    let format = match request.template {
+        "none" => None,
+        name => Some(crate::format(name, request.base, request.adapter)?),
+    };
+    let prompt = match &format {
+        None => tokenizer.encode(request.prompt, true)?,
+        Some(format) => {
             let sample = Sample::Instruction(Record { instruction: request.prompt.into(), input: request.input.into(), output: String::new() });
             format.prompt_ids(&tokenizer, &sample).map_err(|e| bad_input(anyhow::anyhow!(e)))?
         }
     };
     let base = BaseModel::load(request.base, LoadDtype::F32, &device)?;
     let mut options = request.options.clone();
-    options.stop_ids.extend(stop_ids(&base, &tokenizer));
+    options.stop_ids.extend(stop_ids(request.base, &base, &tokenizer, format.as_ref())?);
     let run = |forward: &dyn Fn(Tensor<2, Int>, &mut KvCache) -> Tensor<3>| -> anyhow::Result<Vec<u32>> {
         let answer = generate(forward, &prompt, &options, &device);
         if let Some(path) = request.logits_out {

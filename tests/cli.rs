@@ -220,6 +220,32 @@ fn chat_offers_tools_and_takes_their_results() {
     assert_bad_input(&chat(&["--template", template.to_str().unwrap(), "--tools", not_a_list.to_str().unwrap()], ""), &["one.json", "'tools' must be a list of function schemas"]);
 }
 
+/// Generation stops where transformers' `generate` does: also at the `eos_token_id`s of the
+/// base's `generation_config.json` (ChatGLM3's and Llama-3's name more than their config.json).
+#[test]
+fn generation_stops_at_the_generation_configs_eos() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        std::fs::copy(repository().join("tests/fixtures/tiny_llama").join(file), base.join(file)).unwrap();
+    }
+    let answer = |name: &str| -> Vec<u64> {
+        let out = dir.path().join(name);
+        let args = ["generate", "--base", base.to_str().unwrap(), "--template", "none", "--prompt", "Hello", "--max-new-tokens", "3", "--logits-out", out.to_str().unwrap()];
+        let output = ember(&args);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        read_json(&out)["answer_ids"].as_array().unwrap().iter().map(|id| id.as_u64().unwrap()).collect()
+    };
+    let free = answer("free.json");
+    assert_eq!(free.len(), 3, "{free:?}");
+    std::fs::write(base.join("generation_config.json"), format!(r#"{{"eos_token_id": [2, {}]}}"#, free[1])).unwrap();
+    assert_eq!(answer("stopped.json"), free[..2]);
+    std::fs::write(base.join("generation_config.json"), r#"{"eos_token_id": "</s>"}"#).unwrap();
+    let output = ember(&["generate", "--base", base.to_str().unwrap(), "--template", "none", "--prompt", "Hello"]);
+    assert_bad_input(&output, &["generation_config.json", "'eos_token_id' must be token ids"]);
+}
+
 /// `ember chat` with `args`, `input` its standard input.
 fn chat_on(args: &[&str], input: &str) -> std::process::Output {
     use std::io::Write;

@@ -177,6 +177,18 @@ impl ChatTemplate {
         }
     }
 
+    /// The special tokens after which the assistant's turn is over, where generation stops
+    /// besides EOS: THUDM's chat stops at the next role (`<|user|>`, or `<|observation|>` after a
+    /// call); a Jinja template's are its checkpoint's `eos_token_id`s.
+    pub fn turn_ends(&self) -> &'static [&'static str] {
+        match self {
+            ChatTemplate::ChatGlm3 | ChatTemplate::Glm4 => &["<|user|>", "<|observation|>"],
+            ChatTemplate::Llama3 => &["<|eot_id|>"],
+            ChatTemplate::ChatMl => &["<|im_end|>"],
+            ChatTemplate::ChatGlm2 | ChatTemplate::Llama2Chat | ChatTemplate::Jinja(_) => &[],
+        }
+    }
+
     /// Whether `tools` and tool calls render (the others refuse them rather than drop them).
     pub fn renders_tools(&self) -> bool {
         matches!(self, ChatTemplate::ChatGlm3 | ChatTemplate::Glm4 | ChatTemplate::Jinja(_))
