@@ -168,7 +168,7 @@ fn string_repr(s: &str) -> String {
 /// `function(name=value, …)` with Python literal values (what [`repr`] writes) read back into
 /// the name and a JSON object of the arguments; `None` for anything else.
 pub fn read_call(text: &str) -> Option<(String, Map<String, Value>)> {
-    let mut reader = Reader { text: text.trim(), at: 0 };
+    let mut reader = Reader { text: text.trim(), at: 0, depth: 0 };
     let function = reader.identifier()?;
     reader.expect('(')?;
     let mut arguments = Map::new();
@@ -185,7 +185,12 @@ pub fn read_call(text: &str) -> Option<(String, Map<String, Value>)> {
 struct Reader<'a> {
     text: &'a str,
     at: usize,
+    /// Lists and dicts open around the value being read, at most [`MAX_DEPTH`]: a generated
+    /// reply nested deeper is not read as a call rather than overflowing the stack.
+    depth: usize,
 }
+
+const MAX_DEPTH: usize = 128;
 
 impl<'a> Reader<'a> {
     fn rest(&self) -> &'a str {
@@ -232,6 +237,7 @@ impl<'a> Reader<'a> {
         self.skip_space();
         let close = match self.rest().chars().next()? {
             '\'' | '"' => return self.string().map(Value::String),
+            '[' | '(' | '{' if self.depth == MAX_DEPTH => return None,
             '[' => ']',
             '(' => ')',
             '{' => return self.dict(),
@@ -246,13 +252,16 @@ impl<'a> Reader<'a> {
             }
         };
         self.at += 1;
+        self.depth += 1;
         let mut items = Vec::new();
         self.sequence(close, |reader| Some(items.push(reader.value()?)))?;
+        self.depth -= 1;
         Some(Value::Array(items))
     }
 
     fn dict(&mut self) -> Option<Value> {
         self.expect('{')?;
+        self.depth += 1;
         let mut map = Map::new();
         self.sequence('}', |reader| {
             reader.skip_space();
@@ -261,6 +270,7 @@ impl<'a> Reader<'a> {
             map.insert(key, reader.value()?);
             Some(())
         })?;
+        self.depth -= 1;
         Some(Value::Object(map))
     }
 
@@ -339,6 +349,10 @@ mod tests {
         assert_eq!((name.as_str(), Value::Object(read)), ("tool_call", arguments));
         assert_eq!(read_call(" f( a = (1, 2,), ) ").unwrap().1, *serde_json::json!({"a": [1, 2]}).as_object().unwrap());
         assert_eq!(read_call("f()").unwrap().1, Map::new());
+        let deep = |depth: usize| format!("f(a={}{})", "[".repeat(depth), "]".repeat(depth));
+        assert!(read_call(&deep(MAX_DEPTH)).is_some());
+        assert_eq!(read_call(&deep(MAX_DEPTH + 1)), None);
+        assert_eq!(read_call(&deep(1_000_000)), None);
         for bad in ["f(1)", "f(a=b)", "f(a='x'", "f(a='x') trailing", "import os", "f(a='\\q')"] {
             assert_eq!(read_call(bad), None, "{bad}");
         }
