@@ -784,7 +784,7 @@ fn chat_template_fixtures(root: &Path, report: &mut Report) {
             let (mut text_bad, mut ids_bad) = (0, 0);
             for case in cases {
                 let mut conversation = conversation_of(case["messages"].as_array().ok_or("a case without messages")?)?;
-                conversation.tools = case["tools"].as_array().cloned().unwrap_or_default();
+                conversation.tools = ember_data::dataset::tools(case.get("tools"))?;
                 let ids = |key: &str| -> Vec<u32> { case[key].as_array().into_iter().flatten().filter_map(Value::as_u64).map(|v| v as u32).collect() };
                 let text = template.text(&tokenizer, &template.render(&conversation, policy, false)?);
                 text_bad += usize::from(case["text"].as_str() != Some(text.as_str()));

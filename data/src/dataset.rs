@@ -410,8 +410,9 @@ pub fn read_tools(path: &Path) -> Result<Vec<Value>, String> {
     tools(Some(&value)).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// A record's `tools`: a list of function schemas, or its JSON text (LLaMA-Factory's column).
-fn tools(value: Option<&Value>) -> Result<Vec<Value>, String> {
+/// A record's `tools`: a list of function schemas, or its JSON text (LLaMA-Factory's column),
+/// as the bare schemas [`Conversation::tools`](crate::Conversation::tools) holds.
+pub fn tools(value: Option<&Value>) -> Result<Vec<Value>, String> {
     let parsed;
     let list = match value {
         None | Some(Value::Null) => return Ok(Vec::new()),
