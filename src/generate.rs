@@ -29,31 +29,13 @@ pub struct Request<'a> {
 /// (ChatGLM3's config names only `</s>`; its chat stops at `<|user|>` and `<|observation|>`).
 pub fn stop_ids(base_dir: &Path, base: &BaseModel, tokenizer: &ember_data::Tokenizer, format: Option<&Format>) -> anyhow::Result<Vec<u32>> {
     let mut ids: Vec<u32> = base.config.eos_token_ids.iter().copied().chain(tokenizer.eos_id).collect();
-    ids.extend(generation_config_eos(base_dir)?);
+    ids.extend(ember_models::ModelConfig::generation_eos_token_ids(base_dir)?);
     if let Some(Format::Chat(template)) = format {
         ids.extend(template.turn_ends().iter().filter_map(|token| tokenizer.token_to_id(token)));
     }
     ids.sort_unstable();
     ids.dedup();
     Ok(ids)
-}
-
-/// The `eos_token_id` (one id or a list) of `dir/generation_config.json`, where transformers'
-/// `generate` stops; none without that file.
-fn generation_config_eos(dir: &Path) -> anyhow::Result<Vec<u32>> {
-    let path = dir.join("generation_config.json");
-    if !path.is_file() {
-        return Ok(Vec::new());
-    }
-    let bad = |reason: String| bad_input(anyhow::anyhow!("{}: {reason}", path.display()));
-    let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
-    let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
-    let ids: Vec<&serde_json::Value> = match &config["eos_token_id"] {
-        serde_json::Value::Null => Vec::new(),
-        serde_json::Value::Array(list) => list.iter().collect(),
-        one => vec![one],
-    };
-    ids.into_iter().map(|id| id.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| bad(format!("'eos_token_id' must be token ids, found {id}")))).collect()
 }
 
 /// The completion text of `request` (special tokens removed).

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_bad_input, data, ember, repository};
+use common::{assert_bad_input, data, ember, read_json, repository};
 use ember_data::sft::IGNORE_INDEX;
 use ember_data::{Dataset, Format, Role, SftOptions, Tokenizer};
 use serde_json::Value;
@@ -28,7 +28,7 @@ fn chatglm_tokenizer(dir: &Path, name: &str) -> PathBuf {
 fn llama3_tokenizer(dir: &Path) -> PathBuf {
     let folder = dir.join("llama3");
     std::fs::create_dir_all(&folder).unwrap();
-    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(fixture("tiny_llama/tokenizer.json")).unwrap()).unwrap();
+    let mut json = read_json(&fixture("tiny_llama/tokenizer.json"));
     let first = json["model"]["vocab"].as_object().unwrap().len();
     let added = json["added_tokens"].as_array_mut().unwrap();
     for (i, token) in ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"].iter().enumerate() {
@@ -589,7 +589,7 @@ fn max_samples_and_num_samples_choose_the_records_read() {
 #[test]
 fn tool_calls_render_as_transformers_and_train_as_llamafactory() {
     let folder = fixture("chat_template/qwen2.5_tools");
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(folder.join("reference.json")).unwrap()).unwrap();
+    let reference = read_json(&folder.join("reference.json"));
     assert_eq!(reference["llamafactory_checked"], true);
     let cases = reference["cases"].as_array().unwrap();
     let samples = Dataset::load(&data("tool_calls.jsonl")).unwrap().samples;
@@ -712,10 +712,10 @@ fn answers_without_an_end_marker_train_the_next_token_and_eos() {
 #[test]
 fn a_jinja_template_file_puts_tools_on_any_checkpoint() {
     let with_tools = fixture("chat_template/qwen2.5_tools");
-    let config: Value = serde_json::from_str(&std::fs::read_to_string(with_tools.join("tokenizer_config.json")).unwrap()).unwrap();
+    let config = read_json(&with_tools.join("tokenizer_config.json"));
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("qwen2.5.jinja"), config["chat_template"].as_str().unwrap()).unwrap();
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(with_tools.join("reference.json")).unwrap()).unwrap();
+    let reference = read_json(&with_tools.join("reference.json"));
     let recipe = dir.path().join("tools.toml");
     let text = format!(
         "[model]\npath = {:?}\n[adapter]\nmethod = \"lora\"\n[data]\npath = {:?}\ntemplate = \"qwen2.5.jinja\"\ncutoff_len = 1024\n[train]\nmax_steps = 1\n[output]\ndir = {:?}\n",
@@ -746,7 +746,7 @@ fn chatglm3_renders_tools_and_calls_as_thudm_does() {
     let dir = chatglm_tokenizer(scratch.path(), "chatglm3");
     let tokenizer = Tokenizer::from_dir(&dir).unwrap();
     let format = Format::named("chatglm3", &dir).unwrap().unwrap();
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(fixture("chatglm3_tools.json")).unwrap()).unwrap();
+    let reference = read_json(&fixture("chatglm3_tools.json"));
     let cases = reference["cases"].as_array().unwrap();
     let samples: Vec<_> = ["tool_calls.jsonl", "tool_call_arguments.jsonl"].iter().flat_map(|name| Dataset::load(&data(name)).unwrap().samples).collect();
     assert_eq!(samples.len(), cases.len());
@@ -779,7 +779,7 @@ fn glm4_renders_tools_and_calls_as_thudm_does() {
     let dir = fixture("tiny_chatglm");
     let tokenizer = Tokenizer::from_dir(&dir).unwrap();
     let template = ember_data::ChatTemplate::named("glm4", &dir).unwrap().unwrap();
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(fixture("glm4_tools.json")).unwrap()).unwrap();
+    let reference = read_json(&fixture("glm4_tools.json"));
     let cases = reference["cases"].as_array().unwrap();
     let dataset = Dataset::load(&data("tool_calls.jsonl")).unwrap();
     assert_eq!(dataset.samples.len(), cases.len());

@@ -243,7 +243,7 @@ fn generation_stops_at_the_generation_configs_eos() {
     assert_eq!(answer("stopped.json"), free[..2]);
     std::fs::write(base.join("generation_config.json"), r#"{"eos_token_id": "</s>"}"#).unwrap();
     let output = ember(&["generate", "--base", base.to_str().unwrap(), "--template", "none", "--prompt", "Hello"]);
-    assert_bad_input(&output, &["generation_config.json", "'eos_token_id' must be token ids"]);
+    assert_bad_input(&output, &["generation_config.json", "key 'eos_token_id': expected a token id, found \"</s>\""]);
 }
 
 /// `ember chat` with `args`, `input` its standard input.

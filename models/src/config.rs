@@ -322,6 +322,18 @@ impl ModelConfig {
         serde_json::from_str(&text).map_err(|e| LoadError::json(path, e))
     }
 
+    /// The `eos_token_id`s (one id or a list) of `dir/generation_config.json`, where
+    /// transformers' `generate` stops besides config.json's; none without that file.
+    pub fn generation_eos_token_ids(dir: &Path) -> Result<Vec<u32>, LoadError> {
+        let path = dir.join("generation_config.json");
+        if !path.is_file() {
+            return Ok(Vec::new());
+        }
+        let value = Self::read_json(&path)?;
+        let obj = value.as_object().ok_or_else(|| LoadError::Invalid { path: path.clone(), reason: "not a JSON object".into() })?;
+        JsonConfig { obj, path }.token_ids("eos_token_id")
+    }
+
     /// A [`preset`] shape as a config.
     pub fn preset(name: &str) -> Option<Self> {
         Self::from_json(&preset(name)?, Path::new(name)).ok()
