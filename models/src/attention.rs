@@ -131,7 +131,7 @@ impl<P: Projection> Attention<P> {
         let (q, k) = (rope.apply_packed(q, &lengths, start), rope.apply_packed(k, &lengths, start));
         let prefix = prefix_like(extras, &k, &v);
         let scale = (self.head_dim as f64).powf(-0.5);
-        let fused = causal.then(|| crate::fused::packed_attention(&q, &k, &v, prefix.as_ref().map(|(k, v)| (k, v)), &lengths, scale)).flatten();
+        let fused = crate::fused::packed_attention(&q, &k, &v, prefix.as_ref().map(|(k, v)| (k, v)), &lengths, biases, causal, scale);
         if let Some(attended) = fused {
             return self.o_inputs(attended, q, extras);
         }

@@ -16,6 +16,34 @@ fn min_rows(width: usize) -> usize {
     (16 * 1024 / width.max(1)).max(1)
 }
 
+/// An output of `len` values for a kernel that writes every one of them: no pass zeroes it first,
+/// which would run on the calling thread alone, before the rows are spread over the pool.
+fn uninit(len: usize) -> Vec<MaybeUninit<f32>> {
+    let mut values = Vec::with_capacity(len);
+    // SAFETY: `MaybeUninit` values need no initialization.
+    unsafe { values.set_len(len) };
+    values
+}
+
+/// The values of an [`uninit`] output.
+///
+/// # Safety
+/// Every value has been written.
+unsafe fn assume_init(values: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut values = std::mem::ManuallyDrop::new(values);
+    // SAFETY: the caller wrote every value; `MaybeUninit<f32>` has `f32`'s layout.
+    unsafe { Vec::from_raw_parts(values.as_mut_ptr().cast::<f32>(), values.len(), values.capacity()) }
+}
+
+/// A part of an [`uninit`] output as values.
+///
+/// # Safety
+/// Every value of `part` has been written.
+unsafe fn written(part: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: as for `assume_init`.
+    unsafe { &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// e^x within 2 ulp (Cephes' `expf` polynomial), written as plain arithmetic that the compiler
 /// vectorizes; libm's `expf` is one call per value (9% of a training step). Below -87 it returns
 /// exactly 0 rather than a denormal, which masked attention scores (-inf) rely on; above 88.3
@@ -90,7 +118,7 @@ fn exp_shifted(row: &[f32], shift: f32, out: &mut [f32]) -> f32 {
 /// Returns `(y, r)`, `r` one value per row (what backward needs besides `x`).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let width = weight.len();
-    let mut y = vec![0f32; x.len()];
+    let mut y = uninit(x.len());
     let mut r = vec![0f32; x.len() / width];
     y.par_chunks_mut(width)
         .zip(r.par_iter_mut())
@@ -99,16 +127,17 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
         .for_each(|((y, r), x)| {
             *r = 1.0 / (dot(x, x) / width as f32 + eps).sqrt();
             for ((y, &x), &w) in y.iter_mut().zip(x).zip(weight) {
-                *y = x * *r * w;
+                y.write(x * *r * w);
             }
         });
-    (y, r)
+    // SAFETY: every row was written above.
+    (unsafe { assume_init(y) }, r)
 }
 
 /// ∂L/∂x of [`rms_norm`] with the weight frozen: `r·(w·dy − x·r²·mean(w·dy·x))` per row.
 pub fn rms_norm_backward(x: &[f32], weight: &[f32], r: &[f32], dy: &[f32]) -> Vec<f32> {
     let width = weight.len();
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = uninit(x.len());
     dx.par_chunks_mut(width)
         .zip(x.par_chunks(width))
         .zip(dy.par_chunks(width))
@@ -117,34 +146,38 @@ pub fn rms_norm_backward(x: &[f32], weight: &[f32], r: &[f32], dy: &[f32]) -> Ve
         .for_each(|(((dx, x), dy), &r)| {
             // dx first holds w·dy, then the result.
             for ((d, &dy), &w) in dx.iter_mut().zip(dy).zip(weight) {
-                *d = w * dy;
+                d.write(w * dy);
             }
+            // SAFETY: the whole row was written just above.
+            let dx = unsafe { written(dx) };
             let mean = dot(dx, x) / width as f32;
             for (d, &x) in dx.iter_mut().zip(x) {
                 *d = r * (*d - x * mean * r * r);
             }
         });
-    dx
+    // SAFETY: every row was written above.
+    unsafe { assume_init(dx) }
 }
 
 /// SwiGLU's product `silu(g)·u = g·σ(g)·u`.
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; gate.len()];
+    let mut y = uninit(gate.len());
     y.par_chunks_mut(4096)
         .zip(gate.par_chunks(4096))
         .zip(up.par_chunks(4096))
         .with_min_len(4)
         .for_each(|((y, g), u)| {
             for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                *y = g / (1.0 + exp(-g)) * u;
+                y.write(g / (1.0 + exp(-g)) * u);
             }
         });
-    y
+    // SAFETY: every chunk was written above.
+    unsafe { assume_init(y) }
 }
 
 /// ∂L/∂g and ∂L/∂u of [`swiglu`]: `dy·u·σ(g)·(1 + g·(1 − σ(g)))` and `dy·g·σ(g)`.
 pub fn swiglu_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (mut dg, mut du) = (vec![0f32; gate.len()], vec![0f32; gate.len()]);
+    let (mut dg, mut du) = (uninit(gate.len()), uninit(gate.len()));
     dg.par_chunks_mut(4096)
         .zip(du.par_chunks_mut(4096))
         .zip(
@@ -156,11 +189,12 @@ pub fn swiglu_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f
         .for_each(|((dg, du), ((g, u), dy))| {
             for i in 0..dg.len() {
                 let sigmoid = 1.0 / (1.0 + exp(-g[i]));
-                du[i] = dy[i] * g[i] * sigmoid;
-                dg[i] = dy[i] * u[i] * sigmoid * (1.0 + g[i] * (1.0 - sigmoid));
+                du[i].write(dy[i] * g[i] * sigmoid);
+                dg[i].write(dy[i] * u[i] * sigmoid * (1.0 + g[i] * (1.0 - sigmoid)));
             }
         });
-    (dg, du)
+    // SAFETY: every chunk of both was written above.
+    unsafe { (assume_init(dg), assume_init(du)) }
 }
 
 /// Attention probabilities `softmax(scale·s + bias)` over each `keys`-wide row of scores laid out
@@ -199,7 +233,7 @@ fn bias_row(bias: &[f32], row: usize, heads: usize, seq: usize, keys: usize) -> 
 
 /// ∂L/∂s of [`softmax_in_place`] from its output `y`: `scale·y·(dy − Σ dy·y)` per row.
 pub fn softmax_backward(y: &[f32], dy: &[f32], scale: f32, keys: usize) -> Vec<f32> {
-    let mut ds = vec![0f32; y.len()];
+    let mut ds = uninit(y.len());
     ds.par_chunks_mut(keys)
         .zip(y.par_chunks(keys))
         .zip(dy.par_chunks(keys))
@@ -207,10 +241,11 @@ pub fn softmax_backward(y: &[f32], dy: &[f32], scale: f32, keys: usize) -> Vec<f
         .for_each(|((ds, y), dy)| {
             let inner = dot(y, dy);
             for ((d, &y), &dy) in ds.iter_mut().zip(y).zip(dy) {
-                *d = scale * y * (dy - inner);
+                d.write(scale * y * (dy - inner));
             }
         });
-    ds
+    // SAFETY: every row was written above.
+    unsafe { assume_init(ds) }
 }
 
 /// Cross-entropy of each `vocab`-wide row of logits against its target. Returns the summed
@@ -242,18 +277,21 @@ pub fn cross_entropy_backward(
     grad: f32,
     vocab: usize,
 ) -> Vec<f32> {
-    let mut dx = vec![0f32; logits.len()];
+    let mut dx = uninit(logits.len());
     dx.par_chunks_mut(vocab)
         .zip(logits.par_chunks(vocab))
         .zip(targets.par_iter().zip(lse.par_iter()))
         .with_min_len(min_rows(vocab))
         .for_each(|((dx, row), (&target, &lse))| {
             for (d, &v) in dx.iter_mut().zip(row) {
-                *d = grad * exp(v - lse);
+                d.write(grad * exp(v - lse));
             }
+            // SAFETY: the whole row was written just above.
+            let dx = unsafe { written(dx) };
             dx[target as usize] -= grad;
         });
-    dx
+    // SAFETY: every row was written above.
+    unsafe { assume_init(dx) }
 }
 
 /// Where the values a byte stands for go within its block.
@@ -277,7 +315,7 @@ pub fn lookup_and_scale(bytes: &[u8], table: &[f32], high: Option<(&[u8], usize)
     if let Some((_, bits)) = high {
         assert!(packing == Packing::SplitHalves && per_byte == 2 && block * bits <= 64, "high bits come with 4-bit codes in split halves");
     }
-    let mut values = vec![0f32; bytes.len() * per_byte];
+    let mut values = uninit(bytes.len() * per_byte);
     values.par_chunks_mut(block).zip(bytes.par_chunks(block / per_byte)).enumerate().with_min_len(min_rows(block)).for_each(
         |(b, (values, bytes))| {
             let scale = scales[b];
@@ -295,22 +333,25 @@ pub fn lookup_and_scale(bytes: &[u8], table: &[f32], high: Option<(&[u8], usize)
                                 Packing::Adjacent => j * per_byte + k,
                                 Packing::SplitHalves => j + k * bytes.len(),
                             };
-                            values[at] = t * scale;
+                            values[at].write(t * scale);
                         }
                     }
                 }
             }
+            // SAFETY: each byte wrote its values: the block's bytes stand for all of it.
+            let values = unsafe { written(values) };
             if let Some(mins) = mins {
                 values.iter_mut().for_each(|v| *v += mins[b]);
             }
         },
     );
-    values
+    // SAFETY: every block was written above.
+    unsafe { assume_init(values) }
 }
 
 /// One block of [`lookup_and_scale`] with two codes a byte in split halves and `BITS` (0, 1 or 2)
 /// more bits a code in `high` (at most 8 bytes), scaled.
-fn split_halves_with_high<const BITS: usize>(values: &mut [f32], bytes: &[u8], table: &[f32], high: &[u8], scale: f32) {
+fn split_halves_with_high<const BITS: usize>(values: &mut [MaybeUninit<f32>], bytes: &[u8], table: &[f32], high: &[u8], scale: f32) {
     let mut word = [0u8; 8];
     word[..high.len()].copy_from_slice(high);
     let word = u64::from_le_bytes(word);
@@ -318,8 +359,8 @@ fn split_halves_with_high<const BITS: usize>(values: &mut [f32], bytes: &[u8], t
     let half = bytes.len();
     for (j, &byte) in bytes.iter().enumerate() {
         let pair = &table[2 * byte as usize..][..2];
-        values[j] = code(pair[0], j) * scale;
-        values[j + half] = code(pair[1], j + half) * scale;
+        values[j].write(code(pair[0], j) * scale);
+        values[j + half].write(code(pair[1], j + half) * scale);
     }
 }
 
@@ -338,7 +379,8 @@ fn pair_dims(pairing: RopePairing, j: usize, rotary: usize) -> (usize, usize) {
 /// rest pass through. `inverse` turns the other way: the transpose, which is backward.
 pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], seq: usize, head_dim: usize, pairing: RopePairing, inverse: bool) -> Vec<f32> {
     let rotary = cos.len() / seq;
-    let mut y = vec![0f32; x.len()];
+    assert!(rotary % 2 == 0 && rotary <= head_dim, "RoPE turns pairs of a head's dims");
+    let mut y = uninit(x.len());
     y.par_chunks_mut(head_dim).zip(x.par_chunks(head_dim)).enumerate().with_min_len(min_rows(head_dim)).for_each(
         |(row, (y, x))| {
             let position = row % seq;
@@ -347,17 +389,20 @@ pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], seq: usize, head_dim: usize, pa
                 let (i, k) = pair_dims(pairing, j, rotary);
                 let (a, b) = (x[i], x[k]);
                 if inverse {
-                    y[i] = a * cos[i] + b * sin[k];
-                    y[k] = b * cos[k] - a * sin[i];
+                    y[i].write(a * cos[i] + b * sin[k]);
+                    y[k].write(b * cos[k] - a * sin[i]);
                 } else {
-                    y[i] = a * cos[i] - b * sin[i];
-                    y[k] = b * cos[k] + a * sin[k];
+                    y[i].write(a * cos[i] - b * sin[i]);
+                    y[k].write(b * cos[k] + a * sin[k]);
                 }
             }
-            y[rotary..].copy_from_slice(&x[rotary..]);
+            for (y, &x) in y[rotary..].iter_mut().zip(&x[rotary..]) {
+                y.write(x);
+            }
         },
     );
-    y
+    // SAFETY: the pairs cover the first `rotary` dims of every row, the loop after them the rest.
+    unsafe { assume_init(y) }
 }
 
 /// One operand of a batched product over a flat buffer: matrix `b` starts at `offsets[b]`,
@@ -414,9 +459,7 @@ pub fn matmul(lhs: &Operand, rhs: &Operand, m: usize, k: usize, n: usize) -> Vec
     }
     lhs.check(m, k);
     rhs.check(k, n);
-    let mut out: Vec<MaybeUninit<f32>> = Vec::with_capacity(count * size);
-    // SAFETY: `MaybeUninit` values need no initialization.
-    unsafe { out.set_len(count * size) };
+    let mut out = uninit(count * size);
     // Matrix b's columns `columns` (all its rows) into `dst`, which starts at its first value.
     let product = |b: usize, columns: Range<usize>, dst: *mut f32| {
         // SAFETY: `check` keeps every read inside the operands' buffers; `dst` is the first of
@@ -457,9 +500,8 @@ pub fn matmul(lhs: &Operand, rhs: &Operand, m: usize, k: usize, n: usize) -> Vec
     } else {
         jobs.iter().for_each(run);
     }
-    let mut out = std::mem::ManuallyDrop::new(out);
-    // SAFETY: every value was written above; `MaybeUninit<f32>` has `f32`'s layout.
-    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity()) }
+    // SAFETY: the jobs cover every column of every matrix.
+    unsafe { assume_init(out) }
 }
 
 #[cfg(test)]

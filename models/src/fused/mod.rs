@@ -465,22 +465,35 @@ pub fn low_rank_onto(y: Tensor<3>, x: &Tensor<3>, a: &Tensor<2>, b: &Tensor<2>, 
     Err(y)
 }
 
-/// Attention of sequences packed into one row, each causal over its own keys after the shared
-/// prefix's (if any): [`attention`] once per sequence, in one operation whose backward hands back
-/// whole gradients (on LibTorch). `None` elsewhere: then the caller attends to each sequence's
-/// slices.
+/// Attention of sequences packed into one row, each over its own keys after the shared prefix's
+/// (if any), in one operation whose backward hands back whole gradients: [`attention`] once per
+/// sequence. On LibTorch for `causal` masks (no window), with or without a prefix; on flex in f32
+/// without a prefix, through each sequence's `biases` (which a window is in). The per-sequence
+/// slices it replaces cost flex a zeroed full-size gradient and an addition per sequence for each
+/// of q, k and v in backward. `None` elsewhere: then the caller attends to each sequence's slices.
 ///
 /// # Shapes
 /// - q, output: `[1, heads, Σ lengths, head_dim]`
 /// - k, v: `[1, kv_heads, Σ lengths, head_dim]`, `heads` a multiple of `kv_heads`
 /// - prefix: `[1, kv_heads, prefix, head_dim]` each, in `k`'s dtype
-#[allow(unused_variables)]
-pub fn packed_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, prefix: Option<(&Tensor<4>, &Tensor<4>)>, lengths: &[usize], scale: f64) -> Option<Tensor<4>> {
+/// - biases: `[1, 1, length, prefix + length]` each, in order
+#[allow(unused_variables, clippy::too_many_arguments)]
+pub fn packed_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, prefix: Option<(&Tensor<4>, &Tensor<4>)>, lengths: &[usize], biases: &[Tensor<4>], causal: bool, scale: f64) -> Option<Tensor<4>> {
     #[cfg(feature = "tch")]
-    return torch_ops::packed_attention(q, k, v, prefix, lengths, scale);
-    #[cfg(not(feature = "tch"))]
-    None
+    if causal && let Some(y) = torch_ops::packed_attention(q, k, v, prefix, lengths, scale) {
+        return Some(y);
+    }
+    let on_flex = prefix.is_none() && [q, k, v].into_iter().chain(biases).all(|t| applies(Op::Attention, t)) && biases.iter().all(|b| !b.is_require_grad());
+    on_flex.then(|| {
+        let biases = SequenceBiases(biases.iter().map(|b| b.clone().inner()).collect());
+        Tensor::from_dispatch(<Dispatch as FusedOps>::fused_packed_attention(q.clone().into_dispatch(), k.clone().into_dispatch(), v.clone().into_dispatch(), biases, scale))
+    })
 }
+
+/// The masks of a packed batch's sequences, one `[1, 1, length, keys]` bias each on the plain
+/// device, passed to flex's packed attention as they are.
+#[derive(Debug, Clone)]
+pub struct SequenceBiases(Vec<Tensor<4>>);
 
 /// The product with a frozen weight, as its own extension because it is served on LibTorch too
 /// (GEMMs, nothing to fuse there; what it saves is memory).
@@ -606,6 +619,7 @@ pub trait FusedOps: Backend {
         bias: FloatTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self>;
+    fn fused_packed_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, biases: SequenceBiases, scale: f64) -> FloatTensor<Self>;
     fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self>;
     fn fused_rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self>;
     fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -650,6 +664,32 @@ mod forward {
         let stats = kernels::softmax_in_place(&mut probs, values(bias), scale as f32, dims.heads, dims.seq, dims.keys);
         let out = kernels::matmul(&dims.operand(&probs, dims.rows(), dims.keys, false), &dims.operand(values(v), dims.keys, dims.head_dim, false), dims.rows(), dims.keys, dims.head_dim);
         (tensor(out, q.layout().shape().clone()), probs, stats)
+    }
+
+    /// [`attention`] of each sequence of a packed batch over its bias, the outputs joined as the
+    /// queries are; and what each sequence's backward starts from.
+    pub fn packed_attention(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, biases: &SequenceBiases, scale: f64) -> (FlexTensor, Vec<SequenceAttention>) {
+        let packed = PackedDims::of(q, k);
+        let mut start = 0;
+        let (outputs, sequences): (Vec<FlexTensor>, Vec<SequenceAttention>) = biases
+            .0
+            .iter()
+            .map(|bias| {
+                let bias = bias.clone().try_into_primitive::<Flex>().expect("attention masks beside the activations").to_contiguous();
+                let len = bias.layout().shape()[2];
+                let [q, k, v] = [(q, packed.heads), (k, packed.kv_heads), (v, packed.kv_heads)].map(|(t, heads)| packed.slice(t, heads, start..start + len));
+                start += len;
+                let (y, probs, stats) = attention(&q, &k, &v, &bias, scale);
+                let probs = match keeps_probabilities(probs.len()) {
+                    true => Probabilities::Kept(probs),
+                    false => Probabilities::Remade(stats, bias),
+                };
+                (y, SequenceAttention { q, k, v, probs })
+            })
+            .unzip();
+        assert_eq!(start, packed.total, "the biases' sequences make up the packed batch");
+        let parts: Vec<&[f32]> = outputs.iter().map(values).collect();
+        (tensor(packed.join(&parts, packed.heads), q.layout().shape().clone()), sequences)
     }
 
     /// RoPE of `x` (`[batch, heads, seq, head_dim]`), or its transpose when `inverse`.
@@ -710,6 +750,9 @@ impl FusedOps for Flex {
     }
     fn fused_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, bias: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
         forward::attention(&q.to_contiguous(), &k.to_contiguous(), &v.to_contiguous(), &bias.to_contiguous(), scale).0
+    }
+    fn fused_packed_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, biases: SequenceBiases, scale: f64) -> FloatTensor<Self> {
+        forward::packed_attention(&q.to_contiguous(), &k.to_contiguous(), &v.to_contiguous(), &biases, scale).0
     }
     fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self> {
         forward::cross_entropy_sum(&logits.to_contiguous(), &targets).0
@@ -841,40 +884,131 @@ impl Backward<Flex, 3> for AttentionBackward {
     type State = (FlexTensor, FlexTensor, FlexTensor, Probabilities, f64);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_q, node_k, node_v] = ops.parents;
+        let nodes = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
         let (q, k, v, probs, scale) = ops.state;
-        let dims = AttentionDims::of(&q, &k);
-        let (rows, keys, d) = (dims.rows(), dims.keys, dims.head_dim);
-        let remade;
-        let probs = match &probs {
-            Probabilities::Kept(probs) => probs,
-            Probabilities::Remade(stats, bias) => {
-                let mut probs = dims.scores(&q, &k);
-                kernels::probabilities_in_place(&mut probs, values(bias), stats, scale as f32, dims.heads, dims.seq, keys);
-                remade = probs;
-                &remade
+        let gradients = attention_gradients(&q, &k, &v, &probs, scale, values(&dy), nodes.each_ref().map(Option::is_some));
+        for ((node, gradient), input) in nodes.into_iter().zip(gradients).zip([&q, &k, &v]) {
+            if let (Some(node), Some(gradient)) = (node, gradient) {
+                grads.register::<Flex>(node.id, tensor(gradient, input.layout().shape().clone()));
             }
+        }
+    }
+}
+
+/// The gradients of q, k and v of [`forward::attention`] from the output's `dy`, those `wanted`.
+fn attention_gradients(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, probs: &Probabilities, scale: f64, dy: &[f32], wanted: [bool; 3]) -> [Option<Vec<f32>>; 3] {
+    let dims = AttentionDims::of(q, k);
+    let (rows, keys, d) = (dims.rows(), dims.keys, dims.head_dim);
+    let remade;
+    let probs = match probs {
+        Probabilities::Kept(probs) => probs,
+        Probabilities::Remade(stats, bias) => {
+            let mut probs = dims.scores(q, k);
+            kernels::probabilities_in_place(&mut probs, values(bias), stats, scale as f32, dims.heads, dims.seq, keys);
+            remade = probs;
+            &remade
+        }
+    };
+    let [want_q, want_k, want_v] = wanted;
+    // dV = Pᵀ dO, summed over the group's query heads by the product.
+    let dv = want_v.then(|| kernels::matmul(&dims.operand(probs, rows, keys, true), &dims.operand(dy, rows, d, false), keys, rows, d));
+    if !want_q && !want_k {
+        return [None, None, dv];
+    }
+    // dS = scale · P ∘ (dP − Σ dP ∘ P), with dP = dO vᵀ.
+    let dp = kernels::matmul(&dims.operand(dy, rows, d, false), &dims.operand(values(v), keys, d, true), rows, d, keys);
+    let ds = kernels::softmax_backward(probs, &dp, scale as f32, keys);
+    drop(dp);
+    let dq = want_q.then(|| kernels::matmul(&dims.operand(&ds, rows, keys, false), &dims.operand(values(k), keys, d, false), rows, keys, d));
+    let dk = want_k.then(|| kernels::matmul(&dims.operand(&ds, rows, keys, true), &dims.operand(values(q), rows, d, false), keys, rows, d));
+    [dq, dk, dv]
+}
+
+/// The sizes of a packed batch's attention: `q` `[1, heads, total, head_dim]`, `k` and `v` `[1,
+/// kv_heads, total, head_dim]`, the sequences one after another along `total`.
+struct PackedDims {
+    heads: usize,
+    kv_heads: usize,
+    total: usize,
+    head_dim: usize,
+}
+
+impl PackedDims {
+    fn of(q: &FlexTensor, k: &FlexTensor) -> Self {
+        let (&[1, heads, total, head_dim], &[1, kv_heads, keys, _]) = (&q.layout().shape()[..], &k.layout().shape()[..]) else {
+            panic!("packed attention takes q [1, heads, total, head_dim] and k, v [1, kv_heads, total, head_dim]")
         };
-        if let Some(node) = node_v {
-            // dV = Pᵀ dO, summed over the group's query heads by the product.
-            let dv = kernels::matmul(&dims.operand(probs, rows, keys, true), &dims.operand(values(&dy), rows, d, false), keys, rows, d);
-            grads.register::<Flex>(node.id, tensor(dv, v.layout().shape().clone()));
+        assert_eq!(keys, total, "packed attention's keys are its queries' sequences");
+        Self { heads, kv_heads, total, head_dim }
+    }
+
+    /// The positions `range` of every head of contiguous `t`: `[1, heads, range.len(), head_dim]`.
+    fn slice(&self, t: &FlexTensor, heads: usize, range: Range<usize>) -> FlexTensor {
+        let (all, d) = (values(t), self.head_dim);
+        let mut part = Vec::with_capacity(heads * range.len() * d);
+        for head in 0..heads {
+            part.extend_from_slice(&all[(head * self.total + range.start) * d..(head * self.total + range.end) * d]);
         }
-        if node_q.is_none() && node_k.is_none() {
-            return;
+        tensor(part, Shape::new([1, heads, range.len(), d]))
+    }
+
+    /// The sequences' `[1, heads, len, head_dim]` parts, in order, as one `[1, heads, total,
+    /// head_dim]` buffer.
+    fn join(&self, parts: &[&[f32]], heads: usize) -> Vec<f32> {
+        let mut all = Vec::with_capacity(heads * self.total * self.head_dim);
+        for head in 0..heads {
+            for part in parts {
+                let values_a_head = part.len() / heads;
+                all.extend_from_slice(&part[head * values_a_head..][..values_a_head]);
+            }
         }
-        // dS = scale · P ∘ (dP − Σ dP ∘ P), with dP = dO vᵀ.
-        let dp = kernels::matmul(&dims.operand(values(&dy), rows, d, false), &dims.operand(values(&v), keys, d, true), rows, d, keys);
-        let ds = kernels::softmax_backward(probs, &dp, scale as f32, keys);
-        drop(dp);
-        if let Some(node) = node_q {
-            let dq = kernels::matmul(&dims.operand(&ds, rows, keys, false), &dims.operand(values(&k), keys, d, false), rows, keys, d);
-            grads.register::<Flex>(node.id, tensor(dq, q.layout().shape().clone()));
+        assert_eq!(all.len(), heads * self.total * self.head_dim, "the parts make up the packed batch");
+        all
+    }
+}
+
+/// One sequence of a packed attention: its slices of q, k, v and what its backward starts from.
+#[derive(Debug, Clone)]
+struct SequenceAttention {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    probs: Probabilities,
+}
+
+#[derive(Debug)]
+struct PackedAttentionBackward;
+
+impl Backward<Flex, 3> for PackedAttentionBackward {
+    /// Each sequence's slices and probabilities, the scale.
+    type State = (Vec<SequenceAttention>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let nodes = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let (sequences, scale) = ops.state;
+        let (Some(first), &[1, heads, total, head_dim]) = (sequences.first(), &dy.layout().shape()[..]) else { return };
+        let kv_heads = first.k.layout().shape()[1];
+        let packed = PackedDims { heads, kv_heads, total, head_dim };
+        let wanted = nodes.each_ref().map(Option::is_some);
+        let mut start = 0;
+        // Per input (q, k, v), each sequence's gradient.
+        let mut parts: [Vec<Vec<f32>>; 3] = Default::default();
+        for sequence in &sequences {
+            let len = sequence.q.layout().shape()[2];
+            let dy = packed.slice(&dy, packed.heads, start..start + len);
+            start += len;
+            let gradients = attention_gradients(&sequence.q, &sequence.k, &sequence.v, &sequence.probs, scale, values(&dy), wanted);
+            for (part, gradient) in parts.iter_mut().zip(gradients) {
+                part.extend(gradient);
+            }
         }
-        if let Some(node) = node_k {
-            let dk = kernels::matmul(&dims.operand(&ds, rows, keys, true), &dims.operand(values(&q), rows, d, false), keys, rows, d);
-            grads.register::<Flex>(node.id, tensor(dk, k.layout().shape().clone()));
+        for ((node, part), heads) in nodes.into_iter().zip(parts).zip([packed.heads, kv_heads, kv_heads]) {
+            if let Some(node) = node {
+                let part: Vec<&[f32]> = part.iter().map(Vec::as_slice).collect();
+                grads.register::<Flex>(node.id, tensor(packed.join(&part, heads), Shape::new([1, heads, packed.total, packed.head_dim])));
+            }
         }
     }
 }
@@ -964,6 +1098,13 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             false => Probabilities::Remade(stats, bias),
         };
         finish(prep, (q, k, v, probs, scale), y)
+    }
+
+    fn fused_packed_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, biases: SequenceBiases, scale: f64) -> FloatTensor<Self> {
+        let prep = PackedAttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful();
+        let [q, k, v] = [q, k, v].map(|t| t.into_primitive().to_contiguous());
+        let (y, sequences) = forward::packed_attention(&q, &k, &v, &biases, scale);
+        finish(prep, (sequences, scale), y)
     }
 
     fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -1205,6 +1346,41 @@ mod tests {
         assert_a_frozen_k_leaves_q_and_v_their_gradients([batch, heads, kv_heads, seq, prefix + seq, d], &bias, scale, &device);
     }
 
+    /// Sequences packed into one row, each causal over its own keys (or within a window), give what
+    /// attending to each sequence's slices gives (`Attention::contexts_packed` without the fused
+    /// operation); a long sequence's probabilities are made again in backward.
+    #[test]
+    fn packed_attention_on_flex_matches_burn_ops_per_sequence() {
+        let device = Device::flex().autodiff();
+        let (kv_heads, d) = (2, 8);
+        let scale = (d as f64).powf(-0.5);
+        for (heads, lengths, window, tolerances) in [
+            (4, vec![3, 5, 1, 4], None, [2e-6, 2e-5]),
+            (4, vec![3, 5, 1, 4], Some(2), [2e-6, 2e-5]),
+            (16, vec![7, 380], None, [1e-5, 1e-4]),
+        ] {
+            let total = lengths.iter().sum();
+            assert_eq!(keeps_probabilities(heads * 380 * 380), heads != 16);
+            let biases: Vec<Tensor<4>> = lengths.iter().map(|&len| crate::layers::attention_bias(1, len, 0, None, window, &device)).collect();
+            let per_sequence = |[q, k, v]: &[Tensor<4>; 3]| {
+                let mut start = 0;
+                let outputs = lengths.iter().zip(&biases).map(|(&len, bias)| {
+                    let [q, k, v] = [q, k, v].map(|t| t.clone().narrow(2, start, len));
+                    start += len;
+                    crate::layers::composed_attention(q, k, v, bias.clone(), scale)
+                });
+                Tensor::cat(outputs.collect(), 2)
+            };
+            check_within(
+                &format!("packed attention on flex, {heads} heads, lengths {lengths:?}, window {window:?}"),
+                attention_inputs([1, heads, kv_heads, total, total, d], &device),
+                |[q, k, v]| packed_attention(q, k, v, None, &lengths, &biases, window.is_none(), scale).unwrap(),
+                per_sequence,
+                tolerances,
+            );
+        }
+    }
+
     /// Random q `[batch, heads, seq, d]`, k and v `[batch, kv_heads, keys, d]`.
     fn attention_inputs([batch, heads, kv_heads, seq, keys, d]: [usize; 6], device: &Device) -> [Tensor<4>; 3] {
         [random([batch, heads, seq, d], device), random([batch, kv_heads, keys, d], device), random([batch, kv_heads, keys, d], device)]
@@ -1368,7 +1544,7 @@ mod tests {
             Tensor::cat(outputs.to_vec(), 2)
         };
         let packed = |[q, k, v, prefix_k, prefix_v]: &[Tensor<4>; 5], with_prefix: bool| {
-            packed_attention(q, k, v, with_prefix.then_some((prefix_k, prefix_v)), &lengths, scale).unwrap()
+            packed_attention(q, k, v, with_prefix.then_some((prefix_k, prefix_v)), &lengths, &[], true, scale).unwrap()
         };
         let inputs = || {
             let kv = |len| random([1, kv_heads, len, d], &device);
@@ -1381,7 +1557,7 @@ mod tests {
         // Only some inputs tracked (a frozen k): the others still get theirs.
         let [q, k, v, prefix_k, prefix_v] = inputs();
         let (q, v, prefix_v) = (q.require_grad(), v.require_grad(), prefix_v.require_grad());
-        let grads = packed_attention(&q, &k, &v, Some((&prefix_k, &prefix_v)), &lengths, scale).unwrap().sum().backward();
+        let grads = packed_attention(&q, &k, &v, Some((&prefix_k, &prefix_v)), &lengths, &[], true, scale).unwrap().sum().backward();
         assert!(q.grad(&grads).is_some() && v.grad(&grads).is_some() && prefix_v.grad(&grads).is_some());
         assert!(k.grad(&grads).is_none() && prefix_k.grad(&grads).is_none());
         // Without autodiff.
