@@ -373,17 +373,19 @@ fn pair_dims(pairing: RopePairing, j: usize, rotary: usize) -> (usize, usize) {
     }
 }
 
-/// RoPE over rows of `head_dim` laid out `[batch, heads, seq, head_dim]`: the first `rotary` dims
+/// RoPE over rows of `head_dim` laid out `[batch, heads, seq, head_dim]`, or `[batch, seq, heads,
+/// head_dim]` with `heads_inner` the number of heads (else 1): the first `rotary` dims
 /// of a row at position `p` turn by the angles in `cos`/`sin` row `p` (`[seq, rotary]`, laid out
 /// per the pairing as transformers builds them), `(a, b) -> (a·cos − b·sin, b·cos + a·sin)`; the
 /// rest pass through. `inverse` turns the other way: the transpose, which is backward.
-pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], seq: usize, head_dim: usize, pairing: RopePairing, inverse: bool) -> Vec<f32> {
+#[allow(clippy::too_many_arguments)]
+pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], seq: usize, head_dim: usize, heads_inner: usize, pairing: RopePairing, inverse: bool) -> Vec<f32> {
     let rotary = cos.len() / seq;
     assert!(rotary % 2 == 0 && rotary <= head_dim, "RoPE turns pairs of a head's dims");
     let mut y = uninit(x.len());
     y.par_chunks_mut(head_dim).zip(x.par_chunks(head_dim)).enumerate().with_min_len(min_rows(head_dim)).for_each(
         |(row, (y, x))| {
-            let position = row % seq;
+            let position = row / heads_inner % seq;
             let (cos, sin) = (&cos[position * rotary..][..rotary], &sin[position * rotary..][..rotary]);
             for j in 0..rotary / 2 {
                 let (i, k) = pair_dims(pairing, j, rotary);
@@ -439,9 +441,12 @@ impl SendPtr {
 }
 
 /// Products of fewer multiply-adds run on one thread; batches of fewer in all, too (flex's
-/// thresholds).
+/// thresholds). A product alone (no batch) is shared from `PARALLEL_ALONE` on: LoRA's products
+/// (about 2M multiply-adds at SmolLM2's sizes) otherwise ran on the calling thread while the
+/// others waited, 5% of a step on two cores.
 const PARALLEL_PRODUCT: usize = 192 * 192 * 192;
 const PARALLEL_BATCH: usize = 128 * 128 * 128;
+const PARALLEL_ALONE: usize = 1 << 20;
 
 /// gemm's bound for a small product (rows and columns both at most this): its sums over k run in
 /// blocks of 512, a larger product's in blocks sized from the caches.
@@ -460,16 +465,16 @@ pub fn matmul(lhs: &Operand, rhs: &Operand, m: usize, k: usize, n: usize) -> Vec
     lhs.check(m, k);
     rhs.check(k, n);
     let mut out = uninit(count * size);
-    // Matrix b's columns `columns` (all its rows) into `dst`, which starts at its first value.
-    let product = |b: usize, columns: Range<usize>, dst: *mut f32| {
+    // Matrix b's rows `rows` and columns `columns` into `dst`, which starts at the first of them.
+    let product = |b: usize, rows: Range<usize>, columns: Range<usize>, dst: *mut f32| {
         // SAFETY: `check` keeps every read inside the operands' buffers; `dst` is the first of
-        // `columns` in matrix b of the m × n output, rows n apart, written by this call alone;
+        // the block in matrix b of the m × n output, rows n apart, written by this call alone;
         // with `read_dst` false gemm only writes it (dst = 1 · lhs · rhs).
         unsafe {
             gemm::gemm(
-                m, columns.len(), k,
+                rows.len(), columns.len(), k,
                 dst, 1, n as isize, false,
-                lhs.values.as_ptr().add(lhs.offsets[b]), lhs.col_stride as isize, lhs.row_stride as isize,
+                lhs.values.as_ptr().add(lhs.offsets[b] + rows.start * lhs.row_stride), lhs.col_stride as isize, lhs.row_stride as isize,
                 rhs.values.as_ptr().add(rhs.offsets[b] + columns.start * rhs.col_stride), rhs.col_stride as isize, rhs.row_stride as isize,
                 0.0, 1.0, false, false, false, gemm::Parallelism::None,
             )
@@ -480,7 +485,8 @@ pub fn matmul(lhs: &Operand, rhs: &Operand, m: usize, k: usize, n: usize) -> Vec
     // the others wait.) Small products run whole, on one thread per matrix.
     let ops = m * n * k;
     let threads = rayon::current_num_threads();
-    let mut shares = if ops >= PARALLEL_PRODUCT { threads } else { 1 };
+    let alone = count == 1 && ops >= PARALLEL_ALONE;
+    let mut shares = if ops >= PARALLEL_PRODUCT || alone { threads } else { 1 };
     let width = |shares: usize| n.div_ceil(shares).next_multiple_of(16).min(n);
     // gemm blocks the sum over k one way for a product of at most 64 rows and 64 columns, and
     // another for a larger one: a share must not cross that line where the whole product does
@@ -491,16 +497,23 @@ pub fn matmul(lhs: &Operand, rhs: &Operand, m: usize, k: usize, n: usize) -> Vec
         shares -= 1;
     }
     let width = width(shares);
-    let jobs: Vec<(usize, Range<usize>)> =
-        (0..count).flat_map(|b| (0..n).step_by(width).map(move |c| (b, c..(c + width).min(n)))).collect();
+    // Too few columns to share (LoRA's x Aᵀ has r): shares of the rows instead, each of more than
+    // SMALL_SIDE rows, so that none is a small product where the whole is not.
+    let row_shares = if width == n && shares > 1 { shares.min(m / (SMALL_SIDE + 1)).max(1) } else { 1 };
+    let rows = move |share: usize| m * share / row_shares..m * (share + 1) / row_shares;
+    let jobs: Vec<(usize, Range<usize>, Range<usize>)> = (0..count)
+        .flat_map(|b| (0..row_shares).flat_map(move |r| (0..n).step_by(width).map(move |c| (b, rows(r), c..(c + width).min(n)))))
+        .collect();
     let base = SendPtr(out.as_mut_ptr().cast::<f32>());
-    let run = |(b, columns): &(usize, Range<usize>)| product(*b, columns.clone(), base.at(b * size + columns.start));
-    if jobs.len() > 1 && count * ops >= PARALLEL_BATCH {
+    let run = |(b, rows, columns): &(usize, Range<usize>, Range<usize>)| {
+        product(*b, rows.clone(), columns.clone(), base.at(b * size + rows.start * n + columns.start))
+    };
+    if jobs.len() > 1 && (count * ops >= PARALLEL_BATCH || alone) {
         jobs.par_iter().for_each(run);
     } else {
         jobs.iter().for_each(run);
     }
-    // SAFETY: the jobs cover every column of every matrix.
+    // SAFETY: the jobs cover every row and column of every matrix.
     unsafe { assume_init(out) }
 }
 
@@ -512,7 +525,8 @@ mod tests {
     /// share is narrow (few rows, a sum over k long enough for gemm to block it).
     #[test]
     fn products_are_the_same_at_any_thread_count() {
-        for (m, k, n) in [(16, 3000, 192), (8, 1600, 130), (64, 2000, 576), (65, 700, 200), (478, 576, 1536)] {
+        // The last three are LoRA's x Aᵀ, dB and (x Aᵀ) Bᵀ, shared by rows or columns.
+        for (m, k, n) in [(16, 3000, 192), (8, 1600, 130), (64, 2000, 576), (65, 700, 200), (478, 576, 1536), (426, 576, 8), (192, 426, 8), (426, 8, 576), (131, 900, 8)] {
             let lhs: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1013) as f32 * 0.001 - 0.5).collect();
             let rhs: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 997) as f32 * 0.001 - 0.5).collect();
             let lhs = Operand { values: &lhs, offsets: vec![0], row_stride: k, col_stride: 1 };

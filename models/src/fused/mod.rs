@@ -467,10 +467,10 @@ pub fn low_rank_onto(y: Tensor<3>, x: &Tensor<3>, a: &Tensor<2>, b: &Tensor<2>, 
 
 /// Attention of sequences packed into one row, each over its own keys after the shared prefix's
 /// (if any), in one operation whose backward hands back whole gradients: [`attention`] once per
-/// sequence. On LibTorch for `causal` masks (no window), with or without a prefix; on flex in f32
-/// without a prefix, through each sequence's `biases` (which a window is in). The per-sequence
-/// slices it replaces cost flex a zeroed full-size gradient and an addition per sequence for each
-/// of q, k and v in backward. `None` elsewhere: then the caller attends to each sequence's slices.
+/// sequence. On LibTorch for `causal` masks (no window); on flex in f32 through each sequence's
+/// `biases` (which a window is in). The per-sequence slices it replaces cost flex a zeroed
+/// full-size gradient and an addition per sequence for each of q, k and v in backward. `None`
+/// elsewhere: then the caller attends to each sequence's slices.
 ///
 /// # Shapes
 /// - q, output: `[1, heads, Σ lengths, head_dim]`
@@ -483,10 +483,18 @@ pub fn packed_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, prefix: Opt
     if causal && let Some(y) = torch_ops::packed_attention(q, k, v, prefix, lengths, scale) {
         return Some(y);
     }
-    let on_flex = prefix.is_none() && [q, k, v].into_iter().chain(biases).all(|t| applies(Op::Attention, t)) && biases.iter().all(|b| !b.is_require_grad());
+    let prefix_tensors = prefix.into_iter().flat_map(|(k, v)| [k, v]);
+    let on_flex = [q, k, v].into_iter().chain(prefix_tensors).chain(biases).all(|t| applies(Op::Attention, t)) && biases.iter().all(|b| !b.is_require_grad());
     on_flex.then(|| {
         let biases = SequenceBiases(biases.iter().map(|b| b.clone().inner()).collect());
-        Tensor::from_dispatch(<Dispatch as FusedOps>::fused_packed_attention(q.clone().into_dispatch(), k.clone().into_dispatch(), v.clone().into_dispatch(), biases, scale))
+        let [q, k, v] = [q, k, v].map(|t| t.clone().into_dispatch());
+        Tensor::from_dispatch(match prefix {
+            None => <Dispatch as FusedOps>::fused_packed_attention(q, k, v, biases, scale),
+            Some((prefix_k, prefix_v)) => {
+                let [prefix_k, prefix_v] = [prefix_k, prefix_v].map(|t| t.clone().into_dispatch());
+                <Dispatch as FusedOps>::fused_packed_prefix_attention(q, k, v, prefix_k, prefix_v, biases, scale)
+            }
+        })
     })
 }
 
@@ -620,6 +628,15 @@ pub trait FusedOps: Backend {
         scale: f64,
     ) -> FloatTensor<Self>;
     fn fused_packed_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, biases: SequenceBiases, scale: f64) -> FloatTensor<Self>;
+    fn fused_packed_prefix_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        prefix_k: FloatTensor<Self>,
+        prefix_v: FloatTensor<Self>,
+        biases: SequenceBiases,
+        scale: f64,
+    ) -> FloatTensor<Self>;
     fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self>;
     fn fused_rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self>;
     fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -637,6 +654,52 @@ fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
         Layout::contiguous(shape),
         DType::F32,
     )
+}
+
+/// How the values of a `[batch, heads, seq, head_dim]` tensor lie. Splitting a projection's
+/// output into heads leaves the heads view of a contiguous `[batch, seq, heads, head_dim]`
+/// (tokens-major); RoPE and packed attention read and write that as it is, and merging the heads
+/// back is then a view too. Copying it heads-major cost flex a transposing copy of q, k and v, the
+/// output and their gradients in every layer, on the calling thread.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum HeadsLayout {
+    HeadsMajor,
+    TokensMajor,
+}
+
+impl HeadsLayout {
+    /// `t` (`[batch, heads, seq, head_dim]`) and how its values lie; copied heads-major if they lie
+    /// neither way.
+    fn of(t: FlexTensor) -> (FlexTensor, HeadsLayout) {
+        let layout = t.layout();
+        if let &[batch, heads, seq, head_dim] = &layout.shape()[..] {
+            let tokens_major = [seq * heads * head_dim, head_dim, heads * head_dim, 1];
+            let size = batch * seq * heads * head_dim;
+            // A dim of one value can have any stride.
+            let strides_match = layout.strides().iter().zip(tokens_major).zip([batch, heads, seq, head_dim]).all(|((&have, want), n)| n == 1 || have == want as isize);
+            if heads > 1 && strides_match && layout.start_offset() == 0 && t.dtype() == DType::F32 && t.storage::<f32>().len() == size {
+                return (t, HeadsLayout::TokensMajor);
+            }
+        }
+        let t = if t.is_contiguous() { t } else { t.to_contiguous() };
+        (t, HeadsLayout::HeadsMajor)
+    }
+
+    /// The values of a tensor of this layout, in memory order.
+    fn values(self, t: &FlexTensor) -> &[f32] {
+        match self {
+            HeadsLayout::HeadsMajor => values(t),
+            HeadsLayout::TokensMajor => t.storage::<f32>(),
+        }
+    }
+
+    /// `[batch, heads, seq, head_dim]` `values` laid out this way, as a tensor.
+    fn tensor(self, values: Vec<f32>, [batch, heads, seq, head_dim]: [usize; 4]) -> FlexTensor {
+        match self {
+            HeadsLayout::HeadsMajor => tensor(values, Shape::new([batch, heads, seq, head_dim])),
+            HeadsLayout::TokensMajor => tensor(values, Shape::new([batch, seq, heads, head_dim])).transpose(1, 2),
+        }
+    }
 }
 
 /// The forwards, each returning what its backward keeps besides the inputs.
@@ -668,8 +731,12 @@ mod forward {
 
     /// [`attention`] of each sequence of a packed batch over its bias, the outputs joined as the
     /// queries are; and what each sequence's backward starts from.
-    pub fn packed_attention(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, biases: &SequenceBiases, scale: f64) -> (FlexTensor, Vec<SequenceAttention>) {
+    /// The output is laid out as `q` is. A prefix's keys and values (contiguous `[1, kv_heads,
+    /// prefix, head_dim]`) go before each sequence's.
+    pub fn packed_attention(inputs: &[(FlexTensor, HeadsLayout); 3], prefix: Option<&[FlexTensor; 2]>, biases: &SequenceBiases, scale: f64) -> (FlexTensor, Vec<SequenceAttention>) {
+        let [(q, q_layout), (k, k_layout), (v, v_layout)] = inputs;
         let packed = PackedDims::of(q, k);
+        let [prefix_k, prefix_v]: [&[f32]; 2] = prefix.map_or([&[], &[]], |[k, v]| [values(k), values(v)]);
         let mut start = 0;
         let (outputs, sequences): (Vec<FlexTensor>, Vec<SequenceAttention>) = biases
             .0
@@ -677,7 +744,8 @@ mod forward {
             .map(|bias| {
                 let bias = bias.clone().try_into_primitive::<Flex>().expect("attention masks beside the activations").to_contiguous();
                 let len = bias.layout().shape()[2];
-                let [q, k, v] = [(q, packed.heads), (k, packed.kv_heads), (v, packed.kv_heads)].map(|(t, heads)| packed.slice(t, heads, start..start + len));
+                let [q, k, v] = [(q, *q_layout, packed.heads, &[][..]), (k, *k_layout, packed.kv_heads, prefix_k), (v, *v_layout, packed.kv_heads, prefix_v)]
+                    .map(|(t, layout, heads, before)| packed.slice(t, layout, heads, start..start + len, before));
                 start += len;
                 let (y, probs, stats) = attention(&q, &k, &v, &bias, scale);
                 let probs = match keeps_probabilities(probs.len()) {
@@ -689,16 +757,19 @@ mod forward {
             .unzip();
         assert_eq!(start, packed.total, "the biases' sequences make up the packed batch");
         let parts: Vec<&[f32]> = outputs.iter().map(values).collect();
-        (tensor(packed.join(&parts, packed.heads), q.layout().shape().clone()), sequences)
+        (packed.join(&parts, *q_layout, packed.heads), sequences)
     }
 
-    /// RoPE of `x` (`[batch, heads, seq, head_dim]`), or its transpose when `inverse`.
-    pub fn rope(x: &FlexTensor, tables: &RopeTables, inverse: bool) -> FlexTensor {
-        let shape = x.layout().shape().clone();
-        let [_, _, seq, head_dim] = shape[..] else { panic!("RoPE takes [batch, heads, seq, head_dim]") };
+    /// RoPE of `x` (`[batch, heads, seq, head_dim]`), or its transpose when `inverse`, laid out
+    /// as `x` is.
+    pub fn rope(x: FlexTensor, tables: &RopeTables, inverse: bool) -> FlexTensor {
+        let (x, layout) = HeadsLayout::of(x);
+        let &[batch, heads, seq, head_dim] = &x.layout().shape()[..] else { panic!("RoPE takes [batch, heads, seq, head_dim]") };
         let host = |t: &Tensor<2>| t.clone().try_into_primitive::<Flex>().expect("RoPE tables beside the activations").to_contiguous();
         let (cos, sin) = (host(&tables.cos), host(&tables.sin));
-        tensor(kernels::rope(values(x), values(&cos), values(&sin), seq, head_dim, tables.pairing, inverse), shape)
+        let heads_inner = if layout == HeadsLayout::TokensMajor { heads } else { 1 };
+        let y = kernels::rope(layout.values(&x), values(&cos), values(&sin), seq, head_dim, heads_inner, tables.pairing, inverse);
+        layout.tensor(y, [batch, heads, seq, head_dim])
     }
 
     /// `lhs · rhs` over the last two dims, for operands with non-negative strides (views read in
@@ -752,13 +823,25 @@ impl FusedOps for Flex {
         forward::attention(&q.to_contiguous(), &k.to_contiguous(), &v.to_contiguous(), &bias.to_contiguous(), scale).0
     }
     fn fused_packed_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, biases: SequenceBiases, scale: f64) -> FloatTensor<Self> {
-        forward::packed_attention(&q.to_contiguous(), &k.to_contiguous(), &v.to_contiguous(), &biases, scale).0
+        forward::packed_attention(&[q, k, v].map(HeadsLayout::of), None, &biases, scale).0
+    }
+    fn fused_packed_prefix_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        prefix_k: FloatTensor<Self>,
+        prefix_v: FloatTensor<Self>,
+        biases: SequenceBiases,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let prefix = [prefix_k.to_contiguous(), prefix_v.to_contiguous()];
+        forward::packed_attention(&[q, k, v].map(HeadsLayout::of), Some(&prefix), &biases, scale).0
     }
     fn fused_cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self> {
         forward::cross_entropy_sum(&logits.to_contiguous(), &targets).0
     }
     fn fused_rope(x: FloatTensor<Self>, tables: RopeTables) -> FloatTensor<Self> {
-        forward::rope(&x.to_contiguous(), &tables, false)
+        forward::rope(x, &tables, false)
     }
     fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         forward::matmul(&forward::positive(lhs), &forward::positive(rhs))
@@ -773,8 +856,8 @@ impl Backward<Flex, 1> for RopeBackward {
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [Some(node_x)] = ops.parents else { return };
-        let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
-        grads.register::<Flex>(node_x.id, forward::rope(&dy, &ops.state, true));
+        let dy = grads.consume::<Flex>(&ops.node);
+        grads.register::<Flex>(node_x.id, forward::rope(dy, &ops.state, true));
     }
 }
 
@@ -943,28 +1026,48 @@ impl PackedDims {
         Self { heads, kv_heads, total, head_dim }
     }
 
-    /// The positions `range` of every head of contiguous `t`: `[1, heads, range.len(), head_dim]`.
-    fn slice(&self, t: &FlexTensor, heads: usize, range: Range<usize>) -> FlexTensor {
-        let (all, d) = (values(t), self.head_dim);
-        let mut part = Vec::with_capacity(heads * range.len() * d);
+    /// The positions `range` of every head of `t`, laid out `layout`, each head's after its rows
+    /// of `before` (heads-major `[heads, rows, head_dim]`, or empty): `[1, heads, rows +
+    /// range.len(), head_dim]`, heads-major.
+    fn slice(&self, t: &FlexTensor, layout: HeadsLayout, heads: usize, range: Range<usize>, before: &[f32]) -> FlexTensor {
+        let (all, d) = (layout.values(t), self.head_dim);
+        let rows_before = before.len() / (heads * d);
+        let mut part = Vec::with_capacity(heads * (rows_before + range.len()) * d);
         for head in 0..heads {
-            part.extend_from_slice(&all[(head * self.total + range.start) * d..(head * self.total + range.end) * d]);
-        }
-        tensor(part, Shape::new([1, heads, range.len(), d]))
-    }
-
-    /// The sequences' `[1, heads, len, head_dim]` parts, in order, as one `[1, heads, total,
-    /// head_dim]` buffer.
-    fn join(&self, parts: &[&[f32]], heads: usize) -> Vec<f32> {
-        let mut all = Vec::with_capacity(heads * self.total * self.head_dim);
-        for head in 0..heads {
-            for part in parts {
-                let values_a_head = part.len() / heads;
-                all.extend_from_slice(&part[head * values_a_head..][..values_a_head]);
+            part.extend_from_slice(&before[head * rows_before * d..][..rows_before * d]);
+            match layout {
+                HeadsLayout::HeadsMajor => part.extend_from_slice(&all[(head * self.total + range.start) * d..(head * self.total + range.end) * d]),
+                HeadsLayout::TokensMajor => range.clone().for_each(|token| part.extend_from_slice(&all[(token * heads + head) * d..][..d])),
             }
         }
-        assert_eq!(all.len(), heads * self.total * self.head_dim, "the parts make up the packed batch");
-        all
+        tensor(part, Shape::new([1, heads, rows_before + range.len(), d]))
+    }
+
+    /// The sequences' heads-major `[1, heads, len, head_dim]` parts, in order, as one `[1, heads,
+    /// total, head_dim]` tensor laid out `layout`.
+    fn join(&self, parts: &[&[f32]], layout: HeadsLayout, heads: usize) -> FlexTensor {
+        let d = self.head_dim;
+        let mut all = Vec::with_capacity(heads * self.total * d);
+        match layout {
+            HeadsLayout::HeadsMajor => {
+                for head in 0..heads {
+                    for part in parts {
+                        let values_a_head = part.len() / heads;
+                        all.extend_from_slice(&part[head * values_a_head..][..values_a_head]);
+                    }
+                }
+            }
+            HeadsLayout::TokensMajor => {
+                for part in parts {
+                    let len = part.len() / (heads * d);
+                    for token in 0..len {
+                        (0..heads).for_each(|head| all.extend_from_slice(&part[(head * len + token) * d..][..d]));
+                    }
+                }
+            }
+        }
+        assert_eq!(all.len(), heads * self.total * d, "the parts make up the packed batch");
+        layout.tensor(all, [1, heads, self.total, d])
     }
 }
 
@@ -981,36 +1084,87 @@ struct SequenceAttention {
 struct PackedAttentionBackward;
 
 impl Backward<Flex, 3> for PackedAttentionBackward {
-    /// Each sequence's slices and probabilities, the scale.
-    type State = (Vec<SequenceAttention>, f64);
+    /// Each sequence's slices and probabilities, how q, k and v are laid out, the scale.
+    type State = (Vec<SequenceAttention>, [HeadsLayout; 3], f64);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let nodes = ops.parents;
-        let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
-        let (sequences, scale) = ops.state;
-        let (Some(first), &[1, heads, total, head_dim]) = (sequences.first(), &dy.layout().shape()[..]) else { return };
-        let kv_heads = first.k.layout().shape()[1];
-        let packed = PackedDims { heads, kv_heads, total, head_dim };
-        let wanted = nodes.each_ref().map(Option::is_some);
-        let mut start = 0;
-        // Per input (q, k, v), each sequence's gradient.
-        let mut parts: [Vec<Vec<f32>>; 3] = Default::default();
-        for sequence in &sequences {
-            let len = sequence.q.layout().shape()[2];
-            let dy = packed.slice(&dy, packed.heads, start..start + len);
-            start += len;
-            let gradients = attention_gradients(&sequence.q, &sequence.k, &sequence.v, &sequence.probs, scale, values(&dy), wanted);
-            for (part, gradient) in parts.iter_mut().zip(gradients) {
-                part.extend(gradient);
-            }
-        }
-        for ((node, part), heads) in nodes.into_iter().zip(parts).zip([packed.heads, kv_heads, kv_heads]) {
-            if let Some(node) = node {
-                let part: Vec<&[f32]> = part.iter().map(Vec::as_slice).collect();
-                grads.register::<Flex>(node.id, tensor(packed.join(&part, heads), Shape::new([1, heads, packed.total, packed.head_dim])));
+        let [q, k, v] = ops.parents;
+        let (sequences, layouts, scale) = ops.state;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let nodes = [q, k, v, None, None];
+        let gradients = packed_gradients(&sequences, layouts, 0, scale, dy, nodes.each_ref().map(Option::is_some));
+        for (node, gradient) in nodes.into_iter().zip(gradients) {
+            if let (Some(node), Some(gradient)) = (node, gradient) {
+                grads.register::<Flex>(node.id, gradient);
             }
         }
     }
+}
+
+#[derive(Debug)]
+struct PackedPrefixAttentionBackward;
+
+impl Backward<Flex, 5> for PackedPrefixAttentionBackward {
+    /// Each sequence's slices (the prefix's rows first) and probabilities, how q, k and v are laid
+    /// out, the prefix's length, the scale.
+    type State = (Vec<SequenceAttention>, [HeadsLayout; 3], usize, f64);
+
+    fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let nodes = ops.parents;
+        let (sequences, layouts, prefix, scale) = ops.state;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let gradients = packed_gradients(&sequences, layouts, prefix, scale, dy, nodes.each_ref().map(Option::is_some));
+        for (node, gradient) in nodes.into_iter().zip(gradients) {
+            if let (Some(node), Some(gradient)) = (node, gradient) {
+                grads.register::<Flex>(node.id, gradient);
+            }
+        }
+    }
+}
+
+/// The gradients of a packed attention's q, k, v (laid out `layouts`) and of the keys and values
+/// of its `prefix` rows (`[1, kv_heads, prefix, head_dim]`, summed over the sequences, which
+/// all read them) from its output's gradient `dy`, those `wanted`.
+fn packed_gradients(sequences: &[SequenceAttention], layouts: [HeadsLayout; 3], prefix: usize, scale: f64, dy: FlexTensor, wanted: [bool; 5]) -> [Option<FlexTensor>; 5] {
+    let (dy, dy_layout) = HeadsLayout::of(dy);
+    let (Some(first), &[1, heads, total, head_dim]) = (sequences.first(), &dy.layout().shape()[..]) else { return Default::default() };
+    let kv_heads = first.k.layout().shape()[1];
+    let packed = PackedDims { heads, kv_heads, total, head_dim };
+    let [want_q, want_k, want_v, want_prefix_k, want_prefix_v] = wanted;
+    let mut start = 0;
+    // Per input (q, k, v), each sequence's gradient without its prefix rows, which go to `prefixes`.
+    let mut parts: [Vec<Vec<f32>>; 3] = Default::default();
+    let mut prefixes = [want_prefix_k, want_prefix_v].map(|wanted| wanted.then(|| vec![0f32; kv_heads * prefix * head_dim]));
+    for sequence in sequences {
+        let len = sequence.q.layout().shape()[2];
+        let dy = packed.slice(&dy, dy_layout, heads, start..start + len, &[]);
+        start += len;
+        let gradients = attention_gradients(&sequence.q, &sequence.k, &sequence.v, &sequence.probs, scale, values(&dy), [want_q, want_k || want_prefix_k, want_v || want_prefix_v]);
+        let [dq, dk, dv] = gradients;
+        parts[0].extend(dq);
+        for ((part, prefix_sum), gradient) in parts[1..].iter_mut().zip(&mut prefixes).zip([dk, dv]) {
+            let Some(gradient) = gradient else { continue };
+            // Each head's rows: the prefix's `prefix`, then the sequence's `len`.
+            let rows = (prefix + len) * head_dim;
+            if let Some(sum) = prefix_sum {
+                for (sum, head) in sum.chunks_mut(prefix * head_dim).zip(gradient.chunks(rows)) {
+                    sum.iter_mut().zip(head).for_each(|(s, g)| *s += g);
+                }
+            }
+            part.push(if prefix == 0 { gradient } else { gradient.chunks(rows).flat_map(|head| &head[prefix * head_dim..]).copied().collect() });
+        }
+    }
+    let mut out: [Option<FlexTensor>; 5] = Default::default();
+    for (i, ((part, heads), layout)) in parts.into_iter().zip([heads, kv_heads, kv_heads]).zip(layouts).enumerate() {
+        if wanted[i] {
+            let part: Vec<&[f32]> = part.iter().map(Vec::as_slice).collect();
+            out[i] = Some(packed.join(&part, layout, heads));
+        }
+    }
+    for (slot, sum) in out[3..].iter_mut().zip(prefixes) {
+        *slot = sum.map(|sum| tensor(sum, Shape::new([1, kv_heads, prefix, head_dim])));
+    }
+    out
 }
 
 #[derive(Debug)]
@@ -1102,9 +1256,26 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
 
     fn fused_packed_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, biases: SequenceBiases, scale: f64) -> FloatTensor<Self> {
         let prep = PackedAttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful();
-        let [q, k, v] = [q, k, v].map(|t| t.into_primitive().to_contiguous());
-        let (y, sequences) = forward::packed_attention(&q, &k, &v, &biases, scale);
-        finish(prep, (sequences, scale), y)
+        let inputs = [q, k, v].map(|t| HeadsLayout::of(t.into_primitive()));
+        let (y, sequences) = forward::packed_attention(&inputs, None, &biases, scale);
+        finish(prep, (sequences, inputs.map(|(_, layout)| layout), scale), y)
+    }
+
+    fn fused_packed_prefix_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        prefix_k: FloatTensor<Self>,
+        prefix_v: FloatTensor<Self>,
+        biases: SequenceBiases,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let prep = PackedPrefixAttentionBackward.prepare::<C>([q.node(), k.node(), v.node(), prefix_k.node(), prefix_v.node()]).compute_bound().stateful();
+        let inputs = [q, k, v].map(|t| HeadsLayout::of(t.into_primitive()));
+        let prefix = [prefix_k, prefix_v].map(|t| t.into_primitive().to_contiguous());
+        let &[1, _, rows, _] = &prefix[0].layout().shape()[..] else { panic!("a packed batch's prefix is [1, kv_heads, prefix, head_dim]") };
+        let (y, sequences) = forward::packed_attention(&inputs, Some(&prefix), &biases, scale);
+        finish(prep, (sequences, inputs.map(|(_, layout)| layout), rows, scale), y)
     }
 
     fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -1371,14 +1542,46 @@ mod tests {
                 });
                 Tensor::cat(outputs.collect(), 2)
             };
-            check_within(
-                &format!("packed attention on flex, {heads} heads, lengths {lengths:?}, window {window:?}"),
-                attention_inputs([1, heads, kv_heads, total, total, d], &device),
-                |[q, k, v]| packed_attention(q, k, v, None, &lengths, &biases, window.is_none(), scale).unwrap(),
-                per_sequence,
-                tolerances,
-            );
+            // Heads-major, and tokens-major as projections split into heads leave them.
+            let tokens_major = [heads, kv_heads, kv_heads].map(|h| random([1, total, h, d], &device).swap_dims(1, 2));
+            for (inputs, layout) in [(attention_inputs([1, heads, kv_heads, total, total, d], &device), "heads-major"), (tokens_major, "tokens-major")] {
+                check_within(
+                    &format!("packed attention on flex, {heads} heads, lengths {lengths:?}, window {window:?}, {layout}"),
+                    inputs,
+                    |[q, k, v]| packed_attention(q, k, v, None, &lengths, &biases, window.is_none(), scale).unwrap(),
+                    per_sequence,
+                    tolerances,
+                );
+            }
         }
+    }
+
+    /// After a prefix that every sequence reads (prefix tuning): its keys and values get the
+    /// sequences' gradients summed.
+    #[test]
+    fn packed_attention_after_a_prefix_on_flex_matches_burn_ops_per_sequence() {
+        let device = Device::flex().autodiff();
+        let (heads, kv_heads, d, prefix, lengths) = (4, 2, 8, 3, [3, 5, 1, 4]);
+        let total = lengths.iter().sum();
+        let scale = (d as f64).powf(-0.5);
+        let biases: Vec<Tensor<4>> = lengths.iter().map(|&len| crate::layers::attention_bias(1, len, prefix, None, None, &device)).collect();
+        let per_sequence = |[q, k, v, prefix_k, prefix_v]: &[Tensor<4>; 5]| {
+            let mut start = 0;
+            let outputs = lengths.iter().zip(&biases).map(|(&len, bias)| {
+                let [q, k, v] = [q, k, v].map(|t| t.clone().narrow(2, start, len));
+                start += len;
+                let (k, v) = (Tensor::cat(vec![prefix_k.clone(), k], 2), Tensor::cat(vec![prefix_v.clone(), v], 2));
+                crate::layers::composed_attention(q, k, v, bias.clone(), scale)
+            });
+            Tensor::cat(outputs.collect(), 2)
+        };
+        let kv = |len| random([1, kv_heads, len, d], &device);
+        check(
+            "packed attention after a prefix on flex",
+            [random([1, total, heads, d], &device).swap_dims(1, 2), kv(total), kv(total), kv(prefix), kv(prefix)],
+            |[q, k, v, prefix_k, prefix_v]| packed_attention(q, k, v, Some((prefix_k, prefix_v)), &lengths, &biases, true, scale).unwrap(),
+            per_sequence,
+        );
     }
 
     /// Random q `[batch, heads, seq, d]`, k and v `[batch, kv_heads, keys, d]`.
@@ -1688,12 +1891,15 @@ mod tests {
         use crate::layers::Rope;
         for pairing in [RopePairing::Half, RopePairing::Interleaved] {
             let rope = Rope::new(RopeConfig { theta: 10_000.0, rotary_dim: 8, pairing, scaling: None });
-            check(
-                &format!("rope {pairing:?}"),
-                [random([2, 3, 5, 12], &device)],
-                |[x]| rope.apply(x.clone(), 4),
-                |[x]| rope.apply(x.clone().cast(DType::F64), 4).cast(DType::F32),
-            );
+            // Heads-major, and tokens-major as a projection split into heads leaves it.
+            for x in [random([2, 3, 5, 12], &device), random([2, 5, 3, 12], &device).swap_dims(1, 2)] {
+                check(
+                    &format!("rope {pairing:?}"),
+                    [x],
+                    |[x]| rope.apply(x.clone(), 4),
+                    |[x]| rope.apply(x.clone().cast(DType::F64), 4).cast(DType::F32),
+                );
+            }
         }
     }
 
