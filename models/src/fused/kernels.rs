@@ -118,6 +118,8 @@ fn exp_shifted(row: &[f32], shift: f32, out: &mut [f32]) -> f32 {
 /// Returns `(y, r)`, `r` one value per row (what backward needs besides `x`).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let width = weight.len();
+    // Whole rows: each is written in full (the output is not zeroed).
+    assert_eq!(x.len() % width, 0, "RMSNorm takes whole rows");
     let mut y = uninit(x.len());
     let mut r = vec![0f32; x.len() / width];
     y.par_chunks_mut(width)
@@ -137,6 +139,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
 /// ∂L/∂x of [`rms_norm`] with the weight frozen: `r·(w·dy − x·r²·mean(w·dy·x))` per row.
 pub fn rms_norm_backward(x: &[f32], weight: &[f32], r: &[f32], dy: &[f32]) -> Vec<f32> {
     let width = weight.len();
+    assert!(x.len() % width == 0 && dy.len() == x.len() && r.len() == x.len() / width, "RMSNorm's backward takes whole rows");
     let mut dx = uninit(x.len());
     dx.par_chunks_mut(width)
         .zip(x.par_chunks(width))
@@ -161,6 +164,7 @@ pub fn rms_norm_backward(x: &[f32], weight: &[f32], r: &[f32], dy: &[f32]) -> Ve
 
 /// SwiGLU's product `silu(g)·u = g·σ(g)·u`.
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    assert_eq!(gate.len(), up.len(), "SwiGLU's halves have one size");
     let mut y = uninit(gate.len());
     y.par_chunks_mut(4096)
         .zip(gate.par_chunks(4096))
@@ -177,6 +181,7 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
 
 /// ∂L/∂g and ∂L/∂u of [`swiglu`]: `dy·u·σ(g)·(1 + g·(1 − σ(g)))` and `dy·g·σ(g)`.
 pub fn swiglu_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    assert!(up.len() == gate.len() && dy.len() == gate.len(), "SwiGLU's halves and gradient have one size");
     let (mut dg, mut du) = (uninit(gate.len()), uninit(gate.len()));
     dg.par_chunks_mut(4096)
         .zip(du.par_chunks_mut(4096))
@@ -233,6 +238,7 @@ fn bias_row(bias: &[f32], row: usize, heads: usize, seq: usize, keys: usize) -> 
 
 /// ∂L/∂s of [`softmax_in_place`] from its output `y`: `scale·y·(dy − Σ dy·y)` per row.
 pub fn softmax_backward(y: &[f32], dy: &[f32], scale: f32, keys: usize) -> Vec<f32> {
+    assert!(dy.len() == y.len() && y.len() % keys == 0, "softmax's backward takes whole rows");
     let mut ds = uninit(y.len());
     ds.par_chunks_mut(keys)
         .zip(y.par_chunks(keys))
@@ -277,6 +283,7 @@ pub fn cross_entropy_backward(
     grad: f32,
     vocab: usize,
 ) -> Vec<f32> {
+    assert!(logits.len() == targets.len() * vocab && lse.len() == targets.len(), "one target and log-sum-exp a row of logits");
     let mut dx = uninit(logits.len());
     dx.par_chunks_mut(vocab)
         .zip(logits.par_chunks(vocab))
@@ -381,7 +388,7 @@ fn pair_dims(pairing: RopePairing, j: usize, rotary: usize) -> (usize, usize) {
 #[allow(clippy::too_many_arguments)]
 pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], seq: usize, head_dim: usize, heads_inner: usize, pairing: RopePairing, inverse: bool) -> Vec<f32> {
     let rotary = cos.len() / seq;
-    assert!(rotary % 2 == 0 && rotary <= head_dim, "RoPE turns pairs of a head's dims");
+    assert!(rotary % 2 == 0 && rotary <= head_dim && x.len() % head_dim == 0, "RoPE turns pairs of whole heads' dims");
     let mut y = uninit(x.len());
     y.par_chunks_mut(head_dim).zip(x.par_chunks(head_dim)).enumerate().with_min_len(min_rows(head_dim)).for_each(
         |(row, (y, x))| {
