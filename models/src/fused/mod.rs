@@ -729,10 +729,9 @@ mod forward {
         (tensor(out, q.layout().shape().clone()), probs, stats)
     }
 
-    /// [`attention`] of each sequence of a packed batch over its bias, the outputs joined as the
-    /// queries are; and what each sequence's backward starts from.
-    /// The output is laid out as `q` is. A prefix's keys and values (contiguous `[1, kv_heads,
-    /// prefix, head_dim]`) go before each sequence's.
+    /// [`attention`] of each sequence of a packed batch over its bias, the outputs joined and laid
+    /// out as the queries are; and what each sequence's backward starts from. A prefix's keys and
+    /// values (contiguous `[1, kv_heads, prefix, head_dim]`) go before each sequence's.
     pub fn packed_attention(inputs: &[(FlexTensor, HeadsLayout); 3], prefix: Option<&[FlexTensor; 2]>, biases: &SequenceBiases, scale: f64) -> (FlexTensor, Vec<SequenceAttention>) {
         let [(q, q_layout), (k, k_layout), (v, v_layout)] = inputs;
         let packed = PackedDims::of(q, k);
@@ -1080,41 +1079,22 @@ struct SequenceAttention {
     probs: Probabilities,
 }
 
+/// Backward of packed attention: of q, k, v (3 parents), and of a prefix's keys and values too
+/// (5).
 #[derive(Debug)]
 struct PackedAttentionBackward;
 
-impl Backward<Flex, 3> for PackedAttentionBackward {
-    /// Each sequence's slices and probabilities, how q, k and v are laid out, the scale.
+impl<const N: usize> Backward<Flex, N> for PackedAttentionBackward {
+    /// Each sequence's slices (a prefix's rows first) and probabilities, how q, k and v are laid
+    /// out, the scale.
     type State = (Vec<SequenceAttention>, [HeadsLayout; 3], f64);
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [q, k, v] = ops.parents;
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (sequences, layouts, scale) = ops.state;
         let dy = grads.consume::<Flex>(&ops.node);
-        let nodes = [q, k, v, None, None];
-        let gradients = packed_gradients(&sequences, layouts, 0, scale, dy, nodes.each_ref().map(Option::is_some));
-        for (node, gradient) in nodes.into_iter().zip(gradients) {
-            if let (Some(node), Some(gradient)) = (node, gradient) {
-                grads.register::<Flex>(node.id, gradient);
-            }
-        }
-    }
-}
-
-#[derive(Debug)]
-struct PackedPrefixAttentionBackward;
-
-impl Backward<Flex, 5> for PackedPrefixAttentionBackward {
-    /// Each sequence's slices (the prefix's rows first) and probabilities, how q, k and v are laid
-    /// out, the prefix's length, the scale.
-    type State = (Vec<SequenceAttention>, [HeadsLayout; 3], usize, f64);
-
-    fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let nodes = ops.parents;
-        let (sequences, layouts, prefix, scale) = ops.state;
-        let dy = grads.consume::<Flex>(&ops.node);
-        let gradients = packed_gradients(&sequences, layouts, prefix, scale, dy, nodes.each_ref().map(Option::is_some));
-        for (node, gradient) in nodes.into_iter().zip(gradients) {
+        let wanted = std::array::from_fn(|i| ops.parents.get(i).is_some_and(Option::is_some));
+        let gradients = packed_gradients(&sequences, layouts, scale, dy, wanted);
+        for (node, gradient) in ops.parents.into_iter().zip(gradients) {
             if let (Some(node), Some(gradient)) = (node, gradient) {
                 grads.register::<Flex>(node.id, gradient);
             }
@@ -1123,12 +1103,14 @@ impl Backward<Flex, 5> for PackedPrefixAttentionBackward {
 }
 
 /// The gradients of a packed attention's q, k, v (laid out `layouts`) and of the keys and values
-/// of its `prefix` rows (`[1, kv_heads, prefix, head_dim]`, summed over the sequences, which
-/// all read them) from its output's gradient `dy`, those `wanted`.
-fn packed_gradients(sequences: &[SequenceAttention], layouts: [HeadsLayout; 3], prefix: usize, scale: f64, dy: FlexTensor, wanted: [bool; 5]) -> [Option<FlexTensor>; 5] {
+/// of its prefix (`[1, kv_heads, prefix, head_dim]`, summed over the sequences, which all read
+/// them) from its output's gradient `dy`, those `wanted`.
+fn packed_gradients(sequences: &[SequenceAttention], layouts: [HeadsLayout; 3], scale: f64, dy: FlexTensor, wanted: [bool; 5]) -> [Option<FlexTensor>; 5] {
     let (dy, dy_layout) = HeadsLayout::of(dy);
     let (Some(first), &[1, heads, total, head_dim]) = (sequences.first(), &dy.layout().shape()[..]) else { return Default::default() };
-    let kv_heads = first.k.layout().shape()[1];
+    let (kv_heads, keys) = (first.k.layout().shape()[1], first.k.layout().shape()[2]);
+    // Each sequence's keys are the prefix's, then its own as many as its queries.
+    let prefix = keys - first.q.layout().shape()[2];
     let packed = PackedDims { heads, kv_heads, total, head_dim };
     let [want_q, want_k, want_v, want_prefix_k, want_prefix_v] = wanted;
     let mut start = 0;
@@ -1270,12 +1252,11 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         biases: SequenceBiases,
         scale: f64,
     ) -> FloatTensor<Self> {
-        let prep = PackedPrefixAttentionBackward.prepare::<C>([q.node(), k.node(), v.node(), prefix_k.node(), prefix_v.node()]).compute_bound().stateful();
+        let prep = PackedAttentionBackward.prepare::<C>([q.node(), k.node(), v.node(), prefix_k.node(), prefix_v.node()]).compute_bound().stateful();
         let inputs = [q, k, v].map(|t| HeadsLayout::of(t.into_primitive()));
         let prefix = [prefix_k, prefix_v].map(|t| t.into_primitive().to_contiguous());
-        let &[1, _, rows, _] = &prefix[0].layout().shape()[..] else { panic!("a packed batch's prefix is [1, kv_heads, prefix, head_dim]") };
         let (y, sequences) = forward::packed_attention(&inputs, Some(&prefix), &biases, scale);
-        finish(prep, (sequences, inputs.map(|(_, layout)| layout), rows, scale), y)
+        finish(prep, (sequences, inputs.map(|(_, layout)| layout), scale), y)
     }
 
     fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
