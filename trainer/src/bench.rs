@@ -16,7 +16,7 @@ use ember_adapters::Method;
 use ember_data::sft::{SftOptions, build_example};
 use ember_data::{Batch, Dataset, Template};
 use ember_models::gguf::GgufFile;
-use ember_models::device::DeviceName;
+use ember_models::device::{DeviceName, with_busy_workers};
 use ember_models::nf4::Quantization;
 use ember_models::{BaseModel, LoadDtype, ModelConfig};
 use serde_json::{Value, json};
@@ -153,7 +153,7 @@ pub fn run(o: &BenchOptions) -> Result<Value, String> {
             clock = Instant::now();
         };
         // Reading the loss waits for the forward pass, as the reference's float(loss) does.
-        let Some(loss) = forward_backward(&model, &batch, 1.0, o.step, None, step as u64, &autodiff, &mut grads) else { continue };
+        let Some(loss) = with_busy_workers(&autodiff, || forward_backward(&model, &batch, 1.0, o.step, None, step as u64, &autodiff, &mut grads)) else { continue };
         lap(0);
         if o.phase_times {
             wait();

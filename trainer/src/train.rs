@@ -19,6 +19,7 @@ use ember_data::sft::{self, SftOptions};
 use ember_data::text::{Corpus, TextBlocks, TokenBuffer, TokenCache, TokenStream};
 use ember_data::{Batch, Dataset, DatasetError, Examples, Format, SftStats, Template};
 use ember_models::BaseModel;
+use ember_models::device::with_busy_workers;
 use rand::{Rng, SeedableRng};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -584,17 +585,22 @@ impl<'a> Run<'a> {
         let micro = group.iter().map(|ids| self.train_set.collate(ids.iter().copied(), self.pad_id)).collect::<Result<Vec<Batch>, _>>()?;
         // HF normalises by the supervised tokens of the whole accumulated batch.
         let step_tokens: usize = micro.iter().map(Batch::supervised_tokens).sum();
-        let mut accumulator = GradientsAccumulator::<AdaptedModel>::new();
-        let mut loss = 0f64;
-        for (index, batch) in micro.iter().enumerate() {
-            // Dropout masks depend on the seed, step and micro-batch only: a resumed run draws the same.
-            let seed = t.seed.wrapping_add(step as u64).wrapping_mul(1 << 16).wrapping_add(index as u64);
-            let weight = batch.supervised_tokens() as f64 / step_tokens as f64;
-            if let Some(micro_loss) = step::forward_backward(&self.model, batch, weight, t.step_options(), t.neftune(), seed, &self.device, &mut accumulator) {
-                loss += micro_loss;
-                self.tokens_seen += batch.real_tokens();
+        let (model, device) = (&self.model, &self.device);
+        let (mut loss, tokens, mut accumulator) = with_busy_workers(device, || {
+            let mut accumulator = GradientsAccumulator::<AdaptedModel>::new();
+            let (mut loss, mut tokens) = (0f64, 0);
+            for (index, batch) in micro.iter().enumerate() {
+                // Dropout masks depend on the seed, step and micro-batch only: a resumed run draws the same.
+                let seed = t.seed.wrapping_add(step as u64).wrapping_mul(1 << 16).wrapping_add(index as u64);
+                let weight = batch.supervised_tokens() as f64 / step_tokens as f64;
+                if let Some(micro_loss) = step::forward_backward(model, batch, weight, t.step_options(), t.neftune(), seed, device, &mut accumulator) {
+                    loss += micro_loss;
+                    tokens += batch.real_tokens();
+                }
             }
-        }
+            (loss, tokens, accumulator)
+        });
+        self.tokens_seen += tokens;
         if fault::armed(Fault::NanLoss, step + 1) {
             loss = f64::NAN;
         }

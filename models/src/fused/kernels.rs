@@ -10,6 +10,66 @@ use rayon::prelude::*;
 
 use crate::config::RopePairing;
 
+/// Defines a row kernel compiled three times: for AVX-512, for AVX2 with FMA, and for the build's
+/// baseline (SSE2 on x86-64), the widest the CPU has chosen at each call. The baseline compiles
+/// [`exp`] to scalar code (mulss, addss), where the LM head's cross-entropy and attention's softmax
+/// take one exponential a value. Every copy runs the same operations in the same order (Rust
+/// never fuses a multiply and an add, nor reorders a sum), so every copy computes the same values.
+macro_rules! widest {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn baseline($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? { baseline($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? { baseline($($arg),*) }
+                match vector_unit() {
+                    // SAFETY: the CPU has the features each copy is compiled for.
+                    VectorUnit::Avx512 => return unsafe { avx512($($arg),*) },
+                    VectorUnit::Avx2 => return unsafe { avx2($($arg),*) },
+                    VectorUnit::Baseline => {}
+                }
+            }
+            baseline($($arg),*)
+        }
+    };
+}
+
+/// The widest vector unit of this CPU that [`widest!`] compiles for.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug)]
+enum VectorUnit {
+    Avx512,
+    Avx2,
+    Baseline,
+}
+
+/// The vector unit [`widest!`] kernels run on (in tests, the one a test asks for).
+#[cfg(target_arch = "x86_64")]
+fn vector_unit() -> VectorUnit {
+    #[cfg(test)]
+    if let Some(unit) = tests::FORCED_UNIT.get() {
+        return unit;
+    }
+    *VECTOR_UNIT
+}
+
+#[cfg(target_arch = "x86_64")]
+static VECTOR_UNIT: std::sync::LazyLock<VectorUnit> = std::sync::LazyLock::new(|| {
+    use std::arch::is_x86_feature_detected as has;
+    if has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") && has!("avx2") && has!("fma") {
+        VectorUnit::Avx512
+    } else if has!("avx2") && has!("fma") {
+        VectorUnit::Avx2
+    } else {
+        VectorUnit::Baseline
+    }
+});
+
 /// Rows per rayon task: about 16k values, so that small tensors stay on one thread (waking the
 /// other costs more than it saves).
 fn min_rows(width: usize) -> usize {
@@ -74,6 +134,7 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// Σ aᵢ·bᵢ with 16 partial sums, which the compiler keeps in vector registers.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut partial = [0f32; 16];
     let (chunks_a, chunks_b) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -91,6 +152,21 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     partial.iter().sum::<f32>() + tail
 }
 
+/// Σ rowᵢ with 16 partial sums, as [`dot`]: one running sum waits on each addition's latency.
+#[inline(always)]
+fn sum(row: &[f32]) -> f32 {
+    let mut partial = [0f32; 16];
+    let chunks = row.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..16 {
+            partial[i] += c[i];
+        }
+    }
+    partial.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
 fn max(row: &[f32]) -> f32 {
     let mut partial = [f32::NEG_INFINITY; 16];
     let chunks = row.chunks_exact(16);
@@ -106,12 +182,14 @@ fn max(row: &[f32]) -> f32 {
     partial.iter().fold(tail, |m, &v| m.max(v))
 }
 
-/// Writes `exp(row − shift)` into `out` and returns its sum.
-fn exp_shifted(row: &[f32], shift: f32, out: &mut [f32]) -> f32 {
-    for (o, &v) in out.iter_mut().zip(row) {
-        *o = exp(v - shift);
+widest! {
+    /// Writes `exp(row − shift)` into `out` and returns its sum.
+    fn exp_shifted(row: &[f32], shift: f32, out: &mut [f32]) -> f32 {
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o = exp(v - shift);
+        }
+        sum(out)
     }
-    out.iter().sum()
 }
 
 /// RMSNorm of each `weight.len()`-wide row: `y = x·r·w` with `r = 1/√(mean(x²) + eps)`.
@@ -126,14 +204,20 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
         .zip(r.par_iter_mut())
         .zip(x.par_chunks(width))
         .with_min_len(min_rows(width))
-        .for_each(|((y, r), x)| {
-            *r = 1.0 / (dot(x, x) / width as f32 + eps).sqrt();
-            for ((y, &x), &w) in y.iter_mut().zip(x).zip(weight) {
-                y.write(x * *r * w);
-            }
-        });
+        .for_each(|((y, r), x)| *r = rms_norm_row(y, x, weight, eps));
     // SAFETY: every row was written above.
     (unsafe { assume_init(y) }, r)
+}
+
+widest! {
+    /// One row of [`rms_norm`]; returns its `r`.
+    fn rms_norm_row(y: &mut [MaybeUninit<f32>], x: &[f32], weight: &[f32], eps: f32) -> f32 {
+        let r = 1.0 / (dot(x, x) / weight.len() as f32 + eps).sqrt();
+        for ((y, &x), &w) in y.iter_mut().zip(x).zip(weight) {
+            y.write(x * r * w);
+        }
+        r
+    }
 }
 
 /// ∂L/∂x of [`rms_norm`] with the weight frozen: `r·(w·dy − x·r²·mean(w·dy·x))` per row.
@@ -146,20 +230,25 @@ pub fn rms_norm_backward(x: &[f32], weight: &[f32], r: &[f32], dy: &[f32]) -> Ve
         .zip(dy.par_chunks(width))
         .zip(r.par_iter())
         .with_min_len(min_rows(width))
-        .for_each(|(((dx, x), dy), &r)| {
-            // dx first holds w·dy, then the result.
-            for ((d, &dy), &w) in dx.iter_mut().zip(dy).zip(weight) {
-                d.write(w * dy);
-            }
-            // SAFETY: the whole row was written just above.
-            let dx = unsafe { written(dx) };
-            let mean = dot(dx, x) / width as f32;
-            for (d, &x) in dx.iter_mut().zip(x) {
-                *d = r * (*d - x * mean * r * r);
-            }
-        });
+        .for_each(|(((dx, x), dy), &r)| rms_norm_backward_row(dx, x, dy, weight, r));
     // SAFETY: every row was written above.
     unsafe { assume_init(dx) }
+}
+
+widest! {
+    /// One row of [`rms_norm_backward`].
+    fn rms_norm_backward_row(dx: &mut [MaybeUninit<f32>], x: &[f32], dy: &[f32], weight: &[f32], r: f32) {
+        // dx first holds w·dy, then the result.
+        for ((d, &dy), &w) in dx.iter_mut().zip(dy).zip(weight) {
+            d.write(w * dy);
+        }
+        // SAFETY: the whole row was written just above.
+        let dx = unsafe { written(dx) };
+        let mean = dot(dx, x) / weight.len() as f32;
+        for (d, &x) in dx.iter_mut().zip(x) {
+            *d = r * (*d - x * mean * r * r);
+        }
+    }
 }
 
 /// SwiGLU's product `silu(g)·u = g·σ(g)·u`.
@@ -170,13 +259,18 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
         .zip(gate.par_chunks(4096))
         .zip(up.par_chunks(4096))
         .with_min_len(4)
-        .for_each(|((y, g), u)| {
-            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                y.write(g / (1.0 + exp(-g)) * u);
-            }
-        });
+        .for_each(|((y, g), u)| swiglu_chunk(y, g, u));
     // SAFETY: every chunk was written above.
     unsafe { assume_init(y) }
+}
+
+widest! {
+    /// One chunk of [`swiglu`].
+    fn swiglu_chunk(y: &mut [MaybeUninit<f32>], gate: &[f32], up: &[f32]) {
+        for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
+            y.write(g / (1.0 + exp(-g)) * u);
+        }
+    }
 }
 
 /// ∂L/∂g and ∂L/∂u of [`swiglu`]: `dy·u·σ(g)·(1 + g·(1 − σ(g)))` and `dy·g·σ(g)`.
@@ -191,15 +285,22 @@ pub fn swiglu_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f
                 .zip(dy.par_chunks(4096)),
         )
         .with_min_len(4)
-        .for_each(|((dg, du), ((g, u), dy))| {
-            for i in 0..dg.len() {
-                let sigmoid = 1.0 / (1.0 + exp(-g[i]));
-                du[i].write(dy[i] * g[i] * sigmoid);
-                dg[i].write(dy[i] * u[i] * sigmoid * (1.0 + g[i] * (1.0 - sigmoid)));
-            }
-        });
+        .for_each(|((dg, du), ((g, u), dy))| swiglu_backward_chunk(dg, du, g, u, dy));
     // SAFETY: every chunk of both was written above.
     unsafe { (assume_init(dg), assume_init(du)) }
+}
+
+widest! {
+    /// One chunk of [`swiglu_backward`].
+    fn swiglu_backward_chunk(dg: &mut [MaybeUninit<f32>], du: &mut [MaybeUninit<f32>], g: &[f32], u: &[f32], dy: &[f32]) {
+        let len = dg.len();
+        let (du, g, u, dy) = (&mut du[..len], &g[..len], &u[..len], &dy[..len]);
+        for i in 0..len {
+            let sigmoid = 1.0 / (1.0 + exp(-g[i]));
+            du[i].write(dy[i] * g[i] * sigmoid);
+            dg[i].write(dy[i] * u[i] * sigmoid * (1.0 + g[i] * (1.0 - sigmoid)));
+        }
+    }
 }
 
 /// Attention probabilities `softmax(scale·s + bias)` over each `keys`-wide row of scores laid out
@@ -209,26 +310,41 @@ pub fn swiglu_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f
 pub fn softmax_in_place(s: &mut [f32], bias: &[f32], scale: f32, heads: usize, seq: usize, keys: usize) -> Vec<[f32; 2]> {
     let mut stats = vec![[0f32; 2]; s.len() / keys.max(1)];
     s.par_chunks_mut(keys).zip(stats.par_iter_mut()).enumerate().with_min_len(min_rows(keys)).for_each(|(row, (y, stats))| {
-        for (y, &b) in y.iter_mut().zip(bias_row(bias, row, heads, seq, keys)) {
+        *stats = softmax_row(y, bias_row(bias, row, heads, seq, keys), scale);
+    });
+    stats
+}
+
+widest! {
+    /// One row of [`softmax_in_place`]; returns its maximum and sum of exponentials.
+    fn softmax_row(y: &mut [f32], bias: &[f32], scale: f32) -> [f32; 2] {
+        for (y, &b) in y.iter_mut().zip(bias) {
             *y = *y * scale + b;
         }
         let shift = max(y);
         y.iter_mut().for_each(|v| *v = exp(*v - shift));
-        let sum = y.iter().sum::<f32>();
+        let sum = sum(y);
         y.iter_mut().for_each(|v| *v /= sum);
-        *stats = [shift, sum];
-    });
-    stats
+        [shift, sum]
+    }
 }
 
 /// The probabilities of [`softmax_in_place`] made again from the scores and each row's maximum
 /// and sum, written over the scores: the same operations, so the same values.
 pub fn probabilities_in_place(s: &mut [f32], bias: &[f32], stats: &[[f32; 2]], scale: f32, heads: usize, seq: usize, keys: usize) {
-    s.par_chunks_mut(keys).zip(stats.par_iter()).enumerate().with_min_len(min_rows(keys)).for_each(|(row, (y, &[shift, sum]))| {
-        for (y, &b) in y.iter_mut().zip(bias_row(bias, row, heads, seq, keys)) {
+    s.par_chunks_mut(keys).zip(stats.par_iter()).enumerate().with_min_len(min_rows(keys)).for_each(|(row, (y, &stats))| {
+        probabilities_row(y, bias_row(bias, row, heads, seq, keys), scale, stats);
+    });
+}
+
+widest! {
+    /// One row of [`probabilities_in_place`].
+    fn probabilities_row(y: &mut [f32], bias: &[f32], scale: f32, stats: [f32; 2]) {
+        let [shift, sum] = stats;
+        for (y, &b) in y.iter_mut().zip(bias) {
             *y = exp(*y * scale + b - shift) / sum;
         }
-    });
+    }
 }
 
 /// The bias of score row `row` (`[batch, heads, seq]` order): its batch's, at its query.
@@ -244,14 +360,19 @@ pub fn softmax_backward(y: &[f32], dy: &[f32], scale: f32, keys: usize) -> Vec<f
         .zip(y.par_chunks(keys))
         .zip(dy.par_chunks(keys))
         .with_min_len(min_rows(keys))
-        .for_each(|((ds, y), dy)| {
-            let inner = dot(y, dy);
-            for ((d, &y), &dy) in ds.iter_mut().zip(y).zip(dy) {
-                d.write(scale * y * (dy - inner));
-            }
-        });
+        .for_each(|((ds, y), dy)| softmax_backward_row(ds, y, dy, scale));
     // SAFETY: every row was written above.
     unsafe { assume_init(ds) }
+}
+
+widest! {
+    /// One row of [`softmax_backward`].
+    fn softmax_backward_row(ds: &mut [MaybeUninit<f32>], y: &[f32], dy: &[f32], scale: f32) {
+        let inner = dot(y, dy);
+        for ((d, &y), &dy) in ds.iter_mut().zip(y).zip(dy) {
+            d.write(scale * y * (dy - inner));
+        }
+    }
 }
 
 /// Cross-entropy of each `vocab`-wide row of logits against its target. Returns the summed
@@ -290,15 +411,22 @@ pub fn cross_entropy_backward(
         .zip(targets.par_iter().zip(lse.par_iter()))
         .with_min_len(min_rows(vocab))
         .for_each(|((dx, row), (&target, &lse))| {
-            for (d, &v) in dx.iter_mut().zip(row) {
-                d.write(grad * exp(v - lse));
-            }
+            scaled_exp(dx, row, lse, grad);
             // SAFETY: the whole row was written just above.
             let dx = unsafe { written(dx) };
             dx[target as usize] -= grad;
         });
     // SAFETY: every row was written above.
     unsafe { assume_init(dx) }
+}
+
+widest! {
+    /// Writes `scale · exp(row − shift)` into `out`.
+    fn scaled_exp(out: &mut [MaybeUninit<f32>], row: &[f32], shift: f32, scale: f32) {
+        for (o, &v) in out.iter_mut().zip(row) {
+            o.write(scale * exp(v - shift));
+        }
+    }
 }
 
 /// Where the values a byte stands for go within its block.
@@ -325,39 +453,61 @@ pub fn lookup_and_scale(bytes: &[u8], table: &[f32], high: Option<(&[u8], usize)
     let mut values = uninit(bytes.len() * per_byte);
     values.par_chunks_mut(block).zip(bytes.par_chunks(block / per_byte)).enumerate().with_min_len(min_rows(block)).for_each(
         |(b, (values, bytes))| {
-            let scale = scales[b];
             // This block's bytes of the high plane.
             let high = high.map(|(plane, bits)| (&plane[b * block * bits / 8..][..block * bits / 8], bits));
-            match high {
-                Some((plane, 1)) => split_halves_with_high::<1>(values, bytes, table, plane, scale),
-                Some((plane, 2)) => split_halves_with_high::<2>(values, bytes, table, plane, scale),
-                Some((_, bits)) => unreachable!("{bits} high bits a code"),
-                None if packing == Packing::SplitHalves && per_byte == 2 => split_halves_with_high::<0>(values, bytes, table, &[], scale),
-                None => {
-                    for (j, &byte) in bytes.iter().enumerate() {
-                        for (k, &t) in table[byte as usize * per_byte..][..per_byte].iter().enumerate() {
-                            let at = match packing {
-                                Packing::Adjacent => j * per_byte + k,
-                                Packing::SplitHalves => j + k * bytes.len(),
-                            };
-                            values[at].write(t * scale);
-                        }
-                    }
-                }
-            }
-            // SAFETY: each byte wrote its values: the block's bytes stand for all of it.
-            let values = unsafe { written(values) };
-            if let Some(mins) = mins {
-                values.iter_mut().for_each(|v| *v += mins[b]);
-            }
+            dequantize_block(values, bytes, table, high, scales[b], mins.map(|mins| mins[b]), packing);
         },
     );
     // SAFETY: every block was written above.
     unsafe { assume_init(values) }
 }
 
+widest! {
+    /// One block of [`lookup_and_scale`], scaled by `scale` and shifted by `min` if any.
+    fn dequantize_block(values: &mut [MaybeUninit<f32>], bytes: &[u8], table: &[f32], high: Option<(&[u8], usize)>, scale: f32, min: Option<f32>, packing: Packing) {
+        let per_byte = table.len() / 256;
+        match high {
+            Some((plane, 1)) => split_halves_with_high::<1>(values, bytes, table, plane, scale),
+            Some((plane, 2)) => split_halves_with_high::<2>(values, bytes, table, plane, scale),
+            Some((_, bits)) => unreachable!("{bits} high bits a code"),
+            None if packing == Packing::SplitHalves && per_byte == 2 => split_halves_with_high::<0>(values, bytes, table, &[], scale),
+            // One value a byte (int8, Q8_0), or two side by side (NF4): fixed widths, which the
+            // compiler turns into vector gathers.
+            None if per_byte == 1 => {
+                for (value, &byte) in values.iter_mut().zip(bytes) {
+                    value.write(table[byte as usize] * scale);
+                }
+            }
+            None if packing == Packing::Adjacent && per_byte == 2 => {
+                for (pair, &byte) in values.chunks_exact_mut(2).zip(bytes) {
+                    let codes = &table[2 * byte as usize..][..2];
+                    pair[0].write(codes[0] * scale);
+                    pair[1].write(codes[1] * scale);
+                }
+            }
+            None => {
+                for (j, &byte) in bytes.iter().enumerate() {
+                    for (k, &t) in table[byte as usize * per_byte..][..per_byte].iter().enumerate() {
+                        let at = match packing {
+                            Packing::Adjacent => j * per_byte + k,
+                            Packing::SplitHalves => j + k * bytes.len(),
+                        };
+                        values[at].write(t * scale);
+                    }
+                }
+            }
+        }
+        // SAFETY: each byte wrote its values: the block's bytes stand for all of it.
+        let values = unsafe { written(values) };
+        if let Some(min) = min {
+            values.iter_mut().for_each(|v| *v += min);
+        }
+    }
+}
+
 /// One block of [`lookup_and_scale`] with two codes a byte in split halves and `BITS` (0, 1 or 2)
 /// more bits a code in `high` (at most 8 bytes), scaled.
+#[inline(always)]
 fn split_halves_with_high<const BITS: usize>(values: &mut [MaybeUninit<f32>], bytes: &[u8], table: &[f32], high: &[u8], scale: f32) {
     let mut word = [0u8; 8];
     word[..high.len()].copy_from_slice(high);
@@ -527,6 +677,86 @@ pub fn matmul(lhs: &Operand, rhs: &Operand, m: usize, k: usize, n: usize) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_arch = "x86_64")]
+    std::thread_local! {
+        /// The vector unit this thread's row kernels run on instead of the widest.
+        pub(super) static FORCED_UNIT: std::cell::Cell<Option<VectorUnit>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// Every compiled copy of the row kernels (AVX-512, AVX2, baseline: those this CPU has) gives
+    /// the same bits, over rows with a tail shorter than a vector, masked (-inf) and huge scores,
+    /// and over blocks of 4- and 8-bit codes in each packing.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn row_kernels_give_the_same_values_on_every_vector_unit() {
+        let units = match *VECTOR_UNIT {
+            VectorUnit::Avx512 => vec![VectorUnit::Baseline, VectorUnit::Avx2, VectorUnit::Avx512],
+            VectorUnit::Avx2 => vec![VectorUnit::Baseline, VectorUnit::Avx2],
+            VectorUnit::Baseline => vec![VectorUnit::Baseline],
+        };
+        let width = 1003;
+        let values = move |seed: u32| -> Vec<f32> {
+            (0..width as u32).map(|i| ((i ^ seed).wrapping_mul(2_654_435_761) >> 8) as f32 / (1 << 24) as f32 * 60.0 - 30.0).collect()
+        };
+        let (x, y, z) = (values(1), values(2), values(3));
+        let mut bias = values(4);
+        bias[5] = f32::NEG_INFINITY;
+        bias[7] = f32::MIN;
+        let mut big = values(5);
+        big[3] = 300.0;
+        big[9] = -300.0;
+        let fresh = || vec![MaybeUninit::new(0f32); width];
+        let init = |v: Vec<MaybeUninit<f32>>| unsafe { assume_init(v) };
+        let run = |unit: VectorUnit| -> Vec<u32> {
+            FORCED_UNIT.set(Some(unit));
+            let mut out = Vec::new();
+            let mut scores = big.clone();
+            let stats = softmax_row(&mut scores, &bias, 0.125);
+            let mut again = big.clone();
+            probabilities_row(&mut again, &bias, 0.125, stats);
+            let mut shifted = vec![0f32; width];
+            let total = exp_shifted(&big, 2.0, &mut shifted);
+            let mut scaled = fresh();
+            scaled_exp(&mut scaled, &big, 2.0, 0.5);
+            let mut silu = fresh();
+            swiglu_chunk(&mut silu, &big, &y);
+            let (mut dg, mut du) = (fresh(), fresh());
+            swiglu_backward_chunk(&mut dg, &mut du, &big, &y, &z);
+            let mut normed = fresh();
+            let r = rms_norm_row(&mut normed, &x, &y, 1e-5);
+            let mut dx = fresh();
+            rms_norm_backward_row(&mut dx, &x, &z, &y, r);
+            let mut ds = fresh();
+            softmax_backward_row(&mut ds, &scores, &z, 0.125);
+            // Codes: NF4 (two a byte side by side), int8 with minimums, Q4-style split halves
+            // with none, one and two high bits a code.
+            let bytes: Vec<u8> = (0..64u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+            let (pairs, singles) = (values(6)[..512].to_vec(), values(7)[..256].to_vec());
+            let plane = [0xa5u8, 0x3c, 0x0f, 0xf0, 0x5a, 0xc3, 0x99, 0x66];
+            let mut codes = Vec::new();
+            for (bytes, table, high, min, packing) in [
+                (&bytes[..], &pairs[..], None, None, Packing::Adjacent),
+                (&bytes[..], &singles[..], None, Some(0.25), Packing::Adjacent),
+                (&bytes[..16], &pairs[..], None, None, Packing::SplitHalves),
+                (&bytes[..16], &pairs[..], Some((&plane[..4], 1)), Some(-1.5), Packing::SplitHalves),
+                (&bytes[..16], &pairs[..], Some((&plane[..], 2)), None, Packing::SplitHalves),
+            ] {
+                let mut block = vec![MaybeUninit::new(0f32); bytes.len() * table.len() / 256];
+                dequantize_block(&mut block, bytes, table, high, 0.37, min, packing);
+                codes.extend(init(block));
+            }
+            for part in [scores, again, shifted, init(scaled), init(silu), init(dg), init(du), init(normed), init(dx), init(ds), codes, vec![stats[0], stats[1], total, r]] {
+                out.extend(part.iter().map(|v| v.to_bits()));
+            }
+            FORCED_UNIT.set(None);
+            out
+        };
+        let baseline = run(VectorUnit::Baseline);
+        for unit in units {
+            assert!(run(unit) == baseline, "{unit:?} gives other values than the baseline");
+        }
+    }
 
     /// A product's values do not depend on the number of threads that share it, also where a
     /// share is narrow (few rows, a sum over k long enough for gemm to block it).
