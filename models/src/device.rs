@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::backend::DispatchDevice;
@@ -130,10 +130,13 @@ fn return_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
         // glibc's default: eight arenas a core, for LibTorch's threads that allocate at once.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        libc::mallopt(libc::M_ARENA_MAX, (8 * cores).min(i32::MAX as usize) as i32);
+        libc::mallopt(libc::M_ARENA_MAX, (8 * *CORES).min(i32::MAX as usize) as i32);
     }
 }
+
+/// The cores this process may use (a CPU quota counted), read once: finding it reads cgroup
+/// files, and [`with_busy_workers`] asks at every step.
+static CORES: LazyLock<usize> = LazyLock::new(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
 
 /// Runs `work` on a worker of flex's thread pool while the pool's other workers look for jobs
 /// without sleeping, as OpenMP's threads spin between PyTorch's parallel regions. A training step
@@ -150,8 +153,7 @@ pub fn with_busy_workers<R: Send>(device: &Device, work: impl FnOnce() -> R + Se
     }
     // More threads than cores (`--threads` above them, a CPU quota): polling workers would take
     // turns on the cores with the one doing the work.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads > cores {
+    if threads > *CORES {
         return rayon::scope(|_| work());
     }
     rayon::scope(|_| {

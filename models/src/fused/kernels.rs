@@ -686,7 +686,7 @@ mod tests {
 
     /// Every compiled copy of the row kernels (AVX-512, AVX2, baseline: those this CPU has) gives
     /// the same bits, over rows with a tail shorter than a vector, masked (-inf) and huge scores,
-    /// and over blocks of 4- and 8-bit codes in each packing.
+    /// and over blocks of 2-, 4- and 8-bit codes in each packing.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn row_kernels_give_the_same_values_on_every_vector_unit() {
@@ -729,15 +729,16 @@ mod tests {
             rms_norm_backward_row(&mut dx, &x, &z, &y, r);
             let mut ds = fresh();
             softmax_backward_row(&mut ds, &scores, &z, 0.125);
-            // Codes: NF4 (two a byte side by side), int8 with minimums, Q4-style split halves
-            // with none, one and two high bits a code.
+            // Codes: NF4 (two a byte side by side), int8 and 2-bit codes with minimums, Q4-style
+            // split halves with none, one and two high bits a code.
             let bytes: Vec<u8> = (0..64u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-            let (pairs, singles) = (values(6)[..512].to_vec(), values(7)[..256].to_vec());
+            let (pairs, singles, quads) = (values(6)[..512].to_vec(), values(7)[..256].to_vec(), values(8)[..1003].repeat(2)[..1024].to_vec());
             let plane = [0xa5u8, 0x3c, 0x0f, 0xf0, 0x5a, 0xc3, 0x99, 0x66];
             let mut codes = Vec::new();
             for (bytes, table, high, min, packing) in [
                 (&bytes[..], &pairs[..], None, None, Packing::Adjacent),
                 (&bytes[..], &singles[..], None, Some(0.25), Packing::Adjacent),
+                (&bytes[..], &quads[..], None, Some(-0.5), Packing::Adjacent),
                 (&bytes[..16], &pairs[..], None, None, Packing::SplitHalves),
                 (&bytes[..16], &pairs[..], Some((&plane[..4], 1)), Some(-1.5), Packing::SplitHalves),
                 (&bytes[..16], &pairs[..], Some((&plane[..], 2)), None, Packing::SplitHalves),
