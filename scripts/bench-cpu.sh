@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue 17's CPU side-by-side: the shared workload (SmolLM2-135M, batch 4, cutoff 256, 2 threads)
-# for LoRA r8 on q_proj,v_proj (two alternating pairs, 20 timed steps), a 4-bit base (NF4, one
-# pair), prefix tuning and adaption prompts (one pair each, 10 timed steps), ember against HF PEFT,
-# one run at a time; then ember alone with gradient checkpointing and with its fused operations
-# off (EMBER_FUSED=0). One JSON line a run goes to the output file (default
-# target/bench-cpu.jsonl), with an "label" field added.
+# for LoRA r8 on q_proj,v_proj (20 timed steps), prefix tuning and adaption prompts (10 timed
+# steps), PAIRS alternating pairs each (default 3: one pair moved by up to 0.2x on a shared host),
+# and a 4-bit base (NF4, one pair), ember against HF PEFT, one run at a time; then ember alone with
+# gradient checkpointing and with its fused operations off (EMBER_FUSED=0). One JSON line a run
+# goes to the output file (default target/bench-cpu.jsonl), with an "label" field added; a summary
+# of the means and ratios ends the output.
 #
-#   REFERENCE_PYTHON=/path/to/venv/bin/python scripts/bench-cpu.sh [out.jsonl] [checkpointing]
+#   REFERENCE_PYTHON=/path/to/venv/bin/python [PAIRS=n] scripts/bench-cpu.sh [out.jsonl] [checkpointing]
 #
 # `checkpointing` runs only the cost of activation checkpointing instead: each method without and
 # with it, alternating (LoRA twice), then PEFT's LoRA without and with `--grad-ckpt`.
@@ -31,6 +32,36 @@ run() {
   echo "$ $*" >&2
   "$@" | tail -n 1 | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); d["label"]=sys.argv[1]; print(json.dumps(d))' "$label" | tee -a "$out"
 }
+# The means over each label's runs: ember's tokens/s and peak RSS against PEFT's, and what
+# checkpointing costs each side.
+summary() {
+  python3 - "$out" <<'SUMMARY'
+import json, sys
+runs = {}
+for line in open(sys.argv[1]):
+    run = json.loads(line)
+    runs.setdefault(run["label"], []).append(run)
+mean = lambda label, key: sum(r[key] for r in runs[label]) / len(runs[label])
+for method, reference in [("lora", "lora peft"), ("prefix", "prefix peft"), ("adaption", "adaption peft"), ("nf4", "nf4 peft+bnb")]:
+    ours = f"{method} ember"
+    if ours in runs and reference in runs:
+        speed = mean(ours, "tokens_per_s") / mean(reference, "tokens_per_s")
+        memory = mean(ours, "peak_rss_mib") / mean(reference, "peak_rss_mib")
+        pairs = ", ".join(f"{o['tokens_per_s'] / r['tokens_per_s']:.2f}" for o, r in zip(runs[ours], runs[reference]))
+        print(f"{method}: {speed:.2f}x PEFT's tokens/s, means of {len(runs[ours])} ember and {len(runs[reference])} PEFT runs "
+              f"(in order, pair by pair: {pairs}), {memory:.2f}x its peak RSS")
+for method in ["lora", "prefix", "adaption"]:
+    ours, reference = f"{method} ember checkpointing", f"{method} peft checkpointing"
+    if ours in runs and reference in runs:
+        print(f"{ours}: {mean(ours, 'tokens_per_s') / mean(reference, 'tokens_per_s'):.2f}x PEFT's tokens/s with checkpointing, "
+              f"{mean(ours, 'peak_rss_mib') / mean(reference, 'peak_rss_mib'):.2f}x its peak RSS")
+for label in sorted(runs):
+    plain = label.removesuffix(" checkpointing")
+    if plain != label and plain in runs:
+        cost = 1 - mean(label, "tokens_per_s") / mean(plain, "tokens_per_s")
+        print(f"{label}: costs {100 * cost:.1f}% of the tokens/s, peak RSS {mean(label, 'peak_rss_mib'):,.0f} MiB against {mean(plain, 'peak_rss_mib'):,.0f}")
+SUMMARY
+}
 if [ "${2:-}" = checkpointing ]; then
   for method in lora lora prefix adaption; do
     declare -n workload=$method
@@ -39,20 +70,21 @@ if [ "${2:-}" = checkpointing ]; then
   done
   run "lora peft" "$python" "$reference" "${lora[@]}"
   run "lora peft checkpointing" "$python" "$reference" "${lora[@]}" --grad-ckpt
+  summary
   exit 0
 fi
-for pair in 1 2; do
-  run "lora peft" "$python" "$reference" "${lora[@]}"
-  run "lora ember" target/release/ember bench "${lora[@]}"
+for pair in $(seq "${PAIRS:-3}"); do
+  for method in lora prefix adaption; do
+    declare -n workload=$method
+    run "$method peft" "$python" "$reference" "${workload[@]}"
+    run "$method ember" target/release/ember bench "${workload[@]}"
+  done
 done
 run "nf4 peft+bnb" "$python" "$reference" "${lora[@]}" --load-in-4bit
 run "nf4 ember" target/release/ember bench "${lora[@]}" --quantize nf4
-run "prefix peft" "$python" "$reference" "${prefix[@]}"
-run "prefix ember" target/release/ember bench "${prefix[@]}"
-run "adaption peft" "$python" "$reference" "${adaption[@]}"
-run "adaption ember" target/release/ember bench "${adaption[@]}"
 for method in lora prefix adaption; do
   declare -n workload=$method
   run "$method ember checkpointing" target/release/ember bench "${workload[@]}" --gradient-checkpointing
 done
 run "lora ember EMBER_FUSED=0" env EMBER_FUSED=0 target/release/ember bench "${lora[@]}"
+summary
