@@ -148,7 +148,7 @@ static CORES: LazyLock<usize> = LazyLock::new(|| std::thread::available_parallel
 /// threads of its own, and with one thread, `work` runs where it is.
 pub fn with_busy_workers<R: Send>(device: &Device, work: impl FnOnce() -> R + Send) -> R {
     let threads = rayon::current_num_threads();
-    if !matches!(device.clone().inner().as_dispatch(), DispatchDevice::Flex(_)) || threads < 2 {
+    if !is_flex(device) || threads < 2 {
         return work();
     }
     // More threads than cores (`--threads` above them, a CPU quota): polling workers would take
@@ -184,6 +184,11 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// Whether `device` is flex (with or without autodiff).
+pub fn is_flex(device: &Device) -> bool {
+    matches!(device.clone().inner().as_dispatch(), DispatchDevice::Flex(_))
+}
+
 /// `flex`, `libtorch` (LibTorch on the CPU) or `cuda` / `cuda:N` (LibTorch on GPU N).
 pub fn parse_device(name: &str) -> Result<Device, String> {
     name.parse::<DeviceName>()?.device()
@@ -203,7 +208,7 @@ pub fn default_device() -> Result<Device, String> {
 /// LibTorch computes in the stored dtype, as transformers does.
 pub fn compute_dtype(stored: DType, device: &Device) -> DType {
     let half = matches!(stored, DType::BF16 | DType::F16);
-    if half && matches!(device.clone().inner().as_dispatch(), DispatchDevice::Flex(_)) { DType::F32 } else { stored }
+    if half && is_flex(device) { DType::F32 } else { stored }
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::Checkpoi
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{
-    Autodiff, Backend, Dispatch, DispatchDevice, DispatchKindConversion, DispatchTensor, Flex,
+    Autodiff, Backend, Dispatch, DispatchKindConversion, DispatchTensor, Flex,
     backend_extension, tensor::FloatTensor,
 };
 use burn::tensor::{Bytes, DType, Int, Shape, Slice, Tensor};
@@ -131,9 +131,7 @@ impl KeptActivations {
 
 /// Whether the fused kernel `op` serves this tensor: f32 on flex, with or without autodiff.
 fn applies<const D: usize>(op: Op, t: &Tensor<D>) -> bool {
-    enabled_for(op)
-        && t.dtype() == DType::F32
-        && matches!(t.device().inner().as_dispatch(), DispatchDevice::Flex(_))
+    enabled_for(op) && t.dtype() == DType::F32 && crate::device::is_flex(&t.device())
 }
 
 /// `x / √(mean(x²) + eps) · weight` over the last dim, or `None` where it does not apply
@@ -229,7 +227,7 @@ pub fn lookup_and_scale(band: &PackedBand, dtype: DType) -> Option<Tensor<2>> {
         return None;
     }
     #[cfg(feature = "tch")]
-    if let DispatchDevice::LibTorch(_) = band.bytes.device().inner().as_dispatch() {
+    if let burn::backend::DispatchDevice::LibTorch(_) = band.bytes.device().inner().as_dispatch() {
         return torch_ops::lookup_and_scale(band, dtype);
     }
     let PackedBand { bytes, table, high, scales, mins, shape, packing } = *band;
@@ -561,7 +559,7 @@ where
 pub fn frozen_transposed_matmul(dy: Tensor<2>, weight: &DenseWeight) -> Tensor<2> {
     let dy = dy.inner();
     #[cfg(feature = "tch")]
-    if let DispatchDevice::LibTorch(_) = dy.device().as_dispatch() {
+    if let burn::backend::DispatchDevice::LibTorch(_) = dy.device().as_dispatch() {
         type Torch = burn::backend::LibTorch;
         let dy = dy.try_into_primitive::<Torch>().expect("a LibTorch tensor");
         return Tensor::from_primitive::<Torch>(transposed_product::<Torch>(dy, weight));
