@@ -42,19 +42,16 @@ for line in open(sys.argv[1]):
     run = json.loads(line)
     runs.setdefault(run["label"], []).append(run)
 mean = lambda label, key: sum(r[key] for r in runs[label]) / len(runs[label])
-for method, reference in [("lora", "lora peft"), ("prefix", "prefix peft"), ("adaption", "adaption peft"), ("nf4", "nf4 peft+bnb")]:
-    ours = f"{method} ember"
-    if ours in runs and reference in runs:
-        speed = mean(ours, "tokens_per_s") / mean(reference, "tokens_per_s")
-        memory = mean(ours, "peak_rss_mib") / mean(reference, "peak_rss_mib")
-        pairs = ", ".join(f"{o['tokens_per_s'] / r['tokens_per_s']:.2f}" for o, r in zip(runs[ours], runs[reference]))
-        print(f"{method}: {speed:.2f}x PEFT's tokens/s, means of {len(runs[ours])} ember and {len(runs[reference])} PEFT runs "
-              f"(in order, pair by pair: {pairs}), {memory:.2f}x its peak RSS")
-for method in ["lora", "prefix", "adaption"]:
-    ours, reference = f"{method} ember checkpointing", f"{method} peft checkpointing"
-    if ours in runs and reference in runs:
-        print(f"{ours}: {mean(ours, 'tokens_per_s') / mean(reference, 'tokens_per_s'):.2f}x PEFT's tokens/s with checkpointing, "
-              f"{mean(ours, 'peak_rss_mib') / mean(reference, 'peak_rss_mib'):.2f}x its peak RSS")
+references = {"lora": "lora peft", "prefix": "prefix peft", "adaption": "adaption peft", "nf4": "nf4 peft+bnb"}
+for method, reference in references.items():
+    for suffix in ["", " checkpointing"]:
+        ours, theirs = f"{method} ember{suffix}", reference + suffix
+        if ours in runs and theirs in runs:
+            speed = mean(ours, "tokens_per_s") / mean(theirs, "tokens_per_s")
+            memory = mean(ours, "peak_rss_mib") / mean(theirs, "peak_rss_mib")
+            pairs = ", ".join(f"{o['tokens_per_s'] / r['tokens_per_s']:.2f}" for o, r in zip(runs[ours], runs[theirs]))
+            print(f"{ours}: {speed:.2f}x PEFT's tokens/s, means of {len(runs[ours])} ember and {len(runs[theirs])} PEFT runs "
+                  f"(in order, pair by pair: {pairs}), {memory:.2f}x its peak RSS")
 for label in sorted(runs):
     plain = label.removesuffix(" checkpointing")
     if plain != label and plain in runs:
