@@ -33,7 +33,7 @@ pub use files::{destination_path, remove_stale_temporaries, write_dir_atomically
 pub use attention::LayerExtras;
 pub use batch::{KvCache, Layout, Masks, TokenBatch};
 pub use layers::Projection;
-pub use transformer::{BaseModel, CausalLm, VocabModule};
+pub use transformer::{BaseModel, CausalLm, Rows, VocabModule};
 
 /// Everything that can go wrong reading a model folder. Each variant names the file and,
 /// where there is one, the key.

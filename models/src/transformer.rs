@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, gelu_approximate, silu};
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::attention::{Attention, LayerExtras, QkNorm, QkvProjection, SeparateQkv};
 use crate::batch::{KvCache, Layout, Masks, TokenBatch};
@@ -105,12 +105,32 @@ impl<P: Projection> DecoderLayer<P> {
     /// # Shapes
     /// - x, output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>, attend: impl FnOnce(&Attention<P>, Tensor<3>) -> Tensor<3>) -> Tensor<3> {
-        self.mlp_block(self.attention_block(x, attend))
+        let out = attend(&self.attention, self.input_norm.forward(x.clone()));
+        self.mlp_block(self.add_attention(x, out))
     }
 
-    /// The attention half: `x + attend(attention, norm(x))`, the post-attention residual.
-    pub fn attention_block(&self, x: Tensor<3>, attend: impl FnOnce(&Attention<P>, Tensor<3>) -> Tensor<3>) -> Tensor<3> {
-        let out = attend(&self.attention, self.input_norm.forward(x.clone()));
+    /// The attention half: `x + o_proj(contexts(attention, norm(x)))`, the post-attention
+    /// residual; `contexts` runs the attention up to `o_proj` ([`Attention::contexts`]). With
+    /// `rows`, o_proj and the residual run at those rows of the flattened positions alone
+    /// ([`Rows`]).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - output: as x, or `[1, rows, hidden]`
+    pub fn attention_block(
+        &self,
+        x: Tensor<3>,
+        rows: Option<&Rows>,
+        contexts: impl FnOnce(&Attention<P>, Tensor<3>) -> Vec<Tensor<3>>,
+    ) -> Tensor<3> {
+        let contexts = contexts(&self.attention, self.input_norm.forward(x.clone()));
+        let (x, contexts) = at_rows(x, contexts, rows);
+        let out = self.attention.output(contexts);
+        self.add_attention(x, out)
+    }
+
+    /// `x + out`, through GLM-4-0414's norm of the attention's output.
+    fn add_attention(&self, x: Tensor<3>, out: Tensor<3>) -> Tensor<3> {
         x + match &self.output_norms {
             Some(norms) => norms.attention.forward(out),
             None => out,
@@ -126,16 +146,18 @@ impl<P: Projection> DecoderLayer<P> {
         }
     }
 
-    /// A scalar with the gradients of `sum(attention_block(x) · grad)` less its residual term
-    /// `sum(x · grad)`, which the caller adds as `grad` itself. `contexts` runs the attention
-    /// up to `o_proj` ([`Attention::contexts`]).
+    /// A scalar with the gradients of `sum(attention_block(x, rows) · grad)` less its residual
+    /// term `sum(x · grad)`, which the caller adds as `grad` itself (at `rows`:
+    /// [`Rows::scatter`]).
     pub fn attention_surrogate(
         &self,
         x: Tensor<3>,
+        rows: Option<&Rows>,
         contexts: impl FnOnce(&Attention<P>, Tensor<3>) -> Vec<Tensor<3>>,
         grad: &Tensor<3>,
     ) -> Tensor<1> {
-        let contexts = contexts(&self.attention, self.input_norm.forward(x));
+        let contexts = contexts(&self.attention, self.input_norm.forward(x.clone()));
+        let (_, contexts) = at_rows(x, contexts, rows);
         match &self.output_norms {
             // A norm after o_proj needs its product.
             Some(norms) => output_surrogate(norms.attention.forward(self.attention.output(contexts)), grad),
@@ -150,6 +172,45 @@ impl<P: Projection> DecoderLayer<P> {
             Some(norms) => output_surrogate(norms.mlp.forward(self.mlp.forward(x)), grad),
             None => self.mlp.surrogate(x, grad),
         }
+    }
+}
+
+/// Rows of a layer's flattened `[batch · seq]` positions: those whose output a loss reads.
+/// The last layer computes its o_proj, residual and MLP at these alone, since nothing reads its
+/// other positions; keys and values still come from every position.
+pub struct Rows {
+    indices: Tensor<1, Int>,
+}
+
+impl Rows {
+    pub fn new(rows: &[i64], device: &Device) -> Self {
+        Self { indices: Tensor::from_data(TensorData::new(rows.to_vec(), [rows.len()]), device) }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - output: `[1, rows, hidden]`
+    pub fn select(&self, x: Tensor<3>) -> Tensor<3> {
+        let [batch, seq, width] = x.dims();
+        let n = self.indices.dims()[0];
+        // b,s,h -> b·s,h -> n,h -> 1,n,h
+        x.reshape([batch * seq, width]).select(0, self.indices.clone()).reshape([1, n, width])
+    }
+
+    /// The inverse of [`Self::select`], zero at the other positions: `[1, rows, hidden]` ->
+    /// `[batch, seq, hidden]`.
+    pub fn scatter(&self, x: Tensor<3>, [batch, seq]: [usize; 2]) -> Tensor<3> {
+        let [_, n, width] = x.dims();
+        let zeros = Tensor::<2>::zeros([batch * seq, width], &x.device()).cast(x.dtype());
+        zeros.select_assign(0, self.indices.clone(), x.reshape([n, width]), IndexingUpdateOp::Add).reshape([batch, seq, width])
+    }
+}
+
+/// `x` and the attention's contexts at `rows`, or whole.
+fn at_rows(x: Tensor<3>, contexts: Vec<Tensor<3>>, rows: Option<&Rows>) -> (Tensor<3>, Vec<Tensor<3>>) {
+    match rows {
+        Some(rows) => (rows.select(x), contexts.into_iter().map(|c| rows.select(c)).collect()),
+        None => (x, contexts),
     }
 }
 
@@ -722,9 +783,10 @@ impl<P: Projection> CausalLm<P> {
     /// residual. The layer's output is [`Self::mlp_block`] of it.
     ///
     /// # Shapes
-    /// - x, output: `[batch, seq, hidden]` (padded) or `[1, Σ len, hidden]` (packed)
-    pub fn attention_block(&self, i: usize, x: Tensor<3>, layout: &Layout, extras: Option<&LayerExtras>) -> Tensor<3> {
-        self.layers[i].attention_block(x, |attention, h| attention.output(self.contexts(attention, h, self.masks(i, layout), extras)))
+    /// - x: `[batch, seq, hidden]` (padded) or `[1, Σ len, hidden]` (packed)
+    /// - output: as x, or `[1, rows, hidden]` at `rows` ([`DecoderLayer::attention_block`])
+    pub fn attention_block(&self, i: usize, x: Tensor<3>, layout: &Layout, extras: Option<&LayerExtras>, rows: Option<&Rows>) -> Tensor<3> {
+        self.layers[i].attention_block(x, rows, |attention, h| self.contexts(attention, h, self.masks(i, layout), extras))
     }
 
     /// The masks layer `i` attends through.
@@ -750,10 +812,18 @@ impl<P: Projection> CausalLm<P> {
     }
 
     /// For backward of a recomputed layer whose output gradient `grad` is known: a scalar with
-    /// the gradients of `sum(attention_block(i, x) · grad)`, less the residual's `grad`
+    /// the gradients of `sum(attention_block(i, x, rows) · grad)`, less the residual's `grad`
     /// ([`DecoderLayer::attention_surrogate`]). `o_proj`'s product is not recomputed.
-    pub fn attention_surrogate(&self, i: usize, x: Tensor<3>, layout: &Layout, extras: Option<&LayerExtras>, grad: &Tensor<3>) -> Tensor<1> {
-        self.layers[i].attention_surrogate(x, |attention, h| self.contexts(attention, h, self.masks(i, layout), extras), grad)
+    pub fn attention_surrogate(
+        &self,
+        i: usize,
+        x: Tensor<3>,
+        layout: &Layout,
+        extras: Option<&LayerExtras>,
+        rows: Option<&Rows>,
+        grad: &Tensor<3>,
+    ) -> Tensor<1> {
+        self.layers[i].attention_surrogate(x, rows, |attention, h| self.contexts(attention, h, self.masks(i, layout), extras), grad)
     }
 
     /// [`Self::attention_surrogate`] of the MLP half: `down_proj`'s product is not recomputed.
@@ -809,6 +879,20 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
+
+    /// `scatter` puts the selected rows back where `select` took them, zeros elsewhere.
+    #[test]
+    fn rows_scatter_undoes_select() {
+        let device = Device::flex();
+        let values: Vec<f32> = (0..24).map(|v| v as f32).collect();
+        let x = Tensor::<3>::from_data(TensorData::new(values.clone(), [2, 3, 4]), &device);
+        let rows = Rows::new(&[1, 3, 5], &device);
+        let selected = rows.select(x);
+        assert_eq!(selected.dims(), [1, 3, 4]);
+        let back = rows.scatter(selected, [2, 3]).into_data().try_to_vec::<f32>().unwrap();
+        let expected: Vec<f32> = values.iter().enumerate().map(|(i, &v)| if [1, 3, 5].contains(&(i / 4)) { v } else { 0.0 }).collect();
+        assert_eq!(back, expected);
+    }
 
     /// Generation through the cache sees what the full forward sees: with a sliding window of 3,
     /// the logits of every position agree, and differ from the same weights without the window.

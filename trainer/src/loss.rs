@@ -2,6 +2,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Int, Tensor, TensorData};
+use ember_models::Rows;
 
 /// Label value of positions that carry no loss (prompt tokens, padding), as in PyTorch.
 pub const IGNORE_INDEX: i64 = -100;
@@ -20,26 +21,14 @@ pub const IGNORE_INDEX: i64 = -100;
 /// - head: `[1, n, hidden] -> [1, n, vocab]`
 /// - output: `[1]`
 pub fn causal_lm_loss(hidden: Tensor<3>, labels: &[i64], head: impl FnOnce(Tensor<3>) -> Tensor<3>) -> Option<Tensor<1>> {
-    let [batch, seq, width] = hidden.dims();
+    let [batch, seq, _] = hidden.dims();
     let (rows, targets) = supervised_rows(labels, batch, seq);
     let n = rows.len();
     if n == 0 {
         return None;
     }
-    let logits = head(select_rows(hidden, rows).reshape([1, n, width]));
+    let logits = head(Rows::new(&rows, &hidden.device()).select(hidden));
     Some(nll_sum(logits, targets).div_scalar(n as f64))
-}
-
-/// The hidden states at `rows` of the flattened `[batch · seq]` positions.
-///
-/// # Shapes
-/// - hidden: `[batch, seq, hidden]`
-/// - output: `[rows, hidden]`
-pub fn select_rows(hidden: Tensor<3>, rows: Vec<i64>) -> Tensor<2> {
-    let [batch, seq, width] = hidden.dims();
-    let rows = Tensor::<1, Int>::from_data(TensorData::new(rows.clone(), [rows.len()]), &hidden.device());
-    // b,s,h -> b·s,h -> n,h
-    hidden.reshape([batch * seq, width]).select(0, rows)
 }
 
 /// Summed negative log-likelihood of `targets` under `logits`, one target per position.

@@ -9,9 +9,9 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Distribution, Gradients, Tensor, TensorData};
 use ember_adapters::AdaptedModel;
 use ember_data::Batch;
-use ember_models::TokenBatch;
+use ember_models::{Rows, TokenBatch};
 
-use crate::loss::{nll_sum, select_rows, supervised_rows};
+use crate::loss::{nll_sum, supervised_rows};
 
 /// How one micro-batch is computed (recipe keys `train.gradient_checkpointing` and
 /// `train.gradient_checkpointing_every`, `train.loss_chunk_tokens` and `train.padding_free`).
@@ -96,6 +96,10 @@ pub fn forward_backward(
     // embeddings themselves train.
     let input_grad = |i: usize| i > first || embeddings_train;
     let leaf = |x: Tensor<3>, i: usize| if input_grad(i) { x.detach().require_grad() } else { x.detach() };
+    // Only the supervised rows of the last layer's output reach the loss: that layer computes
+    // o_proj, its residual and its MLP at those rows alone.
+    let last_rows = Rows::new(&rows, device);
+    let at = |i: usize| (i + 1 == layers).then_some(&last_rows);
     let mut kept = Vec::new();
     let mut x = forward_model.embed(&tokens, device);
     if let Some(alpha) = neftune_alpha {
@@ -108,7 +112,7 @@ pub fn forward_backward(
             let input = leaf(x, i);
             let extras = model.layer_extras(batch_rows, i, prefix_leaf.as_ref());
             device.seed(block_seed(seed, i, Half::Attention));
-            let residual = model.model.attention_block(i, input.clone(), &layout, extras.as_ref());
+            let residual = model.model.attention_block(i, input.clone(), &layout, extras.as_ref(), at(i));
             device.seed(block_seed(seed, i, Half::Mlp));
             let output = model.model.mlp_block(i, residual);
             x = output.clone().detach();
@@ -116,7 +120,7 @@ pub fn forward_backward(
             continue;
         }
         device.seed(block_seed(seed, i, Half::Attention));
-        let residual = forward_model.model.attention_block(i, x.clone(), &layout, extras.get(i));
+        let residual = forward_model.model.attention_block(i, x.clone(), &layout, extras.get(i), at(i));
         if checkpointing && i >= first {
             kept.push(Kept::Recompute { input: x, residual: residual.clone() });
         }
@@ -124,7 +128,7 @@ pub fn forward_backward(
         x = forward_model.model.mlp_block(i, residual);
     }
 
-    let (loss, mut grad) = loss_backward(model, x.clone().detach().require_grad(), rows, targets, weight, options.loss_chunk_tokens, grads);
+    let (loss, mut grad) = loss_backward(model, x.clone().detach().require_grad(), targets, weight, options.loss_chunk_tokens, grads);
 
     // Layers, backward.
     if !checkpointing {
@@ -168,13 +172,17 @@ pub fn forward_backward(
         let input = leaf(input, i);
         device.seed(block_seed(seed, i, Half::Attention));
         let extras = model.layer_extras(batch_rows, i, prefix_leaf.as_ref());
-        let surrogate = model.model.attention_surrogate(i, input.clone(), &layout, extras.as_ref(), &grad);
+        let surrogate = model.model.attention_surrogate(i, input.clone(), &layout, extras.as_ref(), at(i), &grad);
         // Nothing to train in the lowest layer's attention (LoRA on the MLP alone).
         if !surrogate.is_tracked() {
             continue;
         }
         let mut attention_grads = surrogate.backward();
         if input_grad(i) {
+            if let Some(rows) = at(i) {
+                let [batch, seq, _] = input.dims();
+                grad = rows.scatter(grad, [batch, seq]);
+            }
             grad = grad + input.grad_remove(&mut attention_grads).expect("a tracked layer input has a gradient");
         }
         take_prefix_grad(&mut attention_grads);
@@ -266,24 +274,22 @@ fn tokens_and_targets(batch: &Batch, padding_free: bool) -> (TokenBatch, Vec<i64
     (TokenBatch::Packed { lengths, input_ids }, rows, targets)
 }
 
-/// Final norm, LM head and `weight ·` mean cross-entropy over the supervised `rows` of `last`
-/// (the last layer's output, a fresh leaf). Returns the loss and its gradient w.r.t. `last`;
-/// an LM head trained in full gets its gradient added to `grads`, chunk by chunk.
+/// Final norm, LM head and `weight ·` mean cross-entropy of `targets` over `last` (the last
+/// layer's output at the supervised rows, a fresh leaf). Returns the loss and its gradient
+/// w.r.t. `last`; an LM head trained in full gets its gradient added to `grads`, chunk by chunk.
 ///
 /// # Shapes
-/// - last, gradient: `[batch, seq, hidden]`
+/// - last, gradient: `[1, targets, hidden]`
 fn loss_backward(
     model: &AdaptedModel,
     last: Tensor<3>,
-    rows: Vec<i64>,
     targets: Vec<i64>,
     weight: f64,
     chunk: usize,
     grads: &mut GradientsAccumulator<AdaptedModel>,
 ) -> (f64, Tensor<3>) {
-    let width = last.dims()[2];
-    let n = rows.len();
-    let selected = select_rows(model.model.final_norm(last.clone()), rows);
+    let [_, n, width] = last.dims();
+    let selected = model.model.final_norm(last.clone()).reshape([n, width]);
     let chunk = if chunk == 0 { n } else { chunk.min(n) };
     let (mut loss, mut row_grads) = (0f64, Vec::new());
     for start in (0..n).step_by(chunk) {
