@@ -109,7 +109,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
         turn += 1;
         let prompt = prompt_ids(&format, &tokenizer, &messages, &tools)?;
         let mut stream = Stream { tokenizer: &tokenizer, ids: Vec::new(), shown: String::new(), out: (!request.json).then_some(&mut stdout) };
-        let ids = session.generate(|ids, cache| model.forward_cached(ids, cache), &prompt, &options, &device, |token| stream.push(token));
+        let ids = session.generate(|ids, cache| model.next_token_logits(ids, cache), &prompt, &options, &device, |token| stream.push(token));
         let answer = tokenizer.decode(&ids, true)?;
         match stream.out.take() {
             Some(out) => {

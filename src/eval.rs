@@ -49,7 +49,7 @@ impl Answerer<'_> {
             .enumerate()
             .map(|(index, sample)| {
                 let ids = self.format.prompt_ids(self.tokenizer, sample).map_err(|e| bad_input(dataset.record_error(index, e)))?;
-                let answer = generate(|ids, cache| model.forward_cached(ids, cache), &ids, &self.options, self.device);
+                let answer = generate(|ids, cache| model.next_token_logits(ids, cache), &ids, &self.options, self.device);
                 Ok(self.tokenizer.decode(&answer, true)?)
             })
             .collect()

@@ -60,7 +60,7 @@ pub fn complete(request: &Request) -> anyhow::Result<String> {
         let answer = generate(forward, &prompt, &options, &device);
         if let Some(path) = request.logits_out {
             let ids = Tensor::<2, Int>::from_data(TensorData::new(prompt.iter().map(|&t| t as i64).collect(), [1, prompt.len()]), &device);
-            let last = forward(ids, &mut KvCache::default()).narrow(1, prompt.len() - 1, 1).cast(DType::F32);
+            let last = forward(ids, &mut KvCache::default()).cast(DType::F32);
             let logits: Vec<f32> = last.into_data().try_into_vec::<f32>().expect("f32 logits");
             let json = serde_json::json!({"prompt_ids": prompt, "answer_ids": answer, "last_logits": logits});
             ember_models::write_file_atomically(path, json.to_string().as_bytes()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -71,9 +71,9 @@ pub fn complete(request: &Request) -> anyhow::Result<String> {
         // LoRA is folded in for generation: no low-rank matmuls per token.
         Some(dir) => {
             let model = ember_adapters::Method::load(dir, base, &device)?.0.into_inference();
-            run(&|ids, cache| model.forward_cached(ids, cache))?
+            run(&|ids, cache| model.next_token_logits(ids, cache))?
         }
-        None => run(&|ids, cache| base.forward_cached(ids, cache))?,
+        None => run(&|ids, cache| base.next_token_logits(ids, cache))?,
     };
     Ok(tokenizer.decode(&ids, true)?)
 }

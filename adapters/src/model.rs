@@ -5,6 +5,7 @@
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_models::layers::Linear;
+use ember_models::transformer::last_position;
 use ember_models::{BaseModel, CausalLm, KvCache, LayerExtras, ModelConfig, Projection, TokenBatch, VocabModule};
 
 use crate::registry::{ModelAdapter, ProjectionAdapter};
@@ -283,9 +284,10 @@ impl AdaptedModel {
         }
     }
 
-    /// Logits of the new tokens, reading and extending `cache` (generation). The virtual
-    /// positions of prompt tuning go in front of the first call's tokens.
-    pub fn forward_cached(&self, input_ids: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
+    /// Logits of the last of the new tokens, reading and extending `cache` (generation;
+    /// [`CausalLm::next_token_logits`]). The virtual positions of prompt tuning go in front of
+    /// the first call's tokens.
+    pub fn next_token_logits(&self, input_ids: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
         let rows = input_ids.dims()[0];
         let device = input_ids.device();
         let x = if cache.is_empty() {
@@ -295,7 +297,7 @@ impl AdaptedModel {
             self.embed_ids(input_ids)
         };
         let hidden = self.model.hidden_states_from(x, None, Some(cache), &self.extras(rows));
-        self.logits(hidden)
+        self.logits(last_position(hidden))
     }
 
     /// Branches folded into the base weights (faster generation); other methods are kept, and so

@@ -19,14 +19,15 @@ pub struct GenerationOptions {
 }
 
 /// New token ids after `prompt` (the stop token included when one was produced).
-/// `forward_cached` is a model's cached forward: `[1, new]` ids -> `[1, new, vocab]` logits.
+/// `next_token_logits` is a model's cached forward: `[1, new]` ids -> `[1, 1, vocab]` logits
+/// of the last new token.
 pub fn generate(
-    forward_cached: impl Fn(Tensor<2, Int>, &mut KvCache) -> Tensor<3>,
+    next_token_logits: impl Fn(Tensor<2, Int>, &mut KvCache) -> Tensor<3>,
     prompt: &[u32],
     options: &GenerationOptions,
     device: &Device,
 ) -> Vec<u32> {
-    Session::default().generate(forward_cached, prompt, options, device, |_| {})
+    Session::default().generate(next_token_logits, prompt, options, device, |_| {})
 }
 
 /// Generation across the turns of a conversation: the KV cache and the tokens it holds are
@@ -47,7 +48,7 @@ impl Session {
     /// in the next prompt), and starts again where it shares none.
     pub fn generate(
         &mut self,
-        forward_cached: impl Fn(Tensor<2, Int>, &mut KvCache) -> Tensor<3>,
+        next_token_logits: impl Fn(Tensor<2, Int>, &mut KvCache) -> Tensor<3>,
         prompt: &[u32],
         options: &GenerationOptions,
         device: &Device,
@@ -68,7 +69,7 @@ impl Session {
         let mut out = Vec::new();
         while out.len() < options.max_new_tokens {
             let ids = TensorData::new(next.iter().map(|&t| t as i64).collect(), [1, next.len()]);
-            let logits = forward_cached(Tensor::<2, Int>::from_data(ids, device), &mut self.cache).narrow(1, next.len() - 1, 1).cast(DType::F32);
+            let logits = next_token_logits(Tensor::<2, Int>::from_data(ids, device), &mut self.cache).cast(DType::F32);
             self.tokens.append(&mut next);
             let logits: Vec<f32> = logits.into_data().try_into_vec::<f32>().expect("f32 logits");
             let token = pick(&logits, options, &mut rng);
@@ -127,13 +128,13 @@ mod tests {
     fn a_session_runs_only_the_tokens_its_cache_lacks() {
         let device = Device::flex();
         let runs = RefCell::new(Vec::new());
-        // Logits that pick the last id + 1.
+        // The last position's logits, which pick its id + 1.
         let forward = |ids: Tensor<2, Int>, _: &mut KvCache| {
             let ids: Vec<i64> = ids.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
-            let mut logits = vec![0f32; ids.len() * 16];
-            logits[(ids.len() - 1) * 16 + (*ids.last().unwrap() as usize + 1) % 16] = 1.0;
+            let mut logits = vec![0f32; 16];
+            logits[(*ids.last().unwrap() as usize + 1) % 16] = 1.0;
             runs.borrow_mut().push(ids);
-            Tensor::<3>::from_data(TensorData::new(logits, [1, runs.borrow().last().unwrap().len(), 16]), &device)
+            Tensor::<3>::from_data(TensorData::new(logits, [1, 1, 16]), &device)
         };
         let options = GenerationOptions { max_new_tokens: 2, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids: vec![15] };
         let mut session = Session::default();

@@ -206,6 +206,12 @@ impl Rows {
     }
 }
 
+/// `[batch, seq, hidden] -> [batch, 1, hidden]`: the last position's hidden states.
+pub fn last_position(hidden: Tensor<3>) -> Tensor<3> {
+    let seq = hidden.dims()[1];
+    hidden.narrow(1, seq - 1, 1)
+}
+
 /// `x` and the attention's contexts at `rows`, or whole.
 fn at_rows(x: Tensor<3>, contexts: Vec<Tensor<3>>, rows: Option<&Rows>) -> (Tensor<3>, Vec<Tensor<3>>) {
     match rows {
@@ -662,19 +668,15 @@ impl<P: Projection> CausalLm<P> {
         self.logits(hidden)
     }
 
-    /// Logits of the new tokens, reading and extending `cache` (generation; no padding).
+    /// Logits of the last of the new tokens, reading and extending `cache` (generation; no
+    /// padding). The LM head runs at that position alone: in a prompt's first pass it would
+    /// otherwise cost as much per position as five of SmolLM2's layers.
     ///
     /// # Shapes
     /// - input_ids: `[batch, new]`
-    /// - output: `[batch, new, vocab]`
-    pub fn forward_cached(&self, input_ids: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
-        self.forward_cached_with(input_ids, cache, &[])
-    }
-
-    /// [`forward_cached`](Self::forward_cached) with an adapter's per-layer extras.
-    pub fn forward_cached_with(&self, input_ids: Tensor<2, Int>, cache: &mut KvCache, extras: &[LayerExtras]) -> Tensor<3> {
-        let hidden = self.hidden_states(input_ids, None, Some(cache), extras);
-        self.logits(hidden)
+    /// - output: `[batch, 1, vocab]`
+    pub fn next_token_logits(&self, input_ids: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
+        self.logits(last_position(self.hidden_states(input_ids, None, Some(cache), &[])))
     }
 
     /// Final-norm hidden states `[batch, seq, hidden]`. `extras` is empty or one per layer.
@@ -913,14 +915,16 @@ mod tests {
         let windowed = CausalLm::synthetic(config(serde_json::json!(3)), DType::F32, None, 7, &device);
         let full = logits(&windowed, &ids);
         let mut cache = KvCache::default();
+        // A first pass of two tokens gives the second position's logits, then one a token.
         let mut cached = logits_cached(&windowed, &ids[..2], &mut cache, &device);
         for &id in &ids[2..] {
             cached.extend(logits_cached(&windowed, &[id], &mut cache, &device));
         }
-        let max_abs = full.iter().zip(&cached).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let vocab = 50;
+        assert_eq!(cached.len(), full.len() - vocab);
+        let max_abs = full[vocab..].iter().zip(&cached).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(max_abs < 1e-6, "cached against full forward: {max_abs}");
         let unwindowed = logits(&CausalLm::synthetic(config(Value::Null), DType::F32, None, 7, &device), &ids);
-        let vocab = 50;
         assert_eq!(full[..3 * vocab], unwindowed[..3 * vocab], "the first 3 positions see the same keys");
         assert!(full[3 * vocab..].iter().zip(&unwindowed[3 * vocab..]).any(|(a, b)| (a - b).abs() > 1e-4));
     }
@@ -946,7 +950,7 @@ mod tests {
 
     fn logits_cached(model: &CausalLm<Linear>, ids: &[i64], cache: &mut KvCache, device: &Device) -> Vec<f32> {
         let input = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device);
-        model.forward_cached(input, cache).into_data().try_to_vec::<f32>().unwrap()
+        model.next_token_logits(input, cache).into_data().try_to_vec::<f32>().unwrap()
     }
 
     /// The same bytes on one thread and on many, near N(0, 0.02²), and bf16 the rounding of f32.
