@@ -604,6 +604,10 @@ impl SendPtr {
 const PARALLEL_PRODUCT: usize = 192 * 192 * 192;
 const PARALLEL_BATCH: usize = 128 * 128 * 128;
 const PARALLEL_ALONE: usize = 1 << 20;
+/// A product alone that reads a weight of this many values or more is shared whatever its rows:
+/// with one row (a generated token) it is bound by reading the weight, which two cores do faster
+/// than one.
+const PARALLEL_READ: usize = 1 << 18;
 
 /// gemm's bound for a small product (rows and columns both at most this): its sums over k run in
 /// blocks of 512, a larger product's in blocks sized from the caches.
@@ -642,7 +646,7 @@ pub fn matmul(lhs: &Operand, rhs: &Operand, m: usize, k: usize, n: usize) -> Vec
     // the others wait.) Small products run whole, on one thread per matrix.
     let ops = m * n * k;
     let threads = rayon::current_num_threads();
-    let alone = count == 1 && ops >= PARALLEL_ALONE;
+    let alone = count == 1 && (ops >= PARALLEL_ALONE || k * n >= PARALLEL_READ);
     let mut shares = if ops >= PARALLEL_PRODUCT || alone { threads } else { 1 };
     let width = |shares: usize| n.div_ceil(shares).next_multiple_of(16).min(n);
     // gemm blocks the sum over k one way for a product of at most 64 rows and 64 columns, and
