@@ -123,8 +123,11 @@ impl<P: Projection> DecoderLayer<P> {
         rows: Option<&Rows>,
         contexts: impl FnOnce(&Attention<P>, Tensor<3>) -> Vec<Tensor<3>>,
     ) -> Tensor<3> {
-        let contexts = contexts(&self.attention, self.input_norm.forward(x.clone()));
-        let (x, contexts) = at_rows(x, contexts, rows);
+        let contexts = at_rows(contexts(&self.attention, self.input_norm.forward(x.clone())), rows);
+        let x = match rows {
+            Some(rows) => rows.select(x),
+            None => x,
+        };
         let out = self.attention.output(contexts);
         self.add_attention(x, out)
     }
@@ -156,8 +159,7 @@ impl<P: Projection> DecoderLayer<P> {
         contexts: impl FnOnce(&Attention<P>, Tensor<3>) -> Vec<Tensor<3>>,
         grad: &Tensor<3>,
     ) -> Tensor<1> {
-        let contexts = contexts(&self.attention, self.input_norm.forward(x.clone()));
-        let (_, contexts) = at_rows(x, contexts, rows);
+        let contexts = at_rows(contexts(&self.attention, self.input_norm.forward(x)), rows);
         match &self.output_norms {
             // A norm after o_proj needs its product.
             Some(norms) => output_surrogate(norms.attention.forward(self.attention.output(contexts)), grad),
@@ -212,11 +214,11 @@ pub fn last_position(hidden: Tensor<3>) -> Tensor<3> {
     hidden.narrow(1, seq - 1, 1)
 }
 
-/// `x` and the attention's contexts at `rows`, or whole.
-fn at_rows(x: Tensor<3>, contexts: Vec<Tensor<3>>, rows: Option<&Rows>) -> (Tensor<3>, Vec<Tensor<3>>) {
+/// The attention's contexts at `rows`, or whole.
+fn at_rows(contexts: Vec<Tensor<3>>, rows: Option<&Rows>) -> Vec<Tensor<3>> {
     match rows {
-        Some(rows) => (rows.select(x), contexts.into_iter().map(|c| rows.select(c)).collect()),
-        None => (x, contexts),
+        Some(rows) => contexts.into_iter().map(|c| rows.select(c)).collect(),
+        None => contexts,
     }
 }
 
