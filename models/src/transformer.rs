@@ -203,7 +203,7 @@ impl Rows {
     /// `[batch, seq, hidden]`.
     pub fn scatter(&self, x: Tensor<3>, [batch, seq]: [usize; 2]) -> Tensor<3> {
         let [_, n, width] = x.dims();
-        let zeros = Tensor::<2>::zeros([batch * seq, width], &x.device()).cast(x.dtype());
+        let zeros = Tensor::<2>::zeros([batch * seq, width], (&x.device(), x.dtype()));
         zeros.select_assign(0, self.indices.clone(), x.reshape([n, width]), IndexingUpdateOp::Add).reshape([batch, seq, width])
     }
 }
