@@ -1,5 +1,6 @@
 //! `ember generate`: answer one instruction with a base model and optionally an adapter.
 
+use std::cell::RefCell;
 use std::path::Path;
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
@@ -57,10 +58,27 @@ pub fn complete(request: &Request) -> anyhow::Result<String> {
     let mut options = request.options.clone();
     options.stop_ids.extend(stop_ids(request.base, &base, &tokenizer, format.as_ref())?);
     let run = |forward: &dyn Fn(Tensor<2, Int>, &mut KvCache) -> Tensor<3>| -> anyhow::Result<Vec<u32>> {
-        let answer = generate(forward, &prompt, &options, &device);
+        // The prompt's logits are generation's first step: kept from it, not run again.
+        let prompt_logits = RefCell::new(None);
+        let answer = generate(
+            |ids, cache: &mut KvCache| {
+                let logits = forward(ids, cache);
+                if request.logits_out.is_some() && prompt_logits.borrow().is_none() {
+                    *prompt_logits.borrow_mut() = Some(logits.clone());
+                }
+                logits
+            },
+            &prompt,
+            &options,
+            &device,
+        );
         if let Some(path) = request.logits_out {
-            let ids = Tensor::<2, Int>::from_data(TensorData::new(prompt.iter().map(|&t| t as i64).collect(), [1, prompt.len()]), &device);
-            let last = forward(ids, &mut KvCache::default()).cast(DType::F32);
+            let last = prompt_logits.into_inner().unwrap_or_else(|| {
+                // No new token asked for: the prompt did not run.
+                let ids = Tensor::<2, Int>::from_data(TensorData::new(prompt.iter().map(|&t| t as i64).collect(), [1, prompt.len()]), &device);
+                forward(ids, &mut KvCache::default())
+            });
+            let last = last.cast(DType::F32);
             let logits: Vec<f32> = last.into_data().try_into_vec::<f32>().expect("f32 logits");
             let json = serde_json::json!({"prompt_ids": prompt, "answer_ids": answer, "last_logits": logits});
             ember_models::write_file_atomically(path, json.to_string().as_bytes()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
