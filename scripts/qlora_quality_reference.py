@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Issue 14's quality check on the reference side: what NF4 costs HF PEFT + bitsandbytes.
 
-Trains LoRA as recipes/smollm2-lora.toml does (r 8, alpha 16, dropout 0.05 on q_proj,v_proj; AdamW lr 3e-4,
+Trains LoRA as recipes/smollm2-lora.toml does (r 8, alpha 16, dropout 0.05 on q_proj,v_proj, or --r, --alpha and
+--target-modules; AdamW lr 3e-4,
 linear schedule with 5 warm-up steps; batch 4; Alpaca template, prompt masked, cutoff 256) for --steps steps on an
 f32 base and on a bitsandbytes NF4 base, and prints the held-out loss (transformers' masked mean over the answer
 tokens of all held-out records) before training and every --eval-every steps, one JSON line per base.
@@ -26,6 +27,9 @@ def main():
     ap.add_argument("--val-size", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bases", default="f32,nf4")
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--target-modules", default="q_proj,v_proj", help='comma-separated, or "all-linear"')
     a = ap.parse_args()
 
     # The reference's record loading and encoding, so that both scripts build the same examples.
@@ -85,7 +89,8 @@ def main():
                     module.support_avx512bf16_for_cpu = False
         else:
             model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
-        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        config = peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                 target_modules=a.target_modules if a.target_modules == "all-linear" else a.target_modules.split(","))
         model = peft.get_peft_model(model, config)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=0.0)
         schedule = get_linear_schedule_with_warmup(optimizer, 5, a.steps)
@@ -99,7 +104,7 @@ def main():
             optimizer.zero_grad(set_to_none=True)
             if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
                 losses[step + 1] = held_out_loss(model)
-        print(json.dumps({"impl": "hf-peft", "peft": peft.__version__, "base": base, "steps": a.steps,
+        print(json.dumps({"impl": "hf-peft", "peft": peft.__version__, "base": base, "steps": a.steps, "r": a.r, "alpha": a.alpha, "target_modules": a.target_modules,
                           "held_out_records": len(held_out), "held_out_loss": losses}), flush=True)
 
 

@@ -246,6 +246,20 @@ fn generation_stops_at_the_generation_configs_eos() {
     assert_bad_input(&output, &["generation_config.json", "key 'eos_token_id': expected a token id, found \"</s>\""]);
 }
 
+/// Sampling settings outside their range are refused, not run (NaN once sampled garbage).
+#[test]
+fn sampling_settings_out_of_range_are_bad_input() {
+    let base = repository().join("tests/fixtures/tiny_llama");
+    for (flag, value) in [("--temperature", "-1"), ("--temperature", "nan"), ("--top-p", "1.5"), ("--top-p", "-0.1")] {
+        let setting = format!("{flag}={value}");
+        let output = ember(&["generate", "--base", base.to_str().unwrap(), "--prompt", "Hello", &setting]);
+        // clap's usage error: its line, then where to find help.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.starts_with(&format!("error: invalid value '{value}' for '{flag}")), "{stderr}");
+    }
+}
+
 /// `ember chat` with `args`, `input` its standard input.
 fn chat_on(args: &[&str], input: &str) -> std::process::Output {
     use std::io::Write;
