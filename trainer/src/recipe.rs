@@ -712,6 +712,18 @@ impl Recipe {
                 return Err(format!("'{key}' must be at least 1"));
             }
         }
+        // As torch's AdamW checks its arguments; NaN fails every range.
+        let at_least_zero = [("train.lr", t.lr), ("train.weight_decay", t.weight_decay), ("train.adam_epsilon", t.adam_epsilon), ("train.max_grad_norm", t.max_grad_norm)];
+        for (key, value) in at_least_zero {
+            if !(value >= 0.0 && value.is_finite()) {
+                return Err(format!("'{key}' is {value}; expected a finite number >= 0"));
+            }
+        }
+        for (key, value) in [("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)] {
+            if !(0.0..1.0).contains(&value) {
+                return Err(format!("'{key}' is {value}; expected 0 <= beta < 1"));
+            }
+        }
         if !(0.0..1.0).contains(&t.warmup_ratio) {
             return Err(format!("'train.warmup_ratio' is {}; expected 0 <= ratio < 1", t.warmup_ratio));
         }
@@ -942,7 +954,11 @@ mod tests {
         let r = load(MINIMAL, &["train.warmup_ratio=0.03", "train.neftune_noise_alpha=5"]).unwrap();
         assert_eq!((r.train.warmup(1000), r.train.neftune()), (30, Some(5.0)));
         assert_eq!((load(MINIMAL, &[]).unwrap().train.neftune()), None);
-        let cases: [(&[&str], &str); 4] = [
+        let cases: [(&[&str], &str); 8] = [
+            (&["train.lr=-1e-4"], "'train.lr' is -0.0001; expected a finite number >= 0"),
+            (&["train.lr=nan"], "'train.lr' is NaN"),
+            (&["train.weight_decay=-0.1"], "'train.weight_decay' is -0.1"),
+            (&["train.adam_beta2=1.0"], "'train.adam_beta2' is 1; expected 0 <= beta < 1"),
             (&["train.warmup_ratio=1.5"], "'train.warmup_ratio' is 1.5; expected 0 <= ratio < 1"),
             (&["train.warmup_ratio=0.1", "train.warmup_steps=10"], "both set: give one"),
             (&["train.neftune_noise_alpha=-1.0"], "'train.neftune_noise_alpha' is -1"),
