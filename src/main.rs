@@ -212,7 +212,7 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         limit: usize,
         /// Questions a forward pass (right-padded).
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = at_least_one)]
         batch: usize,
         /// JSONL file: each question's answer and each model's pick and choice logits.
         #[arg(long)]
@@ -253,7 +253,7 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         cutoff_len: usize,
         /// Examples per forward pass.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = at_least_one)]
         batch: usize,
         /// Only the first N records (0: all).
         #[arg(long, default_value_t = 0)]
@@ -354,6 +354,14 @@ struct Sampling {
     seed: u64,
 }
 
+/// A count that must be at least 1 (a batch, a length, timed steps).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("expected a whole number of at least 1".into()),
+    }
+}
+
 /// `--temperature`: a finite number, at least 0.
 fn temperature(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
@@ -415,12 +423,12 @@ struct BenchArgs {
     /// Any other key of the method's [adapter] section, e.g. `--adapter use_rslora=true` (repeatable).
     #[arg(long = "adapter", value_name = "KEY=VALUE")]
     adapter_keys: Vec<String>,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     batch: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     cutoff: usize,
     /// Timed steps.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one)]
     steps: usize,
     /// Untimed steps first. With 0 and one timed step, the peak RSS lacks AdamW's moments, which
     /// exist from the second step on.

@@ -246,9 +246,10 @@ fn generation_stops_at_the_generation_configs_eos() {
     assert_bad_input(&output, &["generation_config.json", "key 'eos_token_id': expected a token id, found \"</s>\""]);
 }
 
-/// Sampling settings outside their range are refused, not run (NaN once sampled garbage).
+/// Sampling settings and counts outside their range are refused, not run (NaN once sampled
+/// garbage; a batch of 0 ran as 1).
 #[test]
-fn sampling_settings_out_of_range_are_bad_input() {
+fn arguments_out_of_range_are_bad_input() {
     let base = repository().join("tests/fixtures/tiny_llama");
     for (flag, value) in [("--temperature", "-1"), ("--temperature", "nan"), ("--top-p", "1.5"), ("--top-p", "-0.1")] {
         let setting = format!("{flag}={value}");
@@ -258,6 +259,10 @@ fn sampling_settings_out_of_range_are_bad_input() {
         assert_eq!(output.status.code(), Some(2), "{stderr}");
         assert!(stderr.starts_with(&format!("error: invalid value '{value}' for '{flag}")), "{stderr}");
     }
+    let data = repository().join("tests/data/alpaca_en_sample_200.json");
+    let output = ember(&["eval", "--base", base.to_str().unwrap(), "--data", data.to_str().unwrap(), "--batch", "0"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).starts_with("error: invalid value '0' for '--batch"));
 }
 
 /// `ember chat` with `args`, `input` its standard input.
