@@ -15,6 +15,7 @@ pub mod plot;
 pub mod recipe;
 pub mod run_export;
 pub mod run;
+pub mod schedule;
 pub mod step;
 pub(crate) mod tensorboard;
 pub mod train;

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use toml::Value;
 
 use crate::merge::MergeDtype;
+pub use crate::schedule::{LrScheduler, SchedulerKwargs};
 use crate::step::StepOptions;
 
 #[derive(Debug, thiserror::Error)]
@@ -371,8 +372,11 @@ pub struct TrainSection {
     /// Stop after this many optimizer steps (0: run all epochs).
     pub max_steps: usize,
     pub lr: f64,
-    /// `constant`, `constant_with_warmup`, `linear` or `cosine`.
+    /// By transformers' names ([`LrScheduler`]).
     pub lr_scheduler: LrScheduler,
+    /// The schedule's own arguments (`num_cycles`, `min_lr_rate`, …), as transformers'
+    /// `lr_scheduler_kwargs`.
+    pub lr_scheduler_kwargs: SchedulerKwargs,
     pub warmup_steps: usize,
     /// Warmup as a fraction of the run's optimizer steps, `⌈ratio · steps⌉` (transformers'
     /// `warmup_ratio`, LLaMA-Factory's); instead of `warmup_steps`.
@@ -464,6 +468,7 @@ impl Default for TrainSection {
             max_steps: 0,
             lr: 3e-4,
             lr_scheduler: LrScheduler::Linear,
+            lr_scheduler_kwargs: SchedulerKwargs::default(),
             warmup_steps: 0,
             warmup_ratio: 0.0,
             weight_decay: 0.0,
@@ -567,17 +572,6 @@ impl ExportSection {
     }
 }
 
-/// The learning-rate schedule after warmup, by transformers' names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LrScheduler {
-    /// No warmup (transformers' `constant` ignores it; a recipe giving both is refused).
-    Constant,
-    ConstantWithWarmup,
-    Linear,
-    Cosine,
-}
-
 /// What a NaN/inf loss or gradient norm does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -607,7 +601,7 @@ const KEYS: &[(&str, &[&str])] = &[
     // The method's own keys come from its section type (`adapter_keys`).
     ("adapter", &["method", "init_from"]),
     ("data", &["path", "eval_path", "template", "prompt_input", "prompt_no_input", "cutoff_len", "train_on_inputs", "mask_history", "val_size", "group_by_length", "tokenized_path", "columns", "tags", "dataset", "eval_dataset", "dataset_dir", "max_samples"]),
-    ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler",
+    ("train", &["seed", "micro_batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr", "lr_scheduler", "lr_scheduler_kwargs",
         "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "eval_steps", "logging_steps",
         "save_steps", "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "gradient_checkpointing_every", "loss_chunk_tokens", "padding_free", "report_to",
         "neftune_noise_alpha", "loraplus_lr_ratio", "loraplus_lr_embedding", "early_stopping_patience", "load_best_model_at_end"]),
@@ -636,9 +630,12 @@ impl Recipe {
         let invalid = |reason: String| RecipeError::Invalid { path: path.to_path_buf(), reason };
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| invalid(format!("invalid TOML: {}", e.message())))?;
         for (name, value) in env {
-            let key = name.strip_prefix(ENV_PREFIX).unwrap_or(name).to_lowercase().replacen("__", ".", 1);
+            // `__` separates as `.` does (`EMBER_TRAIN__LR_SCHEDULER_KWARGS__MIN_LR_RATE`).
+            let key = name.strip_prefix(ENV_PREFIX).unwrap_or(name).to_lowercase().replace("__", ".");
             // Checked here, not with the rest, so that the error names the variable.
-            key.split_once('.').map_or(Err(format!("unknown key '{key}'")), |(section, name)| check_key(section, name, None))
+            let mut parts = key.split('.');
+            let (section, first) = (parts.next().unwrap_or_default(), parts.next());
+            first.map_or(Err(format!("unknown key '{key}'")), |name| check_key(section, name, None))
                 .and_then(|()| apply_override(&mut table, &format!("{key}={value}")))
                 .map_err(|e| invalid(format!("environment variable {name}: {e}")))?;
         }
@@ -724,6 +721,7 @@ impl Recipe {
                 return Err(format!("'{key}' is {value}; expected 0 <= beta < 1"));
             }
         }
+        t.lr_scheduler.check(&t.lr_scheduler_kwargs, t.lr)?;
         if !(0.0..1.0).contains(&t.warmup_ratio) {
             return Err(format!("'train.warmup_ratio' is {}; expected 0 <= ratio < 1", t.warmup_ratio));
         }
@@ -814,11 +812,17 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
 /// `train.lr=1e-4` -> table["train"]["lr"] = 1e-4
 fn apply_override(table: &mut toml::Table, item: &str) -> Result<(), String> {
     let (key, raw) = item.split_once('=').ok_or_else(|| format!("--set '{item}': expected section.key=value"))?;
-    let (section, name) = key.trim().split_once('.').ok_or_else(|| format!("--set '{item}': key must be section.key"))?;
-    let value = override_value(raw);
-    let section = table.entry(section.to_owned()).or_insert_with(|| Value::Table(Default::default()));
-    let section = section.as_table_mut().ok_or_else(|| format!("--set '{item}': '{key}' is not in a section"))?;
-    section.insert(name.to_owned(), value);
+    // `section.key`, or deeper into a table key: `train.lr_scheduler_kwargs.min_lr_rate`.
+    let path: Vec<&str> = key.trim().split('.').collect();
+    let Some((name, tables)) = path.split_last().filter(|(_, tables)| !tables.is_empty()) else {
+        return Err(format!("--set '{item}': key must be section.key"));
+    };
+    let mut table = table;
+    for (depth, part) in tables.iter().enumerate() {
+        let inner = table.entry(part.to_string()).or_insert_with(|| Value::Table(Default::default()));
+        table = inner.as_table_mut().ok_or_else(|| format!("--set '{item}': '{}' is not a table", path[..=depth].join(".")))?;
+    }
+    table.insert(name.to_string(), override_value(raw));
     Ok(())
 }
 
@@ -946,6 +950,33 @@ mod tests {
         for (set, want) in cases {
             let e = load(MINIMAL, &[set]).unwrap_err();
             assert!(e.contains(want), "{set}: {e}");
+        }
+    }
+
+    #[test]
+    fn schedule_arguments_are_checked() {
+        let r = load(MINIMAL, &["train.lr_scheduler=\"cosine_with_min_lr\"", "train.lr_scheduler_kwargs={ min_lr_rate = 0.1 }"]).unwrap();
+        assert_eq!(r.train.lr_scheduler_kwargs.min_lr_rate, Some(0.1));
+        // A key of the table on its own, from --set and from the environment.
+        let text = format!("{MINIMAL}[train]\nlr_scheduler = \"cosine_with_min_lr\"\nlr_scheduler_kwargs = {{ min_lr_rate = 0.1 }}\n");
+        let r = load(&text, &["train.lr_scheduler_kwargs.num_cycles=1"]).unwrap();
+        assert_eq!((r.train.lr_scheduler_kwargs.min_lr_rate, r.train.lr_scheduler_kwargs.num_cycles), (Some(0.1), Some(1.0)));
+        let env = [("EMBER_TRAIN__LR_SCHEDULER_KWARGS__MIN_LR_RATE", "0.2")];
+        assert_eq!(load_with_env(&text, &env, &[]).unwrap().train.lr_scheduler_kwargs.min_lr_rate, Some(0.2));
+        assert!(load(&text, &["train.lr_scheduler.x=1"]).unwrap_err().contains("'train.lr_scheduler' is not a table"));
+        let cases: [(&[&str], &str); 8] = [
+            (&["train.lr_scheduler_kwargs={ num_cycles = 2 }"], "'train.lr_scheduler_kwargs.num_cycles': lr_scheduler \"linear\" takes no arguments"),
+            (&["train.lr_scheduler=\"cosine\"", "train.lr_scheduler_kwargs={ min_lr_rate = 0.1 }"], "lr_scheduler \"cosine\" takes num_cycles"),
+            (&["train.lr_scheduler=\"cosine_with_min_lr\""], "needs 'train.lr_scheduler_kwargs.min_lr' or"),
+            (&["train.lr_scheduler=\"cosine_with_min_lr\"", "train.lr_scheduler_kwargs={ min_lr = 1e-5, min_lr_rate = 0.1 }"], "give one"),
+            (&["train.lr_scheduler=\"polynomial\"", "train.lr=1e-4", "train.lr_scheduler_kwargs={ lr_end = 1e-3 }"], "'train.lr_scheduler_kwargs.lr_end' (0.001) must be below train.lr (0.0001)"),
+            (&["train.lr_scheduler=\"warmup_stable_decay\""], "needs 'train.lr_scheduler_kwargs.num_decay_steps'"),
+            (&["train.lr_scheduler=\"warmup_stable_decay\"", "train.lr_scheduler_kwargs={ num_decay_steps = 5, min_lr_ratio = 2.0 }"], "min_lr_ratio' is 2; expected 0 to 1"),
+            (&["train.lr_scheduler_kwargs={ num_cycle = 2 }"], "unknown field `num_cycle`"),
+        ];
+        for (overrides, want) in cases {
+            let e = load(MINIMAL, overrides).unwrap_err();
+            assert!(e.contains(want), "{overrides:?}: {e}");
         }
     }
 

@@ -31,7 +31,7 @@ use crate::fault::{self, Fault};
 use crate::interrupt;
 use crate::loss::causal_lm_loss;
 use crate::optimizer::{AdamW, FlatGradients};
-use crate::recipe::{FileGroup, LrScheduler, OnNonfinite, Recipe, ReportTo};
+use crate::recipe::{FileGroup, OnNonfinite, Recipe, ReportTo};
 use crate::run::{Event, Metrics, StepReport, Summary};
 use crate::step;
 
@@ -261,21 +261,12 @@ fn int_tensor(values: &[i64], shape: [usize; 2], device: &Device) -> Tensor<2, I
     Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
 }
 
-/// Learning rate at optimizer step `step` (0-based): linear warmup, then constant, linear or
-/// cosine decay to 0 at `total`, as transformers' schedulers. As there, warmup starts from 0:
-/// the first step's rate is 0 (its AdamW moments still count).
+/// Learning rate at optimizer step `step` (0-based) of `total`: warmup, then the recipe's
+/// schedule, as transformers' schedulers. As there, warmup starts from 0: the first step's rate
+/// is 0 (its AdamW moments still count).
 pub fn learning_rate(recipe: &Recipe, step: usize, total: usize) -> f64 {
     let t = &recipe.train;
-    let warmup = t.warmup(total);
-    if step < warmup {
-        return t.lr * step as f64 / warmup as f64;
-    }
-    let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
-    match t.lr_scheduler {
-        LrScheduler::Linear => t.lr * (1.0 - progress).max(0.0),
-        LrScheduler::Cosine => t.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
-        LrScheduler::Constant | LrScheduler::ConstantWithWarmup => t.lr,
-    }
+    t.lr * t.lr_scheduler.factor(&t.lr_scheduler_kwargs, t.lr, step, t.warmup(total), total)
 }
 
 /// The examples of one epoch in a seeded order, read `micro_batch_size` at a time; with
@@ -797,20 +788,42 @@ mod tests {
     }
 
     /// The rate of each of 10 optimizer steps with 3 of warmup (lr 1), as transformers'
-    /// `get_scheduler(name, optimizer, num_warmup_steps=3, num_training_steps=10)` sets it for
-    /// each `optimizer.step()` (transformers 5.23.0); warmup 0.25 of 10 steps is ⌈2.5⌉ = 3.
+    /// `get_scheduler(name, optimizer, num_warmup_steps=3, num_training_steps=10,
+    /// scheduler_specific_kwargs=…)` sets it for each `optimizer.step()` (transformers 5.23.0);
+    /// warmup 0.25 of 10 steps is ⌈2.5⌉ = 3.
     #[test]
     fn schedules_are_transformers() {
         let cases = [
-            ("linear", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.857142857143, 0.714285714286, 0.571428571429, 0.428571428571, 0.285714285714, 0.142857142857]),
-            ("cosine", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.950484433951, 0.811744900929, 0.611260466978, 0.388739533022, 0.188255099071, 0.049515566049]),
-            ("constant_with_warmup", [0.0, 0.333333333333, 0.666666666667, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+            ("linear", "", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.857142857143, 0.714285714286, 0.571428571429, 0.428571428571, 0.285714285714, 0.142857142857]),
+            ("cosine", "", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.950484433951, 0.811744900929, 0.611260466978, 0.388739533022, 0.188255099071, 0.049515566049]),
+            ("constant_with_warmup", "", [0.0, 0.333333333333, 0.666666666667, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+            ("cosine", "{ num_cycles = 1.5 }", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.611260466978, 0.049515566049, 0.188255099071, 0.811744900929, 0.950484433951, 0.388739533022]),
+            ("cosine_with_restarts", "", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.950484433951, 0.811744900929, 0.611260466978, 0.388739533022, 0.188255099071, 0.049515566049]),
+            ("cosine_with_restarts", "{ num_cycles = 2 }", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.811744900929, 0.388739533022, 0.049515566049, 0.950484433951, 0.611260466978, 0.188255099071]),
+            ("cosine_with_min_lr", "{ min_lr_rate = 0.1 }", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.955435990556, 0.830570410836, 0.650134420280, 0.449865579720, 0.269429589164, 0.144564009444]),
+            ("cosine_with_min_lr", "{ min_lr = 0.2 }", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.960387547161, 0.849395920743, 0.689008373583, 0.510991626417, 0.350604079257, 0.239612452839]),
+            ("polynomial", "", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.857142871429, 0.714285742857, 0.571428614286, 0.428571485714, 0.285714357143, 0.142857228571]),
+            ("polynomial", "{ lr_end = 0.1, power = 2.0 }", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.761224489796, 0.559183673469, 0.393877551020, 0.265306122449, 0.173469387755, 0.118367346939]),
+            ("inverse_sqrt", "", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.866025403784, 0.774596669241, 0.707106781187, 0.654653670708, 0.612372435696, 0.577350269190]),
+            ("inverse_sqrt", "{ timescale = 5 }", [0.0, 0.333333333333, 0.666666666667, 1.0, 0.912870929175, 0.845154254729, 0.790569415042, 0.745355992500, 0.707106781187, 0.674199862463]),
+            ("warmup_stable_decay", "{ num_decay_steps = 4 }", [0.0, 0.333333333333, 0.666666666667, 1.0, 1.0, 1.0, 1.0, 0.853553390593, 0.5, 0.146446609407]),
+            (
+                "warmup_stable_decay",
+                "{ num_decay_steps = 3, num_stable_steps = 2, warmup_type = \"cosine\", decay_type = \"1-sqrt\", min_lr_ratio = 0.1 }",
+                [0.1, 0.325, 0.775, 1.0, 1.0, 1.0, 0.480384757729, 0.265153077165, 0.1, 0.1],
+            ),
+            (
+                "warmup_stable_decay",
+                "{ num_decay_steps = 4, decay_type = \"linear\", warmup_type = \"1-sqrt\" }",
+                [0.0, 0.183503419072, 0.422649730810, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25],
+            ),
         ];
-        for (name, want) in cases {
+        for (name, kwargs, want) in cases {
             for warmup in ["warmup_steps = 3", "warmup_ratio = 0.25"] {
-                let r = recipe(&format!("lr_scheduler = \"{name}\"\n{warmup}"));
+                let kwargs = if kwargs.is_empty() { String::new() } else { format!("lr_scheduler_kwargs = {kwargs}\n") };
+                let r = recipe(&format!("lr_scheduler = \"{name}\"\n{kwargs}{warmup}"));
                 let got: Vec<f64> = (0..10).map(|step| learning_rate(&r, step, 10)).collect();
-                assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-11), "{name}, {warmup}: {got:?}");
+                assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-11), "{name} {kwargs}, {warmup}: {got:?}");
             }
         }
         assert_eq!(learning_rate(&recipe("lr_scheduler = \"linear\""), 0, 10), 1.0);
