@@ -126,7 +126,7 @@ pub fn run(request: &Request) -> anyhow::Result<()> {
     let answerer = Answerer {
         tokenizer: &tokenizer,
         format: &format,
-        options: GenerationOptions { max_new_tokens: request.max_new_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids },
+        options: GenerationOptions::greedy(request.max_new_tokens, stop_ids),
         device: &device,
     };
     let answers = |model: &AdaptedModel| dataset.as_ref().map_or(Ok(Vec::new()), |d| answerer.answer(model, d, samples.len()));

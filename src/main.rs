@@ -346,9 +346,19 @@ struct Sampling {
     /// Sampling temperature; 0 for greedy decoding.
     #[arg(long, default_value_t = 0.0, value_parser = temperature)]
     temperature: f64,
+    /// Sample from this many most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
     /// Nucleus sampling: sample from the most likely tokens that reach this probability.
-    #[arg(long, default_value_t = 1.0, value_parser = top_p)]
+    #[arg(long, default_value_t = 1.0, value_parser = probability)]
     top_p: f64,
+    /// Drop the tokens less likely than this times the most likely one (0: off).
+    #[arg(long, default_value_t = 0.0, value_parser = probability)]
+    min_p: f64,
+    /// transformers' repetition penalty, greedy or sampled: each token already in the prompt or
+    /// the answer has its logit divided by this if positive, multiplied if negative (1: off).
+    #[arg(long, default_value_t = 1.0, value_parser = repetition_penalty)]
+    repetition_penalty: f64,
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -370,17 +380,33 @@ fn temperature(text: &str) -> Result<f64, String> {
     }
 }
 
-/// `--top-p`: a probability, as transformers' `top_p` (0 to 1).
-fn top_p(text: &str) -> Result<f64, String> {
+/// `--top-p`, `--min-p`: a probability, as transformers' (0 to 1).
+fn probability(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
         _ => Err("expected a probability from 0 to 1".into()),
     }
 }
 
+/// `--repetition-penalty`: a finite number above 0, as transformers requires.
+fn repetition_penalty(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(p) if p.is_finite() && p > 0.0 => Ok(p),
+        _ => Err("expected a number above 0 (1: off)".into()),
+    }
+}
+
 impl Sampling {
     fn options(&self) -> ember_models::generate::GenerationOptions {
-        ember_models::generate::GenerationOptions { max_new_tokens: self.max_new_tokens, temperature: self.temperature, top_p: self.top_p, seed: self.seed, stop_ids: Vec::new() }
+        ember_models::generate::GenerationOptions {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            ..ember_models::generate::GenerationOptions::greedy(self.max_new_tokens, Vec::new())
+        }
     }
 }
 

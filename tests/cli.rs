@@ -246,12 +246,37 @@ fn generation_stops_at_the_generation_configs_eos() {
     assert_bad_input(&output, &["generation_config.json", "key 'eos_token_id': expected a token id, found \"</s>\""]);
 }
 
+/// Greedy answers with a repetition penalty are transformers' token for token:
+/// `model.generate(ids, do_sample=False, max_new_tokens=24, repetition_penalty=p)` on the tiny
+/// LLaMA fixture (transformers 5.23.0).
+#[test]
+fn repetition_penalty_is_transformers() {
+    let base = repository().join("tests/fixtures/tiny_llama");
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, [u64; 24]); 3] = [
+        ("1.0", [969, 60, 740, 969, 898, 734, 364, 34, 574, 750, 631, 931, 235, 259, 55, 364, 34, 259, 334, 286, 380, 334, 710, 174]),
+        ("1.3", [969, 60, 740, 210, 96, 364, 870, 931, 622, 909, 787, 129, 151, 17, 906, 898, 174, 209, 631, 595, 335, 771, 928, 773]),
+        ("0.7", [969, 60, 427, 969, 898, 344, 344, 344, 344, 344, 574, 969, 898, 574, 442, 442, 442, 970, 442, 970, 898, 970, 898, 970]),
+    ];
+    for (penalty, want) in cases {
+        let out = dir.path().join(format!("{penalty}.json"));
+        let args = ["generate", "--base", base.to_str().unwrap(), "--template", "none", "--prompt", "Hello, my name is", "--max-new-tokens", "24"];
+        let output = ember(&[&args[..], &["--repetition-penalty", penalty, "--logits-out", out.to_str().unwrap()]].concat());
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let json = read_json(&out);
+        assert_eq!(json["prompt_ids"], serde_json::json!([1, 42, 277, 602, 14, 344, 91, 427, 735, 306]));
+        let answer: Vec<u64> = json["answer_ids"].as_array().unwrap().iter().map(|id| id.as_u64().unwrap()).collect();
+        assert_eq!(answer, want, "repetition penalty {penalty}");
+    }
+}
+
 /// Sampling settings and counts outside their range are refused, not run (NaN once sampled
 /// garbage; a batch of 0 ran as 1).
 #[test]
 fn arguments_out_of_range_are_bad_input() {
     let base = repository().join("tests/fixtures/tiny_llama");
-    for (flag, value) in [("--temperature", "-1"), ("--temperature", "nan"), ("--top-p", "1.5"), ("--top-p", "-0.1")] {
+    let bad = [("--temperature", "-1"), ("--temperature", "nan"), ("--top-p", "1.5"), ("--top-p", "-0.1"), ("--min-p", "2"), ("--repetition-penalty", "0")];
+    for (flag, value) in bad {
         let setting = format!("{flag}={value}");
         let output = ember(&["generate", "--base", base.to_str().unwrap(), "--prompt", "Hello", &setting]);
         // clap's usage error: its line, then where to find help.

@@ -1,4 +1,7 @@
-//! Text generation with a KV cache: greedy, or temperature + nucleus (top-p) sampling.
+//! Text generation with a KV cache: greedy, or sampled with temperature, top-k, top-p and
+//! min-p, with transformers' repetition penalty on either.
+
+use std::collections::HashSet;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
@@ -6,16 +9,32 @@ use rand::{Rng, SeedableRng};
 
 use crate::KvCache;
 
+/// How tokens are picked, as transformers' `generate` arguments of the same names (applied in
+/// its order: repetition penalty, temperature, top-k, top-p, min-p).
 #[derive(Debug, Clone)]
 pub struct GenerationOptions {
     pub max_new_tokens: usize,
     /// 0: greedy.
     pub temperature: f64,
+    /// Sample from the `top_k` most likely tokens (ties with the last one kept; 0: all).
+    pub top_k: usize,
     /// Sample from the smallest set of tokens whose probability reaches `top_p`.
     pub top_p: f64,
+    /// Drop the tokens less likely than `min_p` times the most likely one (0: none).
+    pub min_p: f64,
+    /// Every token already in the sequence (prompt and answer) has its logit divided by this
+    /// when positive, multiplied when negative, greedy or sampled (1: off).
+    pub repetition_penalty: f64,
     pub seed: u64,
     /// Generation stops after any of these.
     pub stop_ids: Vec<u32>,
+}
+
+impl GenerationOptions {
+    /// Greedy decoding of at most `max_new_tokens`, stopping after any of `stop_ids`.
+    pub fn greedy(max_new_tokens: usize, stop_ids: Vec<u32>) -> Self {
+        Self { max_new_tokens, temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: 0, stop_ids }
+    }
 }
 
 /// New token ids after `prompt` (the stop token included when one was produced).
@@ -67,12 +86,20 @@ impl Session {
         let mut rng = StdRng::seed_from_u64(options.seed);
         let mut next = prompt[self.reused..].to_vec();
         let mut out = Vec::new();
+        let penalized = options.repetition_penalty != 1.0;
+        let mut seen: HashSet<u32> = if penalized { prompt.iter().copied().collect() } else { HashSet::new() };
         while out.len() < options.max_new_tokens {
             let ids = TensorData::new(next.iter().map(|&t| t as i64).collect(), [1, next.len()]);
             let logits = next_token_logits(Tensor::<2, Int>::from_data(ids, device), &mut self.cache).cast(DType::F32);
             self.tokens.append(&mut next);
-            let logits: Vec<f32> = logits.into_data().try_into_vec::<f32>().expect("f32 logits");
+            let mut logits: Vec<f32> = logits.into_data().try_into_vec::<f32>().expect("f32 logits");
+            if penalized {
+                penalize_repetition(&mut logits, &seen, options.repetition_penalty as f32);
+            }
             let token = pick(&logits, options, &mut rng);
+            if penalized {
+                seen.insert(token);
+            }
             out.push(token);
             on_token(token);
             if options.stop_ids.contains(&token) {
@@ -89,22 +116,44 @@ impl Session {
     }
 }
 
+/// transformers' `RepetitionPenaltyLogitsProcessor`: each token of `seen` once, in f32.
+fn penalize_repetition(logits: &mut [f32], seen: &HashSet<u32>, penalty: f32) {
+    for &id in seen {
+        if let Some(logit) = logits.get_mut(id as usize) {
+            *logit = if *logit < 0.0 { *logit * penalty } else { *logit / penalty };
+        }
+    }
+}
+
 fn pick(logits: &[f32], options: &GenerationOptions, rng: &mut StdRng) -> u32 {
     let argmax = || (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap_or(0) as u32;
     if options.temperature <= 0.0 {
         return argmax();
     }
+    // Unnormalised probabilities, most likely first.
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut probs: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &l)| (i, ((l as f64 - max) / options.temperature).exp())).collect();
-    let total: f64 = probs.iter().map(|p| p.1).sum();
-    probs.iter_mut().for_each(|p| p.1 /= total);
     probs.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let mut kept = 0.0;
-    let cut = probs.iter().position(|p| {
-        kept += p.1;
-        kept >= options.top_p
-    });
-    probs.truncate(cut.map_or(probs.len(), |i| i + 1));
+    if options.top_k > 0 && options.top_k < probs.len() {
+        let kth = probs[options.top_k - 1].1;
+        probs.truncate(probs.partition_point(|p| p.1 >= kth));
+    }
+    // Top-p over what top-k left: a token stays while the tokens before it hold less than top_p.
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    let mut before = 0.0;
+    let nucleus = probs
+        .iter()
+        .take_while(|p| {
+            let keep = before < options.top_p * total;
+            before += p.1;
+            keep
+        })
+        .count();
+    probs.truncate(nucleus.max(1));
+    if options.min_p > 0.0 {
+        let floor = options.min_p * probs[0].1;
+        probs.truncate(probs.partition_point(|p| p.1 >= floor));
+    }
     let mass: f64 = probs.iter().map(|p| p.1).sum();
     let mut draw = rng.random::<f64>() * mass;
     for (id, p) in &probs {
@@ -121,6 +170,35 @@ mod tests {
     use super::*;
     use std::cell::RefCell;
 
+    /// Sampling keeps what top-k, top-p and min-p leave, in that order; a repetition penalty
+    /// divides positive and multiplies negative logits of tokens seen, each once.
+    #[test]
+    fn samplers_keep_what_their_settings_leave() {
+        // At temperature 1, id 2 has probability 0.5, id 0 0.25, ids 1 and 3 0.125 each.
+        let logits = [0.25f32, 0.125, 0.5, 0.125].map(f32::ln);
+        let sampled = |options: &GenerationOptions| -> Vec<u32> {
+            let mut rng = StdRng::seed_from_u64(0);
+            let mut ids: Vec<u32> = (0..400).map(|_| pick(&logits, options, &mut rng)).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        };
+        let base = GenerationOptions { temperature: 1.0, ..GenerationOptions::greedy(1, Vec::new()) };
+        assert_eq!(sampled(&base), [0, 1, 2, 3]);
+        assert_eq!(sampled(&GenerationOptions { top_k: 1, ..base.clone() }), [2]);
+        // Ids 1 and 3 tie for third: top-k keeps both.
+        assert_eq!(sampled(&GenerationOptions { top_k: 3, ..base.clone() }), [0, 1, 2, 3]);
+        assert_eq!(sampled(&GenerationOptions { top_k: 2, ..base.clone() }), [0, 2]);
+        // 0.5 alone does not reach 0.6; 0.5 + 0.25 does.
+        assert_eq!(sampled(&GenerationOptions { top_p: 0.6, ..base.clone() }), [0, 2]);
+        assert_eq!(sampled(&GenerationOptions { min_p: 0.3, ..base.clone() }), [0, 2]);
+        assert_eq!(sampled(&GenerationOptions { min_p: 0.6, ..base.clone() }), [2]);
+
+        let mut penalized = vec![2.0f32, -2.0, 1.0];
+        penalize_repetition(&mut penalized, &HashSet::from([0, 1, 7]), 2.0);
+        assert_eq!(penalized, [1.0, -4.0, 1.0]);
+    }
+
     /// A session runs only what its cache lacks: the next prompt's tokens past those already run
     /// (the last answer token was picked, never run) or past the ones it shares with them, and
     /// the whole prompt where it shares none.
@@ -136,7 +214,7 @@ mod tests {
             runs.borrow_mut().push(ids);
             Tensor::<3>::from_data(TensorData::new(logits, [1, 1, 16]), &device)
         };
-        let options = GenerationOptions { max_new_tokens: 2, temperature: 0.0, top_p: 1.0, seed: 0, stop_ids: vec![15] };
+        let options = GenerationOptions::greedy(2, vec![15]);
         let mut session = Session::default();
         let mut streamed = Vec::new();
         assert_eq!(session.generate(forward, &[1, 2, 3], &options, &device, |t| streamed.push(t)), [4, 5]);
