@@ -462,6 +462,24 @@ pub fn lookup_and_scale(bytes: &[u8], table: &[f32], high: Option<(&[u8], usize)
     unsafe { assume_init(values) }
 }
 
+/// bf16 values as f32, exactly (a bf16 is the upper half of an f32), over the pool: a frozen
+/// bf16 weight made dense for an f32 product (burn's cast runs on one thread).
+pub fn widen_bf16(values: &[half::bf16]) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
+    let mut out = uninit(values.len());
+    out.par_chunks_mut(CHUNK).zip(values.par_chunks(CHUNK)).for_each(|(out, values)| widen_chunk(out, values));
+    // SAFETY: every chunk was written above.
+    unsafe { assume_init(out) }
+}
+
+widest! {
+    fn widen_chunk(out: &mut [MaybeUninit<f32>], values: &[half::bf16]) {
+        for (out, value) in out.iter_mut().zip(values) {
+            out.write(f32::from_bits((value.to_bits() as u32) << 16));
+        }
+    }
+}
+
 widest! {
     /// One block of [`lookup_and_scale`], scaled by `scale` and shifted by `min` if any.
     fn dequantize_block(values: &mut [MaybeUninit<f32>], bytes: &[u8], table: &[f32], high: Option<(&[u8], usize)>, scale: f32, min: Option<f32>, packing: Packing) {

@@ -253,6 +253,18 @@ pub fn lookup_and_scale(band: &PackedBand, dtype: DType) -> Option<Tensor<2>> {
     Some(Tensor::<2>::from_primitive::<Flex>(tensor(values, Shape::new(shape))).cast(dtype))
 }
 
+/// A bf16 `weight` on flex as f32, widened over the thread pool; `None` elsewhere (LibTorch
+/// casts on its own threads) or with `dequantize` off.
+pub fn widen_bf16(weight: &Tensor<2>) -> Option<Tensor<2>> {
+    if !enabled_for(Op::Dequantize) || weight.dtype() != DType::BF16 {
+        return None;
+    }
+    let flex = weight.clone().try_into_primitive::<Flex>().ok()?;
+    let flex = if flex.is_contiguous() { flex } else { flex.to_contiguous() };
+    let values = kernels::widen_bf16(flex.as_slice::<half::bf16>()?);
+    Some(Tensor::<2>::from_primitive::<Flex>(tensor(values, Shape::new(weight.dims()))))
+}
+
 /// RoPE tables for a range of positions: `[seq, rotary]` values each on the activations' plain
 /// device in their dtype, laid out per `pairing`.
 #[derive(Debug, Clone)]
@@ -1844,6 +1856,21 @@ mod tests {
         );
         BAND_VALUES.set(None);
         assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 2 * 3, "each band once forward, once backward");
+    }
+
+    /// Widening a bf16 weight (or a band of its rows, a view at an offset) over the pool gives
+    /// the cast's values bit for bit, infinities and subnormals included.
+    #[test]
+    fn widened_bf16_is_the_cast() {
+        let device = Device::flex();
+        let mut values: Vec<f32> = random([70, 1000], &device).into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        values[..4].copy_from_slice(&[f32::INFINITY, f32::NEG_INFINITY, 1e-39, -0.0]);
+        let weight = Tensor::<2>::from_data(TensorData::new(values, [70, 1000]), &device).cast(DType::BF16);
+        for band in [weight.clone(), weight.clone().slice(17..53)] {
+            let bits = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap().into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            assert_eq!(bits(widen_bf16(&band).unwrap()), bits(band.cast(DType::F32)));
+        }
+        assert!(widen_bf16(&weight.cast(DType::F32)).is_none());
     }
 
     /// Bands hold about the values asked for, start on the quantization's alignment and cover
