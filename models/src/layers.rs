@@ -156,11 +156,11 @@ pub fn stored_product(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
     frozen_product(x, dense_bands(weight.inner()))
 }
 
-/// A stored weight's bands: its rows, cast (bf16 to f32 on flex over the thread pool).
+/// A stored weight's bands: its rows, cast (bf16 or f16 to f32 on flex over the thread pool).
 fn dense_bands(weight: Tensor<2>) -> DenseWeight {
     DenseWeight::new(weight.dims(), 1, weight.dtype(), move |rows, dtype| {
         let band = weight.clone().slice(rows);
-        let widened = (dtype == DType::F32).then(|| crate::fused::widen_bf16(&band)).flatten();
+        let widened = (dtype == DType::F32).then(|| crate::fused::widen(&band)).flatten();
         widened.unwrap_or_else(|| band.cast(dtype))
     })
 }

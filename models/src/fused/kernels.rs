@@ -480,6 +480,26 @@ widest! {
     }
 }
 
+/// f16 values as f32, exactly, over the pool, as [`widen_bf16`] (half's conversion, with F16C
+/// where the CPU has it).
+pub fn widen_f16(values: &[half::f16]) -> Vec<f32> {
+    use half::slice::HalfFloatSliceExt;
+    const CHUNK: usize = 1 << 14;
+    let mut out = uninit(values.len());
+    out.par_chunks_mut(CHUNK).zip(values.par_chunks(CHUNK)).for_each(|(out, values)| {
+        let mut buffer = [0f32; 1024];
+        for (out, values) in out.chunks_mut(buffer.len()).zip(values.chunks(buffer.len())) {
+            let buffer = &mut buffer[..values.len()];
+            values.convert_to_f32_slice(buffer);
+            for (out, &value) in out.iter_mut().zip(buffer.iter()) {
+                out.write(value);
+            }
+        }
+    });
+    // SAFETY: every chunk was written above.
+    unsafe { assume_init(out) }
+}
+
 widest! {
     /// One block of [`lookup_and_scale`], scaled by `scale` and shifted by `min` if any.
     fn dequantize_block(values: &mut [MaybeUninit<f32>], bytes: &[u8], table: &[f32], high: Option<(&[u8], usize)>, scale: f32, min: Option<f32>, packing: Packing) {

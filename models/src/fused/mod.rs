@@ -253,15 +253,18 @@ pub fn lookup_and_scale(band: &PackedBand, dtype: DType) -> Option<Tensor<2>> {
     Some(Tensor::<2>::from_primitive::<Flex>(tensor(values, Shape::new(shape))).cast(dtype))
 }
 
-/// A bf16 `weight` on flex as f32, widened over the thread pool; `None` elsewhere (LibTorch
-/// casts on its own threads) or with `dequantize` off.
-pub fn widen_bf16(weight: &Tensor<2>) -> Option<Tensor<2>> {
-    if !enabled_for(Op::Dequantize) || weight.dtype() != DType::BF16 {
+/// A bf16 or f16 `weight` on flex as f32, widened over the thread pool; `None` elsewhere
+/// (LibTorch casts on its own threads) or with `dequantize` off.
+pub fn widen(weight: &Tensor<2>) -> Option<Tensor<2>> {
+    if !enabled_for(Op::Dequantize) || !matches!(weight.dtype(), DType::BF16 | DType::F16) {
         return None;
     }
     let flex = weight.clone().try_into_primitive::<Flex>().ok()?;
     let flex = if flex.is_contiguous() { flex } else { flex.to_contiguous() };
-    let values = kernels::widen_bf16(flex.as_slice::<half::bf16>()?);
+    let values = match weight.dtype() {
+        DType::BF16 => kernels::widen_bf16(flex.as_slice::<half::bf16>()?),
+        _ => kernels::widen_f16(flex.as_slice::<half::f16>()?),
+    };
     Some(Tensor::<2>::from_primitive::<Flex>(tensor(values, Shape::new(weight.dims()))))
 }
 
@@ -1858,19 +1861,22 @@ mod tests {
         assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 2 * 3, "each band once forward, once backward");
     }
 
-    /// Widening a bf16 weight (or a band of its rows, a view at an offset) over the pool gives
-    /// the cast's values bit for bit, infinities and subnormals included.
+    /// Widening a bf16 or f16 weight (or a band of its rows, a view at an offset) over the pool
+    /// gives the cast's values bit for bit, infinities and subnormals included.
     #[test]
-    fn widened_bf16_is_the_cast() {
+    fn widened_16_bit_weights_are_the_cast() {
         let device = Device::flex();
         let mut values: Vec<f32> = random([70, 1000], &device).into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
-        values[..4].copy_from_slice(&[f32::INFINITY, f32::NEG_INFINITY, 1e-39, -0.0]);
-        let weight = Tensor::<2>::from_data(TensorData::new(values, [70, 1000]), &device).cast(DType::BF16);
-        for band in [weight.clone(), weight.clone().slice(17..53)] {
-            let bits = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap().into_iter().map(f32::to_bits).collect::<Vec<_>>();
-            assert_eq!(bits(widen_bf16(&band).unwrap()), bits(band.cast(DType::F32)));
+        values[..5].copy_from_slice(&[f32::INFINITY, f32::NEG_INFINITY, 1e-39, 1e-7, -0.0]);
+        let weight = Tensor::<2>::from_data(TensorData::new(values, [70, 1000]), &device);
+        for dtype in [DType::BF16, DType::F16] {
+            let weight = weight.clone().cast(dtype);
+            for band in [weight.clone(), weight.clone().slice(17..53)] {
+                let bits = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap().into_iter().map(f32::to_bits).collect::<Vec<_>>();
+                assert_eq!(bits(widen(&band).unwrap()), bits(band.cast(DType::F32)), "{dtype:?}");
+            }
         }
-        assert!(widen_bf16(&weight.cast(DType::F32)).is_none());
+        assert!(widen(&weight).is_none());
     }
 
     /// Bands hold about the values asked for, start on the quantization's alignment and cover
