@@ -86,18 +86,18 @@ impl Session {
         let mut rng = StdRng::seed_from_u64(options.seed);
         let mut next = prompt[self.reused..].to_vec();
         let mut out = Vec::new();
-        let penalized = options.repetition_penalty != 1.0;
-        let mut seen: HashSet<u32> = if penalized { prompt.iter().copied().collect() } else { HashSet::new() };
+        // The tokens a repetition penalty applies to, when there is one.
+        let mut seen: Option<HashSet<u32>> = (options.repetition_penalty != 1.0).then(|| prompt.iter().copied().collect());
         while out.len() < options.max_new_tokens {
             let ids = TensorData::new(next.iter().map(|&t| t as i64).collect(), [1, next.len()]);
             let logits = next_token_logits(Tensor::<2, Int>::from_data(ids, device), &mut self.cache).cast(DType::F32);
             self.tokens.append(&mut next);
             let mut logits: Vec<f32> = logits.into_data().try_into_vec::<f32>().expect("f32 logits");
-            if penalized {
-                penalize_repetition(&mut logits, &seen, options.repetition_penalty as f32);
+            if let Some(seen) = &seen {
+                penalize_repetition(&mut logits, seen, options.repetition_penalty as f32);
             }
             let token = pick(&logits, options, &mut rng);
-            if penalized {
+            if let Some(seen) = &mut seen {
                 seen.insert(token);
             }
             out.push(token);

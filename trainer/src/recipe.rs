@@ -712,9 +712,7 @@ impl Recipe {
         // As torch's AdamW checks its arguments; NaN fails every range.
         let at_least_zero = [("train.lr", t.lr), ("train.weight_decay", t.weight_decay), ("train.adam_epsilon", t.adam_epsilon), ("train.max_grad_norm", t.max_grad_norm)];
         for (key, value) in at_least_zero {
-            if !(value >= 0.0 && value.is_finite()) {
-                return Err(format!("'{key}' is {value}; expected a finite number >= 0"));
-            }
+            finite_at_least_zero(key, value)?;
         }
         for (key, value) in [("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)] {
             if !(0.0..1.0).contains(&value) {
@@ -807,6 +805,11 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     let key = line.split_once('=')?.0.trim();
     let section = before[..line_start].lines().rev().find_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'))?;
     Some(format!("{section}.{key}"))
+}
+
+/// `value` of recipe key `key` is a finite number >= 0 (NaN is not).
+pub(crate) fn finite_at_least_zero(key: &str, value: f64) -> Result<(), String> {
+    if value >= 0.0 && value.is_finite() { Ok(()) } else { Err(format!("'{key}' is {value}; expected a finite number >= 0")) }
 }
 
 /// `train.lr=1e-4` -> table["train"]["lr"] = 1e-4

@@ -6,6 +6,8 @@ use std::f64::consts::PI;
 
 use serde::Deserialize;
 
+use crate::recipe::finite_at_least_zero;
+
 /// The learning-rate schedule, by transformers' names. Warmup (`train.warmup_steps` or
 /// `warmup_ratio`) rises linearly from 0 for every schedule but `constant` (none) and
 /// `warmup_stable_decay` (its own `warmup_type`, from `min_lr_ratio`).
@@ -64,22 +66,20 @@ pub struct SchedulerKwargs {
 impl SchedulerKwargs {
     /// The names of the arguments given.
     fn given(&self) -> Vec<&'static str> {
-        let numbers = [
-            ("num_cycles", self.num_cycles),
-            ("min_lr", self.min_lr),
-            ("min_lr_rate", self.min_lr_rate),
-            ("lr_end", self.lr_end),
-            ("power", self.power),
-            ("min_lr_ratio", self.min_lr_ratio),
-        ];
-        let others = [
+        let set = [
+            ("num_cycles", self.num_cycles.is_some()),
+            ("min_lr", self.min_lr.is_some()),
+            ("min_lr_rate", self.min_lr_rate.is_some()),
+            ("lr_end", self.lr_end.is_some()),
+            ("power", self.power.is_some()),
             ("timescale", self.timescale.is_some()),
             ("num_decay_steps", self.num_decay_steps.is_some()),
             ("num_stable_steps", self.num_stable_steps.is_some()),
             ("warmup_type", self.warmup_type.is_some()),
             ("decay_type", self.decay_type.is_some()),
+            ("min_lr_ratio", self.min_lr_ratio.is_some()),
         ];
-        numbers.iter().filter(|(_, v)| v.is_some()).map(|(k, _)| *k).chain(others.iter().filter(|(_, set)| *set).map(|(k, _)| *k)).collect()
+        set.into_iter().filter(|(_, given)| *given).map(|(name, _)| name).collect()
     }
 
     /// `cosine_with_min_lr`'s floor as a fraction of `lr`.
@@ -127,16 +127,13 @@ impl LrScheduler {
             return Err(format!("{}: lr_scheduler \"{}\" takes {takes}", key(other), self.name()));
         }
         let at_least_zero = [("num_cycles", kwargs.num_cycles), ("min_lr", kwargs.min_lr), ("min_lr_rate", kwargs.min_lr_rate), ("lr_end", kwargs.lr_end)];
-        let fractions = [("min_lr_ratio", kwargs.min_lr_ratio)];
         for (name, value) in at_least_zero {
-            if let Some(v) = value.filter(|v| !(*v >= 0.0 && v.is_finite())) {
-                return Err(format!("{} is {v}; expected a finite number >= 0", key(name)));
+            if let Some(value) = value {
+                finite_at_least_zero(&format!("train.lr_scheduler_kwargs.{name}"), value)?;
             }
         }
-        for (name, value) in fractions {
-            if let Some(v) = value.filter(|v| !(0.0..=1.0).contains(v)) {
-                return Err(format!("{} is {v}; expected 0 to 1", key(name)));
-            }
+        if let Some(v) = kwargs.min_lr_ratio.filter(|v| !(0.0..=1.0).contains(v)) {
+            return Err(format!("{} is {v}; expected 0 to 1", key("min_lr_ratio")));
         }
         if let Some(power) = kwargs.power.filter(|p| !p.is_finite()) {
             return Err(format!("{} is {power}; expected a finite number", key("power")));
@@ -165,16 +162,15 @@ impl LrScheduler {
     /// The multiplier of the rate `lr` at optimizer step `step` (0-based) of `total`, the first
     /// `warmup` of them warmup; `kwargs` passed [`Self::check`].
     pub fn factor(self, kwargs: &SchedulerKwargs, lr: f64, step: usize, warmup: usize, total: usize) -> f64 {
-        match self {
-            Self::Constant => return 1.0,
-            Self::WarmupStableDecay => return warmup_stable_decay(kwargs, step, warmup, total),
-            _ if step < warmup => return step as f64 / warmup as f64,
-            _ => {}
+        // `constant` has no warmup, `warmup_stable_decay` its own.
+        if step < warmup && !matches!(self, Self::Constant | Self::WarmupStableDecay) {
+            return step as f64 / warmup as f64;
         }
-        let progress = (step - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
+        let progress = step.saturating_sub(warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
         let cosine = |cycles: f64, progress: f64| 0.5 * (1.0 + (PI * cycles * 2.0 * progress).cos());
         match self {
-            Self::Constant | Self::WarmupStableDecay | Self::ConstantWithWarmup => 1.0,
+            Self::Constant | Self::ConstantWithWarmup => 1.0,
+            Self::WarmupStableDecay => warmup_stable_decay(kwargs, step, warmup, total),
             Self::Linear => (1.0 - progress).max(0.0),
             Self::Cosine => cosine(kwargs.num_cycles.unwrap_or(0.5), progress).max(0.0),
             Self::CosineWithMinLr => {

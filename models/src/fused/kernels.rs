@@ -465,15 +465,11 @@ pub fn lookup_and_scale(bytes: &[u8], table: &[f32], high: Option<(&[u8], usize)
 /// bf16 values as f32, exactly (a bf16 is the upper half of an f32), over the pool: a frozen
 /// bf16 weight made dense for an f32 product (burn's cast runs on one thread).
 pub fn widen_bf16(values: &[half::bf16]) -> Vec<f32> {
-    const CHUNK: usize = 1 << 14;
-    let mut out = uninit(values.len());
-    out.par_chunks_mut(CHUNK).zip(values.par_chunks(CHUNK)).for_each(|(out, values)| widen_chunk(out, values));
-    // SAFETY: every chunk was written above.
-    unsafe { assume_init(out) }
+    widen(values, widen_bf16_chunk)
 }
 
 widest! {
-    fn widen_chunk(out: &mut [MaybeUninit<f32>], values: &[half::bf16]) {
+    fn widen_bf16_chunk(out: &mut [MaybeUninit<f32>], values: &[half::bf16]) {
         for (out, value) in out.iter_mut().zip(values) {
             out.write(f32::from_bits((value.to_bits() as u32) << 16));
         }
@@ -484,9 +480,7 @@ widest! {
 /// where the CPU has it).
 pub fn widen_f16(values: &[half::f16]) -> Vec<f32> {
     use half::slice::HalfFloatSliceExt;
-    const CHUNK: usize = 1 << 14;
-    let mut out = uninit(values.len());
-    out.par_chunks_mut(CHUNK).zip(values.par_chunks(CHUNK)).for_each(|(out, values)| {
+    widen(values, |out, values| {
         let mut buffer = [0f32; 1024];
         for (out, values) in out.chunks_mut(buffer.len()).zip(values.chunks(buffer.len())) {
             let buffer = &mut buffer[..values.len()];
@@ -495,8 +489,15 @@ pub fn widen_f16(values: &[half::f16]) -> Vec<f32> {
                 out.write(value);
             }
         }
-    });
-    // SAFETY: every chunk was written above.
+    })
+}
+
+/// `values` as f32, `chunk` writing each chunk of 16K values' output, chunks over the pool.
+fn widen<T: Sync>(values: &[T], chunk: impl Fn(&mut [MaybeUninit<f32>], &[T]) + Sync) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
+    let mut out = uninit(values.len());
+    out.par_chunks_mut(CHUNK).zip(values.par_chunks(CHUNK)).for_each(|(out, values)| chunk(out, values));
+    // SAFETY: `chunk` wrote every value of each chunk.
     unsafe { assume_init(out) }
 }
 
